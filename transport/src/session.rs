@@ -1,0 +1,770 @@
+//! Replication session state machines: no IO, no clock, no async.
+//!
+//! Like quinn-proto, these types only decide; the caller owns sockets, timers
+//! and the journal, feeds events in (`push`, `on_ack`, `on_write_set`, …) and
+//! sends what comes out. Times are passed in as arguments, so every behaviour
+//! is deterministic and a simulation can drive both sides in one thread.
+//!
+//! Positions are cumulative sequence numbers ("every seq ≤ N"):
+//!
+//! ```text
+//!  primary (Sender)          applied ≤ durable ≤ sent ≤ last_queued
+//!  standby (Receiver)        applied ≤ durable ≤ received
+//! ```
+//!
+//! A connection is: both sides exchange `Hello` (validated by
+//! [`validate_hello`]), the primary answers with `HelloAck` carrying the
+//! resume sequence ([`plan_resume`]), then write-sets flow one way and acks the
+//! other. Any protocol error ends the connection; the next one resumes after
+//! the standby's durable position, so nothing is lost and nothing is applied twice.
+
+use std::collections::VecDeque;
+
+use thiserror::Error;
+
+use crate::wire::{
+    Ack, Epoch, ErrorCode, ErrorFrame, Hello, HelloAck, ProtocolVersion, Role, Seq, VolumeGeometry,
+    WriteSet, MAX_SUPPORTED_VERSION, MIN_SUPPORTED_VERSION,
+};
+
+// ---------------------------------------------------------------------------
+// Sender (primary, one per target)
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderConfig {
+    /// Wire bytes sent but not yet acknowledged durable. One write-set is
+    /// always allowed in flight even if larger, so a big write-set cannot
+    /// wedge the session.
+    pub max_inflight_bytes: u64,
+    pub max_inflight_write_sets: usize,
+    /// Bound on the retransmit queue (sent-unacked + not yet sent). When full,
+    /// `push` refuses and the caller leaves the write-set in the journal
+    /// (and eventually switches the target to dirty-region tracking).
+    pub max_queued_write_sets: usize,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            max_inflight_bytes: 64 * 1024 * 1024,
+            max_inflight_write_sets: 64,
+            max_queued_write_sets: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SenderError {
+    #[error("write-set starts at {got}, expected {expected} (queue must be contiguous)")]
+    NotContiguous { expected: Seq, got: Seq },
+    #[error("write-set epoch {got} differs from session epoch {session}")]
+    EpochMismatch { session: Epoch, got: Epoch },
+    #[error("send queue full ({limit} write-sets)")]
+    QueueFull { limit: usize },
+    #[error("ack from stale epoch {got} (session epoch {session})")]
+    StaleEpoch { session: Epoch, got: Epoch },
+    #[error("peer is at newer epoch {got} (session epoch {session}): this node must fence")]
+    PeerEpochNewer { session: Epoch, got: Epoch },
+    #[error("ack for seq {acked} beyond last sent seq {sent}")]
+    AckBeyondSent { acked: Seq, sent: Seq },
+    #[error("{which} went backwards: {previous} -> {got}")]
+    AckWentBackwards {
+        which: &'static str,
+        previous: Seq,
+        got: Seq,
+    },
+    #[error("ack applied {applied} beyond durable {durable}")]
+    AppliedBeyondDurable { applied: Seq, durable: Seq },
+    #[error("peer resumes at {resume}, below its acknowledged durable position {durable}: it lost acknowledged data")]
+    ResumeBehindDurable { resume: Seq, durable: Seq },
+    #[error(
+        "peer resumes at {resume}, beyond anything queued ({last_queued}): histories diverged"
+    )]
+    PeerAhead { resume: Seq, last_queued: Seq },
+}
+
+impl SenderError {
+    /// The code to put in an Error frame before closing the connection.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::StaleEpoch { .. } | Self::PeerEpochNewer { .. } => ErrorCode::StaleEpoch,
+            Self::PeerAhead { .. } | Self::ResumeBehindDurable { .. } => ErrorCode::Diverged,
+            Self::AckBeyondSent { .. }
+            | Self::AckWentBackwards { .. }
+            | Self::AppliedBeyondDurable { .. } => ErrorCode::Protocol,
+            Self::NotContiguous { .. } | Self::EpochMismatch { .. } | Self::QueueFull { .. } => {
+                ErrorCode::Internal
+            }
+        }
+    }
+}
+
+/// What an ack changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckOutcome {
+    pub durable_seq: Seq,
+    pub applied_seq: Seq,
+    /// Write-sets fully acknowledged durable and dropped from the queue by this ack.
+    pub released_write_sets: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    ws: WriteSet,
+    /// Wire bytes (`encoded_len`), what the window and lag_bytes count.
+    bytes: u64,
+}
+
+/// Primary-side state for one target.
+///
+/// The queue is also the retransmit buffer: it holds every write-set after the
+/// target's durable ack, so a reconnect resumes from memory. After a primary
+/// restart, create a new `Sender` starting at the standby's resume position
+/// and push write-sets read back from the journal.
+#[derive(Debug)]
+pub struct Sender {
+    epoch: Epoch,
+    config: SenderConfig,
+    queue: VecDeque<Entry>,
+    /// Index in `queue` of the next write-set to transmit; everything before
+    /// it is in flight.
+    next_unsent: usize,
+    inflight_bytes: u64,
+    queued_bytes: u64,
+    sent_seq: Seq,
+    durable_seq: Seq,
+    applied_seq: Seq,
+    last_queued_seq: Seq,
+}
+
+impl Sender {
+    /// `start_after`: the target's durable position (from its Hello, or the
+    /// persisted target cursor); the first pushed write-set must begin at
+    /// `start_after + 1`.
+    pub fn new(epoch: Epoch, config: SenderConfig, start_after: Seq) -> Self {
+        Self {
+            epoch,
+            config,
+            queue: VecDeque::new(),
+            next_unsent: 0,
+            inflight_bytes: 0,
+            queued_bytes: 0,
+            sent_seq: start_after,
+            durable_seq: start_after,
+            applied_seq: start_after,
+            last_queued_seq: start_after,
+        }
+    }
+
+    /// Queues a sealed write-set for transmission.
+    pub fn push(&mut self, ws: WriteSet) -> Result<(), SenderError> {
+        if ws.epoch != self.epoch {
+            return Err(SenderError::EpochMismatch {
+                session: self.epoch,
+                got: ws.epoch,
+            });
+        }
+        let expected = self.last_queued_seq + 1;
+        if ws.first_seq != expected {
+            return Err(SenderError::NotContiguous {
+                expected,
+                got: ws.first_seq,
+            });
+        }
+        if self.queue.len() >= self.config.max_queued_write_sets {
+            return Err(SenderError::QueueFull {
+                limit: self.config.max_queued_write_sets,
+            });
+        }
+        let bytes = ws.encoded_len() as u64;
+        self.last_queued_seq = ws.last_seq;
+        self.queued_bytes += bytes;
+        self.queue.push_back(Entry { ws, bytes });
+        Ok(())
+    }
+
+    /// The next write-set to send, if the window allows. The returned value
+    /// shares its record data with the queue (cheap `Bytes` clones).
+    pub fn poll_transmit(&mut self) -> Option<WriteSet> {
+        let entry = self.queue.get(self.next_unsent)?;
+        let inflight = self.next_unsent;
+        if inflight >= self.config.max_inflight_write_sets {
+            return None;
+        }
+        if inflight > 0 && self.inflight_bytes + entry.bytes > self.config.max_inflight_bytes {
+            return None;
+        }
+        self.next_unsent += 1;
+        self.inflight_bytes += entry.bytes;
+        self.sent_seq = entry.ws.last_seq;
+        Some(entry.ws.clone())
+    }
+
+    pub fn on_ack(&mut self, ack: &Ack) -> Result<AckOutcome, SenderError> {
+        if ack.epoch < self.epoch {
+            return Err(SenderError::StaleEpoch {
+                session: self.epoch,
+                got: ack.epoch,
+            });
+        }
+        if ack.epoch > self.epoch {
+            return Err(SenderError::PeerEpochNewer {
+                session: self.epoch,
+                got: ack.epoch,
+            });
+        }
+        let (durable, applied) = (ack.received_durable_seq, ack.applied_seq);
+        if applied > durable {
+            return Err(SenderError::AppliedBeyondDurable { applied, durable });
+        }
+        if durable > self.sent_seq {
+            return Err(SenderError::AckBeyondSent {
+                acked: durable,
+                sent: self.sent_seq,
+            });
+        }
+        if durable < self.durable_seq {
+            return Err(SenderError::AckWentBackwards {
+                which: "received_durable_seq",
+                previous: self.durable_seq,
+                got: durable,
+            });
+        }
+        if applied < self.applied_seq {
+            return Err(SenderError::AckWentBackwards {
+                which: "applied_seq",
+                previous: self.applied_seq,
+                got: applied,
+            });
+        }
+        self.durable_seq = durable;
+        self.applied_seq = applied;
+        let released = self.release_through(durable);
+        Ok(AckOutcome {
+            durable_seq: durable,
+            applied_seq: applied,
+            released_write_sets: released,
+        })
+    }
+
+    /// Drops write-sets the peer holds durably; trims one it holds in part
+    /// (possible when the primary regrouped write-sets after a restart).
+    fn release_through(&mut self, durable: Seq) -> usize {
+        let mut released = 0;
+        while let Some(front) = self.queue.front() {
+            if front.ws.last_seq > durable {
+                break;
+            }
+            let bytes = front.bytes;
+            self.queue.pop_front();
+            released += 1;
+            self.queued_bytes -= bytes;
+            if self.next_unsent > 0 {
+                self.next_unsent -= 1;
+                self.inflight_bytes -= bytes;
+            }
+        }
+        if let Some(front) = self.queue.front_mut() {
+            if front.ws.first_seq <= durable {
+                if let Some(rest) = front.ws.after(durable) {
+                    let new_bytes = rest.encoded_len() as u64;
+                    let shrink = front.bytes - new_bytes;
+                    self.queued_bytes -= shrink;
+                    if self.next_unsent > 0 {
+                        self.inflight_bytes -= shrink;
+                    }
+                    front.ws = rest;
+                    front.bytes = new_bytes;
+                }
+            }
+        }
+        released
+    }
+
+    /// On a new connection: the standby's Hello says it holds everything
+    /// through `peer_resume_seq` durably. Drops what it has, marks everything
+    /// after it unsent, and returns the first sequence that will be resent.
+    pub fn reset_for_resume(&mut self, peer_resume_seq: Seq) -> Result<Seq, SenderError> {
+        if peer_resume_seq < self.durable_seq {
+            return Err(SenderError::ResumeBehindDurable {
+                resume: peer_resume_seq,
+                durable: self.durable_seq,
+            });
+        }
+        if peer_resume_seq > self.last_queued_seq {
+            return Err(SenderError::PeerAhead {
+                resume: peer_resume_seq,
+                last_queued: self.last_queued_seq,
+            });
+        }
+        // Everything up to the resume point counts as sent so release_through
+        // can account for it; then rewind the window.
+        self.sent_seq = self.sent_seq.max(peer_resume_seq);
+        self.durable_seq = peer_resume_seq;
+        self.release_through(peer_resume_seq);
+        self.next_unsent = 0;
+        self.inflight_bytes = 0;
+        self.sent_seq = peer_resume_seq;
+        Ok(peer_resume_seq + 1)
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    pub fn durable_seq(&self) -> Seq {
+        self.durable_seq
+    }
+    pub fn applied_seq(&self) -> Seq {
+        self.applied_seq
+    }
+    pub fn sent_seq(&self) -> Seq {
+        self.sent_seq
+    }
+    pub fn last_queued_seq(&self) -> Seq {
+        self.last_queued_seq
+    }
+    pub fn inflight_write_sets(&self) -> usize {
+        self.next_unsent
+    }
+    pub fn inflight_bytes(&self) -> u64 {
+        self.inflight_bytes
+    }
+    pub fn queued_write_sets(&self) -> usize {
+        self.queue.len()
+    }
+    /// Wire bytes queued and not yet acknowledged durable (sent or not).
+    pub fn lag_bytes(&self) -> u64 {
+        self.queued_bytes
+    }
+    /// Primary timestamp of the oldest write-set not yet acknowledged durable.
+    pub fn oldest_unacked_timestamp_ns(&self) -> Option<u64> {
+        self.queue.front().map(|e| e.ws.timestamp_ns)
+    }
+    /// RPO for this target: age of the oldest unacknowledged write-set at
+    /// `now_ns` (primary clock), 0 when fully caught up.
+    pub fn lag_seconds(&self, now_ns: u64) -> f64 {
+        self.oldest_unacked_timestamp_ns()
+            .map_or(0.0, |ts| now_ns.saturating_sub(ts) as f64 / 1e9)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Receiver (standby)
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ReceiveError {
+    #[error("frame from stale epoch {got} (session epoch {session})")]
+    StaleEpoch { session: Epoch, got: Epoch },
+    #[error("frame from epoch {got} during session epoch {session}: re-handshake required")]
+    EpochChanged { session: Epoch, got: Epoch },
+    #[error("gap: expected write-set starting at {expected}, got {got}")]
+    Gap { expected: Seq, got: Seq },
+    #[error("{which} {seq} beyond {limit_name} {limit}")]
+    Beyond {
+        which: &'static str,
+        seq: Seq,
+        limit_name: &'static str,
+        limit: Seq,
+    },
+    #[error("{which} went backwards: {previous} -> {got}")]
+    WentBackwards {
+        which: &'static str,
+        previous: Seq,
+        got: Seq,
+    },
+}
+
+impl ReceiveError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::StaleEpoch { .. } | Self::EpochChanged { .. } => ErrorCode::StaleEpoch,
+            Self::Gap { .. } => ErrorCode::Gap,
+            Self::Beyond { .. } | Self::WentBackwards { .. } => ErrorCode::Internal,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// New data: journal it. Already trimmed to the part after what was
+    /// received before, so it starts exactly at the expected sequence.
+    Accept(WriteSet),
+    /// Nothing new (a resend after reconnect): drop it, send this ack so the
+    /// primary learns our position even if the original ack was lost.
+    Duplicate(Ack),
+}
+
+/// Standby-side state for the connection from the primary.
+///
+/// `received_seq` runs ahead of `durable_seq` while accepted write-sets are
+/// being journaled. A reconnect waits for those appends to finish (see
+/// [`Receiver::resume_position`]); if the standby process restarts instead, a
+/// new `Receiver` starts from the journal's durable position.
+#[derive(Debug, Clone)]
+pub struct Receiver {
+    epoch: Epoch,
+    received_seq: Seq,
+    durable_seq: Seq,
+    applied_seq: Seq,
+}
+
+impl Receiver {
+    /// `applied_seq` above `durable_seq` is clamped: the standby never applies
+    /// what is not durable, so a larger value can only be a stale cursor.
+    pub fn new(epoch: Epoch, durable_seq: Seq, applied_seq: Seq) -> Self {
+        Self {
+            epoch,
+            received_seq: durable_seq,
+            durable_seq,
+            applied_seq: applied_seq.min(durable_seq),
+        }
+    }
+
+    /// What to advertise as `Hello::resume_position` on a new connection, or
+    /// `None` while accepted write-sets are still being journaled.
+    ///
+    /// Why wait: if the standby advertised `durable` while appends beyond it
+    /// were still in flight, those appends could complete and be acked before
+    /// the primary resent them, and the primary would rightly reject an ack
+    /// for data it has not sent on this connection. Draining first makes
+    /// `received == durable == resume` at the start of every connection.
+    pub fn resume_position(&self) -> Option<Seq> {
+        (self.received_seq == self.durable_seq).then_some(self.durable_seq)
+    }
+
+    pub fn on_write_set(&mut self, ws: WriteSet) -> Result<Received, ReceiveError> {
+        self.check_epoch(ws.epoch)?;
+        if ws.last_seq <= self.received_seq {
+            return Ok(Received::Duplicate(self.ack()));
+        }
+        let expected = self.received_seq + 1;
+        if ws.first_seq > expected {
+            return Err(ReceiveError::Gap {
+                expected,
+                got: ws.first_seq,
+            });
+        }
+        let ws = if ws.first_seq < expected {
+            match ws.after(self.received_seq) {
+                Some(rest) => rest,
+                // Unreachable given last_seq > received_seq; treated as a duplicate
+                // rather than trusting that reasoning with a panic.
+                None => return Ok(Received::Duplicate(self.ack())),
+            }
+        } else {
+            ws
+        };
+        self.received_seq = ws.last_seq;
+        Ok(Received::Accept(ws))
+    }
+
+    /// The standby journal holds everything through `seq`. Returns the ack to send.
+    pub fn mark_durable(&mut self, seq: Seq) -> Result<Ack, ReceiveError> {
+        if seq > self.received_seq {
+            return Err(ReceiveError::Beyond {
+                which: "durable",
+                seq,
+                limit_name: "received",
+                limit: self.received_seq,
+            });
+        }
+        if seq < self.durable_seq {
+            return Err(ReceiveError::WentBackwards {
+                which: "durable",
+                previous: self.durable_seq,
+                got: seq,
+            });
+        }
+        self.durable_seq = seq;
+        Ok(self.ack())
+    }
+
+    /// The replica holds everything through `seq`. Returns the ack to send.
+    pub fn mark_applied(&mut self, seq: Seq) -> Result<Ack, ReceiveError> {
+        if seq > self.durable_seq {
+            return Err(ReceiveError::Beyond {
+                which: "applied",
+                seq,
+                limit_name: "durable",
+                limit: self.durable_seq,
+            });
+        }
+        if seq < self.applied_seq {
+            return Err(ReceiveError::WentBackwards {
+                which: "applied",
+                previous: self.applied_seq,
+                got: seq,
+            });
+        }
+        self.applied_seq = seq;
+        Ok(self.ack())
+    }
+
+    /// Refuses frames from another epoch: older means a fenced primary, newer
+    /// means roles changed and the connection must be re-established.
+    pub fn check_epoch(&self, got: Epoch) -> Result<(), ReceiveError> {
+        if got < self.epoch {
+            return Err(ReceiveError::StaleEpoch {
+                session: self.epoch,
+                got,
+            });
+        }
+        if got > self.epoch {
+            return Err(ReceiveError::EpochChanged {
+                session: self.epoch,
+                got,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn ack(&self) -> Ack {
+        Ack {
+            epoch: self.epoch,
+            received_durable_seq: self.durable_seq,
+            applied_seq: self.applied_seq,
+        }
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    pub fn received_seq(&self) -> Seq {
+        self.received_seq
+    }
+    pub fn durable_seq(&self) -> Seq {
+        self.durable_seq
+    }
+    pub fn applied_seq(&self) -> Seq {
+        self.applied_seq
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Handshake
+
+/// This node's identity plus what it expects of its peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalIdentity {
+    pub cluster_id: [u8; 16],
+    pub node_id: [u8; 16],
+    pub node_name: String,
+    pub role: Role,
+    pub epoch: Epoch,
+    pub min_version: u16,
+    pub max_version: u16,
+    pub volumes: Vec<VolumeGeometry>,
+    /// The configured name of the node at the other end.
+    pub expected_peer_name: String,
+}
+
+impl LocalIdentity {
+    /// A Hello for this node advertising `resume_position`.
+    pub fn hello(&self, resume_position: Seq) -> Hello {
+        Hello {
+            epoch: self.epoch,
+            min_version: self.min_version,
+            max_version: self.max_version,
+            cluster_id: self.cluster_id,
+            node_id: self.node_id,
+            node_name: self.node_name.clone(),
+            role: self.role,
+            volumes: self.volumes.clone(),
+            resume_position,
+        }
+    }
+
+    /// Versions this build supports, for config-less callers.
+    pub fn supported_versions() -> (u16, u16) {
+        (
+            MIN_SUPPORTED_VERSION.as_u16(),
+            MAX_SUPPORTED_VERSION.as_u16(),
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Highest version both sides support.
+    pub version: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HandshakeError {
+    #[error("peer belongs to cluster {got:02x?}, expected {expected:02x?}")]
+    WrongCluster { expected: [u8; 16], got: [u8; 16] },
+    #[error("peer is node {got:?}, expected {expected:?}")]
+    WrongNode { expected: String, got: String },
+    #[error("peer role {peer:?} cannot pair with local role {local:?}")]
+    RoleMismatch { local: Role, peer: Role },
+    #[error("peer epoch {peer} is older than local epoch {local}")]
+    StaleEpoch { local: Epoch, peer: Epoch },
+    #[error(
+        "peer epoch {peer} is newer than local epoch {local}: this node is outdated and must fence"
+    )]
+    LocalEpochStale { local: Epoch, peer: Epoch },
+    #[error(
+        "no common protocol version: local {local_min}..={local_max}, peer {peer_min}..={peer_max}"
+    )]
+    VersionMismatch {
+        local_min: u16,
+        local_max: u16,
+        peer_min: u16,
+        peer_max: u16,
+    },
+    #[error("volume {volume}: {reason}")]
+    GeometryMismatch { volume: u32, reason: String },
+    #[error("peer resumes at {resume}, beyond the primary's last seq {last}: histories diverged")]
+    Diverged { resume: Seq, last: Seq },
+    #[error("peer resumes at {resume} but the journal starts at {oldest}: resync required")]
+    ResyncRequired { resume: Seq, oldest: Seq },
+}
+
+impl HandshakeError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::WrongCluster { .. } => ErrorCode::WrongCluster,
+            Self::WrongNode { .. } => ErrorCode::WrongNode,
+            Self::RoleMismatch { .. } => ErrorCode::RoleMismatch,
+            Self::StaleEpoch { .. } | Self::LocalEpochStale { .. } => ErrorCode::StaleEpoch,
+            Self::VersionMismatch { .. } => ErrorCode::VersionMismatch,
+            Self::GeometryMismatch { .. } => ErrorCode::GeometryMismatch,
+            Self::Diverged { .. } => ErrorCode::Diverged,
+            Self::ResyncRequired { .. } => ErrorCode::ResyncRequired,
+        }
+    }
+
+    /// The Error frame to send before closing. The reason is cut to the wire
+    /// limit on a character boundary so encoding cannot fail.
+    pub fn to_error_frame(&self, epoch: Epoch) -> ErrorFrame {
+        let mut reason = self.to_string();
+        let mut cut = reason.len().min(crate::wire::MAX_REASON_LEN);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        ErrorFrame {
+            epoch,
+            code: self.code(),
+            reason,
+        }
+    }
+}
+
+/// Checks a peer's Hello against this node. Check order puts the checks that
+/// reveal a misdirected connection (cluster, version, role, name) before the
+/// ones that reveal a stale or misconfigured peer (epoch, geometry), so the
+/// error names the most fundamental problem.
+pub fn validate_hello(local: &LocalIdentity, peer: &Hello) -> Result<Negotiated, HandshakeError> {
+    if peer.cluster_id != local.cluster_id {
+        return Err(HandshakeError::WrongCluster {
+            expected: local.cluster_id,
+            got: peer.cluster_id,
+        });
+    }
+    let low = local.min_version.max(peer.min_version);
+    let high = local.max_version.min(peer.max_version);
+    if low > high {
+        return Err(HandshakeError::VersionMismatch {
+            local_min: local.min_version,
+            local_max: local.max_version,
+            peer_min: peer.min_version,
+            peer_max: peer.max_version,
+        });
+    }
+    let roles_pair = matches!(
+        (local.role, peer.role),
+        (Role::Primary, Role::Standby) | (Role::Standby, Role::Primary)
+    );
+    if !roles_pair {
+        return Err(HandshakeError::RoleMismatch {
+            local: local.role,
+            peer: peer.role,
+        });
+    }
+    if peer.node_name != local.expected_peer_name {
+        return Err(HandshakeError::WrongNode {
+            expected: local.expected_peer_name.clone(),
+            got: peer.node_name.clone(),
+        });
+    }
+    if peer.epoch < local.epoch {
+        return Err(HandshakeError::StaleEpoch {
+            local: local.epoch,
+            peer: peer.epoch,
+        });
+    }
+    if peer.epoch > local.epoch {
+        return Err(HandshakeError::LocalEpochStale {
+            local: local.epoch,
+            peer: peer.epoch,
+        });
+    }
+    check_geometry(&local.volumes, &peer.volumes)?;
+    Ok(Negotiated { version: high })
+}
+
+/// Same volume ids on both sides with identical size and block size. Names
+/// are labels and may differ.
+fn check_geometry(local: &[VolumeGeometry], peer: &[VolumeGeometry]) -> Result<(), HandshakeError> {
+    for l in local {
+        let Some(p) = peer.iter().find(|p| p.id == l.id) else {
+            return Err(HandshakeError::GeometryMismatch {
+                volume: l.id,
+                reason: "missing on peer".into(),
+            });
+        };
+        if p.size_bytes != l.size_bytes || p.block_size != l.block_size {
+            return Err(HandshakeError::GeometryMismatch {
+                volume: l.id,
+                reason: format!(
+                    "local {} bytes / {}-byte blocks, peer {} bytes / {}-byte blocks",
+                    l.size_bytes, l.block_size, p.size_bytes, p.block_size
+                ),
+            });
+        }
+    }
+    if let Some(p) = peer.iter().find(|p| !local.iter().any(|l| l.id == p.id)) {
+        return Err(HandshakeError::GeometryMismatch {
+            volume: p.id,
+            reason: "not configured locally".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Primary side, after [`validate_hello`]: decides where shipping resumes for
+/// a standby whose Hello says it holds `peer_resume` durably, given the
+/// journal's retained range `oldest_available..=last`.
+pub fn plan_resume(
+    negotiated: Negotiated,
+    epoch: Epoch,
+    peer_resume: Seq,
+    oldest_available: Seq,
+    last: Seq,
+) -> Result<HelloAck, HandshakeError> {
+    if peer_resume > last {
+        return Err(HandshakeError::Diverged {
+            resume: peer_resume,
+            last,
+        });
+    }
+    // The next record the standby needs must still be in the journal (or the
+    // standby is already caught up).
+    if peer_resume < last && peer_resume + 1 < oldest_available {
+        return Err(HandshakeError::ResyncRequired {
+            resume: peer_resume,
+            oldest: oldest_available,
+        });
+    }
+    Ok(HelloAck {
+        epoch,
+        version: negotiated.version,
+        resume_seq: peer_resume,
+    })
+}
+
+/// The [`ProtocolVersion`] for a negotiated number, if this build knows it.
+pub fn known_version(v: u16) -> Option<ProtocolVersion> {
+    (v == ProtocolVersion::V1.as_u16()).then_some(ProtocolVersion::V1)
+}
