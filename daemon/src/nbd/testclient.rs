@@ -1,0 +1,411 @@
+//! Test support: a blocking raw NBD client that can speak both correct and
+//! deliberately broken protocol, and a harness running [`serve`] in-process
+//! on its own runtime thread.
+//!
+//! Blocking std sockets are used on purpose: tests can then interleave raw
+//! byte-level steps freely, and the server's runtime lives on separate
+//! threads so a blocked test thread never starves it.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::proto::{self, Request};
+use super::{serve, ExportRegistry, ServerConfig};
+
+/// In-process server on 127.0.0.1 with an ephemeral port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl TestServer {
+    pub fn start<R: ExportRegistry>(registry: Arc<R>, cfg: ServerConfig) -> TestServer {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (sd_tx, sd_rx) = watch::channel(false);
+        let thread = std::thread::spawn(move || -> io::Result<()> {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let _ = addr_tx.send(l.local_addr()?);
+                serve(l, registry, cfg, sd_rx).await
+            })
+        });
+        let addr = addr_rx
+            .recv()
+            .expect("test NBD server failed to start (bind?)");
+        TestServer {
+            addr,
+            shutdown: sd_tx,
+            thread: Some(thread),
+        }
+    }
+
+    /// `nbd://` URI for an export, as qemu/libnbd tools expect.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{}", self.addr, export)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Signal shutdown and wait for `serve` to return; yields its result and
+    /// how long the shutdown took.
+    pub fn shutdown(mut self) -> (io::Result<()>, Duration) {
+        let t = Instant::now();
+        let _ = self.shutdown.send(true);
+        let r = match self.thread.take() {
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("server thread panicked"))),
+            None => Ok(()),
+        };
+        (r, t.elapsed())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// One option reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptReply {
+    pub option: u32,
+    pub typ: u32,
+    pub data: Vec<u8>,
+}
+
+/// What GO/INFO told us about an export.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExportInfo {
+    pub size: u64,
+    pub tflags: u16,
+    /// (minimum, preferred, maximum)
+    pub block_size: Option<(u32, u32, u32)>,
+    pub name: Option<String>,
+}
+
+/// Blocking raw NBD client. All reads time out (10 s) so a server bug makes
+/// a test fail instead of hang.
+pub struct TestClient {
+    s: TcpStream,
+    next_handle: u64,
+}
+
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TestClient {
+    /// TCP connect only; nothing read or sent.
+    pub fn connect(addr: SocketAddr) -> io::Result<TestClient> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        s.set_nodelay(true)?;
+        Ok(TestClient { s, next_handle: 1 })
+    }
+
+    /// Connect, check the greeting, send FIXED_NEWSTYLE|NO_ZEROES.
+    pub fn start(addr: SocketAddr) -> io::Result<TestClient> {
+        let mut c = TestClient::connect(addr)?;
+        let hs = c.read_greeting()?;
+        if hs & proto::FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(io::Error::other("server is not fixed newstyle"));
+        }
+        c.send(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes())?;
+        Ok(c)
+    }
+
+    /// Connect and GO to `name`; fails if the server refuses.
+    pub fn open(addr: SocketAddr, name: &str) -> io::Result<(TestClient, ExportInfo)> {
+        let mut c = TestClient::start(addr)?;
+        match c.go(name)? {
+            Ok(info) => Ok((c, info)),
+            Err(rep) => Err(io::Error::other(format!("GO refused: {rep:#x}"))),
+        }
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.s
+    }
+
+    pub fn send(&mut self, b: &[u8]) -> io::Result<()> {
+        self.s.write_all(b)
+    }
+
+    pub fn recv(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        let mut v = vec![0u8; n];
+        self.s.read_exact(&mut v)?;
+        Ok(v)
+    }
+
+    /// Half-close: the server sees EOF.
+    pub fn shutdown_write(&mut self) -> io::Result<()> {
+        self.s.shutdown(Shutdown::Write)
+    }
+
+    /// True if the server closed the connection (EOF or reset) within the
+    /// timeout, discarding any bytes that arrive first.
+    pub fn expect_closed(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.s.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Read and check the 18-byte greeting; returns the handshake flags.
+    pub fn read_greeting(&mut self) -> io::Result<u16> {
+        let g = self.recv(proto::GREETING_LEN)?;
+        if g[0..8] != proto::NBDMAGIC.to_be_bytes() || g[8..16] != proto::IHAVEOPT.to_be_bytes() {
+            return Err(io::Error::other("bad greeting magic"));
+        }
+        Ok(u16::from_be_bytes([g[16], g[17]]))
+    }
+
+    pub fn send_option(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
+        let mut b = Vec::with_capacity(16 + data.len());
+        b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&option.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.send(&b)
+    }
+
+    /// Send an option header claiming `len` bytes without the data.
+    pub fn send_option_header(&mut self, option: u32, len: u32) -> io::Result<()> {
+        let mut b = Vec::with_capacity(16);
+        b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&option.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        self.send(&b)
+    }
+
+    pub fn read_opt_reply(&mut self) -> io::Result<OptReply> {
+        let h = self.recv(20)?;
+        let magic = u64::from_be_bytes(h[0..8].try_into().unwrap_or_default());
+        if magic != proto::OPT_REPLY_MAGIC {
+            return Err(io::Error::other(format!(
+                "bad option reply magic {magic:#x}"
+            )));
+        }
+        let option = u32::from_be_bytes(h[8..12].try_into().unwrap_or_default());
+        let typ = u32::from_be_bytes(h[12..16].try_into().unwrap_or_default());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap_or_default());
+        if len > 1 << 20 {
+            return Err(io::Error::other(format!("option reply too long: {len}")));
+        }
+        let data = self.recv(len as usize)?;
+        Ok(OptReply { option, typ, data })
+    }
+
+    fn info_payload(name: &str, infos: &[u16]) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+        for i in infos {
+            d.extend_from_slice(&i.to_be_bytes());
+        }
+        d
+    }
+
+    /// NBD_OPT_GO; `Err(reply type)` on a server error reply.
+    pub fn go(&mut self, name: &str) -> io::Result<Result<ExportInfo, u32>> {
+        self.info_or_go(proto::OPT_GO, name)
+    }
+
+    /// NBD_OPT_INFO; the session stays in option haggling.
+    pub fn info(&mut self, name: &str) -> io::Result<Result<ExportInfo, u32>> {
+        self.info_or_go(proto::OPT_INFO, name)
+    }
+
+    fn info_or_go(&mut self, opt: u32, name: &str) -> io::Result<Result<ExportInfo, u32>> {
+        let payload = Self::info_payload(name, &[proto::INFO_BLOCK_SIZE, proto::INFO_NAME]);
+        self.send_option(opt, &payload)?;
+        let mut info = ExportInfo::default();
+        let mut got_export = false;
+        loop {
+            let r = self.read_opt_reply()?;
+            if r.option != opt {
+                return Err(io::Error::other("reply for wrong option"));
+            }
+            match r.typ {
+                proto::REP_ACK if got_export => return Ok(Ok(info)),
+                proto::REP_ACK => return Err(io::Error::other("ACK without INFO_EXPORT")),
+                proto::REP_INFO if r.data.len() >= 2 => {
+                    let d = &r.data;
+                    match u16::from_be_bytes([d[0], d[1]]) {
+                        proto::INFO_EXPORT if d.len() == 12 => {
+                            info.size = u64::from_be_bytes(d[2..10].try_into().unwrap_or_default());
+                            info.tflags = u16::from_be_bytes([d[10], d[11]]);
+                            got_export = true;
+                        }
+                        proto::INFO_BLOCK_SIZE if d.len() == 14 => {
+                            let g = |i: usize| {
+                                u32::from_be_bytes(d[i..i + 4].try_into().unwrap_or_default())
+                            };
+                            info.block_size = Some((g(2), g(6), g(10)));
+                        }
+                        proto::INFO_NAME => {
+                            info.name = Some(String::from_utf8_lossy(&d[2..]).into_owned());
+                        }
+                        t => {
+                            return Err(io::Error::other(format!(
+                                "bad info type {t} len {}",
+                                d.len()
+                            )))
+                        }
+                    }
+                }
+                t if t & (1 << 31) != 0 => return Ok(Err(t)),
+                t => return Err(io::Error::other(format!("unexpected reply type {t:#x}"))),
+            }
+        }
+    }
+
+    /// NBD_OPT_LIST; export names or the error reply type.
+    pub fn list(&mut self) -> io::Result<Result<Vec<String>, u32>> {
+        self.send_option(proto::OPT_LIST, &[])?;
+        let mut names = Vec::new();
+        loop {
+            let r = self.read_opt_reply()?;
+            match r.typ {
+                proto::REP_ACK => return Ok(Ok(names)),
+                proto::REP_SERVER if r.data.len() >= 4 => {
+                    let n =
+                        u32::from_be_bytes(r.data[0..4].try_into().unwrap_or_default()) as usize;
+                    let name = r
+                        .data
+                        .get(4..4 + n)
+                        .ok_or_else(|| io::Error::other("bad REP_SERVER"))?;
+                    names.push(String::from_utf8_lossy(name).into_owned());
+                }
+                t if t & (1 << 31) != 0 => return Ok(Err(t)),
+                t => return Err(io::Error::other(format!("unexpected reply type {t:#x}"))),
+            }
+        }
+    }
+
+    /// NBD_OPT_EXPORT_NAME; returns (size, transmission flags).
+    pub fn export_name(&mut self, name: &str, no_zeroes: bool) -> io::Result<(u64, u16)> {
+        self.send_option(proto::OPT_EXPORT_NAME, name.as_bytes())?;
+        let r = self.recv(if no_zeroes { 10 } else { 134 })?;
+        Ok((
+            u64::from_be_bytes(r[0..8].try_into().unwrap_or_default()),
+            u16::from_be_bytes([r[8], r[9]]),
+        ))
+    }
+
+    pub fn alloc_handle(&mut self) -> u64 {
+        let h = self.next_handle;
+        self.next_handle += 1;
+        h
+    }
+
+    /// Send a request header (+ payload, if any) without waiting.
+    pub fn send_request(
+        &mut self,
+        typ: u16,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let mut b = Vec::with_capacity(proto::REQUEST_LEN + payload.len());
+        b.extend_from_slice(&proto::encode_request(&Request {
+            flags,
+            typ,
+            handle,
+            offset,
+            len,
+        }));
+        b.extend_from_slice(payload);
+        self.send(&b)
+    }
+
+    /// Read a simple reply header: (error, handle).
+    pub fn read_reply(&mut self) -> io::Result<(u32, u64)> {
+        let h = self.recv(proto::SIMPLE_REPLY_LEN)?;
+        let magic = u32::from_be_bytes(h[0..4].try_into().unwrap_or_default());
+        if magic != proto::SIMPLE_REPLY_MAGIC {
+            return Err(io::Error::other(format!("bad reply magic {magic:#x}")));
+        }
+        Ok((
+            u32::from_be_bytes(h[4..8].try_into().unwrap_or_default()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap_or_default()),
+        ))
+    }
+
+    fn expect_handle(got: u64, want: u64) -> io::Result<()> {
+        if got != want {
+            return Err(io::Error::other(format!("reply handle {got} != {want}")));
+        }
+        Ok(())
+    }
+
+    /// Synchronous READ: data, or the NBD error value.
+    pub fn read(&mut self, offset: u64, len: u32) -> io::Result<Result<Vec<u8>, u32>> {
+        let h = self.alloc_handle();
+        self.send_request(proto::CMD_READ, 0, h, offset, len, &[])?;
+        let (err, got) = self.read_reply()?;
+        Self::expect_handle(got, h)?;
+        if err != 0 {
+            return Ok(Err(err));
+        }
+        Ok(Ok(self.recv(len as usize)?))
+    }
+
+    /// Synchronous WRITE; returns the NBD error value (0 = success).
+    pub fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> io::Result<u32> {
+        let h = self.alloc_handle();
+        self.send_request(proto::CMD_WRITE, flags, h, offset, data.len() as u32, data)?;
+        let (err, got) = self.read_reply()?;
+        Self::expect_handle(got, h)?;
+        Ok(err)
+    }
+
+    /// Synchronous command without payload in either direction (FLUSH,
+    /// TRIM, WRITE_ZEROES, or anything invalid); returns the error value.
+    pub fn cmd(&mut self, typ: u16, flags: u16, offset: u64, len: u32) -> io::Result<u32> {
+        let h = self.alloc_handle();
+        self.send_request(typ, flags, h, offset, len, &[])?;
+        let (err, got) = self.read_reply()?;
+        Self::expect_handle(got, h)?;
+        Ok(err)
+    }
+
+    pub fn flush(&mut self) -> io::Result<u32> {
+        self.cmd(proto::CMD_FLUSH, 0, 0, 0)
+    }
+
+    /// NBD_CMD_DISC, then wait for the server to close.
+    pub fn disconnect(mut self) -> io::Result<()> {
+        let h = self.alloc_handle();
+        self.send_request(proto::CMD_DISC, 0, h, 0, 0, &[])?;
+        if self.expect_closed() {
+            Ok(())
+        } else {
+            Err(io::Error::other("server did not close after DISC"))
+        }
+    }
+}
