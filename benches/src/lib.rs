@@ -1,1 +1,61 @@
+//! Shared helpers for ferry's benchmarks.
+use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+use ferry_journal::{EngineChoice, Journal, JournalOptions, Op, Record};
+
+/// Where benchmark journals live: `FERRY_BENCH_DIR` or the target directory, which is
+/// on the same disk as the build (not a tmpfs /tmp).
+pub fn bench_dir() -> PathBuf {
+    let dir = std::env::var_os("FERRY_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+                .join("bench-scratch")
+        });
+    std::fs::create_dir_all(&dir).expect("create bench dir");
+    dir
+}
+
+/// Opens a journal with the given engine; `None` if that engine cannot run here (a
+/// benchmark must never silently measure the fallback).
+pub fn open_bench_journal(dir: &Path, engine: EngineChoice) -> Option<Journal> {
+    let mut o = JournalOptions::new(dir.to_path_buf(), [0x42; 16]);
+    o.engine = engine;
+    o.segment_size = 256 << 20;
+    o.capacity = 2 << 30;
+    match Journal::open(o) {
+        Ok((j, _)) => {
+            let want = match engine {
+                EngineChoice::IoUring => "io_uring",
+                EngineChoice::Std => "std",
+                EngineChoice::Auto => j.engine_name(),
+            };
+            if j.engine_name() != want {
+                eprintln!(
+                    "engine {want} requested but {} runs: {:?}",
+                    j.engine_name(),
+                    j.fallback_reason()
+                );
+                return None;
+            }
+            Some(j)
+        }
+        Err(e) => {
+            eprintln!("cannot open journal: {e}");
+            None
+        }
+    }
+}
+
+pub fn record(data: Bytes) -> Record {
+    Record {
+        volume: 0,
+        op: Op::Write,
+        offset: 0,
+        length: data.len() as u32,
+        data,
+    }
+}

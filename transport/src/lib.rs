@@ -12,3 +12,5 @@
 
 pub mod session;
 pub mod wire;
+pub mod pki;
+pub mod quic;

@@ -1,0 +1,384 @@
+//! ferryd configuration (TOML).
+//!
+//! Every error names the offending key: syntax and type errors come from the `toml`
+//! parser (which reports the key path and line), semantic checks from [`Config::validate`].
+//! Relative paths are resolved against the directory holding the config file, so a
+//! config directory can be moved as a whole.
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::size::ByteSize;
+
+/// Smallest volume granule: NBD clients address bytes, but the journal and the base
+/// volume are 4 KiB-aligned worlds, and block devices have at least 512-byte sectors.
+pub const VOLUME_ALIGN: u64 = 4096;
+pub const MAX_VOLUMES: usize = 256;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub journal: JournalConfig,
+    pub nbd: NbdConfig,
+    pub control: ControlConfig,
+    #[serde(rename = "volume", default)]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Standby,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Standby => "standby",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name; also the name in its TLS certificate once replication is set up.
+    pub name: String,
+    pub role: Role,
+    /// Cluster id, 32 hex digits. It binds every journal batch and frame to the cluster.
+    pub cluster_id: String,
+    /// Directory of the node's metadata store (`meta.redb`).
+    pub metadata_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineConfig {
+    #[default]
+    Auto,
+    IoUring,
+    Std,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecoveryConfig {
+    #[default]
+    TolerateTornTail,
+    AbsoluteConsistency,
+}
+
+fn default_segment_size() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_checkpoint_interval_ms() -> u64 {
+    5000
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalConfig {
+    pub dir: PathBuf,
+    /// Total journal size; writes wait (they never fail) while it is full.
+    pub size: ByteSize,
+    #[serde(default = "default_segment_size")]
+    pub segment_size: ByteSize,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub recovery: RecoveryConfig,
+    /// Upper bound between checkpoints (base volumes fsynced, journal released).
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub name: String,
+    /// Backing file or block device.
+    pub path: PathBuf,
+    pub size: ByteSize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        cfg.validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                message,
+            })?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML; the message carries the parser's key path and line.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serialising our own plain structs cannot fail; an error would be a bug here.
+        toml::to_string_pretty(self).unwrap_or_else(|e| panic!("config serialisation bug: {e}"))
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.node.metadata_dir);
+        abs(&mut self.journal.dir);
+        abs(&mut self.control.socket);
+        for v in &mut self.volumes {
+            abs(&mut v.path);
+        }
+    }
+
+    /// Semantic checks. Returns (key, message) for the first problem found.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_string(), m));
+        if !valid_name(&self.node.name) {
+            return bad("node.name", name_rule(&self.node.name));
+        }
+        if let Err(e) = parse_cluster_id(&self.node.cluster_id) {
+            return bad("node.cluster_id", e);
+        }
+        let seg = self.journal.segment_size.0;
+        if seg < (1 << 20) || !seg.is_multiple_of(4096) {
+            return bad(
+                "journal.segment_size",
+                format!("{seg} bytes: must be at least 1MiB and a multiple of 4KiB"),
+            );
+        }
+        if self.journal.size.0 < 2 * seg {
+            return bad(
+                "journal.size",
+                format!(
+                    "{} is smaller than two segments ({}); the journal needs room to write one segment while releasing another",
+                    self.journal.size,
+                    ByteSize(2 * seg)
+                ),
+            );
+        }
+        if self.journal.checkpoint_interval_ms == 0 {
+            return bad(
+                "journal.checkpoint_interval_ms",
+                "must be greater than 0".into(),
+            );
+        }
+        if let Err(e) = self.nbd_addr() {
+            return bad("nbd.listen", e);
+        }
+        if self.volumes.is_empty() && self.node.role == Role::Primary {
+            return bad(
+                "volume",
+                "a primary needs at least one [[volume]] section".into(),
+            );
+        }
+        if self.volumes.len() > MAX_VOLUMES {
+            return bad(
+                "volume",
+                format!("{} volumes; at most {MAX_VOLUMES}", self.volumes.len()),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut paths = HashSet::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            let key = |f: &str| format!("volume[{i}].{f}");
+            if !valid_name(&v.name) {
+                return bad(&key("name"), name_rule(&v.name));
+            }
+            if !names.insert(v.name.as_str()) {
+                return bad(&key("name"), format!("duplicate volume name '{}'", v.name));
+            }
+            if !paths.insert(v.path.as_path()) {
+                return bad(
+                    &key("path"),
+                    format!("{} is used by two volumes", v.path.display()),
+                );
+            }
+            if v.size.0 == 0 || !v.size.0.is_multiple_of(VOLUME_ALIGN) {
+                return bad(
+                    &key("size"),
+                    format!(
+                        "{} bytes: must be a positive multiple of {VOLUME_ALIGN}",
+                        v.size.0
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn nbd_addr(&self) -> Result<SocketAddr, String> {
+        self.nbd.listen.parse::<SocketAddr>().map_err(|e| {
+            format!(
+                "'{}' is not HOST:PORT with a numeric address: {e}",
+                self.nbd.listen
+            )
+        })
+    }
+
+    pub fn cluster_id(&self) -> [u8; 16] {
+        // validate() has checked it; a default of zeros would only be reached by a bug.
+        parse_cluster_id(&self.node.cluster_id).unwrap_or([0; 16])
+    }
+}
+
+/// Names appear in export names, file names and certificates: keep them plain.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !s.starts_with('.')
+}
+
+fn name_rule(s: &str) -> String {
+    format!("'{s}': names are 1-64 characters of A-Z a-z 0-9 . _ - and do not start with '.'")
+}
+
+pub fn parse_cluster_id(s: &str) -> Result<[u8; 16], String> {
+    let s = s.trim();
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("'{s}' is not 32 hexadecimal digits"));
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+pub fn format_id(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+name = "primary"
+role = "primary"
+cluster_id = "00112233445566778899aabbccddeeff"
+metadata_dir = "primary"
+
+[journal]
+dir = "primary/journal"
+size = "256MiB"
+segment_size = "16MiB"
+
+[nbd]
+listen = "127.0.0.1:10809"
+
+[control]
+socket = "primary/ferryd.sock"
+
+[[volume]]
+name = "vol0"
+path = "primary/vol0.img"
+size = "1GiB"
+"#;
+
+    fn invalid_key(text: &str) -> String {
+        let cfg = Config::parse(text).expect("parses");
+        cfg.validate().expect_err("should be invalid").0
+    }
+
+    #[test]
+    fn good_config_parses_and_validates() {
+        let cfg = Config::parse(GOOD).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.volumes[0].size.0, 1 << 30);
+        assert_eq!(cfg.journal.engine, EngineConfig::Auto);
+        assert_eq!(cfg.cluster_id()[15], 0xff);
+        // Round trip through our own serialiser.
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.volumes[0].name, "vol0");
+    }
+
+    #[test]
+    fn every_bad_value_names_its_key() {
+        assert_eq!(invalid_key(&GOOD.replace("1GiB", "1000")), "volume[0].size");
+        assert_eq!(
+            invalid_key(&GOOD.replace("127.0.0.1:10809", "localhost")),
+            "nbd.listen"
+        );
+        assert_eq!(
+            invalid_key(&GOOD.replace("00112233445566778899aabbccddeeff", "xyz")),
+            "node.cluster_id"
+        );
+        assert_eq!(
+            invalid_key(&GOOD.replace("size = \"256MiB\"", "size = \"16MiB\"")),
+            "journal.size"
+        );
+        assert_eq!(
+            invalid_key(&GOOD.replace("name = \"vol0\"", "name = \"a/b\"")),
+            "volume[0].name"
+        );
+        let two =
+            format!("{GOOD}\n[[volume]]\nname = \"vol0\"\npath = \"x.img\"\nsize = \"4KiB\"\n");
+        assert_eq!(invalid_key(&two), "volume[1].name");
+    }
+
+    #[test]
+    fn parse_errors_name_the_key() {
+        let e =
+            Config::parse(&GOOD.replace("size = \"1GiB\"", "size = \"1 furlong\"")).unwrap_err();
+        assert!(e.contains("size"), "{e}");
+        assert!(e.contains("furlong"), "{e}");
+        let e =
+            Config::parse(&GOOD.replace("role = \"primary\"", "role = \"leader\"")).unwrap_err();
+        assert!(e.contains("role") || e.contains("leader"), "{e}");
+        let e = Config::parse(&format!("{GOOD}\nbogus = 1\n")).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+    }
+}

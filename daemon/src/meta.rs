@@ -1,0 +1,271 @@
+//! Node metadata: small, rarely written, and it must survive any crash.
+//!
+//! Kept in redb, whose commits are crash-safe (copy-on-write B-tree with a checksummed
+//! commit slot, fsynced before `commit` returns). Keys are short strings, values are
+//! fixed-width little-endian integers or raw ids, so the store carries no serialisation
+//! format of its own to version. A `format` key records the layout version.
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableTable, TableDefinition};
+
+const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("ferry_meta");
+/// Version of the key/value layout below. Bump with an upgrade step in `open`.
+pub const META_FORMAT: u64 = 1;
+
+const K_FORMAT: &str = "format";
+const K_NODE_ID: &str = "node_id";
+const K_CLUSTER_ID: &str = "cluster_id";
+const K_EPOCH: &str = "epoch";
+const K_CHECKPOINT: &str = "checkpoint_seq";
+const K_NEXT_VOLUME: &str = "next_volume_id";
+const VOLUME_PREFIX: &str = "volume/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata store {path}: {message}")]
+    Store { path: PathBuf, message: String },
+    #[error("metadata store {path}: key `{key}` is corrupt: {message}")]
+    Corrupt {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+    #[error("metadata store {path} belongs to cluster {found}, but the config names cluster {expected}; refusing to mix clusters")]
+    WrongCluster {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("metadata store {path} has layout version {found}; this ferryd understands up to {META_FORMAT}")]
+    TooNew { path: PathBuf, found: u64 },
+}
+
+pub struct Meta {
+    db: Database,
+    path: PathBuf,
+    pub node_id: [u8; 16],
+    pub cluster_id: [u8; 16],
+}
+
+impl Meta {
+    /// Opens (or creates) `dir/meta.redb`. On first open, records the cluster id and a
+    /// fresh random node id; afterwards refuses a config naming another cluster.
+    pub fn open(dir: &Path, cluster_id: [u8; 16]) -> Result<Meta, MetaError> {
+        std::fs::create_dir_all(dir).map_err(|e| MetaError::Store {
+            path: dir.to_path_buf(),
+            message: format!("cannot create directory: {e}"),
+        })?;
+        let path = dir.join("meta.redb");
+        let err = |e: &dyn std::fmt::Display| MetaError::Store {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let db = Database::create(&path).map_err(|e| err(&e))?;
+        let mut meta = Meta {
+            db,
+            path: path.clone(),
+            node_id: [0; 16],
+            cluster_id,
+        };
+        match meta.get_raw(K_FORMAT)? {
+            None => {
+                let mut node_id = [0u8; 16];
+                getrandom::getrandom(&mut node_id).map_err(|e| err(&e))?;
+                meta.put_many(&[
+                    (K_FORMAT, &META_FORMAT.to_le_bytes()),
+                    (K_NODE_ID, &node_id),
+                    (K_CLUSTER_ID, &cluster_id),
+                    (K_EPOCH, &1u64.to_le_bytes()),
+                    (K_CHECKPOINT, &0u64.to_le_bytes()),
+                ])?;
+                meta.node_id = node_id;
+            }
+            Some(_) => {
+                let format = meta.get_u64(K_FORMAT)?;
+                if format > META_FORMAT {
+                    return Err(MetaError::TooNew {
+                        path,
+                        found: format,
+                    });
+                }
+                meta.node_id = meta.get_id(K_NODE_ID)?;
+                let found = meta.get_id(K_CLUSTER_ID)?;
+                if found != cluster_id {
+                    return Err(MetaError::WrongCluster {
+                        path,
+                        found: crate::config::format_id(&found),
+                        expected: crate::config::format_id(&cluster_id),
+                    });
+                }
+            }
+        }
+        Ok(meta)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn epoch(&self) -> Result<u64, MetaError> {
+        self.get_u64(K_EPOCH)
+    }
+
+    pub fn set_epoch(&self, epoch: u64) -> Result<(), MetaError> {
+        self.put_many(&[(K_EPOCH, &epoch.to_le_bytes())])
+    }
+
+    /// Highest journal sequence known applied to the base volumes *and* fsynced there.
+    pub fn checkpoint(&self) -> Result<u64, MetaError> {
+        self.get_u64(K_CHECKPOINT)
+    }
+
+    pub fn set_checkpoint(&self, seq: u64) -> Result<(), MetaError> {
+        self.put_many(&[(K_CHECKPOINT, &seq.to_le_bytes())])
+    }
+
+    /// The persistent id of volume `name`, assigned on first sight. Journal records
+    /// carry ids, not names, so the mapping must outlive config edits.
+    pub fn volume_id(&self, name: &str) -> Result<u32, MetaError> {
+        let key = format!("{VOLUME_PREFIX}{name}");
+        let txn = self.db.begin_write().map_err(|e| self.store_err(e))?;
+        let id = {
+            let mut table = txn.open_table(TABLE).map_err(|e| self.store_err(e))?;
+            let existing = table
+                .get(key.as_str())
+                .map_err(|e| self.store_err(e))?
+                .map(|g| g.value().to_vec());
+            match existing {
+                Some(raw) => {
+                    return raw
+                        .as_slice()
+                        .try_into()
+                        .map(u32::from_le_bytes)
+                        .map_err(|_| MetaError::Corrupt {
+                            path: self.path.clone(),
+                            key: "volume/<name>",
+                            message: format!("{} bytes for volume '{name}', expected 4", raw.len()),
+                        });
+                }
+                None => {
+                    let next = table
+                        .get(K_NEXT_VOLUME)
+                        .map_err(|e| self.store_err(e))?
+                        .map(|g| g.value().to_vec());
+                    let id = match next {
+                        None => 0u32,
+                        Some(raw) => {
+                            raw.as_slice()
+                                .try_into()
+                                .map(u32::from_le_bytes)
+                                .map_err(|_| MetaError::Corrupt {
+                                    path: self.path.clone(),
+                                    key: K_NEXT_VOLUME,
+                                    message: format!("{} bytes, expected 4", raw.len()),
+                                })?
+                        }
+                    };
+                    let after = id.checked_add(1).ok_or_else(|| MetaError::Corrupt {
+                        path: self.path.clone(),
+                        key: K_NEXT_VOLUME,
+                        message: "volume ids exhausted".into(),
+                    })?;
+                    table
+                        .insert(key.as_str(), id.to_le_bytes().as_slice())
+                        .map_err(|e| self.store_err(e))?;
+                    table
+                        .insert(K_NEXT_VOLUME, after.to_le_bytes().as_slice())
+                        .map_err(|e| self.store_err(e))?;
+                    id
+                }
+            }
+        };
+        txn.commit().map_err(|e| self.store_err(e))?;
+        Ok(id)
+    }
+
+    fn store_err(&self, e: impl std::fmt::Display) -> MetaError {
+        MetaError::Store {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn get_raw(&self, key: &'static str) -> Result<Option<Vec<u8>>, MetaError> {
+        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let table = match txn.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let v = table.get(key).map_err(|e| self.store_err(e))?;
+        Ok(v.map(|g| g.value().to_vec()))
+    }
+
+    fn get_fixed<const N: usize>(&self, key: &'static str) -> Result<[u8; N], MetaError> {
+        let raw = self.get_raw(key)?.ok_or_else(|| MetaError::Corrupt {
+            path: self.path.clone(),
+            key,
+            message: "missing".into(),
+        })?;
+        raw.as_slice().try_into().map_err(|_| MetaError::Corrupt {
+            path: self.path.clone(),
+            key,
+            message: format!("{} bytes, expected {N}", raw.len()),
+        })
+    }
+
+    fn get_u64(&self, key: &'static str) -> Result<u64, MetaError> {
+        self.get_fixed::<8>(key).map(u64::from_le_bytes)
+    }
+
+    fn get_id(&self, key: &'static str) -> Result<[u8; 16], MetaError> {
+        self.get_fixed::<16>(key)
+    }
+
+    /// One durable transaction for all pairs.
+    fn put_many(&self, pairs: &[(&str, &[u8])]) -> Result<(), MetaError> {
+        let txn = self.db.begin_write().map_err(|e| self.store_err(e))?;
+        {
+            let mut table = txn.open_table(TABLE).map_err(|e| self.store_err(e))?;
+            for (k, v) in pairs {
+                table.insert(*k, *v).map_err(|e| self.store_err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.store_err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn persists_and_refuses_other_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let cid = [7u8; 16];
+        let node = {
+            let m = Meta::open(dir.path(), cid).unwrap();
+            assert_eq!(m.epoch().unwrap(), 1);
+            assert_eq!(m.checkpoint().unwrap(), 0);
+            m.set_checkpoint(42).unwrap();
+            m.set_epoch(3).unwrap();
+            m.node_id
+        };
+        let m = Meta::open(dir.path(), cid).unwrap();
+        assert_eq!(m.node_id, node);
+        assert_eq!(m.checkpoint().unwrap(), 42);
+        assert_eq!(m.epoch().unwrap(), 3);
+        assert_eq!(m.volume_id("a").unwrap(), 0);
+        assert_eq!(m.volume_id("b").unwrap(), 1);
+        assert_eq!(m.volume_id("a").unwrap(), 0);
+        drop(m);
+        let m = Meta::open(dir.path(), cid).unwrap();
+        assert_eq!(m.volume_id("b").unwrap(), 1);
+        assert_eq!(m.volume_id("c").unwrap(), 2);
+        drop(m);
+        let e = Meta::open(dir.path(), [8u8; 16])
+            .err()
+            .expect("must refuse");
+        assert!(matches!(e, MetaError::WrongCluster { .. }), "{e}");
+    }
+}

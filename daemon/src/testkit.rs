@@ -1,0 +1,236 @@
+//! Support for tests that run real ferryd processes: temp node directories, spawning
+//! with a bounded wait for readiness, SIGKILL/SIGTERM by PID, and real NBD clients.
+//! Not part of the product API.
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::config::{
+    format_id, Config, ControlConfig, JournalConfig, NbdConfig, NodeConfig, Role, VolumeConfig,
+};
+use crate::size::ByteSize;
+
+/// Is `tool` on PATH? Tests that need a missing tool print a loud SKIP line.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Prints the loud skip message; returns true when the tool is missing.
+pub fn skip_without(tool: &str, test: &str) -> bool {
+    if have(tool) {
+        return false;
+    }
+    eprintln!("\n!!!! SKIP {test}: `{tool}` is not installed (.ci/run installs it) !!!!\n");
+    true
+}
+
+/// Writes a primary config under `dir` (volumes created sparse), NBD on an OS port.
+pub fn primary_config(
+    dir: &Path,
+    volumes: &[(&str, u64)],
+    journal_size: u64,
+    segment_size: u64,
+) -> PathBuf {
+    let data = dir.join("primary");
+    std::fs::create_dir_all(&data).expect("create node dir");
+    let cfg = Config {
+        node: NodeConfig {
+            name: "primary".into(),
+            role: Role::Primary,
+            cluster_id: format_id(&[0x5a; 16]),
+            metadata_dir: data.clone(),
+        },
+        journal: JournalConfig {
+            dir: data.join("journal"),
+            size: ByteSize(journal_size),
+            segment_size: ByteSize(segment_size),
+            engine: Default::default(),
+            recovery: Default::default(),
+            checkpoint_interval_ms: 500,
+        },
+        nbd: NbdConfig {
+            listen: "127.0.0.1:0".into(),
+        },
+        control: ControlConfig {
+            socket: data.join("ferryd.sock"),
+        },
+        volumes: volumes
+            .iter()
+            .map(|(name, size)| {
+                let path = data.join(format!("{name}.img"));
+                let f = std::fs::File::create(&path).expect("create volume file");
+                f.set_len(*size).expect("size volume file");
+                VolumeConfig {
+                    name: name.to_string(),
+                    path,
+                    size: ByteSize(*size),
+                }
+            })
+            .collect(),
+    };
+    let path = dir.join("primary.toml");
+    std::fs::write(&path, cfg.to_toml()).expect("write config");
+    path
+}
+
+/// A running ferryd, killed by its own PID when dropped.
+pub struct Node {
+    child: Option<Child>,
+    pub pid: u32,
+    pub nbd: SocketAddr,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Node {
+    /// Starts `ferryd --config CONFIG` and waits (bounded) for its ready line.
+    pub fn start(ferryd: &Path, config: &Path) -> Node {
+        let log = config.with_extension(format!("{}.log", std::process::id()));
+        let log = unique_log(&log);
+        let logf = std::fs::File::create(&log).expect("create log");
+        let mut child = Command::new(ferryd)
+            .arg("--config")
+            .arg(config)
+            .env("FERRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(logf)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", ferryd.display()));
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("ferryd ready: ") {
+                    let _ = tx.send(rest.to_string());
+                }
+            }
+        });
+        let mut node = Node {
+            child: Some(child),
+            pid,
+            nbd: "0.0.0.0:0".parse().expect("addr"),
+            config: config.to_path_buf(),
+            log,
+        };
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                let nbd = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("nbd="))
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_else(|| panic!("ready line without nbd=: {line}"));
+                node.nbd = nbd;
+                node
+            }
+            Err(_) => {
+                let status = node
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                panic!(
+                    "ferryd did not become ready within 60 s (exit: {status:?}); log:\n{}",
+                    node.log_text()
+                );
+            }
+        }
+    }
+
+    pub fn url(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nbd)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL by PID and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child by its PID.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (bounded) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("node already stopped");
+        // SAFETY: signalling our own child by its PID.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                // SAFETY: as above.
+                unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+                let _ = c.wait();
+                panic!(
+                    "ferryd did not exit within 60 s of SIGTERM; log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let cfg = Config::load(&self.config).expect("config");
+        let r = crate::control::call(&cfg.control.socket, &crate::control::Request::Status)
+            .expect("status call");
+        assert!(r.ok, "status failed: {:?}", r.error);
+        r.result.expect("status result")
+    }
+}
+
+fn unique_log(base: &Path) -> PathBuf {
+    for i in 0.. {
+        let p = base.with_extension(format!("{i}.log"));
+        if !p.exists() {
+            return p;
+        }
+    }
+    unreachable!()
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs qemu-io on an NBD URL with the given commands (bounded by `timeout` seconds).
+pub fn qemu_io(url: &str, cmds: &[String]) -> Output {
+    let mut c = Command::new("timeout");
+    c.arg("120").arg("qemu-io").arg("-f").arg("raw");
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    c.arg(url);
+    c.output().expect("run qemu-io")
+}
+
+/// Asserts a qemu-io run succeeded with no verification failure.
+pub fn assert_qemu_io_ok(out: &Output) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            && !stdout.contains("Pattern verification failed")
+            && !stdout.contains("error")
+            && !stderr.contains("error"),
+        "qemu-io failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+}
