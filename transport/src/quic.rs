@@ -103,7 +103,7 @@ impl TransportOptions {
 /// Why a peer's certificate was refused. Carried inside the rustls error, so
 /// it appears verbatim in the QUIC connection error on this side and (as the
 /// CONNECTION_CLOSE reason) on the peer.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Clone, PartialEq, Eq, Error)]
 pub enum PeerCertError {
     #[error("peer certificate is not signed by this cluster's CA{}", .peer_cluster.as_ref().map(|c| format!(" (it names cluster {c})")).unwrap_or_default())]
     NotOurCa { peer_cluster: Option<String> },
@@ -115,6 +115,14 @@ pub enum PeerCertError {
     WrongNode { expected: String, got: String },
     #[error("peer certificate is unreadable: {0}")]
     Unreadable(String),
+}
+
+/// rustls formats `CertificateError::Other` with `Debug`; printing the
+/// message here keeps the logged connection error readable.
+impl std::fmt::Debug for PeerCertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 impl From<PeerCertError> for rustls::Error {
@@ -227,8 +235,7 @@ fn check_peer(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
         )) => {} // chain was fine; the name is checked below with a better message
         Err(rustls::Error::InvalidCertificate(
-            CertificateError::UnknownIssuer
-            | CertificateError::BadSignature,
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
         )) => {
             // Name the cluster the stray certificate claims, if readable: it
             // tells the operator which cluster's node is dialling the wrong host.
@@ -618,7 +625,9 @@ async fn recv_hello(control: &mut FramedRecv) -> Result<Hello, QuicError> {
             "expected Hello, got {:?}",
             other.frame_type()
         ))),
-        None => Err(QuicError::Protocol("control stream ended before Hello".into())),
+        None => Err(QuicError::Protocol(
+            "control stream ended before Hello".into(),
+        )),
     }
 }
 
@@ -803,7 +812,12 @@ pub struct Backoff {
 impl Default for Backoff {
     /// 100 ms doubling to 10 s, 20 % jitter, per-process random seed.
     fn default() -> Self {
-        Self::new(Duration::from_millis(100), Duration::from_secs(10), 0.2, random_seed())
+        Self::new(
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            0.2,
+            random_seed(),
+        )
     }
 }
 
@@ -817,8 +831,15 @@ fn random_seed() -> u64 {
 }
 
 impl Backoff {
+    /// Upper bound on any delay: a day. Longer waits are a configuration error.
+    pub const MAX_DELAY: Duration = Duration::from_secs(86_400);
+
     /// `jitter` is clamped to `[0, 1]`; `max` is raised to `initial` if lower.
+    /// Both are capped at [`Backoff::MAX_DELAY`], which keeps the float
+    /// jitter arithmetic finite.
     pub fn new(initial: Duration, max: Duration, jitter: f64, seed: u64) -> Self {
+        let initial = initial.min(Self::MAX_DELAY);
+        let max = max.min(Self::MAX_DELAY);
         let jitter = if jitter.is_nan() {
             0.0
         } else {
@@ -911,9 +932,9 @@ mod tests {
         let d = b.next_delay();
         assert!(d <= Duration::from_secs(1));
         // Saturates instead of overflowing after many attempts.
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::MAX, 0.0, 3);
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::MAX, 0.5, 3);
         for _ in 0..200 {
-            b.next_delay();
+            assert!(b.next_delay() <= Backoff::MAX_DELAY);
         }
     }
 }

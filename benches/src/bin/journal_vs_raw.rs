@@ -34,7 +34,7 @@ fn fio_raw(dir: &std::path::Path, engine: &str, qd: u32, bytes: u64) -> anyhow::
     if !out.status.success() {
         bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio json")?;
+    let v = ferry_benches::fio_json(&out.stdout)?;
     let bw_kib = v["jobs"][0]["write"]["bw"]
         .as_f64()
         .context("fio json without jobs[0].write.bw")?;

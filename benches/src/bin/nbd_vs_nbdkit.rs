@@ -63,7 +63,7 @@ fn fio(uri: &str, rw: &str, runtime: u64) -> anyhow::Result<FioResult> {
     if !out.status.success() {
         bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio json")?;
+    let v = ferry_benches::fio_json(&out.stdout)?;
     let side = if rw.contains("write") {
         "write"
     } else {
