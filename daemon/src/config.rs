@@ -77,7 +77,7 @@ fn default_segment_size() -> ByteSize {
     ByteSize(64 << 20)
 }
 fn default_checkpoint_interval_ms() -> u64 {
-    5000
+    30000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,7 +120,7 @@ pub struct VolumeConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -152,8 +152,8 @@ fn replay(journal: &Journal, bases: &[Arc<Base>], checkpoint: Seq) -> anyhow::Re
 
 /// Fsyncs the bases, records the checkpoint, releases journal segments below it.
 fn checkpoint(rec: &Recovered, group: &Group, last: &mut Seq) -> anyhow::Result<()> {
-    let applied = group.applied_seq.load(Ordering::Acquire);
-    if applied <= *last || group.failed.load(Ordering::Relaxed) {
+    let applied = group.applied_seq();
+    if applied <= *last {
         return Ok(());
     }
     for b in &rec.bases {
@@ -204,10 +204,7 @@ pub async fn run(
         );
     }
     let rec = Arc::new(tokio::task::block_in_place(|| recover(&cfg))?);
-    let Some(first) = rec.bases.first().cloned() else {
-        bail!("a primary needs at least one volume");
-    };
-    let group = Group::start(rec.journal.clone(), first, rec.checkpoint, JOURNAL_QUEUE);
+    let group = Group::new(rec.journal.clone(), rec.checkpoint, JOURNAL_QUEUE);
     let volumes: Vec<Arc<Volume>> = rec
         .bases
         .iter()
@@ -284,7 +281,6 @@ pub async fn run(
         checkpoint(&rec, &group, &mut last)
     })?;
     drop(registry);
-    group.stop_applier();
     tracing::info!(checkpoint = last, "shutdown complete");
     Ok(())
 }
@@ -311,9 +307,9 @@ fn status_handler(
                 "epoch": rec.meta.epoch().unwrap_or(0),
                 "last_seq": j.last_seq(),
                 "durable_seq": j.durable_seq(),
-                "applied_seq": group.applied_seq.load(Ordering::Acquire),
+                "applied_seq": group.applied_seq(),
                 "checkpoint_seq": rec.meta.checkpoint().unwrap_or(0),
-                "failed": group.failed.load(Ordering::Relaxed),
+                "failed": group.gate.failed(),
                 "nbd": {"listen": nbd_addr.to_string()},
                 "journal": {
                     "used_bytes": j.used_bytes(),

@@ -7,10 +7,11 @@
 //! 1. NBD task → `Journal::append` (assigns the sequence; the writer thread group-commits
 //!    it with O_DIRECT and makes it durable);
 //! 2. the journal's completion (called strictly in sequence order) hands the record to
-//!    the single **applier** thread through a bounded channel;
-//! 3. the applier writes it to the base volume — in sequence order, so the base always
-//!    equals "checkpoint + journal prefix", which is exactly what crash replay rebuilds —
-//!    advances `applied_seq`, and only then answers the NBD task, which replies.
+//!    the [`ApplyGate`], which releases it once every earlier overlapping record is
+//!    applied (so overlapping writes reach the base in journal order — the order crash
+//!    replay uses);
+//! 3. the NBD task that issued it writes it to the base, the gate advances the
+//!    contiguous `applied_seq`, and the task replies.
 //!
 //! So an acknowledged write is durable (journal) and visible to reads (base). A FLUSH
 //! therefore has nothing left to make durable; it only seals the current write-set.
@@ -20,22 +21,21 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use bytes::{Bytes, BytesMut};
 use ferry_journal::{Journal, JournalError, Op, Record, Seq};
 use tokio::sync::{oneshot, Semaphore};
 
+use crate::apply::{ApplyGate, ApplyGuard};
 use crate::nbd::{Export, ExportError, ExportFlags, ExportRegistry};
 
 /// Reads above this size go to a blocking-pool thread; smaller ones are served inline,
 /// because a page-cache pread of a few KiB costs less than a thread hand-off.
 const INLINE_READ_MAX: u32 = 64 << 10;
-/// Bound on records waiting for the applier; the journal completion thread blocks
-/// (backpressure) when it is full.
-const APPLY_QUEUE: usize = 4096;
+/// Writes above this size are applied on the blocking pool rather than inline.
+const INLINE_APPLY_MAX: u32 = 64 << 10;
 
 /// A volume's backing store: a file or a block device.
 pub struct Base {
@@ -152,73 +152,33 @@ fn block_device_size(file: &File) -> std::io::Result<u64> {
     Ok(size)
 }
 
-struct ApplyItem {
-    seq: Seq,
-    base: Arc<Base>,
-    op: Op,
-    offset: u64,
-    length: u32,
-    data: Bytes,
-    /// `None` for seal records: nobody waits for them, but they pass through the
-    /// applier so `applied_seq` stays contiguous.
-    reply: Option<oneshot::Sender<Result<(), ExportError>>>,
-}
-
 /// State shared by every volume of the consistency group.
 pub struct Group {
     pub journal: Arc<Journal>,
-    apply_tx: crossbeam_channel::Sender<ApplyItem>,
-    /// Highest sequence applied to the base volumes (contiguous: the applier runs in order).
-    pub applied_seq: Arc<AtomicU64>,
-    /// Set when a base volume failed a write after its record was journaled: the base no
-    /// longer equals the journal prefix, so we stop taking writes and stop advancing
-    /// `applied_seq` (the checkpoint never passes the failure; restart replays it).
-    pub failed: Arc<AtomicBool>,
+    pub gate: Arc<ApplyGate>,
     /// Journal queue slots: async writers wait here instead of blocking a runtime thread
     /// inside `Journal::append`.
     slots: Arc<Semaphore>,
     /// Writes since the last write-set seal.
     dirty: AtomicBool,
-    /// Seal records apply nothing; the applier item still names a base.
-    seal_base: Arc<Base>,
-    applier: parking_lot::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Group {
-    pub fn start(
-        journal: Arc<Journal>,
-        seal_base: Arc<Base>,
-        applied_from: Seq,
-        queue_slots: usize,
-    ) -> Arc<Group> {
-        let (apply_tx, apply_rx) = crossbeam_channel::bounded::<ApplyItem>(APPLY_QUEUE);
-        let applied_seq = Arc::new(AtomicU64::new(applied_from));
-        let failed = Arc::new(AtomicBool::new(false));
-        let applier = {
-            let applied_seq = applied_seq.clone();
-            let failed = failed.clone();
-            std::thread::Builder::new()
-                .name("ferry-applier".into())
-                .spawn(move || run_applier(apply_rx, applied_seq, failed))
-                .map_err(|e| tracing::error!("cannot start applier thread: {e}"))
-                .ok()
-        };
-        if applier.is_none() {
-            failed.store(true, Ordering::SeqCst);
-        }
+    pub fn new(journal: Arc<Journal>, applied_from: Seq, queue_slots: usize) -> Arc<Group> {
         Arc::new(Group {
             journal,
-            apply_tx,
-            applied_seq,
-            failed,
+            gate: ApplyGate::new(applied_from),
             slots: Arc::new(Semaphore::new(queue_slots.max(1))),
             dirty: AtomicBool::new(false),
-            seal_base,
-            applier: parking_lot::Mutex::new(applier),
         })
     }
 
-    /// Journals a mutation, then waits until it is applied to the base.
+    pub fn applied_seq(&self) -> Seq {
+        self.gate.applied_seq()
+    }
+
+    /// Journals a mutation, waits until it is durable and released by the gate, then
+    /// applies it to the base (inline when small, on the blocking pool when large).
     async fn mutate(
         &self,
         base: &Arc<Base>,
@@ -227,7 +187,7 @@ impl Group {
         length: u32,
         data: Bytes,
     ) -> Result<(), ExportError> {
-        if self.failed.load(Ordering::Relaxed) {
+        if self.gate.failed() {
             return Err(ExportError::Io(
                 "volume group failed an earlier base write; restart ferryd to replay the journal"
                     .into(),
@@ -240,29 +200,19 @@ impl Group {
             .await
             .map_err(|_| ExportError::ShuttingDown)?;
         let (tx, rx) = oneshot::channel();
+        let gate = self.gate.clone();
         let item_base = base.clone();
-        let apply_tx = self.apply_tx.clone();
         let item_data = data.clone();
         let done: ferry_journal::Completion = Box::new(move |res: Result<Seq, JournalError>| {
             drop(permit);
             match res {
                 Ok(seq) => {
-                    let item = ApplyItem {
-                        seq,
-                        base: item_base,
-                        op,
-                        offset,
-                        length,
-                        data: item_data,
-                        reply: Some(tx),
-                    };
-                    // Blocks only when the applier is APPLY_QUEUE behind: backpressure.
-                    if let Err(e) = apply_tx.send(item) {
-                        e.0.answer(Err(ExportError::ShuttingDown));
-                    }
+                    let guard =
+                        ApplyGuard::new(gate.clone(), seq, item_base, op, offset, length, item_data);
+                    gate.ready(guard, tx);
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(ExportError::Io(format!("journal: {e}"))));
+                    let _ = tx.send(Err(e));
                 }
             }
         });
@@ -277,7 +227,24 @@ impl Group {
             .append(rec, done)
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
         self.dirty.store(true, Ordering::Relaxed);
-        rx.await.map_err(|_| ExportError::ShuttingDown)?
+        let guard = rx
+            .await
+            .map_err(|_| ExportError::ShuttingDown)?
+            .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
+        let result = if op == Op::Write && length > INLINE_APPLY_MAX {
+            tokio::task::spawn_blocking(move || guard.apply())
+                .await
+                .map_err(|e| ExportError::Io(format!("apply task: {e}")))?
+        } else {
+            guard.apply()
+        };
+        result.map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                ExportError::NoSpace
+            } else {
+                ExportError::Io(format!("base volume {}: {e}", base.path.display()))
+            }
+        })
     }
 
     /// Seals the current write-set if anything was written since the last seal. The
@@ -294,85 +261,16 @@ impl Group {
             length: 0,
             data: marker,
         };
-        let apply_tx = self.apply_tx.clone();
-        let base = self.seal_base.clone();
+        let gate = self.gate.clone();
         let done: ferry_journal::Completion = Box::new(move |res: Result<Seq, JournalError>| {
             if let Ok(seq) = res {
-                let _ = apply_tx.send(ApplyItem {
-                    seq,
-                    base,
-                    op: Op::Seal,
-                    offset: 0,
-                    length: 0,
-                    data: Bytes::new(),
-                    reply: None,
-                });
+                gate.skip(seq);
             }
         });
         self.journal
             .append(rec, done)
             .map(|_| ())
             .map_err(|e| ExportError::Io(format!("journal: {e}")))
-    }
-
-    /// Stops the applier after everything queued was applied. Call after the frontends
-    /// stopped and the journal drained.
-    pub fn stop_applier(&self) {
-        // The applier exits when every sender is gone; ours is the last once the
-        // journal (holding completions) is closed, so send nothing and just join if
-        // the channel is disconnected; otherwise wait for the queue to empty.
-        while !self.apply_tx.is_empty() {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        let _ = self.applier.lock().take();
-    }
-}
-
-impl ApplyItem {
-    fn answer(self, r: Result<(), ExportError>) {
-        if let Some(reply) = self.reply {
-            let _ = reply.send(r);
-        }
-    }
-}
-
-fn run_applier(
-    rx: crossbeam_channel::Receiver<ApplyItem>,
-    applied_seq: Arc<AtomicU64>,
-    failed: Arc<AtomicBool>,
-) {
-    for item in rx.iter() {
-        if failed.load(Ordering::Relaxed) {
-            item.answer(Err(ExportError::Io(
-                "volume group failed an earlier base write".into(),
-            )));
-            continue;
-        }
-        match item
-            .base
-            .apply(item.op, item.offset, item.length, &item.data)
-        {
-            Ok(()) => {
-                applied_seq.store(item.seq, Ordering::Release);
-                item.answer(Ok(()));
-            }
-            Err(e) => {
-                failed.store(true, Ordering::SeqCst);
-                tracing::error!(
-                    volume = %item.base.name,
-                    seq = item.seq,
-                    offset = item.offset,
-                    "base volume write failed after the record was journaled: {e}; \
-                     refusing further writes; the record stays in the journal and is replayed on restart"
-                );
-                let reply = if e.raw_os_error() == Some(libc::ENOSPC) {
-                    ExportError::NoSpace
-                } else {
-                    ExportError::Io(format!("base volume {}: {e}", item.base.path.display()))
-                };
-                item.answer(Err(reply));
-            }
-        }
     }
 }
 

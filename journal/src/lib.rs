@@ -1,1 +1,129 @@
-//! placeholder
+//! `ferry-journal`: ferry's segmented, append-only, group-committed redo journal.
+//!
+//! * [`format`]: the pure on-disk format (no IO); see `journal/FORMAT.md`.
+//! * [`engine`]: io_uring and std IO engines behind [`IoEngine`].
+//! * [`Journal`]: many appenders → bounded queue → one writer thread that writes one
+//!   4 KiB-aligned batch per round and runs completions strictly in sequence order.
+//!   A helper thread prepares the next segment ahead of need.
+//! * [`JournalReader`]: iterates durable records with plain `pread`.
+//! * Recovery on open ([`RecoveryMode`], [`RecoveryReport`]).
+//!
+//! One batch write is in flight at a time, so a crash can tear at most the last
+//! batch; recovery truncates at most that one batch.
+
+pub mod engine;
+mod error;
+pub mod format;
+mod reader;
+mod recovery;
+mod segment;
+mod writer;
+
+pub use engine::{EngineChoice, IoEngine, StdEngine, UringEngine};
+pub use error::JournalError;
+pub use format::{Op, Record, Seq};
+pub use reader::JournalReader;
+pub use recovery::{RecoveryMode, RecoveryReport};
+pub use segment::{parse_segment_name, segment_file_name};
+pub use writer::Journal;
+
+use std::path::PathBuf;
+
+// The daemon shares one journal between threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Journal>();
+    assert_send_sync::<JournalError>();
+};
+
+/// Batch-level metadata delivered with every entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchMeta {
+    pub epoch: u64,
+    pub timestamp_ns: u64,
+    pub first_seq: Seq,
+    pub last_seq: Seq,
+}
+
+/// One durable record as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    pub seq: Seq,
+    pub meta: BatchMeta,
+    pub record: Record,
+}
+
+/// Called once the batch holding the record is durable (or failed), strictly in
+/// sequence order, on the writer thread: it must be quick and must not block
+/// (in particular it must not call `append_wait` on the same journal).
+pub type Completion = Box<dyn FnOnce(Result<Seq, JournalError>) + Send>;
+
+#[derive(Debug, Clone)]
+pub struct JournalOptions {
+    pub dir: PathBuf,
+    /// Binds every segment and batch to one cluster: a journal directory from
+    /// another cluster is refused.
+    pub cluster_id: [u8; 16],
+    pub epoch: u64,
+    /// Bytes per segment file; multiple of 4 KiB, at least 1 MiB, at most 4 GiB.
+    pub segment_size: u64,
+    /// Total bytes across all segment files (data + spare), at least 2 segments.
+    pub capacity: u64,
+    pub engine: EngineChoice,
+    pub recovery: RecoveryMode,
+    /// Soft limit of one batch; a larger single record goes alone in its batch.
+    pub max_batch_bytes: usize,
+    /// Bounded queue length in records; `append` blocks while it is full.
+    pub queue_records: usize,
+}
+
+impl JournalOptions {
+    pub const MIN_SEGMENT_SIZE: u64 = 1 << 20;
+    pub const MAX_SEGMENT_SIZE: u64 = 1 << 32;
+
+    pub fn new(dir: impl Into<PathBuf>, cluster_id: [u8; 16]) -> JournalOptions {
+        JournalOptions {
+            dir: dir.into(),
+            cluster_id,
+            epoch: 0,
+            segment_size: 64 << 20,
+            capacity: 1 << 30,
+            engine: EngineChoice::Auto,
+            recovery: RecoveryMode::TolerateTornTail,
+            max_batch_bytes: 4 << 20,
+            queue_records: 1024,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), JournalError> {
+        let bad = |m: String| Err(JournalError::InvalidOptions(m));
+        if self.segment_size < Self::MIN_SEGMENT_SIZE
+            || self.segment_size > Self::MAX_SEGMENT_SIZE
+            || !format::is_block_aligned(self.segment_size)
+        {
+            return bad(format!(
+                "segment_size {} must be a multiple of 4 KiB in [1 MiB, 4 GiB]",
+                self.segment_size
+            ));
+        }
+        if self.capacity / self.segment_size < 2 {
+            return bad(format!(
+                "capacity {} must hold at least 2 segments of {}",
+                self.capacity, self.segment_size
+            ));
+        }
+        if self.max_batch_bytes == 0 || self.queue_records == 0 {
+            return bad("max_batch_bytes and queue_records must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Largest record data a segment can hold: one batch with one record after
+    /// the segment header block.
+    pub fn max_record_data(&self) -> u64 {
+        self.segment_size
+            - format::SEGMENT_HEADER_BLOCK
+            - format::BATCH_HEADER_LEN as u64
+            - format::RECORD_HEADER_LEN as u64
+    }
+}

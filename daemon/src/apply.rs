@@ -1,0 +1,309 @@
+//! Ordered, parallel application of journaled records to the base volumes.
+//!
+//! Records reach the [`ApplyGate`] from the journal's completion path, strictly in
+//! sequence order. A record whose range overlaps no earlier record still being applied
+//! is released at once; otherwise it waits until every such earlier record is applied.
+//! So overlapping writes reach a base in journal order — the order crash replay uses —
+//! while independent writes are applied in parallel by the NBD tasks that issued them
+//! (no extra thread hop on the write path).
+//!
+//! A released record travels to its task as an [`ApplyGuard`]. Whoever drops an
+//! unapplied guard applies it: a task cancelled mid-request, or a send to a task that
+//! is already gone, can never leave a journaled record off the base.
+//!
+//! `applied_seq` is the contiguous prefix of applied sequences; the checkpoint may only
+//! claim what is applied with no hole below it.
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ferry_journal::{JournalError, Op, Seq};
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::volume::Base;
+
+pub type Release = oneshot::Sender<Result<ApplyGuard, JournalError>>;
+
+pub struct ApplyGate {
+    inner: Mutex<GateInner>,
+    applied_seq: AtomicU64,
+    failed: AtomicBool,
+}
+
+struct GateInner {
+    /// Records handed to the gate and not yet applied, by sequence.
+    pending: BTreeMap<Seq, Pending>,
+    /// Applied sequences above the contiguous prefix.
+    done_above: BTreeSet<Seq>,
+    applied: Seq,
+}
+
+struct Pending {
+    volume: u32,
+    start: u64,
+    end: u64,
+    /// Earlier overlapping records not yet applied.
+    deps: usize,
+    /// Later records waiting for this one.
+    dependents: Vec<Seq>,
+    /// Held while blocked; taken when released.
+    blocked: Option<(ApplyGuard, Release)>,
+}
+
+impl ApplyGate {
+    pub fn new(applied: Seq) -> Arc<ApplyGate> {
+        Arc::new(ApplyGate {
+            inner: Mutex::new(GateInner {
+                pending: BTreeMap::new(),
+                done_above: BTreeSet::new(),
+                applied,
+            }),
+            applied_seq: AtomicU64::new(applied),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Highest sequence such that it and everything below it is applied.
+    pub fn applied_seq(&self) -> Seq {
+        self.applied_seq.load(Ordering::Acquire)
+    }
+
+    /// A base write failed after its record was journaled: the base no longer equals
+    /// the journal prefix. `applied_seq` stops below the failure (so the checkpoint
+    /// never passes it and a restart replays it) and the volumes refuse writes.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Hands a journaled mutation to the gate. Called in sequence order.
+    pub fn ready(self: &Arc<Self>, guard: ApplyGuard, to: Release) {
+        let seq = guard.seq;
+        let (volume, start, end) = guard.range();
+        let mut g = self.inner.lock();
+        let mut deps = 0;
+        for (_, p) in g.pending.range_mut(..seq) {
+            if p.volume == volume && p.start < end && start < p.end {
+                p.dependents.push(seq);
+                deps += 1;
+            }
+        }
+        let mut pending = Pending {
+            volume,
+            start,
+            end,
+            deps,
+            dependents: Vec::new(),
+            blocked: None,
+        };
+        if deps > 0 {
+            pending.blocked = Some((guard, to));
+            g.pending.insert(seq, pending);
+            return;
+        }
+        g.pending.insert(seq, pending);
+        drop(g);
+        release(guard, to);
+    }
+
+    /// Records that carry no data (write-set seals) count as applied at once.
+    pub fn skip(&self, seq: Seq) {
+        let mut g = self.inner.lock();
+        self.mark_done(&mut g, seq);
+    }
+
+    fn done(&self, seq: Seq, ok: bool) {
+        let mut g = self.inner.lock();
+        let Some(p) = g.pending.remove(&seq) else {
+            return;
+        };
+        if ok {
+            self.mark_done(&mut g, seq);
+        } else {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        let mut now = Vec::new();
+        for d in p.dependents {
+            if let Some(dp) = g.pending.get_mut(&d) {
+                dp.deps -= 1;
+                if dp.deps == 0 {
+                    if let Some(r) = dp.blocked.take() {
+                        now.push(r);
+                    }
+                }
+            }
+        }
+        drop(g);
+        for (guard, to) in now {
+            release(guard, to);
+        }
+    }
+
+    fn mark_done(&self, g: &mut GateInner, seq: Seq) {
+        if seq <= g.applied {
+            return;
+        }
+        g.done_above.insert(seq);
+        let mut a = g.applied;
+        while g.done_above.remove(&(a + 1)) {
+            a += 1;
+        }
+        if a != g.applied {
+            g.applied = a;
+            self.applied_seq.store(a, Ordering::Release);
+        }
+    }
+}
+
+/// Sends the guard to its task; if the task is gone, the returned guard is dropped
+/// here and applies itself.
+fn release(guard: ApplyGuard, to: Release) {
+    if let Err(Ok(guard)) = to.send(Ok(guard)) {
+        drop(guard);
+    }
+}
+
+/// One journaled, released mutation that must reach its base exactly once.
+pub struct ApplyGuard {
+    pub seq: Seq,
+    pub base: Arc<Base>,
+    pub op: Op,
+    pub offset: u64,
+    pub length: u32,
+    pub data: Bytes,
+    gate: Arc<ApplyGate>,
+    applied: bool,
+}
+
+impl ApplyGuard {
+    pub fn new(
+        gate: Arc<ApplyGate>,
+        seq: Seq,
+        base: Arc<Base>,
+        op: Op,
+        offset: u64,
+        length: u32,
+        data: Bytes,
+    ) -> ApplyGuard {
+        ApplyGuard {
+            seq,
+            base,
+            op,
+            offset,
+            length,
+            data,
+            gate,
+            applied: false,
+        }
+    }
+
+    fn range(&self) -> (u32, u64, u64) {
+        (self.base.id, self.offset, self.offset + self.length as u64)
+    }
+
+    /// Writes the record to its base and tells the gate.
+    pub fn apply(mut self) -> std::io::Result<()> {
+        self.applied = true;
+        let r = self.base.apply(self.op, self.offset, self.length, &self.data);
+        if let Err(e) = &r {
+            tracing::error!(
+                volume = %self.base.name,
+                seq = self.seq,
+                offset = self.offset,
+                "base volume write failed after the record was journaled: {e}; refusing \
+                 further writes; the record stays in the journal and is replayed on restart"
+            );
+        }
+        self.gate.done(self.seq, r.is_ok());
+        r
+    }
+}
+
+impl Drop for ApplyGuard {
+    fn drop(&mut self) {
+        if !self.applied {
+            self.applied = true;
+            let ok = self
+                .base
+                .apply(self.op, self.offset, self.length, &self.data)
+                .map_err(|e| {
+                    tracing::error!(seq = self.seq, "base volume write failed: {e}");
+                })
+                .is_ok();
+            self.gate.done(self.seq, ok);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn base(dir: &std::path::Path) -> Arc<Base> {
+        let p = dir.join("b.img");
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        Arc::new(Base::open(0, "b", &p, 1 << 20).unwrap())
+    }
+
+    fn guard(gate: &Arc<ApplyGate>, b: &Arc<Base>, seq: Seq, off: u64, byte: u8) -> ApplyGuard {
+        ApplyGuard::new(
+            gate.clone(),
+            seq,
+            b.clone(),
+            Op::Write,
+            off,
+            4096,
+            Bytes::from(vec![byte; 4096]),
+        )
+    }
+
+    #[test]
+    fn overlapping_records_apply_in_order_and_prefix_is_contiguous() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path());
+        let gate = ApplyGate::new(0);
+        let (t1, mut r1) = oneshot::channel();
+        let (t2, mut r2) = oneshot::channel();
+        let (t3, mut r3) = oneshot::channel();
+        gate.ready(guard(&gate, &b, 1, 0, 1), t1);
+        gate.ready(guard(&gate, &b, 2, 8192, 2), t2); // independent
+        gate.ready(guard(&gate, &b, 3, 2048, 3), t3); // overlaps seq 1
+        let g1 = r1.try_recv().unwrap().unwrap();
+        let g2 = r2.try_recv().unwrap().unwrap();
+        assert!(r3.try_recv().is_err(), "seq 3 must wait for seq 1");
+        g2.apply().unwrap();
+        assert_eq!(gate.applied_seq(), 0, "prefix cannot skip seq 1");
+        g1.apply().unwrap();
+        assert_eq!(gate.applied_seq(), 2);
+        let g3 = r3.try_recv().unwrap().unwrap();
+        g3.apply().unwrap();
+        assert_eq!(gate.applied_seq(), 3);
+        gate.skip(4);
+        assert_eq!(gate.applied_seq(), 4);
+        let mut buf = [0u8; 1];
+        b.file.read_exact_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf[0], 3, "the later overlapping write wins");
+    }
+
+    #[test]
+    fn a_vanished_task_still_gets_its_record_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path());
+        let gate = ApplyGate::new(10);
+        let (t, r) = oneshot::channel();
+        drop(r);
+        gate.ready(guard(&gate, &b, 11, 0, 9), t);
+        assert_eq!(gate.applied_seq(), 11);
+        // Released into a receiver that is then dropped unread.
+        let (t, r) = oneshot::channel();
+        gate.ready(guard(&gate, &b, 12, 4096, 8), t);
+        drop(r);
+        assert_eq!(gate.applied_seq(), 12);
+        let mut buf = [0u8; 2];
+        b.file.read_exact_at(&mut buf[..1], 0).unwrap();
+        b.file.read_exact_at(&mut buf[1..], 4096).unwrap();
+        assert_eq!(buf, [9, 8]);
+    }
+}

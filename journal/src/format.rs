@@ -1,0 +1,658 @@
+//! Pure on-disk format of the journal: no IO, no clock, no panics on bad input.
+//!
+//! See `journal/FORMAT.md` for byte diagrams, checksum definitions and the
+//! crash-case analysis. Everything here is little-endian.
+//!
+//! * A segment file starts with a 4 KiB segment header block
+//!   ([`SEGMENT_HEADER_LEN`] meaningful bytes, rest zero).
+//! * Batches follow at 4 KiB-aligned offsets: an 80-byte [`BatchHeader`], then the
+//!   body (records back to back: a 32-byte [`RecordHeader`] then the data), then zero
+//!   padding up to the next 4 KiB boundary.
+//! * Both CRC32C checksums are *salted* with the segment number (the CRC state is
+//!   seeded with `crc32c(segment_no.to_le_bytes())`), so a batch left over in a
+//!   recycled segment file never validates under the file's new number.
+
+use bytes::Bytes;
+
+/// Alignment and padding unit of every write (O_DIRECT friendly).
+pub const BLOCK_SIZE: usize = 4096;
+/// Bytes reserved at the start of each segment file for its header.
+pub const SEGMENT_HEADER_BLOCK: u64 = BLOCK_SIZE as u64;
+/// Meaningful bytes of the segment header (the rest of its block is zero).
+pub const SEGMENT_HEADER_LEN: usize = 64;
+/// Size of the fixed batch header.
+pub const BATCH_HEADER_LEN: usize = 80;
+/// Size of each record header inside a batch body.
+pub const RECORD_HEADER_LEN: usize = 32;
+/// Largest payload a Seal record may carry (e.g. a bookmark name).
+pub const MAX_SEAL_PAYLOAD: usize = 4096;
+
+pub const SEGMENT_MAGIC: [u8; 8] = *b"FERRYSEG";
+pub const BATCH_MAGIC: [u8; 4] = *b"FRYB";
+/// Current format version written by this code. See FORMAT.md "Versioning".
+pub const FORMAT_VERSION: u16 = 1;
+
+/// Batch flag: the batch contains at least one Seal record (lets a shipper find
+/// write-set boundaries from headers alone).
+pub const BATCH_FLAG_HAS_SEAL: u16 = 1;
+const BATCH_FLAGS_KNOWN: u16 = BATCH_FLAG_HAS_SEAL;
+
+const _: () = assert!(SEGMENT_HEADER_LEN <= BLOCK_SIZE);
+const _: () = assert!(BATCH_HEADER_LEN & 7 == 0 && RECORD_HEADER_LEN & 7 == 0);
+const _: () = assert!(BLOCK_SIZE.is_power_of_two());
+
+/// Whether `n` is a multiple of [`BLOCK_SIZE`].
+pub fn is_block_aligned(n: u64) -> bool {
+    n & (BLOCK_SIZE as u64 - 1) == 0
+}
+
+/// Global sequence number; starts at 1, 0 means "none".
+pub type Seq = u64;
+
+/// Operation carried by a record.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Write = 1,
+    Trim = 2,
+    WriteZeroes = 3,
+    /// Write-set seal marker; data may carry a small payload (bookmark name).
+    Seal = 4,
+}
+
+impl Op {
+    pub fn from_u8(v: u8) -> Option<Op> {
+        match v {
+            1 => Some(Op::Write),
+            2 => Some(Op::Trim),
+            3 => Some(Op::WriteZeroes),
+            4 => Some(Op::Seal),
+            _ => None,
+        }
+    }
+}
+
+/// One journal record.
+///
+/// * `Write`: `length == data.len()`.
+/// * `Trim` / `WriteZeroes`: `data` empty, `length` is the range.
+/// * `Seal`: `offset == 0`, `length == 0`, `data` an optional marker (<= 4 KiB).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub volume: u32,
+    pub op: Op,
+    pub offset: u64,
+    pub length: u32,
+    pub data: Bytes,
+}
+
+impl Record {
+    pub fn write(volume: u32, offset: u64, data: Bytes) -> Record {
+        Record {
+            volume,
+            op: Op::Write,
+            offset,
+            length: data.len() as u32,
+            data,
+        }
+    }
+    pub fn trim(volume: u32, offset: u64, length: u32) -> Record {
+        Record {
+            volume,
+            op: Op::Trim,
+            offset,
+            length,
+            data: Bytes::new(),
+        }
+    }
+    pub fn write_zeroes(volume: u32, offset: u64, length: u32) -> Record {
+        Record {
+            volume,
+            op: Op::WriteZeroes,
+            offset,
+            length,
+            data: Bytes::new(),
+        }
+    }
+    pub fn seal(volume: u32, marker: Bytes) -> Record {
+        Record {
+            volume,
+            op: Op::Seal,
+            offset: 0,
+            length: 0,
+            data: marker,
+        }
+    }
+    /// Bytes this record occupies inside a batch body.
+    pub fn encoded_len(&self) -> usize {
+        RECORD_HEADER_LEN + self.data.len()
+    }
+}
+
+/// Checks the per-op invariants of a record (shared by the writer and decoder).
+pub fn validate_record(rec: &Record) -> Result<(), String> {
+    if rec.data.len() > u32::MAX as usize {
+        return Err(format!("data length {} exceeds u32", rec.data.len()));
+    }
+    match rec.op {
+        Op::Write => {
+            if rec.length as usize != rec.data.len() {
+                return Err(format!(
+                    "write: length {} != data length {}",
+                    rec.length,
+                    rec.data.len()
+                ));
+            }
+        }
+        Op::Trim | Op::WriteZeroes => {
+            if !rec.data.is_empty() {
+                return Err(format!(
+                    "{:?}: data must be empty, has {} bytes",
+                    rec.op,
+                    rec.data.len()
+                ));
+            }
+        }
+        Op::Seal => {
+            if rec.offset != 0 || rec.length != 0 {
+                return Err(format!(
+                    "seal: offset {} and length {} must be 0",
+                    rec.offset, rec.length
+                ));
+            }
+            if rec.data.len() > MAX_SEAL_PAYLOAD {
+                return Err(format!(
+                    "seal: payload {} bytes > {MAX_SEAL_PAYLOAD}",
+                    rec.data.len()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why a piece of bytes did not decode. Positions are relative to the slice given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("truncated: need {need} bytes, have {have}")]
+    Truncated { need: usize, have: usize },
+    #[error("all-zero block (never written)")]
+    Zero,
+    #[error("bad magic {found:02x?}")]
+    BadMagic { found: Vec<u8> },
+    #[error("header crc mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    HeaderCrc { stored: u32, computed: u32 },
+    #[error("stale batch written for segment {written_for} (file is segment {segment})")]
+    Stale { written_for: u64, segment: u64 },
+    #[error("body crc mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    BodyCrc { stored: u32, computed: u32 },
+    #[error("unsupported format version {0}")]
+    UnsupportedVersion(u16),
+    #[error("invalid field: {0}")]
+    Invalid(String),
+}
+
+/// CRC32C salted with the segment number. Why: a recycled segment keeps its old
+/// bytes; seeding with the number makes those stale batches fail validation.
+pub fn salted_crc(segment_no: u64, bytes: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&segment_no.to_le_bytes()), bytes)
+}
+
+/// Rounds `n` up to the next multiple of [`BLOCK_SIZE`].
+pub fn align_up(n: u64) -> u64 {
+    n.div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64
+}
+
+/// On-disk length (header + body + padding) of a batch with `body_len` body bytes.
+pub fn batch_disk_len(body_len: u64) -> u64 {
+    align_up(BATCH_HEADER_LEN as u64 + body_len)
+}
+
+pub fn is_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
+}
+
+fn rd_u16(b: &[u8], at: usize) -> u16 {
+    let mut a = [0u8; 2];
+    a.copy_from_slice(&b[at..at + 2]);
+    u16::from_le_bytes(a)
+}
+fn rd_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+fn rd_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+// ---------------------------------------------------------------- segment header
+
+/// Header at offset 0 of every active segment file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub segment_no: u64,
+    pub cluster_id: [u8; 16],
+    /// Sequence of the first record in this segment.
+    pub first_seq: Seq,
+    /// File size the segment was created with.
+    pub segment_size: u64,
+}
+
+/// Encodes the 64 meaningful bytes; the caller writes them into a zeroed 4 KiB block.
+pub fn encode_segment_header(h: &SegmentHeader) -> [u8; SEGMENT_HEADER_LEN] {
+    let mut b = [0u8; SEGMENT_HEADER_LEN];
+    b[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    // 10..12 flags (0), 12..16 header block size
+    b[12..16].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
+    b[16..24].copy_from_slice(&h.segment_no.to_le_bytes());
+    b[24..40].copy_from_slice(&h.cluster_id);
+    b[40..48].copy_from_slice(&h.first_seq.to_le_bytes());
+    b[48..56].copy_from_slice(&h.segment_size.to_le_bytes());
+    // 56..60 reserved (0)
+    let crc = salted_crc(h.segment_no, &b[0..60]);
+    b[60..64].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Decodes a segment header for the file named `segment_no`. `Err(Zero)` means the
+/// header was never written (a prepared spare or a torn activation write).
+pub fn decode_segment_header(b: &[u8], segment_no: u64) -> Result<SegmentHeader, FormatError> {
+    if b.len() < SEGMENT_HEADER_LEN {
+        return Err(FormatError::Truncated {
+            need: SEGMENT_HEADER_LEN,
+            have: b.len(),
+        });
+    }
+    let b = &b[..SEGMENT_HEADER_LEN];
+    if is_zero(b) {
+        return Err(FormatError::Zero);
+    }
+    if b[0..8] != SEGMENT_MAGIC {
+        return Err(FormatError::BadMagic {
+            found: b[0..8].to_vec(),
+        });
+    }
+    let stored = rd_u32(b, 60);
+    let computed = salted_crc(segment_no, &b[0..60]);
+    if stored != computed {
+        let written_for = rd_u64(b, 16);
+        if written_for != segment_no && salted_crc(written_for, &b[0..60]) == stored {
+            return Err(FormatError::Stale {
+                written_for,
+                segment: segment_no,
+            });
+        }
+        return Err(FormatError::HeaderCrc { stored, computed });
+    }
+    let version = rd_u16(b, 8);
+    if version != FORMAT_VERSION {
+        return Err(FormatError::UnsupportedVersion(version));
+    }
+    let flags = rd_u16(b, 10);
+    let block = rd_u32(b, 12);
+    if flags != 0 || block as usize != BLOCK_SIZE || rd_u32(b, 56) != 0 {
+        return Err(FormatError::Invalid(format!(
+            "segment header flags {flags} / block size {block} / reserved"
+        )));
+    }
+    let mut cluster_id = [0u8; 16];
+    cluster_id.copy_from_slice(&b[24..40]);
+    let h = SegmentHeader {
+        segment_no: rd_u64(b, 16),
+        cluster_id,
+        first_seq: rd_u64(b, 40),
+        segment_size: rd_u64(b, 48),
+    };
+    if h.segment_no != segment_no {
+        return Err(FormatError::Invalid(format!(
+            "segment header names segment {}, file is {segment_no}",
+            h.segment_no
+        )));
+    }
+    if h.first_seq == 0 {
+        return Err(FormatError::Invalid("segment first_seq is 0".into()));
+    }
+    if !is_block_aligned(h.segment_size) || h.segment_size < 2 * BLOCK_SIZE as u64 {
+        return Err(FormatError::Invalid(format!(
+            "segment size {} not a multiple of 4 KiB",
+            h.segment_size
+        )));
+    }
+    Ok(h)
+}
+
+// ---------------------------------------------------------------- batch header
+
+/// Fixed header in front of every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub flags: u16,
+    pub segment_no: u64,
+    pub cluster_id: [u8; 16],
+    pub epoch: u64,
+    pub first_seq: Seq,
+    pub last_seq: Seq,
+    pub timestamp_ns: u64,
+    pub record_count: u32,
+    /// Body bytes (record headers + data), excluding padding.
+    pub body_len: u32,
+    pub body_crc: u32,
+}
+
+impl BatchHeader {
+    /// Bytes the whole batch occupies on disk (multiple of 4 KiB).
+    pub fn disk_len(&self) -> u64 {
+        batch_disk_len(self.body_len as u64)
+    }
+}
+
+pub fn encode_batch_header(h: &BatchHeader) -> [u8; BATCH_HEADER_LEN] {
+    let mut b = [0u8; BATCH_HEADER_LEN];
+    b[0..4].copy_from_slice(&BATCH_MAGIC);
+    b[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[6..8].copy_from_slice(&h.flags.to_le_bytes());
+    b[8..16].copy_from_slice(&h.segment_no.to_le_bytes());
+    b[16..32].copy_from_slice(&h.cluster_id);
+    b[32..40].copy_from_slice(&h.epoch.to_le_bytes());
+    b[40..48].copy_from_slice(&h.first_seq.to_le_bytes());
+    b[48..56].copy_from_slice(&h.last_seq.to_le_bytes());
+    b[56..64].copy_from_slice(&h.timestamp_ns.to_le_bytes());
+    b[64..68].copy_from_slice(&h.record_count.to_le_bytes());
+    b[68..72].copy_from_slice(&h.body_len.to_le_bytes());
+    b[72..76].copy_from_slice(&h.body_crc.to_le_bytes());
+    let crc = salted_crc(h.segment_no, &b[0..76]);
+    b[76..80].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Decodes and validates a batch header read from segment `segment_no`.
+pub fn decode_batch_header(b: &[u8], segment_no: u64) -> Result<BatchHeader, FormatError> {
+    if b.len() < BATCH_HEADER_LEN {
+        return Err(FormatError::Truncated {
+            need: BATCH_HEADER_LEN,
+            have: b.len(),
+        });
+    }
+    let b = &b[..BATCH_HEADER_LEN];
+    if is_zero(b) {
+        return Err(FormatError::Zero);
+    }
+    if b[0..4] != BATCH_MAGIC {
+        return Err(FormatError::BadMagic {
+            found: b[0..4].to_vec(),
+        });
+    }
+    let stored = rd_u32(b, 76);
+    let computed = salted_crc(segment_no, &b[0..76]);
+    if stored != computed {
+        let written_for = rd_u64(b, 8);
+        if written_for != segment_no && salted_crc(written_for, &b[0..76]) == stored {
+            return Err(FormatError::Stale {
+                written_for,
+                segment: segment_no,
+            });
+        }
+        return Err(FormatError::HeaderCrc { stored, computed });
+    }
+    let version = rd_u16(b, 4);
+    if version != FORMAT_VERSION {
+        return Err(FormatError::UnsupportedVersion(version));
+    }
+    let mut cluster_id = [0u8; 16];
+    cluster_id.copy_from_slice(&b[16..32]);
+    let h = BatchHeader {
+        flags: rd_u16(b, 6),
+        segment_no: rd_u64(b, 8),
+        cluster_id,
+        epoch: rd_u64(b, 32),
+        first_seq: rd_u64(b, 40),
+        last_seq: rd_u64(b, 48),
+        timestamp_ns: rd_u64(b, 56),
+        record_count: rd_u32(b, 64),
+        body_len: rd_u32(b, 68),
+        body_crc: rd_u32(b, 72),
+    };
+    if h.flags & !BATCH_FLAGS_KNOWN != 0 {
+        return Err(FormatError::Invalid(format!(
+            "unknown batch flags {:#06x}",
+            h.flags
+        )));
+    }
+    if h.segment_no != segment_no {
+        return Err(FormatError::Invalid(format!(
+            "batch names segment {}, file is {segment_no}",
+            h.segment_no
+        )));
+    }
+    if h.record_count == 0 || h.first_seq == 0 || h.last_seq < h.first_seq {
+        return Err(FormatError::Invalid(format!(
+            "batch seq range {}..={} with {} records",
+            h.first_seq, h.last_seq, h.record_count
+        )));
+    }
+    if h.last_seq - h.first_seq != h.record_count as u64 - 1 {
+        return Err(FormatError::Invalid(format!(
+            "batch seq range {}..={} does not match {} records",
+            h.first_seq, h.last_seq, h.record_count
+        )));
+    }
+    if (h.body_len as u64) < h.record_count as u64 * RECORD_HEADER_LEN as u64 {
+        return Err(FormatError::Invalid(format!(
+            "body_len {} too small for {} records",
+            h.body_len, h.record_count
+        )));
+    }
+    Ok(h)
+}
+
+// ---------------------------------------------------------------- record header
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub seq: Seq,
+    pub offset: u64,
+    pub volume: u32,
+    pub length: u32,
+    pub data_len: u32,
+    pub op: Op,
+}
+
+pub fn encode_record_header(h: &RecordHeader) -> [u8; RECORD_HEADER_LEN] {
+    let mut b = [0u8; RECORD_HEADER_LEN];
+    b[0..8].copy_from_slice(&h.seq.to_le_bytes());
+    b[8..16].copy_from_slice(&h.offset.to_le_bytes());
+    b[16..20].copy_from_slice(&h.volume.to_le_bytes());
+    b[20..24].copy_from_slice(&h.length.to_le_bytes());
+    b[24..28].copy_from_slice(&h.data_len.to_le_bytes());
+    b[28] = h.op as u8;
+    b
+}
+
+pub fn decode_record_header(b: &[u8]) -> Result<RecordHeader, FormatError> {
+    if b.len() < RECORD_HEADER_LEN {
+        return Err(FormatError::Truncated {
+            need: RECORD_HEADER_LEN,
+            have: b.len(),
+        });
+    }
+    let op =
+        Op::from_u8(b[28]).ok_or_else(|| FormatError::Invalid(format!("unknown op {}", b[28])))?;
+    if b[29..32] != [0, 0, 0] {
+        return Err(FormatError::Invalid(
+            "record reserved bytes not zero".into(),
+        ));
+    }
+    Ok(RecordHeader {
+        seq: rd_u64(b, 0),
+        offset: rd_u64(b, 8),
+        volume: rd_u32(b, 16),
+        length: rd_u32(b, 20),
+        data_len: rd_u32(b, 24),
+        op,
+    })
+}
+
+// ---------------------------------------------------------------- whole batches
+
+/// Parameters of a batch to encode (everything except the records).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchParams {
+    pub segment_no: u64,
+    pub cluster_id: [u8; 16],
+    pub epoch: u64,
+    pub first_seq: Seq,
+    pub timestamp_ns: u64,
+}
+
+/// Body length of a batch holding `records`.
+pub fn body_len<'a>(records: impl IntoIterator<Item = &'a Record>) -> u64 {
+    records.into_iter().map(|r| r.encoded_len() as u64).sum()
+}
+
+/// Encodes a batch (header, body, zero padding) into the front of `out`, which must
+/// be at least `batch_disk_len(body_len(records))` bytes. Returns the header and the
+/// number of bytes used (a multiple of 4 KiB). Records get consecutive sequences
+/// starting at `p.first_seq`.
+pub fn encode_batch<'a>(
+    out: &mut [u8],
+    p: &BatchParams,
+    records: impl IntoIterator<Item = &'a Record>,
+) -> Result<(BatchHeader, usize), FormatError> {
+    let mut pos = BATCH_HEADER_LEN;
+    let mut count: u64 = 0;
+    let mut flags = 0u16;
+    for rec in records {
+        validate_record(rec).map_err(FormatError::Invalid)?;
+        let need = pos + rec.encoded_len();
+        if need > out.len() {
+            return Err(FormatError::Truncated {
+                need,
+                have: out.len(),
+            });
+        }
+        if rec.op == Op::Seal {
+            flags |= BATCH_FLAG_HAS_SEAL;
+        }
+        let rh = RecordHeader {
+            seq: p.first_seq + count,
+            offset: rec.offset,
+            volume: rec.volume,
+            length: rec.length,
+            data_len: rec.data.len() as u32,
+            op: rec.op,
+        };
+        out[pos..pos + RECORD_HEADER_LEN].copy_from_slice(&encode_record_header(&rh));
+        pos += RECORD_HEADER_LEN;
+        out[pos..pos + rec.data.len()].copy_from_slice(&rec.data);
+        pos += rec.data.len();
+        count += 1;
+    }
+    if count == 0 || p.first_seq == 0 {
+        return Err(FormatError::Invalid("empty batch or first_seq 0".into()));
+    }
+    let body = pos - BATCH_HEADER_LEN;
+    let body_len = u32::try_from(body)
+        .map_err(|_| FormatError::Invalid(format!("body {body} bytes exceeds u32")))?;
+    let count32 =
+        u32::try_from(count).map_err(|_| FormatError::Invalid("too many records".into()))?;
+    let disk = batch_disk_len(body as u64) as usize;
+    if disk > out.len() {
+        return Err(FormatError::Truncated {
+            need: disk,
+            have: out.len(),
+        });
+    }
+    out[pos..disk].fill(0);
+    let h = BatchHeader {
+        flags,
+        segment_no: p.segment_no,
+        cluster_id: p.cluster_id,
+        epoch: p.epoch,
+        first_seq: p.first_seq,
+        last_seq: p.first_seq + count - 1,
+        timestamp_ns: p.timestamp_ns,
+        record_count: count32,
+        body_len,
+        body_crc: salted_crc(p.segment_no, &out[BATCH_HEADER_LEN..pos]),
+    };
+    out[..BATCH_HEADER_LEN].copy_from_slice(&encode_batch_header(&h));
+    Ok((h, disk))
+}
+
+/// Convenience for tests, benches and fuzzers: encodes a batch into a new Vec.
+pub fn encode_batch_vec(p: &BatchParams, records: &[Record]) -> Result<Vec<u8>, FormatError> {
+    let mut out = vec![0u8; batch_disk_len(body_len(records)) as usize];
+    let (_, n) = encode_batch(&mut out, p, records)?;
+    out.truncate(n);
+    Ok(out)
+}
+
+/// Verifies the body checksum and decodes the records of a batch. `body` must be
+/// exactly `h.body_len` bytes (the bytes after the header); records' data are
+/// zero-copy slices of it.
+pub fn decode_batch_body(h: &BatchHeader, body: &Bytes) -> Result<Vec<(Seq, Record)>, FormatError> {
+    if body.len() != h.body_len as usize {
+        return Err(FormatError::Truncated {
+            need: h.body_len as usize,
+            have: body.len(),
+        });
+    }
+    let computed = salted_crc(h.segment_no, body);
+    if computed != h.body_crc {
+        return Err(FormatError::BodyCrc {
+            stored: h.body_crc,
+            computed,
+        });
+    }
+    // The count comes from a checksummed header, but cap the pre-allocation anyway.
+    let mut out = Vec::with_capacity((h.record_count as usize).min(body.len() / RECORD_HEADER_LEN));
+    let mut pos = 0usize;
+    for i in 0..h.record_count as u64 {
+        let rh = decode_record_header(&body[pos.min(body.len())..])
+            .map_err(|e| FormatError::Invalid(format!("record {i} at body offset {pos}: {e}")))?;
+        pos += RECORD_HEADER_LEN;
+        let expect_seq = h.first_seq + i;
+        if rh.seq != expect_seq {
+            return Err(FormatError::Invalid(format!(
+                "record {i} has seq {}, expected {expect_seq}",
+                rh.seq
+            )));
+        }
+        let end = pos
+            .checked_add(rh.data_len as usize)
+            .filter(|&e| e <= body.len())
+            .ok_or_else(|| {
+                FormatError::Invalid(format!(
+                    "record seq {} data length {} overruns body",
+                    rh.seq, rh.data_len
+                ))
+            })?;
+        let rec = Record {
+            volume: rh.volume,
+            op: rh.op,
+            offset: rh.offset,
+            length: rh.length,
+            data: body.slice(pos..end),
+        };
+        validate_record(&rec)
+            .map_err(|e| FormatError::Invalid(format!("record seq {}: {e}", rh.seq)))?;
+        if rec.op == Op::Seal && h.flags & BATCH_FLAG_HAS_SEAL == 0 {
+            return Err(FormatError::Invalid(
+                "seal record in batch without HAS_SEAL flag".into(),
+            ));
+        }
+        pos = end;
+        out.push((rh.seq, rec));
+    }
+    if pos != body.len() {
+        return Err(FormatError::Invalid(format!(
+            "{} trailing body bytes",
+            body.len() - pos
+        )));
+    }
+    Ok(out)
+}

@@ -1,0 +1,469 @@
+//! Recovery on open: scan every segment, validate every batch, truncate a torn tail
+//! (at most the one batch that can be in flight), refuse on corruption.
+//!
+//! Decision table (see FORMAT.md for the crash analysis behind it):
+//!
+//! | what is found at the end position P of the log      | later valid batch? | result                       |
+//! |------------------------------------------------------|--------------------|------------------------------|
+//! | all-zero block / segment end                          | no                 | clean end                    |
+//! | stale batch (valid under an older segment number)     | no                 | clean end (recycled segment) |
+//! | bad header CRC / magic / fields                       | no                 | torn tail: zero P..P+4K      |
+//! | valid header, bad body CRC or bad records             | no                 | torn tail: zero the batch    |
+//! | any of the above                                      | yes                | `Corruption`                 |
+//! | torn tail in a segment that is not the last one       | -                  | `Corruption`                 |
+//! | first_seq != previous last_seq + 1 (batch or segment) | -                  | `Corruption` (gap/overlap)   |
+//! | torn tail and `RecoveryMode::AbsoluteConsistency`     | -                  | `TornTail` error             |
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use crate::error::{JournalError, Result};
+use crate::format::{self, FormatError, Seq, BLOCK_SIZE, SEGMENT_HEADER_BLOCK};
+use crate::segment;
+
+/// How to treat a torn tail found on open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// Truncate (and zero) a torn last batch: it was never acknowledged.
+    #[default]
+    TolerateTornTail,
+    /// Any torn tail is an error (for callers who never expect a crash mid-write).
+    AbsoluteConsistency,
+}
+
+/// What recovery found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// First sequence present (0 if the journal holds no records).
+    pub first_seq: Seq,
+    /// Last durable sequence (0 if none was ever written).
+    pub last_seq: Seq,
+    pub truncated_bytes: u64,
+    pub truncated_batches: u32,
+    /// Segments holding data (including the active one).
+    pub segments: usize,
+    /// Prepared, unused segments found.
+    pub spare_segments: usize,
+    /// Leftover `.seg.tmp` files (interrupted preparation/recycle) removed.
+    pub removed_temp_files: usize,
+    /// Human-readable list of the actions taken (truncations, removals).
+    pub events: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SegInfo {
+    pub no: u64,
+    pub path: PathBuf,
+    pub first_seq: Seq,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Spare {
+    pub no: u64,
+    pub path: PathBuf,
+    pub size: u64,
+    /// Everything after the header block is known to be zero (fresh file).
+    pub zeroed: bool,
+}
+
+pub(crate) struct Recovered {
+    pub data: Vec<SegInfo>,
+    /// Append position and known-zero watermark in the last data segment.
+    pub write_pos: u64,
+    pub zeroed_from: u64,
+    pub spares: Vec<Spare>,
+    pub next_no: u64,
+    pub report: RecoveryReport,
+}
+
+enum Kind {
+    Data(format::SegmentHeader),
+    Unused,
+    BadHeader(String),
+}
+
+struct SegFile {
+    no: u64,
+    path: PathBuf,
+    size: u64,
+    kind: Kind,
+}
+
+/// How the batch chain of one segment ended.
+enum End {
+    /// Zero block, stale batch or the end of the file.
+    Clean,
+    /// Invalid batch at `pos` spanning `len` bytes (4 KiB if the header is bad).
+    Torn { len: u64, reason: String },
+}
+
+struct ScanResult {
+    next_seq: Seq,
+    batches: u64,
+    end_pos: u64,
+    end: End,
+    /// Smallest offset from which the rest of the file is zero (after truncation).
+    zeroed_from: u64,
+}
+
+fn corruption(path: &Path, offset: u64, reason: impl Into<String>) -> JournalError {
+    JournalError::Corruption {
+        segment: path.to_path_buf(),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> Result<Recovered> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| JournalError::io(format!("create {}", dir.display()), e))?;
+    let mut report = RecoveryReport::default();
+    let mut segs = Vec::new();
+    let mut max_no = 0u64;
+    for (name, path) in segment::list_dir(dir)
+        .map_err(|e| JournalError::io(format!("list {}", dir.display()), e))?
+    {
+        if name.ends_with(segment::TMP_SUFFIX) {
+            // An interrupted preparation or recycle: never part of the log.
+            std::fs::remove_file(&path)
+                .map_err(|e| JournalError::io(format!("remove {}", path.display()), e))?;
+            report.removed_temp_files += 1;
+            report.events.push(format!(
+                "removed interrupted temporary file {}",
+                path.display()
+            ));
+        } else if let Some(no) = segment::parse_segment_name(&name) {
+            max_no = max_no.max(no);
+            segs.push((no, path));
+        }
+    }
+    if report.removed_temp_files > 0 {
+        segment::sync_dir(dir)?;
+    }
+    segs.sort();
+    let mut files = Vec::with_capacity(segs.len());
+    for (no, path) in segs {
+        files.push(classify(no, path, &cluster_id)?);
+    }
+
+    let last_data = files.iter().rposition(|f| matches!(f.kind, Kind::Data(_)));
+    let mut data = Vec::new();
+    let mut spares = Vec::new();
+    let mut expected: Option<Seq> = None;
+    let mut write_pos = SEGMENT_HEADER_BLOCK;
+    let mut zeroed_from = SEGMENT_HEADER_BLOCK;
+    for (i, f) in files.iter().enumerate() {
+        let is_last_data = Some(i) == last_data;
+        match (&f.kind, last_data) {
+            (Kind::Data(h), Some(_)) => {
+                if let Some(prev) = data.last().map(|d: &SegInfo| d.no) {
+                    if f.no != prev + 1 {
+                        return Err(corruption(
+                            &f.path,
+                            0,
+                            format!("segment {} follows segment {prev}: segment missing", f.no),
+                        ));
+                    }
+                }
+                if let Some(exp) = expected {
+                    if h.first_seq != exp {
+                        return Err(corruption(&f.path, 0, format!(
+                            "segment starts at seq {}, previous segment ended at {} (sequence gap/overlap)",
+                            h.first_seq, exp - 1
+                        )));
+                    }
+                }
+                let file = segment::open_ro(&f.path)?;
+                let scan = scan_segment(&file, &f.path, f.no, f.size, h.first_seq, &cluster_id)?;
+                if let End::Torn { len, reason } = &scan.end {
+                    if !is_last_data {
+                        return Err(corruption(
+                            &f.path,
+                            scan.end_pos,
+                            format!("{reason}, but later segments hold data"),
+                        ));
+                    }
+                    if mode == RecoveryMode::AbsoluteConsistency {
+                        return Err(JournalError::TornTail {
+                            segment: f.path.clone(),
+                            offset: scan.end_pos,
+                            reason: reason.clone(),
+                        });
+                    }
+                    segment::zero_range(&f.path, scan.end_pos, scan.end_pos + len)?;
+                    report.truncated_bytes += len;
+                    report.truncated_batches += 1;
+                    report.events.push(format!(
+                        "truncated torn batch in {} at offset {} ({len} bytes): {reason}",
+                        f.path.display(),
+                        scan.end_pos
+                    ));
+                    tracing::warn!(segment = %f.path.display(), offset = scan.end_pos, %reason, "journal recovery: truncated torn tail");
+                }
+                expected = Some(scan.next_seq);
+                write_pos = scan.end_pos;
+                zeroed_from = scan.zeroed_from;
+                data.push(SegInfo {
+                    no: f.no,
+                    path: f.path.clone(),
+                    first_seq: h.first_seq,
+                    size: f.size,
+                });
+                let _ = scan.batches;
+            }
+            (Kind::Unused, Some(ld)) if i < ld => {
+                return Err(corruption(
+                    &f.path,
+                    0,
+                    "segment header is all zero, but later segments hold data",
+                ));
+            }
+            (Kind::BadHeader(r), Some(ld)) if i < ld => {
+                return Err(corruption(
+                    &f.path,
+                    0,
+                    format!("bad segment header ({r}), but later segments hold data"),
+                ));
+            }
+            (Kind::Unused, _) => spares.push(Spare {
+                no: f.no,
+                path: f.path.clone(),
+                size: f.size,
+                zeroed: false,
+            }),
+            (Kind::BadHeader(r), _) => {
+                // Only the segment right after the last data segment can have been
+                // activated (header + first batch in one write) when the crash hit.
+                let next_expected_no = data.last().map(|d| d.no + 1);
+                let first_after = next_expected_no.map_or(spares.is_empty(), |n| n == f.no);
+                if !first_after {
+                    return Err(corruption(
+                        &f.path,
+                        0,
+                        format!("bad segment header ({r}) in a spare segment"),
+                    ));
+                }
+                if mode == RecoveryMode::AbsoluteConsistency {
+                    return Err(JournalError::TornTail {
+                        segment: f.path.clone(),
+                        offset: 0,
+                        reason: format!("torn segment activation: {r}"),
+                    });
+                }
+                // The activation write carried the first batch too: wipe the header
+                // and the block after it, and keep the file as a spare.
+                segment::zero_range(&f.path, 0, 2 * SEGMENT_HEADER_BLOCK)?;
+                report.truncated_bytes += 2 * SEGMENT_HEADER_BLOCK;
+                report.truncated_batches += 1;
+                report.events.push(format!(
+                    "torn segment activation in {}: {r}; kept as spare",
+                    f.path.display()
+                ));
+                spares.push(Spare {
+                    no: f.no,
+                    path: f.path.clone(),
+                    size: f.size,
+                    zeroed: false,
+                });
+            }
+            // Cannot happen (a data segment makes last_data Some); an error, not a panic.
+            (Kind::Data(_), None) => {
+                return Err(corruption(
+                    &f.path,
+                    0,
+                    "internal: data segment without last_data",
+                ))
+            }
+        }
+    }
+    let last_seq = expected.map_or(0, |e| e - 1);
+    report.last_seq = last_seq;
+    report.first_seq = match data.first() {
+        Some(d) if d.first_seq <= last_seq => d.first_seq,
+        _ => 0,
+    };
+    report.segments = data.len();
+    report.spare_segments = spares.len();
+    Ok(Recovered {
+        data,
+        write_pos,
+        zeroed_from,
+        spares,
+        next_no: max_no + 1,
+        report,
+    })
+}
+
+fn classify(no: u64, path: PathBuf, cluster_id: &[u8; 16]) -> Result<SegFile> {
+    let file = segment::open_ro(&path)?;
+    let size = segment::file_len(&file, &path)?;
+    if size < 2 * SEGMENT_HEADER_BLOCK || !format::is_block_aligned(size) {
+        return Err(corruption(
+            &path,
+            0,
+            format!("segment file size {size} is not a multiple of 4 KiB >= 8 KiB"),
+        ));
+    }
+    let mut block = vec![0u8; BLOCK_SIZE];
+    segment::read_exact_at(&file, &path, &mut block, 0)?;
+    let kind = match format::decode_segment_header(&block, no) {
+        Ok(h) => {
+            if h.cluster_id != *cluster_id {
+                return Err(JournalError::ClusterMismatch {
+                    segment: path,
+                    expected: *cluster_id,
+                    found: h.cluster_id,
+                });
+            }
+            if h.segment_size != size {
+                return Err(corruption(
+                    &path,
+                    0,
+                    format!("header says {} bytes, file has {size}", h.segment_size),
+                ));
+            }
+            if !format::is_zero(&block[format::SEGMENT_HEADER_LEN..]) {
+                return Err(corruption(
+                    &path,
+                    format::SEGMENT_HEADER_LEN as u64,
+                    "segment header block padding not zero",
+                ));
+            }
+            Kind::Data(h)
+        }
+        Err(FormatError::Zero) if format::is_zero(&block) => Kind::Unused,
+        Err(e) => Kind::BadHeader(e.to_string()),
+    };
+    Ok(SegFile {
+        no,
+        path,
+        size,
+        kind,
+    })
+}
+
+const SCAN_CHUNK: usize = 1 << 20;
+
+/// Follows the batch chain of one segment from its first batch.
+fn scan_segment(
+    file: &File,
+    path: &Path,
+    no: u64,
+    size: u64,
+    first_seq: Seq,
+    cluster_id: &[u8; 16],
+) -> Result<ScanResult> {
+    let mut pos = SEGMENT_HEADER_BLOCK;
+    let mut expected = first_seq;
+    let mut batches = 0u64;
+    let mut block = vec![0u8; BLOCK_SIZE];
+    // Bounded: pos strictly increases by >= 4 KiB per iteration up to `size`.
+    let (end, invalid_len, stale_at_end) = loop {
+        if pos + BLOCK_SIZE as u64 > size {
+            break (End::Clean, 0, false);
+        }
+        segment::read_exact_at(file, path, &mut block, pos)?;
+        let h = match format::decode_batch_header(&block, no) {
+            Err(FormatError::Zero) if format::is_zero(&block) => break (End::Clean, 0, false),
+            Err(FormatError::Stale { .. }) => break (End::Clean, 0, true),
+            Err(e) => {
+                break (
+                    End::Torn {
+                        len: BLOCK_SIZE as u64,
+                        reason: format!("bad batch header: {e}"),
+                    },
+                    BLOCK_SIZE as u64,
+                    false,
+                )
+            }
+            Ok(h) => h,
+        };
+        if h.cluster_id != *cluster_id {
+            return Err(corruption(
+                path,
+                pos,
+                format!("batch for cluster {:02x?}", h.cluster_id),
+            ));
+        }
+        if h.first_seq != expected {
+            return Err(corruption(
+                path,
+                pos,
+                format!(
+                    "batch starts at seq {}, expected {expected} (sequence gap/overlap)",
+                    h.first_seq
+                ),
+            ));
+        }
+        let disk = h.disk_len();
+        if pos + disk > size {
+            return Err(corruption(
+                path,
+                pos,
+                format!("batch of {disk} bytes overruns the segment end {size}"),
+            ));
+        }
+        let mut buf = vec![0u8; disk as usize];
+        segment::read_exact_at(file, path, &mut buf, pos)?;
+        let body = Bytes::from(buf)
+            .slice(format::BATCH_HEADER_LEN..format::BATCH_HEADER_LEN + h.body_len as usize);
+        if let Err(e) = format::decode_batch_body(&h, &body) {
+            break (
+                End::Torn {
+                    len: disk,
+                    reason: format!("bad batch body (seq {}..={}): {e}", h.first_seq, h.last_seq),
+                },
+                disk,
+                false,
+            );
+        }
+        expected = h.last_seq + 1;
+        batches += 1;
+        pos += disk;
+    };
+    // Look past the end: a batch that validates under this segment's salt after
+    // the end means an earlier write was lost or damaged, not torn.
+    let mut last_nonzero_end = if stale_at_end {
+        pos + BLOCK_SIZE as u64
+    } else {
+        pos
+    };
+    let mut off = pos + invalid_len.max(if stale_at_end { BLOCK_SIZE as u64 } else { 0 });
+    let mut chunk = vec![0u8; SCAN_CHUNK];
+    while off < size {
+        let n = ((size - off) as usize).min(SCAN_CHUNK);
+        segment::read_exact_at(file, path, &mut chunk[..n], off)?;
+        for (i, blk) in chunk[..n].chunks(BLOCK_SIZE).enumerate() {
+            if format::is_zero(blk) {
+                continue;
+            }
+            let at = off + (i * BLOCK_SIZE) as u64;
+            last_nonzero_end = at + BLOCK_SIZE as u64;
+            if let Ok(h) = format::decode_batch_header(blk, no) {
+                let what = match &end {
+                    End::Clean => "the end of the log".to_string(),
+                    End::Torn { reason, .. } => format!("an invalid batch ({reason})"),
+                };
+                return Err(corruption(
+                    path,
+                    at,
+                    format!(
+                        "valid batch (seq {}..={}) found after {what} at offset {pos}",
+                        h.first_seq, h.last_seq
+                    ),
+                ));
+            }
+        }
+        off += n as u64;
+    }
+    Ok(ScanResult {
+        next_seq: expected,
+        batches,
+        end_pos: pos,
+        end,
+        zeroed_from: last_nonzero_end.max(pos),
+    })
+}

@@ -1,0 +1,665 @@
+//! The journal handle, the group-commit writer thread and the segment helper thread.
+//!
+//! Appenders assign a sequence and push into a bounded queue under one mutex, so
+//! queue order is sequence order. The writer thread owns the IO engine and the
+//! active segment: each round it takes as many queued records as fit in
+//! `max_batch_bytes`, encodes them into one 4 KiB-aligned buffer, issues one durable
+//! write, then runs the completions in order. Exactly one batch write is in flight,
+//! which is what bounds the torn tail recovery may truncate to one batch.
+//!
+//! The helper thread keeps one spare segment ready (recycling released segments or
+//! writing a fresh zeroed file) so the write path does not stall on preparation.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use crate::engine::{self, IoEngine};
+use crate::error::{JournalError, Result};
+use crate::format::{self, BatchParams, Record, Seq, BLOCK_SIZE, SEGMENT_HEADER_BLOCK};
+use crate::reader::JournalReader;
+use crate::recovery::{self, RecoveryReport, SegInfo, Spare};
+use crate::segment;
+use crate::{Completion, JournalOptions};
+
+/// Spare segments kept ready ahead of need.
+const SPARE_TARGET: usize = 1;
+/// How often a writer waiting for space re-checks for shutdown.
+const SPACE_WAIT: Duration = Duration::from_millis(50);
+
+struct Pending {
+    seq: Seq,
+    rec: Record,
+    done: Completion,
+}
+
+struct QueueState {
+    next_seq: Seq,
+    items: VecDeque<Pending>,
+    closed: bool,
+    /// Set once a write failed: every later append gets this error.
+    failed: Option<JournalError>,
+}
+
+pub(crate) struct SegState {
+    /// Segments holding data, oldest first; the last one is being appended to.
+    pub data: Vec<SegInfo>,
+    spares: VecDeque<Spare>,
+    /// Released segments waiting to be recycled or deleted.
+    free: Vec<SegInfo>,
+    preparing: usize,
+    /// Spares taken by the writer whose activation write is in flight: still
+    /// counted against capacity.
+    activating: usize,
+    next_no: u64,
+    max_segments: usize,
+    shutdown: bool,
+    prep_error: Option<JournalError>,
+}
+
+impl SegState {
+    fn total(&self) -> usize {
+        self.data.len() + self.spares.len() + self.free.len() + self.preparing + self.activating
+    }
+}
+
+pub(crate) struct Shared {
+    pub opts: JournalOptions,
+    queue: Mutex<QueueState>,
+    not_empty: Condvar,
+    not_full: Condvar,
+    pub durable_seq: AtomicU64,
+    last_seq: AtomicU64,
+    epoch: AtomicU64,
+    /// Append offset in the active segment (for `used_bytes`).
+    active_pos: AtomicU64,
+    pub segs: Mutex<SegState>,
+    segs_cv: Condvar,
+    closing: AtomicBool,
+}
+
+/// The journal. `Send + Sync`: share it via `Arc`.
+pub struct Journal {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    helper: Mutex<Option<JoinHandle<()>>>,
+    engine_name: &'static str,
+    fallback_reason: Option<String>,
+    /// Held for the journal's lifetime (dropped after the threads are joined).
+    _lock: File,
+}
+
+impl Journal {
+    /// Creates the directory if missing, recovers, picks the engine and starts
+    /// the writer and helper threads.
+    pub fn open(opts: JournalOptions) -> Result<(Journal, RecoveryReport)> {
+        opts.validate()?;
+        let (eng, reason) = engine::make_engine(opts.engine, staging_len(&opts))
+            .map_err(JournalError::EngineUnavailable)?;
+        Self::start(opts, eng, reason)
+    }
+
+    /// Like [`Journal::open`] with a caller-supplied engine (tests inject faults this way).
+    pub fn open_with_engine(
+        opts: JournalOptions,
+        engine: Box<dyn IoEngine>,
+    ) -> Result<(Journal, RecoveryReport)> {
+        opts.validate()?;
+        Self::start(opts, engine, None)
+    }
+
+    fn start(
+        opts: JournalOptions,
+        engine: Box<dyn IoEngine>,
+        fallback_reason: Option<String>,
+    ) -> Result<(Journal, RecoveryReport)> {
+        std::fs::create_dir_all(&opts.dir)
+            .map_err(|e| JournalError::io(format!("create {}", opts.dir.display()), e))?;
+        let lock = segment::lock_dir(&opts.dir)?;
+        let rec = recovery::recover(&opts.dir, opts.cluster_id, opts.recovery)?;
+        let engine_name = engine.name();
+        let active = match rec.data.last() {
+            Some(d) => Some(Active {
+                no: d.no,
+                file: segment::open_rw(&d.path)?,
+                size: d.size,
+                pos: rec.write_pos,
+                zeroed_from: rec.zeroed_from,
+            }),
+            None => None,
+        };
+        let last = rec.report.last_seq;
+        let max_segments = (opts.capacity / opts.segment_size) as usize;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(QueueState {
+                next_seq: last + 1,
+                items: VecDeque::new(),
+                closed: false,
+                failed: None,
+            }),
+            not_empty: Condvar::new(),
+            not_full: Condvar::new(),
+            durable_seq: AtomicU64::new(last),
+            last_seq: AtomicU64::new(last),
+            epoch: AtomicU64::new(opts.epoch),
+            active_pos: AtomicU64::new(active.as_ref().map_or(0, |a| a.pos)),
+            segs: Mutex::new(SegState {
+                data: rec.data,
+                spares: rec.spares.into(),
+                free: Vec::new(),
+                preparing: 0,
+                activating: 0,
+                next_no: rec.next_no,
+                max_segments,
+                shutdown: false,
+                prep_error: None,
+            }),
+            segs_cv: Condvar::new(),
+            closing: AtomicBool::new(false),
+            opts,
+        });
+        tracing::info!(
+            dir = %shared.opts.dir.display(), engine = engine_name, first_seq = rec.report.first_seq,
+            last_seq = last, truncated_batches = rec.report.truncated_batches, "journal opened"
+        );
+        let helper = {
+            let sh = shared.clone();
+            std::thread::Builder::new()
+                .name("ferry-journal-seg".into())
+                .spawn(move || helper_loop(&sh))
+                .map_err(|e| JournalError::io("spawn segment helper thread", e))?
+        };
+        let writer = {
+            let w = Writer {
+                shared: shared.clone(),
+                engine,
+                active,
+            };
+            std::thread::Builder::new()
+                .name("ferry-journal-writer".into())
+                .spawn(move || w.run())
+                .map_err(|e| JournalError::io("spawn journal writer thread", e))?
+        };
+        let j = Journal {
+            shared,
+            writer: Mutex::new(Some(writer)),
+            helper: Mutex::new(Some(helper)),
+            engine_name,
+            fallback_reason,
+            _lock: lock,
+        };
+        Ok((j, rec.report))
+    }
+
+    /// Queues a record and returns its sequence. Blocks while the queue is full
+    /// (which includes while the journal is out of space). `done` runs after the
+    /// batch holding the record is durable, strictly in sequence order, on the
+    /// writer thread: keep it quick and non-blocking. If `append` returns an error,
+    /// `done` is never called.
+    pub fn append(&self, rec: Record, done: Completion) -> Result<Seq> {
+        format::validate_record(&rec).map_err(JournalError::InvalidRecord)?;
+        let max = self.shared.opts.max_record_data();
+        if rec.data.len() as u64 > max {
+            return Err(JournalError::InvalidRecord(format!(
+                "record data {} bytes exceeds the segment limit {max}",
+                rec.data.len()
+            )));
+        }
+        let sh = &self.shared;
+        let mut q = sh.queue.lock();
+        // Bounded by the writer's progress; wakes on every dequeue and on close/failure.
+        loop {
+            if let Some(e) = &q.failed {
+                return Err(e.clone());
+            }
+            if q.closed {
+                return Err(JournalError::Closed);
+            }
+            if q.items.len() < sh.opts.queue_records {
+                break;
+            }
+            sh.not_full.wait(&mut q);
+        }
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        q.items.push_back(Pending { seq, rec, done });
+        sh.last_seq.store(seq, Ordering::Release);
+        drop(q);
+        sh.not_empty.notify_one();
+        Ok(seq)
+    }
+
+    /// Appends and blocks until the record is durable.
+    pub fn append_wait(&self, rec: Record) -> Result<Seq> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.append(
+            rec,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
+        rx.recv().map_err(|_| JournalError::Closed)?
+    }
+
+    /// Last assigned sequence (0 if none).
+    pub fn last_seq(&self) -> Seq {
+        self.shared.last_seq.load(Ordering::Acquire)
+    }
+
+    /// Last durable sequence (0 if none).
+    pub fn durable_seq(&self) -> Seq {
+        self.shared.durable_seq.load(Ordering::Acquire)
+    }
+
+    /// Iterator over durable entries `>= from` (`from == 0`: from the oldest kept).
+    pub fn reader(&self, from: Seq) -> Result<JournalReader> {
+        JournalReader::new(self.shared.clone(), from)
+    }
+
+    /// Checkpoint: segments whose records are all `<= seq` are recycled or deleted
+    /// (in the background). The active segment is never released. Not persisted:
+    /// after a restart the caller releases again.
+    pub fn release_through(&self, seq: Seq) -> Result<()> {
+        let mut s = self.shared.segs.lock();
+        // Bounded by the number of data segments.
+        while s.data.len() > 1 && s.data[1].first_seq - 1 <= seq {
+            let d = s.data.remove(0);
+            tracing::debug!(segment = d.no, "journal: segment released");
+            s.free.push(d);
+        }
+        drop(s);
+        self.shared.segs_cv.notify_all();
+        Ok(())
+    }
+
+    /// Epoch stamped on batches written from now on.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.shared.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// Bytes of segments holding unreleased data, up to the append position.
+    pub fn used_bytes(&self) -> u64 {
+        let s = self.shared.segs.lock();
+        match s.data.split_last() {
+            Some((_, older)) => {
+                older.iter().map(|d| d.size).sum::<u64>()
+                    + self.shared.active_pos.load(Ordering::Acquire)
+            }
+            None => 0,
+        }
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        (self.shared.opts.capacity / self.shared.opts.segment_size) * self.shared.opts.segment_size
+    }
+
+    /// "io_uring" or "std".
+    pub fn engine_name(&self) -> &'static str {
+        self.engine_name
+    }
+
+    /// Why `EngineChoice::Auto` fell back to std IO, if it did.
+    pub fn fallback_reason(&self) -> Option<String> {
+        self.fallback_reason.clone()
+    }
+
+    /// Drains the queue, completes everything, joins the threads. Returns the
+    /// write error if the journal had failed.
+    pub fn close(self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        let sh = &self.shared;
+        {
+            let mut q = sh.queue.lock();
+            q.closed = true;
+        }
+        sh.closing.store(true, Ordering::Release);
+        sh.not_empty.notify_all();
+        sh.not_full.notify_all();
+        sh.segs_cv.notify_all();
+        if let Some(w) = self.writer.lock().take() {
+            let _ = w.join();
+        }
+        sh.segs.lock().shutdown = true;
+        sh.segs_cv.notify_all();
+        if let Some(h) = self.helper.lock().take() {
+            let _ = h.join();
+        }
+        match sh.queue.lock().failed.clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+fn staging_len(opts: &JournalOptions) -> usize {
+    opts.max_batch_bytes + format::BATCH_HEADER_LEN + 3 * BLOCK_SIZE
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn run_completion(done: Completion, r: Result<Seq>) {
+    // A panicking callback must not take the writer (and every later append) down.
+    if catch_unwind(AssertUnwindSafe(|| done(r))).is_err() {
+        tracing::error!("journal: a completion callback panicked");
+    }
+}
+
+struct Active {
+    no: u64,
+    file: File,
+    size: u64,
+    /// Offset of the next batch.
+    pos: u64,
+    /// From here to the end the file is known to be zero. Below it, the block
+    /// after each batch is zeroed explicitly so an all-zero block always marks
+    /// the end of the log (recycled segments hold stale bytes).
+    zeroed_from: u64,
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    engine: Box<dyn IoEngine>,
+    active: Option<Active>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        while let Some(batch) = self.next_batch() {
+            let last = batch.last().map_or(0, |p| p.seq);
+            match self.write_batch(&batch) {
+                Ok(()) => {
+                    self.shared.durable_seq.store(last, Ordering::Release);
+                    for p in batch {
+                        run_completion(p.done, Ok(p.seq));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "journal: batch write failed; journal is now failed");
+                    self.fail(e, batch);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Waits for records and takes one round's worth. None when closed and drained
+    /// (or failed).
+    fn next_batch(&mut self) -> Option<Vec<Pending>> {
+        let sh = &self.shared;
+        let limit = (sh.opts.max_batch_bytes as u64)
+            .min(sh.opts.max_record_data() + format::RECORD_HEADER_LEN as u64);
+        let mut q = sh.queue.lock();
+        while q.items.is_empty() {
+            if q.closed || q.failed.is_some() {
+                return None;
+            }
+            sh.not_empty.wait(&mut q);
+        }
+        let mut batch = Vec::new();
+        let mut bytes = 0u64;
+        while let Some(front) = q.items.front() {
+            let len = front.rec.encoded_len() as u64;
+            if !batch.is_empty() && bytes + len > limit {
+                break;
+            }
+            bytes += len;
+            if let Some(p) = q.items.pop_front() {
+                batch.push(p);
+            }
+        }
+        drop(q);
+        sh.not_full.notify_all();
+        Some(batch)
+    }
+
+    fn write_batch(&mut self, batch: &[Pending]) -> Result<()> {
+        let body = format::body_len(batch.iter().map(|p| &p.rec));
+        let disk = format::batch_disk_len(body);
+        let first_seq = batch.first().map_or(0, |p| p.seq);
+        let roll = match &self.active {
+            Some(a) => a.pos + disk > a.size,
+            None => true,
+        };
+        let mut new_active = None;
+        if roll {
+            let spare = self.take_spare()?;
+            new_active = Some((
+                Active {
+                    no: spare.no,
+                    file: segment::open_rw(&spare.path)?,
+                    size: spare.size,
+                    pos: SEGMENT_HEADER_BLOCK,
+                    zeroed_from: if spare.zeroed {
+                        SEGMENT_HEADER_BLOCK
+                    } else {
+                        spare.size
+                    },
+                },
+                spare,
+            ));
+        }
+        let target = match (&mut new_active, &mut self.active) {
+            (Some((a, _)), _) => a,
+            (None, Some(a)) => a,
+            (None, None) => return Err(JournalError::Closed),
+        };
+        let end = target.pos + disk;
+        if end > target.size {
+            return Err(JournalError::InvalidRecord(format!(
+                "batch of {disk} bytes does not fit a segment"
+            )));
+        }
+        let trailing = end < target.size && end < target.zeroed_from;
+        let head = if roll {
+            SEGMENT_HEADER_BLOCK as usize
+        } else {
+            0
+        };
+        let total = head + disk as usize + if trailing { BLOCK_SIZE } else { 0 };
+        let params = BatchParams {
+            segment_no: target.no,
+            cluster_id: self.shared.opts.cluster_id,
+            epoch: self.shared.epoch.load(Ordering::Acquire),
+            first_seq,
+            timestamp_ns: now_ns(),
+        };
+        let buf = self
+            .engine
+            .staging(total)
+            .map_err(|e| JournalError::io("allocate staging buffer", e))?;
+        if roll {
+            // Segment header and first batch go in one write: a torn activation
+            // leaves either no header (spare) or a header with a torn first batch.
+            buf[..head].fill(0);
+            let sh = format::SegmentHeader {
+                segment_no: target.no,
+                cluster_id: params.cluster_id,
+                first_seq,
+                segment_size: target.size,
+            };
+            buf[..format::SEGMENT_HEADER_LEN].copy_from_slice(&format::encode_segment_header(&sh));
+        }
+        let (_, n) = format::encode_batch(
+            &mut buf[head..head + disk as usize],
+            &params,
+            batch.iter().map(|p| &p.rec),
+        )
+        .map_err(|e| JournalError::InvalidRecord(format!("encoding batch: {e}")))?;
+        debug_assert_eq!(n as u64, disk);
+        if trailing {
+            buf[head + n..total].fill(0);
+        }
+        let offset = if roll { 0 } else { target.pos };
+        if let Err(e) = self.engine.write_staged(&target.file, total, offset) {
+            let name = segment::segment_file_name(target.no);
+            if let Some((_, spare)) = new_active {
+                let mut s = self.shared.segs.lock();
+                s.activating -= 1;
+                s.spares.push_front(spare);
+            }
+            return Err(JournalError::io(
+                format!("write {total} bytes at {offset} of segment {name}"),
+                e,
+            ));
+        }
+        target.pos = end;
+        self.shared.active_pos.store(end, Ordering::Release);
+        if let Some((a, spare)) = new_active {
+            let mut s = self.shared.segs.lock();
+            s.activating -= 1;
+            s.data.push(SegInfo {
+                no: spare.no,
+                path: spare.path,
+                first_seq,
+                size: spare.size,
+            });
+            drop(s);
+            self.active = Some(a);
+        }
+        Ok(())
+    }
+
+    /// Takes the prepared spare; waits (backpressure) while the journal is full.
+    fn take_spare(&mut self) -> Result<Spare> {
+        let sh = &self.shared;
+        let mut s = sh.segs.lock();
+        let mut warned = false;
+        loop {
+            if let Some(sp) = s.spares.pop_front() {
+                s.activating += 1;
+                drop(s);
+                sh.segs_cv.notify_all();
+                return Ok(sp);
+            }
+            if let Some(e) = &s.prep_error {
+                return Err(e.clone());
+            }
+            let can_progress = s.preparing > 0 || !s.free.is_empty() || s.total() < s.max_segments;
+            if !can_progress {
+                if sh.closing.load(Ordering::Acquire) {
+                    return Err(JournalError::Closed);
+                }
+                if !warned {
+                    tracing::warn!(
+                        segments = s.total(),
+                        "journal full: appends wait for release_through"
+                    );
+                    warned = true;
+                }
+            }
+            sh.segs_cv.wait_for(&mut s, SPACE_WAIT);
+        }
+    }
+
+    /// Fails this batch, everything queued and every later append with `e`.
+    fn fail(&mut self, e: JournalError, batch: Vec<Pending>) {
+        let drained: Vec<Pending> = {
+            let mut q = self.shared.queue.lock();
+            q.failed = Some(e.clone());
+            q.items.drain(..).collect()
+        };
+        self.shared.not_full.notify_all();
+        for p in batch.into_iter().chain(drained) {
+            run_completion(p.done, Err(e.clone()));
+        }
+    }
+}
+
+fn helper_loop(sh: &Shared) {
+    let dir = sh.opts.dir.clone();
+    let mut s = sh.segs.lock();
+    // Each iteration does one preparation/deletion or waits for a change.
+    loop {
+        if s.shutdown {
+            return;
+        }
+        if s.prep_error.is_some() {
+            sh.segs_cv.wait(&mut s);
+            continue;
+        }
+        let want_spare = s.spares.len() + s.preparing < SPARE_TARGET;
+        if !s.free.is_empty() {
+            let f = s.free.remove(0);
+            if want_spare {
+                let no = s.next_no;
+                s.next_no += 1;
+                s.preparing += 1;
+                let r = MutexGuard::unlocked(&mut s, || segment::recycle(&dir, &f.path, no));
+                s.preparing -= 1;
+                finish_prep(
+                    sh,
+                    &mut s,
+                    r.map(|path| Spare {
+                        no,
+                        path,
+                        size: f.size,
+                        zeroed: false,
+                    }),
+                );
+            } else {
+                let r = MutexGuard::unlocked(&mut s, || segment::delete(&dir, &f.path));
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "journal: deleting a released segment failed");
+                }
+            }
+            continue;
+        }
+        if want_spare && s.total() < s.max_segments {
+            let no = s.next_no;
+            s.next_no += 1;
+            s.preparing += 1;
+            let size = sh.opts.segment_size;
+            let r = MutexGuard::unlocked(&mut s, || segment::create_zeroed(&dir, no, size));
+            s.preparing -= 1;
+            finish_prep(
+                sh,
+                &mut s,
+                r.map(|path| Spare {
+                    no,
+                    path,
+                    size,
+                    zeroed: true,
+                }),
+            );
+            continue;
+        }
+        sh.segs_cv.wait(&mut s);
+    }
+}
+
+fn finish_prep(sh: &Shared, s: &mut SegState, r: Result<Spare>) {
+    match r {
+        Ok(sp) => {
+            tracing::debug!(
+                segment = sp.no,
+                recycled = !sp.zeroed,
+                "journal: spare segment ready"
+            );
+            s.spares.push_back(sp);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "journal: preparing a segment failed");
+            s.prep_error = Some(e);
+        }
+    }
+    sh.segs_cv.notify_all();
+}

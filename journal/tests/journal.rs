@@ -1,0 +1,471 @@
+//! Writer, reader, segments and capacity, run against every available engine.
+
+mod common;
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use ferry_journal::*;
+use parking_lot::Mutex;
+
+fn check_entries(j: &Journal, from: Seq, to: Seq, len_of: impl Fn(Seq) -> usize) {
+    let mut expect = from;
+    for e in j.reader(from).unwrap() {
+        let e = e.unwrap();
+        if e.seq > to {
+            break;
+        }
+        assert_eq!(e.seq, expect);
+        assert!(e.meta.first_seq <= e.seq && e.seq <= e.meta.last_seq);
+        assert_eq!(
+            e.record.data,
+            payload(e.seq, len_of(e.seq)),
+            "payload of seq {}",
+            e.seq
+        );
+        expect += 1;
+    }
+    assert_eq!(expect, to + 1, "reader stopped early");
+}
+
+#[test]
+fn concurrent_appends_complete_in_order_and_read_back() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, rep) = Journal::open(opts(dir.path(), engine)).unwrap();
+        assert_eq!(rep.last_seq, 0);
+        let j = Arc::new(j);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let j = j.clone();
+                let order = order.clone();
+                std::thread::spawn(move || {
+                    for i in 0..150u64 {
+                        let order = order.clone();
+                        let seq_len = 100 + (i as usize % 50);
+                        // Completions push their seq: the vector must come out sorted.
+                        let done: Completion = Box::new(move |r| order.lock().push(r.unwrap()));
+                        j.append(
+                            Record::write(t as u32, i * 4096, Bytes::from(vec![t as u8; seq_len])),
+                            done,
+                        )
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let last = j.last_seq();
+        assert_eq!(last, 600);
+        let t0 = Instant::now();
+        while j.durable_seq() < last {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "completions did not arrive"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let got = order.lock().clone();
+        assert_eq!(
+            got,
+            (1..=600).collect::<Vec<_>>(),
+            "completions out of order ({engine:?})"
+        );
+        let entries: Vec<_> = j.reader(1).unwrap().map(|e| e.unwrap()).collect();
+        assert_eq!(entries.len(), 600);
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(e.seq, i as u64 + 1);
+            assert!(e.record.data.iter().all(|&b| b == e.record.volume as u8));
+        }
+        let j = Arc::try_unwrap(j).ok().unwrap();
+        assert_eq!(
+            j.engine_name(),
+            if engine == EngineChoice::Std {
+                "std"
+            } else {
+                "io_uring"
+            }
+        );
+        j.close().unwrap();
+        let (j, rep) = Journal::open(opts(dir.path(), engine)).unwrap();
+        assert_eq!(
+            (rep.first_seq, rep.last_seq, rep.truncated_batches),
+            (1, 600, 0)
+        );
+        assert_eq!(j.append_wait(Record::trim(1, 0, 4096)).unwrap(), 601);
+    }
+}
+
+#[test]
+fn rollover_release_recycle_and_capacity_backpressure() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path(), engine);
+        o.capacity = 3 * MIB;
+        let (j, _) = Journal::open(o.clone()).unwrap();
+        let j = Arc::new(j);
+        assert_eq!(j.capacity_bytes(), 3 * MIB);
+        let len_of = |seq: Seq| (seq as usize * 7919) % (60 << 10) + 1;
+        // 200 records of ~30 KiB average: ~6 MiB through a 3 MiB journal.
+        let writer = {
+            let j = j.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200u64 {
+                    let seq = j.last_seq() + 1;
+                    let s = j
+                        .append_wait(Record::write(0, 0, payload(seq, len_of(seq))))
+                        .unwrap();
+                    assert_eq!(s, seq);
+                }
+            })
+        };
+        let t0 = Instant::now();
+        let mut released = 0;
+        let mut max_used = 0;
+        while !writer.is_finished() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "writer stuck");
+            std::thread::sleep(Duration::from_millis(5));
+            max_used = max_used.max(j.used_bytes());
+            let d = j.durable_seq();
+            // Read and verify before releasing, as a shipper would.
+            if d > released + 20 {
+                check_entries(&j, released + 1, d, len_of);
+                j.release_through(d).unwrap();
+                released = d;
+            }
+        }
+        writer.join().unwrap();
+        assert!(max_used <= 3 * MIB, "used {max_used}");
+        assert!(released > 0);
+        assert!(matches!(j.reader(1), Err(JournalError::Released { .. })));
+        let first_kept = j.reader(0).unwrap().next().unwrap().unwrap().seq;
+        check_entries(&j, first_kept, 200, len_of);
+        let files = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".seg")
+            })
+            .count();
+        assert!(files <= 3, "{files} segment files for a 3-segment capacity");
+        Arc::try_unwrap(j).ok().unwrap().close().unwrap();
+        let (j, rep) = Journal::open(o).unwrap();
+        assert_eq!(rep.last_seq, 200);
+        assert_eq!(rep.first_seq, first_kept.min(rep.first_seq));
+        check_entries(&j, rep.first_seq, 200, len_of);
+    }
+}
+
+#[test]
+fn append_blocks_when_full_until_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), EngineChoice::Std);
+    o.capacity = 2 * MIB;
+    let (j, _) = Journal::open(o).unwrap();
+    let j = Arc::new(j);
+    let rec = || Record::write(0, 0, Bytes::from(vec![7u8; 200 << 10]));
+    let per_segment =
+        (MIB - 4096) / format::batch_disk_len((200 << 10) + format::RECORD_HEADER_LEN as u64);
+    let fill = 2 * per_segment;
+    for _ in 0..fill {
+        j.append_wait(rec()).unwrap();
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let h = {
+        let (j, done) = (j.clone(), done.clone());
+        std::thread::spawn(move || {
+            j.append_wait(rec()).unwrap();
+            done.store(1, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        0,
+        "append should wait for space: fill {fill} durable {} files {names:?}",
+        j.durable_seq()
+    );
+    j.release_through(j.durable_seq()).unwrap();
+    let t0 = Instant::now();
+    while done.load(Ordering::SeqCst) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "release did not unblock the append"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.join().unwrap();
+    assert_eq!(j.durable_seq(), fill + 1);
+}
+
+#[test]
+fn reader_follows_a_live_writer() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(opts(dir.path(), engine)).unwrap();
+        let j = Arc::new(j);
+        let len_of = |seq: Seq| (seq as usize * 31) % 20000 + 1;
+        let w = {
+            let j = j.clone();
+            std::thread::spawn(move || {
+                for _ in 0..300 {
+                    let seq = j.last_seq() + 1;
+                    j.append(
+                        Record::write(1, seq, payload(seq, len_of(seq))),
+                        Box::new(|_| {}),
+                    )
+                    .unwrap();
+                }
+            })
+        };
+        let mut r = j.reader(1).unwrap();
+        let mut next = 1;
+        let t0 = Instant::now();
+        while next <= 300 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "reader stuck at {next}"
+            );
+            match r.next() {
+                Some(e) => {
+                    let e = e.unwrap();
+                    assert_eq!(e.seq, next);
+                    assert!(e.seq <= j.durable_seq());
+                    assert_eq!(e.record.data, payload(e.seq, len_of(e.seq)));
+                    next += 1;
+                }
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        w.join().unwrap();
+    }
+}
+
+#[test]
+fn large_record_seal_epoch_and_invalid_records() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path(), engine);
+        o.max_batch_bytes = 64 << 10;
+        o.epoch = 4;
+        let (j, _) = Journal::open(o.clone()).unwrap();
+        let big = payload(1, o.max_record_data() as usize);
+        assert_eq!(j.append_wait(Record::write(0, 0, big.clone())).unwrap(), 1);
+        j.set_epoch(5);
+        assert_eq!(
+            j.append_wait(Record::seal(0, Bytes::from_static(b"bookmark-1")))
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            j.append_wait(Record::write_zeroes(0, 0, 1 << 20)).unwrap(),
+            3
+        );
+        let too_big = Bytes::from(vec![0u8; o.max_record_data() as usize + 1]);
+        assert!(matches!(
+            j.append_wait(Record::write(0, 0, too_big)),
+            Err(JournalError::InvalidRecord(_))
+        ));
+        let bad = Record {
+            volume: 0,
+            op: Op::Write,
+            offset: 0,
+            length: 9,
+            data: Bytes::new(),
+        };
+        assert!(matches!(
+            j.append(bad, Box::new(|_| panic!("never called"))),
+            Err(JournalError::InvalidRecord(_))
+        ));
+        let e: Vec<_> = j.reader(0).unwrap().map(|e| e.unwrap()).collect();
+        assert_eq!(e.len(), 3);
+        assert_eq!(e[0].record.data, big);
+        assert_eq!((e[0].meta.epoch, e[1].meta.epoch), (4, 5));
+        assert_eq!(e[1].record.op, Op::Seal);
+        assert_eq!(&e[1].record.data[..], b"bookmark-1");
+        assert_eq!(
+            (e[2].record.op, e[2].record.length),
+            (Op::WriteZeroes, 1 << 20)
+        );
+        assert!(e[0].meta.timestamp_ns > 1_600_000_000_000_000_000);
+        j.close().unwrap();
+    }
+}
+
+/// An engine that fails every write after the first `ok` ones (fault injection).
+struct FailingEngine {
+    inner: StdEngine,
+    ok: usize,
+}
+
+impl IoEngine for FailingEngine {
+    fn name(&self) -> &'static str {
+        "failing"
+    }
+    fn staging(&mut self, len: usize) -> io::Result<&mut [u8]> {
+        self.inner.staging(len)
+    }
+    fn write_staged(&mut self, file: &File, len: usize, offset: u64) -> io::Result<()> {
+        if self.ok == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.ok -= 1;
+        self.inner.write_staged(file, len, offset)
+    }
+}
+
+#[test]
+fn write_error_fails_the_batch_and_everything_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), EngineChoice::Std);
+    let (j, _) = Journal::open_with_engine(
+        o.clone(),
+        Box::new(FailingEngine {
+            inner: StdEngine::new(1 << 20),
+            ok: 3,
+        }),
+    )
+    .unwrap();
+    for i in 1..=3 {
+        assert_eq!(
+            j.append_wait(Record::write(0, 0, payload(i, 100))).unwrap(),
+            i
+        );
+    }
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let mut queued = 0;
+    for _ in 0..5 {
+        let r = results.clone();
+        // Appends racing with the failure are refused up front (and `done` is dropped).
+        match j.append(Record::trim(0, 0, 1), Box::new(move |x| r.lock().push(x))) {
+            Ok(_) => queued += 1,
+            Err(e) => assert!(matches!(e, JournalError::Io { .. }), "{e}"),
+        }
+    }
+    assert!(queued >= 1);
+    let t0 = Instant::now();
+    while results.lock().len() < queued {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(results
+        .lock()
+        .iter()
+        .all(|r| matches!(r, Err(JournalError::Io { .. }))));
+    assert!(matches!(
+        j.append_wait(Record::trim(0, 0, 1)),
+        Err(JournalError::Io { .. })
+    ));
+    assert_eq!(j.durable_seq(), 3);
+    assert!(matches!(j.close(), Err(JournalError::Io { .. })));
+    let (j, rep) = Journal::open(o).unwrap();
+    assert_eq!(rep.last_seq, 3);
+    check_entries(&j, 1, 3, |_| 100);
+}
+
+#[test]
+fn engine_selection_and_fallback_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, _) = Journal::open(opts(dir.path(), EngineChoice::Auto)).unwrap();
+    match engine::probe_io_uring() {
+        Ok(()) => assert_eq!((j.engine_name(), j.fallback_reason()), ("io_uring", None)),
+        Err(r) => assert_eq!((j.engine_name(), j.fallback_reason()), ("std", Some(r))),
+    }
+    drop(j);
+    let eperm = io::Error::from_raw_os_error(libc::EPERM);
+    let enosys = io::Error::from_raw_os_error(libc::ENOSYS);
+    assert!(engine::explain_io_uring_failure(&enosys, Some(0)).contains("ENOSYS"));
+    assert!(engine::explain_io_uring_failure(&eperm, Some(2)).contains("io_uring_disabled=2"));
+    assert!(engine::explain_io_uring_failure(&eperm, Some(1)).contains("io_uring_disabled=1"));
+    assert!(engine::explain_io_uring_failure(&eperm, Some(0)).contains("seccomp"));
+}
+
+#[test]
+fn options_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), EngineChoice::Std);
+    o.segment_size = MIB + 1;
+    assert!(matches!(
+        Journal::open(o.clone()),
+        Err(JournalError::InvalidOptions(_))
+    ));
+    o.segment_size = MIB;
+    o.capacity = MIB;
+    assert!(matches!(
+        Journal::open(o),
+        Err(JournalError::InvalidOptions(_))
+    ));
+}
+
+#[test]
+fn wrong_cluster_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, _) = Journal::open(opts(dir.path(), EngineChoice::Std)).unwrap();
+    j.append_wait(Record::trim(0, 0, 1)).unwrap();
+    j.close().unwrap();
+    let mut o = opts(dir.path(), EngineChoice::Std);
+    o.cluster_id = [9; 16];
+    assert!(matches!(
+        Journal::open(o),
+        Err(JournalError::ClusterMismatch { .. })
+    ));
+}
+
+#[test]
+fn io_uring_with_linked_fdatasync() {
+    let eng = match UringEngine::new_linked_fsync(1 << 20) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("SKIP io_uring linked-fsync test: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), EngineChoice::IoUring);
+    assert!(!eng.uses_rwf_dsync());
+    eprintln!(
+        "io_uring fixed buffer registered: {}",
+        eng.uses_fixed_buffer()
+    );
+    let (j, _) = Journal::open_with_engine(o.clone(), Box::new(eng)).unwrap();
+    let len_of = |seq: Seq| (seq as usize * 4099) % (300 << 10) + 1;
+    for s in 1..=40 {
+        assert_eq!(
+            j.append_wait(Record::write(0, 0, payload(s, len_of(s))))
+                .unwrap(),
+            s
+        );
+    }
+    j.close().unwrap();
+    let (j, rep) = Journal::open(o).unwrap();
+    assert_eq!(rep.last_seq, 40);
+    check_entries(&j, 1, 40, len_of);
+}
+
+#[test]
+fn a_second_instance_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, _) = Journal::open(opts(dir.path(), EngineChoice::Std)).unwrap();
+    assert!(matches!(
+        Journal::open(opts(dir.path(), EngineChoice::Std)),
+        Err(JournalError::Locked { .. })
+    ));
+    j.close().unwrap();
+    Journal::open(opts(dir.path(), EngineChoice::Std)).unwrap();
+}

@@ -1,0 +1,369 @@
+//! One test per row of the recovery decision table, on hand-made segment files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use ferry_journal::format::{self, BatchParams, SegmentHeader, BLOCK_SIZE};
+use ferry_journal::*;
+
+const SEG: u64 = MIB;
+const REC_LEN: usize = 1000;
+
+/// A segment image being built in memory.
+struct Img {
+    no: u64,
+    buf: Vec<u8>,
+    pos: usize,
+    /// Offsets of the batches written, in order.
+    batches: Vec<usize>,
+}
+
+impl Img {
+    fn new(no: u64, first_seq: u64) -> Img {
+        let mut buf = vec![0u8; SEG as usize];
+        let h = SegmentHeader {
+            segment_no: no,
+            cluster_id: CLUSTER,
+            first_seq,
+            segment_size: SEG,
+        };
+        buf[..format::SEGMENT_HEADER_LEN].copy_from_slice(&format::encode_segment_header(&h));
+        Img {
+            no,
+            buf,
+            pos: BLOCK_SIZE,
+            batches: Vec::new(),
+        }
+    }
+    /// Appends a batch of `n` records starting at `first_seq`, salted with `salt_no`.
+    fn batch_salted(&mut self, salt_no: u64, first_seq: u64, n: u64) -> &mut Img {
+        let recs: Vec<Record> = (first_seq..first_seq + n)
+            .map(|s| Record::write(0, s * 4096, payload(s, REC_LEN)))
+            .collect();
+        let p = BatchParams {
+            segment_no: salt_no,
+            cluster_id: CLUSTER,
+            epoch: 1,
+            first_seq,
+            timestamp_ns: 1,
+        };
+        let b = format::encode_batch_vec(&p, &recs).unwrap();
+        self.buf[self.pos..self.pos + b.len()].copy_from_slice(&b);
+        self.batches.push(self.pos);
+        self.pos += b.len();
+        self
+    }
+    fn batch(&mut self, first_seq: u64, n: u64) -> &mut Img {
+        let no = self.no;
+        self.batch_salted(no, first_seq, n)
+    }
+    fn write(&self, dir: &Path) -> PathBuf {
+        let p = dir.join(segment_file_name(self.no));
+        std::fs::write(&p, &self.buf).unwrap();
+        p
+    }
+}
+
+fn open(dir: &Path, mode: RecoveryMode) -> Result<(Journal, RecoveryReport), JournalError> {
+    let mut o = opts(dir, EngineChoice::Std);
+    o.recovery = mode;
+    Journal::open(o)
+}
+
+fn read_all(j: &Journal) -> Vec<u64> {
+    j.reader(0)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| {
+            assert_eq!(e.record.data, payload(e.seq, REC_LEN));
+            e.seq
+        })
+        .collect()
+}
+
+fn expect_corruption(
+    r: Result<(Journal, RecoveryReport), JournalError>,
+    file: &Path,
+    offset: u64,
+    needle: &str,
+) {
+    match r {
+        Err(JournalError::Corruption {
+            segment,
+            offset: o,
+            reason,
+        }) => {
+            assert_eq!(segment, file, "{reason}");
+            assert_eq!(o, offset, "{reason}");
+            assert!(
+                reason.contains(needle),
+                "reason {reason:?} lacks {needle:?}"
+            );
+        }
+        Err(e) => panic!("expected corruption, got {e}"),
+        Ok((_, rep)) => panic!("expected corruption, opened: {rep:?}"),
+    }
+}
+
+#[test]
+fn clean_log_with_zero_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    Img::new(1, 1).batch(1, 3).batch(4, 2).write(dir.path());
+    for mode in [
+        RecoveryMode::TolerateTornTail,
+        RecoveryMode::AbsoluteConsistency,
+    ] {
+        let (j, rep) = open(dir.path(), mode).unwrap();
+        assert_eq!(
+            (
+                rep.first_seq,
+                rep.last_seq,
+                rep.truncated_batches,
+                rep.segments
+            ),
+            (1, 5, 0, 1)
+        );
+        assert_eq!(read_all(&j), vec![1, 2, 3, 4, 5]);
+    }
+}
+
+#[test]
+fn torn_header_is_truncated_and_zeroed() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = Img::new(1, 1);
+        img.batch(1, 3).batch(4, 2);
+        let torn_at = img.batches[1];
+        // Half a header landed: first 40 bytes of garbage.
+        img.buf[torn_at + 8..torn_at + 40].fill(0xab);
+        let path = img.write(dir.path());
+        let err = open(dir.path(), RecoveryMode::AbsoluteConsistency)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, JournalError::TornTail { offset, .. } if offset == torn_at as u64),
+            "{err}"
+        );
+        let mut o = opts(dir.path(), engine);
+        o.recovery = RecoveryMode::TolerateTornTail;
+        let (j, rep) = Journal::open(o.clone()).unwrap();
+        assert_eq!(
+            (rep.last_seq, rep.truncated_batches, rep.truncated_bytes),
+            (3, 1, BLOCK_SIZE as u64)
+        );
+        let disk = std::fs::read(&path).unwrap();
+        assert!(
+            disk[torn_at..torn_at + BLOCK_SIZE].iter().all(|&b| b == 0),
+            "torn block not zeroed"
+        );
+        assert_eq!(read_all(&j), vec![1, 2, 3]);
+        // The log continues at the truncation point with the next sequence.
+        assert_eq!(
+            j.append_wait(Record::write(0, 0, payload(4, REC_LEN)))
+                .unwrap(),
+            4
+        );
+        j.close().unwrap();
+        let (j, rep) = Journal::open(o).unwrap();
+        assert_eq!((rep.last_seq, rep.truncated_batches), (4, 0));
+        assert_eq!(read_all(&j), vec![1, 2, 3, 4]);
+    }
+}
+
+#[test]
+fn torn_body_is_truncated_and_zeroed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = Img::new(1, 1);
+    img.batch(1, 3).batch(4, 2);
+    let torn_at = img.batches[1];
+    img.buf[torn_at + 300] ^= 0xff;
+    let path = img.write(dir.path());
+    assert!(matches!(
+        open(dir.path(), RecoveryMode::AbsoluteConsistency),
+        Err(JournalError::TornTail { .. })
+    ));
+    let (j, rep) = open(dir.path(), RecoveryMode::TolerateTornTail).unwrap();
+    assert_eq!((rep.last_seq, rep.truncated_batches), (3, 1));
+    let disk = std::fs::read(&path).unwrap();
+    assert!(disk[torn_at..img.pos].iter().all(|&b| b == 0));
+    assert_eq!(read_all(&j), vec![1, 2, 3]);
+}
+
+#[test]
+fn bad_body_before_a_valid_batch_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = Img::new(1, 1);
+    img.batch(1, 3).batch(4, 2).batch(6, 1);
+    let bad = img.batches[1];
+    img.buf[bad + 200] ^= 0x01;
+    let path = img.write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &path,
+        img.batches[2] as u64,
+        "valid batch (seq 6..=6)",
+    );
+    // Nothing was modified by the refused open.
+    assert_eq!(std::fs::read(&path).unwrap(), img.buf);
+}
+
+#[test]
+fn bad_header_before_a_valid_batch_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = Img::new(1, 1);
+    img.batch(1, 3).batch(4, 2).batch(6, 1);
+    img.buf[img.batches[1] + 50] ^= 0x10;
+    let path = img.write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &path,
+        img.batches[2] as u64,
+        "bad batch header",
+    );
+}
+
+#[test]
+fn valid_batch_after_zero_block_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = Img::new(1, 1);
+    img.batch(1, 3);
+    img.pos += BLOCK_SIZE; // a lost write leaves a zero hole
+    img.batch(4, 1);
+    let path = img.write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &path,
+        img.batches[1] as u64,
+        "end of the log",
+    );
+}
+
+#[test]
+fn stale_batches_of_a_recycled_segment_end_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = Img::new(5, 10);
+    // Batches 10..=12 belong to segment 5; what follows was written when the file
+    // was segment 2 (salted with 2): it must neither validate nor count as torn.
+    img.batch(10, 3)
+        .batch_salted(2, 13, 4)
+        .batch_salted(2, 17, 4);
+    img.write(dir.path());
+    for mode in [
+        RecoveryMode::TolerateTornTail,
+        RecoveryMode::AbsoluteConsistency,
+    ] {
+        let (j, rep) = open(dir.path(), mode).unwrap();
+        assert_eq!(
+            (rep.first_seq, rep.last_seq, rep.truncated_batches),
+            (10, 12, 0)
+        );
+        assert_eq!(read_all(&j), vec![10, 11, 12]);
+        j.close().unwrap();
+    }
+    // Appending over the stale area keeps an all-zero block after each batch.
+    let (j, _) = open(dir.path(), RecoveryMode::AbsoluteConsistency).unwrap();
+    for s in 13..=14 {
+        assert_eq!(
+            j.append_wait(Record::write(0, 0, payload(s, REC_LEN)))
+                .unwrap(),
+            s
+        );
+    }
+    j.close().unwrap();
+    let (j, rep) = open(dir.path(), RecoveryMode::AbsoluteConsistency).unwrap();
+    assert_eq!(rep.last_seq, 14);
+    assert_eq!(read_all(&j), (10..=14).collect::<Vec<_>>());
+}
+
+#[test]
+fn sequence_gap_inside_a_segment_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = Img::new(1, 1);
+    img.batch(1, 3).batch(5, 2);
+    let path = img.write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &path,
+        img.batches[1] as u64,
+        "expected 4",
+    );
+}
+
+#[test]
+fn sequence_gap_across_segments_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    Img::new(1, 1).batch(1, 3).write(dir.path());
+    let p2 = Img::new(2, 5).batch(5, 1).write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &p2,
+        0,
+        "gap",
+    );
+}
+
+#[test]
+fn missing_middle_segment_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    Img::new(1, 1).batch(1, 3).write(dir.path());
+    let p3 = Img::new(3, 4).batch(4, 1).write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &p3,
+        0,
+        "missing",
+    );
+}
+
+#[test]
+fn torn_tail_in_an_earlier_segment_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Img::new(1, 1);
+    a.batch(1, 3).batch(4, 1);
+    a.buf[a.batches[1] + 100] ^= 1;
+    let p1 = a.write(dir.path());
+    Img::new(2, 5).batch(5, 1).write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &p1,
+        a.batches[1] as u64,
+        "later segments",
+    );
+}
+
+#[test]
+fn torn_segment_activation_becomes_a_spare() {
+    let dir = tempfile::tempdir().unwrap();
+    Img::new(1, 1).batch(1, 3).write(dir.path());
+    let mut b = Img::new(2, 4);
+    b.batch(4, 2);
+    b.buf[20] ^= 0x40; // segment header damaged by the torn activation write
+    b.write(dir.path());
+    assert!(matches!(
+        open(dir.path(), RecoveryMode::AbsoluteConsistency),
+        Err(JournalError::TornTail { offset: 0, .. })
+    ));
+    let (j, rep) = open(dir.path(), RecoveryMode::TolerateTornTail).unwrap();
+    assert_eq!(
+        (
+            rep.last_seq,
+            rep.truncated_batches,
+            rep.segments,
+            rep.spare_segments
+        ),
+        (3, 1, 1, 1)
+    );
+    assert_eq!(read_all(&j), vec![1, 2, 3]);
+}
+
+#[test]
+fn leftover_temp_files_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    Img::new(1, 1).batch(1, 1).write(dir.path());
+    std::fs::write(dir.path().join("0000000000000007.seg.tmp"), [1u8; 4096]).unwrap();
+    let (_j, rep) = open(dir.path(), RecoveryMode::TolerateTornTail).unwrap();
+    assert_eq!((rep.removed_temp_files, rep.last_seq), (1, 1));
+    assert!(!dir.path().join("0000000000000007.seg.tmp").exists());
+}
