@@ -63,10 +63,9 @@ pub fn record(data: Bytes) -> Record {
 /// Parses fio's `--output-format=json` output. fio prints informational lines (e.g.
 /// "fio: connected to NBD server") before the JSON document, so skip to the first `{`.
 pub fn fio_json(stdout: &[u8]) -> anyhow::Result<serde_json::Value> {
-    let start = stdout
-        .iter()
-        .position(|&b| b == b'{')
-        .ok_or_else(|| anyhow::anyhow!("fio printed no JSON: {}", String::from_utf8_lossy(stdout)))?;
+    let start = stdout.iter().position(|&b| b == b'{').ok_or_else(|| {
+        anyhow::anyhow!("fio printed no JSON: {}", String::from_utf8_lossy(stdout))
+    })?;
     serde_json::from_slice(&stdout[start..])
         .map_err(|e| anyhow::anyhow!("fio JSON did not parse: {e}"))
 }

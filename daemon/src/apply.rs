@@ -205,7 +205,9 @@ impl ApplyGuard {
     /// Writes the record to its base and tells the gate.
     pub fn apply(mut self) -> std::io::Result<()> {
         self.applied = true;
-        let r = self.base.apply(self.op, self.offset, self.length, &self.data);
+        let r = self
+            .base
+            .apply(self.op, self.offset, self.length, &self.data);
         if let Err(e) = &r {
             tracing::error!(
                 volume = %self.base.name,

@@ -94,7 +94,6 @@ pub fn recover(cfg: &Config) -> anyhow::Result<Recovered> {
         }
         let upto = journal.durable_seq();
         meta.set_checkpoint(upto)?;
-        journal.release_through(upto)?;
         tracing::info!(
             replayed,
             checkpoint = upto,
@@ -104,6 +103,9 @@ pub fn recover(cfg: &Config) -> anyhow::Result<Recovered> {
     } else {
         checkpoint
     };
+    // Releases are not persisted by the journal (the checkpoint in the metadata is the
+    // durable record of them), so segments at or below it reappear after a restart.
+    journal.release_through(checkpoint)?;
     Ok(Recovered {
         meta: Arc::new(meta),
         journal,
@@ -310,12 +312,21 @@ fn status_handler(
                 "applied_seq": group.applied_seq(),
                 "checkpoint_seq": rec.meta.checkpoint().unwrap_or(0),
                 "failed": group.gate.failed(),
+                "frontend": {
+                    "mutations": group.mutations.load(Ordering::Relaxed),
+                    "mutation_seconds": group.mutation_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                    "journal_wait_seconds": group.journal_wait_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                },
                 "nbd": {"listen": nbd_addr.to_string()},
                 "journal": {
                     "used_bytes": j.used_bytes(),
                     "capacity_bytes": j.capacity_bytes(),
                     "engine": j.engine_name(),
                     "fallback_reason": j.fallback_reason(),
+                    "batches": j.stats().batches,
+                    "records": j.stats().records,
+                    "bytes_written": j.stats().bytes_written,
+                    "write_seconds": j.stats().write_ns as f64 / 1e9,
                 },
                 "volumes": volumes,
                 "targets": [],

@@ -161,6 +161,11 @@ pub struct Group {
     slots: Arc<Semaphore>,
     /// Writes since the last write-set seal.
     dirty: AtomicBool,
+    /// Frontend mutation count and summed latency (append → applied), in ns.
+    pub mutations: std::sync::atomic::AtomicU64,
+    pub mutation_ns: std::sync::atomic::AtomicU64,
+    /// Summed time from append to durable+released (journal share), in ns.
+    pub journal_wait_ns: std::sync::atomic::AtomicU64,
 }
 
 impl Group {
@@ -170,6 +175,9 @@ impl Group {
             gate: ApplyGate::new(applied_from),
             slots: Arc::new(Semaphore::new(queue_slots.max(1))),
             dirty: AtomicBool::new(false),
+            mutations: Default::default(),
+            mutation_ns: Default::default(),
+            journal_wait_ns: Default::default(),
         })
     }
 
@@ -193,6 +201,7 @@ impl Group {
                     .into(),
             ));
         }
+        let started = std::time::Instant::now();
         let permit = self
             .slots
             .clone()
@@ -207,8 +216,15 @@ impl Group {
             drop(permit);
             match res {
                 Ok(seq) => {
-                    let guard =
-                        ApplyGuard::new(gate.clone(), seq, item_base, op, offset, length, item_data);
+                    let guard = ApplyGuard::new(
+                        gate.clone(),
+                        seq,
+                        item_base,
+                        op,
+                        offset,
+                        length,
+                        item_data,
+                    );
                     gate.ready(guard, tx);
                 }
                 Err(e) => {
@@ -231,6 +247,8 @@ impl Group {
             .await
             .map_err(|_| ExportError::ShuttingDown)?
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
+        self.journal_wait_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let result = if op == Op::Write && length > INLINE_APPLY_MAX {
             tokio::task::spawn_blocking(move || guard.apply())
                 .await
@@ -238,6 +256,9 @@ impl Group {
         } else {
             guard.apply()
         };
+        self.mutations.fetch_add(1, Ordering::Relaxed);
+        self.mutation_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         result.map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 ExportError::NoSpace

@@ -25,7 +25,7 @@ pub use format::{Op, Record, Seq};
 pub use reader::JournalReader;
 pub use recovery::{RecoveryMode, RecoveryReport};
 pub use segment::{parse_segment_name, segment_file_name};
-pub use writer::Journal;
+pub use writer::{Journal, JournalStats};
 
 use std::path::PathBuf;
 

@@ -129,7 +129,7 @@ fn init(
             segment_size: ByteSize(parse_size(segment_size).context("--segment-size")?),
             engine: Default::default(),
             recovery: Default::default(),
-            checkpoint_interval_ms: 5000,
+            checkpoint_interval_ms: 30_000,
         },
         nbd: NbdConfig { listen: nbd.into() },
         control: ControlConfig {
