@@ -1,0 +1,169 @@
+//! A real filesystem on a ferry volume: nbdfuse exposes the NBD export as a file, a
+//! loop device turns it into a block device, ext4 goes on top. Files written and synced
+//! must survive a SIGKILL of ferryd with the filesystem still mounted.
+//!
+//! Needs root, /dev/fuse, nbdfuse, losetup, mkfs.ext4 and mount; skips loudly without.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferryd::testkit::{primary_config, skip_without, Node};
+
+const MIB: u64 = 1 << 20;
+
+fn ferryd() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferryd"))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// nbdfuse + loop device + mount point, torn down in reverse order on drop.
+struct Attached {
+    fuse: Option<Child>,
+    fuse_dir: PathBuf,
+    loopdev: Option<String>,
+    mnt: Option<PathBuf>,
+}
+
+impl Attached {
+    fn new(url: &str, dir: &Path) -> Attached {
+        let fuse_dir = dir.join("fuse");
+        std::fs::create_dir_all(&fuse_dir).unwrap();
+        let fuse = Command::new("nbdfuse")
+            .arg(&fuse_dir)
+            .arg(url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nbdfuse");
+        let mut a = Attached {
+            fuse: Some(fuse),
+            fuse_dir,
+            loopdev: None,
+            mnt: None,
+        };
+        let file = a.fuse_dir.join("nbd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !file.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "nbdfuse did not expose {}",
+                file.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let dev = run(Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=off"])
+            .arg(&file));
+        a.loopdev = Some(dev);
+        a
+    }
+
+    fn dev(&self) -> &str {
+        self.loopdev.as_deref().expect("loop device")
+    }
+
+    fn mount(&mut self, mnt: &Path) {
+        std::fs::create_dir_all(mnt).unwrap();
+        run(Command::new("mount").arg(self.dev()).arg(mnt));
+        self.mnt = Some(mnt.to_path_buf());
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Some(m) = self.mnt.take() {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        if let Some(d) = self.loopdev.take() {
+            let _ = Command::new("losetup").arg("-d").arg(&d).status();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.fuse_dir)
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut c) = self.fuse.take() {
+            // SAFETY: signalling our own child by its PID.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
+
+fn content(i: usize) -> Vec<u8> {
+    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (0..(64 << 10) + i * 4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn ext4_on_a_ferry_volume_survives_sigkill() {
+    for tool in ["nbdfuse", "losetup", "mkfs.ext4", "mount", "fusermount3"] {
+        if skip_without(tool, "ext4_on_a_ferry_volume_survives_sigkill") {
+            return;
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
+        eprintln!(
+            "\n!!!! SKIP ext4_on_a_ferry_volume_survives_sigkill: needs root and /dev/fuse !!!!\n"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = primary_config(dir.path(), &[("vol0", 128 * MIB)], 64 * MIB, 4 * MIB);
+    let mut node = Node::start(ferryd(), &cfg);
+    let mnt = dir.path().join("mnt");
+    {
+        let mut att = Attached::new(&node.url("vol0"), dir.path());
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(att.dev()));
+        att.mount(&mnt);
+        for i in 0..24 {
+            std::fs::write(mnt.join(format!("f{i}")), content(i)).unwrap();
+        }
+        run(Command::new("sync").arg("-f").arg(mnt.join("f0")));
+        // Unsynced writes after this point may or may not survive; synced ones must.
+        std::fs::write(mnt.join("unsynced"), b"maybe").unwrap();
+        node.kill();
+    }
+    let node = Node::start(ferryd(), &cfg);
+    let mut att = Attached::new(&node.url("vol0"), dir.path());
+    // Mounting replays ext4's own journal; then fsck must find nothing wrong.
+    att.mount(&mnt);
+    for i in 0..24 {
+        let got = std::fs::read(mnt.join(format!("f{i}"))).unwrap();
+        assert!(
+            got == content(i),
+            "file f{i} differs after SIGKILL + restart"
+        );
+    }
+    run(Command::new("umount").arg(&mnt));
+    att.mnt = None;
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(att.dev())
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck found problems: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
