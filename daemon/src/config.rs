@@ -22,10 +22,78 @@ pub const MAX_VOLUMES: usize = 256;
 pub struct Config {
     pub node: NodeConfig,
     pub journal: JournalConfig,
-    pub nbd: NbdConfig,
+    /// Required on a primary; on a standby it is where volumes are served once promoted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<NbdConfig>,
     pub control: ControlConfig,
+    /// Certificates for replication (mutual TLS); required with `[replication]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationConfig>,
     #[serde(rename = "volume", default)]
     pub volumes: Vec<VolumeConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate (PEM), issued by the cluster CA for `node.name`.
+    pub cert: PathBuf,
+    /// This node's private key (PEM, mode 0600).
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationMode {
+    /// A client's write (or flush) is acknowledged only once the target has it durable.
+    Sync,
+    /// The target trails by the replication lag; writes never wait for it.
+    #[default]
+    Async,
+}
+
+impl std::fmt::Display for ReplicationMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReplicationMode::Sync => "sync",
+            ReplicationMode::Async => "async",
+        })
+    }
+}
+
+fn default_sync_timeout_ms() -> u64 {
+    5000
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// This node's QUIC address (`HOST:PORT`); standbys accept their primary here.
+    pub listen: String,
+    /// Name of the cluster's primary node: a standby accepts only this peer.
+    pub primary: String,
+    /// How long a write waits for an unreachable sync target before that target is
+    /// degraded to async (loudly: logged and shown in status). Clients never get an
+    /// error because a target is slow or gone.
+    #[serde(default = "default_sync_timeout_ms")]
+    pub sync_timeout_ms: u64,
+    /// On the primary: the standbys to ship to.
+    #[serde(rename = "target", default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    /// The standby's QUIC address (`HOST:PORT`).
+    pub address: String,
+    #[serde(default)]
+    pub mode: ReplicationMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +243,11 @@ impl Config {
         abs(&mut self.node.metadata_dir);
         abs(&mut self.journal.dir);
         abs(&mut self.control.socket);
+        if let Some(t) = &mut self.tls {
+            abs(&mut t.ca);
+            abs(&mut t.cert);
+            abs(&mut t.key);
+        }
         for v in &mut self.volumes {
             abs(&mut v.path);
         }
@@ -212,8 +285,72 @@ impl Config {
                 "must be greater than 0".into(),
             );
         }
-        if let Err(e) = self.nbd_addr() {
-            return bad("nbd.listen", e);
+        match (&self.nbd, self.node.role) {
+            (None, Role::Primary) => {
+                return bad(
+                    "nbd",
+                    "a primary needs an [nbd] section with `listen`".into(),
+                )
+            }
+            (Some(_), _) => {
+                if let Err(e) = self.nbd_addr() {
+                    return bad("nbd.listen", e);
+                }
+            }
+            (None, Role::Standby) => {}
+        }
+        if let Some(r) = &self.replication {
+            if self.tls.is_none() {
+                return bad(
+                    "tls",
+                    "replication needs a [tls] section (ca, cert, key); `ferryctl init --standby` creates one".into(),
+                );
+            }
+            if let Err(e) = parse_addr(&r.listen) {
+                return bad("replication.listen", e);
+            }
+            if !valid_node_name(&r.primary) {
+                return bad("replication.primary", node_name_rule(&r.primary));
+            }
+            if r.sync_timeout_ms == 0 {
+                return bad(
+                    "replication.sync_timeout_ms",
+                    "must be greater than 0".into(),
+                );
+            }
+            if self.node.role == Role::Standby && !r.targets.is_empty() {
+                return bad(
+                    "replication.target",
+                    "a standby ships to nobody; targets belong in the primary's config".into(),
+                );
+            }
+            if self.node.role == Role::Standby && r.primary == self.node.name {
+                return bad(
+                    "replication.primary",
+                    format!("'{}' is this standby's own name", r.primary),
+                );
+            }
+            let mut seen = HashSet::new();
+            for (i, t) in r.targets.iter().enumerate() {
+                let key = |f: &str| format!("replication.target[{i}].{f}");
+                if !valid_node_name(&t.name) {
+                    return bad(&key("name"), node_name_rule(&t.name));
+                }
+                if t.name == self.node.name || !seen.insert(t.name.as_str()) {
+                    return bad(&key("name"), format!("'{}' is used twice", t.name));
+                }
+                if let Err(e) = parse_addr(&t.address) {
+                    return bad(&key("address"), e);
+                }
+            }
+            if !valid_node_name(&self.node.name) {
+                return bad("node.name", node_name_rule(&self.node.name));
+            }
+        } else if self.node.role == Role::Standby {
+            return bad(
+                "replication",
+                "a standby needs a [replication] section (listen, primary)".into(),
+            );
         }
         if self.volumes.is_empty() && self.node.role == Role::Primary {
             return bad(
@@ -257,18 +394,37 @@ impl Config {
     }
 
     pub fn nbd_addr(&self) -> Result<SocketAddr, String> {
-        self.nbd.listen.parse::<SocketAddr>().map_err(|e| {
-            format!(
-                "'{}' is not HOST:PORT with a numeric address: {e}",
-                self.nbd.listen
-            )
-        })
+        match &self.nbd {
+            Some(n) => parse_addr(&n.listen),
+            None => Err("no [nbd] section".into()),
+        }
     }
 
     pub fn cluster_id(&self) -> [u8; 16] {
         // validate() has checked it; a default of zeros would only be reached by a bug.
         parse_cluster_id(&self.node.cluster_id).unwrap_or([0; 16])
     }
+}
+
+/// `HOST:PORT` with a numeric host (no name resolution at start-up: a DR daemon
+/// must not depend on DNS to come up).
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|e| format!("'{s}' is not HOST:PORT with a numeric address: {e}"))
+}
+
+/// Node names are also TLS names (a DNS label in the node's certificate).
+pub fn valid_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn node_name_rule(s: &str) -> String {
+    format!("'{s}': node names are DNS labels: 1-63 of a-z 0-9 -, not starting or ending with '-'")
 }
 
 /// Names appear in export names, file names and certificates: keep them plain.

@@ -19,6 +19,8 @@ use crate::config::{Config, EngineConfig, RecoveryConfig, Role};
 use crate::control;
 use crate::meta::Meta;
 use crate::nbd;
+use crate::replication::{self, Replication, ShipContext, SyncGate};
+use crate::standby::{self, Standby};
 use crate::volume::{Base, Group, Registry, Volume};
 
 /// Journal queue depth; also the number of writes that may wait for the journal at once.
@@ -152,32 +154,46 @@ fn replay(journal: &Journal, bases: &[Arc<Base>], checkpoint: Seq) -> anyhow::Re
     Ok(n)
 }
 
-/// Fsyncs the bases, records the checkpoint, releases journal segments below it.
-fn checkpoint(rec: &Recovered, group: &Group, last: &mut Seq) -> anyhow::Result<()> {
-    let applied = group.applied_seq();
-    if applied <= *last {
-        return Ok(());
+/// What a checkpoint works from: the sequence applied to the bases (contiguous), and
+/// the floor below which every replication target holds the journal durably.
+pub type Positions = Arc<dyn Fn() -> (Seq, Seq) + Send + Sync>;
+
+/// Fsyncs the bases and records the checkpoint; releases journal segments below both
+/// the checkpoint and the replication floor.
+fn checkpoint(
+    rec: &Recovered,
+    positions: &Positions,
+    last: &mut Seq,
+    released: &mut Seq,
+) -> anyhow::Result<()> {
+    let (applied, floor) = positions();
+    if applied > *last {
+        for b in &rec.bases {
+            b.sync()
+                .with_context(|| format!("checkpoint: fsync {}", b.path.display()))?;
+        }
+        rec.meta.set_checkpoint(applied)?;
+        *last = applied;
     }
-    for b in &rec.bases {
-        b.sync()
-            .with_context(|| format!("checkpoint: fsync {}", b.path.display()))?;
+    let release = (*last).min(floor);
+    if release > *released {
+        rec.journal.release_through(release)?;
+        *released = release;
     }
-    rec.meta.set_checkpoint(applied)?;
-    rec.journal.release_through(applied)?;
-    *last = applied;
     Ok(())
 }
 
 fn spawn_checkpointer(
     rec: Arc<Recovered>,
-    group: Arc<Group>,
+    positions: Positions,
     interval: Duration,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("ferry-checkpoint".into())
         .spawn(move || {
             let mut last = rec.checkpoint;
+            let mut released = rec.checkpoint.min(positions().1);
             let mut since = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(20));
@@ -185,13 +201,17 @@ fn spawn_checkpointer(
                 let full = j.used_bytes() * 100 >= j.capacity_bytes() * CHECKPOINT_FILL_PERCENT;
                 if full || since.elapsed() >= interval {
                     since = Instant::now();
-                    if let Err(e) = checkpoint(&rec, &group, &mut last) {
+                    if let Err(e) = checkpoint(&rec, &positions, &mut last, &mut released) {
                         tracing::error!("checkpoint failed: {e:#}; will retry");
                     }
                 }
             }
+            // Final checkpoint on the way out.
+            if let Err(e) = checkpoint(&rec, &positions, &mut last, &mut released) {
+                tracing::error!("final checkpoint failed: {e:#}");
+            }
         })
-        .unwrap_or_else(|e| panic!("cannot start checkpoint thread: {e}"))
+        .context("starting the checkpoint thread")
 }
 
 /// Runs a node until `shutdown` resolves; then drains, checkpoints and returns.
@@ -199,13 +219,22 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    if cfg.node.role == Role::Standby {
-        bail!(
-            "node '{}' is configured as a standby; standby replication is not built yet",
-            cfg.node.name
-        );
-    }
     let rec = Arc::new(tokio::task::block_in_place(|| recover(&cfg))?);
+    match cfg.node.role {
+        Role::Primary => run_primary(cfg, rec, shutdown).await,
+        Role::Standby => run_standby(cfg, rec, shutdown).await,
+    }
+}
+
+fn transport_options() -> ferry_transport::quic::TransportOptions {
+    ferry_transport::quic::TransportOptions::default()
+}
+
+async fn run_primary(
+    cfg: Config,
+    rec: Arc<Recovered>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let group = Group::new(rec.journal.clone(), rec.checkpoint, JOURNAL_QUEUE);
     let volumes: Vec<Arc<Volume>> = rec
         .bases
@@ -219,22 +248,62 @@ pub async fn run(
         .collect();
     let registry = Arc::new(Registry { volumes });
 
-    let listener = tokio::net::TcpListener::bind(cfg.nbd_addr().map_err(anyhow::Error::msg)?)
+    let nbd_listen = cfg.nbd_addr().map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(nbd_listen)
         .await
-        .with_context(|| format!("binding NBD listener {}", cfg.nbd.listen))?;
+        .with_context(|| format!("binding NBD listener {nbd_listen}"))?;
     let nbd_addr = listener.local_addr()?;
     let control_listener = control::bind(&cfg.control.socket).await?;
-
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    // Replication: targets start at the checkpoint; their Hellos say where they are.
+    let targets = replication::target_states(&cfg, rec.checkpoint.min(rec.journal.durable_seq()));
+    let repl = match &cfg.replication {
+        Some(r) if !targets.is_empty() => {
+            let sync = SyncGate::new(targets.clone(), Duration::from_millis(r.sync_timeout_ms));
+            *group.sync.write() = Some(sync.clone());
+            let ctx = Arc::new(ShipContext {
+                journal: rec.journal.clone(),
+                local: replication::local_identity(
+                    &cfg,
+                    rec.meta.node_id,
+                    rec.meta.epoch()?,
+                    ferry_transport::wire::Role::Primary,
+                    &rec.bases,
+                    "",
+                ),
+                tls: replication::load_tls(&cfg)?,
+                opts: transport_options(),
+                durable: group.durable_tx.subscribe(),
+                sync: sync.clone(),
+            });
+            replication::start(ctx, &targets, &stop_rx);
+            Some(Arc::new(Replication {
+                targets,
+                sync,
+                index: group.index.clone(),
+            }))
+        }
+        _ => None,
+    };
+
     let stop_ckpt = Arc::new(AtomicBool::new(false));
+    let positions: Positions = {
+        let group = group.clone();
+        let repl = repl.clone();
+        Arc::new(move || {
+            let floor = repl.as_ref().map_or(Seq::MAX, |r| r.release_floor());
+            (group.applied_seq(), floor)
+        })
+    };
     let ckpt = spawn_checkpointer(
         rec.clone(),
-        group.clone(),
+        positions,
         Duration::from_millis(cfg.journal.checkpoint_interval_ms),
         stop_ckpt.clone(),
-    );
+    )?;
 
-    let handler = status_handler(&cfg, rec.clone(), group.clone(), nbd_addr);
+    let handler = primary_status(&cfg, rec.clone(), group.clone(), repl.clone(), nbd_addr);
     let control_task = tokio::spawn(control::serve(
         control_listener,
         cfg.control.socket.clone(),
@@ -245,7 +314,12 @@ pub async fn run(
         max_payload: (32u64 << 20).min(cfg.journal.segment_size.0 / 2) as u32,
         ..nbd::ServerConfig::default()
     };
-    let nbd_task = tokio::spawn(nbd::serve(listener, registry.clone(), server_cfg, stop_rx));
+    let nbd_task = tokio::spawn(nbd::serve(
+        listener,
+        registry.clone(),
+        server_cfg,
+        stop_rx.clone(),
+    ));
 
     for v in &cfg.volumes {
         tracing::info!(volume = %v.name, size = v.size.0, "serving nbd://{nbd_addr}/{}", v.name);
@@ -266,35 +340,132 @@ pub async fn run(
         Ok(Ok(())) => {}
     }
     let _ = control_task.await;
-    stop_ckpt.store(true, Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || ckpt.join()).await;
-
-    // Every acknowledged write is applied; make the bases durable and release the
-    // journal so the next start has nothing to replay.
+    // Every acknowledged write is applied; seal the last write-set, let the journal
+    // make it durable, then the checkpointer's final round fsyncs and records it.
     let _ = group.seal(bytes::Bytes::new());
-    let mut last = rec.checkpoint;
     tokio::task::block_in_place(|| {
-        // Wait for the journal to make the seal durable before checkpointing.
         let target = rec.journal.last_seq();
         let deadline = Instant::now() + Duration::from_secs(10);
         while rec.journal.durable_seq() < target && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        checkpoint(&rec, &group, &mut last)
-    })?;
+    });
+    stop_ckpt.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || ckpt.join()).await;
     drop(registry);
-    tracing::info!(checkpoint = last, "shutdown complete");
+    tracing::info!(
+        checkpoint = rec.meta.checkpoint().unwrap_or(0),
+        "shutdown complete"
+    );
     Ok(())
 }
 
-fn status_handler(
+async fn run_standby(
+    cfg: Config,
+    rec: Arc<Recovered>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let r = cfg
+        .replication
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("a standby needs a [replication] section"))?;
+    let listen: std::net::SocketAddr =
+        crate::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?;
+    // Recovery replayed everything durable: the replica is at the journal's end.
+    let applied = rec.journal.durable_seq();
+    let standby = Arc::new(Standby::new(
+        rec.journal.clone(),
+        rec.bases.clone(),
+        applied,
+        &r.primary,
+        &r.listen,
+    )?);
+    let local = replication::local_identity(
+        &cfg,
+        rec.meta.node_id,
+        rec.meta.epoch()?,
+        ferry_transport::wire::Role::Standby,
+        &rec.bases,
+        &r.primary,
+    );
+    let control_listener = control::bind(&cfg.control.socket).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_ckpt = Arc::new(AtomicBool::new(false));
+    let positions: Positions = {
+        let sb = standby.clone();
+        Arc::new(move || (sb.applied_seq(), Seq::MAX))
+    };
+    let ckpt = spawn_checkpointer(
+        rec.clone(),
+        positions,
+        Duration::from_millis(cfg.journal.checkpoint_interval_ms),
+        stop_ckpt.clone(),
+    )?;
+    let handler = standby_status(&cfg, rec.clone(), standby.clone());
+    let control_task = tokio::spawn(control::serve(
+        control_listener,
+        cfg.control.socket.clone(),
+        handler,
+        stop_rx.clone(),
+    ));
+    let serve = tokio::spawn(standby::serve(
+        standby.clone(),
+        local,
+        replication::load_tls(&cfg)?,
+        transport_options(),
+        listen,
+        stop_rx,
+    ));
+    println!(
+        "ferryd ready: role=standby replication={listen} control={}",
+        cfg.control.socket.display()
+    );
+    shutdown.await;
+    tracing::info!("shutting down standby");
+    let _ = stop_tx.send(true);
+    match serve.await {
+        Ok(Err(e)) => tracing::warn!("standby listener: {e:#}"),
+        Err(e) => tracing::warn!("standby task: {e}"),
+        Ok(Ok(())) => {}
+    }
+    let _ = control_task.await;
+    // Let the applier finish what is durable before the final checkpoint.
+    tokio::task::block_in_place(|| {
+        let target = rec.journal.durable_seq();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while standby.applied_seq() < target && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    stop_ckpt.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || ckpt.join()).await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+fn journal_status(j: &Journal) -> serde_json::Value {
+    let st = j.stats();
+    json!({
+        "used_bytes": j.used_bytes(),
+        "capacity_bytes": j.capacity_bytes(),
+        "engine": j.engine_name(),
+        "fallback_reason": j.fallback_reason(),
+        "first_seq": j.first_available_seq(),
+        "batches": st.batches,
+        "records": st.records,
+        "bytes_written": st.bytes_written,
+        "write_seconds": st.write_ns as f64 / 1e9,
+    })
+}
+
+fn primary_status(
     cfg: &Config,
     rec: Arc<Recovered>,
     group: Arc<Group>,
+    repl: Option<Arc<Replication>>,
     nbd_addr: std::net::SocketAddr,
 ) -> control::Handler {
     let node = cfg.node.name.clone();
-    let role = cfg.node.role;
     let volumes: Vec<_> = cfg
         .volumes
         .iter()
@@ -305,7 +476,7 @@ fn status_handler(
             let j = &rec.journal;
             control::Response::ok(json!({
                 "node": node,
-                "role": role.to_string(),
+                "role": "primary",
                 "epoch": rec.meta.epoch().unwrap_or(0),
                 "last_seq": j.last_seq(),
                 "durable_seq": j.durable_seq(),
@@ -318,16 +489,43 @@ fn status_handler(
                     "journal_wait_seconds": group.journal_wait_ns.load(Ordering::Relaxed) as f64 / 1e9,
                 },
                 "nbd": {"listen": nbd_addr.to_string()},
-                "journal": {
-                    "used_bytes": j.used_bytes(),
-                    "capacity_bytes": j.capacity_bytes(),
-                    "engine": j.engine_name(),
-                    "fallback_reason": j.fallback_reason(),
-                    "batches": j.stats().batches,
-                    "records": j.stats().records,
-                    "bytes_written": j.stats().bytes_written,
-                    "write_seconds": j.stats().write_ns as f64 / 1e9,
+                "journal": journal_status(j),
+                "volumes": volumes,
+                "targets": repl.as_ref().map_or(json!([]), |r| r.status()),
+            }))
+        }
+    })
+}
+
+fn standby_status(cfg: &Config, rec: Arc<Recovered>, sb: Arc<Standby>) -> control::Handler {
+    let node = cfg.node.name.clone();
+    let volumes: Vec<_> = cfg
+        .volumes
+        .iter()
+        .map(|v| json!({"name": v.name, "size_bytes": v.size.0, "path": v.path}))
+        .collect();
+    Arc::new(move |req| match req {
+        control::Request::Status => {
+            let j = &rec.journal;
+            let st = &sb.state;
+            let applied_ts = st.applied_ts_ns.load(Ordering::Relaxed);
+            control::Response::ok(json!({
+                "node": node,
+                "role": "standby",
+                "epoch": rec.meta.epoch().unwrap_or(0),
+                "last_seq": j.durable_seq(),
+                "durable_seq": j.durable_seq(),
+                "applied_seq": sb.applied_seq(),
+                "checkpoint_seq": rec.meta.checkpoint().unwrap_or(0),
+                "journal": journal_status(j),
+                "primary": {
+                    "name": st.primary,
+                    "listen": st.listen,
+                    "connected": st.connected.lock().clone(),
+                    "last_seq": st.last_primary_seq.load(Ordering::Relaxed),
+                    "last_error": st.last_error.lock().clone(),
                 },
+                "applied_primary_time_ns": applied_ts,
                 "volumes": volumes,
                 "targets": [],
             }))

@@ -5,6 +5,8 @@
 //! * [`config`]   — TOML configuration, validated with errors that name the key.
 //! * [`meta`]     — crash-safe node metadata (redb): node id, cluster id, epoch, checkpoint.
 //! * [`volume`]   — protected volumes: the journal-first write path and the NBD export.
+//! * [`replication`] — primary side: shippers, sync gate, lag accounting.
+//! * [`standby`]  — standby side: receive, journal, apply, ack.
 //! * [`nbd`]      — the NBD protocol server (fixed newstyle), generic over an export.
 //! * [`control`]  — the control socket (JSON lines over a Unix socket).
 //! * [`daemon`]   — start-up, recovery, checkpointing, shutdown.
@@ -14,7 +16,26 @@ pub mod control;
 pub mod daemon;
 pub mod meta;
 pub mod nbd;
+pub mod replication;
 pub mod size;
+pub mod standby;
 #[doc(hidden)]
 pub mod testkit;
 pub mod volume;
+
+/// Formats an error with its causes, skipping a cause whose text the previous message
+/// already ends with (many library errors print their source and also expose it).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if out.ends_with(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
+}

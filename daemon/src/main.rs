@@ -35,8 +35,9 @@ fn main() -> std::process::ExitCode {
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("ferryd: {e:#}");
+            let msg = ferryd::error_chain(&e);
+            tracing::error!("{msg}");
+            eprintln!("ferryd: {msg}");
             std::process::ExitCode::FAILURE
         }
     }

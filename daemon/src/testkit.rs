@@ -56,9 +56,11 @@ pub fn primary_config(
             recovery: Default::default(),
             checkpoint_interval_ms: 500,
         },
-        nbd: NbdConfig {
+        nbd: Some(NbdConfig {
             listen: "127.0.0.1:0".into(),
-        },
+        }),
+        tls: None,
+        replication: None,
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
         },
@@ -85,7 +87,8 @@ pub fn primary_config(
 pub struct Node {
     child: Option<Child>,
     pub pid: u32,
-    pub nbd: SocketAddr,
+    /// The bound NBD address (primaries only).
+    pub nbd: Option<SocketAddr>,
     pub config: PathBuf,
     pub log: PathBuf,
 }
@@ -118,18 +121,16 @@ impl Node {
         let mut node = Node {
             child: Some(child),
             pid,
-            nbd: "0.0.0.0:0".parse().expect("addr"),
+            nbd: None,
             config: config.to_path_buf(),
             log,
         };
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(line) => {
-                let nbd = line
+                node.nbd = line
                     .split_whitespace()
                     .find_map(|w| w.strip_prefix("nbd="))
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or_else(|| panic!("ready line without nbd=: {line}"));
-                node.nbd = nbd;
+                    .and_then(|a| a.parse().ok());
                 node
             }
             Err(_) => {
@@ -146,7 +147,30 @@ impl Node {
     }
 
     pub fn url(&self, volume: &str) -> String {
-        format!("nbd://{}/{volume}", self.nbd)
+        let nbd = self.nbd.expect("this node serves no NBD (a standby?)");
+        format!("nbd://{nbd}/{volume}")
+    }
+
+    /// Polls `status` until `pred` holds (bounded), returning the last status.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status();
+            if pred(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; last status: {st:#}\nlog:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -208,6 +232,13 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A free UDP port on 127.0.0.1 (for QUIC listeners whose address must be written
+/// into another node's config before either starts).
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    s.local_addr().expect("local addr").port()
 }
 
 /// Runs qemu-io on an NBD URL with the given commands (bounded by `timeout` seconds).

@@ -26,7 +26,9 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use ferry_journal::{Journal, JournalError, Op, Record, Seq};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
+
+use crate::replication::{now_ns, SeqIndex, SyncGate};
 
 use crate::apply::{ApplyGate, ApplyGuard};
 use crate::nbd::{Export, ExportError, ExportFlags, ExportRegistry};
@@ -156,6 +158,12 @@ fn block_device_size(file: &File) -> std::io::Result<u64> {
 pub struct Group {
     pub journal: Arc<Journal>,
     pub gate: Arc<ApplyGate>,
+    /// Lag accounting for replication targets (fed in sequence order).
+    pub index: Arc<SeqIndex>,
+    /// Latest durable sequence, for shippers tailing the journal.
+    pub durable_tx: watch::Sender<Seq>,
+    /// Set when sync targets exist: writes wait for them before the reply.
+    pub sync: parking_lot::RwLock<Option<Arc<SyncGate>>>,
     /// Journal queue slots: async writers wait here instead of blocking a runtime thread
     /// inside `Journal::append`.
     slots: Arc<Semaphore>,
@@ -170,9 +178,13 @@ pub struct Group {
 
 impl Group {
     pub fn new(journal: Arc<Journal>, applied_from: Seq, queue_slots: usize) -> Arc<Group> {
+        let (durable_tx, _) = watch::channel(journal.durable_seq());
         Arc::new(Group {
             journal,
             gate: ApplyGate::new(applied_from),
+            index: Arc::new(SeqIndex::default()),
+            durable_tx,
+            sync: parking_lot::RwLock::new(None),
             slots: Arc::new(Semaphore::new(queue_slots.max(1))),
             dirty: AtomicBool::new(false),
             mutations: Default::default(),
@@ -212,10 +224,14 @@ impl Group {
         let gate = self.gate.clone();
         let item_base = base.clone();
         let item_data = data.clone();
+        let index = self.index.clone();
+        let durable_tx = self.durable_tx.clone();
         let done: ferry_journal::Completion = Box::new(move |res: Result<Seq, JournalError>| {
             drop(permit);
             match res {
                 Ok(seq) => {
+                    index.push(seq, length as u64, now_ns());
+                    durable_tx.send_replace(seq);
                     let guard = ApplyGuard::new(
                         gate.clone(),
                         seq,
@@ -247,6 +263,7 @@ impl Group {
             .await
             .map_err(|_| ExportError::ShuttingDown)?
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
+        let seq = guard.seq;
         self.journal_wait_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let result = if op == Op::Write && length > INLINE_APPLY_MAX {
@@ -256,6 +273,13 @@ impl Group {
         } else {
             guard.apply()
         };
+        // Sync targets must hold the write durably before the client hears of it.
+        let sync = self.sync.read().clone();
+        if let Some(sync) = sync {
+            if result.is_ok() && sync.has_sync_targets() {
+                sync.wait(seq).await;
+            }
+        }
         self.mutations.fetch_add(1, Ordering::Relaxed);
         self.mutation_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -283,8 +307,12 @@ impl Group {
             data: marker,
         };
         let gate = self.gate.clone();
+        let index = self.index.clone();
+        let durable_tx = self.durable_tx.clone();
         let done: ferry_journal::Completion = Box::new(move |res: Result<Seq, JournalError>| {
             if let Ok(seq) = res {
+                index.push(seq, 0, now_ns());
+                durable_tx.send_replace(seq);
                 gate.skip(seq);
             }
         });

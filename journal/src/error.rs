@@ -11,7 +11,7 @@ use crate::format::Seq;
 pub enum JournalError {
     /// A system call failed. `Arc` because one failure is delivered to every
     /// completion of the affected batch and to every later append.
-    #[error("journal io error: {context}: {source}")]
+    #[error("journal io error: {context}")]
     Io {
         context: String,
         #[source]

@@ -303,6 +303,15 @@ impl Journal {
     }
 
     /// Last durable sequence (0 if none).
+    /// Oldest sequence still readable (segments below it were released);
+    /// `durable_seq() + 1` when the journal holds nothing.
+    pub fn first_available_seq(&self) -> Seq {
+        let first = self.shared.segs.lock().data.first().map(|d| d.first_seq);
+        first
+            .filter(|&f| f > 0)
+            .unwrap_or_else(|| self.durable_seq() + 1)
+    }
+
     pub fn durable_seq(&self) -> Seq {
         self.shared.durable_seq.load(Ordering::Acquire)
     }

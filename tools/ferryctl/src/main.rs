@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use ferry_transport::pki::ClusterCa;
 use ferryd::config::{
-    format_id, valid_name, Config, ControlConfig, JournalConfig, NbdConfig, NodeConfig, Role,
+    format_id, parse_addr, valid_name, valid_node_name, Config, ControlConfig, JournalConfig,
+    NbdConfig, NodeConfig, ReplicationConfig, ReplicationMode, Role, TargetConfig, TlsConfig,
     VolumeConfig, VOLUME_ALIGN,
 };
 use ferryd::control::{self, Request};
@@ -21,6 +23,12 @@ struct Cli {
     config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    Sync,
+    Async,
 }
 
 #[derive(Subcommand)]
@@ -41,6 +49,15 @@ enum Cmd {
         /// Journal segment size.
         #[arg(long, default_value = "64MiB")]
         segment_size: String,
+        /// The primary's replication (QUIC) address HOST:PORT; needed with --standby.
+        #[arg(long)]
+        primary: Option<String>,
+        /// A standby site NAME=HOST:PORT (its QUIC address); repeatable.
+        #[arg(long = "standby")]
+        standbys: Vec<String>,
+        /// Replication mode for every standby.
+        #[arg(long, value_enum, default_value = "async")]
+        mode: ModeArg,
     },
     /// Show the node's role, journal and replication state.
     Status {
@@ -68,7 +85,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             nbd,
             journal_size,
             segment_size,
-        } => init(&dir, &volumes, &nbd, &journal_size, &segment_size),
+            primary,
+            standbys,
+            mode,
+        } => {
+            let sites = Sites::parse(primary.as_deref(), &standbys, mode)?;
+            init(
+                &dir,
+                &volumes,
+                &nbd,
+                &journal_size,
+                &segment_size,
+                sites.as_ref(),
+            )
+        }
         Cmd::Status { json } => status(&need_config(cli.config.as_deref())?, json),
     }
 }
@@ -94,47 +124,94 @@ fn parse_volume(spec: &str) -> anyhow::Result<(String, u64)> {
     Ok((name.to_string(), size))
 }
 
-fn init(
-    dir: &Path,
-    volumes: &[String],
-    nbd: &str,
-    journal_size: &str,
-    segment_size: &str,
-) -> anyhow::Result<()> {
-    let node = "primary";
-    let cfg_path = dir.join(format!("{node}.toml"));
-    if cfg_path.exists() {
-        bail!(
-            "{} already exists; refusing to overwrite a node's configuration (remove the directory to start over)",
-            cfg_path.display()
-        );
+/// Replication layout from `--primary`, `--standby` and `--mode`.
+struct Sites {
+    primary: String,
+    standbys: Vec<(String, String)>,
+    mode: ReplicationMode,
+}
+
+impl Sites {
+    fn parse(
+        primary: Option<&str>,
+        standbys: &[String],
+        mode: ModeArg,
+    ) -> anyhow::Result<Option<Sites>> {
+        if standbys.is_empty() {
+            if primary.is_some() {
+                bail!("--primary needs at least one --standby NAME=HOST:PORT");
+            }
+            return Ok(None);
+        }
+        let Some(primary) = primary else {
+            bail!("--standby needs --primary HOST:PORT (the primary's replication address)");
+        };
+        parse_addr(primary).map_err(|e| anyhow::anyhow!("--primary: {e}"))?;
+        let mut out: Vec<(String, String)> = Vec::new();
+        for spec in standbys {
+            let Some((name, addr)) = spec.split_once('=') else {
+                bail!("--standby '{spec}': expected NAME=HOST:PORT, e.g. dr1=127.0.0.1:7002");
+            };
+            if !valid_node_name(name) || name == PRIMARY {
+                bail!("--standby '{spec}': '{name}' is not a usable node name (a DNS label: a-z 0-9 -, not 'primary')");
+            }
+            if out.iter().any(|(n, _)| n == name) {
+                bail!("--standby '{spec}': '{name}' is given twice");
+            }
+            parse_addr(addr).map_err(|e| anyhow::anyhow!("--standby '{spec}': {e}"))?;
+            out.push((name.to_string(), addr.to_string()));
+        }
+        Ok(Some(Sites {
+            primary: primary.to_string(),
+            standbys: out,
+            mode: match mode {
+                ModeArg::Sync => ReplicationMode::Sync,
+                ModeArg::Async => ReplicationMode::Async,
+            },
+        }))
     }
-    let vols = volumes
-        .iter()
-        .map(|s| parse_volume(s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut cluster = [0u8; 16];
-    getrandom::getrandom(&mut cluster).context("random cluster id")?;
+}
+
+const PRIMARY: &str = "primary";
+
+#[allow(clippy::too_many_arguments)]
+fn node_config(
+    node: &str,
+    role: Role,
+    cluster: &[u8; 16],
+    vols: &[(String, u64)],
+    nbd: Option<&str>,
+    journal_size: u64,
+    segment_size: u64,
+    replication: Option<ReplicationConfig>,
+) -> Config {
     let data = PathBuf::from(node);
-    let cfg = Config {
+    let tls = replication.as_ref().map(|_| TlsConfig {
+        ca: data.join("tls/ca.pem"),
+        cert: data.join(format!("tls/{node}.pem")),
+        key: data.join(format!("tls/{node}.key")),
+    });
+    Config {
         node: NodeConfig {
             name: node.into(),
-            role: Role::Primary,
-            cluster_id: format_id(&cluster),
+            role,
+            cluster_id: format_id(cluster),
             metadata_dir: data.clone(),
         },
         journal: JournalConfig {
             dir: data.join("journal"),
-            size: ByteSize(parse_size(journal_size).context("--journal-size")?),
-            segment_size: ByteSize(parse_size(segment_size).context("--segment-size")?),
+            size: ByteSize(journal_size),
+            segment_size: ByteSize(segment_size),
             engine: Default::default(),
             recovery: Default::default(),
             checkpoint_interval_ms: 30_000,
         },
-        nbd: NbdConfig { listen: nbd.into() },
+        nbd: nbd.map(|l| NbdConfig { listen: l.into() }),
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
         },
+        tls,
+        replication,
         volumes: vols
             .iter()
             .map(|(name, size)| VolumeConfig {
@@ -143,28 +220,129 @@ fn init(
                 size: ByteSize(*size),
             })
             .collect(),
-    };
-    cfg.validate()
-        .map_err(|(key, msg)| anyhow::anyhow!("{key}: {msg}"))?;
-    let node_dir = dir.join(node);
-    std::fs::create_dir_all(&node_dir)
-        .with_context(|| format!("creating {}", node_dir.display()))?;
-    for v in &cfg.volumes {
-        let path = dir.join(&v.path);
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .with_context(|| format!("creating volume file {}", path.display()))?;
-        f.set_len(v.size.0)
-            .with_context(|| format!("sizing {}", path.display()))?;
     }
-    std::fs::write(&cfg_path, cfg.to_toml())
-        .with_context(|| format!("writing {}", cfg_path.display()))?;
-    println!("created {}", cfg_path.display());
-    println!("start it:  ferryd --config {}", cfg_path.display());
-    for v in &cfg.volumes {
-        println!("export:    nbd://{nbd}/{} ({})", v.name, v.size);
+}
+
+fn init(
+    dir: &Path,
+    volumes: &[String],
+    nbd: &str,
+    journal_size: &str,
+    segment_size: &str,
+    sites: Option<&Sites>,
+) -> anyhow::Result<()> {
+    let mut nodes: Vec<Config> = Vec::new();
+    let vols = volumes
+        .iter()
+        .map(|s| parse_volume(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let journal_size = parse_size(journal_size).context("--journal-size")?;
+    let segment_size = parse_size(segment_size).context("--segment-size")?;
+    let mut cluster = [0u8; 16];
+    getrandom::getrandom(&mut cluster).context("random cluster id")?;
+    let primary_repl = sites.map(|s| ReplicationConfig {
+        listen: s.primary.clone(),
+        primary: PRIMARY.into(),
+        sync_timeout_ms: 5000,
+        targets: s
+            .standbys
+            .iter()
+            .map(|(name, addr)| TargetConfig {
+                name: name.clone(),
+                address: addr.clone(),
+                mode: s.mode,
+            })
+            .collect(),
+    });
+    nodes.push(node_config(
+        PRIMARY,
+        Role::Primary,
+        &cluster,
+        &vols,
+        Some(nbd),
+        journal_size,
+        segment_size,
+        primary_repl,
+    ));
+    for (name, addr) in sites.map(|s| s.standbys.as_slice()).unwrap_or_default() {
+        nodes.push(node_config(
+            name,
+            Role::Standby,
+            &cluster,
+            &vols,
+            None,
+            journal_size,
+            segment_size,
+            Some(ReplicationConfig {
+                listen: addr.clone(),
+                primary: PRIMARY.into(),
+                sync_timeout_ms: 5000,
+                targets: Vec::new(),
+            }),
+        ));
+    }
+    // Check everything before touching the disk.
+    for cfg in &nodes {
+        let cfg_path = dir.join(format!("{}.toml", cfg.node.name));
+        if cfg_path.exists() {
+            bail!(
+                "{} already exists; refusing to overwrite a node's configuration (remove the directory to start over)",
+                cfg_path.display()
+            );
+        }
+        cfg.validate()
+            .map_err(|(key, msg)| anyhow::anyhow!("{}: {key}: {msg}", cfg.node.name))?;
+    }
+    let ca = match sites {
+        Some(_) => {
+            let ca = ClusterCa::generate(cluster).context("creating the cluster CA")?;
+            std::fs::create_dir_all(dir.join("ca"))
+                .with_context(|| format!("creating {}", dir.join("ca").display()))?;
+            ca.write_pem_files(&dir.join("ca"))
+                .context("writing the cluster CA")?;
+            Some(ca)
+        }
+        None => None,
+    };
+    for cfg in &nodes {
+        let name = &cfg.node.name;
+        let node_dir = dir.join(name);
+        std::fs::create_dir_all(&node_dir)
+            .with_context(|| format!("creating {}", node_dir.display()))?;
+        for v in &cfg.volumes {
+            let path = dir.join(&v.path);
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .with_context(|| format!("creating volume file {}", path.display()))?;
+            f.set_len(v.size.0)
+                .with_context(|| format!("sizing {}", path.display()))?;
+        }
+        if let Some(ca) = &ca {
+            let tls = node_dir.join("tls");
+            std::fs::create_dir_all(&tls).with_context(|| format!("creating {}", tls.display()))?;
+            let id = ca
+                .issue_node(name)
+                .with_context(|| format!("issuing the certificate of {name}"))?;
+            id.write_pem_files(&tls)
+                .with_context(|| format!("writing {}", tls.display()))?;
+            std::fs::write(tls.join("ca.pem"), ca.cert_pem())
+                .with_context(|| format!("writing {}", tls.join("ca.pem").display()))?;
+        }
+        let cfg_path = dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg_path, cfg.to_toml())
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
+        println!("created {} ({})", cfg_path.display(), cfg.node.role);
+    }
+    for cfg in &nodes {
+        println!(
+            "start:     ferryd --config {}",
+            dir.join(format!("{}.toml", cfg.node.name)).display()
+        );
+    }
+    for v in &vols {
+        println!("export:    nbd://{nbd}/{} ({})", v.0, ByteSize(v.1));
     }
     Ok(())
 }

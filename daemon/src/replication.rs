@@ -1,0 +1,623 @@
+//! Primary side of replication: one shipper per target.
+//!
+//! Each shipper owns a QUIC connection to its standby (the primary dials; see
+//! transport/PROTOCOL.md). Per session:
+//! * a **reader thread** tails the journal from the standby's resume position with a
+//!   `JournalReader`, cuts the records into write-sets (at every seal, or at
+//!   [`MAX_WRITE_SET_BYTES`]), and hands them over a bounded channel (backpressure: the
+//!   reader stops while the network is behind, memory stays bounded);
+//! * the **session task** feeds them through the sans-IO `session::Sender` (in-flight
+//!   window), sends them on the data stream, and applies the standby's acks.
+//!
+//! After any error the session is dropped and rebuilt from the standby's durable
+//! position (reconnect with backoff): nothing is resent from memory that the standby
+//! does not ask for, and nothing is skipped.
+//!
+//! [`SeqIndex`] records (sequence, cumulative bytes, primary timestamp) for recent
+//! journal records so each target's lag can be given in bytes and seconds; the
+//! [`SyncGate`] makes client writes wait for sync targets.
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use ferry_journal::{Journal, Op, Seq};
+use ferry_transport::quic::{self, Backoff, TlsMaterial, TransportOptions};
+use ferry_transport::session::{self, LocalIdentity, Sender, SenderConfig};
+use ferry_transport::wire::{
+    self, Frame, Heartbeat, RecordOp, VolumeGeometry, WireRecord, WriteSet,
+};
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, ReplicationMode, TargetConfig};
+use crate::volume::Base;
+
+/// A write-set is cut at a seal, or once it holds this many bytes of records.
+pub const MAX_WRITE_SET_BYTES: usize = 4 << 20;
+/// Write-sets formed ahead of the network per target (bounded memory).
+const READ_AHEAD_WRITE_SETS: usize = 16;
+/// Records tracked for lag accounting; beyond this a far-behind target's lag is
+/// reported as a lower bound.
+const SEQ_INDEX_LEN: usize = 1 << 20;
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// (sequence, cumulative record bytes, primary timestamp) of recent journal records,
+/// appended in sequence order by the journal's completion path.
+#[derive(Default)]
+pub struct SeqIndex {
+    inner: Mutex<SeqIndexInner>,
+}
+
+#[derive(Default)]
+struct SeqIndexInner {
+    entries: VecDeque<(Seq, u64, u64)>,
+    cum_bytes: u64,
+}
+
+impl SeqIndex {
+    pub fn push(&self, seq: Seq, bytes: u64, ts_ns: u64) {
+        let mut g = self.inner.lock();
+        g.cum_bytes += bytes;
+        let cum = g.cum_bytes;
+        if g.entries.len() >= SEQ_INDEX_LEN {
+            g.entries.pop_front();
+        }
+        g.entries.push_back((seq, cum, ts_ns));
+    }
+
+    /// Bytes and age of everything after `acked` (0 when caught up).
+    pub fn lag_after(&self, acked: Seq, now_ns: u64) -> (u64, f64) {
+        let g = self.inner.lock();
+        let Some(&(last_seq, last_cum, _)) = g.entries.back() else {
+            return (0, 0.0);
+        };
+        if acked >= last_seq {
+            return (0, 0.0);
+        }
+        let Some(&(front_seq, front_cum, front_ts)) = g.entries.front() else {
+            return (0, 0.0);
+        };
+        // Index of the first record after `acked`.
+        let (base_cum, first_ts) = if acked < front_seq {
+            (front_cum, front_ts) // lower bound: the target is further behind than tracked
+        } else {
+            let i = (acked - front_seq) as usize;
+            let at = g.entries.get(i).map_or(front_cum, |e| e.1);
+            let ts = g.entries.get(i + 1).map_or(front_ts, |e| e.2);
+            (at, ts)
+        };
+        let age = now_ns.saturating_sub(first_ts) as f64 / 1e9;
+        (last_cum.saturating_sub(base_cum), age)
+    }
+}
+
+/// What status shows about one target, shared between its shipper and the rest.
+pub struct TargetState {
+    pub name: String,
+    pub address: String,
+    pub mode: ReplicationMode,
+    state: Mutex<&'static str>,
+    /// Highest sequence the standby holds durably / has applied.
+    pub acked_seq: AtomicU64,
+    pub applied_seq: AtomicU64,
+    /// A sync target that missed `sync_timeout`: writes no longer wait for it until
+    /// it has caught up again.
+    pub degraded: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+    pub rtt_us: AtomicU64,
+}
+
+impl TargetState {
+    fn new(t: &TargetConfig, acked: Seq) -> TargetState {
+        TargetState {
+            name: t.name.clone(),
+            address: t.address.clone(),
+            mode: t.mode,
+            state: Mutex::new("connecting"),
+            acked_seq: AtomicU64::new(acked),
+            applied_seq: AtomicU64::new(acked),
+            degraded: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            rtt_us: AtomicU64::new(0),
+        }
+    }
+
+    fn set_state(&self, s: &'static str) {
+        *self.state.lock() = s;
+    }
+
+    pub fn state(&self) -> &'static str {
+        *self.state.lock()
+    }
+}
+
+/// Makes client writes wait until every live sync target holds them durably.
+///
+/// `durable` is the minimum durable position over sync targets that are not
+/// degraded (`Seq::MAX` when there are none). A write that waits longer than
+/// `timeout` degrades the sync targets holding it back — loudly — so clients never
+/// fail because a standby is slow or gone; the target returns to sync once it has
+/// caught up.
+pub struct SyncGate {
+    targets: Vec<Arc<TargetState>>,
+    tx: watch::Sender<Seq>,
+    timeout: Duration,
+}
+
+impl SyncGate {
+    pub fn new(targets: Vec<Arc<TargetState>>, timeout: Duration) -> Arc<SyncGate> {
+        let (tx, _) = watch::channel(Seq::MAX);
+        let g = Arc::new(SyncGate {
+            targets,
+            tx,
+            timeout,
+        });
+        g.recompute();
+        g
+    }
+
+    pub fn has_sync_targets(&self) -> bool {
+        self.targets.iter().any(|t| t.mode == ReplicationMode::Sync)
+    }
+
+    /// Recomputes the sync position after an ack or a state change.
+    pub fn recompute(&self) {
+        let min = self
+            .targets
+            .iter()
+            .filter(|t| t.mode == ReplicationMode::Sync && !t.degraded.load(Ordering::Acquire))
+            .map(|t| t.acked_seq.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(Seq::MAX);
+        self.tx.send_if_modified(|v| {
+            let changed = *v != min;
+            *v = min;
+            changed
+        });
+    }
+
+    /// Waits until `seq` is durable on every live sync target.
+    pub async fn wait(&self, seq: Seq) {
+        let mut rx = self.tx.subscribe();
+        loop {
+            match tokio::time::timeout(self.timeout, rx.wait_for(|s| *s >= seq)).await {
+                Ok(_) => return,
+                Err(_) => {
+                    for t in &self.targets {
+                        if t.mode == ReplicationMode::Sync
+                            && !t.degraded.load(Ordering::Acquire)
+                            && t.acked_seq.load(Ordering::Acquire) < seq
+                        {
+                            t.degraded.store(true, Ordering::Release);
+                            tracing::error!(
+                                target = %t.name,
+                                seq,
+                                "sync target did not confirm a write within {:?}: degraded to async \
+                                 (RPO is no longer zero) until it catches up",
+                                self.timeout
+                            );
+                        }
+                    }
+                    self.recompute();
+                }
+            }
+        }
+    }
+}
+
+/// Replication on a primary: target states, the sync gate, the shippers.
+pub struct Replication {
+    pub targets: Vec<Arc<TargetState>>,
+    pub sync: Arc<SyncGate>,
+    pub index: Arc<SeqIndex>,
+}
+
+impl Replication {
+    /// The journal may release only what every target holds durably.
+    pub fn release_floor(&self) -> Seq {
+        self.targets
+            .iter()
+            .map(|t| t.acked_seq.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(Seq::MAX)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let now = now_ns();
+        let targets: Vec<_> = self
+            .targets
+            .iter()
+            .map(|t| {
+                let acked = t.acked_seq.load(Ordering::Acquire);
+                let (lag_bytes, lag_seconds) = self.index.lag_after(acked, now);
+                let degraded = t.degraded.load(Ordering::Acquire);
+                json!({
+                    "name": t.name,
+                    "address": t.address,
+                    "mode": t.mode.to_string(),
+                    "effective_mode": if degraded { "async (degraded)" } else if t.mode == ReplicationMode::Sync { "sync" } else { "async" },
+                    "state": t.state(),
+                    "acked_seq": acked,
+                    "applied_seq": t.applied_seq.load(Ordering::Acquire),
+                    "lag_bytes": lag_bytes,
+                    "lag_seconds": lag_seconds,
+                    "rtt_us": t.rtt_us.load(Ordering::Relaxed),
+                    "last_error": t.last_error.lock().clone(),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(targets)
+    }
+}
+
+/// Everything a shipper needs, shared by all of them.
+pub struct ShipContext {
+    pub journal: Arc<Journal>,
+    pub local: LocalIdentity,
+    pub tls: TlsMaterial,
+    pub opts: TransportOptions,
+    pub durable: watch::Receiver<Seq>,
+    pub sync: Arc<SyncGate>,
+}
+
+pub fn geometry(bases: &[Arc<Base>]) -> Vec<VolumeGeometry> {
+    bases
+        .iter()
+        .map(|b| VolumeGeometry {
+            id: b.id,
+            name: b.name.clone(),
+            size_bytes: b.size,
+            block_size: 4096,
+        })
+        .collect()
+}
+
+pub fn load_tls(cfg: &Config) -> anyhow::Result<TlsMaterial> {
+    let tls = cfg
+        .tls
+        .as_ref()
+        .ok_or_else(|| anyhow!("replication needs a [tls] section"))?;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let node = ferry_transport::pki::NodeIdentity {
+        name: cfg.node.name.clone(),
+        cert_pem: read(&tls.cert)?,
+        key_pem: read(&tls.key)?,
+    };
+    TlsMaterial::from_pem(&read(&tls.ca)?, &node)
+        .with_context(|| format!("loading TLS material of node '{}'", cfg.node.name))
+}
+
+/// Starts one shipper task per target; each stops when `shutdown` turns true.
+pub fn start(
+    ctx: Arc<ShipContext>,
+    targets: &[Arc<TargetState>],
+    shutdown: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    targets
+        .iter()
+        .map(|t| {
+            let ctx = ctx.clone();
+            let t = t.clone();
+            let mut stop = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = run_target(ctx, t.clone()) => {}
+                    _ = stop.wait_for(|s| *s) => t.set_state("stopped"),
+                }
+            })
+        })
+        .collect()
+}
+
+pub fn target_states(cfg: &Config, start_acked: Seq) -> Vec<Arc<TargetState>> {
+    cfg.replication
+        .as_ref()
+        .map(|r| {
+            r.targets
+                .iter()
+                .map(|t| Arc::new(TargetState::new(t, start_acked)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
+    let mut backoff = Backoff::default();
+    let addr: SocketAddr = match t.address.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(target = %t.name, "bad target address {}: {e}", t.address);
+            return;
+        }
+    };
+    loop {
+        t.set_state("connecting");
+        let started = Instant::now();
+        match session(&ctx, &t, addr).await {
+            Ok(()) => {}
+            Err(e) => {
+                let msg = crate::error_chain(&e);
+                if t.last_error.lock().as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(target = %t.name, address = %t.address, "replication session ended: {msg}");
+                }
+                *t.last_error.lock() = Some(msg);
+            }
+        }
+        t.set_state("disconnected");
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff.reset();
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// One connection's life: handshake, then ship until an error.
+async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> anyhow::Result<()> {
+    let endpoint = quic::client_endpoint("0.0.0.0:0".parse()?)?;
+    let client = quic::client_config(&ctx.tls, &t.name, &ctx.opts)?;
+    let conn = quic::connect(&endpoint, client, addr, &t.name).await?;
+    let journal = ctx.journal.clone();
+    let epoch = ctx.local.epoch;
+    let mut local = ctx.local.clone();
+    local.expected_peer_name = t.name.clone();
+    let mut s = quic::primary_handshake(
+        conn,
+        &local,
+        journal.durable_seq(),
+        &ctx.opts,
+        |neg, hello| {
+            let oldest = journal.first_available_seq();
+            session::plan_resume(
+                neg,
+                epoch,
+                hello.resume_position,
+                oldest,
+                journal.durable_seq(),
+            )
+        },
+    )
+    .await?;
+    let resume = s.hello_ack.resume_seq;
+    tracing::info!(target = %t.name, address = %t.address, resume, "replication session established");
+    *t.last_error.lock() = None;
+    t.acked_seq.store(resume, Ordering::Release);
+    t.applied_seq
+        .store(s.peer_hello.resume_position.min(resume), Ordering::Release);
+    t.set_state("streaming");
+    ctx.sync.recompute();
+
+    let (ws_tx, mut ws_rx) = mpsc::channel::<anyhow::Result<WriteSet>>(READ_AHEAD_WRITE_SETS);
+    let reader = {
+        let journal = ctx.journal.clone();
+        let durable = ctx.durable.clone();
+        let rt = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name(format!("ferry-ship-{}", t.name))
+            .spawn(move || read_write_sets(journal, resume + 1, epoch, durable, ws_tx, rt))
+            .context("spawning the journal reader thread")?
+    };
+    let _reader = ReaderGuard(Some(reader));
+
+    let mut sender = Sender::new(epoch, SenderConfig::default(), resume);
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    let mut pending: Option<WriteSet> = None;
+    loop {
+        // Feed the window from the read-ahead, then transmit what it allows.
+        loop {
+            if pending.is_none() {
+                match ws_rx.try_recv() {
+                    Ok(ws) => pending = Some(ws?),
+                    Err(_) => break,
+                }
+            }
+            let Some(ws) = pending.take() else { break };
+            match sender.push(ws) {
+                Ok(()) => {}
+                Err(session::SenderError::QueueFull { .. }) => break,
+                Err(e) => bail!("shipping: {e}"),
+            }
+        }
+        while let Some(ws) = sender.poll_transmit() {
+            s.data.send_write_set(&ws).await?;
+        }
+        tokio::select! {
+            frame = s.control_recv.recv_frame() => {
+                match frame? {
+                    Some(Frame::Ack(ack)) => {
+                        let out = sender.on_ack(&ack).map_err(|e| anyhow!("standby ack: {e}"))?;
+                        t.acked_seq.store(out.durable_seq, Ordering::Release);
+                        t.applied_seq.store(out.applied_seq, Ordering::Release);
+                        if t.degraded.load(Ordering::Acquire)
+                            && out.durable_seq >= ctx.journal.durable_seq()
+                        {
+                            t.degraded.store(false, Ordering::Release);
+                            tracing::info!(target = %t.name, "sync target caught up: synchronous again");
+                        }
+                        ctx.sync.recompute();
+                    }
+                    Some(Frame::Heartbeat(hb)) => {
+                        if hb.echo_ns != 0 {
+                            let rtt = now_ns().saturating_sub(hb.echo_ns) / 1000;
+                            t.rtt_us.store(rtt, Ordering::Relaxed);
+                        }
+                    }
+                    Some(Frame::Error(e)) => bail!("standby refused: {:?}: {}", e.code, e.reason),
+                    Some(other) => bail!("unexpected {:?} frame on the control stream", other.frame_type()),
+                    None => bail!("standby closed the control stream"),
+                }
+            }
+            ws = ws_rx.recv(), if pending.is_none() => {
+                match ws {
+                    Some(ws) => pending = Some(ws?),
+                    None => bail!("journal reader stopped"),
+                }
+            }
+            _ = heartbeat.tick() => {
+                s.control_send
+                    .send_frame(&Frame::Heartbeat(Heartbeat {
+                        epoch,
+                        sent_at_ns: now_ns(),
+                        echo_ns: 0,
+                        last_seq: ctx.journal.durable_seq(),
+                    }))
+                    .await?;
+            }
+        }
+    }
+}
+
+struct ReaderGuard(Option<std::thread::JoinHandle<()>>);
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        // The reader exits on its own once the channel is closed (the receiver was
+        // dropped before this guard); don't block the runtime joining it.
+        let _ = self.0.take();
+    }
+}
+
+/// Tails the journal from `from`, cutting write-sets; blocks while the channel is full.
+fn read_write_sets(
+    journal: Arc<Journal>,
+    from: Seq,
+    epoch: u64,
+    mut durable: watch::Receiver<Seq>,
+    tx: mpsc::Sender<anyhow::Result<WriteSet>>,
+    rt: tokio::runtime::Handle,
+) {
+    let mut reader = match journal.reader(from) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.blocking_send(Err(anyhow!("journal reader from {from}: {e}")));
+            return;
+        }
+    };
+    let mut records: Vec<WireRecord> = Vec::new();
+    let mut bytes = 0usize;
+    let mut ts = 0u64;
+    loop {
+        match reader.next() {
+            Some(Ok(e)) => {
+                let seal = e.record.op == Op::Seal;
+                bytes += e.record.data.len() + 32;
+                ts = e.meta.timestamp_ns;
+                records.push(WireRecord {
+                    seq: e.seq,
+                    volume: e.record.volume,
+                    op: match e.record.op {
+                        Op::Write => RecordOp::Write,
+                        Op::Trim => RecordOp::Trim,
+                        Op::WriteZeroes => RecordOp::WriteZeroes,
+                        Op::Seal => RecordOp::Seal,
+                    },
+                    offset: e.record.offset,
+                    length: e.record.length,
+                    data: if e.record.op == Op::Seal {
+                        // Seal labels travel as the record's data; length must match.
+                        e.record.data.clone()
+                    } else {
+                        e.record.data
+                    },
+                });
+                if (seal || bytes >= MAX_WRITE_SET_BYTES)
+                    && !emit(&tx, epoch, &mut records, &mut bytes, ts)
+                {
+                    return;
+                }
+            }
+            Some(Err(e)) => {
+                let _ = tx.blocking_send(Err(anyhow!("reading the journal: {e}")));
+                return;
+            }
+            None => {
+                if !records.is_empty() && !emit(&tx, epoch, &mut records, &mut bytes, ts) {
+                    return;
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                // Caught up: wait for more durable records (or re-check periodically).
+                let pos = reader.position();
+                let _ = rt.block_on(async {
+                    tokio::time::timeout(
+                        Duration::from_millis(200),
+                        durable.wait_for(|d| *d >= pos),
+                    )
+                    .await
+                });
+            }
+        }
+    }
+}
+
+fn emit(
+    tx: &mpsc::Sender<anyhow::Result<WriteSet>>,
+    epoch: u64,
+    records: &mut Vec<WireRecord>,
+    bytes: &mut usize,
+    ts: u64,
+) -> bool {
+    let recs = std::mem::take(records);
+    *bytes = 0;
+    let (Some(first), Some(last)) = (recs.first().map(|r| r.seq), recs.last().map(|r| r.seq))
+    else {
+        return true;
+    };
+    let ws = WriteSet {
+        epoch,
+        first_seq: first,
+        last_seq: last,
+        timestamp_ns: ts,
+        records: recs,
+    };
+    tx.blocking_send(Ok(ws)).is_ok()
+}
+
+/// Seal labels and other small payloads as `Bytes`.
+pub fn label(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// Maps a wire op to the journal's.
+pub fn journal_op(op: RecordOp) -> Op {
+    match op {
+        RecordOp::Write => Op::Write,
+        RecordOp::Trim => Op::Trim,
+        RecordOp::WriteZeroes => Op::WriteZeroes,
+        RecordOp::Seal => Op::Seal,
+    }
+}
+
+pub fn local_identity(
+    cfg: &Config,
+    node_id: [u8; 16],
+    epoch: u64,
+    role: wire::Role,
+    bases: &[Arc<Base>],
+    expected_peer: &str,
+) -> LocalIdentity {
+    let (min_version, max_version) = LocalIdentity::supported_versions();
+    LocalIdentity {
+        cluster_id: cfg.cluster_id(),
+        node_id,
+        node_name: cfg.node.name.clone(),
+        role,
+        epoch,
+        min_version,
+        max_version,
+        volumes: geometry(bases),
+        expected_peer_name: expected_peer.to_string(),
+    }
+}

@@ -1,0 +1,271 @@
+//! Standby side of replication.
+//!
+//! The standby listens for its primary (QUIC, mutual TLS: only a certificate of this
+//! cluster naming the configured primary gets in; the Hello must carry this cluster's
+//! id and an epoch not older than ours). For each write-set it receives:
+//! 1. the sans-IO `session::Receiver` checks order (duplicates are re-acked, gaps and
+//!    stale epochs end the session);
+//! 2. every record is appended to the standby's own journal **under the primary's
+//!    sequence number** (the standby journal mirrors the primary's), so the standby's
+//!    durable position is its resume position after any crash;
+//! 3. once durable, the record goes (in order) to the applier thread, which writes the
+//!    replica volume; the ack frame carries both positions (received-durable, applied).
+//!
+//! A crash loses nothing acknowledged: restart replays the journal after the
+//! checkpoint onto the replica (the same code as the primary's recovery), then the
+//! primary resumes shipping after our durable position.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use ferry_journal::{Journal, JournalError, Op, Record, Seq};
+use ferry_transport::quic::{self, TlsMaterial, TransportOptions};
+use ferry_transport::session::{LocalIdentity, Received, Receiver};
+use ferry_transport::wire::{Frame, Heartbeat, WriteSet};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::replication::{journal_op, now_ns};
+use crate::volume::Base;
+
+/// Records waiting for the replica applier (the journal completion path blocks when
+/// it is full: backpressure all the way to the primary's window).
+const APPLY_QUEUE: usize = 8192;
+
+/// Shared standby state, read by status.
+pub struct StandbyState {
+    pub primary: String,
+    pub listen: String,
+    pub connected: Mutex<Option<String>>,
+    pub applied_seq: Arc<AtomicU64>,
+    pub last_primary_seq: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    /// Primary timestamp of the newest applied write-set.
+    pub applied_ts_ns: AtomicU64,
+}
+
+pub struct Standby {
+    pub state: Arc<StandbyState>,
+    journal: Arc<Journal>,
+    apply_tx: crossbeam_channel::Sender<(Seq, Record, u64)>,
+    durable_tx: watch::Sender<Seq>,
+    applied_rx: watch::Receiver<Seq>,
+}
+
+impl Standby {
+    /// Starts the replica applier. `applied` is where recovery left the replica.
+    pub fn new(
+        journal: Arc<Journal>,
+        bases: Vec<Arc<Base>>,
+        applied: Seq,
+        primary: &str,
+        listen: &str,
+    ) -> anyhow::Result<Standby> {
+        let state = Arc::new(StandbyState {
+            primary: primary.to_string(),
+            listen: listen.to_string(),
+            connected: Mutex::new(None),
+            applied_seq: Arc::new(AtomicU64::new(applied)),
+            last_primary_seq: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            applied_ts_ns: AtomicU64::new(0),
+        });
+        let (apply_tx, apply_rx) = crossbeam_channel::bounded::<(Seq, Record, u64)>(APPLY_QUEUE);
+        let (applied_tx, applied_rx) = watch::channel(applied);
+        let (durable_tx, _) = watch::channel(journal.durable_seq());
+        {
+            let state = state.clone();
+            std::thread::Builder::new()
+                .name("ferry-replica-apply".into())
+                .spawn(move || {
+                    for (seq, rec, ts) in apply_rx.iter() {
+                        if rec.op != Op::Seal {
+                            let Some(base) = bases.iter().find(|b| b.id == rec.volume) else {
+                                tracing::error!(seq, volume = rec.volume, "record for an unknown volume; replica apply stops here (restart replays it)");
+                                return;
+                            };
+                            if let Err(e) = base.apply(rec.op, rec.offset, rec.length, &rec.data) {
+                                tracing::error!(seq, volume = %base.name, "replica write failed: {e}; apply stops here (restart replays it)");
+                                return;
+                            }
+                        }
+                        state.applied_seq.store(seq, Ordering::Release);
+                        if ts != 0 {
+                            state.applied_ts_ns.store(ts, Ordering::Relaxed);
+                        }
+                        applied_tx.send_replace(seq);
+                    }
+                })
+                .context("spawning the replica applier")?;
+        }
+        Ok(Standby {
+            state,
+            journal,
+            apply_tx,
+            durable_tx,
+            applied_rx,
+        })
+    }
+
+    pub fn applied_seq(&self) -> Seq {
+        self.state.applied_seq.load(Ordering::Acquire)
+    }
+
+    /// Journals the records of an accepted write-set under their primary sequences.
+    fn journal_write_set(&self, ws: WriteSet) -> anyhow::Result<()> {
+        let ts = ws.timestamp_ns;
+        let last = ws.last_seq;
+        for r in ws.records {
+            let rec = Record {
+                volume: r.volume,
+                op: journal_op(r.op),
+                offset: r.offset,
+                length: r.length,
+                data: r.data,
+            };
+            let apply_tx = self.apply_tx.clone();
+            let durable_tx = self.durable_tx.clone();
+            let expected = r.seq;
+            let for_apply = rec.clone();
+            let stamp = if r.seq == last { ts } else { 0 };
+            let done: ferry_journal::Completion =
+                Box::new(move |res: Result<Seq, JournalError>| {
+                    if let Ok(seq) = res {
+                        durable_tx.send_replace(seq);
+                        // Blocks only when the applier is far behind: backpressure.
+                        let _ = apply_tx.send((seq, for_apply, stamp));
+                    }
+                });
+            let got = self.journal.append(rec, done)?;
+            if got != expected {
+                bail!(
+                    "standby journal assigned sequence {got} to the primary's record {expected}: \
+                     the standby journal does not mirror the primary's (was it re-created?); \
+                     a full resync is needed"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Accepts primary connections until shutdown, one session at a time.
+pub async fn serve(
+    standby: Arc<Standby>,
+    local: LocalIdentity,
+    tls: TlsMaterial,
+    opts: TransportOptions,
+    listen: std::net::SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let server = quic::server_config(&tls, &standby.state.primary, &opts)?;
+    let endpoint = quic::listen(listen, server)
+        .with_context(|| format!("listening for the primary on {listen}"))?;
+    tracing::info!(%listen, primary = %standby.state.primary, "standby waiting for its primary");
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            a = quic::accept(&endpoint) => a,
+        };
+        let conn = match accepted {
+            None => break,
+            Some(Err(e)) => {
+                // Wrong cluster, wrong node name, no certificate: refused by TLS.
+                tracing::warn!("refused a replication connection: {e}");
+                *standby.state.last_error.lock() = Some(e.to_string());
+                continue;
+            }
+            Some(Ok(c)) => c,
+        };
+        let peer = conn.remote_address();
+        let mut stop = shutdown.clone();
+        let result = tokio::select! {
+            r = session(&standby, &local, &opts, conn) => r,
+            _ = stop.wait_for(|s| *s) => Ok(()),
+        };
+        *standby.state.connected.lock() = None;
+        if let Err(e) = result {
+            let msg = crate::error_chain(&e);
+            tracing::warn!(%peer, "replication session with the primary ended: {msg}");
+            *standby.state.last_error.lock() = Some(msg);
+        }
+    }
+    endpoint.close(0u32.into(), b"standby shutting down");
+    Ok(())
+}
+
+async fn session(
+    sb: &Standby,
+    local: &LocalIdentity,
+    opts: &TransportOptions,
+    conn: quinn::Connection,
+) -> anyhow::Result<()> {
+    let peer = conn.remote_address();
+    // Everything journaled is durable once the journal is idle; advertise that.
+    let durable = sb.journal.durable_seq();
+    let mut s = quic::standby_handshake(conn, local, durable, opts).await?;
+    tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");
+    *sb.state.connected.lock() = Some(peer.to_string());
+    *sb.state.last_error.lock() = None;
+    let mut rx = Receiver::new(local.epoch, durable, sb.applied_seq().min(durable));
+    let mut data = s.accept_data().await?;
+    let mut durable_rx = sb.durable_tx.subscribe();
+    let mut applied_rx = sb.applied_rx.clone();
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    let mut peer_hb = 0u64;
+    loop {
+        tokio::select! {
+            f = data.recv_frame() => match f? {
+                Some(Frame::WriteSet(ws)) => {
+                    sb.state.last_primary_seq.fetch_max(ws.last_seq, Ordering::Relaxed);
+                    match rx.on_write_set(ws).map_err(|e| anyhow!("write-set refused: {e}"))? {
+                        Received::Accept(ws) => sb.journal_write_set(ws)?,
+                        Received::Duplicate(ack) => s.control_send.send_frame(&Frame::Ack(ack)).await?,
+                    }
+                }
+                Some(other) => bail!("unexpected {:?} frame on the data stream", other.frame_type()),
+                None => bail!("primary closed the data stream"),
+            },
+            f = s.control_recv.recv_frame() => match f? {
+                Some(Frame::Heartbeat(hb)) => {
+                    peer_hb = hb.sent_at_ns;
+                    sb.state.last_primary_seq.fetch_max(hb.last_seq, Ordering::Relaxed);
+                    s.control_send.send_frame(&Frame::Heartbeat(Heartbeat {
+                        epoch: local.epoch,
+                        sent_at_ns: now_ns(),
+                        echo_ns: peer_hb,
+                        last_seq: sb.journal.durable_seq(),
+                    })).await?;
+                }
+                Some(Frame::Error(e)) => bail!("primary sent an error: {:?}: {}", e.code, e.reason),
+                Some(other) => bail!("unexpected {:?} frame on the control stream", other.frame_type()),
+                None => bail!("primary closed the control stream"),
+            },
+            r = durable_rx.changed() => {
+                r.map_err(|_| anyhow!("journal completion channel closed"))?;
+                let d = *durable_rx.borrow_and_update();
+                if d > rx.durable_seq() && d <= rx.received_seq() {
+                    let ack = rx.mark_durable(d).map_err(|e| anyhow!("{e}"))?;
+                    s.control_send.send_frame(&Frame::Ack(ack)).await?;
+                }
+            }
+            r = applied_rx.changed() => {
+                r.map_err(|_| anyhow!("replica applier stopped"))?;
+                let a = *applied_rx.borrow_and_update();
+                if a > rx.applied_seq() && a <= rx.durable_seq() {
+                    let ack = rx.mark_applied(a).map_err(|e| anyhow!("{e}"))?;
+                    s.control_send.send_frame(&Frame::Ack(ack)).await?;
+                }
+            }
+            _ = heartbeat.tick() => {
+                s.control_send.send_frame(&Frame::Heartbeat(Heartbeat {
+                    epoch: local.epoch,
+                    sent_at_ns: now_ns(),
+                    echo_ns: peer_hb,
+                    last_seq: sb.journal.durable_seq(),
+                })).await?;
+            }
+        }
+    }
+}

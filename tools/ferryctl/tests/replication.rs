@@ -1,0 +1,281 @@
+//! Replication end to end: real ferryd processes (a primary and standbys on
+//! loopback, QUIC with mutual TLS), real NBD clients, SIGKILL.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferryd::testkit::{assert_qemu_io_ok, free_udp_port, qemu_io, skip_without, Node};
+
+const VOL: u64 = 64 << 20;
+
+fn ferryctl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferryctl"))
+}
+
+fn ferryd() -> PathBuf {
+    let p = ferryctl().with_file_name("ferryd");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// `ferryctl init` for a primary and the given standbys; returns the config paths.
+fn init(dir: &Path, standbys: &[&str], mode: &str) -> (PathBuf, Vec<PathBuf>) {
+    let mut cmd = Command::new(ferryctl());
+    cmd.args(["init", "--dir"])
+        .arg(dir)
+        .args(["--volume", "vol0:64MiB", "--nbd", "127.0.0.1:0"])
+        .args(["--journal-size", "64MiB", "--segment-size", "4MiB"])
+        .args(["--mode", mode])
+        .arg("--primary")
+        .arg(format!("127.0.0.1:{}", free_udp_port()));
+    for s in standbys {
+        cmd.arg("--standby")
+            .arg(format!("{s}=127.0.0.1:{}", free_udp_port()));
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        dir.join("primary.toml"),
+        standbys
+            .iter()
+            .map(|s| dir.join(format!("{s}.toml")))
+            .collect(),
+    )
+}
+
+fn seq(v: &serde_json::Value, p: &str) -> u64 {
+    v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
+/// Waits until the primary says target 0 holds everything and the standby applied it.
+fn wait_caught_up(primary: &Node, standby: &Node) -> u64 {
+    let last = seq(&primary.status(), "/durable_seq");
+    primary.wait_status(
+        "target to acknowledge everything",
+        Duration::from_secs(60),
+        |st| seq(st, "/targets/0/acked_seq") >= last && seq(st, "/targets/0/lag_bytes") == 0,
+    );
+    standby.wait_status(
+        "standby to apply everything",
+        Duration::from_secs(60),
+        |st| seq(st, "/applied_seq") >= last,
+    );
+    last
+}
+
+fn same_file(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(x.len(), y.len());
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!(
+            "{} and {} differ first at byte {i} (block {})",
+            a.display(),
+            b.display(),
+            i / 4096
+        );
+    }
+}
+
+fn workload(seed: u64, n: usize) -> Vec<String> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut cmds = Vec::new();
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = (x % (VOL / 4096 - 64)) * 4096;
+        let len = 4096 * (1 + (x >> 20) % 16);
+        match i % 10 {
+            7 => cmds.push(format!("discard {off} {len}")),
+            8 => cmds.push(format!("write -z {off} {len}")),
+            9 => cmds.push("flush".into()),
+            _ => cmds.push(format!("write -P {} {off} {len}", (x >> 8) % 255 + 1)),
+        }
+    }
+    cmds
+}
+
+#[test]
+fn async_replica_becomes_byte_identical() {
+    if skip_without("qemu-io", "async_replica_becomes_byte_identical") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfgs) = init(dir.path(), &["dr1"], "async");
+    let standby = Node::start(&ferryd(), &scfgs[0]);
+    let primary = Node::start(&ferryd(), &pcfg);
+    for round in 0..3 {
+        assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(round, 300)));
+    }
+    let st = primary.status();
+    assert_eq!(st["targets"][0]["name"], "dr1");
+    assert_eq!(st["targets"][0]["mode"], "async");
+    let last = wait_caught_up(&primary, &standby);
+    assert!(
+        last > 800,
+        "expected the workload in the journal, last_seq {last}"
+    );
+    let st = primary.status();
+    assert_eq!(st["targets"][0]["state"], "streaming", "{st:#}");
+    assert_eq!(st["targets"][0]["lag_seconds"].as_f64(), Some(0.0));
+    let sst = standby.status();
+    assert_eq!(sst["role"], "standby");
+    assert!(sst["primary"]["connected"].is_string(), "{sst:#}");
+    same_file(
+        &dir.path().join("primary/vol0.img"),
+        &dir.path().join("dr1/vol0.img"),
+    );
+}
+
+/// Sync mode: every write the client saw acknowledged is on the standby, even when
+/// the primary is SIGKILLed mid-workload.
+#[test]
+fn sync_mode_loses_no_acknowledged_write_when_the_primary_dies() {
+    if skip_without(
+        "qemu-io",
+        "sync_mode_loses_no_acknowledged_write_when_the_primary_dies",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfgs) = init(dir.path(), &["dr1"], "sync");
+    let standby = Node::start(&ferryd(), &scfgs[0]);
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    primary.wait_status("target to stream", Duration::from_secs(30), |st| {
+        st["targets"][0]["state"] == "streaming"
+    });
+    let list: Vec<String> = (0..600u64)
+        .map(|i| format!("write -P {} {} 16k", i % 250 + 1, i * 32768))
+        .collect();
+    let mut child = Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .args(list.iter().flat_map(|c| ["-c", c.as_str()]))
+        .arg(primary.url("vol0"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut s).map(|_| s)
+    });
+    primary.wait_status("part of the workload", Duration::from_secs(60), |st| {
+        seq(st, "/last_seq") >= 200
+    });
+    primary.kill();
+    let _ = child.wait();
+    let out = reader.join().unwrap().unwrap();
+    let acked: Vec<u64> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("wrote 16384/16384 bytes at offset "))
+        .filter_map(|o| o.trim().parse().ok())
+        .collect();
+    assert!(
+        !acked.is_empty() && acked.len() < 600,
+        "kill should land mid-workload: {} acked",
+        acked.len()
+    );
+    // The standby applies everything it holds durably.
+    let durable = seq(&standby.status(), "/durable_seq");
+    standby.wait_status(
+        "standby to apply what it holds",
+        Duration::from_secs(30),
+        |st| seq(st, "/applied_seq") >= durable,
+    );
+    let img = std::fs::read(dir.path().join("dr1/vol0.img")).unwrap();
+    for off in &acked {
+        let i = off / 32768;
+        let pat = (i % 250 + 1) as u8;
+        let at = *off as usize;
+        assert!(
+            img[at..at + 16384].iter().all(|&b| b == pat),
+            "acknowledged write at {off} (pattern {pat}) is missing on the sync standby"
+        );
+    }
+    eprintln!(
+        "{} acknowledged writes all present on the standby",
+        acked.len()
+    );
+}
+
+/// A standby stopped under writes catches up from the primary's journal.
+#[test]
+fn stopped_standby_catches_up_after_restart() {
+    if skip_without("qemu-io", "stopped_standby_catches_up_after_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfgs) = init(dir.path(), &["dr1"], "async");
+    let mut standby = Node::start(&ferryd(), &scfgs[0]);
+    let primary = Node::start(&ferryd(), &pcfg);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(1, 200)));
+    wait_caught_up(&primary, &standby);
+    standby.kill();
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(2, 400)));
+    let st = primary.wait_status(
+        "target to notice the standby is gone",
+        Duration::from_secs(30),
+        |st| st["targets"][0]["state"] != "streaming" || seq(st, "/targets/0/lag_bytes") > 0,
+    );
+    assert!(
+        seq(&st, "/targets/0/lag_bytes") > 0,
+        "lag must show while the standby is down: {st:#}"
+    );
+    let standby = Node::start(&ferryd(), &scfgs[0]);
+    wait_caught_up(&primary, &standby);
+    same_file(
+        &dir.path().join("primary/vol0.img"),
+        &dir.path().join("dr1/vol0.img"),
+    );
+}
+
+/// A standby whose certificate comes from another cluster is refused.
+#[test]
+fn a_node_of_another_cluster_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let (pcfg, _) = init(dir.path(), &["dr1"], "async");
+    // Another cluster's dr1 listening where ours is expected.
+    let (_, other_cfgs) = init(other.path(), &["dr1"], "async");
+    let ours = std::fs::read_to_string(dir.path().join("dr1.toml")).unwrap();
+    let addr = ours
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let theirs = std::fs::read_to_string(&other_cfgs[0]).unwrap();
+    let theirs_addr = theirs
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    std::fs::write(&other_cfgs[0], theirs.replace(&theirs_addr, &addr)).unwrap();
+    let impostor = Node::start(&ferryd(), &other_cfgs[0]);
+    let primary = Node::start(&ferryd(), &pcfg);
+    let st = primary.wait_status("a refusal", Duration::from_secs(30), |st| {
+        st["targets"][0]["last_error"].is_string()
+    });
+    let err = st["targets"][0]["last_error"].as_str().unwrap().to_string();
+    assert_ne!(st["targets"][0]["state"], "streaming");
+    assert!(
+        err.contains("cluster") || err.contains("CA") || err.contains("certificate"),
+        "refusal should say why: {err}"
+    );
+    let ist = impostor.wait_status(
+        "the impostor to log the refusal",
+        Duration::from_secs(30),
+        |st| st["primary"]["last_error"].is_string(),
+    );
+    assert!(ist["primary"]["connected"].is_null());
+}
