@@ -384,11 +384,47 @@ fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
         },
         g("/journal/engine")
     );
+    if let Some(ts) = v.get("targets").and_then(|t| t.as_array()) {
+        for t in ts {
+            println!(
+                "target     {} {} ({})  {}  acked {}  applied {}  lag {} bytes / {:.3} s{}",
+                t["name"].as_str().unwrap_or("?"),
+                t["address"].as_str().unwrap_or("?"),
+                t["effective_mode"].as_str().unwrap_or("?"),
+                t["state"].as_str().unwrap_or("?"),
+                t["acked_seq"],
+                t["applied_seq"],
+                t["lag_bytes"],
+                t["lag_seconds"].as_f64().unwrap_or(0.0),
+                t["last_error"]
+                    .as_str()
+                    .map(|e| format!("\n           last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if let Some(p) = v.get("primary").filter(|p| p.is_object()) {
+        println!(
+            "primary    {} {}  (listening on {}){}",
+            p["name"].as_str().unwrap_or("?"),
+            p["connected"]
+                .as_str()
+                .map(|a| format!("connected from {a}"))
+                .unwrap_or_else(|| "not connected".into()),
+            p["listen"].as_str().unwrap_or("?"),
+            p["last_error"]
+                .as_str()
+                .map(|e| format!("\n           last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(vols) = v.get("volumes").and_then(|v| v.as_array()) {
         for vol in vols {
             println!(
                 "volume     {}  {} bytes  {}",
-                vol["name"], vol["size_bytes"], vol["export"]
+                vol["name"].as_str().unwrap_or("?"),
+                vol["size_bytes"],
+                vol["export"].as_str().unwrap_or("")
             );
         }
     }
