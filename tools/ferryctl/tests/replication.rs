@@ -279,3 +279,182 @@ fn a_node_of_another_cluster_is_refused() {
     );
     assert!(ist["primary"]["connected"].is_null());
 }
+
+/// A UDP proxy between primary and standby that drops, duplicates, reorders and
+/// pauses datagrams, as a bad WAN link would. Threads stop when it is dropped.
+struct LossyLink {
+    pub port: u16,
+    /// Per-mille chances: drop, duplicate, hold back (reorder).
+    pub faults: Arc<[AtomicU32; 3]>,
+    pub paused: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    pub seen: Arc<AtomicU64>,
+}
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+impl LossyLink {
+    fn new(upstream: SocketAddr) -> LossyLink {
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(upstream).unwrap();
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        }
+        let port = front.local_addr().unwrap().port();
+        let faults: Arc<[AtomicU32; 3]> = Arc::new(Default::default());
+        let paused = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(AtomicU64::new(0));
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+        let front = Arc::new(front);
+        let back = Arc::new(back);
+        let mut threads = Vec::new();
+        for dir in 0..2 {
+            let (front, back, faults, paused, stop, client, seen) = (
+                front.clone(),
+                back.clone(),
+                faults.clone(),
+                paused.clone(),
+                stop.clone(),
+                client.clone(),
+                seen.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                let mut rng = 0x2545_f491_4f6c_dd1du64 ^ dir;
+                let mut held: Option<Vec<u8>> = None;
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let got = if dir == 0 {
+                        front.recv_from(&mut buf).map(|(n, from)| {
+                            *client.lock().unwrap() = Some(from);
+                            n
+                        })
+                    } else {
+                        back.recv(&mut buf)
+                    };
+                    let Ok(n) = got else { continue };
+                    seen.fetch_add(1, Ordering::Relaxed);
+                    if paused.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let send = |p: &[u8]| {
+                        if dir == 0 {
+                            let _ = back.send(p);
+                        } else if let Some(c) = *client.lock().unwrap() {
+                            let _ = front.send_to(p, c);
+                        }
+                    };
+                    let mut roll = || {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        (rng % 1000) as u32
+                    };
+                    let [drop_pm, dup_pm, hold_pm] =
+                        [0, 1, 2].map(|i| faults[i].load(Ordering::Relaxed));
+                    if roll() < drop_pm {
+                        continue;
+                    }
+                    let pkt = buf[..n].to_vec();
+                    if held.is_none() && roll() < hold_pm {
+                        held = Some(pkt); // goes out after the next datagram: reordered
+                        continue;
+                    }
+                    send(&pkt);
+                    if roll() < dup_pm {
+                        send(&pkt);
+                    }
+                    if let Some(h) = held.take() {
+                        send(&h);
+                    }
+                }
+            }));
+        }
+        LossyLink {
+            port,
+            faults,
+            paused,
+            stop,
+            threads,
+            seen,
+        }
+    }
+
+    fn set(&self, drop_pm: u32, dup_pm: u32, reorder_pm: u32) {
+        for (i, v) in [drop_pm, dup_pm, reorder_pm].into_iter().enumerate() {
+            self.faults[i].store(v, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for LossyLink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Replication over a link that drops, duplicates, reorders and stalls: it recovers,
+/// the standby applies in order, and the replica ends byte-identical.
+#[test]
+fn replication_recovers_from_a_lossy_reordering_stalling_link() {
+    if skip_without(
+        "qemu-io",
+        "replication_recovers_from_a_lossy_reordering_stalling_link",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfgs) = init(dir.path(), &["dr1"], "async");
+    // Route the primary's target address through the proxy.
+    let sb_text = std::fs::read_to_string(&scfgs[0]).unwrap();
+    let sb_addr: SocketAddr = sb_text
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = "))
+        .unwrap()
+        .trim_matches('"')
+        .parse()
+        .unwrap();
+    let link = LossyLink::new(sb_addr);
+    let p_text = std::fs::read_to_string(&pcfg).unwrap();
+    std::fs::write(
+        &pcfg,
+        p_text.replace(
+            &format!("address = \"{sb_addr}\""),
+            &format!("address = \"127.0.0.1:{}\"", link.port),
+        ),
+    )
+    .unwrap();
+    let standby = Node::start(&ferryd(), &scfgs[0]);
+    let primary = Node::start(&ferryd(), &pcfg);
+    // 5% loss, 2% duplicates, 5% reordering while writing.
+    link.set(50, 20, 50);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(7, 300)));
+    // A stall: nothing passes for 3 s while the client keeps writing.
+    link.paused.store(true, Ordering::Relaxed);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(8, 200)));
+    std::thread::sleep(Duration::from_secs(3));
+    let st = primary.status();
+    assert!(
+        seq(&st, "/targets/0/lag_bytes") > 0,
+        "a stalled link must show lag: {st:#}"
+    );
+    link.paused.store(false, Ordering::Relaxed);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(9, 200)));
+    wait_caught_up(&primary, &standby);
+    link.set(0, 0, 0);
+    assert!(
+        link.seen.load(Ordering::Relaxed) > 100,
+        "traffic must have crossed the proxy"
+    );
+    same_file(
+        &dir.path().join("primary/vol0.img"),
+        &dir.path().join("dr1/vol0.img"),
+    );
+}
