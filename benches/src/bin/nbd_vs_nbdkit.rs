@@ -1,6 +1,8 @@
-//! fio's nbd engine against ferryd and against `nbdkit file` serving a file on the same
-//! disk, in one run, with ratios. `cargo run --release -p ferry-benches --bin nbd_vs_nbdkit
-//! [-- --runtime SECS]` (builds nothing itself: run `cargo build --release -p ferryd` first).
+//! fio's nbd engine against `nbdkit file` (baseline) and ferryd alone, with an async
+//! standby and with a sync standby (both on loopback), on the same disk, in one run,
+//! with ratios and the p99 replication lag sampled during the write job.
+//! `cargo build --release -p ferryd -p ferryctl && cargo run --release -p ferry-benches
+//! --bin nbd_vs_nbdkit [-- --runtime SECS]`
 //!
 //! Job: 4k random writes at QD32 over a 1 GiB volume, then 4k random reads at QD32.
 use std::net::TcpListener;
@@ -78,53 +80,121 @@ fn fio(uri: &str, rw: &str, runtime: u64) -> anyhow::Result<FioResult> {
     })
 }
 
-fn ferry_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/ferryd")
-}
-
-fn start_ferryd(dir: &Path, port: u16) -> anyhow::Result<Proc> {
-    let img = dir.join("vol0.img");
-    std::fs::File::create(&img)?.set_len(VOL)?;
-    let cfg = format!(
-        r#"[node]
-name = "primary"
-role = "primary"
-cluster_id = "0123456789abcdef0123456789abcdef"
-metadata_dir = "{d}"
-[journal]
-dir = "{d}/journal"
-size = "2GiB"
-segment_size = "64MiB"
-[nbd]
-listen = "127.0.0.1:{port}"
-[control]
-socket = "{d}/ferryd.sock"
-[[volume]]
-name = "vol0"
-path = "{img}"
-size = {VOL}
-"#,
-        d = dir.display(),
-        img = img.display()
-    );
-    let path = dir.join("primary.toml");
-    std::fs::write(&path, cfg)?;
-    let bin = ferry_bin();
-    if !bin.exists() {
+fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(name);
+    if !p.exists() {
         bail!(
-            "{} missing: run `cargo build --release -p ferryd` first",
-            bin.display()
+            "{} missing: run `cargo build --release -p ferryd -p ferryctl` first",
+            p.display()
         );
     }
-    let child = Command::new(bin)
-        .arg("--config")
-        .arg(&path)
-        .env("FERRY_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()?;
-    let p = Proc(child);
-    wait_port(port)?;
     Ok(p)
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running ferry cluster: the primary, and optionally one standby.
+struct Cluster {
+    _procs: Vec<Proc>,
+    primary_sock: PathBuf,
+}
+
+/// `ferryctl init` + start; `mode` None = primary alone.
+fn start_cluster(dir: &Path, port: u16, mode: Option<&str>) -> anyhow::Result<Cluster> {
+    let mut init = Command::new(bin("ferryctl")?);
+    init.args(["init", "--dir"])
+        .arg(dir)
+        .arg("--volume")
+        .arg(format!("vol0:{VOL}"))
+        .arg("--nbd")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--journal-size", "2GiB"]);
+    if let Some(m) = mode {
+        init.arg("--primary")
+            .arg(format!("127.0.0.1:{}", free_udp_port()?))
+            .arg("--standby")
+            .arg(format!("dr1=127.0.0.1:{}", free_udp_port()?))
+            .args(["--mode", m]);
+    }
+    let out = init.output()?;
+    if !out.status.success() {
+        bail!("ferryctl init: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut procs = Vec::new();
+    let names: &[&str] = if mode.is_some() { &["dr1", "primary"] } else { &["primary"] };
+    for n in names {
+        let child = Command::new(bin("ferryd")?)
+            .arg("--config")
+            .arg(dir.join(format!("{n}.toml")))
+            .env("FERRY_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        procs.push(Proc(child));
+    }
+    wait_port(port)?;
+    let primary_sock = dir.join("primary/ferryd.sock");
+    if mode.is_some() {
+        // Wait for the session so the run measures replication, not reconnects.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = status(&primary_sock)?;
+            if st["targets"][0]["state"] == "streaming" {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("standby never connected: {st}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(Cluster {
+        _procs: procs,
+        primary_sock,
+    })
+}
+
+/// One status call over the control socket.
+fn status(sock: &Path) -> anyhow::Result<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("connect {}", sock.display()))?;
+    s.write_all(b"{\"cmd\":\"status\"}\n")?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line)?;
+    Ok(v["result"].clone())
+}
+
+/// Samples the target's lag every 10 ms while `f` runs; returns f's result and p99 lag.
+fn with_lag_samples<T>(
+    sock: &Path,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Option<f64>)> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let sock = sock.to_path_buf();
+        std::thread::spawn(move || {
+            let mut lags = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(st) = status(&sock) {
+                    if let Some(l) = st["targets"][0]["lag_seconds"].as_f64() {
+                        lags.push(l);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            lags
+        })
+    };
+    let r = f();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut lags = sampler.join().map_err(|_| anyhow::anyhow!("lag sampler panicked"))?;
+    lags.sort_by(|a, b| a.total_cmp(b));
+    let p99 = (!lags.is_empty()).then(|| lags[(lags.len() * 99 / 100).min(lags.len() - 1)]);
+    Ok((r?, p99))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -135,6 +205,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(10);
     let scratch = tempfile::tempdir_in(bench_dir())?;
     let mut table = Vec::new();
+    let mut lags: Vec<(&str, f64)> = Vec::new();
 
     // Baseline: nbdkit's file plugin on a file in the same directory.
     {
@@ -161,22 +232,22 @@ fn main() -> anyhow::Result<()> {
         table.push(("nbdkit file", "randwrite", fio(&uri, "randwrite", runtime)?));
         table.push(("nbdkit file", "randread", fio(&uri, "randread", runtime)?));
     }
-    {
-        let dir = scratch.path().join("ferry");
+    for (label, mode) in [
+        ("ferryd primary", None),
+        ("ferryd + async", Some("async")),
+        ("ferryd + sync", Some("sync")),
+    ] {
+        let dir = scratch.path().join(label.replace([' ', '+'], "_"));
         std::fs::create_dir_all(&dir)?;
         let port = free_port()?;
-        let _p = start_ferryd(&dir, port)?;
+        let c = start_cluster(&dir, port, mode)?;
         let uri = format!("nbd://127.0.0.1:{port}/vol0");
-        table.push((
-            "ferryd primary",
-            "randwrite",
-            fio(&uri, "randwrite", runtime)?,
-        ));
-        table.push((
-            "ferryd primary",
-            "randread",
-            fio(&uri, "randread", runtime)?,
-        ));
+        let (w, lag) = with_lag_samples(&c.primary_sock, || fio(&uri, "randwrite", runtime))?;
+        table.push((label, "randwrite", w));
+        if let Some(l) = lag {
+            lags.push((label, l));
+        }
+        table.push((label, "randread", fio(&uri, "randread", runtime)?));
     }
     println!("fio nbd engine, 4k, QD32, {runtime} s per job, 1 GiB volume");
     println!(
@@ -196,6 +267,16 @@ fn main() -> anyhow::Result<()> {
             r.p99_us,
             r.iops / base
         );
+    }
+    for (label, l) in &lags {
+        println!("{label}: p99 replication lag during randwrite {:.1} ms", l * 1000.0);
+    }
+    let iops = |l: &str| table.iter().find(|(s, j, _)| *s == l && *j == "randwrite").map(|t| t.2.iops);
+    if let (Some(a), Some(p)) = (iops("ferryd + async"), iops("ferryd primary")) {
+        println!("async / primary alone, randwrite IOPS: {:.2}", a / p);
+    }
+    if let (Some(a), Some(p)) = (iops("ferryd + sync"), iops("ferryd primary")) {
+        println!("sync / primary alone, randwrite IOPS: {:.2}", a / p);
     }
     Ok(())
 }
