@@ -68,6 +68,9 @@ impl std::fmt::Display for ReplicationMode {
 fn default_sync_timeout_ms() -> u64 {
     5000
 }
+fn default_tail_bytes() -> ByteSize {
+    ByteSize(64 << 20)
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +84,10 @@ pub struct ReplicationConfig {
     /// error because a target is slow or gone.
     #[serde(default = "default_sync_timeout_ms")]
     pub sync_timeout_ms: u64,
+    /// Memory for recent durable records: a shipper that is current sends from here;
+    /// one that is further behind reads journal segments.
+    #[serde(default = "default_tail_bytes")]
+    pub tail_bytes: ByteSize,
     /// On the primary: the standbys to ship to.
     #[serde(rename = "target", default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetConfig>,
@@ -163,6 +170,14 @@ pub struct JournalConfig {
     /// Upper bound between checkpoints (base volumes fsynced, journal released).
     #[serde(default = "default_checkpoint_interval_ms")]
     pub checkpoint_interval_ms: u64,
+    /// Durable batch writes in flight at once (1..=8, io_uring only). Recovery then
+    /// truncates up to that many batches as a torn tail (journal/FORMAT.md).
+    #[serde(default = "default_inflight_batches")]
+    pub inflight_batches: u32,
+}
+
+fn default_inflight_batches() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -277,6 +292,12 @@ impl Config {
                     self.journal.size,
                     ByteSize(2 * seg)
                 ),
+            );
+        }
+        if !(1..=8).contains(&self.journal.inflight_batches) {
+            return bad(
+                "journal.inflight_batches",
+                format!("{}: must be 1 to 8", self.journal.inflight_batches),
             );
         }
         if self.journal.checkpoint_interval_ms == 0 {

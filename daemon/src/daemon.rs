@@ -49,6 +49,7 @@ pub fn journal_options(cfg: &Config) -> JournalOptions {
         RecoveryConfig::AbsoluteConsistency => RecoveryMode::AbsoluteConsistency,
     };
     o.queue_records = JOURNAL_QUEUE;
+    o.max_inflight_batches = cfg.journal.inflight_batches as usize;
     o
 }
 
@@ -262,8 +263,10 @@ async fn run_primary(
         Some(r) if !targets.is_empty() => {
             let sync = SyncGate::new(targets.clone(), Duration::from_millis(r.sync_timeout_ms));
             *group.sync.write() = Some(sync.clone());
+            group.tail.enable(r.tail_bytes.0 as usize);
             let ctx = Arc::new(ShipContext {
                 journal: rec.journal.clone(),
+                tail: group.tail.clone(),
                 local: replication::local_identity(
                     &cfg,
                     rec.meta.node_id,

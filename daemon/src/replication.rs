@@ -102,6 +102,94 @@ impl SeqIndex {
     }
 }
 
+/// Recent durable records kept in memory (bounded by bytes), so a shipper that is
+/// current sends from memory and reads journal segments only when it is behind.
+pub struct Tail {
+    inner: Mutex<TailInner>,
+    /// 0 until replication is enabled: a primary without targets keeps nothing.
+    cap_bytes: std::sync::atomic::AtomicUsize,
+}
+
+struct TailInner {
+    entries: VecDeque<(Seq, ferry_journal::Record, u64)>,
+    bytes: usize,
+}
+
+/// What the tail can say about a position.
+pub enum TailRead {
+    /// Records from the asked position on (possibly empty: caught up).
+    Records(Vec<(Seq, ferry_journal::Record, u64)>),
+    /// The position was evicted: read the journal.
+    Evicted,
+}
+
+impl Default for Tail {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tail {
+    pub fn new() -> Tail {
+        Tail {
+            inner: Mutex::new(TailInner {
+                entries: VecDeque::new(),
+                bytes: 0,
+            }),
+            cap_bytes: Default::default(),
+        }
+    }
+
+    /// Starts keeping up to `cap_bytes` of recent records.
+    pub fn enable(&self, cap_bytes: usize) {
+        self.cap_bytes.store(cap_bytes, Ordering::Release);
+    }
+
+    /// Called in sequence order with every durable record.
+    pub fn push(&self, seq: Seq, rec: ferry_journal::Record, ts_ns: u64) {
+        let cap = self.cap_bytes.load(Ordering::Acquire);
+        if cap == 0 {
+            return;
+        }
+        let mut g = self.inner.lock();
+        g.bytes += rec.data.len() + 64;
+        g.entries.push_back((seq, rec, ts_ns));
+        while g.bytes > cap {
+            match g.entries.pop_front() {
+                Some((_, r, _)) => g.bytes -= r.data.len() + 64,
+                None => break,
+            }
+        }
+    }
+
+    /// Records from `from` on, up to about `max_bytes`.
+    pub fn read(&self, from: Seq, max_bytes: usize) -> TailRead {
+        let g = self.inner.lock();
+        let (Some(front), Some(back)) = (g.entries.front(), g.entries.back()) else {
+            // Nothing kept (yet): anything not durable yet will arrive here; anything
+            // older must come from the journal.
+            return TailRead::Evicted;
+        };
+        let (front, back) = (front.0, back.0);
+        if from > back {
+            return TailRead::Records(Vec::new());
+        }
+        if from < front {
+            return TailRead::Evicted;
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for e in g.entries.range((from - front) as usize..) {
+            bytes += e.1.data.len() + 32;
+            out.push(e.clone());
+            if bytes >= max_bytes || e.1.op == Op::Seal {
+                break;
+            }
+        }
+        TailRead::Records(out)
+    }
+}
+
 /// What status shows about one target, shared between its shipper and the rest.
 pub struct TargetState {
     pub name: String,
@@ -264,6 +352,7 @@ impl Replication {
 /// Everything a shipper needs, shared by all of them.
 pub struct ShipContext {
     pub journal: Arc<Journal>,
+    pub tail: Arc<Tail>,
     pub local: LocalIdentity,
     pub tls: TlsMaterial,
     pub opts: TransportOptions,
@@ -402,11 +491,12 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     let (ws_tx, mut ws_rx) = mpsc::channel::<anyhow::Result<WriteSet>>(READ_AHEAD_WRITE_SETS);
     let reader = {
         let journal = ctx.journal.clone();
+        let tail = ctx.tail.clone();
         let durable = ctx.durable.clone();
         let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name(format!("ferry-ship-{}", t.name))
-            .spawn(move || read_write_sets(journal, resume + 1, epoch, durable, ws_tx, rt))
+            .spawn(move || read_write_sets(journal, tail, resume + 1, epoch, durable, ws_tx, rt))
             .context("spawning the journal reader thread")?
     };
     let _reader = ReaderGuard(Some(reader));
@@ -488,49 +578,81 @@ impl Drop for ReaderGuard {
     }
 }
 
-/// Tails the journal from `from`, cutting write-sets; blocks while the channel is full.
+/// Produces write-sets from `from` on: from the in-memory tail while it holds the
+/// position, from journal segments while behind. Blocks while the channel is full.
 fn read_write_sets(
     journal: Arc<Journal>,
+    tail: Arc<Tail>,
     from: Seq,
     epoch: u64,
     mut durable: watch::Receiver<Seq>,
     tx: mpsc::Sender<anyhow::Result<WriteSet>>,
     rt: tokio::runtime::Handle,
 ) {
-    let mut reader = match journal.reader(from) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = tx.blocking_send(Err(anyhow!("journal reader from {from}: {e}")));
-            return;
-        }
-    };
+    let mut next = from;
     let mut records: Vec<WireRecord> = Vec::new();
     let mut bytes = 0usize;
     let mut ts = 0u64;
+    let mut reader: Option<ferry_journal::JournalReader> = None;
     loop {
-        match reader.next() {
+        if tx.is_closed() {
+            return;
+        }
+        // Memory first.
+        if reader.is_none() {
+            let read = match tail.read(next, MAX_WRITE_SET_BYTES) {
+                // Nothing in memory yet and nothing durable to read: caught up.
+                TailRead::Evicted if next > journal.durable_seq() => TailRead::Records(Vec::new()),
+                r => r,
+            };
+            match read {
+                TailRead::Records(recs) if recs.is_empty() => {
+                    // Caught up: wait for more durable records (bounded, re-checks).
+                    let _ = rt.block_on(async {
+                        tokio::time::timeout(
+                            Duration::from_millis(200),
+                            durable.wait_for(|d| *d >= next),
+                        )
+                        .await
+                    });
+                    continue;
+                }
+                TailRead::Records(recs) => {
+                    for (seq, rec, t) in recs {
+                        next = seq + 1;
+                        ts = t;
+                        let seal = rec.op == Op::Seal;
+                        bytes += rec.data.len() + 32;
+                        records.push(wire_record(seq, rec));
+                        if (seal || bytes >= MAX_WRITE_SET_BYTES)
+                            && !emit(&tx, epoch, &mut records, &mut bytes, ts)
+                        {
+                            return;
+                        }
+                    }
+                    if !records.is_empty() && !emit(&tx, epoch, &mut records, &mut bytes, ts) {
+                        return;
+                    }
+                    continue;
+                }
+                TailRead::Evicted => match journal.reader(next) {
+                    Ok(r) => reader = Some(r),
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(anyhow!("journal reader from {next}: {e}")));
+                        return;
+                    }
+                },
+            }
+        }
+        // Behind: read segments until caught up with what is durable, then back to memory.
+        let Some(r) = reader.as_mut() else { continue };
+        match r.next() {
             Some(Ok(e)) => {
+                next = e.seq + 1;
+                ts = e.meta.timestamp_ns;
                 let seal = e.record.op == Op::Seal;
                 bytes += e.record.data.len() + 32;
-                ts = e.meta.timestamp_ns;
-                records.push(WireRecord {
-                    seq: e.seq,
-                    volume: e.record.volume,
-                    op: match e.record.op {
-                        Op::Write => RecordOp::Write,
-                        Op::Trim => RecordOp::Trim,
-                        Op::WriteZeroes => RecordOp::WriteZeroes,
-                        Op::Seal => RecordOp::Seal,
-                    },
-                    offset: e.record.offset,
-                    length: e.record.length,
-                    data: if e.record.op == Op::Seal {
-                        // Seal labels travel as the record's data; length must match.
-                        e.record.data.clone()
-                    } else {
-                        e.record.data
-                    },
-                });
+                records.push(wire_record(e.seq, e.record));
                 if (seal || bytes >= MAX_WRITE_SET_BYTES)
                     && !emit(&tx, epoch, &mut records, &mut bytes, ts)
                 {
@@ -545,20 +667,25 @@ fn read_write_sets(
                 if !records.is_empty() && !emit(&tx, epoch, &mut records, &mut bytes, ts) {
                     return;
                 }
-                if tx.is_closed() {
-                    return;
-                }
-                // Caught up: wait for more durable records (or re-check periodically).
-                let pos = reader.position();
-                let _ = rt.block_on(async {
-                    tokio::time::timeout(
-                        Duration::from_millis(200),
-                        durable.wait_for(|d| *d >= pos),
-                    )
-                    .await
-                });
+                reader = None;
             }
         }
+    }
+}
+
+fn wire_record(seq: Seq, r: ferry_journal::Record) -> WireRecord {
+    WireRecord {
+        seq,
+        volume: r.volume,
+        op: match r.op {
+            Op::Write => RecordOp::Write,
+            Op::Trim => RecordOp::Trim,
+            Op::WriteZeroes => RecordOp::WriteZeroes,
+            Op::Seal => RecordOp::Seal,
+        },
+        offset: r.offset,
+        length: r.length,
+        data: r.data,
     }
 }
 
@@ -619,5 +746,70 @@ pub fn local_identity(
         max_version,
         volumes: geometry(bases),
         expected_peer_name: expected_peer.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_journal::Record;
+
+    fn rec(len: usize, op: Op) -> Record {
+        Record {
+            volume: 0,
+            op,
+            offset: 0,
+            length: len as u32,
+            data: Bytes::from(vec![1u8; len]),
+        }
+    }
+
+    #[test]
+    fn tail_serves_from_memory_and_reports_eviction() {
+        let t = Tail::new();
+        t.push(1, rec(10, Op::Write), 1);
+        assert!(
+            matches!(t.read(1, 1 << 20), TailRead::Evicted),
+            "a disabled tail keeps nothing"
+        );
+        t.enable(1000);
+        for s in 1..=20 {
+            t.push(
+                s,
+                rec(100, if s % 5 == 0 { Op::Seal } else { Op::Write }),
+                s,
+            );
+        }
+        // 164 bytes accounted per record: about 6 fit in 1000.
+        assert!(matches!(t.read(1, 1 << 20), TailRead::Evicted));
+        match t.read(16, 1 << 20) {
+            TailRead::Records(r) => {
+                // Stops at the seal (seq 20).
+                assert_eq!(
+                    r.iter().map(|e| e.0).collect::<Vec<_>>(),
+                    vec![16, 17, 18, 19, 20]
+                );
+            }
+            TailRead::Evicted => panic!("seq 16 is in memory"),
+        }
+        assert!(matches!(t.read(21, 1 << 20), TailRead::Records(r) if r.is_empty()));
+    }
+
+    #[test]
+    fn seq_index_gives_lag_in_bytes_and_seconds() {
+        let i = SeqIndex::default();
+        assert_eq!(i.lag_after(0, 100), (0, 0.0));
+        for s in 1..=10u64 {
+            i.push(s, 4096, s * 1_000_000_000);
+        }
+        assert_eq!(i.lag_after(10, 20_000_000_000), (0, 0.0));
+        let (bytes, secs) = i.lag_after(7, 20_000_000_000);
+        assert_eq!(bytes, 3 * 4096);
+        assert!(
+            (secs - 12.0).abs() < 1e-9,
+            "oldest unacked is seq 8 at t=8 s: {secs}"
+        );
+        let (bytes, _) = i.lag_after(0, 20_000_000_000);
+        assert_eq!(bytes, 9 * 4096, "lower bound when behind the index front");
     }
 }

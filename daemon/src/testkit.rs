@@ -55,6 +55,7 @@ pub fn primary_config(
             engine: Default::default(),
             recovery: Default::default(),
             checkpoint_interval_ms: 500,
+            inflight_batches: 1,
         },
         nbd: Some(NbdConfig {
             listen: "127.0.0.1:0".into(),

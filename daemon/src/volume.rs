@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use ferry_journal::{Journal, JournalError, Op, Record, Seq};
 use tokio::sync::{oneshot, watch, Semaphore};
 
-use crate::replication::{now_ns, SeqIndex, SyncGate};
+use crate::replication::{now_ns, SeqIndex, SyncGate, Tail};
 
 use crate::apply::{ApplyGate, ApplyGuard};
 use crate::nbd::{Export, ExportError, ExportFlags, ExportRegistry};
@@ -160,6 +160,8 @@ pub struct Group {
     pub gate: Arc<ApplyGate>,
     /// Lag accounting for replication targets (fed in sequence order).
     pub index: Arc<SeqIndex>,
+    /// Recent durable records for shippers that are current (fed in sequence order).
+    pub tail: Arc<Tail>,
     /// Latest durable sequence, for shippers tailing the journal.
     pub durable_tx: watch::Sender<Seq>,
     /// Set when sync targets exist: writes wait for them before the reply.
@@ -183,6 +185,7 @@ impl Group {
             journal,
             gate: ApplyGate::new(applied_from),
             index: Arc::new(SeqIndex::default()),
+            tail: Arc::new(Tail::new()),
             durable_tx,
             sync: parking_lot::RwLock::new(None),
             slots: Arc::new(Semaphore::new(queue_slots.max(1))),
@@ -225,12 +228,25 @@ impl Group {
         let item_base = base.clone();
         let item_data = data.clone();
         let index = self.index.clone();
+        let tail = self.tail.clone();
         let durable_tx = self.durable_tx.clone();
         let done: ferry_journal::Completion = Box::new(move |res: Result<Seq, JournalError>| {
             drop(permit);
             match res {
                 Ok(seq) => {
-                    index.push(seq, length as u64, now_ns());
+                    let ts = now_ns();
+                    index.push(seq, length as u64, ts);
+                    tail.push(
+                        seq,
+                        Record {
+                            volume: item_base.id,
+                            op,
+                            offset,
+                            length,
+                            data: item_data.clone(),
+                        },
+                        ts,
+                    );
                     durable_tx.send_replace(seq);
                     let guard = ApplyGuard::new(
                         gate.clone(),
@@ -308,10 +324,14 @@ impl Group {
         };
         let gate = self.gate.clone();
         let index = self.index.clone();
+        let tail = self.tail.clone();
         let durable_tx = self.durable_tx.clone();
+        let seal_rec = rec.clone();
         let done: ferry_journal::Completion = Box::new(move |res: Result<Seq, JournalError>| {
             if let Ok(seq) = res {
-                index.push(seq, 0, now_ns());
+                let ts = now_ns();
+                index.push(seq, 0, ts);
+                tail.push(seq, seal_rec, ts);
                 durable_tx.send_replace(seq);
                 gate.skip(seq);
             }

@@ -32,6 +32,10 @@ pub const BATCH_MAGIC: [u8; 4] = *b"FRYB";
 /// Current format version written by this code. See FORMAT.md "Versioning".
 pub const FORMAT_VERSION: u16 = 1;
 
+/// Largest writer pipeline depth a segment header may record (see FORMAT.md,
+/// segment header `max_inflight`).
+pub const MAX_INFLIGHT_BATCHES: u32 = 8;
+
 /// Batch flag: the batch contains at least one Seal record (lets a shipper find
 /// write-set boundaries from headers alone).
 pub const BATCH_FLAG_HAS_SEAL: u16 = 1;
@@ -239,6 +243,10 @@ pub struct SegmentHeader {
     pub first_seq: Seq,
     /// File size the segment was created with.
     pub segment_size: u64,
+    /// Most batch writes the writer had in flight at once in this segment (>= 1).
+    /// Recovery tolerates a torn tail of up to this many batches. Stored as 0
+    /// when 1, so a depth-1 header is byte-identical to the original v1 layout.
+    pub max_inflight: u32,
 }
 
 /// Encodes the 64 meaningful bytes; the caller writes them into a zeroed 4 KiB block.
@@ -252,7 +260,13 @@ pub fn encode_segment_header(h: &SegmentHeader) -> [u8; SEGMENT_HEADER_LEN] {
     b[24..40].copy_from_slice(&h.cluster_id);
     b[40..48].copy_from_slice(&h.first_seq.to_le_bytes());
     b[48..56].copy_from_slice(&h.segment_size.to_le_bytes());
-    // 56..60 reserved (0)
+    // 56..60 max_inflight (0 means 1; written as 0 for depth 1)
+    let depth = if h.max_inflight <= 1 {
+        0
+    } else {
+        h.max_inflight
+    };
+    b[56..60].copy_from_slice(&depth.to_le_bytes());
     let crc = salted_crc(h.segment_no, &b[0..60]);
     b[60..64].copy_from_slice(&crc.to_le_bytes());
     b
@@ -294,9 +308,10 @@ pub fn decode_segment_header(b: &[u8], segment_no: u64) -> Result<SegmentHeader,
     }
     let flags = rd_u16(b, 10);
     let block = rd_u32(b, 12);
-    if flags != 0 || block as usize != BLOCK_SIZE || rd_u32(b, 56) != 0 {
+    let depth = rd_u32(b, 56);
+    if flags != 0 || block as usize != BLOCK_SIZE || depth > MAX_INFLIGHT_BATCHES {
         return Err(FormatError::Invalid(format!(
-            "segment header flags {flags} / block size {block} / reserved"
+            "segment header flags {flags} / block size {block} / max_inflight {depth}"
         )));
     }
     let mut cluster_id = [0u8; 16];
@@ -306,6 +321,7 @@ pub fn decode_segment_header(b: &[u8], segment_no: u64) -> Result<SegmentHeader,
         cluster_id,
         first_seq: rd_u64(b, 40),
         segment_size: rd_u64(b, 48),
+        max_inflight: depth.max(1),
     };
     if h.segment_no != segment_no {
         return Err(FormatError::Invalid(format!(

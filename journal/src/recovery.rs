@@ -1,5 +1,6 @@
 //! Recovery on open: scan every segment, validate every batch, truncate a torn tail
-//! (at most the one batch that can be in flight), refuse on corruption.
+//! (at most as many batches as the last segment's header says were in flight),
+//! refuse on corruption.
 //!
 //! Decision table (see FORMAT.md for the crash analysis behind it):
 //!
@@ -9,7 +10,8 @@
 //! | stale batch (valid under an older segment number)     | no                 | clean end (recycled segment) |
 //! | bad header CRC / magic / fields                       | no                 | torn tail: zero P..P+4K      |
 //! | valid header, bad body CRC or bad records             | no                 | torn tail: zero the batch    |
-//! | any of the above                                      | yes                | `Corruption`                 |
+//! | zero / invalid (not stale), depth N >= 2 recorded     | <= N-1, contiguous seqs, nothing valid after | torn tail: zero P..end of the last one, WARN "discarded" |
+//! | any of the above                                      | yes (otherwise)    | `Corruption`                 |
 //! | torn tail in a segment that is not the last one       | -                  | `Corruption`                 |
 //! | first_seq != previous last_seq + 1 (batch or segment) | -                  | `Corruption` (gap/overlap)   |
 //! | torn tail and `RecoveryMode::AbsoluteConsistency`     | -                  | `TornTail` error             |
@@ -74,6 +76,8 @@ pub(crate) struct Recovered {
     /// Append position and known-zero watermark in the last data segment.
     pub write_pos: u64,
     pub zeroed_from: u64,
+    /// `max_inflight` recorded in the last data segment's header (1 if none).
+    pub active_depth: usize,
     pub spares: Vec<Spare>,
     pub next_no: u64,
     pub report: RecoveryReport,
@@ -96,8 +100,14 @@ struct SegFile {
 enum End {
     /// Zero block, stale batch or the end of the file.
     Clean,
-    /// Invalid batch at `pos` spanning `len` bytes (4 KiB if the header is bad).
-    Torn { len: u64, reason: String },
+    /// Invalid batch at `pos` spanning `len` bytes (4 KiB if the header is bad);
+    /// with pipelining, `len` also covers up to N-1 valid batches written after it
+    /// (`discarded`: batch count and seq range of the whole torn span).
+    Torn {
+        len: u64,
+        reason: String,
+        discarded: Option<(u64, Seq, Seq)>,
+    },
 }
 
 struct ScanResult {
@@ -155,6 +165,7 @@ pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> R
     let mut expected: Option<Seq> = None;
     let mut write_pos = SEGMENT_HEADER_BLOCK;
     let mut zeroed_from = SEGMENT_HEADER_BLOCK;
+    let mut active_depth = 1usize;
     for (i, f) in files.iter().enumerate() {
         let is_last_data = Some(i) == last_data;
         match (&f.kind, last_data) {
@@ -177,8 +188,21 @@ pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> R
                     }
                 }
                 let file = segment::open_ro(&f.path)?;
-                let scan = scan_segment(&file, &f.path, f.no, f.size, h.first_seq, &cluster_id)?;
-                if let End::Torn { len, reason } = &scan.end {
+                let scan = scan_segment(
+                    &file,
+                    &f.path,
+                    f.no,
+                    f.size,
+                    h.first_seq,
+                    &cluster_id,
+                    h.max_inflight,
+                )?;
+                if let End::Torn {
+                    len,
+                    reason,
+                    discarded,
+                } = &scan.end
+                {
                     if !is_last_data {
                         return Err(corruption(
                             &f.path,
@@ -195,17 +219,33 @@ pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> R
                     }
                     segment::zero_range(&f.path, scan.end_pos, scan.end_pos + len)?;
                     report.truncated_bytes += len;
-                    report.truncated_batches += 1;
-                    report.events.push(format!(
-                        "truncated torn batch in {} at offset {} ({len} bytes): {reason}",
-                        f.path.display(),
-                        scan.end_pos
-                    ));
-                    tracing::warn!(segment = %f.path.display(), offset = scan.end_pos, %reason, "journal recovery: truncated torn tail");
+                    match discarded {
+                        None => {
+                            report.truncated_batches += 1;
+                            report.events.push(format!(
+                                "truncated torn batch in {} at offset {} ({len} bytes): {reason}",
+                                f.path.display(),
+                                scan.end_pos
+                            ));
+                            tracing::warn!(segment = %f.path.display(), offset = scan.end_pos, %reason, "journal recovery: truncated torn tail");
+                        }
+                        Some((n, a, b)) => {
+                            report.truncated_batches += *n as u32;
+                            let msg = format!(
+                                "discarded {n} batches, seqs {a}..{b}, written but never acknowledged: torn tail in {} at offset {} ({len} bytes, max_inflight {}): {reason}",
+                                f.path.display(),
+                                scan.end_pos,
+                                h.max_inflight
+                            );
+                            tracing::warn!(segment = %f.path.display(), offset = scan.end_pos, "journal recovery: {msg}");
+                            report.events.push(msg);
+                        }
+                    }
                 }
                 expected = Some(scan.next_seq);
                 write_pos = scan.end_pos;
                 zeroed_from = scan.zeroed_from;
+                active_depth = h.max_inflight.max(1) as usize;
                 data.push(SegInfo {
                     no: f.no,
                     path: f.path.clone(),
@@ -291,6 +331,7 @@ pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> R
         data,
         write_pos,
         zeroed_from,
+        active_depth,
         spares,
         next_no: max_no + 1,
         report,
@@ -335,6 +376,18 @@ fn classify(no: u64, path: PathBuf, cluster_id: &[u8; 16]) -> Result<SegFile> {
             Kind::Data(h)
         }
         Err(FormatError::Zero) if format::is_zero(&block) => Kind::Unused,
+        // The checksum verified, so this header was written on purpose, not torn: a
+        // newer format or a damaged field. Discarding it could drop acknowledged data.
+        Err(e @ (FormatError::UnsupportedVersion(_) | FormatError::Invalid(_))) => {
+            return Err(corruption(
+                &path,
+                0,
+                format!(
+                    "segment header has a valid checksum but {e}: written by another ferry \
+                     version or damaged; refusing to open rather than discard it"
+                ),
+            ));
+        }
         Err(e) => Kind::BadHeader(e.to_string()),
     };
     Ok(SegFile {
@@ -355,6 +408,7 @@ fn scan_segment(
     size: u64,
     first_seq: Seq,
     cluster_id: &[u8; 16],
+    max_inflight: u32,
 ) -> Result<ScanResult> {
     let mut pos = SEGMENT_HEADER_BLOCK;
     let mut expected = first_seq;
@@ -369,11 +423,24 @@ fn scan_segment(
         let h = match format::decode_batch_header(&block, no) {
             Err(FormatError::Zero) if format::is_zero(&block) => break (End::Clean, 0, false),
             Err(FormatError::Stale { .. }) => break (End::Clean, 0, true),
+            // Valid checksum, unusable content: written on purpose (another format
+            // version) or damaged in place — never a torn write. Refuse.
+            Err(e @ (FormatError::UnsupportedVersion(_) | FormatError::Invalid(_))) => {
+                return Err(corruption(
+                    path,
+                    pos,
+                    format!(
+                        "batch header has a valid checksum but {e}: written by another ferry \
+                         version or damaged; refusing to open rather than discard it"
+                    ),
+                ));
+            }
             Err(e) => {
                 break (
                     End::Torn {
                         len: BLOCK_SIZE as u64,
                         reason: format!("bad batch header: {e}"),
+                        discarded: None,
                     },
                     BLOCK_SIZE as u64,
                     false,
@@ -415,6 +482,7 @@ fn scan_segment(
                 End::Torn {
                     len: disk,
                     reason: format!("bad batch body (seq {}..={}): {e}", h.first_seq, h.last_seq),
+                    discarded: None,
                 },
                 disk,
                 false,
@@ -425,12 +493,14 @@ fn scan_segment(
         pos += disk;
     };
     // Look past the end: a batch that validates under this segment's salt after
-    // the end means an earlier write was lost or damaged, not torn.
+    // the end means an earlier write was lost or damaged, not torn -- unless the
+    // writer had several batch writes in flight (see `tail_span`).
     let mut last_nonzero_end = if stale_at_end {
         pos + BLOCK_SIZE as u64
     } else {
         pos
     };
+    let mut found: Vec<(u64, format::BatchHeader)> = Vec::new();
     let mut off = pos + invalid_len.max(if stale_at_end { BLOCK_SIZE as u64 } else { 0 });
     let mut chunk = vec![0u8; SCAN_CHUNK];
     while off < size {
@@ -443,6 +513,40 @@ fn scan_segment(
             let at = off + (i * BLOCK_SIZE) as u64;
             last_nonzero_end = at + BLOCK_SIZE as u64;
             if let Ok(h) = format::decode_batch_header(blk, no) {
+                // More than N-1 can never be a torn tail: stop collecting.
+                if found.len() >= max_inflight as usize {
+                    break;
+                }
+                found.push((at, h));
+            }
+        }
+        if found.len() >= max_inflight.max(1) as usize {
+            break;
+        }
+        off += n as u64;
+    }
+    let mut end = end;
+    let mut zeroed_from = last_nonzero_end.max(pos);
+    if let Some(&(at, h)) = found.first() {
+        match tail_span(stale_at_end, pos, expected, size, max_inflight, &found) {
+            Some((span_end, n, last)) => {
+                let reason = match &end {
+                    End::Clean => "all-zero block (write never landed)".to_string(),
+                    End::Torn { reason, .. } => reason.clone(),
+                };
+                end = End::Torn {
+                    len: span_end - pos,
+                    reason: format!(
+                        "{reason}, followed by {} valid batch(es) up to seq {last} written while it was in flight",
+                        found.len()
+                    ),
+                    discarded: Some((n, expected, last)),
+                };
+                if last_nonzero_end <= span_end {
+                    zeroed_from = pos;
+                }
+            }
+            None => {
                 let what = match &end {
                     End::Clean => "the end of the log".to_string(),
                     End::Torn { reason, .. } => format!("an invalid batch ({reason})"),
@@ -451,19 +555,53 @@ fn scan_segment(
                     path,
                     at,
                     format!(
-                        "valid batch (seq {}..={}) found after {what} at offset {pos}",
+                        "valid batch (seq {}..={}) found after {what} at offset {pos} (max_inflight {max_inflight})",
                         h.first_seq, h.last_seq
                     ),
                 ));
             }
         }
-        off += n as u64;
     }
     Ok(ScanResult {
         next_seq: expected,
         batches,
         end_pos: pos,
         end,
-        zeroed_from: last_nonzero_end.max(pos),
+        zeroed_from,
     })
+}
+
+/// Whether the valid batches `found` after the end position `pos` can be the
+/// unacknowledged rest of a pipelined tail: the writer had up to `max_inflight`
+/// writes in flight, so the first invalid (or never-landed, all-zero) batch at
+/// `pos` may be followed by at most `max_inflight - 1` valid batches, with
+/// contiguous seqs after `expected`, inside the segment, and nothing valid after
+/// them (the scan collected every valid header to the end of the segment). A stale
+/// block at `pos` cannot start such a tail (pipelining only happens over known-zero
+/// space). Returns (end of the span, batches discarded, last seq discarded).
+fn tail_span(
+    stale_at_end: bool,
+    pos: u64,
+    expected: Seq,
+    size: u64,
+    max_inflight: u32,
+    found: &[(u64, format::BatchHeader)],
+) -> Option<(u64, u64, Seq)> {
+    if stale_at_end || found.is_empty() || found.len() >= max_inflight.max(1) as usize {
+        return None;
+    }
+    let mut prev: Option<&format::BatchHeader> = None;
+    for (at, h) in found {
+        if *at < pos || at + h.disk_len() > size {
+            return None;
+        }
+        match prev {
+            None if h.first_seq <= expected => return None,
+            Some(p) if h.first_seq != p.last_seq + 1 => return None,
+            _ => {}
+        }
+        prev = Some(h);
+    }
+    let (at, h) = found.last()?;
+    Some((at + h.disk_len(), 1 + found.len() as u64, h.last_seq))
 }

@@ -3,11 +3,22 @@
 //! Appenders assign a sequence and push into a bounded queue under one mutex, so
 //! queue order is sequence order. The writer thread owns the IO engine and the
 //! active segment: each round it takes as many queued records as fit in
-//! `max_batch_bytes`, encodes them into one 4 KiB-aligned buffer, issues one durable
-//! write, then hands the batch's completions to the completion thread, which runs them
-//! in order while the writer already forms and writes the next batch (so the
-//! callbacks' wake-ups never delay the next durable write). Exactly one batch write is
-//! in flight, which is what bounds the torn tail recovery may truncate to one batch.
+//! `max_batch_bytes`, encodes them into one 4 KiB-aligned staging slot and submits one
+//! durable write. While fewer than `depth` writes are in flight and records are
+//! queued it forms and submits the next batch; otherwise it waits for the OLDEST
+//! in-flight write, advances `durable_seq` to its last seq and hands its completions
+//! to the completion thread (which runs them in order while the writer goes on).
+//! Results are taken in submission order, so completions and `durable_seq` stay in
+//! sequence order even if the device finishes a later write first.
+//!
+//! Pipelining limits (each keeps FORMAT.md's crash analysis true):
+//! * depth = min(`max_inflight_batches`, engine slots, the active segment header's
+//!   recorded `max_inflight`): recovery tolerates a torn tail of that many batches;
+//! * a segment activation (header + first batch) is written alone: in-flight writes
+//!   are drained first and nothing is submitted until it is durable;
+//! * a batch whose write carries a trailing zero block (recycled, not known-zero
+//!   area) is a barrier too: the next batch starts exactly on that zero block, and
+//!   two overlapping in-flight writes could land in either order.
 //!
 //! The helper thread keeps one spare segment ready (recycling released segments or
 //! writing a fresh zeroed file) so the write path does not stall on preparation.
@@ -18,7 +29,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
@@ -111,7 +122,8 @@ pub struct JournalStats {
     pub records: u64,
     /// Bytes written to segments by batch writes (headers and padding included).
     pub bytes_written: u64,
-    /// Time spent in durable batch writes, summed.
+    /// Time from submission to completion of durable batch writes, summed (with
+    /// several writes in flight the intervals overlap).
     pub write_ns: u64,
 }
 
@@ -132,8 +144,9 @@ impl Journal {
     /// the writer and helper threads.
     pub fn open(opts: JournalOptions) -> Result<(Journal, RecoveryReport)> {
         opts.validate()?;
-        let (eng, reason) = engine::make_engine(opts.engine, staging_len(&opts))
-            .map_err(JournalError::EngineUnavailable)?;
+        let (eng, reason) =
+            engine::make_engine(opts.engine, staging_len(&opts), opts.max_inflight_batches)
+                .map_err(JournalError::EngineUnavailable)?;
         Self::start(opts, eng, reason)
     }
 
@@ -156,6 +169,10 @@ impl Journal {
         let lock = segment::lock_dir(&opts.dir)?;
         let rec = recovery::recover(&opts.dir, opts.cluster_id, opts.recovery)?;
         let engine_name = engine.name();
+        let depth = opts
+            .max_inflight_batches
+            .min(engine.max_inflight())
+            .clamp(1, format::MAX_INFLIGHT_BATCHES as usize);
         let active = match rec.data.last() {
             Some(d) => Some(Active {
                 no: d.no,
@@ -163,6 +180,8 @@ impl Journal {
                 size: d.size,
                 pos: rec.write_pos,
                 zeroed_from: rec.zeroed_from,
+                // Never more in flight than the segment header promises recovery.
+                depth: depth.min(rec.active_depth.max(1)),
             }),
             None => None,
         };
@@ -227,6 +246,9 @@ impl Journal {
             let w = Writer {
                 shared: shared.clone(),
                 engine,
+                inflight: VecDeque::new(),
+                held: None,
+                depth,
                 active,
                 completer,
             };
@@ -448,11 +470,41 @@ struct Active {
     /// after each batch is zeroed explicitly so an all-zero block always marks
     /// the end of the log (recycled segments hold stale bytes).
     zeroed_from: u64,
+    /// Most batch writes in flight in this segment (recorded in its header).
+    depth: usize,
 }
+
+/// A batch write submitted to the engine and not yet reaped.
+struct Flight {
+    batch: Vec<Pending>,
+    slot: usize,
+    last: Seq,
+    /// Segment, offset and length of the write (for errors and stats).
+    seg_no: u64,
+    offset: u64,
+    total: usize,
+    /// End of the batch in its segment (the append position once durable).
+    end: u64,
+    /// Nothing may be submitted until this write is reaped.
+    barrier: bool,
+    started: Instant,
+    /// Segment activated by this write; joins the log once the write is durable.
+    roll: Option<(Active, Spare)>,
+}
+
+type Failure = (JournalError, Vec<Pending>);
 
 struct Writer {
     shared: Arc<Shared>,
+    // Field order: the engine is dropped (reaping anything still in flight) before
+    // the files the writes target.
     engine: Box<dyn IoEngine>,
+    /// Submitted writes, oldest first.
+    inflight: VecDeque<Flight>,
+    /// A batch formed but waiting for in-flight writes to drain (segment roll).
+    held: Option<Vec<Pending>>,
+    /// Writer pipeline depth: min(option, engine slots).
+    depth: usize,
     active: Option<Active>,
     completer: Arc<CompletionQueue>,
 }
@@ -515,31 +567,156 @@ impl Drop for Writer {
 
 impl Writer {
     fn run(mut self) {
-        while let Some(batch) = self.next_batch() {
-            let last = batch.last().map_or(0, |p| p.seq);
-            match self.write_batch(&batch) {
-                Ok(()) => {
-                    self.shared.durable_seq.store(last, Ordering::Release);
-                    self.complete(batch.into_iter().map(|p| (p.done, Ok(p.seq))).collect());
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "journal: batch write failed; journal is now failed");
-                    self.fail(e, batch);
+        if let Err((e, failed)) = self.pump() {
+            tracing::error!(error = %e, "journal: batch write failed; journal is now failed");
+            self.fail(e, failed);
+        }
+    }
+
+    /// The writer loop. Ok once closed and drained; Err with the first failure and
+    /// every batch from the failed one on (in sequence order), none acknowledged.
+    fn pump(&mut self) -> std::result::Result<(), Failure> {
+        // Each iteration submits what it may, then reaps the oldest write.
+        loop {
+            while self.can_submit() {
+                let batch = match self.held.take() {
+                    Some(b) => b,
+                    None => match self.next_batch(self.inflight.is_empty()) {
+                        Some(b) => b,
+                        None if self.inflight.is_empty() => return Ok(()),
+                        None => break,
+                    },
+                };
+                if !self.inflight.is_empty() && self.needs_roll(&batch) {
+                    // No pipelining across a roll: drain first.
+                    self.held = Some(batch);
                     break;
                 }
+                if let Err((e, batch)) = self.submit_batch(batch) {
+                    // Writes submitted before it may still succeed: reap (and
+                    // acknowledge) them in order, then fail this batch.
+                    let (e, mut failed) = match self.settle_all(None) {
+                        Some((first, mut failed)) => {
+                            failed.extend(batch);
+                            (first, failed)
+                        }
+                        None => (e, batch),
+                    };
+                    failed.extend(self.held.take().into_iter().flatten());
+                    return Err((e, failed));
+                }
+            }
+            let Some(f) = self.inflight.pop_front() else {
+                continue;
+            };
+            let r = self.engine.wait_oldest();
+            if let Err(fail) = self.finish(f, r) {
+                let (e, mut failed) = self.settle_all(Some(fail)).unwrap_or_else(|| {
+                    (JournalError::Closed, Vec::new()) // unreachable: Some in, Some out
+                });
+                failed.extend(self.held.take().into_iter().flatten());
+                return Err((e, failed));
             }
         }
     }
 
-    /// Waits for records and takes one round's worth. None when closed and drained
-    /// (or failed).
-    fn next_batch(&mut self) -> Option<Vec<Pending>> {
+    fn can_submit(&self) -> bool {
+        let limit = self
+            .active
+            .as_ref()
+            .map_or(1, |a| a.depth)
+            .min(self.depth)
+            .max(1);
+        self.inflight.len() < limit && !self.inflight.back().is_some_and(|f| f.barrier)
+    }
+
+    fn needs_roll(&self, batch: &[Pending]) -> bool {
+        let disk = format::batch_disk_len(format::body_len(batch.iter().map(|p| &p.rec)));
+        match &self.active {
+            Some(a) => a.pos + disk > a.size,
+            None => true,
+        }
+    }
+
+    /// Reaps every write still in flight, oldest first. Until a failure is known
+    /// (`failed` None) successes are acknowledged as usual; from the first failure
+    /// on, later writes are only waited for and their records join the failed list
+    /// even if they reached the disk (their completions must never say durable).
+    fn settle_all(&mut self, mut failed: Option<Failure>) -> Option<Failure> {
+        while let Some(f) = self.inflight.pop_front() {
+            let r = self.engine.wait_oldest();
+            match &mut failed {
+                None => {
+                    if let Err(fail) = self.finish(f, r) {
+                        failed = Some(fail);
+                    }
+                }
+                Some((_, list)) => {
+                    self.abandon_roll(f.roll);
+                    list.extend(f.batch);
+                }
+            }
+        }
+        failed
+    }
+
+    /// Returns the spare of a roll whose activation write did not complete.
+    fn abandon_roll(&self, roll: Option<(Active, Spare)>) {
+        if let Some((_, spare)) = roll {
+            let mut s = self.shared.segs.lock();
+            s.activating -= 1;
+            s.spares.push_front(spare);
+        }
+    }
+
+    /// The oldest write completed with `r`: publish it or report the failure.
+    fn finish(&mut self, f: Flight, r: std::io::Result<()>) -> std::result::Result<(), Failure> {
+        let st = &self.shared.stats;
+        st.write_ns
+            .fetch_add(f.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Err(e) = r {
+            self.abandon_roll(f.roll);
+            let name = segment::segment_file_name(f.seg_no);
+            return Err((
+                JournalError::io(
+                    format!("write {} bytes at {} of segment {name}", f.total, f.offset),
+                    e,
+                ),
+                f.batch,
+            ));
+        }
+        st.batches.fetch_add(1, Ordering::Relaxed);
+        st.records
+            .fetch_add(f.batch.len() as u64, Ordering::Relaxed);
+        st.bytes_written
+            .fetch_add(f.total as u64, Ordering::Relaxed);
+        if let Some((a, spare)) = f.roll {
+            let mut s = self.shared.segs.lock();
+            s.activating -= 1;
+            s.data.push(SegInfo {
+                no: spare.no,
+                path: spare.path,
+                first_seq: f.batch.first().map_or(0, |p| p.seq),
+                size: spare.size,
+            });
+            drop(s);
+            self.active = Some(a);
+        }
+        self.shared.active_pos.store(f.end, Ordering::Release);
+        self.shared.durable_seq.store(f.last, Ordering::Release);
+        self.complete(f.batch.into_iter().map(|p| (p.done, Ok(p.seq))).collect());
+        Ok(())
+    }
+
+    /// Takes one round's worth of queued records. `wait`: blocks for records
+    /// (None when closed and drained, or failed); otherwise None if none are queued.
+    fn next_batch(&mut self, wait: bool) -> Option<Vec<Pending>> {
         let sh = &self.shared;
         let limit = (sh.opts.max_batch_bytes as u64)
             .min(sh.opts.max_record_data() + format::RECORD_HEADER_LEN as u64);
         let mut q = sh.queue.lock();
         while q.items.is_empty() {
-            if q.closed || q.failed.is_some() {
+            if !wait || q.closed || q.failed.is_some() {
                 return None;
             }
             sh.not_empty.wait(&mut q);
@@ -561,21 +738,42 @@ impl Writer {
         Some(batch)
     }
 
-    fn write_batch(&mut self, batch: &[Pending]) -> Result<()> {
+    /// Encodes `batch` into a free slot and submits its write. A roll (segment
+    /// activation) is only called with nothing in flight.
+    fn submit_batch(&mut self, batch: Vec<Pending>) -> std::result::Result<(), Failure> {
+        match self.stage_and_submit(&batch) {
+            Ok(mut f) => {
+                f.batch = batch;
+                self.inflight.push_back(f);
+                Ok(())
+            }
+            Err(e) => Err((e, batch)),
+        }
+    }
+
+    fn stage_and_submit(&mut self, batch: &[Pending]) -> Result<Flight> {
         let body = format::body_len(batch.iter().map(|p| &p.rec));
         let disk = format::batch_disk_len(body);
         let first_seq = batch.first().map_or(0, |p| p.seq);
-        let roll = match &self.active {
-            Some(a) => a.pos + disk > a.size,
-            None => true,
-        };
+        let last = batch.last().map_or(0, |p| p.seq);
+        let roll = self.needs_roll(batch);
         let mut new_active = None;
         if roll {
+            debug_assert!(self.inflight.is_empty());
             let spare = self.take_spare()?;
+            let file = match segment::open_rw(&spare.path) {
+                Ok(f) => f,
+                Err(e) => {
+                    let mut s = self.shared.segs.lock();
+                    s.activating -= 1;
+                    s.spares.push_front(spare);
+                    return Err(e);
+                }
+            };
             new_active = Some((
                 Active {
                     no: spare.no,
-                    file: segment::open_rw(&spare.path)?,
+                    file,
                     size: spare.size,
                     pos: SEGMENT_HEADER_BLOCK,
                     zeroed_from: if spare.zeroed {
@@ -583,10 +781,14 @@ impl Writer {
                     } else {
                         spare.size
                     },
+                    depth: self.depth,
                 },
                 spare,
             ));
         }
+        let slot = (0..self.depth)
+            .find(|s| !self.inflight.iter().any(|f| f.slot == *s))
+            .unwrap_or(0);
         let target = match (&mut new_active, &mut self.active) {
             (Some((a, _)), _) => a,
             (None, Some(a)) => a,
@@ -594,9 +796,11 @@ impl Writer {
         };
         let end = target.pos + disk;
         if end > target.size {
-            return Err(JournalError::InvalidRecord(format!(
+            let err = JournalError::InvalidRecord(format!(
                 "batch of {disk} bytes does not fit a segment"
-            )));
+            ));
+            self.abandon_roll(new_active);
+            return Err(err);
         }
         let trailing = end < target.size && end < target.zeroed_from;
         let head = if roll {
@@ -612,68 +816,69 @@ impl Writer {
             first_seq,
             timestamp_ns: now_ns(),
         };
-        let buf = self
-            .engine
-            .staging(total)
-            .map_err(|e| JournalError::io("allocate staging buffer", e))?;
-        if roll {
-            // Segment header and first batch go in one write: a torn activation
-            // leaves either no header (spare) or a header with a torn first batch.
-            buf[..head].fill(0);
-            let sh = format::SegmentHeader {
-                segment_no: target.no,
-                cluster_id: params.cluster_id,
-                first_seq,
-                segment_size: target.size,
-            };
-            buf[..format::SEGMENT_HEADER_LEN].copy_from_slice(&format::encode_segment_header(&sh));
-        }
-        let (_, n) = format::encode_batch(
-            &mut buf[head..head + disk as usize],
-            &params,
-            batch.iter().map(|p| &p.rec),
-        )
-        .map_err(|e| JournalError::InvalidRecord(format!("encoding batch: {e}")))?;
-        debug_assert_eq!(n as u64, disk);
-        if trailing {
-            buf[head + n..total].fill(0);
-        }
         let offset = if roll { 0 } else { target.pos };
-        let started = std::time::Instant::now();
-        let written = self.engine.write_staged(&target.file, total, offset);
-        let st = &self.shared.stats;
-        st.write_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if let Err(e) = written {
-            let name = segment::segment_file_name(target.no);
-            if let Some((_, spare)) = new_active {
-                let mut s = self.shared.segs.lock();
-                s.activating -= 1;
-                s.spares.push_front(spare);
+        let seg_no = target.no;
+        let staged = (|| -> Result<Instant> {
+            let buf = self
+                .engine
+                .staging_slot(slot, total)
+                .map_err(|e| JournalError::io("allocate staging buffer", e))?;
+            if roll {
+                // Segment header and first batch go in one write: a torn activation
+                // leaves either no header (spare) or a header with a torn first batch.
+                buf[..head].fill(0);
+                let sh = format::SegmentHeader {
+                    segment_no: target.no,
+                    cluster_id: params.cluster_id,
+                    first_seq,
+                    segment_size: target.size,
+                    max_inflight: target.depth as u32,
+                };
+                buf[..format::SEGMENT_HEADER_LEN]
+                    .copy_from_slice(&format::encode_segment_header(&sh));
             }
-            return Err(JournalError::io(
-                format!("write {total} bytes at {offset} of segment {name}"),
-                e,
-            ));
-        }
-        st.batches.fetch_add(1, Ordering::Relaxed);
-        st.records.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        st.bytes_written.fetch_add(total as u64, Ordering::Relaxed);
+            let (_, n) = format::encode_batch(
+                &mut buf[head..head + disk as usize],
+                &params,
+                batch.iter().map(|p| &p.rec),
+            )
+            .map_err(|e| JournalError::InvalidRecord(format!("encoding batch: {e}")))?;
+            debug_assert_eq!(n as u64, disk);
+            if trailing {
+                buf[head + n..total].fill(0);
+            }
+            let started = Instant::now();
+            self.engine
+                .submit_staged(slot, &target.file, total, offset)
+                .map(|()| started)
+                .map_err(|e| {
+                    let name = segment::segment_file_name(target.no);
+                    JournalError::io(
+                        format!("write {total} bytes at {offset} of segment {name}"),
+                        e,
+                    )
+                })
+        })();
+        let started = match staged {
+            Ok(t) => t,
+            Err(e) => {
+                self.abandon_roll(new_active);
+                return Err(e);
+            }
+        };
         target.pos = end;
-        self.shared.active_pos.store(end, Ordering::Release);
-        if let Some((a, spare)) = new_active {
-            let mut s = self.shared.segs.lock();
-            s.activating -= 1;
-            s.data.push(SegInfo {
-                no: spare.no,
-                path: spare.path,
-                first_seq,
-                size: spare.size,
-            });
-            drop(s);
-            self.active = Some(a);
-        }
-        Ok(())
+        Ok(Flight {
+            batch: Vec::new(),
+            slot,
+            last,
+            seg_no,
+            offset,
+            total,
+            end,
+            barrier: roll || trailing,
+            started,
+            roll: new_active,
+        })
     }
 
     /// Takes the prepared spare; waits (backpressure) while the journal is full.

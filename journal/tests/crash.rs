@@ -28,6 +28,8 @@ fn crash_opts(dir: &std::path::Path, engine: EngineChoice) -> JournalOptions {
     o.engine = engine;
     o.max_batch_bytes = 1 << 20;
     o.queue_records = 32;
+    // io_uring iterations pipeline two batch writes; std runs at depth 1.
+    o.max_inflight_batches = 2;
     o
 }
 
@@ -222,7 +224,52 @@ fn crash_kill_reopen_verify() {
         // Power-loss emulation: SIGKILL cannot tear a write the kernel accepted,
         // so tear the last batch ourselves when nobody was told it was durable.
         let max_ack = acks.last().copied().unwrap_or(0);
-        if let Some((path, offset, h)) = last_batch(dir.path()) {
+        // With two writes in flight the older one can tear while the newer lands:
+        // recovery must discard both (in a segment whose header records depth 2).
+        // Emulated on two batches the parent appends itself (SIGKILL alone cannot
+        // tear a write), treated as never acknowledged.
+        let mut tail = last_batches(dir.path());
+        if iter % 3 == 1 && tail.as_ref().is_some_and(|t| t.1 == 2) {
+            let (j, _) = Journal::open(crash_opts(dir.path(), EngineChoice::Auto)).unwrap();
+            for _ in 0..2 {
+                let seq = j.last_seq() + 1;
+                j.append_wait(Record::write(1, seq * 512, payload(seq, len_of(seq))))
+                    .unwrap();
+            }
+            j.close().unwrap();
+            tail = last_batches(dir.path());
+        }
+        if let Some((path, 2, batches)) = &tail {
+            if let [.., (offset, h), (_, h2)] = batches[..] {
+                if h.first_seq > max_ack && iter % 3 == 1 {
+                    let mut bytes = std::fs::read(path).unwrap();
+                    let at = offset as usize + format::BATCH_HEADER_LEN + h.body_len as usize / 2;
+                    bytes[at] ^= 0x5a;
+                    std::fs::write(path, bytes).unwrap();
+                    let (j, rep2) =
+                        Journal::open(crash_opts(dir.path(), EngineChoice::Std)).unwrap();
+                    assert_eq!(
+                        (rep2.truncated_batches, rep2.last_seq),
+                        (2, h.first_seq - 1),
+                        "iteration {iter}: pipelined torn tail not discarded"
+                    );
+                    let needle =
+                        format!("discarded 2 batches, seqs {}..{}", h.first_seq, h2.last_seq);
+                    assert!(
+                        rep2.events.iter().any(|e| e.contains(&needle)),
+                        "iteration {iter}: {:?}",
+                        rep2.events
+                    );
+                    eprintln!(
+                        "iteration {iter}: tore second-to-last unacknowledged batch {}..={} (last {}..={} valid), recovery discarded both",
+                        h.first_seq, h.last_seq, h2.first_seq, h2.last_seq
+                    );
+                    j.close().unwrap();
+                }
+            }
+        }
+        let last = tail.and_then(|(p, _, b)| b.last().map(|&(o, h)| (p, o, h)));
+        if let Some((path, offset, h)) = last.filter(|_| iter % 3 != 1) {
             if h.first_seq > max_ack && iter % 3 == 0 {
                 let mut bytes = std::fs::read(&path).unwrap();
                 let at = offset as usize + format::BATCH_HEADER_LEN + h.body_len as usize / 2;
@@ -253,8 +300,12 @@ fn crash_kill_reopen_verify() {
     assert!(total_acked > 0, "no child ever acknowledged a record");
 }
 
-/// Locates the last valid batch of the log using only the pure format functions.
-fn last_batch(dir: &std::path::Path) -> Option<(std::path::PathBuf, u64, BatchHeader)> {
+/// Locates the last segment holding valid batches, using only the pure format
+/// functions: its path, recorded max_inflight and its last two batches.
+#[allow(clippy::type_complexity)]
+fn last_batches(
+    dir: &std::path::Path,
+) -> Option<(std::path::PathBuf, u32, Vec<(u64, BatchHeader)>)> {
     let mut segs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| {
@@ -265,22 +316,25 @@ fn last_batch(dir: &std::path::Path) -> Option<(std::path::PathBuf, u64, BatchHe
     segs.sort();
     for (no, path) in segs.into_iter().rev() {
         let bytes = std::fs::read(&path).unwrap();
-        if format::decode_segment_header(&bytes, no).is_err() {
+        let Ok(sh) = format::decode_segment_header(&bytes, no) else {
             continue;
-        }
+        };
         let mut pos = format::BLOCK_SIZE;
-        let mut last = None;
+        let mut last: Vec<(u64, BatchHeader)> = Vec::new();
         while pos + format::BATCH_HEADER_LEN <= bytes.len() {
             match format::decode_batch_header(&bytes[pos..], no) {
                 Ok(h) => {
-                    last = Some((path.clone(), pos as u64, h));
+                    last.push((pos as u64, h));
+                    if last.len() > 2 {
+                        last.remove(0);
+                    }
                     pos += h.disk_len() as usize;
                 }
                 Err(_) => break,
             }
         }
-        if last.is_some() {
-            return last;
+        if !last.is_empty() {
+            return Some((path, sh.max_inflight, last));
         }
     }
     None

@@ -13,7 +13,9 @@ fn golden_segment_header() {
         cluster_id: CLUSTER,
         first_seq: 42,
         segment_size: 1 << 20,
+        max_inflight: 1,
     };
+    // Depth 1 is stored as 0: byte-identical to the original v1 header.
     #[rustfmt::skip]
     let expected: [u8; 64] = [
         b'F', b'E', b'R', b'R', b'Y', b'S', b'E', b'G', // 0  magic
@@ -25,7 +27,7 @@ fn golden_segment_header() {
         b'u', b's', b't', b'e', b'r', b'-', b'0', b'1',
         42, 0, 0, 0, 0, 0, 0, 0,                        // 40 first seq
         0, 0, 0x10, 0, 0, 0, 0, 0,                      // 48 segment size 1 MiB
-        0, 0, 0, 0,                                     // 56 reserved
+        0, 0, 0, 0,                                     // 56 max_inflight (0 = 1)
         0xfe, 0xcc, 0x80, 0xa4,                         // 60 crc32c salted with segment 1
     ];
     let got = encode_segment_header(&h);
@@ -41,6 +43,52 @@ fn golden_segment_header() {
             segment: 2
         })
     );
+}
+
+/// The writer pipeline depth lives in the formerly reserved u32 at offset 56
+/// (covered by the header CRC); 0 means 1.
+#[test]
+fn golden_segment_header_with_pipeline_depth() {
+    let h = SegmentHeader {
+        segment_no: 1,
+        cluster_id: CLUSTER,
+        first_seq: 42,
+        segment_size: 1 << 20,
+        max_inflight: 2,
+    };
+    #[rustfmt::skip]
+    let expected: [u8; 64] = [
+        b'F', b'E', b'R', b'R', b'Y', b'S', b'E', b'G', // 0  magic
+        1, 0,                                           // 8  version
+        0, 0,                                           // 10 flags
+        0x00, 0x10, 0, 0,                               // 12 header block size 4096
+        1, 0, 0, 0, 0, 0, 0, 0,                         // 16 segment number
+        b'f', b'e', b'r', b'r', b'y', b'-', b'c', b'l', // 24 cluster id
+        b'u', b's', b't', b'e', b'r', b'-', b'0', b'1',
+        42, 0, 0, 0, 0, 0, 0, 0,                        // 40 first seq
+        0, 0, 0x10, 0, 0, 0, 0, 0,                      // 48 segment size 1 MiB
+        2, 0, 0, 0,                                     // 56 max_inflight 2
+        0x7f, 0xef, 0xe7, 0x1b,                         // 60 crc32c salted with segment 1
+    ];
+    let got = encode_segment_header(&h);
+    assert_eq!(got, expected);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&1u64.to_le_bytes()), &expected[..60]);
+    assert_eq!(crc.to_le_bytes(), expected[60..64]);
+    assert_eq!(decode_segment_header(&got, 1), Ok(h));
+    // A stored 0 decodes as 1; more than MAX_INFLIGHT_BATCHES is refused.
+    let mut zero = got;
+    zero[56] = 0;
+    let crc = salted_crc(1, &zero[..60]);
+    zero[60..64].copy_from_slice(&crc.to_le_bytes());
+    assert_eq!(decode_segment_header(&zero, 1).unwrap().max_inflight, 1);
+    let mut big = got;
+    big[56..60].copy_from_slice(&(MAX_INFLIGHT_BATCHES + 1).to_le_bytes());
+    let crc = salted_crc(1, &big[..60]);
+    big[60..64].copy_from_slice(&crc.to_le_bytes());
+    assert!(matches!(
+        decode_segment_header(&big, 1),
+        Err(FormatError::Invalid(_))
+    ));
 }
 
 #[test]
@@ -231,8 +279,8 @@ proptest! {
     }
 
     #[test]
-    fn segment_header_round_trip(no in any::<u64>(), first in 1u64.., size in 2u64..1_000_000) {
-        let h = SegmentHeader { segment_no: no, cluster_id: CLUSTER, first_seq: first, segment_size: size * BLOCK_SIZE as u64 };
+    fn segment_header_round_trip(no in any::<u64>(), first in 1u64.., size in 2u64..1_000_000, depth in 1u32..=MAX_INFLIGHT_BATCHES) {
+        let h = SegmentHeader { segment_no: no, cluster_id: CLUSTER, first_seq: first, segment_size: size * BLOCK_SIZE as u64, max_inflight: depth };
         prop_assert_eq!(decode_segment_header(&encode_segment_header(&h), no), Ok(h));
     }
 

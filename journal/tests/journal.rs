@@ -469,3 +469,306 @@ fn a_second_instance_is_refused() {
     j.close().unwrap();
     Journal::open(opts(dir.path(), EngineChoice::Std)).unwrap();
 }
+
+// ---------------------------------------------------------------- pipelining
+
+/// A two-slot engine that defers writes to `wait_oldest` and then performs them
+/// newest first, like a device finishing batch k+1 before batch k. The write with
+/// index `fail_at` (0-based, in submission order) fails with EIO and writes nothing.
+struct ReorderingEngine {
+    slots: Vec<StdEngine>,
+    queue: std::collections::VecDeque<Sub>,
+    submitted: usize,
+    fail_at: Option<usize>,
+    /// Delay inside the failing submission, so later batches queue up behind it.
+    fail_submit_delay: Duration,
+    max_seen_inflight: Arc<AtomicUsize>,
+}
+
+struct Sub {
+    slot: usize,
+    file: File,
+    len: usize,
+    offset: u64,
+    fail: bool,
+    done: Option<io::Result<()>>,
+}
+
+impl ReorderingEngine {
+    fn new(fail_at: Option<usize>) -> (ReorderingEngine, Arc<AtomicUsize>) {
+        let max = Arc::new(AtomicUsize::new(0));
+        (
+            ReorderingEngine {
+                slots: vec![StdEngine::new(1 << 20), StdEngine::new(1 << 20)],
+                queue: Default::default(),
+                submitted: 0,
+                fail_at,
+                fail_submit_delay: Duration::from_millis(200),
+                max_seen_inflight: max.clone(),
+            },
+            max,
+        )
+    }
+}
+
+impl IoEngine for ReorderingEngine {
+    fn name(&self) -> &'static str {
+        "reordering"
+    }
+    fn staging(&mut self, len: usize) -> io::Result<&mut [u8]> {
+        self.slots[0].staging(len)
+    }
+    fn write_staged(&mut self, file: &File, len: usize, offset: u64) -> io::Result<()> {
+        self.submit_staged(0, file, len, offset)?;
+        self.wait_oldest()
+    }
+    fn max_inflight(&self) -> usize {
+        2
+    }
+    fn staging_slot(&mut self, slot: usize, len: usize) -> io::Result<&mut [u8]> {
+        assert!(
+            !self.queue.iter().any(|s| s.slot == slot),
+            "slot {slot} restaged while in flight"
+        );
+        self.slots[slot].staging(len)
+    }
+    fn submit_staged(
+        &mut self,
+        slot: usize,
+        file: &File,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<()> {
+        let fail = self.fail_at == Some(self.submitted);
+        self.submitted += 1;
+        self.queue.push_back(Sub {
+            slot,
+            file: file.try_clone()?,
+            len,
+            offset,
+            fail,
+            done: None,
+        });
+        self.max_seen_inflight
+            .fetch_max(self.queue.len(), Ordering::SeqCst);
+        if fail {
+            std::thread::sleep(self.fail_submit_delay);
+        }
+        Ok(())
+    }
+    fn wait_oldest(&mut self) -> io::Result<()> {
+        // Newest first: a later batch reaches the disk before an earlier one.
+        for i in (0..self.queue.len()).rev() {
+            if self.queue[i].done.is_none() {
+                let s = &self.queue[i];
+                let r = if s.fail {
+                    Err(io::Error::from_raw_os_error(libc::EIO))
+                } else {
+                    let (slot, len, offset) = (s.slot, s.len, s.offset);
+                    let file = s.file.try_clone()?;
+                    self.slots[slot].write_staged(&file, len, offset)
+                };
+                self.queue[i].done = Some(r);
+            }
+        }
+        let s = self
+            .queue
+            .pop_front()
+            .expect("wait_oldest with nothing in flight");
+        s.done.expect("performed above")
+    }
+}
+
+/// Many appenders, depth 2: completions and durable_seq stay in sequence order on
+/// an engine that completes out of order, and on io_uring where available.
+#[test]
+fn pipelined_completions_stay_in_order_under_many_appenders() {
+    let mut variants: Vec<&str> = vec!["reordering"];
+    if engine::probe_io_uring().is_ok() {
+        variants.push("io_uring");
+    } else {
+        eprintln!("SKIP io_uring variant: io_uring unavailable");
+    }
+    for variant in variants {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path(), EngineChoice::IoUring);
+        o.max_inflight_batches = 2;
+        o.max_batch_bytes = 8 << 10; // small batches: many rounds, real overlap
+        let mut max_seen = None;
+        let (j, _) = if variant == "io_uring" {
+            Journal::open(o.clone()).unwrap()
+        } else {
+            let (e, m) = ReorderingEngine::new(None);
+            max_seen = Some(m);
+            Journal::open_with_engine(o.clone(), Box::new(e)).unwrap()
+        };
+        let j = Arc::new(j);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        const THREADS: u64 = 16;
+        const PER: u64 = 150;
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (j, order) = (j.clone(), order.clone());
+                std::thread::spawn(move || {
+                    for i in 0..PER {
+                        let (order, j2) = (order.clone(), j.clone());
+                        let done: Completion = Box::new(move |r| {
+                            let s = r.unwrap();
+                            // durable_seq covers the record before its completion runs.
+                            assert!(j2.durable_seq() >= s);
+                            order.lock().push(s);
+                        });
+                        j.append(
+                            Record::write(
+                                t as u32,
+                                i,
+                                Bytes::from(vec![t as u8; 700 + (i as usize % 300)]),
+                            ),
+                            done,
+                        )
+                        .unwrap();
+                        if i % 10 == 0 {
+                            j.append_wait(Record::trim(t as u32, i, 1)).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let last = j.last_seq();
+        let t0 = Instant::now();
+        while order.lock().len() < (THREADS * PER) as usize || j.durable_seq() < last {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "completions did not arrive"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let got = order.lock().clone();
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "{variant}: completions out of order"
+        );
+        if let Some(m) = max_seen {
+            assert_eq!(
+                m.load(Ordering::SeqCst),
+                2,
+                "never had two writes in flight"
+            );
+        }
+        let st = j.stats();
+        eprintln!(
+            "{variant}: {} records in {} batches",
+            st.records, st.batches
+        );
+        let entries = j.reader(1).unwrap().inspect(|e| assert!(e.is_ok())).count() as u64;
+        assert_eq!(entries, last);
+        Arc::try_unwrap(j).ok().unwrap().close().unwrap();
+        let (j, rep) = Journal::open(o).unwrap();
+        assert_eq!((rep.last_seq, rep.truncated_batches), (last, 0));
+        drop(j);
+    }
+}
+
+/// Depth 2: write k fails while write k+1 (submitted behind it) reaches the disk.
+/// k, k+1 and everything queued fail; nothing after k is acknowledged; recovery
+/// discards k+1 as written-but-never-acknowledged.
+#[test]
+fn pipelined_write_error_fails_later_in_flight_batches_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), EngineChoice::Std);
+    o.max_inflight_batches = 2;
+    o.max_batch_bytes = 64; // one 100-byte record per batch
+                            // Writes 0..=2 succeed (seqs 1..=3), write 3 (seq 4) fails.
+    let (e, max_seen) = ReorderingEngine::new(Some(3));
+    let (j, _) = Journal::open_with_engine(o.clone(), Box::new(e)).unwrap();
+    for i in 1..=3 {
+        assert_eq!(
+            j.append_wait(Record::write(0, 0, payload(i, 100))).unwrap(),
+            i
+        );
+    }
+    let results = Arc::new(Mutex::new(Vec::new()));
+    for _ in 0..5 {
+        let r = results.clone();
+        j.append(
+            Record::write(0, 0, payload(0, 100)),
+            Box::new(move |x| r.lock().push(x)),
+        )
+        .unwrap();
+    }
+    let t0 = Instant::now();
+    while results.lock().len() < 5 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(max_seen.load(Ordering::SeqCst), 2, "k+1 was not in flight");
+    assert!(
+        results
+            .lock()
+            .iter()
+            .all(|r| matches!(r, Err(JournalError::Io { .. }))),
+        "{:?}",
+        results.lock()
+    );
+    assert_eq!(j.durable_seq(), 3);
+    assert!(matches!(j.close(), Err(JournalError::Io { .. })));
+    let (j, rep) = Journal::open(o).unwrap();
+    assert_eq!((rep.last_seq, rep.truncated_batches), (3, 2));
+    assert!(
+        rep.events
+            .iter()
+            .any(|e| e.contains("discarded 2 batches, seqs 4..5, written but never acknowledged")),
+        "{:?}",
+        rep.events
+    );
+    check_entries(&j, 1, 3, |_| 100);
+}
+
+/// The engine API itself: two writes in flight, results in submission order.
+#[test]
+fn uring_engine_two_writes_in_flight() {
+    let mut eng = match UringEngine::with_depth(1 << 16, 2, true) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("SKIP io_uring engine test: {e}");
+            return;
+        }
+    };
+    assert_eq!(eng.max_inflight(), 2);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    for round in 0..20u8 {
+        eng.staging_slot(0, 8192).unwrap().fill(round);
+        eng.submit_staged(0, &file, 8192, 0).unwrap();
+        eng.staging_slot(1, 4096).unwrap().fill(round ^ 0xff);
+        eng.submit_staged(1, &file, 4096, 8192).unwrap();
+        // A slot in flight cannot be restaged.
+        assert!(eng.staging_slot(0, 4096).is_err());
+        eng.wait_oldest().unwrap();
+        eng.wait_oldest().unwrap();
+        assert!(eng.wait_oldest().is_err(), "nothing left in flight");
+        let disk = std::fs::read(&path).unwrap();
+        assert!(disk[..8192].iter().all(|&b| b == round));
+        assert!(disk[8192..].iter().all(|&b| b == round ^ 0xff));
+    }
+    // Growing a slot while the other is in flight keeps that write's result.
+    eng.staging_slot(0, 4096).unwrap().fill(1);
+    eng.submit_staged(0, &file, 4096, 0).unwrap();
+    eng.staging_slot(1, 1 << 20).unwrap().fill(2);
+    eng.submit_staged(1, &file, 1 << 20, 4096).unwrap();
+    eng.wait_oldest().unwrap();
+    eng.wait_oldest().unwrap();
+    let disk = std::fs::read(&path).unwrap();
+    assert!(disk[..4096].iter().all(|&b| b == 1));
+    assert!(disk[4096..4096 + (1 << 20)].iter().all(|&b| b == 2));
+}

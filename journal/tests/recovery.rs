@@ -22,12 +22,17 @@ struct Img {
 
 impl Img {
     fn new(no: u64, first_seq: u64) -> Img {
+        Img::with_depth(no, first_seq, 1)
+    }
+    /// Segment whose header records `depth` batch writes in flight.
+    fn with_depth(no: u64, first_seq: u64, depth: u32) -> Img {
         let mut buf = vec![0u8; SEG as usize];
         let h = SegmentHeader {
             segment_no: no,
             cluster_id: CLUSTER,
             first_seq,
             segment_size: SEG,
+            max_inflight: depth,
         };
         buf[..format::SEGMENT_HEADER_LEN].copy_from_slice(&format::encode_segment_header(&h));
         Img {
@@ -366,4 +371,211 @@ fn leftover_temp_files_are_removed() {
     let (_j, rep) = open(dir.path(), RecoveryMode::TolerateTornTail).unwrap();
     assert_eq!((rep.removed_temp_files, rep.last_seq), (1, 1));
     assert!(!dir.path().join("0000000000000007.seg.tmp").exists());
+}
+
+// ---------------------------------------------------------------- pipelined tails
+
+/// Ways the older of two in-flight batch writes can fail to land.
+fn damage(img: &mut Img, at: usize, how: &str) {
+    match how {
+        // Header block never written (the write did not reach the device at all).
+        "zero" => img.buf[at..at + BLOCK_SIZE].fill(0),
+        "header" => img.buf[at + 8..at + 40].fill(0xab),
+        "body" => img.buf[at + 300] ^= 0xff,
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn depth2_invalid_batch_then_valid_last_batch_is_a_torn_tail() {
+    for how in ["zero", "header", "body"] {
+        for reopen_depth in [1usize, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut img = Img::with_depth(1, 1, 2);
+            img.batch(1, 3).batch(4, 2).batch(6, 1);
+            let (k, k1) = (img.batches[1], img.batches[2]);
+            damage(&mut img, k, how);
+            let path = img.write(dir.path());
+            // Refused without modification under AbsoluteConsistency.
+            assert!(
+                matches!(
+                    open(dir.path(), RecoveryMode::AbsoluteConsistency),
+                    Err(JournalError::TornTail { offset, .. }) if offset == k as u64
+                ),
+                "{how}"
+            );
+            assert_eq!(std::fs::read(&path).unwrap(), img.buf);
+            // Recorded depth 2 decides, whatever the reopening writer's depth.
+            let mut o = opts(dir.path(), EngineChoice::Std);
+            o.max_inflight_batches = reopen_depth;
+            let (j, rep) = Journal::open(o.clone()).unwrap();
+            assert_eq!(
+                (rep.last_seq, rep.truncated_batches, rep.truncated_bytes),
+                (3, 2, (img.pos - k) as u64),
+                "{how}"
+            );
+            let ev = rep
+                .events
+                .iter()
+                .find(|e| {
+                    e.contains("discarded 2 batches, seqs 4..6, written but never acknowledged")
+                })
+                .unwrap_or_else(|| panic!("{how}: no discard event in {:?}", rep.events));
+            assert!(ev.contains(&format!("offset {k}")), "{ev}");
+            let disk = std::fs::read(&path).unwrap();
+            assert!(
+                disk[k..img.pos].iter().all(|&b| b == 0),
+                "{how}: span not zeroed"
+            );
+            assert!(k1 < img.pos);
+            assert_eq!(read_all(&j), vec![1, 2, 3]);
+            // The log continues at the truncation point, and reopens clean.
+            for s in 4..=5 {
+                assert_eq!(
+                    j.append_wait(Record::write(0, 0, payload(s, REC_LEN)))
+                        .unwrap(),
+                    s
+                );
+            }
+            j.close().unwrap();
+            let (j, rep) = Journal::open(o).unwrap();
+            assert_eq!((rep.last_seq, rep.truncated_batches), (5, 0), "{how}");
+            assert_eq!(read_all(&j), vec![1, 2, 3, 4, 5]);
+        }
+    }
+}
+
+#[test]
+fn depth2_invalid_batch_then_two_valid_batches_is_corruption() {
+    for how in ["zero", "header", "body"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = Img::with_depth(1, 1, 2);
+        img.batch(1, 3).batch(4, 2).batch(6, 1).batch(7, 1);
+        {
+            let at = img.batches[1];
+            damage(&mut img, at, how);
+        }
+        let path = img.write(dir.path());
+        let mut o = opts(dir.path(), EngineChoice::Std);
+        o.max_inflight_batches = 2;
+        let needle = if how == "zero" {
+            "end of the log"
+        } else {
+            "invalid batch"
+        };
+        expect_corruption(Journal::open(o), &path, img.batches[2] as u64, needle);
+        assert_eq!(std::fs::read(&path).unwrap(), img.buf, "{how}: modified");
+    }
+}
+
+#[test]
+fn depth1_recorded_invalid_batch_then_valid_batch_is_corruption() {
+    // Written with depth 1 (header field 0): opening with depth 2 changes nothing.
+    for how in ["zero", "header", "body"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = Img::new(1, 1);
+        img.batch(1, 3).batch(4, 2).batch(6, 1);
+        {
+            let at = img.batches[1];
+            damage(&mut img, at, how);
+        }
+        let path = img.write(dir.path());
+        let mut o = opts(dir.path(), EngineChoice::Std);
+        o.max_inflight_batches = 2;
+        expect_corruption(
+            Journal::open(o),
+            &path,
+            img.batches[2] as u64,
+            "valid batch (seq 6..=6)",
+        );
+    }
+}
+
+#[test]
+fn depth2_tail_rules_need_contiguous_seqs_and_a_fresh_gap() {
+    // The valid batch after the invalid one must continue the sequence.
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = Img::with_depth(1, 1, 2);
+    img.batch(1, 3).batch(4, 2).batch(3, 1);
+    {
+        let at = img.batches[1];
+        damage(&mut img, at, "body");
+    }
+    let path = img.write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &path,
+        img.batches[2] as u64,
+        "valid batch (seq 3..=3)",
+    );
+    // A stale block (recycled area) at the end followed by a valid batch stays
+    // corruption: the writer never pipelines over not-known-zero space.
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = Img::with_depth(5, 10, 2);
+    img.batch(10, 3).batch_salted(2, 13, 1).batch(14, 1);
+    let path = img.write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &path,
+        img.batches[2] as u64,
+        "end of the log",
+    );
+    // A depth-2 tail in a segment that is not the last one is still corruption.
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Img::with_depth(1, 1, 2);
+    a.batch(1, 3).batch(4, 1).batch(5, 1);
+    {
+        let at = a.batches[1];
+        damage(&mut a, at, "body");
+    }
+    let p1 = a.write(dir.path());
+    Img::with_depth(2, 6, 2).batch(6, 1).write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &p1,
+        a.batches[1] as u64,
+        "later segments",
+    );
+}
+
+/// A header whose checksum verifies was written on purpose: an unknown format version
+/// (a newer ferry) must be refused, never truncated away as if torn.
+#[test]
+fn valid_checksum_with_unknown_version_is_refused_not_truncated() {
+    // Batch header: version at byte 4, checksum over bytes 0..76 at 76.
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = Img::new(1, 1);
+    img.batch(1, 3).batch(4, 2);
+    let at = img.batches[1];
+    img.buf[at + 4..at + 6].copy_from_slice(&99u16.to_le_bytes());
+    let crc = format::salted_crc(1, &img.buf[at..at + 76]);
+    img.buf[at + 76..at + 80].copy_from_slice(&crc.to_le_bytes());
+    let path = img.write(dir.path());
+    let before = std::fs::read(&path).unwrap();
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &path,
+        at as u64,
+        "valid checksum",
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "a refused open changes nothing"
+    );
+
+    // Segment header: version at byte 8, checksum over bytes 0..60 at 60.
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = Img::new(1, 1);
+    img.batch(1, 3);
+    img.buf[8..10].copy_from_slice(&99u16.to_le_bytes());
+    let crc = format::salted_crc(1, &img.buf[0..60]);
+    img.buf[60..64].copy_from_slice(&crc.to_le_bytes());
+    let path = img.write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &path,
+        0,
+        "valid checksum",
+    );
 }

@@ -81,7 +81,9 @@ fn fio(uri: &str, rw: &str, runtime: u64) -> anyhow::Result<FioResult> {
 }
 
 fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/release")
+        .join(name);
     if !p.exists() {
         bail!(
             "{} missing: run `cargo build --release -p ferryd -p ferryctl` first",
@@ -92,7 +94,9 @@ fn bin(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// A running ferry cluster: the primary, and optionally one standby.
@@ -123,7 +127,11 @@ fn start_cluster(dir: &Path, port: u16, mode: Option<&str>) -> anyhow::Result<Cl
         bail!("ferryctl init: {}", String::from_utf8_lossy(&out.stderr));
     }
     let mut procs = Vec::new();
-    let names: &[&str] = if mode.is_some() { &["dr1", "primary"] } else { &["primary"] };
+    let names: &[&str] = if mode.is_some() {
+        &["dr1", "primary"]
+    } else {
+        &["primary"]
+    };
     for n in names {
         let child = Command::new(bin("ferryd")?)
             .arg("--config")
@@ -191,7 +199,9 @@ fn with_lag_samples<T>(
     };
     let r = f();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut lags = sampler.join().map_err(|_| anyhow::anyhow!("lag sampler panicked"))?;
+    let mut lags = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("lag sampler panicked"))?;
     lags.sort_by(|a, b| a.total_cmp(b));
     let p99 = (!lags.is_empty()).then(|| lags[(lags.len() * 99 / 100).min(lags.len() - 1)]);
     Ok((r?, p99))
@@ -269,9 +279,17 @@ fn main() -> anyhow::Result<()> {
         );
     }
     for (label, l) in &lags {
-        println!("{label}: p99 replication lag during randwrite {:.1} ms", l * 1000.0);
+        println!(
+            "{label}: p99 replication lag during randwrite {:.1} ms",
+            l * 1000.0
+        );
     }
-    let iops = |l: &str| table.iter().find(|(s, j, _)| *s == l && *j == "randwrite").map(|t| t.2.iops);
+    let iops = |l: &str| {
+        table
+            .iter()
+            .find(|(s, j, _)| *s == l && *j == "randwrite")
+            .map(|t| t.2.iops)
+    };
     if let (Some(a), Some(p)) = (iops("ferryd + async"), iops("ferryd primary")) {
         println!("async / primary alone, randwrite IOPS: {:.2}", a / p);
     }

@@ -205,6 +205,7 @@ fn node_config(
             engine: Default::default(),
             recovery: Default::default(),
             checkpoint_interval_ms: 30_000,
+            inflight_batches: 1,
         },
         nbd: nbd.map(|l| NbdConfig { listen: l.into() }),
         control: ControlConfig {
@@ -244,6 +245,7 @@ fn init(
         listen: s.primary.clone(),
         primary: PRIMARY.into(),
         sync_timeout_ms: 5000,
+        tail_bytes: ByteSize(64 << 20),
         targets: s
             .standbys
             .iter()
@@ -277,6 +279,7 @@ fn init(
                 listen: addr.clone(),
                 primary: PRIMARY.into(),
                 sync_timeout_ms: 5000,
+                tail_bytes: ByteSize(64 << 20),
                 targets: Vec::new(),
             }),
         ));

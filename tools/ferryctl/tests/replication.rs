@@ -215,6 +215,16 @@ fn stopped_standby_catches_up_after_restart() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (pcfg, scfgs) = init(dir.path(), &["dr1"], "async");
+    // A small in-memory tail: catching up must read journal segments.
+    let text = std::fs::read_to_string(&pcfg).unwrap();
+    std::fs::write(
+        &pcfg,
+        text.replace("tail_bytes = \"64MiB\"", "tail_bytes = \"1MiB\""),
+    )
+    .unwrap();
+    assert!(std::fs::read_to_string(&pcfg)
+        .unwrap()
+        .contains("tail_bytes = \"1MiB\""));
     let mut standby = Node::start(&ferryd(), &scfgs[0]);
     let primary = Node::start(&ferryd(), &pcfg);
     assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(1, 200)));
