@@ -22,8 +22,14 @@ pub fn bench_dir() -> PathBuf {
 /// Opens a journal with the given engine; `None` if that engine cannot run here (a
 /// benchmark must never silently measure the fallback).
 pub fn open_bench_journal(dir: &Path, engine: EngineChoice) -> Option<Journal> {
+    open_bench_journal_depth(dir, engine, 1)
+}
+
+/// Like [`open_bench_journal`] with `depth` batch writes in flight.
+pub fn open_bench_journal_depth(dir: &Path, engine: EngineChoice, depth: usize) -> Option<Journal> {
     let mut o = JournalOptions::new(dir.to_path_buf(), [0x42; 16]);
     o.engine = engine;
+    o.max_inflight_batches = depth;
     o.segment_size = 256 << 20;
     o.capacity = 2 << 30;
     match Journal::open(o) {

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use ferry_benches::{bench_dir, open_bench_journal, record};
+use ferry_benches::{bench_dir, open_bench_journal_depth, record};
 use ferry_journal::EngineChoice;
 
 fn fio_raw(dir: &std::path::Path, engine: &str, qd: u32, bytes: u64) -> anyhow::Result<f64> {
@@ -41,9 +41,15 @@ fn fio_raw(dir: &std::path::Path, engine: &str, qd: u32, bytes: u64) -> anyhow::
     Ok(bw_kib * 1024.0 / (1 << 20) as f64)
 }
 
-fn journal_mib_s(engine: EngineChoice, size: usize, appenders: usize, bytes: u64) -> Option<f64> {
+fn journal_mib_s(
+    engine: EngineChoice,
+    depth: usize,
+    size: usize,
+    appenders: usize,
+    bytes: u64,
+) -> Option<f64> {
     let dir = tempfile::tempdir_in(bench_dir()).ok()?;
-    let j = Arc::new(open_bench_journal(dir.path(), engine)?);
+    let j = Arc::new(open_bench_journal_depth(dir.path(), engine, depth)?);
     let per = (bytes / size as u64).div_ceil(appenders as u64);
     let payload = Bytes::from(vec![0xa5u8; size]);
     let start = Instant::now();
@@ -89,13 +95,14 @@ fn main() -> anyhow::Result<()> {
         "fio raw 1M seq write O_DIRECT io_uring QD8", raw_uring
     );
     let mut rows = Vec::new();
-    for (engine, name) in [
-        (EngineChoice::IoUring, "io_uring"),
-        (EngineChoice::Std, "std"),
+    for (engine, depth, name) in [
+        (EngineChoice::IoUring, 1, "io_uring"),
+        (EngineChoice::IoUring, 2, "io_uring/d2"),
+        (EngineChoice::Std, 1, "std"),
     ] {
         for (size, sname, total) in [(1usize << 20, "1MiB", bytes), (4096, "4KiB", bytes / 8)] {
             for appenders in [1usize, 32] {
-                if let Some(mbs) = journal_mib_s(engine, size, appenders, total) {
+                if let Some(mbs) = journal_mib_s(engine, depth, size, appenders, total) {
                     let label = format!("journal {name} {sname} x{appenders} appenders");
                     println!(
                         "{label:<44} {mbs:>10.0}   {:.2}x raw  ({:.0} appends/s)",
@@ -122,6 +129,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(u) = find("io_uring", "1MiB", 32) {
         println!("io_uring 1MiB x32 / best raw: {:.2}", u / raw);
+    }
+    if let Some(u) = find("io_uring/d2", "1MiB", 32) {
+        println!("io_uring depth 2, 1MiB x32 / best raw: {:.2}", u / raw);
     }
     Ok(())
 }
