@@ -46,11 +46,28 @@ fn main() -> std::process::ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     let cfg = ferryd::config::Config::load(&args.config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads())
         .enable_all()
         .thread_name("ferryd-rt")
         .build()
         .context("starting the async runtime")?;
     rt.block_on(ferryd::daemon::run(cfg, shutdown_signal()))
+}
+
+/// Async workers: half the cores (at least one), because the journal writer, its
+/// completion thread and the segment helper are threads of their own; on 2 cores one
+/// worker measured ~7% more 4k write IOPS than two (fewer cross-thread wake-ups).
+/// `TOKIO_WORKER_THREADS` overrides.
+fn worker_threads() -> usize {
+    if let Some(n) = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores / 2).max(1)
 }
 
 /// SIGTERM (systemd stop) or SIGINT (Ctrl-C) start a drain; a second one is ignored

@@ -1,8 +1,9 @@
 //! fio's nbd engine against `nbdkit file` (baseline) and ferryd alone, with an async
 //! standby and with a sync standby (both on loopback), on the same disk, in one run,
-//! with ratios and the p99 replication lag sampled during the write job.
+//! with ratios and the p99 replication lag sampled during the write job. Write rounds
+//! alternate the servers and report medians (the host cache drifts between runs).
 //! `cargo build --release -p ferryd -p ferryctl && cargo run --release -p ferry-benches
-//! --bin nbd_vs_nbdkit [-- --runtime SECS]`
+//! --bin nbd_vs_nbdkit [-- --runtime SECS --rounds N]`
 //!
 //! Job: 4k random writes at QD32 over a 1 GiB volume, then 4k random reads at QD32.
 use std::net::TcpListener;
@@ -40,7 +41,7 @@ fn wait_port(port: u16) -> anyhow::Result<()> {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct FioResult {
+pub struct FioResult {
     iops: f64,
     p50_us: f64,
     p99_us: f64,
@@ -207,41 +208,63 @@ fn with_lag_samples<T>(
     Ok((r?, p99))
 }
 
-fn main() -> anyhow::Result<()> {
-    let runtime: u64 = std::env::args()
-        .skip_while(|a| a != "--runtime")
+fn arg(name: &str, default: u64) -> u64 {
+    std::env::args()
+        .skip_while(|a| a != name)
         .nth(1)
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// A server under test: a label, its NBD URI, and (ferry) its control socket.
+struct Server {
+    label: &'static str,
+    uri: String,
+    sock: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let runtime = arg("--runtime", 6);
+    let rounds = arg("--rounds", 3).max(1) as usize;
     let scratch = tempfile::tempdir_in(bench_dir())?;
-    let mut table = Vec::new();
-    let mut lags: Vec<(&str, f64)> = Vec::new();
+    let mut keep = Vec::new();
+    let mut servers = Vec::new();
 
     // Baseline: nbdkit's file plugin on a file in the same directory.
-    {
-        let file = scratch.path().join("nbdkit.img");
-        std::fs::File::create(&file)?.set_len(VOL)?;
-        let port = free_port()?;
-        let child = Command::new("nbdkit")
-            .args([
-                "--foreground",
-                "--exit-with-parent",
-                "-i",
-                "127.0.0.1",
-                "-p",
-            ])
-            .arg(port.to_string())
-            .arg("file")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting nbdkit (apt-get install nbdkit)")?;
-        let _p = Proc(child);
-        wait_port(port)?;
-        let uri = format!("nbd://127.0.0.1:{port}");
-        table.push(("nbdkit file", "randwrite", fio(&uri, "randwrite", runtime)?));
-        table.push(("nbdkit file", "randread", fio(&uri, "randread", runtime)?));
-    }
+    let file = scratch.path().join("nbdkit.img");
+    std::fs::File::create(&file)?.set_len(VOL)?;
+    let port = free_port()?;
+    let child = Command::new("nbdkit")
+        .args([
+            "--foreground",
+            "--exit-with-parent",
+            "-i",
+            "127.0.0.1",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg("file")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting nbdkit (apt-get install nbdkit)")?;
+    let nbdkit = Proc(child);
+    wait_port(port)?;
+    servers.push(Server {
+        label: "nbdkit file",
+        uri: format!("nbd://127.0.0.1:{port}"),
+        sock: None,
+    });
+    let mut clusters = Vec::new();
     for (label, mode) in [
         ("ferryd primary", None),
         ("ferryd + async", Some("async")),
@@ -251,50 +274,101 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
         let port = free_port()?;
         let c = start_cluster(&dir, port, mode)?;
-        let uri = format!("nbd://127.0.0.1:{port}/vol0");
-        let (w, lag) = with_lag_samples(&c.primary_sock, || fio(&uri, "randwrite", runtime))?;
-        table.push((label, "randwrite", w));
-        if let Some(l) = lag {
-            lags.push((label, l));
-        }
-        table.push((label, "randread", fio(&uri, "randread", runtime)?));
+        servers.push(Server {
+            label,
+            uri: format!("nbd://127.0.0.1:{port}/vol0"),
+            sock: mode.map(|_| c.primary_sock.clone()),
+        });
+        clusters.push(c);
     }
-    println!("fio nbd engine, 4k, QD32, {runtime} s per job, 1 GiB volume");
+    keep.push(nbdkit);
+
+    // Rounds alternate the servers, so the host cache's drift hits all of them alike;
+    // each figure is the median over rounds, each ratio the median of per-round ratios.
+    let mut writes: Vec<Vec<FioResult>> = vec![Vec::new(); servers.len()];
+    let mut lags: Vec<Vec<f64>> = vec![Vec::new(); servers.len()];
+    for round in 0..rounds {
+        for (i, s) in servers.iter().enumerate() {
+            let (w, lag) = match &s.sock {
+                Some(sock) => with_lag_samples(sock, || fio(&s.uri, "randwrite", runtime))?,
+                None => (fio(&s.uri, "randwrite", runtime)?, None),
+            };
+            eprintln!(
+                "round {round}: {:<16} randwrite {:>8.0} IOPS",
+                s.label, w.iops
+            );
+            writes[i].push(w);
+            lags[i].extend(lag);
+        }
+    }
+    let reads: Vec<FioResult> = servers
+        .iter()
+        .map(|s| fio(&s.uri, "randread", runtime))
+        .collect::<anyhow::Result<_>>()?;
+
     println!(
-        "{:<16} {:<10} {:>10} {:>9} {:>9} {:>8}",
-        "server", "job", "IOPS", "p50 us", "p99 us", "ratio"
+        "fio nbd engine, 4k, QD32, 1 GiB volume, {runtime} s per job; randwrite: median of {rounds} alternating rounds"
     );
-    for (server, job, r) in &table {
-        let base = table
-            .iter()
-            .find(|(s, j, _)| *s == "nbdkit file" && j == job)
-            .map(|t| t.2.iops)
-            .unwrap_or(f64::NAN);
+    println!(
+        "{:<16} {:<10} {:>10} {:>9} {:>9} {:>10}",
+        "server", "job", "IOPS", "p50 us", "p99 us", "x nbdkit"
+    );
+    for (i, s) in servers.iter().enumerate() {
+        let ratio = median(
+            (0..rounds)
+                .map(|r| writes[i][r].iops / writes[0][r].iops)
+                .collect(),
+        );
+        let m = |f: fn(&FioResult) -> f64| median(writes[i].iter().map(f).collect());
         println!(
-            "{server:<16} {job:<10} {:>10.0} {:>9.0} {:>9.0} {:>8.2}",
+            "{:<16} {:<10} {:>10.0} {:>9.0} {:>9.0} {:>10.2}",
+            s.label,
+            "randwrite",
+            m(|r| r.iops),
+            m(|r| r.p50_us),
+            m(|r| r.p99_us),
+            ratio
+        );
+    }
+    for (i, s) in servers.iter().enumerate() {
+        let r = &reads[i];
+        println!(
+            "{:<16} {:<10} {:>10.0} {:>9.0} {:>9.0} {:>10.2}",
+            s.label,
+            "randread",
             r.iops,
             r.p50_us,
             r.p99_us,
-            r.iops / base
+            r.iops / reads[0].iops
         );
     }
-    for (label, l) in &lags {
-        println!(
-            "{label}: p99 replication lag during randwrite {:.1} ms",
-            l * 1000.0
-        );
+    for (i, s) in servers.iter().enumerate() {
+        if !lags[i].is_empty() {
+            let mut l = lags[i].clone();
+            l.sort_by(|a, b| a.total_cmp(b));
+            let p99 = l[(l.len() * 99 / 100).min(l.len() - 1)];
+            println!(
+                "{}: p99 replication lag during randwrite {:.1} ms",
+                s.label,
+                p99 * 1000.0
+            );
+        }
     }
-    let iops = |l: &str| {
-        table
-            .iter()
-            .find(|(s, j, _)| *s == l && *j == "randwrite")
-            .map(|t| t.2.iops)
+    let per_round = |a: usize, b: usize| {
+        median(
+            (0..rounds)
+                .map(|r| writes[a][r].iops / writes[b][r].iops)
+                .collect(),
+        )
     };
-    if let (Some(a), Some(p)) = (iops("ferryd + async"), iops("ferryd primary")) {
-        println!("async / primary alone, randwrite IOPS: {:.2}", a / p);
-    }
-    if let (Some(a), Some(p)) = (iops("ferryd + sync"), iops("ferryd primary")) {
-        println!("sync / primary alone, randwrite IOPS: {:.2}", a / p);
-    }
+    println!(
+        "async / primary alone, randwrite IOPS: {:.2}",
+        per_round(2, 1)
+    );
+    println!(
+        "sync / primary alone, randwrite IOPS: {:.2}",
+        per_round(3, 1)
+    );
+    drop(clusters);
     Ok(())
 }
