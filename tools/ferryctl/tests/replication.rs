@@ -468,3 +468,54 @@ fn replication_recovers_from_a_lossy_reordering_stalling_link() {
         &dir.path().join("dr1/vol0.img"),
     );
 }
+
+/// A sync standby that dies must not fail client writes: after `sync_timeout_ms` it is
+/// degraded to async (visible in status), and it becomes synchronous again once it
+/// has caught up.
+#[test]
+fn dead_sync_standby_degrades_to_async_and_recovers() {
+    if skip_without(
+        "qemu-io",
+        "dead_sync_standby_degrades_to_async_and_recovers",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfgs) = init(dir.path(), &["dr1"], "sync");
+    let text = std::fs::read_to_string(&pcfg).unwrap();
+    std::fs::write(
+        &pcfg,
+        text.replace("sync_timeout_ms = 5000", "sync_timeout_ms = 500"),
+    )
+    .unwrap();
+    let mut standby = Node::start(&ferryd(), &scfgs[0]);
+    let primary = Node::start(&ferryd(), &pcfg);
+    primary.wait_status("target to stream", Duration::from_secs(30), |st| {
+        st["targets"][0]["state"] == "streaming"
+    });
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(3, 50)));
+    assert_eq!(primary.status()["targets"][0]["effective_mode"], "sync");
+    standby.kill();
+    // Writes still succeed (after at most one timeout), and status says why RPO > 0.
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(4, 100)));
+    let st = primary.status();
+    assert_eq!(
+        st["targets"][0]["effective_mode"], "async (degraded)",
+        "{st:#}"
+    );
+    assert!(seq(&st, "/targets/0/lag_bytes") > 0);
+    // Back: it catches up and is synchronous again, even with writes going on.
+    let standby = Node::start(&ferryd(), &scfgs[0]);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(5, 100)));
+    primary.wait_status(
+        "the target to be synchronous again",
+        Duration::from_secs(60),
+        |st| st["targets"][0]["effective_mode"] == "sync",
+    );
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(6, 50)));
+    wait_caught_up(&primary, &standby);
+    same_file(
+        &dir.path().join("primary/vol0.img"),
+        &dir.path().join("dr1/vol0.img"),
+    );
+}
