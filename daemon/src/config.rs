@@ -33,6 +33,138 @@ pub struct Config {
     pub replication: Option<ReplicationConfig>,
     #[serde(rename = "volume", default)]
     pub volumes: Vec<VolumeConfig>,
+    /// Control socket access and the audit log (`[access]`); absent: defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessConfig>,
+    /// Optional HTTP endpoint for /metrics, /healthz and /readyz; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `HOST:PORT` of the metrics endpoint (e.g. `127.0.0.1:9640`); port 0 lets the OS
+    /// choose (the bound address is on the ready line). Plain HTTP without
+    /// authentication: keep it on loopback or a management network.
+    pub listen: String,
+}
+
+/// Default mode of the control socket: owner and group may connect; roles decide.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+
+fn default_socket_mode() -> u32 {
+    DEFAULT_SOCKET_MODE
+}
+
+/// Users and groups (numeric ids) holding a control role.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Principals {
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    /// Matched against the peer's primary and supplementary groups.
+    #[serde(default)]
+    pub gids: Vec<u32>,
+}
+
+/// `[access]`: who may use the control socket, and where requests are audited.
+/// uid 0 and the daemon's own user are always admin; anyone not listed is denied.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// Audit log (default `<node.metadata_dir>/audit.log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_log: Option<PathBuf>,
+    /// Mode of the control socket file (default 0o660; write `0o660` in TOML).
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: u32,
+    /// Group (gid) of the control socket file (default: the daemon's group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<u32>,
+    /// Everything: role changes, rollback, full resync, reload.
+    #[serde(default)]
+    pub admins: Principals,
+    /// Bookmarks, point-in-time exports, verify, pause/resume.
+    #[serde(default)]
+    pub operators: Principals,
+    /// Status and lists.
+    #[serde(default)]
+    pub viewers: Principals,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            audit_log: None,
+            socket_mode: DEFAULT_SOCKET_MODE,
+            socket_group: None,
+            admins: Principals::default(),
+            operators: Principals::default(),
+            viewers: Principals::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The audit log: `access.audit_log`, or `<node.metadata_dir>/audit.log`.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.access
+            .as_ref()
+            .and_then(|a| a.audit_log.clone())
+            .unwrap_or_else(|| self.node.metadata_dir.join("audit.log"))
+    }
+
+    fn validate_access(&self) -> Result<(), (String, String)> {
+        let Some(a) = &self.access else {
+            return Ok(());
+        };
+        let bad = |k: &str, m: String| Err((format!("access.{k}"), m));
+        if a.audit_log
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return bad("audit_log", "must not be empty".into());
+        }
+        if a.socket_mode & !0o777 != 0 {
+            return bad(
+                "socket_mode",
+                format!("{:#o}: only permission bits (at most 0o777)", a.socket_mode),
+            );
+        }
+        if a.socket_mode & 0o600 != 0o600 {
+            return bad(
+                "socket_mode",
+                format!(
+                    "{:#o}: the owner needs read and write (0o600)",
+                    a.socket_mode
+                ),
+            );
+        }
+        if a.socket_group == Some(u32::MAX) {
+            return bad("socket_group", "4294967295 is not a group id".into());
+        }
+        let roles = [
+            ("admins", &a.admins),
+            ("operators", &a.operators),
+            ("viewers", &a.viewers),
+        ];
+        let mut uids = std::collections::HashMap::new();
+        let mut gids = std::collections::HashMap::new();
+        for (role, p) in roles {
+            for (kind, ids, seen) in [("uids", &p.uids, &mut uids), ("gids", &p.gids, &mut gids)] {
+                for id in ids {
+                    if let Some(other) = seen.insert(*id, role) {
+                        return bad(
+                            &format!("{role}.{kind}"),
+                            format!("{id} is also listed in access.{other}.{kind}: give each id one role"),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -258,6 +390,9 @@ impl Config {
         abs(&mut self.node.metadata_dir);
         abs(&mut self.journal.dir);
         abs(&mut self.control.socket);
+        if let Some(p) = self.access.as_mut().and_then(|a| a.audit_log.as_mut()) {
+            abs(p);
+        }
         if let Some(t) = &mut self.tls {
             abs(&mut t.ca);
             abs(&mut t.cert);
@@ -271,6 +406,7 @@ impl Config {
     /// Semantic checks. Returns (key, message) for the first problem found.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: String| Err((k.to_string(), m));
+        self.validate_access()?;
         if !valid_name(&self.node.name) {
             return bad("node.name", name_rule(&self.node.name));
         }
@@ -411,6 +547,11 @@ impl Config {
                 );
             }
         }
+        if let Some(m) = &self.metrics {
+            if let Err(e) = parse_addr(&m.listen) {
+                return bad("metrics.listen", e);
+            }
+        }
         Ok(())
     }
 
@@ -541,6 +682,10 @@ size = "1GiB"
             invalid_key(&GOOD.replace("name = \"vol0\"", "name = \"a/b\"")),
             "volume[0].name"
         );
+        assert_eq!(
+            invalid_key(&format!("{GOOD}\n[metrics]\nlisten = \"localhost:9640\"\n")),
+            "metrics.listen"
+        );
         let two =
             format!("{GOOD}\n[[volume]]\nname = \"vol0\"\npath = \"x.img\"\nsize = \"4KiB\"\n");
         assert_eq!(invalid_key(&two), "volume[1].name");
@@ -557,5 +702,46 @@ size = "1GiB"
         assert!(e.contains("role") || e.contains("leader"), "{e}");
         let e = Config::parse(&format!("{GOOD}\nbogus = 1\n")).unwrap_err();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn access_section() {
+        let cfg = Config::parse(GOOD).unwrap();
+        assert!(cfg.access.is_none());
+        assert_eq!(cfg.audit_log_path(), Path::new("primary/audit.log"));
+        let text = format!(
+            "{GOOD}\n[access]\naudit_log = \"logs/audit.log\"\nsocket_mode = 0o660\nsocket_group = 1001\nadmins = {{ uids = [1000] }}\noperators = {{ gids = [1001] }}\nviewers = {{ uids = [1002], gids = [1003] }}\n"
+        );
+        let mut cfg = Config::parse(&text).unwrap();
+        cfg.validate().unwrap();
+        let a = cfg.access.clone().unwrap();
+        assert_eq!(a.socket_mode, 0o660);
+        assert_eq!(a.socket_group, Some(1001));
+        assert_eq!(a.admins.uids, [1000]);
+        assert_eq!(a.operators.gids, [1001]);
+        assert_eq!(a.viewers.gids, [1003]);
+        cfg.resolve_paths(Path::new("/etc/ferry"));
+        assert_eq!(cfg.audit_log_path(), Path::new("/etc/ferry/logs/audit.log"));
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.access.unwrap().viewers.uids, [1002]);
+        assert_eq!(
+            invalid_key(&format!("{GOOD}\n[access]\nsocket_mode = 0o1777\n")),
+            "access.socket_mode"
+        );
+        assert_eq!(
+            invalid_key(&format!("{GOOD}\n[access]\nsocket_mode = 0o066\n")),
+            "access.socket_mode"
+        );
+        assert_eq!(
+            invalid_key(&format!(
+                "{GOOD}\n[access]\nadmins = {{ uids = [5] }}\nviewers = {{ uids = [5] }}\n"
+            )),
+            "access.viewers.uids"
+        );
+        let e =
+            Config::parse(&format!("{GOOD}\n[access]\nadmins = {{ users = [5] }}\n")).unwrap_err();
+        assert!(e.contains("users"), "{e}");
+        let e = Config::parse(&format!("{GOOD}\n[access]\nsuperusers = {{}}\n")).unwrap_err();
+        assert!(e.contains("superusers"), "{e}");
     }
 }

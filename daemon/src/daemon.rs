@@ -18,8 +18,10 @@ use serde_json::json;
 use crate::config::{Config, EngineConfig, RecoveryConfig, Role};
 use crate::control;
 use crate::meta::Meta;
+use crate::metrics::{self, Metrics, NodeSource, RoleSource};
 use crate::nbd;
 use crate::replication::{self, Replication, ShipContext, SyncGate};
+use crate::sdnotify::{self, State};
 use crate::standby::{self, Standby};
 use crate::volume::{Base, Group, Registry, Volume};
 
@@ -220,10 +222,35 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // The metrics endpoint comes up before recovery: a long replay is then visible as
+    // alive (/healthz 200) but not ready (/readyz 503). Dropping it stops it.
+    let metrics = Metrics::new(&cfg.node.name, cfg.node.role);
+    let endpoint = metrics::start(&cfg, metrics.clone()).await?;
+    let obs = Observe {
+        metrics,
+        addr: endpoint.as_ref().map(|e| e.addr),
+    };
     let rec = Arc::new(tokio::task::block_in_place(|| recover(&cfg))?);
-    match cfg.node.role {
-        Role::Primary => run_primary(cfg, rec, shutdown).await,
-        Role::Standby => run_standby(cfg, rec, shutdown).await,
+    let result = match cfg.node.role {
+        Role::Primary => run_primary(cfg, rec, obs, shutdown).await,
+        Role::Standby => run_standby(cfg, rec, obs, shutdown).await,
+    };
+    drop(endpoint);
+    result
+}
+
+/// The node's metrics and, when `[metrics]` is configured, the endpoint's bound address.
+struct Observe {
+    metrics: Arc<Metrics>,
+    addr: Option<std::net::SocketAddr>,
+}
+
+impl Observe {
+    /// ` metrics=ADDR` for the ready line (empty without a metrics endpoint).
+    fn ready_suffix(&self) -> String {
+        self.addr
+            .map(|a| format!(" metrics={a}"))
+            .unwrap_or_default()
     }
 }
 
@@ -234,6 +261,7 @@ fn transport_options() -> ferry_transport::quic::TransportOptions {
 async fn run_primary(
     cfg: Config,
     rec: Arc<Recovered>,
+    obs: Observe,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let group = Group::new(rec.journal.clone(), rec.checkpoint, JOURNAL_QUEUE);
@@ -254,7 +282,9 @@ async fn run_primary(
         .await
         .with_context(|| format!("binding NBD listener {nbd_listen}"))?;
     let nbd_addr = listener.local_addr()?;
-    let control_listener = control::bind(&cfg.control.socket).await?;
+    let access = control::Access::from_config(cfg.access.as_ref());
+    let audit = Arc::new(crate::audit::AuditLog::open(&cfg.audit_log_path())?);
+    let control_listener = control::bind(&cfg.control.socket, &access).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     // Replication: targets start at the checkpoint; their Hellos say where they are.
@@ -306,11 +336,21 @@ async fn run_primary(
         stop_ckpt.clone(),
     )?;
 
+    obs.metrics.set_source(NodeSource {
+        meta: rec.meta.clone(),
+        journal: rec.journal.clone(),
+        role: RoleSource::Primary {
+            group: group.clone(),
+            replication: repl.clone(),
+        },
+    });
     let handler = primary_status(&cfg, rec.clone(), group.clone(), repl.clone(), nbd_addr);
     let control_task = tokio::spawn(control::serve(
         control_listener,
         cfg.control.socket.clone(),
         handler,
+        access,
+        Some(audit),
         stop_rx.clone(),
     ));
     let server_cfg = nbd::ServerConfig {
@@ -329,12 +369,24 @@ async fn run_primary(
     }
     // One stable line on stdout for scripts and tests (the address is the bound one,
     // so `listen = "127.0.0.1:0"` works).
+    obs.metrics.set_ready(true);
     println!(
-        "ferryd ready: role=primary nbd={nbd_addr} control={}",
-        cfg.control.socket.display()
+        "ferryd ready: role=primary nbd={nbd_addr} control={}{}",
+        cfg.control.socket.display(),
+        obs.ready_suffix()
     );
+    sd_notify(&[
+        State::Ready,
+        State::Status(&format!("primary: serving nbd://{nbd_addr}")),
+    ]);
+    let watchdog = spawn_watchdog(rec.journal.clone());
 
     shutdown.await;
+    sd_notify(&[State::Stopping, State::Status("draining")]);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    obs.metrics.set_ready(false);
     tracing::info!("shutting down: draining NBD clients");
     let _ = stop_tx.send(true);
     match nbd_task.await {
@@ -366,6 +418,7 @@ async fn run_primary(
 async fn run_standby(
     cfg: Config,
     rec: Arc<Recovered>,
+    obs: Observe,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let r = cfg
@@ -391,7 +444,9 @@ async fn run_standby(
         &rec.bases,
         &r.primary,
     );
-    let control_listener = control::bind(&cfg.control.socket).await?;
+    let access = control::Access::from_config(cfg.access.as_ref());
+    let audit = Arc::new(crate::audit::AuditLog::open(&cfg.audit_log_path())?);
+    let control_listener = control::bind(&cfg.control.socket, &access).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_ckpt = Arc::new(AtomicBool::new(false));
     let positions: Positions = {
@@ -404,11 +459,20 @@ async fn run_standby(
         Duration::from_millis(cfg.journal.checkpoint_interval_ms),
         stop_ckpt.clone(),
     )?;
+    obs.metrics.set_source(NodeSource {
+        meta: rec.meta.clone(),
+        journal: rec.journal.clone(),
+        role: RoleSource::Standby {
+            standby: standby.clone(),
+        },
+    });
     let handler = standby_status(&cfg, rec.clone(), standby.clone());
     let control_task = tokio::spawn(control::serve(
         control_listener,
         cfg.control.socket.clone(),
         handler,
+        access,
+        Some(audit),
         stop_rx.clone(),
     ));
     let serve = tokio::spawn(standby::serve(
@@ -419,11 +483,23 @@ async fn run_standby(
         listen,
         stop_rx,
     ));
+    obs.metrics.set_ready(true);
     println!(
-        "ferryd ready: role=standby replication={listen} control={}",
-        cfg.control.socket.display()
+        "ferryd ready: role=standby replication={listen} control={}{}",
+        cfg.control.socket.display(),
+        obs.ready_suffix()
     );
+    sd_notify(&[
+        State::Ready,
+        State::Status(&format!("standby: replication {listen}")),
+    ]);
+    let watchdog = spawn_watchdog(rec.journal.clone());
     shutdown.await;
+    sd_notify(&[State::Stopping, State::Status("draining")]);
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    obs.metrics.set_ready(false);
     tracing::info!("shutting down standby");
     let _ = stop_tx.send(true);
     match serve.await {
@@ -444,6 +520,62 @@ async fn run_standby(
     let _ = tokio::task::spawn_blocking(move || ckpt.join()).await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Tells systemd (Type=notify); failures are logged, never fatal.
+fn sd_notify(states: &[State]) {
+    if let Err(e) = sdnotify::notify(states) {
+        tracing::warn!("sd_notify: {e}");
+    }
+}
+
+/// Pings systemd's watchdog from the runtime (a stalled runtime misses it) while the
+/// journal is alive. `None` when `WatchdogSec=` is off.
+fn spawn_watchdog(journal: Arc<Journal>) -> Option<tokio::task::JoinHandle<()>> {
+    let every = sdnotify::watchdog_interval()?;
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        // A stall must not be followed by a burst of pings.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe = JournalProbe::default();
+        loop {
+            tick.tick().await;
+            if probe.alive(&journal) {
+                sd_notify(&[State::Watchdog]);
+            } else {
+                tracing::error!(
+                    durable_seq = journal.durable_seq(),
+                    last_seq = journal.last_seq(),
+                    "journal made no progress with writes pending for two watchdog periods: \
+                     withholding the watchdog ping"
+                );
+            }
+        }
+    }))
+}
+
+/// Journal liveness for the watchdog: idle is alive, progress is alive, and a journal
+/// that is nearly full is waiting for a checkpoint or a standby (normal, not a hang).
+/// Only "records pending, nothing made durable, room to write" for two ticks is a hang.
+#[derive(Default)]
+struct JournalProbe {
+    last_durable: Seq,
+    stuck_ticks: u32,
+}
+
+impl JournalProbe {
+    fn alive(&mut self, j: &Journal) -> bool {
+        let durable = j.durable_seq();
+        let idle = j.last_seq() == durable;
+        let nearly_full = j.used_bytes() * 10 >= j.capacity_bytes() * 9;
+        if idle || nearly_full || durable != self.last_durable {
+            self.stuck_ticks = 0;
+        } else {
+            self.stuck_ticks += 1;
+        }
+        self.last_durable = durable;
+        self.stuck_ticks < 2
+    }
 }
 
 fn journal_status(j: &Journal) -> serde_json::Value {

@@ -8,15 +8,21 @@
 //! * [`replication`] — primary side: shippers, sync gate, lag accounting.
 //! * [`standby`]  — standby side: receive, journal, apply, ack.
 //! * [`nbd`]      — the NBD protocol server (fixed newstyle), generic over an export.
-//! * [`control`]  — the control socket (JSON lines over a Unix socket).
+//! * [`metrics`]  — Prometheus metrics and the /metrics, /healthz, /readyz endpoint.
+//! * [`control`]  — the control socket (JSON lines over a Unix socket), roles from peer credentials.
+//! * [`audit`]    — the hash-chained (SM3) audit log of control requests.
 //! * [`daemon`]   — start-up, recovery, checkpointing, shutdown.
+//! * [`sdnotify`] — systemd readiness, status and watchdog notifications (no libsystemd).
 pub mod apply;
+pub mod audit;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod meta;
+pub mod metrics;
 pub mod nbd;
 pub mod replication;
+pub mod sdnotify;
 pub mod size;
 pub mod standby;
 #[doc(hidden)]

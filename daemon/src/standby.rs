@@ -213,7 +213,6 @@ async fn session(
     let mut durable_rx = sb.durable_tx.subscribe();
     let mut applied_rx = sb.applied_rx.clone();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
-    let mut peer_hb = 0u64;
     loop {
         tokio::select! {
             f = data.recv_frame() => match f? {
@@ -229,12 +228,11 @@ async fn session(
             },
             f = s.control_recv.recv_frame() => match f? {
                 Some(Frame::Heartbeat(hb)) => {
-                    peer_hb = hb.sent_at_ns;
                     sb.state.last_primary_seq.fetch_max(hb.last_seq, Ordering::Relaxed);
                     s.control_send.send_frame(&Frame::Heartbeat(Heartbeat {
                         epoch: local.epoch,
                         sent_at_ns: now_ns(),
-                        echo_ns: peer_hb,
+                        echo_ns: hb.sent_at_ns,
                         last_seq: sb.journal.durable_seq(),
                     })).await?;
                 }
@@ -262,7 +260,9 @@ async fn session(
                 s.control_send.send_frame(&Frame::Heartbeat(Heartbeat {
                     epoch: local.epoch,
                     sent_at_ns: now_ns(),
-                    echo_ns: peer_hb,
+                    // Not a reply: echoing the last primary timestamp here would make the
+                    // primary measure its age (up to a heartbeat interval) as the RTT.
+                    echo_ns: 0,
                     last_seq: sb.journal.durable_seq(),
                 })).await?;
             }

@@ -62,6 +62,8 @@ pub fn primary_config(
         }),
         tls: None,
         replication: None,
+        metrics: None,
+        access: None,
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
         },
@@ -84,12 +86,24 @@ pub fn primary_config(
     path
 }
 
+/// Adds `[metrics] listen = "127.0.0.1:0"` to a config written by this module; the
+/// bound address is then in [`Node::metrics`].
+pub fn enable_metrics(config: &Path) {
+    let mut cfg = Config::load(config).expect("load config");
+    cfg.metrics = Some(crate::config::MetricsConfig {
+        listen: "127.0.0.1:0".into(),
+    });
+    std::fs::write(config, cfg.to_toml()).expect("write config");
+}
+
 /// A running ferryd, killed by its own PID when dropped.
 pub struct Node {
     child: Option<Child>,
     pub pid: u32,
     /// The bound NBD address (primaries only).
     pub nbd: Option<SocketAddr>,
+    /// The bound metrics endpoint (`[metrics]` configured, see [`enable_metrics`]).
+    pub metrics: Option<SocketAddr>,
     pub config: PathBuf,
     pub log: PathBuf,
 }
@@ -123,6 +137,7 @@ impl Node {
             child: Some(child),
             pid,
             nbd: None,
+            metrics: None,
             config: config.to_path_buf(),
             log,
         };
@@ -131,6 +146,10 @@ impl Node {
                 node.nbd = line
                     .split_whitespace()
                     .find_map(|w| w.strip_prefix("nbd="))
+                    .and_then(|a| a.parse().ok());
+                node.metrics = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("metrics="))
                     .and_then(|a| a.parse().ok());
                 node
             }

@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use crate::replication::{now_ns, SeqIndex, SyncGate, Tail};
 
 use crate::apply::{ApplyGate, ApplyGuard};
+use crate::metrics::{Frontend, FrontendOp};
 use crate::nbd::{Export, ExportError, ExportFlags, ExportRegistry};
 
 /// Reads above this size go to a blocking-pool thread; smaller ones are served inline,
@@ -176,6 +177,8 @@ pub struct Group {
     pub mutation_ns: std::sync::atomic::AtomicU64,
     /// Summed time from append to durable+released (journal share), in ns.
     pub journal_wait_ns: std::sync::atomic::AtomicU64,
+    /// Frontend op counters and latency histograms (exported by `metrics`).
+    pub frontend: Arc<Frontend>,
 }
 
 impl Group {
@@ -193,6 +196,7 @@ impl Group {
             mutations: Default::default(),
             mutation_ns: Default::default(),
             journal_wait_ns: Default::default(),
+            frontend: Default::default(),
         })
     }
 
@@ -382,6 +386,49 @@ impl Export for Volume {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
+        let started = std::time::Instant::now();
+        let r = self.read_inner(offset, len).await;
+        self.observe(FrontendOp::Read, len as u64, started, r.is_ok());
+        r
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
+        let started = std::time::Instant::now();
+        let len = data.len() as u64;
+        let r = self.write_inner(offset, data, fua).await;
+        self.observe(FrontendOp::Write, len, started, r.is_ok());
+        r
+    }
+
+    async fn flush(&self) -> Result<(), ExportError> {
+        let started = std::time::Instant::now();
+        let r = self.group.seal(Bytes::new());
+        self.observe(FrontendOp::Flush, 0, started, r.is_ok());
+        r
+    }
+
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), ExportError> {
+        let started = std::time::Instant::now();
+        let r = self.trim_inner(offset, len).await;
+        self.observe(FrontendOp::Trim, len as u64, started, r.is_ok());
+        r
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, may_trim: bool) -> Result<(), ExportError> {
+        let started = std::time::Instant::now();
+        let r = self.write_zeroes_inner(offset, len, may_trim).await;
+        self.observe(FrontendOp::WriteZeroes, len as u64, started, r.is_ok());
+        r
+    }
+}
+
+/// The request bodies, timed and counted by the `Export` methods above.
+impl Volume {
+    fn observe(&self, op: FrontendOp, bytes: u64, started: std::time::Instant, ok: bool) {
+        self.group.frontend.observe(op, bytes, started, ok);
+    }
+
+    async fn read_inner(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
         self.check(offset, len as u64)?;
         let base = self.base.clone();
         let read = move || -> Result<Bytes, ExportError> {
@@ -400,7 +447,7 @@ impl Export for Volume {
         }
     }
 
-    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), ExportError> {
+    async fn write_inner(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), ExportError> {
         // FUA needs nothing extra: the write is acknowledged only once journaled durably.
         self.check(offset, data.len() as u64)?;
         let len = u32::try_from(data.len())
@@ -410,18 +457,14 @@ impl Export for Volume {
             .await
     }
 
-    async fn flush(&self) -> Result<(), ExportError> {
-        self.group.seal(Bytes::new())
-    }
-
-    async fn trim(&self, offset: u64, len: u32) -> Result<(), ExportError> {
+    async fn trim_inner(&self, offset: u64, len: u32) -> Result<(), ExportError> {
         self.check(offset, len as u64)?;
         self.group
             .mutate(&self.base, Op::Trim, offset, len, Bytes::new())
             .await
     }
 
-    async fn write_zeroes(
+    async fn write_zeroes_inner(
         &self,
         offset: u64,
         len: u32,

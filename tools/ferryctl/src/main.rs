@@ -64,6 +64,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The control audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the audit log's hash chain: the log named by --config (`access.audit_log`,
+    /// default `<metadata_dir>/audit.log`) or --file. Exits 1 naming the first bad line.
+    Verify {
+        /// The audit log file itself (instead of --config).
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -100,6 +116,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Cmd::Status { json } => status(&need_config(cli.config.as_deref())?, json),
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { file },
+        } => audit_verify(cli.config.as_deref(), file.as_deref()),
     }
 }
 
@@ -213,6 +232,8 @@ fn node_config(
         },
         tls,
         replication,
+        metrics: None,
+        access: None,
         volumes: vols
             .iter()
             .map(|(name, size)| VolumeConfig {
@@ -432,4 +453,25 @@ fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn audit_verify(config: Option<&Path>, file: Option<&Path>) -> anyhow::Result<()> {
+    let path = match (config, file) {
+        (Some(_), Some(_)) => bail!("audit verify: give --config FILE or --file PATH, not both"),
+        (None, Some(f)) => f.to_path_buf(),
+        (Some(_), None) => need_config(config)?.audit_log_path(),
+        (None, None) => {
+            bail!("audit verify needs --config FILE (the node's config) or --file PATH (the log)")
+        }
+    };
+    match ferryd::audit::verify(&path) {
+        Ok(r) => {
+            println!(
+                "audit log OK: {} entries, last hash {}",
+                r.entries, r.last_hash
+            );
+            Ok(())
+        }
+        Err(e) => bail!("audit log {} FAILED: {e}", path.display()),
+    }
 }

@@ -1,0 +1,202 @@
+//! The control socket in-process: roles from peer credentials, denial messages, and the
+//! audit trail (written and fsynced before the response).
+use std::io::{BufRead, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use ferryd::audit::{self, AuditLog};
+use ferryd::control::{self, Access, Handler, Request, Response, Role};
+
+/// Sends one raw request line, returns the response.
+fn raw(sock: &Path, line: &str) -> Response {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut resp = String::new();
+    std::io::BufReader::new(s).read_line(&mut resp).unwrap();
+    serde_json::from_str(&resp).unwrap()
+}
+
+fn handler() -> Handler {
+    Arc::new(|req| match req {
+        Request::Status => Response::ok(serde_json::json!({"node": "test"})),
+    })
+}
+
+fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+struct Server {
+    sock: std::path::PathBuf,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(dir: &Path, access: Access, audit: Option<Arc<AuditLog>>) -> Server {
+    let sock = dir.join("ctl/ferryd.sock");
+    let listener = control::bind(&sock, &access).await.unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(control::serve(
+        listener,
+        sock.clone(),
+        handler(),
+        access,
+        audit,
+        rx,
+    ));
+    Server { sock, stop, task }
+}
+
+impl Server {
+    async fn call(&self, line: &'static str) -> Response {
+        let sock = self.sock.clone();
+        tokio::task::spawn_blocking(move || raw(&sock, line))
+            .await
+            .unwrap()
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        self.task.await.unwrap();
+        assert!(!self.sock.exists(), "socket removed on shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewer_reads_status_but_admin_requests_are_denied_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    // No root-is-admin rule in this policy: tests run as root, and root must be just a
+    // viewer here.
+    let access = Access::deny_all().grant(Role::Viewer, &[uid], &[]);
+    let log_path = dir.path().join("audit.log");
+    let audit = Arc::new(AuditLog::open(&log_path).unwrap());
+    let srv = start(dir.path(), access, Some(audit)).await;
+    let mode = std::fs::metadata(&srv.sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "default socket mode");
+
+    // control::call (ferryctl's client) still works.
+    let sock = srv.sock.clone();
+    let r = tokio::task::spawn_blocking(move || control::call(&sock, &Request::Status))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.result.unwrap()["node"], "test");
+    // The entry is durable before the response: no waiting here.
+    assert_eq!(audit_lines(&log_path).len(), 1);
+
+    let r = srv.call(r#"{"cmd":"promote","force":true}"#).await;
+    assert!(!r.ok);
+    assert_eq!(
+        r.error.as_deref(),
+        Some(format!("permission denied: promote needs admin, uid {uid} has viewer").as_str())
+    );
+    let r = srv
+        .call(r#"{"cmd":"bookmark","name":"before-upgrade"}"#)
+        .await;
+    assert_eq!(
+        r.error.as_deref(),
+        Some(format!("permission denied: bookmark needs operator, uid {uid} has viewer").as_str())
+    );
+    let r = srv.call("not json").await;
+    assert!(r.error.unwrap().starts_with("bad request"));
+
+    let lines = audit_lines(&log_path);
+    assert_eq!(lines.len(), 4);
+    let status = &lines[0];
+    assert_eq!(status["seq"], 1);
+    assert_eq!(status["prev"], audit::GENESIS);
+    assert_eq!(status["uid"], uid);
+    assert_eq!(status["gid"], gid);
+    assert_eq!(status["pid"], std::process::id());
+    assert_eq!(status["role"], "viewer");
+    assert_eq!(status["request"], "status");
+    assert_eq!(status["args"], serde_json::json!({"cmd": "status"}));
+    assert_eq!(status["result"], "ok");
+    assert!(status["time"].as_str().unwrap().ends_with('Z'));
+    assert!(status["unix_ns"].as_u64().unwrap() > 1_600_000_000_000_000_000);
+    let promote = &lines[1];
+    assert_eq!(promote["seq"], 2);
+    assert_eq!(promote["request"], "promote");
+    assert_eq!(
+        promote["args"],
+        serde_json::json!({"cmd": "promote", "force": true})
+    );
+    assert_eq!(promote["result"], "denied");
+    assert_eq!(
+        promote["message"],
+        format!("permission denied: promote needs admin, uid {uid} has viewer")
+    );
+    assert_eq!(lines[2]["result"], "denied");
+    assert_eq!(lines[3]["request"], "?");
+    assert_eq!(lines[3]["args"], "not json");
+    assert_eq!(lines[3]["result"], "error");
+    let report = audit::verify(&log_path).unwrap();
+    assert_eq!(report.entries, 4);
+    assert_eq!(report.last_hash, lines[3]["hash"].as_str().unwrap());
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_role_is_denied_everything_and_roles_come_from_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let log_path = dir.path().join("audit.log");
+    let audit = Arc::new(AuditLog::open(&log_path).unwrap());
+    let srv = start(dir.path(), Access::deny_all(), Some(audit.clone())).await;
+    let r = srv.call(r#"{"cmd":"status"}"#).await;
+    assert_eq!(
+        r.error.as_deref(),
+        Some(format!("permission denied: status needs viewer, uid {uid} has no role").as_str())
+    );
+    srv.stop().await;
+    let l = audit_lines(&log_path);
+    assert_eq!(l[0]["role"], serde_json::Value::Null);
+    assert_eq!(l[0]["result"], "denied");
+
+    // Operator through the primary group; a planned admin command is still denied,
+    // an operator command passes the check (and is not implemented yet).
+    let access = Access::deny_all().grant(Role::Operator, &[], &[gid]);
+    let srv = start(dir.path(), access, Some(audit)).await;
+    assert!(srv.call(r#"{"cmd":"status"}"#).await.ok);
+    let r = srv.call(r#"{"cmd":"rollback"}"#).await;
+    assert_eq!(
+        r.error.as_deref(),
+        Some(format!("permission denied: rollback needs admin, uid {uid} has operator").as_str())
+    );
+    let r = srv.call(r#"{"cmd":"pause"}"#).await;
+    assert_eq!(
+        r.error.as_deref(),
+        Some("pause: not implemented by this ferryd")
+    );
+    srv.stop().await;
+    // Both servers appended to one chain.
+    assert_eq!(audit::verify(&log_path).unwrap().entries, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_mode_and_group_come_from_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let gid = unsafe { libc::getegid() };
+    let mut access = Access::from_config(None);
+    access.socket_mode = 0o600;
+    access.socket_group = Some(gid);
+    let srv = start(dir.path(), access, None).await;
+    let md = std::fs::metadata(&srv.sock).unwrap();
+    assert_eq!(md.permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&md), gid);
+    // The daemon's own user (and root) is admin under the config policy.
+    let r = srv.call(r#"{"cmd":"full_resync"}"#).await;
+    assert_eq!(
+        r.error.as_deref(),
+        Some("full_resync: not implemented by this ferryd")
+    );
+    srv.stop().await;
+}

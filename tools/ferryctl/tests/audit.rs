@@ -1,0 +1,146 @@
+//! `ferryctl audit verify` on good and tampered logs: exit codes and messages.
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use ferryd::audit::{AuditEntry, AuditLog, Outcome};
+use ferryd::control::Role;
+
+fn ferryctl(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ferryctl"))
+        .args(args)
+        .output()
+        .expect("run ferryctl")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A log of `n` genuine entries.
+fn make_log(dir: &Path, n: u32) -> PathBuf {
+    let path = dir.join("node/audit.log");
+    let log = AuditLog::open(&path).unwrap();
+    for i in 0..n {
+        log.append(AuditEntry {
+            uid: Some(1000 + i),
+            gid: Some(1000),
+            pid: Some(77),
+            role: Some(Role::Operator),
+            request: "status".into(),
+            args: serde_json::json!({"cmd": "status"}),
+            result: Outcome::Ok,
+            message: None,
+        })
+        .unwrap();
+    }
+    path
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(path, format!("{}\n", lines.join("\n"))).unwrap();
+}
+
+fn verify_fails(path: &Path, expect: &str) {
+    let o = ferryctl(&["audit", "verify", "--file", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("FAILED"), "{t}");
+    assert!(t.contains(expect), "expected {expect:?} in {t}");
+}
+
+#[test]
+fn good_log_verifies_by_file_and_by_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = make_log(dir.path(), 5);
+    let last = lines(&path).pop().unwrap();
+    let hash = &last[last.len() - 66..last.len() - 2];
+    let o = ferryctl(&["audit", "verify", "--file", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("audit log OK: 5 entries, last hash {hash}\n")
+    );
+
+    // Via a node config: default <metadata_dir>/audit.log, relative to the config.
+    let init = ferryctl(&[
+        "init",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--volume",
+        "vol0:1MiB",
+        "--nbd",
+        "127.0.0.1:0",
+        "--journal-size",
+        "2MiB",
+        "--segment-size",
+        "1MiB",
+    ]);
+    assert!(init.status.success(), "{}", text(&init));
+    std::fs::copy(&path, dir.path().join("primary/audit.log")).unwrap();
+    let cfg = dir.path().join("primary.toml");
+    let o = ferryctl(&["--config", cfg.to_str().unwrap(), "audit", "verify"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).starts_with("audit log OK: 5 entries"),
+        "{}",
+        text(&o)
+    );
+
+    // access.audit_log overrides the default.
+    let mut toml = std::fs::read_to_string(&cfg).unwrap();
+    toml.push_str("\n[access]\naudit_log = \"node/audit.log\"\n");
+    std::fs::write(&cfg, toml).unwrap();
+    let o = ferryctl(&["--config", cfg.to_str().unwrap(), "audit", "verify"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    let o = ferryctl(&["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("--config FILE"), "{}", text(&o));
+    let o = ferryctl(&["audit", "verify", "--file", "/nonexistent/audit.log"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("cannot read audit log"), "{}", text(&o));
+}
+
+#[test]
+fn tampered_logs_fail_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = make_log(dir.path(), 6);
+    let good = lines(&path);
+
+    let mut l = good.clone();
+    l[3] = l[3].replace("\"uid\":1003", "\"uid\":0");
+    write_lines(&path, &l);
+    verify_fails(&path, "line 4 (seq 4): hash mismatch: the line was edited");
+
+    let mut l = good.clone();
+    l.remove(1);
+    write_lines(&path, &l);
+    verify_fails(&path, "line 2 (seq 3): 1 line(s) removed before this line");
+
+    let mut l = good.clone();
+    l.insert(2, l[4].clone());
+    write_lines(&path, &l);
+    verify_fails(&path, "line 3 (seq 5): inserted line");
+
+    let mut l = good.clone();
+    l.swap(3, 4);
+    write_lines(&path, &l);
+    verify_fails(&path, "line 4 (seq 5): lines reordered");
+
+    let mut data = format!("{}\n", good.join("\n")).into_bytes();
+    data.truncate(data.len() - 30);
+    std::fs::write(&path, &data).unwrap();
+    verify_fails(&path, "line 6: incomplete last line");
+}
