@@ -502,6 +502,7 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     let _reader = ReaderGuard(Some(reader));
 
     let mut sender = Sender::new(epoch, SenderConfig::default(), resume);
+    let mut durable_at_last_ack = ctx.journal.durable_seq();
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     let mut pending: Option<WriteSet> = None;
     loop {
@@ -530,9 +531,12 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                         let out = sender.on_ack(&ack).map_err(|e| anyhow!("standby ack: {e}"))?;
                         t.acked_seq.store(out.durable_seq, Ordering::Release);
                         t.applied_seq.store(out.applied_seq, Ordering::Release);
-                        if t.degraded.load(Ordering::Acquire)
-                            && out.durable_seq >= ctx.journal.durable_seq()
-                        {
+                        // Caught up = this ack covers everything that was durable when
+                        // the previous ack arrived (reachable under continuous writes,
+                        // unlike "equals the head").
+                        let caught_up = out.durable_seq >= durable_at_last_ack;
+                        durable_at_last_ack = ctx.journal.durable_seq();
+                        if t.degraded.load(Ordering::Acquire) && caught_up {
                             t.degraded.store(false, Ordering::Release);
                             tracing::info!(target = %t.name, "sync target caught up: synchronous again");
                         }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use ferry_journal::{Journal, JournalError, Op, Record, Seq};
-use ferry_transport::quic::{self, TlsMaterial, TransportOptions};
+use ferry_transport::quic::{self, FramedRecv, QuicError, TlsMaterial, TransportOptions};
 use ferry_transport::session::{LocalIdentity, Received, Receiver};
 use ferry_transport::wire::{Frame, Heartbeat, WriteSet};
 use parking_lot::Mutex;
@@ -209,13 +209,19 @@ async fn session(
     *sb.state.connected.lock() = Some(peer.to_string());
     *sb.state.last_error.lock() = None;
     let mut rx = Receiver::new(local.epoch, durable, sb.applied_seq().min(durable));
-    let mut data = s.accept_data().await?;
+    // QUIC announces the primary's data stream only with its first bytes, so accept it
+    // inside the loop: heartbeats and acks must flow while no write has happened yet.
+    let conn = s.conn.clone();
+    let mut data: Option<FramedRecv> = None;
     let mut durable_rx = sb.durable_tx.subscribe();
     let mut applied_rx = sb.applied_rx.clone();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            f = data.recv_frame() => match f? {
+            d = conn.accept_uni(), if data.is_none() => {
+                data = Some(FramedRecv::new(d?, opts.max_frame_len));
+            }
+            f = next_frame(&mut data), if data.is_some() => match f? {
                 Some(Frame::WriteSet(ws)) => {
                     sb.state.last_primary_seq.fetch_max(ws.last_seq, Ordering::Relaxed);
                     match rx.on_write_set(ws).map_err(|e| anyhow!("write-set refused: {e}"))? {
@@ -267,5 +273,13 @@ async fn session(
                 })).await?;
             }
         }
+    }
+}
+
+/// The next frame on the data stream once it has been accepted.
+async fn next_frame(data: &mut Option<FramedRecv>) -> Result<Option<Frame>, QuicError> {
+    match data {
+        Some(d) => d.recv_frame().await,
+        None => std::future::pending().await,
     }
 }

@@ -112,6 +112,13 @@ fn async_replica_becomes_byte_identical() {
     let (pcfg, scfgs) = init(dir.path(), &["dr1"], "async");
     let standby = Node::start(&ferryd(), &scfgs[0]);
     let primary = Node::start(&ferryd(), &pcfg);
+    // Heartbeats flow both ways before any write (the standby must not wait for the
+    // data stream to answer them).
+    primary.wait_status(
+        "a heartbeat round trip while idle",
+        Duration::from_secs(15),
+        |st| st["targets"][0]["rtt_us"].as_u64().unwrap_or(0) > 0,
+    );
     for round in 0..3 {
         assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(round, 300)));
     }
