@@ -247,6 +247,29 @@ struct Observe {
 
 impl Observe {
     /// ` metrics=ADDR` for the ready line (empty without a metrics endpoint).
+    /// Marks the node ready everywhere at once: `/readyz`, the one stable stdout line
+    /// scripts and tests wait for, and systemd (READY=1, then watchdog pings).
+    fn announce_ready(
+        &self,
+        line: &str,
+        status: &str,
+        journal: Arc<Journal>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        self.metrics.set_ready(true);
+        println!("ferryd ready: {line}{}", self.ready_suffix());
+        sd_notify(&[State::Ready, State::Status(status)]);
+        spawn_watchdog(journal)
+    }
+
+    /// The start of an orderly stop, told to systemd and `/readyz`.
+    fn announce_stopping(&self, watchdog: Option<tokio::task::JoinHandle<()>>) {
+        sd_notify(&[State::Stopping, State::Status("draining")]);
+        if let Some(w) = watchdog {
+            w.abort();
+        }
+        self.metrics.set_ready(false);
+    }
+
     fn ready_suffix(&self) -> String {
         self.addr
             .map(|a| format!(" metrics={a}"))
@@ -367,26 +390,18 @@ async fn run_primary(
     for v in &cfg.volumes {
         tracing::info!(volume = %v.name, size = v.size.0, "serving nbd://{nbd_addr}/{}", v.name);
     }
-    // One stable line on stdout for scripts and tests (the address is the bound one,
-    // so `listen = "127.0.0.1:0"` works).
-    obs.metrics.set_ready(true);
-    println!(
-        "ferryd ready: role=primary nbd={nbd_addr} control={}{}",
-        cfg.control.socket.display(),
-        obs.ready_suffix()
+    // The ready line carries the bound address, so `listen = "127.0.0.1:0"` works.
+    let watchdog = obs.announce_ready(
+        &format!(
+            "role=primary nbd={nbd_addr} control={}",
+            cfg.control.socket.display()
+        ),
+        &format!("primary: serving nbd://{nbd_addr}"),
+        rec.journal.clone(),
     );
-    sd_notify(&[
-        State::Ready,
-        State::Status(&format!("primary: serving nbd://{nbd_addr}")),
-    ]);
-    let watchdog = spawn_watchdog(rec.journal.clone());
 
     shutdown.await;
-    sd_notify(&[State::Stopping, State::Status("draining")]);
-    if let Some(w) = watchdog {
-        w.abort();
-    }
-    obs.metrics.set_ready(false);
+    obs.announce_stopping(watchdog);
     tracing::info!("shutting down: draining NBD clients");
     let _ = stop_tx.send(true);
     match nbd_task.await {
@@ -483,23 +498,16 @@ async fn run_standby(
         listen,
         stop_rx,
     ));
-    obs.metrics.set_ready(true);
-    println!(
-        "ferryd ready: role=standby replication={listen} control={}{}",
-        cfg.control.socket.display(),
-        obs.ready_suffix()
+    let watchdog = obs.announce_ready(
+        &format!(
+            "role=standby replication={listen} control={}",
+            cfg.control.socket.display()
+        ),
+        &format!("standby: replication {listen}"),
+        rec.journal.clone(),
     );
-    sd_notify(&[
-        State::Ready,
-        State::Status(&format!("standby: replication {listen}")),
-    ]);
-    let watchdog = spawn_watchdog(rec.journal.clone());
     shutdown.await;
-    sd_notify(&[State::Stopping, State::Status("draining")]);
-    if let Some(w) = watchdog {
-        w.abort();
-    }
-    obs.metrics.set_ready(false);
+    obs.announce_stopping(watchdog);
     tracing::info!("shutting down standby");
     let _ = stop_tx.send(true);
     match serve.await {

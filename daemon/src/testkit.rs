@@ -272,6 +272,51 @@ pub fn qemu_io(url: &str, cmds: &[String]) -> Output {
     c.output().expect("run qemu-io")
 }
 
+/// qemu-io running in the background, its output drained as it comes (a full pipe
+/// would stall the workload and with it the test).
+pub struct BackgroundQemuIo {
+    child: Child,
+    reader: std::thread::JoinHandle<std::io::Result<String>>,
+}
+
+pub fn spawn_qemu_io(url: &str, cmds: &[String]) -> BackgroundQemuIo {
+    let mut child = Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .args(cmds.iter().flat_map(|c| ["-c", c.as_str()]))
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn qemu-io");
+    let mut pipe = child.stdout.take().expect("stdout piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut s).map(|_| s)
+    });
+    BackgroundQemuIo { child, reader }
+}
+
+impl BackgroundQemuIo {
+    /// Waits for qemu-io to end (it does once its server is gone) and returns stdout.
+    pub fn finish(mut self) -> String {
+        let _ = self.child.wait();
+        self.reader
+            .join()
+            .expect("reader thread")
+            .expect("read qemu-io output")
+    }
+}
+
+/// Offsets of the `len`-byte writes qemu-io reports as acknowledged.
+pub fn acked_writes(stdout: &str, len: u64) -> Vec<u64> {
+    let prefix = format!("wrote {len}/{len} bytes at offset ");
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .filter_map(|o| o.trim().parse().ok())
+        .collect()
+}
+
 /// Asserts a qemu-io run succeeded with no verification failure.
 pub fn assert_qemu_io_ok(out: &Output) {
     let stdout = String::from_utf8_lossy(&out.stdout);

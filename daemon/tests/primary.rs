@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ferryd::testkit::{assert_qemu_io_ok, primary_config, qemu_io, skip_without, Node};
+use ferryd::testkit::{
+    acked_writes, assert_qemu_io_ok, primary_config, qemu_io, skip_without, spawn_qemu_io, Node,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -160,20 +162,7 @@ fn sigkill_during_workload_loses_no_acknowledged_write() {
                 list.push("flush".into());
             }
         }
-        let mut child = std::process::Command::new("qemu-io")
-            .args(["-f", "raw"])
-            .args(list.iter().flat_map(|c| ["-c", c.as_str()]))
-            .arg(&url)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Drain qemu-io's output as it comes: a full pipe would stall the workload.
-        let mut pipe = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut pipe, &mut s).map(|_| s)
-        });
+        let run = spawn_qemu_io(&url, &list);
         // Kill once the daemon has journaled a round-dependent number of records, so
         // the kill lands mid-workload however fast this machine is.
         let start_seq = node.status()["last_seq"].as_u64().unwrap();
@@ -187,13 +176,8 @@ fn sigkill_during_workload_loses_no_acknowledged_write() {
             std::thread::sleep(Duration::from_millis(2));
         }
         node.kill();
-        let _ = child.wait_with_output().unwrap();
-        let stdout = reader.join().unwrap().unwrap();
-        let acked: Vec<u64> = stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix("wrote 32768/32768 bytes at offset "))
-            .filter_map(|o| o.trim().parse::<u64>().ok())
-            .collect();
+        let stdout = run.finish();
+        let acked = acked_writes(&stdout, 32768);
         assert!(
             !acked.is_empty(),
             "no write completed before the kill; qemu-io said:\n{stdout}"

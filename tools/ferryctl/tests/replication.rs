@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ferryd::testkit::{assert_qemu_io_ok, free_udp_port, qemu_io, skip_without, Node};
+use ferryd::testkit::{
+    acked_writes, assert_qemu_io_ok, free_udp_port, qemu_io, skip_without, spawn_qemu_io, Node,
+};
 
 const VOL: u64 = 64 << 20;
 
@@ -162,30 +164,12 @@ fn sync_mode_loses_no_acknowledged_write_when_the_primary_dies() {
     let list: Vec<String> = (0..600u64)
         .map(|i| format!("write -P {} {} 16k", i % 250 + 1, i * 32768))
         .collect();
-    let mut child = Command::new("qemu-io")
-        .args(["-f", "raw"])
-        .args(list.iter().flat_map(|c| ["-c", c.as_str()]))
-        .arg(primary.url("vol0"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut pipe, &mut s).map(|_| s)
-    });
+    let run = spawn_qemu_io(&primary.url("vol0"), &list);
     primary.wait_status("part of the workload", Duration::from_secs(60), |st| {
         seq(st, "/last_seq") >= 200
     });
     primary.kill();
-    let _ = child.wait();
-    let out = reader.join().unwrap().unwrap();
-    let acked: Vec<u64> = out
-        .lines()
-        .filter_map(|l| l.strip_prefix("wrote 16384/16384 bytes at offset "))
-        .filter_map(|o| o.trim().parse().ok())
-        .collect();
+    let acked = acked_writes(&run.finish(), 16384);
     assert!(
         !acked.is_empty() && acked.len() < 600,
         "kill should land mid-workload: {} acked",
