@@ -163,34 +163,58 @@ pub async fn serve(
     let endpoint = quic::listen(listen, server)
         .with_context(|| format!("listening for the primary on {listen}"))?;
     tracing::info!(%listen, primary = %standby.state.primary, "standby waiting for its primary");
+    // One session at a time. A new connection from the primary replaces the current
+    // session at once: after a primary crash the old connection would otherwise linger
+    // until QUIC's idle timeout while the restarted primary waits.
+    let mut current: Option<(
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )> = None;
     loop {
-        let accepted = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => break,
-            a = quic::accept(&endpoint) => a,
-        };
-        let conn = match accepted {
-            None => break,
-            Some(Err(e)) => {
-                // Wrong cluster, wrong node name, no certificate: refused by TLS.
-                tracing::warn!("refused a replication connection: {e}");
-                *standby.state.last_error.lock() = Some(e.to_string());
-                continue;
+        tokio::select! {
+            // Mapped to (): a held `watch::Ref` would make this future !Send.
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+            accepted = quic::accept(&endpoint) => {
+                let conn = match accepted {
+                    None => break,
+                    Some(Err(e)) => {
+                        // Wrong cluster, wrong node name, no certificate: refused by TLS.
+                        tracing::warn!("refused a replication connection: {e}");
+                        *standby.state.last_error.lock() = Some(e.to_string());
+                        continue;
+                    }
+                    Some(Ok(c)) => c,
+                };
+                if let Some((old_peer, old)) = current.take() {
+                    tracing::info!(%old_peer, new_peer = %conn.remote_address(),
+                        "the primary connected again: replacing the previous session");
+                    old.abort();
+                    let _ = old.await;
+                }
+                let (sb, local, opts) = (standby.clone(), local.clone(), opts.clone());
+                let peer = conn.remote_address();
+                current = Some((peer, tokio::spawn(async move { session(&sb, &local, &opts, conn).await })));
             }
-            Some(Ok(c)) => c,
-        };
-        let peer = conn.remote_address();
-        let mut stop = shutdown.clone();
-        let result = tokio::select! {
-            r = session(&standby, &local, &opts, conn) => r,
-            _ = stop.wait_for(|s| *s) => Ok(()),
-        };
-        *standby.state.connected.lock() = None;
-        if let Err(e) = result {
-            let msg = crate::error_chain(&e);
-            tracing::warn!(%peer, "replication session with the primary ended: {msg}");
-            *standby.state.last_error.lock() = Some(msg);
+            done = async { match current.as_mut() { Some((_, h)) => h.await, None => std::future::pending().await } } => {
+                let peer = current.take().map(|(p, _)| p);
+                *standby.state.connected.lock() = None;
+                let err = match done {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(crate::error_chain(&e)),
+                    Err(e) => Some(format!("session task: {e}")),
+                };
+                if let Some(msg) = err {
+                    tracing::warn!(?peer, "replication session with the primary ended: {msg}");
+                    *standby.state.last_error.lock() = Some(msg);
+                }
+            }
         }
     }
+    if let Some((_, h)) = current.take() {
+        h.abort();
+        let _ = h.await;
+    }
+    *standby.state.connected.lock() = None;
     endpoint.close(0u32.into(), b"standby shutting down");
     Ok(())
 }
@@ -202,7 +226,20 @@ async fn session(
     conn: quinn::Connection,
 ) -> anyhow::Result<()> {
     let peer = conn.remote_address();
-    // Everything journaled is durable once the journal is idle; advertise that.
+    // A previous session's records may still be queued in the journal: wait until
+    // they are durable, so the resume position covers them (else the primary would
+    // resend them and the sequence check would end this session).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sb.journal.durable_seq() < sb.journal.last_seq() {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the standby journal did not make sequences {}..={} durable within 10 s",
+                sb.journal.durable_seq() + 1,
+                sb.journal.last_seq()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let durable = sb.journal.durable_seq();
     let mut s = quic::standby_handshake(conn, local, durable, opts).await?;
     tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");

@@ -510,3 +510,40 @@ fn dead_sync_standby_degrades_to_async_and_recovers() {
         &dir.path().join("dr1/vol0.img"),
     );
 }
+
+/// A primary restarted after SIGKILL resumes replication at once: the standby replaces
+/// the dead session instead of waiting for QUIC's idle timeout (10 s).
+#[test]
+fn restarted_primary_resumes_without_waiting_for_the_dead_connection() {
+    if skip_without(
+        "qemu-io",
+        "restarted_primary_resumes_without_waiting_for_the_dead_connection",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfgs) = init(dir.path(), &["dr1"], "async");
+    let standby = Node::start(&ferryd(), &scfgs[0]);
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(11, 100)));
+    wait_caught_up(&primary, &standby);
+    primary.kill();
+    let primary = Node::start(&ferryd(), &pcfg);
+    let started = std::time::Instant::now();
+    primary.wait_status(
+        "the restarted primary to stream again",
+        Duration::from_secs(30),
+        |st| st["targets"][0]["state"] == "streaming",
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "resuming took {took:?}: the standby waited for the dead connection"
+    );
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(12, 100)));
+    wait_caught_up(&primary, &standby);
+    same_file(
+        &dir.path().join("primary/vol0.img"),
+        &dir.path().join("dr1/vol0.img"),
+    );
+}
