@@ -20,6 +20,7 @@ pub mod format;
 mod reader;
 mod recovery;
 mod segment;
+pub mod undo;
 mod writer;
 
 pub use engine::{EngineChoice, IoEngine, StdEngine, UringEngine};
@@ -28,6 +29,7 @@ pub use format::{Op, Record, Seq};
 pub use reader::JournalReader;
 pub use recovery::{RecoveryMode, RecoveryReport};
 pub use segment::{parse_segment_name, segment_file_name};
+pub use undo::{UndoEntry, UndoError, UndoExtent, UndoLog, UndoPoint, UndoPosition, UndoRecovery};
 pub use writer::{Journal, JournalStats};
 
 use std::path::PathBuf;
