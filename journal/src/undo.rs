@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use crate::format::salted_crc;
+use crate::format::{rd_u16, rd_u32, rd_u64};
 
 /// Segment header length (bytes). Entries start right after it.
 pub const UNDO_SEGMENT_HEADER_LEN: usize = 64;
@@ -194,22 +195,6 @@ pub struct UndoRecovery {
 }
 
 // ---------------------------------------------------------------- pure format
-
-fn rd_u16(b: &[u8], at: usize) -> u16 {
-    let mut a = [0u8; 2];
-    a.copy_from_slice(&b[at..at + 2]);
-    u16::from_le_bytes(a)
-}
-fn rd_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-fn rd_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
 
 /// Undo segment header (64 bytes at offset 0 of each segment file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
