@@ -22,8 +22,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use crate::format::salted_crc;
-use crate::format::{rd_u16, rd_u32, rd_u64};
+use crate::format::{rd_u16, rd_u32, rd_u64, salted_crc};
 
 /// Segment header length (bytes). Entries start right after it.
 pub const UNDO_SEGMENT_HEADER_LEN: usize = 64;
