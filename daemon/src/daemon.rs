@@ -186,35 +186,103 @@ fn checkpoint(
     Ok(())
 }
 
-fn spawn_checkpointer(
-    rec: Arc<Recovered>,
-    positions: Positions,
-    interval: Duration,
+/// The checkpoint thread: every `checkpoint_interval_ms`, or early when the journal
+/// is half full, and once more on the way out.
+struct Checkpointer {
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("ferry-checkpoint".into())
-        .spawn(move || {
-            let mut last = rec.checkpoint;
-            let mut released = rec.checkpoint.min(positions().1);
-            let mut since = Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(20));
-                let j = &rec.journal;
-                let full = j.used_bytes() * 100 >= j.capacity_bytes() * CHECKPOINT_FILL_PERCENT;
-                if full || since.elapsed() >= interval {
-                    since = Instant::now();
-                    if let Err(e) = checkpoint(&rec, &positions, &mut last, &mut released) {
-                        tracing::error!("checkpoint failed: {e:#}; will retry");
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(cfg: &Config, rec: Arc<Recovered>, positions: Positions) -> anyhow::Result<Self> {
+        let interval = Duration::from_millis(cfg.journal.checkpoint_interval_ms);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("ferry-checkpoint".into())
+            .spawn(move || {
+                let mut last = rec.checkpoint;
+                let mut released = rec.checkpoint.min(positions().1);
+                let mut since = Instant::now();
+                while !stopping.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    let j = &rec.journal;
+                    let full = j.used_bytes() * 100 >= j.capacity_bytes() * CHECKPOINT_FILL_PERCENT;
+                    if full || since.elapsed() >= interval {
+                        since = Instant::now();
+                        if let Err(e) = checkpoint(&rec, &positions, &mut last, &mut released) {
+                            tracing::error!("checkpoint failed: {e:#}; will retry");
+                        }
                     }
                 }
-            }
-            // Final checkpoint on the way out.
-            if let Err(e) = checkpoint(&rec, &positions, &mut last, &mut released) {
-                tracing::error!("final checkpoint failed: {e:#}");
-            }
+                if let Err(e) = checkpoint(&rec, &positions, &mut last, &mut released) {
+                    tracing::error!("final checkpoint failed: {e:#}");
+                }
+            })
+            .context("starting the checkpoint thread")?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    /// Stops the thread after its final checkpoint.
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
+
+/// The control socket, bound early (so a second ferryd on the same config is refused
+/// before it touches anything) and served once the role's status handler exists.
+struct ControlSocket {
+    listener: tokio::net::UnixListener,
+    access: control::Access,
+    audit: Arc<crate::audit::AuditLog>,
+}
+
+impl ControlSocket {
+    async fn bind(cfg: &Config) -> anyhow::Result<Self> {
+        let access = control::Access::from_config(cfg.access.as_ref());
+        let audit = Arc::new(crate::audit::AuditLog::open(&cfg.audit_log_path())?);
+        let listener = control::bind(&cfg.control.socket, &access).await?;
+        Ok(ControlSocket {
+            listener,
+            access,
+            audit,
         })
-        .context("starting the checkpoint thread")
+    }
+
+    fn serve(
+        self,
+        cfg: &Config,
+        handler: control::Handler,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(control::serve(
+            self.listener,
+            cfg.control.socket.clone(),
+            handler,
+            self.access,
+            Some(self.audit),
+            stop,
+        ))
+    }
+}
+
+/// Waits (bounded, 10 s) for a shutdown step; says so if it gives up, since the
+/// final checkpoint then covers less (nothing is lost: restart replays the journal).
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    "gave up waiting for {what} after 10 s; restart will replay the rest"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
 }
 
 /// Runs a node until `shutdown` resolves; then drains, checkpoints and returns.
@@ -246,7 +314,6 @@ struct Observe {
 }
 
 impl Observe {
-    /// ` metrics=ADDR` for the ready line (empty without a metrics endpoint).
     /// Marks the node ready everywhere at once: `/readyz`, the one stable stdout line
     /// scripts and tests wait for, and systemd (READY=1, then watchdog pings).
     fn announce_ready(
@@ -270,6 +337,7 @@ impl Observe {
         self.metrics.set_ready(false);
     }
 
+    /// ` metrics=ADDR` for the ready line (empty without a metrics endpoint).
     fn ready_suffix(&self) -> String {
         self.addr
             .map(|a| format!(" metrics={a}"))
@@ -305,9 +373,7 @@ async fn run_primary(
         .await
         .with_context(|| format!("binding NBD listener {nbd_listen}"))?;
     let nbd_addr = listener.local_addr()?;
-    let access = control::Access::from_config(cfg.access.as_ref());
-    let audit = Arc::new(crate::audit::AuditLog::open(&cfg.audit_log_path())?);
-    let control_listener = control::bind(&cfg.control.socket, &access).await?;
+    let control = ControlSocket::bind(&cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     // Replication: targets start at the checkpoint; their Hellos say where they are.
@@ -343,21 +409,13 @@ async fn run_primary(
         _ => None,
     };
 
-    let stop_ckpt = Arc::new(AtomicBool::new(false));
-    let positions: Positions = {
-        let group = group.clone();
-        let repl = repl.clone();
+    let ckpt = Checkpointer::start(&cfg, rec.clone(), {
+        let (group, repl) = (group.clone(), repl.clone());
         Arc::new(move || {
             let floor = repl.as_ref().map_or(Seq::MAX, |r| r.release_floor());
             (group.applied_seq(), floor)
         })
-    };
-    let ckpt = spawn_checkpointer(
-        rec.clone(),
-        positions,
-        Duration::from_millis(cfg.journal.checkpoint_interval_ms),
-        stop_ckpt.clone(),
-    )?;
+    })?;
 
     obs.metrics.set_source(NodeSource {
         meta: rec.meta.clone(),
@@ -368,14 +426,7 @@ async fn run_primary(
         },
     });
     let handler = primary_status(&cfg, rec.clone(), group.clone(), repl.clone(), nbd_addr);
-    let control_task = tokio::spawn(control::serve(
-        control_listener,
-        cfg.control.socket.clone(),
-        handler,
-        access,
-        Some(audit),
-        stop_rx.clone(),
-    ));
+    let control_task = control.serve(&cfg, handler, stop_rx.clone());
     let server_cfg = nbd::ServerConfig {
         max_payload: (32u64 << 20).min(cfg.journal.segment_size.0 / 2) as u32,
         ..nbd::ServerConfig::default()
@@ -413,15 +464,11 @@ async fn run_primary(
     // Every acknowledged write is applied; seal the last write-set, let the journal
     // make it durable, then the checkpointer's final round fsyncs and records it.
     let _ = group.seal(bytes::Bytes::new());
-    tokio::task::block_in_place(|| {
-        let target = rec.journal.last_seq();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while rec.journal.durable_seq() < target && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+    let target = rec.journal.last_seq();
+    wait_until("the final seal to become durable", || {
+        rec.journal.durable_seq() >= target
     });
-    stop_ckpt.store(true, Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || ckpt.join()).await;
+    ckpt.finish().await;
     drop(registry);
     tracing::info!(
         checkpoint = rec.meta.checkpoint().unwrap_or(0),
@@ -459,21 +506,12 @@ async fn run_standby(
         &rec.bases,
         &r.primary,
     );
-    let access = control::Access::from_config(cfg.access.as_ref());
-    let audit = Arc::new(crate::audit::AuditLog::open(&cfg.audit_log_path())?);
-    let control_listener = control::bind(&cfg.control.socket, &access).await?;
+    let control = ControlSocket::bind(&cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop_ckpt = Arc::new(AtomicBool::new(false));
-    let positions: Positions = {
+    let ckpt = Checkpointer::start(&cfg, rec.clone(), {
         let sb = standby.clone();
         Arc::new(move || (sb.applied_seq(), Seq::MAX))
-    };
-    let ckpt = spawn_checkpointer(
-        rec.clone(),
-        positions,
-        Duration::from_millis(cfg.journal.checkpoint_interval_ms),
-        stop_ckpt.clone(),
-    )?;
+    })?;
     obs.metrics.set_source(NodeSource {
         meta: rec.meta.clone(),
         journal: rec.journal.clone(),
@@ -482,14 +520,7 @@ async fn run_standby(
         },
     });
     let handler = standby_status(&cfg, rec.clone(), standby.clone());
-    let control_task = tokio::spawn(control::serve(
-        control_listener,
-        cfg.control.socket.clone(),
-        handler,
-        access,
-        Some(audit),
-        stop_rx.clone(),
-    ));
+    let control_task = control.serve(&cfg, handler, stop_rx.clone());
     let serve = tokio::spawn(standby::serve(
         standby.clone(),
         local,
@@ -517,15 +548,11 @@ async fn run_standby(
     }
     let _ = control_task.await;
     // Let the applier finish what is durable before the final checkpoint.
-    tokio::task::block_in_place(|| {
-        let target = rec.journal.durable_seq();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while standby.applied_seq() < target && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+    let target = rec.journal.durable_seq();
+    wait_until("the replica to apply what is durable", || {
+        standby.applied_seq() >= target
     });
-    stop_ckpt.store(true, Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || ckpt.join()).await;
+    ckpt.finish().await;
     tracing::info!("shutdown complete");
     Ok(())
 }
