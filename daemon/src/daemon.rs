@@ -653,11 +653,6 @@ fn primary_status(
                 "applied_seq": group.applied_seq(),
                 "checkpoint_seq": rec.meta.checkpoint().unwrap_or(0),
                 "failed": group.gate.failed(),
-                "frontend": {
-                    "mutations": group.mutations.load(Ordering::Relaxed),
-                    "mutation_seconds": group.mutation_ns.load(Ordering::Relaxed) as f64 / 1e9,
-                    "journal_wait_seconds": group.journal_wait_ns.load(Ordering::Relaxed) as f64 / 1e9,
-                },
                 "nbd": {"listen": nbd_addr.to_string()},
                 "journal": journal_status(j),
                 "volumes": volumes,

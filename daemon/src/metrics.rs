@@ -111,6 +111,9 @@ pub struct Frontend {
     errors: Family<OpLabel, Counter>,
     write_seconds: Histogram,
     flush_seconds: Histogram,
+    /// Append to durable and released by the apply gate: the journal's share of a
+    /// mutation's latency (the rest is apply, sync targets and the NBD path).
+    journal_wait_seconds: Histogram,
     /// The families' counters by [`FrontendOp`] index (clones share the atomic), so
     /// the request path does not take the family's lock.
     by_op: [[Counter; 3]; FrontendOp::ALL.len()],
@@ -132,6 +135,7 @@ impl Default for Frontend {
             errors,
             write_seconds: Histogram::new(LATENCY_BUCKETS),
             flush_seconds: Histogram::new(LATENCY_BUCKETS),
+            journal_wait_seconds: Histogram::new(LATENCY_BUCKETS),
             by_op,
         }
     }
@@ -154,6 +158,12 @@ impl Frontend {
             FrontendOp::Write => self.write_seconds.observe(secs),
             FrontendOp::Read | FrontendOp::Trim | FrontendOp::WriteZeroes => {}
         }
+    }
+
+    /// Records how long a mutation waited for the journal (see `journal_wait_seconds`).
+    pub fn observe_journal_wait(&self, started: Instant) {
+        self.journal_wait_seconds
+            .observe(started.elapsed().as_secs_f64());
     }
 
     fn encode(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
@@ -184,6 +194,12 @@ impl Frontend {
         self.flush_seconds.encode(e.encode_descriptor(
             "ferry_frontend_flush",
             "NBD flush latency.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?)?;
+        self.journal_wait_seconds.encode(e.encode_descriptor(
+            "ferry_frontend_journal_wait",
+            "Journal share of a mutation's latency: append to durable and released for apply.",
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?)

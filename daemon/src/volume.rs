@@ -172,12 +172,6 @@ pub struct Group {
     slots: Arc<Semaphore>,
     /// Writes since the last write-set seal.
     dirty: AtomicBool,
-    /// Frontend mutation count and summed latency (append → applied), in ns.
-    pub mutations: std::sync::atomic::AtomicU64,
-    pub mutation_ns: std::sync::atomic::AtomicU64,
-    /// Summed time from append to durable+released (journal share), in ns.
-    pub journal_wait_ns: std::sync::atomic::AtomicU64,
-    /// Frontend op counters and latency histograms (exported by `metrics`).
     pub frontend: Arc<Frontend>,
 }
 
@@ -193,9 +187,6 @@ impl Group {
             sync: parking_lot::RwLock::new(None),
             slots: Arc::new(Semaphore::new(queue_slots.max(1))),
             dirty: AtomicBool::new(false),
-            mutations: Default::default(),
-            mutation_ns: Default::default(),
-            journal_wait_ns: Default::default(),
             frontend: Default::default(),
         })
     }
@@ -284,8 +275,7 @@ impl Group {
             .map_err(|_| ExportError::ShuttingDown)?
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
         let seq = guard.seq;
-        self.journal_wait_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.frontend.observe_journal_wait(started);
         let result = if op == Op::Write && length > INLINE_APPLY_MAX {
             tokio::task::spawn_blocking(move || guard.apply())
                 .await
@@ -300,9 +290,6 @@ impl Group {
                 sync.wait(seq).await;
             }
         }
-        self.mutations.fetch_add(1, Ordering::Relaxed);
-        self.mutation_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         result.map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 ExportError::NoSpace
