@@ -382,10 +382,10 @@ async fn run_primary(
         Some(r) if !targets.is_empty() => {
             let sync = SyncGate::new(targets.clone(), Duration::from_millis(r.sync_timeout_ms));
             *group.sync.write() = Some(sync.clone());
-            group.tail.enable(r.tail_bytes.0 as usize);
+            group.feed.enable(r.tail_bytes.0 as usize);
             let ctx = Arc::new(ShipContext {
                 journal: rec.journal.clone(),
-                tail: group.tail.clone(),
+                tail: group.feed.tail.clone(),
                 local: replication::local_identity(
                     &cfg,
                     rec.meta.node_id,
@@ -396,14 +396,14 @@ async fn run_primary(
                 ),
                 tls: replication::load_tls(&cfg)?,
                 opts: transport_options(),
-                durable: group.durable_tx.subscribe(),
+                durable: group.feed.durable(),
                 sync: sync.clone(),
             });
             replication::start(ctx, &targets, &stop_rx);
             Some(Arc::new(Replication {
                 targets,
                 sync,
-                index: group.index.clone(),
+                index: group.feed.index.clone(),
             }))
         }
         _ => None,

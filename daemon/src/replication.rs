@@ -190,6 +190,51 @@ impl Tail {
     }
 }
 
+/// What shippers read from the write path, fed by the journal's completions in
+/// sequence order: lag accounting, the in-memory tail and the durable position.
+/// Disabled — no work, no memory — on a primary without replication targets.
+pub struct ShipFeed {
+    pub index: Arc<SeqIndex>,
+    pub tail: Arc<Tail>,
+    durable_tx: watch::Sender<Seq>,
+    enabled: AtomicBool,
+}
+
+impl ShipFeed {
+    pub fn new(durable: Seq) -> ShipFeed {
+        ShipFeed {
+            index: Arc::new(SeqIndex::default()),
+            tail: Arc::new(Tail::new()),
+            durable_tx: watch::channel(durable).0,
+            enabled: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts feeding, keeping up to `tail_bytes` of recent records in memory.
+    pub fn enable(&self, tail_bytes: usize) {
+        self.tail.enable(tail_bytes);
+        self.enabled.store(true, Ordering::Release);
+    }
+
+    /// Called with every durable record, in sequence order.
+    pub fn journaled(&self, seq: Seq, rec: impl FnOnce() -> ferry_journal::Record) {
+        if !self.enabled.load(Ordering::Acquire) {
+            return;
+        }
+        let rec = rec();
+        let ts = now_ns();
+        // Lag is counted in bytes to ship: a trim's range is not shipped as data.
+        self.index.push(seq, rec.data.len() as u64, ts);
+        self.tail.push(seq, rec, ts);
+        self.durable_tx.send_replace(seq);
+    }
+
+    /// Durable-position updates for a shipper's journal reader.
+    pub fn durable(&self) -> watch::Receiver<Seq> {
+        self.durable_tx.subscribe()
+    }
+}
+
 /// What status shows about one target, shared between its shipper and the rest.
 pub struct TargetState {
     pub name: String,

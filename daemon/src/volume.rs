@@ -26,9 +26,9 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use ferry_journal::{Journal, JournalError, Op, Record, Seq};
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
-use crate::replication::{now_ns, SeqIndex, SyncGate, Tail};
+use crate::replication::{ShipFeed, SyncGate};
 
 use crate::apply::{ApplyGate, ApplyGuard};
 use crate::metrics::{Frontend, FrontendOp};
@@ -159,12 +159,8 @@ fn block_device_size(file: &File) -> std::io::Result<u64> {
 pub struct Group {
     pub journal: Arc<Journal>,
     pub gate: Arc<ApplyGate>,
-    /// Lag accounting for replication targets (fed in sequence order).
-    pub index: Arc<SeqIndex>,
-    /// Recent durable records for shippers that are current (fed in sequence order).
-    pub tail: Arc<Tail>,
-    /// Latest durable sequence, for shippers tailing the journal.
-    pub durable_tx: watch::Sender<Seq>,
+    /// What the shippers read, fed by the journal completions (off without targets).
+    pub feed: Arc<ShipFeed>,
     /// Set when sync targets exist: writes wait for them before the reply.
     pub sync: parking_lot::RwLock<Option<Arc<SyncGate>>>,
     /// Journal queue slots: async writers wait here instead of blocking a runtime thread
@@ -177,13 +173,10 @@ pub struct Group {
 
 impl Group {
     pub fn new(journal: Arc<Journal>, applied_from: Seq, queue_slots: usize) -> Arc<Group> {
-        let (durable_tx, _) = watch::channel(journal.durable_seq());
         Arc::new(Group {
+            feed: Arc::new(ShipFeed::new(journal.durable_seq())),
             journal,
             gate: ApplyGate::new(applied_from),
-            index: Arc::new(SeqIndex::default()),
-            tail: Arc::new(Tail::new()),
-            durable_tx,
             sync: parking_lot::RwLock::new(None),
             slots: Arc::new(Semaphore::new(queue_slots.max(1))),
             dirty: AtomicBool::new(false),
@@ -222,27 +215,18 @@ impl Group {
         let gate = self.gate.clone();
         let item_base = base.clone();
         let item_data = data.clone();
-        let index = self.index.clone();
-        let tail = self.tail.clone();
-        let durable_tx = self.durable_tx.clone();
+        let feed = self.feed.clone();
         let done: ferry_journal::Completion = Box::new(move |res: Result<Seq, JournalError>| {
             drop(permit);
             match res {
                 Ok(seq) => {
-                    let ts = now_ns();
-                    index.push(seq, length as u64, ts);
-                    tail.push(
-                        seq,
-                        Record {
-                            volume: item_base.id,
-                            op,
-                            offset,
-                            length,
-                            data: item_data.clone(),
-                        },
-                        ts,
-                    );
-                    durable_tx.send_replace(seq);
+                    feed.journaled(seq, || Record {
+                        volume: item_base.id,
+                        op,
+                        offset,
+                        length,
+                        data: item_data.clone(),
+                    });
                     let guard = ApplyGuard::new(
                         gate.clone(),
                         seq,
@@ -314,16 +298,11 @@ impl Group {
             data: marker,
         };
         let gate = self.gate.clone();
-        let index = self.index.clone();
-        let tail = self.tail.clone();
-        let durable_tx = self.durable_tx.clone();
+        let feed = self.feed.clone();
         let seal_rec = rec.clone();
         let done: ferry_journal::Completion = Box::new(move |res: Result<Seq, JournalError>| {
             if let Ok(seq) = res {
-                let ts = now_ns();
-                index.push(seq, 0, ts);
-                tail.push(seq, seal_rec, ts);
-                durable_tx.send_replace(seq);
+                feed.journaled(seq, || seal_rec);
                 gate.skip(seq);
             }
         });
