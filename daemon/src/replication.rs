@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use bytes::Bytes;
 use ferry_journal::{Journal, Op, Seq};
 use ferry_transport::quic::{self, Backoff, TlsMaterial, TransportOptions};
 use ferry_transport::session::{self, LocalIdentity, Sender, SenderConfig};
@@ -534,7 +533,8 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     ctx.sync.recompute();
 
     let (ws_tx, mut ws_rx) = mpsc::channel::<anyhow::Result<WriteSet>>(READ_AHEAD_WRITE_SETS);
-    let reader = {
+    // Detached: the reader exits by itself once this session drops the receiver.
+    {
         let journal = ctx.journal.clone();
         let tail = ctx.tail.clone();
         let durable = ctx.durable.clone();
@@ -542,9 +542,8 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
         std::thread::Builder::new()
             .name(format!("ferry-ship-{}", t.name))
             .spawn(move || read_write_sets(journal, tail, resume + 1, epoch, durable, ws_tx, rt))
-            .context("spawning the journal reader thread")?
-    };
-    let _reader = ReaderGuard(Some(reader));
+            .context("spawning the journal reader thread")?;
+    }
 
     let mut sender = Sender::new(epoch, SenderConfig::default(), resume);
     let mut durable_at_last_ack = ctx.journal.durable_seq();
@@ -615,15 +614,6 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                     .await?;
             }
         }
-    }
-}
-
-struct ReaderGuard(Option<std::thread::JoinHandle<()>>);
-impl Drop for ReaderGuard {
-    fn drop(&mut self) {
-        // The reader exits on its own once the channel is closed (the receiver was
-        // dropped before this guard); don't block the runtime joining it.
-        let _ = self.0.take();
     }
 }
 
@@ -761,11 +751,6 @@ fn emit(
     tx.blocking_send(Ok(ws)).is_ok()
 }
 
-/// Seal labels and other small payloads as `Bytes`.
-pub fn label(s: &str) -> Bytes {
-    Bytes::copy_from_slice(s.as_bytes())
-}
-
 /// Maps a wire op to the journal's.
 pub fn journal_op(op: RecordOp) -> Op {
     match op {
@@ -801,6 +786,7 @@ pub fn local_identity(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use ferry_journal::Record;
 
     fn rec(len: usize, op: Op) -> Record {
