@@ -308,4 +308,27 @@ mod tests {
         b.file.read_exact_at(&mut buf[1..], 4096).unwrap();
         assert_eq!(buf, [9, 8]);
     }
+
+    #[test]
+    fn a_failed_base_write_stops_the_prefix_and_fails_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = base(dir.path());
+        // Same file, opened read-only: its pwrite fails (EBADF) like a dying disk.
+        let mut ro = Base::open(0, "b", &dir.path().join("b.img"), 1 << 20).unwrap();
+        ro.file = std::fs::File::open(dir.path().join("b.img")).unwrap();
+        let ro = Arc::new(ro);
+        let gate = ApplyGate::new(0);
+        let (t1, mut r1) = oneshot::channel();
+        let (t2, mut r2) = oneshot::channel();
+        gate.ready(guard(&gate, &ro, 1, 0, 7), t1);
+        gate.ready(guard(&gate, &ok, 2, 8192, 8), t2);
+        assert!(r1.try_recv().unwrap().unwrap().apply().is_err());
+        assert!(gate.failed(), "the group must refuse further writes");
+        r2.try_recv().unwrap().unwrap().apply().unwrap();
+        assert_eq!(
+            gate.applied_seq(),
+            0,
+            "the checkpoint must never pass the failed record (restart replays it)"
+        );
+    }
 }

@@ -241,3 +241,51 @@ fn bad_config_gets_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vol0") && err.contains("refusing"), "{err}");
 }
+
+/// A journal record for a volume that was removed from the config must stop start-up
+/// (naming it), never be dropped; restoring the volume's section lets replay finish.
+#[test]
+fn replay_refuses_to_drop_records_of_an_unconfigured_volume() {
+    if skip_without(
+        "qemu-io",
+        "replay_refuses_to_drop_records_of_an_unconfigured_volume",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = primary_config(
+        dir.path(),
+        &[("vol0", 4 * MIB), ("vol1", 4 * MIB)],
+        16 * MIB,
+        2 * MIB,
+    );
+    let full = std::fs::read_to_string(&cfg).unwrap().replace(
+        "checkpoint_interval_ms = 500",
+        "checkpoint_interval_ms = 600000",
+    );
+    assert!(full.contains("checkpoint_interval_ms = 600000"), "{full}");
+    std::fs::write(&cfg, &full).unwrap();
+    let mut node = Node::start(ferryd(), &cfg);
+    assert_qemu_io_ok(&qemu_io(&node.url("vol1"), &cmds(&["write -P 0x42 0 64k"])));
+    node.kill(); // no checkpoint: the write lives only in the journal (and page cache)
+
+    let vol1 = full
+        .find("[[volume]]\nname = \"vol1\"")
+        .expect("vol1 section");
+    std::fs::write(&cfg, &full[..vol1]).unwrap();
+    let out = std::process::Command::new(ferryd())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "start-up must refuse");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("volume id 1") && err.contains("not in the config"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, &full).unwrap();
+    let node = Node::start(ferryd(), &cfg);
+    assert_qemu_io_ok(&qemu_io(&node.url("vol1"), &cmds(&["read -P 0x42 0 64k"])));
+}
