@@ -117,12 +117,7 @@ pub fn create_zeroed(dir: &Path, no: u64, size: u64) -> Result<PathBuf> {
     f.sync_all()
         .map_err(|e| JournalError::io(format!("fsync {}", tmp.display()), e))?;
     drop(f);
-    let path = segment_path(dir, no);
-    fs::rename(&tmp, &path).map_err(|e| {
-        JournalError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
-    })?;
-    sync_dir(dir)?;
-    Ok(path)
+    publish(dir, &tmp, no)
 }
 
 /// Recycles a released segment file as segment `no`: rename to a temporary name,
@@ -139,8 +134,14 @@ pub fn recycle(dir: &Path, old: &Path, no: u64) -> Result<PathBuf> {
     f.sync_data()
         .map_err(|e| JournalError::io(format!("fdatasync {}", tmp.display()), e))?;
     drop(f);
+    publish(dir, &tmp, no)
+}
+
+/// Gives a prepared temporary file its segment name, durably: rename, then fsync the
+/// directory, so after a crash the segment either exists whole or not at all.
+fn publish(dir: &Path, tmp: &Path, no: u64) -> Result<PathBuf> {
     let path = segment_path(dir, no);
-    fs::rename(&tmp, &path).map_err(|e| {
+    fs::rename(tmp, &path).map_err(|e| {
         JournalError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
     })?;
     sync_dir(dir)?;
