@@ -265,8 +265,8 @@ pub struct Heartbeat {
     pub epoch: Epoch,
     /// Sender's clock. Only the sender compares it, so clocks need not agree.
     pub sent_at_ns: u64,
-    /// `sent_at_ns` of the last heartbeat received from the peer, echoed back so
-    /// the peer measures RTT against its own clock; 0 if none yet.
+    /// In a reply, the `sent_at_ns` of the heartbeat it answers, so the peer measures
+    /// RTT on its own clock; 0 in a heartbeat that answers nothing.
     pub echo_ns: u64,
     /// Sender's newest sequence (primary: journaled; standby: durable).
     pub last_seq: Seq,
