@@ -39,6 +39,56 @@ pub struct Config {
     /// Optional HTTP endpoint for /metrics, /healthz and /readyz; absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// Point-in-time recovery on a standby (`[pit]`); absent: on, with defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pit: Option<PitConfig>,
+}
+
+/// `[pit]`: the standby's undo log and its retention. Ignored on a primary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PitConfig {
+    /// Keep before-images so the replica can be viewed or rolled back (default true).
+    /// Off: the standby applies without undo (faster apply, no recovery points).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Undo log directory (default `<metadata_dir>/undo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Size limit of the undo log: oldest points go first, bookmarked or not.
+    #[serde(default = "default_pit_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Age limit in seconds (0: none): older points go, except bookmarked ones.
+    #[serde(default = "default_pit_max_age_secs")]
+    pub max_age_secs: u64,
+    /// Undo segment file size: the unit in which retention frees space.
+    #[serde(default = "default_pit_segment_size")]
+    pub segment_size: ByteSize,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_pit_max_bytes() -> ByteSize {
+    ByteSize(4 << 30)
+}
+fn default_pit_max_age_secs() -> u64 {
+    7 * 86_400
+}
+fn default_pit_segment_size() -> ByteSize {
+    ByteSize(64 << 20)
+}
+
+impl Default for PitConfig {
+    fn default() -> Self {
+        PitConfig {
+            enabled: true,
+            dir: None,
+            max_bytes: default_pit_max_bytes(),
+            max_age_secs: default_pit_max_age_secs(),
+            segment_size: default_pit_segment_size(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -401,6 +451,21 @@ impl Config {
         for v in &mut self.volumes {
             abs(&mut v.path);
         }
+        if let Some(d) = self.pit.as_mut().and_then(|p| p.dir.as_mut()) {
+            abs(d);
+        }
+    }
+
+    /// The `[pit]` settings in force (defaults when the section is absent).
+    pub fn pit(&self) -> PitConfig {
+        self.pit.clone().unwrap_or_default()
+    }
+
+    /// Where the standby's undo log lives.
+    pub fn undo_dir(&self) -> PathBuf {
+        self.pit()
+            .dir
+            .unwrap_or_else(|| self.node.metadata_dir.join("undo"))
     }
 
     /// Semantic checks. Returns (key, message) for the first problem found.
@@ -550,6 +615,23 @@ impl Config {
         if let Some(m) = &self.metrics {
             if let Err(e) = parse_addr(&m.listen) {
                 return bad("metrics.listen", e);
+            }
+        }
+        if let Some(p) = &self.pit {
+            if p.segment_size.0 < (1 << 20) {
+                return bad("pit.segment_size", "must be at least 1MiB".into());
+            }
+            if p.max_bytes.0 < 2 * p.segment_size.0 {
+                return bad(
+                    "pit.max_bytes",
+                    format!(
+                        "{} bytes: must hold at least two undo segments (pit.segment_size is {})",
+                        p.max_bytes.0, p.segment_size.0
+                    ),
+                );
+            }
+            if p.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+                return bad("pit.dir", "must not be empty".into());
             }
         }
         Ok(())

@@ -73,17 +73,69 @@ pub fn command_role(cmd: &str) -> Option<Role> {
     COMMANDS.iter().find(|(c, _)| *c == cmd).map(|(_, r)| *r)
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Primary: seal the current write-set with a named marker.
+    #[serde(rename = "bookmark")]
+    BookmarkCreate {
+        name: String,
+    },
+    ListBookmarks,
+    /// Standby: the point-in-time window, recent points and open views.
+    ListPits {
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// Standby: serve `volume` as it was at `target` over NBD on `listen`.
+    PitExport {
+        volume: String,
+        target: PointSpec,
+        listen: String,
+        #[serde(default)]
+        writable: bool,
+    },
+    /// Standby: stop serving a view (`id`, or the only one) and drop its overlay.
+    PitUnexport {
+        #[serde(default)]
+        id: Option<u64>,
+        #[serde(default)]
+        all: bool,
+    },
+    /// Standby: stop following the primary (sessions end, new ones are refused).
+    Pause,
+    Resume,
+    /// Standby: roll the replica back to `target` (all volumes of the group).
+    Rollback {
+        volume: String,
+        target: PointSpec,
+        #[serde(default)]
+        group: bool,
+    },
+}
+
+/// A recovery point as an operator names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PointSpec {
+    Seq(u64),
+    /// RFC 3339, parsed by the daemon.
+    At(String),
+    Bookmark(String),
 }
 
 impl Request {
     /// The role this request needs. Exhaustive on purpose: a new request must say.
     pub fn required_role(&self) -> Role {
         match self {
-            Request::Status => Role::Viewer,
+            Request::Status | Request::ListBookmarks | Request::ListPits { .. } => Role::Viewer,
+            Request::BookmarkCreate { .. }
+            | Request::PitExport { .. }
+            | Request::PitUnexport { .. }
+            | Request::Pause
+            | Request::Resume => Role::Operator,
+            Request::Rollback { .. } => Role::Admin,
         }
     }
 
@@ -91,6 +143,14 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Request::Status => "status",
+            Request::BookmarkCreate { .. } => "bookmark",
+            Request::ListBookmarks => "list_bookmarks",
+            Request::ListPits { .. } => "list_pits",
+            Request::PitExport { .. } => "pit_export",
+            Request::PitUnexport { .. } => "pit_unexport",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Rollback { .. } => "rollback",
         }
     }
 }
@@ -467,7 +527,12 @@ pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
             socket.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // A rollback rewrites every range changed since its target: allow it an hour.
+    let timeout = match req {
+        Request::Rollback { .. } => Duration::from_secs(3600),
+        _ => Duration::from_secs(30),
+    };
+    s.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     s.write_all(&line)?;
@@ -486,8 +551,30 @@ mod tests {
     #[test]
     fn requests_agree_with_the_command_table() {
         // One entry per request variant.
-        #[allow(clippy::single_element_loop)]
-        for req in [Request::Status] {
+        let at = PointSpec::Seq(1);
+        for req in [
+            Request::Status,
+            Request::BookmarkCreate { name: "b".into() },
+            Request::ListBookmarks,
+            Request::ListPits { limit: None },
+            Request::PitExport {
+                volume: "v".into(),
+                target: at.clone(),
+                listen: "127.0.0.1:0".into(),
+                writable: false,
+            },
+            Request::PitUnexport {
+                id: None,
+                all: false,
+            },
+            Request::Pause,
+            Request::Resume,
+            Request::Rollback {
+                volume: "v".into(),
+                target: at.clone(),
+                group: false,
+            },
+        ] {
             let v = serde_json::to_value(&req).unwrap();
             assert_eq!(v["cmd"], req.name());
             assert_eq!(command_role(req.name()), Some(req.required_role()));

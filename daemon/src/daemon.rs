@@ -7,7 +7,7 @@
 //! 4. replay of every journaled record after the checkpoint onto the bases, fsync,
 //!    new checkpoint — only then do the listeners open, so no client ever reads a base
 //!    that lags an acknowledged write.
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,10 @@ use serde_json::json;
 
 use crate::config::{Config, EngineConfig, RecoveryConfig, Role};
 use crate::control;
-use crate::meta::Meta;
+use crate::meta::{Meta, RollbackState};
 use crate::metrics::{self, Metrics, NodeSource, RoleSource};
 use crate::nbd;
+use crate::pit::{Applier, Pit, PitExports, Target};
 use crate::replication::{self, Replication, ShipContext, SyncGate};
 use crate::sdnotify::{self, State};
 use crate::standby::{self, Standby};
@@ -35,6 +36,12 @@ pub struct Recovered {
     pub journal: Arc<Journal>,
     pub bases: Vec<Arc<Base>>,
     pub checkpoint: Seq,
+    /// Applies write-sets on a standby (with undo capture when PIT is on).
+    pub applier: Arc<Applier>,
+    /// The replica's applied position on a standby (shared with the PIT store).
+    pub applied: Arc<AtomicU64>,
+    /// A standby that was rolled back no longer follows its primary.
+    pub rollback: Option<RollbackState>,
 }
 
 pub fn journal_options(cfg: &Config) -> JournalOptions {
@@ -91,7 +98,43 @@ pub fn recover(cfg: &Config) -> anyhow::Result<Recovered> {
         );
     }
     let journal = Arc::new(journal);
-    let replayed = replay(&journal, &bases, checkpoint)?;
+    let standby = cfg.node.role == Role::Standby;
+    let rollback = if standby {
+        meta.rollback_state()?
+    } else {
+        None
+    };
+    let meta = Arc::new(meta);
+    let applied = Arc::new(AtomicU64::new(checkpoint));
+    let pit = if standby && cfg.pit().enabled {
+        Some(Pit::open(
+            cfg.undo_dir(),
+            cfg.cluster_id(),
+            cfg.pit(),
+            meta.clone(),
+            bases.clone(),
+            applied.clone(),
+        )?)
+    } else {
+        None
+    };
+    if matches!(rollback, Some(RollbackState::InProgress { .. })) && pit.is_none() {
+        bail!(
+            "a rollback is in progress on this standby but [pit] is disabled; enable it again so the rollback can finish"
+        );
+    }
+    let applier = Arc::new(Applier {
+        bases: bases.clone(),
+        meta: meta.clone(),
+        pit: pit.clone(),
+    });
+    let replayed = match rollback {
+        // A rolled-back replica must not be rolled forward by the journal (the
+        // checkpoint covered everything before the rollback started).
+        Some(_) => 0,
+        None if standby => replay_standby(&journal, &applier, checkpoint)?,
+        None => replay(&journal, &bases, checkpoint)?,
+    };
     let checkpoint = if replayed > 0 {
         for b in &bases {
             b.sync()
@@ -111,12 +154,76 @@ pub fn recover(cfg: &Config) -> anyhow::Result<Recovered> {
     // Releases are not persisted by the journal (the checkpoint in the metadata is the
     // durable record of them), so segments at or below it reappear after a restart.
     journal.release_through(checkpoint)?;
+    applied.store(journal.durable_seq(), Ordering::Release);
+    if let (Some(RollbackState::InProgress { target }), Some(pit)) = (rollback, &pit) {
+        tracing::warn!(target, "finishing the rollback interrupted by a restart");
+        pit.finish_rollback(target)?;
+    }
+    let rollback = meta.rollback_state()?;
+    if let Some(RollbackState::Done { target }) = rollback {
+        applied.store(target, Ordering::Release);
+    }
     Ok(Recovered {
-        meta: Arc::new(meta),
+        meta,
         journal,
         bases,
         checkpoint,
+        applier,
+        applied,
+        rollback,
     })
+}
+
+/// A standby's replay: records the undo log already covers are re-applied as they
+/// are; later ones are grouped into write-sets (journal batches, cut at seals) and
+/// go through the applier, so their before-images are captured first. Their
+/// timestamps are the standby's journal times (the primary's were not persisted),
+/// at most the shipping delay later than the primary's.
+fn replay_standby(journal: &Journal, applier: &Applier, checkpoint: Seq) -> anyhow::Result<u64> {
+    if journal.last_seq() <= checkpoint {
+        return Ok(0);
+    }
+    let covered = applier
+        .pit
+        .as_ref()
+        .and_then(|p| p.newest_seq())
+        .unwrap_or(0);
+    let mut n = 0u64;
+    let mut ws: Vec<(Seq, ferry_journal::Record)> = Vec::new();
+    let mut ws_batch = (0, 0);
+    for entry in journal.reader(checkpoint + 1)? {
+        let e = entry.context("reading the journal for replay")?;
+        let batch = (e.meta.last_seq, e.meta.timestamp_ns);
+        if !ws.is_empty() && (batch != ws_batch || e.seq == covered + 1) {
+            applier.apply_write_set(ws_batch.1, &ws)?;
+            ws.clear();
+        }
+        n += 1;
+        if e.seq <= covered {
+            // Undo already holds this write-set's before-images.
+            let r = &e.record;
+            if let Some(base) = replay_target(&applier.bases, e.seq, r)? {
+                base.apply(r.op, r.offset, r.length, &r.data)
+                    .with_context(|| {
+                        format!("replaying record {} onto {}", e.seq, base.path.display())
+                    })?;
+            }
+            continue;
+        }
+        // Refuse an unknown volume or a range beyond it before capturing anything.
+        replay_target(&applier.bases, e.seq, &e.record)?;
+        let seal = e.record.op == Op::Seal;
+        ws_batch = batch;
+        ws.push((e.seq, e.record));
+        if seal {
+            applier.apply_write_set(ws_batch.1, &ws)?;
+            ws.clear();
+        }
+    }
+    if !ws.is_empty() {
+        applier.apply_write_set(ws_batch.1, &ws)?;
+    }
+    Ok(n)
 }
 
 /// Applies every journaled record after `checkpoint` to the bases, in order.
@@ -128,33 +235,44 @@ fn replay(journal: &Journal, bases: &[Arc<Base>], checkpoint: Seq) -> anyhow::Re
     for entry in journal.reader(checkpoint + 1)? {
         let e = entry.context("reading the journal for replay")?;
         let r = &e.record;
-        if r.op == Op::Seal {
+        let Some(base) = replay_target(bases, e.seq, r)? else {
             continue;
-        }
-        let Some(base) = bases.iter().find(|b| b.id == r.volume) else {
-            bail!(
-                "journal record {} is for volume id {} which is not in the config; \
-                 refusing to start rather than drop it (restore the volume's [[volume]] section)",
-                e.seq,
-                r.volume
-            );
         };
-        let end = r.offset.checked_add(r.length as u64);
-        if end.is_none_or(|end| end > base.size) {
-            bail!(
-                "journal record {} writes {}+{} beyond volume '{}' ({} bytes); was the volume shrunk?",
-                e.seq,
-                r.offset,
-                r.length,
-                base.name,
-                base.size
-            );
-        }
         base.apply(r.op, r.offset, r.length, &r.data)
             .with_context(|| format!("replaying record {} onto {}", e.seq, base.path.display()))?;
         n += 1;
     }
     Ok(n)
+}
+
+/// The base a journaled record applies to (`None` for a seal), or why replay must
+/// stop rather than drop or misapply it.
+fn replay_target<'a>(
+    bases: &'a [Arc<Base>],
+    seq: Seq,
+    r: &ferry_journal::Record,
+) -> anyhow::Result<Option<&'a Arc<Base>>> {
+    if r.op == Op::Seal {
+        return Ok(None);
+    }
+    let Some(base) = bases.iter().find(|b| b.id == r.volume) else {
+        bail!(
+            "journal record {seq} is for volume id {} which is not in the config; \
+             refusing to start rather than drop it (restore the volume's [[volume]] section)",
+            r.volume
+        );
+    };
+    let end = r.offset.checked_add(r.length as u64);
+    if end.is_none_or(|end| end > base.size) {
+        bail!(
+            "journal record {seq} writes {}+{} beyond volume '{}' ({} bytes); was the volume shrunk?",
+            r.offset,
+            r.length,
+            base.name,
+            base.size
+        );
+    }
+    Ok(Some(base))
 }
 
 /// What a checkpoint works from: the sequence applied to the bases (contiguous), and
@@ -425,7 +543,7 @@ async fn run_primary(
             replication: repl.clone(),
         },
     });
-    let handler = primary_status(&cfg, rec.clone(), group.clone(), repl.clone(), nbd_addr);
+    let handler = primary_handler(&cfg, rec.clone(), group.clone(), repl.clone(), nbd_addr);
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
     let server_cfg = nbd::ServerConfig {
         max_payload: (32u64 << 20).min(cfg.journal.segment_size.0 / 2) as u32,
@@ -489,15 +607,28 @@ async fn run_standby(
         .ok_or_else(|| anyhow::anyhow!("a standby needs a [replication] section"))?;
     let listen: std::net::SocketAddr =
         crate::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?;
-    // Recovery replayed everything durable: the replica is at the journal's end.
-    let applied = rec.journal.durable_seq();
+    // Recovery replayed everything durable: `rec.applied` is the journal's end (or
+    // the rollback target of a rolled-back replica, which stays paused).
+    let paused = match rec.rollback {
+        Some(RollbackState::Done { target }) => Some(rolled_back_reason(target)),
+        _ => None,
+    };
+    if let Some(why) = &paused {
+        tracing::warn!("{why}");
+    }
     let standby = Arc::new(Standby::new(
         rec.journal.clone(),
-        rec.bases.clone(),
-        applied,
+        rec.applier.clone(),
+        rec.applied.clone(),
         &r.primary,
         &r.listen,
+        paused,
     )?);
+    let exports = rec
+        .applier
+        .pit
+        .as_ref()
+        .map(|p| Arc::new(PitExports::new(p.clone(), cfg.undo_dir().join("scratch"))));
     let local = replication::local_identity(
         &cfg,
         rec.meta.node_id,
@@ -519,7 +650,7 @@ async fn run_standby(
             standby: standby.clone(),
         },
     });
-    let handler = standby_status(&cfg, rec.clone(), standby.clone());
+    let handler = standby_handler(&cfg, rec.clone(), standby.clone(), exports.clone());
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
     let serve = tokio::spawn(standby::serve(
         standby.clone(),
@@ -547,10 +678,15 @@ async fn run_standby(
         Ok(Ok(())) => {}
     }
     let _ = control_task.await;
+    if let Some(x) = &exports {
+        if let Err(e) = x.unexport(None, true).await {
+            tracing::warn!("unexporting point-in-time views: {e:#}");
+        }
+    }
     // Let the applier finish what is durable before the final checkpoint.
     let target = rec.journal.durable_seq();
     wait_until("the replica to apply what is durable", || {
-        standby.applied_seq() >= target
+        standby.applied_seq() >= target || standby.paused().is_some()
     });
     ckpt.finish().await;
     tracing::info!("shutdown complete");
@@ -628,7 +764,7 @@ fn journal_status(j: &Journal) -> serde_json::Value {
     })
 }
 
-fn primary_status(
+fn primary_handler(
     cfg: &Config,
     rec: Arc<Recovered>,
     group: Arc<Group>,
@@ -659,41 +795,299 @@ fn primary_status(
                 "targets": repl.as_ref().map_or(json!([]), |r| r.status()),
             }))
         }
+        control::Request::BookmarkCreate { name } => respond(tokio::task::block_in_place(|| {
+            create_bookmark(&rec, &group, &name)
+        })),
+        control::Request::ListBookmarks => respond(list_bookmarks(&rec, None)),
+        other => control::Response::err(format!(
+            "{} is a standby command: this node is the primary",
+            other.name()
+        )),
     })
 }
 
-fn standby_status(cfg: &Config, rec: Arc<Recovered>, sb: Arc<Standby>) -> control::Handler {
+fn respond(r: anyhow::Result<serde_json::Value>) -> control::Response {
+    match r {
+        Ok(v) => control::Response::ok(v),
+        Err(e) => control::Response::err(crate::error_chain(&e)),
+    }
+}
+
+/// Longest bookmark name: it travels in a seal record's label.
+const MAX_BOOKMARK_NAME: usize = 64;
+
+/// Seals the current write-set with `name` and records the bookmark once the seal
+/// is durable (so it names a point every standby will receive).
+fn create_bookmark(
+    rec: &Recovered,
+    group: &Group,
+    name: &str,
+) -> anyhow::Result<serde_json::Value> {
+    if name.is_empty()
+        || name.len() > MAX_BOOKMARK_NAME
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:@".contains(&c))
+    {
+        bail!(
+            "bookmark name '{name}': use 1..={MAX_BOOKMARK_NAME} characters from A-Z a-z 0-9 - _ . : @"
+        );
+    }
+    if let Some(b) = rec.meta.bookmarks()?.into_iter().find(|b| b.name == name) {
+        bail!("bookmark '{name}' already exists (sequence {})", b.seq);
+    }
+    let seq = group
+        .seal(bytes::Bytes::copy_from_slice(name.as_bytes()))
+        .map_err(|e| anyhow::anyhow!("sealing the write-set: {e}"))?
+        .ok_or_else(|| anyhow::anyhow!("sealing the write-set: no seal was journaled"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rec.journal.durable_seq() < seq {
+        if Instant::now() > deadline {
+            bail!("the bookmark's seal (sequence {seq}) did not become durable within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let b = crate::meta::Bookmark {
+        name: name.to_string(),
+        seq,
+        timestamp_ns: replication::now_ns(),
+    };
+    rec.meta.add_bookmark(&b)?;
+    tracing::info!(name, seq, "bookmark created");
+    Ok(bookmark_json(&b, None))
+}
+
+fn bookmark_json(b: &crate::meta::Bookmark, reachable: Option<bool>) -> serde_json::Value {
+    let mut v = json!({
+        "name": b.name,
+        "seq": b.seq,
+        "time": crate::timefmt::format_rfc3339(b.timestamp_ns),
+        "timestamp_ns": b.timestamp_ns,
+    });
+    if let Some(r) = reachable {
+        v["reachable"] = json!(r);
+    }
+    v
+}
+
+fn list_bookmarks(rec: &Recovered, pit: Option<&Pit>) -> anyhow::Result<serde_json::Value> {
+    let list: Vec<_> = rec
+        .meta
+        .bookmarks()?
+        .iter()
+        .map(|b| bookmark_json(b, pit.map(|p| p.reachable(b.seq))))
+        .collect();
+    Ok(json!({ "bookmarks": list }))
+}
+
+fn rolled_back_reason(target: Seq) -> String {
+    format!(
+        "this standby was rolled back to sequence {target} and no longer follows the primary \
+         (promote it, or re-seed it from the primary)"
+    )
+}
+
+fn parse_target(t: &control::PointSpec) -> anyhow::Result<Target> {
+    Ok(match t {
+        control::PointSpec::Seq(s) => Target::Seq(*s),
+        control::PointSpec::Bookmark(b) => Target::Bookmark(b.clone()),
+        control::PointSpec::At(s) => {
+            Target::Time(crate::timefmt::parse_rfc3339(s).map_err(anyhow::Error::msg)?)
+        }
+    })
+}
+
+fn find_volume(rec: &Recovered, name: &str) -> anyhow::Result<Arc<Base>> {
+    rec.bases
+        .iter()
+        .find(|b| b.name == name)
+        .cloned()
+        .ok_or_else(|| {
+            let names: Vec<_> = rec.bases.iter().map(|b| b.name.as_str()).collect();
+            anyhow::anyhow!("no volume named '{name}' (volumes: {})", names.join(", "))
+        })
+}
+
+fn standby_handler(
+    cfg: &Config,
+    rec: Arc<Recovered>,
+    sb: Arc<Standby>,
+    exports: Option<Arc<PitExports>>,
+) -> control::Handler {
     let node = cfg.node.name.clone();
     let volumes: Vec<_> = cfg
         .volumes
         .iter()
         .map(|v| json!({"name": v.name, "size_bytes": v.size.0, "path": v.path}))
         .collect();
-    Arc::new(move |req| match req {
-        control::Request::Status => {
-            let j = &rec.journal;
-            let st = &sb.state;
-            let applied_ts = st.applied_ts_ns.load(Ordering::Relaxed);
-            control::Response::ok(json!({
-                "node": node,
-                "role": "standby",
-                "epoch": rec.meta.epoch().unwrap_or(0),
-                "last_seq": j.durable_seq(),
-                "durable_seq": j.durable_seq(),
-                "applied_seq": sb.applied_seq(),
-                "checkpoint_seq": rec.meta.checkpoint().unwrap_or(0),
-                "journal": journal_status(j),
-                "primary": {
-                    "name": st.primary,
-                    "listen": st.listen,
-                    "connected": st.connected.lock().clone(),
-                    "last_seq": st.last_primary_seq.load(Ordering::Relaxed),
-                    "last_error": st.last_error.lock().clone(),
-                },
-                "applied_primary_time_ns": applied_ts,
-                "volumes": volumes,
-                "targets": [],
-            }))
+    let pit_off = "point-in-time recovery is disabled on this standby ([pit] enabled = false)";
+    Arc::new(move |req| {
+        let pit = rec.applier.pit.clone();
+        match req {
+            control::Request::Status => {
+                let j = &rec.journal;
+                let st = &sb.state;
+                let applied_ts = st.applied_ts_ns.load(Ordering::Relaxed);
+                let mut pit_status = pit.as_ref().map_or(json!({"enabled": false}), |p| p.status());
+                if let Some(x) = &exports {
+                    pit_status["exports"] = json!(x.status());
+                }
+                control::Response::ok(json!({
+                    "node": node,
+                    "role": "standby",
+                    "epoch": rec.meta.epoch().unwrap_or(0),
+                    "last_seq": j.durable_seq(),
+                    "durable_seq": j.durable_seq(),
+                    "applied_seq": sb.applied_seq(),
+                    "checkpoint_seq": rec.meta.checkpoint().unwrap_or(0),
+                    "journal": journal_status(j),
+                    "paused": sb.paused(),
+                    "apply_error": st.apply_error.lock().clone(),
+                    "primary": {
+                        "name": st.primary,
+                        "listen": st.listen,
+                        "connected": st.connected.lock().clone(),
+                        "last_seq": st.last_primary_seq.load(Ordering::Relaxed),
+                        "last_error": st.last_error.lock().clone(),
+                    },
+                    "applied_primary_time_ns": applied_ts,
+                    "pit": pit_status,
+                    "volumes": volumes,
+                    "targets": [],
+                }))
+            }
+            control::Request::ListBookmarks => respond(list_bookmarks(&rec, pit.as_deref())),
+            control::Request::BookmarkCreate { .. } => control::Response::err(
+                "bookmarks are created on the primary (they travel to standbys in the write-set stream)",
+            ),
+            control::Request::ListPits { limit } => respond((|| {
+                let pit = pit.as_ref().ok_or_else(|| anyhow::anyhow!(pit_off))?;
+                let mut v = pit.status();
+                v["recent_points"] = json!(pit
+                    .points(limit.unwrap_or(20))
+                    .iter()
+                    .map(|p| json!({"seq": p.seq, "time": crate::timefmt::format_rfc3339(p.timestamp_ns)}))
+                    .collect::<Vec<_>>());
+                v["bookmarks"] = list_bookmarks(&rec, Some(pit))?["bookmarks"].clone();
+                v["exports"] = json!(exports.as_ref().map(|x| x.status()).unwrap_or_default());
+                v["applied_seq"] = json!(sb.applied_seq());
+                Ok(v)
+            })()),
+            control::Request::PitExport {
+                volume,
+                target,
+                listen,
+                writable,
+            } => respond((|| {
+                let x = exports.as_ref().ok_or_else(|| anyhow::anyhow!(pit_off))?;
+                let base = find_volume(&rec, &volume)?;
+                let t = parse_target(&target)?;
+                let addr = crate::config::parse_addr(&listen).map_err(anyhow::Error::msg)?;
+                tokio::task::block_in_place(|| x.export(base, &t, addr, writable))
+            })()),
+            control::Request::PitUnexport { id, all } => respond((|| {
+                let x = exports.as_ref().ok_or_else(|| anyhow::anyhow!(pit_off))?;
+                let ids = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(x.unexport(id, all))
+                })?;
+                Ok(json!({"unexported": ids}))
+            })()),
+            control::Request::Pause => {
+                if sb.paused().is_none() {
+                    sb.set_paused(Some("paused by an operator (ferryctl resume)".into()));
+                    tracing::warn!("replication paused by an operator");
+                }
+                control::Response::ok(json!({"paused": sb.paused()}))
+            }
+            control::Request::Resume => match rec.meta.rollback_state() {
+                Ok(Some(RollbackState::Done { target })) => {
+                    control::Response::err(rolled_back_reason(target))
+                }
+                Ok(_) => {
+                    sb.set_paused(None);
+                    tracing::info!("replication resumed by an operator");
+                    control::Response::ok(json!({"paused": null}))
+                }
+                Err(e) => control::Response::err(e.to_string()),
+            },
+            control::Request::Rollback {
+                volume,
+                target,
+                group,
+            } => respond(tokio::task::block_in_place(|| {
+                rollback(&rec, &sb, exports.as_deref(), &volume, &target, group)
+            })),
         }
     })
+}
+
+/// Pauses replication, waits for the applier to drain, checkpoints, then rolls the
+/// whole consistency group back (write-sets span volumes: rolling back one alone
+/// would produce an image that never existed).
+fn rollback(
+    rec: &Recovered,
+    sb: &Standby,
+    exports: Option<&PitExports>,
+    volume: &str,
+    target: &control::PointSpec,
+    group: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let pit = rec.applier.pit.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "point-in-time recovery is disabled on this standby ([pit] enabled = false)"
+        )
+    })?;
+    find_volume(rec, volume)?;
+    if rec.bases.len() > 1 && !group {
+        let names: Vec<_> = rec.bases.iter().map(|b| b.name.as_str()).collect();
+        bail!(
+            "volumes {} form one consistency group and are rolled back together; add --group to confirm",
+            names.join(", ")
+        );
+    }
+    if let Some(RollbackState::Done { target }) = rec.meta.rollback_state()? {
+        bail!("{}", rolled_back_reason(target));
+    }
+    if exports.is_some_and(|x| !x.is_empty()) {
+        bail!("point-in-time views are exported; unexport them before a rollback");
+    }
+    let t = parse_target(target)?;
+    // Validate before pausing: a typo must not stop replication.
+    pit.resolve(&t)?;
+    sb.set_paused(Some("paused for a rollback".into()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sb.applied_seq() < sb.durable_seq() {
+        if let Some(e) = sb.state.apply_error.lock().clone() {
+            bail!("the replica applier stopped ({e}); restart ferryd before rolling back");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the replica did not apply sequences up to {} within 60 s (applied {}); replication stays paused",
+                sb.durable_seq(),
+                sb.applied_seq()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Everything applied is made durable and checkpointed first: a restart must
+    // never replay the journal over the rolled-back replica.
+    let applied = sb.applied_seq();
+    for b in &rec.bases {
+        b.sync()
+            .with_context(|| format!("fsync {} before the rollback", b.path.display()))?;
+    }
+    if rec.meta.checkpoint()? < applied {
+        rec.meta.set_checkpoint(applied)?;
+    }
+    let r = pit.rollback(&t)?;
+    sb.set_paused(Some(rolled_back_reason(r.point.seq)));
+    Ok(json!({
+        "seq": r.point.seq,
+        "time": crate::timefmt::format_rfc3339(r.point.timestamp_ns),
+        "from_seq": applied,
+        "undo_entries": r.entries,
+        "bytes_restored": r.bytes,
+        "seconds": r.took.as_secs_f64(),
+        "volumes": rec.bases.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
+    }))
 }

@@ -7,6 +7,8 @@
 //! * [`volume`]   — protected volumes: the journal-first write path and the NBD export.
 //! * [`replication`] — primary side: shippers, sync gate, lag accounting.
 //! * [`standby`]  — standby side: receive, journal, apply, ack.
+//! * [`pit`]      — standby point-in-time recovery: undo capture, retention, views, rollback.
+//! * [`timefmt`]  — RFC 3339 parsing and formatting for point-in-time commands.
 //! * [`nbd`]      — the NBD protocol server (fixed newstyle), generic over an export.
 //! * [`metrics`]  — Prometheus metrics and the /metrics, /healthz, /readyz endpoint.
 //! * [`control`]  — the control socket (JSON lines over a Unix socket), roles from peer credentials.
@@ -15,18 +17,22 @@
 //! * [`sdnotify`] — systemd readiness, status and watchdog notifications (no libsystemd).
 pub mod apply;
 pub mod audit;
+pub mod chunks;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dirty;
 pub mod meta;
 pub mod metrics;
 pub mod nbd;
+pub mod pit;
 pub mod replication;
 pub mod sdnotify;
 pub mod size;
 pub mod standby;
 #[doc(hidden)]
 pub mod testkit;
+pub mod timefmt;
 pub mod volume;
 
 /// Formats an error with its causes, skipping a cause whose text the previous message

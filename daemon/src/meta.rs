@@ -19,6 +19,28 @@ const K_EPOCH: &str = "epoch";
 const K_CHECKPOINT: &str = "checkpoint_seq";
 const K_NEXT_VOLUME: &str = "next_volume_id";
 const VOLUME_PREFIX: &str = "volume/";
+const BOOKMARK_PREFIX: &str = "bookmark/";
+/// Rollback in progress (`target seq`, 8 bytes) or done (`target seq`, then
+/// `1u8`): see `pit::rollback`.
+const K_ROLLBACK: &str = "rollback";
+
+/// A named recovery point: the seal record `seq`, stamped `timestamp_ns` by the
+/// primary.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Bookmark {
+    pub name: String,
+    pub seq: u64,
+    pub timestamp_ns: u64,
+}
+
+/// The standby's rollback state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollbackState {
+    /// Started (target persisted) and not finished: finish it before anything else.
+    InProgress { target: u64 },
+    /// The replica was rolled back to `target` and no longer follows the primary.
+    Done { target: u64 },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -183,6 +205,107 @@ impl Meta {
         Ok(id)
     }
 
+    /// Records bookmark `name`; refuses a name already taken by another point.
+    pub fn add_bookmark(&self, b: &Bookmark) -> Result<(), MetaError> {
+        let key = format!("{BOOKMARK_PREFIX}{}", b.name);
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&b.seq.to_le_bytes());
+        v[8..].copy_from_slice(&b.timestamp_ns.to_le_bytes());
+        self.put_many(&[(key.as_str(), &v)])
+    }
+
+    pub fn remove_bookmark(&self, name: &str) -> Result<bool, MetaError> {
+        let key = format!("{BOOKMARK_PREFIX}{name}");
+        let txn = self.db.begin_write().map_err(|e| self.store_err(e))?;
+        let removed = {
+            let mut table = txn.open_table(TABLE).map_err(|e| self.store_err(e))?;
+            let r = table
+                .remove(key.as_str())
+                .map_err(|e| self.store_err(e))?
+                .is_some();
+            r
+        };
+        txn.commit().map_err(|e| self.store_err(e))?;
+        Ok(removed)
+    }
+
+    /// Every bookmark, by sequence.
+    pub fn bookmarks(&self) -> Result<Vec<Bookmark>, MetaError> {
+        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let table = match txn.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let mut out = Vec::new();
+        // Keys sort as strings: '/' + 1 is '0', the first key past the prefix.
+        let range = table
+            .range(BOOKMARK_PREFIX.."bookmark0")
+            .map_err(|e| self.store_err(e))?;
+        for item in range {
+            let (k, v) = item.map_err(|e| self.store_err(e))?;
+            let v = v.value();
+            if v.len() != 16 {
+                return Err(MetaError::Corrupt {
+                    path: self.path.clone(),
+                    key: "bookmark/*",
+                    message: format!("{}: {} bytes, expected 16", k.value(), v.len()),
+                });
+            }
+            let mut seq = [0u8; 8];
+            let mut ts = [0u8; 8];
+            seq.copy_from_slice(&v[..8]);
+            ts.copy_from_slice(&v[8..]);
+            out.push(Bookmark {
+                name: k.value()[BOOKMARK_PREFIX.len()..].to_string(),
+                seq: u64::from_le_bytes(seq),
+                timestamp_ns: u64::from_le_bytes(ts),
+            });
+        }
+        out.sort_by_key(|b| b.seq);
+        Ok(out)
+    }
+
+    pub fn rollback_state(&self) -> Result<Option<RollbackState>, MetaError> {
+        let Some(raw) = self.get_raw(K_ROLLBACK)? else {
+            return Ok(None);
+        };
+        let bad = |m: String| MetaError::Corrupt {
+            path: self.path.clone(),
+            key: K_ROLLBACK,
+            message: m,
+        };
+        let mut t = [0u8; 8];
+        match raw.len() {
+            0 => Ok(None),
+            8 | 9 => {
+                t.copy_from_slice(&raw[..8]);
+                let target = u64::from_le_bytes(t);
+                match raw.get(8) {
+                    None => Ok(Some(RollbackState::InProgress { target })),
+                    Some(1) => Ok(Some(RollbackState::Done { target })),
+                    Some(x) => Err(bad(format!("state byte {x}"))),
+                }
+            }
+            n => Err(bad(format!("{n} bytes, expected 0, 8 or 9"))),
+        }
+    }
+
+    pub fn set_rollback_state(&self, s: Option<RollbackState>) -> Result<(), MetaError> {
+        let mut v = Vec::with_capacity(9);
+        match s {
+            None => {}
+            Some(RollbackState::InProgress { target }) => {
+                v.extend_from_slice(&target.to_le_bytes())
+            }
+            Some(RollbackState::Done { target }) => {
+                v.extend_from_slice(&target.to_le_bytes());
+                v.push(1);
+            }
+        }
+        self.put_many(&[(K_ROLLBACK, &v)])
+    }
+
     fn store_err(&self, e: impl std::fmt::Display) -> MetaError {
         MetaError::Store {
             path: self.path.clone(),
@@ -267,5 +390,45 @@ mod tests {
             .err()
             .expect("must refuse");
         assert!(matches!(e, MetaError::WrongCluster { .. }), "{e}");
+    }
+
+    #[test]
+    fn bookmarks_and_rollback_state_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(dir.path(), [1; 16]).unwrap();
+        assert_eq!(m.bookmarks().unwrap(), vec![]);
+        assert_eq!(m.rollback_state().unwrap(), None);
+        let b = |name: &str, seq| Bookmark {
+            name: name.into(),
+            seq,
+            timestamp_ns: seq * 10,
+        };
+        m.add_bookmark(&b("z-first", 5)).unwrap();
+        m.add_bookmark(&b("a-second", 9)).unwrap();
+        // Neighbouring keys are not bookmarks.
+        m.volume_id("bookmark").unwrap();
+        m.set_rollback_state(Some(RollbackState::InProgress { target: 7 }))
+            .unwrap();
+        drop(m);
+        let m = Meta::open(dir.path(), [1; 16]).unwrap();
+        assert_eq!(
+            m.bookmarks().unwrap(),
+            vec![b("z-first", 5), b("a-second", 9)]
+        );
+        assert_eq!(
+            m.rollback_state().unwrap(),
+            Some(RollbackState::InProgress { target: 7 })
+        );
+        m.set_rollback_state(Some(RollbackState::Done { target: 7 }))
+            .unwrap();
+        assert_eq!(
+            m.rollback_state().unwrap(),
+            Some(RollbackState::Done { target: 7 })
+        );
+        assert!(m.remove_bookmark("z-first").unwrap());
+        assert!(!m.remove_bookmark("z-first").unwrap());
+        assert_eq!(m.bookmarks().unwrap(), vec![b("a-second", 9)]);
+        m.set_rollback_state(None).unwrap();
+        assert_eq!(m.rollback_state().unwrap(), None);
     }
 }

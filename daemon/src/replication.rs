@@ -723,7 +723,13 @@ fn wire_record(seq: Seq, r: ferry_journal::Record) -> WireRecord {
             Op::Seal => RecordOp::Seal,
         },
         offset: r.offset,
-        length: r.length,
+        // The journal keeps a seal's length 0 (its label is payload); on the wire a
+        // record's length always covers the bytes it carries.
+        length: if r.op == Op::Seal {
+            r.data.len() as u32
+        } else {
+            r.length
+        },
         data: r.data,
     }
 }

@@ -19,19 +19,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use ferry_journal::{Journal, JournalError, Op, Record, Seq};
+use ferry_journal::{Journal, JournalError, Record, Seq};
 use ferry_transport::quic::{self, FramedRecv, QuicError, TlsMaterial, TransportOptions};
 use ferry_transport::session::{LocalIdentity, Received, Receiver};
 use ferry_transport::wire::{Frame, Heartbeat, WriteSet};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use crate::pit::Applier;
 use crate::replication::{journal_op, now_ns};
-use crate::volume::Base;
 
 /// Records waiting for the replica applier (the journal completion path blocks when
 /// it is full: backpressure all the way to the primary's window).
 const APPLY_QUEUE: usize = 8192;
+
+/// A journaled record on its way to the applier; the last record of a write-set
+/// carries the primary's timestamp of the write-set.
+type ApplyItem = (Seq, Record, Option<u64>);
 
 /// Shared standby state, read by status.
 pub struct StandbyState {
@@ -43,53 +47,72 @@ pub struct StandbyState {
     pub last_error: Mutex<Option<String>>,
     /// Primary timestamp of the newest applied write-set.
     pub applied_ts_ns: AtomicU64,
+    /// Set while the node must not follow the primary (paused by an operator, or
+    /// rolled back): sessions end and new ones are refused with this reason.
+    pub paused: Mutex<Option<String>>,
+    /// Signalled when `paused` changes.
+    pub pause_tx: watch::Sender<bool>,
+    /// The applier stopped on an error (restart replays from the checkpoint).
+    pub apply_error: Mutex<Option<String>>,
 }
 
 pub struct Standby {
     pub state: Arc<StandbyState>,
     journal: Arc<Journal>,
-    apply_tx: crossbeam_channel::Sender<(Seq, Record, u64)>,
+    apply_tx: crossbeam_channel::Sender<ApplyItem>,
     durable_tx: watch::Sender<Seq>,
     applied_rx: watch::Receiver<Seq>,
 }
 
 impl Standby {
-    /// Starts the replica applier. `applied` is where recovery left the replica.
+    /// Starts the replica applier. `applied` holds where recovery left the replica
+    /// (shared with the point-in-time store, which must know it).
     pub fn new(
         journal: Arc<Journal>,
-        bases: Vec<Arc<Base>>,
-        applied: Seq,
+        applier: Arc<Applier>,
+        applied: Arc<AtomicU64>,
         primary: &str,
         listen: &str,
+        paused: Option<String>,
     ) -> anyhow::Result<Standby> {
+        let start = applied.load(Ordering::Acquire);
         let state = Arc::new(StandbyState {
             primary: primary.to_string(),
             listen: listen.to_string(),
             connected: Mutex::new(None),
-            applied_seq: Arc::new(AtomicU64::new(applied)),
+            applied_seq: applied,
             last_primary_seq: AtomicU64::new(0),
             last_error: Mutex::new(None),
             applied_ts_ns: AtomicU64::new(0),
+            paused: Mutex::new(paused),
+            pause_tx: watch::channel(false).0,
+            apply_error: Mutex::new(None),
         });
-        let (apply_tx, apply_rx) = crossbeam_channel::bounded::<(Seq, Record, u64)>(APPLY_QUEUE);
-        let (applied_tx, applied_rx) = watch::channel(applied);
+        let (apply_tx, apply_rx) = crossbeam_channel::bounded::<ApplyItem>(APPLY_QUEUE);
+        let (applied_tx, applied_rx) = watch::channel(start);
         let (durable_tx, _) = watch::channel(journal.durable_seq());
         {
             let state = state.clone();
             std::thread::Builder::new()
                 .name("ferry-replica-apply".into())
                 .spawn(move || {
-                    for (seq, rec, ts) in apply_rx.iter() {
-                        if rec.op != Op::Seal {
-                            let Some(base) = bases.iter().find(|b| b.id == rec.volume) else {
-                                tracing::error!(seq, volume = rec.volume, "record for an unknown volume; replica apply stops here (restart replays it)");
-                                return;
-                            };
-                            if let Err(e) = base.apply(rec.op, rec.offset, rec.length, &rec.data) {
-                                tracing::error!(seq, volume = %base.name, "replica write failed: {e}; apply stops here (restart replays it)");
-                                return;
-                            }
+                    // Records of the write-set being received; applied as one unit (one
+                    // undo entry, one recovery point) when its last record arrives.
+                    let mut ws: Vec<(Seq, Record)> = Vec::new();
+                    for (seq, rec, end) in apply_rx.iter() {
+                        ws.push((seq, rec));
+                        let Some(ts) = end else { continue };
+                        if let Err(e) = applier.apply_write_set(ts, &ws) {
+                            let msg = format!(
+                                "replica apply of write-set {}..={seq} failed: {}; apply stops here (restart replays it)",
+                                ws.first().map_or(seq, |w| w.0),
+                                crate::error_chain(&e)
+                            );
+                            tracing::error!("{msg}");
+                            *state.apply_error.lock() = Some(msg);
+                            return;
                         }
+                        ws.clear();
                         state.applied_seq.store(seq, Ordering::Release);
                         if ts != 0 {
                             state.applied_ts_ns.store(ts, Ordering::Relaxed);
@@ -112,23 +135,44 @@ impl Standby {
         self.state.applied_seq.load(Ordering::Acquire)
     }
 
+    /// Stops following the primary (`Some(reason)`) or resumes (`None`).
+    pub fn set_paused(&self, reason: Option<String>) {
+        *self.state.paused.lock() = reason;
+        self.state.pause_tx.send_replace(true);
+    }
+
+    pub fn paused(&self) -> Option<String> {
+        self.state.paused.lock().clone()
+    }
+
+    /// Highest sequence journaled durably on this standby.
+    pub fn durable_seq(&self) -> Seq {
+        self.journal.durable_seq()
+    }
+
     /// Journals the records of an accepted write-set under their primary sequences.
     fn journal_write_set(&self, ws: WriteSet) -> anyhow::Result<()> {
         let ts = ws.timestamp_ns;
         let last = ws.last_seq;
         for r in ws.records {
+            let op = journal_op(r.op);
             let rec = Record {
                 volume: r.volume,
-                op: journal_op(r.op),
+                op,
                 offset: r.offset,
-                length: r.length,
+                // A seal's label is payload: its journal length is 0 (see wire_record).
+                length: if op == ferry_journal::Op::Seal {
+                    0
+                } else {
+                    r.length
+                },
                 data: r.data,
             };
             let apply_tx = self.apply_tx.clone();
             let durable_tx = self.durable_tx.clone();
             let expected = r.seq;
             let for_apply = rec.clone();
-            let stamp = if r.seq == last { ts } else { 0 };
+            let stamp = (r.seq == last).then_some(ts);
             let done: ferry_journal::Completion =
                 Box::new(move |res: Result<Seq, JournalError>| {
                     if let Ok(seq) = res {
@@ -170,10 +214,21 @@ pub async fn serve(
         std::net::SocketAddr,
         tokio::task::JoinHandle<anyhow::Result<()>>,
     )> = None;
+    let mut pause_rx = standby.state.pause_tx.subscribe();
     loop {
         tokio::select! {
             // Mapped to (): a held `watch::Ref` would make this future !Send.
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+            _ = pause_rx.changed() => {
+                if let Some(why) = standby.paused() {
+                    if let Some((peer, h)) = current.take() {
+                        h.abort();
+                        let _ = h.await;
+                        *standby.state.connected.lock() = None;
+                        tracing::info!(%peer, "replication session ended: {why}");
+                    }
+                }
+            }
             accepted = quic::accept(&endpoint) => {
                 let conn = match accepted {
                     None => break,
@@ -185,6 +240,11 @@ pub async fn serve(
                     }
                     Some(Ok(c)) => c,
                 };
+                if let Some(why) = standby.paused() {
+                    tracing::info!(peer = %conn.remote_address(), "refused the primary: {why}");
+                    conn.close(quinn::VarInt::from_u32(1), why.as_bytes());
+                    continue;
+                }
                 if let Some((old_peer, old)) = current.take() {
                     tracing::info!(%old_peer, new_peer = %conn.remote_address(),
                         "the primary connected again: replacing the previous session");

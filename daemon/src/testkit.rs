@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+
 use std::time::{Duration, Instant};
 
 use crate::config::{
@@ -63,6 +64,7 @@ pub fn primary_config(
         tls: None,
         replication: None,
         metrics: None,
+        pit: None,
         access: None,
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
@@ -111,12 +113,18 @@ pub struct Node {
 impl Node {
     /// Starts `ferryd --config CONFIG` and waits (bounded) for its ready line.
     pub fn start(ferryd: &Path, config: &Path) -> Node {
+        Node::start_env(ferryd, config, &[])
+    }
+
+    /// `start` with extra environment variables (testing hooks).
+    pub fn start_env(ferryd: &Path, config: &Path, env: &[(&str, &str)]) -> Node {
         let log = config.with_extension(format!("{}.log", std::process::id()));
         let log = unique_log(&log);
         let logf = std::fs::File::create(&log).expect("create log");
         let mut child = Command::new(ferryd)
             .arg("--config")
             .arg(config)
+            .envs(env.iter().copied())
             .env("FERRY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -329,4 +337,98 @@ pub fn assert_qemu_io_ok(out: &Output) {
         "qemu-io failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
+}
+
+/// Runs a command that must succeed; returns its trimmed stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// nbdfuse + loop device + mount point (a filesystem on an NBD export without kernel
+/// NBD), torn down in reverse order on drop.
+pub struct Attached {
+    fuse: Option<Child>,
+    fuse_dir: PathBuf,
+    loopdev: Option<String>,
+    pub mnt: Option<PathBuf>,
+}
+
+impl Attached {
+    /// Exposes `url` as `dir/fuse/nbd` and attaches a loop device to it (read-only
+    /// with `read_only`).
+    pub fn new(url: &str, dir: &Path, read_only: bool) -> Attached {
+        let fuse_dir = dir.join("fuse");
+        std::fs::create_dir_all(&fuse_dir).unwrap();
+        let fuse = Command::new("nbdfuse")
+            .arg(&fuse_dir)
+            .arg(url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nbdfuse");
+        let mut a = Attached {
+            fuse: Some(fuse),
+            fuse_dir,
+            loopdev: None,
+            mnt: None,
+        };
+        let file = a.fuse_dir.join("nbd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !file.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "nbdfuse did not expose {}",
+                file.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut losetup = Command::new("losetup");
+        losetup.args(["-f", "--show", "--direct-io=off"]);
+        if read_only {
+            losetup.arg("-r");
+        }
+        let dev = run(losetup.arg(&file));
+        a.loopdev = Some(dev);
+        a
+    }
+
+    pub fn dev(&self) -> &str {
+        self.loopdev.as_deref().expect("loop device")
+    }
+
+    /// Mounts the loop device on `mnt` with extra `mount` arguments.
+    pub fn mount(&mut self, mnt: &Path, args: &[&str]) {
+        std::fs::create_dir_all(mnt).unwrap();
+        run(Command::new("mount").args(args).arg(self.dev()).arg(mnt));
+        self.mnt = Some(mnt.to_path_buf());
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Some(m) = self.mnt.take() {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        if let Some(d) = self.loopdev.take() {
+            let _ = Command::new("losetup").arg("-d").arg(&d).status();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.fuse_dir)
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut c) = self.fuse.take() {
+            // SAFETY: signalling our own child by its PID.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
 }

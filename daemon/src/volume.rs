@@ -285,10 +285,11 @@ impl Group {
 
     /// Seals the current write-set if anything was written since the last seal. The
     /// seal needs no wait: every acknowledged write is already durable; the seal only
-    /// marks a boundary for shipping and point-in-time recovery.
-    pub fn seal(&self, marker: Bytes) -> Result<(), ExportError> {
+    /// marks a boundary for shipping and point-in-time recovery. A non-empty marker
+    /// (a bookmark name) is always journaled. Returns the seal's sequence, if any.
+    pub fn seal(&self, marker: Bytes) -> Result<Option<Seq>, ExportError> {
         if !self.dirty.swap(false, Ordering::Relaxed) && marker.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let rec = Record {
             volume: 0,
@@ -308,7 +309,7 @@ impl Group {
         });
         self.journal
             .append(rec, done)
-            .map(|_| ())
+            .map(Some)
             .map_err(|e| ExportError::Io(format!("journal: {e}")))
     }
 }
@@ -368,7 +369,7 @@ impl Export for Volume {
 
     async fn flush(&self) -> Result<(), ExportError> {
         let started = std::time::Instant::now();
-        let r = self.group.seal(Bytes::new());
+        let r = self.group.seal(Bytes::new()).map(|_| ());
         self.observe(FrontendOp::Flush, 0, started, r.is_ok());
         r
     }

@@ -20,6 +20,8 @@ fn raw(sock: &Path, line: &str) -> Response {
 fn handler() -> Handler {
     Arc::new(|req| match req {
         Request::Status => Response::ok(serde_json::json!({"node": "test"})),
+        Request::Pause => Response::ok(serde_json::json!({"paused": "by test"})),
+        other => Response::err(format!("{} is not served by this test", other.name())),
     })
 }
 
@@ -171,14 +173,17 @@ async fn no_role_is_denied_everything_and_roles_come_from_groups() {
         r.error.as_deref(),
         Some(format!("permission denied: rollback needs admin, uid {uid} has operator").as_str())
     );
-    let r = srv.call(r#"{"cmd":"pause"}"#).await;
+    let r = srv.call(r#"{"cmd":"verify"}"#).await;
     assert_eq!(
         r.error.as_deref(),
-        Some("pause: not implemented by this ferryd")
+        Some("verify: not implemented by this ferryd")
     );
+    // An implemented operator command reaches the handler.
+    let r = srv.call(r#"{"cmd":"pause"}"#).await;
+    assert!(r.ok, "{r:?}");
     srv.stop().await;
     // Both servers appended to one chain.
-    assert_eq!(audit::verify(&log_path).unwrap().entries, 4);
+    assert_eq!(audit::verify(&log_path).unwrap().entries, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

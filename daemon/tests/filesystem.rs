@@ -4,101 +4,14 @@
 //!
 //! Needs root, /dev/fuse, nbdfuse, losetup, mkfs.ext4 and mount; skips loudly without.
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use ferryd::testkit::{primary_config, skip_without, Node};
+use ferryd::testkit::{primary_config, run, skip_without, Attached, Node};
 
 const MIB: u64 = 1 << 20;
 
 fn ferryd() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ferryd"))
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// nbdfuse + loop device + mount point, torn down in reverse order on drop.
-struct Attached {
-    fuse: Option<Child>,
-    fuse_dir: PathBuf,
-    loopdev: Option<String>,
-    mnt: Option<PathBuf>,
-}
-
-impl Attached {
-    fn new(url: &str, dir: &Path) -> Attached {
-        let fuse_dir = dir.join("fuse");
-        std::fs::create_dir_all(&fuse_dir).unwrap();
-        let fuse = Command::new("nbdfuse")
-            .arg(&fuse_dir)
-            .arg(url)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nbdfuse");
-        let mut a = Attached {
-            fuse: Some(fuse),
-            fuse_dir,
-            loopdev: None,
-            mnt: None,
-        };
-        let file = a.fuse_dir.join("nbd");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !file.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "nbdfuse did not expose {}",
-                file.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let dev = run(Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=off"])
-            .arg(&file));
-        a.loopdev = Some(dev);
-        a
-    }
-
-    fn dev(&self) -> &str {
-        self.loopdev.as_deref().expect("loop device")
-    }
-
-    fn mount(&mut self, mnt: &Path) {
-        std::fs::create_dir_all(mnt).unwrap();
-        run(Command::new("mount").arg(self.dev()).arg(mnt));
-        self.mnt = Some(mnt.to_path_buf());
-    }
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        if let Some(m) = self.mnt.take() {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        if let Some(d) = self.loopdev.take() {
-            let _ = Command::new("losetup").arg("-d").arg(&d).status();
-        }
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(&self.fuse_dir)
-            .stderr(Stdio::null())
-            .status();
-        if let Some(mut c) = self.fuse.take() {
-            // SAFETY: signalling our own child by its PID.
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
-            let _ = c.wait();
-        }
-    }
 }
 
 fn content(i: usize) -> Vec<u8> {
@@ -132,9 +45,9 @@ fn ext4_on_a_ferry_volume_survives_sigkill() {
     let mut node = Node::start(ferryd(), &cfg);
     let mnt = dir.path().join("mnt");
     {
-        let mut att = Attached::new(&node.url("vol0"), dir.path());
+        let mut att = Attached::new(&node.url("vol0"), dir.path(), false);
         run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(att.dev()));
-        att.mount(&mnt);
+        att.mount(&mnt, &[]);
         for i in 0..24 {
             std::fs::write(mnt.join(format!("f{i}")), content(i)).unwrap();
         }
@@ -144,9 +57,9 @@ fn ext4_on_a_ferry_volume_survives_sigkill() {
         node.kill();
     }
     let node = Node::start(ferryd(), &cfg);
-    let mut att = Attached::new(&node.url("vol0"), dir.path());
+    let mut att = Attached::new(&node.url("vol0"), dir.path(), false);
     // Mounting replays ext4's own journal; then fsck must find nothing wrong.
-    att.mount(&mnt);
+    att.mount(&mnt, &[]);
     for i in 0..24 {
         let got = std::fs::read(mnt.join(format!("f{i}"))).unwrap();
         assert!(

@@ -144,12 +144,64 @@ impl UndoFormatError {
 // ---------------------------------------------------------------- public types
 
 /// Before-image of one byte range of one volume.
+///
+/// A range that held only zeros (a hole, or zeroed blocks) is stored as a *zero
+/// extent*: `zeros` is its length and `data` is empty, so trimming a large empty
+/// region costs 16 bytes of undo, not its size. Otherwise `zeros` is 0 and `data` is
+/// the before-image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UndoExtent {
     pub volume: u32,
     pub offset: u64,
     pub data: Bytes,
+    pub zeros: u32,
 }
+
+impl UndoExtent {
+    /// An extent holding `data`.
+    pub fn data(volume: u32, offset: u64, data: Bytes) -> UndoExtent {
+        UndoExtent {
+            volume,
+            offset,
+            data,
+            zeros: 0,
+        }
+    }
+
+    /// A range of `len` bytes that held zeros.
+    pub fn zeros(volume: u32, offset: u64, len: u32) -> UndoExtent {
+        UndoExtent {
+            volume,
+            offset,
+            data: Bytes::new(),
+            zeros: len,
+        }
+    }
+
+    /// Bytes of the volume this extent covers.
+    pub fn len(&self) -> u64 {
+        if self.zeros > 0 {
+            self.zeros as u64
+        } else {
+            self.data.len() as u64
+        }
+    }
+
+    /// Whether the extent covers nothing (never true of a valid extent).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the extent occupies in an entry body after its header.
+    fn stored_len(&self) -> u64 {
+        self.data.len() as u64
+    }
+}
+
+/// High bit of an extent header's `length`: the range held zeros, no bytes follow.
+pub const UNDO_EXTENT_ZERO_FLAG: u32 = 1 << 31;
+/// Largest extent length (the high bit of the field is the zero flag).
+pub const UNDO_MAX_EXTENT_LEN: u32 = UNDO_EXTENT_ZERO_FLAG - 1;
 
 /// The before-images of one write-set (sequences `first_seq..=last_seq`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +211,23 @@ pub struct UndoEntry {
     /// Primary's timestamp of the write-set, ns since the Unix epoch.
     pub timestamp_ns: u64,
     pub extents: Vec<UndoExtent>,
+}
+
+/// File offsets (in the entry's segment file) of the before-image bytes of each
+/// extent of `entry`, read at `pos`; `None` for zero extents. Lets a reader serve
+/// parts of a verified entry with plain `pread`s instead of decoding it again.
+pub fn extent_data_offsets(pos: &UndoPosition, entry: &UndoEntry) -> Vec<Option<u64>> {
+    let mut at = pos.offset + UNDO_ENTRY_HEADER_LEN as u64;
+    entry
+        .extents
+        .iter()
+        .map(|x| {
+            at += UNDO_EXTENT_HEADER_LEN as u64;
+            let here = (x.zeros == 0).then_some(at);
+            at += x.stored_len();
+            here
+        })
+        .collect()
 }
 
 /// Where an entry lives: segment number, byte offset of its header, total length.
@@ -376,13 +445,17 @@ pub fn encode_undo_entry(e: &UndoEntry, segment_no: u64) -> Result<Vec<u8>, Undo
     }
     let mut body_len: u64 = 0;
     for (i, x) in e.extents.iter().enumerate() {
-        if x.data.is_empty() || x.data.len() > u32::MAX as usize {
-            return bad(format!("extent {i} length {}", x.data.len()));
+        if (x.zeros > 0) != x.data.is_empty() || x.len() > UNDO_MAX_EXTENT_LEN as u64 {
+            return bad(format!(
+                "extent {i}: {} data bytes, {} zero bytes (exactly one must be 1..={UNDO_MAX_EXTENT_LEN})",
+                x.data.len(),
+                x.zeros
+            ));
         }
-        if x.offset.checked_add(x.data.len() as u64).is_none() {
+        if x.offset.checked_add(x.len()).is_none() {
             return bad(format!("extent {i} offset {} overflows", x.offset));
         }
-        body_len += UNDO_EXTENT_HEADER_LEN as u64 + x.data.len() as u64;
+        body_len += UNDO_EXTENT_HEADER_LEN as u64 + x.stored_len();
     }
     if body_len > UNDO_MAX_BODY {
         return bad(format!("body {body_len} bytes exceeds {UNDO_MAX_BODY}"));
@@ -393,7 +466,13 @@ pub fn encode_undo_entry(e: &UndoEntry, segment_no: u64) -> Result<Vec<u8>, Undo
     let mut pos = UNDO_ENTRY_HEADER_LEN;
     for x in &e.extents {
         out[pos..pos + 4].copy_from_slice(&x.volume.to_le_bytes());
-        out[pos + 4..pos + 8].copy_from_slice(&(x.data.len() as u32).to_le_bytes());
+        // Checked above: the length fits below the flag bit.
+        let field = if x.zeros > 0 {
+            x.zeros | UNDO_EXTENT_ZERO_FLAG
+        } else {
+            x.data.len() as u32
+        };
+        out[pos + 4..pos + 8].copy_from_slice(&field.to_le_bytes());
         out[pos + 8..pos + 16].copy_from_slice(&x.offset.to_le_bytes());
         pos += UNDO_EXTENT_HEADER_LEN;
         out[pos..pos + x.data.len()].copy_from_slice(&x.data);
@@ -441,10 +520,12 @@ pub fn decode_undo_entry_body(
             )));
         }
         let volume = rd_u32(body, pos);
-        let len = rd_u32(body, pos + 4) as usize;
+        let field = rd_u32(body, pos + 4);
         let offset = rd_u64(body, pos + 8);
         pos += UNDO_EXTENT_HEADER_LEN;
-        if len == 0 || len > body.len() - pos {
+        let zero = field & UNDO_EXTENT_ZERO_FLAG != 0;
+        let len = (field & !UNDO_EXTENT_ZERO_FLAG) as usize;
+        if len == 0 || (!zero && len > body.len() - pos) {
             return Err(UndoFormatError::Invalid(format!(
                 "extent {i} length {len} at body offset {pos} invalid or overruns body"
             )));
@@ -454,11 +535,11 @@ pub fn decode_undo_entry_body(
                 "extent {i} offset {offset} overflows"
             )));
         }
-        extents.push(UndoExtent {
-            volume,
-            offset,
-            data: body.slice(pos..pos + len),
-        });
+        if zero {
+            extents.push(UndoExtent::zeros(volume, offset, len as u32));
+            continue;
+        }
+        extents.push(UndoExtent::data(volume, offset, body.slice(pos..pos + len)));
         pos += len;
     }
     if pos != body.len() {
@@ -819,10 +900,7 @@ impl UndoLog {
             None => true,
             Some(s) => {
                 let size = UNDO_ENTRY_HEADER_LEN as u64
-                    + e.extents
-                        .iter()
-                        .map(|x| 16 + x.data.len() as u64)
-                        .sum::<u64>();
+                    + e.extents.iter().map(|x| 16 + x.stored_len()).sum::<u64>();
                 s.entries > 0 && s.len.saturating_add(size) > self.segment_size
             }
         };
@@ -1013,6 +1091,14 @@ impl UndoLog {
             .map_err(|e| UndoError::corrupt(&s.path, pos.offset, format!("entry body: {e}")))
     }
 
+    /// The time-index points after boundary `seq`, oldest first (their entries hold
+    /// what the write-sets after `seq` overwrote), or why `seq` is not reachable.
+    pub fn points_after(&self, seq: u64) -> Result<&[UndoPoint], UndoError> {
+        self.check()?;
+        let i = self.target_index(seq)?;
+        Ok(&self.points[i..])
+    }
+
     /// Entries of the write-sets after boundary `seq`, newest first: applying their
     /// extents in this order restores the replica as it was right after `seq`.
     /// If `seq` is not a reachable boundary the iterator yields one
@@ -1130,6 +1216,31 @@ impl UndoLog {
             self.max_ts.drain(..n);
         }
         res.map(|()| freed)
+    }
+
+    /// Drops every entry (the history has a gap the log cannot bridge, e.g. the
+    /// replica was changed without undo). Oldest segment first with a directory fsync
+    /// after each, so a crash leaves a consecutive suffix. Returns the bytes freed.
+    /// The next `append` may start at any sequence.
+    pub fn release_all(&mut self) -> Result<u64, UndoError> {
+        self.check()?;
+        let mut freed = 0;
+        while !self.segments.is_empty() {
+            let s = &self.segments[0];
+            let res = fs::remove_file(&s.path)
+                .map_err(|e| UndoError::io(format!("remove {}", s.path.display()), e))
+                .and_then(|()| sync_dir(&self.dir));
+            if let Err(e) = res {
+                self.poisoned = true;
+                return Err(e);
+            }
+            freed += s.len;
+            self.segments.remove(0);
+        }
+        self.points.clear();
+        self.max_ts.clear();
+        self.next_seq = None;
+        Ok(freed)
     }
 
     /// Bytes of all segment files.

@@ -14,11 +14,7 @@ use proptest::prelude::*;
 const CLUSTER: [u8; 16] = *b"ferry-cluster-01";
 
 fn ext(volume: u32, offset: u64, data: &[u8]) -> UndoExtent {
-    UndoExtent {
-        volume,
-        offset,
-        data: Bytes::copy_from_slice(data),
-    }
+    UndoExtent::data(volume, offset, Bytes::copy_from_slice(data))
 }
 
 /// Entry for write-set `n` (seqs 10n+1 ..= 10n+10), timestamp 1000 n.
@@ -95,6 +91,68 @@ fn golden_entry_bytes() {
 }
 
 #[test]
+fn golden_zero_extent_bytes() {
+    // A zero extent is a header alone: the length field carries the zero flag.
+    let e = UndoEntry {
+        first_seq: 5,
+        last_seq: 5,
+        timestamp_ns: 9,
+        extents: vec![UndoExtent::zeros(2, 8192, 1 << 20)],
+    };
+    let got = encode_undo_entry(&e, 1).unwrap();
+    assert_eq!(got.len(), 56 + 16);
+    #[rustfmt::skip]
+    let extent: [u8; 16] = [
+        2, 0, 0, 0,                             // 0  volume
+        0, 0, 0x10, 0x80,                       // 4  length 1 MiB | zero flag (bit 31)
+        0, 0x20, 0, 0, 0, 0, 0, 0,              // 8  offset 8192
+    ];
+    assert_eq!(got[56..], extent);
+    assert_eq!(got[40..48], 16u64.to_le_bytes()); // body_len: no data bytes
+    let (back, n) = decode_undo_entry(&Bytes::copy_from_slice(&got), 1).unwrap();
+    assert_eq!(
+        (back.extents[0].len(), back.extents[0].data.len(), n),
+        (1 << 20, 0, 72)
+    );
+    assert_eq!(back, e);
+    // Data and zeros at once, or neither, is refused.
+    let mut both = UndoExtent::zeros(2, 0, 4);
+    both.data = Bytes::from_static(b"abcd");
+    for bad in [
+        both,
+        UndoExtent::zeros(2, 0, 0),
+        UndoExtent::zeros(2, 0, 1 << 31),
+    ] {
+        let e = UndoEntry {
+            extents: vec![bad],
+            ..e.clone()
+        };
+        assert!(matches!(
+            encode_undo_entry(&e, 1),
+            Err(UndoError::InvalidEntry(_))
+        ));
+    }
+    // Extent data offsets: after the entry header and each extent header.
+    let pos = UndoPosition {
+        segment_no: 1,
+        offset: 64,
+        len: 0,
+    };
+    let mixed = UndoEntry {
+        extents: vec![
+            ext(1, 0, b"xy"),
+            UndoExtent::zeros(1, 2, 9),
+            ext(1, 20, b"z"),
+        ],
+        ..e
+    };
+    assert_eq!(
+        extent_data_offsets(&pos, &mixed),
+        vec![Some(64 + 56 + 16), None, Some(64 + 56 + 16 + 2 + 16 + 16)]
+    );
+}
+
+#[test]
 fn golden_segment_header() {
     let h = UndoSegmentHeader {
         segment_no: 3,
@@ -143,10 +201,13 @@ fn arb_entry() -> impl Strategy<Value = UndoEntry> {
             timestamp_ns: ts,
             extents: xs
                 .into_iter()
-                .map(|(v, o, d)| UndoExtent {
-                    volume: v,
-                    offset: o,
-                    data: Bytes::from(d),
+                .map(|(v, o, d)| {
+                    // Every third extent a zero extent: both kinds round-trip.
+                    if o % 3 == 0 {
+                        UndoExtent::zeros(v, o, d.len() as u32)
+                    } else {
+                        UndoExtent::data(v, o, Bytes::from(d))
+                    }
                 })
                 .collect(),
         })

@@ -69,6 +69,108 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Named recovery points.
+    Bookmark {
+        #[command(subcommand)]
+        cmd: BookmarkCmd,
+    },
+    /// Point-in-time views on a standby.
+    Pit {
+        #[command(subcommand)]
+        cmd: PitCmd,
+    },
+    /// Standby: stop following the primary (the replica stays as it is).
+    Pause,
+    /// Standby: follow the primary again after `pause`.
+    Resume,
+    /// Standby: roll the replica back to a point (pauses replication for good:
+    /// afterwards promote the node or re-seed it).
+    Rollback {
+        #[arg(long)]
+        volume: String,
+        #[command(flatten)]
+        point: PointArgs,
+        /// Confirm that every volume of the consistency group is rolled back.
+        #[arg(long)]
+        group: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Exactly one way to name a recovery point.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct PointArgs {
+    /// A time (RFC 3339, e.g. 2026-11-24T20:15:00+08:00): the newest point at or before it.
+    #[arg(long)]
+    at: Option<String>,
+    /// A write-set boundary sequence.
+    #[arg(long)]
+    seq: Option<u64>,
+    /// A bookmark name.
+    #[arg(long)]
+    bookmark: Option<String>,
+}
+
+impl PointArgs {
+    fn spec(&self) -> control::PointSpec {
+        match (&self.at, self.seq, &self.bookmark) {
+            (Some(t), _, _) => control::PointSpec::At(t.clone()),
+            (_, Some(s), _) => control::PointSpec::Seq(s),
+            (_, _, Some(b)) => control::PointSpec::Bookmark(b.clone()),
+            // clap's group makes one of them required.
+            (None, None, None) => control::PointSpec::Seq(0),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum BookmarkCmd {
+    /// Primary: seal the current write-set with NAME (it reaches every standby).
+    Create {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bookmarks known to this node: name, sequence, time.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PitCmd {
+    /// The retained window, recent points, bookmarks and open views.
+    List {
+        /// How many recent points to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a volume as it was at a point over NBD (no copy; replication continues).
+    Export {
+        #[arg(long)]
+        volume: String,
+        #[command(flatten)]
+        point: PointArgs,
+        /// NBD listen address HOST:PORT (port 0: any free port, printed).
+        #[arg(long)]
+        listen: String,
+        /// Accept writes into a scratch overlay dropped at unexport.
+        #[arg(long)]
+        writable: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop serving a view (the only one, or ID) and drop its overlay.
+    Unexport {
+        id: Option<u64>,
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -119,6 +221,207 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Audit {
             cmd: AuditCmd::Verify { file },
         } => audit_verify(cli.config.as_deref(), file.as_deref()),
+        Cmd::Bookmark { cmd } => {
+            let cfg = need_config(cli.config.as_deref())?;
+            match cmd {
+                BookmarkCmd::Create { name, json } => {
+                    let v = call(&cfg, &Request::BookmarkCreate { name })?;
+                    print_or(json, &v, || {
+                        println!(
+                            "bookmark {} at sequence {} ({})",
+                            v["name"], v["seq"], v["time"]
+                        )
+                    })
+                }
+                BookmarkCmd::List { json } => {
+                    let v = call(&cfg, &Request::ListBookmarks)?;
+                    print_or(json, &v, || print_bookmarks(&v["bookmarks"]))
+                }
+            }
+        }
+        Cmd::Pit { cmd } => {
+            let cfg = need_config(cli.config.as_deref())?;
+            match cmd {
+                PitCmd::List { limit, json } => {
+                    let v = call(&cfg, &Request::ListPits { limit: Some(limit) })?;
+                    print_or(json, &v, || print_pits(&v))
+                }
+                PitCmd::Export {
+                    volume,
+                    point,
+                    listen,
+                    writable,
+                    json,
+                } => {
+                    let v = call(
+                        &cfg,
+                        &Request::PitExport {
+                            volume,
+                            target: point.spec(),
+                            listen,
+                            writable,
+                        },
+                    )?;
+                    print_or(json, &v, || {
+                        println!(
+                            "view {} of {} at sequence {} ({}){}: {}",
+                            v["id"],
+                            v["volume"].as_str().unwrap_or("?"),
+                            v["seq"],
+                            v["time"].as_str().unwrap_or("?"),
+                            if v["writable"] == true {
+                                ", writable (scratch overlay)"
+                            } else {
+                                ", read-only"
+                            },
+                            v["uri"].as_str().unwrap_or("?")
+                        );
+                        println!(
+                            "opened in {:.3} s from {} undo entries",
+                            v["open_seconds"].as_f64().unwrap_or(0.0),
+                            v["undo_entries_read"]
+                        );
+                    })
+                }
+                PitCmd::Unexport { id, all } => {
+                    let v = call(&cfg, &Request::PitUnexport { id, all })?;
+                    println!("unexported {}", v["unexported"]);
+                    Ok(())
+                }
+            }
+        }
+        Cmd::Pause => {
+            let cfg = need_config(cli.config.as_deref())?;
+            let v = call(&cfg, &Request::Pause)?;
+            println!("paused: {}", v["paused"].as_str().unwrap_or("yes"));
+            Ok(())
+        }
+        Cmd::Resume => {
+            let cfg = need_config(cli.config.as_deref())?;
+            call(&cfg, &Request::Resume)?;
+            println!("resumed: following the primary");
+            Ok(())
+        }
+        Cmd::Rollback {
+            volume,
+            point,
+            group,
+            json,
+        } => {
+            let cfg = need_config(cli.config.as_deref())?;
+            let v = call(
+                &cfg,
+                &Request::Rollback {
+                    volume,
+                    target: point.spec(),
+                    group,
+                },
+            )?;
+            print_or(json, &v, || {
+                println!(
+                    "rolled back {} from sequence {} to {} ({}): {} undo entries, {} bytes restored in {:.3} s",
+                    v["volumes"],
+                    v["from_seq"],
+                    v["seq"],
+                    v["time"].as_str().unwrap_or("?"),
+                    v["undo_entries"],
+                    v["bytes_restored"],
+                    v["seconds"].as_f64().unwrap_or(0.0)
+                );
+                println!("replication stays paused on this node: promote it, or re-seed it from the primary");
+            })
+        }
+    }
+}
+
+/// One control request; the daemon's error becomes ours.
+fn call(cfg: &Config, req: &Request) -> anyhow::Result<serde_json::Value> {
+    let resp = control::call(&cfg.control.socket, req)?;
+    if !resp.ok {
+        bail!("ferryd: {}", resp.error.unwrap_or_default());
+    }
+    Ok(resp.result.unwrap_or_default())
+}
+
+fn print_or(json: bool, v: &serde_json::Value, human: impl FnOnce()) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        human();
+    }
+    Ok(())
+}
+
+fn print_bookmarks(list: &serde_json::Value) {
+    let list = list.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no bookmarks");
+        return;
+    }
+    println!("{:<24} {:>12}  {:<26} reachable", "NAME", "SEQ", "TIME");
+    for b in list {
+        println!(
+            "{:<24} {:>12}  {:<26} {}",
+            b["name"].as_str().unwrap_or("?"),
+            b["seq"],
+            b["time"].as_str().unwrap_or("?"),
+            match b["reachable"].as_bool() {
+                Some(true) => "yes",
+                Some(false) => "no (outside the window)",
+                None => "-",
+            }
+        );
+    }
+}
+
+fn print_pits(v: &serde_json::Value) {
+    let pt = |p: &serde_json::Value| {
+        if p.is_null() {
+            "none".to_string()
+        } else {
+            format!("seq {} ({})", p["seq"], p["time"].as_str().unwrap_or("?"))
+        }
+    };
+    println!(
+        "window     oldest {}  newest {}",
+        pt(&v["oldest"]),
+        pt(&v["newest"])
+    );
+    println!(
+        "undo       {} points, {} of {} bytes, max age {} s{}",
+        v["points"],
+        v["used_bytes"],
+        v["max_bytes"],
+        v["max_age_secs"],
+        v["error"]
+            .as_str()
+            .map(|e| format!("\n           error: {e}"))
+            .unwrap_or_default()
+    );
+    if let Some(pts) = v["recent_points"].as_array() {
+        println!("recent     (seq time)");
+        for p in pts {
+            println!(
+                "           {} {}",
+                p["seq"],
+                p["time"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    print_bookmarks(&v["bookmarks"]);
+    for x in v["exports"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "export     id {} {} at seq {} on {}{}",
+            x["id"],
+            x["volume"].as_str().unwrap_or("?"),
+            x["seq"],
+            x["listen"].as_str().unwrap_or("?"),
+            if x["writable"] == true {
+                " (writable)"
+            } else {
+                ""
+            }
+        );
     }
 }
 
@@ -233,6 +536,7 @@ fn node_config(
         tls,
         replication,
         metrics: None,
+        pit: None,
         access: None,
         volumes: vols
             .iter()
@@ -439,6 +743,30 @@ fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
             p["last_error"]
                 .as_str()
                 .map(|e| format!("\n           last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(why) = v.get("paused").and_then(|p| p.as_str()) {
+        println!("paused     {why}");
+    }
+    if let Some(p) = v.get("pit").filter(|p| p["enabled"] == true) {
+        let pt = |p: &serde_json::Value| {
+            if p.is_null() {
+                "none".to_string()
+            } else {
+                format!("seq {} ({})", p["seq"], p["time"].as_str().unwrap_or("?"))
+            }
+        };
+        println!(
+            "pit        window {} .. {}, {} points, undo {} of {} bytes{}",
+            pt(&p["oldest"]),
+            pt(&p["newest"]),
+            p["points"],
+            p["used_bytes"],
+            p["max_bytes"],
+            p["error"]
+                .as_str()
+                .map(|e| format!("\n           error: {e}"))
                 .unwrap_or_default()
         );
     }

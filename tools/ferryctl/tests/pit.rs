@@ -1,0 +1,580 @@
+//! Point-in-time recovery end to end: real ferryd processes (primary + standby on
+//! loopback), bookmarks through the stream, NBD views read by qemu-img, rollback
+//! with SIGKILL in the middle, retention under a size limit.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use ferryd::config::Config;
+use ferryd::testkit::{
+    assert_qemu_io_ok, free_udp_port, qemu_io, run, skip_without, Attached, Node,
+};
+use ferryd::timefmt::format_rfc3339;
+
+fn ferryctl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferryctl"))
+}
+
+fn ferryd() -> PathBuf {
+    let p = ferryctl().with_file_name("ferryd");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+fn init(dir: &Path, standby_pit: &str) -> (PathBuf, PathBuf) {
+    let out = Command::new(ferryctl())
+        .args(["init", "--dir"])
+        .arg(dir)
+        .args(["--volume", "vol0:32MiB", "--nbd", "127.0.0.1:0"])
+        .args(["--journal-size", "64MiB", "--segment-size", "4MiB"])
+        .args(["--mode", "sync"])
+        .arg("--primary")
+        .arg(format!("127.0.0.1:{}", free_udp_port()))
+        .arg("--standby")
+        .arg(format!("dr1=127.0.0.1:{}", free_udp_port()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scfg = dir.join("dr1.toml");
+    if !standby_pit.is_empty() {
+        let mut text = std::fs::read_to_string(&scfg).unwrap();
+        text.push_str("\n[pit]\n");
+        text.push_str(standby_pit);
+        std::fs::write(&scfg, text).unwrap();
+    }
+    (dir.join("primary.toml"), scfg)
+}
+
+fn ctl(config: &Path, args: &[&str]) -> Output {
+    Command::new(ferryctl())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs ferryctl expecting success; returns its JSON output (`--json` is added).
+fn ctl_json(config: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = ctl(config, &a);
+    assert!(
+        out.status.success(),
+        "ferryctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ferryctl {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn seq(v: &serde_json::Value, p: &str) -> u64 {
+    v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
+fn wait_applied(primary: &Node, standby: &Node) -> u64 {
+    let last = seq(&primary.status(), "/durable_seq");
+    standby.wait_status(
+        "standby to apply everything",
+        Duration::from_secs(60),
+        |st| seq(st, "/applied_seq") >= last,
+    );
+    last
+}
+
+/// The whole image behind an NBD URI, read by qemu-img.
+fn image_of(uri: &str, out: &Path) -> Vec<u8> {
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", uri])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img convert {uri}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes differ");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: differs first at byte {i} (block {})", i / 4096);
+    }
+}
+
+fn writes(fill: u8, offsets: &[u64], len: u64) -> Vec<String> {
+    let mut c: Vec<String> = offsets
+        .iter()
+        .map(|o| format!("write -P {fill} {o} {len}"))
+        .collect();
+    c.push("flush".into());
+    c
+}
+
+fn replica_path(scfg: &Path) -> PathBuf {
+    Config::load(scfg).unwrap().volumes[0].path.clone()
+}
+
+#[test]
+fn views_at_a_bookmark_and_a_time_equal_the_primary_then() {
+    if skip_without(
+        "qemu-img",
+        "views_at_a_bookmark_and_a_time_equal_the_primary_then",
+    ) || skip_without(
+        "qemu-io",
+        "views_at_a_bookmark_and_a_time_equal_the_primary_then",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init(dir.path(), "");
+    let standby = Node::start(&ferryd(), &scfg);
+    let primary = Node::start(&ferryd(), &pcfg);
+    let url = primary.url("vol0");
+
+    // A, then a bookmark, then B; a time between B and C; then C.
+    assert_qemu_io_ok(&qemu_io(
+        &url,
+        &writes(0xa1, &[0, 1 << 20, 20 << 20], 65536),
+    ));
+    let a = image_of(&url, &dir.path().join("a.img"));
+    let bm = ctl_json(&pcfg, &["bookmark", "create", "before-b"]);
+    assert_eq!(bm["name"], "before-b");
+    let mut b_cmds = writes(0xb2, &[4096, 1 << 20, 30 << 20], 8192);
+    b_cmds.push("discard 20971520 32768".into());
+    assert_qemu_io_ok(&qemu_io(&url, &b_cmds));
+    let b = image_of(&url, &dir.path().join("b.img"));
+    wait_applied(&primary, &standby);
+    std::thread::sleep(Duration::from_millis(300));
+    let between = format_rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_qemu_io_ok(&qemu_io(&url, &writes(0xc3, &[0, 2 << 20], 131072)));
+    wait_applied(&primary, &standby);
+
+    // The bookmark came through the stream.
+    let list = ctl_json(&scfg, &["bookmark", "list"]);
+    let b0 = &list["bookmarks"][0];
+    assert_eq!(
+        (&b0["name"], &b0["seq"], &b0["reachable"]),
+        (&bm["name"], &bm["seq"], &serde_json::json!(true)),
+        "{list:#}"
+    );
+    let pits = ctl_json(&scfg, &["pit", "list"]);
+    assert!(seq(&pits, "/points") >= 3, "{pits:#}");
+    let st = standby.status();
+    assert!(
+        st["pit"]["oldest"]["seq"].is_u64() && st["pit"]["newest"]["time"].is_string(),
+        "{st:#}"
+    );
+
+    // Read-only view at the bookmark.
+    let v = ctl_json(
+        &scfg,
+        &[
+            "pit",
+            "export",
+            "--volume",
+            "vol0",
+            "--bookmark",
+            "before-b",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert_eq!(v["seq"], bm["seq"]);
+    let uri = v["uri"].as_str().unwrap().to_string();
+    assert_same(
+        "view at the bookmark",
+        &image_of(&uri, &dir.path().join("va.img")),
+        &a,
+    );
+    // Replication goes on under the open view; the view does not move.
+    assert_qemu_io_ok(&qemu_io(
+        &url,
+        &writes(0xd4, &[0, 4096, 1 << 20, 20 << 20], 65536),
+    ));
+    wait_applied(&primary, &standby);
+    assert_same(
+        "view at the bookmark after more writes",
+        &image_of(&uri, &dir.path().join("va2.img")),
+        &a,
+    );
+    // Read-only means read-only.
+    let w = qemu_io(&uri, &["write -P 1 0 4096".to_string()]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&w.stdout),
+        String::from_utf8_lossy(&w.stderr)
+    );
+    assert!(
+        !w.status.success() || text.contains("failed") || text.contains("read-only"),
+        "write to a read-only view: {text}"
+    );
+    let out = ctl(&scfg, &["pit", "unexport"]);
+    assert!(
+        out.status.success(),
+        "unexport: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A view at a time between B and C.
+    let v = ctl_json(
+        &scfg,
+        &[
+            "pit",
+            "export",
+            "--volume",
+            "vol0",
+            "--at",
+            &between,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let uri = v["uri"].as_str().unwrap().to_string();
+    assert_same(
+        "view at a time between B and C",
+        &image_of(&uri, &dir.path().join("vb.img")),
+        &b,
+    );
+
+    // A writable view next to it: writes land in its overlay, never on the replica.
+    let replica = replica_path(&scfg);
+    let before = std::fs::read(&replica).unwrap();
+    let w = ctl_json(
+        &scfg,
+        &[
+            "pit",
+            "export",
+            "--volume",
+            "vol0",
+            "--bookmark",
+            "before-b",
+            "--listen",
+            "127.0.0.1:0",
+            "--writable",
+        ],
+    );
+    let wuri = w["uri"].as_str().unwrap().to_string();
+    assert_qemu_io_ok(&qemu_io(
+        &wuri,
+        &[
+            "write -P 0xee 0 1048576".to_string(),
+            "read -P 0xee 0 1048576".to_string(),
+        ],
+    ));
+    let mut want = a.clone();
+    want[..1 << 20].fill(0xee);
+    assert_same(
+        "writable view",
+        &image_of(&wuri, &dir.path().join("vw.img")),
+        &want,
+    );
+    assert_same(
+        "replica under a writable view",
+        &std::fs::read(&replica).unwrap(),
+        &before,
+    );
+    let two = ctl(&scfg, &["pit", "unexport"]);
+    assert!(
+        !two.status.success(),
+        "unexport with two views must ask which"
+    );
+    let out = ctl(&scfg, &["pit", "unexport", "--all"]);
+    assert!(
+        out.status.success(),
+        "unexport --all: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scratch = dir.path().join("dr1/meta/undo/scratch");
+    let left: Vec<_> = std::fs::read_dir(&scratch)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "overlay files left after unexport: {left:?}"
+    );
+    // The primary refuses standby commands with a reason.
+    let out = ctl(&pcfg, &["pit", "list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("standby command"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn rollback_to_a_bookmark_survives_sigkill_and_restart() {
+    if skip_without(
+        "qemu-img",
+        "rollback_to_a_bookmark_survives_sigkill_and_restart",
+    ) || skip_without(
+        "qemu-io",
+        "rollback_to_a_bookmark_survives_sigkill_and_restart",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init(dir.path(), "");
+    // Each undo entry the rollback applies takes 150 ms more: time to kill it.
+    let mut standby = Node::start_env(
+        &ferryd(),
+        &scfg,
+        &[(ferryd::pit::ROLLBACK_PAUSE_ENV, "150")],
+    );
+    let primary = Node::start(&ferryd(), &pcfg);
+    let url = primary.url("vol0");
+    assert_qemu_io_ok(&qemu_io(
+        &url,
+        &writes(0x5a, &[0, 8 << 20, 16 << 20], 1 << 20),
+    ));
+    let a = image_of(&url, &dir.path().join("a.img"));
+    ctl_json(&pcfg, &["bookmark", "create", "good"]);
+    // Many separate write-sets after the bookmark (one per qemu-io run).
+    for i in 0..12u64 {
+        assert_qemu_io_ok(&qemu_io(
+            &url,
+            &writes(0x60 + i as u8, &[i * 65536, (8 << 20) + i * 4096], 65536),
+        ));
+    }
+    wait_applied(&primary, &standby);
+    let points = seq(&ctl_json(&scfg, &["pit", "list"]), "/points");
+    assert!(points >= 8, "expected many points, got {points}");
+
+    // Refusals first: a bad target does not pause anything.
+    let out = ctl(
+        &scfg,
+        &["rollback", "--volume", "vol0", "--bookmark", "nope"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no bookmark named 'nope'"),
+        "{out:?}"
+    );
+    assert!(standby.status()["paused"].is_null());
+
+    let mut rb = Command::new(ferryctl())
+        .arg("--config")
+        .arg(&scfg)
+        .args(["rollback", "--volume", "vol0", "--bookmark", "good"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !standby.log_text().contains("rollback started") {
+        assert!(
+            Instant::now() < deadline,
+            "rollback did not start:\n{}",
+            standby.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    standby.kill();
+    let _ = rb.wait();
+    assert!(
+        !standby.log_text().contains("rollback finished"),
+        "the rollback ended before the kill; raise the pause"
+    );
+
+    // Restart: recovery finishes the rollback before serving anything.
+    let standby = Node::start(&ferryd(), &scfg);
+    assert!(
+        standby.log_text().contains("finishing the rollback"),
+        "{}",
+        standby.log_text()
+    );
+    assert_same(
+        "replica after the rollback",
+        &std::fs::read(replica_path(&scfg)).unwrap(),
+        &a,
+    );
+    let st = standby.status();
+    assert!(
+        st["paused"].as_str().unwrap_or("").contains("rolled back"),
+        "{st:#}"
+    );
+    // It no longer follows the primary, even after another write.
+    assert_qemu_io_ok(&qemu_io(&url, &writes(0x77, &[0], 4096)));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_same(
+        "rolled-back replica stays put",
+        &std::fs::read(replica_path(&scfg)).unwrap(),
+        &a,
+    );
+    let out = ctl(&scfg, &["resume"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rolled back"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn retention_drops_the_oldest_points_under_a_size_limit() {
+    if skip_without(
+        "qemu-io",
+        "retention_drops_the_oldest_points_under_a_size_limit",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init(
+        dir.path(),
+        "max_bytes = \"3MiB\"\nsegment_size = \"1MiB\"\n",
+    );
+    let standby = Node::start(&ferryd(), &scfg);
+    let primary = Node::start(&ferryd(), &pcfg);
+    let url = primary.url("vol0");
+    // Data everywhere first, so later writes have non-zero before-images.
+    assert_qemu_io_ok(&qemu_io(&url, &writes(1, &[0], 16 << 20)));
+    ctl_json(&pcfg, &["bookmark", "create", "early"]);
+    for i in 0..10u64 {
+        assert_qemu_io_ok(&qemu_io(&url, &writes(2 + i as u8, &[i << 20], 1 << 20)));
+    }
+    wait_applied(&primary, &standby);
+    let st = standby.status();
+    let pit = &st["pit"];
+    assert!(pit["used_bytes"].as_u64().unwrap() <= 3 << 20, "{pit:#}");
+    assert!(seq(pit, "/oldest/seq") > 1, "nothing dropped: {pit:#}");
+    let log = standby.log_text();
+    assert!(log.contains("point-in-time window shrank"), "{log}");
+    assert!(log.contains("bookmarked point dropped"), "{log}");
+    let list = ctl_json(&scfg, &["bookmark", "list"]);
+    assert_eq!(list["bookmarks"][0]["reachable"], false, "{list:#}");
+    let out = ctl(
+        &scfg,
+        &[
+            "pit",
+            "export",
+            "--volume",
+            "vol0",
+            "--bookmark",
+            "early",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("older than the oldest retained point"),
+        "{out:?}"
+    );
+}
+
+/// The README's DR drill: ext4 on the primary, an application-consistent bookmark
+/// (fsfreeze around it), later changes; on the standby, a read-only view at the
+/// bookmark attached with nbdfuse + losetup, mounted read-only, files checked, fsck
+/// clean, unexported.
+#[test]
+fn dr_drill_mounts_a_view_at_a_bookmark() {
+    let name = "dr_drill_mounts_a_view_at_a_bookmark";
+    for tool in [
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "mount",
+        "fusermount3",
+        "fsfreeze",
+        "e2fsck",
+    ] {
+        if skip_without(tool, name) {
+            return;
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
+        eprintln!("\n!!!! SKIP {name}: needs root and /dev/fuse !!!!\n");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init(dir.path(), "");
+    let standby = Node::start(&ferryd(), &scfg);
+    let primary = Node::start(&ferryd(), &pcfg);
+    let mnt = dir.path().join("mnt");
+    let mut att = Attached::new(&primary.url("vol0"), &dir.path().join("p"), false);
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(att.dev()));
+    att.mount(&mnt, &[]);
+    std::fs::write(mnt.join("orders.db"), b"version 1").unwrap();
+    std::fs::write(mnt.join("keep.txt"), b"unchanged").unwrap();
+    // Quiesce the filesystem around the bookmark: the point is clean, no journal
+    // replay needed to mount it read-only.
+    run(Command::new("fsfreeze").arg("-f").arg(&mnt));
+    let bm = ctl(&pcfg, &["bookmark", "create", "drill"]);
+    run(Command::new("fsfreeze").arg("-u").arg(&mnt));
+    assert!(
+        bm.status.success(),
+        "bookmark: {}",
+        String::from_utf8_lossy(&bm.stderr)
+    );
+    std::fs::write(mnt.join("orders.db"), b"version 2, after the bookmark").unwrap();
+    std::fs::remove_file(mnt.join("keep.txt")).unwrap();
+    run(Command::new("sync").arg("-f").arg(mnt.join("orders.db")));
+    wait_applied(&primary, &standby);
+
+    let v = ctl_json(
+        &scfg,
+        &[
+            "pit",
+            "export",
+            "--volume",
+            "vol0",
+            "--bookmark",
+            "drill",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let view_mnt = dir.path().join("view");
+    {
+        let mut view = Attached::new(v["uri"].as_str().unwrap(), &dir.path().join("v"), true);
+        view.mount(&view_mnt, &["-o", "ro"]);
+        assert_eq!(
+            std::fs::read(view_mnt.join("orders.db")).unwrap(),
+            b"version 1"
+        );
+        assert_eq!(
+            std::fs::read(view_mnt.join("keep.txt")).unwrap(),
+            b"unchanged"
+        );
+        run(Command::new("umount").arg(&view_mnt));
+        view.mnt = None;
+        let fsck = Command::new("e2fsck")
+            .args(["-f", "-n"])
+            .arg(view.dev())
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "e2fsck on the view: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+    }
+    let out = ctl(&scfg, &["pit", "unexport"]);
+    assert!(
+        out.status.success(),
+        "unexport: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The primary's filesystem is untouched by the drill.
+    assert_eq!(
+        std::fs::read(mnt.join("orders.db")).unwrap(),
+        b"version 2, after the bookmark"
+    );
+}
