@@ -3,7 +3,7 @@
 //! must survive a SIGKILL of ferryd with the filesystem still mounted.
 //!
 //! Needs root, /dev/fuse, nbdfuse, losetup, mkfs.ext4 and mount; skips loudly without.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use ferryd::testkit::{primary_config, run, skip_without, Attached, Node};
