@@ -648,6 +648,7 @@ async fn run_standby(
         journal: rec.journal.clone(),
         role: RoleSource::Standby {
             standby: standby.clone(),
+            pit: rec.applier.pit.clone(),
         },
     });
     let handler = standby_handler(&cfg, rec.clone(), standby.clone(), exports.clone());

@@ -220,6 +220,8 @@ pub enum RoleSource {
     },
     Standby {
         standby: Arc<Standby>,
+        /// Point-in-time store, when `[pit]` is on.
+        pit: Option<Arc<crate::pit::Pit>>,
     },
 }
 
@@ -445,7 +447,7 @@ impl Collector for Inner {
         // Apply position: primary (base volumes) or standby (replica volumes).
         let applied: Seq = match &src.role {
             RoleSource::Primary { group, .. } => group.applied_seq(),
-            RoleSource::Standby { standby } => standby.applied_seq(),
+            RoleSource::Standby { standby, .. } => standby.applied_seq(),
         };
         gauge(
             e,
@@ -483,7 +485,52 @@ impl Collector for Inner {
                     encode_targets(e, r)?;
                 }
             }
-            RoleSource::Standby { standby } => {
+            RoleSource::Standby { standby, pit } => {
+                if let Some(p) = pit {
+                    let w = p.window_numbers();
+                    gauge(
+                        e,
+                        "ferry_pit_points",
+                        "Recovery points retained in the undo log.",
+                        None,
+                        w.points as u64,
+                    )?;
+                    gauge(
+                        e,
+                        "ferry_pit_oldest_timestamp",
+                        "Primary clock time (Unix seconds) of the oldest retained point; 0 with none.",
+                        Some(&Unit::Seconds),
+                        w.oldest_ns as f64 / 1e9,
+                    )?;
+                    gauge(
+                        e,
+                        "ferry_pit_window",
+                        "Time between the oldest and the newest retained point.",
+                        Some(&Unit::Seconds),
+                        w.newest_ns.saturating_sub(w.oldest_ns) as f64 / 1e9,
+                    )?;
+                    gauge(
+                        e,
+                        "ferry_undo_used",
+                        "Bytes of undo log on disk.",
+                        Some(&Unit::Bytes),
+                        w.used_bytes,
+                    )?;
+                    gauge(
+                        e,
+                        "ferry_undo_capacity",
+                        "Undo log size limit (pit.max_bytes).",
+                        Some(&Unit::Bytes),
+                        w.max_bytes,
+                    )?;
+                    gauge(
+                        e,
+                        "ferry_pit_views",
+                        "Point-in-time views currently open.",
+                        None,
+                        w.views as u64,
+                    )?;
+                }
                 let s = &standby.state;
                 gauge(
                     e,

@@ -790,6 +790,19 @@ impl Pit {
         })
     }
 
+    /// Numbers for the Prometheus endpoint.
+    pub fn window_numbers(&self) -> WindowNumbers {
+        let w = *self.window.lock();
+        WindowNumbers {
+            points: w.points,
+            oldest_ns: w.oldest.map_or(0, |p| p.timestamp_ns),
+            newest_ns: w.newest.map_or(0, |p| p.timestamp_ns),
+            used_bytes: w.used_bytes,
+            max_bytes: self.settings.max_bytes.0,
+            views: self.views.lock().len(),
+        }
+    }
+
     /// Retained points, oldest first (at most `limit`, newest kept).
     pub fn points(&self, limit: usize) -> Vec<Point> {
         let undo = self.undo.lock();
@@ -809,6 +822,16 @@ impl Pit {
         let applied = self.applied.load(Ordering::Acquire);
         seq == applied || (seq < applied && undo.points_after(seq).is_ok_and(|a| !a.is_empty()))
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct WindowNumbers {
+    pub points: usize,
+    pub oldest_ns: u64,
+    pub newest_ns: u64,
+    pub used_bytes: u64,
+    pub max_bytes: u64,
+    pub views: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
