@@ -540,12 +540,8 @@ impl Config {
                     "must be greater than 0".into(),
                 );
             }
-            if self.node.role == Role::Standby && !r.targets.is_empty() {
-                return bad(
-                    "replication.target",
-                    "a standby ships to nobody; targets belong in the primary's config".into(),
-                );
-            }
+            // A standby's targets are whom it ships to once promoted (typically the
+            // primary it follows now, for failback); ignored while it is a standby.
             if self.node.role == Role::Standby && r.primary == self.node.name {
                 return bad(
                     "replication.primary",

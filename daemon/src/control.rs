@@ -106,6 +106,20 @@ pub enum Request {
     /// Standby: stop following the primary (sessions end, new ones are refused).
     Pause,
     Resume,
+    /// Standby: become the primary of a new epoch (optionally at a point).
+    Promote {
+        #[serde(default)]
+        target: Option<PointSpec>,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Outdated primary: rejoin as a standby of the node that superseded it.
+    Demote,
+    /// Primary: hand the primary role to a caught-up standby, losslessly.
+    Switchover {
+        #[serde(default)]
+        to: Option<String>,
+    },
     /// Standby: roll the replica back to `target` (all volumes of the group).
     Rollback {
         volume: String,
@@ -135,7 +149,10 @@ impl Request {
             | Request::PitUnexport { .. }
             | Request::Pause
             | Request::Resume => Role::Operator,
-            Request::Rollback { .. } => Role::Admin,
+            Request::Rollback { .. }
+            | Request::Promote { .. }
+            | Request::Demote
+            | Request::Switchover { .. } => Role::Admin,
         }
     }
 
@@ -151,6 +168,9 @@ impl Request {
             Request::Pause => "pause",
             Request::Resume => "resume",
             Request::Rollback { .. } => "rollback",
+            Request::Promote { .. } => "promote",
+            Request::Demote => "demote",
+            Request::Switchover { .. } => "switchover",
         }
     }
 }
@@ -529,7 +549,7 @@ pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     })?;
     // A rollback rewrites every range changed since its target: allow it an hour.
     let timeout = match req {
-        Request::Rollback { .. } => Duration::from_secs(3600),
+        Request::Rollback { .. } | Request::Promote { .. } => Duration::from_secs(3600),
         _ => Duration::from_secs(30),
     };
     s.set_read_timeout(Some(timeout))?;
@@ -574,6 +594,12 @@ mod tests {
                 target: at.clone(),
                 group: false,
             },
+            Request::Promote {
+                target: None,
+                force: false,
+            },
+            Request::Demote,
+            Request::Switchover { to: None },
         ] {
             let v = serde_json::to_value(&req).unwrap();
             assert_eq!(v["cmd"], req.name());
@@ -628,9 +654,12 @@ mod tests {
             r.error.unwrap(),
             "permission denied: status needs viewer, uid 1000 has no role"
         );
-        let (_, _, out, r) = decide("{\"cmd\":\"promote\"}", &peer(Some(Role::Admin)), &h);
+        let (_, _, out, r) = decide("{\"cmd\":\"full_resync\"}", &peer(Some(Role::Admin)), &h);
         assert_eq!(out, Outcome::Error);
-        assert_eq!(r.error.unwrap(), "promote: not implemented by this ferryd");
+        assert_eq!(
+            r.error.unwrap(),
+            "full_resync: not implemented by this ferryd"
+        );
         let (what, args, out, r) = decide("nonsense", &peer(Some(Role::Viewer)), &h);
         assert_eq!((what.as_str(), out), ("?", Outcome::Error));
         assert_eq!(args, serde_json::json!("nonsense"));

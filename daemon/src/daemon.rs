@@ -403,11 +403,68 @@ fn wait_until(what: &str, done: impl Fn() -> bool) {
     });
 }
 
+/// How a node's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Shut down (signal): exit.
+    Stopped,
+    /// A role change was recorded: start again (the binary re-executes itself, so the
+    /// new role starts from a clean recovery, like after a crash).
+    Restart,
+}
+
+/// Lets a control request end the run for a role change.
+#[derive(Default)]
+pub struct Lifecycle {
+    restart: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Lifecycle {
+    pub fn request_restart(&self) {
+        self.restart.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    async fn until(&self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = self.notify.notified() => tracing::info!("role change recorded: restarting in the new role"),
+        }
+    }
+}
+
+/// Applies a role recorded by promote, demote or switchover over the config's.
+fn apply_role_change(cfg: &mut Config) -> anyhow::Result<()> {
+    let meta = Meta::open(&cfg.node.metadata_dir, cfg.cluster_id())?;
+    if let Some(role) = meta.role_override()? {
+        let role = match role.as_str() {
+            "primary" => Role::Primary,
+            "standby" => Role::Standby,
+            other => bail!("metadata records an unknown role '{other}'"),
+        };
+        if role != cfg.node.role {
+            tracing::warn!(
+                config = ?cfg.node.role,
+                recorded = ?role,
+                "running in the role recorded by the last role change, not the config's"
+            );
+        }
+        cfg.node.role = role;
+    }
+    if let (Some(name), Some(r)) = (meta.primary_name()?, cfg.replication.as_mut()) {
+        r.primary = name;
+    }
+    Ok(())
+}
+
 /// Runs a node until `shutdown` resolves; then drains, checkpoints and returns.
 pub async fn run(
-    cfg: Config,
+    mut cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Exit> {
+    tokio::task::block_in_place(|| apply_role_change(&mut cfg))?;
+    let life = Arc::new(Lifecycle::default());
     // The metrics endpoint comes up before recovery: a long replay is then visible as
     // alive (/healthz 200) but not ready (/readyz 503). Dropping it stops it.
     let metrics = Metrics::new(&cfg.node.name, cfg.node.role);
@@ -417,12 +474,19 @@ pub async fn run(
         addr: endpoint.as_ref().map(|e| e.addr),
     };
     let rec = Arc::new(tokio::task::block_in_place(|| recover(&cfg))?);
+    let shutdown = life.until(shutdown);
     let result = match cfg.node.role {
-        Role::Primary => run_primary(cfg, rec, obs, shutdown).await,
-        Role::Standby => run_standby(cfg, rec, obs, shutdown).await,
+        Role::Primary => run_primary(cfg, rec, obs, life.clone(), shutdown).await,
+        Role::Standby => run_standby(cfg, rec, obs, life.clone(), shutdown).await,
     };
     drop(endpoint);
-    result
+    result.map(|()| {
+        if life.restart.load(Ordering::SeqCst) {
+            Exit::Restart
+        } else {
+            Exit::Stopped
+        }
+    })
 }
 
 /// The node's metrics and, when `[metrics]` is configured, the endpoint's bound address.
@@ -471,6 +535,7 @@ async fn run_primary(
     cfg: Config,
     rec: Arc<Recovered>,
     obs: Observe,
+    life: Arc<Lifecycle>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let group = Group::new(rec.journal.clone(), rec.checkpoint, JOURNAL_QUEUE);
@@ -485,6 +550,29 @@ async fn run_primary(
         })
         .collect();
     let registry = Arc::new(Registry { volumes });
+    if let Some(o) = rec.meta.outdated()? {
+        let why = outdated_reason(&o);
+        tracing::error!("{why}");
+        group.set_fence(Some(why));
+    }
+    let outdated: replication::OutdatedHook = {
+        let (group, meta) = (group.clone(), rec.meta.clone());
+        Arc::new(move |epoch, by| {
+            let o = crate::meta::Outdated {
+                epoch,
+                by: by.to_string(),
+            };
+            if meta.outdated().ok().flatten().as_ref() == Some(&o) {
+                return;
+            }
+            let why = outdated_reason(&o);
+            tracing::error!("{why}");
+            group.set_fence(Some(why));
+            if let Err(e) = meta.set_outdated(&o) {
+                tracing::error!("recording that this primary is outdated: {e}");
+            }
+        })
+    };
 
     let nbd_listen = cfg.nbd_addr().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(nbd_listen)
@@ -496,6 +584,17 @@ async fn run_primary(
 
     // Replication: targets start at the checkpoint; their Hellos say where they are.
     let targets = replication::target_states(&cfg, rec.checkpoint.min(rec.journal.durable_seq()));
+    // After a failover, a target that has not rejoined since the fork (typically the
+    // old primary) starts degraded: the first writes of the new primary must not
+    // wait out a sync timeout for a node that is known to be away. It turns
+    // synchronous again once it has caught up.
+    if let Some(fork) = rec.meta.fork_seq()? {
+        for t in &targets {
+            if !rec.meta.rejoined(&t.name, fork)? {
+                t.degraded.store(true, Ordering::Release);
+            }
+        }
+    }
     let repl = match &cfg.replication {
         Some(r) if !targets.is_empty() => {
             let sync = SyncGate::new(targets.clone(), Duration::from_millis(r.sync_timeout_ms));
@@ -516,6 +615,8 @@ async fn run_primary(
                 opts: transport_options(),
                 durable: group.feed.durable(),
                 sync: sync.clone(),
+                outdated: outdated.clone(),
+                fork: rec.meta.fork_seq()?.map(|f| (f, rec.meta.clone())),
             });
             replication::start(ctx, &targets, &stop_rx);
             Some(Arc::new(Replication {
@@ -543,7 +644,32 @@ async fn run_primary(
             replication: repl.clone(),
         },
     });
-    let handler = primary_handler(&cfg, rec.clone(), group.clone(), repl.clone(), nbd_addr);
+    // A primary by promotion answers the primary it replaced (should it come back)
+    // on its replication address, so that one learns it is outdated and stops.
+    let fence_task = match (&cfg.replication, rec.meta.fork_seq()?) {
+        (Some(r), Some(_)) if !r.listen.is_empty() => Some(tokio::spawn(fence_responder(
+            crate::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?,
+            replication::local_identity(
+                &cfg,
+                rec.meta.node_id,
+                rec.meta.epoch()?,
+                ferry_transport::wire::Role::Primary,
+                &rec.bases,
+                &r.primary,
+            ),
+            replication::load_tls(&cfg)?,
+            stop_rx.clone(),
+        ))),
+        _ => None,
+    };
+    let handler = primary_handler(
+        &cfg,
+        rec.clone(),
+        group.clone(),
+        repl.clone(),
+        nbd_addr,
+        life.clone(),
+    );
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
     let server_cfg = nbd::ServerConfig {
         max_payload: (32u64 << 20).min(cfg.journal.segment_size.0 / 2) as u32,
@@ -586,6 +712,9 @@ async fn run_primary(
     wait_until("the final seal to become durable", || {
         rec.journal.durable_seq() >= target
     });
+    if let Some(t) = fence_task {
+        let _ = t.await;
+    }
     ckpt.finish().await;
     drop(registry);
     tracing::info!(
@@ -599,6 +728,7 @@ async fn run_standby(
     cfg: Config,
     rec: Arc<Recovered>,
     obs: Observe,
+    life: Arc<Lifecycle>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let r = cfg
@@ -624,6 +754,7 @@ async fn run_standby(
         &r.listen,
         paused,
     )?);
+    *standby.handover.lock() = Some(take_over(rec.clone(), standby.clone(), life.clone()));
     let exports = rec
         .applier
         .pit
@@ -651,7 +782,13 @@ async fn run_standby(
             pit: rec.applier.pit.clone(),
         },
     });
-    let handler = standby_handler(&cfg, rec.clone(), standby.clone(), exports.clone());
+    let handler = standby_handler(
+        &cfg,
+        rec.clone(),
+        standby.clone(),
+        exports.clone(),
+        life.clone(),
+    );
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
     let serve = tokio::spawn(standby::serve(
         standby.clone(),
@@ -771,8 +908,13 @@ fn primary_handler(
     group: Arc<Group>,
     repl: Option<Arc<Replication>>,
     nbd_addr: std::net::SocketAddr,
+    life: Arc<Lifecycle>,
 ) -> control::Handler {
     let node = cfg.node.name.clone();
+    let has_listen = cfg
+        .replication
+        .as_ref()
+        .is_some_and(|r| !r.listen.is_empty());
     let volumes: Vec<_> = cfg
         .volumes
         .iter()
@@ -790,6 +932,9 @@ fn primary_handler(
                 "applied_seq": group.applied_seq(),
                 "checkpoint_seq": rec.meta.checkpoint().unwrap_or(0),
                 "failed": group.gate.failed(),
+                "outdated": rec.meta.outdated().ok().flatten().map(|o| json!({"epoch": o.epoch, "by": o.by})),
+                "writes_refused": group.fenced(),
+                "fork_seq": rec.meta.fork_seq().ok().flatten(),
                 "nbd": {"listen": nbd_addr.to_string()},
                 "journal": journal_status(j),
                 "volumes": volumes,
@@ -800,11 +945,201 @@ fn primary_handler(
             create_bookmark(&rec, &group, &name)
         })),
         control::Request::ListBookmarks => respond(list_bookmarks(&rec, None)),
+        control::Request::Switchover { to } => respond(tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(switchover(
+                &rec,
+                &group,
+                repl.as_deref(),
+                to.as_deref(),
+                &life,
+            ))
+        })),
+        control::Request::Demote => respond(tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(demote(&rec, &group, has_listen, &life))
+        })),
         other => control::Response::err(format!(
             "{} is a standby command: this node is the primary",
             other.name()
         )),
     })
+}
+
+/// Stops writes, waits until they are all durable here and applied to the bases,
+/// and checkpoints: the state a role change starts from.
+async fn quiesce(rec: &Recovered, group: &Group, why: String) -> anyhow::Result<Seq> {
+    group.set_fence(Some(why));
+    if !group.drain(Duration::from_secs(10)).await {
+        bail!("writes in flight did not finish within 10 s");
+    }
+    let last = rec.journal.last_seq();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while rec.journal.durable_seq() < last || group.applied_seq() < last {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the journal did not make {last} durable and applied within 30 s (durable {}, applied {})",
+                rec.journal.durable_seq(),
+                group.applied_seq()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::task::block_in_place(|| checkpoint_now(rec, last))?;
+    Ok(last)
+}
+
+/// Planned, lossless role swap with a caught-up standby: writes stop, the standby
+/// confirms it holds every record, takes over in a new epoch, and this node
+/// restarts as its standby.
+async fn switchover(
+    rec: &Recovered,
+    group: &Group,
+    repl: Option<&Replication>,
+    to: Option<&str>,
+    life: &Lifecycle,
+) -> anyhow::Result<serde_json::Value> {
+    let started = Instant::now();
+    if let Some(o) = rec.meta.outdated()? {
+        bail!("{}", outdated_reason(&o));
+    }
+    let targets = repl.map(|r| r.targets.as_slice()).unwrap_or_default();
+    let t = match to {
+        Some(name) => targets
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| anyhow::anyhow!("no replication target named '{name}'"))?,
+        None => match targets {
+            [t] => t,
+            [] => bail!("this primary has no standby to hand over to"),
+            _ => bail!("several standbys: name one with --to"),
+        },
+    };
+    if t.state() != "streaming" {
+        bail!(
+            "standby '{}' is {}, not streaming: it cannot take over losslessly",
+            t.name,
+            t.state()
+        );
+    }
+    let result = async {
+        let seq = quiesce(
+            rec,
+            group,
+            format!("switchover to '{}' in progress", t.name),
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while t.acked_seq.load(Ordering::Acquire) < seq {
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "standby '{}' did not confirm sequence {seq} within 30 s (it holds {})",
+                    t.name,
+                    t.acked_seq.load(Ordering::Acquire)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let answer = t.request_handover(seq);
+        let new_epoch = tokio::time::timeout(Duration::from_secs(30), answer)
+            .await
+            .map_err(|_| anyhow::anyhow!("standby '{}' did not take over within 30 s", t.name))?
+            .map_err(|_| {
+                anyhow::anyhow!("the session with '{}' ended during the handover", t.name)
+            })??;
+        tokio::task::block_in_place(|| {
+            rec.meta
+                .change_role(new_epoch, "standby", Some(&t.name), None)
+        })?;
+        Ok((seq, new_epoch))
+    }
+    .await;
+    match result {
+        Ok((seq, new_epoch)) => {
+            tracing::warn!(to = %t.name, seq, epoch = new_epoch, "switchover done: restarting as a standby");
+            life.request_restart();
+            Ok(json!({
+                "to": t.name,
+                "seq": seq,
+                "epoch": new_epoch,
+                "writes_stopped_seconds": started.elapsed().as_secs_f64(),
+            }))
+        }
+        Err(e) => {
+            // The standby did not confirm a role change: take writes again. (Had it
+            // changed roles unheard, our next session would learn the newer epoch
+            // and fence us.)
+            group.set_fence(None);
+            Err(e.context("switchover abandoned; this node stays the primary"))
+        }
+    }
+}
+
+/// An outdated primary rejoins as a standby of the node that superseded it.
+async fn demote(
+    rec: &Recovered,
+    group: &Group,
+    has_listen: bool,
+    life: &Lifecycle,
+) -> anyhow::Result<serde_json::Value> {
+    let Some(o) = rec.meta.outdated()? else {
+        bail!(
+            "this primary is not outdated (no newer epoch seen); for a planned role swap use `ferryctl switchover`"
+        );
+    };
+    if !has_listen {
+        bail!("this node has no replication.listen address to accept its new primary on");
+    }
+    let seq = quiesce(rec, group, outdated_reason(&o)).await?;
+    tokio::task::block_in_place(|| rec.meta.change_role(o.epoch, "standby", Some(&o.by), None))?;
+    tracing::warn!(primary = %o.by, epoch = o.epoch, last_seq = seq, "demoted: restarting as a standby");
+    life.request_restart();
+    Ok(json!({"primary": o.by, "epoch": o.epoch, "last_seq": seq}))
+}
+
+fn outdated_reason(o: &crate::meta::Outdated) -> String {
+    format!(
+        "this primary is outdated: node '{}' is the primary of epoch {}; writes are refused \
+         (demote this node to rejoin as its standby)",
+        o.by, o.epoch
+    )
+}
+
+/// Answers primaries of older epochs that dial this node's replication address with
+/// our Hello (newer epoch): they learn they are outdated and fence themselves.
+async fn fence_responder(
+    listen: std::net::SocketAddr,
+    local: ferry_transport::session::LocalIdentity,
+    tls: ferry_transport::quic::TlsMaterial,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use ferry_transport::quic;
+    let opts = transport_options();
+    let endpoint = match quic::server_config(&tls, &local.expected_peer_name, &opts)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| quic::listen(listen, c).map_err(anyhow::Error::from))
+    {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(%listen, "cannot answer outdated primaries on {listen}: {e:#}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            accepted = quic::accept(&endpoint) => match accepted {
+                None => break,
+                Some(Err(e)) => tracing::debug!("fence responder: refused a connection: {e}"),
+                Some(Ok(conn)) => {
+                    let peer = conn.remote_address();
+                    match quic::standby_handshake(conn, &local, 0, &opts).await {
+                        Err(e) => tracing::warn!(%peer, "told an outdated primary it was superseded: {e}"),
+                        Ok(_) => tracing::warn!(%peer, "fence responder: unexpected handshake success"),
+                    }
+                }
+            }
+        }
+    }
+    endpoint.close(0u32.into(), b"shutting down");
 }
 
 fn respond(r: anyhow::Result<serde_json::Value>) -> control::Response {
@@ -914,6 +1249,7 @@ fn standby_handler(
     rec: Arc<Recovered>,
     sb: Arc<Standby>,
     exports: Option<Arc<PitExports>>,
+    life: Arc<Lifecycle>,
 ) -> control::Handler {
     let node = cfg.node.name.clone();
     let volumes: Vec<_> = cfg
@@ -922,6 +1258,7 @@ fn standby_handler(
         .map(|v| json!({"name": v.name, "size_bytes": v.size.0, "path": v.path}))
         .collect();
     let pit_off = "point-in-time recovery is disabled on this standby ([pit] enabled = false)";
+    let has_nbd = cfg.nbd.is_some();
     Arc::new(move |req| {
         let pit = rec.applier.pit.clone();
         match req {
@@ -1018,7 +1355,139 @@ fn standby_handler(
             } => respond(tokio::task::block_in_place(|| {
                 rollback(&rec, &sb, exports.as_deref(), &volume, &target, group)
             })),
+            control::Request::Promote { target, force } => respond(tokio::task::block_in_place(|| {
+                promote(has_nbd, &rec, &sb, exports.as_deref(), target.as_ref(), force, &life)
+            })),
+            other @ (control::Request::Demote | control::Request::Switchover { .. }) => {
+                control::Response::err(format!(
+                    "{} is a primary command: this node is a standby",
+                    other.name()
+                ))
+            }
         }
+    })
+}
+
+/// Waits (bounded) until the replica applied everything journaled.
+fn drain_applier(sb: &Standby, timeout: Duration) -> anyhow::Result<Seq> {
+    let deadline = Instant::now() + timeout;
+    while sb.applied_seq() < sb.durable_seq() {
+        if let Some(e) = sb.state.apply_error.lock().clone() {
+            bail!("the replica applier stopped ({e}); restart ferryd first");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the replica did not apply sequences up to {} within {timeout:?} (applied {})",
+                sb.durable_seq(),
+                sb.applied_seq()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(sb.applied_seq())
+}
+
+/// Fsyncs the bases and records `applied` as the checkpoint (never lowering it).
+fn checkpoint_now(rec: &Recovered, applied: Seq) -> anyhow::Result<()> {
+    for b in &rec.bases {
+        b.sync()
+            .with_context(|| format!("fsync {}", b.path.display()))?;
+    }
+    if rec.meta.checkpoint()? < applied {
+        rec.meta.set_checkpoint(applied)?;
+    }
+    Ok(())
+}
+
+/// Makes this standby the primary of a new epoch: stops following the primary,
+/// optionally rolls back to a point, records the fork point and the new role, then
+/// restarts as the primary (serving NBD, journaling new writes after the fork).
+fn promote(
+    has_nbd: bool,
+    rec: &Recovered,
+    sb: &Standby,
+    exports: Option<&PitExports>,
+    target: Option<&control::PointSpec>,
+    force: bool,
+    life: &Lifecycle,
+) -> anyhow::Result<serde_json::Value> {
+    let started = Instant::now();
+    if !has_nbd {
+        bail!("this node has no [nbd] section: add nbd.listen so it can serve its volumes once promoted");
+    }
+    let epoch = rec.meta.epoch()?;
+    // Heartbeats come every second: three missed ones and the primary is not live.
+    if let Some(peer) = sb.state.live_primary(Duration::from_secs(3)) {
+        if !force {
+            bail!(
+                "the primary of epoch {epoch} is connected (from {peer}); stop it first, or add --force \
+                 (it will be fenced when it next reaches this node)"
+            );
+        }
+        tracing::warn!(%peer, "promoting with --force while the primary is connected");
+    }
+    if exports.is_some_and(|x| !x.is_empty()) {
+        bail!("point-in-time views are exported; unexport them before promoting");
+    }
+    let fork = match (target, rec.meta.rollback_state()?) {
+        (Some(t), _) => {
+            let vol = rec
+                .bases
+                .first()
+                .map(|b| b.name.clone())
+                .unwrap_or_default();
+            let r = rollback(rec, sb, exports, &vol, t, true)?;
+            r["seq"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("rollback reported no sequence"))?
+        }
+        (None, Some(RollbackState::Done { target })) => target,
+        (None, _) => {
+            sb.set_paused(Some("promoting to primary".into()));
+            let applied = drain_applier(sb, Duration::from_secs(60))?;
+            checkpoint_now(rec, applied)?;
+            applied
+        }
+    };
+    let new_epoch = epoch + 1;
+    rec.meta
+        .change_role(new_epoch, "primary", None, Some(fork))?;
+    tracing::warn!(
+        epoch = new_epoch,
+        fork,
+        "promoted: restarting as the primary"
+    );
+    life.request_restart();
+    Ok(json!({
+        "epoch": new_epoch,
+        "fork_seq": fork,
+        "prepared_seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// The role change a planned switchover makes on the standby side.
+fn take_over(rec: Arc<Recovered>, sb: Arc<Standby>, life: Arc<Lifecycle>) -> standby::HandoverFn {
+    Arc::new(move |seq| {
+        let applied = drain_applier(&sb, Duration::from_secs(30))?;
+        if applied != seq {
+            bail!("applied {applied}, the handover is at {seq}");
+        }
+        checkpoint_now(&rec, applied)?;
+        let new_epoch = rec.meta.epoch()? + 1;
+        rec.meta
+            .change_role(new_epoch, "primary", None, Some(seq))?;
+        // Not paused here: that would end this session before the HandoverAck goes
+        // out. The restart right after the ack ends it.
+        tracing::warn!(
+            epoch = new_epoch,
+            fork = seq,
+            "switchover: this node is the primary now; restarting"
+        );
+        let life = life.clone();
+        Ok((
+            new_epoch,
+            Box::new(move || life.request_restart()) as Box<dyn FnOnce() + Send>,
+        ))
     })
 }
 
@@ -1056,30 +1525,10 @@ fn rollback(
     // Validate before pausing: a typo must not stop replication.
     pit.resolve(&t)?;
     sb.set_paused(Some("paused for a rollback".into()));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while sb.applied_seq() < sb.durable_seq() {
-        if let Some(e) = sb.state.apply_error.lock().clone() {
-            bail!("the replica applier stopped ({e}); restart ferryd before rolling back");
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the replica did not apply sequences up to {} within 60 s (applied {}); replication stays paused",
-                sb.durable_seq(),
-                sb.applied_seq()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
     // Everything applied is made durable and checkpointed first: a restart must
     // never replay the journal over the rolled-back replica.
-    let applied = sb.applied_seq();
-    for b in &rec.bases {
-        b.sync()
-            .with_context(|| format!("fsync {} before the rollback", b.path.display()))?;
-    }
-    if rec.meta.checkpoint()? < applied {
-        rec.meta.set_checkpoint(applied)?;
-    }
+    let applied = drain_applier(sb, Duration::from_secs(60))?;
+    checkpoint_now(rec, applied)?;
     let r = pit.rollback(&t)?;
     sb.set_paused(Some(rolled_back_reason(r.point.seq)));
     Ok(json!({

@@ -51,7 +51,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("ferryd-rt")
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(ferryd::daemon::run(cfg, shutdown_signal()))
+    let exit = rt.block_on(ferryd::daemon::run(cfg, shutdown_signal()))?;
+    drop(rt);
+    if exit == ferryd::daemon::Exit::Restart {
+        // Same PID (systemd keeps tracking it), fresh process: the new role starts from
+        // recovery exactly as after a restart. Every fd of ours is close-on-exec.
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe().context("locating the ferryd binary")?;
+        let err = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .exec();
+        return Err(anyhow::anyhow!("re-executing {}: {err}", exe.display()));
+    }
+    Ok(())
 }
 
 /// Async workers: half the cores (at least one), because the journal writer, its

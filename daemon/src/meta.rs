@@ -23,6 +23,27 @@ const BOOKMARK_PREFIX: &str = "bookmark/";
 /// Rollback in progress (`target seq`, 8 bytes) or done (`target seq`, then
 /// `1u8`): see `pit::rollback`.
 const K_ROLLBACK: &str = "rollback";
+/// Role changes (promote, demote, switchover) override the config's `node.role`:
+/// `"primary"` or `"standby"`.
+const K_ROLE: &str = "role";
+/// The primary a demoted node follows (overrides `replication.primary`).
+const K_PRIMARY_NAME: &str = "primary_name";
+/// Fork point of the current epoch: the last sequence of the previous epoch this
+/// node holds (8 bytes).
+const K_FORK_SEQ: &str = "fork_seq";
+/// Set when this primary learned of a newer epoch: that epoch (8 bytes), then the
+/// name of the node that told it.
+const K_OUTDATED: &str = "outdated";
+/// `rejoined/<target>` → fork seq: the target followed this primary from at or before
+/// that fork point (a later fork makes it stale).
+const REJOINED_PREFIX: &str = "rejoined/";
+
+/// A primary that learned it was superseded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outdated {
+    pub epoch: u64,
+    pub by: String,
+}
 
 /// A named recovery point: the seal record `seq`, stamped `timestamp_ns` by the
 /// primary.
@@ -306,6 +327,100 @@ impl Meta {
         self.put_many(&[(K_ROLLBACK, &v)])
     }
 
+    /// The role set by a role change, overriding the config.
+    pub fn role_override(&self) -> Result<Option<String>, MetaError> {
+        Ok(self
+            .get_raw(K_ROLE)?
+            .filter(|v| !v.is_empty())
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn primary_name(&self) -> Result<Option<String>, MetaError> {
+        Ok(self
+            .get_raw(K_PRIMARY_NAME)?
+            .filter(|v| !v.is_empty())
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn fork_seq(&self) -> Result<Option<u64>, MetaError> {
+        match self.get_raw(K_FORK_SEQ)? {
+            None => Ok(None),
+            Some(_) => self.get_u64(K_FORK_SEQ).map(Some),
+        }
+    }
+
+    pub fn outdated(&self) -> Result<Option<Outdated>, MetaError> {
+        let Some(raw) = self.get_raw(K_OUTDATED)?.filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        if raw.len() < 8 {
+            return Err(MetaError::Corrupt {
+                path: self.path.clone(),
+                key: K_OUTDATED,
+                message: format!("{} bytes, expected at least 8", raw.len()),
+            });
+        }
+        let mut e = [0u8; 8];
+        e.copy_from_slice(&raw[..8]);
+        Ok(Some(Outdated {
+            epoch: u64::from_le_bytes(e),
+            by: String::from_utf8_lossy(&raw[8..]).into_owned(),
+        }))
+    }
+
+    pub fn set_outdated(&self, o: &Outdated) -> Result<(), MetaError> {
+        let mut v = o.epoch.to_le_bytes().to_vec();
+        v.extend_from_slice(o.by.as_bytes());
+        self.put_many(&[(K_OUTDATED, &v)])
+    }
+
+    /// One durable transaction for a role change: the new epoch, role, the primary to
+    /// follow (standby) and the fork point (primary); clears `outdated` and a
+    /// finished rollback (the node starts a new life in the new epoch).
+    pub fn change_role(
+        &self,
+        epoch: u64,
+        role: &str,
+        primary_name: Option<&str>,
+        fork_seq: Option<u64>,
+    ) -> Result<(), MetaError> {
+        let fork = fork_seq.map(|f| f.to_le_bytes());
+        let mut pairs: Vec<(&str, &[u8])> = vec![
+            (K_EPOCH, &[]),
+            (K_ROLE, role.as_bytes()),
+            (K_PRIMARY_NAME, primary_name.unwrap_or("").as_bytes()),
+            (K_OUTDATED, &[]),
+            (K_ROLLBACK, &[]),
+        ];
+        let e = epoch.to_le_bytes();
+        pairs[0].1 = &e;
+        if let Some(f) = &fork {
+            pairs.push((K_FORK_SEQ, f));
+        }
+        self.put_many(&pairs)
+    }
+
+    /// Whether target `name` has rejoined this primary at fork point `fork`.
+    pub fn rejoined(&self, name: &str, fork: u64) -> Result<bool, MetaError> {
+        let key = format!("{REJOINED_PREFIX}{name}");
+        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let table = match txn.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let v = table.get(key.as_str()).map_err(|e| self.store_err(e))?;
+        Ok(v.is_some_and(|v| v.value() == fork.to_le_bytes()))
+    }
+
+    pub fn set_rejoined(&self, name: &str, fork: u64) -> Result<(), MetaError> {
+        if self.rejoined(name, fork)? {
+            return Ok(());
+        }
+        let key = format!("{REJOINED_PREFIX}{name}");
+        self.put_many(&[(key.as_str(), &fork.to_le_bytes())])
+    }
+
     fn store_err(&self, e: impl std::fmt::Display) -> MetaError {
         MetaError::Store {
             path: self.path.clone(),
@@ -430,5 +545,34 @@ mod tests {
         assert_eq!(m.bookmarks().unwrap(), vec![b("a-second", 9)]);
         m.set_rollback_state(None).unwrap();
         assert_eq!(m.rollback_state().unwrap(), None);
+    }
+
+    #[test]
+    fn role_changes_are_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(dir.path(), [1; 16]).unwrap();
+        assert_eq!(m.role_override().unwrap(), None);
+        assert_eq!(m.outdated().unwrap(), None);
+        m.set_outdated(&Outdated {
+            epoch: 2,
+            by: "dr1".into(),
+        })
+        .unwrap();
+        m.set_rollback_state(Some(RollbackState::Done { target: 4 }))
+            .unwrap();
+        m.change_role(2, "standby", Some("dr1"), None).unwrap();
+        drop(m);
+        let m = Meta::open(dir.path(), [1; 16]).unwrap();
+        assert_eq!(m.epoch().unwrap(), 2);
+        assert_eq!(m.role_override().unwrap().as_deref(), Some("standby"));
+        assert_eq!(m.primary_name().unwrap().as_deref(), Some("dr1"));
+        assert_eq!(
+            (m.outdated().unwrap(), m.rollback_state().unwrap()),
+            (None, None)
+        );
+        assert_eq!(m.fork_seq().unwrap(), None);
+        m.change_role(3, "primary", None, Some(77)).unwrap();
+        assert_eq!(m.fork_seq().unwrap(), Some(77));
+        assert_eq!(m.primary_name().unwrap(), None);
     }
 }

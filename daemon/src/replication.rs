@@ -31,7 +31,7 @@ use ferry_transport::wire::{
 };
 use parking_lot::Mutex;
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, ReplicationMode, TargetConfig};
 use crate::volume::Base;
@@ -248,9 +248,22 @@ pub struct TargetState {
     pub degraded: AtomicBool,
     pub last_error: Mutex<Option<String>>,
     pub rtt_us: AtomicU64,
+    /// A planned switchover waiting for this target's session to send Handover at
+    /// the given sequence; answered with the new epoch from its HandoverAck.
+    handover: Mutex<Option<(Seq, oneshot::Sender<anyhow::Result<u64>>)>>,
+    handover_kick: tokio::sync::Notify,
 }
 
 impl TargetState {
+    /// Asks this target's live session to hand the primary role over at `seq`
+    /// (every record up to it durable on the target). Resolves to the new epoch.
+    pub fn request_handover(&self, seq: Seq) -> oneshot::Receiver<anyhow::Result<u64>> {
+        let (tx, rx) = oneshot::channel();
+        *self.handover.lock() = Some((seq, tx));
+        self.handover_kick.notify_one();
+        rx
+    }
+
     fn new(t: &TargetConfig, acked: Seq) -> TargetState {
         TargetState {
             name: t.name.clone(),
@@ -262,6 +275,8 @@ impl TargetState {
             degraded: AtomicBool::new(false),
             last_error: Mutex::new(None),
             rtt_us: AtomicU64::new(0),
+            handover: Mutex::new(None),
+            handover_kick: tokio::sync::Notify::new(),
         }
     }
 
@@ -394,6 +409,9 @@ impl Replication {
 }
 
 /// Everything a shipper needs, shared by all of them.
+/// See [`ShipContext::outdated`].
+pub type OutdatedHook = Arc<dyn Fn(u64, &str) + Send + Sync>;
+
 pub struct ShipContext {
     pub journal: Arc<Journal>,
     pub tail: Arc<Tail>,
@@ -402,6 +420,14 @@ pub struct ShipContext {
     pub opts: TransportOptions,
     pub durable: watch::Receiver<Seq>,
     pub sync: Arc<SyncGate>,
+    /// Called when a target proves a newer epoch exists (it was promoted): this
+    /// primary is outdated and must stop taking writes. Arguments: the newer epoch
+    /// and the node that showed it.
+    pub outdated: OutdatedHook,
+    /// On a primary by promotion: the fork point, and the targets known to have
+    /// rejoined after it (a node whose journal goes past the fork without having
+    /// rejoined holds writes of the old epoch the new history does not have).
+    pub fork: Option<(Seq, Arc<crate::meta::Meta>)>,
 }
 
 pub fn geometry(bases: &[Arc<Base>]) -> Vec<VolumeGeometry> {
@@ -482,6 +508,17 @@ async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
         match session(&ctx, &t, addr).await {
             Ok(()) => {}
             Err(e) => {
+                let newer = e
+                    .chain()
+                    .find_map(|c| match c.downcast_ref::<quic::QuicError>() {
+                        Some(quic::QuicError::Handshake(
+                            session::HandshakeError::LocalEpochStale { peer, .. },
+                        )) => Some(*peer),
+                        _ => None,
+                    });
+                if let Some(epoch) = newer {
+                    (ctx.outdated)(epoch, &t.name);
+                }
                 let msg = crate::error_chain(&e);
                 if t.last_error.lock().as_deref() != Some(msg.as_str()) {
                     tracing::warn!(target = %t.name, address = %t.address, "replication session ended: {msg}");
@@ -512,6 +549,18 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
         journal.durable_seq(),
         &ctx.opts,
         |neg, hello| {
+            if let Some((fork, meta)) = &ctx.fork {
+                let rejoined = meta.rejoined(&t.name, *fork).unwrap_or(false);
+                if hello.resume_position > *fork && !rejoined {
+                    return Err(session::HandshakeError::ForkDiverged(format!(
+                        "node '{}' holds sequences {}..={} written after the fork at {fork} \
+                         (the previous primary's unreplicated writes); a delta resync is needed",
+                        t.name,
+                        fork + 1,
+                        hello.resume_position
+                    )));
+                }
+            }
             let oldest = journal.first_available_seq();
             session::plan_resume(
                 neg,
@@ -524,6 +573,9 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     )
     .await?;
     let resume = s.hello_ack.resume_seq;
+    if let Some((fork, meta)) = &ctx.fork {
+        meta.set_rejoined(&t.name, *fork)?;
+    }
     tracing::info!(target = %t.name, address = %t.address, resume, "replication session established");
     *t.last_error.lock() = None;
     t.acked_seq.store(resume, Ordering::Release);
@@ -592,9 +644,34 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                             t.rtt_us.store(rtt, Ordering::Relaxed);
                         }
                     }
-                    Some(Frame::Error(e)) => bail!("standby refused: {:?}: {}", e.code, e.reason),
+                    Some(Frame::HandoverAck(a)) => {
+                        let waiting = t.handover.lock().take();
+                        match waiting {
+                            Some((seq, tx)) if seq == a.seq => {
+                                let _ = tx.send(Ok(a.new_epoch));
+                                // The standby restarts as the primary: this session ends.
+                                return Ok(());
+                            }
+                            _ => bail!("unexpected HandoverAck at {} (epoch {})", a.seq, a.new_epoch),
+                        }
+                    }
+                    Some(Frame::Error(e)) => {
+                        if let Some((_, tx)) = t.handover.lock().take() {
+                            let _ = tx.send(Err(anyhow!("standby refused the handover: {:?}: {}", e.code, e.reason)));
+                        }
+                        bail!("standby refused: {:?}: {}", e.code, e.reason)
+                    }
                     Some(other) => bail!("unexpected {:?} frame on the control stream", other.frame_type()),
                     None => bail!("standby closed the control stream"),
+                }
+            }
+            _ = t.handover_kick.notified() => {
+                let seq = t.handover.lock().as_ref().map(|(seq, _)| *seq);
+                if let Some(seq) = seq {
+                    // Everything up to `seq` went out before (the data stream is
+                    // ordered and the primary stopped writing): the standby checks it.
+                    s.control_send.send_frame(&Frame::Handover(ferry_transport::wire::Handover { epoch, seq })).await?;
+                    tracing::warn!(target = %t.name, seq, "handover sent: the standby is to take over");
                 }
             }
             ws = ws_rx.recv(), if pending.is_none() => {

@@ -54,10 +54,31 @@ pub struct StandbyState {
     pub pause_tx: watch::Sender<bool>,
     /// The applier stopped on an error (restart replays from the checkpoint).
     pub apply_error: Mutex<Option<String>>,
+    /// When a frame last arrived from the primary (ns since the Unix epoch): a
+    /// connection that has been silent for several heartbeats is not a live primary
+    /// (a killed primary's QUIC connection lingers until its idle timeout).
+    pub last_heard_ns: AtomicU64,
 }
+
+impl StandbyState {
+    /// The address of a primary that is connected and heard from within `within`.
+    pub fn live_primary(&self, within: Duration) -> Option<String> {
+        let heard = self.last_heard_ns.load(Ordering::Relaxed);
+        let fresh = now_ns().saturating_sub(heard) < within.as_nanos() as u64;
+        self.connected.lock().clone().filter(|_| fresh)
+    }
+}
+
+/// Takes over as the primary at a sequence (planned switchover): returns the new
+/// epoch once the role change is durable, and the restart to trigger once the old
+/// primary has been told.
+pub type HandoverFn =
+    Arc<dyn Fn(Seq) -> anyhow::Result<(u64, Box<dyn FnOnce() + Send>)> + Send + Sync>;
 
 pub struct Standby {
     pub state: Arc<StandbyState>,
+    /// Set by the daemon: what to do when the primary hands over.
+    pub handover: Mutex<Option<HandoverFn>>,
     journal: Arc<Journal>,
     apply_tx: crossbeam_channel::Sender<ApplyItem>,
     durable_tx: watch::Sender<Seq>,
@@ -87,6 +108,7 @@ impl Standby {
             paused: Mutex::new(paused),
             pause_tx: watch::channel(false).0,
             apply_error: Mutex::new(None),
+            last_heard_ns: AtomicU64::new(0),
         });
         let (apply_tx, apply_rx) = crossbeam_channel::bounded::<ApplyItem>(APPLY_QUEUE);
         let (applied_tx, applied_rx) = watch::channel(start);
@@ -124,6 +146,7 @@ impl Standby {
         }
         Ok(Standby {
             state,
+            handover: Mutex::new(None),
             journal,
             apply_tx,
             durable_tx,
@@ -320,6 +343,7 @@ async fn session(
             }
             f = next_frame(&mut data), if data.is_some() => match f? {
                 Some(Frame::WriteSet(ws)) => {
+                    sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
                     sb.state.last_primary_seq.fetch_max(ws.last_seq, Ordering::Relaxed);
                     match rx.on_write_set(ws).map_err(|e| anyhow!("write-set refused: {e}"))? {
                         Received::Accept(ws) => sb.journal_write_set(ws)?,
@@ -331,6 +355,7 @@ async fn session(
             },
             f = s.control_recv.recv_frame() => match f? {
                 Some(Frame::Heartbeat(hb)) => {
+                    sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
                     sb.state.last_primary_seq.fetch_max(hb.last_seq, Ordering::Relaxed);
                     s.control_send.send_frame(&Frame::Heartbeat(Heartbeat {
                         epoch: local.epoch,
@@ -338,6 +363,27 @@ async fn session(
                         echo_ns: hb.sent_at_ns,
                         last_seq: sb.journal.durable_seq(),
                     })).await?;
+                }
+                Some(Frame::Handover(h)) => {
+                    // The primary stopped writing and saw every record up to h.seq acked
+                    // durable here; anything else means the histories do not match.
+                    let durable = sb.journal.durable_seq();
+                    if durable != h.seq || sb.journal.last_seq() != h.seq {
+                        bail!("handover at {} refused: this standby holds {durable}", h.seq);
+                    }
+                    let take_over = sb.handover.lock().clone()
+                        .ok_or_else(|| anyhow!("handover refused: this standby cannot take over"))?;
+                    tracing::warn!(seq = h.seq, "the primary hands over: taking over");
+                    let (new_epoch, restart) = tokio::task::spawn_blocking(move || take_over(h.seq)).await??;
+                    s.control_send.send_frame(&Frame::HandoverAck(ferry_transport::wire::HandoverAck {
+                        epoch: local.epoch,
+                        seq: h.seq,
+                        new_epoch,
+                    })).await?;
+                    // Let the ack reach the old primary before the restart closes us.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), s.control_recv.recv_frame()).await;
+                    restart();
+                    return Ok(());
                 }
                 Some(Frame::Error(e)) => bail!("primary sent an error: {:?}: {}", e.code, e.reason),
                 Some(other) => bail!("unexpected {:?} frame on the control stream", other.frame_type()),

@@ -169,6 +169,19 @@ pub struct Group {
     /// Writes since the last write-set seal.
     dirty: AtomicBool,
     pub frontend: Arc<Frontend>,
+    /// Why writes are refused (an outdated primary, a switchover), if they are.
+    fence: parking_lot::RwLock<Option<String>>,
+    /// Mutations past the fence check and not yet answered (a switchover drains them).
+    inflight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one mutation in flight for [`Group::drain`].
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Group {
@@ -181,7 +194,30 @@ impl Group {
             slots: Arc::new(Semaphore::new(queue_slots.max(1))),
             dirty: AtomicBool::new(false),
             frontend: Default::default(),
+            fence: parking_lot::RwLock::new(None),
+            inflight: Default::default(),
         })
+    }
+
+    /// Refuses every later write with `reason` (reads go on); `None` lifts it.
+    pub fn set_fence(&self, reason: Option<String>) {
+        *self.fence.write() = reason;
+    }
+
+    pub fn fenced(&self) -> Option<String> {
+        self.fence.read().clone()
+    }
+
+    /// Waits (bounded) until no write that passed the fence is still in flight.
+    pub async fn drain(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.inflight.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        true
     }
 
     pub fn applied_seq(&self) -> Seq {
@@ -203,6 +239,13 @@ impl Group {
                 "volume group failed an earlier base write; restart ferryd to replay the journal"
                     .into(),
             ));
+        }
+        // Counted before the fence check (a drain that sees zero after raising the
+        // fence can trust that no write slips past it).
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let _inflight = InFlight(&self.inflight);
+        if let Some(why) = self.fence.read().clone() {
+            return Err(ExportError::ReadOnly(why));
         }
         let started = std::time::Instant::now();
         let permit = self
@@ -288,6 +331,15 @@ impl Group {
     /// marks a boundary for shipping and point-in-time recovery. A non-empty marker
     /// (a bookmark name) is always journaled. Returns the seal's sequence, if any.
     pub fn seal(&self, marker: Bytes) -> Result<Option<Seq>, ExportError> {
+        if let Some(why) = self.fenced() {
+            // Everything acknowledged is durable already: a FLUSH has nothing to do,
+            // but a bookmark would be a new record.
+            return if marker.is_empty() {
+                Ok(None)
+            } else {
+                Err(ExportError::ReadOnly(why))
+            };
+        }
         if !self.dirty.swap(false, Ordering::Relaxed) && marker.is_empty() {
             return Ok(None);
         }

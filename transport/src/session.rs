@@ -618,6 +618,9 @@ pub enum HandshakeError {
     Diverged { resume: Seq, last: Seq },
     #[error("peer resumes at {resume} but the journal starts at {oldest}: resync required")]
     ResyncRequired { resume: Seq, oldest: Seq },
+    /// The peer holds writes of an older epoch past this primary's fork point.
+    #[error("histories diverged after a failover: {0}")]
+    ForkDiverged(String),
 }
 
 impl HandshakeError {
@@ -629,7 +632,7 @@ impl HandshakeError {
             Self::StaleEpoch { .. } | Self::LocalEpochStale { .. } => ErrorCode::StaleEpoch,
             Self::VersionMismatch { .. } => ErrorCode::VersionMismatch,
             Self::GeometryMismatch { .. } => ErrorCode::GeometryMismatch,
-            Self::Diverged { .. } => ErrorCode::Diverged,
+            Self::Diverged { .. } | Self::ForkDiverged(_) => ErrorCode::Diverged,
             Self::ResyncRequired { .. } => ErrorCode::ResyncRequired,
         }
     }
@@ -662,6 +665,21 @@ pub fn validate_hello(local: &LocalIdentity, peer: &Hello) -> Result<Negotiated,
             got: peer.cluster_id,
         });
     }
+    // Epochs first, before roles and names: a primary that dials a node which was
+    // promoted in a newer epoch (also a primary now) must learn that it is outdated,
+    // not just that the roles do not pair.
+    if peer.epoch < local.epoch {
+        return Err(HandshakeError::StaleEpoch {
+            local: local.epoch,
+            peer: peer.epoch,
+        });
+    }
+    if peer.epoch > local.epoch {
+        return Err(HandshakeError::LocalEpochStale {
+            local: local.epoch,
+            peer: peer.epoch,
+        });
+    }
     let low = local.min_version.max(peer.min_version);
     let high = local.max_version.min(peer.max_version);
     if low > high {
@@ -686,18 +704,6 @@ pub fn validate_hello(local: &LocalIdentity, peer: &Hello) -> Result<Negotiated,
         return Err(HandshakeError::WrongNode {
             expected: local.expected_peer_name.clone(),
             got: peer.node_name.clone(),
-        });
-    }
-    if peer.epoch < local.epoch {
-        return Err(HandshakeError::StaleEpoch {
-            local: local.epoch,
-            peer: peer.epoch,
-        });
-    }
-    if peer.epoch > local.epoch {
-        return Err(HandshakeError::LocalEpochStale {
-            local: local.epoch,
-            peer: peer.epoch,
         });
     }
     check_geometry(&local.volumes, &peer.volumes)?;

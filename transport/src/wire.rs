@@ -89,6 +89,10 @@ pub enum FrameType {
     Ack = 4,
     Heartbeat = 5,
     Error = 6,
+    /// Planned switchover, primary → standby: "take over at `seq`".
+    Handover = 16,
+    /// Standby → primary: "I hold `seq` and am the primary of `new_epoch`".
+    HandoverAck = 17,
 }
 
 impl FrameType {
@@ -100,6 +104,8 @@ impl FrameType {
             4 => Self::Ack,
             5 => Self::Heartbeat,
             6 => Self::Error,
+            16 => Self::Handover,
+            17 => Self::HandoverAck,
             _ => return None,
         })
     }
@@ -346,6 +352,26 @@ pub enum Frame {
     Ack(Ack),
     Heartbeat(Heartbeat),
     Error(ErrorFrame),
+    Handover(Handover),
+    HandoverAck(HandoverAck),
+}
+
+/// Planned switchover: the primary has stopped taking writes and every record up to
+/// `seq` is durable on the standby; the standby is to become the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handover {
+    pub epoch: Epoch,
+    /// The primary's last journaled sequence (the fork point of the new epoch).
+    pub seq: Seq,
+}
+
+/// The standby's answer to [`Handover`]: it holds `seq` durably and has recorded
+/// itself as the primary of `new_epoch` (the old primary follows it from there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandoverAck {
+    pub epoch: Epoch,
+    pub seq: Seq,
+    pub new_epoch: Epoch,
 }
 
 impl Frame {
@@ -356,6 +382,8 @@ impl Frame {
             Self::WriteSet(_) => FrameType::WriteSet,
             Self::Ack(_) => FrameType::Ack,
             Self::Heartbeat(_) => FrameType::Heartbeat,
+            Self::Handover(_) => FrameType::Handover,
+            Self::HandoverAck(_) => FrameType::HandoverAck,
             Self::Error(_) => FrameType::Error,
         }
     }
@@ -368,6 +396,8 @@ impl Frame {
             Self::Ack(f) => f.epoch,
             Self::Heartbeat(f) => f.epoch,
             Self::Error(f) => f.epoch,
+            Self::Handover(f) => f.epoch,
+            Self::HandoverAck(f) => f.epoch,
         }
     }
 }
@@ -594,7 +624,12 @@ fn validate_ack(a: &Ack) -> Result<(), Invalid> {
 fn validate_frame(frame: &Frame) -> Result<(), Invalid> {
     match frame {
         Frame::Hello(h) => validate_hello(h),
-        Frame::HelloAck(_) | Frame::Heartbeat(_) => Ok(()),
+        Frame::HelloAck(_) | Frame::Heartbeat(_) | Frame::Handover(_) => Ok(()),
+        Frame::HandoverAck(a) if a.new_epoch <= a.epoch => Err(invalid(
+            "handover_ack.new_epoch",
+            format!("{} is not above the epoch {}", a.new_epoch, a.epoch),
+        )),
+        Frame::HandoverAck(_) => Ok(()),
         Frame::WriteSet(ws) => validate_write_set(ws),
         Frame::Ack(a) => validate_ack(a),
         Frame::Error(e) => check_name("error.reason", &e.reason, MAX_REASON_LEN),
@@ -687,6 +722,11 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
             out.put_u64_le(hb.sent_at_ns);
             out.put_u64_le(hb.echo_ns);
             out.put_u64_le(hb.last_seq);
+        }
+        Frame::Handover(h) => out.put_u64_le(h.seq),
+        Frame::HandoverAck(a) => {
+            out.put_u64_le(a.seq);
+            out.put_u64_le(a.new_epoch);
         }
         Frame::Error(e) => {
             out.put_u32_le(e.code.to_u32());
@@ -1100,6 +1140,24 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
             echo_ns: r.u64()?,
             last_seq: r.u64()?,
         }),
+        FrameType::Handover => Frame::Handover(Handover {
+            epoch,
+            seq: r.u64()?,
+        }),
+        FrameType::HandoverAck => {
+            let a = HandoverAck {
+                epoch,
+                seq: r.u64()?,
+                new_epoch: r.u64()?,
+            };
+            if a.new_epoch <= a.epoch {
+                return Err(DecodeError::InvalidField {
+                    field: "handover_ack.new_epoch",
+                    reason: format!("{} is not above the epoch {}", a.new_epoch, a.epoch),
+                });
+            }
+            Frame::HandoverAck(a)
+        }
         FrameType::Error => {
             let code = ErrorCode::from_u32(r.u32()?);
             let len = usize::from(r.u16()?);

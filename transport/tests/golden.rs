@@ -4,7 +4,8 @@
 
 use bytes::Bytes;
 use ferry_transport::wire::{
-    decode, encode, Ack, Frame, Hello, Role, VolumeGeometry, MAX_SUPPORTED_VERSION,
+    decode, encode, Ack, Frame, Handover, HandoverAck, Hello, Role, VolumeGeometry,
+    MAX_SUPPORTED_VERSION,
 };
 
 fn golden_hello() -> Hello {
@@ -99,5 +100,41 @@ fn golden_ack_bytes() {
     assert_eq!(
         decode(Bytes::from_static(&ACK_BYTES)).expect("decode"),
         Frame::Ack(ack)
+    );
+}
+
+#[test]
+fn golden_handover_ack_bytes() {
+    let a = HandoverAck {
+        epoch: 7,
+        seq: 0x1122,
+        new_epoch: 8,
+    };
+    let encoded = encode(&Frame::HandoverAck(a)).expect("encode");
+    #[rustfmt::skip]
+    let expected: [u8; 32 + 16] = [
+        b'F', b'R', b'Y', b'1',                         // magic
+        0x01, 0x00,                                     // version 1
+        0x11, 0x00,                                     // type 17 = HandoverAck
+        0x00, 0x00, 0x00, 0x00,                         // flags, reserved
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch 7
+        0x10, 0x00, 0x00, 0x00,                         // payload_len 16
+        0x74, 0xb9, 0xfb, 0xce,                         // payload CRC32C
+        0xb6, 0x13, 0xef, 0xe4,                         // header CRC32C
+        0x22, 0x11, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // seq 0x1122
+        0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // new_epoch 8
+    ];
+    assert_eq!(&encoded[..], &expected[..]);
+    assert_eq!(
+        decode(Bytes::copy_from_slice(&expected)).expect("decode"),
+        Frame::HandoverAck(a)
+    );
+    // A handover that does not raise the epoch is refused both ways.
+    let bad = HandoverAck { new_epoch: 7, ..a };
+    assert!(encode(&Frame::HandoverAck(bad)).is_err());
+    let h = encode(&Frame::Handover(Handover { epoch: 3, seq: 9 })).expect("encode");
+    assert_eq!(
+        (&h[6..8], &h[32..]),
+        (&[16u8, 0][..], &9u64.to_le_bytes()[..])
     );
 }

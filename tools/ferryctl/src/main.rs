@@ -83,6 +83,34 @@ enum Cmd {
     Pause,
     /// Standby: follow the primary again after `pause`.
     Resume,
+    /// Standby: become the primary of a new epoch (serves NBD, journals new writes).
+    Promote {
+        /// Roll back to a point first (RFC 3339 time).
+        #[arg(long, conflicts_with = "bookmark")]
+        at: Option<String>,
+        /// Roll back to a bookmark first.
+        #[arg(long)]
+        bookmark: Option<String>,
+        /// Promote even while the current primary is connected (it is fenced when it
+        /// next reaches this node).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Outdated primary: rejoin as a standby of the node that superseded it.
+    Demote {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Primary: hand the primary role to a caught-up standby without losing a write.
+    Switchover {
+        /// The standby to hand over to (needed when there are several).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Standby: roll the replica back to a point (pauses replication for good:
     /// afterwards promote the node or re-seed it).
     Rollback {
@@ -290,6 +318,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Promote {
+            at,
+            bookmark,
+            force,
+            json,
+        } => {
+            let cfg = need_config(cli.config.as_deref())?;
+            let target = match (at, bookmark) {
+                (Some(t), _) => Some(control::PointSpec::At(t)),
+                (_, Some(b)) => Some(control::PointSpec::Bookmark(b)),
+                _ => None,
+            };
+            role_change(&cfg, Request::Promote { target, force }, json)
+        }
+        Cmd::Demote { json } => {
+            role_change(&need_config(cli.config.as_deref())?, Request::Demote, json)
+        }
+        Cmd::Switchover { to, json } => role_change(
+            &need_config(cli.config.as_deref())?,
+            Request::Switchover { to },
+            json,
+        ),
         Cmd::Pause => {
             let cfg = need_config(cli.config.as_deref())?;
             let v = call(&cfg, &Request::Pause)?;
@@ -332,6 +382,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn role_change(cfg: &Config, req: Request, json: bool) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let v = call(cfg, &req)?;
+    print_or(json, &v, || {
+        match &req {
+            Request::Promote { .. } => println!(
+                "promoted: primary of epoch {} from sequence {}; restarting as the primary",
+                v["epoch"], v["fork_seq"]
+            ),
+            Request::Demote => println!(
+                "demoted: rejoining as a standby of '{}' (epoch {}) from sequence {}",
+                v["primary"].as_str().unwrap_or("?"),
+                v["epoch"],
+                v["last_seq"]
+            ),
+            _ => println!(
+                "switched over to '{}' at sequence {} (epoch {}); writes were stopped for {:.3} s here; this node restarts as its standby",
+                v["to"].as_str().unwrap_or("?"),
+                v["seq"],
+                v["epoch"],
+                v["writes_stopped_seconds"].as_f64().unwrap_or(0.0)
+            ),
+        }
+        eprintln!("({:.3} s)", started.elapsed().as_secs_f64());
+    })
 }
 
 /// One control request; the daemon's error becomes ours.
@@ -592,12 +669,14 @@ fn init(
         primary_repl,
     ));
     for (name, addr) in sites.map(|s| s.standbys.as_slice()).unwrap_or_default() {
+        // Once promoted, a standby serves NBD on the same address and ships to the
+        // old primary (which rejoins as its standby after a demote or switchover).
         nodes.push(node_config(
             name,
             Role::Standby,
             &cluster,
             &vols,
-            None,
+            Some(nbd),
             journal_size,
             segment_size,
             Some(ReplicationConfig {
@@ -605,7 +684,15 @@ fn init(
                 primary: PRIMARY.into(),
                 sync_timeout_ms: 5000,
                 tail_bytes: ByteSize(64 << 20),
-                targets: Vec::new(),
+                targets: sites
+                    .map(|s| {
+                        vec![TargetConfig {
+                            name: PRIMARY.into(),
+                            address: s.primary.clone(),
+                            mode: s.mode,
+                        }]
+                    })
+                    .unwrap_or_default(),
             }),
         ));
     }

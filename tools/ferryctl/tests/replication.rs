@@ -53,6 +53,15 @@ fn init(dir: &Path, standbys: &[&str], mode: &str) -> (PathBuf, Vec<PathBuf>) {
     )
 }
 
+/// A node's replication (QUIC) listen address from its config.
+fn repl_listen(config: &Path) -> String {
+    ferryd::config::Config::load(config)
+        .unwrap()
+        .replication
+        .expect("a [replication] section")
+        .listen
+}
+
 fn seq(v: &serde_json::Value, p: &str) -> u64 {
     v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0)
 }
@@ -247,20 +256,9 @@ fn a_node_of_another_cluster_is_refused() {
     let (pcfg, _) = init(dir.path(), &["dr1"], "async");
     // Another cluster's dr1 listening where ours is expected.
     let (_, other_cfgs) = init(other.path(), &["dr1"], "async");
-    let ours = std::fs::read_to_string(dir.path().join("dr1.toml")).unwrap();
-    let addr = ours
-        .lines()
-        .find_map(|l| l.strip_prefix("listen = "))
-        .unwrap()
-        .trim_matches('"')
-        .to_string();
+    let addr = repl_listen(&dir.path().join("dr1.toml"));
     let theirs = std::fs::read_to_string(&other_cfgs[0]).unwrap();
-    let theirs_addr = theirs
-        .lines()
-        .find_map(|l| l.strip_prefix("listen = "))
-        .unwrap()
-        .trim_matches('"')
-        .to_string();
+    let theirs_addr = repl_listen(&other_cfgs[0]);
     std::fs::write(&other_cfgs[0], theirs.replace(&theirs_addr, &addr)).unwrap();
     let impostor = Node::start(&ferryd(), &other_cfgs[0]);
     let primary = Node::start(&ferryd(), &pcfg);
@@ -414,14 +412,7 @@ fn replication_recovers_from_a_lossy_reordering_stalling_link() {
     let dir = tempfile::tempdir().unwrap();
     let (pcfg, scfgs) = init(dir.path(), &["dr1"], "async");
     // Route the primary's target address through the proxy.
-    let sb_text = std::fs::read_to_string(&scfgs[0]).unwrap();
-    let sb_addr: SocketAddr = sb_text
-        .lines()
-        .find_map(|l| l.strip_prefix("listen = "))
-        .unwrap()
-        .trim_matches('"')
-        .parse()
-        .unwrap();
+    let sb_addr: SocketAddr = repl_listen(&scfgs[0]).parse().unwrap();
     let link = LossyLink::new(sb_addr);
     let p_text = std::fs::read_to_string(&pcfg).unwrap();
     std::fs::write(

@@ -1,0 +1,364 @@
+//! Failover end to end with real processes: unplanned promotion after SIGKILL of the
+//! primary, fencing of the old primary by epoch, planned switchover under a running
+//! workload, and the old primary rejoining as a standby.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use ferryd::config::Config;
+use ferryd::control::{self, Request};
+use ferryd::testkit::{
+    acked_writes, assert_qemu_io_ok, free_udp_port, qemu_io, skip_without, spawn_qemu_io, Node,
+};
+
+fn ferryctl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferryctl"))
+}
+
+fn ferryd() -> PathBuf {
+    let p = ferryctl().with_file_name("ferryd");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+fn init(dir: &Path) -> (PathBuf, PathBuf) {
+    let out = Command::new(ferryctl())
+        .args(["init", "--dir"])
+        .arg(dir)
+        .args(["--volume", "vol0:32MiB", "--nbd", "127.0.0.1:0"])
+        .args([
+            "--journal-size",
+            "64MiB",
+            "--segment-size",
+            "4MiB",
+            "--mode",
+            "sync",
+        ])
+        .arg("--primary")
+        .arg(format!("127.0.0.1:{}", free_udp_port()))
+        .arg("--standby")
+        .arg(format!("dr1=127.0.0.1:{}", free_udp_port()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir.join("primary.toml"), dir.join("dr1.toml"))
+}
+
+fn ctl(config: &Path, args: &[&str]) -> Output {
+    Command::new(ferryctl())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ctl_ok(config: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = ctl(config, &a);
+    assert!(
+        out.status.success(),
+        "ferryctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Status through the control socket, tolerating a node that is restarting.
+fn try_status(config: &Path) -> Option<serde_json::Value> {
+    let cfg = Config::load(config).ok()?;
+    let r = control::call(&cfg.control.socket, &Request::Status).ok()?;
+    r.ok.then_some(r.result?)
+}
+
+fn wait_for(
+    config: &Path,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = try_status(config).filter(|s| ok(s)) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last status: {:#}",
+            try_status(config).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn nbd_url(st: &serde_json::Value) -> String {
+    format!(
+        "nbd://{}/vol0",
+        st["nbd"]["listen"]
+            .as_str()
+            .expect("a primary's NBD address")
+    )
+}
+
+/// Writes one block until the node accepts it; returns how long that took.
+fn first_accepted_write(config: &Path, since: Instant) -> (Duration, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(st) =
+            try_status(config).filter(|s| s["role"] == "primary" && s["nbd"]["listen"].is_string())
+        {
+            let url = nbd_url(&st);
+            let out = qemu_io(&url, &["write -P 0x99 31M 4k".to_string()]);
+            if out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains("wrote 4096/4096")
+            {
+                return (since.elapsed(), url);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new primary accepted no write within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn pattern_of(off: u64) -> u64 {
+    off / 32768 % 250 + 1
+}
+
+fn workload(n: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("write -P {} {} 16k", pattern_of(i * 32768), i * 32768))
+        .collect()
+}
+
+fn check_acked(url: &str, acked: &[u64]) {
+    let reads: Vec<String> = acked
+        .iter()
+        .map(|o| format!("read -P {} {o} 16k", pattern_of(*o)))
+        .collect();
+    for chunk in reads.chunks(200) {
+        assert_qemu_io_ok(&qemu_io(url, chunk));
+    }
+}
+
+#[test]
+fn unplanned_failover_fences_the_old_primary() {
+    if skip_without("qemu-io", "unplanned_failover_fences_the_old_primary") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init(dir.path());
+    let standby = Node::start(&ferryd(), &scfg);
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    primary.wait_status("target to stream", Duration::from_secs(30), |st| {
+        st["targets"][0]["state"] == "streaming"
+    });
+    let run = spawn_qemu_io(&primary.url("vol0"), &workload(900));
+    primary.wait_status("part of the workload", Duration::from_secs(60), |st| {
+        st["last_seq"].as_u64().unwrap_or(0) >= 200
+    });
+    primary.kill();
+    let acked = acked_writes(&run.finish(), 16384);
+    assert!(
+        !acked.is_empty(),
+        "no write was acknowledged before the kill"
+    );
+
+    // Until the dead primary has missed three heartbeats, promotion refuses (a live
+    // primary would mean two primaries); then it goes through. Timed to the first
+    // accepted write.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (t0, p) = loop {
+        let t0 = Instant::now();
+        let out = ctl(&scfg, &["promote", "--json"]);
+        if out.status.success() {
+            break (
+                t0,
+                serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+            );
+        }
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.contains("is connected"), "promote: {err}");
+        assert!(
+            Instant::now() < deadline,
+            "promote still refused after 20 s: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(p["epoch"], 2, "{p:#}");
+    let (took, url) = first_accepted_write(&scfg, t0);
+    eprintln!(
+        "promote: {:.3} s from the command to the first accepted write",
+        took.as_secs_f64()
+    );
+    check_acked(&url, &acked);
+    let st = try_status(&scfg).unwrap();
+    assert_eq!(
+        (st["role"].as_str(), st["epoch"].as_u64()),
+        (Some("primary"), Some(2)),
+        "{st:#}"
+    );
+    assert_eq!(st["fork_seq"], p["fork_seq"]);
+
+    // The old primary comes back: it reaches the new primary, learns epoch 2, and
+    // refuses writes from then on.
+    let old = Node::start(&ferryd(), &pcfg);
+    let st = old.wait_status(
+        "the old primary to learn it is outdated",
+        Duration::from_secs(30),
+        |st| st["outdated"].is_object(),
+    );
+    assert_eq!(
+        (
+            st["outdated"]["epoch"].as_u64(),
+            st["outdated"]["by"].as_str()
+        ),
+        (Some(2), Some("dr1")),
+        "{st:#}"
+    );
+    let w = qemu_io(&old.url("vol0"), &["write -P 7 0 4k".to_string()]);
+    let text = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
+    assert!(
+        !text.contains("wrote 4096/4096"),
+        "the outdated primary accepted a write: {text}"
+    );
+    assert!(
+        old.log_text().contains("this primary is outdated"),
+        "{}",
+        old.log_text()
+    );
+    // Reads still work there.
+    assert!(qemu_io(&old.url("vol0"), &["read 0 4k".to_string()])
+        .status
+        .success());
+    // A standby command on a primary, and promote on a primary, are refused.
+    let out = ctl(&pcfg, &["promote"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("standby command"),
+        "{out:?}"
+    );
+
+    // Demote: the old primary rejoins as dr1's standby. If it journaled writes the
+    // standby never received (acknowledged to nobody: sync mode), its history
+    // diverged after the fork and dr1 refuses to stream over it.
+    let old_last = st["last_seq"].as_u64().unwrap();
+    let fork = p["fork_seq"].as_u64().unwrap();
+    let d = ctl_ok(&pcfg, &["demote"]);
+    assert_eq!(d["primary"], "dr1", "{d:#}");
+    wait_for(
+        &pcfg,
+        "the old primary to run as a standby",
+        Duration::from_secs(30),
+        |st| st["role"] == "standby",
+    );
+    if old_last > fork {
+        let st = wait_for(
+            &scfg,
+            "dr1 to refuse the diverged node",
+            Duration::from_secs(30),
+            |st| {
+                st["targets"][0]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("delta resync"))
+            },
+        );
+        eprintln!(
+            "rejoin refused as expected: {}",
+            st["targets"][0]["last_error"]
+        );
+    } else {
+        wait_for(
+            &scfg,
+            "dr1 to stream to the old primary",
+            Duration::from_secs(30),
+            |st| st["targets"][0]["state"] == "streaming",
+        );
+    }
+    drop(standby);
+}
+
+#[test]
+fn switchover_under_a_workload_loses_nothing_and_reverses_replication() {
+    if skip_without(
+        "qemu-io",
+        "switchover_under_a_workload_loses_nothing_and_reverses_replication",
+    ) || skip_without(
+        "qemu-img",
+        "switchover_under_a_workload_loses_nothing_and_reverses_replication",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init(dir.path());
+    let standby = Node::start(&ferryd(), &scfg);
+    let primary = Node::start(&ferryd(), &pcfg);
+    primary.wait_status("target to stream", Duration::from_secs(30), |st| {
+        st["targets"][0]["state"] == "streaming"
+    });
+    let run = spawn_qemu_io(&primary.url("vol0"), &workload(900));
+    primary.wait_status("part of the workload", Duration::from_secs(60), |st| {
+        st["last_seq"].as_u64().unwrap_or(0) >= 150
+    });
+
+    let t0 = Instant::now();
+    let sw = ctl_ok(&pcfg, &["switchover"]);
+    assert_eq!(
+        (sw["to"].as_str(), sw["epoch"].as_u64()),
+        (Some("dr1"), Some(2)),
+        "{sw:#}"
+    );
+    let acked = acked_writes(&run.finish(), 16384);
+    let (pause, url) = first_accepted_write(&scfg, t0);
+    eprintln!(
+        "switchover: writes stopped on the old primary for {:.3} s; {:.3} s from the command to the first write on the new primary ({} writes acknowledged before)",
+        sw["writes_stopped_seconds"].as_f64().unwrap_or(0.0),
+        pause.as_secs_f64(),
+        acked.len()
+    );
+    check_acked(&url, &acked);
+
+    // Replication now runs the other way: the old primary is dr1's standby.
+    let old = wait_for(
+        &pcfg,
+        "the old primary to run as a standby",
+        Duration::from_secs(30),
+        |st| st["role"] == "standby",
+    );
+    assert_eq!(old["primary"]["name"], "dr1", "{old:#}");
+    assert_qemu_io_ok(&qemu_io(
+        &url,
+        &["write -P 0x42 1M 1M".to_string(), "flush".to_string()],
+    ));
+    let new = wait_for(
+        &scfg,
+        "dr1 to stream to the old primary",
+        Duration::from_secs(30),
+        |st| {
+            st["targets"][0]["state"] == "streaming"
+                && st["targets"][0]["acked_seq"].as_u64() >= st["durable_seq"].as_u64()
+        },
+    );
+    assert_eq!(new["targets"][0]["name"], "primary");
+    let last = new["durable_seq"].as_u64().unwrap();
+    wait_for(
+        &pcfg,
+        "the old primary to apply the new writes",
+        Duration::from_secs(30),
+        |st| st["applied_seq"].as_u64().unwrap_or(0) >= last,
+    );
+    let a = std::fs::read(dir.path().join("dr1/vol0.img")).unwrap();
+    let b = std::fs::read(dir.path().join("primary/vol0.img")).unwrap();
+    assert!(a == b, "the images differ after the switchover");
+    drop((standby, primary));
+}
