@@ -28,6 +28,8 @@ pub type Release = oneshot::Sender<Result<ApplyGuard, JournalError>>;
 
 pub struct ApplyGate {
     inner: Mutex<GateInner>,
+    /// Online verifies: told before every base write.
+    pub verify: crate::verify::Verifier,
     applied_seq: AtomicU64,
     failed: AtomicBool,
 }
@@ -55,6 +57,7 @@ struct Pending {
 impl ApplyGate {
     pub fn new(applied: Seq) -> Arc<ApplyGate> {
         Arc::new(ApplyGate {
+            verify: Default::default(),
             inner: Mutex::new(GateInner {
                 pending: BTreeMap::new(),
                 done_above: BTreeSet::new(),
@@ -205,6 +208,9 @@ impl ApplyGuard {
     /// Writes the record to its base and tells the gate.
     pub fn apply(mut self) -> std::io::Result<()> {
         self.applied = true;
+        self.gate
+            .verify
+            .before_write(self.seq, &self.base, self.offset, self.length as u64);
         let r = self
             .base
             .apply(self.op, self.offset, self.length, &self.data);
@@ -226,6 +232,9 @@ impl Drop for ApplyGuard {
     fn drop(&mut self) {
         if !self.applied {
             self.applied = true;
+            self.gate
+                .verify
+                .before_write(self.seq, &self.base, self.offset, self.length as u64);
             let ok = self
                 .base
                 .apply(self.op, self.offset, self.length, &self.data)

@@ -106,6 +106,12 @@ pub enum Request {
     /// Standby: stop following the primary (sessions end, new ones are refused).
     Pause,
     Resume,
+    /// Primary: compare the volumes (or one) with every streaming standby at one point
+    /// of the stream, while writes continue; lists the differing ranges.
+    Verify {
+        #[serde(default)]
+        volume: Option<String>,
+    },
     /// Standby: become the primary of a new epoch (optionally at a point).
     Promote {
         #[serde(default)]
@@ -148,7 +154,8 @@ impl Request {
             | Request::PitExport { .. }
             | Request::PitUnexport { .. }
             | Request::Pause
-            | Request::Resume => Role::Operator,
+            | Request::Resume
+            | Request::Verify { .. } => Role::Operator,
             Request::Rollback { .. }
             | Request::Promote { .. }
             | Request::Demote
@@ -169,6 +176,7 @@ impl Request {
             Request::Resume => "resume",
             Request::Rollback { .. } => "rollback",
             Request::Promote { .. } => "promote",
+            Request::Verify { .. } => "verify",
             Request::Demote => "demote",
             Request::Switchover { .. } => "switchover",
         }
@@ -549,7 +557,9 @@ pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     })?;
     // A rollback rewrites every range changed since its target: allow it an hour.
     let timeout = match req {
-        Request::Rollback { .. } | Request::Promote { .. } => Duration::from_secs(3600),
+        Request::Rollback { .. } | Request::Promote { .. } | Request::Verify { .. } => {
+            Duration::from_secs(3600)
+        }
         _ => Duration::from_secs(30),
     };
     s.set_read_timeout(Some(timeout))?;
@@ -600,6 +610,7 @@ mod tests {
             },
             Request::Demote,
             Request::Switchover { to: None },
+            Request::Verify { volume: None },
         ] {
             let v = serde_json::to_value(&req).unwrap();
             assert_eq!(v["cmd"], req.name());

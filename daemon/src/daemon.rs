@@ -127,6 +127,9 @@ pub fn recover(cfg: &Config) -> anyhow::Result<Recovered> {
         bases: bases.clone(),
         meta: meta.clone(),
         pit: pit.clone(),
+        verify: Default::default(),
+        applied: applied.clone(),
+        outbox: Default::default(),
     });
     let replayed = match rollback {
         // A rolled-back replica must not be rolled forward by the journal (the
@@ -954,6 +957,14 @@ fn primary_handler(
                 &life,
             ))
         })),
+        control::Request::Verify { volume } => respond(tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(verify(
+                &rec,
+                &group,
+                repl.as_deref(),
+                volume.as_deref(),
+            ))
+        })),
         control::Request::Demote => respond(tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(demote(&rec, &group, has_listen, &life))
         })),
@@ -1071,6 +1082,120 @@ async fn switchover(
             Err(e.context("switchover abandoned; this node stays the primary"))
         }
     }
+}
+
+/// Online verify from the primary: a `#verify` seal travels in the stream; this node
+/// and every streaming standby hash their volumes as of that seal (copy-before-write
+/// keeps the point while writes continue); the differing ranges are listed.
+async fn verify(
+    rec: &Recovered,
+    group: &Group,
+    repl: Option<&Replication>,
+    volume: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
+    use crate::chunks::{ChunkHash, ChunkList, HashParams};
+    use crate::verify::{Request as VerifyRequest, Snapshot};
+    let started = Instant::now();
+    let bases: Vec<Arc<Base>> = match volume {
+        Some(v) => vec![find_volume(rec, v)?],
+        None => rec.bases.clone(),
+    };
+    let targets: Vec<_> = repl
+        .map(|r| {
+            r.targets
+                .iter()
+                .filter(|t| t.state() == "streaming")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    if targets.is_empty() {
+        bail!("no standby is streaming: nothing to verify against");
+    }
+    let mut seed = [0u8; 16];
+    getrandom::getrandom(&mut seed).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+    let [s0, s1, s2, s3, s4, s5, s6, s7, i0, i1, i2, i3, i4, i5, i6, i7] = seed;
+    let req = VerifyRequest {
+        id: u64::from_le_bytes([i0, i1, i2, i3, i4, i5, i6, i7]),
+        params: HashParams {
+            algo: ChunkHash::Xxh3,
+            chunk_size: bases
+                .iter()
+                .map(|b| VerifyRequest::chunk_size_for(b.size))
+                .max()
+                .unwrap_or(crate::chunks::DEFAULT_CHUNK_SIZE),
+            seed: u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+        },
+        volumes: if volume.is_some() {
+            bases.iter().map(|b| b.id).collect()
+        } else {
+            Vec::new()
+        },
+    };
+    let id = req.id;
+    let snap = Snapshot::new(req.clone(), &bases)?;
+    let mut waits = Vec::new();
+    for t in &targets {
+        for b in &bases {
+            waits.push((t.clone(), b.clone(), t.await_verify(id, b.id)));
+        }
+    }
+    group.gate.verify.add(snap.clone());
+    let arm = snap.clone();
+    let sealed = group.seal_then(
+        bytes::Bytes::from(req.label().into_bytes()),
+        Some(Box::new(move |seq| arm.arm(seq))),
+    );
+    let result = async {
+        let seq = sealed
+            .map_err(|e| anyhow::anyhow!("sealing the verify point: {e}"))?
+            .ok_or_else(|| anyhow::anyhow!("the verify point was not journaled"))?;
+        let gate = group.gate.clone();
+        let hasher = snap.clone();
+        let local = tokio::task::spawn_blocking(move || {
+            hasher.hash_all(|| gate.applied_seq(), Duration::from_secs(600))
+        })
+        .await??;
+        let mut report = Vec::new();
+        let mut differing_total = 0u64;
+        for (t, b, rx) in waits {
+            let remote = tokio::time::timeout(Duration::from_secs(600), rx)
+                .await
+                .map_err(|_| anyhow::anyhow!("standby '{}' did not answer the verify within 10 min", t.name))?
+                .map_err(|_| anyhow::anyhow!("the session with '{}' ended during the verify", t.name))?
+                .map_err(|e| anyhow::anyhow!("standby '{}' could not verify volume '{}': {e}", t.name, b.name))?;
+            let remote = ChunkList::decode(&remote)
+                .map_err(|e| anyhow::anyhow!("standby '{}' sent bad digests: {e}", t.name))?;
+            let mine = local
+                .iter()
+                .find(|(v, _)| *v == b.id)
+                .map(|(_, l)| l)
+                .ok_or_else(|| anyhow::anyhow!("no local digests for '{}'", b.name))?;
+            let ranges = crate::chunks::diff(mine, &remote)?;
+            let bytes: u64 = ranges.iter().map(|r| r.len).sum();
+            differing_total += bytes;
+            report.push(json!({
+                "target": t.name,
+                "volume": b.name,
+                "differing_bytes": bytes,
+                "differing": ranges.iter().map(|r| json!({"offset": r.offset, "len": r.len})).collect::<Vec<_>>(),
+            }));
+        }
+        Ok::<_, anyhow::Error>(json!({
+            "id": id,
+            "seq": seq,
+            "chunk_size": req.params.chunk_size,
+            "identical": differing_total == 0,
+            "results": report,
+            "seconds": started.elapsed().as_secs_f64(),
+        }))
+    }
+    .await;
+    group.gate.verify.remove(id);
+    for t in &targets {
+        t.forget_verify(id);
+    }
+    result
 }
 
 /// An outdated primary rejoins as a standby of the node that superseded it.
@@ -1358,7 +1483,9 @@ fn standby_handler(
             control::Request::Promote { target, force } => respond(tokio::task::block_in_place(|| {
                 promote(has_nbd, &rec, &sb, exports.as_deref(), target.as_ref(), force, &life)
             })),
-            other @ (control::Request::Demote | control::Request::Switchover { .. }) => {
+            other @ (control::Request::Demote
+            | control::Request::Switchover { .. }
+            | control::Request::Verify { .. }) => {
                 control::Response::err(format!(
                     "{} is a primary command: this node is a standby",
                     other.name()

@@ -9,6 +9,7 @@
 //! * [`standby`]  — standby side: receive, journal, apply, ack.
 //! * [`pit`]      — standby point-in-time recovery: undo capture, retention, views, rollback.
 //! * [`timefmt`]  — RFC 3339 parsing and formatting for point-in-time commands.
+//! * [`verify`]   — online verify: chunk digests at a point in the stream, copy-before-write.
 //! * [`nbd`]      — the NBD protocol server (fixed newstyle), generic over an export.
 //! * [`metrics`]  — Prometheus metrics and the /metrics, /healthz, /readyz endpoint.
 //! * [`control`]  — the control socket (JSON lines over a Unix socket), roles from peer credentials.
@@ -33,6 +34,7 @@ pub mod standby;
 #[doc(hidden)]
 pub mod testkit;
 pub mod timefmt;
+pub mod verify;
 pub mod volume;
 
 /// Formats an error with its causes, skipping a cause whose text the previous message

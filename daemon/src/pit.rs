@@ -179,6 +179,12 @@ pub struct Applier {
     pub bases: Vec<Arc<Base>>,
     pub meta: Arc<Meta>,
     pub pit: Option<Arc<Pit>>,
+    /// Online verifies armed on this standby (copy-before-write before each apply).
+    pub verify: Arc<crate::verify::Verifier>,
+    /// The replica's applied position (verify hashers wait on it).
+    pub applied: Arc<AtomicU64>,
+    /// Where verify answers go for the replication session.
+    pub outbox: Arc<crate::verify::Outbox>,
 }
 
 impl Applier {
@@ -194,6 +200,21 @@ impl Applier {
         }
         for (seq, r) in recs {
             if r.op == Op::Seal {
+                // Labels starting with '#' are control markers (no bookmark name can).
+                if let Some(label) = std::str::from_utf8(&r.data)
+                    .ok()
+                    .filter(|l| l.starts_with(crate::verify::LABEL_PREFIX))
+                {
+                    crate::verify::start_on_standby(
+                        label,
+                        *seq,
+                        &self.bases,
+                        &self.verify,
+                        self.applied.clone(),
+                        self.outbox.clone(),
+                    );
+                    continue;
+                }
                 if !r.data.is_empty() {
                     let b = Bookmark {
                         name: String::from_utf8_lossy(&r.data).into_owned(),
@@ -208,6 +229,8 @@ impl Applier {
                 continue;
             }
             let base = find_base(&self.bases, r.volume, *seq)?;
+            self.verify
+                .before_write(*seq, base, r.offset, r.length as u64);
             base.apply(r.op, r.offset, r.length, &r.data)
                 .with_context(|| format!("applying record {seq} to {}", base.path.display()))?;
         }
@@ -1351,6 +1374,9 @@ mod tests {
             bases: vec![base.clone()],
             meta,
             pit: Some(pit.clone()),
+            verify: Default::default(),
+            applied: applied.clone(),
+            outbox: Default::default(),
         };
         Rig {
             _dir: dir,

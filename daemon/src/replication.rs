@@ -252,11 +252,31 @@ pub struct TargetState {
     /// the given sequence; answered with the new epoch from its HandoverAck.
     handover: Mutex<Option<(Seq, oneshot::Sender<anyhow::Result<u64>>)>>,
     handover_kick: tokio::sync::Notify,
+    /// Verify answers awaited from this target, by (verify id, volume id).
+    verify_waiters: Mutex<VerifyWaiters>,
 }
+
+type VerifyWaiters =
+    std::collections::HashMap<(u64, u32), oneshot::Sender<Result<bytes::Bytes, String>>>;
 
 impl TargetState {
     /// Asks this target's live session to hand the primary role over at `seq`
     /// (every record up to it durable on the target). Resolves to the new epoch.
+    /// Registers interest in this target's verify answer for (`id`, `volume`).
+    pub fn await_verify(
+        &self,
+        id: u64,
+        volume: u32,
+    ) -> oneshot::Receiver<Result<bytes::Bytes, String>> {
+        let (tx, rx) = oneshot::channel();
+        self.verify_waiters.lock().insert((id, volume), tx);
+        rx
+    }
+
+    pub fn forget_verify(&self, id: u64) {
+        self.verify_waiters.lock().retain(|k, _| k.0 != id);
+    }
+
     pub fn request_handover(&self, seq: Seq) -> oneshot::Receiver<anyhow::Result<u64>> {
         let (tx, rx) = oneshot::channel();
         *self.handover.lock() = Some((seq, tx));
@@ -277,6 +297,7 @@ impl TargetState {
             rtt_us: AtomicU64::new(0),
             handover: Mutex::new(None),
             handover_kick: tokio::sync::Notify::new(),
+            verify_waiters: Mutex::new(Default::default()),
         }
     }
 
@@ -642,6 +663,16 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                         if hb.echo_ns != 0 {
                             let rtt = now_ns().saturating_sub(hb.echo_ns) / 1000;
                             t.rtt_us.store(rtt, Ordering::Relaxed);
+                        }
+                    }
+                    Some(Frame::VerifyResult(v)) => {
+                        let waiter = t.verify_waiters.lock().remove(&(v.id, v.volume));
+                        if let Some(w) = waiter {
+                            let _ = w.send(if v.ok {
+                                Ok(v.body)
+                            } else {
+                                Err(String::from_utf8_lossy(&v.body).into_owned())
+                            });
                         }
                     }
                     Some(Frame::HandoverAck(a)) => {

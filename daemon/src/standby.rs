@@ -77,6 +77,8 @@ pub type HandoverFn =
 
 pub struct Standby {
     pub state: Arc<StandbyState>,
+    /// Verify answers waiting for the session to carry them to the primary.
+    pub outbox: Arc<crate::verify::Outbox>,
     /// Set by the daemon: what to do when the primary hands over.
     pub handover: Mutex<Option<HandoverFn>>,
     journal: Arc<Journal>,
@@ -97,6 +99,7 @@ impl Standby {
         paused: Option<String>,
     ) -> anyhow::Result<Standby> {
         let start = applied.load(Ordering::Acquire);
+        let outbox = applier.outbox.clone();
         let state = Arc::new(StandbyState {
             primary: primary.to_string(),
             listen: listen.to_string(),
@@ -146,6 +149,7 @@ impl Standby {
         }
         Ok(Standby {
             state,
+            outbox,
             handover: Mutex::new(None),
             journal,
             apply_tx,
@@ -336,8 +340,23 @@ async fn session(
     let mut durable_rx = sb.durable_tx.subscribe();
     let mut applied_rx = sb.applied_rx.clone();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    // One session at a time: a replaced session's task is aborted first, releasing it.
+    let mut outbox = sb.outbox.rx.lock().await;
     loop {
         tokio::select! {
+            Some(o) = outbox.recv() => {
+                let (ok, body) = match o.result {
+                    Ok(b) => (true, bytes::Bytes::from(b)),
+                    Err(e) => (false, bytes::Bytes::from(e.into_bytes())),
+                };
+                s.control_send.send_frame(&Frame::VerifyResult(ferry_transport::wire::VerifyResult {
+                    epoch: local.epoch,
+                    id: o.id,
+                    volume: o.volume,
+                    ok,
+                    body,
+                })).await?;
+            }
             d = conn.accept_uni(), if data.is_none() => {
                 data = Some(FramedRecv::new(d?, opts.max_frame_len));
             }

@@ -331,6 +331,17 @@ impl Group {
     /// marks a boundary for shipping and point-in-time recovery. A non-empty marker
     /// (a bookmark name) is always journaled. Returns the seal's sequence, if any.
     pub fn seal(&self, marker: Bytes) -> Result<Option<Seq>, ExportError> {
+        self.seal_then(marker, None)
+    }
+
+    /// [`Group::seal`], calling `on_durable` with the seal's sequence from its journal
+    /// completion: before any later record's completion, so before any later record
+    /// is applied.
+    pub fn seal_then(
+        &self,
+        marker: Bytes,
+        on_durable: Option<Box<dyn FnOnce(Seq) + Send>>,
+    ) -> Result<Option<Seq>, ExportError> {
         if let Some(why) = self.fenced() {
             // Everything acknowledged is durable already: a FLUSH has nothing to do,
             // but a bookmark would be a new record.
@@ -355,6 +366,9 @@ impl Group {
         let seal_rec = rec.clone();
         let done: ferry_journal::Completion = Box::new(move |res: Result<Seq, JournalError>| {
             if let Ok(seq) = res {
+                if let Some(f) = on_durable {
+                    f(seq);
+                }
                 feed.journaled(seq, || seal_rec);
                 gate.skip(seq);
             }

@@ -93,6 +93,8 @@ pub enum FrameType {
     Handover = 16,
     /// Standby → primary: "I hold `seq` and am the primary of `new_epoch`".
     HandoverAck = 17,
+    /// Standby → primary: chunk digests of a volume at a verify point.
+    VerifyResult = 18,
 }
 
 impl FrameType {
@@ -106,6 +108,7 @@ impl FrameType {
             6 => Self::Error,
             16 => Self::Handover,
             17 => Self::HandoverAck,
+            18 => Self::VerifyResult,
             _ => return None,
         })
     }
@@ -354,6 +357,19 @@ pub enum Frame {
     Error(ErrorFrame),
     Handover(Handover),
     HandoverAck(HandoverAck),
+    VerifyResult(VerifyResult),
+}
+
+/// A standby's answer to a verify request that travelled in the stream as a seal
+/// label: the digests of one volume at that point, or why there are none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyResult {
+    pub epoch: Epoch,
+    pub id: u64,
+    pub volume: u32,
+    /// `true`: `body` is an encoded chunk list; `false`: `body` is a UTF-8 reason.
+    pub ok: bool,
+    pub body: Bytes,
 }
 
 /// Planned switchover: the primary has stopped taking writes and every record up to
@@ -384,6 +400,7 @@ impl Frame {
             Self::Heartbeat(_) => FrameType::Heartbeat,
             Self::Handover(_) => FrameType::Handover,
             Self::HandoverAck(_) => FrameType::HandoverAck,
+            Self::VerifyResult(_) => FrameType::VerifyResult,
             Self::Error(_) => FrameType::Error,
         }
     }
@@ -398,6 +415,7 @@ impl Frame {
             Self::Error(f) => f.epoch,
             Self::Handover(f) => f.epoch,
             Self::HandoverAck(f) => f.epoch,
+            Self::VerifyResult(f) => f.epoch,
         }
     }
 }
@@ -630,6 +648,11 @@ fn validate_frame(frame: &Frame) -> Result<(), Invalid> {
             format!("{} is not above the epoch {}", a.new_epoch, a.epoch),
         )),
         Frame::HandoverAck(_) => Ok(()),
+        Frame::VerifyResult(v) if v.body.len() > MAX_PAYLOAD_LEN - 16 => Err(invalid(
+            "verify_result.body",
+            format!("{} bytes > {}", v.body.len(), MAX_PAYLOAD_LEN - 16),
+        )),
+        Frame::VerifyResult(_) => Ok(()),
         Frame::WriteSet(ws) => validate_write_set(ws),
         Frame::Ack(a) => validate_ack(a),
         Frame::Error(e) => check_name("error.reason", &e.reason, MAX_REASON_LEN),
@@ -724,6 +747,12 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
             out.put_u64_le(hb.last_seq);
         }
         Frame::Handover(h) => out.put_u64_le(h.seq),
+        Frame::VerifyResult(v) => {
+            out.put_u64_le(v.id);
+            out.put_u32_le(v.volume);
+            out.put_u32_le(u32::from(!v.ok));
+            out.put_slice(&v.body);
+        }
         Frame::HandoverAck(a) => {
             out.put_u64_le(a.seq);
             out.put_u64_le(a.new_epoch);
@@ -964,6 +993,12 @@ impl Reader {
     fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
+    /// The rest of the payload (a variable-length tail), zero-copy.
+    fn rest(&mut self) -> Bytes {
+        let out = self.buf.slice(self.pos..);
+        self.pos = self.buf.len();
+        out
+    }
     fn string(&mut self, field: &'static str, len: usize) -> Result<String, DecodeError> {
         let b = self.take(len)?;
         String::from_utf8(b.to_vec()).map_err(|e| DecodeError::InvalidField {
@@ -1157,6 +1192,24 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
                 });
             }
             Frame::HandoverAck(a)
+        }
+        FrameType::VerifyResult => {
+            let id = r.u64()?;
+            let volume = r.u32()?;
+            let status = r.u32()?;
+            if status > 1 {
+                return Err(DecodeError::InvalidField {
+                    field: "verify_result.status",
+                    reason: format!("{status} (0 or 1)"),
+                });
+            }
+            Frame::VerifyResult(VerifyResult {
+                epoch,
+                id,
+                volume,
+                ok: status == 0,
+                body: r.rest(),
+            })
         }
         FrameType::Error => {
             let code = ErrorCode::from_u32(r.u32()?);

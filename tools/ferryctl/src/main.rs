@@ -83,6 +83,14 @@ enum Cmd {
     Pause,
     /// Standby: follow the primary again after `pause`.
     Resume,
+    /// Primary: compare the volumes with every streaming standby at one point of the
+    /// stream while writes continue; lists differing ranges (exit 1 if any).
+    Verify {
+        #[arg(long)]
+        volume: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Standby: become the primary of a new epoch (serves NBD, journals new writes).
     Promote {
         /// Roll back to a point first (RFC 3339 time).
@@ -331,6 +339,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => None,
             };
             role_change(&cfg, Request::Promote { target, force }, json)
+        }
+        Cmd::Verify { volume, json } => {
+            let cfg = need_config(cli.config.as_deref())?;
+            let v = call(&cfg, &Request::Verify { volume })?;
+            print_or(json, &v, || {
+                println!(
+                    "verify at sequence {} ({} KiB chunks, {:.3} s):",
+                    v["seq"],
+                    v["chunk_size"].as_u64().unwrap_or(0) / 1024,
+                    v["seconds"].as_f64().unwrap_or(0.0)
+                );
+                for r in v["results"].as_array().cloned().unwrap_or_default() {
+                    let ranges = r["differing"].as_array().cloned().unwrap_or_default();
+                    println!(
+                        "  {} {}: {}",
+                        r["target"].as_str().unwrap_or("?"),
+                        r["volume"].as_str().unwrap_or("?"),
+                        if ranges.is_empty() {
+                            "identical".to_string()
+                        } else {
+                            format!("{} bytes differ", r["differing_bytes"])
+                        }
+                    );
+                    for d in ranges {
+                        println!("    offset {} length {}", d["offset"], d["len"]);
+                    }
+                }
+            })?;
+            if v["identical"] != true {
+                bail!("the standby differs from the primary");
+            }
+            Ok(())
         }
         Cmd::Demote { json } => {
             role_change(&need_config(cli.config.as_deref())?, Request::Demote, json)
