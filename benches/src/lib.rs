@@ -1,4 +1,8 @@
-//! Shared helpers for ferry's benchmarks.
+//! Shared helpers for ferry's benchmarks: journal set-up for the micro-benchmarks and
+//! `journal_vs_raw`, fio output parsing, and (in [`harness`]) the process, port, fio and
+//! ferry-cluster plumbing of the end-to-end harness `e2e`.
+pub mod harness;
+
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;

@@ -1,0 +1,918 @@
+//! End-to-end benchmark (issue 7): fio's nbd engine against `nbdkit file` and
+//! `qemu-nbd` (baselines, no replication), ferryd primary alone, ferryd with an async
+//! standby and ferryd with a sync standby (loopback), all on one backing disk, in one
+//! run. `cargo run --release -p ferry-benches --bin e2e [-- --json PATH]`; `--help`
+//! lists the options, jobs and targets; benches/README.md explains the figures.
+//!
+//! Each round runs every job against every target (the target order rotates from
+//! round to round, so the host cache's drift hits all of them alike); the table shows
+//! medians over rounds, and each ratio is the median of the per-round ratios to
+//! `nbdkit file`.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use ferry_benches::harness::{
+    check_interrupt, cpu_seconds_all, ensure_fio, ferry_bins, find_on_path, free_tcp_port,
+    install_interrupt_handler, median, percentile, tool_version, wait_port, with_lag_samples,
+    FerryCluster, FioResult, FioSpec, LagSamples, Proc,
+};
+use serde_json::{json, Value};
+
+const MIB: f64 = (1u64 << 20) as f64;
+const GIB: f64 = (1u64 << 30) as f64;
+/// ferryd's journal size (`ferryctl init --journal-size`).
+const JOURNAL_SIZE: &str = "2GiB";
+const JOURNAL_BYTES: u64 = 2 << 30;
+/// How often the standby's replication lag is sampled during a write job. A scrape
+/// costs ferryd ~0.2 ms of CPU, so this adds ~1% of a core to the ferry figures.
+const LAG_EVERY: Duration = Duration::from_millis(20);
+
+#[derive(Parser)]
+#[command(
+    name = "e2e",
+    about = "ferry end-to-end benchmark: fio's nbd engine against nbdkit, qemu-nbd and ferryd clusters",
+    after_help = "Jobs:    randwrite-4k-qd1, randwrite-4k-qd32, randread-4k-qd32, write-1m-qd8, write-flush-4k-qd1\n\
+                  Targets: nbdkit, qemu-nbd, ferry, ferry-async, ferry-sync\n"
+)]
+struct Args {
+    /// Seconds per job per round [default: 10; --quick: 3].
+    #[arg(long)]
+    runtime: Option<u64>,
+    /// Rounds; the table shows medians [default: 3; --quick: 1].
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Volume size, e.g. 1GiB, 512MiB [default: 1GiB; --quick: 256MiB].
+    #[arg(long)]
+    size: Option<String>,
+    /// Also write the results as JSON to PATH.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Comma-separated subset of the jobs (see below).
+    #[arg(long, value_delimiter = ',')]
+    jobs: Vec<String>,
+    /// Comma-separated subset of the targets (see below).
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Where the scratch directory (all backing files, journals, logs) is created
+    /// [default: $TMPDIR, else /var/tmp].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Smoke run: shorter jobs, one round, a smaller volume.
+    #[arg(long)]
+    quick: bool,
+    /// Use the ferryd/ferryctl already built instead of running cargo build first.
+    #[arg(long)]
+    no_build: bool,
+    /// Keep the scratch directory (configs, logs) after the run.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Nbdkit,
+    QemuNbd,
+    Ferry(Option<&'static str>),
+}
+
+#[derive(Debug)]
+struct TargetDef {
+    key: &'static str,
+    label: &'static str,
+    kind: Kind,
+}
+
+const TARGETS: &[TargetDef] = &[
+    TargetDef {
+        key: "nbdkit",
+        label: "nbdkit file",
+        kind: Kind::Nbdkit,
+    },
+    TargetDef {
+        key: "qemu-nbd",
+        label: "qemu-nbd",
+        kind: Kind::QemuNbd,
+    },
+    TargetDef {
+        key: "ferry",
+        label: "ferryd primary",
+        kind: Kind::Ferry(None),
+    },
+    TargetDef {
+        key: "ferry-async",
+        label: "ferryd + async standby",
+        kind: Kind::Ferry(Some("async")),
+    },
+    TargetDef {
+        key: "ferry-sync",
+        label: "ferryd + sync standby",
+        kind: Kind::Ferry(Some("sync")),
+    },
+];
+
+#[derive(Debug)]
+struct JobDef {
+    key: &'static str,
+    label: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    iodepth: u32,
+    fsync: bool,
+}
+
+const JOBS: &[JobDef] = &[
+    JobDef {
+        key: "randwrite-4k-qd1",
+        label: "4k randwrite QD1",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        fsync: false,
+    },
+    JobDef {
+        key: "randwrite-4k-qd32",
+        label: "4k randwrite QD32",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        fsync: false,
+    },
+    JobDef {
+        key: "randread-4k-qd32",
+        label: "4k randread QD32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+        fsync: false,
+    },
+    JobDef {
+        key: "write-1m-qd8",
+        label: "1M seq write QD8",
+        rw: "write",
+        bs: "1M",
+        iodepth: 8,
+        fsync: false,
+    },
+    JobDef {
+        key: "write-flush-4k-qd1",
+        label: "4k write + flush QD1",
+        rw: "write",
+        bs: "4k",
+        iodepth: 1,
+        fsync: true,
+    },
+];
+
+/// A running target.
+struct Server {
+    def: &'static TargetDef,
+    uri: String,
+    /// The baseline server (nbdkit / qemu-nbd).
+    proc: Option<Proc>,
+    ferry: Option<FerryCluster>,
+    /// The command line, for the report.
+    command: String,
+    /// The volume's backing files (ferry: the primary's and the standby's).
+    files: Vec<PathBuf>,
+}
+
+impl Server {
+    fn pids(&self) -> Vec<u32> {
+        match (&self.proc, &self.ferry) {
+            (Some(p), _) => vec![p.pid()],
+            (None, Some(c)) => c.pids(),
+            (None, None) => Vec::new(),
+        }
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(p) = &mut self.proc {
+            p.check_alive()?;
+        }
+        if let Some(c) = &mut self.ferry {
+            c.check_alive()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `spec` and waits for ferry to apply and replicate everything it wrote.
+    fn run(
+        &mut self,
+        spec: &FioSpec,
+        timeout: Duration,
+    ) -> anyhow::Result<(FioResult, LagSamples)> {
+        let uri = self.uri.clone();
+        let r = match &self.ferry {
+            Some(c) if c.standby && spec.is_write() => {
+                with_lag_samples(c.metrics_port, LAG_EVERY, || spec.run(&uri, timeout))
+            }
+            _ => spec.run(&uri, timeout).map(|r| (r, LagSamples::default())),
+        };
+        if r.is_err() {
+            // A dead server explains a failed fio better than fio does (give one that
+            // is shutting down a moment to exit).
+            for _ in 0..20 {
+                self.check_alive()
+                    .with_context(|| format!("{} during fio", self.def.label))?;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let r = r.with_context(|| format!("fio against {}", self.def.label))?;
+        if let Some(c) = &mut self.ferry {
+            c.drain(Duration::from_secs(300))
+                .with_context(|| format!("{} after fio", self.def.label))?;
+        }
+        self.check_alive()?;
+        Ok(r)
+    }
+}
+
+/// One job against one target in one round.
+#[derive(Clone)]
+struct Sample {
+    fio: FioResult,
+    cpu_s: f64,
+    lag_p99_s: Option<f64>,
+    lag_samples: usize,
+    degraded: bool,
+}
+
+impl Sample {
+    fn cpu_per_gib(&self) -> f64 {
+        self.cpu_s / (self.fio.io_bytes as f64 / GIB)
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    install_interrupt_handler();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("e2e: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn pick<T>(
+    all: &'static [T],
+    key: fn(&T) -> &'static str,
+    want: &[String],
+    what: &str,
+) -> anyhow::Result<Vec<&'static T>> {
+    if want.is_empty() {
+        return Ok(all.iter().collect());
+    }
+    let names: Vec<&str> = all.iter().map(key).collect();
+    let mut out: Vec<&'static T> = Vec::new();
+    for w in want {
+        let Some(t) = all.iter().find(|t| key(t) == w.trim()) else {
+            bail!("unknown {what} {w:?}; known: {}", names.join(", "));
+        };
+        if !out.iter().any(|o| std::ptr::eq(*o, t)) {
+            out.push(t);
+        }
+    }
+    // Keep the canonical order (jobs: reads after the writes that filled the volume).
+    out.sort_by_key(|t| all.iter().position(|a| std::ptr::eq(a, *t)));
+    Ok(out)
+}
+
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().with_context(|| {
+        format!("--size {s:?}: expected a number with an optional unit (KiB, MiB, GiB, TiB)")
+    })?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        u => bail!("--size {s:?}: unknown unit {u:?} (KiB, MiB, GiB, TiB)"),
+    };
+    let v = n.checked_mul(mul).context("--size overflows")?;
+    if v < 16 << 20 || v & ((1 << 20) - 1) != 0 {
+        bail!("--size {s:?}: need a multiple of 1MiB, at least 16MiB");
+    }
+    Ok(v)
+}
+
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a zeroed out-struct.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn start_server(
+    def: &'static TargetDef,
+    scratch: &Path,
+    size: u64,
+    bins: Option<&ferry_benches::harness::FerryBins>,
+) -> anyhow::Result<Server> {
+    eprintln!("starting {}", def.label);
+    match def.kind {
+        Kind::Nbdkit | Kind::QemuNbd => {
+            let file = scratch.join(format!("{}.img", def.key));
+            std::fs::File::create(&file)
+                .and_then(|f| f.set_len(size))
+                .with_context(|| format!("creating {}", file.display()))?;
+            let port = free_tcp_port()?;
+            let mut cmd;
+            let uri;
+            if def.kind == Kind::Nbdkit {
+                // Defaults: page cache, 16 threads, flush = fdatasync.
+                cmd = Command::new("nbdkit");
+                cmd.args([
+                    "--foreground",
+                    "--exit-with-parent",
+                    "-i",
+                    "127.0.0.1",
+                    "-p",
+                ])
+                .arg(port.to_string())
+                .arg("file")
+                .arg(&file);
+                uri = format!("nbd://127.0.0.1:{port}");
+            } else {
+                // The same settings as nbdkit file: page cache (writeback), a thread
+                // pool for the IO, flush = fdatasync. (--aio=native needs
+                // --cache=none, i.e. O_DIRECT, which nbdkit does not do.)
+                cmd = Command::new("qemu-nbd");
+                cmd.args(["-f", "raw", "-t", "-x", "vol0", "-b", "127.0.0.1", "-p"])
+                    .arg(port.to_string())
+                    .args(["--cache=writeback", "--aio=threads"])
+                    .arg(&file);
+                uri = format!("nbd://127.0.0.1:{port}/vol0");
+            }
+            let command = format!(
+                "{} {}",
+                cmd.get_program().to_string_lossy(),
+                cmd.get_args()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            let mut p = Proc::spawn(
+                def.label,
+                cmd,
+                Some(&scratch.join(format!("{}.log", def.key))),
+            )?;
+            wait_port(port, Duration::from_secs(30), &mut [&mut p])?;
+            Ok(Server {
+                def,
+                uri,
+                proc: Some(p),
+                ferry: None,
+                command,
+                files: vec![file],
+            })
+        }
+        Kind::Ferry(mode) => {
+            let bins = bins.context("ferry binaries not located")?;
+            let dir = scratch.join(def.key);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let c = FerryCluster::start(bins, &dir, size, JOURNAL_SIZE, mode)?;
+            let command = format!(
+                "ferryctl init --volume vol0:{size} --journal-size {JOURNAL_SIZE}{} + [metrics]; ferryd --config primary.toml{}",
+                mode.map(|m| format!(" --standby dr1=127.0.0.1:P --mode {m}"))
+                    .unwrap_or_default(),
+                if mode.is_some() { " (and dr1.toml)" } else { "" }
+            );
+            Ok(Server {
+                def,
+                uri: c.uri(),
+                proc: None,
+                ferry: Some(c),
+                command,
+                files: ["primary", "dr1"]
+                    .iter()
+                    .map(|n| dir.join(n).join("vol0.img"))
+                    .filter(|p| p.exists())
+                    .collect(),
+            })
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = args
+        .runtime
+        .unwrap_or(if args.quick { 3 } else { 10 })
+        .max(1);
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let size =
+        parse_size(
+            args.size
+                .as_deref()
+                .unwrap_or(if args.quick { "256MiB" } else { "1GiB" }),
+        )?;
+    let jobs = pick(JOBS, |j| j.key, &args.jobs, "job")?;
+    let targets = pick(TARGETS, |t| t.key, &args.targets, "target")?;
+
+    ensure_fio()?;
+    for (kind, tool, pkg) in [
+        (Kind::Nbdkit, "nbdkit", "nbdkit"),
+        (Kind::QemuNbd, "qemu-nbd", "qemu-utils"),
+    ] {
+        if targets.iter().any(|t| t.kind == kind) && find_on_path(tool).is_none() {
+            bail!("{tool} is not on PATH: apt-get install {pkg}, or leave it out with --targets");
+        }
+    }
+    let ferry_nodes: u64 = targets
+        .iter()
+        .map(|t| match t.kind {
+            Kind::Ferry(None) => 1,
+            Kind::Ferry(Some(_)) => 2,
+            _ => 0,
+        })
+        .sum();
+    let bins = if ferry_nodes > 0 {
+        Some(ferry_bins(!args.no_build)?)
+    } else {
+        None
+    };
+
+    let base = args
+        .dir
+        .clone()
+        .or_else(|| std::env::var_os("TMPDIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    let baselines = targets
+        .iter()
+        .filter(|t| !matches!(t.kind, Kind::Ferry(_)))
+        .count() as u64;
+    let need = baselines * size + ferry_nodes * (size + JOURNAL_BYTES);
+    if let Some(free) = free_bytes(&base) {
+        if free < need + (1 << 30) {
+            bail!(
+                "{} has {:.1} GiB free; this run needs up to {:.1} GiB (volumes and journals): use --dir, --size or --targets",
+                base.display(),
+                free as f64 / GIB,
+                need as f64 / GIB
+            );
+        }
+    }
+    let mut scratch = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir_in(&base)
+        .with_context(|| format!("creating a scratch directory in {}", base.display()))?;
+    scratch.disable_cleanup(args.keep);
+    eprintln!("scratch directory: {}", scratch.path().display());
+
+    // Declared after `scratch`, so the servers stop before it is removed.
+    let mut servers: Vec<Server> = Vec::new();
+    for def in &targets {
+        servers.push(start_server(def, scratch.path(), size, bins.as_ref())?);
+    }
+
+    // Fill every volume once, so reads read data and every target starts alike.
+    for s in &mut servers {
+        check_interrupt()?;
+        eprintln!("prefill {} ({} MiB)", s.def.label, size >> 20);
+        let fill = FioSpec {
+            rw: "write",
+            bs: "1M",
+            iodepth: 8,
+            fsync: false,
+            runtime: None,
+            size,
+        };
+        s.run(&fill, Duration::from_secs(600))
+            .context("prefilling the volume")?;
+    }
+
+    let files: Vec<PathBuf> = servers.iter().flat_map(|s| s.files.clone()).collect();
+    settle(scratch.path(), &files)?;
+    let load_before = loadavg();
+    let timeout = Duration::from_secs(runtime + 120);
+    // samples[target][job][round]
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); jobs.len()]; servers.len()];
+    for round in 0..rounds {
+        for (ji, job) in jobs.iter().enumerate() {
+            let spec = FioSpec {
+                rw: job.rw,
+                bs: job.bs,
+                iodepth: job.iodepth,
+                fsync: job.fsync,
+                runtime: Some(runtime),
+                size,
+            };
+            for k in 0..servers.len() {
+                check_interrupt()?;
+                let ti = (k + round) % servers.len();
+                let s = &mut servers[ti];
+                let pids = s.pids();
+                let cpu0 = cpu_seconds_all(&pids)?;
+                let (fio, lag) = s.run(&spec, timeout)?;
+                let cpu1 = cpu_seconds_all(&pids)?;
+                settle(scratch.path(), &files)?;
+                let sample = Sample {
+                    fio,
+                    cpu_s: cpu1 - cpu0,
+                    lag_p99_s: percentile(&lag.seconds, 99.0),
+                    lag_samples: lag.seconds.len(),
+                    degraded: lag.degraded,
+                };
+                eprintln!(
+                    "round {}/{rounds} {:<20} {:<24} {:>9.0} IOPS {:>8.1} MiB/s  p99 {:>7.0} us  {:.2} CPU s/GiB{}{}",
+                    round + 1,
+                    job.label,
+                    s.def.label,
+                    fio.iops,
+                    fio.bw_bytes / MIB,
+                    fio.p99_us,
+                    sample.cpu_per_gib(),
+                    sample
+                        .lag_p99_s
+                        .map(|l| format!("  lag p99 {:.1} ms", l * 1e3))
+                        .unwrap_or_default(),
+                    if sample.degraded { "  (sync target degraded)" } else { "" },
+                );
+                samples[ti][ji].push(sample);
+            }
+        }
+    }
+
+    let load = [load_before, loadavg()];
+    let report = Report::build(
+        &args,
+        runtime,
+        rounds,
+        size,
+        &jobs,
+        &servers,
+        &samples,
+        scratch.path(),
+        &load,
+    );
+    println!("{}", report.markdown());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report.json)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if args.keep {
+        eprintln!("kept {}", scratch.path().display());
+    }
+    drop(servers);
+    Ok(())
+}
+
+/// Aggregated figures of one target on one job.
+struct Row {
+    job: usize,
+    target: usize,
+    iops: f64,
+    mib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    flush_p50_us: Option<f64>,
+    flush_p99_us: Option<f64>,
+    cpu_per_gib: f64,
+    lag_p99_ms: Option<f64>,
+    degraded: bool,
+    /// Median per-round ratios to nbdkit file: throughput, p50, p99, CPU/GiB, flush p99.
+    vs_nbdkit: Option<[f64; 5]>,
+}
+
+struct Report {
+    header: Vec<String>,
+    rows: Vec<Row>,
+    jobs: Vec<&'static JobDef>,
+    labels: Vec<&'static str>,
+    json: Value,
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        args: &Args,
+        runtime: u64,
+        rounds: usize,
+        size: u64,
+        jobs: &[&'static JobDef],
+        servers: &[Server],
+        samples: &[Vec<Vec<Sample>>],
+        dir: &Path,
+        load: &[String; 2],
+    ) -> Report {
+        let base = servers.iter().position(|s| s.def.kind == Kind::Nbdkit);
+        let mut rows = Vec::new();
+        for (ji, _) in jobs.iter().enumerate() {
+            for (ti, _) in servers.iter().enumerate() {
+                let v = &samples[ti][ji];
+                let m = |f: &dyn Fn(&Sample) -> f64| median(v.iter().map(f).collect());
+                let mo = |f: &dyn Fn(&Sample) -> Option<f64>| {
+                    let x: Vec<f64> = v.iter().filter_map(f).collect();
+                    (!x.is_empty()).then(|| median(x))
+                };
+                let vs_nbdkit = base.filter(|&b| b != ti).map(|b| {
+                    let b = &samples[b][ji];
+                    let ratio = |f: &dyn Fn(&Sample) -> f64| {
+                        median(v.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect())
+                    };
+                    [
+                        ratio(&|s| s.fio.iops),
+                        ratio(&|s| s.fio.p50_us),
+                        ratio(&|s| s.fio.p99_us),
+                        ratio(&|s| s.cpu_per_gib()),
+                        ratio(&|s| s.fio.flush_p99_us.unwrap_or(f64::NAN)),
+                    ]
+                });
+                rows.push(Row {
+                    job: ji,
+                    target: ti,
+                    iops: m(&|s| s.fio.iops),
+                    mib_s: m(&|s| s.fio.bw_bytes / MIB),
+                    p50_us: m(&|s| s.fio.p50_us),
+                    p99_us: m(&|s| s.fio.p99_us),
+                    flush_p50_us: mo(&|s| s.fio.flush_p50_us),
+                    flush_p99_us: mo(&|s| s.fio.flush_p99_us),
+                    cpu_per_gib: m(&|s| s.cpu_per_gib()),
+                    lag_p99_ms: mo(&|s| s.lag_p99_s).map(|l| l * 1e3),
+                    degraded: v.iter().any(|s| s.degraded),
+                    vs_nbdkit,
+                });
+            }
+        }
+
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let command = std::iter::once("e2e".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let engine = servers
+            .iter()
+            .find_map(|s| s.ferry.as_ref().map(|c| c.engine.clone()));
+        let fio_v = tool_version("fio");
+        let header = vec![
+            format!(
+                "`{command}` — {} — {cores} cores, Linux {kernel}; load average before / after the jobs: {} / {}",
+                utc_date(now),
+                load[0],
+                load[1]
+            ),
+            format!(
+                "fio nbd engine, {} volume, {runtime} s per job, {rounds} round(s), medians; scratch dir {}",
+                human(size),
+                dir.display()
+            ),
+            format!(
+                "{fio_v}; nbdkit {}; {}{}",
+                tool_version("nbdkit").trim_start_matches("nbdkit "),
+                tool_version("qemu-nbd"),
+                engine
+                    .as_ref()
+                    .map(|e| format!("; ferryd journal engine {e}"))
+                    .unwrap_or_default()
+            ),
+        ];
+
+        let f = |x: f64| if x.is_finite() { json!(x) } else { Value::Null };
+        let fo = |x: Option<f64>| x.map_or(Value::Null, f);
+        let json = json!({
+            "date": utc_date(now),
+            "unix_time": now,
+            "command": command,
+            "host": {"cores": cores, "kernel": kernel, "loadavg_before": load[0], "loadavg_after": load[1]},
+            "options": {
+                "runtime_s": runtime,
+                "rounds": rounds,
+                "size_bytes": size,
+                "dir": dir.display().to_string(),
+                "quick": args.quick,
+            },
+            "tools": {"fio": fio_v, "nbdkit": tool_version("nbdkit"), "qemu-nbd": tool_version("qemu-nbd")},
+            "ferry_journal_engine": engine,
+            "jobs": jobs.iter().map(|j| json!({
+                "key": j.key, "label": j.label, "rw": j.rw, "bs": j.bs,
+                "iodepth": j.iodepth, "fsync": j.fsync,
+            })).collect::<Vec<_>>(),
+            "targets": servers.iter().map(|s| json!({
+                "key": s.def.key, "label": s.def.label, "command": s.command,
+            })).collect::<Vec<_>>(),
+            "results": rows.iter().map(|r| {
+                let v = &samples[r.target][r.job];
+                json!({
+                    "job": jobs[r.job].key,
+                    "target": servers[r.target].def.key,
+                    "iops": f(r.iops),
+                    "mib_s": f(r.mib_s),
+                    "p50_us": f(r.p50_us),
+                    "p99_us": f(r.p99_us),
+                    "flush_p50_us": fo(r.flush_p50_us),
+                    "flush_p99_us": fo(r.flush_p99_us),
+                    "cpu_s_per_gib": f(r.cpu_per_gib),
+                    "replication_lag_p99_ms": fo(r.lag_p99_ms),
+                    "sync_target_degraded": r.degraded,
+                    "vs_nbdkit": r.vs_nbdkit.map(|x| json!({
+                        "throughput": f(x[0]), "p50": f(x[1]), "p99": f(x[2]),
+                        "cpu_s_per_gib": f(x[3]), "flush_p99": f(x[4]),
+                    })),
+                    "rounds": v.iter().map(|s| json!({
+                        "iops": f(s.fio.iops),
+                        "bw_bytes": f(s.fio.bw_bytes),
+                        "io_bytes": s.fio.io_bytes,
+                        "p50_us": f(s.fio.p50_us),
+                        "p99_us": f(s.fio.p99_us),
+                        "flush_p50_us": fo(s.fio.flush_p50_us),
+                        "flush_p99_us": fo(s.fio.flush_p99_us),
+                        "cpu_s": f(s.cpu_s),
+                        "replication_lag_p99_ms": fo(s.lag_p99_s.map(|l| l * 1e3)),
+                        "lag_samples": s.lag_samples,
+                        "sync_target_degraded": s.degraded,
+                    })).collect::<Vec<_>>(),
+                })
+            }).collect::<Vec<_>>(),
+        });
+        Report {
+            header,
+            rows,
+            jobs: jobs.to_vec(),
+            labels: servers.iter().map(|s| s.def.label).collect(),
+            json,
+        }
+    }
+
+    fn markdown(&self) -> String {
+        let mut o = String::new();
+        for h in &self.header {
+            o.push_str(h);
+            o.push_str("  \n");
+        }
+        o.push('\n');
+        o.push_str("| job | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | lag p99 ms | × nbdkit IOPS | × p99 | × CPU/GiB |\n");
+        o.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in &self.rows {
+            let (x_thr, x_p99, x_cpu) = match r.vs_nbdkit {
+                Some(x) => (num(x[0], 2), num(x[2], 2), num(x[3], 2)),
+                None => ("".into(), "".into(), "".into()),
+            };
+            o.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {}{} | {x_thr} | {x_p99} | {x_cpu} |\n",
+                self.jobs[r.job].label,
+                self.labels[r.target],
+                num(r.iops, 0),
+                num(r.mib_s, if r.mib_s < 100.0 { 1 } else { 0 }),
+                num(r.p50_us, 0),
+                num(r.p99_us, 0),
+                num(r.cpu_per_gib, 2),
+                r.lag_p99_ms.map(|l| num(l, 1)).unwrap_or_default(),
+                if r.degraded { " (degraded)" } else { "" },
+            ));
+        }
+        let flush: Vec<&Row> = self
+            .rows
+            .iter()
+            .filter(|r| r.flush_p99_us.is_some())
+            .collect();
+        if !flush.is_empty() {
+            o.push_str(
+                "\nFlush latency of the write + flush job (p50/p99 above are the writes'):\n\n",
+            );
+            o.push_str(
+                "| target | flush p50 µs | flush p99 µs | × nbdkit p99 |\n|---|---:|---:|---:|\n",
+            );
+            for r in flush {
+                o.push_str(&format!(
+                    "| {} | {} | {} | {} |\n",
+                    self.labels[r.target],
+                    r.flush_p50_us.map(|x| num(x, 0)).unwrap_or_default(),
+                    r.flush_p99_us.map(|x| num(x, 0)).unwrap_or_default(),
+                    r.vs_nbdkit.map(|x| num(x[4], 2)).unwrap_or_default(),
+                ));
+            }
+        }
+        o
+    }
+}
+
+/// Between jobs, outside the measured window: writes the file system's dirty pages
+/// back (`syncfs`) and drops the volumes' pages from the page cache
+/// (`POSIX_FADV_DONTNEED`), so every job starts alike. The baselines and ferryd's
+/// volumes are written through the page cache: one job's writeback must not land on
+/// the next, and its folios must not shape the next job's cost (after 1M sequential
+/// writes, ext4 on Linux 6.18 holds large folios, and 4k overwrites into them cost ~5x
+/// more CPU in `ext4_block_write_begin`: nbdkit 25k instead of 125k IOPS).
+fn settle(dir: &Path, files: &[PathBuf]) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    // SAFETY: a valid descriptor we own.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("syncfs on the scratch directory");
+    }
+    for f in files {
+        let file = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
+        // SAFETY: a valid descriptor we own; offset 0, length 0 = the whole file.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc))
+                .with_context(|| format!("posix_fadvise(DONTNEED) on {}", f.display()));
+        }
+    }
+    Ok(())
+}
+
+/// The 1, 5 and 15 minute load averages (other work on the machine skews the figures).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn num(x: f64, decimals: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.decimals$}")
+    } else {
+        "–".into()
+    }
+}
+
+fn human(bytes: u64) -> String {
+    if bytes & ((1 << 30) - 1) == 0 {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
+
+/// `YYYY-MM-DD HH:MM UTC` from Unix seconds (civil-from-days, proleptic Gregorian).
+fn utc_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00 UTC");
+        assert_eq!(utc_date(1_795_522_723), "2026-11-24 12:18 UTC");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("256MiB").unwrap(), 256 << 20);
+        assert_eq!(parse_size("64m").unwrap(), 64 << 20);
+        assert!(parse_size("1KiB").is_err());
+        assert!(parse_size("1.5GiB").is_err());
+        assert!(parse_size("1 PB").is_err());
+    }
+
+    #[test]
+    fn picks() {
+        let all = pick(JOBS, |j| j.key, &[], "job").unwrap();
+        assert_eq!(all.len(), JOBS.len());
+        let some = pick(
+            TARGETS,
+            |t| t.key,
+            &["ferry-sync".into(), "nbdkit".into(), "nbdkit".into()],
+            "target",
+        )
+        .unwrap();
+        assert_eq!(
+            some.iter().map(|t| t.key).collect::<Vec<_>>(),
+            ["nbdkit", "ferry-sync"]
+        );
+        let e = pick(TARGETS, |t| t.key, &["nope".into()], "target").unwrap_err();
+        assert!(e.to_string().contains("ferry-async"), "{e}");
+    }
+}

@@ -1,0 +1,906 @@
+//! Process, port, fio and ferry-cluster plumbing for the end-to-end harness
+//! (`src/bin/e2e.rs`): everything that spawns or talks to another process.
+//!
+//! Every spawned server is owned by a [`Proc`] guard that stops it by its own PID
+//! (SIGTERM, then SIGKILL after a bounded wait) when dropped — on success, on error
+//! and after Ctrl-C (see [`install_interrupt_handler`]). Servers run in their own
+//! process group (a terminal's Ctrl-C reaches only the harness and fio, and the
+//! harness then stops the servers in order) and get SIGTERM if the harness dies
+//! without running its destructors (`PR_SET_PDEATHSIG`).
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+
+// ---------------------------------------------------------------------------------
+// Interrupts
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT / SIGTERM / SIGHUP set a flag instead of killing the harness, so every wait
+/// below returns an error and the guards stop the servers on the way out.
+pub fn install_interrupt_handler() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// An error if the harness was interrupted.
+pub fn check_interrupt() -> anyhow::Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleeps `d` unless interrupted.
+fn nap(d: Duration) -> anyhow::Result<()> {
+    check_interrupt()?;
+    std::thread::sleep(d);
+    check_interrupt()
+}
+
+// ---------------------------------------------------------------------------------
+// Processes
+
+/// Runs `cmd` in a process group of its own (a terminal's Ctrl-C reaches only the
+/// harness, which then stops it in order) and has the kernel send it SIGTERM should
+/// the harness die without cleaning up (`PR_SET_PDEATHSIG`; spawn from the main
+/// thread: the signal follows the spawning thread's exit).
+fn own_group_dies_with_parent(cmd: &mut Command) {
+    cmd.process_group(0);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A spawned server, stopped by its own PID when dropped.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: Option<PathBuf>,
+}
+
+impl Proc {
+    /// Spawns `cmd` in its own process group with stdout and stderr appended to `log`
+    /// (`None`: inherited), and SIGTERM for it should the harness die.
+    pub fn spawn(name: &str, mut cmd: Command, log: Option<&Path>) -> anyhow::Result<Proc> {
+        if let Some(log) = log {
+            let f = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+            cmd.stdout(f.try_clone()?).stderr(f);
+        }
+        cmd.stdin(Stdio::null());
+        own_group_dies_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log: log.map(Path::to_path_buf),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// An error naming the process, its exit status and the end of its log if it has
+    /// exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(st)) => Err(self.died(st)),
+            Err(e) => Err(anyhow!("{}: waitpid: {e}", self.name)),
+        }
+    }
+
+    fn died(&self, st: ExitStatus) -> anyhow::Error {
+        let tail = self.log.as_deref().map(log_tail).unwrap_or_default();
+        anyhow!("{} exited unexpectedly ({st}){tail}", self.name)
+    }
+
+    /// The end of this process's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        self.log.as_deref().map(log_tail).unwrap_or_default()
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n  ");
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n  last lines of {}:\n  {tail}", path.display())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: signalling our own child by its PID; it is not reaped yet, so the PID
+        // cannot have been reused.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        // ferryd drains and checkpoints on SIGTERM (fsyncs the volumes): bounded.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) | Err(_) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "{} (pid {}) still running 30 s after SIGTERM: SIGKILL",
+            self.name,
+            self.child.id()
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// utime + stime of a process (all its threads, live and exited), in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) may contain spaces: fields 3.. follow the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("{path}: no ')' in {stat:?}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 14 is utime, 15 stime; `fields[0]` is field 3.
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        fields
+            .get(i)
+            .with_context(|| format!("{path}: only {} fields", fields.len() + 2))?
+            .parse::<u64>()
+            .map(|v| v as f64)
+            .with_context(|| format!("{path}: field {} is not a number", i + 3))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+/// Summed [`cpu_seconds`] of several processes.
+pub fn cpu_seconds_all(pids: &[u32]) -> anyhow::Result<f64> {
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
+}
+
+// ---------------------------------------------------------------------------------
+// Ports and tools
+
+/// A TCP port the OS considers free on 127.0.0.1 (bound to port 0, then released).
+pub fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A UDP port the OS considers free on 127.0.0.1 (QUIC).
+pub fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`, failing early if
+/// one of `procs` exits.
+pub fn wait_port(port: u16, timeout: Duration, procs: &mut [&mut Proc]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        for p in procs.iter_mut() {
+            p.check_alive()?;
+        }
+        if Instant::now() > deadline {
+            let logs: String = procs.iter().map(|p| p.log_tail()).collect();
+            bail!(
+                "nothing listens on 127.0.0.1:{port} after {} s{logs}",
+                timeout.as_secs()
+            );
+        }
+        nap(Duration::from_millis(20))?;
+    }
+}
+
+/// `name` found in `$PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// fio with its nbd engine; installs fio with apt-get when it is not on PATH.
+pub fn ensure_fio() -> anyhow::Result<()> {
+    if find_on_path("fio").is_none() {
+        eprintln!("fio is not on PATH: running `apt-get install -y fio`");
+        let st = Command::new("apt-get")
+            .args(["install", "-y", "fio"])
+            .status();
+        match st {
+            Ok(s) if s.success() && find_on_path("fio").is_some() => {
+                eprintln!("installed fio");
+            }
+            Ok(s) => bail!(
+                "fio is missing and `apt-get install -y fio` failed ({s}); install fio (with its nbd engine) and rerun"
+            ),
+            Err(e) => bail!(
+                "fio is missing and apt-get could not run ({e}); install fio (with its nbd engine) and rerun"
+            ),
+        }
+    }
+    let out = Command::new("fio")
+        .arg("--enghelp=nbd")
+        .output()
+        .context("running fio --enghelp=nbd")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !text.contains("uri") {
+        bail!(
+            "this fio has no nbd engine (`fio --enghelp=nbd`: {}{}); install a fio built with libnbd",
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The first line of `prog --version`, for the report.
+pub fn tool_version(prog: &str) -> String {
+    Command::new(prog)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+// ---------------------------------------------------------------------------------
+// ferry binaries
+
+/// The workspace root (this crate's parent directory).
+pub fn workspace_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The cargo target directory to take ferryd and ferryctl from: `$CARGO_TARGET_DIR`,
+/// else the one this binary was built into (`<dir>/release/e2e`), else
+/// `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(release) = exe.parent() {
+            if release.file_name().is_some_and(|n| n == "release") {
+                if let Some(t) = release.parent() {
+                    return t.to_path_buf();
+                }
+            }
+        }
+    }
+    workspace_dir().join("target")
+}
+
+/// Paths of the release `ferryd` and `ferryctl`.
+pub struct FerryBins {
+    pub ferryd: PathBuf,
+    pub ferryctl: PathBuf,
+}
+
+/// Builds (unless `build` is false: then they must exist) and locates the release
+/// `ferryd` and `ferryctl` of this workspace. Building first means the harness
+/// measures the current sources; cargo makes it a no-op when nothing changed.
+pub fn ferry_bins(build: bool) -> anyhow::Result<FerryBins> {
+    let target = target_dir();
+    if build {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        eprintln!(
+            "building ferryd and ferryctl: cargo build --release -p ferryd -p ferryctl (target dir {})",
+            target.display()
+        );
+        let st = Command::new(cargo)
+            .args(["build", "--release", "-p", "ferryd", "-p", "ferryctl"])
+            .current_dir(workspace_dir())
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .context("running cargo build (pass --no-build to use existing binaries)")?;
+        if !st.success() {
+            bail!("cargo build --release -p ferryd -p ferryctl failed ({st}); pass --no-build to use the binaries already in {}/release", target.display());
+        }
+    }
+    let bins = FerryBins {
+        ferryd: target.join("release/ferryd"),
+        ferryctl: target.join("release/ferryctl"),
+    };
+    for b in [&bins.ferryd, &bins.ferryctl] {
+        if !b.is_file() {
+            bail!(
+                "{} missing: run `cargo build --release -p ferryd -p ferryctl` (with the same CARGO_TARGET_DIR) or drop --no-build",
+                b.display()
+            );
+        }
+    }
+    Ok(bins)
+}
+
+// ---------------------------------------------------------------------------------
+// fio
+
+/// One fio job against an NBD URI.
+#[derive(Debug, Clone)]
+pub struct FioSpec {
+    pub rw: &'static str,
+    pub bs: &'static str,
+    pub iodepth: u32,
+    /// `--fsync=1`: a flush after every write (the nbd engine rejects --fdatasync).
+    pub fsync: bool,
+    /// `Some(secs)`: time-based; `None`: one pass over the volume.
+    pub runtime: Option<u64>,
+    pub size: u64,
+}
+
+/// What one fio run measured (the write side for write jobs, else the read side).
+#[derive(Debug, Clone, Copy)]
+pub struct FioResult {
+    pub iops: f64,
+    pub bw_bytes: f64,
+    pub io_bytes: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Flush latency percentiles (jobs with `fsync`).
+    pub flush_p50_us: Option<f64>,
+    pub flush_p99_us: Option<f64>,
+}
+
+impl FioSpec {
+    pub fn is_write(&self) -> bool {
+        self.rw.contains("write")
+    }
+
+    fn args(&self, uri: &str) -> Vec<String> {
+        let mut a = vec![
+            "--name=e2e".to_string(),
+            "--ioengine=nbd".into(),
+            format!("--uri={uri}"),
+            format!("--rw={}", self.rw),
+            format!("--bs={}", self.bs),
+            format!("--iodepth={}", self.iodepth),
+            format!("--size={}", self.size),
+            "--output-format=json".into(),
+        ];
+        if let Some(secs) = self.runtime {
+            a.push("--time_based".into());
+            a.push(format!("--runtime={secs}"));
+        }
+        if self.fsync {
+            a.push("--fsync=1".into());
+        }
+        a
+    }
+
+    /// Runs fio to completion (bounded by `timeout`; killed on timeout or Ctrl-C).
+    pub fn run(&self, uri: &str, timeout: Duration) -> anyhow::Result<FioResult> {
+        let args = self.args(uri);
+        let mut cmd = Command::new("fio");
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        own_group_dies_with_parent(&mut cmd);
+        let mut child = cmd.spawn().context("starting fio")?;
+        let drain = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = drain(child.stdout.take().map(|s| Box::new(s) as _));
+        let err = drain(child.stderr.take().map(|s| Box::new(s) as _));
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = child.try_wait().context("waiting for fio")? {
+                break st;
+            }
+            if interrupted() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                check_interrupt()?;
+                bail!(
+                    "fio did not finish within {} s: fio {}",
+                    timeout.as_secs(),
+                    args.join(" ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = out
+            .join()
+            .map_err(|_| anyhow!("fio stdout reader panicked"))?;
+        let stderr = err
+            .join()
+            .map_err(|_| anyhow!("fio stderr reader panicked"))?;
+        if !status.success() {
+            // fio's messages; not the JSON document it may still print.
+            let out = String::from_utf8_lossy(&stdout);
+            let messages = out.split('{').next().unwrap_or_default().trim();
+            bail!(
+                "fio failed ({status}): fio {}\n{}\n{messages}",
+                args.join(" "),
+                String::from_utf8_lossy(&stderr).trim(),
+            );
+        }
+        let v = crate::fio_json(&stdout).with_context(|| format!("fio {}", args.join(" ")))?;
+        parse_fio(&v, self.is_write(), self.fsync)
+            .with_context(|| format!("reading the JSON output of fio {}", args.join(" ")))
+    }
+}
+
+/// Extracts a [`FioResult`] from fio's JSON document.
+pub fn parse_fio(v: &serde_json::Value, write: bool, fsync: bool) -> anyhow::Result<FioResult> {
+    let job = v.get("jobs").and_then(|j| j.get(0)).context("no jobs[0]")?;
+    let err = job.get("error").and_then(|e| e.as_i64()).unwrap_or(0);
+    if err != 0 {
+        bail!("fio job error {err}");
+    }
+    let side = if write { "write" } else { "read" };
+    let s = job
+        .get(side)
+        .with_context(|| format!("no jobs[0].{side}"))?;
+    let num = |key: &str| -> anyhow::Result<f64> {
+        s.get(key)
+            .and_then(|x| x.as_f64())
+            .with_context(|| format!("no numeric jobs[0].{side}.{key}"))
+    };
+    let pct = |lat: &serde_json::Value, what: &str, p: &str| -> anyhow::Result<f64> {
+        lat.get("percentile")
+            .and_then(|x| x.get(p))
+            .and_then(|x| x.as_f64())
+            .map(|ns| ns / 1000.0)
+            .with_context(|| format!("no {what}.percentile.{p}"))
+    };
+    let io_bytes = num("io_bytes")? as u64;
+    if io_bytes == 0 {
+        bail!("fio moved no data");
+    }
+    let clat = s
+        .get("clat_ns")
+        .with_context(|| format!("no jobs[0].{side}.clat_ns"))?;
+    let (flush_p50_us, flush_p99_us) = if fsync {
+        let lat = job
+            .get("sync")
+            .and_then(|x| x.get("lat_ns"))
+            .context("no jobs[0].sync.lat_ns (job ran with --fsync=1)")?;
+        (
+            Some(pct(lat, "sync.lat_ns", "50.000000")?),
+            Some(pct(lat, "sync.lat_ns", "99.000000")?),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(FioResult {
+        iops: num("iops")?,
+        bw_bytes: num("bw_bytes")?,
+        io_bytes,
+        p50_us: pct(clat, "clat_ns", "50.000000")?,
+        p99_us: pct(clat, "clat_ns", "99.000000")?,
+        flush_p50_us,
+        flush_p99_us,
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// Prometheus endpoint
+
+/// One scrape of `/metrics`: `name{labels}` → value.
+#[derive(Debug, Default)]
+pub struct Scrape(HashMap<String, f64>);
+
+impl Scrape {
+    pub fn parse(text: &str) -> Scrape {
+        let mut m = HashMap::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            if let Some((k, v)) = line.rsplit_once(' ') {
+                if let Ok(v) = v.parse::<f64>() {
+                    m.insert(k.to_string(), v);
+                }
+            }
+        }
+        Scrape(m)
+    }
+
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.0.get(key).copied()
+    }
+
+    pub fn need(&self, key: &str) -> anyhow::Result<f64> {
+        self.get(key)
+            .with_context(|| format!("metric {key} missing from /metrics"))
+    }
+
+    /// Keys (with labels) of the series named `name`.
+    pub fn keys_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0
+            .keys()
+            .filter(move |k| k.strip_prefix(name).is_some_and(|r| r.starts_with('{')))
+            .map(String::as_str)
+    }
+}
+
+/// The value of label `name` in a series key `metric{a="x",b="y"}` (no escapes).
+pub fn label<'a>(key: &'a str, name: &str) -> Option<&'a str> {
+    let pat = format!("{name}=\"");
+    let start = key.find(&pat)? + pat.len();
+    let len = key[start..].find('"')?;
+    Some(&key[start..start + len])
+}
+
+/// GET `/metrics` from 127.0.0.1:`port` (bounded: 2 s).
+pub fn scrape(port: u16) -> anyhow::Result<Scrape> {
+    let timeout = Duration::from_secs(2);
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout)
+        .with_context(|| format!("connecting to the metrics endpoint 127.0.0.1:{port}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)
+        .with_context(|| format!("reading 127.0.0.1:{port}/metrics"))?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("127.0.0.1:{port}/metrics: no HTTP header end"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "127.0.0.1:{port}/metrics: {}",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(Scrape::parse(body))
+}
+
+// ---------------------------------------------------------------------------------
+// ferry clusters
+
+/// A running ferry cluster on loopback: the primary and, optionally, one standby `dr1`,
+/// created with `ferryctl init` (plus a `[metrics]` section on the primary).
+pub struct FerryCluster {
+    /// Primary first: dropped (stopped) before the standby.
+    procs: Vec<Proc>,
+    pub nbd_port: u16,
+    pub metrics_port: u16,
+    pub standby: bool,
+    pub engine: String,
+}
+
+const TARGET: &str = "target=\"dr1\"";
+
+impl FerryCluster {
+    /// `ferryctl init` in `dir` and start; `mode` None = primary alone.
+    pub fn start(
+        bins: &FerryBins,
+        dir: &Path,
+        volume_size: u64,
+        journal_size: &str,
+        mode: Option<&str>,
+    ) -> anyhow::Result<FerryCluster> {
+        let nbd_port = free_tcp_port()?;
+        let metrics_port = free_tcp_port()?;
+        let mut init = Command::new(&bins.ferryctl);
+        init.args(["init", "--dir"])
+            .arg(dir)
+            .arg("--volume")
+            .arg(format!("vol0:{volume_size}"))
+            .arg("--nbd")
+            .arg(format!("127.0.0.1:{nbd_port}"))
+            .args(["--journal-size", journal_size]);
+        if let Some(m) = mode {
+            init.arg("--primary")
+                .arg(format!("127.0.0.1:{}", free_udp_port()?))
+                .arg("--standby")
+                .arg(format!("dr1=127.0.0.1:{}", free_udp_port()?))
+                .args(["--mode", m]);
+        }
+        let out = init.output().context("running ferryctl init")?;
+        if !out.status.success() {
+            bail!(
+                "ferryctl init failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        // The Prometheus endpoint, as the README shows: lag sampling through it does
+        // not append an audit line (fsynced) per sample as control requests do.
+        let cfg = dir.join("primary.toml");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&cfg)
+            .and_then(|mut f| write!(f, "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"))
+            .with_context(|| format!("adding [metrics] to {}", cfg.display()))?;
+
+        let spawn = |node: &str| -> anyhow::Result<Proc> {
+            let mut cmd = Command::new(&bins.ferryd);
+            cmd.arg("--config")
+                .arg(dir.join(format!("{node}.toml")))
+                .env(
+                    "FERRY_LOG",
+                    std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()),
+                );
+            Proc::spawn(
+                &format!("ferryd {node} ({})", dir.display()),
+                cmd,
+                Some(&dir.join(format!("{node}.log"))),
+            )
+        };
+        // The standby first, so the primary's first dial finds it.
+        let mut standby = mode.map(|_| spawn("dr1")).transpose()?;
+        let mut primary = spawn("primary")?;
+        {
+            let mut procs: Vec<&mut Proc> = vec![&mut primary];
+            procs.extend(standby.as_mut());
+            wait_port(nbd_port, Duration::from_secs(60), &mut procs)?;
+            wait_port(metrics_port, Duration::from_secs(10), &mut procs)?;
+        }
+        let mut procs = vec![primary];
+        procs.extend(standby.take());
+        let mut c = FerryCluster {
+            procs,
+            nbd_port,
+            metrics_port,
+            standby: mode.is_some(),
+            engine: String::new(),
+        };
+        let m = c.scrape()?;
+        let info = m
+            .keys_of("ferry_journal_engine_info")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        c.engine = label(&info, "engine").unwrap_or("unknown").to_string();
+        if let Some(why) = label(&info, "fallback_reason").filter(|r| !r.is_empty()) {
+            eprintln!("WARNING: ferryd's journal fell back to {}: {why}", c.engine);
+            c.engine = format!("{} (fallback: {why})", c.engine);
+        }
+        if c.standby {
+            // Measure replication, not the first connection.
+            c.wait_until(Duration::from_secs(30), "the standby to connect", |m| {
+                Ok(m.get(&format!(
+                    "ferry_replication_target_state{{{TARGET},state=\"streaming\"}}"
+                )) == Some(1.0))
+            })?;
+        }
+        Ok(c)
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/vol0", self.nbd_port)
+    }
+
+    /// PIDs of every ferryd process of the cluster.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Proc::pid).collect()
+    }
+
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.procs.iter_mut().try_for_each(Proc::check_alive)
+    }
+
+    pub fn scrape(&self) -> anyhow::Result<Scrape> {
+        scrape(self.metrics_port)
+    }
+
+    fn wait_until(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&Scrape) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            let m = self.scrape()?;
+            if done(&m)? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let logs: String = self.procs.iter().map(Proc::log_tail).collect();
+                bail!(
+                    "timed out after {} s waiting for {what}{logs}",
+                    timeout.as_secs()
+                );
+            }
+            nap(Duration::from_millis(20))?;
+        }
+    }
+
+    /// Waits until the primary has applied everything it journaled and the standby
+    /// (if any) has applied it too, so no job pays for the previous one's backlog.
+    pub fn drain(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let standby = self.standby;
+        self.wait_until(timeout, "replication and apply to catch up", |m| {
+            let last = m.need("ferry_journal_last_seq")?;
+            let applied = m.need("ferry_apply_applied_seq")?;
+            let replica = if standby {
+                m.need(&format!("ferry_replication_applied_seq{{{TARGET}}}"))?
+            } else {
+                last
+            };
+            Ok(applied >= last && replica >= last)
+        })
+    }
+}
+
+/// Replication-lag samples taken while a job runs.
+#[derive(Debug, Default, Clone)]
+pub struct LagSamples {
+    pub seconds: Vec<f64>,
+    /// The sync target was degraded to async in at least one sample.
+    pub degraded: bool,
+    pub failed_scrapes: usize,
+}
+
+/// Samples `ferry_replication_lag_seconds` of the standby every `every` while `f` runs.
+pub fn with_lag_samples<T>(
+    metrics_port: u16,
+    every: Duration,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, LagSamples)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut s = LagSamples::default();
+            let lag = format!("ferry_replication_lag_seconds{{{TARGET}}}");
+            let degraded = format!("ferry_replication_target_mode{{{TARGET},mode=\"degraded\"}}");
+            while !stop.load(Ordering::Relaxed) {
+                match scrape(metrics_port) {
+                    Ok(m) => {
+                        s.seconds.extend(m.get(&lag));
+                        s.degraded |= m.get(&degraded) == Some(1.0);
+                    }
+                    Err(_) => s.failed_scrapes += 1,
+                }
+                std::thread::sleep(every);
+            }
+            s
+        })
+    };
+    let r = f();
+    stop.store(true, Ordering::Relaxed);
+    let s = sampler
+        .join()
+        .map_err(|_| anyhow!("lag sampler panicked"))?;
+    Ok((r?, s))
+}
+
+// ---------------------------------------------------------------------------------
+// Statistics
+
+/// The median (mean of the two middle values for an even count); NaN when empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The `p`-th percentile (nearest rank), `None` when empty.
+pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    Some(s[rank.clamp(1, s.len()) - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&[], 99.0), None);
+    }
+
+    #[test]
+    fn scrape_parse() {
+        let s = Scrape::parse(
+            "# HELP x\nferry_journal_last_seq 12\nferry_replication_lag_seconds{target=\"dr1\"} 0.5\n",
+        );
+        assert_eq!(s.get("ferry_journal_last_seq"), Some(12.0));
+        assert_eq!(
+            s.get("ferry_replication_lag_seconds{target=\"dr1\"}"),
+            Some(0.5)
+        );
+        assert_eq!(s.keys_of("ferry_replication_lag_seconds").count(), 1);
+        assert_eq!(s.keys_of("ferry_replication_lag").count(), 0);
+        let k = "ferry_journal_engine_info{engine=\"io_uring\",fallback_reason=\"\"}";
+        assert_eq!(label(k, "engine"), Some("io_uring"));
+        assert_eq!(label(k, "fallback_reason"), Some(""));
+        assert_eq!(label(k, "nope"), None);
+    }
+
+    #[test]
+    fn fio_parse_errors_have_context() {
+        let v: serde_json::Value =
+            serde_json::json!({"jobs": [{"error": 0, "write": {"iops": 1.0}}]});
+        let e = parse_fio(&v, true, false).unwrap_err().to_string();
+        assert!(e.contains("io_bytes"), "{e}");
+        let v = serde_json::json!({"jobs": []});
+        assert!(parse_fio(&v, true, false).is_err());
+        let v = serde_json::json!({"jobs": [{"error": 0, "read": {
+            "iops": 10.0, "bw_bytes": 40960.0, "io_bytes": 40960,
+            "clat_ns": {"percentile": {"50.000000": 1000, "99.000000": 5000}}}}]});
+        let r = parse_fio(&v, false, false).unwrap();
+        assert_eq!((r.p50_us, r.p99_us, r.io_bytes), (1.0, 5.0, 40960));
+        assert!(
+            parse_fio(&v, false, true).is_err(),
+            "fsync job without sync latencies"
+        );
+    }
+
+    #[test]
+    fn own_cpu_time_reads() {
+        assert!(cpu_seconds(std::process::id()).unwrap() >= 0.0);
+    }
+}
