@@ -54,6 +54,8 @@ use crate::volume::Base;
 /// Before-images are read in pieces of this size; each piece becomes one zero extent
 /// or one data extent.
 const CAPTURE_PIECE: u64 = 1 << 20;
+/// Pieces at least this large are checked for holes before being read.
+const HOLE_CHECK_MIN: u64 = 256 << 10;
 
 /// Testing hook: milliseconds to sleep after each undo entry a rollback applies, so
 /// a test can SIGKILL a rollback in the middle. Never set in production.
@@ -877,7 +879,9 @@ fn before_images(
     let mut at = offset;
     while at < end {
         let n = (end - at).min(CAPTURE_PIECE);
-        let zero = if is_hole(&base.file, at, n) {
+        // Small pieces are just read: asking the file system for holes walks its
+        // extent tree and costs more than reading a few cached pages.
+        let zero = if n >= HOLE_CHECK_MIN && is_hole(&base.file, at, n) {
             true
         } else {
             let mut buf = BytesMut::zeroed(n as usize);

@@ -32,6 +32,8 @@ use crate::replication::{journal_op, now_ns};
 /// Records waiting for the replica applier (the journal completion path blocks when
 /// it is full: backpressure all the way to the primary's window).
 const APPLY_QUEUE: usize = 8192;
+/// Write-sets already queued are applied together up to this many bytes.
+const APPLY_GROUP_BYTES: usize = 16 << 20;
 
 /// A journaled record on its way to the applier; the last record of a write-set
 /// carries the primary's timestamp of the write-set.
@@ -124,9 +126,27 @@ impl Standby {
                     // Records of the write-set being received; applied as one unit (one
                     // undo entry, one recovery point) when its last record arrives.
                     let mut ws: Vec<(Seq, Record)> = Vec::new();
-                    for (seq, rec, end) in apply_rx.iter() {
+                    let mut bytes = 0usize;
+                    let mut next = apply_rx.recv().ok();
+                    while let Some((seq, rec, end)) = next.take() {
+                        // A labelled seal (bookmark, verify) must stay a point of its own.
+                        let labelled = rec.op == ferry_journal::Op::Seal && !rec.data.is_empty();
+                        bytes += rec.data.len() + 32;
                         ws.push((seq, rec));
-                        let Some(ts) = end else { continue };
+                        let Some(ts) = end else {
+                            next = apply_rx.recv().ok();
+                            continue;
+                        };
+                        // Under load, write-sets queue up: apply what is already here as
+                        // one unit (one undo entry, one fdatasync, one recovery point)
+                        // instead of one per write-set. Any journal prefix is a valid
+                        // point, so merging loses only point granularity, never safety.
+                        if !labelled && bytes < APPLY_GROUP_BYTES {
+                            if let Ok(item) = apply_rx.try_recv() {
+                                next = Some(item);
+                                continue;
+                            }
+                        }
                         if let Err(e) = applier.apply_write_set(ts, &ws) {
                             let msg = format!(
                                 "replica apply of write-set {}..={seq} failed: {}; apply stops here (restart replays it)",
@@ -138,11 +158,13 @@ impl Standby {
                             return;
                         }
                         ws.clear();
+                        bytes = 0;
                         state.applied_seq.store(seq, Ordering::Release);
                         if ts != 0 {
                             state.applied_ts_ns.store(ts, Ordering::Relaxed);
                         }
                         applied_tx.send_replace(seq);
+                        next = apply_rx.recv().ok();
                     }
                 })
                 .context("spawning the replica applier")?;
