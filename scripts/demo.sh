@@ -70,6 +70,11 @@ Try next (in another terminal):
   $P status          $S status --json
   kill -9 $SPID      # stop the standby, write more, restart it: it catches up from the journal
   cmp $DEMO_DIR/primary/$VOL.img $DEMO_DIR/dr1/$VOL.img
+  $P verify                                  # compare both sides at one point, writes may continue
+  $P bookmark create before-test             # a named recovery point, then write more and:
+  $S pit export --volume $VOL --bookmark before-test --listen 127.0.0.1:0   # the volume as it was
+  $S pit unexport
+  $P switchover      # planned role swap: dr1 becomes the primary (NBD on $NBD of its host), this one its standby
 
 Ctrl-C stops both daemons cleanly (drain, checkpoint, exit 0).
 MSG
