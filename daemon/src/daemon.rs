@@ -578,9 +578,23 @@ async fn run_primary(
     };
 
     let nbd_listen = cfg.nbd_addr().map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(nbd_listen)
-        .await
-        .with_context(|| format!("binding NBD listener {nbd_listen}"))?;
+    // After a role change on one host (a switchover in a demo or a test), the node
+    // that served this address a moment ago may still be draining: retry a while.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let listener = loop {
+        match tokio::net::TcpListener::bind(nbd_listen).await {
+            Ok(l) => break l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                tracing::warn!(%nbd_listen, "NBD address in use; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("binding NBD listener {nbd_listen}"))
+                )
+            }
+        }
+    };
     let nbd_addr = listener.local_addr()?;
     let control = ControlSocket::bind(&cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
