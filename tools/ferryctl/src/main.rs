@@ -873,6 +873,12 @@ fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
                 .unwrap_or_default()
         );
     }
+    if let Some(why) = v.get("writes_refused").and_then(|p| p.as_str()) {
+        println!("WRITES     refused: {why}");
+    }
+    if let Some(f) = v.get("fork_seq").and_then(|f| f.as_u64()) {
+        println!("fork       primary by promotion from sequence {f}");
+    }
     if let Some(why) = v.get("paused").and_then(|p| p.as_str()) {
         println!("paused     {why}");
     }
