@@ -545,8 +545,19 @@ impl Observe {
     }
 }
 
+/// Testing hook: QUIC idle timeout in milliseconds (a test that SIGKILLs a standby
+/// need not wait 10 s for the primary to notice). Never set in production.
+pub const IDLE_TIMEOUT_ENV: &str = "FERRYD_TEST_IDLE_TIMEOUT_MS";
+
 fn transport_options() -> ferry_transport::quic::TransportOptions {
-    ferry_transport::quic::TransportOptions::default()
+    let mut o = ferry_transport::quic::TransportOptions::default();
+    if let Some(ms) = std::env::var(IDLE_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        o.idle_timeout = Duration::from_millis(ms);
+    }
+    o
 }
 
 async fn run_primary(
