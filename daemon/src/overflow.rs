@@ -464,44 +464,61 @@ fn load(t: &TargetState, sh: &Shared) -> anyhow::Result<()> {
         return Ok(());
     }
     let durable = sh.journal.durable_seq();
-    let mut maps = Vec::new();
-    let mut incomplete = !missing.is_empty();
+    let mut opened = Vec::new();
     for (b, p) in &found {
-        match DirtyMap::open(p) {
-            Ok(m) if m.volume_size() == b.size => {
-                incomplete |= m.through_seq() == 0;
-                maps.push((b.id, m));
-            }
-            other => {
-                let why = match other {
-                    Ok(m) => format!("it is for {} bytes, the volume has {}", m.volume_size(), b.size),
-                    Err(e) => e.to_string(),
-                };
+        let m = match DirtyMap::open(p) {
+            Ok(m) if m.volume_size() == b.size => Ok(m),
+            Ok(m) => Err(format!(
+                "it is for {} bytes, the volume has {}",
+                m.volume_size(),
+                b.size
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        opened.push((*b, p.clone(), m));
+    }
+    // A switch writes every map with through_seq 0 first: one still at 0 means the
+    // switch never finished (a crash while creating or filling the maps). The target
+    // held the floor at its ack until then, so nothing relies on these maps.
+    if opened
+        .iter()
+        .any(|(_, _, m)| m.as_ref().is_ok_and(|m| m.through_seq() == 0))
+    {
+        tracing::warn!(target = %t.name, "discarding dirty maps of an unfinished switch to bitmap mode");
+        for (b, p, _) in &opened {
+            DirtyMap::remove(p).with_context(|| format!("removing the map of '{}'", b.name))?;
+        }
+        return Ok(());
+    }
+    let base = opened
+        .iter()
+        .filter_map(|(_, _, m)| m.as_ref().ok().map(|m| m.base_seq()))
+        .min()
+        .unwrap_or(0);
+    let mut maps = Vec::new();
+    let unusable = opened.into_iter().chain(missing.into_iter().map(|b| {
+            let p = map_path(&sh.dir, &t.name, &b.name);
+            (b, p, Err("it is missing (a volume added since?)".to_string()))
+        }));
+    for (b, p, m) in unusable {
+        match m {
+            Ok(m) => maps.push((b.id, m)),
+            Err(why) => {
                 // Whatever it said is lost: every region is dirty (a full copy).
                 tracing::error!(
                     target = %t.name,
                     volume = %b.name,
                     "dirty map unusable ({why}); resyncing the whole volume"
                 );
-                let mut m = DirtyMap::create(p, b.size, sh.region_size)?;
+                let mut m = DirtyMap::create(&p, b.size, sh.region_size)?;
                 m.mark_all();
-                m.set_seqs(0, durable);
+                m.set_seqs(base, durable);
                 m.flush()?;
                 maps.push((b.id, m));
             }
         }
     }
-    if incomplete {
-        // A switch that never finished (a crash while creating or filling the maps):
-        // the target still held the floor then, so nothing relies on them.
-        tracing::warn!(target = %t.name, "discarding dirty maps of an unfinished switch to bitmap mode");
-        for (b, p) in &found {
-            DirtyMap::remove(p).with_context(|| format!("removing the map of '{}'", b.name))?;
-        }
-        return Ok(());
-    }
     let through = maps.iter().map(|(_, m)| m.through_seq()).min().unwrap_or(0);
-    let base = maps.iter().map(|(_, m)| m.base_seq()).min().unwrap_or(0);
     {
         let mut inner = t.track.inner.lock();
         inner.maps = maps;
@@ -681,6 +698,74 @@ fn switch(t: &TargetState, sh: &Shared, used: u64, cap: u64) -> anyhow::Result<(
          (the journal is released without it; it will be resynced from its dirty regions, \
          and its recovery points after {acked} are lost)",
         started.elapsed()
+    );
+    Ok(())
+}
+
+/// A streaming target whose resume point the journal no longer holds (its records
+/// were released while it was away, e.g. by a restart of this primary, which does not
+/// persist acks): switches it to bitmap mode with every region dirty, so it is
+/// resynced in full instead of being refused for good. `from`: its resume position.
+/// Blocking.
+pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
+    let sh = t
+        .track
+        .shared
+        .get()
+        .cloned()
+        .ok_or_else(|| anyhow!("overflow tracking is not set up"))?;
+    if t.track.mode() != Mode::Streaming {
+        return Ok(());
+    }
+    t.track.set_mode(Mode::Switching);
+    t.track.start_live(&sh, from);
+    let d0 = sh.journal.durable_seq();
+    let res = (|| -> anyhow::Result<()> {
+        let mut maps = Vec::new();
+        for b in &sh.bases {
+            let p = map_path(&sh.dir, &t.name, &b.name);
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let mut m = DirtyMap::create(&p, b.size, sh.region_size)?;
+            m.mark_all();
+            maps.push((b.id, m));
+        }
+        let mut inner = t.track.inner.lock();
+        inner.maps = maps;
+        inner.base_seq = from;
+        inner.through = None;
+        let through = t.track.merge(&mut inner)?.max(d0);
+        for (_, m) in inner.maps.iter_mut() {
+            m.set_seqs(from, through);
+            m.flush()?;
+        }
+        t.track.flushed_through.store(through, Ordering::Release);
+        inner.last_flush = Some(Instant::now());
+        inner.lost = Some((from, None));
+        t.track.count_dirty(&inner);
+        Ok(())
+    })();
+    if let Err(e) = res {
+        t.track.stop_live();
+        t.track.inner.lock().maps.clear();
+        for b in &sh.bases {
+            let _ = DirtyMap::remove(&map_path(&sh.dir, &t.name, &b.name));
+        }
+        t.track.set_mode(Mode::Streaming);
+        return Err(e);
+    }
+    t.track.set_mode(Mode::Bitmap);
+    t.degraded.store(true, Ordering::Release);
+    if let Some(s) = &sh.sync {
+        s.recompute();
+    }
+    tracing::warn!(
+        target = %t.name,
+        from,
+        first_available = sh.journal.first_available_seq(),
+        "the journal no longer holds what the target needs: resyncing every region"
     );
     Ok(())
 }

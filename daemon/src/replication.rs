@@ -587,6 +587,7 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     // A target tracked in a dirty map resumes anywhere: the copy replaces what the
     // journal no longer holds.
     let resync = t.track.needs_resync();
+    let full_resync: Mutex<Option<Seq>> = Mutex::new(None);
     let mut s = quic::primary_handshake(
         conn,
         &local,
@@ -609,16 +610,29 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                 return session::plan_resync(neg, epoch, hello.resume_position, journal.durable_seq());
             }
             let oldest = journal.first_available_seq();
-            session::plan_resume(
+            match session::plan_resume(
                 neg,
                 epoch,
                 hello.resume_position,
                 oldest,
                 journal.durable_seq(),
-            )
+            ) {
+                // The journal lost what it needs (released while it was away): a full
+                // resync from the volumes instead of refusing it for good.
+                Err(session::HandshakeError::ResyncRequired { resume, .. }) => {
+                    *full_resync.lock() = Some(resume);
+                    session::plan_resync(neg, epoch, hello.resume_position, journal.durable_seq())
+                }
+                r => r,
+            }
         },
     )
     .await?;
+    let full = full_resync.lock().take();
+    if let Some(from) = full {
+        tokio::task::block_in_place(|| crate::overflow::switch_full(t, from))?;
+    }
+    let resync = resync || full.is_some();
     let resume = s.hello_ack.resume_seq;
     if let Some((fork, meta)) = &ctx.fork {
         meta.set_rejoined(&t.name, *fork)?;

@@ -254,3 +254,42 @@ fn standby_killed_mid_resync_completes_after_restart() {
         seq(&primary.status(), "/targets/0/resync_bytes")
     );
 }
+
+/// A primary restarted while its standby is away releases the journal up to its
+/// checkpoint (acks are not persisted), so the standby's next record is gone when it
+/// comes back: it is resynced in full from the volumes instead of being refused.
+#[test]
+fn released_resume_point_gets_a_full_resync() {
+    if skip_without("qemu-io", "released_resume_point_gets_a_full_resync") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init(dir.path());
+    let mut standby = Node::start(&ferryd(), &scfg);
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(4, 20)));
+    wait_caught_up(&primary, &standby);
+    standby.kill();
+    // ~2 MiB: more than one 1 MiB segment, less than the switch threshold.
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(5, 32)));
+    assert_eq!(primary.status()["targets"][0]["tracking"], "streaming");
+    assert!(primary.terminate().success());
+    let primary = Node::start(&ferryd(), &pcfg);
+    let st = primary.status();
+    assert!(
+        seq(&st, "/journal/first_seq") > 21,
+        "the restart released the standby's next record: {st:#}"
+    );
+    let standby = Node::start(&ferryd(), &scfg);
+    wait_caught_up(&primary, &standby);
+    same_file(
+        &dir.path().join("primary/vol0.img"),
+        &dir.path().join("dr1/vol0.img"),
+    );
+    let st = primary.status();
+    assert_eq!(
+        seq(&st, "/targets/0/resync_bytes"),
+        VOL,
+        "every region was copied: {st:#}"
+    );
+}
