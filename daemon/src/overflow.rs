@@ -1083,6 +1083,155 @@ mod tests {
         );
     }
 
+    struct Rig {
+        dir: tempfile::TempDir,
+        sh: Arc<Shared>,
+        cfg: Config,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = ferry_journal::JournalOptions::new(dir.path().join("j"), [1; 16]);
+        o.segment_size = 1 << 20;
+        o.capacity = 8 << 20;
+        o.engine = ferry_journal::EngineChoice::Std;
+        let (journal, _) = Journal::open(o).unwrap();
+        let path = dir.path().join("v0.img");
+        std::fs::File::create(&path).unwrap().set_len(4 << 20).unwrap();
+        let base = Arc::new(Base::open(0, "v0", &path, 4 << 20).unwrap());
+        let journal = Arc::new(journal);
+        let j = journal.clone();
+        let cfg = Config::parse(&format!(
+            r#"
+[node]
+name = "primary"
+role = "primary"
+cluster_id = "00112233445566778899aabbccddeeff"
+metadata_dir = "{}"
+[journal]
+dir = "j"
+size = "8MiB"
+[control]
+socket = "s"
+[replication]
+listen = "127.0.0.1:7000"
+primary = "primary"
+[[replication.target]]
+name = "dr1"
+address = "127.0.0.1:7001"
+[[volume]]
+name = "v0"
+path = "{}"
+size = "4MiB"
+"#,
+            dir.path().display(),
+            path.display()
+        ))
+        .unwrap();
+        let sh = Arc::new(Shared {
+            journal,
+            bases: vec![base],
+            applied: Arc::new(move || j.durable_seq()),
+            checkpoint: Arc::new(|| 0),
+            sync: None,
+            dir: dir.path().join("dirty"),
+            region_size: 65536,
+        });
+        Rig { dir, sh, cfg }
+    }
+
+    impl Rig {
+        fn target(&self) -> Arc<TargetState> {
+            let t = crate::replication::target_states(&self.cfg, 0).remove(0);
+            let _ = t.track.shared.set(self.sh.clone());
+            t
+        }
+
+        /// Journals a 4 KiB write at `offset`, calling the marking hook as the
+        /// journal's completion path would.
+        fn write(&self, t: &TargetState, offset: u64) -> Seq {
+            let rec = Record::write(0, offset, bytes::Bytes::from(vec![1u8; 4096]));
+            let seq = self.sh.journal.append_wait(rec.clone()).unwrap();
+            t.track.on_durable(seq, &rec);
+            seq
+        }
+
+        fn dirty(&self, t: &TargetState) -> Vec<(u64, u64)> {
+            let inner = t.track.inner.lock();
+            inner.maps[0].1.dirty_ranges().collect()
+        }
+    }
+
+    /// Switch, live marks, the crash rule (the floor follows durable marks only),
+    /// restart, an unfinished switch and a failed flush.
+    #[test]
+    fn bitmap_mode_marks_flushes_and_survives_a_restart() {
+        let r = rig();
+        let t = r.target();
+        for i in 0..10u64 {
+            r.write(&t, i * 65536);
+        }
+        t.acked_seq.store(5, Ordering::Release);
+        switch(&t, &r.sh, 0, 1).unwrap();
+        assert_eq!(t.track.mode(), Mode::Bitmap);
+        // Records 6..=10 wrote regions 5..=9.
+        assert_eq!(r.dirty(&t), vec![(5 * 65536, 5 * 65536)]);
+        assert_eq!(t.track.floor(5), 10, "every record up to 10 durably marked");
+        // New writes are marked live; the floor moves only with a flush.
+        let s = r.write(&t, 40 * 65536 + 100);
+        assert_eq!(t.track.floor(5), 10);
+        t.track.flush(&t.name, true);
+        assert_eq!(t.track.floor(5), s);
+        assert_eq!(
+            r.dirty(&t),
+            vec![(5 * 65536, 5 * 65536), (40 * 65536, 65536)]
+        );
+        // A flush that fails holds the floor (and keeps the marks in memory).
+        let tdir = r.sh.dir.join("dr1");
+        let saved = r.dir.path().join("saved");
+        std::fs::rename(&tdir, &saved).unwrap();
+        let s2 = r.write(&t, 50 * 65536);
+        t.track.flush(&t.name, true);
+        assert_eq!(t.track.floor(5), s, "held while the flush fails");
+        std::fs::rename(&saved, &tdir).unwrap();
+        t.track.flush(&t.name, true);
+        assert_eq!(t.track.floor(5), s2);
+        // One more write, not flushed, then a "restart": the maps are reopened and
+        // the journal records after their through_seq are marked again.
+        r.write(&t, 60 * 65536);
+        assert_eq!(persisted_floor(&r.cfg), s2);
+        drop(t);
+        let t = r.target();
+        load(&t, &r.sh).unwrap();
+        assert_eq!(t.track.mode(), Mode::Bitmap);
+        assert_eq!(t.track.floor(0), s2);
+        assert_eq!(
+            r.dirty(&t),
+            vec![
+                (5 * 65536, 5 * 65536),
+                (40 * 65536, 65536),
+                (50 * 65536, 65536),
+                (60 * 65536, 65536)
+            ]
+        );
+        assert!(t.degraded.load(Ordering::Acquire));
+        // Completing a resync removes the maps.
+        complete_resync(&t);
+        assert_eq!(t.track.mode(), Mode::Streaming);
+        assert_eq!(persisted_floor(&r.cfg), Seq::MAX);
+        // An unfinished switch (a map still at through_seq 0) is discarded at load.
+        DirtyMap::create(&map_path(&r.sh.dir, "dr1", "v0"), 4 << 20, 65536).unwrap();
+        let t = r.target();
+        load(&t, &r.sh).unwrap();
+        assert_eq!(t.track.mode(), Mode::Streaming);
+        assert!(!map_path(&r.sh.dir, "dr1", "v0").exists());
+        // A target whose next record is gone is switched with every region dirty.
+        switch_full(&t, 3).unwrap();
+        assert_eq!(t.track.mode(), Mode::Bitmap);
+        assert_eq!(r.dirty(&t), vec![(0, 4 << 20)]);
+        assert_eq!(t.track.dirty_bytes.load(Ordering::Relaxed), 4 << 20);
+    }
+
     #[test]
     fn floor_depends_on_the_mode() {
         let t = Tracker::default();

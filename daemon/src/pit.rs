@@ -1606,6 +1606,102 @@ mod tests {
         }
     }
 
+    /// A resync transition: no point inside it is offered (views, rollback), the
+    /// point it started from is, also after a crash in the middle of the copy (the
+    /// undo log reopened), and a rollback to it restores that image exactly.
+    #[test]
+    fn resync_keeps_its_start_reachable_across_a_crash() {
+        let mut r = rig(1 << 20, 1 << 30);
+        r.apply(1, &[(Op::Write, 0, SIZE as u32, 0x11)]);
+        let from = r.apply(2, &[(Op::Write, 4096, 8192, 0x22), (Op::Seal, 0, 0, 1)]);
+        let image_at_from = std::fs::read(&r.base.path).unwrap();
+        // Begin: the copy replaces records from+1..=snapshot.
+        let snapshot = from + 40;
+        r.applier
+            .meta
+            .begin_resync(
+                &crate::meta::ResyncState {
+                    from,
+                    snapshot,
+                    through: 0,
+                    copied: false,
+                },
+                from,
+            )
+            .unwrap();
+        r.pit.begin_resync(from, snapshot, 3).unwrap();
+        r.applied.store(snapshot, Ordering::Release);
+        // Two copied batches, one with data, one zeroing a range.
+        let batch = |off: u64, len: u32, fill: Option<u8>| {
+            vec![(
+                snapshot,
+                Record {
+                    volume: 0,
+                    op: if fill.is_some() { Op::Write } else { Op::Trim },
+                    offset: off,
+                    length: len,
+                    data: fill.map_or(Bytes::new(), |f| Bytes::from(vec![f; len as usize])),
+                },
+            )]
+        };
+        r.applier
+            .apply_resync_batch(snapshot, 4, &batch(0, 65536, Some(0x33)))
+            .unwrap();
+        r.applier
+            .apply_resync_batch(snapshot, 5, &batch(100_000, 50_000, None))
+            .unwrap();
+        assert_ne!(std::fs::read(&r.base.path).unwrap(), image_at_from);
+        let inside = r.pit.resolve(&Target::Seq(snapshot)).unwrap_err().to_string();
+        assert!(inside.contains("inconsistent"), "{inside}");
+        assert_eq!(r.pit.status()["newest"]["seq"], from, "no point inside");
+        // A crash: the undo log is reopened from disk.
+        let Rig {
+            _dir: dir,
+            base,
+            pit,
+            applier,
+            applied,
+            ..
+        } = r;
+        drop(applier);
+        drop(pit);
+        let settings = PitConfig {
+            enabled: true,
+            dir: None,
+            max_bytes: ByteSize(1 << 30),
+            max_age_secs: 0,
+            segment_size: ByteSize(1 << 20),
+        };
+        let meta = Arc::new(Meta::open(&dir.path().join("meta"), [3; 16]).unwrap());
+        let pit = Pit::open(
+            dir.path().join("undo"),
+            [3; 16],
+            settings,
+            meta.clone(),
+            vec![base.clone()],
+            applied,
+        )
+        .unwrap();
+        assert!(pit.resolve(&Target::Seq(snapshot)).is_err());
+        let v = pit.open_view(base.clone(), &Target::Seq(from), None).unwrap();
+        let mut got = Vec::new();
+        let mut at = 0;
+        while at < SIZE {
+            let n = (SIZE - at).min(65536);
+            got.extend_from_slice(&v.read_sync(at, n as u32).unwrap());
+            at += n;
+        }
+        assert!(got == image_at_from, "the view at the resync's start");
+        drop(v);
+        let report = pit.rollback(&Target::Seq(from)).unwrap();
+        assert_eq!(report.point.seq, from);
+        assert!(
+            std::fs::read(&base.path).unwrap() == image_at_from,
+            "rollback to the resync's start"
+        );
+        assert_eq!(meta.resync_state().unwrap(), None, "the transition is over");
+    }
+
     #[test]
     fn writable_view_keeps_writes_in_its_overlay() {
         let mut r = rig(1 << 20, 1 << 30);
