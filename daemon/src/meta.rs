@@ -371,7 +371,11 @@ impl Meta {
             message: m,
         };
         if raw.len() != 25 || raw[24] > 1 {
-            return Err(bad(format!("{} bytes (flag {:?}), expected 25", raw.len(), raw.get(24))));
+            return Err(bad(format!(
+                "{} bytes (flag {:?}), expected 25",
+                raw.len(),
+                raw.get(24)
+            )));
         }
         let u = |i: usize| {
             let mut b = [0u8; 8];
@@ -664,7 +668,10 @@ mod tests {
         drop(m);
         let m = Meta::open(dir.path(), [1; 16]).unwrap();
         assert_eq!(m.resync_state().unwrap(), Some(s));
-        assert_eq!((m.journal_skip().unwrap(), m.checkpoint().unwrap()), (40, 10));
+        assert_eq!(
+            (m.journal_skip().unwrap(), m.checkpoint().unwrap()),
+            (40, 10)
+        );
         let done = ResyncState {
             through: 55,
             copied: true,

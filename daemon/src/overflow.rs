@@ -129,22 +129,17 @@ pub fn persisted_floor(cfg: &Config) -> Seq {
     };
     let mut floor = Seq::MAX;
     for t in &r.targets {
-        let mut through = Seq::MAX;
-        let mut present = 0;
-        for v in &cfg.volumes {
-            let p = map_path(&dir, &t.name, &v.name);
-            if !p.exists() {
-                continue;
-            }
-            present += 1;
-            match DirtyMap::open(&p) {
-                Ok(m) => through = through.min(m.through_seq()),
-                // A damaged map is replaced by a full one at start-up: nothing in the
-                // journal is needed for it (every region will be dirty).
-                Err(_) => {}
-            }
-        }
-        if present > 0 && through != Seq::MAX {
+        // A damaged map is replaced by a full one at start-up: nothing in the journal
+        // is needed for it (every region will be dirty), so only readable maps count.
+        let through = cfg
+            .volumes
+            .iter()
+            .map(|v| map_path(&dir, &t.name, &v.name))
+            .filter(|p| p.exists())
+            .filter_map(|p| DirtyMap::open(&p).ok())
+            .map(|m| m.through_seq())
+            .min();
+        if let Some(through) = through {
             floor = floor.min(through);
         }
     }
@@ -343,11 +338,8 @@ impl Tracker {
     fn merge(&self, inner: &mut Inner) -> anyhow::Result<Seq> {
         let (taken, through) = {
             let mut live = self.live.lock();
-            let taken: Vec<(u32, Vec<(u64, u64)>)> = live
-                .bits
-                .iter_mut()
-                .map(|(v, b)| (*v, b.take()))
-                .collect();
+            let taken: Vec<(u32, Vec<(u64, u64)>)> =
+                live.bits.iter_mut().map(|(v, b)| (*v, b.take())).collect();
             (taken, live.marked_through)
         };
         for (vol, ranges) in taken {
@@ -497,9 +489,13 @@ fn load(t: &TargetState, sh: &Shared) -> anyhow::Result<()> {
         .unwrap_or(0);
     let mut maps = Vec::new();
     let unusable = opened.into_iter().chain(missing.into_iter().map(|b| {
-            let p = map_path(&sh.dir, &t.name, &b.name);
-            (b, p, Err("it is missing (a volume added since?)".to_string()))
-        }));
+        let p = map_path(&sh.dir, &t.name, &b.name);
+        (
+            b,
+            p,
+            Err("it is missing (a volume added since?)".to_string()),
+        )
+    }));
     for (b, p, m) in unusable {
         match m {
             Ok(m) => maps.push((b.id, m)),
@@ -566,7 +562,11 @@ fn mark_from_journal(t: &TargetState, sh: &Shared, after: Seq, upto: Seq) -> any
             }
             match bits.iter_mut().find(|(v, _)| *v == r.volume) {
                 Some((_, b)) => b.mark(r.offset, u64::from(r.length)),
-                None => bail!("record {} is for volume id {}, not configured", e.seq, r.volume),
+                None => bail!(
+                    "record {} is for volume id {}, not configured",
+                    e.seq,
+                    r.volume
+                ),
             }
         }
         Ok(())
@@ -793,9 +793,7 @@ fn begin_resync(t: &TargetState, sh: &Shared, from: Seq) -> anyhow::Result<(Seq,
     let deadline = Instant::now() + Duration::from_secs(10);
     while (sh.applied)() < from {
         if Instant::now() > deadline {
-            bail!(
-                "the primary did not apply sequence {from} (the standby's position) within 10 s"
-            );
+            bail!("the primary did not apply sequence {from} (the standby's position) within 10 s");
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -1026,7 +1024,8 @@ pub async fn resync_copy(
 /// After an ack: whether the resync is complete (the target holds its end point
 /// durably). Then call [`complete_resync`].
 pub fn resync_done(t: &TargetState, durable: Seq) -> bool {
-    t.track.mode() == Mode::Resyncing && t.track.inner.lock().through.is_some_and(|th| durable >= th)
+    t.track.mode() == Mode::Resyncing
+        && t.track.inner.lock().through.is_some_and(|th| durable >= th)
 }
 
 /// Back to streaming: the target holds the floor with its ack again; the maps go.
@@ -1097,7 +1096,10 @@ mod tests {
         o.engine = ferry_journal::EngineChoice::Std;
         let (journal, _) = Journal::open(o).unwrap();
         let path = dir.path().join("v0.img");
-        std::fs::File::create(&path).unwrap().set_len(4 << 20).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
         let base = Arc::new(Base::open(0, "v0", &path, 4 << 20).unwrap());
         let journal = Arc::new(journal);
         let j = journal.clone();

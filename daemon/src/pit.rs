@@ -1651,7 +1651,11 @@ mod tests {
             .apply_resync_batch(snapshot, 5, &batch(100_000, 50_000, None))
             .unwrap();
         assert_ne!(std::fs::read(&r.base.path).unwrap(), image_at_from);
-        let inside = r.pit.resolve(&Target::Seq(snapshot)).unwrap_err().to_string();
+        let inside = r
+            .pit
+            .resolve(&Target::Seq(snapshot))
+            .unwrap_err()
+            .to_string();
         assert!(inside.contains("inconsistent"), "{inside}");
         assert_eq!(r.pit.status()["newest"]["seq"], from, "no point inside");
         // A crash: the undo log is reopened from disk.
@@ -1683,7 +1687,9 @@ mod tests {
         )
         .unwrap();
         assert!(pit.resolve(&Target::Seq(snapshot)).is_err());
-        let v = pit.open_view(base.clone(), &Target::Seq(from), None).unwrap();
+        let v = pit
+            .open_view(base.clone(), &Target::Seq(from), None)
+            .unwrap();
         let mut got = Vec::new();
         let mut at = 0;
         while at < SIZE {

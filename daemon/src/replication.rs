@@ -607,7 +607,12 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                 }
             }
             if resync {
-                return session::plan_resync(neg, epoch, hello.resume_position, journal.durable_seq());
+                return session::plan_resync(
+                    neg,
+                    epoch,
+                    hello.resume_position,
+                    journal.durable_seq(),
+                );
             }
             let oldest = journal.first_available_seq();
             match session::plan_resume(

@@ -199,7 +199,10 @@ pub(crate) fn data(sb: &Standby, c: &mut Copy, d: ResyncData) -> anyhow::Result<
             .iter()
             .find(|b| b.id == x.volume)
             .ok_or_else(|| anyhow!("resync data for volume id {}, not in the config", x.volume))?;
-        if x.offset.checked_add(u64::from(x.length)).is_none_or(|e| e > base.size) {
+        if x.offset
+            .checked_add(u64::from(x.length))
+            .is_none_or(|e| e > base.size)
+        {
             bail!(
                 "resync data {}+{} beyond volume '{}' ({} bytes)",
                 x.offset,
@@ -228,7 +231,10 @@ pub(crate) fn data(sb: &Standby, c: &mut Copy, d: ResyncData) -> anyhow::Result<
     applier.apply_resync_batch(c.snapshot, now_ns(), &recs)?;
     c.bytes += bytes;
     c.batches += 1;
-    applier.resync.copied_bytes.fetch_add(bytes, Ordering::Relaxed);
+    applier
+        .resync
+        .copied_bytes
+        .fetch_add(bytes, Ordering::Relaxed);
     if let Some(p) = c.pause {
         std::thread::sleep(p);
     }

@@ -1093,7 +1093,11 @@ impl UndoLog {
     /// Newest recovery point with `seq <= seq`.
     pub fn find_by_seq(&self, seq: u64) -> Option<UndoPoint> {
         let i = self.points.partition_point(|p| p.seq <= seq);
-        self.points[..i].iter().rev().find(|p| p.is_point()).copied()
+        self.points[..i]
+            .iter()
+            .rev()
+            .find(|p| p.is_point())
+            .copied()
     }
 
     /// Newest recovery point at or before `ts_ns`: the last point of the longest
@@ -1101,7 +1105,11 @@ impl UndoLog {
     /// never makes a view include a write-set stamped after `ts_ns`).
     pub fn find_by_time(&self, ts_ns: u64) -> Option<UndoPoint> {
         let i = self.max_ts.partition_point(|&m| m <= ts_ns);
-        self.points[..i].iter().rev().find(|p| p.is_point()).copied()
+        self.points[..i]
+            .iter()
+            .rev()
+            .find(|p| p.is_point())
+            .copied()
     }
 
     /// Index of the first entry after the boundary `seq`, or why `seq` is not a
@@ -1151,14 +1159,18 @@ impl UndoLog {
                 .iter()
                 .rposition(|q| q.is_point())
                 .map_or(self.points[0].first_seq - 1, |k| self.points[k].seq);
-            let end = self.points[i..].iter().find(|q| q.is_point()).map(|q| q.seq);
+            let end = self.points[i..]
+                .iter()
+                .find(|q| q.is_point())
+                .map(|q| q.seq);
             return Err(UndoError::InvalidTarget(format!(
                 "seq {seq} is inside a resync (the replica was being resynced after \
                  {start}; entry {}..={} is not a consistent point); the nearest \
                  consistent points are {start} and {}",
                 p.first_seq,
                 p.seq,
-                end.map_or("the end of the resync (not reached yet)".to_string(), |e| e.to_string())
+                end.map_or("the end of the resync (not reached yet)".to_string(), |e| e
+                    .to_string())
             )));
         }
         Ok(i)

@@ -810,7 +810,9 @@ fn skip_to_jumps_the_sequence_durably() {
         let (j, rep) = Journal::open(o.clone()).unwrap();
         assert_eq!((rep.first_seq, rep.last_seq), (1, 103));
         assert!(
-            rep.events.iter().any(|e| e.contains("6..=100 were skipped")),
+            rep.events
+                .iter()
+                .any(|e| e.contains("6..=100 were skipped")),
             "{:?}",
             rep.events
         );
@@ -824,7 +826,8 @@ fn skip_to_jumps_the_sequence_durably() {
         // A skip right after reopening (nothing pending) also works.
         j.skip_to(200).unwrap();
         assert_eq!(
-            j.append_wait(Record::write(0, 0, payload(201, 10))).unwrap(),
+            j.append_wait(Record::write(0, 0, payload(201, 10)))
+                .unwrap(),
             201
         );
         j.close().unwrap();

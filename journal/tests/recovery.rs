@@ -35,8 +35,7 @@ impl Img {
             max_inflight: 1,
             seq_jump: true,
         };
-        img.buf[..format::SEGMENT_HEADER_LEN]
-            .copy_from_slice(&format::encode_segment_header(&h));
+        img.buf[..format::SEGMENT_HEADER_LEN].copy_from_slice(&format::encode_segment_header(&h));
         img
     }
     /// Segment whose header records `depth` batch writes in flight.

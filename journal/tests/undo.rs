@@ -214,7 +214,11 @@ fn arb_entry() -> impl Strategy<Value = UndoEntry> {
                 })
                 .collect(),
             // Resync entries (flag bit 0) round-trip too.
-            kind: [EntryKind::WriteSet, EntryKind::Resync, EntryKind::ResyncStart][(ts % 3) as usize],
+            kind: [
+                EntryKind::WriteSet,
+                EntryKind::Resync,
+                EntryKind::ResyncStart,
+            ][(ts % 3) as usize],
         })
 }
 

@@ -1300,8 +1300,7 @@ fn decode_resync_data(r: &mut Reader, epoch: Epoch) -> Result<ResyncData, Decode
     let count = r.u32()? as usize;
     r.zero("resync_data.reserved", 4)?;
     // Bounded by the protocol limit and by what the payload can hold.
-    if count > MAX_RESYNC_EXTENTS
-        || count.saturating_mul(RESYNC_EXTENT_HEADER_LEN) > r.remaining()
+    if count > MAX_RESYNC_EXTENTS || count.saturating_mul(RESYNC_EXTENT_HEADER_LEN) > r.remaining()
     {
         return Err(DecodeError::InvalidField {
             field: "resync_data.extent_count",

@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 use ferry_transport::wire::{
-    decode, encode, Ack, Frame, Handover, HandoverAck, Hello, ResyncBegin, ResyncData,
-    ResyncEnd, ResyncExtent, Role, VolumeGeometry, MAX_SUPPORTED_VERSION,
+    decode, encode, Ack, Frame, Handover, HandoverAck, Hello, ResyncBegin, ResyncData, ResyncEnd,
+    ResyncExtent, Role, VolumeGeometry, MAX_SUPPORTED_VERSION,
 };
 
 fn golden_hello() -> Hello {
@@ -282,5 +282,8 @@ fn check_golden(frame: &Frame, bytes: &[u8], crcs: ([u8; 4], [u8; 4])) {
         "pinned CRCs of {:?}",
         frame.frame_type()
     );
-    assert_eq!(&decode(Bytes::copy_from_slice(&want)).expect("decode"), frame);
+    assert_eq!(
+        &decode(Bytes::copy_from_slice(&want)).expect("decode"),
+        frame
+    );
 }

@@ -856,7 +856,9 @@ fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
                     .map(|e| format!("\n           last error: {e}"))
                     .unwrap_or_default()
             );
-            if t["tracking"].as_str().is_some_and(|m| m != "streaming") || t["points_lost"].is_object() {
+            if t["tracking"].as_str().is_some_and(|m| m != "streaming")
+                || t["points_lost"].is_object()
+            {
                 let lost = &t["points_lost"];
                 println!(
                     "           tracking {}: {} bytes dirty, {} bytes resynced{}",
@@ -867,7 +869,9 @@ fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
                         format!(
                             ", recovery points after {} up to {} lost",
                             lost["after_seq"],
-                            lost["through_seq"].as_u64().map_or("the end of the resync".to_string(), |s| s.to_string())
+                            lost["through_seq"]
+                                .as_u64()
+                                .map_or("the end of the resync".to_string(), |s| s.to_string())
                         )
                     } else {
                         String::new()

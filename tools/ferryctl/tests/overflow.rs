@@ -189,15 +189,16 @@ fn overflow_switches_to_a_bitmap_and_resyncs_only_dirty_regions() {
 /// resync completes after it restarts.
 #[test]
 fn standby_killed_mid_resync_completes_after_restart() {
-    if skip_without("qemu-io", "standby_killed_mid_resync_completes_after_restart") {
+    if skip_without(
+        "qemu-io",
+        "standby_killed_mid_resync_completes_after_restart",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     // The primary notices the killed standby within 1.5 s, not QUIC's 10 s default.
-    let (primary, scfg, _) = overflow_with_standby_down(
-        dir.path(),
-        &[(ferryd::daemon::IDLE_TIMEOUT_ENV, "1500")],
-    );
+    let (primary, scfg, _) =
+        overflow_with_standby_down(dir.path(), &[(ferryd::daemon::IDLE_TIMEOUT_ENV, "1500")]);
     let mut standby = Node::start_env(
         &ferryd(),
         &scfg,
@@ -222,7 +223,14 @@ fn standby_killed_mid_resync_completes_after_restart() {
         Command::new(ferryctl())
             .arg("--config")
             .arg(&scfg)
-            .args(["pit", "export", "--volume", "vol0", "--listen", "127.0.0.1:0"])
+            .args([
+                "pit",
+                "export",
+                "--volume",
+                "vol0",
+                "--listen",
+                "127.0.0.1:0",
+            ])
             .args(["--seq", &seq.to_string(), "--json"])
             .output()
             .unwrap()
