@@ -278,6 +278,19 @@ impl Tracker {
         self.mode.store(m as u8, Ordering::Release);
     }
 
+    /// Streaming → switching, for exactly one caller (the monitor and a session may
+    /// both want to switch a target).
+    fn begin_switch(&self) -> bool {
+        self.mode
+            .compare_exchange(
+                Mode::Streaming as u8,
+                Mode::Switching as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
     /// The journal position this target needs kept, given its durable ack.
     pub fn floor(&self, acked: Seq) -> Seq {
         match self.mode() {
@@ -636,7 +649,9 @@ fn monitor(sh: &Shared, targets: &[Arc<TargetState>], stop: watch::Receiver<bool
 fn switch(t: &TargetState, sh: &Shared, used: u64, cap: u64) -> anyhow::Result<()> {
     let started = Instant::now();
     let acked = t.acked_seq.load(Ordering::Acquire);
-    t.track.set_mode(Mode::Switching);
+    if !t.track.begin_switch() {
+        return Ok(());
+    }
     t.track.start_live(sh, acked);
     // Every record completed after this read is marked live (the hook saw `active`);
     // every one before it is in the journal up to `d0`.
@@ -714,10 +729,9 @@ pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
         .get()
         .cloned()
         .ok_or_else(|| anyhow!("overflow tracking is not set up"))?;
-    if t.track.mode() != Mode::Streaming {
+    if !t.track.begin_switch() {
         return Ok(());
     }
-    t.track.set_mode(Mode::Switching);
     t.track.start_live(&sh, from);
     let d0 = sh.journal.durable_seq();
     let res = (|| -> anyhow::Result<()> {
