@@ -239,6 +239,8 @@ pub struct Tracker {
     pub resync_data_bytes: AtomicU64,
     /// Ends the target's streaming session when it switches to bitmap mode.
     kick: tokio::sync::Notify,
+    /// The monitor abandons the current resync (the journal filled during it).
+    abort: AtomicBool,
     inner: Mutex<Inner>,
     live: Mutex<Live>,
     shared: OnceLock<Arc<Shared>>,
@@ -301,6 +303,11 @@ impl Tracker {
                 .load(Ordering::Acquire)
                 .min(self.hold.load(Ordering::Acquire).max(acked)),
         }
+    }
+
+    /// The monitor abandoned the resync in progress (its session must end).
+    pub fn resync_abandoned(&self) -> bool {
+        self.mode() == Mode::Resyncing && self.abort.load(Ordering::Acquire)
     }
 
     /// Whether the target's next session must resync from the bitmap.
@@ -624,6 +631,25 @@ fn monitor(sh: &Shared, targets: &[Arc<TargetState>], stop: watch::Receiver<bool
         }
         let checkpoint = (sh.checkpoint)();
         let now = Instant::now();
+        // A resync holds the journal from its snapshot on until the target has caught
+        // up: if that fills it, writes would wait for the resync. They must not wait
+        // for a target: the resync is abandoned (back to bitmap mode, marks intact) and
+        // runs again on the next connection.
+        for t in targets.iter().filter(|t| t.track.mode() == Mode::Resyncing) {
+            if t.track.floor(t.acked_seq.load(Ordering::Acquire)) < checkpoint
+                && !t.track.abort.swap(true, Ordering::AcqRel)
+            {
+                tracing::warn!(
+                    target = %t.name,
+                    journal_used = used,
+                    journal_capacity = cap,
+                    "the journal filled up during the target's resync: abandoning it (it \
+                     starts again on the next connection; a larger journal lets a resync \
+                     finish under this write load)"
+                );
+                t.track.kick.notify_waiters();
+            }
+        }
         // The streaming target furthest behind, if it is what holds the journal.
         let holder = targets
             .iter()
@@ -833,6 +859,7 @@ fn begin_resync(t: &TargetState, sh: &Shared, from: Seq) -> anyhow::Result<(Seq,
         inner.base_seq = from;
     }
     t.track.hold.store(snapshot, Ordering::Release);
+    t.track.abort.store(false, Ordering::Release);
     t.track.set_mode(Mode::Resyncing);
     inner.through = None;
     inner.lost = Some((from.max(inner.base_seq), None));
@@ -995,7 +1022,11 @@ pub async fn resync_copy(
                 Some(other) => bail!("unexpected {:?} frame during a resync", other.frame_type()),
                 None => bail!("standby closed the control stream"),
             },
+            _ = t.track.kicked() => bail!("resync abandoned: the journal filled up during it"),
             _ = heartbeat.tick() => {
+                if t.track.resync_abandoned() {
+                    bail!("resync abandoned: the journal filled up during it");
+                }
                 s.control_send
                     .send_frame(&Frame::Heartbeat(Heartbeat {
                         epoch,

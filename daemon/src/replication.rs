@@ -771,8 +771,9 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                 bail!("switched to bitmap mode: the journal no longer keeps this target's records");
             }
             _ = heartbeat.tick() => {
-                // A switch to bitmap mode whose wake-up this loop missed.
-                if t.track.mode() == crate::overflow::Mode::Bitmap {
+                // A switch to bitmap mode (or an abandoned resync) whose wake-up this
+                // loop missed.
+                if t.track.mode() == crate::overflow::Mode::Bitmap || t.track.resync_abandoned() {
                     bail!("switched to bitmap mode: the journal no longer keeps this target's records");
                 }
                 s.control_send
