@@ -173,6 +173,21 @@ pub fn recover(cfg: &Config) -> anyhow::Result<Recovered> {
     };
     journal.release_through(checkpoint.min(floor))?;
     applied.store(journal.durable_seq(), Ordering::Release);
+    // A resync whose end point was applied just before a crash (the metadata was not
+    // cleared yet): the replay above applied it again.
+    if let Some(r) = applier
+        .resync
+        .get()
+        .filter(|r| r.copied && journal.durable_seq() >= r.through)
+    {
+        meta.set_resync_state(None)?;
+        applier.resync.set(None);
+        tracing::info!(
+            from = r.from,
+            through = r.through,
+            "resync complete: the replica is a consistent image again"
+        );
+    }
     if let (Some(RollbackState::InProgress { target }), Some(pit)) = (rollback, &pit) {
         tracing::warn!(target, "finishing the rollback interrupted by a restart");
         pit.finish_rollback(target)?;
