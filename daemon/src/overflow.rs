@@ -837,6 +837,10 @@ fn begin_resync(t: &TargetState, sh: &Shared, from: Seq) -> anyhow::Result<(Seq,
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    // The floor is held at the snapshot from here on. A checkpoint computed just
+    // before may still release a little past it; then the stream's journal reader
+    // finds the snapshot's successor released, the session ends and the resync runs
+    // again (the maps are intact): a retry, never a gap.
     let snapshot = (sh.applied)();
     let mut inner = t.track.inner.lock();
     if !matches!(t.track.mode(), Mode::Bitmap | Mode::Resyncing) {
