@@ -88,6 +88,14 @@ pub fn recover(cfg: &Config) -> anyhow::Result<Recovered> {
     if let Some(reason) = journal.fallback_reason() {
         tracing::warn!("journal io engine fell back to std IO: {reason}");
     }
+    // A standby's journal that jumped after a resync copy records the jump only with
+    // the first record after it; the metadata holds it until then.
+    let skip = meta.journal_skip()?;
+    if journal.last_seq() < skip {
+        journal
+            .skip_to(skip)
+            .context("repeating the journal's jump after a resync")?;
+    }
     let checkpoint = meta.checkpoint()?;
     let last = journal.last_seq();
     if last < checkpoint {
@@ -130,6 +138,7 @@ pub fn recover(cfg: &Config) -> anyhow::Result<Recovered> {
         verify: Default::default(),
         applied: applied.clone(),
         outbox: Default::default(),
+        resync: Arc::new(crate::resync::ResyncStatus::load(&meta)?),
     });
     let replayed = match rollback {
         // A rolled-back replica must not be rolled forward by the journal (the
@@ -156,8 +165,29 @@ pub fn recover(cfg: &Config) -> anyhow::Result<Recovered> {
     };
     // Releases are not persisted by the journal (the checkpoint in the metadata is the
     // durable record of them), so segments at or below it reappear after a restart.
-    journal.release_through(checkpoint)?;
+    // A target in bitmap mode still needs the records whose marks were not flushed.
+    let floor = if standby {
+        Seq::MAX
+    } else {
+        crate::overflow::persisted_floor(cfg)
+    };
+    journal.release_through(checkpoint.min(floor))?;
     applied.store(journal.durable_seq(), Ordering::Release);
+    // A resync whose end point was applied just before a crash (the metadata was not
+    // cleared yet): the replay above applied it again.
+    if let Some(r) = applier
+        .resync
+        .get()
+        .filter(|r| r.copied && journal.durable_seq() >= r.through)
+    {
+        meta.set_resync_state(None)?;
+        applier.resync.set(None);
+        tracing::info!(
+            from = r.from,
+            through = r.through,
+            "resync complete: the replica is a consistent image again"
+        );
+    }
     if let (Some(RollbackState::InProgress { target }), Some(pit)) = (rollback, &pit) {
         tracing::warn!(target, "finishing the rollback interrupted by a restart");
         pit.finish_rollback(target)?;
@@ -530,8 +560,19 @@ impl Observe {
     }
 }
 
+/// Testing hook: QUIC idle timeout in milliseconds (a test that SIGKILLs a standby
+/// need not wait 10 s for the primary to notice). Never set in production.
+pub const IDLE_TIMEOUT_ENV: &str = "FERRYD_TEST_IDLE_TIMEOUT_MS";
+
 fn transport_options() -> ferry_transport::quic::TransportOptions {
-    ferry_transport::quic::TransportOptions::default()
+    let mut o = ferry_transport::quic::TransportOptions::default();
+    if let Some(ms) = std::env::var(IDLE_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        o.idle_timeout = Duration::from_millis(ms);
+    }
+    o
 }
 
 async fn run_primary(
@@ -617,6 +658,27 @@ async fn run_primary(
             let sync = SyncGate::new(targets.clone(), Duration::from_millis(r.sync_timeout_ms));
             *group.sync.write() = Some(sync.clone());
             group.feed.enable(r.tail_bytes.0 as usize);
+            // Before the shippers start: a target left in bitmap mode resyncs at once.
+            crate::overflow::start(
+                crate::overflow::Shared {
+                    journal: rec.journal.clone(),
+                    bases: rec.bases.clone(),
+                    applied: {
+                        let g = group.clone();
+                        Arc::new(move || g.applied_seq())
+                    },
+                    checkpoint: {
+                        let m = rec.meta.clone();
+                        Arc::new(move || m.checkpoint().unwrap_or(0))
+                    },
+                    sync: Some(sync.clone()),
+                    dir: crate::overflow::dirty_dir(&cfg),
+                    region_size: crate::dirty::DEFAULT_REGION_SIZE,
+                },
+                &targets,
+                &group.feed,
+                stop_rx.clone(),
+            )?;
             let ctx = Arc::new(ShipContext {
                 journal: rec.journal.clone(),
                 tail: group.feed.tail.clone(),
@@ -1420,6 +1482,9 @@ fn standby_handler(
                     "journal": journal_status(j),
                     "paused": sb.paused(),
                     "apply_error": st.apply_error.lock().clone(),
+                    // A bitmap resync in progress: no consistent image until it ends.
+                    "replica": if rec.applier.resync.get().is_some() { "inconsistent" } else { "consistent" },
+                    "resync": rec.applier.resync.status(),
                     "primary": {
                         "name": st.primary,
                         "listen": st.listen,
@@ -1569,6 +1634,14 @@ fn promote(
     }
     if exports.is_some_and(|x| !x.is_empty()) {
         bail!("point-in-time views are exported; unexport them before promoting");
+    }
+    if let (Some(r), None) = (rec.applier.resync.get(), target) {
+        bail!(
+            "the replica is inconsistent: it is being resynced from the primary; roll it \
+             back to its last consistent point first (`ferryctl rollback --seq {}`), then \
+             promote, or let the resync finish",
+            r.from
+        );
     }
     let fork = match (target, rec.meta.rollback_state()?) {
         (Some(t), _) => {

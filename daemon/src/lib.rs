@@ -8,6 +8,8 @@
 //! * [`replication`] — primary side: shippers, sync gate, lag accounting.
 //! * [`standby`]  — standby side: receive, journal, apply, ack.
 //! * [`pit`]      — standby point-in-time recovery: undo capture, retention, views, rollback.
+//! * [`overflow`] — journal overflow on the primary: bitmap mode per target, resync copy.
+//! * [`resync`]   — standby side of a bitmap resync.
 //! * [`timefmt`]  — RFC 3339 parsing and formatting for point-in-time commands.
 //! * [`verify`]   — online verify: chunk digests at a point in the stream, copy-before-write.
 //! * [`nbd`]      — the NBD protocol server (fixed newstyle), generic over an export.
@@ -26,8 +28,10 @@ pub mod dirty;
 pub mod meta;
 pub mod metrics;
 pub mod nbd;
+pub mod overflow;
 pub mod pit;
 pub mod replication;
+pub mod resync;
 pub mod sdnotify;
 pub mod size;
 pub mod standby;

@@ -37,6 +37,39 @@ const K_OUTDATED: &str = "outdated";
 /// `rejoined/<target>` → fork seq: the target followed this primary from at or before
 /// that fork point (a later fork makes it stale).
 const REJOINED_PREFIX: &str = "rejoined/";
+/// A standby being resynced from its primary's dirty-region bitmap: `from`,
+/// `snapshot`, `through` (8 bytes each) and a `copied` byte (0/1); empty = none.
+/// See [`ResyncState`].
+const K_RESYNC: &str = "resync";
+/// The sequence a standby's journal was last skipped to (`Journal::skip_to`, 8
+/// bytes): the jump is durable in the journal only with the first record after it,
+/// so recovery repeats it from here when the journal ends below.
+const K_JOURNAL_SKIP: &str = "journal_skip";
+
+/// A standby's resync transition: while it is recorded the replica is not a
+/// consistent image, and no point after `from` is offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncState {
+    /// The last consistent point (the standby's position when the transition began).
+    pub from: u64,
+    /// The primary's snapshot point of the latest copy; the journal continues after it.
+    pub snapshot: u64,
+    /// Consistent again once every record up to it is applied (0 until known).
+    pub through: u64,
+    /// The latest copy completed (its data durable, the checkpoint at `snapshot`).
+    pub copied: bool,
+}
+
+impl ResyncState {
+    fn encode(&self) -> [u8; 25] {
+        let mut v = [0u8; 25];
+        v[..8].copy_from_slice(&self.from.to_le_bytes());
+        v[8..16].copy_from_slice(&self.snapshot.to_le_bytes());
+        v[16..24].copy_from_slice(&self.through.to_le_bytes());
+        v[24] = u8::from(self.copied);
+        v
+    }
+}
 
 /// A primary that learned it was superseded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -327,6 +360,78 @@ impl Meta {
         self.put_many(&[(K_ROLLBACK, &v)])
     }
 
+    /// The standby's resync transition, if one is in progress.
+    pub fn resync_state(&self) -> Result<Option<ResyncState>, MetaError> {
+        let Some(raw) = self.get_raw(K_RESYNC)?.filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        let bad = |m: String| MetaError::Corrupt {
+            path: self.path.clone(),
+            key: K_RESYNC,
+            message: m,
+        };
+        if raw.len() != 25 || raw[24] > 1 {
+            return Err(bad(format!(
+                "{} bytes (flag {:?}), expected 25",
+                raw.len(),
+                raw.get(24)
+            )));
+        }
+        let u = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&raw[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        Ok(Some(ResyncState {
+            from: u(0),
+            snapshot: u(8),
+            through: u(16),
+            copied: raw[24] == 1,
+        }))
+    }
+
+    /// Records (or clears) the resync transition.
+    pub fn set_resync_state(&self, s: Option<ResyncState>) -> Result<(), MetaError> {
+        match s {
+            Some(s) => self.put_many(&[(K_RESYNC, &s.encode())]),
+            None => self.put_many(&[(K_RESYNC, &[])]),
+        }
+    }
+
+    /// One durable transaction at the start of a resync copy: the transition, the
+    /// journal's jump target (`s.snapshot`) and the checkpoint (everything journaled
+    /// so far is applied: no restart may replay it over copied data).
+    pub fn begin_resync(&self, s: &ResyncState, checkpoint: u64) -> Result<(), MetaError> {
+        self.put_many(&[
+            (K_RESYNC, &s.encode()),
+            (K_JOURNAL_SKIP, &s.snapshot.to_le_bytes()),
+            (K_CHECKPOINT, &checkpoint.to_le_bytes()),
+        ])
+    }
+
+    /// One durable transaction once a copy's data is durable on the replica: the
+    /// transition marked copied (or cleared, `None`: consistent already) and the
+    /// checkpoint moved to the snapshot (replay continues after it).
+    pub fn end_resync_copy(
+        &self,
+        s: Option<&ResyncState>,
+        checkpoint: u64,
+    ) -> Result<(), MetaError> {
+        let v = s.map(|s| s.encode());
+        self.put_many(&[
+            (K_RESYNC, v.as_ref().map_or(&[][..], |v| &v[..])),
+            (K_CHECKPOINT, &checkpoint.to_le_bytes()),
+        ])
+    }
+
+    /// The sequence the journal was last skipped to (0 if never).
+    pub fn journal_skip(&self) -> Result<u64, MetaError> {
+        match self.get_raw(K_JOURNAL_SKIP)? {
+            None => Ok(0),
+            Some(_) => self.get_u64(K_JOURNAL_SKIP),
+        }
+    }
+
     /// The role set by a role change, overriding the config.
     pub fn role_override(&self) -> Result<Option<String>, MetaError> {
         Ok(self
@@ -545,6 +650,39 @@ mod tests {
         assert_eq!(m.bookmarks().unwrap(), vec![b("a-second", 9)]);
         m.set_rollback_state(None).unwrap();
         assert_eq!(m.rollback_state().unwrap(), None);
+    }
+
+    #[test]
+    fn resync_state_and_journal_skip_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(dir.path(), [1; 16]).unwrap();
+        assert_eq!(m.resync_state().unwrap(), None);
+        assert_eq!(m.journal_skip().unwrap(), 0);
+        let s = ResyncState {
+            from: 10,
+            snapshot: 40,
+            through: 0,
+            copied: false,
+        };
+        m.begin_resync(&s, 10).unwrap();
+        drop(m);
+        let m = Meta::open(dir.path(), [1; 16]).unwrap();
+        assert_eq!(m.resync_state().unwrap(), Some(s));
+        assert_eq!(
+            (m.journal_skip().unwrap(), m.checkpoint().unwrap()),
+            (40, 10)
+        );
+        let done = ResyncState {
+            through: 55,
+            copied: true,
+            ..s
+        };
+        m.end_resync_copy(Some(&done), 40).unwrap();
+        assert_eq!(m.resync_state().unwrap(), Some(done));
+        assert_eq!(m.checkpoint().unwrap(), 40);
+        m.set_resync_state(None).unwrap();
+        assert_eq!(m.resync_state().unwrap(), None);
+        assert_eq!(m.journal_skip().unwrap(), 40, "the jump target stays");
     }
 
     #[test]

@@ -64,7 +64,13 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// Target states a shipper reports (`replication.rs`); each is exported as a series so
 /// a state change is a value change, not a series appearing.
-const TARGET_STATES: [&str; 4] = ["connecting", "streaming", "disconnected", "stopped"];
+const TARGET_STATES: [&str; 5] = [
+    "connecting",
+    "streaming",
+    "resyncing",
+    "disconnected",
+    "stopped",
+];
 const TARGET_MODES: [&str; 3] = ["sync", "async", "degraded"];
 
 /// Frontend operations, as the `op` label.
@@ -639,6 +645,40 @@ fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Resul
             ConstGauge::new((mode == cur) as i64).encode(m.encode_family(&labels)?)?;
         }
     }
+    let mut m = e.encode_descriptor(
+        "ferry_replication_target_tracking",
+        "1 for how the journal tracks the target (streaming: it holds the journal; bitmap: its \
+         writes are marked in a dirty-region map because it fell too far behind; resyncing: \
+         its dirty regions are being copied), 0 for the others.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for t in targets {
+        let cur = t.track.mode().as_str();
+        for mode in crate::overflow::MODES {
+            let labels: &[(&str, &str)] = &[("target", t.name.as_str()), ("mode", mode)];
+            ConstGauge::new((mode == cur) as i64).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    per_target(
+        e,
+        targets,
+        "ferry_replication_dirty",
+        "Bytes of the target's dirty regions (bitmap mode): what its next resync copies.",
+        Some(&Unit::Bytes),
+        |t| t.track.dirty_bytes.load(Ordering::Relaxed),
+    )?;
+    let mut m = e.encode_descriptor(
+        "ferry_replication_resync",
+        "Bytes shipped to the target by bitmap resyncs (data and zero ranges) since start.",
+        Some(&Unit::Bytes),
+        MetricType::Counter,
+    )?;
+    for t in targets {
+        let labels: &[(&str, &str)] = &[("target", t.name.as_str())];
+        ConstCounter::new(t.track.resync_bytes.load(Ordering::Relaxed))
+            .encode(m.encode_family(&labels)?)?;
+    }
     Ok(())
 }
 
@@ -962,6 +1002,10 @@ address = "127.0.0.1:7002"
         has("ferry_replication_target_mode{target=\"dr1\",mode=\"degraded\"} 1\n");
         has("ferry_replication_target_mode{target=\"dr1\",mode=\"sync\"} 0\n");
         has("ferry_replication_target_mode{target=\"dr2\",mode=\"async\"} 1\n");
+        has("ferry_replication_target_tracking{target=\"dr1\",mode=\"streaming\"} 1\n");
+        has("ferry_replication_target_tracking{target=\"dr1\",mode=\"bitmap\"} 0\n");
+        has("ferry_replication_dirty_bytes{target=\"dr2\"} 0\n");
+        has("ferry_replication_resync_bytes_total{target=\"dr1\"} 0\n");
         let lag: f64 = out
             .lines()
             .find_map(|l| l.strip_prefix("ferry_replication_lag_seconds{target=\"dr1\"} "))

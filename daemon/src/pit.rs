@@ -41,7 +41,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use bytes::{Bytes, BytesMut};
 use ferry_journal::undo::{extent_data_offsets, UNDO_MAX_EXTENT_LEN};
-use ferry_journal::{Op, Record, Seq, UndoEntry, UndoError, UndoExtent, UndoLog, UndoPosition};
+use ferry_journal::{
+    EntryKind, Op, Record, Seq, UndoEntry, UndoError, UndoExtent, UndoLog, UndoPosition,
+};
 use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 
@@ -187,19 +189,62 @@ pub struct Applier {
     pub applied: Arc<AtomicU64>,
     /// Where verify answers go for the replication session.
     pub outbox: Arc<crate::verify::Outbox>,
+    /// A bitmap resync transition in progress on this standby (mirrors the metadata).
+    pub resync: Arc<crate::resync::ResyncStatus>,
 }
 
 impl Applier {
     /// Applies one write-set (records `first..=last`, stamped `ts` by the primary).
     /// With PIT on, its before-images are durable first. Bookmarks (labelled seals)
-    /// are recorded once applied.
+    /// are recorded once applied. During a resync transition a write-set that ends
+    /// before its `through` point is no recovery point (a resync undo entry); the
+    /// first one that reaches it ends the transition.
     pub fn apply_write_set(&self, ts: u64, recs: &[(Seq, Record)]) -> anyhow::Result<()> {
         let (Some(&(first, _)), Some(&(last, _))) = (recs.first(), recs.last()) else {
             return Ok(());
         };
+        let window = self.resync.get();
+        let kind = match window {
+            Some(w) if !w.copied || last < w.through => EntryKind::Resync,
+            _ => EntryKind::WriteSet,
+        };
         if let Some(pit) = &self.pit {
-            pit.capture(first, last, ts, recs)?;
+            pit.capture(first, last, ts, recs, kind)?;
         }
+        self.apply_records(ts, recs)?;
+        if let Some(pit) = &self.pit {
+            pit.retain(last);
+        }
+        if let Some(w) = window.filter(|w| w.copied && last >= w.through) {
+            self.meta
+                .set_resync_state(None)
+                .context("recording the end of the resync")?;
+            self.resync.set(None);
+            tracing::info!(
+                from = w.from,
+                through = w.through,
+                applied = last,
+                "resync complete: the replica is a consistent image again"
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies one batch of a resync copy (records over ranges of the replica, all
+    /// "after" `snapshot`): before-images first (a resync undo entry), then the data.
+    pub fn apply_resync_batch(
+        &self,
+        snapshot: Seq,
+        ts: u64,
+        recs: &[(Seq, Record)],
+    ) -> anyhow::Result<()> {
+        if let Some(pit) = &self.pit {
+            pit.capture(snapshot + 1, snapshot, ts, recs, EntryKind::Resync)?;
+        }
+        self.apply_records(ts, recs)
+    }
+
+    fn apply_records(&self, ts: u64, recs: &[(Seq, Record)]) -> anyhow::Result<()> {
         for (seq, r) in recs {
             if r.op == Op::Seal {
                 // Labels starting with '#' are control markers (no bookmark name can).
@@ -235,9 +280,6 @@ impl Applier {
                 .before_write(*seq, base, r.offset, r.length as u64);
             base.apply(r.op, r.offset, r.length, &r.data)
                 .with_context(|| format!("applying record {seq} to {}", base.path.display()))?;
-        }
-        if let Some(pit) = &self.pit {
-            pit.retain(last);
         }
         Ok(())
     }
@@ -349,6 +391,7 @@ impl Pit {
         last: Seq,
         ts: u64,
         recs: &[(Seq, Record)],
+        kind: EntryKind,
     ) -> anyhow::Result<()> {
         if self.broken.lock().is_some() {
             return Ok(());
@@ -382,9 +425,20 @@ impl Pit {
             last_seq: last,
             timestamp_ns: ts,
             extents,
+            kind,
         };
         let mut undo = self.undo.lock();
         let res = match undo.append(&entry) {
+            // A gap inside a resync transition: starting over here would offer the
+            // boundary before this entry, which is not consistent. No points until
+            // restart (loudly), rather than a wrong one.
+            Err(UndoError::InvalidEntry(m))
+                if m.contains("must start at") && kind == EntryKind::Resync =>
+            {
+                Err(UndoError::InvalidEntry(format!(
+                    "{m} (inside a resync transition: the way back to its start is lost)"
+                )))
+            }
             // A gap: the log cannot bridge it. Start over from this write-set.
             Err(UndoError::InvalidEntry(m)) if m.contains("must start at") => {
                 let freed = undo.release_all()?;
@@ -414,6 +468,32 @@ impl Pit {
         self.capture_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Starts (or continues) a resync transition in the undo log: the replica holds
+    /// every record up to `after` (drained) and will hold a copy of the primary as of
+    /// `snapshot` plus later records. One entry with no extents spans
+    /// `after + 1 ..= snapshot` (the records the copy replaces): `RESYNC_START` if the
+    /// replica is consistent at `after`, a plain resync entry if an earlier copy was
+    /// interrupted (the transition goes on).
+    pub fn begin_resync(&self, after: Seq, snapshot: Seq, ts: u64) -> anyhow::Result<()> {
+        let continuing = {
+            let undo = self.undo.lock();
+            undo.points().last().is_some_and(|p| !p.is_point())
+                && undo.points().last().map(|p| p.seq) == Some(after)
+        };
+        let kind = if continuing {
+            EntryKind::Resync
+        } else {
+            EntryKind::ResyncStart
+        };
+        self.capture(after + 1, snapshot, ts, &[], kind)
+    }
+
+    /// Ends a resync whose copy was consistent on its own (nothing was written on the
+    /// primary during the copy): an empty ordinary entry, so `snapshot` is a point.
+    pub fn end_resync_marker(&self, snapshot: Seq, ts: u64) -> anyhow::Result<()> {
+        self.capture(snapshot + 1, snapshot, ts, &[], EntryKind::WriteSet)
     }
 
     /// Publishes a new entry to live views before its write-set is applied.
@@ -448,17 +528,14 @@ impl Pit {
     }
 
     fn refresh_window(&self, undo: &UndoLog) {
-        let points = undo.points();
+        let pt = |p: &ferry_journal::UndoPoint| Point {
+            seq: p.seq,
+            timestamp_ns: p.timestamp_ns,
+        };
         let w = Window {
-            oldest: points.first().map(|p| Point {
-                seq: p.seq,
-                timestamp_ns: p.timestamp_ns,
-            }),
-            newest: points.last().map(|p| Point {
-                seq: p.seq,
-                timestamp_ns: p.timestamp_ns,
-            }),
-            points: points.len(),
+            oldest: undo.recovery_points().next().map(pt),
+            newest: undo.recovery_points().next_back().map(pt),
+            points: undo.recovery_points().count(),
             used_bytes: undo.used_bytes(),
         };
         *self.window.lock() = w;
@@ -540,6 +617,8 @@ impl Pit {
                 }
             }
             match undo.release_before(cut) {
+                // Nothing could go (a resync transition is only released whole).
+                Ok(0) => break,
                 Ok(n) => freed += n,
                 Err(e) => {
                     tracing::error!("undo retention: {e}");
@@ -573,6 +652,7 @@ impl Pit {
         if let Some(why) = self.broken.lock().clone() {
             bail!("no recovery points: {why}");
         }
+        let resync = self.meta.resync_state()?;
         let applied = self.applied.load(Ordering::Acquire);
         let seq = match t {
             Target::Seq(s) => *s,
@@ -602,6 +682,19 @@ impl Pit {
                 p.seq.min(applied)
             }
         };
+        if let Some(r) = resync.filter(|r| seq > r.from) {
+            bail!(
+                "point {seq} is not available: the replica is inconsistent while it is \
+                 resynced from the primary (its last consistent point is {}; it is \
+                 consistent again once {} is applied)",
+                r.from,
+                if r.through > 0 {
+                    r.through.to_string()
+                } else {
+                    "the copy's end point".to_string()
+                }
+            );
+        }
         if seq > applied {
             bail!("point {seq} is not applied on this standby yet (applied: {applied})");
         }
@@ -771,6 +864,10 @@ impl Pit {
         }
         undo.truncate_after(target)
             .map_err(|e| anyhow!("rollback: cutting the undo log after {target}: {e}"))?;
+        // Rolled back to (at or before) the start of a resync: the transition is over.
+        if self.meta.resync_state()?.is_some_and(|r| target <= r.from) {
+            self.meta.set_resync_state(None)?;
+        }
         self.meta
             .set_rollback_state(Some(crate::meta::RollbackState::Done { target }))?;
         self.applied.store(target, Ordering::Release);
@@ -831,7 +928,7 @@ impl Pit {
     /// Retained points, oldest first (at most `limit`, newest kept).
     pub fn points(&self, limit: usize) -> Vec<Point> {
         let undo = self.undo.lock();
-        let p = undo.points();
+        let p: Vec<_> = undo.recovery_points().collect();
         p[p.len().saturating_sub(limit)..]
             .iter()
             .map(|p| Point {
@@ -915,7 +1012,7 @@ fn before_images(
 
 /// Whether `[offset, offset + len)` of `file` holds no data (a hole). Any doubt
 /// (block devices, filesystems without SEEK_DATA) answers false: the bytes are read.
-fn is_hole(file: &File, offset: u64, len: u64) -> bool {
+pub(crate) fn is_hole(file: &File, offset: u64, len: u64) -> bool {
     // SAFETY: lseek on an fd we own; it only moves a file offset nobody else uses
     // (all our IO is positional).
     let next = unsafe { libc::lseek(file.as_raw_fd(), offset as i64, libc::SEEK_DATA) };
@@ -1381,6 +1478,7 @@ mod tests {
             verify: Default::default(),
             applied: applied.clone(),
             outbox: Default::default(),
+            resync: Default::default(),
         };
         Rig {
             _dir: dir,
@@ -1506,6 +1604,108 @@ mod tests {
             // The log now ends at the target: a second rollback to it is a no-op.
             prop_assert_eq!(r.pit.newest_seq().unwrap_or(seq), seq);
         }
+    }
+
+    /// A resync transition: no point inside it is offered (views, rollback), the
+    /// point it started from is, also after a crash in the middle of the copy (the
+    /// undo log reopened), and a rollback to it restores that image exactly.
+    #[test]
+    fn resync_keeps_its_start_reachable_across_a_crash() {
+        let mut r = rig(1 << 20, 1 << 30);
+        r.apply(1, &[(Op::Write, 0, SIZE as u32, 0x11)]);
+        let from = r.apply(2, &[(Op::Write, 4096, 8192, 0x22), (Op::Seal, 0, 0, 1)]);
+        let image_at_from = std::fs::read(&r.base.path).unwrap();
+        // Begin: the copy replaces records from+1..=snapshot.
+        let snapshot = from + 40;
+        r.applier
+            .meta
+            .begin_resync(
+                &crate::meta::ResyncState {
+                    from,
+                    snapshot,
+                    through: 0,
+                    copied: false,
+                },
+                from,
+            )
+            .unwrap();
+        r.pit.begin_resync(from, snapshot, 3).unwrap();
+        r.applied.store(snapshot, Ordering::Release);
+        // Two copied batches, one with data, one zeroing a range.
+        let batch = |off: u64, len: u32, fill: Option<u8>| {
+            vec![(
+                snapshot,
+                Record {
+                    volume: 0,
+                    op: if fill.is_some() { Op::Write } else { Op::Trim },
+                    offset: off,
+                    length: len,
+                    data: fill.map_or(Bytes::new(), |f| Bytes::from(vec![f; len as usize])),
+                },
+            )]
+        };
+        r.applier
+            .apply_resync_batch(snapshot, 4, &batch(0, 65536, Some(0x33)))
+            .unwrap();
+        r.applier
+            .apply_resync_batch(snapshot, 5, &batch(100_000, 50_000, None))
+            .unwrap();
+        assert_ne!(std::fs::read(&r.base.path).unwrap(), image_at_from);
+        let inside = r
+            .pit
+            .resolve(&Target::Seq(snapshot))
+            .unwrap_err()
+            .to_string();
+        assert!(inside.contains("inconsistent"), "{inside}");
+        assert_eq!(r.pit.status()["newest"]["seq"], from, "no point inside");
+        // A crash: the undo log is reopened from disk.
+        let Rig {
+            _dir: dir,
+            base,
+            pit,
+            applier,
+            applied,
+            ..
+        } = r;
+        drop(applier);
+        drop(pit);
+        let settings = PitConfig {
+            enabled: true,
+            dir: None,
+            max_bytes: ByteSize(1 << 30),
+            max_age_secs: 0,
+            segment_size: ByteSize(1 << 20),
+        };
+        let meta = Arc::new(Meta::open(&dir.path().join("meta"), [3; 16]).unwrap());
+        let pit = Pit::open(
+            dir.path().join("undo"),
+            [3; 16],
+            settings,
+            meta.clone(),
+            vec![base.clone()],
+            applied,
+        )
+        .unwrap();
+        assert!(pit.resolve(&Target::Seq(snapshot)).is_err());
+        let v = pit
+            .open_view(base.clone(), &Target::Seq(from), None)
+            .unwrap();
+        let mut got = Vec::new();
+        let mut at = 0;
+        while at < SIZE {
+            let n = (SIZE - at).min(65536);
+            got.extend_from_slice(&v.read_sync(at, n as u32).unwrap());
+            at += n;
+        }
+        assert!(got == image_at_from, "the view at the resync's start");
+        drop(v);
+        let report = pit.rollback(&Target::Seq(from)).unwrap();
+        assert_eq!(report.point.seq, from);
+        assert!(
+            std::fs::read(&base.path).unwrap() == image_at_from,
+            "rollback to the resync's start"
+        );
+        assert_eq!(meta.resync_state().unwrap(), None, "the transition is over");
     }
 
     #[test]

@@ -197,6 +197,9 @@ pub struct ShipFeed {
     pub tail: Arc<Tail>,
     durable_tx: watch::Sender<Seq>,
     enabled: AtomicBool,
+    /// Targets whose overflow tracking marks every durable record while they are in
+    /// bitmap mode (`overflow.rs`).
+    tracked: parking_lot::RwLock<Vec<Arc<TargetState>>>,
 }
 
 impl ShipFeed {
@@ -206,7 +209,13 @@ impl ShipFeed {
             tail: Arc::new(Tail::new()),
             durable_tx: watch::channel(durable).0,
             enabled: AtomicBool::new(false),
+            tracked: Default::default(),
         }
+    }
+
+    /// Registers the targets whose dirty maps mark durable records.
+    pub fn track(&self, targets: Vec<Arc<TargetState>>) {
+        *self.tracked.write() = targets;
     }
 
     /// Starts feeding, keeping up to `tail_bytes` of recent records in memory.
@@ -221,6 +230,9 @@ impl ShipFeed {
             return;
         }
         let rec = rec();
+        for t in self.tracked.read().iter() {
+            t.track.on_durable(seq, &rec);
+        }
         let ts = now_ns();
         // Lag is counted in bytes to ship: a trim's range is not shipped as data.
         self.index.push(seq, rec.data.len() as u64, ts);
@@ -254,6 +266,8 @@ pub struct TargetState {
     handover_kick: tokio::sync::Notify,
     /// Verify answers awaited from this target, by (verify id, volume id).
     verify_waiters: Mutex<VerifyWaiters>,
+    /// Journal overflow: streaming, bitmap or resyncing (`overflow.rs`).
+    pub track: crate::overflow::Tracker,
 }
 
 type VerifyWaiters =
@@ -298,6 +312,7 @@ impl TargetState {
             handover: Mutex::new(None),
             handover_kick: tokio::sync::Notify::new(),
             verify_waiters: Mutex::new(Default::default()),
+            track: Default::default(),
         }
     }
 
@@ -392,11 +407,12 @@ pub struct Replication {
 }
 
 impl Replication {
-    /// The journal may release only what every target holds durably.
+    /// The journal may release only what every target holds durably (or, for a
+    /// target in bitmap mode, what its dirty map covers durably).
     pub fn release_floor(&self) -> Seq {
         self.targets
             .iter()
-            .map(|t| t.acked_seq.load(Ordering::Acquire))
+            .map(|t| t.track.floor(t.acked_seq.load(Ordering::Acquire)))
             .min()
             .unwrap_or(Seq::MAX)
     }
@@ -410,7 +426,7 @@ impl Replication {
                 let acked = t.acked_seq.load(Ordering::Acquire);
                 let (lag_bytes, lag_seconds) = self.index.lag_after(acked, now);
                 let degraded = t.degraded.load(Ordering::Acquire);
-                json!({
+                let mut v = json!({
                     "name": t.name,
                     "address": t.address,
                     "mode": t.mode.to_string(),
@@ -422,7 +438,11 @@ impl Replication {
                     "lag_seconds": lag_seconds,
                     "rtt_us": t.rtt_us.load(Ordering::Relaxed),
                     "last_error": t.last_error.lock().clone(),
-                })
+                });
+                if let (Some(v), serde_json::Value::Object(o)) = (v.as_object_mut(), t.track.status()) {
+                    v.extend(o);
+                }
+                v
             })
             .collect();
         serde_json::Value::Array(targets)
@@ -564,6 +584,10 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     let epoch = ctx.local.epoch;
     let mut local = ctx.local.clone();
     local.expected_peer_name = t.name.clone();
+    // A target tracked in a dirty map resumes anywhere: the copy replaces what the
+    // journal no longer holds.
+    let resync = t.track.needs_resync();
+    let full_resync: Mutex<Option<Seq>> = Mutex::new(None);
     let mut s = quic::primary_handshake(
         conn,
         &local,
@@ -582,17 +606,38 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                     )));
                 }
             }
+            if resync {
+                return session::plan_resync(
+                    neg,
+                    epoch,
+                    hello.resume_position,
+                    journal.durable_seq(),
+                );
+            }
             let oldest = journal.first_available_seq();
-            session::plan_resume(
+            match session::plan_resume(
                 neg,
                 epoch,
                 hello.resume_position,
                 oldest,
                 journal.durable_seq(),
-            )
+            ) {
+                // The journal lost what it needs (released while it was away): a full
+                // resync from the volumes instead of refusing it for good.
+                Err(session::HandshakeError::ResyncRequired { resume, .. }) => {
+                    *full_resync.lock() = Some(resume);
+                    session::plan_resync(neg, epoch, hello.resume_position, journal.durable_seq())
+                }
+                r => r,
+            }
         },
     )
     .await?;
+    let full = full_resync.lock().take();
+    if let Some(from) = full {
+        tokio::task::block_in_place(|| crate::overflow::switch_full(t, from))?;
+    }
+    let resync = resync || full.is_some();
     let resume = s.hello_ack.resume_seq;
     if let Some((fork, meta)) = &ctx.fork {
         meta.set_rejoined(&t.name, *fork)?;
@@ -602,6 +647,14 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     t.acked_seq.store(resume, Ordering::Release);
     t.applied_seq
         .store(s.peer_hello.resume_position.min(resume), Ordering::Release);
+    // Reverts an unfinished resync to bitmap mode when this session ends.
+    let _resync_guard = crate::overflow::ResyncGuard(t);
+    let resume = if resync {
+        t.set_state("resyncing");
+        crate::overflow::resync_copy(t, &mut s, resume, epoch).await?
+    } else {
+        resume
+    };
     t.set_state("streaming");
     ctx.sync.recompute();
 
@@ -648,6 +701,9 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                         let out = sender.on_ack(&ack).map_err(|e| anyhow!("standby ack: {e}"))?;
                         t.acked_seq.store(out.durable_seq, Ordering::Release);
                         t.applied_seq.store(out.applied_seq, Ordering::Release);
+                        if crate::overflow::resync_done(t, out.durable_seq) {
+                            tokio::task::block_in_place(|| crate::overflow::complete_resync(t));
+                        }
                         // Caught up = this ack covers everything that was durable when
                         // the previous ack arrived (reachable under continuous writes,
                         // unlike "equals the head").
@@ -711,7 +767,15 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                     None => bail!("journal reader stopped"),
                 }
             }
+            _ = t.track.kicked() => {
+                bail!("switched to bitmap mode: the journal no longer keeps this target's records");
+            }
             _ = heartbeat.tick() => {
+                // A switch to bitmap mode (or an abandoned resync) whose wake-up this
+                // loop missed.
+                if t.track.mode() == crate::overflow::Mode::Bitmap || t.track.resync_abandoned() {
+                    bail!("switched to bitmap mode: the journal no longer keeps this target's records");
+                }
                 s.control_send
                     .send_frame(&Frame::Heartbeat(Heartbeat {
                         epoch,

@@ -83,9 +83,12 @@ pub struct Standby {
     pub outbox: Arc<crate::verify::Outbox>,
     /// Set by the daemon: what to do when the primary hands over.
     pub handover: Mutex<Option<HandoverFn>>,
-    journal: Arc<Journal>,
+    pub(crate) journal: Arc<Journal>,
+    /// The replica applier's shared parts (bases, metadata, undo, resync state).
+    pub(crate) applier: Arc<Applier>,
     apply_tx: crossbeam_channel::Sender<ApplyItem>,
     durable_tx: watch::Sender<Seq>,
+    applied_tx: Arc<watch::Sender<Seq>>,
     applied_rx: watch::Receiver<Seq>,
 }
 
@@ -116,10 +119,14 @@ impl Standby {
             last_heard_ns: AtomicU64::new(0),
         });
         let (apply_tx, apply_rx) = crossbeam_channel::bounded::<ApplyItem>(APPLY_QUEUE);
-        let (applied_tx, applied_rx) = watch::channel(start);
+        let applied_tx = Arc::new(watch::channel(start).0);
+        let applied_rx = applied_tx.subscribe();
+        let thread_applier = applier.clone();
         let (durable_tx, _) = watch::channel(journal.durable_seq());
         {
             let state = state.clone();
+            let applier = thread_applier;
+            let applied_tx = applied_tx.clone();
             std::thread::Builder::new()
                 .name("ferry-replica-apply".into())
                 .spawn(move || {
@@ -174,10 +181,29 @@ impl Standby {
             outbox,
             handover: Mutex::new(None),
             journal,
+            applier,
             apply_tx,
             durable_tx,
+            applied_tx,
             applied_rx,
         })
+    }
+
+    /// Moves the applied position (the applier is idle): a resync copy stands in for
+    /// the records up to its snapshot.
+    pub(crate) fn set_applied(&self, seq: Seq) {
+        self.state.applied_seq.store(seq, Ordering::Release);
+        self.applied_tx.send_replace(seq);
+    }
+
+    /// What to advertise as the resume position: the journal's durable position, or,
+    /// in the middle of an unfinished resync copy, the point the resync started from
+    /// (the journal holds nothing that could resume the copy).
+    pub fn resume_position(&self) -> Seq {
+        match self.applier.resync.get() {
+            Some(r) if !r.copied => r.from,
+            _ => self.journal.durable_seq(),
+        }
     }
 
     pub fn applied_seq(&self) -> Seq {
@@ -349,12 +375,14 @@ async fn session(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let durable = sb.journal.durable_seq();
+    let durable = sb.resume_position();
     let mut s = quic::standby_handshake(conn, local, durable, opts).await?;
     tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");
     *sb.state.connected.lock() = Some(peer.to_string());
     *sb.state.last_error.lock() = None;
     let mut rx = Receiver::new(local.epoch, durable, sb.applied_seq().min(durable));
+    // A bitmap resync copy in progress in this session (see resync.rs).
+    let mut copy: Option<crate::resync::Copy> = None;
     // QUIC announces the primary's data stream only with its first bytes, so accept it
     // inside the loop: heartbeats and acks must flow while no write has happened yet.
     let conn = s.conn.clone();
@@ -383,6 +411,34 @@ async fn session(
                 data = Some(FramedRecv::new(d?, opts.max_frame_len));
             }
             f = next_frame(&mut data), if data.is_some() => match f? {
+                Some(Frame::WriteSet(_)) if copy.is_some() || sb.applier.resync.copy_incomplete() => {
+                    bail!(
+                        "write-set refused: this standby is in the middle of a resync copy and \
+                         needs the primary to resync it (ResyncBegin) before streaming"
+                    )
+                }
+                Some(Frame::ResyncBegin(b)) => {
+                    sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+                    rx.check_epoch(b.epoch).map_err(|e| anyhow!("resync refused: {e}"))?;
+                    if copy.is_some() || rx.received_seq() != durable {
+                        bail!("ResyncBegin in the middle of a session");
+                    }
+                    copy = Some(tokio::task::block_in_place(|| crate::resync::begin(sb, &b, durable))?);
+                }
+                Some(Frame::ResyncData(d)) => {
+                    sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+                    rx.check_epoch(d.epoch).map_err(|e| anyhow!("resync refused: {e}"))?;
+                    let c = copy.as_mut().ok_or_else(|| anyhow!("ResyncData without ResyncBegin"))?;
+                    tokio::task::block_in_place(|| crate::resync::data(sb, c, d))?;
+                }
+                Some(Frame::ResyncEnd(e)) => {
+                    sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+                    rx.check_epoch(e.epoch).map_err(|e| anyhow!("resync refused: {e}"))?;
+                    let c = copy.take().ok_or_else(|| anyhow!("ResyncEnd without ResyncBegin"))?;
+                    tokio::task::block_in_place(|| crate::resync::end(sb, &c, &e))?;
+                    let ack = rx.resynced(c.snapshot).map_err(|e| anyhow!("{e}"))?;
+                    s.control_send.send_frame(&Frame::Ack(ack)).await?;
+                }
                 Some(Frame::WriteSet(ws)) => {
                     sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
                     sb.state.last_primary_seq.fetch_max(ws.last_seq, Ordering::Relaxed);

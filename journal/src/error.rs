@@ -47,6 +47,9 @@ pub enum JournalError {
     InvalidRecord(String),
     #[error("invalid journal options: {0}")]
     InvalidOptions(String),
+    /// `skip_to` was called at a moment or to a sequence it cannot honour.
+    #[error("cannot skip the journal's sequence: {0}")]
+    InvalidSkip(String),
     #[error("io_uring engine unavailable: {0}")]
     EngineUnavailable(String),
     /// The reader asked for a sequence that `release_through` already gave up.

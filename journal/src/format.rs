@@ -247,14 +247,25 @@ pub struct SegmentHeader {
     /// Recovery tolerates a torn tail of up to this many batches. Stored as 0
     /// when 1, so a depth-1 header is byte-identical to the original v1 layout.
     pub max_inflight: u32,
+    /// Flags bit 0 ([`SEGMENT_FLAG_SEQ_JUMP`]): `first_seq` does not continue the
+    /// previous data segment; the sequences in between were skipped on purpose
+    /// ([`crate::Journal::skip_to`], a standby resync). Recovery accepts a gap
+    /// (never an overlap) only in front of such a segment.
+    pub seq_jump: bool,
 }
+
+/// Segment header flag: this segment's `first_seq` jumps over sequences that were
+/// never written (see [`SegmentHeader::seq_jump`]).
+pub const SEGMENT_FLAG_SEQ_JUMP: u16 = 1;
 
 /// Encodes the 64 meaningful bytes; the caller writes them into a zeroed 4 KiB block.
 pub fn encode_segment_header(h: &SegmentHeader) -> [u8; SEGMENT_HEADER_LEN] {
     let mut b = [0u8; SEGMENT_HEADER_LEN];
     b[0..8].copy_from_slice(&SEGMENT_MAGIC);
     b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    // 10..12 flags (0), 12..16 header block size
+    // 10..12 flags (0 unless the segment jumps), 12..16 header block size
+    let flags = if h.seq_jump { SEGMENT_FLAG_SEQ_JUMP } else { 0 };
+    b[10..12].copy_from_slice(&flags.to_le_bytes());
     b[12..16].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
     b[16..24].copy_from_slice(&h.segment_no.to_le_bytes());
     b[24..40].copy_from_slice(&h.cluster_id);
@@ -309,7 +320,10 @@ pub fn decode_segment_header(b: &[u8], segment_no: u64) -> Result<SegmentHeader,
     let flags = rd_u16(b, 10);
     let block = rd_u32(b, 12);
     let depth = rd_u32(b, 56);
-    if flags != 0 || block as usize != BLOCK_SIZE || depth > MAX_INFLIGHT_BATCHES {
+    if flags & !SEGMENT_FLAG_SEQ_JUMP != 0
+        || block as usize != BLOCK_SIZE
+        || depth > MAX_INFLIGHT_BATCHES
+    {
         return Err(FormatError::Invalid(format!(
             "segment header flags {flags} / block size {block} / max_inflight {depth}"
         )));
@@ -322,6 +336,7 @@ pub fn decode_segment_header(b: &[u8], segment_no: u64) -> Result<SegmentHeader,
         first_seq: rd_u64(b, 40),
         segment_size: rd_u64(b, 48),
         max_inflight: depth.max(1),
+        seq_jump: flags & SEGMENT_FLAG_SEQ_JUMP != 0,
     };
     if h.segment_no != segment_no {
         return Err(FormatError::Invalid(format!(

@@ -29,7 +29,9 @@ pub use format::{Op, Record, Seq};
 pub use reader::JournalReader;
 pub use recovery::{RecoveryMode, RecoveryReport};
 pub use segment::{parse_segment_name, segment_file_name};
-pub use undo::{UndoEntry, UndoError, UndoExtent, UndoLog, UndoPoint, UndoPosition, UndoRecovery};
+pub use undo::{
+    EntryKind, UndoEntry, UndoError, UndoExtent, UndoLog, UndoPoint, UndoPosition, UndoRecovery,
+};
 pub use writer::{Journal, JournalStats};
 
 use std::path::PathBuf;

@@ -68,6 +68,17 @@ impl JournalReader {
         // Bounded: each iteration skips one batch or moves to a later segment;
         // a segment holds at most size / 4 KiB batches.
         loop {
+            // Sequences skipped on purpose (Journal::skip_to) were never written.
+            let skipped = self
+                .shared
+                .gaps
+                .lock()
+                .iter()
+                .find(|&&(a, b)| a <= self.next && self.next <= b)
+                .map(|&(_, b)| b);
+            if let Some(end) = skipped {
+                self.next = end + 1;
+            }
             if self.next > durable {
                 return Ok(false);
             }

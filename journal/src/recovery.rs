@@ -14,6 +14,7 @@
 //! | any of the above                                      | yes (otherwise)    | `Corruption`                 |
 //! | torn tail in a segment that is not the last one       | -                  | `Corruption`                 |
 //! | first_seq != previous last_seq + 1 (batch or segment) | -                  | `Corruption` (gap/overlap)   |
+//! | segment first_seq > previous last_seq + 1, header flag `SEQ_JUMP` | -        | gap accepted (skipped seqs)  |
 //! | torn tail and `RecoveryMode::AbsoluteConsistency`     | -                  | `TornTail` error             |
 
 use std::fs::File;
@@ -81,6 +82,8 @@ pub(crate) struct Recovered {
     pub spares: Vec<Spare>,
     pub next_no: u64,
     pub report: RecoveryReport,
+    /// Sequence ranges skipped in front of `SEQ_JUMP` segments (inclusive).
+    pub gaps: Vec<(Seq, Seq)>,
 }
 
 enum Kind {
@@ -166,6 +169,7 @@ pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> R
     let mut write_pos = SEGMENT_HEADER_BLOCK;
     let mut zeroed_from = SEGMENT_HEADER_BLOCK;
     let mut active_depth = 1usize;
+    let mut gaps = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let is_last_data = Some(i) == last_data;
         match (&f.kind, last_data) {
@@ -180,7 +184,16 @@ pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> R
                     }
                 }
                 if let Some(exp) = expected {
-                    if h.first_seq != exp {
+                    // A deliberate jump (Journal::skip_to) may leave a gap, never an
+                    // overlap; any other mismatch is corruption.
+                    if h.seq_jump && h.first_seq > exp {
+                        gaps.push((exp, h.first_seq - 1));
+                        report.events.push(format!(
+                            "sequences {exp}..={} were skipped (segment {} jumps)",
+                            h.first_seq - 1,
+                            f.path.display()
+                        ));
+                    } else if h.first_seq != exp {
                         return Err(corruption(&f.path, 0, format!(
                             "segment starts at seq {}, previous segment ended at {} (sequence gap/overlap)",
                             h.first_seq, exp - 1
@@ -335,6 +348,7 @@ pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> R
         spares,
         next_no: max_no + 1,
         report,
+        gaps,
     })
 }
 

@@ -198,6 +198,52 @@ impl UndoExtent {
     }
 }
 
+/// Entry header flag: the entry is part of a resync transition (see FORMAT.md
+/// "Undo log", "Resync entries"): the replica state right after it is not a
+/// recovery point.
+pub const UNDO_ENTRY_FLAG_RESYNC: u16 = 1;
+/// Entry header flag, only with [`UNDO_ENTRY_FLAG_RESYNC`]: the first entry of a
+/// resync transition, so the state right *before* it is consistent (the point the
+/// resync started from). Lets that point stay reachable when retention (or a crash
+/// in the middle of a release) leaves this entry as the oldest one.
+pub const UNDO_ENTRY_FLAG_RESYNC_START: u16 = 2;
+
+/// What an entry is (entry header flags bits 0 and 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EntryKind {
+    /// One write-set: the state after it is a recovery point (flags 0).
+    #[default]
+    WriteSet,
+    /// The first entry of a resync transition (flags RESYNC | RESYNC_START).
+    ResyncStart,
+    /// A later entry of a resync transition (flags RESYNC).
+    Resync,
+}
+
+impl EntryKind {
+    /// Whether the state right after the entry is a recovery point.
+    pub fn is_point(self) -> bool {
+        self == EntryKind::WriteSet
+    }
+
+    fn flags(self) -> u16 {
+        match self {
+            EntryKind::WriteSet => 0,
+            EntryKind::ResyncStart => UNDO_ENTRY_FLAG_RESYNC | UNDO_ENTRY_FLAG_RESYNC_START,
+            EntryKind::Resync => UNDO_ENTRY_FLAG_RESYNC,
+        }
+    }
+
+    fn from_flags(flags: u16) -> Option<EntryKind> {
+        match flags {
+            0 => Some(EntryKind::WriteSet),
+            1 => Some(EntryKind::Resync),
+            3 => Some(EntryKind::ResyncStart),
+            _ => None,
+        }
+    }
+}
+
 /// High bit of an extent header's `length`: the range held zeros, no bytes follow.
 pub const UNDO_EXTENT_ZERO_FLAG: u32 = 1 << 31;
 /// Largest extent length (the high bit of the field is the zero flag).
@@ -207,10 +253,15 @@ pub const UNDO_MAX_EXTENT_LEN: u32 = UNDO_EXTENT_ZERO_FLAG - 1;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UndoEntry {
     pub first_seq: u64,
+    /// `>= first_seq`, or `first_seq - 1` for an empty entry (resync data, or the
+    /// marker that ends a resync): it covers no sequence.
     pub last_seq: u64,
     /// Primary's timestamp of the write-set, ns since the Unix epoch.
     pub timestamp_ns: u64,
     pub extents: Vec<UndoExtent>,
+    /// A write-set, or part of a resync transition (the state after it is not a
+    /// recovery point).
+    pub kind: EntryKind,
 }
 
 /// File offsets (in the entry's segment file) of the before-image bytes of each
@@ -247,6 +298,16 @@ pub struct UndoPoint {
     pub first_seq: u64,
     pub timestamp_ns: u64,
     pub position: UndoPosition,
+    /// A resync entry's end is not a recovery point (it is indexed here all the
+    /// same: views and rollbacks apply it).
+    pub kind: EntryKind,
+}
+
+impl UndoPoint {
+    /// Whether the state after this entry is a recovery point.
+    pub fn is_point(&self) -> bool {
+        self.kind.is_point()
+    }
 }
 
 /// What `UndoLog::open` found and repaired.
@@ -346,6 +407,8 @@ pub struct UndoEntryHeader {
     pub extent_count: u32,
     pub body_crc: u32,
     pub body_len: u64,
+    /// Flag bits 0 and 1.
+    pub kind: EntryKind,
 }
 
 impl UndoEntryHeader {
@@ -362,7 +425,7 @@ pub fn encode_undo_entry_header(
     let mut b = [0u8; UNDO_ENTRY_HEADER_LEN];
     b[0..4].copy_from_slice(&UNDO_ENTRY_MAGIC);
     b[4..6].copy_from_slice(&UNDO_FORMAT_VERSION.to_le_bytes());
-    // 6..8 flags (0)
+    b[6..8].copy_from_slice(&h.kind.flags().to_le_bytes());
     b[8..16].copy_from_slice(&h.first_seq.to_le_bytes());
     b[16..24].copy_from_slice(&h.last_seq.to_le_bytes());
     b[24..32].copy_from_slice(&h.timestamp_ns.to_le_bytes());
@@ -401,11 +464,13 @@ pub fn decode_undo_entry_header(
     if version != UNDO_FORMAT_VERSION {
         return Err(UndoFormatError::UnsupportedVersion(version));
     }
-    if rd_u16(b, 6) != 0 || rd_u32(b, 48) != 0 {
-        return Err(UndoFormatError::Invalid(
-            "entry flags/reserved not zero".into(),
-        ));
-    }
+    let flags = rd_u16(b, 6);
+    let kind = EntryKind::from_flags(flags);
+    let Some(kind) = kind.filter(|_| rd_u32(b, 48) == 0) else {
+        return Err(UndoFormatError::Invalid(format!(
+            "entry flags {flags:#06x} unknown or reserved not zero"
+        )));
+    };
     let h = UndoEntryHeader {
         first_seq: rd_u64(b, 8),
         last_seq: rd_u64(b, 16),
@@ -413,13 +478,20 @@ pub fn decode_undo_entry_header(
         extent_count: rd_u32(b, 32),
         body_crc: rd_u32(b, 36),
         body_len: rd_u64(b, 40),
+        kind,
     };
     check_header_fields(&h).map_err(UndoFormatError::Invalid)?;
     Ok(h)
 }
 
+/// Valid sequence range of an entry: `first_seq >= 1`, `last_seq >= first_seq - 1`
+/// (an empty range covers no write-set: resync data, or the end-of-resync marker).
+fn valid_range(first: u64, last: u64) -> bool {
+    first != 0 && last >= first - 1 && last != u64::MAX
+}
+
 fn check_header_fields(h: &UndoEntryHeader) -> Result<(), String> {
-    if h.first_seq == 0 || h.last_seq < h.first_seq || h.last_seq == u64::MAX {
+    if !valid_range(h.first_seq, h.last_seq) {
         return Err(format!("entry seq range {}..={}", h.first_seq, h.last_seq));
     }
     if h.body_len > UNDO_MAX_BODY {
@@ -440,7 +512,7 @@ fn check_header_fields(h: &UndoEntryHeader) -> Result<(), String> {
 /// Encodes a whole entry (header + body) for segment `segment_no`.
 pub fn encode_undo_entry(e: &UndoEntry, segment_no: u64) -> Result<Vec<u8>, UndoError> {
     let bad = |m: String| Err(UndoError::InvalidEntry(m));
-    if e.first_seq == 0 || e.last_seq < e.first_seq || e.last_seq == u64::MAX {
+    if !valid_range(e.first_seq, e.last_seq) {
         return bad(format!("seq range {}..={}", e.first_seq, e.last_seq));
     }
     let mut body_len: u64 = 0;
@@ -485,6 +557,7 @@ pub fn encode_undo_entry(e: &UndoEntry, segment_no: u64) -> Result<Vec<u8>, Undo
         extent_count,
         body_crc: salted_crc(segment_no, &out[UNDO_ENTRY_HEADER_LEN..]),
         body_len,
+        kind: e.kind,
     };
     out[..UNDO_ENTRY_HEADER_LEN].copy_from_slice(&encode_undo_entry_header(&h, segment_no));
     Ok(out)
@@ -553,6 +626,7 @@ pub fn decode_undo_entry_body(
         last_seq: h.last_seq,
         timestamp_ns: h.timestamp_ns,
         extents,
+        kind: h.kind,
     })
 }
 
@@ -831,6 +905,7 @@ impl UndoLog {
                                     offset: pos,
                                     len: h.total_len(),
                                 },
+                                kind: h.kind,
                             });
                             entries += 1;
                             pos = end;
@@ -941,6 +1016,7 @@ impl UndoLog {
             first_seq: e.first_seq,
             timestamp_ns: e.timestamp_ns,
             position: pos,
+            kind: e.kind,
         });
         self.next_seq = Some(e.last_seq + 1);
         Ok(pos)
@@ -1002,29 +1078,55 @@ impl UndoLog {
         })
     }
 
-    /// The time index, oldest first.
+    /// Every indexed entry, oldest first (resync entries included: their `seq` is
+    /// not a recovery point, see [`UndoPoint::kind`] and
+    /// [`recovery_points`](Self::recovery_points)).
     pub fn points(&self) -> &[UndoPoint] {
         &self.points
     }
 
-    /// Newest point with `seq <= seq`.
-    pub fn find_by_seq(&self, seq: u64) -> Option<UndoPoint> {
-        let i = self.points.partition_point(|p| p.seq <= seq);
-        i.checked_sub(1).map(|i| self.points[i])
+    /// The entries whose end is a recovery point (not resync entries), oldest first.
+    pub fn recovery_points(&self) -> impl DoubleEndedIterator<Item = &UndoPoint> + '_ {
+        self.points.iter().filter(|p| p.is_point())
     }
 
-    /// Newest point at or before `ts_ns`: the last point of the longest prefix of
-    /// write-sets all stamped `<= ts_ns` (so a primary clock stepping back never
-    /// makes a view include a write-set stamped after `ts_ns`).
+    /// Newest recovery point with `seq <= seq`.
+    pub fn find_by_seq(&self, seq: u64) -> Option<UndoPoint> {
+        let i = self.points.partition_point(|p| p.seq <= seq);
+        self.points[..i]
+            .iter()
+            .rev()
+            .find(|p| p.is_point())
+            .copied()
+    }
+
+    /// Newest recovery point at or before `ts_ns`: the last point of the longest
+    /// prefix of write-sets all stamped `<= ts_ns` (so a primary clock stepping back
+    /// never makes a view include a write-set stamped after `ts_ns`).
     pub fn find_by_time(&self, ts_ns: u64) -> Option<UndoPoint> {
         let i = self.max_ts.partition_point(|&m| m <= ts_ns);
-        i.checked_sub(1).map(|i| self.points[i])
+        self.points[..i]
+            .iter()
+            .rev()
+            .find(|p| p.is_point())
+            .copied()
     }
 
     /// Index of the first entry after the boundary `seq`, or why `seq` is not a
-    /// reachable boundary.
+    /// reachable boundary (inside a write-set, inside a resync, or older than the
+    /// oldest retained entry).
     fn target_index(&self, seq: u64) -> Result<usize, UndoError> {
-        let i = self.points.partition_point(|p| p.seq <= seq);
+        let mut i = self.points.partition_point(|p| p.seq <= seq);
+        // Empty resync entries may end "at" `seq` too (a resync whose snapshot equals
+        // the point it started from): the boundary is the position before them,
+        // the last consistent state at `seq`.
+        while let Some(p) = i.checked_sub(1).map(|k| &self.points[k]) {
+            if !p.is_point() && p.seq == seq && p.first_seq > seq {
+                i -= 1;
+            } else {
+                break;
+            }
+        }
         if let Some(p) = self.points.get(i) {
             if p.first_seq <= seq {
                 return Err(UndoError::InvalidTarget(format!(
@@ -1038,6 +1140,38 @@ impl UndoLog {
                     p.first_seq - 1
                 )));
             }
+            if i == 0 && p.kind == EntryKind::Resync {
+                return Err(UndoError::InvalidTarget(format!(
+                    "seq {seq} is inside a resync whose start is no longer retained \
+                     (the oldest entry {}..={} continues it)",
+                    p.first_seq, p.seq
+                )));
+            }
+        }
+        if let Some(p) = i
+            .checked_sub(1)
+            .map(|k| &self.points[k])
+            .filter(|p| !p.is_point())
+        {
+            // The transition's consistent ends: before its first entry, and the end
+            // of the first non-resync entry after it.
+            let start = self.points[..i]
+                .iter()
+                .rposition(|q| q.is_point())
+                .map_or(self.points[0].first_seq - 1, |k| self.points[k].seq);
+            let end = self.points[i..]
+                .iter()
+                .find(|q| q.is_point())
+                .map(|q| q.seq);
+            return Err(UndoError::InvalidTarget(format!(
+                "seq {seq} is inside a resync (the replica was being resynced after \
+                 {start}; entry {}..={} is not a consistent point); the nearest \
+                 consistent points are {start} and {}",
+                p.first_seq,
+                p.seq,
+                end.map_or("the end of the resync (not reached yet)".to_string(), |e| e
+                    .to_string())
+            )));
         }
         Ok(i)
     }
@@ -1181,16 +1315,26 @@ impl UndoLog {
     /// `first_seq - 1`.
     pub fn release_before(&mut self, seq: u64) -> Result<u64, UndoError> {
         self.check()?;
+        // Segments that may go: all entries at or before `seq`, and never leaving a
+        // log whose oldest entry continues a resync (the boundary before the oldest
+        // entry must be a consistent state): a transition goes as a whole.
+        let mut cut = 0usize;
+        let mut k = 0usize;
+        while self.segments.len() > k + 1 {
+            let last = &self.points[self.segments[k + 1].first_point - 1];
+            if last.seq > seq {
+                break;
+            }
+            k += 1;
+            if last.is_point() {
+                cut = k;
+            }
+        }
         let mut freed = 0u64;
         let mut dropped = 0usize;
         let mut res = Ok(());
-        while self.segments.len() > dropped + 1 {
+        while dropped < cut {
             let s = &self.segments[dropped];
-            let next_first = self.segments[dropped + 1].first_point;
-            let last_seq = self.points[next_first - 1].seq;
-            if last_seq > seq {
-                break;
-            }
             if let Err(e) = fs::remove_file(&s.path) {
                 res = Err(UndoError::io(format!("remove {}", s.path.display()), e));
                 break;
@@ -1316,6 +1460,7 @@ mod tests {
             extent_count: 3,
             body_crc: 0,
             body_len: 47,
+            kind: EntryKind::WriteSet,
         };
         assert!(check_header_fields(&h).is_err());
         let h = UndoEntryHeader {

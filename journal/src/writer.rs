@@ -102,6 +102,12 @@ pub(crate) struct Shared {
     segs_cv: Condvar,
     closing: AtomicBool,
     stats: StatCounters,
+    /// Set by `skip_to`: the next batch must activate a new segment whose header
+    /// carries the sequence jump. Cleared once that activation is durable.
+    jump_pending: AtomicBool,
+    /// Sequence ranges (inclusive) that were skipped and never written: readers
+    /// step over them. Pruned as releases pass them.
+    pub gaps: Mutex<Vec<(Seq, Seq)>>,
 }
 
 /// Cumulative counters, read without locks (for metrics and benchmarks).
@@ -167,7 +173,8 @@ impl Journal {
         std::fs::create_dir_all(&opts.dir)
             .map_err(|e| JournalError::io(format!("create {}", opts.dir.display()), e))?;
         let lock = segment::lock_dir(&opts.dir)?;
-        let rec = recovery::recover(&opts.dir, opts.cluster_id, opts.recovery)?;
+        let mut rec = recovery::recover(&opts.dir, opts.cluster_id, opts.recovery)?;
+        let gaps = std::mem::take(&mut rec.gaps);
         let engine_name = engine.name();
         let depth = opts
             .max_inflight_batches
@@ -214,6 +221,8 @@ impl Journal {
             segs_cv: Condvar::new(),
             closing: AtomicBool::new(false),
             stats: StatCounters::default(),
+            jump_pending: AtomicBool::new(false),
+            gaps: Mutex::new(gaps),
             opts,
         });
         tracing::info!(
@@ -319,6 +328,56 @@ impl Journal {
         rx.recv().map_err(|_| JournalError::Closed)?
     }
 
+    /// Continues the sequence at `seq + 1`: the sequences after the last one written
+    /// up to `seq` are never written. For a standby whose replica was resynced by a
+    /// copy: its journal mirrors the primary's numbering and must go on after the
+    /// primary's snapshot point. The journal must be idle (every appended record
+    /// durable, nothing queued); `seq` below the last sequence is refused, equal is a
+    /// no-op.
+    ///
+    /// Not durable by itself: the jump is recorded (segment header flag
+    /// `SEQ_JUMP`) when the next batch activates a new segment. A crash before that
+    /// reopens the journal ending at the old last sequence; a caller that relies on
+    /// the jump persists it itself and calls `skip_to` again after reopening. The
+    /// records before the jump stay readable until released; the caller must not
+    /// need them replayed after the jump (a standby checkpoints them first).
+    pub fn skip_to(&self, seq: Seq) -> Result<()> {
+        let sh = &self.shared;
+        let mut q = sh.queue.lock();
+        if let Some(e) = &q.failed {
+            return Err(e.clone());
+        }
+        if q.closed {
+            return Err(JournalError::Closed);
+        }
+        let last = q.next_seq - 1;
+        if seq < last {
+            return Err(JournalError::InvalidSkip(format!(
+                "sequence {seq} is below the last assigned sequence {last}"
+            )));
+        }
+        if seq == last {
+            return Ok(());
+        }
+        let durable = sh.durable_seq.load(Ordering::Acquire);
+        if !q.items.is_empty() || durable != last {
+            return Err(JournalError::InvalidSkip(format!(
+                "the journal is busy (last {last}, durable {durable}, {} queued)",
+                q.items.len()
+            )));
+        }
+        sh.gaps.lock().push((last + 1, seq));
+        // Set before the queue lock is released: the writer takes the next batch
+        // under that lock, so it sees the flag with the first record after the jump.
+        sh.jump_pending.store(true, Ordering::Release);
+        q.next_seq = seq + 1;
+        sh.last_seq.store(seq, Ordering::Release);
+        sh.durable_seq.store(seq, Ordering::Release);
+        drop(q);
+        tracing::info!(from = last, to = seq, "journal: sequence skipped");
+        Ok(())
+    }
+
     /// Last assigned sequence (0 if none).
     pub fn last_seq(&self) -> Seq {
         self.shared.last_seq.load(Ordering::Acquire)
@@ -354,7 +413,12 @@ impl Journal {
             tracing::debug!(segment = d.no, "journal: segment released");
             s.free.push(d);
         }
+        let first = s.data.first().map(|d| d.first_seq);
         drop(s);
+        if let Some(first) = first {
+            // A gap below the oldest kept segment can no longer be asked for.
+            self.shared.gaps.lock().retain(|&(_, end)| end >= first);
+        }
         self.shared.segs_cv.notify_all();
         Ok(())
     }
@@ -631,6 +695,9 @@ impl Writer {
     }
 
     fn needs_roll(&self, batch: &[Pending]) -> bool {
+        if self.shared.jump_pending.load(Ordering::Acquire) {
+            return true;
+        }
         let disk = format::batch_disk_len(format::body_len(batch.iter().map(|p| &p.rec)));
         match &self.active {
             Some(a) => a.pos + disk > a.size,
@@ -691,6 +758,8 @@ impl Writer {
         st.bytes_written
             .fetch_add(f.total as u64, Ordering::Relaxed);
         if let Some((a, spare)) = f.roll {
+            // The activation carried the jump (if one was pending): it is durable now.
+            self.shared.jump_pending.store(false, Ordering::Release);
             let mut s = self.shared.segs.lock();
             s.activating -= 1;
             s.data.push(SegInfo {
@@ -833,6 +902,7 @@ impl Writer {
                     first_seq,
                     segment_size: target.size,
                     max_inflight: target.depth as u32,
+                    seq_jump: self.shared.jump_pending.load(Ordering::Acquire),
                 };
                 buf[..format::SEGMENT_HEADER_LEN]
                     .copy_from_slice(&format::encode_segment_header(&sh));

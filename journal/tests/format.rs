@@ -14,6 +14,7 @@ fn golden_segment_header() {
         first_seq: 42,
         segment_size: 1 << 20,
         max_inflight: 1,
+        seq_jump: false,
     };
     // Depth 1 is stored as 0: byte-identical to the original v1 header.
     #[rustfmt::skip]
@@ -55,6 +56,7 @@ fn golden_segment_header_with_pipeline_depth() {
         first_seq: 42,
         segment_size: 1 << 20,
         max_inflight: 2,
+        seq_jump: false,
     };
     #[rustfmt::skip]
     let expected: [u8; 64] = [
@@ -87,6 +89,48 @@ fn golden_segment_header_with_pipeline_depth() {
     big[60..64].copy_from_slice(&crc.to_le_bytes());
     assert!(matches!(
         decode_segment_header(&big, 1),
+        Err(FormatError::Invalid(_))
+    ));
+}
+
+/// Flags bit 0 of the segment header: the segment's first_seq jumps over skipped
+/// sequences (Journal::skip_to). Other flag bits stay refused.
+#[test]
+fn golden_segment_header_with_seq_jump() {
+    let h = SegmentHeader {
+        segment_no: 1,
+        cluster_id: CLUSTER,
+        first_seq: 42,
+        segment_size: 1 << 20,
+        max_inflight: 1,
+        seq_jump: true,
+    };
+    #[rustfmt::skip]
+    let expected: [u8; 64] = [
+        b'F', b'E', b'R', b'R', b'Y', b'S', b'E', b'G', // 0  magic
+        1, 0,                                           // 8  version
+        1, 0,                                           // 10 flags: SEQ_JUMP
+        0x00, 0x10, 0, 0,                               // 12 header block size 4096
+        1, 0, 0, 0, 0, 0, 0, 0,                         // 16 segment number
+        b'f', b'e', b'r', b'r', b'y', b'-', b'c', b'l', // 24 cluster id
+        b'u', b's', b't', b'e', b'r', b'-', b'0', b'1',
+        42, 0, 0, 0, 0, 0, 0, 0,                        // 40 first seq
+        0, 0, 0x10, 0, 0, 0, 0, 0,                      // 48 segment size 1 MiB
+        0, 0, 0, 0,                                     // 56 max_inflight (0 = 1)
+        0xb7, 0x3a, 0x7c, 0x45,                         // 60 crc32c salted with segment 1
+    ];
+    let got = encode_segment_header(&h);
+    assert_eq!(got[..60], expected[..60]);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&1u64.to_le_bytes()), &expected[..60]);
+    assert_eq!(crc.to_le_bytes(), got[60..64], "crc {crc:#010x}");
+    assert_eq!(got[60..64], expected[60..64], "golden crc");
+    assert_eq!(decode_segment_header(&got, 1), Ok(h));
+    let mut other = got;
+    other[10] = 2;
+    let crc = salted_crc(1, &other[..60]);
+    other[60..64].copy_from_slice(&crc.to_le_bytes());
+    assert!(matches!(
+        decode_segment_header(&other, 1),
         Err(FormatError::Invalid(_))
     ));
 }
@@ -280,7 +324,7 @@ proptest! {
 
     #[test]
     fn segment_header_round_trip(no in any::<u64>(), first in 1u64.., size in 2u64..1_000_000, depth in 1u32..=MAX_INFLIGHT_BATCHES) {
-        let h = SegmentHeader { segment_no: no, cluster_id: CLUSTER, first_seq: first, segment_size: size * BLOCK_SIZE as u64, max_inflight: depth };
+        let h = SegmentHeader { segment_no: no, cluster_id: CLUSTER, first_seq: first, segment_size: size * BLOCK_SIZE as u64, max_inflight: depth, seq_jump: no % 2 == 0 };
         prop_assert_eq!(decode_segment_header(&encode_segment_header(&h), no), Ok(h));
     }
 

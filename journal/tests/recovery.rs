@@ -24,6 +24,20 @@ impl Img {
     fn new(no: u64, first_seq: u64) -> Img {
         Img::with_depth(no, first_seq, 1)
     }
+    /// Segment whose header carries the `SEQ_JUMP` flag (Journal::skip_to).
+    fn jumping(no: u64, first_seq: u64) -> Img {
+        let mut img = Img::with_depth(no, first_seq, 1);
+        let h = SegmentHeader {
+            segment_no: no,
+            cluster_id: CLUSTER,
+            first_seq,
+            segment_size: SEG,
+            max_inflight: 1,
+            seq_jump: true,
+        };
+        img.buf[..format::SEGMENT_HEADER_LEN].copy_from_slice(&format::encode_segment_header(&h));
+        img
+    }
     /// Segment whose header records `depth` batch writes in flight.
     fn with_depth(no: u64, first_seq: u64, depth: u32) -> Img {
         let mut buf = vec![0u8; SEG as usize];
@@ -33,6 +47,7 @@ impl Img {
             first_seq,
             segment_size: SEG,
             max_inflight: depth,
+            seq_jump: false,
         };
         buf[..format::SEGMENT_HEADER_LEN].copy_from_slice(&format::encode_segment_header(&h));
         Img {
@@ -306,6 +321,28 @@ fn sequence_gap_across_segments_is_corruption() {
         &p2,
         0,
         "gap",
+    );
+}
+
+/// A gap is accepted only in front of a segment flagged SEQ_JUMP, and even then
+/// an overlap is corruption.
+#[test]
+fn sequence_jump_segment_allows_a_gap_but_not_an_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    Img::new(1, 1).batch(1, 3).write(dir.path());
+    Img::jumping(2, 10).batch(10, 2).write(dir.path());
+    let (j, rep) = open(dir.path(), RecoveryMode::TolerateTornTail).unwrap();
+    assert_eq!((rep.first_seq, rep.last_seq), (1, 11));
+    assert_eq!(read_all(&j), vec![1, 2, 3, 10, 11]);
+    drop(j);
+    let dir = tempfile::tempdir().unwrap();
+    Img::new(1, 1).batch(1, 3).write(dir.path());
+    let p2 = Img::jumping(2, 3).batch(3, 1).write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &p2,
+        0,
+        "gap/overlap",
     );
 }
 

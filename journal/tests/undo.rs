@@ -27,6 +27,7 @@ fn entry(n: u64) -> UndoEntry {
             ext(1, n * 4096, &vec![n as u8; 1000 + n as usize]),
             ext(2, 7, &[0xAB; 33]),
         ],
+        kind: EntryKind::WriteSet,
     }
 }
 
@@ -47,6 +48,7 @@ fn golden_entry_bytes() {
         last_seq: 12,
         timestamp_ns: 1_700_000_000_000_000_000,
         extents: vec![ext(7, 4096, b"abcd")],
+        kind: EntryKind::WriteSet,
     };
     #[rustfmt::skip]
     let expected: [u8; 56 + 20] = [
@@ -98,6 +100,7 @@ fn golden_zero_extent_bytes() {
         last_seq: 5,
         timestamp_ns: 9,
         extents: vec![UndoExtent::zeros(2, 8192, 1 << 20)],
+        kind: EntryKind::WriteSet,
     };
     let got = encode_undo_entry(&e, 1).unwrap();
     assert_eq!(got.len(), 56 + 16);
@@ -210,6 +213,12 @@ fn arb_entry() -> impl Strategy<Value = UndoEntry> {
                     }
                 })
                 .collect(),
+            // Resync entries (flag bit 0) round-trip too.
+            kind: [
+                EntryKind::WriteSet,
+                EntryKind::Resync,
+                EntryKind::ResyncStart,
+            ][(ts % 3) as usize],
         })
 }
 
@@ -287,6 +296,7 @@ fn append_reopen_keeps_index() {
         last_seq: 401,
         timestamp_ns: 40_000,
         extents: vec![],
+        kind: EntryKind::WriteSet,
     };
     positions.push(log.append(&empty).unwrap());
     assert!(log.segment_count() > 2, "small segments roll");
@@ -593,6 +603,7 @@ fn rollback_simulation() {
             last_seq: seq - 1,
             timestamp_ns: 1_000 + ws * 10,
             extents,
+            kind: EntryKind::WriteSet,
         };
         log.append(&e).unwrap();
         for (off, data) in &ops {
@@ -822,4 +833,195 @@ fn a_second_owner_of_the_directory_is_refused() {
     assert!(err.to_string().contains("in use by another"), "{err}");
     drop(log);
     ferry_journal::undo::UndoLog::open(dir.path(), [3; 16], 1 << 20).expect("free after drop");
+}
+
+// ---------------------------------------------------------------- resync entries
+
+/// Entry header flag bit 0 (RESYNC) with an empty sequence range (a resync data
+/// entry after the snapshot: `first_seq = last_seq + 1`).
+#[test]
+fn golden_resync_entry_bytes() {
+    let e = UndoEntry {
+        first_seq: 13,
+        last_seq: 12,
+        timestamp_ns: 1_700_000_000_000_000_000,
+        extents: vec![UndoExtent::zeros(7, 0, 4096)],
+        kind: EntryKind::Resync,
+    };
+    #[rustfmt::skip]
+    let expected: [u8; 56 + 16] = [
+        b'F', b'R', b'Y', b'U',                 // 0  magic
+        1, 0,                                   // 4  version
+        1, 0,                                   // 6  flags: RESYNC
+        13, 0, 0, 0, 0, 0, 0, 0,                // 8  first_seq
+        12, 0, 0, 0, 0, 0, 0, 0,                // 16 last_seq (empty range)
+        0, 0, 42, 54, 254, 156, 151, 23,        // 24 timestamp_ns
+        1, 0, 0, 0,                             // 32 extent_count
+        0x17, 0xa9, 0xc3, 0x61,                 // 36 body_crc (salted with segment 3)
+        16, 0, 0, 0, 0, 0, 0, 0,                // 40 body_len
+        0, 0, 0, 0,                             // 48 reserved
+        0x76, 0xbe, 0x15, 0xc4,                 // 52 header_crc (salted with segment 3)
+        // extent header
+        7, 0, 0, 0,                             // 0  volume
+        0x00, 0x10, 0, 0x80,                    // 4  length 4096 | zero flag
+        0, 0, 0, 0, 0, 0, 0, 0,                 // 8  offset 0
+    ];
+    let got = encode_undo_entry(&e, 3).unwrap();
+    assert_eq!(got, expected);
+    let salted = |b: &[u8]| crc32c::crc32c_append(crc32c::crc32c(&3u64.to_le_bytes()), b);
+    assert_eq!(salted(&expected[56..]).to_le_bytes(), expected[36..40]);
+    assert_eq!(salted(&expected[..52]).to_le_bytes(), expected[52..56]);
+    let (back, n) = decode_undo_entry(&Bytes::copy_from_slice(&got), 3).unwrap();
+    assert_eq!((back, n), (e.clone(), 72));
+    // An empty range is only "first_seq - 1"; anything lower stays invalid, and an
+    // unknown flag bit is refused as checksummed (never taken for a torn write).
+    let bad = UndoEntry {
+        last_seq: 11,
+        ..e.clone()
+    };
+    assert!(matches!(
+        encode_undo_entry(&bad, 3),
+        Err(UndoError::InvalidEntry(_))
+    ));
+    let mut f2 = got.clone();
+    f2[6] = 2; // RESYNC_START without RESYNC
+    let crc = salted(&f2[..52]);
+    f2[52..56].copy_from_slice(&crc.to_le_bytes());
+    let err = decode_undo_entry_header(&f2, 3).unwrap_err();
+    assert!(err.is_checksummed(), "{err}");
+}
+
+fn resync_entry(first: u64, last: u64, fill: u8) -> UndoEntry {
+    UndoEntry {
+        first_seq: first,
+        last_seq: last,
+        timestamp_ns: 5,
+        extents: vec![ext(0, 0, &[fill; 8])],
+        kind: EntryKind::Resync,
+    }
+}
+
+fn resync_start(first: u64, last: u64, fill: u8) -> UndoEntry {
+    UndoEntry {
+        kind: EntryKind::ResyncStart,
+        ..resync_entry(first, last, fill)
+    }
+}
+
+/// A resync transition from 10 (snapshot 20, consistent again at 25): no point
+/// inside it is reachable; the point before it and the first one after it are; a
+/// rollback to the point before it applies every entry of the transition; the
+/// rules hold across a reopen.
+#[test]
+fn resync_entries_are_not_recovery_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(dir.path(), 1 << 20);
+    let plain = |first, last| UndoEntry {
+        first_seq: first,
+        last_seq: last,
+        timestamp_ns: first,
+        extents: vec![ext(0, 0, &[first as u8; 8])],
+        kind: EntryKind::WriteSet,
+    };
+    log.append(&plain(1, 10)).unwrap();
+    // Begin: bridges 11..=20 (the records the copy replaces); data entries are empty.
+    log.append(&resync_start(11, 20, 0xa1)).unwrap();
+    log.append(&resync_entry(21, 20, 0xa2)).unwrap();
+    log.append(&resync_entry(21, 20, 0xa3)).unwrap();
+    // Streamed write-sets before `through` (25) are resync entries too.
+    log.append(&resync_entry(21, 23, 0xa4)).unwrap();
+    log.append(&plain(24, 26)).unwrap();
+    let check = |log: &UndoLog| {
+        assert_eq!(log.find_by_seq(22).map(|p| p.seq), Some(10));
+        assert_eq!(log.find_by_seq(26).map(|p| p.seq), Some(26));
+        assert_eq!(log.find_by_time(23).map(|p| p.seq), Some(10));
+        assert_eq!(
+            log.recovery_points().map(|p| p.seq).collect::<Vec<_>>(),
+            vec![10, 26]
+        );
+        for inside in [20, 23] {
+            let err = log.points_after(inside).unwrap_err().to_string();
+            assert!(err.contains("inside a resync"), "{inside}: {err}");
+            assert!(err.contains("10 and 26"), "{inside}: {err}");
+        }
+        assert!(log.points_after(15).is_err(), "inside the bridging entry");
+        assert_eq!(log.points_after(10).unwrap().len(), 5);
+        let fills: Vec<u8> = log
+            .entries_after(10)
+            .map(|e| e.unwrap().extents[0].data[0])
+            .collect();
+        assert_eq!(fills, vec![24, 0xa4, 0xa3, 0xa2, 0xa1], "newest first");
+    };
+    check(&log);
+    drop(log);
+    let (log, rec) = open(dir.path(), 1 << 20);
+    assert_eq!(rec.entries, 6);
+    check(&log);
+}
+
+/// A resync whose snapshot is the point it started from: its entries are all
+/// empty and end "at" that point; the boundary there is before them.
+#[test]
+fn empty_resync_at_the_start_point_keeps_it_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(dir.path(), 1 << 20);
+    log.append(&entry(0)).unwrap(); // 1..=10
+    log.append(&resync_start(11, 10, 1)).unwrap();
+    log.append(&resync_entry(11, 10, 2)).unwrap();
+    assert_eq!(log.points_after(10).unwrap().len(), 2);
+    assert_eq!(log.find_by_seq(10).map(|p| p.seq), Some(10));
+    // The end marker: an empty entry that is a point (the copy was consistent).
+    log.append(&UndoEntry {
+        first_seq: 11,
+        last_seq: 10,
+        timestamp_ns: 9,
+        extents: vec![],
+        kind: EntryKind::WriteSet,
+    })
+    .unwrap();
+    assert_eq!(log.points_after(10).unwrap().len(), 0, "after the marker");
+    assert_eq!(log.recovery_points().count(), 2);
+    // A log that starts with a resync: the boundary before it is consistent.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(dir.path(), 1 << 20);
+    log.append(&resync_start(41, 50, 1)).unwrap();
+    assert_eq!(log.points_after(40).unwrap().len(), 1);
+    assert!(log.points_after(39).is_err(), "older than the oldest");
+    // One whose oldest entry continues a transition (its start was released by a
+    // release interrupted by a crash): the boundary before it is not offered.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(dir.path(), 1 << 20);
+    log.append(&resync_entry(51, 50, 1)).unwrap();
+    let err = log.points_after(50).unwrap_err().to_string();
+    assert!(err.contains("start is no longer retained"), "{err}");
+}
+
+/// Retention never leaves a log whose oldest entry continues a resync.
+#[test]
+fn release_before_stops_inside_a_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments: every entry rolls to its own segment.
+    let (mut log, _) = open(dir.path(), 4096);
+    let big = |first, last, kind| UndoEntry {
+        first_seq: first,
+        last_seq: last,
+        timestamp_ns: first,
+        extents: vec![ext(0, 0, &[1; 5000])],
+        kind,
+    };
+    log.append(&big(1, 10, EntryKind::WriteSet)).unwrap();
+    log.append(&big(11, 20, EntryKind::ResyncStart)).unwrap();
+    log.append(&big(21, 20, EntryKind::Resync)).unwrap();
+    log.append(&big(21, 30, EntryKind::WriteSet)).unwrap();
+    log.append(&big(31, 40, EntryKind::WriteSet)).unwrap();
+    assert_eq!(log.segment_count(), 5);
+    // Up to 25: the transition (11..=30) cannot be cut in the middle, so only the
+    // segment before it goes; the way back to 10 stays.
+    log.release_before(25).unwrap();
+    assert_eq!(log.points()[0].first_seq, 11);
+    assert_eq!(log.points_after(10).unwrap().len(), 4);
+    // Up to 30: the transition goes as a whole.
+    log.release_before(30).unwrap();
+    assert_eq!(log.points()[0].first_seq, 31);
+    assert_eq!(log.points_after(30).unwrap().len(), 1);
 }

@@ -500,6 +500,32 @@ impl Receiver {
         Ok(self.ack())
     }
 
+    /// A bitmap resync copied the primary's dirty regions as of `snapshot` (every
+    /// record up to it is reflected in the replica, durably) and the stream goes on
+    /// after it: all three positions move there. Only between write-sets (nothing
+    /// received beyond what is durable) and never backwards. Returns the ack to send.
+    pub fn resynced(&mut self, snapshot: Seq) -> Result<Ack, ReceiveError> {
+        if self.received_seq != self.durable_seq {
+            return Err(ReceiveError::Beyond {
+                which: "received",
+                seq: self.received_seq,
+                limit_name: "durable (a resync needs a drained receiver)",
+                limit: self.durable_seq,
+            });
+        }
+        if snapshot < self.received_seq {
+            return Err(ReceiveError::WentBackwards {
+                which: "resync snapshot",
+                previous: self.received_seq,
+                got: snapshot,
+            });
+        }
+        self.received_seq = snapshot;
+        self.durable_seq = snapshot;
+        self.applied_seq = snapshot;
+        Ok(self.ack())
+    }
+
     /// Refuses frames from another epoch: older means a fenced primary, newer
     /// means roles changed and the connection must be re-established.
     pub fn check_epoch(&self, got: Epoch) -> Result<(), ReceiveError> {
@@ -761,6 +787,28 @@ pub fn plan_resume(
         return Err(HandshakeError::ResyncRequired {
             resume: peer_resume,
             oldest: oldest_available,
+        });
+    }
+    Ok(HelloAck {
+        epoch,
+        version: negotiated.version,
+        resume_seq: peer_resume,
+    })
+}
+
+/// Resume plan for a target the primary resyncs from its dirty-region bitmap: the
+/// journal need not hold the standby's next record (the copy replaces it), so only
+/// a standby claiming more than the primary has is refused (`Diverged`).
+pub fn plan_resync(
+    negotiated: Negotiated,
+    epoch: Epoch,
+    peer_resume: Seq,
+    last: Seq,
+) -> Result<HelloAck, HandshakeError> {
+    if peer_resume > last {
+        return Err(HandshakeError::Diverged {
+            resume: peer_resume,
+            last,
         });
     }
     Ok(HelloAck {

@@ -35,7 +35,10 @@ pub type Epoch = u64;
 /// Protocol versions this build knows.
 ///
 /// Changelog (one line per version; never reuse a number):
-/// - `V1` (1): initial protocol — 32-byte header, Hello/HelloAck/WriteSet/Ack/Heartbeat/Error.
+/// - `V1` (1): initial protocol — 32-byte header, Hello/HelloAck/WriteSet/Ack/Heartbeat/Error;
+///   later in V1 (frame types a V1 peer without them refuses as unknown, so
+///   nothing is misread): Handover/HandoverAck (16, 17), VerifyResult (18), and the
+///   bitmap resync frames ResyncBegin/ResyncData/ResyncEnd (7, 8, 9).
 #[repr(u16)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProtocolVersion {
@@ -67,16 +70,20 @@ pub const MAX_SEAL_LABEL_LEN: usize = 256;
 /// Bound on records per write-set, independent of the payload bound, so a
 /// receiver's per-write-set bookkeeping stays small.
 pub const MAX_RECORDS_PER_WRITE_SET: usize = 131_072;
+/// Bound on extents per ResyncData frame (same reasoning).
+pub const MAX_RESYNC_EXTENTS: usize = 65_536;
 
 const WRITE_SET_FIXED_LEN: usize = 32;
 const RECORD_HEADER_LEN: usize = 32;
 const HELLO_FIXED_LEN: usize = 48;
 const VOLUME_FIXED_LEN: usize = 17;
+const RESYNC_EXTENT_HEADER_LEN: usize = 24;
 
 // Compile-time layout checks: a change here is a protocol change.
 const _: () = assert!(HEADER_LEN == 4 + 2 + 2 + 2 + 2 + 8 + 4 + 4 + 4);
 const _: () = assert!(RECORD_HEADER_LEN == 8 + 8 + 4 + 4 + 1 + 3 + 4);
 const _: () = assert!(HELLO_FIXED_LEN == 2 + 2 + 1 + 1 + 2 + 16 + 16 + 8);
+const _: () = assert!(RESYNC_EXTENT_HEADER_LEN == 8 + 4 + 4 + 1 + 3 + 4);
 const _: () = assert!(MAX_PAYLOAD_LEN <= u32::MAX as usize);
 
 /// Frame type codes (header bytes 6..8).
@@ -89,6 +96,12 @@ pub enum FrameType {
     Ack = 4,
     Heartbeat = 5,
     Error = 6,
+    /// Primary → standby, data stream: a bitmap resync starts (see [`ResyncBegin`]).
+    ResyncBegin = 7,
+    /// Primary → standby, data stream: current contents of dirty regions.
+    ResyncData = 8,
+    /// Primary → standby, data stream: the copy is complete; streaming follows.
+    ResyncEnd = 9,
     /// Planned switchover, primary → standby: "take over at `seq`".
     Handover = 16,
     /// Standby → primary: "I hold `seq` and am the primary of `new_epoch`".
@@ -106,6 +119,9 @@ impl FrameType {
             4 => Self::Ack,
             5 => Self::Heartbeat,
             6 => Self::Error,
+            7 => Self::ResyncBegin,
+            8 => Self::ResyncData,
+            9 => Self::ResyncEnd,
             16 => Self::Handover,
             17 => Self::HandoverAck,
             18 => Self::VerifyResult,
@@ -358,6 +374,69 @@ pub enum Frame {
     Handover(Handover),
     HandoverAck(HandoverAck),
     VerifyResult(VerifyResult),
+    ResyncBegin(ResyncBegin),
+    ResyncData(ResyncData),
+    ResyncEnd(ResyncEnd),
+}
+
+/// A bitmap resync starts (primary → standby, first frame on the data stream of
+/// a session with a target in bitmap mode). The standby's last consistent point
+/// is `from_seq`; what follows are the current contents of every region written
+/// since (ResyncData), then ResyncEnd, then write-sets from `snapshot_seq + 1` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncBegin {
+    pub epoch: Epoch,
+    /// The standby's resume position from its Hello (echoed, checked).
+    pub from_seq: Seq,
+    /// Every record up to it is reflected in the copied data; the stream resumes
+    /// after it. `>= from_seq`.
+    pub snapshot_seq: Seq,
+    /// Bytes the copy will cover (dirty regions at the start; informational).
+    pub total_bytes: u64,
+    /// The dirty map's region size (informational).
+    pub region_size: u32,
+}
+
+/// One range of a volume in a ResyncData frame: its current bytes, or zeros.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncExtent {
+    pub volume: u32,
+    pub offset: u64,
+    /// Bytes covered, > 0.
+    pub length: u32,
+    /// `None`: the range holds zeros (a hole or zeroed blocks), no bytes are sent.
+    pub data: Option<Bytes>,
+}
+
+/// Current contents of dirty regions (primary → standby, data stream).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncData {
+    pub epoch: Epoch,
+    /// 1 ..= [`MAX_RESYNC_EXTENTS`].
+    pub extents: Vec<ResyncExtent>,
+}
+
+impl ResyncData {
+    /// Payload bytes on the wire.
+    pub fn payload_len(&self) -> usize {
+        self.extents.iter().fold(8usize, |acc, x| {
+            acc.saturating_add(RESYNC_EXTENT_HEADER_LEN)
+                .saturating_add(x.data.as_ref().map_or(0, |d| d.len()))
+        })
+    }
+}
+
+/// The copy is complete (primary → standby, data stream). Once every record up to
+/// `through_seq` is applied over the copied data, the replica is a consistent
+/// image of the primary again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncEnd {
+    pub epoch: Epoch,
+    /// The primary's durable position when the copy ended.
+    pub through_seq: Seq,
+    /// Bytes the copy covered (data and zero extents) and bytes sent as data.
+    pub bytes: u64,
+    pub data_bytes: u64,
 }
 
 /// A standby's answer to a verify request that travelled in the stream as a seal
@@ -401,6 +480,9 @@ impl Frame {
             Self::Handover(_) => FrameType::Handover,
             Self::HandoverAck(_) => FrameType::HandoverAck,
             Self::VerifyResult(_) => FrameType::VerifyResult,
+            Self::ResyncBegin(_) => FrameType::ResyncBegin,
+            Self::ResyncData(_) => FrameType::ResyncData,
+            Self::ResyncEnd(_) => FrameType::ResyncEnd,
             Self::Error(_) => FrameType::Error,
         }
     }
@@ -416,6 +498,9 @@ impl Frame {
             Self::Handover(f) => f.epoch,
             Self::HandoverAck(f) => f.epoch,
             Self::VerifyResult(f) => f.epoch,
+            Self::ResyncBegin(f) => f.epoch,
+            Self::ResyncData(f) => f.epoch,
+            Self::ResyncEnd(f) => f.epoch,
         }
     }
 }
@@ -639,8 +724,43 @@ fn validate_ack(a: &Ack) -> Result<(), Invalid> {
     Ok(())
 }
 
+fn validate_resync_data(d: &ResyncData) -> Result<(), Invalid> {
+    if d.extents.is_empty() || d.extents.len() > MAX_RESYNC_EXTENTS {
+        return Err(invalid(
+            "resync_data.extents",
+            format!("{} extents (1..={MAX_RESYNC_EXTENTS})", d.extents.len()),
+        ));
+    }
+    for (i, x) in d.extents.iter().enumerate() {
+        if x.length == 0 {
+            return Err(invalid("resync_extent.length", format!("extent {i}: 0")));
+        }
+        if x.offset.checked_add(u64::from(x.length)).is_none() {
+            return Err(invalid(
+                "resync_extent.offset",
+                format!("extent {i}: {} + {} overflows", x.offset, x.length),
+            ));
+        }
+        if let Some(data) = &x.data {
+            if data.len() != x.length as usize {
+                return Err(invalid(
+                    "resync_extent.data",
+                    format!("extent {i}: {} bytes for length {}", data.len(), x.length),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn validate_frame(frame: &Frame) -> Result<(), Invalid> {
     match frame {
+        Frame::ResyncBegin(b) if b.snapshot_seq < b.from_seq => Err(invalid(
+            "resync_begin.snapshot_seq",
+            format!("{} is below from_seq {}", b.snapshot_seq, b.from_seq),
+        )),
+        Frame::ResyncBegin(_) | Frame::ResyncEnd(_) => Ok(()),
+        Frame::ResyncData(d) => validate_resync_data(d),
         Frame::Hello(h) => validate_hello(h),
         Frame::HelloAck(_) | Frame::Heartbeat(_) | Frame::Handover(_) => Ok(()),
         Frame::HandoverAck(a) if a.new_epoch <= a.epoch => Err(invalid(
@@ -757,6 +877,36 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
             out.put_u64_le(a.seq);
             out.put_u64_le(a.new_epoch);
         }
+        Frame::ResyncBegin(b) => {
+            out.put_u64_le(b.from_seq);
+            out.put_u64_le(b.snapshot_seq);
+            out.put_u64_le(b.total_bytes);
+            out.put_u32_le(b.region_size);
+            out.put_u32_le(0); // reserved
+        }
+        Frame::ResyncData(d) => {
+            out.put_u32_le(d.extents.len() as u32); // validated ≤ MAX_RESYNC_EXTENTS
+            out.put_u32_le(0); // reserved
+            for x in &d.extents {
+                out.put_u64_le(x.offset);
+                out.put_u32_le(x.volume);
+                out.put_u32_le(x.length);
+                out.put_u8(if x.data.is_some() { 1 } else { 2 });
+                out.put_slice(&[0u8; 3]); // reserved
+                match &x.data {
+                    Some(d) => {
+                        out.put_u32_le(d.len() as u32); // validated == length
+                        out.put_slice(d);
+                    }
+                    None => out.put_u32_le(0),
+                }
+            }
+        }
+        Frame::ResyncEnd(e) => {
+            out.put_u64_le(e.through_seq);
+            out.put_u64_le(e.bytes);
+            out.put_u64_le(e.data_bytes);
+        }
         Frame::Error(e) => {
             out.put_u32_le(e.code.to_u32());
             out.put_u16_le(e.reason.len() as u16); // validated ≤ 1024
@@ -774,19 +924,19 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
 /// reconnect.
 pub fn encode(frame: &Frame) -> Result<BytesMut, EncodeError> {
     validate_frame(frame)?;
-    // Refuse an oversized write-set before allocating for it.
-    if let Frame::WriteSet(ws) = frame {
-        if ws.payload_len() > MAX_PAYLOAD_LEN {
-            return Err(EncodeError::TooLarge {
-                len: ws.payload_len(),
-                max: MAX_PAYLOAD_LEN,
-            });
-        }
+    // Refuse an oversized write-set or resync batch before allocating for it.
+    let big = match frame {
+        Frame::WriteSet(ws) => Some(ws.payload_len()),
+        Frame::ResyncData(d) => Some(d.payload_len()),
+        _ => None,
+    };
+    if let Some(len) = big.filter(|&l| l > MAX_PAYLOAD_LEN) {
+        return Err(EncodeError::TooLarge {
+            len,
+            max: MAX_PAYLOAD_LEN,
+        });
     }
-    let mut out = BytesMut::with_capacity(match frame {
-        Frame::WriteSet(ws) => ws.encoded_len(),
-        _ => HEADER_LEN + 128,
-    });
+    let mut out = BytesMut::with_capacity(HEADER_LEN + big.unwrap_or(128));
     out.put_bytes(0, HEADER_LEN);
     put_payload(&mut out, frame);
     let payload_len = out.len() - HEADER_LEN;
@@ -1146,6 +1296,54 @@ fn decode_write_set(r: &mut Reader, epoch: Epoch) -> Result<WriteSet, DecodeErro
     })
 }
 
+fn decode_resync_data(r: &mut Reader, epoch: Epoch) -> Result<ResyncData, DecodeError> {
+    let count = r.u32()? as usize;
+    r.zero("resync_data.reserved", 4)?;
+    // Bounded by the protocol limit and by what the payload can hold.
+    if count > MAX_RESYNC_EXTENTS || count.saturating_mul(RESYNC_EXTENT_HEADER_LEN) > r.remaining()
+    {
+        return Err(DecodeError::InvalidField {
+            field: "resync_data.extent_count",
+            reason: format!(
+                "{count} extents cannot fit in {} bytes (max {MAX_RESYNC_EXTENTS})",
+                r.remaining()
+            ),
+        });
+    }
+    let mut extents = Vec::with_capacity(count);
+    for i in 0..count {
+        let offset = r.u64()?;
+        let volume = r.u32()?;
+        let length = r.u32()?;
+        let kind = r.u8()?;
+        r.zero("resync_extent.reserved", 3)?;
+        let data_len = r.u32()? as usize;
+        let data = match kind {
+            1 => Some(r.take(data_len)?), // zero-copy slice of the frame
+            2 if data_len == 0 => None,
+            2 => {
+                return Err(DecodeError::InvalidField {
+                    field: "resync_extent.data_len",
+                    reason: format!("extent {i}: a zero extent carries {data_len} bytes"),
+                })
+            }
+            k => {
+                return Err(DecodeError::InvalidField {
+                    field: "resync_extent.kind",
+                    reason: format!("extent {i}: unknown kind {k}"),
+                })
+            }
+        };
+        extents.push(ResyncExtent {
+            volume,
+            offset,
+            length,
+            data,
+        });
+    }
+    Ok(ResyncData { epoch, extents })
+}
+
 fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeError> {
     let epoch = header.epoch;
     let mut r = Reader {
@@ -1211,6 +1409,24 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
                 body: r.rest(),
             })
         }
+        FrameType::ResyncBegin => {
+            let b = ResyncBegin {
+                epoch,
+                from_seq: r.u64()?,
+                snapshot_seq: r.u64()?,
+                total_bytes: r.u64()?,
+                region_size: r.u32()?,
+            };
+            r.zero("resync_begin.reserved", 4)?;
+            Frame::ResyncBegin(b)
+        }
+        FrameType::ResyncData => Frame::ResyncData(decode_resync_data(&mut r, epoch)?),
+        FrameType::ResyncEnd => Frame::ResyncEnd(ResyncEnd {
+            epoch,
+            through_seq: r.u64()?,
+            bytes: r.u64()?,
+            data_bytes: r.u64()?,
+        }),
         FrameType::Error => {
             let code = ErrorCode::from_u32(r.u32()?);
             let len = usize::from(r.u16()?);

@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 use ferry_transport::wire::{
-    decode, encode, Ack, Frame, Handover, HandoverAck, Hello, Role, VolumeGeometry,
-    MAX_SUPPORTED_VERSION,
+    decode, encode, Ack, Frame, Handover, HandoverAck, Hello, ResyncBegin, ResyncData, ResyncEnd,
+    ResyncExtent, Role, VolumeGeometry, MAX_SUPPORTED_VERSION,
 };
 
 fn golden_hello() -> Hello {
@@ -136,5 +136,154 @@ fn golden_handover_ack_bytes() {
     assert_eq!(
         (&h[6..8], &h[32..]),
         (&[16u8, 0][..], &9u64.to_le_bytes()[..])
+    );
+}
+
+/// The bitmap resync frames (types 7, 8, 9): fixed layouts, one data extent and one
+/// zero extent (no bytes follow it).
+#[test]
+fn golden_resync_frames() {
+    let b = ResyncBegin {
+        epoch: 7,
+        from_seq: 0x10,
+        snapshot_seq: 0x20,
+        total_bytes: 0x30000,
+        region_size: 65536,
+    };
+    #[rustfmt::skip]
+    let begin: [u8; 32 + 32] = [
+        b'F', b'R', b'Y', b'1',                         // magic
+        0x01, 0x00,                                     // version 1
+        0x07, 0x00,                                     // type 7 = ResyncBegin
+        0x00, 0x00, 0x00, 0x00,                         // flags, reserved
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch 7
+        0x20, 0x00, 0x00, 0x00,                         // payload_len 32
+        0x00, 0x00, 0x00, 0x00,                         // payload CRC32C
+        0x00, 0x00, 0x00, 0x00,                         // header CRC32C
+        0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // from_seq 0x10
+        0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // snapshot_seq 0x20
+        0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, // total_bytes 0x30000
+        0x00, 0x00, 0x01, 0x00,                         // region_size 65536
+        0x00, 0x00, 0x00, 0x00,                         // reserved
+    ];
+    check_golden(&Frame::ResyncBegin(b), &begin, GOLDEN_CRCS[0]);
+
+    let d = ResyncData {
+        epoch: 7,
+        extents: vec![
+            ResyncExtent {
+                volume: 1,
+                offset: 0x1000,
+                length: 4,
+                data: Some(Bytes::from_static(b"abcd")),
+            },
+            ResyncExtent {
+                volume: 1,
+                offset: 0x10000,
+                length: 0x10000,
+                data: None,
+            },
+        ],
+    };
+    #[rustfmt::skip]
+    let data: [u8; 32 + 8 + 24 + 4 + 24] = [
+        b'F', b'R', b'Y', b'1',                         // magic
+        0x01, 0x00,                                     // version 1
+        0x08, 0x00,                                     // type 8 = ResyncData
+        0x00, 0x00, 0x00, 0x00,                         // flags, reserved
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch 7
+        0x3c, 0x00, 0x00, 0x00,                         // payload_len 60
+        0x00, 0x00, 0x00, 0x00,                         // payload CRC32C
+        0x00, 0x00, 0x00, 0x00,                         // header CRC32C
+        0x02, 0x00, 0x00, 0x00,                         // extent_count 2
+        0x00, 0x00, 0x00, 0x00,                         // reserved
+        // extent 0: data
+        0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // offset 0x1000
+        0x01, 0x00, 0x00, 0x00,                         // volume 1
+        0x04, 0x00, 0x00, 0x00,                         // length 4
+        0x01, 0x00, 0x00, 0x00,                         // kind 1 = data, reserved
+        0x04, 0x00, 0x00, 0x00,                         // data_len 4
+        b'a', b'b', b'c', b'd',                         // data
+        // extent 1: zeros
+        0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, // offset 0x10000
+        0x01, 0x00, 0x00, 0x00,                         // volume 1
+        0x00, 0x00, 0x01, 0x00,                         // length 0x10000
+        0x02, 0x00, 0x00, 0x00,                         // kind 2 = zeros, reserved
+        0x00, 0x00, 0x00, 0x00,                         // data_len 0
+    ];
+    check_golden(&Frame::ResyncData(d.clone()), &data, GOLDEN_CRCS[1]);
+
+    let e = ResyncEnd {
+        epoch: 7,
+        through_seq: 0x25,
+        bytes: 0x20000,
+        data_bytes: 0x1000,
+    };
+    #[rustfmt::skip]
+    let end: [u8; 32 + 24] = [
+        b'F', b'R', b'Y', b'1',                         // magic
+        0x01, 0x00,                                     // version 1
+        0x09, 0x00,                                     // type 9 = ResyncEnd
+        0x00, 0x00, 0x00, 0x00,                         // flags, reserved
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch 7
+        0x18, 0x00, 0x00, 0x00,                         // payload_len 24
+        0x00, 0x00, 0x00, 0x00,                         // payload CRC32C
+        0x00, 0x00, 0x00, 0x00,                         // header CRC32C
+        0x25, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // through_seq 0x25
+        0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, // bytes 0x20000
+        0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // data_bytes 0x1000
+    ];
+    check_golden(&Frame::ResyncEnd(e), &end, GOLDEN_CRCS[2]);
+
+    // Invariants are checked both ways: a snapshot before the start point, an
+    // empty batch, a zero extent that carries bytes, data of the wrong length.
+    let bad_begin = ResyncBegin {
+        snapshot_seq: 0x0f,
+        ..b
+    };
+    assert!(encode(&Frame::ResyncBegin(bad_begin)).is_err());
+    assert!(encode(&Frame::ResyncData(ResyncData {
+        epoch: 7,
+        extents: vec![]
+    }))
+    .is_err());
+    let mut short = d.clone();
+    short.extents[0].length = 5;
+    assert!(encode(&Frame::ResyncData(short)).is_err());
+    let mut zero_with_bytes = data.to_vec();
+    zero_with_bytes[32 + 8 + 24 + 4 + 20] = 1; // data_len 1 on the zero extent
+    let crc = crc32c::crc32c(&zero_with_bytes[32..]);
+    zero_with_bytes[24..28].copy_from_slice(&crc.to_le_bytes());
+    let hcrc = crc32c::crc32c(&zero_with_bytes[..28]);
+    zero_with_bytes[28..32].copy_from_slice(&hcrc.to_le_bytes());
+    assert!(decode(Bytes::from(zero_with_bytes)).is_err());
+}
+
+/// (payload CRC, header CRC) of the three resync golden frames.
+const GOLDEN_CRCS: [([u8; 4], [u8; 4]); 3] = [
+    ([0xdd, 0x4b, 0x4b, 0x43], [0x95, 0x80, 0x16, 0xc9]),
+    ([0x34, 0x9c, 0x77, 0x71], [0xfc, 0x44, 0x8e, 0x5b]),
+    ([0x97, 0xe7, 0xbc, 0xe6], [0xe0, 0x2e, 0x98, 0xa3]),
+];
+
+/// Fills the CRCs into `bytes`, checks them against the pinned values and against
+/// the encoder, and decodes back.
+fn check_golden(frame: &Frame, bytes: &[u8], crcs: ([u8; 4], [u8; 4])) {
+    let mut want = bytes.to_vec();
+    let payload_crc = crc32c::crc32c(&want[32..]);
+    want[24..28].copy_from_slice(&payload_crc.to_le_bytes());
+    let header_crc = crc32c::crc32c(&want[..28]);
+    want[28..32].copy_from_slice(&header_crc.to_le_bytes());
+    let encoded = encode(frame).expect("encode");
+    assert_eq!(&encoded[..], &want[..]);
+    assert_eq!(
+        (payload_crc.to_le_bytes(), header_crc.to_le_bytes()),
+        crcs,
+        "pinned CRCs of {:?}",
+        frame.frame_type()
+    );
+    assert_eq!(
+        &decode(Bytes::copy_from_slice(&want)).expect("decode"),
+        frame
     );
 }

@@ -444,3 +444,40 @@ fn plan_resume_cases() {
     ));
     assert!(plan_resume(n, EPOCH, 9, 10, 100).is_ok());
 }
+
+/// A target resynced from the primary's bitmap may resume anywhere the primary has
+/// been (the copy replaces what the journal lost), never beyond.
+#[test]
+fn plan_resync_cases() {
+    let n = Negotiated { version: 1 };
+    assert_eq!(plan_resync(n, EPOCH, 5, 100).unwrap().resume_seq, 5);
+    assert_eq!(plan_resync(n, EPOCH, 0, 100).unwrap().resume_seq, 0);
+    assert!(matches!(
+        plan_resync(n, EPOCH, 101, 100),
+        Err(HandshakeError::Diverged { .. })
+    ));
+}
+
+/// After a resync copy the receiver jumps to the snapshot and accepts the stream
+/// from there; a jump backwards or with write-sets still being journaled is refused.
+#[test]
+fn receiver_jumps_to_the_resync_snapshot() {
+    let mut rx = Receiver::new(EPOCH, 10, 10);
+    let a = rx.resynced(40).unwrap();
+    assert_eq!((a.received_durable_seq, a.applied_seq), (40, 40));
+    assert!(matches!(
+        rx.on_write_set(ws(45, 1, 0)),
+        Err(ReceiveError::Gap { .. })
+    ));
+    assert!(matches!(
+        rx.on_write_set(ws(41, 2, 0)),
+        Ok(Received::Accept(_))
+    ));
+    assert!(matches!(rx.resynced(50), Err(ReceiveError::Beyond { .. })));
+    rx.mark_durable(42).unwrap();
+    assert!(matches!(
+        rx.resynced(30),
+        Err(ReceiveError::WentBackwards { .. })
+    ));
+    rx.resynced(42).unwrap();
+}

@@ -73,6 +73,7 @@ fn rig(parent: &Path, size: u64, pit: bool, prefill: bool) -> anyhow::Result<Rig
         verify: Default::default(),
         applied: applied.clone(),
         outbox: Default::default(),
+        resync: Default::default(),
     };
     Ok(Rig {
         _dir: dir,

@@ -856,7 +856,42 @@ fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
                     .map(|e| format!("\n           last error: {e}"))
                     .unwrap_or_default()
             );
+            if t["tracking"].as_str().is_some_and(|m| m != "streaming")
+                || t["points_lost"].is_object()
+            {
+                let lost = &t["points_lost"];
+                println!(
+                    "           tracking {}: {} bytes dirty, {} bytes resynced{}",
+                    t["tracking"].as_str().unwrap_or("?"),
+                    t["dirty_bytes"],
+                    t["resync_bytes"],
+                    if lost.is_object() {
+                        format!(
+                            ", recovery points after {} up to {} lost",
+                            lost["after_seq"],
+                            lost["through_seq"]
+                                .as_u64()
+                                .map_or("the end of the resync".to_string(), |s| s.to_string())
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
         }
+    }
+    if let Some(r) = v.get("resync").filter(|r| r.is_object()) {
+        println!(
+            "replica    inconsistent: resyncing from seq {} (snapshot {}, copied {} of {} bytes{})",
+            r["from_seq"],
+            r["snapshot_seq"],
+            r["copied_bytes"],
+            r["total_bytes"],
+            r["through_seq"]
+                .as_u64()
+                .map(|t| format!(", consistent again at {t}"))
+                .unwrap_or_default()
+        );
     }
     if let Some(p) = v.get("primary").filter(|p| p.is_object()) {
         println!(

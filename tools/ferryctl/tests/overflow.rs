@@ -1,0 +1,307 @@
+//! Journal overflow end to end (real ferryd processes, QUIC, qemu-io): a standby
+//! that is down while more is written than the primary's journal holds is switched
+//! to a dirty-region bitmap, the client never sees an error, and on reconnect only
+//! the dirty regions are copied; also when the standby dies in the middle of that copy.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferryd::testkit::{assert_qemu_io_ok, free_udp_port, qemu_io, skip_without, Node};
+
+const VOL: u64 = 64 << 20;
+
+fn ferryctl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferryctl"))
+}
+
+fn ferryd() -> PathBuf {
+    let p = ferryctl().with_file_name("ferryd");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// A primary and standby `dr1` with a 4 MiB journal of 1 MiB segments.
+fn init(dir: &Path) -> (PathBuf, PathBuf) {
+    let out = Command::new(ferryctl())
+        .args(["init", "--dir"])
+        .arg(dir)
+        .args(["--volume", "vol0:64MiB", "--nbd", "127.0.0.1:0"])
+        .args(["--journal-size", "4MiB", "--segment-size", "1MiB"])
+        .args(["--mode", "async"])
+        .arg("--primary")
+        .arg(format!("127.0.0.1:{}", free_udp_port()))
+        .arg("--standby")
+        .arg(format!("dr1=127.0.0.1:{}", free_udp_port()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir.join("primary.toml"), dir.join("dr1.toml"))
+}
+
+fn seq(v: &serde_json::Value, p: &str) -> u64 {
+    v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
+/// Waits until target 0 is streaming again, holds everything, and the standby
+/// applied it and is consistent.
+fn wait_caught_up(primary: &Node, standby: &Node) -> u64 {
+    let last = seq(&primary.status(), "/durable_seq");
+    primary.wait_status(
+        "target to be streaming and hold everything",
+        Duration::from_secs(60),
+        |st| {
+            st["targets"][0]["tracking"] == "streaming"
+                && seq(st, "/targets/0/acked_seq") >= last
+                && seq(st, "/targets/0/lag_bytes") == 0
+        },
+    );
+    standby.wait_status(
+        "standby to apply everything and be consistent",
+        Duration::from_secs(60),
+        |st| seq(st, "/applied_seq") >= last && st["replica"] == "consistent",
+    );
+    last
+}
+
+fn same_file(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(x.len(), y.len());
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!(
+            "{} and {} differ first at byte {i} (block {})",
+            a.display(),
+            b.display(),
+            i / 4096
+        );
+    }
+}
+
+/// `n` writes of 64 KiB (with discards, zero-writes and flushes mixed in) at
+/// pseudo-random 4 KiB-aligned offsets: about n × 64 KiB through the journal.
+fn workload(seed: u64, n: usize) -> Vec<String> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut cmds = Vec::new();
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = (x % (VOL / 4096 - 16)) * 4096;
+        match i % 10 {
+            7 => cmds.push(format!("discard {off} 65536")),
+            8 => cmds.push(format!("write -z {off} 65536")),
+            9 => cmds.push("flush".into()),
+            _ => cmds.push(format!("write -P {} {off} 65536", (x >> 8) % 255 + 1)),
+        }
+    }
+    cmds
+}
+
+/// Starts a primary and a standby, writes a little and waits until both hold it;
+/// then stops the standby and writes about 3× the journal: the client sees no
+/// error and the target ends in bitmap mode with the journal released.
+fn overflow_with_standby_down(
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (Node, PathBuf, serde_json::Value) {
+    let (pcfg, scfg) = init(dir);
+    let mut standby = Node::start(&ferryd(), &scfg);
+    let primary = Node::start_env(&ferryd(), &pcfg, env);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(1, 20)));
+    wait_caught_up(&primary, &standby);
+    standby.kill();
+    // ~12 MiB of writes through a 4 MiB journal, standby gone.
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(2, 220)));
+    let st = primary.wait_status(
+        "the target to be tracked in a bitmap",
+        Duration::from_secs(30),
+        |st| st["targets"][0]["tracking"] == "bitmap",
+    );
+    let t = &st["targets"][0];
+    assert!(seq(t, "/dirty_bytes") > 0, "{st:#}");
+    assert!(t["points_lost"].is_object(), "{st:#}");
+    assert!(
+        seq(&st, "/journal/used_bytes") < seq(&st, "/journal/capacity_bytes"),
+        "the journal is released without the target: {st:#}"
+    );
+    assert!(
+        seq(&st, "/durable_seq") > 200,
+        "the workload went through the journal: {st:#}"
+    );
+    (primary, scfg, st)
+}
+
+#[test]
+fn overflow_switches_to_a_bitmap_and_resyncs_only_dirty_regions() {
+    if skip_without(
+        "qemu-io",
+        "overflow_switches_to_a_bitmap_and_resyncs_only_dirty_regions",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, scfg, before) = overflow_with_standby_down(dir.path(), &[]);
+    let dirty = seq(&before, "/targets/0/dirty_bytes");
+    let base = seq(&before, "/targets/0/points_lost/after_seq");
+    let standby = Node::start(&ferryd(), &scfg);
+    // More writes while it resyncs and streams again: still no client error.
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(3, 30)));
+    wait_caught_up(&primary, &standby);
+    same_file(
+        &dir.path().join("primary/vol0.img"),
+        &dir.path().join("dr1/vol0.img"),
+    );
+    let st = primary.status();
+    let t = &st["targets"][0];
+    let resynced = seq(t, "/resync_bytes");
+    eprintln!(
+        "overflow: {dirty} dirty bytes at the switch, {resynced} bytes resynced ({} as data) \
+         of a {VOL}-byte volume; recovery points lost after {base} up to {}",
+        seq(t, "/resync_data_bytes"),
+        t["points_lost"]["through_seq"]
+    );
+    assert!(resynced >= dirty && resynced < VOL, "{st:#}");
+    assert!(seq(t, "/points_lost/through_seq") > base, "{st:#}");
+    assert!(
+        seq(t, "/points_lost/through_seq") <= seq(&st, "/durable_seq"),
+        "{st:#}"
+    );
+    assert_eq!(seq(t, "/dirty_bytes"), 0, "{st:#}");
+    // The maps are gone once the target is streaming again.
+    let maps = dir.path().join("primary/dirty/dr1");
+    assert!(
+        std::fs::read_dir(&maps).map_or(0, |d| d.count()) == 0,
+        "{} still holds maps",
+        maps.display()
+    );
+    // The standby's recovery points skip the resync: none inside it is offered.
+    let sst = standby.status();
+    assert_eq!(sst["replica"], "consistent", "{sst:#}");
+    assert!(sst["resync"].is_null(), "{sst:#}");
+}
+
+/// The standby is SIGKILLed in the middle of the copy (slowed down by a testing
+/// hook), is inconsistent meanwhile (no point inside the resync is offered), and the
+/// resync completes after it restarts.
+#[test]
+fn standby_killed_mid_resync_completes_after_restart() {
+    if skip_without(
+        "qemu-io",
+        "standby_killed_mid_resync_completes_after_restart",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The primary notices the killed standby within 1.5 s, not QUIC's 10 s default.
+    let (primary, scfg, _) =
+        overflow_with_standby_down(dir.path(), &[(ferryd::daemon::IDLE_TIMEOUT_ENV, "1500")]);
+    let mut standby = Node::start_env(
+        &ferryd(),
+        &scfg,
+        &[(ferryd::resync::RESYNC_PAUSE_ENV, "300")],
+    );
+    let sst = standby.wait_status(
+        "the copy to be under way on the standby",
+        Duration::from_secs(30),
+        |st| seq(st, "/resync/copied_bytes") > 0,
+    );
+    assert_eq!(sst["replica"], "inconsistent", "{sst:#}");
+    let from = seq(&sst, "/resync/from_seq");
+    let snapshot = seq(&sst, "/resync/snapshot_seq");
+    assert!(snapshot > from, "{sst:#}");
+    // (The primary may have sent the whole copy already: QUIC buffers it.)
+    assert_eq!(
+        primary.status()["targets"][0]["tracking"],
+        "resyncing",
+        "the primary shows the resync"
+    );
+    // No recovery point inside the resync; its start stays reachable.
+    let pit = |seq: u64| {
+        Command::new(ferryctl())
+            .arg("--config")
+            .arg(&scfg)
+            .args([
+                "pit",
+                "export",
+                "--volume",
+                "vol0",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--seq", &seq.to_string(), "--json"])
+            .output()
+            .unwrap()
+    };
+    let inside = pit(snapshot);
+    assert!(!inside.status.success());
+    let err = String::from_utf8_lossy(&inside.stderr);
+    assert!(err.contains("inconsistent"), "{err}");
+    let at_start = pit(from);
+    assert!(
+        at_start.status.success(),
+        "the last consistent point must stay reachable: {}",
+        String::from_utf8_lossy(&at_start.stderr)
+    );
+    standby.kill();
+    let standby = Node::start(&ferryd(), &scfg);
+    let last = wait_caught_up(&primary, &standby);
+    same_file(
+        &dir.path().join("primary/vol0.img"),
+        &dir.path().join("dr1/vol0.img"),
+    );
+    assert!(
+        standby.log_text().contains("resync copy complete"),
+        "{}",
+        standby.log_text()
+    );
+    eprintln!(
+        "mid-resync kill: resumed from {from}, caught up at {last}, {} bytes resynced in all",
+        seq(&primary.status(), "/targets/0/resync_bytes")
+    );
+}
+
+/// A primary restarted while its standby is away releases the journal up to its
+/// checkpoint (acks are not persisted), so the standby's next record is gone when it
+/// comes back: it is resynced in full from the volumes instead of being refused.
+#[test]
+fn released_resume_point_gets_a_full_resync() {
+    if skip_without("qemu-io", "released_resume_point_gets_a_full_resync") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init(dir.path());
+    let mut standby = Node::start(&ferryd(), &scfg);
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(4, 20)));
+    wait_caught_up(&primary, &standby);
+    standby.kill();
+    // ~2 MiB: more than one 1 MiB segment, less than the switch threshold.
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(5, 32)));
+    assert_eq!(primary.status()["targets"][0]["tracking"], "streaming");
+    assert!(primary.terminate().success());
+    let primary = Node::start(&ferryd(), &pcfg);
+    let st = primary.status();
+    assert!(
+        seq(&st, "/journal/first_seq") > 21,
+        "the restart released the standby's next record: {st:#}"
+    );
+    let standby = Node::start(&ferryd(), &scfg);
+    wait_caught_up(&primary, &standby);
+    same_file(
+        &dir.path().join("primary/vol0.img"),
+        &dir.path().join("dr1/vol0.img"),
+    );
+    let st = primary.status();
+    assert_eq!(
+        seq(&st, "/targets/0/resync_bytes"),
+        VOL,
+        "every region was copied: {st:#}"
+    );
+}
