@@ -29,9 +29,46 @@ use tokio::sync::watch;
 use crate::pit::Applier;
 use crate::replication::{journal_op, now_ns};
 
-/// Records waiting for the replica applier (the journal completion path blocks when
-/// it is full: backpressure all the way to the primary's window).
-const APPLY_QUEUE: usize = 8192;
+/// Bytes of records waiting for the replica applier, at most (and at most half the
+/// journal). Beyond it the journal completion path blocks: backpressure all the way
+/// to the primary's window. Until then the standby acknowledges records as durable
+/// while its replica catches up (the RPO is durability here, not apply progress).
+const APPLY_QUEUE_BYTES: usize = 256 << 20;
+/// Per-record overhead counted against the budget (a record without data still costs).
+const RECORD_COST: usize = 64;
+
+/// A byte budget shared by the journal completion path (acquire) and the applier
+/// (release).
+struct ByteBudget {
+    used: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+    max: usize,
+    /// The applier stopped: nothing will be released, so nothing may wait.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl ByteBudget {
+    fn acquire(&self, n: usize) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        // One record larger than the budget still passes once the queue is empty.
+        while *used > 0 && *used + n > self.max && !self.closed.load(Ordering::Acquire) {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        self.freed.notify_all();
+    }
+
+    fn release(&self, n: usize) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+}
 /// Write-sets already queued are applied together up to this many bytes.
 const APPLY_GROUP_BYTES: usize = 16 << 20;
 
@@ -87,6 +124,7 @@ pub struct Standby {
     /// The replica applier's shared parts (bases, metadata, undo, resync state).
     pub(crate) applier: Arc<Applier>,
     apply_tx: crossbeam_channel::Sender<ApplyItem>,
+    apply_budget: Arc<ByteBudget>,
     durable_tx: watch::Sender<Seq>,
     applied_tx: Arc<watch::Sender<Seq>>,
     applied_rx: watch::Receiver<Seq>,
@@ -118,7 +156,16 @@ impl Standby {
             apply_error: Mutex::new(None),
             last_heard_ns: AtomicU64::new(0),
         });
-        let (apply_tx, apply_rx) = crossbeam_channel::bounded::<ApplyItem>(APPLY_QUEUE);
+        // Unbounded in count, bounded in bytes by `apply_budget`.
+        let (apply_tx, apply_rx) = crossbeam_channel::unbounded::<ApplyItem>();
+        let apply_budget = Arc::new(ByteBudget {
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            max: APPLY_QUEUE_BYTES
+                .min((journal.capacity_bytes() / 2) as usize)
+                .max(16 << 20),
+            closed: Default::default(),
+        });
         let applied_tx = Arc::new(watch::channel(start).0);
         let applied_rx = applied_tx.subscribe();
         let thread_applier = applier.clone();
@@ -127,6 +174,7 @@ impl Standby {
             let state = state.clone();
             let applier = thread_applier;
             let applied_tx = applied_tx.clone();
+            let budget = apply_budget.clone();
             std::thread::Builder::new()
                 .name("ferry-replica-apply".into())
                 .spawn(move || {
@@ -138,7 +186,7 @@ impl Standby {
                     while let Some((seq, rec, end)) = next.take() {
                         // A labelled seal (bookmark, verify) must stay a point of its own.
                         let labelled = rec.op == ferry_journal::Op::Seal && !rec.data.is_empty();
-                        bytes += rec.data.len() + 32;
+                        bytes += rec.data.len() + RECORD_COST;
                         ws.push((seq, rec));
                         let Some(ts) = end else {
                             next = apply_rx.recv().ok();
@@ -162,9 +210,11 @@ impl Standby {
                             );
                             tracing::error!("{msg}");
                             *state.apply_error.lock() = Some(msg);
+                            budget.close();
                             return;
                         }
                         ws.clear();
+                        budget.release(bytes);
                         bytes = 0;
                         state.applied_seq.store(seq, Ordering::Release);
                         if ts != 0 {
@@ -183,6 +233,7 @@ impl Standby {
             journal,
             applier,
             apply_tx,
+            apply_budget,
             durable_tx,
             applied_tx,
             applied_rx,
@@ -244,6 +295,7 @@ impl Standby {
                 data: r.data,
             };
             let apply_tx = self.apply_tx.clone();
+            let budget = self.apply_budget.clone();
             let durable_tx = self.durable_tx.clone();
             let expected = r.seq;
             let for_apply = rec.clone();
@@ -253,6 +305,7 @@ impl Standby {
                     if let Ok(seq) = res {
                         durable_tx.send_replace(seq);
                         // Blocks only when the applier is far behind: backpressure.
+                        budget.acquire(for_apply.data.len() + RECORD_COST);
                         let _ = apply_tx.send((seq, for_apply, stamp));
                     }
                 });
