@@ -305,3 +305,64 @@ fn released_resume_point_gets_a_full_resync() {
         "every region was copied: {st:#}"
     );
 }
+
+/// Initial sync: a standby that joins a primary whose 1 GiB volume holds 10% written
+/// data (and whose journal no longer holds it) receives about that 10%: unwritten
+/// and zero regions are not shipped as data.
+#[test]
+fn initial_sync_moves_about_what_was_written() {
+    if skip_without("qemu-io", "initial_sync_moves_about_what_was_written") {
+        return;
+    }
+    const GIB: u64 = 1 << 30;
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(ferryctl())
+        .args(["init", "--dir"])
+        .arg(dir.path())
+        .args(["--volume", "vol0:1GiB", "--nbd", "127.0.0.1:0"])
+        .args([
+            "--journal-size",
+            "16MiB",
+            "--segment-size",
+            "1MiB",
+            "--mode",
+            "async",
+        ])
+        .arg("--primary")
+        .arg(format!("127.0.0.1:{}", free_udp_port()))
+        .arg("--standby")
+        .arg(format!("dr1=127.0.0.1:{}", free_udp_port()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (pcfg, scfg) = (dir.path().join("primary.toml"), dir.path().join("dr1.toml"));
+    let primary = Node::start(&ferryd(), &pcfg);
+    // 102.4 MiB: the first 1 MiB of every 10 MiB, through a 16 MiB journal with no
+    // standby yet.
+    let cmds: Vec<String> = (0..102u64)
+        .map(|i| format!("write -P {} {} 1M", i % 250 + 1, i * (10 << 20)))
+        .collect();
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &cmds));
+    let written = 102u64 << 20;
+    let standby = Node::start(&ferryd(), &scfg);
+    wait_caught_up(&primary, &standby);
+    same_file(
+        &dir.path().join("primary/vol0.img"),
+        &dir.path().join("dr1/vol0.img"),
+    );
+    let t = &primary.status()["targets"][0];
+    let data = seq(t, "/resync_data_bytes");
+    eprintln!(
+        "initial sync of a 1 GiB volume with {written} bytes written: {data} bytes shipped as data ({:.1}% of the volume), {} bytes covered",
+        data as f64 * 100.0 / GIB as f64,
+        seq(t, "/resync_bytes")
+    );
+    assert!(
+        data >= written / 2 && data <= written + written / 5,
+        "about the written 10% should move as data, not the volume: {t:#}"
+    );
+}
