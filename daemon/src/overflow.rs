@@ -988,6 +988,12 @@ pub async fn resync_copy(
             region_size: sh.region_size as u32,
         }))
         .await?;
+    // Ship only what differs: the standby's replica is untouched until the first
+    // ResyncData, so its digests describe it exactly. Any failure here just copies
+    // every dirty region (always correct).
+    if let Err(e) = filter_by_digests(t, s, &sh, epoch).await {
+        tracing::warn!(target = %t.name, "resync: comparing digests failed ({e:#}); copying every dirty region");
+    }
     let (tx, mut rx) = mpsc::channel(READ_AHEAD_BATCHES);
     {
         let (t, sh) = (t.clone(), sh.clone());
@@ -1068,6 +1074,117 @@ pub async fn resync_copy(
         started.elapsed()
     );
     Ok(snapshot)
+}
+
+/// Clears from the dirty maps every region whose content already matches the
+/// standby's (chunk digests, chunk = region, keyed with a fresh random seed).
+///
+/// Safe after the snapshot is fixed: a region equal now needs no copy, and every
+/// write after the snapshot is streamed after the copy anyway (writes are absolute,
+/// so replaying them over equal content converges). Saves the copy of regions both
+/// sides already hold: a stale replica, or a failed-over primary rejoining with
+/// writes of its own after the fork (only the regions either side changed differ).
+async fn filter_by_digests(
+    t: &Arc<TargetState>,
+    s: &mut PrimarySession,
+    sh: &Arc<Shared>,
+    epoch: u64,
+) -> anyhow::Result<()> {
+    use crate::chunks::{hash_range, ChunkHash, ChunkList, HashParams};
+    if t.track.dirty_bytes.load(Ordering::Relaxed) == 0 {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut seed = [0u8; 16];
+    getrandom::getrandom(&mut seed).map_err(|e| anyhow!("random: {e}"))?;
+    let [i0, i1, i2, i3, i4, i5, i6, i7, s0, s1, s2, s3, s4, s5, s6, s7] = seed;
+    let id = u64::from_le_bytes([i0, i1, i2, i3, i4, i5, i6, i7]);
+    let params = HashParams {
+        algo: ChunkHash::Xxh3,
+        chunk_size: sh.region_size,
+        seed: u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+    };
+    s.control_send
+        .send_frame(&Frame::DigestRequest(
+            ferry_transport::wire::DigestRequest {
+                epoch,
+                id,
+                chunk_size: params.chunk_size,
+                seed: params.seed,
+                algo: u32::from(params.algo.id()),
+            },
+        ))
+        .await?;
+    // Ours, meanwhile, on the blocking pool.
+    let bases = sh.bases.clone();
+    let local = tokio::task::spawn_blocking(move || {
+        bases
+            .iter()
+            .map(|b| hash_range(&b.file, 0, b.size, params).map(|l| (b.id, l)))
+            .collect::<Result<Vec<_>, _>>()
+    });
+    let mut remote: Vec<(u32, ChunkList)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while remote.len() < sh.bases.len() {
+        let frame = tokio::time::timeout_at(deadline, s.control_recv.recv_frame())
+            .await
+            .map_err(|_| anyhow!("no digests from the standby within 10 min"))??;
+        match frame {
+            Some(Frame::VerifyResult(v)) if v.id == id => {
+                if !v.ok {
+                    bail!(
+                        "the standby could not hash volume {}: {}",
+                        v.volume,
+                        String::from_utf8_lossy(&v.body)
+                    );
+                }
+                remote.push((v.volume, ChunkList::decode(&v.body)?));
+            }
+            Some(Frame::Heartbeat(_)) | Some(Frame::Ack(_)) | Some(Frame::VerifyResult(_)) => {}
+            Some(Frame::Error(e)) => bail!("standby refused: {:?}: {}", e.code, e.reason),
+            Some(other) => bail!(
+                "unexpected {:?} frame while waiting for digests",
+                other.frame_type()
+            ),
+            None => bail!("standby closed the control stream"),
+        }
+    }
+    let local = local.await??;
+    let mut inner = t.track.inner.lock();
+    let mut skipped = 0u64;
+    for (vol, mine) in &local {
+        let Some((_, theirs)) = remote.iter().find(|(v, _)| v == vol) else {
+            bail!("the standby sent no digests for volume {vol}");
+        };
+        if theirs.params != mine.params
+            || theirs.len != mine.len
+            || theirs.digests.len() != mine.digests.len()
+        {
+            bail!("the standby's digests of volume {vol} do not match this volume's layout");
+        }
+        let Some((_, map)) = inner.maps.iter_mut().find(|(v, _)| v == vol) else {
+            continue;
+        };
+        for (i, (a, b)) in mine.digests.iter().zip(&theirs.digests).enumerate() {
+            let (off, len) = mine.chunk_range(i);
+            // Equal data, or both zero (a zero region would ship as a zero extent,
+            // which costs nothing, but skipping it is still less work).
+            if a == b && map.is_dirty(off, len) {
+                map.clear_range(off, len)?;
+                skipped += len;
+            }
+        }
+    }
+    t.track.count_dirty(&inner);
+    drop(inner);
+    tracing::info!(
+        target = %t.name,
+        skipped_bytes = skipped,
+        still_dirty = t.track.dirty_bytes.load(Ordering::Relaxed),
+        "resync: regions the standby already holds are not copied (digests compared in {:?})",
+        started.elapsed()
+    );
+    Ok(())
 }
 
 /// After an ack: whether the resync is complete (the target holds its end point

@@ -597,13 +597,32 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
             if let Some((fork, meta)) = &ctx.fork {
                 let rejoined = meta.rejoined(&t.name, *fork).unwrap_or(false);
                 if hello.resume_position > *fork && !rejoined {
-                    return Err(session::HandshakeError::ForkDiverged(format!(
-                        "node '{}' holds sequences {}..={} written after the fork at {fork} \
-                         (the previous primary's unreplicated writes); a delta resync is needed",
-                        t.name,
-                        fork + 1,
-                        hello.resume_position
-                    )));
+                    // It holds writes of the old epoch this history does not have (the
+                    // previous primary's unreplicated writes). Failback: resync it. The
+                    // digest comparison at the start of the copy limits the copy to the
+                    // regions either side changed since the fork.
+                    if hello.resume_position > journal.durable_seq() {
+                        return Err(session::HandshakeError::ForkDiverged(format!(
+                            "node '{}' holds sequences up to {} (written after the fork at {fork}); \
+                             this primary is at {}: it resyncs once this history passes that point",
+                            t.name,
+                            hello.resume_position,
+                            journal.durable_seq()
+                        )));
+                    }
+                    tracing::warn!(
+                        target = %t.name,
+                        fork,
+                        resume = hello.resume_position,
+                        "the rejoining node wrote after the fork: delta resync"
+                    );
+                    *full_resync.lock() = Some(hello.resume_position);
+                    return session::plan_resync(
+                        neg,
+                        epoch,
+                        hello.resume_position,
+                        journal.durable_seq(),
+                    );
                 }
             }
             if resync {

@@ -514,6 +514,39 @@ async fn session(
                         last_seq: sb.journal.durable_seq(),
                     })).await?;
                 }
+                Some(Frame::DigestRequest(d)) => {
+                    // A resync asks what the replica holds before copying: hash it as
+                    // it is (nothing is written to it before the copy's first data).
+                    let params = crate::chunks::HashParams {
+                        algo: u8::try_from(d.algo)
+                            .ok()
+                            .and_then(crate::chunks::ChunkHash::from_id)
+                            .ok_or_else(|| anyhow!("digest request with unknown algorithm {}", d.algo))?,
+                        chunk_size: d.chunk_size,
+                        seed: d.seed,
+                    };
+                    let bases = sb.applier.bases.clone();
+                    let lists = tokio::task::spawn_blocking(move || {
+                        bases
+                            .iter()
+                            .map(|b| (b.id, crate::chunks::hash_range(&b.file, 0, b.size, params)))
+                            .collect::<Vec<_>>()
+                    })
+                    .await?;
+                    for (volume, list) in lists {
+                        let (ok, body) = match list {
+                            Ok(l) => (true, bytes::Bytes::from(l.encode())),
+                            Err(e) => (false, bytes::Bytes::from(e.to_string().into_bytes())),
+                        };
+                        s.control_send.send_frame(&Frame::VerifyResult(ferry_transport::wire::VerifyResult {
+                            epoch: local.epoch,
+                            id: d.id,
+                            volume,
+                            ok,
+                            body,
+                        })).await?;
+                    }
+                }
                 Some(Frame::Handover(h)) => {
                     // The primary stopped writing and saw every record up to h.seq acked
                     // durable here; anything else means the histories do not match.

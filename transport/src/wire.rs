@@ -108,6 +108,8 @@ pub enum FrameType {
     HandoverAck = 17,
     /// Standby → primary: chunk digests of a volume at a verify point.
     VerifyResult = 18,
+    /// Primary → standby during a resync: "send the digests of your replica".
+    DigestRequest = 19,
 }
 
 impl FrameType {
@@ -125,6 +127,7 @@ impl FrameType {
             16 => Self::Handover,
             17 => Self::HandoverAck,
             18 => Self::VerifyResult,
+            19 => Self::DigestRequest,
             _ => return None,
         })
     }
@@ -377,6 +380,20 @@ pub enum Frame {
     ResyncBegin(ResyncBegin),
     ResyncData(ResyncData),
     ResyncEnd(ResyncEnd),
+    DigestRequest(DigestRequest),
+}
+
+/// Asks a standby being resynced for the chunk digests of its replica volumes (as
+/// they are: nothing is written to them before the copy starts); it answers with one
+/// [`VerifyResult`] per volume carrying `id`. Chunks that already match are not copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestRequest {
+    pub epoch: Epoch,
+    pub id: u64,
+    pub chunk_size: u64,
+    pub seed: u64,
+    /// Hash algorithm id (`chunks::ChunkHash::id`).
+    pub algo: u32,
 }
 
 /// A bitmap resync starts (primary → standby, first frame on the data stream of
@@ -480,6 +497,7 @@ impl Frame {
             Self::Handover(_) => FrameType::Handover,
             Self::HandoverAck(_) => FrameType::HandoverAck,
             Self::VerifyResult(_) => FrameType::VerifyResult,
+            Self::DigestRequest(_) => FrameType::DigestRequest,
             Self::ResyncBegin(_) => FrameType::ResyncBegin,
             Self::ResyncData(_) => FrameType::ResyncData,
             Self::ResyncEnd(_) => FrameType::ResyncEnd,
@@ -498,6 +516,7 @@ impl Frame {
             Self::Handover(f) => f.epoch,
             Self::HandoverAck(f) => f.epoch,
             Self::VerifyResult(f) => f.epoch,
+            Self::DigestRequest(f) => f.epoch,
             Self::ResyncBegin(f) => f.epoch,
             Self::ResyncData(f) => f.epoch,
             Self::ResyncEnd(f) => f.epoch,
@@ -772,7 +791,7 @@ fn validate_frame(frame: &Frame) -> Result<(), Invalid> {
             "verify_result.body",
             format!("{} bytes > {}", v.body.len(), MAX_PAYLOAD_LEN - 16),
         )),
-        Frame::VerifyResult(_) => Ok(()),
+        Frame::VerifyResult(_) | Frame::DigestRequest(_) => Ok(()),
         Frame::WriteSet(ws) => validate_write_set(ws),
         Frame::Ack(a) => validate_ack(a),
         Frame::Error(e) => check_name("error.reason", &e.reason, MAX_REASON_LEN),
@@ -867,6 +886,13 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
             out.put_u64_le(hb.last_seq);
         }
         Frame::Handover(h) => out.put_u64_le(h.seq),
+        Frame::DigestRequest(d) => {
+            out.put_u64_le(d.id);
+            out.put_u64_le(d.chunk_size);
+            out.put_u64_le(d.seed);
+            out.put_u32_le(d.algo);
+            out.put_u32_le(0);
+        }
         Frame::VerifyResult(v) => {
             out.put_u64_le(v.id);
             out.put_u32_le(v.volume);
@@ -1390,6 +1416,17 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
                 });
             }
             Frame::HandoverAck(a)
+        }
+        FrameType::DigestRequest => {
+            let d = DigestRequest {
+                epoch,
+                id: r.u64()?,
+                chunk_size: r.u64()?,
+                seed: r.u64()?,
+                algo: r.u32()?,
+            };
+            r.zero("digest_request.reserved", 4)?;
+            Frame::DigestRequest(d)
         }
         FrameType::VerifyResult => {
             let id = r.u64()?;

@@ -167,7 +167,10 @@ fn overflow_switches_to_a_bitmap_and_resyncs_only_dirty_regions() {
         seq(t, "/resync_data_bytes"),
         t["points_lost"]["through_seq"]
     );
-    assert!(resynced >= dirty && resynced < VOL, "{st:#}");
+    // Dirty regions the standby already holds (written back to what it has, or zero
+    // on both sides) are skipped by the digest comparison: at most the dirty bytes
+    // plus what was written during the copy, never the volume.
+    assert!(resynced > 0 && resynced < VOL, "{st:#}");
     assert!(seq(t, "/points_lost/through_seq") > base, "{st:#}");
     assert!(
         seq(t, "/points_lost/through_seq") <= seq(&st, "/durable_seq"),
@@ -271,8 +274,11 @@ fn standby_killed_mid_resync_completes_after_restart() {
 /// checkpoint (acks are not persisted), so the standby's next record is gone when it
 /// comes back: it is resynced in full from the volumes instead of being refused.
 #[test]
-fn released_resume_point_gets_a_full_resync() {
-    if skip_without("qemu-io", "released_resume_point_gets_a_full_resync") {
+fn stale_replica_receives_only_the_chunks_that_differ() {
+    if skip_without(
+        "qemu-io",
+        "stale_replica_receives_only_the_chunks_that_differ",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -298,11 +304,16 @@ fn released_resume_point_gets_a_full_resync() {
         &dir.path().join("primary/vol0.img"),
         &dir.path().join("dr1/vol0.img"),
     );
+    // The journal no longer says what the standby misses, so every region is a
+    // candidate; the digest comparison at the start of the copy leaves only the
+    // chunks that differ: about the ~2 MiB written while it was away (64 KiB
+    // regions), not the 64 MiB volume.
     let st = primary.status();
-    assert_eq!(
-        seq(&st, "/targets/0/resync_bytes"),
-        VOL,
-        "every region was copied: {st:#}"
+    let moved = seq(&st, "/targets/0/resync_bytes");
+    eprintln!("stale replica: {moved} bytes resynced of a {VOL}-byte volume");
+    assert!(
+        moved > 0 && moved <= 6 << 20,
+        "only the differing chunks should move: {st:#}"
     );
 }
 
