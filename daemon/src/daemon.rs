@@ -62,9 +62,9 @@ pub fn journal_options(cfg: &Config) -> JournalOptions {
     o
 }
 
-/// Steps 1–4 above. Blocking; runs before the runtime serves anything.
-pub fn recover(cfg: &Config) -> anyhow::Result<Recovered> {
-    let meta = Meta::open(&cfg.node.metadata_dir, cfg.cluster_id())?;
+/// Steps 2–4 above, on the metadata store `open_meta` opened (step 1). Blocking;
+/// runs before the runtime serves anything.
+pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
     let epoch = meta.epoch()?;
     let mut bases = Vec::with_capacity(cfg.volumes.len());
     for v in &cfg.volumes {
@@ -227,7 +227,7 @@ fn replay_standby(journal: &Journal, applier: &Applier, checkpoint: Seq) -> anyh
     for entry in journal.reader(checkpoint + 1)? {
         let e = entry.context("reading the journal for replay")?;
         let batch = (e.meta.last_seq, e.meta.timestamp_ns);
-        if !ws.is_empty() && (batch != ws_batch || e.seq == covered + 1) {
+        if !ws.is_empty() && batch != ws_batch {
             applier.apply_write_set(ws_batch.1, &ws)?;
             ws.clear();
         }
@@ -467,8 +467,9 @@ impl Lifecycle {
     }
 }
 
-/// Applies a role recorded by promote, demote or switchover over the config's.
-fn apply_role_change(cfg: &mut Config) -> anyhow::Result<()> {
+/// Opens the metadata store and applies a role recorded by promote, demote or
+/// switchover over the config's (the role decides how recovery replays).
+fn open_meta(cfg: &mut Config) -> anyhow::Result<Meta> {
     let meta = Meta::open(&cfg.node.metadata_dir, cfg.cluster_id())?;
     if let Some(role) = meta.role_override()? {
         let role = match role.as_str() {
@@ -488,7 +489,7 @@ fn apply_role_change(cfg: &mut Config) -> anyhow::Result<()> {
     if let (Some(name), Some(r)) = (meta.primary_name()?, cfg.replication.as_mut()) {
         r.primary = name;
     }
-    Ok(())
+    Ok(meta)
 }
 
 /// Runs a node until `shutdown` resolves; then drains, checkpoints and returns.
@@ -496,7 +497,7 @@ pub async fn run(
     mut cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<Exit> {
-    tokio::task::block_in_place(|| apply_role_change(&mut cfg))?;
+    let meta = tokio::task::block_in_place(|| open_meta(&mut cfg))?;
     let life = Arc::new(Lifecycle::default());
     // The metrics endpoint comes up before recovery: a long replay is then visible as
     // alive (/healthz 200) but not ready (/readyz 503). Dropping it stops it.
@@ -506,7 +507,7 @@ pub async fn run(
         metrics,
         addr: endpoint.as_ref().map(|e| e.addr),
     };
-    let rec = Arc::new(tokio::task::block_in_place(|| recover(&cfg))?);
+    let rec = Arc::new(tokio::task::block_in_place(|| recover(&cfg, meta))?);
     let shutdown = life.until(shutdown);
     let result = match cfg.node.role {
         Role::Primary => run_primary(cfg, rec, obs, life.clone(), shutdown).await,
@@ -1169,7 +1170,7 @@ async fn verify(
     repl: Option<&Replication>,
     volume: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
-    use crate::chunks::{ChunkHash, ChunkList, HashParams};
+    use crate::chunks::{ChunkList, HashParams};
     use crate::verify::{Request as VerifyRequest, Snapshot};
     let started = Instant::now();
     let bases: Vec<Arc<Base>> = match volume {
@@ -1188,20 +1189,18 @@ async fn verify(
     if targets.is_empty() {
         bail!("no standby is streaming: nothing to verify against");
     }
-    let mut seed = [0u8; 16];
-    getrandom::getrandom(&mut seed).map_err(|e| anyhow::anyhow!("random: {e}"))?;
-    let [s0, s1, s2, s3, s4, s5, s6, s7, i0, i1, i2, i3, i4, i5, i6, i7] = seed;
+    let params = HashParams {
+        chunk_size: bases
+            .iter()
+            .map(|b| VerifyRequest::chunk_size_for(b.size))
+            .max()
+            .unwrap_or(crate::chunks::DEFAULT_CHUNK_SIZE),
+        ..HashParams::random_xxh3()?
+    };
     let req = VerifyRequest {
-        id: u64::from_le_bytes([i0, i1, i2, i3, i4, i5, i6, i7]),
-        params: HashParams {
-            algo: ChunkHash::Xxh3,
-            chunk_size: bases
-                .iter()
-                .map(|b| VerifyRequest::chunk_size_for(b.size))
-                .max()
-                .unwrap_or(crate::chunks::DEFAULT_CHUNK_SIZE),
-            seed: u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
-        },
+        // The seed is random per run: it doubles as the run's id.
+        id: params.seed,
+        params,
         volumes: if volume.is_some() {
             bases.iter().map(|b| b.id).collect()
         } else {

@@ -1090,20 +1090,17 @@ async fn filter_by_digests(
     sh: &Arc<Shared>,
     epoch: u64,
 ) -> anyhow::Result<()> {
-    use crate::chunks::{hash_range, ChunkHash, ChunkList, HashParams};
+    use crate::chunks::{hash_range, ChunkList, HashParams};
     if t.track.dirty_bytes.load(Ordering::Relaxed) == 0 {
         return Ok(());
     }
     let started = Instant::now();
-    let mut seed = [0u8; 16];
-    getrandom::getrandom(&mut seed).map_err(|e| anyhow!("random: {e}"))?;
-    let [i0, i1, i2, i3, i4, i5, i6, i7, s0, s1, s2, s3, s4, s5, s6, s7] = seed;
-    let id = u64::from_le_bytes([i0, i1, i2, i3, i4, i5, i6, i7]);
     let params = HashParams {
-        algo: ChunkHash::Xxh3,
         chunk_size: sh.region_size,
-        seed: u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+        ..HashParams::random_xxh3()?
     };
+    // The seed is random per run: it doubles as the exchange's id.
+    let id = params.seed;
     s.control_send
         .send_frame(&Frame::DigestRequest(
             ferry_transport::wire::DigestRequest {

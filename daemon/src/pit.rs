@@ -1180,7 +1180,7 @@ impl PitView {
         }
         let r = match data {
             Some(d) => ov.file.write_all_at(d, offset),
-            None => punch(&ov.file, offset, len),
+            None => crate::volume::zero_range(&ov.file, offset, len, false),
         };
         r.map_err(|e| match e.raw_os_error() {
             Some(libc::ENOSPC) => ExportError::NoSpace,
@@ -1191,33 +1191,6 @@ impl PitView {
         Ok(())
     }
 }
-
-fn punch(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: plain syscall on an fd we own; arguments are integers.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if matches!(
-        err.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
-    ) {
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeros.len() as u64) as usize;
-            file.write_all_at(&zeros[..n], at)?;
-            at += n as u64;
-        }
-        return Ok(());
-    }
-    Err(err)
-}
-
-/// Reads above this size run on the blocking pool.
-const INLINE_READ_MAX: u32 = 64 << 10;
 
 impl Export for PitView {
     fn name(&self) -> &str {
@@ -1242,10 +1215,9 @@ impl Export for PitView {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
         self.check(offset, len as u64)?;
-        if len <= INLINE_READ_MAX {
-            return self.read_sync(offset, len);
-        }
-        // ferryd's runtime is multi-threaded: let other tasks move off this worker.
+        // A view reads undo segments and replica ranges that are often not cached: a
+        // read may block on the disk, so let the runtime move its other tasks off this
+        // worker (ferryd's runtime is multi-threaded).
         tokio::task::block_in_place(|| self.read_sync(offset, len))
     }
 

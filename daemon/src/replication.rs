@@ -949,12 +949,21 @@ fn emit(
 }
 
 /// Maps a wire op to the journal's.
-pub fn journal_op(op: RecordOp) -> Op {
-    match op {
+/// The journal record of a received wire record (the inverse of [`wire_record`]).
+pub fn journal_record(r: WireRecord) -> ferry_journal::Record {
+    let op = match r.op {
         RecordOp::Write => Op::Write,
         RecordOp::Trim => Op::Trim,
         RecordOp::WriteZeroes => Op::WriteZeroes,
         RecordOp::Seal => Op::Seal,
+    };
+    ferry_journal::Record {
+        volume: r.volume,
+        op,
+        offset: r.offset,
+        // A seal's label is payload: its journal length is 0 (see `wire_record`).
+        length: if op == Op::Seal { 0 } else { r.length },
+        data: r.data,
     }
 }
 

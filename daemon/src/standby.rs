@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::pit::Applier;
-use crate::replication::{journal_op, now_ns};
+use crate::replication::{journal_record, now_ns};
 
 /// Bytes of records waiting for the replica applier, at most (and at most half the
 /// journal). Beyond it the journal completion path blocks: backpressure all the way
@@ -281,25 +281,13 @@ impl Standby {
         let ts = ws.timestamp_ns;
         let last = ws.last_seq;
         for r in ws.records {
-            let op = journal_op(r.op);
-            let rec = Record {
-                volume: r.volume,
-                op,
-                offset: r.offset,
-                // A seal's label is payload: its journal length is 0 (see wire_record).
-                length: if op == ferry_journal::Op::Seal {
-                    0
-                } else {
-                    r.length
-                },
-                data: r.data,
-            };
+            let expected = r.seq;
+            let stamp = (expected == last).then_some(ts);
+            let rec = journal_record(r);
             let apply_tx = self.apply_tx.clone();
             let budget = self.apply_budget.clone();
             let durable_tx = self.durable_tx.clone();
-            let expected = r.seq;
             let for_apply = rec.clone();
-            let stamp = (r.seq == last).then_some(ts);
             let done: ferry_journal::Completion =
                 Box::new(move |res: Result<Seq, JournalError>| {
                     if let Ok(seq) = res {

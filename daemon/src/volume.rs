@@ -106,41 +106,51 @@ impl Base {
     /// Trim and write-zeroes both leave zeros behind (our reads after a trim return
     /// zeros, which the NBD spec allows and which keeps replicas comparable).
     fn punch(&self, offset: u64, len: u64, zero_only: bool) -> std::io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let mode = if self.is_block_device || zero_only {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        } else {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        };
-        // SAFETY: plain syscall on an fd we own; arguments are integers.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        match err.raw_os_error() {
-            // Filesystems or devices without fallocate modes: write zeros instead.
-            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => self.write_zeros(offset, len),
-            _ => Err(err),
-        }
-    }
-
-    fn write_zeros(&self, mut offset: u64, mut len: u64) -> std::io::Result<()> {
-        let zeros = vec![0u8; (len.min(1 << 20)) as usize];
-        while len > 0 {
-            let n = len.min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], offset)?;
-            offset += n as u64;
-            len -= n as u64;
-        }
-        Ok(())
+        zero_range(&self.file, offset, len, self.is_block_device || zero_only)
     }
 
     pub fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()
     }
+}
+
+/// Leaves zeros in `[offset, offset + len)` of `file`: a punched hole, or zeroed blocks
+/// with `keep_allocated` (devices, write-zeroes); zeros written where the file system
+/// or device has neither.
+pub(crate) fn zero_range(
+    file: &File,
+    offset: u64,
+    len: u64,
+    keep_allocated: bool,
+) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let mode = if keep_allocated {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    };
+    // SAFETY: plain syscall on an fd we own; arguments are integers.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if !matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+    ) {
+        return Err(err);
+    }
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 fn block_device_size(file: &File) -> std::io::Result<u64> {

@@ -469,6 +469,15 @@ fn print_or(json: bool, v: &serde_json::Value, human: impl FnOnce()) -> anyhow::
     Ok(())
 }
 
+/// A recovery point from status JSON: `seq N (time)`, or `none`.
+fn pt(p: &serde_json::Value) -> String {
+    if p.is_null() {
+        "none".to_string()
+    } else {
+        format!("seq {} ({})", p["seq"], p["time"].as_str().unwrap_or("?"))
+    }
+}
+
 fn print_bookmarks(list: &serde_json::Value) {
     let list = list.as_array().cloned().unwrap_or_default();
     if list.is_empty() {
@@ -492,13 +501,6 @@ fn print_bookmarks(list: &serde_json::Value) {
 }
 
 fn print_pits(v: &serde_json::Value) {
-    let pt = |p: &serde_json::Value| {
-        if p.is_null() {
-            "none".to_string()
-        } else {
-            format!("seq {} ({})", p["seq"], p["time"].as_str().unwrap_or("?"))
-        }
-    };
     println!(
         "window     oldest {}  newest {}",
         pt(&v["oldest"]),
@@ -918,13 +920,6 @@ fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
         println!("paused     {why}");
     }
     if let Some(p) = v.get("pit").filter(|p| p["enabled"] == true) {
-        let pt = |p: &serde_json::Value| {
-            if p.is_null() {
-                "none".to_string()
-            } else {
-                format!("seq {} ({})", p["seq"], p["time"].as_str().unwrap_or("?"))
-            }
-        };
         println!(
             "pit        window {} .. {}, {} points, undo {} of {} bytes{}",
             pt(&p["oldest"]),
