@@ -1,24 +1,9 @@
 //! `ferryctl init` and `ferryctl status` against a real ferryd.
-use std::path::{Path, PathBuf};
+mod common;
+use common::*;
 use std::process::Command;
 
 use ferryd::testkit::{assert_qemu_io_ok, qemu_io, skip_without, Node};
-
-fn ferryctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ferryctl"))
-}
-
-/// ferryd is built by the same `cargo test --workspace` run (the ferryd package has
-/// integration tests, so its binary is built next to ours).
-fn ferryd() -> PathBuf {
-    let p = ferryctl().with_file_name("ferryd");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo test --workspace` (or `cargo build -p ferryd`)",
-        p.display()
-    );
-    p
-}
 
 #[test]
 fn init_lays_out_a_node_and_refuses_to_overwrite() {

@@ -1,103 +1,25 @@
 //! Failover end to end with real processes: unplanned promotion after SIGKILL of the
 //! primary, fencing of the old primary by epoch, planned switchover under a running
 //! workload, and the old primary rejoining as a standby.
+mod common;
+use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use ferryd::config::Config;
-use ferryd::control::{self, Request};
 use ferryd::testkit::{
-    acked_writes, assert_qemu_io_ok, free_udp_port, qemu_io, skip_without, spawn_qemu_io, Node,
+    acked_writes, assert_qemu_io_ok, qemu_io, skip_without, spawn_qemu_io, Node,
 };
 
-fn ferryctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ferryctl"))
-}
-
-fn ferryd() -> PathBuf {
-    let p = ferryctl().with_file_name("ferryd");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo test --workspace`",
-        p.display()
-    );
-    p
-}
-
+/// A primary and a sync standby `dr1` with a 32 MiB volume.
 fn init(dir: &Path) -> (PathBuf, PathBuf) {
-    let out = Command::new(ferryctl())
-        .args(["init", "--dir"])
-        .arg(dir)
-        .args(["--volume", "vol0:32MiB", "--nbd", "127.0.0.1:0"])
-        .args([
-            "--journal-size",
-            "64MiB",
-            "--segment-size",
-            "4MiB",
-            "--mode",
-            "sync",
-        ])
-        .arg("--primary")
-        .arg(format!("127.0.0.1:{}", free_udp_port()))
-        .arg("--standby")
-        .arg(format!("dr1=127.0.0.1:{}", free_udp_port()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (dir.join("primary.toml"), dir.join("dr1.toml"))
-}
-
-fn ctl(config: &Path, args: &[&str]) -> Output {
-    Command::new(ferryctl())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ctl_ok(config: &Path, args: &[&str]) -> serde_json::Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let out = ctl(config, &a);
-    assert!(
-        out.status.success(),
-        "ferryctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Status through the control socket, tolerating a node that is restarting.
-fn try_status(config: &Path) -> Option<serde_json::Value> {
-    let cfg = Config::load(config).ok()?;
-    let r = control::call(&cfg.control.socket, &Request::Status).ok()?;
-    r.ok.then_some(r.result?)
-}
-
-fn wait_for(
-    config: &Path,
-    what: &str,
-    timeout: Duration,
-    ok: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(st) = try_status(config).filter(|s| ok(s)) {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; last status: {:#}",
-            try_status(config).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    init_pair(
+        dir,
+        &Init {
+            volume: "vol0:32MiB",
+            mode: "sync",
+            ..Init::default()
+        },
+    )
 }
 
 fn nbd_url(st: &serde_json::Value) -> String {
@@ -259,7 +181,7 @@ fn unplanned_failover_fences_the_old_primary() {
         &url,
         &["write -P 0x77 20M 1M".to_string(), "flush".to_string()],
     ));
-    let d = ctl_ok(&pcfg, &["demote"]);
+    let d = ctl_json(&pcfg, &["demote"]);
     assert_eq!(d["primary"], "dr1", "{d:#}");
     wait_for(
         &pcfg,
@@ -331,7 +253,15 @@ fn switchover_under_a_workload_loses_nothing_and_reverses_replication() {
     });
 
     let t0 = Instant::now();
-    let sw = ctl_ok(&pcfg, &["switchover"]);
+    // A switchover to a node that is not a target is refused and changes nothing.
+    let out = ctl(&pcfg, &["switchover", "--to", "nope"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no replication target named 'nope'"),
+        "{err}"
+    );
+    assert!(primary.status()["writes_refused"].is_null());
+    let sw = ctl_json(&pcfg, &["switchover"]);
     assert_eq!(
         (sw["to"].as_str(), sw["epoch"].as_u64()),
         (Some("dr1"), Some(2)),

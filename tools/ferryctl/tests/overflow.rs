@@ -2,90 +2,30 @@
 //! that is down while more is written than the primary's journal holds is switched
 //! to a dirty-region bitmap, the client never sees an error, and on reconnect only
 //! the dirty regions are copied; also when the standby dies in the middle of that copy.
+mod common;
+use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ferryd::testkit::{assert_qemu_io_ok, free_udp_port, qemu_io, skip_without, Node};
+use ferryd::testkit::{assert_qemu_io_ok, qemu_io, skip_without, Node};
 
 const VOL: u64 = 64 << 20;
 
-fn ferryctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ferryctl"))
-}
-
-fn ferryd() -> PathBuf {
-    let p = ferryctl().with_file_name("ferryd");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo test --workspace`",
-        p.display()
-    );
-    p
-}
-
-/// A primary and standby `dr1` with a 4 MiB journal of 1 MiB segments.
-fn init(dir: &Path) -> (PathBuf, PathBuf) {
-    let out = Command::new(ferryctl())
-        .args(["init", "--dir"])
-        .arg(dir)
-        .args(["--volume", "vol0:64MiB", "--nbd", "127.0.0.1:0"])
-        .args(["--journal-size", "4MiB", "--segment-size", "1MiB"])
-        .args(["--mode", "async"])
-        .arg("--primary")
-        .arg(format!("127.0.0.1:{}", free_udp_port()))
-        .arg("--standby")
-        .arg(format!("dr1=127.0.0.1:{}", free_udp_port()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (dir.join("primary.toml"), dir.join("dr1.toml"))
-}
-
-fn seq(v: &serde_json::Value, p: &str) -> u64 {
-    v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0)
-}
-
-/// Waits until target 0 is streaming again, holds everything, and the standby
-/// applied it and is consistent.
-fn wait_caught_up(primary: &Node, standby: &Node) -> u64 {
-    let last = seq(&primary.status(), "/durable_seq");
-    primary.wait_status(
-        "target to be streaming and hold everything",
-        Duration::from_secs(60),
-        |st| {
-            st["targets"][0]["tracking"] == "streaming"
-                && seq(st, "/targets/0/acked_seq") >= last
-                && seq(st, "/targets/0/lag_bytes") == 0
-        },
-    );
-    standby.wait_status(
-        "standby to apply everything and be consistent",
-        Duration::from_secs(60),
-        |st| seq(st, "/applied_seq") >= last && st["replica"] == "consistent",
-    );
-    last
-}
-
-fn same_file(a: &Path, b: &Path) {
-    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
-    assert_eq!(x.len(), y.len());
-    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
-        panic!(
-            "{} and {} differ first at byte {i} (block {})",
-            a.display(),
-            b.display(),
-            i / 4096
-        );
-    }
-}
-
 /// `n` writes of 64 KiB (with discards, zero-writes and flushes mixed in) at
 /// pseudo-random 4 KiB-aligned offsets: about n × 64 KiB through the journal.
+/// A primary and standby `dr1` with a 4 MiB journal of 1 MiB segments.
+fn init(dir: &Path) -> (PathBuf, PathBuf) {
+    init_pair(
+        dir,
+        &Init {
+            journal: "4MiB",
+            segment: "1MiB",
+            ..Init::default()
+        },
+    )
+}
+
 fn workload(seed: u64, n: usize) -> Vec<String> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut cmds = Vec::new();
@@ -327,30 +267,15 @@ fn initial_sync_moves_about_what_was_written() {
     }
     const GIB: u64 = 1 << 30;
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(ferryctl())
-        .args(["init", "--dir"])
-        .arg(dir.path())
-        .args(["--volume", "vol0:1GiB", "--nbd", "127.0.0.1:0"])
-        .args([
-            "--journal-size",
-            "16MiB",
-            "--segment-size",
-            "1MiB",
-            "--mode",
-            "async",
-        ])
-        .arg("--primary")
-        .arg(format!("127.0.0.1:{}", free_udp_port()))
-        .arg("--standby")
-        .arg(format!("dr1=127.0.0.1:{}", free_udp_port()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (pcfg, scfg) = init_pair(
+        dir.path(),
+        &Init {
+            volume: "vol0:1GiB",
+            journal: "16MiB",
+            segment: "1MiB",
+            mode: "async",
+        },
     );
-    let (pcfg, scfg) = (dir.path().join("primary.toml"), dir.path().join("dr1.toml"));
     let primary = Node::start(&ferryd(), &pcfg);
     // 102.4 MiB: the first 1 MiB of every 10 MiB, through a 16 MiB journal with no
     // standby yet.

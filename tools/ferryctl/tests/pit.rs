@@ -1,87 +1,34 @@
 //! Point-in-time recovery end to end: real ferryd processes (primary + standby on
 //! loopback), bookmarks through the stream, NBD views read by qemu-img, rollback
 //! with SIGKILL in the middle, retention under a size limit.
+mod common;
+use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferryd::config::Config;
-use ferryd::testkit::{
-    assert_qemu_io_ok, free_udp_port, qemu_io, run, skip_without, Attached, Node,
-};
+use ferryd::testkit::{assert_qemu_io_ok, qemu_io, run, skip_without, Attached, Node};
 use ferryd::timefmt::format_rfc3339;
 
-fn ferryctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ferryctl"))
-}
-
-fn ferryd() -> PathBuf {
-    let p = ferryctl().with_file_name("ferryd");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo test --workspace`",
-        p.display()
-    );
-    p
-}
-
+/// A primary and a sync standby `dr1` (32 MiB volume); `standby_pit` is appended to
+/// the standby's config as its `[pit]` section.
 fn init(dir: &Path, standby_pit: &str) -> (PathBuf, PathBuf) {
-    let out = Command::new(ferryctl())
-        .args(["init", "--dir"])
-        .arg(dir)
-        .args(["--volume", "vol0:32MiB", "--nbd", "127.0.0.1:0"])
-        .args(["--journal-size", "64MiB", "--segment-size", "4MiB"])
-        .args(["--mode", "sync"])
-        .arg("--primary")
-        .arg(format!("127.0.0.1:{}", free_udp_port()))
-        .arg("--standby")
-        .arg(format!("dr1=127.0.0.1:{}", free_udp_port()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (pcfg, scfg) = init_pair(
+        dir,
+        &Init {
+            volume: "vol0:32MiB",
+            mode: "sync",
+            ..Init::default()
+        },
     );
-    let scfg = dir.join("dr1.toml");
     if !standby_pit.is_empty() {
         let mut text = std::fs::read_to_string(&scfg).unwrap();
         text.push_str("\n[pit]\n");
         text.push_str(standby_pit);
         std::fs::write(&scfg, text).unwrap();
     }
-    (dir.join("primary.toml"), scfg)
-}
-
-fn ctl(config: &Path, args: &[&str]) -> Output {
-    Command::new(ferryctl())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// Runs ferryctl expecting success; returns its JSON output (`--json` is added).
-fn ctl_json(config: &Path, args: &[&str]) -> serde_json::Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let out = ctl(config, &a);
-    assert!(
-        out.status.success(),
-        "ferryctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "ferryctl {args:?} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-fn seq(v: &serde_json::Value, p: &str) -> u64 {
-    v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0)
+    (pcfg, scfg)
 }
 
 fn wait_applied(primary: &Node, standby: &Node) -> u64 {
@@ -154,6 +101,18 @@ fn views_at_a_bookmark_and_a_time_equal_the_primary_then() {
     let a = image_of(&url, &dir.path().join("a.img"));
     let bm = ctl_json(&pcfg, &["bookmark", "create", "before-b"]);
     assert_eq!(bm["name"], "before-b");
+    // A name is one point: taken names and names that are not labels are refused.
+    for (name, why) in [
+        ("before-b", "already exists"),
+        ("bad name!", "use 1..=64 characters"),
+    ] {
+        let out = ctl(&pcfg, &["bookmark", "create", name]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "bookmark {name:?}: {err}"
+        );
+    }
     let mut b_cmds = writes(0xb2, &[4096, 1 << 20, 30 << 20], 8192);
     b_cmds.push("discard 20971520 32768".into());
     assert_qemu_io_ok(&qemu_io(&url, &b_cmds));

@@ -1,98 +1,26 @@
 //! Replication end to end: real ferryd processes (a primary and standbys on
 //! loopback, QUIC with mutual TLS), real NBD clients, SIGKILL.
+mod common;
+use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use ferryd::testkit::{
-    acked_writes, assert_qemu_io_ok, free_udp_port, qemu_io, skip_without, spawn_qemu_io, Node,
+    acked_writes, assert_qemu_io_ok, qemu_io, skip_without, spawn_qemu_io, Node,
 };
 
 const VOL: u64 = 64 << 20;
 
-fn ferryctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ferryctl"))
-}
-
-fn ferryd() -> PathBuf {
-    let p = ferryctl().with_file_name("ferryd");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo test --workspace`",
-        p.display()
-    );
-    p
-}
-
-/// `ferryctl init` for a primary and the given standbys; returns the config paths.
+/// A primary and `standbys`, 64 MiB volume, 64 MiB journal.
 fn init(dir: &Path, standbys: &[&str], mode: &str) -> (PathBuf, Vec<PathBuf>) {
-    let mut cmd = Command::new(ferryctl());
-    cmd.args(["init", "--dir"])
-        .arg(dir)
-        .args(["--volume", "vol0:64MiB", "--nbd", "127.0.0.1:0"])
-        .args(["--journal-size", "64MiB", "--segment-size", "4MiB"])
-        .args(["--mode", mode])
-        .arg("--primary")
-        .arg(format!("127.0.0.1:{}", free_udp_port()));
-    for s in standbys {
-        cmd.arg("--standby")
-            .arg(format!("{s}=127.0.0.1:{}", free_udp_port()));
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        dir.join("primary.toml"),
-        standbys
-            .iter()
-            .map(|s| dir.join(format!("{s}.toml")))
-            .collect(),
+    init_cluster(
+        dir,
+        standbys,
+        &Init {
+            mode,
+            ..Init::default()
+        },
     )
-}
-
-/// A node's replication (QUIC) listen address from its config.
-fn repl_listen(config: &Path) -> String {
-    ferryd::config::Config::load(config)
-        .unwrap()
-        .replication
-        .expect("a [replication] section")
-        .listen
-}
-
-fn seq(v: &serde_json::Value, p: &str) -> u64 {
-    v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0)
-}
-
-/// Waits until the primary says target 0 holds everything and the standby applied it.
-fn wait_caught_up(primary: &Node, standby: &Node) -> u64 {
-    let last = seq(&primary.status(), "/durable_seq");
-    primary.wait_status(
-        "target to acknowledge everything",
-        Duration::from_secs(60),
-        |st| seq(st, "/targets/0/acked_seq") >= last && seq(st, "/targets/0/lag_bytes") == 0,
-    );
-    standby.wait_status(
-        "standby to apply everything",
-        Duration::from_secs(60),
-        |st| seq(st, "/applied_seq") >= last,
-    );
-    last
-}
-
-fn same_file(a: &Path, b: &Path) {
-    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
-    assert_eq!(x.len(), y.len());
-    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
-        panic!(
-            "{} and {} differ first at byte {i} (block {})",
-            a.display(),
-            b.display(),
-            i / 4096
-        );
-    }
 }
 
 fn workload(seed: u64, n: usize) -> Vec<String> {

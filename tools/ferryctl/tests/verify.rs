@@ -1,28 +1,14 @@
 //! Online verify end to end: the primary and a standby hash their volumes at one
 //! point of the stream while a workload keeps writing; a block corrupted behind the
 //! standby's back is found, and nothing else is reported.
+mod common;
+use common::*;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use ferryd::testkit::{
-    assert_qemu_io_ok, free_udp_port, qemu_io, skip_without, spawn_qemu_io, Node,
-};
-
-fn ferryctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ferryctl"))
-}
-
-fn ferryd() -> PathBuf {
-    let p = ferryctl().with_file_name("ferryd");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo test --workspace`",
-        p.display()
-    );
-    p
-}
+use ferryd::testkit::{assert_qemu_io_ok, qemu_io, skip_without, spawn_qemu_io, Node};
 
 fn verify(pcfg: &Path) -> (Output, serde_json::Value) {
     let out = Command::new(ferryctl())
@@ -50,31 +36,13 @@ fn verify_finds_a_corrupted_block_while_writes_continue() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(ferryctl())
-        .args(["init", "--dir"])
-        .arg(dir.path())
-        .args([
-            "--volume",
-            "vol0:64MiB",
-            "--nbd",
-            "127.0.0.1:0",
-            "--journal-size",
-            "128MiB",
-            "--segment-size",
-            "4MiB",
-        ])
-        .arg("--primary")
-        .arg(format!("127.0.0.1:{}", free_udp_port()))
-        .arg("--standby")
-        .arg(format!("dr1=127.0.0.1:{}", free_udp_port()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (pcfg, scfg) = init_pair(
+        dir.path(),
+        &Init {
+            journal: "128MiB",
+            ..Init::default()
+        },
     );
-    let (pcfg, scfg) = (dir.path().join("primary.toml"), dir.path().join("dr1.toml"));
     let standby = Node::start(&ferryd(), &scfg);
     let primary = Node::start(&ferryd(), &pcfg);
     let url = primary.url("vol0");

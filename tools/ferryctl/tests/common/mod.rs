@@ -1,0 +1,186 @@
+//! Helpers shared by ferryctl's end-to-end tests (each test file is its own crate and
+//! uses a different subset, hence the `dead_code` allowance).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use ferryd::config::Config;
+use ferryd::control::{self, Request};
+use ferryd::testkit::{free_udp_port, Node};
+
+pub fn ferryctl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferryctl"))
+}
+
+/// ferryd is built by the same `cargo test --workspace` run (the ferryd package has
+/// integration tests, so its binary is built next to ours).
+pub fn ferryd() -> PathBuf {
+    let p = ferryctl().with_file_name("ferryd");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo test --workspace` (or `cargo build -p ferryd`)",
+        p.display()
+    );
+    p
+}
+
+/// What `ferryctl init` is asked for: one volume, the journal, the mode.
+pub struct Init<'a> {
+    pub volume: &'a str,
+    pub journal: &'a str,
+    pub segment: &'a str,
+    pub mode: &'a str,
+}
+
+impl Default for Init<'_> {
+    fn default() -> Self {
+        Init {
+            volume: "vol0:64MiB",
+            journal: "64MiB",
+            segment: "4MiB",
+            mode: "async",
+        }
+    }
+}
+
+/// `ferryctl init` for a primary and the given standbys on loopback (ports from the
+/// OS); returns the primary's and the standbys' config paths.
+pub fn init_cluster(dir: &Path, standbys: &[&str], o: &Init) -> (PathBuf, Vec<PathBuf>) {
+    let mut cmd = Command::new(ferryctl());
+    cmd.args(["init", "--dir"])
+        .arg(dir)
+        .args(["--volume", o.volume, "--nbd", "127.0.0.1:0"])
+        .args(["--journal-size", o.journal, "--segment-size", o.segment])
+        .args(["--mode", o.mode])
+        .arg("--primary")
+        .arg(format!("127.0.0.1:{}", free_udp_port()));
+    for s in standbys {
+        cmd.arg("--standby")
+            .arg(format!("{s}=127.0.0.1:{}", free_udp_port()));
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        dir.join("primary.toml"),
+        standbys
+            .iter()
+            .map(|s| dir.join(format!("{s}.toml")))
+            .collect(),
+    )
+}
+
+/// A primary and one standby `dr1`.
+pub fn init_pair(dir: &Path, o: &Init) -> (PathBuf, PathBuf) {
+    let (p, mut s) = init_cluster(dir, &["dr1"], o);
+    (p, s.remove(0))
+}
+
+/// A node's replication (QUIC) listen address from its config.
+pub fn repl_listen(config: &Path) -> String {
+    Config::load(config)
+        .unwrap()
+        .replication
+        .expect("a [replication] section")
+        .listen
+}
+
+pub fn seq(v: &serde_json::Value, p: &str) -> u64 {
+    v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
+/// Waits until target 0 streams, holds everything the primary made durable, and the
+/// standby applied it and is consistent. Returns that sequence.
+pub fn wait_caught_up(primary: &Node, standby: &Node) -> u64 {
+    let last = seq(&primary.status(), "/durable_seq");
+    primary.wait_status(
+        "target to be streaming and hold everything",
+        Duration::from_secs(60),
+        |st| {
+            st["targets"][0]["tracking"] == "streaming"
+                && seq(st, "/targets/0/acked_seq") >= last
+                && seq(st, "/targets/0/lag_bytes") == 0
+        },
+    );
+    standby.wait_status(
+        "standby to apply everything and be consistent",
+        Duration::from_secs(60),
+        |st| seq(st, "/applied_seq") >= last && st["replica"] == "consistent",
+    );
+    last
+}
+
+/// Asserts two files are byte-identical, naming the first differing block.
+pub fn same_file(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(x.len(), y.len());
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!(
+            "{} and {} differ first at byte {i} (block {})",
+            a.display(),
+            b.display(),
+            i / 4096
+        );
+    }
+}
+
+/// `ferryctl --config CONFIG ARGS…`.
+pub fn ctl(config: &Path, args: &[&str]) -> Output {
+    Command::new(ferryctl())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs ferryctl expecting success; returns its JSON output (`--json` is added).
+pub fn ctl_json(config: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = ctl(config, &a);
+    assert!(
+        out.status.success(),
+        "ferryctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ferryctl {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Status through the control socket, tolerating a node that is restarting.
+pub fn try_status(config: &Path) -> Option<serde_json::Value> {
+    let cfg = Config::load(config).ok()?;
+    let r = control::call(&cfg.control.socket, &Request::Status).ok()?;
+    r.ok.then_some(r.result?)
+}
+
+/// Polls `try_status` until `ok` holds (bounded, naming what it waited for).
+pub fn wait_for(
+    config: &Path,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = try_status(config).filter(|s| ok(s)) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last status: {:#}",
+            try_status(config).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
