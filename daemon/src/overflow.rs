@@ -678,55 +678,7 @@ fn switch(t: &TargetState, sh: &Shared, used: u64, cap: u64) -> anyhow::Result<(
     if !t.track.begin_switch() {
         return Ok(());
     }
-    t.track.start_live(sh, acked);
-    // Every record completed after this read is marked live (the hook saw `active`);
-    // every one before it is in the journal up to `d0`.
-    let d0 = sh.journal.durable_seq();
-    let res = (|| -> anyhow::Result<()> {
-        let mut maps = Vec::new();
-        for b in &sh.bases {
-            let p = map_path(&sh.dir, &t.name, &b.name);
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            maps.push((b.id, DirtyMap::create(&p, b.size, sh.region_size)?));
-        }
-        {
-            let mut inner = t.track.inner.lock();
-            inner.maps = maps;
-            inner.base_seq = acked;
-            inner.through = None;
-        }
-        mark_from_journal(t, sh, acked, d0)?;
-        let mut inner = t.track.inner.lock();
-        let through = t.track.merge(&mut inner)?.max(d0);
-        for (_, m) in inner.maps.iter_mut() {
-            m.set_seqs(acked, through);
-            m.flush()?;
-        }
-        t.track.flushed_through.store(through, Ordering::Release);
-        inner.last_flush = Some(Instant::now());
-        inner.lost = Some((acked, None));
-        t.track.count_dirty(&inner);
-        Ok(())
-    })();
-    if let Err(e) = res {
-        t.track.stop_live();
-        let maps = std::mem::take(&mut t.track.inner.lock().maps);
-        drop(maps);
-        for b in &sh.bases {
-            let _ = DirtyMap::remove(&map_path(&sh.dir, &t.name, &b.name));
-        }
-        t.track.set_mode(Mode::Streaming);
-        return Err(e);
-    }
-    t.track.set_mode(Mode::Bitmap);
-    // Writes must not wait for a target that is resynced later.
-    t.degraded.store(true, Ordering::Release);
-    if let Some(s) = &sh.sync {
-        s.recompute();
-    }
+    enter_bitmap(t, sh, acked, false)?;
     t.track.kick.notify_waiters();
     tracing::warn!(
         target = %t.name,
@@ -745,9 +697,10 @@ fn switch(t: &TargetState, sh: &Shared, used: u64, cap: u64) -> anyhow::Result<(
 
 /// A streaming target whose resume point the journal no longer holds (its records
 /// were released while it was away, e.g. by a restart of this primary, which does not
-/// persist acks): switches it to bitmap mode with every region dirty, so it is
-/// resynced in full instead of being refused for good. `from`: its resume position.
-/// Blocking.
+/// persist acks), or that diverged after a failover: switches it to bitmap mode with
+/// every region dirty, so it is resynced (the digest comparison at the start of the
+/// copy then skips what it already holds) instead of being refused for good. `from`:
+/// its resume position. Blocking.
 pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
     let sh = t
         .track
@@ -758,7 +711,24 @@ pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
     if !t.track.begin_switch() {
         return Ok(());
     }
-    t.track.start_live(&sh, from);
+    enter_bitmap(t, &sh, from, true)?;
+    tracing::warn!(
+        target = %t.name,
+        from,
+        first_available = sh.journal.first_available_seq(),
+        "the journal no longer holds what the target needs: every region is a resync candidate"
+    );
+    Ok(())
+}
+
+/// Creates the target's maps (every region dirty with `all`; else the journal's
+/// records after `base` are marked), flushes them and enters bitmap mode, so the
+/// target stops holding the journal and writes stop waiting for it. On an error
+/// everything is undone and the target keeps streaming.
+fn enter_bitmap(t: &TargetState, sh: &Shared, base: Seq, all: bool) -> anyhow::Result<()> {
+    t.track.start_live(sh, base);
+    // Every record completed after this read is marked live (the hook saw `active`);
+    // every one before it is in the journal up to `d0`.
     let d0 = sh.journal.durable_seq();
     let res = (|| -> anyhow::Result<()> {
         let mut maps = Vec::new();
@@ -769,21 +739,29 @@ pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
             let mut m = DirtyMap::create(&p, b.size, sh.region_size)?;
-            m.mark_all();
+            if all {
+                m.mark_all();
+            }
             maps.push((b.id, m));
         }
+        {
+            let mut inner = t.track.inner.lock();
+            inner.maps = maps;
+            inner.base_seq = base;
+            inner.through = None;
+        }
+        if !all {
+            mark_from_journal(t, sh, base, d0)?;
+        }
         let mut inner = t.track.inner.lock();
-        inner.maps = maps;
-        inner.base_seq = from;
-        inner.through = None;
         let through = t.track.merge(&mut inner)?.max(d0);
         for (_, m) in inner.maps.iter_mut() {
-            m.set_seqs(from, through);
+            m.set_seqs(base, through);
             m.flush()?;
         }
         t.track.flushed_through.store(through, Ordering::Release);
         inner.last_flush = Some(Instant::now());
-        inner.lost = Some((from, None));
+        inner.lost = Some((base, None));
         t.track.count_dirty(&inner);
         Ok(())
     })();
@@ -797,16 +775,11 @@ pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
         return Err(e);
     }
     t.track.set_mode(Mode::Bitmap);
+    // Writes must not wait for a target that is resynced later.
     t.degraded.store(true, Ordering::Release);
     if let Some(s) = &sh.sync {
         s.recompute();
     }
-    tracing::warn!(
-        target = %t.name,
-        from,
-        first_available = sh.journal.first_available_seq(),
-        "the journal no longer holds what the target needs: resyncing every region"
-    );
     Ok(())
 }
 

@@ -26,22 +26,9 @@ fn init(dir: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
+/// About n × 64 KiB through the journal (see `mixed_workload`).
 fn workload(seed: u64, n: usize) -> Vec<String> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut cmds = Vec::new();
-    for i in 0..n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let off = (x % (VOL / 4096 - 16)) * 4096;
-        match i % 10 {
-            7 => cmds.push(format!("discard {off} 65536")),
-            8 => cmds.push(format!("write -z {off} 65536")),
-            9 => cmds.push("flush".into()),
-            _ => cmds.push(format!("write -P {} {off} 65536", (x >> 8) % 255 + 1)),
-        }
-    }
-    cmds
+    mixed_workload(seed, n, VOL, Some(65536))
 }
 
 /// Starts a primary and a standby, writes a little and waits until both hold it;

@@ -12,6 +12,10 @@ use ferryd::testkit::{
 const VOL: u64 = 64 << 20;
 
 /// A primary and `standbys`, 64 MiB volume, 64 MiB journal.
+fn workload(seed: u64, n: usize) -> Vec<String> {
+    mixed_workload(seed, n, VOL, None)
+}
+
 fn init(dir: &Path, standbys: &[&str], mode: &str) -> (PathBuf, Vec<PathBuf>) {
     init_cluster(
         dir,
@@ -21,25 +25,6 @@ fn init(dir: &Path, standbys: &[&str], mode: &str) -> (PathBuf, Vec<PathBuf>) {
             ..Init::default()
         },
     )
-}
-
-fn workload(seed: u64, n: usize) -> Vec<String> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut cmds = Vec::new();
-    for i in 0..n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let off = (x % (VOL / 4096 - 64)) * 4096;
-        let len = 4096 * (1 + (x >> 20) % 16);
-        match i % 10 {
-            7 => cmds.push(format!("discard {off} {len}")),
-            8 => cmds.push(format!("write -z {off} {len}")),
-            9 => cmds.push("flush".into()),
-            _ => cmds.push(format!("write -P {} {off} {len}", (x >> 8) % 255 + 1)),
-        }
-    }
-    cmds
 }
 
 #[test]

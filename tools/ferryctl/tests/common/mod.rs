@@ -184,3 +184,25 @@ pub fn wait_for(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `n` qemu-io commands at pseudo-random 4 KiB-aligned offsets of a `vol`-byte
+/// volume: pattern writes, with a discard, a write-zeroes and a flush in every ten.
+/// `len`: each command's length, or `None` for 4..64 KiB at random.
+pub fn mixed_workload(seed: u64, n: usize, vol: u64, len: Option<u64>) -> Vec<String> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut cmds = Vec::new();
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = (x % (vol / 4096 - 64)) * 4096;
+        let len = len.unwrap_or(4096 * (1 + (x >> 20) % 16));
+        match i % 10 {
+            7 => cmds.push(format!("discard {off} {len}")),
+            8 => cmds.push(format!("write -z {off} {len}")),
+            9 => cmds.push("flush".into()),
+            _ => cmds.push(format!("write -P {} {off} {len}", (x >> 8) % 255 + 1)),
+        }
+    }
+    cmds
+}
