@@ -597,3 +597,42 @@ async fn next_frame(data: &mut Option<FramedRecv>) -> Result<Option<Frame>, Quic
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(max: usize) -> Arc<ByteBudget> {
+        Arc::new(ByteBudget {
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            max,
+            closed: Default::default(),
+        })
+    }
+
+    /// The completion path waits past the budget until the applier releases, and
+    /// never once the applier is gone (nothing would release).
+    #[test]
+    fn budget_blocks_past_its_bound_until_released_or_closed() {
+        let b = budget(100);
+        b.acquire(1000); // alone in the queue: passes however large
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.acquire(10))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "acquired past the budget");
+        b.release(1000);
+        waiter.join().unwrap();
+        b.acquire(90);
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.acquire(50))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished());
+        b.close();
+        waiter.join().unwrap();
+    }
+}

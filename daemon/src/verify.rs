@@ -131,6 +131,8 @@ pub struct Snapshot {
     seq: AtomicU64,
     vols: Vec<VolState>,
     saved_bytes: AtomicU64,
+    /// [`MAX_SAVED`] (smaller in tests).
+    max_saved: u64,
     failed: Mutex<Option<String>>,
 }
 
@@ -166,6 +168,7 @@ impl Snapshot {
             seq: AtomicU64::new(u64::MAX),
             vols,
             saved_bytes: AtomicU64::new(0),
+            max_saved: MAX_SAVED,
             failed: Mutex::new(None),
         }))
     }
@@ -222,10 +225,11 @@ impl Snapshot {
                 }
                 for (s, e) in gaps {
                     let n = e - s;
-                    if self.saved_bytes.fetch_add(n, Ordering::Relaxed) + n > MAX_SAVED {
+                    if self.saved_bytes.fetch_add(n, Ordering::Relaxed) + n > self.max_saved {
                         drop(g);
                         self.fail(format!(
-                            "more than {MAX_SAVED} bytes overwritten during the verify; retry when writes are lighter"
+                            "more than {} bytes overwritten during the verify; retry when writes are lighter",
+                            self.max_saved
                         ));
                         return;
                     }
@@ -527,5 +531,41 @@ mod tests {
         v.before_write(14, &base, 0, 4096);
         assert_eq!(snap.saved_bytes.load(Ordering::Relaxed), 0);
         v.remove(1);
+    }
+
+    /// Past its memory bound a verify fails and says why; writes are not affected.
+    #[test]
+    fn too_many_overwritten_bytes_fail_the_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let base = Arc::new(Base::open(0, "v", &path, 1 << 20).unwrap());
+        let params = HashParams {
+            algo: ChunkHash::Xxh3,
+            chunk_size: 65536,
+            seed: 1,
+        };
+        let mut snap = Snapshot::new(
+            Request {
+                id: 2,
+                params,
+                volumes: vec![],
+            },
+            std::slice::from_ref(&base),
+        )
+        .unwrap();
+        Arc::get_mut(&mut snap).unwrap().max_saved = 8192;
+        snap.arm(5);
+        snap.before_write(6, &base, 0, 4096);
+        snap.before_write(7, &base, 65536, 8192);
+        base.apply(Op::Write, 65536, 8192, &[1; 8192]).unwrap();
+        let err = snap.hash_all(|| 7, Duration::from_secs(5)).unwrap_err();
+        assert!(
+            err.to_string().contains("more than 8192 bytes overwritten"),
+            "{err}"
+        );
     }
 }
