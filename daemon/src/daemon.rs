@@ -694,6 +694,9 @@ async fn run_primary(
                 tls: replication::load_tls(&cfg)?,
                 opts: transport_options(),
                 durable: group.feed.durable(),
+                async_linger: Duration::from_micros(
+                    cfg.replication.as_ref().map_or(0, |r| r.async_linger_us),
+                ),
                 sync: sync.clone(),
                 outdated: outdated.clone(),
                 fork: rec.meta.fork_seq()?.map(|f| (f, rec.meta.clone())),

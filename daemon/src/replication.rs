@@ -460,6 +460,8 @@ pub struct ShipContext {
     pub tls: TlsMaterial,
     pub opts: TransportOptions,
     pub durable: watch::Receiver<Seq>,
+    /// `replication.async_linger_us`: an async shipper's coalescing wait.
+    pub async_linger: Duration,
     pub sync: Arc<SyncGate>,
     /// Called when a target proves a newer epoch exists (it was promoted): this
     /// primary is outdated and must stop taking writes. Arguments: the newer epoch
@@ -680,13 +682,19 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     let (ws_tx, mut ws_rx) = mpsc::channel::<anyhow::Result<WriteSet>>(READ_AHEAD_WRITE_SETS);
     // Detached: the reader exits by itself once this session drops the receiver.
     {
-        let journal = ctx.journal.clone();
-        let tail = ctx.tail.clone();
-        let durable = ctx.durable.clone();
-        let rt = tokio::runtime::Handle::current();
+        let src = ShipSource {
+            journal: ctx.journal.clone(),
+            tail: ctx.tail.clone(),
+            durable: ctx.durable.clone(),
+            rt: tokio::runtime::Handle::current(),
+            linger: match t.mode {
+                ReplicationMode::Async => ctx.async_linger,
+                ReplicationMode::Sync => Duration::ZERO,
+            },
+        };
         std::thread::Builder::new()
             .name(format!("ferry-ship-{}", t.name))
-            .spawn(move || read_write_sets(journal, tail, resume + 1, epoch, durable, ws_tx, rt))
+            .spawn(move || read_write_sets(src, resume + 1, epoch, ws_tx))
             .context("spawning the journal reader thread")?;
     }
 
@@ -808,17 +816,31 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     }
 }
 
+/// Where a shipper's reader thread takes records from, and how it waits for them.
+struct ShipSource {
+    journal: Arc<Journal>,
+    tail: Arc<Tail>,
+    durable: watch::Receiver<Seq>,
+    rt: tokio::runtime::Handle,
+    /// Coalescing wait once caught up (`replication.async_linger_us`; 0 for sync).
+    linger: Duration,
+}
+
 /// Produces write-sets from `from` on: from the in-memory tail while it holds the
 /// position, from journal segments while behind. Blocks while the channel is full.
 fn read_write_sets(
-    journal: Arc<Journal>,
-    tail: Arc<Tail>,
+    src: ShipSource,
     from: Seq,
     epoch: u64,
-    mut durable: watch::Receiver<Seq>,
     tx: mpsc::Sender<anyhow::Result<WriteSet>>,
-    rt: tokio::runtime::Handle,
 ) {
+    let ShipSource {
+        journal,
+        tail,
+        mut durable,
+        rt,
+        linger,
+    } = src;
     let mut next = from;
     let mut records: Vec<WireRecord> = Vec::new();
     let mut bytes = 0usize;
@@ -845,6 +867,10 @@ fn read_write_sets(
                         )
                         .await
                     });
+                    // Coalesce: let the records that follow join this write-set.
+                    if !linger.is_zero() {
+                        std::thread::sleep(linger);
+                    }
                     continue;
                 }
                 TailRead::Records(recs) => {

@@ -1,8 +1,10 @@
-//! Quick throughput check of writer pipelining: N threads append 4 KiB records
-//! with `append_wait` for a few seconds at depth 1 and depth 2.
+//! Quick throughput check of writer pipelining: N threads append records (4 KiB by
+//! default) with `append_wait` for a few seconds at depth 1 and depth 2.
 //!
-//! `cargo run -p ferry-journal --release --example pipeline_throughput -- [dir] [secs] [threads] [engine] [rounds]`
-//! (dir defaults to a temp dir under /var/tmp; engine: uring | std).
+//! `cargo run -p ferry-journal --release --example pipeline_throughput -- [dir] [secs] [threads] [engine] [rounds] [record bytes]`
+//! (dir defaults to a temp dir under /var/tmp; engine: uring | std; `BATCH=bytes` in
+//! the environment sets `max_batch_bytes`). Nothing is released, so every segment is
+//! a new one written full of zeros first: this measures a first pass.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +23,7 @@ fn main() {
         _ => EngineChoice::IoUring,
     };
     let rounds: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(2);
+    let size: usize = args.get(6).and_then(|s| s.parse().ok()).unwrap_or(4096);
     for depth in (0..rounds).flat_map(|_| [1usize, 2]) {
         let dir = tempfile::tempdir_in(&base).expect("temp dir");
         let mut o = JournalOptions::new(dir.path(), *b"ferry-bench-clus");
@@ -30,11 +33,14 @@ fn main() {
         // every segment is fresh: recycled segments do not pipeline, see FORMAT.md).
         o.capacity = 8 << 30;
         o.max_inflight_batches = depth;
+        if let Some(b) = std::env::var("BATCH").ok().and_then(|v| v.parse().ok()) {
+            o.max_batch_bytes = b;
+        }
         let (j, _) = Journal::open(o).expect("open");
         let j = Arc::new(j);
         let stop = Arc::new(AtomicBool::new(false));
         let lat_ns = Arc::new(AtomicU64::new(0));
-        let data = Bytes::from(vec![0x5au8; 4096]);
+        let data = Bytes::from(vec![0x5au8; size]);
         // Warm up (first segment activation) before measuring.
         j.append_wait(Record::write(0, 0, data.clone())).unwrap();
         let s0 = j.stats();
@@ -46,7 +52,7 @@ fn main() {
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         let a = Instant::now();
-                        j.append_wait(Record::write(t as u32, n * 4096, data.clone()))
+                        j.append_wait(Record::write(t as u32, n * size as u64, data.clone()))
                             .unwrap();
                         lat.fetch_add(a.elapsed().as_nanos() as u64, Ordering::Relaxed);
                         n += 1;

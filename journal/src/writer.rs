@@ -55,6 +55,8 @@ const SPACE_WAIT: Duration = Duration::from_millis(50);
 struct Pending {
     seq: Seq,
     rec: Record,
+    /// `format::data_crc` of a large record's data, computed by the appender.
+    crc: Option<u32>,
     done: Completion,
 }
 
@@ -117,6 +119,8 @@ struct StatCounters {
     records: AtomicU64,
     bytes_written: AtomicU64,
     write_ns: AtomicU64,
+    segments_zeroed: AtomicU64,
+    segments_recycled: AtomicU64,
 }
 
 /// A snapshot of the journal's cumulative counters.
@@ -131,6 +135,10 @@ pub struct JournalStats {
     /// Time from submission to completion of durable batch writes, summed (with
     /// several writes in flight the intervals overlap).
     pub write_ns: u64,
+    /// Spare segments created by writing them full of zeros (a journal's first pass).
+    pub segments_zeroed: u64,
+    /// Spare segments made from released ones (one header block written).
+    pub segments_recycled: u64,
 }
 
 /// The journal. `Send + Sync`: share it via `Arc`.
@@ -292,6 +300,10 @@ impl Journal {
                 rec.data.len()
             )));
         }
+        // The writer is a single thread: checksum big payloads here, in the
+        // appender's thread and cache, so the writer only copies them.
+        let crc =
+            (rec.data.len() >= format::PRECOMPUTE_CRC_MIN).then(|| format::data_crc(&rec.data));
         let sh = &self.shared;
         let mut q = sh.queue.lock();
         // Bounded by the writer's progress; wakes on every dequeue and on close/failure.
@@ -309,7 +321,12 @@ impl Journal {
         }
         let seq = q.next_seq;
         q.next_seq += 1;
-        q.items.push_back(Pending { seq, rec, done });
+        q.items.push_back(Pending {
+            seq,
+            rec,
+            crc,
+            done,
+        });
         sh.last_seq.store(seq, Ordering::Release);
         drop(q);
         sh.not_empty.notify_one();
@@ -462,6 +479,8 @@ impl Journal {
             records: st.records.load(Ordering::Relaxed),
             bytes_written: st.bytes_written.load(Ordering::Relaxed),
             write_ns: st.write_ns.load(Ordering::Relaxed),
+            segments_zeroed: st.segments_zeroed.load(Ordering::Relaxed),
+            segments_recycled: st.segments_recycled.load(Ordering::Relaxed),
         }
     }
 
@@ -907,10 +926,10 @@ impl Writer {
                 buf[..format::SEGMENT_HEADER_LEN]
                     .copy_from_slice(&format::encode_segment_header(&sh));
             }
-            let (_, n) = format::encode_batch(
+            let (_, n) = format::encode_batch_with_crcs(
                 &mut buf[head..head + disk as usize],
                 &params,
-                batch.iter().map(|p| &p.rec),
+                batch.iter().map(|p| (&p.rec, p.crc)),
             )
             .map_err(|e| JournalError::InvalidRecord(format!("encoding batch: {e}")))?;
             debug_assert_eq!(n as u64, disk);
@@ -1024,7 +1043,10 @@ fn helper_loop(sh: &Shared) {
             continue;
         }
         let want_spare = s.spares.len() + s.preparing < SPARE_TARGET;
-        if !s.free.is_empty() {
+        // Released segments are kept for recycling (a 4 KiB header write) rather
+        // than deleted, unless the journal holds more than its capacity: deleting
+        // one and later pre-zeroing a new one writes a whole segment again.
+        if !s.free.is_empty() && (want_spare || s.total() > s.max_segments) {
             let f = s.free.remove(0);
             if want_spare {
                 let no = s.next_no;
@@ -1032,6 +1054,9 @@ fn helper_loop(sh: &Shared) {
                 s.preparing += 1;
                 let r = MutexGuard::unlocked(&mut s, || segment::recycle(&dir, &f.path, no));
                 s.preparing -= 1;
+                if r.is_ok() {
+                    sh.stats.segments_recycled.fetch_add(1, Ordering::Relaxed);
+                }
                 finish_prep(
                     sh,
                     &mut s,
@@ -1057,6 +1082,9 @@ fn helper_loop(sh: &Shared) {
             let size = sh.opts.segment_size;
             let r = MutexGuard::unlocked(&mut s, || segment::create_zeroed(&dir, no, size));
             s.preparing -= 1;
+            if r.is_ok() {
+                sh.stats.segments_zeroed.fetch_add(1, Ordering::Relaxed);
+            }
             finish_prep(
                 sh,
                 &mut s,

@@ -313,6 +313,30 @@ proptest! {
     }
 
     #[test]
+    fn combine_equals_checksum_of_concatenation(a in proptest::collection::vec(any::<u8>(), 0..5000), b in proptest::collection::vec(any::<u8>(), 0..5000), seed in any::<u32>()) {
+        let whole = crc32c::crc32c_append(seed, &[a.as_slice(), b.as_slice()].concat());
+        let ca = crc32c::crc32c_append(seed, &a);
+        prop_assert_eq!(crc32c_combine(ca, data_crc(&b), b.len()), whole);
+        prop_assert_eq!(crc32c_combine(ca, data_crc(&b), b.len()), crc32c::crc32c_combine(ca, data_crc(&b), b.len()));
+    }
+
+    #[test]
+    fn precomputed_crcs_give_identical_bytes(recs in proptest::collection::vec(arb_record(), 1..12), known in proptest::collection::vec(any::<bool>(), 12), seg in any::<u64>()) {
+        let mut p = params(1);
+        p.segment_no = seg;
+        let plain = encode_batch_vec(&p, &recs).unwrap();
+        let mut out = vec![0xeeu8; plain.len()];
+        let (_, n) = encode_batch_with_crcs(
+            &mut out,
+            &p,
+            recs.iter().zip(&known).map(|(r, k)| (r, k.then(|| data_crc(&r.data)))),
+        )
+        .unwrap();
+        prop_assert_eq!(n, plain.len());
+        prop_assert_eq!(out, plain);
+    }
+
+    #[test]
     fn any_corrupted_byte_is_detected(recs in proptest::collection::vec(arb_record(), 1..5), pos in any::<prop::sample::Index>(), flip in 1u8..=255) {
         let b = encode_batch_vec(&params(1), &recs).unwrap();
         let h = decode_batch_header(&b, 9).unwrap();
@@ -346,5 +370,15 @@ proptest! {
             record_count: count, body_len: body.len() as u32, body_crc: salted_crc(3, &body),
         };
         let _ = decode_batch_body(&h, &Bytes::from(body));
+    }
+}
+
+#[test]
+fn combine_handles_large_lengths() {
+    // Lengths past 2^32 bytes use powers of x beyond the first 32 table entries.
+    for len in [1usize << 20, (1 << 32) + 12_345, usize::MAX / 3] {
+        let ours = crc32c_combine(0x1234_5678, 0x9abc_def0, len);
+        let reference = crc32c::crc32c_combine(0x1234_5678, 0x9abc_def0, len);
+        assert_eq!(ours, reference, "len {len}");
     }
 }

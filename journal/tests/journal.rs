@@ -868,3 +868,46 @@ fn skip_to_refuses_a_busy_journal() {
     }
     rx.recv().unwrap().unwrap();
 }
+
+/// Past its first pass a journal recycles released segments (a header block each)
+/// instead of deleting them and writing new ones full of zeros: every later pass
+/// would otherwise write the journal twice.
+#[test]
+fn released_segments_are_recycled_not_rezeroed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), EngineChoice::Std);
+    o.capacity = 4 * MIB;
+    let (j, _) = Journal::open(o).unwrap();
+    let rec = || Record::write(0, 0, Bytes::from(vec![3u8; 64 << 10]));
+    // Ten passes over the capacity, released in small steps as a checkpointer does.
+    for i in 0..(10 * 4 * 16) {
+        j.append_wait(rec()).unwrap();
+        if i % 4 == 3 {
+            j.release_through(j.durable_seq()).unwrap();
+        }
+    }
+    let st = j.stats();
+    assert!(
+        st.segments_zeroed <= 4,
+        "{} segments written full of zeros for a 4-segment journal (recycled {})",
+        st.segments_zeroed,
+        st.segments_recycled
+    );
+    assert!(
+        st.segments_recycled >= 30,
+        "only {} recycled",
+        st.segments_recycled
+    );
+    let files = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".seg")
+        })
+        .count();
+    assert!(files <= 4, "{files} segment files for a 4-segment capacity");
+    j.close().unwrap();
+}

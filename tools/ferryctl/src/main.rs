@@ -690,6 +690,7 @@ fn init(
         primary: PRIMARY.into(),
         sync_timeout_ms: 5000,
         tail_bytes: ByteSize(64 << 20),
+        async_linger_us: ferryd::config::DEFAULT_ASYNC_LINGER_US,
         targets: s
             .standbys
             .iter()
@@ -726,6 +727,7 @@ fn init(
                 primary: PRIMARY.into(),
                 sync_timeout_ms: 5000,
                 tail_bytes: ByteSize(64 << 20),
+                async_linger_us: ferryd::config::DEFAULT_ASYNC_LINGER_US,
                 targets: sites
                     .map(|s| {
                         vec![TargetConfig {
