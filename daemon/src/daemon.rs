@@ -59,6 +59,10 @@ pub fn journal_options(cfg: &Config) -> JournalOptions {
     };
     o.queue_records = JOURNAL_QUEUE;
     o.max_inflight_batches = cfg.journal.inflight_batches as usize;
+    // A primary's callbacks only wake the waiting request (and feed the shippers'
+    // tail): run them on the writer thread. A standby's may wait for its apply queue.
+    o.inline_completions = cfg.node.role == Role::Primary;
+    o.writer_nice = cfg.journal.writer_nice;
     o
 }
 

@@ -57,6 +57,7 @@ pub fn primary_config(
             recovery: Default::default(),
             checkpoint_interval_ms: 500,
             inflight_batches: 1,
+            writer_nice: crate::config::DEFAULT_WRITER_NICE,
         },
         nbd: Some(NbdConfig {
             listen: "127.0.0.1:0".into(),

@@ -91,6 +91,17 @@ pub struct JournalOptions {
     /// header, and recovery tolerates a torn tail of up to that many batches (see
     /// FORMAT.md). 1 behaves exactly like the unpipelined writer.
     pub max_inflight_batches: usize,
+    /// Run completion callbacks on the writer thread as soon as their batch is
+    /// durable, instead of handing them to the completion thread. One thread hop
+    /// less per batch (measured ~5% more 4k QD32 write IOPS through NBD on 2 cores),
+    /// but the writer submits nothing while callbacks run: only for callers whose
+    /// callbacks never block (a primary's: they wake the waiting request). Default
+    /// false (a standby's callbacks may wait for its apply queue).
+    pub inline_completions: bool,
+    /// Nice value for the writer thread; 0 leaves it alone. Why: every durable
+    /// append waits for this thread to be scheduled once its write completes. A
+    /// refusal (no CAP_SYS_NICE) is logged, never an error.
+    pub writer_nice: i32,
 }
 
 impl JournalOptions {
@@ -109,6 +120,8 @@ impl JournalOptions {
             max_batch_bytes: 4 << 20,
             queue_records: 1024,
             max_inflight_batches: 1,
+            inline_completions: false,
+            writer_nice: 0,
         }
     }
 

@@ -269,9 +269,15 @@ impl Journal {
                 active,
                 completer,
             };
+            let nice = shared.opts.writer_nice;
             std::thread::Builder::new()
                 .name("ferry-journal-writer".into())
-                .spawn(move || w.run())
+                .spawn(move || {
+                    if nice != 0 {
+                        set_thread_nice(nice);
+                    }
+                    w.run()
+                })
                 .map_err(|e| JournalError::io("spawn journal writer thread", e))?
         };
         let j = Journal {
@@ -289,7 +295,9 @@ impl Journal {
     /// Queues a record and returns its sequence. Blocks while the queue is full
     /// (which includes while the journal is out of space). `done` runs after the
     /// batch holding the record is durable, strictly in sequence order, on the
-    /// writer thread: keep it quick and non-blocking. If `append` returns an error,
+    /// completion thread (on the writer thread with `inline_completions`): keep it
+    /// quick; a callback that blocks holds up the ones after it (and, inline, every
+    /// journal write). If `append` returns an error,
     /// `done` is never called.
     pub fn append(&self, rec: Record, done: Completion) -> Result<Seq> {
         format::validate_record(&rec).map_err(JournalError::InvalidRecord)?;
@@ -534,6 +542,26 @@ fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Sets the calling thread's nice value (Linux: PRIO_PROCESS with a thread id
+/// addresses that thread only).
+fn set_thread_nice(nice: i32) {
+    // SAFETY: plain syscalls on this thread's own id; no memory is passed.
+    let r = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(
+            nice,
+            error = %e,
+            "journal writer priority unchanged (lowering nice needs CAP_SYS_NICE); appends may wait longer for it on a busy machine"
+        );
+    } else {
+        tracing::debug!(nice, "journal writer thread priority set");
+    }
 }
 
 fn run_completion(done: Completion, r: Result<Seq>) {
@@ -1022,6 +1050,12 @@ impl Writer {
     /// Hands completions to the completion thread (in order); runs them here if that
     /// thread is gone, so no appender is ever left waiting.
     fn complete(&self, batch: Completed) {
+        if self.shared.opts.inline_completions {
+            for (done, r) in batch {
+                run_completion(done, r);
+            }
+            return;
+        }
         if let Err(batch) = self.completer.push(batch) {
             for (done, r) in batch {
                 run_completion(done, r);

@@ -647,6 +647,7 @@ fn node_config(
             recovery: Default::default(),
             checkpoint_interval_ms: 30_000,
             inflight_batches: 1,
+            writer_nice: ferryd::config::DEFAULT_WRITER_NICE,
         },
         nbd: nbd.map(|l| NbdConfig { listen: l.into() }),
         control: ControlConfig {
