@@ -815,6 +815,21 @@ size = "1GiB"
             )),
             "journal.writer_nice"
         );
+        let repl = |linger: u64| {
+            format!(
+                "{GOOD}\n[tls]\nca = \"ca.pem\"\ncert = \"p.pem\"\nkey = \"p.key\"\n\
+                 [replication]\nlisten = \"127.0.0.1:7000\"\nprimary = \"primary\"\n\
+                 async_linger_us = {linger}\n"
+            )
+        };
+        Config::parse(&repl(MAX_ASYNC_LINGER_US))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(
+            invalid_key(&repl(MAX_ASYNC_LINGER_US + 1)),
+            "replication.async_linger_us"
+        );
         let two =
             format!("{GOOD}\n[[volume]]\nname = \"vol0\"\npath = \"x.img\"\nsize = \"4KiB\"\n");
         assert_eq!(invalid_key(&two), "volume[1].name");

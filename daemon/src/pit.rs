@@ -413,11 +413,13 @@ impl Pit {
         let started = Instant::now();
         let mut extents = Vec::new();
         // Start every read of the unit before waiting for the first: the device
-        // works on them together instead of one random read at a time.
+        // works on them together instead of one random read at a time. Only ranges
+        // `before_images` reads whole: larger ones are checked for holes first, and
+        // prefetching a large trim would fill the page cache with what it skips.
         if recs.len() > 1 {
             for (_, r) in recs {
                 if let Some(f) = self.capture_file(r.volume) {
-                    if r.op != Op::Seal && r.length > 0 {
+                    if r.op != Op::Seal && r.length > 0 && (r.length as u64) < HOLE_CHECK_MIN {
                         advise(f, r.offset, r.length as u64, libc::POSIX_FADV_WILLNEED);
                     }
                 }

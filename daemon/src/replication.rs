@@ -860,15 +860,16 @@ fn read_write_sets(
             match read {
                 TailRead::Records(recs) if recs.is_empty() => {
                     // Caught up: wait for more durable records (bounded, re-checks).
-                    let _ = rt.block_on(async {
+                    let arrived = rt.block_on(async {
                         tokio::time::timeout(
                             Duration::from_millis(200),
                             durable.wait_for(|d| *d >= next),
                         )
                         .await
+                        .is_ok_and(|r| r.is_ok())
                     });
                     // Coalesce: let the records that follow join this write-set.
-                    if !linger.is_zero() {
+                    if arrived && !linger.is_zero() {
                         std::thread::sleep(linger);
                     }
                     continue;

@@ -635,7 +635,7 @@ pub fn encode_batch_with_crcs<'a>(
     let mut pos = BATCH_HEADER_LEN;
     // Running salted CRC of the body up to `crc_pos`; bytes in [crc_pos, pos) are not
     // folded in yet (small records are checksummed in runs, after copying).
-    let mut crc = crc32c::crc32c(&p.segment_no.to_le_bytes());
+    let mut crc = salted_crc(p.segment_no, &[]);
     let mut crc_pos = pos;
     let mut count: u64 = 0;
     let mut flags = 0u16;

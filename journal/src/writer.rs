@@ -245,20 +245,25 @@ impl Journal {
                 .map_err(|e| JournalError::io("spawn segment helper thread", e))?
         };
         let completer = Arc::new(CompletionQueue::default());
-        let completion = std::thread::Builder::new()
-            .name("ferry-journal-done".into())
-            .spawn({
-                let q = completer.clone();
-                // Ends when the writer closed the queue and it drained.
-                move || {
-                    while let Some(batch) = q.pop() {
-                        for (done, r) in batch {
-                            run_completion(done, r);
+        // With inline completions the writer runs them itself: no thread to wait on.
+        let completion = (!shared.opts.inline_completions)
+            .then(|| {
+                std::thread::Builder::new()
+                    .name("ferry-journal-done".into())
+                    .spawn({
+                        let q = completer.clone();
+                        // Ends when the writer closed the queue and it drained.
+                        move || {
+                            while let Some(batch) = q.pop() {
+                                for (done, r) in batch {
+                                    run_completion(done, r);
+                                }
+                            }
                         }
-                    }
-                }
+                    })
+                    .map_err(|e| JournalError::io("spawn journal completion thread", e))
             })
-            .map_err(|e| JournalError::io("spawn journal completion thread", e))?;
+            .transpose()?;
         let writer = {
             let w = Writer {
                 shared: shared.clone(),
@@ -283,7 +288,7 @@ impl Journal {
         let j = Journal {
             shared,
             writer: Mutex::new(Some(writer)),
-            completion: Mutex::new(Some(completion)),
+            completion: Mutex::new(completion),
             helper: Mutex::new(Some(helper)),
             engine_name,
             fallback_reason,

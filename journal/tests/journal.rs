@@ -149,16 +149,7 @@ fn rollover_release_recycle_and_capacity_backpressure() {
         assert!(matches!(j.reader(1), Err(JournalError::Released { .. })));
         let first_kept = j.reader(0).unwrap().next().unwrap().unwrap().seq;
         check_entries(&j, first_kept, 200, len_of);
-        let files = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .contains(".seg")
-            })
-            .count();
+        let files = segment_files(dir.path());
         assert!(files <= 3, "{files} segment files for a 3-segment capacity");
         Arc::try_unwrap(j).ok().unwrap().close().unwrap();
         let (j, rep) = Journal::open(o).unwrap();
@@ -898,16 +889,64 @@ fn released_segments_are_recycled_not_rezeroed() {
         "only {} recycled",
         st.segments_recycled
     );
-    let files = std::fs::read_dir(dir.path())
+    let files = segment_files(dir.path());
+    assert!(files <= 4, "{files} segment files for a 4-segment capacity");
+    j.close().unwrap();
+}
+
+/// Segment files in a journal directory (`.seg`, and `.seg.tmp` work in progress).
+fn segment_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
         .unwrap()
         .filter(|e| {
             e.as_ref()
                 .unwrap()
                 .file_name()
                 .to_string_lossy()
-                .ends_with(".seg")
+                .contains(".seg")
         })
-        .count();
-    assert!(files <= 4, "{files} segment files for a 4-segment capacity");
-    j.close().unwrap();
+        .count()
+}
+
+/// With `inline_completions` the writer runs the callbacks itself: every append
+/// completes, strictly in sequence order.
+#[test]
+fn inline_completions_run_in_order() {
+    for engine in engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path(), engine);
+        o.inline_completions = true;
+        let (j, _) = Journal::open(o).unwrap();
+        let j = Arc::new(j);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (j, seen) = (j.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    for i in 0..200u64 {
+                        let seen = seen.clone();
+                        j.append(
+                            Record::write(0, i * 4096, Bytes::from(vec![1u8; 4096])),
+                            Box::new(move |r| seen.lock().push(r.unwrap())),
+                        )
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let t0 = Instant::now();
+        while seen.lock().len() < 800 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "completions missing"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let got = seen.lock().clone();
+        assert_eq!(got, (1..=800).collect::<Vec<u64>>(), "{engine:?}");
+        Arc::try_unwrap(j).ok().unwrap().close().unwrap();
+    }
 }

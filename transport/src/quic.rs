@@ -96,14 +96,6 @@ impl TransportOptions {
         // a reconnect race, none for anything else.
         t.max_concurrent_bidi_streams(4u32.into());
         t.max_concurrent_uni_streams(4u32.into());
-        // Search up to the largest UDP payload (quinn's default stops at 1452).
-        // Probes are DF-marked and a lost probe only ends the search, so a high bound
-        // is safe on any path (quinn documents this), and paths with a larger MTU
-        // (loopback, jumbo-frame data centre links) carry write-sets in far fewer,
-        // larger packets: per-packet crypto and syscalls dominate QUIC's CPU cost.
-        let mut mtu = quinn::MtuDiscoveryConfig::default();
-        mtu.upper_bound(MAX_UDP_PAYLOAD);
-        t.mtu_discovery_config(Some(mtu));
         Ok(Arc::new(t))
     }
 }
@@ -457,49 +449,40 @@ pub fn client_config(
     Ok(client)
 }
 
-/// Largest UDP payload QUIC allows (RFC 9000 `max_udp_payload_size`).
-const MAX_UDP_PAYLOAD: u16 = 65527;
-
 /// Socket buffer size asked for on QUIC endpoints. Why: the kernel default (~208 KiB)
-/// holds only a few 64 KiB datagrams; a standby whose runtime is busy for a moment
-/// then drops packets (`RcvbufErrors`), and QUIC answers loss by retransmitting and
-/// shrinking its congestion window. The kernel caps it at `net.core.rmem_max` /
-/// `wmem_max`; a lower result is logged with the sysctl to raise.
+/// holds only about a hundred Ethernet-sized datagrams; a standby whose runtime is
+/// busy for a moment then drops packets (`RcvbufErrors`, seen under 4k random writes
+/// here), and QUIC answers loss by retransmitting and shrinking its congestion
+/// window. The kernel caps it at `net.core.rmem_max` / `wmem_max`; a lower result is
+/// logged once per process with the sysctl to raise.
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// A UDP socket bound to `addr` with [`SOCKET_BUFFER`] buffers.
 fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
+    static CAPPED_WARNED: std::sync::Once = std::sync::Once::new();
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // Dual-stack where allowed, as quinn's own constructor does.
         let _ = socket.set_only_v6(false);
     }
-    for (what, sysctl, set, get) in [
-        (
-            "receive",
-            "net.core.rmem_max",
-            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
-            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
-        ),
-        (
-            "send",
-            "net.core.wmem_max",
-            Socket::set_send_buffer_size,
-            Socket::send_buffer_size,
-        ),
-    ] {
-        let _ = set(&socket, SOCKET_BUFFER);
-        // Linux reports twice the size granted (bookkeeping overhead included).
-        let got = get(&socket).unwrap_or(0) / 2;
-        if got < SOCKET_BUFFER {
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    // Linux reports twice the size granted (bookkeeping overhead included).
+    let recv = socket.recv_buffer_size().unwrap_or(0) / 2;
+    let send = socket.send_buffer_size().unwrap_or(0) / 2;
+    if recv < SOCKET_BUFFER || send < SOCKET_BUFFER {
+        // Once: a primary makes a new endpoint for every reconnect.
+        CAPPED_WARNED.call_once(|| {
             tracing::warn!(
-                granted = got,
+                recv,
+                send,
                 wanted = SOCKET_BUFFER,
-                "QUIC socket {what} buffer capped by {sysctl}; raise it (sysctl -w {sysctl}={}) to avoid packet drops under load",
-                SOCKET_BUFFER
-            );
-        }
+                "QUIC socket buffers capped by net.core.rmem_max / wmem_max; raise them \
+                 (sysctl -w net.core.rmem_max={SOCKET_BUFFER} net.core.wmem_max={SOCKET_BUFFER}) \
+                 to avoid packet drops under load"
+            )
+        });
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
