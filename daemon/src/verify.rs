@@ -351,6 +351,11 @@ impl Verifier {
         }
     }
 
+    /// No verify running (so no write needs a before-image saved).
+    pub fn is_idle(&self) -> bool {
+        self.active.read().is_empty()
+    }
+
     pub fn add(&self, s: Arc<Snapshot>) {
         self.active.write().push(s);
     }
