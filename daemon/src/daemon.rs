@@ -828,7 +828,10 @@ async fn run_standby(
     // the rollback target of a rolled-back replica, which stays paused).
     let paused = match rec.rollback {
         Some(RollbackState::Done { target }) => Some(rolled_back_reason(target)),
-        _ => None,
+        _ => rec
+            .meta
+            .operator_pause()
+            .context("reading the operator pause from the metadata store")?,
     };
     if let Some(why) = &paused {
         tracing::warn!("{why}");
@@ -1423,6 +1426,9 @@ fn list_bookmarks(rec: &Recovered, pit: Option<&Pit>) -> anyhow::Result<serde_js
     Ok(json!({ "bookmarks": list }))
 }
 
+/// Status `paused` of a standby an operator paused.
+const OPERATOR_PAUSE: &str = "paused by an operator (ferryctl resume)";
+
 fn rolled_back_reason(target: Seq) -> String {
     format!(
         "this standby was rolled back to sequence {target} and no longer follows the primary \
@@ -1542,8 +1548,14 @@ fn standby_handler(
             })()),
             control::Request::Pause => {
                 if sb.paused().is_none() {
-                    sb.set_paused(Some("paused by an operator (ferryctl resume)".into()));
-                    tracing::warn!("replication paused by an operator");
+                    // Durable first: a pause the next restart forgets is not a pause.
+                    if let Err(e) = rec.meta.set_operator_pause(Some(OPERATOR_PAUSE)) {
+                        return control::Response::err(format!(
+                            "not paused: recording the pause failed: {e}"
+                        ));
+                    }
+                    sb.set_paused(Some(OPERATOR_PAUSE.into()));
+                    tracing::warn!("replication paused by an operator (kept across restarts)");
                 }
                 control::Response::ok(json!({"paused": sb.paused()}))
             }
@@ -1551,11 +1563,16 @@ fn standby_handler(
                 Ok(Some(RollbackState::Done { target })) => {
                     control::Response::err(rolled_back_reason(target))
                 }
-                Ok(_) => {
-                    sb.set_paused(None);
-                    tracing::info!("replication resumed by an operator");
-                    control::Response::ok(json!({"paused": null}))
-                }
+                Ok(_) => match rec.meta.set_operator_pause(None) {
+                    Ok(()) => {
+                        sb.set_paused(None);
+                        tracing::info!("replication resumed by an operator");
+                        control::Response::ok(json!({"paused": null}))
+                    }
+                    Err(e) => control::Response::err(format!(
+                        "still paused: clearing the recorded pause failed: {e}"
+                    )),
+                },
                 Err(e) => control::Response::err(e.to_string()),
             },
             control::Request::Rollback {

@@ -98,3 +98,10 @@ async fn shutdown_signal() {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
 }
+
+/// mimalloc instead of glibc malloc: every NBD request allocates and frees a few small
+/// objects (task, buffers, channel) across threads, and glibc's arena locking and
+/// fastbin consolidation showed in profiles; 4k random writes at QD32 measured ~10%
+/// more IOPS with it (README, "Dependencies").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -45,6 +45,11 @@ const K_RESYNC: &str = "resync";
 /// bytes): the jump is durable in the journal only with the first record after it,
 /// so recovery repeats it from here when the journal ends below.
 const K_JOURNAL_SKIP: &str = "journal_skip";
+/// A standby paused by an operator (`ferryctl pause`): the reason shown in status;
+/// empty = not paused. Kept across restarts: an operator who froze the replica (to
+/// keep it as it is during an incident) must not find it following the primary
+/// again because the service restarted.
+const K_PAUSED: &str = "paused";
 
 /// A standby's resync transition: while it is recorded the replica is not a
 /// consistent image, and no point after `from` is offered.
@@ -480,8 +485,8 @@ impl Meta {
     }
 
     /// One durable transaction for a role change: the new epoch, role, the primary to
-    /// follow (standby) and the fork point (primary); clears `outdated` and a
-    /// finished rollback (the node starts a new life in the new epoch).
+    /// follow (standby) and the fork point (primary); clears `outdated`, a finished
+    /// rollback and an operator pause (the node starts a new life in the new epoch).
     pub fn change_role(
         &self,
         epoch: u64,
@@ -496,6 +501,7 @@ impl Meta {
             (K_PRIMARY_NAME, primary_name.unwrap_or("").as_bytes()),
             (K_OUTDATED, &[]),
             (K_ROLLBACK, &[]),
+            (K_PAUSED, &[]),
         ];
         let e = epoch.to_le_bytes();
         pairs[0].1 = &e;
@@ -503,6 +509,19 @@ impl Meta {
             pairs.push((K_FORK_SEQ, f));
         }
         self.put_many(&pairs)
+    }
+
+    /// Why an operator paused this standby, if they did (see `K_PAUSED`).
+    pub fn operator_pause(&self) -> Result<Option<String>, MetaError> {
+        Ok(self
+            .get_raw(K_PAUSED)?
+            .filter(|v| !v.is_empty())
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records (durably) or clears an operator pause.
+    pub fn set_operator_pause(&self, reason: Option<&str>) -> Result<(), MetaError> {
+        self.put_many(&[(K_PAUSED, reason.unwrap_or("").as_bytes())])
     }
 
     /// Whether target `name` has rejoined this primary at fork point `fork`.

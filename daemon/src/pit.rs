@@ -419,7 +419,7 @@ impl Pit {
         if recs.len() > 1 {
             for (_, r) in recs {
                 if let Some(f) = self.capture_file(r.volume) {
-                    if r.op != Op::Seal && r.length > 0 && (r.length as u64) < HOLE_CHECK_MIN {
+                    if prefetched(r) {
                         advise(f, r.offset, r.length as u64, libc::POSIX_FADV_WILLNEED);
                     }
                 }
@@ -1041,6 +1041,13 @@ fn before_images(
     Ok(())
 }
 
+/// Whether `capture` starts reading `r`'s before-image ahead (WILLNEED): only ranges
+/// `before_images` reads whole. Larger ones are checked for holes first, and
+/// prefetching a large trim would fill the page cache with what it skips.
+fn prefetched(r: &Record) -> bool {
+    r.op != Op::Seal && r.length > 0 && (r.length as u64) < HOLE_CHECK_MIN
+}
+
 /// `posix_fadvise` on a range; advice only, so a failure changes nothing.
 fn advise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
     // SAFETY: plain syscall on an fd we own; no memory is passed.
@@ -1469,6 +1476,25 @@ mod tests {
     use proptest::prelude::*;
 
     const SIZE: u64 = 256 << 10;
+
+    #[test]
+    fn only_ranges_read_whole_are_prefetched() {
+        let rec = |op, length| Record {
+            volume: 0,
+            op,
+            offset: 1 << 30,
+            length,
+            data: Bytes::new(),
+        };
+        assert!(prefetched(&rec(Op::Write, 4096)));
+        assert!(prefetched(&rec(Op::WriteZeroes, 64 << 10)));
+        assert!(prefetched(&rec(Op::Write, (HOLE_CHECK_MIN - 4096) as u32)));
+        // A large trim or zeroing is checked for holes, never pulled into the cache.
+        assert!(!prefetched(&rec(Op::Trim, HOLE_CHECK_MIN as u32)));
+        assert!(!prefetched(&rec(Op::Trim, 1 << 30)));
+        assert!(!prefetched(&rec(Op::Seal, 0)));
+        assert!(!prefetched(&rec(Op::Write, 0)));
+    }
 
     struct Rig {
         _dir: tempfile::TempDir,

@@ -387,6 +387,65 @@ fn rollback_to_a_bookmark_survives_sigkill_and_restart() {
 }
 
 #[test]
+fn an_operator_pause_survives_a_restart_and_resume_catches_up() {
+    if skip_without(
+        "qemu-io",
+        "an_operator_pause_survives_a_restart_and_resume_catches_up",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init_pair(
+        dir.path(),
+        &Init {
+            volume: "vol0:32MiB",
+            ..Init::default()
+        },
+    );
+    let mut standby = Node::start(&ferryd(), &scfg);
+    let primary = Node::start(&ferryd(), &pcfg);
+    let url = primary.url("vol0");
+    assert_qemu_io_ok(&qemu_io(&url, &writes(0x11, &[0, 1 << 20], 65536)));
+    wait_caught_up(&primary, &standby);
+    let frozen = std::fs::read(replica_path(&scfg)).unwrap();
+
+    let out = ctl(&scfg, &["pause"]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("operator"),
+        "{out:?}"
+    );
+    standby.wait_status(
+        "the paused standby to end its session",
+        Duration::from_secs(30),
+        |st| st["primary"]["connected"].is_null(),
+    );
+    assert_qemu_io_ok(&qemu_io(&url, &writes(0x22, &[0, 4 << 20], 65536)));
+    // SIGKILL: nothing but the metadata store can remember the pause.
+    standby.kill();
+    let standby = Node::start(&ferryd(), &scfg);
+    let st = standby.status();
+    assert!(
+        st["paused"].as_str().unwrap_or("").contains("operator"),
+        "the pause must outlive the restart: {st:#}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_same(
+        "paused replica after the restart",
+        &std::fs::read(replica_path(&scfg)).unwrap(),
+        &frozen,
+    );
+
+    let out = ctl(&scfg, &["resume"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(standby.status()["paused"].is_null());
+    wait_caught_up(&primary, &standby);
+    same_file(
+        &Config::load(&pcfg).unwrap().volumes[0].path,
+        &replica_path(&scfg),
+    );
+}
+
+#[test]
 fn retention_drops_the_oldest_points_under_a_size_limit() {
     if skip_without(
         "qemu-io",
