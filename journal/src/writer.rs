@@ -551,14 +551,22 @@ fn now_ns() -> u64 {
 
 /// Sets the calling thread's nice value (Linux: PRIO_PROCESS with a thread id
 /// addresses that thread only).
-fn set_thread_nice(nice: i32) {
+fn try_set_thread_nice(nice: i32) -> std::io::Result<()> {
     // SAFETY: plain syscalls on this thread's own id; no memory is passed.
     let r = unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, nice)
     };
     if r != 0 {
-        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// [`try_set_thread_nice`]; a refusal (no CAP_SYS_NICE) is logged and the writer
+/// runs at normal priority.
+fn set_thread_nice(nice: i32) {
+    if let Err(e) = try_set_thread_nice(nice) {
         tracing::warn!(
             nice,
             error = %e,
@@ -1156,4 +1164,96 @@ fn finish_prep(sh: &Shared, s: &mut SegState, r: Result<Spare>) {
         }
     }
     sh.segs_cv.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This thread's nice value.
+    fn thread_nice() -> i32 {
+        // SAFETY: plain syscalls on this thread's own id. getpriority can return -1
+        // legitimately; errno is cleared first and checked.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            *libc::__errno_location() = 0;
+            let n = libc::getpriority(libc::PRIO_PROCESS, tid);
+            assert_eq!(*libc::__errno_location(), 0, "getpriority failed");
+            n
+        }
+    }
+
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const CAP_V3: u32 = 0x2008_0522;
+    const CAP_SYS_NICE: u32 = 23;
+
+    /// Removes CAP_SYS_NICE from the calling thread's effective set (capabilities
+    /// are per thread on Linux: the rest of the test process keeps it).
+    fn drop_cap_sys_nice() {
+        let mut h = CapHeader {
+            version: CAP_V3,
+            pid: 0,
+        };
+        let mut d = [CapData::default(); 2];
+        // SAFETY: capget/capset with a v3 header and the two data words v3 uses.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()), 0);
+            d[0].effective &= !(1 << CAP_SYS_NICE);
+            assert_eq!(libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()), 0);
+        }
+    }
+
+    #[test]
+    fn a_refused_priority_is_reported_and_changes_nothing() {
+        std::thread::spawn(|| {
+            drop_cap_sys_nice();
+            let before = thread_nice();
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes one rlimit struct we own.
+            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) }, 0);
+            // RLIMIT_NICE r lets any thread go down to nice 20 - r without the capability.
+            if 20 - (lim.rlim_cur.min(40) as i32) <= before - 5 {
+                eprintln!(
+                    "SKIP a_refused_priority_is_reported_and_changes_nothing: RLIMIT_NICE {} \
+                     allows nice {} without CAP_SYS_NICE",
+                    lim.rlim_cur,
+                    before - 5
+                );
+                return;
+            }
+            let err = try_set_thread_nice(before - 5)
+                .expect_err("lowering nice without CAP_SYS_NICE (RLIMIT_NICE 0) must fail");
+            assert!(
+                matches!(err.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)),
+                "{err}"
+            );
+            assert_eq!(
+                thread_nice(),
+                before,
+                "a refusal must leave the priority alone"
+            );
+            // The logging wrapper only warns: the writer goes on at normal priority.
+            set_thread_nice(before - 5);
+            assert_eq!(thread_nice(), before);
+            // Raising nice (lower priority) needs no capability.
+            try_set_thread_nice(before + 1).unwrap();
+            assert_eq!(thread_nice(), before + 1);
+        })
+        .join()
+        .unwrap();
+    }
 }
