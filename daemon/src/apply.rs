@@ -5,7 +5,7 @@
 //! is released at once; otherwise it waits until every such earlier record is applied.
 //! So overlapping writes reach a base in journal order — the order crash replay uses.
 //! A released small write is applied right on the journal's completion path
-//! ([`ApplyGate::ready_then`]); larger ones, and any record that had to wait, are
+//! ([`ApplyGate::ready`] with `apply_now`); larger ones, and any record that had to wait, are
 //! applied by the NBD task that issued them.
 //!
 //! Why small writes are applied by the completion path (the journal writer thread on
@@ -40,7 +40,7 @@ pub enum Released {
     /// The task applies it (large writes go to the blocking pool).
     Guard(ApplyGuard),
     /// Already applied by the journal's completion path, with this result.
-    Applied(Seq, std::io::Result<()>),
+    Applied(std::io::Result<()>),
 }
 
 pub struct ApplyGate {
@@ -97,16 +97,12 @@ impl ApplyGate {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Hands a journaled mutation to the gate. Called in sequence order.
-    pub fn ready(self: &Arc<Self>, guard: ApplyGuard, to: Release) {
-        self.ready_then(guard, to, false)
-    }
-
-    /// [`ApplyGate::ready`]; with `apply_now`, a record that waits for nothing is
-    /// applied right here, on the caller's thread (the journal's completion path),
-    /// and its task only hears the result. A record that waits is handed to its task
-    /// as a guard once released, as with `ready`.
-    pub fn ready_then(self: &Arc<Self>, guard: ApplyGuard, to: Release, apply_now: bool) {
+    /// Hands a journaled mutation to the gate. Called in sequence order. A record
+    /// that waits for an earlier overlapping one is handed to its task as a guard
+    /// once released. One that waits for nothing is applied right here, on the
+    /// caller's thread (the journal's completion path), with `apply_now` (its task
+    /// only hears the result), else handed over at once.
+    pub fn ready(self: &Arc<Self>, guard: ApplyGuard, to: Release, apply_now: bool) {
         let seq = guard.seq;
         let (volume, start, end) = guard.range();
         let mut g = self.inner.lock();
@@ -134,7 +130,7 @@ impl ApplyGate {
         drop(g);
         if apply_now {
             let r = guard.apply();
-            let _ = to.send(Ok(Released::Applied(seq, r)));
+            let _ = to.send(Ok(Released::Applied(r)));
         } else {
             release(guard, to);
         }
@@ -288,11 +284,11 @@ mod tests {
         Arc::new(Base::open(0, "b", &p, 1 << 20).unwrap())
     }
 
-    /// The guard a task received (tests use `ready`, which always hands one over).
+    /// The guard a task received (`ready` without `apply_now` always hands one over).
     fn got(r: Result<Result<Released, JournalError>, oneshot::error::TryRecvError>) -> ApplyGuard {
         match r {
             Ok(Ok(Released::Guard(g))) => g,
-            Ok(Ok(Released::Applied(seq, _))) => panic!("seq {seq} applied, no guard"),
+            Ok(Ok(Released::Applied(_))) => panic!("applied, no guard handed over"),
             Ok(Err(e)) => panic!("journal error {e}"),
             Err(e) => panic!("nothing released: {e}"),
         }
@@ -318,9 +314,9 @@ mod tests {
         let (t1, mut r1) = oneshot::channel();
         let (t2, mut r2) = oneshot::channel();
         let (t3, mut r3) = oneshot::channel();
-        gate.ready(guard(&gate, &b, 1, 0, 1), t1);
-        gate.ready(guard(&gate, &b, 2, 8192, 2), t2); // independent
-        gate.ready(guard(&gate, &b, 3, 2048, 3), t3); // overlaps seq 1
+        gate.ready(guard(&gate, &b, 1, 0, 1), t1, false);
+        gate.ready(guard(&gate, &b, 2, 8192, 2), t2, false); // independent
+        gate.ready(guard(&gate, &b, 3, 2048, 3), t3, false); // overlaps seq 1
         let g1 = got(r1.try_recv());
         let g2 = got(r2.try_recv());
         assert!(r3.try_recv().is_err(), "seq 3 must wait for seq 1");
@@ -345,11 +341,11 @@ mod tests {
         let gate = ApplyGate::new(10);
         let (t, r) = oneshot::channel();
         drop(r);
-        gate.ready(guard(&gate, &b, 11, 0, 9), t);
+        gate.ready(guard(&gate, &b, 11, 0, 9), t, false);
         assert_eq!(gate.applied_seq(), 11);
         // Released into a receiver that is then dropped unread.
         let (t, r) = oneshot::channel();
-        gate.ready(guard(&gate, &b, 12, 4096, 8), t);
+        gate.ready(guard(&gate, &b, 12, 4096, 8), t, false);
         drop(r);
         assert_eq!(gate.applied_seq(), 12);
         let mut buf = [0u8; 2];
@@ -369,8 +365,8 @@ mod tests {
         let gate = ApplyGate::new(0);
         let (t1, mut r1) = oneshot::channel();
         let (t2, mut r2) = oneshot::channel();
-        gate.ready(guard(&gate, &ro, 1, 0, 7), t1);
-        gate.ready(guard(&gate, &ok, 2, 8192, 8), t2);
+        gate.ready(guard(&gate, &ro, 1, 0, 7), t1, false);
+        gate.ready(guard(&gate, &ok, 2, 8192, 8), t2, false);
         assert!(got(r1.try_recv()).apply().is_err());
         assert!(gate.failed(), "the group must refuse further writes");
         got(r2.try_recv()).apply().unwrap();
@@ -389,11 +385,11 @@ mod tests {
         let (t1, mut r1) = oneshot::channel();
         let (t2, mut r2) = oneshot::channel();
         let (t3, mut r3) = oneshot::channel();
-        gate.ready(guard(&gate, &b, 1, 0, 1), t1); // held by its task, not applied yet
-        gate.ready_then(guard(&gate, &b, 2, 8192, 2), t2, true); // independent
-        gate.ready_then(guard(&gate, &b, 3, 2048, 3), t3, true); // overlaps seq 1
+        gate.ready(guard(&gate, &b, 1, 0, 1), t1, false); // held by its task, not applied yet
+        gate.ready(guard(&gate, &b, 2, 8192, 2), t2, true); // independent
+        gate.ready(guard(&gate, &b, 3, 2048, 3), t3, true); // overlaps seq 1
         match r2.try_recv() {
-            Ok(Ok(Released::Applied(2, Ok(())))) => {}
+            Ok(Ok(Released::Applied(Ok(())))) => {}
             _ => panic!("seq 2 waits for nothing: it must be applied and reported at once"),
         }
         let mut buf = [0u8; 1];

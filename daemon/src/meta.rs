@@ -439,17 +439,11 @@ impl Meta {
 
     /// The role set by a role change, overriding the config.
     pub fn role_override(&self) -> Result<Option<String>, MetaError> {
-        Ok(self
-            .get_raw(K_ROLE)?
-            .filter(|v| !v.is_empty())
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        self.get_str(K_ROLE)
     }
 
     pub fn primary_name(&self) -> Result<Option<String>, MetaError> {
-        Ok(self
-            .get_raw(K_PRIMARY_NAME)?
-            .filter(|v| !v.is_empty())
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        self.get_str(K_PRIMARY_NAME)
     }
 
     pub fn fork_seq(&self) -> Result<Option<u64>, MetaError> {
@@ -513,10 +507,7 @@ impl Meta {
 
     /// Why an operator paused this standby, if they did (see `K_PAUSED`).
     pub fn operator_pause(&self) -> Result<Option<String>, MetaError> {
-        Ok(self
-            .get_raw(K_PAUSED)?
-            .filter(|v| !v.is_empty())
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        self.get_str(K_PAUSED)
     }
 
     /// Records (durably) or clears an operator pause.
@@ -561,6 +552,14 @@ impl Meta {
         };
         let v = table.get(key).map_err(|e| self.store_err(e))?;
         Ok(v.map(|g| g.value().to_vec()))
+    }
+
+    /// A text value; absent and empty (a cleared key) are both `None`.
+    fn get_str(&self, key: &'static str) -> Result<Option<String>, MetaError> {
+        Ok(self
+            .get_raw(key)?
+            .filter(|v| !v.is_empty())
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     fn get_fixed<const N: usize>(&self, key: &'static str) -> Result<[u8; N], MetaError> {

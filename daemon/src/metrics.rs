@@ -118,7 +118,9 @@ pub struct Frontend {
     write_seconds: Histogram,
     flush_seconds: Histogram,
     /// Append to durable and released by the apply gate: the journal's share of a
-    /// mutation's latency (the rest is apply, sync targets and the NBD path).
+    /// mutation's latency (the rest is apply, sync targets and the NBD path). Small
+    /// writes are applied before their task is released, so for them it includes
+    /// the base write.
     journal_wait_seconds: Histogram,
     /// The families' counters by [`FrontendOp`] index (clones share the atomic), so
     /// the request path does not take the family's lock.
@@ -205,7 +207,7 @@ impl Frontend {
         )?)?;
         self.journal_wait_seconds.encode(e.encode_descriptor(
             "ferry_frontend_journal_wait",
-            "Journal share of a mutation's latency: append to durable and released for apply.",
+            "Journal share of a mutation's latency: append to durable and released for apply (small writes: applied).",
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?)

@@ -297,7 +297,7 @@ impl Group {
                         item_data,
                     );
                     let now = apply_now && gate.verify.is_idle();
-                    gate.ready_then(guard, tx, now);
+                    gate.ready(guard, tx, now);
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -311,7 +311,8 @@ impl Group {
             length,
             data,
         };
-        self.journal
+        let seq = self
+            .journal
             .append(rec, done)
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
         self.dirty.store(true, Ordering::Relaxed);
@@ -320,19 +321,14 @@ impl Group {
             .map_err(|_| ExportError::ShuttingDown)?
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
         self.frontend.observe_journal_wait(started);
-        let (seq, result) = match released {
-            Released::Applied(seq, r) => (seq, r),
-            Released::Guard(guard) => {
-                let seq = guard.seq;
-                let r = if op == Op::Write && length > INLINE_APPLY_MAX {
-                    tokio::task::spawn_blocking(move || guard.apply())
-                        .await
-                        .map_err(|e| ExportError::Io(format!("apply task: {e}")))?
-                } else {
-                    guard.apply()
-                };
-                (seq, r)
+        let result = match released {
+            Released::Applied(r) => r,
+            Released::Guard(guard) if op == Op::Write && length > INLINE_APPLY_MAX => {
+                tokio::task::spawn_blocking(move || guard.apply())
+                    .await
+                    .map_err(|e| ExportError::Io(format!("apply task: {e}")))?
             }
+            Released::Guard(guard) => guard.apply(),
         };
         // Sync targets must hold the write durably before the client hears of it.
         let sync = self.sync.read().clone();
