@@ -625,13 +625,15 @@ pub struct FerryCluster {
 const TARGET: &str = "target=\"dr1\"";
 
 impl FerryCluster {
-    /// `ferryctl init` in `dir` and start; `mode` None = primary alone.
+    /// `ferryctl init` in `dir` and start; `mode` None = primary alone. `pit` false
+    /// turns the standby's undo log off (`[pit] enabled = false`).
     pub fn start(
         bins: &FerryBins,
         dir: &Path,
         volume_size: u64,
         journal_size: &str,
         mode: Option<&str>,
+        pit: bool,
     ) -> anyhow::Result<FerryCluster> {
         let nbd_port = free_tcp_port()?;
         let metrics_port = free_tcp_port()?;
@@ -666,6 +668,14 @@ impl FerryCluster {
             .open(&cfg)
             .and_then(|mut f| write!(f, "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"))
             .with_context(|| format!("adding [metrics] to {}", cfg.display()))?;
+        if mode.is_some() && !pit {
+            let cfg = dir.join("dr1.toml");
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&cfg)
+                .and_then(|mut f| write!(f, "\n[pit]\nenabled = false\n"))
+                .with_context(|| format!("turning PIT off in {}", cfg.display()))?;
+        }
 
         let spawn = |node: &str| -> anyhow::Result<Proc> {
             let mut cmd = Command::new(&bins.ferryd);

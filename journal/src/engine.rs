@@ -89,6 +89,14 @@ pub struct AlignedBuf {
 // Why: the buffer is plain owned memory; moving it between threads is fine.
 unsafe impl Send for AlignedBuf {}
 
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 impl AlignedBuf {
     pub fn new_zeroed(len: usize) -> AlignedBuf {
         let len = len.max(BLOCK_SIZE).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;

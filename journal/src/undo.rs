@@ -6,9 +6,13 @@
 //! recovery rules and crash-case table.
 //!
 //! * A directory of segment files `NNNNNNNNNNNNNNNN.undo` (16-digit, zero padded,
-//!   consecutive numbers). Each starts with a 64-byte segment header, followed by
-//!   entries back to back (no alignment, no preallocation: plain buffered appends and
-//!   `fdatasync`).
+//!   consecutive numbers). Each starts with a 64-byte segment header. In an *aligned*
+//!   segment (header flag [`UNDO_SEGMENT_FLAG_ALIGNED`], every segment this code
+//!   creates) the header block and every entry are zero-padded to 4 KiB, so entries
+//!   are appended with O_DIRECT + `fdatasync`: before-images are written once, from
+//!   the applier's buffer, and never occupy the page cache (the log is written for
+//!   every write-set and read only by views and rollbacks). Segments without the flag
+//!   (written by earlier versions) hold entries back to back; they stay readable.
 //! * One entry per write-set: a 56-byte entry header, then the body: extents, each a
 //!   16-byte extent header followed by the before-image bytes.
 //! * CRC32C salted with the segment number, like the redo journal.
@@ -22,10 +26,17 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
+use crate::engine::AlignedBuf;
 use crate::format::{rd_u16, rd_u32, rd_u64, salted_crc};
 
-/// Segment header length (bytes). Entries start right after it.
+/// Segment header length (bytes). In a packed segment entries start right after it;
+/// in an aligned one at [`UNDO_ALIGN`].
 pub const UNDO_SEGMENT_HEADER_LEN: usize = 64;
+/// Alignment and padding unit of an aligned segment (O_DIRECT friendly).
+pub const UNDO_ALIGN: u64 = 4096;
+/// Segment header flag: the header block and every entry are zero-padded to
+/// [`UNDO_ALIGN`]. A reader that does not know a flag refuses the segment.
+pub const UNDO_SEGMENT_FLAG_ALIGNED: u16 = 1;
 /// Entry header length (bytes).
 pub const UNDO_ENTRY_HEADER_LEN: usize = 56;
 /// Extent header length (bytes), followed by `length` bytes of before-image.
@@ -332,13 +343,45 @@ pub struct UndoSegmentHeader {
     pub cluster_id: [u8; 16],
     /// `first_seq` of the first entry in the segment.
     pub first_seq: u64,
+    /// [`UNDO_SEGMENT_FLAG_ALIGNED`]: entries at 4 KiB boundaries.
+    pub aligned: bool,
+}
+
+impl UndoSegmentHeader {
+    /// Offset of the segment's first entry.
+    pub fn first_entry_offset(&self) -> u64 {
+        first_entry_offset(self.aligned)
+    }
+}
+
+fn first_entry_offset(aligned: bool) -> u64 {
+    if aligned {
+        UNDO_ALIGN
+    } else {
+        UNDO_SEGMENT_HEADER_LEN as u64
+    }
+}
+
+/// `n` rounded up to the segment's entry alignment.
+fn pad_to(n: u64, aligned: bool) -> u64 {
+    if aligned {
+        n.div_ceil(UNDO_ALIGN) * UNDO_ALIGN
+    } else {
+        n
+    }
 }
 
 pub fn encode_undo_segment_header(h: &UndoSegmentHeader) -> [u8; UNDO_SEGMENT_HEADER_LEN] {
     let mut b = [0u8; UNDO_SEGMENT_HEADER_LEN];
     b[0..8].copy_from_slice(&UNDO_SEGMENT_MAGIC);
     b[8..10].copy_from_slice(&UNDO_FORMAT_VERSION.to_le_bytes());
-    // 10..12 flags, 12..16 reserved
+    let flags = if h.aligned {
+        UNDO_SEGMENT_FLAG_ALIGNED
+    } else {
+        0
+    };
+    b[10..12].copy_from_slice(&flags.to_le_bytes());
+    // 12..16 reserved
     b[16..24].copy_from_slice(&h.segment_no.to_le_bytes());
     b[24..40].copy_from_slice(&h.cluster_id);
     b[40..48].copy_from_slice(&h.first_seq.to_le_bytes());
@@ -374,9 +417,15 @@ pub fn decode_undo_segment_header(
     if version != UNDO_FORMAT_VERSION {
         return Err(UndoFormatError::UnsupportedVersion(version));
     }
-    if rd_u16(b, 10) != 0 || rd_u32(b, 12) != 0 || b[48..60].iter().any(|&x| x != 0) {
+    let flags = rd_u16(b, 10);
+    if flags & !UNDO_SEGMENT_FLAG_ALIGNED != 0 {
+        return Err(UndoFormatError::Invalid(format!(
+            "segment header flags {flags:#06x}: unknown flags"
+        )));
+    }
+    if rd_u32(b, 12) != 0 || b[48..60].iter().any(|&x| x != 0) {
         return Err(UndoFormatError::Invalid(
-            "segment header flags/reserved not zero".into(),
+            "segment header reserved bytes not zero".into(),
         ));
     }
     let mut cluster_id = [0u8; 16];
@@ -385,6 +434,7 @@ pub fn decode_undo_segment_header(
         segment_no: rd_u64(b, 16),
         cluster_id,
         first_seq: rd_u64(b, 40),
+        aligned: flags & UNDO_SEGMENT_FLAG_ALIGNED != 0,
     };
     if h.segment_no != segment_no {
         return Err(UndoFormatError::Invalid(format!(
@@ -667,6 +717,28 @@ fn sync_dir(dir: &Path) -> Result<(), UndoError> {
         .map_err(|e| UndoError::io(format!("fsync directory {}", dir.display()), e))
 }
 
+/// Opens a segment for appends with O_DIRECT, or buffered where the file system
+/// refuses O_DIRECT (tmpfs, for instance; durability is the same `fdatasync`).
+fn open_direct(path: &Path) -> Result<File, UndoError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => return Ok(f),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => WARNED.call_once(|| {
+            tracing::warn!(path = %path.display(), "undo log: O_DIRECT not supported here; appending through the page cache");
+        }),
+        Err(e) => return Err(UndoError::io(format!("open {}", path.display()), e)),
+    }
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| UndoError::io(format!("open {}", path.display()), e))
+}
+
 fn read_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), UndoError> {
     file.read_exact_at(buf, offset).map_err(|e| {
         UndoError::io(
@@ -680,7 +752,14 @@ fn read_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), 
 struct Segment {
     no: u64,
     path: PathBuf,
+    /// Buffered descriptor: reads, truncation.
     file: File,
+    /// Appends (O_DIRECT where the file system allows it), opened on first use.
+    /// Only aligned segments are appended to.
+    direct: Option<File>,
+    /// Entries are 4 KiB aligned (see [`UNDO_SEGMENT_FLAG_ALIGNED`]).
+    aligned: bool,
+    /// File length: the next entry's offset.
     len: u64,
     /// Index in `points` of this segment's first entry.
     first_point: usize,
@@ -702,6 +781,8 @@ pub struct UndoLog {
     next_seq: Option<u64>,
     next_segment_no: u64,
     poisoned: bool,
+    /// Aligned staging buffer for O_DIRECT appends (grown as needed, reused).
+    staging: Option<AlignedBuf>,
     /// Exclusive flock on `dir/LOCK` for the log's lifetime: two owners would corrupt it.
     _lock: fs::File,
 }
@@ -756,6 +837,7 @@ impl UndoLog {
             next_seq: None,
             next_segment_no: nos.last().map_or(1, |n| n + 1),
             poisoned: false,
+            staging: None,
             _lock: lock,
         };
         for (i, &no) in nos.iter().enumerate() {
@@ -808,6 +890,8 @@ impl UndoLog {
                 format!("file of {len} bytes is shorter than a segment header"),
             ));
         }
+        // Below: `len` may not cover a whole header block (aligned segments are only
+        // ever renamed into place complete, so that is corruption, caught next).
         let mut hb = [0u8; UNDO_SEGMENT_HEADER_LEN];
         read_at(&file, &path, &mut hb, 0)?;
         let sh = decode_undo_segment_header(&hb, no)
@@ -819,6 +903,14 @@ impl UndoLog {
                 found: sh.cluster_id,
             });
         }
+        let aligned = sh.aligned;
+        if len < sh.first_entry_offset() {
+            return Err(UndoError::corrupt(
+                &path,
+                0,
+                format!("file of {len} bytes is shorter than its header block"),
+            ));
+        }
         if self.segments.last().is_some_and(|s| s.entries == 0) {
             let prev = self.segments.last().expect("checked");
             return Err(UndoError::corrupt(
@@ -829,7 +921,7 @@ impl UndoLog {
         }
         let first_point = self.points.len();
         let mut entries = 0usize;
-        let mut pos = UNDO_SEGMENT_HEADER_LEN as u64;
+        let mut pos = sh.first_entry_offset();
         while pos < len {
             let mut eb = [0u8; UNDO_ENTRY_HEADER_LEN];
             let avail = (len - pos).min(UNDO_ENTRY_HEADER_LEN as u64) as usize;
@@ -875,12 +967,15 @@ impl UndoLog {
                             ));
                         }
                     }
-                    let end = pos + h.total_len();
+                    // The next entry's offset; an aligned entry's padding is part
+                    // of its write, so a file ending inside it holds a torn append.
+                    let end = pad_to(pos + h.total_len(), aligned);
                     let mut torn = None;
                     if end > len {
                         torn = Some(format!(
-                            "entry of {} bytes extends past end of file ({len})",
-                            h.total_len()
+                            "entry of {} bytes ({} with padding) extends past end of file ({len})",
+                            h.total_len(),
+                            end - pos
                         ));
                     } else if last && end == len {
                         // The last entry of the log: its body may be torn.
@@ -936,6 +1031,8 @@ impl UndoLog {
             no,
             path,
             file,
+            direct: None,
+            aligned,
             len,
             first_point,
             entries,
@@ -973,10 +1070,12 @@ impl UndoLog {
         }
         let roll = match self.segments.last() {
             None => true,
+            // Packed segments (earlier versions) are read, never appended to.
+            Some(s) if !s.aligned => true,
             Some(s) => {
                 let size = UNDO_ENTRY_HEADER_LEN as u64
                     + e.extents.iter().map(|x| 16 + x.stored_len()).sum::<u64>();
-                s.entries > 0 && s.len.saturating_add(size) > self.segment_size
+                s.entries > 0 && s.len.saturating_add(pad_to(size, true)) > self.segment_size
             }
         };
         let pos = if roll {
@@ -984,31 +1083,18 @@ impl UndoLog {
             let bytes = encode_undo_entry(e, no)?;
             self.create_segment(no, e.first_seq, &bytes)?
         } else {
-            let s = self.segments.last().expect("not rolling: a segment exists");
-            let bytes = encode_undo_entry(e, s.no)?;
-            let off = s.len;
-            let res = s
-                .file
-                .write_all_at(&bytes, off)
-                .and_then(|()| s.file.sync_data());
-            if let Err(err) = res {
-                self.poisoned = true;
-                return Err(UndoError::io(
-                    format!(
-                        "append {} bytes to {} at {off}",
-                        bytes.len(),
-                        s.path.display()
-                    ),
-                    err,
-                ));
-            }
-            let s = self.segments.last_mut().expect("exists");
-            s.len += bytes.len() as u64;
-            s.entries += 1;
-            UndoPosition {
-                segment_no: s.no,
-                offset: off,
-                len: bytes.len() as u64,
+            let no = self
+                .segments
+                .last()
+                .expect("not rolling: a segment exists")
+                .no;
+            let bytes = encode_undo_entry(e, no)?;
+            match self.append_aligned(&bytes) {
+                Ok(pos) => pos,
+                Err(err) => {
+                    self.poisoned = true;
+                    return Err(err);
+                }
             }
         };
         self.push_point(UndoPoint {
@@ -1020,6 +1106,45 @@ impl UndoLog {
         });
         self.next_seq = Some(e.last_seq + 1);
         Ok(pos)
+    }
+
+    /// Writes one encoded entry, zero-padded to [`UNDO_ALIGN`], at the end of the
+    /// last (aligned) segment through its O_DIRECT descriptor, then `fdatasync`s it.
+    fn append_aligned(&mut self, bytes: &[u8]) -> Result<UndoPosition, UndoError> {
+        let padded = pad_to(bytes.len() as u64, true) as usize;
+        let buf = match &mut self.staging {
+            Some(b) if b.len() >= padded => b,
+            slot => slot.insert(AlignedBuf::new_zeroed(padded)),
+        };
+        let out = &mut buf.as_mut_slice()[..padded];
+        out[..bytes.len()].copy_from_slice(bytes);
+        // The padding is part of the format (zeros), not leftovers of an older entry.
+        out[bytes.len()..].fill(0);
+        let s = self.segments.last_mut().expect("caller checked");
+        if s.direct.is_none() {
+            s.direct = Some(open_direct(&s.path)?);
+        }
+        let f = s.direct.as_ref().expect("opened above");
+        let off = s.len;
+        f.write_all_at(out, off)
+            .and_then(|()| f.sync_data())
+            .map_err(|err| {
+                UndoError::io(
+                    format!(
+                        "append {} bytes ({padded} with padding) to {} at {off}",
+                        bytes.len(),
+                        s.path.display()
+                    ),
+                    err,
+                )
+            })?;
+        s.len += padded as u64;
+        s.entries += 1;
+        Ok(UndoPosition {
+            segment_no: s.no,
+            offset: off,
+            len: bytes.len() as u64,
+        })
     }
 
     /// New segment `no` holding its header and first entry: written under
@@ -1036,7 +1161,13 @@ impl UndoLog {
             segment_no: no,
             cluster_id: self.cluster_id,
             first_seq,
+            aligned: true,
         });
+        // Header block and first entry, each zero-padded to UNDO_ALIGN. Creation is
+        // rare (once per segment_size), so this one goes through the page cache.
+        let mut image = vec![0u8; UNDO_ALIGN as usize + pad_to(entry.len() as u64, true) as usize];
+        image[..hdr.len()].copy_from_slice(&hdr);
+        image[UNDO_ALIGN as usize..UNDO_ALIGN as usize + entry.len()].copy_from_slice(entry);
         let res = (|| -> Result<File, UndoError> {
             let _ = fs::remove_file(&tmp);
             let mut f = OpenOptions::new()
@@ -1045,8 +1176,7 @@ impl UndoLog {
                 .create_new(true)
                 .open(&tmp)
                 .map_err(|e| UndoError::io(format!("create {}", tmp.display()), e))?;
-            f.write_all(&hdr)
-                .and_then(|()| f.write_all(entry))
+            f.write_all(&image)
                 .and_then(|()| f.sync_data())
                 .map_err(|e| UndoError::io(format!("write {}", tmp.display()), e))?;
             fs::rename(&tmp, &path).map_err(|e| {
@@ -1067,13 +1197,15 @@ impl UndoLog {
             no,
             path,
             file,
-            len: (UNDO_SEGMENT_HEADER_LEN + entry.len()) as u64,
+            direct: None,
+            aligned: true,
+            len: image.len() as u64,
             first_point: self.points.len(),
             entries: 1,
         });
         Ok(UndoPosition {
             segment_no: no,
-            offset: UNDO_SEGMENT_HEADER_LEN as u64,
+            offset: UNDO_ALIGN,
             len: entry.len() as u64,
         })
     }
@@ -1270,7 +1402,7 @@ impl UndoLog {
         let res = (|| -> Result<(), UndoError> {
             while let Some(s) = self.segments.last() {
                 let whole = s.no > cut.segment_no
-                    || (s.no == cut.segment_no && cut.offset == UNDO_SEGMENT_HEADER_LEN as u64);
+                    || (s.no == cut.segment_no && cut.offset == first_entry_offset(s.aligned));
                 if whole {
                     fs::remove_file(&s.path)
                         .map_err(|e| UndoError::io(format!("remove {}", s.path.display()), e))?;
@@ -1291,6 +1423,7 @@ impl UndoLog {
                             })?;
                         let s = self.segments.last_mut().expect("exists");
                         s.len = cut.offset;
+                        // Descriptors opened before the cut stay valid (same inode).
                         s.entries = i - s.first_point;
                     }
                     break;

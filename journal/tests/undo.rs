@@ -157,10 +157,12 @@ fn golden_zero_extent_bytes() {
 
 #[test]
 fn golden_segment_header() {
+    // Packed layout (segments of earlier versions: readable, never appended to).
     let h = UndoSegmentHeader {
         segment_no: 3,
         cluster_id: CLUSTER,
         first_seq: 10,
+        aligned: false,
     };
     #[rustfmt::skip]
     let expected: [u8; 64] = [
@@ -182,6 +184,27 @@ fn golden_segment_header() {
         decode_undo_segment_header(&[0u8; 64], 3),
         Err(UndoFormatError::Zero)
     );
+    assert_eq!(h.first_entry_offset(), 64);
+
+    // Aligned layout (every segment created now): flag bit 0.
+    let a = UndoSegmentHeader { aligned: true, ..h };
+    let mut aligned = expected;
+    aligned[10] = 1; // flags
+    aligned[60..64].copy_from_slice(&[247, 107, 47, 224]); // header_crc
+    let salted = |b: &[u8]| crc32c::crc32c_append(crc32c::crc32c(&3u64.to_le_bytes()), b);
+    assert_eq!(salted(&aligned[..60]).to_le_bytes(), aligned[60..64]);
+    assert_eq!(encode_undo_segment_header(&a), aligned);
+    assert_eq!(decode_undo_segment_header(&aligned, 3), Ok(a));
+    assert_eq!(a.first_entry_offset(), UNDO_ALIGN);
+    // An unknown flag is refused (a reader must not misplace entries).
+    let mut unknown = aligned;
+    unknown[10] = 3;
+    let crc = salted(&unknown[..60]).to_le_bytes();
+    unknown[60..64].copy_from_slice(&crc);
+    assert!(matches!(
+        decode_undo_segment_header(&unknown, 3),
+        Err(UndoFormatError::Invalid(m)) if m.contains("unknown flags")
+    ));
 }
 
 fn arb_entry() -> impl Strategy<Value = UndoEntry> {
@@ -386,11 +409,13 @@ fn torn_last_entry_truncated_and_only_it() {
     zeroed[n - 10..].fill(0);
     // (c) only part of the header.
     // (d) file extended with zeros.
+    // (e) the whole entry landed but not its padding: the append did not finish.
     for tail in [
         None,
         Some(zeroed),
         Some(full[..30].to_vec()),
         Some(vec![0u8; 500]),
+        Some(full.clone()),
     ] {
         if let Some(t) = tail {
             append_raw(d.path(), 1, &t);
@@ -412,6 +437,100 @@ fn torn_last_entry_truncated_and_only_it() {
     let (log, _) = open(d.path(), 1 << 20);
     assert_eq!(log.points().len(), 6);
     assert_eq!(log.read_entry(&log.points()[5].position).unwrap(), entry(5));
+}
+
+#[test]
+fn entries_are_4k_aligned_and_zero_padded() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut log, _) = open(d.path(), 1 << 20);
+    let sizes = [1usize, 4040, 4041, 4096, 9000, 70_000];
+    let entries: Vec<UndoEntry> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| UndoEntry {
+            first_seq: i as u64 + 1,
+            last_seq: i as u64 + 1,
+            timestamp_ns: i as u64,
+            extents: vec![ext(1, 0, &vec![0xEE; n])],
+            kind: EntryKind::WriteSet,
+        })
+        .collect();
+    for e in &entries {
+        log.append(e).unwrap();
+    }
+    let pts = log.points().to_vec();
+    drop(log);
+    let file = fs::read(seg_path(d.path(), 1)).unwrap();
+    assert_eq!(file.len() % UNDO_ALIGN as usize, 0);
+    // The header block's padding is zero.
+    assert!(file[UNDO_SEGMENT_HEADER_LEN..UNDO_ALIGN as usize]
+        .iter()
+        .all(|&b| b == 0));
+    for (i, p) in pts.iter().enumerate() {
+        assert_eq!(p.position.offset % UNDO_ALIGN, 0, "entry {i}");
+        assert_eq!(p.position.len, 56 + 16 + sizes[i] as u64);
+        let end = (p.position.offset + p.position.len) as usize;
+        let next = pts
+            .get(i + 1)
+            .map_or(file.len(), |q| q.position.offset as usize);
+        assert_eq!(next, end.div_ceil(4096) * 4096, "entry {i} padded to 4 KiB");
+        assert!(file[end..next].iter().all(|&b| b == 0), "entry {i} padding");
+    }
+    let (log, rec) = open(d.path(), 1 << 20);
+    assert_eq!(rec.truncated, None);
+    assert_eq!(log.points(), &pts[..]);
+    for (p, e) in pts.iter().zip(&entries) {
+        assert_eq!(&log.read_entry(&p.position).unwrap(), e);
+    }
+}
+
+#[test]
+fn packed_segments_of_earlier_versions_stay_readable() {
+    // Segment 1 as earlier versions wrote it: no flag, entries back to back.
+    let d = tempfile::tempdir().unwrap();
+    let mut image = encode_undo_segment_header(&UndoSegmentHeader {
+        segment_no: 1,
+        cluster_id: CLUSTER,
+        first_seq: 11,
+        aligned: false,
+    })
+    .to_vec();
+    let mut offsets = Vec::new();
+    for n in 1..=3 {
+        offsets.push(image.len() as u64);
+        image.extend(encode_undo_entry(&entry(n), 1).unwrap());
+    }
+    fs::write(seg_path(d.path(), 1), &image).unwrap();
+
+    let (mut log, rec) = open(d.path(), 1 << 20);
+    assert_eq!((rec.segments, rec.entries, rec.truncated), (1, 3, None));
+    let got: Vec<u64> = log.points().iter().map(|p| p.position.offset).collect();
+    assert_eq!(got, offsets);
+    for (p, n) in log.points().to_vec().iter().zip(1..) {
+        assert_eq!(log.read_entry(&p.position).unwrap(), entry(n));
+    }
+    // The next entry goes to a new, aligned segment; the packed one is untouched.
+    log.append(&entry(4)).unwrap();
+    let p4 = log.points()[3].position;
+    assert_eq!((p4.segment_no, p4.offset), (2, UNDO_ALIGN));
+    assert_eq!(fs::read(seg_path(d.path(), 1)).unwrap(), image);
+    drop(log);
+
+    let (log, rec) = open(d.path(), 1 << 20);
+    assert_eq!((rec.segments, rec.entries), (2, 4));
+    let back: Vec<UndoEntry> = log.entries_after(10).map(|e| e.unwrap()).collect();
+    assert_eq!(back, vec![entry(4), entry(3), entry(2), entry(1)]);
+    // A torn tail of a packed last segment is still cut at the entry boundary.
+    drop(log);
+    fs::remove_file(seg_path(d.path(), 2)).unwrap();
+    let full = encode_undo_entry(&entry(4), 1).unwrap();
+    append_raw(d.path(), 1, &full[..full.len() / 2]);
+    let (log, rec) = open(d.path(), 1 << 20);
+    assert_eq!(
+        rec.truncated.map(|(_, off, _)| off),
+        Some(image.len() as u64)
+    );
+    assert_eq!(log.points().len(), 3);
 }
 
 fn flip(path: &Path, at: u64) {
@@ -664,10 +783,10 @@ fn truncate_after_and_release_before_consistent_across_reopen() {
     assert!(nseg >= 4);
 
     // truncate to a boundary that is the first entry of a segment's predecessor:
-    // find a point whose next entry starts a new segment (offset 64).
+    // find a point whose next entry starts a new segment (offset UNDO_ALIGN).
     let pts = log.points().to_vec();
     let i = (1..pts.len())
-        .find(|&i| pts[i].position.offset == 64 && i > 25)
+        .find(|&i| pts[i].position.offset == UNDO_ALIGN && i > 25)
         .unwrap();
     log.truncate_after(pts[i - 1].seq).unwrap();
     assert_eq!(log.points(), &pts[..i]);

@@ -35,7 +35,7 @@ const LAG_EVERY: Duration = Duration::from_millis(20);
     name = "e2e",
     about = "ferry end-to-end benchmark: fio's nbd engine against nbdkit, qemu-nbd and ferryd clusters",
     after_help = "Jobs:    randwrite-4k-qd1, randwrite-4k-qd32, randread-4k-qd32, write-1m-qd8, write-flush-4k-qd1\n\
-                  Targets: nbdkit, qemu-nbd, ferry, ferry-async, ferry-sync\n"
+                  Targets: nbdkit, qemu-nbd, ferry, ferry-async, ferry-async-nopit, ferry-sync\n"
 )]
 struct Args {
     /// Seconds per job per round [default: 10; --quick: 3].
@@ -75,7 +75,15 @@ struct Args {
 enum Kind {
     Nbdkit,
     QemuNbd,
-    Ferry(Option<&'static str>),
+    /// ferryd primary; with a standby `dr1`: its mode, and whether it keeps an undo
+    /// log (PIT, on by default; off only to show what capture costs).
+    Ferry(Option<(&'static str, Pit)>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pit {
+    On,
+    Off,
 }
 
 #[derive(Debug)]
@@ -104,12 +112,17 @@ const TARGETS: &[TargetDef] = &[
     TargetDef {
         key: "ferry-async",
         label: "ferryd + async standby",
-        kind: Kind::Ferry(Some("async")),
+        kind: Kind::Ferry(Some(("async", Pit::On))),
+    },
+    TargetDef {
+        key: "ferry-async-nopit",
+        label: "ferryd + async, no PIT",
+        kind: Kind::Ferry(Some(("async", Pit::Off))),
     },
     TargetDef {
         key: "ferry-sync",
         label: "ferryd + sync standby",
-        kind: Kind::Ferry(Some("sync")),
+        kind: Kind::Ferry(Some(("sync", Pit::On))),
     },
 ];
 
@@ -383,12 +396,23 @@ fn start_server(
             let bins = bins.context("ferry binaries not located")?;
             let dir = scratch.join(def.key);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let c = FerryCluster::start(bins, &dir, size, JOURNAL_SIZE, mode)?;
+            let c = FerryCluster::start(
+                bins,
+                &dir,
+                size,
+                JOURNAL_SIZE,
+                mode.map(|(m, _)| m),
+                mode.is_none_or(|(_, pit)| pit == Pit::On),
+            )?;
             let command = format!(
                 "ferryctl init --volume vol0:{size} --journal-size {JOURNAL_SIZE}{} + [metrics]; ferryd --config primary.toml{}",
-                mode.map(|m| format!(" --standby dr1=127.0.0.1:P --mode {m}"))
+                mode.map(|(m, _)| format!(" --standby dr1=127.0.0.1:P --mode {m}"))
                     .unwrap_or_default(),
-                if mode.is_some() { " (and dr1.toml)" } else { "" }
+                match mode {
+                    None => "",
+                    Some((_, Pit::On)) => " (and dr1.toml)",
+                    Some((_, Pit::Off)) => " (and dr1.toml + [pit] enabled = false)",
+                }
             );
             Ok(Server {
                 def,
