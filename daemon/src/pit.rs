@@ -878,7 +878,7 @@ impl Pit {
                 if x.zeros > 0 {
                     base.apply(Op::WriteZeroes, x.offset, x.zeros, &[])
                 } else {
-                    base.file.write_all_at(&x.data, x.offset)
+                    base.apply(Op::Write, x.offset, x.len() as u32, &x.data)
                 }
                 .with_context(|| format!("rollback: writing {}", base.path.display()))?;
                 bytes += x.len();
