@@ -577,10 +577,44 @@ async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
     }
 }
 
+/// MTU of the route to `peer` as the kernel knows it (`IP_MTU` of a UDP socket
+/// connected to it; nothing is sent), or `None` if it cannot be read. Bounds QUIC's
+/// path MTU discovery (`TransportOptions::toward`).
+fn route_mtu(peer: SocketAddr) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let bind: SocketAddr = if peer.is_ipv4() {
+        SocketAddr::from(([0u8; 4], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let sock = std::net::UdpSocket::bind(bind).ok()?;
+    sock.connect(peer).ok()?;
+    let (level, name) = if peer.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `mtu`, a c_int we own, on a
+    // socket we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && mtu > 0).then_some(mtu as u32)
+}
+
 /// One connection's life: handshake, then ship until an error.
 async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> anyhow::Result<()> {
     let endpoint = quic::client_endpoint("0.0.0.0:0".parse()?)?;
-    let client = quic::client_config(&ctx.tls, &t.name, &ctx.opts)?;
+    let opts = ctx.opts.clone().toward(addr, route_mtu(addr));
+    let client = quic::client_config(&ctx.tls, &t.name, &opts)?;
     let conn = quic::connect(&endpoint, client, addr, &t.name).await?;
     let journal = ctx.journal.clone();
     let epoch = ctx.local.epoch;
@@ -1079,5 +1113,29 @@ mod tests {
         );
         let (bytes, _) = i.lag_after(0, 20_000_000_000);
         assert_eq!(bytes, 9 * 4096, "lower bound when behind the index front");
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    #[test]
+    fn the_route_mtu_is_the_interface_mtu() {
+        // Loopback's MTU as the kernel reports it for the interface.
+        let lo: u32 = std::fs::read_to_string("/sys/class/net/lo/mtu")
+            .expect("reading /sys/class/net/lo/mtu")
+            .trim()
+            .parse()
+            .expect("lo mtu");
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // An IPv4 packet holds at most 65535 bytes: the route reports lo's MTU capped there.
+        assert_eq!(route_mtu(peer), Some(lo.min(65535)));
+        let opts = TransportOptions::default().toward(peer, route_mtu(peer));
+        assert_eq!(
+            opts.mtu_upper_bound,
+            quic::udp_payload_bound(lo.min(65535), false),
+            "discovery bound from the loopback MTU {lo}"
+        );
     }
 }

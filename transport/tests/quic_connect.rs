@@ -481,3 +481,80 @@ async fn acks_flow_while_a_large_write_set_is_in_flight() {
     })
     .await;
 }
+
+#[test]
+fn datagram_bound_follows_the_route_mtu() {
+    // Ethernet: 1500 - IPv4 (20) - UDP (8); IPv6 headers are 40 bytes.
+    assert_eq!(udp_payload_bound(1500, false), 1472);
+    assert_eq!(udp_payload_bound(1500, true), 1452);
+    // Loopback and jumbo frames: capped so a GSO batch of 10 stays under 64 KiB.
+    assert_eq!(udp_payload_bound(65536, false), MAX_UDP_PAYLOAD);
+    assert_eq!(udp_payload_bound(9000, true), MAX_UDP_PAYLOAD);
+    assert!(10 * u32::from(MAX_UDP_PAYLOAD) < 65_507);
+    // Never below QUIC's minimum.
+    assert_eq!(udp_payload_bound(576, false), 1200);
+    assert_eq!(udp_payload_bound(0, true), 1200);
+    // Unknown route MTU: quinn's default bound.
+    let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    assert_eq!(
+        TransportOptions::default()
+            .toward(peer, None)
+            .mtu_upper_bound,
+        DEFAULT_MTU_UPPER_BOUND
+    );
+    assert_eq!(
+        TransportOptions::default()
+            .toward(peer, Some(65536))
+            .mtu_upper_bound,
+        MAX_UDP_PAYLOAD
+    );
+}
+
+/// On loopback a connection bounded by the route's MTU discovers datagrams larger
+/// than Ethernet's, and data crosses it intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_connections_discover_large_datagrams() {
+    bounded("large datagrams", async {
+        let ca = ClusterCa::generate(CLUSTER_A).expect("CA");
+        let (server, addr) = standby_endpoint(
+            &material(&ca, "dr1"),
+            "primary",
+            &TransportOptions::default(),
+        );
+        let opts = TransportOptions::default().toward(addr, Some(65536));
+        let cfg = client_config(&material(&ca, "primary"), "dr1", &opts).expect("client config");
+        let client = client_endpoint(localhost()).expect("client endpoint");
+        let (c, s) = tokio::join!(connect(&client, cfg, addr, "dr1"), async {
+            accept(&server).await.expect("endpoint open")
+        });
+        let (c, s) = (c.expect("client connection"), s.expect("server connection"));
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let reader = tokio::spawn(async move {
+            let mut r = s.accept_uni().await.expect("accept stream");
+            let got = r.read_to_end(4 << 20).await.expect("read");
+            (got, s)
+        });
+        let mut w = c.open_uni().await.expect("open stream");
+        w.write_all(&data).await.expect("write");
+        w.finish().expect("finish");
+        let (got, _s) = reader.await.expect("reader task");
+        assert!(got == data, "1 MiB crossed intact");
+        // Discovery runs after the handshake; keep the path busy until it is done.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mtu = c.stats().path.current_mtu;
+            if mtu > DEFAULT_MTU_UPPER_BOUND {
+                assert!(mtu <= MAX_UDP_PAYLOAD, "path MTU {mtu} above the bound");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "path MTU still {mtu} after 10 s on loopback (bound {})",
+                opts.mtu_upper_bound
+            );
+            let _ = c.send_datagram(Bytes::from_static(b"ping"));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
