@@ -69,6 +69,11 @@ struct Args {
     /// Keep the scratch directory (configs, logs) after the run.
     #[arg(long)]
     keep: bool,
+    /// Keep the volumes' pages cached between jobs (write back, but no
+    /// POSIX_FADV_DONTNEED): jobs then run on what the prefill and earlier jobs left
+    /// in the page cache, large folios included, as on a volume in use.
+    #[arg(long)]
+    warm: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -519,7 +524,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let files: Vec<PathBuf> = servers.iter().flat_map(|s| s.files.clone()).collect();
-    settle(scratch.path(), &files)?;
+    settle(scratch.path(), &files, !args.warm)?;
     let load_before = loadavg();
     let timeout = Duration::from_secs(runtime + 120);
     // samples[target][job][round]
@@ -542,7 +547,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let cpu0 = cpu_seconds_all(&pids)?;
                 let (fio, lag) = s.run(&spec, timeout)?;
                 let cpu1 = cpu_seconds_all(&pids)?;
-                settle(scratch.path(), &files)?;
+                settle(scratch.path(), &files, !args.warm)?;
                 let sample = Sample {
                     fio,
                     cpu_s: cpu1 - cpu0,
@@ -697,9 +702,14 @@ impl Report {
                 load[1]
             ),
             format!(
-                "fio nbd engine, {} volume, {runtime} s per job, {rounds} round(s), medians; scratch dir {}",
+                "fio nbd engine, {} volume, {runtime} s per job, {rounds} round(s), medians; scratch dir {}{}",
                 human(size),
-                dir.display()
+                dir.display(),
+                if args.warm {
+                    "; page cache kept between jobs (--warm)"
+                } else {
+                    ""
+                }
             ),
             format!(
                 "{fio_v}; nbdkit {}; {}{}",
@@ -838,14 +848,14 @@ impl Report {
 /// the next, and its folios must not shape the next job's cost (after 1M sequential
 /// writes, ext4 on Linux 6.18 holds large folios, and 4k overwrites into them cost ~5x
 /// more CPU in `ext4_block_write_begin`: nbdkit 25k instead of 125k IOPS).
-fn settle(dir: &Path, files: &[PathBuf]) -> anyhow::Result<()> {
+fn settle(dir: &Path, files: &[PathBuf], drop_cache: bool) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     let d = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
     // SAFETY: a valid descriptor we own.
     if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
         return Err(std::io::Error::last_os_error()).context("syncfs on the scratch directory");
     }
-    for f in files {
+    for f in files.iter().filter(|_| drop_cache) {
         let file = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
         // SAFETY: a valid descriptor we own; offset 0, length 0 = the whole file.
         let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
