@@ -662,19 +662,20 @@ impl FerryCluster {
         }
         // The Prometheus endpoint, as the README shows: lag sampling through it does
         // not append an audit line (fsynced) per sample as control requests do.
-        let cfg = dir.join("primary.toml");
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&cfg)
-            .and_then(|mut f| write!(f, "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"))
-            .with_context(|| format!("adding [metrics] to {}", cfg.display()))?;
-        if mode.is_some() && !pit {
-            let cfg = dir.join("dr1.toml");
+        let append = |node: &str, section: String| -> anyhow::Result<()> {
+            let cfg = dir.join(format!("{node}.toml"));
             std::fs::OpenOptions::new()
                 .append(true)
                 .open(&cfg)
-                .and_then(|mut f| write!(f, "\n[pit]\nenabled = false\n"))
-                .with_context(|| format!("turning PIT off in {}", cfg.display()))?;
+                .and_then(|mut f| write!(f, "\n{section}"))
+                .with_context(|| format!("adding {section:?} to {}", cfg.display()))
+        };
+        append(
+            "primary",
+            format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+        )?;
+        if mode.is_some() && !pit {
+            append("dr1", "[pit]\nenabled = false\n".into())?;
         }
 
         let spawn = |node: &str| -> anyhow::Result<Proc> {

@@ -306,17 +306,26 @@ mod tests {
         )
     }
 
+    type Rx = oneshot::Receiver<Result<Released, JournalError>>;
+
+    /// Seqs 1..=3 handed to the gate with `apply_now[i]`: seq 1 at 0, seq 2 at 8192
+    /// (independent), seq 3 at 2048 (overlaps seq 1). Their tasks' receivers.
+    fn three_records(gate: &Arc<ApplyGate>, b: &Arc<Base>, apply_now: [bool; 3]) -> [Rx; 3] {
+        let at = [(1, 0, 1), (2, 8192, 2), (3, 2048, 3)];
+        std::array::from_fn(|i| {
+            let (seq, off, byte) = at[i];
+            let (t, r) = oneshot::channel();
+            gate.ready(guard(gate, b, seq, off, byte), t, apply_now[i]);
+            r
+        })
+    }
+
     #[test]
     fn overlapping_records_apply_in_order_and_prefix_is_contiguous() {
         let dir = tempfile::tempdir().unwrap();
         let b = base(dir.path());
         let gate = ApplyGate::new(0);
-        let (t1, mut r1) = oneshot::channel();
-        let (t2, mut r2) = oneshot::channel();
-        let (t3, mut r3) = oneshot::channel();
-        gate.ready(guard(&gate, &b, 1, 0, 1), t1, false);
-        gate.ready(guard(&gate, &b, 2, 8192, 2), t2, false); // independent
-        gate.ready(guard(&gate, &b, 3, 2048, 3), t3, false); // overlaps seq 1
+        let [mut r1, mut r2, mut r3] = three_records(&gate, &b, [false; 3]);
         let g1 = got(r1.try_recv());
         let g2 = got(r2.try_recv());
         assert!(r3.try_recv().is_err(), "seq 3 must wait for seq 1");
@@ -382,12 +391,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = base(dir.path());
         let gate = ApplyGate::new(0);
-        let (t1, mut r1) = oneshot::channel();
-        let (t2, mut r2) = oneshot::channel();
-        let (t3, mut r3) = oneshot::channel();
-        gate.ready(guard(&gate, &b, 1, 0, 1), t1, false); // held by its task, not applied yet
-        gate.ready(guard(&gate, &b, 2, 8192, 2), t2, true); // independent
-        gate.ready(guard(&gate, &b, 3, 2048, 3), t3, true); // overlaps seq 1
+        // Seq 1 is held by its task, not applied yet.
+        let [mut r1, mut r2, mut r3] = three_records(&gate, &b, [false, true, true]);
         match r2.try_recv() {
             Ok(Ok(Released::Applied(Ok(())))) => {}
             _ => panic!("seq 2 waits for nothing: it must be applied and reported at once"),

@@ -183,7 +183,7 @@ pub(crate) fn zero_range(
     let mut at = offset;
     while at < offset + len {
         let n = (offset + len - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], at)?;
+        write_chunked(file, &zeros[..n], at)?;
         at += n as u64;
     }
     Ok(())

@@ -45,26 +45,39 @@ static DIRECT_IO_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
 /// Opens a segment for writing, with O_DIRECT when the filesystem supports it.
 pub fn open_rw(path: &Path) -> Result<File> {
-    if !DIRECT_IO_UNSUPPORTED.load(Ordering::Relaxed) {
-        match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-        {
-            Ok(f) => return Ok(f),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+    let open = if DIRECT_IO_UNSUPPORTED.load(Ordering::Relaxed) {
+        OpenOptions::new().read(true).write(true).open(path)
+    } else {
+        open_direct_or_buffered(path).map(|(f, direct)| {
+            if !direct {
                 DIRECT_IO_UNSUPPORTED.store(true, Ordering::Relaxed);
                 tracing::warn!(path = %path.display(), "journal: O_DIRECT not supported here; using buffered IO (durability still by fdatasync)");
             }
-            Err(e) => return Err(JournalError::io(format!("open {}", path.display()), e)),
-        }
-    }
-    OpenOptions::new()
+            f
+        })
+    };
+    open.map_err(|e| JournalError::io(format!("open {}", path.display()), e))
+}
+
+/// Opens `path` read-write with O_DIRECT, or without it where the file system refuses
+/// O_DIRECT (EINVAL: older tmpfs, for instance; tmpfs on Linux 6.18 accepts it). The flag says which; the caller logs the
+/// fallback (the journal and the undo log may live on different file systems, so each
+/// learns for itself).
+pub(crate) fn open_direct_or_buffered(path: &Path) -> std::io::Result<(File, bool)> {
+    match OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(libc::O_DIRECT)
         .open(path)
-        .map_err(|e| JournalError::io(format!("open {}", path.display()), e))
+    {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map(|f| (f, false)),
+        Err(e) => Err(e),
+    }
 }
 
 pub fn open_ro(path: &Path) -> Result<File> {

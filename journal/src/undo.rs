@@ -718,25 +718,17 @@ fn sync_dir(dir: &Path) -> Result<(), UndoError> {
 }
 
 /// Opens a segment for appends with O_DIRECT, or buffered where the file system
-/// refuses O_DIRECT (tmpfs, for instance; durability is the same `fdatasync`).
+/// refuses O_DIRECT (older tmpfs, for instance; durability is the same `fdatasync`).
 fn open_direct(path: &Path) -> Result<File, UndoError> {
-    use std::os::unix::fs::OpenOptionsExt;
     static WARNED: std::sync::Once = std::sync::Once::new();
-    match OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(f) => return Ok(f),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => WARNED.call_once(|| {
+    let (f, direct) = crate::segment::open_direct_or_buffered(path)
+        .map_err(|e| UndoError::io(format!("open {}", path.display()), e))?;
+    if !direct {
+        WARNED.call_once(|| {
             tracing::warn!(path = %path.display(), "undo log: O_DIRECT not supported here; appending through the page cache");
-        }),
-        Err(e) => return Err(UndoError::io(format!("open {}", path.display()), e)),
+        });
     }
-    OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| UndoError::io(format!("open {}", path.display()), e))
+    Ok(f)
 }
 
 fn read_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), UndoError> {
@@ -1421,9 +1413,10 @@ impl UndoLog {
                                     e,
                                 )
                             })?;
+                        // Its O_DIRECT descriptor, if open, stays valid (same inode)
+                        // and appends at the new `len`.
                         let s = self.segments.last_mut().expect("exists");
                         s.len = cut.offset;
-                        // Descriptors opened before the cut stay valid (same inode).
                         s.entries = i - s.first_point;
                     }
                     break;

@@ -842,8 +842,8 @@ impl Report {
 }
 
 /// Between jobs, outside the measured window: writes the file system's dirty pages
-/// back (`syncfs`) and drops the volumes' pages from the page cache
-/// (`POSIX_FADV_DONTNEED`), so every job starts alike. The baselines and ferryd's
+/// back (`syncfs`) and, with `drop_cache` (all but `--warm`), drops the volumes' pages
+/// from the page cache (`POSIX_FADV_DONTNEED`), so every job starts alike. The baselines and ferryd's
 /// volumes are written through the page cache: one job's writeback must not land on
 /// the next, and its folios must not shape the next job's cost (after 1M sequential
 /// writes, ext4 on Linux 6.18 holds large folios, and 4k overwrites into them cost ~5x
