@@ -306,6 +306,13 @@ mod tests {
         )
     }
 
+    /// `base`'s file opened read-only: its pwrite fails (EBADF) like a dying disk.
+    fn read_only(dir: &std::path::Path) -> Arc<Base> {
+        let mut ro = Base::open(0, "b", &dir.join("b.img"), 1 << 20).unwrap();
+        ro.file = std::fs::File::open(dir.join("b.img")).unwrap();
+        Arc::new(ro)
+    }
+
     type Rx = oneshot::Receiver<Result<Released, JournalError>>;
 
     /// Seqs 1..=3 handed to the gate with `apply_now[i]`: seq 1 at 0, seq 2 at 8192
@@ -367,10 +374,7 @@ mod tests {
     fn a_failed_base_write_stops_the_prefix_and_fails_the_group() {
         let dir = tempfile::tempdir().unwrap();
         let ok = base(dir.path());
-        // Same file, opened read-only: its pwrite fails (EBADF) like a dying disk.
-        let mut ro = Base::open(0, "b", &dir.path().join("b.img"), 1 << 20).unwrap();
-        ro.file = std::fs::File::open(dir.path().join("b.img")).unwrap();
-        let ro = Arc::new(ro);
+        let ro = read_only(dir.path());
         let gate = ApplyGate::new(0);
         let (t1, mut r1) = oneshot::channel();
         let (t2, mut r2) = oneshot::channel();
@@ -384,6 +388,22 @@ mod tests {
             0,
             "the checkpoint must never pass the failed record (restart replays it)"
         );
+    }
+
+    #[test]
+    fn a_failed_write_on_the_completion_path_reaches_its_task_and_fails_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ = base(dir.path());
+        let ro = read_only(dir.path());
+        let gate = ApplyGate::new(0);
+        let (t, mut r) = oneshot::channel();
+        gate.ready(guard(&gate, &ro, 1, 0, 7), t, true);
+        match r.try_recv() {
+            Ok(Ok(Released::Applied(Err(_)))) => {}
+            _ => panic!("the task must hear the failed write, not a success or a guard"),
+        }
+        assert!(gate.failed(), "the group must refuse further writes");
+        assert_eq!(gate.applied_seq(), 0, "the checkpoint must not pass it");
     }
 
     #[test]
