@@ -199,6 +199,17 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// Summed [`cpu_seconds`] of several processes.
+/// Bytes `pid` has had read from storage (`read_bytes` of `/proc/PID/io`: page-cache
+/// misses and direct reads, not cache hits).
+pub fn storage_read_bytes(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/io");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("read_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no read_bytes in {path}"))
+}
+
 pub fn cpu_seconds_all(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|&p| cpu_seconds(p)).sum()
 }
@@ -626,7 +637,9 @@ const TARGET: &str = "target=\"dr1\"";
 
 impl FerryCluster {
     /// `ferryctl init` in `dir` and start; `mode` None = primary alone. `pit` false
-    /// turns the standby's undo log off (`[pit] enabled = false`).
+    /// turns the standby's undo log off (`[pit] enabled = false`). `standby_storage`:
+    /// move the standby's data directory there (replaced by a symlink, so its
+    /// configuration stays as `ferryctl init` wrote it), e.g. onto another file system.
     pub fn start(
         bins: &FerryBins,
         dir: &Path,
@@ -634,6 +647,7 @@ impl FerryCluster {
         journal_size: &str,
         mode: Option<&str>,
         pit: bool,
+        standby_storage: Option<&Path>,
     ) -> anyhow::Result<FerryCluster> {
         let nbd_port = free_tcp_port()?;
         let metrics_port = free_tcp_port()?;
@@ -676,6 +690,9 @@ impl FerryCluster {
         )?;
         if mode.is_some() && !pit {
             append("dr1", "[pit]\nenabled = false\n".into())?;
+        }
+        if let Some(to) = standby_storage.filter(|_| mode.is_some()) {
+            move_to(&dir.join("dr1"), to)?;
         }
 
         let spawn = |node: &str| -> anyhow::Result<Proc> {
@@ -741,6 +758,13 @@ impl FerryCluster {
         self.procs.iter().map(Proc::pid).collect()
     }
 
+    /// PID of the standby's ferryd, if the cluster has one.
+    pub fn standby_pid(&self) -> Option<u32> {
+        self.standby
+            .then(|| self.procs.get(1).map(Proc::pid))
+            .flatten()
+    }
+
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         self.procs.iter_mut().try_for_each(Proc::check_alive)
     }
@@ -788,6 +812,33 @@ impl FerryCluster {
             Ok(applied >= last && replica >= last)
         })
     }
+}
+
+/// Moves directory `from` into `to` (another file system: `cp -a` keeps sparse files
+/// sparse and modes as they are) and leaves a symlink at `from`.
+fn move_to(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let name = from
+        .file_name()
+        .with_context(|| format!("{} has no name", from.display()))?;
+    let dest = to.join(name);
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(&dest)
+        .output()
+        .context("running cp")?;
+    if !out.status.success() {
+        bail!(
+            "cp -a {} {} failed ({}): {}",
+            from.display(),
+            dest.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    std::fs::remove_dir_all(from).with_context(|| format!("removing {}", from.display()))?;
+    std::os::unix::fs::symlink(&dest, from)
+        .with_context(|| format!("linking {} to {}", from.display(), dest.display()))
 }
 
 /// Replication-lag samples taken while a job runs.
@@ -913,5 +964,29 @@ mod tests {
     #[test]
     fn own_cpu_time_reads() {
         assert!(cpu_seconds(std::process::id()).unwrap() >= 0.0);
+    }
+
+    #[test]
+    fn storage_reads_of_a_process() {
+        // Any number (0 when everything came from the page cache), but a number.
+        storage_read_bytes(std::process::id()).unwrap();
+        let err = storage_read_bytes(u32::MAX).unwrap_err();
+        assert!(format!("{err:#}").contains("/proc/"), "{err:#}");
+    }
+
+    #[test]
+    fn a_directory_moves_to_another_place_behind_a_symlink() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let from = a.path().join("dr1");
+        std::fs::create_dir_all(from.join("journal")).unwrap();
+        std::fs::write(from.join("journal/x"), b"data").unwrap();
+        move_to(&from, b.path()).unwrap();
+        assert!(std::fs::symlink_metadata(&from).unwrap().is_symlink());
+        assert_eq!(
+            std::fs::read(b.path().join("dr1/journal/x")).unwrap(),
+            b"data"
+        );
+        assert_eq!(std::fs::read(from.join("journal/x")).unwrap(), b"data");
     }
 }

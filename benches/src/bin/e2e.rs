@@ -4,20 +4,26 @@
 //! run. `cargo run --release -p ferry-benches --bin e2e [-- --json PATH]`; `--help`
 //! lists the options, jobs and targets; benches/README.md explains the figures.
 //!
+//! Target `ferry-capture-reads` is a control: ferryd alone while a second fio
+//! reads 4 KiB at random from a data file on the same disk, at the rate the async
+//! standby's before-image capture read from storage in the same job and round (it
+//! runs right after `ferry-async`). It shows what those reads alone cost the primary
+//! where a loopback standby shares its disk.
+//!
 //! Each round runs every job against every target (the target order rotates from
 //! round to round, so the host cache's drift hits all of them alike); the table shows
 //! medians over rounds, and each ratio is the median of the per-round ratios to
 //! `nbdkit file`.
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use ferry_benches::harness::{
     check_interrupt, cpu_seconds_all, ensure_fio, ferry_bins, find_on_path, free_tcp_port,
-    install_interrupt_handler, median, percentile, tool_version, wait_port, with_lag_samples,
-    FerryCluster, FioResult, FioSpec, LagSamples, Proc,
+    install_interrupt_handler, median, percentile, storage_read_bytes, tool_version, wait_port,
+    with_lag_samples, FerryCluster, FioResult, FioSpec, LagSamples, Proc,
 };
 use serde_json::{json, Value};
 
@@ -26,6 +32,8 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// ferryd's journal size (`ferryctl init --journal-size`).
 const JOURNAL_SIZE: &str = "2GiB";
 const JOURNAL_BYTES: u64 = 2 << 30;
+/// The standby's undo log size limit (`pit.max_bytes`, 4 GiB by default).
+const UNDO_BYTES: u64 = 4 << 30;
 /// How often the standby's replication lag is sampled during a write job. A scrape
 /// costs ferryd ~0.2 ms of CPU, so this adds ~1% of a core to the ferry figures.
 const LAG_EVERY: Duration = Duration::from_millis(20);
@@ -35,7 +43,8 @@ const LAG_EVERY: Duration = Duration::from_millis(20);
     name = "e2e",
     about = "ferry end-to-end benchmark: fio's nbd engine against nbdkit, qemu-nbd and ferryd clusters",
     after_help = "Jobs:    randwrite-4k-qd1, randwrite-4k-qd32, randread-4k-qd32, write-1m-qd8, write-flush-4k-qd1\n\
-                  Targets: nbdkit, qemu-nbd, ferry, ferry-async, ferry-async-nopit, ferry-sync\n"
+                  Targets: nbdkit, qemu-nbd, ferry, ferry-async, ferry-async-nopit, ferry-sync,\n\
+                           ferry-capture-reads (needs ferry-async), ferry-async-tmpfs\n"
 )]
 struct Args {
     /// Seconds per job per round [default: 10; --quick: 3].
@@ -80,15 +89,28 @@ struct Args {
 enum Kind {
     Nbdkit,
     QemuNbd,
-    /// ferryd primary; with a standby `dr1`: its mode, and whether it keeps an undo
-    /// log (PIT, on by default; off only to show what capture costs).
-    Ferry(Option<(&'static str, Pit)>),
+    /// ferryd primary, with or without a standby `dr1`.
+    Ferry(Option<Standby>),
+    /// Control: ferryd primary alone while the async standby's storage reads of the
+    /// same job and round are replayed beside it (see the module docs).
+    FerryCaptureReads,
 }
 
+/// The standby of a ferry target.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Pit {
-    On,
-    Off,
+struct Standby {
+    /// `--mode` of `ferryctl init`: "async" or "sync".
+    mode: &'static str,
+    /// An undo log (PIT): on by default; off only to show what capture costs.
+    pit: bool,
+    /// Its whole data directory on tmpfs (`/dev/shm`) instead of the scratch disk: a
+    /// control that shows the primary with a standby whose storage is not its own
+    /// disk (the two cores stay shared).
+    tmpfs: bool,
+}
+
+const fn standby(mode: &'static str, pit: bool, tmpfs: bool) -> Option<Standby> {
+    Some(Standby { mode, pit, tmpfs })
 }
 
 #[derive(Debug)]
@@ -117,19 +139,35 @@ const TARGETS: &[TargetDef] = &[
     TargetDef {
         key: "ferry-async",
         label: "ferryd + async standby",
-        kind: Kind::Ferry(Some(("async", Pit::On))),
+        kind: Kind::Ferry(standby("async", true, false)),
     },
     TargetDef {
         key: "ferry-async-nopit",
         label: "ferryd + async, no PIT",
-        kind: Kind::Ferry(Some(("async", Pit::Off))),
+        kind: Kind::Ferry(standby("async", false, false)),
     },
     TargetDef {
         key: "ferry-sync",
         label: "ferryd + sync standby",
-        kind: Kind::Ferry(Some(("sync", Pit::On))),
+        kind: Kind::Ferry(standby("sync", true, false)),
+    },
+    TargetDef {
+        key: "ferry-async-tmpfs",
+        label: "async, standby on tmpfs",
+        kind: Kind::Ferry(standby("async", true, true)),
+    },
+    TargetDef {
+        key: "ferry-capture-reads",
+        label: "ferryd alone + async's reads",
+        kind: Kind::FerryCaptureReads,
     },
 ];
+
+/// Where `ferry-async-tmpfs` keeps its standby.
+const TMPFS: &str = "/dev/shm";
+
+/// 4 KiB random reads at the rate the async standby read from storage.
+const REPLAY_BLOCK: u64 = 4096;
 
 #[derive(Debug)]
 struct JobDef {
@@ -193,8 +231,14 @@ struct Server {
     ferry: Option<FerryCluster>,
     /// The command line, for the report.
     command: String,
-    /// The volume's backing files (ferry: the primary's and the standby's).
+    /// The volume's backing files (ferry: the primary's and the standby's; the
+    /// control: also its data file to read).
     files: Vec<PathBuf>,
+    /// `ferry-capture-reads`: the data file its replayed reads read.
+    replay_file: Option<PathBuf>,
+    /// A standby on tmpfs: its directory there, removed after `ferry` (declared
+    /// before it) has stopped.
+    _tmpfs: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -217,18 +261,42 @@ impl Server {
     }
 
     /// Runs `spec` and waits for ferry to apply and replicate everything it wrote.
+    /// `replay`: 4 KiB reads per second to issue beside it from `replay_file`. Also
+    /// returns the standby's storage reads during fio, in 4 KiB per second.
     fn run(
         &mut self,
         spec: &FioSpec,
         timeout: Duration,
-    ) -> anyhow::Result<(FioResult, LagSamples)> {
+        replay: Option<f64>,
+    ) -> anyhow::Result<(FioResult, LagSamples, Option<f64>)> {
         let uri = self.uri.clone();
+        let mut reader = match (replay, &self.replay_file) {
+            (Some(rate), Some(file)) if rate >= 1.0 => Some(start_reader(file, rate, spec)?),
+            _ => None,
+        };
+        let standby = self.ferry.as_ref().and_then(FerryCluster::standby_pid);
+        let reads0 = standby.map(storage_read_bytes).transpose()?;
+        let started = Instant::now();
         let r = match &self.ferry {
             Some(c) if c.standby && spec.is_write() => {
                 with_lag_samples(c.metrics_port, LAG_EVERY, || spec.run(&uri, timeout))
             }
             _ => spec.run(&uri, timeout).map(|r| (r, LagSamples::default())),
         };
+        let secs = started.elapsed().as_secs_f64();
+        let reads = match (standby, reads0) {
+            (Some(pid), Some(r0)) if r.is_ok() => {
+                let r1 = storage_read_bytes(pid)?;
+                Some(r1.saturating_sub(r0) as f64 / REPLAY_BLOCK as f64 / secs)
+            }
+            _ => None,
+        };
+        // A reader that stopped early would make the control measure nothing.
+        if let Some(p) = reader.as_mut() {
+            p.check_alive()
+                .context("the replayed reads stopped before the job ended")?;
+        }
+        drop(reader);
         if r.is_err() {
             // A dead server explains a failed fio better than fio does (give one that
             // is shutting down a moment to exit).
@@ -238,14 +306,76 @@ impl Server {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        let r = r.with_context(|| format!("fio against {}", self.def.label))?;
+        let (fio, lag) = r.with_context(|| format!("fio against {}", self.def.label))?;
         if let Some(c) = &mut self.ferry {
             c.drain(Duration::from_secs(300))
                 .with_context(|| format!("{} after fio", self.def.label))?;
         }
         self.check_alive()?;
-        Ok(r)
+        Ok((fio, lag, reads.or(replay)))
     }
+}
+
+/// The order in which round `round` runs the `n` targets: rotated by one per round,
+/// so drift over the run hits every target alike; the control `replay` (if any) right
+/// after `after`, whose reads of the same round it replays.
+fn round_order(n: usize, round: usize, replay: Option<usize>, after: Option<usize>) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).map(|k| (k + round) % n).collect();
+    if let (Some(r), Some(a)) = (replay, after) {
+        order.retain(|&t| t != r);
+        let at = order
+            .iter()
+            .position(|&t| t == a)
+            .map_or(order.len(), |p| p + 1);
+        order.insert(at, r);
+    }
+    order
+}
+
+/// Starts the control's reader: fio reading 4 KiB blocks of `file` at random, O_DIRECT
+/// (every read reaches the disk, as the standby's capture reads of cold blocks do),
+/// `rate` per second, for longer than `spec` runs; stopped by its PID when dropped.
+/// O_DIRECT spends less CPU than the standby's buffered reads, so the control shows
+/// the disk's share of the cost, not more.
+fn start_reader(file: &Path, rate: f64, spec: &FioSpec) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--name=capture-reads",
+        "--rw=randread",
+        "--bs=4k",
+        "--direct=1",
+        "--ioengine=io_uring",
+        "--iodepth=8",
+        "--time_based",
+        "--output=/dev/null",
+    ])
+    .arg(format!("--filename={}", file.display()))
+    .arg(format!("--rate_iops={}", rate.round() as u64))
+    .arg(format!("--runtime={}", spec.runtime.unwrap_or(600) + 60));
+    let p = Proc::spawn("fio (replayed capture reads)", cmd, None)?;
+    // Let it reach its rate before the measured job starts.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(p)
+}
+
+/// Writes `size` bytes of data (not zeros: a hole reads nothing from disk) to `file`.
+fn write_data_file(file: &Path, size: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f =
+        std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
+    let mut block = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        for (i, b) in block.iter_mut().enumerate() {
+            *b = (i as u64 ^ off.rotate_left(17)) as u8 | 1;
+        }
+        let n = (size - off).min(block.len() as u64) as usize;
+        f.write_all(&block[..n])
+            .with_context(|| format!("writing {}", file.display()))?;
+        off += n as u64;
+    }
+    f.sync_all()
+        .with_context(|| format!("syncing {}", file.display()))
 }
 
 /// One job against one target in one round.
@@ -256,6 +386,9 @@ struct Sample {
     lag_p99_s: Option<f64>,
     lag_samples: usize,
     degraded: bool,
+    /// Standby targets: its storage reads in 4 KiB per second; the control: the
+    /// rate it replayed.
+    reads_per_s: Option<f64>,
 }
 
 impl Sample {
@@ -395,31 +528,54 @@ fn start_server(
                 ferry: None,
                 command,
                 files: vec![file],
+                replay_file: None,
+                _tmpfs: None,
             })
         }
-        Kind::Ferry(mode) => {
+        Kind::Ferry(_) | Kind::FerryCaptureReads => {
+            let sb = match def.kind {
+                Kind::Ferry(sb) => sb,
+                _ => None,
+            };
             let bins = bins.context("ferry binaries not located")?;
             let dir = scratch.join(def.key);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let tmpfs = sb
+                .filter(|sb| sb.tmpfs)
+                .map(|_| {
+                    tempfile::Builder::new()
+                        .prefix("ferry-e2e-")
+                        .tempdir_in(TMPFS)
+                        .with_context(|| format!("creating a directory in {TMPFS}"))
+                })
+                .transpose()?;
             let c = FerryCluster::start(
                 bins,
                 &dir,
                 size,
                 JOURNAL_SIZE,
-                mode.map(|(m, _)| m),
-                mode.is_none_or(|(_, pit)| pit == Pit::On),
+                sb.map(|sb| sb.mode),
+                sb.is_none_or(|sb| sb.pit),
+                tmpfs.as_ref().map(|t| t.path()),
             )?;
             let command = format!(
                 "ferryctl init --volume vol0:{size} --journal-size {JOURNAL_SIZE}{} + [metrics]; ferryd --config primary.toml{}",
-                mode.map(|(m, _)| format!(" --standby dr1=127.0.0.1:P --mode {m}"))
+                sb.map(|sb| format!(" --standby dr1=127.0.0.1:P --mode {}", sb.mode))
                     .unwrap_or_default(),
-                match mode {
-                    None => "",
-                    Some((_, Pit::On)) => " (and dr1.toml)",
-                    Some((_, Pit::Off)) => " (and dr1.toml + [pit] enabled = false)",
+                match sb {
+                    None => String::new(),
+                    Some(sb) => format!(
+                        " (and dr1.toml{}{})",
+                        if sb.pit { "" } else { " + [pit] enabled = false" },
+                        if sb.tmpfs {
+                            format!("; dr1/ moved to {TMPFS}")
+                        } else {
+                            String::new()
+                        }
+                    ),
                 }
             );
-            Ok(Server {
+            let mut s = Server {
                 def,
                 uri: c.uri(),
                 proc: None,
@@ -430,7 +586,21 @@ fn start_server(
                     .map(|n| dir.join(n).join("vol0.img"))
                     .filter(|p| p.exists())
                     .collect(),
-            })
+                replay_file: None,
+                _tmpfs: tmpfs,
+            };
+            if def.kind == Kind::FerryCaptureReads {
+                let file = scratch.join(format!("{}.data", def.key));
+                write_data_file(&file, size)?;
+                s.command = format!(
+                    "{}; beside each job: fio --rw=randread --bs=4k --direct=1 --ioengine=io_uring --iodepth=8 --rate_iops=<ferry-async's standby reads/s> on a {} data file",
+                    s.command,
+                    human(size)
+                );
+                s.files.push(file.clone());
+                s.replay_file = Some(file);
+            }
+            Ok(s)
         }
     }
 }
@@ -450,6 +620,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     let jobs = pick(JOBS, |j| j.key, &args.jobs, "job")?;
     let targets = pick(TARGETS, |t| t.key, &args.targets, "target")?;
 
+    let async_key = "ferry-async";
+    let replay_ti = targets
+        .iter()
+        .position(|t| t.kind == Kind::FerryCaptureReads);
+    let async_ti = targets.iter().position(|t| t.key == async_key);
+    if replay_ti.is_some() && async_ti.is_none() {
+        bail!("ferry-capture-reads replays the reads of {async_key}: list both in --targets");
+    }
     ensure_fio()?;
     for (kind, tool, pkg) in [
         (Kind::Nbdkit, "nbdkit", "nbdkit"),
@@ -462,7 +640,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let ferry_nodes: u64 = targets
         .iter()
         .map(|t| match t.kind {
-            Kind::Ferry(None) => 1,
+            Kind::Ferry(None) | Kind::FerryCaptureReads => 1,
             Kind::Ferry(Some(_)) => 2,
             _ => 0,
         })
@@ -479,15 +657,39 @@ fn run(args: Args) -> anyhow::Result<()> {
         .or_else(|| std::env::var_os("TMPDIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/var/tmp"));
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    // A file of the volume's size each: nbdkit's, qemu-nbd's, the control's data file.
     let baselines = targets
         .iter()
         .filter(|t| !matches!(t.kind, Kind::Ferry(_)))
         .count() as u64;
-    let need = baselines * size + ferry_nodes * (size + JOURNAL_BYTES);
+    // Nodes on the scratch disk (a standby on tmpfs is not), and undo logs there.
+    let (disk_nodes, disk_undo) = targets.iter().fold((0u64, 0u64), |(n, u), t| match t.kind {
+        Kind::Ferry(Some(sb)) if sb.tmpfs => (n + 1, u),
+        Kind::Ferry(Some(sb)) => (n + 2, u + u64::from(sb.pit)),
+        Kind::Ferry(None) | Kind::FerryCaptureReads => (n + 1, u),
+        _ => (n, u),
+    });
+    let need = baselines * size + disk_nodes * (size + JOURNAL_BYTES) + disk_undo * UNDO_BYTES;
+    let on_tmpfs = targets
+        .iter()
+        .filter(|t| matches!(t.kind, Kind::Ferry(Some(sb)) if sb.tmpfs))
+        .count() as u64;
+    if on_tmpfs > 0 {
+        // Volume, journal and the undo log's default capacity, per standby.
+        let want = on_tmpfs * (size + JOURNAL_BYTES + UNDO_BYTES);
+        match free_bytes(Path::new(TMPFS)) {
+            Some(free) if free >= want => {}
+            free => bail!(
+                "{TMPFS} has {} free; a standby on tmpfs needs up to {:.1} GiB: leave ferry-async-tmpfs out or use --size",
+                free.map_or("unknown".into(), |f| format!("{:.1} GiB", f as f64 / GIB)),
+                want as f64 / GIB
+            ),
+        }
+    }
     if let Some(free) = free_bytes(&base) {
         if free < need + (1 << 30) {
             bail!(
-                "{} has {:.1} GiB free; this run needs up to {:.1} GiB (volumes and journals): use --dir, --size or --targets",
+                "{} has {:.1} GiB free; this run needs up to {:.1} GiB (volumes, journals, undo logs): use --dir, --size or --targets",
                 base.display(),
                 free as f64 / GIB,
                 need as f64 / GIB
@@ -519,7 +721,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             runtime: None,
             size,
         };
-        s.run(&fill, Duration::from_secs(600))
+        s.run(&fill, Duration::from_secs(600), None)
             .context("prefilling the volume")?;
     }
 
@@ -539,13 +741,20 @@ fn run(args: Args) -> anyhow::Result<()> {
                 runtime: Some(runtime),
                 size,
             };
-            for k in 0..servers.len() {
+            let order = round_order(servers.len(), round, replay_ti, async_ti);
+            for ti in order {
                 check_interrupt()?;
-                let ti = (k + round) % servers.len();
+                let replay = if Some(ti) == replay_ti {
+                    async_ti
+                        .and_then(|a| samples[a][ji].last())
+                        .and_then(|s: &Sample| s.reads_per_s)
+                } else {
+                    None
+                };
                 let s = &mut servers[ti];
                 let pids = s.pids();
                 let cpu0 = cpu_seconds_all(&pids)?;
-                let (fio, lag) = s.run(&spec, timeout)?;
+                let (fio, lag, reads_per_s) = s.run(&spec, timeout, replay)?;
                 let cpu1 = cpu_seconds_all(&pids)?;
                 settle(scratch.path(), &files, !args.warm)?;
                 let sample = Sample {
@@ -554,9 +763,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                     lag_p99_s: percentile(&lag.seconds, 99.0),
                     lag_samples: lag.seconds.len(),
                     degraded: lag.degraded,
+                    reads_per_s,
                 };
                 eprintln!(
-                    "round {}/{rounds} {:<20} {:<24} {:>9.0} IOPS {:>8.1} MiB/s  p99 {:>7.0} us  {:.2} CPU s/GiB{}{}",
+                    "round {}/{rounds} {:<20} {:<24} {:>9.0} IOPS {:>8.1} MiB/s  p99 {:>7.0} us  {:.2} CPU s/GiB{}{}{}",
                     round + 1,
                     job.label,
                     s.def.label,
@@ -569,6 +779,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                         .map(|l| format!("  lag p99 {:.1} ms", l * 1e3))
                         .unwrap_or_default(),
                     if sample.degraded { "  (sync target degraded)" } else { "" },
+                    sample
+                        .reads_per_s
+                        .map(|r| format!("  standby reads {r:.0}/s"))
+                        .unwrap_or_default(),
                 );
                 samples[ti][ji].push(sample);
             }
@@ -613,6 +827,7 @@ struct Row {
     cpu_per_gib: f64,
     lag_p99_ms: Option<f64>,
     degraded: bool,
+    reads_per_s: Option<f64>,
     /// Median per-round ratios to nbdkit file: throughput, p50, p99, CPU/GiB, flush p99.
     vs_nbdkit: Option<[f64; 5]>,
 }
@@ -673,6 +888,7 @@ impl Report {
                     cpu_per_gib: m(&|s| s.cpu_per_gib()),
                     lag_p99_ms: mo(&|s| s.lag_p99_s).map(|l| l * 1e3),
                     degraded: v.iter().any(|s| s.degraded),
+                    reads_per_s: mo(&|s| s.reads_per_s),
                     vs_nbdkit,
                 });
             }
@@ -759,6 +975,7 @@ impl Report {
                     "cpu_s_per_gib": f(r.cpu_per_gib),
                     "replication_lag_p99_ms": fo(r.lag_p99_ms),
                     "sync_target_degraded": r.degraded,
+                    "standby_reads_per_s": fo(r.reads_per_s),
                     "vs_nbdkit": r.vs_nbdkit.map(|x| json!({
                         "throughput": f(x[0]), "p50": f(x[1]), "p99": f(x[2]),
                         "cpu_s_per_gib": f(x[3]), "flush_p99": f(x[4]),
@@ -775,6 +992,7 @@ impl Report {
                         "replication_lag_p99_ms": fo(s.lag_p99_s.map(|l| l * 1e3)),
                         "lag_samples": s.lag_samples,
                         "sync_target_degraded": s.degraded,
+                        "standby_reads_per_s": fo(s.reads_per_s),
                     })).collect::<Vec<_>>(),
                 })
             }).collect::<Vec<_>>(),
@@ -795,15 +1013,15 @@ impl Report {
             o.push_str("  \n");
         }
         o.push('\n');
-        o.push_str("| job | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | lag p99 ms | × nbdkit IOPS | × p99 | × CPU/GiB |\n");
-        o.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        o.push_str("| job | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | lag p99 ms | standby reads/s | × nbdkit IOPS | × p99 | × CPU/GiB |\n");
+        o.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.rows {
             let (x_thr, x_p99, x_cpu) = match r.vs_nbdkit {
                 Some(x) => (num(x[0], 2), num(x[2], 2), num(x[3], 2)),
                 None => ("".into(), "".into(), "".into()),
             };
             o.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {}{} | {x_thr} | {x_p99} | {x_cpu} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {x_thr} | {x_p99} | {x_cpu} |\n",
                 self.jobs[r.job].label,
                 self.labels[r.target],
                 num(r.iops, 0),
@@ -813,6 +1031,7 @@ impl Report {
                 num(r.cpu_per_gib, 2),
                 r.lag_p99_ms.map(|l| num(l, 1)).unwrap_or_default(),
                 if r.degraded { " (degraded)" } else { "" },
+                r.reads_per_s.map(|x| num(x, 0)).unwrap_or_default(),
             ));
         }
         let flush: Vec<&Row> = self
@@ -929,6 +1148,23 @@ mod tests {
         assert!(parse_size("1KiB").is_err());
         assert!(parse_size("1.5GiB").is_err());
         assert!(parse_size("1 PB").is_err());
+    }
+
+    #[test]
+    fn the_control_runs_right_after_the_target_it_replays() {
+        assert_eq!(round_order(3, 0, None, None), [0, 1, 2]);
+        assert_eq!(round_order(3, 1, None, None), [1, 2, 0]);
+        for round in 0..5 {
+            let order = round_order(5, round, Some(2), Some(1));
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, [0, 1, 2, 3, 4], "round {round}: {order:?}");
+            let a = order.iter().position(|&t| t == 1).unwrap();
+            assert_eq!(order[a + 1], 2, "round {round}: {order:?}");
+        }
+        // The rotation still moves the others: round 1 starts with target 1.
+        assert_eq!(round_order(5, 1, Some(2), Some(1)), [1, 2, 3, 4, 0]);
+        assert_eq!(round_order(5, 4, Some(2), Some(1)), [4, 0, 1, 2, 3]);
     }
 
     #[test]
