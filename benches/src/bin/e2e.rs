@@ -4,11 +4,12 @@
 //! run. `cargo run --release -p ferry-benches --bin e2e [-- --json PATH]`; `--help`
 //! lists the options, jobs and targets; benches/README.md explains the figures.
 //!
-//! Target `ferry-capture-reads` is a control: ferryd alone while a second fio
+//! Two controls run only when `--targets` names them, to show what a loopback standby
+//! costs the primary by sharing its disk. `ferry-async-tmpfs` is the async standby
+//! with its data on tmpfs. `ferry-capture-reads` is ferryd alone while a second fio
 //! reads 4 KiB at random from a data file on the same disk, at the rate the async
 //! standby's before-image capture read from storage in the same job and round (it
-//! runs right after `ferry-async`). It shows what those reads alone cost the primary
-//! where a loopback standby shares its disk.
+//! runs right after `ferry-async`).
 //!
 //! Each round runs every job against every target (the target order rotates from
 //! round to round, so the host cache's drift hits all of them alike); the table shows
@@ -43,8 +44,8 @@ const LAG_EVERY: Duration = Duration::from_millis(20);
     name = "e2e",
     about = "ferry end-to-end benchmark: fio's nbd engine against nbdkit, qemu-nbd and ferryd clusters",
     after_help = "Jobs:    randwrite-4k-qd1, randwrite-4k-qd32, randread-4k-qd32, write-1m-qd8, write-flush-4k-qd1\n\
-                  Targets: nbdkit, qemu-nbd, ferry, ferry-async, ferry-async-nopit, ferry-sync,\n\
-                           ferry-capture-reads (needs ferry-async), ferry-async-tmpfs\n"
+                  Targets: nbdkit, qemu-nbd, ferry, ferry-async, ferry-async-nopit, ferry-sync (default: all);\n\
+                  controls, only when named: ferry-capture-reads (needs ferry-async), ferry-async-tmpfs\n"
 )]
 struct Args {
     /// Seconds per job per round [default: 10; --quick: 3].
@@ -94,6 +95,17 @@ enum Kind {
     /// Control: ferryd primary alone while the async standby's storage reads of the
     /// same job and round are replayed beside it (see the module docs).
     FerryCaptureReads,
+}
+
+impl Kind {
+    /// A control (see the module docs): run only when `--targets` names it.
+    fn is_control(self) -> bool {
+        match self {
+            Kind::FerryCaptureReads => true,
+            Kind::Ferry(Some(sb)) => sb.tmpfs,
+            _ => false,
+        }
+    }
 }
 
 /// The standby of a ferry target.
@@ -618,7 +630,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or(if args.quick { "256MiB" } else { "1GiB" }),
         )?;
     let jobs = pick(JOBS, |j| j.key, &args.jobs, "job")?;
-    let targets = pick(TARGETS, |t| t.key, &args.targets, "target")?;
+    // The controls run only when named: they add disk, tmpfs and time.
+    let targets = if args.targets.is_empty() {
+        TARGETS.iter().filter(|t| !t.kind.is_control()).collect()
+    } else {
+        pick(TARGETS, |t| t.key, &args.targets, "target")?
+    };
 
     let async_key = "ferry-async";
     let replay_ti = targets
