@@ -579,7 +579,8 @@ async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
 
 /// MTU of the route to `peer` as the kernel knows it (`IP_MTU` of a UDP socket
 /// connected to it; nothing is sent), or `None` if it cannot be read. Bounds QUIC's
-/// path MTU discovery (`TransportOptions::toward`).
+/// path MTU discovery (`TransportOptions::toward`). Here, not in `ferry-transport`:
+/// that crate forbids unsafe code, and neither std nor socket2 reads `IP_MTU`.
 fn route_mtu(peer: SocketAddr) -> Option<u32> {
     use std::os::fd::AsRawFd;
     let bind: SocketAddr = if peer.is_ipv4() {

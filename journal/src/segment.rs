@@ -60,9 +60,9 @@ pub fn open_rw(path: &Path) -> Result<File> {
 }
 
 /// Opens `path` read-write with O_DIRECT, or without it where the file system refuses
-/// O_DIRECT (EINVAL: older tmpfs, for instance; tmpfs on Linux 6.18 accepts it). The flag says which; the caller logs the
-/// fallback (the journal and the undo log may live on different file systems, so each
-/// learns for itself).
+/// O_DIRECT (EINVAL: older tmpfs, for instance; tmpfs on Linux 6.18 accepts it). The
+/// flag says which; the caller logs the fallback (the journal and the undo log may
+/// live on different file systems, so each learns for itself).
 pub(crate) fn open_direct_or_buffered(path: &Path) -> std::io::Result<(File, bool)> {
     match OpenOptions::new()
         .read(true)

@@ -275,6 +275,18 @@ pub struct UndoEntry {
     pub kind: EntryKind,
 }
 
+impl UndoEntry {
+    /// Bytes of the encoded entry: header, then each extent's header and stored bytes.
+    pub fn encoded_len(&self) -> u64 {
+        UNDO_ENTRY_HEADER_LEN as u64
+            + self
+                .extents
+                .iter()
+                .map(|x| UNDO_EXTENT_HEADER_LEN as u64 + x.stored_len())
+                .sum::<u64>()
+    }
+}
+
 /// File offsets (in the entry's segment file) of the before-image bytes of each
 /// extent of `entry`, read at `pos`; `None` for zero extents. Lets a reader serve
 /// parts of a verified entry with plain `pread`s instead of decoding it again.
@@ -565,7 +577,6 @@ pub fn encode_undo_entry(e: &UndoEntry, segment_no: u64) -> Result<Vec<u8>, Undo
     if !valid_range(e.first_seq, e.last_seq) {
         return bad(format!("seq range {}..={}", e.first_seq, e.last_seq));
     }
-    let mut body_len: u64 = 0;
     for (i, x) in e.extents.iter().enumerate() {
         if (x.zeros > 0) != x.data.is_empty() || x.len() > UNDO_MAX_EXTENT_LEN as u64 {
             return bad(format!(
@@ -577,8 +588,8 @@ pub fn encode_undo_entry(e: &UndoEntry, segment_no: u64) -> Result<Vec<u8>, Undo
         if x.offset.checked_add(x.len()).is_none() {
             return bad(format!("extent {i} offset {} overflows", x.offset));
         }
-        body_len += UNDO_EXTENT_HEADER_LEN as u64 + x.stored_len();
     }
+    let body_len = e.encoded_len() - UNDO_ENTRY_HEADER_LEN as u64;
     if body_len > UNDO_MAX_BODY {
         return bad(format!("body {body_len} bytes exceeds {UNDO_MAX_BODY}"));
     }
@@ -1065,9 +1076,8 @@ impl UndoLog {
             // Packed segments (earlier versions) are read, never appended to.
             Some(s) if !s.aligned => true,
             Some(s) => {
-                let size = UNDO_ENTRY_HEADER_LEN as u64
-                    + e.extents.iter().map(|x| 16 + x.stored_len()).sum::<u64>();
-                s.entries > 0 && s.len.saturating_add(pad_to(size, true)) > self.segment_size
+                let size = pad_to(e.encoded_len(), true);
+                s.entries > 0 && s.len.saturating_add(size) > self.segment_size
             }
         };
         let pos = if roll {

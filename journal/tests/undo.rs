@@ -253,6 +253,8 @@ proptest! {
         let b = encode_undo_entry(&e, seg).unwrap();
         let (back, n) = decode_undo_entry(&Bytes::from(b.clone()), seg).unwrap();
         prop_assert_eq!(n as usize, b.len());
+        // What `append` sizes segments by.
+        prop_assert_eq!(e.encoded_len(), b.len() as u64);
         prop_assert_eq!(back, e);
     }
 
