@@ -298,7 +298,10 @@ impl Server {
         let secs = started.elapsed().as_secs_f64();
         let reads = match (standby, reads0) {
             (Some(pid), Some(r0)) if r.is_ok() => {
-                let r1 = storage_read_bytes(pid)?;
+                // A standby that died reads as itself, with its log, not as /proc.
+                self.check_alive()?;
+                let r1 = storage_read_bytes(pid)
+                    .with_context(|| format!("{}: the standby's reads", self.def.label))?;
                 Some(r1.saturating_sub(r0) as f64 / REPLAY_BLOCK as f64 / secs)
             }
             _ => None,
