@@ -29,6 +29,7 @@
 //! uses positional IO (`pread`/`pwrite`) on bases, so that is harmless.
 //!
 //! Synchronous std IO only; no async.
+use ferry_codec::{rd_u32, rd_u64};
 use std::fs::File;
 use std::io;
 use std::ops::Range;
@@ -566,18 +567,6 @@ impl ChunkList {
 /// CRC32C of header bytes 0..44, continued over the body (bytes 48..).
 fn list_crc(b: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&b[0..44]), &b[LIST_HEADER_LEN..])
-}
-
-fn rd_u32(b: &[u8], at: usize) -> u32 {
-    let mut x = [0u8; 4];
-    x.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(x)
-}
-
-fn rd_u64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
 }
 
 // ---------------------------------------------------------------- diff

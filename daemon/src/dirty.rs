@@ -33,6 +33,7 @@
 //! * One owner per file: nothing here locks the file against a second process.
 //!
 //! Synchronous std IO only; no async.
+use ferry_codec::{rd_u16, rd_u32, rd_u64};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -614,24 +615,6 @@ fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
     let crc = crc32c::crc32c(&b[0..60]);
     b[60..64].copy_from_slice(&crc.to_le_bytes());
     b
-}
-
-fn rd_u16(b: &[u8], at: usize) -> u16 {
-    let mut x = [0u8; 2];
-    x.copy_from_slice(&b[at..at + 2]);
-    u16::from_le_bytes(x)
-}
-
-fn rd_u32(b: &[u8], at: usize) -> u32 {
-    let mut x = [0u8; 4];
-    x.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(x)
-}
-
-fn rd_u64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
 }
 
 /// Checks in this order: magic, header CRC, version, fields. The CRC comes before the

@@ -23,6 +23,7 @@
 //! without a copy.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use ferry_codec::{rd_u16, rd_u32, rd_u64};
 use thiserror::Error;
 
 /// Global journal sequence number (one sequence for all volumes of a daemon).
@@ -1047,18 +1048,6 @@ pub struct FrameHeader {
     pub payload_crc: u32,
 }
 
-fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 /// Parses and checks a frame header. Checks run in the order that makes each
 /// later field trustworthy: magic (is this ours at all), header CRC (are the
 /// other fields intact), then version, type, flags and length.
@@ -1069,11 +1058,11 @@ pub fn decode_header(buf: &[u8], max_payload_len: usize) -> Result<FrameHeader, 
             have: buf.len(),
         });
     }
-    let magic = le_u32(buf, 0);
+    let magic = rd_u32(buf, 0);
     if magic != MAGIC {
         return Err(DecodeError::BadMagic { got: magic });
     }
-    let stored = le_u32(buf, 28);
+    let stored = rd_u32(buf, 28);
     let computed = crc32c::crc32c(&buf[0..28]);
     if stored != computed {
         return Err(DecodeError::BadChecksum {
@@ -1082,7 +1071,7 @@ pub fn decode_header(buf: &[u8], max_payload_len: usize) -> Result<FrameHeader, 
             computed,
         });
     }
-    let version = le_u16(buf, 4);
+    let version = rd_u16(buf, 4);
     let (min, max) = (
         MIN_SUPPORTED_VERSION.as_u16(),
         MAX_SUPPORTED_VERSION.as_u16(),
@@ -1094,24 +1083,24 @@ pub fn decode_header(buf: &[u8], max_payload_len: usize) -> Result<FrameHeader, 
             max,
         });
     }
-    let raw_type = le_u16(buf, 6);
+    let raw_type = rd_u16(buf, 6);
     let frame_type =
         FrameType::from_u16(raw_type).ok_or(DecodeError::UnknownFrameType { got: raw_type })?;
-    let flags = le_u16(buf, 8);
+    let flags = rd_u16(buf, 8);
     if flags != 0 {
         return Err(DecodeError::InvalidField {
             field: "header.flags",
             reason: format!("{flags:#06x}: no flags are defined in v{version}"),
         });
     }
-    let reserved = le_u16(buf, 10);
+    let reserved = rd_u16(buf, 10);
     if reserved != 0 {
         return Err(DecodeError::InvalidField {
             field: "header.reserved",
             reason: format!("{reserved:#06x}, must be zero"),
         });
     }
-    let payload_len = le_u32(buf, 20) as usize;
+    let payload_len = rd_u32(buf, 20) as usize;
     if payload_len > max_payload_len {
         return Err(DecodeError::TooLarge {
             len: payload_len,
@@ -1122,9 +1111,9 @@ pub fn decode_header(buf: &[u8], max_payload_len: usize) -> Result<FrameHeader, 
         version,
         frame_type,
         flags,
-        epoch: le_u64(buf, 12),
+        epoch: rd_u64(buf, 12),
         payload_len,
-        payload_crc: le_u32(buf, 24),
+        payload_crc: rd_u32(buf, 24),
     })
 }
 
