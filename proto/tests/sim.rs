@@ -13,8 +13,8 @@
 //! `FERRY_SIM_SEEDS=<n>` runs more seeds.
 
 use bytes::{Bytes, BytesMut};
-use ferry_transport::session::*;
-use ferry_transport::wire::*;
+use ferry_proto::session::*;
+use ferry_proto::wire::*;
 
 const EPOCH: Epoch = 3;
 const WRITE_SETS: u64 = 200;
