@@ -12,7 +12,7 @@
 //! * [`resync`]   — standby side of a bitmap resync.
 //! * [`timefmt`]  — RFC 3339 parsing and formatting for point-in-time commands.
 //! * [`verify`]   — online verify: chunk digests at a point in the stream, copy-before-write.
-//! * [`nbd`]      — the NBD protocol server (fixed newstyle), generic over an export.
+//! * [`nbd`]      — the NBD protocol server (re-export of the `ferry-nbd` crate).
 //! * [`metrics`]  — Prometheus metrics and the /metrics, /healthz, /readyz endpoint.
 //! * [`control`]  — the control socket (JSON lines over a Unix socket), roles from peer credentials.
 //! * [`audit`]    — the hash-chained (SM3) audit log of control requests.
@@ -27,7 +27,7 @@ pub mod daemon;
 pub mod dirty;
 pub mod meta;
 pub mod metrics;
-pub mod nbd;
+pub use ferry_nbd as nbd;
 pub mod overflow;
 pub mod pit;
 pub mod replication;

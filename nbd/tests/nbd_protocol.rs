@@ -6,10 +6,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use ferryd::nbd::mem::ALL_FLAGS;
-use ferryd::nbd::proto::{self, *};
-use ferryd::nbd::testclient::{TestClient, TestServer};
-use ferryd::nbd::{ExportFlags, MapRegistry, MemExport, ServerConfig};
+use ferry_nbd::mem::ALL_FLAGS;
+use ferry_nbd::proto::{self, *};
+use ferry_nbd::testclient::{TestClient, TestServer};
+use ferry_nbd::{ExportFlags, MapRegistry, MemExport, ServerConfig};
 
 const VOL0_SIZE: usize = 16 << 20;
 const VOL1_SIZE: usize = 4 << 20;

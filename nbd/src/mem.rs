@@ -2,7 +2,7 @@
 //! file-backed export (pread/pwrite on the blocking pool) and a registry
 //! backed by an ordered list.
 //!
-//! These are not the production write path (that lives in `volume`); they
+//! These are not the production write path (that is ferryd's `volume`); they
 //! exist so the NBD server can be exercised and benchmarked on its own.
 
 use std::fs::File;

@@ -3,21 +3,24 @@
 //!
 //! * [`proto`]  — pure wire encode/decode and request validation (no I/O).
 //! * [`server`] — the accept loop, handshake and transmission phase.
-//! * [`mem`]    — in-memory / file-backed exports and a map registry, used by
-//!   tests and benchmarks.
-//! * [`testclient`] — a blocking raw NBD client plus an in-process server
-//!   harness for integration tests (hidden from docs).
+//! * `mem`    — in-memory / file-backed exports and a map registry, used by
+//!   tests and benchmarks (feature `test-util`).
+//! * `testclient` — a blocking raw NBD client plus an in-process server
+//!   harness for integration tests (feature `test-util`, hidden from docs).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "test-util")]
 pub mod mem;
 pub mod proto;
 mod server;
+#[cfg(feature = "test-util")]
 #[doc(hidden)]
 pub mod testclient;
 
+#[cfg(feature = "test-util")]
 pub use mem::{FileExport, MapRegistry, MemExport};
 pub use server::serve;
 

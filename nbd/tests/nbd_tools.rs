@@ -5,8 +5,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferryd::nbd::testclient::TestServer;
-use ferryd::nbd::{FileExport, MapRegistry, MemExport, ServerConfig};
+use ferry_nbd::testclient::TestServer;
+use ferry_nbd::{FileExport, MapRegistry, MemExport, ServerConfig};
 
 const SIZE: usize = 8 << 20;
 
