@@ -36,6 +36,7 @@
 //! | Streaming         | [`request_handover`], acked ≥ seq      | HandingOver        | [`SendHandover`]                       |
 //! | HandingOver       | [`on_handover_ack`], same seq          | — (handed over)    | [`HandoverDone`]: answer, end session  |
 //! | HandingOver       | [`on_handover_ack`] other seq, [`on_peer_error`] | —        | the handover fails, the session ends   |
+//! | HandingOver       | [`abandon_handover`] (switchover timed out) | Streaming        | a late HandoverAck is unexpected       |
 //! | any session phase | [`session_ended`]                      | Disconnected       | revert an unfinished resync; fail a pending handover |
 //! | any               | [`stopped`]                            | Stopped            |                                        |
 //!
@@ -52,9 +53,11 @@
 //! | 7 | no                                                         | streaming/switching | otherwise                                  | stream after resume               |
 //!
 //! A full resync first switches a streaming target to bitmap mode with every region
-//! dirty ([`begin_full_switch`]); the digest comparison at the start of the copy
-//! (ferryd) then skips the regions the target already holds. Every accepted plan on a
-//! primary by promotion records the target as rejoined.
+//! dirty, or marks every region in the maps of a target already in bitmap mode
+//! ([`begin_full_switch`]; the latter is new, see there); the digest comparison at the
+//! start of the copy (ferryd) then skips the regions the target already holds. Every
+//! accepted plan on a primary by promotion records the target as rejoined, after that
+//! marking is durable.
 //!
 //! # Tracking
 //!
@@ -62,6 +65,8 @@
 //! |---------------------|----------------------------------------------------|----------------------|------------------------------------------|
 //! | Streaming           | [`begin_overflow_switch`] (journal ≥ 75 %, it holds it) | Switching (overflow) | create maps, mark the journal after acked |
 //! | Streaming           | [`begin_full_switch`] (plan rows 2, 6)             | Switching (full)     | create maps, every region dirty          |
+//! | Bitmap              | [`begin_full_switch`] (plan row 2)                 | Bitmap               | mark every region in the maps            |
+//! | Switching           | [`begin_full_switch`]                              | Switching            | refused: the session ends, retries       |
 //! | Switching           | [`bitmap_entered`]                                 | Bitmap               | degraded; overflow: end the session      |
 //! | Switching           | [`switch_failed`]                                  | Streaming            | overflow: not retried for 5 s            |
 //! | (start-up)          | [`reopened_in_bitmap`]                             | Bitmap               | degraded                                 |
@@ -91,6 +96,7 @@
 //! [`request_handover`]: TargetLifecycle::request_handover
 //! [`on_handover_ack`]: TargetLifecycle::on_handover_ack
 //! [`on_peer_error`]: TargetLifecycle::on_peer_error
+//! [`abandon_handover`]: TargetLifecycle::abandon_handover
 //! [`session_ended`]: TargetLifecycle::session_ended
 //! [`stopped`]: TargetLifecycle::stopped
 //! [`begin_full_switch`]: TargetLifecycle::begin_full_switch
@@ -350,6 +356,24 @@ impl SwitchToBitmap {
         self.kind == SwitchKind::Full
     }
 }
+
+/// The decision of [`TargetLifecycle::begin_full_switch`]: done (and durable) before
+/// the rejoin after a failover is recorded, so a crash cannot lose it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullSwitch {
+    /// Create the maps with every region dirty, then call
+    /// [`TargetLifecycle::bitmap_entered`] or [`TargetLifecycle::switch_failed`].
+    Create(SwitchToBitmap),
+    /// The target is already tracked in maps: mark every region dirty in them and
+    /// flush them (a failure ends the session; the next one plans the same again).
+    MarkAll,
+}
+
+/// A full resync found the target's maps being created by an overflow switch: the
+/// session ends and the next one plans again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("the target is being switched to bitmap mode; the resync starts on the next connection")]
+pub struct SwitchInProgress;
 
 /// The decision of [`TargetLifecycle::bitmap_entered`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -626,17 +650,32 @@ impl TargetLifecycle {
         ))
     }
 
-    /// After the handshake, before [`Self::session_started`]: a plan with a full
-    /// resync switches a streaming target to bitmap mode with every region dirty
-    /// (`None`: no switch needed, or the target is already tracked in a bitmap, whose
-    /// maps the resync uses as they are). Replaces ferryd `overflow::switch_full`'s
-    /// decision (`begin_switch`).
-    pub fn begin_full_switch(&mut self, plan: &HelloPlan) -> Option<SwitchToBitmap> {
-        match plan.start {
-            PlanStart::Resync { full: Some(_) } => {
-                self.begin_switch(plan.ack.resume_seq, SwitchKind::Full)
-            }
-            _ => None,
+    /// After the handshake, before [`Self::session_started`] (and before the rejoin is
+    /// recorded): what a plan with a full resync needs done to the dirty maps first.
+    /// `Ok(None)`: nothing (no full resync).
+    ///
+    /// A streaming target is switched to bitmap mode with every region dirty
+    /// ([`FullSwitch::Create`]; replaces ferryd `overflow::switch_full`). A target
+    /// already tracked in maps gets every region marked in them
+    /// ([`FullSwitch::MarkAll`]). **This differs from ferryd today**, whose
+    /// `switch_full` does nothing then: its maps start at the target's old ack and
+    /// mark only this history's writes, so after a failback the regions the old
+    /// primary wrote past the fork were never copied and stayed diverged (found by the
+    /// lifecycle simulation, `proto/tests/sim.rs`). While another switch is creating
+    /// the maps, the session must end and retry ([`SwitchInProgress`]).
+    pub fn begin_full_switch(
+        &mut self,
+        plan: &HelloPlan,
+    ) -> Result<Option<FullSwitch>, SwitchInProgress> {
+        if !matches!(plan.start, PlanStart::Resync { full: Some(_) }) {
+            return Ok(None);
+        }
+        match self.tracking {
+            Tracking::Streaming => Ok(self
+                .begin_switch(plan.ack.resume_seq, SwitchKind::Full)
+                .map(FullSwitch::Create)),
+            Tracking::Bitmap { .. } | Tracking::Resyncing { .. } => Ok(Some(FullSwitch::MarkAll)),
+            Tracking::Switching { .. } => Err(SwitchInProgress),
         }
     }
 
@@ -1040,6 +1079,13 @@ impl TargetLifecycle {
                 })
             }
         }
+    }
+
+    /// The switchover gave up waiting for the HandoverAck (ferryd's 30 s timeout in
+    /// `daemon::switchover`) and takes writes again: true if a handover was pending.
+    /// An ack arriving later is then unexpected (the session ends), not a success.
+    pub fn abandon_handover(&mut self) -> bool {
+        self.on_peer_error()
     }
 
     /// The standby sent an Error frame (the session ends): true if it refused a

@@ -35,9 +35,12 @@ fn with_fork(mut h: HelloInput, seq: Seq, rejoined: bool) -> HelloInput {
 fn connect(t: &mut TargetLifecycle, resume: Seq, first: Seq, durable: Seq) -> SessionStart {
     t.connecting();
     let plan = t.plan_hello(&hello(resume, first, durable)).expect("plan");
-    if let Some(sw) = t.begin_full_switch(&plan) {
-        assert_eq!(sw.base, resume);
-        t.bitmap_entered(durable);
+    match t.begin_full_switch(&plan).expect("no switch in progress") {
+        Some(FullSwitch::Create(sw)) => {
+            assert_eq!(sw.base, resume);
+            t.bitmap_entered(durable);
+        }
+        Some(FullSwitch::MarkAll) | None => {}
     }
     t.session_started(&plan, resume, durable)
 }
@@ -193,7 +196,9 @@ fn stream_plan_streams_after_the_standby_position() {
 fn full_resync_switches_a_streaming_target_with_every_region_dirty() {
     let mut t = target(SyncMode::Async);
     let plan = t.plan_hello(&hello(10, 12, 30)).expect("plan");
-    let sw = t.begin_full_switch(&plan).expect("switch");
+    let Ok(Some(FullSwitch::Create(sw))) = t.begin_full_switch(&plan) else {
+        panic!("expected a switch")
+    };
     assert_eq!(
         sw,
         SwitchToBitmap {
@@ -213,12 +218,21 @@ fn full_resync_switches_a_streaming_target_with_every_region_dirty() {
 }
 
 #[test]
-fn full_resync_of_a_target_already_in_bitmap_mode_uses_its_maps() {
+fn failback_onto_a_target_in_bitmap_mode_marks_every_region() {
+    // Its maps start at its old ack (50) and hold only this history's writes; the
+    // old primary's own writes past the fork (101..=105) are in none of them.
     let mut t = in_bitmap(50, 60);
     let plan = t
         .plan_hello(&with_fork(hello(105, 50, 110), 100, false))
         .expect("plan");
-    assert_eq!(t.begin_full_switch(&plan), None);
+    assert_eq!(t.begin_full_switch(&plan), Ok(Some(FullSwitch::MarkAll)));
+    assert_eq!(
+        t.tracking(),
+        Tracking::Bitmap {
+            base: 50,
+            flushed_through: 60
+        }
+    );
     assert_eq!(
         t.session_started(&plan, 105, 110),
         SessionStart::Resync { from: 105 }
@@ -226,10 +240,31 @@ fn full_resync_of_a_target_already_in_bitmap_mode_uses_its_maps() {
 }
 
 #[test]
+fn full_resync_while_an_overflow_switch_creates_the_maps_retries() {
+    let mut t = target(SyncMode::Sync);
+    let plan = t.plan_hello(&hello(10, 12, 30)).expect("plan");
+    t.begin_overflow_switch().expect("switch");
+    assert_eq!(t.begin_full_switch(&plan), Err(SwitchInProgress));
+}
+
+#[test]
+fn no_full_switch_without_a_full_resync() {
+    let mut t = in_bitmap(10, 20);
+    let plan = t.plan_hello(&hello(15, 25, 30)).expect("plan");
+    assert_eq!(t.begin_full_switch(&plan), Ok(None));
+    let mut t = target(SyncMode::Sync);
+    let plan = t.plan_hello(&hello(15, 1, 30)).expect("plan");
+    assert_eq!(t.begin_full_switch(&plan), Ok(None));
+}
+
+#[test]
 fn a_failed_full_switch_leaves_the_target_streaming_without_retry_pause() {
     let mut t = target(SyncMode::Sync);
     let plan = t.plan_hello(&hello(10, 12, 30)).expect("plan");
-    t.begin_full_switch(&plan).expect("switch");
+    assert!(matches!(
+        t.begin_full_switch(&plan),
+        Ok(Some(FullSwitch::Create(_)))
+    ));
     t.switch_failed(Duration::from_secs(1));
     assert_eq!(t.tracking(), Tracking::Streaming);
     assert_eq!(t.switch_candidate(100, Duration::from_secs(1)), Some(0));
