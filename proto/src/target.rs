@@ -1,6 +1,6 @@
 //! One replication target's lifecycle on the primary, as a pure state machine.
 //!
-//! ferryd used to spread a target's life over five fields written by three threads
+//! ferryd spreads a target's life over five fields written by three threads
 //! (`TargetState.state`, `TargetState.degraded`, the pending `handover`, and the
 //! overflow `Tracker`'s `mode` and `abort`), with the decisions in async IO code no
 //! deterministic test reached. [`TargetLifecycle`] owns all of it. It does no IO,
@@ -20,8 +20,8 @@
 //!   them (streaming), or a dirty-region bitmap replaces them (bitmap), or the bitmap's
 //!   regions are being copied (resyncing). A target stays in bitmap mode while it is
 //!   disconnected, so this is not a phase of the session.
-//! * `degraded` — a sync target writes no longer wait for; with the configured
-//!   [`SyncMode`] it gives the [`EffectiveMode`] (`effective_mode`).
+//! * `degraded` — client writes no longer wait for the target until it has caught up;
+//!   with the configured [`SyncMode`] it gives the [`EffectiveMode`] (`effective_mode`).
 //! * The planned handover ([`TargetPhase::HandingOver`]), at most once per lifecycle.
 //!
 //! # Session phase
@@ -34,8 +34,8 @@
 //! | Connecting        | [`session_started`], plan resyncs      | Resyncing          | [`SessionStart::Resync`]               |
 //! | Resyncing         | [`resync_copied`]                      | Streaming          | stream after the snapshot              |
 //! | Streaming         | [`request_handover`], acked ≥ seq      | HandingOver        | [`SendHandover`]                       |
-//! | HandingOver       | [`on_handover_ack`], same seq          | — (handed over)    | [`HandoverDone`]: answer, end session  |
-//! | HandingOver       | [`on_handover_ack`] other seq, [`on_peer_error`] | —        | the handover fails, the session ends   |
+//! | HandingOver       | [`on_handover_ack`], same seq          | Streaming, handed over (for good) | [`HandedOver`]: answer, end session |
+//! | HandingOver       | [`on_handover_ack`] other seq, [`on_peer_error`] | Streaming | the handover fails, the session ends |
 //! | HandingOver       | [`abandon_handover`] (switchover timed out) | Streaming        | a late HandoverAck is unexpected       |
 //! | any session phase | [`session_ended`]                      | Disconnected       | revert an unfinished resync; fail a pending handover |
 //! | any               | [`stopped`]                            | Stopped            |                                        |
@@ -710,7 +710,8 @@ impl TargetLifecycle {
     /// status. Replaces `t.set_state("disconnected")` in ferryd `run_target`, the
     /// `ResyncGuard` drop (an unfinished resync goes back to bitmap mode: marks are
     /// never cleared during a copy, so it simply runs again) and the pending handover
-    /// sender being dropped.
+    /// sender being dropped. A handover in flight fails at once (ferryd today lets
+    /// the switchover run into its 30 s timeout: same outcome, later).
     pub fn session_ended(&mut self, error: Option<String>) -> SessionEnd {
         let handover_failed = matches!(self.phase, TargetPhase::HandingOver { .. });
         if self.phase != TargetPhase::Stopped {
@@ -1038,7 +1039,8 @@ impl TargetLifecycle {
     /// Writes are stopped at `seq`: hand the primary role over, only if the target
     /// holds every record up to it (the switchover waits for that ack first).
     /// Replaces ferryd `TargetState::request_handover` and the kick arm of
-    /// `replication::session`.
+    /// `replication::session`. Stricter than today, which queued a request made while
+    /// no session streamed for whichever session streamed next: refused instead.
     pub fn request_handover(&mut self, seq: Seq) -> Result<SendHandover, HandoverRefused> {
         self.handover_precheck()?;
         if self.acked < seq {
