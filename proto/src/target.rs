@@ -743,16 +743,21 @@ impl TargetLifecycle {
         true
     }
 
-    /// Checked at every heartbeat tick and on a kick: the session must end once the
-    /// target was switched to bitmap mode (its records are being released) or its
-    /// resync was abandoned. Replaces the checks in ferryd `replication::session`'s
-    /// heartbeat arm and `overflow::resync_copy`.
+    /// Checked at every heartbeat tick and on a kick: a streaming session must end
+    /// once the target was switched to bitmap mode (its records are being released),
+    /// a streaming or copying one once its resync was abandoned. (A resync session
+    /// starts in bitmap mode: that is what it is for.) Replaces the checks in ferryd
+    /// `replication::session`'s heartbeat arm and `overflow::resync_copy`'s.
     pub fn must_end_session(&self) -> Option<EndReason> {
+        let streaming = matches!(
+            self.phase,
+            TargetPhase::Streaming | TargetPhase::HandingOver { .. }
+        );
         match self.tracking {
-            Tracking::Bitmap { .. } => Some(EndReason::SwitchedToBitmap),
+            Tracking::Bitmap { .. } if streaming => Some(EndReason::SwitchedToBitmap),
             Tracking::Resyncing {
                 abandoned: true, ..
-            } => Some(EndReason::ResyncAbandoned),
+            } if self.phase.in_session() => Some(EndReason::ResyncAbandoned),
             _ => None,
         }
     }
