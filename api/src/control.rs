@@ -195,15 +195,18 @@ impl Response {
 /// `ferryctl: `, with the cause appended).
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
+    /// No daemon listens on the socket (or it may not be opened).
     #[error("cannot reach ferryd at {} (is it running with this config?)", socket.display())]
     Connect {
         socket: PathBuf,
         source: std::io::Error,
     },
+    /// Setting the timeout or sending the request failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Encode(serde_json::Error),
+    /// The daemon closed the connection or did not answer within the timeout.
     #[error("reading ferryd's response")]
     Read(#[source] std::io::Error),
     #[error("malformed response from ferryd: {text:?}")]
@@ -241,6 +244,42 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, CallError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn call_round_trips_and_names_failures() {
+        use std::io::{BufRead, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ctl.sock");
+        let e = call(&sock, &Request::Status).unwrap_err();
+        assert!(matches!(e, CallError::Connect { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot reach ferryd at {} (is it running with this config?)",
+                sock.display()
+            )
+        );
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            for reply in ["{\"ok\":true,\"result\":{\"node\":\"n\"}}\n", "not json\n"] {
+                let (s, _) = listener.accept().unwrap();
+                let mut r = std::io::BufReader::new(s);
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                assert_eq!(line, "{\"cmd\":\"status\"}\n");
+                r.get_mut().write_all(reply.as_bytes()).unwrap();
+            }
+        });
+        let r = call(&sock, &Request::Status).unwrap();
+        assert!(r.ok && r.error.is_none());
+        assert_eq!(r.result.unwrap()["node"], "n");
+        let e = call(&sock, &Request::Status).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "malformed response from ferryd: \"not json\\n\""
+        );
+        server.join().unwrap();
+    }
 
     #[test]
     fn requests_agree_with_the_command_table() {
