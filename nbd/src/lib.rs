@@ -4,7 +4,10 @@
 //! the negotiation order and the limits are listed in `nbd/README.md`.
 //!
 //! * [`proto`]  — pure wire encode/decode and request validation (no I/O).
-//! * `server` — the accept loop, handshake and transmission phase.
+//! * `server` — the accept loop and the transmission phase's request loop.
+//! * `handshake` — option haggling up to the export entered.
+//! * `reply` — reply shapes and the writer task.
+//! * `exec` — running a request against the export, building its reply.
 //! * `refusals` — per-connection rate-limited logging of refused requests.
 //! * [`stats`]  — counters the embedding daemon reads (refused requests,
 //!   connections, negotiated header styles).
@@ -17,10 +20,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod exec;
+mod handshake;
 #[cfg(feature = "test-util")]
 pub mod mem;
 pub mod proto;
 mod refusals;
+mod reply;
 mod server;
 pub mod stats;
 #[cfg(feature = "test-util")]

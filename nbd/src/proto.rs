@@ -1054,6 +1054,175 @@ mod tests {
     }
 
     #[test]
+    fn extended_request_roundtrip_and_payload_rules() {
+        let r = req(CMD_TRIM, 0, 1 << 40, 6 << 30);
+        let b = encode_extended_request(&r);
+        assert_eq!(b[0..4], EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        assert_eq!(decode_request_in(Mode::Extended, &b), Ok(r));
+        assert!(decode_request_in(Mode::Simple, &b).is_err(), "wrong length");
+        assert!(decode_request_in(Mode::Extended, &encode_request(&r)).is_err());
+        // Payload: WRITE always; PAYLOAD_LEN only counts in extended mode.
+        let w = req(CMD_WRITE, 0, 0, 512);
+        assert_eq!(w.payload_len(Mode::Extended), 512);
+        let rd = req(CMD_READ, CMD_FLAG_PAYLOAD_LEN, 0, 100);
+        assert_eq!(rd.payload_len(Mode::Extended), 100);
+        assert_eq!(rd.payload_len(Mode::Structured), 0);
+        let mut s = sess(1 << 20, rw(), 1 << 20);
+        assert_eq!(validate_request(&rd, &s), Err(EINVAL));
+        s.caps.mode = Mode::Extended;
+        assert_eq!(validate_request(&rd, &s), Err(EINVAL));
+        let wp = req(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 512);
+        assert!(matches!(
+            validate_request(&wp, &s),
+            Ok(Action::Write { .. })
+        ));
+    }
+
+    #[test]
+    fn negotiated_features_in_validation() {
+        let mut s = sess(1 << 20, rw(), 1 << 20);
+        let df = req(CMD_READ, CMD_FLAG_DF, 0, 4096);
+        assert_eq!(validate_request(&df, &s), Err(EINVAL), "DF needs chunks");
+        let bs = req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 4096);
+        assert_eq!(validate_request(&bs, &s), Err(EINVAL), "no context");
+        s.caps.mode = Mode::Structured;
+        s.block_status = true;
+        assert_eq!(
+            validate_request(&df, &s),
+            Ok(Action::Read {
+                offset: 0,
+                len: 4096,
+                df: true
+            })
+        );
+        assert_eq!(
+            validate_request(&bs, &s),
+            Ok(Action::BlockStatus {
+                offset: 0,
+                len: 4096,
+                req_one: true
+            })
+        );
+        assert_eq!(
+            validate_request(&req(CMD_BLOCK_STATUS, 0, 0, 0), &s),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            validate_request(&req(CMD_TRIM, CMD_FLAG_DF, 0, 1), &s),
+            Err(EINVAL)
+        );
+        let fz = req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 4096);
+        assert_eq!(validate_request(&fz, &s), Err(ENOTSUP));
+        s.fast_zero = true;
+        assert!(matches!(
+            validate_request(&fz, &s),
+            Ok(Action::WriteZeroes { .. })
+        ));
+        assert_eq!(
+            validate_request(&req(CMD_CACHE, 0, 0, 1 << 20), &s),
+            Ok(Action::Cache {
+                offset: 0,
+                len: 1 << 20
+            })
+        );
+        let t = transmission_flags(&s.caps);
+        for f in [TFLAG_SEND_DF, TFLAG_SEND_CACHE, TFLAG_SEND_FAST_ZERO] {
+            assert_ne!(t & f, 0);
+        }
+    }
+
+    #[test]
+    fn chunk_golden_bytes() {
+        let to = ChunkTo {
+            mode: Mode::Structured,
+            handle: 0x0102_0304_0506_0708,
+            req_offset: 4096,
+        };
+        let h = encode_offset_hole(to, true, 4096, 512);
+        let want: Vec<u8> = [
+            &[0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 2][..],
+            &[1, 2, 3, 4, 5, 6, 7, 8],
+            &[0, 0, 0, 12],
+            &[0, 0, 0, 0, 0, 0, 0x10, 0],
+            &[0, 0, 2, 0],
+        ]
+        .concat();
+        assert_eq!(h.as_bytes(), &want[..]);
+        let ext = ChunkTo {
+            mode: Mode::Extended,
+            ..to
+        };
+        let mut d = encode_offset_data(ext, false, 8192, 100);
+        d.set_done();
+        let want: Vec<u8> = [
+            &[0x6e, 0x8a, 0x27, 0x8c, 0, 1, 0, 1][..],
+            &[1, 2, 3, 4, 5, 6, 7, 8],
+            &[0, 0, 0, 0, 0, 0, 0x10, 0],
+            &[0, 0, 0, 0, 0, 0, 0, 108],
+            &[0, 0, 0, 0, 0, 0, 0x20, 0],
+        ]
+        .concat();
+        assert_eq!(d.as_bytes(), &want[..]);
+        assert_eq!(
+            error_payload(EIO, "bad", Some(7)),
+            [&[0, 0, 0, 5, 0, 3][..], b"bad", &[0, 0, 0, 0, 0, 0, 0, 7]].concat()
+        );
+        let long = "é".repeat(3000);
+        let p = error_payload(EIO, &long, None);
+        assert_eq!(
+            u16::from_be_bytes([p[4], p[5]]),
+            4096,
+            "cut at a char boundary"
+        );
+        let d = [Descriptor {
+            len: 4096,
+            flags: STATE_HOLE | STATE_ZERO,
+        }];
+        let (t, p) = block_status_payload(Mode::Structured, 1, &d);
+        assert_eq!(t, REPLY_TYPE_BLOCK_STATUS);
+        assert_eq!(p, [0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 3]);
+        let (t, p) = block_status_payload(Mode::Extended, 1, &d);
+        assert_eq!(t, REPLY_TYPE_BLOCK_STATUS_EXT);
+        assert_eq!(
+            p,
+            [
+                &[0, 0, 0, 1, 0, 0, 0, 1][..],
+                &[0, 0, 0, 0, 0, 0, 0x10, 0],
+                &[0, 0, 0, 0, 0, 0, 0, 3]
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn meta_request_parsing() {
+        let mut d = Vec::new();
+        d.extend_from_slice(&3u32.to_be_bytes());
+        d.extend_from_slice(b"vol");
+        d.extend_from_slice(&2u32.to_be_bytes());
+        for q in ["base:allocation", "x:y"] {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        assert_eq!(
+            decode_meta_request(&d),
+            Ok(MetaRequest {
+                name: "vol".into(),
+                queries: vec!["base:allocation".into(), "x:y".into()]
+            })
+        );
+        assert!(decode_meta_request(&d[..d.len() - 1]).is_err());
+        let mut extra = d.clone();
+        extra.push(0);
+        assert!(decode_meta_request(&extra).is_err());
+        // A count larger than the bytes could hold fails before allocating.
+        let huge = [&[0, 0, 0, 0][..], &[0xff, 0xff, 0xff, 0xff]].concat();
+        assert!(decode_meta_request(&huge).is_err());
+        assert!(list_query_matches("base:") && list_query_matches(BASE_ALLOCATION));
+        assert!(!list_query_matches("base:other"));
+    }
+
+    #[test]
     fn client_flags() {
         assert!(decode_client_flags([0, 0, 0, 4]).is_err());
         assert_eq!(
