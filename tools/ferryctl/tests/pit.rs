@@ -518,7 +518,7 @@ fn dr_drill_mounts_a_view_at_a_bookmark() {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
-        eprintln!("\n!!!! SKIP {name}: needs root and /dev/fuse !!!!\n");
+        ferryd::testkit::skip(name, "needs root and /dev/fuse");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
