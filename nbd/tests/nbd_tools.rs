@@ -10,17 +10,10 @@ use ferry_nbd::{FileExport, MapRegistry, MemExport, ServerConfig};
 
 const SIZE: usize = 8 << 20;
 
+/// Is `tool` installed? If not, the calling test is skipped loudly (a failure under
+/// CI, where .ci/run installs every tool: ferry_testkit).
 fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        eprintln!("SKIP: {tool} not installed; NBD interoperability test skipped");
-    }
-    found
+    !ferry_testkit::skip_without(tool, module_path!())
 }
 
 /// Run a tool; returns (success, combined output).
