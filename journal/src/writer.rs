@@ -36,7 +36,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use crate::engine::{self, IoEngine};
 use crate::error::{JournalError, Result};
 use crate::format::{self, BatchParams, Record, Seq, BLOCK_SIZE, SEGMENT_HEADER_BLOCK};
-use crate::reader::JournalReader;
+use crate::reader::{DurableLog, JournalReader};
 use crate::recovery::{self, RecoveryReport, SegInfo, Spare};
 use crate::segment;
 use crate::{Completion, JournalOptions};
@@ -68,9 +68,9 @@ struct QueueState {
     failed: Option<JournalError>,
 }
 
-pub(crate) struct SegState {
+struct SegState {
     /// Segments holding data, oldest first; the last one is being appended to.
-    pub data: Vec<SegInfo>,
+    data: Vec<SegInfo>,
     spares: VecDeque<Spare>,
     /// Released segments waiting to be recycled or deleted.
     free: Vec<SegInfo>,
@@ -90,17 +90,17 @@ impl SegState {
     }
 }
 
-pub(crate) struct Shared {
-    pub opts: JournalOptions,
+struct Shared {
+    opts: JournalOptions,
     queue: Mutex<QueueState>,
     not_empty: Condvar,
     not_full: Condvar,
-    pub durable_seq: AtomicU64,
+    durable_seq: AtomicU64,
     last_seq: AtomicU64,
     epoch: AtomicU64,
     /// Append offset in the active segment (for `used_bytes`).
     active_pos: AtomicU64,
-    pub segs: Mutex<SegState>,
+    segs: Mutex<SegState>,
     segs_cv: Condvar,
     closing: AtomicBool,
     stats: StatCounters,
@@ -109,7 +109,33 @@ pub(crate) struct Shared {
     jump_pending: AtomicBool,
     /// Sequence ranges (inclusive) that were skipped and never written: readers
     /// step over them. Pruned as releases pass them.
-    pub gaps: Mutex<Vec<(Seq, Seq)>>,
+    gaps: Mutex<Vec<(Seq, Seq)>>,
+}
+
+impl DurableLog for Shared {
+    fn durable_seq(&self) -> Seq {
+        self.durable_seq.load(Ordering::Acquire)
+    }
+
+    fn skipped_through(&self, seq: Seq) -> Option<Seq> {
+        self.gaps
+            .lock()
+            .iter()
+            .find(|&&(a, b)| a <= seq && seq <= b)
+            .map(|&(_, b)| b)
+    }
+
+    fn first_seq(&self) -> Option<Seq> {
+        self.segs.lock().data.first().map(|d| d.first_seq)
+    }
+
+    fn segment_holding(&self, seq: Seq) -> std::result::Result<SegInfo, Seq> {
+        let s = self.segs.lock();
+        match s.data.iter().rposition(|d| d.first_seq <= seq) {
+            Some(i) => Ok(s.data[i].clone()),
+            None => Err(s.data.first().map_or(0, |d| d.first_seq)),
+        }
+    }
 }
 
 /// Cumulative counters, read without locks (for metrics and benchmarks).
