@@ -487,6 +487,88 @@ fn scan_segment(
     cluster_id: &[u8; 16],
     max_inflight: u32,
 ) -> Result<ScanResult> {
+    let walk = walk_batches(file, path, no, size, first_seq, cluster_id)?;
+    let Walk {
+        pos,
+        expected,
+        batches,
+        stale_at_end,
+        ..
+    } = walk;
+    // Look past the end: a batch that validates under this segment's salt after
+    // the end means an earlier write was lost or damaged, not torn -- unless the
+    // writer had several batch writes in flight (see `tail_span`).
+    let (found, last_nonzero_end) = look_past_end(file, path, no, size, &walk, max_inflight)?;
+    let mut end = walk.end;
+    let mut zeroed_from = last_nonzero_end.max(pos);
+    if let Some(&(at, h)) = found.first() {
+        match tail_span(stale_at_end, pos, expected, size, max_inflight, &found) {
+            Some((span_end, n, last)) => {
+                let reason = match &end {
+                    End::Clean => "all-zero block (write never landed)".to_string(),
+                    End::Torn { reason, .. } => reason.clone(),
+                };
+                end = End::Torn {
+                    len: span_end - pos,
+                    reason: format!(
+                        "{reason}, followed by {} valid batch(es) up to seq {last} written while it was in flight",
+                        found.len()
+                    ),
+                    discarded: Some((n, expected, last)),
+                };
+                if last_nonzero_end <= span_end {
+                    zeroed_from = pos;
+                }
+            }
+            None => {
+                let what = match &end {
+                    End::Clean => "the end of the log".to_string(),
+                    End::Torn { reason, .. } => format!("an invalid batch ({reason})"),
+                };
+                return Err(corruption(
+                    path,
+                    at,
+                    format!(
+                        "valid batch (seq {}..={}) found after {what} at offset {pos} (max_inflight {max_inflight})",
+                        h.first_seq, h.last_seq
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(ScanResult {
+        next_seq: expected,
+        batches,
+        end_pos: pos,
+        end,
+        zeroed_from,
+    })
+}
+
+/// Where the chain of valid batches from a segment's start ends.
+struct Walk {
+    /// Offset of the first position that is not a valid next batch.
+    pos: u64,
+    /// Sequence the next batch would start at.
+    expected: Seq,
+    batches: u64,
+    end: End,
+    /// Bytes of the invalid batch at `pos` (0 if none).
+    invalid_len: u64,
+    /// The chain ended on a stale batch (left over in a recycled segment).
+    stale_at_end: bool,
+}
+
+/// Walks the valid batches of one segment from its first batch until a zero
+/// block, a stale or invalid batch, or the end of the file.
+fn walk_batches(
+    file: &File,
+    path: &Path,
+    no: u64,
+    size: u64,
+    first_seq: Seq,
+    cluster_id: &[u8; 16],
+) -> Result<Walk> {
     let mut pos = SEGMENT_HEADER_BLOCK;
     let mut expected = first_seq;
     let mut batches = 0u64;
@@ -569,9 +651,27 @@ fn scan_segment(
         batches += 1;
         pos += disk;
     };
-    // Look past the end: a batch that validates under this segment's salt after
-    // the end means an earlier write was lost or damaged, not torn -- unless the
-    // writer had several batch writes in flight (see `tail_span`).
+    Ok(Walk {
+        pos,
+        expected,
+        batches,
+        end,
+        invalid_len,
+        stale_at_end,
+    })
+}
+
+/// Valid batch headers (under this segment's salt) after the end of the chain,
+/// at most `max_inflight` of them, and the end of the last non-zero block.
+fn look_past_end(
+    file: &File,
+    path: &Path,
+    no: u64,
+    size: u64,
+    walk: &Walk,
+    max_inflight: u32,
+) -> Result<(Vec<(u64, format::BatchHeader)>, u64)> {
+    let (pos, invalid_len, stale_at_end) = (walk.pos, walk.invalid_len, walk.stale_at_end);
     let mut last_nonzero_end = if stale_at_end {
         pos + BLOCK_SIZE as u64
     } else {
@@ -602,50 +702,7 @@ fn scan_segment(
         }
         off += n as u64;
     }
-    let mut end = end;
-    let mut zeroed_from = last_nonzero_end.max(pos);
-    if let Some(&(at, h)) = found.first() {
-        match tail_span(stale_at_end, pos, expected, size, max_inflight, &found) {
-            Some((span_end, n, last)) => {
-                let reason = match &end {
-                    End::Clean => "all-zero block (write never landed)".to_string(),
-                    End::Torn { reason, .. } => reason.clone(),
-                };
-                end = End::Torn {
-                    len: span_end - pos,
-                    reason: format!(
-                        "{reason}, followed by {} valid batch(es) up to seq {last} written while it was in flight",
-                        found.len()
-                    ),
-                    discarded: Some((n, expected, last)),
-                };
-                if last_nonzero_end <= span_end {
-                    zeroed_from = pos;
-                }
-            }
-            None => {
-                let what = match &end {
-                    End::Clean => "the end of the log".to_string(),
-                    End::Torn { reason, .. } => format!("an invalid batch ({reason})"),
-                };
-                return Err(corruption(
-                    path,
-                    at,
-                    format!(
-                        "valid batch (seq {}..={}) found after {what} at offset {pos} (max_inflight {max_inflight})",
-                        h.first_seq, h.last_seq
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(ScanResult {
-        next_seq: expected,
-        batches,
-        end_pos: pos,
-        end,
-        zeroed_from,
-    })
+    Ok((found, last_nonzero_end))
 }
 
 /// Whether the valid batches `found` after the end position `pos` can be the
