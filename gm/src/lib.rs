@@ -22,6 +22,7 @@ mod ghash;
 mod portable;
 #[cfg(test)]
 mod reference;
+mod sm3;
 mod sm4;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -29,6 +30,7 @@ mod x86;
 pub use backend::{Backend, BACKEND_ENV};
 pub use ctr::Sm4Ctr;
 pub use gcm::{Sm4Gcm, MAX_PLAINTEXT_LEN, NONCE_LEN, TAG_LEN};
+pub use sm3::{sm3_digest, Digest, Sm3};
 pub use sm4::Sm4;
 
 /// What can go wrong.
