@@ -22,6 +22,7 @@ mod ghash;
 mod portable;
 #[cfg(test)]
 mod reference;
+mod sm2;
 mod sm3;
 mod sm4;
 #[cfg(target_arch = "x86_64")]
@@ -30,6 +31,7 @@ mod x86;
 pub use backend::{Backend, BACKEND_ENV};
 pub use ctr::Sm4Ctr;
 pub use gcm::{Sm4Gcm, MAX_PLAINTEXT_LEN, NONCE_LEN, TAG_LEN};
+pub use sm2::{Sm2EcdhKey, Sm2SigningKey, Sm2VerifyingKey, DEFAULT_DISTID, SIGNATURE_LEN};
 pub use sm3::{sm3_digest, Digest, Sm3};
 pub use sm4::Sm4;
 
@@ -45,4 +47,13 @@ pub enum Error {
     /// Plaintext or AAD longer than GCM allows.
     #[error("message too long for GCM")]
     TooLong,
+    /// An SM2 private or public key that is not valid for curveSM2.
+    #[error("invalid SM2 key")]
+    InvalidKey,
+    /// An SM2 signature that does not verify (or could not be made).
+    #[error("SM2 signature invalid")]
+    Signature,
+    /// The operating system's random number generator failed.
+    #[error("system random number generator failed")]
+    Rng,
 }
