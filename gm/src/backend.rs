@@ -114,3 +114,21 @@ pub(crate) fn crypt_blocks(backend: Backend, rk: &[u32; 32], data: &mut [u8]) {
         _ => crate::portable::crypt_blocks(rk, data),
     }
 }
+
+/// XORs into `data` the keystream of counter blocks `counter`, then `counter` with
+/// its low 32 bits incremented (wrapping, GCM's inc32), and so on; a final partial
+/// block uses part of a whole keystream block. `backend` has passed
+/// [`Backend::is_available`].
+pub(crate) fn ctr32_xor(backend: Backend, rk: &[u32; 32], counter: u128, data: &mut [u8]) {
+    match backend {
+        Backend::Portable => crate::ctr::ctr32_xor_generic(backend, rk, counter, data),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2AesNi => crate::x86::ctr32_xor_avx2_aesni(rk, counter, data),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2Gfni => crate::x86::ctr32_xor_avx2_gfni(rk, counter, data),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512Gfni => crate::x86::ctr32_xor_avx512_gfni(rk, counter, data),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => crate::ctr::ctr32_xor_generic(backend, rk, counter, data),
+    }
+}

@@ -19,25 +19,48 @@ pub(crate) enum Increment {
 }
 
 impl Increment {
-    pub(crate) fn next_of(self, c: u128) -> u128 {
+    /// The counter `n` blocks after `c`.
+    pub(crate) fn advance(self, c: u128, n: u64) -> u128 {
         match self {
-            Increment::Full128 => c.wrapping_add(1),
-            Increment::Low32 => (c & !0xffff_ffff) | u128::from((c as u32).wrapping_add(1)),
+            Increment::Full128 => c.wrapping_add(u128::from(n)),
+            Increment::Low32 => (c & !0xffff_ffff) | u128::from((c as u32).wrapping_add(n as u32)),
         }
     }
 }
 
 /// XORs the keystream of counter blocks `*counter`, next, ... into `data`; `*counter`
 /// ends one past the last block used (a final partial block uses a whole one).
+///
+/// The backends count in the low 32 bits only; a 128-bit counter is split where
+/// those bits wrap, so the carry happens between calls.
 pub(crate) fn apply(cipher: &Sm4, counter: &mut u128, inc: Increment, data: &mut [u8]) {
+    let mut rest = data;
+    while !rest.is_empty() {
+        let blocks = rest.len().div_ceil(16) as u64;
+        let n = match inc {
+            Increment::Low32 => blocks,
+            Increment::Full128 => blocks.min((1u64 << 32) - u64::from(*counter as u32)),
+        };
+        let take = rest.len().min(n as usize * 16);
+        let (piece, tail) = rest.split_at_mut(take);
+        cipher.ctr32_xor(*counter, piece);
+        *counter = inc.advance(*counter, n);
+        rest = tail;
+    }
+}
+
+/// The backend-independent CTR loop (used by the portable backend): counter blocks
+/// written to a buffer, encrypted together, XORed in.
+pub(crate) fn ctr32_xor_generic(backend: Backend, rk: &[u32; 32], counter: u128, data: &mut [u8]) {
     let mut ks = [0u8; KS_BLOCKS * 16];
+    let mut c = counter;
     for chunk in data.chunks_mut(KS_BLOCKS * 16) {
         let blocks = chunk.len().div_ceil(16);
         for block in ks[..blocks * 16].chunks_exact_mut(16) {
-            block.copy_from_slice(&counter.to_be_bytes());
-            *counter = inc.next_of(*counter);
+            block.copy_from_slice(&c.to_be_bytes());
+            c = Increment::Low32.advance(c, 1);
         }
-        cipher.encrypt_bytes(&mut ks[..blocks * 16]);
+        crate::backend::crypt_blocks(backend, rk, &mut ks[..blocks * 16]);
         for (d, k) in chunk.iter_mut().zip(&ks) {
             *d ^= *k;
         }

@@ -69,7 +69,7 @@ impl Sm4Gcm {
     ) -> Result<[u8; TAG_LEN], Error> {
         check_lengths(aad, buf)?;
         let j0 = j0(nonce);
-        let mut counter = Increment::Low32.next_of(j0);
+        let mut counter = Increment::Low32.advance(j0, 1);
         let mut ghash = Ghash::new(&self.ghash);
         ghash.update_padded(aad);
         for step in buf.chunks_mut(STEP) {
@@ -97,7 +97,7 @@ impl Sm4Gcm {
         if !bool::from(expected.ct_eq(tag)) {
             return Err(Error::Authentication);
         }
-        let mut counter = Increment::Low32.next_of(j0);
+        let mut counter = Increment::Low32.advance(j0, 1);
         ctr::apply(&self.cipher, &mut counter, Increment::Low32, buf);
         Ok(())
     }

@@ -78,6 +78,12 @@ impl Sm4 {
         backend::crypt_blocks(self.backend, &self.rk_dec, block);
     }
 
+    /// XORs the keystream of counter blocks `counter`, `counter` + 1 (in the low 32
+    /// bits, wrapping), ... into `data`.
+    pub(crate) fn ctr32_xor(&self, counter: u128, data: &mut [u8]) {
+        backend::ctr32_xor(self.backend, &self.rk_enc, counter, data);
+    }
+
     /// Encrypts whole blocks held in a byte slice whose length is a multiple of 16.
     pub(crate) fn encrypt_bytes(&self, data: &mut [u8]) {
         backend::crypt_blocks(self.backend, &self.rk_enc, data);

@@ -29,8 +29,14 @@ proptest! {
     #[test]
     fn ctr_matches_rustcrypto_in_any_pieces(
         key in any::<[u8; 16]>(),
-        // Counters near the 128-bit wrap as well as anywhere.
-        iv in prop_oneof![any::<[u8; 16]>(), Just([0xff; 16]), Just([0xfe; 16])],
+        // Counters near the 128-bit wrap and a 32-bit carry inside a batch, as well
+        // as anywhere.
+        iv in prop_oneof![
+            any::<[u8; 16]>(),
+            Just([0xff; 16]),
+            Just([0xfe; 16]),
+            Just([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4, 0xff, 0xff, 0xff, 0xf0]),
+        ],
         data in prop::collection::vec(any::<u8>(), 0..3000),
         cuts in prop::collection::vec(0usize..3000, 0..4),
     ) {

@@ -53,6 +53,79 @@ macro_rules! avx2_sm4 {
                 }
                 *words = transpose(v);
             }
+            let out = encrypt_words(rk, x);
+            for (g, v) in out.iter().enumerate() {
+                for (j, vj) in v.iter().enumerate() {
+                    let at = g * GROUP_BYTES + 32 * j;
+                    // SAFETY: at + 32 <= chunk.len(); unaligned store.
+                    unsafe { _mm256_storeu_si256(chunk[at..at + 32].as_mut_ptr().cast(), *vj) };
+                }
+            }
+        }
+
+        /// XORs into `data` the keystream of counter blocks `prefix || ctr`, `prefix
+        /// || ctr + 1`, ... (32-bit counter, wrapping).
+        ///
+        /// # Safety
+        /// The CPU supports every feature in the `target_feature` list.
+        #[target_feature(enable = $features)]
+        pub(in crate::x86) unsafe fn ctr32_xor(rk: &[u32; 32], counter: u128, data: &mut [u8]) {
+            let mut ctr = counter as u32;
+            let mut wide = data.chunks_exact_mut(GROUPS * GROUP_BYTES);
+            for chunk in &mut wide {
+                ctr32_groups::<GROUPS>(rk, counter, ctr, chunk);
+                ctr = ctr.wrapping_add((GROUPS * 8) as u32);
+            }
+            for chunk in wide.into_remainder().chunks_mut(GROUP_BYTES) {
+                if chunk.len() == GROUP_BYTES {
+                    ctr32_groups::<1>(rk, counter, ctr, chunk);
+                } else {
+                    let mut buf = [0u8; GROUP_BYTES];
+                    buf[..chunk.len()].copy_from_slice(chunk);
+                    ctr32_groups::<1>(rk, counter, ctr, &mut buf);
+                    chunk.copy_from_slice(&buf[..chunk.len()]);
+                }
+                ctr = ctr.wrapping_add(8);
+            }
+        }
+
+        /// Counter blocks built in transposed form: register dword 4L + p holds block
+        /// 2p + L.
+        #[target_feature(enable = $features)]
+        fn ctr32_groups<const G: usize>(rk: &[u32; 32], counter: u128, ctr: u32, chunk: &mut [u8]) {
+            assert_eq!(chunk.len(), G * GROUP_BYTES);
+            let offsets = _mm256_set_epi32(7, 5, 3, 1, 6, 4, 2, 0);
+            let word = |w: u32| _mm256_set1_epi32((counter >> (96 - 32 * w)) as u32 as i32);
+            let mut x = [[_mm256_setzero_si256(); 4]; G];
+            for (g, words) in x.iter_mut().enumerate() {
+                let base = _mm256_set1_epi32(ctr.wrapping_add(8 * g as u32) as i32);
+                *words = [word(0), word(1), word(2), _mm256_add_epi32(base, offsets)];
+            }
+            let out = encrypt_words(rk, x);
+            for (g, v) in out.iter().enumerate() {
+                for (j, vj) in v.iter().enumerate() {
+                    let at = g * GROUP_BYTES + 32 * j;
+                    let p = chunk[at..at + 32].as_mut_ptr();
+                    // SAFETY: at + 32 <= chunk.len() (asserted above); unaligned load
+                    // and store.
+                    unsafe {
+                        _mm256_storeu_si256(
+                            p.cast(),
+                            _mm256_xor_si256(*vj, _mm256_loadu_si256(p.cast())),
+                        )
+                    };
+                }
+            }
+        }
+
+        /// The 32 rounds on transposed words; returns the output blocks in memory
+        /// order (transposed back and byte-swapped).
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn encrypt_words<const G: usize>(
+            rk: &[u32; 32],
+            mut x: [[__m256i; 4]; G],
+        ) -> [[__m256i; 4]; G] {
             for &k in rk {
                 let k = _mm256_set1_epi32(k as i32);
                 for words in x.iter_mut() {
@@ -64,16 +137,12 @@ macro_rules! avx2_sm4 {
                     *words = [x1, x2, x3, _mm256_xor_si256(x0, linear(t))];
                 }
             }
-            for (g, words) in x.iter_mut().enumerate() {
+            for words in x.iter_mut() {
+                // Output is (X35, X34, X33, X32).
                 words.reverse();
-                let v = transpose(*words);
-                for (j, vj) in v.into_iter().enumerate() {
-                    let at = g * GROUP_BYTES + 32 * j;
-                    let out = _mm256_shuffle_epi8(vj, shuffle(BSWAP32));
-                    // SAFETY: at + 32 <= chunk.len(); unaligned store.
-                    unsafe { _mm256_storeu_si256(chunk[at..at + 32].as_mut_ptr().cast(), out) };
-                }
+                *words = transpose(*words).map(|v| _mm256_shuffle_epi8(v, shuffle(BSWAP32)));
             }
+            x
         }
 
         /// L, SM4's linear layer, on every 32-bit lane.

@@ -49,6 +49,76 @@ fn crypt_groups<const G: usize>(rk: &[u32; 32], chunk: &mut [u8]) {
         }
         *words = transpose(v);
     }
+    let out = encrypt_words(rk, x);
+    for (g, v) in out.iter().enumerate() {
+        for (j, vj) in v.iter().enumerate() {
+            let at = g * GROUP_BYTES + 64 * j;
+            // SAFETY: at + 64 <= chunk.len(); unaligned store.
+            unsafe { _mm512_storeu_si512(chunk[at..at + 64].as_mut_ptr().cast(), *vj) };
+        }
+    }
+}
+
+/// XORs into `data` the keystream of counter blocks `prefix || ctr`, `prefix ||
+/// ctr + 1`, ... (32-bit counter, wrapping), for GCM and (between carries) CTR.
+///
+/// # Safety
+/// The CPU supports avx512f, avx512bw, avx512vl and gfni.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,gfni")]
+pub(super) unsafe fn ctr32_xor(rk: &[u32; 32], counter: u128, data: &mut [u8]) {
+    let mut ctr = counter as u32;
+    let mut wide = data.chunks_exact_mut(GROUPS * GROUP_BYTES);
+    for chunk in &mut wide {
+        ctr32_groups::<GROUPS>(rk, counter, ctr, chunk);
+        ctr = ctr.wrapping_add((GROUPS * 16) as u32);
+    }
+    for chunk in wide.into_remainder().chunks_mut(GROUP_BYTES) {
+        if chunk.len() == GROUP_BYTES {
+            ctr32_groups::<1>(rk, counter, ctr, chunk);
+        } else {
+            let mut buf = [0u8; GROUP_BYTES];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            ctr32_groups::<1>(rk, counter, ctr, &mut buf);
+            chunk.copy_from_slice(&buf[..chunk.len()]);
+        }
+        ctr = ctr.wrapping_add(16);
+    }
+}
+
+/// The counter blocks are built directly in transposed form: three words are the
+/// same in every block, the fourth counts. Register dword 4L + p holds block 4p + L
+/// (see `transpose`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,gfni")]
+fn ctr32_groups<const G: usize>(rk: &[u32; 32], counter: u128, ctr: u32, chunk: &mut [u8]) {
+    assert_eq!(chunk.len(), G * GROUP_BYTES);
+    let offsets = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    let word = |w: u32| _mm512_set1_epi32((counter >> (96 - 32 * w)) as u32 as i32);
+    let mut x = [[_mm512_setzero_si512(); 4]; G];
+    for (g, words) in x.iter_mut().enumerate() {
+        let base = _mm512_set1_epi32(ctr.wrapping_add(16 * g as u32) as i32);
+        *words = [word(0), word(1), word(2), _mm512_add_epi32(base, offsets)];
+    }
+    let out = encrypt_words(rk, x);
+    for (g, v) in out.iter().enumerate() {
+        for (j, vj) in v.iter().enumerate() {
+            let at = g * GROUP_BYTES + 64 * j;
+            let p = chunk[at..at + 64].as_mut_ptr();
+            // SAFETY: at + 64 <= chunk.len() (asserted above); unaligned load and store.
+            unsafe {
+                _mm512_storeu_si512(
+                    p.cast(),
+                    _mm512_xor_si512(*vj, _mm512_loadu_si512(p.cast())),
+                )
+            };
+        }
+    }
+}
+
+/// The 32 rounds on transposed words; returns the output blocks in memory order
+/// (transposed back and byte-swapped), four registers per group.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,gfni")]
+fn encrypt_words<const G: usize>(rk: &[u32; 32], mut x: [[__m512i; 4]; G]) -> [[__m512i; 4]; G] {
     for &k in rk {
         let k = _mm512_set1_epi32(k as i32);
         for words in x.iter_mut() {
@@ -56,15 +126,12 @@ fn crypt_groups<const G: usize>(rk: &[u32; 32], chunk: &mut [u8]) {
             *words = [x1, x2, x3, round(x0, x1, x2, x3, k)];
         }
     }
-    for (g, words) in x.iter_mut().enumerate() {
+    for words in x.iter_mut() {
+        // Output is (X35, X34, X33, X32).
         words.reverse();
-        let v = transpose(*words);
-        for (j, vj) in v.into_iter().enumerate() {
-            let at = g * GROUP_BYTES + 64 * j;
-            // SAFETY: at + 64 <= chunk.len(); unaligned store.
-            unsafe { _mm512_storeu_si512(chunk[at..at + 64].as_mut_ptr().cast(), byteswap(vj)) };
-        }
+        *words = transpose(*words).map(|v| byteswap(v));
     }
+    x
 }
 
 /// X0 ^ L(τ(X1 ^ X2 ^ X3 ^ rk)).

@@ -37,6 +37,27 @@ pub(crate) fn crypt_blocks_avx2_aesni(rk: &[u32; 32], data: &mut [u8]) {
     unsafe { avx2::aesni::crypt_blocks(rk, data) }
 }
 
+/// SM4-CTR keystream (32-bit counter) XORed into `data` on AVX-512 + GFNI.
+pub(crate) fn ctr32_xor_avx512_gfni(rk: &[u32; 32], counter: u128, data: &mut [u8]) {
+    debug_assert!(crate::Backend::Avx512Gfni.is_available());
+    // SAFETY: as for crypt_blocks_avx512_gfni.
+    unsafe { gfni512::ctr32_xor(rk, counter, data) }
+}
+
+/// SM4-CTR keystream (32-bit counter) XORed into `data` on AVX2 + GFNI.
+pub(crate) fn ctr32_xor_avx2_gfni(rk: &[u32; 32], counter: u128, data: &mut [u8]) {
+    debug_assert!(crate::Backend::Avx2Gfni.is_available());
+    // SAFETY: as for crypt_blocks_avx2_gfni.
+    unsafe { avx2::gfni::ctr32_xor(rk, counter, data) }
+}
+
+/// SM4-CTR keystream (32-bit counter) XORed into `data` on AVX2 + AES-NI.
+pub(crate) fn ctr32_xor_avx2_aesni(rk: &[u32; 32], counter: u128, data: &mut [u8]) {
+    debug_assert!(crate::Backend::Avx2AesNi.is_available());
+    // SAFETY: as for crypt_blocks_avx2_aesni.
+    unsafe { avx2::aesni::ctr32_xor(rk, counter, data) }
+}
+
 /// Affine maps around the AES-field inversion that make up SM4's S-box:
 /// S(x) = POST . inv_aes(PRE . x + PRE_C) + POST_C (derived and checked by
 /// gm/tools/derive_sbox.py; the matrices are in GF2P8AFFINEQB's qword layout).
