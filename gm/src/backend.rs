@@ -15,10 +15,13 @@ pub enum Backend {
     /// multiplication.
     Portable,
     /// x86-64 AVX2 + AES-NI: the S-box through AESENCLAST and two affine maps,
-    /// 16 blocks at a time. GHASH with PCLMULQDQ.
+    /// 32 blocks at a time. GHASH with PCLMULQDQ.
     Avx2AesNi,
+    /// x86-64 AVX2 + VAES: as `Avx2AesNi` with one 256-bit AESENCLAST per register
+    /// (AMD Zen 3 has VAES but no GFNI). GHASH with PCLMULQDQ.
+    Avx2Vaes,
     /// x86-64 AVX2 + GFNI: the S-box as two GF(2^8) affine instructions on ymm,
-    /// 16 blocks at a time. GHASH with PCLMULQDQ.
+    /// 32 blocks at a time. GHASH with PCLMULQDQ.
     Avx2Gfni,
     /// x86-64 AVX-512 (F, BW, VL) + GFNI: as `Avx2Gfni` on zmm, 64 blocks at a time.
     /// GHASH with VPCLMULQDQ when present.
@@ -26,14 +29,15 @@ pub enum Backend {
 }
 
 /// The environment variable that forces a backend for the whole process
-/// (`portable`, `avx2-aesni`, `avx2-gfni`, `avx512-gfni`).
+/// (`portable`, `avx2-aesni`, `avx2-vaes`, `avx2-gfni`, `avx512-gfni`).
 pub const BACKEND_ENV: &str = "FERRY_GM_BACKEND";
 
 impl Backend {
     /// Every backend, fastest first.
-    pub const ALL: [Backend; 4] = [
+    pub const ALL: [Backend; 5] = [
         Backend::Avx512Gfni,
         Backend::Avx2Gfni,
+        Backend::Avx2Vaes,
         Backend::Avx2AesNi,
         Backend::Portable,
     ];
@@ -43,6 +47,7 @@ impl Backend {
         match self {
             Backend::Portable => "portable",
             Backend::Avx2AesNi => "avx2-aesni",
+            Backend::Avx2Vaes => "avx2-vaes",
             Backend::Avx2Gfni => "avx2-gfni",
             Backend::Avx512Gfni => "avx512-gfni",
         }
@@ -60,6 +65,12 @@ impl Backend {
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2AesNi => {
                 std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("aes")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2Vaes => {
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("aes")
+                    && std::is_x86_feature_detected!("vaes")
             }
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2Gfni => {
@@ -107,6 +118,8 @@ pub(crate) fn crypt_blocks(backend: Backend, rk: &[u32; 32], data: &mut [u8]) {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2AesNi => crate::x86::crypt_blocks_avx2_aesni(rk, data),
         #[cfg(target_arch = "x86_64")]
+        Backend::Avx2Vaes => crate::x86::crypt_blocks_avx2_vaes(rk, data),
+        #[cfg(target_arch = "x86_64")]
         Backend::Avx2Gfni => crate::x86::crypt_blocks_avx2_gfni(rk, data),
         #[cfg(target_arch = "x86_64")]
         Backend::Avx512Gfni => crate::x86::crypt_blocks_avx512_gfni(rk, data),
@@ -124,6 +137,8 @@ pub(crate) fn ctr32_xor(backend: Backend, rk: &[u32; 32], counter: u128, data: &
         Backend::Portable => crate::ctr::ctr32_xor_generic(backend, rk, counter, data),
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2AesNi => crate::x86::ctr32_xor_avx2_aesni(rk, counter, data),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2Vaes => crate::x86::ctr32_xor_avx2_vaes(rk, counter, data),
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2Gfni => crate::x86::ctr32_xor_avx2_gfni(rk, counter, data),
         #[cfg(target_arch = "x86_64")]

@@ -51,6 +51,21 @@ pub(crate) fn ctr32_xor_avx2_gfni(rk: &[u32; 32], counter: u128, data: &mut [u8]
     unsafe { avx2::gfni::ctr32_xor(rk, counter, data) }
 }
 
+/// SM4 on AVX2 + VAES.
+pub(crate) fn crypt_blocks_avx2_vaes(rk: &[u32; 32], data: &mut [u8]) {
+    debug_assert!(crate::Backend::Avx2Vaes.is_available());
+    // SAFETY: only reached for Backend::Avx2Vaes, which a cipher holds only after
+    // Backend::is_available confirmed avx2, aes and vaes.
+    unsafe { avx2::vaes::crypt_blocks(rk, data) }
+}
+
+/// SM4-CTR keystream (32-bit counter) XORed into `data` on AVX2 + VAES.
+pub(crate) fn ctr32_xor_avx2_vaes(rk: &[u32; 32], counter: u128, data: &mut [u8]) {
+    debug_assert!(crate::Backend::Avx2Vaes.is_available());
+    // SAFETY: as for crypt_blocks_avx2_vaes.
+    unsafe { avx2::vaes::ctr32_xor(rk, counter, data) }
+}
+
 /// SM4-CTR keystream (32-bit counter) XORed into `data` on AVX2 + AES-NI.
 pub(crate) fn ctr32_xor_avx2_aesni(rk: &[u32; 32], counter: u128, data: &mut [u8]) {
     debug_assert!(crate::Backend::Avx2AesNi.is_available());
