@@ -8,6 +8,7 @@ use crate::ctr::{self, Increment};
 use crate::ghash::{Ghash, GhashBackend, GhashKey};
 use crate::{Backend, Error, Sm4};
 use subtle::ConstantTimeEq;
+use zeroize::Zeroize;
 
 /// Nonce length in bytes.
 pub const NONCE_LEN: usize = 12;
@@ -52,6 +53,7 @@ impl Sm4Gcm {
         let mut h = [0u8; 16];
         cipher.encrypt_block(&mut h);
         let ghash = GhashKey::new(&h, GhashBackend::for_backend(cipher.backend()));
+        h.zeroize();
         Sm4Gcm { cipher, ghash }
     }
 

@@ -9,6 +9,7 @@
 //! reach a kept bit), as in BearSSL's ghash_ctmul64; the reduction is shifts and XORs.
 
 use crate::backend::Backend;
+use zeroize::Zeroize;
 
 /// Powers of H kept for aggregated (one reduction per many blocks) hashing.
 pub(crate) const POWERS: usize = 16;
@@ -53,11 +54,18 @@ impl GhashBackend {
     }
 }
 
-/// H and its powers, in POLYVAL form: `powers[i]` is H^(i+1).
+/// H and its powers, in POLYVAL form: `powers[i]` is H^(i+1). Wiped on drop (H is as
+/// secret as the key for forging tags).
 #[derive(Clone)]
 pub(crate) struct GhashKey {
     powers: [u128; POWERS],
     backend: GhashBackend,
+}
+
+impl Drop for GhashKey {
+    fn drop(&mut self) {
+        self.powers.zeroize();
+    }
 }
 
 impl GhashKey {

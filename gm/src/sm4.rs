@@ -7,16 +7,24 @@
 use crate::backend::{self, Backend};
 use crate::portable::sbox_word;
 use crate::Error;
+use zeroize::Zeroize;
 
 /// System parameter FK.
 const FK: [u32; 4] = [0xa3b1_bac6, 0x56aa_3350, 0x677d_9197, 0xb270_22dc];
 
-/// SM4 with an expanded key, bound to one backend.
+/// SM4 with an expanded key, bound to one backend. The round keys are wiped on drop.
 #[derive(Clone)]
 pub struct Sm4 {
     rk_enc: [u32; 32],
     rk_dec: [u32; 32],
     backend: Backend,
+}
+
+impl Drop for Sm4 {
+    fn drop(&mut self) {
+        self.rk_enc.zeroize();
+        self.rk_dec.zeroize();
+    }
 }
 
 impl core::fmt::Debug for Sm4 {
@@ -104,6 +112,7 @@ fn key_schedule(key: &[u8; 16]) -> [u32; 32] {
         k[i % 4] ^= b ^ b.rotate_left(13) ^ b.rotate_left(23);
         *r = k[i % 4];
     }
+    k.zeroize();
     rk
 }
 
