@@ -6,6 +6,11 @@
 #
 #   ./scripts/demo.sh                      # ./demo-data, NBD on 127.0.0.1:10809, async
 #   MODE=sync DEMO_DIR=/tmp/x NBD=127.0.0.1:20809 ./scripts/demo.sh
+#
+# A rerun reuses the cluster in DEMO_DIR (and says so): whichever node is the primary
+# now (after a switchover or a promote) takes the writes. FERRY_BIN=DIR uses binaries
+# already built there instead of building; DEMO_ONESHOT=1 stops both daemons after the
+# check instead of waiting for Ctrl-C (the test that runs this script uses both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-$PWD/demo-data}
@@ -15,67 +20,120 @@ STANDBY_QUIC=${STANDBY_QUIC:-127.0.0.1:17002}
 MODE=${MODE:-async}
 VOLUME=${VOLUME:-vol0:1GiB}
 VOL=${VOLUME%%:*}
+NODES=(primary dr1)
 
-cargo build --release -q -p ferryd -p ferryctl
-BIN=$PWD/target/release
-if [ ! -f "$DEMO_DIR/primary.toml" ]; then
+if [ -n "${FERRY_BIN:-}" ]; then
+  BIN=$FERRY_BIN
+else
+  cargo build --release -q -p ferryd -p ferryctl
+  # Wherever cargo puts its output: CARGO_TARGET_DIR, build.target-dir, or ./target.
+  BIN=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release
+fi
+for b in ferryd ferryctl; do
+  [ -x "$BIN/$b" ] || { echo "demo: $BIN/$b is missing" >&2; exit 1; }
+done
+
+if [ -f "$DEMO_DIR/primary.toml" ]; then
+  echo "== reusing the cluster in $DEMO_DIR (delete that directory for a fresh one)"
+else
   "$BIN/ferryctl" init --dir "$DEMO_DIR" --volume "$VOLUME" --nbd "$NBD" --journal-size 512MiB \
     --primary "$PRIMARY_QUIC" --standby "dr1=$STANDBY_QUIC" --mode "$MODE"
 fi
-"$BIN/ferryd" --config "$DEMO_DIR/dr1.toml" 2>"$DEMO_DIR/dr1.log" &
-SPID=$!
-"$BIN/ferryd" --config "$DEMO_DIR/primary.toml" 2>"$DEMO_DIR/primary.log" &
-PPID_=$!
-trap 'kill -TERM $PPID_ $SPID 2>/dev/null; wait $PPID_ $SPID 2>/dev/null; echo "ferryd stopped"' EXIT
-for sock in primary/ferryd.sock dr1/ferryd.sock; do
-  for _ in $(seq 100); do
-    [ -S "$DEMO_DIR/$sock" ] && break
-    kill -0 $PPID_ 2>/dev/null && kill -0 $SPID 2>/dev/null || { tail -5 "$DEMO_DIR"/*.log; exit 1; }
+
+# Every ferryd running one of this cluster's configs, also one restarted by hand after
+# the `kill -9` suggested below: Ctrl-C stops them all.
+demo_pids() {
+  local n
+  for n in "${NODES[@]}"; do pgrep -f -- "ferryd --config $DEMO_DIR/$n.toml" || true; done
+}
+stop_all() {
+  local pids
+  pids=$(demo_pids)
+  if [ -n "$pids" ]; then
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 300); do
+      [ -z "$(demo_pids)" ] && break
+      sleep 0.1
+    done
+  fi
+  echo "ferryd stopped"
+}
+if [ -n "$(demo_pids)" ]; then
+  echo "demo: ferryd already runs on $DEMO_DIR (pids $(demo_pids | tr '\n' ' ')); stop it first" >&2
+  exit 1
+fi
+for n in "${NODES[@]}"; do
+  "$BIN/ferryd" --config "$DEMO_DIR/$n.toml" 2>>"$DEMO_DIR/$n.log" &
+done
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
+ctl() { "$BIN/ferryctl" --config "$DEMO_DIR/$1.toml" "${@:2}"; }
+json_field() { python3 -c 'import json, sys; print(json.load(sys.stdin)'"$1"')'; }
+for n in "${NODES[@]}"; do
+  for i in $(seq 150); do
+    ctl "$n" status --json >/dev/null 2>&1 && break
+    [ "$i" = 150 ] && { echo "demo: $n did not come up; its log:" >&2; tail -5 "$DEMO_DIR/$n.log" >&2; exit 1; }
     sleep 0.1
   done
 done
+# The primary is whichever node says so now: a switchover or promote swaps the roles.
+PRIMARY='' STANDBY=''
+for n in "${NODES[@]}"; do
+  case $(ctl "$n" status --json | json_field '["role"]') in
+    primary) PRIMARY=$n ;;
+    *) STANDBY=$n ;;
+  esac
+done
+if [ -z "$PRIMARY" ] || [ -z "$STANDBY" ]; then
+  echo "demo: expected one primary and one standby in $DEMO_DIR; status says otherwise:" >&2
+  for n in "${NODES[@]}"; do ctl "$n" status >&2 || true; done
+  exit 1
+fi
+
 URL="nbd://$NBD/$VOL"
-P="$BIN/ferryctl --config $DEMO_DIR/primary.toml"
-S="$BIN/ferryctl --config $DEMO_DIR/dr1.toml"
-echo "== primary serves $URL; standby dr1 listens on $STANDBY_QUIC ($MODE)"
+P="$BIN/ferryctl --config $DEMO_DIR/$PRIMARY.toml"
+S="$BIN/ferryctl --config $DEMO_DIR/$STANDBY.toml"
+echo "== $PRIMARY (primary) serves $URL; $STANDBY is its standby"
 if command -v qemu-io >/dev/null; then
   echo "== writing 64 MiB of patterns through qemu-io"
   qemu-io -f raw -c 'write -P 0x5a 0 32M' -c 'write -P 0xa5 512M 32M' -c flush "$URL" | grep -E '^wrote'
 fi
 echo "== waiting for the standby to acknowledge and apply everything"
-for _ in $(seq 600); do
-  lag=$($P status --json | python3 -c 'import json,sys; t=json.load(sys.stdin)["targets"][0]; print(t["lag_bytes"], t["state"])')
-  [ "${lag%% *}" = 0 ] && break
+durable_p=$($P status --json | json_field '["durable_seq"]')
+for i in $(seq 600); do
+  applied_s=$($S status --json | json_field '["applied_seq"]')
+  [ "$applied_s" -ge "$durable_p" ] && break
+  [ "$i" = 600 ] && { echo "demo: the standby applied $applied_s of $durable_p after 60 s" >&2; exit 1; }
   sleep 0.1
 done
-applied_p=$($P status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["durable_seq"])')
-for _ in $(seq 600); do
-  applied_s=$($S status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["applied_seq"])')
-  [ "$applied_s" -ge "$applied_p" ] && break
-  sleep 0.1
-done
-echo "== status (primary, then standby)"
+echo "== status ($PRIMARY, then $STANDBY)"
 $P status
 $S status
-if cmp -s "$DEMO_DIR/primary/$VOL.img" "$DEMO_DIR/dr1/$VOL.img"; then
+if cmp -s "$DEMO_DIR/$PRIMARY/$VOL.img" "$DEMO_DIR/$STANDBY/$VOL.img"; then
   echo "== replica is byte-identical to the primary's volume"
 else
   echo "== replica differs from the primary's volume!" >&2
   exit 1
 fi
+[ "${DEMO_ONESHOT:-}" = 1 ] && exit 0
 cat <<MSG
 
 Try next (in another terminal):
   qemu-io -f raw -c 'write -P 0xab 1M 4k' -c 'read -v 1M 16' $URL
   $P status          $S status --json
-  kill -9 $SPID      # stop the standby, write more, restart it: it catches up from the journal
-  cmp $DEMO_DIR/primary/$VOL.img $DEMO_DIR/dr1/$VOL.img
+  pkill -9 -f 'ferryd --config $DEMO_DIR/$STANDBY.toml'   # kill the standby, write more, then restart it:
+  $BIN/ferryd --config $DEMO_DIR/$STANDBY.toml 2>>$DEMO_DIR/$STANDBY.log &   # it catches up from the journal
+  cmp $DEMO_DIR/$PRIMARY/$VOL.img $DEMO_DIR/$STANDBY/$VOL.img
   $P verify                                  # compare both sides at one point, writes may continue
   $P bookmark create before-test             # a named recovery point, then write more and:
   $S pit export --volume $VOL --bookmark before-test --listen 127.0.0.1:0   # the volume as it was
   $S pit unexport
-  $P switchover      # planned role swap: dr1 becomes the primary (NBD on $NBD of its host), this one its standby
+  $P switchover      # planned role swap: $STANDBY becomes the primary (NBD on $NBD), this one its standby;
+                     # rerun this script afterwards and it writes through the new primary
 
-Ctrl-C stops both daemons cleanly (drain, checkpoint, exit 0).
+Ctrl-C stops both daemons cleanly (drain, checkpoint, exit 0), also one restarted by hand.
 MSG
-wait $PPID_ $SPID
+while [ -n "$(demo_pids)" ]; do sleep 1; done

@@ -13,25 +13,7 @@ use crate::config::{
 };
 use crate::size::ByteSize;
 
-/// Is `tool` on PATH? Tests that need a missing tool print a loud SKIP line.
-pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// Prints the loud skip message; returns true when the tool is missing.
-pub fn skip_without(tool: &str, test: &str) -> bool {
-    if have(tool) {
-        return false;
-    }
-    eprintln!("\n!!!! SKIP {test}: `{tool}` is not installed (.ci/run installs it) !!!!\n");
-    true
-}
+pub use ferry_testkit::{have, skip, skip_without};
 
 /// Writes a primary config under `dir` (volumes created sparse), NBD on an OS port.
 pub fn primary_config(

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use ferryd::testkit::{primary_config, run, skip_without, Attached, Node};
+use ferryd::testkit::{primary_config, run, skip, skip_without, Attached, Node};
 
 const MIB: u64 = 1 << 20;
 
@@ -35,8 +35,9 @@ fn ext4_on_a_ferry_volume_survives_sigkill() {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
-        eprintln!(
-            "\n!!!! SKIP ext4_on_a_ferry_volume_survives_sigkill: needs root and /dev/fuse !!!!\n"
+        skip(
+            "ext4_on_a_ferry_volume_survives_sigkill",
+            "needs root and /dev/fuse",
         );
         return;
     }

@@ -423,7 +423,7 @@ fn io_uring_with_linked_fdatasync() {
     let eng = match UringEngine::new_linked_fsync(1 << 20) {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("SKIP io_uring linked-fsync test: {e}");
+            ferry_testkit::skip("io_uring_with_linked_fdatasync", &e.to_string());
             return;
         }
     };
@@ -578,7 +578,10 @@ fn pipelined_completions_stay_in_order_under_many_appenders() {
     if engine::probe_io_uring().is_ok() {
         variants.push("io_uring");
     } else {
-        eprintln!("SKIP io_uring variant: io_uring unavailable");
+        ferry_testkit::skip(
+            "pipelined_completions_stay_in_order_under_many_appenders (io_uring variant)",
+            "io_uring unavailable",
+        );
     }
     for variant in variants {
         let dir = tempfile::tempdir().unwrap();
@@ -724,7 +727,7 @@ fn uring_engine_two_writes_in_flight() {
     let mut eng = match UringEngine::with_depth(1 << 16, 2, true) {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("SKIP io_uring engine test: {e}");
+            ferry_testkit::skip("uring_engine_two_writes_in_flight", &e.to_string());
             return;
         }
     };

@@ -1,20 +1,20 @@
-//! `ferry-transport`: ferry's replication transport.
-//!
-//! * [`wire`] — versioned, checksummed frames and a streaming decoder (no IO).
-//! * [`session`] — sender (primary) and receiver (standby) state machines and
-//!   handshake validation (no IO, no clock: times are arguments).
+//! `ferry-transport`: ferry's replication transport (the IO half).
 //!
 //! * [`pki`] — the cluster CA and node certificates (rcgen, PEM files).
 //! * [`quic`] — quinn/rustls glue: mutual TLS 1.3 with cluster-membership
 //!   checks, framed streams, the Hello exchange, reconnect backoff.
 //!
-//! The QUIC glue only moves bytes; all protocol decisions stay in `wire` and
-//! `session` so they can be tested and fuzzed deterministically. Byte layouts
-//! and semantics: `PROTOCOL.md`.
+//! The QUIC glue only moves bytes; all protocol decisions live in the pure
+//! `ferry-proto` crate (wire format, session state machines) so they can be
+//! tested and fuzzed deterministically. Byte layouts and semantics:
+//! `proto/PROTOCOL.md`.
 
 #![forbid(unsafe_code)]
 
 pub mod pki;
 pub mod quic;
-pub mod session;
-pub mod wire;
+
+/// Re-exported so `ferry_transport::wire::…` / `ferry_transport::session::…`
+/// paths in ferryd, ferryctl and the benches keep compiling; new code should
+/// name `ferry_proto` directly.
+pub use ferry_proto::{session, wire};

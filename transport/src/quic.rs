@@ -35,8 +35,8 @@ use rustls::{
 use thiserror::Error;
 
 use crate::pki::{self, cluster_hex, NodeIdentity, PkiError};
-use crate::session::{validate_hello, HandshakeError, LocalIdentity, Negotiated};
-use crate::wire::{
+use ferry_proto::session::{validate_hello, HandshakeError, LocalIdentity, Negotiated};
+use ferry_proto::wire::{
     encode, encode_write_set_vectored, DecodeError, EncodeError, ErrorCode, ErrorFrame, Frame,
     FrameDecoder, Hello, HelloAck, Seq, WriteSet, MAX_PAYLOAD_LEN,
 };
@@ -687,7 +687,7 @@ pub async fn close_with_error(
     err: &QuicError,
 ) {
     let mut reason = err.to_string();
-    let mut cut = reason.len().min(crate::wire::MAX_REASON_LEN);
+    let mut cut = reason.len().min(ferry_proto::wire::MAX_REASON_LEN);
     while !reason.is_char_boundary(cut) {
         cut -= 1;
     }

@@ -15,7 +15,9 @@ pub fn engines() -> Vec<EngineChoice> {
     let mut v = vec![EngineChoice::Std];
     match ferry_journal::engine::probe_io_uring() {
         Ok(()) => v.push(EngineChoice::IoUring),
-        Err(reason) => eprintln!("SKIP io_uring variant: {reason}"),
+        Err(reason) => {
+            ferry_testkit::skip("io_uring variant", &reason.to_string());
+        }
     }
     v
 }

@@ -1,8 +1,8 @@
 //! Session state machine cases: one test per behaviour.
 
 use bytes::Bytes;
-use ferry_transport::session::*;
-use ferry_transport::wire::*;
+use ferry_proto::session::*;
+use ferry_proto::wire::*;
 
 const EPOCH: Epoch = 5;
 

@@ -5,8 +5,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferryd::nbd::testclient::TestServer;
-use ferryd::nbd::{FileExport, MapRegistry, MemExport, ServerConfig};
+use ferry_nbd::testclient::TestServer;
+use ferry_nbd::{FileExport, MapRegistry, MemExport, ServerConfig};
 
 const SIZE: usize = 8 << 20;
 
@@ -39,9 +39,9 @@ fn run(tool: &str, args: &[&str]) -> (bool, String) {
 
 fn cfg() -> ServerConfig {
     ServerConfig {
-        max_payload: 32 << 20,
         max_inflight_per_conn: 128,
         shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
     }
 }
 
@@ -174,7 +174,7 @@ fn nbdinfo_lists_and_describes_exports() {
     assert!(ok, "{out}");
     assert!(out.contains("export-size: 8388608"), "{out}");
     assert!(out.contains("can_multi_conn: true"), "{out}");
-    assert!(out.contains("block_size_maximum: 33554432"), "{out}");
+    assert!(out.contains("block_size_maximum: 67108864"), "{out}");
     let (ok, out) = run("nbdinfo", &["--size", &srv.uri("missing")]);
     assert!(!ok, "unknown export must fail: {out}");
 }

@@ -2,7 +2,7 @@
 //!
 //! Every frame is a fixed 32-byte little-endian header followed by a payload
 //! whose layout depends on the frame type. The byte layouts are documented in
-//! `transport/PROTOCOL.md`; the header is:
+//! `proto/PROTOCOL.md`; the header is:
 //!
 //! ```text
 //!  0      4        6      8       10        12         20           24            28           32

@@ -3,7 +3,7 @@
 //! version (wire::ProtocolVersion) instead of editing the expected bytes.
 
 use bytes::Bytes;
-use ferry_transport::wire::{
+use ferry_proto::wire::{
     decode, encode, Ack, DigestRequest, Frame, Handover, HandoverAck, Hello, ResyncBegin,
     ResyncData, ResyncEnd, ResyncExtent, Role, VolumeGeometry, MAX_SUPPORTED_VERSION,
 };

@@ -3,7 +3,7 @@
 //! re-checksummed corrupt input.
 
 use bytes::{Bytes, BytesMut};
-use ferry_transport::wire::*;
+use ferry_proto::wire::*;
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------

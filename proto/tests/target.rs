@@ -1,0 +1,761 @@
+//! One test per row of the decision tables in `ferry_proto::target` (module docs):
+//! where a session resumes, tracking and the journal floor, degraded, handover.
+
+use std::time::Duration;
+
+use ferry_proto::session::{HandshakeError, Negotiated};
+use ferry_proto::target::*;
+use ferry_proto::wire::Seq;
+
+const EPOCH: u64 = 9;
+
+fn target(mode: SyncMode) -> TargetLifecycle {
+    TargetLifecycle::new("dr1", mode, 0, false)
+}
+
+fn hello(peer_resume: Seq, first_available: Seq, durable: Seq) -> HelloInput {
+    HelloInput {
+        negotiated: Negotiated { version: 1 },
+        epoch: EPOCH,
+        peer_resume,
+        journal: JournalView {
+            first_available,
+            durable,
+        },
+        fork: None,
+    }
+}
+
+fn with_fork(mut h: HelloInput, seq: Seq, rejoined: bool) -> HelloInput {
+    h.fork = Some(ForkView { seq, rejoined });
+    h
+}
+
+/// Connects `t` with a standby at `resume`, primary journal `first..=durable`.
+fn connect(t: &mut TargetLifecycle, resume: Seq, first: Seq, durable: Seq) -> SessionStart {
+    t.connecting();
+    let plan = t.plan_hello(&hello(resume, first, durable)).expect("plan");
+    match t.begin_full_switch(&plan).expect("no switch in progress") {
+        Some(FullSwitch::Create(sw)) => {
+            assert_eq!(sw.base, resume);
+            t.bitmap_entered(durable);
+        }
+        Some(FullSwitch::MarkAll) | None => {}
+    }
+    t.session_started(&plan, resume, durable)
+}
+
+/// A target tracked in a bitmap after `base`, durably marked through `flushed`.
+fn in_bitmap(base: Seq, flushed: Seq) -> TargetLifecycle {
+    let mut t = target(SyncMode::Sync);
+    t.reopened_in_bitmap(base, flushed);
+    t
+}
+
+// ---------------------------------------------------------------------------
+// plan_hello: rows 1–7
+
+#[test]
+fn row1_failback_past_the_fork_beyond_this_history_is_refused() {
+    let t = target(SyncMode::Sync);
+    let err = t
+        .plan_hello(&with_fork(hello(120, 1, 110), 100, false))
+        .unwrap_err();
+    match err {
+        HandshakeError::ForkDiverged(msg) => {
+            assert!(
+                msg.contains("node 'dr1' holds sequences up to 120"),
+                "{msg}"
+            );
+            assert!(msg.contains("fork at 100"), "{msg}");
+            assert!(msg.contains("this primary is at 110"), "{msg}");
+        }
+        other => panic!("expected ForkDiverged, got {other:?}"),
+    }
+}
+
+#[test]
+fn row2_failback_past_the_fork_is_a_full_resync() {
+    let t = target(SyncMode::Sync);
+    let plan = t
+        .plan_hello(&with_fork(hello(105, 50, 110), 100, false))
+        .expect("plan");
+    assert_eq!(
+        plan.start,
+        PlanStart::Resync {
+            full: Some(FullReason::Failback { fork: 100 })
+        }
+    );
+    assert_eq!(plan.ack.resume_seq, 105);
+    assert_eq!(plan.ack.epoch, EPOCH);
+    assert!(plan.record_rejoined);
+}
+
+#[test]
+fn failback_rule_ignores_a_rejoined_target_or_one_at_the_fork() {
+    let t = target(SyncMode::Sync);
+    // Rejoined since the fork: its journal past the fork is this history's.
+    let plan = t
+        .plan_hello(&with_fork(hello(105, 50, 110), 100, true))
+        .expect("plan");
+    assert_eq!(plan.start, PlanStart::Stream);
+    assert!(plan.record_rejoined);
+    // Not rejoined, but it holds nothing past the fork.
+    let plan = t
+        .plan_hello(&with_fork(hello(100, 50, 110), 100, false))
+        .expect("plan");
+    assert_eq!(plan.start, PlanStart::Stream);
+    assert!(plan.record_rejoined);
+}
+
+#[test]
+fn row3_bitmap_target_beyond_the_primary_is_refused() {
+    let t = in_bitmap(10, 20);
+    let err = t.plan_hello(&hello(31, 25, 30)).unwrap_err();
+    assert_eq!(
+        err,
+        HandshakeError::Diverged {
+            resume: 31,
+            last: 30
+        }
+    );
+}
+
+#[test]
+fn row4_bitmap_target_resyncs_from_anywhere() {
+    // Its next record was released long ago: the copy replaces it.
+    let t = in_bitmap(10, 20);
+    let plan = t.plan_hello(&hello(5, 25, 30)).expect("plan");
+    assert_eq!(plan.start, PlanStart::Resync { full: None });
+    assert_eq!(plan.ack.resume_seq, 5);
+    assert!(!plan.record_rejoined);
+}
+
+#[test]
+fn row5_streaming_target_beyond_the_primary_is_refused() {
+    let t = target(SyncMode::Sync);
+    let err = t.plan_hello(&hello(31, 1, 30)).unwrap_err();
+    assert_eq!(
+        err,
+        HandshakeError::Diverged {
+            resume: 31,
+            last: 30
+        }
+    );
+}
+
+#[test]
+fn row6_released_resume_point_is_a_full_resync() {
+    let t = target(SyncMode::Sync);
+    let plan = t.plan_hello(&hello(10, 12, 30)).expect("plan");
+    assert_eq!(
+        plan.start,
+        PlanStart::Resync {
+            full: Some(FullReason::JournalReleased)
+        }
+    );
+    assert_eq!(plan.ack.resume_seq, 10);
+}
+
+#[test]
+fn row7_streaming_target_resumes_after_its_position() {
+    let t = target(SyncMode::Sync);
+    // The next record (11) is the oldest held.
+    let plan = t.plan_hello(&hello(10, 11, 30)).expect("plan");
+    assert_eq!(plan.start, PlanStart::Stream);
+    // Caught up: nothing to read, even if everything it holds was released.
+    let plan = t.plan_hello(&hello(30, 31, 30)).expect("plan");
+    assert_eq!(plan.start, PlanStart::Stream);
+}
+
+#[test]
+fn row7_a_switching_target_still_streams() {
+    let mut t = target(SyncMode::Sync);
+    t.begin_overflow_switch().expect("switch");
+    let plan = t.plan_hello(&hello(10, 11, 30)).expect("plan");
+    assert_eq!(plan.start, PlanStart::Stream);
+}
+
+// ---------------------------------------------------------------------------
+// Session start and end
+
+#[test]
+fn stream_plan_streams_after_the_standby_position() {
+    let mut t = target(SyncMode::Sync);
+    assert_eq!(t.phase(), TargetPhase::Connecting);
+    assert_eq!(
+        connect(&mut t, 10, 1, 30),
+        SessionStart::Stream { after: 10 }
+    );
+    assert_eq!(t.phase(), TargetPhase::Streaming);
+    assert_eq!(t.phase().as_str(), "streaming");
+    assert_eq!((t.acked(), t.applied()), (10, 10));
+}
+
+#[test]
+fn full_resync_switches_a_streaming_target_with_every_region_dirty() {
+    let mut t = target(SyncMode::Async);
+    let plan = t.plan_hello(&hello(10, 12, 30)).expect("plan");
+    let Ok(Some(FullSwitch::Create(sw))) = t.begin_full_switch(&plan) else {
+        panic!("expected a switch")
+    };
+    assert_eq!(
+        sw,
+        SwitchToBitmap {
+            base: 10,
+            kind: SwitchKind::Full
+        }
+    );
+    assert!(sw.all_dirty());
+    // The session that asked for it goes on to resync: not ended.
+    assert_eq!(t.bitmap_entered(30), BitmapEntered { end_session: false });
+    assert_eq!(
+        t.session_started(&plan, 10, 30),
+        SessionStart::Resync { from: 10 }
+    );
+    assert_eq!(t.phase(), TargetPhase::Resyncing);
+    assert_eq!(t.effective_mode(), EffectiveMode::Degraded);
+}
+
+#[test]
+fn failback_onto_a_target_in_bitmap_mode_marks_every_region() {
+    // Its maps start at its old ack (50) and hold only this history's writes; the
+    // old primary's own writes past the fork (101..=105) are in none of them.
+    let mut t = in_bitmap(50, 60);
+    let plan = t
+        .plan_hello(&with_fork(hello(105, 50, 110), 100, false))
+        .expect("plan");
+    assert_eq!(t.begin_full_switch(&plan), Ok(Some(FullSwitch::MarkAll)));
+    assert_eq!(
+        t.tracking(),
+        Tracking::Bitmap {
+            base: 50,
+            flushed_through: 60
+        }
+    );
+    assert_eq!(
+        t.session_started(&plan, 105, 110),
+        SessionStart::Resync { from: 105 }
+    );
+}
+
+#[test]
+fn full_resync_while_an_overflow_switch_creates_the_maps_retries() {
+    let mut t = target(SyncMode::Sync);
+    let plan = t.plan_hello(&hello(10, 12, 30)).expect("plan");
+    t.begin_overflow_switch().expect("switch");
+    assert_eq!(t.begin_full_switch(&plan), Err(SwitchInProgress));
+}
+
+#[test]
+fn no_full_switch_without_a_full_resync() {
+    let mut t = in_bitmap(10, 20);
+    let plan = t.plan_hello(&hello(15, 25, 30)).expect("plan");
+    assert_eq!(t.begin_full_switch(&plan), Ok(None));
+    let mut t = target(SyncMode::Sync);
+    let plan = t.plan_hello(&hello(15, 1, 30)).expect("plan");
+    assert_eq!(t.begin_full_switch(&plan), Ok(None));
+}
+
+#[test]
+fn a_failed_full_switch_leaves_the_target_streaming_without_retry_pause() {
+    let mut t = target(SyncMode::Sync);
+    let plan = t.plan_hello(&hello(10, 12, 30)).expect("plan");
+    assert!(matches!(
+        t.begin_full_switch(&plan),
+        Ok(Some(FullSwitch::Create(_)))
+    ));
+    t.switch_failed(Duration::from_secs(1));
+    assert_eq!(t.tracking(), Tracking::Streaming);
+    assert_eq!(t.switch_candidate(100, Duration::from_secs(1)), Some(0));
+}
+
+#[test]
+fn session_end_reverts_an_unfinished_resync_to_bitmap() {
+    let mut t = in_bitmap(10, 20);
+    assert_eq!(
+        connect(&mut t, 10, 25, 30),
+        SessionStart::Resync { from: 10 }
+    );
+    t.resync_begin(10, 28).expect("begin");
+    let end = t.session_ended(Some("link lost".into()));
+    assert_eq!(
+        end,
+        SessionEnd {
+            resync_interrupted: true,
+            handover_failed: false
+        }
+    );
+    assert_eq!(
+        t.tracking(),
+        Tracking::Bitmap {
+            base: 10,
+            flushed_through: 20
+        }
+    );
+    assert_eq!(t.phase(), TargetPhase::Disconnected);
+    assert_eq!(t.snapshot().last_error.as_deref(), Some("link lost"));
+    // The next session clears the error.
+    connect(&mut t, 10, 25, 30);
+    assert_eq!(t.snapshot().last_error, None);
+}
+
+#[test]
+fn stopped_stays_stopped() {
+    let mut t = target(SyncMode::Sync);
+    t.stopped();
+    t.connecting();
+    t.session_ended(None);
+    assert_eq!(t.phase().as_str(), "stopped");
+}
+
+// ---------------------------------------------------------------------------
+// Resync
+
+#[test]
+fn resync_waits_until_the_primary_applied_the_standby_position() {
+    let mut t = in_bitmap(10, 20);
+    connect(&mut t, 15, 25, 30);
+    assert_eq!(
+        t.resync_begin(15, 14),
+        Err(ResyncRefused::NotApplied {
+            from: 15,
+            applied: 14
+        })
+    );
+    let start = t.resync_begin(15, 29).expect("begin");
+    assert_eq!(
+        start,
+        ResyncStart {
+            from: 15,
+            snapshot: 29,
+            mark_all: false
+        }
+    );
+}
+
+#[test]
+fn resync_refused_when_not_in_bitmap_mode() {
+    let mut t = target(SyncMode::Sync);
+    assert_eq!(t.resync_begin(5, 10), Err(ResyncRefused::NotInBitmap));
+}
+
+#[test]
+fn standby_behind_the_maps_start_gets_every_region() {
+    let mut t = in_bitmap(10, 20);
+    connect(&mut t, 7, 25, 30);
+    let start = t.resync_begin(7, 29).expect("begin");
+    assert!(start.mark_all);
+    match t.tracking() {
+        Tracking::Resyncing { base, .. } => assert_eq!(base, 7),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn resync_completes_only_once_an_ack_covers_its_end_point() {
+    let mut t = in_bitmap(10, 20);
+    connect(&mut t, 10, 25, 30);
+    let start = t.resync_begin(10, 28).expect("begin");
+    // Acks during the copy are ignored.
+    assert_eq!(t.on_ack(12, 12, 31), AckOutcome::default());
+    assert_eq!(t.acked(), 10);
+    assert_eq!(
+        t.resync_copied(33, 33),
+        SessionStart::Stream {
+            after: start.snapshot
+        }
+    );
+    assert_eq!(t.phase(), TargetPhase::Streaming);
+    assert_eq!(t.tracking().as_str(), "resyncing");
+    assert!(!t.on_ack(32, 30, 40).resync_complete);
+    assert!(t.on_ack(33, 33, 40).resync_complete);
+    assert_eq!(t.tracking(), Tracking::Streaming);
+    assert_eq!(
+        t.snapshot().points_lost,
+        Some(LostPoints {
+            after: 10,
+            through: Some(33)
+        })
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Journal floor and overflow
+
+#[test]
+fn floor_streaming_and_switching_is_the_ack() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    assert_eq!(t.floor(), 10);
+    t.begin_overflow_switch().expect("switch");
+    assert_eq!(t.floor(), 10);
+}
+
+#[test]
+fn floor_in_bitmap_mode_is_the_durably_marked_position() {
+    let mut t = in_bitmap(10, 20);
+    assert_eq!(t.floor(), 20);
+    t.marks_flushed(27);
+    assert_eq!(t.floor(), 27);
+}
+
+#[test]
+fn floor_while_resyncing_is_held_at_the_snapshot_or_the_ack() {
+    let mut t = in_bitmap(10, 40);
+    connect(&mut t, 10, 25, 30);
+    t.resync_begin(10, 28).expect("begin");
+    assert_eq!(t.floor(), 28); // min(40, max(28, 10))
+    t.resync_copied(35, 35);
+    t.on_ack(33, 33, 36);
+    assert_eq!(t.floor(), 33); // min(40, max(28, 33))
+    t.marks_flushed(31);
+    assert_eq!(t.floor(), 31); // a mark not yet durable holds the journal
+    t.on_ack(35, 35, 36); // complete: back to the ack
+    assert_eq!(t.floor(), 35);
+}
+
+#[test]
+fn marks_flushed_is_ignored_while_streaming() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    t.marks_flushed(99);
+    assert_eq!(t.floor(), 10);
+}
+
+#[test]
+fn journal_thresholds() {
+    let fill = |used| JournalFill {
+        used_bytes: used,
+        capacity_bytes: 1000,
+    };
+    assert!(!fill(499).flush_pressure());
+    assert!(fill(500).flush_pressure());
+    assert!(!fill(749).overflowing());
+    assert!(fill(750).overflowing());
+    let empty = JournalFill {
+        used_bytes: 0,
+        capacity_bytes: 0,
+    };
+    assert!(!empty.overflowing());
+}
+
+#[test]
+fn overflow_switch_candidate_is_a_streaming_target_below_the_checkpoint() {
+    let now = Duration::from_secs(100);
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    assert_eq!(
+        t.switch_candidate(10, now),
+        None,
+        "not below the checkpoint"
+    );
+    assert_eq!(t.switch_candidate(11, now), Some(10));
+    let b = in_bitmap(1, 2);
+    assert_eq!(b.switch_candidate(11, now), None, "already in bitmap mode");
+}
+
+#[test]
+fn the_candidate_furthest_behind_is_switched() {
+    assert_eq!(choose_switch([("a", 7), ("b", 3), ("c", 9)]), Some("b"));
+    assert_eq!(choose_switch(Vec::<(&str, Seq)>::new()), None);
+}
+
+#[test]
+fn overflow_switch_ends_the_streaming_session_and_degrades() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    let sw = t.begin_overflow_switch().expect("switch");
+    assert_eq!(
+        sw,
+        SwitchToBitmap {
+            base: 10,
+            kind: SwitchKind::Overflow
+        }
+    );
+    assert!(!sw.all_dirty());
+    assert_eq!(t.begin_overflow_switch(), None, "exactly one switcher");
+    assert_eq!(t.must_end_session(), None, "switching still streams");
+    assert_eq!(t.bitmap_entered(31), BitmapEntered { end_session: true });
+    assert_eq!(t.must_end_session(), Some(EndReason::SwitchedToBitmap));
+    assert_eq!(t.effective_mode(), EffectiveMode::Degraded);
+    assert_eq!(t.sync_position(), None);
+    assert_eq!(
+        t.snapshot().points_lost,
+        Some(LostPoints {
+            after: 10,
+            through: None
+        })
+    );
+}
+
+#[test]
+fn overflow_switch_of_a_disconnected_target_ends_no_session() {
+    let mut t = target(SyncMode::Sync);
+    t.begin_overflow_switch().expect("switch");
+    assert_eq!(t.bitmap_entered(31), BitmapEntered { end_session: false });
+}
+
+#[test]
+fn a_failed_overflow_switch_pauses_retries() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    t.begin_overflow_switch().expect("switch");
+    t.switch_failed(Duration::from_secs(100));
+    assert_eq!(t.tracking(), Tracking::Streaming);
+    assert_eq!(t.switch_candidate(20, Duration::from_secs(104)), None);
+    assert_eq!(t.switch_candidate(20, Duration::from_secs(105)), Some(10));
+}
+
+#[test]
+fn a_resync_holding_the_journal_is_abandoned_once() {
+    let mut t = in_bitmap(10, 40);
+    connect(&mut t, 10, 25, 30);
+    t.resync_begin(10, 28).expect("begin");
+    assert!(
+        !t.abandon_resync(28),
+        "floor 28 does not hold checkpoint 28"
+    );
+    assert!(t.abandon_resync(29));
+    assert!(!t.abandon_resync(29), "once");
+    assert_eq!(t.must_end_session(), Some(EndReason::ResyncAbandoned));
+    assert!(t.session_ended(None).resync_interrupted);
+    assert_eq!(t.must_end_session(), None, "no session");
+    // The next resync starts afresh; in bitmap mode until it begins, as it should.
+    connect(&mut t, 10, 25, 30);
+    assert_eq!(t.must_end_session(), None);
+    t.resync_begin(10, 30).expect("begin");
+    assert_eq!(t.must_end_session(), None);
+}
+
+#[test]
+fn abandon_only_applies_to_a_resync() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    assert!(!t.abandon_resync(1000));
+}
+
+#[test]
+fn folds_over_targets() {
+    assert_eq!(sync_gate_position([Some(5), None, Some(3)]), 3);
+    assert_eq!(sync_gate_position([None, None]), Seq::MAX);
+    assert_eq!(release_floor([8, 4]), 4);
+    assert_eq!(release_floor([]), Seq::MAX);
+}
+
+// ---------------------------------------------------------------------------
+// Degraded
+
+#[test]
+fn sync_timeout_degrades_a_live_sync_target_that_lacks_the_write() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    assert_eq!(t.sync_position(), Some(10));
+    assert!(!t.sync_timeout(10), "it holds the write");
+    assert!(t.sync_timeout(11));
+    assert!(!t.sync_timeout(12), "already degraded");
+    assert_eq!(t.effective_mode().status_str(), "async (degraded)");
+    assert_eq!(t.effective_mode().metric_str(), "degraded");
+    assert_eq!(t.sync_position(), None);
+}
+
+#[test]
+fn sync_timeout_never_degrades_an_async_target() {
+    let mut t = target(SyncMode::Async);
+    connect(&mut t, 10, 1, 30);
+    assert!(!t.sync_timeout(11));
+    assert_eq!(t.effective_mode().status_str(), "async");
+    assert_eq!(t.sync_position(), None);
+}
+
+#[test]
+fn a_target_away_since_the_fork_starts_degraded() {
+    let t = TargetLifecycle::new("old-primary", SyncMode::Sync, 5, true);
+    assert_eq!(t.effective_mode(), EffectiveMode::Degraded);
+    let t = TargetLifecycle::new("dr1", SyncMode::Sync, 5, false);
+    assert_eq!(t.effective_mode().status_str(), "sync");
+}
+
+#[test]
+fn degraded_target_is_sync_again_once_an_ack_covers_the_previous_durable_position() {
+    let mut t = target(SyncMode::Sync);
+    // Streaming starts with the primary durable at 30.
+    connect(&mut t, 10, 1, 30);
+    assert!(t.sync_timeout(25));
+    // Not yet: 29 < 30. The primary is at 40 now.
+    assert!(!t.on_ack(29, 29, 40).caught_up);
+    // 35 < 40 (durable at the previous ack).
+    assert!(!t.on_ack(35, 35, 45).caught_up);
+    assert!(t.is_degraded());
+    // 45 covers it: sync again, though the primary moved on to 50.
+    assert!(t.on_ack(45, 40, 50).caught_up);
+    assert_eq!(t.sync_position(), Some(45));
+    // A live target reports no catching up.
+    assert!(!t.on_ack(50, 50, 50).caught_up);
+}
+
+#[test]
+fn bitmap_target_is_sync_again_only_after_its_resync() {
+    let mut t = in_bitmap(10, 20);
+    assert!(t.is_degraded());
+    connect(&mut t, 10, 25, 30);
+    t.resync_begin(10, 28).expect("begin");
+    t.resync_copied(33, 34);
+    let out = t.on_ack(33, 30, 40);
+    assert_eq!(
+        out,
+        AckOutcome {
+            resync_complete: true,
+            caught_up: false
+        }
+    );
+    let out = t.on_ack(40, 40, 41);
+    assert!(out.caught_up);
+    assert_eq!(t.effective_mode(), EffectiveMode::Sync);
+}
+
+// ---------------------------------------------------------------------------
+// Handover
+
+fn streaming_at(acked: Seq) -> TargetLifecycle {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, acked, 1, acked);
+    t
+}
+
+#[test]
+fn handover_needs_a_streaming_target() {
+    let mut t = target(SyncMode::Sync);
+    let err = t.request_handover(0).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "standby 'dr1' is connecting, not streaming: it cannot take over losslessly"
+    );
+    let mut t = in_bitmap(1, 2);
+    connect(&mut t, 2, 1, 5);
+    assert!(matches!(
+        t.handover_precheck(),
+        Err(HandoverRefused::NotStreaming {
+            state: "resyncing",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn handover_needs_every_record_acked() {
+    let mut t = streaming_at(10);
+    assert!(t.handover_precheck().is_ok());
+    assert_eq!(
+        t.request_handover(11),
+        Err(HandoverRefused::NotCaughtUp {
+            name: "dr1".into(),
+            seq: 11,
+            acked: 10
+        })
+    );
+    assert_eq!(t.phase(), TargetPhase::Streaming);
+}
+
+#[test]
+fn handover_acked_at_its_seq_completes_once() {
+    let mut t = streaming_at(10);
+    assert_eq!(t.request_handover(10), Ok(SendHandover { seq: 10 }));
+    assert_eq!(t.phase().as_str(), "streaming");
+    assert!(matches!(
+        t.request_handover(10),
+        Err(HandoverRefused::InProgress { seq: 10, .. })
+    ));
+    let done = t.on_handover_ack(10, EPOCH + 1).expect("ack");
+    assert_eq!(
+        done,
+        HandedOver {
+            seq: 10,
+            new_epoch: EPOCH + 1
+        }
+    );
+    assert!(!t.session_ended(None).handover_failed);
+    connect(&mut t, 10, 1, 10);
+    assert!(matches!(
+        t.request_handover(10),
+        Err(HandoverRefused::AlreadyHandedOver { .. })
+    ));
+    assert_eq!(t.snapshot().handed_over, Some(done));
+}
+
+#[test]
+fn handover_ack_at_another_seq_fails_the_handover() {
+    let mut t = streaming_at(10);
+    t.request_handover(10).expect("request");
+    let err = t.on_handover_ack(9, EPOCH + 1).unwrap_err();
+    assert!(err.handover_failed);
+    assert_eq!(err.to_string(), "unexpected HandoverAck at 9 (epoch 10)");
+    assert_eq!(t.handed_over(), None);
+    // Unsolicited.
+    let err = t.on_handover_ack(10, EPOCH + 1).unwrap_err();
+    assert!(!err.handover_failed);
+}
+
+#[test]
+fn handover_refused_by_the_standby_fails() {
+    let mut t = streaming_at(10);
+    assert!(!t.on_peer_error());
+    t.request_handover(10).expect("request");
+    assert!(t.on_peer_error());
+    assert_eq!(t.handed_over(), None);
+}
+
+#[test]
+fn session_end_during_a_handover_fails_it() {
+    let mut t = streaming_at(10);
+    t.request_handover(10).expect("request");
+    let end = t.session_ended(Some("closed".into()));
+    assert!(end.handover_failed);
+    assert_eq!(t.phase(), TargetPhase::Disconnected);
+    assert_eq!(t.handed_over(), None);
+}
+
+#[test]
+fn status_names_match_the_metrics_label_sets() {
+    for p in [
+        TargetPhase::Connecting,
+        TargetPhase::Resyncing,
+        TargetPhase::Streaming,
+        TargetPhase::HandingOver { seq: 1 },
+        TargetPhase::Disconnected,
+        TargetPhase::Stopped,
+    ] {
+        assert!(PHASE_NAMES.contains(&p.as_str()), "{p:?}");
+    }
+    for tr in [
+        Tracking::Streaming,
+        Tracking::Switching {
+            base: 0,
+            kind: SwitchKind::Full,
+        },
+        Tracking::Bitmap {
+            base: 0,
+            flushed_through: 0,
+        },
+        Tracking::Resyncing {
+            base: 0,
+            flushed_through: 0,
+            snapshot: 0,
+            through: None,
+            abandoned: false,
+        },
+    ] {
+        assert!(TRACKING_NAMES.contains(&tr.as_str()), "{tr:?}");
+    }
+    let s = streaming_at(4).snapshot();
+    assert_eq!(
+        (s.phase, s.tracking, s.effective_mode, s.acked_seq, s.floor),
+        (
+            TargetPhase::Streaming,
+            Tracking::Streaming,
+            EffectiveMode::Sync,
+            4,
+            4
+        )
+    );
+}
