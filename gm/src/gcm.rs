@@ -130,3 +130,52 @@ fn j0(nonce: &[u8; NONCE_LEN]) -> u128 {
     b[15] = 1;
     u128::from_be_bytes(b)
 }
+
+/// RustCrypto's AEAD interface (`aead` 0.6), so `Sm4Gcm` drops in where generic AEAD
+/// code is used. Keys come from [`Backend::selected`].
+impl aead::AeadCore for Sm4Gcm {
+    type NonceSize = aead::consts::U12;
+    type TagSize = aead::consts::U16;
+    const TAG_POSITION: aead::TagPosition = aead::TagPosition::Postfix;
+}
+
+impl aead::KeySizeUser for Sm4Gcm {
+    type KeySize = aead::consts::U16;
+}
+
+impl aead::KeyInit for Sm4Gcm {
+    fn new(key: &aead::Key<Self>) -> Self {
+        Sm4Gcm::new(&(*key).into())
+    }
+}
+
+impl aead::AeadInOut for Sm4Gcm {
+    fn encrypt_inout_detached(
+        &self,
+        nonce: &aead::Nonce<Self>,
+        associated_data: &[u8],
+        buffer: aead::inout::InOutBuf<'_, '_, u8>,
+    ) -> aead::Result<aead::Tag<Self>> {
+        let nonce: [u8; NONCE_LEN] = (*nonce).into();
+        let buf = buffer.into_out_with_copied_in();
+        let tag = self
+            .seal_in_place(&nonce, associated_data, buf)
+            .map_err(|_| aead::Error)?;
+        Ok(tag.into())
+    }
+
+    /// On a refused tag the output holds the (copied) ciphertext, never plaintext.
+    fn decrypt_inout_detached(
+        &self,
+        nonce: &aead::Nonce<Self>,
+        associated_data: &[u8],
+        buffer: aead::inout::InOutBuf<'_, '_, u8>,
+        tag: &aead::Tag<Self>,
+    ) -> aead::Result<()> {
+        let nonce: [u8; NONCE_LEN] = (*nonce).into();
+        let tag: [u8; TAG_LEN] = (*tag).into();
+        let buf = buffer.into_out_with_copied_in();
+        self.open_in_place(&nonce, associated_data, buf, &tag)
+            .map_err(|_| aead::Error)
+    }
+}
