@@ -245,9 +245,11 @@ macro_rules! aes_sbox {
         #[inline]
         #[target_feature(enable = $features)]
         fn sbox(t: __m256i) -> __m256i {
-            let y = affine(t, PRE_LO, PRE_HI);
-            let y = _mm256_shuffle_epi8(y, shuffle(INV_SHIFT_ROWS));
-            affine($aesenclast(y), POST_LO, POST_HI)
+            // The byte permutation first: the affine map is byte-wise, so the order
+            // does not matter, and LLVM would otherwise apply it to both of the
+            // map's lookups.
+            let t = _mm256_shuffle_epi8(t, shuffle(INV_SHIFT_ROWS));
+            affine($aesenclast(affine(t, PRE_LO, PRE_HI)), POST_LO, POST_HI)
         }
     };
 }
