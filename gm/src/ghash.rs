@@ -131,12 +131,14 @@ impl<'k> Ghash<'k> {
     }
 }
 
-/// Portable update: one block at a time, Horner's rule.
+/// Portable update: one block at a time, Horner's rule, with H's halves prepared once.
 fn update_portable(powers: &[u128; POWERS], acc: &mut u128, blocks: &[u8]) {
+    let h = Prepared::new(powers[0]);
     for block in blocks.chunks_exact(16) {
         let mut b = [0u8; 16];
         b.copy_from_slice(block);
-        *acc = dot(*acc ^ u128::from_be_bytes(b), powers[0]);
+        let (lo, hi) = h.clmul128(*acc ^ u128::from_be_bytes(b));
+        *acc = reduce(lo, hi);
     }
 }
 
@@ -149,7 +151,7 @@ fn mul_x(v: u128) -> u128 {
 
 /// POLYVAL's dot(a, b) = a * b * x^-128 in constant time.
 pub(crate) fn dot(a: u128, b: u128) -> u128 {
-    let (lo, hi) = clmul128(a, b);
+    let (lo, hi) = Prepared::new(b).clmul128(a);
     reduce(lo, hi)
 }
 
@@ -164,22 +166,39 @@ pub(crate) fn reduce(lo: u128, hi: u128) -> u128 {
     hi ^ t
 }
 
-/// 128x128 carry-less product (Karatsuba, three 64x64 products) as (low, high).
-fn clmul128(a: u128, b: u128) -> (u128, u128) {
-    let (a0, a1) = (a as u64, (a >> 64) as u64);
-    let (b0, b1) = (b as u64, (b >> 64) as u64);
-    let lo = clmul64(a0, b0);
-    let hi = clmul64(a1, b1);
-    let mid = clmul64(a0 ^ a1, b0 ^ b1) ^ lo ^ hi;
-    (lo ^ (mid << 64), hi ^ (mid >> 64))
+/// One operand of 128x128 carry-less products, split for Karatsuba (low half, high
+/// half, their XOR) and bit-reversed: the low 64 bits of a 64x64 product come from
+/// `bmul64` of the operands, the high 64 bits from `bmul64` of the reversed operands.
+struct Prepared {
+    halves: [u64; 3],
+    reversed: [u64; 3],
 }
 
-/// 64x64 carry-less product: the low half directly, the high half from the product of
-/// the bit-reversed operands.
-fn clmul64(x: u64, y: u64) -> u128 {
-    let lo = bmul64(x, y);
-    let hi = bmul64(x.reverse_bits(), y.reverse_bits()).reverse_bits() >> 1;
-    u128::from(lo) | (u128::from(hi) << 64)
+impl Prepared {
+    fn new(b: u128) -> Prepared {
+        let halves = [b as u64, (b >> 64) as u64, (b as u64) ^ ((b >> 64) as u64)];
+        Prepared {
+            halves,
+            reversed: halves.map(u64::reverse_bits),
+        }
+    }
+
+    /// a * b as (low, high) 128-bit halves. Bit reversal is linear, so the reversed
+    /// operands and the Karatsuba middle term are combined before reversing back: five
+    /// reversals per product instead of nine.
+    fn clmul128(&self, a: u128) -> (u128, u128) {
+        let (a0, a1) = (a as u64, (a >> 64) as u64);
+        let (r0, r1) = (a0.reverse_bits(), a1.reverse_bits());
+        let [b0, b1, b2] = self.halves;
+        let [s0, s1, s2] = self.reversed;
+        let (l_lo, l_hi, l_mid) = (bmul64(a0, b0), bmul64(a1, b1), bmul64(a0 ^ a1, b2));
+        let (p_lo, p_hi, p_mid) = (bmul64(r0, s0), bmul64(r1, s1), bmul64(r0 ^ r1, s2));
+        let lo = u128::from(l_lo) | (u128::from(p_lo.reverse_bits() >> 1) << 64);
+        let hi = u128::from(l_hi) | (u128::from(p_hi.reverse_bits() >> 1) << 64);
+        let mid = u128::from(l_mid ^ l_lo ^ l_hi)
+            | (u128::from((p_mid ^ p_lo ^ p_hi).reverse_bits() >> 1) << 64);
+        (lo ^ (mid << 64), hi ^ (mid >> 64))
+    }
 }
 
 /// Low 64 bits of the carry-less product x * y, by integer multiplication of
@@ -205,4 +224,43 @@ fn bmul64(x: u64, y: u64) -> u64 {
         z |= zk & m;
     }
     z
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Schoolbook carry-less product, bit by bit.
+    fn naive(a: u128, b: u128) -> (u128, u128) {
+        let (mut lo, mut hi) = (0u128, 0u128);
+        for i in 0..128 {
+            if (b >> i) & 1 == 1 {
+                lo ^= a << i;
+                if i > 0 {
+                    hi ^= a >> (128 - i);
+                }
+            }
+        }
+        (lo, hi)
+    }
+
+    #[test]
+    fn constant_time_clmul_matches_the_schoolbook_product() {
+        let mut x = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210_u128;
+        let mut y = 0xffff_0000_ffff_0000_8000_0000_0000_0001_u128;
+        for _ in 0..500 {
+            assert_eq!(Prepared::new(y).clmul128(x), naive(x, y), "{x:#x} * {y:#x}");
+            x = x
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+                .rotate_left(17)
+                ^ 1;
+            y = y
+                .wrapping_mul(0xd1b5_4a32_d192_ed03_8cb9_2ba7_2f3d_8dd7)
+                .rotate_left(29);
+        }
+        assert_eq!(
+            Prepared::new(u128::MAX).clmul128(u128::MAX),
+            naive(u128::MAX, u128::MAX)
+        );
+    }
 }

@@ -15,6 +15,9 @@
 //! assert_eq!(&msg, b"block 42 of the journal");
 //! ```
 
+// unsafe is confined to the x86 SIMD module (target_feature calls, unaligned loads).
+#![deny(unsafe_code)]
+
 mod backend;
 mod ctr;
 mod gcm;
@@ -26,6 +29,7 @@ mod sm2;
 mod sm3;
 mod sm4;
 #[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
 mod x86;
 
 pub use backend::{Backend, BACKEND_ENV};

@@ -10,6 +10,7 @@
 mod circuit;
 
 use core::ops::{BitAnd, BitXor, Not};
+use zeroize::Zeroize;
 
 /// The lanes the S-box circuit runs on.
 pub(crate) trait Word:
@@ -46,6 +47,8 @@ pub(crate) fn sbox_word(x: u32) -> u32 {
 /// a multiple of 16. A short last batch is padded in a stack buffer.
 pub(crate) fn crypt_blocks(rk: &[u32; 32], data: &mut [u8]) {
     debug_assert_eq!(data.len() % 16, 0);
+    let mut masks = round_key_masks(rk);
+    let rk = &masks;
     let mut chunks = data.chunks_exact_mut(BATCH_BYTES);
     for chunk in &mut chunks {
         crypt_batch(rk, chunk);
@@ -56,20 +59,33 @@ pub(crate) fn crypt_blocks(rk: &[u32; 32], data: &mut [u8]) {
         buf[..rest.len()].copy_from_slice(rest);
         crypt_batch(rk, &mut buf);
         rest.copy_from_slice(&buf[..rest.len()]);
+        buf.zeroize();
     }
+    // Expanded key material does not outlive the call on the stack.
+    masks.zeroize();
 }
 
 /// Bitsliced state: `x[w][b]`, word w (0..4) and bit b (0..32) of all 64 blocks.
 type State = [[u64; 32]; 4];
 
-fn crypt_batch(rk: &[u32; 32], data: &mut [u8]) {
+/// Round key bits as bitsliced words: `masks[r][b]` is all ones when bit b of round
+/// key r is set (by arithmetic, not a branch), ready to XOR into 64 blocks.
+type RoundKeyMasks = [[u64; 32]; 32];
+
+fn round_key_masks(rk: &[u32; 32]) -> RoundKeyMasks {
+    core::array::from_fn(|r| {
+        core::array::from_fn(|b| 0u64.wrapping_sub(u64::from((rk[r] >> b) & 1)))
+    })
+}
+
+fn crypt_batch(rk: &RoundKeyMasks, data: &mut [u8]) {
     let mut x = load(data);
     for r in (0..32).step_by(4) {
         // The four words take turns being the one updated, so no data moves.
-        round(&mut x, 0, [1, 2, 3], rk[r]);
-        round(&mut x, 1, [2, 3, 0], rk[r + 1]);
-        round(&mut x, 2, [3, 0, 1], rk[r + 2]);
-        round(&mut x, 3, [0, 1, 2], rk[r + 3]);
+        round(&mut x, 0, [1, 2, 3], &rk[r]);
+        round(&mut x, 1, [2, 3, 0], &rk[r + 1]);
+        round(&mut x, 2, [3, 0, 1], &rk[r + 2]);
+        round(&mut x, 3, [0, 1, 2], &rk[r + 3]);
     }
     // Output is (X35, X34, X33, X32): the words in reverse order.
     x.reverse();
@@ -77,12 +93,10 @@ fn crypt_batch(rk: &[u32; 32], data: &mut [u8]) {
 }
 
 #[inline(always)]
-fn round(x: &mut State, dst: usize, src: [usize; 3], rk: u32) {
+fn round(x: &mut State, dst: usize, src: [usize; 3], rk: &[u64; 32]) {
     let mut t = [0u64; 32];
     for (b, tb) in t.iter_mut().enumerate() {
-        // All ones when bit b of the round key is set, by arithmetic, not a branch.
-        let k = 0u64.wrapping_sub(u64::from((rk >> b) & 1));
-        *tb = x[src[0]][b] ^ x[src[1]][b] ^ x[src[2]][b] ^ k;
+        *tb = x[src[0]][b] ^ x[src[1]][b] ^ x[src[2]][b] ^ rk[b];
     }
     let mut s = [0u64; 32];
     for m in 0..4 {
