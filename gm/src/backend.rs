@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 /// An SM4 implementation. All are constant time; they differ in speed and in the CPU
 /// features they need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Backend {
     /// Bitsliced, 64 blocks at a time, any CPU. GHASH by constant-time integer
     /// multiplication.

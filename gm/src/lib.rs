@@ -41,6 +41,7 @@ pub use sm4::Sm4;
 
 /// What can go wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The CPU lacks a feature the requested backend needs.
     #[error("SM4 backend {} is not available on this CPU", .0.name())]
