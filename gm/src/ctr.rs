@@ -1,10 +1,12 @@
 //! SM4 in counter mode: a 128-bit big-endian counter ([`Sm4Ctr`], the usual CTR
 //! interface), and GCM's 32-bit counter (crate-internal).
 //!
-//! Keystream is made in batches of counter blocks encrypted together, so every
-//! backend runs its full parallel width.
+//! The SIMD backends build the counter blocks in registers and XOR the keystream in
+//! as it leaves the cipher; the portable one encrypts batches of counter blocks in a
+//! buffer. Either way every backend runs its full parallel width.
 
 use crate::{Backend, Error, Sm4};
+use zeroize::Zeroize;
 
 /// Counter blocks per keystream batch (2 KiB: a multiple of every backend's width).
 const KS_BLOCKS: usize = 128;
@@ -65,6 +67,7 @@ pub(crate) fn ctr32_xor_generic(backend: Backend, rk: &[u32; 32], counter: u128,
             *d ^= *k;
         }
     }
+    ks.zeroize();
 }
 
 /// SM4-CTR with a 128-bit big-endian counter, as a stream cipher: successive calls
@@ -76,6 +79,12 @@ pub struct Sm4Ctr {
     /// Keystream left over from a partial block, used from `spare_at` on.
     spare: [u8; 16],
     spare_at: usize,
+}
+
+impl Drop for Sm4Ctr {
+    fn drop(&mut self) {
+        self.spare.zeroize();
+    }
 }
 
 impl Sm4Ctr {
