@@ -1,45 +1,31 @@
 //! ferryd: the ferry daemon.
 //!
-//! Module map (see ARCHITECTURE.md):
-//! * [`apply`]    — ordered, parallel application of journaled records to the bases.
-//! * [`config`]   — TOML configuration, validated with errors that name the key.
-//! * [`meta`]     — crash-safe node metadata (redb): node id, cluster id, epoch, checkpoint.
-//! * [`volume`]   — protected volumes: the journal-first write path and the NBD export.
-//! * [`replication`] — primary side: shippers, sync gate, lag accounting.
-//! * [`standby`]  — standby side: receive, journal, apply, ack.
-//! * [`pit`]      — standby point-in-time recovery: undo capture, retention, views, rollback.
-//! * [`overflow`] — journal overflow on the primary: bitmap mode per target, resync copy.
-//! * [`resync`]   — standby side of a bitmap resync.
-//! * [`timefmt`]  — RFC 3339 parsing and formatting for point-in-time commands.
-//! * [`verify`]   — online verify: chunk digests at a point in the stream, copy-before-write.
-//! * [`nbd`]      — the NBD protocol server (fixed newstyle), generic over an export.
-//! * [`metrics`]  — Prometheus metrics and the /metrics, /healthz, /readyz endpoint.
-//! * [`control`]  — the control socket (JSON lines over a Unix socket), roles from peer credentials.
-//! * [`audit`]    — the hash-chained (SM3) audit log of control requests.
-//! * [`daemon`]   — start-up, recovery, checkpointing, shutdown.
-//! * [`sdnotify`] — systemd readiness, status and watchdog notifications (no libsystemd).
-pub mod apply;
-pub mod audit;
-pub mod chunks;
+//! Module map (see ARCHITECTURE.md), by role:
+//! * [`node`]    — start-up, recovery, checkpointing, role changes, shutdown.
+//! * [`store`]   — node-local storage: crash-safe metadata (redb).
+//! * [`primary`] — the primary write path: volumes, NBD export, ordered application.
+//! * [`ship`]    — primary side of replication: shippers, sync gate, catch-up (bitmap
+//!   mode, resync copy), the persisted dirty map.
+//! * [`replica`] — standby side: receive, journal, apply, ack; standby half of a resync.
+//! * [`pit`]     — standby point-in-time recovery: undo capture, retention, views, rollback.
+//! * [`verify`]  — online verify: chunk digests at a point in the stream.
+//! * [`ops`]     — control socket, audit log, metrics endpoint, systemd notifications.
+//! * [`nbd`]     — the NBD protocol server (fixed newstyle), generic over an export.
+//! * [`config`], [`size`], [`timefmt`] — configuration, byte sizes, RFC 3339 times.
 pub mod config;
-pub mod control;
-pub mod daemon;
-pub mod dirty;
-pub mod meta;
-pub mod metrics;
 pub mod nbd;
-pub mod overflow;
+pub mod node;
+pub mod ops;
 pub mod pit;
-pub mod replication;
-pub mod resync;
-pub mod sdnotify;
+pub mod primary;
+pub mod replica;
+pub mod ship;
 pub mod size;
-pub mod standby;
+pub mod store;
 #[doc(hidden)]
 pub mod testkit;
 pub mod timefmt;
 pub mod verify;
-pub mod volume;
 
 /// Formats an error with its causes, skipping a cause whose text the previous message
 /// already ends with (many library errors print their source and also expose it).

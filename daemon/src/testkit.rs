@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::config::{
     format_id, Config, ControlConfig, JournalConfig, NbdConfig, NodeConfig, Role, VolumeConfig,
 };
+use crate::ops::control;
 use crate::size::ByteSize;
 
 /// Is `tool` on PATH? Tests that need a missing tool print a loud SKIP line.
@@ -240,8 +241,7 @@ impl Node {
 
     pub fn status(&self) -> serde_json::Value {
         let cfg = Config::load(&self.config).expect("config");
-        let r = crate::control::call(&cfg.control.socket, &crate::control::Request::Status)
-            .expect("status call");
+        let r = control::call(&cfg.control.socket, &control::Request::Status).expect("status call");
         assert!(r.ok, "status failed: {:?}", r.error);
         r.result.expect("status result")
     }

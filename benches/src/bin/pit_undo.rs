@@ -14,10 +14,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use ferry_journal::{Op, Record, Seq};
 use ferryd::config::PitConfig;
-use ferryd::meta::Meta;
 use ferryd::pit::{Applier, Pit, Target};
+use ferryd::primary::volume::Base;
 use ferryd::size::ByteSize;
-use ferryd::volume::Base;
+use ferryd::store::meta::Meta;
 
 const CLUSTER: [u8; 16] = [7; 16];
 const WRITE: u64 = 64 << 10;

@@ -12,7 +12,7 @@ use ferryd::config::{
     NbdConfig, NodeConfig, ReplicationConfig, ReplicationMode, Role, TargetConfig, TlsConfig,
     VolumeConfig, VOLUME_ALIGN,
 };
-use ferryd::control::{self, Request};
+use ferryd::ops::control::{self, Request};
 use ferryd::size::{parse_size, ByteSize};
 
 #[derive(Parser)]
@@ -958,7 +958,7 @@ fn audit_verify(config: Option<&Path>, file: Option<&Path>) -> anyhow::Result<()
             bail!("audit verify needs --config FILE (the node's config) or --file PATH (the log)")
         }
     };
-    match ferryd::audit::verify(&path) {
+    match ferryd::ops::audit::verify(&path) {
         Ok(r) => {
             println!(
                 "audit log OK: {} entries, last hash {}",

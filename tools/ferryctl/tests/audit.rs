@@ -2,8 +2,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use ferryd::audit::{AuditEntry, AuditLog, Outcome};
-use ferryd::control::Role;
+use ferryd::ops::audit::{AuditEntry, AuditLog, Outcome};
+use ferryd::ops::control::Role;
 
 fn ferryctl(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_ferryctl"))

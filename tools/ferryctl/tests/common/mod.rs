@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use ferryd::config::Config;
-use ferryd::control::{self, Request};
+use ferryd::ops::control::{self, Request};
 use ferryd::testkit::{free_udp_port, Node};
 
 pub fn ferryctl() -> &'static Path {

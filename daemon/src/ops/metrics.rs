@@ -43,10 +43,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::{Config, ReplicationMode, Role};
-use crate::meta::Meta;
-use crate::replication::{now_ns, Replication, TargetState};
-use crate::standby::Standby;
-use crate::volume::Group;
+use crate::primary::volume::Group;
+use crate::replica::session::Standby;
+use crate::ship::{now_ns, Replication, TargetState};
+use crate::store::meta::Meta;
 
 /// Frontend latency buckets (seconds): fsync-scale, 50 µs to 1 s.
 pub const LATENCY_BUCKETS: [f64; 13] = [
@@ -657,7 +657,7 @@ fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Resul
     )?;
     for t in targets {
         let cur = t.track.mode().as_str();
-        for mode in crate::overflow::MODES {
+        for mode in crate::ship::catchup::MODES {
             let labels: &[(&str, &str)] = &[("target", t.name.as_str()), ("mode", mode)];
             ConstGauge::new((mode == cur) as i64).encode(m.encode_family(&labels)?)?;
         }
@@ -967,11 +967,11 @@ address = "127.0.0.1:7002"
 "#,
         )
         .unwrap();
-        let targets = crate::replication::target_states(&cfg, 5);
+        let targets = crate::ship::target_states(&cfg, 5);
         let r = Replication {
             targets: targets.clone(),
-            sync: crate::replication::SyncGate::new(targets.clone(), Duration::from_secs(1)),
-            index: Arc::new(crate::replication::SeqIndex::default()),
+            sync: crate::ship::SyncGate::new(targets.clone(), Duration::from_secs(1)),
+            index: Arc::new(crate::ship::SeqIndex::default()),
         };
         let then = now_ns() - 2_000_000_000;
         for seq in 1..=10 {

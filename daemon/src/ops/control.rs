@@ -6,7 +6,7 @@
 //! request needs a role ([`Request::required_role`], [`command_role`] for the planned
 //! commands). Anyone without the role gets
 //! `permission denied: <cmd> needs <role>, uid N has <role|no role>`. Every request —
-//! allowed, denied or failed — is appended to the audit log ([`crate::audit`]) and made
+//! allowed, denied or failed — is appended to the audit log ([`crate::ops::audit`]) and made
 //! durable before its response is sent.
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::audit::{AuditEntry, AuditLog, Outcome};
 use crate::config::{AccessConfig, Principals};
+use crate::ops::audit::{AuditEntry, AuditLog, Outcome};
 
 /// Longest request line accepted; requests are tiny.
 const MAX_REQUEST: usize = 64 << 10;

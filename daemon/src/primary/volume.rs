@@ -28,11 +28,11 @@ use bytes::{Bytes, BytesMut};
 use ferry_journal::{Journal, JournalError, Op, Record, Seq};
 use tokio::sync::{oneshot, Semaphore};
 
-use crate::replication::{ShipFeed, SyncGate};
+use crate::ship::{ShipFeed, SyncGate};
 
-use crate::apply::{ApplyGate, ApplyGuard, Released};
-use crate::metrics::{Frontend, FrontendOp};
 use crate::nbd::{Export, ExportError, ExportFlags, ExportRegistry};
+use crate::ops::metrics::{Frontend, FrontendOp};
+use crate::primary::apply::{ApplyGate, ApplyGuard, Released};
 
 /// Reads above this size go to a blocking-pool thread; smaller ones are served inline,
 /// because a page-cache pread of a few KiB costs less than a thread hand-off.

@@ -16,15 +16,15 @@ use ferry_journal::{EngineChoice, Journal, JournalOptions, Op, RecoveryMode, Seq
 use serde_json::json;
 
 use crate::config::{Config, EngineConfig, RecoveryConfig, Role};
-use crate::control;
-use crate::meta::{Meta, RollbackState};
-use crate::metrics::{self, Metrics, NodeSource, RoleSource};
 use crate::nbd;
+use crate::ops::control;
+use crate::ops::metrics::{self, Metrics, NodeSource, RoleSource};
+use crate::ops::sdnotify::{self, State};
 use crate::pit::{Applier, Pit, PitExports, Target};
-use crate::replication::{self, Replication, ShipContext, SyncGate};
-use crate::sdnotify::{self, State};
-use crate::standby::{self, Standby};
-use crate::volume::{Base, Group, Registry, Volume};
+use crate::primary::volume::{Base, Group, Registry, Volume};
+use crate::replica::session::{self as standby, Standby};
+use crate::ship::{self as replication, Replication, ShipContext, SyncGate};
+use crate::store::meta::{Meta, RollbackState};
 
 /// Journal queue depth; also the number of writes that may wait for the journal at once.
 const JOURNAL_QUEUE: usize = 1024;
@@ -142,7 +142,7 @@ pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
         verify: Default::default(),
         applied: applied.clone(),
         outbox: Default::default(),
-        resync: Arc::new(crate::resync::ResyncStatus::load(&meta)?),
+        resync: Arc::new(crate::replica::resync::ResyncStatus::load(&meta)?),
     });
     let replayed = match rollback {
         // A rolled-back replica must not be rolled forward by the journal (the
@@ -173,7 +173,7 @@ pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
     let floor = if standby {
         Seq::MAX
     } else {
-        crate::overflow::persisted_floor(cfg)
+        crate::ship::catchup::persisted_floor(cfg)
     };
     journal.release_through(checkpoint.min(floor))?;
     applied.store(journal.durable_seq(), Ordering::Release);
@@ -391,13 +391,13 @@ impl Checkpointer {
 struct ControlSocket {
     listener: tokio::net::UnixListener,
     access: control::Access,
-    audit: Arc<crate::audit::AuditLog>,
+    audit: Arc<crate::ops::audit::AuditLog>,
 }
 
 impl ControlSocket {
     async fn bind(cfg: &Config) -> anyhow::Result<Self> {
         let access = control::Access::from_config(cfg.access.as_ref());
-        let audit = Arc::new(crate::audit::AuditLog::open(&cfg.audit_log_path())?);
+        let audit = Arc::new(crate::ops::audit::AuditLog::open(&cfg.audit_log_path())?);
         let listener = control::bind(&cfg.control.socket, &access).await?;
         Ok(ControlSocket {
             listener,
@@ -607,7 +607,7 @@ async fn run_primary(
     let outdated: replication::OutdatedHook = {
         let (group, meta) = (group.clone(), rec.meta.clone());
         Arc::new(move |epoch, by| {
-            let o = crate::meta::Outdated {
+            let o = crate::store::meta::Outdated {
                 epoch,
                 by: by.to_string(),
             };
@@ -664,8 +664,8 @@ async fn run_primary(
             *group.sync.write() = Some(sync.clone());
             group.feed.enable(r.tail_bytes.0 as usize);
             // Before the shippers start: a target left in bitmap mode resyncs at once.
-            crate::overflow::start(
-                crate::overflow::Shared {
+            crate::ship::catchup::start(
+                crate::ship::catchup::Shared {
                     journal: rec.journal.clone(),
                     bases: rec.bases.clone(),
                     applied: {
@@ -677,8 +677,8 @@ async fn run_primary(
                         Arc::new(move || m.checkpoint().unwrap_or(0))
                     },
                     sync: Some(sync.clone()),
-                    dir: crate::overflow::dirty_dir(&cfg),
-                    region_size: crate::dirty::DEFAULT_REGION_SIZE,
+                    dir: crate::ship::catchup::dirty_dir(&cfg),
+                    region_size: crate::ship::dirty::DEFAULT_REGION_SIZE,
                 },
                 &targets,
                 &group.feed,
@@ -1180,7 +1180,7 @@ async fn verify(
     repl: Option<&Replication>,
     volume: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
-    use crate::chunks::{ChunkList, HashParams};
+    use crate::verify::chunks::{ChunkList, HashParams};
     use crate::verify::{Request as VerifyRequest, Snapshot};
     let started = Instant::now();
     let bases: Vec<Arc<Base>> = match volume {
@@ -1204,7 +1204,7 @@ async fn verify(
             .iter()
             .map(|b| VerifyRequest::chunk_size_for(b.size))
             .max()
-            .unwrap_or(crate::chunks::DEFAULT_CHUNK_SIZE),
+            .unwrap_or(crate::verify::chunks::DEFAULT_CHUNK_SIZE),
         ..HashParams::random_xxh3()?
     };
     let req = VerifyRequest {
@@ -1256,7 +1256,7 @@ async fn verify(
                 .find(|(v, _)| *v == b.id)
                 .map(|(_, l)| l)
                 .ok_or_else(|| anyhow::anyhow!("no local digests for '{}'", b.name))?;
-            let ranges = crate::chunks::diff(mine, &remote)?;
+            let ranges = crate::verify::chunks::diff(mine, &remote)?;
             let bytes: u64 = ranges.iter().map(|r| r.len).sum();
             differing_total += bytes;
             report.push(json!({
@@ -1305,7 +1305,7 @@ async fn demote(
     Ok(json!({"primary": o.by, "epoch": o.epoch, "last_seq": seq}))
 }
 
-fn outdated_reason(o: &crate::meta::Outdated) -> String {
+fn outdated_reason(o: &crate::store::meta::Outdated) -> String {
     format!(
         "this primary is outdated: node '{}' is the primary of epoch {}; writes are refused \
          (demote this node to rejoin as its standby)",
@@ -1393,7 +1393,7 @@ fn create_bookmark(
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let b = crate::meta::Bookmark {
+    let b = crate::store::meta::Bookmark {
         name: name.to_string(),
         seq,
         timestamp_ns: replication::now_ns(),
@@ -1403,7 +1403,7 @@ fn create_bookmark(
     Ok(bookmark_json(&b, None))
 }
 
-fn bookmark_json(b: &crate::meta::Bookmark, reachable: Option<bool>) -> serde_json::Value {
+fn bookmark_json(b: &crate::store::meta::Bookmark, reachable: Option<bool>) -> serde_json::Value {
     let mut v = json!({
         "name": b.name,
         "seq": b.seq,

@@ -34,9 +34,9 @@ use ferry_transport::wire::{ResyncBegin, ResyncData, ResyncEnd};
 use parking_lot::Mutex;
 use serde_json::json;
 
-use crate::meta::{Meta, MetaError, ResyncState};
-use crate::replication::now_ns;
-use crate::standby::Standby;
+use crate::replica::session::Standby;
+use crate::ship::now_ns;
+use crate::store::meta::{Meta, MetaError, ResyncState};
 
 /// Testing hook: milliseconds to sleep after each resync batch a standby applies,
 /// so a test can SIGKILL it in the middle of a copy. Never set in production.

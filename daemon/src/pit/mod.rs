@@ -48,10 +48,10 @@ use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 
 use crate::config::PitConfig;
-use crate::meta::{Bookmark, Meta};
 use crate::nbd::{Export, ExportError, ExportFlags};
+use crate::primary::volume::Base;
+use crate::store::meta::{Bookmark, Meta};
 use crate::timefmt::format_rfc3339;
-use crate::volume::Base;
 
 /// Before-images are read in pieces of this size; each piece becomes one zero extent
 /// or one data extent.
@@ -190,7 +190,7 @@ pub struct Applier {
     /// Where verify answers go for the replication session.
     pub outbox: Arc<crate::verify::Outbox>,
     /// A bitmap resync transition in progress on this standby (mirrors the metadata).
-    pub resync: Arc<crate::resync::ResyncStatus>,
+    pub resync: Arc<crate::replica::resync::ResyncStatus>,
 }
 
 impl Applier {
@@ -578,7 +578,7 @@ impl Pit {
         let max_age = Duration::from_secs(self.settings.max_age_secs);
         let mut undo = self.undo.lock();
         let over_size = undo.used_bytes() > max_bytes;
-        let now = crate::replication::now_ns();
+        let now = crate::ship::now_ns();
         let over_age = self.settings.max_age_secs > 0
             && undo
                 .points()
@@ -837,7 +837,7 @@ impl Pit {
         }
         let point = self.resolve(t)?;
         self.meta
-            .set_rollback_state(Some(crate::meta::RollbackState::InProgress {
+            .set_rollback_state(Some(crate::store::meta::RollbackState::InProgress {
                 target: point.seq,
             }))?;
         tracing::warn!(target = point.seq, "rollback started");
@@ -899,7 +899,7 @@ impl Pit {
             self.meta.set_resync_state(None)?;
         }
         self.meta
-            .set_rollback_state(Some(crate::meta::RollbackState::Done { target }))?;
+            .set_rollback_state(Some(crate::store::meta::RollbackState::Done { target }))?;
         self.applied.store(target, Ordering::Release);
         self.refresh_window(&undo);
         let took = started.elapsed();
@@ -1248,7 +1248,7 @@ impl PitView {
         }
         let r = match data {
             Some(d) => ov.file.write_all_at(d, offset),
-            None => crate::volume::zero_range(&ov.file, offset, len, false),
+            None => crate::primary::volume::zero_range(&ov.file, offset, len, false),
         };
         r.map_err(|e| match e.raw_os_error() {
             Some(libc::ENOSPC) => ExportError::NoSpace,
@@ -1679,7 +1679,7 @@ mod tests {
         r.applier
             .meta
             .begin_resync(
-                &crate::meta::ResyncState {
+                &crate::store::meta::ResyncState {
                     from,
                     snapshot,
                     through: 0,

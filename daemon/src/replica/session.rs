@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::pit::Applier;
-use crate::replication::{journal_record, now_ns};
+use crate::ship::{journal_record, now_ns};
 
 /// Bytes of records waiting for the replica applier, at most (and at most half the
 /// journal). Beyond it the journal completion path blocks: backpressure all the way
@@ -423,7 +423,7 @@ async fn session(
     *sb.state.last_error.lock() = None;
     let mut rx = Receiver::new(local.epoch, durable, sb.applied_seq().min(durable));
     // A bitmap resync copy in progress in this session (see resync.rs).
-    let mut copy: Option<crate::resync::Copy> = None;
+    let mut copy: Option<crate::replica::resync::Copy> = None;
     // QUIC announces the primary's data stream only with its first bytes, so accept it
     // inside the loop: heartbeats and acks must flow while no write has happened yet.
     let conn = s.conn.clone();
@@ -464,19 +464,19 @@ async fn session(
                     if copy.is_some() || rx.received_seq() != durable {
                         bail!("ResyncBegin in the middle of a session");
                     }
-                    copy = Some(tokio::task::block_in_place(|| crate::resync::begin(sb, &b, durable))?);
+                    copy = Some(tokio::task::block_in_place(|| crate::replica::resync::begin(sb, &b, durable))?);
                 }
                 Some(Frame::ResyncData(d)) => {
                     sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
                     rx.check_epoch(d.epoch).map_err(|e| anyhow!("resync refused: {e}"))?;
                     let c = copy.as_mut().ok_or_else(|| anyhow!("ResyncData without ResyncBegin"))?;
-                    tokio::task::block_in_place(|| crate::resync::data(sb, c, d))?;
+                    tokio::task::block_in_place(|| crate::replica::resync::data(sb, c, d))?;
                 }
                 Some(Frame::ResyncEnd(e)) => {
                     sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
                     rx.check_epoch(e.epoch).map_err(|e| anyhow!("resync refused: {e}"))?;
                     let c = copy.take().ok_or_else(|| anyhow!("ResyncEnd without ResyncBegin"))?;
-                    tokio::task::block_in_place(|| crate::resync::end(sb, &c, &e))?;
+                    tokio::task::block_in_place(|| crate::replica::resync::end(sb, &c, &e))?;
                     let ack = rx.resynced(c.snapshot).map_err(|e| anyhow!("{e}"))?;
                     s.control_send.send_frame(&Frame::Ack(ack)).await?;
                 }
@@ -505,10 +505,10 @@ async fn session(
                 Some(Frame::DigestRequest(d)) => {
                     // A resync asks what the replica holds before copying: hash it as
                     // it is (nothing is written to it before the copy's first data).
-                    let params = crate::chunks::HashParams {
+                    let params = crate::verify::chunks::HashParams {
                         algo: u8::try_from(d.algo)
                             .ok()
-                            .and_then(crate::chunks::ChunkHash::from_id)
+                            .and_then(crate::verify::chunks::ChunkHash::from_id)
                             .ok_or_else(|| anyhow!("digest request with unknown algorithm {}", d.algo))?,
                         chunk_size: d.chunk_size,
                         seed: d.seed,
@@ -517,7 +517,7 @@ async fn session(
                     let lists = tokio::task::spawn_blocking(move || {
                         bases
                             .iter()
-                            .map(|b| (b.id, crate::chunks::hash_range(&b.file, 0, b.size, params)))
+                            .map(|b| (b.id, crate::verify::chunks::hash_range(&b.file, 0, b.size, params)))
                             .collect::<Vec<_>>()
                     })
                     .await?;

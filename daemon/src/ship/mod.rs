@@ -16,6 +16,8 @@
 //! [`SeqIndex`] records (sequence, cumulative bytes, primary timestamp) for recent
 //! journal records so each target's lag can be given in bytes and seconds; the
 //! [`SyncGate`] makes client writes wait for sync targets.
+pub mod catchup;
+pub mod dirty;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,7 +36,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, ReplicationMode, TargetConfig};
-use crate::volume::Base;
+use crate::primary::volume::Base;
 
 /// A write-set is cut at a seal, or once it holds this many bytes of records.
 pub const MAX_WRITE_SET_BYTES: usize = 4 << 20;
@@ -267,7 +269,7 @@ pub struct TargetState {
     /// Verify answers awaited from this target, by (verify id, volume id).
     verify_waiters: Mutex<VerifyWaiters>,
     /// Journal overflow: streaming, bitmap or resyncing (`overflow.rs`).
-    pub track: crate::overflow::Tracker,
+    pub track: crate::ship::catchup::Tracker,
 }
 
 type VerifyWaiters =
@@ -470,7 +472,7 @@ pub struct ShipContext {
     /// On a primary by promotion: the fork point, and the targets known to have
     /// rejoined after it (a node whose journal goes past the fork without having
     /// rejoined holds writes of the old epoch the new history does not have).
-    pub fork: Option<(Seq, Arc<crate::meta::Meta>)>,
+    pub fork: Option<(Seq, Arc<crate::store::meta::Meta>)>,
 }
 
 pub fn geometry(bases: &[Arc<Base>]) -> Vec<VolumeGeometry> {
@@ -691,7 +693,7 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     .await?;
     let full = full_resync.lock().take();
     if let Some(from) = full {
-        tokio::task::block_in_place(|| crate::overflow::switch_full(t, from))?;
+        tokio::task::block_in_place(|| crate::ship::catchup::switch_full(t, from))?;
     }
     let resync = resync || full.is_some();
     let resume = s.hello_ack.resume_seq;
@@ -704,10 +706,10 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     t.applied_seq
         .store(s.peer_hello.resume_position.min(resume), Ordering::Release);
     // Reverts an unfinished resync to bitmap mode when this session ends.
-    let _resync_guard = crate::overflow::ResyncGuard(t);
+    let _resync_guard = crate::ship::catchup::ResyncGuard(t);
     let resume = if resync {
         t.set_state("resyncing");
-        crate::overflow::resync_copy(t, &mut s, resume, epoch).await?
+        crate::ship::catchup::resync_copy(t, &mut s, resume, epoch).await?
     } else {
         resume
     };
@@ -763,8 +765,8 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                         let out = sender.on_ack(&ack).map_err(|e| anyhow!("standby ack: {e}"))?;
                         t.acked_seq.store(out.durable_seq, Ordering::Release);
                         t.applied_seq.store(out.applied_seq, Ordering::Release);
-                        if crate::overflow::resync_done(t, out.durable_seq) {
-                            tokio::task::block_in_place(|| crate::overflow::complete_resync(t));
+                        if crate::ship::catchup::resync_done(t, out.durable_seq) {
+                            tokio::task::block_in_place(|| crate::ship::catchup::complete_resync(t));
                         }
                         // Caught up = this ack covers everything that was durable when
                         // the previous ack arrived (reachable under continuous writes,
@@ -835,7 +837,7 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
             _ = heartbeat.tick() => {
                 // A switch to bitmap mode (or an abandoned resync) whose wake-up this
                 // loop missed.
-                if t.track.mode() == crate::overflow::Mode::Bitmap || t.track.resync_abandoned() {
+                if t.track.mode() == crate::ship::catchup::Mode::Bitmap || t.track.resync_abandoned() {
                     bail!("switched to bitmap mode: the journal no longer keeps this target's records");
                 }
                 s.control_send

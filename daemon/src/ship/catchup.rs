@@ -1,6 +1,6 @@
 //! Journal overflow on the primary: a target that falls so far behind that keeping
 //! its records would overflow the journal is tracked in a persisted dirty-region
-//! bitmap instead ([`crate::dirty::DirtyMap`], one per volume), the journal is
+//! bitmap instead ([`crate::ship::dirty::DirtyMap`], one per volume), the journal is
 //! released without it, and on its next connection only the dirty regions are
 //! copied (a *resync*), then streaming goes on. Clients never wait on a target in
 //! bitmap mode, and never get an error because of one.
@@ -14,7 +14,7 @@
 //!
 //! **Switch** (monitor thread, when the journal is [`SWITCH_PERCENT`] full and a
 //! streaming target's ack is below the checkpoint): live marking starts first (every
-//! durable record from then on is marked in memory by the [`crate::replication::ShipFeed`]
+//! durable record from then on is marked in memory by the [`crate::ship::ShipFeed`]
 //! hook), then the maps are created, every journal record after the target's ack up to
 //! the durable position is read back and marked, and the maps are flushed with
 //! `base_seq` = the ack and `through_seq` = every record up to it marked. Only then does
@@ -50,9 +50,9 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-use crate::dirty::DirtyMap;
-use crate::replication::{now_ns, SyncGate, TargetState};
-use crate::volume::Base;
+use crate::primary::volume::Base;
+use crate::ship::dirty::DirtyMap;
+use crate::ship::{now_ns, SyncGate, TargetState};
 
 /// A streaming target that holds the floor is switched to bitmap mode once the
 /// journal is this full (percent of its capacity).
@@ -443,7 +443,7 @@ impl Tracker {
 pub fn start(
     sh: Shared,
     targets: &[Arc<TargetState>],
-    feed: &crate::replication::ShipFeed,
+    feed: &crate::ship::ShipFeed,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let sh = Arc::new(sh);
@@ -1063,7 +1063,7 @@ async fn filter_by_digests(
     sh: &Arc<Shared>,
     epoch: u64,
 ) -> anyhow::Result<()> {
-    use crate::chunks::{hash_range, ChunkList, HashParams};
+    use crate::verify::chunks::{hash_range, ChunkList, HashParams};
     if t.track.dirty_bytes.load(Ordering::Relaxed) == 0 {
         return Ok(());
     }
@@ -1280,7 +1280,7 @@ size = "4MiB"
 
     impl Rig {
         fn target(&self) -> Arc<TargetState> {
-            let t = crate::replication::target_states(&self.cfg, 0).remove(0);
+            let t = crate::ship::target_states(&self.cfg, 0).remove(0);
             let _ = t.track.shared.set(self.sh.clone());
             t
         }

@@ -1,0 +1,3 @@
+//! The primary write path: volumes and their NBD export, ordered application to the bases.
+pub mod apply;
+pub mod volume;

@@ -1,0 +1,2 @@
+//! Node-local storage: the crash-safe node metadata.
+pub mod meta;
