@@ -1396,7 +1396,7 @@ fn create_bookmark(
     let b = crate::store::meta::Bookmark {
         name: name.to_string(),
         seq,
-        timestamp_ns: replication::now_ns(),
+        timestamp_ns: ferry_journal::now_ns(),
     };
     rec.meta.add_bookmark(&b)?;
     tracing::info!(name, seq, "bookmark created");

@@ -45,8 +45,9 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::{Config, ReplicationMode, Role};
 use crate::primary::volume::Group;
 use crate::replica::session::Standby;
-use crate::ship::{now_ns, Replication, TargetState};
+use crate::ship::{Replication, TargetState};
 use crate::store::meta::Meta;
+use ferry_journal::now_ns;
 
 /// Frontend latency buckets (seconds): fsync-scale, 50 µs to 1 s.
 pub const LATENCY_BUCKETS: [f64; 13] = [

@@ -578,7 +578,7 @@ impl Pit {
         let max_age = Duration::from_secs(self.settings.max_age_secs);
         let mut undo = self.undo.lock();
         let over_size = undo.used_bytes() > max_bytes;
-        let now = crate::ship::now_ns();
+        let now = ferry_journal::now_ns();
         let over_age = self.settings.max_age_secs > 0
             && undo
                 .points()

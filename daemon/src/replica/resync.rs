@@ -35,8 +35,8 @@ use parking_lot::Mutex;
 use serde_json::json;
 
 use crate::replica::session::Standby;
-use crate::ship::now_ns;
 use crate::store::meta::{Meta, MetaError, ResyncState};
+use ferry_journal::now_ns;
 
 /// Testing hook: milliseconds to sleep after each resync batch a standby applies,
 /// so a test can SIGKILL it in the middle of a copy. Never set in production.

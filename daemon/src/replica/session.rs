@@ -27,7 +27,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::pit::Applier;
-use crate::ship::{journal_record, now_ns};
+use crate::ship::journal_record;
+use ferry_journal::now_ns;
 
 /// Bytes of records waiting for the replica applier, at most (and at most half the
 /// journal). Beyond it the journal completion path blocks: backpressure all the way

@@ -52,7 +52,8 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::primary::volume::Base;
 use crate::ship::dirty::DirtyMap;
-use crate::ship::{now_ns, SyncGate, TargetState};
+use crate::ship::{SyncGate, TargetState};
+use ferry_journal::now_ns;
 
 /// A streaming target that holds the floor is switched to bitmap mode once the
 /// journal is this full (percent of its capacity).

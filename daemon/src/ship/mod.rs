@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use ferry_journal::{Journal, Op, Seq};
+use ferry_journal::{now_ns, Journal, Op, Seq};
 use ferry_transport::quic::{self, Backoff, TlsMaterial, TransportOptions};
 use ferry_transport::session::{self, LocalIdentity, Sender, SenderConfig};
 use ferry_transport::wire::{
@@ -46,12 +46,6 @@ const READ_AHEAD_WRITE_SETS: usize = 16;
 /// reported as a lower bound.
 const SEQ_INDEX_LEN: usize = 1 << 20;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
-
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
 
 /// (sequence, cumulative record bytes, primary timestamp) of recent journal records,
 /// appended in sequence order by the journal's completion path.
