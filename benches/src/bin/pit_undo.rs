@@ -15,8 +15,8 @@ use bytes::Bytes;
 use ferry_journal::{Op, Record, Seq};
 use ferryd::config::PitConfig;
 use ferryd::pit::{Applier, Pit, Target};
-use ferryd::primary::volume::Base;
 use ferryd::size::ByteSize;
+use ferryd::store::base::Base;
 use ferryd::store::meta::Meta;
 
 const CLUSTER: [u8; 16] = [7; 16];

@@ -21,9 +21,10 @@ use crate::ops::control;
 use crate::ops::metrics::{self, Metrics, NodeSource, RoleSource};
 use crate::ops::sdnotify::{self, State};
 use crate::pit::{Applier, Pit, PitExports, Target};
-use crate::primary::volume::{Base, Group, Registry, Volume};
+use crate::primary::volume::{Group, Registry, Volume};
 use crate::replica::session::{self as standby, Standby};
 use crate::ship::{self as replication, Replication, ShipContext, SyncGate};
+use crate::store::base::Base;
 use crate::store::meta::{Meta, RollbackState};
 
 /// Journal queue depth; also the number of writes that may wait for the journal at once.

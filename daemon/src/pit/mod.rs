@@ -49,7 +49,7 @@ use serde_json::json;
 
 use crate::config::PitConfig;
 use crate::nbd::{Export, ExportError, ExportFlags};
-use crate::primary::volume::Base;
+use crate::store::base::{is_hole, Base};
 use crate::store::meta::{Bookmark, Meta};
 use crate::timefmt::format_rfc3339;
 
@@ -1078,19 +1078,6 @@ fn open_capture_file(base: &Base) -> Option<File> {
     }
 }
 
-/// Whether `[offset, offset + len)` of `file` holds no data (a hole). Any doubt
-/// (block devices, filesystems without SEEK_DATA) answers false: the bytes are read.
-pub(crate) fn is_hole(file: &File, offset: u64, len: u64) -> bool {
-    // SAFETY: lseek on an fd we own; it only moves a file offset nobody else uses
-    // (all our IO is positional).
-    let next = unsafe { libc::lseek(file.as_raw_fd(), offset as i64, libc::SEEK_DATA) };
-    if next < 0 {
-        // ENXIO: no data at or after `offset`.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-    }
-    next as u64 >= offset + len
-}
-
 /// Scratch copy-on-write overlay of a writable view (a sparse temp file).
 struct Overlay {
     file: File,
@@ -1248,7 +1235,7 @@ impl PitView {
         }
         let r = match data {
             Some(d) => ov.file.write_all_at(d, offset),
-            None => crate::primary::volume::zero_range(&ov.file, offset, len, false),
+            None => crate::store::base::zero_range(&ov.file, offset, len, false),
         };
         r.map_err(|e| match e.raw_os_error() {
             Some(libc::ENOSPC) => ExportError::NoSpace,

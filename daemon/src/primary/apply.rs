@@ -31,7 +31,7 @@ use ferry_journal::{JournalError, Op, Seq};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::primary::volume::Base;
+use crate::store::base::Base;
 
 pub type Release = oneshot::Sender<Result<Released, JournalError>>;
 

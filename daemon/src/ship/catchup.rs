@@ -50,9 +50,9 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-use crate::primary::volume::Base;
 use crate::ship::dirty::DirtyMap;
 use crate::ship::{SyncGate, TargetState};
+use crate::store::base::Base;
 use ferry_journal::now_ns;
 
 /// A streaming target that holds the floor is switched to bitmap mode once the
@@ -924,7 +924,7 @@ fn read_copy(
 /// `None` when the range holds only zeros (a hole or zeroed blocks).
 fn read_piece(base: &Base, offset: u64, len: u64) -> std::io::Result<Option<bytes::Bytes>> {
     use std::os::unix::fs::FileExt;
-    if crate::pit::is_hole(&base.file, offset, len) {
+    if crate::store::base::is_hole(&base.file, offset, len) {
         return Ok(None);
     }
     let mut buf = BytesMut::zeroed(len as usize);

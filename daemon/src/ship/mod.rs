@@ -36,7 +36,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, ReplicationMode, TargetConfig};
-use crate::primary::volume::Base;
+use crate::store::base::Base;
 
 /// A write-set is cut at a seal, or once it holds this many bytes of records.
 pub const MAX_WRITE_SET_BYTES: usize = 4 << 20;

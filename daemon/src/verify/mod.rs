@@ -26,7 +26,7 @@ use anyhow::{anyhow, bail};
 use ferry_journal::Seq;
 use parking_lot::{Mutex, RwLock};
 
-use crate::primary::volume::Base;
+use crate::store::base::Base;
 use crate::verify::chunks::{digest, ChunkDigest, ChunkHash, ChunkList, HashParams};
 
 /// Bytes of before-images a verify may hold in memory.
