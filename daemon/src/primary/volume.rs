@@ -30,8 +30,8 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::ship::{ShipFeed, SyncGate};
 
 use crate::nbd::{Export, ExportError, ExportFlags, ExportRegistry};
-use crate::ops::metrics::{Frontend, FrontendOp};
 use crate::primary::apply::{ApplyGate, ApplyGuard, Released};
+use crate::primary::frontend::{Frontend, FrontendOp};
 use crate::store::base::Base;
 
 /// Reads above this size go to a blocking-pool thread; smaller ones are served inline,
