@@ -666,7 +666,7 @@ async fn run_primary(
             group.feed.enable(r.tail_bytes.0 as usize);
             // Before the shippers start: a target left in bitmap mode resyncs at once.
             crate::ship::catchup::start(
-                crate::ship::catchup::Shared {
+                crate::ship::target::Shared {
                     journal: rec.journal.clone(),
                     bases: rec.bases.clone(),
                     applied: {

@@ -510,7 +510,7 @@ fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Resul
     )?;
     for t in targets {
         let cur = t.track.mode().as_str();
-        for mode in crate::ship::catchup::MODES {
+        for mode in crate::ship::target::MODES {
             let labels: &[(&str, &str)] = &[("target", t.name.as_str()), ("mode", mode)];
             ConstGauge::new((mode == cur) as i64).encode(m.encode_family(&labels)?)?;
         }
