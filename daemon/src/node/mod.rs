@@ -20,11 +20,13 @@ use crate::nbd;
 use crate::ops::control;
 use crate::ops::metrics::{self, Metrics, NodeSource, RoleSource};
 use crate::ops::sdnotify::{self, State};
-use crate::pit::{Applier, Pit, PitExports, Target};
+use crate::pit::{Pit, PitExports, Target};
 use crate::primary::volume::{Group, Registry, Volume};
-use crate::replica::session::{self as standby, Standby};
+use crate::replica::applier::Applier;
+use crate::replica::session as standby;
+use crate::replica::standby::{HandoverFn, Standby};
 use crate::ship::{self as replication, Replication, ShipContext, SyncGate};
-use crate::store::base::Base;
+use crate::store::base::{find_base, Base};
 use crate::store::meta::{Meta, RollbackState};
 
 /// Journal queue depth; also the number of writes that may wait for the journal at once.
@@ -143,7 +145,7 @@ pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
         verify: Default::default(),
         applied: applied.clone(),
         outbox: Default::default(),
-        resync: Arc::new(crate::replica::resync::ResyncStatus::load(&meta)?),
+        resync: Arc::new(crate::replica::transition::ResyncStatus::load(&meta)?),
     });
     let replayed = match rollback {
         // A rolled-back replica must not be rolled forward by the journal (the
@@ -293,13 +295,8 @@ fn replay_target<'a>(
     if r.op == Op::Seal {
         return Ok(None);
     }
-    let Some(base) = bases.iter().find(|b| b.id == r.volume) else {
-        bail!(
-            "journal record {seq} is for volume id {} which is not in the config; \
-             refusing to start rather than drop it (restore the volume's [[volume]] section)",
-            r.volume
-        );
-    };
+    let base =
+        find_base(bases, r.volume, seq).context("refusing to start rather than drop the record")?;
     let end = r.offset.checked_add(r.length as u64);
     if end.is_none_or(|end| end > base.size) {
         bail!(
@@ -1704,7 +1701,7 @@ fn promote(
 }
 
 /// The role change a planned switchover makes on the standby side.
-fn take_over(rec: Arc<Recovered>, sb: Arc<Standby>, life: Arc<Lifecycle>) -> standby::HandoverFn {
+fn take_over(rec: Arc<Recovered>, sb: Arc<Standby>, life: Arc<Lifecycle>) -> HandoverFn {
     Arc::new(move |seq| {
         let applied = drain_applier(&sb, Duration::from_secs(30))?;
         if applied != seq {

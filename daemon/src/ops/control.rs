@@ -21,31 +21,10 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::{AccessConfig, Principals};
 use crate::ops::audit::{AuditEntry, AuditLog, Outcome};
+pub use crate::ops::role::Role;
 
 /// Longest request line accepted; requests are tiny.
 const MAX_REQUEST: usize = 64 << 10;
-
-/// Control roles, ordered: each includes the ones below it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Status and lists.
-    Viewer,
-    /// Bookmarks, point-in-time exports, verify, pause/resume.
-    Operator,
-    /// Role changes, rollback, full resync, reload.
-    Admin,
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        })
-    }
-}
 
 /// Every control command, implemented or planned, with the role it needs. A request
 /// naming a planned command is classified (and denied or refused as not implemented)

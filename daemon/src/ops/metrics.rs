@@ -42,7 +42,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::{Config, ReplicationMode, Role};
 use crate::primary::volume::Group;
-use crate::replica::session::Standby;
+use crate::replica::standby::Standby;
 use crate::ship::{Replication, TargetState};
 use crate::store::meta::Meta;
 use ferry_journal::now_ns;

@@ -2,4 +2,5 @@
 pub mod audit;
 pub mod control;
 pub mod metrics;
+pub mod role;
 pub mod sdnotify;

@@ -1,5 +1,5 @@
 //! Frontend (NBD export) counters and latency histograms of the primary write path,
-//! updated on the request path by [`crate::primary::volume`] and encoded by the
+//! updated on the request path by `primary::volume` and encoded by the
 //! metrics collector at scrape time.
 use std::time::Instant;
 

@@ -10,6 +10,7 @@ use ferry_journal::{now_ns, Op, Seq};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use crate::ship::records::RECORD_COST;
 use crate::ship::target::TargetState;
 
 /// Records tracked for lag accounting; beyond this a far-behind target's lag is
@@ -116,11 +117,11 @@ impl Tail {
             return;
         }
         let mut g = self.inner.lock();
-        g.bytes += rec.data.len() + 64;
+        g.bytes += rec.data.len() + RECORD_COST;
         g.entries.push_back((seq, rec, ts_ns));
         while g.bytes > cap {
             match g.entries.pop_front() {
-                Some((_, r, _)) => g.bytes -= r.data.len() + 64,
+                Some((_, r, _)) => g.bytes -= r.data.len() + RECORD_COST,
                 None => break,
             }
         }

@@ -4,6 +4,12 @@
 use ferry_journal::{Op, Seq};
 use ferry_transport::wire::{RecordOp, WireRecord};
 
+/// Memory a record costs beyond its data, counted per record by every byte budget
+/// that holds records (the shipper's in-memory tail, the standby's apply queue): a
+/// record without data still costs.
+pub const RECORD_COST: usize = 64;
+
+/// The wire record of journal record `seq` (the inverse of [`journal_record`]).
 pub(crate) fn wire_record(seq: Seq, r: ferry_journal::Record) -> WireRecord {
     WireRecord {
         seq,

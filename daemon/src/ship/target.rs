@@ -1,7 +1,7 @@
 //! Per-target state on a primary: [`TargetState`] (what status shows, shared between
 //! a shipper and the rest), its journal-overflow [`Tracker`] (streaming, bitmap or
 //! resyncing; the procedures that move it between modes are in
-//! [`crate::ship::catchup`]) and the [`SyncGate`] that makes client writes wait for
+//! `ship::catchup`) and the [`SyncGate`] that makes client writes wait for
 //! live sync targets. They live together because each refers to the others.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};

@@ -7,7 +7,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use ferry_journal::Op;
+use std::sync::Arc;
+
+use ferry_journal::{Op, Seq};
 
 /// A volume's backing store: a file or a block device.
 pub struct Base {
@@ -172,6 +174,18 @@ fn block_device_size(file: &File) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(size)
+}
+
+/// The base of `volume`, for record `seq`: the one lookup used by crash replay, the
+/// replica applier and the PIT paths. A volume id missing from the config is an error
+/// (a record must never be dropped silently).
+pub fn find_base(bases: &[Arc<Base>], volume: u32, seq: Seq) -> anyhow::Result<&Arc<Base>> {
+    bases.iter().find(|b| b.id == volume).ok_or_else(|| {
+        anyhow::anyhow!(
+            "journal record {seq} is for volume id {volume}, which is not in the config \
+             (restore the volume's [[volume]] section)"
+        )
+    })
 }
 
 #[cfg(test)]
