@@ -275,6 +275,13 @@ impl Standby {
             let done: ferry_journal::Completion =
                 Box::new(move |res: Result<Seq, JournalError>| {
                     if let Ok(seq) = res {
+                        // The standby journal mirrors the primary's: the record is
+                        // durable under the primary's sequence (append checks the
+                        // assignment; completions must report the same one).
+                        debug_assert_eq!(
+                            seq, expected,
+                            "standby journal completed {seq} for the primary's {expected}"
+                        );
                         durable_tx.send_replace(seq);
                         // Blocks only when the applier is far behind: backpressure.
                         budget.acquire(for_apply.data.len() + RECORD_COST);

@@ -3,7 +3,7 @@
 //! durable records, and the [`SeqIndex`] that gives each target's lag in bytes and
 //! seconds.
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ferry_journal::{now_ns, Op, Seq};
@@ -163,8 +163,10 @@ pub struct ShipFeed {
     pub tail: Arc<Tail>,
     durable_tx: watch::Sender<Seq>,
     enabled: AtomicBool,
+    /// The last sequence fed (0: none yet), to check that the feed is contiguous.
+    last_fed: AtomicU64,
     /// Targets whose overflow tracking marks every durable record while they are in
-    /// bitmap mode (`overflow.rs`).
+    /// bitmap mode (`ship::catchup`).
     tracked: parking_lot::RwLock<Vec<Arc<TargetState>>>,
 }
 
@@ -175,6 +177,7 @@ impl ShipFeed {
             tail: Arc::new(Tail::new()),
             durable_tx: watch::channel(durable).0,
             enabled: AtomicBool::new(false),
+            last_fed: AtomicU64::new(0),
             tracked: Default::default(),
         }
     }
@@ -195,6 +198,13 @@ impl ShipFeed {
         if !self.enabled.load(Ordering::Acquire) {
             return;
         }
+        // Shippers, the tail and the dirty maps assume no hole: a record skipped here
+        // would never be shipped from memory nor marked.
+        let last = self.last_fed.swap(seq, Ordering::Relaxed);
+        debug_assert!(
+            last == 0 || seq == last + 1,
+            "ShipFeed fed out of order: {seq} after {last}"
+        );
         let rec = rec();
         for t in self.tracked.read().iter() {
             t.track.on_durable(seq, &rec);
