@@ -52,3 +52,46 @@ impl ResyncStatus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_the_transition_and_the_copy_progress() {
+        let s = ResyncStatus::default();
+        assert_eq!(s.status(), serde_json::Value::Null);
+        assert!(!s.copy_incomplete());
+        s.set(Some(ResyncState {
+            from: 10,
+            snapshot: 50,
+            through: 0,
+            copied: false,
+        }));
+        s.copied_bytes.store(4096, Ordering::Relaxed);
+        s.total_bytes.store(8192, Ordering::Relaxed);
+        assert!(s.copy_incomplete());
+        let v = s.status();
+        assert_eq!(v["from_seq"], 10);
+        assert_eq!(v["snapshot_seq"], 50);
+        assert_eq!(
+            v["through_seq"],
+            serde_json::Value::Null,
+            "0 means not known yet"
+        );
+        assert_eq!(
+            (v["copied_bytes"].as_u64(), v["total_bytes"].as_u64()),
+            (Some(4096), Some(8192))
+        );
+        s.set(Some(ResyncState {
+            from: 10,
+            snapshot: 50,
+            through: 60,
+            copied: true,
+        }));
+        assert!(!s.copy_incomplete());
+        assert_eq!(s.status()["through_seq"], 60);
+        s.set(None);
+        assert_eq!(s.get(), None);
+    }
+}
