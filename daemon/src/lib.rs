@@ -1,15 +1,23 @@
 //! ferryd: the ferry daemon.
 //!
-//! Module map (see ARCHITECTURE.md), by role:
-//! * [`node`]    — start-up, recovery, checkpointing, role changes, shutdown.
-//! * [`store`]   — node-local storage: crash-safe metadata (redb).
-//! * [`primary`] — the primary write path: volumes, NBD export, ordered application.
-//! * [`ship`]    — primary side of replication: shippers, sync gate, catch-up (bitmap
-//!   mode, resync copy), the persisted dirty map.
-//! * [`replica`] — standby side: receive, journal, apply, ack; standby half of a resync.
+//! Module map (see ARCHITECTURE.md), by role. Folders depend downwards only
+//! (`daemon/tests/module_graph.rs` keeps it so): `node` → `ops` → `replica` → `pit` →
+//! `primary` → `ship` → `verify` → `store` → `config`, `nbd`, `timefmt`, `size`.
+//! * [`node`]    — start-up, recovery, checkpoints, both roles' run loops and control
+//!   handlers, role changes, shutdown.
+//! * [`store`]   — node-local storage: backing stores ([`store::base`]) and the crash-safe
+//!   metadata ([`store::meta`], redb).
+//! * [`primary`] — the primary write path: volumes and the NBD export, ordered application
+//!   to the bases ([`primary::apply`]), frontend metrics.
+//! * [`ship`]    — primary side of replication: the feed from the write path, per-target
+//!   state and the sync gate, shipper sessions, catch-up (bitmap mode, resync copy), the
+//!   persisted dirty map.
+//! * [`replica`] — standby side: standby state and journal, sessions, the replica
+//!   applier, the standby half of a resync.
 //! * [`pit`]     — standby point-in-time recovery: undo capture, retention, views, rollback.
-//! * [`verify`]  — online verify: chunk digests at a point in the stream.
-//! * [`ops`]     — control socket, audit log, metrics endpoint, systemd notifications.
+//! * [`verify`]  — online verify and chunk digests.
+//! * [`ops`]     — control socket and roles, audit log, metrics endpoint, systemd
+//!   notifications.
 //! * [`nbd`]     — the NBD protocol server (fixed newstyle), generic over an export.
 //! * [`config`], [`size`], [`timefmt`] — configuration, byte sizes, RFC 3339 times.
 pub mod config;

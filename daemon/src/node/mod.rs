@@ -1,4 +1,5 @@
-//! Start-up, crash recovery, checkpointing and orderly shutdown of a ferryd node.
+//! A ferryd node: start-up, both roles' run loops and control handlers, role changes
+//! and orderly shutdown (recovery and checkpoints are in [`recovery`] and [`checkpoint`]).
 //!
 //! Start-up order matters for safety:
 //! 1. metadata (refuses a config naming another cluster),

@@ -56,7 +56,7 @@ const MAX_CONNECTIONS: usize = 32;
 /// The OpenMetrics content type (what `prometheus-client` encodes).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Target states a shipper reports (`replication.rs`); each is exported as a series so
+/// Target states a shipper reports (`ship::session`); each is exported as a series so
 /// a state change is a value change, not a series appearing.
 const TARGET_STATES: [&str; 5] = [
     "connecting",

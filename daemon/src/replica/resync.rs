@@ -1,4 +1,4 @@
-//! Standby side of a bitmap resync (the primary side is `overflow.rs`).
+//! Standby side of a bitmap resync (the primary side is `ship::catchup`).
 //!
 //! A primary that tracked this standby in a dirty-region bitmap (it fell too far
 //! behind for the journal) sends, on the data stream, `ResyncBegin{from, snapshot}`,
