@@ -181,6 +181,32 @@ impl Observe {
         self.metrics.set_ready(false);
     }
 
+    /// The first half of the shutdown both roles share: waits for the signal, tells
+    /// systemd and `/readyz`, stops the listeners, and waits for the role's server
+    /// (`server`, named `what` in logs) and the control socket to finish.
+    #[allow(clippy::too_many_arguments)]
+    async fn stop_serving<E: std::fmt::Display>(
+        &self,
+        shutdown: impl std::future::Future<Output = ()>,
+        watchdog: Option<tokio::task::JoinHandle<()>>,
+        stopping: &str,
+        stop_tx: &tokio::sync::watch::Sender<bool>,
+        what: &str,
+        server: tokio::task::JoinHandle<Result<(), E>>,
+        control_task: tokio::task::JoinHandle<()>,
+    ) {
+        shutdown.await;
+        self.announce_stopping(watchdog);
+        tracing::info!("{stopping}");
+        let _ = stop_tx.send(true);
+        match server.await {
+            Ok(Err(e)) => tracing::warn!("{what} stopped with an error: {e:#}"),
+            Err(e) => tracing::warn!("{what} task: {e}"),
+            Ok(Ok(())) => {}
+        }
+        let _ = control_task.await;
+    }
+
     /// ` metrics=ADDR` for the ready line (empty without a metrics endpoint).
     fn ready_suffix(&self) -> String {
         self.addr
@@ -406,16 +432,16 @@ async fn run_primary(
         rec.journal.clone(),
     );
 
-    shutdown.await;
-    obs.announce_stopping(watchdog);
-    tracing::info!("shutting down: draining NBD clients");
-    let _ = stop_tx.send(true);
-    match nbd_task.await {
-        Ok(Err(e)) => tracing::warn!("NBD server stopped with an error: {e}"),
-        Err(e) => tracing::warn!("NBD server task: {e}"),
-        Ok(Ok(())) => {}
-    }
-    let _ = control_task.await;
+    obs.stop_serving(
+        shutdown,
+        watchdog,
+        "shutting down: draining NBD clients",
+        &stop_tx,
+        "NBD server",
+        nbd_task,
+        control_task,
+    )
+    .await;
     // Every acknowledged write is applied; seal the last write-set, let the journal
     // make it durable, then the checkpointer's final round fsyncs and records it.
     let _ = group.seal(bytes::Bytes::new());
@@ -426,13 +452,8 @@ async fn run_primary(
     if let Some(t) = fence_task {
         let _ = t.await;
     }
-    ckpt.finish().await;
     drop(registry);
-    tracing::info!(
-        checkpoint = rec.meta.checkpoint().unwrap_or(0),
-        "shutdown complete"
-    );
-    Ok(())
+    finish_shutdown(ckpt, &rec).await
 }
 
 async fn run_standby(
@@ -520,16 +541,16 @@ async fn run_standby(
         &format!("standby: replication {listen}"),
         rec.journal.clone(),
     );
-    shutdown.await;
-    obs.announce_stopping(watchdog);
-    tracing::info!("shutting down standby");
-    let _ = stop_tx.send(true);
-    match serve.await {
-        Ok(Err(e)) => tracing::warn!("standby listener: {e:#}"),
-        Err(e) => tracing::warn!("standby task: {e}"),
-        Ok(Ok(())) => {}
-    }
-    let _ = control_task.await;
+    obs.stop_serving(
+        shutdown,
+        watchdog,
+        "shutting down standby",
+        &stop_tx,
+        "standby listener",
+        serve,
+        control_task,
+    )
+    .await;
     if let Some(x) = &exports {
         if let Err(e) = x.unexport(None, true).await {
             tracing::warn!("unexporting point-in-time views: {e:#}");
@@ -540,8 +561,17 @@ async fn run_standby(
     wait_until("the replica to apply what is durable", || {
         standby.applied_seq() >= target || standby.paused().is_some()
     });
+    finish_shutdown(ckpt, &rec).await
+}
+
+/// The last step of both roles' shutdown: the checkpointer's final round fsyncs the
+/// bases and records what they hold.
+async fn finish_shutdown(ckpt: Checkpointer, rec: &Recovered) -> anyhow::Result<()> {
     ckpt.finish().await;
-    tracing::info!("shutdown complete");
+    tracing::info!(
+        checkpoint = rec.meta.checkpoint().unwrap_or(0),
+        "shutdown complete"
+    );
     Ok(())
 }
 
