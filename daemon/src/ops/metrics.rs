@@ -218,7 +218,6 @@ impl Collector for Inner {
         let Some(src) = guard.as_ref() else {
             return Ok(()); // still recovering
         };
-        let j = &src.journal;
         gauge(
             e,
             "ferry_node_epoch",
@@ -227,197 +226,216 @@ impl Collector for Inner {
             src.meta.epoch().unwrap_or(0),
         )?;
 
-        // Journal.
-        let fallback = j.fallback_reason().unwrap_or_default();
-        Info::new(vec![
-            ("engine", j.engine_name()),
-            ("fallback_reason", fallback.as_str()),
-        ])
-        .encode(e.encode_descriptor(
-            "ferry_journal_engine",
-            "Journal IO engine in use, and why it fell back to std IO (empty: no fallback).",
-            None,
-            MetricType::Info,
-        )?)?;
-        gauge(
-            e,
-            "ferry_journal_used",
-            "Journal bytes holding records not yet released.",
-            Some(&Unit::Bytes),
-            j.used_bytes(),
-        )?;
-        gauge(
-            e,
-            "ferry_journal_capacity",
-            "Journal capacity (journal.size).",
-            Some(&Unit::Bytes),
-            j.capacity_bytes(),
-        )?;
-        let st = j.stats();
-        counter(
-            e,
-            "ferry_journal_batches",
-            "Durable journal batch writes completed.",
-            None,
-            st.batches,
-        )?;
-        counter(
-            e,
-            "ferry_journal_records",
-            "Records made durable in the journal.",
-            None,
-            st.records,
-        )?;
-        counter(
-            e,
-            "ferry_journal_written",
-            "Bytes written to journal segments (headers and padding included).",
-            Some(&Unit::Bytes),
-            st.bytes_written,
-        )?;
-        counter(
-            e,
-            "ferry_journal_write",
-            "Summed duration of durable batch writes (overlapping when several are in flight).",
-            Some(&Unit::Seconds),
-            st.write_ns as f64 / 1e9,
-        )?;
-        let durable = j.durable_seq();
-        gauge(
-            e,
-            "ferry_journal_durable_seq",
-            "Highest contiguous durable journal sequence.",
-            None,
-            durable,
-        )?;
-        gauge(
-            e,
-            "ferry_journal_first_seq",
-            "Oldest journal sequence still held (not released).",
-            None,
-            j.first_available_seq(),
-        )?;
-        gauge(
-            e,
-            "ferry_journal_checkpoint_seq",
-            "Sequence of the last checkpoint (bases fsynced up to it).",
-            None,
-            src.meta.checkpoint().unwrap_or(0),
-        )?;
+        let durable = encode_journal(e, src)?;
+        encode_apply(e, src, durable)?;
+        encode_role(e, src)
+    }
+}
 
-        // Apply position: primary (base volumes) or standby (replica volumes).
-        let applied: Seq = match &src.role {
-            RoleSource::Primary { group, .. } => group.applied_seq(),
-            RoleSource::Standby { standby, .. } => standby.applied_seq(),
-        };
-        gauge(
-            e,
-            "ferry_apply_applied_seq",
-            "Highest contiguous sequence applied to the volumes.",
-            None,
-            applied,
-        )?;
-        gauge(
-            e,
-            "ferry_apply_lag_records",
-            "Journal records durable but not yet applied to the volumes (durable - applied).",
-            None,
-            durable.saturating_sub(applied),
-        )?;
+/// The journal series (engine, fill, batches, positions); returns the durable
+/// position it reported, so the apply lag is computed from the same reading.
+fn encode_journal(e: &mut DescriptorEncoder, src: &NodeSource) -> Result<Seq, std::fmt::Error> {
+    let j = &src.journal;
+    let fallback = j.fallback_reason().unwrap_or_default();
+    Info::new(vec![
+        ("engine", j.engine_name()),
+        ("fallback_reason", fallback.as_str()),
+    ])
+    .encode(e.encode_descriptor(
+        "ferry_journal_engine",
+        "Journal IO engine in use, and why it fell back to std IO (empty: no fallback).",
+        None,
+        MetricType::Info,
+    )?)?;
+    gauge(
+        e,
+        "ferry_journal_used",
+        "Journal bytes holding records not yet released.",
+        Some(&Unit::Bytes),
+        j.used_bytes(),
+    )?;
+    gauge(
+        e,
+        "ferry_journal_capacity",
+        "Journal capacity (journal.size).",
+        Some(&Unit::Bytes),
+        j.capacity_bytes(),
+    )?;
+    let st = j.stats();
+    counter(
+        e,
+        "ferry_journal_batches",
+        "Durable journal batch writes completed.",
+        None,
+        st.batches,
+    )?;
+    counter(
+        e,
+        "ferry_journal_records",
+        "Records made durable in the journal.",
+        None,
+        st.records,
+    )?;
+    counter(
+        e,
+        "ferry_journal_written",
+        "Bytes written to journal segments (headers and padding included).",
+        Some(&Unit::Bytes),
+        st.bytes_written,
+    )?;
+    counter(
+        e,
+        "ferry_journal_write",
+        "Summed duration of durable batch writes (overlapping when several are in flight).",
+        Some(&Unit::Seconds),
+        st.write_ns as f64 / 1e9,
+    )?;
+    let durable = j.durable_seq();
+    gauge(
+        e,
+        "ferry_journal_durable_seq",
+        "Highest contiguous durable journal sequence.",
+        None,
+        durable,
+    )?;
+    gauge(
+        e,
+        "ferry_journal_first_seq",
+        "Oldest journal sequence still held (not released).",
+        None,
+        j.first_available_seq(),
+    )?;
+    gauge(
+        e,
+        "ferry_journal_checkpoint_seq",
+        "Sequence of the last checkpoint (bases fsynced up to it).",
+        None,
+        src.meta.checkpoint().unwrap_or(0),
+    )?;
 
-        match &src.role {
-            RoleSource::Primary { group, replication } => {
-                gauge(
-                    e,
-                    "ferry_apply_failed",
-                    "1 once a base write failed (the group refuses writes until restart).",
-                    None,
-                    group.gate.failed() as i64,
-                )?;
-                gauge(
-                    e,
-                    "ferry_journal_last_seq",
-                    "Last sequence assigned by the journal.",
-                    None,
-                    j.last_seq(),
-                )?;
-                group.frontend.encode(e)?;
-                if let Some(r) = replication {
-                    encode_targets(e, r)?;
-                }
-            }
-            RoleSource::Standby { standby, pit } => {
-                if let Some(p) = pit {
-                    let w = p.window_numbers();
-                    gauge(
-                        e,
-                        "ferry_pit_points",
-                        "Recovery points retained in the undo log.",
-                        None,
-                        w.points as u64,
-                    )?;
-                    gauge(
-                        e,
-                        "ferry_pit_oldest_timestamp",
-                        "Primary clock time (Unix seconds) of the oldest retained point; 0 with none.",
-                        Some(&Unit::Seconds),
-                        w.oldest_ns as f64 / 1e9,
-                    )?;
-                    gauge(
-                        e,
-                        "ferry_pit_window",
-                        "Time between the oldest and the newest retained point.",
-                        Some(&Unit::Seconds),
-                        w.newest_ns.saturating_sub(w.oldest_ns) as f64 / 1e9,
-                    )?;
-                    gauge(
-                        e,
-                        "ferry_undo_used",
-                        "Bytes of undo log on disk.",
-                        Some(&Unit::Bytes),
-                        w.used_bytes,
-                    )?;
-                    gauge(
-                        e,
-                        "ferry_undo_capacity",
-                        "Undo log size limit (pit.max_bytes).",
-                        Some(&Unit::Bytes),
-                        w.max_bytes,
-                    )?;
-                    gauge(
-                        e,
-                        "ferry_pit_views",
-                        "Point-in-time views currently open.",
-                        None,
-                        w.views as u64,
-                    )?;
-                }
-                let s = &standby.state;
-                gauge(
-                    e,
-                    "ferry_standby_connected",
-                    "1 while the primary has a session with this standby.",
-                    None,
-                    s.connected.lock().is_some() as i64,
-                )?;
-                gauge(
-                    e,
-                    "ferry_standby_primary_seq",
-                    "Latest sequence the primary reported having.",
-                    None,
-                    s.last_primary_seq.load(Ordering::Relaxed),
-                )?;
-                gauge(
-                    e,
-                    "ferry_standby_applied_primary_timestamp",
-                    "Primary clock time (Unix seconds) of the newest applied write-set; 0 before the first.",
-                    Some(&Unit::Seconds),
-                    s.applied_ts_ns.load(Ordering::Relaxed) as f64 / 1e9,
-                )?;
+    Ok(durable)
+}
+
+/// The apply position of the volumes (base volumes on a primary, replicas on a standby).
+fn encode_apply(e: &mut DescriptorEncoder, src: &NodeSource, durable: Seq) -> std::fmt::Result {
+    let applied: Seq = match &src.role {
+        RoleSource::Primary { group, .. } => group.applied_seq(),
+        RoleSource::Standby { standby, .. } => standby.applied_seq(),
+    };
+    gauge(
+        e,
+        "ferry_apply_applied_seq",
+        "Highest contiguous sequence applied to the volumes.",
+        None,
+        applied,
+    )?;
+    gauge(
+        e,
+        "ferry_apply_lag_records",
+        "Journal records durable but not yet applied to the volumes (durable - applied).",
+        None,
+        durable.saturating_sub(applied),
+    )?;
+
+    Ok(())
+}
+
+/// The role's own series: write path and targets on a primary, receive and apply
+/// state on a standby.
+fn encode_role(e: &mut DescriptorEncoder, src: &NodeSource) -> std::fmt::Result {
+    let j = &src.journal;
+    match &src.role {
+        RoleSource::Primary { group, replication } => {
+            gauge(
+                e,
+                "ferry_apply_failed",
+                "1 once a base write failed (the group refuses writes until restart).",
+                None,
+                group.gate.failed() as i64,
+            )?;
+            gauge(
+                e,
+                "ferry_journal_last_seq",
+                "Last sequence assigned by the journal.",
+                None,
+                j.last_seq(),
+            )?;
+            group.frontend.encode(e)?;
+            if let Some(r) = replication {
+                encode_targets(e, r)?;
             }
         }
-        Ok(())
+        RoleSource::Standby { standby, pit } => {
+            if let Some(p) = pit {
+                let w = p.window_numbers();
+                gauge(
+                    e,
+                    "ferry_pit_points",
+                    "Recovery points retained in the undo log.",
+                    None,
+                    w.points as u64,
+                )?;
+                gauge(
+                    e,
+                    "ferry_pit_oldest_timestamp",
+                    "Primary clock time (Unix seconds) of the oldest retained point; 0 with none.",
+                    Some(&Unit::Seconds),
+                    w.oldest_ns as f64 / 1e9,
+                )?;
+                gauge(
+                    e,
+                    "ferry_pit_window",
+                    "Time between the oldest and the newest retained point.",
+                    Some(&Unit::Seconds),
+                    w.newest_ns.saturating_sub(w.oldest_ns) as f64 / 1e9,
+                )?;
+                gauge(
+                    e,
+                    "ferry_undo_used",
+                    "Bytes of undo log on disk.",
+                    Some(&Unit::Bytes),
+                    w.used_bytes,
+                )?;
+                gauge(
+                    e,
+                    "ferry_undo_capacity",
+                    "Undo log size limit (pit.max_bytes).",
+                    Some(&Unit::Bytes),
+                    w.max_bytes,
+                )?;
+                gauge(
+                    e,
+                    "ferry_pit_views",
+                    "Point-in-time views currently open.",
+                    None,
+                    w.views as u64,
+                )?;
+            }
+            let s = &standby.state;
+            gauge(
+                e,
+                "ferry_standby_connected",
+                "1 while the primary has a session with this standby.",
+                None,
+                s.connected.lock().is_some() as i64,
+            )?;
+            gauge(
+                e,
+                "ferry_standby_primary_seq",
+                "Latest sequence the primary reported having.",
+                None,
+                s.last_primary_seq.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                e,
+                "ferry_standby_applied_primary_timestamp",
+                "Primary clock time (Unix seconds) of the newest applied write-set; 0 before the first.",
+                Some(&Unit::Seconds),
+                s.applied_ts_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            )?;
+        }
     }
+    Ok(())
 }
 
 fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Result {
