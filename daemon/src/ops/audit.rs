@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 use ferry_api::audit::{parse_line, seal, sm3_hex, split_lines};
-// Re-exported so that `crate::audit::…` (and `ferryd::audit::…`) keep their paths.
+// Re-exported so that `crate::ops::audit::…` keeps its paths.
 pub use ferry_api::audit::{
     rfc3339_utc, verify, verify_bytes, AuditEntry, AuditError, Outcome, VerifyReport, GENESIS,
 };
@@ -223,7 +223,7 @@ fn count_newlines(file: &mut File, len: u64) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::Role;
+    use ferry_api::control::Role;
 
     fn entry(i: u32) -> AuditEntry {
         AuditEntry {

@@ -7,7 +7,7 @@
 //! request needs a role ([`Request::required_role`], [`command_role`] for the planned
 //! commands). Anyone without the role gets
 //! `permission denied: <cmd> needs <role>, uid N has <role|no role>`. Every request —
-//! allowed, denied or failed — is appended to the audit log ([`crate::audit`]) and made
+//! allowed, denied or failed — is appended to the audit log ([`crate::ops::audit`]) and made
 //! durable before its response is sent.
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
@@ -19,10 +19,10 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::audit::{AuditEntry, AuditLog, Outcome};
 use crate::config::{AccessConfig, Principals};
+use crate::ops::audit::{AuditEntry, AuditLog, Outcome};
 // The protocol (shared with ferryctl) lives in ferry-api; re-exported so that
-// `crate::control::Request` and friends keep their paths.
+// `crate::ops::control::Request` and friends keep their paths.
 pub use ferry_api::control::{
     call, command_role, CallError, PointSpec, Request, Response, Role, COMMANDS,
 };
