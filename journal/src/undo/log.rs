@@ -267,15 +267,42 @@ impl UndoLog {
         Ok(&self.index.points()[i..])
     }
 
+    /// Checks every entry after boundary `seq` (header, body checksum, extent
+    /// layout) without applying or keeping anything: each body is streamed in
+    /// bounded pieces. A rollback or a view must not start on a log it cannot
+    /// finish, so callers run this first (`entries_after` does it itself).
+    /// Errors: [`UndoError::InvalidTarget`] if `seq` is not a reachable boundary,
+    /// [`UndoError::Corruption`] naming the segment file and entry offset of the
+    /// first (oldest) bad entry, or the IO error.
+    pub fn verify_from(&self, seq: u64) -> Result<(), UndoError> {
+        self.verified_start(seq).map(|_| ())
+    }
+
+    /// [`verify_from`](Self::verify_from), returning the index of the first entry
+    /// after `seq`.
+    fn verified_start(&self, seq: u64) -> Result<usize, UndoError> {
+        self.check()?;
+        let i = self.index.target_index(seq)?;
+        for p in &self.index.points()[i..] {
+            let s = self
+                .segment(p.position.segment_no)
+                .ok_or(UndoError::UnknownPosition(p.position))?;
+            read::verify_entry(s, &p.position)?;
+        }
+        Ok(i)
+    }
+
     /// Entries of the write-sets after boundary `seq`, newest first: applying their
     /// extents in this order restores the replica as it was right after `seq`.
-    /// If `seq` is not a reachable boundary the iterator yields one
-    /// [`UndoError::InvalidTarget`].
+    /// Every one of them is verified ([`verify_from`](Self::verify_from)) before
+    /// the first is yielded, so a bad entry never leaves a half-applied rollback:
+    /// if `seq` is not a reachable boundary or any entry is bad, the iterator
+    /// yields that one error and nothing else.
     pub fn entries_after(
         &self,
         seq: u64,
     ) -> impl Iterator<Item = Result<UndoEntry, UndoError>> + '_ {
-        let (start, err) = match self.index.target_index(seq) {
+        let (start, err) = match self.verified_start(seq) {
             Ok(i) => (i, None),
             Err(e) => (self.index.points().len(), Some(e)),
         };
