@@ -152,7 +152,11 @@ fn journal_waits_for_space_on_a_full_ext4() {
     wait_until(
         "the journal waits for space",
         Duration::from_secs(60),
-        || j.stats().waiting_for_space_since_ns != 0,
+        || {
+            // Appends that end while the file system is full failed instead of waiting.
+            assert!(!appender.is_finished(), "appends ended while out of space");
+            j.stats().waiting_for_space_since_ns != 0
+        },
     );
     std::thread::sleep(Duration::from_millis(500));
     let stuck = j.durable_seq();
