@@ -196,3 +196,38 @@ impl Drop for Waiter<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_waiters_make_one_episode_and_stop_ends_waits() {
+        let m = SpaceMonitor::default();
+        let e = io::Error::from_raw_os_error(libc::ENOSPC);
+        let mut a = m.waiter("test", "a");
+        assert!(a.wait(&e, || false));
+        let mut b = m.waiter("test", "b");
+        assert!(b.wait(&e, || false));
+        assert_eq!(m.stats().episodes, 1);
+        assert_ne!(m.stats().waiting_since_ns, 0);
+        drop(a);
+        assert_ne!(m.stats().waiting_since_ns, 0, "b still waits");
+        drop(b);
+        assert_eq!(m.stats().waiting_since_ns, 0);
+        // A stop condition or stop_waiting ends a wait at once, uncounted.
+        assert!(!m.waiter("test", "c").wait(&e, || true));
+        m.stop_waiting();
+        assert!(!m.waiter("test", "d").wait(&e, || false));
+        assert_eq!(m.stats().episodes, 1);
+    }
+
+    #[test]
+    fn only_space_and_descriptor_errors_are_waited_for() {
+        let err = io::Error::from_raw_os_error;
+        assert!(is_space(&err(libc::ENOSPC)) && is_space(&err(libc::EDQUOT)));
+        assert!(!is_space(&err(libc::EMFILE)) && !is_space(&err(libc::EIO)));
+        assert!(is_space_or_fds(&err(libc::EMFILE)) && is_space_or_fds(&err(libc::ENFILE)));
+        assert!(!is_space_or_fds(&err(libc::EIO)) && !is_space_or_fds(&io::Error::other("x")));
+    }
+}
