@@ -13,6 +13,7 @@
 //! * [`timefmt`]  — RFC 3339 parsing and formatting for point-in-time commands (ferry-api).
 //! * [`verify`]   — online verify: chunk digests at a point in the stream, copy-before-write.
 //! * [`nbd`]      — the NBD protocol server (re-export of the `ferry-nbd` crate).
+//! * [`nbd_tls`]  — the `[nbd] tls*` settings as the NBD server's TLS policy.
 //! * [`metrics`]  — Prometheus metrics and the /metrics, /healthz, /readyz endpoint.
 //! * [`control`]  — the control socket (JSON lines over a Unix socket), roles from peer credentials.
 //! * [`audit`]    — the hash-chained (SM3) audit log of control requests.
@@ -27,6 +28,7 @@ pub mod dirty;
 pub mod meta;
 pub mod metrics;
 pub use ferry_nbd as nbd;
+pub mod nbd_tls;
 pub mod overflow;
 pub mod pit;
 pub mod replication;
