@@ -266,9 +266,7 @@ impl<R: ExportRegistry> Haggle<'_, R> {
                 return Ok(Step::StartTls);
             }
         };
-        if typ == proto::REP_ERR_UNSUP {
-            debug!("STARTTLS while TLS is off");
-        }
+        debug!(reply = typ, "STARTTLS refused");
         send_opt_reply(wr, option, typ, msg).await?;
         Ok(Step::Continue)
     }
