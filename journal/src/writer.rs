@@ -29,10 +29,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
+use crate::clock::now_ns;
 use crate::engine::{self, IoEngine};
 use crate::error::{JournalError, Result};
 use crate::format::{self, BatchParams, Record, Seq, BLOCK_SIZE, SEGMENT_HEADER_BLOCK};
@@ -548,12 +549,6 @@ impl Drop for Journal {
 
 fn staging_len(opts: &JournalOptions) -> usize {
     opts.max_batch_bytes + format::BATCH_HEADER_LEN + 3 * BLOCK_SIZE
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Sets the calling thread's nice value (Linux: PRIO_PROCESS with a thread id

@@ -31,7 +31,7 @@ use ferry_journal::{JournalError, Op, Seq};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::volume::Base;
+use crate::store::base::Base;
 
 pub type Release = oneshot::Sender<Result<Released, JournalError>>;
 
@@ -57,6 +57,8 @@ struct GateInner {
     /// Applied sequences above the contiguous prefix.
     done_above: BTreeSet<Seq>,
     applied: Seq,
+    /// The last sequence handed to [`ApplyGate::ready`] (checks the call order).
+    last_ready: Seq,
 }
 
 struct Pending {
@@ -79,6 +81,7 @@ impl ApplyGate {
                 pending: BTreeMap::new(),
                 done_above: BTreeSet::new(),
                 applied,
+                last_ready: applied,
             }),
             applied_seq: AtomicU64::new(applied),
             failed: AtomicBool::new(false),
@@ -106,6 +109,14 @@ impl ApplyGate {
         let seq = guard.seq;
         let (volume, start, end) = guard.range();
         let mut g = self.inner.lock();
+        // Dependencies are found among earlier pending records only: a record handed
+        // over out of order could overtake an earlier overlapping one.
+        debug_assert!(
+            seq > g.last_ready,
+            "ApplyGate::ready called out of sequence order: {seq} after {}",
+            g.last_ready
+        );
+        g.last_ready = seq;
         let mut deps = 0;
         for (_, p) in g.pending.range_mut(..seq) {
             if p.volume == volume && p.start < end && start < p.end {
@@ -233,6 +244,12 @@ impl ApplyGuard {
 
     /// Writes the record to its base and tells the gate.
     pub fn apply(mut self) -> std::io::Result<()> {
+        self.apply_once()
+    }
+
+    /// The one write of the record (from [`ApplyGuard::apply`], or from `drop` when
+    /// its task vanished): verify first, then the base, then the gate.
+    fn apply_once(&mut self) -> std::io::Result<()> {
         self.applied = true;
         self.gate
             .verify
@@ -257,18 +274,8 @@ impl ApplyGuard {
 impl Drop for ApplyGuard {
     fn drop(&mut self) {
         if !self.applied {
-            self.applied = true;
-            self.gate
-                .verify
-                .before_write(self.seq, &self.base, self.offset, self.length as u64);
-            let ok = self
-                .base
-                .apply(self.op, self.offset, self.length, &self.data)
-                .map_err(|e| {
-                    tracing::error!(seq = self.seq, "base volume write failed: {e}");
-                })
-                .is_ok();
-            self.gate.done(self.seq, ok);
+            // The error is logged and fails the group inside; nobody waits for it.
+            let _ = self.apply_once();
         }
     }
 }

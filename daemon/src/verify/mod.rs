@@ -15,6 +15,7 @@
 //!
 //! Saved bytes are bounded ([`MAX_SAVED`]): a verify under a write load that would
 //! exceed it fails with that reason instead of growing without limit.
+pub mod chunks;
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +26,8 @@ use anyhow::{anyhow, bail};
 use ferry_journal::Seq;
 use parking_lot::{Mutex, RwLock};
 
-use crate::chunks::{digest, ChunkDigest, ChunkHash, ChunkList, HashParams};
-use crate::volume::Base;
+use crate::store::base::Base;
+use crate::verify::chunks::{digest, ChunkDigest, ChunkHash, ChunkList, HashParams};
 
 /// Bytes of before-images a verify may hold in memory.
 pub const MAX_SAVED: u64 = 256 << 20;
@@ -50,7 +51,7 @@ impl Request {
     pub fn chunk_size_for(size: u64) -> u64 {
         (size.div_ceil(MAX_CHUNKS))
             .next_power_of_two()
-            .max(crate::chunks::DEFAULT_CHUNK_SIZE)
+            .max(crate::verify::chunks::DEFAULT_CHUNK_SIZE)
     }
 
     /// The seal label: `#verify <id> <algo> <chunk_size> <seed> <vol,vol,…|*>`.
@@ -504,7 +505,7 @@ mod tests {
             chunk_size: 65536,
             seed: 1,
         };
-        let expected = crate::chunks::hash_chunks(&base.file, size, params).unwrap();
+        let expected = crate::verify::chunks::hash_chunks(&base.file, size, params).unwrap();
         let v = Verifier::default();
         let snap = Snapshot::new(
             Request {

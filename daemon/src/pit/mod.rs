@@ -48,10 +48,10 @@ use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 
 use crate::config::PitConfig;
-use crate::meta::{Bookmark, Meta};
 use crate::nbd::{Export, ExportError, ExportFlags};
+use crate::store::base::{find_base, is_hole, Base};
+use crate::store::meta::{Bookmark, Meta};
 use crate::timefmt::format_rfc3339;
-use crate::volume::Base;
 
 /// Before-images are read in pieces of this size; each piece becomes one zero extent
 /// or one data extent.
@@ -178,122 +178,6 @@ struct ViewMap {
     failed: Mutex<Option<String>>,
 }
 
-/// Applies write-sets to the replica, with undo capture when PIT is on.
-pub struct Applier {
-    pub bases: Vec<Arc<Base>>,
-    pub meta: Arc<Meta>,
-    pub pit: Option<Arc<Pit>>,
-    /// Online verifies armed on this standby (copy-before-write before each apply).
-    pub verify: Arc<crate::verify::Verifier>,
-    /// The replica's applied position (verify hashers wait on it).
-    pub applied: Arc<AtomicU64>,
-    /// Where verify answers go for the replication session.
-    pub outbox: Arc<crate::verify::Outbox>,
-    /// A bitmap resync transition in progress on this standby (mirrors the metadata).
-    pub resync: Arc<crate::resync::ResyncStatus>,
-}
-
-impl Applier {
-    /// Applies one write-set (records `first..=last`, stamped `ts` by the primary).
-    /// With PIT on, its before-images are durable first. Bookmarks (labelled seals)
-    /// are recorded once applied. During a resync transition a write-set that ends
-    /// before its `through` point is no recovery point (a resync undo entry); the
-    /// first one that reaches it ends the transition.
-    pub fn apply_write_set(&self, ts: u64, recs: &[(Seq, Record)]) -> anyhow::Result<()> {
-        let (Some(&(first, _)), Some(&(last, _))) = (recs.first(), recs.last()) else {
-            return Ok(());
-        };
-        let window = self.resync.get();
-        let kind = match window {
-            Some(w) if !w.copied || last < w.through => EntryKind::Resync,
-            _ => EntryKind::WriteSet,
-        };
-        if let Some(pit) = &self.pit {
-            pit.capture(first, last, ts, recs, kind)?;
-        }
-        self.apply_records(ts, recs)?;
-        if let Some(pit) = &self.pit {
-            pit.retain(last);
-        }
-        if let Some(w) = window.filter(|w| w.copied && last >= w.through) {
-            self.meta
-                .set_resync_state(None)
-                .context("recording the end of the resync")?;
-            self.resync.set(None);
-            tracing::info!(
-                from = w.from,
-                through = w.through,
-                applied = last,
-                "resync complete: the replica is a consistent image again"
-            );
-        }
-        Ok(())
-    }
-
-    /// Applies one batch of a resync copy (records over ranges of the replica, all
-    /// "after" `snapshot`): before-images first (a resync undo entry), then the data.
-    pub fn apply_resync_batch(
-        &self,
-        snapshot: Seq,
-        ts: u64,
-        recs: &[(Seq, Record)],
-    ) -> anyhow::Result<()> {
-        if let Some(pit) = &self.pit {
-            pit.capture(snapshot + 1, snapshot, ts, recs, EntryKind::Resync)?;
-        }
-        self.apply_records(ts, recs)
-    }
-
-    fn apply_records(&self, ts: u64, recs: &[(Seq, Record)]) -> anyhow::Result<()> {
-        for (seq, r) in recs {
-            if r.op == Op::Seal {
-                // Labels starting with '#' are control markers (no bookmark name can).
-                if let Some(label) = std::str::from_utf8(&r.data)
-                    .ok()
-                    .filter(|l| l.starts_with(crate::verify::LABEL_PREFIX))
-                {
-                    crate::verify::start_on_standby(
-                        label,
-                        *seq,
-                        &self.bases,
-                        &self.verify,
-                        self.applied.clone(),
-                        self.outbox.clone(),
-                    );
-                    continue;
-                }
-                if !r.data.is_empty() {
-                    let b = Bookmark {
-                        name: String::from_utf8_lossy(&r.data).into_owned(),
-                        seq: *seq,
-                        timestamp_ns: ts,
-                    };
-                    self.meta
-                        .add_bookmark(&b)
-                        .with_context(|| format!("recording bookmark '{}'", b.name))?;
-                    tracing::info!(name = %b.name, seq, "bookmark received");
-                }
-                continue;
-            }
-            let base = find_base(&self.bases, r.volume, *seq)?;
-            self.verify
-                .before_write(*seq, base, r.offset, r.length as u64);
-            base.apply(r.op, r.offset, r.length, &r.data)
-                .with_context(|| format!("applying record {seq} to {}", base.path.display()))?;
-        }
-        Ok(())
-    }
-}
-
-fn find_base(bases: &[Arc<Base>], volume: u32, seq: Seq) -> anyhow::Result<&Arc<Base>> {
-    bases.iter().find(|b| b.id == volume).ok_or_else(|| {
-        anyhow!(
-            "record {seq} is for volume id {volume}, which is not in the config \
-             (restore the volume's [[volume]] section)"
-        )
-    })
-}
-
 /// Window of retained points, for status and logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Window {
@@ -399,7 +283,7 @@ impl Pit {
     /// Reads the before-images of `recs`, appends them as one entry and publishes it
     /// to live views. On an undo error, PIT is switched off (replication must not
     /// stall for it) and the error is logged and shown in status.
-    fn capture(
+    pub(crate) fn capture(
         &self,
         first: Seq,
         last: Seq,
@@ -573,12 +457,12 @@ impl Pit {
 
     /// Retention after write-set `last` was applied: by size (hard), then by age
     /// (soft: stops at a bookmark). Never drops a point a view is open at.
-    fn retain(&self, last: Seq) {
+    pub(crate) fn retain(&self, last: Seq) {
         let max_bytes = self.settings.max_bytes.0;
         let max_age = Duration::from_secs(self.settings.max_age_secs);
         let mut undo = self.undo.lock();
         let over_size = undo.used_bytes() > max_bytes;
-        let now = crate::replication::now_ns();
+        let now = ferry_journal::now_ns();
         let over_age = self.settings.max_age_secs > 0
             && undo
                 .points()
@@ -837,7 +721,7 @@ impl Pit {
         }
         let point = self.resolve(t)?;
         self.meta
-            .set_rollback_state(Some(crate::meta::RollbackState::InProgress {
+            .set_rollback_state(Some(crate::store::meta::RollbackState::InProgress {
                 target: point.seq,
             }))?;
         tracing::warn!(target = point.seq, "rollback started");
@@ -899,7 +783,7 @@ impl Pit {
             self.meta.set_resync_state(None)?;
         }
         self.meta
-            .set_rollback_state(Some(crate::meta::RollbackState::Done { target }))?;
+            .set_rollback_state(Some(crate::store::meta::RollbackState::Done { target }))?;
         self.applied.store(target, Ordering::Release);
         self.refresh_window(&undo);
         let took = started.elapsed();
@@ -1078,19 +962,6 @@ fn open_capture_file(base: &Base) -> Option<File> {
     }
 }
 
-/// Whether `[offset, offset + len)` of `file` holds no data (a hole). Any doubt
-/// (block devices, filesystems without SEEK_DATA) answers false: the bytes are read.
-pub(crate) fn is_hole(file: &File, offset: u64, len: u64) -> bool {
-    // SAFETY: lseek on an fd we own; it only moves a file offset nobody else uses
-    // (all our IO is positional).
-    let next = unsafe { libc::lseek(file.as_raw_fd(), offset as i64, libc::SEEK_DATA) };
-    if next < 0 {
-        // ENXIO: no data at or after `offset`.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-    }
-    next as u64 >= offset + len
-}
-
 /// Scratch copy-on-write overlay of a writable view (a sparse temp file).
 struct Overlay {
     file: File,
@@ -1248,7 +1119,7 @@ impl PitView {
         }
         let r = match data {
             Some(d) => ov.file.write_all_at(d, offset),
-            None => crate::volume::zero_range(&ov.file, offset, len, false),
+            None => crate::store::base::zero_range(&ov.file, offset, len, false),
         };
         r.map_err(|e| match e.raw_os_error() {
             Some(libc::ENOSPC) => ExportError::NoSpace,
@@ -1472,6 +1343,7 @@ impl PitExports {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replica::applier::Applier;
     use crate::size::ByteSize;
     use proptest::prelude::*;
 
@@ -1679,7 +1551,7 @@ mod tests {
         r.applier
             .meta
             .begin_resync(
-                &crate::meta::ResyncState {
+                &crate::store::meta::ResyncState {
                     from,
                     snapshot,
                     through: 0,

@@ -23,7 +23,7 @@
 //!
 //! Consistency: the hash of a file being written concurrently is of no single point in
 //! time; callers hash a quiesced volume or track writes during the pass (e.g. with a
-//! [`crate::dirty::DirtyMap`]) and resync those regions afterwards.
+//! dirty map, `ship::dirty`) and resync those regions afterwards.
 //!
 //! `SEEK_DATA`/`SEEK_HOLE` move the file offset of the descriptor; everything in ferryd
 //! uses positional IO (`pread`/`pwrite`) on bases, so that is harmless.

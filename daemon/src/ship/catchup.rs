@@ -1,6 +1,6 @@
 //! Journal overflow on the primary: a target that falls so far behind that keeping
 //! its records would overflow the journal is tracked in a persisted dirty-region
-//! bitmap instead ([`crate::dirty::DirtyMap`], one per volume), the journal is
+//! bitmap instead ([`crate::ship::dirty::DirtyMap`], one per volume), the journal is
 //! released without it, and on its next connection only the dirty regions are
 //! copied (a *resync*), then streaming goes on. Clients never wait on a target in
 //! bitmap mode, and never get an error because of one.
@@ -14,7 +14,7 @@
 //!
 //! **Switch** (monitor thread, when the journal is [`SWITCH_PERCENT`] full and a
 //! streaming target's ack is below the checkpoint): live marking starts first (every
-//! durable record from then on is marked in memory by the [`crate::replication::ShipFeed`]
+//! durable record from then on is marked in memory by the [`ShipFeed`]
 //! hook), then the maps are created, every journal record after the target's ack up to
 //! the durable position is read back and marked, and the maps are flushed with
 //! `base_seq` = the ack and `through_seq` = every record up to it marked. Only then does
@@ -36,23 +36,23 @@
 //! simply run again. The maps are deleted once the target acknowledges the end
 //! point durable.
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::BytesMut;
-use ferry_journal::{Journal, Op, Record, Seq};
+use ferry_journal::{Op, Seq};
 use ferry_transport::quic::PrimarySession;
 use ferry_transport::wire::{Frame, Heartbeat, ResyncBegin, ResyncData, ResyncEnd, ResyncExtent};
-use parking_lot::Mutex;
-use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-use crate::dirty::DirtyMap;
-use crate::replication::{now_ns, SyncGate, TargetState};
-use crate::volume::Base;
+use crate::ship::dirty::DirtyMap;
+use crate::ship::feed::ShipFeed;
+use crate::ship::target::{Mode, RegionBits, Shared, TargetState};
+use crate::store::base::Base;
+use ferry_journal::now_ns;
 
 /// A streaming target that holds the floor is switched to bitmap mode once the
 /// journal is this full (percent of its capacity).
@@ -61,7 +61,6 @@ pub const SWITCH_PERCENT: u64 = 75;
 /// checkpointer can release the journal behind them promptly.
 const PRESSURE_PERCENT: u64 = 50;
 const MONITOR_EVERY: Duration = Duration::from_millis(50);
-const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// After a failed switch, wait this long before trying that target again.
 const SWITCH_RETRY: Duration = Duration::from_secs(5);
 /// Bytes read from a base volume per extent of a copy.
@@ -73,42 +72,6 @@ const BATCH_EXTENTS: usize = 4096;
 /// Copy batches read ahead of the network (bounded memory: ~16 MiB).
 const READ_AHEAD_BATCHES: usize = 4;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
-
-/// How a target is tracked.
-#[repr(u8)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Streaming = 0,
-    /// Becoming bitmap: maps being created and filled from the journal. Still holds
-    /// the floor at its ack.
-    Switching = 1,
-    Bitmap = 2,
-    Resyncing = 3,
-}
-
-impl Mode {
-    fn from_u8(v: u8) -> Mode {
-        match v {
-            1 => Mode::Switching,
-            2 => Mode::Bitmap,
-            3 => Mode::Resyncing,
-            _ => Mode::Streaming,
-        }
-    }
-
-    /// The name in status and metrics (`switching` shows as `streaming`: nothing
-    /// changed for the target yet).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Streaming | Mode::Switching => "streaming",
-            Mode::Bitmap => "bitmap",
-            Mode::Resyncing => "resyncing",
-        }
-    }
-}
-
-/// The values of [`Mode::as_str`], for metrics.
-pub const MODES: [&str; 3] = ["streaming", "bitmap", "resyncing"];
 
 /// Where the maps of all targets live: `<metadata_dir>/dirty/<target>/<volume>.map`.
 pub fn dirty_dir(cfg: &Config) -> PathBuf {
@@ -146,304 +109,13 @@ pub fn persisted_floor(cfg: &Config) -> Seq {
     floor
 }
 
-/// Region bits marked in memory (the live side of a map): one bit per region,
-/// cheap to set from the journal's completion path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegionBits {
-    shift: u32,
-    size: u64,
-    words: Vec<u64>,
-    any: bool,
-}
-
-impl RegionBits {
-    /// `region_size`: a power of two.
-    pub fn new(volume_size: u64, region_size: u64) -> RegionBits {
-        let shift = region_size.max(1).trailing_zeros();
-        let regions = volume_size.div_ceil(1u64 << shift);
-        RegionBits {
-            shift,
-            size: volume_size,
-            words: vec![0; regions.div_ceil(64) as usize],
-            any: false,
-        }
-    }
-
-    /// Marks every region `[offset, offset + len)` touches (clipped to the volume).
-    pub fn mark(&mut self, offset: u64, len: u64) {
-        if len == 0 || offset >= self.size {
-            return;
-        }
-        let end = offset.saturating_add(len).min(self.size);
-        let (first, last) = (offset >> self.shift, (end - 1) >> self.shift);
-        for r in first..=last {
-            if let Some(w) = self.words.get_mut((r / 64) as usize) {
-                *w |= 1 << (r % 64);
-            }
-        }
-        self.any = true;
-    }
-
-    /// The marked regions as coalesced `(offset, len)` byte ranges (clipped to the
-    /// volume), clearing them.
-    pub fn take(&mut self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        if !self.any {
-            return out;
-        }
-        let rs = 1u64 << self.shift;
-        for (i, w) in self.words.iter_mut().enumerate() {
-            let mut bits = std::mem::take(w);
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                let off = (i as u64 * 64 + b) * rs;
-                let len = rs.min(self.size - off);
-                match out.last_mut() {
-                    Some(last) if last.0 + last.1 == off => last.1 += len,
-                    _ => out.push((off, len)),
-                }
-            }
-        }
-        self.any = false;
-        out
-    }
-}
-
-/// What the monitor and the resync copies need from the primary.
-pub struct Shared {
-    pub journal: Arc<Journal>,
-    pub bases: Vec<Arc<Base>>,
-    /// The contiguous applied position of the volume group.
-    pub applied: Arc<dyn Fn() -> Seq + Send + Sync>,
-    /// The persisted checkpoint.
-    pub checkpoint: Arc<dyn Fn() -> Seq + Send + Sync>,
-    pub sync: Option<Arc<SyncGate>>,
-    pub dir: PathBuf,
-    pub region_size: u64,
-}
-
-/// Per-target overflow state (a field of [`TargetState`]).
-#[derive(Default)]
-pub struct Tracker {
-    mode: AtomicU8,
-    /// Every record up to it is durably marked in the maps (bitmap/resyncing floor).
-    flushed_through: AtomicU64,
-    /// Resyncing: the copy's snapshot (the stream goes on after it).
-    hold: AtomicU64,
-    /// Bytes the dirty regions cover (updated at each flush and resync start).
-    pub dirty_bytes: AtomicU64,
-    /// Bytes shipped by resyncs since this primary started (data and zero extents).
-    pub resync_bytes: AtomicU64,
-    /// Bytes shipped as data by resyncs since this primary started.
-    pub resync_data_bytes: AtomicU64,
-    /// Ends the target's streaming session when it switches to bitmap mode.
-    kick: tokio::sync::Notify,
-    /// The monitor abandons the current resync (the journal filled during it).
-    abort: AtomicBool,
-    inner: Mutex<Inner>,
-    live: Mutex<Live>,
-    shared: OnceLock<Arc<Shared>>,
-    flush_failing: AtomicBool,
-}
-
-#[derive(Default)]
-struct Inner {
-    /// (volume id, map), in the order of the bases.
-    maps: Vec<(u32, DirtyMap)>,
-    /// The target's durable ack when bitmap mode began.
-    base_seq: Seq,
-    /// The current resync's end point, once ResyncEnd was sent.
-    through: Option<Seq>,
-    /// Recovery points the target never gets: after `.0` up to `.1` (None: not known
-    /// yet). The current transition, or the last completed one.
-    lost: Option<(Seq, Option<Seq>)>,
-    last_flush: Option<Instant>,
-    /// Not before this instant (a failed switch backs off).
-    retry_switch: Option<Instant>,
-}
-
-#[derive(Default)]
-struct Live {
-    active: bool,
-    bits: Vec<(u32, RegionBits)>,
-    /// Every durable record up to it has been marked (live or in the maps).
-    marked_through: Seq,
-}
-
-impl Tracker {
-    pub fn mode(&self) -> Mode {
-        Mode::from_u8(self.mode.load(Ordering::Acquire))
-    }
-
-    fn set_mode(&self, m: Mode) {
-        self.mode.store(m as u8, Ordering::Release);
-    }
-
-    /// Streaming → switching, for exactly one caller (the monitor and a session may
-    /// both want to switch a target).
-    fn begin_switch(&self) -> bool {
-        self.mode
-            .compare_exchange(
-                Mode::Streaming as u8,
-                Mode::Switching as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok()
-    }
-
-    /// The journal position this target needs kept, given its durable ack.
-    pub fn floor(&self, acked: Seq) -> Seq {
-        match self.mode() {
-            Mode::Streaming | Mode::Switching => acked,
-            Mode::Bitmap => self.flushed_through.load(Ordering::Acquire),
-            Mode::Resyncing => self
-                .flushed_through
-                .load(Ordering::Acquire)
-                .min(self.hold.load(Ordering::Acquire).max(acked)),
-        }
-    }
-
-    /// The monitor abandoned the resync in progress (its session must end).
-    pub fn resync_abandoned(&self) -> bool {
-        self.mode() == Mode::Resyncing && self.abort.load(Ordering::Acquire)
-    }
-
-    /// Whether the target's next session must resync from the bitmap.
-    pub fn needs_resync(&self) -> bool {
-        matches!(self.mode(), Mode::Bitmap | Mode::Resyncing)
-    }
-
-    /// Resolves when the target is switched to bitmap mode (its streaming session
-    /// must end: the journal records it would read are being released).
-    pub async fn kicked(&self) {
-        self.kick.notified().await
-    }
-
-    /// Called with every durable record, in sequence order (journal completion path):
-    /// marks its range while the target is tracked in a bitmap. Memory only; quick.
-    pub fn on_durable(&self, seq: Seq, rec: &Record) {
-        let mut live = self.live.lock();
-        if !live.active {
-            return;
-        }
-        if rec.op != Op::Seal && rec.length > 0 {
-            if let Some((_, bits)) = live.bits.iter_mut().find(|(v, _)| *v == rec.volume) {
-                bits.mark(rec.offset, u64::from(rec.length));
-            }
-        }
-        live.marked_through = seq;
-    }
-
-    fn start_live(&self, sh: &Shared, marked_through: Seq) {
-        let mut live = self.live.lock();
-        live.active = true;
-        live.marked_through = marked_through;
-        live.bits = sh
-            .bases
-            .iter()
-            .map(|b| (b.id, RegionBits::new(b.size, sh.region_size)))
-            .collect();
-    }
-
-    fn stop_live(&self) {
-        let mut live = self.live.lock();
-        live.active = false;
-        live.bits.clear();
-    }
-
-    /// Moves the live marks into the maps (memory) and returns the position they
-    /// cover.
-    fn merge(&self, inner: &mut Inner) -> anyhow::Result<Seq> {
-        let (taken, through) = {
-            let mut live = self.live.lock();
-            let taken: Vec<(u32, Vec<(u64, u64)>)> =
-                live.bits.iter_mut().map(|(v, b)| (*v, b.take())).collect();
-            (taken, live.marked_through)
-        };
-        for (vol, ranges) in taken {
-            if let Some((_, map)) = inner.maps.iter_mut().find(|(v, _)| *v == vol) {
-                for (off, len) in ranges {
-                    map.mark(off, len)?;
-                }
-            }
-        }
-        Ok(through)
-    }
-
-    fn count_dirty(&self, inner: &Inner) {
-        let bytes = inner.maps.iter().map(|(_, m)| m.dirty_bytes()).sum();
-        self.dirty_bytes.store(bytes, Ordering::Relaxed);
-    }
-
-    /// Makes the marks durable (bitmap and resyncing modes). `force`: even if the
-    /// last flush was recent. On failure the marks stay in memory and the floor stays
-    /// where it was: the journal is held, nothing is lost.
-    fn flush(&self, name: &str, force: bool) {
-        let mut inner = self.inner.lock();
-        if !matches!(self.mode(), Mode::Bitmap | Mode::Resyncing) {
-            return;
-        }
-        if !force && inner.last_flush.is_some_and(|t| t.elapsed() < FLUSH_EVERY) {
-            return;
-        }
-        let res = (|| -> anyhow::Result<Seq> {
-            let through = self.merge(&mut inner)?;
-            let base = inner.base_seq;
-            for (_, map) in inner.maps.iter_mut() {
-                map.set_seqs(base, through);
-                map.flush()?;
-            }
-            Ok(through)
-        })();
-        inner.last_flush = Some(Instant::now());
-        match res {
-            Ok(through) => {
-                self.flushed_through.store(through, Ordering::Release);
-                self.count_dirty(&inner);
-                if self.flush_failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!(target = %name, through, "dirty map flushed again");
-                }
-            }
-            Err(e) => {
-                if !self.flush_failing.swap(true, Ordering::Relaxed) {
-                    tracing::error!(
-                        target = %name,
-                        "flushing the dirty map failed: {}; the journal is held at sequence {} \
-                         for this target until a flush succeeds (writes may wait for journal \
-                         space; nothing is lost)",
-                        crate::error_chain(&e),
-                        self.flushed_through.load(Ordering::Acquire)
-                    );
-                }
-            }
-        }
-    }
-
-    /// Status fields of the target.
-    pub fn status(&self) -> serde_json::Value {
-        let lost = self.inner.lock().lost;
-        json!({
-            "tracking": self.mode().as_str(),
-            "dirty_bytes": self.dirty_bytes.load(Ordering::Relaxed),
-            "resync_bytes": self.resync_bytes.load(Ordering::Relaxed),
-            "resync_data_bytes": self.resync_data_bytes.load(Ordering::Relaxed),
-            "points_lost": lost.map(|(after, until)| json!({
-                "after_seq": after,
-                "through_seq": until,
-            })),
-        })
-    }
-}
-
 /// Wires overflow tracking into a primary: gives every target the shared state,
 /// reopens persisted maps (a target in bitmap mode before a restart resumes in it),
 /// registers the marking hook and starts the monitor thread (stops with `stop`).
 pub fn start(
     sh: Shared,
     targets: &[Arc<TargetState>],
-    feed: &crate::replication::ShipFeed,
+    feed: &ShipFeed,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let sh = Arc::new(sh);
@@ -923,7 +595,7 @@ fn read_copy(
 /// `None` when the range holds only zeros (a hole or zeroed blocks).
 fn read_piece(base: &Base, offset: u64, len: u64) -> std::io::Result<Option<bytes::Bytes>> {
     use std::os::unix::fs::FileExt;
-    if crate::pit::is_hole(&base.file, offset, len) {
+    if crate::store::base::is_hole(&base.file, offset, len) {
         return Ok(None);
     }
     let mut buf = BytesMut::zeroed(len as usize);
@@ -1063,7 +735,7 @@ async fn filter_by_digests(
     sh: &Arc<Shared>,
     epoch: u64,
 ) -> anyhow::Result<()> {
-    use crate::chunks::{hash_range, ChunkList, HashParams};
+    use crate::verify::chunks::{hash_range, ChunkList, HashParams};
     if t.track.dirty_bytes.load(Ordering::Relaxed) == 0 {
         return Ok(());
     }
@@ -1192,6 +864,8 @@ pub fn complete_resync(t: &TargetState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ship::target::Tracker;
+    use ferry_journal::{Journal, Record};
 
     #[test]
     fn region_bits_mark_coalesce_and_clip() {
@@ -1280,7 +954,7 @@ size = "4MiB"
 
     impl Rig {
         fn target(&self) -> Arc<TargetState> {
-            let t = crate::replication::target_states(&self.cfg, 0).remove(0);
+            let t = crate::ship::target_states(&self.cfg, 0).remove(0);
             let _ = t.track.shared.set(self.sh.clone());
             t
         }

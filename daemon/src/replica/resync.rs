@@ -1,4 +1,4 @@
-//! Standby side of a bitmap resync (the primary side is `overflow.rs`).
+//! Standby side of a bitmap resync (the primary side is `ship::catchup`).
 //!
 //! A primary that tracked this standby in a dirty-region bitmap (it fell too far
 //! behind for the journal) sends, on the data stream, `ResyncBegin{from, snapshot}`,
@@ -24,69 +24,21 @@
 //! after `from` is offered (views, rollback, promote). A standby restarted in the
 //! middle of a copy advertises `from` as its resume position and refuses write-sets
 //! until the primary sends a new ResyncBegin (the same transition continues).
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use ferry_journal::{Op, Record, Seq};
 use ferry_transport::wire::{ResyncBegin, ResyncData, ResyncEnd};
-use parking_lot::Mutex;
-use serde_json::json;
 
-use crate::meta::{Meta, MetaError, ResyncState};
-use crate::replication::now_ns;
-use crate::standby::Standby;
+use crate::replica::standby::Standby;
+use crate::store::meta::ResyncState;
+use ferry_journal::now_ns;
 
 /// Testing hook: milliseconds to sleep after each resync batch a standby applies,
 /// so a test can SIGKILL it in the middle of a copy. Never set in production.
 pub const RESYNC_PAUSE_ENV: &str = "FERRYD_TEST_RESYNC_PAUSE_MS";
-
-/// The standby's resync transition (mirrors the metadata) and the progress of the
-/// copy in the current session.
-#[derive(Debug, Default)]
-pub struct ResyncStatus {
-    state: Mutex<Option<ResyncState>>,
-    /// Bytes of the current copy applied here, and announced by the primary.
-    pub copied_bytes: AtomicU64,
-    pub total_bytes: AtomicU64,
-}
-
-impl ResyncStatus {
-    pub fn load(meta: &Meta) -> Result<ResyncStatus, MetaError> {
-        Ok(ResyncStatus {
-            state: Mutex::new(meta.resync_state()?),
-            ..Default::default()
-        })
-    }
-
-    pub fn get(&self) -> Option<ResyncState> {
-        *self.state.lock()
-    }
-
-    pub fn set(&self, s: Option<ResyncState>) {
-        *self.state.lock() = s;
-    }
-
-    /// A copy was started and not finished: the replica holds parts of it.
-    pub fn copy_incomplete(&self) -> bool {
-        self.get().is_some_and(|s| !s.copied)
-    }
-
-    pub fn status(&self) -> serde_json::Value {
-        match self.get() {
-            None => serde_json::Value::Null,
-            Some(s) => json!({
-                "from_seq": s.from,
-                "snapshot_seq": s.snapshot,
-                "through_seq": (s.through > 0).then_some(s.through),
-                "copied": s.copied,
-                "copied_bytes": self.copied_bytes.load(Ordering::Relaxed),
-                "total_bytes": self.total_bytes.load(Ordering::Relaxed),
-            }),
-        }
-    }
-}
 
 /// A copy in progress in the current session.
 #[derive(Debug)]

@@ -13,8 +13,8 @@
 //! The server starts *before* journal recovery so a long replay is observable as
 //! "alive, not ready". Values that already live in atomics elsewhere (journal stats,
 //! sequence positions, target states, the lag index) are read at scrape time by a
-//! collector rather than duplicated; only the frontend latency histograms and op
-//! counters ([`Frontend`]) are kept here, updated by `volume.rs`.
+//! collector rather than duplicated, including the frontend latency histograms and op
+//! counters ([`crate::primary::frontend::Frontend`]) kept by the write path.
 //!
 //! Not exported yet because the features do not exist: the point-in-time recovery
 //! window and resync progress.
@@ -22,19 +22,17 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use ferry_journal::{Journal, Seq};
 use parking_lot::RwLock;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
+    DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeMetric,
 };
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
@@ -43,15 +41,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::{Config, ReplicationMode, Role};
-use crate::meta::Meta;
-use crate::replication::{now_ns, Replication, TargetState};
-use crate::standby::Standby;
-use crate::volume::Group;
-
-/// Frontend latency buckets (seconds): fsync-scale, 50 µs to 1 s.
-pub const LATENCY_BUCKETS: [f64; 13] = [
-    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
-];
+use crate::primary::volume::Group;
+use crate::replica::standby::Standby;
+use crate::ship::{Replication, TargetState};
+use crate::store::meta::Meta;
+use ferry_journal::now_ns;
 
 /// Largest request head (request line + headers) the endpoint reads.
 pub const MAX_REQUEST_BYTES: usize = 8 << 10;
@@ -62,7 +56,7 @@ const MAX_CONNECTIONS: usize = 32;
 /// The OpenMetrics content type (what `prometheus-client` encodes).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Target states a shipper reports (`replication.rs`); each is exported as a series so
+/// Target states a shipper reports (`ship::session`); each is exported as a series so
 /// a state change is a value change, not a series appearing.
 const TARGET_STATES: [&str; 5] = [
     "connecting",
@@ -72,147 +66,6 @@ const TARGET_STATES: [&str; 5] = [
     "stopped",
 ];
 const TARGET_MODES: [&str; 3] = ["sync", "async", "degraded"];
-
-/// Frontend operations, as the `op` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FrontendOp {
-    Read,
-    Write,
-    Flush,
-    Trim,
-    WriteZeroes,
-}
-
-impl FrontendOp {
-    const ALL: [FrontendOp; 5] = [
-        FrontendOp::Read,
-        FrontendOp::Write,
-        FrontendOp::Flush,
-        FrontendOp::Trim,
-        FrontendOp::WriteZeroes,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FrontendOp::Read => "read",
-            FrontendOp::Write => "write",
-            FrontendOp::Flush => "flush",
-            FrontendOp::Trim => "trim",
-            FrontendOp::WriteZeroes => "write_zeroes",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct OpLabel {
-    op: &'static str,
-}
-
-/// Frontend (NBD export) counters and latency histograms, shared by every volume of
-/// the group. Updated on the request path: lock-free atomics only.
-#[derive(Debug)]
-pub struct Frontend {
-    ops: Family<OpLabel, Counter>,
-    bytes: Family<OpLabel, Counter>,
-    errors: Family<OpLabel, Counter>,
-    write_seconds: Histogram,
-    flush_seconds: Histogram,
-    /// Append to durable and released by the apply gate: the journal's share of a
-    /// mutation's latency (the rest is apply, sync targets and the NBD path). Small
-    /// writes are applied before their task is released, so for them it includes
-    /// the base write.
-    journal_wait_seconds: Histogram,
-    /// The families' counters by [`FrontendOp`] index (clones share the atomic), so
-    /// the request path does not take the family's lock.
-    by_op: [[Counter; 3]; FrontendOp::ALL.len()],
-}
-
-impl Default for Frontend {
-    fn default() -> Self {
-        let ops = Family::<OpLabel, Counter>::default();
-        let bytes = Family::<OpLabel, Counter>::default();
-        let errors = Family::<OpLabel, Counter>::default();
-        // Every op's series exists from the start (at 0), so rate() has a baseline.
-        let by_op = FrontendOp::ALL.map(|op| {
-            let l = OpLabel { op: op.as_str() };
-            [&ops, &bytes, &errors].map(|f| f.get_or_create(&l).clone())
-        });
-        Frontend {
-            ops,
-            bytes,
-            errors,
-            write_seconds: Histogram::new(LATENCY_BUCKETS),
-            flush_seconds: Histogram::new(LATENCY_BUCKETS),
-            journal_wait_seconds: Histogram::new(LATENCY_BUCKETS),
-            by_op,
-        }
-    }
-}
-
-impl Frontend {
-    /// Records one finished frontend request. `bytes` is the range it covered.
-    pub fn observe(&self, op: FrontendOp, bytes: u64, started: Instant, ok: bool) {
-        let [ops, byte_count, errors] = &self.by_op[op as usize];
-        ops.inc();
-        byte_count.inc_by(bytes);
-        if !ok {
-            errors.inc();
-        }
-        let secs = started.elapsed().as_secs_f64();
-        match op {
-            FrontendOp::Flush => self.flush_seconds.observe(secs),
-            // Trim and write-zeroes take the same journal-first path as writes but
-            // carry no payload; they are counted, not mixed into the write latency.
-            FrontendOp::Write => self.write_seconds.observe(secs),
-            FrontendOp::Read | FrontendOp::Trim | FrontendOp::WriteZeroes => {}
-        }
-    }
-
-    /// Records how long a mutation waited for the journal (see `journal_wait_seconds`).
-    pub fn observe_journal_wait(&self, started: Instant) {
-        self.journal_wait_seconds
-            .observe(started.elapsed().as_secs_f64());
-    }
-
-    fn encode(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
-        self.ops.encode(e.encode_descriptor(
-            "ferry_frontend_ops",
-            "NBD requests served, by op.",
-            None,
-            MetricType::Counter,
-        )?)?;
-        self.bytes.encode(e.encode_descriptor(
-            "ferry_frontend",
-            "Bytes covered by NBD requests, by op.",
-            Some(&Unit::Bytes),
-            MetricType::Counter,
-        )?)?;
-        self.errors.encode(e.encode_descriptor(
-            "ferry_frontend_errors",
-            "NBD requests that failed, by op.",
-            None,
-            MetricType::Counter,
-        )?)?;
-        self.write_seconds.encode(e.encode_descriptor(
-            "ferry_frontend_write",
-            "NBD write latency: request to reply (journal durable, applied, sync targets confirmed).",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?)?;
-        self.flush_seconds.encode(e.encode_descriptor(
-            "ferry_frontend_flush",
-            "NBD flush latency.",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?)?;
-        self.journal_wait_seconds.encode(e.encode_descriptor(
-            "ferry_frontend_journal_wait",
-            "Journal share of a mutation's latency: append to durable and released for apply (small writes: applied).",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?)
-    }
-}
 
 /// What the collector reads at scrape time; set once recovery has finished.
 pub struct NodeSource {
@@ -365,7 +218,6 @@ impl Collector for Inner {
         let Some(src) = guard.as_ref() else {
             return Ok(()); // still recovering
         };
-        let j = &src.journal;
         gauge(
             e,
             "ferry_node_epoch",
@@ -374,197 +226,216 @@ impl Collector for Inner {
             src.meta.epoch().unwrap_or(0),
         )?;
 
-        // Journal.
-        let fallback = j.fallback_reason().unwrap_or_default();
-        Info::new(vec![
-            ("engine", j.engine_name()),
-            ("fallback_reason", fallback.as_str()),
-        ])
-        .encode(e.encode_descriptor(
-            "ferry_journal_engine",
-            "Journal IO engine in use, and why it fell back to std IO (empty: no fallback).",
-            None,
-            MetricType::Info,
-        )?)?;
-        gauge(
-            e,
-            "ferry_journal_used",
-            "Journal bytes holding records not yet released.",
-            Some(&Unit::Bytes),
-            j.used_bytes(),
-        )?;
-        gauge(
-            e,
-            "ferry_journal_capacity",
-            "Journal capacity (journal.size).",
-            Some(&Unit::Bytes),
-            j.capacity_bytes(),
-        )?;
-        let st = j.stats();
-        counter(
-            e,
-            "ferry_journal_batches",
-            "Durable journal batch writes completed.",
-            None,
-            st.batches,
-        )?;
-        counter(
-            e,
-            "ferry_journal_records",
-            "Records made durable in the journal.",
-            None,
-            st.records,
-        )?;
-        counter(
-            e,
-            "ferry_journal_written",
-            "Bytes written to journal segments (headers and padding included).",
-            Some(&Unit::Bytes),
-            st.bytes_written,
-        )?;
-        counter(
-            e,
-            "ferry_journal_write",
-            "Summed duration of durable batch writes (overlapping when several are in flight).",
-            Some(&Unit::Seconds),
-            st.write_ns as f64 / 1e9,
-        )?;
-        let durable = j.durable_seq();
-        gauge(
-            e,
-            "ferry_journal_durable_seq",
-            "Highest contiguous durable journal sequence.",
-            None,
-            durable,
-        )?;
-        gauge(
-            e,
-            "ferry_journal_first_seq",
-            "Oldest journal sequence still held (not released).",
-            None,
-            j.first_available_seq(),
-        )?;
-        gauge(
-            e,
-            "ferry_journal_checkpoint_seq",
-            "Sequence of the last checkpoint (bases fsynced up to it).",
-            None,
-            src.meta.checkpoint().unwrap_or(0),
-        )?;
+        let durable = encode_journal(e, src)?;
+        encode_apply(e, src, durable)?;
+        encode_role(e, src)
+    }
+}
 
-        // Apply position: primary (base volumes) or standby (replica volumes).
-        let applied: Seq = match &src.role {
-            RoleSource::Primary { group, .. } => group.applied_seq(),
-            RoleSource::Standby { standby, .. } => standby.applied_seq(),
-        };
-        gauge(
-            e,
-            "ferry_apply_applied_seq",
-            "Highest contiguous sequence applied to the volumes.",
-            None,
-            applied,
-        )?;
-        gauge(
-            e,
-            "ferry_apply_lag_records",
-            "Journal records durable but not yet applied to the volumes (durable - applied).",
-            None,
-            durable.saturating_sub(applied),
-        )?;
+/// The journal series (engine, fill, batches, positions); returns the durable
+/// position it reported, so the apply lag is computed from the same reading.
+fn encode_journal(e: &mut DescriptorEncoder, src: &NodeSource) -> Result<Seq, std::fmt::Error> {
+    let j = &src.journal;
+    let fallback = j.fallback_reason().unwrap_or_default();
+    Info::new(vec![
+        ("engine", j.engine_name()),
+        ("fallback_reason", fallback.as_str()),
+    ])
+    .encode(e.encode_descriptor(
+        "ferry_journal_engine",
+        "Journal IO engine in use, and why it fell back to std IO (empty: no fallback).",
+        None,
+        MetricType::Info,
+    )?)?;
+    gauge(
+        e,
+        "ferry_journal_used",
+        "Journal bytes holding records not yet released.",
+        Some(&Unit::Bytes),
+        j.used_bytes(),
+    )?;
+    gauge(
+        e,
+        "ferry_journal_capacity",
+        "Journal capacity (journal.size).",
+        Some(&Unit::Bytes),
+        j.capacity_bytes(),
+    )?;
+    let st = j.stats();
+    counter(
+        e,
+        "ferry_journal_batches",
+        "Durable journal batch writes completed.",
+        None,
+        st.batches,
+    )?;
+    counter(
+        e,
+        "ferry_journal_records",
+        "Records made durable in the journal.",
+        None,
+        st.records,
+    )?;
+    counter(
+        e,
+        "ferry_journal_written",
+        "Bytes written to journal segments (headers and padding included).",
+        Some(&Unit::Bytes),
+        st.bytes_written,
+    )?;
+    counter(
+        e,
+        "ferry_journal_write",
+        "Summed duration of durable batch writes (overlapping when several are in flight).",
+        Some(&Unit::Seconds),
+        st.write_ns as f64 / 1e9,
+    )?;
+    let durable = j.durable_seq();
+    gauge(
+        e,
+        "ferry_journal_durable_seq",
+        "Highest contiguous durable journal sequence.",
+        None,
+        durable,
+    )?;
+    gauge(
+        e,
+        "ferry_journal_first_seq",
+        "Oldest journal sequence still held (not released).",
+        None,
+        j.first_available_seq(),
+    )?;
+    gauge(
+        e,
+        "ferry_journal_checkpoint_seq",
+        "Sequence of the last checkpoint (bases fsynced up to it).",
+        None,
+        src.meta.checkpoint().unwrap_or(0),
+    )?;
 
-        match &src.role {
-            RoleSource::Primary { group, replication } => {
-                gauge(
-                    e,
-                    "ferry_apply_failed",
-                    "1 once a base write failed (the group refuses writes until restart).",
-                    None,
-                    group.gate.failed() as i64,
-                )?;
-                gauge(
-                    e,
-                    "ferry_journal_last_seq",
-                    "Last sequence assigned by the journal.",
-                    None,
-                    j.last_seq(),
-                )?;
-                group.frontend.encode(e)?;
-                if let Some(r) = replication {
-                    encode_targets(e, r)?;
-                }
-            }
-            RoleSource::Standby { standby, pit } => {
-                if let Some(p) = pit {
-                    let w = p.window_numbers();
-                    gauge(
-                        e,
-                        "ferry_pit_points",
-                        "Recovery points retained in the undo log.",
-                        None,
-                        w.points as u64,
-                    )?;
-                    gauge(
-                        e,
-                        "ferry_pit_oldest_timestamp",
-                        "Primary clock time (Unix seconds) of the oldest retained point; 0 with none.",
-                        Some(&Unit::Seconds),
-                        w.oldest_ns as f64 / 1e9,
-                    )?;
-                    gauge(
-                        e,
-                        "ferry_pit_window",
-                        "Time between the oldest and the newest retained point.",
-                        Some(&Unit::Seconds),
-                        w.newest_ns.saturating_sub(w.oldest_ns) as f64 / 1e9,
-                    )?;
-                    gauge(
-                        e,
-                        "ferry_undo_used",
-                        "Bytes of undo log on disk.",
-                        Some(&Unit::Bytes),
-                        w.used_bytes,
-                    )?;
-                    gauge(
-                        e,
-                        "ferry_undo_capacity",
-                        "Undo log size limit (pit.max_bytes).",
-                        Some(&Unit::Bytes),
-                        w.max_bytes,
-                    )?;
-                    gauge(
-                        e,
-                        "ferry_pit_views",
-                        "Point-in-time views currently open.",
-                        None,
-                        w.views as u64,
-                    )?;
-                }
-                let s = &standby.state;
-                gauge(
-                    e,
-                    "ferry_standby_connected",
-                    "1 while the primary has a session with this standby.",
-                    None,
-                    s.connected.lock().is_some() as i64,
-                )?;
-                gauge(
-                    e,
-                    "ferry_standby_primary_seq",
-                    "Latest sequence the primary reported having.",
-                    None,
-                    s.last_primary_seq.load(Ordering::Relaxed),
-                )?;
-                gauge(
-                    e,
-                    "ferry_standby_applied_primary_timestamp",
-                    "Primary clock time (Unix seconds) of the newest applied write-set; 0 before the first.",
-                    Some(&Unit::Seconds),
-                    s.applied_ts_ns.load(Ordering::Relaxed) as f64 / 1e9,
-                )?;
+    Ok(durable)
+}
+
+/// The apply position of the volumes (base volumes on a primary, replicas on a standby).
+fn encode_apply(e: &mut DescriptorEncoder, src: &NodeSource, durable: Seq) -> std::fmt::Result {
+    let applied: Seq = match &src.role {
+        RoleSource::Primary { group, .. } => group.applied_seq(),
+        RoleSource::Standby { standby, .. } => standby.applied_seq(),
+    };
+    gauge(
+        e,
+        "ferry_apply_applied_seq",
+        "Highest contiguous sequence applied to the volumes.",
+        None,
+        applied,
+    )?;
+    gauge(
+        e,
+        "ferry_apply_lag_records",
+        "Journal records durable but not yet applied to the volumes (durable - applied).",
+        None,
+        durable.saturating_sub(applied),
+    )?;
+
+    Ok(())
+}
+
+/// The role's own series: write path and targets on a primary, receive and apply
+/// state on a standby.
+fn encode_role(e: &mut DescriptorEncoder, src: &NodeSource) -> std::fmt::Result {
+    let j = &src.journal;
+    match &src.role {
+        RoleSource::Primary { group, replication } => {
+            gauge(
+                e,
+                "ferry_apply_failed",
+                "1 once a base write failed (the group refuses writes until restart).",
+                None,
+                group.gate.failed() as i64,
+            )?;
+            gauge(
+                e,
+                "ferry_journal_last_seq",
+                "Last sequence assigned by the journal.",
+                None,
+                j.last_seq(),
+            )?;
+            group.frontend.encode(e)?;
+            if let Some(r) = replication {
+                encode_targets(e, r)?;
             }
         }
-        Ok(())
+        RoleSource::Standby { standby, pit } => {
+            if let Some(p) = pit {
+                let w = p.window_numbers();
+                gauge(
+                    e,
+                    "ferry_pit_points",
+                    "Recovery points retained in the undo log.",
+                    None,
+                    w.points as u64,
+                )?;
+                gauge(
+                    e,
+                    "ferry_pit_oldest_timestamp",
+                    "Primary clock time (Unix seconds) of the oldest retained point; 0 with none.",
+                    Some(&Unit::Seconds),
+                    w.oldest_ns as f64 / 1e9,
+                )?;
+                gauge(
+                    e,
+                    "ferry_pit_window",
+                    "Time between the oldest and the newest retained point.",
+                    Some(&Unit::Seconds),
+                    w.newest_ns.saturating_sub(w.oldest_ns) as f64 / 1e9,
+                )?;
+                gauge(
+                    e,
+                    "ferry_undo_used",
+                    "Bytes of undo log on disk.",
+                    Some(&Unit::Bytes),
+                    w.used_bytes,
+                )?;
+                gauge(
+                    e,
+                    "ferry_undo_capacity",
+                    "Undo log size limit (pit.max_bytes).",
+                    Some(&Unit::Bytes),
+                    w.max_bytes,
+                )?;
+                gauge(
+                    e,
+                    "ferry_pit_views",
+                    "Point-in-time views currently open.",
+                    None,
+                    w.views as u64,
+                )?;
+            }
+            let s = &standby.state;
+            gauge(
+                e,
+                "ferry_standby_connected",
+                "1 while the primary has a session with this standby.",
+                None,
+                s.connected.lock().is_some() as i64,
+            )?;
+            gauge(
+                e,
+                "ferry_standby_primary_seq",
+                "Latest sequence the primary reported having.",
+                None,
+                s.last_primary_seq.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                e,
+                "ferry_standby_applied_primary_timestamp",
+                "Primary clock time (Unix seconds) of the newest applied write-set; 0 before the first.",
+                Some(&Unit::Seconds),
+                s.applied_ts_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            )?;
+        }
     }
+    Ok(())
 }
 
 fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Result {
@@ -657,7 +528,7 @@ fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Resul
     )?;
     for t in targets {
         let cur = t.track.mode().as_str();
-        for mode in crate::overflow::MODES {
+        for mode in crate::ship::target::MODES {
             let labels: &[(&str, &str)] = &[("target", t.name.as_str()), ("mode", mode)];
             ConstGauge::new((mode == cur) as i64).encode(m.encode_family(&labels)?)?;
         }
@@ -967,11 +838,11 @@ address = "127.0.0.1:7002"
 "#,
         )
         .unwrap();
-        let targets = crate::replication::target_states(&cfg, 5);
+        let targets = crate::ship::target_states(&cfg, 5);
         let r = Replication {
             targets: targets.clone(),
-            sync: crate::replication::SyncGate::new(targets.clone(), Duration::from_secs(1)),
-            index: Arc::new(crate::replication::SeqIndex::default()),
+            sync: crate::ship::SyncGate::new(targets.clone(), Duration::from_secs(1)),
+            index: Arc::new(crate::ship::SeqIndex::default()),
         };
         let then = now_ns() - 2_000_000_000;
         for seq in 1..=10 {
@@ -1015,44 +886,5 @@ address = "127.0.0.1:7002"
             .parse()
             .unwrap();
         assert!((1.9..60.0).contains(&lag), "{lag}");
-    }
-
-    #[test]
-    fn frontend_histogram_and_counters() {
-        let f = Frontend::default();
-        f.observe(FrontendOp::Write, 4096, Instant::now(), true);
-        f.observe(FrontendOp::Flush, 0, Instant::now(), false);
-        let mut out = String::new();
-        let mut reg = Registry::default();
-        #[derive(Debug)]
-        struct C(Frontend);
-        impl Collector for C {
-            fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-                self.0.encode(&mut e)
-            }
-        }
-        reg.register_collector(Box::new(C(f)));
-        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
-        assert!(
-            out.contains("ferry_frontend_ops_total{op=\"write\"} 1"),
-            "{out}"
-        );
-        assert!(
-            out.contains("ferry_frontend_bytes_total{op=\"write\"} 4096"),
-            "{out}"
-        );
-        assert!(
-            out.contains("ferry_frontend_errors_total{op=\"flush\"} 1"),
-            "{out}"
-        );
-        assert!(
-            out.contains("ferry_frontend_write_seconds_count 1"),
-            "{out}"
-        );
-        assert!(
-            out.contains("ferry_frontend_write_seconds_bucket{le=\"5.0e-5\"}")
-                || out.contains("ferry_frontend_write_seconds_bucket{le=\"0.00005\"}"),
-            "{out}"
-        );
     }
 }
