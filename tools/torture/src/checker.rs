@@ -90,3 +90,39 @@ pub fn first_difference(a: &Path, b: &Path) -> Result<Option<u64>> {
         .position(|(p, q)| p != q)
         .map(|i| (i / BLOCK) as u64))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::encode;
+
+    #[test]
+    fn a_file_with_a_lost_promised_write_is_caught_and_a_difference_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Model::new(9, 4, true);
+        let mut img = vec![0u8; 4 * BLOCK];
+        for b in 0..3 {
+            let g = m.attempt(b);
+            m.acked(b, g);
+            img[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&encode(9, b as u64, g));
+        }
+        let good = dir.path().join("good.img");
+        std::fs::write(&good, &img).unwrap();
+        let out = via_file(&good, &m, false).unwrap();
+        assert!(out.bad.is_empty() && out.promised == 3);
+        // Block 1 promised at generation 2 but the file still holds generation 1.
+        let g = m.attempt(1);
+        m.acked(1, g);
+        let out = via_file(&good, &m, false).unwrap();
+        assert_eq!(out.bad.len(), 1);
+        assert_eq!(
+            (out.bad[0].block, out.bad[0].found.as_str()),
+            (1, "generation 1")
+        );
+        img[2 * BLOCK + 100] ^= 0xff;
+        let torn = dir.path().join("torn.img");
+        std::fs::write(&torn, &img).unwrap();
+        assert_eq!(first_difference(&good, &torn).unwrap(), Some(2));
+        assert_eq!(first_difference(&good, &good).unwrap(), None);
+    }
+}

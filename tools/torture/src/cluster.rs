@@ -226,6 +226,10 @@ impl Cluster {
         v
     }
 
+    pub fn status(&self, i: usize) -> Option<serde_json::Value> {
+        daemon::status(&self.nodes[i].config)
+    }
+
     pub fn wait(
         &self,
         i: usize,

@@ -108,6 +108,7 @@ impl Daemon {
                 }
             }
         });
+        crate::cleanup::add_pid(child.id());
         let mut d = Daemon { child: Some(child) };
         if rx.recv_timeout(READY_TIMEOUT).is_err() {
             let exit = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
@@ -134,6 +135,7 @@ impl Daemon {
             // SAFETY: kill(2) on our own child's PID; no memory is involved.
             unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
             let _ = c.wait();
+            crate::cleanup::remove_pid(c.id());
         }
     }
 }

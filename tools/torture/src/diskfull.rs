@@ -71,6 +71,7 @@ impl LoopFs {
             .args(["-f", "--show"])
             .arg(&fs.image))?;
         fs.dev = Some(dev.clone());
+        crate::cleanup::add_mount(fs.mnt.clone(), dev.clone());
         run(Command::new("mount").arg(&dev).arg(&fs.mnt))?;
         fs.mounted = true;
         Ok(fs)
@@ -110,6 +111,7 @@ impl Drop for LoopFs {
         }
         if let Some(d) = self.dev.take() {
             let _ = Command::new("losetup").arg("-d").arg(&d).status();
+            crate::cleanup::remove_mount(&d);
         }
         let _ = std::fs::remove_file(&self.image);
     }

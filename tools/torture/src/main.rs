@@ -10,6 +10,7 @@
 
 mod block;
 mod checker;
+mod cleanup;
 mod cluster;
 mod daemon;
 mod diskfull;
@@ -105,6 +106,10 @@ fn disk_faults(args: &Args) -> Result<bool> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = cleanup::install() {
+        eprintln!("ferry-torture: harness error: cannot install signal handlers: {e}");
+        return ExitCode::from(2);
+    }
     match run(&args) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(1),

@@ -338,8 +338,7 @@ impl Run<'_> {
         let (p, s) = (self.c.primary, self.c.standby());
         // Every write acknowledged from here on is on the standby: it is in sync now,
         // and none of them can wait out the sync timeout before the kill.
-        self.w.pause()?;
-        self.caught_up()?;
+        self.in_sync(p)?;
         self.w.resume();
         sleep_ms(self.rng.range(100, SYNC_TIMEOUT_MS / 2));
         self.kill(p);
@@ -424,15 +423,36 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Leaves the writer paused with the standby caught up and synchronous. A
+    /// degraded target turns sync again only as acknowledgements flow, so the writer
+    /// runs while waiting for that.
+    fn in_sync(&mut self, p: usize) -> Step {
+        for _ in 0..5 {
+            self.converge(p, "the target to be synchronous", |st| {
+                let t = &st["targets"][0];
+                t["state"] == "streaming" && t["effective_mode"] == "sync"
+            })?;
+            self.w.pause()?;
+            self.caught_up()?;
+            if self
+                .c
+                .status(p)
+                .is_some_and(|st| st["targets"][0]["effective_mode"] == "sync")
+            {
+                return Ok(());
+            }
+            self.w.resume();
+        }
+        violation("the target never stayed synchronous long enough to fail over")
+    }
+
     /// Writer paused: the standby streams, holds and has applied everything the
     /// primary made durable, and is consistent.
     fn caught_up(&mut self) -> Step {
         let (p, s) = (self.c.primary, self.c.standby());
-        let st = self.converge(p, "the target to stream in sync", |st| {
+        let st = self.converge(p, "the target to stream", |st| {
             let t = &st["targets"][0];
-            t["state"] == "streaming"
-                && t["tracking"] == "streaming"
-                && t["effective_mode"] == "sync"
+            t["state"] == "streaming" && t["tracking"] == "streaming"
         })?;
         let last = seq(&st, "/durable_seq");
         self.converge(
@@ -478,7 +498,7 @@ impl Run<'_> {
             ));
             self.restart(i)?;
         }
-        for i in 0..2 {
+        for (i, name) in NAMES.iter().enumerate() {
             // A base write (primary: `failed`) or a replica apply (standby:
             // `apply_error`) that hit ENOSPC stops there until a restart replays the
             // journal, as the daemon logs and reports: the operator's move.
@@ -487,7 +507,7 @@ impl Run<'_> {
                 self.tally.notes.push(format!(
                     "seed {}: {} stopped on a failed write ({}); restarted to replay its journal",
                     self.seed,
-                    NAMES[i],
+                    name,
                     st["apply_error"].as_str().unwrap_or("base write failed")
                 ));
                 self.kill(i);
