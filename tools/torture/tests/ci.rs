@@ -2,15 +2,20 @@
 //! a failure can be replayed), about two minutes on the 2-core CI machine. Seeds in
 //! `known-failures` reproduce a known, unfixed ferry bug: they are skipped with a
 //! loud `SKIP` line naming the reason, never silently.
+//!
+//! The random seed runs with `--tolerate-known`: any seed may run into the
+//! known standby-journal ENOSPC bug (see `known-failures`), and CI must not fail at
+//! random on a known bug. The harness still notes every restart it had to make; the
+//! flag goes when the bug is fixed.
 
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-/// Seeds every CI run replays.
-const FIXED: [u64; 3] = [11, 12, 13];
+/// Seeds every CI run replays (exactly as `ferry-torture --seed N --steps 5` would).
+const FIXED: [u64; 4] = [2, 11, 12, 13];
 /// Faults per seed: with the random seed, about two minutes in all.
-const STEPS: &str = "6";
+const STEPS: &str = "5";
 
 /// `(seed, reason)` from the known-failures file (comments and blank lines skipped).
 fn known_failures() -> Vec<(u64, String)> {
@@ -59,16 +64,22 @@ fn torture_fixed_seeds_and_one_random_seed() {
     loud(&format!(
         "\nferry-torture CI: fixed seeds {seeds:?}, random seed {random}\n"
     ));
-    seeds.push(random);
     let list: Vec<String> = seeds.iter().map(u64::to_string).collect();
-    // stdout/stderr inherited: the per-fault lines and the summary land in the CI log.
+    torture(&["--seeds", &list.join(",")]);
+    torture(&["--seed", &random.to_string(), "--tolerate-known"]);
+}
+
+/// Runs the harness (stdout/stderr inherited: the per-fault lines and the summary
+/// land in the CI log) and asserts a clean exit.
+fn torture(args: &[&str]) {
+    let bin = env!("CARGO_BIN_EXE_ferry-torture");
     let st = Command::new(bin)
-        .args(["--seeds", &list.join(","), "--steps", STEPS])
-        .arg("--restart-after-disk-full")
+        .args(args)
+        .args(["--steps", STEPS])
         .status()
         .expect("run ferry-torture");
     assert!(
         st.success(),
-        "ferry-torture failed ({st}) for seeds {list:?}: exit 1 is a violation (the summary above names the seed; replay with `ferry-torture --seed N --steps {STEPS} --restart-after-disk-full`), exit 2 a harness error"
+        "ferry-torture {args:?} --steps {STEPS} failed ({st}): exit 1 is a violation (the summary above names the seed and how to replay it), exit 2 a harness error"
     );
 }
