@@ -112,65 +112,79 @@ fn make_fs(dir: &Path, name: &str) -> Result<Vec<(Area, LoopFs)>> {
         .collect()
 }
 
+/// Rewrites node `name`'s config from `ferryctl init`: shorter sync timeout, its
+/// target (the other node, listening on `other`) reached through the proxy on
+/// `proxy_port`, a small undo log, and journal, undo and volume on the loop
+/// filesystems `fs` if any. Returns the config's and the volume's paths.
+fn configure(
+    dir: &Path,
+    name: &str,
+    other: SocketAddr,
+    proxy_port: u16,
+    fs: &[(Area, LoopFs)],
+) -> Result<(PathBuf, PathBuf)> {
+    let config = dir.join(format!("{name}.toml"));
+    let mut text = std::fs::read_to_string(&config)?;
+    text = replace_once(
+        &text,
+        "sync_timeout_ms = 5000",
+        &format!("sync_timeout_ms = {SYNC_TIMEOUT_MS}"),
+    )?;
+    text = replace_once(
+        &text,
+        &format!("address = \"{other}\""),
+        &format!("address = \"127.0.0.1:{proxy_port}\""),
+    )?;
+    let mut volume = dir.join(name).join(format!("{VOLUME}.img"));
+    let mut pit_dir = dir.join(name).join("undo");
+    for (area, f) in fs {
+        match area {
+            Area::Journal => {
+                let j = f.mnt.join("journal");
+                text = replace_once(
+                    &text,
+                    &format!("dir = \"{name}/journal\""),
+                    &format!("dir = {:?}", j.display().to_string()),
+                )?;
+            }
+            Area::Undo => pit_dir = f.mnt.join("undo"),
+            Area::Replica => {
+                // Sparse, as `ferryctl init` makes it: ENOSPC comes with new blocks.
+                let v = f.mnt.join(format!("{VOLUME}.img"));
+                std::fs::File::create(&v)?.set_len(VOLUME_BYTES)?;
+                text = replace_once(
+                    &text,
+                    &format!("path = \"{name}/{VOLUME}.img\""),
+                    &format!("path = {:?}", v.display().to_string()),
+                )?;
+                volume = v;
+            }
+        }
+    }
+    // A small undo log in small segments: retention works within the run.
+    text.push_str(&format!(
+        "\n[pit]\ndir = {:?}\nmax_bytes = \"24MiB\"\nsegment_size = \"4MiB\"\n",
+        pit_dir.display().to_string()
+    ));
+    std::fs::write(&config, text)?;
+    Ok((config, volume))
+}
+
 impl Cluster {
     /// Creates (but does not start) the cluster under `dir`.
     pub fn create(bins: &Bins, dir: &Path, disk_faults: bool) -> Result<Cluster> {
         let addrs = init(bins, dir)?;
         let links = [LossyLink::new(addrs[0])?, LossyLink::new(addrs[1])?];
+        let ports = [links[0].port, links[1].port];
         let mut nodes = Vec::new();
         for (i, link) in links.into_iter().enumerate() {
             let name = NAMES[i];
-            let other = addrs[1 - i];
-            let config = dir.join(format!("{name}.toml"));
-            let mut text = std::fs::read_to_string(&config)?;
-            text = replace_once(
-                &text,
-                "sync_timeout_ms = 5000",
-                &format!("sync_timeout_ms = {SYNC_TIMEOUT_MS}"),
-            )?;
-            // The other node's proxy: `nodes[1 - i].link`, whose port is known only
-            // once both exist, so a placeholder now.
-            text = replace_once(
-                &text,
-                &format!("address = \"{other}\""),
-                "address = \"@TARGET@\"",
-            )?;
-            let mut volume = dir.join(name).join(format!("{VOLUME}.img"));
-            let mut pit_dir = dir.join(name).join("undo");
             let fs = if disk_faults {
                 make_fs(dir, name)?
             } else {
                 Vec::new()
             };
-            for (area, f) in &fs {
-                match area {
-                    Area::Journal => {
-                        let j = f.mnt.join("journal");
-                        text = replace_once(
-                            &text,
-                            &format!("dir = \"{name}/journal\""),
-                            &format!("dir = {:?}", j.display().to_string()),
-                        )?;
-                    }
-                    Area::Undo => pit_dir = f.mnt.join("undo"),
-                    Area::Replica => {
-                        let v = f.mnt.join(format!("{VOLUME}.img"));
-                        std::fs::File::create(&v)?.set_len(VOLUME_BYTES)?;
-                        text = replace_once(
-                            &text,
-                            &format!("path = \"{name}/{VOLUME}.img\""),
-                            &format!("path = {:?}", v.display().to_string()),
-                        )?;
-                        volume = v;
-                    }
-                }
-            }
-            // A small undo log in small segments: retention works within the run.
-            text.push_str(&format!(
-                "\n[pit]\ndir = {:?}\nmax_bytes = \"24MiB\"\nsegment_size = \"4MiB\"\n",
-                pit_dir.display().to_string()
-            ));
-            std::fs::write(&config, text)?;
+            let (config, volume) = configure(dir, name, addrs[1 - i], ports[1 - i], &fs)?;
             nodes.push(Node {
                 name,
                 log: dir.join(format!("{name}.log")),
@@ -180,14 +194,6 @@ impl Cluster {
                 link,
                 fs,
             });
-        }
-        for i in 0..2 {
-            let port = nodes[1 - i].link.port;
-            let text = std::fs::read_to_string(&nodes[i].config)?;
-            std::fs::write(
-                &nodes[i].config,
-                text.replace("@TARGET@", &format!("127.0.0.1:{port}")),
-            )?;
         }
         let nodes: [Node; 2] = nodes.try_into().map_err(|_| anyhow!("two nodes"))?;
         Ok(Cluster {
