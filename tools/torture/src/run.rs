@@ -356,9 +356,13 @@ impl Run<'_> {
         self.w.resume();
         sleep_ms(self.rng.range(300, 1500));
         self.restart(p)?;
-        self.converge(p, "the old primary to learn it is outdated", |st| {
-            st["outdated"].is_object()
-        })?;
+        if let Err(Fail::Violation(v)) =
+            self.converge(p, "the old primary to learn it is outdated", |st| {
+                st["outdated"].is_object()
+            })
+        {
+            return violation(format!("{v}\n  {}", self.probe_split_brain(p)));
+        }
         if !self.role_command(p, &["demote"], p, "standby")? {
             return violation(format!("demote of the outdated {} refused", NAMES[p]));
         }
@@ -367,6 +371,26 @@ impl Run<'_> {
             st["role"] == "standby"
         })?;
         Ok(())
+    }
+
+    /// An old primary that never learned it is outdated: does it still take writes
+    /// (two primaries)? One write of a marker block through its own NBD export.
+    fn probe_split_brain(&self, p: usize) -> String {
+        let Some(addr) = self.c.status(p).as_ref().and_then(daemon::nbd_addr) else {
+            return "split-brain probe: the old primary serves no NBD".into();
+        };
+        let marker = crate::block::encode(self.seed, 0, u64::MAX);
+        let r = ferry_nbd::testclient::TestClient::open(addr, VOLUME)
+            .and_then(|(mut c, _)| c.write(0, &marker, 0));
+        match r {
+            Ok(0) => format!(
+                "SPLIT BRAIN: the old primary {} (still unfenced) acknowledged a write at {addr} while {} is primary",
+                NAMES[p],
+                NAMES[1 - p]
+            ),
+            Ok(errno) => format!("split-brain probe: the old primary refused the write (NBD error {errno})"),
+            Err(e) => format!("split-brain probe: no write possible on the old primary: {e}"),
+        }
     }
 
     /// Runs a role-change command on node `on`; true if node `check` then takes `role`.
