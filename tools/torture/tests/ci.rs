@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// Seeds every CI run replays (exactly as `ferry-torture --seed N --steps 5` would).
-const FIXED: [u64; 4] = [2, 11, 12, 13];
+const FIXED: [u64; 5] = [2, 11, 12, 13, 101];
 /// Faults per seed: with the random seed, about two minutes in all.
 const STEPS: &str = "5";
 
