@@ -13,6 +13,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use ferryd::config::Config;
 use ferryd::control::{self, Request};
 
+/// Written to a node's log before each start: the log is appended across restarts.
+const START_MARK: &str = "=== ferry-torture: starting ferryd ===";
+
 /// How long a daemon may take to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -84,7 +87,7 @@ impl Daemon {
             .append(true)
             .open(log)
             .with_context(|| format!("open {}", log.display()))?;
-        writeln!(logf, "=== ferry-torture: starting ferryd ===")?;
+        writeln!(logf, "{START_MARK}")?;
         let mut child = Command::new(&bins.ferryd)
             .arg("--config")
             .arg(config)
@@ -151,6 +154,15 @@ pub fn log_tail(log: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<String> = text.lines().map(plain).collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The log of the daemon's current instance (since the harness last started it).
+pub fn current_log(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    match text.rfind(START_MARK) {
+        Some(i) => text[i..].to_string(),
+        None => text,
+    }
 }
 
 /// A log line without terminal colour codes, at most 400 characters.
