@@ -243,12 +243,13 @@ impl Cluster {
         timeout: Duration,
         ok: impl Fn(&serde_json::Value) -> bool,
     ) -> Result<serde_json::Value> {
-        daemon::wait_status(&self.nodes[i].config, what, timeout, ok).with_context(|| {
-            format!(
-                "{}; {} log tail:\n{}",
-                self.nodes[i].name,
-                self.nodes[i].name,
-                log_tail(&self.nodes[i].log, 8)
+        let n = &self.nodes[i];
+        daemon::wait_status(&n.config, what, timeout, ok).map_err(|e| {
+            anyhow!(
+                "{}: {e:#}\n  {} log tail:\n{}",
+                n.name,
+                n.name,
+                log_tail(&n.log, 8)
             )
         })
     }
