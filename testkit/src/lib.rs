@@ -7,7 +7,12 @@
 //! `.ci/run` counts the `SKIP ` lines in its closing summary. Under CI (`CI` set and not
 //! `false`/`0`) every tool is installed by `.ci/run`, so a skip there is a failure: the
 //! test panics with the reason instead.
+//!
+//! [`udp_proxy`] is the lossy, pausable UDP link put between replication peers by
+//! ferryctl's tests and the `ferry-torture` harness.
 #![forbid(unsafe_code)]
+
+pub mod udp_proxy;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -192,125 +192,9 @@ fn a_node_of_another_cluster_is_refused() {
     assert!(ist["primary"]["connected"].is_null());
 }
 
-/// A UDP proxy between primary and standby that drops, duplicates, reorders and
-/// pauses datagrams, as a bad WAN link would. Threads stop when it is dropped.
-struct LossyLink {
-    pub port: u16,
-    /// Per-mille chances: drop, duplicate, hold back (reorder).
-    pub faults: Arc<[AtomicU32; 3]>,
-    pub paused: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    pub seen: Arc<AtomicU64>,
-}
-
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-
-impl LossyLink {
-    fn new(upstream: SocketAddr) -> LossyLink {
-        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
-        back.connect(upstream).unwrap();
-        for s in [&front, &back] {
-            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        }
-        let port = front.local_addr().unwrap().port();
-        let faults: Arc<[AtomicU32; 3]> = Arc::new(Default::default());
-        let paused = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(AtomicU64::new(0));
-        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
-        let front = Arc::new(front);
-        let back = Arc::new(back);
-        let mut threads = Vec::new();
-        for dir in 0..2 {
-            let (front, back, faults, paused, stop, client, seen) = (
-                front.clone(),
-                back.clone(),
-                faults.clone(),
-                paused.clone(),
-                stop.clone(),
-                client.clone(),
-                seen.clone(),
-            );
-            threads.push(std::thread::spawn(move || {
-                let mut rng = 0x2545_f491_4f6c_dd1du64 ^ dir;
-                let mut held: Option<Vec<u8>> = None;
-                let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    let got = if dir == 0 {
-                        front.recv_from(&mut buf).map(|(n, from)| {
-                            *client.lock().unwrap() = Some(from);
-                            n
-                        })
-                    } else {
-                        back.recv(&mut buf)
-                    };
-                    let Ok(n) = got else { continue };
-                    seen.fetch_add(1, Ordering::Relaxed);
-                    if paused.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    let send = |p: &[u8]| {
-                        if dir == 0 {
-                            let _ = back.send(p);
-                        } else if let Some(c) = *client.lock().unwrap() {
-                            let _ = front.send_to(p, c);
-                        }
-                    };
-                    let mut roll = || {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        (rng % 1000) as u32
-                    };
-                    let [drop_pm, dup_pm, hold_pm] =
-                        [0, 1, 2].map(|i| faults[i].load(Ordering::Relaxed));
-                    if roll() < drop_pm {
-                        continue;
-                    }
-                    let pkt = buf[..n].to_vec();
-                    if held.is_none() && roll() < hold_pm {
-                        held = Some(pkt); // goes out after the next datagram: reordered
-                        continue;
-                    }
-                    send(&pkt);
-                    if roll() < dup_pm {
-                        send(&pkt);
-                    }
-                    if let Some(h) = held.take() {
-                        send(&h);
-                    }
-                }
-            }));
-        }
-        LossyLink {
-            port,
-            faults,
-            paused,
-            stop,
-            threads,
-            seen,
-        }
-    }
-
-    fn set(&self, drop_pm: u32, dup_pm: u32, reorder_pm: u32) {
-        for (i, v) in [drop_pm, dup_pm, reorder_pm].into_iter().enumerate() {
-            self.faults[i].store(v, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Drop for LossyLink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
+use ferry_testkit::udp_proxy::LossyLink;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 
 /// Replication over a link that drops, duplicates, reorders and stalls: it recovers,
 /// the standby applies in order, and the replica ends byte-identical.
@@ -326,7 +210,7 @@ fn replication_recovers_from_a_lossy_reordering_stalling_link() {
     let (pcfg, scfgs) = init(dir.path(), &["dr1"], "async");
     // Route the primary's target address through the proxy.
     let sb_addr: SocketAddr = repl_listen(&scfgs[0]).parse().unwrap();
-    let link = LossyLink::new(sb_addr);
+    let link = LossyLink::new(sb_addr).unwrap();
     let p_text = std::fs::read_to_string(&pcfg).unwrap();
     std::fs::write(
         &pcfg,
