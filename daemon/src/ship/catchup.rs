@@ -639,20 +639,61 @@ pub async fn resync_copy(
     if let Err(e) = filter_by_digests(t, s, &sh, epoch).await {
         tracing::warn!(target = %t.name, "resync: comparing digests failed ({e:#}); copying every dirty region");
     }
-    let (tx, mut rx) = mpsc::channel(READ_AHEAD_BATCHES);
+    let (bytes, data_bytes) = send_copy(t, s, &sh, epoch).await?;
+    let through = sh.journal.durable_seq();
     {
+        let mut inner = t.track.inner.lock();
+        inner.through = Some(through);
+        let after = inner.lost.map_or(from, |l| l.0);
+        inner.lost = Some((after, Some(through)));
+    }
+    s.data
+        .send_frame(&Frame::ResyncEnd(ResyncEnd {
+            epoch,
+            through_seq: through,
+            bytes,
+            data_bytes,
+        }))
+        .await?;
+    tracing::info!(
+        target = %t.name,
+        from,
+        snapshot,
+        through,
+        bytes,
+        data_bytes,
+        "resync copy sent in {:?}; streaming resumes after {snapshot}",
+        started.elapsed()
+    );
+    Ok(snapshot)
+}
+
+/// Sends the dirty regions' current contents (read by a thread of its own) while
+/// answering the standby's heartbeats; returns the bytes sent (all, and as data).
+async fn send_copy(
+    t: &Arc<TargetState>,
+    s: &mut PrimarySession,
+    sh: &Arc<Shared>,
+    epoch: u64,
+) -> anyhow::Result<(u64, u64)> {
+    let (tx, rx) = mpsc::channel(READ_AHEAD_BATCHES);
+    let thread = {
         let (t, sh) = (t.clone(), sh.clone());
-        // Detached: it ends by itself once this copy drops the receiver.
         std::thread::Builder::new()
             .name(format!("ferry-resync-{}", t.name))
             .spawn(move || read_copy(t, sh, epoch, tx))
-            .context("spawning the resync reader thread")?;
-    }
+            .context("spawning the resync reader thread")?
+    };
+    // Joined when the copy ends, however it ends.
+    let mut copy = CopyThread {
+        rx,
+        thread: Some(thread),
+    };
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     let (mut bytes, mut data_bytes) = (0u64, 0u64);
     loop {
         tokio::select! {
-            batch = rx.recv() => match batch {
+            batch = copy.rx.recv() => match batch {
                 Some(b) => {
                     let b = b?;
                     let n: u64 = b.extents.iter().map(|x| u64::from(x.length)).sum();
@@ -693,32 +734,25 @@ pub async fn resync_copy(
             }
         }
     }
-    let through = sh.journal.durable_seq();
-    {
-        let mut inner = t.track.inner.lock();
-        inner.through = Some(through);
-        let after = inner.lost.map_or(from, |l| l.0);
-        inner.lost = Some((after, Some(through)));
+    Ok((bytes, data_bytes))
+}
+
+/// The copy's reader thread and its batches. Dropping it closes the channel and
+/// joins the thread (it returns at its next send, after at most one batch read).
+struct CopyThread {
+    rx: mpsc::Receiver<anyhow::Result<ResyncData>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for CopyThread {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("a resync reader thread panicked");
+            }
+        }
     }
-    s.data
-        .send_frame(&Frame::ResyncEnd(ResyncEnd {
-            epoch,
-            through_seq: through,
-            bytes,
-            data_bytes,
-        }))
-        .await?;
-    tracing::info!(
-        target = %t.name,
-        from,
-        snapshot,
-        through,
-        bytes,
-        data_bytes,
-        "resync copy sent in {:?}; streaming resumes after {snapshot}",
-        started.elapsed()
-    );
-    Ok(snapshot)
 }
 
 /// Clears from the dirty maps every region whose content already matches the
