@@ -381,7 +381,9 @@ pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
         .cloned()
         .ok_or_else(|| anyhow!("overflow tracking is not set up"))?;
     if !t.track.begin_switch() {
-        return Ok(());
+        // Already tracked in maps (or being switched by the monitor, then the resync
+        // finds it not in bitmap mode and the session retries).
+        return mark_all_maps(t);
     }
     enter_bitmap(t, &sh, from, true)?;
     tracing::warn!(
@@ -389,6 +391,38 @@ pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
         from,
         first_available = sh.journal.first_available_seq(),
         "the journal no longer holds what the target needs: every region is a resync candidate"
+    );
+    Ok(())
+}
+
+/// A target already in bitmap mode that needs a full resync (a failback: it wrote
+/// past the fork, in regions no map of this history marked, since the maps start at
+/// this primary's old position): marks every region and makes that durable before
+/// the caller records the target as rejoined (after which a restart would no longer
+/// resync it in full). Blocking.
+fn mark_all_maps(t: &TargetState) -> anyhow::Result<()> {
+    let mut inner = t.track.inner.lock();
+    if !matches!(t.track.mode(), Mode::Bitmap | Mode::Resyncing) {
+        return Ok(());
+    }
+    let through = t
+        .track
+        .merge(&mut inner)?
+        .max(t.track.flushed_through.load(Ordering::Acquire));
+    let base = inner.base_seq;
+    for (_, m) in inner.maps.iter_mut() {
+        m.mark_all();
+        m.set_seqs(base, through);
+        m.flush()?;
+    }
+    // What the monitor's flush would have recorded (the marks merged above are durable).
+    t.track.flushed_through.store(through, Ordering::Release);
+    inner.last_flush = Some(Instant::now());
+    t.track.count_dirty(&inner);
+    tracing::warn!(
+        target = %t.name,
+        base,
+        "the target wrote past the fork while tracked in a bitmap: every region is a resync candidate"
     );
     Ok(())
 }
@@ -1006,6 +1040,29 @@ size = "4MiB"
             let inner = t.track.inner.lock();
             inner.maps[0].1.dirty_ranges().collect()
         }
+    }
+
+    /// A full resync of a target already in bitmap mode (a failback past the fork:
+    /// its maps start at this primary's old position) marks every region, durably
+    /// (the maps reopened after a restart still have them all).
+    #[test]
+    fn a_full_switch_of_a_bitmap_target_marks_every_region_durably() {
+        let r = rig();
+        let t = r.target();
+        for i in 0..4u64 {
+            r.write(&t, i * 65536);
+        }
+        t.acked_seq.store(2, Ordering::Release);
+        switch(&t, &r.sh, 0, 1).unwrap();
+        assert_eq!(r.dirty(&t), vec![(2 * 65536, 2 * 65536)]);
+        switch_full(&t, 3).unwrap();
+        assert_eq!(t.track.mode(), Mode::Bitmap);
+        assert_eq!(r.dirty(&t), vec![(0, 4 << 20)]);
+        assert_eq!(t.track.floor(0), 4, "the marks through 4 stay durable");
+        drop(t);
+        let t = r.target();
+        load(&t, &r.sh).unwrap();
+        assert_eq!(r.dirty(&t), vec![(0, 4 << 20)]);
     }
 
     /// Switch, live marks, the crash rule (the floor follows durable marks only),
