@@ -81,6 +81,9 @@ pub(crate) async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
             }
         }
         t.set_state("disconnected");
+        // A handover this session was to send or answer fails now, not when the
+        // switchover times out (its receiver sees the sender dropped).
+        t.handover.lock().take();
         if started.elapsed() > Duration::from_secs(10) {
             backoff.reset();
         }
