@@ -322,7 +322,7 @@ fn failback_after_an_overflow_copies_what_the_old_primary_wrote_past_the_fork() 
     old.kill();
 
     let dr1 = Node::start(&ferryd(), &scfg);
-    let st = promote(&scfg);
+    let st = change_role(&scfg, &["promote", "--force"], "primary");
     let fork = seq(&st, "/fork_seq");
     assert!(
         old_last > fork,
@@ -337,7 +337,7 @@ fn failback_after_an_overflow_copies_what_the_old_primary_wrote_past_the_fork() 
     wait_for(
         &scfg,
         "the old primary's target to be tracked in a bitmap",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         |st| st["targets"][0]["tracking"] == "bitmap",
     );
 
@@ -346,21 +346,14 @@ fn failback_after_an_overflow_copies_what_the_old_primary_wrote_past_the_fork() 
     wait_for(
         &pcfg,
         "the old primary to learn it is outdated",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         |st| st["outdated"].is_object(),
     );
-    let d = ctl(&pcfg, &["demote"]);
-    wait_for(
-        &pcfg,
-        "the old primary to run as a standby",
-        Duration::from_secs(30),
-        |st| st["role"] == "standby",
-    );
-    assert!(d.status.success(), "demote: {d:?}");
+    change_role(&pcfg, &["demote"], "standby");
     let new = wait_for(
         &scfg,
         "dr1 to stream to the old primary",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         |st| {
             st["targets"][0]["state"] == "streaming"
                 && st["targets"][0]["tracking"] == "streaming"
@@ -371,7 +364,7 @@ fn failback_after_an_overflow_copies_what_the_old_primary_wrote_past_the_fork() 
     wait_for(
         &pcfg,
         "the old primary to apply everything",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         |st| seq(st, "/applied_seq") >= last && st["replica"] == "consistent",
     );
     same_file(
@@ -381,24 +374,26 @@ fn failback_after_an_overflow_copies_what_the_old_primary_wrote_past_the_fork() 
     drop(dr1);
 }
 
-/// `ferryctl promote --force` until the node serves as a primary (its answer can be
-/// lost as it re-executes itself in the new role); its status then.
-fn promote(config: &Path) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+/// `ferryctl ARGS` (a role change) until the node runs in `role` (a primary serving
+/// NBD); its status then. The command's answer is sometimes lost as the node
+/// re-executes itself in the new role (an empty response), so success is read
+/// from the status, and the command repeated only if the role did not change.
+fn change_role(config: &Path, args: &[&str], role: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let out = ctl(config, &["promote", "--force"]);
-        let settle = std::time::Instant::now() + Duration::from_secs(10);
+        let out = ctl(config, args);
+        let settle = std::time::Instant::now() + Duration::from_secs(15);
         while std::time::Instant::now() < settle {
-            if let Some(st) = try_status(config)
-                .filter(|st| st["role"] == "primary" && st["nbd"]["listen"].is_string())
-            {
+            if let Some(st) = try_status(config).filter(|st| {
+                st["role"] == role && (role != "primary" || st["nbd"]["listen"].is_string())
+            }) {
                 return st;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "promote did not make the node a primary: {out:?}"
+            "{args:?} did not make the node a {role}: {out:?}"
         );
     }
 }
