@@ -69,6 +69,13 @@ pub(crate) async fn switchover(
             _ => bail!("several standbys: name one with --to"),
         },
     };
+    // Before writes stop: a second switchover must not end (and unfence) the first.
+    let Ok(_busy) = t.switchover.try_lock() else {
+        bail!(
+            "a switchover to standby '{}' is already in progress",
+            t.name
+        );
+    };
     if t.state() != "streaming" {
         bail!(
             "standby '{}' is {}, not streaming: it cannot take over losslessly",
@@ -94,13 +101,18 @@ pub(crate) async fn switchover(
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let answer = t.request_handover(seq);
-        let new_epoch = tokio::time::timeout(Duration::from_secs(30), answer)
-            .await
-            .map_err(|_| anyhow::anyhow!("standby '{}' did not take over within 30 s", t.name))?
-            .map_err(|_| {
+        let answer = t.request_handover(seq)?;
+        let new_epoch = match tokio::time::timeout(Duration::from_secs(30), answer).await {
+            Ok(answer) => answer.map_err(|_| {
                 anyhow::anyhow!("the session with '{}' ended during the handover", t.name)
-            })??;
+            })??,
+            Err(_) => {
+                // A HandoverAck after this is unexpected: the session ends instead of
+                // reporting a handover this node no longer waits for.
+                t.abandon_handover();
+                bail!("standby '{}' did not take over within 30 s", t.name)
+            }
+        };
         tokio::task::block_in_place(|| {
             rec.meta
                 .change_role(new_epoch, "standby", Some(&t.name), None)

@@ -381,7 +381,9 @@ pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
         .cloned()
         .ok_or_else(|| anyhow!("overflow tracking is not set up"))?;
     if !t.track.begin_switch() {
-        return Ok(());
+        // Already tracked in maps (or being switched by the monitor, then the resync
+        // finds it not in bitmap mode and the session retries).
+        return mark_all_maps(t);
     }
     enter_bitmap(t, &sh, from, true)?;
     tracing::warn!(
@@ -389,6 +391,38 @@ pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
         from,
         first_available = sh.journal.first_available_seq(),
         "the journal no longer holds what the target needs: every region is a resync candidate"
+    );
+    Ok(())
+}
+
+/// A target already in bitmap mode that needs a full resync (a failback: it wrote
+/// past the fork, in regions no map of this history marked, since the maps start at
+/// this primary's old position): marks every region and makes that durable before
+/// the caller records the target as rejoined (after which a restart would no longer
+/// resync it in full). Blocking.
+fn mark_all_maps(t: &TargetState) -> anyhow::Result<()> {
+    let mut inner = t.track.inner.lock();
+    if !matches!(t.track.mode(), Mode::Bitmap | Mode::Resyncing) {
+        return Ok(());
+    }
+    let through = t
+        .track
+        .merge(&mut inner)?
+        .max(t.track.flushed_through.load(Ordering::Acquire));
+    let base = inner.base_seq;
+    for (_, m) in inner.maps.iter_mut() {
+        m.mark_all();
+        m.set_seqs(base, through);
+        m.flush()?;
+    }
+    // What the monitor's flush would have recorded (the marks merged above are durable).
+    t.track.flushed_through.store(through, Ordering::Release);
+    inner.last_flush = Some(Instant::now());
+    t.track.count_dirty(&inner);
+    tracing::warn!(
+        target = %t.name,
+        base,
+        "the target wrote past the fork while tracked in a bitmap: every region is a resync candidate"
     );
     Ok(())
 }
@@ -639,20 +673,61 @@ pub async fn resync_copy(
     if let Err(e) = filter_by_digests(t, s, &sh, epoch).await {
         tracing::warn!(target = %t.name, "resync: comparing digests failed ({e:#}); copying every dirty region");
     }
-    let (tx, mut rx) = mpsc::channel(READ_AHEAD_BATCHES);
+    let (bytes, data_bytes) = send_copy(t, s, &sh, epoch).await?;
+    let through = sh.journal.durable_seq();
     {
+        let mut inner = t.track.inner.lock();
+        inner.through = Some(through);
+        let after = inner.lost.map_or(from, |l| l.0);
+        inner.lost = Some((after, Some(through)));
+    }
+    s.data
+        .send_frame(&Frame::ResyncEnd(ResyncEnd {
+            epoch,
+            through_seq: through,
+            bytes,
+            data_bytes,
+        }))
+        .await?;
+    tracing::info!(
+        target = %t.name,
+        from,
+        snapshot,
+        through,
+        bytes,
+        data_bytes,
+        "resync copy sent in {:?}; streaming resumes after {snapshot}",
+        started.elapsed()
+    );
+    Ok(snapshot)
+}
+
+/// Sends the dirty regions' current contents (read by a thread of its own) while
+/// answering the standby's heartbeats; returns the bytes sent (all, and as data).
+async fn send_copy(
+    t: &Arc<TargetState>,
+    s: &mut PrimarySession,
+    sh: &Arc<Shared>,
+    epoch: u64,
+) -> anyhow::Result<(u64, u64)> {
+    let (tx, rx) = mpsc::channel(READ_AHEAD_BATCHES);
+    let thread = {
         let (t, sh) = (t.clone(), sh.clone());
-        // Detached: it ends by itself once this copy drops the receiver.
         std::thread::Builder::new()
             .name(format!("ferry-resync-{}", t.name))
             .spawn(move || read_copy(t, sh, epoch, tx))
-            .context("spawning the resync reader thread")?;
-    }
+            .context("spawning the resync reader thread")?
+    };
+    // Joined when the copy ends, however it ends.
+    let mut copy = CopyThread {
+        rx,
+        thread: Some(thread),
+    };
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     let (mut bytes, mut data_bytes) = (0u64, 0u64);
     loop {
         tokio::select! {
-            batch = rx.recv() => match batch {
+            batch = copy.rx.recv() => match batch {
                 Some(b) => {
                     let b = b?;
                     let n: u64 = b.extents.iter().map(|x| u64::from(x.length)).sum();
@@ -693,32 +768,25 @@ pub async fn resync_copy(
             }
         }
     }
-    let through = sh.journal.durable_seq();
-    {
-        let mut inner = t.track.inner.lock();
-        inner.through = Some(through);
-        let after = inner.lost.map_or(from, |l| l.0);
-        inner.lost = Some((after, Some(through)));
+    Ok((bytes, data_bytes))
+}
+
+/// The copy's reader thread and its batches. Dropping it closes the channel and
+/// joins the thread (it returns at its next send, after at most one batch read).
+struct CopyThread {
+    rx: mpsc::Receiver<anyhow::Result<ResyncData>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for CopyThread {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("a resync reader thread panicked");
+            }
+        }
     }
-    s.data
-        .send_frame(&Frame::ResyncEnd(ResyncEnd {
-            epoch,
-            through_seq: through,
-            bytes,
-            data_bytes,
-        }))
-        .await?;
-    tracing::info!(
-        target = %t.name,
-        from,
-        snapshot,
-        through,
-        bytes,
-        data_bytes,
-        "resync copy sent in {:?}; streaming resumes after {snapshot}",
-        started.elapsed()
-    );
-    Ok(snapshot)
 }
 
 /// Clears from the dirty maps every region whose content already matches the
@@ -972,6 +1040,29 @@ size = "4MiB"
             let inner = t.track.inner.lock();
             inner.maps[0].1.dirty_ranges().collect()
         }
+    }
+
+    /// A full resync of a target already in bitmap mode (a failback past the fork:
+    /// its maps start at this primary's old position) marks every region, durably
+    /// (the maps reopened after a restart still have them all).
+    #[test]
+    fn a_full_switch_of_a_bitmap_target_marks_every_region_durably() {
+        let r = rig();
+        let t = r.target();
+        for i in 0..4u64 {
+            r.write(&t, i * 65536);
+        }
+        t.acked_seq.store(2, Ordering::Release);
+        switch(&t, &r.sh, 0, 1).unwrap();
+        assert_eq!(r.dirty(&t), vec![(2 * 65536, 2 * 65536)]);
+        switch_full(&t, 3).unwrap();
+        assert_eq!(t.track.mode(), Mode::Bitmap);
+        assert_eq!(r.dirty(&t), vec![(0, 4 << 20)]);
+        assert_eq!(t.track.floor(0), 4, "the marks through 4 stay durable");
+        drop(t);
+        let t = r.target();
+        load(&t, &r.sh).unwrap();
+        assert_eq!(r.dirty(&t), vec![(0, 4 << 20)]);
     }
 
     /// Switch, live marks, the crash rule (the floor follows durable marks only),

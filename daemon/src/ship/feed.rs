@@ -1,14 +1,14 @@
 //! What shippers read from the write path: [`ShipFeed`] (fed by the journal's
 //! completion path, strictly in sequence order), the in-memory [`Tail`] of recent
-//! durable records, and the [`SeqIndex`] that gives each target's lag in bytes and
-//! seconds.
+//! durable records, the [`DurableSeq`] shippers' reader threads wait on, and the
+//! [`SeqIndex`] that gives each target's lag in bytes and seconds.
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ferry_journal::{now_ns, Op, Seq};
-use parking_lot::Mutex;
-use tokio::sync::watch;
+use parking_lot::{Condvar, Mutex};
 
 use crate::ship::records::RECORD_COST;
 use crate::ship::target::TargetState;
@@ -161,7 +161,7 @@ impl Tail {
 pub struct ShipFeed {
     pub index: Arc<SeqIndex>,
     pub tail: Arc<Tail>,
-    durable_tx: watch::Sender<Seq>,
+    durable: Arc<DurableSeq>,
     enabled: AtomicBool,
     /// The last sequence fed (0: none yet), to check that the feed is contiguous.
     last_fed: AtomicU64,
@@ -175,7 +175,7 @@ impl ShipFeed {
         ShipFeed {
             index: Arc::new(SeqIndex::default()),
             tail: Arc::new(Tail::new()),
-            durable_tx: watch::channel(durable).0,
+            durable: Arc::new(DurableSeq::new(durable)),
             enabled: AtomicBool::new(false),
             last_fed: AtomicU64::new(0),
             tracked: Default::default(),
@@ -213,12 +213,56 @@ impl ShipFeed {
         // Lag is counted in bytes to ship: a trim's range is not shipped as data.
         self.index.push(seq, rec.data.len() as u64, ts);
         self.tail.push(seq, rec, ts);
-        self.durable_tx.send_replace(seq);
+        self.durable.publish(seq);
     }
 
-    /// Durable-position updates for a shipper's journal reader.
-    pub fn durable(&self) -> watch::Receiver<Seq> {
-        self.durable_tx.subscribe()
+    /// The durable position a shipper's journal reader waits on.
+    pub fn durable(&self) -> Arc<DurableSeq> {
+        self.durable.clone()
+    }
+}
+
+/// The journal's durable position as the feed last saw it, for shippers' reader
+/// threads to wait on. A plain condition variable, not a tokio channel: the readers
+/// are OS threads, and a tokio timer they drove through a runtime handle panicked
+/// once that runtime was shutting down (a stopping primary).
+pub struct DurableSeq {
+    seq: Mutex<Seq>,
+    changed: Condvar,
+}
+
+impl DurableSeq {
+    pub fn new(seq: Seq) -> DurableSeq {
+        DurableSeq {
+            seq: Mutex::new(seq),
+            changed: Condvar::new(),
+        }
+    }
+
+    pub fn get(&self) -> Seq {
+        *self.seq.lock()
+    }
+
+    pub(crate) fn publish(&self, seq: Seq) {
+        *self.seq.lock() = seq;
+        self.changed.notify_all();
+    }
+
+    /// Blocks until the durable position is at least `seq`, [`DurableSeq::wake`] is
+    /// called, or `timeout` passed. Whether it is at least `seq`.
+    pub fn wait_for(&self, seq: Seq, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.seq.lock();
+        if *g < seq {
+            // One wait: a wake-up (a session letting go of its reader) returns early.
+            let _ = self.changed.wait_until(&mut g, deadline);
+        }
+        *g >= seq
+    }
+
+    /// Wakes every waiter (a reader whose session ended re-checks its channel).
+    pub fn wake(&self) {
+        self.changed.notify_all();
     }
 }
 
@@ -267,6 +311,34 @@ mod tests {
             TailRead::Evicted => panic!("seq 16 is in memory"),
         }
         assert!(matches!(t.read(21, 1 << 20), TailRead::Records(r) if r.is_empty()));
+    }
+
+    #[test]
+    fn durable_seq_wait_returns_on_publish_wake_or_timeout() {
+        let d = Arc::new(DurableSeq::new(5));
+        assert!(d.wait_for(5, Duration::ZERO), "already durable");
+        let t0 = Instant::now();
+        assert!(
+            !d.wait_for(6, Duration::from_millis(50)),
+            "nothing published"
+        );
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        let (d2, t0) = (d.clone(), Instant::now());
+        let h = std::thread::spawn(move || d2.wait_for(7, Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(20));
+        d.publish(7);
+        assert!(h.join().unwrap(), "woken by the publish");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        assert_eq!(d.get(), 7);
+        let (d2, t0) = (d.clone(), Instant::now());
+        let h = std::thread::spawn(move || d2.wait_for(100, Duration::from_secs(30)));
+        // The waiter may not be parked yet when woken: retry until it returns.
+        while !h.is_finished() {
+            d.wake();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!h.join().unwrap(), "woken, not durable");
+        assert!(t0.elapsed() < Duration::from_secs(10));
     }
 
     #[test]

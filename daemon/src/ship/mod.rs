@@ -176,3 +176,54 @@ pub fn local_identity(
         expected_peer_name: expected_peer.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TargetConfig;
+    use crate::ship::target::Mode;
+
+    fn target(name: &str, mode: ReplicationMode, acked: Seq) -> Arc<TargetState> {
+        let cfg = TargetConfig {
+            name: name.into(),
+            address: "127.0.0.1:1".into(),
+            mode,
+        };
+        Arc::new(TargetState::new(&cfg, acked))
+    }
+
+    /// The journal keeps what the furthest-behind target needs, a bitmap-mode target
+    /// only what its maps do not cover durably yet; status shows each target's modes.
+    #[test]
+    fn the_release_floor_and_status_follow_every_target() {
+        let a = target("a", ReplicationMode::Sync, 10);
+        let b = target("b", ReplicationMode::Async, 20);
+        let r = Replication {
+            targets: vec![a.clone(), b.clone()],
+            sync: SyncGate::new(
+                vec![a.clone(), b.clone()],
+                std::time::Duration::from_secs(1),
+            ),
+            index: Arc::new(SeqIndex::default()),
+        };
+        assert_eq!(r.release_floor(), 10);
+        a.track.flushed_through.store(30, Ordering::Release);
+        a.track.set_mode(Mode::Bitmap);
+        assert_eq!(r.release_floor(), 20, "a's marks cover up to 30");
+        a.degraded.store(true, Ordering::Release);
+        let st = r.status();
+        assert_eq!(st[0]["name"], "a");
+        assert_eq!(st[0]["state"], "connecting");
+        assert_eq!(st[0]["effective_mode"], "async (degraded)");
+        assert_eq!(st[0]["tracking"], "bitmap");
+        assert_eq!(st[0]["acked_seq"], 10);
+        assert_eq!(st[1]["effective_mode"], "async");
+        assert_eq!(st[1]["tracking"], "streaming");
+        let none = Replication {
+            targets: vec![],
+            sync: SyncGate::new(vec![], std::time::Duration::from_secs(1)),
+            index: Arc::new(SeqIndex::default()),
+        };
+        assert_eq!(none.release_floor(), Seq::MAX);
+    }
+}

@@ -1,32 +1,92 @@
 //! The shipper's reader thread: cuts durable journal records into write-sets (from the
-//! in-memory tail while current, from journal segments while behind).
+//! in-memory tail while current, from journal segments while behind), and
+//! [`ReaderThread`], the session's handle that joins it.
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{anyhow, Context};
 use ferry_journal::{Journal, Op, Seq};
 use ferry_transport::wire::{WireRecord, WriteSet};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use crate::ship::feed::{Tail, TailRead};
+use crate::ship::feed::{DurableSeq, Tail, TailRead};
 use crate::ship::records::wire_record;
 
 /// A write-set is cut at a seal, or once it holds this many bytes of records.
 pub const MAX_WRITE_SET_BYTES: usize = 4 << 20;
 
+/// A caught-up reader re-checks its channel at least this often.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+/// A session's journal reader thread and the write-sets it forms. Dropping it closes
+/// the channel, wakes the thread and joins it: no reader outlives its session (nor,
+/// at shutdown, the runtime that drops the session). The join is short: the thread
+/// checks the channel between records and returns once it is closed.
+pub(crate) struct ReaderThread {
+    rx: mpsc::Receiver<anyhow::Result<WriteSet>>,
+    durable: Arc<DurableSeq>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ReaderThread {
+    /// Starts reading write-sets from `from` on, at most `ahead` of them formed ahead
+    /// of the network.
+    pub(crate) fn spawn(
+        name: &str,
+        src: ShipSource,
+        from: Seq,
+        epoch: u64,
+        ahead: usize,
+    ) -> anyhow::Result<ReaderThread> {
+        let (tx, rx) = mpsc::channel(ahead);
+        let durable = src.durable.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("ferry-ship-{name}"))
+            .spawn(move || read_write_sets(src, from, epoch, tx))
+            .context("spawning the journal reader thread")?;
+        Ok(ReaderThread {
+            rx,
+            durable,
+            thread: Some(thread),
+        })
+    }
+
+    /// The next write-set at once, if one is formed.
+    pub(crate) fn try_recv(&mut self) -> Option<anyhow::Result<WriteSet>> {
+        self.rx.try_recv().ok()
+    }
+
+    /// The next write-set; `None` once the thread stopped.
+    pub(crate) async fn recv(&mut self) -> Option<anyhow::Result<WriteSet>> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for ReaderThread {
+    fn drop(&mut self) {
+        self.rx.close();
+        self.durable.wake();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("a journal reader thread panicked");
+            }
+        }
+    }
+}
+
 /// Where a shipper's reader thread takes records from, and how it waits for them.
 pub(crate) struct ShipSource {
     pub(crate) journal: Arc<Journal>,
     pub(crate) tail: Arc<Tail>,
-    pub(crate) durable: watch::Receiver<Seq>,
-    pub(crate) rt: tokio::runtime::Handle,
+    pub(crate) durable: Arc<DurableSeq>,
     /// Coalescing wait once caught up (`replication.async_linger_us`; 0 for sync).
     pub(crate) linger: Duration,
 }
 
 /// Produces write-sets from `from` on: from the in-memory tail while it holds the
 /// position, from journal segments while behind. Blocks while the channel is full.
-pub(crate) fn read_write_sets(
+fn read_write_sets(
     src: ShipSource,
     from: Seq,
     epoch: u64,
@@ -35,8 +95,7 @@ pub(crate) fn read_write_sets(
     let ShipSource {
         journal,
         tail,
-        mut durable,
-        rt,
+        durable,
         linger,
     } = src;
     let mut next = from;
@@ -58,14 +117,7 @@ pub(crate) fn read_write_sets(
             match read {
                 TailRead::Records(recs) if recs.is_empty() => {
                     // Caught up: wait for more durable records (bounded, re-checks).
-                    let arrived = rt.block_on(async {
-                        tokio::time::timeout(
-                            Duration::from_millis(200),
-                            durable.wait_for(|d| *d >= next),
-                        )
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                    });
+                    let arrived = durable.wait_for(next, IDLE_WAIT);
                     // Coalesce: let the records that follow join this write-set.
                     if arrived && !linger.is_zero() {
                         std::thread::sleep(linger);
@@ -100,6 +152,9 @@ pub(crate) fn read_write_sets(
             }
         }
         // Behind: read segments until caught up with what is durable, then back to memory.
+        if tx.is_closed() {
+            return;
+        }
         let Some(r) = reader.as_mut() else { continue };
         match r.next() {
             Some(Ok(e)) => {
@@ -149,4 +204,71 @@ fn emit(
         records: recs,
     };
     tx.blocking_send(Ok(ws)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_journal::Record;
+    use std::time::Instant;
+
+    fn journal(dir: &std::path::Path) -> Arc<Journal> {
+        let mut o = ferry_journal::JournalOptions::new(dir.join("j"), [1; 16]);
+        o.segment_size = 1 << 20;
+        o.capacity = 8 << 20;
+        o.engine = ferry_journal::EngineChoice::Std;
+        Arc::new(Journal::open(o).unwrap().0)
+    }
+
+    fn write(j: &Journal, offset: u64) -> Seq {
+        let rec = Record::write(0, offset, bytes::Bytes::from(vec![7u8; 4096]));
+        j.append_wait(rec).unwrap()
+    }
+
+    async fn seqs_until(reader: &mut ReaderThread, last: Seq) -> Vec<Seq> {
+        let mut got = Vec::new();
+        while got.last() != Some(&last) {
+            let ws = tokio::time::timeout(Duration::from_secs(10), reader.recv())
+                .await
+                .expect("a write-set within 10 s")
+                .expect("the reader runs")
+                .unwrap();
+            assert_eq!(ws.epoch, 3);
+            assert_eq!(ws.first_seq, ws.records[0].seq);
+            got.extend(ws.records.iter().map(|r| r.seq));
+        }
+        got
+    }
+
+    /// Reads what the journal holds from the asked position, waits for what becomes
+    /// durable later, and its handle joins the thread promptly when dropped while the
+    /// thread waits (the session ending).
+    #[tokio::test]
+    async fn the_reader_follows_the_durable_position_and_is_joined_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        for i in 0..5 {
+            write(&j, i * 4096);
+        }
+        let durable = Arc::new(DurableSeq::new(j.durable_seq()));
+        let src = ShipSource {
+            journal: j.clone(),
+            tail: Arc::new(Tail::new()),
+            durable: durable.clone(),
+            linger: Duration::ZERO,
+        };
+        let mut reader = ReaderThread::spawn("t", src, 3, 3, 4).unwrap();
+        assert_eq!(seqs_until(&mut reader, 5).await, vec![3, 4, 5]);
+        // Caught up: the next record is shipped once it is durable.
+        let s = write(&j, 1 << 20);
+        durable.publish(s);
+        assert_eq!(seqs_until(&mut reader, s).await, vec![s]);
+        let t0 = Instant::now();
+        drop(reader);
+        assert!(
+            t0.elapsed() < IDLE_WAIT * 5,
+            "joining the waiting reader took {:?}",
+            t0.elapsed()
+        );
+    }
 }

@@ -6,17 +6,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use ferry_journal::{now_ns, Journal, Seq};
 use ferry_transport::quic::{self, Backoff, TlsMaterial, TransportOptions};
 use ferry_transport::session::{self, LocalIdentity, Sender, SenderConfig};
 use ferry_transport::wire::{Frame, Heartbeat, WriteSet};
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch};
 
 use crate::config::ReplicationMode;
 use crate::ship::feed::Tail;
-use crate::ship::reader::{read_write_sets, ShipSource};
+use crate::ship::reader::{ReaderThread, ShipSource};
 use crate::ship::target::{SyncGate, TargetState};
 
 /// Write-sets formed ahead of the network per target (bounded memory).
@@ -34,7 +33,7 @@ pub struct ShipContext {
     pub local: LocalIdentity,
     pub tls: TlsMaterial,
     pub opts: TransportOptions,
-    pub durable: watch::Receiver<Seq>,
+    pub durable: Arc<crate::ship::feed::DurableSeq>,
     /// `replication.async_linger_us`: an async shipper's coalescing wait.
     pub async_linger: Duration,
     pub sync: Arc<SyncGate>,
@@ -82,6 +81,9 @@ pub(crate) async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
             }
         }
         t.set_state("disconnected");
+        // A handover this session was to send or answer fails now, not when the
+        // switchover times out (its receiver sees the sender dropped).
+        t.handover.lock().take();
         if started.elapsed() > Duration::from_secs(10) {
             backoff.reset();
         }
@@ -125,91 +127,21 @@ fn route_mtu(peer: SocketAddr) -> Option<u32> {
 
 /// One connection's life: handshake, then ship until an error.
 async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> anyhow::Result<()> {
-    let endpoint = quic::client_endpoint("0.0.0.0:0".parse()?)?;
-    let opts = ctx.opts.clone().toward(addr, route_mtu(addr));
-    let client = quic::client_config(&ctx.tls, &t.name, &opts)?;
-    let conn = quic::connect(&endpoint, client, addr, &t.name).await?;
-    let journal = ctx.journal.clone();
     let epoch = ctx.local.epoch;
-    let mut local = ctx.local.clone();
-    local.expected_peer_name = t.name.clone();
     // A target tracked in a dirty map resumes anywhere: the copy replaces what the
-    // journal no longer holds.
+    // journal no longer holds. Decided once, before the handshake plans on it.
     let resync = t.track.needs_resync();
-    let full_resync: Mutex<Option<Seq>> = Mutex::new(None);
-    let mut s = quic::primary_handshake(
-        conn,
-        &local,
-        journal.durable_seq(),
-        &ctx.opts,
-        |neg, hello| {
-            if let Some((fork, meta)) = &ctx.fork {
-                let rejoined = meta.rejoined(&t.name, *fork).unwrap_or(false);
-                if hello.resume_position > *fork && !rejoined {
-                    // It holds writes of the old epoch this history does not have (the
-                    // previous primary's unreplicated writes). Failback: resync it. The
-                    // digest comparison at the start of the copy limits the copy to the
-                    // regions either side changed since the fork.
-                    if hello.resume_position > journal.durable_seq() {
-                        return Err(session::HandshakeError::ForkDiverged(format!(
-                            "node '{}' holds sequences up to {} (written after the fork at {fork}); \
-                             this primary is at {}: it resyncs once this history passes that point",
-                            t.name,
-                            hello.resume_position,
-                            journal.durable_seq()
-                        )));
-                    }
-                    tracing::warn!(
-                        target = %t.name,
-                        fork,
-                        resume = hello.resume_position,
-                        "the rejoining node wrote after the fork: delta resync"
-                    );
-                    *full_resync.lock() = Some(hello.resume_position);
-                    return session::plan_resync(
-                        neg,
-                        epoch,
-                        hello.resume_position,
-                        journal.durable_seq(),
-                    );
-                }
-            }
-            if resync {
-                return session::plan_resync(
-                    neg,
-                    epoch,
-                    hello.resume_position,
-                    journal.durable_seq(),
-                );
-            }
-            let oldest = journal.first_available_seq();
-            match session::plan_resume(
-                neg,
-                epoch,
-                hello.resume_position,
-                oldest,
-                journal.durable_seq(),
-            ) {
-                // The journal lost what it needs (released while it was away): a full
-                // resync from the volumes instead of refusing it for good.
-                Err(session::HandshakeError::ResyncRequired { resume, .. }) => {
-                    *full_resync.lock() = Some(resume);
-                    session::plan_resync(neg, epoch, hello.resume_position, journal.durable_seq())
-                }
-                r => r,
-            }
-        },
-    )
-    .await?;
-    let full = full_resync.lock().take();
+    let (mut s, full) = handshake(ctx, t, addr, resync).await?;
+    let resync = resync || full.is_some();
     if let Some(from) = full {
         tokio::task::block_in_place(|| crate::ship::catchup::switch_full(t, from))?;
     }
-    let resync = resync || full.is_some();
-    let resume = s.hello_ack.resume_seq;
+    // After `switch_full`: a full resync is durably planned before the rejoin is
+    // recorded (which a restart would otherwise see as nothing to resync).
     if let Some((fork, meta)) = &ctx.fork {
         meta.set_rejoined(&t.name, *fork)?;
     }
+    let resume = s.hello_ack.resume_seq;
     tracing::info!(target = %t.name, address = %t.address, resume, "replication session established");
     *t.last_error.lock() = None;
     t.acked_seq.store(resume, Ordering::Release);
@@ -225,26 +157,120 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     };
     t.set_state("streaming");
     ctx.sync.recompute();
+    let src = ShipSource {
+        journal: ctx.journal.clone(),
+        tail: ctx.tail.clone(),
+        durable: ctx.durable.clone(),
+        linger: match t.mode {
+            ReplicationMode::Async => ctx.async_linger,
+            ReplicationMode::Sync => Duration::ZERO,
+        },
+    };
+    // Joined when this session ends, however it ends.
+    let reader = ReaderThread::spawn(&t.name, src, resume + 1, epoch, READ_AHEAD_WRITE_SETS)?;
+    stream(ctx, t, s, reader, resume).await
+}
 
-    let (ws_tx, mut ws_rx) = mpsc::channel::<anyhow::Result<WriteSet>>(READ_AHEAD_WRITE_SETS);
-    // Detached: the reader exits by itself once this session drops the receiver.
-    {
-        let src = ShipSource {
-            journal: ctx.journal.clone(),
-            tail: ctx.tail.clone(),
-            durable: ctx.durable.clone(),
-            rt: tokio::runtime::Handle::current(),
-            linger: match t.mode {
-                ReplicationMode::Async => ctx.async_linger,
-                ReplicationMode::Sync => Duration::ZERO,
-            },
-        };
-        std::thread::Builder::new()
-            .name(format!("ferry-ship-{}", t.name))
-            .spawn(move || read_write_sets(src, resume + 1, epoch, ws_tx))
-            .context("spawning the journal reader thread")?;
+/// Dials the target and runs the resume handshake. Returns the session and, for a
+/// full resync, the standby's resume position (see [`plan_hello`]).
+async fn handshake(
+    ctx: &ShipContext,
+    t: &Arc<TargetState>,
+    addr: SocketAddr,
+    resync: bool,
+) -> anyhow::Result<(quic::PrimarySession, Option<Seq>)> {
+    let endpoint = quic::client_endpoint("0.0.0.0:0".parse()?)?;
+    let opts = ctx.opts.clone().toward(addr, route_mtu(addr));
+    let client = quic::client_config(&ctx.tls, &t.name, &opts)?;
+    let conn = quic::connect(&endpoint, client, addr, &t.name).await?;
+    let mut local = ctx.local.clone();
+    local.expected_peer_name = t.name.clone();
+    let full_resync: Mutex<Option<Seq>> = Mutex::new(None);
+    let s = quic::primary_handshake(
+        conn,
+        &local,
+        ctx.journal.durable_seq(),
+        &ctx.opts,
+        |neg, hello| plan_hello(ctx, t, neg, hello, resync, &full_resync),
+    )
+    .await?;
+    let full = full_resync.lock().take();
+    Ok((s, full))
+}
+
+/// Where a session resumes, from the standby's Hello: stream after its position,
+/// resync from the dirty maps (`resync`: the target is in bitmap mode), resync in full (`full` set to its position: the
+/// journal released what it needs, or it wrote past the fork of a failover), or
+/// refuse it.
+fn plan_hello(
+    ctx: &ShipContext,
+    t: &TargetState,
+    neg: session::Negotiated,
+    hello: &ferry_transport::wire::Hello,
+    resync: bool,
+    full: &Mutex<Option<Seq>>,
+) -> Result<ferry_transport::wire::HelloAck, session::HandshakeError> {
+    let journal = &ctx.journal;
+    let epoch = ctx.local.epoch;
+    let resume = hello.resume_position;
+    if let Some((fork, meta)) = &ctx.fork {
+        let rejoined = meta.rejoined(&t.name, *fork).unwrap_or(false);
+        if resume > *fork && !rejoined {
+            // It holds writes of the old epoch this history does not have (the
+            // previous primary's unreplicated writes). Failback: resync it. The
+            // digest comparison at the start of the copy limits the copy to the
+            // regions either side changed since the fork.
+            if resume > journal.durable_seq() {
+                return Err(session::HandshakeError::ForkDiverged(format!(
+                    "node '{}' holds sequences up to {resume} (written after the fork at {fork}); \
+                     this primary is at {}: it resyncs once this history passes that point",
+                    t.name,
+                    journal.durable_seq()
+                )));
+            }
+            tracing::warn!(
+                target = %t.name,
+                fork,
+                resume,
+                "the rejoining node wrote after the fork: delta resync"
+            );
+            *full.lock() = Some(resume);
+            return session::plan_resync(neg, epoch, resume, journal.durable_seq());
+        }
     }
+    if resync {
+        return session::plan_resync(neg, epoch, resume, journal.durable_seq());
+    }
+    let oldest = journal.first_available_seq();
+    match session::plan_resume(neg, epoch, resume, oldest, journal.durable_seq()) {
+        // The journal lost what it needs (released while it was away): a full
+        // resync from the volumes instead of refusing it for good.
+        Err(session::HandshakeError::ResyncRequired { resume, .. }) => {
+            *full.lock() = Some(resume);
+            session::plan_resync(neg, epoch, hello.resume_position, journal.durable_seq())
+        }
+        r => r,
+    }
+}
 
+/// What the streaming loop does after a control frame.
+enum Next {
+    Continue,
+    /// The session ends without an error (the standby took over).
+    End,
+}
+
+/// Streams write-sets after `resume` until an error (or a completed handover):
+/// feeds the in-flight window from the reader thread, applies acks, answers the
+/// control stream, sends heartbeats and a requested Handover.
+async fn stream(
+    ctx: &ShipContext,
+    t: &Arc<TargetState>,
+    mut s: quic::PrimarySession,
+    mut reader: ReaderThread,
+    resume: Seq,
+) -> anyhow::Result<()> {
+    let epoch = ctx.local.epoch;
     let mut sender = Sender::new(epoch, SenderConfig::default(), resume);
     let mut durable_at_last_ack = ctx.journal.durable_seq();
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
@@ -253,9 +279,9 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
         // Feed the window from the read-ahead, then transmit what it allows.
         loop {
             if pending.is_none() {
-                match ws_rx.try_recv() {
-                    Ok(ws) => pending = Some(ws?),
-                    Err(_) => break,
+                match reader.try_recv() {
+                    Some(ws) => pending = Some(ws?),
+                    None => break,
                 }
             }
             let Some(ws) = pending.take() else { break };
@@ -270,60 +296,9 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
         }
         tokio::select! {
             frame = s.control_recv.recv_frame() => {
-                match frame? {
-                    Some(Frame::Ack(ack)) => {
-                        let out = sender.on_ack(&ack).map_err(|e| anyhow!("standby ack: {e}"))?;
-                        t.acked_seq.store(out.durable_seq, Ordering::Release);
-                        t.applied_seq.store(out.applied_seq, Ordering::Release);
-                        if crate::ship::catchup::resync_done(t, out.durable_seq) {
-                            tokio::task::block_in_place(|| crate::ship::catchup::complete_resync(t));
-                        }
-                        // Caught up = this ack covers everything that was durable when
-                        // the previous ack arrived (reachable under continuous writes,
-                        // unlike "equals the head").
-                        let caught_up = out.durable_seq >= durable_at_last_ack;
-                        durable_at_last_ack = ctx.journal.durable_seq();
-                        if t.degraded.load(Ordering::Acquire) && caught_up {
-                            t.degraded.store(false, Ordering::Release);
-                            tracing::info!(target = %t.name, "sync target caught up: synchronous again");
-                        }
-                        ctx.sync.recompute();
-                    }
-                    Some(Frame::Heartbeat(hb)) => {
-                        if hb.echo_ns != 0 {
-                            let rtt = now_ns().saturating_sub(hb.echo_ns) / 1000;
-                            t.rtt_us.store(rtt, Ordering::Relaxed);
-                        }
-                    }
-                    Some(Frame::VerifyResult(v)) => {
-                        let waiter = t.verify_waiters.lock().remove(&(v.id, v.volume));
-                        if let Some(w) = waiter {
-                            let _ = w.send(if v.ok {
-                                Ok(v.body)
-                            } else {
-                                Err(String::from_utf8_lossy(&v.body).into_owned())
-                            });
-                        }
-                    }
-                    Some(Frame::HandoverAck(a)) => {
-                        let waiting = t.handover.lock().take();
-                        match waiting {
-                            Some((seq, tx)) if seq == a.seq => {
-                                let _ = tx.send(Ok(a.new_epoch));
-                                // The standby restarts as the primary: this session ends.
-                                return Ok(());
-                            }
-                            _ => bail!("unexpected HandoverAck at {} (epoch {})", a.seq, a.new_epoch),
-                        }
-                    }
-                    Some(Frame::Error(e)) => {
-                        if let Some((_, tx)) = t.handover.lock().take() {
-                            let _ = tx.send(Err(anyhow!("standby refused the handover: {:?}: {}", e.code, e.reason)));
-                        }
-                        bail!("standby refused: {:?}: {}", e.code, e.reason)
-                    }
-                    Some(other) => bail!("unexpected {:?} frame on the control stream", other.frame_type()),
-                    None => bail!("standby closed the control stream"),
+                let Some(frame) = frame? else { bail!("standby closed the control stream") };
+                if let Next::End = on_control(ctx, t, &mut sender, &mut durable_at_last_ack, frame)? {
+                    return Ok(());
                 }
             }
             _ = t.handover_kick.notified() => {
@@ -335,7 +310,7 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
                     tracing::warn!(target = %t.name, seq, "handover sent: the standby is to take over");
                 }
             }
-            ws = ws_rx.recv(), if pending.is_none() => {
+            ws = reader.recv(), if pending.is_none() => {
                 match ws {
                     Some(ws) => pending = Some(ws?),
                     None => bail!("journal reader stopped"),
@@ -361,6 +336,101 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
             }
         }
     }
+}
+
+/// One frame from the standby's control stream while streaming.
+fn on_control(
+    ctx: &ShipContext,
+    t: &TargetState,
+    sender: &mut Sender,
+    durable_at_last_ack: &mut Seq,
+    frame: Frame,
+) -> anyhow::Result<Next> {
+    match frame {
+        Frame::Ack(ack) => {
+            let out = sender
+                .on_ack(&ack)
+                .map_err(|e| anyhow!("standby ack: {e}"))?;
+            on_ack(
+                ctx,
+                t,
+                out.durable_seq,
+                out.applied_seq,
+                durable_at_last_ack,
+            );
+        }
+        Frame::Heartbeat(hb) => {
+            if hb.echo_ns != 0 {
+                let rtt = now_ns().saturating_sub(hb.echo_ns) / 1000;
+                t.rtt_us.store(rtt, Ordering::Relaxed);
+            }
+        }
+        Frame::VerifyResult(v) => {
+            let waiter = t.verify_waiters.lock().remove(&(v.id, v.volume));
+            if let Some(w) = waiter {
+                let _ = w.send(if v.ok {
+                    Ok(v.body)
+                } else {
+                    Err(String::from_utf8_lossy(&v.body).into_owned())
+                });
+            }
+        }
+        Frame::HandoverAck(a) => {
+            let waiting = t.handover.lock().take();
+            match waiting {
+                Some((seq, tx)) if seq == a.seq => {
+                    let _ = tx.send(Ok(a.new_epoch));
+                    // The standby restarts as the primary: this session ends.
+                    return Ok(Next::End);
+                }
+                _ => bail!(
+                    "unexpected HandoverAck at {} (epoch {})",
+                    a.seq,
+                    a.new_epoch
+                ),
+            }
+        }
+        Frame::Error(e) => {
+            if let Some((_, tx)) = t.handover.lock().take() {
+                let _ = tx.send(Err(anyhow!(
+                    "standby refused the handover: {:?}: {}",
+                    e.code,
+                    e.reason
+                )));
+            }
+            bail!("standby refused: {:?}: {}", e.code, e.reason)
+        }
+        other => bail!(
+            "unexpected {:?} frame on the control stream",
+            other.frame_type()
+        ),
+    }
+    Ok(Next::Continue)
+}
+
+/// The standby holds `durable` and applied `applied`: completes a finished resync,
+/// brings a degraded target that caught up back to sync, moves the sync gate.
+fn on_ack(
+    ctx: &ShipContext,
+    t: &TargetState,
+    durable: Seq,
+    applied: Seq,
+    durable_at_last_ack: &mut Seq,
+) {
+    t.acked_seq.store(durable, Ordering::Release);
+    t.applied_seq.store(applied, Ordering::Release);
+    if crate::ship::catchup::resync_done(t, durable) {
+        tokio::task::block_in_place(|| crate::ship::catchup::complete_resync(t));
+    }
+    // Caught up = this ack covers everything that was durable when the previous ack
+    // arrived (reachable under continuous writes, unlike "equals the head").
+    let caught_up = durable >= *durable_at_last_ack;
+    *durable_at_last_ack = ctx.journal.durable_seq();
+    if t.degraded.load(Ordering::Acquire) && caught_up {
+        t.degraded.store(false, Ordering::Release);
+        tracing::info!(target = %t.name, "sync target caught up: synchronous again");
+    }
+    ctx.sync.recompute();
 }
 
 #[cfg(test)]

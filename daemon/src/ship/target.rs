@@ -39,6 +39,8 @@ pub struct TargetState {
     /// the given sequence; answered with the new epoch from its HandoverAck.
     pub(crate) handover: Mutex<Option<(Seq, oneshot::Sender<anyhow::Result<u64>>)>>,
     pub(crate) handover_kick: tokio::sync::Notify,
+    /// Held by the switchover to this target, start to end: a second one is refused.
+    pub switchover: tokio::sync::Mutex<()>,
     /// Verify answers awaited from this target, by (verify id, volume id).
     pub(crate) verify_waiters: Mutex<VerifyWaiters>,
     /// Journal overflow: streaming, bitmap or resyncing ([`Tracker`]).
@@ -49,8 +51,6 @@ type VerifyWaiters =
     std::collections::HashMap<(u64, u32), oneshot::Sender<Result<bytes::Bytes, String>>>;
 
 impl TargetState {
-    /// Asks this target's live session to hand the primary role over at `seq`
-    /// (every record up to it durable on the target). Resolves to the new epoch.
     /// Registers interest in this target's verify answer for (`id`, `volume`).
     pub fn await_verify(
         &self,
@@ -66,11 +66,39 @@ impl TargetState {
         self.verify_waiters.lock().retain(|k, _| k.0 != id);
     }
 
-    pub fn request_handover(&self, seq: Seq) -> oneshot::Receiver<anyhow::Result<u64>> {
+    /// Asks this target's live session to hand the primary role over at `seq` (every
+    /// record up to it durable on the target). Resolves to the new epoch, or to an
+    /// error once the session refuses or ends. Refused while no session streams (a
+    /// request is never left for a later session) and while another one is pending.
+    pub fn request_handover(
+        &self,
+        seq: Seq,
+    ) -> anyhow::Result<oneshot::Receiver<anyhow::Result<u64>>> {
+        let mut pending = self.handover.lock();
+        if let Some((at, _)) = pending.as_ref() {
+            anyhow::bail!(
+                "a handover to standby '{}' at {at} is already in progress",
+                self.name
+            );
+        }
+        let state = self.state();
+        if state != "streaming" {
+            anyhow::bail!(
+                "standby '{}' is {state}, not streaming: it cannot take over losslessly",
+                self.name
+            );
+        }
         let (tx, rx) = oneshot::channel();
-        *self.handover.lock() = Some((seq, tx));
+        *pending = Some((seq, tx));
         self.handover_kick.notify_one();
-        rx
+        Ok(rx)
+    }
+
+    /// The switchover stopped waiting (timed out): forgets the pending handover, so a
+    /// HandoverAck arriving later is unexpected (the session ends), not a success.
+    /// True if one was pending.
+    pub fn abandon_handover(&self) -> bool {
+        self.handover.lock().take().is_some()
     }
 
     pub(crate) fn new(t: &TargetConfig, acked: Seq) -> TargetState {
@@ -86,6 +114,7 @@ impl TargetState {
             rtt_us: AtomicU64::new(0),
             handover: Mutex::new(None),
             handover_kick: tokio::sync::Notify::new(),
+            switchover: tokio::sync::Mutex::new(()),
             verify_waiters: Mutex::new(Default::default()),
             track: Default::default(),
         }
@@ -498,5 +527,93 @@ impl Tracker {
                 "through_seq": until,
             })),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn target(name: &str, mode: ReplicationMode, acked: Seq) -> Arc<TargetState> {
+        Arc::new(TargetState::new(
+            &TargetConfig {
+                name: name.into(),
+                address: "127.0.0.1:1".into(),
+                mode,
+            },
+            acked,
+        ))
+    }
+
+    /// The journal position a target holds, by tracking mode; one switch at a time.
+    #[test]
+    fn the_floor_follows_the_tracking_mode() {
+        let tr = Tracker::default();
+        assert_eq!((tr.mode(), tr.floor(7)), (Mode::Streaming, 7));
+        assert!(tr.begin_switch());
+        assert!(!tr.begin_switch(), "a second switch waits for the first");
+        assert_eq!((tr.mode().as_str(), tr.floor(7)), ("streaming", 7));
+        assert!(!tr.needs_resync());
+        tr.flushed_through.store(5, Ordering::Release);
+        tr.set_mode(Mode::Bitmap);
+        assert_eq!(tr.floor(7), 5, "bitmap: what is durably marked");
+        assert!(tr.needs_resync());
+        tr.hold.store(3, Ordering::Release);
+        tr.set_mode(Mode::Resyncing);
+        // min(marked, max(snapshot, ack))
+        assert_eq!([tr.floor(2), tr.floor(4), tr.floor(9)], [3, 4, 5]);
+        assert!(!tr.resync_abandoned());
+        tr.abort.store(true, Ordering::Release);
+        assert!(tr.resync_abandoned());
+        assert!(!tr.begin_switch(), "only a streaming target switches");
+        assert_eq!(MODES.map(|m| m.len()), [9, 6, 9]);
+    }
+
+    /// Client writes wait for live sync targets only; one that misses the timeout is
+    /// degraded (loudly) and writes go on.
+    #[tokio::test]
+    async fn a_sync_target_that_misses_the_timeout_is_degraded() {
+        let a = target("a", ReplicationMode::Sync, 0);
+        let b = target("b", ReplicationMode::Async, 0);
+        let g = SyncGate::new(vec![a.clone(), b.clone()], Duration::from_millis(50));
+        assert!(g.has_sync_targets());
+        a.acked_seq.store(5, Ordering::Release);
+        g.recompute();
+        tokio::time::timeout(Duration::from_secs(5), g.wait(5))
+            .await
+            .expect("5 is durable on the sync target");
+        assert!(!a.degraded.load(Ordering::Acquire));
+        tokio::time::timeout(Duration::from_secs(5), g.wait(6))
+            .await
+            .expect("the timeout degrades the target and lets the write go");
+        assert!(a.degraded.load(Ordering::Acquire));
+        assert!(
+            !b.degraded.load(Ordering::Acquire),
+            "async targets never wait"
+        );
+        let async_only = SyncGate::new(vec![b], Duration::from_millis(50));
+        assert!(!async_only.has_sync_targets());
+    }
+
+    /// A handover is asked of a streaming session only, one at a time; once
+    /// abandoned, nothing waits for its answer.
+    #[test]
+    fn a_handover_request_reaches_a_streaming_session_once() {
+        let t = target("a", ReplicationMode::Sync, 0);
+        let err = t.request_handover(9).unwrap_err().to_string();
+        assert!(err.contains("is connecting, not streaming"), "{err}");
+        t.set_state("streaming");
+        let mut rx = t.request_handover(9).unwrap();
+        let err = t.request_handover(10).unwrap_err().to_string();
+        assert!(err.contains("already in progress"), "{err}");
+        assert_eq!(t.handover.lock().as_ref().map(|h| h.0), Some(9));
+        let (_, tx) = t.handover.lock().take().unwrap();
+        tx.send(Ok(4)).unwrap();
+        assert_eq!(rx.try_recv().unwrap().unwrap(), 4);
+        let mut rx = t.request_handover(11).unwrap();
+        assert!(t.abandon_handover());
+        assert!(!t.abandon_handover());
+        assert!(rx.try_recv().is_err(), "the sender is gone");
+        assert!(t.handover.lock().is_none());
     }
 }

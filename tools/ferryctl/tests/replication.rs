@@ -335,3 +335,38 @@ fn restarted_primary_resumes_without_waiting_for_the_dead_connection() {
         &dir.path().join("dr1/vol0.img"),
     );
 }
+
+/// Stopping a primary that has replicated is clean: no shipper thread outlives the
+/// runtime. Its journal reader thread used to wait on a tokio timer through a
+/// runtime handle and panicked ("A Tokio 1.x context was found, but it is being
+/// shutdown") when SIGTERM shut that runtime down within its 200 ms wait, although
+/// ferryd still exited 0. A race: three stops (it hit about two in three before).
+#[test]
+fn stopping_a_replicating_primary_panics_no_thread() {
+    if skip_without("qemu-io", "stopping_a_replicating_primary_panics_no_thread") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfgs) = init(dir.path(), &["dr1", "dr2"], "async");
+    let _dr1 = Node::start(&ferryd(), &scfgs[0]);
+    let dr2 = Node::start(&ferryd(), &scfgs[1]);
+    for round in 0..3 {
+        let mut primary = Node::start(&ferryd(), &pcfg);
+        assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(21 + round, 100)));
+        wait_caught_up(&primary, &dr2);
+        primary.wait_status("both shippers streaming", Duration::from_secs(30), |st| {
+            (0..2).all(|i| st["targets"][i]["state"] == "streaming")
+        });
+        // Caught up: both reader threads wait for durable records when SIGTERM arrives.
+        let status = primary.terminate();
+        let log = primary.log_text();
+        assert!(
+            status.success(),
+            "ferryd exited with {status:?}; log:\n{log}"
+        );
+        assert!(
+            !log.contains("panicked"),
+            "a thread panicked while the primary stopped (round {round}); log:\n{log}"
+        );
+    }
+}
