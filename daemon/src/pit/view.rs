@@ -16,8 +16,8 @@ use ferry_journal::undo::extent_data_offsets;
 use parking_lot::{Mutex, RwLock};
 
 use super::{Pit, Point, Target};
-use crate::nbd::{Export, ExportError, ExportFlags};
-use crate::store::base::Base;
+use crate::nbd::{Export, ExportError, ExportFlags, Extent};
+use crate::store::base::{file_extents, Base};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Src {
@@ -190,6 +190,48 @@ impl Pit {
     }
 }
 
+/// Block status runs being collected: neighbours with the same status merged, at
+/// most `max` runs. Collection stops at the first part that covers less than its
+/// range, since an extent list must be a prefix of the range asked for.
+struct ExtentRun {
+    out: Vec<Extent>,
+    max: usize,
+}
+
+impl ExtentRun {
+    fn new(max: usize) -> ExtentRun {
+        ExtentRun {
+            out: Vec::new(),
+            max: max.max(1),
+        }
+    }
+
+    /// How many more runs fit (at least one: a part always gets a say).
+    fn room(&self) -> usize {
+        self.max.saturating_sub(self.out.len()).max(1)
+    }
+
+    /// Appends `part`, the status of a range of `want` bytes; false when collection
+    /// must stop (the part fell short of its range, or a run did not fit).
+    fn extend(&mut self, part: Vec<Extent>, want: u64) -> bool {
+        let mut got = 0u64;
+        for x in part.into_iter().filter(|x| x.len > 0) {
+            let full = self.out.len() >= self.max;
+            match self.out.last_mut() {
+                Some(l) if l.hole == x.hole && l.zero == x.zero => l.len += x.len,
+                _ if full => return false,
+                _ => self.out.push(x),
+            }
+            got += x.len;
+        }
+        got >= want
+    }
+
+    fn into_vec(self) -> Vec<Extent> {
+        self.out
+    }
+}
+
 /// Scratch copy-on-write overlay of a writable view (a sparse temp file).
 struct Overlay {
     file: File,
@@ -339,6 +381,56 @@ impl PitView {
         })
     }
 
+    /// Allocation of `[offset, offset + len)` in the view (at most `max` extents, a
+    /// prefix of the range): a writable view's overlay ranges by the overlay file's
+    /// own holes (written data allocates, trims and zeroes punch), the rest as at the
+    /// point.
+    fn extents_sync(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, ExportError> {
+        let end = offset + len;
+        let Some(ov) = &self.overlay else {
+            return self.point_extents(offset, end, max);
+        };
+        let pieces = ov.written.lock().lookup(offset, end);
+        let mut out = ExtentRun::new(max);
+        for (s, e, src) in pieces {
+            let part = match src {
+                Some(_) => file_extents(&ov.file, s, e - s, out.room())?,
+                None => self.point_extents(s, e, out.room())?,
+            };
+            if !out.extend(part, e - s) {
+                break;
+            }
+        }
+        Ok(out.into_vec())
+    }
+
+    /// Allocation of `[offset, end)` as it was at the point. A range served from undo
+    /// is a hole (and zeros) iff its undo extent is a zero extent: capture records
+    /// holes and all-zero before-images alike as zero extents, so allocated zeros at
+    /// the point show as a hole too. That is still true of the view itself, which
+    /// allocates nothing there (a writable view's writes go to a sparse overlay), and
+    /// it lets a copy of the view stay sparse. A range served from the replica has
+    /// the replica's holes: nothing was written there since the point (the map read
+    /// lock keeps the applier from changing it under the seeks).
+    fn point_extents(&self, offset: u64, end: u64, max: usize) -> Result<Vec<Extent>, ExportError> {
+        if let Some(why) = self.map.failed.lock().clone() {
+            return Err(ExportError::Io(why));
+        }
+        let map = self.map.map.read();
+        let mut out = ExtentRun::new(max);
+        for (s, e, src) in map.lookup(offset, end) {
+            let part = match src {
+                Some(Src::Zero) => vec![Extent::hole(e - s)],
+                Some(Src::Undo { .. }) => vec![Extent::data(e - s)],
+                None => file_extents(&self.base.file, s, e - s, out.room())?,
+            };
+            if !out.extend(part, e - s) {
+                break;
+            }
+        }
+        Ok(out.into_vec())
+    }
+
     fn overlay_write(&self, offset: u64, data: Option<&[u8]>, len: u64) -> Result<(), ExportError> {
         self.check(offset, len)?;
         let ov = self.overlay()?;
@@ -408,6 +500,12 @@ impl Export for PitView {
         _may_trim: bool,
     ) -> Result<(), ExportError> {
         self.overlay_write(offset, None, len as u64)
+    }
+
+    async fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, ExportError> {
+        self.check(offset, len)?;
+        // Seeks on the replica and the overlay may block on the file system, as reads do.
+        tokio::task::block_in_place(|| self.extents_sync(offset, len, max))
     }
 }
 
@@ -548,6 +646,90 @@ mod tests {
                     })
                 ),
             ]
+        );
+    }
+
+    /// (offset, len, hole) runs of a view's whole volume.
+    fn allocation(v: &PitView) -> Vec<(u64, u64, bool)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < SIZE {
+            let got = v.extents_sync(at, SIZE - at, 4096).unwrap();
+            assert!(!got.is_empty(), "no progress at {at}");
+            for x in got {
+                assert_eq!(
+                    x.hole, x.zero,
+                    "a hole reads as zeros, data is not promised zero"
+                );
+                out.push((at, x.len, x.hole));
+                at += x.len;
+            }
+        }
+        out
+    }
+
+    /// A hole in a view is a hole at its point: after the replica gets data over a
+    /// hole and a hole punched over data, the earlier point's view reports the old
+    /// allocation (from the undo log's zero and data extents), the newest point the
+    /// replica's own; a writable view's overlay has its own holes.
+    #[test]
+    fn views_report_the_allocation_at_their_point() {
+        const K64: u64 = 64 << 10;
+        let mut r = rig(1 << 20, 1 << 30);
+        let probe = r._dir.path().join("probe");
+        let f = std::fs::File::create(&probe).unwrap();
+        f.set_len(1 << 20).unwrap();
+        if !crate::store::base::is_hole(&f, 0, 1 << 20) {
+            ferry_testkit::skip(
+                "views_report_the_allocation_at_their_point",
+                "the temp file system reports no holes (SEEK_DATA)",
+            );
+            return;
+        }
+        // Point 1: data in [0, 64K), holes elsewhere.
+        let p1 = r.apply(1, &[(Op::Write, 0, K64 as u32, 0x11)]);
+        // Data over the hole at [128K, 192K), a hole punched over [0, 64K).
+        let p2 = r.apply(
+            2,
+            &[
+                (Op::Write, 2 * K64, K64 as u32, 0x22),
+                (Op::Trim, 0, K64 as u32, 0),
+            ],
+        );
+        let at_p1 = vec![(0, K64, false), (K64, SIZE - K64, true)];
+        let at_p2 = vec![
+            (0, 2 * K64, true),
+            (2 * K64, K64, false),
+            (3 * K64, K64, true),
+        ];
+        let v1 = r.view(Target::Seq(p1), None);
+        assert_eq!(allocation(&v1), at_p1, "view at the earlier point");
+        let v2 = r.view(Target::Seq(p2), None);
+        assert_eq!(allocation(&v2), at_p2, "view at the newest point");
+        // Reads agree with the holes: zeros wherever a hole is reported.
+        let img = read_all(&v1);
+        assert!(img[K64 as usize..].iter().all(|&b| b == 0));
+        assert!(img[..K64 as usize].iter().all(|&b| b == 0x11));
+        // One run at most: a prefix, ending where the status changes.
+        assert_eq!(
+            v1.extents_sync(0, SIZE, 1).unwrap(),
+            vec![Extent::data(K64)]
+        );
+        assert_eq!(
+            v1.extents_sync(K64 / 2, K64, 8).unwrap(),
+            vec![Extent::data(K64 / 2), Extent::hole(K64 / 2)]
+        );
+        // Writable: overlay data allocates, overlay zeroes are holes, the rest is
+        // the point's.
+        let scratch = r._dir.path().join("scratch/v.overlay");
+        let w = r.view(Target::Seq(p1), Some(scratch));
+        w.overlay_write(3 * K64, Some(&[7; K64 as usize]), K64)
+            .unwrap();
+        w.overlay_write(0, None, K64).unwrap();
+        assert_eq!(
+            allocation(&w),
+            vec![(0, 3 * K64, true), (3 * K64, K64, false)],
+            "writable view"
         );
     }
 }
