@@ -119,3 +119,65 @@ impl Applier {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    /// Without PIT: records land on their volume, a labelled seal is a bookmark, an
+    /// unknown volume is an error (never a dropped record).
+    #[test]
+    fn write_sets_land_on_their_volume_and_seals_become_bookmarks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let base = Arc::new(Base::open(5, "v", &path, 1 << 20).unwrap());
+        let applier = Applier {
+            bases: vec![base],
+            meta: Arc::new(Meta::open(&dir.path().join("meta"), [1; 16]).unwrap()),
+            pit: None,
+            verify: Default::default(),
+            applied: Default::default(),
+            outbox: Default::default(),
+            resync: Default::default(),
+        };
+        let rec = |volume, op, offset, data: &[u8], length| Record {
+            volume,
+            op,
+            offset,
+            length,
+            data: Bytes::copy_from_slice(data),
+        };
+        applier
+            .apply_write_set(
+                77,
+                &[
+                    (1, rec(5, Op::Write, 4096, &[9; 8192], 8192)),
+                    (2, rec(5, Op::Trim, 8192, &[], 4096)),
+                    (3, rec(5, Op::Seal, 0, b"nightly", 0)),
+                ],
+            )
+            .unwrap();
+        let img = std::fs::read(&path).unwrap();
+        assert!(img[4096..8192].iter().all(|&b| b == 9));
+        assert!(img[8192..12288].iter().all(|&b| b == 0), "trim left data");
+        assert!(img[..4096].iter().chain(&img[12288..]).all(|&b| b == 0));
+        let b = applier.meta.bookmarks().unwrap();
+        assert_eq!(
+            (b[0].name.as_str(), b[0].seq, b[0].timestamp_ns),
+            ("nightly", 3, 77)
+        );
+        let e = applier
+            .apply_write_set(78, &[(4, rec(6, Op::Write, 0, &[1], 1))])
+            .unwrap_err();
+        assert!(e.to_string().contains("volume id 6"), "{e}");
+        assert!(
+            applier.apply_write_set(79, &[]).is_ok(),
+            "an empty write-set"
+        );
+    }
+}

@@ -25,14 +25,16 @@
 //! middle of a copy advertises `from` as its resume position and refuses write-sets
 //! until the primary sends a new ResyncBegin (the same transition continues).
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use ferry_journal::{Op, Record, Seq};
-use ferry_transport::wire::{ResyncBegin, ResyncData, ResyncEnd};
+use ferry_transport::wire::{ResyncBegin, ResyncData, ResyncEnd, ResyncExtent};
 
 use crate::replica::standby::Standby;
+use crate::store::base::Base;
 use crate::store::meta::ResyncState;
 use ferry_journal::now_ns;
 
@@ -143,11 +145,33 @@ pub(crate) fn begin(sb: &Standby, b: &ResyncBegin, advertised: Seq) -> anyhow::R
 /// One `ResyncData` batch: before-images to the undo log, then the bytes.
 pub(crate) fn data(sb: &Standby, c: &mut Copy, d: ResyncData) -> anyhow::Result<()> {
     let applier = &sb.applier;
-    let mut recs = Vec::with_capacity(d.extents.len());
+    let (recs, bytes) = batch_records(&applier.bases, c.snapshot, d.extents)?;
+    applier.apply_resync_batch(c.snapshot, now_ns(), &recs)?;
+    c.bytes += bytes;
+    c.batches += 1;
+    applier
+        .resync
+        .copied_bytes
+        .fetch_add(bytes, Ordering::Relaxed);
+    if let Some(p) = c.pause {
+        std::thread::sleep(p);
+    }
+    Ok(())
+}
+
+/// A batch's extents as records stamped `snapshot` (zeros as trims: a hole punched
+/// on a file, zeroed on a device, see `Base::apply`), checked against the volumes,
+/// and the bytes they cover.
+fn batch_records(
+    bases: &[Arc<Base>],
+    snapshot: Seq,
+    extents: Vec<ResyncExtent>,
+) -> anyhow::Result<(Vec<(Seq, Record)>, u64)> {
+    let mut recs = Vec::with_capacity(extents.len());
+
     let mut bytes = 0u64;
-    for x in d.extents {
-        let base = applier
-            .bases
+    for x in extents {
+        let base = bases
             .iter()
             .find(|b| b.id == x.volume)
             .ok_or_else(|| anyhow!("resync data for volume id {}, not in the config", x.volume))?;
@@ -170,7 +194,7 @@ pub(crate) fn data(sb: &Standby, c: &mut Copy, d: ResyncData) -> anyhow::Result<
             None => (Op::Trim, Bytes::new()),
         };
         recs.push((
-            c.snapshot,
+            snapshot,
             Record {
                 volume: x.volume,
                 op,
@@ -180,17 +204,7 @@ pub(crate) fn data(sb: &Standby, c: &mut Copy, d: ResyncData) -> anyhow::Result<
             },
         ));
     }
-    applier.apply_resync_batch(c.snapshot, now_ns(), &recs)?;
-    c.bytes += bytes;
-    c.batches += 1;
-    applier
-        .resync
-        .copied_bytes
-        .fetch_add(bytes, Ordering::Relaxed);
-    if let Some(p) = c.pause {
-        std::thread::sleep(p);
-    }
-    Ok(())
+    Ok((recs, bytes))
 }
 
 /// `ResyncEnd`: the copy is durable; the transition ends once `through` is applied
@@ -232,4 +246,59 @@ pub(crate) fn end(sb: &Standby, c: &Copy, e: &ResyncEnd) -> anyhow::Result<()> {
         e.through_seq.max(c.snapshot)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_become_records_at_the_snapshot_checked_against_the_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let bases = vec![Arc::new(Base::open(7, "v", &path, 1 << 20).unwrap())];
+        let x = |volume, offset, length, data: Option<&[u8]>| ResyncExtent {
+            volume,
+            offset,
+            length,
+            data: data.map(Bytes::copy_from_slice),
+        };
+        let (recs, bytes) = batch_records(
+            &bases,
+            42,
+            vec![x(7, 0, 3, Some(b"abc")), x(7, 4096, 8192, None)],
+        )
+        .unwrap();
+        assert_eq!(bytes, 3 + 8192);
+        assert_eq!(recs.len(), 2);
+        assert!(recs.iter().all(|(s, _)| *s == 42));
+        assert_eq!(
+            (
+                recs[0].1.op,
+                recs[0].1.offset,
+                recs[0].1.length,
+                &recs[0].1.data[..]
+            ),
+            (Op::Write, 0, 3, &b"abc"[..])
+        );
+        assert_eq!(
+            (
+                recs[1].1.op,
+                recs[1].1.offset,
+                recs[1].1.length,
+                recs[1].1.data.len()
+            ),
+            (Op::Trim, 4096, 8192, 0)
+        );
+        let err = batch_records(&bases, 42, vec![x(8, 0, 1, None)]).unwrap_err();
+        assert!(err.to_string().contains("volume id 8"), "{err}");
+        let err = batch_records(&bases, 42, vec![x(7, (1 << 20) - 1, 2, None)]).unwrap_err();
+        assert!(err.to_string().contains("beyond volume 'v'"), "{err}");
+        let err = batch_records(&bases, 42, vec![x(7, u64::MAX, 1, None)]).unwrap_err();
+        assert!(err.to_string().contains("beyond volume"), "{err}");
+    }
 }

@@ -19,13 +19,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use ferry_transport::quic::{self, FramedRecv, QuicError, TlsMaterial, TransportOptions};
+use ferry_journal::{now_ns, Seq};
+use ferry_transport::quic::{
+    self, FramedRecv, FramedSend, QuicError, StandbySession, TlsMaterial, TransportOptions,
+};
 use ferry_transport::session::{LocalIdentity, Received, Receiver};
-use ferry_transport::wire::{Frame, Heartbeat};
+use ferry_transport::wire::{DigestRequest, Frame, HandoverAck, Heartbeat, VerifyResult};
 use tokio::sync::watch;
 
+use crate::replica::resync::{self, Copy};
 use crate::replica::standby::Standby;
-use ferry_journal::now_ns;
+use crate::verify::chunks::{hash_range, ChunkHash, HashParams};
 
 /// Accepts primary connections until shutdown, one session at a time.
 pub async fn serve(
@@ -43,10 +47,7 @@ pub async fn serve(
     // One session at a time. A new connection from the primary replaces the current
     // session at once: after a primary crash the old connection would otherwise linger
     // until QUIC's idle timeout while the restarted primary waits.
-    let mut current: Option<(
-        std::net::SocketAddr,
-        tokio::task::JoinHandle<anyhow::Result<()>>,
-    )> = None;
+    let mut current: Current = None;
     let mut pause_rx = standby.state.pause_tx.subscribe();
     loop {
         tokio::select! {
@@ -54,30 +55,14 @@ pub async fn serve(
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
             _ = pause_rx.changed() => {
                 if let Some(why) = standby.paused() {
-                    if let Some((peer, h)) = current.take() {
-                        h.abort();
-                        let _ = h.await;
-                        *standby.state.connected.lock() = None;
+                    if let Some(peer) = stop_session(&standby, &mut current).await {
                         tracing::info!(%peer, "replication session ended: {why}");
                     }
                 }
             }
             accepted = quic::accept(&endpoint) => {
-                let conn = match accepted {
-                    None => break,
-                    Some(Err(e)) => {
-                        // Wrong cluster, wrong node name, no certificate: refused by TLS.
-                        tracing::warn!("refused a replication connection: {e}");
-                        *standby.state.last_error.lock() = Some(e.to_string());
-                        continue;
-                    }
-                    Some(Ok(c)) => c,
-                };
-                if let Some(why) = standby.paused() {
-                    tracing::info!(peer = %conn.remote_address(), "refused the primary: {why}");
-                    conn.close(quinn::VarInt::from_u32(1), why.as_bytes());
-                    continue;
-                }
+                let Some(accepted) = accepted else { break };
+                let Some(conn) = admit(&standby, accepted) else { continue };
                 if let Some((old_peer, old)) = current.take() {
                     tracing::info!(%old_peer, new_peer = %conn.remote_address(),
                         "the primary connected again: replacing the previous session");
@@ -90,26 +75,69 @@ pub async fn serve(
             }
             done = async { match current.as_mut() { Some((_, h)) => h.await, None => std::future::pending().await } } => {
                 let peer = current.take().map(|(p, _)| p);
-                *standby.state.connected.lock() = None;
-                let err = match done {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(crate::error_chain(&e)),
-                    Err(e) => Some(format!("session task: {e}")),
-                };
-                if let Some(msg) = err {
-                    tracing::warn!(?peer, "replication session with the primary ended: {msg}");
-                    *standby.state.last_error.lock() = Some(msg);
-                }
+                session_over(&standby, peer, done);
             }
         }
     }
-    if let Some((_, h)) = current.take() {
-        h.abort();
-        let _ = h.await;
-    }
+    stop_session(&standby, &mut current).await;
     *standby.state.connected.lock() = None;
     endpoint.close(0u32.into(), b"standby shutting down");
     Ok(())
+}
+
+/// The running session: its peer and task.
+type Current = Option<(
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)>;
+
+/// Ends the running session, if any, and says whose it was.
+async fn stop_session(standby: &Standby, current: &mut Current) -> Option<std::net::SocketAddr> {
+    let (peer, h) = current.take()?;
+    h.abort();
+    let _ = h.await;
+    *standby.state.connected.lock() = None;
+    Some(peer)
+}
+
+/// The connection if it may start a session: TLS accepted it (wrong cluster, wrong
+/// node name, no certificate are refused there) and replication is not paused.
+fn admit<E: std::fmt::Display>(
+    standby: &Standby,
+    accepted: Result<quinn::Connection, E>,
+) -> Option<quinn::Connection> {
+    let conn = match accepted {
+        Err(e) => {
+            tracing::warn!("refused a replication connection: {e}");
+            *standby.state.last_error.lock() = Some(e.to_string());
+            return None;
+        }
+        Ok(c) => c,
+    };
+    if let Some(why) = standby.paused() {
+        tracing::info!(peer = %conn.remote_address(), "refused the primary: {why}");
+        conn.close(quinn::VarInt::from_u32(1), why.as_bytes());
+        return None;
+    }
+    Some(conn)
+}
+
+/// A session task finished: its error, if any, goes to the log and status.
+fn session_over(
+    standby: &Standby,
+    peer: Option<std::net::SocketAddr>,
+    done: Result<anyhow::Result<()>, tokio::task::JoinError>,
+) {
+    *standby.state.connected.lock() = None;
+    let err = match done {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(crate::error_chain(&e)),
+        Err(e) => Some(format!("session task: {e}")),
+    };
+    if let Some(msg) = err {
+        tracing::warn!(?peer, "replication session with the primary ended: {msg}");
+        *standby.state.last_error.lock() = Some(msg);
+    }
 }
 
 async fn session(
@@ -119,20 +147,7 @@ async fn session(
     conn: quinn::Connection,
 ) -> anyhow::Result<()> {
     let peer = conn.remote_address();
-    // A previous session's records may still be queued in the journal: wait until
-    // they are durable, so the resume position covers them (else the primary would
-    // resend them and the sequence check would end this session).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while sb.journal.durable_seq() < sb.journal.last_seq() {
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "the standby journal did not make sequences {}..={} durable within 10 s",
-                sb.journal.durable_seq() + 1,
-                sb.journal.last_seq()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    wait_journal_durable(sb).await?;
     let durable = sb.resume_position();
     let mut s = quic::standby_handshake(conn, local, durable, opts).await?;
     tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");
@@ -140,7 +155,7 @@ async fn session(
     *sb.state.last_error.lock() = None;
     let mut rx = Receiver::new(local.epoch, durable, sb.applied_seq().min(durable));
     // A bitmap resync copy in progress in this session (see resync.rs).
-    let mut copy: Option<crate::replica::resync::Copy> = None;
+    let mut copy: Option<Copy> = None;
     // QUIC announces the primary's data stream only with its first bytes, so accept it
     // inside the loop: heartbeats and acks must flow while no write has happened yet.
     let conn = s.conn.clone();
@@ -157,7 +172,7 @@ async fn session(
                     Ok(b) => (true, bytes::Bytes::from(b)),
                     Err(e) => (false, bytes::Bytes::from(e.into_bytes())),
                 };
-                s.control_send.send_frame(&Frame::VerifyResult(ferry_transport::wire::VerifyResult {
+                s.control_send.send_frame(&Frame::VerifyResult(VerifyResult {
                     epoch: local.epoch,
                     id: o.id,
                     volume: o.volume,
@@ -168,115 +183,15 @@ async fn session(
             d = conn.accept_uni(), if data.is_none() => {
                 data = Some(FramedRecv::new(d?, opts.max_frame_len));
             }
-            f = next_frame(&mut data), if data.is_some() => match f? {
-                Some(Frame::WriteSet(_)) if copy.is_some() || sb.applier.resync.copy_incomplete() => {
-                    bail!(
-                        "write-set refused: this standby is in the middle of a resync copy and \
-                         needs the primary to resync it (ResyncBegin) before streaming"
-                    )
-                }
-                Some(Frame::ResyncBegin(b)) => {
-                    sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
-                    rx.check_epoch(b.epoch).map_err(|e| anyhow!("resync refused: {e}"))?;
-                    if copy.is_some() || rx.received_seq() != durable {
-                        bail!("ResyncBegin in the middle of a session");
-                    }
-                    copy = Some(tokio::task::block_in_place(|| crate::replica::resync::begin(sb, &b, durable))?);
-                }
-                Some(Frame::ResyncData(d)) => {
-                    sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
-                    rx.check_epoch(d.epoch).map_err(|e| anyhow!("resync refused: {e}"))?;
-                    let c = copy.as_mut().ok_or_else(|| anyhow!("ResyncData without ResyncBegin"))?;
-                    tokio::task::block_in_place(|| crate::replica::resync::data(sb, c, d))?;
-                }
-                Some(Frame::ResyncEnd(e)) => {
-                    sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
-                    rx.check_epoch(e.epoch).map_err(|e| anyhow!("resync refused: {e}"))?;
-                    let c = copy.take().ok_or_else(|| anyhow!("ResyncEnd without ResyncBegin"))?;
-                    tokio::task::block_in_place(|| crate::replica::resync::end(sb, &c, &e))?;
-                    let ack = rx.resynced(c.snapshot).map_err(|e| anyhow!("{e}"))?;
-                    s.control_send.send_frame(&Frame::Ack(ack)).await?;
-                }
-                Some(Frame::WriteSet(ws)) => {
-                    sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
-                    sb.state.last_primary_seq.fetch_max(ws.last_seq, Ordering::Relaxed);
-                    match rx.on_write_set(ws).map_err(|e| anyhow!("write-set refused: {e}"))? {
-                        Received::Accept(ws) => sb.journal_write_set(ws)?,
-                        Received::Duplicate(ack) => s.control_send.send_frame(&Frame::Ack(ack)).await?,
-                    }
-                }
-                Some(other) => bail!("unexpected {:?} frame on the data stream", other.frame_type()),
-                None => bail!("primary closed the data stream"),
-            },
-            f = s.control_recv.recv_frame() => match f? {
-                Some(Frame::Heartbeat(hb)) => {
-                    sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
-                    sb.state.last_primary_seq.fetch_max(hb.last_seq, Ordering::Relaxed);
-                    s.control_send.send_frame(&Frame::Heartbeat(Heartbeat {
-                        epoch: local.epoch,
-                        sent_at_ns: now_ns(),
-                        echo_ns: hb.sent_at_ns,
-                        last_seq: sb.journal.durable_seq(),
-                    })).await?;
-                }
-                Some(Frame::DigestRequest(d)) => {
-                    // A resync asks what the replica holds before copying: hash it as
-                    // it is (nothing is written to it before the copy's first data).
-                    let params = crate::verify::chunks::HashParams {
-                        algo: u8::try_from(d.algo)
-                            .ok()
-                            .and_then(crate::verify::chunks::ChunkHash::from_id)
-                            .ok_or_else(|| anyhow!("digest request with unknown algorithm {}", d.algo))?,
-                        chunk_size: d.chunk_size,
-                        seed: d.seed,
-                    };
-                    let bases = sb.applier.bases.clone();
-                    let lists = tokio::task::spawn_blocking(move || {
-                        bases
-                            .iter()
-                            .map(|b| (b.id, crate::verify::chunks::hash_range(&b.file, 0, b.size, params)))
-                            .collect::<Vec<_>>()
-                    })
-                    .await?;
-                    for (volume, list) in lists {
-                        let (ok, body) = match list {
-                            Ok(l) => (true, bytes::Bytes::from(l.encode())),
-                            Err(e) => (false, bytes::Bytes::from(e.to_string().into_bytes())),
-                        };
-                        s.control_send.send_frame(&Frame::VerifyResult(ferry_transport::wire::VerifyResult {
-                            epoch: local.epoch,
-                            id: d.id,
-                            volume,
-                            ok,
-                            body,
-                        })).await?;
-                    }
-                }
-                Some(Frame::Handover(h)) => {
-                    // The primary stopped writing and saw every record up to h.seq acked
-                    // durable here; anything else means the histories do not match.
-                    let durable = sb.journal.durable_seq();
-                    if durable != h.seq || sb.journal.last_seq() != h.seq {
-                        bail!("handover at {} refused: this standby holds {durable}", h.seq);
-                    }
-                    let take_over = sb.handover.lock().clone()
-                        .ok_or_else(|| anyhow!("handover refused: this standby cannot take over"))?;
-                    tracing::warn!(seq = h.seq, "the primary hands over: taking over");
-                    let (new_epoch, restart) = tokio::task::spawn_blocking(move || take_over(h.seq)).await??;
-                    s.control_send.send_frame(&Frame::HandoverAck(ferry_transport::wire::HandoverAck {
-                        epoch: local.epoch,
-                        seq: h.seq,
-                        new_epoch,
-                    })).await?;
-                    // Let the ack reach the old primary before the restart closes us.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), s.control_recv.recv_frame()).await;
-                    restart();
+            f = next_frame(&mut data), if data.is_some() => {
+                let mut frames = DataFrames { sb, rx: &mut rx, copy: &mut copy, durable };
+                frames.on(&mut s.control_send, f?).await?;
+            }
+            f = s.control_recv.recv_frame() => {
+                if on_control_frame(sb, local, &mut s, f?).await? == Flow::HandedOver {
                     return Ok(());
                 }
-                Some(Frame::Error(e)) => bail!("primary sent an error: {:?}: {}", e.code, e.reason),
-                Some(other) => bail!("unexpected {:?} frame on the control stream", other.frame_type()),
-                None => bail!("primary closed the control stream"),
-            },
+            }
             r = durable_rx.changed() => {
                 r.map_err(|_| anyhow!("journal completion channel closed"))?;
                 let d = *durable_rx.borrow_and_update();
@@ -307,10 +222,289 @@ async fn session(
     }
 }
 
+/// A previous session's records may still be queued in the journal: wait until
+/// they are durable, so the resume position covers them (else the primary would
+/// resend them and the sequence check would end this session).
+async fn wait_journal_durable(sb: &Standby) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sb.journal.durable_seq() < sb.journal.last_seq() {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the standby journal did not make sequences {}..={} durable within 10 s",
+                sb.journal.durable_seq() + 1,
+                sb.journal.last_seq()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// What a session's data stream changes: the receiver's order and a resync copy.
+struct DataFrames<'a> {
+    sb: &'a Standby,
+    rx: &'a mut Receiver,
+    copy: &'a mut Option<Copy>,
+    /// The resume position this session's Hello advertised.
+    durable: Seq,
+}
+
+impl DataFrames<'_> {
+    /// One frame from the data stream: a write-set to journal, or a step of a resync.
+    async fn on(&mut self, control: &mut FramedSend, f: Option<Frame>) -> anyhow::Result<()> {
+        let sb = self.sb;
+        let Some(f) = f else {
+            bail!("primary closed the data stream")
+        };
+        match f {
+            Frame::WriteSet(_) if self.copy.is_some() || sb.applier.resync.copy_incomplete() => {
+                bail!(
+                    "write-set refused: this standby is in the middle of a resync copy and \
+                     needs the primary to resync it (ResyncBegin) before streaming"
+                )
+            }
+            Frame::ResyncBegin(b) => {
+                sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+                self.rx
+                    .check_epoch(b.epoch)
+                    .map_err(|e| anyhow!("resync refused: {e}"))?;
+                if self.copy.is_some() || self.rx.received_seq() != self.durable {
+                    bail!("ResyncBegin in the middle of a session");
+                }
+                let durable = self.durable;
+                *self.copy = Some(tokio::task::block_in_place(|| {
+                    resync::begin(sb, &b, durable)
+                })?);
+            }
+            Frame::ResyncData(d) => {
+                sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+                self.rx
+                    .check_epoch(d.epoch)
+                    .map_err(|e| anyhow!("resync refused: {e}"))?;
+                let c = self
+                    .copy
+                    .as_mut()
+                    .ok_or_else(|| anyhow!("ResyncData without ResyncBegin"))?;
+                tokio::task::block_in_place(|| resync::data(sb, c, d))?;
+            }
+            Frame::ResyncEnd(e) => {
+                sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+                self.rx
+                    .check_epoch(e.epoch)
+                    .map_err(|e| anyhow!("resync refused: {e}"))?;
+                let c = self
+                    .copy
+                    .take()
+                    .ok_or_else(|| anyhow!("ResyncEnd without ResyncBegin"))?;
+                tokio::task::block_in_place(|| resync::end(sb, &c, &e))?;
+                let ack = self.rx.resynced(c.snapshot).map_err(|e| anyhow!("{e}"))?;
+                control.send_frame(&Frame::Ack(ack)).await?;
+            }
+            Frame::WriteSet(ws) => {
+                sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+                sb.state
+                    .last_primary_seq
+                    .fetch_max(ws.last_seq, Ordering::Relaxed);
+                match self
+                    .rx
+                    .on_write_set(ws)
+                    .map_err(|e| anyhow!("write-set refused: {e}"))?
+                {
+                    Received::Accept(ws) => sb.journal_write_set(ws)?,
+                    Received::Duplicate(ack) => control.send_frame(&Frame::Ack(ack)).await?,
+                }
+            }
+            other => bail!(
+                "unexpected {:?} frame on the data stream",
+                other.frame_type()
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Whether a session goes on after a control frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// This standby took over: the session (and the node's role) ends.
+    HandedOver,
+}
+
+/// One frame from the control stream.
+async fn on_control_frame(
+    sb: &Standby,
+    local: &LocalIdentity,
+    s: &mut StandbySession,
+    f: Option<Frame>,
+) -> anyhow::Result<Flow> {
+    match f {
+        Some(Frame::Heartbeat(hb)) => {
+            sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+            sb.state
+                .last_primary_seq
+                .fetch_max(hb.last_seq, Ordering::Relaxed);
+            s.control_send
+                .send_frame(&Frame::Heartbeat(Heartbeat {
+                    epoch: local.epoch,
+                    sent_at_ns: now_ns(),
+                    echo_ns: hb.sent_at_ns,
+                    last_seq: sb.journal.durable_seq(),
+                }))
+                .await?;
+        }
+        Some(Frame::DigestRequest(d)) => send_digests(sb, local, &mut s.control_send, &d).await?,
+        Some(Frame::Handover(h)) => {
+            hand_over(sb, local, s, h.seq).await?;
+            return Ok(Flow::HandedOver);
+        }
+        Some(Frame::Error(e)) => bail!("primary sent an error: {:?}: {}", e.code, e.reason),
+        Some(other) => bail!(
+            "unexpected {:?} frame on the control stream",
+            other.frame_type()
+        ),
+        None => bail!("primary closed the control stream"),
+    }
+    Ok(Flow::Continue)
+}
+
+/// The hash parameters a digest request asks for.
+fn digest_params(d: &DigestRequest) -> anyhow::Result<HashParams> {
+    Ok(HashParams {
+        algo: u8::try_from(d.algo)
+            .ok()
+            .and_then(ChunkHash::from_id)
+            .ok_or_else(|| anyhow!("digest request with unknown algorithm {}", d.algo))?,
+        chunk_size: d.chunk_size,
+        seed: d.seed,
+    })
+}
+
+/// A resync asks what the replica holds before copying: hash it as it is (nothing is
+/// written to it before the copy's first data), one answer per volume.
+async fn send_digests(
+    sb: &Standby,
+    local: &LocalIdentity,
+    control: &mut FramedSend,
+    d: &DigestRequest,
+) -> anyhow::Result<()> {
+    let params = digest_params(d)?;
+    let bases = sb.applier.bases.clone();
+    let lists = tokio::task::spawn_blocking(move || {
+        bases
+            .iter()
+            .map(|b| (b.id, hash_range(&b.file, 0, b.size, params)))
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    for (volume, list) in lists {
+        let (ok, body) = match list {
+            Ok(l) => (true, bytes::Bytes::from(l.encode())),
+            Err(e) => (false, bytes::Bytes::from(e.to_string().into_bytes())),
+        };
+        control
+            .send_frame(&Frame::VerifyResult(VerifyResult {
+                epoch: local.epoch,
+                id: d.id,
+                volume,
+                ok,
+                body,
+            }))
+            .await?;
+    }
+    Ok(())
+}
+
+/// The primary stopped writing and saw every record up to `seq` acked durable
+/// here; anything else means the histories do not match.
+fn check_handover(durable: Seq, last: Seq, seq: Seq) -> anyhow::Result<()> {
+    if durable != seq || last != seq {
+        bail!("handover at {seq} refused: this standby holds {durable}");
+    }
+    Ok(())
+}
+
+/// Takes over at `seq`: the node becomes the primary in a new epoch, acks, and
+/// restarts in its new role.
+async fn hand_over(
+    sb: &Standby,
+    local: &LocalIdentity,
+    s: &mut StandbySession,
+    seq: Seq,
+) -> anyhow::Result<()> {
+    check_handover(sb.journal.durable_seq(), sb.journal.last_seq(), seq)?;
+    let take_over = sb
+        .handover
+        .lock()
+        .clone()
+        .ok_or_else(|| anyhow!("handover refused: this standby cannot take over"))?;
+    tracing::warn!(seq, "the primary hands over: taking over");
+    let (new_epoch, restart) = tokio::task::spawn_blocking(move || take_over(seq)).await??;
+    s.control_send
+        .send_frame(&Frame::HandoverAck(HandoverAck {
+            epoch: local.epoch,
+            seq,
+            new_epoch,
+        }))
+        .await?;
+    // Let the ack reach the old primary before the restart closes us.
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.control_recv.recv_frame()).await;
+    restart();
+    Ok(())
+}
+
 /// The next frame on the data stream once it has been accepted.
 async fn next_frame(data: &mut Option<FramedRecv>) -> Result<Option<Frame>, QuicError> {
     match data {
         Some(d) => d.recv_frame().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handover_needs_every_record_durable_and_nothing_more() {
+        assert!(check_handover(10, 10, 10).is_ok());
+        // Records the primary never saw acked, or not yet durable here.
+        let e = check_handover(10, 11, 10).unwrap_err().to_string();
+        assert!(e.contains("handover at 10 refused"), "{e}");
+        let e = check_handover(9, 10, 10).unwrap_err().to_string();
+        assert!(e.contains("this standby holds 9"), "{e}");
+        assert!(check_handover(11, 11, 10).is_err());
+    }
+
+    #[test]
+    fn digest_requests_name_a_known_algorithm() {
+        let req = |algo| DigestRequest {
+            epoch: 1,
+            id: 3,
+            chunk_size: 1 << 20,
+            seed: 99,
+            algo,
+        };
+        let p = digest_params(&req(u32::from(ChunkHash::Sm3.id()))).unwrap();
+        assert_eq!(
+            p,
+            HashParams {
+                algo: ChunkHash::Sm3,
+                chunk_size: 1 << 20,
+                seed: 99
+            }
+        );
+        assert_eq!(digest_params(&req(1)).unwrap().algo, ChunkHash::Xxh3);
+        for bad in [0, 3, 257, u32::MAX] {
+            let e = digest_params(&req(bad)).unwrap_err().to_string();
+            assert!(e.contains(&format!("unknown algorithm {bad}")), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn no_data_frame_before_the_data_stream_is_accepted() {
+        let mut none = None;
+        let r = tokio::time::timeout(Duration::from_millis(50), next_frame(&mut none)).await;
+        assert!(r.is_err(), "a frame without a data stream");
     }
 }

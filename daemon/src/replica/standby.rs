@@ -161,53 +161,7 @@ impl Standby {
             let budget = apply_budget.clone();
             std::thread::Builder::new()
                 .name("ferry-replica-apply".into())
-                .spawn(move || {
-                    // Records of the write-set being received; applied as one unit (one
-                    // undo entry, one recovery point) when its last record arrives.
-                    let mut ws: Vec<(Seq, Record)> = Vec::new();
-                    let mut bytes = 0usize;
-                    let mut next = apply_rx.recv().ok();
-                    while let Some((seq, rec, end)) = next.take() {
-                        // A labelled seal (bookmark, verify) must stay a point of its own.
-                        let labelled = rec.op == ferry_journal::Op::Seal && !rec.data.is_empty();
-                        bytes += rec.data.len() + RECORD_COST;
-                        ws.push((seq, rec));
-                        let Some(ts) = end else {
-                            next = apply_rx.recv().ok();
-                            continue;
-                        };
-                        // Under load, write-sets queue up: apply what is already here as
-                        // one unit (one undo entry, one fdatasync, one recovery point)
-                        // instead of one per write-set. Any journal prefix is a valid
-                        // point, so merging loses only point granularity, never safety.
-                        if !labelled && bytes < APPLY_GROUP_BYTES {
-                            if let Ok(item) = apply_rx.try_recv() {
-                                next = Some(item);
-                                continue;
-                            }
-                        }
-                        if let Err(e) = applier.apply_write_set(ts, &ws) {
-                            let msg = format!(
-                                "replica apply of write-set {}..={seq} failed: {}; apply stops here (restart replays it)",
-                                ws.first().map_or(seq, |w| w.0),
-                                crate::error_chain(&e)
-                            );
-                            tracing::error!("{msg}");
-                            *state.apply_error.lock() = Some(msg);
-                            budget.close();
-                            return;
-                        }
-                        ws.clear();
-                        budget.release(bytes);
-                        bytes = 0;
-                        state.applied_seq.store(seq, Ordering::Release);
-                        if ts != 0 {
-                            state.applied_ts_ns.store(ts, Ordering::Relaxed);
-                        }
-                        applied_tx.send_replace(seq);
-                        next = apply_rx.recv().ok();
-                    }
-                })
+                .spawn(move || apply_loop(&apply_rx, &applier, &state, &applied_tx, &budget))
                 .context("spawning the replica applier")?;
         }
         Ok(Standby {
@@ -298,6 +252,64 @@ impl Standby {
             }
         }
         Ok(())
+    }
+}
+
+/// The replica applier thread: receives journaled records in order and applies each
+/// write-set (or a group of queued ones) as one unit, until the channel closes or an
+/// apply fails (then it records the error and closes the budget: apply stops there,
+/// and a restart replays it).
+fn apply_loop(
+    apply_rx: &crossbeam_channel::Receiver<ApplyItem>,
+    applier: &Applier,
+    state: &StandbyState,
+    applied_tx: &watch::Sender<Seq>,
+    budget: &ByteBudget,
+) {
+    // Records of the write-set being received; applied as one unit (one
+    // undo entry, one recovery point) when its last record arrives.
+    let mut ws: Vec<(Seq, Record)> = Vec::new();
+    let mut bytes = 0usize;
+    let mut next = apply_rx.recv().ok();
+    while let Some((seq, rec, end)) = next.take() {
+        // A labelled seal (bookmark, verify) must stay a point of its own.
+        let labelled = rec.op == ferry_journal::Op::Seal && !rec.data.is_empty();
+        bytes += rec.data.len() + RECORD_COST;
+        ws.push((seq, rec));
+        let Some(ts) = end else {
+            next = apply_rx.recv().ok();
+            continue;
+        };
+        // Under load, write-sets queue up: apply what is already here as
+        // one unit (one undo entry, one fdatasync, one recovery point)
+        // instead of one per write-set. Any journal prefix is a valid
+        // point, so merging loses only point granularity, never safety.
+        if !labelled && bytes < APPLY_GROUP_BYTES {
+            if let Ok(item) = apply_rx.try_recv() {
+                next = Some(item);
+                continue;
+            }
+        }
+        if let Err(e) = applier.apply_write_set(ts, &ws) {
+            let msg = format!(
+                    "replica apply of write-set {}..={seq} failed: {}; apply stops here (restart replays it)",
+                    ws.first().map_or(seq, |w| w.0),
+                    crate::error_chain(&e)
+                );
+            tracing::error!("{msg}");
+            *state.apply_error.lock() = Some(msg);
+            budget.close();
+            return;
+        }
+        ws.clear();
+        budget.release(bytes);
+        bytes = 0;
+        state.applied_seq.store(seq, Ordering::Release);
+        if ts != 0 {
+            state.applied_ts_ns.store(ts, Ordering::Relaxed);
+        }
+        applied_tx.send_replace(seq);
+        next = apply_rx.recv().ok();
     }
 }
 

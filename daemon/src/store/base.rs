@@ -1,7 +1,7 @@
 //! A volume's backing store ([`Base`]): opening and sizing files and block devices,
 //! applying journal records to them in [`WRITE_CHUNK`] pieces, leaving zeros
-//! ([`zero_range`]) and finding holes ([`is_hole`]). Used by the primary write path,
-//! crash replay, the replica applier, catch-up copies, verify and PIT views.
+//! ([`zero_range`]) and finding holes ([`is_hole`], [`file_extents`]). Used by the
+//! primary write path, crash replay, the replica applier, catch-up copies, verify and PIT views.
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferry_journal::{Op, Seq};
+
+use crate::nbd::{ExportError, Extent};
 
 /// A volume's backing store: a file or a block device.
 pub struct Base {
@@ -149,6 +151,57 @@ pub fn zero_range(file: &File, offset: u64, len: u64, keep_allocated: bool) -> s
         at += n as u64;
     }
     Ok(())
+}
+
+/// Allocation of `[offset, offset + len)` of a file from SEEK_DATA/SEEK_HOLE, at most `max`
+/// extents: holes read as zeroes (hole + zero), everything else is data. Where the seeks are
+/// unsupported everything is data, which is always correct (a block device reports that too).
+/// Used by the primary's volumes and by PIT views (for the ranges they read from the replica).
+pub fn file_extents(
+    file: &File,
+    offset: u64,
+    len: u64,
+    max: usize,
+) -> Result<Vec<Extent>, ExportError> {
+    let end = offset.saturating_add(len);
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end && out.len() < max {
+        // ENXIO: no data at or after `pos` (the base is at least the volume's size).
+        let data = match seek(file, pos, libc::SEEK_DATA) {
+            Ok(d) => d.clamp(pos, end),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                out.push(Extent::data(end - pos));
+                break;
+            }
+            Err(e) => return Err(ExportError::Io(format!("SEEK_DATA: {e}"))),
+        };
+        if data > pos {
+            out.push(Extent::hole(data - pos));
+            pos = data;
+            continue;
+        }
+        // A concurrent hole punch may leave no hole past `pos`: then the rest is data.
+        let hole = match seek(file, pos, libc::SEEK_HOLE) {
+            Ok(h) if h > pos => h.min(end),
+            Ok(_) => end,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+            Err(e) => return Err(ExportError::Io(format!("SEEK_HOLE: {e}"))),
+        };
+        out.push(Extent::data(hole - pos));
+        pos = hole;
+    }
+    Ok(out)
+}
+
+fn seek(file: &File, pos: u64, whence: libc::c_int) -> std::io::Result<u64> {
+    let pos =
+        libc::off_t::try_from(pos).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek on a valid, owned fd; no memory is passed. The fd's offset is not used
+    // by anyone else (all I/O on the base is positional).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
+    u64::try_from(r).map_err(|_| std::io::Error::last_os_error())
 }
 
 /// Whether `[offset, offset + len)` of `file` holds no data (a hole). Any doubt

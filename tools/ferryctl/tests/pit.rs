@@ -596,3 +596,140 @@ fn dr_drill_mounts_a_view_at_a_bookmark() {
         b"version 2, after the bookmark"
     );
 }
+
+/// `qemu-img map --output=json` of an NBD URI: (start, length, data, zero) runs.
+fn map_of(uri: &str) -> Vec<(u64, u64, bool, bool)> {
+    let o = Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "raw", uri])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img map {uri}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let runs: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    runs.iter()
+        .map(|r| {
+            (
+                r["start"].as_u64().unwrap(),
+                r["length"].as_u64().unwrap(),
+                r["data"].as_bool().unwrap(),
+                r["zero"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The (data, zero) status `map` gives every byte of `[offset, offset + len)`, or
+/// a panic naming the run where it changes.
+fn status_of(map: &[(u64, u64, bool, bool)], offset: u64, len: u64) -> (bool, bool) {
+    let runs: Vec<_> = map
+        .iter()
+        .filter(|r| r.0 < offset + len && r.0 + r.1 > offset)
+        .collect();
+    assert!(!runs.is_empty(), "no run covers {offset}+{len}: {map:?}");
+    let s = (runs[0].2, runs[0].3);
+    assert!(
+        runs.iter().all(|r| (r.2, r.3) == s),
+        "{offset}+{len} is not one status: {runs:?}"
+    );
+    s
+}
+
+/// Block status through a real client: a view at a bookmark reports the allocation
+/// the volume had then, after the replica got data over a hole and a hole punched
+/// over data; a view at the newest point reports the replica's.
+#[test]
+fn view_block_status_is_the_allocation_at_its_point() {
+    let name = "view_block_status_is_the_allocation_at_its_point";
+    if skip_without("qemu-img", name) || skip_without("qemu-io", name) {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init(dir.path(), "");
+    let standby = Node::start(&ferryd(), &scfg);
+    let primary = Node::start(&ferryd(), &pcfg);
+    let url = primary.url("vol0");
+    assert_qemu_io_ok(&qemu_io(&url, &writes(0xa1, &[0], MIB)));
+    ctl_json(&pcfg, &["bookmark", "create", "then"]);
+    // Data over the hole at 4 MiB, a hole punched over the data at 0.
+    let mut cmds = writes(0xb2, &[4 * MIB], MIB);
+    cmds.insert(0, format!("discard 0 {MIB}"));
+    assert_qemu_io_ok(&qemu_io(&url, &cmds));
+    let newest = wait_applied(&primary, &standby);
+    // The replica itself must show holes for the test to mean anything.
+    let replica = replica_path(&scfg);
+    let now = map_of(&format!("file:{}", replica.display()));
+    if status_of(&now, 0, MIB) != (false, true) {
+        ferryd::testkit::skip(name, "the replica's file system reports no holes");
+        return;
+    }
+    assert_eq!(
+        status_of(&now, 4 * MIB, MIB),
+        (true, false),
+        "replica {now:?}"
+    );
+
+    let export = |point: &[&str]| {
+        let mut args = vec![
+            "pit",
+            "export",
+            "--volume",
+            "vol0",
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(point);
+        let v = ctl_json(&scfg, &args);
+        v["uri"].as_str().unwrap().to_string()
+    };
+    let uri = export(&["--bookmark", "then"]);
+    let then = map_of(&uri);
+    assert_eq!(
+        status_of(&then, 0, MIB),
+        (true, false),
+        "view then: {then:?}"
+    );
+    assert_eq!(
+        status_of(&then, 4 * MIB, MIB),
+        (false, true),
+        "view then: {then:?}"
+    );
+    assert_eq!(
+        status_of(&then, MIB, 3 * MIB),
+        (false, true),
+        "view then: {then:?}"
+    );
+    // The holes read as zeros, the data as written.
+    let img = image_of(&uri, &dir.path().join("then.img"));
+    assert!(img[..MIB as usize].iter().all(|&b| b == 0xa1));
+    assert!(img[MIB as usize..].iter().all(|&b| b == 0));
+    let out = ctl(&scfg, &["pit", "unexport"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let seq = newest.to_string();
+    let uri = export(&["--seq", &seq]);
+    let latest = map_of(&uri);
+    assert_eq!(
+        status_of(&latest, 0, MIB),
+        (false, true),
+        "view now: {latest:?}"
+    );
+    assert_eq!(
+        status_of(&latest, 4 * MIB, MIB),
+        (true, false),
+        "view now: {latest:?}"
+    );
+    let out = ctl(&scfg, &["pit", "unexport"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
