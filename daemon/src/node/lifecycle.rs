@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_journal::{Journal, Seq};
-use serde_json::json;
 
 use crate::config::Config;
 use crate::ops::control;
@@ -245,19 +244,4 @@ impl JournalProbe {
         self.last_durable = durable;
         self.stuck_ticks < 2
     }
-}
-
-pub(crate) fn journal_status(j: &Journal) -> serde_json::Value {
-    let st = j.stats();
-    json!({
-        "used_bytes": j.used_bytes(),
-        "capacity_bytes": j.capacity_bytes(),
-        "engine": j.engine_name(),
-        "fallback_reason": j.fallback_reason(),
-        "first_seq": j.first_available_seq(),
-        "batches": st.batches,
-        "records": st.records,
-        "bytes_written": st.bytes_written,
-        "write_seconds": st.write_ns as f64 / 1e9,
-    })
 }

@@ -52,6 +52,7 @@ use crate::nbd::{Export, ExportError, ExportFlags};
 use crate::store::base::{find_base, is_hole, Base};
 use crate::store::meta::{Bookmark, Meta};
 use crate::timefmt::format_rfc3339;
+use ferry_api::status::{OpenView, PitExport, PitPoint, PitStatus, PitWindow};
 
 /// Before-images are read in pieces of this size; each piece becomes one zero extent
 /// or one data extent.
@@ -800,30 +801,41 @@ impl Pit {
     }
 
     /// Status of the window, retention and views.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> PitStatus {
         let w = *self.window.lock();
         let pt = |p: Option<Point>| {
-            p.map(|p| json!({"seq": p.seq, "time": format_rfc3339(p.timestamp_ns), "timestamp_ns": p.timestamp_ns}))
+            p.map(|p| PitPoint {
+                seq: p.seq,
+                time: format_rfc3339(p.timestamp_ns),
+                timestamp_ns: p.timestamp_ns,
+            })
         };
-        let views: Vec<_> = self
+        let open_views = self
             .views
             .lock()
             .iter()
-            .map(|v| json!({"id": v.id, "volume_id": v.volume, "seq": v.point.seq}))
+            .map(|v| OpenView {
+                id: v.id,
+                volume_id: v.volume,
+                seq: v.point.seq,
+            })
             .collect();
-        json!({
-            "enabled": true,
-            "dir": self.dir,
-            "oldest": pt(w.oldest),
-            "newest": pt(w.newest),
-            "points": w.points,
-            "used_bytes": w.used_bytes,
-            "max_bytes": self.settings.max_bytes.0,
-            "max_age_secs": self.settings.max_age_secs,
-            "capture_seconds": self.capture_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            "error": self.broken.lock().clone(),
-            "open_views": views,
-        })
+        PitStatus {
+            enabled: true,
+            window: Some(PitWindow {
+                dir: self.dir.clone(),
+                oldest: pt(w.oldest),
+                newest: pt(w.newest),
+                points: w.points as u64,
+                used_bytes: w.used_bytes,
+                max_bytes: self.settings.max_bytes.0,
+                max_age_secs: self.settings.max_age_secs,
+                capture_seconds: self.capture_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                error: self.broken.lock().clone(),
+                open_views,
+            }),
+            exports: None,
+        }
     }
 
     /// Numbers for the Prometheus endpoint.
@@ -1317,20 +1329,20 @@ impl PitExports {
         Ok(ids)
     }
 
-    pub fn status(&self) -> Vec<serde_json::Value> {
+    pub fn status(&self) -> Vec<PitExport> {
         self.list
             .lock()
             .iter()
             .map(|v| {
                 let p = v.view.point();
-                json!({
-                    "id": v.view.id(),
-                    "volume": v.view.volume(),
-                    "seq": p.seq,
-                    "time": format_rfc3339(p.timestamp_ns),
-                    "listen": v.addr.to_string(),
-                    "writable": v.view.writable(),
-                })
+                PitExport {
+                    id: v.view.id(),
+                    volume: v.view.volume().to_string(),
+                    seq: p.seq,
+                    time: format_rfc3339(p.timestamp_ns),
+                    listen: v.addr.to_string(),
+                    writable: v.view.writable(),
+                }
             })
             .collect()
     }
@@ -1588,7 +1600,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(inside.contains("inconsistent"), "{inside}");
-        assert_eq!(r.pit.status()["newest"]["seq"], from, "no point inside");
+        assert_eq!(
+            serde_json::to_value(r.pit.status()).unwrap()["newest"]["seq"],
+            from,
+            "no point inside"
+        );
         // A crash: the undo log is reopened from disk.
         let Rig {
             _dir: dir,
@@ -1715,7 +1731,7 @@ mod tests {
         assert_eq!(read_all(&v), r.snaps[0].2);
         drop(v);
         r.apply(50, &[(Op::Write, 0, 4096, 99)]);
-        let st = r.pit.status();
+        let st = serde_json::to_value(r.pit.status()).unwrap();
         assert!(st["used_bytes"].as_u64().unwrap() <= 24 << 10, "{st}");
         let oldest = st["oldest"]["seq"].as_u64().unwrap();
         assert!(oldest > 2, "nothing dropped: {st}");
@@ -1734,7 +1750,9 @@ mod tests {
             1,
             &[(Op::Trim, 0, SIZE as u32, 0), (Op::Write, 4096, 65536, 5)],
         );
-        let used = r.pit.status()["used_bytes"].as_u64().unwrap();
+        let used = serde_json::to_value(r.pit.status()).unwrap()["used_bytes"]
+            .as_u64()
+            .unwrap();
         // The segment's header block and one 4 KiB block for the entry: no data bytes
         // (the 64 KiB written over zeros alone would take 17 blocks).
         let blocks = 2 * ferry_journal::undo::UNDO_ALIGN;
