@@ -245,3 +245,23 @@ impl JournalProbe {
         self.stuck_ticks < 2
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_line_names_the_metrics_address_when_there_is_one() {
+        let metrics = Metrics::new("n", crate::config::Role::Primary);
+        let none = Observe {
+            metrics: metrics.clone(),
+            addr: None,
+        };
+        assert_eq!(none.ready_suffix(), "");
+        let some = Observe {
+            metrics,
+            addr: Some("127.0.0.1:9100".parse().unwrap()),
+        };
+        assert_eq!(some.ready_suffix(), " metrics=127.0.0.1:9100");
+    }
+}

@@ -509,3 +509,26 @@ async fn compare_with_standbys(
     }
     Ok((report, differing_total))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_replication_no_target_is_streaming() {
+        assert!(streaming_targets(None).is_empty());
+    }
+
+    #[test]
+    fn a_verify_of_all_volumes_names_none_and_its_seed_is_its_id() {
+        let all = verify_request(&[], false).unwrap();
+        assert!(all.volumes.is_empty());
+        assert_eq!(all.id, all.params.seed);
+        assert_eq!(
+            all.params.chunk_size,
+            crate::verify::chunks::DEFAULT_CHUNK_SIZE
+        );
+        let again = verify_request(&[], false).unwrap();
+        assert_ne!(again.id, all.id, "each run has its own random id");
+    }
+}

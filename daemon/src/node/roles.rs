@@ -367,3 +367,20 @@ pub(crate) fn rollback(
         "volumes": rec.bases.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outdated_primary_is_told_who_replaced_it_and_what_to_do() {
+        let why = outdated_reason(&crate::store::meta::Outdated {
+            epoch: 4,
+            by: "site-b".into(),
+        });
+        assert!(
+            why.contains("node 'site-b' is the primary of epoch 4") && why.contains("demote"),
+            "{why}"
+        );
+    }
+}

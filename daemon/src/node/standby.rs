@@ -117,17 +117,22 @@ pub(crate) async fn run_standby(
         control_task,
     )
     .await;
-    if let Some(x) = &exports {
+    drain_standby(&rec, &standby, exports.as_deref()).await;
+    finish_shutdown(ckpt, &rec).await
+}
+
+/// Unexports the point-in-time views and lets the applier finish what is durable
+/// (unless paused) before the final checkpoint.
+async fn drain_standby(rec: &Recovered, standby: &Standby, exports: Option<&PitExports>) {
+    if let Some(x) = exports {
         if let Err(e) = x.unexport(None, true).await {
             tracing::warn!("unexporting point-in-time views: {e:#}");
         }
     }
-    // Let the applier finish what is durable before the final checkpoint.
     let target = rec.journal.durable_seq();
     wait_until("the replica to apply what is durable", || {
         standby.applied_seq() >= target || standby.paused().is_some()
     });
-    finish_shutdown(ckpt, &rec).await
 }
 
 /// Why the standby starts paused, if it does. Recovery replayed everything durable:
@@ -223,15 +228,19 @@ fn list_pits(
 ) -> anyhow::Result<serde_json::Value> {
     let pit = pit.ok_or_else(|| anyhow::anyhow!(PIT_OFF))?;
     let mut v = serde_json::to_value(pit.status())?;
-    v["recent_points"] = json!(pit
-        .points(limit.unwrap_or(20))
-        .iter()
-        .map(|p| json!({"seq": p.seq, "time": crate::timefmt::format_rfc3339(p.timestamp_ns)}))
-        .collect::<Vec<_>>());
+    v["recent_points"] = points_json(&pit.points(limit.unwrap_or(20)));
     v["bookmarks"] = list_bookmarks(rec, Some(pit))?["bookmarks"].clone();
     v["exports"] = json!(exports.map(|x| x.status()).unwrap_or_default());
     v["applied_seq"] = json!(sb.applied_seq());
     Ok(v)
+}
+
+/// Recovery points as `ferryctl pit list` shows them: sequence and time.
+fn points_json(points: &[crate::pit::Point]) -> serde_json::Value {
+    points
+        .iter()
+        .map(|p| json!({"seq": p.seq, "time": crate::timefmt::format_rfc3339(p.timestamp_ns)}))
+        .collect()
 }
 
 /// Pauses replication, durably first: a pause the next restart forgets is not a pause.
@@ -263,5 +272,32 @@ fn resume(rec: &Recovered, sb: &Standby) -> control::Response {
             )),
         },
         Err(e) => control::Response::err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_points_show_their_sequence_and_time() {
+        let points = [
+            crate::pit::Point {
+                seq: 3,
+                timestamp_ns: 0,
+            },
+            crate::pit::Point {
+                seq: 8,
+                timestamp_ns: 61_500_000_000,
+            },
+        ];
+        assert_eq!(
+            points_json(&points),
+            json!([
+                {"seq": 3, "time": "1970-01-01T00:00:00.000Z"},
+                {"seq": 8, "time": "1970-01-01T00:01:01.500Z"},
+            ])
+        );
+        assert_eq!(points_json(&[]), json!([]));
     }
 }
