@@ -92,11 +92,9 @@ fn status_json_of_a_primary_and_an_async_standby_keeps_its_shape() {
         .collect();
     assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &cmds));
     wait_caught_up(&primary, &standby);
-    primary.wait_status(
-        "a heartbeat round trip",
-        Duration::from_secs(15),
-        |st| st["targets"][0]["rtt_us"].as_u64().unwrap_or(0) > 0,
-    );
+    primary.wait_status("a heartbeat round trip", Duration::from_secs(15), |st| {
+        st["targets"][0]["rtt_us"].as_u64().unwrap_or(0) > 0
+    });
     standby.wait_status(
         "the standby to be connected and hold recovery points",
         Duration::from_secs(15),
