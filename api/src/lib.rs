@@ -6,8 +6,10 @@
 //! * [`timefmt`] — RFC 3339 parsing and formatting, and the one civil-date routine.
 //! * [`control`] — the control socket protocol (requests, responses, roles) and its client.
 //! * [`audit`]   — the audit log's line format, canonical SM3 hashing and chain verifier.
+//! * [`status`]  — a node's status snapshot (the `status` request's answer), typed.
 pub mod audit;
 pub mod config;
 pub mod control;
 pub mod size;
+pub mod status;
 pub mod timefmt;

@@ -35,12 +35,24 @@ fn checkpoint(
         rec.meta.set_checkpoint(applied)?;
         *last = applied;
     }
-    let release = (*last).min(floor);
+    let release = release_point(*last, floor);
     if release > *released {
         rec.journal.release_through(release)?;
         *released = release;
     }
     Ok(())
+}
+
+/// The journal may be released through the checkpoint, but not past what every
+/// replication target holds durably.
+fn release_point(checkpoint: Seq, floor: Seq) -> Seq {
+    checkpoint.min(floor)
+}
+
+/// A checkpoint is due once the interval has passed, or early once the journal is
+/// [`CHECKPOINT_FILL_PERCENT`] full.
+fn checkpoint_due(used: u64, capacity: u64, since: Duration, interval: Duration) -> bool {
+    used * 100 >= capacity * CHECKPOINT_FILL_PERCENT || since >= interval
 }
 
 /// The checkpoint thread: every `checkpoint_interval_ms`, or early when the journal
@@ -63,13 +75,17 @@ impl Checkpointer {
             .name("ferry-checkpoint".into())
             .spawn(move || {
                 let mut last = rec.checkpoint;
-                let mut released = rec.checkpoint.min(positions().1);
+                let mut released = release_point(rec.checkpoint, positions().1);
                 let mut since = Instant::now();
                 while !stopping.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(20));
                     let j = &rec.journal;
-                    let full = j.used_bytes() * 100 >= j.capacity_bytes() * CHECKPOINT_FILL_PERCENT;
-                    if full || since.elapsed() >= interval {
+                    if checkpoint_due(
+                        j.used_bytes(),
+                        j.capacity_bytes(),
+                        since.elapsed(),
+                        interval,
+                    ) {
                         since = Instant::now();
                         if let Err(e) = checkpoint(&rec, &positions, &mut last, &mut released) {
                             tracing::error!("checkpoint failed: {e:#}; will retry");
@@ -102,4 +118,25 @@ pub(crate) fn checkpoint_now(rec: &Recovered, applied: Seq) -> anyhow::Result<()
         rec.meta.set_checkpoint(applied)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_is_due_after_the_interval_or_at_half_a_journal() {
+        let (sec, min) = (Duration::from_secs(1), Duration::from_secs(60));
+        assert!(!checkpoint_due(0, 100, sec, min));
+        assert!(!checkpoint_due(49, 100, sec, min));
+        assert!(checkpoint_due(50, 100, sec, min), "half full");
+        assert!(checkpoint_due(0, 100, min, min), "interval passed");
+    }
+
+    #[test]
+    fn the_journal_is_released_through_the_lower_of_checkpoint_and_floor() {
+        assert_eq!(release_point(100, Seq::MAX), 100, "no targets");
+        assert_eq!(release_point(100, 40), 40, "a target holds less");
+        assert_eq!(release_point(30, 40), 30);
+    }
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_journal::{Journal, Seq};
-use serde_json::json;
 
 use crate::config::Config;
 use crate::ops::control;
@@ -247,17 +246,22 @@ impl JournalProbe {
     }
 }
 
-pub(crate) fn journal_status(j: &Journal) -> serde_json::Value {
-    let st = j.stats();
-    json!({
-        "used_bytes": j.used_bytes(),
-        "capacity_bytes": j.capacity_bytes(),
-        "engine": j.engine_name(),
-        "fallback_reason": j.fallback_reason(),
-        "first_seq": j.first_available_seq(),
-        "batches": st.batches,
-        "records": st.records,
-        "bytes_written": st.bytes_written,
-        "write_seconds": st.write_ns as f64 / 1e9,
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_line_names_the_metrics_address_when_there_is_one() {
+        let metrics = Metrics::new("n", crate::config::Role::Primary);
+        let none = Observe {
+            metrics: metrics.clone(),
+            addr: None,
+        };
+        assert_eq!(none.ready_suffix(), "");
+        let some = Observe {
+            metrics,
+            addr: Some("127.0.0.1:9100".parse().unwrap()),
+        };
+        assert_eq!(some.ready_suffix(), " metrics=127.0.0.1:9100");
+    }
 }

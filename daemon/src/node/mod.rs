@@ -2,7 +2,7 @@
 //! until shutdown. Start-up and replay are in [`recovery`], checkpoints in
 //! [`checkpoint`], the roles in [`primary`] and [`standby`] (each with its control
 //! handler), role changes in [`roles`], what both roles share in [`lifecycle`] and
-//! [`requests`].
+//! [`requests`], the status snapshot in [`status`].
 //!
 //! Start-up order matters for safety:
 //! 1. metadata (refuses a config naming another cluster),
@@ -24,6 +24,7 @@ pub mod recovery;
 pub mod requests;
 pub mod roles;
 pub mod standby;
+pub mod status;
 
 use self::lifecycle::Observe;
 pub use self::lifecycle::{Exit, Lifecycle, IDLE_TIMEOUT_ENV};

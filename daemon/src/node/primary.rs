@@ -7,23 +7,24 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use ferry_journal::Seq;
 use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::nbd;
 use crate::ops::control;
-use crate::ops::metrics::{NodeSource, RoleSource};
 use crate::primary::volume::{Group, Registry, Volume};
-use crate::ship::{self as replication, Replication, ShipContext, SyncGate};
+use crate::ship::{self as replication, Replication, ShipContext, SyncGate, TargetState};
 use crate::store::base::Base;
 
 use crate::node::checkpoint::Checkpointer;
 use crate::node::lifecycle::{
-    finish_shutdown, journal_status, transport_options, wait_until, ControlSocket, Lifecycle,
-    Observe,
+    finish_shutdown, transport_options, wait_until, ControlSocket, Lifecycle, Observe,
 };
 use crate::node::recovery::{Recovered, JOURNAL_QUEUE};
 use crate::node::requests::{create_bookmark, find_volume, list_bookmarks, respond};
 use crate::node::roles::{demote, fence_responder, outdated_reason, switchover};
+use crate::node::status::{self, RoleSource, StatusSource};
 
 pub(crate) async fn run_primary(
     cfg: Config,
@@ -33,134 +34,24 @@ pub(crate) async fn run_primary(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let group = Group::new(rec.journal.clone(), rec.checkpoint, JOURNAL_QUEUE);
-    let volumes: Vec<Arc<Volume>> = rec
-        .bases
-        .iter()
-        .map(|b| {
-            Arc::new(Volume {
-                base: b.clone(),
-                group: group.clone(),
-            })
-        })
-        .collect();
-    let registry = Arc::new(Registry { volumes });
+    let registry = volume_registry(&rec, &group);
     if let Some(o) = rec.meta.outdated()? {
         let why = outdated_reason(&o);
         tracing::error!("{why}");
         group.set_fence(Some(why));
     }
-    let outdated: replication::OutdatedHook = {
-        let (group, meta) = (group.clone(), rec.meta.clone());
-        Arc::new(move |epoch, by| {
-            let o = crate::store::meta::Outdated {
-                epoch,
-                by: by.to_string(),
-            };
-            if meta.outdated().ok().flatten().as_ref() == Some(&o) {
-                return;
-            }
-            let why = outdated_reason(&o);
-            tracing::error!("{why}");
-            group.set_fence(Some(why));
-            if let Err(e) = meta.set_outdated(&o) {
-                tracing::error!("recording that this primary is outdated: {e}");
-            }
-        })
-    };
-
-    let nbd_listen = cfg.nbd_addr().map_err(anyhow::Error::msg)?;
+    // The TLS policy is loaded before the listener opens: a bad certificate stops
+    // start-up naming its key.
     let nbd_tls = crate::primary::nbd_tls::policy(&cfg)?;
-    // After a role change on one host (a switchover in a demo or a test), the node
-    // that served this address a moment ago may still be draining: retry a while.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let listener = loop {
-        match tokio::net::TcpListener::bind(nbd_listen).await {
-            Ok(l) => break l,
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
-                tracing::warn!(%nbd_listen, "NBD address in use; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => {
-                return Err(
-                    anyhow::Error::new(e).context(format!("binding NBD listener {nbd_listen}"))
-                )
-            }
-        }
-    };
+    let listener = bind_nbd(&cfg).await?;
     let nbd_addr = listener.local_addr()?;
     let control = ControlSocket::bind(&cfg).await?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
 
-    // Replication: targets start at the checkpoint; their Hellos say where they are.
-    let targets = replication::target_states(&cfg, rec.checkpoint.min(rec.journal.durable_seq()));
-    // After a failover, a target that has not rejoined since the fork (typically the
-    // old primary) starts degraded: the first writes of the new primary must not
-    // wait out a sync timeout for a node that is known to be away. It turns
-    // synchronous again once it has caught up.
-    if let Some(fork) = rec.meta.fork_seq()? {
-        for t in &targets {
-            if !rec.meta.rejoined(&t.name, fork)? {
-                t.degraded.store(true, Ordering::Release);
-            }
-        }
-    }
     let repl = match &cfg.replication {
-        Some(r) if !targets.is_empty() => {
-            let sync = SyncGate::new(targets.clone(), Duration::from_millis(r.sync_timeout_ms));
-            *group.sync.write() = Some(sync.clone());
-            group.feed.enable(r.tail_bytes.0 as usize);
-            // Before the shippers start: a target left in bitmap mode resyncs at once.
-            crate::ship::catchup::start(
-                crate::ship::target::Shared {
-                    journal: rec.journal.clone(),
-                    bases: rec.bases.clone(),
-                    applied: {
-                        let g = group.clone();
-                        Arc::new(move || g.applied_seq())
-                    },
-                    checkpoint: {
-                        let m = rec.meta.clone();
-                        Arc::new(move || m.checkpoint().unwrap_or(0))
-                    },
-                    sync: Some(sync.clone()),
-                    dir: crate::ship::catchup::dirty_dir(&cfg),
-                    region_size: crate::ship::dirty::DEFAULT_REGION_SIZE,
-                },
-                &targets,
-                &group.feed,
-                stop_rx.clone(),
-            )?;
-            let ctx = Arc::new(ShipContext {
-                journal: rec.journal.clone(),
-                tail: group.feed.tail.clone(),
-                local: replication::local_identity(
-                    &cfg,
-                    rec.meta.node_id,
-                    rec.meta.epoch()?,
-                    ferry_transport::wire::Role::Primary,
-                    &rec.bases,
-                    "",
-                ),
-                tls: replication::load_tls(&cfg)?,
-                opts: transport_options(),
-                durable: group.feed.durable(),
-                async_linger: Duration::from_micros(
-                    cfg.replication.as_ref().map_or(0, |r| r.async_linger_us),
-                ),
-                sync: sync.clone(),
-                outdated: outdated.clone(),
-                fork: rec.meta.fork_seq()?.map(|f| (f, rec.meta.clone())),
-            });
-            replication::start(ctx, &targets, &stop_rx);
-            Some(Arc::new(Replication {
-                targets,
-                sync,
-                index: group.feed.index.clone(),
-            }))
-        }
-        _ => None,
+        Some(r) => start_replication(&cfg, r, &rec, &group, &stop_rx)?,
+        None => None,
     };
-
     let ckpt = Checkpointer::start(&cfg, rec.clone(), {
         let (group, repl) = (group.clone(), repl.clone());
         Arc::new(move || {
@@ -168,53 +59,29 @@ pub(crate) async fn run_primary(
             (group.applied_seq(), floor)
         })
     })?;
-
-    obs.metrics.set_source(NodeSource {
+    let status = Arc::new(StatusSource {
+        node: cfg.node.name.clone(),
         meta: rec.meta.clone(),
         journal: rec.journal.clone(),
+        volumes: status::volumes(&cfg, Some(nbd_addr)),
         role: RoleSource::Primary {
             group: group.clone(),
             replication: repl.clone(),
+            nbd: nbd_addr,
         },
     });
+    obs.metrics.set_source(status.metrics_source());
     // A primary by promotion answers the primary it replaced (should it come back)
     // on its replication address, so that one learns it is outdated and stops.
     let fence_task = match (&cfg.replication, rec.meta.fork_seq()?) {
-        (Some(r), Some(_)) if !r.listen.is_empty() => Some(tokio::spawn(fence_responder(
-            crate::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?,
-            replication::local_identity(
-                &cfg,
-                rec.meta.node_id,
-                rec.meta.epoch()?,
-                ferry_transport::wire::Role::Primary,
-                &rec.bases,
-                &r.primary,
-            ),
-            replication::load_tls(&cfg)?,
-            stop_rx.clone(),
-        ))),
+        (Some(r), Some(_)) if !r.listen.is_empty() => {
+            Some(start_fence_responder(&cfg, r, &rec, &stop_rx)?)
+        }
         _ => None,
     };
-    let handler = primary_handler(
-        &cfg,
-        rec.clone(),
-        group.clone(),
-        repl.clone(),
-        nbd_addr,
-        life.clone(),
-    );
+    let handler = primary_handler(&cfg, rec.clone(), group.clone(), repl, status, life);
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
-    let server_cfg = nbd::ServerConfig {
-        max_payload: (32u64 << 20).min(cfg.journal.segment_size.0 / 2) as u32,
-        tls: nbd_tls,
-        ..nbd::ServerConfig::default()
-    };
-    let nbd_task = tokio::spawn(nbd::serve(
-        listener,
-        registry.clone(),
-        server_cfg,
-        stop_rx.clone(),
-    ));
+    let nbd_task = serve_nbd(&cfg, listener, registry.clone(), nbd_tls, stop_rx);
 
     for v in &cfg.volumes {
         tracing::info!(volume = %v.name, size = v.size.0, "serving nbd://{nbd_addr}/{}", v.name);
@@ -239,13 +106,7 @@ pub(crate) async fn run_primary(
         control_task,
     )
     .await;
-    // Every acknowledged write is applied; seal the last write-set, let the journal
-    // make it durable, then the checkpointer's final round fsyncs and records it.
-    let _ = group.seal(bytes::Bytes::new());
-    let target = rec.journal.last_seq();
-    wait_until("the final seal to become durable", || {
-        rec.journal.durable_seq() >= target
-    });
+    seal_for_shutdown(&rec, &group);
     if let Some(t) = fence_task {
         let _ = t.await;
     }
@@ -253,45 +114,225 @@ pub(crate) async fn run_primary(
     finish_shutdown(ckpt, &rec).await
 }
 
+/// The NBD exports: one volume per recovered base, all writing through `group`.
+fn volume_registry(rec: &Recovered, group: &Arc<Group>) -> Arc<Registry> {
+    let volumes = rec
+        .bases
+        .iter()
+        .map(|b| {
+            Arc::new(Volume {
+                base: b.clone(),
+                group: group.clone(),
+            })
+        })
+        .collect();
+    Arc::new(Registry { volumes })
+}
+
+/// Binds the NBD listener. After a role change on one host (a switchover in a demo
+/// or a test), the node that served this address a moment ago may still be
+/// draining: an address in use is retried for a while.
+async fn bind_nbd(cfg: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    let nbd_listen = cfg.nbd_addr().map_err(anyhow::Error::msg)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match tokio::net::TcpListener::bind(nbd_listen).await {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                tracing::warn!(%nbd_listen, "NBD address in use; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("binding NBD listener {nbd_listen}"))
+                )
+            }
+        }
+    }
+}
+
+fn serve_nbd(
+    cfg: &Config,
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    tls: nbd::TlsPolicy,
+    stop_rx: watch::Receiver<bool>,
+) -> JoinHandle<std::io::Result<()>> {
+    let server_cfg = nbd::ServerConfig {
+        max_payload: (32u64 << 20).min(cfg.journal.segment_size.0 / 2) as u32,
+        tls,
+        ..nbd::ServerConfig::default()
+    };
+    tokio::spawn(nbd::serve(listener, registry, server_cfg, stop_rx))
+}
+
+/// Every acknowledged write is applied; seals the last write-set and lets the
+/// journal make it durable (the checkpointer's final round then fsyncs and records
+/// it).
+fn seal_for_shutdown(rec: &Recovered, group: &Group) {
+    let _ = group.seal(bytes::Bytes::new());
+    let target = rec.journal.last_seq();
+    wait_until("the final seal to become durable", || {
+        rec.journal.durable_seq() >= target
+    });
+}
+
+/// Records that a newer primary outdated this one, and fences its writes.
+fn outdated_hook(group: &Arc<Group>, rec: &Recovered) -> replication::OutdatedHook {
+    let (group, meta) = (group.clone(), rec.meta.clone());
+    Arc::new(move |epoch, by| {
+        let o = crate::store::meta::Outdated {
+            epoch,
+            by: by.to_string(),
+        };
+        if meta.outdated().ok().flatten().as_ref() == Some(&o) {
+            return;
+        }
+        let why = outdated_reason(&o);
+        tracing::error!("{why}");
+        group.set_fence(Some(why));
+        if let Err(e) = meta.set_outdated(&o) {
+            tracing::error!("recording that this primary is outdated: {e}");
+        }
+    })
+}
+
+/// The replication targets, starting at the checkpoint (their Hellos say where they
+/// are). After a failover, a target that has not rejoined since the fork (typically
+/// the old primary) starts degraded: the first writes of the new primary must not
+/// wait out a sync timeout for a node that is known to be away. It turns synchronous
+/// again once it has caught up.
+fn replication_targets(cfg: &Config, rec: &Recovered) -> anyhow::Result<Vec<Arc<TargetState>>> {
+    let targets = replication::target_states(cfg, rec.checkpoint.min(rec.journal.durable_seq()));
+    if let Some(fork) = rec.meta.fork_seq()? {
+        for t in &targets {
+            if !rec.meta.rejoined(&t.name, fork)? {
+                t.degraded.store(true, Ordering::Release);
+            }
+        }
+    }
+    Ok(targets)
+}
+
+/// Starts the catch-up (bitmap resync) and the shippers of the configured targets;
+/// `None` without targets.
+fn start_replication(
+    cfg: &Config,
+    r: &crate::config::ReplicationConfig,
+    rec: &Arc<Recovered>,
+    group: &Arc<Group>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<Arc<Replication>>> {
+    let targets = replication_targets(cfg, rec)?;
+    if targets.is_empty() {
+        return Ok(None);
+    }
+    let sync = SyncGate::new(targets.clone(), Duration::from_millis(r.sync_timeout_ms));
+    *group.sync.write() = Some(sync.clone());
+    group.feed.enable(r.tail_bytes.0 as usize);
+    // Before the shippers start: a target left in bitmap mode resyncs at once.
+    crate::ship::catchup::start(
+        catchup_shared(cfg, rec, group, &sync),
+        &targets,
+        &group.feed,
+        stop_rx.clone(),
+    )?;
+    let ctx = ship_context(cfg, rec, group, &sync)?;
+    replication::start(ctx, &targets, stop_rx);
+    Ok(Some(Arc::new(Replication {
+        targets,
+        sync,
+        index: group.feed.index.clone(),
+    })))
+}
+
+fn catchup_shared(
+    cfg: &Config,
+    rec: &Recovered,
+    group: &Arc<Group>,
+    sync: &Arc<SyncGate>,
+) -> crate::ship::target::Shared {
+    crate::ship::target::Shared {
+        journal: rec.journal.clone(),
+        bases: rec.bases.clone(),
+        applied: {
+            let g = group.clone();
+            Arc::new(move || g.applied_seq())
+        },
+        checkpoint: {
+            let m = rec.meta.clone();
+            Arc::new(move || m.checkpoint().unwrap_or(0))
+        },
+        sync: Some(sync.clone()),
+        dir: crate::ship::catchup::dirty_dir(cfg),
+        region_size: crate::ship::dirty::DEFAULT_REGION_SIZE,
+    }
+}
+
+fn ship_context(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    group: &Arc<Group>,
+    sync: &Arc<SyncGate>,
+) -> anyhow::Result<Arc<ShipContext>> {
+    Ok(Arc::new(ShipContext {
+        journal: rec.journal.clone(),
+        tail: group.feed.tail.clone(),
+        local: replication::local_identity(
+            cfg,
+            rec.meta.node_id,
+            rec.meta.epoch()?,
+            ferry_transport::wire::Role::Primary,
+            &rec.bases,
+            "",
+        ),
+        tls: replication::load_tls(cfg)?,
+        opts: transport_options(),
+        durable: group.feed.durable(),
+        async_linger: Duration::from_micros(
+            cfg.replication.as_ref().map_or(0, |r| r.async_linger_us),
+        ),
+        sync: sync.clone(),
+        outdated: outdated_hook(group, rec),
+        fork: rec.meta.fork_seq()?.map(|f| (f, rec.meta.clone())),
+    }))
+}
+
+fn start_fence_responder(
+    cfg: &Config,
+    r: &crate::config::ReplicationConfig,
+    rec: &Recovered,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    Ok(tokio::spawn(fence_responder(
+        crate::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?,
+        replication::local_identity(
+            cfg,
+            rec.meta.node_id,
+            rec.meta.epoch()?,
+            ferry_transport::wire::Role::Primary,
+            &rec.bases,
+            &r.primary,
+        ),
+        replication::load_tls(cfg)?,
+        stop_rx.clone(),
+    )))
+}
+
 pub(crate) fn primary_handler(
     cfg: &Config,
     rec: Arc<Recovered>,
     group: Arc<Group>,
     repl: Option<Arc<Replication>>,
-    nbd_addr: std::net::SocketAddr,
+    status: Arc<StatusSource>,
     life: Arc<Lifecycle>,
 ) -> control::Handler {
-    let node = cfg.node.name.clone();
     let has_listen = cfg
         .replication
         .as_ref()
         .is_some_and(|r| !r.listen.is_empty());
-    let volumes: Vec<_> = cfg
-        .volumes
-        .iter()
-        .map(|v| json!({"name": v.name, "size_bytes": v.size.0, "path": v.path, "export": format!("nbd://{nbd_addr}/{}", v.name)}))
-        .collect();
     Arc::new(move |req| match req {
-        control::Request::Status => {
-            let j = &rec.journal;
-            control::Response::ok(json!({
-                "node": node,
-                "role": "primary",
-                "epoch": rec.meta.epoch().unwrap_or(0),
-                "last_seq": j.last_seq(),
-                "durable_seq": j.durable_seq(),
-                "applied_seq": group.applied_seq(),
-                "checkpoint_seq": rec.meta.checkpoint().unwrap_or(0),
-                "failed": group.gate.failed(),
-                "outdated": rec.meta.outdated().ok().flatten().map(|o| json!({"epoch": o.epoch, "by": o.by})),
-                "writes_refused": group.fenced(),
-                "fork_seq": rec.meta.fork_seq().ok().flatten(),
-                "nbd": {"listen": nbd_addr.to_string()},
-                "journal": journal_status(j),
-                "volumes": volumes,
-                "targets": repl.as_ref().map_or(json!([]), |r| r.status()),
-            }))
-        }
+        control::Request::Status => status.respond(),
         control::Request::BookmarkCreate { name } => respond(tokio::task::block_in_place(|| {
             create_bookmark(&rec, &group, &name)
         })),
@@ -332,43 +373,17 @@ pub(crate) async fn verify(
     repl: Option<&Replication>,
     volume: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
-    use crate::verify::chunks::{ChunkList, HashParams};
-    use crate::verify::{Request as VerifyRequest, Snapshot};
+    use crate::verify::Snapshot;
     let started = Instant::now();
     let bases: Vec<Arc<Base>> = match volume {
         Some(v) => vec![find_volume(rec, v)?],
         None => rec.bases.clone(),
     };
-    let targets: Vec<_> = repl
-        .map(|r| {
-            r.targets
-                .iter()
-                .filter(|t| t.state() == "streaming")
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
+    let targets = streaming_targets(repl);
     if targets.is_empty() {
         bail!("no standby is streaming: nothing to verify against");
     }
-    let params = HashParams {
-        chunk_size: bases
-            .iter()
-            .map(|b| VerifyRequest::chunk_size_for(b.size))
-            .max()
-            .unwrap_or(crate::verify::chunks::DEFAULT_CHUNK_SIZE),
-        ..HashParams::random_xxh3()?
-    };
-    let req = VerifyRequest {
-        // The seed is random per run: it doubles as the run's id.
-        id: params.seed,
-        params,
-        volumes: if volume.is_some() {
-            bases.iter().map(|b| b.id).collect()
-        } else {
-            Vec::new()
-        },
-    };
+    let req = verify_request(&bases, volume.is_some())?;
     let id = req.id;
     let snap = Snapshot::new(req.clone(), &bases)?;
     let mut waits = Vec::new();
@@ -393,31 +408,7 @@ pub(crate) async fn verify(
             hasher.hash_all(|| gate.applied_seq(), Duration::from_secs(600))
         })
         .await??;
-        let mut report = Vec::new();
-        let mut differing_total = 0u64;
-        for (t, b, rx) in waits {
-            let remote = tokio::time::timeout(Duration::from_secs(600), rx)
-                .await
-                .map_err(|_| anyhow::anyhow!("standby '{}' did not answer the verify within 10 min", t.name))?
-                .map_err(|_| anyhow::anyhow!("the session with '{}' ended during the verify", t.name))?
-                .map_err(|e| anyhow::anyhow!("standby '{}' could not verify volume '{}': {e}", t.name, b.name))?;
-            let remote = ChunkList::decode(&remote)
-                .map_err(|e| anyhow::anyhow!("standby '{}' sent bad digests: {e}", t.name))?;
-            let mine = local
-                .iter()
-                .find(|(v, _)| *v == b.id)
-                .map(|(_, l)| l)
-                .ok_or_else(|| anyhow::anyhow!("no local digests for '{}'", b.name))?;
-            let ranges = crate::verify::chunks::diff(mine, &remote)?;
-            let bytes: u64 = ranges.iter().map(|r| r.len).sum();
-            differing_total += bytes;
-            report.push(json!({
-                "target": t.name,
-                "volume": b.name,
-                "differing_bytes": bytes,
-                "differing": ranges.iter().map(|r| json!({"offset": r.offset, "len": r.len})).collect::<Vec<_>>(),
-            }));
-        }
+        let (report, differing_total) = compare_with_standbys(&local, waits).await?;
         Ok::<_, anyhow::Error>(json!({
             "id": id,
             "seq": seq,
@@ -433,4 +424,116 @@ pub(crate) async fn verify(
         t.forget_verify(id);
     }
     result
+}
+
+/// The targets a verify compares with: those streaming now.
+fn streaming_targets(repl: Option<&Replication>) -> Vec<Arc<TargetState>> {
+    repl.map(|r| {
+        r.targets
+            .iter()
+            .filter(|t| t.state() == "streaming")
+            .cloned()
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// A verify run over `bases` (all volumes, or the one `named`): chunk size from the
+/// largest volume, a random seed that doubles as the run's id.
+fn verify_request(bases: &[Arc<Base>], named: bool) -> anyhow::Result<crate::verify::Request> {
+    use crate::verify::chunks::HashParams;
+    use crate::verify::Request as VerifyRequest;
+    let params = HashParams {
+        chunk_size: bases
+            .iter()
+            .map(|b| VerifyRequest::chunk_size_for(b.size))
+            .max()
+            .unwrap_or(crate::verify::chunks::DEFAULT_CHUNK_SIZE),
+        ..HashParams::random_xxh3()?
+    };
+    Ok(VerifyRequest {
+        id: params.seed,
+        params,
+        volumes: if named {
+            bases.iter().map(|b| b.id).collect()
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+/// What a standby's digests of one volume arrive on.
+type VerifyWait = (
+    Arc<TargetState>,
+    Arc<Base>,
+    tokio::sync::oneshot::Receiver<Result<bytes::Bytes, String>>,
+);
+
+/// Waits for each standby's digests of each volume and diffs them with the local
+/// ones: one report row per (target, volume), and the differing bytes in all.
+async fn compare_with_standbys(
+    local: &[(u32, crate::verify::chunks::ChunkList)],
+    waits: Vec<VerifyWait>,
+) -> anyhow::Result<(Vec<serde_json::Value>, u64)> {
+    use crate::verify::chunks::ChunkList;
+    let mut report = Vec::new();
+    let mut differing_total = 0u64;
+    for (t, b, rx) in waits {
+        let remote = tokio::time::timeout(Duration::from_secs(600), rx)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "standby '{}' did not answer the verify within 10 min",
+                    t.name
+                )
+            })?
+            .map_err(|_| anyhow::anyhow!("the session with '{}' ended during the verify", t.name))?
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "standby '{}' could not verify volume '{}': {e}",
+                    t.name,
+                    b.name
+                )
+            })?;
+        let remote = ChunkList::decode(&remote)
+            .map_err(|e| anyhow::anyhow!("standby '{}' sent bad digests: {e}", t.name))?;
+        let mine = local
+            .iter()
+            .find(|(v, _)| *v == b.id)
+            .map(|(_, l)| l)
+            .ok_or_else(|| anyhow::anyhow!("no local digests for '{}'", b.name))?;
+        let ranges = crate::verify::chunks::diff(mine, &remote)?;
+        let bytes: u64 = ranges.iter().map(|r| r.len).sum();
+        differing_total += bytes;
+        report.push(json!({
+            "target": t.name,
+            "volume": b.name,
+            "differing_bytes": bytes,
+            "differing": ranges.iter().map(|r| json!({"offset": r.offset, "len": r.len})).collect::<Vec<_>>(),
+        }));
+    }
+    Ok((report, differing_total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_replication_no_target_is_streaming() {
+        assert!(streaming_targets(None).is_empty());
+    }
+
+    #[test]
+    fn a_verify_of_all_volumes_names_none_and_its_seed_is_its_id() {
+        let all = verify_request(&[], false).unwrap();
+        assert!(all.volumes.is_empty());
+        assert_eq!(all.id, all.params.seed);
+        assert_eq!(
+            all.params.chunk_size,
+            crate::verify::chunks::DEFAULT_CHUNK_SIZE
+        );
+        let again = verify_request(&[], false).unwrap();
+        assert_ne!(again.id, all.id, "each run has its own random id");
+    }
 }

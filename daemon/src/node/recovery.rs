@@ -48,46 +48,8 @@ pub fn journal_options(cfg: &Config) -> JournalOptions {
 /// Steps 2–4 above, on the metadata store `open_meta` opened (step 1). Blocking;
 /// runs before the runtime serves anything.
 pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
-    let epoch = meta.epoch()?;
-    let mut bases = Vec::with_capacity(cfg.volumes.len());
-    for v in &cfg.volumes {
-        let id = meta.volume_id(&v.name)?;
-        bases.push(Arc::new(Base::open(id, &v.name, &v.path, v.size.0)?));
-    }
-    let mut opts = journal_options(cfg);
-    opts.epoch = epoch;
-    let started = Instant::now();
-    let (journal, report) = Journal::open(opts)
-        .with_context(|| format!("opening journal {}", cfg.journal.dir.display()))?;
-    tracing::info!(
-        engine = journal.engine_name(),
-        first_seq = report.first_seq,
-        last_seq = report.last_seq,
-        truncated_bytes = report.truncated_bytes,
-        truncated_batches = report.truncated_batches,
-        "journal recovered in {:?}",
-        started.elapsed()
-    );
-    if let Some(reason) = journal.fallback_reason() {
-        tracing::warn!("journal io engine fell back to std IO: {reason}");
-    }
-    // A standby's journal that jumped after a resync copy records the jump only with
-    // the first record after it; the metadata holds it until then.
-    let skip = meta.journal_skip()?;
-    if journal.last_seq() < skip {
-        journal
-            .skip_to(skip)
-            .context("repeating the journal's jump after a resync")?;
-    }
-    let checkpoint = meta.checkpoint()?;
-    let last = journal.last_seq();
-    if last < checkpoint {
-        bail!(
-            "journal {} ends at sequence {last} but the metadata checkpoint is {checkpoint}: \
-             the journal directory was replaced or truncated; refusing to start (writes after the checkpoint would be lost)",
-            cfg.journal.dir.display()
-        );
-    }
+    let bases = open_bases(cfg, &meta)?;
+    let (journal, checkpoint) = open_journal(cfg, &meta)?;
     let journal = Arc::new(journal);
     let standby = cfg.node.role == Role::Standby;
     let rollback = if standby {
@@ -131,18 +93,7 @@ pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
         None => replay(&journal, &bases, checkpoint)?,
     };
     let checkpoint = if replayed > 0 {
-        for b in &bases {
-            b.sync()
-                .with_context(|| format!("fsync {} after replay", b.path.display()))?;
-        }
-        let upto = journal.durable_seq();
-        meta.set_checkpoint(upto)?;
-        tracing::info!(
-            replayed,
-            checkpoint = upto,
-            "journal replayed onto base volumes"
-        );
-        upto
+        checkpoint_replay(&journal, &bases, &meta, replayed)?
     } else {
         checkpoint
     };
@@ -156,21 +107,7 @@ pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
     };
     journal.release_through(checkpoint.min(floor))?;
     applied.store(journal.durable_seq(), Ordering::Release);
-    // A resync whose end point was applied just before a crash (the metadata was not
-    // cleared yet): the replay above applied it again.
-    if let Some(r) = applier
-        .resync
-        .get()
-        .filter(|r| r.copied && journal.durable_seq() >= r.through)
-    {
-        meta.set_resync_state(None)?;
-        applier.resync.set(None);
-        tracing::info!(
-            from = r.from,
-            through = r.through,
-            "resync complete: the replica is a consistent image again"
-        );
-    }
+    end_replayed_resync(&journal, &applier, &meta)?;
     if let (Some(RollbackState::InProgress { target }), Some(pit)) = (rollback, &pit) {
         tracing::warn!(target, "finishing the rollback interrupted by a restart");
         pit.finish_rollback(target)?;
@@ -188,6 +125,102 @@ pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
         applied,
         rollback,
     })
+}
+
+/// Step 2: the configured base volumes (refuses a store smaller than configured).
+fn open_bases(cfg: &Config, meta: &Meta) -> anyhow::Result<Vec<Arc<Base>>> {
+    let mut bases = Vec::with_capacity(cfg.volumes.len());
+    for v in &cfg.volumes {
+        let id = meta.volume_id(&v.name)?;
+        bases.push(Arc::new(Base::open(id, &v.name, &v.path, v.size.0)?));
+    }
+    Ok(bases)
+}
+
+/// Step 3: journal recovery; returns the journal and the metadata checkpoint, which
+/// the journal must reach.
+fn open_journal(cfg: &Config, meta: &Meta) -> anyhow::Result<(Journal, Seq)> {
+    let mut opts = journal_options(cfg);
+    opts.epoch = meta.epoch()?;
+    let started = Instant::now();
+    let (journal, report) = Journal::open(opts)
+        .with_context(|| format!("opening journal {}", cfg.journal.dir.display()))?;
+    tracing::info!(
+        engine = journal.engine_name(),
+        first_seq = report.first_seq,
+        last_seq = report.last_seq,
+        truncated_bytes = report.truncated_bytes,
+        truncated_batches = report.truncated_batches,
+        "journal recovered in {:?}",
+        started.elapsed()
+    );
+    if let Some(reason) = journal.fallback_reason() {
+        tracing::warn!("journal io engine fell back to std IO: {reason}");
+    }
+    // A standby's journal that jumped after a resync copy records the jump only with
+    // the first record after it; the metadata holds it until then.
+    let skip = meta.journal_skip()?;
+    if journal.last_seq() < skip {
+        journal
+            .skip_to(skip)
+            .context("repeating the journal's jump after a resync")?;
+    }
+    let checkpoint = meta.checkpoint()?;
+    check_journal_reaches(journal.last_seq(), checkpoint, &cfg.journal.dir)?;
+    Ok((journal, checkpoint))
+}
+
+/// A journal that ends before the checkpoint was replaced or truncated: starting
+/// would lose the writes after the checkpoint.
+fn check_journal_reaches(last: Seq, checkpoint: Seq, dir: &std::path::Path) -> anyhow::Result<()> {
+    if last < checkpoint {
+        bail!(
+            "journal {} ends at sequence {last} but the metadata checkpoint is {checkpoint}: \
+             the journal directory was replaced or truncated; refusing to start (writes after the checkpoint would be lost)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Step 4's end: fsyncs the replayed bases and records the new checkpoint.
+fn checkpoint_replay(
+    journal: &Journal,
+    bases: &[Arc<Base>],
+    meta: &Meta,
+    replayed: u64,
+) -> anyhow::Result<Seq> {
+    for b in bases {
+        b.sync()
+            .with_context(|| format!("fsync {} after replay", b.path.display()))?;
+    }
+    let upto = journal.durable_seq();
+    meta.set_checkpoint(upto)?;
+    tracing::info!(
+        replayed,
+        checkpoint = upto,
+        "journal replayed onto base volumes"
+    );
+    Ok(upto)
+}
+
+/// A resync whose end point was applied just before a crash (the metadata was not
+/// cleared yet): the replay applied it again, so the transition is over.
+fn end_replayed_resync(journal: &Journal, applier: &Applier, meta: &Meta) -> anyhow::Result<()> {
+    if let Some(r) = applier
+        .resync
+        .get()
+        .filter(|r| r.copied && journal.durable_seq() >= r.through)
+    {
+        meta.set_resync_state(None)?;
+        applier.resync.set(None);
+        tracing::info!(
+            from = r.from,
+            through = r.through,
+            "resync complete: the replica is a consistent image again"
+        );
+    }
+    Ok(())
 }
 
 /// A standby's replay: records the undo log already covers are re-applied as they
@@ -309,4 +342,44 @@ pub(crate) fn open_meta(cfg: &mut Config) -> anyhow::Result<Meta> {
         r.primary = name;
     }
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(volume: u32, op: Op, offset: u64, length: u32) -> ferry_journal::Record {
+        ferry_journal::Record {
+            volume,
+            op,
+            offset,
+            length,
+            data: bytes::Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn a_seal_replays_onto_no_volume_and_an_unknown_volume_stops_replay() {
+        let seal = record(0, Op::Seal, 0, 0);
+        assert!(replay_target(&[], 7, &seal).unwrap().is_none());
+        let Err(err) = replay_target(&[], 8, &record(3, Op::Trim, 0, 4096)) else {
+            panic!("a record of an unknown volume was accepted");
+        };
+        assert!(
+            format!("{err:#}").contains("refusing to start rather than drop the record"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn a_journal_ending_before_the_checkpoint_is_refused() {
+        let dir = std::path::Path::new("/srv/journal");
+        check_journal_reaches(10, 10, dir).unwrap();
+        check_journal_reaches(11, 10, dir).unwrap();
+        let err = check_journal_reaches(9, 10, dir).unwrap_err().to_string();
+        assert!(
+            err.contains("ends at sequence 9 but the metadata checkpoint is 10"),
+            "{err}"
+        );
+    }
 }

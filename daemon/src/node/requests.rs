@@ -31,16 +31,7 @@ pub(crate) fn create_bookmark(
     group: &Group,
     name: &str,
 ) -> anyhow::Result<serde_json::Value> {
-    if name.is_empty()
-        || name.len() > MAX_BOOKMARK_NAME
-        || !name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"-_.:@".contains(&c))
-    {
-        bail!(
-            "bookmark name '{name}': use 1..={MAX_BOOKMARK_NAME} characters from A-Z a-z 0-9 - _ . : @"
-        );
-    }
+    check_bookmark_name(name)?;
     if let Some(b) = rec.meta.bookmarks()?.into_iter().find(|b| b.name == name) {
         bail!("bookmark '{name}' already exists (sequence {})", b.seq);
     }
@@ -63,6 +54,22 @@ pub(crate) fn create_bookmark(
     rec.meta.add_bookmark(&b)?;
     tracing::info!(name, seq, "bookmark created");
     Ok(bookmark_json(&b, None))
+}
+
+/// A bookmark name is a seal label: 1..=[`MAX_BOOKMARK_NAME`] characters of a
+/// small set.
+fn check_bookmark_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > MAX_BOOKMARK_NAME
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:@".contains(&c))
+    {
+        bail!(
+            "bookmark name '{name}': use 1..={MAX_BOOKMARK_NAME} characters from A-Z a-z 0-9 - _ . : @"
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn bookmark_json(
@@ -123,4 +130,57 @@ pub(crate) fn find_volume(rec: &Recovered, name: &str) -> anyhow::Result<Arc<Bas
             let names: Vec<_> = rec.bases.iter().map(|b| b.name.as_str()).collect();
             anyhow::anyhow!("no volume named '{name}' (volumes: {})", names.join(", "))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bookmark_names_are_short_labels_of_a_small_alphabet() {
+        for ok in [
+            "a",
+            "before-b",
+            "v1.2_rc:3@site",
+            &"x".repeat(MAX_BOOKMARK_NAME),
+        ] {
+            check_bookmark_name(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for bad in [
+            "",
+            "bad name!",
+            "ä",
+            "a/b",
+            &"x".repeat(MAX_BOOKMARK_NAME + 1),
+        ] {
+            let err = check_bookmark_name(bad).unwrap_err().to_string();
+            assert!(err.contains("use 1..=64 characters"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_bookmark_shows_reachability_only_where_it_is_known() {
+        let b = crate::store::meta::Bookmark {
+            name: "n".into(),
+            seq: 9,
+            timestamp_ns: 1_000_000_000,
+        };
+        let v = bookmark_json(&b, None);
+        assert_eq!(v["time"], "1970-01-01T00:00:01.000Z");
+        assert!(v.get("reachable").is_none(), "{v}");
+        assert_eq!(bookmark_json(&b, Some(false))["reachable"], false);
+    }
+
+    #[test]
+    fn point_specs_become_pit_targets() {
+        assert!(matches!(
+            parse_target(&control::PointSpec::Seq(5)).unwrap(),
+            Target::Seq(5)
+        ));
+        assert!(matches!(
+            parse_target(&control::PointSpec::At("1970-01-01T00:00:02Z".into())).unwrap(),
+            Target::Time(2_000_000_000)
+        ));
+        assert!(parse_target(&control::PointSpec::At("yesterday".into())).is_err());
+    }
 }

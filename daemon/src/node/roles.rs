@@ -412,4 +412,16 @@ mod tests {
         let fence = fence_after_abandoned_switchover(Some(&o)).expect("stays fenced");
         assert_eq!(fence, outdated_reason(&o));
     }
+
+    #[test]
+    fn an_outdated_primary_is_told_who_replaced_it_and_what_to_do() {
+        let why = outdated_reason(&crate::store::meta::Outdated {
+            epoch: 4,
+            by: "site-b".into(),
+        });
+        assert!(
+            why.contains("node 'site-b' is the primary of epoch 4") && why.contains("demote"),
+            "{why}"
+        );
+    }
 }

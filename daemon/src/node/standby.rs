@@ -1,6 +1,5 @@
 //! A node in the standby role: start-up of the replica side ([`run_standby`]) and
 //! its control handler.
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -9,8 +8,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::ops::control;
-use crate::ops::metrics::{NodeSource, RoleSource};
-use crate::pit::PitExports;
+use crate::pit::{Pit, PitExports};
 use crate::replica::session as standby;
 use crate::replica::standby::Standby;
 use crate::ship::{self as replication};
@@ -18,14 +16,14 @@ use crate::store::meta::RollbackState;
 
 use crate::node::checkpoint::Checkpointer;
 use crate::node::lifecycle::{
-    finish_shutdown, journal_status, transport_options, wait_until, ControlSocket, Lifecycle,
-    Observe,
+    finish_shutdown, transport_options, wait_until, ControlSocket, Lifecycle, Observe,
 };
 use crate::node::recovery::Recovered;
 use crate::node::requests::{
     find_volume, list_bookmarks, parse_target, respond, rolled_back_reason, OPERATOR_PAUSE,
 };
 use crate::node::roles::{promote, rollback, take_over};
+use crate::node::status::{self, RoleSource, StatusSource};
 
 pub(crate) async fn run_standby(
     cfg: Config,
@@ -40,15 +38,7 @@ pub(crate) async fn run_standby(
         .ok_or_else(|| anyhow::anyhow!("a standby needs a [replication] section"))?;
     let listen: std::net::SocketAddr =
         crate::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?;
-    // Recovery replayed everything durable: `rec.applied` is the journal's end (or
-    // the rollback target of a rolled-back replica, which stays paused).
-    let paused = match rec.rollback {
-        Some(RollbackState::Done { target }) => Some(rolled_back_reason(target)),
-        _ => rec
-            .meta
-            .operator_pause()
-            .context("reading the operator pause from the metadata store")?,
-    };
+    let paused = initial_pause(&rec)?;
     if let Some(why) = &paused {
         tracing::warn!("{why}");
     }
@@ -80,19 +70,24 @@ pub(crate) async fn run_standby(
         let sb = standby.clone();
         Arc::new(move || (sb.applied_seq(), Seq::MAX))
     })?;
-    obs.metrics.set_source(NodeSource {
+    let status = Arc::new(StatusSource {
+        node: cfg.node.name.clone(),
         meta: rec.meta.clone(),
         journal: rec.journal.clone(),
+        volumes: status::volumes(&cfg, None),
         role: RoleSource::Standby {
             standby: standby.clone(),
-            pit: rec.applier.pit.clone(),
+            applier: rec.applier.clone(),
+            exports: exports.clone(),
         },
     });
+    obs.metrics.set_source(status.metrics_source());
     let handler = standby_handler(
         &cfg,
         rec.clone(),
         standby.clone(),
         exports.clone(),
+        status,
         life.clone(),
     );
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
@@ -122,137 +117,84 @@ pub(crate) async fn run_standby(
         control_task,
     )
     .await;
-    if let Some(x) = &exports {
+    drain_standby(&rec, &standby, exports.as_deref()).await;
+    finish_shutdown(ckpt, &rec).await
+}
+
+/// Unexports the point-in-time views and lets the applier finish what is durable
+/// (unless paused) before the final checkpoint.
+async fn drain_standby(rec: &Recovered, standby: &Standby, exports: Option<&PitExports>) {
+    if let Some(x) = exports {
         if let Err(e) = x.unexport(None, true).await {
             tracing::warn!("unexporting point-in-time views: {e:#}");
         }
     }
-    // Let the applier finish what is durable before the final checkpoint.
     let target = rec.journal.durable_seq();
     wait_until("the replica to apply what is durable", || {
         standby.applied_seq() >= target || standby.paused().is_some()
     });
-    finish_shutdown(ckpt, &rec).await
 }
+
+/// Why the standby starts paused, if it does. Recovery replayed everything durable:
+/// `rec.applied` is the journal's end, or the rollback target of a rolled-back
+/// replica, which stays paused.
+fn initial_pause(rec: &Recovered) -> anyhow::Result<Option<String>> {
+    Ok(match rec.rollback {
+        Some(RollbackState::Done { target }) => Some(rolled_back_reason(target)),
+        _ => rec
+            .meta
+            .operator_pause()
+            .context("reading the operator pause from the metadata store")?,
+    })
+}
+
+const PIT_OFF: &str = "point-in-time recovery is disabled on this standby ([pit] enabled = false)";
 
 pub(crate) fn standby_handler(
     cfg: &Config,
     rec: Arc<Recovered>,
     sb: Arc<Standby>,
     exports: Option<Arc<PitExports>>,
+    status: Arc<StatusSource>,
     life: Arc<Lifecycle>,
 ) -> control::Handler {
-    let node = cfg.node.name.clone();
-    let volumes: Vec<_> = cfg
-        .volumes
-        .iter()
-        .map(|v| json!({"name": v.name, "size_bytes": v.size.0, "path": v.path}))
-        .collect();
-    let pit_off = "point-in-time recovery is disabled on this standby ([pit] enabled = false)";
     let has_nbd = cfg.nbd.is_some();
     Arc::new(move |req| {
         let pit = rec.applier.pit.clone();
         match req {
-            control::Request::Status => {
-                let j = &rec.journal;
-                let st = &sb.state;
-                let applied_ts = st.applied_ts_ns.load(Ordering::Relaxed);
-                let mut pit_status = pit.as_ref().map_or(json!({"enabled": false}), |p| p.status());
-                if let Some(x) = &exports {
-                    pit_status["exports"] = json!(x.status());
-                }
-                control::Response::ok(json!({
-                    "node": node,
-                    "role": "standby",
-                    "epoch": rec.meta.epoch().unwrap_or(0),
-                    "last_seq": j.durable_seq(),
-                    "durable_seq": j.durable_seq(),
-                    "applied_seq": sb.applied_seq(),
-                    "checkpoint_seq": rec.meta.checkpoint().unwrap_or(0),
-                    "journal": journal_status(j),
-                    "paused": sb.paused(),
-                    "apply_error": st.apply_error.lock().clone(),
-                    // A bitmap resync in progress: no consistent image until it ends.
-                    "replica": if rec.applier.resync.get().is_some() { "inconsistent" } else { "consistent" },
-                    "resync": rec.applier.resync.status(),
-                    "primary": {
-                        "name": st.primary,
-                        "listen": st.listen,
-                        "connected": st.connected.lock().clone(),
-                        "last_seq": st.last_primary_seq.load(Ordering::Relaxed),
-                        "last_error": st.last_error.lock().clone(),
-                    },
-                    "applied_primary_time_ns": applied_ts,
-                    "pit": pit_status,
-                    "volumes": volumes,
-                    "targets": [],
-                }))
-            }
+            control::Request::Status => status.respond(),
             control::Request::ListBookmarks => respond(list_bookmarks(&rec, pit.as_deref())),
             control::Request::BookmarkCreate { .. } => control::Response::err(
                 "bookmarks are created on the primary (they travel to standbys in the write-set stream)",
             ),
-            control::Request::ListPits { limit } => respond((|| {
-                let pit = pit.as_ref().ok_or_else(|| anyhow::anyhow!(pit_off))?;
-                let mut v = pit.status();
-                v["recent_points"] = json!(pit
-                    .points(limit.unwrap_or(20))
-                    .iter()
-                    .map(|p| json!({"seq": p.seq, "time": crate::timefmt::format_rfc3339(p.timestamp_ns)}))
-                    .collect::<Vec<_>>());
-                v["bookmarks"] = list_bookmarks(&rec, Some(pit))?["bookmarks"].clone();
-                v["exports"] = json!(exports.as_ref().map(|x| x.status()).unwrap_or_default());
-                v["applied_seq"] = json!(sb.applied_seq());
-                Ok(v)
-            })()),
+            control::Request::ListPits { limit } => respond(list_pits(
+                &rec,
+                &sb,
+                pit.as_deref(),
+                exports.as_deref(),
+                limit,
+            )),
             control::Request::PitExport {
                 volume,
                 target,
                 listen,
                 writable,
             } => respond((|| {
-                let x = exports.as_ref().ok_or_else(|| anyhow::anyhow!(pit_off))?;
+                let x = exports.as_ref().ok_or_else(|| anyhow::anyhow!(PIT_OFF))?;
                 let base = find_volume(&rec, &volume)?;
                 let t = parse_target(&target)?;
                 let addr = crate::config::parse_addr(&listen).map_err(anyhow::Error::msg)?;
                 tokio::task::block_in_place(|| x.export(base, &t, addr, writable))
             })()),
             control::Request::PitUnexport { id, all } => respond((|| {
-                let x = exports.as_ref().ok_or_else(|| anyhow::anyhow!(pit_off))?;
+                let x = exports.as_ref().ok_or_else(|| anyhow::anyhow!(PIT_OFF))?;
                 let ids = tokio::task::block_in_place(|| {
                     tokio::runtime::Handle::current().block_on(x.unexport(id, all))
                 })?;
                 Ok(json!({"unexported": ids}))
             })()),
-            control::Request::Pause => {
-                if sb.paused().is_none() {
-                    // Durable first: a pause the next restart forgets is not a pause.
-                    if let Err(e) = rec.meta.set_operator_pause(Some(OPERATOR_PAUSE)) {
-                        return control::Response::err(format!(
-                            "not paused: recording the pause failed: {e}"
-                        ));
-                    }
-                    sb.set_paused(Some(OPERATOR_PAUSE.into()));
-                    tracing::warn!("replication paused by an operator (kept across restarts)");
-                }
-                control::Response::ok(json!({"paused": sb.paused()}))
-            }
-            control::Request::Resume => match rec.meta.rollback_state() {
-                Ok(Some(RollbackState::Done { target })) => {
-                    control::Response::err(rolled_back_reason(target))
-                }
-                Ok(_) => match rec.meta.set_operator_pause(None) {
-                    Ok(()) => {
-                        sb.set_paused(None);
-                        tracing::info!("replication resumed by an operator");
-                        control::Response::ok(json!({"paused": null}))
-                    }
-                    Err(e) => control::Response::err(format!(
-                        "still paused: clearing the recorded pause failed: {e}"
-                    )),
-                },
-                Err(e) => control::Response::err(e.to_string()),
-            },
+            control::Request::Pause => pause(&rec, &sb),
+            control::Request::Resume => resume(&rec, &sb),
             control::Request::Rollback {
                 volume,
                 target,
@@ -273,4 +215,89 @@ pub(crate) fn standby_handler(
             }
         }
     })
+}
+
+/// The point-in-time window with its most recent `limit` points (20 by default), the
+/// bookmarks, the exported views and the applied position.
+fn list_pits(
+    rec: &Recovered,
+    sb: &Standby,
+    pit: Option<&Pit>,
+    exports: Option<&PitExports>,
+    limit: Option<usize>,
+) -> anyhow::Result<serde_json::Value> {
+    let pit = pit.ok_or_else(|| anyhow::anyhow!(PIT_OFF))?;
+    let mut v = serde_json::to_value(pit.status())?;
+    v["recent_points"] = points_json(&pit.points(limit.unwrap_or(20)));
+    v["bookmarks"] = list_bookmarks(rec, Some(pit))?["bookmarks"].clone();
+    v["exports"] = json!(exports.map(|x| x.status()).unwrap_or_default());
+    v["applied_seq"] = json!(sb.applied_seq());
+    Ok(v)
+}
+
+/// Recovery points as `ferryctl pit list` shows them: sequence and time.
+fn points_json(points: &[crate::pit::Point]) -> serde_json::Value {
+    points
+        .iter()
+        .map(|p| json!({"seq": p.seq, "time": crate::timefmt::format_rfc3339(p.timestamp_ns)}))
+        .collect()
+}
+
+/// Pauses replication, durably first: a pause the next restart forgets is not a pause.
+fn pause(rec: &Recovered, sb: &Standby) -> control::Response {
+    if sb.paused().is_none() {
+        if let Err(e) = rec.meta.set_operator_pause(Some(OPERATOR_PAUSE)) {
+            return control::Response::err(format!("not paused: recording the pause failed: {e}"));
+        }
+        sb.set_paused(Some(OPERATOR_PAUSE.into()));
+        tracing::warn!("replication paused by an operator (kept across restarts)");
+    }
+    control::Response::ok(json!({"paused": sb.paused()}))
+}
+
+/// Resumes replication, unless the replica was rolled back (it no longer follows).
+fn resume(rec: &Recovered, sb: &Standby) -> control::Response {
+    match rec.meta.rollback_state() {
+        Ok(Some(RollbackState::Done { target })) => {
+            control::Response::err(rolled_back_reason(target))
+        }
+        Ok(_) => match rec.meta.set_operator_pause(None) {
+            Ok(()) => {
+                sb.set_paused(None);
+                tracing::info!("replication resumed by an operator");
+                control::Response::ok(json!({"paused": null}))
+            }
+            Err(e) => control::Response::err(format!(
+                "still paused: clearing the recorded pause failed: {e}"
+            )),
+        },
+        Err(e) => control::Response::err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_points_show_their_sequence_and_time() {
+        let points = [
+            crate::pit::Point {
+                seq: 3,
+                timestamp_ns: 0,
+            },
+            crate::pit::Point {
+                seq: 8,
+                timestamp_ns: 61_500_000_000,
+            },
+        ];
+        assert_eq!(
+            points_json(&points),
+            json!([
+                {"seq": 3, "time": "1970-01-01T00:00:00.000Z"},
+                {"seq": 8, "time": "1970-01-01T00:01:01.500Z"},
+            ])
+        );
+        assert_eq!(points_json(&[]), json!([]));
+    }
 }

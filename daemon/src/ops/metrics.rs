@@ -11,10 +11,11 @@
 //!   `503` before that and again while shutting down.
 //!
 //! The server starts *before* journal recovery so a long replay is observable as
-//! "alive, not ready". Values that already live in atomics elsewhere (journal stats,
-//! sequence positions, target states, the lag index) are read at scrape time by a
-//! collector rather than duplicated, including the frontend latency histograms and op
-//! counters ([`crate::primary::frontend::Frontend`]) kept by the write path.
+//! "alive, not ready". At scrape time a collector renders the node's status snapshot
+//! ([`ferry_api::status::NodeStatus`], built by the same function that answers the
+//! control socket's `status`) rather than duplicating what lives elsewhere, plus the
+//! frontend latency histograms and op counters ([`crate::primary::frontend::Frontend`])
+//! kept by the write path.
 //!
 //! Not exported yet because the features do not exist: the point-in-time recovery
 //! window and resync progress.
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_journal::{Journal, Seq};
+use ferry_journal::Seq;
 use parking_lot::RwLock;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -40,12 +41,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::config::{Config, ReplicationMode, Role};
-use crate::primary::volume::Group;
-use crate::replica::standby::Standby;
-use crate::ship::{Replication, TargetState};
-use crate::store::meta::Meta;
-use ferry_journal::now_ns;
+use crate::config::{Config, Role};
+use crate::primary::frontend::Frontend;
+use ferry_api::status::{NodeStatus, RoleStatus, StandbyStatus, TargetStatus};
 
 /// Largest request head (request line + headers) the endpoint reads.
 pub const MAX_REQUEST_BYTES: usize = 8 << 10;
@@ -69,21 +67,11 @@ const TARGET_MODES: [&str; 3] = ["sync", "async", "degraded"];
 
 /// What the collector reads at scrape time; set once recovery has finished.
 pub struct NodeSource {
-    pub meta: Arc<Meta>,
-    pub journal: Arc<Journal>,
-    pub role: RoleSource,
-}
-
-pub enum RoleSource {
-    Primary {
-        group: Arc<Group>,
-        replication: Option<Arc<Replication>>,
-    },
-    Standby {
-        standby: Arc<Standby>,
-        /// Point-in-time store, when `[pit]` is on.
-        pit: Option<Arc<crate::pit::Pit>>,
-    },
+    /// Builds the node's status snapshot (what the control socket's `status`
+    /// answers): every series but the write path's is rendered from it.
+    pub status: Arc<dyn Fn() -> NodeStatus + Send + Sync>,
+    /// A primary's write path: latency histograms and op counters.
+    pub frontend: Option<Arc<Frontend>>,
 }
 
 struct Inner {
@@ -170,11 +158,11 @@ fn counter<N: EncodeCounterValue>(
 /// One gauge family with a `target` label, one series per replication target.
 fn per_target<N: EncodeGaugeValue>(
     e: &mut DescriptorEncoder,
-    targets: &[Arc<TargetState>],
+    targets: &[TargetStatus],
     name: &str,
     help: &str,
     unit: Option<&Unit>,
-    v: impl Fn(&TargetState) -> N,
+    v: impl Fn(&TargetStatus) -> N,
 ) -> std::fmt::Result {
     let mut m = e.encode_descriptor(name, help, unit, MetricType::Gauge)?;
     for t in targets {
@@ -184,15 +172,27 @@ fn per_target<N: EncodeGaugeValue>(
     Ok(())
 }
 
-/// sync / async / degraded (a sync target that missed its timeout).
-pub fn effective_mode(t: &TargetState) -> &'static str {
-    if t.degraded.load(Ordering::Acquire) {
-        "degraded"
-    } else if t.mode == ReplicationMode::Sync {
-        "sync"
-    } else {
-        "async"
+/// One gauge family with `target` and `label` labels: per target, 1 for its current
+/// value and 0 for the other `values` (a value outside them gets a series of its
+/// own), so that a change is a value change, not a series appearing.
+fn one_hot<'a>(
+    e: &mut DescriptorEncoder,
+    targets: &'a [TargetStatus],
+    (name, help): (&str, &str),
+    label: &str,
+    values: &[&'a str],
+    current: impl Fn(&'a TargetStatus) -> &'a str,
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for t in targets {
+        let cur = current(t);
+        let extra = (!values.contains(&cur)).then_some(cur);
+        for v in values.iter().copied().chain(extra) {
+            let labels: &[(&str, &str)] = &[("target", t.name.as_str()), (label, v)];
+            ConstGauge::new((v == cur) as i64).encode(m.encode_family(&labels)?)?;
+        }
     }
+    Ok(())
 }
 
 impl Collector for Inner {
@@ -218,27 +218,27 @@ impl Collector for Inner {
         let Some(src) = guard.as_ref() else {
             return Ok(()); // still recovering
         };
+        let st = (src.status)();
         gauge(
             e,
             "ferry_node_epoch",
             "Replication epoch of this node.",
             None,
-            src.meta.epoch().unwrap_or(0),
+            st.epoch,
         )?;
 
-        let durable = encode_journal(e, src)?;
-        encode_apply(e, src, durable)?;
-        encode_role(e, src)
+        encode_journal(e, &st)?;
+        encode_apply(e, &st)?;
+        encode_role(e, &st, src.frontend.as_deref())
     }
 }
 
-/// The journal series (engine, fill, batches, positions); returns the durable
-/// position it reported, so the apply lag is computed from the same reading.
-fn encode_journal(e: &mut DescriptorEncoder, src: &NodeSource) -> Result<Seq, std::fmt::Error> {
-    let j = &src.journal;
-    let fallback = j.fallback_reason().unwrap_or_default();
+/// The journal series (engine, fill, batches, positions).
+fn encode_journal(e: &mut DescriptorEncoder, st: &NodeStatus) -> std::fmt::Result {
+    let j = &st.journal;
+    let fallback = j.fallback_reason.clone().unwrap_or_default();
     Info::new(vec![
-        ("engine", j.engine_name()),
+        ("engine", j.engine.as_str()),
         ("fallback_reason", fallback.as_str()),
     ])
     .encode(e.encode_descriptor(
@@ -252,76 +252,70 @@ fn encode_journal(e: &mut DescriptorEncoder, src: &NodeSource) -> Result<Seq, st
         "ferry_journal_used",
         "Journal bytes holding records not yet released.",
         Some(&Unit::Bytes),
-        j.used_bytes(),
+        j.used_bytes,
     )?;
     gauge(
         e,
         "ferry_journal_capacity",
         "Journal capacity (journal.size).",
         Some(&Unit::Bytes),
-        j.capacity_bytes(),
+        j.capacity_bytes,
     )?;
-    let st = j.stats();
     counter(
         e,
         "ferry_journal_batches",
         "Durable journal batch writes completed.",
         None,
-        st.batches,
+        j.batches,
     )?;
     counter(
         e,
         "ferry_journal_records",
         "Records made durable in the journal.",
         None,
-        st.records,
+        j.records,
     )?;
     counter(
         e,
         "ferry_journal_written",
         "Bytes written to journal segments (headers and padding included).",
         Some(&Unit::Bytes),
-        st.bytes_written,
+        j.bytes_written,
     )?;
     counter(
         e,
         "ferry_journal_write",
         "Summed duration of durable batch writes (overlapping when several are in flight).",
         Some(&Unit::Seconds),
-        st.write_ns as f64 / 1e9,
+        j.write_seconds,
     )?;
-    let durable = j.durable_seq();
     gauge(
         e,
         "ferry_journal_durable_seq",
         "Highest contiguous durable journal sequence.",
         None,
-        durable,
+        st.durable_seq,
     )?;
     gauge(
         e,
         "ferry_journal_first_seq",
         "Oldest journal sequence still held (not released).",
         None,
-        j.first_available_seq(),
+        j.first_seq,
     )?;
     gauge(
         e,
         "ferry_journal_checkpoint_seq",
         "Sequence of the last checkpoint (bases fsynced up to it).",
         None,
-        src.meta.checkpoint().unwrap_or(0),
-    )?;
-
-    Ok(durable)
+        st.checkpoint_seq,
+    )
 }
 
-/// The apply position of the volumes (base volumes on a primary, replicas on a standby).
-fn encode_apply(e: &mut DescriptorEncoder, src: &NodeSource, durable: Seq) -> std::fmt::Result {
-    let applied: Seq = match &src.role {
-        RoleSource::Primary { group, .. } => group.applied_seq(),
-        RoleSource::Standby { standby, .. } => standby.applied_seq(),
-    };
+/// The apply position of the volumes (base volumes on a primary, replicas on a
+/// standby), and its lag behind the durable journal of the same snapshot.
+fn encode_apply(e: &mut DescriptorEncoder, st: &NodeStatus) -> std::fmt::Result {
+    let applied: Seq = st.applied_seq;
     gauge(
         e,
         "ferry_apply_applied_seq",
@@ -334,130 +328,144 @@ fn encode_apply(e: &mut DescriptorEncoder, src: &NodeSource, durable: Seq) -> st
         "ferry_apply_lag_records",
         "Journal records durable but not yet applied to the volumes (durable - applied).",
         None,
-        durable.saturating_sub(applied),
-    )?;
-
-    Ok(())
+        st.durable_seq.saturating_sub(applied),
+    )
 }
 
 /// The role's own series: write path and targets on a primary, receive and apply
 /// state on a standby.
-fn encode_role(e: &mut DescriptorEncoder, src: &NodeSource) -> std::fmt::Result {
-    let j = &src.journal;
-    match &src.role {
-        RoleSource::Primary { group, replication } => {
+fn encode_role(
+    e: &mut DescriptorEncoder,
+    st: &NodeStatus,
+    frontend: Option<&Frontend>,
+) -> std::fmt::Result {
+    match &st.role {
+        RoleStatus::Primary(p) => {
             gauge(
                 e,
                 "ferry_apply_failed",
                 "1 once a base write failed (the group refuses writes until restart).",
                 None,
-                group.gate.failed() as i64,
+                p.failed as i64,
             )?;
             gauge(
                 e,
                 "ferry_journal_last_seq",
                 "Last sequence assigned by the journal.",
                 None,
-                j.last_seq(),
+                st.last_seq,
             )?;
-            group.frontend.encode(e)?;
-            if let Some(r) = replication {
-                encode_targets(e, r)?;
+            if let Some(f) = frontend {
+                f.encode(e)?;
             }
+            // Targets exist only with replication configured: without, no families.
+            if !st.targets.is_empty() {
+                encode_targets(e, &st.targets)?;
+            }
+            Ok(())
         }
-        RoleSource::Standby { standby, pit } => {
-            if let Some(p) = pit {
-                let w = p.window_numbers();
-                gauge(
-                    e,
-                    "ferry_pit_points",
-                    "Recovery points retained in the undo log.",
-                    None,
-                    w.points as u64,
-                )?;
-                gauge(
-                    e,
-                    "ferry_pit_oldest_timestamp",
-                    "Primary clock time (Unix seconds) of the oldest retained point; 0 with none.",
-                    Some(&Unit::Seconds),
-                    w.oldest_ns as f64 / 1e9,
-                )?;
-                gauge(
-                    e,
-                    "ferry_pit_window",
-                    "Time between the oldest and the newest retained point.",
-                    Some(&Unit::Seconds),
-                    w.newest_ns.saturating_sub(w.oldest_ns) as f64 / 1e9,
-                )?;
-                gauge(
-                    e,
-                    "ferry_undo_used",
-                    "Bytes of undo log on disk.",
-                    Some(&Unit::Bytes),
-                    w.used_bytes,
-                )?;
-                gauge(
-                    e,
-                    "ferry_undo_capacity",
-                    "Undo log size limit (pit.max_bytes).",
-                    Some(&Unit::Bytes),
-                    w.max_bytes,
-                )?;
-                gauge(
-                    e,
-                    "ferry_pit_views",
-                    "Point-in-time views currently open.",
-                    None,
-                    w.views as u64,
-                )?;
-            }
-            let s = &standby.state;
-            gauge(
-                e,
-                "ferry_standby_connected",
-                "1 while the primary has a session with this standby.",
-                None,
-                s.connected.lock().is_some() as i64,
-            )?;
-            gauge(
-                e,
-                "ferry_standby_primary_seq",
-                "Latest sequence the primary reported having.",
-                None,
-                s.last_primary_seq.load(Ordering::Relaxed),
-            )?;
-            gauge(
-                e,
-                "ferry_standby_applied_primary_timestamp",
-                "Primary clock time (Unix seconds) of the newest applied write-set; 0 before the first.",
-                Some(&Unit::Seconds),
-                s.applied_ts_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            )?;
+        RoleStatus::Standby(s) => {
+            encode_pit(e, s)?;
+            encode_standby(e, s)
         }
     }
-    Ok(())
 }
 
-fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Result {
-    let targets = &r.targets;
-    let now = now_ns();
-    let lags: Vec<(u64, f64)> = targets
-        .iter()
-        .map(|t| r.index.lag_after(t.acked_seq.load(Ordering::Acquire), now))
-        .collect();
-    let lag_of = |t: &TargetState| {
-        targets
-            .iter()
-            .position(|x| std::ptr::eq(x.as_ref(), t))
-            .map_or((0, 0.0), |i| lags[i])
+/// The point-in-time window, when `[pit]` is on.
+fn encode_pit(e: &mut DescriptorEncoder, s: &StandbyStatus) -> std::fmt::Result {
+    let Some(w) = &s.pit.window else {
+        return Ok(());
     };
+    let oldest_ns = w.oldest.as_ref().map_or(0, |p| p.timestamp_ns);
+    let newest_ns = w.newest.as_ref().map_or(0, |p| p.timestamp_ns);
+    gauge(
+        e,
+        "ferry_pit_points",
+        "Recovery points retained in the undo log.",
+        None,
+        w.points,
+    )?;
+    gauge(
+        e,
+        "ferry_pit_oldest_timestamp",
+        "Primary clock time (Unix seconds) of the oldest retained point; 0 with none.",
+        Some(&Unit::Seconds),
+        oldest_ns as f64 / 1e9,
+    )?;
+    gauge(
+        e,
+        "ferry_pit_window",
+        "Time between the oldest and the newest retained point.",
+        Some(&Unit::Seconds),
+        newest_ns.saturating_sub(oldest_ns) as f64 / 1e9,
+    )?;
+    gauge(
+        e,
+        "ferry_undo_used",
+        "Bytes of undo log on disk.",
+        Some(&Unit::Bytes),
+        w.used_bytes,
+    )?;
+    gauge(
+        e,
+        "ferry_undo_capacity",
+        "Undo log size limit (pit.max_bytes).",
+        Some(&Unit::Bytes),
+        w.max_bytes,
+    )?;
+    gauge(
+        e,
+        "ferry_pit_views",
+        "Point-in-time views currently open.",
+        None,
+        w.open_views.len() as u64,
+    )
+}
+
+/// The standby's session with its primary and its apply time.
+fn encode_standby(e: &mut DescriptorEncoder, s: &StandbyStatus) -> std::fmt::Result {
+    gauge(
+        e,
+        "ferry_standby_connected",
+        "1 while the primary has a session with this standby.",
+        None,
+        s.primary.connected.is_some() as i64,
+    )?;
+    gauge(
+        e,
+        "ferry_standby_primary_seq",
+        "Latest sequence the primary reported having.",
+        None,
+        s.primary.last_seq,
+    )?;
+    gauge(
+        e,
+        "ferry_standby_applied_primary_timestamp",
+        "Primary clock time (Unix seconds) of the newest applied write-set; 0 before the first.",
+        Some(&Unit::Seconds),
+        s.applied_primary_time_ns as f64 / 1e9,
+    )
+}
+
+/// The replication targets' series: positions and lag, then states and modes, then
+/// the dirty-region tracking.
+fn encode_targets(e: &mut DescriptorEncoder, targets: &[TargetStatus]) -> std::fmt::Result {
+    encode_target_positions(e, targets)?;
+    encode_target_states(e, targets)?;
+    encode_target_tracking(e, targets)
+}
+
+fn encode_target_positions(
+    e: &mut DescriptorEncoder,
+    targets: &[TargetStatus],
+) -> std::fmt::Result {
     per_target(
         e,
         targets,
         "ferry_replication_lag",
         "Age of the oldest journal record the target does not hold durably (RPO); 0 when caught up.",
         Some(&Unit::Seconds),
-        |t| lag_of(t).1,
+        |t| t.lag_seconds,
     )?;
     per_target(
         e,
@@ -465,7 +473,7 @@ fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Resul
         "ferry_replication_lag",
         "Record bytes the target does not hold durably yet (a lower bound when far behind).",
         Some(&Unit::Bytes),
-        |t| lag_of(t).0,
+        |t| t.lag_bytes,
     )?;
     per_target(
         e,
@@ -473,7 +481,7 @@ fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Resul
         "ferry_replication_acked_seq",
         "Highest sequence the target holds durably.",
         None,
-        |t| t.acked_seq.load(Ordering::Acquire),
+        |t| t.acked_seq,
     )?;
     per_target(
         e,
@@ -481,7 +489,7 @@ fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Resul
         "ferry_replication_applied_seq",
         "Highest sequence the target has applied to its replica volumes.",
         None,
-        |t| t.applied_seq.load(Ordering::Acquire),
+        |t| t.applied_seq,
     )?;
     per_target(
         e,
@@ -489,57 +497,56 @@ fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Resul
         "ferry_replication_rtt",
         "Round-trip time of the target's connection.",
         Some(&Unit::Seconds),
-        |t| t.rtt_us.load(Ordering::Relaxed) as f64 / 1e6,
+        |t| t.rtt_us as f64 / 1e6,
+    )
+}
+
+fn encode_target_states(e: &mut DescriptorEncoder, targets: &[TargetStatus]) -> std::fmt::Result {
+    one_hot(
+        e,
+        targets,
+        (
+            "ferry_replication_target_state",
+            "1 for the shipper's current state of the target, 0 for the others.",
+        ),
+        "state",
+        &TARGET_STATES,
+        |t| t.state.as_str(),
     )?;
-    let mut m = e.encode_descriptor(
-        "ferry_replication_target_state",
-        "1 for the shipper's current state of the target, 0 for the others.",
-        None,
-        MetricType::Gauge,
+    one_hot(
+        e,
+        targets,
+        (
+            "ferry_replication_target_mode",
+            "1 for the target's effective mode (sync, async, or degraded: a sync target that missed sync_timeout_ms), 0 for the others.",
+        ),
+        "mode",
+        &TARGET_MODES,
+        |t| t.effective_mode.metric_str(),
+    )
+}
+
+fn encode_target_tracking(e: &mut DescriptorEncoder, targets: &[TargetStatus]) -> std::fmt::Result {
+    one_hot(
+        e,
+        targets,
+        (
+            "ferry_replication_target_tracking",
+            "1 for how the journal tracks the target (streaming: it holds the journal; bitmap: its \
+             writes are marked in a dirty-region map because it fell too far behind; resyncing: \
+             its dirty regions are being copied), 0 for the others.",
+        ),
+        "mode",
+        &crate::ship::target::MODES,
+        |t| t.track.tracking.as_str(),
     )?;
-    for t in targets {
-        let cur = t.state();
-        let extra = (!TARGET_STATES.contains(&cur)).then_some(cur);
-        for s in TARGET_STATES.iter().copied().chain(extra) {
-            let labels: &[(&str, &str)] = &[("target", t.name.as_str()), ("state", s)];
-            ConstGauge::new((s == cur) as i64).encode(m.encode_family(&labels)?)?;
-        }
-    }
-    let mut m = e.encode_descriptor(
-        "ferry_replication_target_mode",
-        "1 for the target's effective mode (sync, async, or degraded: a sync target that missed sync_timeout_ms), 0 for the others.",
-        None,
-        MetricType::Gauge,
-    )?;
-    for t in targets {
-        let cur = effective_mode(t);
-        for mode in TARGET_MODES {
-            let labels: &[(&str, &str)] = &[("target", t.name.as_str()), ("mode", mode)];
-            ConstGauge::new((mode == cur) as i64).encode(m.encode_family(&labels)?)?;
-        }
-    }
-    let mut m = e.encode_descriptor(
-        "ferry_replication_target_tracking",
-        "1 for how the journal tracks the target (streaming: it holds the journal; bitmap: its \
-         writes are marked in a dirty-region map because it fell too far behind; resyncing: \
-         its dirty regions are being copied), 0 for the others.",
-        None,
-        MetricType::Gauge,
-    )?;
-    for t in targets {
-        let cur = t.track.mode().as_str();
-        for mode in crate::ship::target::MODES {
-            let labels: &[(&str, &str)] = &[("target", t.name.as_str()), ("mode", mode)];
-            ConstGauge::new((mode == cur) as i64).encode(m.encode_family(&labels)?)?;
-        }
-    }
     per_target(
         e,
         targets,
         "ferry_replication_dirty",
         "Bytes of the target's dirty regions (bitmap mode): what its next resync copies.",
         Some(&Unit::Bytes),
-        |t| t.track.dirty_bytes.load(Ordering::Relaxed),
+        |t| t.track.dirty_bytes,
     )?;
     let mut m = e.encode_descriptor(
         "ferry_replication_resync",
@@ -549,8 +556,7 @@ fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Resul
     )?;
     for t in targets {
         let labels: &[(&str, &str)] = &[("target", t.name.as_str())];
-        ConstCounter::new(t.track.resync_bytes.load(Ordering::Relaxed))
-            .encode(m.encode_family(&labels)?)?;
+        ConstCounter::new(t.track.resync_bytes).encode(m.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -813,6 +819,8 @@ mod tests {
 
     #[test]
     fn target_series_read_live_state() {
+        use crate::ship::Replication;
+        use ferry_journal::now_ns;
         let cfg = Config::parse(
             r#"
 [node]
@@ -858,7 +866,8 @@ address = "127.0.0.1:7002"
         }
         impl Collector for R {
             fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-                encode_targets(&mut e, &self.0)
+                // The targets' rows of the status snapshot, as the collector renders them.
+                encode_targets(&mut e, &self.0.status())
             }
         }
         let mut reg = Registry::default();

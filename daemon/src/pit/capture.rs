@@ -317,7 +317,9 @@ mod tests {
             1,
             &[(Op::Trim, 0, SIZE as u32, 0), (Op::Write, 4096, 65536, 5)],
         );
-        let used = r.pit.status()["used_bytes"].as_u64().unwrap();
+        let used = serde_json::to_value(r.pit.status()).unwrap()["used_bytes"]
+            .as_u64()
+            .unwrap();
         // The segment's header block and one 4 KiB block for the entry: no data bytes
         // (the 64 KiB written over zeros alone would take 17 blocks).
         let blocks = 2 * ferry_journal::undo::UNDO_ALIGN;

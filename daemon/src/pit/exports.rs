@@ -12,6 +12,7 @@ use serde_json::json;
 use super::{Pit, PitView, Target};
 use crate::store::base::Base;
 use crate::timefmt::format_rfc3339;
+use ferry_api::status::PitExport;
 
 /// Point-in-time views served over NBD, each on its own listener.
 pub struct PitExports {
@@ -147,20 +148,20 @@ impl PitExports {
         Ok(ids)
     }
 
-    pub fn status(&self) -> Vec<serde_json::Value> {
+    pub fn status(&self) -> Vec<PitExport> {
         self.list
             .lock()
             .iter()
             .map(|v| {
                 let p = v.view.point();
-                json!({
-                    "id": v.view.id(),
-                    "volume": v.view.volume(),
-                    "seq": p.seq,
-                    "time": format_rfc3339(p.timestamp_ns),
-                    "listen": v.addr.to_string(),
-                    "writable": v.view.writable(),
-                })
+                PitExport {
+                    id: v.view.id(),
+                    volume: v.view.volume().to_string(),
+                    seq: p.seq,
+                    time: format_rfc3339(p.timestamp_ns),
+                    listen: v.addr.to_string(),
+                    writable: v.view.writable(),
+                }
             })
             .collect()
     }
@@ -206,8 +207,8 @@ mod tests {
         assert_ne!(addr.port(), 0);
         // The listener accepts connections (the NBD handshake is the server's own test).
         tokio::net::TcpStream::connect(addr).await.unwrap();
-        let st = ex.status();
-        assert_eq!(st.len(), 1);
+        let st = serde_json::to_value(ex.status()).unwrap();
+        assert_eq!(st.as_array().map(Vec::len), Some(1));
         assert_eq!(st[0]["id"], out["id"]);
         assert_eq!(st[0]["volume"], "v");
         assert_eq!(

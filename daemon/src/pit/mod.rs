@@ -56,12 +56,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use ferry_journal::UndoLog;
 use parking_lot::Mutex;
-use serde_json::json;
 
 use crate::config::PitConfig;
 use crate::store::base::Base;
 use crate::store::meta::Meta;
 use crate::timefmt::format_rfc3339;
+use ferry_api::status::{OpenView, PitPoint, PitStatus, PitWindow};
 
 use capture::open_capture_file;
 pub use exports::PitExports;
@@ -187,30 +187,41 @@ impl Pit {
     }
 
     /// Status of the window, retention and views.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> PitStatus {
         let w = *self.window.lock();
         let pt = |p: Option<Point>| {
-            p.map(|p| json!({"seq": p.seq, "time": format_rfc3339(p.timestamp_ns), "timestamp_ns": p.timestamp_ns}))
+            p.map(|p| PitPoint {
+                seq: p.seq,
+                time: format_rfc3339(p.timestamp_ns),
+                timestamp_ns: p.timestamp_ns,
+            })
         };
-        let views: Vec<_> = self
+        let open_views = self
             .views
             .lock()
             .iter()
-            .map(|v| json!({"id": v.id, "volume_id": v.volume, "seq": v.point.seq}))
+            .map(|v| OpenView {
+                id: v.id,
+                volume_id: v.volume,
+                seq: v.point.seq,
+            })
             .collect();
-        json!({
-            "enabled": true,
-            "dir": self.dir,
-            "oldest": pt(w.oldest),
-            "newest": pt(w.newest),
-            "points": w.points,
-            "used_bytes": w.used_bytes,
-            "max_bytes": self.settings.max_bytes.0,
-            "max_age_secs": self.settings.max_age_secs,
-            "capture_seconds": self.capture_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            "error": self.broken.lock().clone(),
-            "open_views": views,
-        })
+        PitStatus {
+            enabled: true,
+            window: Some(PitWindow {
+                dir: self.dir.clone(),
+                oldest: pt(w.oldest),
+                newest: pt(w.newest),
+                points: w.points as u64,
+                used_bytes: w.used_bytes,
+                max_bytes: self.settings.max_bytes.0,
+                max_age_secs: self.settings.max_age_secs,
+                capture_seconds: self.capture_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                error: self.broken.lock().clone(),
+                open_views,
+            }),
+            exports: None,
+        }
     }
 
     /// Numbers for the Prometheus endpoint.
@@ -415,7 +426,7 @@ mod tests {
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
         let newest: Vec<u64> = r.pit.points(2).iter().map(|p| p.seq).collect();
         assert_eq!(newest, seqs[seqs.len() - 2..]);
-        let st = r.pit.status();
+        let st = serde_json::to_value(r.pit.status()).unwrap();
         assert_eq!(st["newest"]["seq"], 4);
         assert_eq!(st["points"], n.points);
         assert_eq!(st["error"], serde_json::Value::Null);

@@ -176,7 +176,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(inside.contains("inconsistent"), "{inside}");
-        assert_eq!(r.pit.status()["newest"]["seq"], from, "no point inside");
+        assert_eq!(
+            serde_json::to_value(r.pit.status()).unwrap()["newest"]["seq"],
+            from,
+            "no point inside"
+        );
         // A crash: the undo log is reopened from disk.
         let Rig {
             _dir: dir,

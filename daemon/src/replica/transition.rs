@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
-use serde_json::json;
 
 use crate::store::meta::{Meta, MetaError, ResyncState};
 
@@ -38,18 +37,16 @@ impl ResyncStatus {
         self.get().is_some_and(|s| !s.copied)
     }
 
-    pub fn status(&self) -> serde_json::Value {
-        match self.get() {
-            None => serde_json::Value::Null,
-            Some(s) => json!({
-                "from_seq": s.from,
-                "snapshot_seq": s.snapshot,
-                "through_seq": (s.through > 0).then_some(s.through),
-                "copied": s.copied,
-                "copied_bytes": self.copied_bytes.load(Ordering::Relaxed),
-                "total_bytes": self.total_bytes.load(Ordering::Relaxed),
-            }),
-        }
+    /// The transition in the node status (`None`: no resync in progress).
+    pub fn status(&self) -> Option<ferry_api::status::ResyncStatus> {
+        self.get().map(|s| ferry_api::status::ResyncStatus {
+            from_seq: s.from,
+            snapshot_seq: s.snapshot,
+            through_seq: (s.through > 0).then_some(s.through),
+            copied: s.copied,
+            copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
+            total_bytes: self.total_bytes.load(Ordering::Relaxed),
+        })
     }
 }
 
@@ -60,7 +57,7 @@ mod tests {
     #[test]
     fn status_shows_the_transition_and_the_copy_progress() {
         let s = ResyncStatus::default();
-        assert_eq!(s.status(), serde_json::Value::Null);
+        assert_eq!(s.status(), None);
         assert!(!s.copy_incomplete());
         s.set(Some(ResyncState {
             from: 10,
@@ -71,7 +68,7 @@ mod tests {
         s.copied_bytes.store(4096, Ordering::Relaxed);
         s.total_bytes.store(8192, Ordering::Relaxed);
         assert!(s.copy_incomplete());
-        let v = s.status();
+        let v = serde_json::to_value(s.status()).unwrap();
         assert_eq!(v["from_seq"], 10);
         assert_eq!(v["snapshot_seq"], 50);
         assert_eq!(
@@ -90,7 +87,7 @@ mod tests {
             copied: true,
         }));
         assert!(!s.copy_incomplete());
-        assert_eq!(s.status()["through_seq"], 60);
+        assert_eq!(serde_json::to_value(s.status()).unwrap()["through_seq"], 60);
         s.set(None);
         assert_eq!(s.get(), None);
     }

@@ -27,11 +27,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
+use ferry_api::status::{EffectiveMode, TargetStatus};
 use ferry_journal::{now_ns, Seq};
 use ferry_transport::quic::TlsMaterial;
 use ferry_transport::session::LocalIdentity;
 use ferry_transport::wire::{self, VolumeGeometry};
-use serde_json::json;
 use tokio::sync::watch;
 
 use crate::config::{Config, ReplicationMode};
@@ -60,35 +60,36 @@ impl Replication {
             .unwrap_or(Seq::MAX)
     }
 
-    pub fn status(&self) -> serde_json::Value {
+    /// One status row per target (the `targets` of the node status).
+    pub fn status(&self) -> Vec<TargetStatus> {
         let now = now_ns();
-        let targets: Vec<_> = self
-            .targets
+        self.targets
             .iter()
             .map(|t| {
                 let acked = t.acked_seq.load(Ordering::Acquire);
                 let (lag_bytes, lag_seconds) = self.index.lag_after(acked, now);
-                let degraded = t.degraded.load(Ordering::Acquire);
-                let mut v = json!({
-                    "name": t.name,
-                    "address": t.address,
-                    "mode": t.mode.to_string(),
-                    "effective_mode": if degraded { "async (degraded)" } else if t.mode == ReplicationMode::Sync { "sync" } else { "async" },
-                    "state": t.state(),
-                    "acked_seq": acked,
-                    "applied_seq": t.applied_seq.load(Ordering::Acquire),
-                    "lag_bytes": lag_bytes,
-                    "lag_seconds": lag_seconds,
-                    "rtt_us": t.rtt_us.load(Ordering::Relaxed),
-                    "last_error": t.last_error.lock().clone(),
-                });
-                if let (Some(v), serde_json::Value::Object(o)) = (v.as_object_mut(), t.track.status()) {
-                    v.extend(o);
+                TargetStatus {
+                    name: t.name.clone(),
+                    address: t.address.clone(),
+                    mode: t.mode.to_string(),
+                    effective_mode: if t.degraded.load(Ordering::Acquire) {
+                        EffectiveMode::Degraded
+                    } else if t.mode == ReplicationMode::Sync {
+                        EffectiveMode::Sync
+                    } else {
+                        EffectiveMode::Async
+                    },
+                    state: t.state().to_string(),
+                    acked_seq: acked,
+                    applied_seq: t.applied_seq.load(Ordering::Acquire),
+                    lag_bytes,
+                    lag_seconds,
+                    rtt_us: t.rtt_us.load(Ordering::Relaxed),
+                    last_error: t.last_error.lock().clone(),
+                    track: t.track.status(),
                 }
-                v
             })
-            .collect();
-        serde_json::Value::Array(targets)
+            .collect()
     }
 }
 
@@ -211,7 +212,7 @@ mod tests {
         a.track.set_mode(Mode::Bitmap);
         assert_eq!(r.release_floor(), 20, "a's marks cover up to 30");
         a.degraded.store(true, Ordering::Release);
-        let st = r.status();
+        let st = serde_json::to_value(r.status()).unwrap();
         assert_eq!(st[0]["name"], "a");
         assert_eq!(st[0]["state"], "connecting");
         assert_eq!(st[0]["effective_mode"], "async (degraded)");

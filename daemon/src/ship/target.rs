@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use ferry_journal::{Journal, Op, Record, Seq};
 use parking_lot::Mutex;
-use serde_json::json;
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{ReplicationMode, TargetConfig};
@@ -515,18 +514,18 @@ impl Tracker {
     }
 
     /// Status fields of the target.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> ferry_api::status::TrackStatus {
         let lost = self.inner.lock().lost;
-        json!({
-            "tracking": self.mode().as_str(),
-            "dirty_bytes": self.dirty_bytes.load(Ordering::Relaxed),
-            "resync_bytes": self.resync_bytes.load(Ordering::Relaxed),
-            "resync_data_bytes": self.resync_data_bytes.load(Ordering::Relaxed),
-            "points_lost": lost.map(|(after, until)| json!({
-                "after_seq": after,
-                "through_seq": until,
-            })),
-        })
+        ferry_api::status::TrackStatus {
+            tracking: self.mode().as_str().to_string(),
+            dirty_bytes: self.dirty_bytes.load(Ordering::Relaxed),
+            resync_bytes: self.resync_bytes.load(Ordering::Relaxed),
+            resync_data_bytes: self.resync_data_bytes.load(Ordering::Relaxed),
+            points_lost: lost.map(|(after, until)| ferry_api::status::PointsLost {
+                after_seq: after,
+                through_seq: until,
+            }),
+        }
     }
 }
 

@@ -13,6 +13,9 @@ use ferry_api::config::{
 };
 use ferry_api::control::{self, Request};
 use ferry_api::size::{parse_size, ByteSize};
+use ferry_api::status::{
+    NodeStatus, PitPoint, PrimaryStatus, RoleStatus, StandbyStatus, TargetStatus,
+};
 use ferry_transport::pki::ClusterCa;
 
 #[derive(Parser)]
@@ -808,145 +811,163 @@ fn init(
 }
 
 fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
-    let resp = control::call(&cfg.control.socket, &Request::Status)?;
-    if !resp.ok {
-        bail!("ferryd: {}", resp.error.unwrap_or_default());
-    }
-    let v = resp.result.unwrap_or_default();
+    let v = call(cfg, &Request::Status)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let g = |p: &str| v.pointer(p).cloned().unwrap_or(serde_json::Value::Null);
-    println!(
-        "node       {} ({}), epoch {}",
-        g("/node"),
-        g("/role"),
-        g("/epoch")
+    let st: NodeStatus = serde_json::from_value(v)
+        .context("ferryd answered status in a form this ferryctl does not know")?;
+    print!("{}", status_text(&st));
+    Ok(())
+}
+
+/// A string as JSON writes it (quoted): how the status names the node and its role.
+fn quoted(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// `\n           LABEL: TEXT` when there is a text.
+fn detail(label: &str, text: Option<&str>) -> String {
+    text.map(|e| format!("\n           {label}: {e}"))
+        .unwrap_or_default()
+}
+
+/// The human-readable status: positions and journal, then the role's parts.
+fn status_text(st: &NodeStatus) -> String {
+    let mut out = String::new();
+    let j = &st.journal;
+    let (used, cap) = (j.used_bytes, j.capacity_bytes);
+    out += &format!(
+        "node       {} ({}), epoch {}\n",
+        quoted(&st.node),
+        quoted(st.role.name()),
+        st.epoch
     );
-    println!(
-        "sequence   last {}  durable {}  applied {}  checkpoint {}",
-        g("/last_seq"),
-        g("/durable_seq"),
-        g("/applied_seq"),
-        g("/checkpoint_seq")
+    out += &format!(
+        "sequence   last {}  durable {}  applied {}  checkpoint {}\n",
+        st.last_seq, st.durable_seq, st.applied_seq, st.checkpoint_seq
     );
-    let used = g("/journal/used_bytes").as_u64().unwrap_or(0);
-    let cap = g("/journal/capacity_bytes").as_u64().unwrap_or(0);
-    println!(
-        "journal    {} of {} used ({:.1}%), engine {}",
-        used,
-        cap,
+    out += &format!(
+        "journal    {used} of {cap} used ({:.1}%), engine {}\n",
         if cap > 0 {
             used as f64 * 100.0 / cap as f64
         } else {
             0.0
         },
-        g("/journal/engine")
+        quoted(&j.engine)
     );
-    if let Some(ts) = v.get("targets").and_then(|t| t.as_array()) {
-        for t in ts {
-            println!(
-                "target     {} {} ({})  {}  acked {}  applied {}  lag {} bytes / {:.3} s{}",
-                t["name"].as_str().unwrap_or("?"),
-                t["address"].as_str().unwrap_or("?"),
-                t["effective_mode"].as_str().unwrap_or("?"),
-                t["state"].as_str().unwrap_or("?"),
-                t["acked_seq"],
-                t["applied_seq"],
-                t["lag_bytes"],
-                t["lag_seconds"].as_f64().unwrap_or(0.0),
-                t["last_error"]
-                    .as_str()
-                    .map(|e| format!("\n           last error: {e}"))
-                    .unwrap_or_default()
-            );
-            if t["tracking"].as_str().is_some_and(|m| m != "streaming")
-                || t["points_lost"].is_object()
-            {
-                let lost = &t["points_lost"];
-                println!(
-                    "           tracking {}: {} bytes dirty, {} bytes resynced{}",
-                    t["tracking"].as_str().unwrap_or("?"),
-                    t["dirty_bytes"],
-                    t["resync_bytes"],
-                    if lost.is_object() {
-                        format!(
-                            ", recovery points after {} up to {} lost",
-                            lost["after_seq"],
-                            lost["through_seq"]
-                                .as_u64()
-                                .map_or("the end of the resync".to_string(), |s| s.to_string())
-                        )
-                    } else {
-                        String::new()
-                    }
-                );
-            }
-        }
+    for t in &st.targets {
+        out += &target_text(t);
     }
-    if let Some(r) = v.get("resync").filter(|r| r.is_object()) {
-        println!(
-            "replica    inconsistent: resyncing from seq {} (snapshot {}, copied {} of {} bytes{})",
-            r["from_seq"],
-            r["snapshot_seq"],
-            r["copied_bytes"],
-            r["total_bytes"],
-            r["through_seq"]
-                .as_u64()
+    match &st.role {
+        RoleStatus::Primary(p) => out += &primary_text(p),
+        RoleStatus::Standby(s) => out += &standby_text(s),
+    }
+    for vol in &st.volumes {
+        out += &format!(
+            "volume     {}  {} bytes  {}\n",
+            vol.name,
+            vol.size_bytes,
+            vol.export.as_deref().unwrap_or("")
+        );
+    }
+    out
+}
+
+/// A replication target's line, and its tracking line when it is not streaming or
+/// lost recovery points.
+fn target_text(t: &TargetStatus) -> String {
+    let mut out = format!(
+        "target     {} {} ({})  {}  acked {}  applied {}  lag {} bytes / {:.3} s{}\n",
+        t.name,
+        t.address,
+        t.effective_mode.status_str(),
+        t.state,
+        t.acked_seq,
+        t.applied_seq,
+        t.lag_bytes,
+        t.lag_seconds,
+        detail("last error", t.last_error.as_deref())
+    );
+    let tr = &t.track;
+    if tr.tracking != "streaming" || tr.points_lost.is_some() {
+        out += &format!(
+            "           tracking {}: {} bytes dirty, {} bytes resynced{}\n",
+            tr.tracking,
+            tr.dirty_bytes,
+            tr.resync_bytes,
+            tr.points_lost
+                .map(|lost| format!(
+                    ", recovery points after {} up to {} lost",
+                    lost.after_seq,
+                    lost.through_seq
+                        .map_or("the end of the resync".to_string(), |s| s.to_string())
+                ))
+                .unwrap_or_default()
+        );
+    }
+    out
+}
+
+fn primary_text(p: &PrimaryStatus) -> String {
+    let mut out = String::new();
+    if let Some(why) = &p.writes_refused {
+        out += &format!("WRITES     refused: {why}\n");
+    }
+    if let Some(f) = p.fork_seq {
+        out += &format!("fork       primary by promotion from sequence {f}\n");
+    }
+    out
+}
+
+fn standby_text(s: &StandbyStatus) -> String {
+    let mut out = String::new();
+    if let Some(r) = &s.resync {
+        out += &format!(
+            "replica    inconsistent: resyncing from seq {} (snapshot {}, copied {} of {} bytes{})\n",
+            r.from_seq,
+            r.snapshot_seq,
+            r.copied_bytes,
+            r.total_bytes,
+            r.through_seq
                 .map(|t| format!(", consistent again at {t}"))
                 .unwrap_or_default()
         );
     }
-    if let Some(p) = v.get("primary").filter(|p| p.is_object()) {
-        println!(
-            "primary    {} {}  (listening on {}){}",
-            p["name"].as_str().unwrap_or("?"),
-            p["connected"]
-                .as_str()
-                .map(|a| format!("connected from {a}"))
-                .unwrap_or_else(|| "not connected".into()),
-            p["listen"].as_str().unwrap_or("?"),
-            p["last_error"]
-                .as_str()
-                .map(|e| format!("\n           last error: {e}"))
-                .unwrap_or_default()
+    let p = &s.primary;
+    out += &format!(
+        "primary    {} {}  (listening on {}){}\n",
+        p.name,
+        p.connected
+            .as_deref()
+            .map(|a| format!("connected from {a}"))
+            .unwrap_or_else(|| "not connected".into()),
+        p.listen,
+        detail("last error", p.last_error.as_deref())
+    );
+    if let Some(why) = &s.paused {
+        out += &format!("paused     {why}\n");
+    }
+    if let (true, Some(w)) = (s.pit.enabled, &s.pit.window) {
+        out += &format!(
+            "pit        window {} .. {}, {} points, undo {} of {} bytes{}\n",
+            point_text(w.oldest.as_ref()),
+            point_text(w.newest.as_ref()),
+            w.points,
+            w.used_bytes,
+            w.max_bytes,
+            detail("error", w.error.as_deref())
         );
     }
-    if let Some(why) = v.get("writes_refused").and_then(|p| p.as_str()) {
-        println!("WRITES     refused: {why}");
-    }
-    if let Some(f) = v.get("fork_seq").and_then(|f| f.as_u64()) {
-        println!("fork       primary by promotion from sequence {f}");
-    }
-    if let Some(why) = v.get("paused").and_then(|p| p.as_str()) {
-        println!("paused     {why}");
-    }
-    if let Some(p) = v.get("pit").filter(|p| p["enabled"] == true) {
-        println!(
-            "pit        window {} .. {}, {} points, undo {} of {} bytes{}",
-            pt(&p["oldest"]),
-            pt(&p["newest"]),
-            p["points"],
-            p["used_bytes"],
-            p["max_bytes"],
-            p["error"]
-                .as_str()
-                .map(|e| format!("\n           error: {e}"))
-                .unwrap_or_default()
-        );
-    }
-    if let Some(vols) = v.get("volumes").and_then(|v| v.as_array()) {
-        for vol in vols {
-            println!(
-                "volume     {}  {} bytes  {}",
-                vol["name"].as_str().unwrap_or("?"),
-                vol["size_bytes"],
-                vol["export"].as_str().unwrap_or("")
-            );
-        }
-    }
-    Ok(())
+    out
+}
+
+/// A recovery point: `seq N (time)`, or `none`.
+fn point_text(p: Option<&PitPoint>) -> String {
+    p.map_or("none".to_string(), |p| {
+        format!("seq {} ({})", p.seq, p.time)
+    })
 }
 
 fn audit_verify(config: Option<&Path>, file: Option<&Path>) -> anyhow::Result<()> {
@@ -967,5 +988,72 @@ fn audit_verify(config: Option<&Path>, file: Option<&Path>) -> anyhow::Result<()
             Ok(())
         }
         Err(e) => bail!("audit log {} FAILED: {e}", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot from ferry-api's golden status files.
+    fn golden(name: &str) -> NodeStatus {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../api/tests/golden")
+            .join(name);
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    // The expected texts are what ferryctl printed for the same JSON when it read the
+    // status by string keys.
+    #[test]
+    fn a_primary_status_reads_as_before() {
+        assert_eq!(
+            status_text(&golden("status-primary.json")),
+            r#"node       "site-a" ("primary"), epoch 2
+sequence   last 130  durable 128  applied 127  checkpoint 100
+journal    1048576 of 67108864 used (1.6%), engine "io_uring"
+target     dr1 10.0.0.2:7000 (async (degraded))  resyncing  acked 90  applied 88  lag 4096 bytes / 1.500 s
+           last error: timed out
+           tracking resyncing: 65536 bytes dirty, 32768 bytes resynced, recovery points after 80 up to the end of the resync lost
+WRITES     refused: outdated
+fork       primary by promotion from sequence 77
+volume     vol0  67108864 bytes  nbd://127.0.0.1:10809/vol0
+"#
+        );
+    }
+
+    #[test]
+    fn a_standby_status_reads_as_before() {
+        let mut st = golden("status-standby.json");
+        assert_eq!(
+            status_text(&st),
+            r#"node       "site-a" ("standby"), epoch 2
+sequence   last 130  durable 128  applied 127  checkpoint 100
+journal    1048576 of 67108864 used (1.6%), engine "io_uring"
+replica    inconsistent: resyncing from seq 10 (snapshot 50, copied 8192 of 16384 bytes, consistent again at 60)
+primary    primary connected from 10.0.0.1:40000  (listening on 10.0.0.2:7000)
+paused     paused by an operator (ferryctl resume)
+pit        window seq 12 (2023-11-14T21:56:40.000Z) .. none, 30 points, undo 1048576 of 4294967296 bytes
+volume     vol0  67108864 bytes  
+"#
+        );
+        let RoleStatus::Standby(sb) = &mut st.role else {
+            panic!("the standby golden file holds a primary");
+        };
+        sb.pit = ferry_api::status::PitStatus::disabled();
+        sb.resync = None;
+        sb.paused = None;
+        sb.primary.connected = None;
+        sb.primary.last_error = Some("refused".into());
+        assert_eq!(
+            status_text(&st),
+            r#"node       "site-a" ("standby"), epoch 2
+sequence   last 130  durable 128  applied 127  checkpoint 100
+journal    1048576 of 67108864 used (1.6%), engine "io_uring"
+primary    primary not connected  (listening on 10.0.0.2:7000)
+           last error: refused
+volume     vol0  67108864 bytes  
+"#
+        );
     }
 }

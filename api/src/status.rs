@@ -1,0 +1,301 @@
+//! A node's status as the control socket's `status` request answers it (and
+//! `ferryctl status --json` prints it): one snapshot, [`NodeStatus`], with the parts
+//! both roles share and the role's own part ([`RoleStatus`]).
+//!
+//! The daemon builds one snapshot per request and serialises it; its metrics
+//! endpoint renders from the same snapshot; ferryctl deserialises it. The JSON is
+//! the one the daemon served before the status was typed, key for key: a key that
+//! was `null` is an `Option` serialised as `null`, a key that was absent is skipped
+//! (`skip_serializing_if`), and `role` tags the role's part.
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// One node's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The configured node name.
+    pub node: String,
+    pub epoch: u64,
+    /// Last sequence assigned (a primary) or held durably (a standby).
+    pub last_seq: u64,
+    pub durable_seq: u64,
+    /// Highest contiguous sequence applied to the volumes.
+    pub applied_seq: u64,
+    /// Sequence of the last checkpoint (bases fsynced up to it).
+    pub checkpoint_seq: u64,
+    pub journal: JournalStatus,
+    pub volumes: Vec<VolumeStatus>,
+    /// Replication targets (a standby has none).
+    pub targets: Vec<TargetStatus>,
+    #[serde(flatten)]
+    pub role: RoleStatus,
+}
+
+/// The role's own part of the status; serialised as `"role": "primary"` or
+/// `"role": "standby"` next to its fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "lowercase")]
+pub enum RoleStatus {
+    Primary(PrimaryStatus),
+    /// Boxed: the larger part by far.
+    Standby(Box<StandbyStatus>),
+}
+
+impl RoleStatus {
+    /// `primary` or `standby`, as in the JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RoleStatus::Primary(_) => "primary",
+            RoleStatus::Standby(_) => "standby",
+        }
+    }
+}
+
+/// The journal's fill, engine and write counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalStatus {
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    /// IO engine in use.
+    pub engine: String,
+    /// Why the engine fell back to std IO (`null`: no fallback).
+    pub fallback_reason: Option<String>,
+    /// Oldest sequence still held.
+    pub first_seq: u64,
+    pub batches: u64,
+    pub records: u64,
+    pub bytes_written: u64,
+    /// Summed duration of durable batch writes.
+    pub write_seconds: f64,
+}
+
+/// A configured volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub size_bytes: u64,
+    pub path: PathBuf,
+    /// `nbd://ADDR/NAME` on a primary; absent on a standby.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<String>,
+}
+
+/// A primary's own status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrimaryStatus {
+    /// A base write failed: the group refuses writes until restart.
+    pub failed: bool,
+    /// A newer primary told this one it is outdated.
+    pub outdated: Option<OutdatedStatus>,
+    /// Why writes are refused (a fence), if they are.
+    pub writes_refused: Option<String>,
+    /// Where this primary forked from its old primary (a primary by promotion).
+    pub fork_seq: Option<u64>,
+    pub nbd: NbdStatus,
+}
+
+/// Which epoch, and which node, made this primary outdated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutdatedStatus {
+    pub epoch: u64,
+    pub by: String,
+}
+
+/// The NBD server's bound address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdStatus {
+    pub listen: String,
+}
+
+/// How the shipper serves a target, as the status names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EffectiveMode {
+    #[serde(rename = "sync")]
+    Sync,
+    #[serde(rename = "async")]
+    Async,
+    /// A sync target that missed its timeout: served asynchronously until caught up.
+    #[serde(rename = "async (degraded)")]
+    Degraded,
+}
+
+impl EffectiveMode {
+    /// As the status JSON writes it.
+    pub fn status_str(self) -> &'static str {
+        match self {
+            EffectiveMode::Sync => "sync",
+            EffectiveMode::Async => "async",
+            EffectiveMode::Degraded => "async (degraded)",
+        }
+    }
+
+    /// The `mode` label of the `ferry_replication_target_mode` metric.
+    pub fn metric_str(self) -> &'static str {
+        match self {
+            EffectiveMode::Sync => "sync",
+            EffectiveMode::Async => "async",
+            EffectiveMode::Degraded => "degraded",
+        }
+    }
+}
+
+/// One replication target as the primary sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetStatus {
+    pub name: String,
+    pub address: String,
+    /// The configured mode (`sync` or `async`).
+    pub mode: String,
+    pub effective_mode: EffectiveMode,
+    /// The shipper's state (`connecting`, `streaming`, …).
+    pub state: String,
+    /// Highest sequence the target holds durably.
+    pub acked_seq: u64,
+    /// Highest sequence the target applied to its replica.
+    pub applied_seq: u64,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    pub rtt_us: u64,
+    pub last_error: Option<String>,
+    #[serde(flatten)]
+    pub track: TrackStatus,
+}
+
+/// How the journal tracks a target: its fields sit in the target's row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackStatus {
+    /// `streaming` (the target holds the journal), `bitmap` (its writes are marked in
+    /// a dirty-region map) or `resyncing` (its dirty regions are being copied).
+    pub tracking: String,
+    pub dirty_bytes: u64,
+    pub resync_bytes: u64,
+    pub resync_data_bytes: u64,
+    /// Recovery points a resync made unusable on the target.
+    pub points_lost: Option<PointsLost>,
+}
+
+/// Recovery points lost on a target by a resync: after `after_seq`, up to
+/// `through_seq` (`null`: up to the end of the resync, not known yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointsLost {
+    pub after_seq: u64,
+    pub through_seq: Option<u64>,
+}
+
+/// Whether the replica holds a consistent image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    Consistent,
+    /// A bitmap resync is in progress: no consistent image until it ends.
+    Inconsistent,
+}
+
+/// A standby's own status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StandbyStatus {
+    /// Why the standby does not follow the primary (an operator pause, a rollback).
+    pub paused: Option<String>,
+    /// The applier stopped on this error.
+    pub apply_error: Option<String>,
+    pub replica: ReplicaState,
+    pub resync: Option<ResyncStatus>,
+    pub primary: UpstreamStatus,
+    /// Primary clock time of the newest applied write-set (0 before the first).
+    pub applied_primary_time_ns: u64,
+    pub pit: PitStatus,
+}
+
+/// A bitmap resync transition in progress on a standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    pub from_seq: u64,
+    pub snapshot_seq: u64,
+    /// Where the replica is consistent again (`null`: not known yet).
+    pub through_seq: Option<u64>,
+    pub copied: bool,
+    pub copied_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// The primary a standby follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    pub name: String,
+    /// This standby's replication listen address.
+    pub listen: String,
+    /// The connected primary's address.
+    pub connected: Option<String>,
+    /// Latest sequence the primary reported having.
+    pub last_seq: u64,
+    pub last_error: Option<String>,
+}
+
+/// Point-in-time recovery on a standby: `{"enabled": false}` when off, else the
+/// window (and the exported views, in the node status).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PitStatus {
+    pub enabled: bool,
+    #[serde(flatten)]
+    pub window: Option<PitWindow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exports: Option<Vec<PitExport>>,
+}
+
+impl PitStatus {
+    /// Point-in-time recovery is off.
+    pub fn disabled() -> PitStatus {
+        PitStatus {
+            enabled: false,
+            window: None,
+            exports: None,
+        }
+    }
+}
+
+/// The retained recovery points and the undo log holding them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PitWindow {
+    /// The undo log directory.
+    pub dir: PathBuf,
+    pub oldest: Option<PitPoint>,
+    pub newest: Option<PitPoint>,
+    pub points: u64,
+    pub used_bytes: u64,
+    pub max_bytes: u64,
+    pub max_age_secs: u64,
+    /// Time spent capturing before-images.
+    pub capture_seconds: f64,
+    /// Why capture stopped (points unusable until restart).
+    pub error: Option<String>,
+    pub open_views: Vec<OpenView>,
+}
+
+/// A recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PitPoint {
+    pub seq: u64,
+    /// RFC 3339 form of `timestamp_ns`.
+    pub time: String,
+    pub timestamp_ns: u64,
+}
+
+/// An open point-in-time view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenView {
+    pub id: u64,
+    pub volume_id: u32,
+    pub seq: u64,
+}
+
+/// A point-in-time view exported over NBD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PitExport {
+    pub id: u64,
+    pub volume: String,
+    pub seq: u64,
+    pub time: String,
+    pub listen: String,
+    pub writable: bool,
+}

@@ -1,0 +1,252 @@
+//! The node's status snapshot ([`NodeStatus`]): what it is read from
+//! ([`StatusSource`]) and [`StatusSource::snapshot`], the one function that builds it,
+//! for the control socket's `status` request and the metrics endpoint alike.
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ferry_api::status::{
+    JournalStatus, NbdStatus, NodeStatus, OutdatedStatus, PitStatus, PrimaryStatus, ReplicaState,
+    RoleStatus, StandbyStatus, UpstreamStatus, VolumeStatus,
+};
+use ferry_journal::Journal;
+
+use crate::config::Config;
+use crate::ops::control;
+use crate::ops::metrics::NodeSource;
+use crate::pit::PitExports;
+use crate::primary::volume::Group;
+use crate::replica::applier::Applier;
+use crate::replica::standby::Standby;
+use crate::ship::Replication;
+use crate::store::meta::Meta;
+
+/// What a running node's status is read from.
+pub(crate) struct StatusSource {
+    pub(crate) node: String,
+    pub(crate) meta: Arc<Meta>,
+    pub(crate) journal: Arc<Journal>,
+    /// The configured volumes (they do not change while the node runs).
+    pub(crate) volumes: Vec<VolumeStatus>,
+    pub(crate) role: RoleSource,
+}
+
+/// The role's live state.
+pub(crate) enum RoleSource {
+    Primary {
+        group: Arc<Group>,
+        replication: Option<Arc<Replication>>,
+        /// The bound NBD address.
+        nbd: SocketAddr,
+    },
+    Standby {
+        standby: Arc<Standby>,
+        /// Its point-in-time store and resync transition.
+        applier: Arc<Applier>,
+        exports: Option<Arc<PitExports>>,
+    },
+}
+
+impl StatusSource {
+    /// The node's status now.
+    pub(crate) fn snapshot(&self) -> NodeStatus {
+        let (j, meta) = (&self.journal, &self.meta);
+        let (last_seq, applied_seq, targets, role) = match &self.role {
+            RoleSource::Primary {
+                group,
+                replication,
+                nbd,
+            } => (
+                j.last_seq(),
+                group.applied_seq(),
+                replication.as_ref().map_or_else(Vec::new, |r| r.status()),
+                RoleStatus::Primary(primary_status(meta, group, *nbd)),
+            ),
+            // A standby's journal holds what it received: its end is what is durable.
+            RoleSource::Standby {
+                standby,
+                applier,
+                exports,
+            } => (
+                j.durable_seq(),
+                standby.applied_seq(),
+                Vec::new(),
+                RoleStatus::Standby(Box::new(standby_status(
+                    standby,
+                    applier,
+                    exports.as_deref(),
+                ))),
+            ),
+        };
+        NodeStatus {
+            node: self.node.clone(),
+            epoch: meta.epoch().unwrap_or(0),
+            last_seq,
+            durable_seq: j.durable_seq(),
+            applied_seq,
+            checkpoint_seq: meta.checkpoint().unwrap_or(0),
+            journal: journal_status(j),
+            volumes: self.volumes.clone(),
+            targets,
+            role,
+        }
+    }
+
+    /// The `status` request's answer.
+    pub(crate) fn respond(&self) -> control::Response {
+        match serde_json::to_value(self.snapshot()) {
+            Ok(v) => control::Response::ok(v),
+            // Only a path that is not UTF-8 can fail to serialise.
+            Err(e) => control::Response::err(format!("status: {e}")),
+        }
+    }
+
+    /// What the metrics endpoint reads: this snapshot, and a primary's write path.
+    pub(crate) fn metrics_source(self: &Arc<Self>) -> NodeSource {
+        let src = self.clone();
+        NodeSource {
+            status: Arc::new(move || src.snapshot()),
+            frontend: match &self.role {
+                RoleSource::Primary { group, .. } => Some(group.frontend.clone()),
+                RoleSource::Standby { .. } => None,
+            },
+        }
+    }
+}
+
+/// The configured volumes; `nbd`: a primary's bound NBD address, which exports them.
+pub(crate) fn volumes(cfg: &Config, nbd: Option<SocketAddr>) -> Vec<VolumeStatus> {
+    cfg.volumes
+        .iter()
+        .map(|v| VolumeStatus {
+            name: v.name.clone(),
+            size_bytes: v.size.0,
+            path: v.path.clone(),
+            export: nbd.map(|a| format!("nbd://{a}/{}", v.name)),
+        })
+        .collect()
+}
+
+pub(crate) fn journal_status(j: &Journal) -> JournalStatus {
+    let st = j.stats();
+    JournalStatus {
+        used_bytes: j.used_bytes(),
+        capacity_bytes: j.capacity_bytes(),
+        engine: j.engine_name().to_string(),
+        fallback_reason: j.fallback_reason(),
+        first_seq: j.first_available_seq(),
+        batches: st.batches,
+        records: st.records,
+        bytes_written: st.bytes_written,
+        write_seconds: st.write_ns as f64 / 1e9,
+    }
+}
+
+fn primary_status(meta: &Meta, group: &Group, nbd: SocketAddr) -> PrimaryStatus {
+    PrimaryStatus {
+        failed: group.gate.failed(),
+        outdated: meta.outdated().ok().flatten().map(|o| OutdatedStatus {
+            epoch: o.epoch,
+            by: o.by,
+        }),
+        writes_refused: group.fenced(),
+        fork_seq: meta.fork_seq().ok().flatten(),
+        nbd: NbdStatus {
+            listen: nbd.to_string(),
+        },
+    }
+}
+
+fn standby_status(sb: &Standby, applier: &Applier, exports: Option<&PitExports>) -> StandbyStatus {
+    let st = &sb.state;
+    let mut pit = applier
+        .pit
+        .as_ref()
+        .map_or_else(PitStatus::disabled, |p| p.status());
+    pit.exports = exports.map(|x| x.status());
+    StandbyStatus {
+        paused: sb.paused(),
+        apply_error: st.apply_error.lock().clone(),
+        replica: consistency(applier.resync.get().is_some()),
+        resync: applier.resync.status(),
+        primary: UpstreamStatus {
+            name: st.primary.clone(),
+            listen: st.listen.clone(),
+            connected: st.connected.lock().clone(),
+            last_seq: st.last_primary_seq.load(Ordering::Relaxed),
+            last_error: st.last_error.lock().clone(),
+        },
+        applied_primary_time_ns: st.applied_ts_ns.load(Ordering::Relaxed),
+        pit,
+    }
+}
+
+/// A bitmap resync in progress: no consistent image until it ends.
+fn consistency(resyncing: bool) -> ReplicaState {
+    if resyncing {
+        ReplicaState::Inconsistent
+    } else {
+        ReplicaState::Consistent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let text = r#"
+            [node]
+            name = "a"
+            role = "primary"
+            cluster_id = "00112233445566778899aabbccddeeff"
+            metadata_dir = "a"
+            [journal]
+            dir = "a/journal"
+            size = "64MiB"
+            [control]
+            socket = "a/ferryd.sock"
+            [[volume]]
+            name = "vol0"
+            path = "/tmp/vol0.img"
+            size = "1MiB"
+            [[volume]]
+            name = "vol1"
+            path = "/tmp/vol1.img"
+            size = "2MiB"
+        "#;
+        Config::parse(text).expect("test config")
+    }
+
+    #[test]
+    fn a_primary_lists_its_volumes_with_exports_and_a_standby_without() {
+        let cfg = config();
+        let addr: SocketAddr = "127.0.0.1:10809".parse().unwrap();
+        let p = volumes(&cfg, Some(addr));
+        assert_eq!(
+            p.iter()
+                .map(|v| (v.name.as_str(), v.size_bytes, v.export.as_deref()))
+                .collect::<Vec<_>>(),
+            [
+                ("vol0", 1 << 20, Some("nbd://127.0.0.1:10809/vol0")),
+                ("vol1", 2 << 20, Some("nbd://127.0.0.1:10809/vol1")),
+            ]
+        );
+        let s = serde_json::to_value(volumes(&cfg, None)).unwrap();
+        assert_eq!(
+            s[1],
+            serde_json::json!({"name": "vol1", "size_bytes": 2 << 20, "path": "/tmp/vol1.img"}),
+            "a standby's volumes have no export key"
+        );
+    }
+
+    #[test]
+    fn a_resync_in_progress_makes_the_replica_inconsistent() {
+        assert_eq!(consistency(false), ReplicaState::Consistent);
+        assert_eq!(consistency(true), ReplicaState::Inconsistent);
+        assert_eq!(
+            serde_json::to_value(consistency(true)).unwrap(),
+            "inconsistent"
+        );
+    }
+}
