@@ -1,4 +1,4 @@
-//! Replication frame encode/decode (`ferry_transport::wire`): a write-set of 4 KiB
+//! Replication frame encode/decode (`ferry_proto::wire`): a write-set of 4 KiB
 //! writes (1 and 64 records) and of 1 MiB writes (4 records), copying `encode`, the
 //! sender's copy-free `encode_write_set_vectored`, one-shot `decode`, and the
 //! receiver's streaming `FrameDecoder` fed in 64 KiB chunks (a QUIC read's size).
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ferry_transport::wire::{
+use ferry_proto::wire::{
     decode, encode, encode_write_set_vectored, Frame, FrameDecoder, RecordOp, WireRecord, WriteSet,
 };
 

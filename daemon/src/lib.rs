@@ -33,12 +33,6 @@ pub mod store;
 pub mod testkit;
 pub mod verify;
 
-pub use ferry_nbd as nbd;
-
-// Moved to ferry-api (shared with ferryctl); re-exported so that `crate::config::…`,
-// `crate::size::…` and `crate::timefmt::…` keep their paths.
-pub use ferry_api::{config, size, timefmt};
-
 /// Formats an error with its causes, skipping a cause whose text the previous message
 /// already ends with (many library errors print their source and also expose it).
 pub fn error_chain(e: &anyhow::Error) -> String {

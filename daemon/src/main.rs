@@ -44,7 +44,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let cfg = ferryd::config::Config::load(&args.config)?;
+    let cfg = ferry_api::config::Config::load(&args.config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads())
         .enable_all()

@@ -8,11 +8,10 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 
 use std::time::{Duration, Instant};
 
-use crate::config::{
+use ferry_api::config::{
     format_id, Config, ControlConfig, JournalConfig, NbdConfig, NodeConfig, Role, VolumeConfig,
 };
-use crate::ops::control;
-use crate::size::ByteSize;
+use ferry_api::size::ByteSize;
 
 pub use ferry_testkit::{have, skip, skip_without};
 
@@ -40,7 +39,7 @@ pub fn primary_config(
             recovery: Default::default(),
             checkpoint_interval_ms: 500,
             inflight_batches: 1,
-            writer_nice: crate::config::DEFAULT_WRITER_NICE,
+            writer_nice: ferry_api::config::DEFAULT_WRITER_NICE,
         },
         nbd: Some(NbdConfig::plain("127.0.0.1:0")),
         tls: None,
@@ -74,7 +73,7 @@ pub fn primary_config(
 /// bound address is then in [`Node::metrics`].
 pub fn enable_metrics(config: &Path) {
     let mut cfg = Config::load(config).expect("load config");
-    cfg.metrics = Some(crate::config::MetricsConfig {
+    cfg.metrics = Some(ferry_api::config::MetricsConfig {
         listen: "127.0.0.1:0".into(),
     });
     std::fs::write(config, cfg.to_toml()).expect("write config");
@@ -221,7 +220,8 @@ impl Node {
 
     pub fn status(&self) -> serde_json::Value {
         let cfg = Config::load(&self.config).expect("config");
-        let r = control::call(&cfg.control.socket, &control::Request::Status).expect("status call");
+        let r = ferry_api::control::call(&cfg.control.socket, &ferry_api::control::Request::Status)
+            .expect("status call");
         assert!(r.ok, "status failed: {:?}", r.error);
         r.result.expect("status result")
     }

@@ -5,8 +5,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use ferryd::ops::audit::{self, AuditLog};
-use ferryd::ops::control::{self, Access, Handler, Request, Response, Role};
+use ferry_api::audit;
+use ferry_api::control::{Request, Response, Role};
+use ferryd::ops::audit::AuditLog;
+use ferryd::ops::control::{self, Access, Handler};
 
 /// Sends one raw request line, returns the response.
 fn raw(sock: &Path, line: &str) -> Response {
@@ -85,7 +87,7 @@ async fn viewer_reads_status_but_admin_requests_are_denied_and_audited() {
 
     // control::call (ferryctl's client) still works.
     let sock = srv.sock.clone();
-    let r = tokio::task::spawn_blocking(move || control::call(&sock, &Request::Status))
+    let r = tokio::task::spawn_blocking(move || ferry_api::control::call(&sock, &Request::Status))
         .await
         .unwrap()
         .unwrap();

@@ -13,8 +13,3 @@
 
 pub mod pki;
 pub mod quic;
-
-/// Re-exported so `ferry_transport::wire::…` / `ferry_transport::session::…`
-/// paths in ferryd, ferryctl and the benches keep compiling; new code should
-/// name `ferry_proto` directly.
-pub use ferry_proto::{session, wire};

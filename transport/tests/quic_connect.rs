@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use ferry_proto::session::{plan_resume, LocalIdentity};
+use ferry_proto::wire::*;
 use ferry_transport::pki::ClusterCa;
 use ferry_transport::quic::*;
-use ferry_transport::session::{plan_resume, LocalIdentity};
-use ferry_transport::wire::*;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 const EPOCH: Epoch = 3;

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ferry_journal::Seq;
 
-use crate::config::Config;
 use crate::node::recovery::Recovered;
+use ferry_api::config::Config;
 
 /// A checkpoint starts early once the journal is this full (percent).
 const CHECKPOINT_FILL_PERCENT: u64 = 50;

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use ferry_journal::{Journal, Seq};
 
-use crate::config::Config;
 use crate::ops::control;
 use crate::ops::metrics::Metrics;
 use crate::ops::sdnotify::{self, State};
+use ferry_api::config::Config;
 
 use crate::node::checkpoint::Checkpointer;
 use crate::node::recovery::Recovered;
@@ -252,7 +252,7 @@ mod tests {
 
     #[test]
     fn the_ready_line_names_the_metrics_address_when_there_is_one() {
-        let metrics = Metrics::new("n", crate::config::Role::Primary);
+        let metrics = Metrics::new("n", ferry_api::config::Role::Primary);
         let none = Observe {
             metrics: metrics.clone(),
             addr: None,

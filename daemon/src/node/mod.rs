@@ -14,8 +14,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::config::{Config, Role};
 use crate::ops::metrics::{self, Metrics};
+use ferry_api::config::{Config, Role};
 
 pub mod checkpoint;
 pub mod lifecycle;

@@ -10,12 +10,12 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
-use crate::nbd;
 use crate::ops::control;
 use crate::primary::volume::{Group, Registry, Volume};
 use crate::ship::{self as replication, Replication, ShipContext, SyncGate, TargetState};
 use crate::store::base::Base;
+use ferry_api::config::Config;
+use ferry_nbd as nbd;
 
 use crate::node::checkpoint::Checkpointer;
 use crate::node::lifecycle::{
@@ -158,12 +158,12 @@ fn serve_nbd(
     tls: nbd::TlsPolicy,
     stop_rx: watch::Receiver<bool>,
 ) -> JoinHandle<std::io::Result<()>> {
-    let server_cfg = nbd::ServerConfig {
+    let server_cfg = ferry_nbd::ServerConfig {
         max_payload: (32u64 << 20).min(cfg.journal.segment_size.0 / 2) as u32,
         tls,
         ..nbd::ServerConfig::default()
     };
-    tokio::spawn(nbd::serve(listener, registry, server_cfg, stop_rx))
+    tokio::spawn(ferry_nbd::serve(listener, registry, server_cfg, stop_rx))
 }
 
 /// Every acknowledged write is applied; seals the last write-set and lets the
@@ -218,7 +218,7 @@ fn replication_targets(cfg: &Config, rec: &Recovered) -> anyhow::Result<Vec<Arc<
 /// `None` without targets.
 fn start_replication(
     cfg: &Config,
-    r: &crate::config::ReplicationConfig,
+    r: &ferry_api::config::ReplicationConfig,
     rec: &Arc<Recovered>,
     group: &Arc<Group>,
     stop_rx: &watch::Receiver<bool>,
@@ -282,7 +282,7 @@ fn ship_context(
             cfg,
             rec.meta.node_id,
             rec.meta.epoch()?,
-            ferry_transport::wire::Role::Primary,
+            ferry_proto::wire::Role::Primary,
             &rec.bases,
             "",
         ),
@@ -300,17 +300,17 @@ fn ship_context(
 
 fn start_fence_responder(
     cfg: &Config,
-    r: &crate::config::ReplicationConfig,
+    r: &ferry_api::config::ReplicationConfig,
     rec: &Recovered,
     stop_rx: &watch::Receiver<bool>,
 ) -> anyhow::Result<JoinHandle<()>> {
     Ok(tokio::spawn(fence_responder(
-        crate::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?,
+        ferry_api::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?,
         replication::local_identity(
             cfg,
             rec.meta.node_id,
             rec.meta.epoch()?,
-            ferry_transport::wire::Role::Primary,
+            ferry_proto::wire::Role::Primary,
             &rec.bases,
             &r.primary,
         ),
@@ -332,32 +332,38 @@ pub(crate) fn primary_handler(
         .as_ref()
         .is_some_and(|r| !r.listen.is_empty());
     Arc::new(move |req| match req {
-        control::Request::Status => status.respond(),
-        control::Request::BookmarkCreate { name } => respond(tokio::task::block_in_place(|| {
-            create_bookmark(&rec, &group, &name)
-        })),
-        control::Request::ListBookmarks => respond(list_bookmarks(&rec, None)),
-        control::Request::Switchover { to } => respond(tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(switchover(
-                &rec,
-                &group,
-                repl.as_deref(),
-                to.as_deref(),
-                &life,
-            ))
-        })),
-        control::Request::Verify { volume } => respond(tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(verify(
-                &rec,
-                &group,
-                repl.as_deref(),
-                volume.as_deref(),
-            ))
-        })),
-        control::Request::Demote => respond(tokio::task::block_in_place(|| {
+        ferry_api::control::Request::Status => status.respond(),
+        ferry_api::control::Request::BookmarkCreate { name } => {
+            respond(tokio::task::block_in_place(|| {
+                create_bookmark(&rec, &group, &name)
+            }))
+        }
+        ferry_api::control::Request::ListBookmarks => respond(list_bookmarks(&rec, None)),
+        ferry_api::control::Request::Switchover { to } => {
+            respond(tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(switchover(
+                    &rec,
+                    &group,
+                    repl.as_deref(),
+                    to.as_deref(),
+                    &life,
+                ))
+            }))
+        }
+        ferry_api::control::Request::Verify { volume } => {
+            respond(tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(verify(
+                    &rec,
+                    &group,
+                    repl.as_deref(),
+                    volume.as_deref(),
+                ))
+            }))
+        }
+        ferry_api::control::Request::Demote => respond(tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(demote(&rec, &group, has_listen, &life))
         })),
-        other => control::Response::err(format!(
+        other => ferry_api::control::Response::err(format!(
             "{} is a standby command: this node is the primary",
             other.name()
         )),

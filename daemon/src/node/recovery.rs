@@ -8,11 +8,11 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use ferry_journal::{Journal, JournalOptions, Op, Seq};
 
-use crate::config::{Config, Role};
 use crate::pit::Pit;
 use crate::replica::applier::Applier;
 use crate::store::base::{find_base, Base};
 use crate::store::meta::{Meta, RollbackState};
+use ferry_api::config::{Config, Role};
 
 /// Journal queue depth; also the number of writes that may wait for the journal at once.
 pub(crate) const JOURNAL_QUEUE: usize = 1024;

@@ -7,17 +7,16 @@ use anyhow::bail;
 use ferry_journal::Seq;
 use serde_json::json;
 
-use crate::ops::control;
 use crate::pit::{Pit, Target};
 use crate::primary::volume::Group;
 use crate::store::base::Base;
 
 use crate::node::recovery::Recovered;
 
-pub(crate) fn respond(r: anyhow::Result<serde_json::Value>) -> control::Response {
+pub(crate) fn respond(r: anyhow::Result<serde_json::Value>) -> ferry_api::control::Response {
     match r {
-        Ok(v) => control::Response::ok(v),
-        Err(e) => control::Response::err(crate::error_chain(&e)),
+        Ok(v) => ferry_api::control::Response::ok(v),
+        Err(e) => ferry_api::control::Response::err(crate::error_chain(&e)),
     }
 }
 
@@ -79,7 +78,7 @@ pub(crate) fn bookmark_json(
     let mut v = json!({
         "name": b.name,
         "seq": b.seq,
-        "time": crate::timefmt::format_rfc3339(b.timestamp_ns),
+        "time": ferry_api::timefmt::format_rfc3339(b.timestamp_ns),
         "timestamp_ns": b.timestamp_ns,
     });
     if let Some(r) = reachable {
@@ -111,12 +110,12 @@ pub(crate) fn rolled_back_reason(target: Seq) -> String {
     )
 }
 
-pub(crate) fn parse_target(t: &control::PointSpec) -> anyhow::Result<Target> {
+pub(crate) fn parse_target(t: &ferry_api::control::PointSpec) -> anyhow::Result<Target> {
     Ok(match t {
-        control::PointSpec::Seq(s) => Target::Seq(*s),
-        control::PointSpec::Bookmark(b) => Target::Bookmark(b.clone()),
-        control::PointSpec::At(s) => {
-            Target::Time(crate::timefmt::parse_rfc3339(s).map_err(anyhow::Error::msg)?)
+        ferry_api::control::PointSpec::Seq(s) => Target::Seq(*s),
+        ferry_api::control::PointSpec::Bookmark(b) => Target::Bookmark(b.clone()),
+        ferry_api::control::PointSpec::At(s) => {
+            Target::Time(ferry_api::timefmt::parse_rfc3339(s).map_err(anyhow::Error::msg)?)
         }
     })
 }
@@ -174,13 +173,16 @@ mod tests {
     #[test]
     fn point_specs_become_pit_targets() {
         assert!(matches!(
-            parse_target(&control::PointSpec::Seq(5)).unwrap(),
+            parse_target(&ferry_api::control::PointSpec::Seq(5)).unwrap(),
             Target::Seq(5)
         ));
         assert!(matches!(
-            parse_target(&control::PointSpec::At("1970-01-01T00:00:02Z".into())).unwrap(),
+            parse_target(&ferry_api::control::PointSpec::At(
+                "1970-01-01T00:00:02Z".into()
+            ))
+            .unwrap(),
             Target::Time(2_000_000_000)
         ));
-        assert!(parse_target(&control::PointSpec::At("yesterday".into())).is_err());
+        assert!(parse_target(&ferry_api::control::PointSpec::At("yesterday".into())).is_err());
     }
 }

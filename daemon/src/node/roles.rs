@@ -8,7 +8,6 @@ use anyhow::bail;
 use ferry_journal::Seq;
 use serde_json::json;
 
-use crate::ops::control;
 use crate::pit::PitExports;
 use crate::primary::volume::Group;
 use crate::replica::standby::{HandoverFn, Standby};
@@ -189,7 +188,7 @@ pub(crate) fn outdated_reason(o: &crate::store::meta::Outdated) -> String {
 /// our Hello (newer epoch): they learn they are outdated and fence themselves.
 pub(crate) async fn fence_responder(
     listen: std::net::SocketAddr,
-    local: ferry_transport::session::LocalIdentity,
+    local: ferry_proto::session::LocalIdentity,
     tls: ferry_transport::quic::TlsMaterial,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -251,7 +250,7 @@ pub(crate) fn promote(
     rec: &Recovered,
     sb: &Standby,
     exports: Option<&PitExports>,
-    target: Option<&control::PointSpec>,
+    target: Option<&ferry_api::control::PointSpec>,
     force: bool,
     life: &Lifecycle,
 ) -> anyhow::Result<serde_json::Value> {
@@ -351,7 +350,7 @@ pub(crate) fn rollback(
     sb: &Standby,
     exports: Option<&PitExports>,
     volume: &str,
-    target: &control::PointSpec,
+    target: &ferry_api::control::PointSpec,
     group: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let pit = rec.applier.pit.as_ref().ok_or_else(|| {
@@ -385,7 +384,7 @@ pub(crate) fn rollback(
     sb.set_paused(Some(rolled_back_reason(r.point.seq)));
     Ok(json!({
         "seq": r.point.seq,
-        "time": crate::timefmt::format_rfc3339(r.point.timestamp_ns),
+        "time": ferry_api::timefmt::format_rfc3339(r.point.timestamp_ns),
         "from_seq": applied,
         "undo_entries": r.entries,
         "bytes_restored": r.bytes,

@@ -6,13 +6,13 @@ use anyhow::Context;
 use ferry_journal::Seq;
 use serde_json::json;
 
-use crate::config::Config;
 use crate::ops::control;
 use crate::pit::{Pit, PitExports};
 use crate::replica::session as standby;
 use crate::replica::standby::Standby;
 use crate::ship::{self as replication};
 use crate::store::meta::RollbackState;
+use ferry_api::config::Config;
 
 use crate::node::checkpoint::Checkpointer;
 use crate::node::lifecycle::{
@@ -37,7 +37,7 @@ pub(crate) async fn run_standby(
         .clone()
         .ok_or_else(|| anyhow::anyhow!("a standby needs a [replication] section"))?;
     let listen: std::net::SocketAddr =
-        crate::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?;
+        ferry_api::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?;
     let paused = initial_pause(&rec)?;
     if let Some(why) = &paused {
         tracing::warn!("{why}");
@@ -60,7 +60,7 @@ pub(crate) async fn run_standby(
         &cfg,
         rec.meta.node_id,
         rec.meta.epoch()?,
-        ferry_transport::wire::Role::Standby,
+        ferry_proto::wire::Role::Standby,
         &rec.bases,
         &r.primary,
     );
@@ -162,19 +162,19 @@ pub(crate) fn standby_handler(
     Arc::new(move |req| {
         let pit = rec.applier.pit.clone();
         match req {
-            control::Request::Status => status.respond(),
-            control::Request::ListBookmarks => respond(list_bookmarks(&rec, pit.as_deref())),
-            control::Request::BookmarkCreate { .. } => control::Response::err(
+            ferry_api::control::Request::Status => status.respond(),
+            ferry_api::control::Request::ListBookmarks => respond(list_bookmarks(&rec, pit.as_deref())),
+            ferry_api::control::Request::BookmarkCreate { .. } => ferry_api::control::Response::err(
                 "bookmarks are created on the primary (they travel to standbys in the write-set stream)",
             ),
-            control::Request::ListPits { limit } => respond(list_pits(
+            ferry_api::control::Request::ListPits { limit } => respond(list_pits(
                 &rec,
                 &sb,
                 pit.as_deref(),
                 exports.as_deref(),
                 limit,
             )),
-            control::Request::PitExport {
+            ferry_api::control::Request::PitExport {
                 volume,
                 target,
                 listen,
@@ -183,32 +183,32 @@ pub(crate) fn standby_handler(
                 let x = exports.as_ref().ok_or_else(|| anyhow::anyhow!(PIT_OFF))?;
                 let base = find_volume(&rec, &volume)?;
                 let t = parse_target(&target)?;
-                let addr = crate::config::parse_addr(&listen).map_err(anyhow::Error::msg)?;
+                let addr = ferry_api::config::parse_addr(&listen).map_err(anyhow::Error::msg)?;
                 tokio::task::block_in_place(|| x.export(base, &t, addr, writable))
             })()),
-            control::Request::PitUnexport { id, all } => respond((|| {
+            ferry_api::control::Request::PitUnexport { id, all } => respond((|| {
                 let x = exports.as_ref().ok_or_else(|| anyhow::anyhow!(PIT_OFF))?;
                 let ids = tokio::task::block_in_place(|| {
                     tokio::runtime::Handle::current().block_on(x.unexport(id, all))
                 })?;
                 Ok(json!({"unexported": ids}))
             })()),
-            control::Request::Pause => pause(&rec, &sb),
-            control::Request::Resume => resume(&rec, &sb),
-            control::Request::Rollback {
+            ferry_api::control::Request::Pause => pause(&rec, &sb),
+            ferry_api::control::Request::Resume => resume(&rec, &sb),
+            ferry_api::control::Request::Rollback {
                 volume,
                 target,
                 group,
             } => respond(tokio::task::block_in_place(|| {
                 rollback(&rec, &sb, exports.as_deref(), &volume, &target, group)
             })),
-            control::Request::Promote { target, force } => respond(tokio::task::block_in_place(|| {
+            ferry_api::control::Request::Promote { target, force } => respond(tokio::task::block_in_place(|| {
                 promote(has_nbd, &rec, &sb, exports.as_deref(), target.as_ref(), force, &life)
             })),
-            other @ (control::Request::Demote
-            | control::Request::Switchover { .. }
-            | control::Request::Verify { .. }) => {
-                control::Response::err(format!(
+            other @ (ferry_api::control::Request::Demote
+            | ferry_api::control::Request::Switchover { .. }
+            | ferry_api::control::Request::Verify { .. }) => {
+                ferry_api::control::Response::err(format!(
                     "{} is a primary command: this node is a standby",
                     other.name()
                 ))
@@ -239,39 +239,41 @@ fn list_pits(
 fn points_json(points: &[crate::pit::Point]) -> serde_json::Value {
     points
         .iter()
-        .map(|p| json!({"seq": p.seq, "time": crate::timefmt::format_rfc3339(p.timestamp_ns)}))
+        .map(|p| json!({"seq": p.seq, "time": ferry_api::timefmt::format_rfc3339(p.timestamp_ns)}))
         .collect()
 }
 
 /// Pauses replication, durably first: a pause the next restart forgets is not a pause.
-fn pause(rec: &Recovered, sb: &Standby) -> control::Response {
+fn pause(rec: &Recovered, sb: &Standby) -> ferry_api::control::Response {
     if sb.paused().is_none() {
         if let Err(e) = rec.meta.set_operator_pause(Some(OPERATOR_PAUSE)) {
-            return control::Response::err(format!("not paused: recording the pause failed: {e}"));
+            return ferry_api::control::Response::err(format!(
+                "not paused: recording the pause failed: {e}"
+            ));
         }
         sb.set_paused(Some(OPERATOR_PAUSE.into()));
         tracing::warn!("replication paused by an operator (kept across restarts)");
     }
-    control::Response::ok(json!({"paused": sb.paused()}))
+    ferry_api::control::Response::ok(json!({"paused": sb.paused()}))
 }
 
 /// Resumes replication, unless the replica was rolled back (it no longer follows).
-fn resume(rec: &Recovered, sb: &Standby) -> control::Response {
+fn resume(rec: &Recovered, sb: &Standby) -> ferry_api::control::Response {
     match rec.meta.rollback_state() {
         Ok(Some(RollbackState::Done { target })) => {
-            control::Response::err(rolled_back_reason(target))
+            ferry_api::control::Response::err(rolled_back_reason(target))
         }
         Ok(_) => match rec.meta.set_operator_pause(None) {
             Ok(()) => {
                 sb.set_paused(None);
                 tracing::info!("replication resumed by an operator");
-                control::Response::ok(json!({"paused": null}))
+                ferry_api::control::Response::ok(json!({"paused": null}))
             }
-            Err(e) => control::Response::err(format!(
+            Err(e) => ferry_api::control::Response::err(format!(
                 "still paused: clearing the recorded pause failed: {e}"
             )),
         },
-        Err(e) => control::Response::err(e.to_string()),
+        Err(e) => ferry_api::control::Response::err(e.to_string()),
     }
 }
 

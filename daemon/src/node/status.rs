@@ -11,8 +11,6 @@ use ferry_api::status::{
 };
 use ferry_journal::Journal;
 
-use crate::config::Config;
-use crate::ops::control;
 use crate::ops::metrics::NodeSource;
 use crate::pit::PitExports;
 use crate::primary::volume::Group;
@@ -20,6 +18,7 @@ use crate::replica::applier::Applier;
 use crate::replica::standby::Standby;
 use crate::ship::Replication;
 use crate::store::meta::Meta;
+use ferry_api::config::Config;
 
 /// What a running node's status is read from.
 pub(crate) struct StatusSource {
@@ -93,11 +92,11 @@ impl StatusSource {
     }
 
     /// The `status` request's answer.
-    pub(crate) fn respond(&self) -> control::Response {
+    pub(crate) fn respond(&self) -> ferry_api::control::Response {
         match serde_json::to_value(self.snapshot()) {
-            Ok(v) => control::Response::ok(v),
+            Ok(v) => ferry_api::control::Response::ok(v),
             // Only a path that is not UTF-8 can fail to serialise.
-            Err(e) => control::Response::err(format!("status: {e}")),
+            Err(e) => ferry_api::control::Response::err(format!("status: {e}")),
         }
     }
 

@@ -14,10 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 use ferry_api::audit::{parse_line, seal, sm3_hex, split_lines};
-// Re-exported so that `crate::ops::audit::…` keeps its paths.
-pub use ferry_api::audit::{
-    rfc3339_utc, verify, verify_bytes, AuditEntry, AuditError, Outcome, VerifyReport, GENESIS,
-};
+use ferry_api::audit::{AuditEntry, AuditError, Outcome, GENESIS};
 
 struct Tail {
     file: File,
@@ -278,6 +275,7 @@ fn count_newlines(file: &mut File, len: u64) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_api::audit::verify;
     use ferry_api::control::Role;
 
     fn entry(i: u32) -> AuditEntry {

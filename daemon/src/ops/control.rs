@@ -19,13 +19,11 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::config::{AccessConfig, Principals};
-use crate::ops::audit::{AuditEntry, AuditLog, Outcome};
-// The protocol (shared with ferryctl) lives in ferry-api; re-exported so that
-// `crate::ops::control::Request` and friends keep their paths.
-pub use ferry_api::control::{
-    call, command_role, CallError, PointSpec, Request, Response, Role, COMMANDS,
-};
+use crate::ops::audit::AuditLog;
+use ferry_api::audit::{AuditEntry, Outcome};
+use ferry_api::config::{AccessConfig, Principals};
+// The protocol (shared with ferryctl) lives in ferry-api.
+use ferry_api::control::{command_role, Request, Response, Role};
 
 /// How long shutdown waits for requests already read to be answered.
 const ANSWER_GRACE: Duration = Duration::from_secs(10);
@@ -89,7 +87,7 @@ impl Access {
             admins: Principals::default(),
             operators: Principals::default(),
             viewers: Principals::default(),
-            socket_mode: crate::config::DEFAULT_SOCKET_MODE,
+            socket_mode: ferry_api::config::DEFAULT_SOCKET_MODE,
             socket_group: None,
         }
     }
@@ -503,7 +501,7 @@ mod tests {
             Some(audit),
             stop_rx,
         ));
-        let client = std::thread::spawn(move || call(&path, &Request::Demote));
+        let client = std::thread::spawn(move || ferry_api::control::call(&path, &Request::Demote));
         // As the daemon does: once the server task ends, the runtime goes (and the
         // process re-executes itself).
         rt.block_on(server).unwrap();

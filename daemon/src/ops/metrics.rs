@@ -41,8 +41,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::config::{Config, Role};
 use crate::primary::frontend::Frontend;
+use ferry_api::config::{Config, Role};
 use ferry_api::status::{NodeStatus, RoleStatus, StandbyStatus, TargetStatus};
 
 /// Largest request head (request line + headers) the endpoint reads.
@@ -577,7 +577,7 @@ pub async fn start(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Option
     let Some(m) = &cfg.metrics else {
         return Ok(None);
     };
-    let listen = crate::config::parse_addr(&m.listen).map_err(anyhow::Error::msg)?;
+    let listen = ferry_api::config::parse_addr(&m.listen).map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding metrics listener {listen} ([metrics] listen)"))?;

@@ -11,8 +11,8 @@ use serde_json::json;
 
 use super::{Pit, PitView, Target};
 use crate::store::base::Base;
-use crate::timefmt::format_rfc3339;
 use ferry_api::status::PitExport;
+use ferry_api::timefmt::format_rfc3339;
 
 /// Point-in-time views served over NBD, each on its own listener.
 pub struct PitExports {
@@ -31,7 +31,7 @@ struct ServedView {
 /// The one-export registry of a view's NBD server.
 struct ViewRegistry(Arc<PitView>);
 
-impl crate::nbd::ExportRegistry for ViewRegistry {
+impl ferry_nbd::ExportRegistry for ViewRegistry {
     type E = PitView;
     fn lookup(&self, name: &str) -> Option<Arc<PitView>> {
         (name == self.0.volume()).then(|| self.0.clone())
@@ -82,14 +82,14 @@ impl PitExports {
         let view = self.pit.open_view(base, target, scratch)?;
         let listener = tokio::net::TcpListener::from_std(std_listener)?;
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let cfg = crate::nbd::ServerConfig {
+        let cfg = ferry_nbd::ServerConfig {
             shutdown_grace: Duration::from_secs(2),
             ..Default::default()
         };
         let registry = Arc::new(ViewRegistry(view.clone()));
         let id = view.id();
         let task = tokio::spawn(async move {
-            if let Err(e) = crate::nbd::serve(listener, registry, cfg, stop_rx).await {
+            if let Err(e) = ferry_nbd::serve(listener, registry, cfg, stop_rx).await {
                 tracing::warn!(id, "point-in-time view server: {e}");
             }
         });

@@ -57,11 +57,11 @@ use anyhow::Context;
 use ferry_journal::UndoLog;
 use parking_lot::Mutex;
 
-use crate::config::PitConfig;
 use crate::store::base::Base;
 use crate::store::meta::Meta;
-use crate::timefmt::format_rfc3339;
+use ferry_api::config::PitConfig;
 use ferry_api::status::{OpenView, PitPoint, PitStatus, PitWindow};
+use ferry_api::timefmt::format_rfc3339;
 
 use capture::open_capture_file;
 pub use exports::PitExports;
@@ -261,11 +261,11 @@ mod testrig {
     use proptest::prelude::*;
 
     use super::{Pit, PitView, Target};
-    use crate::config::PitConfig;
     use crate::replica::applier::Applier;
-    use crate::size::ByteSize;
     use crate::store::base::Base;
     use crate::store::meta::Meta;
+    use ferry_api::config::PitConfig;
+    use ferry_api::size::ByteSize;
 
     pub(crate) const SIZE: u64 = 256 << 10;
 

@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail};
 use ferry_journal::UndoLog;
 
 use super::Pit;
-use crate::timefmt::format_rfc3339;
+use ferry_api::timefmt::format_rfc3339;
 
 /// A recovery point named on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]

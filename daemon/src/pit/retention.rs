@@ -7,7 +7,7 @@ use ferry_journal::{Seq, UndoLog};
 
 use super::Pit;
 use crate::store::meta::Bookmark;
-use crate::timefmt::format_rfc3339;
+use ferry_api::timefmt::format_rfc3339;
 
 impl Pit {
     /// Retention after write-set `last` was applied: by size (hard), then by age

@@ -120,10 +120,10 @@ mod tests {
     use bytes::Bytes;
     use ferry_journal::Record;
 
-    use crate::config::PitConfig;
     use crate::pit::testrig::{rig, Rig, SIZE};
-    use crate::size::ByteSize;
     use crate::store::meta::Meta;
+    use ferry_api::config::PitConfig;
+    use ferry_api::size::ByteSize;
 
     /// A resync transition: no point inside it is offered (views, rollback), the
     /// point it started from is, also after a crash in the middle of the copy (the

@@ -16,8 +16,8 @@ use ferry_journal::undo::extent_data_offsets;
 use parking_lot::{Mutex, RwLock};
 
 use super::{Pit, Point, Target};
-use crate::nbd::{Export, ExportError, ExportFlags, Extent};
 use crate::store::base::{file_extents, Base};
+use ferry_nbd::{Export, ExportError, ExportFlags, Extent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Src {

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use ferry_transport::pki;
 
-use crate::config::{Config, NbdConfig, NbdTls};
-use crate::nbd::rustls::{self, crypto::CryptoProvider, server::WebPkiClientVerifier};
-use crate::nbd::TlsPolicy;
+use ferry_api::config::{Config, NbdConfig, NbdTls};
+use ferry_nbd::rustls::{self, crypto::CryptoProvider, server::WebPkiClientVerifier};
+use ferry_nbd::TlsPolicy;
 
 /// The NBD TLS policy `cfg` asks for.
 pub fn policy(cfg: &Config) -> anyhow::Result<TlsPolicy> {
@@ -98,8 +98,8 @@ fn certs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TlsConfig;
     use crate::testkit;
+    use ferry_api::config::TlsConfig;
 
     fn config(dir: &Path) -> Config {
         let path = testkit::primary_config(dir, &[("vol0", 1 << 20)], 64 << 20, 16 << 20);

@@ -29,7 +29,8 @@ use tokio::sync::{oneshot, Semaphore};
 
 use crate::ship::{ShipFeed, SyncGate};
 
-use crate::nbd::{Export, ExportError, ExportFlags, ExportRegistry};
+use ferry_nbd::{Export, ExportError, ExportFlags, ExportRegistry};
+
 use crate::primary::apply::{ApplyGate, ApplyGuard, Released};
 use crate::primary::frontend::{Frontend, FrontendOp};
 use crate::store::base::{file_extents, Base};
@@ -385,7 +386,7 @@ impl Export for Volume {
         offset: u64,
         len: u64,
         max: usize,
-    ) -> Result<Vec<crate::nbd::Extent>, ExportError> {
+    ) -> Result<Vec<ferry_nbd::Extent>, ExportError> {
         self.check(offset, len)?;
         let base = self.base.clone();
         tokio::task::spawn_blocking(move || file_extents(&base.file, offset, len, max))

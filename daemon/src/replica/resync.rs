@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use ferry_journal::{Op, Record, Seq};
-use ferry_transport::wire::{ResyncBegin, ResyncData, ResyncEnd, ResyncExtent};
+use ferry_proto::wire::{ResyncBegin, ResyncData, ResyncEnd, ResyncExtent};
 
 use crate::replica::standby::Standby;
 use crate::store::base::Base;

@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use ferry_journal::{now_ns, Seq};
+use ferry_proto::session::{LocalIdentity, Received, Receiver};
+use ferry_proto::wire::{DigestRequest, Frame, HandoverAck, Heartbeat, VerifyResult};
 use ferry_transport::quic::{
     self, FramedRecv, FramedSend, QuicError, StandbySession, TlsMaterial, TransportOptions,
 };
-use ferry_transport::session::{LocalIdentity, Received, Receiver};
-use ferry_transport::wire::{DigestRequest, Frame, HandoverAck, Heartbeat, VerifyResult};
 use tokio::sync::watch;
 
 use crate::replica::resync::{self, Copy};

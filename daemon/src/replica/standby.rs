@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_journal::{now_ns, Journal, JournalError, Record, Seq};
-use ferry_transport::wire::WriteSet;
+use ferry_proto::wire::WriteSet;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 

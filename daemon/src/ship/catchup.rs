@@ -43,15 +43,15 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use bytes::BytesMut;
 use ferry_journal::{Op, Seq};
+use ferry_proto::wire::{Frame, Heartbeat, ResyncBegin, ResyncData, ResyncEnd, ResyncExtent};
 use ferry_transport::quic::PrimarySession;
-use ferry_transport::wire::{Frame, Heartbeat, ResyncBegin, ResyncData, ResyncEnd, ResyncExtent};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::Config;
 use crate::ship::dirty::DirtyMap;
 use crate::ship::feed::ShipFeed;
 use crate::ship::target::{Mode, RegionBits, Shared, TargetState};
 use crate::store::base::Base;
+use ferry_api::config::Config;
 use ferry_journal::now_ns;
 
 /// A streaming target that holds the floor is switched to bitmap mode once the
@@ -815,15 +815,13 @@ async fn filter_by_digests(
     // The seed is random per run: it doubles as the exchange's id.
     let id = params.seed;
     s.control_send
-        .send_frame(&Frame::DigestRequest(
-            ferry_transport::wire::DigestRequest {
-                epoch,
-                id,
-                chunk_size: params.chunk_size,
-                seed: params.seed,
-                algo: u32::from(params.algo.id()),
-            },
-        ))
+        .send_frame(&Frame::DigestRequest(ferry_proto::wire::DigestRequest {
+            epoch,
+            id,
+            chunk_size: params.chunk_size,
+            seed: params.seed,
+            algo: u32::from(params.algo.id()),
+        }))
         .await?;
     // Ours, meanwhile, on the blocking pool.
     let bases = sh.bases.clone();

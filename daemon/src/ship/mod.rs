@@ -29,13 +29,13 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use ferry_api::status::{EffectiveMode, TargetStatus};
 use ferry_journal::{now_ns, Seq};
+use ferry_proto::session::LocalIdentity;
+use ferry_proto::wire::{self, VolumeGeometry};
 use ferry_transport::quic::TlsMaterial;
-use ferry_transport::session::LocalIdentity;
-use ferry_transport::wire::{self, VolumeGeometry};
 use tokio::sync::watch;
 
-use crate::config::{Config, ReplicationMode};
 use crate::store::base::Base;
+use ferry_api::config::{Config, ReplicationMode};
 
 pub use self::feed::{SeqIndex, ShipFeed, Tail};
 pub use self::records::journal_record;
@@ -181,8 +181,8 @@ pub fn local_identity(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TargetConfig;
     use crate::ship::target::Mode;
+    use ferry_api::config::TargetConfig;
 
     fn target(name: &str, mode: ReplicationMode, acked: Seq) -> Arc<TargetState> {
         let cfg = TargetConfig {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use ferry_journal::{Journal, Op, Seq};
-use ferry_transport::wire::{WireRecord, WriteSet};
+use ferry_proto::wire::{WireRecord, WriteSet};
 use tokio::sync::mpsc;
 
 use crate::ship::feed::{DurableSeq, Tail, TailRead};

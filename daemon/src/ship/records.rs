@@ -2,7 +2,7 @@
 //! standby journals the other): the two must stay exact inverses.
 
 use ferry_journal::{Op, Seq};
-use ferry_transport::wire::{RecordOp, WireRecord};
+use ferry_proto::wire::{RecordOp, WireRecord};
 
 /// Memory a record costs beyond its data, counted per record by every byte budget
 /// that holds records (the shipper's in-memory tail, the standby's apply queue): a

@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
 use ferry_journal::{now_ns, Journal, Seq};
+use ferry_proto::session::{self, LocalIdentity, Sender, SenderConfig};
+use ferry_proto::wire::{Frame, Heartbeat, WriteSet};
 use ferry_transport::quic::{self, Backoff, TlsMaterial, TransportOptions};
-use ferry_transport::session::{self, LocalIdentity, Sender, SenderConfig};
-use ferry_transport::wire::{Frame, Heartbeat, WriteSet};
 use parking_lot::Mutex;
 
-use crate::config::ReplicationMode;
 use crate::ship::feed::Tail;
 use crate::ship::reader::{ReaderThread, ShipSource};
 use crate::ship::target::{SyncGate, TargetState};
+use ferry_api::config::ReplicationMode;
 
 /// Write-sets formed ahead of the network per target (bounded memory).
 const READ_AHEAD_WRITE_SETS: usize = 16;
@@ -206,10 +206,10 @@ fn plan_hello(
     ctx: &ShipContext,
     t: &TargetState,
     neg: session::Negotiated,
-    hello: &ferry_transport::wire::Hello,
+    hello: &ferry_proto::wire::Hello,
     resync: bool,
     full: &Mutex<Option<Seq>>,
-) -> Result<ferry_transport::wire::HelloAck, session::HandshakeError> {
+) -> Result<ferry_proto::wire::HelloAck, session::HandshakeError> {
     let journal = &ctx.journal;
     let epoch = ctx.local.epoch;
     let resume = hello.resume_position;
@@ -306,7 +306,7 @@ async fn stream(
                 if let Some(seq) = seq {
                     // Everything up to `seq` went out before (the data stream is
                     // ordered and the primary stopped writing): the standby checks it.
-                    s.control_send.send_frame(&Frame::Handover(ferry_transport::wire::Handover { epoch, seq })).await?;
+                    s.control_send.send_frame(&Frame::Handover(ferry_proto::wire::Handover { epoch, seq })).await?;
                     tracing::warn!(target = %t.name, seq, "handover sent: the standby is to take over");
                 }
             }

@@ -12,9 +12,9 @@ use ferry_journal::{Journal, Op, Record, Seq};
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{ReplicationMode, TargetConfig};
 use crate::ship::dirty::DirtyMap;
 use crate::store::base::Base;
+use ferry_api::config::{ReplicationMode, TargetConfig};
 
 /// A bitmap-mode target's maps are flushed at least this often (the monitor may flush
 /// sooner under journal pressure).

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use ferry_journal::{Op, Seq};
 
-use crate::nbd::{ExportError, Extent};
+use ferry_nbd::{ExportError, Extent};
 
 /// A volume's backing store: a file or a block device.
 pub struct Base {

@@ -174,8 +174,8 @@ impl Meta {
                 if found != cluster_id {
                     return Err(MetaError::WrongCluster {
                         path,
-                        found: crate::config::format_id(&found),
-                        expected: crate::config::format_id(&cluster_id),
+                        found: ferry_api::config::format_id(&found),
+                        expected: ferry_api::config::format_id(&cluster_id),
                     });
                 }
             }
