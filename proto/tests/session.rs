@@ -481,3 +481,38 @@ fn receiver_jumps_to_the_resync_snapshot() {
     ));
     rx.resynced(42).unwrap();
 }
+
+/// Found by the `session` fuzz target (fuzz/): a sender whose position is
+/// `Seq::MAX` (a corrupt cursor, or a peer resuming there) overflowed computing the
+/// next sequence in `push` and `reset_for_resume`. It must refuse instead.
+#[test]
+fn sender_at_the_end_of_the_sequence_space_refuses_instead_of_overflowing() {
+    let cfg = SenderConfig::default();
+    let mut s = Sender::new(EPOCH, cfg, Seq::MAX);
+    let mut w = ws(1, 1, 0);
+    w.first_seq = Seq::MAX;
+    w.last_seq = Seq::MAX;
+    w.records[0].seq = Seq::MAX;
+    assert_eq!(
+        s.push(w.clone()),
+        Err(SenderError::SeqExhausted { last: Seq::MAX })
+    );
+    assert_eq!(s.last_queued_seq(), Seq::MAX);
+
+    // Queue up to the last sequence, then a peer resuming at it.
+    let mut s = Sender::new(EPOCH, cfg, Seq::MAX - 1);
+    s.push(w).expect("the last sequence can be queued");
+    assert_eq!(
+        s.reset_for_resume(Seq::MAX),
+        Err(SenderError::SeqExhausted { last: Seq::MAX })
+    );
+    assert_eq!(
+        s.durable_seq(),
+        Seq::MAX - 1,
+        "a refused resume changes nothing"
+    );
+    assert_eq!(
+        SenderError::SeqExhausted { last: Seq::MAX }.code(),
+        ErrorCode::Internal
+    );
+}
