@@ -92,6 +92,10 @@ pub enum SenderError {
     /// can follow. Only a corrupt cursor or a hostile peer gets a session here.
     #[error("sequence space exhausted after {last}")]
     SeqExhausted { last: Seq },
+    /// A write-set whose range is empty or backwards: queuing it would move
+    /// `last_queued` behind `sent` (no frame can carry one either).
+    #[error("write-set range {first}..={last} is empty")]
+    EmptyWriteSet { first: Seq, last: Seq },
 }
 
 impl SenderError {
@@ -106,7 +110,8 @@ impl SenderError {
             Self::NotContiguous { .. }
             | Self::EpochMismatch { .. }
             | Self::QueueFull { .. }
-            | Self::SeqExhausted { .. } => ErrorCode::Internal,
+            | Self::SeqExhausted { .. }
+            | Self::EmptyWriteSet { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -181,6 +186,12 @@ impl Sender {
             return Err(SenderError::NotContiguous {
                 expected,
                 got: ws.first_seq,
+            });
+        }
+        if ws.last_seq < ws.first_seq {
+            return Err(SenderError::EmptyWriteSet {
+                first: ws.first_seq,
+                last: ws.last_seq,
             });
         }
         if self.queue.len() >= self.config.max_queued_write_sets {

@@ -516,3 +516,21 @@ fn sender_at_the_end_of_the_sequence_space_refuses_instead_of_overflowing() {
         ErrorCode::Internal
     );
 }
+
+/// Found by the `session` fuzz target (fuzz/): `push` took a write-set ending
+/// before it starts, which moved `last_queued_seq` behind `sent_seq` (the queue's
+/// order invariant) without any error.
+#[test]
+fn sender_refuses_an_empty_or_backwards_write_set() {
+    let mut s = sender(4, 1 << 20);
+    s.push(ws(1, 2, 0)).expect("contiguous");
+    assert_eq!(s.poll_transmit().map(|w| w.last_seq), Some(2));
+    let mut w = ws(3, 1, 0);
+    w.last_seq = 0;
+    assert_eq!(
+        s.push(w),
+        Err(SenderError::EmptyWriteSet { first: 3, last: 0 })
+    );
+    assert_eq!(s.last_queued_seq(), 2);
+    assert!(s.sent_seq() <= s.last_queued_seq());
+}
