@@ -1,5 +1,6 @@
-//! Control socket: one JSON request per line, one JSON response per line, over a Unix
-//! socket. `ferryctl` is the client. Requests: `{"cmd":"status"}`.
+//! Control socket server: one JSON request per line, one JSON response per line, over a
+//! Unix socket. `ferryctl` is the client; the protocol types and the client
+//! ([`call`]) are ferry-api's ([`ferry_api::control`]). Requests: `{"cmd":"status"}`.
 //!
 //! Access: every connection's peer credentials (`SO_PEERCRED`, and `SO_PEERGROUPS` for
 //! supplementary groups) resolve to a [`Role`] through the [`Access`] policy; each
@@ -15,173 +16,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::audit::{AuditEntry, AuditLog, Outcome};
 use crate::config::{AccessConfig, Principals};
+// The protocol (shared with ferryctl) lives in ferry-api; re-exported so that
+// `crate::control::Request` and friends keep their paths.
+pub use ferry_api::control::{
+    call, command_role, CallError, PointSpec, Request, Response, Role, COMMANDS,
+};
 
 /// Longest request line accepted; requests are tiny.
 const MAX_REQUEST: usize = 64 << 10;
-
-/// Control roles, ordered: each includes the ones below it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Status and lists.
-    Viewer,
-    /// Bookmarks, point-in-time exports, verify, pause/resume.
-    Operator,
-    /// Role changes, rollback, full resync, reload.
-    Admin,
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        })
-    }
-}
-
-/// Every control command, implemented or planned, with the role it needs. A request
-/// naming a planned command is classified (and denied or refused as not implemented)
-/// by this table; implemented ones must agree with [`Request::required_role`] (tested).
-pub const COMMANDS: &[(&str, Role)] = &[
-    ("status", Role::Viewer),
-    ("list_bookmarks", Role::Viewer),
-    ("list_pits", Role::Viewer),
-    ("bookmark", Role::Operator),
-    ("pit_export", Role::Operator),
-    ("pit_unexport", Role::Operator),
-    ("verify", Role::Operator),
-    ("pause", Role::Operator),
-    ("resume", Role::Operator),
-    ("promote", Role::Admin),
-    ("demote", Role::Admin),
-    ("switchover", Role::Admin),
-    ("rollback", Role::Admin),
-    ("full_resync", Role::Admin),
-    ("reload", Role::Admin),
-];
-
-/// The role a command needs, for any command in [`COMMANDS`].
-pub fn command_role(cmd: &str) -> Option<Role> {
-    COMMANDS.iter().find(|(c, _)| *c == cmd).map(|(_, r)| *r)
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    Status,
-    /// Primary: seal the current write-set with a named marker.
-    #[serde(rename = "bookmark")]
-    BookmarkCreate {
-        name: String,
-    },
-    ListBookmarks,
-    /// Standby: the point-in-time window, recent points and open views.
-    ListPits {
-        #[serde(default)]
-        limit: Option<usize>,
-    },
-    /// Standby: serve `volume` as it was at `target` over NBD on `listen`.
-    PitExport {
-        volume: String,
-        target: PointSpec,
-        listen: String,
-        #[serde(default)]
-        writable: bool,
-    },
-    /// Standby: stop serving a view (`id`, or the only one) and drop its overlay.
-    PitUnexport {
-        #[serde(default)]
-        id: Option<u64>,
-        #[serde(default)]
-        all: bool,
-    },
-    /// Standby: stop following the primary (sessions end, new ones are refused).
-    Pause,
-    Resume,
-    /// Primary: compare the volumes (or one) with every streaming standby at one point
-    /// of the stream, while writes continue; lists the differing ranges.
-    Verify {
-        #[serde(default)]
-        volume: Option<String>,
-    },
-    /// Standby: become the primary of a new epoch (optionally at a point).
-    Promote {
-        #[serde(default)]
-        target: Option<PointSpec>,
-        #[serde(default)]
-        force: bool,
-    },
-    /// Outdated primary: rejoin as a standby of the node that superseded it.
-    Demote,
-    /// Primary: hand the primary role to a caught-up standby, losslessly.
-    Switchover {
-        #[serde(default)]
-        to: Option<String>,
-    },
-    /// Standby: roll the replica back to `target` (all volumes of the group).
-    Rollback {
-        volume: String,
-        target: PointSpec,
-        #[serde(default)]
-        group: bool,
-    },
-}
-
-/// A recovery point as an operator names it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PointSpec {
-    Seq(u64),
-    /// RFC 3339, parsed by the daemon.
-    At(String),
-    Bookmark(String),
-}
-
-impl Request {
-    /// The role this request needs. Exhaustive on purpose: a new request must say.
-    pub fn required_role(&self) -> Role {
-        match self {
-            Request::Status | Request::ListBookmarks | Request::ListPits { .. } => Role::Viewer,
-            Request::BookmarkCreate { .. }
-            | Request::PitExport { .. }
-            | Request::PitUnexport { .. }
-            | Request::Pause
-            | Request::Resume
-            | Request::Verify { .. } => Role::Operator,
-            Request::Rollback { .. }
-            | Request::Promote { .. }
-            | Request::Demote
-            | Request::Switchover { .. } => Role::Admin,
-        }
-    }
-
-    /// The `cmd` name on the wire.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Request::Status => "status",
-            Request::BookmarkCreate { .. } => "bookmark",
-            Request::ListBookmarks => "list_bookmarks",
-            Request::ListPits { .. } => "list_pits",
-            Request::PitExport { .. } => "pit_export",
-            Request::PitUnexport { .. } => "pit_unexport",
-            Request::Pause => "pause",
-            Request::Resume => "resume",
-            Request::Rollback { .. } => "rollback",
-            Request::Promote { .. } => "promote",
-            Request::Verify { .. } => "verify",
-            Request::Demote => "demote",
-            Request::Switchover { .. } => "switchover",
-        }
-    }
-}
 
 /// Who may do what on the control socket, and how the socket file is shared.
 #[derive(Debug, Clone)]
@@ -254,32 +101,6 @@ impl Access {
             Some(Role::Viewer)
         } else {
             None
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
-}
-
-impl Response {
-    pub fn ok(v: serde_json::Value) -> Self {
-        Response {
-            ok: true,
-            error: None,
-            result: Some(v),
-        }
-    }
-    pub fn err(msg: impl Into<String>) -> Self {
-        Response {
-            ok: false,
-            error: Some(msg.into()),
-            result: None,
         }
     }
 }
@@ -544,83 +365,9 @@ async fn serve_one(
     }
 }
 
-use tokio::io::AsyncReadExt;
-
-/// Client side, used by `ferryctl`: one request, one response.
-pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach ferryd at {} (is it running with this config?)",
-            socket.display()
-        )
-    })?;
-    // A rollback rewrites every range changed since its target: allow it an hour.
-    let timeout = match req {
-        Request::Rollback { .. } | Request::Promote { .. } | Request::Verify { .. } => {
-            Duration::from_secs(3600)
-        }
-        _ => Duration::from_secs(30),
-    };
-    s.set_read_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    s.write_all(&line)?;
-    let mut reader = std::io::BufReader::new(s);
-    let mut resp = String::new();
-    reader
-        .read_line(&mut resp)
-        .context("reading ferryd's response")?;
-    serde_json::from_str(&resp).with_context(|| format!("malformed response from ferryd: {resp:?}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_agree_with_the_command_table() {
-        // One entry per request variant.
-        let at = PointSpec::Seq(1);
-        for req in [
-            Request::Status,
-            Request::BookmarkCreate { name: "b".into() },
-            Request::ListBookmarks,
-            Request::ListPits { limit: None },
-            Request::PitExport {
-                volume: "v".into(),
-                target: at.clone(),
-                listen: "127.0.0.1:0".into(),
-                writable: false,
-            },
-            Request::PitUnexport {
-                id: None,
-                all: false,
-            },
-            Request::Pause,
-            Request::Resume,
-            Request::Rollback {
-                volume: "v".into(),
-                target: at.clone(),
-                group: false,
-            },
-            Request::Promote {
-                target: None,
-                force: false,
-            },
-            Request::Demote,
-            Request::Switchover { to: None },
-            Request::Verify { volume: None },
-        ] {
-            let v = serde_json::to_value(&req).unwrap();
-            assert_eq!(v["cmd"], req.name());
-            assert_eq!(command_role(req.name()), Some(req.required_role()));
-        }
-        let mut names: Vec<_> = COMMANDS.iter().map(|(c, _)| c).collect();
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), COMMANDS.len());
-    }
 
     #[test]
     fn roles_resolve_highest_first() {

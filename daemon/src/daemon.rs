@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry_journal::{EngineChoice, Journal, JournalOptions, Op, RecoveryMode, Seq};
+use ferry_journal::{Journal, JournalOptions, Op, Seq};
 use serde_json::json;
 
-use crate::config::{Config, EngineConfig, RecoveryConfig, Role};
+use crate::config::{Config, Role};
 use crate::control;
 use crate::meta::{Meta, RollbackState};
 use crate::metrics::{self, Metrics, NodeSource, RoleSource};
@@ -48,15 +48,8 @@ pub fn journal_options(cfg: &Config) -> JournalOptions {
     let mut o = JournalOptions::new(cfg.journal.dir.clone(), cfg.cluster_id());
     o.segment_size = cfg.journal.segment_size.0;
     o.capacity = cfg.journal.size.0;
-    o.engine = match cfg.journal.engine {
-        EngineConfig::Auto => EngineChoice::Auto,
-        EngineConfig::IoUring => EngineChoice::IoUring,
-        EngineConfig::Std => EngineChoice::Std,
-    };
-    o.recovery = match cfg.journal.recovery {
-        RecoveryConfig::TolerateTornTail => RecoveryMode::TolerateTornTail,
-        RecoveryConfig::AbsoluteConsistency => RecoveryMode::AbsoluteConsistency,
-    };
+    o.engine = cfg.journal.engine;
+    o.recovery = cfg.journal.recovery;
     o.queue_records = JOURNAL_QUEUE;
     o.max_inflight_batches = cfg.journal.inflight_batches as usize;
     // A primary's callbacks only wake the waiting request (and feed the shippers'

@@ -533,6 +533,73 @@ impl Export for Volume {
         self.observe(FrontendOp::WriteZeroes, len as u64, started, r.is_ok());
         r
     }
+
+    /// Holes of the base file (block status, sparse reads). Every acknowledged write
+    /// has reached the base already (see `Group::mutate`), so a hole here is a hole the
+    /// client can rely on.
+    async fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<crate::nbd::Extent>, ExportError> {
+        self.check(offset, len)?;
+        let base = self.base.clone();
+        tokio::task::spawn_blocking(move || file_extents(&base.file, offset, len, max))
+            .await
+            .map_err(|e| ExportError::Io(format!("extents task: {e}")))?
+    }
+}
+
+/// Allocation of `[offset, offset + len)` of a file from SEEK_DATA/SEEK_HOLE, at most `max`
+/// extents: holes read as zeroes (hole + zero), everything else is data. Where the seeks are
+/// unsupported everything is data, which is always correct (a block device reports that too).
+fn file_extents(
+    file: &File,
+    offset: u64,
+    len: u64,
+    max: usize,
+) -> Result<Vec<crate::nbd::Extent>, ExportError> {
+    use crate::nbd::Extent;
+    let end = offset.saturating_add(len);
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end && out.len() < max {
+        // ENXIO: no data at or after `pos` (the base is at least the volume's size).
+        let data = match seek(file, pos, libc::SEEK_DATA) {
+            Ok(d) => d.clamp(pos, end),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                out.push(Extent::data(end - pos));
+                break;
+            }
+            Err(e) => return Err(ExportError::Io(format!("SEEK_DATA: {e}"))),
+        };
+        if data > pos {
+            out.push(Extent::hole(data - pos));
+            pos = data;
+            continue;
+        }
+        // A concurrent hole punch may leave no hole past `pos`: then the rest is data.
+        let hole = match seek(file, pos, libc::SEEK_HOLE) {
+            Ok(h) if h > pos => h.min(end),
+            Ok(_) => end,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+            Err(e) => return Err(ExportError::Io(format!("SEEK_HOLE: {e}"))),
+        };
+        out.push(Extent::data(hole - pos));
+        pos = hole;
+    }
+    Ok(out)
+}
+
+fn seek(file: &File, pos: u64, whence: libc::c_int) -> std::io::Result<u64> {
+    let pos =
+        libc::off_t::try_from(pos).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek on a valid, owned fd; no memory is passed. The fd's offset is not used
+    // by anyone else (all I/O on the base is positional).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
+    u64::try_from(r).map_err(|_| std::io::Error::last_os_error())
 }
 
 /// The request bodies, timed and counted by the `Export` methods above.

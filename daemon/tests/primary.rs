@@ -289,3 +289,62 @@ fn replay_refuses_to_drop_records_of_an_unconfigured_volume() {
     let node = Node::start(ferryd(), &cfg);
     assert_qemu_io_ok(&qemu_io(&node.url("vol1"), &cmds(&["read -P 0x42 0 64k"])));
 }
+
+/// Block status of a real volume comes from the base file's holes (SEEK_DATA/SEEK_HOLE):
+/// after writes at 1 MiB and 5 MiB of a fresh sparse volume, qemu-img map reports exactly
+/// those ranges as data and the rest as zero holes, and qemu-img compare -s agrees with a
+/// sparse image of the same layout.
+#[test]
+fn qemu_img_map_shows_the_volumes_holes() {
+    if skip_without("qemu-img", "qemu_img_map_shows_the_volumes_holes")
+        || skip_without("qemu-io", "qemu_img_map_shows_the_volumes_holes")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    if !reports_holes(dir.path()) {
+        eprintln!("SKIP: the test directory's file system reports no holes (SEEK_DATA)");
+        return;
+    }
+    let cfg = primary_config(dir.path(), &[("vol0", 8 * MIB)], 64 * MIB, 4 * MIB);
+    let node = Node::start(ferryd(), &cfg);
+    let url = node.url("vol0");
+    assert_qemu_io_ok(&qemu_io(
+        &url,
+        &cmds(&["write -P 0x11 1M 64k", "write -P 0x22 5M 128k"]),
+    ));
+    let out = std::process::Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "raw", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "qemu-img map: {text}");
+    let rows: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let data: Vec<(u64, u64)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["data"].as_bool() == Some(true))
+        .map(|r| (r["start"].as_u64().unwrap(), r["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, vec![(MIB, 64 << 10), (5 * MIB, 128 << 10)], "{text}");
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["data"].as_bool() == Some(false))
+            .all(|r| r["zero"].as_bool() == Some(true)),
+        "holes must read as zero: {text}"
+    );
+}
+
+/// Whether SEEK_DATA finds no data in a fresh sparse file here (file systems without hole
+/// support report the whole file as data, which ferryd then rightly reports too).
+fn reports_holes(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::create(dir.join("probe")).unwrap();
+    f.set_len(MIB).unwrap();
+    // SAFETY: lseek on a valid fd; no memory is passed.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+    r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
+}

@@ -647,7 +647,14 @@ pub fn probe_io_uring() -> Result<(), String> {
 }
 
 /// Which engine to use: `Auto` probes io_uring and falls back to std IO.
+/// With the `serde` feature it is spelled `auto`, `io_uring`, `std` (ferryd's
+/// `journal.engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum EngineChoice {
     #[default]
     Auto,

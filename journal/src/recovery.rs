@@ -26,8 +26,14 @@ use crate::error::{JournalError, Result};
 use crate::format::{self, FormatError, Seq, BLOCK_SIZE, SEGMENT_HEADER_BLOCK};
 use crate::segment;
 
-/// How to treat a torn tail found on open.
+/// How to treat a torn tail found on open. With the `serde` feature it is spelled
+/// `tolerate-torn-tail`, `absolute-consistency` (ferryd's `journal.recovery`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "kebab-case")
+)]
 pub enum RecoveryMode {
     /// Truncate (and zero) a torn last batch: it was never acknowledged.
     #[default]

@@ -1,8 +1,16 @@
-//! NBD protocol server (fixed newstyle handshake, simple replies only),
-//! generic over an [`Export`] looked up by name in an [`ExportRegistry`].
+//! NBD protocol server (fixed newstyle handshake; simple, structured and
+//! extended replies; `base:allocation` block status), generic over an
+//! [`Export`] looked up by name in an [`ExportRegistry`]. What is supported,
+//! the negotiation order and the limits are listed in `nbd/README.md`.
 //!
 //! * [`proto`]  — pure wire encode/decode and request validation (no I/O).
-//! * [`server`] — the accept loop, handshake and transmission phase.
+//! * `server` — the accept loop and the transmission phase's request loop.
+//! * `handshake` — option haggling up to the export entered.
+//! * `reply` — reply shapes and the writer task.
+//! * `exec` — running a request against the export, building its reply.
+//! * `refusals` — per-connection rate-limited logging of refused requests.
+//! * [`stats`]  — counters the embedding daemon reads (refused requests,
+//!   connections, negotiated header styles).
 //! * `mem`    — in-memory / file-backed exports and a map registry, used by
 //!   tests and benchmarks (feature `test-util`).
 //! * `testclient` — a blocking raw NBD client plus an in-process server
@@ -12,10 +20,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod exec;
+mod handshake;
 #[cfg(feature = "test-util")]
 pub mod mem;
 pub mod proto;
+mod refusals;
+mod reply;
 mod server;
+pub mod stats;
 #[cfg(feature = "test-util")]
 #[doc(hidden)]
 pub mod testclient;
@@ -23,6 +36,7 @@ pub mod testclient;
 #[cfg(feature = "test-util")]
 pub use mem::{FileExport, MapRegistry, MemExport};
 pub use server::serve;
+pub use stats::ServerStats;
 
 /// What an export can do; turned into NBD transmission flags verbatim, so
 /// every `true` here is a promise to the client.
@@ -96,6 +110,79 @@ pub trait Export: Send + Sync + 'static {
         len: u32,
         may_trim: bool,
     ) -> impl Future<Output = Result<(), ExportError>> + Send;
+
+    /// Allocation status of `[offset, offset + len)` for `base:allocation`
+    /// block status and sparse reads: at most `max` extents, contiguous from
+    /// `offset`, each non-empty, together covering a prefix of the range
+    /// (the server asks again for the rest, or treats it as data). The
+    /// default, one data extent, is always correct for an export that
+    /// cannot tell: "data" only means "not known to be a hole".
+    fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Extent>, ExportError>> + Send {
+        let _ = (offset, max);
+        async move { Ok(vec![Extent::data(len)]) }
+    }
+
+    /// `NBD_CMD_CACHE`: the client will soon access this range. A hint; the
+    /// default does nothing and succeeds, as the spec allows.
+    fn cache(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), ExportError>> + Send {
+        let _ = (offset, len);
+        async { Ok(()) }
+    }
+
+    /// Whether `write_zeroes` is faster than writing the zeroes as data.
+    /// When `false`, write-zeroes requests with `NBD_CMD_FLAG_FAST_ZERO` get
+    /// ENOTSUP at once, so a copying client (qemu-img convert, nbdcopy)
+    /// skips pre-zeroing instead of paying for it twice.
+    fn fast_zero(&self) -> bool {
+        false
+    }
+}
+
+/// One run of an export's address space with one allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Not allocated in the backing store (`NBD_STATE_HOLE`).
+    pub hole: bool,
+    /// Reads as zeroes (`NBD_STATE_ZERO`).
+    pub zero: bool,
+}
+
+impl Extent {
+    /// Allocated, contents unknown.
+    pub fn data(len: u64) -> Extent {
+        Extent {
+            len,
+            hole: false,
+            zero: false,
+        }
+    }
+
+    /// Unallocated and reading as zeroes.
+    pub fn hole(len: u64) -> Extent {
+        Extent {
+            len,
+            hole: true,
+            zero: true,
+        }
+    }
+
+    /// `base:allocation` status flags.
+    pub fn flags(&self) -> u32 {
+        let mut f = 0;
+        if self.hole {
+            f |= proto::STATE_HOLE;
+        }
+        if self.zero {
+            f |= proto::STATE_ZERO;
+        }
+        f
+    }
 }
 
 /// Name → export lookup, consulted during every handshake (so exports can
@@ -108,12 +195,18 @@ pub trait ExportRegistry: Send + Sync + 'static {
     fn default_export(&self) -> Option<String>;
 }
 
+/// Default maximum READ/WRITE payload: 64 MiB, twice the 32 MiB every
+/// client may assume, so large sequential copies need half the requests.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 64 << 20;
+
 /// Server tuning.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Largest READ/WRITE payload accepted (advertised as the maximum block
     /// size). Larger reads get EINVAL; larger writes drop the connection
-    /// because their payload cannot be skipped safely.
+    /// because their payload cannot be skipped safely. A connection holds
+    /// at most twice this in payload bytes (requests read, replies not yet
+    /// written), whatever its requests ask for.
     pub max_payload: u32,
     /// Requests processed concurrently per connection; further requests are
     /// not read off the socket until one completes (TCP backpressure).
@@ -121,14 +214,18 @@ pub struct ServerConfig {
     /// How long `serve` waits after shutdown for connections to finish their
     /// in-flight requests before abandoning them.
     pub shutdown_grace: Duration,
+    /// Counters shared with the embedding daemon (clone the `Arc` before
+    /// handing the config over, then read it while the server runs).
+    pub stats: Arc<ServerStats>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            max_payload: 32 << 20,
+            max_payload: DEFAULT_MAX_PAYLOAD,
             max_inflight_per_conn: 128,
             shutdown_grace: Duration::from_secs(10),
+            stats: Arc::default(),
         }
     }
 }

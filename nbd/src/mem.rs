@@ -1,4 +1,5 @@
-//! Simple exports for tests and benchmarks: an in-memory export, a
+//! Simple exports for tests and benchmarks: an in-memory export (with
+//! allocation tracking, for block status), a
 //! file-backed export (pread/pwrite on the blocking pool) and a registry
 //! backed by an ordered list.
 //!
@@ -16,7 +17,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 
-use super::{Export, ExportError, ExportFlags, ExportRegistry};
+use crate::{Export, ExportError, ExportFlags, ExportRegistry, Extent};
 
 /// Capabilities of the test exports: everything, and multi-conn is safe
 /// because all connections share one backing store with no private cache.
@@ -29,25 +30,76 @@ pub const ALL_FLAGS: ExportFlags = ExportFlags {
     send_flush: true,
 };
 
-/// In-memory export. Trim and write-zeroes both zero the range, so after a
-/// discard the range is guaranteed to read back as zeroes (tests rely on it).
+/// Allocation granularity of [`MemExport`].
+pub const MEM_BLOCK: u64 = 4096;
+
+/// Allocation state of one [`MEM_BLOCK`] of a [`MemExport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Block {
+    /// Never written, or trimmed: a hole reading as zeroes.
+    Hole,
+    /// Written.
+    Data,
+    /// Zeroed with NO_HOLE: allocated, reading as zeroes.
+    Zero,
+}
+
+struct Store {
+    bytes: Vec<u8>,
+    blocks: Vec<Block>,
+}
+
+impl Store {
+    /// Set the state of the blocks wholly inside `r`.
+    fn set_whole(&mut self, r: &std::ops::Range<usize>, b: Block) {
+        let first = (r.start as u64).div_ceil(MEM_BLOCK) as usize;
+        let end = (r.end as u64 / MEM_BLOCK) as usize;
+        if first < end {
+            self.blocks[first..end].fill(b);
+        }
+    }
+
+    /// Set the state of every block `r` touches.
+    fn set_touched(&mut self, r: &std::ops::Range<usize>, b: Block) {
+        if r.is_empty() {
+            return;
+        }
+        let first = (r.start as u64 / MEM_BLOCK) as usize;
+        let end = ((r.end as u64).div_ceil(MEM_BLOCK) as usize).min(self.blocks.len());
+        self.blocks[first..end].fill(b);
+    }
+}
+
+/// In-memory export with allocation tracking per 4 KiB block, so block
+/// status and sparse reads can be tested: it starts as one hole; writes
+/// allocate, trims and write-zeroes (unless NO_HOLE) punch whole blocks.
+/// Trim and write-zeroes both zero the range, so after a discard the range
+/// is guaranteed to read back as zeroes (tests rely on it).
 pub struct MemExport {
     name: String,
-    data: RwLock<Vec<u8>>,
+    data: RwLock<Store>,
     flags: ExportFlags,
     /// Artificial latency per operation, to hold requests in flight in tests.
     delay: Duration,
+    fast_zero: bool,
     flushes: AtomicU64,
+    bytes_read: AtomicU64,
 }
 
 impl MemExport {
     pub fn new(name: impl Into<String>, size: usize) -> Self {
+        let blocks = (size as u64).div_ceil(MEM_BLOCK) as usize;
         MemExport {
             name: name.into(),
-            data: RwLock::new(vec![0u8; size]),
+            data: RwLock::new(Store {
+                bytes: vec![0u8; size],
+                blocks: vec![Block::Hole; blocks],
+            }),
             flags: ALL_FLAGS,
             delay: Duration::ZERO,
+            fast_zero: false,
             flushes: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
         }
     }
 
@@ -61,14 +113,33 @@ impl MemExport {
         self
     }
 
+    /// Claim fast zeroing (FAST_ZERO requests then proceed).
+    pub fn with_fast_zero(mut self, fast: bool) -> Self {
+        self.fast_zero = fast;
+        self
+    }
+
     /// Number of flush calls served (FUA writes count as one too).
     pub fn flush_count(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)
     }
 
+    /// Bytes returned by `read` so far (to check that clients skip holes).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
     /// Copy of a range, for assertions. Panics on out-of-range (test helper).
     pub fn snapshot(&self, offset: usize, len: usize) -> Vec<u8> {
-        self.data.read()[offset..offset + len].to_vec()
+        self.data.read().bytes[offset..offset + len].to_vec()
+    }
+
+    /// Write directly (test set-up). Panics on out-of-range (test helper).
+    pub fn fill(&self, offset: usize, data: &[u8]) {
+        let mut s = self.data.write();
+        let r = offset..offset + data.len();
+        s.bytes[r.clone()].copy_from_slice(data);
+        s.set_touched(&r, Block::Data);
     }
 
     async fn pause(&self) {
@@ -80,13 +151,21 @@ impl MemExport {
     fn range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, ExportError> {
         // The server validates ranges already; re-check so a misbehaving
         // caller gets an error instead of a panic.
-        let size = self.data.read().len() as u64;
+        let size = self.data.read().bytes.len() as u64;
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(offset as usize..end as usize),
             _ => Err(ExportError::Invalid(format!(
                 "range {offset}+{len} outside export of {size} bytes"
             ))),
         }
+    }
+
+    fn zero(&self, offset: u64, len: u32, punch: bool) -> Result<(), ExportError> {
+        let r = self.range(offset, len.into())?;
+        let mut s = self.data.write();
+        s.bytes[r.clone()].fill(0);
+        s.set_whole(&r, if punch { Block::Hole } else { Block::Zero });
+        Ok(())
     }
 }
 
@@ -96,7 +175,7 @@ impl Export for MemExport {
     }
 
     fn size(&self) -> u64 {
-        self.data.read().len() as u64
+        self.data.read().bytes.len() as u64
     }
 
     fn flags(&self) -> ExportFlags {
@@ -106,13 +185,16 @@ impl Export for MemExport {
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
         self.pause().await;
         let r = self.range(offset, len.into())?;
-        Ok(Bytes::copy_from_slice(&self.data.read()[r]))
+        self.bytes_read.fetch_add(len.into(), Ordering::Relaxed);
+        Ok(Bytes::copy_from_slice(&self.data.read().bytes[r]))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
         self.pause().await;
         let r = self.range(offset, data.len() as u64)?;
-        self.data.write()[r].copy_from_slice(&data);
+        let mut s = self.data.write();
+        s.bytes[r.clone()].copy_from_slice(&data);
+        s.set_touched(&r, Block::Data);
         if fua {
             self.flushes.fetch_add(1, Ordering::Relaxed);
         }
@@ -127,21 +209,40 @@ impl Export for MemExport {
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), ExportError> {
         self.pause().await;
-        let r = self.range(offset, len.into())?;
-        self.data.write()[r].fill(0);
-        Ok(())
+        self.zero(offset, len, true)
     }
 
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u32,
-        _may_trim: bool,
-    ) -> Result<(), ExportError> {
+    async fn write_zeroes(&self, offset: u64, len: u32, may_trim: bool) -> Result<(), ExportError> {
         self.pause().await;
-        let r = self.range(offset, len.into())?;
-        self.data.write()[r].fill(0);
-        Ok(())
+        self.zero(offset, len, may_trim)
+    }
+
+    async fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, ExportError> {
+        let r = self.range(offset, len)?;
+        let s = self.data.read();
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = r.start as u64;
+        while pos < r.end as u64 {
+            let b = s.blocks[(pos / MEM_BLOCK) as usize];
+            let n = (MEM_BLOCK - pos % MEM_BLOCK).min(r.end as u64 - pos);
+            let e = Extent {
+                len: n,
+                hole: b == Block::Hole,
+                zero: b != Block::Data,
+            };
+            let full = out.len() >= max;
+            match out.last_mut() {
+                Some(l) if l.hole == e.hole && l.zero == e.zero => l.len += n,
+                _ if full => break,
+                _ => out.push(e),
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    fn fast_zero(&self) -> bool {
+        self.fast_zero
     }
 }
 

@@ -1,6 +1,7 @@
 //! Test support: a blocking raw NBD client that can speak both correct and
-//! deliberately broken protocol, and a harness running [`serve`] in-process
-//! on its own runtime thread.
+//! deliberately broken protocol (simple, structured and extended replies;
+//! compact and extended requests; metadata contexts), and a harness running
+//! [`serve`] in-process on its own runtime thread.
 //!
 //! Blocking std sockets are used on purpose: tests can then interleave raw
 //! byte-level steps freely, and the server's runtime lives on separate
@@ -14,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::proto::{self, Request};
-use super::{serve, ExportRegistry, ServerConfig};
+use crate::proto::{self, Mode, Request};
+use crate::{serve, ExportRegistry, ServerConfig};
 
 /// In-process server on 127.0.0.1 with an ephemeral port.
 pub struct TestServer {
@@ -105,7 +106,56 @@ pub struct ExportInfo {
 pub struct TestClient {
     s: TcpStream,
     next_handle: u64,
+    /// Header style, switched by [`TestClient::structured_reply`] and
+    /// [`TestClient::extended_headers`] when the server accepts.
+    pub mode: Mode,
 }
+
+/// One reply message as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    Simple { error: u32, handle: u64 },
+    Chunk(Chunk),
+}
+
+/// One structured or extended reply chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub flags: u16,
+    pub typ: u16,
+    pub handle: u64,
+    /// The request offset echoed by an extended header.
+    pub req_offset: Option<u64>,
+    pub payload: Vec<u8>,
+}
+
+impl Chunk {
+    pub fn done(&self) -> bool {
+        self.flags & proto::REPLY_FLAG_DONE != 0
+    }
+
+    /// The error value of an error chunk.
+    pub fn error(&self) -> Option<u32> {
+        if self.typ & (1 << 15) == 0 {
+            return None;
+        }
+        Some(self.payload.get(0..4).map(be32).unwrap_or(u32::MAX))
+    }
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap_or_default())
+}
+
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap_or_default())
+}
+
+/// A status chunk: context id and (length, flags) descriptors.
+pub type Status = (u32, Vec<(u64, u32)>);
+
+/// Largest reply payload the client accepts (bounds its allocations).
+const MAX_REPLY_PAYLOAD: u64 = (64 << 20) + 64;
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -116,7 +166,11 @@ impl TestClient {
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
         s.set_nodelay(true)?;
-        Ok(TestClient { s, next_handle: 1 })
+        Ok(TestClient {
+            s,
+            next_handle: 1,
+            mode: Mode::Simple,
+        })
     }
 
     /// Connect, check the greeting, send FIXED_NEWSTYLE|NO_ZEROES.
@@ -321,39 +375,116 @@ impl TestClient {
         h
     }
 
-    /// Send a request header (+ payload, if any) without waiting.
+    /// Send a request header (+ payload, if any) without waiting, in the
+    /// negotiated header form. Flags are sent as given (no PAYLOAD_LEN is
+    /// added), so tests can send exactly what they mean.
     pub fn send_request(
         &mut self,
         typ: u16,
         flags: u16,
         handle: u64,
         offset: u64,
-        len: u32,
+        len: u64,
         payload: &[u8],
     ) -> io::Result<()> {
-        let mut b = Vec::with_capacity(proto::REQUEST_LEN + payload.len());
-        b.extend_from_slice(&proto::encode_request(&Request {
+        let r = Request {
             flags,
             typ,
             handle,
             offset,
             len,
-        }));
+        };
+        let mut b = Vec::with_capacity(proto::EXTENDED_REQUEST_LEN + payload.len());
+        if self.mode == Mode::Extended {
+            b.extend_from_slice(&proto::encode_extended_request(&r));
+        } else {
+            b.extend_from_slice(&proto::encode_request(&r));
+        }
         b.extend_from_slice(payload);
         self.send(&b)
     }
 
     /// Read a simple reply header: (error, handle).
     pub fn read_reply(&mut self) -> io::Result<(u32, u64)> {
-        let h = self.recv(proto::SIMPLE_REPLY_LEN)?;
-        let magic = u32::from_be_bytes(h[0..4].try_into().unwrap_or_default());
-        if magic != proto::SIMPLE_REPLY_MAGIC {
-            return Err(io::Error::other(format!("bad reply magic {magic:#x}")));
+        match self.read_msg()? {
+            Msg::Simple { error, handle } => Ok((error, handle)),
+            Msg::Chunk(c) => Err(io::Error::other(format!(
+                "expected a simple reply, got chunk {c:?}"
+            ))),
         }
-        Ok((
-            u32::from_be_bytes(h[4..8].try_into().unwrap_or_default()),
-            u64::from_be_bytes(h[8..16].try_into().unwrap_or_default()),
-        ))
+    }
+
+    /// Read one reply message of any kind (payload of chunks included;
+    /// a simple READ reply's data is left on the socket).
+    pub fn read_msg(&mut self) -> io::Result<Msg> {
+        let m = self.recv(4)?;
+        let magic = be32(&m);
+        let (hl, ext) = match magic {
+            proto::SIMPLE_REPLY_MAGIC => {
+                let h = self.recv(12)?;
+                return Ok(Msg::Simple {
+                    error: be32(&h[0..4]),
+                    handle: be64(&h[4..12]),
+                });
+            }
+            proto::STRUCTURED_REPLY_MAGIC => (proto::STRUCTURED_REPLY_LEN, false),
+            proto::EXTENDED_REPLY_MAGIC => (proto::EXTENDED_REPLY_LEN, true),
+            m => return Err(io::Error::other(format!("bad reply magic {m:#x}"))),
+        };
+        let h = self.recv(hl - 4)?;
+        let flags = u16::from_be_bytes([h[0], h[1]]);
+        let typ = u16::from_be_bytes([h[2], h[3]]);
+        let handle = be64(&h[4..12]);
+        let (req_offset, len) = if ext {
+            (Some(be64(&h[12..20])), be64(&h[20..28]))
+        } else {
+            (None, u64::from(be32(&h[12..16])))
+        };
+        if len > MAX_REPLY_PAYLOAD {
+            return Err(io::Error::other(format!("chunk payload too long: {len}")));
+        }
+        let payload = self.recv(len as usize)?;
+        Ok(Msg::Chunk(Chunk {
+            flags,
+            typ,
+            handle,
+            req_offset,
+            payload,
+        }))
+    }
+
+    /// Read chunks of one reply up to and including the DONE chunk.
+    pub fn read_chunks(&mut self, handle: u64) -> io::Result<Vec<Chunk>> {
+        let mut v = Vec::new();
+        loop {
+            match self.read_msg()? {
+                Msg::Chunk(c) => {
+                    Self::expect_handle(c.handle, handle)?;
+                    let done = c.done();
+                    v.push(c);
+                    if done {
+                        return Ok(v);
+                    }
+                }
+                Msg::Simple { .. } if !v.is_empty() => {
+                    return Err(io::Error::other("simple reply inside a chunked reply"))
+                }
+                Msg::Simple { error, handle: h } => {
+                    Self::expect_handle(h, handle)?;
+                    return Ok(vec![Chunk {
+                        flags: proto::REPLY_FLAG_DONE,
+                        typ: if error == 0 {
+                            proto::REPLY_TYPE_NONE
+                        } else {
+                            proto::REPLY_TYPE_ERROR
+                        },
+                        handle: h,
+                        req_offset: None,
+                        payload: error.to_be_bytes().to_vec(),
+                    }]);
+                }
+            }
+        }
     }
 
     fn expect_handle(got: u64, want: u64) -> io::Result<()> {
@@ -363,39 +494,139 @@ impl TestClient {
         Ok(())
     }
 
-    /// Synchronous READ: data, or the NBD error value.
-    pub fn read(&mut self, offset: u64, len: u32) -> io::Result<Result<Vec<u8>, u32>> {
-        let h = self.alloc_handle();
-        self.send_request(proto::CMD_READ, 0, h, offset, len, &[])?;
-        let (err, got) = self.read_reply()?;
-        Self::expect_handle(got, h)?;
-        if err != 0 {
-            return Ok(Err(err));
+    /// The error of a reply without data, whatever its shape.
+    fn reply_error(&mut self, handle: u64) -> io::Result<u32> {
+        if self.mode == Mode::Simple {
+            let (err, got) = self.read_reply()?;
+            Self::expect_handle(got, handle)?;
+            return Ok(err);
         }
-        Ok(Ok(self.recv(len as usize)?))
+        let chunks = self.read_chunks(handle)?;
+        Ok(chunks.iter().find_map(Chunk::error).unwrap_or(0))
     }
 
-    /// Synchronous WRITE; returns the NBD error value (0 = success).
+    /// Synchronous READ: data, or the NBD error value. With chunked replies
+    /// the chunks are reassembled (holes as zeroes) and must cover the range
+    /// exactly once.
+    pub fn read(&mut self, offset: u64, len: u32) -> io::Result<Result<Vec<u8>, u32>> {
+        self.read_flags(offset, len, 0)
+    }
+
+    pub fn read_flags(
+        &mut self,
+        offset: u64,
+        len: u32,
+        flags: u16,
+    ) -> io::Result<Result<Vec<u8>, u32>> {
+        let h = self.alloc_handle();
+        self.send_request(proto::CMD_READ, flags, h, offset, len.into(), &[])?;
+        if self.mode == Mode::Simple {
+            let (err, got) = self.read_reply()?;
+            Self::expect_handle(got, h)?;
+            if err != 0 {
+                return Ok(Err(err));
+            }
+            return Ok(Ok(self.recv(len as usize)?));
+        }
+        let chunks = self.read_chunks(h)?;
+        assemble_read(&chunks, offset, len)
+    }
+
+    /// Synchronous WRITE; returns the NBD error value (0 = success). Adds
+    /// PAYLOAD_LEN under extended headers, as the spec requires.
     pub fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> io::Result<u32> {
         let h = self.alloc_handle();
-        self.send_request(proto::CMD_WRITE, flags, h, offset, data.len() as u32, data)?;
-        let (err, got) = self.read_reply()?;
-        Self::expect_handle(got, h)?;
-        Ok(err)
+        let flags = if self.mode == Mode::Extended {
+            flags | proto::CMD_FLAG_PAYLOAD_LEN
+        } else {
+            flags
+        };
+        self.send_request(proto::CMD_WRITE, flags, h, offset, data.len() as u64, data)?;
+        self.reply_error(h)
     }
 
     /// Synchronous command without payload in either direction (FLUSH,
-    /// TRIM, WRITE_ZEROES, or anything invalid); returns the error value.
-    pub fn cmd(&mut self, typ: u16, flags: u16, offset: u64, len: u32) -> io::Result<u32> {
+    /// TRIM, WRITE_ZEROES, CACHE, or anything invalid); returns the error
+    /// value.
+    pub fn cmd(&mut self, typ: u16, flags: u16, offset: u64, len: u64) -> io::Result<u32> {
         let h = self.alloc_handle();
         self.send_request(typ, flags, h, offset, len, &[])?;
-        let (err, got) = self.read_reply()?;
-        Self::expect_handle(got, h)?;
-        Ok(err)
+        self.reply_error(h)
     }
 
     pub fn flush(&mut self) -> io::Result<u32> {
         self.cmd(proto::CMD_FLUSH, 0, 0, 0)
+    }
+
+    /// Synchronous BLOCK_STATUS: (context id, [(length, flags)]) of the
+    /// single status chunk, or the error value.
+    pub fn block_status(
+        &mut self,
+        offset: u64,
+        len: u64,
+        flags: u16,
+    ) -> io::Result<Result<Status, u32>> {
+        let h = self.alloc_handle();
+        self.send_request(proto::CMD_BLOCK_STATUS, flags, h, offset, len, &[])?;
+        let chunks = self.read_chunks(h)?;
+        if let Some(e) = chunks.iter().find_map(Chunk::error) {
+            return Ok(Err(e));
+        }
+        let [c] = chunks.as_slice() else {
+            return Err(io::Error::other(format!("{} status chunks", chunks.len())));
+        };
+        parse_status(c).map(Ok)
+    }
+
+    /// NBD_OPT_STRUCTURED_REPLY; returns the reply type (ACK switches mode).
+    pub fn structured_reply(&mut self) -> io::Result<u32> {
+        self.header_option(proto::OPT_STRUCTURED_REPLY, Mode::Structured)
+    }
+
+    /// NBD_OPT_EXTENDED_HEADERS; returns the reply type (ACK switches mode).
+    pub fn extended_headers(&mut self) -> io::Result<u32> {
+        self.header_option(proto::OPT_EXTENDED_HEADERS, Mode::Extended)
+    }
+
+    fn header_option(&mut self, opt: u32, mode: Mode) -> io::Result<u32> {
+        self.send_option(opt, &[])?;
+        let r = self.read_opt_reply()?;
+        if r.typ == proto::REP_ACK {
+            self.mode = mode;
+        }
+        Ok(r.typ)
+    }
+
+    /// NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT: the (id, name) pairs,
+    /// or the error reply type.
+    pub fn meta_context(
+        &mut self,
+        opt: u32,
+        export: &str,
+        queries: &[&str],
+    ) -> io::Result<Result<Vec<(u32, String)>, u32>> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        self.send_option(opt, &d)?;
+        let mut out = Vec::new();
+        loop {
+            let r = self.read_opt_reply()?;
+            match r.typ {
+                proto::REP_ACK => return Ok(Ok(out)),
+                proto::REP_META_CONTEXT if r.data.len() >= 4 => out.push((
+                    be32(&r.data),
+                    String::from_utf8_lossy(&r.data[4..]).into_owned(),
+                )),
+                t if t & (1 << 31) != 0 => return Ok(Err(t)),
+                t => return Err(io::Error::other(format!("unexpected reply type {t:#x}"))),
+            }
+        }
     }
 
     /// NBD_CMD_DISC, then wait for the server to close.
@@ -407,5 +638,78 @@ impl TestClient {
         } else {
             Err(io::Error::other("server did not close after DISC"))
         }
+    }
+}
+
+/// Reassemble a chunked READ reply, checking the content chunks lie inside
+/// the request, do not overlap and (without error) cover it.
+pub fn assemble_read(chunks: &[Chunk], offset: u64, len: u32) -> io::Result<Result<Vec<u8>, u32>> {
+    let mut buf = vec![0u8; len as usize];
+    let mut seen = vec![false; len as usize];
+    let mut mark = |at: u64, n: u64| -> io::Result<std::ops::Range<usize>> {
+        let start = at
+            .checked_sub(offset)
+            .filter(|s| s + n <= u64::from(len) && n > 0)
+            .ok_or_else(|| io::Error::other(format!("chunk {at}+{n} outside the request")))?;
+        let r = start as usize..(start + n) as usize;
+        if seen[r.clone()].iter().any(|s| *s) {
+            return Err(io::Error::other("overlapping content chunks"));
+        }
+        seen[r.clone()].fill(true);
+        Ok(r)
+    };
+    for c in chunks {
+        if let Some(e) = c.error() {
+            return Ok(Err(e));
+        }
+        let p = &c.payload;
+        match c.typ {
+            proto::REPLY_TYPE_OFFSET_DATA if p.len() > 8 => {
+                let r = mark(be64(p), (p.len() - 8) as u64)?;
+                buf[r].copy_from_slice(&p[8..]);
+            }
+            proto::REPLY_TYPE_OFFSET_HOLE if p.len() == 12 => {
+                mark(be64(p), u64::from(be32(&p[8..12])))?;
+            }
+            proto::REPLY_TYPE_NONE if p.is_empty() => {}
+            t => {
+                return Err(io::Error::other(format!(
+                    "unexpected chunk type {t} in a read"
+                )))
+            }
+        }
+    }
+    if seen.iter().any(|s| !s) {
+        return Err(io::Error::other("read reply does not cover the request"));
+    }
+    Ok(Ok(buf))
+}
+
+/// Parse a BLOCK_STATUS or BLOCK_STATUS_EXT chunk.
+pub fn parse_status(c: &Chunk) -> io::Result<Status> {
+    let p = &c.payload;
+    let bad = || io::Error::other(format!("malformed status chunk {c:?}"));
+    match c.typ {
+        proto::REPLY_TYPE_BLOCK_STATUS if p.len() >= 12 && (p.len() - 4) % 8 == 0 => Ok((
+            be32(p),
+            p[4..]
+                .chunks_exact(8)
+                .map(|d| (u64::from(be32(&d[0..4])), be32(&d[4..8])))
+                .collect(),
+        )),
+        proto::REPLY_TYPE_BLOCK_STATUS_EXT if p.len() >= 24 && (p.len() - 8) % 16 == 0 => {
+            if be32(&p[4..8]) as usize != (p.len() - 8) / 16 {
+                return Err(bad());
+            }
+            let d = p[8..]
+                .chunks_exact(16)
+                .map(|d| {
+                    let flags = be64(&d[8..16]);
+                    (be64(&d[0..8]), u32::try_from(flags).unwrap_or(u32::MAX))
+                })
+                .collect();
+            Ok((be32(p), d))
+        }
+        _ => Err(bad()),
     }
 }

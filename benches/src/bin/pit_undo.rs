@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use ferry_api::config::PitConfig;
+use ferry_api::size::ByteSize;
 use ferry_journal::{Op, Record, Seq};
-use ferryd::config::PitConfig;
 use ferryd::meta::Meta;
 use ferryd::pit::{Applier, Pit, Target};
-use ferryd::size::ByteSize;
 use ferryd::volume::Base;
 
 const CLUSTER: [u8; 16] = [7; 16];

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use ferry_transport::pki::ClusterCa;
-use ferryd::config::{
+use ferry_api::config::{
     format_id, parse_addr, valid_name, valid_node_name, Config, ControlConfig, JournalConfig,
     NbdConfig, NodeConfig, ReplicationConfig, ReplicationMode, Role, TargetConfig, TlsConfig,
     VolumeConfig, VOLUME_ALIGN,
 };
-use ferryd::control::{self, Request};
-use ferryd::size::{parse_size, ByteSize};
+use ferry_api::control::{self, Request};
+use ferry_api::size::{parse_size, ByteSize};
+use ferry_transport::pki::ClusterCa;
 
 #[derive(Parser)]
 #[command(name = "ferryctl", version, about = "ferry operator CLI")]
@@ -647,7 +647,7 @@ fn node_config(
             recovery: Default::default(),
             checkpoint_interval_ms: 30_000,
             inflight_batches: 1,
-            writer_nice: ferryd::config::DEFAULT_WRITER_NICE,
+            writer_nice: ferry_api::config::DEFAULT_WRITER_NICE,
         },
         nbd: nbd.map(|l| NbdConfig { listen: l.into() }),
         control: ControlConfig {
@@ -691,7 +691,7 @@ fn init(
         primary: PRIMARY.into(),
         sync_timeout_ms: 5000,
         tail_bytes: ByteSize(64 << 20),
-        async_linger_us: ferryd::config::DEFAULT_ASYNC_LINGER_US,
+        async_linger_us: ferry_api::config::DEFAULT_ASYNC_LINGER_US,
         targets: s
             .standbys
             .iter()
@@ -728,7 +728,7 @@ fn init(
                 primary: PRIMARY.into(),
                 sync_timeout_ms: 5000,
                 tail_bytes: ByteSize(64 << 20),
-                async_linger_us: ferryd::config::DEFAULT_ASYNC_LINGER_US,
+                async_linger_us: ferry_api::config::DEFAULT_ASYNC_LINGER_US,
                 targets: sites
                     .map(|s| {
                         vec![TargetConfig {
@@ -958,7 +958,7 @@ fn audit_verify(config: Option<&Path>, file: Option<&Path>) -> anyhow::Result<()
             bail!("audit verify needs --config FILE (the node's config) or --file PATH (the log)")
         }
     };
-    match ferryd::audit::verify(&path) {
+    match ferry_api::audit::verify(&path) {
         Ok(r) => {
             println!(
                 "audit log OK: {} entries, last hash {}",

@@ -2,8 +2,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use ferryd::audit::{AuditEntry, AuditLog, Outcome};
-use ferryd::control::Role;
+use ferry_api::audit::{AuditEntry, Outcome};
+use ferry_api::control::Role;
+use ferryd::audit::AuditLog;
 
 fn ferryctl(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_ferryctl"))

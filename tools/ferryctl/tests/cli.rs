@@ -38,9 +38,9 @@ fn init_lays_out_a_node_and_refuses_to_overwrite() {
     // Sparse: no blocks allocated for a fresh volume.
     use std::os::unix::fs::MetadataExt;
     assert!(std::fs::metadata(&img).unwrap().blocks() < 64);
-    let cfg = ferryd::config::Config::load(&dir.path().join("primary.toml")).unwrap();
+    let cfg = ferry_api::config::Config::load(&dir.path().join("primary.toml")).unwrap();
     assert_eq!(cfg.volumes.len(), 2);
-    assert_eq!(cfg.node.role, ferryd::config::Role::Primary);
+    assert_eq!(cfg.node.role, ferry_api::config::Role::Primary);
 
     let again = Command::new(ferryctl())
         .args(["init", "--dir"])

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferryd::config::Config;
+use ferry_api::config::Config;
+use ferry_api::timefmt::format_rfc3339;
 use ferryd::testkit::{assert_qemu_io_ok, qemu_io, run, skip_without, Attached, Node};
-use ferryd::timefmt::format_rfc3339;
 
 /// A primary and a sync standby `dr1` (32 MiB volume); `standby_pit` is appended to
 /// the standby's config as its `[pit]` section.

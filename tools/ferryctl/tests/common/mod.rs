@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use ferryd::config::Config;
-use ferryd::control::{self, Request};
+use ferry_api::config::Config;
+use ferry_api::control::{self, Request};
 use ferryd::testkit::{free_udp_port, Node};
 
 pub fn ferryctl() -> &'static Path {

@@ -1,4 +1,4 @@
-//! ferryd configuration (TOML).
+//! ferryd configuration (TOML), read by ferryd and written by `ferryctl init`.
 //!
 //! Every error names the offending key: syntax and type errors come from the `toml`
 //! parser (which reports the key path and line), semantic checks from [`Config::validate`].
@@ -9,6 +9,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+// `journal.engine` and `journal.recovery` are the journal's own enums (serialised
+// through ferry-journal's `serde` feature), not config-side mirrors mapped onto them:
+// one definition, so a new engine or mode cannot be forgotten in a mapping.
+pub use ferry_journal::{EngineChoice, RecoveryMode};
 
 use crate::size::ByteSize;
 
@@ -328,23 +333,6 @@ pub struct NodeConfig {
     pub metadata_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum EngineConfig {
-    #[default]
-    Auto,
-    IoUring,
-    Std,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum RecoveryConfig {
-    #[default]
-    TolerateTornTail,
-    AbsoluteConsistency,
-}
-
 fn default_segment_size() -> ByteSize {
     ByteSize(64 << 20)
 }
@@ -361,9 +349,9 @@ pub struct JournalConfig {
     #[serde(default = "default_segment_size")]
     pub segment_size: ByteSize,
     #[serde(default)]
-    pub engine: EngineConfig,
+    pub engine: EngineChoice,
     #[serde(default)]
-    pub recovery: RecoveryConfig,
+    pub recovery: RecoveryMode,
     /// Upper bound between checkpoints (base volumes fsynced, journal released).
     #[serde(default = "default_checkpoint_interval_ms")]
     pub checkpoint_interval_ms: u64,
@@ -778,7 +766,8 @@ size = "1GiB"
         let cfg = Config::parse(GOOD).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.volumes[0].size.0, 1 << 30);
-        assert_eq!(cfg.journal.engine, EngineConfig::Auto);
+        assert_eq!(cfg.journal.engine, EngineChoice::Auto);
+        assert_eq!(cfg.journal.recovery, RecoveryMode::TolerateTornTail);
         assert_eq!(cfg.cluster_id()[15], 0xff);
         // Round trip through our own serialiser.
         let again = Config::parse(&cfg.to_toml()).unwrap();
@@ -833,6 +822,45 @@ size = "1GiB"
         let two =
             format!("{GOOD}\n[[volume]]\nname = \"vol0\"\npath = \"x.img\"\nsize = \"4KiB\"\n");
         assert_eq!(invalid_key(&two), "volume[1].name");
+    }
+
+    #[test]
+    fn journal_engine_and_recovery_are_spelled_as_before() {
+        let with = |extra: &str| {
+            GOOD.replace(
+                "segment_size = \"16MiB\"",
+                &format!("segment_size = \"16MiB\"\n{extra}"),
+            )
+        };
+        for (word, engine) in [
+            ("auto", EngineChoice::Auto),
+            ("io_uring", EngineChoice::IoUring),
+            ("std", EngineChoice::Std),
+        ] {
+            let cfg = Config::parse(&with(&format!("engine = \"{word}\""))).unwrap();
+            assert_eq!(cfg.journal.engine, engine);
+            assert!(cfg.to_toml().contains(&format!("engine = \"{word}\"")));
+        }
+        for (word, mode) in [
+            ("tolerate-torn-tail", RecoveryMode::TolerateTornTail),
+            ("absolute-consistency", RecoveryMode::AbsoluteConsistency),
+        ] {
+            let cfg = Config::parse(&with(&format!("recovery = \"{word}\""))).unwrap();
+            assert_eq!(cfg.journal.recovery, mode);
+            assert!(cfg.to_toml().contains(&format!("recovery = \"{word}\"")));
+        }
+        let e = Config::parse(&with("engine = \"uring\"")).unwrap_err();
+        assert!(
+            e.contains("unknown variant `uring`, expected one of `auto`, `io_uring`, `std`"),
+            "{e}"
+        );
+        let e = Config::parse(&with("recovery = \"strict\"")).unwrap_err();
+        assert!(
+            e.contains(
+                "unknown variant `strict`, expected `tolerate-torn-tail` or `absolute-consistency`"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,4 +1,7 @@
-//! RFC 3339 timestamps for point-in-time commands, without a date-time crate.
+//! RFC 3339 timestamps for point-in-time commands, without a date-time crate, and the
+//! one proleptic Gregorian civil-date conversion ([`days_from_civil`],
+//! [`civil_from_days`]) that every timestamp in ferry (audit log, benchmark reports)
+//! is formatted with.
 //!
 //! Operators type `--at 2026-11-24T20:15:00+08:00` (a UTC offset is the norm where
 //! the national standard applies) or `...Z`; points carry nanoseconds since the Unix
@@ -119,9 +122,9 @@ fn days_in_month(y: u64, m: u64) -> u64 {
     }
 }
 
-// Days since 1970-01-01 of a proleptic Gregorian date, and back (H. Hinnant's
-// public-domain civil calendar algorithms).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+/// Days since 1970-01-01 of the proleptic Gregorian date `y-m-d` (`m` 1..=12, `d`
+/// 1..=31), negative before 1970. H. Hinnant's public-domain civil calendar algorithm.
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
@@ -130,7 +133,9 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
+/// The proleptic Gregorian `(year, month 1..=12, day 1..=31)` of a day count since
+/// 1970-01-01 (the inverse of [`days_from_civil`]).
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -187,6 +192,18 @@ mod tests {
             "２０２６-11-24T12:00:00Z",
         ] {
             assert!(parse_rfc3339(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn civil_dates_round_trip() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(days_from_civil(2000, 2, 29), 11_016);
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        for z in -800_000..800_000i64 {
+            let (y, m, d) = civil_from_days(z);
+            assert_eq!(days_from_civil(y, m, d), z, "{y}-{m}-{d}");
         }
     }
 

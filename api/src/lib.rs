@@ -1,0 +1,13 @@
+//! ferry-api: what the daemon (`ferryd`) and the operator CLI (`ferryctl`) share, so
+//! that the CLI does not link the daemon.
+//!
+//! * [`config`]  — the TOML configuration, validated with errors that name the key.
+//! * [`size`]    — byte sizes (`64MiB`) in the config and on the command line.
+//! * [`timefmt`] — RFC 3339 parsing and formatting, and the one civil-date routine.
+//! * [`control`] — the control socket protocol (requests, responses, roles) and its client.
+//! * [`audit`]   — the audit log's line format, canonical SM3 hashing and chain verifier.
+pub mod audit;
+pub mod config;
+pub mod control;
+pub mod size;
+pub mod timefmt;
