@@ -10,7 +10,10 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use ferry_fuzz::{apply, build_journal, copy_dir, journal_options, journal_record, Mutation, Scratch, JOURNAL_RECORDS};
+use ferry_fuzz::{
+    apply, build_journal, copy_dir, journal_options, journal_record, Mutation, Scratch,
+    JOURNAL_RECORDS,
+};
 use ferry_journal::Journal;
 use libfuzzer_sys::fuzz_target;
 
@@ -37,17 +40,30 @@ fuzz_target!(|muts: Vec<Mutation>| {
         return;
     };
     assert!(report.first_seq <= report.last_seq.max(report.first_seq));
-    assert!(report.last_seq <= JOURNAL_RECORDS + 1, "recovered records never written: {report:?}");
+    assert!(
+        report.last_seq <= JOURNAL_RECORDS + 1,
+        "recovered records never written: {report:?}"
+    );
     let mut expect = report.first_seq.max(1);
     if report.last_seq > 0 {
         let reader = j.reader(0).expect("reader from the first record");
         for entry in reader {
-            let e = entry.unwrap_or_else(|err| panic!("recovered journal does not read back: {err}"));
+            let e =
+                entry.unwrap_or_else(|err| panic!("recovered journal does not read back: {err}"));
             assert_eq!(e.seq, expect, "sequence gap in a recovered journal");
-            assert_eq!(e.record, journal_record(e.seq), "record {} differs from what was written", e.seq);
+            assert_eq!(
+                e.record,
+                journal_record(e.seq),
+                "record {} differs from what was written",
+                e.seq
+            );
             expect += 1;
         }
-        assert_eq!(expect, report.last_seq + 1, "reader stopped before the recovered end: {report:?}");
+        assert_eq!(
+            expect,
+            report.last_seq + 1,
+            "reader stopped before the recovered end: {report:?}"
+        );
     }
     j.close().expect("close");
 });

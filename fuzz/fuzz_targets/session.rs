@@ -48,7 +48,11 @@ struct WsSpec {
 enum SessionOp {
     Push(WsSpec),
     Poll,
-    Ack { epoch_delta: i8, durable: S, applied: S },
+    Ack {
+        epoch_delta: i8,
+        durable: S,
+        applied: S,
+    },
     ResetForResume(S),
     RecvWriteSet(WsSpec),
     /// A fuzzed frame, CRC-fixed, decoded and routed to the side that takes it.
@@ -56,18 +60,39 @@ enum SessionOp {
     MarkDurable(S),
     MarkApplied(S),
     Resynced(S),
-    Hello { epoch_delta: i8, min: u16, max: u16, standby: bool, name: bool, vol: Option<(u32, u64, u32)>, resume: S },
-    PlanResume { resume: S, oldest: S, last: S },
+    Hello {
+        epoch_delta: i8,
+        min: u16,
+        max: u16,
+        standby: bool,
+        name: bool,
+        vol: Option<(u32, u64, u32)>,
+        resume: S,
+    },
+    PlanResume {
+        resume: S,
+        oldest: S,
+        last: S,
+    },
 }
 
 #[derive(Debug, Arbitrary)]
 enum TargetOp {
     Connecting,
     Stopped,
-    Hello { peer_resume: S, first_available: S, durable: S, fork: Option<(S, bool)> },
+    Hello {
+        peer_resume: S,
+        first_available: S,
+        durable: S,
+        fork: Option<(S, bool)>,
+    },
     SessionEnded(bool),
     MustEnd,
-    OnAck { durable: S, applied: S, journal: S },
+    OnAck {
+        durable: S,
+        applied: S,
+        journal: S,
+    },
     SyncTimeout(S),
     MarksFlushed(S),
     AbandonResync(S),
@@ -105,7 +130,10 @@ fn seq(s: S, bases: &[u64]) -> u64 {
     match s {
         S::Abs(v) => v,
         S::Near(b, d) => {
-            let base = bases.get(usize::from(b) % bases.len().max(1)).copied().unwrap_or(0);
+            let base = bases
+                .get(usize::from(b) % bases.len().max(1))
+                .copied()
+                .unwrap_or(0);
             base.saturating_add_signed(i64::from(d))
         }
     }
@@ -151,7 +179,12 @@ fn local(role: Role) -> LocalIdentity {
         epoch: EPOCH,
         min_version: 1,
         max_version: 1,
-        volumes: vec![VolumeGeometry { id: 1, name: "v".into(), size_bytes: 1 << 20, block_size: 4096 }],
+        volumes: vec![VolumeGeometry {
+            id: 1,
+            name: "v".into(),
+            size_bytes: 1 << 20,
+            block_size: 4096,
+        }],
         expected_peer_name: "b".into(),
     }
 }
@@ -169,8 +202,15 @@ fn sessions(input: &Input) {
     let mut rx = Receiver::new(EPOCH, seq(d, &[0, start]), seq(a, &[0, start]));
     for op in input.ops.iter().take(256) {
         let bases = [
-            tx.durable_seq(), tx.applied_seq(), tx.sent_seq(), tx.last_queued_seq(),
-            rx.received_seq(), rx.durable_seq(), rx.applied_seq(), 0, u64::MAX,
+            tx.durable_seq(),
+            tx.applied_seq(),
+            tx.sent_seq(),
+            tx.last_queued_seq(),
+            rx.received_seq(),
+            rx.durable_seq(),
+            rx.applied_seq(),
+            0,
+            u64::MAX,
         ];
         session_op(op, &bases, &mut tx, &mut rx);
         check_sender(&tx);
@@ -198,7 +238,11 @@ fn session_op(op: &SessionOp, bases: &[u64], tx: &mut Sender, rx: &mut Receiver)
                 assert_eq!(tx.sent_seq(), ws.last_seq);
             }
         }
-        SessionOp::Ack { epoch_delta, durable, applied } => {
+        SessionOp::Ack {
+            epoch_delta,
+            durable,
+            applied,
+        } => {
             let ack = Ack {
                 epoch: EPOCH.saturating_add_signed(i64::from(*epoch_delta)),
                 received_durable_seq: seq(*durable, bases),
@@ -229,7 +273,15 @@ fn session_op(op: &SessionOp, bases: &[u64], tx: &mut Sender, rx: &mut Receiver)
         SessionOp::Resynced(s) => {
             let _ = rx.resynced(seq(*s, bases));
         }
-        SessionOp::Hello { epoch_delta, min, max, standby, name, vol, resume } => {
+        SessionOp::Hello {
+            epoch_delta,
+            min,
+            max,
+            standby,
+            name,
+            vol,
+            resume,
+        } => {
             let peer = Hello {
                 epoch: EPOCH.saturating_add_signed(i64::from(*epoch_delta)),
                 min_version: *min,
@@ -237,9 +289,18 @@ fn session_op(op: &SessionOp, bases: &[u64], tx: &mut Sender, rx: &mut Receiver)
                 cluster_id: [7; 16],
                 node_id: [2; 16],
                 node_name: if *name { "b".into() } else { "x".into() },
-                role: if *standby { Role::Standby } else { Role::Primary },
+                role: if *standby {
+                    Role::Standby
+                } else {
+                    Role::Primary
+                },
                 volumes: vol
-                    .map(|(id, size, bs)| VolumeGeometry { id, name: "w".into(), size_bytes: size, block_size: bs })
+                    .map(|(id, size, bs)| VolumeGeometry {
+                        id,
+                        name: "w".into(),
+                        size_bytes: size,
+                        block_size: bs,
+                    })
                     .into_iter()
                     .collect(),
                 resume_position: seq(*resume, bases),
@@ -250,7 +311,11 @@ fn session_op(op: &SessionOp, bases: &[u64], tx: &mut Sender, rx: &mut Receiver)
                 }
             }
         }
-        SessionOp::PlanResume { resume, oldest, last } => {
+        SessionOp::PlanResume {
+            resume,
+            oldest,
+            last,
+        } => {
             let n = Negotiated { version: 1 };
             let (r, o, l) = (seq(*resume, bases), seq(*oldest, bases), seq(*last, bases));
             if let Ok(ack) = plan_resume(n, EPOCH, r, o, l) {
@@ -285,16 +350,26 @@ fn recv_frame(bytes: &[u8], tx: &mut Sender, rx: &mut Receiver) {
 }
 
 fn check_sender(tx: &Sender) {
-    assert!(tx.applied_seq() <= tx.durable_seq(), "sender applied > durable");
+    assert!(
+        tx.applied_seq() <= tx.durable_seq(),
+        "sender applied > durable"
+    );
     assert!(tx.durable_seq() <= tx.sent_seq(), "sender durable > sent");
-    assert!(tx.sent_seq() <= tx.last_queued_seq(), "sender sent > last queued");
+    assert!(
+        tx.sent_seq() <= tx.last_queued_seq(),
+        "sender sent > last queued"
+    );
     assert!(tx.inflight_write_sets() <= tx.queued_write_sets());
     assert!(tx.inflight_bytes() <= tx.lag_bytes());
 }
 
 fn lifecycle(input: &Input) {
     let (sync, acked, away) = input.target;
-    let mode = if sync { SyncMode::Sync } else { SyncMode::Async };
+    let mode = if sync {
+        SyncMode::Sync
+    } else {
+        SyncMode::Async
+    };
     let mut t = TargetLifecycle::new("t", mode, seq(acked, &[0, u64::MAX]), away);
     let mut handed = None;
     for op in input.target_ops.iter().take(256) {
@@ -323,13 +398,24 @@ fn target_op(t: &mut TargetLifecycle, op: &TargetOp, b: &[u64]) {
     match *op {
         TargetOp::Connecting => t.connecting(),
         TargetOp::Stopped => t.stopped(),
-        TargetOp::Hello { peer_resume, first_available, durable, fork } => {
+        TargetOp::Hello {
+            peer_resume,
+            first_available,
+            durable,
+            fork,
+        } => {
             let h = HelloInput {
                 negotiated: Negotiated { version: 1 },
                 epoch: EPOCH,
                 peer_resume: seq(peer_resume, b),
-                journal: JournalView { first_available: seq(first_available, b), durable: seq(durable, b) },
-                fork: fork.map(|(s, rejoined)| ForkView { seq: seq(s, b), rejoined }),
+                journal: JournalView {
+                    first_available: seq(first_available, b),
+                    durable: seq(durable, b),
+                },
+                fork: fork.map(|(s, rejoined)| ForkView {
+                    seq: seq(s, b),
+                    rejoined,
+                }),
             };
             if let Ok(plan) = t.plan_hello(&h) {
                 if t.begin_full_switch(&plan).is_ok() {
@@ -343,7 +429,11 @@ fn target_op(t: &mut TargetLifecycle, op: &TargetOp, b: &[u64]) {
         TargetOp::MustEnd => {
             let _ = t.must_end_session();
         }
-        TargetOp::OnAck { durable, applied, journal } => {
+        TargetOp::OnAck {
+            durable,
+            applied,
+            journal,
+        } => {
             t.on_ack(seq(durable, b), seq(applied, b), seq(journal, b));
         }
         TargetOp::SyncTimeout(s) => {
@@ -383,7 +473,10 @@ fn target_op(t: &mut TargetLifecycle, op: &TargetOp, b: &[u64]) {
             t.on_peer_error();
         }
         TargetOp::Fill(used, cap) => {
-            let f = JournalFill { used_bytes: used, capacity_bytes: cap };
+            let f = JournalFill {
+                used_bytes: used,
+                capacity_bytes: cap,
+            };
             let _ = (f.flush_pressure(), f.overflowing());
         }
     }

@@ -9,7 +9,9 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use ferry_fuzz::{apply, build_undo, copy_dir, undo_entries, Mutation, Scratch, CLUSTER, UNDO_SEGMENT};
+use ferry_fuzz::{
+    apply, build_undo, copy_dir, undo_entries, Mutation, Scratch, CLUSTER, UNDO_SEGMENT,
+};
 use ferry_journal::undo::{UndoError, UndoLog};
 use libfuzzer_sys::fuzz_target;
 
@@ -40,8 +42,17 @@ fuzz_target!(|input: (Vec<Mutation>, u64)| {
     for p in log.points() {
         match log.read_entry(&p.position) {
             Ok(e) => {
-                assert_eq!((e.first_seq, e.last_seq), (p.first_seq, p.seq), "entry differs from its index point");
-                assert!(written.contains(&e), "entry {}..={} was never written", e.first_seq, e.last_seq);
+                assert_eq!(
+                    (e.first_seq, e.last_seq),
+                    (p.first_seq, p.seq),
+                    "entry differs from its index point"
+                );
+                assert!(
+                    written.contains(&e),
+                    "entry {}..={} was never written",
+                    e.first_seq,
+                    e.last_seq
+                );
             }
             Err(UndoError::Corruption { .. }) => {}
             Err(err) => panic!("indexed entry refused with {err}"),
@@ -50,7 +61,10 @@ fuzz_target!(|input: (Vec<Mutation>, u64)| {
     let _ = log.find_by_seq(probe);
     let _ = log.find_by_time(probe);
     let _ = log.points_after(probe);
-    let from = log.points().first().map_or(0, |p| p.first_seq.saturating_sub(1));
+    let from = log
+        .points()
+        .first()
+        .map_or(0, |p| p.first_seq.saturating_sub(1));
     for seq in [from, probe] {
         for e in log.entries_after(seq).take(64) {
             let _ = e;

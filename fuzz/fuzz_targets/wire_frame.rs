@@ -32,7 +32,11 @@ fuzz_target!(|data: &[u8]| {
 /// `decode` makes of the same bytes.
 fn stream(buf: &[u8], chunk: u8) {
     let mut d = FrameDecoder::new(MAX_PAYLOAD_LEN);
-    let step = if chunk == 0 { buf.len().max(1) } else { usize::from(chunk) };
+    let step = if chunk == 0 {
+        buf.len().max(1)
+    } else {
+        usize::from(chunk)
+    };
     let mut consumed = 0usize;
     for piece in buf.chunks(step) {
         d.feed(piece);
@@ -47,7 +51,10 @@ fn stream(buf: &[u8], chunk: u8) {
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    assert!(d.next_frame().is_err(), "decoder not poisoned after an error");
+                    assert!(
+                        d.next_frame().is_err(),
+                        "decoder not poisoned after an error"
+                    );
                     return;
                 }
             }
@@ -68,7 +75,10 @@ fn round_trip(frame: &Frame, bytes: &[u8]) {
     if let Frame::WriteSet(ws) = frame {
         let parts = wire::encode_write_set_vectored(ws).expect("vectored encode");
         let joined: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
-        assert_eq!(joined, bytes, "vectored and plain write-set encodings differ");
+        assert_eq!(
+            joined, bytes,
+            "vectored and plain write-set encodings differ"
+        );
         assert_eq!(ws.encoded_len(), bytes.len());
     }
 }

@@ -150,16 +150,36 @@ pub fn build_undo(dir: &Path) -> Result<(), String> {
 #[derive(Debug, Arbitrary)]
 pub enum Mutation {
     /// XOR one byte (offset taken modulo the file length).
-    Flip { file: u8, at: u32, xor: u8 },
+    Flip {
+        file: u8,
+        at: u32,
+        xor: u8,
+    },
     /// Overwrite bytes at an offset (clipped to the file).
-    Write { file: u8, at: u32, bytes: Vec<u8> },
+    Write {
+        file: u8,
+        at: u32,
+        bytes: Vec<u8>,
+    },
     /// Zero a range (clipped to the file).
-    Zero { file: u8, at: u32, len: u16 },
+    Zero {
+        file: u8,
+        at: u32,
+        len: u16,
+    },
     /// Cut the file to `len` modulo (file length + 1).
-    Truncate { file: u8, len: u32 },
+    Truncate {
+        file: u8,
+        len: u32,
+    },
     /// Grow the file with zeros.
-    Extend { file: u8, by: u16 },
-    Delete { file: u8 },
+    Extend {
+        file: u8,
+        by: u16,
+    },
+    Delete {
+        file: u8,
+    },
 }
 
 /// Log files of `dir` (sorted by name; the lock file excluded).
@@ -204,9 +224,12 @@ pub fn apply(dir: &Path, m: &Mutation) {
                 .and_then(|f| f.set_len(cur + u64::from(*by)));
         }
         Mutation::Flip { file, at, xor } => edit(pick(*file), *at, |b| b[0] ^= *xor, 1),
-        Mutation::Write { file, at, bytes } => {
-            edit(pick(*file), *at, |b| b.copy_from_slice(&bytes[..b.len()]), bytes.len())
-        }
+        Mutation::Write { file, at, bytes } => edit(
+            pick(*file),
+            *at,
+            |b| b.copy_from_slice(&bytes[..b.len()]),
+            bytes.len(),
+        ),
         Mutation::Zero { file, at, len } => edit(pick(*file), *at, |b| b.fill(0), *len as usize),
     }
 }
@@ -235,7 +258,9 @@ fn edit(path: &Path, at: u32, f: impl FnOnce(&mut [u8]), len: usize) {
 /// Removes scratch directories left by fuzz processes that are gone (libFuzzer
 /// exits without running destructors, and a crash skips them too).
 pub fn remove_stale_scratch() {
-    let Ok(rd) = fs::read_dir(scratch_base()) else { return };
+    let Ok(rd) = fs::read_dir(scratch_base()) else {
+        return;
+    };
     for e in rd.filter_map(Result::ok) {
         let name = e.file_name();
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("ferry-fuzz-")) else {

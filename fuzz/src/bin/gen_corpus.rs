@@ -37,14 +37,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         save(out, "nbd_options", &conv)?;
     }
     for (i, r) in requests().iter().enumerate() {
-        let mut seed = nbd::encode_request(r).to_vec();
-        // force_magic, size, flags, max_payload (arbitrary's byte layout).
-        seed.push(0);
+        // header (32 bytes), mode, force_magic, size, flags, fast_zero,
+        // block_status, max_payload: the target's `Input` in arbitrary's layout.
+        let (mode, mut seed) = if i % 3 == 2 {
+            (2u8, nbd::encode_extended_request(r).to_vec())
+        } else {
+            (i as u8 % 2, nbd::encode_request(r).to_vec())
+        };
+        seed.resize(32, 0);
+        seed.extend_from_slice(&[mode, 0]);
         seed.extend_from_slice(&(1u64 << 20).to_le_bytes());
-        seed.push(if i % 2 == 0 { 0x3e } else { 0x01 });
+        seed.extend_from_slice(&[if i % 2 == 0 { 0x3e } else { 0x01 }, 1, 1]);
         seed.extend_from_slice(&(64u32 << 10).to_le_bytes());
         save(out, "nbd_request", &seed)?;
     }
+    config_seeds(out)?;
+    audit_seeds(out)?;
     for seed in mutation_seeds() {
         save(out, "journal_recovery", &seed)?;
         save(out, "undo_open", &seed)?;
@@ -77,10 +85,19 @@ fn frames() -> Vec<Frame> {
             node_id: [2; 16],
             node_name: "sb1".into(),
             role: Role::Standby,
-            volumes: vec![VolumeGeometry { id: 1, name: "db".into(), size_bytes: 1 << 20, block_size: 4096 }],
+            volumes: vec![VolumeGeometry {
+                id: 1,
+                name: "db".into(),
+                size_bytes: 1 << 20,
+                block_size: 4096,
+            }],
             resume_position: 42,
         }),
-        Frame::HelloAck(HelloAck { epoch: 7, version: 1, resume_seq: 42 }),
+        Frame::HelloAck(HelloAck {
+            epoch: 7,
+            version: 1,
+            resume_seq: 42,
+        }),
         Frame::WriteSet(WriteSet {
             epoch: 7,
             first_seq: 43,
@@ -93,22 +110,72 @@ fn frames() -> Vec<Frame> {
                 rec(46, RecordOp::Seal, b"label", 5),
             ],
         }),
-        Frame::Ack(Ack { epoch: 7, received_durable_seq: 46, applied_seq: 44 }),
-        Frame::Heartbeat(Heartbeat { epoch: 7, sent_at_ns: 99, echo_ns: 98, last_seq: 46 }),
-        Frame::Error(ErrorFrame { epoch: 7, code: ErrorCode::Gap, reason: "gap at 47".into() }),
+        Frame::Ack(Ack {
+            epoch: 7,
+            received_durable_seq: 46,
+            applied_seq: 44,
+        }),
+        Frame::Heartbeat(Heartbeat {
+            epoch: 7,
+            sent_at_ns: 99,
+            echo_ns: 98,
+            last_seq: 46,
+        }),
+        Frame::Error(ErrorFrame {
+            epoch: 7,
+            code: ErrorCode::Gap,
+            reason: "gap at 47".into(),
+        }),
         Frame::Handover(Handover { epoch: 7, seq: 46 }),
-        Frame::HandoverAck(HandoverAck { epoch: 7, seq: 46, new_epoch: 8 }),
-        Frame::VerifyResult(VerifyResult { epoch: 7, id: 3, volume: 1, ok: true, body: Bytes::from_static(b"{\"chunks\":4}") }),
-        Frame::ResyncBegin(ResyncBegin { epoch: 7, from_seq: 10, snapshot_seq: 46, total_bytes: 1 << 20, region_size: 65536 }),
+        Frame::HandoverAck(HandoverAck {
+            epoch: 7,
+            seq: 46,
+            new_epoch: 8,
+        }),
+        Frame::VerifyResult(VerifyResult {
+            epoch: 7,
+            id: 3,
+            volume: 1,
+            ok: true,
+            body: Bytes::from_static(b"{\"chunks\":4}"),
+        }),
+        Frame::ResyncBegin(ResyncBegin {
+            epoch: 7,
+            from_seq: 10,
+            snapshot_seq: 46,
+            total_bytes: 1 << 20,
+            region_size: 65536,
+        }),
         Frame::ResyncData(ResyncData {
             epoch: 7,
             extents: vec![
-                ResyncExtent { volume: 1, offset: 0, length: 4, data: Some(Bytes::from_static(b"abcd")) },
-                ResyncExtent { volume: 1, offset: 65536, length: 65536, data: None },
+                ResyncExtent {
+                    volume: 1,
+                    offset: 0,
+                    length: 4,
+                    data: Some(Bytes::from_static(b"abcd")),
+                },
+                ResyncExtent {
+                    volume: 1,
+                    offset: 65536,
+                    length: 65536,
+                    data: None,
+                },
             ],
         }),
-        Frame::ResyncEnd(ResyncEnd { epoch: 7, through_seq: 46, bytes: 65540, data_bytes: 4 }),
-        Frame::DigestRequest(DigestRequest { epoch: 7, id: 3, chunk_size: 1 << 20, seed: 5, algo: 1 }),
+        Frame::ResyncEnd(ResyncEnd {
+            epoch: 7,
+            through_seq: 46,
+            bytes: 65540,
+            data_bytes: 4,
+        }),
+        Frame::DigestRequest(DigestRequest {
+            epoch: 7,
+            id: 3,
+            chunk_size: 1 << 20,
+            seed: 5,
+            algo: 1,
+        }),
     ]
 }
 
@@ -131,7 +198,13 @@ fn info_payload(name: &str, infos: &[u16]) -> Vec<u8> {
 }
 
 fn req(typ: u16, flags: u16, offset: u64, len: u32) -> Request {
-    Request { flags, typ, handle: u64::from(typ) << 8 | offset, offset, len }
+    Request {
+        flags,
+        typ,
+        handle: u64::from(typ) << 8 | offset,
+        offset,
+        len: u64::from(len),
+    }
 }
 
 fn requests() -> Vec<Request> {
@@ -148,7 +221,9 @@ fn requests() -> Vec<Request> {
 
 /// Client byte streams after the greeting.
 fn nbd_conversations() -> Vec<Vec<u8>> {
-    let flags = (nbd::FLAG_C_FIXED_NEWSTYLE | nbd::FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
+    let flags = (nbd::FLAG_C_FIXED_NEWSTYLE | nbd::FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
     let transmission = || {
         let mut v = Vec::new();
         for r in requests() {
@@ -161,7 +236,10 @@ fn nbd_conversations() -> Vec<Vec<u8>> {
     };
     let mut go = flags.clone();
     go.extend(opt(nbd::OPT_LIST, &[]));
-    go.extend(opt(nbd::OPT_INFO, &info_payload("disk", &[nbd::INFO_NAME, nbd::INFO_BLOCK_SIZE])));
+    go.extend(opt(
+        nbd::OPT_INFO,
+        &info_payload("disk", &[nbd::INFO_NAME, nbd::INFO_BLOCK_SIZE]),
+    ));
     go.extend(opt(nbd::OPT_STRUCTURED_REPLY, &[]));
     go.extend(opt(nbd::OPT_GO, &info_payload("disk", &[])));
     go.extend(transmission());
@@ -171,11 +249,98 @@ fn nbd_conversations() -> Vec<Vec<u8>> {
     let mut abort = flags.clone();
     abort.extend(opt(nbd::OPT_GO, &info_payload("nope", &[])));
     abort.extend(opt(nbd::OPT_ABORT, &[]));
+    // Structured replies, base:allocation, block status; then extended headers.
+    let mut meta = (4u32).to_be_bytes().to_vec();
+    meta.extend_from_slice(b"disk");
+    meta.extend_from_slice(&1u32.to_be_bytes());
+    meta.extend_from_slice(&(15u32).to_be_bytes());
+    meta.extend_from_slice(b"base:allocation");
+    let mut structured = flags.clone();
+    structured.extend(opt(nbd::OPT_STRUCTURED_REPLY, &[]));
+    structured.extend(opt(nbd::OPT_LIST_META_CONTEXT, &meta));
+    structured.extend(opt(nbd::OPT_SET_META_CONTEXT, &meta));
+    structured.extend(opt(nbd::OPT_GO, &info_payload("disk", &[])));
+    structured.extend_from_slice(&nbd::encode_request(&req(
+        nbd::CMD_BLOCK_STATUS,
+        0,
+        0,
+        1 << 16,
+    )));
+    structured.extend_from_slice(&nbd::encode_request(&req(
+        nbd::CMD_READ,
+        nbd::CMD_FLAG_DF,
+        0,
+        512,
+    )));
+    let mut extended = flags.clone();
+    extended.extend(opt(nbd::OPT_EXTENDED_HEADERS, &[]));
+    extended.extend(opt(nbd::OPT_SET_META_CONTEXT, &meta));
+    extended.extend(opt(nbd::OPT_GO, &info_payload("disk", &[])));
+    for r in requests() {
+        extended.extend_from_slice(&nbd::encode_extended_request(&r));
+        if r.typ == nbd::CMD_WRITE {
+            extended.extend_from_slice(&[0xcd; 8]);
+        }
+    }
     let mut default = flags;
     default.extend(opt(nbd::OPT_GO, &info_payload("", &[nbd::INFO_NAME])));
     default.extend_from_slice(&nbd::encode_request(&req(nbd::CMD_WRITE, 0, 0, 16)));
     default.extend_from_slice(&[1; 16]);
-    vec![go, export_name, abort, default]
+    vec![go, export_name, abort, default, structured, extended]
+}
+
+/// The shipped example configurations, as written and as `ferryctl init` writes a
+/// configuration (`Config::to_toml`).
+fn config_seeds(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    for e in fs::read_dir(dir)? {
+        let p = e?.path();
+        if !p.to_string_lossy().ends_with(".toml.example") {
+            continue;
+        }
+        let text = fs::read_to_string(&p)?;
+        save(out, "config", text.as_bytes())?;
+        let cfg = ferry_api::config::Config::parse(&text)?;
+        save(out, "config", cfg.to_toml().as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Sealed audit logs as the `Raw` variant of the target's input (a zero variant
+/// index, then the bytes).
+fn audit_seeds(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    use ferry_api::audit::{seal, AuditEntry, Outcome, GENESIS};
+    for n in [1usize, 3] {
+        let mut log = vec![0u8; 4];
+        let mut prev = GENESIS.to_string();
+        for i in 0..n {
+            let entry = AuditEntry {
+                uid: Some(1000),
+                gid: Some(1000),
+                pid: Some(4242),
+                role: None,
+                request: if i == 1 {
+                    "switchover".into()
+                } else {
+                    "status".into()
+                },
+                args: serde_json::json!({"cmd": "status", "n": i, "note": "é✓"}),
+                result: if i == 2 { Outcome::Denied } else { Outcome::Ok },
+                message: (i == 2).then(|| "not allowed".to_string()),
+            };
+            let s = seal(
+                i as u64 + 1,
+                1_700_000_000_000_000_000 + i as u64,
+                &prev,
+                &entry,
+            )?;
+            log.extend_from_slice(s.line.as_bytes());
+            log.push(b'\n');
+            prev = s.full_hash;
+        }
+        save(out, "audit_verify", &log)?;
+    }
+    Ok(())
 }
 
 /// Mutation lists in `arbitrary`'s encoding are opaque; a few byte strings of
