@@ -24,7 +24,8 @@ fi
 
 target_dir=${FUZZ_TARGET_DIR:-$PWD/target}
 # -a: overflow checks and debug assertions on, so arithmetic overflow is a crash.
-cargo +nightly fuzz build -a --target-dir "$target_dir"
+# --features daemon: the dirty_map and chunk_list targets (they link ferryd).
+cargo +nightly fuzz build -a --features daemon --target-dir "$target_dir"
 triple=$(rustc +nightly -vV | sed -n 's/^host: //p')
 bin_dir="$target_dir/$triple/release"
 

@@ -2,7 +2,7 @@
 //! answers with a report or the first bad line, never panics, and a report counts
 //! every line. Built logs: lines sealed with `seal` from fuzzed entries must verify,
 //! with the last line's hash in the report, and any one-byte change to such a log
-//! must not verify with the same report.
+//! must not verify with the same report; text spliced into one must not panic it.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -16,6 +16,8 @@ enum Input {
         entries: Vec<(String, Option<String>, u8)>,
         start_ns: u64,
         flip: Option<(u16, u8)>,
+        /// Text spliced into the sealed log (forged members, multi-byte text…).
+        splice: Option<(u16, String)>,
     },
 }
 
@@ -25,7 +27,8 @@ fuzz_target!(|input: Input| match input {
         entries,
         start_ns,
         flip,
-    } => built(&entries, start_ns, flip),
+        splice,
+    } => built(&entries, start_ns, flip, splice),
 });
 
 fn raw(data: &[u8]) {
@@ -38,7 +41,12 @@ fn raw(data: &[u8]) {
     }
 }
 
-fn built(entries: &[(String, Option<String>, u8)], start_ns: u64, flip: Option<(u16, u8)>) {
+fn built(
+    entries: &[(String, Option<String>, u8)],
+    start_ns: u64,
+    flip: Option<(u16, u8)>,
+    splice: Option<(u16, String)>,
+) {
     let mut log = Vec::new();
     let mut prev = GENESIS.to_string();
     let mut last_hash = GENESIS.to_string();
@@ -72,5 +80,11 @@ fn built(entries: &[(String, Option<String>, u8)], start_ns: u64, flip: Option<(
         if let Ok(r) = audit::verify_bytes(&log) {
             assert_ne!(r, report, "a changed log verified as the original");
         }
+    }
+    if let Some((at, text)) = splice.filter(|(_, t)| !t.is_empty()) {
+        let mut forged = log.clone();
+        let at = usize::from(at) % (forged.len() + 1);
+        forged.splice(at..at, text.bytes());
+        let _ = audit::verify_bytes(&forged);
     }
 }

@@ -52,6 +52,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         save(out, "nbd_request", &seed)?;
     }
     config_seeds(out)?;
+    #[cfg(feature = "daemon")]
+    daemon_seeds(out)?;
     audit_seeds(out)?;
     for seed in mutation_seeds() {
         save(out, "journal_recovery", &seed)?;
@@ -302,6 +304,44 @@ fn config_seeds(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
         save(out, "config", text.as_bytes())?;
         let cfg = ferry_api::config::Config::parse(&text)?;
         save(out, "config", cfg.to_toml().as_bytes())?;
+    }
+    Ok(())
+}
+
+/// A real dirty-region map file and real chunk lists (mode byte 0: no fix-up).
+#[cfg(feature = "daemon")]
+fn daemon_seeds(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    use ferryd::chunks::{hash_chunks, ChunkHash, HashParams};
+    use ferryd::dirty::DirtyMap;
+    let dir = ferry_fuzz::Scratch::new("gen");
+    fs::create_dir_all(&dir.0)?;
+    let path = dir.0.join("map");
+    let mut map = DirtyMap::create(&path, (1 << 20) + 4096, 64 << 10)?;
+    map.mark(0, 4096)?;
+    map.mark(300 << 10, 200 << 10)?;
+    map.set_seqs(10, 42);
+    map.flush()?;
+    let mut seed = vec![0u8];
+    seed.extend(fs::read(&path)?);
+    save(out, "dirty_map", &seed)?;
+    let data = dir.0.join("data");
+    let mut bytes = vec![0u8; 3 * 4096 + 100];
+    bytes[5000..6000].fill(0xab);
+    fs::write(&data, &bytes)?;
+    let f = fs::File::open(&data)?;
+    for algo in [ChunkHash::from_id(1), ChunkHash::from_id(2)]
+        .into_iter()
+        .flatten()
+    {
+        let params = HashParams {
+            algo,
+            chunk_size: 4096,
+            seed: 7,
+        };
+        let list = hash_chunks(&f, bytes.len() as u64, params)?;
+        let mut seed = vec![0u8];
+        seed.extend(list.encode());
+        save(out, "chunk_list", &seed)?;
     }
     Ok(())
 }
