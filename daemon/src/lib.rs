@@ -1,42 +1,38 @@
 //! ferryd: the ferry daemon.
 //!
-//! Module map (see ARCHITECTURE.md):
-//! * [`apply`]    — ordered, parallel application of journaled records to the bases.
-//! * [`config`]   — TOML configuration, validated with errors that name the key (ferry-api).
-//! * [`meta`]     — crash-safe node metadata (redb): node id, cluster id, epoch, checkpoint.
-//! * [`volume`]   — protected volumes: the journal-first write path and the NBD export.
-//! * [`replication`] — primary side: shippers, sync gate, lag accounting.
-//! * [`standby`]  — standby side: receive, journal, apply, ack.
-//! * [`pit`]      — standby point-in-time recovery: undo capture, retention, views, rollback.
-//! * [`overflow`] — journal overflow on the primary: bitmap mode per target, resync copy.
-//! * [`resync`]   — standby side of a bitmap resync.
-//! * [`timefmt`]  — RFC 3339 parsing and formatting for point-in-time commands (ferry-api).
-//! * [`verify`]   — online verify: chunk digests at a point in the stream, copy-before-write.
-//! * [`nbd`]      — the NBD protocol server (re-export of the `ferry-nbd` crate).
-//! * [`metrics`]  — Prometheus metrics and the /metrics, /healthz, /readyz endpoint.
-//! * [`control`]  — the control socket (JSON lines over a Unix socket), roles from peer credentials.
-//! * [`audit`]    — the hash-chained (SM3) audit log of control requests.
-//! * [`daemon`]   — start-up, recovery, checkpointing, shutdown.
-//! * [`sdnotify`] — systemd readiness, status and watchdog notifications (no libsystemd).
-pub mod apply;
-pub mod audit;
-pub mod chunks;
-pub mod control;
-pub mod daemon;
-pub mod dirty;
-pub mod meta;
-pub mod metrics;
-pub use ferry_nbd as nbd;
-pub mod overflow;
+//! Module map (see ARCHITECTURE.md), by role. Folders depend downwards only
+//! (`daemon/tests/module_graph.rs` keeps it so): `node` → `ops` → `replica` → `pit` →
+//! `primary` → `ship` → `verify` → `store` → `config`, `nbd`, `timefmt`, `size`.
+//! * [`node`]    — start-up, recovery, checkpoints, both roles' run loops and control
+//!   handlers, role changes, shutdown.
+//! * [`store`]   — node-local storage: backing stores ([`store::base`]) and the crash-safe
+//!   metadata ([`store::meta`], redb).
+//! * [`primary`] — the primary write path: volumes and the NBD export, ordered application
+//!   to the bases ([`primary::apply`]), frontend metrics.
+//! * [`ship`]    — primary side of replication: the feed from the write path, per-target
+//!   state and the sync gate, shipper sessions, catch-up (bitmap mode, resync copy), the
+//!   persisted dirty map.
+//! * [`replica`] — standby side: standby state and journal, sessions, the replica
+//!   applier, the standby half of a resync.
+//! * [`pit`]     — standby point-in-time recovery: undo capture, retention, views, rollback.
+//! * [`verify`]  — online verify and chunk digests.
+//! * [`ops`]     — control socket and roles, audit log, metrics endpoint, systemd
+//!   notifications.
+//!
+//! Shared with other crates: `ferry_nbd` (the NBD server), `ferry_api` (configuration,
+//! byte sizes, RFC 3339 times, the control protocol, audit-line hashing).
+pub mod node;
+pub mod ops;
 pub mod pit;
-pub mod replication;
-pub mod resync;
-pub mod sdnotify;
-pub mod standby;
+pub mod primary;
+pub mod replica;
+pub mod ship;
+pub mod store;
 #[doc(hidden)]
 pub mod testkit;
 pub mod verify;
-pub mod volume;
+
+pub use ferry_nbd as nbd;
 
 // Moved to ferry-api (shared with ferryctl); re-exported so that `crate::config::…`,
 // `crate::size::…` and `crate::timefmt::…` keep their paths.

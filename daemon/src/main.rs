@@ -51,9 +51,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("ferryd-rt")
         .build()
         .context("starting the async runtime")?;
-    let exit = rt.block_on(ferryd::daemon::run(cfg, shutdown_signal()))?;
+    let exit = rt.block_on(ferryd::node::run(cfg, shutdown_signal()))?;
     drop(rt);
-    if exit == ferryd::daemon::Exit::Restart {
+    if exit == ferryd::node::Exit::Restart {
         // Same PID (systemd keeps tracking it), fresh process: the new role starts from
         // recovery exactly as after a restart. Every fd of ours is close-on-exec.
         use std::os::unix::process::CommandExt;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::config::{
     format_id, Config, ControlConfig, JournalConfig, NbdConfig, NodeConfig, Role, VolumeConfig,
 };
+use crate::ops::control;
 use crate::size::ByteSize;
 
 pub use ferry_testkit::{have, skip, skip_without};
@@ -222,8 +223,7 @@ impl Node {
 
     pub fn status(&self) -> serde_json::Value {
         let cfg = Config::load(&self.config).expect("config");
-        let r = crate::control::call(&cfg.control.socket, &crate::control::Request::Status)
-            .expect("status call");
+        let r = control::call(&cfg.control.socket, &control::Request::Status).expect("status call");
         assert!(r.ok, "status failed: {:?}", r.error);
         r.result.expect("status result")
     }

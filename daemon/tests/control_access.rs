@@ -5,8 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use ferryd::audit::{self, AuditLog};
-use ferryd::control::{self, Access, Handler, Request, Response, Role};
+use ferryd::ops::audit::{self, AuditLog};
+use ferryd::ops::control::{self, Access, Handler, Request, Response, Role};
 
 /// Sends one raw request line, returns the response.
 fn raw(sock: &Path, line: &str) -> Response {

@@ -298,7 +298,7 @@ fn check_histogram(m: &BTreeMap<String, Family>, name: &str) -> f64 {
         .map(|s| (parse_value(&s.labels["le"]).unwrap(), s.value))
         .collect();
     let les: Vec<f64> = buckets.iter().map(|b| b.0).collect();
-    let mut expected = ferryd::metrics::LATENCY_BUCKETS.to_vec();
+    let mut expected = ferryd::primary::frontend::LATENCY_BUCKETS.to_vec();
     expected.push(f64::INFINITY);
     assert_eq!(les, expected, "{name} buckets");
     assert!(

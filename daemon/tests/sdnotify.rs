@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ferryd::sdnotify::{self, Notifier, State};
+use ferryd::ops::sdnotify::{self, Notifier, State};
 use ferryd::testkit::primary_config;
 
 const MIB: u64 = 1 << 20;

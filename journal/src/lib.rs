@@ -7,6 +7,8 @@
 //!   completions strictly in sequence order.
 //!   A helper thread prepares the next segment ahead of need.
 //! * [`JournalReader`]: iterates durable records with plain `pread`.
+//! * [`now_ns`]: the node's one wall clock; batch stamps and every daemon timestamp
+//!   compared with them come from it.
 //! * Recovery on open ([`RecoveryMode`], [`RecoveryReport`]).
 //!
 //! Up to `max_inflight_batches` batch writes are in flight at a time (io_uring
@@ -14,6 +16,7 @@
 //! the depth is recorded in each segment header and recovery truncates at most that
 //! many batches (see FORMAT.md).
 
+pub mod clock;
 pub mod engine;
 mod error;
 pub mod format;
@@ -23,6 +26,7 @@ mod segment;
 pub mod undo;
 mod writer;
 
+pub use clock::now_ns;
 pub use engine::{EngineChoice, IoEngine, StdEngine, UringEngine};
 pub use error::JournalError;
 pub use format::{Op, Record, Seq};

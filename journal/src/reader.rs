@@ -1,20 +1,39 @@
 //! Reader of durable entries (for shipping and replay). Uses plain `pread` on its
 //! own file handles and never looks past `durable_seq`, so it runs safely while
 //! the writer appends.
+//!
+//! What the reader needs from the live journal is the [`DurableLog`] trait defined
+//! here: the writer's shared state implements it, so the writer depends on the
+//! reader (it hands readers out) and never the other way round.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::error::{JournalError, Result};
 use crate::format::{self, Seq, BLOCK_SIZE, SEGMENT_HEADER_BLOCK};
+use crate::recovery::SegInfo;
 use crate::segment;
-use crate::writer::Shared;
 use crate::{BatchMeta, JournalEntry};
+
+/// The live journal as a reader sees it. Each call takes the journal's own locks
+/// briefly; the answers may be stale by the time they are used, which the reader
+/// tolerates (a released segment shows up as [`JournalError::Released`]).
+pub(crate) trait DurableLog: Send + Sync {
+    /// Highest sequence that is durable (readers never look past it).
+    fn durable_seq(&self) -> Seq;
+    /// If `seq` lies in a range skipped on purpose (never written), that range's
+    /// last sequence.
+    fn skipped_through(&self, seq: Seq) -> Option<Seq>;
+    /// First sequence still held, if any segment holds data.
+    fn first_seq(&self) -> Option<Seq>;
+    /// The newest data segment starting at or before `seq`, or the first sequence
+    /// still held (0 if none) when `seq` was released.
+    fn segment_holding(&self, seq: Seq) -> std::result::Result<SegInfo, Seq>;
+}
 
 struct Cursor {
     no: u64,
@@ -28,7 +47,7 @@ struct Cursor {
 /// caught up with `durable_seq`; calling `next` again later continues with newly
 /// durable entries. After an error it returns `None`.
 pub struct JournalReader {
-    shared: Arc<Shared>,
+    log: Arc<dyn DurableLog>,
     next: Seq,
     cur: Option<Cursor>,
     pending: VecDeque<JournalEntry>,
@@ -36,8 +55,8 @@ pub struct JournalReader {
 }
 
 impl JournalReader {
-    pub(crate) fn new(shared: Arc<Shared>, from: Seq) -> Result<JournalReader> {
-        let first = shared.segs.lock().data.first().map(|d| d.first_seq);
+    pub(crate) fn new(log: Arc<dyn DurableLog>, from: Seq) -> Result<JournalReader> {
+        let first = log.first_seq();
         let next = match first {
             Some(f) if from == 0 => f,
             Some(f) if from < f => {
@@ -49,7 +68,7 @@ impl JournalReader {
             _ => from.max(1),
         };
         Ok(JournalReader {
-            shared,
+            log,
             next,
             cur: None,
             pending: VecDeque::new(),
@@ -64,37 +83,24 @@ impl JournalReader {
 
     /// Reads the next batch holding `self.next` into `pending`. Ok(false): caught up.
     fn fill(&mut self) -> Result<bool> {
-        let durable = self.shared.durable_seq.load(Ordering::Acquire);
+        let durable = self.log.durable_seq();
         // Bounded: each iteration skips one batch or moves to a later segment;
         // a segment holds at most size / 4 KiB batches.
         loop {
             // Sequences skipped on purpose (Journal::skip_to) were never written.
-            let skipped = self
-                .shared
-                .gaps
-                .lock()
-                .iter()
-                .find(|&&(a, b)| a <= self.next && self.next <= b)
-                .map(|&(_, b)| b);
-            if let Some(end) = skipped {
+            if let Some(end) = self.log.skipped_through(self.next) {
                 self.next = end + 1;
             }
             if self.next > durable {
                 return Ok(false);
             }
-            let seg = {
-                let s = self.shared.segs.lock();
-                let i = s.data.iter().rposition(|d| d.first_seq <= self.next);
-                match i {
-                    Some(i) => s.data[i].clone(),
-                    None => {
-                        return Err(JournalError::Released {
-                            requested: self.next,
-                            first_available: s.data.first().map_or(0, |d| d.first_seq),
-                        })
-                    }
-                }
-            };
+            let seg = self
+                .log
+                .segment_holding(self.next)
+                .map_err(|first_available| JournalError::Released {
+                    requested: self.next,
+                    first_available,
+                })?;
             if self.cur.as_ref().is_none_or(|c| c.no != seg.no) {
                 let file = segment::open_ro(&seg.path)?;
                 self.cur = Some(Cursor {
@@ -162,8 +168,7 @@ impl JournalReader {
     /// If `next` was released meanwhile, say so instead of reporting the stale
     /// bytes of a recycled segment as corruption.
     fn released_instead(&self, e: JournalError) -> JournalError {
-        let first = self.shared.segs.lock().data.first().map(|d| d.first_seq);
-        match first {
+        match self.log.first_seq() {
             Some(f) if self.next < f => JournalError::Released {
                 requested: self.next,
                 first_available: f,

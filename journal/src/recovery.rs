@@ -140,6 +140,69 @@ pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> R
     std::fs::create_dir_all(dir)
         .map_err(|e| JournalError::io(format!("create {}", dir.display()), e))?;
     let mut report = RecoveryReport::default();
+    let (segs, max_no) = list_segments(dir, &mut report)?;
+    let mut files = Vec::with_capacity(segs.len());
+    for (no, path) in segs {
+        files.push(classify(no, path, &cluster_id)?);
+    }
+
+    let last_data = files.iter().rposition(|f| matches!(f.kind, Kind::Data(_)));
+    let mut chain = Chain {
+        rec: Recovered {
+            data: Vec::new(),
+            write_pos: SEGMENT_HEADER_BLOCK,
+            zeroed_from: SEGMENT_HEADER_BLOCK,
+            active_depth: 1,
+            spares: Vec::new(),
+            next_no: max_no + 1,
+            report,
+            gaps: Vec::new(),
+        },
+        expected: None,
+        cluster_id,
+        mode,
+    };
+    for (i, f) in files.iter().enumerate() {
+        let is_last_data = Some(i) == last_data;
+        match (&f.kind, last_data) {
+            (Kind::Data(h), Some(_)) => chain.data_segment(f, h, is_last_data)?,
+            (Kind::Unused, Some(ld)) if i < ld => {
+                return Err(corruption(
+                    &f.path,
+                    0,
+                    "segment header is all zero, but later segments hold data",
+                ));
+            }
+            (Kind::BadHeader(r), Some(ld)) if i < ld => {
+                return Err(corruption(
+                    &f.path,
+                    0,
+                    format!("bad segment header ({r}), but later segments hold data"),
+                ));
+            }
+            (Kind::Unused, _) => chain.rec.spares.push(Spare {
+                no: f.no,
+                path: f.path.clone(),
+                size: f.size,
+                zeroed: false,
+            }),
+            (Kind::BadHeader(r), _) => chain.torn_activation(f, r)?,
+            // Cannot happen (a data segment makes last_data Some); an error, not a panic.
+            (Kind::Data(_), None) => {
+                return Err(corruption(
+                    &f.path,
+                    0,
+                    "internal: data segment without last_data",
+                ))
+            }
+        }
+    }
+    Ok(chain.finish())
+}
+
+/// Segment files in `dir` (number order) and the highest segment number seen;
+/// removes leftover temporary files (interrupted preparations or recycles).
+fn list_segments(dir: &Path, report: &mut RecoveryReport) -> Result<(Vec<(u64, PathBuf)>, u64)> {
     let mut segs = Vec::new();
     let mut max_no = 0u64;
     for (name, path) in segment::list_dir(dir)
@@ -163,199 +226,199 @@ pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> R
         segment::sync_dir(dir)?;
     }
     segs.sort();
-    let mut files = Vec::with_capacity(segs.len());
-    for (no, path) in segs {
-        files.push(classify(no, path, &cluster_id)?);
+    Ok((segs, max_no))
+}
+
+/// The log recovered so far, segment by segment in number order.
+struct Chain {
+    rec: Recovered,
+    /// First sequence the next data segment must start at (none before the first).
+    expected: Option<Seq>,
+    cluster_id: [u8; 16],
+    mode: RecoveryMode,
+}
+
+impl Chain {
+    /// Validates data segment `f` (header `h`) batch by batch and appends it;
+    /// repairs its torn tail if it is the last data segment.
+    fn data_segment(
+        &mut self,
+        f: &SegFile,
+        h: &format::SegmentHeader,
+        is_last_data: bool,
+    ) -> Result<()> {
+        self.check_continues(f, h)?;
+        let file = segment::open_ro(&f.path)?;
+        let scan = scan_segment(
+            &file,
+            &f.path,
+            f.no,
+            f.size,
+            h.first_seq,
+            &self.cluster_id,
+            h.max_inflight,
+        )?;
+        if let End::Torn {
+            len,
+            reason,
+            discarded,
+        } = &scan.end
+        {
+            if !is_last_data {
+                return Err(corruption(
+                    &f.path,
+                    scan.end_pos,
+                    format!("{reason}, but later segments hold data"),
+                ));
+            }
+            self.cut_torn_tail(f, h, scan.end_pos, *len, reason, discarded)?;
+        }
+        self.expected = Some(scan.next_seq);
+        self.rec.write_pos = scan.end_pos;
+        self.rec.zeroed_from = scan.zeroed_from;
+        self.rec.active_depth = h.max_inflight.max(1) as usize;
+        self.rec.data.push(SegInfo {
+            no: f.no,
+            path: f.path.clone(),
+            first_seq: h.first_seq,
+            size: f.size,
+        });
+        let _ = scan.batches;
+        Ok(())
     }
 
-    let last_data = files.iter().rposition(|f| matches!(f.kind, Kind::Data(_)));
-    let mut data = Vec::new();
-    let mut spares = Vec::new();
-    let mut expected: Option<Seq> = None;
-    let mut write_pos = SEGMENT_HEADER_BLOCK;
-    let mut zeroed_from = SEGMENT_HEADER_BLOCK;
-    let mut active_depth = 1usize;
-    let mut gaps = Vec::new();
-    for (i, f) in files.iter().enumerate() {
-        let is_last_data = Some(i) == last_data;
-        match (&f.kind, last_data) {
-            (Kind::Data(h), Some(_)) => {
-                if let Some(prev) = data.last().map(|d: &SegInfo| d.no) {
-                    if f.no != prev + 1 {
-                        return Err(corruption(
-                            &f.path,
-                            0,
-                            format!("segment {} follows segment {prev}: segment missing", f.no),
-                        ));
-                    }
-                }
-                if let Some(exp) = expected {
-                    // A deliberate jump (Journal::skip_to) may leave a gap, never an
-                    // overlap; any other mismatch is corruption.
-                    if h.seq_jump && h.first_seq > exp {
-                        gaps.push((exp, h.first_seq - 1));
-                        report.events.push(format!(
-                            "sequences {exp}..={} were skipped (segment {} jumps)",
-                            h.first_seq - 1,
-                            f.path.display()
-                        ));
-                    } else if h.first_seq != exp {
-                        return Err(corruption(&f.path, 0, format!(
-                            "segment starts at seq {}, previous segment ended at {} (sequence gap/overlap)",
-                            h.first_seq, exp - 1
-                        )));
-                    }
-                }
-                let file = segment::open_ro(&f.path)?;
-                let scan = scan_segment(
-                    &file,
-                    &f.path,
-                    f.no,
-                    f.size,
-                    h.first_seq,
-                    &cluster_id,
-                    h.max_inflight,
-                )?;
-                if let End::Torn {
-                    len,
-                    reason,
-                    discarded,
-                } = &scan.end
-                {
-                    if !is_last_data {
-                        return Err(corruption(
-                            &f.path,
-                            scan.end_pos,
-                            format!("{reason}, but later segments hold data"),
-                        ));
-                    }
-                    if mode == RecoveryMode::AbsoluteConsistency {
-                        return Err(JournalError::TornTail {
-                            segment: f.path.clone(),
-                            offset: scan.end_pos,
-                            reason: reason.clone(),
-                        });
-                    }
-                    segment::zero_range(&f.path, scan.end_pos, scan.end_pos + len)?;
-                    report.truncated_bytes += len;
-                    match discarded {
-                        None => {
-                            report.truncated_batches += 1;
-                            report.events.push(format!(
-                                "truncated torn batch in {} at offset {} ({len} bytes): {reason}",
-                                f.path.display(),
-                                scan.end_pos
-                            ));
-                            tracing::warn!(segment = %f.path.display(), offset = scan.end_pos, %reason, "journal recovery: truncated torn tail");
-                        }
-                        Some((n, a, b)) => {
-                            report.truncated_batches += *n as u32;
-                            let msg = format!(
-                                "discarded {n} batches, seqs {a}..{b}, written but never acknowledged: torn tail in {} at offset {} ({len} bytes, max_inflight {}): {reason}",
-                                f.path.display(),
-                                scan.end_pos,
-                                h.max_inflight
-                            );
-                            tracing::warn!(segment = %f.path.display(), offset = scan.end_pos, "journal recovery: {msg}");
-                            report.events.push(msg);
-                        }
-                    }
-                }
-                expected = Some(scan.next_seq);
-                write_pos = scan.end_pos;
-                zeroed_from = scan.zeroed_from;
-                active_depth = h.max_inflight.max(1) as usize;
-                data.push(SegInfo {
-                    no: f.no,
-                    path: f.path.clone(),
-                    first_seq: h.first_seq,
-                    size: f.size,
-                });
-                let _ = scan.batches;
-            }
-            (Kind::Unused, Some(ld)) if i < ld => {
+    /// Data segment `f` must directly follow the previous one, in number and in
+    /// sequence (or jump ahead on purpose: `SEQ_JUMP`, recorded as a gap).
+    fn check_continues(&mut self, f: &SegFile, h: &format::SegmentHeader) -> Result<()> {
+        if let Some(prev) = self.rec.data.last().map(|d| d.no) {
+            if f.no != prev + 1 {
                 return Err(corruption(
                     &f.path,
                     0,
-                    "segment header is all zero, but later segments hold data",
+                    format!("segment {} follows segment {prev}: segment missing", f.no),
                 ));
-            }
-            (Kind::BadHeader(r), Some(ld)) if i < ld => {
-                return Err(corruption(
-                    &f.path,
-                    0,
-                    format!("bad segment header ({r}), but later segments hold data"),
-                ));
-            }
-            (Kind::Unused, _) => spares.push(Spare {
-                no: f.no,
-                path: f.path.clone(),
-                size: f.size,
-                zeroed: false,
-            }),
-            (Kind::BadHeader(r), _) => {
-                // Only the segment right after the last data segment can have been
-                // activated (header + first batch in one write) when the crash hit.
-                let next_expected_no = data.last().map(|d| d.no + 1);
-                let first_after = next_expected_no.map_or(spares.is_empty(), |n| n == f.no);
-                if !first_after {
-                    return Err(corruption(
-                        &f.path,
-                        0,
-                        format!("bad segment header ({r}) in a spare segment"),
-                    ));
-                }
-                if mode == RecoveryMode::AbsoluteConsistency {
-                    return Err(JournalError::TornTail {
-                        segment: f.path.clone(),
-                        offset: 0,
-                        reason: format!("torn segment activation: {r}"),
-                    });
-                }
-                // The activation write carried the first batch too: wipe the header
-                // and the block after it, and keep the file as a spare.
-                segment::zero_range(&f.path, 0, 2 * SEGMENT_HEADER_BLOCK)?;
-                report.truncated_bytes += 2 * SEGMENT_HEADER_BLOCK;
-                report.truncated_batches += 1;
-                report.events.push(format!(
-                    "torn segment activation in {}: {r}; kept as spare",
-                    f.path.display()
-                ));
-                spares.push(Spare {
-                    no: f.no,
-                    path: f.path.clone(),
-                    size: f.size,
-                    zeroed: false,
-                });
-            }
-            // Cannot happen (a data segment makes last_data Some); an error, not a panic.
-            (Kind::Data(_), None) => {
-                return Err(corruption(
-                    &f.path,
-                    0,
-                    "internal: data segment without last_data",
-                ))
             }
         }
+        if let Some(exp) = self.expected {
+            // A deliberate jump (Journal::skip_to) may leave a gap, never an
+            // overlap; any other mismatch is corruption.
+            if h.seq_jump && h.first_seq > exp {
+                self.rec.gaps.push((exp, h.first_seq - 1));
+                self.rec.report.events.push(format!(
+                    "sequences {exp}..={} were skipped (segment {} jumps)",
+                    h.first_seq - 1,
+                    f.path.display()
+                ));
+            } else if h.first_seq != exp {
+                return Err(corruption(
+                    &f.path,
+                    0,
+                    format!(
+                    "segment starts at seq {}, previous segment ended at {} (sequence gap/overlap)",
+                    h.first_seq, exp - 1
+                ),
+                ));
+            }
+        }
+        Ok(())
     }
-    let last_seq = expected.map_or(0, |e| e - 1);
-    report.last_seq = last_seq;
-    report.first_seq = match data.first() {
-        Some(d) if d.first_seq <= last_seq => d.first_seq,
-        _ => 0,
-    };
-    report.segments = data.len();
-    report.spare_segments = spares.len();
-    Ok(Recovered {
-        data,
-        write_pos,
-        zeroed_from,
-        active_depth,
-        spares,
-        next_no: max_no + 1,
-        report,
-        gaps,
-    })
+
+    /// Zeroes the torn tail `at..at + len` of the last data segment (or refuses
+    /// in `AbsoluteConsistency` mode) and reports it.
+    fn cut_torn_tail(
+        &mut self,
+        f: &SegFile,
+        h: &format::SegmentHeader,
+        at: u64,
+        len: u64,
+        reason: &str,
+        discarded: &Option<(u64, Seq, Seq)>,
+    ) -> Result<()> {
+        if self.mode == RecoveryMode::AbsoluteConsistency {
+            return Err(JournalError::TornTail {
+                segment: f.path.clone(),
+                offset: at,
+                reason: reason.to_string(),
+            });
+        }
+        segment::zero_range(&f.path, at, at + len)?;
+        let report = &mut self.rec.report;
+        report.truncated_bytes += len;
+        match discarded {
+            None => {
+                report.truncated_batches += 1;
+                report.events.push(format!(
+                    "truncated torn batch in {} at offset {at} ({len} bytes): {reason}",
+                    f.path.display(),
+                ));
+                tracing::warn!(segment = %f.path.display(), offset = at, %reason, "journal recovery: truncated torn tail");
+            }
+            Some((n, a, b)) => {
+                report.truncated_batches += *n as u32;
+                let msg = format!(
+                    "discarded {n} batches, seqs {a}..{b}, written but never acknowledged: torn tail in {} at offset {at} ({len} bytes, max_inflight {}): {reason}",
+                    f.path.display(),
+                    h.max_inflight
+                );
+                tracing::warn!(segment = %f.path.display(), offset = at, "journal recovery: {msg}");
+                report.events.push(msg);
+            }
+        }
+        Ok(())
+    }
+
+    /// A segment with a bad header after the last data segment: only the one right
+    /// after it can have been activated (header + first batch in one write) when
+    /// the crash hit; that one is wiped and kept as a spare.
+    fn torn_activation(&mut self, f: &SegFile, r: &str) -> Result<()> {
+        let next_expected_no = self.rec.data.last().map(|d| d.no + 1);
+        let first_after = next_expected_no.map_or(self.rec.spares.is_empty(), |n| n == f.no);
+        if !first_after {
+            return Err(corruption(
+                &f.path,
+                0,
+                format!("bad segment header ({r}) in a spare segment"),
+            ));
+        }
+        if self.mode == RecoveryMode::AbsoluteConsistency {
+            return Err(JournalError::TornTail {
+                segment: f.path.clone(),
+                offset: 0,
+                reason: format!("torn segment activation: {r}"),
+            });
+        }
+        // The activation write carried the first batch too: wipe the header
+        // and the block after it, and keep the file as a spare.
+        segment::zero_range(&f.path, 0, 2 * SEGMENT_HEADER_BLOCK)?;
+        let report = &mut self.rec.report;
+        report.truncated_bytes += 2 * SEGMENT_HEADER_BLOCK;
+        report.truncated_batches += 1;
+        report.events.push(format!(
+            "torn segment activation in {}: {r}; kept as spare",
+            f.path.display()
+        ));
+        self.rec.spares.push(Spare {
+            no: f.no,
+            path: f.path.clone(),
+            size: f.size,
+            zeroed: false,
+        });
+        Ok(())
+    }
+
+    /// The recovered log with its report's totals filled in.
+    fn finish(self) -> Recovered {
+        let mut rec = self.rec;
+        let last_seq = self.expected.map_or(0, |e| e - 1);
+        rec.report.last_seq = last_seq;
+        rec.report.first_seq = match rec.data.first() {
+            Some(d) if d.first_seq <= last_seq => d.first_seq,
+            _ => 0,
+        };
+        rec.report.segments = rec.data.len();
+        rec.report.spare_segments = rec.spares.len();
+        rec
+    }
 }
 
 fn classify(no: u64, path: PathBuf, cluster_id: &[u8; 16]) -> Result<SegFile> {
@@ -430,6 +493,88 @@ fn scan_segment(
     cluster_id: &[u8; 16],
     max_inflight: u32,
 ) -> Result<ScanResult> {
+    let walk = walk_batches(file, path, no, size, first_seq, cluster_id)?;
+    let Walk {
+        pos,
+        expected,
+        batches,
+        stale_at_end,
+        ..
+    } = walk;
+    // Look past the end: a batch that validates under this segment's salt after
+    // the end means an earlier write was lost or damaged, not torn -- unless the
+    // writer had several batch writes in flight (see `tail_span`).
+    let (found, last_nonzero_end) = look_past_end(file, path, no, size, &walk, max_inflight)?;
+    let mut end = walk.end;
+    let mut zeroed_from = last_nonzero_end.max(pos);
+    if let Some(&(at, h)) = found.first() {
+        match tail_span(stale_at_end, pos, expected, size, max_inflight, &found) {
+            Some((span_end, n, last)) => {
+                let reason = match &end {
+                    End::Clean => "all-zero block (write never landed)".to_string(),
+                    End::Torn { reason, .. } => reason.clone(),
+                };
+                end = End::Torn {
+                    len: span_end - pos,
+                    reason: format!(
+                        "{reason}, followed by {} valid batch(es) up to seq {last} written while it was in flight",
+                        found.len()
+                    ),
+                    discarded: Some((n, expected, last)),
+                };
+                if last_nonzero_end <= span_end {
+                    zeroed_from = pos;
+                }
+            }
+            None => {
+                let what = match &end {
+                    End::Clean => "the end of the log".to_string(),
+                    End::Torn { reason, .. } => format!("an invalid batch ({reason})"),
+                };
+                return Err(corruption(
+                    path,
+                    at,
+                    format!(
+                        "valid batch (seq {}..={}) found after {what} at offset {pos} (max_inflight {max_inflight})",
+                        h.first_seq, h.last_seq
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(ScanResult {
+        next_seq: expected,
+        batches,
+        end_pos: pos,
+        end,
+        zeroed_from,
+    })
+}
+
+/// Where the chain of valid batches from a segment's start ends.
+struct Walk {
+    /// Offset of the first position that is not a valid next batch.
+    pos: u64,
+    /// Sequence the next batch would start at.
+    expected: Seq,
+    batches: u64,
+    end: End,
+    /// Bytes of the invalid batch at `pos` (0 if none).
+    invalid_len: u64,
+    /// The chain ended on a stale batch (left over in a recycled segment).
+    stale_at_end: bool,
+}
+
+/// Walks the valid batches of one segment from its first batch until a zero
+/// block, a stale or invalid batch, or the end of the file.
+fn walk_batches(
+    file: &File,
+    path: &Path,
+    no: u64,
+    size: u64,
+    first_seq: Seq,
+    cluster_id: &[u8; 16],
+) -> Result<Walk> {
     let mut pos = SEGMENT_HEADER_BLOCK;
     let mut expected = first_seq;
     let mut batches = 0u64;
@@ -512,9 +657,27 @@ fn scan_segment(
         batches += 1;
         pos += disk;
     };
-    // Look past the end: a batch that validates under this segment's salt after
-    // the end means an earlier write was lost or damaged, not torn -- unless the
-    // writer had several batch writes in flight (see `tail_span`).
+    Ok(Walk {
+        pos,
+        expected,
+        batches,
+        end,
+        invalid_len,
+        stale_at_end,
+    })
+}
+
+/// Valid batch headers (under this segment's salt) after the end of the chain,
+/// at most `max_inflight` of them, and the end of the last non-zero block.
+fn look_past_end(
+    file: &File,
+    path: &Path,
+    no: u64,
+    size: u64,
+    walk: &Walk,
+    max_inflight: u32,
+) -> Result<(Vec<(u64, format::BatchHeader)>, u64)> {
+    let (pos, invalid_len, stale_at_end) = (walk.pos, walk.invalid_len, walk.stale_at_end);
     let mut last_nonzero_end = if stale_at_end {
         pos + BLOCK_SIZE as u64
     } else {
@@ -545,50 +708,7 @@ fn scan_segment(
         }
         off += n as u64;
     }
-    let mut end = end;
-    let mut zeroed_from = last_nonzero_end.max(pos);
-    if let Some(&(at, h)) = found.first() {
-        match tail_span(stale_at_end, pos, expected, size, max_inflight, &found) {
-            Some((span_end, n, last)) => {
-                let reason = match &end {
-                    End::Clean => "all-zero block (write never landed)".to_string(),
-                    End::Torn { reason, .. } => reason.clone(),
-                };
-                end = End::Torn {
-                    len: span_end - pos,
-                    reason: format!(
-                        "{reason}, followed by {} valid batch(es) up to seq {last} written while it was in flight",
-                        found.len()
-                    ),
-                    discarded: Some((n, expected, last)),
-                };
-                if last_nonzero_end <= span_end {
-                    zeroed_from = pos;
-                }
-            }
-            None => {
-                let what = match &end {
-                    End::Clean => "the end of the log".to_string(),
-                    End::Torn { reason, .. } => format!("an invalid batch ({reason})"),
-                };
-                return Err(corruption(
-                    path,
-                    at,
-                    format!(
-                        "valid batch (seq {}..={}) found after {what} at offset {pos} (max_inflight {max_inflight})",
-                        h.first_seq, h.last_seq
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(ScanResult {
-        next_seq: expected,
-        batches,
-        end_pos: pos,
-        end,
-        zeroed_from,
-    })
+    Ok((found, last_nonzero_end))
 }
 
 /// Whether the valid batches `found` after the end position `pos` can be the

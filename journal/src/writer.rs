@@ -29,15 +29,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
+use crate::clock::now_ns;
 use crate::engine::{self, IoEngine};
 use crate::error::{JournalError, Result};
 use crate::format::{self, BatchParams, Record, Seq, BLOCK_SIZE, SEGMENT_HEADER_BLOCK};
-use crate::reader::JournalReader;
-use crate::recovery::{self, RecoveryReport, SegInfo, Spare};
+use crate::reader::{DurableLog, JournalReader};
+use crate::recovery::{self, Recovered, RecoveryReport, SegInfo, Spare};
 use crate::segment;
 use crate::{Completion, JournalOptions};
 
@@ -68,9 +69,9 @@ struct QueueState {
     failed: Option<JournalError>,
 }
 
-pub(crate) struct SegState {
+struct SegState {
     /// Segments holding data, oldest first; the last one is being appended to.
-    pub data: Vec<SegInfo>,
+    data: Vec<SegInfo>,
     spares: VecDeque<Spare>,
     /// Released segments waiting to be recycled or deleted.
     free: Vec<SegInfo>,
@@ -90,17 +91,17 @@ impl SegState {
     }
 }
 
-pub(crate) struct Shared {
-    pub opts: JournalOptions,
+struct Shared {
+    opts: JournalOptions,
     queue: Mutex<QueueState>,
     not_empty: Condvar,
     not_full: Condvar,
-    pub durable_seq: AtomicU64,
+    durable_seq: AtomicU64,
     last_seq: AtomicU64,
     epoch: AtomicU64,
     /// Append offset in the active segment (for `used_bytes`).
     active_pos: AtomicU64,
-    pub segs: Mutex<SegState>,
+    segs: Mutex<SegState>,
     segs_cv: Condvar,
     closing: AtomicBool,
     stats: StatCounters,
@@ -109,7 +110,72 @@ pub(crate) struct Shared {
     jump_pending: AtomicBool,
     /// Sequence ranges (inclusive) that were skipped and never written: readers
     /// step over them. Pruned as releases pass them.
-    pub gaps: Mutex<Vec<(Seq, Seq)>>,
+    gaps: Mutex<Vec<(Seq, Seq)>>,
+}
+
+impl Shared {
+    /// The state of a journal just recovered (`last`: its last durable sequence;
+    /// `active_pos`: the append offset in its active segment).
+    fn new(opts: JournalOptions, rec: Recovered, last: Seq, active_pos: u64) -> Shared {
+        let max_segments = (opts.capacity / opts.segment_size) as usize;
+        Shared {
+            queue: Mutex::new(QueueState {
+                next_seq: last + 1,
+                items: VecDeque::new(),
+                closed: false,
+                failed: None,
+            }),
+            not_empty: Condvar::new(),
+            not_full: Condvar::new(),
+            durable_seq: AtomicU64::new(last),
+            last_seq: AtomicU64::new(last),
+            epoch: AtomicU64::new(opts.epoch),
+            active_pos: AtomicU64::new(active_pos),
+            segs: Mutex::new(SegState {
+                data: rec.data,
+                spares: rec.spares.into(),
+                free: Vec::new(),
+                preparing: 0,
+                activating: 0,
+                next_no: rec.next_no,
+                max_segments,
+                shutdown: false,
+                prep_error: None,
+            }),
+            segs_cv: Condvar::new(),
+            closing: AtomicBool::new(false),
+            stats: StatCounters::default(),
+            jump_pending: AtomicBool::new(false),
+            gaps: Mutex::new(rec.gaps),
+            opts,
+        }
+    }
+}
+
+impl DurableLog for Shared {
+    fn durable_seq(&self) -> Seq {
+        self.durable_seq.load(Ordering::Acquire)
+    }
+
+    fn skipped_through(&self, seq: Seq) -> Option<Seq> {
+        self.gaps
+            .lock()
+            .iter()
+            .find(|&&(a, b)| a <= seq && seq <= b)
+            .map(|&(_, b)| b)
+    }
+
+    fn first_seq(&self) -> Option<Seq> {
+        self.segs.lock().data.first().map(|d| d.first_seq)
+    }
+
+    fn segment_holding(&self, seq: Seq) -> std::result::Result<SegInfo, Seq> {
+        let s = self.segs.lock();
+        match s.data.iter().rposition(|d| d.first_seq <= seq) {
+            Some(i) => Ok(s.data[i].clone()),
+            None => Err(s.data.first().map_or(0, |d| d.first_seq)),
+        }
+    }
 }
 
 /// Cumulative counters, read without locks (for metrics and benchmarks).
@@ -182,7 +248,6 @@ impl Journal {
             .map_err(|e| JournalError::io(format!("create {}", opts.dir.display()), e))?;
         let lock = segment::lock_dir(&opts.dir)?;
         let mut rec = recovery::recover(&opts.dir, opts.cluster_id, opts.recovery)?;
-        let gaps = std::mem::take(&mut rec.gaps);
         let engine_name = engine.name();
         let depth = opts
             .max_inflight_batches
@@ -200,42 +265,12 @@ impl Journal {
             }),
             None => None,
         };
-        let last = rec.report.last_seq;
-        let max_segments = (opts.capacity / opts.segment_size) as usize;
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(QueueState {
-                next_seq: last + 1,
-                items: VecDeque::new(),
-                closed: false,
-                failed: None,
-            }),
-            not_empty: Condvar::new(),
-            not_full: Condvar::new(),
-            durable_seq: AtomicU64::new(last),
-            last_seq: AtomicU64::new(last),
-            epoch: AtomicU64::new(opts.epoch),
-            active_pos: AtomicU64::new(active.as_ref().map_or(0, |a| a.pos)),
-            segs: Mutex::new(SegState {
-                data: rec.data,
-                spares: rec.spares.into(),
-                free: Vec::new(),
-                preparing: 0,
-                activating: 0,
-                next_no: rec.next_no,
-                max_segments,
-                shutdown: false,
-                prep_error: None,
-            }),
-            segs_cv: Condvar::new(),
-            closing: AtomicBool::new(false),
-            stats: StatCounters::default(),
-            jump_pending: AtomicBool::new(false),
-            gaps: Mutex::new(gaps),
-            opts,
-        });
+        let report = std::mem::take(&mut rec.report);
+        let active_pos = active.as_ref().map_or(0, |a| a.pos);
+        let shared = Arc::new(Shared::new(opts, rec, report.last_seq, active_pos));
         tracing::info!(
-            dir = %shared.opts.dir.display(), engine = engine_name, first_seq = rec.report.first_seq,
-            last_seq = last, truncated_batches = rec.report.truncated_batches, "journal opened"
+            dir = %shared.opts.dir.display(), engine = engine_name, first_seq = report.first_seq,
+            last_seq = report.last_seq, truncated_batches = report.truncated_batches, "journal opened"
         );
         let helper = {
             let sh = shared.clone();
@@ -247,44 +282,17 @@ impl Journal {
         let completer = Arc::new(CompletionQueue::default());
         // With inline completions the writer runs them itself: no thread to wait on.
         let completion = (!shared.opts.inline_completions)
-            .then(|| {
-                std::thread::Builder::new()
-                    .name("ferry-journal-done".into())
-                    .spawn({
-                        let q = completer.clone();
-                        // Ends when the writer closed the queue and it drained.
-                        move || {
-                            while let Some(batch) = q.pop() {
-                                for (done, r) in batch {
-                                    run_completion(done, r);
-                                }
-                            }
-                        }
-                    })
-                    .map_err(|e| JournalError::io("spawn journal completion thread", e))
-            })
+            .then(|| spawn_completion_thread(completer.clone()))
             .transpose()?;
-        let writer = {
-            let w = Writer {
-                shared: shared.clone(),
-                engine,
-                inflight: VecDeque::new(),
-                held: None,
-                depth,
-                active,
-                completer,
-            };
-            let nice = shared.opts.writer_nice;
-            std::thread::Builder::new()
-                .name("ferry-journal-writer".into())
-                .spawn(move || {
-                    if nice != 0 {
-                        set_thread_nice(nice);
-                    }
-                    w.run()
-                })
-                .map_err(|e| JournalError::io("spawn journal writer thread", e))?
-        };
+        let writer = spawn_writer_thread(Writer {
+            shared: shared.clone(),
+            engine,
+            inflight: VecDeque::new(),
+            held: None,
+            depth,
+            active,
+            completer,
+        })?;
         let j = Journal {
             shared,
             writer: Mutex::new(Some(writer)),
@@ -294,7 +302,7 @@ impl Journal {
             fallback_reason,
             _lock: lock,
         };
-        Ok((j, rec.report))
+        Ok((j, report))
     }
 
     /// Queues a record and returns its sequence. Blocks while the queue is full
@@ -541,12 +549,6 @@ impl Drop for Journal {
 
 fn staging_len(opts: &JournalOptions) -> usize {
     opts.max_batch_bytes + format::BATCH_HEADER_LEN + 3 * BLOCK_SIZE
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Sets the calling thread's nice value (Linux: PRIO_PROCESS with a thread id
@@ -880,41 +882,46 @@ impl Writer {
         }
     }
 
+    /// Takes a spare and opens it as the next active segment (returned with the
+    /// spare, which goes back to the pool if the activation is abandoned).
+    fn next_active(&mut self) -> Result<(Active, Spare)> {
+        let spare = self.take_spare()?;
+        let file = match segment::open_rw(&spare.path) {
+            Ok(f) => f,
+            Err(e) => {
+                let mut s = self.shared.segs.lock();
+                s.activating -= 1;
+                s.spares.push_front(spare);
+                return Err(e);
+            }
+        };
+        let active = Active {
+            no: spare.no,
+            file,
+            size: spare.size,
+            pos: SEGMENT_HEADER_BLOCK,
+            zeroed_from: if spare.zeroed {
+                SEGMENT_HEADER_BLOCK
+            } else {
+                spare.size
+            },
+            depth: self.depth,
+        };
+        Ok((active, spare))
+    }
+
     fn stage_and_submit(&mut self, batch: &[Pending]) -> Result<Flight> {
         let body = format::body_len(batch.iter().map(|p| &p.rec));
         let disk = format::batch_disk_len(body);
         let first_seq = batch.first().map_or(0, |p| p.seq);
         let last = batch.last().map_or(0, |p| p.seq);
         let roll = self.needs_roll(batch);
-        let mut new_active = None;
-        if roll {
+        let mut new_active = if roll {
             debug_assert!(self.inflight.is_empty());
-            let spare = self.take_spare()?;
-            let file = match segment::open_rw(&spare.path) {
-                Ok(f) => f,
-                Err(e) => {
-                    let mut s = self.shared.segs.lock();
-                    s.activating -= 1;
-                    s.spares.push_front(spare);
-                    return Err(e);
-                }
-            };
-            new_active = Some((
-                Active {
-                    no: spare.no,
-                    file,
-                    size: spare.size,
-                    pos: SEGMENT_HEADER_BLOCK,
-                    zeroed_from: if spare.zeroed {
-                        SEGMENT_HEADER_BLOCK
-                    } else {
-                        spare.size
-                    },
-                    depth: self.depth,
-                },
-                spare,
-            ));
-        }
+            Some(self.next_active()?)
+        } else {
+            None
+        };
         let slot = (0..self.depth)
             .find(|s| !self.inflight.iter().any(|f| f.slot == *s))
             .unwrap_or(0);
@@ -955,17 +962,14 @@ impl Writer {
             if roll {
                 // Segment header and first batch go in one write: a torn activation
                 // leaves either no header (spare) or a header with a torn first batch.
-                buf[..head].fill(0);
-                let sh = format::SegmentHeader {
-                    segment_no: target.no,
-                    cluster_id: params.cluster_id,
+                let seq_jump = self.shared.jump_pending.load(Ordering::Acquire);
+                stage_segment_header(
+                    &mut buf[..head],
+                    target,
+                    params.cluster_id,
                     first_seq,
-                    segment_size: target.size,
-                    max_inflight: target.depth as u32,
-                    seq_jump: self.shared.jump_pending.load(Ordering::Acquire),
-                };
-                buf[..format::SEGMENT_HEADER_LEN]
-                    .copy_from_slice(&format::encode_segment_header(&sh));
+                    seq_jump,
+                );
             }
             let (_, n) = format::encode_batch_with_crcs(
                 &mut buf[head..head + disk as usize],
@@ -1075,6 +1079,56 @@ impl Writer {
             }
         }
     }
+}
+
+/// Writes the header block of segment `a` (activated by a batch starting at
+/// `first_seq`) into `block`.
+fn stage_segment_header(
+    block: &mut [u8],
+    a: &Active,
+    cluster_id: [u8; 16],
+    first_seq: Seq,
+    seq_jump: bool,
+) {
+    block.fill(0);
+    let sh = format::SegmentHeader {
+        segment_no: a.no,
+        cluster_id,
+        first_seq,
+        segment_size: a.size,
+        max_inflight: a.depth as u32,
+        seq_jump,
+    };
+    block[..format::SEGMENT_HEADER_LEN].copy_from_slice(&format::encode_segment_header(&sh));
+}
+
+/// Runs completions handed over by the writer, in order. Ends when the writer
+/// closed the queue and it drained.
+fn spawn_completion_thread(q: Arc<CompletionQueue>) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("ferry-journal-done".into())
+        .spawn(move || {
+            while let Some(batch) = q.pop() {
+                for (done, r) in batch {
+                    run_completion(done, r);
+                }
+            }
+        })
+        .map_err(|e| JournalError::io("spawn journal completion thread", e))
+}
+
+/// Starts the writer thread (at the configured nice value, if any).
+fn spawn_writer_thread(w: Writer) -> Result<JoinHandle<()>> {
+    let nice = w.shared.opts.writer_nice;
+    std::thread::Builder::new()
+        .name("ferry-journal-writer".into())
+        .spawn(move || {
+            if nice != 0 {
+                set_thread_nice(nice);
+            }
+            w.run()
+        })
+        .map_err(|e| JournalError::io("spawn journal writer thread", e))
 }
 
 fn helper_loop(sh: &Shared) {

@@ -15,9 +15,10 @@ use bytes::Bytes;
 use ferry_api::config::PitConfig;
 use ferry_api::size::ByteSize;
 use ferry_journal::{Op, Record, Seq};
-use ferryd::meta::Meta;
-use ferryd::pit::{Applier, Pit, Target};
-use ferryd::volume::Base;
+use ferryd::pit::{Pit, Target};
+use ferryd::replica::applier::Applier;
+use ferryd::store::base::Base;
+use ferryd::store::meta::Meta;
 
 const CLUSTER: [u8; 16] = [7; 16];
 const WRITE: u64 = 64 << 10;

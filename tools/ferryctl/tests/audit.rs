@@ -4,7 +4,7 @@ use std::process::Output;
 
 use ferry_api::audit::{AuditEntry, Outcome};
 use ferry_api::control::Role;
-use ferryd::audit::AuditLog;
+use ferryd::ops::audit::AuditLog;
 
 fn ferryctl(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_ferryctl"))

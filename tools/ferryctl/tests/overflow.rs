@@ -131,11 +131,11 @@ fn standby_killed_mid_resync_completes_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     // The primary notices the killed standby within 1.5 s, not QUIC's 10 s default.
     let (primary, scfg, _) =
-        overflow_with_standby_down(dir.path(), &[(ferryd::daemon::IDLE_TIMEOUT_ENV, "1500")]);
+        overflow_with_standby_down(dir.path(), &[(ferryd::node::IDLE_TIMEOUT_ENV, "1500")]);
     let mut standby = Node::start_env(
         &ferryd(),
         &scfg,
-        &[(ferryd::resync::RESYNC_PAUSE_ENV, "300")],
+        &[(ferryd::replica::resync::RESYNC_PAUSE_ENV, "300")],
     );
     let sst = standby.wait_status(
         "the copy to be under way on the standby",

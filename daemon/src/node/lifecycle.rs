@@ -1,0 +1,263 @@
+//! What both roles share while running: the node's exit and restart request
+//! ([`Exit`], [`Lifecycle`]), readiness and stopping announcements with the systemd
+//! watchdog ([`Observe`]), the control socket, and the shutdown steps both roles take.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_journal::{Journal, Seq};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::ops::control;
+use crate::ops::metrics::Metrics;
+use crate::ops::sdnotify::{self, State};
+
+use crate::node::checkpoint::Checkpointer;
+use crate::node::recovery::Recovered;
+
+/// The control socket, bound early (so a second ferryd on the same config is refused
+/// before it touches anything) and served once the role's status handler exists.
+pub(crate) struct ControlSocket {
+    pub(crate) listener: tokio::net::UnixListener,
+    pub(crate) access: control::Access,
+    pub(crate) audit: Arc<crate::ops::audit::AuditLog>,
+}
+
+impl ControlSocket {
+    pub(crate) async fn bind(cfg: &Config) -> anyhow::Result<Self> {
+        let access = control::Access::from_config(cfg.access.as_ref());
+        let audit = Arc::new(crate::ops::audit::AuditLog::open(&cfg.audit_log_path())?);
+        let listener = control::bind(&cfg.control.socket, &access).await?;
+        Ok(ControlSocket {
+            listener,
+            access,
+            audit,
+        })
+    }
+
+    pub(crate) fn serve(
+        self,
+        cfg: &Config,
+        handler: control::Handler,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(control::serve(
+            self.listener,
+            cfg.control.socket.clone(),
+            handler,
+            self.access,
+            Some(self.audit),
+            stop,
+        ))
+    }
+}
+
+/// Waits (bounded, 10 s) for a shutdown step; says so if it gives up, since the
+/// final checkpoint then covers less (nothing is lost: restart replays the journal).
+pub(crate) fn wait_until(what: &str, done: impl Fn() -> bool) {
+    tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    "gave up waiting for {what} after 10 s; restart will replay the rest"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+}
+
+/// How a node's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Shut down (signal): exit.
+    Stopped,
+    /// A role change was recorded: start again (the binary re-executes itself, so the
+    /// new role starts from a clean recovery, like after a crash).
+    Restart,
+}
+
+/// Lets a control request end the run for a role change.
+#[derive(Default)]
+pub struct Lifecycle {
+    pub(crate) restart: AtomicBool,
+    pub(crate) notify: tokio::sync::Notify,
+}
+
+impl Lifecycle {
+    pub fn request_restart(&self) {
+        self.restart.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    pub(crate) async fn until(&self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = self.notify.notified() => tracing::info!("role change recorded: restarting in the new role"),
+        }
+    }
+}
+
+/// The node's metrics and, when `[metrics]` is configured, the endpoint's bound address.
+pub(crate) struct Observe {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) addr: Option<std::net::SocketAddr>,
+}
+
+impl Observe {
+    /// Marks the node ready everywhere at once: `/readyz`, the one stable stdout line
+    /// scripts and tests wait for, and systemd (READY=1, then watchdog pings).
+    pub(crate) fn announce_ready(
+        &self,
+        line: &str,
+        status: &str,
+        journal: Arc<Journal>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        self.metrics.set_ready(true);
+        println!("ferryd ready: {line}{}", self.ready_suffix());
+        sd_notify(&[State::Ready, State::Status(status)]);
+        spawn_watchdog(journal)
+    }
+
+    /// The start of an orderly stop, told to systemd and `/readyz`.
+    pub(crate) fn announce_stopping(&self, watchdog: Option<tokio::task::JoinHandle<()>>) {
+        sd_notify(&[State::Stopping, State::Status("draining")]);
+        if let Some(w) = watchdog {
+            w.abort();
+        }
+        self.metrics.set_ready(false);
+    }
+
+    /// The first half of the shutdown both roles share: waits for the signal, tells
+    /// systemd and `/readyz`, stops the listeners, and waits for the role's server
+    /// (`server`, named `what` in logs) and the control socket to finish.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn stop_serving<E: std::fmt::Display>(
+        &self,
+        shutdown: impl std::future::Future<Output = ()>,
+        watchdog: Option<tokio::task::JoinHandle<()>>,
+        stopping: &str,
+        stop_tx: &tokio::sync::watch::Sender<bool>,
+        what: &str,
+        server: tokio::task::JoinHandle<Result<(), E>>,
+        control_task: tokio::task::JoinHandle<()>,
+    ) {
+        shutdown.await;
+        self.announce_stopping(watchdog);
+        tracing::info!("{stopping}");
+        let _ = stop_tx.send(true);
+        match server.await {
+            Ok(Err(e)) => tracing::warn!("{what} stopped with an error: {e:#}"),
+            Err(e) => tracing::warn!("{what} task: {e}"),
+            Ok(Ok(())) => {}
+        }
+        let _ = control_task.await;
+    }
+
+    /// ` metrics=ADDR` for the ready line (empty without a metrics endpoint).
+    pub(crate) fn ready_suffix(&self) -> String {
+        self.addr
+            .map(|a| format!(" metrics={a}"))
+            .unwrap_or_default()
+    }
+}
+
+/// Testing hook: QUIC idle timeout in milliseconds (a test that SIGKILLs a standby
+/// need not wait 10 s for the primary to notice). Never set in production.
+pub const IDLE_TIMEOUT_ENV: &str = "FERRYD_TEST_IDLE_TIMEOUT_MS";
+
+pub(crate) fn transport_options() -> ferry_transport::quic::TransportOptions {
+    let mut o = ferry_transport::quic::TransportOptions::default();
+    if let Some(ms) = std::env::var(IDLE_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        o.idle_timeout = Duration::from_millis(ms);
+    }
+    o
+}
+
+/// The last step of both roles' shutdown: the checkpointer's final round fsyncs the
+/// bases and records what they hold.
+pub(crate) async fn finish_shutdown(ckpt: Checkpointer, rec: &Recovered) -> anyhow::Result<()> {
+    ckpt.finish().await;
+    tracing::info!(
+        checkpoint = rec.meta.checkpoint().unwrap_or(0),
+        "shutdown complete"
+    );
+    Ok(())
+}
+
+/// Tells systemd (Type=notify); failures are logged, never fatal.
+pub(crate) fn sd_notify(states: &[State]) {
+    if let Err(e) = sdnotify::notify(states) {
+        tracing::warn!("sd_notify: {e}");
+    }
+}
+
+/// Pings systemd's watchdog from the runtime (a stalled runtime misses it) while the
+/// journal is alive. `None` when `WatchdogSec=` is off.
+pub(crate) fn spawn_watchdog(journal: Arc<Journal>) -> Option<tokio::task::JoinHandle<()>> {
+    let every = sdnotify::watchdog_interval()?;
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        // A stall must not be followed by a burst of pings.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe = JournalProbe::default();
+        loop {
+            tick.tick().await;
+            if probe.alive(&journal) {
+                sd_notify(&[State::Watchdog]);
+            } else {
+                tracing::error!(
+                    durable_seq = journal.durable_seq(),
+                    last_seq = journal.last_seq(),
+                    "journal made no progress with writes pending for two watchdog periods: \
+                     withholding the watchdog ping"
+                );
+            }
+        }
+    }))
+}
+
+/// Journal liveness for the watchdog: idle is alive, progress is alive, and a journal
+/// that is nearly full is waiting for a checkpoint or a standby (normal, not a hang).
+/// Only "records pending, nothing made durable, room to write" for two ticks is a hang.
+#[derive(Default)]
+pub(crate) struct JournalProbe {
+    pub(crate) last_durable: Seq,
+    pub(crate) stuck_ticks: u32,
+}
+
+impl JournalProbe {
+    pub(crate) fn alive(&mut self, j: &Journal) -> bool {
+        let durable = j.durable_seq();
+        let idle = j.last_seq() == durable;
+        let nearly_full = j.used_bytes() * 10 >= j.capacity_bytes() * 9;
+        if idle || nearly_full || durable != self.last_durable {
+            self.stuck_ticks = 0;
+        } else {
+            self.stuck_ticks += 1;
+        }
+        self.last_durable = durable;
+        self.stuck_ticks < 2
+    }
+}
+
+pub(crate) fn journal_status(j: &Journal) -> serde_json::Value {
+    let st = j.stats();
+    json!({
+        "used_bytes": j.used_bytes(),
+        "capacity_bytes": j.capacity_bytes(),
+        "engine": j.engine_name(),
+        "fallback_reason": j.fallback_reason(),
+        "first_seq": j.first_available_seq(),
+        "batches": st.batches,
+        "records": st.records,
+        "bytes_written": st.bytes_written,
+        "write_seconds": st.write_ns as f64 / 1e9,
+    })
+}

@@ -1,0 +1,312 @@
+//! Start-up and crash recovery of a node: the metadata store (with a role recorded by
+//! the last role change), journal options, journal recovery and replay of every
+//! journaled record after the checkpoint onto the bases, for either role.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use ferry_journal::{Journal, JournalOptions, Op, Seq};
+
+use crate::config::{Config, Role};
+use crate::pit::Pit;
+use crate::replica::applier::Applier;
+use crate::store::base::{find_base, Base};
+use crate::store::meta::{Meta, RollbackState};
+
+/// Journal queue depth; also the number of writes that may wait for the journal at once.
+pub(crate) const JOURNAL_QUEUE: usize = 1024;
+
+pub struct Recovered {
+    pub meta: Arc<Meta>,
+    pub journal: Arc<Journal>,
+    pub bases: Vec<Arc<Base>>,
+    pub checkpoint: Seq,
+    /// Applies write-sets on a standby (with undo capture when PIT is on).
+    pub applier: Arc<Applier>,
+    /// The replica's applied position on a standby (shared with the PIT store).
+    pub applied: Arc<AtomicU64>,
+    /// A standby that was rolled back no longer follows its primary.
+    pub rollback: Option<RollbackState>,
+}
+
+pub fn journal_options(cfg: &Config) -> JournalOptions {
+    let mut o = JournalOptions::new(cfg.journal.dir.clone(), cfg.cluster_id());
+    o.segment_size = cfg.journal.segment_size.0;
+    o.capacity = cfg.journal.size.0;
+    o.engine = cfg.journal.engine;
+    o.recovery = cfg.journal.recovery;
+    o.queue_records = JOURNAL_QUEUE;
+    o.max_inflight_batches = cfg.journal.inflight_batches as usize;
+    // A primary's callbacks only wake the waiting request (and feed the shippers'
+    // tail): run them on the writer thread. A standby's may wait for its apply queue.
+    o.inline_completions = cfg.node.role == Role::Primary;
+    o.writer_nice = cfg.journal.writer_nice;
+    o
+}
+
+/// Steps 2–4 above, on the metadata store `open_meta` opened (step 1). Blocking;
+/// runs before the runtime serves anything.
+pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
+    let epoch = meta.epoch()?;
+    let mut bases = Vec::with_capacity(cfg.volumes.len());
+    for v in &cfg.volumes {
+        let id = meta.volume_id(&v.name)?;
+        bases.push(Arc::new(Base::open(id, &v.name, &v.path, v.size.0)?));
+    }
+    let mut opts = journal_options(cfg);
+    opts.epoch = epoch;
+    let started = Instant::now();
+    let (journal, report) = Journal::open(opts)
+        .with_context(|| format!("opening journal {}", cfg.journal.dir.display()))?;
+    tracing::info!(
+        engine = journal.engine_name(),
+        first_seq = report.first_seq,
+        last_seq = report.last_seq,
+        truncated_bytes = report.truncated_bytes,
+        truncated_batches = report.truncated_batches,
+        "journal recovered in {:?}",
+        started.elapsed()
+    );
+    if let Some(reason) = journal.fallback_reason() {
+        tracing::warn!("journal io engine fell back to std IO: {reason}");
+    }
+    // A standby's journal that jumped after a resync copy records the jump only with
+    // the first record after it; the metadata holds it until then.
+    let skip = meta.journal_skip()?;
+    if journal.last_seq() < skip {
+        journal
+            .skip_to(skip)
+            .context("repeating the journal's jump after a resync")?;
+    }
+    let checkpoint = meta.checkpoint()?;
+    let last = journal.last_seq();
+    if last < checkpoint {
+        bail!(
+            "journal {} ends at sequence {last} but the metadata checkpoint is {checkpoint}: \
+             the journal directory was replaced or truncated; refusing to start (writes after the checkpoint would be lost)",
+            cfg.journal.dir.display()
+        );
+    }
+    let journal = Arc::new(journal);
+    let standby = cfg.node.role == Role::Standby;
+    let rollback = if standby {
+        meta.rollback_state()?
+    } else {
+        None
+    };
+    let meta = Arc::new(meta);
+    let applied = Arc::new(AtomicU64::new(checkpoint));
+    let pit = if standby && cfg.pit().enabled {
+        Some(Pit::open(
+            cfg.undo_dir(),
+            cfg.cluster_id(),
+            cfg.pit(),
+            meta.clone(),
+            bases.clone(),
+            applied.clone(),
+        )?)
+    } else {
+        None
+    };
+    if matches!(rollback, Some(RollbackState::InProgress { .. })) && pit.is_none() {
+        bail!(
+            "a rollback is in progress on this standby but [pit] is disabled; enable it again so the rollback can finish"
+        );
+    }
+    let applier = Arc::new(Applier {
+        bases: bases.clone(),
+        meta: meta.clone(),
+        pit: pit.clone(),
+        verify: Default::default(),
+        applied: applied.clone(),
+        outbox: Default::default(),
+        resync: Arc::new(crate::replica::transition::ResyncStatus::load(&meta)?),
+    });
+    let replayed = match rollback {
+        // A rolled-back replica must not be rolled forward by the journal (the
+        // checkpoint covered everything before the rollback started).
+        Some(_) => 0,
+        None if standby => replay_standby(&journal, &applier, checkpoint)?,
+        None => replay(&journal, &bases, checkpoint)?,
+    };
+    let checkpoint = if replayed > 0 {
+        for b in &bases {
+            b.sync()
+                .with_context(|| format!("fsync {} after replay", b.path.display()))?;
+        }
+        let upto = journal.durable_seq();
+        meta.set_checkpoint(upto)?;
+        tracing::info!(
+            replayed,
+            checkpoint = upto,
+            "journal replayed onto base volumes"
+        );
+        upto
+    } else {
+        checkpoint
+    };
+    // Releases are not persisted by the journal (the checkpoint in the metadata is the
+    // durable record of them), so segments at or below it reappear after a restart.
+    // A target in bitmap mode still needs the records whose marks were not flushed.
+    let floor = if standby {
+        Seq::MAX
+    } else {
+        crate::ship::catchup::persisted_floor(cfg)
+    };
+    journal.release_through(checkpoint.min(floor))?;
+    applied.store(journal.durable_seq(), Ordering::Release);
+    // A resync whose end point was applied just before a crash (the metadata was not
+    // cleared yet): the replay above applied it again.
+    if let Some(r) = applier
+        .resync
+        .get()
+        .filter(|r| r.copied && journal.durable_seq() >= r.through)
+    {
+        meta.set_resync_state(None)?;
+        applier.resync.set(None);
+        tracing::info!(
+            from = r.from,
+            through = r.through,
+            "resync complete: the replica is a consistent image again"
+        );
+    }
+    if let (Some(RollbackState::InProgress { target }), Some(pit)) = (rollback, &pit) {
+        tracing::warn!(target, "finishing the rollback interrupted by a restart");
+        pit.finish_rollback(target)?;
+    }
+    let rollback = meta.rollback_state()?;
+    if let Some(RollbackState::Done { target }) = rollback {
+        applied.store(target, Ordering::Release);
+    }
+    Ok(Recovered {
+        meta,
+        journal,
+        bases,
+        checkpoint,
+        applier,
+        applied,
+        rollback,
+    })
+}
+
+/// A standby's replay: records the undo log already covers are re-applied as they
+/// are; later ones are grouped into write-sets (journal batches, cut at seals) and
+/// go through the applier, so their before-images are captured first. Their
+/// timestamps are the standby's journal times (the primary's were not persisted),
+/// at most the shipping delay later than the primary's.
+fn replay_standby(journal: &Journal, applier: &Applier, checkpoint: Seq) -> anyhow::Result<u64> {
+    if journal.last_seq() <= checkpoint {
+        return Ok(0);
+    }
+    let covered = applier
+        .pit
+        .as_ref()
+        .and_then(|p| p.newest_seq())
+        .unwrap_or(0);
+    let mut n = 0u64;
+    let mut ws: Vec<(Seq, ferry_journal::Record)> = Vec::new();
+    let mut ws_batch = (0, 0);
+    for entry in journal.reader(checkpoint + 1)? {
+        let e = entry.context("reading the journal for replay")?;
+        let batch = (e.meta.last_seq, e.meta.timestamp_ns);
+        if !ws.is_empty() && batch != ws_batch {
+            applier.apply_write_set(ws_batch.1, &ws)?;
+            ws.clear();
+        }
+        n += 1;
+        if e.seq <= covered {
+            // Undo already holds this write-set's before-images.
+            let r = &e.record;
+            if let Some(base) = replay_target(&applier.bases, e.seq, r)? {
+                base.apply(r.op, r.offset, r.length, &r.data)
+                    .with_context(|| {
+                        format!("replaying record {} onto {}", e.seq, base.path.display())
+                    })?;
+            }
+            continue;
+        }
+        // Refuse an unknown volume or a range beyond it before capturing anything.
+        replay_target(&applier.bases, e.seq, &e.record)?;
+        let seal = e.record.op == Op::Seal;
+        ws_batch = batch;
+        ws.push((e.seq, e.record));
+        if seal {
+            applier.apply_write_set(ws_batch.1, &ws)?;
+            ws.clear();
+        }
+    }
+    if !ws.is_empty() {
+        applier.apply_write_set(ws_batch.1, &ws)?;
+    }
+    Ok(n)
+}
+
+/// Applies every journaled record after `checkpoint` to the bases, in order.
+fn replay(journal: &Journal, bases: &[Arc<Base>], checkpoint: Seq) -> anyhow::Result<u64> {
+    let mut n = 0u64;
+    if journal.last_seq() <= checkpoint {
+        return Ok(0);
+    }
+    for entry in journal.reader(checkpoint + 1)? {
+        let e = entry.context("reading the journal for replay")?;
+        let r = &e.record;
+        let Some(base) = replay_target(bases, e.seq, r)? else {
+            continue;
+        };
+        base.apply(r.op, r.offset, r.length, &r.data)
+            .with_context(|| format!("replaying record {} onto {}", e.seq, base.path.display()))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The base a journaled record applies to (`None` for a seal), or why replay must
+/// stop rather than drop or misapply it.
+fn replay_target<'a>(
+    bases: &'a [Arc<Base>],
+    seq: Seq,
+    r: &ferry_journal::Record,
+) -> anyhow::Result<Option<&'a Arc<Base>>> {
+    if r.op == Op::Seal {
+        return Ok(None);
+    }
+    let base =
+        find_base(bases, r.volume, seq).context("refusing to start rather than drop the record")?;
+    let end = r.offset.checked_add(r.length as u64);
+    if end.is_none_or(|end| end > base.size) {
+        bail!(
+            "journal record {seq} writes {}+{} beyond volume '{}' ({} bytes); was the volume shrunk?",
+            r.offset,
+            r.length,
+            base.name,
+            base.size
+        );
+    }
+    Ok(Some(base))
+}
+
+/// Opens the metadata store and applies a role recorded by promote, demote or
+/// switchover over the config's (the role decides how recovery replays).
+pub(crate) fn open_meta(cfg: &mut Config) -> anyhow::Result<Meta> {
+    let meta = Meta::open(&cfg.node.metadata_dir, cfg.cluster_id())?;
+    if let Some(role) = meta.role_override()? {
+        let role = match role.as_str() {
+            "primary" => Role::Primary,
+            "standby" => Role::Standby,
+            other => bail!("metadata records an unknown role '{other}'"),
+        };
+        if role != cfg.node.role {
+            tracing::warn!(
+                config = ?cfg.node.role,
+                recorded = ?role,
+                "running in the role recorded by the last role change, not the config's"
+            );
+        }
+        cfg.node.role = role;
+    }
+    if let (Some(name), Some(r)) = (meta.primary_name()?, cfg.replication.as_mut()) {
+        r.primary = name;
+    }
+    Ok(meta)
+}

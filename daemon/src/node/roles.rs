@@ -1,0 +1,369 @@
+//! Role changes: quiesce, switchover and demote on a primary; promote, take-over and
+//! rollback on a standby; the fence responder and outdated-primary reasons.
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use ferry_journal::Seq;
+use serde_json::json;
+
+use crate::ops::control;
+use crate::pit::PitExports;
+use crate::primary::volume::Group;
+use crate::replica::standby::{HandoverFn, Standby};
+use crate::ship::Replication;
+use crate::store::meta::RollbackState;
+
+use crate::node::checkpoint::checkpoint_now;
+use crate::node::lifecycle::{transport_options, Lifecycle};
+use crate::node::recovery::Recovered;
+use crate::node::requests::{find_volume, parse_target, rolled_back_reason};
+
+/// Stops writes, waits until they are all durable here and applied to the bases,
+/// and checkpoints: the state a role change starts from.
+pub(crate) async fn quiesce(rec: &Recovered, group: &Group, why: String) -> anyhow::Result<Seq> {
+    group.set_fence(Some(why));
+    if !group.drain(Duration::from_secs(10)).await {
+        bail!("writes in flight did not finish within 10 s");
+    }
+    let last = rec.journal.last_seq();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while rec.journal.durable_seq() < last || group.applied_seq() < last {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the journal did not make {last} durable and applied within 30 s (durable {}, applied {})",
+                rec.journal.durable_seq(),
+                group.applied_seq()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::task::block_in_place(|| checkpoint_now(rec, last))?;
+    Ok(last)
+}
+
+/// Planned, lossless role swap with a caught-up standby: writes stop, the standby
+/// confirms it holds every record, takes over in a new epoch, and this node
+/// restarts as its standby.
+pub(crate) async fn switchover(
+    rec: &Recovered,
+    group: &Group,
+    repl: Option<&Replication>,
+    to: Option<&str>,
+    life: &Lifecycle,
+) -> anyhow::Result<serde_json::Value> {
+    let started = Instant::now();
+    if let Some(o) = rec.meta.outdated()? {
+        bail!("{}", outdated_reason(&o));
+    }
+    let targets = repl.map(|r| r.targets.as_slice()).unwrap_or_default();
+    let t = match to {
+        Some(name) => targets
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| anyhow::anyhow!("no replication target named '{name}'"))?,
+        None => match targets {
+            [t] => t,
+            [] => bail!("this primary has no standby to hand over to"),
+            _ => bail!("several standbys: name one with --to"),
+        },
+    };
+    if t.state() != "streaming" {
+        bail!(
+            "standby '{}' is {}, not streaming: it cannot take over losslessly",
+            t.name,
+            t.state()
+        );
+    }
+    let result = async {
+        let seq = quiesce(
+            rec,
+            group,
+            format!("switchover to '{}' in progress", t.name),
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while t.acked_seq.load(Ordering::Acquire) < seq {
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "standby '{}' did not confirm sequence {seq} within 30 s (it holds {})",
+                    t.name,
+                    t.acked_seq.load(Ordering::Acquire)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let answer = t.request_handover(seq);
+        let new_epoch = tokio::time::timeout(Duration::from_secs(30), answer)
+            .await
+            .map_err(|_| anyhow::anyhow!("standby '{}' did not take over within 30 s", t.name))?
+            .map_err(|_| {
+                anyhow::anyhow!("the session with '{}' ended during the handover", t.name)
+            })??;
+        tokio::task::block_in_place(|| {
+            rec.meta
+                .change_role(new_epoch, "standby", Some(&t.name), None)
+        })?;
+        Ok((seq, new_epoch))
+    }
+    .await;
+    match result {
+        Ok((seq, new_epoch)) => {
+            tracing::warn!(to = %t.name, seq, epoch = new_epoch, "switchover done: restarting as a standby");
+            life.request_restart();
+            Ok(json!({
+                "to": t.name,
+                "seq": seq,
+                "epoch": new_epoch,
+                "writes_stopped_seconds": started.elapsed().as_secs_f64(),
+            }))
+        }
+        Err(e) => {
+            // The standby did not confirm a role change: take writes again. (Had it
+            // changed roles unheard, our next session would learn the newer epoch
+            // and fence us.)
+            group.set_fence(None);
+            Err(e.context("switchover abandoned; this node stays the primary"))
+        }
+    }
+}
+
+/// An outdated primary rejoins as a standby of the node that superseded it.
+pub(crate) async fn demote(
+    rec: &Recovered,
+    group: &Group,
+    has_listen: bool,
+    life: &Lifecycle,
+) -> anyhow::Result<serde_json::Value> {
+    let Some(o) = rec.meta.outdated()? else {
+        bail!(
+            "this primary is not outdated (no newer epoch seen); for a planned role swap use `ferryctl switchover`"
+        );
+    };
+    if !has_listen {
+        bail!("this node has no replication.listen address to accept its new primary on");
+    }
+    let seq = quiesce(rec, group, outdated_reason(&o)).await?;
+    tokio::task::block_in_place(|| rec.meta.change_role(o.epoch, "standby", Some(&o.by), None))?;
+    tracing::warn!(primary = %o.by, epoch = o.epoch, last_seq = seq, "demoted: restarting as a standby");
+    life.request_restart();
+    Ok(json!({"primary": o.by, "epoch": o.epoch, "last_seq": seq}))
+}
+
+pub(crate) fn outdated_reason(o: &crate::store::meta::Outdated) -> String {
+    format!(
+        "this primary is outdated: node '{}' is the primary of epoch {}; writes are refused \
+         (demote this node to rejoin as its standby)",
+        o.by, o.epoch
+    )
+}
+
+/// Answers primaries of older epochs that dial this node's replication address with
+/// our Hello (newer epoch): they learn they are outdated and fence themselves.
+pub(crate) async fn fence_responder(
+    listen: std::net::SocketAddr,
+    local: ferry_transport::session::LocalIdentity,
+    tls: ferry_transport::quic::TlsMaterial,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use ferry_transport::quic;
+    let opts = transport_options();
+    let endpoint = match quic::server_config(&tls, &local.expected_peer_name, &opts)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| quic::listen(listen, c).map_err(anyhow::Error::from))
+    {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(%listen, "cannot answer outdated primaries on {listen}: {e:#}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            accepted = quic::accept(&endpoint) => match accepted {
+                None => break,
+                Some(Err(e)) => tracing::debug!("fence responder: refused a connection: {e}"),
+                Some(Ok(conn)) => {
+                    let peer = conn.remote_address();
+                    match quic::standby_handshake(conn, &local, 0, &opts).await {
+                        Err(e) => tracing::warn!(%peer, "told an outdated primary it was superseded: {e}"),
+                        Ok(_) => tracing::warn!(%peer, "fence responder: unexpected handshake success"),
+                    }
+                }
+            }
+        }
+    }
+    endpoint.close(0u32.into(), b"shutting down");
+}
+
+/// Waits (bounded) until the replica applied everything journaled.
+pub(crate) fn drain_applier(sb: &Standby, timeout: Duration) -> anyhow::Result<Seq> {
+    let deadline = Instant::now() + timeout;
+    while sb.applied_seq() < sb.durable_seq() {
+        if let Some(e) = sb.state.apply_error.lock().clone() {
+            bail!("the replica applier stopped ({e}); restart ferryd first");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the replica did not apply sequences up to {} within {timeout:?} (applied {})",
+                sb.durable_seq(),
+                sb.applied_seq()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(sb.applied_seq())
+}
+
+/// Makes this standby the primary of a new epoch: stops following the primary,
+/// optionally rolls back to a point, records the fork point and the new role, then
+/// restarts as the primary (serving NBD, journaling new writes after the fork).
+pub(crate) fn promote(
+    has_nbd: bool,
+    rec: &Recovered,
+    sb: &Standby,
+    exports: Option<&PitExports>,
+    target: Option<&control::PointSpec>,
+    force: bool,
+    life: &Lifecycle,
+) -> anyhow::Result<serde_json::Value> {
+    let started = Instant::now();
+    if !has_nbd {
+        bail!("this node has no [nbd] section: add nbd.listen so it can serve its volumes once promoted");
+    }
+    let epoch = rec.meta.epoch()?;
+    // Heartbeats come every second: three missed ones and the primary is not live.
+    if let Some(peer) = sb.state.live_primary(Duration::from_secs(3)) {
+        if !force {
+            bail!(
+                "the primary of epoch {epoch} is connected (from {peer}); stop it first, or add --force \
+                 (it will be fenced when it next reaches this node)"
+            );
+        }
+        tracing::warn!(%peer, "promoting with --force while the primary is connected");
+    }
+    if exports.is_some_and(|x| !x.is_empty()) {
+        bail!("point-in-time views are exported; unexport them before promoting");
+    }
+    if let (Some(r), None) = (rec.applier.resync.get(), target) {
+        bail!(
+            "the replica is inconsistent: it is being resynced from the primary; roll it \
+             back to its last consistent point first (`ferryctl rollback --seq {}`), then \
+             promote, or let the resync finish",
+            r.from
+        );
+    }
+    let fork = match (target, rec.meta.rollback_state()?) {
+        (Some(t), _) => {
+            let vol = rec
+                .bases
+                .first()
+                .map(|b| b.name.clone())
+                .unwrap_or_default();
+            let r = rollback(rec, sb, exports, &vol, t, true)?;
+            r["seq"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("rollback reported no sequence"))?
+        }
+        (None, Some(RollbackState::Done { target })) => target,
+        (None, _) => {
+            sb.set_paused(Some("promoting to primary".into()));
+            let applied = drain_applier(sb, Duration::from_secs(60))?;
+            checkpoint_now(rec, applied)?;
+            applied
+        }
+    };
+    let new_epoch = epoch + 1;
+    rec.meta
+        .change_role(new_epoch, "primary", None, Some(fork))?;
+    tracing::warn!(
+        epoch = new_epoch,
+        fork,
+        "promoted: restarting as the primary"
+    );
+    life.request_restart();
+    Ok(json!({
+        "epoch": new_epoch,
+        "fork_seq": fork,
+        "prepared_seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// The role change a planned switchover makes on the standby side.
+pub(crate) fn take_over(rec: Arc<Recovered>, sb: Arc<Standby>, life: Arc<Lifecycle>) -> HandoverFn {
+    Arc::new(move |seq| {
+        let applied = drain_applier(&sb, Duration::from_secs(30))?;
+        if applied != seq {
+            bail!("applied {applied}, the handover is at {seq}");
+        }
+        checkpoint_now(&rec, applied)?;
+        let new_epoch = rec.meta.epoch()? + 1;
+        rec.meta
+            .change_role(new_epoch, "primary", None, Some(seq))?;
+        // Not paused here: that would end this session before the HandoverAck goes
+        // out. The restart right after the ack ends it.
+        tracing::warn!(
+            epoch = new_epoch,
+            fork = seq,
+            "switchover: this node is the primary now; restarting"
+        );
+        let life = life.clone();
+        Ok((
+            new_epoch,
+            Box::new(move || life.request_restart()) as Box<dyn FnOnce() + Send>,
+        ))
+    })
+}
+
+/// Pauses replication, waits for the applier to drain, checkpoints, then rolls the
+/// whole consistency group back (write-sets span volumes: rolling back one alone
+/// would produce an image that never existed).
+pub(crate) fn rollback(
+    rec: &Recovered,
+    sb: &Standby,
+    exports: Option<&PitExports>,
+    volume: &str,
+    target: &control::PointSpec,
+    group: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let pit = rec.applier.pit.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "point-in-time recovery is disabled on this standby ([pit] enabled = false)"
+        )
+    })?;
+    find_volume(rec, volume)?;
+    if rec.bases.len() > 1 && !group {
+        let names: Vec<_> = rec.bases.iter().map(|b| b.name.as_str()).collect();
+        bail!(
+            "volumes {} form one consistency group and are rolled back together; add --group to confirm",
+            names.join(", ")
+        );
+    }
+    if let Some(RollbackState::Done { target }) = rec.meta.rollback_state()? {
+        bail!("{}", rolled_back_reason(target));
+    }
+    if exports.is_some_and(|x| !x.is_empty()) {
+        bail!("point-in-time views are exported; unexport them before a rollback");
+    }
+    let t = parse_target(target)?;
+    // Validate before pausing: a typo must not stop replication.
+    pit.resolve(&t)?;
+    sb.set_paused(Some("paused for a rollback".into()));
+    // Everything applied is made durable and checkpointed first: a restart must
+    // never replay the journal over the rolled-back replica.
+    let applied = drain_applier(sb, Duration::from_secs(60))?;
+    checkpoint_now(rec, applied)?;
+    let r = pit.rollback(&t)?;
+    sb.set_paused(Some(rolled_back_reason(r.point.seq)));
+    Ok(json!({
+        "seq": r.point.seq,
+        "time": crate::timefmt::format_rfc3339(r.point.timestamp_ns),
+        "from_seq": applied,
+        "undo_entries": r.entries,
+        "bytes_restored": r.bytes,
+        "seconds": r.took.as_secs_f64(),
+        "volumes": rec.bases.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
+    }))
+}

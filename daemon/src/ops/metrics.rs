@@ -1,0 +1,890 @@
+//! Prometheus metrics and the HTTP endpoint that serves them.
+//!
+//! Enabled by an optional `[metrics]` section (`listen = "HOST:PORT"`; port 0 lets the
+//! OS choose, and the bound address is printed on ferryd's ready line). The endpoint
+//! is a deliberately small HTTP/1.1 server (GET only, `Connection: close`, bounded
+//! request head, a read timeout, a connection cap) with three paths:
+//! * `/metrics` — OpenMetrics text exposition (`prometheus-client`), which Prometheus
+//!   negotiates and parses;
+//! * `/healthz` — `200 ok` while the process serves HTTP at all;
+//! * `/readyz`  — `200 ready` once recovery has finished and the listeners are up,
+//!   `503` before that and again while shutting down.
+//!
+//! The server starts *before* journal recovery so a long replay is observable as
+//! "alive, not ready". Values that already live in atomics elsewhere (journal stats,
+//! sequence positions, target states, the lag index) are read at scrape time by a
+//! collector rather than duplicated, including the frontend latency histograms and op
+//! counters ([`crate::primary::frontend::Frontend`]) kept by the write path.
+//!
+//! Not exported yet because the features do not exist: the point-in-time recovery
+//! window and resync progress.
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_journal::{Journal, Seq};
+use parking_lot::RwLock;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeMetric,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::{Config, ReplicationMode, Role};
+use crate::primary::volume::Group;
+use crate::replica::standby::Standby;
+use crate::ship::{Replication, TargetState};
+use crate::store::meta::Meta;
+use ferry_journal::now_ns;
+
+/// Largest request head (request line + headers) the endpoint reads.
+pub const MAX_REQUEST_BYTES: usize = 8 << 10;
+/// A client must send its request head within this time.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed without a response.
+const MAX_CONNECTIONS: usize = 32;
+/// The OpenMetrics content type (what `prometheus-client` encodes).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Target states a shipper reports (`ship::session`); each is exported as a series so
+/// a state change is a value change, not a series appearing.
+const TARGET_STATES: [&str; 5] = [
+    "connecting",
+    "streaming",
+    "resyncing",
+    "disconnected",
+    "stopped",
+];
+const TARGET_MODES: [&str; 3] = ["sync", "async", "degraded"];
+
+/// What the collector reads at scrape time; set once recovery has finished.
+pub struct NodeSource {
+    pub meta: Arc<Meta>,
+    pub journal: Arc<Journal>,
+    pub role: RoleSource,
+}
+
+pub enum RoleSource {
+    Primary {
+        group: Arc<Group>,
+        replication: Option<Arc<Replication>>,
+    },
+    Standby {
+        standby: Arc<Standby>,
+        /// Point-in-time store, when `[pit]` is on.
+        pit: Option<Arc<crate::pit::Pit>>,
+    },
+}
+
+struct Inner {
+    node: String,
+    role: Role,
+    ready: AtomicBool,
+    source: RwLock<Option<NodeSource>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("metrics::Inner")
+            .field("node", &self.node)
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The node's metrics: one registry whose single collector reads live state.
+pub struct Metrics {
+    registry: Registry,
+    inner: Arc<Inner>,
+}
+
+impl Metrics {
+    pub fn new(node: &str, role: Role) -> Arc<Metrics> {
+        let inner = Arc::new(Inner {
+            node: node.to_string(),
+            role,
+            ready: AtomicBool::new(false),
+            source: RwLock::new(None),
+        });
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(inner.clone()));
+        Arc::new(Metrics { registry, inner })
+    }
+
+    /// Connects the collector to the recovered node.
+    pub fn set_source(&self, source: NodeSource) {
+        *self.inner.source.write() = Some(source);
+    }
+
+    /// `/readyz` answers 200 while this is true.
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire)
+    }
+
+    /// The exposition text (OpenMetrics, ending in `# EOF`).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 << 10);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            // Only a fmt::Error from a String writer: not expected, but never panic.
+            out.clear();
+            let _ = writeln!(out, "# encoding metrics failed: {e}\n# EOF");
+        }
+        out
+    }
+}
+
+fn gauge<N: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    v: N,
+) -> std::fmt::Result {
+    ConstGauge::new(v).encode(e.encode_descriptor(name, help, unit, MetricType::Gauge)?)
+}
+
+fn counter<N: EncodeCounterValue>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    v: N,
+) -> std::fmt::Result {
+    ConstCounter::new(v).encode(e.encode_descriptor(name, help, unit, MetricType::Counter)?)
+}
+
+/// One gauge family with a `target` label, one series per replication target.
+fn per_target<N: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder,
+    targets: &[Arc<TargetState>],
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    v: impl Fn(&TargetState) -> N,
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for t in targets {
+        let labels: &[(&str, &str)] = &[("target", t.name.as_str())];
+        ConstGauge::new(v(t)).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// sync / async / degraded (a sync target that missed its timeout).
+pub fn effective_mode(t: &TargetState) -> &'static str {
+    if t.degraded.load(Ordering::Acquire) {
+        "degraded"
+    } else if t.mode == ReplicationMode::Sync {
+        "sync"
+    } else {
+        "async"
+    }
+}
+
+impl Collector for Inner {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let e = &mut e;
+        gauge(
+            e,
+            "ferry_node_ready",
+            "1 once recovery has finished and the listeners are up (what /readyz reports).",
+            None,
+            self.ready.load(Ordering::Acquire) as i64,
+        )?;
+        let role = self.role.to_string();
+        Info::new(vec![("node", self.node.as_str()), ("role", role.as_str())]).encode(
+            e.encode_descriptor(
+                "ferry_node_role",
+                "This node's configured role.",
+                None,
+                MetricType::Info,
+            )?,
+        )?;
+        let guard = self.source.read();
+        let Some(src) = guard.as_ref() else {
+            return Ok(()); // still recovering
+        };
+        gauge(
+            e,
+            "ferry_node_epoch",
+            "Replication epoch of this node.",
+            None,
+            src.meta.epoch().unwrap_or(0),
+        )?;
+
+        let durable = encode_journal(e, src)?;
+        encode_apply(e, src, durable)?;
+        encode_role(e, src)
+    }
+}
+
+/// The journal series (engine, fill, batches, positions); returns the durable
+/// position it reported, so the apply lag is computed from the same reading.
+fn encode_journal(e: &mut DescriptorEncoder, src: &NodeSource) -> Result<Seq, std::fmt::Error> {
+    let j = &src.journal;
+    let fallback = j.fallback_reason().unwrap_or_default();
+    Info::new(vec![
+        ("engine", j.engine_name()),
+        ("fallback_reason", fallback.as_str()),
+    ])
+    .encode(e.encode_descriptor(
+        "ferry_journal_engine",
+        "Journal IO engine in use, and why it fell back to std IO (empty: no fallback).",
+        None,
+        MetricType::Info,
+    )?)?;
+    gauge(
+        e,
+        "ferry_journal_used",
+        "Journal bytes holding records not yet released.",
+        Some(&Unit::Bytes),
+        j.used_bytes(),
+    )?;
+    gauge(
+        e,
+        "ferry_journal_capacity",
+        "Journal capacity (journal.size).",
+        Some(&Unit::Bytes),
+        j.capacity_bytes(),
+    )?;
+    let st = j.stats();
+    counter(
+        e,
+        "ferry_journal_batches",
+        "Durable journal batch writes completed.",
+        None,
+        st.batches,
+    )?;
+    counter(
+        e,
+        "ferry_journal_records",
+        "Records made durable in the journal.",
+        None,
+        st.records,
+    )?;
+    counter(
+        e,
+        "ferry_journal_written",
+        "Bytes written to journal segments (headers and padding included).",
+        Some(&Unit::Bytes),
+        st.bytes_written,
+    )?;
+    counter(
+        e,
+        "ferry_journal_write",
+        "Summed duration of durable batch writes (overlapping when several are in flight).",
+        Some(&Unit::Seconds),
+        st.write_ns as f64 / 1e9,
+    )?;
+    let durable = j.durable_seq();
+    gauge(
+        e,
+        "ferry_journal_durable_seq",
+        "Highest contiguous durable journal sequence.",
+        None,
+        durable,
+    )?;
+    gauge(
+        e,
+        "ferry_journal_first_seq",
+        "Oldest journal sequence still held (not released).",
+        None,
+        j.first_available_seq(),
+    )?;
+    gauge(
+        e,
+        "ferry_journal_checkpoint_seq",
+        "Sequence of the last checkpoint (bases fsynced up to it).",
+        None,
+        src.meta.checkpoint().unwrap_or(0),
+    )?;
+
+    Ok(durable)
+}
+
+/// The apply position of the volumes (base volumes on a primary, replicas on a standby).
+fn encode_apply(e: &mut DescriptorEncoder, src: &NodeSource, durable: Seq) -> std::fmt::Result {
+    let applied: Seq = match &src.role {
+        RoleSource::Primary { group, .. } => group.applied_seq(),
+        RoleSource::Standby { standby, .. } => standby.applied_seq(),
+    };
+    gauge(
+        e,
+        "ferry_apply_applied_seq",
+        "Highest contiguous sequence applied to the volumes.",
+        None,
+        applied,
+    )?;
+    gauge(
+        e,
+        "ferry_apply_lag_records",
+        "Journal records durable but not yet applied to the volumes (durable - applied).",
+        None,
+        durable.saturating_sub(applied),
+    )?;
+
+    Ok(())
+}
+
+/// The role's own series: write path and targets on a primary, receive and apply
+/// state on a standby.
+fn encode_role(e: &mut DescriptorEncoder, src: &NodeSource) -> std::fmt::Result {
+    let j = &src.journal;
+    match &src.role {
+        RoleSource::Primary { group, replication } => {
+            gauge(
+                e,
+                "ferry_apply_failed",
+                "1 once a base write failed (the group refuses writes until restart).",
+                None,
+                group.gate.failed() as i64,
+            )?;
+            gauge(
+                e,
+                "ferry_journal_last_seq",
+                "Last sequence assigned by the journal.",
+                None,
+                j.last_seq(),
+            )?;
+            group.frontend.encode(e)?;
+            if let Some(r) = replication {
+                encode_targets(e, r)?;
+            }
+        }
+        RoleSource::Standby { standby, pit } => {
+            if let Some(p) = pit {
+                let w = p.window_numbers();
+                gauge(
+                    e,
+                    "ferry_pit_points",
+                    "Recovery points retained in the undo log.",
+                    None,
+                    w.points as u64,
+                )?;
+                gauge(
+                    e,
+                    "ferry_pit_oldest_timestamp",
+                    "Primary clock time (Unix seconds) of the oldest retained point; 0 with none.",
+                    Some(&Unit::Seconds),
+                    w.oldest_ns as f64 / 1e9,
+                )?;
+                gauge(
+                    e,
+                    "ferry_pit_window",
+                    "Time between the oldest and the newest retained point.",
+                    Some(&Unit::Seconds),
+                    w.newest_ns.saturating_sub(w.oldest_ns) as f64 / 1e9,
+                )?;
+                gauge(
+                    e,
+                    "ferry_undo_used",
+                    "Bytes of undo log on disk.",
+                    Some(&Unit::Bytes),
+                    w.used_bytes,
+                )?;
+                gauge(
+                    e,
+                    "ferry_undo_capacity",
+                    "Undo log size limit (pit.max_bytes).",
+                    Some(&Unit::Bytes),
+                    w.max_bytes,
+                )?;
+                gauge(
+                    e,
+                    "ferry_pit_views",
+                    "Point-in-time views currently open.",
+                    None,
+                    w.views as u64,
+                )?;
+            }
+            let s = &standby.state;
+            gauge(
+                e,
+                "ferry_standby_connected",
+                "1 while the primary has a session with this standby.",
+                None,
+                s.connected.lock().is_some() as i64,
+            )?;
+            gauge(
+                e,
+                "ferry_standby_primary_seq",
+                "Latest sequence the primary reported having.",
+                None,
+                s.last_primary_seq.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                e,
+                "ferry_standby_applied_primary_timestamp",
+                "Primary clock time (Unix seconds) of the newest applied write-set; 0 before the first.",
+                Some(&Unit::Seconds),
+                s.applied_ts_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn encode_targets(e: &mut DescriptorEncoder, r: &Replication) -> std::fmt::Result {
+    let targets = &r.targets;
+    let now = now_ns();
+    let lags: Vec<(u64, f64)> = targets
+        .iter()
+        .map(|t| r.index.lag_after(t.acked_seq.load(Ordering::Acquire), now))
+        .collect();
+    let lag_of = |t: &TargetState| {
+        targets
+            .iter()
+            .position(|x| std::ptr::eq(x.as_ref(), t))
+            .map_or((0, 0.0), |i| lags[i])
+    };
+    per_target(
+        e,
+        targets,
+        "ferry_replication_lag",
+        "Age of the oldest journal record the target does not hold durably (RPO); 0 when caught up.",
+        Some(&Unit::Seconds),
+        |t| lag_of(t).1,
+    )?;
+    per_target(
+        e,
+        targets,
+        "ferry_replication_lag",
+        "Record bytes the target does not hold durably yet (a lower bound when far behind).",
+        Some(&Unit::Bytes),
+        |t| lag_of(t).0,
+    )?;
+    per_target(
+        e,
+        targets,
+        "ferry_replication_acked_seq",
+        "Highest sequence the target holds durably.",
+        None,
+        |t| t.acked_seq.load(Ordering::Acquire),
+    )?;
+    per_target(
+        e,
+        targets,
+        "ferry_replication_applied_seq",
+        "Highest sequence the target has applied to its replica volumes.",
+        None,
+        |t| t.applied_seq.load(Ordering::Acquire),
+    )?;
+    per_target(
+        e,
+        targets,
+        "ferry_replication_rtt",
+        "Round-trip time of the target's connection.",
+        Some(&Unit::Seconds),
+        |t| t.rtt_us.load(Ordering::Relaxed) as f64 / 1e6,
+    )?;
+    let mut m = e.encode_descriptor(
+        "ferry_replication_target_state",
+        "1 for the shipper's current state of the target, 0 for the others.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for t in targets {
+        let cur = t.state();
+        let extra = (!TARGET_STATES.contains(&cur)).then_some(cur);
+        for s in TARGET_STATES.iter().copied().chain(extra) {
+            let labels: &[(&str, &str)] = &[("target", t.name.as_str()), ("state", s)];
+            ConstGauge::new((s == cur) as i64).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "ferry_replication_target_mode",
+        "1 for the target's effective mode (sync, async, or degraded: a sync target that missed sync_timeout_ms), 0 for the others.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for t in targets {
+        let cur = effective_mode(t);
+        for mode in TARGET_MODES {
+            let labels: &[(&str, &str)] = &[("target", t.name.as_str()), ("mode", mode)];
+            ConstGauge::new((mode == cur) as i64).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "ferry_replication_target_tracking",
+        "1 for how the journal tracks the target (streaming: it holds the journal; bitmap: its \
+         writes are marked in a dirty-region map because it fell too far behind; resyncing: \
+         its dirty regions are being copied), 0 for the others.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for t in targets {
+        let cur = t.track.mode().as_str();
+        for mode in crate::ship::target::MODES {
+            let labels: &[(&str, &str)] = &[("target", t.name.as_str()), ("mode", mode)];
+            ConstGauge::new((mode == cur) as i64).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    per_target(
+        e,
+        targets,
+        "ferry_replication_dirty",
+        "Bytes of the target's dirty regions (bitmap mode): what its next resync copies.",
+        Some(&Unit::Bytes),
+        |t| t.track.dirty_bytes.load(Ordering::Relaxed),
+    )?;
+    let mut m = e.encode_descriptor(
+        "ferry_replication_resync",
+        "Bytes shipped to the target by bitmap resyncs (data and zero ranges) since start.",
+        Some(&Unit::Bytes),
+        MetricType::Counter,
+    )?;
+    for t in targets {
+        let labels: &[(&str, &str)] = &[("target", t.name.as_str())];
+        ConstCounter::new(t.track.resync_bytes.load(Ordering::Relaxed))
+            .encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// HTTP endpoint
+
+/// A running metrics endpoint. Dropping it stops the server.
+pub struct Endpoint {
+    /// The bound address (the real port when the config said 0).
+    pub addr: SocketAddr,
+    _stop: watch::Sender<bool>,
+}
+
+/// Binds `[metrics] listen` (when configured) and serves it until the returned
+/// [`Endpoint`] is dropped. `Ok(None)` when the config has no `[metrics]` section.
+pub async fn start(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Option<Endpoint>> {
+    let Some(m) = &cfg.metrics else {
+        return Ok(None);
+    };
+    let listen = crate::config::parse_addr(&m.listen).map_err(anyhow::Error::msg)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding metrics listener {listen} ([metrics] listen)"))?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(serve(listener, metrics, stop_rx));
+    tracing::info!("serving metrics on http://{addr}/metrics (also /healthz, /readyz)");
+    Ok(Some(Endpoint {
+        addr,
+        _stop: stop_tx,
+    }))
+}
+
+/// Accepts connections until `stop` turns true or its sender is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            r = stop.changed() => {
+                if r.is_err() || *stop.borrow() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let (sock, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("metrics endpoint: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics endpoint: too many connections; closing");
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            handle(sock, &metrics).await;
+            drop(permit);
+        });
+    }
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Response {
+    fn text(status: u16, body: &str) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: format!("{body}\n"),
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+enum Head {
+    /// The request head (without the blank line).
+    Complete(Vec<u8>),
+    TooLarge,
+    /// The peer closed before sending anything.
+    Empty,
+    Truncated,
+}
+
+async fn read_head(sock: &mut TcpStream) -> std::io::Result<Head> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(if buf.is_empty() {
+                Head::Empty
+            } else {
+                Head::Truncated
+            });
+        }
+        let scan_from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = find_head_end(&buf[scan_from..]) {
+            buf.truncate(scan_from + end);
+            return Ok(Head::Complete(buf));
+        }
+        if buf.len() > MAX_REQUEST_BYTES {
+            return Ok(Head::TooLarge);
+        }
+    }
+}
+
+/// Offset of the blank line ending a request head (`\r\n\r\n`, or a bare `\n\n`).
+fn find_head_end(b: &[u8]) -> Option<usize> {
+    (0..b.len()).find(|&i| b[i..].starts_with(b"\r\n\r\n") || b[i..].starts_with(b"\n\n"))
+}
+
+/// Routes a request head. Pure, so it is unit-tested with arbitrary input.
+fn route(head: &[u8], metrics: &Metrics) -> Response {
+    let Ok(text) = std::str::from_utf8(head) else {
+        return Response::text(400, "bad request: not UTF-8");
+    };
+    let line = text.lines().next().unwrap_or("");
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Response::text(400, "bad request line");
+    };
+    let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_uppercase());
+    if !token(method) || !target.starts_with('/') || !version.starts_with("HTTP/1.") {
+        return Response::text(400, "bad request line");
+    }
+    if method != "GET" {
+        return Response::text(405, "only GET is supported");
+    }
+    let path = target.split(['?', '#']).next().unwrap_or(target);
+    match path {
+        "/metrics" => Response {
+            status: 200,
+            content_type: CONTENT_TYPE,
+            body: metrics.render(),
+        },
+        "/healthz" => Response::text(200, "ok"),
+        "/readyz" if metrics.ready() => Response::text(200, "ready"),
+        "/readyz" => Response::text(503, "not ready"),
+        _ => Response::text(404, "not found: try /metrics, /healthz or /readyz"),
+    }
+}
+
+async fn handle(mut sock: TcpStream, metrics: &Metrics) {
+    let resp = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut sock)).await {
+        Err(_) => Response::text(408, "request timeout"),
+        Ok(Err(_)) | Ok(Ok(Head::Empty)) => return,
+        Ok(Ok(Head::TooLarge)) => Response::text(431, "request head too large"),
+        Ok(Ok(Head::Truncated)) => Response::text(400, "incomplete request"),
+        Ok(Ok(Head::Complete(head))) => route(&head, metrics),
+    };
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
+        resp.status,
+        reason(resp.status),
+        resp.content_type,
+        resp.body.len()
+    );
+    if resp.status == 405 {
+        out.push_str("Allow: GET\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(&resp.body);
+    let write = async {
+        sock.write_all(out.as_bytes()).await?;
+        sock.shutdown().await?;
+        // Read what the client still sends (bounded) before closing: closing with
+        // unread input makes the kernel send a reset, which can destroy the response
+        // before the client has read it.
+        let mut sink = [0u8; 4096];
+        let mut left = 1usize << 20;
+        while left > 0 {
+            match sock.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    {
+        tracing::debug!("metrics endpoint: writing a response: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(head: &str) -> u16 {
+        let m = Metrics::new("n", Role::Primary);
+        route(head.as_bytes(), &m).status
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(status("GET /healthz HTTP/1.1\r\nHost: x"), 200);
+        assert_eq!(status("GET /readyz HTTP/1.1"), 503);
+        assert_eq!(status("GET /metrics?x=1 HTTP/1.0"), 200);
+        assert_eq!(status("GET /nope HTTP/1.1"), 404);
+        assert_eq!(status("POST /metrics HTTP/1.1"), 405);
+        assert_eq!(status("GET  /metrics HTTP/1.1"), 400);
+        assert_eq!(status("get /metrics HTTP/1.1"), 400);
+        assert_eq!(status("GET metrics HTTP/1.1"), 400);
+        assert_eq!(status("GET /metrics SPDY/3"), 400);
+        assert_eq!(status(""), 400);
+        assert_eq!(
+            route(b"\xff\xfe /x", &Metrics::new("n", Role::Standby)).status,
+            400
+        );
+    }
+
+    #[test]
+    fn head_end() {
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\n"), Some(14));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\n\n"), Some(14));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n"), None);
+    }
+
+    #[test]
+    fn render_before_recovery_is_valid() {
+        let m = Metrics::new("n", Role::Primary);
+        let text = m.render();
+        assert!(text.contains("ferry_node_ready 0"), "{text}");
+        assert!(
+            text.contains("ferry_node_role_info{node=\"n\",role=\"primary\"} 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        m.set_ready(true);
+        assert!(m.render().contains("ferry_node_ready 1"));
+    }
+
+    #[test]
+    fn target_series_read_live_state() {
+        let cfg = Config::parse(
+            r#"
+[node]
+name = "primary"
+role = "primary"
+cluster_id = "00112233445566778899aabbccddeeff"
+metadata_dir = "p"
+[journal]
+dir = "p/j"
+size = "64MiB"
+[control]
+socket = "p/s"
+[replication]
+listen = "127.0.0.1:7000"
+primary = "primary"
+[[replication.target]]
+name = "dr1"
+address = "127.0.0.1:7001"
+mode = "sync"
+[[replication.target]]
+name = "dr2"
+address = "127.0.0.1:7002"
+"#,
+        )
+        .unwrap();
+        let targets = crate::ship::target_states(&cfg, 5);
+        let r = Replication {
+            targets: targets.clone(),
+            sync: crate::ship::SyncGate::new(targets.clone(), Duration::from_secs(1)),
+            index: Arc::new(crate::ship::SeqIndex::default()),
+        };
+        let then = now_ns() - 2_000_000_000;
+        for seq in 1..=10 {
+            r.index.push(seq, 4096, then);
+        }
+        targets[1].acked_seq.store(10, Ordering::Release);
+        targets[0].degraded.store(true, Ordering::Release);
+        struct R(Replication);
+        impl std::fmt::Debug for R {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("R")
+            }
+        }
+        impl Collector for R {
+            fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+                encode_targets(&mut e, &self.0)
+            }
+        }
+        let mut reg = Registry::default();
+        reg.register_collector(Box::new(R(r)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        let has = |s: &str| assert!(out.contains(s), "missing {s}:\n{out}");
+        has("ferry_replication_lag_bytes{target=\"dr1\"} 20480\n");
+        has("ferry_replication_lag_bytes{target=\"dr2\"} 0\n");
+        has("ferry_replication_lag_seconds{target=\"dr2\"} 0.0\n");
+        has("ferry_replication_acked_seq{target=\"dr1\"} 5\n");
+        has("ferry_replication_target_state{target=\"dr1\",state=\"connecting\"} 1\n");
+        has("ferry_replication_target_state{target=\"dr1\",state=\"streaming\"} 0\n");
+        has("ferry_replication_target_mode{target=\"dr1\",mode=\"degraded\"} 1\n");
+        has("ferry_replication_target_mode{target=\"dr1\",mode=\"sync\"} 0\n");
+        has("ferry_replication_target_mode{target=\"dr2\",mode=\"async\"} 1\n");
+        has("ferry_replication_target_tracking{target=\"dr1\",mode=\"streaming\"} 1\n");
+        has("ferry_replication_target_tracking{target=\"dr1\",mode=\"bitmap\"} 0\n");
+        has("ferry_replication_dirty_bytes{target=\"dr2\"} 0\n");
+        has("ferry_replication_resync_bytes_total{target=\"dr1\"} 0\n");
+        let lag: f64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("ferry_replication_lag_seconds{target=\"dr1\"} "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1.9..60.0).contains(&lag), "{lag}");
+    }
+}

@@ -1,0 +1,121 @@
+//! The replica applier: applies received write-sets and resync batches to the
+//! replica volumes, with undo capture first when point-in-time recovery is on, and
+//! records bookmarks and starts verifies carried as labelled seals.
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use anyhow::Context;
+use ferry_journal::{EntryKind, Op, Record, Seq};
+
+use crate::pit::Pit;
+use crate::replica::transition::ResyncStatus;
+use crate::store::base::{find_base, Base};
+use crate::store::meta::{Bookmark, Meta};
+use crate::verify::{Outbox, Verifier};
+
+/// Applies write-sets to the replica, with undo capture when PIT is on.
+pub struct Applier {
+    pub bases: Vec<Arc<Base>>,
+    pub meta: Arc<Meta>,
+    pub pit: Option<Arc<Pit>>,
+    /// Online verifies armed on this standby (copy-before-write before each apply).
+    pub verify: Arc<Verifier>,
+    /// The replica's applied position (verify hashers wait on it).
+    pub applied: Arc<AtomicU64>,
+    /// Where verify answers go for the replication session.
+    pub outbox: Arc<Outbox>,
+    /// A bitmap resync transition in progress on this standby (mirrors the metadata).
+    pub resync: Arc<ResyncStatus>,
+}
+
+impl Applier {
+    /// Applies one write-set (records `first..=last`, stamped `ts` by the primary).
+    /// With PIT on, its before-images are durable first. Bookmarks (labelled seals)
+    /// are recorded once applied. During a resync transition a write-set that ends
+    /// before its `through` point is no recovery point (a resync undo entry); the
+    /// first one that reaches it ends the transition.
+    pub fn apply_write_set(&self, ts: u64, recs: &[(Seq, Record)]) -> anyhow::Result<()> {
+        let (Some(&(first, _)), Some(&(last, _))) = (recs.first(), recs.last()) else {
+            return Ok(());
+        };
+        let window = self.resync.get();
+        let kind = match window {
+            Some(w) if !w.copied || last < w.through => EntryKind::Resync,
+            _ => EntryKind::WriteSet,
+        };
+        if let Some(pit) = &self.pit {
+            pit.capture(first, last, ts, recs, kind)?;
+        }
+        self.apply_records(ts, recs)?;
+        if let Some(pit) = &self.pit {
+            pit.retain(last);
+        }
+        if let Some(w) = window.filter(|w| w.copied && last >= w.through) {
+            self.meta
+                .set_resync_state(None)
+                .context("recording the end of the resync")?;
+            self.resync.set(None);
+            tracing::info!(
+                from = w.from,
+                through = w.through,
+                applied = last,
+                "resync complete: the replica is a consistent image again"
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies one batch of a resync copy (records over ranges of the replica, all
+    /// "after" `snapshot`): before-images first (a resync undo entry), then the data.
+    pub fn apply_resync_batch(
+        &self,
+        snapshot: Seq,
+        ts: u64,
+        recs: &[(Seq, Record)],
+    ) -> anyhow::Result<()> {
+        if let Some(pit) = &self.pit {
+            pit.capture(snapshot + 1, snapshot, ts, recs, EntryKind::Resync)?;
+        }
+        self.apply_records(ts, recs)
+    }
+
+    fn apply_records(&self, ts: u64, recs: &[(Seq, Record)]) -> anyhow::Result<()> {
+        for (seq, r) in recs {
+            if r.op == Op::Seal {
+                // Labels starting with '#' are control markers (no bookmark name can).
+                if let Some(label) = std::str::from_utf8(&r.data)
+                    .ok()
+                    .filter(|l| l.starts_with(crate::verify::LABEL_PREFIX))
+                {
+                    crate::verify::start_on_standby(
+                        label,
+                        *seq,
+                        &self.bases,
+                        &self.verify,
+                        self.applied.clone(),
+                        self.outbox.clone(),
+                    );
+                    continue;
+                }
+                if !r.data.is_empty() {
+                    let b = Bookmark {
+                        name: String::from_utf8_lossy(&r.data).into_owned(),
+                        seq: *seq,
+                        timestamp_ns: ts,
+                    };
+                    self.meta
+                        .add_bookmark(&b)
+                        .with_context(|| format!("recording bookmark '{}'", b.name))?;
+                    tracing::info!(name = %b.name, seq, "bookmark received");
+                }
+                continue;
+            }
+            let base = find_base(&self.bases, r.volume, *seq)?;
+            self.verify
+                .before_write(*seq, base, r.offset, r.length as u64);
+            base.apply(r.op, r.offset, r.length, &r.data)
+                .with_context(|| format!("applying record {seq} to {}", base.path.display()))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,341 @@
+//! The standby's state ([`Standby`]): its journal (mirroring the primary's
+//! sequence), the bounded queue to the replica applier thread, positions and pause
+//! state read by status, and the handover hook. Sessions (`replica::session`)
+//! and resync copies (`replica::resync`) act on it.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ferry_journal::{now_ns, Journal, JournalError, Record, Seq};
+use ferry_transport::wire::WriteSet;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::replica::applier::Applier;
+use crate::ship::records::{journal_record, RECORD_COST};
+
+/// Bytes of records waiting for the replica applier, at most (and at most half the
+/// journal). Beyond it the journal completion path blocks: backpressure all the way
+/// to the primary's window. Until then the standby acknowledges records as durable
+/// while its replica catches up (the RPO is durability here, not apply progress).
+const APPLY_QUEUE_BYTES: usize = 256 << 20;
+
+/// A byte budget shared by the journal completion path (acquire) and the applier
+/// (release).
+struct ByteBudget {
+    used: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+    max: usize,
+    /// The applier stopped: nothing will be released, so nothing may wait.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl ByteBudget {
+    fn acquire(&self, n: usize) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        // One record larger than the budget still passes once the queue is empty.
+        while *used > 0 && *used + n > self.max && !self.closed.load(Ordering::Acquire) {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        self.freed.notify_all();
+    }
+
+    fn release(&self, n: usize) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+}
+/// Write-sets already queued are applied together up to this many bytes.
+const APPLY_GROUP_BYTES: usize = 16 << 20;
+
+/// A journaled record on its way to the applier; the last record of a write-set
+/// carries the primary's timestamp of the write-set.
+type ApplyItem = (Seq, Record, Option<u64>);
+
+/// Shared standby state, read by status.
+pub struct StandbyState {
+    pub primary: String,
+    pub listen: String,
+    pub connected: Mutex<Option<String>>,
+    pub applied_seq: Arc<AtomicU64>,
+    pub last_primary_seq: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    /// Primary timestamp of the newest applied write-set.
+    pub applied_ts_ns: AtomicU64,
+    /// Set while the node must not follow the primary (paused by an operator, or
+    /// rolled back): sessions end and new ones are refused with this reason.
+    pub paused: Mutex<Option<String>>,
+    /// Signalled when `paused` changes.
+    pub pause_tx: watch::Sender<bool>,
+    /// The applier stopped on an error (restart replays from the checkpoint).
+    pub apply_error: Mutex<Option<String>>,
+    /// When a frame last arrived from the primary (ns since the Unix epoch): a
+    /// connection that has been silent for several heartbeats is not a live primary
+    /// (a killed primary's QUIC connection lingers until its idle timeout).
+    pub last_heard_ns: AtomicU64,
+}
+
+impl StandbyState {
+    /// The address of a primary that is connected and heard from within `within`.
+    pub fn live_primary(&self, within: Duration) -> Option<String> {
+        let heard = self.last_heard_ns.load(Ordering::Relaxed);
+        let fresh = now_ns().saturating_sub(heard) < within.as_nanos() as u64;
+        self.connected.lock().clone().filter(|_| fresh)
+    }
+}
+
+/// Takes over as the primary at a sequence (planned switchover): returns the new
+/// epoch once the role change is durable, and the restart to trigger once the old
+/// primary has been told.
+pub type HandoverFn =
+    Arc<dyn Fn(Seq) -> anyhow::Result<(u64, Box<dyn FnOnce() + Send>)> + Send + Sync>;
+
+pub struct Standby {
+    pub state: Arc<StandbyState>,
+    /// Verify answers waiting for the session to carry them to the primary.
+    pub outbox: Arc<crate::verify::Outbox>,
+    /// Set by the daemon: what to do when the primary hands over.
+    pub handover: Mutex<Option<HandoverFn>>,
+    pub(crate) journal: Arc<Journal>,
+    /// The replica applier's shared parts (bases, metadata, undo, resync state).
+    pub(crate) applier: Arc<Applier>,
+    apply_tx: crossbeam_channel::Sender<ApplyItem>,
+    apply_budget: Arc<ByteBudget>,
+    pub(crate) durable_tx: watch::Sender<Seq>,
+    applied_tx: Arc<watch::Sender<Seq>>,
+    pub(crate) applied_rx: watch::Receiver<Seq>,
+}
+
+impl Standby {
+    /// Starts the replica applier. `applied` holds where recovery left the replica
+    /// (shared with the point-in-time store, which must know it).
+    pub fn new(
+        journal: Arc<Journal>,
+        applier: Arc<Applier>,
+        applied: Arc<AtomicU64>,
+        primary: &str,
+        listen: &str,
+        paused: Option<String>,
+    ) -> anyhow::Result<Standby> {
+        let start = applied.load(Ordering::Acquire);
+        let outbox = applier.outbox.clone();
+        let state = Arc::new(StandbyState {
+            primary: primary.to_string(),
+            listen: listen.to_string(),
+            connected: Mutex::new(None),
+            applied_seq: applied,
+            last_primary_seq: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            applied_ts_ns: AtomicU64::new(0),
+            paused: Mutex::new(paused),
+            pause_tx: watch::channel(false).0,
+            apply_error: Mutex::new(None),
+            last_heard_ns: AtomicU64::new(0),
+        });
+        // Unbounded in count, bounded in bytes by `apply_budget`.
+        let (apply_tx, apply_rx) = crossbeam_channel::unbounded::<ApplyItem>();
+        let apply_budget = Arc::new(ByteBudget {
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            max: APPLY_QUEUE_BYTES
+                .min((journal.capacity_bytes() / 2) as usize)
+                .max(16 << 20),
+            closed: Default::default(),
+        });
+        let applied_tx = Arc::new(watch::channel(start).0);
+        let applied_rx = applied_tx.subscribe();
+        let thread_applier = applier.clone();
+        let (durable_tx, _) = watch::channel(journal.durable_seq());
+        {
+            let state = state.clone();
+            let applier = thread_applier;
+            let applied_tx = applied_tx.clone();
+            let budget = apply_budget.clone();
+            std::thread::Builder::new()
+                .name("ferry-replica-apply".into())
+                .spawn(move || {
+                    // Records of the write-set being received; applied as one unit (one
+                    // undo entry, one recovery point) when its last record arrives.
+                    let mut ws: Vec<(Seq, Record)> = Vec::new();
+                    let mut bytes = 0usize;
+                    let mut next = apply_rx.recv().ok();
+                    while let Some((seq, rec, end)) = next.take() {
+                        // A labelled seal (bookmark, verify) must stay a point of its own.
+                        let labelled = rec.op == ferry_journal::Op::Seal && !rec.data.is_empty();
+                        bytes += rec.data.len() + RECORD_COST;
+                        ws.push((seq, rec));
+                        let Some(ts) = end else {
+                            next = apply_rx.recv().ok();
+                            continue;
+                        };
+                        // Under load, write-sets queue up: apply what is already here as
+                        // one unit (one undo entry, one fdatasync, one recovery point)
+                        // instead of one per write-set. Any journal prefix is a valid
+                        // point, so merging loses only point granularity, never safety.
+                        if !labelled && bytes < APPLY_GROUP_BYTES {
+                            if let Ok(item) = apply_rx.try_recv() {
+                                next = Some(item);
+                                continue;
+                            }
+                        }
+                        if let Err(e) = applier.apply_write_set(ts, &ws) {
+                            let msg = format!(
+                                "replica apply of write-set {}..={seq} failed: {}; apply stops here (restart replays it)",
+                                ws.first().map_or(seq, |w| w.0),
+                                crate::error_chain(&e)
+                            );
+                            tracing::error!("{msg}");
+                            *state.apply_error.lock() = Some(msg);
+                            budget.close();
+                            return;
+                        }
+                        ws.clear();
+                        budget.release(bytes);
+                        bytes = 0;
+                        state.applied_seq.store(seq, Ordering::Release);
+                        if ts != 0 {
+                            state.applied_ts_ns.store(ts, Ordering::Relaxed);
+                        }
+                        applied_tx.send_replace(seq);
+                        next = apply_rx.recv().ok();
+                    }
+                })
+                .context("spawning the replica applier")?;
+        }
+        Ok(Standby {
+            state,
+            outbox,
+            handover: Mutex::new(None),
+            journal,
+            applier,
+            apply_tx,
+            apply_budget,
+            durable_tx,
+            applied_tx,
+            applied_rx,
+        })
+    }
+
+    /// Moves the applied position (the applier is idle): a resync copy stands in for
+    /// the records up to its snapshot.
+    pub(crate) fn set_applied(&self, seq: Seq) {
+        self.state.applied_seq.store(seq, Ordering::Release);
+        self.applied_tx.send_replace(seq);
+    }
+
+    /// What to advertise as the resume position: the journal's durable position, or,
+    /// in the middle of an unfinished resync copy, the point the resync started from
+    /// (the journal holds nothing that could resume the copy).
+    pub fn resume_position(&self) -> Seq {
+        match self.applier.resync.get() {
+            Some(r) if !r.copied => r.from,
+            _ => self.journal.durable_seq(),
+        }
+    }
+
+    pub fn applied_seq(&self) -> Seq {
+        self.state.applied_seq.load(Ordering::Acquire)
+    }
+
+    /// Stops following the primary (`Some(reason)`) or resumes (`None`).
+    pub fn set_paused(&self, reason: Option<String>) {
+        *self.state.paused.lock() = reason;
+        self.state.pause_tx.send_replace(true);
+    }
+
+    pub fn paused(&self) -> Option<String> {
+        self.state.paused.lock().clone()
+    }
+
+    /// Highest sequence journaled durably on this standby.
+    pub fn durable_seq(&self) -> Seq {
+        self.journal.durable_seq()
+    }
+
+    /// Journals the records of an accepted write-set under their primary sequences.
+    pub(crate) fn journal_write_set(&self, ws: WriteSet) -> anyhow::Result<()> {
+        let ts = ws.timestamp_ns;
+        let last = ws.last_seq;
+        for r in ws.records {
+            let expected = r.seq;
+            let stamp = (expected == last).then_some(ts);
+            let rec = journal_record(r);
+            let apply_tx = self.apply_tx.clone();
+            let budget = self.apply_budget.clone();
+            let durable_tx = self.durable_tx.clone();
+            let for_apply = rec.clone();
+            let done: ferry_journal::Completion =
+                Box::new(move |res: Result<Seq, JournalError>| {
+                    if let Ok(seq) = res {
+                        // The standby journal mirrors the primary's: the record is
+                        // durable under the primary's sequence (append checks the
+                        // assignment; completions must report the same one).
+                        debug_assert_eq!(
+                            seq, expected,
+                            "standby journal completed {seq} for the primary's {expected}"
+                        );
+                        durable_tx.send_replace(seq);
+                        // Blocks only when the applier is far behind: backpressure.
+                        budget.acquire(for_apply.data.len() + RECORD_COST);
+                        let _ = apply_tx.send((seq, for_apply, stamp));
+                    }
+                });
+            let got = self.journal.append(rec, done)?;
+            if got != expected {
+                bail!(
+                    "standby journal assigned sequence {got} to the primary's record {expected}: \
+                     the standby journal does not mirror the primary's (was it re-created?); \
+                     a full resync is needed"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(max: usize) -> Arc<ByteBudget> {
+        Arc::new(ByteBudget {
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            max,
+            closed: Default::default(),
+        })
+    }
+
+    /// The completion path waits past the budget until the applier releases, and
+    /// never once the applier is gone (nothing would release).
+    #[test]
+    fn budget_blocks_past_its_bound_until_released_or_closed() {
+        let b = budget(100);
+        b.acquire(1000); // alone in the queue: passes however large
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.acquire(10))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "acquired past the budget");
+        b.release(1000);
+        waiter.join().unwrap();
+        b.acquire(90);
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.acquire(50))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished());
+        b.close();
+        waiter.join().unwrap();
+    }
+}

@@ -1,0 +1,289 @@
+//! What shippers read from the write path: [`ShipFeed`] (fed by the journal's
+//! completion path, strictly in sequence order), the in-memory [`Tail`] of recent
+//! durable records, and the [`SeqIndex`] that gives each target's lag in bytes and
+//! seconds.
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ferry_journal::{now_ns, Op, Seq};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::ship::records::RECORD_COST;
+use crate::ship::target::TargetState;
+
+/// Records tracked for lag accounting; beyond this a far-behind target's lag is
+/// reported as a lower bound.
+const SEQ_INDEX_LEN: usize = 1 << 20;
+
+/// (sequence, cumulative record bytes, primary timestamp) of recent journal records,
+/// appended in sequence order by the journal's completion path.
+#[derive(Default)]
+pub struct SeqIndex {
+    inner: Mutex<SeqIndexInner>,
+}
+
+#[derive(Default)]
+struct SeqIndexInner {
+    entries: VecDeque<(Seq, u64, u64)>,
+    cum_bytes: u64,
+}
+
+impl SeqIndex {
+    pub fn push(&self, seq: Seq, bytes: u64, ts_ns: u64) {
+        let mut g = self.inner.lock();
+        g.cum_bytes += bytes;
+        let cum = g.cum_bytes;
+        if g.entries.len() >= SEQ_INDEX_LEN {
+            g.entries.pop_front();
+        }
+        g.entries.push_back((seq, cum, ts_ns));
+    }
+
+    /// Bytes and age of everything after `acked` (0 when caught up).
+    pub fn lag_after(&self, acked: Seq, now_ns: u64) -> (u64, f64) {
+        let g = self.inner.lock();
+        let Some(&(last_seq, last_cum, _)) = g.entries.back() else {
+            return (0, 0.0);
+        };
+        if acked >= last_seq {
+            return (0, 0.0);
+        }
+        let Some(&(front_seq, front_cum, front_ts)) = g.entries.front() else {
+            return (0, 0.0);
+        };
+        // Index of the first record after `acked`.
+        let (base_cum, first_ts) = if acked < front_seq {
+            (front_cum, front_ts) // lower bound: the target is further behind than tracked
+        } else {
+            let i = (acked - front_seq) as usize;
+            let at = g.entries.get(i).map_or(front_cum, |e| e.1);
+            let ts = g.entries.get(i + 1).map_or(front_ts, |e| e.2);
+            (at, ts)
+        };
+        let age = now_ns.saturating_sub(first_ts) as f64 / 1e9;
+        (last_cum.saturating_sub(base_cum), age)
+    }
+}
+
+/// Recent durable records kept in memory (bounded by bytes), so a shipper that is
+/// current sends from memory and reads journal segments only when it is behind.
+pub struct Tail {
+    inner: Mutex<TailInner>,
+    /// 0 until replication is enabled: a primary without targets keeps nothing.
+    cap_bytes: std::sync::atomic::AtomicUsize,
+}
+
+struct TailInner {
+    entries: VecDeque<(Seq, ferry_journal::Record, u64)>,
+    bytes: usize,
+}
+
+/// What the tail can say about a position.
+pub enum TailRead {
+    /// Records from the asked position on (possibly empty: caught up).
+    Records(Vec<(Seq, ferry_journal::Record, u64)>),
+    /// The position was evicted: read the journal.
+    Evicted,
+}
+
+impl Default for Tail {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tail {
+    pub fn new() -> Tail {
+        Tail {
+            inner: Mutex::new(TailInner {
+                entries: VecDeque::new(),
+                bytes: 0,
+            }),
+            cap_bytes: Default::default(),
+        }
+    }
+
+    /// Starts keeping up to `cap_bytes` of recent records.
+    pub fn enable(&self, cap_bytes: usize) {
+        self.cap_bytes.store(cap_bytes, Ordering::Release);
+    }
+
+    /// Called in sequence order with every durable record.
+    pub fn push(&self, seq: Seq, rec: ferry_journal::Record, ts_ns: u64) {
+        let cap = self.cap_bytes.load(Ordering::Acquire);
+        if cap == 0 {
+            return;
+        }
+        let mut g = self.inner.lock();
+        g.bytes += rec.data.len() + RECORD_COST;
+        g.entries.push_back((seq, rec, ts_ns));
+        while g.bytes > cap {
+            match g.entries.pop_front() {
+                Some((_, r, _)) => g.bytes -= r.data.len() + RECORD_COST,
+                None => break,
+            }
+        }
+    }
+
+    /// Records from `from` on, up to about `max_bytes`.
+    pub fn read(&self, from: Seq, max_bytes: usize) -> TailRead {
+        let g = self.inner.lock();
+        let (Some(front), Some(back)) = (g.entries.front(), g.entries.back()) else {
+            // Nothing kept (yet): anything not durable yet will arrive here; anything
+            // older must come from the journal.
+            return TailRead::Evicted;
+        };
+        let (front, back) = (front.0, back.0);
+        if from > back {
+            return TailRead::Records(Vec::new());
+        }
+        if from < front {
+            return TailRead::Evicted;
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for e in g.entries.range((from - front) as usize..) {
+            bytes += e.1.data.len() + 32;
+            out.push(e.clone());
+            if bytes >= max_bytes || e.1.op == Op::Seal {
+                break;
+            }
+        }
+        TailRead::Records(out)
+    }
+}
+
+/// What shippers read from the write path, fed by the journal's completions in
+/// sequence order: lag accounting, the in-memory tail and the durable position.
+/// Disabled — no work, no memory — on a primary without replication targets.
+pub struct ShipFeed {
+    pub index: Arc<SeqIndex>,
+    pub tail: Arc<Tail>,
+    durable_tx: watch::Sender<Seq>,
+    enabled: AtomicBool,
+    /// The last sequence fed (0: none yet), to check that the feed is contiguous.
+    last_fed: AtomicU64,
+    /// Targets whose overflow tracking marks every durable record while they are in
+    /// bitmap mode (`ship::catchup`).
+    tracked: parking_lot::RwLock<Vec<Arc<TargetState>>>,
+}
+
+impl ShipFeed {
+    pub fn new(durable: Seq) -> ShipFeed {
+        ShipFeed {
+            index: Arc::new(SeqIndex::default()),
+            tail: Arc::new(Tail::new()),
+            durable_tx: watch::channel(durable).0,
+            enabled: AtomicBool::new(false),
+            last_fed: AtomicU64::new(0),
+            tracked: Default::default(),
+        }
+    }
+
+    /// Registers the targets whose dirty maps mark durable records.
+    pub fn track(&self, targets: Vec<Arc<TargetState>>) {
+        *self.tracked.write() = targets;
+    }
+
+    /// Starts feeding, keeping up to `tail_bytes` of recent records in memory.
+    pub fn enable(&self, tail_bytes: usize) {
+        self.tail.enable(tail_bytes);
+        self.enabled.store(true, Ordering::Release);
+    }
+
+    /// Called with every durable record, in sequence order.
+    pub fn journaled(&self, seq: Seq, rec: impl FnOnce() -> ferry_journal::Record) {
+        if !self.enabled.load(Ordering::Acquire) {
+            return;
+        }
+        // Shippers, the tail and the dirty maps assume no hole: a record skipped here
+        // would never be shipped from memory nor marked.
+        let last = self.last_fed.swap(seq, Ordering::Relaxed);
+        debug_assert!(
+            last == 0 || seq == last + 1,
+            "ShipFeed fed out of order: {seq} after {last}"
+        );
+        let rec = rec();
+        for t in self.tracked.read().iter() {
+            t.track.on_durable(seq, &rec);
+        }
+        let ts = now_ns();
+        // Lag is counted in bytes to ship: a trim's range is not shipped as data.
+        self.index.push(seq, rec.data.len() as u64, ts);
+        self.tail.push(seq, rec, ts);
+        self.durable_tx.send_replace(seq);
+    }
+
+    /// Durable-position updates for a shipper's journal reader.
+    pub fn durable(&self) -> watch::Receiver<Seq> {
+        self.durable_tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use ferry_journal::Record;
+
+    fn rec(len: usize, op: Op) -> Record {
+        Record {
+            volume: 0,
+            op,
+            offset: 0,
+            length: len as u32,
+            data: Bytes::from(vec![1u8; len]),
+        }
+    }
+
+    #[test]
+    fn tail_serves_from_memory_and_reports_eviction() {
+        let t = Tail::new();
+        t.push(1, rec(10, Op::Write), 1);
+        assert!(
+            matches!(t.read(1, 1 << 20), TailRead::Evicted),
+            "a disabled tail keeps nothing"
+        );
+        t.enable(1000);
+        for s in 1..=20 {
+            t.push(
+                s,
+                rec(100, if s % 5 == 0 { Op::Seal } else { Op::Write }),
+                s,
+            );
+        }
+        // 164 bytes accounted per record: about 6 fit in 1000.
+        assert!(matches!(t.read(1, 1 << 20), TailRead::Evicted));
+        match t.read(16, 1 << 20) {
+            TailRead::Records(r) => {
+                // Stops at the seal (seq 20).
+                assert_eq!(
+                    r.iter().map(|e| e.0).collect::<Vec<_>>(),
+                    vec![16, 17, 18, 19, 20]
+                );
+            }
+            TailRead::Evicted => panic!("seq 16 is in memory"),
+        }
+        assert!(matches!(t.read(21, 1 << 20), TailRead::Records(r) if r.is_empty()));
+    }
+
+    #[test]
+    fn seq_index_gives_lag_in_bytes_and_seconds() {
+        let i = SeqIndex::default();
+        assert_eq!(i.lag_after(0, 100), (0, 0.0));
+        for s in 1..=10u64 {
+            i.push(s, 4096, s * 1_000_000_000);
+        }
+        assert_eq!(i.lag_after(10, 20_000_000_000), (0, 0.0));
+        let (bytes, secs) = i.lag_after(7, 20_000_000_000);
+        assert_eq!(bytes, 3 * 4096);
+        assert!(
+            (secs - 12.0).abs() < 1e-9,
+            "oldest unacked is seq 8 at t=8 s: {secs}"
+        );
+        let (bytes, _) = i.lag_after(0, 20_000_000_000);
+        assert_eq!(bytes, 9 * 4096, "lower bound when behind the index front");
+    }
+}

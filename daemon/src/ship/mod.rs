@@ -1,0 +1,178 @@
+//! Primary side of replication: one shipper per target.
+//!
+//! Each shipper owns a QUIC connection to its standby (the primary dials; see
+//! transport/PROTOCOL.md). Per session:
+//! * a **reader thread** tails the journal from the standby's resume position with a
+//!   `JournalReader`, cuts the records into write-sets (at every seal, or at
+//!   [`MAX_WRITE_SET_BYTES`]), and hands them over a bounded channel (backpressure: the
+//!   reader stops while the network is behind, memory stays bounded);
+//! * the **session task** feeds them through the sans-IO `session::Sender` (in-flight
+//!   window), sends them on the data stream, and applies the standby's acks.
+//!
+//! After any error the session is dropped and rebuilt from the standby's durable
+//! position (reconnect with backoff): nothing is resent from memory that the standby
+//! does not ask for, and nothing is skipped.
+//!
+//! [`SeqIndex`] records (sequence, cumulative bytes, primary timestamp) for recent
+//! journal records so each target's lag can be given in bytes and seconds; the
+//! [`SyncGate`] makes client writes wait for sync targets.
+pub mod catchup;
+pub mod dirty;
+pub mod feed;
+pub mod reader;
+pub mod records;
+pub mod session;
+pub mod target;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use ferry_journal::{now_ns, Seq};
+use ferry_transport::quic::TlsMaterial;
+use ferry_transport::session::LocalIdentity;
+use ferry_transport::wire::{self, VolumeGeometry};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::config::{Config, ReplicationMode};
+use crate::store::base::Base;
+
+pub use self::feed::{SeqIndex, ShipFeed, Tail};
+pub use self::records::journal_record;
+pub use self::session::{OutdatedHook, ShipContext};
+pub use self::target::{SyncGate, TargetState};
+
+/// Replication on a primary: target states, the sync gate, the shippers.
+pub struct Replication {
+    pub targets: Vec<Arc<TargetState>>,
+    pub sync: Arc<SyncGate>,
+    pub index: Arc<SeqIndex>,
+}
+
+impl Replication {
+    /// The journal may release only what every target holds durably (or, for a
+    /// target in bitmap mode, what its dirty map covers durably).
+    pub fn release_floor(&self) -> Seq {
+        self.targets
+            .iter()
+            .map(|t| t.track.floor(t.acked_seq.load(Ordering::Acquire)))
+            .min()
+            .unwrap_or(Seq::MAX)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let now = now_ns();
+        let targets: Vec<_> = self
+            .targets
+            .iter()
+            .map(|t| {
+                let acked = t.acked_seq.load(Ordering::Acquire);
+                let (lag_bytes, lag_seconds) = self.index.lag_after(acked, now);
+                let degraded = t.degraded.load(Ordering::Acquire);
+                let mut v = json!({
+                    "name": t.name,
+                    "address": t.address,
+                    "mode": t.mode.to_string(),
+                    "effective_mode": if degraded { "async (degraded)" } else if t.mode == ReplicationMode::Sync { "sync" } else { "async" },
+                    "state": t.state(),
+                    "acked_seq": acked,
+                    "applied_seq": t.applied_seq.load(Ordering::Acquire),
+                    "lag_bytes": lag_bytes,
+                    "lag_seconds": lag_seconds,
+                    "rtt_us": t.rtt_us.load(Ordering::Relaxed),
+                    "last_error": t.last_error.lock().clone(),
+                });
+                if let (Some(v), serde_json::Value::Object(o)) = (v.as_object_mut(), t.track.status()) {
+                    v.extend(o);
+                }
+                v
+            })
+            .collect();
+        serde_json::Value::Array(targets)
+    }
+}
+
+pub fn geometry(bases: &[Arc<Base>]) -> Vec<VolumeGeometry> {
+    bases
+        .iter()
+        .map(|b| VolumeGeometry {
+            id: b.id,
+            name: b.name.clone(),
+            size_bytes: b.size,
+            block_size: 4096,
+        })
+        .collect()
+}
+
+pub fn load_tls(cfg: &Config) -> anyhow::Result<TlsMaterial> {
+    let tls = cfg
+        .tls
+        .as_ref()
+        .ok_or_else(|| anyhow!("replication needs a [tls] section"))?;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let node = ferry_transport::pki::NodeIdentity {
+        name: cfg.node.name.clone(),
+        cert_pem: read(&tls.cert)?,
+        key_pem: read(&tls.key)?,
+    };
+    TlsMaterial::from_pem(&read(&tls.ca)?, &node)
+        .with_context(|| format!("loading TLS material of node '{}'", cfg.node.name))
+}
+
+/// Starts one shipper task per target; each stops when `shutdown` turns true.
+pub fn start(
+    ctx: Arc<ShipContext>,
+    targets: &[Arc<TargetState>],
+    shutdown: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    targets
+        .iter()
+        .map(|t| {
+            let ctx = ctx.clone();
+            let t = t.clone();
+            let mut stop = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = session::run_target(ctx, t.clone()) => {}
+                    _ = stop.wait_for(|s| *s) => t.set_state("stopped"),
+                }
+            })
+        })
+        .collect()
+}
+
+pub fn target_states(cfg: &Config, start_acked: Seq) -> Vec<Arc<TargetState>> {
+    cfg.replication
+        .as_ref()
+        .map(|r| {
+            r.targets
+                .iter()
+                .map(|t| Arc::new(TargetState::new(t, start_acked)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn local_identity(
+    cfg: &Config,
+    node_id: [u8; 16],
+    epoch: u64,
+    role: wire::Role,
+    bases: &[Arc<Base>],
+    expected_peer: &str,
+) -> LocalIdentity {
+    let (min_version, max_version) = LocalIdentity::supported_versions();
+    LocalIdentity {
+        cluster_id: cfg.cluster_id(),
+        node_id,
+        node_name: cfg.node.name.clone(),
+        role,
+        epoch,
+        min_version,
+        max_version,
+        volumes: geometry(bases),
+        expected_peer_name: expected_peer.to_string(),
+    }
+}

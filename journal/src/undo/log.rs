@@ -1,0 +1,497 @@
+//! The undo log itself ([`UndoLog`]): opening (recovery does the scan), appending
+//! entries durably (O_DIRECT into 4 KiB-aligned segments, rolling to a new segment
+//! at `segment_size`), the point index, reads of indexed entries, and retention:
+//! truncation after a rollback and release of whole old segments, each in a
+//! crash-safe order. Single owner, synchronous: the standby's applier thread owns it.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::engine::AlignedBuf;
+use crate::undo::entry::{UndoEntry, UndoPoint, UndoPosition};
+use crate::undo::error::UndoError;
+use crate::undo::format::{
+    encode_undo_entry, encode_undo_segment_header, first_entry_offset, pad_to, UndoSegmentHeader,
+    UNDO_ALIGN, UNDO_MIN_SEGMENT_SIZE,
+};
+use crate::undo::index::PointIndex;
+use crate::undo::read;
+use crate::undo::recovery::{self, UndoRecovery};
+use crate::undo::segment::{self, open_direct, sync_dir, undo_segment_file_name, Segment};
+
+/// The standby's undo log. See the module docs and FORMAT.md "Undo log".
+#[derive(Debug)]
+pub struct UndoLog {
+    dir: PathBuf,
+    cluster_id: [u8; 16],
+    segment_size: u64,
+    segments: Vec<Segment>,
+    /// One point per entry, oldest first.
+    index: PointIndex,
+    /// `first_seq` the next entry must have (contiguity), if known.
+    next_seq: Option<u64>,
+    next_segment_no: u64,
+    poisoned: bool,
+    /// Aligned staging buffer for O_DIRECT appends (grown as needed, reused).
+    staging: Option<AlignedBuf>,
+    /// Exclusive flock on `dir/LOCK` for the log's lifetime: two owners would corrupt it.
+    _lock: fs::File,
+}
+
+impl UndoLog {
+    /// Opens (creating the directory if needed) and recovers the undo log: deletes
+    /// leftover `.undo.tmp` files, validates every segment header and entry header,
+    /// truncates a torn last entry of the last segment (never more) and refuses
+    /// anything else with [`UndoError::Corruption`] naming file and offset.
+    pub fn open(
+        dir: &Path,
+        cluster_id: [u8; 16],
+        segment_size: u64,
+    ) -> Result<(UndoLog, UndoRecovery), UndoError> {
+        if segment_size < UNDO_MIN_SEGMENT_SIZE {
+            return Err(UndoError::InvalidOptions(format!(
+                "segment_size {segment_size} below {UNDO_MIN_SEGMENT_SIZE}"
+            )));
+        }
+        fs::create_dir_all(dir)
+            .map_err(|e| UndoError::io(format!("create {}", dir.display()), e))?;
+        let lock = crate::segment::lock_dir(dir)
+            .map_err(|e| UndoError::InvalidOptions(format!("undo log {}: {e}", dir.display())))?;
+        let r = recovery::recover(dir, cluster_id)?;
+        let log = UndoLog {
+            dir: dir.to_path_buf(),
+            cluster_id,
+            segment_size,
+            segments: r.segments,
+            next_seq: r.points.last().map(|p| p.seq + 1),
+            index: PointIndex::from_points(r.points),
+            next_segment_no: r.next_segment_no,
+            poisoned: false,
+            staging: None,
+            _lock: lock,
+        };
+        Ok((log, r.report))
+    }
+
+    fn check(&self) -> Result<(), UndoError> {
+        if self.poisoned {
+            Err(UndoError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Appends one write-set's before-images; durable (fdatasync, plus directory
+    /// fsync when a new segment is created) before it returns. `first_seq` must be
+    /// the previous entry's `last_seq + 1` (any value on an empty log).
+    pub fn append(&mut self, e: &UndoEntry) -> Result<UndoPosition, UndoError> {
+        self.check()?;
+        if let Some(n) = self.next_seq.filter(|&n| n != e.first_seq) {
+            return Err(UndoError::InvalidEntry(format!(
+                "first_seq {} but the next write-set must start at {n}",
+                e.first_seq
+            )));
+        }
+        let roll = match self.segments.last() {
+            None => true,
+            // Packed segments (earlier versions) are read, never appended to.
+            Some(s) if !s.aligned => true,
+            Some(s) => {
+                let size = pad_to(e.encoded_len(), true);
+                s.entries > 0 && s.len.saturating_add(size) > self.segment_size
+            }
+        };
+        let pos = if roll {
+            let no = self.next_segment_no;
+            let bytes = encode_undo_entry(e, no)?;
+            self.create_segment(no, e.first_seq, &bytes)?
+        } else {
+            let no = self
+                .segments
+                .last()
+                .expect("not rolling: a segment exists")
+                .no;
+            let bytes = encode_undo_entry(e, no)?;
+            match self.append_aligned(&bytes) {
+                Ok(pos) => pos,
+                Err(err) => {
+                    self.poisoned = true;
+                    return Err(err);
+                }
+            }
+        };
+        self.index.push(UndoPoint {
+            seq: e.last_seq,
+            first_seq: e.first_seq,
+            timestamp_ns: e.timestamp_ns,
+            position: pos,
+            kind: e.kind,
+        });
+        self.next_seq = Some(e.last_seq + 1);
+        Ok(pos)
+    }
+
+    /// Writes one encoded entry, zero-padded to [`UNDO_ALIGN`], at the end of the
+    /// last (aligned) segment through its O_DIRECT descriptor, then `fdatasync`s it.
+    fn append_aligned(&mut self, bytes: &[u8]) -> Result<UndoPosition, UndoError> {
+        let padded = pad_to(bytes.len() as u64, true) as usize;
+        let buf = match &mut self.staging {
+            Some(b) if b.len() >= padded => b,
+            slot => slot.insert(AlignedBuf::new_zeroed(padded)),
+        };
+        let out = &mut buf.as_mut_slice()[..padded];
+        out[..bytes.len()].copy_from_slice(bytes);
+        // The padding is part of the format (zeros), not leftovers of an older entry.
+        out[bytes.len()..].fill(0);
+        let s = self.segments.last_mut().expect("caller checked");
+        if s.direct.is_none() {
+            s.direct = Some(open_direct(&s.path)?);
+        }
+        let f = s.direct.as_ref().expect("opened above");
+        let off = s.len;
+        f.write_all_at(out, off)
+            .and_then(|()| f.sync_data())
+            .map_err(|err| {
+                UndoError::io(
+                    format!(
+                        "append {} bytes ({padded} with padding) to {} at {off}",
+                        bytes.len(),
+                        s.path.display()
+                    ),
+                    err,
+                )
+            })?;
+        s.len += padded as u64;
+        s.entries += 1;
+        Ok(UndoPosition {
+            segment_no: s.no,
+            offset: off,
+            len: bytes.len() as u64,
+        })
+    }
+
+    /// New segment `no` holding its header and first entry, created durably (see
+    /// [`segment::create_durably`]).
+    fn create_segment(
+        &mut self,
+        no: u64,
+        first_seq: u64,
+        entry: &[u8],
+    ) -> Result<UndoPosition, UndoError> {
+        let hdr = encode_undo_segment_header(&UndoSegmentHeader {
+            segment_no: no,
+            cluster_id: self.cluster_id,
+            first_seq,
+            aligned: true,
+        });
+        // Header block and first entry, each zero-padded to UNDO_ALIGN. Creation is
+        // rare (once per segment_size), so this one goes through the page cache.
+        let mut image = vec![0u8; UNDO_ALIGN as usize + pad_to(entry.len() as u64, true) as usize];
+        image[..hdr.len()].copy_from_slice(&hdr);
+        image[UNDO_ALIGN as usize..UNDO_ALIGN as usize + entry.len()].copy_from_slice(entry);
+        let res = segment::create_durably(&self.dir, no, &image);
+        let file = match res {
+            Ok(f) => f,
+            Err(e) => {
+                self.poisoned = true;
+                return Err(e);
+            }
+        };
+        self.next_segment_no = no + 1;
+        self.segments.push(Segment {
+            no,
+            path: self.segment_path(no),
+            file,
+            direct: None,
+            aligned: true,
+            len: image.len() as u64,
+            first_point: self.index.points().len(),
+            entries: 1,
+        });
+        Ok(UndoPosition {
+            segment_no: no,
+            offset: UNDO_ALIGN,
+            len: entry.len() as u64,
+        })
+    }
+
+    /// Every indexed entry, oldest first (resync entries included: their `seq` is
+    /// not a recovery point, see [`UndoPoint::kind`] and
+    /// [`recovery_points`](Self::recovery_points)).
+    pub fn points(&self) -> &[UndoPoint] {
+        self.index.points()
+    }
+
+    /// The entries whose end is a recovery point (not resync entries), oldest first.
+    pub fn recovery_points(&self) -> impl DoubleEndedIterator<Item = &UndoPoint> + '_ {
+        self.index.recovery_points()
+    }
+
+    /// Newest recovery point with `seq <= seq`.
+    pub fn find_by_seq(&self, seq: u64) -> Option<UndoPoint> {
+        self.index.find_by_seq(seq)
+    }
+
+    /// Newest recovery point at or before `ts_ns`: the last point of the longest
+    /// prefix of write-sets all stamped `<= ts_ns` (so a primary clock stepping back
+    /// never makes a view include a write-set stamped after `ts_ns`).
+    pub fn find_by_time(&self, ts_ns: u64) -> Option<UndoPoint> {
+        self.index.find_by_time(ts_ns)
+    }
+
+    fn segment(&self, no: u64) -> Option<&Segment> {
+        let first = self.segments.first()?.no;
+        let s = self.segments.get(no.checked_sub(first)? as usize)?;
+        (s.no == no).then_some(s)
+    }
+
+    /// Reads and verifies one entry.
+    pub fn read_entry(&self, pos: &UndoPosition) -> Result<UndoEntry, UndoError> {
+        self.check()?;
+        // Only positions of indexed entries (a stale position after a truncate or
+        // release is refused, not misread).
+        let known = self.index.contains(pos);
+        let s = self
+            .segment(pos.segment_no)
+            .filter(|_| known)
+            .ok_or(UndoError::UnknownPosition(*pos))?;
+        read::read_entry(s, pos)
+    }
+
+    /// The time-index points after boundary `seq`, oldest first (their entries hold
+    /// what the write-sets after `seq` overwrote), or why `seq` is not reachable.
+    pub fn points_after(&self, seq: u64) -> Result<&[UndoPoint], UndoError> {
+        self.check()?;
+        let i = self.index.target_index(seq)?;
+        Ok(&self.index.points()[i..])
+    }
+
+    /// Entries of the write-sets after boundary `seq`, newest first: applying their
+    /// extents in this order restores the replica as it was right after `seq`.
+    /// If `seq` is not a reachable boundary the iterator yields one
+    /// [`UndoError::InvalidTarget`].
+    pub fn entries_after(
+        &self,
+        seq: u64,
+    ) -> impl Iterator<Item = Result<UndoEntry, UndoError>> + '_ {
+        let (start, err) = match self.index.target_index(seq) {
+            Ok(i) => (i, None),
+            Err(e) => (self.index.points().len(), Some(e)),
+        };
+        err.into_iter().map(Err).chain(
+            self.index.points()[start..]
+                .iter()
+                .rev()
+                .map(move |p| self.read_entry(&p.position)),
+        )
+    }
+
+    /// Drops every entry after boundary `seq` (after a rollback to `seq`).
+    ///
+    /// Crash-safe order: whole segments after the cut are deleted newest first (a
+    /// directory fsync after each), then the cut segment is truncated (`set_len` +
+    /// fsync) or, if the cut is at its first entry, deleted (+ directory fsync). A crash leaves a prefix of the
+    /// log ending at some boundary `>= seq`: the caller (which persisted its rollback
+    /// target first) simply calls `truncate_after(seq)` again.
+    pub fn truncate_after(&mut self, seq: u64) -> Result<(), UndoError> {
+        self.check()?;
+        let i = self.index.target_index(seq)?;
+        if i == self.index.points().len() {
+            return Ok(());
+        }
+        let cut = self.index.points()[i].position;
+        let res = (|| -> Result<(), UndoError> {
+            while let Some(s) = self.segments.last() {
+                let whole = s.no > cut.segment_no
+                    || (s.no == cut.segment_no && cut.offset == first_entry_offset(s.aligned));
+                if whole {
+                    fs::remove_file(&s.path)
+                        .map_err(|e| UndoError::io(format!("remove {}", s.path.display()), e))?;
+                    self.segments.pop();
+                    // Each deletion durable before the next (older) one: a crash
+                    // never leaves a gap.
+                    sync_dir(&self.dir)?;
+                } else {
+                    if s.no == cut.segment_no {
+                        s.file
+                            .set_len(cut.offset)
+                            .and_then(|()| s.file.sync_all())
+                            .map_err(|e| {
+                                UndoError::io(
+                                    format!("truncate {} to {}", s.path.display(), cut.offset),
+                                    e,
+                                )
+                            })?;
+                        // Its O_DIRECT descriptor, if open, stays valid (same inode)
+                        // and appends at the new `len`.
+                        let s = self.segments.last_mut().expect("exists");
+                        s.len = cut.offset;
+                        s.entries = i - s.first_point;
+                    }
+                    break;
+                }
+            }
+            sync_dir(&self.dir)
+        })();
+        if let Err(e) = res {
+            self.poisoned = true;
+            return Err(e);
+        }
+        self.index.truncate(i);
+        self.next_seq = Some(seq + 1);
+        Ok(())
+    }
+
+    /// Retention: deletes whole oldest segments whose entries all end at or before
+    /// `seq` (never the newest segment). Oldest first, a directory fsync after each,
+    /// so a crash leaves a consecutive suffix of segments. Returns the bytes freed.
+    /// Afterwards the oldest reachable boundary is the first kept entry's
+    /// `first_seq - 1`.
+    pub fn release_before(&mut self, seq: u64) -> Result<u64, UndoError> {
+        self.check()?;
+        // Segments that may go: all entries at or before `seq`, and never leaving a
+        // log whose oldest entry continues a resync (the boundary before the oldest
+        // entry must be a consistent state): a transition goes as a whole.
+        let mut cut = 0usize;
+        let mut k = 0usize;
+        while self.segments.len() > k + 1 {
+            let last = &self.index.points()[self.segments[k + 1].first_point - 1];
+            if last.seq > seq {
+                break;
+            }
+            k += 1;
+            if last.is_point() {
+                cut = k;
+            }
+        }
+        let mut freed = 0u64;
+        let mut dropped = 0usize;
+        let mut res = Ok(());
+        while dropped < cut {
+            let s = &self.segments[dropped];
+            if let Err(e) = fs::remove_file(&s.path) {
+                res = Err(UndoError::io(format!("remove {}", s.path.display()), e));
+                break;
+            }
+            // Each deletion durable before the next (newer) one: a crash never
+            // leaves a gap.
+            if let Err(e) = sync_dir(&self.dir) {
+                res = Err(e);
+                dropped += 1;
+                freed += s.len;
+                break;
+            }
+            freed += s.len;
+            dropped += 1;
+        }
+        if dropped > 0 {
+            let n = self.segments[dropped].first_point;
+            self.segments.drain(..dropped);
+            for s in &mut self.segments {
+                s.first_point -= n;
+            }
+            self.index.drain_front(n);
+        }
+        res.map(|()| freed)
+    }
+
+    /// Drops every entry (the history has a gap the log cannot bridge, e.g. the
+    /// replica was changed without undo). Oldest segment first with a directory fsync
+    /// after each, so a crash leaves a consecutive suffix. Returns the bytes freed.
+    /// The next `append` may start at any sequence.
+    pub fn release_all(&mut self) -> Result<u64, UndoError> {
+        self.check()?;
+        let mut freed = 0;
+        while !self.segments.is_empty() {
+            let s = &self.segments[0];
+            let res = fs::remove_file(&s.path)
+                .map_err(|e| UndoError::io(format!("remove {}", s.path.display()), e))
+                .and_then(|()| sync_dir(&self.dir));
+            if let Err(e) = res {
+                self.poisoned = true;
+                return Err(e);
+            }
+            freed += s.len;
+            self.segments.remove(0);
+        }
+        self.index.clear();
+        self.next_seq = None;
+        Ok(freed)
+    }
+
+    /// Bytes of all segment files.
+    pub fn used_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Path of segment `no` in this log's directory.
+    pub fn segment_path(&self, no: u64) -> PathBuf {
+        self.dir.join(undo_segment_file_name(no))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::undo::entry::{EntryKind, UndoExtent};
+
+    fn write_set(first: u64, ts: u64) -> UndoEntry {
+        UndoEntry {
+            first_seq: first,
+            last_seq: first,
+            timestamp_ns: ts,
+            extents: vec![UndoExtent::data(
+                0,
+                first * 512,
+                Bytes::from(vec![1u8; 512]),
+            )],
+            kind: EntryKind::WriteSet,
+        }
+    }
+
+    #[test]
+    fn tiny_segment_size_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = UndoLog::open(dir.path(), [0; 16], UNDO_MIN_SEGMENT_SIZE - 1).unwrap_err();
+        assert!(matches!(err, UndoError::InvalidOptions(_)), "{err}");
+    }
+
+    #[test]
+    fn reopen_rebuilds_the_same_time_index() {
+        let dir = tempfile::tempdir().unwrap();
+        // A clock that steps back, and segments of three 4 KiB entries after the
+        // header block (so the index spans a segment roll).
+        let stamps = [100, 400, 200, 300, 500];
+        let (mut log, _) = UndoLog::open(dir.path(), [0; 16], 4 * UNDO_ALIGN).unwrap();
+        for (i, &ts) in stamps.iter().enumerate() {
+            log.append(&write_set(i as u64 + 1, ts)).unwrap();
+        }
+        let probe = |log: &UndoLog| -> Vec<Option<u64>> {
+            (0..=6)
+                .map(|k| log.find_by_time(k * 100).map(|p| p.seq))
+                .collect()
+        };
+        let before = probe(&log);
+        assert_eq!(
+            before,
+            vec![None, Some(1), Some(1), Some(1), Some(4), Some(5), Some(5)]
+        );
+        let segments = log.segment_count();
+        assert_eq!(segments, 2);
+        drop(log);
+        let (mut log, rec) = UndoLog::open(dir.path(), [0; 16], 4 * UNDO_ALIGN).unwrap();
+        assert_eq!((rec.segments, rec.entries), (segments, stamps.len()));
+        assert_eq!(probe(&log), before);
+        // Appends continue the sequence after reopen.
+        assert!(log.append(&write_set(9, 600)).is_err());
+        log.append(&write_set(6, 600)).unwrap();
+    }
+}
