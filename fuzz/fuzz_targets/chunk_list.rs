@@ -1,11 +1,11 @@
-//! Chunk-list decoding (ferryd `chunks`: the digests exchanged by initial sync and
+//! Chunk-list decoding (ferryd `verify::chunks`: the digests exchanged by initial sync and
 //! online verify). Raw bytes, or bytes whose CRC was fixed up (first byte odd) so the
 //! field checks behind it are reached. What decodes must re-encode to the same bytes,
 //! every chunk range must lie inside the list's range, and a list diffed against
 //! itself needs nothing shipped.
 #![no_main]
 
-use ferryd::chunks::{self, ChunkList};
+use ferryd::verify::chunks::{self, ChunkList};
 use libfuzzer_sys::fuzz_target;
 
 /// Header length and CRC position of an encoded list (see `ChunkList::encode`).

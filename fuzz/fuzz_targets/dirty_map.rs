@@ -1,4 +1,4 @@
-//! The persisted dirty-region bitmap (ferryd `dirty::DirtyMap`): the input is
+//! The persisted dirty-region bitmap (ferryd `ship::dirty::DirtyMap`): the input is
 //! written as a map file (with its header and bitmap CRCs fixed up when the first
 //! byte is odd, so the field checks behind them are reached) and opened. Open must
 //! refuse or return a map whose counts agree with its bits; a map that opens
@@ -6,7 +6,7 @@
 #![no_main]
 
 use ferry_fuzz::Scratch;
-use ferryd::dirty::{DirtyMap, HEADER_LEN};
+use ferryd::ship::dirty::{DirtyMap, HEADER_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

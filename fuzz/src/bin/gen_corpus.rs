@@ -311,8 +311,8 @@ fn config_seeds(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
 /// A real dirty-region map file and real chunk lists (mode byte 0: no fix-up).
 #[cfg(feature = "daemon")]
 fn daemon_seeds(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    use ferryd::chunks::{hash_chunks, ChunkHash, HashParams};
-    use ferryd::dirty::DirtyMap;
+    use ferryd::ship::dirty::DirtyMap;
+    use ferryd::verify::chunks::{hash_chunks, ChunkHash, HashParams};
     let dir = ferry_fuzz::Scratch::new("gen");
     fs::create_dir_all(&dir.0)?;
     let path = dir.0.join("map");
