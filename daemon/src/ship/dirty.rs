@@ -399,8 +399,16 @@ impl DirtyMap {
             return Ok(());
         }
         // Bumped per attempt, so two different images never share a generation even if
-        // an attempt fails after its rename.
-        self.generation += 1;
+        // an attempt fails after its rename. Never to u64::MAX, which `open` refuses:
+        // only a forged header gets this far.
+        let Some(next) = self.generation.checked_add(1).filter(|&g| g != u64::MAX) else {
+            return Err(DirtyError::BadHeader {
+                path: self.path.clone(),
+                field: "generation",
+                message: format!("{}: no later image can be written", self.generation),
+            });
+        };
+        self.generation = next;
         let image = self.encode();
         let tmp = tmp_path(&self.path);
         let io = |op: &'static str, p: &Path| {
@@ -929,7 +937,8 @@ mod tests {
     }
 
     /// Found by the `dirty_map` fuzz target (fuzz/): a CRC-valid map at the largest
-    /// generation opened, and its next flush overflowed `generation += 1`.
+    /// generation opened, and its next flush overflowed `generation += 1`; one below
+    /// it flushed an image that `open` then refused.
     #[test]
     fn largest_generation_is_refused_on_open() {
         let d = tmpdir();
@@ -951,6 +960,27 @@ mod tests {
             ),
             "{e}"
         );
+        // One below opens, but its flush must not write the image open refuses.
+        rewrite(&p, |b| {
+            b[24..32].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+            let crc = bitmap_crc(u64::MAX - 1, &b[HEADER_LEN..]);
+            b[56..60].copy_from_slice(&crc.to_le_bytes());
+            reseal(b);
+        });
+        let mut m = DirtyMap::open(&p).expect("generation u64::MAX - 1 opens");
+        m.mark_all();
+        let e = m.flush().expect_err("flush to generation u64::MAX");
+        assert!(
+            matches!(
+                e,
+                DirtyError::BadHeader {
+                    field: "generation",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        DirtyMap::open(&p).expect("the image on disk is untouched");
     }
 
     #[test]
