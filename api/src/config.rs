@@ -383,6 +383,51 @@ fn default_inflight_batches() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct NbdConfig {
     pub listen: String,
+    /// NBD over TLS (`NBD_OPT_STARTTLS`); default off.
+    #[serde(default, skip_serializing_if = "NbdTls::is_off")]
+    pub tls: NbdTls,
+    /// Server certificate (PEM) for NBD clients; default: `[tls] cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM); default: `[tls] key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) for client certificates: when set, every TLS client
+    /// must present a certificate issued by one of them; absent: none is asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl NbdConfig {
+    /// A plain NBD listener on `listen`.
+    pub fn plain(listen: impl Into<String>) -> NbdConfig {
+        NbdConfig {
+            listen: listen.into(),
+            tls: NbdTls::Off,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+        }
+    }
+}
+
+/// `nbd.tls`: whether NBD clients may or must use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTls {
+    /// Plain NBD only.
+    #[default]
+    Off,
+    /// Clients choose: STARTTLS is offered, plain sessions are served too.
+    Optional,
+    /// Nothing but STARTTLS before TLS (export names included).
+    Require,
+}
+
+impl NbdTls {
+    pub fn is_off(&self) -> bool {
+        *self == NbdTls::Off
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -459,6 +504,14 @@ impl Config {
         abs(&mut self.control.socket);
         if let Some(p) = self.access.as_mut().and_then(|a| a.audit_log.as_mut()) {
             abs(p);
+        }
+        if let Some(n) = &mut self.nbd {
+            for p in [&mut n.tls_cert, &mut n.tls_key, &mut n.tls_ca]
+                .into_iter()
+                .flatten()
+            {
+                abs(p);
+            }
         }
         if let Some(t) = &mut self.tls {
             abs(&mut t.ca);
@@ -537,10 +590,11 @@ impl Config {
                     "a primary needs an [nbd] section with `listen`".into(),
                 )
             }
-            (Some(_), _) => {
+            (Some(n), _) => {
                 if let Err(e) = self.nbd_addr() {
                     return bad("nbd.listen", e);
                 }
+                self.validate_nbd_tls(n)?;
             }
             (None, Role::Standby) => {}
         }
@@ -663,6 +717,37 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `nbd.tls*`: a certificate and key from somewhere when TLS is on, and no
+    /// TLS file set while it is off (a setting that would silently do nothing).
+    fn validate_nbd_tls(&self, n: &NbdConfig) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_string(), m));
+        let set = [
+            ("nbd.tls_cert", &n.tls_cert),
+            ("nbd.tls_key", &n.tls_key),
+            ("nbd.tls_ca", &n.tls_ca),
+        ];
+        for (key, path) in set {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return bad(key, "must not be empty".into());
+            }
+            if n.tls.is_off() && path.is_some() {
+                return bad(
+                    key,
+                    "is set but nbd.tls is \"off\": set tls = \"optional\" or \"require\", or remove it".into(),
+                );
+            }
+        }
+        match (&n.tls_cert, &n.tls_key) {
+            (Some(_), None) => bad("nbd.tls_key", "nbd.tls_cert is set without its key".into()),
+            (None, Some(_)) => bad("nbd.tls_cert", "nbd.tls_key is set without its certificate".into()),
+            (None, None) if !n.tls.is_off() && self.tls.is_none() => bad(
+                "nbd.tls_cert",
+                "NBD TLS needs tls_cert and tls_key, or a [tls] section whose cert and key are used".into(),
+            ),
+            _ => Ok(()),
+        }
     }
 
     pub fn nbd_addr(&self) -> Result<SocketAddr, String> {
@@ -822,6 +907,47 @@ size = "1GiB"
         let two =
             format!("{GOOD}\n[[volume]]\nname = \"vol0\"\npath = \"x.img\"\nsize = \"4KiB\"\n");
         assert_eq!(invalid_key(&two), "volume[1].name");
+    }
+
+    #[test]
+    fn nbd_tls_settings_name_their_key() {
+        let nbd = |extra: &str| {
+            GOOD.replace(
+                "listen = \"127.0.0.1:10809\"",
+                &format!("listen = \"127.0.0.1:10809\"\n{extra}"),
+            )
+        };
+        let cluster_tls = "\n[tls]\nca = \"ca.pem\"\ncert = \"p.pem\"\nkey = \"p.key\"\n";
+        // Default off; the node's cluster certificate is the default server one.
+        let cfg = Config::parse(GOOD).unwrap();
+        assert_eq!(cfg.nbd.as_ref().map(|n| n.tls), Some(NbdTls::Off));
+        let with_cluster = format!("{}{cluster_tls}", nbd("tls = \"require\""));
+        Config::parse(&with_cluster).unwrap().validate().unwrap();
+        let own = nbd(
+            "tls = \"optional\"\ntls_cert = \"n.pem\"\ntls_key = \"n.key\"\ntls_ca = \"c.pem\"",
+        );
+        let cfg = Config::parse(&own).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            Config::parse(&cfg.to_toml()).unwrap().nbd.unwrap().tls,
+            NbdTls::Optional
+        );
+
+        assert_eq!(invalid_key(&nbd("tls = \"require\"")), "nbd.tls_cert");
+        assert_eq!(
+            invalid_key(&nbd("tls = \"require\"\ntls_cert = \"n.pem\"")),
+            "nbd.tls_key"
+        );
+        assert_eq!(invalid_key(&nbd("tls_ca = \"c.pem\"")), "nbd.tls_ca");
+        assert_eq!(
+            invalid_key(&format!(
+                "{}{cluster_tls}",
+                nbd("tls = \"optional\"\ntls_ca = \"\"")
+            )),
+            "nbd.tls_ca"
+        );
+        let err = Config::parse(&nbd("tls = \"on\"")).unwrap_err();
+        assert!(err.contains("tls") && err.contains("require"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //!   handlers, role changes, shutdown.
 //! * [`store`]   — node-local storage: backing stores ([`store::base`]) and the crash-safe
 //!   metadata ([`store::meta`], redb).
-//! * [`primary`] — the primary write path: volumes and the NBD export, ordered application
-//!   to the bases ([`primary::apply`]), frontend metrics.
+//! * [`primary`] — the primary write path: volumes and the NBD export (its TLS policy:
+//!   [`primary::nbd_tls`]), ordered application to the bases ([`primary::apply`]),
+//!   frontend metrics.
 //! * [`ship`]    — primary side of replication: the feed from the write path, per-target
 //!   state and the sync gate, shipper sessions, catch-up (bitmap mode, resync copy), the
 //!   persisted dirty map.

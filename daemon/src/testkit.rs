@@ -42,9 +42,7 @@ pub fn primary_config(
             inflight_batches: 1,
             writer_nice: crate::config::DEFAULT_WRITER_NICE,
         },
-        nbd: Some(NbdConfig {
-            listen: "127.0.0.1:0".into(),
-        }),
+        nbd: Some(NbdConfig::plain("127.0.0.1:0")),
         tls: None,
         replication: None,
         metrics: None,

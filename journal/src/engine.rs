@@ -166,7 +166,9 @@ impl IoEngine for StdEngine {
             .as_slice()
             .get(..len)
             .ok_or_else(|| io::Error::other("staged length exceeds buffer"))?;
+        crate::failpoint::check("journal::std_pwrite")?;
         file.write_all_at(data, offset)?;
+        crate::failpoint::check("journal::fdatasync")?;
         file.sync_data()
     }
 }
@@ -506,6 +508,7 @@ impl IoEngine for UringEngine {
         if slot >= self.bufs.len() || len > self.bufs[slot].len() || len == 0 {
             return Err(io::Error::other("staged length exceeds buffer"));
         }
+        crate::failpoint::check("journal::uring_submit")?;
         if self.inflight.iter().any(|e| e.slot == slot) {
             return Err(io::Error::other(format!(
                 "staging slot {slot} is in flight"
@@ -546,7 +549,8 @@ impl IoEngine for UringEngine {
                         .inflight
                         .pop_front()
                         .and_then(|e| e.result)
-                        .unwrap_or_else(|| Err(io::Error::other("io_uring result missing")));
+                        .unwrap_or_else(|| Err(io::Error::other("io_uring result missing")))
+                        .and_then(|()| crate::failpoint::check("journal::uring_complete"));
                 }
                 Some(_) => self.reap()?,
             }

@@ -10,6 +10,10 @@
 //! * [`now_ns`]: the node's one wall clock; batch stamps and every daemon timestamp
 //!   compared with them come from it.
 //! * Recovery on open ([`RecoveryMode`], [`RecoveryReport`]).
+//! * Storage faults: ENOSPC (and EMFILE/ENFILE opening a segment) makes the journal
+//!   and the undo log wait and retry instead of failing ([`SpaceMonitor`],
+//!   `JournalStats::space_waits`); failpoints at every IO edge with the
+//!   `failpoints` feature (journal/FAILPOINTS.md).
 //!
 //! Up to `max_inflight_batches` batch writes are in flight at a time (io_uring
 //! only; 1 with std IO), so a crash can tear at most that many batches at the end;
@@ -19,10 +23,12 @@
 pub mod clock;
 pub mod engine;
 mod error;
+mod failpoint;
 pub mod format;
 mod reader;
 mod recovery;
 mod segment;
+mod space;
 pub mod undo;
 mod writer;
 
@@ -33,6 +39,7 @@ pub use format::{Op, Record, Seq};
 pub use reader::JournalReader;
 pub use recovery::{RecoveryMode, RecoveryReport};
 pub use segment::{parse_segment_name, segment_file_name};
+pub use space::{SpaceMonitor, SpaceWaitStats};
 pub use undo::{
     EntryKind, UndoEntry, UndoError, UndoExtent, UndoLog, UndoPoint, UndoPosition, UndoRecovery,
 };

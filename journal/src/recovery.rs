@@ -15,6 +15,8 @@
 //! | torn tail in a segment that is not the last one       | -                  | `Corruption`                 |
 //! | first_seq != previous last_seq + 1 (batch or segment) | -                  | `Corruption` (gap/overlap)   |
 //! | segment first_seq > previous last_seq + 1, header flag `SEQ_JUMP` | -        | gap accepted (skipped seqs)  |
+//! | bad segment header right after the last data segment | no (nothing valid in the file) | torn activation: wiped, kept as spare |
+//! | bad segment header right after the last data segment | yes (a whole valid batch) | `Corruption` (file, offset 0, the batch's offset) |
 //! | torn tail and `RecoveryMode::AbsoluteConsistency`     | -                  | `TornTail` error             |
 
 use std::fs::File;
@@ -369,7 +371,8 @@ impl Chain {
 
     /// A segment with a bad header after the last data segment: only the one right
     /// after it can have been activated (header + first batch in one write) when
-    /// the crash hit; that one is wiped and kept as a spare.
+    /// the crash hit; that one is wiped and kept as a spare, provided nothing valid
+    /// follows its header (otherwise the header was damaged, not torn: `Corruption`).
     fn torn_activation(&mut self, f: &SegFile, r: &str) -> Result<()> {
         let next_expected_no = self.rec.data.last().map(|d| d.no + 1);
         let first_after = next_expected_no.map_or(self.rec.spares.is_empty(), |n| n == f.no);
@@ -378,6 +381,23 @@ impl Chain {
                 &f.path,
                 0,
                 format!("bad segment header ({r}) in a spare segment"),
+            ));
+        }
+        // The activation write (header + first batch) is the first write to the
+        // file, and nothing else is submitted until it is durable: a complete batch
+        // valid under this segment's salt means that write (or a later one) was
+        // acknowledged, so the header was damaged after the fact. Wiping it would
+        // drop acknowledged records: refuse instead.
+        if let Some((at, h)) = first_valid_batch(f, &self.cluster_id)? {
+            return Err(corruption(
+                &f.path,
+                0,
+                format!(
+                    "bad segment header ({r}), but a valid batch (seq {}..={}) at offset {at} \
+                     follows it: the header was damaged after acknowledged writes, not torn \
+                     by its activation; refusing to open rather than discard them",
+                    h.first_seq, h.last_seq
+                ),
             ));
         }
         if self.mode == RecoveryMode::AbsoluteConsistency {
@@ -482,6 +502,41 @@ fn classify(no: u64, path: PathBuf, cluster_id: &[u8; 16]) -> Result<SegFile> {
 }
 
 const SCAN_CHUNK: usize = 1 << 20;
+
+/// The first complete batch (header and body) valid under segment `f`'s salt and
+/// `cluster_id`, anywhere after its header block: evidence that the segment held
+/// acknowledged data. Reads the file in `SCAN_CHUNK`s (bounded memory).
+fn first_valid_batch(
+    f: &SegFile,
+    cluster_id: &[u8; 16],
+) -> Result<Option<(u64, format::BatchHeader)>> {
+    let file = segment::open_ro(&f.path)?;
+    let mut chunk = vec![0u8; SCAN_CHUNK];
+    let mut off = SEGMENT_HEADER_BLOCK;
+    while off < f.size {
+        let n = ((f.size - off) as usize).min(SCAN_CHUNK);
+        segment::read_exact_at(&file, &f.path, &mut chunk[..n], off)?;
+        for (i, blk) in chunk[..n].chunks(BLOCK_SIZE).enumerate() {
+            let at = off + (i * BLOCK_SIZE) as u64;
+            let Ok(h) = format::decode_batch_header(blk, f.no) else {
+                continue;
+            };
+            if h.cluster_id != *cluster_id || at + h.disk_len() > f.size {
+                continue;
+            }
+            // Header and body: a torn first batch may have its header block only.
+            let mut buf = vec![0u8; h.disk_len() as usize];
+            segment::read_exact_at(&file, &f.path, &mut buf, at)?;
+            let body = Bytes::from(buf)
+                .slice(format::BATCH_HEADER_LEN..format::BATCH_HEADER_LEN + h.body_len as usize);
+            if format::decode_batch_body(&h, &body).is_ok() {
+                return Ok(Some((at, h)));
+            }
+        }
+        off += n as u64;
+    }
+    Ok(None)
+}
 
 /// Follows the batch chain of one segment from its first batch.
 fn scan_segment(

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::engine::AlignedBuf;
 use crate::error::{JournalError, Result};
+use crate::failpoint;
 use crate::format::{BLOCK_SIZE, SEGMENT_HEADER_BLOCK};
 
 pub const SEGMENT_SUFFIX: &str = ".seg";
@@ -45,7 +46,9 @@ static DIRECT_IO_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
 /// Opens a segment for writing, with O_DIRECT when the filesystem supports it.
 pub fn open_rw(path: &Path) -> Result<File> {
-    let open = if DIRECT_IO_UNSUPPORTED.load(Ordering::Relaxed) {
+    let open = if let Err(e) = failpoint::check("journal::segment_open") {
+        Err(e)
+    } else if DIRECT_IO_UNSUPPORTED.load(Ordering::Relaxed) {
         OpenOptions::new().read(true).write(true).open(path)
     } else {
         open_direct_or_buffered(path).map(|(f, direct)| {
@@ -81,11 +84,14 @@ pub(crate) fn open_direct_or_buffered(path: &Path) -> std::io::Result<(File, boo
 }
 
 pub fn open_ro(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| JournalError::io(format!("open {}", path.display()), e))
+    failpoint::check("journal::segment_open")
+        .and_then(|()| File::open(path))
+        .map_err(|e| JournalError::io(format!("open {}", path.display()), e))
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
+    failpoint::check("journal::dir_fsync")
+        .and_then(|()| File::open(dir))
         .and_then(|d| d.sync_all())
         .map_err(|e| JournalError::io(format!("fsync directory {}", dir.display()), e))
 }
@@ -95,7 +101,8 @@ fn write_zeros(file: &File, path: &Path, from: u64, to: u64) -> Result<()> {
     let mut off = from;
     while off < to {
         let n = ((to - off) as usize).min(ZERO_CHUNK);
-        file.write_all_at(&zeros.as_slice()[..n], off)
+        failpoint::check("journal::segment_zero")
+            .and_then(|()| file.write_all_at(&zeros.as_slice()[..n], off))
             .map_err(|e| JournalError::io(format!("zero {} at {off}", path.display()), e))?;
         off += n as u64;
     }
@@ -107,7 +114,8 @@ fn write_zeros(file: &File, path: &Path, from: u64, to: u64) -> Result<()> {
 pub fn zero_range(path: &Path, from: u64, to: u64) -> Result<()> {
     let f = open_rw(path)?;
     write_zeros(&f, path, from, to)?;
-    f.sync_data()
+    failpoint::check("journal::segment_fsync")
+        .and_then(|()| f.sync_data())
         .map_err(|e| JournalError::io(format!("fdatasync {}", path.display()), e))
 }
 
@@ -115,21 +123,33 @@ pub fn zero_range(path: &Path, from: u64, to: u64) -> Result<()> {
 /// a temporary name, fdatasync'ed, renamed, directory fsync'ed. Why write zeros
 /// instead of fallocate: writes into unwritten extents cost a metadata update
 /// each (about 2x slower here), and a crash can only leave a `.tmp` file behind.
+///
+/// On failure the temporary file is removed: a half-zeroed file would hold the very
+/// space a retry after ENOSPC waits for.
 pub fn create_zeroed(dir: &Path, no: u64, size: u64) -> Result<PathBuf> {
     let tmp = tmp_path(dir, no);
     let _ = fs::remove_file(&tmp);
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| JournalError::io(format!("create {}", tmp.display()), e))?;
-    drop(f);
-    let f = open_rw(&tmp)?;
-    write_zeros(&f, &tmp, 0, size)?;
-    f.sync_all()
-        .map_err(|e| JournalError::io(format!("fsync {}", tmp.display()), e))?;
-    drop(f);
+    let r = (|| {
+        let f = failpoint::check("journal::segment_create")
+            .and_then(|()| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+            })
+            .map_err(|e| JournalError::io(format!("create {}", tmp.display()), e))?;
+        drop(f);
+        let f = open_rw(&tmp)?;
+        write_zeros(&f, &tmp, 0, size)?;
+        failpoint::check("journal::segment_fsync")
+            .and_then(|()| f.sync_all())
+            .map_err(|e| JournalError::io(format!("fsync {}", tmp.display()), e))
+    })();
+    if let Err(e) = r {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     publish(dir, &tmp, no)
 }
 
@@ -139,12 +159,15 @@ pub fn create_zeroed(dir: &Path, no: u64, size: u64) -> Result<PathBuf> {
 /// number, so they never validate in the new segment.
 pub fn recycle(dir: &Path, old: &Path, no: u64) -> Result<PathBuf> {
     let tmp = tmp_path(dir, no);
-    fs::rename(old, &tmp).map_err(|e| {
-        JournalError::io(format!("rename {} -> {}", old.display(), tmp.display()), e)
-    })?;
+    failpoint::check("journal::rename")
+        .and_then(|()| fs::rename(old, &tmp))
+        .map_err(|e| {
+            JournalError::io(format!("rename {} -> {}", old.display(), tmp.display()), e)
+        })?;
     let f = open_rw(&tmp)?;
     write_zeros(&f, &tmp, 0, SEGMENT_HEADER_BLOCK)?;
-    f.sync_data()
+    failpoint::check("journal::segment_fsync")
+        .and_then(|()| f.sync_data())
         .map_err(|e| JournalError::io(format!("fdatasync {}", tmp.display()), e))?;
     drop(f);
     publish(dir, &tmp, no)
@@ -154,9 +177,11 @@ pub fn recycle(dir: &Path, old: &Path, no: u64) -> Result<PathBuf> {
 /// directory, so after a crash the segment either exists whole or not at all.
 fn publish(dir: &Path, tmp: &Path, no: u64) -> Result<PathBuf> {
     let path = segment_path(dir, no);
-    fs::rename(tmp, &path).map_err(|e| {
-        JournalError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
-    })?;
+    failpoint::check("journal::rename")
+        .and_then(|()| fs::rename(tmp, &path))
+        .map_err(|e| {
+            JournalError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
+        })?;
     sync_dir(dir)?;
     Ok(path)
 }
@@ -168,12 +193,14 @@ pub fn delete(dir: &Path, path: &Path) -> Result<()> {
 
 /// Reads exactly `buf.len()` bytes at `offset` (plain pread).
 pub fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
-    file.read_exact_at(buf, offset).map_err(|e| {
-        JournalError::io(
-            format!("read {} bytes of {} at {offset}", buf.len(), path.display()),
-            e,
-        )
-    })
+    failpoint::check("journal::pread")
+        .and_then(|()| file.read_exact_at(buf, offset))
+        .map_err(|e| {
+            JournalError::io(
+                format!("read {} bytes of {} at {offset}", buf.len(), path.display()),
+                e,
+            )
+        })
 }
 
 pub fn file_len(file: &File, path: &Path) -> Result<u64> {

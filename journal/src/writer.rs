@@ -20,6 +20,11 @@
 //!   area) is a barrier too: the next batch starts exactly on that zero block, and
 //!   two overlapping in-flight writes could land in either order.
 //!
+//! Out of space (ENOSPC/EDQUOT on a batch write or a segment creation, EMFILE/ENFILE
+//! opening one) the writer and the helper wait and retry (`space`); a batch write
+//! that failed at completion is rewritten with every write in flight after it, in
+//! order (`rewrite_for_space`). Any other error fails the journal.
+//!
 //! The helper thread keeps one spare segment ready (recycling released segments or
 //! writing a fresh zeroed file) so the write path does not stall on preparation.
 
@@ -40,7 +45,8 @@ use crate::format::{self, BatchParams, Record, Seq, BLOCK_SIZE, SEGMENT_HEADER_B
 use crate::reader::{DurableLog, JournalReader};
 use crate::recovery::{self, Recovered, RecoveryReport, SegInfo, Spare};
 use crate::segment;
-use crate::{Completion, JournalOptions};
+use crate::space::{self, SpaceMonitor};
+use crate::{failpoint, Completion, JournalOptions};
 
 /// Completed batches waiting for the completion thread. Small: if callbacks fall this
 /// far behind, the writer waits for them (backpressure) rather than buffer more.
@@ -111,6 +117,8 @@ struct Shared {
     /// Sequence ranges (inclusive) that were skipped and never written: readers
     /// step over them. Pruned as releases pass them.
     gaps: Mutex<Vec<(Seq, Seq)>>,
+    /// Waits for space (or file descriptors) of the writer and the helper.
+    space: SpaceMonitor,
 }
 
 impl Shared {
@@ -147,6 +155,7 @@ impl Shared {
             stats: StatCounters::default(),
             jump_pending: AtomicBool::new(false),
             gaps: Mutex::new(rec.gaps),
+            space: SpaceMonitor::default(),
             opts,
         }
     }
@@ -205,6 +214,15 @@ pub struct JournalStats {
     pub segments_zeroed: u64,
     /// Spare segments made from released ones (one header block written).
     pub segments_recycled: u64,
+    /// Times the journal started waiting for space (ENOSPC/EDQUOT on a batch write
+    /// or a segment creation, EMFILE/ENFILE opening a segment): appends wait
+    /// instead of failing. See [`SpaceWaitStats`](crate::SpaceWaitStats).
+    pub space_waits: u64,
+    /// Failed attempts retried while waiting for space, over all episodes.
+    pub space_retries: u64,
+    /// Waiting for space since (ns since the Unix epoch, [`now_ns`]); 0 while not
+    /// waiting.
+    pub waiting_for_space_since_ns: u64,
 }
 
 /// The journal. `Send + Sync`: share it via `Arc`.
@@ -495,7 +513,11 @@ impl Journal {
     /// Cumulative batch/record/byte/time counters.
     pub fn stats(&self) -> JournalStats {
         let st = &self.shared.stats;
+        let space = self.shared.space.stats();
         JournalStats {
+            space_waits: space.episodes,
+            space_retries: space.retries,
+            waiting_for_space_since_ns: space.waiting_since_ns,
             batches: st.batches.load(Ordering::Relaxed),
             records: st.records.load(Ordering::Relaxed),
             bytes_written: st.bytes_written.load(Ordering::Relaxed),
@@ -735,8 +757,15 @@ impl Writer {
             let Some(f) = self.inflight.pop_front() else {
                 continue;
             };
-            let r = self.engine.wait_oldest();
-            if let Err(fail) = self.finish(f, r) {
+            let r = self
+                .engine
+                .wait_oldest()
+                .and_then(|()| failpoint::check("journal::batch_complete"));
+            let r = match r {
+                Err(e) if space::is_space(&e) => self.rewrite_for_space(f, e),
+                r => self.finish(f, r),
+            };
+            if let Err(fail) = r {
                 let (e, mut failed) = self.settle_all(Some(fail)).unwrap_or_else(|| {
                     (JournalError::Closed, Vec::new()) // unreachable: Some in, Some out
                 });
@@ -796,6 +825,61 @@ impl Writer {
             s.activating -= 1;
             s.spares.push_front(spare);
         }
+    }
+
+    /// The oldest write `first` completed with ENOSPC (`err`): waits for space and
+    /// writes it again, then every write that was in flight after it (reaped first,
+    /// their results ignored: rewriting the same bytes at the same offset is
+    /// harmless), one at a time and in order, acknowledging each once durable. Why
+    /// rewrite the whole write rather than retry a failed fdatasync: after a failed
+    /// flush the kernel may have dropped the dirty pages, and only writing them
+    /// again makes them durable. Their staging slots are intact: nothing is staged
+    /// until this returns. Any other error fails that write and all later ones.
+    fn rewrite_for_space(
+        &mut self,
+        first: Flight,
+        err: std::io::Error,
+    ) -> std::result::Result<(), Failure> {
+        let mut redo = VecDeque::from([first]);
+        while let Some(f) = self.inflight.pop_front() {
+            let _ = self.engine.wait_oldest();
+            redo.push_back(f);
+        }
+        let sh = self.shared.clone();
+        let mut waiter = sh.space.waiter("journal", "batch write");
+        let mut last_err = Some(err);
+        while let Some(f) = redo.pop_front() {
+            // Bounded by the space coming back or the journal closing.
+            let r = loop {
+                if let Some(e) = last_err.take() {
+                    if !space::is_space(&e)
+                        || !waiter.wait(&e, || sh.closing.load(Ordering::Acquire))
+                    {
+                        break Err(e);
+                    }
+                }
+                let file = match (&f.roll, &self.active) {
+                    (Some((a, _)), _) | (None, Some(a)) => &a.file,
+                    (None, None) => break Err(std::io::Error::other("no active segment")),
+                };
+                let r = failpoint::check("journal::batch_write")
+                    .and_then(|()| self.engine.submit_staged(f.slot, file, f.total, f.offset))
+                    .and_then(|()| self.engine.wait_oldest())
+                    .and_then(|()| failpoint::check("journal::batch_complete"));
+                match r {
+                    Ok(()) => break Ok(()),
+                    Err(e) => last_err = Some(e),
+                }
+            };
+            if let Err((e, mut failed)) = self.finish(f, r) {
+                for g in redo {
+                    self.abandon_roll(g.roll);
+                    failed.extend(g.batch);
+                }
+                return Err((e, failed));
+            }
+        }
+        Ok(())
     }
 
     /// The oldest write completed with `r`: publish it or report the failure.
@@ -886,7 +970,21 @@ impl Writer {
     /// spare, which goes back to the pool if the activation is abandoned).
     fn next_active(&mut self) -> Result<(Active, Spare)> {
         let spare = self.take_spare()?;
-        let file = match segment::open_rw(&spare.path) {
+        let sh = self.shared.clone();
+        let mut waiter = sh.space.waiter("journal", "open segment");
+        // Bounded by descriptors (or space) coming back or the journal closing.
+        let opened = loop {
+            match segment::open_rw(&spare.path) {
+                Err(e)
+                    if space::io_source(&e).is_some_and(|io| {
+                        space::is_space_or_fds(io)
+                            && waiter.wait(io, || sh.closing.load(Ordering::Acquire))
+                    }) => {}
+                r => break r,
+            }
+        };
+        drop(waiter);
+        let file = match opened {
             Ok(f) => f,
             Err(e) => {
                 let mut s = self.shared.segs.lock();
@@ -982,16 +1080,26 @@ impl Writer {
                 buf[head + n..total].fill(0);
             }
             let started = Instant::now();
-            self.engine
-                .submit_staged(slot, &target.file, total, offset)
-                .map(|()| started)
-                .map_err(|e| {
-                    let name = segment::segment_file_name(target.no);
-                    JournalError::io(
-                        format!("write {total} bytes at {offset} of segment {name}"),
-                        e,
-                    )
-                })
+            let sh = &self.shared;
+            let mut waiter = sh.space.waiter("journal", "batch write");
+            // Bounded by the space coming back or the journal closing.
+            let submitted = loop {
+                let r = failpoint::check("journal::batch_write")
+                    .and_then(|()| self.engine.submit_staged(slot, &target.file, total, offset));
+                match r {
+                    Err(e)
+                        if space::is_space(&e)
+                            && waiter.wait(&e, || sh.closing.load(Ordering::Acquire)) => {}
+                    r => break r,
+                }
+            };
+            submitted.map(|()| started).map_err(|e| {
+                let name = segment::segment_file_name(target.no);
+                JournalError::io(
+                    format!("write {total} bytes at {offset} of segment {name}"),
+                    e,
+                )
+            })
         })();
         let started = match staged {
             Ok(t) => t,
@@ -1029,6 +1137,10 @@ impl Writer {
             }
             if let Some(e) = &s.prep_error {
                 return Err(e.clone());
+            }
+            // Closing while the helper waits for space: no spare is coming.
+            if sh.closing.load(Ordering::Acquire) && sh.space.stats().waiting_since_ns != 0 {
+                return Err(JournalError::Closed);
             }
             let can_progress = s.preparing > 0 || !s.free.is_empty() || s.total() < s.max_segments;
             if !can_progress {
@@ -1181,7 +1293,7 @@ fn helper_loop(sh: &Shared) {
             s.next_no += 1;
             s.preparing += 1;
             let size = sh.opts.segment_size;
-            let r = MutexGuard::unlocked(&mut s, || segment::create_zeroed(&dir, no, size));
+            let r = MutexGuard::unlocked(&mut s, || create_when_space(sh, &dir, no, size));
             s.preparing -= 1;
             if r.is_ok() {
                 sh.stats.segments_zeroed.fetch_add(1, Ordering::Relaxed);
@@ -1199,6 +1311,30 @@ fn helper_loop(sh: &Shared) {
             continue;
         }
         sh.segs_cv.wait(&mut s);
+    }
+}
+
+/// Creates spare `no`, waiting and retrying while the file system is full (or the
+/// process is out of descriptors); gives up (returns the error) once the journal
+/// closes. `create_zeroed` removes its temporary file on failure, so a waiting
+/// helper holds no space.
+fn create_when_space(
+    sh: &Shared,
+    dir: &std::path::Path,
+    no: u64,
+    size: u64,
+) -> Result<std::path::PathBuf> {
+    let mut waiter = sh.space.waiter("journal", "create segment");
+    // Bounded by space coming back or the journal closing.
+    loop {
+        match segment::create_zeroed(dir, no, size) {
+            Err(e)
+                if space::io_source(&e).is_some_and(|io| {
+                    space::is_space_or_fds(io)
+                        && waiter.wait(io, || sh.closing.load(Ordering::Acquire))
+                }) => {}
+            r => return r,
+        }
     }
 }
 

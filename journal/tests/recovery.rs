@@ -381,7 +381,10 @@ fn torn_segment_activation_becomes_a_spare() {
     Img::new(1, 1).batch(1, 3).write(dir.path());
     let mut b = Img::new(2, 4);
     b.batch(4, 2);
-    b.buf[20] ^= 0x40; // segment header damaged by the torn activation write
+    // The activation write tore: header and first batch damaged, nothing valid after.
+    b.buf[20] ^= 0x40;
+    let first = b.batches[0];
+    b.buf[first + 200] ^= 0x01;
     b.write(dir.path());
     assert!(matches!(
         open(dir.path(), RecoveryMode::AbsoluteConsistency),
@@ -614,5 +617,54 @@ fn valid_checksum_with_unknown_version_is_refused_not_truncated() {
         &path,
         0,
         "valid checksum",
+    );
+}
+
+// ---------------------------------------------------------------- bad segment headers
+
+/// A segment header that fails its CRC while acknowledged batches follow it is
+/// damage, not a torn activation: recovery must refuse (naming file and offset)
+/// instead of wiping the header and, with it, every record of the segment.
+#[test]
+fn bad_header_of_the_active_segment_with_valid_batches_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, _) = open(dir.path(), RecoveryMode::TolerateTornTail).unwrap();
+    for s in 1..=5u64 {
+        assert_eq!(
+            j.append_wait(Record::write(0, s * 4096, payload(s, REC_LEN)))
+                .unwrap(),
+            s
+        );
+    }
+    j.close().unwrap();
+    // Segment 1 is the active one and holds all five acknowledged records.
+    let p1 = dir.path().join(segment_file_name(1));
+    let mut buf = std::fs::read(&p1).unwrap();
+    buf[60] ^= 0x01; // the header CRC
+    std::fs::write(&p1, &buf).unwrap();
+    for mode in [
+        RecoveryMode::TolerateTornTail,
+        RecoveryMode::AbsoluteConsistency,
+    ] {
+        expect_corruption(open(dir.path(), mode), &p1, 0, "valid batch");
+    }
+    // Nothing was repaired: the damaged header and the batches are still there.
+    assert_eq!(std::fs::read(&p1).unwrap(), buf);
+}
+
+/// Same with an older data segment before the damaged (newest) one.
+#[test]
+fn bad_header_after_a_data_segment_with_valid_batches_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    Img::new(1, 1).batch(1, 3).write(dir.path());
+    let mut b = Img::new(2, 4);
+    b.batch(4, 2).batch(6, 1);
+    b.buf[60] ^= 0x01;
+    let p2 = b.write(dir.path());
+    expect_corruption(
+        open(dir.path(), RecoveryMode::TolerateTornTail),
+        &p2,
+        0,
+        "valid batch (seq 4..=5) at offset 4096",
     );
 }

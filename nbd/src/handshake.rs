@@ -1,6 +1,7 @@
-//! The fixed-newstyle handshake: option haggling (export list and info,
-//! header style, metadata contexts) up to the export the client enters
-//! transmission with.
+//! The fixed-newstyle handshake: greeting, then option haggling (export list
+//! and info, header style, metadata contexts, the STARTTLS policy) up to the
+//! export the client enters transmission with, or up to the TLS upgrade
+//! after which haggling starts over inside TLS.
 
 use std::io;
 use std::sync::Arc;
@@ -34,6 +35,21 @@ struct Haggle<'a, R: ExportRegistry> {
     mode: Mode,
     /// Canonical name of the export `base:allocation` was selected for.
     meta_for: Option<String>,
+    tls: TlsPhase,
+}
+
+/// Where the connection stands with TLS; decides what STARTTLS gets and
+/// which options are answered at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsPhase {
+    /// TLS is off on this server: STARTTLS is an unsupported option.
+    Unavailable,
+    /// Plain, and may upgrade (`TlsPolicy::Optional`).
+    Offered,
+    /// Plain, and must upgrade before anything else (`TlsPolicy::Require`).
+    Required,
+    /// Inside TLS: a second STARTTLS is a client error.
+    Active,
 }
 
 /// What the handshake hands to the transmission phase.
@@ -47,18 +63,21 @@ pub(crate) struct Negotiated<E> {
 enum Step<E> {
     Continue,
     Go(Arc<E>),
+    StartTls,
 }
 
-/// Fixed-newstyle handshake. Returns the export to serve and what was
-/// negotiated, or how the connection ended.
-pub(crate) async fn handshake<R, Rd, W>(
-    rd: &mut Rd,
-    wr: &mut W,
-    registry: &R,
-    cfg: &ServerConfig,
-) -> Result<Negotiated<R::E>, End>
+/// How option haggling ended (short of a disconnect).
+pub(crate) enum Haggled<E> {
+    /// Enter transmission with this export.
+    Go(Negotiated<E>),
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
+}
+
+/// The greeting and the client's flags. Returns whether the client asked
+/// for `NO_ZEROES` (the flags are not sent again after a TLS upgrade).
+pub(crate) async fn greet<Rd, W>(rd: &mut Rd, wr: &mut W) -> Result<bool, End>
 where
-    R: ExportRegistry,
     Rd: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -72,26 +91,51 @@ where
         .map_err(|e| End::from_read(e, "client flags"))?;
     let cflags = proto::decode_client_flags(cf)
         .map_err(|v| End::Protocol(format!("unknown client flags {v:#x}")))?;
+    Ok(cflags.no_zeroes)
+}
+
+/// Option haggling from a clean state: at the start of the session, and
+/// again inside TLS, where everything negotiated in the clear is forgotten
+/// (the spec's rule; cf. CVE-2021-3716, a header style negotiated before
+/// TLS leaking into the encrypted session).
+pub(crate) async fn haggle<R, Rd, W>(
+    rd: &mut Rd,
+    wr: &mut W,
+    registry: &R,
+    cfg: &ServerConfig,
+    no_zeroes: bool,
+    tls: TlsPhase,
+) -> Result<Haggled<R::E>, End>
+where
+    R: ExportRegistry,
+    Rd: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut h = Haggle {
         registry,
         cfg,
-        no_zeroes: cflags.no_zeroes,
+        no_zeroes,
         mode: Mode::Simple,
         meta_for: None,
+        tls,
     };
     loop {
         let (option, data) = read_option(rd, wr).await?;
         let step = h.option(wr, option, &data).await?;
         wr.flush().await.map_err(End::Io)?;
-        if let Step::Go(export) = step {
-            // Contexts selected for another export do not carry over (the
-            // client may not send BLOCK_STATUS then; it gets EINVAL).
-            let block_status = h.meta_for.as_deref() == Some(export.name());
-            return Ok(Negotiated {
-                export,
-                mode: h.mode,
-                block_status,
-            });
+        match step {
+            Step::Continue => {}
+            Step::StartTls => return Ok(Haggled::StartTls),
+            Step::Go(export) => {
+                // Contexts selected for another export do not carry over (the
+                // client may not send BLOCK_STATUS then; it gets EINVAL).
+                let block_status = h.meta_for.as_deref() == Some(export.name());
+                return Ok(Haggled::Go(Negotiated {
+                    export,
+                    mode: h.mode,
+                    block_status,
+                }));
+            }
         }
     }
 }
@@ -153,8 +197,15 @@ impl<R: ExportRegistry> Haggle<'_, R> {
         option: u32,
         data: &[u8],
     ) -> Result<Step<R::E>, End> {
+        if self.tls == TlsPhase::Required
+            && option != proto::OPT_STARTTLS
+            && option != proto::OPT_ABORT
+        {
+            return self.tls_required(wr, option).await;
+        }
         match option {
             proto::OPT_EXPORT_NAME => self.export_name(wr, data).await.map(Step::Go),
+            proto::OPT_STARTTLS => self.starttls(wr, data).await,
             proto::OPT_ABORT => {
                 // The client may already have closed; a failed ACK is fine.
                 let _ = send_opt_reply(wr, option, proto::REP_ACK, &[]).await;
@@ -173,12 +224,51 @@ impl<R: ExportRegistry> Haggle<'_, R> {
                 Ok(Step::Continue)
             }
             other => {
-                // STARTTLS and anything unknown: the session continues.
+                // Anything unknown: the session continues.
                 debug!(option = other, "unsupported NBD option");
                 send_opt_reply(wr, other, proto::REP_ERR_UNSUP, &[]).await?;
                 Ok(Step::Continue)
             }
         }
+    }
+
+    /// Forced TLS before the upgrade: the same error for every option, so
+    /// nothing (export names, sizes, which names exist) is revealed in the
+    /// clear. EXPORT_NAME has no error reply: hang up, as the spec says.
+    async fn tls_required<W: AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+        option: u32,
+    ) -> Result<Step<R::E>, End> {
+        if option == proto::OPT_EXPORT_NAME {
+            return Err(End::Protocol("EXPORT_NAME before the required TLS".into()));
+        }
+        debug!(option, "option before the required TLS upgrade");
+        let msg = b"TLS required: send NBD_OPT_STARTTLS first";
+        send_opt_reply(wr, option, proto::REP_ERR_TLS_REQD, msg).await?;
+        Ok(Step::Continue)
+    }
+
+    /// NBD_OPT_STARTTLS: acknowledge, and the caller runs the TLS handshake
+    /// once the ACK is flushed.
+    async fn starttls<W: AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+        data: &[u8],
+    ) -> Result<Step<R::E>, End> {
+        let option = proto::OPT_STARTTLS;
+        let (typ, msg): (u32, &[u8]) = match self.tls {
+            TlsPhase::Unavailable => (proto::REP_ERR_UNSUP, b""),
+            TlsPhase::Active => (proto::REP_ERR_INVALID, b"TLS is already active"),
+            _ if !data.is_empty() => (proto::REP_ERR_INVALID, b"STARTTLS takes no data"),
+            TlsPhase::Offered | TlsPhase::Required => {
+                send_opt_reply(wr, option, proto::REP_ACK, &[]).await?;
+                return Ok(Step::StartTls);
+            }
+        };
+        debug!(reply = typ, "STARTTLS refused");
+        send_opt_reply(wr, option, typ, msg).await?;
+        Ok(Step::Continue)
     }
 
     /// OPT_EXPORT_NAME cannot fail gracefully: any problem means

@@ -5,7 +5,10 @@
 //!
 //! * [`proto`]  — pure wire encode/decode and request validation (no I/O).
 //! * `server` — the accept loop and the transmission phase's request loop.
-//! * `handshake` — option haggling up to the export entered.
+//! * `handshake` — option haggling up to the export entered, including the
+//!   `NBD_OPT_STARTTLS` policy (which options are answered before TLS).
+//! * `tls` — the connection set-up: plain or upgraded to TLS, handed to the
+//!   transmission phase as generic read/write halves.
 //! * `reply` — reply shapes and the writer task.
 //! * `exec` — running a request against the export, building its reply.
 //! * `refusals` — per-connection rate-limited logging of refused requests.
@@ -32,11 +35,14 @@ pub mod stats;
 #[cfg(feature = "test-util")]
 #[doc(hidden)]
 pub mod testclient;
+mod tls;
 
 #[cfg(feature = "test-util")]
 pub use mem::{FileExport, MapRegistry, MemExport};
 pub use server::serve;
 pub use stats::ServerStats;
+/// The rustls this crate is built against, for building a [`TlsPolicy`].
+pub use tokio_rustls::rustls;
 
 /// What an export can do; turned into NBD transmission flags verbatim, so
 /// every `true` here is a promise to the client.
@@ -217,6 +223,36 @@ pub struct ServerConfig {
     /// Counters shared with the embedding daemon (clone the `Arc` before
     /// handing the config over, then read it while the server runs).
     pub stats: Arc<ServerStats>,
+    /// Whether clients may or must upgrade to TLS with `NBD_OPT_STARTTLS`.
+    pub tls: TlsPolicy,
+}
+
+/// TLS policy of an NBD server. The rustls configuration comes from the
+/// embedder: certificates, client authentication, protocol versions and the
+/// `CryptoProvider` (ring today, an SM suite provider later) are its choice,
+/// so this crate names no provider.
+#[derive(Debug, Clone, Default)]
+pub enum TlsPolicy {
+    /// Plain NBD only: `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP`.
+    #[default]
+    Off,
+    /// Clients may upgrade with `NBD_OPT_STARTTLS` or stay plain; every
+    /// export is served both ways.
+    Optional(Arc<rustls::ServerConfig>),
+    /// The spec's forced TLS: before the upgrade every option except
+    /// `STARTTLS` and `ABORT` gets `NBD_REP_ERR_TLS_REQD`, so nothing about
+    /// the exports is revealed to an unencrypted client.
+    Require(Arc<rustls::ServerConfig>),
+}
+
+impl TlsPolicy {
+    /// The rustls configuration, unless TLS is off.
+    pub fn server_config(&self) -> Option<&Arc<rustls::ServerConfig>> {
+        match self {
+            TlsPolicy::Off => None,
+            TlsPolicy::Optional(c) | TlsPolicy::Require(c) => Some(c),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -226,6 +262,7 @@ impl Default for ServerConfig {
             max_inflight_per_conn: 128,
             shutdown_grace: Duration::from_secs(10),
             stats: Arc::default(),
+            tls: TlsPolicy::Off,
         }
     }
 }

@@ -5,8 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::debug;
 
@@ -142,9 +141,9 @@ pub(crate) fn error_part(to: ReplyTo, done: bool, errno: u32, msg: &str, at: Opt
     }
 }
 
-pub(crate) async fn writer_task(
+pub(crate) async fn writer_task<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Reply>,
-    mut wr: BufWriter<OwnedWriteHalf>,
+    mut wr: BufWriter<W>,
     peer: SocketAddr,
 ) {
     let res: io::Result<()> = async {
@@ -174,7 +173,7 @@ pub(crate) async fn writer_task(
     }
 }
 
-async fn write_reply(wr: &mut BufWriter<OwnedWriteHalf>, r: Reply) -> io::Result<()> {
+async fn write_reply<W: AsyncWrite + Unpin>(wr: &mut BufWriter<W>, r: Reply) -> io::Result<()> {
     for p in std::iter::once(&r.first).chain(r.rest.iter()) {
         wr.write_all(p.head.as_bytes()).await?;
         if let Some(d) = &p.body {

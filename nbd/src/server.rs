@@ -1,6 +1,7 @@
-//! NBD server: accept loop, connection set-up and the transmission phase's
-//! request loop (the handshake is in `handshake`, replies in `reply`, the
-//! requests' execution in `exec`).
+//! NBD server: accept loop, connection lifetime and the transmission phase's
+//! request loop (the handshake and TLS upgrade are in `tls` and `handshake`,
+//! replies in `reply`, the requests' execution in `exec`). The request loop
+//! is generic over the stream halves, plain TCP or TLS.
 //!
 //! Per connection there are three kinds of tasks:
 //! * the connection task reads requests off the socket (through a
@@ -21,24 +22,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::exec::{execute, STATUS_REPLY_BYTES};
-use crate::handshake::{handshake, Negotiated};
+use crate::handshake::Negotiated;
 use crate::proto::{self, Action, Caps, Request};
 use crate::refusals::{RefusalLog, Verdict};
 use crate::reply::{errno_text, writer_task, Permits, Reply, ReplyTo};
+use crate::tls::{negotiate, Halves, Session};
 use crate::{Export, ExportRegistry, ServerConfig, ServerStats};
 
-/// Socket buffer sizes: large enough to batch many 4 KiB requests/replies per
-/// syscall, small enough to be irrelevant per connection.
-const READ_BUF: usize = 256 * 1024;
-const WRITE_BUF: usize = 256 * 1024;
 /// A client that has not finished option haggling by then is dropped, so
 /// idle half-open handshakes cannot pin server resources forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -64,6 +61,7 @@ pub async fn serve<R: ExportRegistry>(
         max_inflight_per_conn: cfg.max_inflight_per_conn.clamp(1, MAX_INFLIGHT_CAP),
         shutdown_grace: cfg.shutdown_grace,
         stats: cfg.stats.clone(),
+        tls: cfg.tls.clone(),
     });
     info!(addr = ?listener.local_addr().ok(), "NBD server listening");
     let mut conns = JoinSet::new();
@@ -146,6 +144,9 @@ pub(crate) enum End {
     WriterGone,
     /// Protocol violation by the client: hard disconnect.
     Protocol(String),
+    /// The TLS handshake failed (bad or missing client certificate, no
+    /// common suite, not TLS at all).
+    Tls(io::Error),
     Io(io::Error),
 }
 
@@ -183,12 +184,8 @@ async fn run_conn<R: ExportRegistry>(
         debug!(%peer, error = %e, "TCP_NODELAY failed");
     }
     info!(%peer, "NBD client connected");
-    let (rd, wr) = sock.into_split();
-    let mut rd = BufReader::with_capacity(READ_BUF, rd);
-    let mut wr = BufWriter::with_capacity(WRITE_BUF, wr);
-
     let hs = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &*registry, cfg)) => {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(sock, peer, &*registry, cfg)) => {
             match r {
                 Ok(r) => r,
                 Err(_) => Err(End::Protocol("handshake timed out".into())),
@@ -196,18 +193,43 @@ async fn run_conn<R: ExportRegistry>(
         }
         _ = shutdown_requested(&mut shutdown) => Err(End::Shutdown),
     };
-    let neg = match hs {
-        Ok(n) => n,
+    let session = match hs {
+        Ok(s) => s,
         Err(end) => {
             log_end(peer, "-", end);
             return;
         }
     };
-    let name = neg.export.name().to_owned();
-    info!(%peer, export = %name, mode = ?neg.mode, block_status = neg.block_status,
-          "NBD client entered transmission");
-    let end = transmission(rd, wr, neg, peer, cfg, shutdown).await;
+    let (name, end) = match session {
+        Session::Plain(halves, neg) => enter(halves, neg, peer, false, cfg, shutdown).await,
+        Session::Tls(halves, neg) => enter(halves, neg, peer, true, cfg, shutdown).await,
+    };
     log_end(peer, &name, end);
+}
+
+/// Run the transmission phase on the negotiated stream; returns the export
+/// name (for the disconnect message) and how the session ended.
+async fn enter<E, R, W>(
+    halves: Halves<R, W>,
+    neg: Negotiated<E>,
+    peer: SocketAddr,
+    tls: bool,
+    cfg: &ServerConfig,
+    shutdown: watch::Receiver<bool>,
+) -> (String, End)
+where
+    E: Export,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let name = neg.export.name().to_owned();
+    info!(%peer, export = %name, mode = ?neg.mode, block_status = neg.block_status, tls,
+          "NBD client entered transmission");
+    if tls {
+        cfg.stats.tls_session();
+    }
+    let end = transmission(halves.rd, halves.wr, neg, peer, cfg, shutdown).await;
+    (name, end)
 }
 
 fn log_end(peer: SocketAddr, export: &str, end: End) {
@@ -219,6 +241,7 @@ fn log_end(peer: SocketAddr, export: &str, end: End) {
         End::Protocol(reason) => {
             warn!(%peer, export, %reason, "NBD protocol error, disconnecting client")
         }
+        End::Tls(e) => warn!(%peer, error = %e, "NBD TLS handshake failed"),
         End::Io(e) => info!(%peer, export, error = %e, "NBD connection I/O error"),
     }
 }
@@ -240,14 +263,19 @@ struct Conn<E: Export> {
 /// Why the request loop stops.
 type Stop = End;
 
-async fn transmission<E: Export>(
-    mut rd: BufReader<OwnedReadHalf>,
-    wr: BufWriter<OwnedWriteHalf>,
+async fn transmission<E, R, W>(
+    mut rd: BufReader<R>,
+    wr: BufWriter<W>,
     neg: Negotiated<E>,
     peer: SocketAddr,
     cfg: &ServerConfig,
     mut shutdown: watch::Receiver<bool>,
-) -> End {
+) -> End
+where
+    E: Export,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let export = neg.export;
     cfg.stats.session_mode(neg.mode);
     // Payload bytes held per connection (write payloads read, read data and
@@ -330,9 +358,9 @@ impl<E: Export> Conn<E> {
     }
 
     /// Validate one request and start it (or answer it at once).
-    async fn request(
+    async fn request<R: AsyncRead + Unpin>(
         &mut self,
-        rd: &mut BufReader<OwnedReadHalf>,
+        rd: &mut BufReader<R>,
         req: Request,
     ) -> Result<(), Stop> {
         let mode = self.session.caps.mode;
@@ -404,9 +432,9 @@ impl<E: Export> Conn<E> {
 
     /// Answer a request validation refused: count it, log it (rate-limited),
     /// skip its payload (without buffering it) to stay in sync, reply.
-    async fn refuse(
+    async fn refuse<R: AsyncRead + Unpin>(
         &mut self,
-        rd: &mut BufReader<OwnedReadHalf>,
+        rd: &mut BufReader<R>,
         req: &Request,
         payload: u64,
         to: ReplyTo,

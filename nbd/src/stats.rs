@@ -1,5 +1,5 @@
 //! Server counters the embedding daemon reads (for its metrics endpoint):
-//! connections, negotiated header styles, and requests refused by
+//! connections, negotiated header styles and TLS, and requests refused by
 //! validation. Plain relaxed atomics: each counter is independent and only
 //! ever grows (except `connections_active`).
 
@@ -13,6 +13,7 @@ pub struct ServerStats {
     connections_active: AtomicU64,
     structured_sessions: AtomicU64,
     extended_sessions: AtomicU64,
+    tls_sessions: AtomicU64,
     refused_requests: AtomicU64,
 }
 
@@ -25,6 +26,8 @@ pub struct StatsSnapshot {
     pub structured_sessions_total: u64,
     /// Sessions that entered transmission with extended headers.
     pub extended_sessions_total: u64,
+    /// Sessions that entered transmission inside TLS.
+    pub tls_sessions_total: u64,
     /// Requests answered with an error by validation (bad flags, ranges,
     /// unsupported commands), before reaching the export.
     pub refused_requests_total: u64,
@@ -38,6 +41,7 @@ impl ServerStats {
             connections_active: g(&self.connections_active),
             structured_sessions_total: g(&self.structured_sessions),
             extended_sessions_total: g(&self.extended_sessions),
+            tls_sessions_total: g(&self.tls_sessions),
             refused_requests_total: g(&self.refused_requests),
         }
     }
@@ -58,6 +62,10 @@ impl ServerStats {
             crate::proto::Mode::Simple => return,
         }
         .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn tls_session(&self) {
+        self.tls_sessions.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn refused(&self) {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::proto::{self, Mode, Request};
-use crate::{serve, ExportRegistry, ServerConfig};
+use crate::{rustls, serve, ExportRegistry, ServerConfig};
 
 /// In-process server on 127.0.0.1 with an ephemeral port.
 pub struct TestServer {
@@ -101,10 +101,50 @@ pub struct ExportInfo {
     pub name: Option<String>,
 }
 
+/// The client's connection: the TCP socket, or TLS on it after STARTTLS.
+enum Wire {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Wire {
+    fn tcp(&mut self) -> &mut TcpStream {
+        match self {
+            Wire::Plain(s) => s,
+            Wire::Tls(t) => t.get_mut(),
+        }
+    }
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.read(buf),
+            Wire::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.write(buf),
+            Wire::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Wire::Plain(s) => s.flush(),
+            Wire::Tls(t) => t.flush(),
+        }
+    }
+}
+
 /// Blocking raw NBD client. All reads time out (10 s) so a server bug makes
 /// a test fail instead of hang.
 pub struct TestClient {
-    s: TcpStream,
+    s: Wire,
     next_handle: u64,
     /// Header style, switched by [`TestClient::structured_reply`] and
     /// [`TestClient::extended_headers`] when the server accepts.
@@ -167,7 +207,7 @@ impl TestClient {
         s.set_write_timeout(Some(IO_TIMEOUT))?;
         s.set_nodelay(true)?;
         Ok(TestClient {
-            s,
+            s: Wire::Plain(s),
             next_handle: 1,
             mode: Mode::Simple,
         })
@@ -193,12 +233,43 @@ impl TestClient {
         }
     }
 
+    /// The TCP socket (under TLS too: raw bytes written here bypass it).
     pub fn stream(&mut self) -> &mut TcpStream {
-        &mut self.s
+        self.s.tcp()
     }
 
     pub fn send(&mut self, b: &[u8]) -> io::Result<()> {
-        self.s.write_all(b)
+        self.s.write_all(b)?;
+        self.s.flush()
+    }
+
+    /// `NBD_OPT_STARTTLS`; on `ACK` the TLS handshake, after which every
+    /// message goes through TLS. Returns the server's error reply type if it
+    /// refused, or the handshake's error if that failed.
+    pub fn starttls(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        server_name: &str,
+    ) -> io::Result<Result<(), u32>> {
+        self.send_option(proto::OPT_STARTTLS, &[])?;
+        let r = self.read_opt_reply()?;
+        if r.typ != proto::REP_ACK {
+            return Ok(Err(r.typ));
+        }
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+            .map_err(io::Error::other)?;
+        let mut conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+        if matches!(self.s, Wire::Tls(_)) {
+            return Err(io::Error::other("STARTTLS inside TLS"));
+        }
+        // A second handle on the socket: on a failed handshake the client
+        // keeps the plain one, to watch the server hang up.
+        let mut sock = self.s.tcp().try_clone()?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock)?;
+        }
+        self.s = Wire::Tls(Box::new(rustls::StreamOwned::new(conn, sock)));
+        Ok(Ok(()))
     }
 
     pub fn recv(&mut self, n: usize) -> io::Result<Vec<u8>> {
@@ -209,7 +280,7 @@ impl TestClient {
 
     /// Half-close: the server sees EOF.
     pub fn shutdown_write(&mut self) -> io::Result<()> {
-        self.s.shutdown(Shutdown::Write)
+        self.s.tcp().shutdown(Shutdown::Write)
     }
 
     /// True if the server closed the connection (EOF or reset) within the

@@ -69,6 +69,7 @@ pub(crate) async fn run_primary(
     };
 
     let nbd_listen = cfg.nbd_addr().map_err(anyhow::Error::msg)?;
+    let nbd_tls = crate::primary::nbd_tls::policy(&cfg)?;
     // After a role change on one host (a switchover in a demo or a test), the node
     // that served this address a moment ago may still be draining: retry a while.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -205,6 +206,7 @@ pub(crate) async fn run_primary(
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
     let server_cfg = nbd::ServerConfig {
         max_payload: (32u64 << 20).min(cfg.journal.segment_size.0 / 2) as u32,
+        tls: nbd_tls,
         ..nbd::ServerConfig::default()
     };
     let nbd_task = tokio::spawn(nbd::serve(

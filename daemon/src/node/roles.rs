@@ -120,10 +120,17 @@ pub(crate) async fn switchover(
             }))
         }
         Err(e) => {
-            // The standby did not confirm a role change: take writes again. (Had it
-            // changed roles unheard, our next session would learn the newer epoch
-            // and fence us.)
-            group.set_fence(None);
+            // The standby did not confirm a role change: take writes again, unless we
+            // have learnt meanwhile that it took over (a newer epoch marked this node
+            // outdated): lifting that fence would accept writes the new primary never
+            // gets (found by ferry-torture, seed 203). Had it changed roles unheard,
+            // our next session learns the newer epoch and fences us.
+            match rec.meta.outdated() {
+                Ok(o) => group.set_fence(fence_after_abandoned_switchover(o.as_ref())),
+                Err(m) => tracing::error!(
+                    "switchover abandoned; writes stay refused: reading the outdated mark: {m}"
+                ),
+            }
             Err(e.context("switchover abandoned; this node stays the primary"))
         }
     }
@@ -149,6 +156,13 @@ pub(crate) async fn demote(
     tracing::warn!(primary = %o.by, epoch = o.epoch, last_seq = seq, "demoted: restarting as a standby");
     life.request_restart();
     Ok(json!({"primary": o.by, "epoch": o.epoch, "last_seq": seq}))
+}
+
+/// The fence a primary keeps after its switchover was abandoned: none (it takes writes
+/// again), unless it is outdated by now (the standby took over unheard, and its newer
+/// epoch reached us): then writes stay refused, for good.
+fn fence_after_abandoned_switchover(o: Option<&crate::store::meta::Outdated>) -> Option<String> {
+    o.map(outdated_reason)
 }
 
 pub(crate) fn outdated_reason(o: &crate::store::meta::Outdated) -> String {
@@ -366,4 +380,24 @@ pub(crate) fn rollback(
         "seconds": r.took.as_secs_f64(),
         "volumes": rec.bases.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::meta::Outdated;
+
+    /// ferry-torture seed 203: the standby took over, the old primary learnt the newer
+    /// epoch (fenced, outdated), then its switchover timed out and lifted every fence:
+    /// it acknowledged a write the new primary never got.
+    #[test]
+    fn an_abandoned_switchover_never_lifts_an_outdated_fence() {
+        assert_eq!(fence_after_abandoned_switchover(None), None);
+        let o = Outdated {
+            epoch: 3,
+            by: "dr1".into(),
+        };
+        let fence = fence_after_abandoned_switchover(Some(&o)).expect("stays fenced");
+        assert_eq!(fence, outdated_reason(&o));
+    }
 }

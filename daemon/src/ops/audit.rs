@@ -93,6 +93,20 @@ impl AuditLog {
             .metadata()
             .with_context(|| format!("audit log {}", path.display()))?
             .len();
+        // A crash in the middle of an append leaves a last line without its newline.
+        // Like the journal's torn tail, it is cut (loudly, and recorded in the chain
+        // below): that line was never made durable, so no answer went out after it.
+        // Anything else that does not verify still refuses.
+        let torn = cut_torn_line(&mut file, len)
+            .with_context(|| format!("audit log {}: cutting a torn last line", path.display()))?;
+        let len = len - torn;
+        if torn > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                bytes = torn,
+                "audit log: cut a torn last line (an append interrupted by a crash)"
+            );
+        }
         let (seq, prev) = if len == 0 {
             (0, GENESIS.to_string())
         } else {
@@ -151,7 +165,7 @@ impl AuditLog {
             }
             (c.seq, sm3_hex(lines[lines.len() - 1]))
         };
-        Ok(AuditLog {
+        let log = AuditLog {
             path: path.to_path_buf(),
             tail: Mutex::new(Tail {
                 file,
@@ -160,7 +174,22 @@ impl AuditLog {
                 prev,
                 failed: None,
             }),
-        })
+        };
+        if torn > 0 {
+            log.append(AuditEntry {
+                uid: None,
+                gid: None,
+                pid: Some(std::process::id() as i32),
+                role: None,
+                request: "audit-recovery".into(),
+                args: serde_json::json!({ "torn_bytes_cut": torn }),
+                result: Outcome::Ok,
+                message: Some(format!(
+                    "ferryd cut a torn last line of {torn} bytes at start-up"
+                )),
+            })?;
+        }
+        Ok(log)
     }
 
     pub fn path(&self) -> &Path {
@@ -204,6 +233,32 @@ impl AuditLog {
         t.prev = sealed.full_hash;
         Ok(())
     }
+}
+
+/// Truncates (durably) a last line that lacks its newline; returns the bytes cut.
+fn cut_torn_line(file: &mut File, len: u64) -> std::io::Result<u64> {
+    let mut end = len;
+    let mut buf = vec![0u8; 64 << 10];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if end == len && chunk.last() == Some(&b'\n') {
+            return Ok(0);
+        }
+        if let Some(p) = chunk.iter().rposition(|&b| b == b'\n') {
+            return cut_to(file, start + p as u64 + 1, len);
+        }
+        end = start;
+    }
+    cut_to(file, 0, len)
+}
+
+fn cut_to(file: &mut File, keep: u64, len: u64) -> std::io::Result<u64> {
+    file.set_len(keep)?;
+    file.sync_data()?;
+    Ok(len - keep)
 }
 
 fn count_newlines(file: &mut File, len: u64) -> std::io::Result<u64> {
@@ -278,17 +333,43 @@ mod tests {
         assert!(last.contains("\"result\":\"ok\""));
     }
 
+    /// Issue 16 path 9: a torn last line (a crash mid-append) is cut at start-up, like
+    /// the journal's torn tail, and the cut is recorded in the chain; it no longer
+    /// stops ferryd from starting.
     #[test]
-    fn truncated_last_line_is_named_and_blocks_appends() {
-        let (_d, path, _lines) = make(4);
+    fn a_torn_last_line_is_cut_recorded_and_the_chain_goes_on() {
+        let (_d, path, lines) = make(4);
         let data = std::fs::read(&path).unwrap();
         let cut = data.len() - 40;
         std::fs::write(&path, &data[..cut]).unwrap();
         let e = verify(&path).unwrap_err();
         assert!(matches!(e, AuditError::Truncated { line: 4, .. }), "{e}");
-        let e = AuditLog::open(&path).unwrap_err().to_string();
-        assert!(e.contains("refusing to append"), "{e}");
-        assert!(e.contains("line 4: incomplete last line"), "{e}");
+        let log = AuditLog::open(&path).unwrap();
+        log.append(entry(9)).unwrap();
+        drop(log);
+        let r = verify(&path).unwrap();
+        assert_eq!(
+            r.entries, 5,
+            "3 whole lines, the recovery record, the new one"
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let now: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            now[..3],
+            lines[..3].iter().map(String::as_str).collect::<Vec<_>>()[..]
+        );
+        // The cut kept the first 3 lines and the 4th's first bytes went.
+        let torn = lines[3].len() + 1 - 40;
+        assert!(
+            now[3].contains("\"request\":\"audit-recovery\"")
+                && now[3].contains(&format!("\"torn_bytes_cut\":{torn}")),
+            "{}",
+            now[3]
+        );
+        // A file that is nothing but a torn line starts a new chain.
+        std::fs::write(&path, b"{\"seq\":1,\"ti").unwrap();
+        AuditLog::open(&path).unwrap();
+        assert_eq!(verify(&path).unwrap().entries, 1);
     }
 
     #[test]

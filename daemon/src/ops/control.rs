@@ -27,6 +27,40 @@ pub use ferry_api::control::{
     call, command_role, CallError, PointSpec, Request, Response, Role, COMMANDS,
 };
 
+/// How long shutdown waits for requests already read to be answered.
+const ANSWER_GRACE: Duration = Duration::from_secs(10);
+
+/// Requests read but not answered yet. Shutdown waits for them (bounded by
+/// [`ANSWER_GRACE`]): a request may itself end the run — a role change re-executes the
+/// daemon once the runtime is gone — and its answer must still reach the client, or
+/// `ferryctl promote` reports `malformed response from ferryd: ""` for a promote that
+/// happened.
+#[derive(Default)]
+struct InFlight(std::sync::atomic::AtomicUsize);
+
+/// One request between being read and being answered.
+struct Answering<'a>(&'a InFlight);
+
+impl InFlight {
+    fn begin(&self) -> Answering<'_> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Answering(self)
+    }
+
+    /// Until every request read so far is answered (or its connection failed).
+    async fn drained(&self) {
+        while self.0.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Longest request line accepted; requests are tiny.
 const MAX_REQUEST: usize = 64 << 10;
 
@@ -153,6 +187,7 @@ pub async fn serve(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let access = Arc::new(access);
+    let inflight = Arc::new(InFlight::default());
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
@@ -161,8 +196,9 @@ pub async fn serve(
                     let h = handler.clone();
                     let access = access.clone();
                     let audit = audit.clone();
+                    let inflight = inflight.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_one(stream, h, &access, audit).await {
+                        if let Err(e) = serve_one(stream, h, &access, audit, &inflight).await {
                             tracing::debug!("control connection: {e:#}");
                         }
                     });
@@ -175,6 +211,12 @@ pub async fn serve(
         }
     }
     let _ = std::fs::remove_file(&path);
+    if tokio::time::timeout(ANSWER_GRACE, inflight.drained())
+        .await
+        .is_err()
+    {
+        tracing::warn!("control: shutting down with requests unanswered after {ANSWER_GRACE:?}");
+    }
 }
 
 /// Who is on the other end of a connection.
@@ -316,6 +358,7 @@ async fn serve_one(
     handler: Handler,
     access: &Access,
     audit: Option<Arc<AuditLog>>,
+    inflight: &InFlight,
 ) -> anyhow::Result<()> {
     let peer = Peer::of(&stream, access);
     let (r, mut w) = stream.into_split();
@@ -327,6 +370,7 @@ async fn serve_one(
         if n == 0 {
             return Ok(());
         }
+        let _answering = inflight.begin();
         let (request, args, result, mut resp) = decide(&line, &peer, &handler);
         if result == Outcome::Denied {
             tracing::warn!(uid = ?peer.uid, pid = ?peer.pid, "control: {}", resp.error.as_deref().unwrap_or(""));
@@ -362,6 +406,7 @@ async fn serve_one(
         let mut out = serde_json::to_vec(&resp)?;
         out.push(b'\n');
         w.write_all(&out).await?;
+        w.flush().await?;
     }
 }
 
@@ -422,5 +467,49 @@ mod tests {
         assert_eq!((what.as_str(), out), ("?", Outcome::Error));
         assert_eq!(args, serde_json::json!("nonsense"));
         assert!(r.error.unwrap().starts_with("bad request"));
+    }
+
+    /// A role change ends the run from inside its own request (the handler stops the
+    /// node): the response must still reach the client before the server is gone.
+    /// (Seen as `malformed response from ferryd: "": EOF` after promote and demote.)
+    #[test]
+    fn a_request_that_stops_the_server_still_gets_its_answer() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_tx = Arc::new(stop_tx);
+        let access = Access::from_config(None);
+        let listener = rt.block_on(bind(&path, &access)).unwrap();
+        let s = stop_tx.clone();
+        let handler: Handler = Arc::new(move |_| {
+            // What a role change does: ask for the end of the run, then answer. The
+            // answer takes a moment to build, as promote's checkpoint does.
+            let _ = s.send(true);
+            std::thread::sleep(Duration::from_millis(200));
+            Response::ok(serde_json::json!({"restarting": true}))
+        });
+        // Audited as in the daemon: the append is a blocking task the request awaits.
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log")).unwrap());
+        let server = rt.spawn(serve(
+            listener,
+            path.clone(),
+            handler,
+            access,
+            Some(audit),
+            stop_rx,
+        ));
+        let client = std::thread::spawn(move || call(&path, &Request::Demote));
+        // As the daemon does: once the server task ends, the runtime goes (and the
+        // process re-executes itself).
+        rt.block_on(server).unwrap();
+        drop(rt);
+        let answer = client.join().unwrap().expect("the client got an answer");
+        assert!(answer.ok, "{answer:?}");
+        assert_eq!(answer.result, Some(serde_json::json!({"restarting": true})));
     }
 }

@@ -1,4 +1,6 @@
-//! The primary write path: volumes and their NBD export, ordered application to the bases.
+//! The primary write path: volumes and their NBD export (with its TLS policy), ordered
+//! application to the bases.
 pub mod apply;
 pub mod frontend;
+pub mod nbd_tls;
 pub mod volume;

@@ -9,6 +9,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::engine::AlignedBuf;
+use crate::failpoint;
+use crate::space::{self, SpaceMonitor};
 use crate::undo::entry::{UndoEntry, UndoPoint, UndoPosition};
 use crate::undo::error::UndoError;
 use crate::undo::format::{
@@ -35,6 +37,8 @@ pub struct UndoLog {
     poisoned: bool,
     /// Aligned staging buffer for O_DIRECT appends (grown as needed, reused).
     staging: Option<AlignedBuf>,
+    /// Waits for space of `append` (see [`UndoLog::space_monitor`]).
+    space: SpaceMonitor,
     /// Exclusive flock on `dir/LOCK` for the log's lifetime: two owners would corrupt it.
     _lock: fs::File,
 }
@@ -69,6 +73,7 @@ impl UndoLog {
             next_segment_no: r.next_segment_no,
             poisoned: false,
             staging: None,
+            space: SpaceMonitor::default(),
             _lock: lock,
         };
         Ok((log, r.report))
@@ -102,23 +107,16 @@ impl UndoLog {
                 s.entries > 0 && s.len.saturating_add(size) > self.segment_size
             }
         };
-        let pos = if roll {
-            let no = self.next_segment_no;
-            let bytes = encode_undo_entry(e, no)?;
-            self.create_segment(no, e.first_seq, &bytes)?
-        } else {
-            let no = self
-                .segments
-                .last()
-                .expect("not rolling: a segment exists")
-                .no;
-            let bytes = encode_undo_entry(e, no)?;
-            match self.append_aligned(&bytes) {
-                Ok(pos) => pos,
-                Err(err) => {
-                    self.poisoned = true;
-                    return Err(err);
-                }
+        let no = match self.segments.last() {
+            Some(s) if !roll => s.no,
+            _ => self.next_segment_no,
+        };
+        let bytes = encode_undo_entry(e, no)?;
+        let pos = match self.write_entry(roll, no, e.first_seq, &bytes) {
+            Ok(pos) => pos,
+            Err(err) => {
+                self.poisoned = true;
+                return Err(err);
             }
         };
         self.index.push(UndoPoint {
@@ -130,6 +128,36 @@ impl UndoLog {
         });
         self.next_seq = Some(e.last_seq + 1);
         Ok(pos)
+    }
+
+    /// Writes encoded entry `bytes` (for segment `no`): in a new segment `no` if
+    /// `roll`, else at the end of the last one. On ENOSPC/EDQUOT it waits and
+    /// tries again (the caller, the standby's applier, blocks; see
+    /// [`space_monitor`](Self::space_monitor)): the failed attempt left at most a
+    /// partial entry past the log's end, which the retry overwrites (or a removed
+    /// temporary file). Any other error is returned (the caller poisons the log).
+    fn write_entry(
+        &mut self,
+        roll: bool,
+        no: u64,
+        first_seq: u64,
+        bytes: &[u8],
+    ) -> Result<UndoPosition, UndoError> {
+        let mon = self.space.clone();
+        let mut waiter = mon.waiter("undo log", if roll { "create segment" } else { "append" });
+        // Bounded by space coming back or `SpaceMonitor::stop_waiting`.
+        loop {
+            let r = if roll {
+                self.create_segment(no, first_seq, bytes)
+            } else {
+                self.append_aligned(bytes)
+            };
+            match r {
+                Err(UndoError::Io { source, .. })
+                    if space::is_space(&source) && waiter.wait(&source, || false) => {}
+                r => return r,
+            }
+        }
     }
 
     /// Writes one encoded entry, zero-padded to [`UNDO_ALIGN`], at the end of the
@@ -150,7 +178,9 @@ impl UndoLog {
         }
         let f = s.direct.as_ref().expect("opened above");
         let off = s.len;
-        f.write_all_at(out, off)
+        failpoint::check("undo::append_write")
+            .and_then(|()| f.write_all_at(out, off))
+            .and_then(|()| failpoint::check("undo::append_fdatasync"))
             .and_then(|()| f.sync_data())
             .map_err(|err| {
                 UndoError::io(
@@ -190,14 +220,7 @@ impl UndoLog {
         let mut image = vec![0u8; UNDO_ALIGN as usize + pad_to(entry.len() as u64, true) as usize];
         image[..hdr.len()].copy_from_slice(&hdr);
         image[UNDO_ALIGN as usize..UNDO_ALIGN as usize + entry.len()].copy_from_slice(entry);
-        let res = segment::create_durably(&self.dir, no, &image);
-        let file = match res {
-            Ok(f) => f,
-            Err(e) => {
-                self.poisoned = true;
-                return Err(e);
-            }
-        };
+        let file = segment::create_durably(&self.dir, no, &image)?;
         self.next_segment_no = no + 1;
         self.segments.push(Segment {
             no,
@@ -267,15 +290,42 @@ impl UndoLog {
         Ok(&self.index.points()[i..])
     }
 
+    /// Checks every entry after boundary `seq` (header, body checksum, extent
+    /// layout) without applying or keeping anything: each body is streamed in
+    /// bounded pieces. A rollback or a view must not start on a log it cannot
+    /// finish, so callers run this first (`entries_after` does it itself).
+    /// Errors: [`UndoError::InvalidTarget`] if `seq` is not a reachable boundary,
+    /// [`UndoError::Corruption`] naming the segment file and entry offset of the
+    /// first (oldest) bad entry, or the IO error.
+    pub fn verify_from(&self, seq: u64) -> Result<(), UndoError> {
+        self.verified_start(seq).map(|_| ())
+    }
+
+    /// [`verify_from`](Self::verify_from), returning the index of the first entry
+    /// after `seq`.
+    fn verified_start(&self, seq: u64) -> Result<usize, UndoError> {
+        self.check()?;
+        let i = self.index.target_index(seq)?;
+        for p in &self.index.points()[i..] {
+            let s = self
+                .segment(p.position.segment_no)
+                .ok_or(UndoError::UnknownPosition(p.position))?;
+            read::verify_entry(s, &p.position)?;
+        }
+        Ok(i)
+    }
+
     /// Entries of the write-sets after boundary `seq`, newest first: applying their
     /// extents in this order restores the replica as it was right after `seq`.
-    /// If `seq` is not a reachable boundary the iterator yields one
-    /// [`UndoError::InvalidTarget`].
+    /// Every one of them is verified ([`verify_from`](Self::verify_from)) before
+    /// the first is yielded, so a bad entry never leaves a half-applied rollback:
+    /// if `seq` is not a reachable boundary or any entry is bad, the iterator
+    /// yields that one error and nothing else.
     pub fn entries_after(
         &self,
         seq: u64,
     ) -> impl Iterator<Item = Result<UndoEntry, UndoError>> + '_ {
-        let (start, err) = match self.index.target_index(seq) {
+        let (start, err) = match self.verified_start(seq) {
             Ok(i) => (i, None),
             Err(e) => (self.index.points().len(), Some(e)),
         };
@@ -418,6 +468,14 @@ impl UndoLog {
         self.index.clear();
         self.next_seq = None;
         Ok(freed)
+    }
+
+    /// The log's waits for space: counters and "waiting since" for metrics
+    /// ([`SpaceMonitor::stats`]), and [`SpaceMonitor::stop_waiting`] for shutdown
+    /// (an `append` waiting for space then fails as it did before waiting). A
+    /// clone: take it once after open; it stays readable while `append` blocks.
+    pub fn space_monitor(&self) -> SpaceMonitor {
+        self.space.clone()
     }
 
     /// Bytes of all segment files.

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::failpoint;
 use crate::undo::error::UndoError;
 
 pub const UNDO_SEGMENT_SUFFIX: &str = ".undo";
@@ -29,7 +30,8 @@ pub fn parse_undo_segment_name(name: &str) -> Option<u64> {
 
 /// Makes creations, renames and deletions in `dir` durable.
 pub(super) fn sync_dir(dir: &Path) -> Result<(), UndoError> {
-    File::open(dir)
+    failpoint::check("undo::dir_fsync")
+        .and_then(|()| File::open(dir))
         .and_then(|d| d.sync_all())
         .map_err(|e| UndoError::io(format!("fsync directory {}", dir.display()), e))
 }
@@ -38,7 +40,8 @@ pub(super) fn sync_dir(dir: &Path) -> Result<(), UndoError> {
 /// refuses O_DIRECT (older tmpfs, for instance; durability is the same `fdatasync`).
 pub(super) fn open_direct(path: &Path) -> Result<File, UndoError> {
     static WARNED: std::sync::Once = std::sync::Once::new();
-    let (f, direct) = crate::segment::open_direct_or_buffered(path)
+    let (f, direct) = failpoint::check("undo::segment_open")
+        .and_then(|()| crate::segment::open_direct_or_buffered(path))
         .map_err(|e| UndoError::io(format!("open {}", path.display()), e))?;
     if !direct {
         WARNED.call_once(|| {
@@ -54,12 +57,14 @@ pub(super) fn read_at(
     buf: &mut [u8],
     offset: u64,
 ) -> Result<(), UndoError> {
-    file.read_exact_at(buf, offset).map_err(|e| {
-        UndoError::io(
-            format!("read {} bytes of {} at {offset}", buf.len(), path.display()),
-            e,
-        )
-    })
+    failpoint::check("undo::pread")
+        .and_then(|()| file.read_exact_at(buf, offset))
+        .map_err(|e| {
+            UndoError::io(
+                format!("read {} bytes of {} at {offset}", buf.len(), path.display()),
+                e,
+            )
+        })
 }
 
 /// One segment file of an open log.
@@ -94,22 +99,48 @@ pub(super) fn open_existing(path: &Path) -> Result<File, UndoError> {
 
 /// Creates segment `no` in `dir` holding `image` (header block and first entry):
 /// written under `.undo.tmp`, fdatasync'ed, renamed, directory fsync'ed, so a crash
-/// leaves either no segment or a complete one. Returns the (buffered) file.
+/// leaves either no segment or a complete one. Returns the (buffered) file. On
+/// failure before the rename the temporary file is removed (a partial one would
+/// hold the space a retry after ENOSPC waits for).
 pub(super) fn create_durably(dir: &Path, no: u64, image: &[u8]) -> Result<File, UndoError> {
     let tmp = dir.join(format!("{no:016}{UNDO_TMP_SUFFIX}"));
     let path = dir.join(undo_segment_file_name(no));
     let _ = std::fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| UndoError::io(format!("create {}", tmp.display()), e))?;
-    f.write_all(image)
-        .and_then(|()| f.sync_data())
-        .map_err(|e| UndoError::io(format!("write {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, &path)
-        .map_err(|e| UndoError::io(format!("rename {} → {}", tmp.display(), path.display()), e))?;
+    let written = (|| {
+        let mut f = failpoint::check("undo::segment_create")
+            .and_then(|()| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+            })
+            .map_err(|e| UndoError::io(format!("create {}", tmp.display()), e))?;
+        failpoint::check("undo::segment_write")
+            .and_then(|()| f.write_all(image))
+            .and_then(|()| failpoint::check("undo::segment_fsync"))
+            .and_then(|()| f.sync_data())
+            .and_then(|()| failpoint::check("undo::rename"))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| {
+                UndoError::io(
+                    format!(
+                        "write {} and rename it to {}",
+                        tmp.display(),
+                        path.display()
+                    ),
+                    e,
+                )
+            })?;
+        Ok(f)
+    })();
+    let f = match written {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     sync_dir(dir)?;
     Ok(f)
 }

@@ -649,7 +649,7 @@ fn node_config(
             inflight_batches: 1,
             writer_nice: ferry_api::config::DEFAULT_WRITER_NICE,
         },
-        nbd: nbd.map(|l| NbdConfig { listen: l.into() }),
+        nbd: nbd.map(NbdConfig::plain),
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
         },
