@@ -173,10 +173,13 @@ pub fn parse_line(line_no: u64, text: &[u8]) -> Result<(Chain, bool), AuditError
         return Err(bad("empty line".into()));
     }
     let chain: Chain = serde_json::from_str(s).map_err(|e| bad(format!("{e}")))?;
-    if s.len() < HASH_SUFFIX_LEN
-        || !s[s.len() - HASH_SUFFIX_LEN..].starts_with(",\"hash\":\"")
-        || !s.ends_with("\"}")
-    {
+    // Byte offsets, not `str` slices: the suffix position may fall inside a
+    // multi-byte character of a forged line, and slicing a `str` there panics.
+    let suffix_at = text.len().checked_sub(HASH_SUFFIX_LEN);
+    let Some(suffix) = suffix_at.map(|at| &text[at..]) else {
+        return Err(bad("`hash` is not the last member".into()));
+    };
+    if !suffix.starts_with(b",\"hash\":\"") || !suffix.ends_with(b"\"}") {
         return Err(bad("`hash` is not the last member".into()));
     }
     if chain.prev.len() != 64 || !chain.prev.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -186,7 +189,7 @@ pub fn parse_line(line_no: u64, text: &[u8]) -> Result<(Chain, bool), AuditError
     canonical.extend_from_slice(&text[..text.len() - HASH_SUFFIX_LEN]);
     canonical.push(b'}');
     let ok = sm3_hex(&canonical) == chain.hash
-        && s[s.len() - HASH_SUFFIX_LEN + 9..s.len() - 2] == chain.hash;
+        && suffix[9..HASH_SUFFIX_LEN - 2] == *chain.hash.as_bytes();
     Ok((chain, ok))
 }
 
@@ -683,5 +686,28 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Found while writing the `audit_verify` fuzz target (fuzz/): a line whose `"hash":"` suffix
+    /// position falls inside a multi-byte character made `parse_line` slice a `str`
+    /// off a char boundary and panic (`ferryctl audit verify` on a forged log).
+    #[test]
+    fn forged_line_with_multibyte_text_at_the_suffix_is_malformed_not_a_panic() {
+        let line = format!(
+            "{{\"seq\":1,\"prev\":\"{}\",\"hash\":\"ab\",\"z\":\"{}\"}}",
+            "0".repeat(64),
+            "\u{e9}".repeat(60)
+        );
+        let err = parse_line(1, line.as_bytes()).expect_err("hash is not the last member");
+        assert!(
+            matches!(err, AuditError::Malformed { line: 1, .. }),
+            "{err}"
+        );
+        let mut log = line.into_bytes();
+        log.push(b'\n');
+        assert!(matches!(
+            verify_bytes(&log),
+            Err(AuditError::Malformed { line: 1, .. })
+        ));
     }
 }

@@ -30,6 +30,13 @@ use crate::wire::{
 // ---------------------------------------------------------------------------
 // Sender (primary, one per target)
 
+/// The sequence after `last`. Positions come from the peer and from persisted
+/// cursors, so `Seq::MAX` is reachable by corruption and must not overflow.
+fn next_seq(last: Seq) -> Result<Seq, SenderError> {
+    last.checked_add(1)
+        .ok_or(SenderError::SeqExhausted { last })
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SenderConfig {
     /// Wire bytes sent but not yet acknowledged durable. One write-set is
@@ -81,6 +88,14 @@ pub enum SenderError {
         "peer resumes at {resume}, beyond anything queued ({last_queued}): histories diverged"
     )]
     PeerAhead { resume: Seq, last_queued: Seq },
+    /// Everything through `Seq::MAX` is queued (or held by the peer): no sequence
+    /// can follow. Only a corrupt cursor or a hostile peer gets a session here.
+    #[error("sequence space exhausted after {last}")]
+    SeqExhausted { last: Seq },
+    /// A write-set whose range is empty or backwards: queuing it would move
+    /// `last_queued` behind `sent` (no frame can carry one either).
+    #[error("write-set range {first}..={last} is empty")]
+    EmptyWriteSet { first: Seq, last: Seq },
 }
 
 impl SenderError {
@@ -92,9 +107,11 @@ impl SenderError {
             Self::AckBeyondSent { .. }
             | Self::AckWentBackwards { .. }
             | Self::AppliedBeyondDurable { .. } => ErrorCode::Protocol,
-            Self::NotContiguous { .. } | Self::EpochMismatch { .. } | Self::QueueFull { .. } => {
-                ErrorCode::Internal
-            }
+            Self::NotContiguous { .. }
+            | Self::EpochMismatch { .. }
+            | Self::QueueFull { .. }
+            | Self::SeqExhausted { .. }
+            | Self::EmptyWriteSet { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -164,11 +181,17 @@ impl Sender {
                 got: ws.epoch,
             });
         }
-        let expected = self.last_queued_seq + 1;
+        let expected = next_seq(self.last_queued_seq)?;
         if ws.first_seq != expected {
             return Err(SenderError::NotContiguous {
                 expected,
                 got: ws.first_seq,
+            });
+        }
+        if ws.last_seq < ws.first_seq {
+            return Err(SenderError::EmptyWriteSet {
+                first: ws.first_seq,
+                last: ws.last_seq,
             });
         }
         if self.queue.len() >= self.config.max_queued_write_sets {
@@ -297,6 +320,7 @@ impl Sender {
                 last_queued: self.last_queued_seq,
             });
         }
+        let next = next_seq(peer_resume_seq)?;
         // Everything up to the resume point counts as sent so release_through
         // can account for it; then rewind the window.
         self.sent_seq = self.sent_seq.max(peer_resume_seq);
@@ -305,7 +329,7 @@ impl Sender {
         self.next_unsent = 0;
         self.inflight_bytes = 0;
         self.sent_seq = peer_resume_seq;
-        Ok(peer_resume_seq + 1)
+        Ok(next)
     }
 
     pub fn epoch(&self) -> Epoch {

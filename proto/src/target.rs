@@ -698,10 +698,10 @@ impl TargetLifecycle {
         // session ends at its first heartbeat check (`must_end_session`) and the next
         // one resyncs, as before.
         if matches!(plan.start, PlanStart::Resync { .. }) {
-            self.phase = TargetPhase::Resyncing;
+            self.enter(TargetPhase::Resyncing);
             SessionStart::Resync { from: resume }
         } else {
-            self.phase = TargetPhase::Streaming;
+            self.enter(TargetPhase::Streaming);
             SessionStart::Stream { after: resume }
         }
     }
@@ -1008,9 +1008,18 @@ impl TargetLifecycle {
             after,
             through: Some(through),
         });
-        self.phase = TargetPhase::Streaming;
+        self.enter(TargetPhase::Streaming);
         self.durable_at_last_ack = journal_durable;
         SessionStart::Stream { after: snapshot }
+    }
+
+    /// Moves the session to `phase`, unless the daemon stopped the target: a
+    /// handshake or resync copy that completes during shutdown (the daemon calls
+    /// these from other tasks) must not make a stopped target report a session.
+    fn enter(&mut self, phase: TargetPhase) {
+        if self.phase != TargetPhase::Stopped {
+            self.phase = phase;
+        }
     }
 
     // -----------------------------------------------------------------------

@@ -481,3 +481,56 @@ fn receiver_jumps_to_the_resync_snapshot() {
     ));
     rx.resynced(42).unwrap();
 }
+
+/// Found by the `session` fuzz target (fuzz/): a sender whose position is
+/// `Seq::MAX` (a corrupt cursor, or a peer resuming there) overflowed computing the
+/// next sequence in `push` and `reset_for_resume`. It must refuse instead.
+#[test]
+fn sender_at_the_end_of_the_sequence_space_refuses_instead_of_overflowing() {
+    let cfg = SenderConfig::default();
+    let mut s = Sender::new(EPOCH, cfg, Seq::MAX);
+    let mut w = ws(1, 1, 0);
+    w.first_seq = Seq::MAX;
+    w.last_seq = Seq::MAX;
+    w.records[0].seq = Seq::MAX;
+    assert_eq!(
+        s.push(w.clone()),
+        Err(SenderError::SeqExhausted { last: Seq::MAX })
+    );
+    assert_eq!(s.last_queued_seq(), Seq::MAX);
+
+    // Queue up to the last sequence, then a peer resuming at it.
+    let mut s = Sender::new(EPOCH, cfg, Seq::MAX - 1);
+    s.push(w).expect("the last sequence can be queued");
+    assert_eq!(
+        s.reset_for_resume(Seq::MAX),
+        Err(SenderError::SeqExhausted { last: Seq::MAX })
+    );
+    assert_eq!(
+        s.durable_seq(),
+        Seq::MAX - 1,
+        "a refused resume changes nothing"
+    );
+    assert_eq!(
+        SenderError::SeqExhausted { last: Seq::MAX }.code(),
+        ErrorCode::Internal
+    );
+}
+
+/// Found by the `session` fuzz target (fuzz/): `push` took a write-set ending
+/// before it starts, which moved `last_queued_seq` behind `sent_seq` (the queue's
+/// order invariant) without any error.
+#[test]
+fn sender_refuses_an_empty_or_backwards_write_set() {
+    let mut s = sender(4, 1 << 20);
+    s.push(ws(1, 2, 0)).expect("contiguous");
+    assert_eq!(s.poll_transmit().map(|w| w.last_seq), Some(2));
+    let mut w = ws(3, 1, 0);
+    w.last_seq = 0;
+    assert_eq!(
+        s.push(w),
+        Err(SenderError::EmptyWriteSet { first: 3, last: 0 })
+    );
+    assert_eq!(s.last_queued_seq(), 2);
+    assert!(s.sent_seq() <= s.last_queued_seq());
+}

@@ -759,3 +759,30 @@ fn status_names_match_the_metrics_label_sets() {
         )
     );
 }
+
+/// Found by the `session` fuzz target (fuzz/): a resync copy or a handshake that
+/// completes after the daemon stopped the target (other tasks call these during
+/// shutdown) moved it out of `Stopped` into a session phase, so status reported a
+/// streaming target on a stopped daemon. `Stopped` is final, as for `connecting`
+/// and `session_ended`.
+#[test]
+fn stopped_is_final_for_a_late_resync_copy_or_handshake() {
+    let mut t = in_bitmap(10, 10);
+    connect(&mut t, 10, 1, 20);
+    assert_eq!(t.phase(), TargetPhase::Resyncing);
+    t.resync_begin(10, 20).expect("resync starts");
+    t.stopped();
+    assert_eq!(t.resync_copied(20, 20), SessionStart::Stream { after: 20 });
+    assert_eq!(t.phase(), TargetPhase::Stopped);
+
+    let mut t = target(SyncMode::Async);
+    t.connecting();
+    let plan = t.plan_hello(&hello(5, 1, 5)).expect("plan");
+    t.stopped();
+    assert_eq!(
+        t.session_started(&plan, 5, 5),
+        SessionStart::Stream { after: 5 }
+    );
+    assert_eq!(t.phase(), TargetPhase::Stopped);
+    assert_eq!(t.snapshot().phase.as_str(), "stopped");
+}

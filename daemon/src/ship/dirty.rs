@@ -399,8 +399,16 @@ impl DirtyMap {
             return Ok(());
         }
         // Bumped per attempt, so two different images never share a generation even if
-        // an attempt fails after its rename.
-        self.generation += 1;
+        // an attempt fails after its rename. Never to u64::MAX, which `open` refuses:
+        // only a forged header gets this far.
+        let Some(next) = self.generation.checked_add(1).filter(|&g| g != u64::MAX) else {
+            return Err(DirtyError::BadHeader {
+                path: self.path.clone(),
+                field: "generation",
+                message: format!("{}: no later image can be written", self.generation),
+            });
+        };
+        self.generation = next;
         let image = self.encode();
         let tmp = tmp_path(&self.path);
         let io = |op: &'static str, p: &Path| {
@@ -672,6 +680,11 @@ fn decode_header(path: &Path, b: &[u8; HEADER_LEN]) -> Result<Header, DirtyError
             "0; the first image is generation 1".into(),
         ));
     }
+    // `flush` bumps it: the last value would overflow there (or wrap to 0, which
+    // this check refuses) instead of writing a newer image.
+    if h.generation == u64::MAX {
+        return Err(bad("generation", format!("{}, no later image", u64::MAX)));
+    }
     let regions = region_count(h.volume_size, h.region_size.trailing_zeros());
     if h.dirty_count > regions {
         return Err(bad(
@@ -921,6 +934,53 @@ mod tests {
     fn reseal(b: &mut [u8]) {
         let crc = crc32c::crc32c(&b[0..60]);
         b[60..64].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Found by the `dirty_map` fuzz target (fuzz/): a CRC-valid map at the largest
+    /// generation opened, and its next flush overflowed `generation += 1`; one below
+    /// it flushed an image that `open` then refused.
+    #[test]
+    fn largest_generation_is_refused_on_open() {
+        let d = tmpdir();
+        let p = sample(&d);
+        rewrite(&p, |b| {
+            b[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+            let crc = bitmap_crc(u64::MAX, &b[HEADER_LEN..]);
+            b[56..60].copy_from_slice(&crc.to_le_bytes());
+            reseal(b);
+        });
+        let e = DirtyMap::open(&p).expect_err("generation u64::MAX accepted");
+        assert!(
+            matches!(
+                e,
+                DirtyError::BadHeader {
+                    field: "generation",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // One below opens, but its flush must not write the image open refuses.
+        rewrite(&p, |b| {
+            b[24..32].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+            let crc = bitmap_crc(u64::MAX - 1, &b[HEADER_LEN..]);
+            b[56..60].copy_from_slice(&crc.to_le_bytes());
+            reseal(b);
+        });
+        let mut m = DirtyMap::open(&p).expect("generation u64::MAX - 1 opens");
+        m.mark_all();
+        let e = m.flush().expect_err("flush to generation u64::MAX");
+        assert!(
+            matches!(
+                e,
+                DirtyError::BadHeader {
+                    field: "generation",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        DirtyMap::open(&p).expect("the image on disk is untouched");
     }
 
     #[test]
