@@ -153,15 +153,18 @@ pub async fn serve(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let access = Arc::new(access);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
+            // Reap finished connections so the set stays as small as what is in flight.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let h = handler.clone();
                     let access = access.clone();
                     let audit = audit.clone();
-                    tokio::spawn(async move {
+                    connections.spawn(async move {
                         if let Err(e) = serve_one(stream, h, &access, audit).await {
                             tracing::debug!("control connection: {e:#}");
                         }
@@ -174,8 +177,23 @@ pub async fn serve(
             }
         }
     }
+    // Answer what is in flight before the node stops: a switchover or promote asks for
+    // the restart itself and is answered after that, and the runtime's end (or the
+    // re-exec) would otherwise cut its answer off (ferryctl saw an empty response).
+    let drained = tokio::time::timeout(CONTROL_DRAIN, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "control requests still running after {CONTROL_DRAIN:?} of shutdown: abandoned"
+        );
+    }
     let _ = std::fs::remove_file(&path);
 }
+
+/// How long shutdown waits for control requests in flight to be answered.
+const CONTROL_DRAIN: Duration = Duration::from_secs(5);
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]

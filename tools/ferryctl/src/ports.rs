@@ -65,8 +65,8 @@ pub fn assign(req: &Request) -> anyhow::Result<Vec<NodeAddrs>> {
 }
 
 /// A standby's NBD address: on the primary's host the next free port (`i` after the
-/// primary's), elsewhere the same port on the standby's own address (a specific
-/// address of the primary cannot be bound there), or the wildcard as given.
+/// primary's); elsewhere loopback or the wildcard as given, and a specific address of
+/// the primary (which cannot be bound there) becomes the standby's own address.
 fn standby_nbd(
     nbd: SocketAddr,
     primary_host: IpAddr,
@@ -80,7 +80,7 @@ fn standby_nbd(
         let port = offset(nbd.port(), i).context("--nbd")?;
         return Ok(SocketAddr::new(nbd.ip(), port));
     }
-    if nbd.ip().is_unspecified() {
+    if nbd.ip().is_unspecified() || nbd.ip().is_loopback() {
         return Ok(nbd);
     }
     Ok(SocketAddr::new(host, nbd.port()))
