@@ -137,7 +137,7 @@ pub struct AccessConfig {
     /// Group (gid) of the control socket file (default: the daemon's group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_group: Option<u32>,
-    /// Everything: role changes, rollback, full resync, reload.
+    /// Everything: role changes (promote, demote, switchover) and rollback.
     #[serde(default)]
     pub admins: Principals,
     /// Bookmarks, point-in-time exports, verify, pause/resume.
