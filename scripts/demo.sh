@@ -4,7 +4,7 @@
 # client, wait until the standby has everything, compare the images, show the status,
 # and leave both running for you to try things until Ctrl-C.
 #
-#   ./scripts/demo.sh                      # ./demo-data, NBD on 127.0.0.1:10809, async
+#   ./scripts/demo.sh                      # ./demo-data, NBD on 127.0.0.1:10809 (dr1: 10810), async
 #   MODE=sync DEMO_DIR=/tmp/x NBD=127.0.0.1:20809 ./scripts/demo.sh
 #
 # A rerun reuses the cluster in DEMO_DIR (and says so): whichever node is the primary
@@ -19,6 +19,8 @@ PRIMARY_QUIC=${PRIMARY_QUIC:-127.0.0.1:17001}
 STANDBY_QUIC=${STANDBY_QUIC:-127.0.0.1:17002}
 MODE=${MODE:-async}
 VOLUME=${VOLUME:-vol0:1GiB}
+# Metrics endpoints on loopback: the primary's here, dr1's on the next port (0: any).
+METRICS_PORT=${METRICS_PORT:-9640}
 VOL=${VOLUME%%:*}
 NODES=(primary dr1)
 
@@ -38,7 +40,8 @@ if [ -f "$DEMO_DIR/primary.toml" ]; then
   echo "== reusing the cluster in $DEMO_DIR (delete that directory for a fresh one)"
 else
   "$BIN/ferryctl" init --dir "$DEMO_DIR" --volume "$VOLUME" --nbd "$NBD" --journal-size 512MiB \
-    --primary "$PRIMARY_QUIC" --standby "dr1=$STANDBY_QUIC" --mode "$MODE"
+    --primary "$PRIMARY_QUIC" --standby "dr1=$STANDBY_QUIC" --mode "$MODE" \
+    --metrics-port "$METRICS_PORT"
 fi
 
 # Every ferryd running one of this cluster's configs, also one restarted by hand after
@@ -93,7 +96,9 @@ if [ -z "$PRIMARY" ] || [ -z "$STANDBY" ]; then
   exit 1
 fi
 
-URL="nbd://$NBD/$VOL"
+# Each node has its own NBD port (init gives a standby on the primary's host the next
+# one): ask the primary where it serves.
+URL="nbd://$(ctl "$PRIMARY" status --json | json_field '["nbd"]["listen"]')/$VOL"
 P="$BIN/ferryctl --config $DEMO_DIR/$PRIMARY.toml"
 S="$BIN/ferryctl --config $DEMO_DIR/$STANDBY.toml"
 echo "== $PRIMARY (primary) serves $URL; $STANDBY is its standby"
@@ -131,7 +136,7 @@ Try next (in another terminal):
   $P bookmark create before-test             # a named recovery point, then write more and:
   $S pit export --volume $VOL --bookmark before-test --listen 127.0.0.1:0   # the volume as it was
   $S pit unexport
-  $P switchover      # planned role swap: $STANDBY becomes the primary (NBD on $NBD), this one its standby;
+  $P switchover      # planned role swap: $STANDBY becomes the primary (on its own NBD port), this one its standby;
                      # rerun this script afterwards and it writes through the new primary
 
 Ctrl-C stops both daemons cleanly (drain, checkpoint, exit 0), also one restarted by hand.

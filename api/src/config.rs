@@ -137,7 +137,7 @@ pub struct AccessConfig {
     /// Group (gid) of the control socket file (default: the daemon's group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_group: Option<u32>,
-    /// Everything: role changes, rollback, full resync, reload.
+    /// Everything: role changes (promote, demote, switchover) and rollback.
     #[serde(default)]
     pub admins: Principals,
     /// Bookmarks, point-in-time exports, verify, pause/resume.
@@ -483,9 +483,11 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Parses TOML; the message carries the parser's key path and line.
+    /// Parses TOML; the message names the key (`journal.size`, `volume[1].size`) and
+    /// the line. The parser's own message points at the value but not at its key, and
+    /// `size` alone is ambiguous: journal, volume and the undo log all have one.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+        toml::from_str(text).map_err(|e| describe_parse_error(text, &e))
     }
 
     pub fn to_toml(&self) -> String {
@@ -765,6 +767,59 @@ impl Config {
 
 /// `HOST:PORT` with a numeric host (no name resolution at start-up: a DR daemon
 /// must not depend on DNS to come up).
+/// One line for a TOML error: `key `K`: MESSAGE (line L, column C)`, or the parser's
+/// own text when it has no position (then there is no key to name either).
+fn describe_parse_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
+        return e.to_string().trim_end().to_string();
+    };
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = at - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let message = e.message().trim_end();
+    match key_path_at(text, at) {
+        Some(key) => format!("key `{key}`: {message} (line {line}, column {column})"),
+        None => format!("{message} (line {line}, column {column})"),
+    }
+}
+
+/// The dotted key whose line holds byte `at`: the nearest table header above it
+/// (`[journal]` → `journal.`, the third `[[volume]]` → `volume[2].`) and the key left of
+/// `=` on that line. Enough for the flat files ferry uses; `None` on a header line.
+fn key_path_at(text: &str, at: usize) -> Option<String> {
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let key = text[start..end].split_once('=')?.0.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let mut table: Option<String> = None;
+    let mut headers = text[..start].lines().map(str::trim).rev();
+    if let Some(h) = headers.find(|l| l.starts_with('[')) {
+        let inner = |h: &str, open: &str, close: &str| {
+            h.strip_prefix(open)
+                .and_then(|r| r.split_once(close))
+                .map(|(n, _)| n.trim().to_string())
+        };
+        table = match inner(h, "[[", "]]") {
+            Some(name) => {
+                let header = format!("[[{name}]]");
+                let index = text[..start]
+                    .lines()
+                    .filter(|l| l.trim().replace(' ', "") == header.replace(' ', ""))
+                    .count()
+                    .saturating_sub(1);
+                Some(format!("{name}[{index}]"))
+            }
+            None => inner(h, "[", "]"),
+        };
+    }
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
+    })
+}
+
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>()
         .map_err(|e| format!("'{s}' is not HOST:PORT with a numeric address: {e}"))
@@ -999,6 +1054,61 @@ size = "1GiB"
             Config::parse(&GOOD.replace("role = \"primary\"", "role = \"leader\"")).unwrap_err();
         assert!(e.contains("role") || e.contains("leader"), "{e}");
         let e = Config::parse(&format!("{GOOD}\nbogus = 1\n")).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn size_and_duration_errors_name_their_key() {
+        let vol2 =
+            format!("{GOOD}\n[[volume]]\nname = \"vol1\"\npath = \"v1.img\"\nsize = \"2GiB\"\n");
+        for (text, key) in [
+            (
+                GOOD.replace("size = \"256MiB\"", "size = \"12XB\""),
+                "journal.size",
+            ),
+            (
+                GOOD.replace("size = \"256MiB\"", "size = -5"),
+                "journal.size",
+            ),
+            (
+                GOOD.replace("size = \"256MiB\"", "size = true"),
+                "journal.size",
+            ),
+            (
+                GOOD.replace("segment_size = \"16MiB\"", "segment_size = \"16 MiBs\""),
+                "journal.segment_size",
+            ),
+            (
+                GOOD.replace("size = \"1GiB\"", "size = \"1 furlong\""),
+                "volume[0].size",
+            ),
+            (
+                vol2.replace("size = \"2GiB\"", "size = \"2GB!\""),
+                "volume[1].size",
+            ),
+            (
+                format!("{GOOD}\n[pit]\nmax_bytes = \"4XB\"\n"),
+                "pit.max_bytes",
+            ),
+            (
+                GOOD.replace(
+                    "segment_size = \"16MiB\"",
+                    "segment_size = \"16MiB\"\ncheckpoint_interval_ms = \"30s\"",
+                ),
+                "journal.checkpoint_interval_ms",
+            ),
+            (
+                format!("{GOOD}\n[pit]\nmax_age_secs = -1\n"),
+                "pit.max_age_secs",
+            ),
+        ] {
+            let e = Config::parse(&text).unwrap_err();
+            assert!(e.starts_with(&format!("key `{key}`: ")), "{key}: {e}");
+            assert!(e.contains("(line "), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        // A header line or an unknown table has no `key = value` to name.
+        let e = Config::parse(&format!("{GOOD}\n[bogus]\n")).unwrap_err();
         assert!(e.contains("bogus"), "{e}");
     }
 

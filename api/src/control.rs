@@ -201,6 +201,18 @@ pub enum CallError {
         socket: PathBuf,
         source: std::io::Error,
     },
+    /// The socket exists but its mode, owner or directory keeps this user out: ferryd
+    /// is probably running fine, so "is it running?" would send the operator astray.
+    #[error(
+        "the control socket {} exists but this user may not use it: {access} (run ferryctl as a user that may, e.g. with sudo, or see [access] socket_group/socket_mode in the config)",
+        socket.display()
+    )]
+    Denied {
+        socket: PathBuf,
+        /// Who may: `owner root, group ferry, mode 0660`.
+        access: String,
+        source: std::io::Error,
+    },
     /// Setting the timeout or sending the request failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -219,11 +231,8 @@ pub enum CallError {
 /// Client side, used by `ferryctl`: one request, one response.
 pub fn call(socket: &Path, req: &Request) -> Result<Response, CallError> {
     use std::io::{BufRead, Write};
-    let mut s =
-        std::os::unix::net::UnixStream::connect(socket).map_err(|source| CallError::Connect {
-            socket: socket.to_path_buf(),
-            source,
-        })?;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|source| connect_error(socket, source))?;
     // A rollback rewrites every range changed since its target: allow it an hour.
     let timeout = match req {
         Request::Rollback { .. } | Request::Promote { .. } | Request::Verify { .. } => {
@@ -241,9 +250,85 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, CallError> {
     serde_json::from_str(&resp).map_err(|source| CallError::Malformed { text: resp, source })
 }
 
+/// Names what keeps us out when `connect` is refused for permissions; anything else
+/// means no daemon listens there.
+fn connect_error(socket: &Path, source: std::io::Error) -> CallError {
+    use std::os::unix::fs::MetadataExt;
+    if source.kind() != std::io::ErrorKind::PermissionDenied {
+        return CallError::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        };
+    }
+    let access = match std::fs::metadata(socket) {
+        Ok(m) => format!(
+            "owner {}, group {}, mode {:04o} (the owner and the group may connect when they have write permission)",
+            account_name("/etc/passwd", m.uid()),
+            account_name("/etc/group", m.gid()),
+            m.mode() & 0o7777
+        ),
+        // Not even its attributes are readable: a directory on the way is closed.
+        Err(_) => "a directory on its path is closed to this user".to_string(),
+    };
+    CallError::Denied {
+        socket: socket.to_path_buf(),
+        access,
+        source,
+    }
+}
+
+/// `name (id)` from a passwd- or group-format file, or the bare id.
+fn account_name(file: &str, id: u32) -> String {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let num = f.nth(1)?.parse::<u32>().ok()?;
+            (num == id).then(|| format!("{name} ({id})"))
+        })
+        .next()
+        .unwrap_or_else(|| id.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn permission_denied_names_who_may_connect() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ctl.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660)).unwrap();
+        // root may connect whatever the mode, so the refusal is the kernel's answer
+        // for any other user, fed in as such.
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let e = connect_error(&sock, denied);
+        assert!(matches!(e, CallError::Denied { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "the control socket {} exists but this user may not use it: owner ",
+                sock.display()
+            )),
+            "{text}"
+        );
+        assert!(text.contains("mode 0660"), "{text}");
+        assert!(!text.contains("is it running"), "{text}");
+        // Any other failure still asks whether ferryd runs.
+        let gone = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(connect_error(&sock, gone)
+            .to_string()
+            .contains("is it running with this config?"));
+    }
+
+    #[test]
+    fn account_names_come_from_the_account_files() {
+        assert_eq!(account_name("/etc/passwd", 0), "root (0)");
+        assert_eq!(account_name("/nonexistent", 4242), "4242");
+    }
 
     #[test]
     fn call_round_trips_and_names_failures() {

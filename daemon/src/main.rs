@@ -1,50 +1,71 @@
-//! `ferryd --config FILE`: runs one ferry node.
-use std::path::PathBuf;
+//! `ferryd --config FILE`: runs one ferry node; `ferryd --check-config FILE` validates
+//! one. Owns the process edges: logging set-up, the single-instance lock, how a fatal
+//! error is printed, and the re-exec after a role change.
+use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
+use std::path::Path;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Parser)]
-#[command(name = "ferryd", version, about = "ferry block replication daemon")]
-struct Args {
-    /// Node configuration (TOML), e.g. written by `ferryctl init`.
-    #[arg(long)]
-    config: PathBuf,
-    /// Log format: text for terminals, json for journald and log shippers.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
-}
+use clap::Parser;
+use ferryd::cli::{Args, LogFormat};
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(path) = &args.check_config {
+        return check_config(path);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal: in a file or the journal they are
+    // noise that breaks grep.
     let sub = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match args.log_format {
+    let format = args.log_format;
+    match format {
         LogFormat::Text => sub.init(),
         LogFormat::Json => sub.json().init(),
     }
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // Once: as a JSON record where logs are machine-read, else as a plain line.
             let msg = ferryd::error_chain(&e);
-            tracing::error!("{msg}");
-            eprintln!("ferryd: {msg}");
+            match format {
+                LogFormat::Json => tracing::error!("{msg}"),
+                LogFormat::Text => eprintln!("ferryd: {msg}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check-config`: the same load and validation as a start, nothing else.
+fn check_config(path: &Path) -> std::process::ExitCode {
+    match ferry_api::config::Config::load(path) {
+        Ok(cfg) => {
+            println!(
+                "config OK: {} (node {}, {})",
+                path.display(),
+                cfg.node.name,
+                cfg.node.role
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferryd: {}", ferryd::error_chain(&e.into()));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let cfg = ferry_api::config::Config::load(&args.config)?;
+    let Some(config) = &args.config else {
+        anyhow::bail!("--config FILE is required");
+    };
+    let cfg = ferry_api::config::Config::load(config)?;
+    let _lock = lock_node(&cfg.node.metadata_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads())
         .enable_all()
@@ -64,6 +85,47 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Err(anyhow::anyhow!("re-executing {}: {err}", exe.display()));
     }
     Ok(())
+}
+
+/// Takes the node's single-instance lock: an exclusive `flock` on
+/// `<metadata_dir>/ferryd.pid`, which then holds our pid. Held until the process ends
+/// or re-executes (the descriptor is close-on-exec, and the new image takes it again).
+/// A second ferryd on the same node learns who holds it instead of redb's bare
+/// "Database already open".
+fn lock_node(metadata_dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    std::fs::create_dir_all(metadata_dir)
+        .with_context(|| format!("creating {}", metadata_dir.display()))?;
+    let path = metadata_dir.join("ferryd.pid");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(err).with_context(|| format!("locking {}", path.display()));
+        }
+        let mut text = String::new();
+        // The holder may not have written its pid yet: then say so, not a wrong number.
+        let pid = match file.read_to_string(&mut text) {
+            Ok(_) if !text.trim().is_empty() => text.trim().to_string(),
+            _ => "unknown".to_string(),
+        };
+        anyhow::bail!(
+            "another ferryd (pid {pid}) runs this node (metadata {}); stop it first, or give this one its own config",
+            metadata_dir.display()
+        );
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(file)
 }
 
 /// Async workers: half the cores (at least one), because the journal writer, its

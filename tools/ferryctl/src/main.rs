@@ -5,11 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
 use ferry_api::config::{
     format_id, parse_addr, valid_name, valid_node_name, Config, ControlConfig, JournalConfig,
-    NbdConfig, NodeConfig, ReplicationConfig, ReplicationMode, Role, TargetConfig, TlsConfig,
-    VolumeConfig, VOLUME_ALIGN,
+    MetricsConfig, NbdConfig, NodeConfig, ReplicationConfig, ReplicationMode, Role, TargetConfig,
+    TlsConfig, VolumeConfig, VOLUME_ALIGN,
 };
 use ferry_api::control::{self, Request};
 use ferry_api::size::{parse_size, ByteSize};
@@ -17,214 +16,18 @@ use ferry_api::status::{
     NodeStatus, PitPoint, PrimaryStatus, RoleStatus, StandbyStatus, TargetStatus,
 };
 use ferry_transport::pki::ClusterCa;
+mod ports;
+mod table;
 
-#[derive(Parser)]
-#[command(name = "ferryctl", version, about = "ferry operator CLI")]
-struct Cli {
-    /// The node's config file (for commands that talk to a running ferryd).
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ModeArg {
-    Sync,
-    Async,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Create a node directory: DIR/primary.toml and DIR/primary/ with sparse volume files.
-    Init {
-        #[arg(long)]
-        dir: PathBuf,
-        /// NAME:SIZE, e.g. vol0:1GiB; repeatable.
-        #[arg(long = "volume", required = true)]
-        volumes: Vec<String>,
-        /// NBD listen address HOST:PORT (numeric host).
-        #[arg(long)]
-        nbd: String,
-        /// Journal size.
-        #[arg(long, default_value = "1GiB")]
-        journal_size: String,
-        /// Journal segment size.
-        #[arg(long, default_value = "64MiB")]
-        segment_size: String,
-        /// The primary's replication (QUIC) address HOST:PORT; needed with --standby.
-        #[arg(long)]
-        primary: Option<String>,
-        /// A standby site NAME=HOST:PORT (its QUIC address); repeatable.
-        #[arg(long = "standby")]
-        standbys: Vec<String>,
-        /// Replication mode for every standby.
-        #[arg(long, value_enum, default_value = "async")]
-        mode: ModeArg,
-    },
-    /// Show the node's role, journal and replication state.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
-    /// The control audit log.
-    Audit {
-        #[command(subcommand)]
-        cmd: AuditCmd,
-    },
-    /// Named recovery points.
-    Bookmark {
-        #[command(subcommand)]
-        cmd: BookmarkCmd,
-    },
-    /// Point-in-time views on a standby.
-    Pit {
-        #[command(subcommand)]
-        cmd: PitCmd,
-    },
-    /// Standby: stop following the primary (the replica stays as it is).
-    Pause,
-    /// Standby: follow the primary again after `pause`.
-    Resume,
-    /// Primary: compare the volumes with every streaming standby at one point of the
-    /// stream while writes continue; lists differing ranges (exit 1 if any).
-    Verify {
-        #[arg(long)]
-        volume: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Standby: become the primary of a new epoch (serves NBD, journals new writes).
-    Promote {
-        /// Roll back to a point first (RFC 3339 time).
-        #[arg(long, conflicts_with = "bookmark")]
-        at: Option<String>,
-        /// Roll back to a bookmark first.
-        #[arg(long)]
-        bookmark: Option<String>,
-        /// Promote even while the current primary is connected (it is fenced when it
-        /// next reaches this node).
-        #[arg(long)]
-        force: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Outdated primary: rejoin as a standby of the node that superseded it.
-    Demote {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Primary: hand the primary role to a caught-up standby without losing a write.
-    Switchover {
-        /// The standby to hand over to (needed when there are several).
-        #[arg(long)]
-        to: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Standby: roll the replica back to a point (pauses replication for good:
-    /// afterwards promote the node or re-seed it).
-    Rollback {
-        #[arg(long)]
-        volume: String,
-        #[command(flatten)]
-        point: PointArgs,
-        /// Confirm that every volume of the consistency group is rolled back.
-        #[arg(long)]
-        group: bool,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// Exactly one way to name a recovery point.
-#[derive(clap::Args)]
-#[group(required = true, multiple = false)]
-struct PointArgs {
-    /// A time (RFC 3339, e.g. 2026-11-24T20:15:00+08:00): the newest point at or before it.
-    #[arg(long)]
-    at: Option<String>,
-    /// A write-set boundary sequence.
-    #[arg(long)]
-    seq: Option<u64>,
-    /// A bookmark name.
-    #[arg(long)]
-    bookmark: Option<String>,
-}
-
-impl PointArgs {
-    fn spec(&self) -> control::PointSpec {
-        match (&self.at, self.seq, &self.bookmark) {
-            (Some(t), _, _) => control::PointSpec::At(t.clone()),
-            (_, Some(s), _) => control::PointSpec::Seq(s),
-            (_, _, Some(b)) => control::PointSpec::Bookmark(b.clone()),
-            // clap's group makes one of them required.
-            (None, None, None) => control::PointSpec::Seq(0),
-        }
-    }
-}
-
-#[derive(Subcommand)]
-enum BookmarkCmd {
-    /// Primary: seal the current write-set with NAME (it reaches every standby).
-    Create {
-        name: String,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Bookmarks known to this node: name, sequence, time.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum PitCmd {
-    /// The retained window, recent points, bookmarks and open views.
-    List {
-        /// How many recent points to show.
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Serve a volume as it was at a point over NBD (no copy; replication continues).
-    Export {
-        #[arg(long)]
-        volume: String,
-        #[command(flatten)]
-        point: PointArgs,
-        /// NBD listen address HOST:PORT (port 0: any free port, printed).
-        #[arg(long)]
-        listen: String,
-        /// Accept writes into a scratch overlay dropped at unexport.
-        #[arg(long)]
-        writable: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Stop serving a view (the only one, or ID) and drop its overlay.
-    Unexport {
-        id: Option<u64>,
-        #[arg(long)]
-        all: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum AuditCmd {
-    /// Check the audit log's hash chain: the log named by --config (`access.audit_log`,
-    /// default `<metadata_dir>/audit.log`) or --file. Exits 1 naming the first bad line.
-    Verify {
-        /// The audit log file itself (instead of --config).
-        #[arg(long)]
-        file: Option<PathBuf>,
-    },
-}
+use ferryctl::cli::{AuditCmd, BookmarkCmd, Cli, Cmd, ModeArg, PitCmd};
+use table::Align;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // `ferryctl status | head -1`: when the reader goes away, end quietly like any
+    // Unix filter (Rust ignores SIGPIPE, and then println! panics on EPIPE).
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = ferryctl::cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -245,12 +48,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             primary,
             standbys,
             mode,
+            metrics_port,
+            same_host,
         } => {
             let sites = Sites::parse(primary.as_deref(), &standbys, mode)?;
+            let mut replication: Vec<&str> = Vec::new();
+            if let Some(s) = &sites {
+                replication.push(&s.primary);
+                replication.extend(s.standbys.iter().map(|(_, a)| a.as_str()));
+            }
+            let addrs = ports::assign(&ports::Request {
+                nbd: &nbd,
+                replication,
+                metrics_port,
+                same_host,
+            })?;
             init(
                 &dir,
                 &volumes,
-                &nbd,
+                &addrs,
                 &journal_size,
                 &segment_size,
                 sites.as_ref(),
@@ -482,69 +298,108 @@ fn pt(p: &serde_json::Value) -> String {
 }
 
 fn print_bookmarks(list: &serde_json::Value) {
+    print!("{}", bookmarks_table(list));
+}
+
+/// The bookmark list as a table, or `no bookmarks`.
+fn bookmarks_table(list: &serde_json::Value) -> String {
     let list = list.as_array().cloned().unwrap_or_default();
     if list.is_empty() {
-        println!("no bookmarks");
-        return;
+        return "no bookmarks\n".to_string();
     }
-    println!("{:<24} {:>12}  {:<26} reachable", "NAME", "SEQ", "TIME");
-    for b in list {
-        println!(
-            "{:<24} {:>12}  {:<26} {}",
-            b["name"].as_str().unwrap_or("?"),
-            b["seq"],
-            b["time"].as_str().unwrap_or("?"),
-            match b["reachable"].as_bool() {
-                Some(true) => "yes",
-                Some(false) => "no (outside the window)",
-                None => "-",
-            }
-        );
-    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|b| {
+            vec![
+                b["name"].as_str().unwrap_or("?").to_string(),
+                b["seq"].to_string(),
+                b["time"].as_str().unwrap_or("?").to_string(),
+                match b["reachable"].as_bool() {
+                    Some(true) => "yes",
+                    Some(false) => "no (outside the window)",
+                    None => "-",
+                }
+                .to_string(),
+            ]
+        })
+        .collect();
+    table::render(
+        &[
+            ("NAME", Align::Left),
+            ("SEQ", Align::Right),
+            ("TIME", Align::Left),
+            ("REACHABLE", Align::Left),
+        ],
+        &rows,
+    )
 }
 
 fn print_pits(v: &serde_json::Value) {
-    println!(
-        "window     oldest {}  newest {}",
+    print!("{}", pits_text(v));
+}
+
+/// `pit list` as text: the window and undo usage, then tables of recent points,
+/// bookmarks and open views.
+fn pits_text(v: &serde_json::Value) -> String {
+    let mut out = format!(
+        "window     oldest {}  newest {}\n",
         pt(&v["oldest"]),
         pt(&v["newest"])
     );
-    println!(
-        "undo       {} points, {} of {} bytes, max age {} s{}",
-        v["points"],
-        v["used_bytes"],
-        v["max_bytes"],
-        v["max_age_secs"],
-        v["error"]
-            .as_str()
-            .map(|e| format!("\n           error: {e}"))
-            .unwrap_or_default()
+    out += &format!(
+        "undo       {} points, {} of {} bytes, max age {} s\n",
+        v["points"], v["used_bytes"], v["max_bytes"], v["max_age_secs"]
     );
-    if let Some(pts) = v["recent_points"].as_array() {
-        println!("recent     (seq time)");
-        for p in pts {
-            println!(
-                "           {} {}",
-                p["seq"],
-                p["time"].as_str().unwrap_or("?")
-            );
-        }
+    if let Some(e) = v["error"].as_str() {
+        out += &format!("           error: {e}\n");
     }
-    print_bookmarks(&v["bookmarks"]);
-    for x in v["exports"].as_array().cloned().unwrap_or_default() {
-        println!(
-            "export     id {} {} at seq {} on {}{}",
-            x["id"],
-            x["volume"].as_str().unwrap_or("?"),
-            x["seq"],
-            x["listen"].as_str().unwrap_or("?"),
-            if x["writable"] == true {
-                " (writable)"
-            } else {
-                ""
-            }
+    if let Some(pts) = v["recent_points"].as_array().filter(|p| !p.is_empty()) {
+        let rows: Vec<Vec<String>> = pts
+            .iter()
+            .map(|p| {
+                vec![
+                    p["seq"].to_string(),
+                    p["time"].as_str().unwrap_or("?").to_string(),
+                ]
+            })
+            .collect();
+        out += "\nrecent points\n";
+        out += &table::render(&[("SEQ", Align::Right), ("TIME", Align::Left)], &rows);
+    }
+    out += "\n";
+    out += &bookmarks_table(&v["bookmarks"]);
+    let exports = v["exports"].as_array().cloned().unwrap_or_default();
+    if !exports.is_empty() {
+        let rows: Vec<Vec<String>> = exports
+            .iter()
+            .map(|x| {
+                vec![
+                    x["id"].to_string(),
+                    x["volume"].as_str().unwrap_or("?").to_string(),
+                    x["seq"].to_string(),
+                    x["listen"].as_str().unwrap_or("?").to_string(),
+                    if x["writable"] == true {
+                        "writable"
+                    } else {
+                        "read-only"
+                    }
+                    .to_string(),
+                ]
+            })
+            .collect();
+        out += "\nexports\n";
+        out += &table::render(
+            &[
+                ("ID", Align::Right),
+                ("VOLUME", Align::Left),
+                ("SEQ", Align::Right),
+                ("LISTEN", Align::Left),
+                ("MODE", Align::Left),
+            ],
+            &rows,
         );
     }
+    out
 }
 
 fn need_config(path: Option<&Path>) -> anyhow::Result<Config> {
@@ -624,7 +479,7 @@ fn node_config(
     role: Role,
     cluster: &[u8; 16],
     vols: &[(String, u64)],
-    nbd: Option<&str>,
+    addrs: &ports::NodeAddrs,
     journal_size: u64,
     segment_size: u64,
     replication: Option<ReplicationConfig>,
@@ -652,13 +507,15 @@ fn node_config(
             inflight_batches: 1,
             writer_nice: ferry_api::config::DEFAULT_WRITER_NICE,
         },
-        nbd: nbd.map(NbdConfig::plain),
+        nbd: Some(NbdConfig::plain(addrs.nbd.clone())),
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
         },
         tls,
         replication,
-        metrics: None,
+        metrics: Some(MetricsConfig {
+            listen: addrs.metrics.clone(),
+        }),
         pit: None,
         access: None,
         volumes: vols
@@ -675,7 +532,7 @@ fn node_config(
 fn init(
     dir: &Path,
     volumes: &[String],
-    nbd: &str,
+    addrs: &[ports::NodeAddrs],
     journal_size: &str,
     segment_size: &str,
     sites: Option<&Sites>,
@@ -710,20 +567,22 @@ fn init(
         Role::Primary,
         &cluster,
         &vols,
-        Some(nbd),
+        &addrs[0],
         journal_size,
         segment_size,
         primary_repl,
     ));
-    for (name, addr) in sites.map(|s| s.standbys.as_slice()).unwrap_or_default() {
-        // Once promoted, a standby serves NBD on the same address and ships to the
-        // old primary (which rejoins as its standby after a demote or switchover).
+    let standbys = sites.map(|s| s.standbys.as_slice()).unwrap_or_default();
+    for ((name, addr), node_addrs) in standbys.iter().zip(&addrs[1..]) {
+        // Once promoted, a standby serves NBD (on its own port when it shares the
+        // primary's host) and ships to the old primary (which rejoins as its standby
+        // after a demote or switchover).
         nodes.push(node_config(
             name,
             Role::Standby,
             &cluster,
             &vols,
-            Some(nbd),
+            node_addrs,
             journal_size,
             segment_size,
             Some(ReplicationConfig {
@@ -805,7 +664,12 @@ fn init(
         );
     }
     for v in &vols {
-        println!("export:    nbd://{nbd}/{} ({})", v.0, ByteSize(v.1));
+        println!(
+            "export:    nbd://{}/{} ({})",
+            addrs[0].nbd,
+            v.0,
+            ByteSize(v.1)
+        );
     }
     Ok(())
 }

@@ -32,6 +32,8 @@ impl Demo {
                 ("NBD", format!("127.0.0.1:{}", free_tcp_port())),
                 ("PRIMARY_QUIC", format!("127.0.0.1:{}", free_udp_port())),
                 ("STANDBY_QUIC", format!("127.0.0.1:{}", free_udp_port())),
+                // Not the fixed default: other tests may run nodes at the same time.
+                ("METRICS_PORT", "0".to_string()),
                 ("VOLUME", "vol0:1GiB".into()),
             ],
         }

@@ -1,0 +1,258 @@
+//! ferryctl's command line (clap): the definition the binary parses and the man page
+//! and completion generator (`ferry-docgen`) renders.
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use ferry_api::control;
+
+#[derive(Parser)]
+#[command(name = "ferryctl", version, about = "ferry operator CLI")]
+pub struct Cli {
+    /// The node's config file (for commands that talk to a running ferryd).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ModeArg {
+    /// A write is acknowledged once the standby has it durably (bounded by
+    /// replication.sync_timeout_ms, then the target degrades to async).
+    Sync,
+    /// Writes are acknowledged locally and shipped behind.
+    Async,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Create a node directory: DIR/primary.toml and DIR/primary/ with sparse volume files.
+    Init {
+        /// Directory to create the node configs (NAME.toml), data directories and CA in.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A volume NAME:SIZE, e.g. vol0:1GiB (units B, KiB, MiB, GiB, TiB); repeatable.
+        #[arg(long = "volume", value_name = "NAME:SIZE", required = true)]
+        volumes: Vec<String>,
+        /// NBD listen address HOST:PORT (numeric host; port 0: any free port). Standbys
+        /// on the same host get the following ports.
+        #[arg(long, value_name = "HOST:PORT")]
+        nbd: String,
+        /// Journal size (a size with unit, e.g. 1GiB): writes wait while it is full.
+        #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+        journal_size: String,
+        /// Journal segment size: the unit of reclaim (the journal holds at least two).
+        #[arg(long, value_name = "SIZE", default_value = "64MiB")]
+        segment_size: String,
+        /// The primary's replication (QUIC) address HOST:PORT; needed with --standby.
+        #[arg(long, value_name = "HOST:PORT")]
+        primary: Option<String>,
+        /// A standby site NAME=HOST:PORT (its QUIC address); repeatable.
+        #[arg(long = "standby", value_name = "NAME=HOST:PORT")]
+        standbys: Vec<String>,
+        /// Replication mode for every standby.
+        #[arg(long, value_enum, default_value = "async")]
+        mode: ModeArg,
+        /// First loopback port of the metrics endpoints (/metrics, /healthz, /readyz):
+        /// the primary gets it, each standby the next one. Default 9640, or 0 (any free
+        /// port) when --nbd asks for port 0.
+        #[arg(long, value_name = "PORT")]
+        metrics_port: Option<u16>,
+        /// Every node runs on this one host (a test or demo cluster): give each its own
+        /// NBD port even when the addresses do not show it (loopback and identical
+        /// hosts are detected anyway).
+        #[arg(long)]
+        same_host: bool,
+    },
+    /// Show the node's role, journal and replication state.
+    Status {
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The control audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+    /// Named recovery points.
+    Bookmark {
+        #[command(subcommand)]
+        cmd: BookmarkCmd,
+    },
+    /// Point-in-time views on a standby.
+    Pit {
+        #[command(subcommand)]
+        cmd: PitCmd,
+    },
+    /// Standby: stop following the primary (the replica stays as it is).
+    Pause,
+    /// Standby: follow the primary again after `pause`.
+    Resume,
+    /// Primary: compare the volumes with every streaming standby at one point of the
+    /// stream while writes continue; lists differing ranges (exit 1 if any).
+    Verify {
+        /// Only this volume (default: every volume).
+        #[arg(long, value_name = "NAME")]
+        volume: Option<String>,
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Standby: become the primary of a new epoch (serves NBD, journals new writes).
+    Promote {
+        /// Roll back to a point first (RFC 3339 time).
+        #[arg(long, value_name = "TIME", conflicts_with = "bookmark")]
+        at: Option<String>,
+        /// Roll back to a bookmark first.
+        #[arg(long)]
+        bookmark: Option<String>,
+        /// Promote even while the current primary is connected (it is fenced when it
+        /// next reaches this node).
+        #[arg(long)]
+        force: bool,
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Outdated primary: rejoin as a standby of the node that superseded it.
+    Demote {
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Primary: hand the primary role to a caught-up standby without losing a write.
+    Switchover {
+        /// The standby to hand over to (needed when there are several).
+        #[arg(long)]
+        to: Option<String>,
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Standby: roll the replica back to a point (pauses replication for good:
+    /// afterwards promote the node or re-seed it).
+    Rollback {
+        /// The volume to roll back (with --group: any volume of the group).
+        #[arg(long, value_name = "NAME")]
+        volume: String,
+        #[command(flatten)]
+        point: PointArgs,
+        /// Confirm that every volume of the consistency group is rolled back.
+        #[arg(long)]
+        group: bool,
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Exactly one way to name a recovery point.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct PointArgs {
+    /// A time (RFC 3339, e.g. 2026-11-24T20:15:00+08:00): the newest point at or before it.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// A write-set boundary sequence.
+    #[arg(long)]
+    pub seq: Option<u64>,
+    /// A bookmark name.
+    #[arg(long)]
+    pub bookmark: Option<String>,
+}
+
+impl PointArgs {
+    pub fn spec(&self) -> control::PointSpec {
+        match (&self.at, self.seq, &self.bookmark) {
+            (Some(t), _, _) => control::PointSpec::At(t.clone()),
+            (_, Some(s), _) => control::PointSpec::Seq(s),
+            (_, _, Some(b)) => control::PointSpec::Bookmark(b.clone()),
+            // clap's group makes one of them required.
+            (None, None, None) => control::PointSpec::Seq(0),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum BookmarkCmd {
+    /// Primary: seal the current write-set with NAME (it reaches every standby).
+    Create {
+        /// The bookmark's name (1-64 of A-Z a-z 0-9 . _ -).
+        name: String,
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bookmarks known to this node: name, sequence, time.
+    List {
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PitCmd {
+    /// The retained window, recent points, bookmarks and open views.
+    List {
+        /// How many recent points to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a volume as it was at a point over NBD (no copy; replication continues).
+    Export {
+        /// The volume to serve.
+        #[arg(long, value_name = "NAME")]
+        volume: String,
+        #[command(flatten)]
+        point: PointArgs,
+        /// NBD listen address HOST:PORT (port 0: any free port, printed).
+        #[arg(long)]
+        listen: String,
+        /// Accept writes into a scratch overlay dropped at unexport.
+        #[arg(long)]
+        writable: bool,
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop serving a view (the only one, or ID) and drop its overlay.
+    Unexport {
+        /// The view's id (from `pit export` or `pit list`); optional when one is open.
+        id: Option<u64>,
+        /// Stop every open view.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Check the audit log's hash chain: the log named by --config (`access.audit_log`,
+    /// default `<metadata_dir>/audit.log`) or --file. Exits 1 naming the first bad line.
+    Verify {
+        /// The audit log file itself (instead of --config).
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+    },
+}
+
+/// The command as parsed and documented: the global `--config` is hidden under `init`,
+/// which lays out new nodes and reads no config.
+pub fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    // Global arguments reach the subcommands when the command is built.
+    cmd.build();
+    cmd.mut_subcommand("init", |init| init.mut_arg("config", |a| a.hide(true)))
+}
+
+/// Parses the process arguments (exits with clap's message on a usage error).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
