@@ -104,64 +104,7 @@ impl AuditLog {
                 "audit log: cut a torn last line (an append interrupted by a crash)"
             );
         }
-        let (seq, prev) = if len == 0 {
-            (0, GENESIS.to_string())
-        } else {
-            let refuse = |e: AuditError| {
-                anyhow::anyhow!(
-                    "audit log {}: refusing to append: its tail does not verify: {e} (run `ferryctl audit verify --file {}`; move the log aside to start a new chain)",
-                    path.display(),
-                    path.display()
-                )
-            };
-            let mut last = [0u8; 1];
-            file.seek(SeekFrom::Start(len - 1))?;
-            file.read_exact(&mut last)?;
-            let tail = read_tail_lines(&mut file, len, 2)
-                .with_context(|| format!("reading audit log {}", path.display()))?;
-            // Line numbers here are counted from the end; re-count for the message.
-            let total_lines = count_newlines(&mut file, len)? + u64::from(last[0] != b'\n');
-            let lines = match split_lines(&tail) {
-                Ok(l) => l,
-                Err(_) => {
-                    let bytes =
-                        tail.len() - tail.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-                    return Err(refuse(AuditError::Truncated {
-                        line: total_lines,
-                        bytes,
-                    }));
-                }
-            };
-            let lines = &lines[lines.len().saturating_sub(2)..];
-            let first_no = total_lines + 1 - lines.len() as u64;
-            let mut parsed = Vec::new();
-            for (k, l) in lines.iter().enumerate() {
-                parsed.push(parse_line(first_no + k as u64, l).map_err(refuse)?);
-            }
-            let (c, ok) = parsed.last().expect("a non-empty file has a line");
-            if !ok {
-                return Err(refuse(AuditError::Edited {
-                    line: total_lines,
-                    seq: c.seq,
-                }));
-            }
-            let (exp_seq, exp_prev) = if lines.len() == 2 {
-                (parsed[0].0.seq + 1, sm3_hex(lines[0]))
-            } else {
-                (1, GENESIS.to_string())
-            };
-            if c.seq != exp_seq || c.prev != exp_prev {
-                return Err(refuse(AuditError::Broken {
-                    line: total_lines,
-                    seq: c.seq,
-                    why: format!(
-                        "expected seq {exp_seq} and prev = hash of the line before; found seq {} and a prev that does not match",
-                        c.seq
-                    ),
-                }));
-            }
-            (c.seq, sm3_hex(lines[lines.len() - 1]))
-        };
+        let (seq, prev) = chain_tail(&mut file, len, path)?;
         let log = AuditLog {
             path: path.to_path_buf(),
             tail: Mutex::new(Tail {
@@ -230,6 +173,71 @@ impl AuditLog {
         t.prev = sealed.full_hash;
         Ok(())
     }
+}
+
+/// The chain position to continue from: `(seq, hash)` of the last line, after checking
+/// that line's own hash, its link to the line before and that it is complete. Refuses
+/// with the precise problem otherwise: appending to a broken chain would hide the break.
+fn chain_tail(file: &mut File, len: u64, path: &Path) -> anyhow::Result<(u64, String)> {
+    use anyhow::Context;
+    Ok(if len == 0 {
+        (0, GENESIS.to_string())
+    } else {
+        let refuse = |e: AuditError| {
+            anyhow::anyhow!(
+                "audit log {}: refusing to append: its tail does not verify: {e} (run `ferryctl audit verify --file {}`; move the log aside to start a new chain)",
+                path.display(),
+                path.display()
+            )
+        };
+        let mut last = [0u8; 1];
+        file.seek(SeekFrom::Start(len - 1))?;
+        file.read_exact(&mut last)?;
+        let tail = read_tail_lines(file, len, 2)
+            .with_context(|| format!("reading audit log {}", path.display()))?;
+        // Line numbers here are counted from the end; re-count for the message.
+        let total_lines = count_newlines(file, len)? + u64::from(last[0] != b'\n');
+        let lines = match split_lines(&tail) {
+            Ok(l) => l,
+            Err(_) => {
+                let bytes =
+                    tail.len() - tail.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+                return Err(refuse(AuditError::Truncated {
+                    line: total_lines,
+                    bytes,
+                }));
+            }
+        };
+        let lines = &lines[lines.len().saturating_sub(2)..];
+        let first_no = total_lines + 1 - lines.len() as u64;
+        let mut parsed = Vec::new();
+        for (k, l) in lines.iter().enumerate() {
+            parsed.push(parse_line(first_no + k as u64, l).map_err(refuse)?);
+        }
+        let (c, ok) = parsed.last().expect("a non-empty file has a line");
+        if !ok {
+            return Err(refuse(AuditError::Edited {
+                line: total_lines,
+                seq: c.seq,
+            }));
+        }
+        let (exp_seq, exp_prev) = if lines.len() == 2 {
+            (parsed[0].0.seq + 1, sm3_hex(lines[0]))
+        } else {
+            (1, GENESIS.to_string())
+        };
+        if c.seq != exp_seq || c.prev != exp_prev {
+            return Err(refuse(AuditError::Broken {
+                line: total_lines,
+                seq: c.seq,
+                why: format!(
+                    "expected seq {exp_seq} and prev = hash of the line before; found seq {} and a prev that does not match",
+                    c.seq
+                ),
+            }));
+        }
+        (c.seq, sm3_hex(lines[lines.len() - 1]))
+    })
 }
 
 /// Truncates (durably) a last line that lacks its newline; returns the bytes cut.
