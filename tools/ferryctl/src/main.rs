@@ -52,17 +52,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             same_host,
         } => {
             let sites = Sites::parse(primary.as_deref(), &standbys, mode)?;
-            let mut replication: Vec<&str> = Vec::new();
-            if let Some(s) = &sites {
-                replication.push(&s.primary);
-                replication.extend(s.standbys.iter().map(|(_, a)| a.as_str()));
-            }
-            let addrs = ports::assign(&ports::Request {
-                nbd: &nbd,
-                replication,
-                metrics_port,
-                same_host,
-            })?;
+            let addrs = init_addrs(sites.as_ref(), &nbd, metrics_port, same_host)?;
             init(
                 &dir,
                 &volumes,
@@ -76,75 +66,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Audit {
             cmd: AuditCmd::Verify { file },
         } => audit_verify(cli.config.as_deref(), file.as_deref()),
-        Cmd::Bookmark { cmd } => {
-            let cfg = need_config(cli.config.as_deref())?;
-            match cmd {
-                BookmarkCmd::Create { name, json } => {
-                    let v = call(&cfg, &Request::BookmarkCreate { name })?;
-                    print_or(json, &v, || {
-                        println!(
-                            "bookmark {} at sequence {} ({})",
-                            v["name"], v["seq"], v["time"]
-                        )
-                    })
-                }
-                BookmarkCmd::List { json } => {
-                    let v = call(&cfg, &Request::ListBookmarks)?;
-                    print_or(json, &v, || print_bookmarks(&v["bookmarks"]))
-                }
-            }
-        }
-        Cmd::Pit { cmd } => {
-            let cfg = need_config(cli.config.as_deref())?;
-            match cmd {
-                PitCmd::List { limit, json } => {
-                    let v = call(&cfg, &Request::ListPits { limit: Some(limit) })?;
-                    print_or(json, &v, || print_pits(&v))
-                }
-                PitCmd::Export {
-                    volume,
-                    point,
-                    listen,
-                    writable,
-                    json,
-                } => {
-                    let v = call(
-                        &cfg,
-                        &Request::PitExport {
-                            volume,
-                            target: point.spec(),
-                            listen,
-                            writable,
-                        },
-                    )?;
-                    print_or(json, &v, || {
-                        println!(
-                            "view {} of {} at sequence {} ({}){}: {}",
-                            v["id"],
-                            v["volume"].as_str().unwrap_or("?"),
-                            v["seq"],
-                            v["time"].as_str().unwrap_or("?"),
-                            if v["writable"] == true {
-                                ", writable (scratch overlay)"
-                            } else {
-                                ", read-only"
-                            },
-                            v["uri"].as_str().unwrap_or("?")
-                        );
-                        println!(
-                            "opened in {:.3} s from {} undo entries",
-                            v["open_seconds"].as_f64().unwrap_or(0.0),
-                            v["undo_entries_read"]
-                        );
-                    })
-                }
-                PitCmd::Unexport { id, all } => {
-                    let v = call(&cfg, &Request::PitUnexport { id, all })?;
-                    println!("unexported {}", v["unexported"]);
-                    Ok(())
-                }
-            }
-        }
+        Cmd::Bookmark { cmd } => bookmark(&need_config(cli.config.as_deref())?, cmd),
+        Cmd::Pit { cmd } => pit(&need_config(cli.config.as_deref())?, cmd),
         Cmd::Promote {
             at,
             bookmark,
@@ -159,38 +82,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             role_change(&cfg, Request::Promote { target, force }, json)
         }
-        Cmd::Verify { volume, json } => {
-            let cfg = need_config(cli.config.as_deref())?;
-            let v = call(&cfg, &Request::Verify { volume })?;
-            print_or(json, &v, || {
-                println!(
-                    "verify at sequence {} ({} KiB chunks, {:.3} s):",
-                    v["seq"],
-                    v["chunk_size"].as_u64().unwrap_or(0) / 1024,
-                    v["seconds"].as_f64().unwrap_or(0.0)
-                );
-                for r in v["results"].as_array().cloned().unwrap_or_default() {
-                    let ranges = r["differing"].as_array().cloned().unwrap_or_default();
-                    println!(
-                        "  {} {}: {}",
-                        r["target"].as_str().unwrap_or("?"),
-                        r["volume"].as_str().unwrap_or("?"),
-                        if ranges.is_empty() {
-                            "identical".to_string()
-                        } else {
-                            format!("{} bytes differ", r["differing_bytes"])
-                        }
-                    );
-                    for d in ranges {
-                        println!("    offset {} length {}", d["offset"], d["len"]);
-                    }
-                }
-            })?;
-            if v["identical"] != true {
-                bail!("the standby differs from the primary");
-            }
-            Ok(())
-        }
+        Cmd::Verify { volume, json } => verify(&need_config(cli.config.as_deref())?, volume, json),
         Cmd::Demote { json } => {
             role_change(&need_config(cli.config.as_deref())?, Request::Demote, json)
         }
@@ -218,29 +110,158 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let cfg = need_config(cli.config.as_deref())?;
-            let v = call(
-                &cfg,
-                &Request::Rollback {
-                    volume,
-                    target: point.spec(),
-                    group,
-                },
-            )?;
-            print_or(json, &v, || {
-                println!(
-                    "rolled back {} from sequence {} to {} ({}): {} undo entries, {} bytes restored in {:.3} s",
-                    v["volumes"],
-                    v["from_seq"],
-                    v["seq"],
-                    v["time"].as_str().unwrap_or("?"),
-                    v["undo_entries"],
-                    v["bytes_restored"],
-                    v["seconds"].as_f64().unwrap_or(0.0)
-                );
-                println!("replication stays paused on this node: promote it, or re-seed it from the primary");
-            })
+            let req = Request::Rollback {
+                volume,
+                target: point.spec(),
+                group,
+            };
+            rollback(&cfg, &req, json)
         }
     }
+}
+
+/// `init`'s NBD and metrics addresses for every node (primary first).
+fn init_addrs(
+    sites: Option<&Sites>,
+    nbd: &str,
+    metrics_port: Option<u16>,
+    same_host: bool,
+) -> anyhow::Result<Vec<ports::NodeAddrs>> {
+    let mut replication: Vec<&str> = Vec::new();
+    if let Some(s) = sites {
+        replication.push(&s.primary);
+        replication.extend(s.standbys.iter().map(|(_, a)| a.as_str()));
+    }
+    ports::assign(&ports::Request {
+        nbd,
+        replication,
+        metrics_port,
+        same_host,
+    })
+}
+
+fn bookmark(cfg: &Config, cmd: BookmarkCmd) -> anyhow::Result<()> {
+    match cmd {
+        BookmarkCmd::Create { name, json } => {
+            let v = call(cfg, &Request::BookmarkCreate { name })?;
+            print_or(json, &v, || {
+                println!(
+                    "bookmark {} at sequence {} ({})",
+                    v["name"], v["seq"], v["time"]
+                )
+            })
+        }
+        BookmarkCmd::List { json } => {
+            let v = call(cfg, &Request::ListBookmarks)?;
+            print_or(json, &v, || print_bookmarks(&v["bookmarks"]))
+        }
+    }
+}
+
+fn pit(cfg: &Config, cmd: PitCmd) -> anyhow::Result<()> {
+    match cmd {
+        PitCmd::List { limit, json } => {
+            let v = call(cfg, &Request::ListPits { limit: Some(limit) })?;
+            print_or(json, &v, || print_pits(&v))
+        }
+        PitCmd::Export {
+            volume,
+            point,
+            listen,
+            writable,
+            json,
+        } => {
+            let v = call(
+                cfg,
+                &Request::PitExport {
+                    volume,
+                    target: point.spec(),
+                    listen,
+                    writable,
+                },
+            )?;
+            print_or(json, &v, || print_pit_export(&v))
+        }
+        PitCmd::Unexport { id, all } => {
+            let v = call(cfg, &Request::PitUnexport { id, all })?;
+            println!("unexported {}", v["unexported"]);
+            Ok(())
+        }
+    }
+}
+
+fn print_pit_export(v: &serde_json::Value) {
+    println!(
+        "view {} of {} at sequence {} ({}){}: {}",
+        v["id"],
+        v["volume"].as_str().unwrap_or("?"),
+        v["seq"],
+        v["time"].as_str().unwrap_or("?"),
+        if v["writable"] == true {
+            ", writable (scratch overlay)"
+        } else {
+            ", read-only"
+        },
+        v["uri"].as_str().unwrap_or("?")
+    );
+    println!(
+        "opened in {:.3} s from {} undo entries",
+        v["open_seconds"].as_f64().unwrap_or(0.0),
+        v["undo_entries_read"]
+    );
+}
+
+fn verify(cfg: &Config, volume: Option<String>, json: bool) -> anyhow::Result<()> {
+    let v = call(cfg, &Request::Verify { volume })?;
+    print_or(json, &v, || print_verify(&v))?;
+    if v["identical"] != true {
+        bail!("the standby differs from the primary");
+    }
+    Ok(())
+}
+
+fn print_verify(v: &serde_json::Value) {
+    println!(
+        "verify at sequence {} ({} KiB chunks, {:.3} s):",
+        v["seq"],
+        v["chunk_size"].as_u64().unwrap_or(0) / 1024,
+        v["seconds"].as_f64().unwrap_or(0.0)
+    );
+    for r in v["results"].as_array().cloned().unwrap_or_default() {
+        let ranges = r["differing"].as_array().cloned().unwrap_or_default();
+        println!(
+            "  {} {}: {}",
+            r["target"].as_str().unwrap_or("?"),
+            r["volume"].as_str().unwrap_or("?"),
+            if ranges.is_empty() {
+                "identical".to_string()
+            } else {
+                format!("{} bytes differ", r["differing_bytes"])
+            }
+        );
+        for d in ranges {
+            println!("    offset {} length {}", d["offset"], d["len"]);
+        }
+    }
+}
+
+fn rollback(cfg: &Config, req: &Request, json: bool) -> anyhow::Result<()> {
+    let v = call(cfg, req)?;
+    print_or(json, &v, || {
+        println!(
+            "rolled back {} from sequence {} to {} ({}): {} undo entries, {} bytes restored in {:.3} s",
+            v["volumes"],
+            v["from_seq"],
+            v["seq"],
+            v["time"].as_str().unwrap_or("?"),
+            v["undo_entries"],
+            v["bytes_restored"],
+            v["seconds"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "replication stays paused on this node: promote it, or re-seed it from the primary"
+        );
+    })
 }
 
 fn role_change(cfg: &Config, req: Request, json: bool) -> anyhow::Result<()> {
