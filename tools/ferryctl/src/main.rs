@@ -558,7 +558,6 @@ fn init(
     segment_size: &str,
     sites: Option<&Sites>,
 ) -> anyhow::Result<()> {
-    let mut nodes: Vec<Config> = Vec::new();
     let vols = volumes
         .iter()
         .map(|s| parse_volume(s))
@@ -567,6 +566,43 @@ fn init(
     let segment_size = parse_size(segment_size).context("--segment-size")?;
     let mut cluster = [0u8; 16];
     getrandom::getrandom(&mut cluster).context("random cluster id")?;
+    let nodes = node_configs(&cluster, &vols, addrs, journal_size, segment_size, sites);
+    // Check everything before touching the disk.
+    check_nodes(dir, &nodes)?;
+    let ca = match sites {
+        Some(_) => Some(write_ca(dir, cluster)?),
+        None => None,
+    };
+    for cfg in &nodes {
+        write_node(dir, cfg, ca.as_ref())?;
+    }
+    for cfg in &nodes {
+        println!(
+            "start:     ferryd --config {}",
+            dir.join(format!("{}.toml", cfg.node.name)).display()
+        );
+    }
+    for v in &vols {
+        println!(
+            "export:    nbd://{}/{} ({})",
+            addrs[0].nbd,
+            v.0,
+            ByteSize(v.1)
+        );
+    }
+    Ok(())
+}
+
+/// Every node's configuration, the primary first.
+fn node_configs(
+    cluster: &[u8; 16],
+    vols: &[(String, u64)],
+    addrs: &[ports::NodeAddrs],
+    journal_size: u64,
+    segment_size: u64,
+    sites: Option<&Sites>,
+) -> Vec<Config> {
+    let mut nodes: Vec<Config> = Vec::new();
     let primary_repl = sites.map(|s| ReplicationConfig {
         listen: s.primary.clone(),
         primary: PRIMARY.into(),
@@ -586,8 +622,8 @@ fn init(
     nodes.push(node_config(
         PRIMARY,
         Role::Primary,
-        &cluster,
-        &vols,
+        cluster,
+        vols,
         &addrs[0],
         journal_size,
         segment_size,
@@ -601,8 +637,8 @@ fn init(
         nodes.push(node_config(
             name,
             Role::Standby,
-            &cluster,
-            &vols,
+            cluster,
+            vols,
             node_addrs,
             journal_size,
             segment_size,
@@ -624,8 +660,12 @@ fn init(
             }),
         ));
     }
-    // Check everything before touching the disk.
-    for cfg in &nodes {
+    nodes
+}
+
+/// Refuses to overwrite a node's configuration, and validates each one.
+fn check_nodes(dir: &Path, nodes: &[Config]) -> anyhow::Result<()> {
+    for cfg in nodes {
         let cfg_path = dir.join(format!("{}.toml", cfg.node.name));
         if cfg_path.exists() {
             bail!(
@@ -636,62 +676,50 @@ fn init(
         cfg.validate()
             .map_err(|(key, msg)| anyhow::anyhow!("{}: {key}: {msg}", cfg.node.name))?;
     }
-    let ca = match sites {
-        Some(_) => {
-            let ca = ClusterCa::generate(cluster).context("creating the cluster CA")?;
-            std::fs::create_dir_all(dir.join("ca"))
-                .with_context(|| format!("creating {}", dir.join("ca").display()))?;
-            ca.write_pem_files(&dir.join("ca"))
-                .context("writing the cluster CA")?;
-            Some(ca)
-        }
-        None => None,
-    };
-    for cfg in &nodes {
-        let name = &cfg.node.name;
-        let node_dir = dir.join(name);
-        std::fs::create_dir_all(&node_dir)
-            .with_context(|| format!("creating {}", node_dir.display()))?;
-        for v in &cfg.volumes {
-            let path = dir.join(&v.path);
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .with_context(|| format!("creating volume file {}", path.display()))?;
-            f.set_len(v.size.0)
-                .with_context(|| format!("sizing {}", path.display()))?;
-        }
-        if let Some(ca) = &ca {
-            let tls = node_dir.join("tls");
-            std::fs::create_dir_all(&tls).with_context(|| format!("creating {}", tls.display()))?;
-            let id = ca
-                .issue_node(name)
-                .with_context(|| format!("issuing the certificate of {name}"))?;
-            id.write_pem_files(&tls)
-                .with_context(|| format!("writing {}", tls.display()))?;
-            std::fs::write(tls.join("ca.pem"), ca.cert_pem())
-                .with_context(|| format!("writing {}", tls.join("ca.pem").display()))?;
-        }
-        let cfg_path = dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg_path, cfg.to_toml())
-            .with_context(|| format!("writing {}", cfg_path.display()))?;
-        println!("created {} ({})", cfg_path.display(), cfg.node.role);
+    Ok(())
+}
+
+/// The cluster CA, written under `dir/ca`.
+fn write_ca(dir: &Path, cluster: [u8; 16]) -> anyhow::Result<ClusterCa> {
+    let ca = ClusterCa::generate(cluster).context("creating the cluster CA")?;
+    std::fs::create_dir_all(dir.join("ca"))
+        .with_context(|| format!("creating {}", dir.join("ca").display()))?;
+    ca.write_pem_files(&dir.join("ca"))
+        .context("writing the cluster CA")?;
+    Ok(ca)
+}
+
+/// One node's directory, volume files, TLS identity (when replicating) and config file.
+fn write_node(dir: &Path, cfg: &Config, ca: Option<&ClusterCa>) -> anyhow::Result<()> {
+    let name = &cfg.node.name;
+    let node_dir = dir.join(name);
+    std::fs::create_dir_all(&node_dir)
+        .with_context(|| format!("creating {}", node_dir.display()))?;
+    for v in &cfg.volumes {
+        let path = dir.join(&v.path);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating volume file {}", path.display()))?;
+        f.set_len(v.size.0)
+            .with_context(|| format!("sizing {}", path.display()))?;
     }
-    for cfg in &nodes {
-        println!(
-            "start:     ferryd --config {}",
-            dir.join(format!("{}.toml", cfg.node.name)).display()
-        );
+    if let Some(ca) = ca {
+        let tls = node_dir.join("tls");
+        std::fs::create_dir_all(&tls).with_context(|| format!("creating {}", tls.display()))?;
+        let id = ca
+            .issue_node(name)
+            .with_context(|| format!("issuing the certificate of {name}"))?;
+        id.write_pem_files(&tls)
+            .with_context(|| format!("writing {}", tls.display()))?;
+        std::fs::write(tls.join("ca.pem"), ca.cert_pem())
+            .with_context(|| format!("writing {}", tls.join("ca.pem").display()))?;
     }
-    for v in &vols {
-        println!(
-            "export:    nbd://{}/{} ({})",
-            addrs[0].nbd,
-            v.0,
-            ByteSize(v.1)
-        );
-    }
+    let cfg_path = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg_path, cfg.to_toml())
+        .with_context(|| format!("writing {}", cfg_path.display()))?;
+    println!("created {} ({})", cfg_path.display(), cfg.node.role);
     Ok(())
 }
 
