@@ -240,6 +240,11 @@ pub fn verify_bytes(data: &[u8]) -> Result<VerifyReport, AuditError> {
         .enumerate()
         .map(|(i, h)| (h.as_str(), i))
         .collect();
+    let file = ParsedLog {
+        parsed: &parsed,
+        full: &full,
+        by_full: &by_full,
+    };
     for i in 0..parsed.len() {
         let line = i as u64 + 1;
         let (c, hash_ok) = &parsed[i];
@@ -254,8 +259,44 @@ pub fn verify_bytes(data: &[u8]) -> Result<VerifyReport, AuditError> {
             }
             continue;
         }
-        // Same seq and prev as the line before: one of the two was inserted; the
-        // genuine one is the one the chain continues from.
+        return Err(file.unlinked(i, exp_seq, exp_prev));
+    }
+    if let Some(e) = first_malformed {
+        return Err(e);
+    }
+    Ok(VerifyReport {
+        entries: parsed.len() as u64,
+        last_hash: parsed
+            .last()
+            .map_or_else(|| GENESIS.to_string(), |p| p.0.hash.clone()),
+    })
+}
+
+/// The parsed lines of a log being verified, with the full-text hash of each.
+struct ParsedLog<'a> {
+    parsed: &'a [(Chain, bool)],
+    full: &'a [String],
+    /// Line index by full-text hash.
+    by_full: &'a HashMap<&'a str, usize>,
+}
+
+impl ParsedLog<'_> {
+    /// Why line index `i`, which does not continue the chain (expected `exp_seq` and
+    /// `exp_prev`), breaks it; the checks run from the most specific diagnosis down.
+    fn unlinked(&self, i: usize, exp_seq: u64, exp_prev: &str) -> AuditError {
+        self.twin(i)
+            .or_else(|| self.replayed(i))
+            .or_else(|| self.reordered(i, exp_seq))
+            .or_else(|| self.inserted_before_next(i, exp_seq, exp_prev))
+            .unwrap_or_else(|| self.broken(i, exp_seq))
+    }
+
+    /// Same seq and prev as the line before: one of the two was inserted; the
+    /// genuine one is the one the chain continues from.
+    fn twin(&self, i: usize) -> Option<AuditError> {
+        let (parsed, full) = (self.parsed, self.full);
+        let line = i as u64 + 1;
+        let c = &parsed[i].0;
         if i > 0 && c.seq == parsed[i - 1].0.seq && c.prev == parsed[i - 1].0.prev {
             // Which one does the chain continue from? The other one is the insertion.
             let next_chains_to_this = parsed.get(i + 1).is_some_and(|n| n.0.prev == full[i]);
@@ -264,7 +305,7 @@ pub fn verify_bytes(data: &[u8]) -> Result<VerifyReport, AuditError> {
             } else {
                 (line, line - 1)
             };
-            return Err(AuditError::Inserted {
+            return Some(AuditError::Inserted {
                 line: inserted,
                 seq: c.seq,
                 why: format!(
@@ -274,25 +315,34 @@ pub fn verify_bytes(data: &[u8]) -> Result<VerifyReport, AuditError> {
                 ),
             });
         }
-        // An exact copy of another line (replayed): an insertion.
-        if let Some(k) = (0..parsed.len()).find(|&k| k != i && full[k] == full[i]) {
-            return Err(AuditError::Inserted {
-                line,
-                seq: c.seq,
-                why: format!("an exact copy of line {}", k + 1),
-            });
-        }
-        // A genuine line out of place: its prev is the full hash of another line of the
-        // file whose seq precedes it.
+        None
+    }
+
+    /// An exact copy of another line (replayed): an insertion.
+    fn replayed(&self, i: usize) -> Option<AuditError> {
+        let full = self.full;
+        let k = (0..self.parsed.len()).find(|&k| k != i && full[k] == full[i])?;
+        Some(AuditError::Inserted {
+            line: i as u64 + 1,
+            seq: self.parsed[i].0.seq,
+            why: format!("an exact copy of line {}", k + 1),
+        })
+    }
+
+    /// A genuine line out of place: its prev is the full hash of another line of the
+    /// file whose seq precedes it.
+    fn reordered(&self, i: usize, exp_seq: u64) -> Option<AuditError> {
+        let parsed = self.parsed;
+        let (c, hash_ok) = &parsed[i];
         if *hash_ok {
-            if let Some(&m) = by_full.get(c.prev.as_str()) {
+            if let Some(&m) = self.by_full.get(c.prev.as_str()) {
                 if m + 1 != i && parsed[m].0.seq + 1 == c.seq {
                     let found = (0..parsed.len())
                         .find(|&k| k != i && parsed[k].0.seq == exp_seq)
                         .map(|k| format!("; seq {exp_seq} is at line {}", k + 1))
                         .unwrap_or_default();
-                    return Err(AuditError::Reordered {
-                        line,
+                    return Some(AuditError::Reordered {
+                        line: i as u64 + 1,
                         seq: c.seq,
                         expected: exp_seq,
                         chains_to: m as u64 + 1,
@@ -301,26 +351,37 @@ pub fn verify_bytes(data: &[u8]) -> Result<VerifyReport, AuditError> {
                 }
             }
         }
-        // The next line chains to the line before this one: this one was inserted.
-        if let Some(n) = parsed.get(i + 1) {
-            if n.0.seq == exp_seq && n.0.prev == exp_prev && n.1 {
-                return Err(AuditError::Inserted {
-                    line,
-                    seq: c.seq,
-                    why: format!(
-                        "line {} continues the chain from {}",
-                        line + 1,
-                        if i == 0 {
-                            "the start".to_string()
-                        } else {
-                            format!("line {i}")
-                        }
-                    ),
-                });
-            }
+        None
+    }
+
+    /// The next line chains to the line before this one: this one was inserted.
+    fn inserted_before_next(&self, i: usize, exp_seq: u64, exp_prev: &str) -> Option<AuditError> {
+        let n = self.parsed.get(i + 1)?;
+        if n.0.seq == exp_seq && n.0.prev == exp_prev && n.1 {
+            let line = i as u64 + 1;
+            return Some(AuditError::Inserted {
+                line,
+                seq: self.parsed[i].0.seq,
+                why: format!(
+                    "line {} continues the chain from {}",
+                    line + 1,
+                    if i == 0 {
+                        "the start".to_string()
+                    } else {
+                        format!("line {i}")
+                    }
+                ),
+            });
         }
+        None
+    }
+
+    /// None of the specific diagnoses fit: an edited line, missing lines, or a break.
+    fn broken(&self, i: usize, exp_seq: u64) -> AuditError {
+        let line = i as u64 + 1;
+        let (c, hash_ok) = &self.parsed[i];
         if !hash_ok {
-            return Err(AuditError::Edited { line, seq: c.seq });
+            return AuditError::Edited { line, seq: c.seq };
         }
         let after = if i == 0 {
             "the start of the log".to_string()
@@ -328,13 +389,13 @@ pub fn verify_bytes(data: &[u8]) -> Result<VerifyReport, AuditError> {
             format!("line {i}")
         };
         if c.seq > exp_seq {
-            return Err(AuditError::Removed {
+            return AuditError::Removed {
                 line,
                 seq: c.seq,
                 expected: exp_seq,
                 missing: c.seq - exp_seq,
                 after,
-            });
+            };
         }
         let why = if c.seq < exp_seq {
             format!(
@@ -346,21 +407,12 @@ pub fn verify_bytes(data: &[u8]) -> Result<VerifyReport, AuditError> {
         } else {
             format!("prev does not match the hash of {after}: that line was replaced, or this line was forged")
         };
-        return Err(AuditError::Broken {
+        AuditError::Broken {
             line,
             seq: c.seq,
             why,
-        });
+        }
     }
-    if let Some(e) = first_malformed {
-        return Err(e);
-    }
-    Ok(VerifyReport {
-        entries: parsed.len() as u64,
-        last_hash: parsed
-            .last()
-            .map_or_else(|| GENESIS.to_string(), |p| p.0.hash.clone()),
-    })
 }
 
 /// One line built by [`seal`]: its text (no newline) and the SM3 of that text, which

@@ -542,14 +542,32 @@ impl Config {
 
     /// Semantic checks. Returns (key, message) for the first problem found.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        let bad = |k: &str, m: String| Err((k.to_string(), m));
         self.validate_access()?;
+        self.validate_node()?;
+        self.validate_journal()?;
+        self.validate_nbd()?;
+        self.validate_replication()?;
+        self.validate_volumes()?;
+        self.validate_metrics()?;
+        self.validate_pit()?;
+        Ok(())
+    }
+
+    /// Checks the node's name and cluster id.
+    fn validate_node(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_string(), m));
         if !valid_name(&self.node.name) {
             return bad("node.name", name_rule(&self.node.name));
         }
         if let Err(e) = parse_cluster_id(&self.node.cluster_id) {
             return bad("node.cluster_id", e);
         }
+        Ok(())
+    }
+
+    /// Checks the [journal] section.
+    fn validate_journal(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_string(), m));
         let seg = self.journal.segment_size.0;
         if seg < (1 << 20) || !seg.is_multiple_of(4096) {
             return bad(
@@ -585,6 +603,12 @@ impl Config {
                 "must be greater than 0".into(),
             );
         }
+        Ok(())
+    }
+
+    /// Checks the [nbd] section (required on a primary).
+    fn validate_nbd(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_string(), m));
         match (&self.nbd, self.node.role) {
             (None, Role::Primary) => {
                 return bad(
@@ -600,6 +624,12 @@ impl Config {
             }
             (None, Role::Standby) => {}
         }
+        Ok(())
+    }
+
+    /// Checks the [replication] section (required on a standby) and its targets.
+    fn validate_replication(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_string(), m));
         if let Some(r) = &self.replication {
             if self.tls.is_none() {
                 return bad(
@@ -658,6 +688,12 @@ impl Config {
                 "a standby needs a [replication] section (listen, primary)".into(),
             );
         }
+        Ok(())
+    }
+
+    /// Checks the [[volume]] sections.
+    fn validate_volumes(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_string(), m));
         if self.volumes.is_empty() && self.node.role == Role::Primary {
             return bad(
                 "volume",
@@ -696,11 +732,23 @@ impl Config {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Checks the [metrics] section.
+    fn validate_metrics(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_string(), m));
         if let Some(m) = &self.metrics {
             if let Err(e) = parse_addr(&m.listen) {
                 return bad("metrics.listen", e);
             }
         }
+        Ok(())
+    }
+
+    /// Checks the [pit] section.
+    fn validate_pit(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_string(), m));
         if let Some(p) = &self.pit {
             if p.segment_size.0 < (1 << 20) {
                 return bad("pit.segment_size", "must be at least 1MiB".into());

@@ -1052,54 +1052,30 @@ impl Writer {
         };
         let offset = if roll { 0 } else { target.pos };
         let seg_no = target.no;
+        let layout = Layout {
+            head,
+            disk,
+            total,
+            trailing,
+        };
         let staged = (|| -> Result<Instant> {
             let buf = self
                 .engine
                 .staging_slot(slot, total)
                 .map_err(|e| JournalError::io("allocate staging buffer", e))?;
-            if roll {
-                // Segment header and first batch go in one write: a torn activation
-                // leaves either no header (spare) or a header with a torn first batch.
-                let seq_jump = self.shared.jump_pending.load(Ordering::Acquire);
-                stage_segment_header(
-                    &mut buf[..head],
-                    target,
-                    params.cluster_id,
-                    first_seq,
-                    seq_jump,
-                );
-            }
-            let (_, n) = format::encode_batch_with_crcs(
-                &mut buf[head..head + disk as usize],
-                &params,
-                batch.iter().map(|p| (&p.rec, p.crc)),
+            // Segment header and first batch go in one write: a torn activation
+            // leaves either no header (spare) or a header with a torn first batch.
+            let header = roll.then(|| (&*target, self.shared.jump_pending.load(Ordering::Acquire)));
+            encode_staged(buf, header, &params, batch, &layout)?;
+            submit_batch(
+                self.engine.as_mut(),
+                &self.shared,
+                slot,
+                &target.file,
+                total,
+                offset,
+                target.no,
             )
-            .map_err(|e| JournalError::InvalidRecord(format!("encoding batch: {e}")))?;
-            debug_assert_eq!(n as u64, disk);
-            if trailing {
-                buf[head + n..total].fill(0);
-            }
-            let started = Instant::now();
-            let sh = &self.shared;
-            let mut waiter = sh.space.waiter("journal", "batch write");
-            // Bounded by the space coming back or the journal closing.
-            let submitted = loop {
-                let r = failpoint::check("journal::batch_write")
-                    .and_then(|()| self.engine.submit_staged(slot, &target.file, total, offset));
-                match r {
-                    Err(e)
-                        if space::is_space(&e)
-                            && waiter.wait(&e, || sh.closing.load(Ordering::Acquire)) => {}
-                    r => break r,
-                }
-            };
-            submitted.map(|()| started).map_err(|e| {
-                let name = segment::segment_file_name(target.no);
-                JournalError::io(
-                    format!("write {total} bytes at {offset} of segment {name}"),
-                    e,
-                )
-            })
         })();
         let started = match staged {
             Ok(t) => t,
@@ -1195,6 +1171,81 @@ impl Writer {
 
 /// Writes the header block of segment `a` (activated by a batch starting at
 /// `first_seq`) into `block`.
+/// Where a batch sits in its staging buffer: after the segment header (`head` bytes,
+/// when it activates a segment), `disk` bytes of batch, then a zeroed block when
+/// `trailing`; `total` bytes in all.
+struct Layout {
+    head: usize,
+    disk: u64,
+    total: usize,
+    trailing: bool,
+}
+
+/// Fills a batch's staging buffer: the segment header when `header` is given (the
+/// segment and its seq-jump flag), the encoded batch, and the trailing zero block.
+fn encode_staged(
+    buf: &mut [u8],
+    header: Option<(&Active, bool)>,
+    params: &BatchParams,
+    batch: &[Pending],
+    layout: &Layout,
+) -> Result<()> {
+    let (head, disk, total) = (layout.head, layout.disk, layout.total);
+    if let Some((target, seq_jump)) = header {
+        stage_segment_header(
+            &mut buf[..head],
+            target,
+            params.cluster_id,
+            params.first_seq,
+            seq_jump,
+        );
+    }
+    let (_, n) = format::encode_batch_with_crcs(
+        &mut buf[head..head + disk as usize],
+        params,
+        batch.iter().map(|p| (&p.rec, p.crc)),
+    )
+    .map_err(|e| JournalError::InvalidRecord(format!("encoding batch: {e}")))?;
+    debug_assert_eq!(n as u64, disk);
+    if layout.trailing {
+        buf[head + n..total].fill(0);
+    }
+    Ok(())
+}
+
+/// Submits a staged batch write, waiting while the disk is full; returns when the
+/// write started.
+fn submit_batch(
+    engine: &mut dyn IoEngine,
+    sh: &Shared,
+    slot: usize,
+    file: &File,
+    total: usize,
+    offset: u64,
+    seg_no: u64,
+) -> Result<Instant> {
+    let started = Instant::now();
+    let mut waiter = sh.space.waiter("journal", "batch write");
+    // Bounded by the space coming back or the journal closing.
+    let submitted = loop {
+        let r = failpoint::check("journal::batch_write")
+            .and_then(|()| engine.submit_staged(slot, file, total, offset));
+        match r {
+            Err(e)
+                if space::is_space(&e)
+                    && waiter.wait(&e, || sh.closing.load(Ordering::Acquire)) => {}
+            r => break r,
+        }
+    };
+    submitted.map(|()| started).map_err(|e| {
+        let name = segment::segment_file_name(seg_no);
+        JournalError::io(
+            format!("write {total} bytes at {offset} of segment {name}"),
+            e,
+        )
+    })
+}
+
 fn stage_segment_header(
     block: &mut [u8],
     a: &Active,

@@ -1359,6 +1359,91 @@ fn decode_resync_data(r: &mut Reader, epoch: Epoch) -> Result<ResyncData, Decode
     Ok(ResyncData { epoch, extents })
 }
 
+fn decode_hello_ack(r: &mut Reader, epoch: Epoch) -> Result<HelloAck, DecodeError> {
+    let version = r.u16()?;
+    r.zero("hello_ack.reserved", 6)?;
+    Ok(HelloAck {
+        epoch,
+        version,
+        resume_seq: r.u64()?,
+    })
+}
+
+fn decode_handover_ack(r: &mut Reader, epoch: Epoch) -> Result<HandoverAck, DecodeError> {
+    let a = HandoverAck {
+        epoch,
+        seq: r.u64()?,
+        new_epoch: r.u64()?,
+    };
+    if a.new_epoch <= a.epoch {
+        return Err(DecodeError::InvalidField {
+            field: "handover_ack.new_epoch",
+            reason: format!("{} is not above the epoch {}", a.new_epoch, a.epoch),
+        });
+    }
+    Ok(a)
+}
+
+fn decode_digest_request(r: &mut Reader, epoch: Epoch) -> Result<DigestRequest, DecodeError> {
+    let d = DigestRequest {
+        epoch,
+        id: r.u64()?,
+        chunk_size: r.u64()?,
+        seed: r.u64()?,
+        algo: r.u32()?,
+    };
+    r.zero("digest_request.reserved", 4)?;
+    Ok(d)
+}
+
+fn decode_verify_result(r: &mut Reader, epoch: Epoch) -> Result<VerifyResult, DecodeError> {
+    let id = r.u64()?;
+    let volume = r.u32()?;
+    let status = r.u32()?;
+    if status > 1 {
+        return Err(DecodeError::InvalidField {
+            field: "verify_result.status",
+            reason: format!("{status} (0 or 1)"),
+        });
+    }
+    Ok(VerifyResult {
+        epoch,
+        id,
+        volume,
+        ok: status == 0,
+        body: r.rest(),
+    })
+}
+
+fn decode_resync_begin(r: &mut Reader, epoch: Epoch) -> Result<ResyncBegin, DecodeError> {
+    let b = ResyncBegin {
+        epoch,
+        from_seq: r.u64()?,
+        snapshot_seq: r.u64()?,
+        total_bytes: r.u64()?,
+        region_size: r.u32()?,
+    };
+    r.zero("resync_begin.reserved", 4)?;
+    Ok(b)
+}
+
+fn decode_error(r: &mut Reader, epoch: Epoch) -> Result<ErrorFrame, DecodeError> {
+    let code = ErrorCode::from_u32(r.u32()?);
+    let len = usize::from(r.u16()?);
+    r.zero("error.reserved", 2)?;
+    if len > MAX_REASON_LEN {
+        return Err(DecodeError::InvalidField {
+            field: "error.reason",
+            reason: format!("{len} bytes > {MAX_REASON_LEN}"),
+        });
+    }
+    Ok(ErrorFrame {
+        epoch,
+        code,
+        reason: r.string("error.reason", len)?,
+    })
+}
+
 fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeError> {
     let epoch = header.epoch;
     let mut r = Reader {
@@ -1367,15 +1452,7 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
     };
     let frame = match header.frame_type {
         FrameType::Hello => Frame::Hello(decode_hello(&mut r, epoch)?),
-        FrameType::HelloAck => {
-            let version = r.u16()?;
-            r.zero("hello_ack.reserved", 6)?;
-            Frame::HelloAck(HelloAck {
-                epoch,
-                version,
-                resume_seq: r.u64()?,
-            })
-        }
+        FrameType::HelloAck => Frame::HelloAck(decode_hello_ack(&mut r, epoch)?),
         FrameType::WriteSet => Frame::WriteSet(decode_write_set(&mut r, epoch)?),
         FrameType::Ack => Frame::Ack(Ack {
             epoch,
@@ -1392,60 +1469,10 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
             epoch,
             seq: r.u64()?,
         }),
-        FrameType::HandoverAck => {
-            let a = HandoverAck {
-                epoch,
-                seq: r.u64()?,
-                new_epoch: r.u64()?,
-            };
-            if a.new_epoch <= a.epoch {
-                return Err(DecodeError::InvalidField {
-                    field: "handover_ack.new_epoch",
-                    reason: format!("{} is not above the epoch {}", a.new_epoch, a.epoch),
-                });
-            }
-            Frame::HandoverAck(a)
-        }
-        FrameType::DigestRequest => {
-            let d = DigestRequest {
-                epoch,
-                id: r.u64()?,
-                chunk_size: r.u64()?,
-                seed: r.u64()?,
-                algo: r.u32()?,
-            };
-            r.zero("digest_request.reserved", 4)?;
-            Frame::DigestRequest(d)
-        }
-        FrameType::VerifyResult => {
-            let id = r.u64()?;
-            let volume = r.u32()?;
-            let status = r.u32()?;
-            if status > 1 {
-                return Err(DecodeError::InvalidField {
-                    field: "verify_result.status",
-                    reason: format!("{status} (0 or 1)"),
-                });
-            }
-            Frame::VerifyResult(VerifyResult {
-                epoch,
-                id,
-                volume,
-                ok: status == 0,
-                body: r.rest(),
-            })
-        }
-        FrameType::ResyncBegin => {
-            let b = ResyncBegin {
-                epoch,
-                from_seq: r.u64()?,
-                snapshot_seq: r.u64()?,
-                total_bytes: r.u64()?,
-                region_size: r.u32()?,
-            };
-            r.zero("resync_begin.reserved", 4)?;
-            Frame::ResyncBegin(b)
-        }
+        FrameType::HandoverAck => Frame::HandoverAck(decode_handover_ack(&mut r, epoch)?),
+        FrameType::DigestRequest => Frame::DigestRequest(decode_digest_request(&mut r, epoch)?),
+        FrameType::VerifyResult => Frame::VerifyResult(decode_verify_result(&mut r, epoch)?),
+        FrameType::ResyncBegin => Frame::ResyncBegin(decode_resync_begin(&mut r, epoch)?),
         FrameType::ResyncData => Frame::ResyncData(decode_resync_data(&mut r, epoch)?),
         FrameType::ResyncEnd => Frame::ResyncEnd(ResyncEnd {
             epoch,
@@ -1453,22 +1480,7 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
             bytes: r.u64()?,
             data_bytes: r.u64()?,
         }),
-        FrameType::Error => {
-            let code = ErrorCode::from_u32(r.u32()?);
-            let len = usize::from(r.u16()?);
-            r.zero("error.reserved", 2)?;
-            if len > MAX_REASON_LEN {
-                return Err(DecodeError::InvalidField {
-                    field: "error.reason",
-                    reason: format!("{len} bytes > {MAX_REASON_LEN}"),
-                });
-            }
-            Frame::Error(ErrorFrame {
-                epoch,
-                code,
-                reason: r.string("error.reason", len)?,
-            })
-        }
+        FrameType::Error => Frame::Error(decode_error(&mut r, epoch)?),
     };
     r.finish("payload")?;
     // Same invariants the encoder enforces (contiguous seqs, op/data rules…).

@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::pit::PitExports;
 use crate::primary::volume::Group;
 use crate::replica::standby::{HandoverFn, Standby};
-use crate::ship::Replication;
+use crate::ship::{Replication, TargetState};
 use crate::store::meta::RollbackState;
 
 use crate::node::checkpoint::checkpoint_now;
@@ -56,18 +56,7 @@ pub(crate) async fn switchover(
     if let Some(o) = rec.meta.outdated()? {
         bail!("{}", outdated_reason(&o));
     }
-    let targets = repl.map(|r| r.targets.as_slice()).unwrap_or_default();
-    let t = match to {
-        Some(name) => targets
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| anyhow::anyhow!("no replication target named '{name}'"))?,
-        None => match targets {
-            [t] => t,
-            [] => bail!("this primary has no standby to hand over to"),
-            _ => bail!("several standbys: name one with --to"),
-        },
-    };
+    let t = switchover_target(repl, to)?;
     // Before writes stop: a second switchover must not end (and unfence) the first.
     let Ok(_busy) = t.switchover.try_lock() else {
         bail!(
@@ -82,43 +71,7 @@ pub(crate) async fn switchover(
             t.state()
         );
     }
-    let result = async {
-        let seq = quiesce(
-            rec,
-            group,
-            format!("switchover to '{}' in progress", t.name),
-        )
-        .await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while t.acked_seq.load(Ordering::Acquire) < seq {
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "standby '{}' did not confirm sequence {seq} within 30 s (it holds {})",
-                    t.name,
-                    t.acked_seq.load(Ordering::Acquire)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let answer = t.request_handover(seq)?;
-        let new_epoch = match tokio::time::timeout(Duration::from_secs(30), answer).await {
-            Ok(answer) => answer.map_err(|_| {
-                anyhow::anyhow!("the session with '{}' ended during the handover", t.name)
-            })??,
-            Err(_) => {
-                // A HandoverAck after this is unexpected: the session ends instead of
-                // reporting a handover this node no longer waits for.
-                t.abandon_handover();
-                bail!("standby '{}' did not take over within 30 s", t.name)
-            }
-        };
-        tokio::task::block_in_place(|| {
-            rec.meta
-                .change_role(new_epoch, "standby", Some(&t.name), None)
-        })?;
-        Ok((seq, new_epoch))
-    }
-    .await;
+    let result = hand_over(rec, group, t).await;
     match result {
         Ok((seq, new_epoch)) => {
             tracing::warn!(to = %t.name, seq, epoch = new_epoch, "switchover done: restarting as a standby");
@@ -145,6 +98,65 @@ pub(crate) async fn switchover(
             Err(e.context("switchover abandoned; this node stays the primary"))
         }
     }
+}
+
+/// The standby a switchover hands over to: the one named, or the only one.
+fn switchover_target<'a>(
+    repl: Option<&'a Replication>,
+    to: Option<&str>,
+) -> anyhow::Result<&'a Arc<TargetState>> {
+    let targets = repl.map(|r| r.targets.as_slice()).unwrap_or_default();
+    let t = match to {
+        Some(name) => targets
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| anyhow::anyhow!("no replication target named '{name}'"))?,
+        None => match targets {
+            [t] => t,
+            [] => bail!("this primary has no standby to hand over to"),
+            _ => bail!("several standbys: name one with --to"),
+        },
+    };
+    Ok(t)
+}
+
+/// Stops writes, waits until `t` confirms every record, and has it take over in a
+/// new epoch, recorded as this node's role change; returns (seq, new epoch).
+async fn hand_over(rec: &Recovered, group: &Group, t: &TargetState) -> anyhow::Result<(Seq, u64)> {
+    let seq = quiesce(
+        rec,
+        group,
+        format!("switchover to '{}' in progress", t.name),
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while t.acked_seq.load(Ordering::Acquire) < seq {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "standby '{}' did not confirm sequence {seq} within 30 s (it holds {})",
+                t.name,
+                t.acked_seq.load(Ordering::Acquire)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let answer = t.request_handover(seq)?;
+    let new_epoch = match tokio::time::timeout(Duration::from_secs(30), answer).await {
+        Ok(answer) => answer.map_err(|_| {
+            anyhow::anyhow!("the session with '{}' ended during the handover", t.name)
+        })??,
+        Err(_) => {
+            // A HandoverAck after this is unexpected: the session ends instead of
+            // reporting a handover this node no longer waits for.
+            t.abandon_handover();
+            bail!("standby '{}' did not take over within 30 s", t.name)
+        }
+    };
+    tokio::task::block_in_place(|| {
+        rec.meta
+            .change_role(new_epoch, "standby", Some(&t.name), None)
+    })?;
+    Ok((seq, new_epoch))
 }
 
 /// An outdated primary rejoins as a standby of the node that superseded it.

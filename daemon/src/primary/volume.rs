@@ -197,6 +197,19 @@ impl Group {
             .map_err(|_| ExportError::ShuttingDown)?
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
         self.frontend.observe_journal_wait(started);
+        self.apply_released(base, released, op, length, seq).await
+    }
+
+    /// Applies a released mutation (off the runtime when large), waits for the sync
+    /// targets, and maps the base's error for the client.
+    async fn apply_released(
+        &self,
+        base: &Base,
+        released: Released,
+        op: Op,
+        length: u32,
+        seq: Seq,
+    ) -> Result<(), ExportError> {
         let result = match released {
             Released::Applied(r) => r,
             Released::Guard(guard) if op == Op::Write && length > INLINE_APPLY_MAX => {

@@ -52,17 +52,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             same_host,
         } => {
             let sites = Sites::parse(primary.as_deref(), &standbys, mode)?;
-            let mut replication: Vec<&str> = Vec::new();
-            if let Some(s) = &sites {
-                replication.push(&s.primary);
-                replication.extend(s.standbys.iter().map(|(_, a)| a.as_str()));
-            }
-            let addrs = ports::assign(&ports::Request {
-                nbd: &nbd,
-                replication,
-                metrics_port,
-                same_host,
-            })?;
+            let addrs = init_addrs(sites.as_ref(), &nbd, metrics_port, same_host)?;
             init(
                 &dir,
                 &volumes,
@@ -76,75 +66,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Audit {
             cmd: AuditCmd::Verify { file },
         } => audit_verify(cli.config.as_deref(), file.as_deref()),
-        Cmd::Bookmark { cmd } => {
-            let cfg = need_config(cli.config.as_deref())?;
-            match cmd {
-                BookmarkCmd::Create { name, json } => {
-                    let v = call(&cfg, &Request::BookmarkCreate { name })?;
-                    print_or(json, &v, || {
-                        println!(
-                            "bookmark {} at sequence {} ({})",
-                            v["name"], v["seq"], v["time"]
-                        )
-                    })
-                }
-                BookmarkCmd::List { json } => {
-                    let v = call(&cfg, &Request::ListBookmarks)?;
-                    print_or(json, &v, || print_bookmarks(&v["bookmarks"]))
-                }
-            }
-        }
-        Cmd::Pit { cmd } => {
-            let cfg = need_config(cli.config.as_deref())?;
-            match cmd {
-                PitCmd::List { limit, json } => {
-                    let v = call(&cfg, &Request::ListPits { limit: Some(limit) })?;
-                    print_or(json, &v, || print_pits(&v))
-                }
-                PitCmd::Export {
-                    volume,
-                    point,
-                    listen,
-                    writable,
-                    json,
-                } => {
-                    let v = call(
-                        &cfg,
-                        &Request::PitExport {
-                            volume,
-                            target: point.spec(),
-                            listen,
-                            writable,
-                        },
-                    )?;
-                    print_or(json, &v, || {
-                        println!(
-                            "view {} of {} at sequence {} ({}){}: {}",
-                            v["id"],
-                            v["volume"].as_str().unwrap_or("?"),
-                            v["seq"],
-                            v["time"].as_str().unwrap_or("?"),
-                            if v["writable"] == true {
-                                ", writable (scratch overlay)"
-                            } else {
-                                ", read-only"
-                            },
-                            v["uri"].as_str().unwrap_or("?")
-                        );
-                        println!(
-                            "opened in {:.3} s from {} undo entries",
-                            v["open_seconds"].as_f64().unwrap_or(0.0),
-                            v["undo_entries_read"]
-                        );
-                    })
-                }
-                PitCmd::Unexport { id, all } => {
-                    let v = call(&cfg, &Request::PitUnexport { id, all })?;
-                    println!("unexported {}", v["unexported"]);
-                    Ok(())
-                }
-            }
-        }
+        Cmd::Bookmark { cmd } => bookmark(&need_config(cli.config.as_deref())?, cmd),
+        Cmd::Pit { cmd } => pit(&need_config(cli.config.as_deref())?, cmd),
         Cmd::Promote {
             at,
             bookmark,
@@ -159,38 +82,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             role_change(&cfg, Request::Promote { target, force }, json)
         }
-        Cmd::Verify { volume, json } => {
-            let cfg = need_config(cli.config.as_deref())?;
-            let v = call(&cfg, &Request::Verify { volume })?;
-            print_or(json, &v, || {
-                println!(
-                    "verify at sequence {} ({} KiB chunks, {:.3} s):",
-                    v["seq"],
-                    v["chunk_size"].as_u64().unwrap_or(0) / 1024,
-                    v["seconds"].as_f64().unwrap_or(0.0)
-                );
-                for r in v["results"].as_array().cloned().unwrap_or_default() {
-                    let ranges = r["differing"].as_array().cloned().unwrap_or_default();
-                    println!(
-                        "  {} {}: {}",
-                        r["target"].as_str().unwrap_or("?"),
-                        r["volume"].as_str().unwrap_or("?"),
-                        if ranges.is_empty() {
-                            "identical".to_string()
-                        } else {
-                            format!("{} bytes differ", r["differing_bytes"])
-                        }
-                    );
-                    for d in ranges {
-                        println!("    offset {} length {}", d["offset"], d["len"]);
-                    }
-                }
-            })?;
-            if v["identical"] != true {
-                bail!("the standby differs from the primary");
-            }
-            Ok(())
-        }
+        Cmd::Verify { volume, json } => verify(&need_config(cli.config.as_deref())?, volume, json),
         Cmd::Demote { json } => {
             role_change(&need_config(cli.config.as_deref())?, Request::Demote, json)
         }
@@ -218,29 +110,158 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let cfg = need_config(cli.config.as_deref())?;
-            let v = call(
-                &cfg,
-                &Request::Rollback {
-                    volume,
-                    target: point.spec(),
-                    group,
-                },
-            )?;
-            print_or(json, &v, || {
-                println!(
-                    "rolled back {} from sequence {} to {} ({}): {} undo entries, {} bytes restored in {:.3} s",
-                    v["volumes"],
-                    v["from_seq"],
-                    v["seq"],
-                    v["time"].as_str().unwrap_or("?"),
-                    v["undo_entries"],
-                    v["bytes_restored"],
-                    v["seconds"].as_f64().unwrap_or(0.0)
-                );
-                println!("replication stays paused on this node: promote it, or re-seed it from the primary");
-            })
+            let req = Request::Rollback {
+                volume,
+                target: point.spec(),
+                group,
+            };
+            rollback(&cfg, &req, json)
         }
     }
+}
+
+/// `init`'s NBD and metrics addresses for every node (primary first).
+fn init_addrs(
+    sites: Option<&Sites>,
+    nbd: &str,
+    metrics_port: Option<u16>,
+    same_host: bool,
+) -> anyhow::Result<Vec<ports::NodeAddrs>> {
+    let mut replication: Vec<&str> = Vec::new();
+    if let Some(s) = sites {
+        replication.push(&s.primary);
+        replication.extend(s.standbys.iter().map(|(_, a)| a.as_str()));
+    }
+    ports::assign(&ports::Request {
+        nbd,
+        replication,
+        metrics_port,
+        same_host,
+    })
+}
+
+fn bookmark(cfg: &Config, cmd: BookmarkCmd) -> anyhow::Result<()> {
+    match cmd {
+        BookmarkCmd::Create { name, json } => {
+            let v = call(cfg, &Request::BookmarkCreate { name })?;
+            print_or(json, &v, || {
+                println!(
+                    "bookmark {} at sequence {} ({})",
+                    v["name"], v["seq"], v["time"]
+                )
+            })
+        }
+        BookmarkCmd::List { json } => {
+            let v = call(cfg, &Request::ListBookmarks)?;
+            print_or(json, &v, || print_bookmarks(&v["bookmarks"]))
+        }
+    }
+}
+
+fn pit(cfg: &Config, cmd: PitCmd) -> anyhow::Result<()> {
+    match cmd {
+        PitCmd::List { limit, json } => {
+            let v = call(cfg, &Request::ListPits { limit: Some(limit) })?;
+            print_or(json, &v, || print_pits(&v))
+        }
+        PitCmd::Export {
+            volume,
+            point,
+            listen,
+            writable,
+            json,
+        } => {
+            let v = call(
+                cfg,
+                &Request::PitExport {
+                    volume,
+                    target: point.spec(),
+                    listen,
+                    writable,
+                },
+            )?;
+            print_or(json, &v, || print_pit_export(&v))
+        }
+        PitCmd::Unexport { id, all } => {
+            let v = call(cfg, &Request::PitUnexport { id, all })?;
+            println!("unexported {}", v["unexported"]);
+            Ok(())
+        }
+    }
+}
+
+fn print_pit_export(v: &serde_json::Value) {
+    println!(
+        "view {} of {} at sequence {} ({}){}: {}",
+        v["id"],
+        v["volume"].as_str().unwrap_or("?"),
+        v["seq"],
+        v["time"].as_str().unwrap_or("?"),
+        if v["writable"] == true {
+            ", writable (scratch overlay)"
+        } else {
+            ", read-only"
+        },
+        v["uri"].as_str().unwrap_or("?")
+    );
+    println!(
+        "opened in {:.3} s from {} undo entries",
+        v["open_seconds"].as_f64().unwrap_or(0.0),
+        v["undo_entries_read"]
+    );
+}
+
+fn verify(cfg: &Config, volume: Option<String>, json: bool) -> anyhow::Result<()> {
+    let v = call(cfg, &Request::Verify { volume })?;
+    print_or(json, &v, || print_verify(&v))?;
+    if v["identical"] != true {
+        bail!("the standby differs from the primary");
+    }
+    Ok(())
+}
+
+fn print_verify(v: &serde_json::Value) {
+    println!(
+        "verify at sequence {} ({} KiB chunks, {:.3} s):",
+        v["seq"],
+        v["chunk_size"].as_u64().unwrap_or(0) / 1024,
+        v["seconds"].as_f64().unwrap_or(0.0)
+    );
+    for r in v["results"].as_array().cloned().unwrap_or_default() {
+        let ranges = r["differing"].as_array().cloned().unwrap_or_default();
+        println!(
+            "  {} {}: {}",
+            r["target"].as_str().unwrap_or("?"),
+            r["volume"].as_str().unwrap_or("?"),
+            if ranges.is_empty() {
+                "identical".to_string()
+            } else {
+                format!("{} bytes differ", r["differing_bytes"])
+            }
+        );
+        for d in ranges {
+            println!("    offset {} length {}", d["offset"], d["len"]);
+        }
+    }
+}
+
+fn rollback(cfg: &Config, req: &Request, json: bool) -> anyhow::Result<()> {
+    let v = call(cfg, req)?;
+    print_or(json, &v, || {
+        println!(
+            "rolled back {} from sequence {} to {} ({}): {} undo entries, {} bytes restored in {:.3} s",
+            v["volumes"],
+            v["from_seq"],
+            v["seq"],
+            v["time"].as_str().unwrap_or("?"),
+            v["undo_entries"],
+            v["bytes_restored"],
+            v["seconds"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "replication stays paused on this node: promote it, or re-seed it from the primary"
+        );
+    })
 }
 
 fn role_change(cfg: &Config, req: Request, json: bool) -> anyhow::Result<()> {
@@ -537,7 +558,6 @@ fn init(
     segment_size: &str,
     sites: Option<&Sites>,
 ) -> anyhow::Result<()> {
-    let mut nodes: Vec<Config> = Vec::new();
     let vols = volumes
         .iter()
         .map(|s| parse_volume(s))
@@ -546,6 +566,43 @@ fn init(
     let segment_size = parse_size(segment_size).context("--segment-size")?;
     let mut cluster = [0u8; 16];
     getrandom::getrandom(&mut cluster).context("random cluster id")?;
+    let nodes = node_configs(&cluster, &vols, addrs, journal_size, segment_size, sites);
+    // Check everything before touching the disk.
+    check_nodes(dir, &nodes)?;
+    let ca = match sites {
+        Some(_) => Some(write_ca(dir, cluster)?),
+        None => None,
+    };
+    for cfg in &nodes {
+        write_node(dir, cfg, ca.as_ref())?;
+    }
+    for cfg in &nodes {
+        println!(
+            "start:     ferryd --config {}",
+            dir.join(format!("{}.toml", cfg.node.name)).display()
+        );
+    }
+    for v in &vols {
+        println!(
+            "export:    nbd://{}/{} ({})",
+            addrs[0].nbd,
+            v.0,
+            ByteSize(v.1)
+        );
+    }
+    Ok(())
+}
+
+/// Every node's configuration, the primary first.
+fn node_configs(
+    cluster: &[u8; 16],
+    vols: &[(String, u64)],
+    addrs: &[ports::NodeAddrs],
+    journal_size: u64,
+    segment_size: u64,
+    sites: Option<&Sites>,
+) -> Vec<Config> {
+    let mut nodes: Vec<Config> = Vec::new();
     let primary_repl = sites.map(|s| ReplicationConfig {
         listen: s.primary.clone(),
         primary: PRIMARY.into(),
@@ -565,8 +622,8 @@ fn init(
     nodes.push(node_config(
         PRIMARY,
         Role::Primary,
-        &cluster,
-        &vols,
+        cluster,
+        vols,
         &addrs[0],
         journal_size,
         segment_size,
@@ -580,8 +637,8 @@ fn init(
         nodes.push(node_config(
             name,
             Role::Standby,
-            &cluster,
-            &vols,
+            cluster,
+            vols,
             node_addrs,
             journal_size,
             segment_size,
@@ -603,8 +660,12 @@ fn init(
             }),
         ));
     }
-    // Check everything before touching the disk.
-    for cfg in &nodes {
+    nodes
+}
+
+/// Refuses to overwrite a node's configuration, and validates each one.
+fn check_nodes(dir: &Path, nodes: &[Config]) -> anyhow::Result<()> {
+    for cfg in nodes {
         let cfg_path = dir.join(format!("{}.toml", cfg.node.name));
         if cfg_path.exists() {
             bail!(
@@ -615,62 +676,50 @@ fn init(
         cfg.validate()
             .map_err(|(key, msg)| anyhow::anyhow!("{}: {key}: {msg}", cfg.node.name))?;
     }
-    let ca = match sites {
-        Some(_) => {
-            let ca = ClusterCa::generate(cluster).context("creating the cluster CA")?;
-            std::fs::create_dir_all(dir.join("ca"))
-                .with_context(|| format!("creating {}", dir.join("ca").display()))?;
-            ca.write_pem_files(&dir.join("ca"))
-                .context("writing the cluster CA")?;
-            Some(ca)
-        }
-        None => None,
-    };
-    for cfg in &nodes {
-        let name = &cfg.node.name;
-        let node_dir = dir.join(name);
-        std::fs::create_dir_all(&node_dir)
-            .with_context(|| format!("creating {}", node_dir.display()))?;
-        for v in &cfg.volumes {
-            let path = dir.join(&v.path);
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .with_context(|| format!("creating volume file {}", path.display()))?;
-            f.set_len(v.size.0)
-                .with_context(|| format!("sizing {}", path.display()))?;
-        }
-        if let Some(ca) = &ca {
-            let tls = node_dir.join("tls");
-            std::fs::create_dir_all(&tls).with_context(|| format!("creating {}", tls.display()))?;
-            let id = ca
-                .issue_node(name)
-                .with_context(|| format!("issuing the certificate of {name}"))?;
-            id.write_pem_files(&tls)
-                .with_context(|| format!("writing {}", tls.display()))?;
-            std::fs::write(tls.join("ca.pem"), ca.cert_pem())
-                .with_context(|| format!("writing {}", tls.join("ca.pem").display()))?;
-        }
-        let cfg_path = dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg_path, cfg.to_toml())
-            .with_context(|| format!("writing {}", cfg_path.display()))?;
-        println!("created {} ({})", cfg_path.display(), cfg.node.role);
+    Ok(())
+}
+
+/// The cluster CA, written under `dir/ca`.
+fn write_ca(dir: &Path, cluster: [u8; 16]) -> anyhow::Result<ClusterCa> {
+    let ca = ClusterCa::generate(cluster).context("creating the cluster CA")?;
+    std::fs::create_dir_all(dir.join("ca"))
+        .with_context(|| format!("creating {}", dir.join("ca").display()))?;
+    ca.write_pem_files(&dir.join("ca"))
+        .context("writing the cluster CA")?;
+    Ok(ca)
+}
+
+/// One node's directory, volume files, TLS identity (when replicating) and config file.
+fn write_node(dir: &Path, cfg: &Config, ca: Option<&ClusterCa>) -> anyhow::Result<()> {
+    let name = &cfg.node.name;
+    let node_dir = dir.join(name);
+    std::fs::create_dir_all(&node_dir)
+        .with_context(|| format!("creating {}", node_dir.display()))?;
+    for v in &cfg.volumes {
+        let path = dir.join(&v.path);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating volume file {}", path.display()))?;
+        f.set_len(v.size.0)
+            .with_context(|| format!("sizing {}", path.display()))?;
     }
-    for cfg in &nodes {
-        println!(
-            "start:     ferryd --config {}",
-            dir.join(format!("{}.toml", cfg.node.name)).display()
-        );
+    if let Some(ca) = ca {
+        let tls = node_dir.join("tls");
+        std::fs::create_dir_all(&tls).with_context(|| format!("creating {}", tls.display()))?;
+        let id = ca
+            .issue_node(name)
+            .with_context(|| format!("issuing the certificate of {name}"))?;
+        id.write_pem_files(&tls)
+            .with_context(|| format!("writing {}", tls.display()))?;
+        std::fs::write(tls.join("ca.pem"), ca.cert_pem())
+            .with_context(|| format!("writing {}", tls.join("ca.pem").display()))?;
     }
-    for v in &vols {
-        println!(
-            "export:    nbd://{}/{} ({})",
-            addrs[0].nbd,
-            v.0,
-            ByteSize(v.1)
-        );
-    }
+    let cfg_path = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg_path, cfg.to_toml())
+        .with_context(|| format!("writing {}", cfg_path.display()))?;
+    println!("created {} ({})", cfg_path.display(), cfg.node.role);
     Ok(())
 }
 
