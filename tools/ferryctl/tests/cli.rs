@@ -42,12 +42,10 @@ fn init_lays_out_a_node_and_refuses_to_overwrite() {
     assert_eq!(cfg.volumes.len(), 2);
     assert_eq!(cfg.node.role, ferry_api::config::Role::Primary);
 
-    let again = Command::new(ferryctl())
-        .args(["init", "--dir"])
-        .arg(dir.path())
-        .args(["--volume", "vol0:64MiB", "--nbd", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let again = init_dir(
+        dir.path(),
+        &["--volume", "vol0:64MiB", "--nbd", "127.0.0.1:0"],
+    );
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
 
@@ -58,12 +56,7 @@ fn init_lays_out_a_node_and_refuses_to_overwrite() {
         ("v:1000", "multiple of 4096"),
     ] {
         let d = tempfile::tempdir().unwrap();
-        let out = Command::new(ferryctl())
-            .args(["init", "--dir"])
-            .arg(d.path())
-            .args(["--volume", spec, "--nbd", "127.0.0.1:0"])
-            .output()
-            .unwrap();
+        let out = init_dir(d.path(), &["--volume", spec, "--nbd", "127.0.0.1:0"]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(want), "{spec}: {err}");
     }
@@ -75,14 +68,20 @@ fn status_reports_the_running_node() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let st = Command::new(ferryctl())
-        .args(["init", "--dir"])
-        .arg(dir.path())
-        .args(["--volume", "vol0:64MiB", "--nbd", "127.0.0.1:0"])
-        .args(["--journal-size", "32MiB", "--segment-size", "4MiB"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let st = init_dir(
+        dir.path(),
+        &[
+            "--volume",
+            "vol0:64MiB",
+            "--nbd",
+            "127.0.0.1:0",
+            "--journal-size",
+            "32MiB",
+            "--segment-size",
+            "4MiB",
+        ],
+    );
+    assert!(st.status.success());
     let cfg = dir.path().join("primary.toml");
     let node = Node::start(&ferryd(), &cfg);
     assert_qemu_io_ok(&qemu_io(

@@ -181,13 +181,19 @@ fn a_socket_this_user_may_not_open_is_named_as_such() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new(ferryctl())
-        .args(["init", "--dir"])
-        .arg(dir.path())
-        .args(["--volume", "vol0:4MiB", "--nbd", "127.0.0.1:0"])
-        .args(["--journal-size", "16MiB", "--segment-size", "4MiB"])
-        .output()
-        .unwrap();
+    let out = init_dir(
+        dir.path(),
+        &[
+            "--volume",
+            "vol0:4MiB",
+            "--nbd",
+            "127.0.0.1:0",
+            "--journal-size",
+            "16MiB",
+            "--segment-size",
+            "4MiB",
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",

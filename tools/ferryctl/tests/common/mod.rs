@@ -26,6 +26,17 @@ pub fn ferryd() -> PathBuf {
     p
 }
 
+/// `ferryctl init --dir DIR ARGS…`: its output, for tests that check success or the
+/// refusal themselves.
+pub fn init_dir(dir: &Path, args: &[&str]) -> Output {
+    Command::new(ferryctl())
+        .args(["init", "--dir"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// What `ferryctl init` is asked for: one volume, the journal, the mode.
 pub struct Init<'a> {
     pub volume: &'a str,
