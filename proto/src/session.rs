@@ -484,43 +484,19 @@ impl Receiver {
 
     /// The standby journal holds everything through `seq`. Returns the ack to send.
     pub fn mark_durable(&mut self, seq: Seq) -> Result<Ack, ReceiveError> {
-        if seq > self.received_seq {
-            return Err(ReceiveError::Beyond {
-                which: "durable",
-                seq,
-                limit_name: "received",
-                limit: self.received_seq,
-            });
-        }
-        if seq < self.durable_seq {
-            return Err(ReceiveError::WentBackwards {
-                which: "durable",
-                previous: self.durable_seq,
-                got: seq,
-            });
-        }
-        self.durable_seq = seq;
+        self.durable_seq = advance(
+            ("durable", self.durable_seq, seq),
+            ("received", self.received_seq),
+        )?;
         Ok(self.ack())
     }
 
     /// The replica holds everything through `seq`. Returns the ack to send.
     pub fn mark_applied(&mut self, seq: Seq) -> Result<Ack, ReceiveError> {
-        if seq > self.durable_seq {
-            return Err(ReceiveError::Beyond {
-                which: "applied",
-                seq,
-                limit_name: "durable",
-                limit: self.durable_seq,
-            });
-        }
-        if seq < self.applied_seq {
-            return Err(ReceiveError::WentBackwards {
-                which: "applied",
-                previous: self.applied_seq,
-                got: seq,
-            });
-        }
-        self.applied_seq = seq;
+        self.applied_seq = advance(
+            ("applied", self.applied_seq, seq),
+            ("durable", self.durable_seq),
+        )?;
         Ok(self.ack())
     }
 
@@ -845,4 +821,28 @@ pub fn plan_resync(
 /// The [`ProtocolVersion`] for a negotiated number, if this build knows it.
 pub fn known_version(v: u16) -> Option<ProtocolVersion> {
     (v == ProtocolVersion::V1.as_u16()).then_some(ProtocolVersion::V1)
+}
+
+/// A receiver position moving from `previous` to `seq`: never past `limit` (the
+/// position it trails: applied ≤ durable ≤ received), never backwards.
+fn advance(
+    (which, previous, seq): (&'static str, Seq, Seq),
+    (limit_name, limit): (&'static str, Seq),
+) -> Result<Seq, ReceiveError> {
+    if seq > limit {
+        return Err(ReceiveError::Beyond {
+            which,
+            seq,
+            limit_name,
+            limit,
+        });
+    }
+    if seq < previous {
+        return Err(ReceiveError::WentBackwards {
+            which,
+            previous,
+            got: seq,
+        });
+    }
+    Ok(seq)
 }
