@@ -3,7 +3,7 @@
 //! A primary that tracked this standby in a dirty-region bitmap (it fell too far
 //! behind for the journal) sends, on the data stream, `ResyncBegin{from, snapshot}`,
 //! the current contents of the dirty regions (`ResyncData`), `ResyncEnd{through}`,
-//! then write-sets from `snapshot + 1` on (transport/PROTOCOL.md, "Bitmap resync").
+//! then write-sets from `snapshot + 1` on (proto/PROTOCOL.md, "Bitmap resync").
 //! Here:
 //!
 //! * **Begin**: the applier is drained (every journaled record applied), the bases

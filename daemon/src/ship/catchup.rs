@@ -28,7 +28,7 @@
 //! journal space, never fail). After a restart the maps are reopened and the journal
 //! records after their `through_seq` are marked again.
 //!
-//! **Resync** (the target's session, see transport/PROTOCOL.md "Bitmap resync"):
+//! **Resync** (the target's session, see proto/PROTOCOL.md "Bitmap resync"):
 //! snapshot = the primary's applied position (at least the standby's), every dirty
 //! region is read from the base volumes while writes go on and shipped (zero ranges
 //! as zero extents), then ResyncEnd with the durable position; streaming resumes after

@@ -1,7 +1,7 @@
 //! Primary side of replication: one shipper per target.
 //!
 //! Each shipper owns a QUIC connection to its standby (the primary dials; see
-//! transport/PROTOCOL.md). Per session:
+//! proto/PROTOCOL.md). Per session:
 //! * a **reader thread** tails the journal from the standby's resume position with a
 //!   `JournalReader`, cuts the records into write-sets (at every seal, or at
 //!   [`MAX_WRITE_SET_BYTES`]), and hands them over a bounded channel (backpressure: the
