@@ -54,6 +54,8 @@ root="$stage/ferry_${version}_${arch}"
 install -Dm755 "$bin_dir/ferryd" "$root/usr/bin/ferryd"
 install -Dm755 "$bin_dir/ferryctl" "$root/usr/bin/ferryctl"
 install -Dm644 "$repo/systemd/ferryd@.service" "$root/usr/lib/systemd/system/ferryd@.service"
+install -Dm644 "$repo/systemd/ferry-drill@.service" "$root/usr/lib/systemd/system/ferry-drill@.service"
+install -Dm644 "$repo/systemd/ferry-drill@.timer" "$root/usr/lib/systemd/system/ferry-drill@.timer"
 install -Dm644 "$repo/systemd/ferry.sysusers" "$root/usr/lib/sysusers.d/ferry.conf"
 install -Dm644 "$repo/systemd/ferry.tmpfiles" "$root/usr/lib/tmpfiles.d/ferry.conf"
 

@@ -91,6 +91,8 @@ fn check_files(root: &Path) {
         "usr/bin/ferryd",
         "usr/bin/ferryctl",
         "usr/lib/systemd/system/ferryd@.service",
+        "usr/lib/systemd/system/ferry-drill@.service",
+        "usr/lib/systemd/system/ferry-drill@.timer",
         "usr/lib/sysusers.d/ferry.conf",
         "usr/lib/tmpfiles.d/ferry.conf",
         "usr/share/man/man8/ferryd.8.gz",

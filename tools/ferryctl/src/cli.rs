@@ -145,6 +145,49 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Standby: a disaster-recovery drill. Exports a writable view of a recovery point
+    /// (replication goes on), checks it, measures the recovery time (start to usable
+    /// view) and the point's age (the RPO it proves), tears everything down, records
+    /// the result in the node's audit log and prints or writes a report. Exits 1 when
+    /// the drill fails.
+    Drill {
+        /// The volume to drill.
+        #[arg(long, value_name = "NAME")]
+        volume: String,
+        #[command(flatten)]
+        point: DrillPointArgs,
+        /// Your own check, run with `sh -c` (exit 0: passed), with the view in its
+        /// environment: FERRY_DRILL_URI (NBD URI), FERRY_DRILL_VOLUME, FERRY_DRILL_SEQ,
+        /// FERRY_DRILL_POINT_TIME. Default: attach the view (nbdfuse + loop device, needs
+        /// root), detect its filesystem, mount it read-only, and fsck it changing nothing.
+        #[arg(long, value_name = "CMD")]
+        check: Option<String>,
+        /// Longest the check may run, in seconds, before it is killed and fails.
+        #[arg(long, value_name = "SECS", default_value_t = 3600)]
+        check_timeout: u64,
+        /// Write the report as JSON to FILE and as a self-contained HTML page next to
+        /// it (FILE with the extension .html).
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// Print the report as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The point a drill exports: at most one of these; none means the newest.
+#[derive(clap::Args)]
+#[group(required = false, multiple = false)]
+pub struct DrillPointArgs {
+    /// The newest point the standby holds (the default): proves today's RPO.
+    #[arg(long)]
+    pub latest: bool,
+    /// A bookmark (e.g. one taken with the application quiesced).
+    #[arg(long)]
+    pub bookmark: Option<String>,
+    /// The newest point at or before a time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
 }
 
 /// Exactly one way to name a recovery point.
