@@ -64,6 +64,11 @@ pub enum Cmd {
         #[arg(long)]
         same_host: bool,
     },
+    /// Grow a cluster made by `init`.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Show the node's role, journal and replication state.
     Status {
         /// Print the result as JSON (for scripts) instead of text.
@@ -274,6 +279,27 @@ pub enum PitCmd {
 }
 
 #[derive(Subcommand)]
+pub enum NodeCmd {
+    /// Add a standby NAME=HOST:PORT (its QUIC address): issues its certificate from the
+    /// cluster CA in DIR/ca, writes DIR/NAME.toml and DIR/NAME/, and adds it as a target
+    /// to DIR/primary.toml (appended; comments kept).
+    Add {
+        /// The new node, NAME=HOST:PORT.
+        #[arg(value_name = "NAME=HOST:PORT")]
+        node: String,
+        /// The cluster directory `ferryctl init` made.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Replication mode of the new target (default: that of the first existing one).
+        #[arg(long, value_enum)]
+        mode: Option<ModeArg>,
+        /// The new node shares a host with the others: give it its own NBD port.
+        #[arg(long)]
+        same_host: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum AuditCmd {
     /// Check the audit log's hash chain: the log named by --config (`access.audit_log`,
     /// default `<metadata_dir>/audit.log`) or --file. Exits 1 naming the first bad line.
@@ -290,7 +316,11 @@ pub fn command() -> clap::Command {
     let mut cmd = Cli::command();
     // Global arguments reach the subcommands when the command is built.
     cmd.build();
-    cmd.mut_subcommand("init", |init| init.mut_arg("config", |a| a.hide(true)))
+    let cmd = cmd.mut_subcommand("init", |init| init.mut_arg("config", |a| a.hide(true)));
+    cmd.mut_subcommand("node", |node| {
+        node.mut_arg("config", |a| a.hide(true))
+            .mut_subcommand("add", |add| add.mut_arg("config", |a| a.hide(true)))
+    })
 }
 
 /// Parses the process arguments (exits with clap's message on a usage error).

@@ -17,10 +17,11 @@ use ferry_api::status::{
 };
 use ferry_transport::pki::ClusterCa;
 mod drill;
+mod node_add;
 mod ports;
 mod table;
 
-use ferryctl::cli::{AuditCmd, BookmarkCmd, Cli, Cmd, DrillPointArgs, ModeArg, PitCmd};
+use ferryctl::cli::{AuditCmd, BookmarkCmd, Cli, Cmd, DrillPointArgs, ModeArg, NodeCmd, PitCmd};
 use table::Align;
 
 fn main() -> std::process::ExitCode {
@@ -104,6 +105,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("resumed: following the primary");
             Ok(())
         }
+        Cmd::Node {
+            cmd:
+                NodeCmd::Add {
+                    node,
+                    dir,
+                    mode,
+                    same_host,
+                },
+        } => node_add::node_add(&node_add::Add {
+            dir: &dir,
+            spec: &node,
+            mode: mode.map(|m| match m {
+                ModeArg::Sync => ReplicationMode::Sync,
+                ModeArg::Async => ReplicationMode::Async,
+            }),
+            same_host,
+        }),
         Cmd::Drill {
             volume,
             point,
