@@ -846,7 +846,7 @@ address = "127.0.0.1:7002"
 "#,
         )
         .unwrap();
-        let targets = crate::ship::target_states(&cfg, 5);
+        let targets = crate::ship::target_states(&cfg, 5, |_| false);
         let r = Replication {
             targets: targets.clone(),
             sync: crate::ship::SyncGate::new(targets.clone(), Duration::from_secs(1)),
@@ -856,8 +856,9 @@ address = "127.0.0.1:7002"
         for seq in 1..=10 {
             r.index.push(seq, 4096, then);
         }
-        targets[1].acked_seq.store(10, Ordering::Release);
-        targets[0].degraded.store(true, Ordering::Release);
+        targets[1].streaming_at(10);
+        // dr1 (sync, at 5) misses the timeout of a write at 6.
+        assert!(targets[0].sync_timeout(6));
         struct R(Replication);
         impl std::fmt::Debug for R {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
