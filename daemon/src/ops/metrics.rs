@@ -43,7 +43,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::primary::frontend::Frontend;
 use ferry_api::config::{Config, Role};
-use ferry_api::status::{NodeStatus, RoleStatus, StandbyStatus, TargetStatus};
+use ferry_api::status::{EffectiveMode, NodeStatus, RoleStatus, StandbyStatus, TargetStatus};
 
 /// Largest request head (request line + headers) the endpoint reads.
 pub const MAX_REQUEST_BYTES: usize = 8 << 10;
@@ -63,7 +63,13 @@ const TARGET_STATES: [&str; 5] = [
     "disconnected",
     "stopped",
 ];
-const TARGET_MODES: [&str; 3] = ["sync", "async", "degraded"];
+/// Every `mode` label of the effective-mode gauge, from the one definition of the
+/// mode (the target lifecycle's).
+const TARGET_MODES: [&str; 3] = [
+    EffectiveMode::Sync.metric_str(),
+    EffectiveMode::Async.metric_str(),
+    EffectiveMode::Degraded.metric_str(),
+];
 
 /// What the collector reads at scrape time; set once recovery has finished.
 pub struct NodeSource {
