@@ -697,6 +697,37 @@ pub(crate) mod tests {
         assert!(!async_only.has_sync_targets());
     }
 
+    /// A session that ends with a handover in flight fails the switchover at once
+    /// (its answer is dropped), and its unfinished resync goes back to bitmap mode.
+    #[test]
+    fn a_session_end_fails_the_handover_and_reverts_the_resync() {
+        let t = target("a", ReplicationMode::Sync, 0);
+        t.streaming_at(11);
+        let mut rx = t.request_handover(11).unwrap();
+        t.session_ended(Some("connection lost".into()));
+        assert!(rx.try_recv().is_err(), "the answer is dropped");
+        assert_eq!(t.handover_to_send(), None);
+        let snap = t.snapshot();
+        assert_eq!(snap.phase.as_str(), "disconnected");
+        assert_eq!(snap.last_error.as_deref(), Some("connection lost"));
+        // In bitmap mode, a resync session ends before its copy completed.
+        t.update(|lc| {
+            lc.begin_overflow_switch();
+            lc.bitmap_entered(20);
+            lc.connecting();
+            lc.session_started(&plan(11, true), 11, 20);
+            lc.resync_begin(11, 20).unwrap();
+        });
+        assert_eq!(tracking(&t), "resyncing");
+        t.session_ended(None);
+        assert_eq!(tracking(&t), "bitmap");
+        assert_eq!(
+            t.snapshot().last_error,
+            None,
+            "cleared when the session started"
+        );
+    }
+
     /// A handover is asked of a streaming session only, one at a time; once
     /// abandoned, nothing waits for its answer.
     #[test]
