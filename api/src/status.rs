@@ -108,35 +108,34 @@ pub struct NbdStatus {
     pub listen: String,
 }
 
-/// How the shipper serves a target, as the status names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum EffectiveMode {
-    #[serde(rename = "sync")]
-    Sync,
-    #[serde(rename = "async")]
-    Async,
-    /// A sync target that missed its timeout: served asynchronously until caught up.
-    #[serde(rename = "async (degraded)")]
-    Degraded,
-}
+/// How the shipper serves a target: the one definition is the target lifecycle's
+/// (`ferry_proto::target`, which decides it). ferry-proto stays free of serde, so the
+/// status JSON form (its [`EffectiveMode::status_str`]) is written and read here
+/// ([`effective_mode_json`]).
+pub use ferry_proto::target::EffectiveMode;
 
-impl EffectiveMode {
-    /// As the status JSON writes it.
-    pub fn status_str(self) -> &'static str {
-        match self {
-            EffectiveMode::Sync => "sync",
-            EffectiveMode::Async => "async",
-            EffectiveMode::Degraded => "async (degraded)",
-        }
+/// `effective_mode` in the status JSON: `sync`, `async` or `async (degraded)`.
+pub mod effective_mode_json {
+    use super::EffectiveMode;
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    const ALL: [EffectiveMode; 3] = [
+        EffectiveMode::Sync,
+        EffectiveMode::Async,
+        EffectiveMode::Degraded,
+    ];
+
+    pub fn serialize<S: Serializer>(m: &EffectiveMode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(m.status_str())
     }
 
-    /// The `mode` label of the `ferry_replication_target_mode` metric.
-    pub fn metric_str(self) -> &'static str {
-        match self {
-            EffectiveMode::Sync => "sync",
-            EffectiveMode::Async => "async",
-            EffectiveMode::Degraded => "degraded",
-        }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<EffectiveMode, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        ALL.into_iter()
+            .find(|m| m.status_str() == text)
+            .ok_or_else(|| {
+                de::Error::unknown_variant(&text, &["sync", "async", "async (degraded)"])
+            })
     }
 }
 
@@ -147,6 +146,7 @@ pub struct TargetStatus {
     pub address: String,
     /// The configured mode (`sync` or `async`).
     pub mode: String,
+    #[serde(with = "effective_mode_json")]
     pub effective_mode: EffectiveMode,
     /// The shipper's state (`connecting`, `streaming`, …).
     pub state: String,

@@ -1,15 +1,18 @@
 //! One replication target's lifecycle on the primary, as a pure state machine.
 //!
-//! ferryd spreads a target's life over five fields written by three threads
+//! ferryd once spread a target's life over five fields written by three threads
 //! (`TargetState.state`, `TargetState.degraded`, the pending `handover`, and the
 //! overflow `Tracker`'s `mode` and `abort`), with the decisions in async IO code no
 //! deterministic test reached. [`TargetLifecycle`] owns all of it. It does no IO,
-//! reads no clock and starts no thread: the daemon holds one `Mutex<TargetLifecycle>`
-//! per target, calls an event method where something happened (a session connected,
-//! an ack arrived, the journal filled, a switchover was asked for), and carries out
-//! the decision the method returns (stream after a position, run a resync copy,
-//! create the dirty maps, end the session, answer the switchover). Times are
-//! arguments: a monotonic [`Duration`] since any origin.
+//! reads no clock and starts no thread: the daemon holds one per target, under one
+//! lock (ferryd `ship::target::TargetState`, its only owner), calls an event method
+//! where something happened (a session connected, an ack arrived, the journal filled,
+//! a switchover was asked for), and carries out the decision the method returns
+//! (stream after a position, run a resync copy, create the dirty maps, end the
+//! session, answer the switchover). Status, metrics, the journal's release floor and
+//! the sync gate read it ([`TargetLifecycle::snapshot`] and the accessors). Times are
+//! arguments: a monotonic [`Duration`] since any origin. The "Replaces ferryd …"
+//! notes on the methods name the daemon code each one took over (names of that time).
 //!
 //! # State
 //!
@@ -232,7 +235,8 @@ impl Tracking {
 /// Every value of [`Tracking::as_str`], for metrics.
 pub const TRACKING_NAMES: [&str; 3] = ["streaming", "bitmap", "resyncing"];
 
-/// Whether client writes wait for the target.
+/// Whether client writes wait for the target. The one definition: ferry-api's
+/// status uses it too (and writes its JSON form, [`EffectiveMode::status_str`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EffectiveMode {
     Sync,
@@ -244,7 +248,7 @@ pub enum EffectiveMode {
 
 impl EffectiveMode {
     /// `effective_mode` in status.
-    pub fn status_str(self) -> &'static str {
+    pub const fn status_str(self) -> &'static str {
         match self {
             EffectiveMode::Sync => "sync",
             EffectiveMode::Async => "async",
@@ -253,7 +257,7 @@ impl EffectiveMode {
     }
 
     /// The `mode` label of `ferry_replication_target_mode`.
-    pub fn metric_str(self) -> &'static str {
+    pub const fn metric_str(self) -> &'static str {
         match self {
             EffectiveMode::Sync => "sync",
             EffectiveMode::Async => "async",
@@ -657,10 +661,9 @@ impl TargetLifecycle {
     /// A streaming target is switched to bitmap mode with every region dirty
     /// ([`FullSwitch::Create`]; replaces ferryd `overflow::switch_full`). A target
     /// already tracked in maps gets every region marked in them
-    /// ([`FullSwitch::MarkAll`]). **This differs from ferryd today**, whose
-    /// `switch_full` does nothing then: its maps start at the target's old ack and
-    /// mark only this history's writes, so after a failback the regions the old
-    /// primary wrote past the fork were never copied and stayed diverged (found by the
+    /// ([`FullSwitch::MarkAll`]): its maps start at the target's old ack and mark only
+    /// this history's writes, so without it the regions the old primary wrote past the
+    /// fork of a failback would never be copied and stay diverged (found by the
     /// lifecycle simulation, `proto/tests/sim.rs`). While another switch is creating
     /// the maps, the session must end and retry ([`SwitchInProgress`]).
     pub fn begin_full_switch(
@@ -710,8 +713,7 @@ impl TargetLifecycle {
     /// status. Replaces `t.set_state("disconnected")` in ferryd `run_target`, the
     /// `ResyncGuard` drop (an unfinished resync goes back to bitmap mode: marks are
     /// never cleared during a copy, so it simply runs again) and the pending handover
-    /// sender being dropped. A handover in flight fails at once (ferryd today lets
-    /// the switchover run into its 30 s timeout: same outcome, later).
+    /// sender being dropped: a handover in flight fails at once.
     pub fn session_ended(&mut self, error: Option<String>) -> SessionEnd {
         let handover_failed = matches!(self.phase, TargetPhase::HandingOver { .. });
         if self.phase != TargetPhase::Stopped {
@@ -1053,8 +1055,8 @@ impl TargetLifecycle {
     /// Writes are stopped at `seq`: hand the primary role over, only if the target
     /// holds every record up to it (the switchover waits for that ack first).
     /// Replaces ferryd `TargetState::request_handover` and the kick arm of
-    /// `replication::session`. Stricter than today, which queued a request made while
-    /// no session streamed for whichever session streamed next: refused instead.
+    /// `replication::session`. A request made while no session streams is refused,
+    /// never queued for whichever session streams next.
     pub fn request_handover(&mut self, seq: Seq) -> Result<SendHandover, HandoverRefused> {
         self.handover_precheck()?;
         if self.acked < seq {

@@ -309,6 +309,28 @@ fn stopped_stays_stopped() {
     assert_eq!(t.phase().as_str(), "stopped");
 }
 
+/// ferryd ends a shipper's session when its task is cancelled at shutdown, after
+/// `stopped`: the unfinished resync still goes back to bitmap mode (the floor stops
+/// being held at its snapshot) and the target stays stopped.
+#[test]
+fn a_session_ended_after_stop_reverts_its_resync_and_stays_stopped() {
+    let mut t = in_bitmap(10, 20);
+    connect(&mut t, 15, 1, 30);
+    t.resync_begin(15, 25).expect("resync starts");
+    assert_eq!(t.floor(), 20);
+    t.stopped();
+    let end = t.session_ended(None);
+    assert!(end.resync_interrupted);
+    assert_eq!(t.phase(), TargetPhase::Stopped);
+    assert_eq!(
+        t.tracking(),
+        Tracking::Bitmap {
+            base: 10,
+            flushed_through: 20
+        }
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Resync
 

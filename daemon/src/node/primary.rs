@@ -1,6 +1,5 @@
 //! A node in the primary role: start-up of the write path and replication
 //! ([`run_primary`]), its control handler, and online verify requests.
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -203,15 +202,18 @@ fn outdated_hook(group: &Arc<Group>, rec: &Recovered) -> replication::OutdatedHo
 /// wait out a sync timeout for a node that is known to be away. It turns synchronous
 /// again once it has caught up.
 fn replication_targets(cfg: &Config, rec: &Recovered) -> anyhow::Result<Vec<Arc<TargetState>>> {
-    let targets = replication::target_states(cfg, rec.checkpoint.min(rec.journal.durable_seq()));
-    if let Some(fork) = rec.meta.fork_seq()? {
-        for t in &targets {
+    let mut away = Vec::new();
+    if let (Some(fork), Some(r)) = (rec.meta.fork_seq()?, cfg.replication.as_ref()) {
+        for t in &r.targets {
             if !rec.meta.rejoined(&t.name, fork)? {
-                t.degraded.store(true, Ordering::Release);
+                away.push(t.name.clone());
             }
         }
     }
-    Ok(targets)
+    let start = rec.checkpoint.min(rec.journal.durable_seq());
+    Ok(replication::target_states(cfg, start, |name| {
+        away.iter().any(|a| a == name)
+    }))
 }
 
 /// Starts the catch-up (bitmap resync) and the shippers of the configured targets;

@@ -43,7 +43,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::primary::frontend::Frontend;
 use ferry_api::config::{Config, Role};
-use ferry_api::status::{NodeStatus, RoleStatus, StandbyStatus, TargetStatus};
+use ferry_api::status::{EffectiveMode, NodeStatus, RoleStatus, StandbyStatus, TargetStatus};
 
 /// Largest request head (request line + headers) the endpoint reads.
 pub const MAX_REQUEST_BYTES: usize = 8 << 10;
@@ -63,7 +63,13 @@ const TARGET_STATES: [&str; 5] = [
     "disconnected",
     "stopped",
 ];
-const TARGET_MODES: [&str; 3] = ["sync", "async", "degraded"];
+/// Every `mode` label of the effective-mode gauge, from the one definition of the
+/// mode (the target lifecycle's).
+const TARGET_MODES: [&str; 3] = [
+    EffectiveMode::Sync.metric_str(),
+    EffectiveMode::Async.metric_str(),
+    EffectiveMode::Degraded.metric_str(),
+];
 
 /// What the collector reads at scrape time; set once recovery has finished.
 pub struct NodeSource {
@@ -846,7 +852,7 @@ address = "127.0.0.1:7002"
 "#,
         )
         .unwrap();
-        let targets = crate::ship::target_states(&cfg, 5);
+        let targets = crate::ship::target_states(&cfg, 5, |_| false);
         let r = Replication {
             targets: targets.clone(),
             sync: crate::ship::SyncGate::new(targets.clone(), Duration::from_secs(1)),
@@ -856,8 +862,9 @@ address = "127.0.0.1:7002"
         for seq in 1..=10 {
             r.index.push(seq, 4096, then);
         }
-        targets[1].acked_seq.store(10, Ordering::Release);
-        targets[0].degraded.store(true, Ordering::Release);
+        targets[1].streaming_at(10);
+        // dr1 (sync, at 5) misses the timeout of a write at 6.
+        assert!(targets[0].sync_timeout(6));
         struct R(Replication);
         impl std::fmt::Debug for R {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -5,14 +5,15 @@
 //! copied (a *resync*), then streaming goes on. Clients never wait on a target in
 //! bitmap mode, and never get an error because of one.
 //!
-//! Modes of a target ([`Mode`]; `tracking` in status):
+//! Modes of a target (`ferry_proto::target::Tracking`, which decides every change of
+//! it; `tracking` in status):
 //! * **streaming**: its durable ack holds the journal's release floor.
 //! * **bitmap**: the regions of every record after its ack are marked; it no longer
 //!   holds the floor beyond what is durably marked.
 //! * **resyncing**: a session is copying the dirty regions; the floor is held at the
 //!   copy's snapshot so the stream can go on after it.
 //!
-//! **Switch** (monitor thread, when the journal is [`SWITCH_PERCENT`] full and a
+//! **Switch** (monitor thread, when the journal is `SWITCH_PERCENT` full and a
 //! streaming target's ack is below the checkpoint): live marking starts first (every
 //! durable record from then on is marked in memory by the [`ShipFeed`]
 //! hook), then the maps are created, every journal record after the target's ack up to
@@ -49,20 +50,15 @@ use tokio::sync::{mpsc, watch};
 
 use crate::ship::dirty::DirtyMap;
 use crate::ship::feed::ShipFeed;
-use crate::ship::target::{Mode, RegionBits, Shared, TargetState};
+use crate::ship::target::{lifecycle_now, maps_in_use, RegionBits, Shared, TargetState};
 use crate::store::base::Base;
 use ferry_api::config::Config;
 use ferry_journal::now_ns;
+use ferry_proto::target::{
+    choose_switch, FullSwitch, HelloPlan, JournalFill, SessionStart, SwitchToBitmap, SWITCH_RETRY,
+};
 
-/// A streaming target that holds the floor is switched to bitmap mode once the
-/// journal is this full (percent of its capacity).
-pub const SWITCH_PERCENT: u64 = 75;
-/// Above this fill (percent) the maps are flushed on every monitor round, so the
-/// checkpointer can release the journal behind them promptly.
-const PRESSURE_PERCENT: u64 = 50;
 const MONITOR_EVERY: Duration = Duration::from_millis(50);
-/// After a failed switch, wait this long before trying that target again.
-const SWITCH_RETRY: Duration = Duration::from_secs(5);
 /// Bytes read from a base volume per extent of a copy.
 const PIECE: u64 = 1 << 20;
 /// A ResyncData frame is cut once it carries this many data bytes.
@@ -210,14 +206,10 @@ fn load(t: &TargetState, sh: &Shared) -> anyhow::Result<()> {
     {
         let mut inner = t.track.inner.lock();
         inner.maps = maps;
-        inner.base_seq = base;
-        inner.lost = Some((base, None));
         t.track.count_dirty(&inner);
     }
     t.track.start_live(sh, through);
-    t.track.flushed_through.store(through, Ordering::Release);
-    t.track.set_mode(Mode::Bitmap);
-    t.degraded.store(true, Ordering::Release);
+    t.update(|lc| lc.reopened_in_bitmap(base, through));
     // Marks after `through` were not durable: the journal still holds those records.
     mark_from_journal(t, sh, through, durable)?;
     tracing::warn!(
@@ -293,28 +285,27 @@ fn mark_from_journal(t: &TargetState, sh: &Shared, after: Seq, upto: Seq) -> any
 fn monitor(sh: &Shared, targets: &[Arc<TargetState>], stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         std::thread::sleep(MONITOR_EVERY);
-        let (used, cap) = (sh.journal.used_bytes(), sh.journal.capacity_bytes().max(1));
-        let pressure = used * 100 >= cap * PRESSURE_PERCENT;
+        let fill = JournalFill {
+            used_bytes: sh.journal.used_bytes(),
+            capacity_bytes: sh.journal.capacity_bytes(),
+        };
         for t in targets {
-            t.track.flush(&t.name, pressure);
+            t.flush(fill.flush_pressure());
         }
-        if used * 100 < cap * SWITCH_PERCENT {
+        if !fill.overflowing() {
             continue;
         }
         let checkpoint = (sh.checkpoint)();
-        let now = Instant::now();
         // A resync holds the journal from its snapshot on until the target has caught
         // up: if that fills it, writes would wait for the resync. They must not wait
         // for a target: the resync is abandoned (back to bitmap mode, marks intact) and
         // runs again on the next connection.
-        for t in targets.iter().filter(|t| t.track.mode() == Mode::Resyncing) {
-            if t.track.floor(t.acked_seq.load(Ordering::Acquire)) < checkpoint
-                && !t.track.abort.swap(true, Ordering::AcqRel)
-            {
+        for t in targets {
+            if t.update(|lc| lc.abandon_resync(checkpoint)) {
                 tracing::warn!(
                     target = %t.name,
-                    journal_used = used,
-                    journal_capacity = cap,
+                    journal_used = fill.used_bytes,
+                    journal_capacity = fill.capacity_bytes,
                     "the journal filled up during the target's resync: abandoning it (it \
                      starts again on the next connection; a larger journal lets a resync \
                      finish under this write load)"
@@ -323,42 +314,39 @@ fn monitor(sh: &Shared, targets: &[Arc<TargetState>], stop: watch::Receiver<bool
             }
         }
         // The streaming target furthest behind, if it is what holds the journal.
-        let holder = targets
-            .iter()
-            .filter(|t| t.track.mode() == Mode::Streaming)
-            .filter(|t| t.track.inner.lock().retry_switch.is_none_or(|r| now >= r))
-            .filter(|t| t.acked_seq.load(Ordering::Acquire) < checkpoint)
-            .min_by_key(|t| t.acked_seq.load(Ordering::Acquire));
+        let now = lifecycle_now();
+        let holder = choose_switch(targets.iter().filter_map(|t| {
+            t.read(|lc| lc.switch_candidate(checkpoint, now))
+                .map(|acked| (t, acked))
+        }));
         if let Some(t) = holder {
-            if let Err(e) = switch(t, sh, used, cap) {
+            if let Err(e) = switch(t, sh, fill) {
                 tracing::error!(
                     target = %t.name,
                     "switching to bitmap mode failed: {}; the target keeps holding the journal \
                      (writes may wait for space, never fail); retrying in {SWITCH_RETRY:?}",
                     crate::error_chain(&e)
                 );
-                t.track.inner.lock().retry_switch = Some(Instant::now() + SWITCH_RETRY);
             }
         }
     }
 }
 
 /// Streaming → bitmap; see the module docs for the order of the steps.
-fn switch(t: &TargetState, sh: &Shared, used: u64, cap: u64) -> anyhow::Result<()> {
+fn switch(t: &TargetState, sh: &Shared, fill: JournalFill) -> anyhow::Result<()> {
     let started = Instant::now();
-    let acked = t.acked_seq.load(Ordering::Acquire);
-    if !t.track.begin_switch() {
+    let Some(sw) = t.update(|lc| lc.begin_overflow_switch()) else {
         return Ok(());
-    }
-    enter_bitmap(t, sh, acked, false)?;
-    t.track.kick.notify_waiters();
+    };
+    let acked = sw.base;
+    let marked_through = enter_bitmap(t, sh, sw)?;
     tracing::warn!(
         target = %t.name,
         acked,
-        marked_through = t.track.flushed_through.load(Ordering::Acquire),
+        marked_through,
         dirty_bytes = t.track.dirty_bytes.load(Ordering::Relaxed),
-        journal_used = used,
-        journal_capacity = cap,
+        journal_used = fill.used_bytes,
+        journal_capacity = fill.capacity_bytes,
         "target fell too far behind for the journal: switched to bitmap mode in {:?} \
          (the journal is released without it; it will be resynced from its dirty regions, \
          and its recovery points after {acked} are lost)",
@@ -367,32 +355,35 @@ fn switch(t: &TargetState, sh: &Shared, used: u64, cap: u64) -> anyhow::Result<(
     Ok(())
 }
 
-/// A streaming target whose resume point the journal no longer holds (its records
-/// were released while it was away, e.g. by a restart of this primary, which does not
-/// persist acks), or that diverged after a failover: switches it to bitmap mode with
-/// every region dirty, so it is resynced (the digest comparison at the start of the
-/// copy then skips what it already holds) instead of being refused for good. `from`:
-/// its resume position. Blocking.
-pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
-    let sh = t
-        .track
-        .shared
-        .get()
-        .cloned()
-        .ok_or_else(|| anyhow!("overflow tracking is not set up"))?;
-    if !t.track.begin_switch() {
-        // Already tracked in maps (or being switched by the monitor, then the resync
-        // finds it not in bitmap mode and the session retries).
-        return mark_all_maps(t);
+/// Before a session whose plan is a full resync starts: a streaming target whose
+/// resume point the journal no longer holds (its records were released while it was
+/// away, e.g. by a restart of this primary, which does not persist acks), or that
+/// diverged after a failover, is switched to bitmap mode with every region dirty, so
+/// it is resynced (the digest comparison at the start of the copy then skips what it
+/// already holds) instead of being refused for good; a target already in bitmap mode
+/// gets every region marked. The lifecycle decides which
+/// (`TargetLifecycle::begin_full_switch`); nothing for other plans. Blocking.
+pub fn switch_full(t: &TargetState, plan: &HelloPlan) -> anyhow::Result<()> {
+    let Some(decision) = t.update(|lc| lc.begin_full_switch(plan))? else {
+        return Ok(());
+    };
+    match decision {
+        FullSwitch::MarkAll => mark_all_maps(t),
+        FullSwitch::Create(sw) => {
+            let Some(sh) = t.track.shared.get().cloned() else {
+                t.update(|lc| lc.switch_failed(lifecycle_now()));
+                bail!("overflow tracking is not set up");
+            };
+            enter_bitmap(t, &sh, sw)?;
+            tracing::warn!(
+                target = %t.name,
+                from = sw.base,
+                first_available = sh.journal.first_available_seq(),
+                "the journal no longer holds what the target needs: every region is a resync candidate"
+            );
+            Ok(())
+        }
     }
-    enter_bitmap(t, &sh, from, true)?;
-    tracing::warn!(
-        target = %t.name,
-        from,
-        first_available = sh.journal.first_available_seq(),
-        "the journal no longer holds what the target needs: every region is a resync candidate"
-    );
-    Ok(())
 }
 
 /// A target already in bitmap mode that needs a full resync (a failback: it wrote
@@ -402,21 +393,17 @@ pub fn switch_full(t: &TargetState, from: Seq) -> anyhow::Result<()> {
 /// resync it in full). Blocking.
 fn mark_all_maps(t: &TargetState) -> anyhow::Result<()> {
     let mut inner = t.track.inner.lock();
-    if !matches!(t.track.mode(), Mode::Bitmap | Mode::Resyncing) {
+    let Some((base, flushed)) = maps_in_use(t.read(|lc| lc.tracking())) else {
         return Ok(());
-    }
-    let through = t
-        .track
-        .merge(&mut inner)?
-        .max(t.track.flushed_through.load(Ordering::Acquire));
-    let base = inner.base_seq;
+    };
+    let through = t.track.merge(&mut inner)?.max(flushed);
     for (_, m) in inner.maps.iter_mut() {
         m.mark_all();
         m.set_seqs(base, through);
         m.flush()?;
     }
     // What the monitor's flush would have recorded (the marks merged above are durable).
-    t.track.flushed_through.store(through, Ordering::Release);
+    t.update(|lc| lc.marks_flushed(through));
     inner.last_flush = Some(Instant::now());
     t.track.count_dirty(&inner);
     tracing::warn!(
@@ -427,16 +414,20 @@ fn mark_all_maps(t: &TargetState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the target's maps (every region dirty with `all`; else the journal's
-/// records after `base` are marked), flushes them and enters bitmap mode, so the
-/// target stops holding the journal and writes stop waiting for it. On an error
-/// everything is undone and the target keeps streaming.
-fn enter_bitmap(t: &TargetState, sh: &Shared, base: Seq, all: bool) -> anyhow::Result<()> {
+/// Carries out the lifecycle's switch `sw`: creates the target's maps (every region
+/// dirty for a full switch; else the journal's records after `sw.base` are marked),
+/// flushes them and reports bitmap mode entered, so the target stops holding the
+/// journal and writes stop waiting for it (and an overflowed session is ended). On
+/// an error everything is undone and the lifecycle told: the target keeps streaming.
+/// Returns the position the maps are durable through.
+fn enter_bitmap(t: &TargetState, sh: &Shared, sw: SwitchToBitmap) -> anyhow::Result<Seq> {
+    let base = sw.base;
+    let all = sw.all_dirty();
     t.track.start_live(sh, base);
     // Every record completed after this read is marked live (the hook saw `active`);
     // every one before it is in the journal up to `d0`.
     let d0 = sh.journal.durable_seq();
-    let res = (|| -> anyhow::Result<()> {
+    let res = (|| -> anyhow::Result<Seq> {
         let mut maps = Vec::new();
         for b in &sh.bases {
             let p = map_path(&sh.dir, &t.name, &b.name);
@@ -450,12 +441,7 @@ fn enter_bitmap(t: &TargetState, sh: &Shared, base: Seq, all: bool) -> anyhow::R
             }
             maps.push((b.id, m));
         }
-        {
-            let mut inner = t.track.inner.lock();
-            inner.maps = maps;
-            inner.base_seq = base;
-            inner.through = None;
-        }
+        t.track.inner.lock().maps = maps;
         if !all {
             mark_from_journal(t, sh, base, d0)?;
         }
@@ -465,43 +451,31 @@ fn enter_bitmap(t: &TargetState, sh: &Shared, base: Seq, all: bool) -> anyhow::R
             m.set_seqs(base, through);
             m.flush()?;
         }
-        t.track.flushed_through.store(through, Ordering::Release);
         inner.last_flush = Some(Instant::now());
-        inner.lost = Some((base, None));
         t.track.count_dirty(&inner);
-        Ok(())
+        Ok(through)
     })();
-    if let Err(e) = res {
-        t.track.stop_live();
-        t.track.inner.lock().maps.clear();
-        for b in &sh.bases {
-            let _ = DirtyMap::remove(&map_path(&sh.dir, &t.name, &b.name));
+    let through = match res {
+        Ok(through) => through,
+        Err(e) => {
+            t.track.stop_live();
+            t.track.inner.lock().maps.clear();
+            for b in &sh.bases {
+                let _ = DirtyMap::remove(&map_path(&sh.dir, &t.name, &b.name));
+            }
+            t.update(|lc| lc.switch_failed(lifecycle_now()));
+            return Err(e);
         }
-        t.track.set_mode(Mode::Streaming);
-        return Err(e);
-    }
-    t.track.set_mode(Mode::Bitmap);
-    // Writes must not wait for a target that is resynced later.
-    t.degraded.store(true, Ordering::Release);
+    };
+    // Degrades the target: writes must not wait for a target that is resynced later.
+    let entered = t.update(|lc| lc.bitmap_entered(through));
     if let Some(s) = &sh.sync {
         s.recompute();
     }
-    Ok(())
-}
-
-/// Reverts a resync that did not complete when the session that ran it ends.
-pub struct ResyncGuard<'a>(pub &'a TargetState);
-
-impl Drop for ResyncGuard<'_> {
-    fn drop(&mut self) {
-        let tr = &self.0.track;
-        if tr.mode() == Mode::Resyncing {
-            tr.inner.lock().through = None;
-            tr.set_mode(Mode::Bitmap);
-            tr.hold.store(0, Ordering::Release);
-            tracing::warn!(target = %self.0.name, "resync interrupted; it starts again on the next connection");
-        }
+    if entered.end_session {
+        t.track.kick.notify_waiters();
     }
+    Ok(through)
 }
 
 /// Starts a resync for a session whose standby resumes from `from`: returns the
@@ -522,30 +496,23 @@ fn begin_resync(t: &TargetState, sh: &Shared, from: Seq) -> anyhow::Result<(Seq,
     // again (the maps are intact): a retry, never a gap.
     let snapshot = (sh.applied)();
     let mut inner = t.track.inner.lock();
-    if !matches!(t.track.mode(), Mode::Bitmap | Mode::Resyncing) {
-        bail!("target is not in bitmap mode");
-    }
+    let base = t.read(|lc| maps_in_use(lc.tracking()).map(|(base, _)| base));
+    let start = t.update(|lc| lc.resync_begin(from, snapshot))?;
     // Every record up to the snapshot was marked by the time it was applied.
     t.track.merge(&mut inner)?;
-    if from < inner.base_seq {
+    if start.mark_all {
         // The standby holds less than it acknowledged (restored from an older copy?):
         // the map does not cover what it misses. Copy everything.
         tracing::warn!(
             target = %t.name,
             from,
-            base_seq = inner.base_seq,
+            base_seq = base,
             "the standby resumes before the bitmap's start: resyncing every region"
         );
         for (_, m) in inner.maps.iter_mut() {
             m.mark_all();
         }
-        inner.base_seq = from;
     }
-    t.track.hold.store(snapshot, Ordering::Release);
-    t.track.abort.store(false, Ordering::Release);
-    t.track.set_mode(Mode::Resyncing);
-    inner.through = None;
-    inner.lost = Some((from.max(inner.base_seq), None));
     t.track.count_dirty(&inner);
     Ok((snapshot, t.track.dirty_bytes.load(Ordering::Relaxed)))
 }
@@ -675,12 +642,11 @@ pub async fn resync_copy(
     }
     let (bytes, data_bytes) = send_copy(t, s, &sh, epoch).await?;
     let through = sh.journal.durable_seq();
-    {
-        let mut inner = t.track.inner.lock();
-        inner.through = Some(through);
-        let after = inner.lost.map_or(from, |l| l.0);
-        inner.lost = Some((after, Some(through)));
-    }
+    let SessionStart::Stream { after: snapshot } =
+        t.update(|lc| lc.resync_copied(through, sh.journal.durable_seq()))
+    else {
+        bail!("the lifecycle did not resume streaming after the resync copy");
+    };
     s.data
         .send_frame(&Frame::ResyncEnd(ResyncEnd {
             epoch,
@@ -754,7 +720,7 @@ async fn send_copy(
             },
             _ = t.track.kicked() => bail!("resync abandoned: the journal filled up during it"),
             _ = heartbeat.tick() => {
-                if t.track.resync_abandoned() {
+                if t.read(|lc| lc.must_end_session()).is_some() {
                     bail!("resync abandoned: the journal filled up during it");
                 }
                 s.control_send
@@ -895,24 +861,15 @@ async fn filter_by_digests(
     Ok(())
 }
 
-/// After an ack: whether the resync is complete (the target holds its end point
-/// durably). Then call [`complete_resync`].
-pub fn resync_done(t: &TargetState, durable: Seq) -> bool {
-    t.track.mode() == Mode::Resyncing
-        && t.track.inner.lock().through.is_some_and(|th| durable >= th)
-}
-
-/// Back to streaming: the target holds the floor with its ack again; the maps go.
-/// Blocking (file deletions).
+/// The lifecycle completed the resync (the target holds its end point durably):
+/// the maps go, the target holds the floor with its ack again. Blocking (file
+/// deletions).
 pub fn complete_resync(t: &TargetState) {
     let tr = &t.track;
     let Some(sh) = tr.shared.get() else { return };
     let mut inner = tr.inner.lock();
-    tr.set_mode(Mode::Streaming);
     tr.stop_live();
-    tr.hold.store(0, Ordering::Release);
     inner.maps.clear();
-    inner.through = None;
     tr.dirty_bytes.store(0, Ordering::Relaxed);
     for b in &sh.bases {
         if let Err(e) = DirtyMap::remove(&map_path(&sh.dir, &t.name, &b.name)) {
@@ -922,7 +879,7 @@ pub fn complete_resync(t: &TargetState) {
     }
     tracing::info!(
         target = %t.name,
-        lost = ?inner.lost,
+        lost = ?t.snapshot().points_lost,
         "resync complete: the target is streaming again"
     );
 }
@@ -930,8 +887,45 @@ pub fn complete_resync(t: &TargetState) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ship::target::Tracker;
+    use crate::ship::target::tests::{plan, target};
+    use ferry_api::config::ReplicationMode;
     use ferry_journal::{Journal, Record};
+    use ferry_proto::target::{EffectiveMode, FullReason, PlanStart, SwitchKind, Tracking};
+
+    /// The tracking mode as status names it.
+    fn mode(t: &TargetState) -> &'static str {
+        t.snapshot().tracking.as_str()
+    }
+
+    /// A plan whose session resyncs in full from `resume` (the journal released it).
+    fn full_plan(resume: Seq) -> HelloPlan {
+        let mut p = plan(resume, true);
+        p.start = PlanStart::Resync {
+            full: Some(FullReason::JournalReleased),
+        };
+        p
+    }
+
+    fn no_fill() -> JournalFill {
+        JournalFill {
+            used_bytes: 0,
+            capacity_bytes: 1,
+        }
+    }
+
+    /// Runs a resync session through the lifecycle from `from` to an ack of its end
+    /// point, then carries out the completion.
+    fn finish_resync(t: &TargetState, from: Seq) {
+        let out = t.update(|lc| {
+            lc.connecting();
+            lc.session_started(&plan(from, true), from, from);
+            lc.resync_begin(from, from).unwrap();
+            lc.resync_copied(from, from);
+            lc.on_ack(from, from, from)
+        });
+        assert!(out.resync_complete);
+        complete_resync(t);
+    }
 
     #[test]
     fn region_bits_mark_coalesce_and_clip() {
@@ -1020,7 +1014,7 @@ size = "4MiB"
 
     impl Rig {
         fn target(&self) -> Arc<TargetState> {
-            let t = crate::ship::target_states(&self.cfg, 0).remove(0);
+            let t = crate::ship::target_states(&self.cfg, 0, |_| false).remove(0);
             let _ = t.track.shared.set(self.sh.clone());
             t
         }
@@ -1050,13 +1044,13 @@ size = "4MiB"
         for i in 0..4u64 {
             r.write(&t, i * 65536);
         }
-        t.acked_seq.store(2, Ordering::Release);
-        switch(&t, &r.sh, 0, 1).unwrap();
+        t.streaming_at(2);
+        switch(&t, &r.sh, no_fill()).unwrap();
         assert_eq!(r.dirty(&t), vec![(2 * 65536, 2 * 65536)]);
-        switch_full(&t, 3).unwrap();
-        assert_eq!(t.track.mode(), Mode::Bitmap);
+        switch_full(&t, &full_plan(3)).unwrap();
+        assert_eq!(mode(&t), "bitmap");
         assert_eq!(r.dirty(&t), vec![(0, 4 << 20)]);
-        assert_eq!(t.track.floor(0), 4, "the marks through 4 stay durable");
+        assert_eq!(t.floor(), 4, "the marks through 4 stay durable");
         drop(t);
         let t = r.target();
         load(&t, &r.sh).unwrap();
@@ -1072,17 +1066,17 @@ size = "4MiB"
         for i in 0..10u64 {
             r.write(&t, i * 65536);
         }
-        t.acked_seq.store(5, Ordering::Release);
-        switch(&t, &r.sh, 0, 1).unwrap();
-        assert_eq!(t.track.mode(), Mode::Bitmap);
+        t.streaming_at(5);
+        switch(&t, &r.sh, no_fill()).unwrap();
+        assert_eq!(mode(&t), "bitmap");
         // Records 6..=10 wrote regions 5..=9.
         assert_eq!(r.dirty(&t), vec![(5 * 65536, 5 * 65536)]);
-        assert_eq!(t.track.floor(5), 10, "every record up to 10 durably marked");
+        assert_eq!(t.floor(), 10, "every record up to 10 durably marked");
         // New writes are marked live; the floor moves only with a flush.
         let s = r.write(&t, 40 * 65536 + 100);
-        assert_eq!(t.track.floor(5), 10);
-        t.track.flush(&t.name, true);
-        assert_eq!(t.track.floor(5), s);
+        assert_eq!(t.floor(), 10);
+        t.flush(true);
+        assert_eq!(t.floor(), s);
         assert_eq!(
             r.dirty(&t),
             vec![(5 * 65536, 5 * 65536), (40 * 65536, 65536)]
@@ -1092,11 +1086,11 @@ size = "4MiB"
         let saved = r.dir.path().join("saved");
         std::fs::rename(&tdir, &saved).unwrap();
         let s2 = r.write(&t, 50 * 65536);
-        t.track.flush(&t.name, true);
-        assert_eq!(t.track.floor(5), s, "held while the flush fails");
+        t.flush(true);
+        assert_eq!(t.floor(), s, "held while the flush fails");
         std::fs::rename(&saved, &tdir).unwrap();
-        t.track.flush(&t.name, true);
-        assert_eq!(t.track.floor(5), s2);
+        t.flush(true);
+        assert_eq!(t.floor(), s2);
         // One more write, not flushed, then a "restart": the maps are reopened and
         // the journal records after their through_seq are marked again.
         r.write(&t, 60 * 65536);
@@ -1104,8 +1098,8 @@ size = "4MiB"
         drop(t);
         let t = r.target();
         load(&t, &r.sh).unwrap();
-        assert_eq!(t.track.mode(), Mode::Bitmap);
-        assert_eq!(t.track.floor(0), s2);
+        assert_eq!(mode(&t), "bitmap");
+        assert_eq!(t.floor(), s2);
         assert_eq!(
             r.dirty(&t),
             vec![
@@ -1115,38 +1109,47 @@ size = "4MiB"
                 (60 * 65536, 65536)
             ]
         );
-        assert!(t.degraded.load(Ordering::Acquire));
+        assert_eq!(t.snapshot().effective_mode, EffectiveMode::Degraded);
         // Completing a resync removes the maps.
-        complete_resync(&t);
-        assert_eq!(t.track.mode(), Mode::Streaming);
+        finish_resync(&t, s2);
+        assert_eq!(mode(&t), "streaming");
         assert_eq!(persisted_floor(&r.cfg), Seq::MAX);
         // An unfinished switch (a map still at through_seq 0) is discarded at load.
         DirtyMap::create(&map_path(&r.sh.dir, "dr1", "v0"), 4 << 20, 65536).unwrap();
         let t = r.target();
         load(&t, &r.sh).unwrap();
-        assert_eq!(t.track.mode(), Mode::Streaming);
+        assert_eq!(mode(&t), "streaming");
         assert!(!map_path(&r.sh.dir, "dr1", "v0").exists());
         // A target whose next record is gone is switched with every region dirty.
-        switch_full(&t, 3).unwrap();
-        assert_eq!(t.track.mode(), Mode::Bitmap);
+        switch_full(&t, &full_plan(3)).unwrap();
+        assert_eq!(mode(&t), "bitmap");
         assert_eq!(r.dirty(&t), vec![(0, 4 << 20)]);
         assert_eq!(t.track.dirty_bytes.load(Ordering::Relaxed), 4 << 20);
     }
 
     #[test]
     fn floor_depends_on_the_mode() {
-        let t = Tracker::default();
-        assert_eq!(t.floor(10), 10, "streaming: the ack");
-        t.set_mode(Mode::Switching);
-        assert_eq!(t.floor(10), 10, "switching: still the ack");
-        t.flushed_through.store(50, Ordering::Release);
-        t.set_mode(Mode::Bitmap);
-        assert_eq!(t.floor(10), 50, "bitmap: what is durably marked");
-        t.hold.store(40, Ordering::Release);
-        t.set_mode(Mode::Resyncing);
-        assert_eq!(t.floor(10), 40, "resyncing: the snapshot");
-        assert_eq!(t.floor(45), 45, "resyncing: the ack once past it");
-        assert_eq!(t.floor(60), 50, "never past the durable marks");
-        assert_eq!(Mode::Switching.as_str(), "streaming");
+        let t = target("a", ReplicationMode::Sync, 10);
+        assert_eq!(t.floor(), 10, "streaming: the ack");
+        t.update(|lc| lc.begin_overflow_switch());
+        assert_eq!(t.floor(), 10, "switching: still the ack");
+        t.update(|lc| lc.bitmap_entered(50));
+        assert_eq!(t.floor(), 50, "bitmap: what is durably marked");
+        t.update(|lc| {
+            lc.connecting();
+            lc.session_started(&plan(10, true), 10, 10);
+            lc.resync_begin(10, 40).unwrap();
+        });
+        assert_eq!(t.floor(), 40, "resyncing: the snapshot");
+        t.update(|lc| lc.resync_copied(100, 100));
+        t.update(|lc| lc.on_ack(45, 45, 100));
+        assert_eq!(t.floor(), 45, "resyncing: the ack once past it");
+        t.update(|lc| lc.on_ack(60, 60, 100));
+        assert_eq!(t.floor(), 50, "never past the durable marks");
+        let switching = Tracking::Switching {
+            base: 0,
+            kind: SwitchKind::Overflow,
+        };
+        assert_eq!(switching.as_str(), "streaming");
     }
 }

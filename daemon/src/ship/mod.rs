@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use ferry_api::status::{EffectiveMode, TargetStatus};
+use ferry_api::status::TargetStatus;
 use ferry_journal::{now_ns, Seq};
 use ferry_proto::session::LocalIdentity;
 use ferry_proto::wire::{self, VolumeGeometry};
@@ -35,7 +35,7 @@ use ferry_transport::quic::TlsMaterial;
 use tokio::sync::watch;
 
 use crate::store::base::Base;
-use ferry_api::config::{Config, ReplicationMode};
+use ferry_api::config::Config;
 
 pub use self::feed::{SeqIndex, ShipFeed, Tail};
 pub use self::records::journal_record;
@@ -53,40 +53,31 @@ impl Replication {
     /// The journal may release only what every target holds durably (or, for a
     /// target in bitmap mode, what its dirty map covers durably).
     pub fn release_floor(&self) -> Seq {
-        self.targets
-            .iter()
-            .map(|t| t.track.floor(t.acked_seq.load(Ordering::Acquire)))
-            .min()
-            .unwrap_or(Seq::MAX)
+        ferry_proto::target::release_floor(self.targets.iter().map(|t| t.floor()))
     }
 
-    /// One status row per target (the `targets` of the node status).
+    /// One status row per target (the `targets` of the node status), each from one
+    /// snapshot of the target's lifecycle.
     pub fn status(&self) -> Vec<TargetStatus> {
         let now = now_ns();
         self.targets
             .iter()
             .map(|t| {
-                let acked = t.acked_seq.load(Ordering::Acquire);
-                let (lag_bytes, lag_seconds) = self.index.lag_after(acked, now);
+                let snap = t.snapshot();
+                let (lag_bytes, lag_seconds) = self.index.lag_after(snap.acked_seq, now);
                 TargetStatus {
                     name: t.name.clone(),
                     address: t.address.clone(),
                     mode: t.mode.to_string(),
-                    effective_mode: if t.degraded.load(Ordering::Acquire) {
-                        EffectiveMode::Degraded
-                    } else if t.mode == ReplicationMode::Sync {
-                        EffectiveMode::Sync
-                    } else {
-                        EffectiveMode::Async
-                    },
-                    state: t.state().to_string(),
-                    acked_seq: acked,
-                    applied_seq: t.applied_seq.load(Ordering::Acquire),
+                    effective_mode: snap.effective_mode,
+                    state: snap.phase.as_str().to_string(),
+                    acked_seq: snap.acked_seq,
+                    applied_seq: snap.applied_seq,
                     lag_bytes,
                     lag_seconds,
                     rtt_us: t.rtt_us.load(Ordering::Relaxed),
-                    last_error: t.last_error.lock().clone(),
-                    track: t.track.status(),
+                    last_error: snap.last_error.clone(),
+                    track: t.track_status(&snap),
                 }
             })
             .collect()
@@ -137,20 +128,30 @@ pub fn start(
             tokio::spawn(async move {
                 tokio::select! {
                     _ = session::run_target(ctx, t.clone()) => {}
-                    _ = stop.wait_for(|s| *s) => t.set_state("stopped"),
+                    _ = stop.wait_for(|s| *s) => t.update(|lc| lc.stopped()),
                 }
             })
         })
         .collect()
 }
 
-pub fn target_states(cfg: &Config, start_acked: Seq) -> Vec<Arc<TargetState>> {
+/// The configured targets, assumed at `start_acked` until their Hellos say.
+/// `away_since_fork(name)`: on a primary by promotion, the target has not rejoined
+/// since the fork; it starts degraded (see `TargetLifecycle::new`).
+pub fn target_states(
+    cfg: &Config,
+    start_acked: Seq,
+    away_since_fork: impl Fn(&str) -> bool,
+) -> Vec<Arc<TargetState>> {
     cfg.replication
         .as_ref()
         .map(|r| {
             r.targets
                 .iter()
-                .map(|t| Arc::new(TargetState::new(t, start_acked)))
+                .map(|t| {
+                    let away = away_since_fork(&t.name);
+                    Arc::new(TargetState::new(t, start_acked, away))
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -181,17 +182,8 @@ pub fn local_identity(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ship::target::Mode;
-    use ferry_api::config::TargetConfig;
-
-    fn target(name: &str, mode: ReplicationMode, acked: Seq) -> Arc<TargetState> {
-        let cfg = TargetConfig {
-            name: name.into(),
-            address: "127.0.0.1:1".into(),
-            mode,
-        };
-        Arc::new(TargetState::new(&cfg, acked))
-    }
+    use crate::ship::target::tests::target;
+    use ferry_api::config::ReplicationMode;
 
     /// The journal keeps what the furthest-behind target needs, a bitmap-mode target
     /// only what its maps do not cover durably yet; status shows each target's modes.
@@ -208,10 +200,12 @@ mod tests {
             index: Arc::new(SeqIndex::default()),
         };
         assert_eq!(r.release_floor(), 10);
-        a.track.flushed_through.store(30, Ordering::Release);
-        a.track.set_mode(Mode::Bitmap);
+        // a is switched to bitmap mode, its marks durable up to 30 (which degrades it).
+        a.update(|lc| {
+            lc.begin_overflow_switch();
+            lc.bitmap_entered(30);
+        });
         assert_eq!(r.release_floor(), 20, "a's marks cover up to 30");
-        a.degraded.store(true, Ordering::Release);
         let st = serde_json::to_value(r.status()).unwrap();
         assert_eq!(st[0]["name"], "a");
         assert_eq!(st[0]["state"], "connecting");

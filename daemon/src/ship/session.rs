@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use ferry_journal::{now_ns, Journal, Seq};
 use ferry_proto::session::{self, LocalIdentity, Sender, SenderConfig};
+use ferry_proto::target::{
+    ForkView, FullReason, HelloInput, HelloPlan, JournalView, PlanStart, SessionStart,
+};
 use ferry_proto::wire::{Frame, Heartbeat, WriteSet};
 use ferry_transport::quic::{self, Backoff, TlsMaterial, TransportOptions};
 use parking_lot::Mutex;
@@ -57,37 +60,46 @@ pub(crate) async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
         }
     };
     loop {
-        t.set_state("connecting");
+        t.update(|lc| lc.connecting());
         let started = Instant::now();
-        match session(&ctx, &t, addr).await {
-            Ok(()) => {}
-            Err(e) => {
-                let newer = e
-                    .chain()
-                    .find_map(|c| match c.downcast_ref::<quic::QuicError>() {
-                        Some(quic::QuicError::Handshake(
-                            session::HandshakeError::LocalEpochStale { peer, .. },
-                        )) => Some(*peer),
-                        _ => None,
-                    });
-                if let Some(epoch) = newer {
-                    (ctx.outdated)(epoch, &t.name);
-                }
-                let msg = crate::error_chain(&e);
-                if t.last_error.lock().as_deref() != Some(msg.as_str()) {
-                    tracing::warn!(target = %t.name, address = %t.address, "replication session ended: {msg}");
-                }
-                *t.last_error.lock() = Some(msg);
+        // Ends the session in the lifecycle however `session` ends (also when the
+        // shipper is cancelled at shutdown).
+        let mut ended = SessionGuard { t: &t, error: None };
+        if let Err(e) = session(&ctx, &t, addr).await {
+            let newer = e
+                .chain()
+                .find_map(|c| match c.downcast_ref::<quic::QuicError>() {
+                    Some(quic::QuicError::Handshake(
+                        session::HandshakeError::LocalEpochStale { peer, .. },
+                    )) => Some(*peer),
+                    _ => None,
+                });
+            if let Some(epoch) = newer {
+                (ctx.outdated)(epoch, &t.name);
             }
+            let msg = crate::error_chain(&e);
+            if t.snapshot().last_error.as_deref() != Some(msg.as_str()) {
+                tracing::warn!(target = %t.name, address = %t.address, "replication session ended: {msg}");
+            }
+            ended.error = Some(msg);
         }
-        t.set_state("disconnected");
-        // A handover this session was to send or answer fails now, not when the
-        // switchover times out (its receiver sees the sender dropped).
-        t.handover.lock().take();
+        drop(ended);
         if started.elapsed() > Duration::from_secs(10) {
             backoff.reset();
         }
         tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Tells the lifecycle that a session ended (with `error`, for status), when dropped.
+struct SessionGuard<'a> {
+    t: &'a TargetState,
+    error: Option<String>,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.t.session_ended(self.error.take());
     }
 }
 
@@ -128,34 +140,22 @@ fn route_mtu(peer: SocketAddr) -> Option<u32> {
 /// One connection's life: handshake, then ship until an error.
 async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> anyhow::Result<()> {
     let epoch = ctx.local.epoch;
-    // A target tracked in a dirty map resumes anywhere: the copy replaces what the
-    // journal no longer holds. Decided once, before the handshake plans on it.
-    let resync = t.track.needs_resync();
-    let (mut s, full) = handshake(ctx, t, addr, resync).await?;
-    let resync = resync || full.is_some();
-    if let Some(from) = full {
-        tokio::task::block_in_place(|| crate::ship::catchup::switch_full(t, from))?;
-    }
+    let (mut s, plan) = handshake(ctx, t, addr).await?;
+    tokio::task::block_in_place(|| crate::ship::catchup::switch_full(t, &plan))?;
     // After `switch_full`: a full resync is durably planned before the rejoin is
     // recorded (which a restart would otherwise see as nothing to resync).
-    if let Some((fork, meta)) = &ctx.fork {
+    if let (true, Some((fork, meta))) = (plan.record_rejoined, &ctx.fork) {
         meta.set_rejoined(&t.name, *fork)?;
     }
-    let resume = s.hello_ack.resume_seq;
-    tracing::info!(target = %t.name, address = %t.address, resume, "replication session established");
-    *t.last_error.lock() = None;
-    t.acked_seq.store(resume, Ordering::Release);
-    t.applied_seq
-        .store(s.peer_hello.resume_position.min(resume), Ordering::Release);
-    // Reverts an unfinished resync to bitmap mode when this session ends.
-    let _resync_guard = crate::ship::catchup::ResyncGuard(t);
-    let resume = if resync {
-        t.set_state("resyncing");
-        crate::ship::catchup::resync_copy(t, &mut s, resume, epoch).await?
-    } else {
-        resume
+    let peer_resume = s.peer_hello.resume_position;
+    tracing::info!(target = %t.name, address = %t.address, resume = plan.ack.resume_seq, "replication session established");
+    let start = t.update(|lc| lc.session_started(&plan, peer_resume, ctx.journal.durable_seq()));
+    let resume = match start {
+        SessionStart::Stream { after } => after,
+        SessionStart::Resync { from } => {
+            crate::ship::catchup::resync_copy(t, &mut s, from, epoch).await?
+        }
     };
-    t.set_state("streaming");
     ctx.sync.recompute();
     let src = ShipSource {
         journal: ctx.journal.clone(),
@@ -171,86 +171,75 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     stream(ctx, t, s, reader, resume).await
 }
 
-/// Dials the target and runs the resume handshake. Returns the session and, for a
-/// full resync, the standby's resume position (see [`plan_hello`]).
+/// Dials the target and runs the resume handshake. Returns the session and the
+/// lifecycle's plan for it ([`plan_hello`]).
 async fn handshake(
     ctx: &ShipContext,
     t: &Arc<TargetState>,
     addr: SocketAddr,
-    resync: bool,
-) -> anyhow::Result<(quic::PrimarySession, Option<Seq>)> {
+) -> anyhow::Result<(quic::PrimarySession, HelloPlan)> {
     let endpoint = quic::client_endpoint("0.0.0.0:0".parse()?)?;
     let opts = ctx.opts.clone().toward(addr, route_mtu(addr));
     let client = quic::client_config(&ctx.tls, &t.name, &opts)?;
     let conn = quic::connect(&endpoint, client, addr, &t.name).await?;
     let mut local = ctx.local.clone();
     local.expected_peer_name = t.name.clone();
-    let full_resync: Mutex<Option<Seq>> = Mutex::new(None);
+    let planned: Mutex<Option<HelloPlan>> = Mutex::new(None);
     let s = quic::primary_handshake(
         conn,
         &local,
         ctx.journal.durable_seq(),
         &ctx.opts,
-        |neg, hello| plan_hello(ctx, t, neg, hello, resync, &full_resync),
+        |neg, hello| plan_hello(ctx, t, neg, hello, &planned),
     )
     .await?;
-    let full = full_resync.lock().take();
-    Ok((s, full))
+    let plan = planned
+        .lock()
+        .take()
+        .ok_or_else(|| anyhow!("the handshake completed without a plan"))?;
+    Ok((s, plan))
 }
 
-/// Where a session resumes, from the standby's Hello: stream after its position,
-/// resync from the dirty maps (`resync`: the target is in bitmap mode), resync in full (`full` set to its position: the
-/// journal released what it needs, or it wrote past the fork of a failover), or
-/// refuse it.
+/// Where a session resumes, from the standby's Hello: the lifecycle decides
+/// (`TargetLifecycle::plan_hello`) from the journal and, on a primary by promotion,
+/// the fork; the plan is kept in `planned` for the session.
 fn plan_hello(
     ctx: &ShipContext,
     t: &TargetState,
-    neg: session::Negotiated,
+    negotiated: session::Negotiated,
     hello: &ferry_proto::wire::Hello,
-    resync: bool,
-    full: &Mutex<Option<Seq>>,
+    planned: &Mutex<Option<HelloPlan>>,
 ) -> Result<ferry_proto::wire::HelloAck, session::HandshakeError> {
     let journal = &ctx.journal;
-    let epoch = ctx.local.epoch;
-    let resume = hello.resume_position;
-    if let Some((fork, meta)) = &ctx.fork {
-        let rejoined = meta.rejoined(&t.name, *fork).unwrap_or(false);
-        if resume > *fork && !rejoined {
-            // It holds writes of the old epoch this history does not have (the
-            // previous primary's unreplicated writes). Failback: resync it. The
-            // digest comparison at the start of the copy limits the copy to the
-            // regions either side changed since the fork.
-            if resume > journal.durable_seq() {
-                return Err(session::HandshakeError::ForkDiverged(format!(
-                    "node '{}' holds sequences up to {resume} (written after the fork at {fork}); \
-                     this primary is at {}: it resyncs once this history passes that point",
-                    t.name,
-                    journal.durable_seq()
-                )));
-            }
-            tracing::warn!(
-                target = %t.name,
-                fork,
-                resume,
-                "the rejoining node wrote after the fork: delta resync"
-            );
-            *full.lock() = Some(resume);
-            return session::plan_resync(neg, epoch, resume, journal.durable_seq());
-        }
+    let fork = ctx.fork.as_ref().map(|(fork, meta)| ForkView {
+        seq: *fork,
+        rejoined: meta.rejoined(&t.name, *fork).unwrap_or(false),
+    });
+    let input = HelloInput {
+        negotiated,
+        epoch: ctx.local.epoch,
+        peer_resume: hello.resume_position,
+        journal: JournalView {
+            first_available: journal.first_available_seq(),
+            durable: journal.durable_seq(),
+        },
+        fork,
+    };
+    let plan = t.read(|lc| lc.plan_hello(&input))?;
+    if let PlanStart::Resync {
+        full: Some(FullReason::Failback { fork }),
+    } = plan.start
+    {
+        tracing::warn!(
+            target = %t.name,
+            fork,
+            resume = input.peer_resume,
+            "the rejoining node wrote after the fork: delta resync"
+        );
     }
-    if resync {
-        return session::plan_resync(neg, epoch, resume, journal.durable_seq());
-    }
-    let oldest = journal.first_available_seq();
-    match session::plan_resume(neg, epoch, resume, oldest, journal.durable_seq()) {
-        // The journal lost what it needs (released while it was away): a full
-        // resync from the volumes instead of refusing it for good.
-        Err(session::HandshakeError::ResyncRequired { resume, .. }) => {
-            *full.lock() = Some(resume);
-            session::plan_resync(neg, epoch, hello.resume_position, journal.durable_seq())
-        }
-        r => r,
-    }
+    let ack = plan.ack.clone();
+    *planned.lock() = Some(plan);
+    Ok(ack)
 }
 
 /// What the streaming loop does after a control frame.
@@ -272,7 +261,6 @@ async fn stream(
 ) -> anyhow::Result<()> {
     let epoch = ctx.local.epoch;
     let mut sender = Sender::new(epoch, SenderConfig::default(), resume);
-    let mut durable_at_last_ack = ctx.journal.durable_seq();
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     let mut pending: Option<WriteSet> = None;
     loop {
@@ -297,13 +285,12 @@ async fn stream(
         tokio::select! {
             frame = s.control_recv.recv_frame() => {
                 let Some(frame) = frame? else { bail!("standby closed the control stream") };
-                if let Next::End = on_control(ctx, t, &mut sender, &mut durable_at_last_ack, frame)? {
+                if let Next::End = on_control(ctx, t, &mut sender, frame)? {
                     return Ok(());
                 }
             }
             _ = t.handover_kick.notified() => {
-                let seq = t.handover.lock().as_ref().map(|(seq, _)| *seq);
-                if let Some(seq) = seq {
+                if let Some(seq) = t.handover_to_send() {
                     // Everything up to `seq` went out before (the data stream is
                     // ordered and the primary stopped writing): the standby checks it.
                     s.control_send.send_frame(&Frame::Handover(ferry_proto::wire::Handover { epoch, seq })).await?;
@@ -322,7 +309,7 @@ async fn stream(
             _ = heartbeat.tick() => {
                 // A switch to bitmap mode (or an abandoned resync) whose wake-up this
                 // loop missed.
-                if t.track.mode() == crate::ship::target::Mode::Bitmap || t.track.resync_abandoned() {
+                if t.read(|lc| lc.must_end_session()).is_some() {
                     bail!("switched to bitmap mode: the journal no longer keeps this target's records");
                 }
                 s.control_send
@@ -343,7 +330,6 @@ fn on_control(
     ctx: &ShipContext,
     t: &TargetState,
     sender: &mut Sender,
-    durable_at_last_ack: &mut Seq,
     frame: Frame,
 ) -> anyhow::Result<Next> {
     match frame {
@@ -351,13 +337,7 @@ fn on_control(
             let out = sender
                 .on_ack(&ack)
                 .map_err(|e| anyhow!("standby ack: {e}"))?;
-            on_ack(
-                ctx,
-                t,
-                out.durable_seq,
-                out.applied_seq,
-                durable_at_last_ack,
-            );
+            on_ack(ctx, t, out.durable_seq, out.applied_seq);
         }
         Frame::Heartbeat(hb) => {
             if hb.echo_ns != 0 {
@@ -376,28 +356,12 @@ fn on_control(
             }
         }
         Frame::HandoverAck(a) => {
-            let waiting = t.handover.lock().take();
-            match waiting {
-                Some((seq, tx)) if seq == a.seq => {
-                    let _ = tx.send(Ok(a.new_epoch));
-                    // The standby restarts as the primary: this session ends.
-                    return Ok(Next::End);
-                }
-                _ => bail!(
-                    "unexpected HandoverAck at {} (epoch {})",
-                    a.seq,
-                    a.new_epoch
-                ),
-            }
+            t.on_handover_ack(a.seq, a.new_epoch)?;
+            // The standby restarts as the primary: this session ends.
+            return Ok(Next::End);
         }
         Frame::Error(e) => {
-            if let Some((_, tx)) = t.handover.lock().take() {
-                let _ = tx.send(Err(anyhow!(
-                    "standby refused the handover: {:?}: {}",
-                    e.code,
-                    e.reason
-                )));
-            }
+            t.on_peer_error(|| anyhow!("standby refused the handover: {:?}: {}", e.code, e.reason));
             bail!("standby refused: {:?}: {}", e.code, e.reason)
         }
         other => bail!(
@@ -408,26 +372,15 @@ fn on_control(
     Ok(Next::Continue)
 }
 
-/// The standby holds `durable` and applied `applied`: completes a finished resync,
-/// brings a degraded target that caught up back to sync, moves the sync gate.
-fn on_ack(
-    ctx: &ShipContext,
-    t: &TargetState,
-    durable: Seq,
-    applied: Seq,
-    durable_at_last_ack: &mut Seq,
-) {
-    t.acked_seq.store(durable, Ordering::Release);
-    t.applied_seq.store(applied, Ordering::Release);
-    if crate::ship::catchup::resync_done(t, durable) {
+/// The standby holds `durable` and applied `applied`: the lifecycle decides whether a
+/// resync completed (its maps go) and whether a degraded target caught up; the sync
+/// gate moves.
+fn on_ack(ctx: &ShipContext, t: &TargetState, durable: Seq, applied: Seq) {
+    let out = t.update(|lc| lc.on_ack(durable, applied, ctx.journal.durable_seq()));
+    if out.resync_complete {
         tokio::task::block_in_place(|| crate::ship::catchup::complete_resync(t));
     }
-    // Caught up = this ack covers everything that was durable when the previous ack
-    // arrived (reachable under continuous writes, unlike "equals the head").
-    let caught_up = durable >= *durable_at_last_ack;
-    *durable_at_last_ack = ctx.journal.durable_seq();
-    if t.degraded.load(Ordering::Acquire) && caught_up {
-        t.degraded.store(false, Ordering::Release);
+    if out.caught_up {
         tracing::info!(target = %t.name, "sync target caught up: synchronous again");
     }
     ctx.sync.recompute();

@@ -1,14 +1,20 @@
-//! Per-target state on a primary: [`TargetState`] (what status shows, shared between
-//! a shipper and the rest), its journal-overflow [`Tracker`] (streaming, bitmap or
-//! resyncing; the procedures that move it between modes are in
-//! `ship::catchup`) and the [`SyncGate`] that makes client writes wait for
-//! live sync targets. They live together because each refers to the others.
+//! Per-target state on a primary: [`TargetState`] (one target, shared between its
+//! shipper and the rest), the owner of the target's [`TargetLifecycle`] (session
+//! phase, tracking mode, degraded, handover: `ferry_proto::target` decides every
+//! change), its journal-overflow [`Tracker`] (the dirty maps and counters; the
+//! procedures that create, fill and delete them are in `ship::catchup`) and the
+//! [`SyncGate`] that makes client writes wait for live sync targets. They live
+//! together because each refers to the others.
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_journal::{Journal, Op, Record, Seq};
+use ferry_proto::target::{
+    sync_gate_position, HandedOver, SyncMode, TargetLifecycle, TargetStatus as Snapshot,
+    UnexpectedHandoverAck,
+};
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
 
@@ -20,36 +26,121 @@ use ferry_api::config::{ReplicationMode, TargetConfig};
 /// sooner under journal pressure).
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
-/// What status shows about one target, shared between its shipper and the rest.
+/// The values of `tracking` in status, for metrics.
+pub const MODES: [&str; 3] = ferry_proto::target::TRACKING_NAMES;
+
+/// The lifecycle's clock: a monotonic time since the first call (it takes times as
+/// arguments and reads no clock itself).
+pub(crate) fn lifecycle_now() -> Duration {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed()
+}
+
+/// The answer a switchover awaits from a handover: the new epoch, or why not.
+pub type HandoverAnswer = oneshot::Sender<anyhow::Result<u64>>;
+
+/// The lifecycle and what its decisions need kept beside it (under one lock).
+struct Life {
+    lc: TargetLifecycle,
+    /// The switchover waiting for the handover in flight (phase `HandingOver`).
+    answer: Option<HandoverAnswer>,
+}
+
+/// The target's durable ack, readable without the lifecycle's lock (the switchover
+/// polls it). A mirror: written only by [`TargetState::update`], the lifecycle's
+/// owner, after every change; nothing else can store into it.
+#[derive(Debug, Default)]
+pub struct AckedMirror(AtomicU64);
+
+impl AckedMirror {
+    pub fn load(&self, order: Ordering) -> Seq {
+        self.0.load(order)
+    }
+}
+
+/// One replication target, shared between its shipper and the rest. Its lifecycle
+/// changes only through the methods here, which call the lifecycle's event methods
+/// and return its decisions for the caller (the IO code) to carry out. Lock order:
+/// the lifecycle's lock is taken last and held across no IO and no other lock.
 pub struct TargetState {
     pub name: String,
     pub address: String,
     pub mode: ReplicationMode,
-    state: Mutex<&'static str>,
-    /// Highest sequence the standby holds durably / has applied.
-    pub acked_seq: AtomicU64,
-    pub applied_seq: AtomicU64,
-    /// A sync target that missed `sync_timeout`: writes no longer wait for it until
-    /// it has caught up again.
-    pub degraded: AtomicBool,
-    pub last_error: Mutex<Option<String>>,
+    life: Mutex<Life>,
+    /// Mirror of the lifecycle's ack (see [`AckedMirror`]).
+    pub acked_seq: AckedMirror,
     pub rtt_us: AtomicU64,
-    /// A planned switchover waiting for this target's session to send Handover at
-    /// the given sequence; answered with the new epoch from its HandoverAck.
-    pub(crate) handover: Mutex<Option<(Seq, oneshot::Sender<anyhow::Result<u64>>)>>,
+    /// Wakes the streaming session to send the Handover the lifecycle decided.
     pub(crate) handover_kick: tokio::sync::Notify,
     /// Held by the switchover to this target, start to end: a second one is refused.
     pub switchover: tokio::sync::Mutex<()>,
     /// Verify answers awaited from this target, by (verify id, volume id).
     pub(crate) verify_waiters: Mutex<VerifyWaiters>,
-    /// Journal overflow: streaming, bitmap or resyncing ([`Tracker`]).
+    /// Journal overflow: the dirty maps and their counters ([`Tracker`]).
     pub track: Tracker,
 }
 
 type VerifyWaiters =
     std::collections::HashMap<(u64, u32), oneshot::Sender<Result<bytes::Bytes, String>>>;
 
+fn sync_mode(m: ReplicationMode) -> SyncMode {
+    match m {
+        ReplicationMode::Sync => SyncMode::Sync,
+        ReplicationMode::Async => SyncMode::Async,
+    }
+}
+
 impl TargetState {
+    /// `acked`: where the target is assumed to be until its Hello says (the
+    /// checkpoint). `away_since_fork`: on a primary by promotion, it has not rejoined
+    /// since the fork, so it starts degraded.
+    pub(crate) fn new(t: &TargetConfig, acked: Seq, away_since_fork: bool) -> TargetState {
+        TargetState {
+            name: t.name.clone(),
+            address: t.address.clone(),
+            mode: t.mode,
+            life: Mutex::new(Life {
+                lc: TargetLifecycle::new(t.name.clone(), sync_mode(t.mode), acked, away_since_fork),
+                answer: None,
+            }),
+            acked_seq: AckedMirror(AtomicU64::new(acked)),
+            rtt_us: AtomicU64::new(0),
+            handover_kick: tokio::sync::Notify::new(),
+            switchover: tokio::sync::Mutex::new(()),
+            verify_waiters: Mutex::new(Default::default()),
+            track: Default::default(),
+        }
+    }
+
+    /// Calls a lifecycle event method (`f`) and returns its decision: the only place
+    /// the lifecycle changes, and the only writer of the [`AckedMirror`].
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut TargetLifecycle) -> R) -> R {
+        let mut life = self.life.lock();
+        let r = f(&mut life.lc);
+        self.acked_seq.0.store(life.lc.acked(), Ordering::Release);
+        r
+    }
+
+    /// Reads the lifecycle (a query, no change).
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&TargetLifecycle) -> R) -> R {
+        f(&self.life.lock().lc)
+    }
+
+    /// Everything status and metrics show of the lifecycle, at one instant.
+    pub fn snapshot(&self) -> Snapshot {
+        self.read(TargetLifecycle::snapshot)
+    }
+
+    /// The session phase as status names it (`connecting`, `streaming`, …).
+    pub fn state(&self) -> &'static str {
+        self.read(|lc| lc.phase().as_str())
+    }
+
+    /// The journal position this target needs kept.
+    pub fn floor(&self) -> Seq {
+        self.read(TargetLifecycle::floor)
+    }
+
     /// Registers interest in this target's verify answer for (`id`, `volume`).
     pub fn await_verify(
         &self,
@@ -73,68 +164,112 @@ impl TargetState {
         &self,
         seq: Seq,
     ) -> anyhow::Result<oneshot::Receiver<anyhow::Result<u64>>> {
-        let mut pending = self.handover.lock();
-        if let Some((at, _)) = pending.as_ref() {
-            anyhow::bail!(
-                "a handover to standby '{}' at {at} is already in progress",
-                self.name
-            );
-        }
-        let state = self.state();
-        if state != "streaming" {
-            anyhow::bail!(
-                "standby '{}' is {state}, not streaming: it cannot take over losslessly",
-                self.name
-            );
-        }
+        let mut life = self.life.lock();
+        life.lc.request_handover(seq)?;
         let (tx, rx) = oneshot::channel();
-        *pending = Some((seq, tx));
+        life.answer = Some(tx);
+        drop(life);
         self.handover_kick.notify_one();
         Ok(rx)
+    }
+
+    /// The Handover the session must send now, if one is pending.
+    pub(crate) fn handover_to_send(&self) -> Option<Seq> {
+        self.read(|lc| match lc.phase() {
+            ferry_proto::target::TargetPhase::HandingOver { seq } => Some(seq),
+            _ => None,
+        })
     }
 
     /// The switchover stopped waiting (timed out): forgets the pending handover, so a
     /// HandoverAck arriving later is unexpected (the session ends), not a success.
     /// True if one was pending.
     pub fn abandon_handover(&self) -> bool {
-        self.handover.lock().take().is_some()
+        let mut life = self.life.lock();
+        let pending = life.lc.abandon_handover();
+        life.answer = None;
+        pending
     }
 
-    pub(crate) fn new(t: &TargetConfig, acked: Seq) -> TargetState {
-        TargetState {
-            name: t.name.clone(),
-            address: t.address.clone(),
-            mode: t.mode,
-            state: Mutex::new("connecting"),
-            acked_seq: AtomicU64::new(acked),
-            applied_seq: AtomicU64::new(acked),
-            degraded: AtomicBool::new(false),
-            last_error: Mutex::new(None),
-            rtt_us: AtomicU64::new(0),
-            handover: Mutex::new(None),
-            handover_kick: tokio::sync::Notify::new(),
-            switchover: tokio::sync::Mutex::new(()),
-            verify_waiters: Mutex::new(Default::default()),
-            track: Default::default(),
+    /// The standby's HandoverAck: answers the switchover on success. An ack that
+    /// answers no pending handover fails the pending one (if any) and is an error.
+    pub(crate) fn on_handover_ack(
+        &self,
+        seq: Seq,
+        new_epoch: u64,
+    ) -> Result<HandedOver, UnexpectedHandoverAck> {
+        let mut life = self.life.lock();
+        let res = life.lc.on_handover_ack(seq, new_epoch);
+        let answer = match &res {
+            Ok(_) => life.answer.take(),
+            Err(e) if e.handover_failed => {
+                life.answer = None;
+                None
+            }
+            Err(_) => None,
+        };
+        drop(life);
+        if let (Ok(done), Some(tx)) = (&res, answer) {
+            let _ = tx.send(Ok(done.new_epoch));
+        }
+        res
+    }
+
+    /// The standby sent an Error frame (the session ends): a pending handover is
+    /// refused with `why`.
+    pub(crate) fn on_peer_error(&self, why: impl FnOnce() -> anyhow::Error) {
+        let mut life = self.life.lock();
+        let answer = life
+            .lc
+            .on_peer_error()
+            .then(|| life.answer.take())
+            .flatten();
+        drop(life);
+        if let Some(tx) = answer {
+            let _ = tx.send(Err(why()));
         }
     }
 
-    pub(crate) fn set_state(&self, s: &'static str) {
-        *self.state.lock() = s;
+    /// The session ended (`error`: why, for status): an unfinished resync goes back
+    /// to bitmap mode, a handover in flight fails (the switchover sees its answer
+    /// dropped).
+    pub(crate) fn session_ended(&self, error: Option<String>) {
+        let mut life = self.life.lock();
+        let end = life.lc.session_ended(error);
+        if end.handover_failed {
+            life.answer = None;
+        }
+        drop(life);
+        if end.resync_interrupted {
+            tracing::warn!(target = %self.name, "resync interrupted; it starts again on the next connection");
+        }
     }
 
-    pub fn state(&self) -> &'static str {
-        *self.state.lock()
+    /// A client write at `seq` waited `sync_timeout` in vain: degrades this target if
+    /// it is a live sync target that does not hold it (true: just now).
+    pub(crate) fn sync_timeout(&self, seq: Seq) -> bool {
+        self.update(|lc| lc.sync_timeout(seq))
+    }
+
+    /// Test set-up: a session streams after `acked` (as after its handshake).
+    #[cfg(test)]
+    pub(crate) fn streaming_at(&self, acked: Seq) {
+        let plan = tests::plan(acked, false);
+        self.update(|lc| {
+            lc.connecting();
+            lc.session_started(&plan, acked, acked);
+        });
     }
 }
 
 /// Makes client writes wait until every live sync target holds them durably.
 ///
 /// `durable` is the minimum durable position over sync targets that are not
-/// degraded (`Seq::MAX` when there are none). A write that waits longer than
-/// `timeout` degrades the sync targets holding it back — loudly — so clients never
-/// fail because a standby is slow or gone; the target returns to sync once it has
-/// caught up.
+/// degraded (`Seq::MAX` when there are none; each target's
+/// `TargetLifecycle::sync_position`). A write that waits longer than `timeout`
+/// degrades the sync targets holding it back — loudly — so clients never fail
+/// because a standby is slow or gone; the target returns to sync once it has caught
+/// up. A write reads only the watch channel, never a target's lock.
 pub struct SyncGate {
     targets: Vec<Arc<TargetState>>,
     tx: watch::Sender<Seq>,
@@ -159,13 +294,11 @@ impl SyncGate {
 
     /// Recomputes the sync position after an ack or a state change.
     pub fn recompute(&self) {
-        let min = self
-            .targets
-            .iter()
-            .filter(|t| t.mode == ReplicationMode::Sync && !t.degraded.load(Ordering::Acquire))
-            .map(|t| t.acked_seq.load(Ordering::Acquire))
-            .min()
-            .unwrap_or(Seq::MAX);
+        let min = sync_gate_position(
+            self.targets
+                .iter()
+                .map(|t| t.read(TargetLifecycle::sync_position)),
+        );
         self.tx.send_if_modified(|v| {
             let changed = *v != min;
             *v = min;
@@ -181,11 +314,7 @@ impl SyncGate {
                 Ok(_) => return,
                 Err(_) => {
                     for t in &self.targets {
-                        if t.mode == ReplicationMode::Sync
-                            && !t.degraded.load(Ordering::Acquire)
-                            && t.acked_seq.load(Ordering::Acquire) < seq
-                        {
-                            t.degraded.store(true, Ordering::Release);
+                        if t.sync_timeout(seq) {
                             tracing::error!(
                                 target = %t.name,
                                 seq,
@@ -201,42 +330,6 @@ impl SyncGate {
         }
     }
 }
-
-/// How a target is tracked.
-#[repr(u8)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Streaming = 0,
-    /// Becoming bitmap: maps being created and filled from the journal. Still holds
-    /// the floor at its ack.
-    Switching = 1,
-    Bitmap = 2,
-    Resyncing = 3,
-}
-
-impl Mode {
-    pub(crate) fn from_u8(v: u8) -> Mode {
-        match v {
-            1 => Mode::Switching,
-            2 => Mode::Bitmap,
-            3 => Mode::Resyncing,
-            _ => Mode::Streaming,
-        }
-    }
-
-    /// The name in status and metrics (`switching` shows as `streaming`: nothing
-    /// changed for the target yet).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Streaming | Mode::Switching => "streaming",
-            Mode::Bitmap => "bitmap",
-            Mode::Resyncing => "resyncing",
-        }
-    }
-}
-
-/// The values of [`Mode::as_str`], for metrics.
-pub const MODES: [&str; 3] = ["streaming", "bitmap", "resyncing"];
 
 /// Region bits marked in memory (the live side of a map): one bit per region,
 /// cheap to set from the journal's completion path.
@@ -315,24 +408,20 @@ pub struct Shared {
     pub region_size: u64,
 }
 
-/// Per-target overflow state (a field of [`TargetState`]).
+/// Per-target overflow state (a field of [`TargetState`]): the dirty maps and their
+/// counters. Which mode the target is in, where its floor is and whether its resync
+/// was abandoned are the lifecycle's (`Tracking`).
 #[derive(Default)]
 pub struct Tracker {
-    pub(crate) mode: AtomicU8,
-    /// Every record up to it is durably marked in the maps (bitmap/resyncing floor).
-    pub(crate) flushed_through: AtomicU64,
-    /// Resyncing: the copy's snapshot (the stream goes on after it).
-    pub(crate) hold: AtomicU64,
     /// Bytes the dirty regions cover (updated at each flush and resync start).
     pub dirty_bytes: AtomicU64,
     /// Bytes shipped by resyncs since this primary started (data and zero extents).
     pub resync_bytes: AtomicU64,
     /// Bytes shipped as data by resyncs since this primary started.
     pub resync_data_bytes: AtomicU64,
-    /// Ends the target's streaming session when it switches to bitmap mode.
+    /// Ends the target's session when the lifecycle says it must (switched to bitmap
+    /// mode, resync abandoned).
     pub(crate) kick: tokio::sync::Notify,
-    /// The monitor abandons the current resync (the journal filled during it).
-    pub(crate) abort: AtomicBool,
     pub(crate) inner: Mutex<Inner>,
     pub(crate) live: Mutex<Live>,
     pub(crate) shared: OnceLock<Arc<Shared>>,
@@ -343,16 +432,7 @@ pub struct Tracker {
 pub(crate) struct Inner {
     /// (volume id, map), in the order of the bases.
     pub(crate) maps: Vec<(u32, DirtyMap)>,
-    /// The target's durable ack when bitmap mode began.
-    pub(crate) base_seq: Seq,
-    /// The current resync's end point, once ResyncEnd was sent.
-    pub(crate) through: Option<Seq>,
-    /// Recovery points the target never gets: after `.0` up to `.1` (None: not known
-    /// yet). The current transition, or the last completed one.
-    pub(crate) lost: Option<(Seq, Option<Seq>)>,
     pub(crate) last_flush: Option<Instant>,
-    /// Not before this instant (a failed switch backs off).
-    pub(crate) retry_switch: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -364,51 +444,8 @@ pub(crate) struct Live {
 }
 
 impl Tracker {
-    pub fn mode(&self) -> Mode {
-        Mode::from_u8(self.mode.load(Ordering::Acquire))
-    }
-
-    pub(crate) fn set_mode(&self, m: Mode) {
-        self.mode.store(m as u8, Ordering::Release);
-    }
-
-    /// Streaming → switching, for exactly one caller (the monitor and a session may
-    /// both want to switch a target).
-    pub(crate) fn begin_switch(&self) -> bool {
-        self.mode
-            .compare_exchange(
-                Mode::Streaming as u8,
-                Mode::Switching as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok()
-    }
-
-    /// The journal position this target needs kept, given its durable ack.
-    pub fn floor(&self, acked: Seq) -> Seq {
-        match self.mode() {
-            Mode::Streaming | Mode::Switching => acked,
-            Mode::Bitmap => self.flushed_through.load(Ordering::Acquire),
-            Mode::Resyncing => self
-                .flushed_through
-                .load(Ordering::Acquire)
-                .min(self.hold.load(Ordering::Acquire).max(acked)),
-        }
-    }
-
-    /// The monitor abandoned the resync in progress (its session must end).
-    pub fn resync_abandoned(&self) -> bool {
-        self.mode() == Mode::Resyncing && self.abort.load(Ordering::Acquire)
-    }
-
-    /// Whether the target's next session must resync from the bitmap.
-    pub fn needs_resync(&self) -> bool {
-        matches!(self.mode(), Mode::Bitmap | Mode::Resyncing)
-    }
-
-    /// Resolves when the target is switched to bitmap mode (its streaming session
-    /// must end: the journal records it would read are being released).
+    /// Resolves when the target's session must end (switched to bitmap mode: the
+    /// journal records it would read are being released; or resync abandoned).
     pub async fn kicked(&self) {
         self.kick.notified().await
     }
@@ -468,21 +505,41 @@ impl Tracker {
         let bytes = inner.maps.iter().map(|(_, m)| m.dirty_bytes()).sum();
         self.dirty_bytes.store(bytes, Ordering::Relaxed);
     }
+}
 
+/// The maps' start (`base_seq`) and durably marked position while the lifecycle
+/// tracks the target in maps (bitmap or resyncing); `None` otherwise.
+pub(crate) fn maps_in_use(tracking: ferry_proto::target::Tracking) -> Option<(Seq, Seq)> {
+    use ferry_proto::target::Tracking;
+    match tracking {
+        Tracking::Bitmap {
+            base,
+            flushed_through,
+        }
+        | Tracking::Resyncing {
+            base,
+            flushed_through,
+            ..
+        } => Some((base, flushed_through)),
+        Tracking::Streaming | Tracking::Switching { .. } => None,
+    }
+}
+
+impl TargetState {
     /// Makes the marks durable (bitmap and resyncing modes). `force`: even if the
     /// last flush was recent. On failure the marks stay in memory and the floor stays
     /// where it was: the journal is held, nothing is lost.
-    pub(crate) fn flush(&self, name: &str, force: bool) {
-        let mut inner = self.inner.lock();
-        if !matches!(self.mode(), Mode::Bitmap | Mode::Resyncing) {
+    pub(crate) fn flush(&self, force: bool) {
+        let tr = &self.track;
+        let mut inner = tr.inner.lock();
+        let Some((base, held)) = maps_in_use(self.read(|lc| lc.tracking())) else {
             return;
-        }
+        };
         if !force && inner.last_flush.is_some_and(|t| t.elapsed() < FLUSH_EVERY) {
             return;
         }
         let res = (|| -> anyhow::Result<Seq> {
-            let through = self.merge(&mut inner)?;
-            let base = inner.base_seq;
+            let through = tr.merge(&mut inner)?;
             for (_, map) in inner.maps.iter_mut() {
                 map.set_seqs(base, through);
                 map.flush()?;
@@ -492,46 +549,46 @@ impl Tracker {
         inner.last_flush = Some(Instant::now());
         match res {
             Ok(through) => {
-                self.flushed_through.store(through, Ordering::Release);
-                self.count_dirty(&inner);
-                if self.flush_failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!(target = %name, through, "dirty map flushed again");
+                self.update(|lc| lc.marks_flushed(through));
+                tr.count_dirty(&inner);
+                if tr.flush_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(target = %self.name, through, "dirty map flushed again");
                 }
             }
             Err(e) => {
-                if !self.flush_failing.swap(true, Ordering::Relaxed) {
+                if !tr.flush_failing.swap(true, Ordering::Relaxed) {
                     tracing::error!(
-                        target = %name,
-                        "flushing the dirty map failed: {}; the journal is held at sequence {} \
+                        target = %self.name,
+                        "flushing the dirty map failed: {}; the journal is held at sequence {held} \
                          for this target until a flush succeeds (writes may wait for journal \
                          space; nothing is lost)",
                         crate::error_chain(&e),
-                        self.flushed_through.load(Ordering::Acquire)
                     );
                 }
             }
         }
     }
 
-    /// Status fields of the target.
-    pub fn status(&self) -> ferry_api::status::TrackStatus {
-        let lost = self.inner.lock().lost;
+    /// The `tracking` fields of the target's status row.
+    pub fn track_status(&self, snap: &Snapshot) -> ferry_api::status::TrackStatus {
+        let tr = &self.track;
         ferry_api::status::TrackStatus {
-            tracking: self.mode().as_str().to_string(),
-            dirty_bytes: self.dirty_bytes.load(Ordering::Relaxed),
-            resync_bytes: self.resync_bytes.load(Ordering::Relaxed),
-            resync_data_bytes: self.resync_data_bytes.load(Ordering::Relaxed),
-            points_lost: lost.map(|(after, until)| ferry_api::status::PointsLost {
-                after_seq: after,
-                through_seq: until,
+            tracking: snap.tracking.as_str().to_string(),
+            dirty_bytes: tr.dirty_bytes.load(Ordering::Relaxed),
+            resync_bytes: tr.resync_bytes.load(Ordering::Relaxed),
+            resync_data_bytes: tr.resync_data_bytes.load(Ordering::Relaxed),
+            points_lost: snap.points_lost.map(|l| ferry_api::status::PointsLost {
+                after_seq: l.after,
+                through_seq: l.through,
             }),
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use ferry_proto::target::{EffectiveMode, EndReason, HelloPlan, PlanStart};
 
     pub(crate) fn target(name: &str, mode: ReplicationMode, acked: Seq) -> Arc<TargetState> {
         Arc::new(TargetState::new(
@@ -541,31 +598,80 @@ mod tests {
                 mode,
             },
             acked,
+            false,
         ))
+    }
+
+    /// A handshake's plan: the standby resumes at `resume`, streaming or resyncing.
+    pub(crate) fn plan(resume: Seq, resync: bool) -> HelloPlan {
+        HelloPlan {
+            ack: ferry_proto::wire::HelloAck {
+                epoch: 1,
+                version: 1,
+                resume_seq: resume,
+            },
+            start: if resync {
+                PlanStart::Resync { full: None }
+            } else {
+                PlanStart::Stream
+            },
+            record_rejoined: false,
+        }
+    }
+
+    fn tracking(t: &TargetState) -> &'static str {
+        t.snapshot().tracking.as_str()
+    }
+
+    fn needs_resync(t: &TargetState) -> bool {
+        t.read(|lc| lc.tracking().needs_resync())
     }
 
     /// The journal position a target holds, by tracking mode; one switch at a time.
     #[test]
     fn the_floor_follows_the_tracking_mode() {
-        let tr = Tracker::default();
-        assert_eq!((tr.mode(), tr.floor(7)), (Mode::Streaming, 7));
-        assert!(tr.begin_switch());
-        assert!(!tr.begin_switch(), "a second switch waits for the first");
-        assert_eq!((tr.mode().as_str(), tr.floor(7)), ("streaming", 7));
-        assert!(!tr.needs_resync());
-        tr.flushed_through.store(5, Ordering::Release);
-        tr.set_mode(Mode::Bitmap);
-        assert_eq!(tr.floor(7), 5, "bitmap: what is durably marked");
-        assert!(tr.needs_resync());
-        tr.hold.store(3, Ordering::Release);
-        tr.set_mode(Mode::Resyncing);
+        let t = target("a", ReplicationMode::Sync, 7);
+        assert_eq!((tracking(&t), t.floor()), ("streaming", 7));
+        assert!(t.update(|lc| lc.begin_overflow_switch()).is_some());
+        assert!(
+            t.update(|lc| lc.begin_overflow_switch()).is_none(),
+            "a second switch waits for the first"
+        );
+        assert_eq!((tracking(&t), t.floor()), ("streaming", 7));
+        assert!(!needs_resync(&t));
+        t.update(|lc| lc.bitmap_entered(5));
+        assert_eq!(t.floor(), 5, "bitmap: what is durably marked");
+        assert!(needs_resync(&t));
+        // A resync session from 2 with the snapshot at 3; acks during the stream.
+        let mut floors = Vec::new();
+        t.update(|lc| {
+            lc.connecting();
+            lc.session_started(&plan(2, true), 2, 2);
+            lc.resync_begin(2, 3).unwrap();
+        });
+        floors.push(t.floor());
+        t.update(|lc| lc.resync_copied(100, 100));
+        for ack in [4, 9] {
+            t.update(|lc| lc.on_ack(ack, ack, 100));
+            floors.push(t.floor());
+        }
         // min(marked, max(snapshot, ack))
-        assert_eq!([tr.floor(2), tr.floor(4), tr.floor(9)], [3, 4, 5]);
-        assert!(!tr.resync_abandoned());
-        tr.abort.store(true, Ordering::Release);
-        assert!(tr.resync_abandoned());
-        assert!(!tr.begin_switch(), "only a streaming target switches");
+        assert_eq!(floors, [3, 4, 5]);
+        assert_eq!(t.read(|lc| lc.must_end_session()), None);
+        assert!(t.update(|lc| lc.abandon_resync(10)));
+        assert_eq!(
+            t.read(|lc| lc.must_end_session()),
+            Some(EndReason::ResyncAbandoned)
+        );
+        assert!(
+            t.update(|lc| lc.begin_overflow_switch()).is_none(),
+            "only a streaming target switches"
+        );
         assert_eq!(MODES.map(|m| m.len()), [9, 6, 9]);
+    }
+
+    fn degraded(t: &TargetState) -> bool {
+        t.snapshot().effective_mode == EffectiveMode::Degraded
     }
 
     /// Client writes wait for live sync targets only; one that misses the timeout is
@@ -576,22 +682,50 @@ mod tests {
         let b = target("b", ReplicationMode::Async, 0);
         let g = SyncGate::new(vec![a.clone(), b.clone()], Duration::from_millis(50));
         assert!(g.has_sync_targets());
-        a.acked_seq.store(5, Ordering::Release);
+        a.streaming_at(5);
         g.recompute();
         tokio::time::timeout(Duration::from_secs(5), g.wait(5))
             .await
             .expect("5 is durable on the sync target");
-        assert!(!a.degraded.load(Ordering::Acquire));
+        assert!(!degraded(&a));
         tokio::time::timeout(Duration::from_secs(5), g.wait(6))
             .await
             .expect("the timeout degrades the target and lets the write go");
-        assert!(a.degraded.load(Ordering::Acquire));
-        assert!(
-            !b.degraded.load(Ordering::Acquire),
-            "async targets never wait"
-        );
+        assert!(degraded(&a));
+        assert!(!degraded(&b), "async targets never wait");
         let async_only = SyncGate::new(vec![b], Duration::from_millis(50));
         assert!(!async_only.has_sync_targets());
+    }
+
+    /// A session that ends with a handover in flight fails the switchover at once
+    /// (its answer is dropped), and its unfinished resync goes back to bitmap mode.
+    #[test]
+    fn a_session_end_fails_the_handover_and_reverts_the_resync() {
+        let t = target("a", ReplicationMode::Sync, 0);
+        t.streaming_at(11);
+        let mut rx = t.request_handover(11).unwrap();
+        t.session_ended(Some("connection lost".into()));
+        assert!(rx.try_recv().is_err(), "the answer is dropped");
+        assert_eq!(t.handover_to_send(), None);
+        let snap = t.snapshot();
+        assert_eq!(snap.phase.as_str(), "disconnected");
+        assert_eq!(snap.last_error.as_deref(), Some("connection lost"));
+        // In bitmap mode, a resync session ends before its copy completed.
+        t.update(|lc| {
+            lc.begin_overflow_switch();
+            lc.bitmap_entered(20);
+            lc.connecting();
+            lc.session_started(&plan(11, true), 11, 20);
+            lc.resync_begin(11, 20).unwrap();
+        });
+        assert_eq!(tracking(&t), "resyncing");
+        t.session_ended(None);
+        assert_eq!(tracking(&t), "bitmap");
+        assert_eq!(
+            t.snapshot().last_error,
+            None,
+            "cleared when the session started"
+        );
     }
 
     /// A handover is asked of a streaming session only, one at a time; once
@@ -601,18 +735,21 @@ mod tests {
         let t = target("a", ReplicationMode::Sync, 0);
         let err = t.request_handover(9).unwrap_err().to_string();
         assert!(err.contains("is connecting, not streaming"), "{err}");
-        t.set_state("streaming");
+        t.streaming_at(11);
         let mut rx = t.request_handover(9).unwrap();
         let err = t.request_handover(10).unwrap_err().to_string();
         assert!(err.contains("already in progress"), "{err}");
-        assert_eq!(t.handover.lock().as_ref().map(|h| h.0), Some(9));
-        let (_, tx) = t.handover.lock().take().unwrap();
-        tx.send(Ok(4)).unwrap();
+        assert_eq!(t.handover_to_send(), Some(9));
+        t.on_handover_ack(9, 4).unwrap();
         assert_eq!(rx.try_recv().unwrap().unwrap(), 4);
+        // A handover completes once per lifecycle (the node restarts as a standby):
+        // the abandoned one is asked of a new target.
+        let t = target("a", ReplicationMode::Sync, 0);
+        t.streaming_at(11);
         let mut rx = t.request_handover(11).unwrap();
         assert!(t.abandon_handover());
         assert!(!t.abandon_handover());
         assert!(rx.try_recv().is_err(), "the sender is gone");
-        assert!(t.handover.lock().is_none());
+        assert_eq!(t.handover_to_send(), None);
     }
 }
