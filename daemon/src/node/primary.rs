@@ -22,7 +22,7 @@ use crate::node::lifecycle::{
 };
 use crate::node::recovery::{Recovered, JOURNAL_QUEUE};
 use crate::node::requests::{create_bookmark, find_volume, list_bookmarks, respond};
-use crate::node::roles::{demote, fence_responder, outdated_reason, switchover};
+use crate::node::roles::{demote, fence_peer, fence_responder, outdated_reason, switchover};
 use crate::node::status::{self, RoleSource, StatusSource};
 
 pub(crate) async fn run_primary(
@@ -70,12 +70,18 @@ pub(crate) async fn run_primary(
         },
     });
     obs.metrics.set_source(status.metrics_source());
-    // A primary by promotion answers the primary it replaced (should it come back)
-    // on its replication address, so that one learns it is outdated and stops.
-    let fence_task = match (&cfg.replication, rec.meta.fork_seq()?) {
-        (Some(r), Some(_)) if !r.listen.is_empty() => {
-            Some(start_fence_responder(&cfg, r, &rec, &stop_rx)?)
-        }
+    // A primary answers its peer on its replication address: the primary it replaced
+    // (should it come back) learns it is outdated and stops; a primary of a newer
+    // epoch that dials us (we were replaced unheard) fences this node.
+    let fence_task = match (&cfg.replication, fence_peer(&cfg)) {
+        (Some(r), Some(peer)) => Some(start_fence_responder(
+            &cfg,
+            r,
+            &rec,
+            &peer,
+            outdated_hook(&group, &rec),
+            &stop_rx,
+        )?),
         _ => None,
     };
     let handler = primary_handler(&cfg, rec.clone(), group.clone(), repl, status, life);
@@ -304,6 +310,8 @@ fn start_fence_responder(
     cfg: &Config,
     r: &ferry_api::config::ReplicationConfig,
     rec: &Recovered,
+    peer: &str,
+    outdated: replication::OutdatedHook,
     stop_rx: &watch::Receiver<bool>,
 ) -> anyhow::Result<JoinHandle<()>> {
     Ok(tokio::spawn(fence_responder(
@@ -314,9 +322,10 @@ fn start_fence_responder(
             rec.meta.epoch()?,
             ferry_proto::wire::Role::Primary,
             &rec.bases,
-            &r.primary,
+            peer,
         ),
         replication::load_tls(cfg)?,
+        outdated,
         stop_rx.clone(),
     )))
 }

@@ -196,12 +196,48 @@ pub(crate) fn outdated_reason(o: &crate::store::meta::Outdated) -> String {
     )
 }
 
-/// Answers primaries of older epochs that dial this node's replication address with
-/// our Hello (newer epoch): they learn they are outdated and fence themselves.
+/// The peer a primary's fence responder accepts (TLS and Hello check one name): the
+/// primary this node replaced, recorded by promote and take-over as the primary to
+/// answer; else (an older promotion, or a primary that never changed roles) its only
+/// target, the one node that can come back as an older or a newer primary. `None`:
+/// nobody to answer (several targets and no record).
+pub(crate) fn fence_peer(cfg: &ferry_api::config::Config) -> Option<String> {
+    let r = cfg.replication.as_ref()?;
+    if r.listen.is_empty() {
+        return None;
+    }
+    if !r.primary.is_empty() && r.primary != cfg.node.name {
+        return Some(r.primary.clone());
+    }
+    match r.targets.as_slice() {
+        [t] => Some(t.name.clone()),
+        _ => None,
+    }
+}
+
+/// The newer epoch a dialer's handshake revealed, if it did: the dialer is the
+/// primary of a newer epoch, so this node is outdated.
+fn newer_epoch_of(e: &ferry_transport::quic::QuicError) -> Option<u64> {
+    use ferry_proto::session::HandshakeError;
+    match e {
+        ferry_transport::quic::QuicError::Handshake(HandshakeError::LocalEpochStale {
+            peer,
+            ..
+        }) => Some(*peer),
+        _ => None,
+    }
+}
+
+/// Answers the primary's peer when it dials this node's replication address: one of
+/// an older epoch gets our Hello (newer epoch), learns it is outdated and fences
+/// itself; one of a newer epoch tells us that we are outdated, and `outdated`
+/// fences this node (the rule: a node that hears of a newer epoch from any peer
+/// never accepts another write as primary; found by ferry-torture, seed 101).
 pub(crate) async fn fence_responder(
     listen: std::net::SocketAddr,
     local: ferry_proto::session::LocalIdentity,
     tls: ferry_transport::quic::TlsMaterial,
+    outdated: crate::ship::OutdatedHook,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use ferry_transport::quic;
@@ -225,7 +261,12 @@ pub(crate) async fn fence_responder(
                 Some(Ok(conn)) => {
                     let peer = conn.remote_address();
                     match quic::standby_handshake(conn, &local, 0, &opts).await {
-                        Err(e) => tracing::warn!(%peer, "told an outdated primary it was superseded: {e}"),
+                        Err(e) => match newer_epoch_of(&e) {
+                            // TLS admitted only `expected_peer_name`: that node says
+                            // it is the primary of the newer epoch.
+                            Some(epoch) => outdated(epoch, &local.expected_peer_name),
+                            None => tracing::warn!(%peer, "told an outdated primary it was superseded: {e}"),
+                        },
                         Ok(_) => tracing::warn!(%peer, "fence responder: unexpected handshake success"),
                     }
                 }
@@ -313,8 +354,10 @@ pub(crate) fn promote(
         }
     };
     let new_epoch = epoch + 1;
+    // The primary replaced is recorded as the one to answer: it is the node that
+    // comes back as an outdated primary (see `fence_peer`).
     rec.meta
-        .change_role(new_epoch, "primary", None, Some(fork))?;
+        .change_role(new_epoch, "primary", Some(&sb.state.primary), Some(fork))?;
     tracing::warn!(
         epoch = new_epoch,
         fork,
@@ -337,8 +380,9 @@ pub(crate) fn take_over(rec: Arc<Recovered>, sb: Arc<Standby>, life: Arc<Lifecyc
         }
         checkpoint_now(&rec, applied)?;
         let new_epoch = rec.meta.epoch()? + 1;
+        // As in `promote`: the replaced primary is the peer to answer.
         rec.meta
-            .change_role(new_epoch, "primary", None, Some(seq))?;
+            .change_role(new_epoch, "primary", Some(&sb.state.primary), Some(seq))?;
         // Not paused here: that would end this session before the HandoverAck goes
         // out. The restart right after the ack ends it.
         tracing::warn!(
@@ -422,6 +466,81 @@ mod tests {
         };
         let fence = fence_after_abandoned_switchover(Some(&o)).expect("stays fenced");
         assert_eq!(fence, outdated_reason(&o));
+    }
+
+    /// A primary named `name` with a replication section: `primary` as recorded (or
+    /// configured), `targets` by name.
+    fn primary_config(
+        name: &str,
+        listen: &str,
+        primary: &str,
+        targets: &[&str],
+    ) -> ferry_api::config::Config {
+        use ferry_api::config::{ReplicationConfig, TargetConfig};
+        let mut cfg = ferry_api::config::Config::parse(&format!(
+            r#"
+            [node]
+            name = "{name}"
+            role = "primary"
+            cluster_id = "00112233445566778899aabbccddeeff"
+            metadata_dir = "a"
+            [journal]
+            dir = "a/journal"
+            size = "64MiB"
+            [control]
+            socket = "a/ferryd.sock"
+            [[volume]]
+            name = "vol0"
+            path = "/tmp/vol0.img"
+            size = "1MiB"
+        "#
+        ))
+        .expect("test config");
+        cfg.replication = Some(ReplicationConfig {
+            listen: listen.into(),
+            primary: primary.into(),
+            sync_timeout_ms: 1000,
+            tail_bytes: ferry_api::size::ByteSize(1 << 20),
+            async_linger_us: 0,
+            targets: targets
+                .iter()
+                .map(|t| TargetConfig {
+                    name: t.to_string(),
+                    address: "127.0.0.1:1".into(),
+                    mode: Default::default(),
+                })
+                .collect(),
+        });
+        cfg
+    }
+
+    /// ferry-torture seed 101: `primary`, promoted after being dr1's standby, kept
+    /// the config's `replication.primary = "primary"` (itself) and refused the dial
+    /// of the primary it replaced in TLS. The replaced primary recorded by promote
+    /// comes first; a node's own name never.
+    #[test]
+    fn the_fence_responder_answers_the_replaced_primary_never_this_node() {
+        let addr = "127.0.0.1:7000";
+        let recorded = primary_config("primary", addr, "dr1", &["dr1", "dr2"]);
+        assert_eq!(fence_peer(&recorded).as_deref(), Some("dr1"));
+        let own = primary_config("primary", addr, "primary", &["dr1"]);
+        assert_eq!(fence_peer(&own).as_deref(), Some("dr1"), "the only target");
+        let ambiguous = primary_config("primary", addr, "primary", &["dr1", "dr2"]);
+        assert_eq!(fence_peer(&ambiguous), None);
+        let no_listen = primary_config("primary", "", "dr1", &["dr1"]);
+        assert_eq!(fence_peer(&no_listen), None);
+    }
+
+    /// A dialer of a newer epoch outdates this node; every other refusal does not.
+    #[test]
+    fn only_a_newer_epoch_from_the_dialer_outdates_this_node() {
+        use ferry_proto::session::HandshakeError;
+        use ferry_transport::quic::QuicError;
+        let newer = QuicError::Handshake(HandshakeError::LocalEpochStale { local: 2, peer: 3 });
+        assert_eq!(newer_epoch_of(&newer), Some(3));
+        let older = QuicError::Handshake(HandshakeError::StaleEpoch { local: 3, peer: 2 });
+        assert_eq!(newer_epoch_of(&older), None);
+        assert_eq!(newer_epoch_of(&QuicError::Protocol("x".into())), None);
     }
 
     #[test]

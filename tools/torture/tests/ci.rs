@@ -4,9 +4,10 @@
 //! loud `SKIP` line naming the reason, never silently.
 //!
 //! Every seed runs with `--tolerate-known`: the known bugs in `known-failures` are
-//! timing-dependent (a lost `demote` answer, a standby journal stuck after ENOSPC, an
-//! unfenced old primary after a failover from dr1), any seed can run into them, and
-//! CI must not fail at random on a known bug. The harness still notes each one it
+//! timing-dependent (a lost role-change answer, the lost HandoverAck of seed 203), any
+//! seed can run into them, and CI must not fail at random on a known bug. Seeds 2 (a
+//! standby journal stuck after ENOSPC) and 101 (an unfenced old primary after a
+//! failover from dr1) replay fixed bugs: they run, and fail CI if the bug returns. The harness still notes each one it
 //! meets; the flag goes when they are fixed. Everything else — a lost promised write,
 //! corruption, replicas that differ, a daemon that cannot restart — fails CI.
 
