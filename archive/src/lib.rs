@@ -1,0 +1,15 @@
+//! ferry's cold tier: an archive of a volume group in S3-compatible object storage (or
+//! a directory), made of write-set packs and content-addressed base images indexed by
+//! a hash-chained manifest, and restore to any write-set boundary it holds.
+//!
+//! - [`format`]: the pure formats (no IO).
+//! - [`store`]: the object store behind a URL (`s3://bucket/prefix`, `file:///dir`).
+//! - [`writer`]: what the primary's archive target calls: write-sets in, packs out.
+//! - [`restore`]: a point back into a file or device, every object's hash checked.
+pub mod format;
+pub mod restore;
+pub mod store;
+pub mod writer;
+
+pub use format::FormatError;
+pub use store::{ArchiveStore, StoreError};
