@@ -111,6 +111,26 @@ impl Admission {
         Ok((slot, evicted))
     }
 
+    /// [`admit`](Admission::admit), but while as many evictions as the cap are
+    /// under way, wait (up to `wait`) for them to finish instead of refusing: a
+    /// burst of connections then waits in the listener's backlog, which costs
+    /// the server nothing, until the connections it displaced are gone.
+    pub async fn admit_waiting(
+        self: &Arc<Self>,
+        wait: std::time::Duration,
+    ) -> Result<(Slot, bool), Full> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match self.admit() {
+                Err(Full::Evicting) if tokio::time::Instant::now() < deadline => {
+                    let settled = self.evictions_settled();
+                    let _ = tokio::time::timeout_at(deadline, settled).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Resolves once fewer evictions than the cap are under way.
     pub async fn evictions_settled(&self) {
         loop {

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::admission::{Admission, Full, Slot};
+use crate::admission::{Admission, Slot};
 use crate::exec::{execute, STATUS_REPLY_BYTES};
 use crate::handshake::Negotiated;
 use crate::proto::{self, Action, Caps, Request};
@@ -157,25 +157,18 @@ async fn admit(
     stats: &ServerStats,
     log: &mut RefusalLog,
 ) -> Option<Slot> {
-    let deadline = Instant::now() + EVICTION_WAIT;
-    let (slot, what) = loop {
-        match admission.admit() {
-            Ok((slot, false)) => return Some(slot),
-            Ok((slot, true)) => {
-                stats.evicted_connection();
-                break (
-                    Some(slot),
-                    "closing the longest-waiting handshake to make room",
-                );
-            }
-            Err(Full::Evicting) if Instant::now() < deadline => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let _ = tokio::time::timeout(left, admission.evictions_settled()).await;
-            }
-            Err(_) => {
-                stats.refused_connection();
-                break (None, "every connection is in use: refusing the new one");
-            }
+    let (slot, what) = match admission.admit_waiting(EVICTION_WAIT).await {
+        Ok((slot, false)) => return Some(slot),
+        Ok((slot, true)) => {
+            stats.evicted_connection();
+            (
+                Some(slot),
+                "closing the longest-waiting handshake to make room",
+            )
+        }
+        Err(_) => {
+            stats.refused_connection();
+            (None, "every connection is in use: refusing the new one")
         }
     };
     let max = admission.max();
