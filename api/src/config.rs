@@ -396,6 +396,52 @@ pub struct NbdConfig {
     /// must present a certificate issued by one of them; absent: none is asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    /// NBD connections at once (default 64, 1 to 65536). At the cap a new
+    /// connection displaces the one that has waited longest in its handshake; when
+    /// every connection is in a session it is closed at once. Both are counted and
+    /// logged (rate-limited). Each session may use up to 128 MiB of request buffers
+    /// under load, so the cap also bounds memory.
+    #[serde(
+        default = "default_nbd_max_connections",
+        skip_serializing_if = "is_default_nbd_max_connections"
+    )]
+    pub max_connections: u32,
+    /// Seconds a client has to finish the NBD handshake, TLS included (default 10,
+    /// as qemu-nbd; 1 to 3600). Idle sockets that never negotiate are dropped then.
+    #[serde(
+        default = "default_nbd_handshake_timeout_secs",
+        skip_serializing_if = "is_default_nbd_handshake_timeout_secs"
+    )]
+    pub handshake_timeout_secs: u64,
+    /// Seconds a session may go without a request (and none in flight) before it is
+    /// closed; 0 (the default) = never. Off by default because a quiet session is
+    /// normal for a block device: a VM whose guest does no I/O for hours, or the
+    /// kernel's nbd client, must not lose its disk; most clients do not reconnect
+    /// on their own. Set it where clients are short-lived tools (backups, copies)
+    /// that may leave sessions behind.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub idle_timeout_secs: u64,
+}
+
+/// Default of `nbd.max_connections`.
+pub const DEFAULT_NBD_MAX_CONNECTIONS: u32 = 64;
+/// Default of `nbd.handshake_timeout_secs`.
+pub const DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+
+fn default_nbd_max_connections() -> u32 {
+    DEFAULT_NBD_MAX_CONNECTIONS
+}
+fn is_default_nbd_max_connections(v: &u32) -> bool {
+    *v == DEFAULT_NBD_MAX_CONNECTIONS
+}
+fn default_nbd_handshake_timeout_secs() -> u64 {
+    DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS
+}
+fn is_default_nbd_handshake_timeout_secs(v: &u64) -> bool {
+    *v == DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS
+}
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl NbdConfig {
@@ -407,6 +453,9 @@ impl NbdConfig {
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
+            max_connections: DEFAULT_NBD_MAX_CONNECTIONS,
+            handshake_timeout_secs: DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS,
+            idle_timeout_secs: 0,
         }
     }
 }
@@ -620,6 +669,7 @@ impl Config {
                 if let Err(e) = self.nbd_addr() {
                     return bad("nbd.listen", e);
                 }
+                validate_nbd_limits(n)?;
                 self.validate_nbd_tls(n)?;
             }
             (None, Role::Standby) => {}
@@ -817,6 +867,23 @@ impl Config {
 /// must not depend on DNS to come up).
 /// One line for a TOML error: `key `K`: MESSAGE (line L, column C)`, or the parser's
 /// own text when it has no position (then there is no key to name either).
+/// `nbd.max_connections`, `nbd.handshake_timeout_secs`: within their ranges.
+fn validate_nbd_limits(n: &NbdConfig) -> Result<(), (String, String)> {
+    if !(1..=65536).contains(&n.max_connections) {
+        return Err((
+            "nbd.max_connections".into(),
+            format!("{}: must be 1 to 65536", n.max_connections),
+        ));
+    }
+    if !(1..=3600).contains(&n.handshake_timeout_secs) {
+        return Err((
+            "nbd.handshake_timeout_secs".into(),
+            format!("{}: must be 1 to 3600", n.handshake_timeout_secs),
+        ));
+    }
+    Ok(())
+}
+
 fn describe_parse_error(text: &str, e: &toml::de::Error) -> String {
     let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
         return e.to_string().trim_end().to_string();
@@ -1010,6 +1077,44 @@ size = "1GiB"
         let two =
             format!("{GOOD}\n[[volume]]\nname = \"vol0\"\npath = \"x.img\"\nsize = \"4KiB\"\n");
         assert_eq!(invalid_key(&two), "volume[1].name");
+    }
+
+    #[test]
+    fn nbd_limits_default_parse_and_name_their_key() {
+        let n = Config::parse(GOOD).unwrap().nbd.unwrap();
+        assert_eq!(n.max_connections, DEFAULT_NBD_MAX_CONNECTIONS);
+        assert_eq!(n.handshake_timeout_secs, 10);
+        assert_eq!(n.idle_timeout_secs, 0, "off by default");
+        let with = |extra: &str| GOOD.replace("[nbd]\n", &format!("[nbd]\n{extra}\n"));
+        let cfg = Config::parse(&with(
+            "max_connections = 8\nhandshake_timeout_secs = 3\nidle_timeout_secs = 600",
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        let n = Config::parse(&cfg.to_toml()).unwrap().nbd.unwrap();
+        assert_eq!(
+            (
+                n.max_connections,
+                n.handshake_timeout_secs,
+                n.idle_timeout_secs
+            ),
+            (8, 3, 600)
+        );
+        // Defaults are not written out (configs from `ferryctl init` stay short).
+        let plain = Config::parse(GOOD).unwrap().to_toml();
+        assert!(!plain.contains("max_connections"), "{plain}");
+        assert_eq!(
+            invalid_key(&with("max_connections = 0")),
+            "nbd.max_connections"
+        );
+        assert_eq!(
+            invalid_key(&with("handshake_timeout_secs = 0")),
+            "nbd.handshake_timeout_secs"
+        );
+        let err = Config::parse(&with("idle_timeout_secs = \"10m\"")).unwrap_err();
+        assert!(err.contains("nbd.idle_timeout_secs"), "{err}");
+        let err = Config::parse(&with("max_connections = -1")).unwrap_err();
+        assert!(err.contains("nbd.max_connections"), "{err}");
     }
 
     #[test]

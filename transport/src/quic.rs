@@ -199,6 +199,9 @@ pub enum QuicError {
     Protocol(String),
     #[error("stream ended in the middle of a frame ({buffered} bytes buffered)")]
     TruncatedStream { buffered: usize },
+    /// A peer's QUIC/TLS handshake did not finish in time (see [`Acceptor`]).
+    #[error("the handshake from {peer} did not finish within {after:?}")]
+    HandshakeTimeout { peer: SocketAddr, after: Duration },
 }
 
 impl QuicError {
@@ -566,9 +569,71 @@ pub async fn connect(
 
 /// Accepts the next connection on a standby's endpoint; `None` once the
 /// endpoint is closed. A refused TLS handshake is an `Err` naming the reason.
+/// Awaits the handshake before taking the next connection: where peers other
+/// than the expected one can reach the endpoint, use an [`Acceptor`].
 pub async fn accept(endpoint: &quinn::Endpoint) -> Option<Result<quinn::Connection, QuicError>> {
     let incoming = endpoint.accept().await?;
     Some(incoming.await.map_err(QuicError::from))
+}
+
+/// Longest a peer's QUIC/TLS handshake may take on an [`Acceptor`] by default.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes an [`Acceptor`] runs at once; further peers are refused (QUIC's
+/// CONNECTION_REFUSED) until one finishes, so a flood of Initials costs bounded
+/// memory. A real primary retries with backoff.
+pub const MAX_HANDSHAKES: usize = 16;
+
+/// Accepts connections on a standby's endpoint with every handshake in a task of
+/// its own, bounded by a timeout. [`accept`] awaits each handshake before taking the
+/// next connection, so one peer that stalls its handshake (an Initial and nothing
+/// more) held up every other peer until QUIC's idle timeout, again and again.
+pub struct Acceptor {
+    endpoint: quinn::Endpoint,
+    handshakes: tokio::task::JoinSet<Result<quinn::Connection, QuicError>>,
+    timeout: Duration,
+}
+
+impl Acceptor {
+    pub fn new(endpoint: &quinn::Endpoint, timeout: Duration) -> Acceptor {
+        Acceptor {
+            endpoint: endpoint.clone(),
+            handshakes: tokio::task::JoinSet::new(),
+            timeout,
+        }
+    }
+
+    /// The next finished handshake: a connection, or an `Err` naming why a peer was
+    /// refused or timed out. `None` once the endpoint is closed. Cancel-safe.
+    pub async fn next(&mut self) -> Option<Result<quinn::Connection, QuicError>> {
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => self.start(incoming?),
+                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
+                    return Some(done.unwrap_or_else(|e| {
+                        Err(QuicError::Protocol(format!("handshake task: {e}")))
+                    }));
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, incoming: quinn::Incoming) {
+        if self.handshakes.len() >= MAX_HANDSHAKES {
+            tracing::warn!(peer = %incoming.remote_address(),
+                "refusing a QUIC connection: {MAX_HANDSHAKES} handshakes already in progress");
+            incoming.refuse();
+            return;
+        }
+        let after = self.timeout;
+        self.handshakes.spawn(async move {
+            let peer = incoming.remote_address();
+            match tokio::time::timeout(after, async { incoming.await }).await {
+                Ok(r) => r.map_err(QuicError::from),
+                // Dropping the handshake closes the connection.
+                Err(_) => Err(QuicError::HandshakeTimeout { peer, after }),
+            }
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -86,7 +86,7 @@ pub(crate) async fn run_primary(
     };
     let handler = primary_handler(&cfg, rec.clone(), group.clone(), repl, status, life);
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
-    let nbd_task = serve_nbd(&cfg, listener, registry.clone(), nbd_tls, stop_rx);
+    let nbd_task = serve_nbd(&cfg, listener, registry.clone(), &group, nbd_tls, stop_rx);
 
     for v in &cfg.volumes {
         tracing::info!(volume = %v.name, size = v.size.0, "serving nbd://{nbd_addr}/{}", v.name);
@@ -156,19 +156,44 @@ async fn bind_nbd(cfg: &Config) -> anyhow::Result<tokio::net::TcpListener> {
     }
 }
 
+/// Serves the volumes over NBD with the `[nbd]` limits. Requests may be as large as
+/// ferry-nbd allows, but a write must fit in half a journal segment. The server's
+/// counters (refused requests and connections, TLS sessions) are read by /metrics
+/// through the group's frontend.
 fn serve_nbd(
     cfg: &Config,
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
+    group: &Group,
     tls: nbd::TlsPolicy,
     stop_rx: watch::Receiver<bool>,
 ) -> JoinHandle<std::io::Result<()>> {
-    let server_cfg = ferry_nbd::ServerConfig {
-        max_payload: (32u64 << 20).min(cfg.journal.segment_size.0 / 2) as u32,
-        tls,
-        ..nbd::ServerConfig::default()
-    };
+    let server_cfg = nbd_server_config(cfg, tls);
+    group.frontend.attach_nbd_server(server_cfg.stats.clone());
     tokio::spawn(ferry_nbd::serve(listener, registry, server_cfg, stop_rx))
+}
+
+/// ferry-nbd's settings from the config: payload limit and connection limits.
+fn nbd_server_config(cfg: &Config, tls: nbd::TlsPolicy) -> nbd::ServerConfig {
+    let d = nbd::ServerConfig::default();
+    let (max_connections, handshake, idle) =
+        cfg.nbd
+            .as_ref()
+            .map_or((d.max_connections, d.handshake_timeout, None), |n| {
+                (
+                    n.max_connections as usize,
+                    Duration::from_secs(n.handshake_timeout_secs),
+                    (n.idle_timeout_secs > 0).then(|| Duration::from_secs(n.idle_timeout_secs)),
+                )
+            });
+    nbd::ServerConfig {
+        max_payload: u64::from(nbd::DEFAULT_MAX_PAYLOAD).min(cfg.journal.segment_size.0 / 2) as u32,
+        tls,
+        max_connections,
+        handshake_timeout: handshake,
+        idle_timeout: idle,
+        ..d
+    }
 }
 
 /// Every acknowledged write is applied; seals the last write-set and lets the
@@ -535,6 +560,37 @@ async fn compare_with_standbys(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nbd_settings_come_from_the_config_and_the_library() {
+        let text = |nbd: &str, seg: &str| {
+            format!(
+                "[node]\nname = \"p\"\nrole = \"primary\"\n\
+                 cluster_id = \"00112233445566778899aabbccddeeff\"\nmetadata_dir = \"m\"\n\
+                 [journal]\ndir = \"j\"\nsize = \"1GiB\"\nsegment_size = \"{seg}\"\n\
+                 [nbd]\nlisten = \"127.0.0.1:0\"\n{nbd}\n[control]\nsocket = \"s\"\n"
+            )
+        };
+        let cfg = Config::parse(&text("", "256MiB")).unwrap();
+        let s = nbd_server_config(&cfg, nbd::TlsPolicy::Off);
+        // The library's limit (64 MiB), not a smaller one of ferryd's own.
+        assert_eq!(s.max_payload, nbd::DEFAULT_MAX_PAYLOAD);
+        assert_eq!(s.max_payload, 64 << 20);
+        assert_eq!(s.max_connections, 64);
+        assert_eq!(s.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(s.idle_timeout, None);
+        // A small segment still bounds a write to half of it.
+        let cfg = Config::parse(&text(
+            "max_connections = 5\nhandshake_timeout_secs = 2\nidle_timeout_secs = 30",
+            "16MiB",
+        ))
+        .unwrap();
+        let s = nbd_server_config(&cfg, nbd::TlsPolicy::Off);
+        assert_eq!(s.max_payload, 8 << 20);
+        assert_eq!(s.max_connections, 5);
+        assert_eq!(s.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(30)));
+    }
 
     #[test]
     fn without_replication_no_target_is_streaming() {

@@ -49,6 +49,9 @@ pub async fn serve(
     // until QUIC's idle timeout while the restarted primary waits.
     let mut current: Current = None;
     let mut pause_rx = standby.state.pause_tx.subscribe();
+    // Each handshake runs on its own, bounded: a peer that stalls its handshake
+    // never holds up the primary.
+    let mut acceptor = quic::Acceptor::new(&endpoint, quic::HANDSHAKE_TIMEOUT);
     loop {
         tokio::select! {
             // Mapped to (): a held `watch::Ref` would make this future !Send.
@@ -60,7 +63,7 @@ pub async fn serve(
                     }
                 }
             }
-            accepted = quic::accept(&endpoint) => {
+            accepted = acceptor.next() => {
                 let Some(accepted) = accepted else { break };
                 let Some(conn) = admit(&standby, accepted) else { continue };
                 if let Some((old_peer, old)) = current.take() {
