@@ -1,0 +1,87 @@
+//! Storage and protocol faults injected into real ferryd processes (cargo feature
+//! `failpoints`: `cargo test -p ferryd --features failpoints --test failpoints`).
+//! Failpoints are armed through the `FAILPOINTS` environment variable of the spawned
+//! daemon (daemon/FAILPOINTS.md); each test owns its processes.
+use std::path::Path;
+use std::time::Duration;
+
+use ferryd::testkit::{assert_qemu_io_ok, primary_config, qemu_io, skip_without, Node};
+
+const MIB: u64 = 1 << 20;
+
+fn ferryd() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferryd"))
+}
+
+fn cmds(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// Issue 16, path 1 ("fsyncgate"): the first fsync of the base after acknowledged
+/// writes fails. Linux may then drop the failed pages, so a retried fsync succeeds
+/// without the data on disk. The checkpoint must not pass those writes: the group
+/// stops (status, EIO) and a restart replays them from the journal. The lost pages
+/// are simulated by putting back, while the daemon is down, what the file held
+/// before the writes.
+#[test]
+fn fsync_failure_on_a_base_never_lets_the_checkpoint_pass_its_writes() {
+    let name = "fsync_failure_on_a_base_never_lets_the_checkpoint_pass_its_writes";
+    if skip_without("qemu-io", name) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = primary_config(dir.path(), &[("vol0", 16 * MIB)], 64 * MIB, 4 * MIB);
+    let mut node = Node::start_env(
+        ferryd(),
+        &cfg,
+        &[("FAILPOINTS", "ferryd::base_fsync=1*return(EIO)")],
+    );
+    let url = node.url("vol0");
+    assert_qemu_io_ok(&qemu_io(&url, &cmds(&["write -P 0xab 0 1M"])));
+    let last = node.status()["last_seq"].as_u64().unwrap();
+    // The first checkpoint (500 ms interval) fails; give the retries time to run.
+    node.wait_status(
+        "the first checkpoint attempt",
+        Duration::from_secs(30),
+        |_| node.log_text().contains("Input/output error"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let st = node.status();
+    assert!(
+        st["checkpoint_seq"].as_u64().unwrap() < last,
+        "the checkpoint passed writes whose fsync failed: {st:#}\nlog:\n{}",
+        node.log_text()
+    );
+    assert_eq!(
+        st["failed"], true,
+        "status must show the stopped group: {st:#}"
+    );
+    assert!(
+        st["writes_refused"]
+            .as_str()
+            .unwrap_or("")
+            .contains("fsync"),
+        "{st:#}"
+    );
+    let refused = qemu_io(&url, &cmds(&["write -P 0xcd 2M 4k"]));
+    let out = String::from_utf8_lossy(&refused.stdout).to_string()
+        + &String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        out.contains("Input/output error"),
+        "a write after the failed fsync must fail with EIO: {out}"
+    );
+    node.kill();
+
+    // What the disk holds after the kernel dropped the failed pages: the old zeros.
+    let img = dir.path().join("primary/vol0.img");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; MIB as usize], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let node = Node::start(ferryd(), &cfg);
+    assert_qemu_io_ok(&qemu_io(&node.url("vol0"), &cmds(&["read -P 0xab 0 1M"])));
+    let st = node.status();
+    assert_eq!(st["failed"], false, "{st:#}");
+    assert!(st["checkpoint_seq"].as_u64().unwrap() >= last, "{st:#}");
+}
