@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use ferryd::testkit::{assert_qemu_io_ok, primary_config, qemu_io, skip_without, Node};
 
-const MIB: u64 = 1 << 20;
+#[path = "common/test_primary.rs"]
+mod test_primary;
+use test_primary::{answer, connect, standby_config, write_set, Answer, MIB};
 
 fn ferryd() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ferryd"))
@@ -84,4 +86,68 @@ fn fsync_failure_on_a_base_never_lets_the_checkpoint_pass_its_writes() {
     let st = node.status();
     assert_eq!(st["failed"], false, "{st:#}");
     assert!(st["checkpoint_seq"].as_u64().unwrap() >= last, "{st:#}");
+}
+
+/// Issue 16, path 1, on a standby: the first fsync of the replica after a write-set
+/// was applied fails. The standby's checkpoint must not pass it either: apply stops
+/// (status shows why) and a restart replays the write-set from the standby journal.
+/// The lost pages are simulated as above.
+#[test]
+fn fsync_failure_on_a_replica_never_lets_the_checkpoint_pass_its_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, addr, tls) = standby_config(dir.path(), true);
+    let img = dir.path().join("primary/vol0.img");
+    let mut node = Node::start_env(
+        ferryd(),
+        &cfg,
+        &[("FAILPOINTS", "ferryd::base_fsync=1*return(EIO)")],
+    );
+    let epoch = node.status()["epoch"].as_u64().expect("epoch");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = connect(addr, &tls, epoch).await;
+        match answer(&mut s, write_set(epoch, 1, 0, 0xab)).await {
+            Answer::Durable(1) => {}
+            other => panic!("the standby did not take the write-set: {other:?}"),
+        }
+        s.conn.close(0u32.into(), b"test done");
+    });
+    node.wait_status("the write-set applied", Duration::from_secs(20), |st| {
+        st["applied_seq"].as_u64() == Some(1)
+    });
+    node.wait_status(
+        "the first checkpoint attempt",
+        Duration::from_secs(30),
+        |_| node.log_text().contains("Input/output error"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let st = node.status();
+    assert!(
+        st["checkpoint_seq"].as_u64().unwrap() < 1,
+        "the replica's checkpoint passed a write-set whose fsync failed: {st:#}\nlog:\n{}",
+        node.log_text()
+    );
+    assert!(
+        st["apply_error"].as_str().unwrap_or("").contains("fsync"),
+        "status must show the stopped replica: {st:#}"
+    );
+    node.kill();
+
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let node = Node::start(ferryd(), &cfg);
+    let st = node.status();
+    assert!(st["checkpoint_seq"].as_u64().unwrap() >= 1, "{st:#}");
+    assert_eq!(st["apply_error"], serde_json::Value::Null, "{st:#}");
+    let data = std::fs::read(&img).unwrap();
+    assert!(
+        data[..4096].iter().all(|&b| b == 0xab),
+        "the write-set was not replayed onto the replica"
+    );
 }
