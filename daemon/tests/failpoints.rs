@@ -151,3 +151,81 @@ fn fsync_failure_on_a_replica_never_lets_the_checkpoint_pass_its_writes() {
         "the write-set was not replayed onto the replica"
     );
 }
+
+/// Issue 16, path 1, through `checkpoint_now`: a promote whose checkpoint fsync
+/// fails is refused, and so is the retry (the fsync of the retry would succeed after
+/// the kernel dropped the failed pages): the node stays a standby and a restart
+/// replays the write-set. The periodic checkpointer is kept out of the way (1 h).
+#[test]
+fn fsync_failure_in_checkpoint_now_refuses_the_promote_and_its_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, addr, tls) = standby_config(dir.path(), true);
+    let mut c = ferry_api::config::Config::load(&cfg).unwrap();
+    c.journal.checkpoint_interval_ms = 3_600_000;
+    // A standby needs somewhere to serve its volumes once promoted.
+    c.nbd = Some(ferry_api::config::NbdConfig::plain("127.0.0.1:0"));
+    std::fs::write(&cfg, c.to_toml()).unwrap();
+    let img = dir.path().join("primary/vol0.img");
+    let mut node = Node::start_env(
+        ferryd(),
+        &cfg,
+        &[("FAILPOINTS", "ferryd::base_fsync=1*return(EIO)")],
+    );
+    let epoch = node.status()["epoch"].as_u64().expect("epoch");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = connect(addr, &tls, epoch).await;
+        match answer(&mut s, write_set(epoch, 1, 0, 0xab)).await {
+            Answer::Durable(1) => {}
+            other => panic!("the standby did not take the write-set: {other:?}"),
+        }
+        s.conn.close(0u32.into(), b"test done");
+    });
+    node.wait_status("the write-set applied", Duration::from_secs(20), |st| {
+        st["applied_seq"].as_u64() == Some(1)
+    });
+    let promote = || {
+        ferry_api::control::call(
+            &c.control.socket,
+            &ferry_api::control::Request::Promote {
+                target: None,
+                force: true,
+            },
+        )
+        .expect("promote call")
+    };
+    let first = promote();
+    let why = first.error.clone().unwrap_or_default();
+    assert!(
+        !first.ok && why.contains("Input/output error"),
+        "the promote's fsync failed: {first:?}"
+    );
+    let retry = promote();
+    let why = retry.error.clone().unwrap_or_default();
+    assert!(
+        !retry.ok && why.contains("fsync"),
+        "a retried promote passed the failed fsync: {retry:?}\nlog:\n{}",
+        node.log_text()
+    );
+    let st = node.status();
+    assert_eq!(st["role"], "standby", "{st:#}");
+    assert!(st["checkpoint_seq"].as_u64().unwrap() < 1, "{st:#}");
+    node.kill();
+
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let node = Node::start(ferryd(), &cfg);
+    let st = node.status();
+    assert_eq!(st["role"], "standby", "{st:#}");
+    let data = std::fs::read(&img).unwrap();
+    assert!(
+        data[..4096].iter().all(|&b| b == 0xab),
+        "the write-set was not replayed onto the replica"
+    );
+}
