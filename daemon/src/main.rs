@@ -66,6 +66,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let cfg = ferry_api::config::Config::load(config)?;
     let _lock = lock_node(&cfg.node.metadata_dir)?;
+    // Test builds only (feature `failpoints`): faults named in $FAILPOINTS are armed
+    // for the life of the process (daemon/FAILPOINTS.md).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads())
         .enable_all()

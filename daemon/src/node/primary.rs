@@ -63,6 +63,7 @@ pub(crate) async fn run_primary(
         meta: rec.meta.clone(),
         journal: rec.journal.clone(),
         volumes: status::volumes(&cfg, Some(nbd_addr)),
+        bases: rec.bases.clone(),
         role: RoleSource::Primary {
             group: group.clone(),
             replication: repl.clone(),

@@ -75,6 +75,7 @@ pub(crate) async fn run_standby(
         meta: rec.meta.clone(),
         journal: rec.journal.clone(),
         volumes: status::volumes(&cfg, None),
+        bases: rec.bases.clone(),
         role: RoleSource::Standby {
             standby: standby.clone(),
             applier: rec.applier.clone(),
