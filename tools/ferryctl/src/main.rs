@@ -539,6 +539,7 @@ fn node_config(
         }),
         pit: None,
         access: None,
+        audit: None,
         volumes: vols
             .iter()
             .map(|(name, size)| VolumeConfig {
