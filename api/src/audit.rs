@@ -389,35 +389,56 @@ impl Intents {
     }
 }
 
-/// The members of a line beyond its chain fields, parsed.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The members of a line beyond its chain fields, parsed. Lenient: a member of the
+/// wrong type reads as absent, so that an edited line is reported by its hash (which
+/// it fails) rather than as malformed.
+#[derive(Debug, Clone, Default)]
 pub struct LineMeta {
     /// Format version; 1 for lines written before `v` existed.
-    #[serde(default = "format_one")]
     pub v: u32,
-    #[serde(default)]
     pub request: String,
-    #[serde(default)]
     pub time: String,
-    #[serde(default)]
     pub result: Option<Outcome>,
     /// On an outcome line, the seq of its intent line.
-    #[serde(default)]
     pub intent: Option<u64>,
-    #[serde(default)]
     pub args: serde_json::Value,
 }
 
-fn format_one() -> u32 {
-    1
+#[derive(Deserialize)]
+struct RawMeta {
+    #[serde(default)]
+    v: serde_json::Value,
+    #[serde(default)]
+    request: serde_json::Value,
+    #[serde(default)]
+    time: serde_json::Value,
+    #[serde(default)]
+    result: serde_json::Value,
+    #[serde(default)]
+    intent: serde_json::Value,
+    #[serde(default)]
+    args: serde_json::Value,
 }
 
 impl LineMeta {
     /// Parses a line that [`parse_line`] accepted.
     pub fn parse(line_no: u64, text: &[u8]) -> Result<LineMeta, AuditError> {
-        serde_json::from_slice(text).map_err(|e| AuditError::Malformed {
+        let raw: RawMeta = serde_json::from_slice(text).map_err(|e| AuditError::Malformed {
             line: line_no,
             reason: format!("{e}"),
+        })?;
+        let text = |v: serde_json::Value| v.as_str().map(str::to_string).unwrap_or_default();
+        Ok(LineMeta {
+            v: raw
+                .v
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(1),
+            request: text(raw.request),
+            time: text(raw.time),
+            result: serde_json::from_value(raw.result).ok(),
+            intent: raw.intent.as_u64(),
+            args: raw.args,
         })
     }
 
