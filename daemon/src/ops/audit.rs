@@ -296,10 +296,12 @@ impl Shared {
         let seq = self.put(&mut t, entry, intent, durable)?;
         if !durable {
             t.unsynced += 1;
+            let first = t.dirty_since.is_none();
             t.dirty_since.get_or_insert_with(Instant::now);
             if t.unsynced >= self.opts.sync_lines {
                 self.sync(&mut t)?;
-            } else {
+            } else if first {
+                // The flusher sleeps until a batch starts; later lines join the batch.
                 self.wake.notify_all();
             }
         }
