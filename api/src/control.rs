@@ -42,6 +42,7 @@ pub const COMMANDS: &[(&str, Role)] = &[
     ("verify", Role::Operator),
     ("pause", Role::Operator),
     ("resume", Role::Operator),
+    ("drill_report", Role::Operator),
     ("promote", Role::Admin),
     ("demote", Role::Admin),
     ("switchover", Role::Admin),
@@ -108,6 +109,9 @@ pub enum Request {
         #[serde(default)]
         to: Option<String>,
     },
+    /// Standby: the result of a DR drill (`ferryctl drill`), recorded in the audit
+    /// log; the daemon checks the fields and keeps nothing else.
+    DrillReport(DrillReport),
     /// Standby: roll the replica back to `target` (all volumes of the group).
     Rollback {
         volume: String,
@@ -116,6 +120,29 @@ pub enum Request {
         group: bool,
     },
 }
+
+/// What `ferryctl drill` proved, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillReport {
+    pub volume: String,
+    /// The recovery point the drill exported.
+    pub seq: u64,
+    /// Its time (RFC 3339), as the view reported it.
+    pub point_time: String,
+    pub passed: bool,
+    /// From the drill's start to a usable view (milliseconds).
+    pub rto_ms: u64,
+    /// The point's age when the drill started (milliseconds).
+    pub rpo_ms: u64,
+    /// `filesystem` or `command`.
+    pub check: String,
+    /// One line: what the check found, or why the drill failed
+    /// (at most [`MAX_DRILL_SUMMARY`] bytes).
+    pub summary: String,
+}
+
+/// Longest drill summary kept in the audit log: a line, not the check's output.
+pub const MAX_DRILL_SUMMARY: usize = 512;
 
 /// A recovery point as an operator names it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +164,7 @@ impl Request {
             | Request::PitUnexport { .. }
             | Request::Pause
             | Request::Resume
+            | Request::DrillReport(_)
             | Request::Verify { .. } => Role::Operator,
             Request::Rollback { .. }
             | Request::Promote { .. }
@@ -156,6 +184,7 @@ impl Request {
             Request::PitUnexport { .. } => "pit_unexport",
             Request::Pause => "pause",
             Request::Resume => "resume",
+            Request::DrillReport(_) => "drill_report",
             Request::Rollback { .. } => "rollback",
             Request::Promote { .. } => "promote",
             Request::Verify { .. } => "verify",
@@ -399,6 +428,16 @@ mod tests {
             Request::Demote,
             Request::Switchover { to: None },
             Request::Verify { volume: None },
+            Request::DrillReport(DrillReport {
+                volume: "v".into(),
+                seq: 7,
+                point_time: "2026-12-07T00:00:00Z".into(),
+                passed: true,
+                rto_ms: 1200,
+                rpo_ms: 3000,
+                check: "filesystem".into(),
+                summary: "ext4: fsck clean".into(),
+            }),
         ] {
             let v = serde_json::to_value(&req).unwrap();
             assert_eq!(v["cmd"], req.name());

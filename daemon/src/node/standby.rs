@@ -2,7 +2,7 @@
 //! its control handler.
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use ferry_journal::Seq;
 use serde_json::json;
 
@@ -193,6 +193,7 @@ pub(crate) fn standby_handler(
                 })?;
                 Ok(json!({"unexported": ids}))
             })()),
+            ferry_api::control::Request::DrillReport(r) => respond(record_drill(&r)),
             ferry_api::control::Request::Pause => pause(&rec, &sb),
             ferry_api::control::Request::Resume => resume(&rec, &sb),
             ferry_api::control::Request::Rollback {
@@ -215,6 +216,31 @@ pub(crate) fn standby_handler(
             }
         }
     })
+}
+
+/// A drill's result: the control server's audit line holds the report itself; this
+/// checks it is one an auditor can read (a bounded one-line summary) and logs it.
+fn record_drill(r: &ferry_api::control::DrillReport) -> anyhow::Result<serde_json::Value> {
+    let max = ferry_api::control::MAX_DRILL_SUMMARY;
+    if r.summary.len() > max || r.summary.contains('\n') {
+        bail!("drill report: the summary must be one line of at most {max} bytes");
+    }
+    if r.check != "filesystem" && r.check != "command" {
+        bail!(
+            "drill report: check '{}' is neither 'filesystem' nor 'command'",
+            r.check
+        );
+    }
+    tracing::info!(
+        volume = %r.volume,
+        seq = r.seq,
+        passed = r.passed,
+        rto_ms = r.rto_ms,
+        rpo_ms = r.rpo_ms,
+        "DR drill recorded: {}",
+        r.summary
+    );
+    Ok(json!({"recorded": true}))
 }
 
 /// The point-in-time window with its most recent `limit` points (20 by default), the

@@ -3,15 +3,10 @@
 use std::path::Path;
 use std::process::Command;
 
+use ferry_testkit::{have, skip, skip_without};
+
 fn docgen() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ferry-docgen"))
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 fn generate(what: &str, dir: &Path) {
@@ -39,7 +34,10 @@ fn renderer() -> Option<Vec<&'static str>> {
 #[test]
 fn man_pages_render() {
     let Some(render) = renderer() else {
-        eprintln!("SKIP man_pages_render: none of man, groff, mandoc is installed");
+        skip(
+            "man_pages_render",
+            "none of man, groff, mandoc is installed (.ci/run installs groff)",
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -74,8 +72,7 @@ fn completions_load_in_bash() {
     for f in ["_ferryctl", "_ferryd", "ferryctl.fish", "ferryd.fish"] {
         assert!(dir.path().join(f).exists(), "{f}");
     }
-    if !have("bash") {
-        eprintln!("SKIP completions_load_in_bash: bash is not installed");
+    if skip_without("bash", "completions_load_in_bash") {
         return;
     }
     for f in ["ferryctl.bash", "ferryd.bash"] {

@@ -64,6 +64,11 @@ pub enum Cmd {
         #[arg(long)]
         same_host: bool,
     },
+    /// Grow a cluster made by `init`.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Show the node's role, journal and replication state.
     Status {
         /// Print the result as JSON (for scripts) instead of text.
@@ -145,6 +150,49 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Standby: a disaster-recovery drill. Exports a writable view of a recovery point
+    /// (replication goes on), checks it, measures the recovery time (start to usable
+    /// view) and the point's age (the RPO it proves), tears everything down, records
+    /// the result in the node's audit log and prints or writes a report. Exits 1 when
+    /// the drill fails.
+    Drill {
+        /// The volume to drill.
+        #[arg(long, value_name = "NAME")]
+        volume: String,
+        #[command(flatten)]
+        point: DrillPointArgs,
+        /// Your own check, run with `sh -c` (exit 0: passed), with the view in its
+        /// environment: FERRY_DRILL_URI (NBD URI), FERRY_DRILL_VOLUME, FERRY_DRILL_SEQ,
+        /// FERRY_DRILL_POINT_TIME. Default: attach the view (nbdfuse + loop device, needs
+        /// root), detect its filesystem, mount it read-only, and fsck it changing nothing.
+        #[arg(long, value_name = "CMD")]
+        check: Option<String>,
+        /// Longest the check may run, in seconds, before it is killed and fails.
+        #[arg(long, value_name = "SECS", default_value_t = 3600)]
+        check_timeout: u64,
+        /// Write the report as JSON to FILE and as a self-contained HTML page next to
+        /// it (FILE with the extension .html).
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// Print the report as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The point a drill exports: at most one of these; none means the newest.
+#[derive(clap::Args)]
+#[group(required = false, multiple = false)]
+pub struct DrillPointArgs {
+    /// The newest point the standby holds (the default): proves today's RPO.
+    #[arg(long)]
+    pub latest: bool,
+    /// A bookmark (e.g. one taken with the application quiesced).
+    #[arg(long)]
+    pub bookmark: Option<String>,
+    /// The newest point at or before a time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
 }
 
 /// Exactly one way to name a recovery point.
@@ -231,6 +279,27 @@ pub enum PitCmd {
 }
 
 #[derive(Subcommand)]
+pub enum NodeCmd {
+    /// Add a standby NAME=HOST:PORT (its QUIC address): issues its certificate from the
+    /// cluster CA in DIR/ca, writes DIR/NAME.toml and DIR/NAME/, and adds it as a target
+    /// to DIR/primary.toml (appended; comments kept).
+    Add {
+        /// The new node, NAME=HOST:PORT.
+        #[arg(value_name = "NAME=HOST:PORT")]
+        node: String,
+        /// The cluster directory `ferryctl init` made.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Replication mode of the new target (default: that of the first existing one).
+        #[arg(long, value_enum)]
+        mode: Option<ModeArg>,
+        /// The new node shares a host with the others: give it its own NBD port.
+        #[arg(long)]
+        same_host: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum AuditCmd {
     /// Check the audit log's hash chain across its rotated files: the log named by
     /// --config (`access.audit_log`, default `<metadata_dir>/audit.log`), by --file, or
@@ -253,7 +322,11 @@ pub fn command() -> clap::Command {
     let mut cmd = Cli::command();
     // Global arguments reach the subcommands when the command is built.
     cmd.build();
-    cmd.mut_subcommand("init", |init| init.mut_arg("config", |a| a.hide(true)))
+    let cmd = cmd.mut_subcommand("init", |init| init.mut_arg("config", |a| a.hide(true)));
+    cmd.mut_subcommand("node", |node| {
+        node.mut_arg("config", |a| a.hide(true))
+            .mut_subcommand("add", |add| add.mut_arg("config", |a| a.hide(true)))
+    })
 }
 
 /// Parses the process arguments (exits with clap's message on a usage error).

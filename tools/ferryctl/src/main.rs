@@ -16,10 +16,12 @@ use ferry_api::status::{
     NodeStatus, PitPoint, PrimaryStatus, RoleStatus, StandbyStatus, TargetStatus,
 };
 use ferry_transport::pki::ClusterCa;
+mod drill;
+mod node_add;
 mod ports;
 mod table;
 
-use ferryctl::cli::{AuditCmd, BookmarkCmd, Cli, Cmd, ModeArg, PitCmd};
+use ferryctl::cli::{AuditCmd, BookmarkCmd, Cli, Cmd, DrillPointArgs, ModeArg, NodeCmd, PitCmd};
 use table::Align;
 
 fn main() -> std::process::ExitCode {
@@ -106,6 +108,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("resumed: following the primary");
             Ok(())
         }
+        Cmd::Node {
+            cmd:
+                NodeCmd::Add {
+                    node,
+                    dir,
+                    mode,
+                    same_host,
+                },
+        } => node_add::node_add(&node_add::Add {
+            dir: &dir,
+            spec: &node,
+            mode: mode.map(|m| match m {
+                ModeArg::Sync => ReplicationMode::Sync,
+                ModeArg::Async => ReplicationMode::Async,
+            }),
+            same_host,
+        }),
+        Cmd::Drill {
+            volume,
+            point,
+            check,
+            check_timeout,
+            report,
+            json,
+        } => {
+            let opts = drill::Options {
+                volume,
+                point: drill_point(point),
+                check,
+                check_timeout: std::time::Duration::from_secs(check_timeout),
+            };
+            run_drill(
+                &need_config(cli.config.as_deref())?,
+                &opts,
+                report.as_deref(),
+                json,
+            )
+        }
         Cmd::Rollback {
             volume,
             point,
@@ -121,6 +161,64 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rollback(&cfg, &req, json)
         }
     }
+}
+
+fn drill_point(p: DrillPointArgs) -> drill::Point {
+    match (p.bookmark, p.at) {
+        (Some(b), _) => drill::Point::Bookmark(b),
+        (_, Some(t)) => drill::Point::At(t),
+        _ => drill::Point::Latest,
+    }
+}
+
+/// Runs the drill, writes/prints its report; a failed drill is an error (exit 1).
+fn run_drill(
+    cfg: &Config,
+    opts: &drill::Options,
+    report_path: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let node = cfg.node.name.clone();
+    let report = drill::run(&|req| call(cfg, req), &node, opts);
+    if let Some(path) = report_path {
+        let page = drill::write(&report, path)?;
+        eprintln!("report: {} and {}", path.display(), page.display());
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", drill_text(&report));
+    }
+    if !report.passed {
+        bail!("drill {}", report.summary());
+    }
+    Ok(())
+}
+
+fn drill_text(r: &drill::report::Report) -> String {
+    let secs = |s: Option<f64>| s.map_or("not reached".to_string(), |s| format!("{s:.2} s"));
+    let mut out = format!("drill {}\n", r.summary());
+    out += &format!("  RTO (start to usable view)  {}\n", secs(r.rto_seconds));
+    out += &format!("  RPO (age of the point)      {}\n", secs(r.rpo_seconds));
+    out += &format!(
+        "  audit log                   {}\n",
+        if r.audited {
+            "recorded"
+        } else {
+            "NOT recorded"
+        }
+    );
+    for s in &r.timeline {
+        out += &format!(
+            "  {:>7.2} s  {:<32} {:>6.2} s  {}{}\n",
+            s.start_seconds,
+            s.name,
+            s.seconds,
+            if s.ok { "" } else { "FAILED: " },
+            s.detail
+        );
+    }
+    out
 }
 
 /// `init`'s NBD and metrics addresses for every node (primary first).

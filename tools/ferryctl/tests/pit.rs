@@ -597,6 +597,159 @@ fn dr_drill_mounts_a_view_at_a_bookmark() {
     );
 }
 
+/// `ferryctl drill` end to end on ext4: a bookmark taken with the filesystem frozen,
+/// the drill exports it, attaches, mounts read-only and fscks it; the report (JSON and
+/// HTML) carries the RTO and RPO, the audit log the result, and no view is left open.
+#[test]
+fn ferryctl_drill_checks_a_bookmark_on_ext4_and_reports_rto_and_rpo() {
+    let name = "ferryctl_drill_checks_a_bookmark_on_ext4_and_reports_rto_and_rpo";
+    for tool in [
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "mount",
+        "fusermount3",
+        "fsfreeze",
+        "e2fsck",
+        "blkid",
+    ] {
+        if skip_without(tool, name) {
+            return;
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
+        ferryd::testkit::skip(name, "needs root and /dev/fuse");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init(dir.path(), "");
+    let standby = Node::start(&ferryd(), &scfg);
+    let primary = Node::start(&ferryd(), &pcfg);
+    let mnt = dir.path().join("mnt");
+    let mut att = Attached::new(&primary.url("vol0"), &dir.path().join("p"), false);
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(att.dev()));
+    att.mount(&mnt, &[]);
+    std::fs::write(mnt.join("orders.db"), b"version 1").unwrap();
+    run(Command::new("fsfreeze").arg("-f").arg(&mnt));
+    let bm = ctl(&pcfg, &["bookmark", "create", "nightly"]);
+    run(Command::new("fsfreeze").arg("-u").arg(&mnt));
+    assert!(
+        bm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bm.stderr)
+    );
+    std::fs::write(mnt.join("orders.db"), b"version 2").unwrap();
+    run(Command::new("sync").arg("-f").arg(mnt.join("orders.db")));
+    wait_applied(&primary, &standby);
+
+    let report = dir.path().join("drill.json");
+    let out = ctl(
+        &scfg,
+        &[
+            "drill",
+            "--volume",
+            "vol0",
+            "--bookmark",
+            "nightly",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "drill failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("RTO") && text.contains("RPO"), "{text}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["passed"], true, "{r:#}");
+    assert_eq!(r["audited"], true, "{r:#}");
+    assert_eq!(r["check"]["kind"], "filesystem", "{r:#}");
+    assert_eq!(r["check"]["filesystem"], "ext4", "{r:#}");
+    assert!(r["rto_seconds"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert!(r["rpo_seconds"].as_f64().unwrap() > 0.0, "{r:#}");
+    let names: Vec<&str> = r["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    for step in [
+        "export a writable view",
+        "mount read-only",
+        "fsck, changing nothing",
+        "unexport view",
+    ] {
+        assert!(names.contains(&step), "{step} missing: {names:?}");
+    }
+    let page = std::fs::read_to_string(report.with_extension("html")).unwrap();
+    assert!(page.contains("PASSED") && page.contains("ext4"), "{page}");
+    // Torn down: no view open, no loop device left on the overlay.
+    let pits = ctl_json(&scfg, &["pit", "list"]);
+    assert_eq!(pits["exports"], serde_json::json!([]), "{pits:#}");
+    let audit = std::fs::read_to_string(Config::load(&scfg).unwrap().audit_log_path()).unwrap();
+    let line = audit
+        .lines()
+        .find(|l| l.contains("\"drill_report\""))
+        .unwrap_or_else(|| panic!("no drill_report line in the audit log:\n{audit}"));
+    assert!(line.contains("\"passed\":true"), "{line}");
+    // The primary's filesystem is untouched by the drill.
+    assert_eq!(std::fs::read(mnt.join("orders.db")).unwrap(), b"version 2");
+}
+
+/// A drill whose own check fails exits 1, still records the result and closes its view;
+/// the check sees the view's URI and point in its environment.
+#[test]
+fn a_drill_with_a_failing_check_fails_loudly_and_is_audited() {
+    let name = "a_drill_with_a_failing_check_fails_loudly_and_is_audited";
+    if skip_without("qemu-io", name) || skip_without("qemu-img", name) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, scfg) = init(dir.path(), "");
+    let standby = Node::start(&ferryd(), &scfg);
+    let primary = Node::start(&ferryd(), &pcfg);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &writes(0x5a, &[0], 1 << 20)));
+    let newest = wait_applied(&primary, &standby);
+    let out = ctl(
+        &scfg,
+        &[
+            "drill",
+            "--volume",
+            "vol0",
+            "--check",
+            "qemu-img info \"$FERRY_DRILL_URI\" >/dev/null && echo saw $FERRY_DRILL_VOLUME at $FERRY_DRILL_SEQ; exit 3",
+            "--json",
+        ],
+    );
+    assert!(!out.status.success(), "a failed check must fail the drill");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["passed"], false, "{r:#}");
+    assert_eq!(r["audited"], true, "{r:#}");
+    assert_eq!(r["chosen"], "latest", "{r:#}");
+    assert_eq!(r["point"]["seq"], newest, "{r:#}");
+    let output = r["check"]["output"].as_str().unwrap();
+    assert!(
+        output.contains(&format!("saw vol0 at {newest}")),
+        "{output}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("FAILED"),
+        "{out:?}"
+    );
+    let pits = ctl_json(&scfg, &["pit", "list"]);
+    assert_eq!(pits["exports"], serde_json::json!([]), "{pits:#}");
+    let audit = std::fs::read_to_string(Config::load(&scfg).unwrap().audit_log_path()).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"drill_report\"") && l.contains("\"passed\":false")),
+        "{audit}"
+    );
+}
+
 /// `qemu-img map --output=json` of an NBD URI: (start, length, data, zero) runs.
 fn map_of(uri: &str) -> Vec<(u64, u64, bool, bool)> {
     let o = Command::new("qemu-img")

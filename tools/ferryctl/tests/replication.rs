@@ -370,3 +370,96 @@ fn stopping_a_replicating_primary_panics_no_thread() {
         );
     }
 }
+
+/// A cluster that grows: `ferryctl node add` issues the third node's certificate from
+/// the cluster CA, writes its config and adds it to the primary's targets (keeping the
+/// operator's comments there); once the primary restarts with it, the new standby
+/// receives everything, including what was written before it existed. A name or
+/// address already in the cluster is refused.
+#[test]
+fn node_add_grows_a_running_cluster_by_a_third_standby() {
+    if skip_without(
+        "qemu-io",
+        "node_add_grows_a_running_cluster_by_a_third_standby",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, s) = init(dir.path(), &["dr1"], "async");
+    let mut text = std::fs::read_to_string(&pcfg).unwrap();
+    text.insert_str(0, "# operator's note: keep this\n");
+    std::fs::write(&pcfg, text).unwrap();
+    let dr1 = Node::start(&ferryd(), &s[0]);
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(71, 40)));
+
+    let addr = format!("127.0.0.1:{}", ferryd::testkit::free_udp_port());
+    let add = |spec: &str| {
+        std::process::Command::new(ferryctl())
+            .args(["node", "add", spec, "--dir"])
+            .arg(dir.path())
+            .arg("--same-host")
+            .output()
+            .unwrap()
+    };
+    let out = add(&format!("dr2={addr}"));
+    assert!(
+        out.status.success(),
+        "node add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dr2_cfg = dir.path().join("dr2.toml");
+    let cfg = ferry_api::config::Config::load(&dr2_cfg).unwrap();
+    assert_eq!(cfg.replication.as_ref().unwrap().listen, addr);
+    assert!(dir.path().join("dr2/tls/dr2.pem").exists());
+    let ptext = std::fs::read_to_string(&pcfg).unwrap();
+    assert!(
+        ptext.starts_with("# operator's note: keep this\n"),
+        "{ptext}"
+    );
+    let pconf = ferry_api::config::Config::load(&pcfg).unwrap();
+    let names: Vec<_> = pconf
+        .replication
+        .unwrap()
+        .targets
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    assert_eq!(names, ["dr1", "dr2"]);
+    for again in [
+        format!("dr2=127.0.0.1:{}", ferryd::testkit::free_udp_port()),
+        format!("dr3={addr}"),
+    ] {
+        let out = add(&again);
+        assert!(!out.status.success(), "{again} must be refused");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("already"),
+            "{out:?}"
+        );
+    }
+
+    let dr2 = Node::start(&ferryd(), &dr2_cfg);
+    assert!(primary.terminate().success());
+    let primary = Node::start(&ferryd(), &pcfg);
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(72, 40)));
+    let last = seq(&primary.status(), "/durable_seq");
+    primary.wait_status(
+        "dr2 to stream and hold everything",
+        Duration::from_secs(90),
+        |st| {
+            st["targets"].as_array().into_iter().flatten().any(|t| {
+                t["name"] == "dr2" && t["tracking"] == "streaming" && seq(t, "/acked_seq") >= last
+            })
+        },
+    );
+    dr2.wait_status("dr2 to apply everything", Duration::from_secs(60), |st| {
+        seq(st, "/applied_seq") >= last && st["replica"] == "consistent"
+    });
+    let vol = |c: &Path| {
+        ferry_api::config::Config::load(c).unwrap().volumes[0]
+            .path
+            .clone()
+    };
+    same_file(&vol(&pcfg), &vol(&dr2_cfg));
+    drop(dr1);
+}
