@@ -59,7 +59,9 @@ pub fn changes_state(req: &Request) -> bool {
         | Request::ListBookmarks
         | Request::ListPits { .. }
         // Compares digests with the standbys; it writes nothing.
-        | Request::Verify { .. } => false,
+        | Request::Verify { .. }
+        // Only recorded: see [`is_record`].
+        | Request::DrillReport(_) => false,
         Request::BookmarkCreate { .. }
         | Request::PitExport { .. }
         | Request::PitUnexport { .. }
@@ -70,6 +72,12 @@ pub fn changes_state(req: &Request) -> bool {
         | Request::Switchover { .. }
         | Request::Rollback { .. } => true,
     }
+}
+
+/// Whether a request that changes nothing exists to be recorded (a drill's result): its
+/// one line is fsynced before the answer, like an outcome, not batched.
+pub fn is_record(req: &Request) -> bool {
+    matches!(req, Request::DrillReport(_))
 }
 
 /// `prev` of the first line.
@@ -1223,7 +1231,20 @@ mod tests {
             },
         ] {
             assert!(changes_state(&r), "{r:?}");
+            assert!(!is_record(&r), "{r:?}");
         }
+        let drill = Request::DrillReport(crate::control::DrillReport {
+            volume: "v".into(),
+            seq: 7,
+            point_time: "2026-12-07T00:00:00Z".into(),
+            passed: true,
+            rto_ms: 1,
+            rpo_ms: 2,
+            check: "filesystem".into(),
+            summary: "ok".into(),
+        });
+        assert!(!changes_state(&drill) && is_record(&drill));
+        assert!(!is_record(&Request::Status));
     }
 
     /// Found while writing the `audit_verify` fuzz target (fuzz/): a line whose `"hash":"` suffix

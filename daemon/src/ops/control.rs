@@ -392,6 +392,8 @@ fn check(line: &str, peer: &Peer) -> Checked {
 enum Append {
     /// Changes nothing (read-only, refused): fsynced with others, shortly after.
     Batched,
+    /// A record (a drill's result): durable before the answer.
+    Durable,
     /// Before a state-changing request is carried out: durable first.
     Intent,
     /// After it, naming the intent's seq: durable before the answer.
@@ -403,6 +405,7 @@ async fn audit_line(log: &Arc<AuditLog>, how: Append, entry: AuditEntry) -> anyh
     let log = log.clone();
     tokio::task::spawn_blocking(move || match how {
         Append::Batched => log.append_batched(entry),
+        Append::Durable => log.append(entry),
         Append::Intent => log.append_intent(entry),
         Append::Outcome(intent) => log.append_outcome(intent, entry),
     })
@@ -438,7 +441,11 @@ async fn run_audited(
             resp,
         } => (request, args, result, resp, Append::Batched),
         Checked::Run { request, args, req } => {
-            let mut how = Append::Batched;
+            let mut how = if ferry_api::audit::is_record(&req) {
+                Append::Durable
+            } else {
+                Append::Batched
+            };
             if let (Some(log), true) = (audit, ferry_api::audit::changes_state(&req)) {
                 let intent = entry(&request, args.clone(), Outcome::Intent, None);
                 match audit_line(log, Append::Intent, intent).await {
