@@ -41,6 +41,9 @@ pub struct Config {
     /// Control socket access and the audit log (`[access]`); absent: defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<AccessConfig>,
+    /// Audit log rotation and batching (`[audit]`); absent: defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditConfig>,
     /// Optional HTTP endpoint for /metrics, /healthz and /readyz; absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
@@ -158,6 +161,75 @@ impl Default for AccessConfig {
             operators: Principals::default(),
             viewers: Principals::default(),
         }
+    }
+}
+
+/// `[audit]`: rotation by size, and how often the appends of read-only requests are
+/// fsynced. State-changing requests are always fsynced before their answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Rotate the active file once it holds this much (it may exceed it by one line).
+    #[serde(default = "default_audit_max_file_size")]
+    pub max_file_size: ByteSize,
+    /// Rotated files kept besides the active one; older ones are deleted (0: keep all).
+    #[serde(default = "default_audit_keep_files")]
+    pub keep_files: u32,
+    /// Read-only and refused requests: their lines are written at once and fsynced at
+    /// most this long afterwards (milliseconds)…
+    #[serde(default = "default_audit_sync_interval_ms")]
+    pub sync_interval_ms: u64,
+    /// …or once this many of them are waiting, whichever comes first.
+    #[serde(default = "default_audit_sync_lines")]
+    pub sync_lines: u32,
+}
+
+fn default_audit_max_file_size() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_audit_keep_files() -> u32 {
+    16
+}
+fn default_audit_sync_interval_ms() -> u64 {
+    100
+}
+fn default_audit_sync_lines() -> u32 {
+    64
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            max_file_size: default_audit_max_file_size(),
+            keep_files: default_audit_keep_files(),
+            sync_interval_ms: default_audit_sync_interval_ms(),
+            sync_lines: default_audit_sync_lines(),
+        }
+    }
+}
+
+impl AuditConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((format!("audit.{k}"), m));
+        if self.max_file_size.0 < 64 << 10 {
+            return bad(
+                "max_file_size",
+                format!(
+                    "{}: at least 64KiB (a line can be that long)",
+                    self.max_file_size
+                ),
+            );
+        }
+        if !(1..=10_000).contains(&self.sync_interval_ms) {
+            return bad(
+                "sync_interval_ms",
+                format!("{}: 1..=10000", self.sync_interval_ms),
+            );
+        }
+        if self.sync_lines == 0 {
+            return bad("sync_lines", "must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -592,6 +664,9 @@ impl Config {
     /// Semantic checks. Returns (key, message) for the first problem found.
     pub fn validate(&self) -> Result<(), (String, String)> {
         self.validate_access()?;
+        if let Some(a) = &self.audit {
+            a.validate()?;
+        }
         self.validate_node()?;
         self.validate_journal()?;
         self.validate_nbd()?;
@@ -1304,5 +1379,40 @@ size = "1GiB"
         assert!(e.contains("users"), "{e}");
         let e = Config::parse(&format!("{GOOD}\n[access]\nsuperusers = {{}}\n")).unwrap_err();
         assert!(e.contains("superusers"), "{e}");
+    }
+
+    #[test]
+    fn audit_section() {
+        let cfg = Config::parse(GOOD).unwrap();
+        assert!(cfg.audit.is_none());
+        let d = AuditConfig::default();
+        assert_eq!(
+            (
+                d.max_file_size.0,
+                d.keep_files,
+                d.sync_interval_ms,
+                d.sync_lines
+            ),
+            (64 << 20, 16, 100, 64)
+        );
+        let text = format!(
+            "{GOOD}\n[audit]\nmax_file_size = \"1MiB\"\nkeep_files = 0\nsync_interval_ms = 20\n"
+        );
+        let cfg = Config::parse(&text).unwrap();
+        cfg.validate().unwrap();
+        let a = cfg.audit.clone().unwrap();
+        assert_eq!((a.max_file_size.0, a.keep_files), (1 << 20, 0));
+        assert_eq!((a.sync_interval_ms, a.sync_lines), (20, 64));
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.audit.unwrap().max_file_size.0, 1 << 20);
+        for (body, key) in [
+            ("max_file_size = \"4KiB\"", "audit.max_file_size"),
+            ("sync_interval_ms = 0", "audit.sync_interval_ms"),
+            ("sync_lines = 0", "audit.sync_lines"),
+        ] {
+            assert_eq!(invalid_key(&format!("{GOOD}\n[audit]\n{body}\n")), key);
+        }
+        let e = Config::parse(&format!("{GOOD}\n[audit]\nmax_files = 3\n")).unwrap_err();
+        assert!(e.contains("max_files"), "{e}");
     }
 }

@@ -7,8 +7,11 @@
 //! request needs a role ([`Request::required_role`], [`command_role`] for the planned
 //! commands). Anyone without the role gets
 //! `permission denied: <cmd> needs <role>, uid N has <role|no role>`. Every request —
-//! allowed, denied or failed — is appended to the audit log ([`crate::ops::audit`]) and made
-//! durable before its response is sent.
+//! allowed, denied or failed — is appended to the audit log ([`crate::ops::audit`]) before
+//! its response is sent. A state-changing one ([`ferry_api::audit::changes_state`]) is
+//! two durable lines: its intent before the handler runs, its outcome after; the rest
+//! are batched (written at once, fsynced within `[audit] sync_interval_ms`), so that
+//! read-only requests cannot make the daemon fsync once per request.
 //!
 //! Limits: at most [`MAX_CONNECTIONS`] connections; at the cap a new one displaces
 //! the connection that has waited longest for its next request (so a flood of idle
@@ -269,6 +272,16 @@ pub async fn serve_limited(
     {
         tracing::warn!("control: shutting down with requests unanswered after {ANSWER_GRACE:?}");
     }
+    // Batched lines are in the file already; a clean stop makes them durable too.
+    if let Some(log) = audit {
+        let synced = tokio::task::spawn_blocking(move || log.sync())
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+        if let Err(e) = synced {
+            tracing::error!("control: audit log sync at shutdown: {e:#}");
+        }
+    }
 }
 
 /// One admitted connection's place and its read timeout.
@@ -395,20 +408,38 @@ fn peer_groups(fd: std::os::unix::io::RawFd) -> Vec<u32> {
     }
 }
 
-/// Decides one request line: (request type, arguments, outcome, response).
-fn decide(
-    line: &str,
-    peer: &Peer,
-    handler: &Handler,
-) -> (String, serde_json::Value, Outcome, Response) {
+/// A request line, checked: answered at once (refused, malformed, not implemented), or
+/// to be run by the handler.
+enum Checked {
+    Answered {
+        request: String,
+        args: serde_json::Value,
+        result: Outcome,
+        resp: Response,
+    },
+    Run {
+        request: String,
+        args: serde_json::Value,
+        req: Request,
+    },
+}
+
+/// Checks one request line: its size, its form, and the peer's role.
+fn check(line: &str, peer: &Peer) -> Checked {
+    let answered = |request: &str, args, result, msg: String| Checked::Answered {
+        request: request.to_string(),
+        args,
+        result,
+        resp: Response::err(msg),
+    };
     if line.len() > MAX_REQUEST {
         let msg = format!("request longer than {MAX_REQUEST} bytes");
         let args = serde_json::Value::String(format!("<{} bytes>", line.len()));
         return match peer.role {
-            Some(_) => ("?".into(), args, Outcome::Error, Response::err(msg)),
+            Some(_) => answered("?", args, Outcome::Error, msg),
             None => {
                 let msg = peer.denial("request", Role::Viewer);
-                ("?".into(), args, Outcome::Denied, Response::err(msg))
+                answered("?", args, Outcome::Denied, msg)
             }
         };
     }
@@ -433,17 +464,122 @@ fn decide(
     };
     if peer.role.is_none_or(|r| r < needs) {
         let msg = peer.denial(cmd.as_deref().unwrap_or("request"), needs);
-        return (what, args, Outcome::Denied, Response::err(msg));
+        return answered(&what, args, Outcome::Denied, msg);
     }
-    let resp = match parsed {
-        Ok(req) => handler(req),
-        Err(e) => match cmd.as_deref().filter(|c| command_role(c).is_some()) {
-            Some(c) => Response::err(format!("{c}: not implemented by this ferryd")),
-            None => Response::err(format!("bad request: {e}")),
+    match parsed {
+        Ok(req) => Checked::Run {
+            request: what,
+            args,
+            req,
         },
+        Err(e) => {
+            let msg = match cmd.as_deref().filter(|c| command_role(c).is_some()) {
+                Some(c) => format!("{c}: not implemented by this ferryd"),
+                None => format!("bad request: {e}"),
+            };
+            answered(&what, args, Outcome::Error, msg)
+        }
+    }
+}
+
+/// How a line goes into the audit log.
+#[derive(Debug, Clone, Copy)]
+enum Append {
+    /// Changes nothing (read-only, refused): fsynced with others, shortly after.
+    Batched,
+    /// A record (a drill's result): durable before the answer.
+    Durable,
+    /// Before a state-changing request is carried out: durable first.
+    Intent,
+    /// After it, naming the intent's seq: durable before the answer.
+    Outcome(u64),
+}
+
+/// Appends one line on a blocking thread (fsync); returns its seq.
+async fn audit_line(log: &Arc<AuditLog>, how: Append, entry: AuditEntry) -> anyhow::Result<u64> {
+    let log = log.clone();
+    tokio::task::spawn_blocking(move || match how {
+        Append::Batched => log.append_batched(entry),
+        Append::Durable => log.append(entry),
+        Append::Intent => log.append_intent(entry),
+        Append::Outcome(intent) => log.append_outcome(intent, entry),
+    })
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r)
+}
+
+/// Runs a checked request and audits it: a state-changing one as a durable intent
+/// before the handler and a durable outcome after it (no intent, no action); anything
+/// else as one batched line. Returns the response to send.
+async fn run_audited(
+    checked: Checked,
+    peer: &Peer,
+    handler: &Handler,
+    audit: Option<&Arc<AuditLog>>,
+) -> Response {
+    let entry = |request: &str, args, result, message| AuditEntry {
+        uid: peer.uid,
+        gid: peer.gid,
+        pid: peer.pid,
+        role: peer.role,
+        request: request.to_string(),
+        args,
+        result,
+        message,
     };
-    let outcome = if resp.ok { Outcome::Ok } else { Outcome::Error };
-    (what, args, outcome, resp)
+    let (request, args, result, resp, how) = match checked {
+        Checked::Answered {
+            request,
+            args,
+            result,
+            resp,
+        } => (request, args, result, resp, Append::Batched),
+        Checked::Run { request, args, req } => {
+            let mut how = if ferry_api::audit::is_record(&req) {
+                Append::Durable
+            } else {
+                Append::Batched
+            };
+            if let (Some(log), true) = (audit, ferry_api::audit::changes_state(&req)) {
+                let intent = entry(&request, args.clone(), Outcome::Intent, None);
+                match audit_line(log, Append::Intent, intent).await {
+                    Ok(seq) => how = Append::Outcome(seq),
+                    Err(e) => {
+                        let e = crate::error_chain(&e);
+                        tracing::error!("control: audit log: {e}");
+                        return Response::err(format!(
+                            "{request} was not done: its intent could not be audited: {e}"
+                        ));
+                    }
+                }
+            }
+            let resp = handler(req);
+            let result = if resp.ok { Outcome::Ok } else { Outcome::Error };
+            (request, args, result, resp, how)
+        }
+    };
+    if result == Outcome::Denied {
+        tracing::warn!(uid = ?peer.uid, pid = ?peer.pid, "control: {}", resp.error.as_deref().unwrap_or(""));
+    }
+    let Some(log) = audit else {
+        return resp;
+    };
+    let line = entry(&request, args, result, resp.error.clone());
+    match audit_line(log, how, line).await {
+        Ok(_) => resp,
+        Err(e) => {
+            let e = crate::error_chain(&e);
+            tracing::error!("control: audit log: {e}");
+            Response::err(match result {
+                Outcome::Ok => format!("{request} was done but could not be audited: {e}"),
+                _ => format!(
+                    "{} (and could not be audited: {e})",
+                    resp.error.as_deref().unwrap_or("error")
+                ),
+            })
+        }
+    }
 }
 
 async fn serve_one(
@@ -471,38 +607,7 @@ async fn serve_one(
             return Ok(());
         }
         let _answering = inflight.begin();
-        let (request, args, result, mut resp) = decide(&line, &peer, &handler);
-        if result == Outcome::Denied {
-            tracing::warn!(uid = ?peer.uid, pid = ?peer.pid, "control: {}", resp.error.as_deref().unwrap_or(""));
-        }
-        if let Some(log) = &audit {
-            let entry = AuditEntry {
-                uid: peer.uid,
-                gid: peer.gid,
-                pid: peer.pid,
-                role: peer.role,
-                request: request.clone(),
-                args,
-                result,
-                message: resp.error.clone(),
-            };
-            let log = log.clone();
-            let written = tokio::task::spawn_blocking(move || log.append(entry))
-                .await
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r);
-            if let Err(e) = written {
-                let e = crate::error_chain(&e);
-                tracing::error!("control: audit log: {e}");
-                resp = Response::err(match result {
-                    Outcome::Ok => format!("{request} was done but could not be audited: {e}"),
-                    _ => format!(
-                        "{} (and could not be audited: {e})",
-                        resp.error.as_deref().unwrap_or("error")
-                    ),
-                });
-            }
-        }
+        let resp = run_audited(check(&line, &peer), &peer, &handler, audit.as_ref()).await;
         let mut out = serde_json::to_vec(&resp)?;
         out.push(b'\n');
         w.write_all(&out).await?;
@@ -530,6 +635,28 @@ mod tests {
         assert_eq!(d.role_of(0, &[0]), Some(Role::Admin));
         assert_eq!(d.socket_mode, 0o660);
         assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
+    }
+
+    /// What a request line comes to without the audit log: (request type, arguments,
+    /// outcome, response).
+    fn decide(
+        line: &str,
+        peer: &Peer,
+        handler: &Handler,
+    ) -> (String, serde_json::Value, Outcome, Response) {
+        match check(line, peer) {
+            Checked::Answered {
+                request,
+                args,
+                result,
+                resp,
+            } => (request, args, result, resp),
+            Checked::Run { request, args, req } => {
+                let resp = handler(req);
+                let result = if resp.ok { Outcome::Ok } else { Outcome::Error };
+                (request, args, result, resp)
+            }
+        }
     }
 
     #[test]

@@ -301,12 +301,18 @@ pub enum NodeCmd {
 
 #[derive(Subcommand)]
 pub enum AuditCmd {
-    /// Check the audit log's hash chain: the log named by --config (`access.audit_log`,
-    /// default `<metadata_dir>/audit.log`) or --file. Exits 1 naming the first bad line.
+    /// Check the audit log's hash chain across its rotated files: the log named by
+    /// --config (`access.audit_log`, default `<metadata_dir>/audit.log`), by --file, or
+    /// DIR/audit.log. Exits 1 naming the first bad file and line; lists intents that
+    /// have no outcome (an action a crash interrupted).
     Verify {
-        /// The audit log file itself (instead of --config).
+        /// The audit log file itself (instead of --config); its rotated files
+        /// (`PATH.NNNNNN`) are checked with it.
         #[arg(long, value_name = "PATH")]
         file: Option<PathBuf>,
+        /// A directory holding `audit.log` and its rotated files (or the log file).
+        #[arg(value_name = "DIR", conflicts_with = "file")]
+        dir: Option<PathBuf>,
     },
 }
 

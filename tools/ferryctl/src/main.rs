@@ -66,8 +66,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Status { json } => status(&need_config(cli.config.as_deref())?, json),
         Cmd::Audit {
-            cmd: AuditCmd::Verify { file },
-        } => audit_verify(cli.config.as_deref(), file.as_deref()),
+            cmd: AuditCmd::Verify { file, dir },
+        } => {
+            let dir = dir.map(|d| if d.is_dir() { d.join("audit.log") } else { d });
+            audit_verify(cli.config.as_deref(), file.or(dir).as_deref())
+        }
         Cmd::Bookmark { cmd } => bookmark(&need_config(cli.config.as_deref())?, cmd),
         Cmd::Pit { cmd } => pit(&need_config(cli.config.as_deref())?, cmd),
         Cmd::Promote {
@@ -637,6 +640,7 @@ fn node_config(
         }),
         pit: None,
         access: None,
+        audit: None,
         volumes: vols
             .iter()
             .map(|(name, size)| VolumeConfig {
@@ -987,19 +991,60 @@ fn audit_verify(config: Option<&Path>, file: Option<&Path>) -> anyhow::Result<()
         (None, Some(f)) => f.to_path_buf(),
         (Some(_), None) => need_config(config)?.audit_log_path(),
         (None, None) => {
-            bail!("audit verify needs --config FILE (the node's config) or --file PATH (the log)")
+            bail!("audit verify needs --config FILE (the node's config), --file PATH (the log) or DIR")
         }
     };
-    match ferry_api::audit::verify(&path) {
+    match ferry_api::audit::files::verify_chain(&path) {
         Ok(r) => {
             println!(
                 "audit log OK: {} entries, last hash {}",
                 r.entries, r.last_hash
             );
+            print!("{}", audit_details(&r));
             Ok(())
         }
         Err(e) => bail!("audit log {} FAILED: {e}", path.display()),
     }
+}
+
+/// What `audit verify` adds to its OK line when there is more than one file, when the
+/// oldest files were removed, or when intents have no outcome.
+fn audit_details(r: &ferry_api::audit::files::ChainReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if r.files.len() > 1 {
+        let files: Vec<String> = r
+            .files
+            .iter()
+            .map(|f| match f.seqs {
+                Some((a, b)) => format!("{} (seq {a}-{b})", f.name),
+                None => format!("{} (empty)", f.name),
+            })
+            .collect();
+        let _ = writeln!(out, "files: {}", files.join(", "));
+    }
+    if let Some(c) = &r.continues_from {
+        let _ = writeln!(
+            out,
+            "chain checked from seq {}: it continues {} (up to seq {}), which is no longer present (removed by [audit] keep_files, or by hand)",
+            c.seq, c.prev_file, c.prev_seq
+        );
+    }
+    if !r.open_intents.is_empty() {
+        let _ = writeln!(
+            out,
+            "{} intent(s) without an outcome (interrupted by a crash, or still running):",
+            r.open_intents.len()
+        );
+        for o in &r.open_intents {
+            let _ = writeln!(
+                out,
+                "  seq {} {} at {} ({})",
+                o.seq, o.request, o.time, o.file
+            );
+        }
+    }
+    out
 }
 
 #[cfg(test)]
