@@ -76,6 +76,7 @@ fn node_config(
         metrics: None,
         pit: None,
         access: None,
+        audit: None,
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
         },
