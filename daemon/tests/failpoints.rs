@@ -229,3 +229,67 @@ fn fsync_failure_in_checkpoint_now_refuses_the_promote_and_its_retry() {
         "the write-set was not replayed onto the replica"
     );
 }
+
+#[path = "common/pair.rs"]
+mod pair;
+
+/// Issue 16, path 3 (ferry-torture seeds 203 and 198057928233978): the standby takes
+/// over on Handover but its HandoverAck never arrives. The old primary cannot tell
+/// whether the switchover happened, so it must not take writes again: it stays fenced
+/// until it hears the standby's newer epoch (then for good). Before the fix it lifted
+/// its fence at once and acknowledged writes the new primary never got.
+#[test]
+fn a_lost_handover_ack_never_lets_the_old_primary_take_writes() {
+    use ferry_api::control::Request;
+    let dir = tempfile::tempdir().unwrap();
+    let ([pcfg, scfg], _links) = pair::cluster(dir.path());
+    let mut env = pair::TEST_ENV.to_vec();
+    env.push(("FAILPOINTS", "ferryd::handover_ack_send=1*return"));
+    let dr1 = Node::start_env(ferryd(), &scfg, &env);
+    let primary = Node::start_env(ferryd(), &pcfg, &pair::TEST_ENV);
+    pair::wait(&primary, "dr1 to stream", Duration::from_secs(30), |st| {
+        st["targets"][0]["state"] == "streaming"
+    });
+    let p_addr = pair::primary_of(&primary, 1);
+    assert_eq!(
+        pair::write(p_addr, 0, 0xa1),
+        0,
+        "a write before the switchover"
+    );
+
+    let cfg = ferry_api::config::Config::load(&pcfg).unwrap();
+    let r = ferry_api::control::call(&cfg.control.socket, &Request::Switchover { to: None })
+        .expect("switchover call");
+    assert!(
+        !r.ok,
+        "the switchover cannot report success without the ack: {r:?}"
+    );
+    // Right after the lost ack: no write may be taken (the standby did take over).
+    assert_ne!(
+        pair::write(p_addr, 4096, 0xee),
+        0,
+        "the old primary took a write while the switchover's outcome was unknown\nlog:\n{}",
+        primary.log_text()
+    );
+    let st = pair::wait(
+        &primary,
+        "the old primary to learn epoch 2",
+        Duration::from_secs(60),
+        |st| st["outdated"].is_object(),
+    );
+    assert_eq!(st["outdated"]["by"], "dr1", "{st:#}");
+    assert_ne!(
+        pair::write(p_addr, 8192, 0xee),
+        0,
+        "the outdated primary took a write"
+    );
+    let d_addr = pair::primary_of(&dr1, 2);
+    assert!(
+        pair::read(d_addr, 0) == pair::block(0xa1),
+        "the acknowledged write is lost"
+    );
+    assert!(
+        pair::read(d_addr, 4096) == pair::block(0),
+        "a refused write reached the new primary"
+    );
+}

@@ -47,7 +47,7 @@ pub(crate) async fn quiesce(rec: &Recovered, group: &Group, why: String) -> anyh
 /// restarts as its standby.
 pub(crate) async fn switchover(
     rec: &Recovered,
-    group: &Group,
+    group: &Arc<Group>,
     repl: Option<&Replication>,
     to: Option<&str>,
     life: &Lifecycle,
@@ -83,12 +83,11 @@ pub(crate) async fn switchover(
                 "writes_stopped_seconds": started.elapsed().as_secs_f64(),
             }))
         }
-        Err(e) => {
-            // The standby did not confirm a role change: take writes again, unless we
-            // have learnt meanwhile that it took over (a newer epoch marked this node
-            // outdated): lifting that fence would accept writes the new primary never
-            // gets (found by ferry-torture, seed 203). Had it changed roles unheard,
-            // our next session learns the newer epoch and fences us.
+        Err(Abandoned::BeforeHandover(e)) => {
+            // The standby was never told to take over: take writes again, unless we
+            // have learnt meanwhile that a newer epoch exists (a newer epoch marked this
+            // node outdated): lifting that fence would accept writes the new primary
+            // never gets.
             match rec.meta.outdated() {
                 Ok(o) => group.set_fence(fence_after_abandoned_switchover(o.as_ref())),
                 Err(m) => tracing::error!(
@@ -96,6 +95,65 @@ pub(crate) async fn switchover(
                 ),
             }
             Err(e.context("switchover abandoned; this node stays the primary"))
+        }
+        Err(Abandoned::OutcomeUnknown(e)) => {
+            // Handover was sent but its answer lost: the standby may be the primary of
+            // a new epoch already. Lifting the fence now would acknowledge writes the
+            // new primary never gets (ferry-torture seeds 203, 198057928233978): writes
+            // stay refused until this node learns the outcome from the standby itself.
+            let why = format!(
+                "switchover to '{}': the handover was sent but not answered; writes stay refused until '{}' is heard from (its next session says whether it took over)",
+                t.name, t.name
+            );
+            group.set_fence(Some(why.clone()));
+            tokio::spawn(await_handover_outcome(
+                rec.meta.clone(),
+                group.clone(),
+                t.clone(),
+            ));
+            Err(e.context(why))
+        }
+    }
+}
+
+/// Why a switchover ended without a new primary this node knows of.
+enum Abandoned {
+    /// Nothing was sent to the standby that could make it take over.
+    BeforeHandover(anyhow::Error),
+    /// Handover was sent, its answer never came: the standby may have taken over.
+    OutcomeUnknown(anyhow::Error),
+}
+
+/// After an unanswered Handover: keeps writes refused until the standby's epoch is
+/// known. A newer epoch (the standby took over: the shipper's next handshake, or the
+/// fence responder, marks this node outdated) keeps them refused for good; a session
+/// streaming again at this node's epoch (the standby never took over, or it would
+/// refuse this primary) lets them resume.
+async fn await_handover_outcome(
+    meta: Arc<crate::store::meta::Meta>,
+    group: Arc<Group>,
+    t: Arc<TargetState>,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        match meta.outdated() {
+            Ok(Some(o)) => {
+                tracing::warn!(to = %t.name, "switchover: '{}' took over (epoch {}); this node stays fenced", o.by, o.epoch);
+                group.set_fence(Some(outdated_reason(&o)));
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(
+                    "switchover outcome: reading the outdated mark: {e}; writes stay refused"
+                );
+                return;
+            }
+        }
+        if t.state() == "streaming" {
+            tracing::warn!(to = %t.name, "switchover did not happen: '{}' streams from this primary again; taking writes", t.name);
+            group.set_fence(None);
+            return;
         }
     }
 }
@@ -122,7 +180,46 @@ fn switchover_target<'a>(
 
 /// Stops writes, waits until `t` confirms every record, and has it take over in a
 /// new epoch, recorded as this node's role change; returns (seq, new epoch).
-async fn hand_over(rec: &Recovered, group: &Group, t: &TargetState) -> anyhow::Result<(Seq, u64)> {
+async fn hand_over(
+    rec: &Recovered,
+    group: &Group,
+    t: &TargetState,
+) -> Result<(Seq, u64), Abandoned> {
+    let seq = caught_up(rec, group, t)
+        .await
+        .map_err(Abandoned::BeforeHandover)?;
+    let answer = t.request_handover(seq).map_err(Abandoned::BeforeHandover)?;
+    let new_epoch = match tokio::time::timeout(Duration::from_secs(30), answer).await {
+        Ok(Ok(Ok(epoch))) => epoch,
+        // The standby refused the handover in its answer: it did not take over.
+        Ok(Ok(Err(e))) => return Err(Abandoned::BeforeHandover(e)),
+        Ok(Err(_)) => {
+            return Err(Abandoned::OutcomeUnknown(anyhow::anyhow!(
+                "the session with '{}' ended during the handover",
+                t.name
+            )))
+        }
+        Err(_) => {
+            // A HandoverAck after this is unexpected: the session ends instead of
+            // reporting a handover this node no longer waits for.
+            t.abandon_handover();
+            return Err(Abandoned::OutcomeUnknown(anyhow::anyhow!(
+                "standby '{}' did not answer the handover within 30 s",
+                t.name
+            )));
+        }
+    };
+    // The standby took over: from here on, this node must never take writes again.
+    tokio::task::block_in_place(|| {
+        rec.meta
+            .change_role(new_epoch, "standby", Some(&t.name), None)
+    })
+    .map_err(|e| Abandoned::OutcomeUnknown(e.into()))?;
+    Ok((seq, new_epoch))
+}
+
+/// Stops writes and waits until `t` holds every record; returns the last sequence.
+async fn caught_up(rec: &Recovered, group: &Group, t: &TargetState) -> anyhow::Result<Seq> {
     let seq = quiesce(
         rec,
         group,
@@ -140,23 +237,7 @@ async fn hand_over(rec: &Recovered, group: &Group, t: &TargetState) -> anyhow::R
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let answer = t.request_handover(seq)?;
-    let new_epoch = match tokio::time::timeout(Duration::from_secs(30), answer).await {
-        Ok(answer) => answer.map_err(|_| {
-            anyhow::anyhow!("the session with '{}' ended during the handover", t.name)
-        })??,
-        Err(_) => {
-            // A HandoverAck after this is unexpected: the session ends instead of
-            // reporting a handover this node no longer waits for.
-            t.abandon_handover();
-            bail!("standby '{}' did not take over within 30 s", t.name)
-        }
-    };
-    tokio::task::block_in_place(|| {
-        rec.meta
-            .change_role(new_epoch, "standby", Some(&t.name), None)
-    })?;
-    Ok((seq, new_epoch))
+    Ok(seq)
 }
 
 /// An outdated primary rejoins as a standby of the node that superseded it.

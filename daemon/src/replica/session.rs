@@ -451,6 +451,13 @@ async fn hand_over(
         .ok_or_else(|| anyhow!("handover refused: this standby cannot take over"))?;
     tracing::warn!(seq, "the primary hands over: taking over");
     let (new_epoch, restart) = tokio::task::spawn_blocking(move || take_over(seq)).await??;
+    if crate::store::failpoint::check("ferryd::handover_ack_send").is_err() {
+        // Test hook (daemon/FAILPOINTS.md): the ack is lost on its way; the standby
+        // has taken over all the same.
+        tracing::warn!("failpoint ferryd::handover_ack_send: the HandoverAck is not sent");
+        restart();
+        return Ok(());
+    }
     s.control_send
         .send_frame(&Frame::HandoverAck(HandoverAck {
             epoch: local.epoch,
