@@ -333,15 +333,23 @@ pub(crate) async fn fence_responder(
             return;
         }
     };
+    // Handshakes run on their own, bounded (as on a standby): a peer that stalls its
+    // handshake never keeps the primary that superseded us from being heard.
+    let mut acceptor = quic::Acceptor::new(&endpoint, quic::HANDSHAKE_TIMEOUT);
     loop {
         tokio::select! {
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
-            accepted = quic::accept(&endpoint) => match accepted {
+            accepted = acceptor.next() => match accepted {
                 None => break,
                 Some(Err(e)) => tracing::debug!("fence responder: refused a connection: {e}"),
                 Some(Ok(conn)) => {
                     let peer = conn.remote_address();
-                    match quic::standby_handshake(conn, &local, 0, &opts).await {
+                    let hello = quic::standby_handshake(conn, &local, 0, &opts);
+                    let Ok(answered) = tokio::time::timeout(quic::HANDSHAKE_TIMEOUT, hello).await else {
+                        tracing::warn!(%peer, "fence responder: the peer's Hello did not come within {:?}", quic::HANDSHAKE_TIMEOUT);
+                        continue;
+                    };
+                    match answered {
                         Err(e) => match newer_epoch_of(&e) {
                             // TLS admitted only `expected_peer_name`: that node says
                             // it is the primary of the newer epoch.
