@@ -93,6 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Request::Switchover { to },
             json,
         ),
+        Cmd::Reload { json } => reload(&need_config(cli.config.as_deref())?, json),
         Cmd::Pause => {
             let cfg = need_config(cli.config.as_deref())?;
             let v = call(&cfg, &Request::Pause)?;
@@ -1000,6 +1001,24 @@ fn audit_verify(config: Option<&Path>, file: Option<&Path>) -> anyhow::Result<()
         }
         Err(e) => bail!("audit log {} FAILED: {e}", path.display()),
     }
+}
+
+/// `ferryctl reload`: what the primary applied (each change on a line), or why it
+/// refused (then nothing changed).
+fn reload(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let v = call(cfg, &Request::Reload)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let applied = v["applied"].as_array().cloned().unwrap_or_default();
+    if applied.is_empty() {
+        println!("reloaded: nothing changed");
+    }
+    for a in applied {
+        println!("reloaded: {}", a.as_str().unwrap_or_default());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
