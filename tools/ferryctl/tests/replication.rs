@@ -249,8 +249,9 @@ fn replication_recovers_from_a_lossy_reordering_stalling_link() {
 }
 
 /// A sync standby that dies must not fail client writes: after `sync_timeout_ms` it is
-/// degraded to async (visible in status), and it becomes synchronous again once it
-/// has caught up.
+/// degraded to async (visible in status), status says `disconnected` (not
+/// `streaming`, then `connecting`), and it becomes synchronous again once it has
+/// caught up.
 #[test]
 fn dead_sync_standby_degrades_to_async_and_recovers() {
     if skip_without(
@@ -283,6 +284,18 @@ fn dead_sync_standby_degrades_to_async_and_recovers() {
         "{st:#}"
     );
     assert!(seq(&st, "/targets/0/lag_bytes") > 0);
+    // Status says the standby is gone within seconds (it sent nothing for 5 s; not
+    // QUIC's 10 s idle timeout), and keeps saying so while it is redialled.
+    primary.wait_status(
+        "the killed standby to read disconnected",
+        Duration::from_secs(9),
+        |st| st["targets"][0]["state"] == "disconnected",
+    );
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(200));
+        let st = primary.status();
+        assert_eq!(st["targets"][0]["state"], "disconnected", "{st:#}");
+    }
     // Back: it catches up and is synchronous again, even with writes going on.
     let standby = Node::start(&ferryd(), &scfgs[0]);
     assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(5, 100)));
