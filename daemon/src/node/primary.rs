@@ -249,13 +249,17 @@ fn outdated_hook(group: &Arc<Group>, rec: &Recovered) -> replication::OutdatedHo
 }
 
 /// The replication targets, starting at the checkpoint (their Hellos say where they
-/// are). After a failover, a target that has not rejoined since the fork (typically
-/// the old primary) starts degraded: the first writes of the new primary must not
-/// wait out a sync timeout for a node that is known to be away. It turns synchronous
-/// again once it has caught up.
+/// are). After a failover by promotion, a target that has not rejoined since the fork
+/// (typically the old primary) starts degraded: the first writes of the new primary
+/// must not wait out a sync timeout for a node that is known to be away. It turns
+/// synchronous again once it has caught up. After a switchover the old primary is not
+/// away (it handed over everything and comes back as a standby at once): no target
+/// starts degraded.
 fn replication_targets(cfg: &Config, rec: &Recovered) -> anyhow::Result<Vec<Arc<TargetState>>> {
     let mut away = Vec::new();
-    if let (Some(fork), Some(r)) = (rec.meta.fork_seq()?, cfg.replication.as_ref()) {
+    let promoted = rec.meta.fork_by()? == Some("promotion");
+    if let (Some(fork), Some(r), true) = (rec.meta.fork_seq()?, cfg.replication.as_ref(), promoted)
+    {
         for t in &r.targets {
             if !rec.meta.rejoined(&t.name, fork)? {
                 away.push(t.name.clone());

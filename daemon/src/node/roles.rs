@@ -340,6 +340,7 @@ pub(crate) fn take_over(rec: Arc<Recovered>, sb: Arc<Standby>, life: Arc<Lifecyc
         let new_epoch = rec.meta.epoch()? + 1;
         rec.meta
             .change_role(new_epoch, "primary", None, Some(seq))?;
+        rec.meta.set_fork_by_switchover()?;
         // Not paused here: that would end this session before the HandoverAck goes
         // out. The restart right after the ack ends it.
         tracing::warn!(

@@ -150,6 +150,7 @@ fn primary_status(meta: &Meta, group: &Group, nbd: SocketAddr) -> PrimaryStatus 
         }),
         writes_refused: group.fenced(),
         fork_seq: meta.fork_seq().ok().flatten(),
+        fork_by: meta.fork_by().ok().flatten().map(str::to_string),
         nbd: NbdStatus {
             listen: nbd.to_string(),
         },

@@ -928,7 +928,8 @@ fn primary_text(p: &PrimaryStatus) -> String {
         out += &format!("WRITES     refused: {why}\n");
     }
     if let Some(f) = p.fork_seq {
-        out += &format!("fork       primary by promotion from sequence {f}\n");
+        let by = p.fork_by.as_deref().unwrap_or("promotion");
+        out += &format!("fork       primary by {by} from sequence {f}\n");
     }
     out
 }
