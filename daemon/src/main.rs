@@ -76,7 +76,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("ferryd-rt")
         .build()
         .context("starting the async runtime")?;
-    let exit = rt.block_on(ferryd::node::run(cfg, shutdown_signal()))?;
+    let exit = rt.block_on(ferryd::node::run_from(
+        cfg,
+        Some(config.clone()),
+        shutdown_signal(),
+    ))?;
     drop(rt);
     if exit == ferryd::node::Exit::Restart {
         // Same PID (systemd keeps tracking it), fresh process: the new role starts from

@@ -21,6 +21,7 @@ use crate::node::lifecycle::{
     finish_shutdown, transport_options, wait_until, ControlSocket, Lifecycle, Observe,
 };
 use crate::node::recovery::{Recovered, JOURNAL_QUEUE};
+use crate::node::reload::Reloader;
 use crate::node::requests::{create_bookmark, find_volume, list_bookmarks, respond};
 use crate::node::roles::{demote, fence_peer, fence_responder, outdated_reason, switchover};
 use crate::node::status::{self, RoleSource, StatusSource};
@@ -30,6 +31,7 @@ pub(crate) async fn run_primary(
     rec: Arc<Recovered>,
     obs: Observe,
     life: Arc<Lifecycle>,
+    reload_from: Option<(std::path::PathBuf, Config)>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let group = Group::new(rec.journal.clone(), rec.checkpoint, JOURNAL_QUEUE);
@@ -85,7 +87,17 @@ pub(crate) async fn run_primary(
         )?),
         _ => None,
     };
-    let handler = primary_handler(&cfg, rec.clone(), group.clone(), repl, status, life);
+    let reloader = reload_from.map(|(path, applied)| reloader(path, applied, &rec, repl.clone()));
+    let hup = reloader.clone().map(on_sighup);
+    let handler = primary_handler(
+        &cfg,
+        rec.clone(),
+        group.clone(),
+        repl,
+        status,
+        life,
+        reloader,
+    );
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
     let nbd_task = serve_nbd(&cfg, listener, registry.clone(), &group, nbd_tls, stop_rx);
 
@@ -112,12 +124,52 @@ pub(crate) async fn run_primary(
         control_task,
     )
     .await;
+    if let Some(t) = hup {
+        t.abort();
+    }
     seal_for_shutdown(&rec, &group);
     if let Some(t) = fence_task {
         let _ = t.await;
     }
     drop(registry);
     finish_shutdown(ckpt, &rec).await
+}
+
+fn reloader(
+    path: std::path::PathBuf,
+    applied: Config,
+    rec: &Arc<Recovered>,
+    repl: Option<Arc<Replication>>,
+) -> Arc<Reloader> {
+    let r = rec.clone();
+    Arc::new(Reloader {
+        path,
+        applied: tokio::sync::Mutex::new(applied),
+        repl,
+        start_acked: Arc::new(move || {
+            r.meta
+                .checkpoint()
+                .unwrap_or(0)
+                .min(r.journal.durable_seq())
+        }),
+    })
+}
+
+/// SIGHUP (`systemctl reload`) does what `ferryctl reload` does; the result is logged.
+fn on_sighup(reloader: Arc<Reloader>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot install the SIGHUP handler: reload with ferryctl reload");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match reloader.reload().await {
+                Ok(v) => tracing::info!("SIGHUP: config reloaded: {v}"),
+                Err(e) => tracing::error!("SIGHUP: {}", crate::error_chain(&e)),
+            }
+        }
+    })
 }
 
 /// The NBD exports: one volume per recovered base, all writing through `group`.
@@ -229,13 +281,17 @@ fn outdated_hook(group: &Arc<Group>, rec: &Recovered) -> replication::OutdatedHo
 }
 
 /// The replication targets, starting at the checkpoint (their Hellos say where they
-/// are). After a failover, a target that has not rejoined since the fork (typically
-/// the old primary) starts degraded: the first writes of the new primary must not
-/// wait out a sync timeout for a node that is known to be away. It turns synchronous
-/// again once it has caught up.
+/// are). After a failover by promotion, a target that has not rejoined since the fork
+/// (typically the old primary) starts degraded: the first writes of the new primary
+/// must not wait out a sync timeout for a node that is known to be away. It turns
+/// synchronous again once it has caught up. After a switchover the old primary is not
+/// away (it handed over everything and comes back as a standby at once): no target
+/// starts degraded.
 fn replication_targets(cfg: &Config, rec: &Recovered) -> anyhow::Result<Vec<Arc<TargetState>>> {
     let mut away = Vec::new();
-    if let (Some(fork), Some(r)) = (rec.meta.fork_seq()?, cfg.replication.as_ref()) {
+    let promoted = rec.meta.fork_by()? == Some("promotion");
+    if let (Some(fork), Some(r), true) = (rec.meta.fork_seq()?, cfg.replication.as_ref(), promoted)
+    {
         for t in &r.targets {
             if !rec.meta.rejoined(&t.name, fork)? {
                 away.push(t.name.clone());
@@ -264,20 +320,17 @@ fn start_replication(
     let sync = SyncGate::new(targets.clone(), Duration::from_millis(r.sync_timeout_ms));
     *group.sync.write() = Some(sync.clone());
     group.feed.enable(r.tail_bytes.0 as usize);
+    let repl = Replication::new(targets, sync.clone(), group.feed.index.clone());
     // Before the shippers start: a target left in bitmap mode resyncs at once.
-    crate::ship::catchup::start(
+    let shared = crate::ship::catchup::start(
         catchup_shared(cfg, rec, group, &sync),
-        &targets,
+        &repl.targets,
         &group.feed,
         stop_rx.clone(),
     )?;
     let ctx = ship_context(cfg, rec, group, &sync)?;
-    replication::start(ctx, &targets, stop_rx);
-    Ok(Some(Arc::new(Replication {
-        targets,
-        sync,
-        index: group.feed.index.clone(),
-    })))
+    repl.start(ctx, shared, group.feed.clone(), stop_rx.clone());
+    Ok(Some(Arc::new(repl)))
 }
 
 fn catchup_shared(
@@ -363,6 +416,7 @@ pub(crate) fn primary_handler(
     repl: Option<Arc<Replication>>,
     status: Arc<StatusSource>,
     life: Arc<Lifecycle>,
+    reloader: Option<Arc<Reloader>>,
 ) -> control::Handler {
     let has_listen = cfg
         .replication
@@ -400,6 +454,14 @@ pub(crate) fn primary_handler(
         ferry_api::control::Request::Demote => respond(tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(demote(&rec, &group, has_listen, &life))
         })),
+        ferry_api::control::Request::Reload => match &reloader {
+            Some(r) => respond(tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(r.reload())
+            })),
+            None => ferry_api::control::Response::err(
+                "this ferryd was not started from a config file: nothing to reload",
+            ),
+        },
         other => ferry_api::control::Response::err(format!(
             "{} is a standby command: this node is the primary",
             other.name()
@@ -472,10 +534,9 @@ pub(crate) async fn verify(
 /// The targets a verify compares with: those streaming now.
 fn streaming_targets(repl: Option<&Replication>) -> Vec<Arc<TargetState>> {
     repl.map(|r| {
-        r.targets
-            .iter()
+        r.targets()
+            .into_iter()
             .filter(|t| t.state() == "streaming")
-            .cloned()
             .collect()
     })
     .unwrap_or_default()

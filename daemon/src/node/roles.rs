@@ -71,7 +71,7 @@ pub(crate) async fn switchover(
             t.state()
         );
     }
-    let result = hand_over(rec, group, t).await;
+    let result = hand_over(rec, group, &t).await;
     match result {
         Ok((seq, new_epoch)) => {
             tracing::warn!(to = %t.name, seq, epoch = new_epoch, "switchover done: restarting as a standby");
@@ -159,18 +159,19 @@ async fn await_handover_outcome(
 }
 
 /// The standby a switchover hands over to: the one named, or the only one.
-fn switchover_target<'a>(
-    repl: Option<&'a Replication>,
+fn switchover_target(
+    repl: Option<&Replication>,
     to: Option<&str>,
-) -> anyhow::Result<&'a Arc<TargetState>> {
-    let targets = repl.map(|r| r.targets.as_slice()).unwrap_or_default();
+) -> anyhow::Result<Arc<TargetState>> {
+    let targets = repl.map(|r| r.targets()).unwrap_or_default();
     let t = match to {
         Some(name) => targets
             .iter()
             .find(|t| t.name == name)
+            .cloned()
             .ok_or_else(|| anyhow::anyhow!("no replication target named '{name}'"))?,
-        None => match targets {
-            [t] => t,
+        None => match targets.as_slice() {
+            [t] => t.clone(),
             [] => bail!("this primary has no standby to hand over to"),
             _ => bail!("several standbys: name one with --to"),
         },
@@ -472,6 +473,7 @@ pub(crate) fn take_over(rec: Arc<Recovered>, sb: Arc<Standby>, life: Arc<Lifecyc
         // As in `promote`: the replaced primary is the peer to answer.
         rec.meta
             .change_role(new_epoch, "primary", Some(&sb.state.primary), Some(seq))?;
+        rec.meta.set_fork_by_switchover()?;
         // Not paused here: that would end this session before the HandoverAck goes
         // out. The restart right after the ack ends it.
         tracing::warn!(

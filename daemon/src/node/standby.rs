@@ -208,6 +208,7 @@ pub(crate) fn standby_handler(
                 promote(has_nbd, &rec, &sb, exports.as_deref(), target.as_ref(), force, &life)
             })),
             other @ (ferry_api::control::Request::Demote
+            | ferry_api::control::Request::Reload
             | ferry_api::control::Request::Switchover { .. }
             | ferry_api::control::Request::Verify { .. }) => {
                 ferry_api::control::Response::err(format!(

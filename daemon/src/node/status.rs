@@ -159,6 +159,7 @@ fn primary_status(
         }),
         writes_refused: group.fenced().or(fault),
         fork_seq: meta.fork_seq().ok().flatten(),
+        fork_by: meta.fork_by().ok().flatten().map(str::to_string),
         nbd: NbdStatus {
             listen: nbd.to_string(),
         },

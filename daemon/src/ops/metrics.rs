@@ -898,11 +898,11 @@ address = "127.0.0.1:7002"
         )
         .unwrap();
         let targets = crate::ship::target_states(&cfg, 5, |_| false);
-        let r = Replication {
-            targets: targets.clone(),
-            sync: crate::ship::SyncGate::new(targets.clone(), Duration::from_secs(1)),
-            index: Arc::new(crate::ship::SeqIndex::default()),
-        };
+        let r = Replication::new(
+            targets.clone(),
+            crate::ship::SyncGate::new(targets.clone(), Duration::from_secs(1)),
+            Arc::new(crate::ship::SeqIndex::default()),
+        );
         let then = now_ns() - 2_000_000_000;
         for seq in 1..=10 {
             r.index.push(seq, 4096, then);

@@ -90,6 +90,14 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: PitCmd,
     },
+    /// Primary: re-read the config file and apply what can change live (replication
+    /// targets added or removed, a target's mode or address); anything else is refused,
+    /// naming the keys that need a restart, and nothing changes. SIGHUP does the same.
+    Reload {
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Standby: stop following the primary (the replica stays as it is).
     Pause,
     /// Standby: follow the primary again after `pause`.

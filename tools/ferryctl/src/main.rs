@@ -96,6 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Request::Switchover { to },
             json,
         ),
+        Cmd::Reload { json } => reload(&need_config(cli.config.as_deref())?, json),
         Cmd::Pause => {
             let cfg = need_config(cli.config.as_deref())?;
             let v = call(&cfg, &Request::Pause)?;
@@ -931,7 +932,8 @@ fn primary_text(p: &PrimaryStatus) -> String {
         out += &format!("WRITES     refused: {why}\n");
     }
     if let Some(f) = p.fork_seq {
-        out += &format!("fork       primary by promotion from sequence {f}\n");
+        let by = p.fork_by.as_deref().unwrap_or("promotion");
+        out += &format!("fork       primary by {by} from sequence {f}\n");
     }
     out
 }
@@ -1045,6 +1047,24 @@ fn audit_details(r: &ferry_api::audit::files::ChainReport) -> String {
         }
     }
     out
+}
+
+/// `ferryctl reload`: what the primary applied (each change on a line), or why it
+/// refused (then nothing changed).
+fn reload(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let v = call(cfg, &Request::Reload)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let applied = v["applied"].as_array().cloned().unwrap_or_default();
+    if applied.is_empty() {
+        println!("reloaded: nothing changed");
+    }
+    for a in applied {
+        println!("reloaded: {}", a.as_str().unwrap_or_default());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

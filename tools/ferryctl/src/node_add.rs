@@ -78,7 +78,11 @@ pub fn node_add(a: &Add) -> anyhow::Result<()> {
         "start:     ferryd --config {}",
         a.dir.join(format!("{name}.toml")).display()
     );
-    println!("then:      restart the primary to ship to {name} (it reads its targets at start)");
+    println!(
+        "then:      ferryctl --config {} reload (or systemctl reload ferryd@primary): the \
+         primary starts shipping to {name} without a restart",
+        primary_path.display()
+    );
     Ok(())
 }
 
