@@ -164,3 +164,52 @@ impl Signer for Sm2TlsKey {
         crate::sm2sig_sm3()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::der;
+    use sm2::pkcs8::EncodePrivateKey;
+
+    #[test]
+    fn algorithm_identifiers_encode_the_sm2_oids() {
+        let mut public = der::oid(&[1, 2, 840, 10045, 2, 1]);
+        public.extend(der::oid(&[1, 2, 156, 10197, 1, 301]));
+        assert_eq!(SM2_PUBLIC_KEY_ALG_ID, &public[..]);
+        assert_eq!(
+            SM2_SM3_SIGNATURE_ALG_ID,
+            &der::oid(&[1, 2, 156, 10197, 1, 501])[..]
+        );
+        // RustCrypto's SPKI for an SM2 key carries the same AlgorithmIdentifier.
+        let key = sm2::SecretKey::from_slice(&[7; 32]).unwrap();
+        let spki = key.public_key().to_public_key_der().unwrap();
+        let expected = der::tlv(der::tag::SEQUENCE, SM2_PUBLIC_KEY_ALG_ID);
+        assert!(spki
+            .as_bytes()
+            .windows(expected.len())
+            .any(|w| w == expected));
+    }
+
+    #[test]
+    fn tls_signatures_use_the_rfc8998_distinguishing_id() {
+        let secret = sm2::SecretKey::from_slice(&[9; 32]).unwrap();
+        let der = secret.to_pkcs8_der().unwrap();
+        let key =
+            Sm2TlsKey::from_der(&PrivateKeyDer::Pkcs8(der.as_bytes().to_vec().into())).unwrap();
+        assert!(key
+            .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+            .is_none());
+        let signer = key.choose_scheme(&[crate::sm2sig_sm3()]).unwrap();
+        let sig = signer.sign(b"transcript").unwrap();
+        let public = secret.public_key().to_sec1_bytes();
+        SM2_SM3_TLS13
+            .verify_signature(&public, b"transcript", &sig)
+            .unwrap();
+        assert!(SM2_SM3_CERT
+            .verify_signature(&public, b"transcript", &sig)
+            .is_err());
+        assert!(SM2_SM3_TLS13
+            .verify_signature(&public, b"transcripT", &sig)
+            .is_err());
+    }
+}
