@@ -93,34 +93,40 @@ fn quinn_client(tls: rustls::ClientConfig, gm: bool) -> quinn::ClientConfig {
     quinn::ClientConfig::new(Arc::new(crypto.unwrap()))
 }
 
-/// A standard (ring, ECDSA P-256) cluster from ferry-transport's PKI.
+/// A standard cluster (ring, ECDSA P-256, rcgen as ferry-transport's PKI).
 fn std_tls() -> (rustls::ServerConfig, rustls::ClientConfig) {
-    use ferry_transport::pki::ClusterCa;
-    let ca = ClusterCa::generate(CLUSTER).unwrap();
-    let ca_der = ferry_transport::pki::parse_cert_pem(ca.cert_pem())
-        .unwrap()
-        .remove(0);
-    let primary = ca.issue_node("primary").unwrap();
-    let dr1 = ca.issue_node("dr1").unwrap();
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let node = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        (vec![cert.der().clone()], key)
+    };
+    let (primary_chain, primary_key) = node("primary");
+    let (dr1_chain, dr1_key) = node("dr1");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier =
-        WebPkiClientVerifier::builder_with_provider(roots(ca_der.clone()), provider.clone())
+        WebPkiClientVerifier::builder_with_provider(roots(ca.der().clone()), provider.clone())
             .build()
             .unwrap();
     let server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(dr1.cert_chain().unwrap(), dr1.private_key().unwrap())
+        .with_single_cert(dr1_chain, dr1_key)
         .unwrap();
     let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
-        .with_root_certificates(roots(ca_der))
-        .with_client_auth_cert(
-            primary.cert_chain().unwrap(),
-            primary.private_key().unwrap(),
-        )
+        .with_root_certificates(roots(ca.der().clone()))
+        .with_client_auth_cert(primary_chain, primary_key)
         .unwrap();
     (server, client)
 }

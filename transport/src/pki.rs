@@ -10,7 +10,10 @@
 //!   refused, and an error can say which cluster a stray peer belongs to.
 //!
 //! The CA's subject is `CN=ferry cluster <cluster-id-hex> CA`. Keys are ECDSA
-//! P-256 (small, fast to verify, supported by every rustls provider). Private
+//! P-256 (small, fast to verify, supported by every rustls provider), or SM2 in a
+//! cluster that speaks the national suites ([`TlsSuite::Gm`]): those
+//! certificates are issued by `ferry_gmtls::cert` with the same names, and
+//! everything here reads them unchanged. Private
 //! keys are written with mode 0600 from the moment the file is created, never
 //! chmod-ed afterwards, so there is no window in which they are readable.
 
@@ -55,6 +58,35 @@ pub enum PkiError {
 }
 
 pub type Result<T, E = PkiError> = std::result::Result<T, E>;
+
+/// Which TLS 1.3 suites a cluster speaks. Decided by its CA's key: a cluster
+/// whose CA is SM2 speaks only RFC 8998's TLS_SM4_GCM_SM3 / curveSM2 /
+/// sm2sig_sm3 (ferry-gmtls), any other only the standard suites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsSuite {
+    Standard,
+    Gm,
+}
+
+/// DER of the named curve sm2p256v1 (1.2.156.10197.1.301), the parameter of an
+/// SM2 key's `id-ecPublicKey` algorithm identifier.
+const SM2_CURVE_OID_DER: &[u8] = &[0x2a, 0x81, 0x1c, 0xcf, 0x55, 0x01, 0x82, 0x2d];
+
+/// The suite a cluster speaks, from its CA certificate's public key.
+pub fn ca_suite(der: &CertificateDer<'_>) -> Result<TlsSuite> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| PkiError::Certificate(e.to_string()))?;
+    let curve = cert
+        .public_key()
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    Ok(match curve {
+        Some(oid) if oid.as_bytes() == SM2_CURVE_OID_DER => TlsSuite::Gm,
+        _ => TlsSuite::Standard,
+    })
+}
 
 /// Lowercase hex of a cluster id, as used in certificate names.
 pub fn cluster_hex(cluster_id: &[u8; 16]) -> String {
@@ -357,12 +389,17 @@ pub fn parse_cert_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     Ok(out)
 }
 
-/// A private key PEM (PKCS#8, as written by this module) as DER.
+/// A private key PEM (PKCS#8, as written by this module or by
+/// `ferry_gmtls::cert` for SM2) as DER.
 pub fn parse_key_pem(pem: &str) -> Result<PrivateKeyDer<'static>> {
-    let key = KeyPair::from_pem(pem)?;
-    Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        key.serialize_der(),
-    )))
+    match KeyPair::from_pem(pem) {
+        Ok(key) => Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        ))),
+        // rcgen (ring) knows no SM2; an SM2 key is loaded by the gm provider.
+        Err(rcgen_err) => ferry_gmtls::cert::private_key_der_from_pem(pem)
+            .map_err(|_| PkiError::Generate(rcgen_err)),
+    }
 }
 
 /// What a node certificate says about its holder.
