@@ -55,6 +55,8 @@ pub enum PkiError {
     Pem(String),
     #[error("invalid certificate: {0}")]
     Certificate(String),
+    #[error("SM2 certificate: {0}")]
+    Gm(#[from] ferry_gmtls::cert::CertError),
 }
 
 pub type Result<T, E = PkiError> = std::result::Result<T, E>;
@@ -288,6 +290,101 @@ impl ClusterCa {
             &read_to_string(&dir.join("ca.pem"))?,
             &read_to_string(&dir.join("ca.key"))?,
         )
+    }
+}
+
+/// A cluster CA of either kind, for the tools that create clusters: ECDSA
+/// (rcgen) for the standard suites, SM2 (ferry-gmtls) for the gm ones. Both
+/// issue node certificates with the same names and write the same files.
+pub enum AnyClusterCa {
+    /// Boxed: rcgen's CA is several times the size of the SM2 one.
+    Standard(Box<ClusterCa>),
+    Gm(ferry_gmtls::cert::GmClusterCa),
+}
+
+impl std::fmt::Debug for AnyClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Standard(ca) => ca.fmt(f),
+            Self::Gm(ca) => ca.fmt(f),
+        }
+    }
+}
+
+impl AnyClusterCa {
+    /// A new CA for `cluster_id` whose certificates speak `suite`.
+    pub fn generate(cluster_id: [u8; 16], suite: TlsSuite) -> Result<Self> {
+        Ok(match suite {
+            TlsSuite::Standard => Self::Standard(Box::new(ClusterCa::generate(cluster_id)?)),
+            TlsSuite::Gm => Self::Gm(ferry_gmtls::cert::GmClusterCa::generate(cluster_id)?),
+        })
+    }
+
+    /// Reads `ca.pem` and `ca.key` from `dir`, of whichever kind the certificate is.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cert_pem = read_to_string(&dir.join("ca.pem"))?;
+        let key_pem = read_to_string(&dir.join("ca.key"))?;
+        let der = parse_cert_pem(&cert_pem)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| PkiError::Pem("no CERTIFICATE block".into()))?;
+        Ok(match ca_suite(&der)? {
+            TlsSuite::Standard => {
+                Self::Standard(Box::new(ClusterCa::from_pem(&cert_pem, &key_pem)?))
+            }
+            TlsSuite::Gm => Self::Gm(ferry_gmtls::cert::GmClusterCa::from_pem(
+                &cert_pem, &key_pem,
+            )?),
+        })
+    }
+
+    pub fn suite(&self) -> TlsSuite {
+        match self {
+            Self::Standard(_) => TlsSuite::Standard,
+            Self::Gm(_) => TlsSuite::Gm,
+        }
+    }
+
+    pub fn cluster_id(&self) -> [u8; 16] {
+        match self {
+            Self::Standard(ca) => ca.cluster_id(),
+            Self::Gm(ca) => ca.cluster_id(),
+        }
+    }
+
+    /// The CA certificate (PEM) the nodes trust.
+    pub fn cert_pem(&self) -> String {
+        match self {
+            Self::Standard(ca) => ca.cert_pem().to_string(),
+            Self::Gm(ca) => ca.cert_pem(),
+        }
+    }
+
+    /// A node certificate and key, as [`ClusterCa::issue_node`].
+    pub fn issue_node(&self, name: &str) -> Result<NodeIdentity> {
+        validate_node_name(name)?;
+        match self {
+            Self::Standard(ca) => ca.issue_node(name),
+            Self::Gm(ca) => {
+                let node = ca.issue_node(name)?;
+                Ok(NodeIdentity {
+                    name: node.name,
+                    cert_pem: node.cert_pem,
+                    key_pem: node.key_pem,
+                })
+            }
+        }
+    }
+
+    /// Writes `ca.pem` (0644) and `ca.key` (0600) into `dir`.
+    pub fn write_pem_files(&self, dir: &Path) -> Result<()> {
+        match self {
+            Self::Standard(ca) => ca.write_pem_files(dir),
+            Self::Gm(ca) => {
+                write_public(&dir.join("ca.pem"), &ca.cert_pem())?;
+                write_private(&dir.join("ca.key"), &ca.key_pem()?)
+            }
+        }
     }
 }
 

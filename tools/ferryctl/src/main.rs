@@ -15,13 +15,15 @@ use ferry_api::size::{parse_size, ByteSize};
 use ferry_api::status::{
     NodeStatus, PitPoint, PrimaryStatus, RoleStatus, StandbyStatus, TargetStatus,
 };
-use ferry_transport::pki::ClusterCa;
+use ferry_transport::pki::{AnyClusterCa, TlsSuite};
 mod drill;
 mod node_add;
 mod ports;
 mod table;
 
-use ferryctl::cli::{AuditCmd, BookmarkCmd, Cli, Cmd, DrillPointArgs, ModeArg, NodeCmd, PitCmd};
+use ferryctl::cli::{
+    AuditCmd, BookmarkCmd, Cli, Cmd, CryptoArg, DrillPointArgs, ModeArg, NodeCmd, PitCmd,
+};
 use table::Align;
 
 fn main() -> std::process::ExitCode {
@@ -52,9 +54,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mode,
             metrics_port,
             same_host,
+            crypto,
         } => {
             let sites = Sites::parse(primary.as_deref(), &standbys, mode)?;
             let addrs = init_addrs(sites.as_ref(), &nbd, metrics_port, same_host)?;
+            let suite = match crypto {
+                CryptoArg::Standard => TlsSuite::Standard,
+                CryptoArg::Gm => TlsSuite::Gm,
+            };
             init(
                 &dir,
                 &volumes,
@@ -62,6 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &journal_size,
                 &segment_size,
                 sites.as_ref(),
+                suite,
             )
         }
         Cmd::Status { json } => status(&need_config(cli.config.as_deref())?, json),
@@ -659,6 +667,7 @@ fn init(
     journal_size: &str,
     segment_size: &str,
     sites: Option<&Sites>,
+    suite: TlsSuite,
 ) -> anyhow::Result<()> {
     let vols = volumes
         .iter()
@@ -672,7 +681,7 @@ fn init(
     // Check everything before touching the disk.
     check_nodes(dir, &nodes)?;
     let ca = match sites {
-        Some(_) => Some(write_ca(dir, cluster)?),
+        Some(_) => Some(write_ca(dir, cluster, suite)?),
         None => None,
     };
     for cfg in &nodes {
@@ -781,9 +790,9 @@ fn check_nodes(dir: &Path, nodes: &[Config]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The cluster CA, written under `dir/ca`.
-fn write_ca(dir: &Path, cluster: [u8; 16]) -> anyhow::Result<ClusterCa> {
-    let ca = ClusterCa::generate(cluster).context("creating the cluster CA")?;
+/// The cluster CA (ECDSA or SM2 as `suite` asks), written under `dir/ca`.
+fn write_ca(dir: &Path, cluster: [u8; 16], suite: TlsSuite) -> anyhow::Result<AnyClusterCa> {
+    let ca = AnyClusterCa::generate(cluster, suite).context("creating the cluster CA")?;
     std::fs::create_dir_all(dir.join("ca"))
         .with_context(|| format!("creating {}", dir.join("ca").display()))?;
     ca.write_pem_files(&dir.join("ca"))
@@ -792,7 +801,7 @@ fn write_ca(dir: &Path, cluster: [u8; 16]) -> anyhow::Result<ClusterCa> {
 }
 
 /// One node's directory, volume files, TLS identity (when replicating) and config file.
-fn write_node(dir: &Path, cfg: &Config, ca: Option<&ClusterCa>) -> anyhow::Result<()> {
+fn write_node(dir: &Path, cfg: &Config, ca: Option<&AnyClusterCa>) -> anyhow::Result<()> {
     let name = &cfg.node.name;
     let node_dir = dir.join(name);
     std::fs::create_dir_all(&node_dir)

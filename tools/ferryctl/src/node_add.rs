@@ -11,7 +11,7 @@ use ferry_api::config::{
     format_id, parse_addr, valid_node_name, Config, ReplicationConfig, ReplicationMode, Role,
     TargetConfig,
 };
-use ferry_transport::pki::ClusterCa;
+use ferry_transport::pki::AnyClusterCa;
 
 use crate::ports;
 
@@ -41,7 +41,7 @@ pub fn node_add(a: &Add) -> anyhow::Result<()> {
         );
     };
     check_new(&primary, repl, &name, &addr)?;
-    let ca = ClusterCa::load(&a.dir.join("ca")).with_context(|| {
+    let ca = AnyClusterCa::load(&a.dir.join("ca")).with_context(|| {
         format!(
             "loading the cluster CA from {} (ferryctl init keeps it there)",
             a.dir.join("ca").display()
