@@ -26,7 +26,7 @@ pub mod target;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use ferry_api::status::TargetStatus;
 use ferry_journal::{now_ns, Seq};
 use ferry_proto::session::LocalIdentity;
@@ -109,8 +109,33 @@ pub fn load_tls(cfg: &Config) -> anyhow::Result<TlsMaterial> {
         cert_pem: read(&tls.cert)?,
         key_pem: read(&tls.key)?,
     };
-    TlsMaterial::from_pem(&read(&tls.ca)?, &node)
-        .with_context(|| format!("loading TLS material of node '{}'", cfg.node.name))
+    let material = TlsMaterial::from_pem(&read(&tls.ca)?, &node)
+        .with_context(|| format!("loading TLS material of node '{}'", cfg.node.name))?;
+    check_suite(tls, material.suite()?)?;
+    Ok(material)
+}
+
+/// `[tls] suite` must say what the cluster CA's key makes the node speak: a
+/// mismatch is a node set up for the other kind of cluster.
+fn check_suite(
+    tls: &ferry_api::config::TlsConfig,
+    ca: ferry_transport::pki::TlsSuite,
+) -> anyhow::Result<()> {
+    use ferry_api::config::TlsSuiteConfig;
+    use ferry_transport::pki::TlsSuite;
+    let (kind, init) = match ca {
+        TlsSuite::Standard => (TlsSuiteConfig::Standard, "ECDSA (ferryctl init)"),
+        TlsSuite::Gm => (TlsSuiteConfig::Gm, "SM2 (ferryctl init --crypto gm)"),
+    };
+    if tls.suite != kind {
+        bail!(
+            "[tls] suite = \"{}\" but the cluster CA {} is {init}: its nodes speak suite \"{}\"",
+            tls.suite.name(),
+            tls.ca.display(),
+            kind.name()
+        );
+    }
+    Ok(())
 }
 
 /// Starts one shipper task per target; each stops when `shutdown` turns true.

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use ferry_api::config::{
     format_id, parse_addr, valid_name, valid_node_name, Config, ControlConfig, JournalConfig,
     MetricsConfig, NbdConfig, NodeConfig, ReplicationConfig, ReplicationMode, Role, TargetConfig,
-    TlsConfig, VolumeConfig, VOLUME_ALIGN,
+    TlsConfig, TlsSuiteConfig, VolumeConfig, VOLUME_ALIGN,
 };
 use ferry_api::control::{self, Request};
 use ferry_api::size::{parse_size, ByteSize};
@@ -619,6 +619,8 @@ fn node_config(
         ca: data.join("tls/ca.pem"),
         cert: data.join(format!("tls/{node}.pem")),
         key: data.join(format!("tls/{node}.key")),
+        // `init` sets the cluster's choice on every node.
+        suite: TlsSuiteConfig::Standard,
     });
     Config {
         node: NodeConfig {
@@ -677,7 +679,13 @@ fn init(
     let segment_size = parse_size(segment_size).context("--segment-size")?;
     let mut cluster = [0u8; 16];
     getrandom::getrandom(&mut cluster).context("random cluster id")?;
-    let nodes = node_configs(&cluster, &vols, addrs, journal_size, segment_size, sites);
+    let mut nodes = node_configs(&cluster, &vols, addrs, journal_size, segment_size, sites);
+    for tls in nodes.iter_mut().filter_map(|cfg| cfg.tls.as_mut()) {
+        tls.suite = match suite {
+            TlsSuite::Standard => TlsSuiteConfig::Standard,
+            TlsSuite::Gm => TlsSuiteConfig::Gm,
+        };
+    }
     // Check everything before touching the disk.
     check_nodes(dir, &nodes)?;
     let ca = match sites {

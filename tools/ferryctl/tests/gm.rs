@@ -1,7 +1,8 @@
 //! A gm cluster end to end: `ferryctl init --crypto gm` issues an SM2 cluster CA and
 //! SM2 node certificates, real ferryd processes replicate over QUIC with RFC 8998's
 //! TLS_SM4_GCM_SM3, and the replica ends byte-identical; a standard node where a gm
-//! one is expected is refused with an error that says the suites differ.
+//! one is expected is refused with an error that says the suites differ; a node whose
+//! `[tls] suite` disagrees with its CA does not start.
 mod common;
 use common::*;
 use std::path::Path;
@@ -91,4 +92,50 @@ fn standard_node_is_refused_by_a_gm_primary() {
         theirs.contains("TLS suites differ"),
         "standby side: {theirs}"
     );
+}
+
+#[test]
+fn tls_suite_must_match_the_cluster_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, scfg) = init(dir.path(), "gm");
+    let text = std::fs::read_to_string(&scfg).unwrap();
+    assert!(text.contains("suite = \"gm\""), "{text}");
+    // The same node told it is a standard one: ferryd refuses to start.
+    std::fs::write(&scfg, text.replace("suite = \"gm\"\n", "")).unwrap();
+    let out = std::process::Command::new(ferryd())
+        .arg("--config")
+        .arg(&scfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[tls] suite = \"standard\" but the cluster CA")
+            && err.contains("is SM2 (ferryctl init --crypto gm)"),
+        "unclear error: {err}"
+    );
+}
+
+#[test]
+fn node_add_issues_an_sm2_certificate_in_a_gm_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path(), "gm");
+    let spec = format!("dr2=127.0.0.1:{}", ferryd::testkit::free_udp_port());
+    let out = std::process::Command::new(ferryctl())
+        .args(["node", "add", &spec, "--dir"])
+        .arg(dir.path())
+        .arg("--same-host")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "node add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(suite_of(dir.path(), "dr2"), TlsSuite::Gm);
+    let text = std::fs::read_to_string(dir.path().join("dr2.toml")).unwrap();
+    assert!(text.contains("suite = \"gm\""), "{text}");
+    let pem = std::fs::read_to_string(dir.path().join("dr2/tls/dr2.pem")).unwrap();
+    let names = pki::cert_names(&pki::parse_cert_pem(&pem).unwrap()[0]).unwrap();
+    assert_eq!(names.node_names, vec!["dr2".to_string()]);
 }
