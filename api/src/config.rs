@@ -303,6 +303,34 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// This node's private key (PEM, mode 0600).
     pub key: PathBuf,
+    /// The TLS 1.3 suites of the replication link. The cluster CA's key decides
+    /// what a node can speak (ECDSA: standard, SM2: gm); this states the intent,
+    /// and ferryd refuses to start when the CA says otherwise.
+    #[serde(default, skip_serializing_if = "TlsSuiteConfig::is_standard")]
+    pub suite: TlsSuiteConfig,
+}
+
+/// `tls.suite`: the standard TLS 1.3 suites (AES-GCM, ChaCha20, ECDSA) or the
+/// national ones of RFC 8998 (SM4-GCM, SM3, SM2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsSuiteConfig {
+    #[default]
+    Standard,
+    Gm,
+}
+
+impl TlsSuiteConfig {
+    pub fn is_standard(&self) -> bool {
+        *self == TlsSuiteConfig::Standard
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsSuiteConfig::Standard => "standard",
+            TlsSuiteConfig::Gm => "gm",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -1190,6 +1218,22 @@ size = "1GiB"
         assert!(err.contains("nbd.idle_timeout_secs"), "{err}");
         let err = Config::parse(&with("max_connections = -1")).unwrap_err();
         assert!(err.contains("nbd.max_connections"), "{err}");
+    }
+
+    #[test]
+    fn tls_suite_defaults_to_standard_and_round_trips() {
+        let tls = |extra: &str| {
+            format!("{GOOD}\n[tls]\nca = \"ca.pem\"\ncert = \"p.pem\"\nkey = \"p.key\"\n{extra}")
+        };
+        let cfg = Config::parse(&tls("")).unwrap();
+        assert_eq!(cfg.tls.as_ref().unwrap().suite, TlsSuiteConfig::Standard);
+        // The default is not written, so standard configs stay as they were.
+        assert!(!cfg.to_toml().contains("suite"));
+        let cfg = Config::parse(&tls("suite = \"gm\"")).unwrap();
+        assert_eq!(cfg.tls.as_ref().unwrap().suite, TlsSuiteConfig::Gm);
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.tls.unwrap().suite, TlsSuiteConfig::Gm);
+        assert!(Config::parse(&tls("suite = \"sm\"")).is_err());
     }
 
     #[test]

@@ -245,8 +245,33 @@ pub fn load_tls(cfg: &Config) -> anyhow::Result<TlsMaterial> {
         cert_pem: read(&tls.cert)?,
         key_pem: read(&tls.key)?,
     };
-    TlsMaterial::from_pem(&read(&tls.ca)?, &node)
-        .with_context(|| format!("loading TLS material of node '{}'", cfg.node.name))
+    let material = TlsMaterial::from_pem(&read(&tls.ca)?, &node)
+        .with_context(|| format!("loading TLS material of node '{}'", cfg.node.name))?;
+    check_suite(tls, material.suite()?)?;
+    Ok(material)
+}
+
+/// `[tls] suite` must say what the cluster CA's key makes the node speak: a
+/// mismatch is a node set up for the other kind of cluster.
+fn check_suite(
+    tls: &ferry_api::config::TlsConfig,
+    ca: ferry_transport::pki::TlsSuite,
+) -> anyhow::Result<()> {
+    use ferry_api::config::TlsSuiteConfig;
+    use ferry_transport::pki::TlsSuite;
+    let (kind, init) = match ca {
+        TlsSuite::Standard => (TlsSuiteConfig::Standard, "ECDSA (ferryctl init)"),
+        TlsSuite::Gm => (TlsSuiteConfig::Gm, "SM2 (ferryctl init --crypto gm)"),
+    };
+    if tls.suite != kind {
+        bail!(
+            "[tls] suite = \"{}\" but the cluster CA {} is {init}: its nodes speak suite \"{}\"",
+            tls.suite.name(),
+            tls.ca.display(),
+            kind.name()
+        );
+    }
+    Ok(())
 }
 
 impl Running {

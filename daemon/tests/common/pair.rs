@@ -59,6 +59,7 @@ pub fn node_config(
             ca: tls.join("ca.pem"),
             cert: tls.join(format!("{name}.pem")),
             key: tls.join(format!("{name}.key")),
+            suite: Default::default(),
         }),
         replication: Some(ReplicationConfig {
             listen: listen.to_string(),

@@ -52,6 +52,7 @@ pub fn standby_config(dir: &Path, pit: bool) -> (PathBuf, SocketAddr, TlsMateria
         ca: write("ca.pem", ca.cert_pem()),
         cert: write("standby.pem", &standby.cert_pem),
         key: write("standby.key", &standby.key_pem),
+        suite: Default::default(),
     });
     std::fs::write(&path, cfg.to_toml()).expect("write config");
     let tls = TlsMaterial::from_pem(ca.cert_pem(), &primary).expect("primary TLS");

@@ -24,6 +24,15 @@ pub enum ModeArg {
     Async,
 }
 
+/// `ferryctl init --crypto`: which kind of cluster CA to create.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum CryptoArg {
+    /// ECDSA P-256 certificates, the standard TLS 1.3 suites.
+    Standard,
+    /// SM2 certificates, the national suites of RFC 8998.
+    Gm,
+}
+
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Create a node directory: DIR/primary.toml and DIR/primary/ with sparse volume files.
@@ -63,6 +72,12 @@ pub enum Cmd {
         /// hosts are detected anyway).
         #[arg(long)]
         same_host: bool,
+        /// TLS suites of the replication link: "standard" (ECDSA P-256 certificates,
+        /// AES/ChaCha) or "gm" (SM2 certificates, RFC 8998 TLS_SM4_GCM_SM3 with
+        /// curveSM2 and sm2sig_sm3). The cluster CA's key decides what every node
+        /// speaks; a gm node and a standard node refuse each other.
+        #[arg(long, value_enum, default_value = "standard")]
+        crypto: CryptoArg,
     },
     /// Grow a cluster made by `init`.
     Node {

@@ -8,20 +8,22 @@ use anyhow::{bail, Context};
 use ferry_api::config::{
     format_id, parse_addr, valid_name, valid_node_name, Config, ControlConfig, JournalConfig,
     MetricsConfig, NbdConfig, NodeConfig, ReplicationConfig, ReplicationMode, Role, TargetConfig,
-    TlsConfig, VolumeConfig, VOLUME_ALIGN,
+    TlsConfig, TlsSuiteConfig, VolumeConfig, VOLUME_ALIGN,
 };
 use ferry_api::control::{self, Request};
 use ferry_api::size::{parse_size, ByteSize};
 use ferry_api::status::{
     NodeStatus, PitPoint, PrimaryStatus, RoleStatus, StandbyStatus, TargetStatus,
 };
-use ferry_transport::pki::ClusterCa;
+use ferry_transport::pki::{AnyClusterCa, TlsSuite};
 mod drill;
 mod node_add;
 mod ports;
 mod table;
 
-use ferryctl::cli::{AuditCmd, BookmarkCmd, Cli, Cmd, DrillPointArgs, ModeArg, NodeCmd, PitCmd};
+use ferryctl::cli::{
+    AuditCmd, BookmarkCmd, Cli, Cmd, CryptoArg, DrillPointArgs, ModeArg, NodeCmd, PitCmd,
+};
 use table::Align;
 
 fn main() -> std::process::ExitCode {
@@ -52,9 +54,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mode,
             metrics_port,
             same_host,
+            crypto,
         } => {
             let sites = Sites::parse(primary.as_deref(), &standbys, mode)?;
             let addrs = init_addrs(sites.as_ref(), &nbd, metrics_port, same_host)?;
+            let suite = match crypto {
+                CryptoArg::Standard => TlsSuite::Standard,
+                CryptoArg::Gm => TlsSuite::Gm,
+            };
             init(
                 &dir,
                 &volumes,
@@ -62,6 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &journal_size,
                 &segment_size,
                 sites.as_ref(),
+                suite,
             )
         }
         Cmd::Status { json } => status(&need_config(cli.config.as_deref())?, json),
@@ -612,6 +620,8 @@ fn node_config(
         ca: data.join("tls/ca.pem"),
         cert: data.join(format!("tls/{node}.pem")),
         key: data.join(format!("tls/{node}.key")),
+        // `init` sets the cluster's choice on every node.
+        suite: TlsSuiteConfig::Standard,
     });
     Config {
         node: NodeConfig {
@@ -660,6 +670,7 @@ fn init(
     journal_size: &str,
     segment_size: &str,
     sites: Option<&Sites>,
+    suite: TlsSuite,
 ) -> anyhow::Result<()> {
     let vols = volumes
         .iter()
@@ -669,11 +680,17 @@ fn init(
     let segment_size = parse_size(segment_size).context("--segment-size")?;
     let mut cluster = [0u8; 16];
     getrandom::getrandom(&mut cluster).context("random cluster id")?;
-    let nodes = node_configs(&cluster, &vols, addrs, journal_size, segment_size, sites);
+    let mut nodes = node_configs(&cluster, &vols, addrs, journal_size, segment_size, sites);
+    for tls in nodes.iter_mut().filter_map(|cfg| cfg.tls.as_mut()) {
+        tls.suite = match suite {
+            TlsSuite::Standard => TlsSuiteConfig::Standard,
+            TlsSuite::Gm => TlsSuiteConfig::Gm,
+        };
+    }
     // Check everything before touching the disk.
     check_nodes(dir, &nodes)?;
     let ca = match sites {
-        Some(_) => Some(write_ca(dir, cluster)?),
+        Some(_) => Some(write_ca(dir, cluster, suite)?),
         None => None,
     };
     for cfg in &nodes {
@@ -782,9 +799,9 @@ fn check_nodes(dir: &Path, nodes: &[Config]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The cluster CA, written under `dir/ca`.
-fn write_ca(dir: &Path, cluster: [u8; 16]) -> anyhow::Result<ClusterCa> {
-    let ca = ClusterCa::generate(cluster).context("creating the cluster CA")?;
+/// The cluster CA (ECDSA or SM2 as `suite` asks), written under `dir/ca`.
+fn write_ca(dir: &Path, cluster: [u8; 16], suite: TlsSuite) -> anyhow::Result<AnyClusterCa> {
+    let ca = AnyClusterCa::generate(cluster, suite).context("creating the cluster CA")?;
     std::fs::create_dir_all(dir.join("ca"))
         .with_context(|| format!("creating {}", dir.join("ca").display()))?;
     ca.write_pem_files(&dir.join("ca"))
@@ -793,7 +810,7 @@ fn write_ca(dir: &Path, cluster: [u8; 16]) -> anyhow::Result<ClusterCa> {
 }
 
 /// One node's directory, volume files, TLS identity (when replicating) and config file.
-fn write_node(dir: &Path, cfg: &Config, ca: Option<&ClusterCa>) -> anyhow::Result<()> {
+fn write_node(dir: &Path, cfg: &Config, ca: Option<&AnyClusterCa>) -> anyhow::Result<()> {
     let name = &cfg.node.name;
     let node_dir = dir.join(name);
     std::fs::create_dir_all(&node_dir)

@@ -150,6 +150,7 @@ fn discard_of_a_whole_volume_keeps_standby_memory_bounded_and_points_intact() {
             journal: "256MiB",
             segment: "16MiB",
             mode: "async",
+            ..Init::default()
         },
     );
     let mut text = std::fs::read_to_string(&scfg).unwrap();
