@@ -70,7 +70,8 @@ pub fn changes_state(req: &Request) -> bool {
         | Request::Promote { .. }
         | Request::Demote
         | Request::Switchover { .. }
-        | Request::Rollback { .. } => true,
+        | Request::Rollback { .. }
+        | Request::Reload => true,
     }
 }
 

@@ -60,33 +60,9 @@ pub(crate) async fn run_primary(
             (group.applied_seq(), floor)
         })
     })?;
-    let status = Arc::new(StatusSource {
-        node: cfg.node.name.clone(),
-        meta: rec.meta.clone(),
-        journal: rec.journal.clone(),
-        volumes: status::volumes(&cfg, Some(nbd_addr)),
-        bases: rec.bases.clone(),
-        role: RoleSource::Primary {
-            group: group.clone(),
-            replication: repl.clone(),
-            nbd: nbd_addr,
-        },
-    });
+    let status = primary_status(&cfg, &rec, &group, repl.clone(), nbd_addr);
     obs.metrics.set_source(status.metrics_source());
-    // A primary answers its peer on its replication address: the primary it replaced
-    // (should it come back) learns it is outdated and stops; a primary of a newer
-    // epoch that dials us (we were replaced unheard) fences this node.
-    let fence_task = match (&cfg.replication, fence_peer(&cfg)) {
-        (Some(r), Some(peer)) => Some(start_fence_responder(
-            &cfg,
-            r,
-            &rec,
-            &peer,
-            outdated_hook(&group, &rec),
-            &stop_rx,
-        )?),
-        _ => None,
-    };
+    let fence_task = fence_task(&cfg, &rec, &group, &stop_rx)?;
     let reloader = reload_from.map(|(path, applied)| reloader(path, applied, &rec, repl.clone()));
     let hup = reloader.clone().map(on_sighup);
     let handler = primary_handler(
@@ -133,6 +109,50 @@ pub(crate) async fn run_primary(
     }
     drop(registry);
     finish_shutdown(ckpt, &rec).await
+}
+
+/// What `status` and the metrics read on a primary.
+fn primary_status(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    group: &Arc<Group>,
+    replication: Option<Arc<Replication>>,
+    nbd: std::net::SocketAddr,
+) -> Arc<StatusSource> {
+    Arc::new(StatusSource {
+        node: cfg.node.name.clone(),
+        meta: rec.meta.clone(),
+        journal: rec.journal.clone(),
+        volumes: status::volumes(cfg, Some(nbd)),
+        bases: rec.bases.clone(),
+        role: RoleSource::Primary {
+            group: group.clone(),
+            replication,
+            nbd,
+        },
+    })
+}
+
+/// A primary answers its peer on its replication address: the primary it replaced
+/// (should it come back) learns it is outdated and stops; a primary of a newer epoch
+/// that dials us (we were replaced unheard) fences this node.
+fn fence_task(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    group: &Arc<Group>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    Ok(match (&cfg.replication, fence_peer(cfg)) {
+        (Some(r), Some(peer)) => Some(start_fence_responder(
+            cfg,
+            r,
+            rec,
+            &peer,
+            outdated_hook(group, rec),
+            stop_rx,
+        )?),
+        _ => None,
+    })
 }
 
 fn reloader(

@@ -72,50 +72,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 suite,
             )
         }
-        Cmd::Status { json } => status(&need_config(cli.config.as_deref())?, json),
         Cmd::Audit {
             cmd: AuditCmd::Verify { file, dir },
         } => {
             let dir = dir.map(|d| if d.is_dir() { d.join("audit.log") } else { d });
             audit_verify(cli.config.as_deref(), file.or(dir).as_deref())
-        }
-        Cmd::Bookmark { cmd } => bookmark(&need_config(cli.config.as_deref())?, cmd),
-        Cmd::Pit { cmd } => pit(&need_config(cli.config.as_deref())?, cmd),
-        Cmd::Promote {
-            at,
-            bookmark,
-            force,
-            json,
-        } => {
-            let cfg = need_config(cli.config.as_deref())?;
-            let target = match (at, bookmark) {
-                (Some(t), _) => Some(control::PointSpec::At(t)),
-                (_, Some(b)) => Some(control::PointSpec::Bookmark(b)),
-                _ => None,
-            };
-            role_change(&cfg, Request::Promote { target, force }, json)
-        }
-        Cmd::Verify { volume, json } => verify(&need_config(cli.config.as_deref())?, volume, json),
-        Cmd::Demote { json } => {
-            role_change(&need_config(cli.config.as_deref())?, Request::Demote, json)
-        }
-        Cmd::Switchover { to, json } => role_change(
-            &need_config(cli.config.as_deref())?,
-            Request::Switchover { to },
-            json,
-        ),
-        Cmd::Reload { json } => reload(&need_config(cli.config.as_deref())?, json),
-        Cmd::Pause => {
-            let cfg = need_config(cli.config.as_deref())?;
-            let v = call(&cfg, &Request::Pause)?;
-            println!("paused: {}", v["paused"].as_str().unwrap_or("yes"));
-            Ok(())
-        }
-        Cmd::Resume => {
-            let cfg = need_config(cli.config.as_deref())?;
-            call(&cfg, &Request::Resume)?;
-            println!("resumed: following the primary");
-            Ok(())
         }
         Cmd::Node {
             cmd:
@@ -134,6 +95,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }),
             same_host,
         }),
+        cmd => node_command(&need_config(cli.config.as_deref())?, cmd),
+    }
+}
+
+/// The commands that talk to the running ferryd named by `--config`.
+fn node_command(cfg: &Config, cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Status { json } => status(cfg, json),
+        Cmd::Bookmark { cmd } => bookmark(cfg, cmd),
+        Cmd::Pit { cmd } => pit(cfg, cmd),
+        Cmd::Promote {
+            at,
+            bookmark,
+            force,
+            json,
+        } => {
+            let target = match (at, bookmark) {
+                (Some(t), _) => Some(control::PointSpec::At(t)),
+                (_, Some(b)) => Some(control::PointSpec::Bookmark(b)),
+                _ => None,
+            };
+            role_change(cfg, Request::Promote { target, force }, json)
+        }
+        Cmd::Verify { volume, json } => verify(cfg, volume, json),
+        Cmd::Demote { json } => role_change(cfg, Request::Demote, json),
+        Cmd::Switchover { to, json } => role_change(cfg, Request::Switchover { to }, json),
+        Cmd::Reload { json } => reload(cfg, json),
+        Cmd::Pause => {
+            let v = call(cfg, &Request::Pause)?;
+            println!("paused: {}", v["paused"].as_str().unwrap_or("yes"));
+            Ok(())
+        }
+        Cmd::Resume => {
+            call(cfg, &Request::Resume)?;
+            println!("resumed: following the primary");
+            Ok(())
+        }
         Cmd::Drill {
             volume,
             point,
@@ -148,12 +146,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 check,
                 check_timeout: std::time::Duration::from_secs(check_timeout),
             };
-            run_drill(
-                &need_config(cli.config.as_deref())?,
-                &opts,
-                report.as_deref(),
-                json,
-            )
+            run_drill(cfg, &opts, report.as_deref(), json)
         }
         Cmd::Rollback {
             volume,
@@ -161,13 +154,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             group,
             json,
         } => {
-            let cfg = need_config(cli.config.as_deref())?;
             let req = Request::Rollback {
                 volume,
                 target: point.spec(),
                 group,
             };
-            rollback(&cfg, &req, json)
+            rollback(cfg, &req, json)
+        }
+        Cmd::Init { .. } | Cmd::Audit { .. } | Cmd::Node { .. } => {
+            bail!("this command works on files, not on a running ferryd")
         }
     }
 }
