@@ -293,3 +293,49 @@ fn a_lost_handover_ack_never_lets_the_old_primary_take_writes() {
         "a refused write reached the new primary"
     );
 }
+
+/// Issue 17: a stalled data path never keeps a control request waiting. Every journal
+/// batch write sleeps 3 s (the writer thread stuck in a slow device); while a client's
+/// write is stuck behind it, `status` answers: the write is still pending when the
+/// answer comes.
+#[test]
+fn status_answers_while_the_journal_writer_is_stalled() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = primary_config(dir.path(), &[("vol0", 16 * MIB)], 64 * MIB, 4 * MIB);
+    let node = Node::start_env(
+        ferryd(),
+        &cfg,
+        &[("FAILPOINTS", "journal::batch_write=sleep(3000)")],
+    );
+    let st = node.status();
+    let addr: std::net::SocketAddr = st["nbd"]["listen"].as_str().unwrap().parse().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let (mut c, _) = ferry_nbd::testclient::TestClient::open(addr, "vol0").unwrap();
+            let err = c.write(0, &[0x5a; 4096], 0).unwrap();
+            done.store(true, Ordering::SeqCst);
+            err
+        })
+    };
+    // Let the write reach the stalled journal writer.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the stall failpoint did not hold the write"
+    );
+    let during = node.status();
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "status answered only after the stalled write finished: it waited behind the data path"
+    );
+    assert_eq!(during["role"], "primary", "{during:#}");
+    assert_eq!(
+        writer.join().unwrap(),
+        0,
+        "the stalled write must still succeed"
+    );
+}
