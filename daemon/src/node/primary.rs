@@ -457,7 +457,7 @@ pub(crate) fn primary_handler(
                     &group,
                     repl.as_deref(),
                     to.as_deref(),
-                    &life,
+                    (&life, has_listen),
                 ))
             }))
         }

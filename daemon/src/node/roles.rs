@@ -46,11 +46,11 @@ pub(crate) async fn quiesce(rec: &Recovered, group: &Group, why: String) -> anyh
 /// confirms it holds every record, takes over in a new epoch, and this node
 /// restarts as its standby.
 pub(crate) async fn switchover(
-    rec: &Recovered,
+    rec: &Arc<Recovered>,
     group: &Arc<Group>,
     repl: Option<&Replication>,
     to: Option<&str>,
-    life: &Lifecycle,
+    (life, has_listen): (&Arc<Lifecycle>, bool),
 ) -> anyhow::Result<serde_json::Value> {
     let started = Instant::now();
     if let Some(o) = rec.meta.outdated()? {
@@ -107,9 +107,10 @@ pub(crate) async fn switchover(
             );
             group.set_fence(Some(why.clone()));
             tokio::spawn(await_handover_outcome(
-                rec.meta.clone(),
+                rec.clone(),
                 group.clone(),
                 t.clone(),
+                (life.clone(), has_listen),
             ));
             Err(e.context(why))
         }
@@ -126,20 +127,26 @@ enum Abandoned {
 
 /// After an unanswered Handover: keeps writes refused until the standby's epoch is
 /// known. A newer epoch (the standby took over: the shipper's next handshake, or the
-/// fence responder, marks this node outdated) keeps them refused for good; a session
-/// streaming again at this node's epoch (the standby never took over, or it would
-/// refuse this primary) lets them resume.
+/// fence responder, marks this node outdated) finishes the switchover as if the ack
+/// had come: this node took no write after the handover point, so nothing diverged,
+/// and it rejoins as the new primary's standby (a demote). A session streaming again
+/// at this node's epoch (the standby never took over, or it would refuse this
+/// primary) lets writes resume.
 async fn await_handover_outcome(
-    meta: Arc<crate::store::meta::Meta>,
+    rec: Arc<Recovered>,
     group: Arc<Group>,
     t: Arc<TargetState>,
+    (life, has_listen): (Arc<Lifecycle>, bool),
 ) {
     loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        match meta.outdated() {
+        match rec.meta.outdated() {
             Ok(Some(o)) => {
-                tracing::warn!(to = %t.name, "switchover: '{}' took over (epoch {}); this node stays fenced", o.by, o.epoch);
+                tracing::warn!(to = %t.name, "switchover: '{}' took over (epoch {}); finishing the switchover as its standby", o.by, o.epoch);
                 group.set_fence(Some(outdated_reason(&o)));
+                if let Err(e) = demote(&rec, &group, has_listen, &life).await {
+                    tracing::error!("switchover: rejoining '{}' as its standby failed: {e:#}; writes stay refused (ferryctl demote)", o.by);
+                }
                 return;
             }
             Ok(None) => {}
