@@ -293,6 +293,11 @@ mod testrig {
     }
 
     pub(crate) fn rig(segment_size: u64, max_bytes: u64) -> Rig {
+        rig_aged(segment_size, max_bytes, 0)
+    }
+
+    /// `rig` with an age limit (`max_age_secs`, 0: none).
+    pub(crate) fn rig_aged(segment_size: u64, max_bytes: u64, max_age_secs: u64) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.img");
         std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
@@ -303,7 +308,7 @@ mod testrig {
             enabled: true,
             dir: None,
             max_bytes: ByteSize(max_bytes),
-            max_age_secs: 0,
+            max_age_secs,
             segment_size: ByteSize(segment_size),
         };
         let pit = Pit::open(

@@ -272,7 +272,7 @@ impl DataFrames<'_> {
                 )
             }
             Frame::ResyncBegin(b) => {
-                sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+                sb.state.heard_from_primary();
                 self.rx
                     .check_epoch(b.epoch)
                     .map_err(|e| anyhow!("resync refused: {e}"))?;
@@ -285,7 +285,7 @@ impl DataFrames<'_> {
                 })?);
             }
             Frame::ResyncData(d) => {
-                sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+                sb.state.heard_from_primary();
                 self.rx
                     .check_epoch(d.epoch)
                     .map_err(|e| anyhow!("resync refused: {e}"))?;
@@ -296,7 +296,7 @@ impl DataFrames<'_> {
                 tokio::task::block_in_place(|| resync::data(sb, c, d))?;
             }
             Frame::ResyncEnd(e) => {
-                sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+                sb.state.heard_from_primary();
                 self.rx
                     .check_epoch(e.epoch)
                     .map_err(|e| anyhow!("resync refused: {e}"))?;
@@ -309,7 +309,7 @@ impl DataFrames<'_> {
                 control.send_frame(&Frame::Ack(ack)).await?;
             }
             Frame::WriteSet(ws) => {
-                sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+                sb.state.heard_from_primary();
                 sb.state
                     .last_primary_seq
                     .fetch_max(ws.last_seq, Ordering::Relaxed);
@@ -351,7 +351,7 @@ async fn on_control_frame(
 ) -> anyhow::Result<Flow> {
     match f {
         Some(Frame::Heartbeat(hb)) => {
-            sb.state.last_heard_ns.store(now_ns(), Ordering::Relaxed);
+            sb.state.heard_from_primary();
             sb.state
                 .last_primary_seq
                 .fetch_max(hb.last_seq, Ordering::Relaxed);

@@ -4,10 +4,10 @@
 //! and resync copies (`replica::resync`) act on it.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry_journal::{now_ns, Journal, JournalError, Record, Seq};
+use ferry_journal::{Journal, JournalError, Record, Seq};
 use ferry_proto::wire::WriteSet;
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -77,19 +77,40 @@ pub struct StandbyState {
     pub pause_tx: watch::Sender<bool>,
     /// The applier stopped on an error (restart replays from the checkpoint).
     pub apply_error: Mutex<Option<String>>,
-    /// When a frame last arrived from the primary (ns since the Unix epoch): a
-    /// connection that has been silent for several heartbeats is not a live primary
-    /// (a killed primary's QUIC connection lingers until its idle timeout).
-    pub last_heard_ns: AtomicU64,
+    /// When a frame last arrived from the primary, on this process's monotonic clock
+    /// (see `mono_ns`; 0: never): a connection that has been silent for several
+    /// heartbeats is not a live primary (a killed primary's QUIC connection lingers
+    /// until its idle timeout). Monotonic so a wall-clock jump on this node neither
+    /// declares a live primary dead nor a dead one alive.
+    last_heard_mono_ns: AtomicU64,
 }
 
 impl StandbyState {
     /// The address of a primary that is connected and heard from within `within`.
     pub fn live_primary(&self, within: Duration) -> Option<String> {
-        let heard = self.last_heard_ns.load(Ordering::Relaxed);
-        let fresh = now_ns().saturating_sub(heard) < within.as_nanos() as u64;
+        let heard = self.last_heard_mono_ns.load(Ordering::Relaxed);
+        let fresh = heard_within(heard, mono_ns(), within);
         self.connected.lock().clone().filter(|_| fresh)
     }
+
+    /// Records that a frame just arrived from the primary.
+    pub fn heard_from_primary(&self) {
+        self.last_heard_mono_ns.store(mono_ns(), Ordering::Relaxed);
+    }
+}
+
+/// Nanoseconds on a monotonic clock that starts at 1 in this process (0 stays free
+/// to mean "never"). Liveness is a duration, so it must not follow the wall clock.
+fn mono_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let elapsed = START.get_or_init(Instant::now).elapsed().as_nanos();
+    u64::try_from(elapsed).unwrap_or(u64::MAX - 1) + 1
+}
+
+/// Whether a primary last heard at monotonic `heard` (0: never) is still live at
+/// `now`.
+fn heard_within(heard: u64, now: u64, within: Duration) -> bool {
+    heard != 0 && now.saturating_sub(heard) < u64::try_from(within.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Takes over as the primary at a sequence (planned switchover): returns the new
@@ -141,7 +162,7 @@ impl Standby {
             paused: Mutex::new(paused),
             pause_tx: watch::channel(false).0,
             apply_error: Mutex::new(None),
-            last_heard_ns: AtomicU64::new(0),
+            last_heard_mono_ns: AtomicU64::new(0),
         });
         // Unbounded in count, bounded in bytes by `apply_budget`.
         let (apply_tx, apply_rx) = crossbeam_channel::unbounded::<ApplyItem>();
@@ -398,6 +419,21 @@ mod tests {
         assert!(check_assigned(8, 7).is_err());
     }
 
+    /// Liveness is a monotonic duration: never heard is never live, and the window
+    /// is measured from the last frame whatever the wall clock does meanwhile.
+    #[test]
+    fn primary_liveness_uses_the_monotonic_clock() {
+        let within = Duration::from_secs(3);
+        assert!(!heard_within(0, 1, within));
+        assert!(heard_within(5_000_000_000, 7_999_999_999, within));
+        assert!(!heard_within(5_000_000_000, 8_000_000_000, within));
+        // A frame stamped after `now` was read (racing threads) is fresh, not stale.
+        assert!(heard_within(9, 5, within));
+        // Stamps from `mono_ns` are never 0 and never go backwards.
+        let (a, b) = (mono_ns(), mono_ns());
+        assert!(a >= 1 && b >= a);
+    }
+
     /// A misnumbered completion closes the budget, shows in status and stays.
     #[test]
     fn a_misnumbered_record_stops_apply_for_good() {
@@ -413,7 +449,7 @@ mod tests {
             paused: Default::default(),
             pause_tx: watch::channel(false).0,
             apply_error: Default::default(),
-            last_heard_ns: Default::default(),
+            last_heard_mono_ns: Default::default(),
         };
         refuse_misnumbered(&order, &state, &b, 12, 11);
         let e = state.apply_error.lock().clone().unwrap();
