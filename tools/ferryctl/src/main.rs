@@ -707,6 +707,7 @@ fn node_configs(
         sync_timeout_ms: 5000,
         tail_bytes: ByteSize(64 << 20),
         async_linger_us: ferry_api::config::DEFAULT_ASYNC_LINGER_US,
+        archives: Vec::new(),
         targets: s
             .standbys
             .iter()
@@ -746,6 +747,7 @@ fn node_configs(
                 sync_timeout_ms: 5000,
                 tail_bytes: ByteSize(64 << 20),
                 async_linger_us: ferry_api::config::DEFAULT_ASYNC_LINGER_US,
+                archives: Vec::new(),
                 targets: sites
                     .map(|s| {
                         vec![TargetConfig {
