@@ -51,11 +51,26 @@ pub(crate) async fn run_primary(
         Some(r) => start_replication(&cfg, r, &rec, &group, &stop_rx)?,
         None => None,
     };
+    // Archive targets (cold tier) hold the journal from the checkpoint until they know
+    // what their archive holds.
+    let archives = Arc::new(crate::archive::Archives::from_config(
+        &cfg,
+        rec.checkpoint.min(rec.journal.durable_seq()),
+    ));
+    crate::archive::run::start_on_primary(
+        &cfg,
+        rec.meta.epoch()?,
+        &rec.journal,
+        &rec.bases,
+        &group,
+        &archives,
+        &stop_rx,
+    );
     let ckpt = Checkpointer::start(&cfg, rec.clone(), {
-        let (group, repl) = (group.clone(), repl.clone());
+        let (group, repl, archives) = (group.clone(), repl.clone(), archives.clone());
         Arc::new(move || {
             let floor = repl.as_ref().map_or(Seq::MAX, |r| r.release_floor());
-            (group.applied_seq(), floor)
+            (group.applied_seq(), floor.min(archives.release_floor()))
         })
     })?;
     let status = Arc::new(StatusSource {
@@ -66,6 +81,7 @@ pub(crate) async fn run_primary(
         role: RoleSource::Primary {
             group: group.clone(),
             replication: repl.clone(),
+            archives,
             nbd: nbd_addr,
         },
     });

@@ -35,6 +35,7 @@ pub(crate) enum RoleSource {
     Primary {
         group: Arc<Group>,
         replication: Option<Arc<Replication>>,
+        archives: Arc<crate::archive::Archives>,
         /// The bound NBD address.
         nbd: SocketAddr,
     },
@@ -54,12 +55,16 @@ impl StatusSource {
             RoleSource::Primary {
                 group,
                 replication,
+                archives,
                 nbd,
             } => (
                 j.last_seq(),
                 group.applied_seq(),
                 replication.as_ref().map_or_else(Vec::new, |r| r.status()),
-                RoleStatus::Primary(primary_status(meta, group, *nbd)),
+                RoleStatus::Primary(PrimaryStatus {
+                    archives: archives.status(j.durable_seq()),
+                    ..primary_status(meta, group, *nbd)
+                }),
             ),
             // A standby's journal holds what it received: its end is what is durable.
             RoleSource::Standby {
@@ -153,6 +158,7 @@ fn primary_status(meta: &Meta, group: &Group, nbd: SocketAddr) -> PrimaryStatus 
         nbd: NbdStatus {
             listen: nbd.to_string(),
         },
+        archives: Vec::new(),
     }
 }
 

@@ -16,12 +16,15 @@ use ferry_api::status::{
     NodeStatus, PitPoint, PrimaryStatus, RoleStatus, StandbyStatus, TargetStatus,
 };
 use ferry_transport::pki::ClusterCa;
+mod archive;
 mod drill;
 mod node_add;
 mod ports;
 mod table;
 
-use ferryctl::cli::{AuditCmd, BookmarkCmd, Cli, Cmd, DrillPointArgs, ModeArg, NodeCmd, PitCmd};
+use ferryctl::cli::{
+    ArchiveCmd, AuditCmd, BookmarkCmd, Cli, Cmd, DrillPointArgs, ModeArg, NodeCmd, PitCmd,
+};
 use table::Align;
 
 fn main() -> std::process::ExitCode {
@@ -105,6 +108,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("resumed: following the primary");
             Ok(())
         }
+        Cmd::Archive { cmd } => match cmd {
+            ArchiveCmd::Restore {
+                url,
+                volume,
+                point,
+                to,
+                json,
+            } => archive::restore(&url, &volume, &point, &to, json),
+            ArchiveCmd::List { url, json } => archive::list(&url, json),
+        },
         Cmd::Node {
             cmd:
                 NodeCmd::Add {
