@@ -1,0 +1,169 @@
+//! The archive target end to end, with real processes: a primary archiving to a
+//! `file://` directory; `ferryctl archive restore` at a bookmark and at the newest
+//! point equals the primary's volume as it was then (read over NBD with qemu-img);
+//! a SIGKILLed primary resumes its archive with no gap.
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferryd::testkit::{assert_qemu_io_ok, qemu_io, skip_without, Node};
+
+const TEST: &str = "archive_restores_equal_the_primary_and_resume_after_sigkill";
+
+fn image_of(uri: &str, out: &Path) -> Vec<u8> {
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", uri])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img convert {uri}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes differ");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: differs first at byte {i} (block {})", i / 4096);
+    }
+}
+
+fn writes(fill: u8, offsets: &[u64], len: u64) -> Vec<String> {
+    let mut c: Vec<String> = offsets
+        .iter()
+        .map(|o| format!("write -P {fill} {o} {len}"))
+        .collect();
+    c.push("flush".into());
+    c
+}
+
+/// Waits until the archive target holds everything the primary made durable.
+fn wait_archived(primary: &Node) -> u64 {
+    let last = seq(&primary.status(), "/durable_seq");
+    let st = primary.wait_status(
+        "the archive to hold the durable sequence",
+        Duration::from_secs(60),
+        |st| {
+            st["archives"][0]["state"] == "archiving" && seq(st, "/archives/0/archived_seq") >= last
+        },
+    );
+    assert_eq!(st["archives"][0]["kind"], "archive", "{st:#}");
+    assert!(seq(&st, "/archives/0/bytes_uploaded") > 0, "{st:#}");
+    last
+}
+
+/// `ferryctl archive restore --url URL --volume vol0 POINT --to OUT --json`.
+fn restore(url: &str, point: &[&str], out: &Path) -> serde_json::Value {
+    let o = Command::new(ferryctl())
+        .args(["archive", "restore", "--url", url, "--volume", "vol0"])
+        .args(point)
+        .arg("--to")
+        .arg(out)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "archive restore {point:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn list(url: &str) -> serde_json::Value {
+    let o = Command::new(ferryctl())
+        .args(["archive", "list", "--url", url, "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// A primary (its standby not started: the archive works alone) with an archive
+/// target in `dir/archive`; returns its config and the archive's URL.
+fn init(dir: &Path) -> (PathBuf, String) {
+    let (pcfg, _) = init_pair(
+        dir,
+        &Init {
+            volume: "vol0:32MiB",
+            ..Init::default()
+        },
+    );
+    let url = format!("file://{}", dir.join("archive").display());
+    let mut text = std::fs::read_to_string(&pcfg).unwrap();
+    text.push_str(&format!(
+        "\n[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\nurl = \"{url}\"\nflush_interval = 2\n"
+    ));
+    std::fs::write(&pcfg, text).unwrap();
+    (pcfg, url)
+}
+
+#[test]
+fn archive_restores_equal_the_primary_and_resume_after_sigkill() {
+    if skip_without("qemu-img", TEST) || skip_without("qemu-io", TEST) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, url) = init(dir.path());
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    let nbd = primary.url("vol0");
+
+    // A (over data written before the base would be the same: the base holds it).
+    assert_qemu_io_ok(&qemu_io(
+        &nbd,
+        &writes(0xa1, &[0, 1 << 20, 20 << 20], 65536),
+    ));
+    let a = image_of(&nbd, &dir.path().join("a.img"));
+    let bm = ctl_json(&pcfg, &["bookmark", "create", "before-b"]);
+    assert_eq!(bm["name"], "before-b");
+    let mut b_cmds = writes(0xb2, &[4096, 1 << 20, 30 << 20], 8192);
+    b_cmds.push("discard 20971520 32768".into());
+    b_cmds.push("write -z 65536 16384".into());
+    assert_qemu_io_ok(&qemu_io(&nbd, &b_cmds));
+    let b = image_of(&nbd, &dir.path().join("b.img"));
+    let at_b = wait_archived(&primary);
+
+    let out = dir.path().join("restored.img");
+    let r = restore(&url, &["--bookmark", "before-b"], &out);
+    assert_same("restore --bookmark", &std::fs::read(&out).unwrap(), &a);
+    assert_eq!(r["seq"], bm["seq"], "{r:#}");
+    let r = restore(&url, &["--latest"], &out);
+    assert_same("restore --latest", &std::fs::read(&out).unwrap(), &b);
+    assert!(seq(&r, "/seq") >= at_b, "{r:#}");
+    let l = list(&url);
+    assert_eq!(
+        (l["bases"].as_u64(), l["volumes"][0]["name"].as_str()),
+        (Some(1), Some("vol0")),
+        "{l:#}"
+    );
+
+    // C, then SIGKILL before the archive's next flush is due; the restarted primary
+    // resumes from what the archive holds, with no gap and no new base.
+    assert_qemu_io_ok(&qemu_io(&nbd, &writes(0xc3, &[0, 2 << 20], 131072)));
+    primary.kill();
+    let primary = Node::start(&ferryd(), &pcfg);
+    let nbd = primary.url("vol0");
+    assert_qemu_io_ok(&qemu_io(&nbd, &writes(0xd4, &[8 << 20], 65536)));
+    let d = image_of(&nbd, &dir.path().join("d.img"));
+    wait_archived(&primary);
+    restore(&url, &["--latest"], &out);
+    assert_same(
+        "restore --latest after SIGKILL",
+        &std::fs::read(&out).unwrap(),
+        &d,
+    );
+    restore(&url, &["--bookmark", "before-b"], &out);
+    assert_same(
+        "restore --bookmark after SIGKILL",
+        &std::fs::read(&out).unwrap(),
+        &a,
+    );
+    let l = list(&url);
+    assert_eq!(l["bases"], 1, "{l:#}");
+    assert!(l["packs"].as_u64() >= Some(2), "{l:#}");
+}
