@@ -75,6 +75,18 @@ fn restore(url: &str, point: &[&str], out: &Path) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// The primary's /metrics text (init gives every node a metrics endpoint).
+fn metrics(node: &Node) -> String {
+    use std::io::{Read, Write};
+    let addr = node.metrics.expect("a metrics endpoint");
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(c, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn list(url: &str) -> serde_json::Value {
     let o = Command::new(ferryctl())
         .args(["archive", "list", "--url", url, "--json"])
@@ -127,6 +139,14 @@ fn archive_restores_equal_the_primary_and_resume_after_sigkill() {
     assert_qemu_io_ok(&qemu_io(&nbd, &b_cmds));
     let b = image_of(&nbd, &dir.path().join("b.img"));
     let at_b = wait_archived(&primary);
+    let m = metrics(&primary);
+    for family in [
+        "ferry_archive_archived_seq{target=\"cold\"}",
+        "ferry_archive_uploaded_bytes{target=\"cold\"}",
+        "ferry_archive_lag_seconds{target=\"cold\"}",
+    ] {
+        assert!(m.contains(family), "{family} missing:\n{m}");
+    }
 
     let out = dir.path().join("restored.img");
     let r = restore(&url, &["--bookmark", "before-b"], &out);
