@@ -59,7 +59,12 @@ fn wait_archived(primary: &Node) -> u64 {
 
 /// `ferryctl archive restore --url URL --volume vol0 POINT --to OUT --json`.
 fn restore(url: &str, point: &[&str], out: &Path) -> serde_json::Value {
+    restore_env(url, point, out, &[])
+}
+
+fn restore_env(url: &str, point: &[&str], out: &Path, env: &[(&str, &str)]) -> serde_json::Value {
     let o = Command::new(ferryctl())
+        .envs(env.iter().copied())
         .args(["archive", "restore", "--url", url, "--volume", "vol0"])
         .args(point)
         .arg("--to")
@@ -99,6 +104,11 @@ fn list(url: &str) -> serde_json::Value {
 /// A primary (its standby not started: the archive works alone) with an archive
 /// target in `dir/archive`; returns its config and the archive's URL.
 fn init(dir: &Path) -> (PathBuf, String) {
+    let url = format!("file://{}", dir.join("archive").display());
+    (init_with(dir, &url), url)
+}
+
+fn init_with(dir: &Path, url: &str) -> PathBuf {
     let (pcfg, _) = init_pair(
         dir,
         &Init {
@@ -106,13 +116,12 @@ fn init(dir: &Path) -> (PathBuf, String) {
             ..Init::default()
         },
     );
-    let url = format!("file://{}", dir.join("archive").display());
     let mut text = std::fs::read_to_string(&pcfg).unwrap();
     text.push_str(&format!(
         "\n[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\nurl = \"{url}\"\nflush_interval = 2\n"
     ));
     std::fs::write(&pcfg, text).unwrap();
-    (pcfg, url)
+    pcfg
 }
 
 #[test]
@@ -186,4 +195,85 @@ fn archive_restores_equal_the_primary_and_resume_after_sigkill() {
     let l = list(&url);
     assert_eq!(l["bases"], 1, "{l:#}");
     assert!(l["packs"].as_u64() >= Some(2), "{l:#}");
+}
+
+/// moto's S3 server on loopback, killed by PID on drop (as in archive/tests/s3.rs).
+struct Moto {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_moto() -> Moto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn moto_server");
+    let moto = Moto { child, port };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "moto_server did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Create the bucket (moto takes unsigned requests).
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(c, "PUT /ferry-test HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "bucket creation: {out}");
+    moto
+}
+
+/// The same through an S3 server: the primary and ferryctl take the endpoint and
+/// credentials from the AWS_* environment.
+#[test]
+fn archive_on_s3_restores_a_bookmark_and_the_newest_point() {
+    const S3_TEST: &str = "archive_on_s3_restores_a_bookmark_and_the_newest_point";
+    if skip_without("qemu-img", S3_TEST)
+        || skip_without("qemu-io", S3_TEST)
+        || skip_without("moto_server", S3_TEST)
+    {
+        return;
+    }
+    let moto = start_moto();
+    let endpoint = format!("http://127.0.0.1:{}", moto.port);
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let url = "s3://ferry-test/cluster1";
+    let pcfg = init_with(dir.path(), url);
+    let primary = Node::start_env(&ferryd(), &pcfg, &env);
+    let nbd = primary.url("vol0");
+    assert_qemu_io_ok(&qemu_io(&nbd, &writes(0xa1, &[0, 3 << 20], 65536)));
+    let a = image_of(&nbd, &dir.path().join("a.img"));
+    ctl_json(&pcfg, &["bookmark", "create", "a"]);
+    assert_qemu_io_ok(&qemu_io(&nbd, &writes(0xb2, &[8192, 5 << 20], 8192)));
+    let b = image_of(&nbd, &dir.path().join("b.img"));
+    wait_archived(&primary);
+    let out = dir.path().join("restored.img");
+    restore_env(url, &["--bookmark", "a"], &out, &env);
+    assert_same("s3 restore --bookmark", &std::fs::read(&out).unwrap(), &a);
+    restore_env(url, &["--latest"], &out, &env);
+    assert_same("s3 restore --latest", &std::fs::read(&out).unwrap(), &b);
 }
