@@ -382,9 +382,17 @@ fn encode_role(
     }
 }
 
+/// One archive gauge family: name, help, unit, value.
+type ArchiveFamily<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a Unit>,
+    fn(&ArchiveStatus) -> f64,
+);
+
 /// The archive targets (cold tier), one series per target.
 fn encode_archives(e: &mut DescriptorEncoder, archives: &[ArchiveStatus]) -> std::fmt::Result {
-    let families: [(&str, &str, Option<&Unit>, fn(&ArchiveStatus) -> f64); 4] = [
+    let families: [ArchiveFamily; 4] = [
         (
             "ferry_archive_archived_seq",
             "Newest write-set boundary the archive holds durably.",
