@@ -106,7 +106,8 @@ pub struct ArchiveStatus {
     pub kind: String,
     pub url: String,
     /// `starting`, `base` (uploading a base image), `archiving`, `retrying` or
-    /// `stopped` (a newer primary archives there, or the archive refused this one).
+    /// `stopped` (a newer primary archives there, or the archive refused this one;
+    /// it no longer holds the journal), `shutting-down`.
     pub state: String,
     /// Newest write-set boundary the archive holds durably (the journal keeps
     /// everything after it).

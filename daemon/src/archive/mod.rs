@@ -121,11 +121,15 @@ impl Archives {
         Archives { targets }
     }
 
-    /// The journal may be released only through what every archive holds (a
-    /// stopped target keeps holding it: an operator must remove it from the config).
+    /// The journal may be released only through what every archive holds. A stopped
+    /// target (another primary archives there) holds nothing: it will not resume
+    /// before a restart, and holding the journal for it would stall this primary's
+    /// writes once the journal is full; after a restart it takes a new base if the
+    /// journal no longer reaches back to its archive.
     pub fn release_floor(&self) -> Seq {
         self.targets
             .iter()
+            .filter(|t| t.phase.lock().0 != "stopped")
             .map(|t| t.archived_seq())
             .min()
             .unwrap_or(Seq::MAX)
@@ -161,6 +165,9 @@ mod tests {
         a.set_archived(20, now_ns() - 3_000_000_000);
         b.set_archived(10, now_ns());
         assert_eq!(all.release_floor(), 10);
+        b.set_phase("stopped", Some("lost the race".into()));
+        assert_eq!(all.release_floor(), 20);
+        b.set_phase("archiving", None);
         let s = a.status(30);
         assert_eq!((s.kind.as_str(), s.archived_seq), ("archive", 20));
         assert!(

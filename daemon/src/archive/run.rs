@@ -36,6 +36,8 @@ pub struct ArchiveContext {
     /// The cluster id (hex), the archive's owner.
     pub cluster: String,
     pub epoch: u64,
+    /// Where this primary forked from its old primary (a primary by promotion).
+    pub fork: Option<Seq>,
     pub journal: Arc<Journal>,
     pub bases: Vec<Arc<Base>>,
     pub group: Arc<Group>,
@@ -69,7 +71,8 @@ pub fn start(
             tokio::spawn(async move {
                 tokio::select! {
                     _ = run_target(ctx, t.clone()) => {}
-                    _ = stop.wait_for(|s| *s) => t.set_phase("stopped", None),
+                    // Not "stopped": the journal stays held for the next start.
+                    _ = stop.wait_for(|s| *s) => t.set_phase("shutting-down", None),
                 }
             })
         })
@@ -111,6 +114,7 @@ async fn session(
     let store = ArchiveStore::open(&t.url)?;
     let mut w = ArchiveWriter::open(store, &ctx.cluster, ctx.volumes(), ctx.epoch).await?;
     let mut at = held_point(w.manifest(), ctx);
+    check_history(w.manifest().epoch, ctx.epoch, ctx.fork, at)?;
     if at.is_none() || at.is_some_and(|a| ctx.journal.first_available_seq() > a + 1) {
         t.set_phase("base", None);
         let (seq, ts, bytes) = upload_bases(ctx, &mut w, &t.name).await?;
@@ -174,6 +178,26 @@ async fn flush(t: &ArchiveState, w: &mut ArchiveWriter) -> anyhow::Result<()> {
     t.add_uploaded(added.iter().map(|e| e.bytes).sum());
     t.set_archived(seq, newest_ts(w.manifest()));
     Ok(())
+}
+
+/// After a failover the archive may hold the old primary's write-sets past the fork:
+/// records this primary never had, at sequences it reuses. Continuing would skip its
+/// own write-sets up to there (a resend is skipped by sequence) and mix the two
+/// histories in restores, so the target stops and says so.
+fn check_history(
+    archive_epoch: u64,
+    epoch: u64,
+    fork: Option<Seq>,
+    held: Option<Seq>,
+) -> Result<(), StoreError> {
+    match (fork, held) {
+        (Some(fork), Some(held)) if archive_epoch < epoch && held > fork => {
+            Err(StoreError::Refused(format!(
+                "the archive holds the old primary's write-sets through sequence {held}, past this primary's fork at {fork}: archive to a new URL"
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// What the archive holds for this primary to continue from: its newest pack's end,
@@ -292,9 +316,11 @@ pub(crate) fn pack_write_set(ws: wire::WriteSet) -> WriteSet {
 
 /// Starts the primary's archive targets (none configured: nothing). The journal
 /// feed's in-memory tail is turned on so a current archive reads from memory.
+#[allow(clippy::too_many_arguments)]
 pub fn start_on_primary(
     cfg: &ferry_api::config::Config,
     epoch: u64,
+    fork: Option<Seq>,
     journal: &Arc<Journal>,
     bases: &[Arc<Base>],
     group: &Arc<Group>,
@@ -316,6 +342,7 @@ pub fn start_on_primary(
             .map(|b| format!("{b:02x}"))
             .collect(),
         epoch,
+        fork,
         journal: journal.clone(),
         bases: bases.to_vec(),
         group: group.clone(),
@@ -323,4 +350,70 @@ pub fn start_on_primary(
         durable: group.feed.durable(),
     });
     start(ctx, &archives.targets, shutdown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    /// A promoted primary continues an archive that stops at or before its fork, and
+    /// refuses one holding the old primary's write-sets past it; its own epoch's
+    /// archive is always its own history.
+    #[test]
+    fn an_archive_past_the_fork_of_an_older_epoch_is_refused() {
+        assert!(check_history(1, 2, Some(100), Some(100)).is_ok());
+        assert!(check_history(1, 2, None, Some(500)).is_ok());
+        assert!(check_history(2, 2, Some(100), Some(500)).is_ok());
+        assert!(check_history(1, 2, Some(100), None).is_ok());
+        let e = check_history(1, 2, Some(100), Some(101)).unwrap_err();
+        assert!(matches!(e, StoreError::Refused(_)), "{e}");
+        assert!(is_fatal(&e.into()));
+        assert!(!is_fatal(&anyhow::Error::from(StoreError::Io(
+            std::io::Error::other("x")
+        ))));
+    }
+
+    /// Every record kind keeps its sequence, volume, range and payload; a seal keeps
+    /// its label (its length is the label's); the boundary and time are the
+    /// write-set's.
+    #[test]
+    fn shipped_write_sets_become_archive_write_sets() {
+        let rec = |seq, op, offset, length, data: &'static [u8]| wire::WireRecord {
+            seq,
+            volume: 1,
+            op,
+            offset,
+            length,
+            data: Bytes::from_static(data),
+        };
+        let ws = wire::WriteSet {
+            epoch: 3,
+            first_seq: 10,
+            last_seq: 13,
+            timestamp_ns: 77,
+            records: vec![
+                rec(10, RecordOp::Write, 4096, 4, b"abcd"),
+                rec(11, RecordOp::Trim, 8192, 65536, b""),
+                rec(12, RecordOp::WriteZeroes, 0, 4096, b""),
+                rec(13, RecordOp::Seal, 0, 5, b"bm-01"),
+            ],
+        };
+        let p = pack_write_set(ws);
+        assert_eq!((p.end_seq, p.timestamp_ns), (13, 77));
+        let got: Vec<_> = p
+            .records
+            .iter()
+            .map(|r| (r.seq, r.volume, r.offset, r.len, r.op.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (10, 1, 4096, 4, Op::Write(Bytes::from_static(b"abcd"))),
+                (11, 1, 8192, 65536, Op::Trim),
+                (12, 1, 0, 4096, Op::Zero),
+                (13, 1, 0, 5, Op::Seal("bm-01".into())),
+            ]
+        );
+    }
 }

@@ -60,6 +60,7 @@ pub(crate) async fn run_primary(
     crate::archive::run::start_on_primary(
         &cfg,
         rec.meta.epoch()?,
+        rec.meta.fork_seq()?,
         &rec.journal,
         &rec.bases,
         &group,

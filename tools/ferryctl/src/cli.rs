@@ -295,6 +295,7 @@ pub enum ArchiveCmd {
         /// The archive: s3://BUCKET/PREFIX or file:///DIR.
         #[arg(long, value_name = "URL")]
         url: String,
+        /// The volume to restore (its name in the archive, as in the primary's config).
         #[arg(long, value_name = "NAME")]
         volume: String,
         #[command(flatten)]
