@@ -277,3 +277,47 @@ fn archive_on_s3_restores_a_bookmark_and_the_newest_point() {
     restore_env(url, &["--latest"], &out, &env);
     assert_same("s3 restore --latest", &std::fs::read(&out).unwrap(), &b);
 }
+
+/// An archive added to a primary that already holds data: its base is taken while a
+/// client writes (copy-before-write keeps the base at its sealed point), and the
+/// newest restore equals the volume once the writes stopped.
+#[test]
+fn an_archive_added_under_writes_restores_the_volume() {
+    const T: &str = "an_archive_added_under_writes_restores_the_volume";
+    if skip_without("qemu-img", T) || skip_without("qemu-io", T) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, _) = init_pair(
+        dir.path(),
+        &Init {
+            volume: "vol0:32MiB",
+            ..Init::default()
+        },
+    );
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    let offsets: Vec<u64> = (0..32u64).map(|i| i << 20).collect();
+    assert_qemu_io_ok(&qemu_io(
+        &primary.url("vol0"),
+        &writes(0x11, &offsets, 262144),
+    ));
+    assert!(primary.terminate().success());
+
+    let url = format!("file://{}", dir.path().join("archive").display());
+    let mut text = std::fs::read_to_string(&pcfg).unwrap();
+    text.push_str(&format!(
+        "\n[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\nurl = \"{url}\"\nflush_interval = 1\n"
+    ));
+    std::fs::write(&pcfg, text).unwrap();
+    let primary = Node::start(&ferryd(), &pcfg);
+    let nbd = primary.url("vol0");
+    let load = ferryd::testkit::spawn_qemu_io(&nbd, &mixed_workload(7, 400, 32 << 20, None));
+    load.finish();
+    let want = image_of(&nbd, &dir.path().join("want.img"));
+    wait_archived(&primary);
+    let out = dir.path().join("restored.img");
+    restore(&url, &["--latest"], &out);
+    assert_same("restore --latest", &std::fs::read(&out).unwrap(), &want);
+    let l = list(&url);
+    assert_eq!(l["bases"], 1, "{l:#}");
+}
