@@ -105,7 +105,9 @@ pub struct ArchiveStatus {
     /// Always `archive`.
     pub kind: String,
     pub url: String,
-    /// `starting`, `base` (uploading a base image), `archiving`, `retrying` or
+    /// `starting`, `base` (uploading a base image), `archiving`, `retrying`,
+    /// `overflowed` (the journal filled up while it was behind: it no longer holds
+    /// the journal, and takes a new base once the archive is reachable) or
     /// `stopped` (a newer primary archives there, or the archive refused this one;
     /// it no longer holds the journal), `shutting-down`.
     pub state: String,

@@ -9,13 +9,13 @@
 //! [`ArchiveState`] is what status and the release floor read; [`run`] owns the loop.
 pub mod run;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_api::config::Config;
 use ferry_api::status::ArchiveStatus;
-use ferry_journal::{now_ns, Seq};
+use ferry_journal::{now_ns, Journal, Seq};
 use parking_lot::Mutex;
 
 /// One archive target's live state.
@@ -30,6 +30,10 @@ pub struct ArchiveState {
     bytes_uploaded: AtomicU64,
     /// State name and last error.
     phase: Mutex<(&'static str, Option<String>)>,
+    /// The journal filled up while this archive held it back: the hold is dropped
+    /// until the next session (which uploads a new base if the journal no longer
+    /// reaches back to the archive).
+    overflowed: AtomicBool,
 }
 
 impl ArchiveState {
@@ -42,6 +46,7 @@ impl ArchiveState {
             archived_ts: AtomicU64::new(0),
             bytes_uploaded: AtomicU64::new(0),
             phase: Mutex::new(("starting", None)),
+            overflowed: AtomicBool::new(false),
         }
     }
 
@@ -67,6 +72,29 @@ impl ArchiveState {
         p.0 = state;
         if error.is_some() {
             p.1 = error;
+        }
+    }
+
+    /// Holds the journal again (a session that reached the archive).
+    pub(crate) fn hold_again(&self) {
+        self.overflowed.store(false, Ordering::Release);
+    }
+
+    /// Whether this target holds the journal now.
+    fn holds(&self) -> bool {
+        self.phase.lock().0 != "stopped" && !self.overflowed.load(Ordering::Acquire)
+    }
+
+    /// The journal is full and this archive holds it back: stop holding it (the
+    /// overflow rule of the hot targets, whose bitmap mode becomes a new base here).
+    fn overflow(&self) {
+        if !self.overflowed.swap(true, Ordering::AcqRel) {
+            let why = format!(
+                "the journal filled up while the archive was at sequence {}: it no longer holds the journal; a new base image follows once the archive is reachable",
+                self.archived_seq()
+            );
+            tracing::error!(target = %self.name, "{why}");
+            self.set_phase("overflowed", Some(why));
         }
     }
 
@@ -99,12 +127,14 @@ impl ArchiveState {
 #[derive(Default)]
 pub struct Archives {
     pub targets: Vec<Arc<ArchiveState>>,
+    /// Whose fill decides an overflow (none in unit tests: never full).
+    journal: Option<Arc<Journal>>,
 }
 
 impl Archives {
     /// The configured archive targets, holding the journal from `start` (the
     /// checkpoint) until they know what their archive holds.
-    pub fn from_config(cfg: &Config, start: Seq) -> Archives {
+    pub fn from_config(cfg: &Config, start: Seq, journal: Arc<Journal>) -> Archives {
         let targets = cfg
             .replication
             .as_ref()
@@ -118,21 +148,38 @@ impl Archives {
                     .collect()
             })
             .unwrap_or_default();
-        Archives { targets }
+        Archives {
+            targets,
+            journal: Some(journal),
+        }
     }
 
-    /// The journal may be released only through what every archive holds. A stopped
-    /// target (another primary archives there) holds nothing: it will not resume
-    /// before a restart, and holding the journal for it would stall this primary's
-    /// writes once the journal is full; after a restart it takes a new base if the
-    /// journal no longer reaches back to its archive.
-    pub fn release_floor(&self) -> Seq {
-        self.targets
-            .iter()
-            .filter(|t| t.phase.lock().0 != "stopped")
-            .map(|t| t.archived_seq())
-            .min()
-            .unwrap_or(Seq::MAX)
+    fn journal_full(&self) -> bool {
+        self.journal.as_ref().is_some_and(|j| {
+            j.used_bytes().saturating_mul(100)
+                >= j.capacity_bytes()
+                    .max(1)
+                    .saturating_mul(ferry_proto::target::SWITCH_PERCENT)
+        })
+    }
+
+    /// The journal may be released only through `others` (what the checkpoint and
+    /// the standbys allow) and what every archive holds. A stopped target (another
+    /// primary archives there) holds nothing: it will not resume before a restart.
+    /// An archive that holds the journal back further than `others` while the
+    /// journal is full gives its hold up (see [`ArchiveState::overflow`]): client
+    /// writes never wait for object storage.
+    pub fn release_floor(&self, others: Seq) -> Seq {
+        let full = self.journal_full();
+        let mut floor = others;
+        for t in self.targets.iter().filter(|t| t.holds()) {
+            if full && t.archived_seq() < others {
+                t.overflow();
+                continue;
+            }
+            floor = floor.min(t.archived_seq());
+        }
+        floor
     }
 
     pub fn status(&self, durable: Seq) -> Vec<ArchiveStatus> {
@@ -143,6 +190,48 @@ impl Archives {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A full journal: an archive behind the other holders gives its hold up (and
+    /// says so), one at or ahead of them keeps it; a new session holds again.
+    #[test]
+    fn a_full_journal_overflows_only_the_archive_that_holds_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = ferry_journal::JournalOptions::new(dir.path().join("j"), [1; 16]);
+        o.segment_size = 1 << 20;
+        o.capacity = 4 << 20;
+        o.engine = ferry_journal::EngineChoice::Std;
+        let j = Arc::new(Journal::open(o).unwrap().0);
+        let every = Duration::from_secs(1);
+        let behind = Arc::new(ArchiveState::new("behind", "file:///a", every, 0));
+        let ahead = Arc::new(ArchiveState::new("ahead", "file:///b", every, 0));
+        let all = Archives {
+            targets: vec![behind.clone(), ahead.clone()],
+            journal: Some(j.clone()),
+        };
+        let data = bytes::Bytes::from(vec![7u8; 256 << 10]);
+        while j.used_bytes() * 100 < j.capacity_bytes() * ferry_proto::target::SWITCH_PERCENT {
+            j.append_wait(ferry_journal::Record::write(0, 0, data.clone()))
+                .unwrap();
+        }
+        behind.set_archived(2, now_ns());
+        ahead.set_archived(10, now_ns());
+        assert_eq!(all.release_floor(5), 5);
+        let s = behind.status(10);
+        assert_eq!(s.state, "overflowed");
+        assert!(s.last_error.unwrap().contains("journal filled up"));
+        assert_eq!(ahead.status(10).state, "starting");
+        behind.hold_again();
+        behind.set_archived(3, now_ns());
+        assert_eq!(all.release_floor(5), 5, "still full: it overflows again");
+        assert_eq!(
+            Archives {
+                journal: None,
+                ..all
+            }
+            .release_floor(5),
+            5
+        );
+    }
 
     #[test]
     fn the_floor_is_the_least_archived_and_status_shows_lag_only_when_behind() {
@@ -160,13 +249,15 @@ mod tests {
         ));
         let all = Archives {
             targets: vec![a.clone(), b.clone()],
+            journal: None,
         };
-        assert_eq!(Archives::default().release_floor(), Seq::MAX);
+        assert_eq!(Archives::default().release_floor(Seq::MAX), Seq::MAX);
         a.set_archived(20, now_ns() - 3_000_000_000);
         b.set_archived(10, now_ns());
-        assert_eq!(all.release_floor(), 10);
+        assert_eq!(all.release_floor(Seq::MAX), 10);
+        assert_eq!(all.release_floor(7), 7);
         b.set_phase("stopped", Some("lost the race".into()));
-        assert_eq!(all.release_floor(), 20);
+        assert_eq!(all.release_floor(Seq::MAX), 20);
         b.set_phase("archiving", None);
         let s = a.status(30);
         assert_eq!((s.kind.as_str(), s.archived_seq), ("archive", 20));

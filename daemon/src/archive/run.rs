@@ -113,6 +113,9 @@ async fn session(
 ) -> anyhow::Result<std::convert::Infallible> {
     let store = ArchiveStore::open(&t.url)?;
     let mut w = ArchiveWriter::open(store, &ctx.cluster, ctx.volumes(), ctx.epoch).await?;
+    // Reachable again: hold the journal from what the archive holds (after an
+    // overflow the gap check below finds the journal released and takes a new base).
+    t.hold_again();
     let mut at = held_point(w.manifest(), ctx);
     check_history(w.manifest().epoch, ctx.epoch, ctx.fork, at)?;
     if at.is_none() || at.is_some_and(|a| ctx.journal.first_available_seq() > a + 1) {

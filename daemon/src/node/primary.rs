@@ -56,6 +56,7 @@ pub(crate) async fn run_primary(
     let archives = Arc::new(crate::archive::Archives::from_config(
         &cfg,
         rec.checkpoint.min(rec.journal.durable_seq()),
+        rec.journal.clone(),
     ));
     crate::archive::run::start_on_primary(
         &cfg,
@@ -71,7 +72,8 @@ pub(crate) async fn run_primary(
         let (group, repl, archives) = (group.clone(), repl.clone(), archives.clone());
         Arc::new(move || {
             let floor = repl.as_ref().map_or(Seq::MAX, |r| r.release_floor());
-            (group.applied_seq(), floor.min(archives.release_floor()))
+            let applied = group.applied_seq();
+            (applied, archives.release_floor(floor.min(applied)))
         })
     })?;
     let status = Arc::new(StatusSource {
