@@ -41,6 +41,9 @@ pub struct Config {
     /// Control socket access and the audit log (`[access]`); absent: defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<AccessConfig>,
+    /// Audit log rotation and batching (`[audit]`); absent: defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditConfig>,
     /// Optional HTTP endpoint for /metrics, /healthz and /readyz; absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
@@ -161,6 +164,75 @@ impl Default for AccessConfig {
     }
 }
 
+/// `[audit]`: rotation by size, and how often the appends of read-only requests are
+/// fsynced. State-changing requests are always fsynced before their answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Rotate the active file once it holds this much (it may exceed it by one line).
+    #[serde(default = "default_audit_max_file_size")]
+    pub max_file_size: ByteSize,
+    /// Rotated files kept besides the active one; older ones are deleted (0: keep all).
+    #[serde(default = "default_audit_keep_files")]
+    pub keep_files: u32,
+    /// Read-only and refused requests: their lines are written at once and fsynced at
+    /// most this long afterwards (milliseconds)…
+    #[serde(default = "default_audit_sync_interval_ms")]
+    pub sync_interval_ms: u64,
+    /// …or once this many of them are waiting, whichever comes first.
+    #[serde(default = "default_audit_sync_lines")]
+    pub sync_lines: u32,
+}
+
+fn default_audit_max_file_size() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_audit_keep_files() -> u32 {
+    16
+}
+fn default_audit_sync_interval_ms() -> u64 {
+    100
+}
+fn default_audit_sync_lines() -> u32 {
+    64
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            max_file_size: default_audit_max_file_size(),
+            keep_files: default_audit_keep_files(),
+            sync_interval_ms: default_audit_sync_interval_ms(),
+            sync_lines: default_audit_sync_lines(),
+        }
+    }
+}
+
+impl AuditConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((format!("audit.{k}"), m));
+        if self.max_file_size.0 < 64 << 10 {
+            return bad(
+                "max_file_size",
+                format!(
+                    "{}: at least 64KiB (a line can be that long)",
+                    self.max_file_size
+                ),
+            );
+        }
+        if !(1..=10_000).contains(&self.sync_interval_ms) {
+            return bad(
+                "sync_interval_ms",
+                format!("{}: 1..=10000", self.sync_interval_ms),
+            );
+        }
+        if self.sync_lines == 0 {
+            return bad("sync_lines", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// The audit log: `access.audit_log`, or `<node.metadata_dir>/audit.log`.
     pub fn audit_log_path(&self) -> PathBuf {
@@ -231,6 +303,34 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// This node's private key (PEM, mode 0600).
     pub key: PathBuf,
+    /// The TLS 1.3 suites of the replication link. The cluster CA's key decides
+    /// what a node can speak (ECDSA: standard, SM2: gm); this states the intent,
+    /// and ferryd refuses to start when the CA says otherwise.
+    #[serde(default, skip_serializing_if = "TlsSuiteConfig::is_standard")]
+    pub suite: TlsSuiteConfig,
+}
+
+/// `tls.suite`: the standard TLS 1.3 suites (AES-GCM, ChaCha20, ECDSA) or the
+/// national ones of RFC 8998 (SM4-GCM, SM3, SM2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsSuiteConfig {
+    #[default]
+    Standard,
+    Gm,
+}
+
+impl TlsSuiteConfig {
+    pub fn is_standard(&self) -> bool {
+        *self == TlsSuiteConfig::Standard
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsSuiteConfig::Standard => "standard",
+            TlsSuiteConfig::Gm => "gm",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -557,6 +657,52 @@ pub struct NbdConfig {
     /// must present a certificate issued by one of them; absent: none is asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    /// NBD connections at once (default 64, 1 to 65536). At the cap a new
+    /// connection displaces the one that has waited longest in its handshake; when
+    /// every connection is in a session it is closed at once. Both are counted and
+    /// logged (rate-limited). Each session may use up to 128 MiB of request buffers
+    /// under load, so the cap also bounds memory.
+    #[serde(
+        default = "default_nbd_max_connections",
+        skip_serializing_if = "is_default_nbd_max_connections"
+    )]
+    pub max_connections: u32,
+    /// Seconds a client has to finish the NBD handshake, TLS included (default 10,
+    /// as qemu-nbd; 1 to 3600). Idle sockets that never negotiate are dropped then.
+    #[serde(
+        default = "default_nbd_handshake_timeout_secs",
+        skip_serializing_if = "is_default_nbd_handshake_timeout_secs"
+    )]
+    pub handshake_timeout_secs: u64,
+    /// Seconds a session may go without a request (and none in flight) before it is
+    /// closed; 0 (the default) = never. Off by default because a quiet session is
+    /// normal for a block device: a VM whose guest does no I/O for hours, or the
+    /// kernel's nbd client, must not lose its disk; most clients do not reconnect
+    /// on their own. Set it where clients are short-lived tools (backups, copies)
+    /// that may leave sessions behind.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub idle_timeout_secs: u64,
+}
+
+/// Default of `nbd.max_connections`.
+pub const DEFAULT_NBD_MAX_CONNECTIONS: u32 = 64;
+/// Default of `nbd.handshake_timeout_secs`.
+pub const DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+
+fn default_nbd_max_connections() -> u32 {
+    DEFAULT_NBD_MAX_CONNECTIONS
+}
+fn is_default_nbd_max_connections(v: &u32) -> bool {
+    *v == DEFAULT_NBD_MAX_CONNECTIONS
+}
+fn default_nbd_handshake_timeout_secs() -> u64 {
+    DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS
+}
+fn is_default_nbd_handshake_timeout_secs(v: &u64) -> bool {
+    *v == DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS
+}
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl NbdConfig {
@@ -568,6 +714,9 @@ impl NbdConfig {
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
+            max_connections: DEFAULT_NBD_MAX_CONNECTIONS,
+            handshake_timeout_secs: DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS,
+            idle_timeout_secs: 0,
         }
     }
 }
@@ -704,6 +853,9 @@ impl Config {
     /// Semantic checks. Returns (key, message) for the first problem found.
     pub fn validate(&self) -> Result<(), (String, String)> {
         self.validate_access()?;
+        if let Some(a) = &self.audit {
+            a.validate()?;
+        }
         self.validate_node()?;
         self.validate_journal()?;
         self.validate_nbd()?;
@@ -781,6 +933,7 @@ impl Config {
                 if let Err(e) = self.nbd_addr() {
                     return bad("nbd.listen", e);
                 }
+                validate_nbd_limits(n)?;
                 self.validate_nbd_tls(n)?;
             }
             (None, Role::Standby) => {}
@@ -1024,6 +1177,23 @@ impl Config {
 /// must not depend on DNS to come up).
 /// One line for a TOML error: `key `K`: MESSAGE (line L, column C)`, or the parser's
 /// own text when it has no position (then there is no key to name either).
+/// `nbd.max_connections`, `nbd.handshake_timeout_secs`: within their ranges.
+fn validate_nbd_limits(n: &NbdConfig) -> Result<(), (String, String)> {
+    if !(1..=65536).contains(&n.max_connections) {
+        return Err((
+            "nbd.max_connections".into(),
+            format!("{}: must be 1 to 65536", n.max_connections),
+        ));
+    }
+    if !(1..=3600).contains(&n.handshake_timeout_secs) {
+        return Err((
+            "nbd.handshake_timeout_secs".into(),
+            format!("{}: must be 1 to 3600", n.handshake_timeout_secs),
+        ));
+    }
+    Ok(())
+}
+
 fn describe_parse_error(text: &str, e: &toml::de::Error) -> String {
     let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
         return e.to_string().trim_end().to_string();
@@ -1284,6 +1454,60 @@ size = "1GiB"
     }
 
     #[test]
+    fn nbd_limits_default_parse_and_name_their_key() {
+        let n = Config::parse(GOOD).unwrap().nbd.unwrap();
+        assert_eq!(n.max_connections, DEFAULT_NBD_MAX_CONNECTIONS);
+        assert_eq!(n.handshake_timeout_secs, 10);
+        assert_eq!(n.idle_timeout_secs, 0, "off by default");
+        let with = |extra: &str| GOOD.replace("[nbd]\n", &format!("[nbd]\n{extra}\n"));
+        let cfg = Config::parse(&with(
+            "max_connections = 8\nhandshake_timeout_secs = 3\nidle_timeout_secs = 600",
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        let n = Config::parse(&cfg.to_toml()).unwrap().nbd.unwrap();
+        assert_eq!(
+            (
+                n.max_connections,
+                n.handshake_timeout_secs,
+                n.idle_timeout_secs
+            ),
+            (8, 3, 600)
+        );
+        // Defaults are not written out (configs from `ferryctl init` stay short).
+        let plain = Config::parse(GOOD).unwrap().to_toml();
+        assert!(!plain.contains("max_connections"), "{plain}");
+        assert_eq!(
+            invalid_key(&with("max_connections = 0")),
+            "nbd.max_connections"
+        );
+        assert_eq!(
+            invalid_key(&with("handshake_timeout_secs = 0")),
+            "nbd.handshake_timeout_secs"
+        );
+        let err = Config::parse(&with("idle_timeout_secs = \"10m\"")).unwrap_err();
+        assert!(err.contains("nbd.idle_timeout_secs"), "{err}");
+        let err = Config::parse(&with("max_connections = -1")).unwrap_err();
+        assert!(err.contains("nbd.max_connections"), "{err}");
+    }
+
+    #[test]
+    fn tls_suite_defaults_to_standard_and_round_trips() {
+        let tls = |extra: &str| {
+            format!("{GOOD}\n[tls]\nca = \"ca.pem\"\ncert = \"p.pem\"\nkey = \"p.key\"\n{extra}")
+        };
+        let cfg = Config::parse(&tls("")).unwrap();
+        assert_eq!(cfg.tls.as_ref().unwrap().suite, TlsSuiteConfig::Standard);
+        // The default is not written, so standard configs stay as they were.
+        assert!(!cfg.to_toml().contains("suite"));
+        let cfg = Config::parse(&tls("suite = \"gm\"")).unwrap();
+        assert_eq!(cfg.tls.as_ref().unwrap().suite, TlsSuiteConfig::Gm);
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.tls.unwrap().suite, TlsSuiteConfig::Gm);
+        assert!(Config::parse(&tls("suite = \"sm\"")).is_err());
+    }
+
+    #[test]
     fn nbd_tls_settings_name_their_key() {
         let nbd = |extra: &str| {
             GOOD.replace(
@@ -1470,5 +1694,40 @@ size = "1GiB"
         assert!(e.contains("users"), "{e}");
         let e = Config::parse(&format!("{GOOD}\n[access]\nsuperusers = {{}}\n")).unwrap_err();
         assert!(e.contains("superusers"), "{e}");
+    }
+
+    #[test]
+    fn audit_section() {
+        let cfg = Config::parse(GOOD).unwrap();
+        assert!(cfg.audit.is_none());
+        let d = AuditConfig::default();
+        assert_eq!(
+            (
+                d.max_file_size.0,
+                d.keep_files,
+                d.sync_interval_ms,
+                d.sync_lines
+            ),
+            (64 << 20, 16, 100, 64)
+        );
+        let text = format!(
+            "{GOOD}\n[audit]\nmax_file_size = \"1MiB\"\nkeep_files = 0\nsync_interval_ms = 20\n"
+        );
+        let cfg = Config::parse(&text).unwrap();
+        cfg.validate().unwrap();
+        let a = cfg.audit.clone().unwrap();
+        assert_eq!((a.max_file_size.0, a.keep_files), (1 << 20, 0));
+        assert_eq!((a.sync_interval_ms, a.sync_lines), (20, 64));
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.audit.unwrap().max_file_size.0, 1 << 20);
+        for (body, key) in [
+            ("max_file_size = \"4KiB\"", "audit.max_file_size"),
+            ("sync_interval_ms = 0", "audit.sync_interval_ms"),
+            ("sync_lines = 0", "audit.sync_lines"),
+        ] {
+            assert_eq!(invalid_key(&format!("{GOOD}\n[audit]\n{body}\n")), key);
+        }
+        let e = Config::parse(&format!("{GOOD}\n[audit]\nmax_files = 3\n")).unwrap_err();
+        assert!(e.contains("max_files"), "{e}");
     }
 }

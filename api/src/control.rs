@@ -119,6 +119,9 @@ pub enum Request {
         #[serde(default)]
         group: bool,
     },
+    /// Re-read the node's config file and apply what can change live (all or
+    /// nothing; what needs a restart is refused, naming each key).
+    Reload,
 }
 
 /// What `ferryctl drill` proved, as the audit log keeps it.
@@ -169,6 +172,7 @@ impl Request {
             Request::Rollback { .. }
             | Request::Promote { .. }
             | Request::Demote
+            | Request::Reload
             | Request::Switchover { .. } => Role::Admin,
         }
     }
@@ -190,6 +194,7 @@ impl Request {
             Request::Verify { .. } => "verify",
             Request::Demote => "demote",
             Request::Switchover { .. } => "switchover",
+            Request::Reload => "reload",
         }
     }
 }
@@ -427,6 +432,7 @@ mod tests {
             },
             Request::Demote,
             Request::Switchover { to: None },
+            Request::Reload,
             Request::Verify { volume: None },
             Request::DrillReport(DrillReport {
                 volume: "v".into(),

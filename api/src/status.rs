@@ -90,8 +90,12 @@ pub struct PrimaryStatus {
     pub outdated: Option<OutdatedStatus>,
     /// Why writes are refused (a fence), if they are.
     pub writes_refused: Option<String>,
-    /// Where this primary forked from its old primary (a primary by promotion).
+    /// Where this primary forked from its old primary (a primary by promotion or
+    /// switchover).
     pub fork_seq: Option<u64>,
+    /// How: `switchover` or `promotion` (with `fork_seq`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork_by: Option<String>,
     pub nbd: NbdStatus,
     /// Archive targets (`kind = "archive"`); absent when none is configured.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

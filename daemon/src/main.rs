@@ -66,13 +66,21 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let cfg = ferry_api::config::Config::load(config)?;
     let _lock = lock_node(&cfg.node.metadata_dir)?;
+    // Test builds only (feature `failpoints`): faults named in $FAILPOINTS are armed
+    // for the life of the process (daemon/FAILPOINTS.md).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads())
         .enable_all()
         .thread_name("ferryd-rt")
         .build()
         .context("starting the async runtime")?;
-    let exit = rt.block_on(ferryd::node::run(cfg, shutdown_signal()))?;
+    let exit = rt.block_on(ferryd::node::run_from(
+        cfg,
+        Some(config.clone()),
+        shutdown_signal(),
+    ))?;
     drop(rt);
     if exit == ferryd::node::Exit::Restart {
         // Same PID (systemd keeps tracking it), fresh process: the new role starts from

@@ -47,6 +47,7 @@ pub fn primary_config(
         metrics: None,
         pit: None,
         access: None,
+        audit: None,
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
         },

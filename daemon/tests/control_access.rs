@@ -1,5 +1,7 @@
 //! The control socket in-process: roles from peer credentials, denial messages, and the
-//! audit trail (written and fsynced before the response).
+//! audit trail (written before the response; state-changing requests as an fsynced
+//! intent before the action and an fsynced outcome after it, the rest fsynced in
+//! batches).
 use std::io::{BufRead, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -184,8 +186,131 @@ async fn no_role_is_denied_everything_and_roles_come_from_groups() {
     let r = srv.call(r#"{"cmd":"pause"}"#).await;
     assert!(r.ok, "{r:?}");
     srv.stop().await;
-    // Both servers appended to one chain.
-    assert_eq!(audit::verify(&log_path).unwrap().entries, 5);
+    // Both servers appended to one chain: five requests, and pause, which changes
+    // state, is two lines (its intent, then its outcome).
+    let report = audit::verify(&log_path).unwrap();
+    assert_eq!(report.entries, 6);
+    assert!(report.open_intents.is_empty(), "{:?}", report.open_intents);
+}
+
+/// Issue 16 path 9: a state-changing request is audited twice, durably: its intent
+/// before the handler runs (the handler sees it in the log), its outcome after, linked
+/// by the intent's seq. Read-only and refused requests are one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_changing_request_is_an_intent_then_its_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("audit.log");
+    let audit = Arc::new(AuditLog::open(&log_path).unwrap());
+    let sock = dir.path().join("ctl/ferryd.sock");
+    let access = Access::from_config(None);
+    let listener = control::bind(&sock, &access).await.unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let seen = log_path.clone();
+    let h: Handler = Arc::new(move |req| {
+        // What the log holds while the action runs.
+        let lines = audit_lines(&seen);
+        let last = lines.last().cloned().unwrap_or_default();
+        match req {
+            Request::Pause => Response::ok(serde_json::json!({"last": last})),
+            Request::Resume => Response::err("not paused"),
+            other => Response::ok(serde_json::json!({"cmd": other.name()})),
+        }
+    });
+    let task = tokio::spawn(control::serve(
+        listener,
+        sock.clone(),
+        h,
+        access,
+        Some(audit.clone()),
+        rx,
+    ));
+    let srv = Server { sock, stop, task };
+    let fsyncs = audit.fsyncs();
+    let r = srv.call(r#"{"cmd":"pause"}"#).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(
+        audit.fsyncs(),
+        fsyncs + 2,
+        "intent and outcome, each fsynced"
+    );
+    let during = &r.result.unwrap()["last"];
+    assert_eq!(during["result"], "intent");
+    assert_eq!(during["request"], "pause");
+    assert_eq!(during["seq"], 1);
+    let r = srv.call(r#"{"cmd":"resume"}"#).await;
+    assert_eq!(r.error.as_deref(), Some("not paused"));
+    assert!(srv.call(r#"{"cmd":"status"}"#).await.ok);
+    srv.stop().await;
+    let lines = audit_lines(&log_path);
+    let summary: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["seq"].as_u64().unwrap(),
+                l["request"].as_str().unwrap().to_string(),
+                l["result"].as_str().unwrap().to_string(),
+                l["intent"].as_u64(),
+            )
+        })
+        .collect();
+    let want = [
+        (1, "pause", "intent", None),
+        (2, "pause", "ok", Some(1)),
+        (3, "resume", "intent", None),
+        (4, "resume", "error", Some(3)),
+        (5, "status", "ok", None),
+    ];
+    let want: Vec<_> = want
+        .iter()
+        .map(|(s, r, o, i)| (*s, r.to_string(), o.to_string(), *i))
+        .collect();
+    assert_eq!(summary, want);
+    assert_eq!(lines[3]["message"], "not paused");
+    assert_eq!(lines[0]["message"], serde_json::Value::Null);
+    assert_eq!(lines[0]["args"], serde_json::json!({"cmd": "pause"}));
+    assert_eq!(lines[0]["uid"], lines[1]["uid"]);
+    assert!(audit::verify(&log_path).unwrap().open_intents.is_empty());
+}
+
+/// Issue 17 (limits): a viewer asking `status` in a loop cannot make the daemon fsync
+/// once per request: read-only lines are batched (one fsync per 100 ms or 64 lines),
+/// and every line is in the log after a clean stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_in_a_loop_shares_fsyncs_and_loses_no_line() {
+    const REQUESTS: u64 = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("audit.log");
+    let audit = Arc::new(AuditLog::open(&log_path).unwrap());
+    let srv = start(dir.path(), Access::from_config(None), Some(audit.clone())).await;
+    let sock = srv.sock.clone();
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || {
+        // One connection, as a polling dashboard keeps.
+        let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = std::io::BufReader::new(s);
+        for _ in 0..REQUESTS {
+            w.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+            let mut resp = String::new();
+            r.read_line(&mut resp).unwrap();
+            assert!(resp.starts_with("{\"ok\":true"), "{resp}");
+        }
+    })
+    .await
+    .unwrap();
+    let elapsed = started.elapsed();
+    let fsyncs = audit.fsyncs();
+    srv.stop().await;
+    drop(audit);
+    eprintln!("{REQUESTS} status requests in {elapsed:?}: {fsyncs} fsyncs");
+    assert!(
+        fsyncs <= REQUESTS / 10,
+        "{fsyncs} fsyncs for {REQUESTS} read-only requests"
+    );
+    let report = audit::verify(&log_path).unwrap();
+    assert_eq!(report.entries, REQUESTS);
+    let lines = audit_lines(&log_path);
+    assert!(lines.iter().all(|l| l["request"] == "status"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,6 +75,7 @@ fn primary_serves_volumes_over_required_tls_with_client_certificates() {
         ca: pki.join("ca.pem"),
         cert: pki.join("primary.pem"),
         key: pki.join("primary.key"),
+        suite: Default::default(),
     });
     let nbd = cfg.nbd.as_mut().unwrap();
     nbd.tls = NbdTls::Require;

@@ -348,3 +348,41 @@ fn reports_holes(dir: &Path) -> bool {
     let r = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
     r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
 }
+
+/// A journal whose only records after the checkpoint are seals (a bookmark taken, then
+/// SIGKILL before the next checkpoint): recovery must checkpoint through them. Before,
+/// replay counted only records applied to a volume, left the checkpoint below the last
+/// seal, and the group's applied position never reached the journal's end, so a
+/// switchover or demote waited 30 s and failed ("durable N, applied N-1").
+#[test]
+fn a_trailing_seal_is_checkpointed_at_recovery() {
+    if skip_without("qemu-io", "a_trailing_seal_is_checkpointed_at_recovery") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = primary_config(dir.path(), &[("vol0", 4 * MIB)], 16 * MIB, 2 * MIB);
+    let mut c = ferry_api::config::Config::load(&cfg).unwrap();
+    c.journal.checkpoint_interval_ms = 3_600_000;
+    std::fs::write(&cfg, c.to_toml()).unwrap();
+    let mut node = Node::start(ferryd(), &cfg);
+    assert_qemu_io_ok(&qemu_io(&node.url("vol0"), &cmds(&["write -P 0x5a 0 64k"])));
+    // A clean stop checkpoints the write.
+    assert!(node.terminate().success());
+    let mut node = Node::start(ferryd(), &cfg);
+    let r = ferry_api::control::call(
+        &c.control.socket,
+        &ferry_api::control::Request::BookmarkCreate { name: "b1".into() },
+    )
+    .expect("bookmark call");
+    assert!(r.ok, "{r:?}");
+    let sealed = node.status()["durable_seq"].as_u64().unwrap();
+    node.kill();
+    let node = Node::start(ferryd(), &cfg);
+    let st = node.status();
+    assert_eq!(st["last_seq"].as_u64(), Some(sealed), "{st:#}");
+    assert_eq!(
+        st["checkpoint_seq"].as_u64(),
+        Some(sealed),
+        "recovery left the trailing seal above the checkpoint: {st:#}"
+    );
+}

@@ -100,7 +100,8 @@ pub fn journal_record(seq: u64) -> Record {
     }
 }
 
-/// Entries of the template undo log: write-sets, a resync transition, more write-sets.
+/// Entries of the template undo log: write-sets, a resync transition, more write-sets,
+/// one of them captured in pieces.
 pub fn undo_entries() -> Vec<UndoEntry> {
     let mut v = Vec::new();
     let mut seq = 1u64;
@@ -109,9 +110,11 @@ pub fn undo_entries() -> Vec<UndoEntry> {
         let kind = match i {
             10 => EntryKind::ResyncStart,
             11 | 12 => EntryKind::Resync,
+            16 => EntryKind::PartStart,
+            17 => EntryKind::Part,
             _ => EntryKind::WriteSet,
         };
-        // Resync entries carry data but cover no sequence (last = first - 1).
+        // Resync entries and pieces carry data but cover no sequence (last = first - 1).
         let (first, last) = if kind == EntryKind::WriteSet {
             (seq, seq + n - 1)
         } else {

@@ -15,8 +15,9 @@ pub enum Backend {
     /// Bitsliced, 64 blocks at a time, any CPU. GHASH by constant-time integer
     /// multiplication.
     Portable,
-    /// x86-64 AVX2 + AES-NI: the S-box through AESENCLAST and two affine maps,
-    /// 32 blocks at a time. GHASH with PCLMULQDQ.
+    /// x86-64 AVX2 + AES-NI: the S-box through AESENCLAST, its affine maps and the
+    /// linear layer fused into PSHUFB lookups, 64 blocks at a time. GHASH with
+    /// PCLMULQDQ.
     Avx2AesNi,
     /// x86-64 AVX2 + VAES: as `Avx2AesNi` with one 256-bit AESENCLAST per register
     /// (AMD Zen 3 has VAES but no GFNI). GHASH with PCLMULQDQ.

@@ -53,7 +53,7 @@ fn golden_entry_bytes() {
     #[rustfmt::skip]
     let expected: [u8; 56 + 20] = [
         b'F', b'R', b'Y', b'U',                 // 0  magic
-        1, 0,                                   // 4  version
+        2, 0,                                   // 4  version
         0, 0,                                   // 6  flags
         10, 0, 0, 0, 0, 0, 0, 0,                // 8  first_seq
         12, 0, 0, 0, 0, 0, 0, 0,                // 16 last_seq
@@ -62,7 +62,7 @@ fn golden_entry_bytes() {
         131, 186, 235, 209,                     // 36 body_crc (salted with segment 3)
         20, 0, 0, 0, 0, 0, 0, 0,                // 40 body_len
         0, 0, 0, 0,                             // 48 reserved
-        40, 93, 173, 218,                       // 52 header_crc (salted with segment 3)
+        36, 122, 214, 254,                      // 52 header_crc (salted with segment 3)
         // extent header
         7, 0, 0, 0,                             // 0  volume
         4, 0, 0, 0,                             // 4  length
@@ -76,20 +76,30 @@ fn golden_entry_bytes() {
     assert_eq!(salted(&expected[56..]).to_le_bytes(), expected[36..40]);
     assert_eq!(salted(&expected[..52]).to_le_bytes(), expected[52..56]);
     let (back, n) = decode_undo_entry(&Bytes::copy_from_slice(&got), 3).unwrap();
-    assert_eq!((back, n), (e, 76));
+    assert_eq!((back, n), (e.clone(), 76));
     // Another segment's salt: the header does not validate.
     assert!(matches!(
         decode_undo_entry_header(&got, 4),
         Err(UndoFormatError::HeaderCrc { .. })
     ));
+    // The same entry as version 1 wrote it (golden header CRC of that version) is
+    // still read, as the same entry.
+    let mut v1 = got.clone();
+    v1[4] = 1;
+    v1[52..56].copy_from_slice(&[40, 93, 173, 218]);
+    assert_eq!(salted(&v1[..52]).to_le_bytes(), v1[52..56]);
+    let (old, n) = decode_undo_entry(&Bytes::copy_from_slice(&v1), 3).unwrap();
+    assert_eq!((old, n), (e.clone(), 76));
     // CRC-valid header with an unknown version is "checksummed", never torn.
-    let mut v2 = got.clone();
-    v2[4] = 2;
-    let crc = salted(&v2[..52]);
-    v2[52..56].copy_from_slice(&crc.to_le_bytes());
-    let err = decode_undo_entry_header(&v2, 3).unwrap_err();
-    assert_eq!(err, UndoFormatError::UnsupportedVersion(2));
-    assert!(err.is_checksummed());
+    for version in [0u8, 3] {
+        let mut v = got.clone();
+        v[4] = version;
+        let crc = salted(&v[..52]);
+        v[52..56].copy_from_slice(&crc.to_le_bytes());
+        let err = decode_undo_entry_header(&v, 3).unwrap_err();
+        assert_eq!(err, UndoFormatError::UnsupportedVersion(version.into()));
+        assert!(err.is_checksummed());
+    }
 }
 
 #[test]
@@ -167,7 +177,7 @@ fn golden_segment_header() {
     #[rustfmt::skip]
     let expected: [u8; 64] = [
         b'F', b'E', b'R', b'R', b'Y', b'U', b'N', b'D', // 0  magic
-        1, 0,                                           // 8  version
+        2, 0,                                           // 8  version
         0, 0,                                           // 10 flags
         0, 0, 0, 0,                                     // 12 reserved
         3, 0, 0, 0, 0, 0, 0, 0,                         // 16 segment_no
@@ -175,9 +185,14 @@ fn golden_segment_header() {
         b'u', b's', b't', b'e', b'r', b'-', b'0', b'1',
         10, 0, 0, 0, 0, 0, 0, 0,                        // 40 first_seq
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,             // 48 reserved
-        190, 157, 211, 1,                               // 60 header_crc
+        177, 246, 140, 232,                             // 60 header_crc
     ];
     assert_eq!(encode_undo_segment_header(&h), expected);
+    // As version 1 wrote it: still read.
+    let mut v1 = expected;
+    v1[8] = 1;
+    v1[60..64].copy_from_slice(&[190, 157, 211, 1]);
+    assert_eq!(decode_undo_segment_header(&v1, 3), Ok(h));
     assert_eq!(decode_undo_segment_header(&expected, 3), Ok(h));
     assert!(decode_undo_segment_header(&expected, 4).is_err());
     assert_eq!(
@@ -190,7 +205,7 @@ fn golden_segment_header() {
     let a = UndoSegmentHeader { aligned: true, ..h };
     let mut aligned = expected;
     aligned[10] = 1; // flags
-    aligned[60..64].copy_from_slice(&[247, 107, 47, 224]); // header_crc
+    aligned[60..64].copy_from_slice(&[248, 0, 112, 9]); // header_crc
     let salted = |b: &[u8]| crc32c::crc32c_append(crc32c::crc32c(&3u64.to_le_bytes()), b);
     assert_eq!(salted(&aligned[..60]).to_le_bytes(), aligned[60..64]);
     assert_eq!(encode_undo_segment_header(&a), aligned);
@@ -972,7 +987,7 @@ fn golden_resync_entry_bytes() {
     #[rustfmt::skip]
     let expected: [u8; 56 + 16] = [
         b'F', b'R', b'Y', b'U',                 // 0  magic
-        1, 0,                                   // 4  version
+        2, 0,                                   // 4  version
         1, 0,                                   // 6  flags: RESYNC
         13, 0, 0, 0, 0, 0, 0, 0,                // 8  first_seq
         12, 0, 0, 0, 0, 0, 0, 0,                // 16 last_seq (empty range)
@@ -981,7 +996,7 @@ fn golden_resync_entry_bytes() {
         0x17, 0xa9, 0xc3, 0x61,                 // 36 body_crc (salted with segment 3)
         16, 0, 0, 0, 0, 0, 0, 0,                // 40 body_len
         0, 0, 0, 0,                             // 48 reserved
-        0x76, 0xbe, 0x15, 0xc4,                 // 52 header_crc (salted with segment 3)
+        122, 153, 110, 224,                     // 52 header_crc (salted with segment 3)
         // extent header
         7, 0, 0, 0,                             // 0  volume
         0x00, 0x10, 0, 0x80,                    // 4  length 4096 | zero flag
@@ -1245,4 +1260,167 @@ fn verify_from_streams_big_entries_and_finds_late_damage() {
         r => panic!("expected corruption, got {r:?}"),
     }
     log.verify_from(3).unwrap();
+}
+
+// ---------------------------------------------------------------- pieces (v2)
+
+/// A write-set in pieces: flag bits `PART | RESYNC_START` on the first piece, `PART`
+/// on later ones, empty ranges; version 2. A version-1 entry carrying the bit, a
+/// piece with a non-empty range, or `PART` with `RESYNC` are refused.
+#[test]
+fn golden_piece_entry_bytes() {
+    let e = UndoEntry {
+        first_seq: 13,
+        last_seq: 12,
+        timestamp_ns: 1_700_000_000_000_000_000,
+        extents: vec![UndoExtent::zeros(7, 0, 4096)],
+        kind: EntryKind::PartStart,
+    };
+    #[rustfmt::skip]
+    let expected: [u8; 56 + 16] = [
+        b'F', b'R', b'Y', b'U',                 // 0  magic
+        2, 0,                                   // 4  version
+        6, 0,                                   // 6  flags: PART | RESYNC_START (first piece)
+        13, 0, 0, 0, 0, 0, 0, 0,                // 8  first_seq
+        12, 0, 0, 0, 0, 0, 0, 0,                // 16 last_seq (empty range)
+        0, 0, 42, 54, 254, 156, 151, 23,        // 24 timestamp_ns
+        1, 0, 0, 0,                             // 32 extent_count
+        0x17, 0xa9, 0xc3, 0x61,                 // 36 body_crc (salted with segment 3)
+        16, 0, 0, 0, 0, 0, 0, 0,                // 40 body_len
+        0, 0, 0, 0,                             // 48 reserved
+        1, 202, 243, 37,                        // 52 header_crc (salted with segment 3)
+        // extent header
+        7, 0, 0, 0,                             // 0  volume
+        0x00, 0x10, 0, 0x80,                    // 4  length 4096 | zero flag
+        0, 0, 0, 0, 0, 0, 0, 0,                 // 8  offset 0
+    ];
+    let got = encode_undo_entry(&e, 3).unwrap();
+    assert_eq!(got, expected);
+    let salted = |b: &[u8]| crc32c::crc32c_append(crc32c::crc32c(&3u64.to_le_bytes()), b);
+    assert_eq!(salted(&expected[..52]).to_le_bytes(), expected[52..56]);
+    let (back, n) = decode_undo_entry(&Bytes::copy_from_slice(&got), 3).unwrap();
+    assert_eq!((back, n), (e.clone(), 72));
+    // A later piece: flags 4.
+    let later = UndoEntry {
+        kind: EntryKind::Part,
+        ..e.clone()
+    };
+    let b = encode_undo_entry(&later, 3).unwrap();
+    assert_eq!(b[6..8], [4, 0]);
+    assert_eq!(decode_undo_entry(&Bytes::from(b), 3).unwrap().0, later);
+    // Refused: flags re-sealed with a valid CRC, each a checksummed error.
+    let reseal = |version: u8, flags: u8| {
+        let mut h = got.clone();
+        h[4] = version;
+        h[6] = flags;
+        let crc = salted(&h[..52]);
+        h[52..56].copy_from_slice(&crc.to_le_bytes());
+        decode_undo_entry_header(&h, 3)
+    };
+    for (version, flags) in [(1, 6), (1, 4), (2, 5), (2, 7), (2, 8)] {
+        let err = reseal(version, flags).unwrap_err();
+        assert!(err.is_checksummed(), "v{version} flags {flags}: {err}");
+    }
+    assert_eq!(reseal(2, 4).unwrap().kind, EntryKind::Part);
+    // A piece covers no sequence.
+    let ranged = UndoEntry {
+        last_seq: 13,
+        ..e.clone()
+    };
+    assert!(matches!(
+        encode_undo_entry(&ranged, 3),
+        Err(UndoError::InvalidEntry(_))
+    ));
+    let mut h = expected;
+    h[16] = 13;
+    let crc = salted(&h[..52]);
+    h[52..56].copy_from_slice(&crc.to_le_bytes());
+    assert!(decode_undo_entry_header(&h, 3)
+        .unwrap_err()
+        .is_checksummed());
+}
+
+/// Pieces of write-set `first..`: the first marked, stamped `ts`, one data extent
+/// each.
+fn pieces(first: u64, n: usize, ts: u64) -> Vec<UndoEntry> {
+    (0..n)
+        .map(|i| UndoEntry {
+            first_seq: first,
+            last_seq: first - 1,
+            timestamp_ns: ts,
+            extents: vec![ext(1, 4096 * i as u64, &[i as u8 + 1; 4096])],
+            kind: if i == 0 {
+                EntryKind::PartStart
+            } else {
+                EntryKind::Part
+            },
+        })
+        .collect()
+}
+
+/// A write-set in pieces then its entry is one step of the log: its start and end
+/// are points, nothing inside; a rollback iterator yields the pieces too; and
+/// pieces left at the end by an unfinished capture are removed on open (across a
+/// segment roll), after which the write-set is captured again.
+#[test]
+fn unfinished_pieces_are_removed_on_open_finished_ones_kept() {
+    let d = tempfile::tempdir().unwrap();
+    // Small segments: the pieces span several files.
+    let (mut log, _) = open(d.path(), 3 * UNDO_ALIGN);
+    log.append(&entry(1)).unwrap(); // 11..=20
+    for p in pieces(21, 3, 2000) {
+        log.append(&p).unwrap();
+    }
+    let mut ws = entry(2); // 21..=30
+    ws.timestamp_ns = 2000;
+    log.append(&ws).unwrap();
+    let finished = log.points().len();
+    // The next write-set's capture stops after two pieces (a crash).
+    for p in pieces(31, 2, 3000) {
+        log.append(&p).unwrap();
+    }
+    assert!(log.segment_count() >= 3);
+    assert_eq!(log.find_by_seq(u64::MAX).unwrap().seq, 30);
+    drop(log);
+
+    let (mut log, rec) = open(d.path(), 3 * UNDO_ALIGN);
+    assert_eq!(rec.dropped_pieces, 2);
+    assert_eq!((rec.entries, log.points().len()), (finished, finished));
+    assert_eq!(rec.segments, log.segment_count());
+    let on_disk: u64 = fs::read_dir(d.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("undo".as_ref()))
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(on_disk, log.used_bytes());
+    // Boundaries: 20 (before the pieces) and 30; nothing inside.
+    assert_eq!(log.entries_after(20).count(), 4);
+    let kinds: Vec<EntryKind> = log.entries_after(20).map(|e| e.unwrap().kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            EntryKind::WriteSet,
+            EntryKind::Part,
+            EntryKind::Part,
+            EntryKind::PartStart
+        ]
+    );
+    for inside in [21, 25, 29] {
+        assert!(matches!(
+            log.points_after(inside),
+            Err(UndoError::InvalidTarget(_))
+        ));
+    }
+    assert_eq!(log.find_by_seq(29).unwrap().seq, 20);
+    // The write-set is captured again from its first sequence.
+    for p in pieces(31, 2, 3000) {
+        log.append(&p).unwrap();
+    }
+    log.append(&entry(3)).unwrap();
+    drop(log);
+    let (log, rec) = open(d.path(), 3 * UNDO_ALIGN);
+    assert_eq!(rec.dropped_pieces, 0);
+    assert_eq!(log.entries_after(30).count(), 3);
+    let seqs: Vec<u64> = log.recovery_points().map(|p| p.seq).collect();
+    assert_eq!(seqs, vec![20, 30, 40]);
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
+use crate::admission::Slot;
 use crate::proto::{self, Caps, Mode};
 use crate::server::End;
 use crate::{Export, ExportRegistry, ServerConfig};
@@ -105,6 +106,7 @@ pub(crate) async fn haggle<R, Rd, W>(
     cfg: &ServerConfig,
     no_zeroes: bool,
     tls: TlsPhase,
+    slot: &Slot,
 ) -> Result<Haggled<R::E>, End>
 where
     R: ExportRegistry,
@@ -120,7 +122,15 @@ where
         tls,
     };
     loop {
+        // Waiting for the client's next option: the connection may be
+        // displaced by a newcomer at the connection cap. Busy while an
+        // option is answered, so a client that has seen its GO reply is
+        // never displaced.
+        slot.idle();
         let (option, data) = read_option(rd, wr).await?;
+        if !slot.busy() {
+            return Err(End::Evicted);
+        }
         let step = h.option(wr, option, &data).await?;
         wr.flush().await.map_err(End::Io)?;
         match step {

@@ -12,6 +12,9 @@
 //! * `reply` — reply shapes and the writer task.
 //! * `exec` — running a request against the export, building its reply.
 //! * `refusals` — per-connection rate-limited logging of refused requests.
+//! * [`admission`] — the connection cap: the longest-idle connection makes
+//!   room for a new one; busy ones are never displaced (also used by
+//!   ferryd's control socket and metrics endpoint).
 //! * [`stats`]  — counters the embedding daemon reads (refused requests,
 //!   connections, negotiated header styles).
 //! * `mem`    — in-memory / file-backed exports and a map registry, used by
@@ -23,6 +26,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod admission;
 mod exec;
 mod handshake;
 #[cfg(feature = "test-util")]
@@ -205,6 +209,12 @@ pub trait ExportRegistry: Send + Sync + 'static {
 /// client may assume, so large sequential copies need half the requests.
 pub const DEFAULT_MAX_PAYLOAD: u32 = 64 << 20;
 
+/// Default cap on concurrent connections ([`ServerConfig::max_connections`]).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default time a client has to finish the handshake: what qemu-nbd uses
+/// (its `--handshake-limit`), long enough for TLS over a slow link.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Server tuning.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -225,6 +235,16 @@ pub struct ServerConfig {
     pub stats: Arc<ServerStats>,
     /// Whether clients may or must upgrade to TLS with `NBD_OPT_STARTTLS`.
     pub tls: TlsPolicy,
+    /// Connections at once (at least 1). When reached, a new connection
+    /// displaces the one that has been in its handshake longest; when every
+    /// connection is in transmission, it is closed at once. Both are counted
+    /// in [`ServerStats`] and logged rate-limited.
+    pub max_connections: usize,
+    /// A client that has not entered transmission by then is dropped.
+    pub handshake_timeout: Duration,
+    /// A session with no request for this long and none in flight is
+    /// closed; `None`: never (an attached but quiet disk is normal).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// TLS policy of an NBD server. The rustls configuration comes from the
@@ -263,6 +283,9 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             stats: Arc::default(),
             tls: TlsPolicy::Off,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: None,
         }
     }
 }

@@ -3,6 +3,11 @@
 //! replies in `reply`, the requests' execution in `exec`). The request loop
 //! is generic over the stream halves, plain TCP or TLS.
 //!
+//! Connections are admitted through [`Admission`]: at most
+//! `max_connections`, the longest-idle handshake making room for a newcomer;
+//! a client has `handshake_timeout` to enter transmission and, if configured,
+//! a session ends after `idle_timeout` without requests.
+//!
 //! Per connection there are three kinds of tasks:
 //! * the connection task reads requests off the socket (through a
 //!   `BufReader`), validates them with [`proto::validate_request`] and spawns
@@ -28,6 +33,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, Slot};
 use crate::exec::{execute, STATUS_REPLY_BYTES};
 use crate::handshake::Negotiated;
 use crate::proto::{self, Action, Caps, Request};
@@ -36,12 +42,12 @@ use crate::reply::{errno_text, writer_task, Permits, Reply, ReplyTo};
 use crate::tls::{negotiate, Halves, Session};
 use crate::{Export, ExportRegistry, ServerConfig, ServerStats};
 
-/// A client that has not finished option haggling by then is dropped, so
-/// idle half-open handshakes cannot pin server resources forever.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Smallest max_payload we accept: below this the advertised preferred block
 /// size (4096) would exceed the maximum, which the spec forbids.
 const MIN_PAYLOAD: u32 = 4096;
+/// Longest the accept loop waits for evicted connections to close before
+/// refusing a newcomer instead.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 /// Upper bound on `max_inflight_per_conn`.
 const MAX_INFLIGHT_CAP: usize = 65536;
 /// Serve NBD on `listener` until `shutdown` becomes `true` (or its sender is
@@ -62,8 +68,14 @@ pub async fn serve<R: ExportRegistry>(
         shutdown_grace: cfg.shutdown_grace,
         stats: cfg.stats.clone(),
         tls: cfg.tls.clone(),
+        max_connections: cfg.max_connections.max(1),
+        handshake_timeout: cfg.handshake_timeout,
+        idle_timeout: cfg.idle_timeout.filter(|d| !d.is_zero()),
     });
-    info!(addr = ?listener.local_addr().ok(), "NBD server listening");
+    info!(addr = ?listener.local_addr().ok(), max_connections = cfg.max_connections,
+          "NBD server listening");
+    let admission = Admission::new(cfg.max_connections);
+    let mut limit_log = RefusalLog::new();
     let mut conns = JoinSet::new();
     loop {
         if *shutdown.borrow_and_update() {
@@ -84,9 +96,15 @@ pub async fn serve<R: ExportRegistry>(
             }
             accepted = listener.accept() => match accepted {
                 Ok((sock, peer)) => {
+                    let admitted = admit(&admission, peer, &cfg.stats, &mut limit_log).await;
+                    let Some(slot) = admitted else {
+                        drop(sock);
+                        continue;
+                    };
                     conns.spawn(handle_conn(
                         sock,
                         peer,
+                        slot,
                         registry.clone(),
                         cfg.clone(),
                         shutdown.clone(),
@@ -128,6 +146,41 @@ pub async fn serve<R: ExportRegistry>(
     Ok(())
 }
 
+/// A slot for a new connection from `peer`, or `None` (the connection is
+/// closed at once) when every slot holds a session in transmission. Both a
+/// refusal and an eviction are counted and logged, rate-limited: a flood
+/// must not flood the log. While the evicted connections are still closing,
+/// accepting pauses (newcomers wait in the kernel's backlog), bounded.
+async fn admit(
+    admission: &Arc<Admission>,
+    peer: SocketAddr,
+    stats: &ServerStats,
+    log: &mut RefusalLog,
+) -> Option<Slot> {
+    let (slot, what) = match admission.admit_waiting(EVICTION_WAIT).await {
+        Ok((slot, false)) => return Some(slot),
+        Ok((slot, true)) => {
+            stats.evicted_connection();
+            (
+                Some(slot),
+                "closing the longest-waiting handshake to make room",
+            )
+        }
+        Err(_) => {
+            stats.refused_connection();
+            (None, "every connection is in use: refusing the new one")
+        }
+    };
+    let max = admission.max();
+    match log.refuse(Instant::now()) {
+        Verdict::Detail => warn!(%peer, max, "NBD connection limit reached: {what}"),
+        Verdict::Summary(n) => warn!(suppressed = n, total = log.total(), max,
+            "NBD connection limit keeps being reached (refused and evicted connections are counted in the server's stats)"),
+        Verdict::Quiet => {}
+    }
+    slot
+}
+
 /// Resolves once shutdown is requested (or can no longer be signalled).
 async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
@@ -144,6 +197,12 @@ pub(crate) enum End {
     WriterGone,
     /// Protocol violation by the client: hard disconnect.
     Protocol(String),
+    /// Closed to make room for a new connection at the connection cap.
+    Evicted,
+    /// The handshake took longer than `handshake_timeout`.
+    HandshakeTimeout,
+    /// No request for `idle_timeout`.
+    Idle,
     /// The TLS handshake failed (bad or missing client certificate, no
     /// common suite, not TLS at all).
     Tls(io::Error),
@@ -163,18 +222,20 @@ impl End {
 async fn handle_conn<R: ExportRegistry>(
     sock: TcpStream,
     peer: SocketAddr,
+    slot: Slot,
     registry: Arc<R>,
     cfg: Arc<ServerConfig>,
     shutdown: watch::Receiver<bool>,
 ) {
     cfg.stats.connection_opened();
-    run_conn(sock, peer, registry, &cfg, shutdown).await;
+    run_conn(sock, peer, slot, registry, &cfg, shutdown).await;
     cfg.stats.connection_closed();
 }
 
 async fn run_conn<R: ExportRegistry>(
     sock: TcpStream,
     peer: SocketAddr,
+    slot: Slot,
     registry: Arc<R>,
     cfg: &ServerConfig,
     mut shutdown: watch::Receiver<bool>,
@@ -185,16 +246,23 @@ async fn run_conn<R: ExportRegistry>(
     }
     info!(%peer, "NBD client connected");
     let hs = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(sock, peer, &*registry, cfg)) => {
-            match r {
-                Ok(r) => r,
-                Err(_) => Err(End::Protocol("handshake timed out".into())),
-            }
+        r = tokio::time::timeout(cfg.handshake_timeout, negotiate(sock, peer, &*registry, cfg, &slot)) => {
+            r.unwrap_or_else(|_| {
+                cfg.stats.handshake_timeout();
+                Err(End::HandshakeTimeout)
+            })
         }
+        _ = slot.evicted() => Err(End::Evicted),
         _ = shutdown_requested(&mut shutdown) => Err(End::Shutdown),
     };
+    // A session in transmission is never displaced by newcomers (it may be
+    // a disk in use); one chosen in the instant before is closed now.
     let session = match hs {
-        Ok(s) => s,
+        Ok(s) if slot.busy() => s,
+        Ok(_) => {
+            log_end(peer, "-", End::Evicted);
+            return;
+        }
         Err(end) => {
             log_end(peer, "-", end);
             return;
@@ -241,6 +309,11 @@ fn log_end(peer: SocketAddr, export: &str, end: End) {
         End::Protocol(reason) => {
             warn!(%peer, export, %reason, "NBD protocol error, disconnecting client")
         }
+        End::Evicted => {
+            debug!(%peer, "NBD connection closed in its handshake to make room for a new one")
+        }
+        End::HandshakeTimeout => info!(%peer, "NBD client did not finish the handshake in time"),
+        End::Idle => info!(%peer, export, "NBD session closed after its idle timeout"),
         End::Tls(e) => warn!(%peer, error = %e, "NBD TLS handshake failed"),
         End::Io(e) => info!(%peer, export, error = %e, "NBD connection I/O error"),
     }
@@ -304,6 +377,7 @@ where
         refusals: RefusalLog::new(),
         stats: cfg.stats.clone(),
     };
+    let max_inflight = cfg.max_inflight_per_conn;
     let end = loop {
         // Wait for the next request without consuming anything, so that
         // shutdown between requests never loses a partially read header.
@@ -315,6 +389,14 @@ where
                 Ok(b) => b.is_empty(),
                 Err(e) => break End::Io(e),
             },
+            _ = idle_for(cfg.idle_timeout) => {
+                // A long request still running is not idleness.
+                if conn.count_sem.available_permits() < max_inflight {
+                    continue;
+                }
+                cfg.stats.idle_timeout();
+                break End::Idle;
+            }
         };
         if eof {
             break End::Eof;
@@ -463,6 +545,14 @@ impl<E: Export> Conn<E> {
         }
         self.send(Reply::error(to, errno, errno_text(errno), None))
             .await
+    }
+}
+
+/// Resolves after `timeout`, or never without one.
+async fn idle_for(timeout: Option<Duration>) {
+    match timeout {
+        Some(t) => tokio::time::sleep(t).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Server counters the embedding daemon reads (for its metrics endpoint):
 //! connections, negotiated header styles and TLS, and requests refused by
-//! validation. Plain relaxed atomics: each counter is independent and only
+//! validation, and connections the server dropped to stay within its limits
+//! (connection cap, handshake and idle timeouts). Plain relaxed atomics: each counter is independent and only
 //! ever grows (except `connections_active`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,10 @@ pub struct ServerStats {
     extended_sessions: AtomicU64,
     tls_sessions: AtomicU64,
     refused_requests: AtomicU64,
+    refused_connections: AtomicU64,
+    evicted_connections: AtomicU64,
+    handshake_timeouts: AtomicU64,
+    idle_timeouts: AtomicU64,
 }
 
 /// A point-in-time copy of [`ServerStats`].
@@ -31,6 +36,16 @@ pub struct StatsSnapshot {
     /// Requests answered with an error by validation (bad flags, ranges,
     /// unsupported commands), before reaching the export.
     pub refused_requests_total: u64,
+    /// Connections closed at once because every slot held a session in
+    /// transmission (`max_connections`).
+    pub refused_connections_total: u64,
+    /// Connections still in their handshake closed to make room for a new
+    /// one at the connection cap.
+    pub evicted_connections_total: u64,
+    /// Connections dropped for not finishing the handshake in time.
+    pub handshake_timeouts_total: u64,
+    /// Sessions closed after the idle timeout.
+    pub idle_timeouts_total: u64,
 }
 
 impl ServerStats {
@@ -43,6 +58,10 @@ impl ServerStats {
             extended_sessions_total: g(&self.extended_sessions),
             tls_sessions_total: g(&self.tls_sessions),
             refused_requests_total: g(&self.refused_requests),
+            refused_connections_total: g(&self.refused_connections),
+            evicted_connections_total: g(&self.evicted_connections),
+            handshake_timeouts_total: g(&self.handshake_timeouts),
+            idle_timeouts_total: g(&self.idle_timeouts),
         }
     }
 
@@ -70,5 +89,21 @@ impl ServerStats {
 
     pub(crate) fn refused(&self) {
         self.refused_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn refused_connection(&self) {
+        self.refused_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn evicted_connection(&self) {
+        self.evicted_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn handshake_timeout(&self) {
+        self.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn idle_timeout(&self) {
+        self.idle_timeouts.fetch_add(1, Ordering::Relaxed);
     }
 }

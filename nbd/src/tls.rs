@@ -3,24 +3,33 @@
 //! option haggling inside TLS. Hands the transmission phase buffered
 //! read/write halves of whichever stream the session ended up on; the
 //! transmission code is generic over them, so it exists once.
+//!
+//! The handshake reads unbuffered and writes through a small buffer; the
+//! transmission phase's large buffers are allocated only once a client has
+//! entered it. A connection that never finishes its handshake (a flood of
+//! idle sockets) so costs a few KiB, not half a MiB.
 
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::info;
 
+use crate::admission::Slot;
 use crate::handshake::{greet, haggle, Haggled, Negotiated, TlsPhase};
 use crate::server::End;
 use crate::{ExportRegistry, ServerConfig, TlsPolicy};
 
-/// Socket buffer sizes: large enough to batch many 4 KiB requests/replies per
-/// syscall, small enough to be irrelevant per connection.
+/// Socket buffer sizes in transmission: large enough to batch many 4 KiB
+/// requests/replies per syscall, small enough to be irrelevant per session.
 const READ_BUF: usize = 256 * 1024;
 const WRITE_BUF: usize = 256 * 1024;
+/// Write buffer during the handshake: option replies are small and each
+/// option's replies are flushed together.
+const HANDSHAKE_WRITE_BUF: usize = 4096;
 
 /// Buffered halves of one connection's stream.
 pub(crate) struct Halves<R, W> {
@@ -28,13 +37,22 @@ pub(crate) struct Halves<R, W> {
     pub(crate) wr: BufWriter<W>,
 }
 
-impl<R: AsyncRead, W: AsyncWrite> Halves<R, W> {
-    fn new(rd: R, wr: W) -> Self {
-        Halves {
+impl<R: AsyncRead, W: AsyncWrite + Unpin> Halves<R, W> {
+    /// The transmission buffers around the handshake's streams. Nothing was
+    /// read ahead (the handshake reads unbuffered) and nothing is left to
+    /// write (every option's replies are flushed), so no byte is lost.
+    async fn for_transmission(rd: R, mut wr: BufWriter<W>) -> Result<Self, End> {
+        wr.flush().await.map_err(End::Io)?;
+        Ok(Halves {
             rd: BufReader::with_capacity(READ_BUF, rd),
-            wr: BufWriter::with_capacity(WRITE_BUF, wr),
-        }
+            wr: BufWriter::with_capacity(WRITE_BUF, wr.into_inner()),
+        })
     }
+}
+
+/// The handshake's write side: a small buffer, flushed after every option.
+fn handshake_writer<W: AsyncWrite>(wr: W) -> BufWriter<W> {
+    BufWriter::with_capacity(HANDSHAKE_WRITE_BUF, wr)
 }
 
 type Tls = TlsStream<TcpStream>;
@@ -51,24 +69,38 @@ pub(crate) async fn negotiate<R: ExportRegistry>(
     peer: SocketAddr,
     registry: &R,
     cfg: &ServerConfig,
+    slot: &Slot,
 ) -> Result<Session<R::E>, End> {
-    let (rd, wr) = sock.into_split();
-    let mut plain = Halves::new(rd, wr);
-    let no_zeroes = greet(&mut plain.rd, &mut plain.wr).await?;
+    let (mut rd, wr) = sock.into_split();
+    let mut wr = handshake_writer(wr);
+    let no_zeroes = greet(&mut rd, &mut wr).await?;
     let phase = match cfg.tls {
         TlsPolicy::Off => TlsPhase::Unavailable,
         TlsPolicy::Optional(_) => TlsPhase::Offered,
         TlsPolicy::Require(_) => TlsPhase::Required,
     };
-    let (rd, wr) = (&mut plain.rd, &mut plain.wr);
-    match haggle(rd, wr, registry, cfg, no_zeroes, phase).await? {
-        Haggled::Go(neg) => return Ok(Session::Plain(plain, neg)),
+    match haggle(&mut rd, &mut wr, registry, cfg, no_zeroes, phase, slot).await? {
+        Haggled::Go(neg) => {
+            let halves = Halves::for_transmission(rd, wr).await?;
+            return Ok(Session::Plain(halves, neg));
+        }
         Haggled::StartTls => {}
     }
-    let mut tls = upgrade(plain, peer, &cfg.tls).await?;
-    let (rd, wr) = (&mut tls.rd, &mut tls.wr);
-    match haggle(rd, wr, registry, cfg, no_zeroes, TlsPhase::Active).await? {
-        Haggled::Go(neg) => Ok(Session::Tls(tls, neg)),
+    // The TLS handshake is waiting on the client: it may be displaced then.
+    slot.idle();
+    let (mut rd, mut wr) = upgrade(rd, wr, peer, &cfg.tls).await?;
+    match haggle(
+        &mut rd,
+        &mut wr,
+        registry,
+        cfg,
+        no_zeroes,
+        TlsPhase::Active,
+        slot,
+    )
+    .await?
+    {
+        Haggled::Go(neg) => Ok(Session::Tls(Halves::for_transmission(rd, wr).await?, neg)),
         // `TlsPhase::Active` answers STARTTLS with an error; never here.
         Haggled::StartTls => Err(End::Protocol("STARTTLS inside TLS".into())),
     }
@@ -76,27 +108,23 @@ pub(crate) async fn negotiate<R: ExportRegistry>(
 
 /// The TLS handshake on the socket the plain halves came from.
 async fn upgrade(
-    plain: Halves<OwnedReadHalf, OwnedWriteHalf>,
+    rd: OwnedReadHalf,
+    wr: BufWriter<OwnedWriteHalf>,
     peer: SocketAddr,
     policy: &TlsPolicy,
-) -> Result<Halves<ReadHalf<Tls>, WriteHalf<Tls>>, End> {
+) -> Result<(ReadHalf<Tls>, BufWriter<WriteHalf<Tls>>), End> {
     let Some(config) = policy.server_config() else {
         // STARTTLS is acknowledged only when a configuration exists.
         return Err(End::Protocol("STARTTLS without a TLS configuration".into()));
     };
-    // Bytes the client sent after STARTTLS but before seeing our ACK would
-    // otherwise be taken as part of the TLS session's plaintext (the
-    // STARTTLS command-injection class of attacks): refuse them.
-    if !plain.rd.buffer().is_empty() {
-        return Err(End::Protocol(
-            "client sent data after STARTTLS before the TLS handshake".into(),
-        ));
-    }
+    // Bytes the client sent after STARTTLS but before seeing our ACK must
+    // never be taken as part of the TLS session's plaintext (the STARTTLS
+    // command-injection class of attacks). The handshake reads unbuffered,
+    // so such bytes are still in the socket and reach rustls as (invalid)
+    // TLS records: the TLS handshake fails.
     // The handshake flushed the STARTTLS ACK; nothing is left buffered.
-    let sock = plain
-        .rd
-        .into_inner()
-        .reunite(plain.wr.into_inner())
+    let sock = rd
+        .reunite(wr.into_inner())
         .map_err(|_| End::Protocol("socket halves do not match".into()))?;
     let stream = TlsAcceptor::from(config.clone())
         .accept(sock)
@@ -109,5 +137,5 @@ async fn upgrade(
           client_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty()),
           "NBD client upgraded to TLS");
     let (rd, wr) = tokio::io::split(stream);
-    Ok(Halves::new(rd, wr))
+    Ok((rd, handshake_writer(wr)))
 }

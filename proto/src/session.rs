@@ -23,8 +23,8 @@ use std::collections::VecDeque;
 use thiserror::Error;
 
 use crate::wire::{
-    Ack, Epoch, ErrorCode, ErrorFrame, Hello, HelloAck, ProtocolVersion, Role, Seq, VolumeGeometry,
-    WriteSet, MAX_SUPPORTED_VERSION, MIN_SUPPORTED_VERSION,
+    Ack, Epoch, ErrorCode, ErrorFrame, Hello, HelloAck, ProtocolVersion, RecordOp, Role, Seq,
+    VolumeGeometry, WireRecord, WriteSet, MAX_SUPPORTED_VERSION, MIN_SUPPORTED_VERSION,
 };
 
 // ---------------------------------------------------------------------------
@@ -396,6 +396,20 @@ pub enum ReceiveError {
         previous: Seq,
         got: Seq,
     },
+    /// A record for a volume this standby does not have.
+    #[error("record {seq} is for volume id {volume}, which this standby does not have")]
+    UnknownVolume { seq: Seq, volume: u32 },
+    /// A record that would write outside its volume (it would grow the replica).
+    #[error(
+        "record {seq} covers {offset}+{length} of volume id {volume}, beyond its {size} bytes"
+    )]
+    OutOfRange {
+        seq: Seq,
+        volume: u32,
+        offset: u64,
+        length: u32,
+        size: u64,
+    },
 }
 
 impl ReceiveError {
@@ -404,7 +418,56 @@ impl ReceiveError {
             Self::StaleEpoch { .. } | Self::EpochChanged { .. } => ErrorCode::StaleEpoch,
             Self::Gap { .. } => ErrorCode::Gap,
             Self::Beyond { .. } | Self::WentBackwards { .. } => ErrorCode::Internal,
+            // The stream cannot go on past a record the replica cannot take: the
+            // standby asks for a resync instead (nothing of the write-set was kept).
+            Self::UnknownVolume { .. } | Self::OutOfRange { .. } => ErrorCode::ResyncRequired,
         }
+    }
+
+    /// The Error frame a standby sends before ending the session. The reason is cut
+    /// to the wire limit on a character boundary so encoding cannot fail.
+    pub fn to_error_frame(&self, epoch: Epoch) -> ErrorFrame {
+        error_frame(epoch, self.code(), self.to_string())
+    }
+}
+
+/// An Error frame with `reason` cut to the wire limit on a character boundary.
+fn error_frame(epoch: Epoch, code: ErrorCode, mut reason: String) -> ErrorFrame {
+    let mut cut = reason.len().min(crate::wire::MAX_REASON_LEN);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    reason.truncate(cut);
+    ErrorFrame {
+        epoch,
+        code,
+        reason,
+    }
+}
+
+/// Whether a received record fits the standby's volumes: a data record (write,
+/// trim, write-zeroes) must name a volume of `volumes` and end within it. Seals
+/// carry no range. Checked before anything of a write-set is journaled.
+pub fn check_record_range(r: &WireRecord, volumes: &[VolumeGeometry]) -> Result<(), ReceiveError> {
+    if r.op == RecordOp::Seal {
+        return Ok(());
+    }
+    let v = volumes
+        .iter()
+        .find(|v| v.id == r.volume)
+        .ok_or(ReceiveError::UnknownVolume {
+            seq: r.seq,
+            volume: r.volume,
+        })?;
+    match r.offset.checked_add(u64::from(r.length)) {
+        Some(end) if end <= v.size_bytes => Ok(()),
+        _ => Err(ReceiveError::OutOfRange {
+            seq: r.seq,
+            volume: r.volume,
+            offset: r.offset,
+            length: r.length,
+            size: v.size_bytes,
+        }),
     }
 }
 
@@ -430,6 +493,8 @@ pub struct Receiver {
     received_seq: Seq,
     durable_seq: Seq,
     applied_seq: Seq,
+    /// The standby's volumes, when known: every accepted record must fit one.
+    volumes: Option<Vec<VolumeGeometry>>,
 }
 
 impl Receiver {
@@ -441,7 +506,16 @@ impl Receiver {
             received_seq: durable_seq,
             durable_seq,
             applied_seq: applied_seq.min(durable_seq),
+            volumes: None,
         }
+    }
+
+    /// Also checks every accepted record against the standby's `volumes`
+    /// ([`check_record_range`]): a write-set with a record outside them is refused
+    /// whole, and the position does not move. Without it only order is checked.
+    pub fn with_volumes(mut self, volumes: Vec<VolumeGeometry>) -> Self {
+        self.volumes = Some(volumes);
+        self
     }
 
     /// What to advertise as `Hello::resume_position` on a new connection, or
@@ -478,6 +552,11 @@ impl Receiver {
         } else {
             ws
         };
+        if let Some(volumes) = &self.volumes {
+            for r in &ws.records {
+                check_record_range(r, volumes)?;
+            }
+        }
         self.received_seq = ws.last_seq;
         Ok(Received::Accept(ws))
     }
@@ -666,17 +745,7 @@ impl HandshakeError {
     /// The Error frame to send before closing. The reason is cut to the wire
     /// limit on a character boundary so encoding cannot fail.
     pub fn to_error_frame(&self, epoch: Epoch) -> ErrorFrame {
-        let mut reason = self.to_string();
-        let mut cut = reason.len().min(crate::wire::MAX_REASON_LEN);
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        reason.truncate(cut);
-        ErrorFrame {
-            epoch,
-            code: self.code(),
-            reason,
-        }
+        error_frame(epoch, self.code(), self.to_string())
     }
 }
 
@@ -845,4 +914,150 @@ fn advance(
         });
     }
     Ok(seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    const EPOCH: Epoch = 3;
+
+    fn volume(id: u32, size_bytes: u64) -> VolumeGeometry {
+        VolumeGeometry {
+            id,
+            name: format!("v{id}"),
+            size_bytes,
+            block_size: 4096,
+        }
+    }
+
+    fn record(seq: Seq, volume: u32, op: RecordOp, offset: u64, length: u32) -> WireRecord {
+        let data = match op {
+            RecordOp::Write => Bytes::from(vec![7u8; length as usize]),
+            _ => Bytes::new(),
+        };
+        WireRecord {
+            seq,
+            volume,
+            op,
+            offset,
+            length,
+            data,
+        }
+    }
+
+    fn write_set(records: Vec<WireRecord>) -> WriteSet {
+        WriteSet {
+            epoch: EPOCH,
+            first_seq: records[0].seq,
+            last_seq: records[records.len() - 1].seq,
+            timestamp_ns: 1,
+            records,
+        }
+    }
+
+    #[test]
+    fn a_record_must_name_a_volume_and_end_within_it() {
+        let vols = [volume(0, 1 << 20), volume(2, 8192)];
+        let ok = |r: WireRecord| check_record_range(&r, &vols);
+        assert_eq!(ok(record(1, 0, RecordOp::Write, 0, 4096)), Ok(()));
+        assert_eq!(
+            ok(record(1, 0, RecordOp::Write, (1 << 20) - 4096, 4096)),
+            Ok(()),
+            "up to the end"
+        );
+        assert_eq!(ok(record(1, 2, RecordOp::Trim, 4096, 4096)), Ok(()));
+        assert_eq!(
+            ok(record(1, 9, RecordOp::Seal, 0, 0)),
+            Ok(()),
+            "seals carry no range"
+        );
+        assert_eq!(
+            ok(record(4, 0, RecordOp::Write, 1 << 20, 512)),
+            Err(ReceiveError::OutOfRange {
+                seq: 4,
+                volume: 0,
+                offset: 1 << 20,
+                length: 512,
+                size: 1 << 20
+            })
+        );
+        assert!(matches!(
+            ok(record(5, 2, RecordOp::WriteZeroes, 4096, 8192)),
+            Err(ReceiveError::OutOfRange { seq: 5, .. })
+        ));
+        assert!(
+            matches!(
+                ok(record(6, 0, RecordOp::Trim, u64::MAX - 10, 4096)),
+                Err(ReceiveError::OutOfRange { .. })
+            ),
+            "an offset that overflows"
+        );
+        assert_eq!(
+            ok(record(7, 1, RecordOp::Write, 0, 512)),
+            Err(ReceiveError::UnknownVolume { seq: 7, volume: 1 })
+        );
+    }
+
+    /// A write-set with one record outside the replica is refused whole, with a
+    /// resync request, and the receiver does not move: the next valid write-set at
+    /// the same position is accepted.
+    #[test]
+    fn the_receiver_refuses_a_write_set_that_leaves_the_volumes() {
+        let mut rx = Receiver::new(EPOCH, 10, 10).with_volumes(vec![volume(0, 1 << 20)]);
+        let bad = write_set(vec![
+            record(11, 0, RecordOp::Write, 0, 4096),
+            record(12, 0, RecordOp::Write, (1 << 20) - 512, 4096),
+        ]);
+        let e = rx.on_write_set(bad).unwrap_err();
+        assert!(matches!(e, ReceiveError::OutOfRange { seq: 12, .. }), "{e}");
+        assert_eq!(e.code(), ErrorCode::ResyncRequired);
+        let frame = e.to_error_frame(EPOCH);
+        assert_eq!(
+            (frame.epoch, frame.code),
+            (EPOCH, ErrorCode::ResyncRequired)
+        );
+        assert!(frame.reason.contains("record 12"), "{}", frame.reason);
+        assert_eq!(
+            rx.received_seq(),
+            10,
+            "nothing of the refused write-set counts"
+        );
+        let good = write_set(vec![record(11, 0, RecordOp::Write, 0, 4096)]);
+        assert_eq!(rx.on_write_set(good.clone()), Ok(Received::Accept(good)));
+        assert_eq!(rx.received_seq(), 11);
+    }
+
+    /// A write-set after a gap is refused with an Error frame naming the gap.
+    #[test]
+    fn a_gap_is_refused_with_an_error_frame() {
+        let mut rx = Receiver::new(EPOCH, 10, 10).with_volumes(vec![volume(0, 1 << 20)]);
+        let e = rx
+            .on_write_set(write_set(vec![record(13, 0, RecordOp::Write, 0, 512)]))
+            .unwrap_err();
+        assert_eq!(
+            e,
+            ReceiveError::Gap {
+                expected: 11,
+                got: 13
+            }
+        );
+        let frame = e.to_error_frame(EPOCH);
+        assert_eq!(frame.code, ErrorCode::Gap);
+        assert!(
+            frame.reason.contains("expected write-set starting at 11"),
+            "{}",
+            frame.reason
+        );
+        assert_eq!(rx.received_seq(), 10);
+    }
+
+    #[test]
+    fn error_frame_reasons_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(crate::wire::MAX_REASON_LEN);
+        let f = error_frame(1, ErrorCode::Internal, long);
+        assert!(f.reason.len() <= crate::wire::MAX_REASON_LEN);
+        assert!(f.reason.chars().all(|c| c == 'é'));
+    }
 }

@@ -10,7 +10,10 @@
 //!   refused, and an error can say which cluster a stray peer belongs to.
 //!
 //! The CA's subject is `CN=ferry cluster <cluster-id-hex> CA`. Keys are ECDSA
-//! P-256 (small, fast to verify, supported by every rustls provider). Private
+//! P-256 (small, fast to verify, supported by every rustls provider), or SM2 in a
+//! cluster that speaks the national suites ([`TlsSuite::Gm`]): those
+//! certificates are issued by `ferry_gmtls::cert` with the same names, and
+//! everything here reads them unchanged. Private
 //! keys are written with mode 0600 from the moment the file is created, never
 //! chmod-ed afterwards, so there is no window in which they are readable.
 
@@ -52,9 +55,40 @@ pub enum PkiError {
     Pem(String),
     #[error("invalid certificate: {0}")]
     Certificate(String),
+    #[error("SM2 certificate: {0}")]
+    Gm(#[from] ferry_gmtls::cert::CertError),
 }
 
 pub type Result<T, E = PkiError> = std::result::Result<T, E>;
+
+/// Which TLS 1.3 suites a cluster speaks. Decided by its CA's key: a cluster
+/// whose CA is SM2 speaks only RFC 8998's TLS_SM4_GCM_SM3 / curveSM2 /
+/// sm2sig_sm3 (ferry-gmtls), any other only the standard suites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsSuite {
+    Standard,
+    Gm,
+}
+
+/// DER of the named curve sm2p256v1 (1.2.156.10197.1.301), the parameter of an
+/// SM2 key's `id-ecPublicKey` algorithm identifier.
+const SM2_CURVE_OID_DER: &[u8] = &[0x2a, 0x81, 0x1c, 0xcf, 0x55, 0x01, 0x82, 0x2d];
+
+/// The suite a cluster speaks, from its CA certificate's public key.
+pub fn ca_suite(der: &CertificateDer<'_>) -> Result<TlsSuite> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| PkiError::Certificate(e.to_string()))?;
+    let curve = cert
+        .public_key()
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    Ok(match curve {
+        Some(oid) if oid.as_bytes() == SM2_CURVE_OID_DER => TlsSuite::Gm,
+        _ => TlsSuite::Standard,
+    })
+}
 
 /// Lowercase hex of a cluster id, as used in certificate names.
 pub fn cluster_hex(cluster_id: &[u8; 16]) -> String {
@@ -259,6 +293,101 @@ impl ClusterCa {
     }
 }
 
+/// A cluster CA of either kind, for the tools that create clusters: ECDSA
+/// (rcgen) for the standard suites, SM2 (ferry-gmtls) for the gm ones. Both
+/// issue node certificates with the same names and write the same files.
+pub enum AnyClusterCa {
+    /// Boxed: rcgen's CA is several times the size of the SM2 one.
+    Standard(Box<ClusterCa>),
+    Gm(ferry_gmtls::cert::GmClusterCa),
+}
+
+impl std::fmt::Debug for AnyClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Standard(ca) => ca.fmt(f),
+            Self::Gm(ca) => ca.fmt(f),
+        }
+    }
+}
+
+impl AnyClusterCa {
+    /// A new CA for `cluster_id` whose certificates speak `suite`.
+    pub fn generate(cluster_id: [u8; 16], suite: TlsSuite) -> Result<Self> {
+        Ok(match suite {
+            TlsSuite::Standard => Self::Standard(Box::new(ClusterCa::generate(cluster_id)?)),
+            TlsSuite::Gm => Self::Gm(ferry_gmtls::cert::GmClusterCa::generate(cluster_id)?),
+        })
+    }
+
+    /// Reads `ca.pem` and `ca.key` from `dir`, of whichever kind the certificate is.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cert_pem = read_to_string(&dir.join("ca.pem"))?;
+        let key_pem = read_to_string(&dir.join("ca.key"))?;
+        let der = parse_cert_pem(&cert_pem)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| PkiError::Pem("no CERTIFICATE block".into()))?;
+        Ok(match ca_suite(&der)? {
+            TlsSuite::Standard => {
+                Self::Standard(Box::new(ClusterCa::from_pem(&cert_pem, &key_pem)?))
+            }
+            TlsSuite::Gm => Self::Gm(ferry_gmtls::cert::GmClusterCa::from_pem(
+                &cert_pem, &key_pem,
+            )?),
+        })
+    }
+
+    pub fn suite(&self) -> TlsSuite {
+        match self {
+            Self::Standard(_) => TlsSuite::Standard,
+            Self::Gm(_) => TlsSuite::Gm,
+        }
+    }
+
+    pub fn cluster_id(&self) -> [u8; 16] {
+        match self {
+            Self::Standard(ca) => ca.cluster_id(),
+            Self::Gm(ca) => ca.cluster_id(),
+        }
+    }
+
+    /// The CA certificate (PEM) the nodes trust.
+    pub fn cert_pem(&self) -> String {
+        match self {
+            Self::Standard(ca) => ca.cert_pem().to_string(),
+            Self::Gm(ca) => ca.cert_pem(),
+        }
+    }
+
+    /// A node certificate and key, as [`ClusterCa::issue_node`].
+    pub fn issue_node(&self, name: &str) -> Result<NodeIdentity> {
+        validate_node_name(name)?;
+        match self {
+            Self::Standard(ca) => ca.issue_node(name),
+            Self::Gm(ca) => {
+                let node = ca.issue_node(name)?;
+                Ok(NodeIdentity {
+                    name: node.name,
+                    cert_pem: node.cert_pem,
+                    key_pem: node.key_pem,
+                })
+            }
+        }
+    }
+
+    /// Writes `ca.pem` (0644) and `ca.key` (0600) into `dir`.
+    pub fn write_pem_files(&self, dir: &Path) -> Result<()> {
+        match self {
+            Self::Standard(ca) => ca.write_pem_files(dir),
+            Self::Gm(ca) => {
+                write_public(&dir.join("ca.pem"), &ca.cert_pem())?;
+                write_private(&dir.join("ca.key"), &ca.key_pem()?)
+            }
+        }
+    }
+}
+
 /// Whether `key` is the key pair of the certificate `der` (compares the
 /// SubjectPublicKeyInfo's key bits).
 fn key_matches(der: &CertificateDer<'_>, key: &KeyPair) -> Result<bool> {
@@ -357,12 +486,17 @@ pub fn parse_cert_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     Ok(out)
 }
 
-/// A private key PEM (PKCS#8, as written by this module) as DER.
+/// A private key PEM (PKCS#8, as written by this module or by
+/// `ferry_gmtls::cert` for SM2) as DER.
 pub fn parse_key_pem(pem: &str) -> Result<PrivateKeyDer<'static>> {
-    let key = KeyPair::from_pem(pem)?;
-    Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        key.serialize_der(),
-    )))
+    match KeyPair::from_pem(pem) {
+        Ok(key) => Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        ))),
+        // rcgen (ring) knows no SM2; an SM2 key is loaded by the gm provider.
+        Err(rcgen_err) => ferry_gmtls::cert::private_key_der_from_pem(pem)
+            .map_err(|_| PkiError::Generate(rcgen_err)),
+    }
 }
 
 /// What a node certificate says about its holder.

@@ -12,6 +12,10 @@
 //!   peer's cluster SAN is this cluster, and that the peer's node-name SAN is
 //!   the configured peer: TLS authenticates the node before a single ferry
 //!   frame is read.
+//! * Suites follow the cluster CA's key ([`TlsSuite`]): ECDSA means rustls's
+//!   ring provider, SM2 means ferry-gmtls (RFC 8998 TLS_SM4_GCM_SM3, curveSM2,
+//!   sm2sig_sm3; QUIC Initial packets stay AES-128-GCM as RFC 9001 requires).
+//!   The peer checks above are the same in both.
 //! * Streams: the primary opens one **bidirectional control stream** (Hello,
 //!   HelloAck, Error, then Acks and Heartbeats) and, after the handshake, one
 //!   **unidirectional data stream** that carries only WriteSets. QUIC flow
@@ -34,7 +38,7 @@ use rustls::{
 };
 use thiserror::Error;
 
-use crate::pki::{self, cluster_hex, NodeIdentity, PkiError};
+use crate::pki::{self, cluster_hex, NodeIdentity, PkiError, TlsSuite};
 use ferry_proto::session::{validate_hello, HandshakeError, LocalIdentity, Negotiated};
 use ferry_proto::wire::{
     encode, encode_write_set_vectored, DecodeError, EncodeError, ErrorCode, ErrorFrame, Frame,
@@ -179,6 +183,11 @@ pub enum QuicError {
     Connect(#[from] quinn::ConnectError),
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    /// The TLS handshake found no common suite or key exchange group. Between
+    /// ferry nodes that means one runs the national (gm, RFC 8998) suites and
+    /// the other the standard ones: their cluster CAs differ in kind.
+    #[error("connection: TLS suites differ: one node speaks the gm (SM2/SM3/SM4) suites and the other the standard ones; both must use the same cluster CA ({0})")]
+    SuiteMismatch(quinn::ConnectionError),
     #[error("stream write: {0}")]
     Write(#[from] quinn::WriteError),
     #[error("stream read: {0}")]
@@ -199,6 +208,9 @@ pub enum QuicError {
     Protocol(String),
     #[error("stream ended in the middle of a frame ({buffered} bytes buffered)")]
     TruncatedStream { buffered: usize },
+    /// A peer's QUIC/TLS handshake did not finish in time (see [`Acceptor`]).
+    #[error("the handshake from {peer} did not finish within {after:?}")]
+    HandshakeTimeout { peer: SocketAddr, after: Duration },
 }
 
 impl QuicError {
@@ -253,8 +265,28 @@ impl TlsMaterial {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+impl TlsMaterial {
+    /// The suites this cluster speaks (from its CA's key, see [`TlsSuite`]).
+    pub fn suite(&self) -> Result<TlsSuite, QuicError> {
+        Ok(pki::ca_suite(&self.ca_cert)?)
+    }
+}
+
+/// The provider for `suite`: a gm cluster offers only the RFC 8998 suite, group
+/// and signature scheme, so it and a standard peer share nothing and the
+/// handshake fails with "peer is incompatible" on both sides.
+fn provider(suite: TlsSuite) -> Arc<CryptoProvider> {
+    match suite {
+        TlsSuite::Standard => Arc::new(rustls::crypto::ring::default_provider()),
+        TlsSuite::Gm => ferry_gmtls::provider_arc(),
+    }
+}
+
+/// QUIC Initial packets are AES-128-GCM whatever the suite (RFC 9001 §5.2); the
+/// gm provider lacks it, so quinn gets it explicitly.
+fn gm_initial_suite() -> Result<rustls::quic::Suite, QuicError> {
+    ferry_gmtls::quic::initial_suite()
+        .ok_or_else(|| QuicError::Config("no AES-128-GCM suite for QUIC Initial packets".into()))
 }
 
 /// The membership checks shared by both directions, run after the chain
@@ -431,7 +463,8 @@ pub fn server_config(
     opts: &TransportOptions,
 ) -> Result<quinn::ServerConfig, QuicError> {
     pki::validate_node_name(expected_client)?;
-    let provider = provider();
+    let suite = tls.suite()?;
+    let provider = provider(suite);
     let inner = WebPkiClientVerifier::builder_with_provider(tls.roots()?, provider.clone())
         .build()
         .map_err(|e| QuicError::Config(format!("client verifier: {e}")))?;
@@ -447,8 +480,14 @@ pub fn server_config(
         .with_single_cert(tls.cert_chain.clone(), tls.key.clone_key())
         .map_err(tls_err("server certificate"))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
-        .map_err(|e| QuicError::Config(format!("QUIC server TLS: {e}")))?;
+    let cfg = Arc::new(cfg);
+    let crypto = match suite {
+        TlsSuite::Standard => quinn::crypto::rustls::QuicServerConfig::try_from(cfg),
+        TlsSuite::Gm => {
+            quinn::crypto::rustls::QuicServerConfig::with_initial(cfg, gm_initial_suite()?)
+        }
+    }
+    .map_err(|e| QuicError::Config(format!("QUIC server TLS: {e}")))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(opts.transport_config()?);
     Ok(server)
@@ -462,7 +501,8 @@ pub fn client_config(
     opts: &TransportOptions,
 ) -> Result<quinn::ClientConfig, QuicError> {
     pki::validate_node_name(expected_server)?;
-    let provider = provider();
+    let suite = tls.suite()?;
+    let provider = provider(suite);
     let inner =
         rustls::client::WebPkiServerVerifier::builder_with_provider(tls.roots()?, provider.clone())
             .build()
@@ -480,8 +520,14 @@ pub fn client_config(
         .with_client_auth_cert(tls.cert_chain.clone(), tls.key.clone_key())
         .map_err(tls_err("client certificate"))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
-        .map_err(|e| QuicError::Config(format!("QUIC client TLS: {e}")))?;
+    let cfg = Arc::new(cfg);
+    let crypto = match suite {
+        TlsSuite::Standard => quinn::crypto::rustls::QuicClientConfig::try_from(cfg),
+        TlsSuite::Gm => {
+            quinn::crypto::rustls::QuicClientConfig::with_initial(cfg, gm_initial_suite()?)
+        }
+    }
+    .map_err(|e| QuicError::Config(format!("QUIC client TLS: {e}")))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(opts.transport_config()?);
     Ok(client)
@@ -559,16 +605,89 @@ pub async fn connect(
     addr: SocketAddr,
     expected_server: &str,
 ) -> Result<quinn::Connection, QuicError> {
-    Ok(endpoint
+    endpoint
         .connect_with(config, addr, expected_server)?
-        .await?)
+        .await
+        .map_err(connection_error)
+}
+
+/// Names a suite mismatch (rustls: "peer is incompatible", alert 40, on either
+/// side) for what it is; every other connection error stays as quinn has it.
+fn connection_error(e: quinn::ConnectionError) -> QuicError {
+    if e.to_string().contains("peer is incompatible") {
+        QuicError::SuiteMismatch(e)
+    } else {
+        QuicError::Connection(e)
+    }
 }
 
 /// Accepts the next connection on a standby's endpoint; `None` once the
 /// endpoint is closed. A refused TLS handshake is an `Err` naming the reason.
+/// Awaits the handshake before taking the next connection: where peers other
+/// than the expected one can reach the endpoint, use an [`Acceptor`].
 pub async fn accept(endpoint: &quinn::Endpoint) -> Option<Result<quinn::Connection, QuicError>> {
     let incoming = endpoint.accept().await?;
-    Some(incoming.await.map_err(QuicError::from))
+    Some(incoming.await.map_err(connection_error))
+}
+
+/// Longest a peer's QUIC/TLS handshake may take on an [`Acceptor`] by default.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes an [`Acceptor`] runs at once; further peers are refused (QUIC's
+/// CONNECTION_REFUSED) until one finishes, so a flood of Initials costs bounded
+/// memory. A real primary retries with backoff.
+pub const MAX_HANDSHAKES: usize = 16;
+
+/// Accepts connections on a standby's endpoint with every handshake in a task of
+/// its own, bounded by a timeout. [`accept`] awaits each handshake before taking the
+/// next connection, so one peer that stalls its handshake (an Initial and nothing
+/// more) held up every other peer until QUIC's idle timeout, again and again.
+pub struct Acceptor {
+    endpoint: quinn::Endpoint,
+    handshakes: tokio::task::JoinSet<Result<quinn::Connection, QuicError>>,
+    timeout: Duration,
+}
+
+impl Acceptor {
+    pub fn new(endpoint: &quinn::Endpoint, timeout: Duration) -> Acceptor {
+        Acceptor {
+            endpoint: endpoint.clone(),
+            handshakes: tokio::task::JoinSet::new(),
+            timeout,
+        }
+    }
+
+    /// The next finished handshake: a connection, or an `Err` naming why a peer was
+    /// refused or timed out. `None` once the endpoint is closed. Cancel-safe.
+    pub async fn next(&mut self) -> Option<Result<quinn::Connection, QuicError>> {
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => self.start(incoming?),
+                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
+                    return Some(done.unwrap_or_else(|e| {
+                        Err(QuicError::Protocol(format!("handshake task: {e}")))
+                    }));
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, incoming: quinn::Incoming) {
+        if self.handshakes.len() >= MAX_HANDSHAKES {
+            tracing::warn!(peer = %incoming.remote_address(),
+                "refusing a QUIC connection: {MAX_HANDSHAKES} handshakes already in progress");
+            incoming.refuse();
+            return;
+        }
+        let after = self.timeout;
+        self.handshakes.spawn(async move {
+            let peer = incoming.remote_address();
+            match tokio::time::timeout(after, async { incoming.await }).await {
+                Ok(r) => r.map_err(connection_error),
+                // Dropping the handshake closes the connection.
+                Err(_) => Err(QuicError::HandshakeTimeout { peer, after }),
+            }
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------

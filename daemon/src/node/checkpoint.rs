@@ -1,6 +1,12 @@
 //! Checkpoints: the bases are fsynced, the applied position recorded in the metadata,
 //! and journal segments below both the checkpoint and the replication floor released.
 //! [`Checkpointer`] runs them periodically (and early when the journal fills up).
+//!
+//! A failed fsync never lets the checkpoint pass the records it covered: the store
+//! stays poisoned (`store::base`, "fsyncgate"), so no retry can succeed, the journal
+//! keeps everything after the last good checkpoint, the volume group stops (writes
+//! fail with EIO, status shows it) and a restart replays the records. The same holds
+//! for [`checkpoint_now`] and for a standby's replica, which checkpoints here too.
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,6 +15,7 @@ use anyhow::Context;
 use ferry_journal::Seq;
 
 use crate::node::recovery::Recovered;
+use crate::store::base::storage_fault;
 use ferry_api::config::Config;
 
 /// A checkpoint starts early once the journal is this full (percent).
@@ -28,10 +35,7 @@ fn checkpoint(
 ) -> anyhow::Result<()> {
     let (applied, floor) = positions();
     if applied > *last {
-        for b in &rec.bases {
-            b.sync()
-                .with_context(|| format!("checkpoint: fsync {}", b.path.display()))?;
-        }
+        sync_bases(rec)?;
         rec.meta.set_checkpoint(applied)?;
         *last = applied;
     }
@@ -41,6 +45,36 @@ fn checkpoint(
         *released = release;
     }
     Ok(())
+}
+
+/// Fsyncs every base; the first failure ends it (and poisons that base for good).
+fn sync_bases(rec: &Recovered) -> anyhow::Result<()> {
+    if let Some(why) = storage_fault(&rec.bases) {
+        anyhow::bail!("{why}");
+    }
+    for b in &rec.bases {
+        b.sync()
+            .with_context(|| format!("checkpoint: fsync {}", b.path.display()))?;
+    }
+    Ok(())
+}
+
+/// Logs a failed checkpoint: a transient error is retried at the next round; a
+/// failed fsync stopped the volume group, which is said once, loudly.
+fn report_failure(rec: &Recovered, last: Seq, e: &anyhow::Error, stopped: &mut bool) {
+    match storage_fault(&rec.bases) {
+        Some(why) if !*stopped => {
+            *stopped = true;
+            tracing::error!(
+                checkpoint = last,
+                "volume group stopped: {why}; the checkpoint stays at {last} and the journal \
+                 keeps every record after it: restart ferryd (once the storage is healthy) to \
+                 replay them"
+            );
+        }
+        Some(_) => {}
+        None => tracing::error!("checkpoint failed: {e:#}; will retry"),
+    }
 }
 
 /// The journal may be released through the checkpoint, but not past what every
@@ -77,6 +111,7 @@ impl Checkpointer {
                 let mut last = rec.checkpoint;
                 let mut released = release_point(rec.checkpoint, positions().1);
                 let mut since = Instant::now();
+                let mut stopped = false;
                 while !stopping.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(20));
                     let j = &rec.journal;
@@ -88,7 +123,7 @@ impl Checkpointer {
                     ) {
                         since = Instant::now();
                         if let Err(e) = checkpoint(&rec, &positions, &mut last, &mut released) {
-                            tracing::error!("checkpoint failed: {e:#}; will retry");
+                            report_failure(&rec, last, &e, &mut stopped);
                         }
                     }
                 }
@@ -109,11 +144,10 @@ impl Checkpointer {
 }
 
 /// Fsyncs the bases and records `applied` as the checkpoint (never lowering it).
+/// Fails, and keeps failing, once an fsync of a base failed: the role change or
+/// rollback that asked for it must not go on.
 pub(crate) fn checkpoint_now(rec: &Recovered, applied: Seq) -> anyhow::Result<()> {
-    for b in &rec.bases {
-        b.sync()
-            .with_context(|| format!("fsync {}", b.path.display()))?;
-    }
+    sync_bases(rec)?;
     if rec.meta.checkpoint()? < applied {
         rec.meta.set_checkpoint(applied)?;
     }

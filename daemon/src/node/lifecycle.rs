@@ -26,7 +26,10 @@ pub(crate) struct ControlSocket {
 impl ControlSocket {
     pub(crate) async fn bind(cfg: &Config) -> anyhow::Result<Self> {
         let access = control::Access::from_config(cfg.access.as_ref());
-        let audit = Arc::new(crate::ops::audit::AuditLog::open(&cfg.audit_log_path())?);
+        let audit = Arc::new(crate::ops::audit::AuditLog::open_with(
+            &cfg.audit_log_path(),
+            crate::ops::audit::AuditOptions::from_config(cfg.audit.as_ref()),
+        )?);
         let listener = control::bind(&cfg.control.socket, &access).await?;
         Ok(ControlSocket {
             listener,

@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod lifecycle;
 pub mod primary;
 pub mod recovery;
+pub mod reload;
 pub mod requests;
 pub mod roles;
 pub mod standby;
@@ -35,9 +36,21 @@ use self::recovery::{open_meta, recover};
 
 /// Runs a node until `shutdown` resolves; then drains, checkpoints and returns.
 pub async fn run(
-    mut cfg: Config,
+    cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<Exit> {
+    run_from(cfg, None, shutdown).await
+}
+
+/// [`run`] for a config read from `path`: `ferryctl reload` and SIGHUP re-read it
+/// (on a primary; a standby ignores SIGHUP and refuses reload).
+pub async fn run_from(
+    mut cfg: Config,
+    path: Option<std::path::PathBuf>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Exit> {
+    // As read from the file, before the metadata's overrides: what a reload compares.
+    let file_cfg = cfg.clone();
     let meta = tokio::task::block_in_place(|| open_meta(&mut cfg))?;
     let life = Arc::new(Lifecycle::default());
     // The metrics endpoint comes up before recovery: a long replay is then visible as
@@ -51,8 +64,18 @@ pub async fn run(
     let rec = Arc::new(tokio::task::block_in_place(|| recover(&cfg, meta))?);
     let shutdown = life.until(shutdown);
     let result = match cfg.node.role {
-        Role::Primary => run_primary(cfg, rec, obs, life.clone(), shutdown).await,
-        Role::Standby => run_standby(cfg, rec, obs, life.clone(), shutdown).await,
+        Role::Primary => {
+            let reload = path.map(|p| (p, file_cfg));
+            run_primary(cfg, rec, obs, life.clone(), reload, shutdown).await
+        }
+        Role::Standby => {
+            let hup = path.is_some().then(ignore_sighup);
+            let r = run_standby(cfg, rec, obs, life.clone(), shutdown).await;
+            if let Some(t) = hup {
+                t.abort();
+            }
+            r
+        }
     };
     drop(endpoint);
     result.map(|()| {
@@ -60,6 +83,21 @@ pub async fn run(
             Exit::Restart
         } else {
             Exit::Stopped
+        }
+    })
+}
+
+/// On a standby SIGHUP (`systemctl reload`) must not kill the daemon (its default
+/// action): it is logged and ignored — a standby applies its config at restart.
+fn ignore_sighup() -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot install the SIGHUP handler");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::warn!("SIGHUP ignored: a standby applies its config file when it restarts");
         }
     })
 }

@@ -21,6 +21,7 @@ use crate::node::lifecycle::{
     finish_shutdown, transport_options, wait_until, ControlSocket, Lifecycle, Observe,
 };
 use crate::node::recovery::{Recovered, JOURNAL_QUEUE};
+use crate::node::reload::Reloader;
 use crate::node::requests::{create_bookmark, find_volume, list_bookmarks, respond};
 use crate::node::roles::{demote, fence_peer, fence_responder, outdated_reason, switchover};
 use crate::node::status::{self, RoleSource, StatusSource};
@@ -30,6 +31,7 @@ pub(crate) async fn run_primary(
     rec: Arc<Recovered>,
     obs: Observe,
     life: Arc<Lifecycle>,
+    reload_from: Option<(std::path::PathBuf, Config)>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let group = Group::new(rec.journal.clone(), rec.checkpoint, JOURNAL_QUEUE);
@@ -76,36 +78,22 @@ pub(crate) async fn run_primary(
             (applied, archives.release_floor(floor.min(applied)))
         })
     })?;
-    let status = Arc::new(StatusSource {
-        node: cfg.node.name.clone(),
-        meta: rec.meta.clone(),
-        journal: rec.journal.clone(),
-        volumes: status::volumes(&cfg, Some(nbd_addr)),
-        role: RoleSource::Primary {
-            group: group.clone(),
-            replication: repl.clone(),
-            archives,
-            nbd: nbd_addr,
-        },
-    });
+    let status = primary_status(&cfg, &rec, &group, repl.clone(), archives, nbd_addr);
     obs.metrics.set_source(status.metrics_source());
-    // A primary answers its peer on its replication address: the primary it replaced
-    // (should it come back) learns it is outdated and stops; a primary of a newer
-    // epoch that dials us (we were replaced unheard) fences this node.
-    let fence_task = match (&cfg.replication, fence_peer(&cfg)) {
-        (Some(r), Some(peer)) => Some(start_fence_responder(
-            &cfg,
-            r,
-            &rec,
-            &peer,
-            outdated_hook(&group, &rec),
-            &stop_rx,
-        )?),
-        _ => None,
-    };
-    let handler = primary_handler(&cfg, rec.clone(), group.clone(), repl, status, life);
+    let fence_task = fence_task(&cfg, &rec, &group, &stop_rx)?;
+    let reloader = reload_from.map(|(path, applied)| reloader(path, applied, &rec, repl.clone()));
+    let hup = reloader.clone().map(on_sighup);
+    let handler = primary_handler(
+        &cfg,
+        rec.clone(),
+        group.clone(),
+        repl,
+        status,
+        life,
+        reloader,
+    );
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
-    let nbd_task = serve_nbd(&cfg, listener, registry.clone(), nbd_tls, stop_rx);
+    let nbd_task = serve_nbd(&cfg, listener, registry.clone(), &group, nbd_tls, stop_rx);
 
     for v in &cfg.volumes {
         tracing::info!(volume = %v.name, size = v.size.0, "serving nbd://{nbd_addr}/{}", v.name);
@@ -130,12 +118,98 @@ pub(crate) async fn run_primary(
         control_task,
     )
     .await;
+    if let Some(t) = hup {
+        t.abort();
+    }
     seal_for_shutdown(&rec, &group);
     if let Some(t) = fence_task {
         let _ = t.await;
     }
     drop(registry);
     finish_shutdown(ckpt, &rec).await
+}
+
+/// What `status` and the metrics read on a primary.
+fn primary_status(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    group: &Arc<Group>,
+    replication: Option<Arc<Replication>>,
+    archives: Arc<crate::archive::Archives>,
+    nbd: std::net::SocketAddr,
+) -> Arc<StatusSource> {
+    Arc::new(StatusSource {
+        node: cfg.node.name.clone(),
+        meta: rec.meta.clone(),
+        journal: rec.journal.clone(),
+        volumes: status::volumes(cfg, Some(nbd)),
+        bases: rec.bases.clone(),
+        role: RoleSource::Primary {
+            group: group.clone(),
+            replication,
+            archives,
+            nbd,
+        },
+    })
+}
+
+/// A primary answers its peer on its replication address: the primary it replaced
+/// (should it come back) learns it is outdated and stops; a primary of a newer epoch
+/// that dials us (we were replaced unheard) fences this node.
+fn fence_task(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    group: &Arc<Group>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    Ok(match (&cfg.replication, fence_peer(cfg)) {
+        (Some(r), Some(peer)) => Some(start_fence_responder(
+            cfg,
+            r,
+            rec,
+            &peer,
+            outdated_hook(group, rec),
+            stop_rx,
+        )?),
+        _ => None,
+    })
+}
+
+fn reloader(
+    path: std::path::PathBuf,
+    applied: Config,
+    rec: &Arc<Recovered>,
+    repl: Option<Arc<Replication>>,
+) -> Arc<Reloader> {
+    let r = rec.clone();
+    Arc::new(Reloader {
+        path,
+        applied: tokio::sync::Mutex::new(applied),
+        repl,
+        start_acked: Arc::new(move || {
+            r.meta
+                .checkpoint()
+                .unwrap_or(0)
+                .min(r.journal.durable_seq())
+        }),
+    })
+}
+
+/// SIGHUP (`systemctl reload`) does what `ferryctl reload` does; the result is logged.
+fn on_sighup(reloader: Arc<Reloader>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot install the SIGHUP handler: reload with ferryctl reload");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match reloader.reload().await {
+                Ok(v) => tracing::info!("SIGHUP: config reloaded: {v}"),
+                Err(e) => tracing::error!("SIGHUP: {}", crate::error_chain(&e)),
+            }
+        }
+    })
 }
 
 /// The NBD exports: one volume per recovered base, all writing through `group`.
@@ -175,19 +249,44 @@ async fn bind_nbd(cfg: &Config) -> anyhow::Result<tokio::net::TcpListener> {
     }
 }
 
+/// Serves the volumes over NBD with the `[nbd]` limits. Requests may be as large as
+/// ferry-nbd allows, but a write must fit in half a journal segment. The server's
+/// counters (refused requests and connections, TLS sessions) are read by /metrics
+/// through the group's frontend.
 fn serve_nbd(
     cfg: &Config,
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
+    group: &Group,
     tls: nbd::TlsPolicy,
     stop_rx: watch::Receiver<bool>,
 ) -> JoinHandle<std::io::Result<()>> {
-    let server_cfg = ferry_nbd::ServerConfig {
-        max_payload: (32u64 << 20).min(cfg.journal.segment_size.0 / 2) as u32,
-        tls,
-        ..nbd::ServerConfig::default()
-    };
+    let server_cfg = nbd_server_config(cfg, tls);
+    group.frontend.attach_nbd_server(server_cfg.stats.clone());
     tokio::spawn(ferry_nbd::serve(listener, registry, server_cfg, stop_rx))
+}
+
+/// ferry-nbd's settings from the config: payload limit and connection limits.
+fn nbd_server_config(cfg: &Config, tls: nbd::TlsPolicy) -> nbd::ServerConfig {
+    let d = nbd::ServerConfig::default();
+    let (max_connections, handshake, idle) =
+        cfg.nbd
+            .as_ref()
+            .map_or((d.max_connections, d.handshake_timeout, None), |n| {
+                (
+                    n.max_connections as usize,
+                    Duration::from_secs(n.handshake_timeout_secs),
+                    (n.idle_timeout_secs > 0).then(|| Duration::from_secs(n.idle_timeout_secs)),
+                )
+            });
+    nbd::ServerConfig {
+        max_payload: u64::from(nbd::DEFAULT_MAX_PAYLOAD).min(cfg.journal.segment_size.0 / 2) as u32,
+        tls,
+        max_connections,
+        handshake_timeout: handshake,
+        idle_timeout: idle,
+        ..d
+    }
 }
 
 /// Every acknowledged write is applied; seals the last write-set and lets the
@@ -222,13 +321,17 @@ fn outdated_hook(group: &Arc<Group>, rec: &Recovered) -> replication::OutdatedHo
 }
 
 /// The replication targets, starting at the checkpoint (their Hellos say where they
-/// are). After a failover, a target that has not rejoined since the fork (typically
-/// the old primary) starts degraded: the first writes of the new primary must not
-/// wait out a sync timeout for a node that is known to be away. It turns synchronous
-/// again once it has caught up.
+/// are). After a failover by promotion, a target that has not rejoined since the fork
+/// (typically the old primary) starts degraded: the first writes of the new primary
+/// must not wait out a sync timeout for a node that is known to be away. It turns
+/// synchronous again once it has caught up. After a switchover the old primary is not
+/// away (it handed over everything and comes back as a standby at once): no target
+/// starts degraded.
 fn replication_targets(cfg: &Config, rec: &Recovered) -> anyhow::Result<Vec<Arc<TargetState>>> {
     let mut away = Vec::new();
-    if let (Some(fork), Some(r)) = (rec.meta.fork_seq()?, cfg.replication.as_ref()) {
+    let promoted = rec.meta.fork_by()? == Some("promotion");
+    if let (Some(fork), Some(r), true) = (rec.meta.fork_seq()?, cfg.replication.as_ref(), promoted)
+    {
         for t in &r.targets {
             if !rec.meta.rejoined(&t.name, fork)? {
                 away.push(t.name.clone());
@@ -257,20 +360,17 @@ fn start_replication(
     let sync = SyncGate::new(targets.clone(), Duration::from_millis(r.sync_timeout_ms));
     *group.sync.write() = Some(sync.clone());
     group.feed.enable(r.tail_bytes.0 as usize);
+    let repl = Replication::new(targets, sync.clone(), group.feed.index.clone());
     // Before the shippers start: a target left in bitmap mode resyncs at once.
-    crate::ship::catchup::start(
+    let shared = crate::ship::catchup::start(
         catchup_shared(cfg, rec, group, &sync),
-        &targets,
+        &repl.targets,
         &group.feed,
         stop_rx.clone(),
     )?;
     let ctx = ship_context(cfg, rec, group, &sync)?;
-    replication::start(ctx, &targets, stop_rx);
-    Ok(Some(Arc::new(Replication {
-        targets,
-        sync,
-        index: group.feed.index.clone(),
-    })))
+    repl.start(ctx, shared, group.feed.clone(), stop_rx.clone());
+    Ok(Some(Arc::new(repl)))
 }
 
 fn catchup_shared(
@@ -356,6 +456,7 @@ pub(crate) fn primary_handler(
     repl: Option<Arc<Replication>>,
     status: Arc<StatusSource>,
     life: Arc<Lifecycle>,
+    reloader: Option<Arc<Reloader>>,
 ) -> control::Handler {
     let has_listen = cfg
         .replication
@@ -393,6 +494,14 @@ pub(crate) fn primary_handler(
         ferry_api::control::Request::Demote => respond(tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(demote(&rec, &group, has_listen, &life))
         })),
+        ferry_api::control::Request::Reload => match &reloader {
+            Some(r) => respond(tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(r.reload())
+            })),
+            None => ferry_api::control::Response::err(
+                "this ferryd was not started from a config file: nothing to reload",
+            ),
+        },
         other => ferry_api::control::Response::err(format!(
             "{} is a standby command: this node is the primary",
             other.name()
@@ -465,10 +574,9 @@ pub(crate) async fn verify(
 /// The targets a verify compares with: those streaming now.
 fn streaming_targets(repl: Option<&Replication>) -> Vec<Arc<TargetState>> {
     repl.map(|r| {
-        r.targets
-            .iter()
+        r.targets()
+            .into_iter()
             .filter(|t| t.state() == "streaming")
-            .cloned()
             .collect()
     })
     .unwrap_or_default()
@@ -554,6 +662,37 @@ async fn compare_with_standbys(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nbd_settings_come_from_the_config_and_the_library() {
+        let text = |nbd: &str, seg: &str| {
+            format!(
+                "[node]\nname = \"p\"\nrole = \"primary\"\n\
+                 cluster_id = \"00112233445566778899aabbccddeeff\"\nmetadata_dir = \"m\"\n\
+                 [journal]\ndir = \"j\"\nsize = \"1GiB\"\nsegment_size = \"{seg}\"\n\
+                 [nbd]\nlisten = \"127.0.0.1:0\"\n{nbd}\n[control]\nsocket = \"s\"\n"
+            )
+        };
+        let cfg = Config::parse(&text("", "256MiB")).unwrap();
+        let s = nbd_server_config(&cfg, nbd::TlsPolicy::Off);
+        // The library's limit (64 MiB), not a smaller one of ferryd's own.
+        assert_eq!(s.max_payload, nbd::DEFAULT_MAX_PAYLOAD);
+        assert_eq!(s.max_payload, 64 << 20);
+        assert_eq!(s.max_connections, 64);
+        assert_eq!(s.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(s.idle_timeout, None);
+        // A small segment still bounds a write to half of it.
+        let cfg = Config::parse(&text(
+            "max_connections = 5\nhandshake_timeout_secs = 2\nidle_timeout_secs = 30",
+            "16MiB",
+        ))
+        .unwrap();
+        let s = nbd_server_config(&cfg, nbd::TlsPolicy::Off);
+        assert_eq!(s.max_payload, 8 << 20);
+        assert_eq!(s.max_connections, 5);
+        assert_eq!(s.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(30)));
+    }
 
     #[test]
     fn without_replication_no_target_is_streaming() {

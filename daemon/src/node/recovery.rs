@@ -92,7 +92,11 @@ pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
         None if standby => replay_standby(&journal, &applier, checkpoint)?,
         None => replay(&journal, &bases, checkpoint)?,
     };
-    let checkpoint = if replayed > 0 {
+    // Through the journal's end whenever it holds anything past the checkpoint, even
+    // when nothing was applied (only seals): otherwise the group's applied position
+    // starts below the journal's end and a quiesce waits for a record that is never
+    // applied. A rolled-back replica keeps its checkpoint (nothing was replayed).
+    let checkpoint = if rollback.is_none() && journal.durable_seq() > checkpoint {
         checkpoint_replay(&journal, &bases, &meta, replayed)?
     } else {
         checkpoint

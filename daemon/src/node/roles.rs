@@ -47,7 +47,7 @@ pub(crate) async fn quiesce(rec: &Recovered, group: &Group, why: String) -> anyh
 /// restarts as its standby.
 pub(crate) async fn switchover(
     rec: &Recovered,
-    group: &Group,
+    group: &Arc<Group>,
     repl: Option<&Replication>,
     to: Option<&str>,
     life: &Lifecycle,
@@ -71,7 +71,7 @@ pub(crate) async fn switchover(
             t.state()
         );
     }
-    let result = hand_over(rec, group, t).await;
+    let result = hand_over(rec, group, &t).await;
     match result {
         Ok((seq, new_epoch)) => {
             tracing::warn!(to = %t.name, seq, epoch = new_epoch, "switchover done: restarting as a standby");
@@ -83,12 +83,11 @@ pub(crate) async fn switchover(
                 "writes_stopped_seconds": started.elapsed().as_secs_f64(),
             }))
         }
-        Err(e) => {
-            // The standby did not confirm a role change: take writes again, unless we
-            // have learnt meanwhile that it took over (a newer epoch marked this node
-            // outdated): lifting that fence would accept writes the new primary never
-            // gets (found by ferry-torture, seed 203). Had it changed roles unheard,
-            // our next session learns the newer epoch and fences us.
+        Err(Abandoned::BeforeHandover(e)) => {
+            // The standby was never told to take over: take writes again, unless we
+            // have learnt meanwhile that a newer epoch exists (a newer epoch marked this
+            // node outdated): lifting that fence would accept writes the new primary
+            // never gets.
             match rec.meta.outdated() {
                 Ok(o) => group.set_fence(fence_after_abandoned_switchover(o.as_ref())),
                 Err(m) => tracing::error!(
@@ -97,22 +96,82 @@ pub(crate) async fn switchover(
             }
             Err(e.context("switchover abandoned; this node stays the primary"))
         }
+        Err(Abandoned::OutcomeUnknown(e)) => {
+            // Handover was sent but its answer lost: the standby may be the primary of
+            // a new epoch already. Lifting the fence now would acknowledge writes the
+            // new primary never gets (ferry-torture seeds 203, 198057928233978): writes
+            // stay refused until this node learns the outcome from the standby itself.
+            let why = format!(
+                "switchover to '{}': the handover was sent but not answered; writes stay refused until '{}' is heard from (its next session says whether it took over)",
+                t.name, t.name
+            );
+            group.set_fence(Some(why.clone()));
+            tokio::spawn(await_handover_outcome(
+                rec.meta.clone(),
+                group.clone(),
+                t.clone(),
+            ));
+            Err(e.context(why))
+        }
+    }
+}
+
+/// Why a switchover ended without a new primary this node knows of.
+enum Abandoned {
+    /// Nothing was sent to the standby that could make it take over.
+    BeforeHandover(anyhow::Error),
+    /// Handover was sent, its answer never came: the standby may have taken over.
+    OutcomeUnknown(anyhow::Error),
+}
+
+/// After an unanswered Handover: keeps writes refused until the standby's epoch is
+/// known. A newer epoch (the standby took over: the shipper's next handshake, or the
+/// fence responder, marks this node outdated) keeps them refused for good; a session
+/// streaming again at this node's epoch (the standby never took over, or it would
+/// refuse this primary) lets them resume.
+async fn await_handover_outcome(
+    meta: Arc<crate::store::meta::Meta>,
+    group: Arc<Group>,
+    t: Arc<TargetState>,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        match meta.outdated() {
+            Ok(Some(o)) => {
+                tracing::warn!(to = %t.name, "switchover: '{}' took over (epoch {}); this node stays fenced", o.by, o.epoch);
+                group.set_fence(Some(outdated_reason(&o)));
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(
+                    "switchover outcome: reading the outdated mark: {e}; writes stay refused"
+                );
+                return;
+            }
+        }
+        if t.state() == "streaming" {
+            tracing::warn!(to = %t.name, "switchover did not happen: '{}' streams from this primary again; taking writes", t.name);
+            group.set_fence(None);
+            return;
+        }
     }
 }
 
 /// The standby a switchover hands over to: the one named, or the only one.
-fn switchover_target<'a>(
-    repl: Option<&'a Replication>,
+fn switchover_target(
+    repl: Option<&Replication>,
     to: Option<&str>,
-) -> anyhow::Result<&'a Arc<TargetState>> {
-    let targets = repl.map(|r| r.targets.as_slice()).unwrap_or_default();
+) -> anyhow::Result<Arc<TargetState>> {
+    let targets = repl.map(|r| r.targets()).unwrap_or_default();
     let t = match to {
         Some(name) => targets
             .iter()
             .find(|t| t.name == name)
+            .cloned()
             .ok_or_else(|| anyhow::anyhow!("no replication target named '{name}'"))?,
-        None => match targets {
-            [t] => t,
+        None => match targets.as_slice() {
+            [t] => t.clone(),
             [] => bail!("this primary has no standby to hand over to"),
             _ => bail!("several standbys: name one with --to"),
         },
@@ -122,7 +181,46 @@ fn switchover_target<'a>(
 
 /// Stops writes, waits until `t` confirms every record, and has it take over in a
 /// new epoch, recorded as this node's role change; returns (seq, new epoch).
-async fn hand_over(rec: &Recovered, group: &Group, t: &TargetState) -> anyhow::Result<(Seq, u64)> {
+async fn hand_over(
+    rec: &Recovered,
+    group: &Group,
+    t: &TargetState,
+) -> Result<(Seq, u64), Abandoned> {
+    let seq = caught_up(rec, group, t)
+        .await
+        .map_err(Abandoned::BeforeHandover)?;
+    let answer = t.request_handover(seq).map_err(Abandoned::BeforeHandover)?;
+    let new_epoch = match tokio::time::timeout(Duration::from_secs(30), answer).await {
+        Ok(Ok(Ok(epoch))) => epoch,
+        // The standby refused the handover in its answer: it did not take over.
+        Ok(Ok(Err(e))) => return Err(Abandoned::BeforeHandover(e)),
+        Ok(Err(_)) => {
+            return Err(Abandoned::OutcomeUnknown(anyhow::anyhow!(
+                "the session with '{}' ended during the handover",
+                t.name
+            )))
+        }
+        Err(_) => {
+            // A HandoverAck after this is unexpected: the session ends instead of
+            // reporting a handover this node no longer waits for.
+            t.abandon_handover();
+            return Err(Abandoned::OutcomeUnknown(anyhow::anyhow!(
+                "standby '{}' did not answer the handover within 30 s",
+                t.name
+            )));
+        }
+    };
+    // The standby took over: from here on, this node must never take writes again.
+    tokio::task::block_in_place(|| {
+        rec.meta
+            .change_role(new_epoch, "standby", Some(&t.name), None)
+    })
+    .map_err(|e| Abandoned::OutcomeUnknown(e.into()))?;
+    Ok((seq, new_epoch))
+}
+
+/// Stops writes and waits until `t` holds every record; returns the last sequence.
+async fn caught_up(rec: &Recovered, group: &Group, t: &TargetState) -> anyhow::Result<Seq> {
     let seq = quiesce(
         rec,
         group,
@@ -140,23 +238,7 @@ async fn hand_over(rec: &Recovered, group: &Group, t: &TargetState) -> anyhow::R
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let answer = t.request_handover(seq)?;
-    let new_epoch = match tokio::time::timeout(Duration::from_secs(30), answer).await {
-        Ok(answer) => answer.map_err(|_| {
-            anyhow::anyhow!("the session with '{}' ended during the handover", t.name)
-        })??,
-        Err(_) => {
-            // A HandoverAck after this is unexpected: the session ends instead of
-            // reporting a handover this node no longer waits for.
-            t.abandon_handover();
-            bail!("standby '{}' did not take over within 30 s", t.name)
-        }
-    };
-    tokio::task::block_in_place(|| {
-        rec.meta
-            .change_role(new_epoch, "standby", Some(&t.name), None)
-    })?;
-    Ok((seq, new_epoch))
+    Ok(seq)
 }
 
 /// An outdated primary rejoins as a standby of the node that superseded it.
@@ -252,15 +334,23 @@ pub(crate) async fn fence_responder(
             return;
         }
     };
+    // Handshakes run on their own, bounded (as on a standby): a peer that stalls its
+    // handshake never keeps the primary that superseded us from being heard.
+    let mut acceptor = quic::Acceptor::new(&endpoint, quic::HANDSHAKE_TIMEOUT);
     loop {
         tokio::select! {
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
-            accepted = quic::accept(&endpoint) => match accepted {
+            accepted = acceptor.next() => match accepted {
                 None => break,
                 Some(Err(e)) => tracing::debug!("fence responder: refused a connection: {e}"),
                 Some(Ok(conn)) => {
                     let peer = conn.remote_address();
-                    match quic::standby_handshake(conn, &local, 0, &opts).await {
+                    let hello = quic::standby_handshake(conn, &local, 0, &opts);
+                    let Ok(answered) = tokio::time::timeout(quic::HANDSHAKE_TIMEOUT, hello).await else {
+                        tracing::warn!(%peer, "fence responder: the peer's Hello did not come within {:?}", quic::HANDSHAKE_TIMEOUT);
+                        continue;
+                    };
+                    match answered {
                         Err(e) => match newer_epoch_of(&e) {
                             // TLS admitted only `expected_peer_name`: that node says
                             // it is the primary of the newer epoch.
@@ -383,6 +473,7 @@ pub(crate) fn take_over(rec: Arc<Recovered>, sb: Arc<Standby>, life: Arc<Lifecyc
         // As in `promote`: the replaced primary is the peer to answer.
         rec.meta
             .change_role(new_epoch, "primary", Some(&sb.state.primary), Some(seq))?;
+        rec.meta.set_fork_by_switchover()?;
         // Not paused here: that would end this session before the HandoverAck goes
         // out. The restart right after the ack ends it.
         tracing::warn!(

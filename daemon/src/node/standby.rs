@@ -75,6 +75,7 @@ pub(crate) async fn run_standby(
         meta: rec.meta.clone(),
         journal: rec.journal.clone(),
         volumes: status::volumes(&cfg, None),
+        bases: rec.bases.clone(),
         role: RoleSource::Standby {
             standby: standby.clone(),
             applier: rec.applier.clone(),
@@ -207,6 +208,7 @@ pub(crate) fn standby_handler(
                 promote(has_nbd, &rec, &sb, exports.as_deref(), target.as_ref(), force, &life)
             })),
             other @ (ferry_api::control::Request::Demote
+            | ferry_api::control::Request::Reload
             | ferry_api::control::Request::Switchover { .. }
             | ferry_api::control::Request::Verify { .. }) => {
                 ferry_api::control::Response::err(format!(

@@ -17,6 +17,7 @@ use crate::primary::volume::Group;
 use crate::replica::applier::Applier;
 use crate::replica::standby::Standby;
 use crate::ship::Replication;
+use crate::store::base::{storage_fault, Base};
 use crate::store::meta::Meta;
 use ferry_api::config::Config;
 
@@ -27,6 +28,8 @@ pub(crate) struct StatusSource {
     pub(crate) journal: Arc<Journal>,
     /// The configured volumes (they do not change while the node runs).
     pub(crate) volumes: Vec<VolumeStatus>,
+    /// Their stores: a failed fsync of one stops the volume group (shown as failed).
+    pub(crate) bases: Vec<Arc<Base>>,
     pub(crate) role: RoleSource,
 }
 
@@ -63,7 +66,7 @@ impl StatusSource {
                 replication.as_ref().map_or_else(Vec::new, |r| r.status()),
                 RoleStatus::Primary(PrimaryStatus {
                     archives: archives.status(j.durable_seq()),
-                    ..primary_status(meta, group, *nbd)
+                    ..primary_status(meta, group, &self.bases, *nbd)
                 }),
             ),
             // A standby's journal holds what it received: its end is what is durable.
@@ -146,15 +149,22 @@ pub(crate) fn journal_status(j: &Journal) -> JournalStatus {
     }
 }
 
-fn primary_status(meta: &Meta, group: &Group, nbd: SocketAddr) -> PrimaryStatus {
+fn primary_status(
+    meta: &Meta,
+    group: &Group,
+    bases: &[Arc<Base>],
+    nbd: SocketAddr,
+) -> PrimaryStatus {
+    let fault = storage_fault(bases);
     PrimaryStatus {
-        failed: group.gate.failed(),
+        failed: group.gate.failed() || fault.is_some(),
         outdated: meta.outdated().ok().flatten().map(|o| OutdatedStatus {
             epoch: o.epoch,
             by: o.by,
         }),
-        writes_refused: group.fenced(),
+        writes_refused: group.fenced().or(fault),
         fork_seq: meta.fork_seq().ok().flatten(),
+        fork_by: meta.fork_by().ok().flatten().map(str::to_string),
         nbd: NbdStatus {
             listen: nbd.to_string(),
         },
@@ -171,7 +181,12 @@ fn standby_status(sb: &Standby, applier: &Applier, exports: Option<&PitExports>)
     pit.exports = exports.map(|x| x.status());
     StandbyStatus {
         paused: sb.paused(),
-        apply_error: st.apply_error.lock().clone(),
+        // A failed fsync of the replica stops its apply even before the next write-set.
+        apply_error: st
+            .apply_error
+            .lock()
+            .clone()
+            .or_else(|| storage_fault(&applier.bases)),
         replica: consistency(applier.resync.get().is_some()),
         resync: applier.resync.status(),
         primary: UpstreamStatus {

@@ -7,8 +7,17 @@
 //! request needs a role ([`Request::required_role`], [`command_role`] for the planned
 //! commands). Anyone without the role gets
 //! `permission denied: <cmd> needs <role>, uid N has <role|no role>`. Every request —
-//! allowed, denied or failed — is appended to the audit log ([`crate::ops::audit`]) and made
-//! durable before its response is sent.
+//! allowed, denied or failed — is appended to the audit log ([`crate::ops::audit`]) before
+//! its response is sent. A state-changing one ([`ferry_api::audit::changes_state`]) is
+//! two durable lines: its intent before the handler runs, its outcome after; the rest
+//! are batched (written at once, fsynced within `[audit] sync_interval_ms`), so that
+//! read-only requests cannot make the daemon fsync once per request.
+//!
+//! Limits: at most [`MAX_CONNECTIONS`] connections; at the cap a new one displaces
+//! the connection that has waited longest for its next request (so a flood of idle
+//! connections never keeps `ferryctl status` out), and only when every connection
+//! has a request in progress is the newcomer closed at once. A request line must
+//! arrive within [`READ_TIMEOUT`].
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -22,6 +31,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::ops::audit::AuditLog;
 use ferry_api::audit::{AuditEntry, Outcome};
 use ferry_api::config::{AccessConfig, Principals};
+use ferry_nbd::admission::{Admission, Full, Slot};
 // The protocol (shared with ferryctl) lives in ferry-api.
 use ferry_api::control::{command_role, Request, Response, Role};
 
@@ -61,6 +71,15 @@ impl Drop for Answering<'_> {
 
 /// Longest request line accepted; requests are tiny.
 const MAX_REQUEST: usize = 64 << 10;
+/// Control connections at once (see the module doc for what happens at the cap).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection whose next request line does not arrive in this time is closed
+/// (ferryctl sends its request at once).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the accept loop waits for displaced connections to close before refusing.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+/// Minimum time between two log lines about refused connections.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Who may do what on the control socket, and how the socket file is shared.
 #[derive(Debug, Clone)]
@@ -182,21 +201,59 @@ pub async fn serve(
     handler: Handler,
     access: Access,
     audit: Option<Arc<AuditLog>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let limits = Limits::default();
+    serve_limited(listener, path, handler, access, audit, shutdown, limits).await
+}
+
+/// How many control connections, and how long one may wait with no request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            read_timeout: READ_TIMEOUT,
+        }
+    }
+}
+
+/// [`serve`] with other limits (tests use small ones).
+pub async fn serve_limited(
+    listener: UnixListener,
+    path: PathBuf,
+    handler: Handler,
+    access: Access,
+    audit: Option<Arc<AuditLog>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    limits: Limits,
 ) {
     let access = Arc::new(access);
     let inflight = Arc::new(InFlight::default());
+    let admission = Admission::new(limits.max_connections);
+    let mut refusals = Refusals::default();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    let Some(slot) = refusals.admit(&admission).await else {
+                        drop(stream);
+                        continue;
+                    };
                     let h = handler.clone();
                     let access = access.clone();
                     let audit = audit.clone();
                     let inflight = inflight.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_one(stream, h, &access, audit, &inflight).await {
+                        let conn = Conn { slot: &slot, read_timeout: limits.read_timeout };
+                        let served = serve_one(stream, h, &access, audit, &inflight, conn).await;
+                        if let Err(e) = served {
                             tracing::debug!("control connection: {e:#}");
                         }
                     });
@@ -214,6 +271,57 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("control: shutting down with requests unanswered after {ANSWER_GRACE:?}");
+    }
+    // Batched lines are in the file already; a clean stop makes them durable too.
+    if let Some(log) = audit {
+        let synced = tokio::task::spawn_blocking(move || log.sync())
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+        if let Err(e) = synced {
+            tracing::error!("control: audit log sync at shutdown: {e:#}");
+        }
+    }
+}
+
+/// One admitted connection's place and its read timeout.
+struct Conn<'a> {
+    slot: &'a Slot,
+    read_timeout: Duration,
+}
+
+/// Connections refused at the cap, logged at most once per [`REFUSAL_LOG_EVERY`].
+#[derive(Default)]
+struct Refusals {
+    unlogged: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    /// A slot for a new connection, or `None` when every connection has a request
+    /// in progress (counted, and logged rate-limited).
+    async fn admit(&mut self, admission: &Arc<Admission>) -> Option<Slot> {
+        match admission.admit_waiting(EVICTION_WAIT).await {
+            Ok((slot, evicted)) => {
+                if evicted {
+                    tracing::debug!("control: closing the longest-idle connection to make room");
+                }
+                Some(slot)
+            }
+            Err(Full::AllBusy | Full::Evicting) => {
+                self.unlogged += 1;
+                let now = std::time::Instant::now();
+                if self.last_log.is_none_or(|t| now - t >= REFUSAL_LOG_EVERY) {
+                    tracing::warn!(
+                        refused = std::mem::take(&mut self.unlogged),
+                        max = admission.max(),
+                        "control: every connection has a request in progress; refusing new ones"
+                    );
+                    self.last_log = Some(now);
+                }
+                None
+            }
+        }
     }
 }
 
@@ -300,20 +408,38 @@ fn peer_groups(fd: std::os::unix::io::RawFd) -> Vec<u32> {
     }
 }
 
-/// Decides one request line: (request type, arguments, outcome, response).
-fn decide(
-    line: &str,
-    peer: &Peer,
-    handler: &Handler,
-) -> (String, serde_json::Value, Outcome, Response) {
+/// A request line, checked: answered at once (refused, malformed, not implemented), or
+/// to be run by the handler.
+enum Checked {
+    Answered {
+        request: String,
+        args: serde_json::Value,
+        result: Outcome,
+        resp: Response,
+    },
+    Run {
+        request: String,
+        args: serde_json::Value,
+        req: Request,
+    },
+}
+
+/// Checks one request line: its size, its form, and the peer's role.
+fn check(line: &str, peer: &Peer) -> Checked {
+    let answered = |request: &str, args, result, msg: String| Checked::Answered {
+        request: request.to_string(),
+        args,
+        result,
+        resp: Response::err(msg),
+    };
     if line.len() > MAX_REQUEST {
         let msg = format!("request longer than {MAX_REQUEST} bytes");
         let args = serde_json::Value::String(format!("<{} bytes>", line.len()));
         return match peer.role {
-            Some(_) => ("?".into(), args, Outcome::Error, Response::err(msg)),
+            Some(_) => answered("?", args, Outcome::Error, msg),
             None => {
                 let msg = peer.denial("request", Role::Viewer);
-                ("?".into(), args, Outcome::Denied, Response::err(msg))
+                answered("?", args, Outcome::Denied, msg)
             }
         };
     }
@@ -338,17 +464,122 @@ fn decide(
     };
     if peer.role.is_none_or(|r| r < needs) {
         let msg = peer.denial(cmd.as_deref().unwrap_or("request"), needs);
-        return (what, args, Outcome::Denied, Response::err(msg));
+        return answered(&what, args, Outcome::Denied, msg);
     }
-    let resp = match parsed {
-        Ok(req) => handler(req),
-        Err(e) => match cmd.as_deref().filter(|c| command_role(c).is_some()) {
-            Some(c) => Response::err(format!("{c}: not implemented by this ferryd")),
-            None => Response::err(format!("bad request: {e}")),
+    match parsed {
+        Ok(req) => Checked::Run {
+            request: what,
+            args,
+            req,
         },
+        Err(e) => {
+            let msg = match cmd.as_deref().filter(|c| command_role(c).is_some()) {
+                Some(c) => format!("{c}: not implemented by this ferryd"),
+                None => format!("bad request: {e}"),
+            };
+            answered(&what, args, Outcome::Error, msg)
+        }
+    }
+}
+
+/// How a line goes into the audit log.
+#[derive(Debug, Clone, Copy)]
+enum Append {
+    /// Changes nothing (read-only, refused): fsynced with others, shortly after.
+    Batched,
+    /// A record (a drill's result): durable before the answer.
+    Durable,
+    /// Before a state-changing request is carried out: durable first.
+    Intent,
+    /// After it, naming the intent's seq: durable before the answer.
+    Outcome(u64),
+}
+
+/// Appends one line on a blocking thread (fsync); returns its seq.
+async fn audit_line(log: &Arc<AuditLog>, how: Append, entry: AuditEntry) -> anyhow::Result<u64> {
+    let log = log.clone();
+    tokio::task::spawn_blocking(move || match how {
+        Append::Batched => log.append_batched(entry),
+        Append::Durable => log.append(entry),
+        Append::Intent => log.append_intent(entry),
+        Append::Outcome(intent) => log.append_outcome(intent, entry),
+    })
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r)
+}
+
+/// Runs a checked request and audits it: a state-changing one as a durable intent
+/// before the handler and a durable outcome after it (no intent, no action); anything
+/// else as one batched line. Returns the response to send.
+async fn run_audited(
+    checked: Checked,
+    peer: &Peer,
+    handler: &Handler,
+    audit: Option<&Arc<AuditLog>>,
+) -> Response {
+    let entry = |request: &str, args, result, message| AuditEntry {
+        uid: peer.uid,
+        gid: peer.gid,
+        pid: peer.pid,
+        role: peer.role,
+        request: request.to_string(),
+        args,
+        result,
+        message,
     };
-    let outcome = if resp.ok { Outcome::Ok } else { Outcome::Error };
-    (what, args, outcome, resp)
+    let (request, args, result, resp, how) = match checked {
+        Checked::Answered {
+            request,
+            args,
+            result,
+            resp,
+        } => (request, args, result, resp, Append::Batched),
+        Checked::Run { request, args, req } => {
+            let mut how = if ferry_api::audit::is_record(&req) {
+                Append::Durable
+            } else {
+                Append::Batched
+            };
+            if let (Some(log), true) = (audit, ferry_api::audit::changes_state(&req)) {
+                let intent = entry(&request, args.clone(), Outcome::Intent, None);
+                match audit_line(log, Append::Intent, intent).await {
+                    Ok(seq) => how = Append::Outcome(seq),
+                    Err(e) => {
+                        let e = crate::error_chain(&e);
+                        tracing::error!("control: audit log: {e}");
+                        return Response::err(format!(
+                            "{request} was not done: its intent could not be audited: {e}"
+                        ));
+                    }
+                }
+            }
+            let resp = handler(req);
+            let result = if resp.ok { Outcome::Ok } else { Outcome::Error };
+            (request, args, result, resp, how)
+        }
+    };
+    if result == Outcome::Denied {
+        tracing::warn!(uid = ?peer.uid, pid = ?peer.pid, "control: {}", resp.error.as_deref().unwrap_or(""));
+    }
+    let Some(log) = audit else {
+        return resp;
+    };
+    let line = entry(&request, args, result, resp.error.clone());
+    match audit_line(log, how, line).await {
+        Ok(_) => resp,
+        Err(e) => {
+            let e = crate::error_chain(&e);
+            tracing::error!("control: audit log: {e}");
+            Response::err(match result {
+                Outcome::Ok => format!("{request} was done but could not be audited: {e}"),
+                _ => format!(
+                    "{} (and could not be audited: {e})",
+                    resp.error.as_deref().unwrap_or("error")
+                ),
+            })
+        }
+    }
 }
 
 async fn serve_one(
@@ -357,50 +588,26 @@ async fn serve_one(
     access: &Access,
     audit: Option<Arc<AuditLog>>,
     inflight: &InFlight,
+    conn: Conn<'_>,
 ) -> anyhow::Result<()> {
+    let Conn { slot, read_timeout } = conn;
     let peer = Peer::of(&stream, access);
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r.take(MAX_REQUEST as u64 * 16));
     let mut line = String::new();
     loop {
         line.clear();
-        let n = lines.read_line(&mut line).await?;
-        if n == 0 {
+        slot.idle();
+        let read = tokio::select! {
+            r = tokio::time::timeout(read_timeout, lines.read_line(&mut line)) => r,
+            _ = slot.evicted() => return Ok(()),
+        };
+        let n = read.map_err(|_| anyhow::anyhow!("no request within {read_timeout:?}"))??;
+        if n == 0 || !slot.busy() {
             return Ok(());
         }
         let _answering = inflight.begin();
-        let (request, args, result, mut resp) = decide(&line, &peer, &handler);
-        if result == Outcome::Denied {
-            tracing::warn!(uid = ?peer.uid, pid = ?peer.pid, "control: {}", resp.error.as_deref().unwrap_or(""));
-        }
-        if let Some(log) = &audit {
-            let entry = AuditEntry {
-                uid: peer.uid,
-                gid: peer.gid,
-                pid: peer.pid,
-                role: peer.role,
-                request: request.clone(),
-                args,
-                result,
-                message: resp.error.clone(),
-            };
-            let log = log.clone();
-            let written = tokio::task::spawn_blocking(move || log.append(entry))
-                .await
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r);
-            if let Err(e) = written {
-                let e = crate::error_chain(&e);
-                tracing::error!("control: audit log: {e}");
-                resp = Response::err(match result {
-                    Outcome::Ok => format!("{request} was done but could not be audited: {e}"),
-                    _ => format!(
-                        "{} (and could not be audited: {e})",
-                        resp.error.as_deref().unwrap_or("error")
-                    ),
-                });
-            }
-        }
+        let resp = run_audited(check(&line, &peer), &peer, &handler, audit.as_ref()).await;
         let mut out = serde_json::to_vec(&resp)?;
         out.push(b'\n');
         w.write_all(&out).await?;
@@ -428,6 +635,28 @@ mod tests {
         assert_eq!(d.role_of(0, &[0]), Some(Role::Admin));
         assert_eq!(d.socket_mode, 0o660);
         assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
+    }
+
+    /// What a request line comes to without the audit log: (request type, arguments,
+    /// outcome, response).
+    fn decide(
+        line: &str,
+        peer: &Peer,
+        handler: &Handler,
+    ) -> (String, serde_json::Value, Outcome, Response) {
+        match check(line, peer) {
+            Checked::Answered {
+                request,
+                args,
+                result,
+                resp,
+            } => (request, args, result, resp),
+            Checked::Run { request, args, req } => {
+                let resp = handler(req);
+                let result = if resp.ok { Outcome::Ok } else { Outcome::Error };
+                (request, args, result, resp)
+            }
+        }
     }
 
     #[test]
@@ -465,6 +694,86 @@ mod tests {
         assert_eq!((what.as_str(), out), ("?", Outcome::Error));
         assert_eq!(args, serde_json::json!("nonsense"));
         assert!(r.error.unwrap().starts_with("bad request"));
+    }
+
+    /// Issue 17: a flood of idle connections (more than the cap, none sending a
+    /// request) never keeps `ferryctl status` out; a connection that sends nothing is
+    /// closed after the read timeout; and when every connection has a request in
+    /// progress, a newcomer is closed at once.
+    #[test]
+    fn idle_connections_never_block_a_request() {
+        use std::io::Read;
+        // The held requests below block their workers (handlers are synchronous).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(6)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let access = Access::from_config(None);
+        let listener = rt.block_on(bind(&path, &access)).unwrap();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Arc::new(parking_lot::Mutex::new(release_rx));
+        let handler: Handler = Arc::new(move |req| match req {
+            // A request that holds its connection busy until the test says so.
+            Request::Demote => {
+                let _ = release_rx.lock().recv();
+                Response::ok(serde_json::json!({}))
+            }
+            _ => Response::ok(serde_json::json!({"status": "ok"})),
+        });
+        let limits = Limits {
+            max_connections: 4,
+            read_timeout: Duration::from_millis(500),
+        };
+        let server = serve_limited(
+            listener,
+            path.clone(),
+            handler,
+            access,
+            None,
+            stop_rx,
+            limits,
+        );
+        let thread = std::thread::spawn(move || rt.block_on(server));
+        let flood: Vec<_> = (0..50)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+            .collect();
+        let status = ferry_api::control::call(&path, &Request::Status).expect("answered");
+        assert!(status.ok, "{status:?}");
+        // The idle ones still open are closed by the read timeout.
+        let mut last = flood.into_iter().last().unwrap();
+        last.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(last.read(&mut [0u8; 1]).unwrap_or(0), 0, "closed");
+        assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+        // Every connection busy: a newcomer is refused at once.
+        let busy: Vec<_> = (0..4)
+            .map(|_| {
+                let p = path.clone();
+                std::thread::spawn(move || ferry_api::control::call(&p, &Request::Demote))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut late = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(late.read(&mut [0u8; 1]).unwrap_or(0), 0, "refused");
+        assert!(
+            t.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+        for _ in 0..4 {
+            release_tx.send(()).unwrap();
+        }
+        for b in busy {
+            assert!(b.join().unwrap().expect("answered").ok);
+        }
+        drop(_stop_tx);
+        thread.join().unwrap();
     }
 
     /// A role change ends the run from inside its own request (the handler stops the

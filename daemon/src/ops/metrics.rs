@@ -3,7 +3,9 @@
 //! Enabled by an optional `[metrics]` section (`listen = "HOST:PORT"`; port 0 lets the
 //! OS choose, and the bound address is printed on ferryd's ready line). The endpoint
 //! is a deliberately small HTTP/1.1 server (GET only, `Connection: close`, bounded
-//! request head, a read timeout, a connection cap) with three paths:
+//! request head, a read timeout, a connection cap at which the connection waiting
+//! longest for its request head makes room, so idle connections never lock a scrape
+//! out) with three paths:
 //! * `/metrics` — OpenMetrics text exposition (`prometheus-client`), which Prometheus
 //!   negotiates and parses;
 //! * `/healthz` — `200 ok` while the process serves HTTP at all;
@@ -39,20 +41,25 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::primary::frontend::Frontend;
 use ferry_api::config::{Config, Role};
 use ferry_api::status::{
     ArchiveStatus, EffectiveMode, NodeStatus, RoleStatus, StandbyStatus, TargetStatus,
 };
+use ferry_nbd::admission::{Admission, Slot};
 
 /// Largest request head (request line + headers) the endpoint reads.
 pub const MAX_REQUEST_BYTES: usize = 8 << 10;
 /// A client must send its request head within this time.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed without a response.
+/// Connections at once. At the cap a new one displaces the connection that has
+/// waited longest for its request head; only when every connection is being
+/// answered is a newcomer closed without a response.
 const MAX_CONNECTIONS: usize = 32;
+/// Longest the accept loop waits for displaced connections to close before refusing.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 /// The OpenMetrics content type (what `prometheus-client` encodes).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -650,7 +657,7 @@ pub async fn start(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Option
 
 /// Accepts connections until `stop` turns true or its sender is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let admission = Admission::new(MAX_CONNECTIONS);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -670,14 +677,13 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut stop: watch
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "metrics endpoint: too many connections; closing");
+        let Ok((slot, _)) = admission.admit_waiting(EVICTION_WAIT).await else {
+            tracing::debug!(%peer, "metrics endpoint: every connection is being answered; closing");
             continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            handle(sock, &metrics).await;
-            drop(permit);
+            handle(sock, &metrics, &slot).await;
         });
     }
 }
@@ -782,8 +788,16 @@ fn route(head: &[u8], metrics: &Metrics) -> Response {
     }
 }
 
-async fn handle(mut sock: TcpStream, metrics: &Metrics) {
-    let resp = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut sock)).await {
+async fn handle(mut sock: TcpStream, metrics: &Metrics, slot: &Slot) {
+    let head = tokio::select! {
+        h = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut sock)) => h,
+        // Displaced by a newer connection while still waiting for its head.
+        _ = slot.evicted() => return,
+    };
+    if !slot.busy() {
+        return;
+    }
+    let resp = match head {
         Err(_) => Response::text(408, "request timeout"),
         Ok(Err(_)) | Ok(Ok(Head::Empty)) => return,
         Ok(Ok(Head::TooLarge)) => Response::text(431, "request head too large"),
@@ -833,6 +847,37 @@ mod tests {
     fn status(head: &str) -> u16 {
         let m = Metrics::new("n", Role::Primary);
         route(head.as_bytes(), &m).status
+    }
+
+    /// Issue 17: a flood of idle connections (more than the cap, none sending its
+    /// request) never locks a scrape out.
+    #[test]
+    fn idle_connections_never_block_a_scrape() {
+        use std::io::{Read, Write};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, stop_rx) = watch::channel(false);
+        let m = Metrics::new("n", Role::Primary);
+        let thread = std::thread::spawn(move || rt.block_on(serve(listener, m, stop_rx)));
+        let flood: Vec<_> = (0..4 * MAX_CONNECTIONS)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let t = std::time::Instant::now();
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(t.elapsed() < REQUEST_TIMEOUT, "{:?}", t.elapsed());
+        drop(flood);
+        drop(_stop);
+        thread.join().unwrap();
     }
 
     #[test]
@@ -904,11 +949,11 @@ address = "127.0.0.1:7002"
         )
         .unwrap();
         let targets = crate::ship::target_states(&cfg, 5, |_| false);
-        let r = Replication {
-            targets: targets.clone(),
-            sync: crate::ship::SyncGate::new(targets.clone(), Duration::from_secs(1)),
-            index: Arc::new(crate::ship::SeqIndex::default()),
-        };
+        let r = Replication::new(
+            targets.clone(),
+            crate::ship::SyncGate::new(targets.clone(), Duration::from_secs(1)),
+            Arc::new(crate::ship::SeqIndex::default()),
+        );
         let then = now_ns() - 2_000_000_000;
         for seq in 1..=10 {
             r.index.push(seq, 4096, then);

@@ -1,6 +1,9 @@
 //! Undo capture: before the applier changes the replica, the before-images of every
 //! range a write-set overwrites are read (holes and zeros as zero extents), appended
-//! to the undo log as one durable entry and published to live views.
+//! to the undo log durably and published to live views. They are streamed: read in
+//! [`CAPTURE_PIECE`]s and appended as an entry whenever [`ENTRY_DATA_MAX`] bytes are
+//! collected (pieces of the write-set, then its own entry), so memory stays bounded
+//! whatever the size of a trim or zeroing.
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -24,11 +27,25 @@ use crate::store::base::{find_base, is_hole, Base};
 const CAPTURE_PIECE: u64 = 1 << 20;
 /// Pieces at least this large are checked for holes before being read.
 const HOLE_CHECK_MIN: u64 = 256 << 10;
+/// Before-image bytes collected before they go to the undo log as one entry (a
+/// piece of the write-set): the bound on capture memory, together with
+/// [`ENTRY_EXTENTS_MAX`].
+#[cfg(not(test))]
+const ENTRY_DATA_MAX: u64 = 8 << 20;
+/// Small in unit tests, so write-sets on the test rig's small volume go in pieces
+/// (and every view and rollback test reads pieces).
+#[cfg(test)]
+const ENTRY_DATA_MAX: u64 = 16 << 10;
+/// Extents collected before they go as one entry (zero extents cost no data bytes,
+/// but a header each).
+const ENTRY_EXTENTS_MAX: usize = 1 << 16;
 
 impl Pit {
-    /// Reads the before-images of `recs`, appends them as one entry and publishes it
-    /// to live views. On an undo error, PIT is switched off (replication must not
-    /// stall for it) and the error is logged and shown in status.
+    /// Reads the before-images of `recs` and appends them (in pieces if they are
+    /// large, see the module docs), publishing each entry to live views. Any error
+    /// is returned, so the write-set is not applied without its before-images (the
+    /// applier stops; a restart captures it again): capture is never switched off.
+    /// An undo log error is also shown in status and fails the open views.
     pub(crate) fn capture(
         &self,
         first: Seq,
@@ -37,43 +54,60 @@ impl Pit {
         recs: &[(Seq, Record)],
         kind: EntryKind,
     ) -> anyhow::Result<()> {
-        if self.broken.lock().is_some() {
-            return Ok(());
+        if let Some(why) = self.broken.lock().clone() {
+            bail!("undo capture failed earlier (restart ferryd to resume): {why}");
         }
         let started = Instant::now();
-        let extents = self.read_before_images(recs)?;
-        let entry = UndoEntry {
-            first_seq: first,
-            last_seq: last,
-            timestamp_ns: ts,
-            extents,
+        let mut out = EntryStream {
+            pit: self,
+            first,
+            last,
+            ts,
             kind,
+            extents: Vec::new(),
+            data: 0,
+            pieces: 0,
         };
+        let res = self
+            .read_before_images(recs, &mut out)
+            .and_then(|()| out.finish());
+        self.capture_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        res
+    }
+
+    /// Appends one entry and publishes it; an undo log error stops capture (status,
+    /// views) and is returned.
+    fn append_entry(&self, entry: &UndoEntry) -> anyhow::Result<()> {
         let mut undo = self.undo.lock();
-        let res = append_bridging_gaps(&mut undo, &entry);
-        match res {
+        match append_bridging_gaps(&mut undo, entry) {
             Ok(pos) => {
-                self.publish(&entry, &pos);
+                self.publish(entry, &pos);
                 self.refresh_window(&undo);
+                Ok(())
             }
             Err(e) => {
                 let msg = format!(
-                    "undo capture stopped at write-set {first}..={last}: {e}; the replica keeps \
-                     applying but has no recovery points until ferryd restarts"
+                    "undo capture failed at write-set {}..={}: {e}; the replica stops \
+                     applying here (nothing is applied without its before-images) until \
+                     ferryd restarts and captures it again",
+                    entry.first_seq, entry.last_seq
                 );
                 tracing::error!("{msg}");
                 self.fail_views(&msg);
-                *self.broken.lock() = Some(msg);
+                *self.broken.lock() = Some(msg.clone());
+                Err(anyhow::anyhow!(msg))
             }
         }
-        self.capture_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(())
     }
 
-    /// The before-images of every range `recs` overwrite, in record order.
-    fn read_before_images(&self, recs: &[(Seq, Record)]) -> anyhow::Result<Vec<UndoExtent>> {
-        let mut extents = Vec::new();
+    /// Streams the before-images of every range `recs` overwrite, in record order,
+    /// into `out`.
+    fn read_before_images(
+        &self,
+        recs: &[(Seq, Record)],
+        out: &mut EntryStream,
+    ) -> anyhow::Result<()> {
         // Start every read of the unit before waiting for the first: the device
         // works on them together instead of one random read at a time. Only ranges
         // `before_images` reads whole: larger ones are checked for holes first, and
@@ -103,16 +137,15 @@ impl Pit {
                     base.size
                 );
             }
-            before_images(base, file, r.offset, r.length as u64, &mut extents).with_context(
-                || {
-                    format!(
-                        "reading before-images of record {seq} from {}",
-                        base.path.display()
-                    )
-                },
-            )?;
+            let what = || {
+                format!(
+                    "reading before-images of record {seq} from {}",
+                    base.path.display()
+                )
+            };
+            before_images(base, file, r.offset, r.length as u64, out).with_context(what)?;
         }
-        Ok(extents)
+        Ok(())
     }
 
     /// Starts (or continues) a resync transition in the undo log: the replica holds
@@ -200,46 +233,119 @@ fn append_bridging_gaps(undo: &mut UndoLog, entry: &UndoEntry) -> Result<UndoPos
     }
 }
 
-/// Appends the before-images of `[offset, offset + len)` of `base` to `out`:
+/// One write-set's before-images on their way to the undo log: extents are
+/// collected until [`ENTRY_DATA_MAX`] data bytes (or [`ENTRY_EXTENTS_MAX`] extents)
+/// and then appended as a piece; [`finish`](Self::finish) appends the write-set's
+/// own entry. Pieces carry an empty sequence range, so the log sees one write-set.
+struct EntryStream<'a> {
+    pit: &'a Pit,
+    first: Seq,
+    last: Seq,
+    ts: u64,
+    kind: EntryKind,
+    extents: Vec<UndoExtent>,
+    /// Data bytes in `extents`.
+    data: u64,
+    /// Pieces appended so far.
+    pieces: usize,
+}
+
+impl EntryStream<'_> {
+    /// Adds a data extent; may append a piece.
+    fn data(&mut self, x: UndoExtent) -> anyhow::Result<()> {
+        self.data += x.data.len() as u64;
+        self.extents.push(x);
+        self.maybe_piece()
+    }
+
+    /// Adds `n` bytes at `at` of `volume` that held zeros, merged with a preceding
+    /// zero extent they continue (a large trim of empty space stays a handful of
+    /// 16-byte headers); may append a piece.
+    fn zeros(&mut self, volume: u32, at: u64, n: u64) -> anyhow::Result<()> {
+        match self.extents.last_mut() {
+            Some(x)
+                if x.zeros > 0
+                    && x.volume == volume
+                    && x.offset + x.zeros as u64 == at
+                    && x.zeros as u64 + n <= UNDO_MAX_EXTENT_LEN as u64 =>
+            {
+                x.zeros += n as u32
+            }
+            _ => self.extents.push(UndoExtent::zeros(volume, at, n as u32)),
+        }
+        self.maybe_piece()
+    }
+
+    fn maybe_piece(&mut self) -> anyhow::Result<()> {
+        if self.data < ENTRY_DATA_MAX && self.extents.len() < ENTRY_EXTENTS_MAX {
+            return Ok(());
+        }
+        let kind = piece_kind(self.kind, self.pieces == 0);
+        let entry = UndoEntry {
+            first_seq: self.first,
+            last_seq: self.first.saturating_sub(1),
+            timestamp_ns: self.ts,
+            extents: std::mem::take(&mut self.extents),
+            kind,
+        };
+        self.data = 0;
+        self.pieces += 1;
+        self.pit.append_entry(&entry)
+    }
+
+    /// Appends the write-set's own entry (the rest of its extents).
+    fn finish(self) -> anyhow::Result<()> {
+        let kind = match self.kind {
+            // The transition's start went as the first piece.
+            EntryKind::ResyncStart if self.pieces > 0 => EntryKind::Resync,
+            k => k,
+        };
+        self.pit.append_entry(&UndoEntry {
+            first_seq: self.first,
+            last_seq: self.last,
+            timestamp_ns: self.ts,
+            extents: self.extents,
+            kind,
+        })
+    }
+}
+
+/// The kind of a piece of a write-set of kind `kind`. A resync's pieces are resync
+/// entries (the transition is one unit already); a write-set's are pieces, the
+/// first marked so the state before it stays reachable.
+fn piece_kind(kind: EntryKind, first: bool) -> EntryKind {
+    match kind {
+        EntryKind::ResyncStart if first => EntryKind::ResyncStart,
+        EntryKind::ResyncStart | EntryKind::Resync => EntryKind::Resync,
+        _ if first => EntryKind::PartStart,
+        _ => EntryKind::Part,
+    }
+}
+
+/// Streams the before-images of `[offset, offset + len)` of `base` into `out`:
 /// holes and all-zero pieces as zero extents, the rest as data.
 fn before_images(
     base: &Base,
     file: &File,
     offset: u64,
     len: u64,
-    out: &mut Vec<UndoExtent>,
-) -> std::io::Result<()> {
+    out: &mut EntryStream,
+) -> anyhow::Result<()> {
     let end = offset + len;
     let mut at = offset;
     while at < end {
         let n = (end - at).min(CAPTURE_PIECE);
         // Small pieces are just read: asking the file system for holes walks its
         // extent tree and costs more than reading a few cached pages.
-        let zero = if n >= HOLE_CHECK_MIN && is_hole(file, at, n) {
-            true
+        if n >= HOLE_CHECK_MIN && is_hole(file, at, n) {
+            out.zeros(base.id, at, n)?;
         } else {
             let mut buf = BytesMut::zeroed(n as usize);
             file.read_exact_at(&mut buf, at)?;
             if buf.iter().all(|&b| b == 0) {
-                true
+                out.zeros(base.id, at, n)?;
             } else {
-                out.push(UndoExtent::data(base.id, at, buf.freeze()));
-                false
-            }
-        };
-        if zero {
-            // Merge with a preceding zero extent (a large trim of empty space stays
-            // a handful of 16-byte headers).
-            match out.last_mut() {
-                Some(x)
-                    if x.zeros > 0
-                        && x.volume == base.id
-                        && x.offset + x.zeros as u64 == at
-                        && x.zeros as u64 + n <= UNDO_MAX_EXTENT_LEN as u64 =>
-                {
-                    x.zeros += n as u32
-                }
-                _ => out.push(UndoExtent::zeros(base.id, at, n as u32)),
+                out.data(UndoExtent::data(base.id, at, buf.freeze()))?;
             }
         }
         at += n;
@@ -307,6 +413,58 @@ mod tests {
         assert!(!prefetched(&rec(Op::Trim, 1 << 30)));
         assert!(!prefetched(&rec(Op::Seal, 0)));
         assert!(!prefetched(&rec(Op::Write, 0)));
+    }
+
+    /// A write-set whose before-images exceed the bound goes as pieces, the first
+    /// marked, then its own entry; only its end is a point, and the view at its
+    /// start reads the data the pieces hold.
+    #[test]
+    fn large_before_images_go_in_pieces() {
+        let mut r = rig(1 << 20, 1 << 30);
+        let before = r.apply(1, &[(Op::Write, 0, SIZE as u32, 0x5a)]);
+        let image = r.snaps[0].2.clone();
+        // Four trims, each overwriting more than a piece holds.
+        let q = SIZE / 4;
+        assert!(q >= ENTRY_DATA_MAX);
+        let trims: Vec<_> = (0..4).map(|i| (Op::Trim, i * q, q as u32, 0)).collect();
+        let end = r.apply(2, &trims);
+        let kinds: Vec<EntryKind> = {
+            let undo = r.pit.undo.lock();
+            let after = undo.points_after(before).unwrap();
+            after.iter().map(|p| p.kind).collect()
+        };
+        let pieces = 4;
+        assert_eq!(kinds.len(), pieces + 1, "{kinds:?}");
+        assert_eq!(kinds[0], EntryKind::PartStart);
+        assert!(kinds[1..pieces].iter().all(|&k| k == EntryKind::Part));
+        assert_eq!(kinds[pieces], EntryKind::WriteSet);
+        let points: Vec<u64> = r.pit.points(usize::MAX).iter().map(|p| p.seq).collect();
+        assert_eq!(points, vec![before, end]);
+        let v = r.view(crate::pit::Target::Seq(before), None);
+        assert!(
+            crate::pit::testrig::read_all(&v) == image,
+            "view before the trim"
+        );
+    }
+
+    /// A capture that failed stays failed: later write-sets are refused (the
+    /// applier stops) and never applied without their before-images.
+    #[test]
+    fn capture_is_never_skipped_after_a_failure() {
+        let mut r = rig(1 << 20, 1 << 30);
+        r.apply(1, &[(Op::Write, 0, 4096, 1)]);
+        *r.pit.broken.lock() = Some("injected".into());
+        let rec = Record {
+            volume: 0,
+            op: Op::Write,
+            offset: 0,
+            length: 4096,
+            data: Bytes::from(vec![2u8; 4096]),
+        };
+        let e = r.applier.apply_write_set(2, &[(2, rec)]).unwrap_err();
+        assert!(e.to_string().contains("injected"), "{e}");
+        let replica = std::fs::read(&r.base.path).unwrap();
+        assert_eq!(replica, r.snaps[0].2, "applied without undo");
     }
 
     #[test]

@@ -16,7 +16,11 @@
 //! **Capture.** The replica applier hands each write-set to [`Applier`]. With PIT
 //! on, the before-images of every range the write-set overwrites are read from the
 //! replica and appended to the undo log (`ferry_journal::undo`, durable on return)
-//! *before* any of its records touch the replica. So for every retained write-set
+//! *before* any of its records touch the replica. They are streamed in bounded
+//! pieces (several entries for one large write-set, one recovery point), so a trim
+//! or zeroing of any size costs bounded memory; an error in capture stops the
+//! applier rather than letting it apply without undo (which would leave a hole
+//! that costs every older point). So for every retained write-set
 //! boundary `k`, applying the entries after `k` newest first restores the replica as
 //! it was right after `k` — byte for byte the primary's image at that point, since
 //! the replica applies the primary's journal order.
@@ -91,7 +95,8 @@ pub struct Pit {
     views: Mutex<Vec<Arc<ViewMap>>>,
     next_view: AtomicU64,
     window: Mutex<Window>,
-    /// Why capture stopped (an undo IO error): points are unusable until restart.
+    /// Why capture failed (an undo IO error): the applier stopped there, points are
+    /// unusable until a restart reopens the log and captures the write-set again.
     broken: Mutex<Option<String>>,
     /// Time spent reading before-images and appending undo (for the apply overhead).
     capture_ns: AtomicU64,
@@ -114,6 +119,13 @@ impl Pit {
             .with_context(|| format!("opening the undo log {}", dir.display()))?;
         if let Some((file, at, bytes)) = &report.truncated {
             tracing::warn!(file = %file.display(), at, bytes, "undo log: torn last entry removed");
+        }
+        if report.dropped_pieces > 0 {
+            tracing::warn!(
+                pieces = report.dropped_pieces,
+                "undo log: pieces of a write-set whose capture did not finish removed (it \
+                 was not applied; it is captured again)"
+            );
         }
         // The log must end where the replica is: an entry per applied write-set. A log
         // that ends earlier has a hole (write-sets applied without undo: PIT was off,

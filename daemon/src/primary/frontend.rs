@@ -1,7 +1,14 @@
 //! Frontend (NBD export) counters and latency histograms of the primary write path,
 //! updated on the request path by `primary::volume` and encoded by the
-//! metrics collector at scrape time.
+//! metrics collector at scrape time, together with the NBD server's own counters
+//! (ferry-nbd's [`ServerStats`]: connections, limits, refused requests, TLS).
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use ferry_nbd::stats::StatsSnapshot;
+use ferry_nbd::ServerStats;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
@@ -67,6 +74,8 @@ pub struct Frontend {
     /// The families' counters by [`FrontendOp`] index (clones share the atomic), so
     /// the request path does not take the family's lock.
     by_op: [[Counter; 3]; FrontendOp::ALL.len()],
+    /// The NBD server's counters, once it runs.
+    nbd: OnceLock<Arc<ServerStats>>,
 }
 
 impl Default for Frontend {
@@ -87,6 +96,7 @@ impl Default for Frontend {
             flush_seconds: Histogram::new(LATENCY_BUCKETS),
             journal_wait_seconds: Histogram::new(LATENCY_BUCKETS),
             by_op,
+            nbd: OnceLock::new(),
         }
     }
 }
@@ -116,8 +126,21 @@ impl Frontend {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// The NBD server whose counters are exported with these (one per process: a
+    /// role change re-executes the daemon).
+    pub fn attach_nbd_server(&self, stats: Arc<ServerStats>) {
+        let _ = self.nbd.set(stats);
+    }
+
     /// Encodes the counters and histograms (called by the metrics collector).
     pub fn encode(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        if let Some(s) = self.nbd.get() {
+            encode_nbd_server(e, &s.snapshot())?;
+        }
+        self.encode_requests(e)
+    }
+
+    fn encode_requests(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         self.ops.encode(e.encode_descriptor(
             "ferry_frontend_ops",
             "NBD requests served, by op.",
@@ -155,6 +178,68 @@ impl Frontend {
             MetricType::Histogram,
         )?)
     }
+}
+
+/// ferry-nbd's server counters: (name, help, value), all counters.
+fn nbd_counters(s: &StatsSnapshot) -> [(&'static str, &'static str, u64); 9] {
+    [
+        ("ferry_nbd_connections_accepted", "NBD connections admitted.", s.connections_accepted_total),
+        (
+            "ferry_nbd_connections_refused",
+            "NBD connections closed at once at the connection cap (nbd.max_connections): every connection was in a session.",
+            s.refused_connections_total,
+        ),
+        (
+            "ferry_nbd_connections_evicted",
+            "NBD connections closed in their handshake to make room for a new one at the connection cap.",
+            s.evicted_connections_total,
+        ),
+        (
+            "ferry_nbd_handshake_timeouts",
+            "NBD connections dropped for not finishing the handshake in nbd.handshake_timeout_secs.",
+            s.handshake_timeouts_total,
+        ),
+        (
+            "ferry_nbd_idle_timeouts",
+            "NBD sessions closed after nbd.idle_timeout_secs without a request.",
+            s.idle_timeouts_total,
+        ),
+        (
+            "ferry_nbd_requests_refused",
+            "NBD requests refused by validation before reaching a volume (bad range, flags or command).",
+            s.refused_requests_total,
+        ),
+        ("ferry_nbd_tls_sessions", "NBD sessions that entered transmission inside TLS.", s.tls_sessions_total),
+        (
+            "ferry_nbd_structured_sessions",
+            "NBD sessions that entered transmission with structured replies.",
+            s.structured_sessions_total,
+        ),
+        (
+            "ferry_nbd_extended_sessions",
+            "NBD sessions that entered transmission with extended headers.",
+            s.extended_sessions_total,
+        ),
+    ]
+}
+
+/// The NBD server's counters and its active connections.
+fn encode_nbd_server(e: &mut DescriptorEncoder, s: &StatsSnapshot) -> std::fmt::Result {
+    ConstGauge::new(s.connections_active as i64).encode(e.encode_descriptor(
+        "ferry_nbd_connections_active",
+        "NBD connections open now (in the handshake or in a session).",
+        None,
+        MetricType::Gauge,
+    )?)?;
+    for (name, help, v) in nbd_counters(s) {
+        ConstCounter::new(v).encode(e.encode_descriptor(
+            name,
+            help,
+            None,
+            MetricType::Counter,
+        )?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -195,6 +280,10 @@ mod tests {
         assert!(
             out.contains("ferry_frontend_write_seconds_count 1"),
             "{out}"
+        );
+        assert!(
+            !out.contains("ferry_nbd_"),
+            "no NBD server series before one runs: {out}"
         );
         assert!(
             out.contains("ferry_frontend_write_seconds_bucket{le=\"5.0e-5\"}")

@@ -121,6 +121,7 @@ mod tests {
             ca: dir.path().join("ca.pem"),
             cert: dir.path().join("primary.pem"),
             key: dir.path().join("primary.key"),
+            suite: Default::default(),
         });
         cfg.nbd.as_mut().unwrap().tls = NbdTls::Optional;
         assert!(matches!(policy(&cfg).unwrap(), TlsPolicy::Optional(_)));

@@ -38,7 +38,8 @@ use crate::store::base::{file_extents, Base};
 /// Reads above this size go to a blocking-pool thread; smaller ones are served inline,
 /// because a page-cache pread of a few KiB costs less than a thread hand-off.
 const INLINE_READ_MAX: u32 = 64 << 10;
-/// Writes above this size are applied on the blocking pool rather than inline.
+/// Mutations above this size (writes, and trims and write-zeroes by the range they
+/// cover) are applied on the blocking pool rather than inline.
 const INLINE_APPLY_MAX: u32 = 64 << 10;
 /// Writes up to this size are applied by the journal's completion path: a page-cache
 /// copy this small costs less than the task wake-up it saves, and it delays the
@@ -212,12 +213,10 @@ impl Group {
     ) -> Result<(), ExportError> {
         let result = match released {
             Released::Applied(r) => r,
-            Released::Guard(guard) if op == Op::Write && length > INLINE_APPLY_MAX => {
-                tokio::task::spawn_blocking(move || guard.apply())
-                    .await
-                    .map_err(|e| ExportError::Io(format!("apply task: {e}")))?
-            }
-            Released::Guard(guard) => guard.apply(),
+            Released::Guard(guard) if applies_inline(op, length) => guard.apply(),
+            Released::Guard(guard) => tokio::task::spawn_blocking(move || guard.apply())
+                .await
+                .map_err(|e| ExportError::Io(format!("apply task: {e}")))?,
         };
         // Sync targets must hold the write durably before the client hears of it.
         let sync = self.sync.read().clone();
@@ -286,6 +285,18 @@ impl Group {
             .append(rec, done)
             .map(Some)
             .map_err(|e| ExportError::Io(format!("journal: {e}")))
+    }
+}
+
+/// Whether a released mutation is applied on the runtime worker that issued it. Only
+/// small ones: a trim or write-zeroes of gigabytes (`fallocate` over the range, or
+/// zeroes written where the file system cannot punch) can take seconds, and on a
+/// runtime with one worker every other request, the control socket and the
+/// replication sessions would wait behind it.
+fn applies_inline(op: Op, length: u32) -> bool {
+    match op {
+        Op::Write | Op::Trim | Op::WriteZeroes => length <= INLINE_APPLY_MAX,
+        Op::Seal => true,
     }
 }
 
@@ -485,5 +496,24 @@ impl ExportRegistry for Registry {
     }
     fn default_export(&self) -> Option<String> {
         self.volumes.first().map(|v| v.base.name.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 17: a huge TRIM or WRITE_ZEROES must not run on the runtime's worker
+    /// (ferryd's runtime may have only one); small mutations stay inline, where a
+    /// thread hand-off would cost more than the work.
+    #[test]
+    fn only_small_mutations_are_applied_on_the_runtime_worker() {
+        for op in [Op::Write, Op::Trim, Op::WriteZeroes] {
+            assert!(applies_inline(op, 4096), "{op:?}");
+            assert!(applies_inline(op, INLINE_APPLY_MAX), "{op:?}");
+            assert!(!applies_inline(op, INLINE_APPLY_MAX + 1), "{op:?}");
+            assert!(!applies_inline(op, 1 << 30), "{op:?} of 1 GiB");
+            assert!(!applies_inline(op, u32::MAX), "{op:?} of 4 GiB");
+        }
     }
 }

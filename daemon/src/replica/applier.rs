@@ -1,6 +1,8 @@
 //! The replica applier: applies received write-sets and resync batches to the
 //! replica volumes, with undo capture first when point-in-time recovery is on, and
-//! records bookmarks and starts verifies carried as labelled seals.
+//! records bookmarks and starts verifies carried as labelled seals. With capture on,
+//! what it is handed is applied in units bounded by the bytes their capture reads
+//! ([`UNIT_CAPTURE_MAX`]), each its own recovery point.
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -12,6 +14,14 @@ use crate::replica::transition::ResyncStatus;
 use crate::store::base::{find_base, Base};
 use crate::store::meta::{Bookmark, Meta};
 use crate::verify::{Outbox, Verifier};
+
+/// Before-image bytes one apply unit reads at most: the lengths its records
+/// overwrite (a trim or a zeroing counts its whole range, though it carries no
+/// data). A queue of many large trims is applied as several units, each its own
+/// recovery point, rather than one whose capture, and replay after a crash, grow
+/// with the size of the discard. One larger record is a unit of its own (its
+/// before-images go to the undo log in bounded pieces).
+pub const UNIT_CAPTURE_MAX: u64 = 64 << 20;
 
 /// Applies write-sets to the replica, with undo capture when PIT is on.
 pub struct Applier {
@@ -34,7 +44,21 @@ impl Applier {
     /// are recorded once applied. During a resync transition a write-set that ends
     /// before its `through` point is no recovery point (a resync undo entry); the
     /// first one that reaches it ends the transition.
+    /// Any journal prefix is a consistent state, so the records are applied in
+    /// units cut at record boundaries by [`UNIT_CAPTURE_MAX`] when PIT is on.
     pub fn apply_write_set(&self, ts: u64, recs: &[(Seq, Record)]) -> anyhow::Result<()> {
+        if self.pit.is_none() {
+            return self.apply_unit(ts, recs);
+        }
+        for unit in capture_units(recs, UNIT_CAPTURE_MAX) {
+            self.apply_unit(ts, unit)?;
+        }
+        Ok(())
+    }
+
+    /// Applies one unit: before-images first (PIT on), then the records; the end of
+    /// the unit is a recovery point.
+    fn apply_unit(&self, ts: u64, recs: &[(Seq, Record)]) -> anyhow::Result<()> {
         let (Some(&(first, _)), Some(&(last, _))) = (recs.first(), recs.last()) else {
             return Ok(());
         };
@@ -121,10 +145,73 @@ impl Applier {
     }
 }
 
+/// Bytes of before-images capturing `r` reads at most.
+fn capture_cost(r: &Record) -> u64 {
+    if r.op == Op::Seal {
+        0
+    } else {
+        u64::from(r.length)
+    }
+}
+
+/// `recs` cut at record boundaries into units whose capture reads at most `max`
+/// bytes (a single larger record alone). Records that capture nothing (seals)
+/// never start a unit: a seal stays the end of the records before it.
+fn capture_units(recs: &[(Seq, Record)], max: u64) -> Vec<&[(Seq, Record)]> {
+    let mut units = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0u64);
+    for (i, (_, r)) in recs.iter().enumerate() {
+        let cost = capture_cost(r);
+        if cost > 0 && bytes > 0 && bytes.saturating_add(cost) > max {
+            units.push(&recs[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(cost);
+    }
+    if start < recs.len() {
+        units.push(&recs[start..]);
+    }
+    units
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    /// Units are cut by the bytes their capture reads, never before a seal, and a
+    /// record larger than the bound is a unit alone.
+    #[test]
+    fn units_are_bounded_by_capture_bytes() {
+        let rec = |op, length| Record {
+            volume: 0,
+            op,
+            offset: 0,
+            length,
+            data: Bytes::new(),
+        };
+        let recs: Vec<(Seq, Record)> = [
+            (Op::Trim, 40),
+            (Op::Write, 30),
+            (Op::Seal, 0),
+            (Op::WriteZeroes, 100),
+            (Op::Trim, 10),
+            (Op::Trim, 10),
+            (Op::Seal, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (op, len))| (i as u64 + 1, rec(op, len)))
+        .collect();
+        let cuts: Vec<Vec<u64>> = capture_units(&recs, 50)
+            .iter()
+            .map(|u| u.iter().map(|(s, _)| *s).collect())
+            .collect();
+        assert_eq!(cuts, vec![vec![1], vec![2, 3], vec![4], vec![5, 6, 7]]);
+        assert_eq!(capture_units(&recs, u64::MAX).len(), 1);
+        assert!(capture_units(&[], 50).is_empty());
+    }
 
     /// Without PIT: records land on their volume, a labelled seal is a bookmark, an
     /// unknown volume is an error (never a dropped record).

@@ -3,8 +3,10 @@
 //! The standby listens for its primary (QUIC, mutual TLS: only a certificate of this
 //! cluster naming the configured primary gets in; the Hello must carry this cluster's
 //! id and an epoch not older than ours). For each write-set it receives:
-//! 1. the sans-IO `session::Receiver` checks order (duplicates are re-acked, gaps and
-//!    stale epochs end the session);
+//! 1. the sans-IO `session::Receiver` checks order and range (duplicates are re-acked;
+//!    gaps, stale epochs and records outside the replica's volumes are refused with an
+//!    Error frame, the last with a resync request, and end the session: nothing of a
+//!    refused write-set is journaled or written);
 //! 2. every record is appended to the standby's own journal **under the primary's
 //!    sequence number** (the standby journal mirrors the primary's), so the standby's
 //!    durable position is its resume position after any crash;
@@ -49,6 +51,9 @@ pub async fn serve(
     // until QUIC's idle timeout while the restarted primary waits.
     let mut current: Current = None;
     let mut pause_rx = standby.state.pause_tx.subscribe();
+    // Each handshake runs on its own, bounded: a peer that stalls its handshake
+    // never holds up the primary.
+    let mut acceptor = quic::Acceptor::new(&endpoint, quic::HANDSHAKE_TIMEOUT);
     loop {
         tokio::select! {
             // Mapped to (): a held `watch::Ref` would make this future !Send.
@@ -60,7 +65,7 @@ pub async fn serve(
                     }
                 }
             }
-            accepted = quic::accept(&endpoint) => {
+            accepted = acceptor.next() => {
                 let Some(accepted) = accepted else { break };
                 let Some(conn) = admit(&standby, accepted) else { continue };
                 if let Some((old_peer, old)) = current.take() {
@@ -153,7 +158,8 @@ async fn session(
     tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");
     *sb.state.connected.lock() = Some(peer.to_string());
     *sb.state.last_error.lock() = None;
-    let mut rx = Receiver::new(local.epoch, durable, sb.applied_seq().min(durable));
+    let mut rx = Receiver::new(local.epoch, durable, sb.applied_seq().min(durable))
+        .with_volumes(local.volumes.clone());
     // A bitmap resync copy in progress in this session (see resync.rs).
     let mut copy: Option<Copy> = None;
     // QUIC announces the primary's data stream only with its first bytes, so accept it
@@ -184,7 +190,7 @@ async fn session(
                 data = Some(FramedRecv::new(d?, opts.max_frame_len));
             }
             f = next_frame(&mut data), if data.is_some() => {
-                let mut frames = DataFrames { sb, rx: &mut rx, copy: &mut copy, durable };
+                let mut frames = DataFrames { sb, conn: &conn, rx: &mut rx, copy: &mut copy, durable };
                 frames.on(&mut s.control_send, f?).await?;
             }
             f = s.control_recv.recv_frame() => {
@@ -243,6 +249,8 @@ async fn wait_journal_durable(sb: &Standby) -> anyhow::Result<()> {
 /// What a session's data stream changes: the receiver's order and a resync copy.
 struct DataFrames<'a> {
     sb: &'a Standby,
+    /// The session's connection (a refusal closes it after its Error frame).
+    conn: &'a quinn::Connection,
     rx: &'a mut Receiver,
     copy: &'a mut Option<Copy>,
     /// The resume position this session's Hello advertised.
@@ -305,13 +313,16 @@ impl DataFrames<'_> {
                 sb.state
                     .last_primary_seq
                     .fetch_max(ws.last_seq, Ordering::Relaxed);
-                match self
-                    .rx
-                    .on_write_set(ws)
-                    .map_err(|e| anyhow!("write-set refused: {e}"))?
-                {
-                    Received::Accept(ws) => sb.journal_write_set(ws)?,
-                    Received::Duplicate(ack) => control.send_frame(&Frame::Ack(ack)).await?,
+                match self.rx.on_write_set(ws) {
+                    Ok(Received::Accept(ws)) => sb.journal_write_set(ws)?,
+                    Ok(Received::Duplicate(ack)) => control.send_frame(&Frame::Ack(ack)).await?,
+                    Err(e) => {
+                        // Told before the session ends, so the primary logs why (and,
+                        // for a record outside the replica, that a resync is needed).
+                        let frame = e.to_error_frame(self.rx.epoch());
+                        quic::refuse(self.conn, control, frame).await;
+                        bail!("write-set refused: {e}");
+                    }
                 }
             }
             other => bail!(
@@ -440,6 +451,13 @@ async fn hand_over(
         .ok_or_else(|| anyhow!("handover refused: this standby cannot take over"))?;
     tracing::warn!(seq, "the primary hands over: taking over");
     let (new_epoch, restart) = tokio::task::spawn_blocking(move || take_over(seq)).await??;
+    if crate::store::failpoint::check("ferryd::handover_ack_send").is_err() {
+        // Test hook (daemon/FAILPOINTS.md): the ack is lost on its way; the standby
+        // has taken over all the same.
+        tracing::warn!("failpoint ferryd::handover_ack_send: the HandoverAck is not sent");
+        restart();
+        return Ok(());
+    }
     s.control_send
         .send_frame(&Frame::HandoverAck(HandoverAck {
             epoch: local.epoch,

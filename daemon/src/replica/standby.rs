@@ -3,7 +3,7 @@
 //! state read by status, and the handover hook. Sessions (`replica::session`)
 //! and resync copies (`replica::resync`) act on it.
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -109,6 +109,9 @@ pub struct Standby {
     pub(crate) applier: Arc<Applier>,
     apply_tx: crossbeam_channel::Sender<ApplyItem>,
     apply_budget: Arc<ByteBudget>,
+    /// Set once a record completed under another sequence than the primary's:
+    /// nothing more goes to the applier or into the journal.
+    order_error: Arc<OnceLock<String>>,
     pub(crate) durable_tx: watch::Sender<Seq>,
     applied_tx: Arc<watch::Sender<Seq>>,
     pub(crate) applied_rx: watch::Receiver<Seq>,
@@ -172,6 +175,7 @@ impl Standby {
             applier,
             apply_tx,
             apply_budget,
+            order_error: Default::default(),
             durable_tx,
             applied_tx,
             applied_rx,
@@ -215,7 +219,15 @@ impl Standby {
     }
 
     /// Journals the records of an accepted write-set under their primary sequences.
+    /// The journal must assign exactly those: checked before anything is queued (a
+    /// record journaled under another sequence would be replayed and applied as
+    /// that one), and again on every completion before the record goes to the
+    /// applier.
     pub(crate) fn journal_write_set(&self, ws: WriteSet) -> anyhow::Result<()> {
+        check_next_seq(self.journal.last_seq(), ws.first_seq)?;
+        if let Some(e) = self.order_error.get() {
+            bail!("{e}");
+        }
         let ts = ws.timestamp_ns;
         let last = ws.last_seq;
         for r in ws.records {
@@ -225,17 +237,19 @@ impl Standby {
             let apply_tx = self.apply_tx.clone();
             let budget = self.apply_budget.clone();
             let durable_tx = self.durable_tx.clone();
+            let order_error = self.order_error.clone();
+            let state = self.state.clone();
             let for_apply = rec.clone();
             let done: ferry_journal::Completion =
                 Box::new(move |res: Result<Seq, JournalError>| {
                     if let Ok(seq) = res {
                         // The standby journal mirrors the primary's: the record is
-                        // durable under the primary's sequence (append checks the
-                        // assignment; completions must report the same one).
-                        debug_assert_eq!(
-                            seq, expected,
-                            "standby journal completed {seq} for the primary's {expected}"
-                        );
+                        // durable under the primary's sequence. One that is not (or
+                        // anything after it) never reaches the replica.
+                        if order_error.get().is_some() || seq != expected {
+                            refuse_misnumbered(&order_error, &state, &budget, seq, expected);
+                            return;
+                        }
                         durable_tx.send_replace(seq);
                         // Blocks only when the applier is far behind: backpressure.
                         budget.acquire(for_apply.data.len() + RECORD_COST);
@@ -243,16 +257,57 @@ impl Standby {
                     }
                 });
             let got = self.journal.append(rec, done)?;
-            if got != expected {
-                bail!(
-                    "standby journal assigned sequence {got} to the primary's record {expected}: \
-                     the standby journal does not mirror the primary's (was it re-created?); \
-                     a full resync is needed"
-                );
-            }
+            check_assigned(got, expected)?;
         }
         Ok(())
     }
+}
+
+/// The journal's next sequence (after `last`) must be the write-set's first: the
+/// standby journal mirrors the primary's numbering.
+fn check_next_seq(last: Seq, first: Seq) -> anyhow::Result<()> {
+    if last.checked_add(1) != Some(first) {
+        bail!(
+            "write-set from {first} refused: the standby journal ends at {last}, so its records \
+             would be journaled under other sequences (was the journal re-created?); a full \
+             resync is needed"
+        );
+    }
+    Ok(())
+}
+
+fn check_assigned(got: Seq, expected: Seq) -> anyhow::Result<()> {
+    if got != expected {
+        bail!(
+            "standby journal assigned sequence {got} to the primary's record {expected}: \
+             the standby journal does not mirror the primary's (was it re-created?); \
+             a full resync is needed"
+        );
+    }
+    Ok(())
+}
+
+/// A record completed under another sequence than the primary's: it and everything
+/// after it stay out of the replica (apply stops, as on an apply error; a restart
+/// replays only what the journal holds in order, after the operator's resync).
+fn refuse_misnumbered(
+    order_error: &OnceLock<String>,
+    state: &StandbyState,
+    budget: &ByteBudget,
+    seq: Seq,
+    expected: Seq,
+) {
+    if order_error.get().is_some() {
+        return;
+    }
+    let msg = format!(
+        "standby journal completed sequence {seq} for the primary's record {expected}: \
+         not applied; apply stops here (a full resync is needed)"
+    );
+    tracing::error!("{msg}");
+    let _ = order_error.set(msg.clone());
+    *state.apply_error.lock() = Some(msg);
+    budget.close();
 }
 
 /// The replica applier thread: receives journaled records in order and applies each
@@ -328,6 +383,49 @@ mod tests {
 
     /// The completion path waits past the budget until the applier releases, and
     /// never once the applier is gone (nothing would release).
+    /// The sequence is checked before a record is queued, not after.
+    #[test]
+    fn a_write_set_must_continue_the_journal_exactly() {
+        assert!(check_next_seq(10, 11).is_ok());
+        for (last, first) in [(10, 12), (10, 10), (10, 3), (Seq::MAX, 0)] {
+            let e = check_next_seq(last, first).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("write-set from {first} refused")),
+                "{e}"
+            );
+        }
+        assert!(check_assigned(7, 7).is_ok());
+        assert!(check_assigned(8, 7).is_err());
+    }
+
+    /// A misnumbered completion closes the budget, shows in status and stays.
+    #[test]
+    fn a_misnumbered_record_stops_apply_for_good() {
+        let (order, b) = (OnceLock::new(), budget(100));
+        let state = StandbyState {
+            primary: "p".into(),
+            listen: "l".into(),
+            connected: Default::default(),
+            applied_seq: Default::default(),
+            last_primary_seq: Default::default(),
+            last_error: Default::default(),
+            applied_ts_ns: Default::default(),
+            paused: Default::default(),
+            pause_tx: watch::channel(false).0,
+            apply_error: Default::default(),
+            last_heard_ns: Default::default(),
+        };
+        refuse_misnumbered(&order, &state, &b, 12, 11);
+        let e = state.apply_error.lock().clone().unwrap();
+        assert!(e.contains("sequence 12") && e.contains("record 11"), "{e}");
+        assert!(b.closed.load(Ordering::Acquire));
+        refuse_misnumbered(&order, &state, &b, 13, 12);
+        assert!(
+            order.get().unwrap().contains("record 11"),
+            "the first cause stays"
+        );
+    }
+
     #[test]
     fn budget_blocks_past_its_bound_until_released_or_closed() {
         let b = budget(100);

@@ -51,6 +51,7 @@ use tokio::sync::{mpsc, watch};
 use crate::ship::dirty::DirtyMap;
 use crate::ship::feed::ShipFeed;
 use crate::ship::target::{lifecycle_now, maps_in_use, RegionBits, Shared, TargetState};
+use crate::ship::TargetList;
 use crate::store::base::Base;
 use ferry_api::config::Config;
 use ferry_journal::now_ns;
@@ -108,24 +109,44 @@ pub fn persisted_floor(cfg: &Config) -> Seq {
 /// Wires overflow tracking into a primary: gives every target the shared state,
 /// reopens persisted maps (a target in bitmap mode before a restart resumes in it),
 /// registers the marking hook and starts the monitor thread (stops with `stop`).
+/// The monitor follows `targets` as a reload changes it; the shared state is
+/// returned for the targets a reload adds ([`add_target`]).
 pub fn start(
     sh: Shared,
-    targets: &[Arc<TargetState>],
+    targets: &TargetList,
     feed: &ShipFeed,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Arc<Shared>> {
     let sh = Arc::new(sh);
-    for t in targets {
-        let _ = t.track.shared.set(sh.clone());
-        load(t, &sh).with_context(|| format!("reopening the dirty maps of target '{}'", t.name))?;
+    let now = targets.read().clone();
+    for t in &now {
+        add_target(&sh, t)?;
     }
-    feed.track(targets.to_vec());
-    let targets = targets.to_vec();
+    feed.track(now);
+    let (monitor_sh, list) = (sh.clone(), targets.clone());
     std::thread::Builder::new()
         .name("ferry-overflow".into())
-        .spawn(move || monitor(&sh, &targets, stop))
+        .spawn(move || monitor(&monitor_sh, &list, stop))
         .context("starting the journal overflow monitor")?;
-    Ok(())
+    Ok(sh)
+}
+
+/// Gives a target the shared state and reopens its persisted maps (at start, or when
+/// a reload adds it or changes its mode).
+pub fn add_target(sh: &Arc<Shared>, t: &TargetState) -> anyhow::Result<()> {
+    let _ = t.track.shared.set(sh.clone());
+    load(t, sh).with_context(|| format!("reopening the dirty maps of target '{}'", t.name))
+}
+
+/// Deletes a removed target's maps: should it be added again later, stale maps must
+/// not pass for marks of everything it missed (it is then resynced from its Hello).
+pub fn forget_target(sh: &Shared, name: &str) -> anyhow::Result<()> {
+    let dir = sh.dir.join(name);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("removing {}", dir.display()))),
+    }
 }
 
 /// Reopens a target's persisted maps, if it was in bitmap mode.
@@ -282,14 +303,15 @@ fn mark_from_journal(t: &TargetState, sh: &Shared, after: Seq, upto: Seq) -> any
     Ok(())
 }
 
-fn monitor(sh: &Shared, targets: &[Arc<TargetState>], stop: watch::Receiver<bool>) {
+fn monitor(sh: &Shared, list: &TargetList, stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         std::thread::sleep(MONITOR_EVERY);
+        let targets = list.read().clone();
         let fill = JournalFill {
             used_bytes: sh.journal.used_bytes(),
             capacity_bytes: sh.journal.capacity_bytes(),
         };
-        for t in targets {
+        for t in &targets {
             t.flush(fill.flush_pressure());
         }
         if !fill.overflowing() {
@@ -300,7 +322,7 @@ fn monitor(sh: &Shared, targets: &[Arc<TargetState>], stop: watch::Receiver<bool
         // up: if that fills it, writes would wait for the resync. They must not wait
         // for a target: the resync is abandoned (back to bitmap mode, marks intact) and
         // runs again on the next connection.
-        for t in targets {
+        for t in &targets {
             if t.update(|lc| lc.abandon_resync(checkpoint)) {
                 tracing::warn!(
                     target = %t.name,

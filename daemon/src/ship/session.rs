@@ -25,6 +25,10 @@ use ferry_api::config::ReplicationMode;
 const READ_AHEAD_WRITE_SETS: usize = 16;
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// A streaming session whose standby sent nothing (no ack, no heartbeat: it answers
+/// every heartbeat) for this long is ended: a SIGKILLed standby shows as
+/// `disconnected` in seconds, not after QUIC's idle timeout.
+const PEER_SILENT: Duration = Duration::from_secs(5);
 
 /// Everything a shipper needs, shared by all of them.
 /// See [`ShipContext::outdated`].
@@ -59,8 +63,11 @@ pub(crate) async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
             return;
         }
     };
+    // `connecting` until the first session; after one ended the target stays
+    // `disconnected` while it is redialled (status must say the standby is gone, not
+    // that a connection is on its way).
+    t.update(|lc| lc.connecting());
     loop {
-        t.update(|lc| lc.connecting());
         let started = Instant::now();
         // Ends the session in the lifecycle however `session` ends (also when the
         // shipper is cancelled at shutdown).
@@ -263,6 +270,7 @@ async fn stream(
     let mut sender = Sender::new(epoch, SenderConfig::default(), resume);
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     let mut pending: Option<WriteSet> = None;
+    let mut last_heard = Instant::now();
     loop {
         // Feed the window from the read-ahead, then transmit what it allows.
         loop {
@@ -285,6 +293,7 @@ async fn stream(
         tokio::select! {
             frame = s.control_recv.recv_frame() => {
                 let Some(frame) = frame? else { bail!("standby closed the control stream") };
+                last_heard = Instant::now();
                 if let Next::End = on_control(ctx, t, &mut sender, frame)? {
                     return Ok(());
                 }
@@ -311,6 +320,9 @@ async fn stream(
                 // loop missed.
                 if t.read(|lc| lc.must_end_session()).is_some() {
                     bail!("switched to bitmap mode: the journal no longer keeps this target's records");
+                }
+                if last_heard.elapsed() > PEER_SILENT {
+                    bail!("the standby sent nothing for {PEER_SILENT:?} (not even a heartbeat)");
                 }
                 s.control_send
                     .send_frame(&Frame::Heartbeat(Heartbeat {

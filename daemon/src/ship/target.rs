@@ -271,7 +271,8 @@ impl TargetState {
 /// because a standby is slow or gone; the target returns to sync once it has caught
 /// up. A write reads only the watch channel, never a target's lock.
 pub struct SyncGate {
-    targets: Vec<Arc<TargetState>>,
+    /// The targets now configured: a reload adds and removes some.
+    targets: parking_lot::RwLock<Vec<Arc<TargetState>>>,
     tx: watch::Sender<Seq>,
     timeout: Duration,
 }
@@ -280,7 +281,7 @@ impl SyncGate {
     pub fn new(targets: Vec<Arc<TargetState>>, timeout: Duration) -> Arc<SyncGate> {
         let (tx, _) = watch::channel(Seq::MAX);
         let g = Arc::new(SyncGate {
-            targets,
+            targets: parking_lot::RwLock::new(targets),
             tx,
             timeout,
         });
@@ -289,13 +290,24 @@ impl SyncGate {
     }
 
     pub fn has_sync_targets(&self) -> bool {
-        self.targets.iter().any(|t| t.mode == ReplicationMode::Sync)
+        self.targets
+            .read()
+            .iter()
+            .any(|t| t.mode == ReplicationMode::Sync)
+    }
+
+    /// Replaces the targets (a reload) and recomputes the sync position: a removed
+    /// sync target no longer holds writes back.
+    pub fn set_targets(&self, targets: Vec<Arc<TargetState>>) {
+        *self.targets.write() = targets;
+        self.recompute();
     }
 
     /// Recomputes the sync position after an ack or a state change.
     pub fn recompute(&self) {
         let min = sync_gate_position(
             self.targets
+                .read()
                 .iter()
                 .map(|t| t.read(TargetLifecycle::sync_position)),
         );
@@ -313,7 +325,8 @@ impl SyncGate {
             match tokio::time::timeout(self.timeout, rx.wait_for(|s| *s >= seq)).await {
                 Ok(_) => return,
                 Err(_) => {
-                    for t in &self.targets {
+                    let targets = self.targets.read().clone();
+                    for t in &targets {
                         if t.sync_timeout(seq) {
                             tracing::error!(
                                 target = %t.name,

@@ -2,12 +2,19 @@
 //! applying journal records to them in [`WRITE_CHUNK`] pieces, leaving zeros
 //! ([`zero_range`]) and finding holes ([`is_hole`], [`file_extents`]). Used by the
 //! primary write path, crash replay, the replica applier, catch-up copies, verify and PIT views.
+//!
+//! A failed fsync poisons its [`Base`] for the life of the process ("fsyncgate"):
+//! Linux may drop the dirty pages whose writeback failed and mark them clean, so a
+//! later fsync can succeed without the data ever reaching the disk. Every later
+//! [`Base::sync`] and [`Base::apply`] fails too, so no checkpoint passes the records
+//! the failed fsync covered (the journal keeps them) and the volume group stops;
+//! a restart replays them from the journal onto the store.
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ferry_journal::{Op, Seq};
 
@@ -23,6 +30,8 @@ pub struct Base {
     pub size: u64,
     pub file: File,
     is_block_device: bool,
+    /// Why this store is poisoned: the first fsync that failed (see the module doc).
+    fault: OnceLock<String>,
 }
 
 impl Base {
@@ -63,11 +72,14 @@ impl Base {
             size,
             file,
             is_block_device,
+            fault: OnceLock::new(),
         })
     }
 
-    /// Applies one journal record. Used by the applier and by crash replay.
+    /// Applies one journal record. Used by the applier and by crash replay. Refused
+    /// once an fsync failed: the store no longer holds what the journal says it does.
     pub fn apply(&self, op: Op, offset: u64, length: u32, data: &[u8]) -> std::io::Result<()> {
+        self.check_fault()?;
         match op {
             Op::Write => write_chunked(&self.file, data, offset),
             Op::Trim => self.punch(offset, length as u64, false),
@@ -82,9 +94,45 @@ impl Base {
         zero_range(&self.file, offset, len, self.is_block_device || zero_only)
     }
 
+    /// Makes what was written durable. After one failure every later call fails
+    /// as well (see the module doc): the caller must not trust a retry.
     pub fn sync(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+        self.sync_with(|f| {
+            super::failpoint::check("ferryd::base_fsync")?;
+            f.sync_data()
+        })
     }
+
+    fn sync_with(&self, fsync: impl FnOnce(&File) -> std::io::Result<()>) -> std::io::Result<()> {
+        self.check_fault()?;
+        fsync(&self.file).inspect_err(|e| {
+            let why = format!(
+                "fsync of {} failed ({e}): writes since the last checkpoint may be lost \
+                 from it; the volume group stops and a restart replays them from the journal",
+                self.path.display()
+            );
+            tracing::error!(volume = %self.name, "{why}");
+            let _ = self.fault.set(why);
+        })
+    }
+
+    /// Why this store refuses writes and fsyncs, if an fsync of it failed.
+    pub fn fault(&self) -> Option<&str> {
+        self.fault.get().map(String::as_str)
+    }
+
+    fn check_fault(&self) -> std::io::Result<()> {
+        match self.fault() {
+            Some(why) => Err(std::io::Error::other(why.to_string())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The first store of `bases` an fsync failed on, with why: the volume group is
+/// stopped until a restart (status shows it).
+pub fn storage_fault(bases: &[Arc<Base>]) -> Option<String> {
+    bases.iter().find_map(|b| b.fault().map(str::to_string))
 }
 
 /// Largest piece of one buffered write to a base or replica; pieces end on multiples
@@ -294,5 +342,41 @@ mod write_tests {
         assert_eq!(&back[at as usize..at as usize + data.len()], &data[..]);
         assert!(back[..at as usize].iter().all(|&b| b == 0));
         assert!(back[at as usize + data.len()..].iter().all(|&b| b == 0));
+    }
+
+    /// fsyncgate: once an fsync failed, a later one must not report success (the
+    /// kernel may have dropped the failed pages), and nothing more is written.
+    #[test]
+    fn a_failed_fsync_poisons_the_store_for_good() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("v.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let base = Arc::new(Base::open(1, "v", &path, 1 << 20).unwrap());
+        base.apply(Op::Write, 0, 4, b"abcd").unwrap();
+        base.sync().unwrap();
+        assert_eq!(storage_fault(std::slice::from_ref(&base)), None);
+        let e = base
+            .sync_with(|_| Err(std::io::Error::from_raw_os_error(libc::EIO)))
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        let again = base.sync().unwrap_err().to_string();
+        assert!(
+            again.contains("fsync of") && again.contains("restart"),
+            "{again}"
+        );
+        assert!(
+            base.apply(Op::Write, 0, 4, b"wxyz").is_err(),
+            "a write after the fault"
+        );
+        assert!(
+            base.apply(Op::Trim, 0, 4096, &[]).is_err(),
+            "a trim after the fault"
+        );
+        assert_eq!(&std::fs::read(&path).unwrap()[..4], b"abcd");
+        let why = storage_fault(&[base]).expect("the group reports the fault");
+        assert!(why.contains("v.img"), "{why}");
     }
 }

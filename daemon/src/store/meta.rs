@@ -31,6 +31,9 @@ const K_PRIMARY_NAME: &str = "primary_name";
 /// Fork point of the current epoch: the last sequence of the previous epoch this
 /// node holds (8 bytes).
 const K_FORK_SEQ: &str = "fork_seq";
+/// How the current epoch's fork came about: `"switchover"` (a planned, lossless
+/// handover), or empty for a promotion.
+const K_FORK_BY: &str = "fork_by";
 /// Set when this primary learned of a newer epoch: that epoch (8 bytes), then the
 /// name of the node that told it.
 const K_OUTDATED: &str = "outdated";
@@ -501,8 +504,27 @@ impl Meta {
         pairs[0].1 = &e;
         if let Some(f) = &fork {
             pairs.push((K_FORK_SEQ, f));
+            pairs.push((K_FORK_BY, &[]));
         }
         self.put_many(&pairs)
+    }
+
+    /// Records that the fork of the role change just made is a switchover's (not a
+    /// promotion's). Written after [`Meta::change_role`]: a crash in between reads as
+    /// a promotion, the cautious reading.
+    pub fn set_fork_by_switchover(&self) -> Result<(), MetaError> {
+        self.put_many(&[(K_FORK_BY, b"switchover")])
+    }
+
+    /// `"switchover"` or `"promotion"` on a primary by role change; `None` otherwise.
+    pub fn fork_by(&self) -> Result<Option<&'static str>, MetaError> {
+        if self.fork_seq()?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(match self.get_str(K_FORK_BY)?.as_deref() {
+            Some("switchover") => "switchover",
+            _ => "promotion",
+        }))
     }
 
     /// Why an operator paused this standby, if they did (see `K_PAUSED`).
@@ -728,6 +750,15 @@ mod tests {
         );
         assert_eq!(m.fork_seq().unwrap(), None);
         m.change_role(3, "primary", None, Some(77)).unwrap();
+        assert_eq!(m.fork_by().unwrap(), Some("promotion"));
+        m.set_fork_by_switchover().unwrap();
+        assert_eq!(m.fork_by().unwrap(), Some("switchover"));
+        m.change_role(3, "primary", None, Some(77)).unwrap();
+        assert_eq!(
+            m.fork_by().unwrap(),
+            Some("promotion"),
+            "a promotion resets it"
+        );
         assert_eq!(m.fork_seq().unwrap(), Some(77));
         assert_eq!(m.primary_name().unwrap(), None);
     }

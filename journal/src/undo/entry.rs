@@ -64,6 +64,13 @@ pub enum EntryKind {
     ResyncStart,
     /// A later entry of a resync transition (flags RESYNC).
     Resync,
+    /// The first piece of a write-set whose before-images go as several entries
+    /// (flags PART | START, format version 2): the state right before it is the
+    /// write-set's start (capture never changes the replica).
+    PartStart,
+    /// A later piece of such a write-set (flags PART). The write-set's own entry
+    /// (`WriteSet`, with its sequence range) follows its pieces.
+    Part,
 }
 
 impl EntryKind {
@@ -71,14 +78,21 @@ impl EntryKind {
     pub fn is_point(self) -> bool {
         self == EntryKind::WriteSet
     }
+
+    /// Whether the entry is a piece of a write-set that its own entry ends.
+    pub fn is_part(self) -> bool {
+        matches!(self, EntryKind::PartStart | EntryKind::Part)
+    }
 }
 
-/// The before-images of one write-set (sequences `first_seq..=last_seq`).
+/// The before-images of one write-set (sequences `first_seq..=last_seq`), or one
+/// piece of them (see [`EntryKind::PartStart`]): a write-set's before-images may go
+/// as any number of entries, so none has to hold them all in memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UndoEntry {
     pub first_seq: u64,
-    /// `>= first_seq`, or `first_seq - 1` for an empty entry (resync data, or the
-    /// marker that ends a resync): it covers no sequence.
+    /// `>= first_seq`, or `first_seq - 1` for an empty entry (resync data, the
+    /// marker that ends a resync, or a piece of a write-set): it covers no sequence.
     pub last_seq: u64,
     /// Primary's timestamp of the write-set, ns since the Unix epoch.
     pub timestamp_ns: u64,
@@ -135,6 +149,9 @@ mod tests {
         assert!(EntryKind::WriteSet.is_point());
         assert!(!EntryKind::ResyncStart.is_point());
         assert!(!EntryKind::Resync.is_point());
+        assert!(!EntryKind::PartStart.is_point() && !EntryKind::Part.is_point());
+        assert!(EntryKind::PartStart.is_part() && EntryKind::Part.is_part());
+        assert!(!EntryKind::WriteSet.is_part() && !EntryKind::Resync.is_part());
         assert_eq!(EntryKind::default(), EntryKind::WriteSet);
     }
 }

@@ -22,8 +22,11 @@ pub const UNDO_ENTRY_HEADER_LEN: usize = 56;
 pub const UNDO_EXTENT_HEADER_LEN: usize = 16;
 pub const UNDO_SEGMENT_MAGIC: [u8; 8] = *b"FERRYUND";
 pub const UNDO_ENTRY_MAGIC: [u8; 4] = *b"FRYU";
-/// Current undo format version (segment and entry headers).
-pub const UNDO_FORMAT_VERSION: u16 = 1;
+/// Current undo format version (segment and entry headers), written by this code.
+/// Version 2 added write-set pieces ([`UNDO_ENTRY_FLAG_PART`]).
+pub const UNDO_FORMAT_VERSION: u16 = 2;
+/// Oldest version this code reads (version 1 is version 2 without pieces).
+pub const UNDO_MIN_FORMAT_VERSION: u16 = 1;
 /// Largest entry body (extent headers + before-images). Bounds every allocation
 /// made from a length read off disk.
 pub const UNDO_MAX_BODY: u64 = 1 << 30;
@@ -35,11 +38,18 @@ pub const UNDO_MIN_SEGMENT_SIZE: u64 = 4096;
 /// "Undo log", "Resync entries"): the replica state right after it is not a
 /// recovery point.
 pub const UNDO_ENTRY_FLAG_RESYNC: u16 = 1;
-/// Entry header flag, only with [`UNDO_ENTRY_FLAG_RESYNC`]: the first entry of a
-/// resync transition, so the state right *before* it is consistent (the point the
-/// resync started from). Lets that point stay reachable when retention (or a crash
-/// in the middle of a release) leaves this entry as the oldest one.
+/// Entry header flag, only with [`UNDO_ENTRY_FLAG_RESYNC`] or
+/// [`UNDO_ENTRY_FLAG_PART`]: the first entry of a resync transition or of a
+/// write-set's pieces, so the state right *before* it is consistent (the point the
+/// resync or the write-set started from). Lets that point stay reachable when
+/// retention (or a crash in the middle of a release) leaves this entry as the
+/// oldest one.
 pub const UNDO_ENTRY_FLAG_RESYNC_START: u16 = 2;
+/// Entry header flag (format version 2): a piece of a write-set's before-images,
+/// with an empty sequence range; the write-set's own entry follows its pieces. The
+/// state right after a piece is not a recovery point. Lets a write-set of any size
+/// be captured in bounded memory.
+pub const UNDO_ENTRY_FLAG_PART: u16 = 4;
 
 /// High bit of an extent header's `length`: the range held zeros, no bytes follow.
 pub const UNDO_EXTENT_ZERO_FLAG: u32 = 1 << 31;
@@ -85,14 +95,20 @@ impl EntryKind {
             EntryKind::WriteSet => 0,
             EntryKind::ResyncStart => UNDO_ENTRY_FLAG_RESYNC | UNDO_ENTRY_FLAG_RESYNC_START,
             EntryKind::Resync => UNDO_ENTRY_FLAG_RESYNC,
+            EntryKind::PartStart => UNDO_ENTRY_FLAG_PART | UNDO_ENTRY_FLAG_RESYNC_START,
+            EntryKind::Part => UNDO_ENTRY_FLAG_PART,
         }
     }
 
-    fn from_flags(flags: u16) -> Option<EntryKind> {
+    /// The kind of an entry header's flags in format `version` (pieces are
+    /// version 2: a version-1 entry carrying the bit is invalid).
+    fn from_flags(flags: u16, version: u16) -> Option<EntryKind> {
         match flags {
             0 => Some(EntryKind::WriteSet),
             1 => Some(EntryKind::Resync),
             3 => Some(EntryKind::ResyncStart),
+            4 if version >= 2 => Some(EntryKind::Part),
+            6 if version >= 2 => Some(EntryKind::PartStart),
             _ => None,
         }
     }
@@ -212,7 +228,7 @@ pub fn decode_undo_segment_header(
         return Err(UndoFormatError::HeaderCrc { stored, computed });
     }
     let version = rd_u16(b, 8);
-    if version != UNDO_FORMAT_VERSION {
+    if !(UNDO_MIN_FORMAT_VERSION..=UNDO_FORMAT_VERSION).contains(&version) {
         return Err(UndoFormatError::UnsupportedVersion(version));
     }
     let flags = rd_u16(b, 10);
@@ -309,11 +325,11 @@ pub fn decode_undo_entry_header(
         return Err(UndoFormatError::HeaderCrc { stored, computed });
     }
     let version = rd_u16(b, 4);
-    if version != UNDO_FORMAT_VERSION {
+    if !(UNDO_MIN_FORMAT_VERSION..=UNDO_FORMAT_VERSION).contains(&version) {
         return Err(UndoFormatError::UnsupportedVersion(version));
     }
     let flags = rd_u16(b, 6);
-    let kind = EntryKind::from_flags(flags);
+    let kind = EntryKind::from_flags(flags, version);
     let Some(kind) = kind.filter(|_| rd_u32(b, 48) == 0) else {
         return Err(UndoFormatError::Invalid(format!(
             "entry flags {flags:#06x} unknown or reserved not zero"
@@ -338,9 +354,17 @@ fn valid_range(first: u64, last: u64) -> bool {
     first != 0 && last >= first - 1 && last != u64::MAX
 }
 
+/// A piece of a write-set covers no sequence: its range is empty.
+fn valid_kind_range(kind: EntryKind, first: u64, last: u64) -> bool {
+    valid_range(first, last) && (!kind.is_part() || last == first - 1)
+}
+
 fn check_header_fields(h: &UndoEntryHeader) -> Result<(), String> {
-    if !valid_range(h.first_seq, h.last_seq) {
-        return Err(format!("entry seq range {}..={}", h.first_seq, h.last_seq));
+    if !valid_kind_range(h.kind, h.first_seq, h.last_seq) {
+        return Err(format!(
+            "entry seq range {}..={} (kind {:?})",
+            h.first_seq, h.last_seq, h.kind
+        ));
     }
     if h.body_len > UNDO_MAX_BODY {
         return Err(format!(
@@ -360,8 +384,11 @@ fn check_header_fields(h: &UndoEntryHeader) -> Result<(), String> {
 /// Encodes a whole entry (header + body) for segment `segment_no`.
 pub fn encode_undo_entry(e: &UndoEntry, segment_no: u64) -> Result<Vec<u8>, UndoError> {
     let bad = |m: String| Err(UndoError::InvalidEntry(m));
-    if !valid_range(e.first_seq, e.last_seq) {
-        return bad(format!("seq range {}..={}", e.first_seq, e.last_seq));
+    if !valid_kind_range(e.kind, e.first_seq, e.last_seq) {
+        return bad(format!(
+            "seq range {}..={} (kind {:?}: a piece's range is empty)",
+            e.first_seq, e.last_seq, e.kind
+        ));
     }
     for (i, x) in e.extents.iter().enumerate() {
         if (x.zeros > 0) != x.data.is_empty() || x.len() > UNDO_MAX_EXTENT_LEN as u64 {

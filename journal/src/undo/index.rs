@@ -131,6 +131,13 @@ impl PointIndex {
                     p.first_seq, p.seq
                 )));
             }
+            if i == 0 && p.kind == EntryKind::Part {
+                return Err(UndoError::InvalidTarget(format!(
+                    "seq {seq} is older than the oldest retained point (the oldest entry \
+                     is a later piece of write-set {}.., whose first pieces are gone)",
+                    p.first_seq
+                )));
+            }
         }
         if let Some(p) = i
             .checked_sub(1)
@@ -222,6 +229,42 @@ mod tests {
         }
         let recovery: Vec<u64> = ix.recovery_points().map(|p| p.seq).collect();
         assert_eq!(recovery, vec![20, 50]);
+    }
+
+    /// A write-set captured in pieces: the boundary before its first piece is
+    /// reachable, none inside it is, and a log whose oldest entry is a later piece
+    /// (its first ones released) no longer offers that boundary.
+    #[test]
+    fn pieces_of_a_write_set_are_one_step() {
+        let w = EntryKind::WriteSet;
+        let ix = index(&[
+            point(1, 5, 1, w),
+            point(6, 5, 2, EntryKind::PartStart),
+            point(6, 5, 2, EntryKind::Part),
+            point(6, 9, 2, w),
+            point(10, 10, 3, w),
+        ]);
+        assert_eq!(ix.target_index(5).ok(), Some(1));
+        assert_eq!(ix.target_index(9).ok(), Some(4));
+        assert_eq!(ix.target_index(10).ok(), Some(5));
+        for bad in [6, 8] {
+            assert!(
+                matches!(ix.target_index(bad), Err(UndoError::InvalidTarget(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(ix.find_by_seq(8).map(|p| p.seq), Some(5));
+        let recovery: Vec<u64> = ix.recovery_points().map(|p| p.seq).collect();
+        assert_eq!(recovery, vec![5, 9, 10]);
+        // Oldest retained entry: the first piece (reachable) or a later one (not).
+        let first = index(&[point(6, 5, 2, EntryKind::PartStart), point(6, 9, 2, w)]);
+        assert_eq!(first.target_index(5).ok(), Some(0));
+        let later = index(&[point(6, 5, 2, EntryKind::Part), point(6, 9, 2, w)]);
+        assert!(matches!(
+            later.target_index(5),
+            Err(UndoError::InvalidTarget(m)) if m.contains("piece")
+        ));
+        assert_eq!(later.target_index(9).ok(), Some(2));
     }
 
     #[test]

@@ -62,8 +62,8 @@ impl UndoLog {
             .map_err(|e| UndoError::io(format!("create {}", dir.display()), e))?;
         let lock = crate::segment::lock_dir(dir)
             .map_err(|e| UndoError::InvalidOptions(format!("undo log {}: {e}", dir.display())))?;
-        let r = recovery::recover(dir, cluster_id)?;
-        let log = UndoLog {
+        let mut r = recovery::recover(dir, cluster_id)?;
+        let mut log = UndoLog {
             dir: dir.to_path_buf(),
             cluster_id,
             segment_size,
@@ -76,6 +76,9 @@ impl UndoLog {
             space: SpaceMonitor::default(),
             _lock: lock,
         };
+        r.report.dropped_pieces = log.drop_unfinished_pieces()?;
+        r.report.entries -= r.report.dropped_pieces;
+        r.report.segments = log.segments.len();
         Ok((log, r.report))
     }
 
@@ -347,6 +350,34 @@ impl UndoLog {
     pub fn truncate_after(&mut self, seq: u64) -> Result<(), UndoError> {
         self.check()?;
         let i = self.index.target_index(seq)?;
+        self.cut_from(i)?;
+        self.next_seq = Some(seq + 1);
+        Ok(())
+    }
+
+    /// Removes the pieces of a write-set whose own entry was never written (a crash
+    /// or an error in the middle of its capture; the write-set was not applied, so a
+    /// restart captures it again). Same crash-safe order as
+    /// [`truncate_after`](Self::truncate_after): a crash leaves a prefix, and the
+    /// next open removes the rest. Returns the number of entries removed.
+    fn drop_unfinished_pieces(&mut self) -> Result<usize, UndoError> {
+        let points = self.index.points();
+        let keep = points
+            .iter()
+            .rposition(|p| !p.kind.is_part())
+            .map_or(0, |k| k + 1);
+        let dropped = points.len() - keep;
+        if dropped > 0 {
+            self.cut_from(keep)?;
+            self.next_seq = self.index.points().last().map(|p| p.seq + 1);
+        }
+        Ok(dropped)
+    }
+
+    /// Deletes entry `i` and every later one from the segment files and the index
+    /// (see [`truncate_after`](Self::truncate_after) for the order). Poisons the log
+    /// on an error.
+    fn cut_from(&mut self, i: usize) -> Result<(), UndoError> {
         if i == self.index.points().len() {
             return Ok(());
         }
@@ -389,7 +420,11 @@ impl UndoLog {
             return Err(e);
         }
         self.index.truncate(i);
-        self.next_seq = Some(seq + 1);
+        // Numbers stay consecutive: the next segment follows the last one kept (a
+        // number past a deleted one would be a gap, refused on open).
+        if let Some(s) = self.segments.last() {
+            self.next_segment_no = s.no + 1;
+        }
         Ok(())
     }
 

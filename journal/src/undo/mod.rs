@@ -14,7 +14,11 @@
 //!   every write-set and read only by views and rollbacks). Segments without the flag
 //!   (written by earlier versions) hold entries back to back; they stay readable.
 //! * One entry per write-set: a 56-byte entry header, then the body: extents, each a
-//!   16-byte extent header followed by the before-image bytes.
+//!   16-byte extent header followed by the before-image bytes. A write-set whose
+//!   before-images are large goes as several entries (pieces, format version 2,
+//!   [`EntryKind::PartStart`]) then its own, so no entry (and no capture) has to hold
+//!   a whole trim's before-images; an unfinished write-set's pieces at the end of
+//!   the log are removed on open.
 //! * CRC32C salted with the segment number, like the redo journal.
 //!
 //! Single owner, synchronous: the standby's applier thread owns the [`UndoLog`].
@@ -45,10 +49,11 @@ pub use self::format::{
     decode_undo_entry, decode_undo_entry_body, decode_undo_entry_header,
     decode_undo_segment_header, encode_undo_entry, encode_undo_entry_header,
     encode_undo_segment_header, extent_data_offsets, UndoEntryHeader, UndoFormatError,
-    UndoSegmentHeader, UNDO_ALIGN, UNDO_ENTRY_FLAG_RESYNC, UNDO_ENTRY_FLAG_RESYNC_START,
-    UNDO_ENTRY_HEADER_LEN, UNDO_ENTRY_MAGIC, UNDO_EXTENT_HEADER_LEN, UNDO_EXTENT_ZERO_FLAG,
-    UNDO_FORMAT_VERSION, UNDO_MAX_BODY, UNDO_MAX_EXTENT_LEN, UNDO_MIN_SEGMENT_SIZE,
-    UNDO_SEGMENT_FLAG_ALIGNED, UNDO_SEGMENT_HEADER_LEN, UNDO_SEGMENT_MAGIC,
+    UndoSegmentHeader, UNDO_ALIGN, UNDO_ENTRY_FLAG_PART, UNDO_ENTRY_FLAG_RESYNC,
+    UNDO_ENTRY_FLAG_RESYNC_START, UNDO_ENTRY_HEADER_LEN, UNDO_ENTRY_MAGIC, UNDO_EXTENT_HEADER_LEN,
+    UNDO_EXTENT_ZERO_FLAG, UNDO_FORMAT_VERSION, UNDO_MAX_BODY, UNDO_MAX_EXTENT_LEN,
+    UNDO_MIN_FORMAT_VERSION, UNDO_MIN_SEGMENT_SIZE, UNDO_SEGMENT_FLAG_ALIGNED,
+    UNDO_SEGMENT_HEADER_LEN, UNDO_SEGMENT_MAGIC,
 };
 pub use self::log::UndoLog;
 pub use self::recovery::UndoRecovery;

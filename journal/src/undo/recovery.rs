@@ -31,6 +31,9 @@ pub struct UndoRecovery {
     pub removed_tmp: Vec<PathBuf>,
     /// An empty last segment (header only) deleted.
     pub removed_empty: Option<PathBuf>,
+    /// Pieces of a write-set whose own entry was never written, removed from the
+    /// end of the log (the write-set was not applied: it is captured again).
+    pub dropped_pieces: usize,
 }
 
 /// The recovered log: its segments and every entry's index point, oldest first.

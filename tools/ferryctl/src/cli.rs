@@ -24,6 +24,15 @@ pub enum ModeArg {
     Async,
 }
 
+/// `ferryctl init --crypto`: which kind of cluster CA to create.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum CryptoArg {
+    /// ECDSA P-256 certificates, the standard TLS 1.3 suites.
+    Standard,
+    /// SM2 certificates, the national suites of RFC 8998.
+    Gm,
+}
+
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Create a node directory: DIR/primary.toml and DIR/primary/ with sparse volume files.
@@ -63,6 +72,12 @@ pub enum Cmd {
         /// hosts are detected anyway).
         #[arg(long)]
         same_host: bool,
+        /// TLS suites of the replication link: "standard" (ECDSA P-256 certificates,
+        /// AES/ChaCha) or "gm" (SM2 certificates, RFC 8998 TLS_SM4_GCM_SM3 with
+        /// curveSM2 and sm2sig_sm3). The cluster CA's key decides what every node
+        /// speaks; a gm node and a standard node refuse each other.
+        #[arg(long, value_enum, default_value = "standard")]
+        crypto: CryptoArg,
     },
     /// The cold tier: restore a volume from an archive, or list what one holds. Reads
     /// the object store directly (no running ferryd needed); s3:// credentials and
@@ -97,6 +112,14 @@ pub enum Cmd {
     Pit {
         #[command(subcommand)]
         cmd: PitCmd,
+    },
+    /// Primary: re-read the config file and apply what can change live (replication
+    /// targets added or removed, a target's mode or address); anything else is refused,
+    /// naming the keys that need a restart, and nothing changes. SIGHUP does the same.
+    Reload {
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Standby: stop following the primary (the replica stays as it is).
     Pause,
@@ -360,12 +383,18 @@ pub enum NodeCmd {
 
 #[derive(Subcommand)]
 pub enum AuditCmd {
-    /// Check the audit log's hash chain: the log named by --config (`access.audit_log`,
-    /// default `<metadata_dir>/audit.log`) or --file. Exits 1 naming the first bad line.
+    /// Check the audit log's hash chain across its rotated files: the log named by
+    /// --config (`access.audit_log`, default `<metadata_dir>/audit.log`), by --file, or
+    /// DIR/audit.log. Exits 1 naming the first bad file and line; lists intents that
+    /// have no outcome (an action a crash interrupted).
     Verify {
-        /// The audit log file itself (instead of --config).
+        /// The audit log file itself (instead of --config); its rotated files
+        /// (`PATH.NNNNNN`) are checked with it.
         #[arg(long, value_name = "PATH")]
         file: Option<PathBuf>,
+        /// A directory holding `audit.log` and its rotated files (or the log file).
+        #[arg(value_name = "DIR", conflicts_with = "file")]
+        dir: Option<PathBuf>,
     },
 }
 

@@ -8,14 +8,14 @@ use anyhow::{bail, Context};
 use ferry_api::config::{
     format_id, parse_addr, valid_name, valid_node_name, Config, ControlConfig, JournalConfig,
     MetricsConfig, NbdConfig, NodeConfig, ReplicationConfig, ReplicationMode, Role, TargetConfig,
-    TlsConfig, VolumeConfig, VOLUME_ALIGN,
+    TlsConfig, TlsSuiteConfig, VolumeConfig, VOLUME_ALIGN,
 };
 use ferry_api::control::{self, Request};
 use ferry_api::size::{parse_size, ByteSize};
 use ferry_api::status::{
     NodeStatus, PitPoint, PrimaryStatus, RoleStatus, StandbyStatus, TargetStatus,
 };
-use ferry_transport::pki::ClusterCa;
+use ferry_transport::pki::{AnyClusterCa, TlsSuite};
 mod archive;
 mod drill;
 mod node_add;
@@ -23,7 +23,8 @@ mod ports;
 mod table;
 
 use ferryctl::cli::{
-    ArchiveCmd, AuditCmd, BookmarkCmd, Cli, Cmd, DrillPointArgs, ModeArg, NodeCmd, PitCmd,
+    ArchiveCmd, AuditCmd, BookmarkCmd, Cli, Cmd, CryptoArg, DrillPointArgs, ModeArg, NodeCmd,
+    PitCmd,
 };
 use table::Align;
 
@@ -55,9 +56,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mode,
             metrics_port,
             same_host,
+            crypto,
         } => {
             let sites = Sites::parse(primary.as_deref(), &standbys, mode)?;
             let addrs = init_addrs(sites.as_ref(), &nbd, metrics_port, same_host)?;
+            let suite = match crypto {
+                CryptoArg::Standard => TlsSuite::Standard,
+                CryptoArg::Gm => TlsSuite::Gm,
+            };
             init(
                 &dir,
                 &volumes,
@@ -65,48 +71,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &journal_size,
                 &segment_size,
                 sites.as_ref(),
+                suite,
             )
         }
-        Cmd::Status { json } => status(&need_config(cli.config.as_deref())?, json),
         Cmd::Audit {
-            cmd: AuditCmd::Verify { file },
-        } => audit_verify(cli.config.as_deref(), file.as_deref()),
-        Cmd::Bookmark { cmd } => bookmark(&need_config(cli.config.as_deref())?, cmd),
-        Cmd::Pit { cmd } => pit(&need_config(cli.config.as_deref())?, cmd),
-        Cmd::Promote {
-            at,
-            bookmark,
-            force,
-            json,
+            cmd: AuditCmd::Verify { file, dir },
         } => {
-            let cfg = need_config(cli.config.as_deref())?;
-            let target = match (at, bookmark) {
-                (Some(t), _) => Some(control::PointSpec::At(t)),
-                (_, Some(b)) => Some(control::PointSpec::Bookmark(b)),
-                _ => None,
-            };
-            role_change(&cfg, Request::Promote { target, force }, json)
-        }
-        Cmd::Verify { volume, json } => verify(&need_config(cli.config.as_deref())?, volume, json),
-        Cmd::Demote { json } => {
-            role_change(&need_config(cli.config.as_deref())?, Request::Demote, json)
-        }
-        Cmd::Switchover { to, json } => role_change(
-            &need_config(cli.config.as_deref())?,
-            Request::Switchover { to },
-            json,
-        ),
-        Cmd::Pause => {
-            let cfg = need_config(cli.config.as_deref())?;
-            let v = call(&cfg, &Request::Pause)?;
-            println!("paused: {}", v["paused"].as_str().unwrap_or("yes"));
-            Ok(())
-        }
-        Cmd::Resume => {
-            let cfg = need_config(cli.config.as_deref())?;
-            call(&cfg, &Request::Resume)?;
-            println!("resumed: following the primary");
-            Ok(())
+            let dir = dir.map(|d| if d.is_dir() { d.join("audit.log") } else { d });
+            audit_verify(cli.config.as_deref(), file.or(dir).as_deref())
         }
         Cmd::Archive { cmd } => match cmd {
             ArchiveCmd::Restore {
@@ -135,6 +107,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }),
             same_host,
         }),
+        cmd => node_command(&need_config(cli.config.as_deref())?, cmd),
+    }
+}
+
+/// The commands that talk to the running ferryd named by `--config`.
+fn node_command(cfg: &Config, cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Status { json } => status(cfg, json),
+        Cmd::Bookmark { cmd } => bookmark(cfg, cmd),
+        Cmd::Pit { cmd } => pit(cfg, cmd),
+        Cmd::Promote {
+            at,
+            bookmark,
+            force,
+            json,
+        } => {
+            let target = match (at, bookmark) {
+                (Some(t), _) => Some(control::PointSpec::At(t)),
+                (_, Some(b)) => Some(control::PointSpec::Bookmark(b)),
+                _ => None,
+            };
+            role_change(cfg, Request::Promote { target, force }, json)
+        }
+        Cmd::Verify { volume, json } => verify(cfg, volume, json),
+        Cmd::Demote { json } => role_change(cfg, Request::Demote, json),
+        Cmd::Switchover { to, json } => role_change(cfg, Request::Switchover { to }, json),
+        Cmd::Reload { json } => reload(cfg, json),
+        Cmd::Pause => {
+            let v = call(cfg, &Request::Pause)?;
+            println!("paused: {}", v["paused"].as_str().unwrap_or("yes"));
+            Ok(())
+        }
+        Cmd::Resume => {
+            call(cfg, &Request::Resume)?;
+            println!("resumed: following the primary");
+            Ok(())
+        }
         Cmd::Drill {
             volume,
             point,
@@ -149,12 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 check,
                 check_timeout: std::time::Duration::from_secs(check_timeout),
             };
-            run_drill(
-                &need_config(cli.config.as_deref())?,
-                &opts,
-                report.as_deref(),
-                json,
-            )
+            run_drill(cfg, &opts, report.as_deref(), json)
         }
         Cmd::Rollback {
             volume,
@@ -162,13 +166,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             group,
             json,
         } => {
-            let cfg = need_config(cli.config.as_deref())?;
             let req = Request::Rollback {
                 volume,
                 target: point.spec(),
                 group,
             };
-            rollback(&cfg, &req, json)
+            rollback(cfg, &req, json)
+        }
+        Cmd::Init { .. } | Cmd::Audit { .. } | Cmd::Node { .. } | Cmd::Archive { .. } => {
+            bail!("this command works on files, not on a running ferryd")
         }
     }
 }
@@ -621,6 +627,8 @@ fn node_config(
         ca: data.join("tls/ca.pem"),
         cert: data.join(format!("tls/{node}.pem")),
         key: data.join(format!("tls/{node}.key")),
+        // `init` sets the cluster's choice on every node.
+        suite: TlsSuiteConfig::Standard,
     });
     Config {
         node: NodeConfig {
@@ -650,6 +658,7 @@ fn node_config(
         }),
         pit: None,
         access: None,
+        audit: None,
         volumes: vols
             .iter()
             .map(|(name, size)| VolumeConfig {
@@ -668,6 +677,7 @@ fn init(
     journal_size: &str,
     segment_size: &str,
     sites: Option<&Sites>,
+    suite: TlsSuite,
 ) -> anyhow::Result<()> {
     let vols = volumes
         .iter()
@@ -677,11 +687,17 @@ fn init(
     let segment_size = parse_size(segment_size).context("--segment-size")?;
     let mut cluster = [0u8; 16];
     getrandom::getrandom(&mut cluster).context("random cluster id")?;
-    let nodes = node_configs(&cluster, &vols, addrs, journal_size, segment_size, sites);
+    let mut nodes = node_configs(&cluster, &vols, addrs, journal_size, segment_size, sites);
+    for tls in nodes.iter_mut().filter_map(|cfg| cfg.tls.as_mut()) {
+        tls.suite = match suite {
+            TlsSuite::Standard => TlsSuiteConfig::Standard,
+            TlsSuite::Gm => TlsSuiteConfig::Gm,
+        };
+    }
     // Check everything before touching the disk.
     check_nodes(dir, &nodes)?;
     let ca = match sites {
-        Some(_) => Some(write_ca(dir, cluster)?),
+        Some(_) => Some(write_ca(dir, cluster, suite)?),
         None => None,
     };
     for cfg in &nodes {
@@ -792,9 +808,9 @@ fn check_nodes(dir: &Path, nodes: &[Config]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The cluster CA, written under `dir/ca`.
-fn write_ca(dir: &Path, cluster: [u8; 16]) -> anyhow::Result<ClusterCa> {
-    let ca = ClusterCa::generate(cluster).context("creating the cluster CA")?;
+/// The cluster CA (ECDSA or SM2 as `suite` asks), written under `dir/ca`.
+fn write_ca(dir: &Path, cluster: [u8; 16], suite: TlsSuite) -> anyhow::Result<AnyClusterCa> {
+    let ca = AnyClusterCa::generate(cluster, suite).context("creating the cluster CA")?;
     std::fs::create_dir_all(dir.join("ca"))
         .with_context(|| format!("creating {}", dir.join("ca").display()))?;
     ca.write_pem_files(&dir.join("ca"))
@@ -803,7 +819,7 @@ fn write_ca(dir: &Path, cluster: [u8; 16]) -> anyhow::Result<ClusterCa> {
 }
 
 /// One node's directory, volume files, TLS identity (when replicating) and config file.
-fn write_node(dir: &Path, cfg: &Config, ca: Option<&ClusterCa>) -> anyhow::Result<()> {
+fn write_node(dir: &Path, cfg: &Config, ca: Option<&AnyClusterCa>) -> anyhow::Result<()> {
     let name = &cfg.node.name;
     let node_dir = dir.join(name);
     std::fs::create_dir_all(&node_dir)
@@ -942,7 +958,8 @@ fn primary_text(p: &PrimaryStatus) -> String {
         out += &format!("WRITES     refused: {why}\n");
     }
     if let Some(f) = p.fork_seq {
-        out += &format!("fork       primary by promotion from sequence {f}\n");
+        let by = p.fork_by.as_deref().unwrap_or("promotion");
+        out += &format!("fork       primary by {by} from sequence {f}\n");
     }
     out
 }
@@ -1002,19 +1019,78 @@ fn audit_verify(config: Option<&Path>, file: Option<&Path>) -> anyhow::Result<()
         (None, Some(f)) => f.to_path_buf(),
         (Some(_), None) => need_config(config)?.audit_log_path(),
         (None, None) => {
-            bail!("audit verify needs --config FILE (the node's config) or --file PATH (the log)")
+            bail!("audit verify needs --config FILE (the node's config), --file PATH (the log) or DIR")
         }
     };
-    match ferry_api::audit::verify(&path) {
+    match ferry_api::audit::files::verify_chain(&path) {
         Ok(r) => {
             println!(
                 "audit log OK: {} entries, last hash {}",
                 r.entries, r.last_hash
             );
+            print!("{}", audit_details(&r));
             Ok(())
         }
         Err(e) => bail!("audit log {} FAILED: {e}", path.display()),
     }
+}
+
+/// What `audit verify` adds to its OK line when there is more than one file, when the
+/// oldest files were removed, or when intents have no outcome.
+fn audit_details(r: &ferry_api::audit::files::ChainReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if r.files.len() > 1 {
+        let files: Vec<String> = r
+            .files
+            .iter()
+            .map(|f| match f.seqs {
+                Some((a, b)) => format!("{} (seq {a}-{b})", f.name),
+                None => format!("{} (empty)", f.name),
+            })
+            .collect();
+        let _ = writeln!(out, "files: {}", files.join(", "));
+    }
+    if let Some(c) = &r.continues_from {
+        let _ = writeln!(
+            out,
+            "chain checked from seq {}: it continues {} (up to seq {}), which is no longer present (removed by [audit] keep_files, or by hand)",
+            c.seq, c.prev_file, c.prev_seq
+        );
+    }
+    if !r.open_intents.is_empty() {
+        let _ = writeln!(
+            out,
+            "{} intent(s) without an outcome (interrupted by a crash, or still running):",
+            r.open_intents.len()
+        );
+        for o in &r.open_intents {
+            let _ = writeln!(
+                out,
+                "  seq {} {} at {} ({})",
+                o.seq, o.request, o.time, o.file
+            );
+        }
+    }
+    out
+}
+
+/// `ferryctl reload`: what the primary applied (each change on a line), or why it
+/// refused (then nothing changed).
+fn reload(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let v = call(cfg, &Request::Reload)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let applied = v["applied"].as_array().cloned().unwrap_or_default();
+    if applied.is_empty() {
+        println!("reloaded: nothing changed");
+    }
+    for a in applied {
+        println!("reloaded: {}", a.as_str().unwrap_or_default());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,9 +9,9 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use ferry_api::config::{
     format_id, parse_addr, valid_node_name, Config, ReplicationConfig, ReplicationMode, Role,
-    TargetConfig,
+    TargetConfig, TlsSuiteConfig,
 };
-use ferry_transport::pki::ClusterCa;
+use ferry_transport::pki::{AnyClusterCa, TlsSuite};
 
 use crate::ports;
 
@@ -41,7 +41,7 @@ pub fn node_add(a: &Add) -> anyhow::Result<()> {
         );
     };
     check_new(&primary, repl, &name, &addr)?;
-    let ca = ClusterCa::load(&a.dir.join("ca")).with_context(|| {
+    let ca = AnyClusterCa::load(&a.dir.join("ca")).with_context(|| {
         format!(
             "loading the cluster CA from {} (ferryctl init keeps it there)",
             a.dir.join("ca").display()
@@ -61,7 +61,14 @@ pub fn node_add(a: &Add) -> anyhow::Result<()> {
             .first()
             .map_or(ReplicationMode::Async, |t| t.mode)
     });
-    let cfg = standby_config(&primary, repl, &cluster, &name, &addr, mode, a.same_host)?;
+    let mut cfg = standby_config(&primary, repl, &cluster, &name, &addr, mode, a.same_host)?;
+    // The new node speaks what the cluster CA's key makes the others speak.
+    if let Some(tls) = cfg.tls.as_mut() {
+        tls.suite = match ca.suite() {
+            TlsSuite::Standard => TlsSuiteConfig::Standard,
+            TlsSuite::Gm => TlsSuiteConfig::Gm,
+        };
+    }
     crate::check_nodes(a.dir, std::slice::from_ref(&cfg))?;
     crate::write_node(a.dir, &cfg, Some(&ca))?;
     add_target(&primary_path, &text, &name, &addr, mode)?;
@@ -78,7 +85,11 @@ pub fn node_add(a: &Add) -> anyhow::Result<()> {
         "start:     ferryd --config {}",
         a.dir.join(format!("{name}.toml")).display()
     );
-    println!("then:      restart the primary to ship to {name} (it reads its targets at start)");
+    println!(
+        "then:      ferryctl --config {} reload (or systemctl reload ferryd@primary): the \
+         primary starts shipping to {name} without a restart",
+        primary_path.display()
+    );
     Ok(())
 }
 

@@ -1,10 +1,11 @@
-//! `ferryctl audit verify` on good and tampered logs: exit codes and messages.
+//! `ferryctl audit verify` on good and tampered logs, one file or rotated ones: exit
+//! codes and messages.
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use ferry_api::audit::{AuditEntry, Outcome};
 use ferry_api::control::Role;
-use ferryd::ops::audit::AuditLog;
+use ferryd::ops::audit::{AuditLog, AuditOptions};
 
 fn ferryctl(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_ferryctl"))
@@ -144,4 +145,86 @@ fn tampered_logs_fail_naming_the_line() {
     data.truncate(data.len() - 30);
     std::fs::write(&path, &data).unwrap();
     verify_fails(&path, "line 6: incomplete last line");
+}
+
+fn status_entry(i: u32) -> AuditEntry {
+    AuditEntry {
+        uid: Some(1000 + i),
+        gid: Some(1000),
+        pid: Some(77),
+        role: Some(Role::Viewer),
+        request: "status".into(),
+        args: serde_json::json!({"cmd": "status"}),
+        result: Outcome::Ok,
+        message: None,
+    }
+}
+
+/// Issue 16 path 9: `audit verify DIR` checks the chain across rotated files, names a
+/// removed or edited middle file, and lists intents that never got their outcome.
+#[test]
+fn verify_checks_rotated_files_as_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let opts = AuditOptions {
+        max_file_size: 1024,
+        keep_files: 0,
+        ..AuditOptions::default()
+    };
+    let log = AuditLog::open_with(&path, opts).unwrap();
+    for i in 0..10 {
+        log.append(status_entry(i)).unwrap();
+    }
+    let mut pause = status_entry(99);
+    pause.request = "pause".into();
+    let intent = log.append_intent(pause).unwrap();
+    drop(log);
+    let o = ferryctl(&["audit", "verify", dir.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.starts_with("audit log OK: "), "{out}");
+    assert!(
+        out.contains("files: audit.log.000001 (seq 1-"),
+        "the rotated files are listed: {out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "1 intent(s) without an outcome (interrupted by a crash, or still running):\n  seq {intent} pause at "
+        )),
+        "{out}"
+    );
+    // The same through --file, and a lone rotated file from its header on.
+    let o = ferryctl(&["audit", "verify", "--file", path.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), out);
+    let second = dir.path().join("audit.log.000002");
+    let o = ferryctl(&["audit", "verify", "--file", second.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("it continues audit.log.000001 (up to seq"),
+        "{}",
+        text(&o)
+    );
+
+    // A middle file edited.
+    let good = std::fs::read_to_string(&second).unwrap();
+    std::fs::write(&second, good.replacen("\"pid\":77", "\"pid\":78", 1)).unwrap();
+    let o = ferryctl(&["audit", "verify", dir.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("FAILED: audit.log.000002: line 2 (seq"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("hash mismatch"), "{}", text(&o));
+    // Removed.
+    std::fs::remove_file(&second).unwrap();
+    let o = ferryctl(&["audit", "verify", dir.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains(
+            "FAILED: audit.log.000003: line 1: does not continue audit.log.000001: it continues audit.log.000002"
+        ),
+        "{}",
+        text(&o)
+    );
 }

@@ -276,6 +276,27 @@ fn switchover_under_a_workload_loses_nothing_and_reverses_replication() {
         acked.len()
     );
     check_acked(&url, &acked);
+    // A switchover reads as one, and the old primary (a sync target now), which handed
+    // over everything and comes straight back as a standby, does not start degraded.
+    let st = wait_for(
+        &scfg,
+        "dr1 to run as the primary",
+        Duration::from_secs(30),
+        |st| st["role"] == "primary",
+    );
+    assert_eq!(st["fork_by"], "switchover", "{st:#}");
+    // (Degraded only by a sync timeout, should the old primary take longer than that
+    // to come back; never from the start.)
+    assert!(
+        st["targets"][0]["effective_mode"] == "sync"
+            || standby.log_text().contains("did not confirm a write"),
+        "{st:#}"
+    );
+    let text = String::from_utf8_lossy(&ctl(&scfg, &["status"]).stdout).to_string();
+    assert!(
+        text.contains("primary by switchover from sequence"),
+        "{text}"
+    );
 
     // Replication now runs the other way: the old primary is dr1's standby.
     let old = wait_for(

@@ -261,6 +261,7 @@ fn initial_sync_moves_about_what_was_written() {
             journal: "16MiB",
             segment: "1MiB",
             mode: "async",
+            ..Init::default()
         },
     );
     let primary = Node::start(&ferryd(), &pcfg);

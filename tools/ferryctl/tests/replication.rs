@@ -249,8 +249,9 @@ fn replication_recovers_from_a_lossy_reordering_stalling_link() {
 }
 
 /// A sync standby that dies must not fail client writes: after `sync_timeout_ms` it is
-/// degraded to async (visible in status), and it becomes synchronous again once it
-/// has caught up.
+/// degraded to async (visible in status), status says `disconnected` (not
+/// `streaming`, then `connecting`), and it becomes synchronous again once it has
+/// caught up.
 #[test]
 fn dead_sync_standby_degrades_to_async_and_recovers() {
     if skip_without(
@@ -283,6 +284,18 @@ fn dead_sync_standby_degrades_to_async_and_recovers() {
         "{st:#}"
     );
     assert!(seq(&st, "/targets/0/lag_bytes") > 0);
+    // Status says the standby is gone within seconds (it sent nothing for 5 s; not
+    // QUIC's 10 s idle timeout), and keeps saying so while it is redialled.
+    primary.wait_status(
+        "the killed standby to read disconnected",
+        Duration::from_secs(9),
+        |st| st["targets"][0]["state"] == "disconnected",
+    );
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(200));
+        let st = primary.status();
+        assert_eq!(st["targets"][0]["state"], "disconnected", "{st:#}");
+    }
     // Back: it catches up and is synchronous again, even with writes going on.
     let standby = Node::start(&ferryd(), &scfgs[0]);
     assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(5, 100)));
@@ -373,9 +386,11 @@ fn stopping_a_replicating_primary_panics_no_thread() {
 
 /// A cluster that grows: `ferryctl node add` issues the third node's certificate from
 /// the cluster CA, writes its config and adds it to the primary's targets (keeping the
-/// operator's comments there); once the primary restarts with it, the new standby
-/// receives everything, including what was written before it existed. A name or
-/// address already in the cluster is refused.
+/// operator's comments there); `ferryctl reload` makes the running primary (same
+/// process) ship to it, and the new standby receives everything, including what was
+/// written before it existed. A name or address already in the cluster is refused; a
+/// reload that also changes a volume's size is refused naming the key and changes
+/// nothing; SIGHUP reloads too (here: the target removed again).
 #[test]
 fn node_add_grows_a_running_cluster_by_a_third_standby() {
     if skip_without(
@@ -388,9 +403,9 @@ fn node_add_grows_a_running_cluster_by_a_third_standby() {
     let (pcfg, s) = init(dir.path(), &["dr1"], "async");
     let mut text = std::fs::read_to_string(&pcfg).unwrap();
     text.insert_str(0, "# operator's note: keep this\n");
-    std::fs::write(&pcfg, text).unwrap();
+    std::fs::write(&pcfg, &text).unwrap();
     let dr1 = Node::start(&ferryd(), &s[0]);
-    let mut primary = Node::start(&ferryd(), &pcfg);
+    let primary = Node::start(&ferryd(), &pcfg);
     assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(71, 40)));
 
     let addr = format!("127.0.0.1:{}", ferryd::testkit::free_udp_port());
@@ -407,6 +422,10 @@ fn node_add_grows_a_running_cluster_by_a_third_standby() {
         out.status.success(),
         "node add: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("reload"),
+        "node add names the next step: {out:?}"
     );
     let dr2_cfg = dir.path().join("dr2.toml");
     let cfg = ferry_api::config::Config::load(&dr2_cfg).unwrap();
@@ -437,10 +456,37 @@ fn node_add_grows_a_running_cluster_by_a_third_standby() {
             "{out:?}"
         );
     }
+    let targets = |st: &serde_json::Value| -> Vec<String> {
+        st["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| t["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+
+    // All or nothing: the new target and a new volume size; the size needs a restart.
+    let v = ptext.find("[[volume]]").unwrap();
+    let at = v + ptext[v..].find("size = ").unwrap();
+    let end = at + ptext[at..].find('\n').unwrap();
+    let mut bigger = ptext.clone();
+    bigger.replace_range(at..end, "size = \"128MiB\"");
+    std::fs::write(&pcfg, &bigger).unwrap();
+    let out = ctl(&pcfg, &["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(err.contains("volume[0].size"), "{err}");
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert_eq!(targets(&primary.status()), ["dr1"], "nothing changed");
+    std::fs::write(&pcfg, &ptext).unwrap();
 
     let dr2 = Node::start(&ferryd(), &dr2_cfg);
-    assert!(primary.terminate().success());
-    let primary = Node::start(&ferryd(), &pcfg);
+    let out = ctl(&pcfg, &["reload"]);
+    assert!(out.status.success(), "reload: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("target dr2 added"),
+        "{out:?}"
+    );
     assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(72, 40)));
     let last = seq(&primary.status(), "/durable_seq");
     primary.wait_status(
@@ -461,5 +507,28 @@ fn node_add_grows_a_running_cluster_by_a_third_standby() {
             .clone()
     };
     same_file(&vol(&pcfg), &vol(&dr2_cfg));
-    drop(dr1);
+    // The same process all along: it recovered its journal once.
+    assert_eq!(
+        primary.log_text().matches("journal recovered").count(),
+        1,
+        "the primary restarted: {}",
+        primary.log_text()
+    );
+    assert!(Path::new(&format!("/proc/{}", primary.pid)).exists());
+
+    // SIGHUP does what reload does: dr2 removed from the file, then from the primary.
+    std::fs::write(&pcfg, &text).unwrap();
+    // SAFETY: signalling the primary this test started, by its PID.
+    unsafe { libc::kill(primary.pid as i32, libc::SIGHUP) };
+    primary.wait_status("SIGHUP to remove dr2", Duration::from_secs(30), |st| {
+        targets(st) == ["dr1"]
+    });
+    let meta = ferry_api::config::Config::load(&pcfg)
+        .unwrap()
+        .node
+        .metadata_dir;
+    assert!(!meta.join("dirty/dr2").exists(), "dr2's maps are deleted");
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(73, 20)));
+    wait_caught_up(&primary, &dr1);
+    drop(dr2);
 }

@@ -43,6 +43,8 @@ pub struct Init<'a> {
     pub journal: &'a str,
     pub segment: &'a str,
     pub mode: &'a str,
+    /// `--crypto`: "standard" or "gm".
+    pub crypto: &'a str,
 }
 
 impl Default for Init<'_> {
@@ -52,6 +54,7 @@ impl Default for Init<'_> {
             journal: "64MiB",
             segment: "4MiB",
             mode: "async",
+            crypto: "standard",
         }
     }
 }
@@ -64,7 +67,7 @@ pub fn init_cluster(dir: &Path, standbys: &[&str], o: &Init) -> (PathBuf, Vec<Pa
         .arg(dir)
         .args(["--volume", o.volume, "--nbd", "127.0.0.1:0"])
         .args(["--journal-size", o.journal, "--segment-size", o.segment])
-        .args(["--mode", o.mode])
+        .args(["--mode", o.mode, "--crypto", o.crypto])
         .arg("--primary")
         .arg(format!("127.0.0.1:{}", free_udp_port()));
     for s in standbys {

@@ -1,0 +1,295 @@
+//! Storage and protocol faults injected into real ferryd processes (cargo feature
+//! `failpoints`: `cargo test -p ferryd --features failpoints --test failpoints`).
+//! Failpoints are armed through the `FAILPOINTS` environment variable of the spawned
+//! daemon (daemon/FAILPOINTS.md); each test owns its processes.
+use std::path::Path;
+use std::time::Duration;
+
+use ferryd::testkit::{assert_qemu_io_ok, primary_config, qemu_io, skip_without, Node};
+
+#[path = "common/test_primary.rs"]
+mod test_primary;
+use test_primary::{answer, connect, standby_config, write_set, Answer, MIB};
+
+fn ferryd() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferryd"))
+}
+
+fn cmds(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// Issue 16, path 1 ("fsyncgate"): the first fsync of the base after acknowledged
+/// writes fails. Linux may then drop the failed pages, so a retried fsync succeeds
+/// without the data on disk. The checkpoint must not pass those writes: the group
+/// stops (status, EIO) and a restart replays them from the journal. The lost pages
+/// are simulated by putting back, while the daemon is down, what the file held
+/// before the writes.
+#[test]
+fn fsync_failure_on_a_base_never_lets_the_checkpoint_pass_its_writes() {
+    let name = "fsync_failure_on_a_base_never_lets_the_checkpoint_pass_its_writes";
+    if skip_without("qemu-io", name) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = primary_config(dir.path(), &[("vol0", 16 * MIB)], 64 * MIB, 4 * MIB);
+    let mut node = Node::start_env(
+        ferryd(),
+        &cfg,
+        &[("FAILPOINTS", "ferryd::base_fsync=1*return(EIO)")],
+    );
+    let url = node.url("vol0");
+    assert_qemu_io_ok(&qemu_io(&url, &cmds(&["write -P 0xab 0 1M"])));
+    let last = node.status()["last_seq"].as_u64().unwrap();
+    // The first checkpoint (500 ms interval) fails; give the retries time to run.
+    node.wait_status(
+        "the first checkpoint attempt",
+        Duration::from_secs(30),
+        |_| node.log_text().contains("Input/output error"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let st = node.status();
+    assert!(
+        st["checkpoint_seq"].as_u64().unwrap() < last,
+        "the checkpoint passed writes whose fsync failed: {st:#}\nlog:\n{}",
+        node.log_text()
+    );
+    assert_eq!(
+        st["failed"], true,
+        "status must show the stopped group: {st:#}"
+    );
+    assert!(
+        st["writes_refused"]
+            .as_str()
+            .unwrap_or("")
+            .contains("fsync"),
+        "{st:#}"
+    );
+    let refused = qemu_io(&url, &cmds(&["write -P 0xcd 2M 4k"]));
+    let out = String::from_utf8_lossy(&refused.stdout).to_string()
+        + &String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        out.contains("Input/output error"),
+        "a write after the failed fsync must fail with EIO: {out}"
+    );
+    node.kill();
+
+    // What the disk holds after the kernel dropped the failed pages: the old zeros.
+    let img = dir.path().join("primary/vol0.img");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; MIB as usize], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let node = Node::start(ferryd(), &cfg);
+    assert_qemu_io_ok(&qemu_io(&node.url("vol0"), &cmds(&["read -P 0xab 0 1M"])));
+    let st = node.status();
+    assert_eq!(st["failed"], false, "{st:#}");
+    assert!(st["checkpoint_seq"].as_u64().unwrap() >= last, "{st:#}");
+}
+
+/// Issue 16, path 1, on a standby: the first fsync of the replica after a write-set
+/// was applied fails. The standby's checkpoint must not pass it either: apply stops
+/// (status shows why) and a restart replays the write-set from the standby journal.
+/// The lost pages are simulated as above.
+#[test]
+fn fsync_failure_on_a_replica_never_lets_the_checkpoint_pass_its_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, addr, tls) = standby_config(dir.path(), true);
+    let img = dir.path().join("primary/vol0.img");
+    let mut node = Node::start_env(
+        ferryd(),
+        &cfg,
+        &[("FAILPOINTS", "ferryd::base_fsync=1*return(EIO)")],
+    );
+    let epoch = node.status()["epoch"].as_u64().expect("epoch");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = connect(addr, &tls, epoch).await;
+        match answer(&mut s, write_set(epoch, 1, 0, 0xab)).await {
+            Answer::Durable(1) => {}
+            other => panic!("the standby did not take the write-set: {other:?}"),
+        }
+        s.conn.close(0u32.into(), b"test done");
+    });
+    node.wait_status("the write-set applied", Duration::from_secs(20), |st| {
+        st["applied_seq"].as_u64() == Some(1)
+    });
+    node.wait_status(
+        "the first checkpoint attempt",
+        Duration::from_secs(30),
+        |_| node.log_text().contains("Input/output error"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let st = node.status();
+    assert!(
+        st["checkpoint_seq"].as_u64().unwrap() < 1,
+        "the replica's checkpoint passed a write-set whose fsync failed: {st:#}\nlog:\n{}",
+        node.log_text()
+    );
+    assert!(
+        st["apply_error"].as_str().unwrap_or("").contains("fsync"),
+        "status must show the stopped replica: {st:#}"
+    );
+    node.kill();
+
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let node = Node::start(ferryd(), &cfg);
+    let st = node.status();
+    assert!(st["checkpoint_seq"].as_u64().unwrap() >= 1, "{st:#}");
+    assert_eq!(st["apply_error"], serde_json::Value::Null, "{st:#}");
+    let data = std::fs::read(&img).unwrap();
+    assert!(
+        data[..4096].iter().all(|&b| b == 0xab),
+        "the write-set was not replayed onto the replica"
+    );
+}
+
+/// Issue 16, path 1, through `checkpoint_now`: a promote whose checkpoint fsync
+/// fails is refused, and so is the retry (the fsync of the retry would succeed after
+/// the kernel dropped the failed pages): the node stays a standby and a restart
+/// replays the write-set. The periodic checkpointer is kept out of the way (1 h).
+#[test]
+fn fsync_failure_in_checkpoint_now_refuses_the_promote_and_its_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, addr, tls) = standby_config(dir.path(), true);
+    let mut c = ferry_api::config::Config::load(&cfg).unwrap();
+    c.journal.checkpoint_interval_ms = 3_600_000;
+    // A standby needs somewhere to serve its volumes once promoted.
+    c.nbd = Some(ferry_api::config::NbdConfig::plain("127.0.0.1:0"));
+    std::fs::write(&cfg, c.to_toml()).unwrap();
+    let img = dir.path().join("primary/vol0.img");
+    let mut node = Node::start_env(
+        ferryd(),
+        &cfg,
+        &[("FAILPOINTS", "ferryd::base_fsync=1*return(EIO)")],
+    );
+    let epoch = node.status()["epoch"].as_u64().expect("epoch");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = connect(addr, &tls, epoch).await;
+        match answer(&mut s, write_set(epoch, 1, 0, 0xab)).await {
+            Answer::Durable(1) => {}
+            other => panic!("the standby did not take the write-set: {other:?}"),
+        }
+        s.conn.close(0u32.into(), b"test done");
+    });
+    node.wait_status("the write-set applied", Duration::from_secs(20), |st| {
+        st["applied_seq"].as_u64() == Some(1)
+    });
+    let promote = || {
+        ferry_api::control::call(
+            &c.control.socket,
+            &ferry_api::control::Request::Promote {
+                target: None,
+                force: true,
+            },
+        )
+        .expect("promote call")
+    };
+    let first = promote();
+    let why = first.error.clone().unwrap_or_default();
+    assert!(
+        !first.ok && why.contains("Input/output error"),
+        "the promote's fsync failed: {first:?}"
+    );
+    let retry = promote();
+    let why = retry.error.clone().unwrap_or_default();
+    assert!(
+        !retry.ok && why.contains("fsync"),
+        "a retried promote passed the failed fsync: {retry:?}\nlog:\n{}",
+        node.log_text()
+    );
+    let st = node.status();
+    assert_eq!(st["role"], "standby", "{st:#}");
+    assert!(st["checkpoint_seq"].as_u64().unwrap() < 1, "{st:#}");
+    node.kill();
+
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let node = Node::start(ferryd(), &cfg);
+    let st = node.status();
+    assert_eq!(st["role"], "standby", "{st:#}");
+    let data = std::fs::read(&img).unwrap();
+    assert!(
+        data[..4096].iter().all(|&b| b == 0xab),
+        "the write-set was not replayed onto the replica"
+    );
+}
+
+#[path = "common/pair.rs"]
+mod pair;
+
+/// Issue 16, path 3 (ferry-torture seeds 203 and 198057928233978): the standby takes
+/// over on Handover but its HandoverAck never arrives. The old primary cannot tell
+/// whether the switchover happened, so it must not take writes again: it stays fenced
+/// until it hears the standby's newer epoch (then for good). Before the fix it lifted
+/// its fence at once and acknowledged writes the new primary never got.
+#[test]
+fn a_lost_handover_ack_never_lets_the_old_primary_take_writes() {
+    use ferry_api::control::Request;
+    let dir = tempfile::tempdir().unwrap();
+    let ([pcfg, scfg], _links) = pair::cluster(dir.path());
+    let mut env = pair::TEST_ENV.to_vec();
+    env.push(("FAILPOINTS", "ferryd::handover_ack_send=1*return"));
+    let dr1 = Node::start_env(ferryd(), &scfg, &env);
+    let primary = Node::start_env(ferryd(), &pcfg, &pair::TEST_ENV);
+    pair::wait(&primary, "dr1 to stream", Duration::from_secs(30), |st| {
+        st["targets"][0]["state"] == "streaming"
+    });
+    let p_addr = pair::primary_of(&primary, 1);
+    assert_eq!(
+        pair::write(p_addr, 0, 0xa1),
+        0,
+        "a write before the switchover"
+    );
+
+    let cfg = ferry_api::config::Config::load(&pcfg).unwrap();
+    let r = ferry_api::control::call(&cfg.control.socket, &Request::Switchover { to: None })
+        .expect("switchover call");
+    assert!(
+        !r.ok,
+        "the switchover cannot report success without the ack: {r:?}"
+    );
+    // Right after the lost ack: no write may be taken (the standby did take over).
+    assert_ne!(
+        pair::write(p_addr, 4096, 0xee),
+        0,
+        "the old primary took a write while the switchover's outcome was unknown\nlog:\n{}",
+        primary.log_text()
+    );
+    let st = pair::wait(
+        &primary,
+        "the old primary to learn epoch 2",
+        Duration::from_secs(60),
+        |st| st["outdated"].is_object(),
+    );
+    assert_eq!(st["outdated"]["by"], "dr1", "{st:#}");
+    assert_ne!(
+        pair::write(p_addr, 8192, 0xee),
+        0,
+        "the outdated primary took a write"
+    );
+    let d_addr = pair::primary_of(&dr1, 2);
+    assert!(
+        pair::read(d_addr, 0) == pair::block(0xa1),
+        "the acknowledged write is lost"
+    );
+    assert!(
+        pair::read(d_addr, 4096) == pair::block(0),
+        "a refused write reached the new primary"
+    );
+}
