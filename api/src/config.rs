@@ -367,7 +367,7 @@ fn default_tail_bytes() -> ByteSize {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawReplication", into = "RawReplication")]
 pub struct ReplicationConfig {
     /// This node's QUIC address (`HOST:PORT`); standbys accept their primary here.
     pub listen: String,
@@ -390,9 +390,170 @@ pub struct ReplicationConfig {
     /// once. Sync targets never wait (the client's write does).
     #[serde(default = "default_async_linger_us")]
     pub async_linger_us: u64,
-    /// On the primary: the standbys to ship to.
-    #[serde(rename = "target", default, skip_serializing_if = "Vec::is_empty")]
+    /// On the primary: the standbys to ship to (`[[replication.target]]` without a
+    /// `kind`, or `kind = "standby"`).
     pub targets: Vec<TargetConfig>,
+    /// On the primary: the archives (`[[replication.target]] kind = "archive"`), the
+    /// cold tier in object storage. A standby ignores them until promoted.
+    pub archives: Vec<ArchiveTargetConfig>,
+}
+
+/// An archive target: write-set packs and base images in an object store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveTargetConfig {
+    pub name: String,
+    /// `s3://bucket/prefix` (credentials and endpoint from the `AWS_*` environment) or
+    /// `file:///dir`.
+    pub url: String,
+    /// A pack is uploaded at least this often while write-sets wait (seconds).
+    pub flush_interval_s: u64,
+    /// Position among the `[[replication.target]]` sections (for error keys and to
+    /// write them back in order).
+    pub index: usize,
+    /// What was configured that an archive target does not take (refused by
+    /// `validate`, naming the key).
+    pub address: Option<String>,
+    pub mode: Option<ReplicationMode>,
+}
+
+/// Default `flush_interval` of an archive target (seconds).
+pub const DEFAULT_ARCHIVE_FLUSH_INTERVAL_S: u64 = 10;
+
+/// `[[replication.target]]` as written: a standby (QUIC) or an archive target.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mode: Option<ReplicationMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    flush_interval: Option<u64>,
+}
+
+/// `[replication]` as written; targets split by kind in [`ReplicationConfig`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplication {
+    listen: String,
+    primary: String,
+    #[serde(default = "default_sync_timeout_ms")]
+    sync_timeout_ms: u64,
+    #[serde(default = "default_tail_bytes")]
+    tail_bytes: ByteSize,
+    #[serde(default = "default_async_linger_us")]
+    async_linger_us: u64,
+    #[serde(rename = "target", default, skip_serializing_if = "Vec::is_empty")]
+    targets: Vec<RawTarget>,
+}
+
+impl TryFrom<RawReplication> for ReplicationConfig {
+    type Error = String;
+
+    fn try_from(r: RawReplication) -> Result<Self, String> {
+        let mut targets = Vec::new();
+        let mut archives = Vec::new();
+        for (i, t) in r.targets.into_iter().enumerate() {
+            let key = |f: &str| format!("replication.target[{i}].{f}");
+            match t.kind.as_deref() {
+                None | Some("standby") => {
+                    for (f, set) in [
+                        ("url", t.url.is_some()),
+                        ("flush_interval", t.flush_interval.is_some()),
+                    ] {
+                        if set {
+                            return Err(format!(
+                                "{}: only an archive target (kind = \"archive\") takes it",
+                                key(f)
+                            ));
+                        }
+                    }
+                    targets.push(TargetConfig {
+                        name: t.name,
+                        address: t.address.ok_or_else(|| {
+                            format!(
+                                "{}: missing (a standby target's QUIC HOST:PORT)",
+                                key("address")
+                            )
+                        })?,
+                        mode: t.mode.unwrap_or_default(),
+                    })
+                }
+                Some("archive") => archives.push(ArchiveTargetConfig {
+                    name: t.name,
+                    url: t.url.ok_or_else(|| {
+                        format!(
+                            "{}: missing (s3://bucket/prefix or file:///dir)",
+                            key("url")
+                        )
+                    })?,
+                    flush_interval_s: t.flush_interval.unwrap_or(DEFAULT_ARCHIVE_FLUSH_INTERVAL_S),
+                    index: i,
+                    address: t.address,
+                    mode: t.mode,
+                }),
+                Some(k) => {
+                    return Err(format!(
+                        "{}: '{k}' (use \"standby\" or \"archive\")",
+                        key("kind")
+                    ))
+                }
+            }
+        }
+        Ok(ReplicationConfig {
+            listen: r.listen,
+            primary: r.primary,
+            sync_timeout_ms: r.sync_timeout_ms,
+            tail_bytes: r.tail_bytes,
+            async_linger_us: r.async_linger_us,
+            targets,
+            archives,
+        })
+    }
+}
+
+impl From<ReplicationConfig> for RawReplication {
+    fn from(r: ReplicationConfig) -> Self {
+        let mut targets: Vec<RawTarget> = r
+            .targets
+            .into_iter()
+            .map(|t| RawTarget {
+                name: t.name,
+                kind: None,
+                address: Some(t.address),
+                mode: Some(t.mode),
+                url: None,
+                flush_interval: None,
+            })
+            .collect();
+        for a in r.archives {
+            let at = a.index.min(targets.len());
+            targets.insert(
+                at,
+                RawTarget {
+                    name: a.name,
+                    kind: Some("archive".into()),
+                    address: a.address,
+                    mode: a.mode,
+                    url: Some(a.url),
+                    flush_interval: Some(a.flush_interval_s),
+                },
+            );
+        }
+        RawReplication {
+            listen: r.listen,
+            primary: r.primary,
+            sync_timeout_ms: r.sync_timeout_ms,
+            tail_bytes: r.tail_bytes,
+            async_linger_us: r.async_linger_us,
+            targets,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -832,6 +993,7 @@ impl Config {
                     return bad(&key("address"), e);
                 }
             }
+            self.validate_archives(r, &mut seen)?;
             if !valid_node_name(&self.node.name) {
                 return bad("node.name", node_name_rule(&self.node.name));
             }
@@ -840,6 +1002,51 @@ impl Config {
                 "replication",
                 "a standby needs a [replication] section (listen, primary)".into(),
             );
+        }
+        Ok(())
+    }
+
+    /// Checks the archive targets (`kind = "archive"`): a name like any target's, a
+    /// URL the archive can open, no address, async only.
+    fn validate_archives<'a>(
+        &self,
+        r: &'a ReplicationConfig,
+        seen: &mut HashSet<&'a str>,
+    ) -> Result<(), (String, String)> {
+        let bad = |k: String, m: String| Err((k, m));
+        for a in &r.archives {
+            let key = |f: &str| format!("replication.target[{}].{f}", a.index);
+            if !valid_node_name(&a.name) {
+                return bad(key("name"), node_name_rule(&a.name));
+            }
+            if a.name == self.node.name || !seen.insert(a.name.as_str()) {
+                return bad(key("name"), format!("'{}' is used twice", a.name));
+            }
+            if a.address.is_some() {
+                return bad(
+                    key("address"),
+                    "an archive target has no address (it writes to its url)".into(),
+                );
+            }
+            if a.mode == Some(ReplicationMode::Sync) {
+                return bad(
+                    key("mode"),
+                    "an archive target is always async (writes never wait for object storage)"
+                        .into(),
+                );
+            }
+            let scheme_ok = ["s3://", "file:///"]
+                .iter()
+                .any(|p| a.url.starts_with(p) && a.url.len() > p.len());
+            if !scheme_ok {
+                return bad(
+                    key("url"),
+                    format!("'{}': use s3://BUCKET/PREFIX or file:///DIR", a.url),
+                );
+            }
+            if a.flush_interval_s == 0 {
+                return bad(key("flush_interval"), "must be at least 1 (seconds)".into());
+            }
         }
         Ok(())
     }
@@ -1130,6 +1337,70 @@ size = "1GiB"
         // Round trip through our own serialiser.
         let again = Config::parse(&cfg.to_toml()).unwrap();
         assert_eq!(again.volumes[0].name, "vol0");
+    }
+
+    fn with_targets(targets: &str) -> String {
+        format!(
+            "{GOOD}\n[tls]\nca = \"ca.pem\"\ncert = \"p.pem\"\nkey = \"p.key\"\n\
+             [replication]\nlisten = \"127.0.0.1:7000\"\nprimary = \"primary\"\n{targets}"
+        )
+    }
+
+    /// `kind = "archive"` targets parse apart from the standbys, keep their place when
+    /// written back, and every wrong key of one is named.
+    #[test]
+    fn archive_targets_parse_validate_and_name_their_keys() {
+        let text = with_targets(
+            "[[replication.target]]\nname = \"dr\"\naddress = \"127.0.0.1:7001\"\n\
+             [[replication.target]]\nname = \"cold\"\nkind = \"archive\"\nurl = \"s3://b/p\"\n",
+        );
+        let cfg = Config::parse(&text).unwrap();
+        cfg.validate().unwrap();
+        let r = cfg.replication.as_ref().unwrap();
+        assert_eq!(r.targets.len(), 1);
+        assert_eq!(r.archives[0].url, "s3://b/p");
+        assert_eq!(
+            r.archives[0].flush_interval_s,
+            DEFAULT_ARCHIVE_FLUSH_INTERVAL_S
+        );
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.replication.unwrap().archives, r.archives);
+
+        let archive = |extra: &str| {
+            with_targets(&format!(
+                "[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\n{extra}"
+            ))
+        };
+        let key = "replication.target[0]";
+        for (extra, field) in [
+            ("url = \"s3://b\"\naddress = \"127.0.0.1:1\"\n", "address"),
+            ("url = \"s3://b\"\nmode = \"sync\"\n", "mode"),
+            ("url = \"http://b\"\n", "url"),
+            (
+                "url = \"file:///d\"\nflush_interval = 0\n",
+                "flush_interval",
+            ),
+        ] {
+            assert_eq!(
+                invalid_key(&archive(extra)),
+                format!("{key}.{field}"),
+                "{extra}"
+            );
+        }
+        let e = Config::parse(&archive("")).unwrap_err().to_string();
+        assert!(e.contains("replication.target[0].url"), "{e}");
+        let e = Config::parse(&with_targets(
+            "[[replication.target]]\nname = \"x\"\nkind = \"tape\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("replication.target[0].kind"), "{e}");
+        // The name is shared with the standbys' namespace.
+        let twice = with_targets(
+            "[[replication.target]]\nname = \"dr\"\naddress = \"127.0.0.1:7001\"\n\
+             [[replication.target]]\nname = \"dr\"\nkind = \"archive\"\nurl = \"file:///d\"\n",
+        );
+        assert_eq!(invalid_key(&twice), "replication.target[1].name");
     }
 
     #[test]

@@ -97,6 +97,31 @@ pub struct PrimaryStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fork_by: Option<String>,
     pub nbd: NbdStatus,
+    /// Archive targets (`kind = "archive"`); absent when none is configured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub archives: Vec<ArchiveStatus>,
+}
+
+/// One archive target (the cold tier in object storage) as the primary sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArchiveStatus {
+    pub name: String,
+    /// Always `archive`.
+    pub kind: String,
+    pub url: String,
+    /// `starting`, `base` (uploading a base image), `archiving`, `retrying`,
+    /// `overflowed` (the journal filled up while it was behind: it no longer holds
+    /// the journal, and takes a new base once the archive is reachable) or
+    /// `stopped` (a newer primary archives there, or the archive refused this one;
+    /// it no longer holds the journal), `shutting-down`.
+    pub state: String,
+    /// Newest write-set boundary the archive holds durably (the journal keeps
+    /// everything after it).
+    pub archived_seq: u64,
+    /// Time between the newest archived write-set and the primary's newest record.
+    pub lag_seconds: f64,
+    pub bytes_uploaded: u64,
+    pub last_error: Option<String>,
 }
 
 /// Which epoch, and which node, made this primary outdated.

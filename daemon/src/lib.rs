@@ -23,6 +23,7 @@
 //! Shared with other crates: `ferry_nbd` (the NBD server), `ferry_api` (configuration,
 //! byte sizes, RFC 3339 times, the control protocol, audit-line hashing).
 /// The command line, shared with the man page generator.
+pub mod archive;
 pub mod cli;
 pub mod node;
 pub mod ops;

@@ -53,14 +53,32 @@ pub(crate) async fn run_primary(
         Some(r) => start_replication(&cfg, r, &rec, &group, &stop_rx)?,
         None => None,
     };
+    // Archive targets (cold tier) hold the journal from the checkpoint until they know
+    // what their archive holds.
+    let archives = Arc::new(crate::archive::Archives::from_config(
+        &cfg,
+        rec.checkpoint.min(rec.journal.durable_seq()),
+        rec.journal.clone(),
+    ));
+    crate::archive::run::start_on_primary(
+        &cfg,
+        rec.meta.epoch()?,
+        rec.meta.fork_seq()?,
+        &rec.journal,
+        &rec.bases,
+        &group,
+        &archives,
+        &stop_rx,
+    );
     let ckpt = Checkpointer::start(&cfg, rec.clone(), {
-        let (group, repl) = (group.clone(), repl.clone());
+        let (group, repl, archives) = (group.clone(), repl.clone(), archives.clone());
         Arc::new(move || {
             let floor = repl.as_ref().map_or(Seq::MAX, |r| r.release_floor());
-            (group.applied_seq(), floor)
+            let applied = group.applied_seq();
+            (applied, archives.release_floor(floor.min(applied)))
         })
     })?;
-    let status = primary_status(&cfg, &rec, &group, repl.clone(), nbd_addr);
+    let status = primary_status(&cfg, &rec, &group, repl.clone(), archives, nbd_addr);
     obs.metrics.set_source(status.metrics_source());
     let fence_task = fence_task(&cfg, &rec, &group, &stop_rx)?;
     let reloader = reload_from.map(|(path, applied)| reloader(path, applied, &rec, repl.clone()));
@@ -117,6 +135,7 @@ fn primary_status(
     rec: &Arc<Recovered>,
     group: &Arc<Group>,
     replication: Option<Arc<Replication>>,
+    archives: Arc<crate::archive::Archives>,
     nbd: std::net::SocketAddr,
 ) -> Arc<StatusSource> {
     Arc::new(StatusSource {
@@ -128,6 +147,7 @@ fn primary_status(
         role: RoleSource::Primary {
             group: group.clone(),
             replication,
+            archives,
             nbd,
         },
     })

@@ -47,6 +47,21 @@ pub(crate) fn plan(old: &Config, new: &Config) -> anyhow::Result<Plan> {
             if keys.len() == 1 { "it" } else { "them" }
         );
     }
+    // Archive targets share `[[replication.target]]` but are not reloaded.
+    let archives = |c: &Config| {
+        c.replication.as_ref().map_or_else(Vec::new, |r| {
+            r.archives
+                .iter()
+                .map(|a| (a.name.clone(), a.url.clone(), a.flush_interval_s))
+                .collect()
+        })
+    };
+    if archives(old) != archives(new) {
+        bail!(
+            "reload refused, nothing was changed: archive targets (kind = \"archive\") cannot \
+             change while ferryd runs (restart it to apply them)"
+        );
+    }
     let targets = |c: &Config| {
         c.replication
             .as_ref()
@@ -208,5 +223,24 @@ primary = "p"
         let e = plan(&old, &config(&two, "128MiB")).unwrap_err().to_string();
         assert!(e.contains("volume[0].size"), "{e}");
         assert!(e.contains("nothing was changed"), "{e}");
+    }
+
+    /// An archive target is not reloaded: adding, removing or changing one is refused;
+    /// a standby added before it (its position moves) is planned as usual.
+    #[test]
+    fn a_reload_refuses_archive_target_changes() {
+        let cold =
+            "[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\nurl = \"file:///a\"\n";
+        let old = config(&format!("{DR1}{cold}"), "64MiB");
+        for new in [
+            DR1.to_string(),
+            format!("{DR1}{}", cold.replace("/a", "/b")),
+        ] {
+            let e = plan(&old, &config(&new, "64MiB")).unwrap_err().to_string();
+            assert!(e.contains("archive targets"), "{e}");
+        }
+        let dr2 = "[[replication.target]]\nname = \"dr2\"\naddress = \"127.0.0.1:7002\"\n";
+        let p = plan(&old, &config(&format!("{dr2}{DR1}{cold}"), "64MiB")).unwrap();
+        assert_eq!(p.added[0].name, "dr2");
     }
 }

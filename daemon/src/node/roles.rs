@@ -600,6 +600,7 @@ mod tests {
             sync_timeout_ms: 1000,
             tail_bytes: ferry_api::size::ByteSize(1 << 20),
             async_linger_us: 0,
+            archives: Vec::new(),
             targets: targets
                 .iter()
                 .map(|t| TargetConfig {

@@ -38,6 +38,7 @@ pub(crate) enum RoleSource {
     Primary {
         group: Arc<Group>,
         replication: Option<Arc<Replication>>,
+        archives: Arc<crate::archive::Archives>,
         /// The bound NBD address.
         nbd: SocketAddr,
     },
@@ -57,12 +58,16 @@ impl StatusSource {
             RoleSource::Primary {
                 group,
                 replication,
+                archives,
                 nbd,
             } => (
                 j.last_seq(),
                 group.applied_seq(),
                 replication.as_ref().map_or_else(Vec::new, |r| r.status()),
-                RoleStatus::Primary(primary_status(meta, group, &self.bases, *nbd)),
+                RoleStatus::Primary(PrimaryStatus {
+                    archives: archives.status(j.durable_seq()),
+                    ..primary_status(meta, group, &self.bases, *nbd)
+                }),
             ),
             // A standby's journal holds what it received: its end is what is durable.
             RoleSource::Standby {
@@ -163,6 +168,7 @@ fn primary_status(
         nbd: NbdStatus {
             listen: nbd.to_string(),
         },
+        archives: Vec::new(),
     }
 }
 

@@ -45,7 +45,9 @@ use tokio::sync::watch;
 
 use crate::primary::frontend::Frontend;
 use ferry_api::config::{Config, Role};
-use ferry_api::status::{EffectiveMode, NodeStatus, RoleStatus, StandbyStatus, TargetStatus};
+use ferry_api::status::{
+    ArchiveStatus, EffectiveMode, NodeStatus, RoleStatus, StandbyStatus, TargetStatus,
+};
 use ferry_nbd::admission::{Admission, Slot};
 
 /// Largest request head (request line + headers) the endpoint reads.
@@ -375,6 +377,9 @@ fn encode_role(
             if !st.targets.is_empty() {
                 encode_targets(e, &st.targets)?;
             }
+            if !p.archives.is_empty() {
+                encode_archives(e, &p.archives)?;
+            }
             Ok(())
         }
         RoleStatus::Standby(s) => {
@@ -382,6 +387,52 @@ fn encode_role(
             encode_standby(e, s)
         }
     }
+}
+
+/// One archive gauge family: name, help, unit, value.
+type ArchiveFamily<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a Unit>,
+    fn(&ArchiveStatus) -> f64,
+);
+
+/// The archive targets (cold tier), one series per target.
+fn encode_archives(e: &mut DescriptorEncoder, archives: &[ArchiveStatus]) -> std::fmt::Result {
+    let families: [ArchiveFamily; 4] = [
+        (
+            "ferry_archive_archived_seq",
+            "Newest write-set boundary the archive holds durably.",
+            None,
+            |a| a.archived_seq as f64,
+        ),
+        (
+            "ferry_archive_uploaded",
+            "Bytes this primary uploaded to the archive since it started (packs, bases).",
+            Some(&Unit::Bytes),
+            |a| a.bytes_uploaded as f64,
+        ),
+        (
+            "ferry_archive_lag",
+            "Age of the newest archived write-set while the archive is behind (0: current).",
+            Some(&Unit::Seconds),
+            |a| a.lag_seconds,
+        ),
+        (
+            "ferry_archive_stopped",
+            "1 once the target stopped (a newer primary archives there, or the archive refused this one).",
+            None,
+            |a| (a.state == "stopped") as i64 as f64,
+        ),
+    ];
+    for (name, help, unit, v) in families {
+        let mut m = e.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+        for a in archives {
+            let labels: &[(&str, &str)] = &[("target", a.name.as_str())];
+            ConstGauge::new(v(a)).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// The point-in-time window, when `[pit]` is on.

@@ -121,7 +121,8 @@ impl Applier {
                     );
                     continue;
                 }
-                if !r.data.is_empty() {
+                // Other control markers (an archive's base point) are no bookmark.
+                if !r.data.is_empty() && !r.data.starts_with(b"#") {
                     let b = Bookmark {
                         name: String::from_utf8_lossy(&r.data).into_owned(),
                         seq: *seq,

@@ -254,67 +254,22 @@ impl Snapshot {
         applied: impl Fn() -> Seq,
         timeout: Duration,
     ) -> anyhow::Result<Vec<(u32, ChunkList)>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.seq() {
-                if applied() >= s {
-                    break;
-                }
-            }
-            if let Some(f) = self.failed.lock().clone() {
-                bail!("{f}");
-            }
-            if Instant::now() > deadline {
-                bail!("the verify point was not applied within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        self.wait_applied(applied, timeout)?;
         let p = self.req.params;
         let mut out = Vec::new();
         for v in &self.vols {
             let n = v.inner.lock().hashed.len();
             let mut buf = vec![0u8; p.chunk_size as usize];
             for i in 0..n {
-                if let Some(f) = self.failed.lock().clone() {
-                    bail!("{f}");
-                }
                 let start = i as u64 * p.chunk_size;
                 let len = p.chunk_size.min(v.base.size - start) as usize;
-                let mut g = v.inner.lock();
-                let b = &mut buf[..len];
-                v.base
-                    .file
-                    .read_exact_at(b, start)
-                    .map_err(|e| anyhow!("reading {} at {start}: {e}", v.base.path.display()))?;
-                // Patch in the bytes as of the point.
-                let end = start + len as u64;
-                let first = g.saved.range(..start).next_back().map(|(&s, _)| s);
-                let keys: Vec<u64> = first
-                    .into_iter()
-                    .chain(g.saved.range(start..end).map(|(&s, _)| s))
-                    .collect();
-                for s in keys {
-                    let data = &g.saved[&s];
-                    let (ps, pe) = (s.max(start), (s + data.len() as u64).min(end));
-                    if ps < pe {
-                        b[(ps - start) as usize..(pe - start) as usize]
-                            .copy_from_slice(&data[(ps - s) as usize..(pe - s) as usize]);
+                self.take_chunk(v, i, &mut buf[..len], |b| {
+                    if b.iter().all(|&x| x == 0) {
+                        ChunkDigest::Zero
+                    } else {
+                        ChunkDigest::Data(digest(p.algo, p.seed, b))
                     }
-                }
-                let d = if b.iter().all(|&x| x == 0) {
-                    ChunkDigest::Zero
-                } else {
-                    ChunkDigest::Data(digest(p.algo, p.seed, b))
-                };
-                g.hashed[i] = Some(d);
-                // This chunk's saved bytes are no longer needed.
-                let drop_keys: Vec<u64> = g.saved.range(start..end).map(|(&s, _)| s).collect();
-                for k in drop_keys {
-                    if let Some(b) = g.saved.remove(&k) {
-                        self.saved_bytes
-                            .fetch_sub(b.len() as u64, Ordering::Relaxed);
-                    }
-                }
+                })?;
             }
             let digests = v
                 .inner
@@ -334,6 +289,92 @@ impl Snapshot {
             ));
         }
         Ok(out)
+    }
+
+    /// Waits (bounded) until the point is armed and applied (`applied` reports the
+    /// node's applied position).
+    pub fn wait_applied(&self, applied: impl Fn() -> Seq, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.seq() {
+                if applied() >= s {
+                    return Ok(());
+                }
+            }
+            if let Some(f) = self.failed.lock().clone() {
+                bail!("{f}");
+            }
+            if Instant::now() > deadline {
+                bail!("the snapshot point was not applied within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Chunk `i` (of the request's chunk size) of volume `volume` as of the point,
+    /// for a copy of the image (the archive's base); call after [`wait_applied`]
+    /// (Self::wait_applied), each chunk once: its saved bytes are dropped.
+    pub fn read_chunk(&self, volume: u32, i: usize) -> anyhow::Result<Vec<u8>> {
+        let v = self
+            .vols
+            .iter()
+            .find(|v| v.base.id == volume)
+            .ok_or_else(|| anyhow!("volume {volume} is not in this snapshot"))?;
+        let cs = self.req.params.chunk_size;
+        let start = i as u64 * cs;
+        if start >= v.base.size {
+            bail!("chunk {i} is past the end of volume {volume}");
+        }
+        let mut buf = vec![0u8; cs.min(v.base.size - start) as usize];
+        // The digest slot only marks the chunk done (no later save needed).
+        self.take_chunk(v, i, &mut buf, |_| ChunkDigest::Zero)?;
+        Ok(buf)
+    }
+
+    /// Reads chunk `i` of `v` as of the point into `b` (the base's bytes with the
+    /// saved before-images patched in, under the lock writers take, so a chunk is
+    /// never read half-changed), records `done(b)` for it and drops its saved bytes.
+    fn take_chunk(
+        &self,
+        v: &VolState,
+        i: usize,
+        b: &mut [u8],
+        done: impl FnOnce(&[u8]) -> ChunkDigest,
+    ) -> anyhow::Result<()> {
+        if let Some(f) = self.failed.lock().clone() {
+            bail!("{f}");
+        }
+        let start = i as u64 * self.req.params.chunk_size;
+        let mut g = v.inner.lock();
+        v.base
+            .file
+            .read_exact_at(b, start)
+            .map_err(|e| anyhow!("reading {} at {start}: {e}", v.base.path.display()))?;
+        // Patch in the bytes as of the point.
+        let end = start + b.len() as u64;
+        let first = g.saved.range(..start).next_back().map(|(&s, _)| s);
+        let keys: Vec<u64> = first
+            .into_iter()
+            .chain(g.saved.range(start..end).map(|(&s, _)| s))
+            .collect();
+        for s in keys {
+            let data = &g.saved[&s];
+            let (ps, pe) = (s.max(start), (s + data.len() as u64).min(end));
+            if ps < pe {
+                b[(ps - start) as usize..(pe - start) as usize]
+                    .copy_from_slice(&data[(ps - s) as usize..(pe - s) as usize]);
+            }
+        }
+        g.hashed[i] = Some(done(b));
+        // This chunk's saved bytes are no longer needed.
+        let drop_keys: Vec<u64> = g.saved.range(start..end).map(|(&s, _)| s).collect();
+        for k in drop_keys {
+            if let Some(b) = g.saved.remove(&k) {
+                self.saved_bytes
+                    .fetch_sub(b.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 }
 

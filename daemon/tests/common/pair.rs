@@ -67,6 +67,7 @@ pub fn node_config(
             sync_timeout_ms: 1000,
             tail_bytes: ByteSize(8 << 20),
             async_linger_us: 0,
+            archives: Vec::new(),
             targets: vec![TargetConfig {
                 name: peer.0.into(),
                 address: format!("127.0.0.1:{}", peer.1),

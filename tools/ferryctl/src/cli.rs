@@ -79,6 +79,14 @@ pub enum Cmd {
         #[arg(long, value_enum, default_value = "standard")]
         crypto: CryptoArg,
     },
+    /// The cold tier: restore a volume from an archive, or list what one holds. Reads
+    /// the object store directly (no running ferryd needed); s3:// credentials and
+    /// endpoint come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+    /// AWS_ENDPOINT_URL.
+    Archive {
+        #[command(subcommand)]
+        cmd: ArchiveCmd,
+    },
     /// Grow a cluster made by `init`.
     Node {
         #[command(subcommand)]
@@ -299,6 +307,57 @@ pub enum PitCmd {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ArchiveCmd {
+    /// Write volume NAME as it was at one archived point into FILE (created or
+    /// overwritten; a block device is written in place). Every object is checked
+    /// against the manifest's SM3 before use.
+    Restore {
+        /// The archive: s3://BUCKET/PREFIX or file:///DIR.
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The volume to restore (its name in the archive, as in the primary's config).
+        #[arg(long, value_name = "NAME")]
+        volume: String,
+        #[command(flatten)]
+        point: ArchivePointArgs,
+        /// Where to write the volume.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The archive's newest manifest: generation, epoch, volumes, packs, bases and
+    /// the newest point.
+    List {
+        /// The archive: s3://BUCKET/PREFIX or file:///DIR.
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Exactly one archived point.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct ArchivePointArgs {
+    /// The newest write-set the archive holds.
+    #[arg(long)]
+    pub latest: bool,
+    /// A write-set boundary sequence.
+    #[arg(long)]
+    pub seq: Option<u64>,
+    /// The newest point at or before a time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// The write-set a bookmark sealed.
+    #[arg(long)]
+    pub bookmark: Option<String>,
 }
 
 #[derive(Subcommand)]

@@ -16,13 +16,15 @@ use ferry_api::status::{
     NodeStatus, PitPoint, PrimaryStatus, RoleStatus, StandbyStatus, TargetStatus,
 };
 use ferry_transport::pki::{AnyClusterCa, TlsSuite};
+mod archive;
 mod drill;
 mod node_add;
 mod ports;
 mod table;
 
 use ferryctl::cli::{
-    AuditCmd, BookmarkCmd, Cli, Cmd, CryptoArg, DrillPointArgs, ModeArg, NodeCmd, PitCmd,
+    ArchiveCmd, AuditCmd, BookmarkCmd, Cli, Cmd, CryptoArg, DrillPointArgs, ModeArg, NodeCmd,
+    PitCmd,
 };
 use table::Align;
 
@@ -78,6 +80,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = dir.map(|d| if d.is_dir() { d.join("audit.log") } else { d });
             audit_verify(cli.config.as_deref(), file.or(dir).as_deref())
         }
+        Cmd::Archive { cmd } => match cmd {
+            ArchiveCmd::Restore {
+                url,
+                volume,
+                point,
+                to,
+                json,
+            } => archive::restore(&url, &volume, &point, &to, json),
+            ArchiveCmd::List { url, json } => archive::list(&url, json),
+        },
         Cmd::Node {
             cmd:
                 NodeCmd::Add {
@@ -161,7 +173,7 @@ fn node_command(cfg: &Config, cmd: Cmd) -> anyhow::Result<()> {
             };
             rollback(cfg, &req, json)
         }
-        Cmd::Init { .. } | Cmd::Audit { .. } | Cmd::Node { .. } => {
+        Cmd::Init { .. } | Cmd::Audit { .. } | Cmd::Node { .. } | Cmd::Archive { .. } => {
             bail!("this command works on files, not on a running ferryd")
         }
     }
@@ -724,6 +736,7 @@ fn node_configs(
         sync_timeout_ms: 5000,
         tail_bytes: ByteSize(64 << 20),
         async_linger_us: ferry_api::config::DEFAULT_ASYNC_LINGER_US,
+        archives: Vec::new(),
         targets: s
             .standbys
             .iter()
@@ -763,6 +776,7 @@ fn node_configs(
                 sync_timeout_ms: 5000,
                 tail_bytes: ByteSize(64 << 20),
                 async_linger_us: ferry_api::config::DEFAULT_ASYNC_LINGER_US,
+                archives: Vec::new(),
                 targets: sites
                     .map(|s| {
                         vec![TargetConfig {

@@ -171,6 +171,7 @@ fn standby_config(
             sync_timeout_ms: repl.sync_timeout_ms,
             tail_bytes: repl.tail_bytes,
             async_linger_us: repl.async_linger_us,
+            archives: Vec::new(),
             targets: vec![TargetConfig {
                 name: primary.node.name.clone(),
                 address: repl.listen.clone(),

@@ -1,0 +1,134 @@
+//! `ferryctl archive`: restore a volume from the cold tier, and list what an archive
+//! holds. Talks to the object store directly (ferry-archive), not to a ferryd: the
+//! archive outlives every node.
+use std::path::Path;
+
+use anyhow::Context;
+use ferry_api::timefmt::{format_rfc3339, parse_rfc3339};
+use ferry_archive::format::manifest::{Kind, Manifest};
+use ferry_archive::restore::{self, Target};
+use ferry_archive::ArchiveStore;
+use ferryctl::cli::ArchivePointArgs;
+use serde_json::json;
+
+/// The store calls are async (object_store); one small runtime per command.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the IO runtime")
+}
+
+fn target(p: &ArchivePointArgs) -> anyhow::Result<Target> {
+    Ok(match (p.latest, p.seq, &p.at, &p.bookmark) {
+        (_, Some(s), _, _) => Target::Seq(s),
+        (_, _, Some(t), _) => Target::Time(parse_rfc3339(t).map_err(anyhow::Error::msg)?),
+        (_, _, _, Some(b)) => Target::Bookmark(b.clone()),
+        // clap's group makes exactly one required; --latest is the rest.
+        _ => Target::Latest,
+    })
+}
+
+pub fn restore(
+    url: &str,
+    volume: &str,
+    point: &ArchivePointArgs,
+    to: &Path,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let target = target(point)?;
+    let store = ArchiveStore::open(url)?;
+    let out = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(to)
+        .with_context(|| format!("opening {}", to.display()))?;
+    let r = runtime()?
+        .block_on(restore::restore(&store, volume, &target, &out))
+        .with_context(|| format!("restoring '{volume}' from {url}"))?;
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "volume": volume,
+                "to": to.display().to_string(),
+                "seq": r.seq,
+                "time": format_rfc3339(r.timestamp_ns),
+                "base_seq": r.base_seq,
+                "packs_read": r.packs_read,
+                "write_sets_applied": r.write_sets_applied,
+                "bytes_downloaded": r.bytes_downloaded,
+            })
+        );
+    } else {
+        println!(
+            "restored '{volume}' at seq {} ({}) to {}: base at seq {}, {} packs, {} write-sets, {} bytes downloaded",
+            r.seq,
+            format_rfc3339(r.timestamp_ns),
+            to.display(),
+            r.base_seq,
+            r.packs_read,
+            r.write_sets_applied,
+            r.bytes_downloaded
+        );
+    }
+    Ok(())
+}
+
+pub fn list(url: &str, json_out: bool) -> anyhow::Result<()> {
+    let store = ArchiveStore::open(url)?;
+    let m = runtime()?
+        .block_on(store.latest_manifest())?
+        .with_context(|| format!("{url} holds no archive"))?;
+    let v = summary(&m);
+    if json_out {
+        println!("{v}");
+        return Ok(());
+    }
+    println!("archive {url}");
+    println!(
+        "  generation {}  epoch {}  cluster {}",
+        m.generation, m.epoch, m.cluster
+    );
+    for vol in &m.volumes {
+        println!("  volume {} (id {}, {} bytes)", vol.name, vol.id, vol.size);
+    }
+    println!(
+        "  {} packs ({} bytes), {} bases",
+        v["packs"], v["pack_bytes"], v["bases"]
+    );
+    for b in m.entries.iter().filter(|e| e.kind == Kind::Base) {
+        println!(
+            "  base {} at seq {} ({})",
+            b.name,
+            b.last_seq,
+            format_rfc3339(b.last_ts)
+        );
+    }
+    match (v["newest_seq"].as_u64(), v["newest_time"].as_str()) {
+        (Some(s), Some(t)) => println!("  newest point: seq {s} ({t})"),
+        _ => println!("  newest point: none"),
+    }
+    Ok(())
+}
+
+/// What `list --json` prints.
+fn summary(m: &Manifest) -> serde_json::Value {
+    let packs: Vec<_> = m.entries.iter().filter(|e| e.kind == Kind::Pack).collect();
+    let bases: Vec<_> = m.entries.iter().filter(|e| e.kind == Kind::Base).collect();
+    let newest = m.entries.iter().max_by_key(|e| e.last_seq);
+    json!({
+        "generation": m.generation,
+        "epoch": m.epoch,
+        "cluster": m.cluster,
+        "volumes": m.volumes.iter().map(|v| json!({"id": v.id, "name": v.name, "size": v.size})).collect::<Vec<_>>(),
+        "packs": packs.len(),
+        "pack_bytes": packs.iter().map(|e| e.bytes).sum::<u64>(),
+        "bases": bases.len(),
+        "base_points": bases.iter().map(|b| json!({"name": b.name, "seq": b.last_seq, "time": format_rfc3339(b.last_ts)})).collect::<Vec<_>>(),
+        "newest_seq": newest.map(|e| e.last_seq),
+        "newest_time": newest.map(|e| format_rfc3339(e.last_ts)),
+    })
+}

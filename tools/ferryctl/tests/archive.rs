@@ -1,0 +1,323 @@
+//! The archive target end to end, with real processes: a primary archiving to a
+//! `file://` directory; `ferryctl archive restore` at a bookmark and at the newest
+//! point equals the primary's volume as it was then (read over NBD with qemu-img);
+//! a SIGKILLed primary resumes its archive with no gap.
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferryd::testkit::{assert_qemu_io_ok, qemu_io, skip_without, Node};
+
+const TEST: &str = "archive_restores_equal_the_primary_and_resume_after_sigkill";
+
+fn image_of(uri: &str, out: &Path) -> Vec<u8> {
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", uri])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img convert {uri}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes differ");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: differs first at byte {i} (block {})", i / 4096);
+    }
+}
+
+fn writes(fill: u8, offsets: &[u64], len: u64) -> Vec<String> {
+    let mut c: Vec<String> = offsets
+        .iter()
+        .map(|o| format!("write -P {fill} {o} {len}"))
+        .collect();
+    c.push("flush".into());
+    c
+}
+
+/// Waits until the archive target holds everything the primary made durable.
+fn wait_archived(primary: &Node) -> u64 {
+    let last = seq(&primary.status(), "/durable_seq");
+    let st = primary.wait_status(
+        "the archive to hold the durable sequence",
+        Duration::from_secs(60),
+        |st| {
+            st["archives"][0]["state"] == "archiving" && seq(st, "/archives/0/archived_seq") >= last
+        },
+    );
+    assert_eq!(st["archives"][0]["kind"], "archive", "{st:#}");
+    assert!(seq(&st, "/archives/0/bytes_uploaded") > 0, "{st:#}");
+    last
+}
+
+/// `ferryctl archive restore --url URL --volume vol0 POINT --to OUT --json`.
+fn restore(url: &str, point: &[&str], out: &Path) -> serde_json::Value {
+    restore_env(url, point, out, &[])
+}
+
+fn restore_env(url: &str, point: &[&str], out: &Path, env: &[(&str, &str)]) -> serde_json::Value {
+    let o = Command::new(ferryctl())
+        .envs(env.iter().copied())
+        .args(["archive", "restore", "--url", url, "--volume", "vol0"])
+        .args(point)
+        .arg("--to")
+        .arg(out)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "archive restore {point:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// The primary's /metrics text (init gives every node a metrics endpoint).
+fn metrics(node: &Node) -> String {
+    use std::io::{Read, Write};
+    let addr = node.metrics.expect("a metrics endpoint");
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(c, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn list(url: &str) -> serde_json::Value {
+    let o = Command::new(ferryctl())
+        .args(["archive", "list", "--url", url, "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// A primary (its standby not started: the archive works alone) with an archive
+/// target in `dir/archive`; returns its config and the archive's URL.
+fn init(dir: &Path) -> (PathBuf, String) {
+    let url = format!("file://{}", dir.join("archive").display());
+    (init_with(dir, &url), url)
+}
+
+fn init_with(dir: &Path, url: &str) -> PathBuf {
+    let (pcfg, _) = init_pair(
+        dir,
+        &Init {
+            volume: "vol0:32MiB",
+            ..Init::default()
+        },
+    );
+    let mut text = std::fs::read_to_string(&pcfg).unwrap();
+    text.push_str(&format!(
+        "\n[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\nurl = \"{url}\"\nflush_interval = 2\n"
+    ));
+    std::fs::write(&pcfg, text).unwrap();
+    pcfg
+}
+
+#[test]
+fn archive_restores_equal_the_primary_and_resume_after_sigkill() {
+    if skip_without("qemu-img", TEST) || skip_without("qemu-io", TEST) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, url) = init(dir.path());
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    let nbd = primary.url("vol0");
+
+    // A (over data written before the base would be the same: the base holds it).
+    assert_qemu_io_ok(&qemu_io(
+        &nbd,
+        &writes(0xa1, &[0, 1 << 20, 20 << 20], 65536),
+    ));
+    let a = image_of(&nbd, &dir.path().join("a.img"));
+    let bm = ctl_json(&pcfg, &["bookmark", "create", "before-b"]);
+    assert_eq!(bm["name"], "before-b");
+    let mut b_cmds = writes(0xb2, &[4096, 1 << 20, 30 << 20], 8192);
+    b_cmds.push("discard 20971520 32768".into());
+    b_cmds.push("write -z 65536 16384".into());
+    assert_qemu_io_ok(&qemu_io(&nbd, &b_cmds));
+    let b = image_of(&nbd, &dir.path().join("b.img"));
+    let at_b = wait_archived(&primary);
+    let m = metrics(&primary);
+    for family in [
+        "ferry_archive_archived_seq{target=\"cold\"}",
+        "ferry_archive_uploaded_bytes{target=\"cold\"}",
+        "ferry_archive_lag_seconds{target=\"cold\"}",
+    ] {
+        assert!(m.contains(family), "{family} missing:\n{m}");
+    }
+
+    let out = dir.path().join("restored.img");
+    let r = restore(&url, &["--bookmark", "before-b"], &out);
+    assert_same("restore --bookmark", &std::fs::read(&out).unwrap(), &a);
+    assert_eq!(r["seq"], bm["seq"], "{r:#}");
+    let r = restore(&url, &["--latest"], &out);
+    assert_same("restore --latest", &std::fs::read(&out).unwrap(), &b);
+    assert!(seq(&r, "/seq") >= at_b, "{r:#}");
+    let l = list(&url);
+    assert_eq!(
+        (l["bases"].as_u64(), l["volumes"][0]["name"].as_str()),
+        (Some(1), Some("vol0")),
+        "{l:#}"
+    );
+
+    // C, then SIGKILL before the archive's next flush is due; the restarted primary
+    // resumes from what the archive holds, with no gap and no new base.
+    assert_qemu_io_ok(&qemu_io(&nbd, &writes(0xc3, &[0, 2 << 20], 131072)));
+    primary.kill();
+    let primary = Node::start(&ferryd(), &pcfg);
+    let nbd = primary.url("vol0");
+    assert_qemu_io_ok(&qemu_io(&nbd, &writes(0xd4, &[8 << 20], 65536)));
+    let d = image_of(&nbd, &dir.path().join("d.img"));
+    wait_archived(&primary);
+    restore(&url, &["--latest"], &out);
+    assert_same(
+        "restore --latest after SIGKILL",
+        &std::fs::read(&out).unwrap(),
+        &d,
+    );
+    restore(&url, &["--bookmark", "before-b"], &out);
+    assert_same(
+        "restore --bookmark after SIGKILL",
+        &std::fs::read(&out).unwrap(),
+        &a,
+    );
+    let l = list(&url);
+    assert_eq!(l["bases"], 1, "{l:#}");
+    assert!(l["packs"].as_u64() >= Some(2), "{l:#}");
+}
+
+/// moto's S3 server on loopback, killed by PID on drop (as in archive/tests/s3.rs).
+struct Moto {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_moto() -> Moto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn moto_server");
+    let moto = Moto { child, port };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "moto_server did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Create the bucket (moto takes unsigned requests).
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(c, "PUT /ferry-test HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "bucket creation: {out}");
+    moto
+}
+
+/// The same through an S3 server: the primary and ferryctl take the endpoint and
+/// credentials from the AWS_* environment.
+#[test]
+fn archive_on_s3_restores_a_bookmark_and_the_newest_point() {
+    const S3_TEST: &str = "archive_on_s3_restores_a_bookmark_and_the_newest_point";
+    if skip_without("qemu-img", S3_TEST)
+        || skip_without("qemu-io", S3_TEST)
+        || skip_without("moto_server", S3_TEST)
+    {
+        return;
+    }
+    let moto = start_moto();
+    let endpoint = format!("http://127.0.0.1:{}", moto.port);
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let url = "s3://ferry-test/cluster1";
+    let pcfg = init_with(dir.path(), url);
+    let primary = Node::start_env(&ferryd(), &pcfg, &env);
+    let nbd = primary.url("vol0");
+    assert_qemu_io_ok(&qemu_io(&nbd, &writes(0xa1, &[0, 3 << 20], 65536)));
+    let a = image_of(&nbd, &dir.path().join("a.img"));
+    ctl_json(&pcfg, &["bookmark", "create", "a"]);
+    assert_qemu_io_ok(&qemu_io(&nbd, &writes(0xb2, &[8192, 5 << 20], 8192)));
+    let b = image_of(&nbd, &dir.path().join("b.img"));
+    wait_archived(&primary);
+    let out = dir.path().join("restored.img");
+    restore_env(url, &["--bookmark", "a"], &out, &env);
+    assert_same("s3 restore --bookmark", &std::fs::read(&out).unwrap(), &a);
+    restore_env(url, &["--latest"], &out, &env);
+    assert_same("s3 restore --latest", &std::fs::read(&out).unwrap(), &b);
+}
+
+/// An archive added to a primary that already holds data: its base is taken while a
+/// client writes (copy-before-write keeps the base at its sealed point), and the
+/// newest restore equals the volume once the writes stopped.
+#[test]
+fn an_archive_added_under_writes_restores_the_volume() {
+    const T: &str = "an_archive_added_under_writes_restores_the_volume";
+    if skip_without("qemu-img", T) || skip_without("qemu-io", T) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, _) = init_pair(
+        dir.path(),
+        &Init {
+            volume: "vol0:32MiB",
+            ..Init::default()
+        },
+    );
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    let offsets: Vec<u64> = (0..32u64).map(|i| i << 20).collect();
+    assert_qemu_io_ok(&qemu_io(
+        &primary.url("vol0"),
+        &writes(0x11, &offsets, 262144),
+    ));
+    assert!(primary.terminate().success());
+
+    let url = format!("file://{}", dir.path().join("archive").display());
+    let mut text = std::fs::read_to_string(&pcfg).unwrap();
+    text.push_str(&format!(
+        "\n[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\nurl = \"{url}\"\nflush_interval = 1\n"
+    ));
+    std::fs::write(&pcfg, text).unwrap();
+    let primary = Node::start(&ferryd(), &pcfg);
+    let nbd = primary.url("vol0");
+    let load = ferryd::testkit::spawn_qemu_io(&nbd, &mixed_workload(7, 400, 32 << 20, None));
+    load.finish();
+    let want = image_of(&nbd, &dir.path().join("want.img"));
+    wait_archived(&primary);
+    let out = dir.path().join("restored.img");
+    restore(&url, &["--latest"], &out);
+    assert_same("restore --latest", &std::fs::read(&out).unwrap(), &want);
+    let l = list(&url);
+    assert_eq!(l["bases"], 1, "{l:#}");
+}
