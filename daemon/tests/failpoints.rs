@@ -348,3 +348,78 @@ fn status_answers_while_the_journal_writer_is_stalled() {
         "the stalled write must still succeed"
     );
 }
+
+/// Issue 16, path 1, on the undo log: the `fdatasync` of a write-set's before-images
+/// fails (`undo::append_fdatasync`; write-set 1 creates the log's first segment, so
+/// the first append is write-set 2's). The standby must not apply the write-set
+/// without durable before-images: apply stops there (status shows why), the replica
+/// keeps write-set 1's data and the checkpoint stays before write-set 2. A restart
+/// replays it from the standby journal, before-images first: the newest recovery
+/// point is write-set 2 and the one before it (write-set 1's) is still offered.
+#[test]
+fn undo_fsync_failure_stops_apply_before_the_write_set_and_a_restart_replays_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, addr, tls) = standby_config(dir.path(), true);
+    let img = dir.path().join("primary/vol0.img");
+    let mut node = Node::start_env(
+        ferryd(),
+        &cfg,
+        &[("FAILPOINTS", "undo::append_fdatasync=1*return(EIO)")],
+    );
+    let epoch = node.status()["epoch"].as_u64().expect("epoch");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = connect(addr, &tls, epoch).await;
+        // Both overwrite the same block: write-set 2's before-image is 0xab.
+        for (seq, fill) in [(1, 0xab), (2, 0xcd)] {
+            match answer(&mut s, write_set(epoch, seq, 0, fill)).await {
+                Answer::Durable(d) if d >= seq => {}
+                other => panic!("the standby did not take write-set {seq}: {other:?}"),
+            }
+        }
+        s.conn.close(0u32.into(), b"test done");
+    });
+    let st = node.wait_status("apply to stop", Duration::from_secs(20), |st| {
+        st["apply_error"].is_string()
+    });
+    let why = st["apply_error"].as_str().unwrap_or("");
+    assert!(
+        why.contains("undo capture failed at write-set 2"),
+        "status must say why apply stopped: {st:#}\nlog:\n{}",
+        node.log_text()
+    );
+    // Let a few checkpoint rounds (500 ms) pass.
+    std::thread::sleep(Duration::from_secs(2));
+    let st = node.status();
+    assert_eq!(st["applied_seq"].as_u64(), Some(1), "{st:#}");
+    assert!(
+        st["checkpoint_seq"].as_u64().unwrap() < 2,
+        "the checkpoint passed a write-set whose before-images are not durable: {st:#}"
+    );
+    let data = std::fs::read(&img).unwrap();
+    assert!(
+        data[..4096].iter().all(|&b| b == 0xab),
+        "write-set 2 was applied without its before-images"
+    );
+    node.kill();
+
+    let node = Node::start(ferryd(), &cfg);
+    let st = node.wait_status("the replay", Duration::from_secs(20), |st| {
+        st["applied_seq"].as_u64() == Some(2)
+    });
+    assert_eq!(st["apply_error"], serde_json::Value::Null, "{st:#}");
+    assert!(st["checkpoint_seq"].as_u64().unwrap() >= 2, "{st:#}");
+    let data = std::fs::read(&img).unwrap();
+    assert!(
+        data[..4096].iter().all(|&b| b == 0xcd),
+        "write-set 2 was not replayed onto the replica"
+    );
+    assert_eq!(st["pit"]["newest"]["seq"].as_u64(), Some(2), "{st:#}");
+    assert!(
+        st["pit"]["oldest"]["seq"].as_u64().is_some_and(|s| s <= 1),
+        "write-set 1's point (write-set 2's before-images) must be offered: {st:#}"
+    );
+}

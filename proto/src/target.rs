@@ -39,6 +39,7 @@
 //! | Streaming         | [`request_handover`], acked ≥ seq      | HandingOver        | [`SendHandover`]                       |
 //! | HandingOver       | [`on_handover_ack`], same seq          | Streaming, handed over (for good) | [`HandedOver`]: answer, end session |
 //! | HandingOver       | [`on_handover_ack`] other seq, [`on_peer_error`] | Streaming | the handover fails, the session ends |
+//! | any               | [`on_peer_error_code`] `ResyncRequired` | —                 | the next session resyncs in full       |
 //! | HandingOver       | [`abandon_handover`] (switchover timed out) | Streaming        | a late HandoverAck is unexpected       |
 //! | any session phase | [`session_ended`]                      | Disconnected       | revert an unfinished resync; fail a pending handover |
 //! | any               | [`stopped`]                            | Stopped            |                                        |
@@ -54,6 +55,13 @@
 //! | 5 | no                                                         | streaming/switching | > primary durable                          | refuse `Diverged`                 |
 //! | 6 | no                                                         | streaming/switching | < durable, and resume + 1 released         | resync, full ([`FullReason::JournalReleased`]) |
 //! | 7 | no                                                         | streaming/switching | otherwise                                  | stream after resume               |
+//!
+//! Before rows 3–7: a target whose standby refused a write-set with `ResyncRequired`
+//! ([`on_peer_error_code`]: a record outside its volumes) resyncs in full
+//! ([`FullReason::StandbyRequired`]), or is refused `Diverged` if it is past the
+//! primary; streaming the same records again would only meet the same refusal. The
+//! request is forgotten once such a session started (its full switch is durable, so
+//! the maps carry it from then on).
 //!
 //! A full resync first switches a streaming target to bitmap mode with every region
 //! dirty, or marks every region in the maps of a target already in bitmap mode
@@ -99,6 +107,7 @@
 //! [`request_handover`]: TargetLifecycle::request_handover
 //! [`on_handover_ack`]: TargetLifecycle::on_handover_ack
 //! [`on_peer_error`]: TargetLifecycle::on_peer_error
+//! [`on_peer_error_code`]: TargetLifecycle::on_peer_error_code
 //! [`abandon_handover`]: TargetLifecycle::abandon_handover
 //! [`session_ended`]: TargetLifecycle::session_ended
 //! [`stopped`]: TargetLifecycle::stopped
@@ -117,7 +126,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::session::{plan_resume, plan_resync, HandshakeError, Negotiated};
-use crate::wire::{Epoch, HelloAck, Seq};
+use crate::wire::{Epoch, ErrorCode, HelloAck, Seq};
 
 /// Journal fill (percent of its capacity) at which the streaming target holding the
 /// journal is switched to bitmap mode, and a resync holding it is abandoned.
@@ -318,6 +327,9 @@ pub enum FullReason {
     /// It wrote past the fork at `fork` and never rejoined: it holds writes of the
     /// old epoch this history does not have.
     Failback { fork: Seq },
+    /// The standby refused a write-set with `ResyncRequired` (a record outside its
+    /// volumes): its copy cannot take the stream, only a copy compared by digest.
+    StandbyRequired,
 }
 
 /// What a session does once its handshake completes.
@@ -454,6 +466,16 @@ pub struct SendHandover {
     pub seq: Seq,
 }
 
+/// The decision of [`TargetLifecycle::on_peer_error_code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PeerError {
+    /// A handover was pending: the standby refused it.
+    pub handover_failed: bool,
+    /// The standby asked for a resync just now: the next session resyncs in full
+    /// (log it loudly; repeats of the request return false).
+    pub full_resync_planned: bool,
+}
+
 /// A HandoverAck that answers no pending handover: a protocol violation.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("unexpected HandoverAck at {seq} (epoch {new_epoch})")]
@@ -500,6 +522,9 @@ pub struct TargetLifecycle {
     retry_switch_at: Option<Duration>,
     handed_over: Option<HandedOver>,
     last_error: Option<String>,
+    /// The standby refused a write-set with `ResyncRequired`: the next session
+    /// resyncs in full ([`FullReason::StandbyRequired`]).
+    peer_requires_resync: bool,
 }
 
 impl TargetLifecycle {
@@ -522,6 +547,7 @@ impl TargetLifecycle {
             retry_switch_at: None,
             handed_over: None,
             last_error: None,
+            peer_requires_resync: false,
         }
     }
 
@@ -612,6 +638,8 @@ impl TargetLifecycle {
                 return Err(self.fork_diverged(fork, h));
             }
             resync(Some(FullReason::Failback { fork }))?
+        } else if self.peer_requires_resync {
+            resync(Some(FullReason::StandbyRequired))?
         } else if self.tracking.needs_resync() {
             resync(None)?
         } else {
@@ -694,6 +722,15 @@ impl TargetLifecycle {
     ) -> SessionStart {
         let resume = plan.ack.resume_seq;
         self.last_error = None;
+        // The full switch this plan asked for is durable (the caller ran it first):
+        // the maps carry the standby's request from now on.
+        if plan.start
+            == (PlanStart::Resync {
+                full: Some(FullReason::StandbyRequired),
+            })
+        {
+            self.peer_requires_resync = false;
+        }
         self.acked = resume;
         self.applied = peer_resume.min(resume);
         self.durable_at_last_ack = journal_durable;
@@ -1115,6 +1152,28 @@ impl TargetLifecycle {
             self.phase = TargetPhase::Streaming;
         }
         pending
+    }
+
+    /// The standby sent an Error frame with `code` (the session ends). `ResyncRequired`
+    /// (it refused a write-set with a record outside its volumes) plans a full resync
+    /// for the next session ([`FullReason::StandbyRequired`]): reconnecting to stream
+    /// the same records would be refused again, forever. Otherwise as
+    /// [`Self::on_peer_error`].
+    pub fn on_peer_error_code(&mut self, code: ErrorCode) -> PeerError {
+        let handover_failed = self.on_peer_error();
+        let full_resync_planned = code == ErrorCode::ResyncRequired && !self.peer_requires_resync;
+        if code == ErrorCode::ResyncRequired {
+            self.peer_requires_resync = true;
+        }
+        PeerError {
+            handover_failed,
+            full_resync_planned,
+        }
+    }
+
+    /// Whether the next session resyncs in full because the standby asked for it.
+    pub fn peer_requires_resync(&self) -> bool {
+        self.peer_requires_resync
     }
 }
 

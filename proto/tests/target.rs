@@ -808,3 +808,86 @@ fn stopped_is_final_for_a_late_resync_copy_or_handshake() {
     assert_eq!(t.phase(), TargetPhase::Stopped);
     assert_eq!(t.snapshot().phase.as_str(), "stopped");
 }
+
+// ---------------------------------------------------------------------------
+// The standby requires a resync (issue 16)
+
+/// A standby that refuses a write-set with `ResyncRequired` (a record outside its
+/// volumes) is not streamed the same records again: its next session resyncs in
+/// full, by digest, whatever the journal holds; once that session started (its full
+/// switch durable) the request is forgotten and the maps carry the resync.
+#[test]
+fn a_resync_required_refusal_plans_a_full_resync() {
+    use ferry_proto::wire::ErrorCode;
+    let mut t = target(SyncMode::Sync);
+    assert_eq!(
+        connect(&mut t, 10, 1, 30),
+        SessionStart::Stream { after: 10 }
+    );
+    // Another refusal is only the session's end.
+    let out = t.on_peer_error_code(ErrorCode::Protocol);
+    assert_eq!(out, PeerError::default());
+    assert!(!t.peer_requires_resync());
+    let out = t.on_peer_error_code(ErrorCode::ResyncRequired);
+    assert!(out.full_resync_planned && !out.handover_failed);
+    assert!(
+        !t.on_peer_error_code(ErrorCode::ResyncRequired)
+            .full_resync_planned,
+        "a repeat is not planned again (logged once)"
+    );
+    t.session_ended(Some("standby requires a full resync".into()));
+    // The journal holds everything after 10, yet the plan is a full resync.
+    t.connecting();
+    let plan = t.plan_hello(&hello(10, 1, 30)).expect("plan");
+    assert_eq!(
+        plan.start,
+        PlanStart::Resync {
+            full: Some(FullReason::StandbyRequired)
+        }
+    );
+    // Past the primary it is still refused.
+    assert_eq!(
+        t.plan_hello(&hello(31, 1, 30)).unwrap_err(),
+        HandshakeError::Diverged {
+            resume: 31,
+            last: 30
+        }
+    );
+    // A streaming target is switched to bitmap mode with every region dirty.
+    match t.begin_full_switch(&plan).expect("no switch in progress") {
+        Some(FullSwitch::Create(sw)) => {
+            assert_eq!((sw.base, sw.kind), (10, SwitchKind::Full));
+            assert!(sw.all_dirty());
+            t.bitmap_entered(30);
+        }
+        other => panic!("expected a full switch, got {other:?}"),
+    }
+    assert_eq!(
+        t.session_started(&plan, 10, 30),
+        SessionStart::Resync { from: 10 }
+    );
+    assert!(!t.peer_requires_resync(), "the maps carry it now");
+    // A failed copy goes back to bitmap mode: the next session resyncs from the maps.
+    t.session_ended(Some("connection lost".into()));
+    let plan = t.plan_hello(&hello(10, 1, 30)).expect("plan");
+    assert_eq!(plan.start, PlanStart::Resync { full: None });
+}
+
+/// A target already tracked in maps gets every region marked in them.
+#[test]
+fn a_resync_required_refusal_in_bitmap_mode_marks_every_region() {
+    use ferry_proto::wire::ErrorCode;
+    let mut t = in_bitmap(10, 20);
+    assert!(
+        t.on_peer_error_code(ErrorCode::ResyncRequired)
+            .full_resync_planned
+    );
+    let plan = t.plan_hello(&hello(15, 25, 30)).expect("plan");
+    assert_eq!(
+        plan.start,
+        PlanStart::Resync {
+            full: Some(FullReason::StandbyRequired)
+        }
+    );
+    assert_eq!(t.begin_full_switch(&plan), Ok(Some(FullSwitch::MarkAll)));
+}

@@ -56,7 +56,8 @@ use crate::store::base::Base;
 use ferry_api::config::Config;
 use ferry_journal::now_ns;
 use ferry_proto::target::{
-    choose_switch, FullSwitch, HelloPlan, JournalFill, SessionStart, SwitchToBitmap, SWITCH_RETRY,
+    choose_switch, FullReason, FullSwitch, HelloPlan, JournalFill, PlanStart, SessionStart,
+    SwitchToBitmap, SWITCH_RETRY,
 };
 
 const MONITOR_EVERY: Duration = Duration::from_millis(50);
@@ -397,11 +398,17 @@ pub fn switch_full(t: &TargetState, plan: &HelloPlan) -> anyhow::Result<()> {
                 bail!("overflow tracking is not set up");
             };
             enter_bitmap(t, &sh, sw)?;
+            let why = match plan.start {
+                PlanStart::Resync {
+                    full: Some(FullReason::StandbyRequired),
+                } => "the standby refused a write-set and required a resync",
+                _ => "the journal no longer holds what the target needs",
+            };
             tracing::warn!(
                 target = %t.name,
                 from = sw.base,
                 first_available = sh.journal.first_available_seq(),
-                "the journal no longer holds what the target needs: every region is a resync candidate"
+                "{why}: every region is a resync candidate"
             );
             Ok(())
         }
@@ -912,7 +919,7 @@ mod tests {
     use crate::ship::target::tests::{plan, target};
     use ferry_api::config::ReplicationMode;
     use ferry_journal::{Journal, Record};
-    use ferry_proto::target::{EffectiveMode, FullReason, PlanStart, SwitchKind, Tracking};
+    use ferry_proto::target::{EffectiveMode, SwitchKind, Tracking};
 
     /// The tracking mode as status names it.
     fn mode(t: &TargetState) -> &'static str {

@@ -12,7 +12,7 @@ use ferry_proto::session::{self, LocalIdentity, Sender, SenderConfig};
 use ferry_proto::target::{
     ForkView, FullReason, HelloInput, HelloPlan, JournalView, PlanStart, SessionStart,
 };
-use ferry_proto::wire::{Frame, Heartbeat, WriteSet};
+use ferry_proto::wire::{ErrorCode, Frame, Heartbeat, WriteSet};
 use ferry_transport::quic::{self, Backoff, TlsMaterial, TransportOptions};
 use parking_lot::Mutex;
 
@@ -233,16 +233,23 @@ fn plan_hello(
         fork,
     };
     let plan = t.read(|lc| lc.plan_hello(&input))?;
-    if let PlanStart::Resync {
-        full: Some(FullReason::Failback { fork }),
-    } = plan.start
-    {
-        tracing::warn!(
+    match plan.start {
+        PlanStart::Resync {
+            full: Some(FullReason::Failback { fork }),
+        } => tracing::warn!(
             target = %t.name,
             fork,
             resume = input.peer_resume,
             "the rejoining node wrote after the fork: delta resync"
-        );
+        ),
+        PlanStart::Resync {
+            full: Some(FullReason::StandbyRequired),
+        } => tracing::warn!(
+            target = %t.name,
+            resume = input.peer_resume,
+            "the standby required a resync: full resync by digest"
+        ),
+        _ => {}
     }
     let ack = plan.ack.clone();
     *planned.lock() = Some(plan);
@@ -373,7 +380,22 @@ fn on_control(
             return Ok(Next::End);
         }
         Frame::Error(e) => {
-            t.on_peer_error(|| anyhow!("standby refused the handover: {:?}: {}", e.code, e.reason));
+            let why = || anyhow!("standby refused the handover: {:?}: {}", e.code, e.reason);
+            if t.on_peer_error(e.code, why) {
+                tracing::error!(
+                    target = %t.name,
+                    reason = %e.reason,
+                    "the standby refused a write-set and requires a resync: the next session \
+                     copies every region that differs (compared by digest) instead of streaming"
+                );
+            }
+            if e.code == ErrorCode::ResyncRequired {
+                bail!(
+                    "standby requires a full resync (it refused a write-set: {}); the next \
+                     session resyncs every region by digest",
+                    e.reason
+                )
+            }
             bail!("standby refused: {:?}: {}", e.code, e.reason)
         }
         other => bail!(

@@ -15,6 +15,7 @@ use ferry_proto::target::{
     sync_gate_position, HandedOver, SyncMode, TargetLifecycle, TargetStatus as Snapshot,
     UnexpectedHandoverAck,
 };
+use ferry_proto::wire::ErrorCode;
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
 
@@ -215,19 +216,22 @@ impl TargetState {
         res
     }
 
-    /// The standby sent an Error frame (the session ends): a pending handover is
-    /// refused with `why`.
-    pub(crate) fn on_peer_error(&self, why: impl FnOnce() -> anyhow::Error) {
+    /// The standby sent an Error frame with `code` (the session ends): a pending
+    /// handover is refused with `why`; `ResyncRequired` plans a full resync for the
+    /// next session (the lifecycle decides). True if that was planned just now.
+    pub(crate) fn on_peer_error(
+        &self,
+        code: ErrorCode,
+        why: impl FnOnce() -> anyhow::Error,
+    ) -> bool {
         let mut life = self.life.lock();
-        let answer = life
-            .lc
-            .on_peer_error()
-            .then(|| life.answer.take())
-            .flatten();
+        let out = life.lc.on_peer_error_code(code);
+        let answer = out.handover_failed.then(|| life.answer.take()).flatten();
         drop(life);
         if let Some(tx) = answer {
             let _ = tx.send(Err(why()));
         }
+        out.full_resync_planned
     }
 
     /// The session ended (`error`: why, for status): an unfinished resync goes back
