@@ -635,6 +635,87 @@ pub struct FerryCluster {
 
 const TARGET: &str = "target=\"dr1\"";
 
+/// `ferryctl init` of a primary (and standby `dr1` when `mode` is set) in `dir`.
+fn ferryctl_init(
+    bins: &FerryBins,
+    dir: &Path,
+    volume_size: u64,
+    journal_size: &str,
+    mode: Option<&str>,
+    nbd_port: u16,
+) -> anyhow::Result<()> {
+    let mut init = Command::new(&bins.ferryctl);
+    init.args(["init", "--dir"])
+        .arg(dir)
+        .arg("--volume")
+        .arg(format!("vol0:{volume_size}"))
+        .arg("--nbd")
+        .arg(format!("127.0.0.1:{nbd_port}"))
+        .args(["--journal-size", journal_size]);
+    if let Some(m) = mode {
+        init.arg("--primary")
+            .arg(format!("127.0.0.1:{}", free_udp_port()?))
+            .arg("--standby")
+            .arg(format!("dr1=127.0.0.1:{}", free_udp_port()?))
+            .args(["--mode", m]);
+    }
+    let out = init.output().context("running ferryctl init")?;
+    if !out.status.success() {
+        bail!(
+            "ferryctl init failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// What `ferryctl init` does not set: the metrics endpoint, PIT off, tmpfs storage.
+fn configure(
+    dir: &Path,
+    metrics_port: u16,
+    mode: Option<&str>,
+    pit: bool,
+    standby_storage: Option<&Path>,
+) -> anyhow::Result<()> {
+    // The Prometheus endpoint, as the README shows: lag sampling through it does
+    // not append an audit line (fsynced) per sample as control requests do.
+    let append = |node: &str, section: String| -> anyhow::Result<()> {
+        let cfg = dir.join(format!("{node}.toml"));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&cfg)
+            .and_then(|mut f| write!(f, "\n{section}"))
+            .with_context(|| format!("adding {section:?} to {}", cfg.display()))
+    };
+    append(
+        "primary",
+        format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    )?;
+    if mode.is_some() && !pit {
+        append("dr1", "[pit]\nenabled = false\n".into())?;
+    }
+    if let Some(to) = standby_storage.filter(|_| mode.is_some()) {
+        move_to(&dir.join("dr1"), to)?;
+    }
+    Ok(())
+}
+
+fn spawn_ferryd(bins: &FerryBins, dir: &Path, node: &str) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(&bins.ferryd);
+    cmd.arg("--config")
+        .arg(dir.join(format!("{node}.toml")))
+        .env(
+            "FERRY_LOG",
+            std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    Proc::spawn(
+        &format!("ferryd {node} ({})", dir.display()),
+        cmd,
+        Some(&dir.join(format!("{node}.log"))),
+    )
+}
+
 impl FerryCluster {
     /// `ferryctl init` in `dir` and start; `mode` None = primary alone. `pit` false
     /// turns the standby's undo log off (`[pit] enabled = false`). `standby_storage`:
@@ -651,64 +732,9 @@ impl FerryCluster {
     ) -> anyhow::Result<FerryCluster> {
         let nbd_port = free_tcp_port()?;
         let metrics_port = free_tcp_port()?;
-        let mut init = Command::new(&bins.ferryctl);
-        init.args(["init", "--dir"])
-            .arg(dir)
-            .arg("--volume")
-            .arg(format!("vol0:{volume_size}"))
-            .arg("--nbd")
-            .arg(format!("127.0.0.1:{nbd_port}"))
-            .args(["--journal-size", journal_size]);
-        if let Some(m) = mode {
-            init.arg("--primary")
-                .arg(format!("127.0.0.1:{}", free_udp_port()?))
-                .arg("--standby")
-                .arg(format!("dr1=127.0.0.1:{}", free_udp_port()?))
-                .args(["--mode", m]);
-        }
-        let out = init.output().context("running ferryctl init")?;
-        if !out.status.success() {
-            bail!(
-                "ferryctl init failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        // The Prometheus endpoint, as the README shows: lag sampling through it does
-        // not append an audit line (fsynced) per sample as control requests do.
-        let append = |node: &str, section: String| -> anyhow::Result<()> {
-            let cfg = dir.join(format!("{node}.toml"));
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&cfg)
-                .and_then(|mut f| write!(f, "\n{section}"))
-                .with_context(|| format!("adding {section:?} to {}", cfg.display()))
-        };
-        append(
-            "primary",
-            format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
-        )?;
-        if mode.is_some() && !pit {
-            append("dr1", "[pit]\nenabled = false\n".into())?;
-        }
-        if let Some(to) = standby_storage.filter(|_| mode.is_some()) {
-            move_to(&dir.join("dr1"), to)?;
-        }
-
-        let spawn = |node: &str| -> anyhow::Result<Proc> {
-            let mut cmd = Command::new(&bins.ferryd);
-            cmd.arg("--config")
-                .arg(dir.join(format!("{node}.toml")))
-                .env(
-                    "FERRY_LOG",
-                    std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into()),
-                );
-            Proc::spawn(
-                &format!("ferryd {node} ({})", dir.display()),
-                cmd,
-                Some(&dir.join(format!("{node}.log"))),
-            )
-        };
+        ferryctl_init(bins, dir, volume_size, journal_size, mode, nbd_port)?;
+        configure(dir, metrics_port, mode, pit, standby_storage)?;
+        let spawn = |node: &str| spawn_ferryd(bins, dir, node);
         // The standby first, so the primary's first dial finds it.
         let mut standby = mode.map(|_| spawn("dr1")).transpose()?;
         let mut primary = spawn("primary")?;
@@ -727,17 +753,7 @@ impl FerryCluster {
             standby: mode.is_some(),
             engine: String::new(),
         };
-        let m = c.scrape()?;
-        let info = m
-            .keys_of("ferry_journal_engine_info")
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        c.engine = label(&info, "engine").unwrap_or("unknown").to_string();
-        if let Some(why) = label(&info, "fallback_reason").filter(|r| !r.is_empty()) {
-            eprintln!("WARNING: ferryd's journal fell back to {}: {why}", c.engine);
-            c.engine = format!("{} (fallback: {why})", c.engine);
-        }
+        c.engine = c.journal_engine()?;
         if c.standby {
             // Measure replication, not the first connection.
             c.wait_until(Duration::from_secs(30), "the standby to connect", |m| {
@@ -747,6 +763,22 @@ impl FerryCluster {
             })?;
         }
         Ok(c)
+    }
+
+    /// The journal engine ferryd reports, with the reason if it fell back.
+    fn journal_engine(&self) -> anyhow::Result<String> {
+        let m = self.scrape()?;
+        let info = m
+            .keys_of("ferry_journal_engine_info")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let mut engine = label(&info, "engine").unwrap_or("unknown").to_string();
+        if let Some(why) = label(&info, "fallback_reason").filter(|r| !r.is_empty()) {
+            eprintln!("WARNING: ferryd's journal fell back to {engine}: {why}");
+            engine = format!("{engine} (fallback: {why})");
+        }
+        Ok(engine)
     }
 
     pub fn uri(&self) -> String {

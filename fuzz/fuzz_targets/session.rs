@@ -242,17 +242,7 @@ fn session_op(op: &SessionOp, bases: &[u64], tx: &mut Sender, rx: &mut Receiver)
             epoch_delta,
             durable,
             applied,
-        } => {
-            let ack = Ack {
-                epoch: EPOCH.saturating_add_signed(i64::from(*epoch_delta)),
-                received_durable_seq: seq(*durable, bases),
-                applied_seq: seq(*applied, bases),
-            };
-            if let Ok(out) = tx.on_ack(&ack) {
-                assert_eq!(out.durable_seq, tx.durable_seq());
-            }
-            let _ = tx.lag_seconds(u64::MAX);
-        }
+        } => ack_op(*epoch_delta, *durable, *applied, bases, tx),
         SessionOp::ResetForResume(s) => {
             let s = seq(*s, bases);
             if let Ok(next) = tx.reset_for_resume(s) {
@@ -305,26 +295,46 @@ fn session_op(op: &SessionOp, bases: &[u64], tx: &mut Sender, rx: &mut Receiver)
                     .collect(),
                 resume_position: seq(*resume, bases),
             };
-            for role in [Role::Primary, Role::Standby] {
-                if let Ok(n) = validate_hello(&local(role), &peer) {
-                    assert!(n.version >= (*min).max(1) && n.version <= (*max).min(1));
-                }
-            }
+            hello_op(&peer, *min, *max);
         }
         SessionOp::PlanResume {
             resume,
             oldest,
             last,
-        } => {
-            let n = Negotiated { version: 1 };
-            let (r, o, l) = (seq(*resume, bases), seq(*oldest, bases), seq(*last, bases));
-            if let Ok(ack) = plan_resume(n, EPOCH, r, o, l) {
-                assert!(ack.resume_seq <= l);
-            }
-            if let Ok(ack) = plan_resync(n, EPOCH, r, l) {
-                assert!(ack.resume_seq <= l);
-            }
+        } => plan_resume_op(*resume, *oldest, *last, bases),
+    }
+}
+
+fn ack_op(epoch_delta: i8, durable: S, applied: S, bases: &[u64], tx: &mut Sender) {
+    let ack = Ack {
+        epoch: EPOCH.saturating_add_signed(i64::from(epoch_delta)),
+        received_durable_seq: seq(durable, bases),
+        applied_seq: seq(applied, bases),
+    };
+    if let Ok(out) = tx.on_ack(&ack) {
+        assert_eq!(out.durable_seq, tx.durable_seq());
+    }
+    let _ = tx.lag_seconds(u64::MAX);
+}
+
+/// Whichever role validates the peer's hello, the agreed version lies in the peer's
+/// range and in ours (version 1 only).
+fn hello_op(peer: &Hello, min: u16, max: u16) {
+    for role in [Role::Primary, Role::Standby] {
+        if let Ok(n) = validate_hello(&local(role), peer) {
+            assert!(n.version >= min.max(1) && n.version <= max.min(1));
         }
+    }
+}
+
+fn plan_resume_op(resume: S, oldest: S, last: S, bases: &[u64]) {
+    let n = Negotiated { version: 1 };
+    let (r, o, l) = (seq(resume, bases), seq(oldest, bases), seq(last, bases));
+    if let Ok(ack) = plan_resume(n, EPOCH, r, o, l) {
+        assert!(ack.resume_seq <= l);
+    }
+    if let Ok(ack) = plan_resync(n, EPOCH, r, l) {
+        assert!(ack.resume_seq <= l);
     }
 }
 

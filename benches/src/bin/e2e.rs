@@ -489,91 +489,135 @@ fn start_server(
 ) -> anyhow::Result<Server> {
     eprintln!("starting {}", def.label);
     match def.kind {
-        Kind::Nbdkit | Kind::QemuNbd => {
-            let file = scratch.join(format!("{}.img", def.key));
-            std::fs::File::create(&file)
-                .and_then(|f| f.set_len(size))
-                .with_context(|| format!("creating {}", file.display()))?;
-            let port = free_tcp_port()?;
-            let mut cmd;
-            let uri;
-            if def.kind == Kind::Nbdkit {
-                // Defaults: page cache, 16 threads, flush = fdatasync.
-                cmd = Command::new("nbdkit");
-                cmd.args([
-                    "--foreground",
-                    "--exit-with-parent",
-                    "-i",
-                    "127.0.0.1",
-                    "-p",
-                ])
-                .arg(port.to_string())
-                .arg("file")
-                .arg(&file);
-                uri = format!("nbd://127.0.0.1:{port}");
-            } else {
-                // The same settings as nbdkit file: page cache (writeback), a thread
-                // pool for the IO, flush = fdatasync. (--aio=native needs
-                // --cache=none, i.e. O_DIRECT, which nbdkit does not do.)
-                cmd = Command::new("qemu-nbd");
-                cmd.args(["-f", "raw", "-t", "-x", "vol0", "-b", "127.0.0.1", "-p"])
-                    .arg(port.to_string())
-                    .args(["--cache=writeback", "--aio=threads"])
-                    .arg(&file);
-                uri = format!("nbd://127.0.0.1:{port}/vol0");
-            }
-            let command = format!(
-                "{} {}",
-                cmd.get_program().to_string_lossy(),
-                cmd.get_args()
-                    .map(|a| a.to_string_lossy().into_owned())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
-            let mut p = Proc::spawn(
-                def.label,
-                cmd,
-                Some(&scratch.join(format!("{}.log", def.key))),
-            )?;
-            wait_port(port, Duration::from_secs(30), &mut [&mut p])?;
-            Ok(Server {
-                def,
-                uri,
-                proc: Some(p),
-                ferry: None,
-                command,
-                files: vec![file],
-                replay_file: None,
-                _tmpfs: None,
-            })
-        }
-        Kind::Ferry(_) | Kind::FerryCaptureReads => {
-            let sb = match def.kind {
-                Kind::Ferry(sb) => sb,
-                _ => None,
-            };
-            let bins = bins.context("ferry binaries not located")?;
-            let dir = scratch.join(def.key);
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let tmpfs = sb
-                .filter(|sb| sb.tmpfs)
-                .map(|_| {
-                    tempfile::Builder::new()
-                        .prefix("ferry-e2e-")
-                        .tempdir_in(TMPFS)
-                        .with_context(|| format!("creating a directory in {TMPFS}"))
-                })
-                .transpose()?;
-            let c = FerryCluster::start(
-                bins,
-                &dir,
-                size,
-                JOURNAL_SIZE,
-                sb.map(|sb| sb.mode),
-                sb.is_none_or(|sb| sb.pit),
-                tmpfs.as_ref().map(|t| t.path()),
-            )?;
-            let command = format!(
+        Kind::Nbdkit | Kind::QemuNbd => start_nbd_server(def, scratch, size),
+        Kind::Ferry(_) | Kind::FerryCaptureReads => start_ferry_server(def, scratch, size, bins),
+    }
+}
+
+/// nbdkit file or qemu-nbd on a sparse file of the volume's size: the baselines.
+fn start_nbd_server(def: &'static TargetDef, scratch: &Path, size: u64) -> anyhow::Result<Server> {
+    let file = scratch.join(format!("{}.img", def.key));
+    std::fs::File::create(&file)
+        .and_then(|f| f.set_len(size))
+        .with_context(|| format!("creating {}", file.display()))?;
+    let port = free_tcp_port()?;
+    let mut cmd;
+    let uri;
+    if def.kind == Kind::Nbdkit {
+        // Defaults: page cache, 16 threads, flush = fdatasync.
+        cmd = Command::new("nbdkit");
+        cmd.args([
+            "--foreground",
+            "--exit-with-parent",
+            "-i",
+            "127.0.0.1",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg("file")
+        .arg(&file);
+        uri = format!("nbd://127.0.0.1:{port}");
+    } else {
+        // The same settings as nbdkit file: page cache (writeback), a thread
+        // pool for the IO, flush = fdatasync. (--aio=native needs
+        // --cache=none, i.e. O_DIRECT, which nbdkit does not do.)
+        cmd = Command::new("qemu-nbd");
+        cmd.args(["-f", "raw", "-t", "-x", "vol0", "-b", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .args(["--cache=writeback", "--aio=threads"])
+            .arg(&file);
+        uri = format!("nbd://127.0.0.1:{port}/vol0");
+    }
+    let command = format!(
+        "{} {}",
+        cmd.get_program().to_string_lossy(),
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut p = Proc::spawn(
+        def.label,
+        cmd,
+        Some(&scratch.join(format!("{}.log", def.key))),
+    )?;
+    wait_port(port, Duration::from_secs(30), &mut [&mut p])?;
+    Ok(Server {
+        def,
+        uri,
+        proc: Some(p),
+        ferry: None,
+        command,
+        files: vec![file],
+        replay_file: None,
+        _tmpfs: None,
+    })
+}
+
+/// A ferry primary (and its standby, if the target has one) started by the harness.
+fn start_ferry_server(
+    def: &'static TargetDef,
+    scratch: &Path,
+    size: u64,
+    bins: Option<&ferry_benches::harness::FerryBins>,
+) -> anyhow::Result<Server> {
+    let sb = match def.kind {
+        Kind::Ferry(sb) => sb,
+        _ => None,
+    };
+    let bins = bins.context("ferry binaries not located")?;
+    let dir = scratch.join(def.key);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmpfs = sb
+        .filter(|sb| sb.tmpfs)
+        .map(|_| {
+            tempfile::Builder::new()
+                .prefix("ferry-e2e-")
+                .tempdir_in(TMPFS)
+                .with_context(|| format!("creating a directory in {TMPFS}"))
+        })
+        .transpose()?;
+    let c = FerryCluster::start(
+        bins,
+        &dir,
+        size,
+        JOURNAL_SIZE,
+        sb.map(|sb| sb.mode),
+        sb.is_none_or(|sb| sb.pit),
+        tmpfs.as_ref().map(|t| t.path()),
+    )?;
+    let command = ferry_command(size, sb);
+    let mut s = Server {
+        def,
+        uri: c.uri(),
+        proc: None,
+        ferry: Some(c),
+        command,
+        files: ["primary", "dr1"]
+            .iter()
+            .map(|n| dir.join(n).join("vol0.img"))
+            .filter(|p| p.exists())
+            .collect(),
+        replay_file: None,
+        _tmpfs: tmpfs,
+    };
+    if def.kind == Kind::FerryCaptureReads {
+        let file = scratch.join(format!("{}.data", def.key));
+        write_data_file(&file, size)?;
+        s.command = format!(
+                    "{}; beside each job: fio --rw=randread --bs=4k --direct=1 --ioengine=io_uring --iodepth=8 --rate_iops=<ferry-async's standby reads/s> on a {} data file",
+                    s.command,
+                    human(size)
+                );
+        s.files.push(file.clone());
+        s.replay_file = Some(file);
+    }
+    Ok(s)
+}
+
+/// The setup a ferry target runs, as the report shows it.
+fn ferry_command(size: u64, sb: Option<Standby>) -> String {
+    format!(
                 "ferryctl init --volume vol0:{size} --journal-size {JOURNAL_SIZE}{} + [metrics]; ferryd --config primary.toml{}",
                 sb.map(|sb| format!(" --standby dr1=127.0.0.1:P --mode {}", sb.mode))
                     .unwrap_or_default(),
@@ -589,35 +633,7 @@ fn start_server(
                         }
                     ),
                 }
-            );
-            let mut s = Server {
-                def,
-                uri: c.uri(),
-                proc: None,
-                ferry: Some(c),
-                command,
-                files: ["primary", "dr1"]
-                    .iter()
-                    .map(|n| dir.join(n).join("vol0.img"))
-                    .filter(|p| p.exists())
-                    .collect(),
-                replay_file: None,
-                _tmpfs: tmpfs,
-            };
-            if def.kind == Kind::FerryCaptureReads {
-                let file = scratch.join(format!("{}.data", def.key));
-                write_data_file(&file, size)?;
-                s.command = format!(
-                    "{}; beside each job: fio --rw=randread --bs=4k --direct=1 --ioengine=io_uring --iodepth=8 --rate_iops=<ferry-async's standby reads/s> on a {} data file",
-                    s.command,
-                    human(size)
-                );
-                s.files.push(file.clone());
-                s.replay_file = Some(file);
-            }
-            Ok(s)
-        }
-    }
+            )
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -649,23 +665,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         bail!("ferry-capture-reads replays the reads of {async_key}: list both in --targets");
     }
     ensure_fio()?;
-    for (kind, tool, pkg) in [
-        (Kind::Nbdkit, "nbdkit", "nbdkit"),
-        (Kind::QemuNbd, "qemu-nbd", "qemu-utils"),
-    ] {
-        if targets.iter().any(|t| t.kind == kind) && find_on_path(tool).is_none() {
-            bail!("{tool} is not on PATH: apt-get install {pkg}, or leave it out with --targets");
-        }
-    }
-    let ferry_nodes: u64 = targets
-        .iter()
-        .map(|t| match t.kind {
-            Kind::Ferry(None) | Kind::FerryCaptureReads => 1,
-            Kind::Ferry(Some(_)) => 2,
-            _ => 0,
-        })
-        .sum();
-    let bins = if ferry_nodes > 0 {
+    check_tools(&targets)?;
+    let bins = if ferry_nodes(&targets) > 0 {
         Some(ferry_bins(!args.no_build)?)
     } else {
         None
@@ -677,6 +678,88 @@ fn run(args: Args) -> anyhow::Result<()> {
         .or_else(|| std::env::var_os("TMPDIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/var/tmp"));
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    check_space(&targets, size, &base)?;
+    let mut scratch = tempfile::Builder::new()
+        .prefix("ferry-e2e-")
+        .tempdir_in(&base)
+        .with_context(|| format!("creating a scratch directory in {}", base.display()))?;
+    scratch.disable_cleanup(args.keep);
+    eprintln!("scratch directory: {}", scratch.path().display());
+
+    // Declared after `scratch`, so the servers stop before it is removed.
+    let mut servers: Vec<Server> = Vec::new();
+    for def in &targets {
+        servers.push(start_server(def, scratch.path(), size, bins.as_ref())?);
+    }
+    prefill(&mut servers, size)?;
+
+    let files: Vec<PathBuf> = servers.iter().flat_map(|s| s.files.clone()).collect();
+    settle(scratch.path(), &files, !args.warm)?;
+    let load_before = loadavg();
+    let plan = Plan {
+        runtime,
+        rounds,
+        size,
+        replay_ti,
+        async_ti,
+        dir: scratch.path(),
+        files: &files,
+        warm: args.warm,
+    };
+    let samples = measure(&plan, &jobs, &mut servers)?;
+
+    let load = [load_before, loadavg()];
+    let report = Report::build(
+        &args,
+        runtime,
+        rounds,
+        size,
+        &jobs,
+        &servers,
+        &samples,
+        scratch.path(),
+        &load,
+    );
+    println!("{}", report.markdown());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report.json)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if args.keep {
+        eprintln!("kept {}", scratch.path().display());
+    }
+    drop(servers);
+    Ok(())
+}
+
+/// The tools the chosen baselines need are on PATH.
+fn check_tools(targets: &[&'static TargetDef]) -> anyhow::Result<()> {
+    for (kind, tool, pkg) in [
+        (Kind::Nbdkit, "nbdkit", "nbdkit"),
+        (Kind::QemuNbd, "qemu-nbd", "qemu-utils"),
+    ] {
+        if targets.iter().any(|t| t.kind == kind) && find_on_path(tool).is_none() {
+            bail!("{tool} is not on PATH: apt-get install {pkg}, or leave it out with --targets");
+        }
+    }
+    Ok(())
+}
+
+/// How many ferryd processes the chosen targets start.
+fn ferry_nodes(targets: &[&'static TargetDef]) -> u64 {
+    targets
+        .iter()
+        .map(|t| match t.kind {
+            Kind::Ferry(None) | Kind::FerryCaptureReads => 1,
+            Kind::Ferry(Some(_)) => 2,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Refuse a run that would fill the scratch disk or tmpfs halfway through.
+fn check_space(targets: &[&'static TargetDef], size: u64, base: &Path) -> anyhow::Result<()> {
     // A file of the volume's size each: nbdkit's, qemu-nbd's, the control's data file.
     let baselines = targets
         .iter()
@@ -706,7 +789,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             ),
         }
     }
-    if let Some(free) = free_bytes(&base) {
+    if let Some(free) = free_bytes(base) {
         if free < need + (1 << 30) {
             bail!(
                 "{} has {:.1} GiB free; this run needs up to {:.1} GiB (volumes, journals, undo logs): use --dir, --size or --targets",
@@ -716,21 +799,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    let mut scratch = tempfile::Builder::new()
-        .prefix("ferry-e2e-")
-        .tempdir_in(&base)
-        .with_context(|| format!("creating a scratch directory in {}", base.display()))?;
-    scratch.disable_cleanup(args.keep);
-    eprintln!("scratch directory: {}", scratch.path().display());
+    Ok(())
+}
 
-    // Declared after `scratch`, so the servers stop before it is removed.
-    let mut servers: Vec<Server> = Vec::new();
-    for def in &targets {
-        servers.push(start_server(def, scratch.path(), size, bins.as_ref())?);
-    }
-
-    // Fill every volume once, so reads read data and every target starts alike.
-    for s in &mut servers {
+/// Fill every volume once, so reads read data and every target starts alike.
+fn prefill(servers: &mut [Server], size: u64) -> anyhow::Result<()> {
+    for s in servers {
         check_interrupt()?;
         eprintln!("prefill {} ({} MiB)", s.def.label, size >> 20);
         let fill = FioSpec {
@@ -744,94 +818,104 @@ fn run(args: Args) -> anyhow::Result<()> {
         s.run(&fill, Duration::from_secs(600), None)
             .context("prefilling the volume")?;
     }
+    Ok(())
+}
 
-    let files: Vec<PathBuf> = servers.iter().flat_map(|s| s.files.clone()).collect();
-    settle(scratch.path(), &files, !args.warm)?;
-    let load_before = loadavg();
-    let timeout = Duration::from_secs(runtime + 120);
-    // samples[target][job][round]
+/// What every measured job shares.
+struct Plan<'a> {
+    runtime: u64,
+    rounds: usize,
+    size: u64,
+    /// The control that replays the async standby's reads, and that standby's target.
+    replay_ti: Option<usize>,
+    async_ti: Option<usize>,
+    dir: &'a Path,
+    files: &'a [PathBuf],
+    warm: bool,
+}
+
+/// Every job on every target, `rounds` times: samples[target][job][round].
+fn measure(
+    plan: &Plan,
+    jobs: &[&'static JobDef],
+    servers: &mut [Server],
+) -> anyhow::Result<Vec<Vec<Vec<Sample>>>> {
+    let timeout = Duration::from_secs(plan.runtime + 120);
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); jobs.len()]; servers.len()];
-    for round in 0..rounds {
+    for round in 0..plan.rounds {
         for (ji, job) in jobs.iter().enumerate() {
             let spec = FioSpec {
                 rw: job.rw,
                 bs: job.bs,
                 iodepth: job.iodepth,
                 fsync: job.fsync,
-                runtime: Some(runtime),
-                size,
+                runtime: Some(plan.runtime),
+                size: plan.size,
             };
-            let order = round_order(servers.len(), round, replay_ti, async_ti);
+            let order = round_order(servers.len(), round, plan.replay_ti, plan.async_ti);
             for ti in order {
                 check_interrupt()?;
-                let replay = if Some(ti) == replay_ti {
-                    async_ti
+                let replay = if Some(ti) == plan.replay_ti {
+                    plan.async_ti
                         .and_then(|a| samples[a][ji].last())
                         .and_then(|s: &Sample| s.reads_per_s)
                 } else {
                     None
                 };
                 let s = &mut servers[ti];
-                let pids = s.pids();
-                let cpu0 = cpu_seconds_all(&pids)?;
-                let (fio, lag, reads_per_s) = s.run(&spec, timeout, replay)?;
-                let cpu1 = cpu_seconds_all(&pids)?;
-                settle(scratch.path(), &files, !args.warm)?;
-                let sample = Sample {
-                    fio,
-                    cpu_s: cpu1 - cpu0,
-                    lag_p99_s: percentile(&lag.seconds, 99.0),
-                    lag_samples: lag.seconds.len(),
-                    degraded: lag.degraded,
-                    reads_per_s,
-                };
-                eprintln!(
-                    "round {}/{rounds} {:<20} {:<24} {:>9.0} IOPS {:>8.1} MiB/s  p99 {:>7.0} us  {:.2} CPU s/GiB{}{}{}",
-                    round + 1,
-                    job.label,
-                    s.def.label,
-                    fio.iops,
-                    fio.bw_bytes / MIB,
-                    fio.p99_us,
-                    sample.cpu_per_gib(),
-                    sample
-                        .lag_p99_s
-                        .map(|l| format!("  lag p99 {:.1} ms", l * 1e3))
-                        .unwrap_or_default(),
-                    if sample.degraded { "  (sync target degraded)" } else { "" },
-                    sample
-                        .reads_per_s
-                        .map(|r| format!("  standby reads {r:.0}/s"))
-                        .unwrap_or_default(),
-                );
+                let sample = measure_one(plan, s, &spec, timeout, replay)?;
+                log_sample(round, plan.rounds, job, s, &sample);
                 samples[ti][ji].push(sample);
             }
         }
     }
+    Ok(samples)
+}
 
-    let load = [load_before, loadavg()];
-    let report = Report::build(
-        &args,
-        runtime,
-        rounds,
-        size,
-        &jobs,
-        &servers,
-        &samples,
-        scratch.path(),
-        &load,
+/// One job on one target: fio's figures, the CPU its processes used, replication lag.
+fn measure_one(
+    plan: &Plan,
+    s: &mut Server,
+    spec: &FioSpec,
+    timeout: Duration,
+    replay: Option<f64>,
+) -> anyhow::Result<Sample> {
+    let pids = s.pids();
+    let cpu0 = cpu_seconds_all(&pids)?;
+    let (fio, lag, reads_per_s) = s.run(spec, timeout, replay)?;
+    let cpu1 = cpu_seconds_all(&pids)?;
+    settle(plan.dir, plan.files, !plan.warm)?;
+    Ok(Sample {
+        fio,
+        cpu_s: cpu1 - cpu0,
+        lag_p99_s: percentile(&lag.seconds, 99.0),
+        lag_samples: lag.seconds.len(),
+        degraded: lag.degraded,
+        reads_per_s,
+    })
+}
+
+fn log_sample(round: usize, rounds: usize, job: &JobDef, s: &Server, sample: &Sample) {
+    let fio = &sample.fio;
+    eprintln!(
+        "round {}/{rounds} {:<20} {:<24} {:>9.0} IOPS {:>8.1} MiB/s  p99 {:>7.0} us  {:.2} CPU s/GiB{}{}{}",
+        round + 1,
+        job.label,
+        s.def.label,
+        fio.iops,
+        fio.bw_bytes / MIB,
+        fio.p99_us,
+        sample.cpu_per_gib(),
+        sample
+            .lag_p99_s
+            .map(|l| format!("  lag p99 {:.1} ms", l * 1e3))
+            .unwrap_or_default(),
+        if sample.degraded { "  (sync target degraded)" } else { "" },
+        sample
+            .reads_per_s
+            .map(|r| format!("  standby reads {r:.0}/s"))
+            .unwrap_or_default(),
     );
-    println!("{}", report.markdown());
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report.json)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    if args.keep {
-        eprintln!("kept {}", scratch.path().display());
-    }
-    drop(servers);
-    Ok(())
 }
 
 /// Aggregated figures of one target on one job.
@@ -873,46 +957,7 @@ impl Report {
         dir: &Path,
         load: &[String; 2],
     ) -> Report {
-        let base = servers.iter().position(|s| s.def.kind == Kind::Nbdkit);
-        let mut rows = Vec::new();
-        for (ji, _) in jobs.iter().enumerate() {
-            for (ti, _) in servers.iter().enumerate() {
-                let v = &samples[ti][ji];
-                let m = |f: &dyn Fn(&Sample) -> f64| median(v.iter().map(f).collect());
-                let mo = |f: &dyn Fn(&Sample) -> Option<f64>| {
-                    let x: Vec<f64> = v.iter().filter_map(f).collect();
-                    (!x.is_empty()).then(|| median(x))
-                };
-                let vs_nbdkit = base.filter(|&b| b != ti).map(|b| {
-                    let b = &samples[b][ji];
-                    let ratio = |f: &dyn Fn(&Sample) -> f64| {
-                        median(v.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect())
-                    };
-                    [
-                        ratio(&|s| s.fio.iops),
-                        ratio(&|s| s.fio.p50_us),
-                        ratio(&|s| s.fio.p99_us),
-                        ratio(&|s| s.cpu_per_gib()),
-                        ratio(&|s| s.fio.flush_p99_us.unwrap_or(f64::NAN)),
-                    ]
-                });
-                rows.push(Row {
-                    job: ji,
-                    target: ti,
-                    iops: m(&|s| s.fio.iops),
-                    mib_s: m(&|s| s.fio.bw_bytes / MIB),
-                    p50_us: m(&|s| s.fio.p50_us),
-                    p99_us: m(&|s| s.fio.p99_us),
-                    flush_p50_us: mo(&|s| s.fio.flush_p50_us),
-                    flush_p99_us: mo(&|s| s.fio.flush_p99_us),
-                    cpu_per_gib: m(&|s| s.cpu_per_gib()),
-                    lag_p99_ms: mo(&|s| s.lag_p99_s).map(|l| l * 1e3),
-                    degraded: v.iter().any(|s| s.degraded),
-                    reads_per_s: mo(&|s| s.reads_per_s),
-                    vs_nbdkit,
-                });
-            }
-        }
+        let rows = Report::rows(jobs, servers, samples);
 
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -958,8 +1003,6 @@ impl Report {
             ),
         ];
 
-        let f = |x: f64| if x.is_finite() { json!(x) } else { Value::Null };
-        let fo = |x: Option<f64>| x.map_or(Value::Null, f);
         let json = json!({
             "date": utc_date(now),
             "unix_time": now,
@@ -981,7 +1024,77 @@ impl Report {
             "targets": servers.iter().map(|s| json!({
                 "key": s.def.key, "label": s.def.label, "command": s.command,
             })).collect::<Vec<_>>(),
-            "results": rows.iter().map(|r| {
+            "results": Report::results(&rows, jobs, servers, samples),
+        });
+        Report {
+            header,
+            rows,
+            jobs: jobs.to_vec(),
+            labels: servers.iter().map(|s| s.def.label).collect(),
+            json,
+        }
+    }
+
+    /// Medians of every target on every job, and their ratios to nbdkit file.
+    fn rows(
+        jobs: &[&'static JobDef],
+        servers: &[Server],
+        samples: &[Vec<Vec<Sample>>],
+    ) -> Vec<Row> {
+        let base = servers.iter().position(|s| s.def.kind == Kind::Nbdkit);
+        let mut rows = Vec::new();
+        for (ji, _) in jobs.iter().enumerate() {
+            for (ti, _) in servers.iter().enumerate() {
+                let v = &samples[ti][ji];
+                let m = |f: &dyn Fn(&Sample) -> f64| median(v.iter().map(f).collect());
+                let mo = |f: &dyn Fn(&Sample) -> Option<f64>| {
+                    let x: Vec<f64> = v.iter().filter_map(f).collect();
+                    (!x.is_empty()).then(|| median(x))
+                };
+                let vs_nbdkit = base.filter(|&b| b != ti).map(|b| {
+                    let b = &samples[b][ji];
+                    let ratio = |f: &dyn Fn(&Sample) -> f64| {
+                        median(v.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect())
+                    };
+                    [
+                        ratio(&|s| s.fio.iops),
+                        ratio(&|s| s.fio.p50_us),
+                        ratio(&|s| s.fio.p99_us),
+                        ratio(&|s| s.cpu_per_gib()),
+                        ratio(&|s| s.fio.flush_p99_us.unwrap_or(f64::NAN)),
+                    ]
+                });
+                rows.push(Row {
+                    job: ji,
+                    target: ti,
+                    iops: m(&|s| s.fio.iops),
+                    mib_s: m(&|s| s.fio.bw_bytes / MIB),
+                    p50_us: m(&|s| s.fio.p50_us),
+                    p99_us: m(&|s| s.fio.p99_us),
+                    flush_p50_us: mo(&|s| s.fio.flush_p50_us),
+                    flush_p99_us: mo(&|s| s.fio.flush_p99_us),
+                    cpu_per_gib: m(&|s| s.cpu_per_gib()),
+                    lag_p99_ms: mo(&|s| s.lag_p99_s).map(|l| l * 1e3),
+                    degraded: v.iter().any(|s| s.degraded),
+                    reads_per_s: mo(&|s| s.reads_per_s),
+                    vs_nbdkit,
+                });
+            }
+        }
+        rows
+    }
+
+    /// The JSON report's per-row results, each with its rounds.
+    fn results(
+        rows: &[Row],
+        jobs: &[&'static JobDef],
+        servers: &[Server],
+        samples: &[Vec<Vec<Sample>>],
+    ) -> Vec<Value> {
+        let f = |x: f64| if x.is_finite() { json!(x) } else { Value::Null };
+        let fo = |x: Option<f64>| x.map_or(Value::Null, f);
+        rows.iter()
+            .map(|r| {
                 let v = &samples[r.target][r.job];
                 json!({
                     "job": jobs[r.job].key,
@@ -1015,15 +1128,8 @@ impl Report {
                         "standby_reads_per_s": fo(s.reads_per_s),
                     })).collect::<Vec<_>>(),
                 })
-            }).collect::<Vec<_>>(),
-        });
-        Report {
-            header,
-            rows,
-            jobs: jobs.to_vec(),
-            labels: servers.iter().map(|s| s.def.label).collect(),
-            json,
-        }
+            })
+            .collect::<Vec<_>>()
     }
 
     fn markdown(&self) -> String {

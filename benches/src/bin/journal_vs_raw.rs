@@ -120,7 +120,32 @@ fn main() -> anyhow::Result<()> {
          runs alternate, ratios are to the same round's raw figure)",
         dir.display()
     );
-    // (label, engine, depth, size, appenders, warm)
+    let configs = configs(only.as_deref());
+    let mut raw_rows = [
+        ("fio raw 1M seq write O_DIRECT psync QD1", Vec::new()),
+        ("fio raw 1M seq write O_DIRECT io_uring QD8", Vec::new()),
+    ];
+    let mut rows: Vec<Row> = configs
+        .iter()
+        .map(|c| Row {
+            label: c.0.clone(),
+            size: c.3,
+            mib_s: Vec::new(),
+            ratio: Vec::new(),
+        })
+        .collect();
+    for round in 0..rounds {
+        run_round(&dir, bytes, round, &configs, &mut raw_rows, &mut rows)?;
+    }
+    print_medians(rounds, raw_rows, &rows);
+    Ok(())
+}
+
+/// (label, engine, depth, size, appenders, warm)
+type Config = (String, EngineChoice, usize, usize, usize, bool);
+
+/// Every journal row, or the one `--only` names.
+fn configs(only: Option<&str>) -> Vec<Config> {
     let mut configs = Vec::new();
     for (engine, depth, name) in [
         (EngineChoice::IoUring, 1, "io_uring"),
@@ -130,7 +155,7 @@ fn main() -> anyhow::Result<()> {
         for (size, sname) in [(1usize << 20, "1MiB"), (4096, "4KiB")] {
             for appenders in [1usize, 32] {
                 let key = format!("{name}/{sname}/{appenders}");
-                if only.as_deref().is_some_and(|o| o != key) {
+                if only.is_some_and(|o| o != key) {
                     continue;
                 }
                 let label = format!("journal {name} {sname} x{appenders}");
@@ -148,46 +173,48 @@ fn main() -> anyhow::Result<()> {
             false,
         ));
     }
-    let mut raw_rows = [
-        ("fio raw 1M seq write O_DIRECT psync QD1", Vec::new()),
-        ("fio raw 1M seq write O_DIRECT io_uring QD8", Vec::new()),
-    ];
-    let mut rows: Vec<Row> = configs
-        .iter()
-        .map(|c| Row {
-            label: c.0.clone(),
-            size: c.3,
-            mib_s: Vec::new(),
-            ratio: Vec::new(),
-        })
-        .collect();
-    for round in 0..rounds {
-        let psync = fio_raw(&dir, "psync", 1, bytes)?;
-        let uring = fio_raw(&dir, "io_uring", 8, bytes)?;
-        raw_rows[0].1.push(psync);
-        raw_rows[1].1.push(uring);
-        let raw = psync.max(uring);
-        println!("round {}: raw {raw:.0} MiB/s", round + 1);
-        for (c, row) in configs.iter().zip(rows.iter_mut()) {
-            // 4 KiB runs write an eighth: same wall time order as the 1 MiB ones.
-            let total = if c.3 < (1 << 20) { bytes / 8 } else { bytes };
-            match journal_mib_s(c.1, c.2, c.3, c.4, total, c.5) {
-                Some(mbs) => {
-                    println!("  {:<44} {mbs:>8.0} MiB/s  {:.2}x raw", c.0, mbs / raw);
-                    row.mib_s.push(mbs);
-                    row.ratio.push(mbs / raw);
-                }
-                None => println!("  {}: engine unavailable, not measured", c.0),
+    configs
+}
+
+/// One round: both raw fio runs, then every journal row against the better of them.
+fn run_round(
+    dir: &std::path::Path,
+    bytes: u64,
+    round: usize,
+    configs: &[Config],
+    raw_rows: &mut [(&str, Vec<f64>); 2],
+    rows: &mut [Row],
+) -> anyhow::Result<()> {
+    let psync = fio_raw(dir, "psync", 1, bytes)?;
+    let uring = fio_raw(dir, "io_uring", 8, bytes)?;
+    raw_rows[0].1.push(psync);
+    raw_rows[1].1.push(uring);
+    let raw = psync.max(uring);
+    println!("round {}: raw {raw:.0} MiB/s", round + 1);
+    for (c, row) in configs.iter().zip(rows.iter_mut()) {
+        // 4 KiB runs write an eighth: same wall time order as the 1 MiB ones.
+        let total = if c.3 < (1 << 20) { bytes / 8 } else { bytes };
+        match journal_mib_s(c.1, c.2, c.3, c.4, total, c.5) {
+            Some(mbs) => {
+                println!("  {:<44} {mbs:>8.0} MiB/s  {:.2}x raw", c.0, mbs / raw);
+                row.mib_s.push(mbs);
+                row.ratio.push(mbs / raw);
             }
+            None => println!("  {}: engine unavailable, not measured", c.0),
         }
     }
+    Ok(())
+}
+
+/// The medians of every row over the rounds, and io_uring against std.
+fn print_medians(rounds: usize, raw_rows: [(&str, Vec<f64>); 2], rows: &[Row]) {
     println!();
     println!("medians over {rounds} rounds:");
     println!("{:<44} {:>10} {:>8}", "run", "MiB/s", "x raw");
     for (label, v) in raw_rows {
         println!("{label:<44} {:>10.0}", median(v));
     }
-    for r in &rows {
+    for r in rows {
         if r.mib_s.is_empty() {
             continue;
         }
@@ -220,5 +247,4 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
 }

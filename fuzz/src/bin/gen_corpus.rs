@@ -70,6 +70,13 @@ fn save(out: &Path, target: &str, data: &[u8]) -> std::io::Result<()> {
 }
 
 fn frames() -> Vec<Frame> {
+    let mut frames = session_frames();
+    frames.extend(verify_and_resync_frames());
+    frames
+}
+
+/// One frame of each session kind: handshake, streaming, errors, handover.
+fn session_frames() -> Vec<Frame> {
     let rec = |seq, op, data: &'static [u8], length| WireRecord {
         seq,
         volume: 1,
@@ -134,6 +141,12 @@ fn frames() -> Vec<Frame> {
             seq: 46,
             new_epoch: 8,
         }),
+    ]
+}
+
+/// One frame of each verify and resync kind.
+fn verify_and_resync_frames() -> Vec<Frame> {
+    vec![
         Frame::VerifyResult(VerifyResult {
             epoch: 7,
             id: 3,
