@@ -635,7 +635,8 @@ pub struct FerryCluster {
 
 const TARGET: &str = "target=\"dr1\"";
 
-/// `ferryctl init` of a primary (and standby `dr1` when `mode` is set) in `dir`.
+/// `ferryctl init` of a primary (and standby `dr1` when `mode` is set: `async`, `sync`,
+/// or either with `:gm` for the SM suites) in `dir`.
 fn ferryctl_init(
     bins: &FerryBins,
     dir: &Path,
@@ -653,11 +654,14 @@ fn ferryctl_init(
         .arg(format!("127.0.0.1:{nbd_port}"))
         .args(["--journal-size", journal_size]);
     if let Some(m) = mode {
+        // `MODE:gm`: the cluster speaks the national-crypto suites (SM2 certificates,
+        // TLS_SM4_GCM_SM3 over QUIC), to compare with the standard ones in one run.
+        let (m, crypto) = m.split_once(':').unwrap_or((m, "standard"));
         init.arg("--primary")
             .arg(format!("127.0.0.1:{}", free_udp_port()?))
             .arg("--standby")
             .arg(format!("dr1=127.0.0.1:{}", free_udp_port()?))
-            .args(["--mode", m]);
+            .args(["--mode", m, "--crypto", crypto]);
     }
     let out = init.output().context("running ferryctl init")?;
     if !out.status.success() {
