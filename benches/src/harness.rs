@@ -643,7 +643,7 @@ fn ferryctl_init(
     volume_size: u64,
     journal_size: &str,
     mode: Option<&str>,
-    nbd_port: u16,
+    (nbd_port, metrics_port): (u16, u16),
 ) -> anyhow::Result<()> {
     let mut init = Command::new(&bins.ferryctl);
     init.args(["init", "--dir"])
@@ -652,7 +652,11 @@ fn ferryctl_init(
         .arg(format!("vol0:{volume_size}"))
         .arg("--nbd")
         .arg(format!("127.0.0.1:{nbd_port}"))
-        .args(["--journal-size", journal_size]);
+        .args(["--journal-size", journal_size])
+        // The Prometheus endpoint, as the README shows: lag sampling through it does
+        // not append an audit line per sample as control requests do. The primary
+        // gets this port, the standby the next one.
+        .args(["--metrics-port", &metrics_port.to_string()]);
     if let Some(m) = mode {
         // `MODE:gm`: the cluster speaks the national-crypto suites (SM2 certificates,
         // TLS_SM4_GCM_SM3 over QUIC), to compare with the standard ones in one run.
@@ -674,16 +678,13 @@ fn ferryctl_init(
     Ok(())
 }
 
-/// What `ferryctl init` does not set: the metrics endpoint, PIT off, tmpfs storage.
+/// What `ferryctl init` does not set: PIT off, tmpfs storage.
 fn configure(
     dir: &Path,
-    metrics_port: u16,
     mode: Option<&str>,
     pit: bool,
     standby_storage: Option<&Path>,
 ) -> anyhow::Result<()> {
-    // The Prometheus endpoint, as the README shows: lag sampling through it does
-    // not append an audit line (fsynced) per sample as control requests do.
     let append = |node: &str, section: String| -> anyhow::Result<()> {
         let cfg = dir.join(format!("{node}.toml"));
         std::fs::OpenOptions::new()
@@ -692,10 +693,6 @@ fn configure(
             .and_then(|mut f| write!(f, "\n{section}"))
             .with_context(|| format!("adding {section:?} to {}", cfg.display()))
     };
-    append(
-        "primary",
-        format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
-    )?;
     if mode.is_some() && !pit {
         append("dr1", "[pit]\nenabled = false\n".into())?;
     }
@@ -736,8 +733,15 @@ impl FerryCluster {
     ) -> anyhow::Result<FerryCluster> {
         let nbd_port = free_tcp_port()?;
         let metrics_port = free_tcp_port()?;
-        ferryctl_init(bins, dir, volume_size, journal_size, mode, nbd_port)?;
-        configure(dir, metrics_port, mode, pit, standby_storage)?;
+        ferryctl_init(
+            bins,
+            dir,
+            volume_size,
+            journal_size,
+            mode,
+            (nbd_port, metrics_port),
+        )?;
+        configure(dir, mode, pit, standby_storage)?;
         let spawn = |node: &str| spawn_ferryd(bins, dir, node);
         // The standby first, so the primary's first dial finds it.
         let mut standby = mode.map(|_| spawn("dr1")).transpose()?;

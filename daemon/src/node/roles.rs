@@ -106,15 +106,39 @@ pub(crate) async fn switchover(
                 t.name, t.name
             );
             group.set_fence(Some(why.clone()));
-            tokio::spawn(await_handover_outcome(
+            let outcome = tokio::spawn(await_handover_outcome(
                 rec.clone(),
                 group.clone(),
                 t.clone(),
                 (life.clone(), has_listen),
             ));
-            Err(e.context(why))
+            // Usually the standby's next session says within seconds; the watcher goes
+            // on in the background if not.
+            match tokio::time::timeout(Duration::from_secs(30), outcome).await {
+                Ok(Ok(HandoverOutcome::TookOver(epoch))) => Ok(json!({
+                    "to": t.name,
+                    "epoch": epoch,
+                    "ack": "lost: the standby's newer epoch showed it took over",
+                    "writes_stopped_seconds": started.elapsed().as_secs_f64(),
+                })),
+                Ok(Ok(HandoverOutcome::DidNot)) => Err(e.context(format!(
+                    "switchover abandoned: '{}' did not take over (it streams from this node again); writes resume",
+                    t.name
+                ))),
+                _ => Err(e.context(why)),
+            }
         }
     }
+}
+
+/// What an unanswered Handover turned out to be.
+enum HandoverOutcome {
+    /// The standby is the primary of this epoch; this node rejoins it as a standby.
+    TookOver(u64),
+    /// The standby streams from this node again: no switchover happened.
+    DidNot,
+    /// The outdated mark could not be read: writes stay refused.
+    Unknown,
 }
 
 /// Why a switchover ended without a new primary this node knows of.
@@ -137,7 +161,7 @@ async fn await_handover_outcome(
     group: Arc<Group>,
     t: Arc<TargetState>,
     (life, has_listen): (Arc<Lifecycle>, bool),
-) {
+) -> HandoverOutcome {
     loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         match rec.meta.outdated() {
@@ -146,21 +170,22 @@ async fn await_handover_outcome(
                 group.set_fence(Some(outdated_reason(&o)));
                 if let Err(e) = demote(&rec, &group, has_listen, &life).await {
                     tracing::error!("switchover: rejoining '{}' as its standby failed: {e:#}; writes stay refused (ferryctl demote)", o.by);
+                    return HandoverOutcome::Unknown;
                 }
-                return;
+                return HandoverOutcome::TookOver(o.epoch);
             }
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(
                     "switchover outcome: reading the outdated mark: {e}; writes stay refused"
                 );
-                return;
+                return HandoverOutcome::Unknown;
             }
         }
         if t.state() == "streaming" {
             tracing::warn!(to = %t.name, "switchover did not happen: '{}' streams from this primary again; taking writes", t.name);
             group.set_fence(None);
-            return;
+            return HandoverOutcome::DidNot;
         }
     }
 }

@@ -328,7 +328,12 @@ async fn stream(
                 if t.read(|lc| lc.must_end_session()).is_some() {
                     bail!("switched to bitmap mode: the journal no longer keeps this target's records");
                 }
-                if last_heard.elapsed() > PEER_SILENT {
+                // A standby taking over answers no heartbeat until its HandoverAck (the
+                // take-over checkpoints and records the new epoch first): ending the
+                // session then would lose the ack. The handover has its own timeout.
+                let handing_over =
+                    t.read(|lc| matches!(lc.phase(), ferry_proto::target::TargetPhase::HandingOver { .. }));
+                if last_heard.elapsed() > PEER_SILENT && !handing_over {
                     bail!("the standby sent nothing for {PEER_SILENT:?} (not even a heartbeat)");
                 }
                 s.control_send
