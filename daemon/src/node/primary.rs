@@ -53,23 +53,7 @@ pub(crate) async fn run_primary(
         Some(r) => start_replication(&cfg, r, &rec, &group, &stop_rx)?,
         None => None,
     };
-    // Archive targets (cold tier) hold the journal from the checkpoint until they know
-    // what their archive holds.
-    let archives = Arc::new(crate::archive::Archives::from_config(
-        &cfg,
-        rec.checkpoint.min(rec.journal.durable_seq()),
-        rec.journal.clone(),
-    ));
-    crate::archive::run::start_on_primary(
-        &cfg,
-        rec.meta.epoch()?,
-        rec.meta.fork_seq()?,
-        &rec.journal,
-        &rec.bases,
-        &group,
-        &archives,
-        &stop_rx,
-    );
+    let archives = start_archives(&cfg, &rec, &group, &stop_rx)?;
     let ckpt = Checkpointer::start(&cfg, rec.clone(), {
         let (group, repl, archives) = (group.clone(), repl.clone(), archives.clone());
         Arc::new(move || {
@@ -127,6 +111,32 @@ pub(crate) async fn run_primary(
     }
     drop(registry);
     finish_shutdown(ckpt, &rec).await
+}
+
+/// Archive targets (cold tier): they hold the journal from the checkpoint until they
+/// know what their archive holds, then upload from there.
+fn start_archives(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    group: &Arc<Group>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<Arc<crate::archive::Archives>> {
+    let archives = Arc::new(crate::archive::Archives::from_config(
+        cfg,
+        rec.checkpoint.min(rec.journal.durable_seq()),
+        rec.journal.clone(),
+    ));
+    crate::archive::run::start_on_primary(
+        cfg,
+        rec.meta.epoch()?,
+        rec.meta.fork_seq()?,
+        &rec.journal,
+        &rec.bases,
+        group,
+        &archives,
+        stop_rx,
+    );
+    Ok(archives)
 }
 
 /// What `status` and the metrics read on a primary.
