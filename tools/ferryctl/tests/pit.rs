@@ -496,13 +496,9 @@ fn retention_drops_the_oldest_points_under_a_size_limit() {
     );
 }
 
-/// The README's DR drill: ext4 on the primary, an application-consistent bookmark
-/// (fsfreeze around it), later changes; on the standby, a read-only view at the
-/// bookmark attached with nbdfuse + losetup, mounted read-only, files checked, fsck
-/// clean, unexported.
-#[test]
-fn dr_drill_mounts_a_view_at_a_bookmark() {
-    let name = "dr_drill_mounts_a_view_at_a_bookmark";
+/// Whether test `name` can attach and mount views here (the tools, root, /dev/fuse);
+/// it is skipped, loudly, when not.
+fn can_mount_views(name: &str) -> bool {
     for tool in [
         "nbdfuse",
         "losetup",
@@ -511,14 +507,41 @@ fn dr_drill_mounts_a_view_at_a_bookmark() {
         "fusermount3",
         "fsfreeze",
         "e2fsck",
+        "blkid",
     ] {
         if skip_without(tool, name) {
-            return;
+            return false;
         }
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
         ferryd::testkit::skip(name, "needs root and /dev/fuse");
+        return false;
+    }
+    true
+}
+
+/// Bookmark `name` on the primary with the filesystem at `mnt` frozen around it: the
+/// point is clean, no journal replay is needed to mount it read-only.
+fn frozen_bookmark(pcfg: &Path, mnt: &Path, name: &str) {
+    run(Command::new("fsfreeze").arg("-f").arg(mnt));
+    let bm = ctl(pcfg, &["bookmark", "create", name]);
+    run(Command::new("fsfreeze").arg("-u").arg(mnt));
+    assert!(
+        bm.status.success(),
+        "bookmark: {}",
+        String::from_utf8_lossy(&bm.stderr)
+    );
+}
+
+/// The README's DR drill: ext4 on the primary, an application-consistent bookmark
+/// (fsfreeze around it), later changes; on the standby, a read-only view at the
+/// bookmark attached with nbdfuse + losetup, mounted read-only, files checked, fsck
+/// clean, unexported.
+#[test]
+fn dr_drill_mounts_a_view_at_a_bookmark() {
+    let name = "dr_drill_mounts_a_view_at_a_bookmark";
+    if !can_mount_views(name) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -531,16 +554,7 @@ fn dr_drill_mounts_a_view_at_a_bookmark() {
     att.mount(&mnt, &[]);
     std::fs::write(mnt.join("orders.db"), b"version 1").unwrap();
     std::fs::write(mnt.join("keep.txt"), b"unchanged").unwrap();
-    // Quiesce the filesystem around the bookmark: the point is clean, no journal
-    // replay needed to mount it read-only.
-    run(Command::new("fsfreeze").arg("-f").arg(&mnt));
-    let bm = ctl(&pcfg, &["bookmark", "create", "drill"]);
-    run(Command::new("fsfreeze").arg("-u").arg(&mnt));
-    assert!(
-        bm.status.success(),
-        "bookmark: {}",
-        String::from_utf8_lossy(&bm.stderr)
-    );
+    frozen_bookmark(&pcfg, &mnt, "drill");
     std::fs::write(mnt.join("orders.db"), b"version 2, after the bookmark").unwrap();
     std::fs::remove_file(mnt.join("keep.txt")).unwrap();
     run(Command::new("sync").arg("-f").arg(mnt.join("orders.db")));
@@ -603,23 +617,7 @@ fn dr_drill_mounts_a_view_at_a_bookmark() {
 #[test]
 fn ferryctl_drill_checks_a_bookmark_on_ext4_and_reports_rto_and_rpo() {
     let name = "ferryctl_drill_checks_a_bookmark_on_ext4_and_reports_rto_and_rpo";
-    for tool in [
-        "nbdfuse",
-        "losetup",
-        "mkfs.ext4",
-        "mount",
-        "fusermount3",
-        "fsfreeze",
-        "e2fsck",
-        "blkid",
-    ] {
-        if skip_without(tool, name) {
-            return;
-        }
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
-        ferryd::testkit::skip(name, "needs root and /dev/fuse");
+    if !can_mount_views(name) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -631,14 +629,7 @@ fn ferryctl_drill_checks_a_bookmark_on_ext4_and_reports_rto_and_rpo() {
     run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(att.dev()));
     att.mount(&mnt, &[]);
     std::fs::write(mnt.join("orders.db"), b"version 1").unwrap();
-    run(Command::new("fsfreeze").arg("-f").arg(&mnt));
-    let bm = ctl(&pcfg, &["bookmark", "create", "nightly"]);
-    run(Command::new("fsfreeze").arg("-u").arg(&mnt));
-    assert!(
-        bm.status.success(),
-        "{}",
-        String::from_utf8_lossy(&bm.stderr)
-    );
+    frozen_bookmark(&pcfg, &mnt, "nightly");
     std::fs::write(mnt.join("orders.db"), b"version 2").unwrap();
     run(Command::new("sync").arg("-f").arg(mnt.join("orders.db")));
     wait_applied(&primary, &standby);
