@@ -19,6 +19,31 @@ fn cmds(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// A test primary sends write-set 1 (block 0 filled with 0xab) to the standby `node`
+/// listening on `addr`; returns once it is durable there and applied.
+fn apply_first_write_set(
+    node: &Node,
+    addr: std::net::SocketAddr,
+    tls: &ferry_transport::quic::TlsMaterial,
+) {
+    let epoch = node.status()["epoch"].as_u64().expect("epoch");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = connect(addr, tls, epoch).await;
+        match answer(&mut s, write_set(epoch, 1, 0, 0xab)).await {
+            Answer::Durable(1) => {}
+            other => panic!("the standby did not take the write-set: {other:?}"),
+        }
+        s.conn.close(0u32.into(), b"test done");
+    });
+    node.wait_status("the write-set applied", Duration::from_secs(20), |st| {
+        st["applied_seq"].as_u64() == Some(1)
+    });
+}
+
 /// Issue 16, path 1 ("fsyncgate"): the first fsync of the base after acknowledged
 /// writes fails. Linux may then drop the failed pages, so a retried fsync succeeds
 /// without the data on disk. The checkpoint must not pass those writes: the group
@@ -102,22 +127,7 @@ fn fsync_failure_on_a_replica_never_lets_the_checkpoint_pass_its_writes() {
         &cfg,
         &[("FAILPOINTS", "ferryd::base_fsync=1*return(EIO)")],
     );
-    let epoch = node.status()["epoch"].as_u64().expect("epoch");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut s = connect(addr, &tls, epoch).await;
-        match answer(&mut s, write_set(epoch, 1, 0, 0xab)).await {
-            Answer::Durable(1) => {}
-            other => panic!("the standby did not take the write-set: {other:?}"),
-        }
-        s.conn.close(0u32.into(), b"test done");
-    });
-    node.wait_status("the write-set applied", Duration::from_secs(20), |st| {
-        st["applied_seq"].as_u64() == Some(1)
-    });
+    apply_first_write_set(&node, addr, &tls);
     node.wait_status(
         "the first checkpoint attempt",
         Duration::from_secs(30),
@@ -171,22 +181,7 @@ fn fsync_failure_in_checkpoint_now_refuses_the_promote_and_its_retry() {
         &cfg,
         &[("FAILPOINTS", "ferryd::base_fsync=1*return(EIO)")],
     );
-    let epoch = node.status()["epoch"].as_u64().expect("epoch");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut s = connect(addr, &tls, epoch).await;
-        match answer(&mut s, write_set(epoch, 1, 0, 0xab)).await {
-            Answer::Durable(1) => {}
-            other => panic!("the standby did not take the write-set: {other:?}"),
-        }
-        s.conn.close(0u32.into(), b"test done");
-    });
-    node.wait_status("the write-set applied", Duration::from_secs(20), |st| {
-        st["applied_seq"].as_u64() == Some(1)
-    });
+    apply_first_write_set(&node, addr, &tls);
     let promote = || {
         ferry_api::control::call(
             &c.control.socket,
