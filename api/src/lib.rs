@@ -2,6 +2,7 @@
 //! that the CLI does not link the daemon.
 //!
 //! * [`config`]  — the TOML configuration, validated with errors that name the key.
+//! * [`keys`]    — every config key and whether a reload can change it live.
 //! * [`size`]    — byte sizes (`64MiB`) in the config and on the command line.
 //! * [`timefmt`] — RFC 3339 parsing and formatting, and the one civil-date routine.
 //! * [`control`] — the control socket protocol (requests, responses, roles) and its client.
@@ -10,6 +11,7 @@
 pub mod audit;
 pub mod config;
 pub mod control;
+pub mod keys;
 pub mod size;
 pub mod status;
 pub mod timefmt;
