@@ -142,7 +142,10 @@ pub fn change_of(path: &str) -> Option<Change> {
         return Some(k.change);
     }
     let prefix = format!("{p}.");
-    let mut inside = KEYS.iter().filter(|k| k.key.starts_with(&prefix)).peekable();
+    let mut inside = KEYS
+        .iter()
+        .filter(|k| k.key.starts_with(&prefix))
+        .peekable();
     inside.peek()?;
     Some(
         inside

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ferry_journal::{Seq, UndoLog};
 
-use super::Pit;
+use super::{Limits, Pit};
 use crate::store::meta::Bookmark;
 use ferry_api::timefmt::format_rfc3339;
 
@@ -25,12 +25,13 @@ impl Pit {
     /// epoch), so tests can jump it.
     pub(crate) fn retain_at(&self, last: Seq, local_now: u64) {
         let mut undo = self.undo.lock();
+        let limits = self.limits();
         let now = age_reference(local_now, undo.points().last().map(|p| p.timestamp_ns));
-        let over_size = undo.used_bytes() > self.settings.max_bytes.0;
+        let over_size = undo.used_bytes() > limits.max_bytes;
         let over_age = undo
             .points()
             .first()
-            .is_some_and(|p| self.too_old(now, p.timestamp_ns));
+            .is_some_and(|p| too_old(limits, now, p.timestamp_ns));
         if !over_size && !over_age {
             return;
         }
@@ -39,7 +40,7 @@ impl Pit {
         let before = *self.window.lock();
         let mut freed = 0u64;
         let mut reason = "";
-        while let Some((cut, why)) = self.next_cut(&undo, last, now, pinned, &bookmarks) {
+        while let Some((cut, why)) = self.next_cut(&undo, limits, (last, now), pinned, &bookmarks) {
             match undo.release_before(cut) {
                 // Nothing could go (a resync transition is only released whole).
                 Ok(0) => break,
@@ -66,20 +67,13 @@ impl Pit {
         }
     }
 
-    /// Whether a point stamped `ts` is past the age limit at `now` (from
-    /// `age_reference`; a limit of 0: no age limit).
-    fn too_old(&self, now: u64, ts: u64) -> bool {
-        let max_age = Duration::from_secs(self.settings.max_age_secs);
-        self.settings.max_age_secs > 0 && now.saturating_sub(ts) > max_age.as_nanos() as u64
-    }
-
     /// The next cut (release everything before it: the oldest segment's points) and
     /// the limit that asks for it, or `None` when retention must stop here.
     fn next_cut(
         &self,
         undo: &UndoLog,
-        last: Seq,
-        now: u64,
+        limits: Limits,
+        (last, now): (Seq, u64),
         pinned: Option<Seq>,
         bookmarks: &[Bookmark],
     ) -> Option<(Seq, &'static str)> {
@@ -95,8 +89,8 @@ impl Pit {
         if cut >= last || undo.segment_count() < 2 {
             return None;
         }
-        let size = undo.used_bytes() > self.settings.max_bytes.0;
-        if !size && !self.too_old(now, newest_of_seg.timestamp_ns) {
+        let size = undo.used_bytes() > limits.max_bytes;
+        if !size && !too_old(limits, now, newest_of_seg.timestamp_ns) {
             return None;
         }
         if let Some(p) = pinned.filter(|&p| p < cut) {
@@ -128,6 +122,13 @@ impl Pit {
         }
         Some((cut, if size { "size limit" } else { "age limit" }))
     }
+}
+
+/// Whether a point stamped `ts` is past the age limit at `now` (from
+/// `age_reference`; a limit of 0: no age limit).
+fn too_old(limits: Limits, now: u64, ts: u64) -> bool {
+    let max_age = Duration::from_secs(limits.max_age_secs);
+    limits.max_age_secs > 0 && now.saturating_sub(ts) > max_age.as_nanos() as u64
 }
 
 /// The time ages are measured at: the newest point's (primary) timestamp, but never
@@ -169,6 +170,27 @@ mod tests {
         let (seq, _, image) = r.snaps.iter().find(|s| s.0 == oldest).unwrap().clone();
         let v = r.view(Target::Seq(seq), None);
         assert_eq!(read_all(&v), image);
+    }
+    /// Lowered limits (a reload) are in force at once: the window shrinks to them
+    /// without waiting for the next write-set, and status shows the new limits.
+    #[test]
+    fn lowered_limits_shrink_the_window_at_once() {
+        let mut r = rig(8192, 1 << 20);
+        for i in 0..10u64 {
+            r.apply(10 + i, &[(Op::Write, i * 4096, 4096, i as u8 + 20)]);
+        }
+        let before = r.pit.window_numbers();
+        assert!(before.used_bytes > 24 << 10, "{before:?}");
+        r.pit.set_retention(crate::pit::Limits {
+            max_bytes: 24 << 10,
+            max_age_secs: 0,
+        });
+        let after = r.pit.window_numbers();
+        assert!(after.used_bytes <= 24 << 10, "{after:?}");
+        assert!(after.points < before.points, "{before:?} -> {after:?}");
+        assert_eq!(after.max_bytes, 24 << 10);
+        let st = serde_json::to_value(r.pit.status()).unwrap();
+        assert_eq!(st["max_bytes"], 24 << 10, "{st}");
     }
 }
 
