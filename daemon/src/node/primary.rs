@@ -65,14 +65,9 @@ pub(crate) async fn run_primary(
     let status = primary_status(&cfg, &rec, &group, repl.clone(), archives, nbd_addr);
     obs.metrics.set_source(status.metrics_source());
     let fence_task = fence_task(&cfg, &rec, &group, &stop_rx)?;
-    let (reloader, hup) = match reload_from {
-        Some((path, applied)) => {
-            let live = reload_live(&rec, repl.clone(), &control, &obs);
-            let (r, hup) = reload::start(path, applied, live);
-            (Some(r), Some(hup))
-        }
-        None => (None, None),
-    };
+    let (reloader, hup) = reload::start(reload_from, || {
+        reload_live(&rec, repl.clone(), &control, &obs)
+    });
     let handler = primary_handler(
         &cfg,
         rec.clone(),

@@ -444,19 +444,22 @@ fn grants(a: &AccessConfig) -> String {
     .join(", ")
 }
 
-/// The reload of a node started from `path`: applied by `ferryctl reload` ([`answer`])
-/// and SIGHUP (the returned task, to abort at shutdown).
+/// The reload of a node started from a config file (`from`: its path and the config
+/// as read): applied by `ferryctl reload` ([`answer`]) and SIGHUP (the returned task,
+/// to abort at shutdown). Nothing for a node not started from a file.
 pub(crate) fn start(
-    path: PathBuf,
-    applied: Config,
-    live: Live,
-) -> (Arc<Reloader>, tokio::task::JoinHandle<()>) {
+    from: Option<(PathBuf, Config)>,
+    live: impl FnOnce() -> Live,
+) -> (Option<Arc<Reloader>>, Option<tokio::task::JoinHandle<()>>) {
+    let Some((path, applied)) = from else {
+        return (None, None);
+    };
     let r = Arc::new(Reloader {
         path,
         applied: tokio::sync::Mutex::new(applied),
-        live,
+        live: live(),
     });
-    (r.clone(), on_sighup(r))
+    (Some(r.clone()), Some(on_sighup(r)))
 }
 
 /// The control socket's answer to `reload`.

@@ -85,13 +85,7 @@ pub(crate) async fn run_standby(
         },
     });
     obs.metrics.set_source(status.metrics_source());
-    let (reloader, hup) = match reload_from {
-        Some((path, applied)) => {
-            let (r, hup) = reload::start(path, applied, reload_live(&rec, &control, &obs));
-            (Some(r), Some(hup))
-        }
-        None => (None, None),
-    };
+    let (reloader, hup) = reload::start(reload_from, || reload_live(&rec, &control, &obs));
     let handler = standby_handler(
         &cfg,
         rec.clone(),
