@@ -44,6 +44,7 @@ fn reload_section() -> String {
     let mut text = format!(
         ".SH RELOAD\n\
          .nh\n\
+         .ad l\n\
          .B ferryctl reload\n\
          (or SIGHUP, which\n\
          .B systemctl reload\n\
@@ -77,8 +78,8 @@ fn reload_section() -> String {
             join(keys)
         ));
     }
-    // Key names are not hyphenated (above); the rest of the page is.
-    text.push_str(".hy\n");
+    // Key names are neither hyphenated nor spread (above); the rest of the page is as before.
+    text.push_str(".hy\n.ad b\n");
     text
 }
 
