@@ -113,9 +113,10 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: PitCmd,
     },
-    /// Primary: re-read the config file and apply what can change live (replication
-    /// targets added or removed, a target's mode or address); anything else is refused,
-    /// naming the keys that need a restart, and nothing changes. SIGHUP does the same.
+    /// Re-read the config file and apply what can change live (replication targets
+    /// added or removed, a target's mode or address; access grants; PIT retention; the
+    /// metrics endpoint); anything else is refused, naming the keys that need a restart
+    /// and why, and nothing changes. SIGHUP does the same.
     Reload {
         /// Print the result as JSON (for scripts) instead of text.
         #[arg(long)]

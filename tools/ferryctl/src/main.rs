@@ -1075,7 +1075,7 @@ fn audit_details(r: &ferry_api::audit::files::ChainReport) -> String {
     out
 }
 
-/// `ferryctl reload`: what the primary applied (each change on a line), or why it
+/// `ferryctl reload`: what the node applied (each change on a line), or why it
 /// refused (then nothing changed).
 fn reload(cfg: &Config, json: bool) -> anyhow::Result<()> {
     let v = call(cfg, &Request::Reload)?;
@@ -1089,6 +1089,12 @@ fn reload(cfg: &Config, json: bool) -> anyhow::Result<()> {
     }
     for a in applied {
         println!("reloaded: {}", a.as_str().unwrap_or_default());
+    }
+    for a in v["unaudited"].as_array().into_iter().flatten() {
+        eprintln!(
+            "warning: applied but not audited (see ferryd's log): {}",
+            a.as_str().unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! those): the metrics endpoint moves (the new address bound before the old one
 //! closes; a taken address refuses the reload and the old one keeps serving), a
 //! standby's point-in-time retention limits apply at once, and access grants apply to
-//! the next control request. Each time the same process (same PID, one recovery).
+//! the next control request; SIGHUP reloads a standby as `ferryctl reload` does. Each
+//! time the same process (same PID, one recovery).
 mod common;
 use common::*;
 use std::io::{Read, Write};
@@ -196,6 +197,18 @@ fn a_reload_lowers_a_running_standbys_retention_at_once() {
             .any(|l| l.contains("\"request\":\"reload-applied\"") && l.contains("pit retention")),
         "{audit}"
     );
+    // SIGHUP reloads a standby too: the limit raised again.
+    let text = std::fs::read_to_string(&scfg).unwrap();
+    std::fs::write(
+        &scfg,
+        text.replace("max_bytes = \"3MiB\"", "max_bytes = \"64MiB\""),
+    )
+    .unwrap();
+    // SAFETY: signalling the standby this test started, by its PID.
+    unsafe { libc::kill(standby.pid as i32, libc::SIGHUP) };
+    standby.wait_status("SIGHUP to raise the limit", Duration::from_secs(30), |st| {
+        seq(st, "/pit/max_bytes") == 64 << 20
+    });
     same_process(&standby);
 }
 
