@@ -1,10 +1,11 @@
-//! `ferryctl reload` and SIGHUP: re-reads the node's config file and applies what can
-//! change while ferryd runs ([`ferry_api::keys::KEYS`] says which keys: the same table
-//! `ferry.toml(5)` is written from) — replication targets added, removed, or with a
-//! new mode or address; the access grants (`[access]` admins, operators, viewers);
-//! the point-in-time retention limits (`pit.max_bytes`, `pit.max_age_secs`); the
-//! metrics endpoint (`[metrics]`). A change to any other key is refused, naming each
-//! key and why it needs a restart, and then nothing changes.
+//! `ferryctl reload` and SIGHUP, on a primary or a standby: re-reads the node's config
+//! file and applies what can change while ferryd runs ([`ferry_api::keys::KEYS`] says
+//! which keys: the same table `ferry.toml(5)` is written from) — replication targets
+//! added, removed, or with a new mode or address (a standby records them for its
+//! promotion); the access grants (`[access]` admins, operators, viewers); the
+//! point-in-time retention limits (`pit.max_bytes`, `pit.max_age_secs`); the metrics
+//! endpoint (`[metrics]`). A change to any other key is refused, naming each key and
+//! why it needs a restart, and then nothing changes.
 //!
 //! Everything is checked before anything is applied: the plan, the targets a change
 //! replaces, and the new metrics address, which is bound first (a bind failure
