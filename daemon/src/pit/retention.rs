@@ -71,7 +71,9 @@ impl Pit {
             .points()
             .first()
             .is_some_and(|p| self.too_old(now, p.timestamp_ns));
-        if pressure == Pressure::Limits && !over_size && !over_age {
+        // No cut anywhere (inside a transition, say): nothing to look up.
+        let limits = pressure == Pressure::DiskFull || over_size || over_age;
+        if !limits || undo.release_points().next().is_none() {
             self.note_limit(undo);
             return 0;
         }
@@ -138,8 +140,9 @@ impl Pit {
     }
 
     /// Warns once (until the log is back under its limit) when retention leaves
-    /// the log over `max_bytes`: nothing before its newest segment ends in a
-    /// point (a resync transition or a write-set's pieces, released only whole).
+    /// the log over `max_bytes`: a view pins an old point, or nothing before the
+    /// newest segment ends in a point (a resync transition or a write-set's pieces,
+    /// released only whole).
     fn note_limit(&self, undo: &UndoLog) {
         let over = undo.used_bytes() > self.settings.max_bytes.0;
         let was = self.over_limit.swap(over, Ordering::Relaxed);
@@ -147,10 +150,10 @@ impl Pit {
             tracing::warn!(
                 used_bytes = undo.used_bytes(),
                 max_bytes = self.settings.max_bytes.0,
-                "undo log over its size limit and nothing more can be released yet: a resync \
-                 transition or a write-set captured in pieces is released only whole (its \
-                 before-images keep its start reachable); the log is cut at the first segment \
-                 that ends after it"
+                "undo log stays over its size limit: nothing more can be released yet (a \
+                 point-in-time view holds an old point, or a resync transition or a write-set \
+                 captured in pieces, released only whole, keeps its start reachable); the log \
+                 is cut at the first segment that ends in a point after it"
             );
         }
     }
@@ -425,6 +428,76 @@ mod cut_tests {
             "undo log {used} bytes over its 64 KiB limit"
         );
         assert!(!r.pit.reachable(from), "the transition stayed");
+        assert!(assert_kept_points_exact(&r) >= 3);
+    }
+
+    /// A transition larger than `max_bytes`: while it lasts, the points before it go
+    /// (it starts its own segment, so that boundary is a cut) and its start stays
+    /// reachable and exact; the log is over its limit by the transition only, and
+    /// comes back under it once the transition has ended.
+    #[test]
+    fn a_transition_over_the_limit_keeps_only_its_start_until_it_ends() {
+        // 32 KiB segments: the write-sets before the resync share them with room left.
+        let mut r = rig(32 << 10, 64 << 10);
+        r.apply(1, &[(Op::Write, 0, SIZE as u32, 7)]);
+        for i in 0..6u64 {
+            r.apply(2 + i, &[(Op::Write, i * 4096, 4096, 0x10 + i as u8)]);
+        }
+        let from = r.snaps.last().unwrap().0;
+        let before_from = r.snaps[r.snaps.len() - 2].0;
+        let image_at_from = r.snaps.last().unwrap().2.clone();
+        let snapshot = from + 10;
+        let st = ResyncState {
+            from,
+            snapshot,
+            through: 0,
+            copied: false,
+        };
+        r.applier.resync.set(Some(st));
+        r.pit.begin_resync(from, snapshot, 3).unwrap();
+        r.next_seq = snapshot + 1;
+        r.applied.store(snapshot, Ordering::Release);
+        // 64 KiB of before-images in the copy alone: over the limit by itself.
+        for i in 0..4u64 {
+            let rec = Record {
+                volume: 0,
+                op: Op::Write,
+                offset: (64 << 10) + i * 16384,
+                length: 16384,
+                data: Bytes::from(vec![0x60 + i as u8; 16384]),
+            };
+            r.applier
+                .apply_resync_batch(snapshot, 4, &[(snapshot, rec)])
+                .unwrap();
+        }
+        r.apply(5, &[(Op::Write, 200 << 10, 4096, 0x70)]);
+        assert!(used_bytes(&r) > 64 << 10, "the transition alone is over");
+        assert!(
+            !r.pit.reachable(before_from),
+            "points before the transition stayed"
+        );
+        assert!(r.pit.reachable(from));
+        let v = r.view(Target::Seq(from), None);
+        assert!(read_all(&v) == image_at_from, "the transition's start");
+        drop(v);
+        r.applier.resync.set(Some(ResyncState {
+            through: r.next_seq,
+            copied: true,
+            ..st
+        }));
+        for i in 0..12u64 {
+            r.apply(
+                10 + i,
+                &[(Op::Write, (128 << 10) + i * 4096, 4096, i as u8 + 1)],
+            );
+        }
+        assert_eq!(r.applier.resync.get(), None, "the transition ended");
+        let used = used_bytes(&r);
+        assert!(
+            used <= 64 << 10,
+            "undo log {used} bytes over its 64 KiB limit"
+        );
+        assert!(!r.pit.reachable(from));
         assert!(assert_kept_points_exact(&r) >= 3);
     }
 
