@@ -54,7 +54,7 @@ mod view;
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -121,6 +121,8 @@ pub struct Pit {
     capture_ns: AtomicU64,
     /// Per volume id: the replica opened for before-image reads (readahead off).
     capture_files: Vec<(u32, File)>,
+    /// The undo log was left over `max_bytes` by retention (warned once per episode).
+    over_limit: AtomicBool,
 }
 
 impl Pit {
@@ -186,6 +188,7 @@ impl Pit {
             window: Mutex::new(Window::default()),
             broken: Mutex::new(None),
             capture_ns: AtomicU64::new(0),
+            over_limit: AtomicBool::new(false),
         });
         pit.refresh_window(&pit.undo.lock());
         Ok(pit)
@@ -331,6 +334,17 @@ mod testrig {
 
     /// `rig` with an age limit (`max_age_secs`, 0: none).
     pub(crate) fn rig_aged(segment_size: u64, max_bytes: u64, max_age_secs: u64) -> Rig {
+        rig_in(None, segment_size, max_bytes, max_age_secs)
+    }
+
+    /// `rig_aged` with the undo log in `undo` (a small file system, say) instead of
+    /// the rig's temp dir.
+    pub(crate) fn rig_in(
+        undo: Option<PathBuf>,
+        segment_size: u64,
+        max_bytes: u64,
+        max_age_secs: u64,
+    ) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.img");
         std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
@@ -345,7 +359,7 @@ mod testrig {
             segment_size: ByteSize(segment_size),
         };
         let pit = Pit::open(
-            dir.path().join("undo"),
+            undo.unwrap_or_else(|| dir.path().join("undo")),
             [3; 16],
             settings,
             meta.clone(),
