@@ -76,8 +76,8 @@ pub fn read_key_file(path: &Path) -> Result<Kek, KeyFileLoadError> {
     kek
 }
 
-/// Creates a new key file at `path` (mode 0600, refused if it exists), fsynced, and
-/// returns the new key's id.
+/// Creates a new key file at `path` (mode 0600, refused if it exists), fsynced with
+/// its directory, and returns the new key's id.
 pub fn create_key_file(path: &Path) -> Result<KeyId, KeyFileLoadError> {
     let io = |source| KeyFileLoadError::Io {
         path: path.to_path_buf(),
@@ -94,6 +94,13 @@ pub fn create_key_file(path: &Path) -> Result<KeyId, KeyFileLoadError> {
     let written = f.write_all(&bytes).and_then(|()| f.sync_all());
     bytes.fill(b'0');
     written.map_err(io)?;
+    // The directory entry too: losing the key file after data was encrypted under
+    // it would lose that data.
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
     Ok(kek.id())
 }
 
