@@ -18,6 +18,8 @@
 //! | bad segment header right after the last data segment | no (nothing valid in the file) | torn activation: wiped, kept as spare |
 //! | bad segment header right after the last data segment | yes (a whole valid batch) | `Corruption` (file, offset 0, the batch's offset) |
 //! | torn tail and `RecoveryMode::AbsoluteConsistency`     | -                  | `TornTail` error             |
+//! | encrypted batch: body CRC right, SM4-GCM tag wrong    | -                  | `Corruption` (altered, never torn) |
+//! | encrypted segment, no key / another key id            | -                  | `KeyRequired` / `WrongKey`, before any repair |
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
