@@ -15,7 +15,7 @@ const MAX_KEY_FILE: u64 = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileLoadError {
-    #[error("key file {}: {source}", path.display())]
+    #[error("key file {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -27,7 +27,7 @@ pub enum KeyFileLoadError {
     NotAFile { path: PathBuf },
     #[error("key file {} is larger than {MAX_KEY_FILE} bytes: not a ferry key file", path.display())]
     TooLarge { path: PathBuf },
-    #[error("key file {}: {source}", path.display())]
+    #[error("key file {}", path.display())]
     Format {
         path: PathBuf,
         #[source]
@@ -130,6 +130,9 @@ mod tests {
         assert!(e.to_string().contains("chmod 600"), "{e}");
         let e = read_key_file(&dir.path().join("missing.key")).unwrap_err();
         assert!(e.to_string().contains("missing.key"), "{e}");
+        assert!(
+            matches!(&e, KeyFileLoadError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+        );
         assert!(matches!(
             read_key_file(dir.path()),
             Err(KeyFileLoadError::NotAFile { .. })
