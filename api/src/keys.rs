@@ -54,6 +54,7 @@ const SOCKET: &str = "the control socket file is bound with it at start";
 const AUDIT: &str = "the audit log is opened with it at start";
 const VOLUME: &str = "volumes are opened and exported at start";
 const UNDO: &str = "the undo log is opened with it at start";
+const ENCRYPTION: &str = "the journal is opened with its key at start";
 
 /// Every key, in the order of `ferry.toml(5)`.
 pub const KEYS: &[Key] = &[
@@ -112,6 +113,7 @@ pub const KEYS: &[Key] = &[
     live("pit.max_bytes"),
     live("pit.max_age_secs"),
     restart("pit.segment_size", UNDO),
+    restart("encryption.key_file", ENCRYPTION),
     restart("volume.name", VOLUME),
     restart("volume.path", VOLUME),
     restart("volume.size", VOLUME),
@@ -228,6 +230,8 @@ dir = "/u"
 max_bytes = "16MiB"
 max_age_secs = 60
 segment_size = "1MiB"
+[encryption]
+key_file = "/etc/ferry/atrest.key"
 [[volume]]
 name = "vol0"
 path = "/v.img"

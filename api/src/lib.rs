@@ -8,9 +8,12 @@
 //! * [`control`] — the control socket protocol (requests, responses, roles) and its client.
 //! * [`audit`]   — the audit log's line format, canonical SM3 hashing and chain verifier.
 //! * [`status`]  — a node's status snapshot (the `status` request's answer), typed.
+//! * [`keyfile`] — the at-rest key file on disk: read and checked at start, created
+//!   0600 by `ferryctl keygen` / `init --encrypt`.
 pub mod audit;
 pub mod config;
 pub mod control;
+pub mod keyfile;
 pub mod keys;
 pub mod size;
 pub mod status;

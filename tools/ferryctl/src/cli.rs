@@ -78,6 +78,19 @@ pub enum Cmd {
         /// speaks; a gm node and a standard node refuse each other.
         #[arg(long, value_enum, default_value = "standard")]
         crypto: CryptoArg,
+        /// Encrypt each node's journal at rest (SM4-GCM): writes a new key file
+        /// NODE/atrest.key (mode 0600, one key per node) and sets [encryption]
+        /// key_file in NODE.toml. Losing the key file loses the journal.
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Create a key file for encryption at rest ([encryption] key_file): a new random
+    /// SM4 key-encryption key, mode 0600, never over an existing file. Prints its key
+    /// id (errors about a wrong key name it).
+    Keygen {
+        /// The key file to create.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// The cold tier: restore a volume from an archive, or list what one holds. Reads
     /// the object store directly (no running ferryd needed); s3:// credentials and
