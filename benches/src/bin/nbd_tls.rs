@@ -10,8 +10,9 @@
 //!    and with `--no-extents` (a client that does not ask, exactly what a server
 //!    without `base:allocation` leads to: every block crosses the wire).
 //! 2. 1 MiB sequential writes and reads of a separate volume: nbdcopy (libnbd,
-//!    GnuTLS: 1 connection, 1 MiB requests, its default queue depth) plain and
-//!    over TLS with the standard suites; and the in-project blocking client
+//!    GnuTLS: 1 connection, 1 MiB requests, its default queue depth) and fio's
+//!    nbd engine (libnbd too, queue depth 8) plain and over TLS with the
+//!    standard suites; and the in-project blocking client
 //!    (one request at a time) plain, standard (ring) and SM (ferry-gmtls,
 //!    TLS_SM4_GCM_SM3, asserted), the same code for all three.
 //!
@@ -23,12 +24,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use ferry_api::config::{Config, NbdTls, TlsConfig, TlsSuiteConfig};
-use ferry_benches::harness::{ferry_bins, median, tool_version};
+use ferry_benches::harness::{ferry_bins, median, tool_version, FioSpec};
 use ferry_nbd::rustls;
 use ferry_nbd::testclient::TestClient;
 use ferry_transport::pki::{AnyClusterCa, TlsSuite};
@@ -68,6 +69,8 @@ fn main() -> anyhow::Result<()> {
     let bins = ferry_bins(!args.no_build)?;
     let dir = tempfile::tempdir_in(ferry_benches::bench_dir())?;
     let (config, pki) = setup(dir.path(), args.mib)?;
+    // Before any thread starts: libnbd (fio, nbdcopy) finds the CA there.
+    std::env::set_var("HOME", dir.path().join("home"));
     let node = Node::start(&bins.ferryd, &config);
     let addr = node.nbd.context("ferryd serves no NBD")?;
     println!(
@@ -110,7 +113,10 @@ fn setup(dir: &Path, mib: u64) -> anyhow::Result<(PathBuf, Pki)> {
         suite: TlsSuiteConfig::Gm,
     });
     let (std_ca, cert, key) = loopback_credentials()?;
-    let client_dir = dir.join("client");
+    // libnbd's default certificate directory under HOME: fio's nbd engine
+    // may not name one in the URI (libnbd refuses local file access in URIs
+    // unless the program allows it, and fio does not).
+    let client_dir = dir.join("home/.pki/libnbd");
     std::fs::create_dir_all(&client_dir)?;
     std::fs::write(client_dir.join("ca-cert.pem"), &std_ca)?;
     std::fs::write(pki.join("nbd.pem"), cert)?;
@@ -295,6 +301,17 @@ fn throughput(addr: SocketAddr, pki: &Pki, mib: u64, rounds: usize) -> anyhow::R
         };
         let (w, r) = rounds_of(rounds, || nbdcopy_pass(&uri, &src, mib))?;
         println!("| nbdcopy (1 conn, 1M requests) | {} | {w:.0} | {r:.0} |", link.name());
+        // fio's nbd engine connects with libnbd's nbd_connect_uri: nbds://
+        // works, with the CA from libnbd's default directory under HOME.
+        let fio_uri = uri.split('?').next().unwrap_or(&uri);
+        match rounds_of(rounds, || fio_pass(fio_uri, mib)) {
+            Ok((w, r)) => println!("| fio nbd engine (QD8) | {} | {w:.0} | {r:.0} |", link.name()),
+            Err(e) => println!(
+                "| fio nbd engine (QD8) | {} | failed: {} | |",
+                link.name(),
+                format!("{e:#}").replace(['\n', '|'], " ")
+            ),
+        }
     }
     for link in [Link::Plain, Link::Standard, Link::Sm] {
         let (w, r) = rounds_of(rounds, || client_pass(addr, pki, link, mib))?;
@@ -351,6 +368,22 @@ fn nbdcopy_pass(uri: &str, src: &Path, mib: u64) -> anyhow::Result<(f64, f64)> {
     let t = Instant::now();
     run(Command::new("nbdcopy").args(&common[..2]).args([uri, "null:"]))?;
     Ok((w, mib as f64 / t.elapsed().as_secs_f64()))
+}
+
+/// fio, 1 MiB sequential writes then reads at queue depth 8 (MiB/s each).
+fn fio_pass(uri: &str, mib: u64) -> anyhow::Result<(f64, f64)> {
+    let spec = |rw| FioSpec {
+        rw,
+        bs: "1M",
+        iodepth: 8,
+        fsync: false,
+        runtime: None,
+        size: mib * MIB,
+    };
+    let timeout = Duration::from_secs(300);
+    let w = spec("write").run(uri, timeout)?;
+    let r = spec("read").run(uri, timeout)?;
+    Ok((w.bw_bytes / MIB as f64, r.bw_bytes / MIB as f64))
 }
 
 /// The raw client: one 1 MiB request at a time, writes (then a flush), reads.
