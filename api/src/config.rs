@@ -876,7 +876,7 @@ impl Config {
                 &mut n.tls_gm_key,
             ]
             .into_iter()
-                .flatten()
+            .flatten()
             {
                 abs(p);
             }
@@ -1215,11 +1215,18 @@ impl Config {
         }
         for (cert, key, c, k) in [
             ("nbd.tls_cert", "nbd.tls_key", &n.tls_cert, &n.tls_key),
-            ("nbd.tls_gm_cert", "nbd.tls_gm_key", &n.tls_gm_cert, &n.tls_gm_key),
+            (
+                "nbd.tls_gm_cert",
+                "nbd.tls_gm_key",
+                &n.tls_gm_cert,
+                &n.tls_gm_key,
+            ),
         ] {
             match (c, k) {
                 (Some(_), None) => return bad(key, format!("{cert} is set without its key")),
-                (None, Some(_)) => return bad(cert, format!("{key} is set without its certificate")),
+                (None, Some(_)) => {
+                    return bad(cert, format!("{key} is set without its certificate"))
+                }
                 _ => {}
             }
         }
@@ -1704,8 +1711,14 @@ size = "1GiB"
         assert_eq!(suite(&cfg.to_toml()), NbdTlsSuite::Both);
         assert_eq!(suite(&nbd("tls_suite = \"gm\"", gm)), NbdTlsSuite::Gm);
         // A set without its certificate, a certificate the set does not use.
-        assert_eq!(invalid_key(&nbd("tls_suite = \"gm\"", "")), "nbd.tls_gm_cert");
-        assert_eq!(invalid_key(&nbd("tls_suite = \"both\"", gm)), "nbd.tls_cert");
+        assert_eq!(
+            invalid_key(&nbd("tls_suite = \"gm\"", "")),
+            "nbd.tls_gm_cert"
+        );
+        assert_eq!(
+            invalid_key(&nbd("tls_suite = \"both\"", gm)),
+            "nbd.tls_cert"
+        );
         assert_eq!(
             invalid_key(&nbd(&format!("{own}\ntls_suite = \"gm\""), gm)),
             "nbd.tls_cert"
@@ -1714,7 +1727,10 @@ size = "1GiB"
             invalid_key(&nbd(&format!("{own_gm}\ntls_suite = \"standard\""), "")),
             "nbd.tls_gm_cert"
         );
-        assert_eq!(invalid_key(&nbd("tls_gm_cert = \"g.pem\"", "")), "nbd.tls_gm_key");
+        assert_eq!(
+            invalid_key(&nbd("tls_gm_cert = \"g.pem\"", "")),
+            "nbd.tls_gm_key"
+        );
         let off = GOOD.replace(
             "listen = \"127.0.0.1:10809\"",
             "listen = \"127.0.0.1:10809\"\ntls_suite = \"gm\"",

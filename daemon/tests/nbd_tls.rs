@@ -227,9 +227,7 @@ fn gm_cluster_serves_sm_clients_the_sm_suite_and_gnutls_clients_the_standard_one
     let addr = node.nbd.expect("primary serves NBD");
 
     // The SM client: TLS_SM4_GCM_SM3, the SM2 node certificate.
-    let gm_ca = rustls::pki_types::CertificateDer::from(
-        ferry_gmtls::cert::cert_der_from_pem(&gm.cert_pem()).unwrap(),
-    );
+    let gm_ca = ferry_gmtls::cert::cert_der_from_pem(&gm.cert_pem()).unwrap();
     let mut c = TestClient::start(addr).unwrap();
     let tls = client_tls(ferry_gmtls::provider_arc(), gm_ca);
     assert_eq!(c.starttls(tls, "primary").unwrap(), Ok(()));

@@ -14,9 +14,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_gmtls::cert::GmClusterCa;
 use ferry_nbd::proto::*;
 use ferry_nbd::rustls::{self, pki_types::CertificateDer, pki_types::PrivateKeyDer};
-use ferry_gmtls::cert::GmClusterCa;
 use ferry_nbd::testclient::{TestClient, TestServer};
 use ferry_nbd::{MapRegistry, MemExport, ServerConfig, ServerStats, TlsPolicy, TlsServer};
 use rcgen::{
@@ -411,7 +411,10 @@ fn both_suites_give_sm_clients_the_sm_suite_and_the_others_the_standard_one() {
     // A standard client on the same server: a standard suite and the ECDSA
     // certificate, at the same time as the SM session.
     let mut s = TestClient::start(srv.addr).unwrap();
-    assert_eq!(s.starttls(client_tls(&ca, None), "localhost").unwrap(), Ok(()));
+    assert_eq!(
+        s.starttls(client_tls(&ca, None), "localhost").unwrap(),
+        Ok(())
+    );
     let suite = s.tls_suite().unwrap();
     assert!(
         suite.as_str().is_some_and(|n| n.starts_with("TLS13_")),

@@ -65,7 +65,10 @@ struct Pki {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    ensure!(args.mib > 0 && args.rounds > 0, "--mib and --rounds must be > 0");
+    ensure!(
+        args.mib > 0 && args.rounds > 0,
+        "--mib and --rounds must be > 0"
+    );
     let bins = ferry_bins(!args.no_build)?;
     let dir = tempfile::tempdir_in(ferry_benches::bench_dir())?;
     let (config, pki) = setup(dir.path(), args.mib)?;
@@ -99,7 +102,12 @@ fn main() -> anyhow::Result<()> {
 /// standard certificate for 127.0.0.1 as `nbd.tls_cert` (so `tls_suite` is
 /// "both"), TLS optional. vol0: 4 GiB; vol1: `mib` MiB.
 fn setup(dir: &Path, mib: u64) -> anyhow::Result<(PathBuf, Pki)> {
-    let path = primary_config(dir, &[("vol0", 4 * GIB), ("vol1", mib * MIB)], GIB, 64 * MIB);
+    let path = primary_config(
+        dir,
+        &[("vol0", 4 * GIB), ("vol1", mib * MIB)],
+        GIB,
+        64 * MIB,
+    );
     let mut cfg = Config::load(&path).map_err(anyhow::Error::msg)?;
     let pki = dir.join("pki");
     std::fs::create_dir_all(&pki)?;
@@ -166,9 +174,15 @@ fn block_status(addr: SocketAddr, before: Option<SocketAddr>, rounds: usize) -> 
     ];
     if let Some(b) = before {
         fill_vol0(b)?;
-        rows.push(("before (8271c98, simple replies only): nbdcopy default", b, None));
+        rows.push((
+            "before (8271c98, simple replies only): nbdcopy default",
+            b,
+            None,
+        ));
     }
-    println!("### nbdcopy nbd://…/vol0 null: (4 GiB volume, 256 MiB of data; medians of {rounds})\n");
+    println!(
+        "### nbdcopy nbd://…/vol0 null: (4 GiB volume, 256 MiB of data; medians of {rounds})\n"
+    );
     println!("| server and client | time s | bytes ferryd sent | MiB/s of volume |");
     println!("| --- | --- | --- | --- |");
     for (label, server, extra) in rows {
@@ -300,12 +314,18 @@ fn throughput(addr: SocketAddr, pki: &Pki, mib: u64, rounds: usize) -> anyhow::R
             ),
         };
         let (w, r) = rounds_of(rounds, || nbdcopy_pass(&uri, &src, mib))?;
-        println!("| nbdcopy (1 conn, 1M requests) | {} | {w:.0} | {r:.0} |", link.name());
+        println!(
+            "| nbdcopy (1 conn, 1M requests) | {} | {w:.0} | {r:.0} |",
+            link.name()
+        );
         // fio's nbd engine connects with libnbd's nbd_connect_uri: nbds://
         // works, with the CA from libnbd's default directory under HOME.
         let fio_uri = uri.split('?').next().unwrap_or(&uri);
         match rounds_of(rounds, || fio_pass(fio_uri, mib)) {
-            Ok((w, r)) => println!("| fio nbd engine (QD8) | {} | {w:.0} | {r:.0} |", link.name()),
+            Ok((w, r)) => println!(
+                "| fio nbd engine (QD8) | {} | {w:.0} | {r:.0} |",
+                link.name()
+            ),
             Err(e) => println!(
                 "| fio nbd engine (QD8) | {} | failed: {} | |",
                 link.name(),
@@ -315,7 +335,10 @@ fn throughput(addr: SocketAddr, pki: &Pki, mib: u64, rounds: usize) -> anyhow::R
     }
     for link in [Link::Plain, Link::Standard, Link::Sm] {
         let (w, r) = rounds_of(rounds, || client_pass(addr, pki, link, mib))?;
-        println!("| ferry raw client (QD1) | {} | {w:.0} | {r:.0} |", link.name());
+        println!(
+            "| ferry raw client (QD1) | {} | {w:.0} | {r:.0} |",
+            link.name()
+        );
     }
     println!();
     let _ = std::fs::remove_file(&src);
@@ -360,13 +383,12 @@ fn source_file(mib: u64) -> anyhow::Result<PathBuf> {
 fn nbdcopy_pass(uri: &str, src: &Path, mib: u64) -> anyhow::Result<(f64, f64)> {
     let common = ["--connections=1", "--request-size=1048576", "--flush"];
     let t = Instant::now();
-    run(Command::new("nbdcopy")
-        .args(common)
-        .arg(src)
-        .arg(uri))?;
+    run(Command::new("nbdcopy").args(common).arg(src).arg(uri))?;
     let w = mib as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
-    run(Command::new("nbdcopy").args(&common[..2]).args([uri, "null:"]))?;
+    run(Command::new("nbdcopy")
+        .args(&common[..2])
+        .args([uri, "null:"]))?;
     Ok((w, mib as f64 / t.elapsed().as_secs_f64()))
 }
 
@@ -387,12 +409,7 @@ fn fio_pass(uri: &str, mib: u64) -> anyhow::Result<(f64, f64)> {
 }
 
 /// The raw client: one 1 MiB request at a time, writes (then a flush), reads.
-fn client_pass(
-    addr: SocketAddr,
-    pki: &Pki,
-    link: Link,
-    mib: u64,
-) -> anyhow::Result<(f64, f64)> {
+fn client_pass(addr: SocketAddr, pki: &Pki, link: Link, mib: u64) -> anyhow::Result<(f64, f64)> {
     let mut c = connect(addr, pki, link)?;
     let data: Vec<u8> = (0..MIB).map(|i| (i * 31 % 253) as u8 + 1).collect();
     let t = Instant::now();
@@ -404,7 +421,10 @@ fn client_pass(
     let t = Instant::now();
     for m in 0..mib {
         let got = c.read(m * MIB, MIB as u32)?;
-        ensure!(got.as_deref() == Ok(&data[..]), "read back differs at {m} MiB");
+        ensure!(
+            got.as_deref() == Ok(&data[..]),
+            "read back differs at {m} MiB"
+        );
     }
     Ok((w, mib as f64 / t.elapsed().as_secs_f64()))
 }

@@ -85,7 +85,12 @@ fn cert_source<'a>(
 ) -> anyhow::Result<(&'static str, &'a Path, &'static str, &'a Path)> {
     let own = match suite {
         Suite::Standard => (&n.tls_cert, &n.tls_key, "nbd.tls_cert", "nbd.tls_key"),
-        Suite::Gm => (&n.tls_gm_cert, &n.tls_gm_key, "nbd.tls_gm_cert", "nbd.tls_gm_key"),
+        Suite::Gm => (
+            &n.tls_gm_cert,
+            &n.tls_gm_key,
+            "nbd.tls_gm_cert",
+            "nbd.tls_gm_key",
+        ),
     };
     match (own, &cfg.tls) {
         ((Some(c), Some(k), ck, kk), _) => Ok((ck, c, kk, k)),
