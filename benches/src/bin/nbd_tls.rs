@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use ferry_api::config::{Config, NbdTls, TlsConfig, TlsSuiteConfig};
-use ferry_benches::harness::{ferry_bins, median, tool_version, FioSpec};
+use ferry_benches::harness::{ferry_bins, median, target_dir, tool_version, FioSpec};
 use ferry_nbd::rustls;
 use ferry_nbd::testclient::TestClient;
 use ferry_transport::pki::{AnyClusterCa, TlsSuite};
@@ -69,16 +69,16 @@ fn main() -> anyhow::Result<()> {
         args.mib > 0 && args.rounds > 0,
         "--mib and --rounds must be > 0"
     );
-    let bins = ferry_bins(!args.no_build)?;
+    let ferryd = ferryd_bin(!args.no_build)?;
     let dir = tempfile::tempdir_in(ferry_benches::bench_dir())?;
     let (config, pki) = setup(dir.path(), args.mib)?;
     // Before any thread starts: libnbd (fio, nbdcopy) finds the CA there.
     std::env::set_var("HOME", dir.path().join("home"));
-    let node = Node::start(&bins.ferryd, &config);
+    let node = Node::start(&ferryd, &config);
     let addr = node.nbd.context("ferryd serves no NBD")?;
     println!(
         "ferryd {} (pid {}), {}, {}\n",
-        bins.ferryd.display(),
+        ferryd.display(),
         node.pid,
         tool_version("nbdcopy"),
         std::env::consts::ARCH
@@ -96,6 +96,21 @@ fn main() -> anyhow::Result<()> {
     drop(before);
     throughput(addr, &pki, args.mib, args.rounds)?;
     Ok(())
+}
+
+/// The release ferryd: built (with ferryctl, as the other benchmarks do), or
+/// the one already in the target directory.
+fn ferryd_bin(build: bool) -> anyhow::Result<PathBuf> {
+    if build {
+        return Ok(ferry_bins(true)?.ferryd);
+    }
+    let path = target_dir().join("release/ferryd");
+    ensure!(
+        path.exists(),
+        "{} missing: run `cargo build --release -p ferryd` (same CARGO_TARGET_DIR) or drop --no-build",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// A gm cluster's primary: SM2 cluster certificate for the SM suites, a
