@@ -17,7 +17,7 @@
 //!    TLS_SM4_GCM_SM3, asserted), the same code for all three.
 //!
 //! `cargo run --release -p ferry-benches --bin nbd_tls [-- --mib 512 --rounds 3
-//! --before-ferryd PATH]`
+//! --before-ferryd PATH --ferryd PATH]`
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -49,6 +49,9 @@ struct Args {
     /// Use the release ferryd already built instead of building it.
     #[arg(long)]
     no_build: bool,
+    /// This ferryd instead of the workspace's release build (implies --no-build).
+    #[arg(long)]
+    ferryd: Option<PathBuf>,
     /// A ferryd from before block status (8271c98) for the "before" row:
     /// `git worktree add --detach DIR 8271c98 && cd DIR && cargo build --release -p ferryd`.
     #[arg(long)]
@@ -69,7 +72,10 @@ fn main() -> anyhow::Result<()> {
         args.mib > 0 && args.rounds > 0,
         "--mib and --rounds must be > 0"
     );
-    let ferryd = ferryd_bin(!args.no_build)?;
+    let ferryd = match &args.ferryd {
+        Some(path) => path.clone(),
+        None => ferryd_bin(!args.no_build)?,
+    };
     let dir = tempfile::tempdir_in(ferry_benches::bench_dir())?;
     let (config, pki) = setup(dir.path(), args.mib)?;
     // Before any thread starts: libnbd (fio, nbdcopy) finds the CA there.
