@@ -671,6 +671,17 @@ pub struct NbdConfig {
     /// must present a certificate issued by one of them; absent: none is asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    /// Which TLS 1.3 suites NBD clients get (see [`NbdTlsSuite`]); absent: every
+    /// set whose certificate is configured ([`Config::nbd_tls_suite`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_suite: Option<NbdTlsSuite>,
+    /// SM2 server certificate (PEM) for the SM suites; default: `[tls] cert` in a
+    /// gm cluster (`[tls] suite = "gm"`). `tls_cert` is then the standard one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_gm_cert: Option<PathBuf>,
+    /// Its private key (PEM); default: `[tls] key` in a gm cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_gm_key: Option<PathBuf>,
     /// NBD connections at once (default 64, 1 to 65536). At the cap a new
     /// connection displaces the one that has waited longest in its handshake; when
     /// every connection is in a session it is closed at once. Both are counted and
@@ -728,6 +739,9 @@ impl NbdConfig {
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
+            tls_suite: None,
+            tls_gm_cert: None,
+            tls_gm_key: None,
             max_connections: DEFAULT_NBD_MAX_CONNECTIONS,
             handshake_timeout_secs: DEFAULT_NBD_HANDSHAKE_TIMEOUT_SECS,
             idle_timeout_secs: 0,
@@ -751,6 +765,42 @@ pub enum NbdTls {
 impl NbdTls {
     pub fn is_off(&self) -> bool {
         *self == NbdTls::Off
+    }
+}
+
+/// `nbd.tls_suite`: the TLS 1.3 suites offered to NBD clients. qemu, libnbd and
+/// the kernel's tools (GnuTLS) speak only the standard suites, so a gm cluster
+/// usually wants `both`: each connection's ClientHello picks the set, an SM
+/// client (one offering TLS_SM4_GCM_SM3) gets the SM suites and the SM2
+/// certificate, any other the standard suites and the standard certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTlsSuite {
+    /// AES-GCM / ChaCha20, ECDSA certificates: `tls_cert`, or a standard
+    /// cluster's certificate.
+    Standard,
+    /// RFC 8998 only (TLS_SM4_GCM_SM3, curveSM2, sm2sig_sm3), SM2 certificates:
+    /// `tls_gm_cert`, or a gm cluster's certificate.
+    Gm,
+    /// The SM suites to clients that offer them, the standard ones to others.
+    Both,
+}
+
+impl NbdTlsSuite {
+    pub fn name(self) -> &'static str {
+        match self {
+            NbdTlsSuite::Standard => "standard",
+            NbdTlsSuite::Gm => "gm",
+            NbdTlsSuite::Both => "both",
+        }
+    }
+
+    pub fn standard(self) -> bool {
+        self != NbdTlsSuite::Gm
+    }
+
+    pub fn gm(self) -> bool {
+        self != NbdTlsSuite::Standard
     }
 }
 
@@ -832,9 +882,15 @@ impl Config {
             abs(p);
         }
         if let Some(n) = &mut self.nbd {
-            for p in [&mut n.tls_cert, &mut n.tls_key, &mut n.tls_ca]
-                .into_iter()
-                .flatten()
+            for p in [
+                &mut n.tls_cert,
+                &mut n.tls_key,
+                &mut n.tls_ca,
+                &mut n.tls_gm_cert,
+                &mut n.tls_gm_key,
+            ]
+            .into_iter()
+            .flatten()
             {
                 abs(p);
             }
@@ -1153,14 +1209,16 @@ impl Config {
         Ok(())
     }
 
-    /// `nbd.tls*`: a certificate and key from somewhere when TLS is on, and no
-    /// TLS file set while it is off (a setting that would silently do nothing).
+    /// `nbd.tls*`: a certificate and key from somewhere for every suite set
+    /// offered when TLS is on, and no TLS setting that would silently do nothing.
     fn validate_nbd_tls(&self, n: &NbdConfig) -> Result<(), (String, String)> {
         let bad = |k: &str, m: String| Err((k.to_string(), m));
         let set = [
             ("nbd.tls_cert", &n.tls_cert),
             ("nbd.tls_key", &n.tls_key),
             ("nbd.tls_ca", &n.tls_ca),
+            ("nbd.tls_gm_cert", &n.tls_gm_cert),
+            ("nbd.tls_gm_key", &n.tls_gm_key),
         ];
         for (key, path) in set {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
@@ -1173,14 +1231,91 @@ impl Config {
                 );
             }
         }
-        match (&n.tls_cert, &n.tls_key) {
-            (Some(_), None) => bad("nbd.tls_key", "nbd.tls_cert is set without its key".into()),
-            (None, Some(_)) => bad("nbd.tls_cert", "nbd.tls_key is set without its certificate".into()),
-            (None, None) if !n.tls.is_off() && self.tls.is_none() => bad(
+        if n.tls.is_off() && n.tls_suite.is_some() {
+            return bad(
+                "nbd.tls_suite",
+                "is set but nbd.tls is \"off\": set tls = \"optional\" or \"require\", or remove it".into(),
+            );
+        }
+        for (cert, key, c, k) in [
+            ("nbd.tls_cert", "nbd.tls_key", &n.tls_cert, &n.tls_key),
+            (
+                "nbd.tls_gm_cert",
+                "nbd.tls_gm_key",
+                &n.tls_gm_cert,
+                &n.tls_gm_key,
+            ),
+        ] {
+            match (c, k) {
+                (Some(_), None) => return bad(key, format!("{cert} is set without its key")),
+                (None, Some(_)) => {
+                    return bad(cert, format!("{key} is set without its certificate"))
+                }
+                _ => {}
+            }
+        }
+        if n.tls.is_off() {
+            return Ok(());
+        }
+        self.validate_nbd_tls_suite(n)
+    }
+
+    /// Each suite set offered has its certificate; no certificate is set for a
+    /// set that is not offered.
+    fn validate_nbd_tls_suite(&self, n: &NbdConfig) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_string(), m));
+        let (standard, gm) = self.nbd_tls_certs(n);
+        let Some(suite) = self.nbd_tls_suite(n) else {
+            return bad(
                 "nbd.tls_cert",
                 "NBD TLS needs tls_cert and tls_key, or a [tls] section whose cert and key are used".into(),
-            ),
-            _ => Ok(()),
+            );
+        };
+        let name = suite.name();
+        if suite.standard() && !standard {
+            return bad(
+                "nbd.tls_cert",
+                format!("nbd.tls_suite = \"{name}\" needs tls_cert and tls_key (ECDSA, RSA or Ed25519), or a standard cluster's [tls] certificate"),
+            );
+        }
+        if suite.gm() && !gm {
+            return bad(
+                "nbd.tls_gm_cert",
+                format!("nbd.tls_suite = \"{name}\" needs tls_gm_cert and tls_gm_key (SM2), or a gm cluster's [tls] certificate (ferryctl init --crypto gm)"),
+            );
+        }
+        if !suite.standard() && n.tls_cert.is_some() {
+            return bad("nbd.tls_cert", format!("is set but nbd.tls_suite = \"{name}\" offers no standard suite: set tls_suite = \"both\", or remove it"));
+        }
+        if !suite.gm() && n.tls_gm_cert.is_some() {
+            return bad("nbd.tls_gm_cert", format!("is set but nbd.tls_suite = \"{name}\" offers no SM suite: set tls_suite = \"both\", or remove it"));
+        }
+        Ok(())
+    }
+
+    /// Whether an NBD certificate exists for the standard and the SM suites: the
+    /// `[nbd]` one, else the cluster's certificate for its own suite set.
+    fn nbd_tls_certs(&self, n: &NbdConfig) -> (bool, bool) {
+        let cluster = self.tls.as_ref().map(|t| t.suite);
+        (
+            n.tls_cert.is_some() || cluster == Some(TlsSuiteConfig::Standard),
+            n.tls_gm_cert.is_some() || cluster == Some(TlsSuiteConfig::Gm),
+        )
+    }
+
+    /// The TLS suites NBD clients get: `nbd.tls_suite`, else every set that
+    /// has a certificate (in a gm cluster: the SM suites with the cluster's SM2
+    /// certificate, and the standard ones too when `nbd.tls_cert` is set).
+    /// `None`: no certificate at all.
+    pub fn nbd_tls_suite(&self, n: &NbdConfig) -> Option<NbdTlsSuite> {
+        if let Some(s) = n.tls_suite {
+            return Some(s);
+        }
+        match self.nbd_tls_certs(n) {
+            (true, true) => Some(NbdTlsSuite::Both),
+            (true, false) => Some(NbdTlsSuite::Standard),
+            (false, true) => Some(NbdTlsSuite::Gm),
+            (false, false) => None,
         }
     }
 
@@ -1570,6 +1705,62 @@ size = "1GiB"
         );
         let err = Config::parse(&nbd("tls = \"on\"")).unwrap_err();
         assert!(err.contains("tls") && err.contains("require"), "{err}");
+    }
+
+    #[test]
+    fn nbd_tls_suite_follows_the_certificates_unless_set() {
+        let nbd = |extra: &str, cluster: &str| {
+            let text = GOOD.replace(
+                "listen = \"127.0.0.1:10809\"",
+                &format!("listen = \"127.0.0.1:10809\"\ntls = \"require\"\n{extra}"),
+            );
+            format!("{text}\n[tls]\nca = \"ca.pem\"\ncert = \"p.pem\"\nkey = \"p.key\"\n{cluster}")
+        };
+        let suite = |text: &str| {
+            let cfg = Config::parse(text).unwrap();
+            cfg.validate().unwrap();
+            cfg.nbd_tls_suite(cfg.nbd.as_ref().unwrap()).unwrap()
+        };
+        let gm = "suite = \"gm\"";
+        let own = "tls_cert = \"n.pem\"\ntls_key = \"n.key\"";
+        let own_gm = "tls_gm_cert = \"g.pem\"\ntls_gm_key = \"g.key\"";
+        // Derived: the cluster's own set, plus the other one's certificate.
+        assert_eq!(suite(&nbd("", "")), NbdTlsSuite::Standard);
+        assert_eq!(suite(&nbd("", gm)), NbdTlsSuite::Gm);
+        assert_eq!(suite(&nbd(own, gm)), NbdTlsSuite::Both);
+        assert_eq!(suite(&nbd(own_gm, "")), NbdTlsSuite::Both);
+        // Set explicitly, and kept across a round trip.
+        let text = nbd(&format!("{own}\ntls_suite = \"both\""), gm);
+        let cfg = Config::parse(&text).unwrap();
+        assert_eq!(suite(&cfg.to_toml()), NbdTlsSuite::Both);
+        assert_eq!(suite(&nbd("tls_suite = \"gm\"", gm)), NbdTlsSuite::Gm);
+        // A set without its certificate, a certificate the set does not use.
+        assert_eq!(
+            invalid_key(&nbd("tls_suite = \"gm\"", "")),
+            "nbd.tls_gm_cert"
+        );
+        assert_eq!(
+            invalid_key(&nbd("tls_suite = \"both\"", gm)),
+            "nbd.tls_cert"
+        );
+        assert_eq!(
+            invalid_key(&nbd(&format!("{own}\ntls_suite = \"gm\""), gm)),
+            "nbd.tls_cert"
+        );
+        assert_eq!(
+            invalid_key(&nbd(&format!("{own_gm}\ntls_suite = \"standard\""), "")),
+            "nbd.tls_gm_cert"
+        );
+        assert_eq!(
+            invalid_key(&nbd("tls_gm_cert = \"g.pem\"", "")),
+            "nbd.tls_gm_key"
+        );
+        let off = GOOD.replace(
+            "listen = \"127.0.0.1:10809\"",
+            "listen = \"127.0.0.1:10809\"\ntls_suite = \"gm\"",
+        );
+        assert_eq!(invalid_key(&off), "nbd.tls_suite");
+        assert!(Config::parse(&nbd("tls_suite = \"sm\"", "")).is_err());
     }
 
     #[test]

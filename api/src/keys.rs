@@ -74,6 +74,9 @@ pub const KEYS: &[Key] = &[
     restart("nbd.tls", NBD),
     restart("nbd.tls_cert", NBD),
     restart("nbd.tls_key", NBD),
+    restart("nbd.tls_suite", NBD),
+    restart("nbd.tls_gm_cert", NBD),
+    restart("nbd.tls_gm_key", NBD),
     restart("nbd.tls_ca", NBD),
     restart("nbd.max_connections", NBD),
     restart("nbd.handshake_timeout_secs", NBD),
@@ -184,6 +187,9 @@ listen = "127.0.0.1:10809"
 tls = "require"
 tls_cert = "/c.pem"
 tls_key = "/c.key"
+tls_suite = "both"
+tls_gm_cert = "/gm.pem"
+tls_gm_key = "/gm.key"
 tls_ca = "/ca.pem"
 max_connections = 8
 handshake_timeout_secs = 5

@@ -27,7 +27,7 @@ fn main() -> std::io::Result<()> {
     let rest: Vec<String> = args.collect();
     let fill = rest.iter().any(|a| a == "fill");
     let tls = match rest.iter().find_map(|a| a.strip_prefix("tls=")) {
-        Some(dir) => TlsPolicy::Optional(tls_config(Path::new(dir))?),
+        Some(dir) => TlsPolicy::Optional(tls_config(Path::new(dir))?.into()),
         None => TlsPolicy::Off,
     };
     let vol = Arc::new(MemExport::new("vol0", mib << 20).with_fast_zero(true));

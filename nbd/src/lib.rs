@@ -8,7 +8,8 @@
 //! * `handshake` — option haggling up to the export entered, including the
 //!   `NBD_OPT_STARTTLS` policy (which options are answered before TLS).
 //! * `tls` — the connection set-up: plain or upgraded to TLS, handed to the
-//!   transmission phase as generic read/write halves.
+//!   transmission phase as generic read/write halves; [`TlsServer`], one
+//!   rustls configuration per provider, picked per ClientHello.
 //! * `reply` — reply shapes and the writer task.
 //! * `exec` — running a request against the export, building its reply.
 //! * `refusals` — per-connection rate-limited logging of refused requests.
@@ -45,6 +46,7 @@ mod tls;
 pub use mem::{FileExport, MapRegistry, MemExport};
 pub use server::serve;
 pub use stats::ServerStats;
+pub use tls::{suite_name, TlsServer};
 /// The rustls this crate is built against, for building a [`TlsPolicy`].
 pub use tokio_rustls::rustls;
 
@@ -247,10 +249,10 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
 }
 
-/// TLS policy of an NBD server. The rustls configuration comes from the
+/// TLS policy of an NBD server. The rustls configurations come from the
 /// embedder: certificates, client authentication, protocol versions and the
-/// `CryptoProvider` (ring today, an SM suite provider later) are its choice,
-/// so this crate names no provider.
+/// `CryptoProvider`s (ring, ferry-gmtls's SM suites, or one per connection
+/// from both: [`TlsServer`]) are its choice, so this crate names no provider.
 #[derive(Debug, Clone, Default)]
 pub enum TlsPolicy {
     /// Plain NBD only: `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP`.
@@ -258,16 +260,16 @@ pub enum TlsPolicy {
     Off,
     /// Clients may upgrade with `NBD_OPT_STARTTLS` or stay plain; every
     /// export is served both ways.
-    Optional(Arc<rustls::ServerConfig>),
+    Optional(TlsServer),
     /// The spec's forced TLS: before the upgrade every option except
     /// `STARTTLS` and `ABORT` gets `NBD_REP_ERR_TLS_REQD`, so nothing about
     /// the exports is revealed to an unencrypted client.
-    Require(Arc<rustls::ServerConfig>),
+    Require(TlsServer),
 }
 
 impl TlsPolicy {
-    /// The rustls configuration, unless TLS is off.
-    pub fn server_config(&self) -> Option<&Arc<rustls::ServerConfig>> {
+    /// The TLS configurations, unless TLS is off.
+    pub fn server(&self) -> Option<&TlsServer> {
         match self {
             TlsPolicy::Off => None,
             TlsPolicy::Optional(c) | TlsPolicy::Require(c) => Some(c),

@@ -272,6 +272,14 @@ impl TestClient {
         Ok(Ok(()))
     }
 
+    /// The cipher suite the TLS session negotiated; `None` when plain.
+    pub fn tls_suite(&self) -> Option<rustls::CipherSuite> {
+        match &self.s {
+            Wire::Tls(t) => t.conn.negotiated_cipher_suite().map(|s| s.suite()),
+            _ => None,
+        }
+    }
+
     pub fn recv(&mut self, n: usize) -> io::Result<Vec<u8>> {
         let mut v = vec![0u8; n];
         self.s.read_exact(&mut v)?;

@@ -4,18 +4,28 @@
 //! read/write halves of whichever stream the session ended up on; the
 //! transmission code is generic over them, so it exists once.
 //!
+//! [`TlsServer`] holds one rustls configuration per set of suites: a rustls
+//! `CryptoProvider` is one consistent set, and a national-crypto (RFC 8998)
+//! handshake must not mix SM and standard algorithms. Each connection's
+//! ClientHello is read first and picks the configuration whose cipher suites
+//! the client offers; a client that offers none is refused with a log line
+//! naming both sides' suites.
+//!
 //! The handshake reads unbuffered and writes through a small buffer; the
 //! transmission phase's large buffers are allocated only once a client has
 //! entered it. A connection that never finishes its handshake (a flood of
 //! idle sockets) so costs a few KiB, not half a MiB.
 
+use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::{self, server::Acceptor, CipherSuite};
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tracing::info;
 
 use crate::admission::Slot;
@@ -113,7 +123,7 @@ async fn upgrade(
     peer: SocketAddr,
     policy: &TlsPolicy,
 ) -> Result<(ReadHalf<Tls>, BufWriter<WriteHalf<Tls>>), End> {
-    let Some(config) = policy.server_config() else {
+    let Some(server) = policy.server() else {
         // STARTTLS is acknowledged only when a configuration exists.
         return Err(End::Protocol("STARTTLS without a TLS configuration".into()));
     };
@@ -126,16 +136,125 @@ async fn upgrade(
     let sock = rd
         .reunite(wr.into_inner())
         .map_err(|_| End::Protocol("socket halves do not match".into()))?;
-    let stream = TlsAcceptor::from(config.clone())
-        .accept(sock)
+    let start = LazyConfigAcceptor::new(Acceptor::default(), sock)
         .await
         .map_err(End::Tls)?;
+    let offered = start.client_hello().cipher_suites().to_vec();
+    let stream = match server.choose(&offered) {
+        Ok(config) => start.into_stream(config.clone()).await.map_err(End::Tls)?,
+        Err(first) => {
+            // Run the handshake anyway so that rustls sends the client its
+            // handshake_failure alert; it cannot succeed.
+            let e = start.into_stream(first.clone()).await.err();
+            return Err(End::Tls(io::Error::other(format!(
+                "the client offers none of this server's TLS 1.3 cipher suites \
+                 (server: {}; client: {}){}",
+                names(&server.suites()),
+                names(&offered),
+                e.map(|e| format!(": {e}")).unwrap_or_default()
+            ))));
+        }
+    };
     let conn = stream.get_ref().1;
     info!(%peer,
           version = ?conn.protocol_version(),
-          suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()),
+          suite = conn.negotiated_cipher_suite().map(|s| suite_name(s.suite())),
           client_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty()),
           "NBD client upgraded to TLS");
     let (rd, wr) = tokio::io::split(stream);
     Ok((rd, handshake_writer(wr)))
+}
+
+/// The TLS configurations an NBD server offers, in order of preference: one
+/// per crypto provider (for example the SM suites first, then the standard
+/// ones). A connection gets the first whose provider has a cipher suite the
+/// client's ClientHello offers, so a client speaking only the standard
+/// suites (GnuTLS in qemu and libnbd) is served by the standard
+/// configuration and a national-crypto client by the SM one, each with its
+/// own certificate, and no handshake mixes the two sets.
+#[derive(Debug, Clone)]
+pub struct TlsServer {
+    configs: Vec<Arc<rustls::ServerConfig>>,
+}
+
+impl TlsServer {
+    /// One configuration: what it can negotiate, or nothing.
+    pub fn new(config: Arc<rustls::ServerConfig>) -> TlsServer {
+        TlsServer {
+            configs: vec![config],
+        }
+    }
+
+    /// `config` for clients that offer none of the suites before it.
+    pub fn or(mut self, config: Arc<rustls::ServerConfig>) -> TlsServer {
+        self.configs.push(config);
+        self
+    }
+
+    /// The configurations, most preferred first.
+    pub fn configs(&self) -> &[Arc<rustls::ServerConfig>] {
+        &self.configs
+    }
+
+    /// Every cipher suite offered, most preferred first.
+    pub fn suites(&self) -> Vec<CipherSuite> {
+        self.configs
+            .iter()
+            .flat_map(|c| c.crypto_provider().cipher_suites.iter())
+            .map(|s| s.suite())
+            .collect()
+    }
+
+    /// The first configuration with a suite the client offers, else (as
+    /// the error) the first configuration, to refuse the client with.
+    fn choose(
+        &self,
+        offered: &[CipherSuite],
+    ) -> Result<&Arc<rustls::ServerConfig>, &Arc<rustls::ServerConfig>> {
+        self.configs
+            .iter()
+            .find(|c| {
+                c.crypto_provider()
+                    .cipher_suites
+                    .iter()
+                    .any(|s| offered.contains(&s.suite()))
+            })
+            .ok_or(&self.configs[0])
+    }
+}
+
+impl From<Arc<rustls::ServerConfig>> for TlsServer {
+    fn from(config: Arc<rustls::ServerConfig>) -> TlsServer {
+        TlsServer::new(config)
+    }
+}
+
+/// A cipher suite's IANA name; rustls 0.23 has no name for RFC 8998's.
+pub fn suite_name(s: CipherSuite) -> String {
+    match (s.as_str(), u16::from(s)) {
+        (Some(name), _) => name.to_string(),
+        (None, 0x00c6) => "TLS_SM4_GCM_SM3".into(),
+        (None, 0x00c7) => "TLS_SM4_CCM_SM3".into(),
+        (None, n) => format!("0x{n:04x}"),
+    }
+}
+
+fn names(suites: &[CipherSuite]) -> String {
+    let v: Vec<String> = suites.iter().map(|s| suite_name(*s)).collect();
+    v.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suite_names() {
+        assert_eq!(
+            suite_name(CipherSuite::TLS13_AES_128_GCM_SHA256),
+            "TLS13_AES_128_GCM_SHA256"
+        );
+        assert_eq!(suite_name(CipherSuite::from(0x00c6)), "TLS_SM4_GCM_SM3");
+        assert_eq!(suite_name(CipherSuite::from(0xfafa)), "0xfafa");
+    }
 }

@@ -4,17 +4,21 @@
 //! nbdcopy (libnbd, GnuTLS) and qemu-img (qemu's TLS x509 credentials).
 //! Certificates are made per test with rcgen in a temporary directory laid
 //! out as libnbd and qemu expect (`ca-cert.pem`, `client-cert.pem`,
-//! `client-key.pem`).
+//! `client-key.pem`). A server offering both the SM suites (ferry-gmtls,
+//! SM2 certificates from a gm cluster CA) and the standard ones picks the
+//! configuration per ClientHello: the raw client with the gm provider
+//! negotiates TLS_SM4_GCM_SM3, the tools the standard suites, on one server.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_gmtls::cert::GmClusterCa;
 use ferry_nbd::proto::*;
 use ferry_nbd::rustls::{self, pki_types::CertificateDer, pki_types::PrivateKeyDer};
 use ferry_nbd::testclient::{TestClient, TestServer};
-use ferry_nbd::{MapRegistry, MemExport, ServerConfig, ServerStats, TlsPolicy};
+use ferry_nbd::{MapRegistry, MemExport, ServerConfig, ServerStats, TlsPolicy, TlsServer};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,
@@ -139,6 +143,38 @@ fn client_tls(ca: &Ca, cert: Option<Leaf>) -> Arc<rustls::ClientConfig> {
     })
 }
 
+/// The SM suites only (ferry-gmtls): the node certificate `primary` of a
+/// gm cluster CA, no client certificates.
+fn gm_server_tls(ca: &GmClusterCa) -> Arc<rustls::ServerConfig> {
+    let node = ca.issue_node("primary").unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(ferry_gmtls::provider_arc())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![node.cert_der().unwrap()],
+            node.private_key_der().unwrap(),
+        )
+        .unwrap();
+    Arc::new(config)
+}
+
+/// A client speaking only the SM suites, trusting the gm CA.
+fn gm_client_tls(ca: &GmClusterCa) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(ferry_gmtls::provider_arc())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+fn gm_ca() -> GmClusterCa {
+    GmClusterCa::generate([7; 16]).unwrap()
+}
+
 fn server(tls: TlsPolicy) -> (TestServer, Arc<MemExport>) {
     let (srv, vol, _) = server_stats(tls);
     (srv, vol)
@@ -169,7 +205,7 @@ fn round_trip(c: &mut TestClient) {
 #[test]
 fn require_refuses_every_option_before_starttls_and_reveals_nothing() {
     let ca = Ca::new("server ca");
-    let (srv, _vol) = server(TlsPolicy::Require(server_tls(&ca, None)));
+    let (srv, _vol) = server(TlsPolicy::Require(server_tls(&ca, None).into()));
     let mut c = TestClient::start(srv.addr).unwrap();
     // Same answer whatever the option or the name asked for, so not even
     // which exports exist can be probed in the clear.
@@ -212,7 +248,7 @@ fn require_refuses_every_option_before_starttls_and_reveals_nothing() {
 #[test]
 fn require_hangs_up_on_export_name_before_tls() {
     let ca = Ca::new("server ca");
-    let (srv, _vol) = server(TlsPolicy::Require(server_tls(&ca, None)));
+    let (srv, _vol) = server(TlsPolicy::Require(server_tls(&ca, None).into()));
     let mut c = TestClient::start(srv.addr).unwrap();
     // EXPORT_NAME has no error reply: the only safe answer is to hang up,
     // without the export's size and flags.
@@ -227,7 +263,7 @@ fn require_hangs_up_on_export_name_before_tls() {
 #[test]
 fn optional_serves_plain_and_tls_clients() {
     let ca = Ca::new("server ca");
-    let (srv, _vol, stats) = server_stats(TlsPolicy::Optional(server_tls(&ca, None)));
+    let (srv, _vol, stats) = server_stats(TlsPolicy::Optional(server_tls(&ca, None).into()));
     let (mut plain, info) = TestClient::open(srv.addr, "vol0").unwrap();
     assert_eq!(info.size, SIZE as u64);
     round_trip(&mut plain);
@@ -249,7 +285,7 @@ fn optional_serves_plain_and_tls_clients() {
 #[test]
 fn starttls_forgets_what_was_negotiated_in_the_clear() {
     let ca = Ca::new("server ca");
-    let (srv, _vol) = server(TlsPolicy::Optional(server_tls(&ca, None)));
+    let (srv, _vol) = server(TlsPolicy::Optional(server_tls(&ca, None).into()));
     let mut c = TestClient::start(srv.addr).unwrap();
     assert_eq!(c.structured_reply().unwrap(), REP_ACK);
     assert_eq!(
@@ -285,7 +321,7 @@ fn meta_request(export: &str) -> Vec<u8> {
 #[test]
 fn starttls_with_data_is_invalid_and_off_is_unsupported() {
     let ca = Ca::new("server ca");
-    let (srv, _vol) = server(TlsPolicy::Require(server_tls(&ca, None)));
+    let (srv, _vol) = server(TlsPolicy::Require(server_tls(&ca, None).into()));
     let mut c = TestClient::start(srv.addr).unwrap();
     c.send_option(OPT_STARTTLS, b"x").unwrap();
     assert_eq!(c.read_opt_reply().unwrap().typ, REP_ERR_INVALID);
@@ -306,7 +342,7 @@ fn starttls_with_data_is_invalid_and_off_is_unsupported() {
 #[test]
 fn bytes_sent_before_the_starttls_ack_end_the_session() {
     let ca = Ca::new("server ca");
-    let (srv, _vol) = server(TlsPolicy::Require(server_tls(&ca, None)));
+    let (srv, _vol) = server(TlsPolicy::Require(server_tls(&ca, None).into()));
     let mut c = TestClient::start(srv.addr).unwrap();
     // STARTTLS and a plaintext option in one segment: a server that kept the
     // buffered option would run it as if it came through TLS.
@@ -333,7 +369,7 @@ fn client_certificates_are_checked_when_required() {
     let ca = Ca::new("server ca");
     let clients = Ca::new("client ca");
     let rogue = Ca::new("rogue ca");
-    let (srv, _vol) = server(TlsPolicy::Require(server_tls(&ca, Some(&clients))));
+    let (srv, _vol) = server(TlsPolicy::Require(server_tls(&ca, Some(&clients)).into()));
     // From the right CA: served.
     let mut c = TestClient::start(srv.addr).unwrap();
     let good = client_tls(&ca, Some(clients.issue(false)));
@@ -352,6 +388,65 @@ fn client_certificates_are_checked_when_required() {
             "client without a valid certificate was served: {refused:?}"
         );
     }
+    srv.shutdown().0.unwrap();
+}
+
+#[test]
+fn both_suites_give_sm_clients_the_sm_suite_and_the_others_the_standard_one() {
+    let gm = gm_ca();
+    let ca = Ca::new("server ca");
+    let tls = TlsServer::new(gm_server_tls(&gm)).or(server_tls(&ca, None));
+    let (srv, vol, stats) = server_stats(TlsPolicy::Require(tls));
+    // The SM client: TLS_SM4_GCM_SM3 with the SM2 certificate (verified by
+    // the client against the gm CA under the node's name).
+    let mut c = TestClient::start(srv.addr).unwrap();
+    assert_eq!(c.starttls(gm_client_tls(&gm), "primary").unwrap(), Ok(()));
+    assert_eq!(c.tls_suite(), Some(ferry_gmtls::tls_sm4_gcm_sm3()));
+    c.go("vol0").unwrap().unwrap();
+    round_trip(&mut c);
+    let sm_data: Vec<u8> = (0..1 << 20).map(|i| (i % 241) as u8).collect();
+    assert_eq!(c.write(1 << 20, &sm_data, 0).unwrap(), 0);
+    assert_eq!(c.read(1 << 20, 1 << 20).unwrap(), Ok(sm_data.clone()));
+    assert_eq!(vol.snapshot(1 << 20, 1 << 20), sm_data);
+    // A standard client on the same server: a standard suite and the ECDSA
+    // certificate, at the same time as the SM session.
+    let mut s = TestClient::start(srv.addr).unwrap();
+    assert_eq!(
+        s.starttls(client_tls(&ca, None), "localhost").unwrap(),
+        Ok(())
+    );
+    let suite = s.tls_suite().unwrap();
+    assert!(
+        suite.as_str().is_some_and(|n| n.starts_with("TLS13_")),
+        "{suite:?}"
+    );
+    s.go("vol0").unwrap().unwrap();
+    assert_eq!(s.read(1 << 20, 1 << 20).unwrap(), Ok(sm_data));
+    round_trip(&mut c);
+    assert_eq!(stats.snapshot().tls_sessions_total, 2);
+    drop((c, s));
+    srv.shutdown().0.unwrap();
+}
+
+#[test]
+fn gm_only_refuses_a_standard_client() {
+    let gm = gm_ca();
+    let ca = Ca::new("server ca");
+    let (srv, _vol, stats) = server_stats(TlsPolicy::Require(gm_server_tls(&gm).into()));
+    let mut c = TestClient::start(srv.addr).unwrap();
+    let refused = c
+        .starttls(client_tls(&ca, None), "localhost")
+        .and_then(|_| c.list());
+    let err = refused.expect_err("a standard client was served by a gm-only server");
+    // rustls's alert: no common suite (handshake_failure).
+    assert!(err.to_string().contains("HandshakeFailure"), "{err}");
+    // The SM client still gets in.
+    let mut c = TestClient::start(srv.addr).unwrap();
+    assert_eq!(c.starttls(gm_client_tls(&gm), "primary").unwrap(), Ok(()));
+    c.go("vol0").unwrap().unwrap();
+    round_trip(&mut c);
+    assert_eq!(stats.snapshot().tls_sessions_total, 1);
+    drop(c);
     srv.shutdown().0.unwrap();
 }
 
@@ -392,11 +487,18 @@ fn tls_unsupported(tool: &str, out: &str) -> bool {
 }
 
 /// A forced-TLS server with client certificates, and the directory a
-/// client needs for it.
-fn tool_setup() -> (TestServer, Arc<MemExport>, tempfile::TempDir) {
+/// client needs for it. With `gm`, the server offers the SM suites first
+/// (what ferryd does with `nbd.tls_suite = "both"`); the tools, which speak
+/// only the standard suites, must get the standard configuration.
+fn tool_setup(gm: bool) -> (TestServer, Arc<MemExport>, tempfile::TempDir) {
     let ca = Ca::new("server ca");
     let clients = Ca::new("client ca");
-    let (srv, vol) = server(TlsPolicy::Require(server_tls(&ca, Some(&clients))));
+    let standard = server_tls(&ca, Some(&clients));
+    let tls = match gm {
+        true => TlsServer::new(gm_server_tls(&gm_ca())).or(standard),
+        false => TlsServer::new(standard),
+    };
+    let (srv, vol) = server(TlsPolicy::Require(tls));
     // One directory holds both CAs (the server's, to verify the server) and
     // the client's certificate from the client CA.
     let dir = client_dir(&[&ca, &clients], &clients.issue(false));
@@ -405,12 +507,21 @@ fn tool_setup() -> (TestServer, Arc<MemExport>, tempfile::TempDir) {
 
 #[test]
 fn nbdinfo_and_nbdcopy_over_tls() {
+    nbdinfo_and_nbdcopy(false);
+}
+
+#[test]
+fn nbdinfo_and_nbdcopy_over_tls_with_the_sm_suites_offered_first() {
+    nbdinfo_and_nbdcopy(true);
+}
+
+fn nbdinfo_and_nbdcopy(gm: bool) {
     if ferry_testkit::skip_without("nbdinfo", module_path!())
         || ferry_testkit::skip_without("nbdcopy", module_path!())
     {
         return;
     }
-    let (srv, vol, dir) = tool_setup();
+    let (srv, vol, dir) = tool_setup(gm);
     let d = dir.path().display();
     let uri = format!("nbds://{}/vol0?tls-certificates={d}", srv.addr);
     let (ok, out) = run("nbdinfo", &["--json", &uri]);
@@ -441,10 +552,19 @@ fn nbdinfo_and_nbdcopy_over_tls() {
 
 #[test]
 fn qemu_img_info_and_convert_over_tls() {
+    qemu_img_info_and_convert(false);
+}
+
+#[test]
+fn qemu_img_info_and_convert_over_tls_with_the_sm_suites_offered_first() {
+    qemu_img_info_and_convert(true);
+}
+
+fn qemu_img_info_and_convert(gm: bool) {
     if ferry_testkit::skip_without("qemu-img", module_path!()) {
         return;
     }
-    let (srv, vol, dir) = tool_setup();
+    let (srv, vol, dir) = tool_setup(gm);
     let object = format!(
         "tls-creds-x509,id=tls0,endpoint=client,dir={}",
         dir.path().display()
