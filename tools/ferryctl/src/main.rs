@@ -17,6 +17,7 @@ use ferry_api::status::{
 };
 use ferry_transport::pki::{AnyClusterCa, TlsSuite};
 mod archive;
+mod archive_export;
 mod drill;
 mod node_add;
 mod ports;
@@ -88,6 +89,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 to,
                 json,
             } => archive::restore(&url, &volume, &point, &to, json),
+            ArchiveCmd::Export {
+                url,
+                volume,
+                point,
+                listen,
+                cache_dir,
+                cache_bytes,
+                json,
+            } => archive_export::export(
+                &url,
+                volume.as_deref(),
+                &point,
+                archive_export::Serve {
+                    listen,
+                    cache_dir,
+                    cache_bytes: parse_size(&cache_bytes)
+                        .map_err(|e| anyhow::anyhow!("--cache-bytes: {e}"))?,
+                    json,
+                },
+            ),
             ArchiveCmd::List { url, json } => archive::list(&url, json),
         },
         Cmd::Node {
