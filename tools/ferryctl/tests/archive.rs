@@ -59,6 +59,34 @@ fn wait_archived(primary: &Node) -> u64 {
     last
 }
 
+/// `ferryctl status` (text and JSON) shows what the archive holds and stores.
+fn status_shows_the_archive(pcfg: &Path, archived: u64) {
+    let st = ctl_json(pcfg, &["status"]);
+    let a = &st["archives"][0];
+    assert!(a["stored_bytes"].as_u64() > Some(0), "{a:#}");
+    assert!(a["compression_ratio"].as_f64() > Some(1.0), "{a:#}");
+    assert!(a["oldest_point"]["seq"].is_u64(), "{a:#}");
+    assert!(a["last_upload"].is_string(), "{a:#}");
+    let o = ctl(pcfg, &["status"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("archive    cold "))
+        .unwrap_or_else(|| panic!("no archive line:\n{text}"));
+    assert!(
+        line.contains(&format!("archived seq {archived}"))
+            && line.contains("lag ")
+            && line.contains("uploaded "),
+        "{line}"
+    );
+    assert!(!line.contains("last never"), "{line}");
+    assert!(
+        text.contains(&format!("stored {} bytes (compression ", a["stored_bytes"]))
+            && text.contains(&format!("oldest point seq {} (", a["oldest_point"]["seq"])),
+        "{text}"
+    );
+}
+
 /// `ferryctl archive restore --url URL --volume vol0 POINT --to OUT --json`.
 fn restore(url: &str, point: &[&str], out: &Path) -> serde_json::Value {
     restore_env(url, point, out, &[])
@@ -155,9 +183,14 @@ fn archive_restores_equal_the_primary_and_resume_after_sigkill() {
         "ferry_archive_archived_seq{target=\"cold\"}",
         "ferry_archive_uploaded_bytes{target=\"cold\"}",
         "ferry_archive_lag_seconds{target=\"cold\"}",
+        "ferry_archive_stored_bytes{target=\"cold\"}",
+        "ferry_archive_compression_ratio{target=\"cold\"}",
+        "ferry_archive_oldest_point_timestamp_seconds{target=\"cold\"}",
+        "ferry_archive_last_upload_timestamp_seconds{target=\"cold\"}",
     ] {
         assert!(m.contains(family), "{family} missing:\n{m}");
     }
+    status_shows_the_archive(&pcfg, at_b);
 
     let out = dir.path().join("restored.img");
     let r = restore(&url, &["--bookmark", "before-b"], &out);
