@@ -352,7 +352,9 @@ pub enum ArchiveCmd {
         /// (removed at exit).
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
-        /// Bytes of fetched objects the cache keeps (least recently used evicted).
+        /// Bytes of fetched objects the cache keeps (least recently used evicted). Keep
+        /// it above the archive's pack size (8 MiB by default): a pack body larger than
+        /// the cache is fetched again for every read of its data.
         #[arg(long, value_name = "BYTES", default_value = "256MiB")]
         cache_bytes: String,
         /// Print the export's address and point as one JSON line (for scripts).
