@@ -63,6 +63,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let base = args
         .get(1)
+        .filter(|u| !u.is_empty())
         .cloned()
         .unwrap_or_else(|| format!("file://{}", dir.path().display()));
     let mib: usize = args.get(2).map_or(Ok(256), |s| s.parse())?;
@@ -100,7 +101,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut n = 0;
     while put < raw {
         let len = (raw - put).min(object.len() as u64) as usize;
-        plain.put(&format!("o/{n:08}"), object[..len].to_vec()).await?;
+        plain
+            .put(&format!("o/{n:08}"), object[..len].to_vec())
+            .await?;
         put += len as u64;
         n += 1;
     }
