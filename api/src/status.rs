@@ -122,6 +122,21 @@ pub struct ArchiveStatus {
     pub lag_seconds: f64,
     pub bytes_uploaded: u64,
     pub last_error: Option<String>,
+    /// When this primary last uploaded to the archive (a pack or a base), RFC 3339.
+    #[serde(default)]
+    pub last_upload: Option<String>,
+    /// Bytes of the packs and base indexes the archive's newest manifest names. Base
+    /// chunks (content-addressed, shared between bases) are not listed there and not
+    /// counted; this primary's chunk uploads are in `bytes_uploaded`.
+    #[serde(default)]
+    pub stored_bytes: u64,
+    /// Write-set bytes per stored byte over the packs this primary uploaded since it
+    /// started; none before the first.
+    #[serde(default)]
+    pub compression_ratio: Option<f64>,
+    /// The oldest point a restore can reach: the archive's oldest base.
+    #[serde(default)]
+    pub oldest_point: Option<PitPoint>,
 }
 
 /// Which epoch, and which node, made this primary outdated.

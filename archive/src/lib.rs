@@ -6,9 +6,11 @@
 //! - [`store`]: the object store behind a URL (`s3://bucket/prefix`, `file:///dir`).
 //! - [`writer`]: what the primary's archive target calls: write-sets in, packs out.
 //! - [`restore`]: a point back into a file or device, every object's hash checked.
+//! - [`view`]: a point read in place from the bucket (what `ferryctl archive export` serves).
 pub mod format;
 pub mod restore;
 pub mod store;
+pub mod view;
 pub mod writer;
 
 pub use format::FormatError;

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use crate::format::base::{chunk_object, Base, CHUNK_SIZE};
-use crate::format::manifest::{Entry, Kind, Manifest};
+use crate::format::manifest::{Entry, Kind, Manifest, Volume};
 use crate::format::pack::{self, Op, WriteSet};
 use crate::format::sm3_hex;
 use crate::store::{ArchiveStore, StoreError};
@@ -34,7 +34,10 @@ pub struct RestoreReport {
     pub bytes_downloaded: u64,
 }
 
-async fn get_checked(store: &ArchiveStore, e: &Entry) -> Result<bytes::Bytes, StoreError> {
+pub(crate) async fn get_checked(
+    store: &ArchiveStore,
+    e: &Entry,
+) -> Result<bytes::Bytes, StoreError> {
     let b = store.get(&e.name).await?;
     if b.len() as u64 != e.bytes || sm3_hex(&[&b]) != e.sm3 {
         return Err(StoreError::Digest {
@@ -103,14 +106,23 @@ fn bases(m: &Manifest) -> impl Iterator<Item = &Entry> {
     m.entries.iter().filter(|e| e.kind == Kind::Base)
 }
 
-/// Restores volume `name` at `target` into `out` (a file or block device; sized to the
-/// volume). Fails, naming the object, on any missing or changed object.
-pub async fn restore(
+/// What restoring (or viewing) one volume at one point reads: the newest base at or
+/// before the point and the packs after it that reach the point.
+pub(crate) struct Plan {
+    pub vol: Volume,
+    /// The write-set boundary the target names.
+    pub seq: u64,
+    pub base: Entry,
+    /// In sequence order; their write-sets after `base` and up to `seq` apply.
+    pub packs: Vec<Entry>,
+}
+
+/// Resolves `target` for volume `name` against the newest manifest.
+pub(crate) async fn plan(
     store: &ArchiveStore,
     name: &str,
     target: &Target,
-    out: &File,
-) -> Result<RestoreReport, StoreError> {
+) -> Result<Plan, StoreError> {
     let m = store
         .latest_manifest()
         .await?
@@ -131,6 +143,39 @@ pub async fn restore(
             ))
         })?
         .clone();
+    let packs = packs(&m)
+        .filter(|e| e.last_seq > base.last_seq && e.first_seq <= seq)
+        .cloned()
+        .collect();
+    Ok(Plan {
+        vol,
+        seq,
+        base,
+        packs,
+    })
+}
+
+/// The error for a point no write-set of the archive ends at.
+pub(crate) fn not_a_boundary(seq: u64) -> StoreError {
+    StoreError::Refused(format!(
+        "sequence {seq} is not a write-set boundary held by the archive"
+    ))
+}
+
+/// Restores volume `name` at `target` into `out` (a file or block device; sized to the
+/// volume). Fails, naming the object, on any missing or changed object.
+pub async fn restore(
+    store: &ArchiveStore,
+    name: &str,
+    target: &Target,
+    out: &File,
+) -> Result<RestoreReport, StoreError> {
+    let Plan {
+        vol,
+        seq,
+        base,
+        packs,
+    } = plan(store, name, target).await?;
     let mut report = RestoreReport {
         seq,
         timestamp_ns: base.last_ts,
@@ -145,7 +190,7 @@ pub async fn restore(
     }
     report.bytes_downloaded += write_base(store, &base, vol.size, out).await?;
     let mut reached = base.last_seq == seq;
-    for e in packs(&m).filter(|e| e.last_seq > base.last_seq && e.first_seq <= seq) {
+    for e in &packs {
         report.packs_read += 1;
         report.bytes_downloaded += e.bytes;
         for ws in pack_sets(store, e).await? {
@@ -159,9 +204,7 @@ pub async fn restore(
         }
     }
     if !reached {
-        return Err(StoreError::Refused(format!(
-            "sequence {seq} is not a write-set boundary held by the archive"
-        )));
+        return Err(not_a_boundary(seq));
     }
     out.sync_all()?;
     Ok(report)

@@ -20,6 +20,14 @@ pub struct ArchiveWriter {
     pending_bytes: usize,
     pack_bytes: usize,
     level: i32,
+    packed: PackedBytes,
+}
+
+/// Packs this writer uploaded: their write-sets' bytes before and after compression.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PackedBytes {
+    pub raw: u64,
+    pub stored: u64,
 }
 
 /// What a base upload did.
@@ -59,6 +67,7 @@ impl ArchiveWriter {
             pending_bytes: 0,
             pack_bytes: DEFAULT_PACK_BYTES,
             level: 3,
+            packed: PackedBytes::default(),
         })
     }
 
@@ -81,6 +90,11 @@ impl ArchiveWriter {
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// What the packs uploaded since [`open`](Self::open) held, raw and compressed.
+    pub fn packed(&self) -> PackedBytes {
+        self.packed
     }
 
     /// Queues a write-set; `true` when a pack is due ([`flush`](Self::flush)). A
@@ -141,6 +155,8 @@ impl ArchiveWriter {
         // The manifest pins the whole object (its own trailing SM3 included).
         let sm3 = sm3_hex(&[&e.bytes]);
         self.store.put(&name, e.bytes).await?;
+        self.packed.raw += h.raw_len as u64;
+        self.packed.stored += bytes;
         let entry = Entry {
             kind: Kind::Pack,
             name,

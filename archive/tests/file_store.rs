@@ -2,11 +2,15 @@
 //! a sequence, a time and the latest point, byte-identical to a model of the volume;
 //! base images reuse unchanged chunks; a changed, missing or reordered object is named;
 //! a stale writer (an older epoch, or one that lost the race for a manifest
-//! generation) is refused.
+//! generation) is refused. A view (what `archive export` serves) reads each point as
+//! restore writes it, reports holes, and names a changed chunk on the read needing it.
 use bytes::Bytes;
+use ferry_archive::format::base::chunk_object;
 use ferry_archive::format::manifest::Volume;
 use ferry_archive::format::pack::{Op, Record, WriteSet};
+use ferry_archive::format::sm3_hex;
 use ferry_archive::restore::{restore, Target};
+use ferry_archive::view::{ArchiveView, ViewOptions};
 use ferry_archive::writer::ArchiveWriter;
 use ferry_archive::{ArchiveStore, StoreError};
 
@@ -284,4 +288,100 @@ async fn a_stale_writer_cannot_write_over_the_current_one() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("belongs to cluster"), "{e}");
+}
+
+async fn view_of(store: &ArchiveStore, target: Target, opts: ViewOptions) -> ArchiveView {
+    ArchiveView::open(store.clone(), "vol0", &target, opts)
+        .await
+        .unwrap_or_else(|e| panic!("view {target:?}: {e}"))
+}
+
+/// The whole volume through `view`, in reads of an odd size that straddle chunks.
+async fn read_all(view: &ArchiveView) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < SIZE {
+        let n = (SIZE - at).min(300_001);
+        out.extend(view.read(at, n).await.unwrap());
+        at += n;
+    }
+    out
+}
+
+fn hole_at(view: &ArchiveView, offset: u64) -> bool {
+    let e = view.extents(offset, 1, 1);
+    assert_eq!(e.len(), 1);
+    e[0].hole
+}
+
+#[tokio::test]
+async fn a_view_reads_each_point_as_restore_does_holes_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ArchiveStore::open(&url(dir.path())).unwrap();
+    let mut w = writer(&store, 1).await.unwrap();
+    // A base holding data in chunks 0 and 2; the write-sets touch only chunk 0.
+    let mut m = Model::new();
+    m.data[..(1 << 20)].fill(7);
+    m.data[(2 << 20)..(3 << 20)].fill(9);
+    m.snapshots[0].2 = m.data.clone();
+    let img = m.data.clone();
+    w.upload_base(0, 0, 0, |i| {
+        Ok(img[(i << 20) as usize..((i + 1) << 20) as usize].to_vec())
+    })
+    .await
+    .unwrap();
+    for i in 0..20u64 {
+        let seal = (i == 8).then_some("nightly");
+        w.push(m.write_set(1 + i % 4, i as u8 + 1, 1_000 * (i + 1), seal))
+            .unwrap();
+        w.flush().await.unwrap();
+    }
+    let mem = ViewOptions::default();
+    let v = view_of(&store, Target::Latest, mem.clone()).await;
+    assert_eq!(v.info().seq, m.seq);
+    assert!(read_all(&v).await == m.data, "latest differs");
+    let bookmark = m.snapshots[9].0;
+    let v = view_of(&store, Target::Bookmark("nightly".into()), mem.clone()).await;
+    assert_eq!(v.info().seq, bookmark);
+    assert!(read_all(&v).await == m.at(bookmark), "bookmark differs");
+    let s3 = m.snapshots[3].0;
+    let disk = ViewOptions {
+        cache_bytes: (1 << 20) + 4096,
+        cache_dir: Some(dir.path().join("cache")),
+    };
+    let v = view_of(&store, Target::Seq(s3), disk).await;
+    assert!(
+        read_all(&v).await == m.at(s3),
+        "seq {s3} through a disk cache differs"
+    );
+    assert!(v.cached_bytes() <= (1 << 20) + 4096, "cache over its limit");
+    let e = ArchiveView::open(store.clone(), "vol0", &Target::Seq(s3 - 1), mem.clone())
+        .await
+        .err()
+        .expect("not a boundary");
+    assert!(e.to_string().contains("not a write-set boundary"), "{e}");
+
+    // Holes: the base's zero chunks 1 and 3 (never written after) and what a trim left.
+    let v = view_of(&store, Target::Latest, mem.clone()).await;
+    assert!(hole_at(&v, 1 << 20) && hole_at(&v, (2 << 20) - 1) && hole_at(&v, 3 << 20));
+    assert!(!hole_at(&v, 2 << 20) && !hole_at(&v, (1 << 20) - 1));
+    let all = v.extents(0, SIZE, usize::MAX);
+    assert_eq!(all.iter().map(|e| e.len).sum::<u64>(), SIZE);
+    assert!(
+        all.windows(2).all(|w| w[0].hole != w[1].hole),
+        "not merged: {all:?}"
+    );
+
+    // A changed chunk is named on the read that needs it; other reads still work.
+    let id = sm3_hex(&[&img[(2 << 20)..(3 << 20)]]);
+    let name = chunk_object(&id);
+    let path = dir.path().join(&name);
+    let mut z = std::fs::read(&path).unwrap();
+    let last = z.len() - 1;
+    z[last] ^= 0x55;
+    std::fs::write(&path, z).unwrap();
+    let v = view_of(&store, Target::Latest, mem).await;
+    let e = v.read((2 << 20) + 4096, 4096).await.unwrap_err();
+    assert!(e.to_string().contains(&name), "{e}");
+    assert_eq!(v.read(0, 4096).await.unwrap(), m.data[..4096]);
 }

@@ -260,6 +260,14 @@ pub fn decode_header(b: &[u8]) -> Result<PackHeader, FormatError> {
 
 /// Verifies the whole object (length, SM3) and decodes its write-sets.
 pub fn decode(b: &[u8]) -> Result<(PackHeader, Vec<WriteSet>), FormatError> {
+    let (h, _, sets) = decode_shared(b)?;
+    Ok((h, sets))
+}
+
+/// As [`decode`], and also returns the uncompressed body: every `Op::Write` payload is
+/// a slice of it (no copy), so [`payload_offset`] locates a write inside the body. What
+/// an archive view keeps to serve reads from a cached body by offset.
+pub fn decode_shared(b: &[u8]) -> Result<(PackHeader, Bytes, Vec<WriteSet>), FormatError> {
     let h = decode_header(b)?;
     let end = HEADER_LEN + h.body_len as usize;
     if b.len() != end + DIGEST_LEN {
@@ -279,9 +287,17 @@ pub fn decode(b: &[u8]) -> Result<(PackHeader, Vec<WriteSet>), FormatError> {
             "pack body's length differs from its header".into(),
         ));
     }
+    let raw = Bytes::from(raw);
     let sets = decode_body(&raw, h.write_sets)?;
     check_bounds(&h, &sets)?;
-    Ok((h, sets))
+    Ok((h, raw, sets))
+}
+
+/// Where `payload` (a write's data from [`decode_shared`]) starts in `raw`, that call's
+/// body; `None` for bytes that are not a slice of it.
+pub fn payload_offset(raw: &Bytes, payload: &Bytes) -> Option<usize> {
+    let off = (payload.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
+    (off.checked_add(payload.len())? <= raw.len()).then_some(off)
 }
 
 fn check_bounds(h: &PackHeader, sets: &[WriteSet]) -> Result<(), FormatError> {
@@ -315,7 +331,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn decode_body(raw: &[u8], count: u32) -> Result<Vec<WriteSet>, FormatError> {
+fn decode_body(raw: &Bytes, count: u32) -> Result<Vec<WriteSet>, FormatError> {
     let mut c = Cursor { b: raw, at: 0 };
     let mut sets = Vec::new();
     let mut prev = 0u64;
@@ -330,7 +346,7 @@ fn decode_body(raw: &[u8], count: u32) -> Result<Vec<WriteSet>, FormatError> {
         prev = end_seq;
         let mut records = Vec::new();
         for _ in 0..n {
-            records.push(decode_record(&mut c, end_seq)?);
+            records.push(decode_record(&mut c, raw, end_seq)?);
         }
         sets.push(WriteSet {
             end_seq,
@@ -346,7 +362,7 @@ fn decode_body(raw: &[u8], count: u32) -> Result<Vec<WriteSet>, FormatError> {
     Ok(sets)
 }
 
-fn decode_record(c: &mut Cursor, end_seq: u64) -> Result<Record, FormatError> {
+fn decode_record(c: &mut Cursor, raw: &Bytes, end_seq: u64) -> Result<Record, FormatError> {
     let h = c.take(REC_HEADER_LEN)?;
     let (seq, volume, kind, offset, len) = (
         rd_u64(h, 0),
@@ -366,7 +382,11 @@ fn decode_record(c: &mut Cursor, end_seq: u64) -> Result<Record, FormatError> {
         )));
     }
     let op = match kind {
-        1 => Op::Write(Bytes::copy_from_slice(c.take(len as usize)?)),
+        1 => {
+            let at = c.at;
+            c.take(len as usize)?;
+            Op::Write(raw.slice(at..at + len as usize))
+        }
         2 => Op::Trim,
         3 => Op::Zero,
         4 => {

@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_api::config::Config;
-use ferry_api::status::ArchiveStatus;
+use ferry_api::status::{ArchiveStatus, PitPoint};
+use ferry_api::timefmt::format_rfc3339;
+use ferry_archive::format::manifest::{Kind, Manifest};
+use ferry_archive::writer::PackedBytes;
 use ferry_journal::{now_ns, Journal, Seq};
 use parking_lot::Mutex;
 
@@ -28,6 +31,8 @@ pub struct ArchiveState {
     /// The primary's time of that write-set (ns since the Unix epoch; 0: unknown).
     archived_ts: AtomicU64,
     bytes_uploaded: AtomicU64,
+    /// What the archive holds and this primary put there (status only).
+    held: Mutex<Held>,
     /// State name and last error.
     phase: Mutex<(&'static str, Option<String>)>,
     /// The journal filled up while this archive held it back: the hold is dropped
@@ -45,6 +50,7 @@ impl ArchiveState {
             archived: AtomicU64::new(start),
             archived_ts: AtomicU64::new(0),
             bytes_uploaded: AtomicU64::new(0),
+            held: Mutex::new(Held::default()),
             phase: Mutex::new(("starting", None)),
             overflowed: AtomicBool::new(false),
         }
@@ -64,6 +70,32 @@ impl ArchiveState {
 
     pub(crate) fn add_uploaded(&self, bytes: u64) {
         self.bytes_uploaded.fetch_add(bytes, Ordering::Relaxed);
+        if bytes > 0 {
+            self.held.lock().last_upload_ns = Some(now_ns());
+        }
+    }
+
+    /// What the archive's newest manifest names, and what this session's writer
+    /// packed: the stored bytes, the oldest point and the compression for status.
+    pub(crate) fn note_archive(&self, m: &Manifest, packed: PackedBytes) {
+        let mut h = self.held.lock();
+        h.stored_bytes = m.entries.iter().map(|e| e.bytes).sum();
+        h.oldest = m
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::Base)
+            .min_by_key(|e| e.last_seq)
+            .map(|e| (e.last_seq, e.last_ts));
+        // Each session's writer counts from zero: add what it packed since last seen.
+        let seen = h.session;
+        h.packed_total.raw += packed.raw.saturating_sub(seen.raw);
+        h.packed_total.stored += packed.stored.saturating_sub(seen.stored);
+        h.session = packed;
+    }
+
+    /// A new session's writer (its pack counters start from zero).
+    pub(crate) fn new_session(&self) {
+        self.held.lock().session = PackedBytes::default();
     }
 
     /// A new state; `error` replaces the last error only when given.
@@ -101,6 +133,7 @@ impl ArchiveState {
     /// The status row; `durable`: the primary's newest durable record.
     pub fn status(&self, durable: Seq) -> ArchiveStatus {
         let (state, last_error) = self.phase.lock().clone();
+        let held = *self.held.lock();
         let archived = self.archived_seq();
         let ts = self.archived_ts.load(Ordering::Relaxed);
         // Caught up: no lag. Behind: how old the newest archived write-set is (what a
@@ -119,8 +152,30 @@ impl ArchiveState {
             lag_seconds,
             bytes_uploaded: self.bytes_uploaded.load(Ordering::Relaxed),
             last_error,
+            last_upload: held.last_upload_ns.map(format_rfc3339),
+            stored_bytes: held.stored_bytes,
+            compression_ratio: (held.packed_total.stored > 0)
+                .then(|| held.packed_total.raw as f64 / held.packed_total.stored as f64),
+            oldest_point: held.oldest.map(|(seq, ts)| PitPoint {
+                seq,
+                time: format_rfc3339(ts),
+                timestamp_ns: ts,
+            }),
         }
     }
+}
+
+/// Status-only facts about the archive and this primary's uploads to it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    last_upload_ns: Option<u64>,
+    stored_bytes: u64,
+    /// The oldest base: (sequence, time).
+    oldest: Option<(Seq, u64)>,
+    /// Packed since this primary started, over all sessions.
+    packed_total: PackedBytes,
+    /// The current session's writer's counters as last seen.
+    session: PackedBytes,
 }
 
 /// The primary's archive targets.

@@ -116,6 +116,8 @@ async fn session(
     // Reachable again: hold the journal from what the archive holds (after an
     // overflow the gap check below finds the journal released and takes a new base).
     t.hold_again();
+    t.new_session();
+    t.note_archive(w.manifest(), w.packed());
     let mut at = held_point(w.manifest(), ctx);
     check_history(w.manifest().epoch, ctx.epoch, ctx.fork, at)?;
     if at.is_none() || at.is_some_and(|a| ctx.journal.first_available_seq() > a + 1) {
@@ -123,6 +125,7 @@ async fn session(
         let (seq, ts, bytes) = upload_bases(ctx, &mut w, &t.name).await?;
         t.add_uploaded(bytes);
         t.set_archived(seq, ts);
+        t.note_archive(w.manifest(), w.packed());
         at = Some(seq);
     }
     let from = at.unwrap_or(0);
@@ -180,6 +183,7 @@ async fn flush(t: &ArchiveState, w: &mut ArchiveWriter) -> anyhow::Result<()> {
     let added = &w.manifest().entries[before.min(w.manifest().entries.len())..];
     t.add_uploaded(added.iter().map(|e| e.bytes).sum());
     t.set_archived(seq, newest_ts(w.manifest()));
+    t.note_archive(w.manifest(), w.packed());
     Ok(())
 }
 

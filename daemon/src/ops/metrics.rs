@@ -51,6 +51,7 @@ use ferry_api::config::{Config, Role};
 use ferry_api::status::{
     ArchiveStatus, EffectiveMode, NodeStatus, RoleStatus, StandbyStatus, TargetStatus,
 };
+use ferry_api::timefmt::parse_rfc3339;
 use ferry_nbd::admission::{Admission, Slot};
 
 /// Largest request head (request line + headers) the endpoint reads.
@@ -402,7 +403,7 @@ type ArchiveFamily<'a> = (
 
 /// The archive targets (cold tier), one series per target.
 fn encode_archives(e: &mut DescriptorEncoder, archives: &[ArchiveStatus]) -> std::fmt::Result {
-    let families: [ArchiveFamily; 4] = [
+    let families: [ArchiveFamily; 8] = [
         (
             "ferry_archive_archived_seq",
             "Newest write-set boundary the archive holds durably.",
@@ -426,6 +427,35 @@ fn encode_archives(e: &mut DescriptorEncoder, archives: &[ArchiveStatus]) -> std
             "1 once the target stopped (a newer primary archives there, or the archive refused this one).",
             None,
             |a| (a.state == "stopped") as i64 as f64,
+        ),
+        (
+            "ferry_archive_stored",
+            "Bytes of the packs and base indexes the archive's newest manifest names (base chunks not counted).",
+            Some(&Unit::Bytes),
+            |a| a.stored_bytes as f64,
+        ),
+        (
+            "ferry_archive_compression_ratio",
+            "Write-set bytes per stored byte in the packs this primary uploaded (0 before the first).",
+            None,
+            |a| a.compression_ratio.unwrap_or(0.0),
+        ),
+        (
+            "ferry_archive_oldest_point_timestamp",
+            "Time of the oldest point a restore can reach, the archive's oldest base (0: none).",
+            Some(&Unit::Seconds),
+            |a| a.oldest_point.as_ref().map_or(0.0, |p| p.timestamp_ns as f64 / 1e9),
+        ),
+        (
+            "ferry_archive_last_upload_timestamp",
+            "When this primary last uploaded a pack or a base (0: not since it started).",
+            Some(&Unit::Seconds),
+            |a| {
+                a.last_upload
+                    .as_deref()
+                    .and_then(|t| parse_rfc3339(t).ok())
+                    .map_or(0.0, |ns| ns as f64 / 1e9)
+            },
         ),
     ];
     for (name, help, unit, v) in families {

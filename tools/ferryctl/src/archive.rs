@@ -12,14 +12,14 @@ use ferryctl::cli::ArchivePointArgs;
 use serde_json::json;
 
 /// The store calls are async (object_store); one small runtime per command.
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the IO runtime")
 }
 
-fn target(p: &ArchivePointArgs) -> anyhow::Result<Target> {
+pub(crate) fn target(p: &ArchivePointArgs) -> anyhow::Result<Target> {
     Ok(match (p.latest, p.seq, &p.at, &p.bookmark) {
         (_, Some(s), _, _) => Target::Seq(s),
         (_, _, Some(t), _) => Target::Time(parse_rfc3339(t).map_err(anyhow::Error::msg)?),

@@ -344,6 +344,37 @@ pub enum ArchiveCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve volume NAME as it was at one archived point over NBD (read-only), straight
+    /// from the archive: opening reads only the manifest, the base's chunk list and the
+    /// packs after the base; chunks and packs are fetched, checked against their SM3 and
+    /// cached on first read. Runs until SIGINT or SIGTERM. A read needing an object
+    /// that is missing or changed fails with EIO, the object named on stderr.
+    Export {
+        /// The archive: s3://BUCKET/PREFIX or file:///DIR.
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The volume to serve (default: the archive's only volume). Also the NBD
+        /// export name.
+        #[arg(long, value_name = "NAME")]
+        volume: Option<String>,
+        #[command(flatten)]
+        point: ArchivePointArgs,
+        /// Where to listen for NBD clients (port 0: any free port, printed).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        /// Keep fetched chunks and pack bodies as files in DIR instead of in memory
+        /// (removed at exit).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Bytes of fetched objects the cache keeps (least recently used evicted). Keep
+        /// it above the archive's pack size (8 MiB by default): a pack body larger than
+        /// the cache is fetched again for every read of its data.
+        #[arg(long, value_name = "BYTES", default_value = "256MiB")]
+        cache_bytes: String,
+        /// Print the export's address and point as one JSON line (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// The archive's newest manifest: generation, epoch, volumes, packs, bases and
     /// the newest point.
     List {

@@ -13,10 +13,11 @@ use ferry_api::config::{
 use ferry_api::control::{self, Request};
 use ferry_api::size::{parse_size, ByteSize};
 use ferry_api::status::{
-    NodeStatus, PitPoint, PrimaryStatus, RoleStatus, StandbyStatus, TargetStatus,
+    ArchiveStatus, NodeStatus, PitPoint, PrimaryStatus, RoleStatus, StandbyStatus, TargetStatus,
 };
 use ferry_transport::pki::{AnyClusterCa, TlsSuite};
 mod archive;
+mod archive_export;
 mod drill;
 mod node_add;
 mod ports;
@@ -97,6 +98,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 to,
                 json,
             } => archive::restore(&url, &volume, &point, &to, json),
+            ArchiveCmd::Export {
+                url,
+                volume,
+                point,
+                listen,
+                cache_dir,
+                cache_bytes,
+                json,
+            } => archive_export::export(
+                &url,
+                volume.as_deref(),
+                &point,
+                archive_export::Serve {
+                    listen,
+                    cache_dir,
+                    cache_bytes: parse_size(&cache_bytes)
+                        .map_err(|e| anyhow::anyhow!("--cache-bytes: {e}"))?,
+                    json,
+                },
+            ),
             ArchiveCmd::List { url, json } => archive::list(&url, json),
         },
         Cmd::Node {
@@ -943,6 +964,11 @@ fn status_text(st: &NodeStatus) -> String {
     for t in &st.targets {
         out += &target_text(t);
     }
+    if let RoleStatus::Primary(p) = &st.role {
+        for a in &p.archives {
+            out += &archive_text(a);
+        }
+    }
     match &st.role {
         RoleStatus::Primary(p) => out += &primary_text(p),
         RoleStatus::Standby(s) => out += &standby_text(s),
@@ -990,6 +1016,35 @@ fn target_text(t: &TargetStatus) -> String {
                 .unwrap_or_default()
         );
     }
+    out
+}
+
+/// An archive target's line (what it holds, how far behind) and what it stores.
+fn archive_text(a: &ArchiveStatus) -> String {
+    let mut out = format!(
+        "archive    {} {}  {}  archived seq {}  lag {:.3} s  uploaded {} bytes, last {}{}\n",
+        a.name,
+        a.url,
+        a.state,
+        a.archived_seq,
+        a.lag_seconds,
+        a.bytes_uploaded,
+        a.last_upload.as_deref().unwrap_or("never"),
+        detail("last error", a.last_error.as_deref())
+    );
+    out += &format!(
+        "           stored {} bytes{}, oldest point {}\n",
+        a.stored_bytes,
+        a.compression_ratio
+            .map(|r| format!(" (compression {r:.2}x)"))
+            .unwrap_or_default(),
+        a.oldest_point
+            .as_ref()
+            .map_or("none".to_string(), |p| format!(
+                "seq {} ({})",
+                p.seq, p.time
+            ))
+    );
     out
 }
 
@@ -1168,6 +1223,39 @@ WRITES     refused: outdated
 fork       primary by promotion from sequence 77
 volume     vol0  67108864 bytes  nbd://127.0.0.1:10809/vol0
 "#
+        );
+    }
+
+    #[test]
+    fn a_primary_status_shows_its_archives() {
+        let mut st = golden("status-primary.json");
+        let RoleStatus::Primary(p) = &mut st.role else {
+            panic!("the primary golden file holds a standby");
+        };
+        p.archives = vec![ArchiveStatus {
+            name: "cold".into(),
+            kind: "archive".into(),
+            url: "s3://b/c1".into(),
+            state: "retrying".into(),
+            archived_seq: 120,
+            lag_seconds: 2.5,
+            bytes_uploaded: 4096,
+            last_error: Some("timed out".into()),
+            last_upload: Some("2023-11-14T22:13:20.000Z".into()),
+            stored_bytes: 2048,
+            compression_ratio: Some(3.0),
+            oldest_point: Some(PitPoint {
+                seq: 7,
+                time: "2023-11-14T21:56:40.000Z".into(),
+                timestamp_ns: 1_700_000_000_000_000_000,
+            }),
+        }];
+        let text = status_text(&st);
+        assert!(
+            text.contains(
+                "archive    cold s3://b/c1  retrying  archived seq 120  lag 2.500 s  uploaded 4096 bytes, last 2023-11-14T22:13:20.000Z\n           last error: timed out\n           stored 2048 bytes (compression 3.00x), oldest point seq 7 (2023-11-14T21:56:40.000Z)\n"
+            ),
+            "{text}"
         );
     }
 

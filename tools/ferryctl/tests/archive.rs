@@ -1,7 +1,9 @@
 //! The archive target end to end, with real processes: a primary archiving to a
 //! `file://` directory; `ferryctl archive restore` at a bookmark and at the newest
 //! point equals the primary's volume as it was then (read over NBD with qemu-img);
-//! a SIGKILLed primary resumes its archive with no gap.
+//! a SIGKILLed primary resumes its archive with no gap; `ferryctl archive export`
+//! serves a point over NBD equal to the volume then, with its holes, and names a
+//! changed object on the read that needs it.
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,34 @@ fn wait_archived(primary: &Node) -> u64 {
     assert_eq!(st["archives"][0]["kind"], "archive", "{st:#}");
     assert!(seq(&st, "/archives/0/bytes_uploaded") > 0, "{st:#}");
     last
+}
+
+/// `ferryctl status` (text and JSON) shows what the archive holds and stores.
+fn status_shows_the_archive(pcfg: &Path, archived: u64) {
+    let st = ctl_json(pcfg, &["status"]);
+    let a = &st["archives"][0];
+    assert!(a["stored_bytes"].as_u64() > Some(0), "{a:#}");
+    assert!(a["compression_ratio"].as_f64() > Some(1.0), "{a:#}");
+    assert!(a["oldest_point"]["seq"].is_u64(), "{a:#}");
+    assert!(a["last_upload"].is_string(), "{a:#}");
+    let o = ctl(pcfg, &["status"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("archive    cold "))
+        .unwrap_or_else(|| panic!("no archive line:\n{text}"));
+    assert!(
+        line.contains(&format!("archived seq {archived}"))
+            && line.contains("lag ")
+            && line.contains("uploaded "),
+        "{line}"
+    );
+    assert!(!line.contains("last never"), "{line}");
+    assert!(
+        text.contains(&format!("stored {} bytes (compression ", a["stored_bytes"]))
+            && text.contains(&format!("oldest point seq {} (", a["oldest_point"]["seq"])),
+        "{text}"
+    );
 }
 
 /// `ferryctl archive restore --url URL --volume vol0 POINT --to OUT --json`.
@@ -153,9 +183,14 @@ fn archive_restores_equal_the_primary_and_resume_after_sigkill() {
         "ferry_archive_archived_seq{target=\"cold\"}",
         "ferry_archive_uploaded_bytes{target=\"cold\"}",
         "ferry_archive_lag_seconds{target=\"cold\"}",
+        "ferry_archive_stored_bytes{target=\"cold\"}",
+        "ferry_archive_compression_ratio{target=\"cold\"}",
+        "ferry_archive_oldest_point_timestamp_seconds{target=\"cold\"}",
+        "ferry_archive_last_upload_timestamp_seconds{target=\"cold\"}",
     ] {
         assert!(m.contains(family), "{family} missing:\n{m}");
     }
+    status_shows_the_archive(&pcfg, at_b);
 
     let out = dir.path().join("restored.img");
     let r = restore(&url, &["--bookmark", "before-b"], &out);
@@ -276,6 +311,9 @@ fn archive_on_s3_restores_a_bookmark_and_the_newest_point() {
     assert_same("s3 restore --bookmark", &std::fs::read(&out).unwrap(), &a);
     restore_env(url, &["--latest"], &out, &env);
     assert_same("s3 restore --latest", &std::fs::read(&out).unwrap(), &b);
+    let e = export(url, &["--bookmark", "a"], dir.path(), &env);
+    let got = image_of(e.uri(), &dir.path().join("exported.img"));
+    assert_same("s3 export --bookmark", &got, &a);
 }
 
 /// An archive added to a primary that already holds data: its base is taken while a
@@ -320,4 +358,165 @@ fn an_archive_added_under_writes_restores_the_volume() {
     assert_same("restore --latest", &std::fs::read(&out).unwrap(), &want);
     let l = list(&url);
     assert_eq!(l["bases"], 1, "{l:#}");
+}
+
+/// `ferryctl archive export` running in the background (killed on drop), its stderr
+/// in a file, and the JSON line it printed once ready.
+struct Exported {
+    child: std::process::Child,
+    info: serde_json::Value,
+    stderr: PathBuf,
+}
+
+impl Drop for Exported {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Exported {
+    fn uri(&self) -> &str {
+        self.info["uri"].as_str().unwrap()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+fn export(url: &str, point: &[&str], dir: &Path, env: &[(&str, &str)]) -> Exported {
+    use std::io::BufRead;
+    let stderr = dir.join(format!("export-{}.err", point.join("")));
+    let mut child = Command::new(ferryctl())
+        .envs(env.iter().copied())
+        .args(["archive", "export", "--url", url])
+        .args(point)
+        .args(["--listen", "127.0.0.1:0", "--cache-bytes", "4MiB", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let info = serde_json::from_str(&line).unwrap_or(serde_json::Value::Null);
+    let e = Exported {
+        child,
+        info,
+        stderr,
+    };
+    assert!(
+        e.info.is_object(),
+        "archive export {point:?}: {}",
+        e.stderr()
+    );
+    e
+}
+
+/// `qemu-img map` of `uri`: (start, length, data) per run.
+fn map(uri: &str) -> Vec<(u64, u64, bool)> {
+    let o = Command::new("qemu-img")
+        .args(["map", "-f", "raw", "--output=json", uri])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let n = |k: &str| e[k].as_u64().unwrap();
+            (n("start"), n("length"), e["data"].as_bool().unwrap())
+        })
+        .collect()
+}
+
+fn data_at(map: &[(u64, u64, bool)], offset: u64) -> bool {
+    let run = map.iter().find(|r| r.0 <= offset && offset < r.0 + r.1);
+    run.unwrap_or_else(|| panic!("{offset} not mapped: {map:?}"))
+        .2
+}
+
+#[test]
+fn archive_export_serves_a_bookmark_with_holes_and_names_a_changed_chunk() {
+    const T: &str = "archive_export_serves_a_bookmark_with_holes_and_names_a_changed_chunk";
+    if skip_without("qemu-img", T) || skip_without("qemu-io", T) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, _) = init_pair(
+        dir.path(),
+        &Init {
+            volume: "vol0:32MiB",
+            ..Init::default()
+        },
+    );
+    // Data before the archive: its base holds the chunk at 8 MiB.
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    assert_qemu_io_ok(&qemu_io(
+        &primary.url("vol0"),
+        &writes(0x11, &[8 << 20], 1 << 20),
+    ));
+    assert!(primary.terminate().success());
+    let url = format!("file://{}", dir.path().join("archive").display());
+    let mut text = std::fs::read_to_string(&pcfg).unwrap();
+    text.push_str(&format!(
+        "\n[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\nurl = \"{url}\"\nflush_interval = 1\n"
+    ));
+    std::fs::write(&pcfg, text).unwrap();
+    let primary = Node::start(&ferryd(), &pcfg);
+    let nbd = primary.url("vol0");
+    assert_qemu_io_ok(&qemu_io(&nbd, &writes(0xa1, &[0, 1 << 20], 65536)));
+    let a = image_of(&nbd, &dir.path().join("a.img"));
+    ctl_json(&pcfg, &["bookmark", "create", "before-b"]);
+    let mut b_cmds = writes(0xb2, &[4096, 30 << 20], 8192);
+    b_cmds.push("discard 0 4096".into());
+    assert_qemu_io_ok(&qemu_io(&nbd, &b_cmds));
+    let b = image_of(&nbd, &dir.path().join("b.img"));
+    wait_archived(&primary);
+
+    let at_a = export(&url, &["--bookmark", "before-b"], dir.path(), &[]);
+    let got = image_of(at_a.uri(), &dir.path().join("got-a.img"));
+    assert_same("export --bookmark", &got, &a);
+    let m = map(at_a.uri());
+    assert!(data_at(&m, 0) && data_at(&m, 8 << 20), "{m:?}");
+    // Never written: zero chunks of the base, holes over NBD.
+    assert!(!data_at(&m, 16 << 20) && !data_at(&m, 30 << 20), "{m:?}");
+    let latest = export(&url, &["--latest"], dir.path(), &[]);
+    let got = image_of(latest.uri(), &dir.path().join("got-b.img"));
+    assert_same("export --latest", &got, &b);
+    assert!(data_at(&map(latest.uri()), 30 << 20));
+    drop((at_a, latest));
+
+    // A changed chunk: the read that needs it fails and the object is named; the
+    // others still read.
+    let chunk = ferry_archive::format::base::chunk_object(&ferry_archive::format::sm3_hex(&[
+        &[0x11u8; 1 << 20],
+    ]));
+    let path = dir.path().join("archive").join(&chunk);
+    let mut z = std::fs::read(&path).unwrap();
+    let last = z.len() - 1;
+    z[last] ^= 0x55;
+    std::fs::write(&path, z).unwrap();
+    let e = export(&url, &["--latest"], dir.path(), &[]);
+    let read = |at: &str| {
+        Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", &format!("read {at} 4k"), e.uri()])
+            .output()
+            .unwrap()
+    };
+    let o = read("8M");
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        out.contains("Input/output error"),
+        "read of the changed chunk: {out}"
+    );
+    assert!(
+        e.stderr().contains(&chunk),
+        "object not named: {}",
+        e.stderr()
+    );
+    assert_qemu_io_ok(&read("1M"));
 }
