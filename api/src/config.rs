@@ -182,6 +182,10 @@ pub struct AuditConfig {
     /// …or once this many of them are waiting, whichever comes first.
     #[serde(default = "default_audit_sync_lines")]
     pub sync_lines: u32,
+    /// A checkpoint line signed with the node's certificate key (`[tls] key`) every
+    /// this many lines, and one at a clean stop (api/AUDIT.md, format 3).
+    #[serde(default = "default_audit_checkpoint_every")]
+    pub checkpoint_every: u64,
 }
 
 fn default_audit_max_file_size() -> ByteSize {
@@ -196,6 +200,9 @@ fn default_audit_sync_interval_ms() -> u64 {
 fn default_audit_sync_lines() -> u32 {
     64
 }
+fn default_audit_checkpoint_every() -> u64 {
+    1000
+}
 
 impl Default for AuditConfig {
     fn default() -> Self {
@@ -204,6 +211,7 @@ impl Default for AuditConfig {
             keep_files: default_audit_keep_files(),
             sync_interval_ms: default_audit_sync_interval_ms(),
             sync_lines: default_audit_sync_lines(),
+            checkpoint_every: default_audit_checkpoint_every(),
         }
     }
 }
@@ -228,6 +236,12 @@ impl AuditConfig {
         }
         if self.sync_lines == 0 {
             return bad("sync_lines", "must be at least 1".into());
+        }
+        if !(1..=1_000_000).contains(&self.checkpoint_every) {
+            return bad(
+                "checkpoint_every",
+                format!("{}: 1..=1000000", self.checkpoint_every),
+            );
         }
         Ok(())
     }
@@ -1718,12 +1732,16 @@ size = "1GiB"
         let a = cfg.audit.clone().unwrap();
         assert_eq!((a.max_file_size.0, a.keep_files), (1 << 20, 0));
         assert_eq!((a.sync_interval_ms, a.sync_lines), (20, 64));
+        assert_eq!((d.checkpoint_every, a.checkpoint_every), (1000, 1000));
+        let cp = Config::parse(&format!("{GOOD}\n[audit]\ncheckpoint_every = 50\n")).unwrap();
+        assert_eq!(cp.audit.unwrap().checkpoint_every, 50);
         let again = Config::parse(&cfg.to_toml()).unwrap();
         assert_eq!(again.audit.unwrap().max_file_size.0, 1 << 20);
         for (body, key) in [
             ("max_file_size = \"4KiB\"", "audit.max_file_size"),
             ("sync_interval_ms = 0", "audit.sync_interval_ms"),
             ("sync_lines = 0", "audit.sync_lines"),
+            ("checkpoint_every = 0", "audit.checkpoint_every"),
         ] {
             assert_eq!(invalid_key(&format!("{GOOD}\n[audit]\n{body}\n")), key);
         }
