@@ -50,6 +50,40 @@ pub struct Config {
     /// Point-in-time recovery on a standby (`[pit]`); absent: on, with defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pit: Option<PitConfig>,
+    /// How replicas are compared (`[verify]`); absent: the cluster's default digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyConfig>,
+}
+
+/// `[verify]`: the chunk digest of `ferryctl verify` and of the resync that compares
+/// digests before copying (failback, catch-up by digest).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// Absent: `sm3` in a gm cluster (`tls.suite = "gm"`), `xxh3` otherwise
+    /// ([`Config::verify_digest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<DigestKind>,
+}
+
+/// `verify.digest`: the chunk digest both sides compute. Every node of a cluster must
+/// resolve to the same one: a standby refuses a comparison in another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DigestKind {
+    /// xxh3-128, keyed with a per-run random seed: fast, not a cryptographic hash.
+    Xxh3,
+    /// SM3 (GB/T 32905) over the seed and the chunk: the national cryptographic hash.
+    Sm3,
+}
+
+impl DigestKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DigestKind::Xxh3 => "xxh3",
+            DigestKind::Sm3 => "sm3",
+        }
+    }
 }
 
 /// `[pit]`: the standby's undo log and its retention. Ignored on a primary.
@@ -248,6 +282,23 @@ impl AuditConfig {
 }
 
 impl Config {
+    /// The chunk digest of verify and resync: `verify.digest`, else SM3 in a gm cluster
+    /// (a deployment that requires the national algorithms compares with one, and
+    /// every node of the cluster reads the same `tls.suite`), else xxh3.
+    pub fn verify_digest(&self) -> DigestKind {
+        match self.verify.as_ref().and_then(|v| v.digest) {
+            Some(d) => d,
+            None if self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.suite == TlsSuiteConfig::Gm) =>
+            {
+                DigestKind::Sm3
+            }
+            None => DigestKind::Xxh3,
+        }
+    }
+
     /// The audit log: `access.audit_log`, or `<node.metadata_dir>/audit.log`.
     pub fn audit_log_path(&self) -> PathBuf {
         self.access
@@ -1708,6 +1759,30 @@ size = "1GiB"
         assert!(e.contains("users"), "{e}");
         let e = Config::parse(&format!("{GOOD}\n[access]\nsuperusers = {{}}\n")).unwrap_err();
         assert!(e.contains("superusers"), "{e}");
+    }
+
+    #[test]
+    fn verify_digest_defaults_to_sm3_in_a_gm_cluster() {
+        let cfg = Config::parse(GOOD).unwrap();
+        assert_eq!(cfg.verify_digest(), DigestKind::Xxh3);
+        let cfg = Config::parse(&format!("{GOOD}\n[verify]\ndigest = \"sm3\"\n")).unwrap();
+        assert_eq!(cfg.verify_digest(), DigestKind::Sm3);
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.verify_digest(), DigestKind::Sm3);
+        let mut gm = Config::parse(GOOD).unwrap();
+        gm.tls = Some(TlsConfig {
+            ca: "ca.pem".into(),
+            cert: "n.pem".into(),
+            key: "n.key".into(),
+            suite: TlsSuiteConfig::Gm,
+        });
+        assert_eq!(gm.verify_digest(), DigestKind::Sm3);
+        gm.verify = Some(VerifyConfig {
+            digest: Some(DigestKind::Xxh3),
+        });
+        assert_eq!(gm.verify_digest(), DigestKind::Xxh3);
+        let e = Config::parse(&format!("{GOOD}\n[verify]\ndigest = \"md5\"\n")).unwrap_err();
+        assert!(e.contains("md5") || e.contains("digest"), "{e}");
     }
 
     #[test]

@@ -659,6 +659,7 @@ fn node_config(
         pit: None,
         access: None,
         audit: None,
+        verify: None,
         volumes: vols
             .iter()
             .map(|(name, size)| VolumeConfig {
