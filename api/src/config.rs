@@ -53,6 +53,9 @@ pub struct Config {
     /// How replicas are compared (`[verify]`); absent: the cluster's default digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyConfig>,
+    /// Encryption at rest of the journal (`[encryption]`); absent: plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
 }
 
 /// `[verify]`: the chunk digest of `ferryctl verify` and of the resync that compares
@@ -84,6 +87,17 @@ impl DigestKind {
             DigestKind::Sm3 => "sm3",
         }
     }
+}
+
+/// `[encryption]`: the node's key-encryption key for data at rest. With it, journal
+/// segments are written encrypted (SM4-GCM, journal/FORMAT.md "Encryption at
+/// rest"); the file is read at start (`keyfile::read_key_file`) and a missing,
+/// unreadable, group/world-accessible or wrong key refuses the start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// The key file (`ferryctl keygen`), mode 0600, relative to the config file.
+    pub key_file: PathBuf,
 }
 
 /// `[pit]`: the standby's undo log and its retention. Ignored on a primary.
@@ -901,6 +915,9 @@ impl Config {
         if let Some(d) = self.pit.as_mut().and_then(|p| p.dir.as_mut()) {
             abs(d);
         }
+        if let Some(e) = &mut self.encryption {
+            abs(&mut e.key_file);
+        }
     }
 
     /// The `[pit]` settings in force (defaults when the section is absent).
@@ -928,6 +945,13 @@ impl Config {
         self.validate_volumes()?;
         self.validate_metrics()?;
         self.validate_pit()?;
+        if self
+            .encryption
+            .as_ref()
+            .is_some_and(|e| e.key_file.as_os_str().is_empty())
+        {
+            return Err(("encryption.key_file".into(), "must not be empty".into()));
+        }
         Ok(())
     }
 

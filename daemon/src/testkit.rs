@@ -49,6 +49,7 @@ pub fn primary_config(
         access: None,
         audit: None,
         verify: None,
+        encryption: None,
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
         },

@@ -1,6 +1,7 @@
 //! ferry-gm: the Chinese national (GM/T, "guomi") algorithms ferry needs, on their own:
 //! SM4 (GB/T 32907) in constant time with SIMD backends chosen at run time, SM4-CTR,
-//! SM4-GCM (RFC 8998), SM3 and SM2 signatures and key exchange.
+//! SM4-GCM (RFC 8998), SM3 and SM2 signatures and key exchange, and the at-rest
+//! key scheme built on them ([`atrest`]: key file, wrapped data keys, nonce rule).
 //!
 //! SM4 never looks up a table with secret data: the portable backend is bitsliced,
 //! the x86-64 backends compute the S-box with GFNI or AES-NI instructions. See the
@@ -18,6 +19,7 @@
 // unsafe is confined to the x86 SIMD module (target_feature calls, unaligned loads).
 #![deny(unsafe_code)]
 
+pub mod atrest;
 mod backend;
 mod ctr;
 mod gcm;

@@ -38,6 +38,19 @@ pub enum JournalError {
         expected: [u8; 16],
         found: [u8; 16],
     },
+    /// A segment is encrypted and the journal was opened without a key.
+    #[error("segment {} is encrypted with key id {key_id}, and no key was configured ([encryption] key_file)", segment.display())]
+    KeyRequired {
+        segment: PathBuf,
+        key_id: ferry_gm::atrest::KeyId,
+    },
+    /// A segment is encrypted under another key than the configured one.
+    #[error("segment {} is encrypted with key id {found}, but the configured key has id {configured}: wrong key file", segment.display())]
+    WrongKey {
+        segment: PathBuf,
+        found: ferry_gm::atrest::KeyId,
+        configured: ferry_gm::atrest::KeyId,
+    },
     /// Another `Journal` (this or another process) has the directory open.
     #[error("journal directory {} is in use by another journal instance", dir.display())]
     Locked { dir: PathBuf },

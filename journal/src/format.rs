@@ -11,8 +11,15 @@
 //! * Both CRC32C checksums are *salted* with the segment number (the CRC state is
 //!   seeded with `crc32c(segment_no.to_le_bytes())`), so a batch left over in a
 //!   recycled segment file never validates under the file's new number.
+//! * Encrypted journals (format version 2, FORMAT.md "Encryption at rest") add the
+//!   segment's wrapped data key after the v1 header fields and seal each batch body
+//!   with SM4-GCM ([`encode_batch_sealed`], [`decode_batch_body_at`]); headers stay
+//!   readable, and the body CRC covers the ciphertext, so torn writes are found
+//!   without the key.
 
 use bytes::Bytes;
+use ferry_gm::atrest::{DataKey, KeyId, WrappedKey, KEY_ID_LEN, WRAPPED_KEY_LEN};
+use ferry_gm::TAG_LEN;
 
 /// Alignment and padding unit of every write (O_DIRECT friendly).
 pub const BLOCK_SIZE: usize = 4096;
@@ -31,6 +38,17 @@ pub const SEGMENT_MAGIC: [u8; 8] = *b"FERRYSEG";
 pub const BATCH_MAGIC: [u8; 4] = *b"FRYB";
 /// Current format version written by this code. See FORMAT.md "Versioning".
 pub const FORMAT_VERSION: u16 = 1;
+/// Version of encrypted segment headers and batches (written only with a key).
+pub const FORMAT_VERSION_ENCRYPTED: u16 = 2;
+/// Meaningful bytes of an encrypted (version 2) segment header.
+pub const SEGMENT_HEADER_V2_LEN: usize = 128;
+/// Bytes a sealed batch body adds to the records: the SM4-GCM tag.
+pub const BODY_TAG_LEN: usize = TAG_LEN;
+/// Header bytes a batch's SM4-GCM tag authenticates (everything up to and including
+/// `body_len`; `body_crc` and `header_crc` are checksums of what is authenticated).
+const BATCH_AAD_LEN: usize = 72;
+/// Segment header bytes the wrapped data key is bound to (v1 fields and the key id).
+const SEGMENT_AAD_LEN: usize = 72;
 
 /// Largest writer pipeline depth a segment header may record (see FORMAT.md,
 /// segment header `max_inflight`).
@@ -41,7 +59,9 @@ pub const MAX_INFLIGHT_BATCHES: u32 = 8;
 pub const BATCH_FLAG_HAS_SEAL: u16 = 1;
 const BATCH_FLAGS_KNOWN: u16 = BATCH_FLAG_HAS_SEAL;
 
-const _: () = assert!(SEGMENT_HEADER_LEN <= BLOCK_SIZE);
+const _: () = assert!(SEGMENT_HEADER_V2_LEN <= BLOCK_SIZE);
+const _: () = assert!(SEGMENT_AAD_LEN + WRAPPED_KEY_LEN + 8 + 4 == SEGMENT_HEADER_V2_LEN);
+const _: () = assert!(SEGMENT_HEADER_LEN + KEY_ID_LEN == SEGMENT_AAD_LEN);
 const _: () = assert!(BATCH_HEADER_LEN & 7 == 0 && RECORD_HEADER_LEN & 7 == 0);
 const _: () = assert!(BLOCK_SIZE.is_power_of_two());
 
@@ -194,6 +214,13 @@ pub enum FormatError {
     UnsupportedVersion(u16),
     #[error("invalid field: {0}")]
     Invalid(String),
+    /// An encrypted batch was read without its segment's data key.
+    #[error("batch is encrypted and no data key was given")]
+    KeyRequired,
+    /// The body checksum is right but the SM4-GCM tag is not: the ciphertext, tag or
+    /// header was altered after it was written (a torn write fails the CRC first).
+    #[error("batch failed SM4-GCM authentication (body or header altered, or the wrong data key)")]
+    Authentication,
 }
 
 /// CRC32C salted with the segment number. Why: a recycled segment keeps its old
@@ -246,9 +273,13 @@ pub const SEGMENT_FLAG_SEQ_JUMP: u16 = 1;
 
 /// Encodes the 64 meaningful bytes; the caller writes them into a zeroed 4 KiB block.
 pub fn encode_segment_header(h: &SegmentHeader) -> [u8; SEGMENT_HEADER_LEN] {
+    encode_segment_header_version(h, FORMAT_VERSION)
+}
+
+fn encode_segment_header_version(h: &SegmentHeader, version: u16) -> [u8; SEGMENT_HEADER_LEN] {
     let mut b = [0u8; SEGMENT_HEADER_LEN];
     b[0..8].copy_from_slice(&SEGMENT_MAGIC);
-    b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[8..10].copy_from_slice(&version.to_le_bytes());
     // 10..12 flags (0 unless the segment jumps), 12..16 header block size
     let flags = if h.seq_jump { SEGMENT_FLAG_SEQ_JUMP } else { 0 };
     b[10..12].copy_from_slice(&flags.to_le_bytes());
@@ -269,9 +300,102 @@ pub fn encode_segment_header(h: &SegmentHeader) -> [u8; SEGMENT_HEADER_LEN] {
     b
 }
 
-/// Decodes a segment header for the file named `segment_no`. `Err(Zero)` means the
-/// header was never written (a prepared spare or a torn activation write).
+/// What an encrypted segment header adds: the id of the KEK and the segment's data
+/// key wrapped under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentKeyInfo {
+    pub key_id: KeyId,
+    pub wrapped: WrappedKey,
+}
+
+/// The bytes of an encrypted segment header that its wrapped data key is bound to
+/// (the AAD of the wrap): the v1 fields with version 2, and the key id.
+pub fn segment_key_aad(h: &SegmentHeader, key_id: KeyId) -> [u8; SEGMENT_AAD_LEN] {
+    let mut b = [0u8; SEGMENT_AAD_LEN];
+    b[..SEGMENT_HEADER_LEN]
+        .copy_from_slice(&encode_segment_header_version(h, FORMAT_VERSION_ENCRYPTED));
+    b[SEGMENT_HEADER_LEN..].copy_from_slice(&key_id.0);
+    b
+}
+
+/// Encodes an encrypted (version 2) segment header: bytes 0..64 laid out as in
+/// version 1 (so older code sees a valid checksum and refuses the version), then
+/// the key id, the wrapped data key, 8 reserved zero bytes and a second CRC.
+pub fn encode_segment_header_encrypted(
+    h: &SegmentHeader,
+    key: &SegmentKeyInfo,
+) -> [u8; SEGMENT_HEADER_V2_LEN] {
+    let mut b = [0u8; SEGMENT_HEADER_V2_LEN];
+    b[..SEGMENT_AAD_LEN].copy_from_slice(&segment_key_aad(h, key.key_id));
+    b[SEGMENT_AAD_LEN..SEGMENT_AAD_LEN + WRAPPED_KEY_LEN].copy_from_slice(&key.wrapped.0);
+    // 116..124 reserved (0)
+    let crc = salted_crc(h.segment_no, &b[..124]);
+    b[124..128].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Decodes a version 1 segment header for the file named `segment_no` (an
+/// encrypted one is `UnsupportedVersion(2)`: see [`decode_segment_header_any`]).
+/// `Err(Zero)` means the header was never written (a prepared spare or a torn
+/// activation write).
 pub fn decode_segment_header(b: &[u8], segment_no: u64) -> Result<SegmentHeader, FormatError> {
+    match decode_segment_header_any(b, segment_no)? {
+        (h, None) => Ok(h),
+        (_, Some(_)) => Err(FormatError::UnsupportedVersion(FORMAT_VERSION_ENCRYPTED)),
+    }
+}
+
+/// Decodes a segment header of either version; the key info is `Some` for an
+/// encrypted (version 2) one. `b` should hold the whole header block.
+pub fn decode_segment_header_any(
+    b: &[u8],
+    segment_no: u64,
+) -> Result<(SegmentHeader, Option<SegmentKeyInfo>), FormatError> {
+    let h = decode_segment_header_fields(b, segment_no)?;
+    if rd_u16(b, 8) == FORMAT_VERSION {
+        return Ok((h, None));
+    }
+    // Version 2: the first 64 bytes verified; the key part has its own CRC, so a
+    // header torn between the two parts is a bad header (HeaderCrc), never misread.
+    if b.len() < SEGMENT_HEADER_V2_LEN {
+        return Err(FormatError::Truncated {
+            need: SEGMENT_HEADER_V2_LEN,
+            have: b.len(),
+        });
+    }
+    let stored = rd_u32(b, 124);
+    let computed = salted_crc(segment_no, &b[..124]);
+    if stored != computed {
+        return Err(FormatError::HeaderCrc { stored, computed });
+    }
+    if !is_zero(&b[116..124]) {
+        return Err(FormatError::Invalid(
+            "encrypted segment header reserved bytes not zero".into(),
+        ));
+    }
+    let mut key_id = [0u8; KEY_ID_LEN];
+    key_id.copy_from_slice(&b[SEGMENT_HEADER_LEN..SEGMENT_AAD_LEN]);
+    let mut wrapped = [0u8; WRAPPED_KEY_LEN];
+    wrapped.copy_from_slice(&b[SEGMENT_AAD_LEN..SEGMENT_AAD_LEN + WRAPPED_KEY_LEN]);
+    let key = SegmentKeyInfo {
+        key_id: KeyId(key_id),
+        wrapped: WrappedKey(wrapped),
+    };
+    Ok((h, Some(key)))
+}
+
+/// Meaningful bytes of a segment header with this version (the rest of the block
+/// must be zero).
+pub fn segment_header_len(encrypted: bool) -> usize {
+    if encrypted {
+        SEGMENT_HEADER_V2_LEN
+    } else {
+        SEGMENT_HEADER_LEN
+    }
+}
+
+/// The 64 bytes shared by both versions, checked (first CRC, fields).
+fn decode_segment_header_fields(b: &[u8], segment_no: u64) -> Result<SegmentHeader, FormatError> {
     if b.len() < SEGMENT_HEADER_LEN {
         return Err(FormatError::Truncated {
             need: SEGMENT_HEADER_LEN,
@@ -300,7 +424,7 @@ pub fn decode_segment_header(b: &[u8], segment_no: u64) -> Result<SegmentHeader,
         return Err(FormatError::HeaderCrc { stored, computed });
     }
     let version = rd_u16(b, 8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_ENCRYPTED {
         return Err(FormatError::UnsupportedVersion(version));
     }
     let flags = rd_u16(b, 10);
@@ -355,9 +479,12 @@ pub struct BatchHeader {
     pub last_seq: Seq,
     pub timestamp_ns: u64,
     pub record_count: u32,
-    /// Body bytes (record headers + data), excluding padding.
+    /// Body bytes (record headers + data, and the tag when `encrypted`), excluding
+    /// padding.
     pub body_len: u32,
     pub body_crc: u32,
+    /// Version 2: the body is SM4-GCM ciphertext of the records followed by its tag.
+    pub encrypted: bool,
 }
 
 impl BatchHeader {
@@ -370,7 +497,12 @@ impl BatchHeader {
 pub fn encode_batch_header(h: &BatchHeader) -> [u8; BATCH_HEADER_LEN] {
     let mut b = [0u8; BATCH_HEADER_LEN];
     b[0..4].copy_from_slice(&BATCH_MAGIC);
-    b[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let version = if h.encrypted {
+        FORMAT_VERSION_ENCRYPTED
+    } else {
+        FORMAT_VERSION
+    };
+    b[4..6].copy_from_slice(&version.to_le_bytes());
     b[6..8].copy_from_slice(&h.flags.to_le_bytes());
     b[8..16].copy_from_slice(&h.segment_no.to_le_bytes());
     b[16..32].copy_from_slice(&h.cluster_id);
@@ -416,7 +548,7 @@ pub fn decode_batch_header(b: &[u8], segment_no: u64) -> Result<BatchHeader, For
         return Err(FormatError::HeaderCrc { stored, computed });
     }
     let version = rd_u16(b, 4);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_ENCRYPTED {
         return Err(FormatError::UnsupportedVersion(version));
     }
     let mut cluster_id = [0u8; 16];
@@ -432,6 +564,7 @@ pub fn decode_batch_header(b: &[u8], segment_no: u64) -> Result<BatchHeader, For
         record_count: rd_u32(b, 64),
         body_len: rd_u32(b, 68),
         body_crc: rd_u32(b, 72),
+        encrypted: version == FORMAT_VERSION_ENCRYPTED,
     };
     if h.flags & !BATCH_FLAGS_KNOWN != 0 {
         return Err(FormatError::Invalid(format!(
@@ -457,7 +590,8 @@ pub fn decode_batch_header(b: &[u8], segment_no: u64) -> Result<BatchHeader, For
             h.first_seq, h.last_seq, h.record_count
         )));
     }
-    if (h.body_len as u64) < h.record_count as u64 * RECORD_HEADER_LEN as u64 {
+    let tag = if h.encrypted { BODY_TAG_LEN as u64 } else { 0 };
+    if (h.body_len as u64) < h.record_count as u64 * RECORD_HEADER_LEN as u64 + tag {
         return Err(FormatError::Invalid(format!(
             "body_len {} too small for {} records",
             h.body_len, h.record_count
@@ -618,6 +752,28 @@ pub fn encode_batch_with_crcs<'a>(
     p: &BatchParams,
     records: impl IntoIterator<Item = (&'a Record, Option<u32>)>,
 ) -> Result<(BatchHeader, usize), FormatError> {
+    let laid = lay_out_records(out, p, records, true)?;
+    finish_batch(out, p, &laid, laid.crc, false)
+}
+
+/// Records written into a batch buffer by [`lay_out_records`].
+struct LaidOut {
+    /// End of the body in the buffer.
+    pos: usize,
+    count: u32,
+    flags: u16,
+    /// Salted CRC of the body (when asked for).
+    crc: u32,
+}
+
+/// Writes the record headers and data after the batch header; with `want_crc` also
+/// the salted body CRC (using the records' known data CRCs).
+fn lay_out_records<'a>(
+    out: &mut [u8],
+    p: &BatchParams,
+    records: impl IntoIterator<Item = (&'a Record, Option<u32>)>,
+    want_crc: bool,
+) -> Result<LaidOut, FormatError> {
     let mut pos = BATCH_HEADER_LEN;
     // Running salted CRC of the body up to `crc_pos`; bytes in [crc_pos, pos) are not
     // folded in yet (small records are checksummed in runs, after copying).
@@ -648,7 +804,7 @@ pub fn encode_batch_with_crcs<'a>(
         out[pos..pos + RECORD_HEADER_LEN].copy_from_slice(&encode_record_header(&rh));
         pos += RECORD_HEADER_LEN;
         out[pos..pos + rec.data.len()].copy_from_slice(&rec.data);
-        if let Some(dcrc) = known {
+        if let (Some(dcrc), true) = (known, want_crc) {
             crc = crc32c::crc32c_append(crc, &out[crc_pos..pos]);
             crc = crc32c_combine(crc, dcrc, rec.data.len());
             crc_pos = pos + rec.data.len();
@@ -656,37 +812,110 @@ pub fn encode_batch_with_crcs<'a>(
         pos += rec.data.len();
         count += 1;
     }
-    crc = crc32c::crc32c_append(crc, &out[crc_pos..pos]);
+    if want_crc {
+        crc = crc32c::crc32c_append(crc, &out[crc_pos..pos]);
+    }
     if count == 0 || p.first_seq == 0 {
         return Err(FormatError::Invalid("empty batch or first_seq 0".into()));
     }
-    let body = pos - BATCH_HEADER_LEN;
+    let count =
+        u32::try_from(count).map_err(|_| FormatError::Invalid("too many records".into()))?;
+    Ok(LaidOut {
+        pos,
+        count,
+        flags,
+        crc,
+    })
+}
+
+/// The header for a batch whose body ends at `end` in `out`: zero padding, header.
+fn finish_batch(
+    out: &mut [u8],
+    p: &BatchParams,
+    laid: &LaidOut,
+    body_crc: u32,
+    encrypted: bool,
+) -> Result<(BatchHeader, usize), FormatError> {
+    let h = batch_header_for(out.len(), p, laid, body_crc, encrypted)?;
+    let end = BATCH_HEADER_LEN + h.body_len as usize;
+    let disk = h.disk_len() as usize;
+    out[end..disk].fill(0);
+    out[..BATCH_HEADER_LEN].copy_from_slice(&encode_batch_header(&h));
+    Ok((h, disk))
+}
+
+/// The header of a batch laid out as `laid` (plus the tag when `encrypted`), checked
+/// to fit a buffer of `have` bytes.
+fn batch_header_for(
+    have: usize,
+    p: &BatchParams,
+    laid: &LaidOut,
+    body_crc: u32,
+    encrypted: bool,
+) -> Result<BatchHeader, FormatError> {
+    let body = laid.pos - BATCH_HEADER_LEN + if encrypted { BODY_TAG_LEN } else { 0 };
     let body_len = u32::try_from(body)
         .map_err(|_| FormatError::Invalid(format!("body {body} bytes exceeds u32")))?;
-    let count32 =
-        u32::try_from(count).map_err(|_| FormatError::Invalid("too many records".into()))?;
     let disk = batch_disk_len(body as u64) as usize;
-    if disk > out.len() {
-        return Err(FormatError::Truncated {
-            need: disk,
-            have: out.len(),
-        });
+    if disk > have {
+        return Err(FormatError::Truncated { need: disk, have });
     }
-    out[pos..disk].fill(0);
-    let h = BatchHeader {
-        flags,
+    Ok(BatchHeader {
+        flags: laid.flags,
         segment_no: p.segment_no,
         cluster_id: p.cluster_id,
         epoch: p.epoch,
         first_seq: p.first_seq,
-        last_seq: p.first_seq + count - 1,
+        last_seq: p.first_seq + laid.count as u64 - 1,
         timestamp_ns: p.timestamp_ns,
-        record_count: count32,
+        record_count: laid.count,
         body_len,
-        body_crc: crc,
-    };
-    out[..BATCH_HEADER_LEN].copy_from_slice(&encode_batch_header(&h));
-    Ok((h, disk))
+        body_crc,
+        encrypted,
+    })
+}
+
+/// Body length of an encrypted batch holding `records` (records and the tag).
+pub fn sealed_body_len<'a>(records: impl IntoIterator<Item = &'a Record>) -> u64 {
+    body_len(records) + BODY_TAG_LEN as u64
+}
+
+/// SM4-GCM nonce index of the batch at `offset` in its segment: its 4 KiB block
+/// number. Unique within one activation of a segment (the writer writes each
+/// offset once per activation, see FORMAT.md "Encryption at rest").
+fn batch_nonce_index(offset: u64) -> Result<u32, FormatError> {
+    if !is_block_aligned(offset) {
+        return Err(FormatError::Invalid(format!(
+            "batch offset {offset} not 4 KiB aligned"
+        )));
+    }
+    u32::try_from(offset / BLOCK_SIZE as u64)
+        .map_err(|_| FormatError::Invalid(format!("batch offset {offset} beyond 16 TiB")))
+}
+
+/// [`encode_batch`] for an encrypted segment: the body (record headers and data) is
+/// sealed with SM4-GCM under the segment's data key, nonce (segment number, block
+/// number of `offset`, where the batch is written), AAD the header up to `body_len`;
+/// the 16-byte tag follows the ciphertext and the body CRC covers both.
+pub fn encode_batch_sealed<'a>(
+    out: &mut [u8],
+    p: &BatchParams,
+    records: impl IntoIterator<Item = &'a Record>,
+    key: &DataKey,
+    offset: u64,
+) -> Result<(BatchHeader, usize), FormatError> {
+    let index = batch_nonce_index(offset)?;
+    let laid = lay_out_records(out, p, records.into_iter().map(|r| (r, None)), false)?;
+    let h = batch_header_for(out.len(), p, &laid, 0, true)?;
+    let aad = encode_batch_header(&h);
+    let (body, rest) = out[BATCH_HEADER_LEN..].split_at_mut(laid.pos - BATCH_HEADER_LEN);
+    let tag = key
+        .seal(p.segment_no, index, &aad[..BATCH_AAD_LEN], body)
+        .map_err(|e| FormatError::Invalid(format!("sealing batch: {e}")))?;
+    rest[..BODY_TAG_LEN].copy_from_slice(&tag);
+    let end = laid.pos + BODY_TAG_LEN;
+    let crc = salted_crc(p.segment_no, &out[BATCH_HEADER_LEN..end]);
+    finish_batch(out, p, &laid, crc, true)
 }
 
 /// Convenience for tests, benches and fuzzers: encodes a batch into a new Vec.
@@ -701,6 +930,12 @@ pub fn encode_batch_vec(p: &BatchParams, records: &[Record]) -> Result<Vec<u8>, 
 /// exactly `h.body_len` bytes (the bytes after the header); records' data are
 /// zero-copy slices of it.
 pub fn decode_batch_body(h: &BatchHeader, body: &Bytes) -> Result<Vec<(Seq, Record)>, FormatError> {
+    decode_batch_body_at(h, body, 0, None)
+}
+
+/// Checks a batch body's length and salted CRC (no key needed: for an encrypted
+/// batch the CRC covers the ciphertext and tag, so a torn write shows here).
+pub fn check_body_crc(h: &BatchHeader, body: &[u8]) -> Result<(), FormatError> {
     if body.len() != h.body_len as usize {
         return Err(FormatError::Truncated {
             need: h.body_len as usize,
@@ -714,6 +949,46 @@ pub fn decode_batch_body(h: &BatchHeader, body: &Bytes) -> Result<Vec<(Seq, Reco
             computed,
         });
     }
+    Ok(())
+}
+
+/// [`decode_batch_body`] for a batch read at `offset` of its segment, with the
+/// segment's data key when it is encrypted: CRC first (torn writes), then the tag
+/// ([`FormatError::Authentication`]), then the records. A plaintext batch in an
+/// encrypted segment (`key` given) is `Invalid`; an encrypted one without a key is
+/// [`FormatError::KeyRequired`].
+pub fn decode_batch_body_at(
+    h: &BatchHeader,
+    body: &Bytes,
+    offset: u64,
+    key: Option<&DataKey>,
+) -> Result<Vec<(Seq, Record)>, FormatError> {
+    check_body_crc(h, body)?;
+    match (h.encrypted, key) {
+        (false, None) => decode_records(h, body),
+        (true, None) => Err(FormatError::KeyRequired),
+        (false, Some(_)) => Err(FormatError::Invalid(
+            "plaintext (version 1) batch in an encrypted segment".into(),
+        )),
+        (true, Some(k)) => {
+            let index = batch_nonce_index(offset)?;
+            let split = body.len().checked_sub(BODY_TAG_LEN).ok_or_else(|| {
+                FormatError::Invalid(format!("encrypted body of {} bytes", body.len()))
+            })?;
+            let mut tag = [0u8; BODY_TAG_LEN];
+            tag.copy_from_slice(&body[split..]);
+            let mut plain = body[..split].to_vec();
+            let aad = encode_batch_header(h);
+            k.open(h.segment_no, index, &aad[..BATCH_AAD_LEN], &mut plain, &tag)
+                .map_err(|_| FormatError::Authentication)?;
+            decode_records(h, &Bytes::from(plain))
+        }
+    }
+}
+
+/// The records of a body whose checksum (and tag) verified; `body` holds exactly
+/// the record headers and data.
+fn decode_records(h: &BatchHeader, body: &Bytes) -> Result<Vec<(Seq, Record)>, FormatError> {
     // The count comes from a checksummed header, but cap the pre-allocation anyway.
     let mut out = Vec::with_capacity((h.record_count as usize).min(body.len() / RECORD_HEADER_LEN));
     let mut pos = 0usize;

@@ -9,6 +9,9 @@
 //! * [`JournalReader`]: iterates durable records with plain `pread`.
 //! * [`now_ns`]: the node's one wall clock; batch stamps and every daemon timestamp
 //!   compared with them come from it.
+//! * Encryption at rest (optional, [`JournalOptions::encryption`]): SM4-GCM
+//!   batch bodies under a data key per segment activation, wrapped in the segment
+//!   header by the key-encryption key (FORMAT.md "Encryption at rest").
 //! * Recovery on open ([`RecoveryMode`], [`RecoveryReport`]).
 //! * Storage faults: ENOSPC (and EMFILE/ENFILE opening a segment) makes the journal
 //!   and the undo log wait and retry instead of failing ([`SpaceMonitor`],
@@ -113,6 +116,12 @@ pub struct JournalOptions {
     /// append waits for this thread to be scheduled once its write completes. A
     /// refusal (no CAP_SYS_NICE) is logged, never an error.
     pub writer_nice: i32,
+    /// Encryption at rest: with a key-encryption key every segment activated from
+    /// now on is encrypted (SM4-GCM, FORMAT.md "Encryption at rest"), and segments
+    /// already encrypted need it to open (a missing or wrong key is refused with
+    /// [`JournalError::KeyRequired`] / [`JournalError::WrongKey`] before anything on
+    /// disk is touched). Plaintext segments stay readable either way.
+    pub encryption: Option<std::sync::Arc<ferry_gm::atrest::Kek>>,
 }
 
 impl JournalOptions {
@@ -133,6 +142,7 @@ impl JournalOptions {
             max_inflight_batches: 1,
             inline_completions: false,
             writer_nice: 0,
+            encryption: None,
         }
     }
 
@@ -169,11 +179,17 @@ impl JournalOptions {
     }
 
     /// Largest record data a segment can hold: one batch with one record after
-    /// the segment header block.
+    /// the segment header block (and its tag, when encrypted).
     pub fn max_record_data(&self) -> u64 {
+        let tag = if self.encryption.is_some() {
+            format::BODY_TAG_LEN as u64
+        } else {
+            0
+        };
         self.segment_size
             - format::SEGMENT_HEADER_BLOCK
             - format::BATCH_HEADER_LEN as u64
             - format::RECORD_HEADER_LEN as u64
+            - tag
     }
 }

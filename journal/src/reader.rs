@@ -1,4 +1,5 @@
-//! Reader of durable entries (for shipping and replay). Uses plain `pread` on its
+//! Reader of durable entries (for shipping and replay). Encrypted segments are
+//! decrypted with the data key their `SegInfo` carries. Uses plain `pread` on its
 //! own file handles and never looks past `durable_seq`, so it runs safely while
 //! the writer appends.
 //!
@@ -41,6 +42,8 @@ struct Cursor {
     file: File,
     size: u64,
     pos: u64,
+    /// The segment's data key (encrypted segments).
+    key: Option<Arc<ferry_gm::atrest::DataKey>>,
 }
 
 /// Iterator over durable entries in sequence order. Returns `None` once it has
@@ -109,6 +112,7 @@ impl JournalReader {
                     file,
                     size: seg.size,
                     pos: SEGMENT_HEADER_BLOCK,
+                    key: seg.key.clone(),
                 });
             }
             let Some(c) = self.cur.as_mut() else {
@@ -146,8 +150,8 @@ impl JournalReader {
             let mut buf = vec![0u8; format::BATCH_HEADER_LEN + h.body_len as usize];
             segment::read_exact_at(&c.file, &c.path, &mut buf, c.pos)?;
             let body = Bytes::from(buf).slice(format::BATCH_HEADER_LEN..);
-            let recs =
-                format::decode_batch_body(&h, &body).map_err(|e| corrupt(c, e.to_string()))?;
+            let recs = format::decode_batch_body_at(&h, &body, c.pos, c.key.as_deref())
+                .map_err(|e| corrupt(c, e.to_string()))?;
             let meta = BatchMeta {
                 epoch: h.epoch,
                 timestamp_ns: h.timestamp_ns,

@@ -18,9 +18,14 @@
 //! | bad segment header right after the last data segment | no (nothing valid in the file) | torn activation: wiped, kept as spare |
 //! | bad segment header right after the last data segment | yes (a whole valid batch) | `Corruption` (file, offset 0, the batch's offset) |
 //! | torn tail and `RecoveryMode::AbsoluteConsistency`     | -                  | `TornTail` error             |
+//! | encrypted batch: body CRC right, SM4-GCM tag wrong    | -                  | `Corruption` (altered, never torn) |
+//! | encrypted segment, no key / another key id            | -                  | `KeyRequired` / `WrongKey`, before any repair |
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_gm::atrest::{DataKey, Kek};
 
 use bytes::Bytes;
 
@@ -69,6 +74,8 @@ pub(crate) struct SegInfo {
     pub path: PathBuf,
     pub first_seq: Seq,
     pub size: u64,
+    /// The segment's data key, unwrapped on open or at activation (None: plaintext).
+    pub key: Option<Arc<DataKey>>,
 }
 
 #[derive(Debug, Clone)]
@@ -95,7 +102,8 @@ pub(crate) struct Recovered {
 }
 
 enum Kind {
-    Data(format::SegmentHeader),
+    /// A valid header, and the data key of an encrypted segment.
+    Data(format::SegmentHeader, Option<Arc<DataKey>>),
     Unused,
     BadHeader(String),
 }
@@ -138,17 +146,25 @@ fn corruption(path: &Path, offset: u64, reason: impl Into<String>) -> JournalErr
     }
 }
 
-pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> Result<Recovered> {
+/// Recovers the journal in `dir`. `kek`: the configured key-encryption key; every
+/// encrypted segment's key is checked and unwrapped (in `classify`, before anything
+/// is repaired), so a missing or wrong key refuses to open with the file untouched.
+pub(crate) fn recover(
+    dir: &Path,
+    cluster_id: [u8; 16],
+    mode: RecoveryMode,
+    kek: Option<&Kek>,
+) -> Result<Recovered> {
     std::fs::create_dir_all(dir)
         .map_err(|e| JournalError::io(format!("create {}", dir.display()), e))?;
     let mut report = RecoveryReport::default();
     let (segs, max_no) = list_segments(dir, &mut report)?;
     let mut files = Vec::with_capacity(segs.len());
     for (no, path) in segs {
-        files.push(classify(no, path, &cluster_id)?);
+        files.push(classify(no, path, &cluster_id, kek)?);
     }
 
-    let last_data = files.iter().rposition(|f| matches!(f.kind, Kind::Data(_)));
+    let last_data = files.iter().rposition(|f| matches!(f.kind, Kind::Data(..)));
     let mut chain = Chain {
         rec: Recovered {
             data: Vec::new(),
@@ -167,7 +183,7 @@ pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> R
     for (i, f) in files.iter().enumerate() {
         let is_last_data = Some(i) == last_data;
         match (&f.kind, last_data) {
-            (Kind::Data(h), Some(_)) => chain.data_segment(f, h, is_last_data)?,
+            (Kind::Data(h, key), Some(_)) => chain.data_segment(f, h, key, is_last_data)?,
             (Kind::Unused, Some(ld)) if i < ld => {
                 return Err(corruption(
                     &f.path,
@@ -190,7 +206,7 @@ pub(crate) fn recover(dir: &Path, cluster_id: [u8; 16], mode: RecoveryMode) -> R
             }),
             (Kind::BadHeader(r), _) => chain.torn_activation(f, r)?,
             // Cannot happen (a data segment makes last_data Some); an error, not a panic.
-            (Kind::Data(_), None) => {
+            (Kind::Data(..), None) => {
                 return Err(corruption(
                     &f.path,
                     0,
@@ -247,19 +263,12 @@ impl Chain {
         &mut self,
         f: &SegFile,
         h: &format::SegmentHeader,
+        key: &Option<Arc<DataKey>>,
         is_last_data: bool,
     ) -> Result<()> {
         self.check_continues(f, h)?;
         let file = segment::open_ro(&f.path)?;
-        let scan = scan_segment(
-            &file,
-            &f.path,
-            f.no,
-            f.size,
-            h.first_seq,
-            &self.cluster_id,
-            h.max_inflight,
-        )?;
+        let scan = scan_segment(&file, f, h, &self.cluster_id, key.as_deref())?;
         if let End::Torn {
             len,
             reason,
@@ -284,6 +293,7 @@ impl Chain {
             path: f.path.clone(),
             first_seq: h.first_seq,
             size: f.size,
+            key: key.clone(),
         });
         let _ = scan.batches;
         Ok(())
@@ -441,7 +451,7 @@ impl Chain {
     }
 }
 
-fn classify(no: u64, path: PathBuf, cluster_id: &[u8; 16]) -> Result<SegFile> {
+fn classify(no: u64, path: PathBuf, cluster_id: &[u8; 16], kek: Option<&Kek>) -> Result<SegFile> {
     let file = segment::open_ro(&path)?;
     let size = segment::file_len(&file, &path)?;
     if size < 2 * SEGMENT_HEADER_BLOCK || !format::is_block_aligned(size) {
@@ -453,8 +463,8 @@ fn classify(no: u64, path: PathBuf, cluster_id: &[u8; 16]) -> Result<SegFile> {
     }
     let mut block = vec![0u8; BLOCK_SIZE];
     segment::read_exact_at(&file, &path, &mut block, 0)?;
-    let kind = match format::decode_segment_header(&block, no) {
-        Ok(h) => {
+    let kind = match format::decode_segment_header_any(&block, no) {
+        Ok((h, key_info)) => {
             if h.cluster_id != *cluster_id {
                 return Err(JournalError::ClusterMismatch {
                     segment: path,
@@ -469,14 +479,19 @@ fn classify(no: u64, path: PathBuf, cluster_id: &[u8; 16]) -> Result<SegFile> {
                     format!("header says {} bytes, file has {size}", h.segment_size),
                 ));
             }
-            if !format::is_zero(&block[format::SEGMENT_HEADER_LEN..]) {
+            let len = format::segment_header_len(key_info.is_some());
+            if !format::is_zero(&block[len..]) {
                 return Err(corruption(
                     &path,
-                    format::SEGMENT_HEADER_LEN as u64,
+                    len as u64,
                     "segment header block padding not zero",
                 ));
             }
-            Kind::Data(h)
+            let key = match key_info {
+                Some(info) => Some(Arc::new(segment_key(&path, &h, &info, kek)?)),
+                None => None,
+            };
+            Kind::Data(h, key)
         }
         Err(FormatError::Zero) if format::is_zero(&block) => Kind::Unused,
         // The checksum verified, so this header was written on purpose, not torn: a
@@ -499,6 +514,41 @@ fn classify(no: u64, path: PathBuf, cluster_id: &[u8; 16]) -> Result<SegFile> {
         size,
         kind,
     })
+}
+
+/// The data key of encrypted segment `h` (key part `info`), unwrapped with `kek`.
+/// The key id is compared first so a wrong key is named as such; a matching id
+/// whose wrap does not authenticate means the header was altered.
+fn segment_key(
+    path: &Path,
+    h: &format::SegmentHeader,
+    info: &format::SegmentKeyInfo,
+    kek: Option<&Kek>,
+) -> Result<DataKey> {
+    let Some(kek) = kek else {
+        return Err(JournalError::KeyRequired {
+            segment: path.to_path_buf(),
+            key_id: info.key_id,
+        });
+    };
+    if kek.id() != info.key_id {
+        return Err(JournalError::WrongKey {
+            segment: path.to_path_buf(),
+            found: info.key_id,
+            configured: kek.id(),
+        });
+    }
+    kek.unwrap(&info.wrapped, &format::segment_key_aad(h, info.key_id))
+        .map_err(|e| {
+            corruption(
+                path,
+                format::SEGMENT_HEADER_LEN as u64,
+                format!(
+                    "the wrapped data key (key id {}) does not unwrap under the configured key                      ({e}): the segment header was altered",
+                    info.key_id
+                ),
+            )
+        })
 }
 
 const SCAN_CHUNK: usize = 1 << 20;
@@ -529,7 +579,14 @@ fn first_valid_batch(
             segment::read_exact_at(&file, &f.path, &mut buf, at)?;
             let body = Bytes::from(buf)
                 .slice(format::BATCH_HEADER_LEN..format::BATCH_HEADER_LEN + h.body_len as usize);
-            if format::decode_batch_body(&h, &body).is_ok() {
+            // The header is bad, so an encrypted segment's data key is unknown: the
+            // CRC over the ciphertext is the evidence that the batch was written whole.
+            let whole = if h.encrypted {
+                format::check_body_crc(&h, &body).is_ok()
+            } else {
+                format::decode_batch_body(&h, &body).is_ok()
+            };
+            if whole {
                 return Ok(Some((at, h)));
             }
         }
@@ -541,14 +598,13 @@ fn first_valid_batch(
 /// Follows the batch chain of one segment from its first batch.
 fn scan_segment(
     file: &File,
-    path: &Path,
-    no: u64,
-    size: u64,
-    first_seq: Seq,
+    f: &SegFile,
+    sh: &format::SegmentHeader,
     cluster_id: &[u8; 16],
-    max_inflight: u32,
+    key: Option<&DataKey>,
 ) -> Result<ScanResult> {
-    let walk = walk_batches(file, path, no, size, first_seq, cluster_id)?;
+    let (path, no, size, max_inflight) = (&f.path, f.no, f.size, sh.max_inflight);
+    let walk = walk_batches(file, f, sh.first_seq, cluster_id, key)?;
     let Walk {
         pos,
         expected,
@@ -624,12 +680,12 @@ struct Walk {
 /// block, a stale or invalid batch, or the end of the file.
 fn walk_batches(
     file: &File,
-    path: &Path,
-    no: u64,
-    size: u64,
+    f: &SegFile,
     first_seq: Seq,
     cluster_id: &[u8; 16],
+    key: Option<&DataKey>,
 ) -> Result<Walk> {
+    let (path, no, size) = (&f.path, f.no, f.size);
     let mut pos = SEGMENT_HEADER_BLOCK;
     let mut expected = first_seq;
     let mut batches = 0u64;
@@ -685,6 +741,17 @@ fn walk_batches(
                 ),
             ));
         }
+        if h.encrypted != key.is_some() {
+            return Err(corruption(
+                path,
+                pos,
+                format!(
+                    "batch version {} in a segment of the other version (encrypted: {})",
+                    if h.encrypted { 2 } else { 1 },
+                    key.is_some()
+                ),
+            ));
+        }
         let disk = h.disk_len();
         if pos + disk > size {
             return Err(corruption(
@@ -697,16 +764,31 @@ fn walk_batches(
         segment::read_exact_at(file, path, &mut buf, pos)?;
         let body = Bytes::from(buf)
             .slice(format::BATCH_HEADER_LEN..format::BATCH_HEADER_LEN + h.body_len as usize);
-        if let Err(e) = format::decode_batch_body(&h, &body) {
-            break (
-                End::Torn {
-                    len: disk,
-                    reason: format!("bad batch body (seq {}..={}): {e}", h.first_seq, h.last_seq),
-                    discarded: None,
-                },
-                disk,
-                false,
-            );
+        match format::decode_batch_body_at(&h, &body, pos, key) {
+            Ok(_) => {}
+            // The CRC over the ciphertext verified, the tag did not: altered after
+            // it was written (a torn write fails the CRC), never truncated.
+            Err(e @ (FormatError::Authentication | FormatError::KeyRequired)) => {
+                return Err(corruption(
+                    path,
+                    pos,
+                    format!("batch seq {}..={}: {e}", h.first_seq, h.last_seq),
+                ));
+            }
+            Err(e) => {
+                break (
+                    End::Torn {
+                        len: disk,
+                        reason: format!(
+                            "bad batch body (seq {}..={}): {e}",
+                            h.first_seq, h.last_seq
+                        ),
+                        discarded: None,
+                    },
+                    disk,
+                    false,
+                )
+            }
         }
         expected = h.last_seq + 1;
         batches += 1;

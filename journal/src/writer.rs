@@ -25,6 +25,14 @@
 //! that failed at completion is rewritten with every write in flight after it, in
 //! order (`rewrite_for_space`). Any other error fails the journal.
 //!
+//! Encryption at rest: with a key-encryption key each segment activation draws a
+//! fresh data key, wraps it into the segment header, and the writer seals every
+//! batch body in the staging slot before submitting it (so a rewrite after ENOSPC
+//! resubmits the same ciphertext). A journal opened with a key never appends to a
+//! segment activated by an earlier process: its first batch activates a new
+//! segment, because recovery may have truncated a torn tail whose offset the old
+//! data key already used with other bytes (FORMAT.md "Encryption at rest").
+//!
 //! The helper thread keeps one spare segment ready (recycling released segments or
 //! writing a fresh zeroed file) so the write path does not stall on preparation.
 
@@ -36,6 +44,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ferry_gm::atrest::{DataKey, Kek};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::clock::now_ns;
@@ -265,13 +274,21 @@ impl Journal {
         std::fs::create_dir_all(&opts.dir)
             .map_err(|e| JournalError::io(format!("create {}", opts.dir.display()), e))?;
         let lock = segment::lock_dir(&opts.dir)?;
-        let mut rec = recovery::recover(&opts.dir, opts.cluster_id, opts.recovery)?;
+        let mut rec = recovery::recover(
+            &opts.dir,
+            opts.cluster_id,
+            opts.recovery,
+            opts.encryption.as_deref(),
+        )?;
         let engine_name = engine.name();
         let depth = opts
             .max_inflight_batches
             .min(engine.max_inflight())
             .clamp(1, format::MAX_INFLIGHT_BATCHES as usize);
         let active = match rec.data.last() {
+            // Encrypted: the first batch activates a new segment with a new data key
+            // (never reuse an earlier process's key at an offset it may have used).
+            Some(_) if opts.encryption.is_some() => None,
             Some(d) => Some(Active {
                 no: d.no,
                 file: segment::open_rw(&d.path)?,
@@ -280,6 +297,7 @@ impl Journal {
                 zeroed_from: rec.zeroed_from,
                 // Never more in flight than the segment header promises recovery.
                 depth: depth.min(rec.active_depth.max(1)),
+                key: d.key.clone(),
             }),
             None => None,
         };
@@ -341,8 +359,10 @@ impl Journal {
         }
         // The writer is a single thread: checksum big payloads here, in the
         // appender's thread and cache, so the writer only copies them.
-        let crc =
-            (rec.data.len() >= format::PRECOMPUTE_CRC_MIN).then(|| format::data_crc(&rec.data));
+        // (An encrypted batch's CRC covers the ciphertext: nothing to precompute.)
+        let crc = (rec.data.len() >= format::PRECOMPUTE_CRC_MIN
+            && self.shared.opts.encryption.is_none())
+        .then(|| format::data_crc(&rec.data));
         let sh = &self.shared;
         let mut q = sh.queue.lock();
         // Bounded by the writer's progress; wakes on every dequeue and on close/failure.
@@ -570,7 +590,7 @@ impl Drop for Journal {
 }
 
 fn staging_len(opts: &JournalOptions) -> usize {
-    opts.max_batch_bytes + format::BATCH_HEADER_LEN + 3 * BLOCK_SIZE
+    opts.max_batch_bytes + format::BATCH_HEADER_LEN + format::BODY_TAG_LEN + 3 * BLOCK_SIZE
 }
 
 /// Sets the calling thread's nice value (Linux: PRIO_PROCESS with a thread id
@@ -620,6 +640,8 @@ struct Active {
     zeroed_from: u64,
     /// Most batch writes in flight in this segment (recorded in its header).
     depth: usize,
+    /// The data key of an encrypted segment (drawn at activation).
+    key: Option<Arc<DataKey>>,
 }
 
 /// A batch write submitted to the engine and not yet reaped.
@@ -789,11 +811,21 @@ impl Writer {
         if self.shared.jump_pending.load(Ordering::Acquire) {
             return true;
         }
-        let disk = format::batch_disk_len(format::body_len(batch.iter().map(|p| &p.rec)));
+        let disk = self.batch_disk_len(batch);
         match &self.active {
             Some(a) => a.pos + disk > a.size,
             None => true,
         }
+    }
+
+    /// Bytes `batch` takes on disk (encrypted batches carry a tag).
+    fn batch_disk_len(&self, batch: &[Pending]) -> u64 {
+        let records = batch.iter().map(|p| &p.rec);
+        format::batch_disk_len(if self.shared.opts.encryption.is_some() {
+            format::sealed_body_len(records)
+        } else {
+            format::body_len(records)
+        })
     }
 
     /// Reaps every write still in flight, oldest first. Until a failure is known
@@ -913,6 +945,7 @@ impl Writer {
                 path: spare.path,
                 first_seq: f.batch.first().map_or(0, |p| p.seq),
                 size: spare.size,
+                key: a.key.clone(),
             });
             drop(s);
             self.active = Some(a);
@@ -993,6 +1026,21 @@ impl Writer {
                 return Err(e);
             }
         };
+        let key = match self.shared.opts.encryption {
+            Some(_) => match DataKey::generate() {
+                Ok(k) => Some(Arc::new(k)),
+                Err(e) => {
+                    let mut s = self.shared.segs.lock();
+                    s.activating -= 1;
+                    s.spares.push_front(spare);
+                    return Err(JournalError::io(
+                        "draw a segment data key",
+                        std::io::Error::other(e),
+                    ));
+                }
+            },
+            None => None,
+        };
         let active = Active {
             no: spare.no,
             file,
@@ -1004,13 +1052,13 @@ impl Writer {
                 spare.size
             },
             depth: self.depth,
+            key,
         };
         Ok((active, spare))
     }
 
     fn stage_and_submit(&mut self, batch: &[Pending]) -> Result<Flight> {
-        let body = format::body_len(batch.iter().map(|p| &p.rec));
-        let disk = format::batch_disk_len(body);
+        let disk = self.batch_disk_len(batch);
         let first_seq = batch.first().map_or(0, |p| p.seq);
         let last = batch.last().map_or(0, |p| p.seq);
         let roll = self.needs_roll(batch);
@@ -1065,8 +1113,9 @@ impl Writer {
                 .map_err(|e| JournalError::io("allocate staging buffer", e))?;
             // Segment header and first batch go in one write: a torn activation
             // leaves either no header (spare) or a header with a torn first batch.
-            let header = roll.then(|| (&*target, self.shared.jump_pending.load(Ordering::Acquire)));
-            encode_staged(buf, header, &params, batch, &layout)?;
+            let seq_jump = roll.then(|| self.shared.jump_pending.load(Ordering::Acquire));
+            let kek = self.shared.opts.encryption.as_deref();
+            encode_staged(buf, target, seq_jump, kek, &params, batch, &layout)?;
             submit_batch(
                 self.engine.as_mut(),
                 &self.shared,
@@ -1169,8 +1218,6 @@ impl Writer {
     }
 }
 
-/// Writes the header block of segment `a` (activated by a batch starting at
-/// `first_seq`) into `block`.
 /// Where a batch sits in its staging buffer: after the segment header (`head` bytes,
 /// when it activates a segment), `disk` bytes of batch, then a zeroed block when
 /// `trailing`; `total` bytes in all.
@@ -1181,31 +1228,41 @@ struct Layout {
     trailing: bool,
 }
 
-/// Fills a batch's staging buffer: the segment header when `header` is given (the
-/// segment and its seq-jump flag), the encoded batch, and the trailing zero block.
+/// Fills a batch's staging buffer for segment `target`: its header when the batch
+/// activates it (`seq_jump`: Some, with the header's jump flag), the encoded batch
+/// (sealed under the segment's data key when it has one; the batch sits at
+/// `target.pos`), and the trailing zero block.
 fn encode_staged(
     buf: &mut [u8],
-    header: Option<(&Active, bool)>,
+    target: &Active,
+    seq_jump: Option<bool>,
+    kek: Option<&Kek>,
     params: &BatchParams,
     batch: &[Pending],
     layout: &Layout,
 ) -> Result<()> {
     let (head, disk, total) = (layout.head, layout.disk, layout.total);
-    if let Some((target, seq_jump)) = header {
+    if let Some(seq_jump) = seq_jump {
+        let first_seq = params.first_seq;
         stage_segment_header(
             &mut buf[..head],
             target,
             params.cluster_id,
-            params.first_seq,
+            first_seq,
             seq_jump,
-        );
+            kek,
+        )?;
     }
-    let (_, n) = format::encode_batch_with_crcs(
-        &mut buf[head..head + disk as usize],
-        params,
-        batch.iter().map(|p| (&p.rec, p.crc)),
-    )
-    .map_err(|e| JournalError::InvalidRecord(format!("encoding batch: {e}")))?;
+    let out = &mut buf[head..head + disk as usize];
+    let encoded = match &target.key {
+        Some(key) => {
+            let records = batch.iter().map(|p| &p.rec);
+            format::encode_batch_sealed(out, params, records, key, target.pos)
+        }
+        None => format::encode_batch_with_crcs(out, params, batch.iter().map(|p| (&p.rec, p.crc))),
+    };
+    let (_, n) =
+        encoded.map_err(|e| JournalError::InvalidRecord(format!("encoding batch: {e}")))?;
     debug_assert_eq!(n as u64, disk);
     if layout.trailing {
         buf[head + n..total].fill(0);
@@ -1246,13 +1303,17 @@ fn submit_batch(
     })
 }
 
+/// Writes the header block of segment `a` (activated by a batch starting at
+/// `first_seq`) into `block`; an encrypted segment's data key is wrapped under `kek`
+/// and bound to the header's fields.
 fn stage_segment_header(
     block: &mut [u8],
     a: &Active,
     cluster_id: [u8; 16],
     first_seq: Seq,
     seq_jump: bool,
-) {
+    kek: Option<&Kek>,
+) -> Result<()> {
     block.fill(0);
     let sh = format::SegmentHeader {
         segment_no: a.no,
@@ -1262,7 +1323,18 @@ fn stage_segment_header(
         max_inflight: a.depth as u32,
         seq_jump,
     };
-    block[..format::SEGMENT_HEADER_LEN].copy_from_slice(&format::encode_segment_header(&sh));
+    let (Some(key), Some(kek)) = (&a.key, kek) else {
+        block[..format::SEGMENT_HEADER_LEN].copy_from_slice(&format::encode_segment_header(&sh));
+        return Ok(());
+    };
+    let key_id = kek.id();
+    let wrapped = kek
+        .wrap(key, &format::segment_key_aad(&sh, key_id))
+        .map_err(|e| JournalError::io("wrap a segment data key", std::io::Error::other(e)))?;
+    let info = format::SegmentKeyInfo { key_id, wrapped };
+    block[..format::SEGMENT_HEADER_V2_LEN]
+        .copy_from_slice(&format::encode_segment_header_encrypted(&sh, &info));
+    Ok(())
 }
 
 /// Runs completions handed over by the writer, in order. Ends when the writer

@@ -148,6 +148,7 @@ fn golden_batch_header() {
         record_count: 2,
         body_len: 76,
         body_crc: 0xdead_beef,
+        encrypted: false,
     };
     #[rustfmt::skip]
     let expected: [u8; 80] = [
@@ -368,6 +369,7 @@ proptest! {
             flags: BATCH_FLAG_HAS_SEAL, segment_no: 3, cluster_id: CLUSTER, epoch: 0,
             first_seq: first, last_seq: first + count as u64 - 1, timestamp_ns: 0,
             record_count: count, body_len: body.len() as u32, body_crc: salted_crc(3, &body),
+            encrypted: false,
         };
         let _ = decode_batch_body(&h, &Bytes::from(body));
     }

@@ -56,6 +56,12 @@
 //! | 6 | no                                                         | streaming/switching | < durable, and resume + 1 released         | resync, full ([`FullReason::JournalReleased`]) |
 //! | 7 | no                                                         | streaming/switching | otherwise                                  | stream after resume               |
 //!
+//! Between rows 2 and 3: on a primary promoted with rollback, whose journal kept the
+//! undone records after the fork up to its cut ([`ForkView::cut`]), a target below the
+//! cut (at or below the fork, or rejoined and inside the discarded range) resyncs in
+//! full ([`FullReason::ForkCut`]): streaming would ship the discarded records (issue
+//! 16 path 4). The digest comparison copies only what differs.
+//!
 //! Before rows 3–7: a target whose standby refused a write-set with `ResyncRequired`
 //! ([`on_peer_error_code`]: a record outside its volumes) resyncs in full
 //! ([`FullReason::StandbyRequired`]), or is refused `Diverged` if it is past the
@@ -305,6 +311,11 @@ pub struct JournalView {
 pub struct ForkView {
     pub seq: Seq,
     pub rejoined: bool,
+    /// The cut (`>= seq`): the last sequence of the old epoch this primary's journal
+    /// held at the promotion. Records `seq + 1 ..= cut` were undone by the rollback
+    /// the promotion made: no part of this history, never shipped; this history's
+    /// next record after the fork is `cut + 1`. `cut == seq`: nothing was discarded.
+    pub cut: Seq,
 }
 
 /// Everything [`TargetLifecycle::plan_hello`] decides from.
@@ -330,6 +341,10 @@ pub enum FullReason {
     /// The standby refused a write-set with `ResyncRequired` (a record outside its
     /// volumes): its copy cannot take the stream, only a copy compared by digest.
     StandbyRequired,
+    /// Streaming to it would cross the cut of a promotion with rollback (records
+    /// `fork + 1 ..= cut` were discarded and are never shipped): it resumes at or
+    /// below the fork, or (rejoined) inside the discarded range.
+    ForkCut { fork: Seq, cut: Seq },
 }
 
 /// What a session does once its handshake completes.
@@ -638,6 +653,8 @@ impl TargetLifecycle {
                 return Err(self.fork_diverged(fork, h));
             }
             resync(Some(FullReason::Failback { fork }))?
+        } else if let Some((fork, cut)) = self.across_cut(h) {
+            resync(Some(FullReason::ForkCut { fork, cut }))?
         } else if self.peer_requires_resync {
             resync(Some(FullReason::StandbyRequired))?
         } else if self.tracking.needs_resync() {
@@ -672,6 +689,17 @@ impl TargetLifecycle {
         h.fork
             .filter(|f| !f.rejoined && h.peer_resume > f.seq)
             .map(|f| f.seq)
+    }
+
+    /// (fork, cut), if streaming after the target's position would ship a record
+    /// the promotion discarded (see [`ForkView::cut`]): the journal's next record
+    /// after a position below the cut is one of them, or (at or below the fork) the
+    /// stream would reach them. At the cut itself the stream goes on with this
+    /// history (a target not rejoined there is a failback, decided before).
+    fn across_cut(&self, h: &HelloInput) -> Option<(Seq, Seq)> {
+        h.fork
+            .filter(|f| f.cut > f.seq && h.peer_resume < f.cut)
+            .map(|f| (f.seq, f.cut))
     }
 
     fn fork_diverged(&self, fork: Seq, h: &HelloInput) -> HandshakeError {

@@ -764,6 +764,7 @@ mod lifecycle {
             self.fork = Some(ForkView {
                 seq: fork,
                 rejoined: false,
+                cut: fork,
             });
             // ferryd starts targets at the checkpoint, degraded if away since the fork.
             self.lc = TargetLifecycle::new(NAME, self.mode, fork, true);

@@ -27,7 +27,11 @@ fn hello(peer_resume: Seq, first_available: Seq, durable: Seq) -> HelloInput {
 }
 
 fn with_fork(mut h: HelloInput, seq: Seq, rejoined: bool) -> HelloInput {
-    h.fork = Some(ForkView { seq, rejoined });
+    h.fork = Some(ForkView {
+        seq,
+        rejoined,
+        cut: seq,
+    });
     h
 }
 
@@ -106,6 +110,54 @@ fn failback_rule_ignores_a_rejoined_target_or_one_at_the_fork() {
         .expect("plan");
     assert_eq!(plan.start, PlanStart::Stream);
     assert!(plan.record_rejoined);
+}
+
+/// A primary promoted with rollback to 100 whose journal kept 101..=140 (undone): no
+/// target is streamed across the cut. At or below the fork, or rejoined inside the
+/// discarded range: a full resync (issue 16 path 4). Not rejoined past the fork: the
+/// failback rule, as before. At or past the cut once rejoined: this history streams.
+#[test]
+fn a_target_below_the_cut_of_a_rollback_promotion_resyncs_in_full() {
+    let t = target(SyncMode::Async);
+    let cut = |resume, rejoined| {
+        let mut h = with_fork(hello(resume, 1, 150), 100, rejoined);
+        if let Some(f) = h.fork.as_mut() {
+            f.cut = 140;
+        }
+        t.plan_hello(&h).expect("plan").start
+    };
+    let across = PlanStart::Resync {
+        full: Some(FullReason::ForkCut {
+            fork: 100,
+            cut: 140,
+        }),
+    };
+    for (resume, rejoined) in [
+        (100, false),
+        (100, true),
+        (60, false),
+        (0, true),
+        (120, true),
+    ] {
+        assert_eq!(
+            cut(resume, rejoined),
+            across,
+            "resume {resume} rejoined {rejoined}"
+        );
+    }
+    let failback = PlanStart::Resync {
+        full: Some(FullReason::Failback { fork: 100 }),
+    };
+    assert_eq!(cut(120, false), failback);
+    assert_eq!(cut(140, false), failback);
+    assert_eq!(cut(140, true), PlanStart::Stream);
+    assert_eq!(cut(145, true), PlanStart::Stream);
+    // Without a cut (nothing discarded) a target at the fork streams, as before.
+    let plain = t
+        .plan_hello(&with_fork(hello(100, 1, 150), 100, true))
+        .expect("plan");
+    assert_eq!(plain.start, PlanStart::Stream);
+    assert_eq!(plain.ack.resume_seq, 100);
 }
 
 #[test]

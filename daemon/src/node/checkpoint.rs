@@ -36,7 +36,13 @@ fn checkpoint(
     let (applied, floor) = positions();
     if applied > *last {
         sync_bases(rec)?;
-        rec.meta.set_checkpoint(applied)?;
+        // Never lowers it: a rollback moves `applied` back below the checkpoint, and a
+        // promotion then records its cut as the checkpoint; a lower one written by
+        // this thread (e.g. at the shutdown of the promote's restart) would make the
+        // new primary replay the records the rollback undid.
+        if rec.meta.checkpoint()? < applied {
+            rec.meta.set_checkpoint(applied)?;
+        }
         *last = applied;
     }
     let release = release_point(*last, floor);

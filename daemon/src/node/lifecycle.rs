@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ferry_journal::{Journal, Seq};
 
 use crate::ops::control;
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{EndpointSlot, Metrics};
 use crate::ops::sdnotify::{self, State};
 use ferry_api::config::Config;
 
@@ -19,7 +19,8 @@ use crate::node::recovery::Recovered;
 /// before it touches anything) and served once the role's status handler exists.
 pub(crate) struct ControlSocket {
     pub(crate) listener: tokio::net::UnixListener,
-    pub(crate) access: control::Access,
+    /// The policy in force: a reload replaces it.
+    pub(crate) access: control::SharedAccess,
     pub(crate) audit: Arc<crate::ops::audit::AuditLog>,
 }
 
@@ -33,7 +34,7 @@ impl ControlSocket {
         let listener = control::bind(&cfg.control.socket, &access).await?;
         Ok(ControlSocket {
             listener,
-            access,
+            access: access.into(),
             audit,
         })
     }
@@ -103,10 +104,11 @@ impl Lifecycle {
     }
 }
 
-/// The node's metrics and, when `[metrics]` is configured, the endpoint's bound address.
+/// The node's metrics and their endpoint (serving when `[metrics]` is configured; a
+/// reload may move it).
 pub(crate) struct Observe {
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) addr: Option<std::net::SocketAddr>,
+    pub(crate) endpoint: Arc<EndpointSlot>,
 }
 
 impl Observe {
@@ -161,7 +163,8 @@ impl Observe {
 
     /// ` metrics=ADDR` for the ready line (empty without a metrics endpoint).
     pub(crate) fn ready_suffix(&self) -> String {
-        self.addr
+        self.endpoint
+            .addr()
             .map(|a| format!(" metrics={a}"))
             .unwrap_or_default()
     }
@@ -258,13 +261,20 @@ mod tests {
         let metrics = Metrics::new("n", ferry_api::config::Role::Primary);
         let none = Observe {
             metrics: metrics.clone(),
-            addr: None,
+            endpoint: EndpointSlot::new(metrics.clone(), None),
         };
         assert_eq!(none.ready_suffix(), "");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _in_rt = rt.enter();
+        let listener = rt
+            .block_on(crate::ops::metrics::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let endpoint = crate::ops::metrics::Endpoint::serve(listener, metrics.clone()).unwrap();
         let some = Observe {
-            metrics,
-            addr: Some("127.0.0.1:9100".parse().unwrap()),
+            metrics: metrics.clone(),
+            endpoint: EndpointSlot::new(metrics, Some(endpoint)),
         };
-        assert_eq!(some.ready_suffix(), " metrics=127.0.0.1:9100");
+        assert_eq!(some.ready_suffix(), format!(" metrics={addr}"));
     }
 }

@@ -43,7 +43,7 @@ pub async fn run(
 }
 
 /// [`run`] for a config read from `path`: `ferryctl reload` and SIGHUP re-read it
-/// (on a primary; a standby ignores SIGHUP and refuses reload).
+/// ([`reload`]).
 pub async fn run_from(
     mut cfg: Config,
     path: Option<std::path::PathBuf>,
@@ -57,48 +57,28 @@ pub async fn run_from(
     // The metrics endpoint comes up before recovery: a long replay is then visible as
     // alive (/healthz 200) but not ready (/readyz 503). Dropping it stops it.
     let metrics = Metrics::new(&cfg.node.name, cfg.node.role);
-    let endpoint = metrics::start(&cfg, metrics.clone()).await?;
+    let endpoint = metrics::EndpointSlot::new(
+        metrics.clone(),
+        metrics::start(&cfg, metrics.clone()).await?,
+    );
     let obs = Observe {
         metrics,
-        addr: endpoint.as_ref().map(|e| e.addr),
+        endpoint: endpoint.clone(),
     };
     let rec = Arc::new(tokio::task::block_in_place(|| recover(&cfg, meta))?);
     let shutdown = life.until(shutdown);
+    let reload = path.map(|p| (p, file_cfg));
     let result = match cfg.node.role {
-        Role::Primary => {
-            let reload = path.map(|p| (p, file_cfg));
-            run_primary(cfg, rec, obs, life.clone(), reload, shutdown).await
-        }
-        Role::Standby => {
-            let hup = path.is_some().then(ignore_sighup);
-            let r = run_standby(cfg, rec, obs, life.clone(), shutdown).await;
-            if let Some(t) = hup {
-                t.abort();
-            }
-            r
-        }
+        Role::Primary => run_primary(cfg, rec, obs, life.clone(), reload, shutdown).await,
+        Role::Standby => run_standby(cfg, rec, obs, life.clone(), reload, shutdown).await,
     };
-    drop(endpoint);
+    // Stops the metrics endpoint.
+    let _ = endpoint.switch(None);
     result.map(|()| {
         if life.restart.load(Ordering::SeqCst) {
             Exit::Restart
         } else {
             Exit::Stopped
-        }
-    })
-}
-
-/// On a standby SIGHUP (`systemctl reload`) must not kill the daemon (its default
-/// action): it is logged and ignored — a standby applies its config at restart.
-fn ignore_sighup() -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::error!("cannot install the SIGHUP handler");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::warn!("SIGHUP ignored: a standby applies its config file when it restarts");
         }
     })
 }

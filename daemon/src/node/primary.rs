@@ -21,7 +21,7 @@ use crate::node::lifecycle::{
     finish_shutdown, transport_options, wait_until, ControlSocket, Lifecycle, Observe,
 };
 use crate::node::recovery::{Recovered, JOURNAL_QUEUE};
-use crate::node::reload::Reloader;
+use crate::node::reload::{self, Reloader};
 use crate::node::requests::{create_bookmark, find_volume, list_bookmarks, respond};
 use crate::node::roles::{demote, fence_peer, fence_responder, outdated_reason, switchover};
 use crate::node::status::{self, RoleSource, StatusSource};
@@ -65,8 +65,9 @@ pub(crate) async fn run_primary(
     let status = primary_status(&cfg, &rec, &group, repl.clone(), archives, nbd_addr);
     obs.metrics.set_source(status.metrics_source());
     let fence_task = fence_task(&cfg, &rec, &group, &stop_rx)?;
-    let reloader = reload_from.map(|(path, applied)| reloader(path, applied, &rec, repl.clone()));
-    let hup = reloader.clone().map(on_sighup);
+    let (reloader, hup) = reload::start(reload_from, || {
+        reload_live(&rec, repl.clone(), &control, &obs)
+    });
     let handler = primary_handler(
         &cfg,
         rec.clone(),
@@ -185,41 +186,31 @@ fn fence_task(
     })
 }
 
-fn reloader(
-    path: std::path::PathBuf,
-    applied: Config,
+/// What a reload changes on a primary: its targets, the metrics endpoint and the
+/// access grants (retention is recorded: no undo log runs here).
+fn reload_live(
     rec: &Arc<Recovered>,
     repl: Option<Arc<Replication>>,
-) -> Arc<Reloader> {
+    control: &ControlSocket,
+    obs: &Observe,
+) -> reload::Live {
     let r = rec.clone();
-    Arc::new(Reloader {
-        path,
-        applied: tokio::sync::Mutex::new(applied),
-        repl,
-        start_acked: Arc::new(move || {
-            r.meta
-                .checkpoint()
-                .unwrap_or(0)
-                .min(r.journal.durable_seq())
+    reload::Live {
+        role: ferry_api::config::Role::Primary,
+        targets: repl.map(|repl| reload::Targets {
+            repl,
+            start_acked: Arc::new(move || {
+                r.meta
+                    .checkpoint()
+                    .unwrap_or(0)
+                    .min(r.journal.durable_seq())
+            }),
         }),
-    })
-}
-
-/// SIGHUP (`systemctl reload`) does what `ferryctl reload` does; the result is logged.
-fn on_sighup(reloader: Arc<Reloader>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::error!("cannot install the SIGHUP handler: reload with ferryctl reload");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match reloader.reload().await {
-                Ok(v) => tracing::info!("SIGHUP: config reloaded: {v}"),
-                Err(e) => tracing::error!("SIGHUP: {}", crate::error_chain(&e)),
-            }
-        }
-    })
+        pit: None,
+        metrics: obs.endpoint.clone(),
+        access: control.access.clone(),
+        audit: control.audit.clone(),
+    }
 }
 
 /// The NBD exports: one volume per recovered base, all writing through `group`.
@@ -504,14 +495,7 @@ pub(crate) fn primary_handler(
         ferry_api::control::Request::Demote => respond(tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(demote(&rec, &group, has_listen, &life))
         })),
-        ferry_api::control::Request::Reload => match &reloader {
-            Some(r) => respond(tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(r.reload())
-            })),
-            None => ferry_api::control::Response::err(
-                "this ferryd was not started from a config file: nothing to reload",
-            ),
-        },
+        ferry_api::control::Request::Reload => reload::answer(reloader.as_deref()),
         other => ferry_api::control::Response::err(format!(
             "{} is a standby command: this node is the primary",
             other.name()

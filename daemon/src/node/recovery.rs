@@ -146,6 +146,14 @@ fn open_bases(cfg: &Config, meta: &Meta) -> anyhow::Result<Vec<Arc<Base>>> {
 fn open_journal(cfg: &Config, meta: &Meta) -> anyhow::Result<(Journal, Seq)> {
     let mut opts = journal_options(cfg);
     opts.epoch = meta.epoch()?;
+    // Encryption at rest: the key is read and checked here, before the journal is
+    // opened; the journal then refuses segments under another key (naming both ids).
+    if let Some(enc) = &cfg.encryption {
+        let kek = ferry_api::keyfile::read_key_file(&enc.key_file)
+            .context("[encryption] key_file: refusing to start")?;
+        tracing::info!(key_id = %kek.id(), "journal encryption at rest: SM4-GCM");
+        opts.encryption = Some(Arc::new(kek));
+    }
     let started = Instant::now();
     let (journal, report) = Journal::open(opts)
         .with_context(|| format!("opening journal {}", cfg.journal.dir.display()))?;

@@ -476,19 +476,25 @@ pub(crate) fn promote(
         }
     };
     let new_epoch = epoch + 1;
+    // The journal still holds what a rollback undid (fork + 1 ..= its end): cut there,
+    // in the role change's transaction, so that it is never shipped nor replayed and
+    // the new epoch's first write is the cut + 1 (`Meta::promote`).
+    let cut = rec.journal.last_seq().max(rec.meta.checkpoint()?).max(fork);
     // The primary replaced is recorded as the one to answer: it is the node that
     // comes back as an outdated primary (see `fence_peer`).
     rec.meta
-        .change_role(new_epoch, "primary", Some(&sb.state.primary), Some(fork))?;
+        .promote(new_epoch, Some(&sb.state.primary), fork, cut)?;
     tracing::warn!(
         epoch = new_epoch,
         fork,
+        cut,
         "promoted: restarting as the primary"
     );
     life.request_restart();
     Ok(json!({
         "epoch": new_epoch,
         "fork_seq": fork,
+        "cut_seq": cut,
         "prepared_seconds": started.elapsed().as_secs_f64(),
     }))
 }

@@ -19,6 +19,7 @@ use crate::node::lifecycle::{
     finish_shutdown, transport_options, wait_until, ControlSocket, Lifecycle, Observe,
 };
 use crate::node::recovery::Recovered;
+use crate::node::reload::{self, Reloader};
 use crate::node::requests::{
     find_volume, list_bookmarks, parse_target, respond, rolled_back_reason, OPERATOR_PAUSE,
 };
@@ -30,6 +31,7 @@ pub(crate) async fn run_standby(
     rec: Arc<Recovered>,
     obs: Observe,
     life: Arc<Lifecycle>,
+    reload_from: Option<(std::path::PathBuf, Config)>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let r = cfg
@@ -83,11 +85,12 @@ pub(crate) async fn run_standby(
         },
     });
     obs.metrics.set_source(status.metrics_source());
+    let (reloader, hup) = reload::start(reload_from, || reload_live(&rec, &control, &obs));
     let handler = standby_handler(
         &cfg,
         rec.clone(),
         standby.clone(),
-        exports.clone(),
+        (exports.clone(), reloader),
         status,
         life.clone(),
     );
@@ -118,8 +121,24 @@ pub(crate) async fn run_standby(
         control_task,
     )
     .await;
+    if let Some(t) = hup {
+        t.abort();
+    }
     drain_standby(&rec, &standby, exports.as_deref()).await;
     finish_shutdown(ckpt, &rec).await
+}
+
+/// What a reload changes on a standby: the retention of its undo log, the metrics
+/// endpoint and the access grants (targets are recorded for its promotion).
+fn reload_live(rec: &Recovered, control: &ControlSocket, obs: &Observe) -> reload::Live {
+    reload::Live {
+        role: ferry_api::config::Role::Standby,
+        targets: None,
+        pit: rec.applier.pit.clone(),
+        metrics: obs.endpoint.clone(),
+        access: control.access.clone(),
+        audit: control.audit.clone(),
+    }
 }
 
 /// Unexports the point-in-time views and lets the applier finish what is durable
@@ -155,7 +174,7 @@ pub(crate) fn standby_handler(
     cfg: &Config,
     rec: Arc<Recovered>,
     sb: Arc<Standby>,
-    exports: Option<Arc<PitExports>>,
+    (exports, reloader): (Option<Arc<PitExports>>, Option<Arc<Reloader>>),
     status: Arc<StatusSource>,
     life: Arc<Lifecycle>,
 ) -> control::Handler {
@@ -207,8 +226,8 @@ pub(crate) fn standby_handler(
             ferry_api::control::Request::Promote { target, force } => respond(tokio::task::block_in_place(|| {
                 promote(has_nbd, &rec, &sb, exports.as_deref(), target.as_ref(), force, &life)
             })),
+            ferry_api::control::Request::Reload => reload::answer(reloader.as_deref()),
             other @ (ferry_api::control::Request::Demote
-            | ferry_api::control::Request::Reload
             | ferry_api::control::Request::Switchover { .. }
             | ferry_api::control::Request::Verify { .. }) => {
                 ferry_api::control::Response::err(format!(

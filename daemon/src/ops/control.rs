@@ -3,7 +3,8 @@
 //! ([`call`]) are ferry-api's ([`ferry_api::control`]). Requests: `{"cmd":"status"}`.
 //!
 //! Access: every connection's peer credentials (`SO_PEERCRED`, and `SO_PEERGROUPS` for
-//! supplementary groups) resolve to a [`Role`] through the [`Access`] policy; each
+//! supplementary groups) resolve to a [`Role`] through the [`Access`] policy in force
+//! when each request is read ([`SharedAccess`]: a reload replaces it); each
 //! request needs a role ([`Request::required_role`], [`command_role`] for the planned
 //! commands). Anyone without the role gets
 //! `permission denied: <cmd> needs <role>, uid N has <role|no role>`. Every request —
@@ -156,6 +157,38 @@ impl Access {
     }
 }
 
+/// The access policy in force, shared by the control server and a reload: each request
+/// resolves its peer's role from it when it is read, so a grant or a revocation
+/// applies to the next request, also on a connection already open.
+#[derive(Debug, Clone)]
+pub struct SharedAccess(Arc<parking_lot::RwLock<Access>>);
+
+impl SharedAccess {
+    pub fn new(access: Access) -> SharedAccess {
+        SharedAccess(Arc::new(parking_lot::RwLock::new(access)))
+    }
+
+    /// A copy of the policy now.
+    pub fn get(&self) -> Access {
+        self.0.read().clone()
+    }
+
+    /// Replaces the policy (a reload).
+    pub fn set(&self, access: Access) {
+        *self.0.write() = access;
+    }
+
+    fn role_of(&self, uid: u32, gids: &[u32]) -> Option<Role> {
+        self.0.read().role_of(uid, gids)
+    }
+}
+
+impl From<Access> for SharedAccess {
+    fn from(access: Access) -> SharedAccess {
+        SharedAccess::new(access)
+    }
+}
+
 pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
 
 /// Binds the control socket. A leftover socket file from a crashed daemon is replaced;
@@ -199,7 +232,7 @@ pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     handler: Handler,
-    access: Access,
+    access: impl Into<SharedAccess>,
     audit: Option<Arc<AuditLog>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -228,12 +261,12 @@ pub async fn serve_limited(
     listener: UnixListener,
     path: PathBuf,
     handler: Handler,
-    access: Access,
+    access: impl Into<SharedAccess>,
     audit: Option<Arc<AuditLog>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     limits: Limits,
 ) {
-    let access = Arc::new(access);
+    let access: SharedAccess = access.into();
     let inflight = Arc::new(InFlight::default());
     let admission = Admission::new(limits.max_connections);
     let mut refusals = Refusals::default();
@@ -339,7 +372,7 @@ pub struct Peer {
 }
 
 impl Peer {
-    fn of(stream: &UnixStream, access: &Access) -> Peer {
+    fn of(stream: &UnixStream, access: &SharedAccess) -> Peer {
         match stream.peer_cred() {
             Ok(c) => {
                 let mut groups = vec![c.gid()];
@@ -362,6 +395,12 @@ impl Peer {
                 cred_error: Some(e.to_string()),
             },
         }
+    }
+
+    /// The role under the policy in force now (a reload may have changed it since
+    /// the connection was opened).
+    fn refresh(&mut self, access: &SharedAccess) {
+        self.role = self.uid.and_then(|uid| access.role_of(uid, &self.groups));
     }
 
     fn denial(&self, what: &str, needs: Role) -> String {
@@ -585,13 +624,13 @@ async fn run_audited(
 async fn serve_one(
     stream: UnixStream,
     handler: Handler,
-    access: &Access,
+    access: &SharedAccess,
     audit: Option<Arc<AuditLog>>,
     inflight: &InFlight,
     conn: Conn<'_>,
 ) -> anyhow::Result<()> {
     let Conn { slot, read_timeout } = conn;
-    let peer = Peer::of(&stream, access);
+    let mut peer = Peer::of(&stream, access);
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r.take(MAX_REQUEST as u64 * 16));
     let mut line = String::new();
@@ -607,6 +646,7 @@ async fn serve_one(
             return Ok(());
         }
         let _answering = inflight.begin();
+        peer.refresh(access);
         let resp = run_audited(check(&line, &peer), &peer, &handler, audit.as_ref()).await;
         let mut out = serde_json::to_vec(&resp)?;
         out.push(b'\n');

@@ -19,6 +19,9 @@
 //! frontend latency histograms and op counters ([`crate::primary::frontend::Frontend`])
 //! kept by the write path.
 //!
+//! A reload may move the endpoint or add or remove it ([`EndpointSlot`]): the new address is
+//! bound before the old listener closes, and a bind failure leaves the old one serving.
+//!
 //! Not exported yet because the features do not exist: the point-in-time recovery
 //! window and resync progress.
 use std::fmt::Write as _;
@@ -641,18 +644,64 @@ pub async fn start(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Option
     let Some(m) = &cfg.metrics else {
         return Ok(None);
     };
-    let listen = ferry_api::config::parse_addr(&m.listen).map_err(anyhow::Error::msg)?;
-    let listener = TcpListener::bind(listen)
+    Ok(Some(Endpoint::serve(bind(&m.listen).await?, metrics)?))
+}
+
+/// Binds a metrics listener at `listen` (`[metrics] listen`).
+pub async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
+    let addr = ferry_api::config::parse_addr(listen).map_err(anyhow::Error::msg)?;
+    TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding metrics listener {listen} ([metrics] listen)"))?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(serve(listener, metrics, stop_rx));
-    tracing::info!("serving metrics on http://{addr}/metrics (also /healthz, /readyz)");
-    Ok(Some(Endpoint {
-        addr,
-        _stop: stop_tx,
-    }))
+        .with_context(|| format!("binding metrics listener {addr} ([metrics] listen)"))
+}
+
+impl Endpoint {
+    /// Serves `listener` until the endpoint is dropped.
+    pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> anyhow::Result<Endpoint> {
+        let addr = listener.local_addr()?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(serve(listener, metrics, stop_rx));
+        tracing::info!("serving metrics on http://{addr}/metrics (also /healthz, /readyz)");
+        Ok(Endpoint {
+            addr,
+            _stop: stop_tx,
+        })
+    }
+}
+
+/// The node's metrics endpoint, which a reload may move: the new listener is bound
+/// first ([`bind`]; a failure leaves the old one serving), then [`EndpointSlot::switch`]
+/// serves it and stops the old one.
+pub struct EndpointSlot {
+    metrics: Arc<Metrics>,
+    endpoint: parking_lot::Mutex<Option<Endpoint>>,
+}
+
+impl EndpointSlot {
+    pub fn new(metrics: Arc<Metrics>, endpoint: Option<Endpoint>) -> Arc<EndpointSlot> {
+        Arc::new(EndpointSlot {
+            metrics,
+            endpoint: parking_lot::Mutex::new(endpoint),
+        })
+    }
+
+    /// Where the endpoint listens now, if it runs.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.endpoint.lock().as_ref().map(|e| e.addr)
+    }
+
+    /// Serves `listener` (bound by [`bind`]) instead of the current endpoint, or no
+    /// endpoint at all (`None`: `[metrics]` was removed). The old listener closes as
+    /// its accept loop sees the stop; connections it accepted finish their answer.
+    pub fn switch(&self, listener: Option<TcpListener>) -> anyhow::Result<Option<SocketAddr>> {
+        let new = listener
+            .map(|l| Endpoint::serve(l, self.metrics.clone()))
+            .transpose()?;
+        let addr = new.as_ref().map(|e| e.addr);
+        let old = std::mem::replace(&mut *self.endpoint.lock(), new);
+        drop(old);
+        Ok(addr)
+    }
 }
 
 /// Accepts connections until `stop` turns true or its sender is dropped.

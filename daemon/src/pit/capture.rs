@@ -15,9 +15,10 @@ use anyhow::Context;
 use bytes::BytesMut;
 use ferry_journal::undo::{extent_data_offsets, UNDO_MAX_EXTENT_LEN};
 use ferry_journal::{
-    EntryKind, Op, Record, Seq, UndoEntry, UndoError, UndoExtent, UndoLog, UndoPosition,
+    now_ns, EntryKind, Op, Record, Seq, UndoEntry, UndoError, UndoExtent, UndoLog, UndoPosition,
 };
 
+use super::retention::Pressure;
 use super::view::Src;
 use super::Pit;
 use crate::store::base::{find_base, is_hole, Base};
@@ -78,9 +79,23 @@ impl Pit {
 
     /// Appends one entry and publishes it; an undo log error stops capture (status,
     /// views) and is returned.
+    ///
+    /// Retention gets its chance here too, under the same lock (no second lock
+    /// order): by size before the append if the log is over `max_bytes` (a resync
+    /// copy or a write-set's pieces append without a write-set being applied, after
+    /// which `retain` runs), and when the append meets a full file system, before it
+    /// waits: the log's own old segments are often what fills it, and nothing but
+    /// retention would free them while the applier waits.
     fn append_entry(&self, entry: &UndoEntry) -> anyhow::Result<()> {
         let mut undo = self.undo.lock();
-        match append_bridging_gaps(&mut undo, entry) {
+        // Every boundary from the one before this entry on is kept.
+        let keep = entry.first_seq;
+        if undo.used_bytes() > self.limits().max_bytes {
+            self.retain_locked(&mut undo, keep, now_ns(), Pressure::Limits);
+        }
+        let mut reclaim =
+            |u: &mut UndoLog| self.retain_locked(u, keep, now_ns(), Pressure::DiskFull);
+        match append_bridging_gaps(&mut undo, entry, &mut reclaim) {
             Ok(pos) => {
                 self.publish(entry, &pos);
                 self.refresh_window(&undo);
@@ -207,9 +222,15 @@ impl Pit {
 }
 
 /// Appends `entry`, deciding what a gap before it (one the log cannot bridge) means.
-fn append_bridging_gaps(undo: &mut UndoLog, entry: &UndoEntry) -> Result<UndoPosition, UndoError> {
+/// `reclaim` frees space when the file system is full (see
+/// [`UndoLog::append_reclaiming`]).
+fn append_bridging_gaps(
+    undo: &mut UndoLog,
+    entry: &UndoEntry,
+    reclaim: &mut dyn FnMut(&mut UndoLog) -> u64,
+) -> Result<UndoPosition, UndoError> {
     let (first, last, kind) = (entry.first_seq, entry.last_seq, entry.kind);
-    match undo.append(entry) {
+    match undo.append_reclaiming(entry, reclaim) {
         // A gap inside a resync transition: starting over here would offer the
         // boundary before this entry, which is not consistent. No points until
         // restart (loudly), rather than a wrong one.
@@ -227,7 +248,7 @@ fn append_bridging_gaps(undo: &mut UndoLog, entry: &UndoEntry) -> Result<UndoPos
                 freed,
                 "undo log restarted at write-set {first}..={last}: {m}"
             );
-            undo.append(entry)
+            undo.append_reclaiming(entry, reclaim)
         }
         r => r,
     }

@@ -54,7 +54,7 @@ mod view;
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -83,13 +83,32 @@ struct Window {
     used_bytes: u64,
 }
 
+/// `pit.max_bytes` (hard) and `pit.max_age_secs` (soft, 0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_bytes: u64,
+    pub max_age_secs: u64,
+}
+
+impl Limits {
+    pub fn of(settings: &PitConfig) -> Limits {
+        Limits {
+            max_bytes: settings.max_bytes.0,
+            max_age_secs: settings.max_age_secs,
+        }
+    }
+}
+
 /// The standby's point-in-time state.
 pub struct Pit {
     undo: Mutex<UndoLog>,
     dir: PathBuf,
     meta: Arc<Meta>,
     bases: Vec<Arc<Base>>,
-    settings: PitConfig,
+    /// The retention limits in force: the only copy (status, metrics and retention
+    /// read it here), so a reload that changes them ([`Pit::set_retention`]) leaves
+    /// nothing stale.
+    limits: Mutex<Limits>,
     /// Highest sequence applied to the replica (the standby's applied position).
     applied: Arc<AtomicU64>,
     views: Mutex<Vec<Arc<ViewMap>>>,
@@ -102,6 +121,8 @@ pub struct Pit {
     capture_ns: AtomicU64,
     /// Per volume id: the replica opened for before-image reads (readahead off).
     capture_files: Vec<(u32, File)>,
+    /// The undo log was left over `max_bytes` by retention (warned once per episode).
+    over_limit: AtomicBool,
 }
 
 impl Pit {
@@ -160,13 +181,14 @@ impl Pit {
             dir,
             meta,
             bases,
-            settings,
+            limits: Mutex::new(Limits::of(&settings)),
             applied,
             views: Mutex::new(Vec::new()),
             next_view: AtomicU64::new(1),
             window: Mutex::new(Window::default()),
             broken: Mutex::new(None),
             capture_ns: AtomicU64::new(0),
+            over_limit: AtomicBool::new(false),
         });
         pit.refresh_window(&pit.undo.lock());
         Ok(pit)
@@ -177,6 +199,19 @@ impl Pit {
             .iter()
             .find(|(id, _)| *id == volume)
             .map(|(_, f)| f)
+    }
+
+    /// The retention limits in force.
+    pub fn limits(&self) -> Limits {
+        *self.limits.lock()
+    }
+
+    /// New retention limits (a reload): in force at once — retention runs now, up to
+    /// the applied position, and again after every write-set as before. The caller
+    /// validated them (`Config::validate`: at least two undo segments).
+    pub fn set_retention(&self, limits: Limits) {
+        *self.limits.lock() = limits;
+        self.retain(self.applied.load(Ordering::Acquire));
     }
 
     /// Sequence of the newest undo point (every write-set up to it has an entry).
@@ -201,6 +236,7 @@ impl Pit {
     /// Status of the window, retention and views.
     pub fn status(&self) -> PitStatus {
         let w = *self.window.lock();
+        let limits = self.limits();
         let pt = |p: Option<Point>| {
             p.map(|p| PitPoint {
                 seq: p.seq,
@@ -226,8 +262,8 @@ impl Pit {
                 newest: pt(w.newest),
                 points: w.points as u64,
                 used_bytes: w.used_bytes,
-                max_bytes: self.settings.max_bytes.0,
-                max_age_secs: self.settings.max_age_secs,
+                max_bytes: limits.max_bytes,
+                max_age_secs: limits.max_age_secs,
                 capture_seconds: self.capture_ns.load(Ordering::Relaxed) as f64 / 1e9,
                 error: self.broken.lock().clone(),
                 open_views,
@@ -244,7 +280,7 @@ impl Pit {
             oldest_ns: w.oldest.map_or(0, |p| p.timestamp_ns),
             newest_ns: w.newest.map_or(0, |p| p.timestamp_ns),
             used_bytes: w.used_bytes,
-            max_bytes: self.settings.max_bytes.0,
+            max_bytes: self.limits().max_bytes,
             views: self.views.lock().len(),
         }
     }
@@ -298,6 +334,17 @@ mod testrig {
 
     /// `rig` with an age limit (`max_age_secs`, 0: none).
     pub(crate) fn rig_aged(segment_size: u64, max_bytes: u64, max_age_secs: u64) -> Rig {
+        rig_in(None, segment_size, max_bytes, max_age_secs)
+    }
+
+    /// `rig_aged` with the undo log in `undo` (a small file system, say) instead of
+    /// the rig's temp dir.
+    pub(crate) fn rig_in(
+        undo: Option<PathBuf>,
+        segment_size: u64,
+        max_bytes: u64,
+        max_age_secs: u64,
+    ) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.img");
         std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
@@ -312,7 +359,7 @@ mod testrig {
             segment_size: ByteSize(segment_size),
         };
         let pit = Pit::open(
-            dir.path().join("undo"),
+            undo.unwrap_or_else(|| dir.path().join("undo")),
             [3; 16],
             settings,
             meta.clone(),

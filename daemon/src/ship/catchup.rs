@@ -402,6 +402,12 @@ pub fn switch_full(t: &TargetState, plan: &HelloPlan) -> anyhow::Result<()> {
                 PlanStart::Resync {
                     full: Some(FullReason::StandbyRequired),
                 } => "the standby refused a write-set and required a resync",
+                PlanStart::Resync {
+                    full: Some(FullReason::Failback { .. }),
+                } => "the target wrote past the fork",
+                PlanStart::Resync {
+                    full: Some(FullReason::ForkCut { .. }),
+                } => "streaming would cross the records the promotion discarded",
                 _ => "the journal no longer holds what the target needs",
             };
             tracing::warn!(

@@ -163,6 +163,7 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
             crate::ship::catchup::resync_copy(t, &mut s, from, epoch).await?
         }
     };
+    check_not_across_cut(ctx, resume)?;
     ctx.sync.recompute();
     let src = ShipSource {
         journal: ctx.journal.clone(),
@@ -221,6 +222,7 @@ fn plan_hello(
     let fork = ctx.fork.as_ref().map(|(fork, meta)| ForkView {
         seq: *fork,
         rejoined: meta.rejoined(&t.name, *fork).unwrap_or(false),
+        cut: fork_cut(ctx, *fork, meta),
     });
     let input = HelloInput {
         negotiated,
@@ -243,6 +245,15 @@ fn plan_hello(
             "the rejoining node wrote after the fork: delta resync"
         ),
         PlanStart::Resync {
+            full: Some(FullReason::ForkCut { fork, cut }),
+        } => tracing::warn!(
+            target = %t.name,
+            fork,
+            cut,
+            resume = input.peer_resume,
+            "the records after the fork up to the cut were discarded at the promotion: full resync by digest instead of streaming them"
+        ),
+        PlanStart::Resync {
             full: Some(FullReason::StandbyRequired),
         } => tracing::warn!(
             target = %t.name,
@@ -254,6 +265,37 @@ fn plan_hello(
     let ack = plan.ack.clone();
     *planned.lock() = Some(plan);
     Ok(ack)
+}
+
+/// This epoch's cut (`Meta::fork_cut`): records `fork + 1 ..= cut` were discarded by
+/// the promotion's rollback. Unreadable: the journal's end, so that no target below it
+/// is streamed (it resyncs by digest instead).
+fn fork_cut(ctx: &ShipContext, fork: Seq, meta: &crate::store::meta::Meta) -> Seq {
+    match meta.fork_cut() {
+        Ok(cut) => cut.unwrap_or(fork).max(fork),
+        Err(e) => {
+            tracing::error!(
+                "reading the fork's cut: {e}; every target below the journal's end resyncs"
+            );
+            ctx.journal.durable_seq().max(fork)
+        }
+    }
+}
+
+/// Refuses to stream after `resume` across this epoch's cut: the last guard before
+/// the journal is read, whatever the plan said.
+fn check_not_across_cut(ctx: &ShipContext, resume: Seq) -> anyhow::Result<()> {
+    let Some((fork, meta)) = &ctx.fork else {
+        return Ok(());
+    };
+    let cut = fork_cut(ctx, *fork, meta);
+    if cut > *fork && resume < cut {
+        bail!(
+            "refusing to stream after {resume}: records {}..={cut} were discarded at the promotion (fork {fork})",
+            fork + 1
+        );
+    }
+    Ok(())
 }
 
 /// What the streaming loop does after a control frame.

@@ -31,6 +31,14 @@ const K_PRIMARY_NAME: &str = "primary_name";
 /// Fork point of the current epoch: the last sequence of the previous epoch this
 /// node holds (8 bytes).
 const K_FORK_SEQ: &str = "fork_seq";
+/// A promotion's cut: the epoch it started (8 bytes), then the last sequence of the
+/// previous epoch the node's journal held then (8 bytes). The records after the fork
+/// point up to the cut were undone by the rollback the promotion made: they are no
+/// part of the new history, so they are never shipped and never replayed (the same
+/// transaction moves the checkpoint to the cut). The new epoch's first write is the
+/// cut + 1: a sequence never given to a discarded record. Only read while that epoch
+/// is current (a later role change makes it stale without touching it).
+const K_FORK_CUT: &str = "fork_cut";
 /// How the current epoch's fork came about: `"switchover"` (a planned, lossless
 /// handover), or empty for a promotion.
 const K_FORK_BY: &str = "fork_by";
@@ -491,6 +499,71 @@ impl Meta {
         primary_name: Option<&str>,
         fork_seq: Option<u64>,
     ) -> Result<(), MetaError> {
+        self.change_role_with(epoch, role, primary_name, fork_seq, &[])
+    }
+
+    /// [`Meta::change_role`] to the primary of `epoch` by promotion at `fork`, and in
+    /// the same transaction the cut (`K_FORK_CUT`: the journal's last sequence, `cut`,
+    /// at least `fork`) and the checkpoint moved to it. The replica holds the image at
+    /// `fork`, which in the new history is the image at the cut (nothing follows the
+    /// fork up to it). One transaction: a crash leaves either a standby (which neither
+    /// ships nor replays its rolled-back tail, and computes the cut again at the next
+    /// promote) or a primary whose tail is cut.
+    pub fn promote(
+        &self,
+        epoch: u64,
+        primary_name: Option<&str>,
+        fork: u64,
+        cut: u64,
+    ) -> Result<(), MetaError> {
+        let cut = cut.max(fork);
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&epoch.to_le_bytes());
+        v[8..].copy_from_slice(&cut.to_le_bytes());
+        let c = cut.to_le_bytes();
+        self.change_role_with(
+            epoch,
+            "primary",
+            primary_name,
+            Some(fork),
+            &[(K_FORK_CUT, &v), (K_CHECKPOINT, &c)],
+        )
+    }
+
+    /// The current epoch's cut (see `K_FORK_CUT`) on a primary by role change: the
+    /// fork point when the promotion discarded nothing or predates the record.
+    pub fn fork_cut(&self) -> Result<Option<u64>, MetaError> {
+        let Some(fork) = self.fork_seq()? else {
+            return Ok(None);
+        };
+        let Some(raw) = self.get_raw(K_FORK_CUT)?.filter(|v| !v.is_empty()) else {
+            return Ok(Some(fork));
+        };
+        if raw.len() != 16 {
+            return Err(MetaError::Corrupt {
+                path: self.path.clone(),
+                key: K_FORK_CUT,
+                message: format!("{} bytes, expected 16", raw.len()),
+            });
+        }
+        let u = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&raw[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        let current = u(0) == self.epoch()?;
+        Ok(Some(if current { u(8).max(fork) } else { fork }))
+    }
+
+    /// [`Meta::change_role`] with `extra` pairs in the same transaction.
+    fn change_role_with(
+        &self,
+        epoch: u64,
+        role: &str,
+        primary_name: Option<&str>,
+        fork_seq: Option<u64>,
+        extra: &[(&str, &[u8])],
+    ) -> Result<(), MetaError> {
         let fork = fork_seq.map(|f| f.to_le_bytes());
         let mut pairs: Vec<(&str, &[u8])> = vec![
             (K_EPOCH, &[]),
@@ -506,6 +579,7 @@ impl Meta {
             pairs.push((K_FORK_SEQ, f));
             pairs.push((K_FORK_BY, &[]));
         }
+        pairs.extend_from_slice(extra);
         self.put_many(&pairs)
     }
 
@@ -761,5 +835,39 @@ mod tests {
         );
         assert_eq!(m.fork_seq().unwrap(), Some(77));
         assert_eq!(m.primary_name().unwrap(), None);
+    }
+
+    /// A promotion with rollback: the cut and the checkpoint at it come with the role
+    /// change; the cut reads as the fork once a later role change made a new epoch.
+    #[test]
+    fn a_promotion_records_its_cut_and_checkpoint_in_the_role_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(dir.path(), [1; 16]).unwrap();
+        assert_eq!(m.fork_cut().unwrap(), None, "no fork");
+        m.set_checkpoint(30).unwrap();
+        m.set_rollback_state(Some(RollbackState::Done { target: 17 }))
+            .unwrap();
+        m.promote(2, Some("primary"), 17, 49).unwrap();
+        drop(m);
+        let m = Meta::open(dir.path(), [1; 16]).unwrap();
+        assert_eq!(m.epoch().unwrap(), 2);
+        assert_eq!(m.role_override().unwrap().as_deref(), Some("primary"));
+        assert_eq!(m.fork_seq().unwrap(), Some(17));
+        assert_eq!(m.fork_cut().unwrap(), Some(49));
+        assert_eq!(m.checkpoint().unwrap(), 49, "the tail is never replayed");
+        assert_eq!(m.rollback_state().unwrap(), None);
+        assert_eq!(m.fork_by().unwrap(), Some("promotion"));
+        // A switchover's take-over later: a new epoch and fork, no cut.
+        m.change_role(3, "primary", Some("dr2"), Some(60)).unwrap();
+        assert_eq!(m.fork_cut().unwrap(), Some(60));
+        // A promotion that discarded nothing: the cut is the fork.
+        m.promote(4, None, 70, 65).unwrap();
+        assert_eq!(m.fork_cut().unwrap(), Some(70));
+        m.change_role(5, "standby", Some("dr2"), None).unwrap();
+        assert_eq!(
+            m.fork_cut().unwrap(),
+            Some(70),
+            "the fork of the last promotion"
+        );
     }
 }

@@ -79,6 +79,7 @@ pub fn node_config(
         access: None,
         audit: None,
         verify: None,
+        encryption: None,
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
         },

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::engine::AlignedBuf;
 use crate::failpoint;
 use crate::space::{self, SpaceMonitor};
-use crate::undo::entry::{UndoEntry, UndoPoint, UndoPosition};
+use crate::undo::entry::{EntryKind, UndoEntry, UndoPoint, UndoPosition};
 use crate::undo::error::UndoError;
 use crate::undo::format::{
     encode_undo_entry, encode_undo_segment_header, first_entry_offset, pad_to, UndoSegmentHeader,
@@ -94,6 +94,20 @@ impl UndoLog {
     /// fsync when a new segment is created) before it returns. `first_seq` must be
     /// the previous entry's `last_seq + 1` (any value on an empty log).
     pub fn append(&mut self, e: &UndoEntry) -> Result<UndoPosition, UndoError> {
+        self.append_reclaiming(e, &mut |_| 0)
+    }
+
+    /// [`append`](Self::append) that, when the file system is full (ENOSPC or
+    /// EDQUOT), first lets `reclaim` free space in this log (retention: it may
+    /// call [`release_before`](Self::release_before)) and returns the bytes it
+    /// freed; the append is retried at once if it freed any, and waits for space
+    /// only when it freed nothing. Why: the log's own old segments are often what
+    /// fills its file system, and only retention frees them.
+    pub fn append_reclaiming(
+        &mut self,
+        e: &UndoEntry,
+        reclaim: &mut dyn FnMut(&mut UndoLog) -> u64,
+    ) -> Result<UndoPosition, UndoError> {
         self.check()?;
         if let Some(n) = self.next_seq.filter(|&n| n != e.first_seq) {
             return Err(UndoError::InvalidEntry(format!(
@@ -105,6 +119,10 @@ impl UndoLog {
             None => true,
             // Packed segments (earlier versions) are read, never appended to.
             Some(s) if !s.aligned => true,
+            // A resync transition starts a segment: retention can then release
+            // every point before it (keeping its start) while it lasts, however
+            // large it grows; inside it there is no cut (see `release_points`).
+            Some(s) if s.entries > 0 && e.kind == EntryKind::ResyncStart => true,
             Some(s) => {
                 let size = pad_to(e.encoded_len(), true);
                 s.entries > 0 && s.len.saturating_add(size) > self.segment_size
@@ -115,7 +133,7 @@ impl UndoLog {
             _ => self.next_segment_no,
         };
         let bytes = encode_undo_entry(e, no)?;
-        let pos = match self.write_entry(roll, no, e.first_seq, &bytes) {
+        let pos = match self.write_entry(roll, no, e.first_seq, &bytes, reclaim) {
             Ok(pos) => pos,
             Err(err) => {
                 self.poisoned = true;
@@ -134,32 +152,43 @@ impl UndoLog {
     }
 
     /// Writes encoded entry `bytes` (for segment `no`): in a new segment `no` if
-    /// `roll`, else at the end of the last one. On ENOSPC/EDQUOT it waits and
-    /// tries again (the caller, the standby's applier, blocks; see
+    /// `roll`, else at the end of the last one. On ENOSPC/EDQUOT it lets `reclaim`
+    /// free old segments and tries again, or, if nothing was freed, waits and tries
+    /// again (the caller, the standby's applier, blocks; see
     /// [`space_monitor`](Self::space_monitor)): the failed attempt left at most a
     /// partial entry past the log's end, which the retry overwrites (or a removed
-    /// temporary file). Any other error is returned (the caller poisons the log).
+    /// temporary file); `reclaim` only removes whole segments before the last one,
+    /// so neither moves. Any other error is returned (the caller poisons the log).
     fn write_entry(
         &mut self,
         roll: bool,
         no: u64,
         first_seq: u64,
         bytes: &[u8],
+        reclaim: &mut dyn FnMut(&mut UndoLog) -> u64,
     ) -> Result<UndoPosition, UndoError> {
         let mon = self.space.clone();
         let mut waiter = mon.waiter("undo log", if roll { "create segment" } else { "append" });
-        // Bounded by space coming back or `SpaceMonitor::stop_waiting`.
+        // Bounded: each reclaim removes at least one segment (finitely many), then
+        // by space coming back or `SpaceMonitor::stop_waiting`.
         loop {
             let r = if roll {
                 self.create_segment(no, first_seq, bytes)
             } else {
                 self.append_aligned(bytes)
             };
-            match r {
-                Err(UndoError::Io { source, .. })
-                    if space::is_space(&source) && waiter.wait(&source, || false) => {}
-                r => return r,
+            if let Err(UndoError::Io { source, .. }) = &r {
+                if space::is_space(source) {
+                    let segments = self.segments.len();
+                    if reclaim(self) > 0 && self.segments.len() < segments {
+                        continue;
+                    }
+                    if self.check().is_ok() && waiter.wait(source, || false) {
+                        continue;
+                    }
+                }
             }
+            return r;
         }
     }
 
@@ -428,6 +457,20 @@ impl UndoLog {
         Ok(())
     }
 
+    /// Where retention can cut, oldest first: the last entry of each segment but the
+    /// newest, where that entry is a recovery point (a write-set's own entry, not a
+    /// piece of it nor a resync entry). [`release_before`](Self::release_before)
+    /// with such a point's `seq` deletes its segment and every older one, and the
+    /// point stays reachable as the oldest boundary. A segment ending in a piece or
+    /// inside a resync transition is no cut: the next cut is at a later segment.
+    pub fn release_points(&self) -> impl Iterator<Item = &UndoPoint> + '_ {
+        let points = self.index.points();
+        self.segments.windows(2).filter_map(move |w| {
+            let last = points.get(w[1].first_point.checked_sub(1)?)?;
+            (last.position.segment_no == w[0].no && last.is_point()).then_some(last)
+        })
+    }
+
     /// Retention: deletes whole oldest segments whose entries all end at or before
     /// `seq` (never the newest segment). Oldest first, a directory fsync after each,
     /// so a crash leaves a consecutive suffix of segments. Returns the bytes freed.
@@ -534,7 +577,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::undo::entry::{EntryKind, UndoExtent};
+    use crate::undo::entry::UndoExtent;
 
     fn write_set(first: u64, ts: u64) -> UndoEntry {
         UndoEntry {
@@ -548,6 +591,67 @@ mod tests {
             )],
             kind: EntryKind::WriteSet,
         }
+    }
+
+    /// An entry of `kind` continuing at `first` (pieces and resync data cover no
+    /// sequence; a write-set covers `first` alone).
+    fn entry(first: u64, kind: EntryKind) -> UndoEntry {
+        let last = if kind == EntryKind::WriteSet {
+            first
+        } else {
+            first - 1
+        };
+        UndoEntry {
+            kind,
+            last_seq: last,
+            ..write_set(first, first * 10)
+        }
+    }
+
+    /// Segments ending in a write-set's piece or inside a resync transition offer
+    /// no cut; retention cuts at the first later segment ending in a point, and
+    /// the boundary there stays reachable.
+    #[test]
+    fn release_points_skip_segments_ending_in_pieces_or_resyncs() {
+        use EntryKind::*;
+        let dir = tempfile::tempdir().unwrap();
+        // Three 4 KiB entries per segment after the header block.
+        let (mut log, _) = UndoLog::open(dir.path(), [0; 16], 4 * UNDO_ALIGN).unwrap();
+        let plan = [
+            (1, WriteSet),
+            (2, PartStart),
+            (2, Part),
+            // segment 2
+            (2, Part),
+            (2, Part),
+            (2, WriteSet),
+            // segment 3 (a resync starts a segment)
+            (3, ResyncStart),
+            (3, Resync),
+            (3, Resync),
+            // segment 4
+            (3, Resync),
+            (3, WriteSet),
+            (4, WriteSet),
+            // segment 5
+            (5, WriteSet),
+        ];
+        for (first, kind) in plan {
+            log.append(&entry(first, kind)).unwrap();
+        }
+        assert_eq!(log.segment_count(), 5);
+        let cuts: Vec<u64> = log.release_points().map(|p| p.seq).collect();
+        assert_eq!(cuts, vec![2, 4]);
+        // The oldest segment ends in a piece: cutting there frees nothing.
+        assert_eq!(log.release_before(1).unwrap(), 0);
+        assert!(log.release_before(2).unwrap() > 0);
+        assert_eq!(log.segment_count(), 3);
+        assert!(log.points_after(2).is_ok() && log.points_after(1).is_err());
+        let cuts: Vec<u64> = log.release_points().map(|p| p.seq).collect();
+        assert_eq!(cuts, vec![4]);
+        assert!(log.release_before(4).unwrap() > 0);
+        assert_eq!(log.release_points().count(), 0);
+        assert_eq!(log.points_after(4).unwrap().len(), 1);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! `ferry-docgen`: writes the man pages and shell completions of ferryd and ferryctl
 //! from the clap definitions the binaries parse (`ferryd::cli`, `ferryctl::cli`), plus
 //! the hand-written `ferry.toml(5)`, so the documentation cannot drift from the flags.
+//! `ferry.toml(5)`'s RELOAD section is written from [`ferry_api::keys::KEYS`], the
+//! table the daemon's reload classifies changes with, and the page's per-key
+//! `live`/`restart` markers are checked against it (the tests below).
 //!
 //! `ferry-docgen man DIR` writes `ferryd.8`, `ferryctl.8`, one `ferryctl-SUB.8` per
 //! subcommand and `ferry.toml.5`; `ferry-docgen completions DIR` writes bash, zsh and
@@ -13,6 +16,72 @@ use clap_complete::Shell;
 
 /// The configuration file page, written by hand from the README's table.
 const FERRY_TOML_5: &str = include_str!("../man/ferry.toml.5");
+
+/// `ferry.toml(5)`: the hand-written page with its RELOAD section, written from the
+/// reload's own table, before EXAMPLE.
+fn ferry_toml_5() -> String {
+    let at = FERRY_TOML_5
+        .find(".SH EXAMPLE")
+        .unwrap_or(FERRY_TOML_5.len());
+    format!(
+        "{}{}{}",
+        &FERRY_TOML_5[..at],
+        reload_section(),
+        &FERRY_TOML_5[at..]
+    )
+}
+
+/// Which keys `ferryctl reload` applies, and for the others why a restart is needed,
+/// from [`ferry_api::keys::KEYS`].
+fn reload_section() -> String {
+    use ferry_api::keys::{Change, KEYS};
+    let join = |keys: Vec<&str>| keys.join(", ");
+    let live: Vec<&str> = KEYS
+        .iter()
+        .filter(|k| k.change.is_live())
+        .map(|k| k.key)
+        .collect();
+    let mut text = format!(
+        ".SH RELOAD\n\
+         .nh\n\
+         .ad l\n\
+         .B ferryctl reload\n\
+         (or SIGHUP, which\n\
+         .B systemctl reload\n\
+         sends) re-reads this file. It checks every change first, then applies the live\n\
+         ones in order \\(em targets, the metrics endpoint (the new address is bound\n\
+         before the old one closes), access grants (from the next control request),\n\
+         retention (at once) \\(em each recorded in the audit log. A change to any other\n\
+         key refuses the whole reload, naming the key and the reason below, and nothing\n\
+         changes. Archive targets are not reloaded.\n\
+         .TP\n\
+         .B live\n\
+         {}\n",
+        join(live)
+    );
+    let mut reasons: Vec<&str> = Vec::new();
+    for k in KEYS {
+        if let Change::Restart(why) = k.change {
+            if !reasons.contains(&why) {
+                reasons.push(why);
+            }
+        }
+    }
+    for why in reasons {
+        let keys = KEYS
+            .iter()
+            .filter(|k| k.change == Change::Restart(why))
+            .map(|k| k.key)
+            .collect();
+        text.push_str(&format!(
+            ".TP\n.BR restart \" \\(em {why}\"\n{}\n",
+            join(keys)
+        ));
+    }
+    // Key names are neither hyphenated nor spread (above); the rest of the page is as before.
+    text.push_str(".hy\n.ad b\n");
+    text
+}
 
 #[derive(Parser)]
 #[command(
@@ -63,7 +132,7 @@ fn man_pages(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         page(dir, &name, cmd, &mut written)?;
     }
     let conf = dir.join("ferry.toml.5");
-    std::fs::write(&conf, FERRY_TOML_5).with_context(|| format!("writing {}", conf.display()))?;
+    std::fs::write(&conf, ferry_toml_5()).with_context(|| format!("writing {}", conf.display()))?;
     written.push(conf);
     Ok(written)
 }
@@ -143,5 +212,64 @@ mod tests {
             !init.contains("\\-\\-config"),
             "init reads no config: {init}"
         );
+    }
+
+    /// The `.BR` line documenting `key` (`pit.max_bytes`): in the key's section, the
+    /// first `.TP` entry naming its last part (`max_bytes`), else an earlier part
+    /// (`admins` for `access.admins.uids`).
+    fn entry_of<'a>(page: &'a str, key: &str) -> Option<&'a str> {
+        let parts: Vec<&str> = key.split('.').collect();
+        let mut section = None;
+        let mut entries = Vec::new();
+        let mut after_tp = false;
+        for line in page.lines() {
+            if let Some(h) = line.strip_prefix(".SH ") {
+                let name = h.trim_matches('"').trim_start_matches('[');
+                section = name.split(']').next().map(str::to_string);
+            } else if after_tp && line.starts_with(".BR ") && section.as_deref() == Some(parts[0]) {
+                entries.push(line);
+            }
+            after_tp = line == ".TP";
+        }
+        // The names, without the `(type, default; live)` descriptor.
+        let words = |l: &str| -> Vec<String> {
+            let names = l.find(" (").map_or(l, |at| &l[..at]);
+            names
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map(str::to_string)
+                .collect()
+        };
+        parts[1..].iter().rev().find_map(|p| {
+            entries
+                .iter()
+                .copied()
+                .find(|l| words(l).iter().any(|w| w == p))
+        })
+    }
+
+    /// Every key of the reload's table is documented in `ferry.toml(5)` and marked
+    /// `live` or `restart` as the table says; the RELOAD section lists each key.
+    #[test]
+    fn the_config_page_marks_every_key_as_the_reload_applies_it() {
+        let page = ferry_toml_5();
+        for k in ferry_api::keys::KEYS {
+            let line = entry_of(&page, k.key)
+                .unwrap_or_else(|| panic!("{} is not documented in ferry.toml(5)", k.key));
+            let (want, not) = if k.change.is_live() {
+                ("live)", "restart)")
+            } else {
+                ("restart)", "live)")
+            };
+            assert!(
+                line.contains(want) && !line.contains(not),
+                "{}: ferry.toml(5) says `{line}`, the reload: {:?}",
+                k.key,
+                k.change
+            );
+        }
+        let reload = &page[page.find(".SH RELOAD").unwrap()..];
+        for k in ferry_api::keys::KEYS {
+            assert!(reload.contains(k.key), "{} not in RELOAD", k.key);
+        }
     }
 }

@@ -78,6 +78,19 @@ pub enum Cmd {
         /// speaks; a gm node and a standard node refuse each other.
         #[arg(long, value_enum, default_value = "standard")]
         crypto: CryptoArg,
+        /// Encrypt each node's journal at rest (SM4-GCM): writes a new key file
+        /// NODE/atrest.key (mode 0600, one key per node) and sets [encryption]
+        /// key_file in NODE.toml. Losing the key file loses the journal.
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Create a key file for encryption at rest ([encryption] key_file): a new random
+    /// SM4 key-encryption key, mode 0600, never over an existing file. Prints its key
+    /// id (errors about a wrong key name it).
+    Keygen {
+        /// The key file to create.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// The cold tier: restore a volume from an archive, or list what one holds. Reads
     /// the object store directly (no running ferryd needed); s3:// credentials and
@@ -113,9 +126,10 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: PitCmd,
     },
-    /// Primary: re-read the config file and apply what can change live (replication
-    /// targets added or removed, a target's mode or address); anything else is refused,
-    /// naming the keys that need a restart, and nothing changes. SIGHUP does the same.
+    /// Re-read the config file and apply what can change live (replication targets
+    /// added or removed, a target's mode or address; access grants; PIT retention; the
+    /// metrics endpoint); anything else is refused, naming the keys that need a restart
+    /// and why, and nothing changes. SIGHUP does the same.
     Reload {
         /// Print the result as JSON (for scripts) instead of text.
         #[arg(long)]

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use ferry_api::config::{
-    format_id, parse_addr, valid_name, valid_node_name, Config, ControlConfig, JournalConfig,
-    MetricsConfig, NbdConfig, NodeConfig, ReplicationConfig, ReplicationMode, Role, TargetConfig,
-    TlsConfig, TlsSuiteConfig, VolumeConfig, VOLUME_ALIGN,
+    format_id, parse_addr, valid_name, valid_node_name, Config, ControlConfig, EncryptionConfig,
+    JournalConfig, MetricsConfig, NbdConfig, NodeConfig, ReplicationConfig, ReplicationMode, Role,
+    TargetConfig, TlsConfig, TlsSuiteConfig, VolumeConfig, VOLUME_ALIGN,
 };
 use ferry_api::control::{self, Request};
 use ferry_api::size::{parse_size, ByteSize};
@@ -57,12 +57,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_port,
             same_host,
             crypto,
+            encrypt,
         } => {
             let sites = Sites::parse(primary.as_deref(), &standbys, mode)?;
             let addrs = init_addrs(sites.as_ref(), &nbd, metrics_port, same_host)?;
-            let suite = match crypto {
-                CryptoArg::Standard => TlsSuite::Standard,
-                CryptoArg::Gm => TlsSuite::Gm,
+            let crypto = InitCrypto {
+                suite: match crypto {
+                    CryptoArg::Standard => TlsSuite::Standard,
+                    CryptoArg::Gm => TlsSuite::Gm,
+                },
+                encrypt,
             };
             init(
                 &dir,
@@ -71,8 +75,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &journal_size,
                 &segment_size,
                 sites.as_ref(),
-                suite,
+                crypto,
             )
+        }
+        Cmd::Keygen { out } => {
+            let id = ferry_api::keyfile::create_key_file(&out)?;
+            println!("created {} (key id {id})", out.display());
+            Ok(())
         }
         Cmd::Audit {
             cmd: AuditCmd::Verify { file, dir, cert },
@@ -173,7 +182,11 @@ fn node_command(cfg: &Config, cmd: Cmd) -> anyhow::Result<()> {
             };
             rollback(cfg, &req, json)
         }
-        Cmd::Init { .. } | Cmd::Audit { .. } | Cmd::Node { .. } | Cmd::Archive { .. } => {
+        Cmd::Init { .. }
+        | Cmd::Keygen { .. }
+        | Cmd::Audit { .. }
+        | Cmd::Node { .. }
+        | Cmd::Archive { .. } => {
             bail!("this command works on files, not on a running ferryd")
         }
     }
@@ -660,6 +673,7 @@ fn node_config(
         access: None,
         audit: None,
         verify: None,
+        encryption: None,
         volumes: vols
             .iter()
             .map(|(name, size)| VolumeConfig {
@@ -671,6 +685,17 @@ fn node_config(
     }
 }
 
+/// `init`'s cryptography choices: the cluster CA's suites, and encryption at rest.
+struct InitCrypto {
+    suite: TlsSuite,
+    encrypt: bool,
+}
+
+/// Key file of a node made by `init --encrypt`, relative to the config directory.
+fn init_key_file(node: &str) -> PathBuf {
+    PathBuf::from(node).join("atrest.key")
+}
+
 fn init(
     dir: &Path,
     volumes: &[String],
@@ -678,8 +703,9 @@ fn init(
     journal_size: &str,
     segment_size: &str,
     sites: Option<&Sites>,
-    suite: TlsSuite,
+    crypto: InitCrypto,
 ) -> anyhow::Result<()> {
+    let suite = crypto.suite;
     let vols = volumes
         .iter()
         .map(|s| parse_volume(s))
@@ -694,6 +720,13 @@ fn init(
             TlsSuite::Standard => TlsSuiteConfig::Standard,
             TlsSuite::Gm => TlsSuiteConfig::Gm,
         };
+    }
+    if crypto.encrypt {
+        for cfg in nodes.iter_mut() {
+            cfg.encryption = Some(EncryptionConfig {
+                key_file: init_key_file(&cfg.node.name),
+            });
+        }
     }
     // Check everything before touching the disk.
     check_nodes(dir, &nodes)?;
@@ -845,6 +878,14 @@ fn write_node(dir: &Path, cfg: &Config, ca: Option<&AnyClusterCa>) -> anyhow::Re
             .with_context(|| format!("writing {}", tls.display()))?;
         std::fs::write(tls.join("ca.pem"), ca.cert_pem())
             .with_context(|| format!("writing {}", tls.join("ca.pem").display()))?;
+    }
+    if let Some(enc) = &cfg.encryption {
+        let path = dir.join(&enc.key_file);
+        let id = ferry_api::keyfile::create_key_file(&path)?;
+        println!(
+            "created {} (key id {id}; keep a copy apart from the node)",
+            path.display()
+        );
     }
     let cfg_path = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg_path, cfg.to_toml())
@@ -1149,7 +1190,7 @@ fn audit_details(r: &ferry_api::audit::files::ChainReport) -> String {
     out
 }
 
-/// `ferryctl reload`: what the primary applied (each change on a line), or why it
+/// `ferryctl reload`: what the node applied (each change on a line), or why it
 /// refused (then nothing changed).
 fn reload(cfg: &Config, json: bool) -> anyhow::Result<()> {
     let v = call(cfg, &Request::Reload)?;
@@ -1163,6 +1204,12 @@ fn reload(cfg: &Config, json: bool) -> anyhow::Result<()> {
     }
     for a in applied {
         println!("reloaded: {}", a.as_str().unwrap_or_default());
+    }
+    for a in v["unaudited"].as_array().into_iter().flatten() {
+        eprintln!(
+            "warning: applied but not audited (see ferryd's log): {}",
+            a.as_str().unwrap_or_default()
+        );
     }
     Ok(())
 }

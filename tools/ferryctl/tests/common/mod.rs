@@ -45,6 +45,8 @@ pub struct Init<'a> {
     pub mode: &'a str,
     /// `--crypto`: "standard" or "gm".
     pub crypto: &'a str,
+    /// `--encrypt`: journals encrypted at rest, a key file per node.
+    pub encrypt: bool,
 }
 
 impl Default for Init<'_> {
@@ -55,6 +57,7 @@ impl Default for Init<'_> {
             segment: "4MiB",
             mode: "async",
             crypto: "standard",
+            encrypt: false,
         }
     }
 }
@@ -68,6 +71,7 @@ pub fn init_cluster(dir: &Path, standbys: &[&str], o: &Init) -> (PathBuf, Vec<Pa
         .args(["--volume", o.volume, "--nbd", "127.0.0.1:0"])
         .args(["--journal-size", o.journal, "--segment-size", o.segment])
         .args(["--mode", o.mode, "--crypto", o.crypto])
+        .args(o.encrypt.then_some("--encrypt"))
         .arg("--primary")
         .arg(format!("127.0.0.1:{}", free_udp_port()));
     for s in standbys {
