@@ -6,12 +6,13 @@
 //! the set of files a rotated log is made of, and its verification across files, is
 //! [`files`].
 //!
-//! One JSON object per line (format 2, `"v":2`; format 1 lines have no `v`, `intent`):
+//! One JSON object per line (format 3, `"v":3`; format 1 lines have no `v`, `intent`;
+//! format 2 is format 3 without checkpoint lines):
 //!
 //! ```text
 //! {"seq":1,"time":"2025-01-02T03:04:05.123456789Z","unix_ns":…,"uid":1000,"gid":1000,
 //!  "pid":4242,"role":"viewer","request":"status","args":{"cmd":"status"},"result":"ok",
-//!  "message":null,"v":2,"prev":"000…000","hash":"…"}
+//!  "message":null,"v":3,"prev":"000…000","hash":"…"}
 //! ```
 //!
 //! The lines form a hash chain (SM3, GB/T 32905-2016):
@@ -31,7 +32,9 @@
 //! key order or number formatting. The chain is unkeyed: it detects edits, removals,
 //! insertions and reordering by anyone who does not rewrite every later line too, and a
 //! removed *tail* is only detectable against a recorded `(entries, last hash)` pair —
-//! which is what `ferryctl audit verify` prints, for shipping off-host.
+//! which is what `ferryctl audit verify` prints, for shipping off-host. Format 3 adds
+//! the key: [`checkpoint`] lines signed by the node's certificate key, so a chain
+//! rewritten before a checkpoint is detected too.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -41,10 +44,12 @@ use sm3::{Digest, Sm3};
 use crate::control::{Request, Role};
 use crate::timefmt::civil_from_days;
 
+pub mod checkpoint;
 pub mod files;
 
-/// The line format ferryd writes (`"v":2`). Format 1 lines (no `v`) still verify.
-pub const FORMAT_VERSION: u32 = 2;
+/// The line format ferryd writes (`"v":3`: format 2 plus signed checkpoint lines,
+/// [`checkpoint`]). Format 1 (no `v`) and format 2 lines still verify.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// `request` of the first line of a file that rotation started: it continues the chain
 /// of the previous file, named in its `args` (`prev_file`, `prev_seq`).
@@ -1090,18 +1095,18 @@ mod tests {
     }
 
     #[test]
-    fn format_two_lines_carry_v_and_the_intent_link() {
+    fn format_three_lines_carry_v_and_the_intent_link() {
         let lines = chain_of(&[
             ("pause", Outcome::Intent, None),
             ("pause", Outcome::Ok, Some(1)),
         ]);
         assert!(
-            lines[0].contains(r#""result":"intent","message":null,"v":2,"prev":"#),
+            lines[0].contains(r#""result":"intent","message":null,"v":3,"prev":"#),
             "{}",
             lines[0]
         );
         assert!(
-            lines[1].contains(r#""result":"ok","message":null,"v":2,"intent":1,"prev":"#),
+            lines[1].contains(r#""result":"ok","message":null,"v":3,"intent":1,"prev":"#),
             "{}",
             lines[1]
         );
@@ -1109,7 +1114,7 @@ mod tests {
         assert_eq!(r.entries, 2);
         assert!(r.open_intents.is_empty(), "{:?}", r.open_intents);
         let m = LineMeta::parse(2, lines[1].as_bytes()).unwrap();
-        assert_eq!((m.v, m.intent, m.result), (2, Some(1), Some(Outcome::Ok)));
+        assert_eq!((m.v, m.intent, m.result), (3, Some(1), Some(Outcome::Ok)));
         // A format 1 line (no `v`) reads as format 1.
         let old = r#"{"seq":1,"request":"status","result":"ok"}"#;
         assert_eq!(LineMeta::parse(1, old.as_bytes()).unwrap().v, 1);

@@ -50,9 +50,43 @@ pub struct Config {
     /// Point-in-time recovery on a standby (`[pit]`); absent: on, with defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pit: Option<PitConfig>,
+    /// How replicas are compared (`[verify]`); absent: the cluster's default digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyConfig>,
     /// Encryption at rest of the journal (`[encryption]`); absent: plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionConfig>,
+}
+
+/// `[verify]`: the chunk digest of `ferryctl verify` and of the resync that compares
+/// digests before copying (failback, catch-up by digest).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// Absent: `sm3` in a gm cluster (`tls.suite = "gm"`), `xxh3` otherwise
+    /// ([`Config::verify_digest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<DigestKind>,
+}
+
+/// `verify.digest`: the chunk digest both sides compute. Every node of a cluster must
+/// resolve to the same one: a standby refuses a comparison in another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DigestKind {
+    /// xxh3-128, keyed with a per-run random seed: fast, not a cryptographic hash.
+    Xxh3,
+    /// SM3 (GB/T 32905) over the seed and the chunk: the national cryptographic hash.
+    Sm3,
+}
+
+impl DigestKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DigestKind::Xxh3 => "xxh3",
+            DigestKind::Sm3 => "sm3",
+        }
+    }
 }
 
 /// `[encryption]`: the node's key-encryption key for data at rest. With it, journal
@@ -196,6 +230,10 @@ pub struct AuditConfig {
     /// …or once this many of them are waiting, whichever comes first.
     #[serde(default = "default_audit_sync_lines")]
     pub sync_lines: u32,
+    /// A checkpoint line signed with the node's certificate key (`[tls] key`) every
+    /// this many lines, and one at a clean stop (api/AUDIT.md, format 3).
+    #[serde(default = "default_audit_checkpoint_every")]
+    pub checkpoint_every: u64,
 }
 
 fn default_audit_max_file_size() -> ByteSize {
@@ -210,6 +248,9 @@ fn default_audit_sync_interval_ms() -> u64 {
 fn default_audit_sync_lines() -> u32 {
     64
 }
+fn default_audit_checkpoint_every() -> u64 {
+    1000
+}
 
 impl Default for AuditConfig {
     fn default() -> Self {
@@ -218,6 +259,7 @@ impl Default for AuditConfig {
             keep_files: default_audit_keep_files(),
             sync_interval_ms: default_audit_sync_interval_ms(),
             sync_lines: default_audit_sync_lines(),
+            checkpoint_every: default_audit_checkpoint_every(),
         }
     }
 }
@@ -243,11 +285,34 @@ impl AuditConfig {
         if self.sync_lines == 0 {
             return bad("sync_lines", "must be at least 1".into());
         }
+        if !(1..=1_000_000).contains(&self.checkpoint_every) {
+            return bad(
+                "checkpoint_every",
+                format!("{}: 1..=1000000", self.checkpoint_every),
+            );
+        }
         Ok(())
     }
 }
 
 impl Config {
+    /// The chunk digest of verify and resync: `verify.digest`, else SM3 in a gm cluster
+    /// (a deployment that requires the national algorithms compares with one, and
+    /// every node of the cluster reads the same `tls.suite`), else xxh3.
+    pub fn verify_digest(&self) -> DigestKind {
+        match self.verify.as_ref().and_then(|v| v.digest) {
+            Some(d) => d,
+            None if self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.suite == TlsSuiteConfig::Gm) =>
+            {
+                DigestKind::Sm3
+            }
+            None => DigestKind::Xxh3,
+        }
+    }
+
     /// The audit log: `access.audit_log`, or `<node.metadata_dir>/audit.log`.
     pub fn audit_log_path(&self) -> PathBuf {
         self.access
@@ -1912,6 +1977,30 @@ size = "1GiB"
     }
 
     #[test]
+    fn verify_digest_defaults_to_sm3_in_a_gm_cluster() {
+        let cfg = Config::parse(GOOD).unwrap();
+        assert_eq!(cfg.verify_digest(), DigestKind::Xxh3);
+        let cfg = Config::parse(&format!("{GOOD}\n[verify]\ndigest = \"sm3\"\n")).unwrap();
+        assert_eq!(cfg.verify_digest(), DigestKind::Sm3);
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.verify_digest(), DigestKind::Sm3);
+        let mut gm = Config::parse(GOOD).unwrap();
+        gm.tls = Some(TlsConfig {
+            ca: "ca.pem".into(),
+            cert: "n.pem".into(),
+            key: "n.key".into(),
+            suite: TlsSuiteConfig::Gm,
+        });
+        assert_eq!(gm.verify_digest(), DigestKind::Sm3);
+        gm.verify = Some(VerifyConfig {
+            digest: Some(DigestKind::Xxh3),
+        });
+        assert_eq!(gm.verify_digest(), DigestKind::Xxh3);
+        let e = Config::parse(&format!("{GOOD}\n[verify]\ndigest = \"md5\"\n")).unwrap_err();
+        assert!(e.contains("md5") || e.contains("digest"), "{e}");
+    }
+
+    #[test]
     fn audit_section() {
         let cfg = Config::parse(GOOD).unwrap();
         assert!(cfg.audit.is_none());
@@ -1933,12 +2022,16 @@ size = "1GiB"
         let a = cfg.audit.clone().unwrap();
         assert_eq!((a.max_file_size.0, a.keep_files), (1 << 20, 0));
         assert_eq!((a.sync_interval_ms, a.sync_lines), (20, 64));
+        assert_eq!((d.checkpoint_every, a.checkpoint_every), (1000, 1000));
+        let cp = Config::parse(&format!("{GOOD}\n[audit]\ncheckpoint_every = 50\n")).unwrap();
+        assert_eq!(cp.audit.unwrap().checkpoint_every, 50);
         let again = Config::parse(&cfg.to_toml()).unwrap();
         assert_eq!(again.audit.unwrap().max_file_size.0, 1 << 20);
         for (body, key) in [
             ("max_file_size = \"4KiB\"", "audit.max_file_size"),
             ("sync_interval_ms = 0", "audit.sync_interval_ms"),
             ("sync_lines = 0", "audit.sync_lines"),
+            ("checkpoint_every = 0", "audit.checkpoint_every"),
         ] {
             assert_eq!(invalid_key(&format!("{GOOD}\n[audit]\n{body}\n")), key);
         }

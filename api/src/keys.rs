@@ -54,6 +54,7 @@ const SOCKET: &str = "the control socket file is bound with it at start";
 const AUDIT: &str = "the audit log is opened with it at start";
 const VOLUME: &str = "volumes are opened and exported at start";
 const UNDO: &str = "the undo log is opened with it at start";
+const VERIFY: &str = "the node's digest is set at start (every node must agree)";
 const ENCRYPTION: &str = "the journal is opened with its key at start";
 
 /// Every key, in the order of `ferry.toml(5)`.
@@ -95,6 +96,8 @@ pub const KEYS: &[Key] = &[
     restart("audit.keep_files", AUDIT),
     restart("audit.sync_interval_ms", AUDIT),
     restart("audit.sync_lines", AUDIT),
+    restart("audit.checkpoint_every", AUDIT),
+    restart("verify.digest", VERIFY),
     restart("tls.ca", TLS),
     restart("tls.cert", TLS),
     restart("tls.key", TLS),
@@ -208,6 +211,9 @@ max_file_size = "1MiB"
 keep_files = 2
 sync_interval_ms = 5
 sync_lines = 2
+checkpoint_every = 10
+[verify]
+digest = "sm3"
 [tls]
 ca = "/ca.pem"
 cert = "/p.pem"

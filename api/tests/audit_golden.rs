@@ -1,16 +1,69 @@
 //! The audit log's file format is pinned (api/AUDIT.md): a rotated log built with
-//! `seal`/`seal_with` from fixed entries matches the committed files in
-//! `tests/golden/audit/` byte for byte, and those files verify as one chain with the
-//! report AUDIT.md describes. Format 1 lines (no `v`, no intents) still verify.
+//! `seal`/`seal_with` from fixed entries, with signed checkpoints (format 3), matches
+//! the committed files in `tests/golden/audit/` byte for byte, and those files verify
+//! as one chain, and their checkpoints as signed, with the report AUDIT.md describes.
+//! Format 2 logs (`tests/golden/audit-v2/`, as ferryd wrote them before checkpoints)
+//! and format 1 lines (no `v`, no intents) still verify.
 //!
 //! After an intended format change, rewrite the fixtures with
 //! `FERRY_BLESS=1 cargo test -p ferry-api --test audit_golden` and review the diff.
 use std::path::{Path, PathBuf};
 
+use ferry_api::audit::checkpoint::{
+    checkpoint_entry, verify_signed, CheckpointSigner, CheckpointVerifier,
+};
 use ferry_api::audit::files::{rotated_name, verify_chain};
 use ferry_api::audit::ROTATE_REQUEST;
 use ferry_api::audit::{seal_with, sm3_hex, verify_bytes, AuditEntry, Outcome, GENESIS};
 use ferry_api::control::Role;
+use sm2::dsa::signature::{Signer, Verifier};
+
+/// The golden node key: SM2 with SM3 and the default distinguishing ID, as a gm
+/// node signs (ferry-transport's `nodesig`), from a fixed secret; SM2 signing is
+/// deterministic, so the signatures are pinned too.
+#[derive(Debug)]
+struct GoldenKey(sm2::dsa::SigningKey, String);
+
+const DISTID: &str = "1234567812345678";
+
+fn golden_key() -> GoldenKey {
+    let secret = sm2::SecretKey::from_slice(&[0x42; 32]).unwrap();
+    GoldenKey(
+        sm2::dsa::SigningKey::new(DISTID, &secret).unwrap(),
+        golden_cert(),
+    )
+}
+
+/// Stands for the SM3 fingerprint of the node certificate's DER.
+fn golden_cert() -> String {
+    sm3_hex(b"golden node certificate")
+}
+
+impl CheckpointSigner for GoldenKey {
+    fn alg(&self) -> &str {
+        "sm2-sm3"
+    }
+    fn cert(&self) -> &str {
+        &self.1
+    }
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, String> {
+        let sig: sm2::dsa::Signature = self.0.try_sign(msg).map_err(|e| e.to_string())?;
+        Ok(sig.to_der().as_bytes().to_vec())
+    }
+}
+
+impl CheckpointVerifier for GoldenKey {
+    fn verify(&self, alg: &str, cert: &str, msg: &[u8], sig: &[u8]) -> Result<(), String> {
+        if alg != "sm2-sm3" || cert != golden_cert() {
+            return Err(format!("unknown key {alg}/{cert}"));
+        }
+        let sig = sm2::dsa::Signature::from_der(sig).map_err(|e| e.to_string())?;
+        self.0
+            .verifying_key()
+            .verify(msg, &sig)
+            .map_err(|e| e.to_string())
+    }
+}
 
 const T0: u64 = 1_796_601_600_000_000_000; // 2026-12-07T00:00:00Z
 
@@ -52,7 +105,7 @@ fn build() -> Vec<(String, String)> {
     let mut header = entry(
         None,
         ROTATE_REQUEST,
-        json!({"prev_file": first, "prev_seq": 4}),
+        json!({"prev_file": first, "prev_seq": 5}),
         Outcome::Ok,
     );
     (header.uid, header.gid) = (None, None);
@@ -72,23 +125,35 @@ fn build() -> Vec<(String, String)> {
     let mut pause_ok = pause.clone();
     pause_ok.result = Outcome::Ok;
     // (file, entry, intent it answers)
-    let plan: [(usize, &AuditEntry, Option<u64>); 7] = [
-        (0, &status, None),
-        (0, &denied, None),
-        (0, &pause, None),
-        (0, &pause_ok, Some(3)),
-        (1, &header, None),
+    // `None`: a checkpoint of the chain so far (every 4 lines, and at the stop).
+    let plan: [(usize, Option<&AuditEntry>, Option<u64>); 9] = [
+        (0, Some(&status), None),
+        (0, Some(&denied), None),
+        (0, Some(&pause), None),
+        (0, Some(&pause_ok), Some(3)),
+        (0, None, None),
+        (1, Some(&header), None),
         // A crash while the bookmark was being made: no outcome follows.
-        (1, &bookmark, None),
-        (1, &status, None),
+        (1, Some(&bookmark), None),
+        (1, Some(&status), None),
+        (1, None, None),
     ];
     let mut files = vec![
         (first.clone(), String::new()),
         ("audit.log".to_string(), String::new()),
     ];
+    let key = golden_key();
     let mut prev = GENESIS.to_string();
     for (i, (f, e, intent)) in plan.iter().enumerate() {
         let seq = i as u64 + 1;
+        let cp;
+        let e = match e {
+            Some(e) => *e,
+            None => {
+                cp = checkpoint_entry(seq - 1, &prev, Some(4242), &key).unwrap();
+                &cp
+            }
+        };
         let s = seal_with(seq, T0 + seq * 1_000_000, &prev, e, *intent).unwrap();
         prev = s.full_hash;
         files[*f].1.push_str(&s.line);
@@ -112,14 +177,21 @@ fn the_rotated_log_format_is_pinned() {
         let golden = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text, golden, "{name} differs from the golden file");
     }
+    let signed = verify_signed(&dir.join("audit.log"), &golden_key()).unwrap();
+    assert_eq!((signed.checkpoints, signed.unsigned_tail), (2, 0));
+    assert_eq!(
+        signed.last.unwrap().to_string(),
+        "checkpoint at seq 9 (audit.log line 4)"
+    );
     let r = verify_chain(&dir.join("audit.log")).unwrap();
-    assert_eq!(r.entries, 7);
+    assert_eq!(r, signed.chain);
+    assert_eq!(r.entries, 9);
     let files: Vec<_> = r.files.iter().map(|f| (f.name.as_str(), f.seqs)).collect();
     assert_eq!(
         files,
         [
-            ("audit.log.000001", Some((1, 4))),
-            ("audit.log", Some((5, 7)))
+            ("audit.log.000001", Some((1, 5))),
+            ("audit.log", Some((6, 9)))
         ]
     );
     assert_eq!(r.continues_from, None);
@@ -130,11 +202,26 @@ fn the_rotated_log_format_is_pinned() {
         .collect();
     assert_eq!(
         open,
-        [(6, "bookmark", "2026-12-07T00:00:00.006000000Z", "audit.log")]
+        [(7, "bookmark", "2026-12-07T00:00:00.007000000Z", "audit.log")]
     );
     let active = std::fs::read_to_string(dir.join("audit.log")).unwrap();
     let last = active.lines().last().unwrap();
     assert!(last.ends_with(&format!("\"hash\":\"{}\"}}", r.last_hash)));
+}
+
+/// The format 2 log ferryd wrote before checkpoints (the golden files of format 2,
+/// kept as they were committed): it still verifies as a chain, with no checkpoint,
+/// so all its lines are the unsigned tail.
+#[test]
+fn format_two_logs_still_verify() {
+    let active = golden_dir().with_file_name("audit-v2").join("audit.log");
+    let r = verify_chain(&active).unwrap();
+    assert_eq!(r.entries, 7);
+    assert_eq!(r.open_intents.len(), 1);
+    assert_eq!(r.open_intents[0].seq, 6);
+    let signed = verify_signed(&active, &golden_key()).unwrap();
+    assert_eq!((signed.checkpoints, signed.unsigned_tail), (0, 7));
+    assert_eq!(signed.last, None);
 }
 
 /// A format 1 log, as ferryd wrote it before format 2: no `v`, no intent lines.

@@ -48,6 +48,7 @@ pub fn primary_config(
         pit: None,
         access: None,
         audit: None,
+        verify: None,
         encryption: None,
         control: ControlConfig {
             socket: data.join("ferryd.sock"),

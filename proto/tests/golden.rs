@@ -290,26 +290,29 @@ fn check_golden(frame: &Frame, bytes: &[u8], crcs: ([u8; 4], [u8; 4])) {
 
 #[test]
 fn golden_digest_request_payload() {
-    let d = DigestRequest {
-        epoch: 2,
-        id: 0x0102,
-        chunk_size: 65536,
-        seed: 9,
-        algo: 1,
-    };
-    let e = encode(&Frame::DigestRequest(d)).expect("encode");
-    assert_eq!(&e[6..8], &[19u8, 0][..], "type 19");
-    #[rustfmt::skip]
-    let payload: [u8; 32] = [
-        0x02, 0x01, 0, 0, 0, 0, 0, 0,   // id
-        0, 0, 1, 0, 0, 0, 0, 0,         // chunk_size 65536
-        9, 0, 0, 0, 0, 0, 0, 0,         // seed
-        1, 0, 0, 0,                     // algo
-        0, 0, 0, 0,                     // reserved
-    ];
-    assert_eq!(&e[32..], &payload[..]);
-    assert_eq!(
-        decode(Bytes::copy_from_slice(&e)).expect("decode"),
-        Frame::DigestRequest(d)
-    );
+    // algo 1 = xxh3-128, 2 = SM3 (`[verify] digest`, issue 19).
+    for algo in [1u8, 2] {
+        let d = DigestRequest {
+            epoch: 2,
+            id: 0x0102,
+            chunk_size: 65536,
+            seed: 9,
+            algo: u32::from(algo),
+        };
+        let e = encode(&Frame::DigestRequest(d)).expect("encode");
+        assert_eq!(&e[6..8], &[19u8, 0][..], "type 19");
+        #[rustfmt::skip]
+        let payload: [u8; 32] = [
+            0x02, 0x01, 0, 0, 0, 0, 0, 0,   // id
+            0, 0, 1, 0, 0, 0, 0, 0,         // chunk_size 65536
+            9, 0, 0, 0, 0, 0, 0, 0,         // seed
+            algo, 0, 0, 0,                  // algo
+            0, 0, 0, 0,                     // reserved
+        ];
+        assert_eq!(&e[32..], &payload[..]);
+        assert_eq!(
+            decode(Bytes::copy_from_slice(&e)).expect("decode"),
+            Frame::DigestRequest(d)
+        );
+    }
 }

@@ -1,6 +1,8 @@
 //! `ferry-transport`: ferry's replication transport (the IO half).
 //!
 //! * [`pki`] — the cluster CA and node certificates (rcgen, PEM files).
+//! * [`nodesig`] — signatures by a node's certificate key outside TLS (the audit
+//!   log's checkpoints).
 //! * [`quic`] — quinn/rustls glue: mutual TLS 1.3 with cluster-membership
 //!   checks, framed streams, the Hello exchange, reconnect backoff.
 //!
@@ -11,5 +13,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod nodesig;
 pub mod pki;
 pub mod quic;

@@ -72,6 +72,16 @@ pub fn rotated_files(active: &Path) -> Result<Vec<(u64, PathBuf)>, AuditError> {
     Ok(found)
 }
 
+/// The files of the log whose active file is `active`, oldest first: the rotated
+/// files, then the active file (when it exists, or when there is nothing else).
+pub fn log_paths(active: &Path) -> Result<Vec<PathBuf>, AuditError> {
+    let mut paths: Vec<PathBuf> = rotated_files(active)?.into_iter().map(|(_, p)| p).collect();
+    if paths.is_empty() || active.exists() {
+        paths.push(active.to_path_buf());
+    }
+    Ok(paths)
+}
+
 /// One file of a verified chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileSummary {
@@ -102,10 +112,7 @@ pub struct ChainReport {
 /// Errors name the file. The active file may be missing when rotated files exist (a
 /// crash between rotation's rename and the new file; ferryd recreates it).
 pub fn verify_chain(active: &Path) -> Result<ChainReport, AuditError> {
-    let mut paths: Vec<PathBuf> = rotated_files(active)?.into_iter().map(|(_, p)| p).collect();
-    if paths.is_empty() || active.exists() {
-        paths.push(active.to_path_buf());
-    }
+    let paths = log_paths(active)?;
     let mut intents = Intents::default();
     let mut start = Start::Fresh;
     let mut report = ChainReport {

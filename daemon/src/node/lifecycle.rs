@@ -29,7 +29,7 @@ impl ControlSocket {
         let access = control::Access::from_config(cfg.access.as_ref());
         let audit = Arc::new(crate::ops::audit::AuditLog::open_with(
             &cfg.audit_log_path(),
-            crate::ops::audit::AuditOptions::from_config(cfg.audit.as_ref()),
+            crate::ops::audit::AuditOptions::for_node(cfg)?,
         )?);
         let listener = control::bind(&cfg.control.socket, &access).await?;
         Ok(ControlSocket {

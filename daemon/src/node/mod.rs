@@ -49,6 +49,7 @@ pub async fn run_from(
     path: Option<std::path::PathBuf>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<Exit> {
+    crate::verify::set_digest(cfg.verify_digest().into());
     // As read from the file, before the metadata's overrides: what a reload compares.
     let file_cfg = cfg.clone();
     let meta = tokio::task::block_in_place(|| open_meta(&mut cfg))?;

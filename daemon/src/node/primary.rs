@@ -552,6 +552,7 @@ pub(crate) async fn verify(
             "id": id,
             "seq": seq,
             "chunk_size": req.params.chunk_size,
+            "digest": req.params.algo.name(),
             "identical": differing_total == 0,
             "results": report,
             "seconds": started.elapsed().as_secs_f64(),
@@ -587,7 +588,7 @@ fn verify_request(bases: &[Arc<Base>], named: bool) -> anyhow::Result<crate::ver
             .map(|b| VerifyRequest::chunk_size_for(b.size))
             .max()
             .unwrap_or(crate::verify::chunks::DEFAULT_CHUNK_SIZE),
-        ..HashParams::random_xxh3()?
+        ..HashParams::random(crate::verify::node_digest())?
     };
     Ok(VerifyRequest {
         id: params.seed,

@@ -10,6 +10,10 @@
 //!   `sync_interval`, or at once when `sync_lines` lines wait: a viewer asking `status`
 //!   in a loop cannot make the daemon fsync once per request.
 //!
+//! With a node key (`[tls]` configured), a checkpoint line signed by it follows every
+//! `[audit] checkpoint_every` lines and ends the log at a clean stop (the drop of the
+//! [`AuditLog`]): format 3, [`ferry_api::audit::checkpoint`].
+//!
 //! The line format, the canonical SM3 hashing, the file set of a rotated log and the
 //! verifier are ferry-api's ([`ferry_api::audit`], which `ferryctl audit verify` uses
 //! without linking ferryd); lines are built with its [`seal_with`], so there is one
@@ -25,10 +29,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use parking_lot::{Condvar, Mutex};
 
+use ferry_api::audit::checkpoint::{checkpoint_entry, is_checkpoint, CheckpointSigner};
 use ferry_api::audit::files::{active_name, rotated_files, rotated_name};
 use ferry_api::audit::{parse_line, seal_with, sm3_hex, split_lines, LineMeta};
 use ferry_api::audit::{AuditEntry, AuditError, Outcome, GENESIS, ROTATE_REQUEST};
-use ferry_api::config::AuditConfig;
+use ferry_api::config::{AuditConfig, Config};
+use ferry_transport::nodesig::NodeSigner;
 
 /// Rotation and batching limits (`[audit]` in the config).
 #[derive(Debug, Clone)]
@@ -41,6 +47,11 @@ pub struct AuditOptions {
     pub sync_interval: Duration,
     /// Batched lines that trigger an fsync at once.
     pub sync_lines: u32,
+    /// Lines between two signed checkpoints.
+    pub checkpoint_every: u64,
+    /// The node key that signs the checkpoints; `None`: no checkpoints (a node
+    /// without `[tls]` has no key).
+    pub signer: Option<Arc<dyn CheckpointSigner>>,
 }
 
 impl AuditOptions {
@@ -52,7 +63,50 @@ impl AuditOptions {
             keep_files: c.keep_files,
             sync_interval: Duration::from_millis(c.sync_interval_ms),
             sync_lines: c.sync_lines.max(1),
+            checkpoint_every: c.checkpoint_every.max(1),
+            signer: None,
         }
+    }
+
+    /// The node's options: `[audit]`, and the node's `[tls]` certificate and key for
+    /// the checkpoints. A key that cannot be loaded refuses the start: the node would
+    /// run with a log nobody can vouch for, and its replication link would fail on the
+    /// same key anyway.
+    pub fn for_node(cfg: &Config) -> anyhow::Result<AuditOptions> {
+        let mut opts = AuditOptions::from_config(cfg.audit.as_ref());
+        if let Some(tls) = &cfg.tls {
+            let read = |p: &Path| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let signer =
+                NodeSigner::from_pem(&read(&tls.cert)?, &read(&tls.key)?).with_context(|| {
+                    format!(
+                        "audit checkpoints: node key {} and certificate {}",
+                        tls.key.display(),
+                        tls.cert.display()
+                    )
+                })?;
+            opts.signer = Some(Arc::new(NodeKey(signer)));
+        }
+        Ok(opts)
+    }
+}
+
+/// The node's certificate key as the checkpoint signer.
+#[derive(Debug)]
+pub struct NodeKey(pub NodeSigner);
+
+impl CheckpointSigner for NodeKey {
+    fn alg(&self) -> &str {
+        self.0.alg()
+    }
+
+    fn cert(&self) -> &str {
+        self.0.cert()
+    }
+
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, String> {
+        self.0.sign(msg).map_err(|e| e.to_string())
     }
 }
 
@@ -78,6 +132,10 @@ struct Tail {
     next_rotation: u64,
     /// The log is being dropped: the flusher syncs what is left and ends.
     closing: bool,
+    /// Seq of the newest checkpoint line (0: none known since the open).
+    last_checkpoint: u64,
+    /// The next periodic checkpoint follows the line with this seq (or a later one).
+    checkpoint_due: u64,
 }
 
 struct Shared {
@@ -156,7 +214,17 @@ impl AuditLog {
             Continue::At(seq, prev) => (seq, prev, None),
             Continue::NewFile(p) => (p.seq, p.full_hash.clone(), Some(p)),
         };
-        let log = AuditLog::start(path, opts, file, len, seq, prev, next_rotation);
+        let last_checkpoint = if last_line_is_checkpoint(&mut file, len) {
+            seq
+        } else {
+            0
+        };
+        let log = AuditLog::start(path, opts, file, len, (seq, prev), next_rotation);
+        {
+            let mut t = log.shared.tail.lock();
+            t.last_checkpoint = last_checkpoint;
+            t.checkpoint_due = seq + log.shared.opts.checkpoint_every;
+        }
         if let Some(p) = needs_header {
             // The active file is new or empty after a rotation (a crash between the
             // rename and the header, or a removed active file): it starts with the
@@ -186,8 +254,7 @@ impl AuditLog {
         opts: AuditOptions,
         file: File,
         len: u64,
-        seq: u64,
-        prev: String,
+        (seq, prev): (u64, String),
         next_rotation: u64,
     ) -> AuditLog {
         let shared = Arc::new(Shared {
@@ -203,6 +270,8 @@ impl AuditLog {
                 dirty_since: None,
                 next_rotation,
                 closing: false,
+                last_checkpoint: 0,
+                checkpoint_due: u64::MAX,
             }),
             wake: Condvar::new(),
             fsyncs: AtomicU64::new(0),
@@ -267,7 +336,15 @@ impl AuditLog {
 }
 
 impl Drop for AuditLog {
+    /// A clean stop: the last lines are signed (a checkpoint), the batched ones
+    /// fsynced.
     fn drop(&mut self) {
+        {
+            let mut t = self.shared.tail.lock();
+            if t.failed.is_none() && t.seq > t.last_checkpoint {
+                self.shared.checkpoint_logged(&mut t);
+            }
+        }
         self.shared.tail.lock().closing = true;
         self.shared.wake.notify_all();
         if let Some(h) = self.flusher.take() {
@@ -294,6 +371,9 @@ impl Shared {
             self.rotate(&mut t)?;
         }
         let seq = self.put(&mut t, entry, intent, durable)?;
+        if t.seq >= t.checkpoint_due {
+            self.checkpoint_logged(&mut t);
+        }
         if !durable {
             t.unsynced += 1;
             let first = t.dirty_since.is_none();
@@ -346,6 +426,31 @@ impl Shared {
             t.dirty_since = None;
         }
         Ok(seq)
+    }
+
+    /// Appends, durably, a checkpoint signed by the node key over the chain so far
+    /// (nothing without a key). A failure is logged, not returned: the line the
+    /// caller appended is in the log already, and a failed write marks the log
+    /// failed for the next append as any other.
+    fn checkpoint_logged(&self, t: &mut Tail) {
+        let Some(signer) = self.opts.signer.as_deref() else {
+            return;
+        };
+        let pid = Some(std::process::id() as i32);
+        let res = checkpoint_entry(t.seq, &t.prev, pid, signer)
+            .map_err(|e| anyhow::anyhow!("signing: {e}"))
+            .and_then(|e| self.put(t, &e, None, true));
+        match res {
+            Ok(seq) => {
+                t.last_checkpoint = seq;
+                t.checkpoint_due = seq + self.opts.checkpoint_every;
+            }
+            Err(e) => {
+                // Try again after the next line rather than on every line.
+                t.checkpoint_due = t.seq + 1;
+                tracing::error!(path = %self.path.display(), "audit log: no checkpoint: {e:#}");
+            }
+        }
     }
 
     /// fdatasyncs the batched lines. A failed fsync may have lost them (the kernel
@@ -525,6 +630,25 @@ fn last_line_of(path: &Path) -> anyhow::Result<PrevFile> {
             path.display()
         )
     })
+}
+
+/// Whether the last line of the active file (of `len` bytes, whole lines) is a
+/// checkpoint: a restart without new lines then adds no second one. Unreadable reads
+/// as no: at worst one checkpoint too many.
+fn last_line_is_checkpoint(file: &mut File, len: u64) -> bool {
+    if len == 0 {
+        return false;
+    }
+    let Ok(tail) = read_tail_lines(file, len, 1) else {
+        return false;
+    };
+    let Ok(lines) = split_lines(&tail) else {
+        return false;
+    };
+    lines
+        .last()
+        .and_then(|l| LineMeta::parse(1, l).ok())
+        .is_some_and(|m| is_checkpoint(&m))
 }
 
 /// Where the chain goes on after open.
@@ -843,6 +967,8 @@ mod tests {
             keep_files,
             sync_interval: Duration::from_millis(20),
             sync_lines: 8,
+            checkpoint_every: 1000,
+            signer: None,
         }
     }
 
@@ -881,7 +1007,7 @@ mod tests {
         let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(first["request"], ROTATE_REQUEST);
         assert_eq!(first["args"]["prev_file"], "audit.log.000001");
-        assert_eq!(first["v"], 2);
+        assert_eq!(first["v"], 3);
         for f in &r.files {
             let size = std::fs::metadata(dir.path().join(&f.name)).unwrap().len();
             assert!(size < 1024 + 512, "{}: {size} bytes", f.name);
@@ -1045,5 +1171,95 @@ mod tests {
         }
         drop(log);
         assert_eq!(verify(&path).unwrap().entries, 1004);
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+    use ferry_api::audit::checkpoint::{verify_signed, CheckpointVerifier};
+    use ferry_transport::nodesig::CertSet;
+    use ferry_transport::pki::{AnyClusterCa, TlsSuite};
+
+    struct Certs(CertSet);
+
+    impl CheckpointVerifier for Certs {
+        fn verify(&self, alg: &str, cert: &str, msg: &[u8], sig: &[u8]) -> Result<(), String> {
+            self.0
+                .verify(alg, cert, msg, sig)
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    fn key_and_certs(suite: TlsSuite) -> (Arc<dyn CheckpointSigner>, Certs) {
+        let ca = AnyClusterCa::generate([3; 16], suite).unwrap();
+        let node = ca.issue_node("primary").unwrap();
+        let mut certs = CertSet::default();
+        certs.add_pem(&node.cert_pem).unwrap();
+        let signer = NodeSigner::from_pem(&node.cert_pem, &node.key_pem).unwrap();
+        (Arc::new(NodeKey(signer)), Certs(certs))
+    }
+
+    fn status() -> AuditEntry {
+        AuditEntry {
+            uid: Some(1000),
+            gid: Some(100),
+            pid: Some(1),
+            role: None,
+            request: "status".into(),
+            args: serde_json::json!({"cmd": "status"}),
+            result: Outcome::Ok,
+            message: None,
+        }
+    }
+
+    fn requests(text: &str) -> Vec<String> {
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["request"].as_str().unwrap().to_string()
+            })
+            .collect()
+    }
+
+    /// Every `checkpoint_every` lines and at the drop (a clean stop) a checkpoint
+    /// signed by the node key, in a gm and in a standard cluster; a restart with
+    /// nothing new adds none.
+    #[test]
+    fn checkpoints_every_n_lines_and_at_a_clean_stop() {
+        for suite in [TlsSuite::Gm, TlsSuite::Standard] {
+            let (signer, certs) = key_and_certs(suite);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("audit.log");
+            let opts = AuditOptions {
+                checkpoint_every: 3,
+                signer: Some(signer),
+                ..AuditOptions::default()
+            };
+            let log = AuditLog::open_with(&path, opts.clone()).unwrap();
+            for _ in 0..7 {
+                log.append_batched(status()).unwrap();
+            }
+            drop(log);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let cp = "audit-checkpoint";
+            let s = "status";
+            assert_eq!(
+                requests(&text),
+                [s, s, s, cp, s, s, s, cp, s, cp],
+                "{suite:?}"
+            );
+            let r = verify_signed(&path, &certs).unwrap();
+            assert_eq!((r.checkpoints, r.unsigned_tail), (3, 0), "{suite:?}");
+            // Reopened and stopped with nothing new: no second checkpoint.
+            drop(AuditLog::open_with(&path, opts.clone()).unwrap());
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+            // Without a key (no [tls]): plain lines, an unsigned tail.
+            let log = AuditLog::open(&path).unwrap();
+            log.append(status()).unwrap();
+            drop(log);
+            let r = verify_signed(&path, &certs).unwrap();
+            assert_eq!((r.checkpoints, r.unsigned_tail), (3, 1));
+        }
     }
 }

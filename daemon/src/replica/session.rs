@@ -400,6 +400,21 @@ async fn send_digests(
     d: &DigestRequest,
 ) -> anyhow::Result<()> {
     let params = digest_params(d)?;
+    if let Err(e) = crate::verify::check_digest(params.algo) {
+        tracing::warn!(id = d.id, "digest request refused: {e}");
+        for b in sb.applier.bases.iter() {
+            control
+                .send_frame(&Frame::VerifyResult(VerifyResult {
+                    epoch: local.epoch,
+                    id: d.id,
+                    volume: b.id,
+                    ok: false,
+                    body: bytes::Bytes::from(e.clone().into_bytes()),
+                }))
+                .await?;
+        }
+        return Ok(());
+    }
     let bases = sb.applier.bases.clone();
     let lists = tokio::task::spawn_blocking(move || {
         bases

@@ -75,6 +75,14 @@ impl ChunkHash {
         }
     }
 
+    /// The name in `[verify] digest`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkHash::Xxh3 => "xxh3",
+            ChunkHash::Sm3 => "sm3",
+        }
+    }
+
     /// Bytes of one digest on the wire.
     pub fn digest_len(self) -> usize {
         match self {
@@ -115,14 +123,28 @@ pub struct HashParams {
     pub seed: u64,
 }
 
+impl From<ferry_api::config::DigestKind> for ChunkHash {
+    fn from(d: ferry_api::config::DigestKind) -> ChunkHash {
+        match d {
+            ferry_api::config::DigestKind::Xxh3 => ChunkHash::Xxh3,
+            ferry_api::config::DigestKind::Sm3 => ChunkHash::Sm3,
+        }
+    }
+}
+
 impl HashParams {
     /// xxh3-128, [`DEFAULT_CHUNK_SIZE`], a random seed.
     pub fn random_xxh3() -> Result<HashParams, ChunkError> {
+        HashParams::random(ChunkHash::Xxh3)
+    }
+
+    /// `algo`, [`DEFAULT_CHUNK_SIZE`], a random seed.
+    pub fn random(algo: ChunkHash) -> Result<HashParams, ChunkError> {
         let mut s = [0u8; 8];
         getrandom::getrandom(&mut s)
             .map_err(|e| ChunkError::InvalidParams(format!("no random seed: {e}")))?;
         Ok(HashParams {
-            algo: ChunkHash::Xxh3,
+            algo,
             chunk_size: DEFAULT_CHUNK_SIZE,
             seed: u64::from_le_bytes(s),
         })
@@ -900,6 +922,48 @@ mod tests {
         assert_eq!(ChunkList::decode(&b).unwrap(), list);
     }
     const GOLDEN_CRC: [u8; 4] = [0x1a, 0xe0, 0x85, 0x39];
+
+    /// An SM3 list (`[verify] digest = "sm3"`): algo 2, 32-byte digests.
+    #[test]
+    fn golden_bytes_sm3() {
+        let list = ChunkList {
+            params: HashParams {
+                algo: ChunkHash::Sm3,
+                chunk_size: 4096,
+                seed: 0x0807060504030201,
+            },
+            offset: 0,
+            len: 2 * 4096,
+            digests: vec![ChunkDigest::Zero, ChunkDigest::Data(Digest([0x5a; 32]))],
+        };
+        let b = list.encode();
+        let expected: Vec<u8> = [
+            &b"FCHK"[..],
+            &[1, 2, 0, 0],                // version, algo SM3, flags
+            &[0x00, 0x10, 0, 0],          // chunk_size 4096
+            &[2, 0, 0, 0],                // count
+            &[0; 8],                      // offset 0
+            &[0, 0x20, 0, 0, 0, 0, 0, 0], // len 0x2000
+            &[1, 2, 3, 4, 5, 6, 7, 8],    // seed
+            &[1, 0, 0, 0],                // data_count
+            &GOLDEN_SM3_CRC,              // crc
+            &[0b0000_0010],               // bitmap: chunk 1
+            &[0x5a; 32],                  // digest of chunk 1
+        ]
+        .concat();
+        assert_eq!(b, expected);
+        assert_eq!(u32::from_le_bytes(GOLDEN_SM3_CRC), list_crc(&b));
+        assert_eq!(ChunkList::decode(&b).unwrap(), list);
+        // The digest itself: SM3 over the seed (8 bytes LE) and the chunk.
+        let data = vec![7u8; 4096];
+        let mut keyed = 0x0807060504030201u64.to_le_bytes().to_vec();
+        keyed.extend_from_slice(&data);
+        assert_eq!(
+            digest(ChunkHash::Sm3, 0x0807060504030201, &data).0,
+            <[u8; 32]>::from(<sm3::Sm3 as sm3::Digest>::digest(&keyed))
+        );
+    }
+    const GOLDEN_SM3_CRC: [u8; 4] = [0xe2, 0xa1, 0x8a, 0xee];
 
     fn sample_list() -> ChunkList {
         ChunkList {

@@ -15,6 +15,12 @@
 //!
 //! Saved bytes are bounded ([`MAX_SAVED`]): a verify under a write load that would
 //! exceed it fails with that reason instead of growing without limit.
+//!
+//! The digest (xxh3 or SM3) is the node's `[verify] digest` ([`set_digest`] at start,
+//! [`node_digest`]): the primary puts it in the `#verify` label and in the resync's digest
+//! request; a standby whose own setting differs answers with an error naming both
+//! ([`check_digest`]) instead of hashing, so a cluster that must compare with SM3 never
+//! silently compares with xxh3.
 pub mod chunks;
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -35,6 +41,37 @@ pub const MAX_SAVED: u64 = 256 << 20;
 pub const LABEL_PREFIX: &str = "#verify ";
 /// At most this many chunks per volume (the digest list must fit one frame).
 const MAX_CHUNKS: u64 = 1 << 16;
+
+/// The node's `[verify] digest`: 1 = xxh3, 2 = SM3 ([`ChunkHash::id`]). One per
+/// process (a ferryd runs one node), set once at start from the config.
+static DIGEST: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+
+/// Sets the node's digest (at start, from [`ferry_api::config::Config::verify_digest`]).
+pub fn set_digest(algo: ChunkHash) {
+    DIGEST.store(algo.id(), Ordering::Relaxed);
+}
+
+/// The digest this node compares with.
+pub fn node_digest() -> ChunkHash {
+    ChunkHash::from_id(DIGEST.load(Ordering::Relaxed)).unwrap_or(ChunkHash::Xxh3)
+}
+
+/// Whether a comparison the primary asked for uses this node's digest; the error says
+/// both and what to do.
+pub fn check_digest(requested: ChunkHash) -> Result<(), String> {
+    digest_refusal(node_digest(), requested)
+}
+
+fn digest_refusal(mine: ChunkHash, requested: ChunkHash) -> Result<(), String> {
+    if requested == mine {
+        return Ok(());
+    }
+    Err(format!(
+        "digest mismatch: the primary compares with {}, this node's [verify] digest is {}: set the same [verify] digest on every node of the cluster",
+        requested.name(),
+        mine.name()
+    ))
+}
 
 /// What a verify compares: the id, the hash parameters and the volumes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -451,6 +488,21 @@ pub fn start_on_standby(
     };
     let id = req.id;
     let vols = req.volumes.clone();
+    if let Err(e) = check_digest(req.params.algo) {
+        tracing::warn!(id, "verify refused: {e}");
+        // One answer per volume the primary waits for.
+        for b in bases
+            .iter()
+            .filter(|b| vols.is_empty() || vols.contains(&b.id))
+        {
+            let _ = outbox.tx.try_send(Outcome {
+                id,
+                volume: b.id,
+                result: Err(e.clone()),
+            });
+        }
+        return;
+    }
     let snap = match Snapshot::new(req, bases) {
         Ok(s) => s,
         Err(e) => {
@@ -500,6 +552,20 @@ pub fn start_on_standby(
 mod tests {
     use super::*;
     use ferry_journal::Op;
+
+    #[test]
+    fn a_digest_other_than_the_nodes_is_refused_naming_both() {
+        assert!(digest_refusal(ChunkHash::Sm3, ChunkHash::Sm3).is_ok());
+        assert!(digest_refusal(ChunkHash::Xxh3, ChunkHash::Xxh3).is_ok());
+        assert_eq!(
+            digest_refusal(ChunkHash::Sm3, ChunkHash::Xxh3).unwrap_err(),
+            "digest mismatch: the primary compares with xxh3, this node's [verify] digest is sm3: set the same [verify] digest on every node of the cluster"
+        );
+        assert_eq!(
+            ChunkHash::from(ferry_api::config::DigestKind::Sm3),
+            ChunkHash::Sm3
+        );
+    }
 
     #[test]
     fn labels_round_trip_and_refuse_garbage() {

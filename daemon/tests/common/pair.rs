@@ -78,6 +78,7 @@ pub fn node_config(
         pit: None,
         access: None,
         audit: None,
+        verify: None,
         encryption: None,
         control: ControlConfig {
             socket: data.join("ferryd.sock"),

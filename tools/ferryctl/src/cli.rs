@@ -430,13 +430,20 @@ pub enum NodeCmd {
 pub enum AuditCmd {
     /// Check the audit log's hash chain across its rotated files: the log named by
     /// --config (`access.audit_log`, default `<metadata_dir>/audit.log`), by --file, or
-    /// DIR/audit.log. Exits 1 naming the first bad file and line; lists intents that
-    /// have no outcome (an action a crash interrupted).
+    /// DIR/audit.log; and the signature of every checkpoint against the node's
+    /// certificate (`[tls] cert` of --config, or --cert). Exits 1 naming the first bad
+    /// file and line, or the first checkpoint whose signature fails; lists intents
+    /// that have no outcome (an action a crash interrupted) and the unsigned tail.
     Verify {
         /// The audit log file itself (instead of --config); its rotated files
         /// (`PATH.NNNNNN`) are checked with it.
         #[arg(long, value_name = "PATH")]
         file: Option<PathBuf>,
+        /// The node's certificate (PEM) to check checkpoint signatures with, instead
+        /// of `[tls] cert` of --config. Repeat it for the certificates a node had
+        /// before a re-issue: each checkpoint names the one whose key signed it.
+        #[arg(long, value_name = "PEM")]
+        cert: Vec<PathBuf>,
         /// A directory holding `audit.log` and its rotated files (or the log file).
         #[arg(value_name = "DIR", conflicts_with = "file")]
         dir: Option<PathBuf>,

@@ -85,10 +85,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Audit {
-            cmd: AuditCmd::Verify { file, dir },
+            cmd: AuditCmd::Verify { file, dir, cert },
         } => {
             let dir = dir.map(|d| if d.is_dir() { d.join("audit.log") } else { d });
-            audit_verify(cli.config.as_deref(), file.or(dir).as_deref())
+            audit_verify(cli.config.as_deref(), file.or(dir).as_deref(), &cert)
         }
         Cmd::Archive { cmd } => match cmd {
             ArchiveCmd::Restore {
@@ -693,6 +693,7 @@ fn node_config(
         pit: None,
         access: None,
         audit: None,
+        verify: None,
         encryption: None,
         volumes: vols
             .iter()
@@ -1109,26 +1110,99 @@ fn point_text(p: Option<&PitPoint>) -> String {
     })
 }
 
-fn audit_verify(config: Option<&Path>, file: Option<&Path>) -> anyhow::Result<()> {
-    let path = match (config, file) {
+fn audit_verify(
+    config: Option<&Path>,
+    file: Option<&Path>,
+    certs: &[PathBuf],
+) -> anyhow::Result<()> {
+    let (path, cfg_cert) = match (config, file) {
         (Some(_), Some(_)) => bail!("audit verify: give --config FILE or --file PATH, not both"),
-        (None, Some(f)) => f.to_path_buf(),
-        (Some(_), None) => need_config(config)?.audit_log_path(),
+        (None, Some(f)) => (f.to_path_buf(), None),
+        (Some(_), None) => {
+            let cfg = need_config(config)?;
+            (cfg.audit_log_path(), cfg.tls.map(|t| t.cert))
+        }
         (None, None) => {
             bail!("audit verify needs --config FILE (the node's config), --file PATH (the log) or DIR")
         }
     };
-    match ferry_api::audit::files::verify_chain(&path) {
+    let certs: Vec<PathBuf> = if certs.is_empty() {
+        cfg_cert.into_iter().collect()
+    } else {
+        certs.to_vec()
+    };
+    if certs.is_empty() {
+        eprintln!("note: checkpoint signatures not checked: give --cert PEM (the node's certificate) or --config of a node with [tls]");
+        return match ferry_api::audit::files::verify_chain(&path) {
+            Ok(r) => {
+                audit_ok(&r);
+                Ok(())
+            }
+            Err(e) => bail!("audit log {} FAILED: {e}", path.display()),
+        };
+    }
+    let verifier = audit_certs(&certs)?;
+    match ferry_api::audit::checkpoint::verify_signed(&path, &verifier) {
         Ok(r) => {
-            println!(
-                "audit log OK: {} entries, last hash {}",
-                r.entries, r.last_hash
-            );
-            print!("{}", audit_details(&r));
+            audit_ok(&r.chain);
+            print!("{}", signed_details(&r, &certs));
             Ok(())
         }
         Err(e) => bail!("audit log {} FAILED: {e}", path.display()),
     }
+}
+
+fn audit_ok(r: &ferry_api::audit::files::ChainReport) {
+    println!(
+        "audit log OK: {} entries, last hash {}",
+        r.entries, r.last_hash
+    );
+    print!("{}", audit_details(r));
+}
+
+/// The node certificates that checkpoint signatures are checked against.
+struct AuditCerts(ferry_transport::nodesig::CertSet);
+
+impl ferry_api::audit::checkpoint::CheckpointVerifier for AuditCerts {
+    fn verify(&self, alg: &str, cert: &str, msg: &[u8], sig: &[u8]) -> Result<(), String> {
+        self.0
+            .verify(alg, cert, msg, sig)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn audit_certs(paths: &[PathBuf]) -> anyhow::Result<AuditCerts> {
+    let mut set = ferry_transport::nodesig::CertSet::default();
+    for p in paths {
+        let pem = std::fs::read_to_string(p)
+            .with_context(|| format!("reading certificate {}", p.display()))?;
+        set.add_pem(&pem)
+            .with_context(|| format!("certificate {}", p.display()))?;
+    }
+    Ok(AuditCerts(set))
+}
+
+/// The checkpoint lines of `audit verify`: how many signatures held, against what,
+/// and how many lines no signature covers.
+fn signed_details(r: &ferry_api::audit::checkpoint::SignedReport, certs: &[PathBuf]) -> String {
+    let names: Vec<String> = certs.iter().map(|p| p.display().to_string()).collect();
+    let mut out = match &r.last {
+        Some(at) => format!(
+            "signatures OK: {} checkpoint(s) verified against {}; newest: {at}\n",
+            r.checkpoints,
+            names.join(", ")
+        ),
+        None => "signatures: no checkpoint in the log (written before format 3, or by a node without [tls])\n".to_string(),
+    };
+    if r.unsigned_tail > 0 {
+        out.push_str(&format!(
+            "unsigned tail: {} line(s) after the newest checkpoint: no signature covers them (lines since the last checkpoint of a running node, a crash, or a tail edited or cut)\n",
+            r.unsigned_tail
+        ));
+    } else {
+        out.push_str("unsigned tail: none\n");
+    }
+    out
 }
 
 /// What `audit verify` adds to its OK line when there is more than one file, when the

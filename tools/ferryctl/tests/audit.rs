@@ -1,5 +1,8 @@
 //! `ferryctl audit verify` on good and tampered logs, one file or rotated ones: exit
-//! codes and messages.
+//! codes and messages; and the signed checkpoints of a real ferryd in a gm cluster
+//! against a chain rewritten by someone without the node's key.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -224,6 +227,158 @@ fn verify_checks_rotated_files_as_one_chain() {
         text(&o).contains(
             "FAILED: audit.log.000003: line 1: does not continue audit.log.000001: it continues audit.log.000002"
         ),
+        "{}",
+        text(&o)
+    );
+}
+
+/// The lines rewritten from index `from` on as someone without the node key can: each
+/// line's `prev` and `hash` recomputed, so the unkeyed chain verifies again.
+fn rechain(lines: &mut [String], from: usize) {
+    use ferry_api::audit::{sm3_hex, GENESIS};
+    let mut prev = match from {
+        0 => GENESIS.to_string(),
+        _ => sm3_hex(lines[from - 1].as_bytes()),
+    };
+    for l in lines.iter_mut().skip(from) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let old = format!("\"prev\":\"{}\"", v["prev"].as_str().unwrap());
+        // `,"hash":"` + 64 hex + `"}` ends every line.
+        let body = l[..l.len() - 75].replace(&old, &format!("\"prev\":\"{prev}\""));
+        let hash = sm3_hex(format!("{body}}}").as_bytes());
+        *l = format!("{body},\"hash\":\"{hash}\"}}");
+        prev = sm3_hex(l.as_bytes());
+    }
+}
+
+/// Issue 19 item 4: a gm primary (SM2 node key) signs a checkpoint every 4 lines and
+/// at its clean stop; `ferryctl audit verify --config` checks them against the node's
+/// certificate. A line edited with the whole chain recomputed verifies as a chain but
+/// fails at the next checkpoint, which is named; a cut tail is reported as unsigned.
+#[test]
+fn a_rewritten_chain_fails_at_the_next_signed_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, _) = common::init_pair(
+        dir.path(),
+        &common::Init {
+            volume: "vol0:1MiB",
+            journal: "2MiB",
+            segment: "1MiB",
+            crypto: "gm",
+            ..common::Init::default()
+        },
+    );
+    let mut toml = std::fs::read_to_string(&pcfg).unwrap();
+    toml.push_str("\n[audit]\ncheckpoint_every = 4\n");
+    std::fs::write(&pcfg, toml).unwrap();
+    let mut primary = ferryd::testkit::Node::start(&common::ferryd(), &pcfg);
+    for _ in 0..9 {
+        primary.status();
+    }
+    assert!(primary.terminate().success(), "{}", primary.log_text());
+    let cfg = ferry_api::config::Config::load(&pcfg).unwrap();
+    let log = cfg.audit_log_path();
+    let good = lines(&log);
+    let requests: Vec<String> = good
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["request"].to_string())
+        .collect();
+    let checkpoints: Vec<usize> = (0..good.len())
+        .filter(|&i| requests[i] == "\"audit-checkpoint\"")
+        .collect();
+    assert_eq!(checkpoints.first(), Some(&4), "{requests:?}");
+    assert_eq!(
+        checkpoints.last(),
+        Some(&(good.len() - 1)),
+        "stop: {requests:?}"
+    );
+    assert!(good[4].contains(r#""alg":"sm2-sm3""#), "{}", good[4]);
+
+    let c = pcfg.to_str().unwrap();
+    let o = ferryctl(&["--config", c, "audit", "verify"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        out.contains(&format!(
+            "signatures OK: {} checkpoint(s) verified against {}",
+            checkpoints.len(),
+            cfg.tls.as_ref().unwrap().cert.display()
+        )),
+        "{out}"
+    );
+    assert!(out.ends_with("unsigned tail: none\n"), "{out}");
+
+    // Seq 2 rewritten to another uid (hiding who asked), every line after rechained.
+    let mut l = good.clone();
+    let v: serde_json::Value = serde_json::from_str(&l[1]).unwrap();
+    let uid = format!("\"uid\":{},", v["uid"]);
+    assert!(l[1].contains(&uid), "{}", l[1]);
+    l[1] = l[1].replacen(&uid, "\"uid\":4242,", 1);
+    assert_ne!(l[1], good[1]);
+    rechain(&mut l, 1);
+    write_lines(&log, &l);
+    // Without the certificate only the chain is checked, and it holds.
+    let o = ferryctl(&["audit", "verify", "--file", log.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("signatures not checked"), "{}", text(&o));
+    let o = ferryctl(&["--config", c, "audit", "verify"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o)
+            .contains("FAILED: checkpoint at seq 5 (audit.log line 5): signature does not verify"),
+        "{}",
+        text(&o)
+    );
+    // The checkpoint's head fixed up too (and rechained): the signature still fails.
+    let head = ferry_api::audit::sm3_hex(l[3].as_bytes());
+    let v: serde_json::Value = serde_json::from_str(&l[4]).unwrap();
+    let old = v["args"]["head"].as_str().unwrap().to_string();
+    l[4] = l[4].replace(&old, &head);
+    rechain(&mut l, 4);
+    write_lines(&log, &l);
+    let o = ferryctl(&[
+        "audit",
+        "verify",
+        "--cert",
+        cfg.tls.as_ref().unwrap().cert.to_str().unwrap(),
+        "--file",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("checkpoint at seq 5 (audit.log line 5): signature does not verify (signature does not verify)"),
+        "{}",
+        text(&o)
+    );
+
+    // The genuine log with its stop checkpoint and the line before cut off: the
+    // chain and the other checkpoints hold; the tail is reported as unsigned.
+    let mut l = good.clone();
+    l.truncate(good.len() - 1);
+    write_lines(&log, &l);
+    let o = ferryctl(&["--config", c, "audit", "verify"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let unsigned = good.len() - 1 - checkpoints[checkpoints.len() - 2] - 1;
+    assert!(
+        text(&o).contains(&format!(
+            "unsigned tail: {unsigned} line(s) after the newest checkpoint"
+        )),
+        "{}",
+        text(&o)
+    );
+    // Another node's certificate: every checkpoint names a certificate not given.
+    let other = dir.path().join("dr1/tls/dr1.pem");
+    let o = ferryctl(&[
+        "audit",
+        "verify",
+        "--cert",
+        other.to_str().unwrap(),
+        "--file",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("which is not the one given"),
         "{}",
         text(&o)
     );
