@@ -724,42 +724,7 @@ fn walk_batches(
             }
             Ok(h) => h,
         };
-        if h.cluster_id != *cluster_id {
-            return Err(corruption(
-                path,
-                pos,
-                format!("batch for cluster {:02x?}", h.cluster_id),
-            ));
-        }
-        if h.first_seq != expected {
-            return Err(corruption(
-                path,
-                pos,
-                format!(
-                    "batch starts at seq {}, expected {expected} (sequence gap/overlap)",
-                    h.first_seq
-                ),
-            ));
-        }
-        if h.encrypted != key.is_some() {
-            return Err(corruption(
-                path,
-                pos,
-                format!(
-                    "batch version {} in a segment of the other version (encrypted: {})",
-                    if h.encrypted { 2 } else { 1 },
-                    key.is_some()
-                ),
-            ));
-        }
-        let disk = h.disk_len();
-        if pos + disk > size {
-            return Err(corruption(
-                path,
-                pos,
-                format!("batch of {disk} bytes overruns the segment end {size}"),
-            ));
-        }
+        let disk = check_batch_header(&h, (path, pos, size), expected, cluster_id, key)?;
         let mut buf = vec![0u8; disk as usize];
         segment::read_exact_at(file, path, &mut buf, pos)?;
         let body = Bytes::from(buf)
@@ -802,6 +767,56 @@ fn walk_batches(
         invalid_len,
         stale_at_end,
     })
+}
+
+/// The checks of a batch header whose checksum verified, against the segment it is
+/// in (`path`, its `size`) at `pos`: cluster, sequence, encryption, length. Any
+/// failure is corruption (a checksummed header is never torn). Returns the batch's
+/// length on disk.
+fn check_batch_header(
+    h: &format::BatchHeader,
+    (path, pos, size): (&Path, u64, u64),
+    expected: Seq,
+    cluster_id: &[u8; 16],
+    key: Option<&DataKey>,
+) -> Result<u64> {
+    if h.cluster_id != *cluster_id {
+        return Err(corruption(
+            path,
+            pos,
+            format!("batch for cluster {:02x?}", h.cluster_id),
+        ));
+    }
+    if h.first_seq != expected {
+        return Err(corruption(
+            path,
+            pos,
+            format!(
+                "batch starts at seq {}, expected {expected} (sequence gap/overlap)",
+                h.first_seq
+            ),
+        ));
+    }
+    if h.encrypted != key.is_some() {
+        return Err(corruption(
+            path,
+            pos,
+            format!(
+                "batch version {} in a segment of the other version (encrypted: {})",
+                if h.encrypted { 2 } else { 1 },
+                key.is_some()
+            ),
+        ));
+    }
+    let disk = h.disk_len();
+    if pos + disk > size {
+        return Err(corruption(
+            path,
+            pos,
+            format!("batch of {disk} bytes overruns the segment end {size}"),
+        ));
+    }
+    Ok(disk)
 }
 
 /// Valid batch headers (under this segment's salt) after the end of the chain,

@@ -72,18 +72,7 @@ pub(crate) async fn run_standby(
         let sb = standby.clone();
         Arc::new(move || (sb.applied_seq(), Seq::MAX))
     })?;
-    let status = Arc::new(StatusSource {
-        node: cfg.node.name.clone(),
-        meta: rec.meta.clone(),
-        journal: rec.journal.clone(),
-        volumes: status::volumes(&cfg, None),
-        bases: rec.bases.clone(),
-        role: RoleSource::Standby {
-            standby: standby.clone(),
-            applier: rec.applier.clone(),
-            exports: exports.clone(),
-        },
-    });
+    let status = standby_status(&cfg, &rec, &standby, &exports);
     obs.metrics.set_source(status.metrics_source());
     let (reloader, hup) = reload::start(reload_from, || reload_live(&rec, &control, &obs));
     let handler = standby_handler(
@@ -126,6 +115,27 @@ pub(crate) async fn run_standby(
     }
     drain_standby(&rec, &standby, exports.as_deref()).await;
     finish_shutdown(ckpt, &rec).await
+}
+
+/// What `ferryctl status` and the metrics read on a standby.
+fn standby_status(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    standby: &Arc<Standby>,
+    exports: &Option<Arc<PitExports>>,
+) -> Arc<StatusSource> {
+    Arc::new(StatusSource {
+        node: cfg.node.name.clone(),
+        meta: rec.meta.clone(),
+        journal: rec.journal.clone(),
+        volumes: status::volumes(cfg, None),
+        bases: rec.bases.clone(),
+        role: RoleSource::Standby {
+            standby: standby.clone(),
+            applier: rec.applier.clone(),
+            exports: exports.clone(),
+        },
+    })
 }
 
 /// What a reload changes on a standby: the retention of its undo log, the metrics
