@@ -366,6 +366,28 @@ impl std::fmt::Display for ReplicationMode {
     }
 }
 
+/// What a sync target's missed `sync_timeout_ms` does (`on_sync_loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSyncLoss {
+    /// Writes go on without the target (it is degraded, recorded durably and told, so
+    /// promoting it refuses without `--force`) until it has caught up.
+    #[default]
+    Degrade,
+    /// Writes (their replies) wait until the target holds them, however long: no
+    /// acknowledged write is ever missing on it (PostgreSQL's synchronous replication).
+    Block,
+}
+
+impl std::fmt::Display for OnSyncLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnSyncLoss::Degrade => "degrade",
+            OnSyncLoss::Block => "block",
+        })
+    }
+}
+
 fn default_sync_timeout_ms() -> u64 {
     5000
 }
@@ -445,6 +467,8 @@ struct RawTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     mode: Option<ReplicationMode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    on_sync_loss: Option<OnSyncLoss>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     flush_interval: Option<u64>,
@@ -476,6 +500,14 @@ impl TryFrom<RawReplication> for ReplicationConfig {
             let key = |f: &str| format!("replication.target[{i}].{f}");
             match t.kind.as_deref() {
                 None | Some("standby") => {
+                    let mode = t.mode.unwrap_or_default();
+                    if mode == ReplicationMode::Async && t.on_sync_loss == Some(OnSyncLoss::Block) {
+                        return Err(format!(
+                            "{}: \"block\" needs mode = \"sync\" (writes never wait for an \
+                             async target)",
+                            key("on_sync_loss")
+                        ));
+                    }
                     for (f, set) in [
                         ("url", t.url.is_some()),
                         ("flush_interval", t.flush_interval.is_some()),
@@ -495,8 +527,15 @@ impl TryFrom<RawReplication> for ReplicationConfig {
                                 key("address")
                             )
                         })?,
-                        mode: t.mode.unwrap_or_default(),
+                        mode,
+                        on_sync_loss: t.on_sync_loss.unwrap_or_default(),
                     })
+                }
+                Some("archive") if t.on_sync_loss.is_some() => {
+                    return Err(format!(
+                        "{}: an archive target is always async",
+                        key("on_sync_loss")
+                    ))
                 }
                 Some("archive") => archives.push(ArchiveTargetConfig {
                     name: t.name,
@@ -541,6 +580,8 @@ impl From<ReplicationConfig> for RawReplication {
                 kind: None,
                 address: Some(t.address),
                 mode: Some(t.mode),
+                // The default stays unwritten (configs written before it existed).
+                on_sync_loss: (t.on_sync_loss != OnSyncLoss::Degrade).then_some(t.on_sync_loss),
                 url: None,
                 flush_interval: None,
             })
@@ -554,6 +595,7 @@ impl From<ReplicationConfig> for RawReplication {
                     kind: Some("archive".into()),
                     address: a.address,
                     mode: a.mode,
+                    on_sync_loss: None,
                     url: Some(a.url),
                     flush_interval: Some(a.flush_interval_s),
                 },
@@ -578,6 +620,9 @@ pub struct TargetConfig {
     pub address: String,
     #[serde(default)]
     pub mode: ReplicationMode,
+    /// A sync target's missed timeout: degrade it (default) or make writes wait.
+    #[serde(default)]
+    pub on_sync_loss: OnSyncLoss,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use ferry_journal::{now_ns, Seq};
 use ferry_proto::session::{LocalIdentity, Received, Receiver};
-use ferry_proto::wire::{DigestRequest, Frame, HandoverAck, Heartbeat, VerifyResult};
+use ferry_proto::wire::{DigestRequest, Frame, HandoverAck, Heartbeat, SyncLoss, VerifyResult};
 use ferry_transport::quic::{
     self, FramedRecv, FramedSend, QuicError, StandbySession, TlsMaterial, TransportOptions,
 };
@@ -222,6 +222,7 @@ async fn session(
                     // primary measure its age (up to a heartbeat interval) as the RTT.
                     echo_ns: 0,
                     last_seq: sb.journal.durable_seq(),
+                    sync_loss: None,
                 })).await?;
             }
         }
@@ -352,6 +353,13 @@ async fn on_control_frame(
     match f {
         Some(Frame::Heartbeat(hb)) => {
             sb.state.heard_from_primary();
+            if let Some(loss) = hb.sync_loss {
+                let at = match loss {
+                    SyncLoss::DegradedAt(at) => Some(at),
+                    SyncLoss::None => None,
+                };
+                tokio::task::block_in_place(|| sb.heard_sync_loss(at))?;
+            }
             sb.state
                 .last_primary_seq
                 .fetch_max(hb.last_seq, Ordering::Relaxed);
@@ -361,6 +369,7 @@ async fn on_control_frame(
                     sent_at_ns: now_ns(),
                     echo_ns: hb.sent_at_ns,
                     last_seq: sb.journal.durable_seq(),
+                    sync_loss: None,
                 }))
                 .await?;
         }

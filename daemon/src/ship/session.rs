@@ -384,6 +384,7 @@ async fn stream(
                         sent_at_ns: now_ns(),
                         echo_ns: 0,
                         last_seq: ctx.journal.durable_seq(),
+                        sync_loss: t.heartbeat_sync_loss(s.negotiated),
                     }))
                     .await?;
             }
@@ -465,6 +466,16 @@ fn on_ack(ctx: &ShipContext, t: &TargetState, durable: Seq, applied: Seq) {
         tracing::info!(target = %t.name, "sync target caught up: synchronous again");
     }
     ctx.sync.recompute();
+    let mut cleared = out.sync_loss_cleared;
+    if out.caught_up {
+        // Read after the recompute: every write acknowledged without the target is
+        // at or below it (later ones wait for it now).
+        let durable = ctx.journal.durable_seq();
+        cleared |= t.update(|lc| lc.sync_resumed(durable));
+    }
+    if cleared {
+        ctx.sync.clear_sync_loss(t);
+    }
 }
 
 #[cfg(test)]

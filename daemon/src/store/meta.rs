@@ -61,6 +61,14 @@ const K_JOURNAL_SKIP: &str = "journal_skip";
 /// keep it as it is during an incident) must not find it following the primary
 /// again because the service restarted.
 const K_PAUSED: &str = "paused";
+/// Primary: `sync_loss/<target>` = the sequence (u64 LE) after which writes were
+/// acknowledged without that sync target; absent or empty once it holds them all.
+/// Written before any such write is acknowledged (`ship::target::SyncGate`).
+const SYNC_LOSS_PREFIX: &str = "sync_loss/";
+/// Standby: the sync loss its primary last told it of (u64 LE; empty: none). Kept
+/// across restarts: the node may be partitioned from the primary from then on, and
+/// `promote` must still refuse.
+const K_HEARD_SYNC_LOSS: &str = "heard_sync_loss";
 
 /// A standby's resync transition: while it is recorded the replica is not a
 /// consistent image, and no point after `from` is offered.
@@ -632,6 +640,53 @@ impl Meta {
         self.put_many(&[(key.as_str(), &fork.to_le_bytes())])
     }
 
+    /// Primary: the recorded sync loss of target `name` (see `SYNC_LOSS_PREFIX`).
+    pub fn sync_loss(&self, name: &str) -> Result<Option<u64>, MetaError> {
+        let key = format!("{SYNC_LOSS_PREFIX}{name}");
+        self.get_opt_u64(&key, "sync_loss")
+    }
+
+    /// Records (durably) or clears target `name`'s sync loss.
+    pub fn set_sync_loss(&self, name: &str, at: Option<u64>) -> Result<(), MetaError> {
+        let key = format!("{SYNC_LOSS_PREFIX}{name}");
+        let v = at.map(u64::to_le_bytes);
+        self.put_many(&[(key.as_str(), v.as_ref().map_or(&[][..], |b| &b[..]))])
+    }
+
+    /// Standby: the sync loss its primary told it of (see `K_HEARD_SYNC_LOSS`).
+    pub fn heard_sync_loss(&self) -> Result<Option<u64>, MetaError> {
+        self.get_opt_u64(K_HEARD_SYNC_LOSS, K_HEARD_SYNC_LOSS)
+    }
+
+    /// Records (durably) or clears what the primary told this standby.
+    pub fn set_heard_sync_loss(&self, at: Option<u64>) -> Result<(), MetaError> {
+        let v = at.map(u64::to_le_bytes);
+        self.put_many(&[(K_HEARD_SYNC_LOSS, v.as_ref().map_or(&[][..], |b| &b[..]))])
+    }
+
+    /// An optional u64 under a (possibly computed) key: absent and empty are `None`.
+    fn get_opt_u64(&self, key: &str, what: &'static str) -> Result<Option<u64>, MetaError> {
+        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let table = match txn.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let Some(v) = table.get(key).map_err(|e| self.store_err(e))? else {
+            return Ok(None);
+        };
+        match v.value() {
+            [] => Ok(None),
+            b => <[u8; 8]>::try_from(b)
+                .map(|a| Some(u64::from_le_bytes(a)))
+                .map_err(|_| MetaError::Corrupt {
+                    path: self.path.clone(),
+                    key: what,
+                    message: format!("{} bytes, expected 8", b.len()),
+                }),
+        }
+    }
+
     fn store_err(&self, e: impl std::fmt::Display) -> MetaError {
         MetaError::Store {
             path: self.path.clone(),
@@ -797,6 +852,28 @@ mod tests {
         m.set_resync_state(None).unwrap();
         assert_eq!(m.resync_state().unwrap(), None);
         assert_eq!(m.journal_skip().unwrap(), 40, "the jump target stays");
+    }
+
+    #[test]
+    fn sync_losses_persist_and_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = [7u8; 16];
+        {
+            let m = Meta::open(dir.path(), id).unwrap();
+            assert_eq!(m.sync_loss("dr1").unwrap(), None);
+            assert_eq!(m.heard_sync_loss().unwrap(), None);
+            m.set_sync_loss("dr1", Some(42)).unwrap();
+            m.set_sync_loss("dr2", Some(0)).unwrap();
+            m.set_heard_sync_loss(Some(17)).unwrap();
+        }
+        let m = Meta::open(dir.path(), id).unwrap();
+        assert_eq!(m.sync_loss("dr1").unwrap(), Some(42));
+        assert_eq!(m.sync_loss("dr2").unwrap(), Some(0), "zero is a position");
+        assert_eq!(m.heard_sync_loss().unwrap(), Some(17));
+        m.set_sync_loss("dr1", None).unwrap();
+        m.set_heard_sync_loss(None).unwrap();
+        assert_eq!(m.sync_loss("dr1").unwrap(), None);
+        assert_eq!(m.heard_sync_loss().unwrap(), None);
     }
 
     #[test]
