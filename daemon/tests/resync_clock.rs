@@ -92,5 +92,8 @@ fn path8_a_resync_point_carries_the_primary_clock() {
         "the point is stamped with the standby's clock, not the primary's: {st:#}"
     );
     let img = std::fs::read(dir.path().join("primary/vol0.img")).unwrap();
-    assert!(img[8192..12288].iter().all(|&b| b == 0xcd), "the copy landed");
+    assert!(
+        img[8192..12288].iter().all(|&b| b == 0xcd),
+        "the copy landed"
+    );
 }

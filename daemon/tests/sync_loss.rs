@@ -51,7 +51,10 @@ fn path11_a_standby_told_it_lost_sync_refuses_promote_without_force() {
         Duration::from_secs(30),
         |st| st["targets"][0]["sync_loss_at"].is_u64(),
     );
-    assert_eq!(st["targets"][0]["effective_mode"], "async (degraded)", "{st:#}");
+    assert_eq!(
+        st["targets"][0]["effective_mode"], "async (degraded)",
+        "{st:#}"
+    );
     let lost_at = st["targets"][0]["sync_loss_at"].as_u64().unwrap();
     let st = wait(
         &dr1,
@@ -138,9 +141,12 @@ fn path11_a_standby_that_caught_up_is_told_it_holds_every_write() {
         l.set_delay(700);
     }
     let writer = Writer::start(p_addr);
-    wait(&dr1, "dr1 to hear it lost sync", Duration::from_secs(30), |st| {
-        st["sync_loss_at"].is_u64()
-    });
+    wait(
+        &dr1,
+        "dr1 to hear it lost sync",
+        Duration::from_secs(30),
+        |st| st["sync_loss_at"].is_u64(),
+    );
     writer.stop();
     for l in &links {
         l.heal();
@@ -152,9 +158,12 @@ fn path11_a_standby_that_caught_up_is_told_it_holds_every_write() {
         |st| st["targets"][0]["sync_loss_at"].is_null(),
     );
     assert_eq!(st["targets"][0]["effective_mode"], "sync", "{st:#}");
-    wait(&dr1, "dr1 to hear it caught up", Duration::from_secs(30), |st| {
-        st["sync_loss_at"].is_null()
-    });
+    wait(
+        &dr1,
+        "dr1 to hear it caught up",
+        Duration::from_secs(30),
+        |st| st["sync_loss_at"].is_null(),
+    );
 }
 
 /// `on_sync_loss = "block"`: a write waits while the target is cut off, however long
@@ -194,12 +203,23 @@ fn path11_block_makes_writes_wait_for_a_cut_off_sync_target() {
     assert_eq!(st["targets"][0]["effective_mode"], "sync", "{st:#}");
     // Well past the 1 s sync timeout: still waiting.
     std::thread::sleep(Duration::from_secs(3));
-    assert!(!done.load(Ordering::SeqCst), "the write did not wait for the target");
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the write did not wait for the target"
+    );
     let st = status(&primary).unwrap();
-    assert_eq!(st["targets"][0]["sync_loss_at"], serde_json::Value::Null, "{st:#}");
+    assert_eq!(
+        st["targets"][0]["sync_loss_at"],
+        serde_json::Value::Null,
+        "{st:#}"
+    );
 
     partition(&links, false);
-    assert_eq!(w.join().unwrap(), 0, "the write completes once the target is back");
+    assert_eq!(
+        w.join().unwrap(),
+        0,
+        "the write completes once the target is back"
+    );
     wait(
         &primary,
         "the block to lift",

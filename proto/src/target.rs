@@ -929,8 +929,8 @@ impl TargetLifecycle {
         if self.loss.blocked.is_some_and(|b| durable >= b) {
             self.loss.blocked = None;
         }
-        let sync_loss_cleared = self.loss.recorded.is_some()
-            && self.loss.clear_at.is_some_and(|c| durable >= c);
+        let sync_loss_cleared =
+            self.loss.recorded.is_some() && self.loss.clear_at.is_some_and(|c| durable >= c);
         if sync_loss_cleared {
             self.loss.recorded = None;
             self.loss.clear_at = None;
@@ -1349,6 +1349,13 @@ impl TargetLifecycle {
     /// Whether the next session resyncs in full because the standby asked for it.
     pub fn peer_requires_resync(&self) -> bool {
         self.peer_requires_resync
+    }
+
+    /// Start-up found the standby's request recorded durably (the daemon persists it
+    /// when [`PeerError::full_resync_planned`], and deletes it once a session with
+    /// that plan has started): a restart before the resync does not forget it.
+    pub fn restore_peer_requires_resync(&mut self) {
+        self.peer_requires_resync = true;
     }
 }
 

@@ -85,7 +85,10 @@ fn crc32c_is_castagnoli() {
 fn golden_hello_bytes() {
     // A V2 build still sends its Hello as a V1 frame: a V1 peer must read it to
     // negotiate at all.
-    assert_eq!(frame_version(&Frame::Hello(golden_hello())), ProtocolVersion::V1);
+    assert_eq!(
+        frame_version(&Frame::Hello(golden_hello())),
+        ProtocolVersion::V1
+    );
     let encoded = encode(&Frame::Hello(golden_hello())).expect("encode");
     assert_eq!(&encoded[..], &HELLO_BYTES[..]);
     let decoded = decode(Bytes::from_static(&HELLO_BYTES)).expect("decode");

@@ -708,9 +708,21 @@ fn path11_a_degraded_sync_target_holds_writes_until_its_loss_is_recorded() {
     t.sync_loss_recorded(10);
     assert_eq!(t.sync_loss(), None);
     assert!(t.sync_timeout(11));
-    assert_eq!(t.sync_loss_to_record(), Some(10), "writes after 10 would go on without it");
-    assert_eq!(t.sync_position(), Some(10), "not before the record is durable");
-    assert_eq!(t.sync_loss(), None, "nothing durable to tell the standby yet");
+    assert_eq!(
+        t.sync_loss_to_record(),
+        Some(10),
+        "writes after 10 would go on without it"
+    );
+    assert_eq!(
+        t.sync_position(),
+        Some(10),
+        "not before the record is durable"
+    );
+    assert_eq!(
+        t.sync_loss(),
+        None,
+        "nothing durable to tell the standby yet"
+    );
     t.sync_loss_recorded(10);
     assert_eq!(t.sync_loss_to_record(), None);
     assert_eq!(t.sync_position(), None);
@@ -732,7 +744,11 @@ fn path11_the_sync_loss_clears_once_the_target_holds_every_write_acknowledged_wi
     let out = t.on_ack(40, 40, 50);
     assert!(out.caught_up && !out.sync_loss_cleared, "{out:?}");
     assert_eq!(t.sync_position(), Some(40), "writes wait for it again");
-    assert_eq!(t.sync_loss(), Some(10), "writes up to 50 may still be missing");
+    assert_eq!(
+        t.sync_loss(),
+        Some(10),
+        "writes up to 50 may still be missing"
+    );
     assert!(!t.sync_resumed(52));
     assert!(!t.on_ack(51, 51, 55).sync_loss_cleared);
     assert_eq!(t.sync_loss(), Some(10));
@@ -754,7 +770,11 @@ fn path11_a_second_loss_before_the_first_cleared_keeps_the_older_record() {
     assert!(t.on_ack(40, 40, 50).caught_up);
     assert!(!t.sync_resumed(50));
     assert!(t.sync_timeout(45));
-    assert_eq!(t.sync_loss_to_record(), None, "the standing record covers it");
+    assert_eq!(
+        t.sync_loss_to_record(),
+        None,
+        "the standing record covers it"
+    );
     assert_eq!(t.sync_position(), None);
     assert_eq!(t.sync_loss(), Some(10));
     assert!(
@@ -1106,4 +1126,22 @@ fn a_resync_required_refusal_in_bitmap_mode_marks_every_region() {
         }
     );
     assert_eq!(t.begin_full_switch(&plan), Ok(Some(FullSwitch::MarkAll)));
+}
+
+/// Issue 16 path 7: a restart finds the standby's request recorded: the lifecycle
+/// plans the full resync as if it had just heard it.
+#[test]
+fn path7_a_restored_resync_request_plans_a_full_resync() {
+    let mut t = target(SyncMode::Sync);
+    assert!(!t.peer_requires_resync());
+    t.restore_peer_requires_resync();
+    assert!(t.peer_requires_resync());
+    t.connecting();
+    let plan = t.plan_hello(&hello(10, 1, 30)).expect("plan");
+    assert_eq!(
+        plan.start,
+        PlanStart::Resync {
+            full: Some(FullReason::StandbyRequired)
+        }
+    );
 }

@@ -373,10 +373,11 @@ fn start_replication(
         &group.feed,
         stop_rx.clone(),
     )?;
-    // Sync losses recorded before a restart hold on; a sync target degraded from the
-    // start (bitmap mode, away since a failover) is recorded before the first write.
+    // Sync losses and standbys' resync requests recorded before a restart hold on; a
+    // sync target degraded from the start (bitmap mode, away since a failover) is
+    // recorded before the first write.
     for t in repl.targets() {
-        t.load_sync_loss(&rec.meta)?;
+        t.load_persisted(&rec.meta)?;
     }
     sync.recompute();
     let ctx = ship_context(cfg, rec, group, &sync)?;

@@ -23,7 +23,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use ferry_journal::{now_ns, Seq};
 use ferry_proto::session::{LocalIdentity, Received, Receiver};
-use ferry_proto::wire::{DigestRequest, Frame, HandoverAck, Heartbeat, SyncLoss, VerifyResult};
+use ferry_proto::wire::{
+    DigestRequest, ErrorCode, ErrorFrame, Frame, HandoverAck, Heartbeat, SyncLoss, VerifyResult,
+};
 use ferry_transport::quic::{
     self, FramedRecv, FramedSend, QuicError, StandbySession, TlsMaterial, TransportOptions,
 };
@@ -314,6 +316,16 @@ impl DataFrames<'_> {
                 sb.state
                     .last_primary_seq
                     .fetch_max(ws.last_seq, Ordering::Relaxed);
+                if crate::store::failpoint::check("ferryd::standby_refuse_write_set").is_err() {
+                    // As for a record outside the replica (`ResyncRequired`).
+                    let frame = ErrorFrame {
+                        epoch: self.rx.epoch(),
+                        code: ErrorCode::ResyncRequired,
+                        reason: "failpoint ferryd::standby_refuse_write_set".into(),
+                    };
+                    quic::refuse(self.conn, control, frame).await;
+                    bail!("write-set refused by a failpoint");
+                }
                 match self.rx.on_write_set(ws) {
                     Ok(Received::Accept(ws)) => sb.journal_write_set(ws)?,
                     Ok(Received::Duplicate(ack)) => control.send_frame(&Frame::Ack(ack)).await?,

@@ -310,10 +310,20 @@ impl TargetState {
         self.read(TargetLifecycle::writes_blocked)
     }
 
-    /// Start-up: the target's sync loss recorded in `meta` before the restart holds
-    /// on; a target degraded from the start (away since a failover) gets its record
-    /// now, before the first write.
-    pub(crate) fn load_sync_loss(&self, meta: &Meta) -> anyhow::Result<()> {
+    /// Start-up: what `meta` recorded of the target before the restart holds on —
+    /// its sync loss, and its standby's request for a full resync (issue 16 path 7:
+    /// a restart between the request and the resync used to forget it); a target
+    /// degraded from the start (away since a failover, bitmap mode) gets its sync
+    /// loss recorded now, before the first write.
+    pub(crate) fn load_persisted(&self, meta: &Meta) -> anyhow::Result<()> {
+        if meta.resync_required(&self.name)? {
+            self.update(TargetLifecycle::restore_peer_requires_resync);
+            tracing::warn!(
+                target = %self.name,
+                "the standby required a full resync before the restart: its next session \
+                 resyncs every region by digest"
+            );
+        }
         if let Some(at) = meta.sync_loss(&self.name)? {
             self.update(|lc| lc.restore_sync_loss(at));
         } else if let Some(at) = self.read(TargetLifecycle::sync_loss_to_record) {
@@ -380,6 +390,12 @@ impl SyncGate {
     pub fn set_targets(&self, targets: Vec<Arc<TargetState>>) {
         *self.targets.write() = targets;
         self.recompute();
+    }
+
+    /// The node's metadata, where the targets' durable records go (`None` in unit
+    /// tests).
+    pub(crate) fn meta(&self) -> Option<&Meta> {
+        self.meta.as_deref()
     }
 
     /// The target holds every write acknowledged without it: its sync-loss record

@@ -69,6 +69,10 @@ const SYNC_LOSS_PREFIX: &str = "sync_loss/";
 /// across restarts: the node may be partitioned from the primary from then on, and
 /// `promote` must still refuse.
 const K_HEARD_SYNC_LOSS: &str = "heard_sync_loss";
+/// Primary: `resync_required/<target>` = `[1]` while that standby's request for a
+/// full resync (its `ResyncRequired` refusal) is not yet carried by durable dirty
+/// maps; empty or absent otherwise.
+const RESYNC_REQUIRED_PREFIX: &str = "resync_required/";
 
 /// A standby's resync transition: while it is recorded the replica is not a
 /// consistent image, and no point after `from` is offered.
@@ -653,6 +657,26 @@ impl Meta {
         self.put_many(&[(key.as_str(), v.as_ref().map_or(&[][..], |b| &b[..]))])
     }
 
+    /// Primary: whether target `name` asked for a full resync not yet under way.
+    pub fn resync_required(&self, name: &str) -> Result<bool, MetaError> {
+        let key = format!("{RESYNC_REQUIRED_PREFIX}{name}");
+        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let table = match txn.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let v = table.get(key.as_str()).map_err(|e| self.store_err(e))?;
+        Ok(v.is_some_and(|v| v.value() == [1]))
+    }
+
+    /// Records (durably) or clears target `name`'s request for a full resync.
+    pub fn set_resync_required(&self, name: &str, required: bool) -> Result<(), MetaError> {
+        let key = format!("{RESYNC_REQUIRED_PREFIX}{name}");
+        let v: &[u8] = if required { &[1] } else { &[] };
+        self.put_many(&[(key.as_str(), v)])
+    }
+
     /// Standby: the sync loss its primary told it of (see `K_HEARD_SYNC_LOSS`).
     pub fn heard_sync_loss(&self) -> Result<Option<u64>, MetaError> {
         self.get_opt_u64(K_HEARD_SYNC_LOSS, K_HEARD_SYNC_LOSS)
@@ -872,6 +896,12 @@ mod tests {
         assert_eq!(m.heard_sync_loss().unwrap(), Some(17));
         m.set_sync_loss("dr1", None).unwrap();
         m.set_heard_sync_loss(None).unwrap();
+        assert!(!m.resync_required("dr1").unwrap());
+        m.set_resync_required("dr1", true).unwrap();
+        assert!(m.resync_required("dr1").unwrap());
+        assert!(!m.resync_required("dr2").unwrap());
+        m.set_resync_required("dr1", false).unwrap();
+        assert!(!m.resync_required("dr1").unwrap());
         assert_eq!(m.sync_loss("dr1").unwrap(), None);
         assert_eq!(m.heard_sync_loss().unwrap(), None);
     }
