@@ -1472,6 +1472,45 @@ size = "1GiB"
         assert_eq!(invalid_key(&twice), "replication.target[1].name");
     }
 
+    /// `on_sync_loss`: default `degrade` (not written back), `block` kept; `block` on
+    /// an async target and any value on an archive are refused, naming the key.
+    #[test]
+    fn on_sync_loss_parses_defaults_and_names_its_key() {
+        let target = |extra: &str| {
+            with_targets(&format!(
+                "[[replication.target]]\nname = \"dr\"\naddress = \"127.0.0.1:7001\"\n{extra}"
+            ))
+        };
+        let cfg = Config::parse(&target("mode = \"sync\"\n")).unwrap();
+        let t = &cfg.replication.as_ref().unwrap().targets[0];
+        assert_eq!(t.on_sync_loss, OnSyncLoss::Degrade);
+        assert!(!cfg.to_toml().contains("on_sync_loss"), "{}", cfg.to_toml());
+        let cfg = Config::parse(&target("mode = \"sync\"\non_sync_loss = \"block\"\n")).unwrap();
+        assert_eq!(
+            cfg.replication.as_ref().unwrap().targets[0].on_sync_loss,
+            OnSyncLoss::Block
+        );
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(
+            again.replication.unwrap().targets[0].on_sync_loss,
+            OnSyncLoss::Block
+        );
+        for text in [
+            target("on_sync_loss = \"block\"\n"),
+            with_targets(
+                "[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\n\
+                 url = \"s3://b/p\"\non_sync_loss = \"degrade\"\n",
+            ),
+        ] {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains("replication.target[0].on_sync_loss"), "{e}");
+        }
+        let e = Config::parse(&target("on_sync_loss = \"wait\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wait"), "{e}");
+    }
+
     #[test]
     fn every_bad_value_names_its_key() {
         assert_eq!(invalid_key(&GOOD.replace("1GiB", "1000")), "volume[0].size");
