@@ -501,7 +501,7 @@ fn on_ack(ctx: &ShipContext, t: &TargetState, durable: Seq, applied: Seq) {
         cleared |= t.update(|lc| lc.sync_resumed(durable));
     }
     if cleared {
-        ctx.sync.clear_sync_loss(t);
+        t.clear_sync_loss(ctx.sync.meta());
     }
 }
 

@@ -80,6 +80,10 @@ pub struct TargetState {
     pub(crate) verify_waiters: Mutex<VerifyWaiters>,
     /// Journal overflow: the dirty maps and their counters ([`Tracker`]).
     pub track: Tracker,
+    /// Held while the target's sync-loss record is written to the metadata, so the
+    /// writes land in the order of the lifecycle's changes (a late clear must not
+    /// overwrite a loss recorded after it).
+    sync_loss_io: Mutex<()>,
 }
 
 type VerifyWaiters =
@@ -115,6 +119,7 @@ impl TargetState {
             switchover: tokio::sync::Mutex::new(()),
             verify_waiters: Mutex::new(Default::default()),
             track: Default::default(),
+            sync_loss_io: Mutex::new(()),
         }
     }
 
@@ -266,6 +271,7 @@ impl TargetState {
     /// `None` (unit tests): in memory only. A failed write leaves writes waiting; the
     /// next timeout tries again.
     pub(crate) fn record_sync_loss(&self, meta: Option<&Meta>) {
+        let _io = self.sync_loss_io.lock();
         let Some(at) = self.read(TargetLifecycle::sync_loss_to_record) else {
             return;
         };
@@ -287,6 +293,27 @@ impl TargetState {
             "sync loss recorded: writes after {at} are acknowledged without this target \
              until it catches up; promoting it meanwhile may lose them (it refuses \
              without --force)"
+        );
+    }
+
+    /// The target holds every write acknowledged without it: its sync-loss record
+    /// goes from `meta` — unless a new loss was recorded since (the lifecycle says
+    /// which is current). A failure only logs: the record stays, and a restart
+    /// restores it until the target catches up again (the safe side).
+    pub(crate) fn clear_sync_loss(&self, meta: Option<&Meta>) {
+        let _io = self.sync_loss_io.lock();
+        if self.read(TargetLifecycle::sync_loss).is_some() {
+            return;
+        }
+        if let Some(meta) = meta {
+            if let Err(e) = tokio::task::block_in_place(|| meta.set_sync_loss(&self.name, None)) {
+                tracing::error!(target = %self.name, "cannot clear the sync loss record: {e}");
+                return;
+            }
+        }
+        tracing::info!(
+            target = %self.name,
+            "sync target holds every write acknowledged without it: sync loss cleared"
         );
     }
 
@@ -396,22 +423,6 @@ impl SyncGate {
     /// tests).
     pub(crate) fn meta(&self) -> Option<&Meta> {
         self.meta.as_deref()
-    }
-
-    /// The target holds every write acknowledged without it: its sync-loss record
-    /// goes (a failure only logs: the record stays, and a restart restores it until
-    /// the target catches up again — the safe side).
-    pub(crate) fn clear_sync_loss(&self, t: &TargetState) {
-        if let Some(meta) = &self.meta {
-            if let Err(e) = tokio::task::block_in_place(|| meta.set_sync_loss(&t.name, None)) {
-                tracing::error!(target = %t.name, "cannot clear the sync loss record: {e}");
-                return;
-            }
-        }
-        tracing::info!(
-            target = %t.name,
-            "sync target holds every write acknowledged without it: sync loss cleared"
-        );
     }
 
     /// Recomputes the sync position after an ack or a state change.
