@@ -482,11 +482,10 @@ pub(crate) fn promote(
     // the new epoch's first write is the cut + 1 (`Meta::promote`).
     let cut = rec.journal.last_seq().max(rec.meta.checkpoint()?).max(fork);
     // The primary replaced is recorded as the one to answer: it is the node that
-    // comes back as an outdated primary (see `fence_peer`).
+    // comes back as an outdated primary (see `fence_peer`). The role change also
+    // clears what the old primary told this node (its sync loss).
     rec.meta
         .promote(new_epoch, Some(&sb.state.primary), fork, cut)?;
-    // What the old primary told this node no longer applies to the new history.
-    rec.meta.set_heard_sync_loss(None)?;
     tracing::warn!(
         epoch = new_epoch,
         fork,

@@ -503,7 +503,9 @@ impl Meta {
 
     /// One durable transaction for a role change: the new epoch, role, the primary to
     /// follow (standby) and the fork point (primary); clears `outdated`, a finished
-    /// rollback and an operator pause (the node starts a new life in the new epoch).
+    /// rollback, an operator pause and what belonged to the old role's replication —
+    /// the sync loss a primary told this standby, the sync losses and resync requests
+    /// of this primary's targets (the node starts a new life in the new epoch).
     pub fn change_role(
         &self,
         epoch: u64,
@@ -584,6 +586,7 @@ impl Meta {
             (K_OUTDATED, &[]),
             (K_ROLLBACK, &[]),
             (K_PAUSED, &[]),
+            (K_HEARD_SYNC_LOSS, &[]),
         ];
         let e = epoch.to_le_bytes();
         pairs[0].1 = &e;
@@ -592,7 +595,30 @@ impl Meta {
             pairs.push((K_FORK_BY, &[]));
         }
         pairs.extend_from_slice(extra);
+        let stale = self.keys_with_prefixes(&[SYNC_LOSS_PREFIX, RESYNC_REQUIRED_PREFIX])?;
+        pairs.extend(stale.iter().map(|k| (k.as_str(), &[][..])));
         self.put_many(&pairs)
+    }
+
+    /// Every key starting with one of `prefixes`.
+    fn keys_with_prefixes(&self, prefixes: &[&str]) -> Result<Vec<String>, MetaError> {
+        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let table = match txn.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let mut keys = Vec::new();
+        for prefix in prefixes {
+            for entry in table.range(*prefix..).map_err(|e| self.store_err(e))? {
+                let (k, _) = entry.map_err(|e| self.store_err(e))?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                keys.push(k.value().to_string());
+            }
+        }
+        Ok(keys)
     }
 
     /// Records that the fork of the role change just made is a switchover's (not a
@@ -919,6 +945,10 @@ mod tests {
         .unwrap();
         m.set_rollback_state(Some(RollbackState::Done { target: 4 }))
             .unwrap();
+        m.set_heard_sync_loss(Some(9)).unwrap();
+        m.set_sync_loss("dr1", Some(3)).unwrap();
+        m.set_sync_loss("dr2", Some(4)).unwrap();
+        m.set_resync_required("dr1", true).unwrap();
         m.change_role(2, "standby", Some("dr1"), None).unwrap();
         drop(m);
         let m = Meta::open(dir.path(), [1; 16]).unwrap();
@@ -930,6 +960,12 @@ mod tests {
             (None, None)
         );
         assert_eq!(m.fork_seq().unwrap(), None);
+        assert_eq!(m.heard_sync_loss().unwrap(), None);
+        assert_eq!(
+            (m.sync_loss("dr1").unwrap(), m.sync_loss("dr2").unwrap()),
+            (None, None)
+        );
+        assert!(!m.resync_required("dr1").unwrap());
         m.change_role(3, "primary", None, Some(77)).unwrap();
         assert_eq!(m.fork_by().unwrap(), Some("promotion"));
         m.set_fork_by_switchover().unwrap();
