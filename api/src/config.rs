@@ -431,6 +431,28 @@ impl std::fmt::Display for ReplicationMode {
     }
 }
 
+/// What a sync target's missed `sync_timeout_ms` does (`on_sync_loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSyncLoss {
+    /// Writes go on without the target (it is degraded, recorded durably and told, so
+    /// promoting it refuses without `--force`) until it has caught up.
+    #[default]
+    Degrade,
+    /// Writes (their replies) wait until the target holds them, however long: no
+    /// acknowledged write is ever missing on it (PostgreSQL's synchronous replication).
+    Block,
+}
+
+impl std::fmt::Display for OnSyncLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnSyncLoss::Degrade => "degrade",
+            OnSyncLoss::Block => "block",
+        })
+    }
+}
+
 fn default_sync_timeout_ms() -> u64 {
     5000
 }
@@ -510,6 +532,8 @@ struct RawTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     mode: Option<ReplicationMode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    on_sync_loss: Option<OnSyncLoss>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     flush_interval: Option<u64>,
@@ -541,6 +565,14 @@ impl TryFrom<RawReplication> for ReplicationConfig {
             let key = |f: &str| format!("replication.target[{i}].{f}");
             match t.kind.as_deref() {
                 None | Some("standby") => {
+                    let mode = t.mode.unwrap_or_default();
+                    if mode == ReplicationMode::Async && t.on_sync_loss == Some(OnSyncLoss::Block) {
+                        return Err(format!(
+                            "{}: \"block\" needs mode = \"sync\" (writes never wait for an \
+                             async target)",
+                            key("on_sync_loss")
+                        ));
+                    }
                     for (f, set) in [
                         ("url", t.url.is_some()),
                         ("flush_interval", t.flush_interval.is_some()),
@@ -560,8 +592,15 @@ impl TryFrom<RawReplication> for ReplicationConfig {
                                 key("address")
                             )
                         })?,
-                        mode: t.mode.unwrap_or_default(),
+                        mode,
+                        on_sync_loss: t.on_sync_loss.unwrap_or_default(),
                     })
+                }
+                Some("archive") if t.on_sync_loss.is_some() => {
+                    return Err(format!(
+                        "{}: an archive target is always async",
+                        key("on_sync_loss")
+                    ))
                 }
                 Some("archive") => archives.push(ArchiveTargetConfig {
                     name: t.name,
@@ -606,6 +645,8 @@ impl From<ReplicationConfig> for RawReplication {
                 kind: None,
                 address: Some(t.address),
                 mode: Some(t.mode),
+                // The default stays unwritten (configs written before it existed).
+                on_sync_loss: (t.on_sync_loss != OnSyncLoss::Degrade).then_some(t.on_sync_loss),
                 url: None,
                 flush_interval: None,
             })
@@ -619,6 +660,7 @@ impl From<ReplicationConfig> for RawReplication {
                     kind: Some("archive".into()),
                     address: a.address,
                     mode: a.mode,
+                    on_sync_loss: None,
                     url: Some(a.url),
                     flush_interval: Some(a.flush_interval_s),
                 },
@@ -643,6 +685,9 @@ pub struct TargetConfig {
     pub address: String,
     #[serde(default)]
     pub mode: ReplicationMode,
+    /// A sync target's missed timeout: degrade it (default) or make writes wait.
+    #[serde(default)]
+    pub on_sync_loss: OnSyncLoss,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1625,6 +1670,45 @@ size = "1GiB"
              [[replication.target]]\nname = \"dr\"\nkind = \"archive\"\nurl = \"file:///d\"\n",
         );
         assert_eq!(invalid_key(&twice), "replication.target[1].name");
+    }
+
+    /// `on_sync_loss`: default `degrade` (not written back), `block` kept; `block` on
+    /// an async target and any value on an archive are refused, naming the key.
+    #[test]
+    fn on_sync_loss_parses_defaults_and_names_its_key() {
+        let target = |extra: &str| {
+            with_targets(&format!(
+                "[[replication.target]]\nname = \"dr\"\naddress = \"127.0.0.1:7001\"\n{extra}"
+            ))
+        };
+        let cfg = Config::parse(&target("mode = \"sync\"\n")).unwrap();
+        let t = &cfg.replication.as_ref().unwrap().targets[0];
+        assert_eq!(t.on_sync_loss, OnSyncLoss::Degrade);
+        assert!(!cfg.to_toml().contains("on_sync_loss"), "{}", cfg.to_toml());
+        let cfg = Config::parse(&target("mode = \"sync\"\non_sync_loss = \"block\"\n")).unwrap();
+        assert_eq!(
+            cfg.replication.as_ref().unwrap().targets[0].on_sync_loss,
+            OnSyncLoss::Block
+        );
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(
+            again.replication.unwrap().targets[0].on_sync_loss,
+            OnSyncLoss::Block
+        );
+        for text in [
+            target("on_sync_loss = \"block\"\n"),
+            with_targets(
+                "[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\n\
+                 url = \"s3://b/p\"\non_sync_loss = \"degrade\"\n",
+            ),
+        ] {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains("replication.target[0].on_sync_loss"), "{e}");
+        }
+        let e = Config::parse(&target("on_sync_loss = \"wait\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wait"), "{e}");
     }
 
     #[test]

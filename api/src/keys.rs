@@ -110,6 +110,10 @@ pub const KEYS: &[Key] = &[
     live("replication.target.name"),
     live("replication.target.address"),
     live("replication.target.mode"),
+    restart(
+        "replication.target.on_sync_loss",
+        "a target's sync-loss policy is set when its shipper starts with ferryd",
+    ),
     restart("replication.target.kind", ARCHIVE),
     restart("replication.target.url", ARCHIVE),
     restart("replication.target.flush_interval", ARCHIVE),
@@ -229,6 +233,7 @@ async_linger_us = 5
 name = "dr1"
 address = "127.0.0.1:7001"
 mode = "sync"
+on_sync_loss = "block"
 [[replication.target]]
 name = "cold"
 kind = "archive"

@@ -202,6 +202,15 @@ pub struct TargetStatus {
     pub lag_seconds: f64,
     pub rtt_us: u64,
     pub last_error: Option<String>,
+    /// A sync target that lost sync at this sequence: writes after it were
+    /// acknowledged without it (recorded durably, told to the standby) until it
+    /// holds them all again.
+    #[serde(default)]
+    pub sync_loss_at: Option<u64>,
+    /// `on_sync_loss = "block"`: client writes are waiting for this target past the
+    /// sync timeout.
+    #[serde(default)]
+    pub writes_blocked: bool,
     #[serde(flatten)]
     pub track: TrackStatus,
 }
@@ -249,6 +258,10 @@ pub struct StandbyStatus {
     /// Primary clock time of the newest applied write-set (0 before the first).
     pub applied_primary_time_ns: u64,
     pub pit: PitStatus,
+    /// The primary said this standby lost sync at this sequence: it may lack writes
+    /// the primary acknowledged after it (`promote` refuses without `--force`).
+    #[serde(default)]
+    pub sync_loss_at: Option<u64>,
 }
 
 /// A bitmap resync transition in progress on a standby.

@@ -52,6 +52,8 @@ fn primary() -> NodeStatus {
         lag_seconds: 1.5,
         rtt_us: 350,
         last_error: Some("timed out".into()),
+        sync_loss_at: Some(85),
+        writes_blocked: false,
         track: TrackStatus {
             tracking: "resyncing".into(),
             dirty_bytes: 1 << 16,
@@ -137,6 +139,7 @@ fn standby() -> NodeStatus {
                     writable: false,
                 }]),
             },
+            sync_loss_at: Some(120),
         })),
         Vec::new(),
         None,

@@ -426,3 +426,74 @@ fn undo_fsync_failure_stops_apply_before_the_write_set_and_a_restart_replays_it(
         "write-set 1's point (write-set 2's before-images) must be offered: {st:#}"
     );
 }
+
+/// Issue 16, path 7 (the rest): a standby that refused a write-set with
+/// `ResyncRequired` gets a full resync by digest, even when the primary restarts in
+/// between. The standby refuses once (`ferryd::standby_refuse_write_set`); the
+/// primary cannot redial (`ferryd::ship_connect` after its first dial) until it is
+/// restarted without failpoints. It used to forget the request and stream again.
+#[test]
+fn path7_a_standby_resync_request_survives_a_primary_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ([pcfg, scfg], _links) = pair::cluster(dir.path());
+    let with = |fp: &'static str| {
+        let mut env = pair::TEST_ENV.to_vec();
+        env.push(("FAILPOINTS", fp));
+        env
+    };
+    let _dr1 = Node::start_env(
+        ferryd(),
+        &scfg,
+        &with("ferryd::standby_refuse_write_set=1*return"),
+    );
+    let mut primary = Node::start_env(ferryd(), &pcfg, &with("ferryd::ship_connect=1*off->return"));
+    pair::wait(&primary, "dr1 to stream", Duration::from_secs(30), |st| {
+        st["targets"][0]["state"] == "streaming"
+    });
+    let addr = pair::primary_of(&primary, 1);
+    // Refused by dr1; acknowledged once the sync target is degraded.
+    assert_eq!(pair::write(addr, 0, 0xa7), 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !primary.log_text().contains("requires a resync") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the primary never heard the standby's resync request; log:\n{}",
+            primary.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = pair::status(&primary).unwrap();
+    assert_eq!(
+        st["targets"][0]["points_lost"],
+        serde_json::Value::Null,
+        "{st:#}"
+    );
+    let code = primary.terminate();
+    assert!(code.success(), "{code}\n{}", primary.log_text());
+
+    let primary = Node::start_env(ferryd(), &pcfg, &pair::TEST_ENV);
+    let st = pair::wait(
+        &primary,
+        "a full resync of dr1, then streaming",
+        Duration::from_secs(60),
+        |st| {
+            let t = &st["targets"][0];
+            t["points_lost"].is_object()
+                && t["state"] == "streaming"
+                && t["tracking"] == "streaming"
+                && t["acked_seq"].as_u64() >= st["durable_seq"].as_u64()
+        },
+    );
+    assert!(
+        primary
+            .log_text()
+            .contains("the standby required a resync: full resync by digest"),
+        "{st:#}\n{}",
+        primary.log_text()
+    );
+    let img = std::fs::read(dir.path().join("dr1/vol0.img")).unwrap();
+    assert!(
+        img[..4096].iter().all(|&b| b == 0xa7),
+        "the resync copied the write"
+    );
+}

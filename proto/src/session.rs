@@ -889,7 +889,17 @@ pub fn plan_resync(
 
 /// The [`ProtocolVersion`] for a negotiated number, if this build knows it.
 pub fn known_version(v: u16) -> Option<ProtocolVersion> {
-    (v == ProtocolVersion::V1.as_u16()).then_some(ProtocolVersion::V1)
+    [ProtocolVersion::V1, ProtocolVersion::V2]
+        .into_iter()
+        .find(|k| k.as_u16() == v)
+}
+
+impl Negotiated {
+    /// Whether the peer reads V2 tails (a primary's sync loss in heartbeats, its
+    /// clock in ResyncBegin/ResyncEnd).
+    pub fn has_v2_tails(&self) -> bool {
+        self.version >= ProtocolVersion::V2.as_u16()
+    }
 }
 
 /// A receiver position moving from `previous` to `seq`: never past `limit` (the

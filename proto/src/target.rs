@@ -106,6 +106,20 @@
 //! | (start-up)    | [`TargetLifecycle::new`] after a failover, not rejoined       | degraded     |
 //! | degraded      | [`on_ack`] covering the primary's durable position at the previous ack of the session (or at its start) | live |
 //!
+//! # Sync loss (`on_sync_loss`)
+//!
+//! A sync target degraded by a timeout has lost writes the primary acknowledged
+//! without it; its standby must know before anyone promotes it.
+//!
+//! | policy  | event                                    | effect                                                        |
+//! |---------|------------------------------------------|---------------------------------------------------------------|
+//! | degrade | [`sync_timeout`] for a write past its ack | degraded; no record yet: writes still wait at its ack        |
+//! | any     | degraded otherwise (bitmap mode, away since a failover) | the same: a record is due ([`sync_loss_to_record`])  |
+//! | degrade | [`sync_loss_recorded`] (durable in meta)  | writes go on without it; heartbeats tell the standby the seq |
+//! | degrade | [`on_ack`] caught up, then [`sync_resumed`] at the primary's durable position | clears once an ack covers that position ([`AckOutcome::sync_loss_cleared`]) |
+//! | any     | [`restore_sync_loss`] (start-up found the record) | degraded, recorded                                  |
+//! | block   | [`sync_timeout`] for a write past its ack | not degraded: the write keeps waiting, status `writes_blocked` until an ack covers it |
+//!
 //! [`connecting`]: TargetLifecycle::connecting
 //! [`plan_hello`]: TargetLifecycle::plan_hello
 //! [`session_started`]: TargetLifecycle::session_started
@@ -126,6 +140,10 @@
 //! [`on_ack`]: TargetLifecycle::on_ack
 //! [`abandon_resync`]: TargetLifecycle::abandon_resync
 //! [`sync_timeout`]: TargetLifecycle::sync_timeout
+//! [`sync_loss_recorded`]: TargetLifecycle::sync_loss_recorded
+//! [`sync_loss_to_record`]: TargetLifecycle::sync_loss_to_record
+//! [`sync_resumed`]: TargetLifecycle::sync_resumed
+//! [`restore_sync_loss`]: TargetLifecycle::restore_sync_loss
 
 use std::time::Duration;
 
@@ -142,6 +160,16 @@ pub const SWITCH_PERCENT: u64 = 75;
 pub const PRESSURE_PERCENT: u64 = 50;
 /// After a failed switch to bitmap mode, the target is not tried again for this long.
 pub const SWITCH_RETRY: Duration = Duration::from_secs(5);
+
+/// What a sync target's missed timeout does (`on_sync_loss` in its config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncLossPolicy {
+    /// It is degraded (writes go on without it), after the loss is recorded durably.
+    #[default]
+    Degrade,
+    /// Writes keep waiting for it (status shows them blocked).
+    Block,
+}
 
 /// The configured replication mode of a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -439,8 +467,12 @@ pub enum ResyncRefused {
 pub struct AckOutcome {
     /// The target holds the resync's end point: delete its maps, it streams again.
     pub resync_complete: bool,
-    /// A degraded target caught up: writes wait for it again (if it is sync).
+    /// A degraded target caught up: writes wait for it again (if it is sync). Call
+    /// [`TargetLifecycle::sync_resumed`] after the sync gate's recompute.
     pub caught_up: bool,
+    /// The target holds every write acknowledged without it: delete the durable
+    /// sync-loss record.
+    pub sync_loss_cleared: bool,
 }
 
 /// Why the session must end now ([`TargetLifecycle::must_end_session`]).
@@ -516,6 +548,11 @@ pub struct TargetStatus {
     pub points_lost: Option<LostPoints>,
     pub handed_over: Option<HandedOver>,
     pub last_error: Option<String>,
+    /// The durable record: writes after this sequence were acknowledged without the
+    /// target (a sync target degraded there), until it has caught up past them.
+    pub sync_loss_at: Option<Seq>,
+    /// `on_sync_loss = "block"`: client writes are waiting for it past the timeout.
+    pub writes_blocked: bool,
 }
 
 /// One replication target's lifecycle on the primary; see the module docs.
@@ -540,6 +577,24 @@ pub struct TargetLifecycle {
     /// The standby refused a write-set with `ResyncRequired`: the next session
     /// resyncs in full ([`FullReason::StandbyRequired`]).
     peer_requires_resync: bool,
+    /// Sync loss (see [`SyncLossState`]).
+    loss: SyncLossState,
+}
+
+/// A sync target's loss of sync, recorded durably before any write past it is
+/// acknowledged without the target, and cleared once the target holds every write
+/// acknowledged without it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SyncLossState {
+    policy: SyncLossPolicy,
+    /// The durable record (what the daemon persisted and the standby is told). A
+    /// degraded sync target without one still holds writes back.
+    recorded: Option<Seq>,
+    /// Caught up: the record clears once an ack covers this (the primary's durable
+    /// position after writes began waiting for the target again).
+    clear_at: Option<Seq>,
+    /// `Block`: the newest write that timed out waiting for the target.
+    blocked: Option<Seq>,
 }
 
 impl TargetLifecycle {
@@ -563,7 +618,22 @@ impl TargetLifecycle {
             handed_over: None,
             last_error: None,
             peer_requires_resync: false,
+            loss: SyncLossState::default(),
         }
+    }
+
+    /// Sets what a missed sync timeout does (the target's `on_sync_loss`).
+    pub fn with_sync_loss_policy(mut self, policy: SyncLossPolicy) -> Self {
+        self.loss.policy = policy;
+        self
+    }
+
+    /// Start-up found a durable sync-loss record at `at`: writes after it were
+    /// acknowledged without the target, so it starts degraded and the record holds
+    /// until it has caught up.
+    pub fn restore_sync_loss(&mut self, at: Seq) {
+        self.loss.recorded = Some(at);
+        self.degraded = true;
     }
 
     pub fn name(&self) -> &str {
@@ -621,6 +691,8 @@ impl TargetLifecycle {
             points_lost: self.lost,
             handed_over: self.handed_over,
             last_error: self.last_error.clone(),
+            sync_loss_at: self.loss.recorded,
+            writes_blocked: self.loss.blocked.is_some(),
         }
     }
 
@@ -854,10 +926,71 @@ impl TargetLifecycle {
         if caught_up {
             self.degraded = false;
         }
+        if self.loss.blocked.is_some_and(|b| durable >= b) {
+            self.loss.blocked = None;
+        }
+        let sync_loss_cleared =
+            self.loss.recorded.is_some() && self.loss.clear_at.is_some_and(|c| durable >= c);
+        if sync_loss_cleared {
+            self.loss.recorded = None;
+            self.loss.clear_at = None;
+        }
         AckOutcome {
             resync_complete,
             caught_up,
+            sync_loss_cleared,
         }
+    }
+
+    /// After a caught-up ack ([`AckOutcome::caught_up`]) and the sync gate's
+    /// recompute: `journal_durable` is the primary's durable position read after
+    /// writes began waiting for the target again, so it covers every write
+    /// acknowledged without it; the record clears once the target holds it — at
+    /// once (true: delete the durable record) if its ack already does, as when
+    /// writes have stopped and no later ack would come.
+    pub fn sync_resumed(&mut self, journal_durable: Seq) -> bool {
+        if self.loss.recorded.is_none() || self.degraded {
+            return false;
+        }
+        if self.acked >= journal_durable {
+            self.loss.recorded = None;
+            self.loss.clear_at = None;
+            return true;
+        }
+        self.loss.clear_at = Some(journal_durable);
+        false
+    }
+
+    /// The loss to record durably before writes may go on without the target
+    /// (then [`Self::sync_loss_recorded`]): `Some(acked)` while a sync target is
+    /// degraded (a timeout, bitmap mode, away since a failover) without a record.
+    /// Writes after its ack have not been acknowledged yet: they wait for it.
+    pub fn sync_loss_to_record(&self) -> Option<Seq> {
+        self.loss_unrecorded().then_some(self.acked)
+    }
+
+    fn loss_unrecorded(&self) -> bool {
+        self.mode == SyncMode::Sync && self.degraded && self.loss.recorded.is_none()
+    }
+
+    /// The loss at `at` (a [`Self::sync_loss_to_record`] answer) is durable: writes
+    /// stop waiting for the target. A record already standing (an older loss not yet
+    /// cleared) is kept: it is the earlier point, so the writes after it are the
+    /// ones the target may lack.
+    pub fn sync_loss_recorded(&mut self, at: Seq) {
+        if self.loss_unrecorded() && at <= self.acked {
+            self.loss.recorded = Some(at);
+        }
+    }
+
+    /// `on_sync_loss = "block"`: client writes wait for it past the timeout.
+    pub fn writes_blocked(&self) -> bool {
+        self.loss.blocked.is_some()
+    }
+
+    /// The durable sync-loss record, as its heartbeats tell the standby.
+    pub fn sync_loss(&self) -> Option<Seq> {
+        self.loss.recorded
     }
 
     fn complete_resync_if_done(&mut self) -> bool {
@@ -875,19 +1008,33 @@ impl TargetLifecycle {
     /// What this target contributes to the sync gate: its ack if client writes wait
     /// for it (sync, not degraded). The gate waits for the minimum over targets
     /// ([`sync_gate_position`]). Replaces the filter in ferryd `SyncGate::recompute`.
+    ///
+    /// A target degraded by a timeout still holds writes back until its loss is
+    /// recorded durably ([`Self::sync_loss_recorded`]): a crash must not lose the
+    /// record of writes acknowledged without it.
     pub fn sync_position(&self) -> Option<Seq> {
-        (self.mode == SyncMode::Sync && !self.degraded).then_some(self.acked)
+        let waits = !self.degraded || self.loss.recorded.is_none();
+        (self.mode == SyncMode::Sync && waits).then_some(self.acked)
     }
 
     /// A client write at `seq` waited `sync_timeout` in vain: a live sync target that
-    /// does not hold it is degraded (true: it just was — log it loudly). Replaces the
-    /// timeout arm of ferryd `SyncGate::wait`.
+    /// does not hold it is degraded (true: it just was — log it loudly, then record
+    /// [`Self::sync_loss_to_record`]). With [`SyncLossPolicy::Block`] it is not: the
+    /// write keeps waiting and status shows writes blocked. Replaces the timeout arm
+    /// of ferryd `SyncGate::wait`.
     pub fn sync_timeout(&mut self, seq: Seq) -> bool {
-        let degrade = self.mode == SyncMode::Sync && !self.degraded && self.acked < seq;
-        if degrade {
-            self.degraded = true;
+        if self.mode != SyncMode::Sync || self.degraded || self.acked >= seq {
+            return false;
         }
-        degrade
+        if self.loss.policy == SyncLossPolicy::Block {
+            self.loss.blocked = Some(self.loss.blocked.map_or(seq, |b| b.max(seq)));
+            return false;
+        }
+        self.degraded = true;
+        // Caught up earlier but not yet past every write acknowledged without it:
+        // the standing record goes on (a new catch-up must clear it).
+        self.loss.clear_at = None;
+        true
     }
 
     // -----------------------------------------------------------------------
@@ -1202,6 +1349,13 @@ impl TargetLifecycle {
     /// Whether the next session resyncs in full because the standby asked for it.
     pub fn peer_requires_resync(&self) -> bool {
         self.peer_requires_resync
+    }
+
+    /// Start-up found the standby's request recorded durably (the daemon persists it
+    /// when [`PeerError::full_resync_planned`], and deletes it once a session with
+    /// that plan has started): a restart before the resync does not forget it.
+    pub fn restore_peer_requires_resync(&mut self) {
+        self.peer_requires_resync = true;
     }
 }
 

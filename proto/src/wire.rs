@@ -40,10 +40,15 @@ pub type Epoch = u64;
 ///   later in V1 (frame types a V1 peer without them refuses as unknown, so
 ///   nothing is misread): Handover/HandoverAck (16, 17), VerifyResult (18), and the
 ///   bitmap resync frames ResyncBegin/ResyncData/ResyncEnd (7, 8, 9).
+/// - `V2` (2): optional tails — a primary's Heartbeat carries the target's sync loss
+///   ([`SyncLoss`]), ResyncBegin/ResyncEnd carry the primary's clock. Only a frame
+///   that carries a tail is a V2 frame (header version 2); every other frame is
+///   encoded exactly as in V1, and a tail is sent only to a peer that negotiated V2.
 #[repr(u16)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProtocolVersion {
     V1 = 1,
+    V2 = 2,
 }
 
 impl ProtocolVersion {
@@ -55,7 +60,7 @@ impl ProtocolVersion {
 /// Oldest version this build can speak.
 pub const MIN_SUPPORTED_VERSION: ProtocolVersion = ProtocolVersion::V1;
 /// Newest version this build can speak; what `encode` writes into headers.
-pub const MAX_SUPPORTED_VERSION: ProtocolVersion = ProtocolVersion::V1;
+pub const MAX_SUPPORTED_VERSION: ProtocolVersion = ProtocolVersion::V2;
 
 /// `b"FRY1"` read as a little-endian u32, so a hex dump of a frame starts with "FRY1".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
@@ -299,6 +304,19 @@ pub struct Heartbeat {
     pub echo_ns: u64,
     /// Sender's newest sequence (primary: journaled; standby: durable).
     pub last_seq: Seq,
+    /// V2 tail, primary → standby only: whether this standby is recorded as having
+    /// lost sync (see [`SyncLoss`]). `None`: a V1 heartbeat (says nothing).
+    pub sync_loss: Option<SyncLoss>,
+}
+
+/// What a primary's V2 heartbeat tells its standby about synchronous replication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncLoss {
+    /// Every write the primary acknowledged is on this standby (or it is async).
+    None,
+    /// A sync target degraded at `seq`: the primary acknowledged writes after it that
+    /// this standby may not hold, so promoting it may lose acknowledged writes.
+    DegradedAt(Seq),
 }
 
 /// Error codes carried in an Error frame. Unknown codes from a newer peer are
@@ -413,6 +431,9 @@ pub struct ResyncBegin {
     pub total_bytes: u64,
     /// The dirty map's region size (informational).
     pub region_size: u32,
+    /// V2 tail: the primary's wall clock when the snapshot was taken (what the
+    /// standby stamps the transition's recovery points with). `None`: a V1 frame.
+    pub primary_time_ns: Option<u64>,
 }
 
 /// One range of a volume in a ResyncData frame: its current bytes, or zeros.
@@ -455,6 +476,8 @@ pub struct ResyncEnd {
     /// Bytes the copy covered (data and zero extents) and bytes sent as data.
     pub bytes: u64,
     pub data_bytes: u64,
+    /// V2 tail: the primary's wall clock when the copy ended. `None`: a V1 frame.
+    pub primary_time_ns: Option<u64>,
 }
 
 /// A standby's answer to a verify request that travelled in the stream as a seal
@@ -802,9 +825,26 @@ fn validate_frame(frame: &Frame) -> Result<(), Invalid> {
 // ---------------------------------------------------------------------------
 // Encoding
 
+/// The version of a frame's layout: V2 if it carries a V2 tail, else V1 (so a V1
+/// peer reads every frame a V2 sender sends it: the sender adds tails only after
+/// negotiating V2).
+pub fn frame_version(frame: &Frame) -> ProtocolVersion {
+    let tail = match frame {
+        Frame::Heartbeat(hb) => hb.sync_loss.is_some(),
+        Frame::ResyncBegin(b) => b.primary_time_ns.is_some(),
+        Frame::ResyncEnd(e) => e.primary_time_ns.is_some(),
+        _ => false,
+    };
+    if tail {
+        ProtocolVersion::V2
+    } else {
+        ProtocolVersion::V1
+    }
+}
+
 fn write_header(
     out: &mut [u8],
-    frame_type: FrameType,
+    (frame_type, version): (FrameType, ProtocolVersion),
     epoch: Epoch,
     payload_len: usize,
     payload_crc: u32,
@@ -812,7 +852,7 @@ fn write_header(
     debug_assert!(out.len() >= HEADER_LEN);
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    h[4..6].copy_from_slice(&MAX_SUPPORTED_VERSION.as_u16().to_le_bytes());
+    h[4..6].copy_from_slice(&version.as_u16().to_le_bytes());
     h[6..8].copy_from_slice(&(frame_type as u16).to_le_bytes());
     // 8..10 flags and 10..12 reserved stay zero in V1.
     h[12..20].copy_from_slice(&epoch.to_le_bytes());
@@ -885,6 +925,15 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
             out.put_u64_le(hb.sent_at_ns);
             out.put_u64_le(hb.echo_ns);
             out.put_u64_le(hb.last_seq);
+            if let Some(loss) = hb.sync_loss {
+                let (flags, at) = match loss {
+                    SyncLoss::None => (0u32, 0u64),
+                    SyncLoss::DegradedAt(at) => (1, at),
+                };
+                out.put_u32_le(flags);
+                out.put_u32_le(0); // reserved
+                out.put_u64_le(at);
+            }
         }
         Frame::Handover(h) => out.put_u64_le(h.seq),
         Frame::DigestRequest(d) => {
@@ -910,6 +959,9 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
             out.put_u64_le(b.total_bytes);
             out.put_u32_le(b.region_size);
             out.put_u32_le(0); // reserved
+            if let Some(t) = b.primary_time_ns {
+                out.put_u64_le(t);
+            }
         }
         Frame::ResyncData(d) => {
             out.put_u32_le(d.extents.len() as u32); // validated ≤ MAX_RESYNC_EXTENTS
@@ -933,6 +985,9 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
             out.put_u64_le(e.through_seq);
             out.put_u64_le(e.bytes);
             out.put_u64_le(e.data_bytes);
+            if let Some(t) = e.primary_time_ns {
+                out.put_u64_le(t);
+            }
         }
         Frame::Error(e) => {
             out.put_u32_le(e.code.to_u32());
@@ -976,7 +1031,7 @@ pub fn encode(frame: &Frame) -> Result<BytesMut, EncodeError> {
     let payload_crc = crc32c::crc32c(&out[HEADER_LEN..]);
     write_header(
         &mut out,
-        frame.frame_type(),
+        (frame.frame_type(), frame_version(frame)),
         frame.epoch(),
         payload_len,
         payload_crc,
@@ -1018,7 +1073,13 @@ pub fn encode_write_set_vectored(ws: &WriteSet) -> Result<Vec<Bytes>, EncodeErro
         prev = *cut;
     }
     crc = crc32c::crc32c_append(crc, &meta[prev..]);
-    write_header(&mut meta, FrameType::WriteSet, ws.epoch, payload_len, crc);
+    write_header(
+        &mut meta,
+        (FrameType::WriteSet, ProtocolVersion::V1),
+        ws.epoch,
+        payload_len,
+        crc,
+    );
 
     let meta = meta.freeze();
     let mut parts = Vec::with_capacity(cuts.len() * 2 + 1);
@@ -1415,16 +1476,55 @@ fn decode_verify_result(r: &mut Reader, epoch: Epoch) -> Result<VerifyResult, De
     })
 }
 
-fn decode_resync_begin(r: &mut Reader, epoch: Epoch) -> Result<ResyncBegin, DecodeError> {
-    let b = ResyncBegin {
-        epoch,
+fn decode_resync_begin(r: &mut Reader, h: &FrameHeader) -> Result<ResyncBegin, DecodeError> {
+    let mut b = ResyncBegin {
+        epoch: h.epoch,
         from_seq: r.u64()?,
         snapshot_seq: r.u64()?,
         total_bytes: r.u64()?,
         region_size: r.u32()?,
+        primary_time_ns: None,
     };
     r.zero("resync_begin.reserved", 4)?;
+    b.primary_time_ns = v2_time(r, h)?;
     Ok(b)
+}
+
+/// A frame of version 2 carries its tail; one of version 1 has none (the payload
+/// must then end here: trailing bytes are an error as ever).
+fn has_tail(h: &FrameHeader) -> bool {
+    h.version >= ProtocolVersion::V2.as_u16()
+}
+
+/// The primary's clock, the V2 tail of ResyncBegin and ResyncEnd.
+fn v2_time(r: &mut Reader, h: &FrameHeader) -> Result<Option<u64>, DecodeError> {
+    has_tail(h).then(|| r.u64()).transpose()
+}
+
+fn decode_heartbeat(r: &mut Reader, h: &FrameHeader) -> Result<Heartbeat, DecodeError> {
+    let mut hb = Heartbeat {
+        epoch: h.epoch,
+        sent_at_ns: r.u64()?,
+        echo_ns: r.u64()?,
+        last_seq: r.u64()?,
+        sync_loss: None,
+    };
+    if has_tail(h) {
+        let flags = r.u32()?;
+        r.zero("heartbeat.reserved", 4)?;
+        let at = r.u64()?;
+        hb.sync_loss = Some(match flags {
+            0 if at == 0 => SyncLoss::None,
+            1 => SyncLoss::DegradedAt(at),
+            _ => {
+                return Err(DecodeError::InvalidField {
+                    field: "heartbeat.sync_loss",
+                    reason: format!("flags {flags:#x} with seq {at}"),
+                })
+            }
+        });
+    }
+    Ok(hb)
 }
 
 fn decode_error(r: &mut Reader, epoch: Epoch) -> Result<ErrorFrame, DecodeError> {
@@ -1459,12 +1559,7 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
             received_durable_seq: r.u64()?,
             applied_seq: r.u64()?,
         }),
-        FrameType::Heartbeat => Frame::Heartbeat(Heartbeat {
-            epoch,
-            sent_at_ns: r.u64()?,
-            echo_ns: r.u64()?,
-            last_seq: r.u64()?,
-        }),
+        FrameType::Heartbeat => Frame::Heartbeat(decode_heartbeat(&mut r, header)?),
         FrameType::Handover => Frame::Handover(Handover {
             epoch,
             seq: r.u64()?,
@@ -1472,13 +1567,14 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
         FrameType::HandoverAck => Frame::HandoverAck(decode_handover_ack(&mut r, epoch)?),
         FrameType::DigestRequest => Frame::DigestRequest(decode_digest_request(&mut r, epoch)?),
         FrameType::VerifyResult => Frame::VerifyResult(decode_verify_result(&mut r, epoch)?),
-        FrameType::ResyncBegin => Frame::ResyncBegin(decode_resync_begin(&mut r, epoch)?),
+        FrameType::ResyncBegin => Frame::ResyncBegin(decode_resync_begin(&mut r, header)?),
         FrameType::ResyncData => Frame::ResyncData(decode_resync_data(&mut r, epoch)?),
         FrameType::ResyncEnd => Frame::ResyncEnd(ResyncEnd {
             epoch,
             through_seq: r.u64()?,
             bytes: r.u64()?,
             data_bytes: r.u64()?,
+            primary_time_ns: v2_time(&mut r, header)?,
         }),
         FrameType::Error => Frame::Error(decode_error(&mut r, epoch)?),
     };

@@ -1,11 +1,13 @@
-//! Golden bytes: the handshake and ack encodings are frozen for protocol V1.
-//! If one of these tests fails, the wire format changed: bump the protocol
-//! version (wire::ProtocolVersion) instead of editing the expected bytes.
+//! Golden bytes: the handshake and ack encodings are frozen for protocol V1, and the
+//! V2 tails (`golden_v2_tails`) for V2. If one of these tests fails, the wire format
+//! changed: bump the protocol version (wire::ProtocolVersion) instead of editing the
+//! expected bytes.
 
 use bytes::Bytes;
 use ferry_proto::wire::{
-    decode, encode, Ack, DigestRequest, Frame, Handover, HandoverAck, Hello, ResyncBegin,
-    ResyncData, ResyncEnd, ResyncExtent, Role, VolumeGeometry, MAX_SUPPORTED_VERSION,
+    decode, encode, frame_version, Ack, DigestRequest, Frame, Handover, HandoverAck, Heartbeat,
+    Hello, ProtocolVersion, ResyncBegin, ResyncData, ResyncEnd, ResyncExtent, Role, SyncLoss,
+    VolumeGeometry,
 };
 
 fn golden_hello() -> Hello {
@@ -81,7 +83,12 @@ fn crc32c_is_castagnoli() {
 
 #[test]
 fn golden_hello_bytes() {
-    assert_eq!(MAX_SUPPORTED_VERSION.as_u16(), 1, "golden bytes are for V1");
+    // A V2 build still sends its Hello as a V1 frame: a V1 peer must read it to
+    // negotiate at all.
+    assert_eq!(
+        frame_version(&Frame::Hello(golden_hello())),
+        ProtocolVersion::V1
+    );
     let encoded = encode(&Frame::Hello(golden_hello())).expect("encode");
     assert_eq!(&encoded[..], &HELLO_BYTES[..]);
     let decoded = decode(Bytes::from_static(&HELLO_BYTES)).expect("decode");
@@ -149,6 +156,7 @@ fn golden_resync_frames() {
         snapshot_seq: 0x20,
         total_bytes: 0x30000,
         region_size: 65536,
+        primary_time_ns: None,
     };
     #[rustfmt::skip]
     let begin: [u8; 32 + 32] = [
@@ -218,6 +226,7 @@ fn golden_resync_frames() {
         through_seq: 0x25,
         bytes: 0x20000,
         data_bytes: 0x1000,
+        primary_time_ns: None,
     };
     #[rustfmt::skip]
     let end: [u8; 32 + 24] = [
@@ -258,6 +267,117 @@ fn golden_resync_frames() {
     zero_with_bytes[28..32].copy_from_slice(&hcrc.to_le_bytes());
     assert!(decode(Bytes::from(zero_with_bytes)).is_err());
 }
+
+/// The V2 tails (header version 2): a primary's heartbeat with the target's sync
+/// loss, and the primary's clock after ResyncBegin and ResyncEnd. The same frames
+/// without a tail are V1 frames (the V1 goldens above and below).
+#[test]
+fn golden_v2_tails() {
+    let hb = Heartbeat {
+        epoch: 7,
+        sent_at_ns: 0x0a,
+        echo_ns: 0,
+        last_seq: 0x30,
+        sync_loss: Some(SyncLoss::DegradedAt(0x2a)),
+    };
+    #[rustfmt::skip]
+    let heartbeat: [u8; 32 + 40] = [
+        b'F', b'R', b'Y', b'1',                         // magic
+        0x02, 0x00,                                     // version 2
+        0x05, 0x00,                                     // type 5 = Heartbeat
+        0x00, 0x00, 0x00, 0x00,                         // flags, reserved
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch 7
+        0x28, 0x00, 0x00, 0x00,                         // payload_len 40
+        0x00, 0x00, 0x00, 0x00,                         // payload CRC32C
+        0x00, 0x00, 0x00, 0x00,                         // header CRC32C
+        0x0a, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // sent_at_ns 10
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // echo_ns 0
+        0x30, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // last_seq 0x30
+        // --- V2 tail ---
+        0x01, 0x00, 0x00, 0x00,                         // sync_loss flags: 1 = degraded
+        0x00, 0x00, 0x00, 0x00,                         // reserved
+        0x2a, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // degraded_at 0x2a
+    ];
+    check_golden(&Frame::Heartbeat(hb), &heartbeat, V2_CRCS[0]);
+
+    let b = ResyncBegin {
+        epoch: 7,
+        from_seq: 0x10,
+        snapshot_seq: 0x20,
+        total_bytes: 0x30000,
+        region_size: 65536,
+        primary_time_ns: Some(0x1122_3344_5566_7788),
+    };
+    #[rustfmt::skip]
+    let begin: [u8; 32 + 40] = [
+        b'F', b'R', b'Y', b'1',                         // magic
+        0x02, 0x00,                                     // version 2
+        0x07, 0x00,                                     // type 7 = ResyncBegin
+        0x00, 0x00, 0x00, 0x00,                         // flags, reserved
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch 7
+        0x28, 0x00, 0x00, 0x00,                         // payload_len 40
+        0x00, 0x00, 0x00, 0x00,                         // payload CRC32C
+        0x00, 0x00, 0x00, 0x00,                         // header CRC32C
+        0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // from_seq 0x10
+        0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // snapshot_seq 0x20
+        0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, // total_bytes 0x30000
+        0x00, 0x00, 0x01, 0x00,                         // region_size 65536
+        0x00, 0x00, 0x00, 0x00,                         // reserved
+        // --- V2 tail ---
+        0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, // primary_time_ns
+    ];
+    check_golden(&Frame::ResyncBegin(b), &begin, V2_CRCS[1]);
+
+    let e = ResyncEnd {
+        epoch: 7,
+        through_seq: 0x25,
+        bytes: 0x20000,
+        data_bytes: 0x1000,
+        primary_time_ns: Some(0x1122_3344_5566_7799),
+    };
+    #[rustfmt::skip]
+    let end: [u8; 32 + 32] = [
+        b'F', b'R', b'Y', b'1',                         // magic
+        0x02, 0x00,                                     // version 2
+        0x09, 0x00,                                     // type 9 = ResyncEnd
+        0x00, 0x00, 0x00, 0x00,                         // flags, reserved
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch 7
+        0x20, 0x00, 0x00, 0x00,                         // payload_len 32
+        0x00, 0x00, 0x00, 0x00,                         // payload CRC32C
+        0x00, 0x00, 0x00, 0x00,                         // header CRC32C
+        0x25, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // through_seq 0x25
+        0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, // bytes 0x20000
+        0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // data_bytes 0x1000
+        // --- V2 tail ---
+        0x99, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, // primary_time_ns
+    ];
+    check_golden(&Frame::ResyncEnd(e), &end, V2_CRCS[2]);
+
+    // A V1 header with the tail's bytes is refused (trailing bytes), and a V2 header
+    // without them is truncated: the version says which layout, never the length.
+    let mut v1_with_tail = end.to_vec();
+    v1_with_tail[4] = 1;
+    refill_crcs(&mut v1_with_tail);
+    assert!(decode(Bytes::from(v1_with_tail)).is_err());
+    let mut v2_without_tail = end[..32 + 24].to_vec();
+    v2_without_tail[20] = 24;
+    refill_crcs(&mut v2_without_tail);
+    assert!(decode(Bytes::from(v2_without_tail)).is_err());
+}
+
+fn refill_crcs(frame: &mut [u8]) {
+    let crc = crc32c::crc32c(&frame[32..]);
+    frame[24..28].copy_from_slice(&crc.to_le_bytes());
+    let hcrc = crc32c::crc32c(&frame[..28]);
+    frame[28..32].copy_from_slice(&hcrc.to_le_bytes());
+}
+
+/// (payload CRC, header CRC) of the three V2 golden frames.
+const V2_CRCS: [([u8; 4], [u8; 4]); 3] = [
+    ([0x8b, 0x98, 0x04, 0xb1], [0xf4, 0x0d, 0x48, 0xa2]),
+    ([0x61, 0x23, 0x77, 0x86], [0x87, 0x4c, 0x4a, 0xda]),
+    ([0xab, 0x50, 0x65, 0xde], [0xae, 0x92, 0x62, 0x71]),
+];
 
 /// (payload CRC, header CRC) of the three resync golden frames.
 const GOLDEN_CRCS: [([u8; 4], [u8; 4]); 3] = [

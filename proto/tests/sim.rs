@@ -299,6 +299,7 @@ fn run(seed: u64) -> Stats {
                 sent_at_ns: now,
                 echo_ns: 0,
                 last_seq: last,
+                sync_loss: None,
             };
             to_sb.send(
                 &mut rng,
@@ -911,14 +912,30 @@ mod lifecycle {
                                 self.sb.durable
                             )
                         });
+                    } else if self.sb.durable < seq {
+                        // Acknowledged without the target: a durable record must say so.
+                        let loss = self.lc.sync_loss();
+                        self.check(loss.is_some_and(|at| at < seq), || {
+                            format!(
+                                "write {seq} acknowledged without the target (it holds {}) \
+                                 but the recorded sync loss is {loss:?}",
+                                self.sb.durable
+                            )
+                        });
                     }
                     self.pending_sync.pop_front();
                 } else if self.now - since >= SYNC_TIMEOUT_TICKS {
+                    // Degraded now, or earlier (bitmap mode) with its loss not yet
+                    // recorded: the daemon records it durably before writes go on.
                     let degraded = self.lc.sync_timeout(seq);
-                    self.check(degraded, || {
+                    let to_record = self.lc.sync_loss_to_record();
+                    self.check(degraded || to_record.is_some(), || {
                         "a write timed out but the target was not degraded".into()
                     });
-                    self.stats.degraded += 1;
+                    self.stats.degraded += u64::from(degraded);
+                    if let Some(at) = to_record {
+                        self.lc.sync_loss_recorded(at);
+                    }
                 } else {
                     break;
                 }
@@ -1341,6 +1358,8 @@ mod lifecycle {
                 self.stats.resyncs_done += 1;
             }
             if out.caught_up {
+                // As the daemon: after the gate's recompute, at the durable position.
+                let _ = self.lc.sync_resumed(self.durable());
                 self.stats.caught_up += 1;
                 self.check(
                     was_degraded

@@ -553,6 +553,9 @@ fn overflow_switch_ends_the_streaming_session_and_degrades() {
     assert_eq!(t.bitmap_entered(31), BitmapEntered { end_session: true });
     assert_eq!(t.must_end_session(), Some(EndReason::SwitchedToBitmap));
     assert_eq!(t.effective_mode(), EffectiveMode::Degraded);
+    // A sync target's loss is recorded durably before writes go on without it.
+    assert_eq!(t.sync_position(), Some(10));
+    t.sync_loss_recorded(10);
     assert_eq!(t.sync_position(), None);
     assert_eq!(
         t.snapshot().points_lost,
@@ -630,6 +633,8 @@ fn sync_timeout_degrades_a_live_sync_target_that_lacks_the_write() {
     assert!(!t.sync_timeout(12), "already degraded");
     assert_eq!(t.effective_mode().status_str(), "async (degraded)");
     assert_eq!(t.effective_mode().metric_str(), "degraded");
+    // Writes go on without it once its loss is recorded (see the sync-loss tests).
+    t.sync_loss_recorded(10);
     assert_eq!(t.sync_position(), None);
 }
 
@@ -680,12 +685,191 @@ fn bitmap_target_is_sync_again_only_after_its_resync() {
         out,
         AckOutcome {
             resync_complete: true,
-            caught_up: false
+            caught_up: false,
+            sync_loss_cleared: false,
         }
     );
     let out = t.on_ack(40, 40, 41);
     assert!(out.caught_up);
     assert_eq!(t.effective_mode(), EffectiveMode::Sync);
+}
+
+// ---------------------------------------------------------------------------
+// Sync loss (`on_sync_loss`, issue 16 path 11)
+
+/// The loss is durable before any write past it goes on without the target: until
+/// the daemon says it recorded it, the target still holds the sync gate at its ack.
+#[test]
+fn path11_a_degraded_sync_target_holds_writes_until_its_loss_is_recorded() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    assert_eq!(t.sync_loss_to_record(), None);
+    // Recording a loss of a live target changes nothing.
+    t.sync_loss_recorded(10);
+    assert_eq!(t.sync_loss(), None);
+    assert!(t.sync_timeout(11));
+    assert_eq!(
+        t.sync_loss_to_record(),
+        Some(10),
+        "writes after 10 would go on without it"
+    );
+    assert_eq!(
+        t.sync_position(),
+        Some(10),
+        "not before the record is durable"
+    );
+    assert_eq!(
+        t.sync_loss(),
+        None,
+        "nothing durable to tell the standby yet"
+    );
+    t.sync_loss_recorded(10);
+    assert_eq!(t.sync_loss_to_record(), None);
+    assert_eq!(t.sync_position(), None);
+    assert_eq!(t.sync_loss(), Some(10));
+    assert_eq!(t.snapshot().sync_loss_at, Some(10));
+    assert_eq!(t.effective_mode(), EffectiveMode::Degraded);
+}
+
+/// Caught up is not enough: the record clears only once the target holds the
+/// primary's durable position read after writes began waiting for it again (every
+/// write acknowledged without it is at or below it).
+#[test]
+fn path11_the_sync_loss_clears_once_the_target_holds_every_write_acknowledged_without_it() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    assert!(t.sync_timeout(11));
+    t.sync_loss_recorded(10);
+    assert!(!t.on_ack(29, 29, 40).caught_up);
+    let out = t.on_ack(40, 40, 50);
+    assert!(out.caught_up && !out.sync_loss_cleared, "{out:?}");
+    assert_eq!(t.sync_position(), Some(40), "writes wait for it again");
+    assert_eq!(
+        t.sync_loss(),
+        Some(10),
+        "writes up to 50 may still be missing"
+    );
+    assert!(!t.sync_resumed(52));
+    assert!(!t.on_ack(51, 51, 55).sync_loss_cleared);
+    assert_eq!(t.sync_loss(), Some(10));
+    let out = t.on_ack(52, 52, 55);
+    assert!(out.sync_loss_cleared && !out.caught_up, "{out:?}");
+    assert_eq!(t.sync_loss(), None);
+    assert_eq!(t.snapshot().sync_loss_at, None);
+    assert!(!t.on_ack(60, 60, 60).sync_loss_cleared, "cleared once");
+}
+
+/// Degraded again before the record cleared: the older record stands (the writes
+/// after it are still the ones the target may lack) and must wait for a new catch-up.
+#[test]
+fn path11_a_second_loss_before_the_first_cleared_keeps_the_older_record() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    assert!(t.sync_timeout(11));
+    t.sync_loss_recorded(10);
+    assert!(t.on_ack(40, 40, 50).caught_up);
+    assert!(!t.sync_resumed(50));
+    assert!(t.sync_timeout(45));
+    assert_eq!(
+        t.sync_loss_to_record(),
+        None,
+        "the standing record covers it"
+    );
+    assert_eq!(t.sync_position(), None);
+    assert_eq!(t.sync_loss(), Some(10));
+    assert!(
+        !t.on_ack(50, 50, 60).sync_loss_cleared,
+        "the catch-up mark of the first loss no longer counts"
+    );
+    assert_eq!(t.sync_loss(), Some(10));
+}
+
+/// Degraded by the switch to bitmap mode (not a timeout): the record is still due
+/// before writes go on without it.
+#[test]
+fn path11_a_sync_target_degraded_by_bitmap_mode_holds_writes_until_recorded() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    t.begin_overflow_switch().expect("switch");
+    t.bitmap_entered(30);
+    assert!(t.is_degraded());
+    assert_eq!(t.sync_loss_to_record(), Some(10));
+    assert_eq!(t.sync_position(), Some(10));
+    t.sync_loss_recorded(10);
+    assert_eq!(t.sync_position(), None);
+    let away = TargetLifecycle::new("old-primary", SyncMode::Sync, 5, true);
+    assert_eq!(away.sync_loss_to_record(), Some(5), "away since the fork");
+}
+
+/// Caught up before the record was durable: nothing was acknowledged without it.
+#[test]
+fn path11_caught_up_before_recording_drops_the_pending_loss() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    assert!(t.sync_timeout(11));
+    assert!(t.on_ack(30, 30, 31).caught_up);
+    assert_eq!(t.sync_loss_to_record(), None);
+    assert_eq!(t.sync_loss(), None);
+    assert_eq!(t.sync_position(), Some(30));
+}
+
+/// A restart finds the record: the target starts degraded with it, the standby is
+/// told it again, and it clears as above.
+#[test]
+fn path11_a_restored_sync_loss_starts_degraded_and_clears_after_catching_up() {
+    let mut t = target(SyncMode::Sync);
+    t.restore_sync_loss(7);
+    assert_eq!(t.sync_loss(), Some(7));
+    assert_eq!(t.effective_mode(), EffectiveMode::Degraded);
+    assert_eq!(t.sync_position(), None, "recorded: writes go on without it");
+    connect(&mut t, 20, 1, 30);
+    assert!(t.on_ack(30, 30, 35).caught_up);
+    assert!(!t.sync_resumed(35));
+    assert!(t.on_ack(35, 35, 35).sync_loss_cleared);
+    assert_eq!(t.sync_loss(), None);
+}
+
+/// Writes stopped: the catching-up ack already holds everything, and no later ack
+/// would come to clear the record — it clears at once.
+#[test]
+fn path11_the_sync_loss_clears_at_once_when_the_caught_up_ack_holds_everything() {
+    let mut t = target(SyncMode::Sync);
+    connect(&mut t, 10, 1, 30);
+    assert!(t.sync_timeout(11));
+    t.sync_loss_recorded(10);
+    assert!(t.on_ack(30, 30, 30).caught_up);
+    assert!(t.sync_resumed(30), "cleared: delete the record");
+    assert_eq!(t.sync_loss(), None);
+    assert!(!t.sync_resumed(30), "once");
+}
+
+/// `on_sync_loss = "block"`: the timeout never degrades; writes keep waiting and
+/// status says so until an ack covers the blocked write.
+#[test]
+fn path11_block_policy_keeps_writes_waiting_for_the_target() {
+    let mut t = target(SyncMode::Sync).with_sync_loss_policy(SyncLossPolicy::Block);
+    connect(&mut t, 10, 1, 30);
+    assert!(!t.sync_timeout(11), "never degraded");
+    assert!(!t.sync_timeout(14));
+    assert_eq!(t.effective_mode(), EffectiveMode::Sync);
+    assert_eq!(t.sync_position(), Some(10), "writes still wait");
+    assert_eq!(t.sync_loss_to_record(), None);
+    assert!(t.snapshot().writes_blocked);
+    t.on_ack(12, 12, 30);
+    assert!(t.snapshot().writes_blocked, "14 still waits");
+    t.on_ack(14, 14, 30);
+    assert!(!t.snapshot().writes_blocked);
+    assert_eq!(t.sync_loss(), None);
+}
+
+/// An async target never holds writes and records no loss.
+#[test]
+fn path11_an_async_target_records_no_sync_loss() {
+    let mut t = target(SyncMode::Async);
+    connect(&mut t, 10, 1, 30);
+    assert!(!t.sync_timeout(11));
+    assert_eq!(t.sync_loss_to_record(), None);
+    assert!(!t.snapshot().writes_blocked);
 }
 
 // ---------------------------------------------------------------------------
@@ -942,4 +1126,22 @@ fn a_resync_required_refusal_in_bitmap_mode_marks_every_region() {
         }
     );
     assert_eq!(t.begin_full_switch(&plan), Ok(Some(FullSwitch::MarkAll)));
+}
+
+/// Issue 16 path 7: a restart finds the standby's request recorded: the lifecycle
+/// plans the full resync as if it had just heard it.
+#[test]
+fn path7_a_restored_resync_request_plans_a_full_resync() {
+    let mut t = target(SyncMode::Sync);
+    assert!(!t.peer_requires_resync());
+    t.restore_peer_requires_resync();
+    assert!(t.peer_requires_resync());
+    t.connecting();
+    let plan = t.plan_hello(&hello(10, 1, 30)).expect("plan");
+    assert_eq!(
+        plan.start,
+        PlanStart::Resync {
+            full: Some(FullReason::StandbyRequired)
+        }
+    );
 }

@@ -139,14 +139,26 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 applied_seq: a.min(b),
             })
         }),
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(epoch, s, e, l)| {
-            Frame::Heartbeat(Heartbeat {
-                epoch,
-                sent_at_ns: s,
-                echo_ns: e,
-                last_seq: l,
-            })
-        }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            prop_oneof![
+                Just(None),
+                Just(Some(SyncLoss::None)),
+                any::<u64>().prop_map(|at| Some(SyncLoss::DegradedAt(at)))
+            ]
+        )
+            .prop_map(|(epoch, s, e, l, sync_loss)| {
+                Frame::Heartbeat(Heartbeat {
+                    epoch,
+                    sent_at_ns: s,
+                    echo_ns: e,
+                    last_seq: l,
+                    sync_loss,
+                })
+            }),
         (
             any::<u64>(),
             prop_oneof![1u32..=11, 12u32..=u32::MAX],
@@ -323,7 +335,7 @@ fn unsupported_version_reports_range() {
         DecodeError::UnsupportedVersion {
             got: 9,
             min: 1,
-            max: 1
+            max: 2
         }
     );
 }

@@ -208,6 +208,7 @@ async fn mutual_tls_handshake_and_write_sets_round_trip() {
             sent_at_ns: 42,
             echo_ns: 0,
             last_seq: 12,
+            sync_loss: None,
         };
         p.control_send
             .send_frame(&Frame::Heartbeat(hb))
@@ -441,6 +442,7 @@ async fn acks_flow_while_a_large_write_set_is_in_flight() {
                 sent_at_ns: i + 1,
                 echo_ns: 0,
                 last_seq: 0,
+                sync_loss: None,
             };
             s.control_send
                 .send_frame(&Frame::Heartbeat(hb))

@@ -358,7 +358,11 @@ fn start_replication(
     if targets.is_empty() {
         return Ok(None);
     }
-    let sync = SyncGate::new(targets.clone(), Duration::from_millis(r.sync_timeout_ms));
+    let sync = SyncGate::new(
+        targets.clone(),
+        Duration::from_millis(r.sync_timeout_ms),
+        Some(rec.meta.clone()),
+    );
     *group.sync.write() = Some(sync.clone());
     group.feed.enable(r.tail_bytes.0 as usize);
     let repl = Replication::new(targets, sync.clone(), group.feed.index.clone());
@@ -369,6 +373,13 @@ fn start_replication(
         &group.feed,
         stop_rx.clone(),
     )?;
+    // Sync losses and standbys' resync requests recorded before a restart hold on; a
+    // sync target degraded from the start (bitmap mode, away since a failover) is
+    // recorded before the first write.
+    for t in repl.targets() {
+        t.load_persisted(&rec.meta)?;
+    }
+    sync.recompute();
     let ctx = ship_context(cfg, rec, group, &sync)?;
     repl.start(ctx, shared, group.feed.clone(), stop_rx.clone());
     Ok(Some(Arc::new(repl)))

@@ -444,6 +444,7 @@ pub(crate) fn promote(
         }
         tracing::warn!(%peer, "promoting with --force while the primary is connected");
     }
+    let sync_loss = refuse_sync_loss(rec, force)?;
     if exports.is_some_and(|x| !x.is_empty()) {
         bail!("point-in-time views are exported; unexport them before promoting");
     }
@@ -481,7 +482,8 @@ pub(crate) fn promote(
     // the new epoch's first write is the cut + 1 (`Meta::promote`).
     let cut = rec.journal.last_seq().max(rec.meta.checkpoint()?).max(fork);
     // The primary replaced is recorded as the one to answer: it is the node that
-    // comes back as an outdated primary (see `fence_peer`).
+    // comes back as an outdated primary (see `fence_peer`). The role change also
+    // clears what the old primary told this node (its sync loss).
     rec.meta
         .promote(new_epoch, Some(&sb.state.primary), fork, cut)?;
     tracing::warn!(
@@ -495,8 +497,33 @@ pub(crate) fn promote(
         "epoch": new_epoch,
         "fork_seq": fork,
         "cut_seq": cut,
+        "forced_past_sync_loss": sync_loss,
         "prepared_seconds": started.elapsed().as_secs_f64(),
     }))
+}
+
+/// A standby its primary said lost sync (a sync target degraded at some sequence)
+/// may lack writes the primary acknowledged after it: promoting it can lose them.
+/// Refused without `force`; with it, the sequence is returned (for the answer and
+/// the audit log) and logged.
+fn refuse_sync_loss(rec: &Recovered, force: bool) -> anyhow::Result<Option<Seq>> {
+    let Some(at) = rec.meta.heard_sync_loss()? else {
+        return Ok(None);
+    };
+    if !force {
+        bail!(
+            "this standby lost sync at sequence {at}: the primary acknowledged writes after \
+             {at} that it may not hold (its sync target was degraded), so promoting it may \
+             lose acknowledged writes. Let it catch up with the primary, or add --force to \
+             promote anyway"
+        );
+    }
+    tracing::warn!(
+        seq = at,
+        "promoting with --force although this standby lost sync at {at}: writes the \
+         primary acknowledged after it may be lost"
+    );
+    Ok(Some(at))
 }
 
 /// The role change a planned switchover makes on the standby side.
@@ -638,6 +665,7 @@ mod tests {
                     name: t.to_string(),
                     address: "127.0.0.1:1".into(),
                     mode: Default::default(),
+                    on_sync_loss: Default::default(),
                 })
                 .collect(),
         });

@@ -198,6 +198,7 @@ fn standby_status(sb: &Standby, applier: &Applier, exports: Option<&PitExports>)
         },
         applied_primary_time_ns: st.applied_ts_ns.load(Ordering::Relaxed),
         pit,
+        sync_loss_at: *st.sync_loss.lock(),
     }
 }
 

@@ -1030,7 +1030,7 @@ address = "127.0.0.1:7002"
         let targets = crate::ship::target_states(&cfg, 5, |_| false);
         let r = Replication::new(
             targets.clone(),
-            crate::ship::SyncGate::new(targets.clone(), Duration::from_secs(1)),
+            crate::ship::SyncGate::new(targets.clone(), Duration::from_secs(1), None),
             Arc::new(crate::ship::SeqIndex::default()),
         );
         let then = now_ns() - 2_000_000_000;

@@ -47,6 +47,9 @@ pub const RESYNC_PAUSE_ENV: &str = "FERRYD_TEST_RESYNC_PAUSE_MS";
 pub struct Copy {
     pub from: Seq,
     pub snapshot: Seq,
+    /// The primary's clock at the snapshot (ResyncBegin's V2 tail; this node's clock
+    /// from a V1 primary): the time of the copy's undo entries.
+    pub primary_time_ns: u64,
     pub bytes: u64,
     pub batches: u64,
     started: Instant,
@@ -111,8 +114,11 @@ pub(crate) fn begin(sb: &Standby, b: &ResyncBegin, advertised: Seq) -> anyhow::R
         .context("continuing the journal after the resync snapshot")?;
     // Nothing is left to apply up to the snapshot: the copy stands in for it.
     sb.set_applied(b.snapshot_seq);
+    // Recovery points carry the primary's time (as write-sets do): the standby's
+    // clock may be anywhere. Only a V1 primary leaves it to this node's clock.
+    let primary_time_ns = b.primary_time_ns.unwrap_or_else(now_ns);
     if let Some(pit) = &applier.pit {
-        pit.begin_resync(here, b.snapshot_seq, now_ns())?;
+        pit.begin_resync(here, b.snapshot_seq, primary_time_ns)?;
     }
     applier.resync.copied_bytes.store(0, Ordering::Relaxed);
     applier
@@ -135,6 +141,7 @@ pub(crate) fn begin(sb: &Standby, b: &ResyncBegin, advertised: Seq) -> anyhow::R
     Ok(Copy {
         from: st.from,
         snapshot: b.snapshot_seq,
+        primary_time_ns,
         bytes: 0,
         batches: 0,
         started: Instant::now(),
@@ -146,7 +153,7 @@ pub(crate) fn begin(sb: &Standby, b: &ResyncBegin, advertised: Seq) -> anyhow::R
 pub(crate) fn data(sb: &Standby, c: &mut Copy, d: ResyncData) -> anyhow::Result<()> {
     let applier = &sb.applier;
     let (recs, bytes) = batch_records(&applier.bases, c.snapshot, d.extents)?;
-    applier.apply_resync_batch(c.snapshot, now_ns(), &recs)?;
+    applier.apply_resync_batch(c.snapshot, c.primary_time_ns, &recs)?;
     c.bytes += bytes;
     c.batches += 1;
     applier
@@ -222,7 +229,7 @@ pub(crate) fn end(sb: &Standby, c: &Copy, e: &ResyncEnd) -> anyhow::Result<()> {
     if e.through_seq <= c.snapshot {
         // The copy alone is the primary's image at the snapshot.
         if let Some(pit) = &applier.pit {
-            pit.end_resync_marker(c.snapshot, now_ns())?;
+            pit.end_resync_marker(c.snapshot, e.primary_time_ns.unwrap_or_else(now_ns))?;
         }
         applier.meta.end_resync_copy(None, c.snapshot)?;
         applier.resync.set(None);

@@ -23,7 +23,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use ferry_journal::{now_ns, Seq};
 use ferry_proto::session::{LocalIdentity, Received, Receiver};
-use ferry_proto::wire::{DigestRequest, Frame, HandoverAck, Heartbeat, VerifyResult};
+use ferry_proto::wire::{
+    DigestRequest, ErrorCode, ErrorFrame, Frame, HandoverAck, Heartbeat, SyncLoss, VerifyResult,
+};
 use ferry_transport::quic::{
     self, FramedRecv, FramedSend, QuicError, StandbySession, TlsMaterial, TransportOptions,
 };
@@ -222,6 +224,7 @@ async fn session(
                     // primary measure its age (up to a heartbeat interval) as the RTT.
                     echo_ns: 0,
                     last_seq: sb.journal.durable_seq(),
+                    sync_loss: None,
                 })).await?;
             }
         }
@@ -313,6 +316,16 @@ impl DataFrames<'_> {
                 sb.state
                     .last_primary_seq
                     .fetch_max(ws.last_seq, Ordering::Relaxed);
+                if crate::store::failpoint::check("ferryd::standby_refuse_write_set").is_err() {
+                    // As for a record outside the replica (`ResyncRequired`).
+                    let frame = ErrorFrame {
+                        epoch: self.rx.epoch(),
+                        code: ErrorCode::ResyncRequired,
+                        reason: "failpoint ferryd::standby_refuse_write_set".into(),
+                    };
+                    quic::refuse(self.conn, control, frame).await;
+                    bail!("write-set refused by a failpoint");
+                }
                 match self.rx.on_write_set(ws) {
                     Ok(Received::Accept(ws)) => sb.journal_write_set(ws)?,
                     Ok(Received::Duplicate(ack)) => control.send_frame(&Frame::Ack(ack)).await?,
@@ -352,6 +365,13 @@ async fn on_control_frame(
     match f {
         Some(Frame::Heartbeat(hb)) => {
             sb.state.heard_from_primary();
+            if let Some(loss) = hb.sync_loss {
+                let at = match loss {
+                    SyncLoss::DegradedAt(at) => Some(at),
+                    SyncLoss::None => None,
+                };
+                tokio::task::block_in_place(|| sb.heard_sync_loss(at))?;
+            }
             sb.state
                 .last_primary_seq
                 .fetch_max(hb.last_seq, Ordering::Relaxed);
@@ -361,6 +381,7 @@ async fn on_control_frame(
                     sent_at_ns: now_ns(),
                     echo_ns: hb.sent_at_ns,
                     last_seq: sb.journal.durable_seq(),
+                    sync_loss: None,
                 }))
                 .await?;
         }

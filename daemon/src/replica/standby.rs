@@ -83,6 +83,9 @@ pub struct StandbyState {
     /// until its idle timeout). Monotonic so a wall-clock jump on this node neither
     /// declares a live primary dead nor a dead one alive.
     last_heard_mono_ns: AtomicU64,
+    /// The sync loss the primary last told of (mirror of the metadata's durable
+    /// `heard_sync_loss`): this node may lack writes acknowledged after it.
+    pub sync_loss: Mutex<Option<Seq>>,
 }
 
 impl StandbyState {
@@ -163,6 +166,7 @@ impl Standby {
             pause_tx: watch::channel(false).0,
             apply_error: Mutex::new(None),
             last_heard_mono_ns: AtomicU64::new(0),
+            sync_loss: Mutex::new(applier.meta.heard_sync_loss()?),
         });
         // Unbounded in count, bounded in bytes by `apply_budget`.
         let (apply_tx, apply_rx) = crossbeam_channel::unbounded::<ApplyItem>();
@@ -232,6 +236,30 @@ impl Standby {
 
     pub fn paused(&self) -> Option<String> {
         self.state.paused.lock().clone()
+    }
+
+    /// A primary's heartbeat said where this standby lost sync (`Some`), or that it
+    /// holds every acknowledged write (`None`): persisted on a change, before it is
+    /// believed, so a node partitioned from then on still knows after a restart.
+    pub(crate) fn heard_sync_loss(&self, at: Option<Seq>) -> anyhow::Result<()> {
+        if *self.state.sync_loss.lock() == at {
+            return Ok(());
+        }
+        self.applier
+            .meta
+            .set_heard_sync_loss(at)
+            .context("recording the primary's sync loss")?;
+        *self.state.sync_loss.lock() = at;
+        match at {
+            Some(at) => tracing::warn!(
+                seq = at,
+                "the primary acknowledged writes after {at} without this standby (sync \
+                 target degraded): it may lack them until it catches up; promote refuses \
+                 without --force"
+            ),
+            None => tracing::info!("the primary says this standby holds every acknowledged write"),
+        }
+        Ok(())
     }
 
     /// Highest sequence journaled durably on this standby.
@@ -450,6 +478,7 @@ mod tests {
             pause_tx: watch::channel(false).0,
             apply_error: Default::default(),
             last_heard_mono_ns: Default::default(),
+            sync_loss: Default::default(),
         };
         refuse_misnumbered(&order, &state, &b, 12, 11);
         let e = state.apply_error.lock().clone().unwrap();

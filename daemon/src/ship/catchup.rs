@@ -660,6 +660,9 @@ pub async fn resync_copy(
     let started = Instant::now();
     let (snapshot, total) = tokio::task::block_in_place(|| begin_resync(t, &sh, from))?;
     tracing::info!(target = %t.name, from, snapshot, total_bytes = total, "resync started");
+    // The primary's clock goes with the snapshot and the end (to a V2 standby): the
+    // standby stamps the transition's recovery points with it, not its own clock.
+    let v2 = s.negotiated.has_v2_tails();
     s.data
         .send_frame(&Frame::ResyncBegin(ResyncBegin {
             epoch,
@@ -667,6 +670,7 @@ pub async fn resync_copy(
             snapshot_seq: snapshot,
             total_bytes: total,
             region_size: sh.region_size as u32,
+            primary_time_ns: v2.then(now_ns),
         }))
         .await?;
     // Ship only what differs: the standby's replica is untouched until the first
@@ -688,6 +692,7 @@ pub async fn resync_copy(
             through_seq: through,
             bytes,
             data_bytes,
+            primary_time_ns: v2.then(now_ns),
         }))
         .await?;
     tracing::info!(
@@ -764,6 +769,7 @@ async fn send_copy(
                         sent_at_ns: now_ns(),
                         echo_ns: 0,
                         last_seq: sh.journal.durable_seq(),
+                        sync_loss: t.heartbeat_sync_loss(s.negotiated),
                     }))
                     .await?;
             }

@@ -213,6 +213,8 @@ impl Replication {
                     lag_seconds,
                     rtt_us: t.rtt_us.load(Ordering::Relaxed),
                     last_error: snap.last_error.clone(),
+                    sync_loss_at: snap.sync_loss_at,
+                    writes_blocked: snap.writes_blocked,
                     track: t.track_status(&snap),
                 }
             })
@@ -370,6 +372,7 @@ mod tests {
             SyncGate::new(
                 vec![a.clone(), b.clone()],
                 std::time::Duration::from_secs(1),
+                None,
             ),
             Arc::new(SeqIndex::default()),
         );
@@ -390,7 +393,7 @@ mod tests {
         assert_eq!(st[1]["tracking"], "streaming");
         let none = Replication::new(
             vec![],
-            SyncGate::new(vec![], std::time::Duration::from_secs(1)),
+            SyncGate::new(vec![], std::time::Duration::from_secs(1), None),
             Arc::new(SeqIndex::default()),
         );
         assert_eq!(none.release_floor(), Seq::MAX);

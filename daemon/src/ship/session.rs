@@ -72,7 +72,13 @@ pub(crate) async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
         // Ends the session in the lifecycle however `session` ends (also when the
         // shipper is cancelled at shutdown).
         let mut ended = SessionGuard { t: &t, error: None };
-        if let Err(e) = session(&ctx, &t, addr).await {
+        let dialed = match crate::store::failpoint::check("ferryd::ship_connect") {
+            Ok(()) => session(&ctx, &t, addr).await,
+            Err(e) => Err(anyhow!(
+                "dialing {addr}: failpoint ferryd::ship_connect: {e}"
+            )),
+        };
+        if let Err(e) = dialed {
             let newer = e
                 .chain()
                 .find_map(|c| match c.downcast_ref::<quic::QuicError>() {
@@ -157,6 +163,14 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     let peer_resume = s.peer_hello.resume_position;
     tracing::info!(target = %t.name, address = %t.address, resume = plan.ack.resume_seq, "replication session established");
     let start = t.update(|lc| lc.session_started(&plan, peer_resume, ctx.journal.durable_seq()));
+    if plan.start
+        == (PlanStart::Resync {
+            full: Some(FullReason::StandbyRequired),
+        })
+    {
+        // The full switch above is durable: the dirty maps carry the request now.
+        persist_resync_required(ctx, t, false);
+    }
     let resume = match start {
         SessionStart::Stream { after } => after,
         SessionStart::Resync { from } => {
@@ -384,6 +398,7 @@ async fn stream(
                         sent_at_ns: now_ns(),
                         echo_ns: 0,
                         last_seq: ctx.journal.durable_seq(),
+                        sync_loss: t.heartbeat_sync_loss(s.negotiated),
                     }))
                     .await?;
             }
@@ -435,6 +450,7 @@ fn on_control(
                     "the standby refused a write-set and requires a resync: the next session \
                      copies every region that differs (compared by digest) instead of streaming"
                 );
+                persist_resync_required(ctx, t, true);
             }
             if e.code == ErrorCode::ResyncRequired {
                 bail!(
@@ -453,6 +469,18 @@ fn on_control(
     Ok(Next::Continue)
 }
 
+/// Records (or clears) the standby's request for a full resync in the metadata, so
+/// a restart before the resync still does it. A failure is logged: the request is
+/// then held in memory only (and a standby refuses the same records again anyway).
+fn persist_resync_required(ctx: &ShipContext, t: &TargetState, required: bool) {
+    let Some(meta) = ctx.sync.meta() else {
+        return;
+    };
+    if let Err(e) = tokio::task::block_in_place(|| meta.set_resync_required(&t.name, required)) {
+        tracing::error!(target = %t.name, "cannot record the standby's resync request: {e}");
+    }
+}
+
 /// The standby holds `durable` and applied `applied`: the lifecycle decides whether a
 /// resync completed (its maps go) and whether a degraded target caught up; the sync
 /// gate moves.
@@ -465,6 +493,16 @@ fn on_ack(ctx: &ShipContext, t: &TargetState, durable: Seq, applied: Seq) {
         tracing::info!(target = %t.name, "sync target caught up: synchronous again");
     }
     ctx.sync.recompute();
+    let mut cleared = out.sync_loss_cleared;
+    if out.caught_up {
+        // Read after the recompute: every write acknowledged without the target is
+        // at or below it (later ones wait for it now).
+        let durable = ctx.journal.durable_seq();
+        cleared |= t.update(|lc| lc.sync_resumed(durable));
+    }
+    if cleared {
+        t.clear_sync_loss(ctx.sync.meta());
+    }
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use ferry_journal::{Journal, Op, Record, Seq};
 use ferry_proto::target::{
-    sync_gate_position, HandedOver, SyncMode, TargetLifecycle, TargetStatus as Snapshot,
-    UnexpectedHandoverAck,
+    sync_gate_position, HandedOver, SyncLossPolicy, SyncMode, TargetLifecycle,
+    TargetStatus as Snapshot, UnexpectedHandoverAck,
 };
 use ferry_proto::wire::ErrorCode;
 use parking_lot::Mutex;
@@ -21,7 +21,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::ship::dirty::DirtyMap;
 use crate::store::base::Base;
-use ferry_api::config::{ReplicationMode, TargetConfig};
+use crate::store::meta::Meta;
+use ferry_api::config::{OnSyncLoss, ReplicationMode, TargetConfig};
 
 /// A bitmap-mode target's maps are flushed at least this often (the monitor may flush
 /// sooner under journal pressure).
@@ -79,6 +80,10 @@ pub struct TargetState {
     pub(crate) verify_waiters: Mutex<VerifyWaiters>,
     /// Journal overflow: the dirty maps and their counters ([`Tracker`]).
     pub track: Tracker,
+    /// Held while the target's sync-loss record is written to the metadata, so the
+    /// writes land in the order of the lifecycle's changes (a late clear must not
+    /// overwrite a loss recorded after it).
+    sync_loss_io: Mutex<()>,
 }
 
 type VerifyWaiters =
@@ -101,7 +106,11 @@ impl TargetState {
             address: t.address.clone(),
             mode: t.mode,
             life: Mutex::new(Life {
-                lc: TargetLifecycle::new(t.name.clone(), sync_mode(t.mode), acked, away_since_fork),
+                lc: TargetLifecycle::new(t.name.clone(), sync_mode(t.mode), acked, away_since_fork)
+                    .with_sync_loss_policy(match t.on_sync_loss {
+                        OnSyncLoss::Degrade => SyncLossPolicy::Degrade,
+                        OnSyncLoss::Block => SyncLossPolicy::Block,
+                    }),
                 answer: None,
             }),
             acked_seq: AckedMirror(AtomicU64::new(acked)),
@@ -110,6 +119,7 @@ impl TargetState {
             switchover: tokio::sync::Mutex::new(()),
             verify_waiters: Mutex::new(Default::default()),
             track: Default::default(),
+            sync_loss_io: Mutex::new(()),
         }
     }
 
@@ -255,6 +265,101 @@ impl TargetState {
         self.update(|lc| lc.sync_timeout(seq))
     }
 
+    /// Records this target's sync loss durably if one is due (it is degraded, and
+    /// writes wait for it until then): in `meta` first, then in the lifecycle, so no
+    /// write past the loss is acknowledged without a durable record of it. `meta`
+    /// `None` (unit tests): in memory only. A failed write leaves writes waiting; the
+    /// next timeout tries again.
+    pub(crate) fn record_sync_loss(&self, meta: Option<&Meta>) {
+        let _io = self.sync_loss_io.lock();
+        let Some(at) = self.read(TargetLifecycle::sync_loss_to_record) else {
+            return;
+        };
+        if let Some(meta) = meta {
+            let put = || meta.set_sync_loss(&self.name, Some(at));
+            if let Err(e) = tokio::task::block_in_place(put) {
+                tracing::error!(
+                    target = %self.name,
+                    "cannot record the sync target's loss of sync at {at}: writes keep \
+                     waiting for it ({e})"
+                );
+                return;
+            }
+        }
+        self.update(|lc| lc.sync_loss_recorded(at));
+        tracing::error!(
+            target = %self.name,
+            seq = at,
+            "sync loss recorded: writes after {at} are acknowledged without this target \
+             until it catches up; promoting it meanwhile may lose them (it refuses \
+             without --force)"
+        );
+    }
+
+    /// The target holds every write acknowledged without it: its sync-loss record
+    /// goes from `meta` — unless a new loss was recorded since (the lifecycle says
+    /// which is current). A failure only logs: the record stays, and a restart
+    /// restores it until the target catches up again (the safe side).
+    pub(crate) fn clear_sync_loss(&self, meta: Option<&Meta>) {
+        let _io = self.sync_loss_io.lock();
+        if self.read(TargetLifecycle::sync_loss).is_some() {
+            return;
+        }
+        if let Some(meta) = meta {
+            if let Err(e) = tokio::task::block_in_place(|| meta.set_sync_loss(&self.name, None)) {
+                tracing::error!(target = %self.name, "cannot clear the sync loss record: {e}");
+                return;
+            }
+        }
+        tracing::info!(
+            target = %self.name,
+            "sync target holds every write acknowledged without it: sync loss cleared"
+        );
+    }
+
+    /// The V2 tail of a heartbeat to this target: its durable sync-loss record (so
+    /// the standby knows it may lack acknowledged writes), only to a standby that
+    /// reads V2 tails.
+    pub(crate) fn heartbeat_sync_loss(
+        &self,
+        neg: ferry_proto::session::Negotiated,
+    ) -> Option<ferry_proto::wire::SyncLoss> {
+        use ferry_proto::wire::SyncLoss;
+        neg.has_v2_tails()
+            .then(|| match self.read(TargetLifecycle::sync_loss) {
+                Some(at) => SyncLoss::DegradedAt(at),
+                None => SyncLoss::None,
+            })
+    }
+
+    /// `on_sync_loss = "block"`: writes are waiting for it past the timeout.
+    pub(crate) fn writes_blocked(&self) -> bool {
+        self.read(TargetLifecycle::writes_blocked)
+    }
+
+    /// Start-up: what `meta` recorded of the target before the restart holds on —
+    /// its sync loss, and its standby's request for a full resync (issue 16 path 7:
+    /// a restart between the request and the resync used to forget it); a target
+    /// degraded from the start (away since a failover, bitmap mode) gets its sync
+    /// loss recorded now, before the first write.
+    pub(crate) fn load_persisted(&self, meta: &Meta) -> anyhow::Result<()> {
+        if meta.resync_required(&self.name)? {
+            self.update(TargetLifecycle::restore_peer_requires_resync);
+            tracing::warn!(
+                target = %self.name,
+                "the standby required a full resync before the restart: its next session \
+                 resyncs every region by digest"
+            );
+        }
+        if let Some(at) = meta.sync_loss(&self.name)? {
+            self.update(|lc| lc.restore_sync_loss(at));
+        } else if let Some(at) = self.read(TargetLifecycle::sync_loss_to_record) {
+            meta.set_sync_loss(&self.name, Some(at))?;
+            self.update(|lc| lc.sync_loss_recorded(at));
+        }
+        Ok(())
+    }
+
     /// Test set-up: a session streams after `acked` (as after its handshake).
     #[cfg(test)]
     pub(crate) fn streaming_at(&self, acked: Seq) {
@@ -279,15 +384,22 @@ pub struct SyncGate {
     targets: parking_lot::RwLock<Vec<Arc<TargetState>>>,
     tx: watch::Sender<Seq>,
     timeout: Duration,
+    /// Where sync losses are recorded (`None` in unit tests: in memory only).
+    meta: Option<Arc<Meta>>,
 }
 
 impl SyncGate {
-    pub fn new(targets: Vec<Arc<TargetState>>, timeout: Duration) -> Arc<SyncGate> {
+    pub fn new(
+        targets: Vec<Arc<TargetState>>,
+        timeout: Duration,
+        meta: Option<Arc<Meta>>,
+    ) -> Arc<SyncGate> {
         let (tx, _) = watch::channel(Seq::MAX);
         let g = Arc::new(SyncGate {
             targets: parking_lot::RwLock::new(targets),
             tx,
             timeout,
+            meta,
         });
         g.recompute();
         g
@@ -307,6 +419,12 @@ impl SyncGate {
         self.recompute();
     }
 
+    /// The node's metadata, where the targets' durable records go (`None` in unit
+    /// tests).
+    pub(crate) fn meta(&self) -> Option<&Meta> {
+        self.meta.as_deref()
+    }
+
     /// Recomputes the sync position after an ack or a state change.
     pub fn recompute(&self) {
         let min = sync_gate_position(
@@ -322,7 +440,9 @@ impl SyncGate {
         });
     }
 
-    /// Waits until `seq` is durable on every live sync target.
+    /// Waits until `seq` is durable on every live sync target. A timeout degrades
+    /// the sync targets that lack it (`on_sync_loss = "degrade"`), each only once
+    /// its loss is recorded durably; with `"block"` the write simply waits on.
     pub async fn wait(&self, seq: Seq) {
         let mut rx = self.tx.subscribe();
         loop {
@@ -331,12 +451,24 @@ impl SyncGate {
                 Err(_) => {
                     let targets = self.targets.read().clone();
                     for t in &targets {
+                        let was_blocked = t.writes_blocked();
                         if t.sync_timeout(seq) {
                             tracing::error!(
                                 target = %t.name,
                                 seq,
                                 "sync target did not confirm a write within {:?}: degraded to async \
                                  (RPO is no longer zero) until it catches up",
+                                self.timeout
+                            );
+                        }
+                        // Degraded now or before (bitmap mode): durable first.
+                        t.record_sync_loss(self.meta.as_deref());
+                        if !was_blocked && t.writes_blocked() {
+                            tracing::error!(
+                                target = %t.name,
+                                seq,
+                                "sync target did not confirm a write within {:?}: writes wait \
+                                 for it (on_sync_loss = \"block\") until it returns",
                                 self.timeout
                             );
                         }
@@ -613,6 +745,7 @@ pub(crate) mod tests {
                 name: name.into(),
                 address: "127.0.0.1:1".into(),
                 mode,
+                on_sync_loss: Default::default(),
             },
             acked,
             false,
@@ -697,7 +830,7 @@ pub(crate) mod tests {
     async fn a_sync_target_that_misses_the_timeout_is_degraded() {
         let a = target("a", ReplicationMode::Sync, 0);
         let b = target("b", ReplicationMode::Async, 0);
-        let g = SyncGate::new(vec![a.clone(), b.clone()], Duration::from_millis(50));
+        let g = SyncGate::new(vec![a.clone(), b.clone()], Duration::from_millis(50), None);
         assert!(g.has_sync_targets());
         a.streaming_at(5);
         g.recompute();
@@ -710,7 +843,7 @@ pub(crate) mod tests {
             .expect("the timeout degrades the target and lets the write go");
         assert!(degraded(&a));
         assert!(!degraded(&b), "async targets never wait");
-        let async_only = SyncGate::new(vec![b], Duration::from_millis(50));
+        let async_only = SyncGate::new(vec![b], Duration::from_millis(50), None);
         assert!(!async_only.has_sync_targets());
     }
 

@@ -61,6 +61,18 @@ const K_JOURNAL_SKIP: &str = "journal_skip";
 /// keep it as it is during an incident) must not find it following the primary
 /// again because the service restarted.
 const K_PAUSED: &str = "paused";
+/// Primary: `sync_loss/<target>` = the sequence (u64 LE) after which writes were
+/// acknowledged without that sync target; absent or empty once it holds them all.
+/// Written before any such write is acknowledged (`ship::target::SyncGate`).
+const SYNC_LOSS_PREFIX: &str = "sync_loss/";
+/// Standby: the sync loss its primary last told it of (u64 LE; empty: none). Kept
+/// across restarts: the node may be partitioned from the primary from then on, and
+/// `promote` must still refuse.
+const K_HEARD_SYNC_LOSS: &str = "heard_sync_loss";
+/// Primary: `resync_required/<target>` = `[1]` while that standby's request for a
+/// full resync (its `ResyncRequired` refusal) is not yet carried by durable dirty
+/// maps; empty or absent otherwise.
+const RESYNC_REQUIRED_PREFIX: &str = "resync_required/";
 
 /// A standby's resync transition: while it is recorded the replica is not a
 /// consistent image, and no point after `from` is offered.
@@ -491,7 +503,9 @@ impl Meta {
 
     /// One durable transaction for a role change: the new epoch, role, the primary to
     /// follow (standby) and the fork point (primary); clears `outdated`, a finished
-    /// rollback and an operator pause (the node starts a new life in the new epoch).
+    /// rollback, an operator pause and what belonged to the old role's replication —
+    /// the sync loss a primary told this standby, the sync losses and resync requests
+    /// of this primary's targets (the node starts a new life in the new epoch).
     pub fn change_role(
         &self,
         epoch: u64,
@@ -572,6 +586,7 @@ impl Meta {
             (K_OUTDATED, &[]),
             (K_ROLLBACK, &[]),
             (K_PAUSED, &[]),
+            (K_HEARD_SYNC_LOSS, &[]),
         ];
         let e = epoch.to_le_bytes();
         pairs[0].1 = &e;
@@ -580,7 +595,30 @@ impl Meta {
             pairs.push((K_FORK_BY, &[]));
         }
         pairs.extend_from_slice(extra);
+        let stale = self.keys_with_prefixes(&[SYNC_LOSS_PREFIX, RESYNC_REQUIRED_PREFIX])?;
+        pairs.extend(stale.iter().map(|k| (k.as_str(), &[][..])));
         self.put_many(&pairs)
+    }
+
+    /// Every key starting with one of `prefixes`.
+    fn keys_with_prefixes(&self, prefixes: &[&str]) -> Result<Vec<String>, MetaError> {
+        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let table = match txn.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let mut keys = Vec::new();
+        for prefix in prefixes {
+            for entry in table.range(*prefix..).map_err(|e| self.store_err(e))? {
+                let (k, _) = entry.map_err(|e| self.store_err(e))?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                keys.push(k.value().to_string());
+            }
+        }
+        Ok(keys)
     }
 
     /// Records that the fork of the role change just made is a switchover's (not a
@@ -630,6 +668,73 @@ impl Meta {
         }
         let key = format!("{REJOINED_PREFIX}{name}");
         self.put_many(&[(key.as_str(), &fork.to_le_bytes())])
+    }
+
+    /// Primary: the recorded sync loss of target `name` (see `SYNC_LOSS_PREFIX`).
+    pub fn sync_loss(&self, name: &str) -> Result<Option<u64>, MetaError> {
+        let key = format!("{SYNC_LOSS_PREFIX}{name}");
+        self.get_opt_u64(&key, "sync_loss")
+    }
+
+    /// Records (durably) or clears target `name`'s sync loss.
+    pub fn set_sync_loss(&self, name: &str, at: Option<u64>) -> Result<(), MetaError> {
+        let key = format!("{SYNC_LOSS_PREFIX}{name}");
+        let v = at.map(u64::to_le_bytes);
+        self.put_many(&[(key.as_str(), v.as_ref().map_or(&[][..], |b| &b[..]))])
+    }
+
+    /// Primary: whether target `name` asked for a full resync not yet under way.
+    pub fn resync_required(&self, name: &str) -> Result<bool, MetaError> {
+        let key = format!("{RESYNC_REQUIRED_PREFIX}{name}");
+        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let table = match txn.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let v = table.get(key.as_str()).map_err(|e| self.store_err(e))?;
+        Ok(v.is_some_and(|v| v.value() == [1]))
+    }
+
+    /// Records (durably) or clears target `name`'s request for a full resync.
+    pub fn set_resync_required(&self, name: &str, required: bool) -> Result<(), MetaError> {
+        let key = format!("{RESYNC_REQUIRED_PREFIX}{name}");
+        let v: &[u8] = if required { &[1] } else { &[] };
+        self.put_many(&[(key.as_str(), v)])
+    }
+
+    /// Standby: the sync loss its primary told it of (see `K_HEARD_SYNC_LOSS`).
+    pub fn heard_sync_loss(&self) -> Result<Option<u64>, MetaError> {
+        self.get_opt_u64(K_HEARD_SYNC_LOSS, K_HEARD_SYNC_LOSS)
+    }
+
+    /// Records (durably) or clears what the primary told this standby.
+    pub fn set_heard_sync_loss(&self, at: Option<u64>) -> Result<(), MetaError> {
+        let v = at.map(u64::to_le_bytes);
+        self.put_many(&[(K_HEARD_SYNC_LOSS, v.as_ref().map_or(&[][..], |b| &b[..]))])
+    }
+
+    /// An optional u64 under a (possibly computed) key: absent and empty are `None`.
+    fn get_opt_u64(&self, key: &str, what: &'static str) -> Result<Option<u64>, MetaError> {
+        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let table = match txn.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let Some(v) = table.get(key).map_err(|e| self.store_err(e))? else {
+            return Ok(None);
+        };
+        match v.value() {
+            [] => Ok(None),
+            b => <[u8; 8]>::try_from(b)
+                .map(|a| Some(u64::from_le_bytes(a)))
+                .map_err(|_| MetaError::Corrupt {
+                    path: self.path.clone(),
+                    key: what,
+                    message: format!("{} bytes, expected 8", b.len()),
+                }),
+        }
     }
 
     fn store_err(&self, e: impl std::fmt::Display) -> MetaError {
@@ -800,6 +905,34 @@ mod tests {
     }
 
     #[test]
+    fn sync_losses_persist_and_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = [7u8; 16];
+        {
+            let m = Meta::open(dir.path(), id).unwrap();
+            assert_eq!(m.sync_loss("dr1").unwrap(), None);
+            assert_eq!(m.heard_sync_loss().unwrap(), None);
+            m.set_sync_loss("dr1", Some(42)).unwrap();
+            m.set_sync_loss("dr2", Some(0)).unwrap();
+            m.set_heard_sync_loss(Some(17)).unwrap();
+        }
+        let m = Meta::open(dir.path(), id).unwrap();
+        assert_eq!(m.sync_loss("dr1").unwrap(), Some(42));
+        assert_eq!(m.sync_loss("dr2").unwrap(), Some(0), "zero is a position");
+        assert_eq!(m.heard_sync_loss().unwrap(), Some(17));
+        m.set_sync_loss("dr1", None).unwrap();
+        m.set_heard_sync_loss(None).unwrap();
+        assert!(!m.resync_required("dr1").unwrap());
+        m.set_resync_required("dr1", true).unwrap();
+        assert!(m.resync_required("dr1").unwrap());
+        assert!(!m.resync_required("dr2").unwrap());
+        m.set_resync_required("dr1", false).unwrap();
+        assert!(!m.resync_required("dr1").unwrap());
+        assert_eq!(m.sync_loss("dr1").unwrap(), None);
+        assert_eq!(m.heard_sync_loss().unwrap(), None);
+    }
+
+    #[test]
     fn role_changes_are_one_transaction() {
         let dir = tempfile::tempdir().unwrap();
         let m = Meta::open(dir.path(), [1; 16]).unwrap();
@@ -812,6 +945,10 @@ mod tests {
         .unwrap();
         m.set_rollback_state(Some(RollbackState::Done { target: 4 }))
             .unwrap();
+        m.set_heard_sync_loss(Some(9)).unwrap();
+        m.set_sync_loss("dr1", Some(3)).unwrap();
+        m.set_sync_loss("dr2", Some(4)).unwrap();
+        m.set_resync_required("dr1", true).unwrap();
         m.change_role(2, "standby", Some("dr1"), None).unwrap();
         drop(m);
         let m = Meta::open(dir.path(), [1; 16]).unwrap();
@@ -823,6 +960,12 @@ mod tests {
             (None, None)
         );
         assert_eq!(m.fork_seq().unwrap(), None);
+        assert_eq!(m.heard_sync_loss().unwrap(), None);
+        assert_eq!(
+            (m.sync_loss("dr1").unwrap(), m.sync_loss("dr2").unwrap()),
+            (None, None)
+        );
+        assert!(!m.resync_required("dr1").unwrap());
         m.change_role(3, "primary", None, Some(77)).unwrap();
         assert_eq!(m.fork_by().unwrap(), Some("promotion"));
         m.set_fork_by_switchover().unwrap();

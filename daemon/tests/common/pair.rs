@@ -72,6 +72,7 @@ pub fn node_config(
                 name: peer.0.into(),
                 address: format!("127.0.0.1:{}", peer.1),
                 mode: ReplicationMode::Sync,
+                on_sync_loss: Default::default(),
             }],
         }),
         metrics: None,

@@ -129,6 +129,7 @@ fn session_frames() -> Vec<Frame> {
             sent_at_ns: 99,
             echo_ns: 98,
             last_seq: 46,
+            sync_loss: None,
         }),
         Frame::Error(ErrorFrame {
             epoch: 7,
@@ -160,6 +161,7 @@ fn verify_and_resync_frames() -> Vec<Frame> {
             snapshot_seq: 46,
             total_bytes: 1 << 20,
             region_size: 65536,
+            primary_time_ns: None,
         }),
         Frame::ResyncData(ResyncData {
             epoch: 7,
@@ -183,6 +185,7 @@ fn verify_and_resync_frames() -> Vec<Frame> {
             through_seq: 46,
             bytes: 65540,
             data_bytes: 4,
+            primary_time_ns: None,
         }),
         Frame::DigestRequest(DigestRequest {
             epoch: 7,

@@ -158,7 +158,8 @@ pub enum Cmd {
         #[arg(long)]
         bookmark: Option<String>,
         /// Promote even while the current primary is connected (it is fenced when it
-        /// next reaches this node).
+        /// next reaches this node), or although this standby lost sync (a sync target
+        /// its primary degraded: writes acknowledged since may be missing here).
         #[arg(long)]
         force: bool,
         /// Print the result as JSON (for scripts) instead of text.

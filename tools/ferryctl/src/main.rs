@@ -420,10 +420,18 @@ fn role_change(cfg: &Config, req: Request, json: bool) -> anyhow::Result<()> {
     let v = call(cfg, &req)?;
     print_or(json, &v, || {
         match &req {
-            Request::Promote { .. } => println!(
-                "promoted: primary of epoch {} from sequence {}; restarting as the primary",
-                v["epoch"], v["fork_seq"]
-            ),
+            Request::Promote { .. } => {
+                if let Some(at) = v["forced_past_sync_loss"].as_u64() {
+                    println!(
+                        "warning: promoted past a sync loss at sequence {at}: writes the old \
+                         primary acknowledged after it may be missing"
+                    );
+                }
+                println!(
+                    "promoted: primary of epoch {} from sequence {}; restarting as the primary",
+                    v["epoch"], v["fork_seq"]
+                )
+            }
             Request::Demote => println!(
                 "demoted: rejoining as a standby of '{}' (epoch {}) from sequence {}",
                 v["primary"].as_str().unwrap_or("?"),
@@ -799,6 +807,7 @@ fn node_configs(
                 name: name.clone(),
                 address: addr.clone(),
                 mode: s.mode,
+                on_sync_loss: Default::default(),
             })
             .collect(),
     });
@@ -838,6 +847,7 @@ fn node_configs(
                             name: PRIMARY.into(),
                             address: s.primary.clone(),
                             mode: s.mode,
+                            on_sync_loss: Default::default(),
                         }]
                     })
                     .unwrap_or_default(),

@@ -176,6 +176,7 @@ fn standby_config(
                 name: primary.node.name.clone(),
                 address: repl.listen.clone(),
                 mode,
+                on_sync_loss: Default::default(),
             }],
         }),
     ))

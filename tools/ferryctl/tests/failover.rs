@@ -404,6 +404,7 @@ fn ship_to_the_others(dr1: &Path, others: &[PathBuf]) {
             name: n.to_string(),
             address: repl_listen(c),
             mode: ferry_api::config::ReplicationMode::Async,
+            on_sync_loss: Default::default(),
         })
         .collect();
     std::fs::write(dr1, c1.to_toml()).unwrap();
