@@ -4,9 +4,10 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use crate::format::base::{chunk_object, Base, CHUNK_SIZE};
+use crate::format::base::{Base, CHUNK_SIZE};
 use crate::format::manifest::{Entry, Kind, Manifest, Volume};
 use crate::format::pack::{self, Op, WriteSet};
+use crate::format::sealed::ObjectKind;
 use crate::format::sm3_hex;
 use crate::store::{ArchiveStore, StoreError};
 
@@ -49,6 +50,7 @@ pub(crate) async fn get_checked(
 
 async fn pack_sets(store: &ArchiveStore, e: &Entry) -> Result<Vec<WriteSet>, StoreError> {
     let b = get_checked(store, e).await?;
+    let b = store.unseal(ObjectKind::Pack, &e.name, b)?;
     let (_, sets) = pack::decode(&b).map_err(|source| StoreError::Format {
         name: e.name.clone(),
         source,
@@ -236,14 +238,8 @@ async fn write_base(
             out.write_all_at(&zeros[..len], off)?;
             continue;
         };
-        let name = chunk_object(id);
-        let z = store.get(&name).await?;
-        downloaded += z.len() as u64;
-        let data = zstd::bulk::decompress(&z, CHUNK_SIZE as usize)
-            .map_err(|_| StoreError::Digest { name: name.clone() })?;
-        if data.len() != len || sm3_hex(&[&data]) != *id {
-            return Err(StoreError::Digest { name });
-        }
+        let (data, stored) = store.get_chunk(id, len).await?;
+        downloaded += stored;
         out.write_all_at(&data, off)?;
     }
     Ok(downloaded)

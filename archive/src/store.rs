@@ -10,7 +10,11 @@ use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
+use ferry_gm::atrest::Kek;
+
+use crate::format::base::{chunk_object, CHUNK_SIZE};
 use crate::format::manifest::Manifest;
+use crate::format::sealed::{self, ObjectKind, SealError};
 use crate::format::FormatError;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +31,14 @@ pub enum StoreError {
     LostRace { generation: u64 },
     #[error("{0}")]
     Refused(String),
+    #[error("{name}: {source}")]
+    Sealed { name: String, source: SealError },
+    #[error("the archive is encrypted with key {0}: give its key file")]
+    KeyNeeded(String),
+    #[error("the archive is encrypted with key {stored}, but the key file holds key {given}")]
+    WrongKey { stored: String, given: String },
+    #[error("the archive is not encrypted, but a key was given (key {0}): an archive is encrypted from its first object or never")]
+    NotEncrypted(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -36,6 +48,8 @@ pub struct ArchiveStore {
     store: Arc<dyn ObjectStore>,
     prefix: ObjPath,
     url: String,
+    /// The key-encryption key: packs and chunks are sealed and opened with it.
+    kek: Option<Kek>,
 }
 
 impl std::fmt::Debug for ArchiveStore {
@@ -81,7 +95,110 @@ impl ArchiveStore {
             store,
             prefix: ObjPath::from(prefix),
             url: url.to_string(),
+            kek: None,
         })
+    }
+
+    /// This store with the node's key-encryption key: a new archive is created
+    /// encrypted, an existing one must have been encrypted with this key.
+    pub fn with_kek(mut self, kek: Option<Kek>) -> ArchiveStore {
+        self.kek = kek;
+        self
+    }
+
+    pub fn kek(&self) -> Option<&Kek> {
+        self.kek.as_ref()
+    }
+
+    /// Refuses `m` unless its encryption matches the key given (none for none).
+    pub fn check_key(&self, m: &Manifest) -> Result<(), StoreError> {
+        match (&m.encryption, &self.kek) {
+            (None, None) => Ok(()),
+            (Some(e), None) => Err(StoreError::KeyNeeded(e.key_id.clone())),
+            (None, Some(k)) => Err(StoreError::NotEncrypted(k.id().to_string())),
+            (Some(e), Some(k)) if e.key_id != k.id().to_string() => Err(StoreError::WrongKey {
+                stored: e.key_id.clone(),
+                given: k.id().to_string(),
+            }),
+            (Some(_), Some(_)) => Ok(()),
+        }
+    }
+
+    /// Seals `plain` as object `name` when the archive is encrypted.
+    pub fn seal(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        plain: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        match &self.kek {
+            None => Ok(plain),
+            Some(k) => sealed::seal(k, kind, name, &plain).map_err(|source| StoreError::Sealed {
+                name: name.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// The plaintext of stored object `name`: opened when the archive is encrypted; a
+    /// sealed object without a key is refused naming its key id.
+    pub fn unseal(&self, kind: ObjectKind, name: &str, stored: Bytes) -> Result<Bytes, StoreError> {
+        let err = |source| StoreError::Sealed {
+            name: name.to_string(),
+            source,
+        };
+        match &self.kek {
+            Some(k) => Ok(sealed::open(k, kind, name, &stored).map_err(err)?.into()),
+            None if sealed::is_sealed(&stored) => {
+                Err(err(SealError::NoKey(sealed::key_id(&stored).map_err(err)?)))
+            }
+            None => Ok(stored),
+        }
+    }
+
+    /// A chunk's id: SM3 of its bytes, or in an encrypted archive HMAC-SM3 under a
+    /// key derived from the KEK (FORMAT.md: why ids are keyed).
+    pub fn chunk_id(&self, data: &[u8]) -> Option<String> {
+        use hmac::{Hmac, KeyInit, Mac};
+        if data.iter().all(|&b| b == 0) {
+            return None;
+        }
+        let Some(k) = &self.kek else {
+            return crate::format::base::chunk_id(data);
+        };
+        // HMAC pads a key shorter than the block (64 bytes) with zeros: done here so
+        // the infallible block-sized constructor applies.
+        let mut key = [0u8; 64];
+        key[..32].copy_from_slice(&k.subkey(CHUNK_ID_PURPOSE));
+        let mut mac = Hmac::<sm3::Sm3>::new(&key.into());
+        key.iter_mut().for_each(|b| *b = 0);
+        mac.update(data);
+        Some(hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// Stores a chunk's bytes (compressed, then sealed in an encrypted archive);
+    /// returns the stored size.
+    pub async fn put_chunk(&self, id: &str, data: &[u8], level: i32) -> Result<u64, StoreError> {
+        let name = chunk_object(id);
+        let z = zstd::bulk::compress(data, level)?;
+        let stored = self.seal(ObjectKind::Chunk, &name, z)?;
+        let n = stored.len() as u64;
+        self.put(&name, stored).await?;
+        Ok(n)
+    }
+
+    /// Chunk `id`'s bytes, `want` long, checked against its id; with the stored size.
+    pub async fn get_chunk(&self, id: &str, want: usize) -> Result<(Vec<u8>, u64), StoreError> {
+        let name = chunk_object(id);
+        let stored = self.get(&name).await?;
+        let n = stored.len() as u64;
+        let z = self.unseal(ObjectKind::Chunk, &name, stored)?;
+        let data = zstd::bulk::decompress(&z, CHUNK_SIZE as usize)
+            .map_err(|_| StoreError::Digest { name: name.clone() })?;
+        if data.len() != want || self.chunk_id(&data).as_deref() != Some(id) {
+            return Err(StoreError::Digest { name });
+        }
+        Ok((data, n))
     }
 
     pub fn url(&self) -> &str {
@@ -167,6 +284,10 @@ impl ArchiveStore {
                 m.generation
             )));
         }
+        self.check_key(&m)?;
         Ok(Some(m))
     }
 }
+
+/// What the chunk-id MAC key is derived for (ferry-gm `Kek::subkey`).
+const CHUNK_ID_PURPOSE: &[u8] = b"ferry archive chunk id";

@@ -3,9 +3,10 @@
 //! uploaded before the manifest that names it, and the manifest's new generation
 //! created only if absent. A crash between the two leaves an unreferenced pack (rewritten
 //! by the retry, which has the same name); the archive never references a missing one.
-use crate::format::base::{chunk_id, chunk_object, Base, BASE_FORMAT, CHUNK_SIZE};
+use crate::format::base::{chunk_object, Base, BASE_FORMAT, CHUNK_SIZE};
 use crate::format::manifest::{Entry, Kind, Manifest, Volume};
 use crate::format::pack::{self, WriteSet};
+use crate::format::sealed::ObjectKind;
 use crate::format::sm3_hex;
 use crate::store::{ArchiveStore, StoreError};
 
@@ -43,6 +44,8 @@ pub struct BaseStats {
 impl ArchiveWriter {
     /// Opens the archive for `epoch` (creating its first manifest): refused when it
     /// belongs to another cluster, has other volumes, or a newer epoch writes there.
+    /// With a key on `store` ([`ArchiveStore::with_kek`]) a new archive is encrypted
+    /// and an existing one must be encrypted with that key.
     pub async fn open(
         store: ArchiveStore,
         cluster: &str,
@@ -52,7 +55,10 @@ impl ArchiveWriter {
         let manifest = match store.latest_manifest().await? {
             Some(m) => check_owner(m, cluster, &volumes, epoch)?,
             None => {
-                let m = Manifest::new(cluster, volumes, epoch);
+                let m = match store.kek() {
+                    None => Manifest::new(cluster, volumes, epoch),
+                    Some(k) => Manifest::new_encrypted(cluster, volumes, epoch, k.id().to_string()),
+                };
                 if !store.create(&Manifest::object_name(0), m.to_json()).await? {
                     return Err(StoreError::LostRace { generation: 0 });
                 }
@@ -151,10 +157,12 @@ impl ArchiveWriter {
             "packs/{:08}/{:020}-{:020}.fpk",
             self.epoch, h.first_seq, h.last_seq
         );
-        let bytes = e.bytes.len() as u64;
-        // The manifest pins the whole object (its own trailing SM3 included).
-        let sm3 = sm3_hex(&[&e.bytes]);
-        self.store.put(&name, e.bytes).await?;
+        // Compressed, then sealed when encrypted; the manifest pins the stored bytes
+        // (so integrity is checkable without the key).
+        let stored = self.store.seal(ObjectKind::Pack, &name, e.bytes)?;
+        let bytes = stored.len() as u64;
+        let sm3 = sm3_hex(&[&stored]);
+        self.store.put(&name, stored).await?;
         self.packed.raw += h.raw_len as u64;
         self.packed.stored += bytes;
         let entry = Entry {
@@ -217,14 +225,12 @@ impl ArchiveWriter {
                 )));
             }
             stats.chunks += 1;
-            let id = chunk_id(&data);
+            let id = self.store.chunk_id(&data);
             match &id {
                 None => stats.zero_chunks += 1,
                 Some(id) if self.store.exists(&chunk_object(id)).await? => stats.reused_chunks += 1,
                 Some(id) => {
-                    let z = zstd::bulk::compress(&data, self.level)?;
-                    stats.uploaded_bytes += z.len() as u64;
-                    self.store.put(&chunk_object(id), z).await?;
+                    stats.uploaded_bytes += self.store.put_chunk(id, &data, self.level).await?
                 }
             }
             chunks.push(id);

@@ -36,6 +36,8 @@ pub const KEY_FILE_TAG: &str = "ferry-sm4-kek-v1";
 
 /// Domain label of the key id hash (so the id is never an SM3 of the bare key).
 const KEY_ID_LABEL: &[u8] = b"ferry at-rest key id\0";
+/// Domain label of the subkey root (see [`Kek::subkey`]).
+const SUBKEY_LABEL: &[u8] = b"ferry at-rest subkey\0";
 
 /// Names a KEK without revealing it: the first 8 bytes of SM3(label || key).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,6 +79,14 @@ pub enum KeyFileError {
 pub struct Kek {
     gcm: Sm4Gcm,
     id: KeyId,
+    /// SM3(label || key): the root of [`Kek::subkey`], kept instead of the key.
+    sub_root: [u8; 32],
+}
+
+impl Drop for Kek {
+    fn drop(&mut self) {
+        self.sub_root.zeroize();
+    }
 }
 
 impl core::fmt::Debug for Kek {
@@ -107,10 +117,27 @@ pub fn random_bytes(out: &mut [u8]) -> Result<(), Error> {
 impl Kek {
     /// The KEK with these key bytes.
     pub fn from_bytes(key: &[u8; KEY_LEN]) -> Kek {
+        let mut input = [0u8; SUBKEY_LABEL.len() + KEY_LEN];
+        input[..SUBKEY_LABEL.len()].copy_from_slice(SUBKEY_LABEL);
+        input[SUBKEY_LABEL.len()..].copy_from_slice(key);
+        let sub_root = sm3_digest(&input);
+        input.zeroize();
         Kek {
             gcm: Sm4Gcm::new(key),
             id: key_id(key),
+            sub_root,
         }
+    }
+
+    /// A secret derived from this KEK for one `purpose` (SM3(root || purpose), root =
+    /// SM3(label || key)): a MAC key, e.g. the cold tier's keyed chunk ids, which must
+    /// be the same every time for the same KEK and must not reveal the KEK.
+    pub fn subkey(&self, purpose: &[u8]) -> [u8; 32] {
+        use crate::Digest;
+        let mut h = crate::Sm3::new();
+        h.update(self.sub_root);
+        h.update(purpose);
+        h.finalize().into()
     }
 
     /// A new random KEK and the text of its key file (see [`Kek::parse_key_file`]).
@@ -375,6 +402,9 @@ mod tests {
         assert_eq!(hex(&buf), SEALED_HEX);
         assert_eq!(hex(&tag), TAG_HEX);
         assert_eq!(unit_nonce(7, 3), [7, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0]);
+        // Also checked against OpenSSL's SM3 (Python hashlib) when frozen.
+        assert_eq!(hex(&kek.subkey(b"p")[..8]), SUBKEY_P_HEX);
+        assert_ne!(kek.subkey(b"p"), kek.subkey(b"q"));
         let back = kek.unwrap(&w, b"aad").expect("unwrap");
         back.open(7, 3, b"hdr", &mut buf, &tag).expect("open");
         assert_eq!(&buf, b"ferry at rest!!!");
@@ -442,4 +472,5 @@ mod tests {
         "222222222222222222222222649793007d486fbbf369c5851c65b20f7296292b5b420b3aa5580335b3a9979e";
     const SEALED_HEX: &str = "88e34e967a7f1bab9f5d8c9783c76479";
     const TAG_HEX: &str = "2809dc6f4fcaec21d8dc01597464b1b7";
+    const SUBKEY_P_HEX: &str = "d19c2ec5408a5e39";
 }

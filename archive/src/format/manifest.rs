@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use super::{sm3_hex, FormatError};
 
 pub const MANIFEST_FORMAT: u32 = 1;
+/// An encrypted archive's manifests: a version-1 reader refuses them rather than
+/// misreading sealed packs.
+pub const MANIFEST_FORMAT_ENCRYPTED: u32 = 2;
 /// The chain's start: the hash "before" the first entry.
 pub const CHAIN_SEED: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -80,7 +83,22 @@ pub struct Manifest {
     pub entries: Vec<Entry>,
     /// The chain after the last entry.
     pub head: String,
+    /// Set when packs and chunks are sealed (format 2): the scheme and the key id of
+    /// the key-encryption key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }
+
+/// How an encrypted archive's objects are sealed (archive/FORMAT.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// Always `sm4-gcm` (the journal's at-rest scheme).
+    pub scheme: String,
+    /// The KEK's id (hex), as `ferryctl` and the key file show it.
+    pub key_id: String,
+}
+
+pub const ENCRYPTION_SCHEME: &str = "sm4-gcm";
 
 impl Manifest {
     pub fn new(cluster: &str, volumes: Vec<Volume>, epoch: u64) -> Manifest {
@@ -92,6 +110,24 @@ impl Manifest {
             epoch,
             entries: Vec::new(),
             head: CHAIN_SEED.to_string(),
+            encryption: None,
+        }
+    }
+
+    /// A new encrypted archive's first manifest.
+    pub fn new_encrypted(
+        cluster: &str,
+        volumes: Vec<Volume>,
+        epoch: u64,
+        key_id: String,
+    ) -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT_ENCRYPTED,
+            encryption: Some(Encryption {
+                scheme: ENCRYPTION_SCHEME.to_string(),
+                key_id,
+            }),
+            ..Manifest::new(cluster, volumes, epoch)
         }
     }
 
@@ -154,8 +190,15 @@ impl Manifest {
     pub fn from_json(b: &[u8]) -> Result<Manifest, FormatError> {
         let m: Manifest = serde_json::from_slice(b)
             .map_err(|e| FormatError::Invalid(format!("manifest: {e}")))?;
-        if m.format != MANIFEST_FORMAT {
-            return Err(FormatError::Version(m.format as u16));
+        match (m.format, &m.encryption) {
+            (MANIFEST_FORMAT, None) => {}
+            (MANIFEST_FORMAT_ENCRYPTED, Some(e)) if e.scheme == ENCRYPTION_SCHEME => {}
+            (MANIFEST_FORMAT_ENCRYPTED, _) => {
+                return Err(FormatError::Invalid(
+                    "manifest: format 2 without a known encryption scheme".into(),
+                ))
+            }
+            (f, _) => return Err(FormatError::Version(f as u16)),
         }
         m.verify_chain()?;
         Ok(m)

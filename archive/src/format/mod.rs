@@ -4,6 +4,7 @@
 pub mod base;
 pub mod manifest;
 pub mod pack;
+pub mod sealed;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {

@@ -20,7 +20,7 @@ use futures::StreamExt;
 use crate::format::base::{chunk_object, Base, CHUNK_SIZE};
 use crate::format::manifest::Entry;
 use crate::format::pack::{self, Op, WriteSet};
-use crate::format::sm3_hex;
+use crate::format::sealed::ObjectKind;
 use crate::restore::{get_checked, not_a_boundary, plan, Plan, Target};
 use crate::store::{ArchiveStore, StoreError};
 use map::{RunMap, Src};
@@ -249,12 +249,7 @@ impl ArchiveView {
             return Ok(b);
         }
         let want = (self.info.size - index * CHUNK_SIZE).min(CHUNK_SIZE) as usize;
-        let z = self.store.get(&name).await?;
-        let data = zstd::bulk::decompress(&z, CHUNK_SIZE as usize)
-            .map_err(|_| StoreError::Digest { name: name.clone() })?;
-        if data.len() != want || sm3_hex(&[&data]) != id {
-            return Err(StoreError::Digest { name });
-        }
+        let (data, _) = self.store.get_chunk(&id, want).await?;
         let data = Bytes::from(data);
         self.lock_cache().put(&name, data.clone());
         Ok(data.slice(at as usize..(at + len) as usize))
@@ -337,6 +332,7 @@ async fn base_chunks(store: &ArchiveStore, p: &Plan) -> Result<Vec<Option<[u8; 3
 /// A pack checked against its manifest entry, decoded: its body and write-sets.
 async fn fetch_pack(store: &ArchiveStore, e: &Entry) -> Result<(Bytes, Vec<WriteSet>), StoreError> {
     let b = get_checked(store, e).await?;
+    let b = store.unseal(ObjectKind::Pack, &e.name, b)?;
     let (_, raw, sets) = pack::decode_shared(&b).map_err(|source| StoreError::Format {
         name: e.name.clone(),
         source,
