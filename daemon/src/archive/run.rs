@@ -43,6 +43,9 @@ pub struct ArchiveContext {
     pub group: Arc<Group>,
     pub tail: Arc<Tail>,
     pub durable: Arc<DurableSeq>,
+    /// The node's `[encryption]` key: the archive's packs and chunks are sealed with
+    /// it (archive/FORMAT.md, "Encryption").
+    pub kek: Option<ferry_gm::atrest::Kek>,
 }
 
 impl ArchiveContext {
@@ -102,7 +105,13 @@ async fn run_target(ctx: Arc<ArchiveContext>, t: Arc<ArchiveState>) {
 fn is_fatal(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<StoreError>(),
-        Some(StoreError::LostRace { .. } | StoreError::Refused(_))
+        Some(
+            StoreError::LostRace { .. }
+                | StoreError::Refused(_)
+                | StoreError::KeyNeeded(_)
+                | StoreError::WrongKey { .. }
+                | StoreError::NotEncrypted(_)
+        )
     )
 }
 
@@ -111,7 +120,7 @@ async fn session(
     ctx: &ArchiveContext,
     t: &ArchiveState,
 ) -> anyhow::Result<std::convert::Infallible> {
-    let store = ArchiveStore::open(&t.url)?;
+    let store = ArchiveStore::open(&t.url)?.with_kek(ctx.kek.clone());
     let mut w = ArchiveWriter::open(store, &ctx.cluster, ctx.volumes(), ctx.epoch).await?;
     // Reachable again: hold the journal from what the archive holds (after an
     // overflow the gap check below finds the journal released and takes a new base).
@@ -341,6 +350,17 @@ pub fn start_on_primary(
     else {
         return Vec::new();
     };
+    // An encrypted node never archives in the clear: no key, no archive targets.
+    let kek = match &cfg.encryption {
+        None => None,
+        Some(enc) => match ferry_api::keyfile::read_key_file(&enc.key_file) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::error!("archive targets not started: [encryption] key_file: {e:#}");
+                return Vec::new();
+            }
+        },
+    };
     group.feed.enable(r.tail_bytes.0 as usize);
     let ctx = Arc::new(ArchiveContext {
         cluster: cfg
@@ -355,6 +375,7 @@ pub fn start_on_primary(
         group: group.clone(),
         tail: group.feed.tail.clone(),
         durable: group.feed.durable(),
+        kek,
     });
     start(ctx, &archives.targets, shutdown)
 }

@@ -29,15 +29,26 @@ pub(crate) fn target(p: &ArchivePointArgs) -> anyhow::Result<Target> {
     })
 }
 
+/// The archive at `url`, with the key in `key_file` when given (an encrypted
+/// archive's key; the store refuses a missing or wrong one naming the key ids).
+pub(crate) fn open_store(url: &str, key_file: Option<&Path>) -> anyhow::Result<ArchiveStore> {
+    let kek = key_file
+        .map(ferry_api::keyfile::read_key_file)
+        .transpose()
+        .context("--key-file")?;
+    Ok(ArchiveStore::open(url)?.with_kek(kek))
+}
+
 pub fn restore(
     url: &str,
+    key_file: Option<&Path>,
     volume: &str,
     point: &ArchivePointArgs,
     to: &Path,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let target = target(point)?;
-    let store = ArchiveStore::open(url)?;
+    let store = open_store(url, key_file)?;
     let out = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -77,8 +88,8 @@ pub fn restore(
     Ok(())
 }
 
-pub fn list(url: &str, json_out: bool) -> anyhow::Result<()> {
-    let store = ArchiveStore::open(url)?;
+pub fn list(url: &str, key_file: Option<&Path>, json_out: bool) -> anyhow::Result<()> {
+    let store = open_store(url, key_file)?;
     let m = runtime()?
         .block_on(store.latest_manifest())?
         .with_context(|| format!("{url} holds no archive"))?;
@@ -92,6 +103,9 @@ pub fn list(url: &str, json_out: bool) -> anyhow::Result<()> {
         "  generation {}  epoch {}  cluster {}",
         m.generation, m.epoch, m.cluster
     );
+    if let Some(e) = &m.encryption {
+        println!("  encrypted: {} under key {}", e.scheme, e.key_id);
+    }
     for vol in &m.volumes {
         println!("  volume {} (id {}, {} bytes)", vol.name, vol.id, vol.size);
     }
@@ -130,5 +144,6 @@ fn summary(m: &Manifest) -> serde_json::Value {
         "base_points": bases.iter().map(|b| json!({"name": b.name, "seq": b.last_seq, "time": format_rfc3339(b.last_ts)})).collect::<Vec<_>>(),
         "newest_seq": newest.map(|e| e.last_seq),
         "newest_time": newest.map(|e| format_rfc3339(e.last_ts)),
+        "encryption_key_id": m.encryption.as_ref().map(|e| e.key_id.clone()),
     })
 }

@@ -144,12 +144,13 @@ async fn volume_name(store: &ArchiveStore, volume: Option<&str>) -> anyhow::Resu
 
 pub fn export(
     url: &str,
+    key_file: Option<&std::path::Path>,
     volume: Option<&str>,
     point: &ArchivePointArgs,
     serve: Serve,
 ) -> anyhow::Result<()> {
     let target = crate::archive::target(point)?;
-    let store = ArchiveStore::open(url)?;
+    let store = crate::archive::open_store(url, key_file)?;
     let listener = std::net::TcpListener::bind(&serve.listen)
         .with_context(|| format!("binding the NBD listener on {}", serve.listen))?;
     listener.set_nonblocking(true)?;

@@ -333,6 +333,10 @@ pub enum ArchiveCmd {
         /// The archive: s3://BUCKET/PREFIX or file:///DIR.
         #[arg(long, value_name = "URL")]
         url: String,
+        /// The key file of an encrypted archive (the node's `[encryption] key_file`,
+        /// mode 0600); an encrypted archive is refused without it, naming its key id.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
         /// The volume to restore (its name in the archive, as in the primary's config).
         #[arg(long, value_name = "NAME")]
         volume: String,
@@ -354,6 +358,10 @@ pub enum ArchiveCmd {
         /// The archive: s3://BUCKET/PREFIX or file:///DIR.
         #[arg(long, value_name = "URL")]
         url: String,
+        /// The key file of an encrypted archive (the node's `[encryption] key_file`,
+        /// mode 0600); an encrypted archive is refused without it, naming its key id.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
         /// The volume to serve (default: the archive's only volume). Also the NBD
         /// export name.
         #[arg(long, value_name = "NAME")]
@@ -382,6 +390,10 @@ pub enum ArchiveCmd {
         /// The archive: s3://BUCKET/PREFIX or file:///DIR.
         #[arg(long, value_name = "URL")]
         url: String,
+        /// The key file of an encrypted archive (the node's `[encryption] key_file`,
+        /// mode 0600); an encrypted archive is refused without it, naming its key id.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
         /// Print the result as JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,

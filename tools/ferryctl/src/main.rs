@@ -93,13 +93,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Archive { cmd } => match cmd {
             ArchiveCmd::Restore {
                 url,
+                key_file,
                 volume,
                 point,
                 to,
                 json,
-            } => archive::restore(&url, &volume, &point, &to, json),
+            } => archive::restore(&url, key_file.as_deref(), &volume, &point, &to, json),
             ArchiveCmd::Export {
                 url,
+                key_file,
                 volume,
                 point,
                 listen,
@@ -108,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => archive_export::export(
                 &url,
+                key_file.as_deref(),
                 volume.as_deref(),
                 &point,
                 archive_export::Serve {
@@ -118,7 +121,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
             ),
-            ArchiveCmd::List { url, json } => archive::list(&url, json),
+            ArchiveCmd::List {
+                url,
+                key_file,
+                json,
+            } => archive::list(&url, key_file.as_deref(), json),
         },
         Cmd::Node {
             cmd:

@@ -520,3 +520,161 @@ fn archive_export_serves_a_bookmark_with_holes_and_names_a_changed_chunk() {
     );
     assert_qemu_io_ok(&read("1M"));
 }
+
+/// Pseudo-random bytes (stored by zstd as literals) with `marker` at the start of
+/// every 4 KiB: plaintext that would show in any object holding it unencrypted.
+fn marked_data(n: usize, marker: &[u8]) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let mut v: Vec<u8> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for block in v.chunks_mut(4096) {
+        block[..marker.len()].copy_from_slice(marker);
+    }
+    v
+}
+
+/// The files under `dir` whose bytes contain `marker`.
+fn files_holding(dir: &Path, marker: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if std::fs::read(&p)
+                .unwrap()
+                .windows(marker.len())
+                .any(|w| w == marker)
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// `ferryctl archive restore` that must fail; its stderr.
+fn restore_refused(url: &str, key: &[&str], out: &Path) -> String {
+    let o = Command::new(ferryctl())
+        .args([
+            "archive", "restore", "--url", url, "--volume", "vol0", "--latest",
+        ])
+        .args(key)
+        .arg("--to")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "restore {key:?} accepted");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn an_encrypted_node_archives_sealed_objects_restored_only_with_its_key() {
+    const T: &str = "an_encrypted_node_archives_sealed_objects_restored_only_with_its_key";
+    if skip_without("qemu-img", T) || skip_without("qemu-io", T) {
+        return;
+    }
+    const MARKER: &[u8] = b"FERRY-COLD-TIER-PLAINTEXT-MARKER";
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("archive").display());
+    let (pcfg, _) = init_pair(
+        dir.path(),
+        &Init {
+            volume: "vol0:32MiB",
+            encrypt: true,
+            ..Init::default()
+        },
+    );
+    let text = std::fs::read_to_string(&pcfg).unwrap();
+    let key_file = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("key_file = "))
+        .map(|v| pcfg.parent().unwrap().join(v.trim_matches('"')))
+        .unwrap_or_else(|| panic!("no key_file in {text}"));
+    let key_file = key_file.to_str().unwrap().to_string();
+    std::fs::write(
+        &pcfg,
+        format!(
+            "{text}\n[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\nurl = \"{url}\"\nflush_interval = 1\n"
+        ),
+    )
+    .unwrap();
+    let src = dir.path().join("marked.bin");
+    std::fs::write(&src, marked_data(1 << 20, MARKER)).unwrap();
+    let primary = Node::start(&ferryd(), &pcfg);
+    let nbd = primary.url("vol0");
+    let mut cmds: Vec<String> = [0u64, 5, 17]
+        .iter()
+        .map(|mib| format!("write -s {} {} 1048576", src.display(), mib << 20))
+        .collect();
+    cmds.push("flush".into());
+    assert_qemu_io_ok(&qemu_io(&nbd, &cmds));
+    let want = image_of(&nbd, &dir.path().join("want.img"));
+    wait_archived(&primary);
+
+    let out = dir.path().join("restored.img");
+    let o = Command::new(ferryctl())
+        .args([
+            "archive", "restore", "--url", &url, "--volume", "vol0", "--latest",
+        ])
+        .args(["--key-file", &key_file, "--to"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same("restore with the key", &std::fs::read(&out).unwrap(), &want);
+    assert_eq!(
+        files_holding(&dir.path().join("archive"), MARKER),
+        Vec::<PathBuf>::new(),
+        "plaintext in the archive"
+    );
+
+    let key_id = ferry_gm_key_id(&key_file);
+    let o = Command::new(ferryctl())
+        .args([
+            "archive",
+            "list",
+            "--url",
+            &url,
+            "--json",
+            "--key-file",
+            &key_file,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let l: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(l["encryption_key_id"], key_id.as_str(), "{l:#}");
+    let e = restore_refused(&url, &[], &out);
+    assert!(
+        e.contains("encrypted with key") && e.contains(&key_id),
+        "{e}"
+    );
+    let other = dir.path().join("other.key");
+    let o = Command::new(ferryctl())
+        .args(["keygen", "--out"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let other_id = ferry_gm_key_id(other.to_str().unwrap());
+    let e = restore_refused(&url, &["--key-file", other.to_str().unwrap()], &out);
+    assert!(e.contains(&key_id) && e.contains(&other_id), "{e}");
+}
+
+/// The key id written on a key file's key line (its third word).
+fn ferry_gm_key_id(path: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .find(|l| l.starts_with("ferry-sm4-kek-v1 "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_else(|| panic!("no key line in {path}"))
+        .to_string()
+}
