@@ -90,43 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = dir.map(|d| if d.is_dir() { d.join("audit.log") } else { d });
             audit_verify(cli.config.as_deref(), file.or(dir).as_deref(), &cert)
         }
-        Cmd::Archive { cmd } => match cmd {
-            ArchiveCmd::Restore {
-                url,
-                key_file,
-                volume,
-                point,
-                to,
-                json,
-            } => archive::restore(&url, key_file.as_deref(), &volume, &point, &to, json),
-            ArchiveCmd::Export {
-                url,
-                key_file,
-                volume,
-                point,
-                listen,
-                cache_dir,
-                cache_bytes,
-                json,
-            } => archive_export::export(
-                &url,
-                key_file.as_deref(),
-                volume.as_deref(),
-                &point,
-                archive_export::Serve {
-                    listen,
-                    cache_dir,
-                    cache_bytes: parse_size(&cache_bytes)
-                        .map_err(|e| anyhow::anyhow!("--cache-bytes: {e}"))?,
-                    json,
-                },
-            ),
-            ArchiveCmd::List {
-                url,
-                key_file,
-                json,
-            } => archive::list(&url, key_file.as_deref(), json),
-        },
+        Cmd::Archive { cmd } => run_archive(cmd),
         Cmd::Node {
             cmd:
                 NodeCmd::Add {
@@ -145,6 +109,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             same_host,
         }),
         cmd => node_command(&need_config(cli.config.as_deref())?, cmd),
+    }
+}
+
+/// `ferryctl archive …`: the cold tier's restore, export and list.
+fn run_archive(cmd: ArchiveCmd) -> anyhow::Result<()> {
+    match cmd {
+        ArchiveCmd::Restore {
+            url,
+            key_file,
+            volume,
+            point,
+            to,
+            json,
+        } => archive::restore(&url, key_file.as_deref(), &volume, &point, &to, json),
+        ArchiveCmd::Export {
+            url,
+            key_file,
+            volume,
+            point,
+            listen,
+            cache_dir,
+            cache_bytes,
+            json,
+        } => archive_export::export(
+            &url,
+            key_file.as_deref(),
+            volume.as_deref(),
+            &point,
+            archive_export::Serve {
+                listen,
+                cache_dir,
+                cache_bytes: parse_size(&cache_bytes)
+                    .map_err(|e| anyhow::anyhow!("--cache-bytes: {e}"))?,
+                json,
+            },
+        ),
+        ArchiveCmd::List {
+            url,
+            key_file,
+            json,
+        } => archive::list(&url, key_file.as_deref(), json),
     }
 }
 
