@@ -84,7 +84,7 @@ enum TargetOp {
         peer_resume: S,
         first_available: S,
         durable: S,
-        fork: Option<(S, bool)>,
+        fork: Option<(S, bool, u8)>,
     },
     SessionEnded(bool),
     MustEnd,
@@ -422,9 +422,14 @@ fn target_op(t: &mut TargetLifecycle, op: &TargetOp, b: &[u64]) {
                     first_available: seq(first_available, b),
                     durable: seq(durable, b),
                 },
-                fork: fork.map(|(s, rejoined)| ForkView {
-                    seq: seq(s, b),
-                    rejoined,
+                fork: fork.map(|(s, rejoined, discarded)| {
+                    let fork = seq(s, b);
+                    ForkView {
+                        seq: fork,
+                        rejoined,
+                        // A rollback promotion's cut: `discarded` records after the fork.
+                        cut: fork.saturating_add(u64::from(discarded)),
+                    }
                 }),
             };
             if let Ok(plan) = t.plan_hello(&h) {
