@@ -14,36 +14,6 @@ use ferryd::testkit::{assert_qemu_io_ok, qemu_io, skip_without, Node};
 
 const TEST: &str = "archive_restores_equal_the_primary_and_resume_after_sigkill";
 
-fn image_of(uri: &str, out: &Path) -> Vec<u8> {
-    let o = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", uri])
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "qemu-img convert {uri}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    std::fs::read(out).unwrap()
-}
-
-fn assert_same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: sizes differ");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: differs first at byte {i} (block {})", i / 4096);
-    }
-}
-
-fn writes(fill: u8, offsets: &[u64], len: u64) -> Vec<String> {
-    let mut c: Vec<String> = offsets
-        .iter()
-        .map(|o| format!("write -P {fill} {o} {len}"))
-        .collect();
-    c.push("flush".into());
-    c
-}
-
 /// Waits until the archive target holds everything the primary made durable.
 fn wait_archived(primary: &Node) -> u64 {
     let last = seq(&primary.status(), "/durable_seq");

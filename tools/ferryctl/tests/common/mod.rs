@@ -224,3 +224,36 @@ pub fn mixed_workload(seed: u64, n: usize, vol: u64, len: Option<u64>) -> Vec<St
     }
     cmds
 }
+
+/// The whole image behind an NBD URI, read by qemu-img.
+pub fn image_of(uri: &str, out: &Path) -> Vec<u8> {
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", uri])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img convert {uri}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::read(out).unwrap()
+}
+
+/// Two images compare equal, or the first differing byte and block are named.
+pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes differ");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: differs first at byte {i} (block {})", i / 4096);
+    }
+}
+
+/// qemu-io commands writing `fill` at each offset, then a flush.
+pub fn writes(fill: u8, offsets: &[u64], len: u64) -> Vec<String> {
+    let mut c: Vec<String> = offsets
+        .iter()
+        .map(|o| format!("write -P {fill} {o} {len}"))
+        .collect();
+    c.push("flush".into());
+    c
+}
