@@ -325,7 +325,7 @@ mod cut_tests {
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
-    use ferry_journal::{EntryKind, Op, Record};
+    use ferry_journal::{EntryKind, Op, Record, Seq};
 
     use crate::pit::testrig::{read_all, rig, rig_in, Rig, SIZE};
     use crate::pit::Target;
@@ -399,38 +399,12 @@ mod cut_tests {
         let mut r = rig(8192, 64 << 10);
         r.apply(1, &[(Op::Write, 0, SIZE as u32, 7)]);
         let from = r.apply(2, &[(Op::Write, 0, 4096, 8)]);
-        let snapshot = from + 10;
-        let st = ResyncState {
-            from,
-            snapshot,
-            through: 0,
-            copied: false,
-        };
-        r.applier.resync.set(Some(st));
-        r.pit.begin_resync(from, snapshot, 3).unwrap();
-        r.next_seq = snapshot + 1;
-        r.applied.store(snapshot, Ordering::Release);
-        for i in 0..4u64 {
-            let rec = Record {
-                volume: 0,
-                op: Op::Write,
-                offset: i * 16384,
-                length: 16384,
-                data: Bytes::from(vec![0x60 + i as u8; 16384]),
-            };
-            r.applier
-                .apply_resync_batch(snapshot, 4, &[(snapshot, rec)])
-                .unwrap();
-        }
+        let st = start_resync(&mut r, from);
+        copy_batches(&mut r, st.snapshot, 0);
         // Written on the primary during the copy: part of the transition.
         r.apply(5, &[(Op::Write, 200 << 10, 4096, 0x70)]);
         r.apply(6, &[(Op::Write, 204 << 10, 4096, 0x71)]);
-        let through = r.next_seq;
-        r.applier.resync.set(Some(ResyncState {
-            through,
-            copied: true,
-            ..st
-        }));
+        copy_done(&mut r, st);
         let ends = segment_ends(&r);
         assert!(
             ends.iter()
@@ -439,18 +413,7 @@ mod cut_tests {
                 >= 4,
             "segments should end inside the transition: {ends:?}"
         );
-        for i in 0..12u64 {
-            r.apply(
-                10 + i,
-                &[(Op::Write, (128 << 10) + i * 4096, 4096, i as u8 + 1)],
-            );
-        }
-        assert_eq!(r.applier.resync.get(), None, "the transition ended");
-        let used = used_bytes(&r);
-        assert!(
-            used <= 64 << 10,
-            "undo log {used} bytes over its 64 KiB limit"
-        );
+        write_past_the_transition(&mut r);
         assert!(!r.pit.reachable(from), "the transition stayed");
         assert!(assert_kept_points_exact(&r) >= 3);
     }
@@ -470,6 +433,28 @@ mod cut_tests {
         let from = r.snaps.last().unwrap().0;
         let before_from = r.snaps[r.snaps.len() - 2].0;
         let image_at_from = r.snaps.last().unwrap().2.clone();
+        let st = start_resync(&mut r, from);
+        // 64 KiB of before-images in the copy alone: over the limit by itself.
+        copy_batches(&mut r, st.snapshot, 64 << 10);
+        r.apply(5, &[(Op::Write, 200 << 10, 4096, 0x70)]);
+        assert!(used_bytes(&r) > 64 << 10, "the transition alone is over");
+        assert!(
+            !r.pit.reachable(before_from),
+            "points before the transition stayed"
+        );
+        assert!(r.pit.reachable(from));
+        let v = r.view(Target::Seq(from), None);
+        assert!(read_all(&v) == image_at_from, "the transition's start");
+        drop(v);
+        copy_done(&mut r, st);
+        write_past_the_transition(&mut r);
+        assert!(!r.pit.reachable(from));
+        assert!(assert_kept_points_exact(&r) >= 3);
+    }
+
+    /// Starts a resync transition at `from` on the rig (snapshot `from + 10`), as the
+    /// replica's resync does.
+    fn start_resync(r: &mut Rig, from: Seq) -> ResyncState {
         let snapshot = from + 10;
         let st = ResyncState {
             from,
@@ -481,12 +466,16 @@ mod cut_tests {
         r.pit.begin_resync(from, snapshot, 3).unwrap();
         r.next_seq = snapshot + 1;
         r.applied.store(snapshot, Ordering::Release);
-        // 64 KiB of before-images in the copy alone: over the limit by itself.
+        st
+    }
+
+    /// Four 16 KiB copy batches of the resync from `offset` on.
+    fn copy_batches(r: &mut Rig, snapshot: Seq, offset: u64) {
         for i in 0..4u64 {
             let rec = Record {
                 volume: 0,
                 op: Op::Write,
-                offset: (64 << 10) + i * 16384,
+                offset: offset + i * 16384,
                 length: 16384,
                 data: Bytes::from(vec![0x60 + i as u8; 16384]),
             };
@@ -494,21 +483,20 @@ mod cut_tests {
                 .apply_resync_batch(snapshot, 4, &[(snapshot, rec)])
                 .unwrap();
         }
-        r.apply(5, &[(Op::Write, 200 << 10, 4096, 0x70)]);
-        assert!(used_bytes(&r) > 64 << 10, "the transition alone is over");
-        assert!(
-            !r.pit.reachable(before_from),
-            "points before the transition stayed"
-        );
-        assert!(r.pit.reachable(from));
-        let v = r.view(Target::Seq(from), None);
-        assert!(read_all(&v) == image_at_from, "the transition's start");
-        drop(v);
+    }
+
+    /// The copy is done: the transition ends once the next write-set is applied.
+    fn copy_done(r: &mut Rig, st: ResyncState) {
         r.applier.resync.set(Some(ResyncState {
             through: r.next_seq,
             copied: true,
             ..st
         }));
+    }
+
+    /// Twelve write-sets after the copy: the transition ends and the log comes back
+    /// under its 64 KiB limit.
+    fn write_past_the_transition(r: &mut Rig) {
         for i in 0..12u64 {
             r.apply(
                 10 + i,
@@ -516,13 +504,11 @@ mod cut_tests {
             );
         }
         assert_eq!(r.applier.resync.get(), None, "the transition ended");
-        let used = used_bytes(&r);
+        let used = used_bytes(r);
         assert!(
             used <= 64 << 10,
             "undo log {used} bytes over its 64 KiB limit"
         );
-        assert!(!r.pit.reachable(from));
-        assert!(assert_kept_points_exact(&r) >= 3);
     }
 
     /// A tmpfs of `kib` KiB mounted on `dir` (needs root); unmounted on drop.
