@@ -181,25 +181,7 @@ fn a_socket_this_user_may_not_open_is_named_as_such() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = init_dir(
-        dir.path(),
-        &[
-            "--volume",
-            "vol0:4MiB",
-            "--nbd",
-            "127.0.0.1:0",
-            "--journal-size",
-            "16MiB",
-            "--segment-size",
-            "4MiB",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cfg_path = dir.path().join("primary.toml");
+    let cfg_path = lone_primary(dir.path());
     let socket = Config::load(&cfg_path).unwrap().control.socket;
     let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let mut cmd = Command::new(ferryctl());

@@ -58,29 +58,6 @@ fn reload_ok(config: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A primary alone (no standby), 4 MiB volume, metrics on a port of the OS's choice.
-fn lone_primary(dir: &Path) -> std::path::PathBuf {
-    let out = init_dir(
-        dir,
-        &[
-            "--volume",
-            "vol0:4MiB",
-            "--nbd",
-            "127.0.0.1:0",
-            "--journal-size",
-            "16MiB",
-            "--segment-size",
-            "4MiB",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir.join("primary.toml")
-}
-
 #[test]
 fn a_reload_moves_the_metrics_endpoint_and_refuses_a_taken_port() {
     let dir = tempfile::tempdir().unwrap();

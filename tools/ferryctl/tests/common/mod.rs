@@ -257,3 +257,26 @@ pub fn writes(fill: u8, offsets: &[u64], len: u64) -> Vec<String> {
     c.push("flush".into());
     c
 }
+
+/// A primary alone (no standby), 4 MiB volume, metrics on a port of the OS's choice.
+pub fn lone_primary(dir: &Path) -> PathBuf {
+    let out = init_dir(
+        dir,
+        &[
+            "--volume",
+            "vol0:4MiB",
+            "--nbd",
+            "127.0.0.1:0",
+            "--journal-size",
+            "16MiB",
+            "--segment-size",
+            "4MiB",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join("primary.toml")
+}
