@@ -296,7 +296,7 @@ fn check_peer(
     end_entity: &CertificateDer<'_>,
     chain: Result<(), rustls::Error>,
     cluster_id: &[u8; 16],
-    expected_name: &str,
+    expected_names: &[String],
 ) -> Result<(), rustls::Error> {
     let names = pki::cert_names(end_entity);
     match chain {
@@ -329,9 +329,9 @@ fn check_peer(
         }
         Some(_) => {}
     }
-    if !names.node_names.iter().any(|n| n == expected_name) {
+    if !names.node_names.iter().any(|n| expected_names.contains(n)) {
         return Err(PeerCertError::WrongNode {
-            expected: expected_name.to_string(),
+            expected: expected_names.join(","),
             got: names.node_names.join(","),
         }
         .into());
@@ -365,7 +365,12 @@ impl ServerCertVerifier for StandbyVerifier {
             .inner
             .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
             .map(|_| ());
-        check_peer(end_entity, chain, &self.cluster_id, &self.expected)?;
+        check_peer(
+            end_entity,
+            chain,
+            &self.cluster_id,
+            std::slice::from_ref(&self.expected),
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -398,7 +403,8 @@ impl ServerCertVerifier for StandbyVerifier {
 struct PrimaryVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     cluster_id: [u8; 16],
-    expected: String,
+    /// Any of these names is admitted (the primary, or every member of the cluster).
+    expected: Vec<String>,
 }
 
 impl ClientCertVerifier for PrimaryVerifier {
@@ -462,7 +468,22 @@ pub fn server_config(
     expected_client: &str,
     opts: &TransportOptions,
 ) -> Result<quinn::ServerConfig, QuicError> {
-    pki::validate_node_name(expected_client)?;
+    server_config_for(tls, &[expected_client.to_string()], opts)
+}
+
+/// [`server_config`] admitting any of `expected_clients` (a standby that knows the
+/// cluster's members accepts each of them; the Hello then decides).
+pub fn server_config_for(
+    tls: &TlsMaterial,
+    expected_clients: &[String],
+    opts: &TransportOptions,
+) -> Result<quinn::ServerConfig, QuicError> {
+    if expected_clients.is_empty() {
+        return Err(QuicError::Config("no peer name to accept".into()));
+    }
+    for n in expected_clients {
+        pki::validate_node_name(n)?;
+    }
     let suite = tls.suite()?;
     let provider = provider(suite);
     let inner = WebPkiClientVerifier::builder_with_provider(tls.roots()?, provider.clone())
@@ -471,7 +492,7 @@ pub fn server_config(
     let verifier = Arc::new(PrimaryVerifier {
         inner,
         cluster_id: tls.cluster_id,
-        expected: expected_client.to_string(),
+        expected: expected_clients.to_vec(),
     });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -841,6 +862,16 @@ async fn recv_hello(control: &mut FramedRecv) -> Result<Hello, QuicError> {
     }
 }
 
+/// The node names in the certificate the peer of `conn` presented (TLS verified it
+/// against the cluster CA); empty when none can be read.
+pub fn peer_node_names(conn: &quinn::Connection) -> Vec<String> {
+    conn.peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().and_then(|c| pki::cert_names(c).ok()))
+        .map(|n| n.node_names)
+        .unwrap_or_default()
+}
+
 /// A primary's established session with one standby.
 #[derive(Debug)]
 pub struct PrimarySession {
@@ -939,6 +970,19 @@ pub async fn standby_handshake(
     resume_position: Seq,
     opts: &TransportOptions,
 ) -> Result<StandbySession, QuicError> {
+    standby_handshake_observed(conn, local, resume_position, opts, |_| {}).await
+}
+
+/// [`standby_handshake`] that shows the peer's Hello to `observe` before validating
+/// it: a refused Hello (a newer epoch, a standby's position probe) still says who
+/// sent it and in which role.
+pub async fn standby_handshake_observed(
+    conn: quinn::Connection,
+    local: &LocalIdentity,
+    resume_position: Seq,
+    opts: &TransportOptions,
+    observe: impl FnOnce(&Hello),
+) -> Result<StandbySession, QuicError> {
     let (send, recv) = conn.accept_bi().await?;
     let mut control_send = FramedSend::new(send);
     let mut control_recv = FramedRecv::new(recv, opts.max_frame_len);
@@ -947,6 +991,7 @@ pub async fn standby_handshake(
         .await?;
     let result = async {
         let peer = recv_hello(&mut control_recv).await?;
+        observe(&peer);
         let negotiated = validate_hello(local, &peer)?;
         let ack = match control_recv.recv_frame().await? {
             Some(Frame::HelloAck(a)) => a,
