@@ -56,6 +56,33 @@ pub struct Config {
     /// Encryption at rest of the journal (`[encryption]`); absent: plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionConfig>,
+    /// Every node of the cluster (`[[cluster.node]]`); absent: this node knows only
+    /// its `[replication]` peers, as before membership existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the membership, the same in every node's config. With it a standby
+/// follows whichever member is the primary of the highest epoch it hears of, and a
+/// node that becomes the primary ships to every other member.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    #[serde(rename = "node", default)]
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// One member: its name (the TLS name of its certificate), its replication address
+/// and the mode a primary ships to it with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterNode {
+    pub name: String,
+    /// Its `replication.listen` (`HOST:PORT`).
+    pub address: String,
+    /// `sync` or `async` (default): how a primary ships to it.
+    #[serde(default)]
+    pub mode: ReplicationMode,
 }
 
 /// `[verify]`: the chunk digest of `ferryctl verify` and of the resync that compares
@@ -1046,6 +1073,7 @@ impl Config {
         self.validate_volumes()?;
         self.validate_metrics()?;
         self.validate_pit()?;
+        self.validate_cluster()?;
         if self
             .encryption
             .as_ref()
@@ -1194,6 +1222,72 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Checks `[cluster]`: valid unique names and addresses, this node among them, and
+    /// a `[replication]` section (membership is about replication).
+    fn validate_cluster(&self) -> Result<(), (String, String)> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        let bad = |k: String, m: String| Err((k, m));
+        if self.replication.is_none() {
+            return bad(
+                "cluster".into(),
+                "membership needs a [replication] section".into(),
+            );
+        }
+        let mut names = HashSet::new();
+        for (i, n) in c.nodes.iter().enumerate() {
+            let key = |f: &str| format!("cluster.node[{i}].{f}");
+            if !valid_node_name(&n.name) {
+                return bad(key("name"), node_name_rule(&n.name));
+            }
+            if !names.insert(n.name.as_str()) {
+                return bad(key("name"), format!("'{}' is listed twice", n.name));
+            }
+            if let Err(e) = parse_addr(&n.address) {
+                return bad(key("address"), e);
+            }
+        }
+        if !names.contains(self.node.name.as_str()) {
+            return bad(
+                "cluster.node".into(),
+                format!("this node ('{}') is not a member", self.node.name),
+            );
+        }
+        Ok(())
+    }
+
+    /// The other members (empty without `[cluster]`).
+    pub fn peers(&self) -> Vec<&ClusterNode> {
+        self.cluster
+            .iter()
+            .flat_map(|c| c.nodes.iter())
+            .filter(|n| n.name != self.node.name)
+            .collect()
+    }
+
+    /// Whom this node ships to as the primary: its `[[replication.target]]`s, then
+    /// every other member not named there (with the member's mode). A config without
+    /// `[cluster]` gives its targets alone, as before membership existed.
+    pub fn ship_targets(&self) -> Vec<TargetConfig> {
+        let mut targets = self
+            .replication
+            .as_ref()
+            .map(|r| r.targets.clone())
+            .unwrap_or_default();
+        for n in self.peers() {
+            if !targets.iter().any(|t| t.name == n.name) {
+                targets.push(TargetConfig {
+                    name: n.name.clone(),
+                    address: n.address.clone(),
+                    mode: n.mode,
+                    on_sync_loss: OnSyncLoss::default(),
+                });
+            }
+        }
+        targets
     }
 
     /// Checks the archive targets (`kind = "archive"`): a name like any target's, a

@@ -56,6 +56,8 @@ const VOLUME: &str = "volumes are opened and exported at start";
 const UNDO: &str = "the undo log is opened with it at start";
 const VERIFY: &str = "the node's digest is set at start (every node must agree)";
 const ENCRYPTION: &str = "the journal is opened with its key at start";
+const MEMBERSHIP: &str =
+    "the membership is read at start (whom a standby accepts, whom a promoted node ships to)";
 
 /// Every key, in the order of `ferry.toml(5)`.
 pub const KEYS: &[Key] = &[
@@ -124,6 +126,9 @@ pub const KEYS: &[Key] = &[
     live("pit.max_age_secs"),
     restart("pit.segment_size", UNDO),
     restart("encryption.key_file", ENCRYPTION),
+    restart("cluster.node.name", MEMBERSHIP),
+    restart("cluster.node.address", MEMBERSHIP),
+    restart("cluster.node.mode", MEMBERSHIP),
     restart("volume.name", VOLUME),
     restart("volume.path", VOLUME),
     restart("volume.size", VOLUME),
@@ -249,6 +254,13 @@ max_age_secs = 60
 segment_size = "1MiB"
 [encryption]
 key_file = "/etc/ferry/atrest.key"
+[[cluster.node]]
+name = "p"
+address = "127.0.0.1:7000"
+mode = "sync"
+[[cluster.node]]
+name = "dr1"
+address = "127.0.0.1:7001"
 [[volume]]
 name = "vol0"
 path = "/v.img"

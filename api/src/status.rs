@@ -28,8 +28,29 @@ pub struct NodeStatus {
     pub volumes: Vec<VolumeStatus>,
     /// Replication targets (a standby has none).
     pub targets: Vec<TargetStatus>,
+    /// The cluster as this node sees it: every `[cluster]` member (absent without one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster: Vec<MemberStatus>,
     #[serde(flatten)]
     pub role: RoleStatus,
+}
+
+/// One member of the cluster, as the node answering `status` sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    /// Its replication address (`[[cluster.node]] address`).
+    pub address: String,
+    /// `primary` or `standby` when this node knows (itself; the primary it follows;
+    /// a target it ships to), else `unknown`.
+    pub role: String,
+    /// Its epoch when this node knows it (itself, or a peer in session with it).
+    pub epoch: Option<u64>,
+    /// `true` for this node itself and for a peer it is in session with now.
+    pub connected: bool,
+    /// What this node sees: `self`, a target's state (`streaming`, `resyncing`, …),
+    /// `following` (the primary this standby follows) or `not in session`.
+    pub state: String,
 }
 
 /// The role's own part of the status; serialised as `"role": "primary"` or

@@ -35,6 +35,7 @@ fn common(role: RoleStatus, targets: Vec<TargetStatus>, export: Option<&str>) ->
             export: export.map(String::from),
         }],
         targets,
+        cluster: Vec::new(),
         role,
     }
 }

@@ -50,6 +50,7 @@ pub fn primary_config(
         audit: None,
         verify: None,
         encryption: None,
+        cluster: None,
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
         },

@@ -2,7 +2,8 @@
 //! until shutdown. Start-up and replay are in [`recovery`], checkpoints in
 //! [`checkpoint`], the roles in [`primary`] and [`standby`] (each with its control
 //! handler), role changes in [`roles`], what both roles share in [`lifecycle`] and
-//! [`requests`], the status snapshot in [`status`].
+//! [`requests`], the status snapshot in [`status`], cluster membership (following a
+//! newer primary, position probes) in [`members`].
 //!
 //! Start-up order matters for safety:
 //! 1. metadata (refuses a config naming another cluster),
@@ -19,6 +20,7 @@ use ferry_api::config::{Config, Role};
 
 pub mod checkpoint;
 pub mod lifecycle;
+pub mod members;
 pub mod primary;
 pub mod recovery;
 pub mod reload;

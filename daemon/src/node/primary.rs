@@ -155,6 +155,7 @@ fn primary_status(
         journal: rec.journal.clone(),
         volumes: status::volumes(cfg, Some(nbd)),
         bases: rec.bases.clone(),
+        members: status::members(cfg),
         role: RoleSource::Primary {
             group: group.clone(),
             replication,
@@ -309,7 +310,15 @@ fn outdated_hook(group: &Arc<Group>, rec: &Recovered) -> replication::OutdatedHo
             epoch,
             by: by.to_string(),
         };
-        if meta.outdated().ok().flatten().as_ref() == Some(&o) {
+        // The first node to show an epoch keeps its say: with membership a standby
+        // that already follows the new primary shows the newer epoch too, but it is
+        // not the node that superseded this one.
+        if meta
+            .outdated()
+            .ok()
+            .flatten()
+            .is_some_and(|known| known.epoch >= o.epoch)
+        {
             return;
         }
         let why = outdated_reason(&o);
@@ -331,9 +340,8 @@ fn outdated_hook(group: &Arc<Group>, rec: &Recovered) -> replication::OutdatedHo
 fn replication_targets(cfg: &Config, rec: &Recovered) -> anyhow::Result<Vec<Arc<TargetState>>> {
     let mut away = Vec::new();
     let promoted = rec.meta.fork_by()? == Some("promotion");
-    if let (Some(fork), Some(r), true) = (rec.meta.fork_seq()?, cfg.replication.as_ref(), promoted)
-    {
-        for t in &r.targets {
+    if let (Some(fork), true) = (rec.meta.fork_seq()?, promoted) {
+        for t in &cfg.ship_targets() {
             if !rec.meta.rejoined(&t.name, fork)? {
                 away.push(t.name.clone());
             }

@@ -137,12 +137,8 @@ pub(crate) fn plan(old: &Config, new: &Config) -> anyhow::Result<Plan> {
 
 /// The standby targets added, changed (mode or address) and removed, by name.
 fn plan_targets(old: &Config, new: &Config) -> Plan {
-    let targets = |c: &Config| {
-        c.replication
-            .as_ref()
-            .map(|r| r.targets.clone())
-            .unwrap_or_default()
-    };
+    // With membership, the members a primary ships to besides its listed targets.
+    let targets = |c: &Config| c.ship_targets();
     let (old_t, new_t) = (targets(old), targets(new));
     let mut p = Plan::default();
     for t in &new_t {

@@ -16,6 +16,7 @@ use crate::store::meta::RollbackState;
 
 use crate::node::checkpoint::checkpoint_now;
 use crate::node::lifecycle::{transport_options, Lifecycle};
+use crate::node::members::Prober;
 use crate::node::recovery::Recovered;
 use crate::node::requests::{find_volume, parse_target, rolled_back_reason};
 
@@ -424,7 +425,7 @@ pub(crate) fn promote(
     has_nbd: bool,
     rec: &Recovered,
     sb: &Standby,
-    exports: Option<&PitExports>,
+    (exports, prober): (Option<&PitExports>, Option<&Prober>),
     target: Option<&ferry_api::control::PointSpec>,
     force: bool,
     life: &Lifecycle,
@@ -445,6 +446,7 @@ pub(crate) fn promote(
         tracing::warn!(%peer, "promoting with --force while the primary is connected");
     }
     let sync_loss = refuse_sync_loss(rec, force)?;
+    let behind = refuse_behind(rec, prober, target.is_some(), force)?;
     if exports.is_some_and(|x| !x.is_empty()) {
         bail!("point-in-time views are exported; unexport them before promoting");
     }
@@ -498,8 +500,40 @@ pub(crate) fn promote(
         "fork_seq": fork,
         "cut_seq": cut,
         "forced_past_sync_loss": sync_loss,
+        "forced_behind": behind,
         "prepared_seconds": started.elapsed().as_secs_f64(),
     }))
+}
+
+/// With a `[cluster]`: asks the other reachable standbys where they are. Refused
+/// without `force` when one holds more than this node (promote that one instead) or
+/// is in a newer epoch already (another node was promoted). A promotion back to a
+/// point (`rolling_back`) means to hold less: only the newer epoch refuses it. With
+/// `force`, the reason is returned (for the answer and the audit log) and logged.
+fn refuse_behind(
+    rec: &Recovered,
+    prober: Option<&Prober>,
+    rolling_back: bool,
+    force: bool,
+) -> anyhow::Result<Option<String>> {
+    let Some(prober) = prober else {
+        return Ok(None);
+    };
+    let durable = rec.journal.durable_seq();
+    let epoch = rec.meta.epoch()?;
+    let others = tokio::runtime::Handle::current().block_on(prober.positions(durable));
+    for p in &others {
+        tracing::info!(peer = %p.name, epoch = p.epoch, durable = p.durable, "position of another standby");
+    }
+    let compared = if rolling_back { Seq::MAX } else { durable };
+    let Some(why) = crate::node::members::behind_another(epoch, compared, &others) else {
+        return Ok(None);
+    };
+    if !force {
+        bail!("{why}");
+    }
+    tracing::warn!("promoting with --force: {why}");
+    Ok(Some(why))
 }
 
 /// A standby its primary said lost sync (a sync target degraded at some sequence)

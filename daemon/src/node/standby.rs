@@ -18,6 +18,7 @@ use crate::node::checkpoint::Checkpointer;
 use crate::node::lifecycle::{
     finish_shutdown, transport_options, wait_until, ControlSocket, Lifecycle, Observe,
 };
+use crate::node::members;
 use crate::node::recovery::Recovered;
 use crate::node::reload::{self, Reloader};
 use crate::node::requests::{
@@ -66,6 +67,8 @@ pub(crate) async fn run_standby(
         &rec.bases,
         &r.primary,
     );
+    let peers = standby_peers(&cfg, &r.primary, &rec, &life);
+    let prober = prober(&cfg, &r.primary, &local)?;
     let control = ControlSocket::bind(&cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ckpt = Checkpointer::start(&cfg, rec.clone(), {
@@ -79,14 +82,14 @@ pub(crate) async fn run_standby(
         &cfg,
         rec.clone(),
         standby.clone(),
-        (exports.clone(), reloader),
+        (exports.clone(), reloader, prober),
         status,
         life.clone(),
     );
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
     let serve = tokio::spawn(standby::serve(
         standby.clone(),
-        local,
+        (local, peers),
         replication::load_tls(&cfg)?,
         transport_options(),
         listen,
@@ -117,6 +120,45 @@ pub(crate) async fn run_standby(
     finish_shutdown(ckpt, &rec).await
 }
 
+/// Whom this standby accepts: its primary; with a `[cluster]`, every member too, a
+/// newer epoch's primary among them being followed (`members::refused_hook`).
+fn standby_peers(
+    cfg: &Config,
+    primary: &str,
+    rec: &Arc<Recovered>,
+    life: &Arc<Lifecycle>,
+) -> Arc<standby::Peers> {
+    let names = members::accepted_names(cfg, primary);
+    let refused = cfg
+        .cluster
+        .is_some()
+        .then(|| members::refused_hook(rec.clone(), life.clone(), names.clone()));
+    Arc::new(standby::Peers { names, refused })
+}
+
+/// With a `[cluster]`: asks the other standbys (not the primary followed) where they
+/// are, so that `promote` can refuse a node that holds less.
+fn prober(
+    cfg: &Config,
+    primary: &str,
+    local: &ferry_proto::session::LocalIdentity,
+) -> anyhow::Result<Option<Arc<members::Prober>>> {
+    if cfg.cluster.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(members::Prober {
+        tls: Arc::new(replication::load_tls(cfg)?),
+        local: local.clone(),
+        opts: transport_options(),
+        peers: cfg
+            .peers()
+            .into_iter()
+            .filter(|n| n.name != primary)
+            .cloned()
+            .collect(),
+    })))
+}
+
 /// What `ferryctl status` and the metrics read on a standby.
 fn standby_status(
     cfg: &Config,
@@ -130,6 +172,7 @@ fn standby_status(
         journal: rec.journal.clone(),
         volumes: status::volumes(cfg, None),
         bases: rec.bases.clone(),
+        members: status::members(cfg),
         role: RoleSource::Standby {
             standby: standby.clone(),
             applier: rec.applier.clone(),
@@ -180,11 +223,19 @@ fn initial_pause(rec: &Recovered) -> anyhow::Result<Option<String>> {
 
 const PIT_OFF: &str = "point-in-time recovery is disabled on this standby ([pit] enabled = false)";
 
+/// The standby handler's optional parts: the PIT views, the reloader, the position
+/// prober (with a `[cluster]`).
+type HandlerParts = (
+    Option<Arc<PitExports>>,
+    Option<Arc<Reloader>>,
+    Option<Arc<members::Prober>>,
+);
+
 pub(crate) fn standby_handler(
     cfg: &Config,
     rec: Arc<Recovered>,
     sb: Arc<Standby>,
-    (exports, reloader): (Option<Arc<PitExports>>, Option<Arc<Reloader>>),
+    (exports, reloader, prober): HandlerParts,
     status: Arc<StatusSource>,
     life: Arc<Lifecycle>,
 ) -> control::Handler {
@@ -234,7 +285,7 @@ pub(crate) fn standby_handler(
                 rollback(&rec, &sb, exports.as_deref(), &volume, &target, group)
             })),
             ferry_api::control::Request::Promote { target, force } => respond(tokio::task::block_in_place(|| {
-                promote(has_nbd, &rec, &sb, exports.as_deref(), target.as_ref(), force, &life)
+                promote(has_nbd, &rec, &sb, (exports.as_deref(), prober.as_deref()), target.as_ref(), force, &life)
             })),
             ferry_api::control::Request::Reload => reload::answer(reloader.as_deref()),
             other @ (ferry_api::control::Request::Demote

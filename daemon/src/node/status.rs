@@ -30,6 +30,8 @@ pub(crate) struct StatusSource {
     pub(crate) volumes: Vec<VolumeStatus>,
     /// Their stores: a failed fsync of one stops the volume group (shown as failed).
     pub(crate) bases: Vec<Arc<Base>>,
+    /// Every `[cluster]` member, this node included (empty without membership).
+    pub(crate) members: Vec<ferry_api::config::ClusterNode>,
     pub(crate) role: RoleSource,
 }
 
@@ -85,9 +87,17 @@ impl StatusSource {
                 ))),
             ),
         };
+        let epoch = meta.epoch().unwrap_or(0);
+        let cluster = crate::node::members::cluster_view(
+            &self.members,
+            &self.node,
+            (role.name(), epoch),
+            |name| self.seen(name, &targets),
+        );
         NodeStatus {
             node: self.node.clone(),
-            epoch: meta.epoch().unwrap_or(0),
+            epoch,
+            cluster,
             last_seq,
             durable_seq: j.durable_seq(),
             applied_seq,
@@ -96,6 +106,28 @@ impl StatusSource {
             volumes: self.volumes.clone(),
             targets,
             role,
+        }
+    }
+
+    /// What this node knows of member `name`: a target it ships to (primary), or the
+    /// primary it follows (standby).
+    fn seen(
+        &self,
+        name: &str,
+        targets: &[ferry_api::status::TargetStatus],
+    ) -> Option<crate::node::members::Seen> {
+        use crate::node::members::Seen;
+        match &self.role {
+            RoleSource::Primary { .. } => targets.iter().find(|t| t.name == name).map(|t| Seen {
+                role: "standby",
+                connected: matches!(t.state.as_str(), "streaming" | "resyncing"),
+                state: t.state.clone(),
+            }),
+            RoleSource::Standby { standby, .. } => (standby.state.primary == name).then(|| Seen {
+                role: "primary",
+                connected: standby.state.connected.lock().is_some(),
+                state: "following".into(),
+            }),
         }
     }
 
@@ -119,6 +151,14 @@ impl StatusSource {
             },
         }
     }
+}
+
+/// The members `status` lists: `[cluster]` as configured.
+pub(crate) fn members(cfg: &Config) -> Vec<ferry_api::config::ClusterNode> {
+    cfg.cluster
+        .as_ref()
+        .map(|c| c.nodes.clone())
+        .unwrap_or_default()
 }
 
 /// The configured volumes; `nbd`: a primary's bound NBD address, which exports them.

@@ -35,16 +35,30 @@ use crate::replica::resync::{self, Copy};
 use crate::replica::standby::Standby;
 use crate::verify::chunks::{hash_range, ChunkHash, HashParams};
 
+/// Who may dial this standby, and what a refused Hello from one of them means.
+pub struct Peers {
+    /// The TLS names admitted: the primary, and with a `[cluster]` every member.
+    pub names: Vec<String>,
+    /// Given a Hello the handshake refused, the names of the certificate that sent it
+    /// and the refusal: `true` when the node dealt with it (a newer epoch's primary
+    /// to follow, a standby's position probe), so the session ends quietly.
+    pub refused: Option<RefusedHook>,
+}
+
+/// See [`Peers::refused`].
+pub type RefusedHook =
+    Arc<dyn Fn(&ferry_proto::wire::Hello, &[String], &QuicError) -> bool + Send + Sync>;
+
 /// Accepts primary connections until shutdown, one session at a time.
 pub async fn serve(
     standby: Arc<Standby>,
-    local: LocalIdentity,
+    (local, peers): (LocalIdentity, Arc<Peers>),
     tls: TlsMaterial,
     opts: TransportOptions,
     listen: std::net::SocketAddr,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let server = quic::server_config(&tls, &standby.state.primary, &opts)?;
+    let server = quic::server_config_for(&tls, &peers.names, &opts)?;
     let endpoint = quic::listen(listen, server)
         .with_context(|| format!("listening for the primary on {listen}"))?;
     tracing::info!(%listen, primary = %standby.state.primary, "standby waiting for its primary");
@@ -76,9 +90,9 @@ pub async fn serve(
                     old.abort();
                     let _ = old.await;
                 }
-                let (sb, local, opts) = (standby.clone(), local.clone(), opts.clone());
+                let (sb, local, opts, peers) = (standby.clone(), local.clone(), opts.clone(), peers.clone());
                 let peer = conn.remote_address();
-                current = Some((peer, tokio::spawn(async move { session(&sb, &local, &opts, conn).await })));
+                current = Some((peer, tokio::spawn(async move { session(&sb, (&local, &peers), &opts, conn).await })));
             }
             done = async { match current.as_mut() { Some((_, h)) => h.await, None => std::future::pending().await } } => {
                 let peer = current.take().map(|(p, _)| p);
@@ -149,14 +163,24 @@ fn session_over(
 
 async fn session(
     sb: &Standby,
-    local: &LocalIdentity,
+    (local, peers): (&LocalIdentity, &Peers),
     opts: &TransportOptions,
     conn: quinn::Connection,
 ) -> anyhow::Result<()> {
     let peer = conn.remote_address();
     wait_journal_durable(sb).await?;
     let durable = sb.resume_position();
-    let mut s = quic::standby_handshake(conn, local, durable, opts).await?;
+    let names = quic::peer_node_names(&conn);
+    let mut seen = None;
+    let handshake = quic::standby_handshake_observed(conn, local, durable, opts, |h| {
+        seen = Some(h.clone());
+    })
+    .await;
+    let mut s = match (handshake, seen, &peers.refused) {
+        (Ok(s), _, _) => s,
+        (Err(e), Some(hello), Some(refused)) if refused(&hello, &names, &e) => return Ok(()),
+        (Err(e), _, _) => return Err(e.into()),
+    };
     tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");
     *sb.state.connected.lock() = Some(peer.to_string());
     *sb.state.last_error.lock() = None;

@@ -319,18 +319,14 @@ pub fn target_states(
     start_acked: Seq,
     away_since_fork: impl Fn(&str) -> bool,
 ) -> Vec<Arc<TargetState>> {
-    cfg.replication
-        .as_ref()
-        .map(|r| {
-            r.targets
-                .iter()
-                .map(|t| {
-                    let away = away_since_fork(&t.name);
-                    Arc::new(TargetState::new(t, start_acked, away))
-                })
-                .collect()
+    // With a `[cluster]`, every other member too (`Config::ship_targets`).
+    cfg.ship_targets()
+        .iter()
+        .map(|t| {
+            let away = away_since_fork(&t.name);
+            Arc::new(TargetState::new(t, start_acked, away))
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 pub fn local_identity(

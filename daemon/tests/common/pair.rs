@@ -81,6 +81,7 @@ pub fn node_config(
         audit: None,
         verify: None,
         encryption: None,
+        cluster: None,
         control: ControlConfig {
             socket: data.join("ferryd.sock"),
         },

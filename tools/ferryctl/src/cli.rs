@@ -56,10 +56,12 @@ pub enum Cmd {
         /// The primary's replication (QUIC) address HOST:PORT; needed with --standby.
         #[arg(long, value_name = "HOST:PORT")]
         primary: Option<String>,
-        /// A standby site NAME=HOST:PORT (its QUIC address); repeatable.
-        #[arg(long = "standby", value_name = "NAME=HOST:PORT")]
+        /// A standby site NAME=HOST:PORT (its QUIC address), optionally with its own
+        /// mode: NAME=HOST:PORT/sync or /async; repeatable. Every node's config lists
+        /// every node ([cluster]): after a failover the others follow the new primary.
+        #[arg(long = "standby", value_name = "NAME=HOST:PORT[/MODE]")]
         standbys: Vec<String>,
-        /// Replication mode for every standby.
+        /// Replication mode of every standby that does not name its own.
         #[arg(long, value_enum, default_value = "async")]
         mode: ModeArg,
         /// First loopback port of the metrics endpoints (/metrics, /healthz, /readyz):

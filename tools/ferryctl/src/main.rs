@@ -293,7 +293,7 @@ fn init_addrs(
     let mut replication: Vec<&str> = Vec::new();
     if let Some(s) = sites {
         replication.push(&s.primary);
-        replication.extend(s.standbys.iter().map(|(_, a)| a.as_str()));
+        replication.extend(s.standbys.iter().map(|(_, a, _)| a.as_str()));
     }
     ports::assign(&ports::Request {
         nbd,
@@ -618,7 +618,8 @@ fn parse_volume(spec: &str) -> anyhow::Result<(String, u64)> {
 /// Replication layout from `--primary`, `--standby` and `--mode`.
 struct Sites {
     primary: String,
-    standbys: Vec<(String, String)>,
+    /// Name, replication address and mode of each standby.
+    standbys: Vec<(String, String, ReplicationMode)>,
     mode: ReplicationMode,
 }
 
@@ -638,27 +639,36 @@ impl Sites {
             bail!("--standby needs --primary HOST:PORT (the primary's replication address)");
         };
         parse_addr(primary).map_err(|e| anyhow::anyhow!("--primary: {e}"))?;
-        let mut out: Vec<(String, String)> = Vec::new();
+        let default_mode = match mode {
+            ModeArg::Sync => ReplicationMode::Sync,
+            ModeArg::Async => ReplicationMode::Async,
+        };
+        let mut out: Vec<(String, String, ReplicationMode)> = Vec::new();
         for spec in standbys {
-            let Some((name, addr)) = spec.split_once('=') else {
+            let Some((name, rest)) = spec.split_once('=') else {
                 bail!("--standby '{spec}': expected NAME=HOST:PORT, e.g. dr1=127.0.0.1:7002");
             };
             if !valid_node_name(name) || name == PRIMARY {
                 bail!("--standby '{spec}': '{name}' is not a usable node name (a DNS label: a-z 0-9 -, not 'primary')");
             }
-            if out.iter().any(|(n, _)| n == name) {
+            if out.iter().any(|(n, _, _)| n == name) {
                 bail!("--standby '{spec}': '{name}' is given twice");
             }
+            let (addr, mode) = match rest.rsplit_once('/') {
+                Some((a, "sync")) => (a, ReplicationMode::Sync),
+                Some((a, "async")) => (a, ReplicationMode::Async),
+                Some((_, m)) => {
+                    bail!("--standby '{spec}': mode '{m}' is neither sync nor async")
+                }
+                None => (rest, default_mode),
+            };
             parse_addr(addr).map_err(|e| anyhow::anyhow!("--standby '{spec}': {e}"))?;
-            out.push((name.to_string(), addr.to_string()));
+            out.push((name.to_string(), addr.to_string(), mode));
         }
         Ok(Some(Sites {
             primary: primary.to_string(),
             standbys: out,
-            mode: match mode {
-                ModeArg::Sync => ReplicationMode::Sync,
-                ModeArg::Async => ReplicationMode::Async,
-            },
+            mode: default_mode,
         }))
     }
 }
@@ -715,6 +725,7 @@ fn node_config(
         audit: None,
         verify: None,
         encryption: None,
+        cluster: None,
         volumes: vols
             .iter()
             .map(|(name, size)| VolumeConfig {
@@ -815,10 +826,10 @@ fn node_configs(
         targets: s
             .standbys
             .iter()
-            .map(|(name, addr)| TargetConfig {
+            .map(|(name, addr, mode)| TargetConfig {
                 name: name.clone(),
                 address: addr.clone(),
-                mode: s.mode,
+                mode: *mode,
                 on_sync_loss: Default::default(),
             })
             .collect(),
@@ -834,7 +845,7 @@ fn node_configs(
         primary_repl,
     ));
     let standbys = sites.map(|s| s.standbys.as_slice()).unwrap_or_default();
-    for ((name, addr), node_addrs) in standbys.iter().zip(&addrs[1..]) {
+    for ((name, addr, _), node_addrs) in standbys.iter().zip(&addrs[1..]) {
         // Once promoted, a standby serves NBD (on its own port when it shares the
         // primary's host) and ships to the old primary (which rejoins as its standby
         // after a demote or switchover).
@@ -866,7 +877,35 @@ fn node_configs(
             }),
         ));
     }
+    if let Some(s) = sites {
+        let members = membership(s);
+        for n in &mut nodes {
+            n.cluster = Some(members.clone());
+        }
+    }
     nodes
+}
+
+/// `[cluster]`, the same in every node's config: the primary (shipped to with
+/// `--mode` once another node is the primary, as the standbys' targets say) and each
+/// standby with its mode.
+fn membership(s: &Sites) -> ferry_api::config::ClusterConfig {
+    let primary = ferry_api::config::ClusterNode {
+        name: PRIMARY.into(),
+        address: s.primary.clone(),
+        mode: s.mode,
+    };
+    let standbys = s
+        .standbys
+        .iter()
+        .map(|(name, addr, mode)| ferry_api::config::ClusterNode {
+            name: name.clone(),
+            address: addr.clone(),
+            mode: *mode,
+        });
+    ferry_api::config::ClusterConfig {
+        nodes: std::iter::once(primary).chain(standbys).collect(),
+    }
 }
 
 /// Refuses to overwrite a node's configuration, and validates each one.
@@ -995,6 +1034,20 @@ fn status_text(st: &NodeStatus) -> String {
     match &st.role {
         RoleStatus::Primary(p) => out += &primary_text(p),
         RoleStatus::Standby(s) => out += &standby_text(s),
+    }
+    for m in &st.cluster {
+        out += &format!(
+            "member     {}  {}  {}  epoch {}  {}\n",
+            quoted(&m.name),
+            m.address,
+            m.role,
+            m.epoch.map_or_else(|| "?".to_string(), |e| e.to_string()),
+            if m.connected {
+                m.state.clone()
+            } else {
+                format!("{} (not connected)", m.state)
+            }
+        );
     }
     for vol in &st.volumes {
         out += &format!(

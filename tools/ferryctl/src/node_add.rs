@@ -157,7 +157,7 @@ fn standby_config(
         .iter()
         .map(|v| (v.name.clone(), v.size.0))
         .collect();
-    Ok(crate::node_config(
+    let mut cfg = crate::node_config(
         name,
         Role::Standby,
         cluster,
@@ -179,7 +179,18 @@ fn standby_config(
                 on_sync_loss: Default::default(),
             }],
         }),
-    ))
+    );
+    // The new node knows the members the primary knows, and itself. The others learn
+    // of it only when their configs list it (`[cluster]` changes need a restart).
+    cfg.cluster = primary.cluster.clone().map(|mut c| {
+        c.nodes.push(ferry_api::config::ClusterNode {
+            name: name.to_string(),
+            address: addr.to_string(),
+            mode,
+        });
+        c
+    });
+    Ok(cfg)
 }
 
 fn mode_str(mode: ReplicationMode) -> &'static str {

@@ -63,7 +63,8 @@ impl Default for Init<'_> {
 }
 
 /// `ferryctl init` for a primary and the given standbys on loopback (ports from the
-/// OS); returns the primary's and the standbys' config paths.
+/// OS); returns the primary's and the standbys' config paths. A standby `NAME/MODE`
+/// (`dr2/async`) gets its own mode.
 pub fn init_cluster(dir: &Path, standbys: &[&str], o: &Init) -> (PathBuf, Vec<PathBuf>) {
     let mut cmd = Command::new(ferryctl());
     cmd.args(["init", "--dir"])
@@ -75,8 +76,10 @@ pub fn init_cluster(dir: &Path, standbys: &[&str], o: &Init) -> (PathBuf, Vec<Pa
         .arg("--primary")
         .arg(format!("127.0.0.1:{}", free_udp_port()));
     for s in standbys {
+        let (name, mode) = s.split_once('/').map_or((*s, None), |(n, m)| (n, Some(m)));
+        let mode = mode.map(|m| format!("/{m}")).unwrap_or_default();
         cmd.arg("--standby")
-            .arg(format!("{s}=127.0.0.1:{}", free_udp_port()));
+            .arg(format!("{name}=127.0.0.1:{}{mode}", free_udp_port()));
     }
     let out = cmd.output().unwrap();
     assert!(
@@ -88,7 +91,7 @@ pub fn init_cluster(dir: &Path, standbys: &[&str], o: &Init) -> (PathBuf, Vec<Pa
         dir.join("primary.toml"),
         standbys
             .iter()
-            .map(|s| dir.join(format!("{s}.toml")))
+            .map(|s| dir.join(format!("{}.toml", s.split('/').next().unwrap_or(s))))
             .collect(),
     )
 }
