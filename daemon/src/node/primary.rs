@@ -167,24 +167,34 @@ fn primary_status(
 
 /// A primary answers its peer on its replication address: the primary it replaced
 /// (should it come back) learns it is outdated and stops; a primary of a newer epoch
-/// that dials us (we were replaced unheard) fences this node.
+/// that dials us (we were replaced unheard) fences this node. With a `[cluster]`
+/// every member is answered: the new primary, whichever it is, names itself.
 fn fence_task(
     cfg: &Config,
     rec: &Arc<Recovered>,
     group: &Arc<Group>,
     stop_rx: &watch::Receiver<bool>,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-    Ok(match (&cfg.replication, fence_peer(cfg)) {
-        (Some(r), Some(peer)) => Some(start_fence_responder(
-            cfg,
-            r,
-            rec,
-            &peer,
-            outdated_hook(group, rec),
-            stop_rx,
-        )?),
-        _ => None,
-    })
+    let Some(r) = cfg.replication.as_ref().filter(|r| !r.listen.is_empty()) else {
+        return Ok(None);
+    };
+    let mut names: Vec<String> = fence_peer(cfg).into_iter().collect();
+    for n in cfg.peers() {
+        if !names.contains(&n.name) {
+            names.push(n.name.clone());
+        }
+    }
+    if names.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(start_fence_responder(
+        cfg,
+        r,
+        rec,
+        names,
+        outdated_hook(group, rec, true),
+        stop_rx,
+    )?))
 }
 
 /// What a reload changes on a primary: its targets, the metrics endpoint and the
@@ -303,21 +313,26 @@ fn seal_for_shutdown(rec: &Recovered, group: &Group) {
 }
 
 /// Records that a newer primary outdated this one, and fences its writes.
-fn outdated_hook(group: &Arc<Group>, rec: &Recovered) -> replication::OutdatedHook {
+/// `primary_known`: the caller knows `by` is the new primary (it dialed this node's
+/// fence responder as a primary). A target that shows a newer epoch may instead be a
+/// standby already following the new primary (membership): its name is kept only
+/// until the new primary itself is heard, and never replaces it.
+fn outdated_hook(
+    group: &Arc<Group>,
+    rec: &Recovered,
+    primary_known: bool,
+) -> replication::OutdatedHook {
     let (group, meta) = (group.clone(), rec.meta.clone());
     Arc::new(move |epoch, by| {
         let o = crate::store::meta::Outdated {
             epoch,
             by: by.to_string(),
         };
-        // The first node to show an epoch keeps its say: with membership a standby
-        // that already follows the new primary shows the newer epoch too, but it is
-        // not the node that superseded this one.
-        if meta
-            .outdated()
-            .ok()
-            .flatten()
-            .is_some_and(|known| known.epoch >= o.epoch)
+        let known = meta.outdated().ok().flatten();
+        if known.as_ref() == Some(&o)
+            || known
+                .as_ref()
+                .is_some_and(|k| k.epoch > epoch || (k.epoch == epoch && !primary_known))
         {
             return;
         }
@@ -440,7 +455,7 @@ fn ship_context(
             cfg.replication.as_ref().map_or(0, |r| r.async_linger_us),
         ),
         sync: sync.clone(),
-        outdated: outdated_hook(group, rec),
+        outdated: outdated_hook(group, rec, false),
         fork: rec.meta.fork_seq()?.map(|f| (f, rec.meta.clone())),
     }))
 }
@@ -449,19 +464,23 @@ fn start_fence_responder(
     cfg: &Config,
     r: &ferry_api::config::ReplicationConfig,
     rec: &Recovered,
-    peer: &str,
+    peers: Vec<String>,
     outdated: replication::OutdatedHook,
     stop_rx: &watch::Receiver<bool>,
 ) -> anyhow::Result<JoinHandle<()>> {
+    let first = peers.first().cloned().unwrap_or_default();
     Ok(tokio::spawn(fence_responder(
         ferry_api::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?,
-        replication::local_identity(
-            cfg,
-            rec.meta.node_id,
-            rec.meta.epoch()?,
-            ferry_proto::wire::Role::Primary,
-            &rec.bases,
-            peer,
+        (
+            replication::local_identity(
+                cfg,
+                rec.meta.node_id,
+                rec.meta.epoch()?,
+                ferry_proto::wire::Role::Primary,
+                &rec.bases,
+                &first,
+            ),
+            peers,
         ),
         replication::load_tls(cfg)?,
         outdated,

@@ -350,14 +350,14 @@ fn newer_epoch_of(e: &ferry_transport::quic::QuicError) -> Option<u64> {
 /// never accepts another write as primary; found by ferry-torture, seed 101).
 pub(crate) async fn fence_responder(
     listen: std::net::SocketAddr,
-    local: ferry_proto::session::LocalIdentity,
+    (local, peers): (ferry_proto::session::LocalIdentity, Vec<String>),
     tls: ferry_transport::quic::TlsMaterial,
     outdated: crate::ship::OutdatedHook,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use ferry_transport::quic;
     let opts = transport_options();
-    let endpoint = match quic::server_config(&tls, &local.expected_peer_name, &opts)
+    let endpoint = match quic::server_config_for(&tls, &peers, &opts)
         .map_err(anyhow::Error::from)
         .and_then(|c| quic::listen(listen, c).map_err(anyhow::Error::from))
     {
@@ -376,27 +376,50 @@ pub(crate) async fn fence_responder(
             accepted = acceptor.next() => match accepted {
                 None => break,
                 Some(Err(e)) => tracing::debug!("fence responder: refused a connection: {e}"),
-                Some(Ok(conn)) => {
-                    let peer = conn.remote_address();
-                    let hello = quic::standby_handshake(conn, &local, 0, &opts);
-                    let Ok(answered) = tokio::time::timeout(quic::HANDSHAKE_TIMEOUT, hello).await else {
-                        tracing::warn!(%peer, "fence responder: the peer's Hello did not come within {:?}", quic::HANDSHAKE_TIMEOUT);
-                        continue;
-                    };
-                    match answered {
-                        Err(e) => match newer_epoch_of(&e) {
-                            // TLS admitted only `expected_peer_name`: that node says
-                            // it is the primary of the newer epoch.
-                            Some(epoch) => outdated(epoch, &local.expected_peer_name),
-                            None => tracing::warn!(%peer, "told an outdated primary it was superseded: {e}"),
-                        },
-                        Ok(_) => tracing::warn!(%peer, "fence responder: unexpected handshake success"),
-                    }
-                }
+                Some(Ok(conn)) => answer_fence(conn, &local, &peers, &opts, &outdated).await,
             }
         }
     }
     endpoint.close(0u32.into(), b"shutting down");
+}
+
+/// One dialer of the fence responder: a primary of a newer epoch (TLS admitted it as
+/// one of `peers`; its Hello names it and says it is a primary) fences this node as
+/// outdated by it; an older one is told it is outdated by our Hello.
+async fn answer_fence(
+    conn: quinn::Connection,
+    local: &ferry_proto::session::LocalIdentity,
+    peers: &[String],
+    opts: &ferry_transport::quic::TransportOptions,
+    outdated: &crate::ship::OutdatedHook,
+) {
+    use ferry_transport::quic;
+    let peer = conn.remote_address();
+    let names = quic::peer_node_names(&conn);
+    let mut seen = None;
+    let hello = quic::standby_handshake_observed(conn, local, 0, opts, |h| {
+        seen = Some((h.node_name.clone(), h.role));
+    });
+    let Ok(answered) = tokio::time::timeout(quic::HANDSHAKE_TIMEOUT, hello).await else {
+        tracing::warn!(%peer, "fence responder: the peer's Hello did not come within {:?}", quic::HANDSHAKE_TIMEOUT);
+        return;
+    };
+    match answered {
+        Err(e) => match (newer_epoch_of(&e), seen) {
+            // TLS admitted only these names, and the Hello names the certificate's
+            // node in the primary role: that node is the primary of the newer epoch.
+            (Some(epoch), Some((name, ferry_proto::wire::Role::Primary)))
+                if names.contains(&name) && peers.contains(&name) =>
+            {
+                outdated(epoch, &name)
+            }
+            (Some(epoch), _) => {
+                tracing::warn!(%peer, epoch, "fence responder: a peer showed epoch {epoch} without being its primary: ignored")
+            }
+            (None, _) => tracing::warn!(%peer, "told an outdated primary it was superseded: {e}"),
+        },
+        Ok(_) => tracing::warn!(%peer, "fence responder: unexpected handshake success"),
+    }
 }
 
 /// Waits (bounded) until the replica applied everything journaled.

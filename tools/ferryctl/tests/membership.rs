@@ -251,6 +251,51 @@ fn after_a_failover_the_other_standby_follows_the_new_primary() {
         "dr2 followed a lower epoch: {d2:#}"
     );
     same_file(&volume_of(dr1cfg), &volume_of(dr2cfg));
+
+    // The old primary learns from dr1 itself (dr1 ships to it) who superseded it, and
+    // rejoins through `demote` as dr1's standby: dr1 then streams to both.
+    let st = old.wait_status("dr1 to name itself to the old primary", WAIT, |st| {
+        st["outdated"]["by"] == "dr1"
+    });
+    let old_last = seq(&st, "/last_seq");
+    let d = ctl_json(&pcfg, &["demote"]);
+    assert_eq!(d["primary"], "dr1", "{d:#}");
+    wait_for(&pcfg, "the old primary to run as a standby", WAIT, |st| {
+        st["role"] == "standby"
+    });
+    // dr1 must pass the old primary's last sequence before it can resync it.
+    let fork = seq(&p, "/fork_seq");
+    let filler: Vec<String> = (0..(old_last.saturating_sub(fork) + 2))
+        .map(|i| format!("write -P 0x66 {} 4k", (24 << 20) + i * 4096))
+        .collect();
+    assert_qemu_io_ok(&qemu_io(&url, &filler));
+    let both = |st: &serde_json::Value| {
+        ["primary", "dr2"].iter().all(|n| {
+            let t = target(st, n);
+            t["state"] == "streaming"
+                && t["tracking"] == "streaming"
+                && seq(t, "/acked_seq") >= seq(st, "/durable_seq")
+        })
+    };
+    let st = wait_for(
+        dr1cfg,
+        "dr1 to stream to the old primary and dr2",
+        Duration::from_secs(60),
+        both,
+    );
+    let last = seq(&st, "/durable_seq");
+    for c in [&pcfg, dr2cfg] {
+        wait_for(c, "a standby to apply everything", WAIT, |st| {
+            seq(st, "/applied_seq") >= last && st["replica"] == "consistent"
+        });
+    }
+    same_file(&volume_of(dr1cfg), &volume_of(&pcfg));
+    same_file(&volume_of(dr1cfg), &volume_of(dr2cfg));
+    eprintln!(
+        "membership: the old primary rejoined dr1 by demote: {} bytes moved ({} as data)",
+        seq(target(&st, "primary"), "/resync_bytes"),
+        seq(target(&st, "primary"), "/resync_data_bytes")
+    );
     drop(old);
 }
 
