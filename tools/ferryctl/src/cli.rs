@@ -152,6 +152,8 @@ pub enum Cmd {
         json: bool,
     },
     /// Standby: become the primary of a new epoch (serves NBD, journals new writes).
+    /// With [cluster], the other standbys follow it by themselves; it refuses when
+    /// another reachable standby holds more, naming it.
     Promote {
         /// Roll back to a point first (RFC 3339 time).
         #[arg(long, value_name = "TIME", conflicts_with = "bookmark")]
@@ -161,7 +163,8 @@ pub enum Cmd {
         bookmark: Option<String>,
         /// Promote even while the current primary is connected (it is fenced when it
         /// next reaches this node), or although this standby lost sync (a sync target
-        /// its primary degraded: writes acknowledged since may be missing here).
+        /// its primary degraded: writes acknowledged since may be missing here), or
+        /// although another reachable standby holds more (its extra writes are lost).
         #[arg(long)]
         force: bool,
         /// Print the result as JSON (for scripts) instead of text.

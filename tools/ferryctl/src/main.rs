@@ -439,6 +439,9 @@ fn role_change(cfg: &Config, req: Request, json: bool) -> anyhow::Result<()> {
                          primary acknowledged after it may be missing"
                     );
                 }
+                if let Some(why) = v["forced_behind"].as_str() {
+                    println!("warning: promoted with --force although {why}");
+                }
                 println!(
                     "promoted: primary of epoch {} from sequence {}; restarting as the primary",
                     v["epoch"], v["fork_seq"]

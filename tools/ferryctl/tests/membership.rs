@@ -365,3 +365,211 @@ fn promote_refuses_a_standby_behind_another_and_the_other_can_be_promoted() {
     });
     same_file(&volume_of(dr1cfg), &volume_of(dr2cfg));
 }
+
+/// Network namespaces for the nodes, joined by veth pairs to a bridge in this
+/// namespace (which the test's NBD client uses); removed on drop.
+struct Netns {
+    names: Vec<String>,
+    bridge: String,
+}
+
+impl Netns {
+    /// `n` namespaces `fm<pid>-<i>`, node `i` at 10.77.<pid % 200>.<i + 1>/24.
+    fn make(n: usize) -> Result<(Netns, Vec<String>), String> {
+        let id = std::process::id() % 100_000;
+        let net = std::process::id() % 200;
+        let mut ns = Netns {
+            names: Vec::new(),
+            bridge: format!("fmbr{id}"),
+        };
+        ip(&["link", "add", &ns.bridge, "type", "bridge"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.77.{net}.254/24"),
+            "dev",
+            &ns.bridge,
+        ])?;
+        ip(&["link", "set", &ns.bridge, "up"])?;
+        let mut addrs = Vec::new();
+        for i in 0..n {
+            let name = format!("fm{id}-{i}");
+            ip(&["netns", "add", &name])?;
+            ns.names.push(name.clone());
+            let (outer, inner) = (format!("fm{id}h{i}"), format!("fm{id}n{i}"));
+            ip(&[
+                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+            ])?;
+            ip(&["link", "set", &inner, "netns", &name])?;
+            ip(&["link", "set", &outer, "master", &ns.bridge])?;
+            ip(&["link", "set", &outer, "up"])?;
+            let addr = format!("10.77.{net}.{}", i + 1);
+            let exec = |args: &[&str]| {
+                let mut a = vec!["netns", "exec", name.as_str(), "ip"];
+                a.extend_from_slice(args);
+                ip(&a)
+            };
+            exec(&["addr", "add", &format!("{addr}/24"), "dev", &inner])?;
+            exec(&["link", "set", &inner, "up"])?;
+            exec(&["link", "set", "lo", "up"])?;
+            addrs.push(addr);
+        }
+        Ok((ns, addrs))
+    }
+
+    /// A script that runs ferryd inside namespace `i` (`ip netns exec` keeps the pid).
+    fn ferryd_in(&self, i: usize, dir: &Path) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(format!("ferryd-{}", self.names[i]));
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\nexec ip netns exec {} {} \"$@\"\n",
+                self.names[i],
+                ferryd().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = ip(&["netns", "del", n]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+/// `ip ARGS…`, its stderr as the error.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The loopback test's failover with each node in its own network namespace, joined
+/// by veth pairs through a bridge: dr2 follows the promoted dr1 across the links and
+/// ends byte-identical to it.
+#[test]
+fn in_network_namespaces_the_other_standby_follows_the_new_primary() {
+    let name = "in_network_namespaces_the_other_standby_follows_the_new_primary";
+    if skip_without("qemu-io", name) || skip_without("ip", name) {
+        return;
+    }
+    let (ns, addrs) = match Netns::make(3) {
+        Ok(v) => v,
+        Err(e) => {
+            ferryd::testkit::skip(name, &format!("cannot make network namespaces: {e}"));
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(ferryctl())
+        .args(["init", "--dir"])
+        .arg(dir.path())
+        .args(["--volume", "vol0:32MiB", "--nbd", "127.0.0.1:0"])
+        .args([
+            "--journal-size",
+            "64MiB",
+            "--segment-size",
+            "4MiB",
+            "--mode",
+            "sync",
+        ])
+        .args(["--primary", &format!("{}:7001", addrs[0])])
+        .args(["--standby", &format!("dr1={}:7001/sync", addrs[1])])
+        .args(["--standby", &format!("dr2={}:7001/async", addrs[2])])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfgs: Vec<std::path::PathBuf> = ["primary", "dr1", "dr2"]
+        .iter()
+        .map(|n| dir.path().join(format!("{n}.toml")))
+        .collect();
+    // Each node serves NBD on its own link address (the test's client is outside).
+    for (c, a) in cfgs.iter().zip(&addrs) {
+        let mut cfg = ferry_api::config::Config::load(c).unwrap();
+        cfg.nbd.as_mut().unwrap().listen = format!("{a}:0");
+        std::fs::write(c, cfg.to_toml()).unwrap();
+    }
+    let _dr1 = Node::start(&ns.ferryd_in(1, dir.path()), &cfgs[1]);
+    let dr2 = Node::start(&ns.ferryd_in(2, dir.path()), &cfgs[2]);
+    let mut primary = Node::start(&ns.ferryd_in(0, dir.path()), &cfgs[0]);
+    primary.wait_status("both targets to stream across the links", WAIT, |st| {
+        target(st, "dr1")["state"] == "streaming" && target(st, "dr2")["state"] == "streaming"
+    });
+    let run = spawn_qemu_io(&primary.url("vol0"), &workload(200));
+    primary.wait_status("part of the workload", Duration::from_secs(60), |st| {
+        seq(st, "/last_seq") >= 50
+    });
+    primary.kill();
+    let acked = acked_writes(&run.finish(), 16384);
+    assert!(
+        !acked.is_empty(),
+        "no write was acknowledged before the kill"
+    );
+    let t0 = Instant::now();
+    let p = match promote(&cfgs[1], &[]) {
+        Ok(p) => p,
+        Err(e) => {
+            assert!(e.contains("'dr2' holds more"), "promote dr1: {e}");
+            promote(&cfgs[1], &["--force"]).expect("promote --force")
+        }
+    };
+    assert_eq!(p["epoch"], 2, "{p:#}");
+    let st = wait_for(
+        &cfgs[1],
+        "dr1 to stream to dr2 across the links",
+        WAIT,
+        |st| st["role"] == "primary" && st["nbd"]["listen"].is_string(),
+    );
+    let url = format!("nbd://{}/vol0", st["nbd"]["listen"].as_str().unwrap_or(""));
+    // Past anything dr2 may hold beyond the fork (a forced promotion).
+    let pass: Vec<String> = (0..16)
+        .map(|i| format!("write -P 0x22 {} 4k", (28 << 20) + i * 4096))
+        .collect();
+    assert_qemu_io_ok(&qemu_io(&url, &pass));
+    let st = wait_for(&cfgs[1], "dr2 to hold everything dr1 wrote", WAIT, |st| {
+        let t = target(st, "dr2");
+        t["state"] == "streaming"
+            && t["tracking"] == "streaming"
+            && seq(t, "/acked_seq") >= seq(st, "/durable_seq")
+    });
+    eprintln!(
+        "membership (netns): promote of dr1 to dr2 caught up with it: {:.3} s; resync moved {} bytes ({} as data)",
+        t0.elapsed().as_secs_f64(),
+        seq(target(&st, "dr2"), "/resync_bytes"),
+        seq(target(&st, "dr2"), "/resync_data_bytes")
+    );
+    let reads: Vec<String> = acked
+        .iter()
+        .map(|o| format!("read -P {} {o} 16k", pattern_of(*o)))
+        .collect();
+    for chunk in reads.chunks(200) {
+        assert_qemu_io_ok(&qemu_io(&url, chunk));
+    }
+    let last = seq(&st, "/durable_seq");
+    let d2 = dr2.wait_status("dr2 to apply everything", WAIT, |st| {
+        seq(st, "/applied_seq") >= last && st["replica"] == "consistent"
+    });
+    assert_eq!(d2["primary"]["name"], "dr1", "{d2:#}");
+    same_file(&volume_of(&cfgs[1]), &volume_of(&cfgs[2]));
+}
