@@ -84,6 +84,18 @@ pub async fn serve(
             accepted = acceptor.next() => {
                 let Some(accepted) = accepted else { break };
                 let Some(conn) = admit(&standby, accepted) else { continue };
+                if current.is_some() && !quic::peer_node_names(&conn).contains(&standby.state.primary) {
+                    // Another member (a newer epoch's primary, a position probe): its
+                    // handshake can never become this node's session in this epoch, so it
+                    // runs beside the current one instead of replacing it.
+                    let (sb, local, opts, peers) = (standby.clone(), local.clone(), opts.clone(), peers.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = session(&sb, (&local, &peers), &opts, conn).await {
+                            tracing::warn!("refused a member that is not this node's primary: {}", crate::error_chain(&e));
+                        }
+                    });
+                    continue;
+                }
                 if let Some((old_peer, old)) = current.take() {
                     tracing::info!(%old_peer, new_peer = %conn.remote_address(),
                         "the primary connected again: replacing the previous session");
@@ -181,6 +193,15 @@ async fn session(
         (Err(e), Some(hello), Some(refused)) if refused(&hello, &names, &e) => return Ok(()),
         (Err(e), _, _) => return Err(e.into()),
     };
+    // TLS admits every member: the Hello's name must be the certificate's, or a
+    // member could pass for the primary.
+    if !names.contains(&s.peer_hello.node_name) {
+        bail!(
+            "the peer's certificate names {:?} but its Hello claims to be '{}': refused",
+            names,
+            s.peer_hello.node_name
+        );
+    }
     tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");
     *sb.state.connected.lock() = Some(peer.to_string());
     *sb.state.last_error.lock() = None;

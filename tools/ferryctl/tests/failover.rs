@@ -483,6 +483,14 @@ fn promote_back_to_a_bookmark(name: &str, crash: bool) {
         },
     );
     let last = seq(&st, "/durable_seq");
+    for t in st["targets"].as_array().into_iter().flatten() {
+        eprintln!(
+            "after the promotion, '{}' re-attached to dr1 moving {} bytes ({} as data)",
+            t["name"].as_str().unwrap_or("?"),
+            seq(t, "/resync_bytes"),
+            seq(t, "/resync_data_bytes")
+        );
+    }
     wait_applied_to(&dr2, "dr2 to apply the new epoch", last);
     wait_applied_to(&dr3, "dr3 to apply the new epoch", last);
     let vol = |c: &Path| {
