@@ -365,6 +365,45 @@ async fn wrong_node_name_is_refused() {
     .await;
 }
 
+/// A standby that knows its cluster's members admits each of them (and names the
+/// one that connected), and still refuses a node that is not listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_admitting_several_members_refuses_the_others() {
+    bounded("several names", async {
+        let ca = ClusterCa::generate(CLUSTER_A).expect("CA");
+        let opts = TransportOptions::default();
+        let names = ["primary".to_string(), "dr1".to_string()];
+        let cfg = ferry_transport::quic::server_config_for(&material(&ca, "dr2"), &names, &opts)
+            .expect("server config");
+        let server = listen(localhost(), cfg).expect("listen");
+        let addr = server.local_addr().expect("local addr");
+        for member in ["primary", "dr1"] {
+            let client_cfg =
+                client_config(&material(&ca, member), "dr2", &opts).expect("client config");
+            let client = client_endpoint(localhost()).expect("client endpoint");
+            let (c, s) = tokio::join!(connect(&client, client_cfg, addr, "dr2"), async {
+                accept(&server).await.expect("endpoint open")
+            });
+            let s = s.unwrap_or_else(|e| panic!("{member} refused: {e}"));
+            assert_eq!(
+                ferry_transport::quic::peer_node_names(&s),
+                vec![member.to_string()]
+            );
+            c.expect("client connection").close(0u32.into(), b"done");
+        }
+        let (c, s) = dial_and_accept(&material(&ca, "dr3"), "dr2", &server, addr).await;
+        let s = s
+            .expect_err("a node not listed must be refused")
+            .to_string();
+        assert!(s.contains("expected 'primary,dr1'"), "standby error: {s}");
+        assert!(c.is_err(), "client must not get a usable connection");
+        assert!(
+            ferry_transport::quic::server_config_for(&material(&ca, "dr2"), &[], &opts).is_err()
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_without_certificate_is_refused() {
     bounded("no client cert", async {
