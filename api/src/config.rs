@@ -1709,6 +1709,61 @@ size = "1GiB"
         )
     }
 
+    /// Without `[cluster]` a node ships to its targets alone and has no peers (as
+    /// before membership); with it, every other member is shipped to after the listed
+    /// targets, a member listed there keeps the target's settings, and the section
+    /// must name this node once and every member once.
+    #[test]
+    fn membership_adds_the_other_members_and_is_checked() {
+        let target = "[[replication.target]]\nname = \"dr1\"\naddress = \"127.0.0.1:7001\"\nmode = \"sync\"\n";
+        let cfg = Config::parse(&with_targets(target)).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.peers().is_empty());
+        let names = |c: &Config| {
+            c.ship_targets()
+                .into_iter()
+                .map(|t| (t.name, t.mode))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(&cfg),
+            vec![("dr1".to_string(), ReplicationMode::Sync)]
+        );
+        let member = |n: &str, port: u16, mode: &str| {
+            format!("[[cluster.node]]\nname = \"{n}\"\naddress = \"127.0.0.1:{port}\"\nmode = \"{mode}\"\n")
+        };
+        let members = member("primary", 7000, "sync")
+            + &member("dr1", 7001, "async")
+            + &member("dr2", 7002, "async");
+        let cfg = Config::parse(&with_targets(&format!("{target}{members}"))).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.peers().len(), 2);
+        assert_eq!(
+            names(&cfg),
+            vec![
+                ("dr1".to_string(), ReplicationMode::Sync),
+                ("dr2".to_string(), ReplicationMode::Async)
+            ]
+        );
+        // Written back and read again, the membership is the same.
+        assert_eq!(Config::parse(&cfg.to_toml()).unwrap().cluster, cfg.cluster);
+        let without_me = member("dr1", 7001, "async") + &member("dr2", 7002, "async");
+        assert_eq!(invalid_key(&with_targets(&without_me)), "cluster.node");
+        let twice = member("primary", 7000, "sync")
+            + &member("dr1", 7001, "async")
+            + &member("dr1", 7003, "async");
+        assert_eq!(invalid_key(&with_targets(&twice)), "cluster.node[2].name");
+        let bad_addr = member("primary", 7000, "sync").replace("127.0.0.1:7000", "nowhere");
+        assert_eq!(
+            invalid_key(&with_targets(&bad_addr)),
+            "cluster.node[0].address"
+        );
+        assert_eq!(
+            invalid_key(&format!("{GOOD}\n{}", member("primary", 7000, "sync"))),
+            "cluster"
+        );
+    }
+
     /// `kind = "archive"` targets parse apart from the standbys, keep their place when
     /// written back, and every wrong key of one is named.
     #[test]
