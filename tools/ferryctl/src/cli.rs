@@ -92,6 +92,13 @@ pub enum Cmd {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Key rotation for encryption at rest: add a new current key-encryption key to a
+    /// key file (older keys stay, so data sealed under them stays readable), list
+    /// its keys, or retire an older key once nothing stored needs it.
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
     /// The cold tier: restore a volume from an archive, or list what one holds. Reads
     /// the object store directly (no running ferryd needed); s3:// credentials and
     /// endpoint come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
@@ -321,6 +328,35 @@ pub enum PitCmd {
         /// Stop every open view.
         #[arg(long)]
         all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Append a new random key to the key file as its current key (written anew,
+    /// mode 0600, renamed into place). ferryd reads the key file at start: after a
+    /// restart new journal and undo segments and new archive objects are sealed
+    /// under the new key; segments sealed under older keys stay readable.
+    Rotate {
+        /// The node's key file ([encryption] key_file).
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+    },
+    /// The key ids in the key file: the current key and the older ones.
+    List {
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+    },
+    /// Remove an older key from the key file. Refused while a journal or undo
+    /// segment of the node (--config) is sealed under it: retention releases those
+    /// segments in time. An archive begun under the key needs it as long as the
+    /// archive is kept (its chunk ids are keyed by it): not checked here.
+    Retire {
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        /// The key id to retire (16 hex digits, as `key list` prints it).
+        #[arg(long, value_name = "ID")]
+        id: String,
     },
 }
 
