@@ -168,9 +168,10 @@ impl UndoLog {
         };
         // The new segment's header is made once: a retry after ENOSPC writes the
         // same bytes (same wrapped key) again.
-        let new = match roll {
-            true => Some(self.segment_header(no, e.first_seq, key)?),
-            false => None,
+        let new = if roll {
+            Some(self.segment_header(no, e.first_seq, key)?)
+        } else {
+            None
         };
         let pos = match self.write_entry(new, no, &bytes, reclaim) {
             Ok(pos) => pos,

@@ -78,9 +78,9 @@ pub enum Cmd {
         /// speaks; a gm node and a standard node refuse each other.
         #[arg(long, value_enum, default_value = "standard")]
         crypto: CryptoArg,
-        /// Encrypt each node's journal at rest (SM4-GCM): writes a new key file
-        /// NODE/atrest.key (mode 0600, one key per node) and sets [encryption]
-        /// key_file in NODE.toml. Losing the key file loses the journal.
+        /// Encrypt each node's journal and undo log at rest (SM4-GCM): writes a new
+        /// key file NODE/atrest.key (mode 0600, one key per node) and sets
+        /// [encryption] key_file in NODE.toml. Losing the key file loses them.
         #[arg(long)]
         encrypt: bool,
     },

@@ -377,8 +377,7 @@ fn key_id_of_current(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap();
     let line = text
         .lines()
-        .filter(|l| l.starts_with("ferry-sm4-kek-v1 "))
-        .last()
+        .rfind(|l| l.starts_with("ferry-sm4-kek-v1 "))
         .expect("key line");
     line.split_whitespace().nth(2).unwrap().to_string()
 }
