@@ -344,6 +344,7 @@ pub enum KeyCmd {
     },
     /// The key ids in the key file: the current key and the older ones.
     List {
+        /// The key file to read.
         #[arg(long, value_name = "FILE")]
         key_file: PathBuf,
     },
@@ -352,6 +353,7 @@ pub enum KeyCmd {
     /// segments in time. An archive begun under the key needs it as long as the
     /// archive is kept (its chunk ids are keyed by it): not checked here.
     Retire {
+        /// The key file to remove the key from (written anew, mode 0600).
         #[arg(long, value_name = "FILE")]
         key_file: PathBuf,
         /// The key id to retire (16 hex digits, as `key list` prints it).
