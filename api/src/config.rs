@@ -116,9 +116,9 @@ impl DigestKind {
     }
 }
 
-/// `[encryption]`: the node's key-encryption key for data at rest. With it, journal
-/// segments are written encrypted (SM4-GCM, journal/FORMAT.md "Encryption at
-/// rest"); the file is read at start (`keyfile::read_key_file`) and a missing,
+/// `[encryption]`: the node's key-encryption key (ring) for data at rest. With it,
+/// journal and undo segments are written encrypted (SM4-GCM, journal/FORMAT.md
+/// "Encryption at rest", "Encrypted undo segments"); the file is read at start (`keyfile::read_key_file`) and a missing,
 /// unreadable, group/world-accessible or wrong key refuses the start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -48,8 +48,15 @@ pub struct ArchiveStore {
     store: Arc<dyn ObjectStore>,
     prefix: ObjPath,
     url: String,
-    /// The key-encryption key: packs and chunks are sealed and opened with it.
+    /// The key-encryption key: packs and chunks are sealed with its current key and
+    /// opened with the key each names (a ring after a rotation).
     kek: Option<Kek>,
+    /// The key an existing encrypted archive was begun with (its manifest's key
+    /// id): chunk ids are keyed by it for the archive's whole life, whatever the
+    /// ring's current key, or deduplication and chunk checks would break after a
+    /// rotation. Set by [`ArchiveStore::check_key`]; unset: the current key (a new
+    /// archive records that one).
+    archive_key: std::sync::OnceLock<ferry_gm::atrest::KeyId>,
 }
 
 impl std::fmt::Debug for ArchiveStore {
@@ -96,6 +103,7 @@ impl ArchiveStore {
             prefix: ObjPath::from(prefix),
             url: url.to_string(),
             kek: None,
+            archive_key: std::sync::OnceLock::new(),
         })
     }
 
@@ -116,11 +124,17 @@ impl ArchiveStore {
             (None, None) => Ok(()),
             (Some(e), None) => Err(StoreError::KeyNeeded(e.key_id.clone())),
             (None, Some(k)) => Err(StoreError::NotEncrypted(k.id().to_string())),
-            (Some(e), Some(k)) if e.key_id != k.id().to_string() => Err(StoreError::WrongKey {
-                stored: e.key_id.clone(),
-                given: k.id().to_string(),
-            }),
-            (Some(_), Some(_)) => Ok(()),
+            (Some(e), Some(k)) => match ring_key(k, &e.key_id) {
+                Some(id) => {
+                    // One archive per store: the first manifest checked pins it.
+                    let _ = self.archive_key.set(id);
+                    Ok(())
+                }
+                None => Err(StoreError::WrongKey {
+                    stored: e.key_id.clone(),
+                    given: k.id().to_string(),
+                }),
+            },
         }
     }
 
@@ -168,6 +182,11 @@ impl ArchiveStore {
         };
         // HMAC pads a key shorter than the block (64 bytes) with zeros: done here so
         // the infallible block-sized constructor applies.
+        let k = self
+            .archive_key
+            .get()
+            .and_then(|&id| k.for_id(id))
+            .unwrap_or(k);
         let mut key = [0u8; 64];
         key[..32].copy_from_slice(&k.subkey(CHUNK_ID_PURPOSE));
         let mut mac = Hmac::<sm3::Sm3>::new(&key.into());
@@ -287,6 +306,13 @@ impl ArchiveStore {
         self.check_key(&m)?;
         Ok(Some(m))
     }
+}
+
+/// The id of the key of ring `k` whose hex id is `hex`, if the ring holds it.
+fn ring_key(k: &Kek, hex: &str) -> Option<ferry_gm::atrest::KeyId> {
+    std::iter::once(k.id())
+        .chain(k.older_ids())
+        .find(|id| id.to_string() == hex)
 }
 
 /// What the chunk-id MAC key is derived for (ferry-gm `Kek::subkey`).

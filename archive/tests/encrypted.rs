@@ -271,3 +271,55 @@ async fn tampered_and_swapped_objects_are_named() {
         .expect_err("refused");
     assert!(e.to_string().contains(&pack), "{e}");
 }
+
+/// Key rotation: with a ring whose current key is new, an archive begun under the
+/// old key still restores, keeps its chunk ids (a base of the same image reuses
+/// every chunk), and new objects are sealed under the new key; a ring without the
+/// archive's key is refused.
+#[tokio::test]
+async fn a_rotated_ring_keeps_the_archive_and_seals_new_objects_under_the_new_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = build(&store(dir.path(), Some(kek(1)))).await;
+    let before = stored_files(dir.path());
+    let ring = Kek::ring(vec![kek(1), kek(2)]).unwrap();
+    let st = store(dir.path(), Some(ring));
+    assert!(restore_to(&st, Target::Latest).await.unwrap() == img);
+    let mut w = ArchiveWriter::open(st.clone(), "c1", volumes(), 1)
+        .await
+        .unwrap()
+        .with_pack_bytes(1);
+    let again = img.clone();
+    let s = w
+        .upload_base(0, 3, 4000, |i| {
+            Ok(again[(i << 20) as usize..((i + 1) << 20) as usize].to_vec())
+        })
+        .await
+        .unwrap();
+    // Every chunk of this image is stored already (build's second base).
+    assert_eq!(
+        (s.reused_chunks, s.uploaded_bytes),
+        (s.chunks, 0),
+        "chunk ids keyed by the archive's key: {s:?}"
+    );
+    let mut img2 = img.clone();
+    let off = (2 << 20) + 9 * 65536;
+    img2[off as usize..off as usize + 8192].copy_from_slice(&marked(8192));
+    w.push(write_set(9, off)).unwrap();
+    w.flush().await.unwrap();
+    assert!(restore_to(&st, Target::Latest).await.unwrap() == img2);
+    let new: Vec<_> = stored_files(dir.path())
+        .into_iter()
+        .filter(|p| !before.contains(p) && p.to_string_lossy().contains("/packs/"))
+        .collect();
+    assert!(!new.is_empty());
+    for p in &new {
+        let b = std::fs::read(p).unwrap();
+        let id = ferry_archive::format::sealed::key_id(&b).unwrap();
+        assert_eq!(id, kek(2).id(), "{} sealed under the old key", p.display());
+    }
+    let only_new = store(dir.path(), Some(kek(2)));
+    assert!(matches!(
+        only_new.latest_manifest().await,
+        Err(StoreError::WrongKey { .. })
+    ));
+}

@@ -660,7 +660,13 @@ fn ferryctl_init(
     if let Some(m) = mode {
         // `MODE:gm`: the cluster speaks the national-crypto suites (SM2 certificates,
         // TLS_SM4_GCM_SM3 over QUIC), to compare with the standard ones in one run.
+        // `MODE:enc`: standard suites, journals and the undo log encrypted at rest.
         let (m, crypto) = m.split_once(':').unwrap_or((m, "standard"));
+        let (crypto, encrypt) = match crypto {
+            "enc" => ("standard", true),
+            c => (c, false),
+        };
+        init.args(encrypt.then_some("--encrypt"));
         init.arg("--primary")
             .arg(format!("127.0.0.1:{}", free_udp_port()?))
             .arg("--standby")

@@ -13,6 +13,12 @@
 //! is that one activation writes each position at most once with different bytes
 //! (rewriting the very same ciphertext, as a retried write does, reveals nothing).
 //!
+//! Key rotation: a key file may hold several KEKs (a *key ring*), oldest first; the
+//! last one is the *current* key, which wraps every new data key, and the older ones
+//! still unwrap the data keys stored under them (each unit names its KEK by id). A
+//! [`Kek`] is that ring: [`Kek::id`], [`Kek::wrap`] and [`Kek::subkey`] use the
+//! current key, [`Kek::for_id`] finds the key a stored unit names.
+//!
 //! Wrapping uses a random 96-bit nonce under the KEK (about 2^32 wraps per KEK keep
 //! the collision probability below 2^-32; a journal activating a segment a second
 //! for a century stays far below that).
@@ -63,8 +69,16 @@ impl core::fmt::Debug for KeyId {
 pub enum KeyFileError {
     #[error("no `{KEY_FILE_TAG} <key> <id>` line")]
     Missing,
-    #[error("more than one key line")]
-    Several,
+    /// The same key twice in one ring (an edit gone wrong: rings only grow by
+    /// `ferryctl key rotate`, which never repeats a key).
+    #[error("key {0} appears more than once")]
+    Duplicate(KeyId),
+    /// [`Kek::key_file_without`]: the key to retire is not in the file.
+    #[error("key {0} is not in the key file")]
+    NotInRing(KeyId),
+    /// [`Kek::key_file_without`]: the current key wraps every new data key.
+    #[error("key {0} is the current key: rotate to a new key before retiring it")]
+    RetireCurrent(KeyId),
     #[error("bad key line: {0}")]
     Malformed(&'static str),
     /// The id written next to the key is not the key's id: the file was edited or
@@ -74,13 +88,17 @@ pub enum KeyFileError {
     IdMismatch { stated: KeyId, actual: KeyId },
 }
 
-/// The key-encryption key: wraps and unwraps data keys.
+/// The key-encryption key: wraps and unwraps data keys. With older keys of its
+/// ring ([`Kek::parse_key_file`] of a rotated file) it is the current key, and
+/// [`Kek::for_id`] reaches the others.
 #[derive(Clone)]
 pub struct Kek {
     gcm: Sm4Gcm,
     id: KeyId,
     /// SM3(label || key): the root of [`Kek::subkey`], kept instead of the key.
     sub_root: [u8; 32],
+    /// The ring's earlier keys, oldest first (empty for a lone key).
+    older: Vec<Kek>,
 }
 
 impl Drop for Kek {
@@ -93,6 +111,7 @@ impl core::fmt::Debug for Kek {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Kek")
             .field("id", &self.id)
+            .field("older", &self.older_ids())
             .finish_non_exhaustive()
     }
 }
@@ -126,7 +145,34 @@ impl Kek {
             gcm: Sm4Gcm::new(key),
             id: key_id(key),
             sub_root,
+            older: Vec::new(),
         }
+    }
+
+    /// The ring of `keys`, oldest first: the last one is the current key.
+    /// `None` for an empty list.
+    pub fn ring(keys: Vec<Kek>) -> Option<Kek> {
+        let mut keys = keys;
+        let mut current = keys.pop()?;
+        for k in &mut keys {
+            k.older.clear();
+        }
+        current.older = keys;
+        Some(current)
+    }
+
+    /// The key of this ring with id `id` (the current key or an older one): the one
+    /// that unwraps a unit stored under `id`.
+    pub fn for_id(&self, id: KeyId) -> Option<&Kek> {
+        if self.id == id {
+            return Some(self);
+        }
+        self.older.iter().find(|k| k.id == id)
+    }
+
+    /// Ids of the ring's older keys, oldest first.
+    pub fn older_ids(&self) -> Vec<KeyId> {
+        self.older.iter().map(|k| k.id).collect()
     }
 
     /// A secret derived from this KEK for one `purpose` (SM3(root || purpose), root =
@@ -150,48 +196,70 @@ impl Kek {
         Ok((kek, text))
     }
 
-    /// Parses a key file: `#` comments and blank lines, and exactly one line
-    /// `ferry-sm4-kek-v1 <32 hex digits: key> <16 hex digits: key id>`. The id is
-    /// checked against the key.
+    /// Parses a key file: `#` comments and blank lines, and one or more lines
+    /// `ferry-sm4-kek-v1 <32 hex digits: key> <16 hex digits: key id>`, oldest
+    /// first; the last is the current key (see the module docs). Every id is checked
+    /// against its key; a key listed twice is refused.
     pub fn parse_key_file(text: &str) -> Result<Kek, KeyFileError> {
-        let mut lines = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'));
-        let line = lines.next().ok_or(KeyFileError::Missing)?;
-        if lines.next().is_some() {
-            return Err(KeyFileError::Several);
+        let mut keys: Vec<Kek> = Vec::new();
+        for line in key_lines(text) {
+            let k = parse_key_line(line)?;
+            if keys.iter().any(|o| o.id == k.id) {
+                return Err(KeyFileError::Duplicate(k.id));
+            }
+            keys.push(k);
         }
-        let mut words = line.split_ascii_whitespace();
-        if words.next() != Some(KEY_FILE_TAG) {
-            return Err(KeyFileError::Malformed(
-                "does not start with the format tag",
-            ));
-        }
-        let (Some(key_hex), Some(id_hex), None) = (words.next(), words.next(), words.next()) else {
-            return Err(KeyFileError::Malformed(
-                "expected the tag, the key and its id",
-            ));
-        };
+        Kek::ring(keys).ok_or(KeyFileError::Missing)
+    }
+
+    /// Key rotation: the text of key file `text` with a new random key appended as
+    /// its current key (comments and the older keys kept as they are), and the new
+    /// ring. `text` must parse ([`Kek::parse_key_file`]).
+    pub fn rotated_key_file(text: &str) -> Result<(Kek, String), RotateError> {
+        let ring = Kek::parse_key_file(text)?;
         let mut key = [0u8; KEY_LEN];
-        let mut stated = [0u8; KEY_ID_LEN];
-        if !parse_hex(key_hex, &mut key) {
-            key.zeroize();
-            return Err(KeyFileError::Malformed("the key is not 32 hex digits"));
-        }
-        if !parse_hex(id_hex, &mut stated) {
-            key.zeroize();
-            return Err(KeyFileError::Malformed("the key id is not 16 hex digits"));
-        }
-        let kek = Kek::from_bytes(&key);
+        random_bytes(&mut key)?;
+        let new = Kek::from_bytes(&key);
+        let mut line = key_line(&key, new.id);
         key.zeroize();
-        if kek.id.0 != stated {
-            return Err(KeyFileError::IdMismatch {
-                stated: KeyId(stated),
-                actual: kek.id,
-            });
+        let mut out = String::with_capacity(text.len() + line.len() + 64);
+        out.push_str(text);
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
         }
-        Ok(kek)
+        out.push_str("# added by key rotation: the current key (the last key line)\n");
+        out.push_str(&line);
+        line.zeroize();
+        let mut keys: Vec<Kek> = ring.older.clone();
+        let mut current = ring;
+        current.older.clear();
+        keys.push(current);
+        keys.push(new);
+        let ring = Kek::ring(keys).ok_or(RotateError::Format(KeyFileError::Missing))?;
+        Ok((ring, out))
+    }
+
+    /// Retiring a key: the text of key file `text` without the line of older key
+    /// `id` (the current key cannot be retired). Whether any stored unit still needs
+    /// `id` is the caller's check, made before it writes the result.
+    pub fn key_file_without(text: &str, id: KeyId) -> Result<String, KeyFileError> {
+        let ring = Kek::parse_key_file(text)?;
+        if ring.id == id {
+            return Err(KeyFileError::RetireCurrent(id));
+        }
+        if ring.for_id(id).is_none() {
+            return Err(KeyFileError::NotInRing(id));
+        }
+        let mut out = String::with_capacity(text.len());
+        for line in text.split_inclusive('\n') {
+            let t = line.trim();
+            let is_key = !t.is_empty() && !t.starts_with('#');
+            if is_key && parse_key_line(t).is_ok_and(|k| k.id == id) {
+                continue;
+            }
+            out.push_str(line);
+        }
+        Ok(out)
     }
 
     /// This key's id.
@@ -241,17 +309,76 @@ impl Kek {
     }
 }
 
-fn key_file_text(key: &[u8; KEY_LEN], id: KeyId) -> String {
+/// Why [`Kek::rotated_key_file`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RotateError {
+    #[error(transparent)]
+    Format(#[from] KeyFileError),
+    #[error("no random key: {0}")]
+    Rng(#[from] Error),
+}
+
+/// The key lines of a key file (comments and blank lines skipped), trimmed.
+fn key_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+}
+
+/// One key line: `ferry-sm4-kek-v1 <key hex> <id hex>`, the id checked.
+fn parse_key_line(line: &str) -> Result<Kek, KeyFileError> {
+    let mut words = line.split_ascii_whitespace();
+    if words.next() != Some(KEY_FILE_TAG) {
+        return Err(KeyFileError::Malformed(
+            "does not start with the format tag",
+        ));
+    }
+    let (Some(key_hex), Some(id_hex), None) = (words.next(), words.next(), words.next()) else {
+        return Err(KeyFileError::Malformed(
+            "expected the tag, the key and its id",
+        ));
+    };
+    let mut key = [0u8; KEY_LEN];
+    let mut stated = [0u8; KEY_ID_LEN];
+    if !parse_hex(key_hex, &mut key) {
+        key.zeroize();
+        return Err(KeyFileError::Malformed("the key is not 32 hex digits"));
+    }
+    if !parse_hex(id_hex, &mut stated) {
+        key.zeroize();
+        return Err(KeyFileError::Malformed("the key id is not 16 hex digits"));
+    }
+    let kek = Kek::from_bytes(&key);
+    key.zeroize();
+    if kek.id.0 != stated {
+        return Err(KeyFileError::IdMismatch {
+            stated: KeyId(stated),
+            actual: kek.id,
+        });
+    }
+    Ok(kek)
+}
+
+/// The key line of `key` (newline-terminated).
+fn key_line(key: &[u8; KEY_LEN], id: KeyId) -> String {
     let mut hex = String::with_capacity(2 * KEY_LEN);
     for b in key {
         hex.push_str(&format!("{b:02x}"));
     }
+    let line = format!("{KEY_FILE_TAG} {hex} {id}\n");
+    hex.zeroize();
+    line
+}
+
+fn key_file_text(key: &[u8; KEY_LEN], id: KeyId) -> String {
+    let mut line = key_line(key, id);
     let text = format!(
         "# ferry SM4 key-encryption key (encryption at rest). Secret: mode 0600, never\n\
          # copied next to the data it protects. Losing it loses the encrypted journal.\n\
-         {KEY_FILE_TAG} {hex} {id}\n"
+         # `ferryctl key rotate` appends new keys: the last key line is the current key.\n\
+         {line}"
     );
-    hex.zeroize();
+    line.zeroize();
     text
 }
 
@@ -379,7 +506,7 @@ mod tests {
         );
         assert_eq!(
             Kek::parse_key_file(&format!("{line}\n{line}\n")).err(),
-            Some(KeyFileError::Several)
+            Some(KeyFileError::Duplicate(kek.id()))
         );
         assert!(matches!(
             Kek::parse_key_file(&format!("{} zz {}", KEY_FILE_TAG, parts[2])),
@@ -461,6 +588,48 @@ mod tests {
         );
         dk.open(1, 2, b"h", &mut c, &tag).expect("open");
         assert_eq!(c, plain);
+    }
+
+    /// Rotation appends a current key and keeps the older ones reachable by id;
+    /// retiring removes an older key only; a lone key file is a ring of one.
+    #[test]
+    fn rotation_and_retirement() {
+        let (first, text) = Kek::generate_key_file().expect("rng");
+        assert!(first.older_ids().is_empty());
+        let (ring, text2) = Kek::rotated_key_file(&text).expect("rotate");
+        assert!(text2.starts_with(&text), "the old text is kept as it is");
+        assert_ne!(ring.id(), first.id());
+        assert_eq!(ring.older_ids(), vec![first.id()]);
+        let parsed = Kek::parse_key_file(&text2).expect("parse");
+        assert_eq!(parsed.id(), ring.id());
+        assert_eq!(parsed.older_ids(), vec![first.id()]);
+        // A data key wrapped under the first key still unwraps through the ring,
+        // and new wraps use the current key.
+        let dk = DataKey::from_bytes(&[3; 16]);
+        let w = first.wrap(&dk, b"a").expect("wrap");
+        let old = parsed.for_id(first.id()).expect("older key in the ring");
+        old.unwrap(&w, b"a").expect("unwrap with the older key");
+        assert_eq!(parsed.unwrap(&w, b"a").err(), Some(Error::Authentication));
+        assert!(parsed.for_id(KeyId([0; 8])).is_none());
+        let (ring3, text3) = Kek::rotated_key_file(&text2).expect("rotate again");
+        assert_eq!(ring3.older_ids(), vec![first.id(), ring.id()]);
+        assert_eq!(
+            Kek::key_file_without(&text3, ring3.id()).err(),
+            Some(KeyFileError::RetireCurrent(ring3.id()))
+        );
+        assert_eq!(
+            Kek::key_file_without(&text3, KeyId([1; 8])).err(),
+            Some(KeyFileError::NotInRing(KeyId([1; 8])))
+        );
+        let retired = Kek::key_file_without(&text3, first.id()).expect("retire");
+        let back = Kek::parse_key_file(&retired).expect("parse");
+        assert_eq!(back.id(), ring3.id());
+        assert_eq!(back.older_ids(), vec![ring.id()]);
+        assert!(retired.contains("# added by key rotation"));
+        assert_eq!(
+            Kek::rotated_key_file("# nothing\n").err(),
+            Some(RotateError::Format(KeyFileError::Missing))
+        );
     }
 
     fn hex(b: &[u8]) -> String {

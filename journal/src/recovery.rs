@@ -516,8 +516,10 @@ fn classify(no: u64, path: PathBuf, cluster_id: &[u8; 16], kek: Option<&Kek>) ->
     })
 }
 
-/// The data key of encrypted segment `h` (key part `info`), unwrapped with `kek`.
-/// The key id is compared first so a wrong key is named as such; a matching id
+/// The data key of encrypted segment `h` (key part `info`), unwrapped with the key
+/// of `kek`'s ring that the header names (an older key after a rotation, or the
+/// current one). The key id is looked up first so a wrong key is named as such; a
+/// matching id
 /// whose wrap does not authenticate means the header was altered.
 fn segment_key(
     path: &Path,
@@ -531,13 +533,13 @@ fn segment_key(
             key_id: info.key_id,
         });
     };
-    if kek.id() != info.key_id {
+    let Some(kek) = kek.for_id(info.key_id) else {
         return Err(JournalError::WrongKey {
             segment: path.to_path_buf(),
             found: info.key_id,
             configured: kek.id(),
         });
-    }
+    };
     kek.unwrap(&info.wrapped, &format::segment_key_aad(h, info.key_id))
         .map_err(|e| {
             corruption(

@@ -111,15 +111,16 @@ fn aad(header: &[u8], name: &str) -> Vec<u8> {
     a
 }
 
-/// Checks and decrypts sealed object `name` of `kind`.
+/// Checks and decrypts sealed object `name` of `kind`, with the key of `kek`'s ring
+/// that the object names (an older key after a rotation, or the current one).
 pub fn open(kek: &Kek, kind: ObjectKind, name: &str, b: &[u8]) -> Result<Vec<u8>, SealError> {
     let stored = key_id(b)?;
-    if stored != kek.id() {
+    let Some(kek) = kek.for_id(stored) else {
         return Err(SealError::WrongKey {
             stored,
             given: kek.id(),
         });
-    }
+    };
     let version = u16::from_le_bytes([b[8], b[9]]);
     if version != VERSION {
         return Err(FormatError::Version(version).into());

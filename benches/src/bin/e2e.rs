@@ -44,7 +44,7 @@ const LAG_EVERY: Duration = Duration::from_millis(20);
     name = "e2e",
     about = "ferry end-to-end benchmark: fio's nbd engine against nbdkit, qemu-nbd and ferryd clusters",
     after_help = "Jobs:    randwrite-4k-qd1, randwrite-4k-qd32, randread-4k-qd32, write-1m-qd8, write-flush-4k-qd1\n\
-                  Targets: nbdkit, qemu-nbd, ferry, ferry-async, ferry-async-nopit, ferry-async-gm, ferry-sync (default: all);\n\
+                  Targets: nbdkit, qemu-nbd, ferry, ferry-async, ferry-async-nopit, ferry-async-gm, ferry-async-enc, ferry-sync (default: all);\n\
                   controls, only when named: ferry-capture-reads (needs ferry-async), ferry-async-tmpfs\n"
 )]
 struct Args {
@@ -162,6 +162,11 @@ const TARGETS: &[TargetDef] = &[
         key: "ferry-async-gm",
         label: "async, SM suites (gm)",
         kind: Kind::Ferry(standby("async:gm", true, false)),
+    },
+    TargetDef {
+        key: "ferry-async-enc",
+        label: "async, encrypted at rest",
+        kind: Kind::Ferry(standby("async:enc", true, false)),
     },
     TargetDef {
         key: "ferry-sync",

@@ -1,6 +1,6 @@
 //! Point-in-time costs on a standby, measured in one run:
-//! 1. replica apply throughput with and without undo capture (same write-sets, same
-//!    file, alternating rounds, medians);
+//! 1. replica apply throughput without undo capture, with it, and with the undo log
+//!    encrypted at rest (same write-sets, same file, alternating rounds, medians);
 //! 2. the time to open a point-in-time view on 1 GiB and 8 GiB sparse volumes with
 //!    the same undo history, at an old point and at a recent one: it follows the undo
 //!    written after the point, not the volume size.
@@ -32,7 +32,15 @@ struct Rig {
     next: Seq,
 }
 
-fn rig(parent: &Path, size: u64, pit: bool, prefill: bool) -> anyhow::Result<Rig> {
+/// Undo capture of a rig: none, plaintext, or sealed under an at-rest key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Undo {
+    Off,
+    Plain,
+    Sealed,
+}
+
+fn rig(parent: &Path, size: u64, undo: Undo, prefill: bool) -> anyhow::Result<Rig> {
     let dir = tempfile::tempdir_in(parent)?;
     let path = dir.path().join("v.img");
     let f = std::fs::File::create(&path)?;
@@ -51,7 +59,8 @@ fn rig(parent: &Path, size: u64, pit: bool, prefill: bool) -> anyhow::Result<Rig
     let base = Arc::new(Base::open(0, "v", &path, size)?);
     let meta = Arc::new(Meta::open(&dir.path().join("meta"), CLUSTER)?);
     let applied = Arc::new(AtomicU64::new(0));
-    let pit = if pit {
+    let kek = (undo == Undo::Sealed).then(|| Arc::new(ferry_gm::atrest::Kek::from_bytes(&[9; 16])));
+    let pit = if undo != Undo::Off {
         Some(Pit::open(
             dir.path().join("undo"),
             CLUSTER,
@@ -63,6 +72,7 @@ fn rig(parent: &Path, size: u64, pit: bool, prefill: bool) -> anyhow::Result<Rig
             meta.clone(),
             vec![base.clone()],
             applied.clone(),
+            kek,
         )?)
     } else {
         None
@@ -139,10 +149,10 @@ fn main() -> anyhow::Result<()> {
     let sets = (mib << 20) / (WRITE * PER_SET);
 
     println!("== replica apply, {mib} MiB of 64 KiB random writes over data, 16 per write-set, 1 GiB volume");
-    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let (mut with, mut without, mut sealed) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        for pit in [false, true] {
-            let mut r = rig(parent, 1 << 30, pit, true)?;
+        for undo in [Undo::Off, Undo::Plain, Undo::Sealed] {
+            let mut r = rig(parent, 1 << 30, undo, true)?;
             let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ round;
             let t = Instant::now();
             for _ in 0..sets {
@@ -150,27 +160,29 @@ fn main() -> anyhow::Result<()> {
             }
             r.base.sync()?;
             let mbs = mib as f64 / t.elapsed().as_secs_f64();
-            println!(
-                "  round {round} {:<12} {mbs:8.1} MB/s",
-                if pit { "with undo" } else { "without undo" }
-            );
-            if pit {
-                with.push(mbs)
-            } else {
-                without.push(mbs)
-            }
+            let (label, into) = match undo {
+                Undo::Off => ("without undo", &mut without),
+                Undo::Plain => ("with undo", &mut with),
+                Undo::Sealed => ("sealed undo", &mut sealed),
+            };
+            println!("  round {round} {label:<12} {mbs:8.1} MB/s");
+            into.push(mbs);
         }
     }
-    let (w, wo) = (median(with), median(without));
+    let (w, wo, s) = (median(with), median(without), median(sealed));
     println!(
         "  median: without undo {wo:.1} MB/s, with undo {w:.1} MB/s: {:.2}x ({:.0}% overhead)",
         w / wo,
         (1.0 - w / wo) * 100.0
     );
+    println!(
+        "  median: undo encrypted at rest (SM4-GCM) {s:.1} MB/s: {:.2}x of plaintext undo",
+        s / w
+    );
 
     println!("== opening a view: same history (400 write-sets of 16 x 64 KiB) on sparse volumes");
     for gib in [1u64, 8] {
-        let mut r = rig(parent, gib << 30, true, false)?;
+        let mut r = rig(parent, gib << 30, Undo::Plain, false)?;
         let mut x = 0x1234_5678_9abc_def1u64;
         for _ in 0..400 {
             r.apply_set(&mut x, &data)?;

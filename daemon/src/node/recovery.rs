@@ -49,7 +49,8 @@ pub fn journal_options(cfg: &Config) -> JournalOptions {
 /// runs before the runtime serves anything.
 pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
     let bases = open_bases(cfg, &meta)?;
-    let (journal, checkpoint) = open_journal(cfg, &meta)?;
+    let kek = at_rest_key(cfg)?;
+    let (journal, checkpoint) = open_journal(cfg, &meta, kek.clone())?;
     let journal = Arc::new(journal);
     let standby = cfg.node.role == Role::Standby;
     let rollback = if standby {
@@ -67,6 +68,7 @@ pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
             meta.clone(),
             bases.clone(),
             applied.clone(),
+            kek,
         )?)
     } else {
         None
@@ -143,17 +145,29 @@ fn open_bases(cfg: &Config, meta: &Meta) -> anyhow::Result<Vec<Arc<Base>>> {
 
 /// Step 3: journal recovery; returns the journal and the metadata checkpoint, which
 /// the journal must reach.
-fn open_journal(cfg: &Config, meta: &Meta) -> anyhow::Result<(Journal, Seq)> {
+/// Encryption at rest: the key file is read and checked before the journal and the
+/// undo log are opened; they then refuse segments under a key the file does not
+/// hold (naming both ids). The file may hold older keys after a rotation: they
+/// still open the segments sealed under them.
+fn at_rest_key(cfg: &Config) -> anyhow::Result<Option<Arc<ferry_gm::atrest::Kek>>> {
+    let Some(enc) = &cfg.encryption else {
+        return Ok(None);
+    };
+    let kek = ferry_api::keyfile::read_key_file(&enc.key_file)
+        .context("[encryption] key_file: refusing to start")?;
+    let older: Vec<String> = kek.older_ids().iter().map(|i| i.to_string()).collect();
+    tracing::info!(key_id = %kek.id(), older = ?older, "encryption at rest (journal, undo log): SM4-GCM");
+    Ok(Some(Arc::new(kek)))
+}
+
+fn open_journal(
+    cfg: &Config,
+    meta: &Meta,
+    kek: Option<Arc<ferry_gm::atrest::Kek>>,
+) -> anyhow::Result<(Journal, Seq)> {
     let mut opts = journal_options(cfg);
     opts.epoch = meta.epoch()?;
-    // Encryption at rest: the key is read and checked here, before the journal is
-    // opened; the journal then refuses segments under another key (naming both ids).
-    if let Some(enc) = &cfg.encryption {
-        let kek = ferry_api::keyfile::read_key_file(&enc.key_file)
-            .context("[encryption] key_file: refusing to start")?;
-        tracing::info!(key_id = %kek.id(), "journal encryption at rest: SM4-GCM");
-        opts.encryption = Some(Arc::new(kek));
-    }
+    opts.encryption = kek;
     let started = Instant::now();
     let (journal, report) = Journal::open(opts)
         .with_context(|| format!("opening journal {}", cfg.journal.dir.display()))?;

@@ -204,7 +204,7 @@ impl Pit {
                 }
                 let src = match at {
                     Some(at) => Src::Undo {
-                        segment: pos.segment_no,
+                        entry: *pos,
                         at: *at,
                     },
                     None => Src::Zero,

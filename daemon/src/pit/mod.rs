@@ -58,6 +58,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
+use ferry_gm::atrest::Kek;
 use ferry_journal::UndoLog;
 use parking_lot::Mutex;
 
@@ -103,6 +104,8 @@ impl Limits {
 pub struct Pit {
     undo: Mutex<UndoLog>,
     dir: PathBuf,
+    /// The at-rest key ring (views open sealed undo segments with it).
+    kek: Option<Arc<Kek>>,
     meta: Arc<Meta>,
     bases: Vec<Arc<Base>>,
     /// The retention limits in force: the only copy (status, metrics and retention
@@ -135,9 +138,13 @@ impl Pit {
         meta: Arc<Meta>,
         bases: Vec<Arc<Base>>,
         applied: Arc<AtomicU64>,
+        kek: Option<Arc<Kek>>,
     ) -> anyhow::Result<Arc<Pit>> {
-        let (mut undo, report) = UndoLog::open(&dir, cluster_id, settings.segment_size.0)
-            .with_context(|| format!("opening the undo log {}", dir.display()))?;
+        // Encryption at rest: with the node's key ring the log seals new segments
+        // and refuses (naming file and key id) a sealed segment it has no key for.
+        let (mut undo, report) =
+            UndoLog::open_with_key(&dir, cluster_id, settings.segment_size.0, kek.clone())
+                .with_context(|| format!("opening the undo log {}", dir.display()))?;
         if let Some((file, at, bytes)) = &report.truncated {
             tracing::warn!(file = %file.display(), at, bytes, "undo log: torn last entry removed");
         }
@@ -179,6 +186,7 @@ impl Pit {
             capture_files,
             undo: Mutex::new(undo),
             dir,
+            kek,
             meta,
             bases,
             limits: Mutex::new(Limits::of(&settings)),
@@ -308,7 +316,7 @@ mod testrig {
     use ferry_journal::{Op, Record, Seq};
     use proptest::prelude::*;
 
-    use super::{Pit, PitView, Target};
+    use super::{Kek, Pit, PitView, Target};
     use crate::replica::applier::Applier;
     use crate::store::base::Base;
     use crate::store::meta::Meta;
@@ -345,6 +353,21 @@ mod testrig {
         max_bytes: u64,
         max_age_secs: u64,
     ) -> Rig {
+        rig_keyed(undo, segment_size, max_bytes, max_age_secs, None)
+    }
+
+    /// `rig` with the undo log encrypted under `kek`.
+    pub(crate) fn rig_sealed(segment_size: u64, max_bytes: u64, kek: Arc<Kek>) -> Rig {
+        rig_keyed(None, segment_size, max_bytes, 0, Some(kek))
+    }
+
+    fn rig_keyed(
+        undo: Option<PathBuf>,
+        segment_size: u64,
+        max_bytes: u64,
+        max_age_secs: u64,
+        kek: Option<Arc<Kek>>,
+    ) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.img");
         std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
@@ -365,6 +388,7 @@ mod testrig {
             meta.clone(),
             vec![base.clone()],
             applied.clone(),
+            kek,
         )
         .unwrap();
         let applier = Applier {

@@ -207,6 +207,7 @@ mod tests {
             meta.clone(),
             vec![base.clone()],
             applied,
+            None,
         )
         .unwrap();
         assert!(pit.resolve(&Target::Seq(snapshot)).is_err());

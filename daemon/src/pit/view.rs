@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
-use ferry_journal::undo::extent_data_offsets;
+use ferry_journal::undo::{extent_data_offsets, UndoImageReader};
+use ferry_journal::UndoPosition;
 use parking_lot::{Mutex, RwLock};
 
 use super::{Pit, Point, Target};
@@ -21,8 +22,9 @@ use ferry_nbd::{Export, ExportError, ExportFlags, Extent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Src {
-    /// Before-image bytes at `at` in undo segment `segment`.
-    Undo { segment: u64, at: u64 },
+    /// Before-image bytes at file offset `at` of the undo entry at `entry` (its
+    /// segment, offset and length: a sealed entry's chunks are found from them).
+    Undo { entry: UndoPosition, at: u64 },
     /// The range held zeros.
     Zero,
 }
@@ -30,10 +32,7 @@ pub(super) enum Src {
 impl Src {
     fn advance(self, d: u64) -> Src {
         match self {
-            Src::Undo { segment, at } => Src::Undo {
-                segment,
-                at: at + d,
-            },
+            Src::Undo { entry, at } => Src::Undo { entry, at: at + d },
             Src::Zero => Src::Zero,
         }
     }
@@ -142,7 +141,7 @@ impl Pit {
                 }
                 let src = match at {
                     Some(at) => Src::Undo {
-                        segment: p.position.segment_no,
+                        entry: p.position,
                         at,
                     },
                     None => Src::Zero,
@@ -273,7 +272,7 @@ pub struct PitView {
     pit: Arc<Pit>,
     base: Arc<Base>,
     map: Arc<ViewMap>,
-    segments: Mutex<HashMap<u64, Arc<File>>>,
+    segments: Mutex<HashMap<u64, Arc<UndoImageReader>>>,
     overlay: Option<Overlay>,
     pub opened_in: Duration,
     pub entries: usize,
@@ -302,18 +301,18 @@ impl PitView {
         &self.base.name
     }
 
-    fn segment(&self, no: u64) -> std::io::Result<Arc<File>> {
+    fn segment(&self, no: u64) -> Result<Arc<UndoImageReader>, ferry_journal::UndoError> {
         let mut s = self.segments.lock();
         if let Some(f) = s.get(&no) {
             return Ok(f.clone());
         }
         // Retention never removes a segment a view needs (it is pinned), so the file
-        // exists for the view's lifetime.
-        let path = self
-            .pit
-            .dir
-            .join(ferry_journal::undo::undo_segment_file_name(no));
-        let f = Arc::new(File::open(&path)?);
+        // exists for the view's lifetime. A sealed one is decrypted chunk by chunk.
+        let f = Arc::new(UndoImageReader::open(
+            &self.pit.dir,
+            no,
+            self.pit.kek.as_deref(),
+        )?);
         s.insert(no, f.clone());
         Ok(f)
     }
@@ -330,14 +329,19 @@ impl PitView {
         for (s, e, src) in map.lookup(offset, end) {
             let piece = &mut buf[(s - offset) as usize..(e - offset) as usize];
             let r = match src {
-                None => self.base.file.read_exact_at(piece, s),
+                None => self
+                    .base
+                    .file
+                    .read_exact_at(piece, s)
+                    .map_err(|e| e.to_string()),
                 Some(Src::Zero) => {
                     piece.fill(0);
                     Ok(())
                 }
-                Some(Src::Undo { segment, at }) => self
-                    .segment(segment)
-                    .and_then(|f| f.read_exact_at(piece, at)),
+                Some(Src::Undo { entry, at }) => self
+                    .segment(entry.segment_no)
+                    .and_then(|f| f.read_image(&entry, at, piece))
+                    .map_err(|e| e.to_string()),
             };
             r.map_err(|e| ExportError::Io(format!("point-in-time read at {s}: {e}")))?;
         }
@@ -558,6 +562,66 @@ mod tests {
         }
     }
 
+    /// With the undo log encrypted: views at every point (opened before and read
+    /// after more write-sets) and a rollback equal the images at their points, and
+    /// the undo files hold none of the overwritten bytes.
+    #[test]
+    fn sealed_undo_views_and_rollback_equal_the_images() {
+        use crate::pit::testrig::rig_sealed;
+        let kek = Arc::new(ferry_gm::atrest::Kek::from_bytes(&[5; 16]));
+        let mut r = rig_sealed(64 << 10, 1 << 30, kek);
+        // A fill no other byte of the rig uses: searched for in the undo files.
+        r.apply(1, &[(Op::Write, 0, SIZE as u32, 0xa7)]);
+        r.apply(
+            2,
+            &[
+                (Op::Write, 5000, 70_000, 0x21),
+                (Op::Trim, 100_000, 9000, 0),
+            ],
+        );
+        let early = r.view(Target::Seq(r.snaps[0].0), None);
+        r.apply(
+            3,
+            &[
+                (Op::Write, 1, 20_000, 0x33),
+                (Op::WriteZeroes, 150_000, 30_000, 0),
+            ],
+        );
+        r.apply(
+            4,
+            &[
+                (Op::Write, 4095, 4098, 0x44),
+                (Op::Write, 200_000, 50_000, 0x55),
+            ],
+        );
+        assert!(
+            read_all(&early) == r.snaps[0].2,
+            "view opened before later write-sets"
+        );
+        drop(early);
+        for (seq, _, image) in r.snaps.clone() {
+            let v = r.view(Target::Seq(seq), None);
+            assert!(read_all(&v) == image, "sealed view at {seq} differs");
+        }
+        let undo = r._dir.path().join("undo");
+        let mut found = 0;
+        for f in std::fs::read_dir(&undo).unwrap() {
+            let raw = std::fs::read(f.unwrap().path()).unwrap();
+            found += 1;
+            assert!(
+                !raw.windows(64).any(|w| w.iter().all(|&b| b == 0xa7)),
+                "plaintext before-images in the undo log"
+            );
+        }
+        assert!(found > 1, "no undo segments");
+        let (seq, _, image) = r.snaps[1].clone();
+        r.pit.rollback(&Target::Seq(seq)).unwrap();
+        assert!(
+            std::fs::read(&r.base.path).unwrap() == image,
+            "rollback to {seq} differs"
+        );
+    }
+
     #[test]
     fn writable_view_keeps_writes_in_its_overlay() {
         let mut r = rig(1 << 20, 1 << 30);
@@ -588,6 +652,15 @@ mod tests {
         ));
     }
 
+    /// An entry position in undo segment `no` (the map only carries it along).
+    fn seg(no: u64) -> UndoPosition {
+        UndoPosition {
+            segment_no: no,
+            offset: 4096,
+            len: 8192,
+        }
+    }
+
     #[test]
     fn extents_fill_gaps_and_lookup() {
         let mut e = Extents::default();
@@ -595,23 +668,37 @@ mod tests {
             100,
             200,
             Src::Undo {
-                segment: 1,
+                entry: seg(1),
                 at: 1000,
             },
         );
-        e.fill_gaps(50, 250, Src::Undo { segment: 2, at: 0 });
+        e.fill_gaps(
+            50,
+            250,
+            Src::Undo {
+                entry: seg(2),
+                at: 0,
+            },
+        );
         e.fill_gaps(120, 130, Src::Zero);
         let got = e.lookup(0, 300);
         assert_eq!(
             got,
             vec![
                 (0, 50, None),
-                (50, 100, Some(Src::Undo { segment: 2, at: 0 })),
+                (
+                    50,
+                    100,
+                    Some(Src::Undo {
+                        entry: seg(2),
+                        at: 0
+                    })
+                ),
                 (
                     100,
                     200,
                     Some(Src::Undo {
-                        segment: 1,
+                        entry: seg(1),
                         at: 1000
                     })
                 ),
@@ -619,7 +706,7 @@ mod tests {
                     200,
                     250,
                     Some(Src::Undo {
-                        segment: 2,
+                        entry: seg(2),
                         at: 150
                     })
                 ),
@@ -633,7 +720,7 @@ mod tests {
                     150,
                     200,
                     Some(Src::Undo {
-                        segment: 1,
+                        entry: seg(1),
                         at: 1050
                     })
                 ),
@@ -641,7 +728,7 @@ mod tests {
                     200,
                     210,
                     Some(Src::Undo {
-                        segment: 2,
+                        entry: seg(2),
                         at: 150
                     })
                 ),

@@ -41,6 +41,22 @@ pub enum UndoError {
     /// The position does not name an entry of this log.
     #[error("unknown undo position {0:?}")]
     UnknownPosition(UndoPosition),
+    /// A segment is encrypted and the log was opened without a key.
+    #[error("undo segment {} is encrypted with key id {key_id}, and no key was configured ([encryption] key_file)", file.display())]
+    KeyRequired {
+        file: PathBuf,
+        key_id: ferry_gm::atrest::KeyId,
+    },
+    /// A segment is encrypted under a key the configured key file does not hold.
+    #[error("undo segment {} is encrypted with key id {found}, but the configured key file has no such key (current key {configured}): wrong key file, or the key was retired too early", file.display())]
+    WrongKey {
+        file: PathBuf,
+        found: ferry_gm::atrest::KeyId,
+        configured: ferry_gm::atrest::KeyId,
+    },
+    /// Sealing failed (the random number generator, or a chunk out of range).
+    #[error("undo encryption: {0}")]
+    Crypto(String),
     /// An earlier write or truncate failed part-way; the in-memory state may not
     /// match the files. Reopen (recovery repairs the tail).
     #[error("undo log is poisoned by an earlier io error; reopen it")]

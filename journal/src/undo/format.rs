@@ -16,15 +16,24 @@ pub const UNDO_ALIGN: u64 = 4096;
 /// Segment header flag: the header block and every entry are zero-padded to
 /// [`UNDO_ALIGN`]. A reader that does not know a flag refuses the segment.
 pub const UNDO_SEGMENT_FLAG_ALIGNED: u16 = 1;
+/// Segment header flag (format version 3, only with [`UNDO_SEGMENT_FLAG_ALIGNED`]):
+/// the segment is encrypted; a 64-byte key part follows the header (see
+/// [`seal`](super::seal)) and every entry is sealed ([`UNDO_ENTRY_FLAG_SEALED`]).
+pub const UNDO_SEGMENT_FLAG_SEALED: u16 = 2;
 /// Entry header length (bytes).
 pub const UNDO_ENTRY_HEADER_LEN: usize = 56;
 /// Extent header length (bytes), followed by `length` bytes of before-image.
 pub const UNDO_EXTENT_HEADER_LEN: usize = 16;
 pub const UNDO_SEGMENT_MAGIC: [u8; 8] = *b"FERRYUND";
 pub const UNDO_ENTRY_MAGIC: [u8; 4] = *b"FRYU";
-/// Current undo format version (segment and entry headers), written by this code.
-/// Version 2 added write-set pieces ([`UNDO_ENTRY_FLAG_PART`]).
-pub const UNDO_FORMAT_VERSION: u16 = 2;
+/// Newest undo format version (segment and entry headers) this code reads and
+/// writes. Version 2 added write-set pieces ([`UNDO_ENTRY_FLAG_PART`]); version 3
+/// added encrypted segments and entries ([`UNDO_SEGMENT_FLAG_SEALED`]), and only
+/// those are written as version 3: a plaintext log is written as version 2, byte
+/// for byte as before (so an older ferry still reads it).
+pub const UNDO_FORMAT_VERSION: u16 = 3;
+/// Version of the plaintext segments and entries this code writes.
+pub const UNDO_PLAIN_FORMAT_VERSION: u16 = 2;
 /// Oldest version this code reads (version 1 is version 2 without pieces).
 pub const UNDO_MIN_FORMAT_VERSION: u16 = 1;
 /// Largest entry body (extent headers + before-images). Bounds every allocation
@@ -50,6 +59,10 @@ pub const UNDO_ENTRY_FLAG_RESYNC_START: u16 = 2;
 /// state right after a piece is not a recovery point. Lets a write-set of any size
 /// be captured in bounded memory.
 pub const UNDO_ENTRY_FLAG_PART: u16 = 4;
+/// Entry header flag (format version 3): the body is stored sealed (a tag per
+/// 4 KiB chunk, then the ciphertext; see [`seal`](super::seal)). Set exactly in the
+/// entries of a sealed segment.
+pub const UNDO_ENTRY_FLAG_SEALED: u16 = 8;
 
 /// High bit of an extent header's `length`: the range held zeros, no bytes follow.
 pub const UNDO_EXTENT_ZERO_FLAG: u32 = 1 << 31;
@@ -90,7 +103,7 @@ impl UndoFormatError {
 
 /// The entry header's flag bits 0 and 1 of each kind.
 impl EntryKind {
-    fn flags(self) -> u16 {
+    pub(super) fn flags(self) -> u16 {
         match self {
             EntryKind::WriteSet => 0,
             EntryKind::ResyncStart => UNDO_ENTRY_FLAG_RESYNC | UNDO_ENTRY_FLAG_RESYNC_START,
@@ -136,8 +149,18 @@ impl UndoEntry {
 /// File offsets (in the entry's segment file) of the before-image bytes of each
 /// extent of `entry`, read at `pos`; `None` for zero extents. Lets a reader serve
 /// parts of a verified entry with plain `pread`s instead of decoding it again.
+///
+/// In a sealed entry the offsets name where the plaintext bytes would be in the
+/// body, which starts after the chunk tags (`pos.len` minus the body's length);
+/// `UndoImageReader::read_image` reads them there.
 pub fn extent_data_offsets(pos: &UndoPosition, entry: &UndoEntry) -> Vec<Option<u64>> {
-    let mut at = pos.offset + UNDO_ENTRY_HEADER_LEN as u64;
+    let body_len = entry.encoded_len() - UNDO_ENTRY_HEADER_LEN as u64;
+    let tags = if pos.len > UNDO_ENTRY_HEADER_LEN as u64 + body_len {
+        super::seal::tags_len(body_len)
+    } else {
+        0
+    };
+    let mut at = pos.offset + UNDO_ENTRY_HEADER_LEN as u64 + tags;
     entry
         .extents
         .iter()
@@ -185,15 +208,25 @@ pub(super) fn pad_to(n: u64, aligned: bool) -> u64 {
     }
 }
 
+/// The 64-byte header of a plaintext segment (format version 2).
 pub fn encode_undo_segment_header(h: &UndoSegmentHeader) -> [u8; UNDO_SEGMENT_HEADER_LEN] {
-    let mut b = [0u8; UNDO_SEGMENT_HEADER_LEN];
-    b[0..8].copy_from_slice(&UNDO_SEGMENT_MAGIC);
-    b[8..10].copy_from_slice(&UNDO_FORMAT_VERSION.to_le_bytes());
     let flags = if h.aligned {
         UNDO_SEGMENT_FLAG_ALIGNED
     } else {
         0
     };
+    encode_segment_base(h, UNDO_PLAIN_FORMAT_VERSION, flags)
+}
+
+/// Bytes 0..64 of a segment header: `version` and `flags` as given.
+pub(super) fn encode_segment_base(
+    h: &UndoSegmentHeader,
+    version: u16,
+    flags: u16,
+) -> [u8; UNDO_SEGMENT_HEADER_LEN] {
+    let mut b = [0u8; UNDO_SEGMENT_HEADER_LEN];
+    b[0..8].copy_from_slice(&UNDO_SEGMENT_MAGIC);
+    b[8..10].copy_from_slice(&version.to_le_bytes());
     b[10..12].copy_from_slice(&flags.to_le_bytes());
     // 12..16 reserved
     b[16..24].copy_from_slice(&h.segment_no.to_le_bytes());
@@ -232,7 +265,16 @@ pub fn decode_undo_segment_header(
         return Err(UndoFormatError::UnsupportedVersion(version));
     }
     let flags = rd_u16(b, 10);
-    if flags & !UNDO_SEGMENT_FLAG_ALIGNED != 0 {
+    // Sealed segments are version 3 and aligned; their key part is decoded by
+    // `seal::decode_segment_key`.
+    let known = if version >= 3 {
+        UNDO_SEGMENT_FLAG_ALIGNED | UNDO_SEGMENT_FLAG_SEALED
+    } else {
+        UNDO_SEGMENT_FLAG_ALIGNED
+    };
+    let sealed_unaligned =
+        flags & UNDO_SEGMENT_FLAG_SEALED != 0 && flags & UNDO_SEGMENT_FLAG_ALIGNED == 0;
+    if flags & !known != 0 || sealed_unaligned {
         return Err(UndoFormatError::Invalid(format!(
             "segment header flags {flags:#06x}: unknown flags"
         )));
@@ -270,15 +312,29 @@ pub struct UndoEntryHeader {
     pub timestamp_ns: u64,
     pub extent_count: u32,
     pub body_crc: u32,
+    /// Bytes of the (plaintext) body: extent headers and before-images.
     pub body_len: u64,
-    /// Flag bits 0 and 1.
+    /// Flag bits 0 to 2.
     pub kind: EntryKind,
+    /// [`UNDO_ENTRY_FLAG_SEALED`]: the body is stored as chunk tags and ciphertext
+    /// (`body_crc` covers those stored bytes).
+    pub sealed: bool,
 }
 
 impl UndoEntryHeader {
-    /// Header + body bytes.
+    /// Bytes stored after the header: the body, or a sealed body's tags and
+    /// ciphertext.
+    pub fn stored_body_len(&self) -> u64 {
+        if self.sealed {
+            super::seal::sealed_len(self.body_len)
+        } else {
+            self.body_len
+        }
+    }
+
+    /// Header + stored body bytes.
     pub fn total_len(&self) -> u64 {
-        UNDO_ENTRY_HEADER_LEN as u64 + self.body_len
+        UNDO_ENTRY_HEADER_LEN as u64 + self.stored_body_len()
     }
 }
 
@@ -287,9 +343,14 @@ pub fn encode_undo_entry_header(
     segment_no: u64,
 ) -> [u8; UNDO_ENTRY_HEADER_LEN] {
     let mut b = [0u8; UNDO_ENTRY_HEADER_LEN];
+    let (version, sealed) = if h.sealed {
+        (UNDO_FORMAT_VERSION, UNDO_ENTRY_FLAG_SEALED)
+    } else {
+        (UNDO_PLAIN_FORMAT_VERSION, 0)
+    };
     b[0..4].copy_from_slice(&UNDO_ENTRY_MAGIC);
-    b[4..6].copy_from_slice(&UNDO_FORMAT_VERSION.to_le_bytes());
-    b[6..8].copy_from_slice(&h.kind.flags().to_le_bytes());
+    b[4..6].copy_from_slice(&version.to_le_bytes());
+    b[6..8].copy_from_slice(&(h.kind.flags() | sealed).to_le_bytes());
     b[8..16].copy_from_slice(&h.first_seq.to_le_bytes());
     b[16..24].copy_from_slice(&h.last_seq.to_le_bytes());
     b[24..32].copy_from_slice(&h.timestamp_ns.to_le_bytes());
@@ -329,7 +390,9 @@ pub fn decode_undo_entry_header(
         return Err(UndoFormatError::UnsupportedVersion(version));
     }
     let flags = rd_u16(b, 6);
-    let kind = EntryKind::from_flags(flags, version);
+    let sealed = version >= 3 && flags & UNDO_ENTRY_FLAG_SEALED != 0;
+    let kind = EntryKind::from_flags(flags & !UNDO_ENTRY_FLAG_SEALED, version)
+        .filter(|_| sealed || flags & UNDO_ENTRY_FLAG_SEALED == 0);
     let Some(kind) = kind.filter(|_| rd_u32(b, 48) == 0) else {
         return Err(UndoFormatError::Invalid(format!(
             "entry flags {flags:#06x} unknown or reserved not zero"
@@ -343,6 +406,7 @@ pub fn decode_undo_entry_header(
         body_crc: rd_u32(b, 36),
         body_len: rd_u64(b, 40),
         kind,
+        sealed,
     };
     check_header_fields(&h).map_err(UndoFormatError::Invalid)?;
     Ok(h)
@@ -381,8 +445,19 @@ fn check_header_fields(h: &UndoEntryHeader) -> Result<(), String> {
     Ok(())
 }
 
-/// Encodes a whole entry (header + body) for segment `segment_no`.
+/// Encodes a whole plaintext entry (header + body) for segment `segment_no`.
 pub fn encode_undo_entry(e: &UndoEntry, segment_no: u64) -> Result<Vec<u8>, UndoError> {
+    let (mut out, h) = encode_plain_parts(e, segment_no)?;
+    out[..UNDO_ENTRY_HEADER_LEN].copy_from_slice(&encode_undo_entry_header(&h, segment_no));
+    Ok(out)
+}
+
+/// The entry's bytes with its header left zero, and that header (plaintext body
+/// and its checksum): the common part of plaintext and sealed encoding.
+pub(super) fn encode_plain_parts(
+    e: &UndoEntry,
+    segment_no: u64,
+) -> Result<(Vec<u8>, UndoEntryHeader), UndoError> {
     let bad = |m: String| Err(UndoError::InvalidEntry(m));
     if !valid_kind_range(e.kind, e.first_seq, e.last_seq) {
         return bad(format!(
@@ -432,13 +507,14 @@ pub fn encode_undo_entry(e: &UndoEntry, segment_no: u64) -> Result<Vec<u8>, Undo
         body_crc: salted_crc(segment_no, &out[UNDO_ENTRY_HEADER_LEN..]),
         body_len,
         kind: e.kind,
+        sealed: false,
     };
-    out[..UNDO_ENTRY_HEADER_LEN].copy_from_slice(&encode_undo_entry_header(&h, segment_no));
-    Ok(out)
+    Ok((out, h))
 }
 
-/// Verifies the body CRC and decodes the extents. `body` must be exactly
-/// `h.body_len` bytes; extent data are zero-copy slices of it.
+/// Verifies the body CRC and decodes the extents of a plaintext entry. `body` must
+/// be exactly `h.body_len` bytes; extent data are zero-copy slices of it. (A sealed
+/// body is opened first: `UndoLog::read_entry`.)
 pub fn decode_undo_entry_body(
     h: &UndoEntryHeader,
     segment_no: u64,
@@ -457,6 +533,15 @@ pub fn decode_undo_entry_body(
             computed,
         });
     }
+    decode_undo_extents(h, body)
+}
+
+/// Decodes the extents of plaintext body `body` (exactly `h.body_len` bytes, its
+/// checksum or authentication already checked).
+pub(super) fn decode_undo_extents(
+    h: &UndoEntryHeader,
+    body: &Bytes,
+) -> Result<UndoEntry, UndoFormatError> {
     let cap = (h.extent_count as usize).min(body.len() / UNDO_EXTENT_HEADER_LEN);
     let mut extents = Vec::with_capacity(cap);
     let mut pos = 0usize;
@@ -508,6 +593,11 @@ pub fn decode_undo_entry_body(
 /// Returns the entry and the bytes it occupies.
 pub fn decode_undo_entry(b: &Bytes, segment_no: u64) -> Result<(UndoEntry, u64), UndoFormatError> {
     let h = decode_undo_entry_header(b, segment_no)?;
+    if h.sealed {
+        return Err(UndoFormatError::Invalid(
+            "sealed entry: needs its segment's key".into(),
+        ));
+    }
     let have = (b.len() - UNDO_ENTRY_HEADER_LEN) as u64;
     if h.body_len > have {
         return Err(UndoFormatError::Truncated {
@@ -534,6 +624,7 @@ mod tests {
             body_crc: 0,
             body_len: 47,
             kind: EntryKind::WriteSet,
+            sealed: false,
         };
         assert!(check_header_fields(&h).is_err());
         let h = UndoEntryHeader {

@@ -7,6 +7,9 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_gm::atrest::{DataKey, Kek};
 
 use crate::engine::AlignedBuf;
 use crate::failpoint;
@@ -20,6 +23,10 @@ use crate::undo::format::{
 use crate::undo::index::PointIndex;
 use crate::undo::read;
 use crate::undo::recovery::{self, UndoRecovery};
+use crate::undo::seal::{
+    encode_sealed_undo_entry, encode_sealed_undo_segment_header, undo_segment_key_aad,
+    UndoSegmentKey,
+};
 use crate::undo::segment::{self, open_direct, sync_dir, undo_segment_file_name, Segment};
 
 /// The standby's undo log. See the module docs and FORMAT.md "Undo log".
@@ -39,6 +46,9 @@ pub struct UndoLog {
     staging: Option<AlignedBuf>,
     /// Waits for space of `append` (see [`UndoLog::space_monitor`]).
     space: SpaceMonitor,
+    /// Encryption at rest: the key ring; new segments are sealed under its current
+    /// key, older sealed segments are read with the key they name.
+    kek: Option<Arc<Kek>>,
     /// Exclusive flock on `dir/LOCK` for the log's lifetime: two owners would corrupt it.
     _lock: fs::File,
 }
@@ -53,6 +63,20 @@ impl UndoLog {
         cluster_id: [u8; 16],
         segment_size: u64,
     ) -> Result<(UndoLog, UndoRecovery), UndoError> {
+        UndoLog::open_with_key(dir, cluster_id, segment_size, None)
+    }
+
+    /// [`open`](Self::open) with encryption at rest: `kek` (the key ring of the
+    /// node's key file) must hold the key of every sealed segment, else the open is
+    /// refused ([`UndoError::KeyRequired`], [`UndoError::WrongKey`]) before
+    /// anything is repaired; new segments are sealed under its current key. Without
+    /// a key, a log holding a sealed segment is refused the same way.
+    pub fn open_with_key(
+        dir: &Path,
+        cluster_id: [u8; 16],
+        segment_size: u64,
+        kek: Option<Arc<Kek>>,
+    ) -> Result<(UndoLog, UndoRecovery), UndoError> {
         if segment_size < UNDO_MIN_SEGMENT_SIZE {
             return Err(UndoError::InvalidOptions(format!(
                 "segment_size {segment_size} below {UNDO_MIN_SEGMENT_SIZE}"
@@ -62,7 +86,7 @@ impl UndoLog {
             .map_err(|e| UndoError::io(format!("create {}", dir.display()), e))?;
         let lock = crate::segment::lock_dir(dir)
             .map_err(|e| UndoError::InvalidOptions(format!("undo log {}: {e}", dir.display())))?;
-        let mut r = recovery::recover(dir, cluster_id)?;
+        let mut r = recovery::recover(dir, cluster_id, kek.as_deref())?;
         let mut log = UndoLog {
             dir: dir.to_path_buf(),
             cluster_id,
@@ -74,6 +98,7 @@ impl UndoLog {
             poisoned: false,
             staging: None,
             space: SpaceMonitor::default(),
+            kek,
             _lock: lock,
         };
         r.report.dropped_pieces = log.drop_unfinished_pieces()?;
@@ -119,6 +144,11 @@ impl UndoLog {
             None => true,
             // Packed segments (earlier versions) are read, never appended to.
             Some(s) if !s.aligned => true,
+            // A key was configured or removed since the segment was made: new
+            // entries go encrypted as configured now. A sealed segment takes
+            // entries only while this log made it and has not cut it (nonces).
+            Some(s) if s.key.is_some() != self.kek.is_some() => true,
+            Some(s) if s.key.is_some() && !s.appendable => true,
             // A resync transition starts a segment: retention can then release
             // every point before it (keeping its start) while it lasts, however
             // large it grows; inside it there is no cut (see `release_points`).
@@ -128,12 +158,22 @@ impl UndoLog {
                 s.entries > 0 && s.len.saturating_add(size) > self.segment_size
             }
         };
-        let no = match self.segments.last() {
-            Some(s) if !roll => s.no,
-            _ => self.next_segment_no,
+        let (no, offset, key) = match self.segments.last() {
+            Some(s) if !roll => (s.no, s.len, s.key.clone()),
+            _ => (self.next_segment_no, UNDO_ALIGN, self.new_data_key()?),
         };
-        let bytes = encode_undo_entry(e, no)?;
-        let pos = match self.write_entry(roll, no, e.first_seq, &bytes, reclaim) {
+        let bytes = match &key {
+            Some(dk) => encode_sealed_undo_entry(e, no, offset, dk)?,
+            None => encode_undo_entry(e, no)?,
+        };
+        // The new segment's header is made once: a retry after ENOSPC writes the
+        // same bytes (same wrapped key) again.
+        let new = if roll {
+            Some(self.segment_header(no, e.first_seq, key)?)
+        } else {
+            None
+        };
+        let pos = match self.write_entry(new, no, &bytes, reclaim) {
             Ok(pos) => pos,
             Err(err) => {
                 self.poisoned = true;
@@ -151,8 +191,51 @@ impl UndoLog {
         Ok(pos)
     }
 
+    /// A new segment's data key, when the log is encrypted.
+    fn new_data_key(&self) -> Result<Option<Arc<DataKey>>, UndoError> {
+        match &self.kek {
+            None => Ok(None),
+            Some(_) => DataKey::generate()
+                .map(|k| Some(Arc::new(k)))
+                .map_err(|e| UndoError::Crypto(format!("new data key: {e}"))),
+        }
+    }
+
+    /// The header of new segment `no` (sealed, with `key` wrapped under the
+    /// current KEK, when `key` is given).
+    fn segment_header(
+        &self,
+        no: u64,
+        first_seq: u64,
+        key: Option<Arc<DataKey>>,
+    ) -> Result<NewSegment, UndoError> {
+        let h = UndoSegmentHeader {
+            segment_no: no,
+            cluster_id: self.cluster_id,
+            first_seq,
+            aligned: true,
+        };
+        let (Some(dk), Some(kek)) = (&key, &self.kek) else {
+            return Ok(NewSegment {
+                header: encode_undo_segment_header(&h).to_vec(),
+                key: None,
+            });
+        };
+        let wrapped = kek
+            .wrap(dk, &undo_segment_key_aad(&h, kek.id()))
+            .map_err(|e| UndoError::Crypto(format!("wrapping the data key: {e}")))?;
+        let sk = UndoSegmentKey {
+            key_id: kek.id(),
+            wrapped,
+        };
+        Ok(NewSegment {
+            header: encode_sealed_undo_segment_header(&h, &sk).to_vec(),
+            key,
+        })
+    }
+
     /// Writes encoded entry `bytes` (for segment `no`): in a new segment `no` if
-    /// `roll`, else at the end of the last one. On ENOSPC/EDQUOT it lets `reclaim`
+    /// `new` (its header and key) is given, else at the end of the last one. On ENOSPC/EDQUOT it lets `reclaim`
     /// free old segments and tries again, or, if nothing was freed, waits and tries
     /// again (the caller, the standby's applier, blocks; see
     /// [`space_monitor`](Self::space_monitor)): the failed attempt left at most a
@@ -161,19 +244,23 @@ impl UndoLog {
     /// so neither moves. Any other error is returned (the caller poisons the log).
     fn write_entry(
         &mut self,
-        roll: bool,
+        new: Option<NewSegment>,
         no: u64,
-        first_seq: u64,
         bytes: &[u8],
         reclaim: &mut dyn FnMut(&mut UndoLog) -> u64,
     ) -> Result<UndoPosition, UndoError> {
         let mon = self.space.clone();
-        let mut waiter = mon.waiter("undo log", if roll { "create segment" } else { "append" });
+        let what = if new.is_some() {
+            "create segment"
+        } else {
+            "append"
+        };
+        let mut waiter = mon.waiter("undo log", what);
         // Bounded: each reclaim removes at least one segment (finitely many), then
         // by space coming back or `SpaceMonitor::stop_waiting`.
         loop {
-            let r = if roll {
-                self.create_segment(no, first_seq, bytes)
+            let r = if let Some(n) = &new {
+                self.create_segment(no, n, bytes)
             } else {
                 self.append_aligned(bytes)
             };
@@ -238,19 +325,14 @@ impl UndoLog {
     fn create_segment(
         &mut self,
         no: u64,
-        first_seq: u64,
+        new: &NewSegment,
         entry: &[u8],
     ) -> Result<UndoPosition, UndoError> {
-        let hdr = encode_undo_segment_header(&UndoSegmentHeader {
-            segment_no: no,
-            cluster_id: self.cluster_id,
-            first_seq,
-            aligned: true,
-        });
+        let hdr = &new.header;
         // Header block and first entry, each zero-padded to UNDO_ALIGN. Creation is
         // rare (once per segment_size), so this one goes through the page cache.
         let mut image = vec![0u8; UNDO_ALIGN as usize + pad_to(entry.len() as u64, true) as usize];
-        image[..hdr.len()].copy_from_slice(&hdr);
+        image[..hdr.len()].copy_from_slice(hdr);
         image[UNDO_ALIGN as usize..UNDO_ALIGN as usize + entry.len()].copy_from_slice(entry);
         let file = segment::create_durably(&self.dir, no, &image)?;
         self.next_segment_no = no + 1;
@@ -263,6 +345,8 @@ impl UndoLog {
             len: image.len() as u64,
             first_point: self.index.points().len(),
             entries: 1,
+            key: new.key.clone(),
+            appendable: true,
         });
         Ok(UndoPosition {
             segment_no: no,
@@ -438,6 +522,8 @@ impl UndoLog {
                         let s = self.segments.last_mut().expect("exists");
                         s.len = cut.offset;
                         s.entries = i - s.first_point;
+                        // Appending over the cut would reuse its nonces.
+                        s.appendable = false;
                     }
                     break;
                 }
@@ -570,6 +656,17 @@ impl UndoLog {
     pub fn segment_path(&self, no: u64) -> PathBuf {
         self.dir.join(undo_segment_file_name(no))
     }
+
+    /// The key ring the log was opened with (views open segments with it).
+    pub fn kek(&self) -> Option<&Arc<Kek>> {
+        self.kek.as_ref()
+    }
+}
+
+/// A segment about to be created: its header bytes and (sealed) data key.
+struct NewSegment {
+    header: Vec<u8>,
+    key: Option<Arc<DataKey>>,
 }
 
 #[cfg(test)]

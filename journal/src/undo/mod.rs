@@ -20,6 +20,10 @@
 //!   a whole trim's before-images; an unfinished write-set's pieces at the end of
 //!   the log are removed on open.
 //! * CRC32C salted with the segment number, like the redo journal.
+//! * Optionally encrypted at rest ([`UndoLog::open_with_key`]): a sealed segment
+//!   (format version 3) carries its own data key wrapped under the key-encryption
+//!   key, and every entry body is sealed with SM4-GCM in 4 KiB chunks; headers stay
+//!   plaintext and checksummed, so recovery finds torn tails without the key.
 //!
 //! Single owner, synchronous: the standby's applier thread owns the [`UndoLog`].
 //!
@@ -29,7 +33,9 @@
 //! * `segment`: segment files (names, opening, positioned reads, durable creation);
 //! * `recovery`: the scan on open (validation, torn-tail truncation);
 //! * `index`: the time index over the entries (no IO);
-//! * `read`: verified reads of one entry;
+//! * `seal`: encrypted segments and entries (format version 3: the segment's
+//!   wrapped data key, entry bodies sealed with SM4-GCM per 4 KiB chunk);
+//! * `read`: verified reads of one entry, and [`UndoImageReader`] for views;
 //! * `log`: [`UndoLog`] (append, retention, truncation).
 //!
 //! Everything public is re-exported here: callers name `ferry_journal::undo::X`.
@@ -41,6 +47,7 @@ mod index;
 mod log;
 mod read;
 mod recovery;
+mod seal;
 mod segment;
 
 pub use self::entry::{EntryKind, UndoEntry, UndoExtent, UndoPoint, UndoPosition};
@@ -50,13 +57,20 @@ pub use self::format::{
     decode_undo_segment_header, encode_undo_entry, encode_undo_entry_header,
     encode_undo_segment_header, extent_data_offsets, UndoEntryHeader, UndoFormatError,
     UndoSegmentHeader, UNDO_ALIGN, UNDO_ENTRY_FLAG_PART, UNDO_ENTRY_FLAG_RESYNC,
-    UNDO_ENTRY_FLAG_RESYNC_START, UNDO_ENTRY_HEADER_LEN, UNDO_ENTRY_MAGIC, UNDO_EXTENT_HEADER_LEN,
-    UNDO_EXTENT_ZERO_FLAG, UNDO_FORMAT_VERSION, UNDO_MAX_BODY, UNDO_MAX_EXTENT_LEN,
-    UNDO_MIN_FORMAT_VERSION, UNDO_MIN_SEGMENT_SIZE, UNDO_SEGMENT_FLAG_ALIGNED,
-    UNDO_SEGMENT_HEADER_LEN, UNDO_SEGMENT_MAGIC,
+    UNDO_ENTRY_FLAG_RESYNC_START, UNDO_ENTRY_FLAG_SEALED, UNDO_ENTRY_HEADER_LEN, UNDO_ENTRY_MAGIC,
+    UNDO_EXTENT_HEADER_LEN, UNDO_EXTENT_ZERO_FLAG, UNDO_FORMAT_VERSION, UNDO_MAX_BODY,
+    UNDO_MAX_EXTENT_LEN, UNDO_MIN_FORMAT_VERSION, UNDO_MIN_SEGMENT_SIZE, UNDO_PLAIN_FORMAT_VERSION,
+    UNDO_SEGMENT_FLAG_ALIGNED, UNDO_SEGMENT_FLAG_SEALED, UNDO_SEGMENT_HEADER_LEN,
+    UNDO_SEGMENT_MAGIC,
 };
 pub use self::log::UndoLog;
-pub use self::recovery::UndoRecovery;
+pub use self::read::UndoImageReader;
+pub use self::recovery::{undo_segment_key_ids, UndoRecovery};
+pub use self::seal::{
+    decode_undo_segment_key, encode_sealed_undo_entry, encode_sealed_undo_segment_header,
+    sealed_len, tags_len, undo_segment_key_aad, UndoSegmentKey, UNDO_SEALED_SEGMENT_HEADER_LEN,
+    UNDO_SEAL_CHUNK, UNDO_TAG_LEN,
+};
 pub use self::segment::{
     parse_undo_segment_name, undo_segment_file_name, UNDO_SEGMENT_SUFFIX, UNDO_TMP_SUFFIX,
 };
@@ -65,5 +79,6 @@ pub use self::segment::{
 const _: () = {
     const fn assert_send<T: Send>() {}
     assert_send::<UndoLog>();
+    assert_send::<UndoImageReader>();
     assert_send::<UndoError>();
 };

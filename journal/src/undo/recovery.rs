@@ -2,11 +2,17 @@
 //! that segment numbers are consecutive, validates every segment header and entry
 //! header (and the last entry's body), truncates a torn last entry of the last
 //! segment (never more) and refuses anything else with
-//! [`UndoError::Corruption`] naming file and offset. See `journal/FORMAT.md`,
-//! "Undo log", for the crash-case table these rules implement.
+//! [`UndoError::Corruption`] naming file and offset. A sealed segment's data key
+//! is unwrapped here, so a missing or wrong key refuses the open before anything
+//! is cut or appended. See `journal/FORMAT.md`, "Undo log", for the crash-case
+//! table these rules implement (the same for sealed segments: their headers and
+//! checksums are plaintext).
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_gm::atrest::{DataKey, Kek};
 
 use crate::format::salted_crc;
 use crate::undo::entry::{UndoPoint, UndoPosition};
@@ -15,6 +21,7 @@ use crate::undo::format::{
     decode_undo_entry_header, decode_undo_segment_header, pad_to, UndoEntryHeader,
     UndoSegmentHeader, UNDO_ENTRY_HEADER_LEN, UNDO_ENTRY_MAGIC, UNDO_SEGMENT_HEADER_LEN,
 };
+use crate::undo::seal::{self, decode_undo_segment_key, UNDO_SEALED_SEGMENT_HEADER_LEN};
 use crate::undo::segment::{
     open_existing, parse_undo_segment_name, read_at, sync_dir, undo_segment_file_name, Segment,
     UNDO_TMP_SUFFIX,
@@ -47,11 +54,17 @@ pub(super) struct Recovered {
 }
 
 /// Recovers the log in `dir` (which the caller created and locked).
-pub(super) fn recover(dir: &Path, cluster_id: [u8; 16]) -> Result<Recovered, UndoError> {
+/// `kek`: the configured key ring, which must hold the key of every sealed segment.
+pub(super) fn recover(
+    dir: &Path,
+    cluster_id: [u8; 16],
+    kek: Option<&Kek>,
+) -> Result<Recovered, UndoError> {
     let mut report = UndoRecovery::default();
     let nos = list_segments(dir, &mut report)?;
     let mut scan = Scan {
         cluster_id,
+        kek,
         segments: Vec::with_capacity(nos.len()),
         points: Vec::new(),
     };
@@ -86,6 +99,50 @@ pub(super) fn recover(dir: &Path, cluster_id: [u8; 16]) -> Result<Recovered, Und
     })
 }
 
+/// The sealed segments of the undo log in `dir` and the id of the key each is
+/// wrapped under, oldest first, read from their headers alone (no lock, no
+/// repair: a running ferryd may hold the log). What `ferryctl key retire` checks.
+pub fn undo_segment_key_ids(
+    dir: &Path,
+) -> Result<Vec<(PathBuf, ferry_gm::atrest::KeyId)>, UndoError> {
+    let mut nos = Vec::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(UndoError::io(format!("list {}", dir.display()), e)),
+    };
+    for ent in rd {
+        let ent = ent.map_err(|e| UndoError::io(format!("list {}", dir.display()), e))?;
+        if let Some(no) = ent.file_name().to_str().and_then(parse_undo_segment_name) {
+            nos.push(no);
+        }
+    }
+    nos.sort_unstable();
+    let mut out = Vec::new();
+    for no in nos {
+        let path = dir.join(undo_segment_file_name(no));
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            // Released by retention since the listing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(UndoError::io(format!("open {}", path.display()), e)),
+        };
+        let mut hb = [0u8; UNDO_SEALED_SEGMENT_HEADER_LEN];
+        let len = file
+            .metadata()
+            .map_err(|e| UndoError::io(format!("stat {}", path.display()), e))?
+            .len();
+        let n = (len as usize).min(hb.len());
+        read_at(&file, &path, &mut hb[..n], 0)?;
+        let corrupt = |e| UndoError::corrupt(&path, 0, format!("segment header: {e}"));
+        decode_undo_segment_header(&hb[..n], no).map_err(corrupt)?;
+        if let Some(k) = decode_undo_segment_key(&hb[..n], no).map_err(corrupt)? {
+            out.push((path, k.key_id));
+        }
+    }
+    Ok(out)
+}
+
 /// Segment numbers in `dir`, sorted; deletes leftover `.undo.tmp` files (segment
 /// creations a crash interrupted before their rename) on the way.
 fn list_segments(dir: &Path, report: &mut UndoRecovery) -> Result<Vec<u64>, UndoError> {
@@ -112,8 +169,9 @@ fn list_segments(dir: &Path, report: &mut UndoRecovery) -> Result<Vec<u64>, Undo
 
 /// Segments and points recovered so far (the checks of a segment look at the
 /// previous one's end).
-struct Scan {
+struct Scan<'k> {
     cluster_id: [u8; 16],
+    kek: Option<&'k Kek>,
     segments: Vec<Segment>,
     points: Vec<UndoPoint>,
 }
@@ -124,6 +182,8 @@ struct SegFile<'a> {
     path: &'a Path,
     file: &'a File,
     header: UndoSegmentHeader,
+    /// A sealed segment's data key.
+    key: Option<Arc<DataKey>>,
     /// File length (shrinks if a torn tail is cut).
     len: u64,
     /// The log's last segment: the only one whose end may be torn.
@@ -138,7 +198,7 @@ enum Found {
     Torn(String),
 }
 
-impl Scan {
+impl Scan<'_> {
     /// Validates segment `no` entry by entry and indexes its entries.
     fn segment(
         &mut self,
@@ -148,7 +208,7 @@ impl Scan {
         report: &mut UndoRecovery,
     ) -> Result<(), UndoError> {
         let file = open_existing(&path)?;
-        let (header, len) = self.segment_header(no, &path, &file)?;
+        let (header, key, len) = self.segment_header(no, &path, &file)?;
         if let Some(prev) = self.segments.last().filter(|s| s.entries == 0) {
             return Err(UndoError::corrupt(
                 &prev.path,
@@ -161,6 +221,7 @@ impl Scan {
             path: &path,
             file: &file,
             header,
+            key: key.clone(),
             len,
             last,
         };
@@ -190,17 +251,22 @@ impl Scan {
             len,
             first_point,
             entries,
+            key,
+            // Recovered segments are never appended to when sealed (see `seal`).
+            appendable: false,
         });
         Ok(())
     }
 
-    /// Reads and checks segment `no`'s header; returns it and the file length.
+    /// Reads and checks segment `no`'s header; returns it, a sealed segment's data
+    /// key (unwrapped with the configured ring) and the file length.
+    #[allow(clippy::type_complexity)]
     fn segment_header(
         &self,
         no: u64,
         path: &Path,
         file: &File,
-    ) -> Result<(UndoSegmentHeader, u64), UndoError> {
+    ) -> Result<(UndoSegmentHeader, Option<Arc<DataKey>>, u64), UndoError> {
         let len = file
             .metadata()
             .map_err(|e| UndoError::io(format!("stat {}", path.display()), e))?
@@ -214,10 +280,11 @@ impl Scan {
         }
         // Below: `len` may not cover a whole header block (aligned segments are only
         // ever renamed into place complete, so that is corruption, caught next).
-        let mut hb = [0u8; UNDO_SEGMENT_HEADER_LEN];
-        read_at(file, path, &mut hb, 0)?;
-        let sh = decode_undo_segment_header(&hb, no)
-            .map_err(|e| UndoError::corrupt(path, 0, format!("segment header: {e}")))?;
+        let mut hb = [0u8; UNDO_SEALED_SEGMENT_HEADER_LEN];
+        let n = (len as usize).min(hb.len());
+        read_at(file, path, &mut hb[..n], 0)?;
+        let corrupt = |e| UndoError::corrupt(path, 0, format!("segment header: {e}"));
+        let sh = decode_undo_segment_header(&hb[..n], no).map_err(corrupt)?;
         if sh.cluster_id != self.cluster_id {
             return Err(UndoError::ClusterMismatch {
                 file: path.to_path_buf(),
@@ -232,7 +299,11 @@ impl Scan {
                 format!("file of {len} bytes is shorter than its header block"),
             ));
         }
-        Ok((sh, len))
+        let key = match decode_undo_segment_key(&hb[..n], no).map_err(corrupt)? {
+            Some(k) => Some(Arc::new(seal::unwrap_segment_key(path, &sh, &k, self.kek)?)),
+            None => None,
+        };
+        Ok((sh, key, len))
     }
 
     /// What lies at `pos` of `seg`, which already holds `entries` valid entries.
@@ -262,6 +333,13 @@ impl Scan {
                 return Ok(Found::Torn(torn_reason));
             }
         };
+        if h.sealed != seg.key.is_some() {
+            return Err(UndoError::corrupt(
+                seg.path,
+                pos,
+                "entry sealed flag does not match its segment's encryption",
+            ));
+        }
         self.check_contiguous(seg, pos, entries, &h)?;
         // The next entry's offset; an aligned entry's padding is part of its write,
         // so a file ending inside it holds a torn append.
@@ -275,8 +353,9 @@ impl Scan {
             )));
         }
         if seg.last && end == seg.len {
-            // The last entry of the log: its body may be torn.
-            let mut body = vec![0u8; h.body_len as usize];
+            // The last entry of the log: its body may be torn. The checksum covers
+            // what is stored (a sealed body's tags and ciphertext): no key needed.
+            let mut body = vec![0u8; h.stored_body_len() as usize];
             read_at(
                 seg.file,
                 seg.path,
@@ -456,7 +535,7 @@ mod tests {
         });
         image[..hdr.len()].copy_from_slice(&hdr);
         create_durably(dir.path(), 4, &image).unwrap();
-        let r = recover(dir.path(), CLUSTER).unwrap();
+        let r = recover(dir.path(), CLUSTER, None).unwrap();
         assert!(r.segments.is_empty() && r.points.is_empty());
         assert_eq!(r.next_segment_no, 5);
         assert_eq!(
@@ -467,7 +546,7 @@ mod tests {
         // Another cluster's segment is refused, not recovered.
         create_durably(dir.path(), 4, &image).unwrap();
         assert!(matches!(
-            recover(dir.path(), [6; 16]),
+            recover(dir.path(), [6; 16], None),
             Err(UndoError::ClusterMismatch { .. })
         ));
     }

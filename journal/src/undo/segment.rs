@@ -85,6 +85,11 @@ pub(super) struct Segment {
     /// Index in the log's points of this segment's first entry.
     pub(super) first_point: usize,
     pub(super) entries: usize,
+    /// A sealed segment's data key (unwrapped on open or drawn at creation).
+    pub(super) key: Option<std::sync::Arc<ferry_gm::atrest::DataKey>>,
+    /// Whether a sealed segment may take more entries: only one this log created
+    /// and has not cut since (see `seal`'s nonce rule). Plaintext segments ignore it.
+    pub(super) appendable: bool,
 }
 
 /// Opens an existing segment (buffered, read-write: recovery reads it and may

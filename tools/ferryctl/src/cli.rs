@@ -80,9 +80,9 @@ pub enum Cmd {
         /// speaks; a gm node and a standard node refuse each other.
         #[arg(long, value_enum, default_value = "standard")]
         crypto: CryptoArg,
-        /// Encrypt each node's journal at rest (SM4-GCM): writes a new key file
-        /// NODE/atrest.key (mode 0600, one key per node) and sets [encryption]
-        /// key_file in NODE.toml. Losing the key file loses the journal.
+        /// Encrypt each node's journal and undo log at rest (SM4-GCM): writes a new
+        /// key file NODE/atrest.key (mode 0600, one key per node) and sets
+        /// [encryption] key_file in NODE.toml. Losing the key file loses them.
         #[arg(long)]
         encrypt: bool,
     },
@@ -93,6 +93,13 @@ pub enum Cmd {
         /// The key file to create.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+    },
+    /// Key rotation for encryption at rest: add a new current key-encryption key to a
+    /// key file (older keys stay, so data sealed under them stays readable), list
+    /// its keys, or retire an older key once nothing stored needs it.
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
     },
     /// The cold tier: restore a volume from an archive, or list what one holds. Reads
     /// the object store directly (no running ferryd needed); s3:// credentials and
@@ -326,6 +333,37 @@ pub enum PitCmd {
         /// Stop every open view.
         #[arg(long)]
         all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Append a new random key to the key file as its current key (written anew,
+    /// mode 0600, renamed into place). ferryd reads the key file at start: after a
+    /// restart new journal and undo segments and new archive objects are sealed
+    /// under the new key; segments sealed under older keys stay readable.
+    Rotate {
+        /// The node's key file ([encryption] key_file).
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+    },
+    /// The key ids in the key file: the current key and the older ones.
+    List {
+        /// The key file to read.
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+    },
+    /// Remove an older key from the key file. Refused while a journal or undo
+    /// segment of the node (--config) is sealed under it: retention releases those
+    /// segments in time. An archive begun under the key needs it as long as the
+    /// archive is kept (its chunk ids are keyed by it): not checked here.
+    Retire {
+        /// The key file to remove the key from (written anew, mode 0600).
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        /// The key id to retire (16 hex digits, as `key list` prints it).
+        #[arg(long, value_name = "ID")]
+        id: String,
     },
 }
 

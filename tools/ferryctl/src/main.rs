@@ -19,13 +19,14 @@ use ferry_transport::pki::{AnyClusterCa, TlsSuite};
 mod archive;
 mod archive_export;
 mod drill;
+mod key;
 mod node_add;
 mod ports;
 mod table;
 
 use ferryctl::cli::{
-    ArchiveCmd, AuditCmd, BookmarkCmd, Cli, Cmd, CryptoArg, DrillPointArgs, ModeArg, NodeCmd,
-    PitCmd,
+    ArchiveCmd, AuditCmd, BookmarkCmd, Cli, Cmd, CryptoArg, DrillPointArgs, KeyCmd, ModeArg,
+    NodeCmd, PitCmd,
 };
 use table::Align;
 
@@ -91,6 +92,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             audit_verify(cli.config.as_deref(), file.or(dir).as_deref(), &cert)
         }
         Cmd::Archive { cmd } => run_archive(cmd),
+        Cmd::Key { cmd } => match cmd {
+            KeyCmd::Rotate { key_file } => key::rotate(&key_file),
+            KeyCmd::List { key_file } => key::list(&key_file),
+            KeyCmd::Retire { key_file, id } => {
+                let cfg = need_config(cli.config.as_deref())?;
+                key::retire(&key_file, &id, &cfg)
+            }
+        },
         Cmd::Node {
             cmd:
                 NodeCmd::Add {
@@ -217,6 +226,7 @@ fn node_command(cfg: &Config, cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Init { .. }
         | Cmd::Keygen { .. }
+        | Cmd::Key { .. }
         | Cmd::Audit { .. }
         | Cmd::Node { .. }
         | Cmd::Archive { .. } => {
