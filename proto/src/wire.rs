@@ -1581,7 +1581,27 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
     r.finish("payload")?;
     // Same invariants the encoder enforces (contiguous seqs, op/data rules…).
     validate_frame(&frame)?;
+    check_layout_version(header, &frame)?;
     Ok(frame)
+}
+
+/// A frame's header names the layout it was written in, and a frame has one
+/// layout: V1 unless it carries a V2 tail. A V2 header on a frame type without a
+/// tail (or a tail on a V1 header, which the payload decoders already refuse) is
+/// an error, so every decoded frame re-encodes to the bytes it came from.
+fn check_layout_version(header: &FrameHeader, frame: &Frame) -> Result<(), DecodeError> {
+    let layout = frame_version(frame).as_u16();
+    if header.version == layout {
+        return Ok(());
+    }
+    Err(DecodeError::InvalidField {
+        field: "header.version",
+        reason: format!(
+            "a {:?} frame of this layout is version {layout}, header says {}",
+            frame.frame_type(),
+            header.version
+        ),
+    })
 }
 
 /// Decodes exactly one frame occupying all of `buf`, with the default payload limit.

@@ -340,6 +340,22 @@ fn unsupported_version_reports_range() {
     );
 }
 
+/// Found by the wire_frame fuzzer: an Ack (no V2 tail) under a version-2 header
+/// decoded, then re-encoded as version 1, so the bytes were not canonical.
+#[test]
+fn v2_header_on_a_frame_without_a_tail_is_refused() {
+    let mut b = ack_frame();
+    b[4] = 2;
+    fix_checksums(&mut b);
+    assert!(matches!(
+        err_of(b),
+        DecodeError::InvalidField {
+            field: "header.version",
+            ..
+        }
+    ));
+}
+
 #[test]
 fn unknown_frame_type() {
     let mut b = ack_frame();

@@ -99,6 +99,24 @@ fn replace_once(text: &str, from: &str, to: &str) -> Result<String> {
     Ok(text.replacen(from, to, 1))
 }
 
+/// Replaces exactly one occurrence of `from` in the text after the one `section`
+/// header (the rest of the text, however it repeats `from`, is left alone).
+fn replace_once_after(text: &str, section: &str, from: &str, to: &str) -> Result<String> {
+    let (Some(at), 1) = (text.find(section), text.matches(section).count()) else {
+        bail!("config: expected `{section}` once");
+    };
+    let (head, tail) = text.split_at(at + section.len());
+    let Some(pos) = tail.find(from) else {
+        bail!("config: expected `{from}` after `{section}`");
+    };
+    let mut out = String::with_capacity(text.len() + to.len());
+    out.push_str(head);
+    out.push_str(&tail[..pos]);
+    out.push_str(to);
+    out.push_str(&tail[pos + from.len()..]);
+    Ok(out)
+}
+
 /// Small loop filesystems for a node's journal, undo log and volume.
 fn make_fs(dir: &Path, name: &str) -> Result<Vec<(Area, LoopFs)>> {
     let sizes = [
@@ -130,8 +148,11 @@ fn configure(
         "sync_timeout_ms = 5000",
         &format!("sync_timeout_ms = {SYNC_TIMEOUT_MS}"),
     )?;
-    text = replace_once(
+    // The target's address only: `[[cluster.node]]` names the same address, but a
+    // `[[replication.target]]` of the same name overrides the member's.
+    text = replace_once_after(
         &text,
+        "[[replication.target]]",
         &format!("address = \"{other}\""),
         &format!("address = \"127.0.0.1:{proxy_port}\""),
     )?;
