@@ -127,6 +127,7 @@ pub const KEYS: &[Key] = &[
     restart("volume.name", VOLUME),
     restart("volume.path", VOLUME),
     restart("volume.size", VOLUME),
+    restart("volume.cache", VOLUME),
 ];
 
 /// A path as a reload finds it (`volume[1].size`) without its indices (`volume.size`).
@@ -253,6 +254,7 @@ key_file = "/etc/ferry/atrest.key"
 name = "vol0"
 path = "/v.img"
 size = "64MiB"
+cache = "writeback"
 "#;
 
     fn leaves(path: &str, v: &Value, out: &mut Vec<String>) {

@@ -63,6 +63,7 @@ pub fn primary_config(
                     name: name.to_string(),
                     path,
                     size: ByteSize(*size),
+                    cache: Default::default(),
                 }
             })
             .collect(),

@@ -721,6 +721,7 @@ fn node_config(
                 name: name.clone(),
                 path: data.join(format!("{name}.img")),
                 size: ByteSize(*size),
+                cache: Default::default(),
             })
             .collect(),
     }
