@@ -93,10 +93,25 @@ impl StatusSource {
             applied_seq,
             checkpoint_seq: meta.checkpoint().unwrap_or(0),
             journal: journal_status(j),
-            volumes: self.volumes.clone(),
+            volumes: self.volumes_now(),
             targets,
             role,
         }
+    }
+
+    /// The configured volumes, with a primary's effective cache modes.
+    fn volumes_now(&self) -> Vec<VolumeStatus> {
+        let RoleSource::Primary { group, .. } = &self.role else {
+            return self.volumes.clone();
+        };
+        let modes = group.cache_modes();
+        let mut volumes = self.volumes.clone();
+        for v in &mut volumes {
+            if let Some((_, _, now)) = modes.iter().find(|(n, _, _)| *n == v.name) {
+                v.cache_effective = Some(now.name().into());
+            }
+        }
+        volumes
     }
 
     /// The `status` request's answer.
@@ -130,6 +145,8 @@ pub(crate) fn volumes(cfg: &Config, nbd: Option<SocketAddr>) -> Vec<VolumeStatus
             size_bytes: v.size.0,
             path: v.path.clone(),
             export: nbd.map(|a| format!("nbd://{a}/{}", v.name)),
+            cache: Some(v.cache.name().into()),
+            cache_effective: None,
         })
         .collect()
 }
