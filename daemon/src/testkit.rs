@@ -83,6 +83,16 @@ pub fn enable_metrics(config: &Path) {
     std::fs::write(config, cfg.to_toml()).expect("write config");
 }
 
+/// Sets every volume's `cache` mode in a config written by this module (or any
+/// config file).
+pub fn set_volume_cache(config: &Path, cache: ferry_api::config::CacheMode) {
+    let mut cfg = Config::load(config).expect("load config");
+    for v in &mut cfg.volumes {
+        v.cache = cache;
+    }
+    std::fs::write(config, cfg.to_toml()).expect("write config");
+}
+
 /// A running ferryd, killed by its own PID when dropped.
 pub struct Node {
     child: Option<Child>,
