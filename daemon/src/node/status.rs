@@ -273,8 +273,13 @@ mod tests {
         let s = serde_json::to_value(volumes(&cfg, None)).unwrap();
         assert_eq!(
             s[1],
-            serde_json::json!({"name": "vol1", "size_bytes": 2 << 20, "path": "/tmp/vol1.img"}),
-            "a standby's volumes have no export key"
+            serde_json::json!({
+                "name": "vol1",
+                "size_bytes": 2 << 20,
+                "path": "/tmp/vol1.img",
+                "cache": "writethrough-until-flush"
+            }),
+            "a standby's volumes have no export key (and no effective cache mode)"
         );
     }
 
