@@ -954,6 +954,46 @@ pub struct VolumeConfig {
     /// Backing file or block device.
     pub path: PathBuf,
     pub size: ByteSize,
+    /// When a write's reply is sent (`cache`): see [`CacheMode`]. Left out of written
+    /// configs when it is the default, so configs written before it stay unchanged.
+    #[serde(default, skip_serializing_if = "CacheMode::is_default")]
+    pub cache: CacheMode,
+}
+
+/// A volume's write cache mode (`volume.cache`): what an NBD write's reply promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheMode {
+    /// A reply means the write holds its place in the journal's order and is visible
+    /// to reads; only FLUSH, and a write with FUA, promise durability (locally and on
+    /// every sync target), like a disk with a volatile write cache.
+    Writeback,
+    /// A reply means durable in the journal (and on every sync target).
+    Writethrough,
+    /// Writethrough until the volume sees its first FLUSH (the client shows it knows
+    /// to flush), then writeback until the daemon restarts (Ceph RBD's rule).
+    #[default]
+    WritethroughUntilFlush,
+}
+
+impl CacheMode {
+    fn is_default(&self) -> bool {
+        *self == CacheMode::default()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::Writeback => "writeback",
+            CacheMode::Writethrough => "writethrough",
+            CacheMode::WritethroughUntilFlush => "writethrough-until-flush",
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -2096,6 +2136,43 @@ size = "1GiB"
             e.contains(
                 "unknown variant `strict`, expected `tolerate-torn-tail` or `absolute-consistency`"
             ),
+            "{e}"
+        );
+    }
+
+    /// `volume.cache`: the three words, the default when absent (left out of the
+    /// written config), and a bad word named with the ones accepted.
+    #[test]
+    fn volume_cache_modes_parse_and_a_bad_one_is_named() {
+        const VOL_PATH: &str = "path = \"primary/vol0.img\"";
+        let cfg = Config::parse(GOOD).unwrap();
+        assert_eq!(cfg.volumes[0].cache, CacheMode::WritethroughUntilFlush);
+        assert!(
+            !cfg.to_toml().contains("cache"),
+            "the default is not written"
+        );
+        for (word, mode) in [
+            ("writeback", CacheMode::Writeback),
+            ("writethrough", CacheMode::Writethrough),
+            (
+                "writethrough-until-flush",
+                CacheMode::WritethroughUntilFlush,
+            ),
+        ] {
+            let text = GOOD.replace(VOL_PATH, &format!("{VOL_PATH}\ncache = \"{word}\""));
+            let cfg = Config::parse(&text).unwrap();
+            assert_eq!(cfg.volumes[0].cache, mode);
+            assert_eq!(mode.name(), word);
+            assert_eq!(
+                Config::parse(&cfg.to_toml()).unwrap().volumes[0].cache,
+                mode
+            );
+        }
+        let text = GOOD.replace(VOL_PATH, &format!("{VOL_PATH}\ncache = \"write-back\""));
+        let e = Config::parse(&text).unwrap_err();
+        assert!(e.contains("cache"), "{e}");
+        assert!(
+            e.contains("unknown variant `write-back`, expected one of `writeback`, `writethrough`, `writethrough-until-flush`"),
             "{e}"
         );
     }

@@ -132,6 +132,7 @@ pub const KEYS: &[Key] = &[
     restart("volume.name", VOLUME),
     restart("volume.path", VOLUME),
     restart("volume.size", VOLUME),
+    restart("volume.cache", VOLUME),
 ];
 
 /// A path as a reload finds it (`volume[1].size`) without its indices (`volume.size`).
@@ -265,6 +266,7 @@ address = "127.0.0.1:7001"
 name = "vol0"
 path = "/v.img"
 size = "64MiB"
+cache = "writeback"
 "#;
 
     fn leaves(path: &str, v: &Value, out: &mut Vec<String>) {

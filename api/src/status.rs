@@ -100,6 +100,14 @@ pub struct VolumeStatus {
     /// `nbd://ADDR/NAME` on a primary; absent on a standby.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<String>,
+    /// The configured `cache` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    /// The mode writes get now on a primary (`writeback` or `writethrough`; a
+    /// `writethrough-until-flush` volume turns writeback at its first FLUSH); absent
+    /// on a standby.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_effective: Option<String>,
 }
 
 /// A primary's own status.

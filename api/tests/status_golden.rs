@@ -33,6 +33,8 @@ fn common(role: RoleStatus, targets: Vec<TargetStatus>, export: Option<&str>) ->
             size_bytes: 64 << 20,
             path: "/var/lib/ferry/vol0.img".into(),
             export: export.map(String::from),
+            cache: Some("writethrough-until-flush".into()),
+            cache_effective: export.map(|_| "writeback".into()),
         }],
         targets,
         cluster: Vec::new(),

@@ -684,13 +684,46 @@ fn ferryctl_init(
     Ok(())
 }
 
-/// What `ferryctl init` does not set: PIT off, tmpfs storage.
-fn configure(
-    dir: &Path,
-    mode: Option<&str>,
-    pit: bool,
-    standby_storage: Option<&Path>,
-) -> anyhow::Result<()> {
+/// How a cluster is set up beyond `ferryctl init`'s defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterSetup<'a> {
+    /// None: the primary alone; else the standby's mode (see [`ferryctl_init`]).
+    pub mode: Option<&'a str>,
+    /// false turns the standby's undo log off (`[pit] enabled = false`).
+    pub pit: bool,
+    /// Move the standby's data directory there (replaced by a symlink, so its
+    /// configuration stays as `ferryctl init` wrote it), e.g. onto another file system.
+    pub standby_storage: Option<&'a Path>,
+    /// The volume's `cache` mode on both nodes.
+    pub cache: &'a str,
+}
+
+/// Sets the volume's cache mode in a node's config (`ferryctl init` leaves the default).
+fn set_cache(cfg: &Path, cache: &str) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(cfg).with_context(|| format!("reading {}", cfg.display()))?;
+    if !text.contains("[[volume]]\n") {
+        bail!("{} has no [[volume]] table", cfg.display());
+    }
+    let text = text.replace(
+        "[[volume]]\n",
+        &format!("[[volume]]\ncache = \"{cache}\"\n"),
+    );
+    std::fs::write(cfg, text).with_context(|| format!("writing {}", cfg.display()))
+}
+
+/// What `ferryctl init` does not set: the cache mode, PIT off, tmpfs storage.
+fn configure(dir: &Path, setup: ClusterSetup) -> anyhow::Result<()> {
+    let ClusterSetup {
+        mode,
+        pit,
+        standby_storage,
+        cache,
+    } = setup;
+    set_cache(&dir.join("primary.toml"), cache)?;
+    if mode.is_some() {
+        set_cache(&dir.join("dr1.toml"), cache)?;
+    }
     let append = |node: &str, section: String| -> anyhow::Result<()> {
         let cfg = dir.join(format!("{node}.toml"));
         std::fs::OpenOptions::new()
@@ -724,19 +757,15 @@ fn spawn_ferryd(bins: &FerryBins, dir: &Path, node: &str) -> anyhow::Result<Proc
 }
 
 impl FerryCluster {
-    /// `ferryctl init` in `dir` and start; `mode` None = primary alone. `pit` false
-    /// turns the standby's undo log off (`[pit] enabled = false`). `standby_storage`:
-    /// move the standby's data directory there (replaced by a symlink, so its
-    /// configuration stays as `ferryctl init` wrote it), e.g. onto another file system.
+    /// `ferryctl init` in `dir` with a volume and journal of these sizes, set up as
+    /// `setup` says, and start.
     pub fn start(
         bins: &FerryBins,
         dir: &Path,
-        volume_size: u64,
-        journal_size: &str,
-        mode: Option<&str>,
-        pit: bool,
-        standby_storage: Option<&Path>,
+        (volume_size, journal_size): (u64, &str),
+        setup: ClusterSetup,
     ) -> anyhow::Result<FerryCluster> {
+        let mode = setup.mode;
         let nbd_port = free_tcp_port()?;
         let metrics_port = free_tcp_port()?;
         ferryctl_init(
@@ -747,7 +776,7 @@ impl FerryCluster {
             mode,
             (nbd_port, metrics_port),
         )?;
-        configure(dir, mode, pit, standby_storage)?;
+        configure(dir, setup)?;
         let spawn = |node: &str| spawn_ferryd(bins, dir, node);
         // The standby first, so the primary's first dial finds it.
         let mut standby = mode.map(|_| spawn("dr1")).transpose()?;
@@ -958,6 +987,26 @@ pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cache line lands in the `[[volume]]` table of a config as ferryd reads it.
+    #[test]
+    fn set_cache_writes_the_volumes_cache_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("primary.toml");
+        std::fs::write(
+            &cfg,
+            "[node]\nname = \"p\"\n\n[[volume]]\nname = \"vol0\"\npath = \"/v\"\nsize = \"4MiB\"\n",
+        )
+        .unwrap();
+        set_cache(&cfg, "writeback").unwrap();
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        assert!(
+            text.contains("[[volume]]\ncache = \"writeback\"\nname = \"vol0\"\n"),
+            "{text}"
+        );
+        std::fs::write(&cfg, "[node]\n").unwrap();
+        assert!(set_cache(&cfg, "writeback").is_err(), "no volume table");
+    }
 
     #[test]
     fn stats() {

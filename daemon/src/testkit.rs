@@ -64,6 +64,7 @@ pub fn primary_config(
                     name: name.to_string(),
                     path,
                     size: ByteSize(*size),
+                    cache: Default::default(),
                 }
             })
             .collect(),
@@ -80,6 +81,16 @@ pub fn enable_metrics(config: &Path) {
     cfg.metrics = Some(ferry_api::config::MetricsConfig {
         listen: "127.0.0.1:0".into(),
     });
+    std::fs::write(config, cfg.to_toml()).expect("write config");
+}
+
+/// Sets every volume's `cache` mode in a config written by this module (or any
+/// config file).
+pub fn set_volume_cache(config: &Path, cache: ferry_api::config::CacheMode) {
+    let mut cfg = Config::load(config).expect("load config");
+    for v in &mut cfg.volumes {
+        v.cache = cache;
+    }
     std::fs::write(config, cfg.to_toml()).expect("write config");
 }
 

@@ -4,7 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferryd::testkit::{
-    acked_writes, assert_qemu_io_ok, primary_config, qemu_io, skip_without, spawn_qemu_io, Node,
+    acked_writes, assert_qemu_io_ok, primary_config, qemu_io, set_volume_cache, skip_without,
+    spawn_qemu_io, Node,
 };
 
 const MIB: u64 = 1 << 20;
@@ -148,6 +149,9 @@ fn sigkill_during_workload_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     // A small journal with small segments so the run crosses segments and checkpoints.
     let cfg = primary_config(dir.path(), &[("vol0", 64 * MIB)], 16 * MIB, 2 * MIB);
+    // Every acknowledged write survives only in writethrough: the default turns
+    // writeback at the first flush (tests/cache_modes.rs checks what it keeps).
+    set_volume_cache(&cfg, ferry_api::config::CacheMode::Writethrough);
     for round in 0..3u64 {
         let mut node = Node::start(ferryd(), &cfg);
         let url = node.url("vol0");

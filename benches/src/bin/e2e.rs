@@ -24,7 +24,7 @@ use clap::Parser;
 use ferry_benches::harness::{
     check_interrupt, cpu_seconds_all, ensure_fio, ferry_bins, find_on_path, free_tcp_port,
     install_interrupt_handler, median, percentile, storage_read_bytes, tool_version, wait_port,
-    with_lag_samples, FerryCluster, FioResult, FioSpec, LagSamples, Proc,
+    with_lag_samples, ClusterSetup, FerryCluster, FioResult, FioSpec, LagSamples, Proc,
 };
 use serde_json::{json, Value};
 
@@ -44,7 +44,8 @@ const LAG_EVERY: Duration = Duration::from_millis(20);
     name = "e2e",
     about = "ferry end-to-end benchmark: fio's nbd engine against nbdkit, qemu-nbd and ferryd clusters",
     after_help = "Jobs:    randwrite-4k-qd1, randwrite-4k-qd32, randread-4k-qd32, write-1m-qd8, write-flush-4k-qd1\n\
-                  Targets: nbdkit, qemu-nbd, ferry, ferry-async, ferry-async-nopit, ferry-async-gm, ferry-async-enc, ferry-sync (default: all);\n\
+                  Targets: nbdkit, qemu-nbd, ferry, ferry-wb, ferry-async, ferry-async-wb, ferry-async-nopit, ferry-async-gm, ferry-async-enc, ferry-sync, ferry-sync-wb (default: all);\n\
+                  ferry targets run cache = \"writethrough\"; the -wb ones cache = \"writeback\"\n\
                   controls, only when named: ferry-capture-reads (needs ferry-async), ferry-async-tmpfs\n"
 )]
 struct Args {
@@ -130,58 +131,93 @@ struct TargetDef {
     key: &'static str,
     label: &'static str,
     kind: Kind,
+    /// A ferry target's `volume.cache`: set explicitly, so that the default
+    /// (writethrough until the first FLUSH) never turns a writethrough target into a
+    /// writeback one in the middle of a run (write + flush sends flushes).
+    cache: Option<&'static str>,
 }
+
+const WT: Option<&str> = Some("writethrough");
+const WB: Option<&str> = Some("writeback");
 
 const TARGETS: &[TargetDef] = &[
     TargetDef {
         key: "nbdkit",
         label: "nbdkit file",
         kind: Kind::Nbdkit,
+        cache: None,
     },
     TargetDef {
         key: "qemu-nbd",
         label: "qemu-nbd",
         kind: Kind::QemuNbd,
+        cache: None,
     },
     TargetDef {
         key: "ferry",
         label: "ferryd primary",
         kind: Kind::Ferry(None),
+        cache: WT,
+    },
+    TargetDef {
+        key: "ferry-wb",
+        label: "ferryd primary, writeback",
+        kind: Kind::Ferry(None),
+        cache: WB,
     },
     TargetDef {
         key: "ferry-async",
         label: "ferryd + async standby",
         kind: Kind::Ferry(standby("async", true, false)),
+        cache: WT,
+    },
+    TargetDef {
+        key: "ferry-async-wb",
+        label: "async standby, writeback",
+        kind: Kind::Ferry(standby("async", true, false)),
+        cache: WB,
     },
     TargetDef {
         key: "ferry-async-nopit",
         label: "ferryd + async, no PIT",
         kind: Kind::Ferry(standby("async", false, false)),
+        cache: WT,
     },
     TargetDef {
         key: "ferry-async-gm",
         label: "async, SM suites (gm)",
         kind: Kind::Ferry(standby("async:gm", true, false)),
+        cache: WT,
     },
     TargetDef {
         key: "ferry-async-enc",
         label: "async, encrypted at rest",
         kind: Kind::Ferry(standby("async:enc", true, false)),
+        cache: WT,
     },
     TargetDef {
         key: "ferry-sync",
         label: "ferryd + sync standby",
         kind: Kind::Ferry(standby("sync", true, false)),
+        cache: WT,
+    },
+    TargetDef {
+        key: "ferry-sync-wb",
+        label: "sync standby, writeback",
+        kind: Kind::Ferry(standby("sync", true, false)),
+        cache: WB,
     },
     TargetDef {
         key: "ferry-async-tmpfs",
         label: "async, standby on tmpfs",
         kind: Kind::Ferry(standby("async", true, true)),
+        cache: WT,
     },
     TargetDef {
         key: "ferry-capture-reads",
         label: "ferryd alone + async's reads",
         kind: Kind::FerryCaptureReads,
+        cache: WT,
     },
 ];
 
@@ -587,16 +623,19 @@ fn start_ferry_server(
                 .with_context(|| format!("creating a directory in {TMPFS}"))
         })
         .transpose()?;
+    let cache = def.cache.unwrap_or("writethrough");
     let c = FerryCluster::start(
         bins,
         &dir,
-        size,
-        JOURNAL_SIZE,
-        sb.map(|sb| sb.mode),
-        sb.is_none_or(|sb| sb.pit),
-        tmpfs.as_ref().map(|t| t.path()),
+        (size, JOURNAL_SIZE),
+        ClusterSetup {
+            mode: sb.map(|sb| sb.mode),
+            pit: sb.is_none_or(|sb| sb.pit),
+            standby_storage: tmpfs.as_ref().map(|t| t.path()),
+            cache,
+        },
     )?;
-    let command = ferry_command(size, sb);
+    let command = ferry_command(size, sb, cache);
     let mut s = Server {
         def,
         uri: c.uri(),
@@ -626,9 +665,9 @@ fn start_ferry_server(
 }
 
 /// The setup a ferry target runs, as the report shows it.
-fn ferry_command(size: u64, sb: Option<Standby>) -> String {
+fn ferry_command(size: u64, sb: Option<Standby>, cache: &str) -> String {
     format!(
-                "ferryctl init --volume vol0:{size} --journal-size {JOURNAL_SIZE}{} + [metrics]; ferryd --config primary.toml{}",
+                "ferryctl init --volume vol0:{size} --journal-size {JOURNAL_SIZE}{} + [metrics] + volume.cache = \"{cache}\"; ferryd --config primary.toml{}",
                 sb.map(|sb| format!(" --standby dr1=127.0.0.1:P --mode {}", sb.mode))
                     .unwrap_or_default(),
                 match sb {

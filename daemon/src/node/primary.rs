@@ -35,7 +35,7 @@ pub(crate) async fn run_primary(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let group = Group::new(rec.journal.clone(), rec.checkpoint, JOURNAL_QUEUE);
-    let registry = volume_registry(&rec, &group);
+    let registry = volume_registry(&cfg, &rec, &group);
     if let Some(o) = rec.meta.outdated()? {
         let why = outdated_reason(&o);
         tracing::error!("{why}");
@@ -224,16 +224,20 @@ fn reload_live(
     }
 }
 
-/// The NBD exports: one volume per recovered base, all writing through `group`.
-fn volume_registry(rec: &Recovered, group: &Arc<Group>) -> Arc<Registry> {
+/// The NBD exports: one volume per recovered base, all writing through `group`, each
+/// in its configured cache mode.
+fn volume_registry(cfg: &Config, rec: &Recovered, group: &Arc<Group>) -> Arc<Registry> {
     let volumes = rec
         .bases
         .iter()
         .map(|b| {
-            Arc::new(Volume {
-                base: b.clone(),
-                group: group.clone(),
-            })
+            let cache = cfg
+                .volumes
+                .iter()
+                .find(|v| v.name == b.name)
+                .map(|v| v.cache)
+                .unwrap_or_default();
+            Arc::new(Volume::new(b.clone(), group.clone(), cache))
         })
         .collect();
     Arc::new(Registry { volumes })
@@ -301,14 +305,14 @@ fn nbd_server_config(cfg: &Config, tls: nbd::TlsPolicy) -> nbd::ServerConfig {
     }
 }
 
-/// Every acknowledged write is applied; seals the last write-set and lets the
-/// journal make it durable (the checkpointer's final round then fsyncs and records
-/// it).
+/// Seals the last write-set and lets the journal make it durable and the gate apply
+/// everything before it (writeback writes are acknowledged before either), so the
+/// checkpointer's final round fsyncs and records every acknowledged write.
 fn seal_for_shutdown(rec: &Recovered, group: &Group) {
     let _ = group.seal(bytes::Bytes::new());
     let target = rec.journal.last_seq();
-    wait_until("the final seal to become durable", || {
-        rec.journal.durable_seq() >= target
+    wait_until("the final seal to become durable and applied", || {
+        rec.journal.durable_seq() >= target && group.applied_seq() >= target
     });
 }
 

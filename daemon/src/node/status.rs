@@ -103,7 +103,7 @@ impl StatusSource {
             applied_seq,
             checkpoint_seq: meta.checkpoint().unwrap_or(0),
             journal: journal_status(j),
-            volumes: self.volumes.clone(),
+            volumes: self.volumes_now(),
             targets,
             role,
         }
@@ -129,6 +129,21 @@ impl StatusSource {
                 state: "following".into(),
             }),
         }
+    }
+
+    /// The configured volumes, with a primary's effective cache modes.
+    fn volumes_now(&self) -> Vec<VolumeStatus> {
+        let RoleSource::Primary { group, .. } = &self.role else {
+            return self.volumes.clone();
+        };
+        let modes = group.cache_modes();
+        let mut volumes = self.volumes.clone();
+        for v in &mut volumes {
+            if let Some((_, _, now)) = modes.iter().find(|(n, _, _)| *n == v.name) {
+                v.cache_effective = Some(now.name().into());
+            }
+        }
+        volumes
     }
 
     /// The `status` request's answer.
@@ -170,6 +185,8 @@ pub(crate) fn volumes(cfg: &Config, nbd: Option<SocketAddr>) -> Vec<VolumeStatus
             size_bytes: v.size.0,
             path: v.path.clone(),
             export: nbd.map(|a| format!("nbd://{a}/{}", v.name)),
+            cache: Some(v.cache.name().into()),
+            cache_effective: None,
         })
         .collect()
 }
@@ -296,8 +313,13 @@ mod tests {
         let s = serde_json::to_value(volumes(&cfg, None)).unwrap();
         assert_eq!(
             s[1],
-            serde_json::json!({"name": "vol1", "size_bytes": 2 << 20, "path": "/tmp/vol1.img"}),
-            "a standby's volumes have no export key"
+            serde_json::json!({
+                "name": "vol1",
+                "size_bytes": 2 << 20,
+                "path": "/tmp/vol1.img",
+                "cache": "writethrough-until-flush"
+            }),
+            "a standby's volumes have no export key (and no effective cache mode)"
         );
     }
 

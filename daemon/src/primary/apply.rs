@@ -22,14 +22,24 @@
 //!
 //! `applied_seq` is the contiguous prefix of applied sequences; the checkpoint may only
 //! claim what is applied with no hole below it.
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+//!
+//! Writeback volumes (`cache = "writeback"`) reply before their record is durable, so
+//! before it is on the base. Such a write takes a *hold* on its range before it is
+//! journaled ([`ApplyGate::hold`]); the hold ends once the record is applied
+//! ([`ApplyGuard::with_hold`]). A read overlapping a hold waits for it
+//! ([`ApplyGate::wait_unheld`]): reads always see acknowledged writes, although the
+//! base never holds a write the journal lacks. A FLUSH waits for `applied_seq`
+//! ([`ApplyGate::wait_applied`]). A hold is taken before the sequence is known
+//! (`Journal::append` assigns it), so holds are keyed by a ticket of their own: no
+//! race between the task that announces the write and the completion that applies it.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use ferry_journal::{JournalError, Op, Seq};
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::store::base::Base;
 
@@ -49,7 +59,22 @@ pub struct ApplyGate {
     pub verify: crate::verify::Verifier,
     applied_seq: AtomicU64,
     failed: AtomicBool,
+    /// Ranges of acknowledged writeback writes not yet applied, by ticket.
+    holds: Mutex<Holds>,
+    /// `holds`' length, read without the lock by every read (mostly zero).
+    held: AtomicUsize,
+    /// Woken when `applied_seq` advances, a hold ends, or the gate fails.
+    progress: Notify,
 }
+
+#[derive(Default)]
+struct Holds {
+    next: u64,
+    ranges: HashMap<u64, (u32, u64, u64)>,
+}
+
+/// A writeback write's hold on its range, from [`ApplyGate::hold`].
+pub type Ticket = u64;
 
 struct GateInner {
     /// Records handed to the gate and not yet applied, by sequence.
@@ -85,7 +110,80 @@ impl ApplyGate {
             }),
             applied_seq: AtomicU64::new(applied),
             failed: AtomicBool::new(false),
+            holds: Default::default(),
+            held: AtomicUsize::new(0),
+            progress: Notify::new(),
         })
+    }
+
+    /// Fails the group: an acknowledged writeback write was lost (its journal write
+    /// failed), so the volumes no longer hold what clients were told. Every waiter
+    /// wakes and reports the error.
+    pub fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.progress.notify_waiters();
+    }
+
+    /// Holds `start..end` of `volume` until the returned ticket's record is applied
+    /// (or forever, if it never is: reads of a lost write fail).
+    pub fn hold(&self, volume: u32, start: u64, end: u64) -> Ticket {
+        let mut h = self.holds.lock();
+        h.next += 1;
+        let t = h.next;
+        h.ranges.insert(t, (volume, start, end));
+        self.held.store(h.ranges.len(), Ordering::SeqCst);
+        t
+    }
+
+    /// Ends a hold: its record is on the base, or it never got a sequence (its
+    /// write was refused, so no client was told of it).
+    pub fn unhold(&self, t: Ticket) {
+        let mut h = self.holds.lock();
+        if h.ranges.remove(&t).is_some() {
+            self.held.store(h.ranges.len(), Ordering::SeqCst);
+            drop(h);
+            self.progress.notify_waiters();
+        }
+    }
+
+    fn held_overlaps(&self, volume: u32, start: u64, end: u64) -> bool {
+        self.held.load(Ordering::SeqCst) > 0
+            && self
+                .holds
+                .lock()
+                .ranges
+                .values()
+                .any(|&(v, s, e)| v == volume && s < end && start < e)
+    }
+
+    /// Waits until no hold overlaps `start..end` of `volume`; `false` if the gate
+    /// failed while one did (the acknowledged write there may be lost).
+    pub async fn wait_unheld(&self, volume: u32, start: u64, end: u64) -> bool {
+        self.wait_for(|| !self.held_overlaps(volume, start, end))
+            .await
+    }
+
+    /// Waits until `applied_seq >= seq` (so everything up to it is durable in the
+    /// journal and on the base); `false` if the gate failed first.
+    pub async fn wait_applied(&self, seq: Seq) -> bool {
+        self.wait_for(|| self.applied_seq() >= seq).await
+    }
+
+    /// Waits until `done()` holds; `false` once the gate has failed and it does not.
+    async fn wait_for(&self, done: impl Fn() -> bool) -> bool {
+        loop {
+            // Registered before the check: a wake between check and await is kept.
+            let woken = self.progress.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if done() {
+                return true;
+            }
+            if self.failed() {
+                return false;
+            }
+            woken.await;
+        }
     }
 
     /// Highest sequence such that it and everything below it is applied.
@@ -161,7 +259,7 @@ impl ApplyGate {
         if ok {
             self.mark_done(&mut g, seq);
         } else {
-            self.failed.store(true, Ordering::SeqCst);
+            self.fail();
         }
         let mut now = Vec::new();
         for d in p.dependents {
@@ -192,6 +290,7 @@ impl ApplyGate {
         if a != g.applied {
             g.applied = a;
             self.applied_seq.store(a, Ordering::Release);
+            self.progress.notify_waiters();
         }
     }
 }
@@ -214,6 +313,8 @@ pub struct ApplyGuard {
     pub data: Bytes,
     gate: Arc<ApplyGate>,
     applied: bool,
+    /// A writeback write's hold, ended once it is applied.
+    hold: Option<Ticket>,
 }
 
 impl ApplyGuard {
@@ -235,7 +336,15 @@ impl ApplyGuard {
             data,
             gate,
             applied: false,
+            hold: None,
         }
+    }
+
+    /// Ends `hold` once the record is applied (kept if the base write fails: a read
+    /// there then fails instead of missing an acknowledged write).
+    pub fn with_hold(mut self, hold: Option<Ticket>) -> ApplyGuard {
+        self.hold = hold;
+        self
     }
 
     fn range(&self) -> (u32, u64, u64) {
@@ -267,6 +376,9 @@ impl ApplyGuard {
             );
         }
         self.gate.done(self.seq, r.is_ok());
+        if let (Some(t), true) = (self.hold.take(), r.is_ok()) {
+            self.gate.unhold(t);
+        }
         r
     }
 }
@@ -434,5 +546,120 @@ mod tests {
         assert_eq!(gate.applied_seq(), 3);
         b.file.read_exact_at(&mut buf, 4096).unwrap();
         assert_eq!(buf[0], 3, "the later overlapping write wins");
+    }
+
+    /// Polls `f` once: whether it finished at once (without any wake-up).
+    fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+        let f = std::pin::pin!(f);
+        let waker = futures_noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        match f.poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    fn futures_noop_waker() -> std::task::Waker {
+        fn clone(_: *const ()) -> std::task::RawWaker {
+            std::task::RawWaker::new(std::ptr::null(), &VTABLE)
+        }
+        fn noop(_: *const ()) {}
+        static VTABLE: std::task::RawWakerVTable =
+            std::task::RawWakerVTable::new(clone, noop, noop, noop);
+        // SAFETY: every vtable function ignores the (null) data pointer.
+        unsafe { std::task::Waker::from_raw(clone(std::ptr::null())) }
+    }
+
+    /// Writeback: a read that overlaps an acknowledged, unapplied write waits until
+    /// the write is on the base; reads elsewhere (another range, another volume) do
+    /// not wait.
+    #[tokio::test]
+    async fn a_read_overlapping_a_held_write_waits_until_it_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path());
+        let gate = ApplyGate::new(0);
+        let t = gate.hold(0, 0, 4096);
+        assert_eq!(ready_now(gate.wait_unheld(0, 8192, 12288)), Some(true));
+        assert_eq!(ready_now(gate.wait_unheld(1, 0, 4096)), Some(true));
+        assert_eq!(
+            ready_now(gate.wait_unheld(0, 4096, 8192)),
+            Some(true),
+            "adjacent"
+        );
+        let waiting = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.wait_unheld(0, 2048, 6144).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the read must wait for the held write"
+        );
+        // Journaled: the completion hands it to the gate, which applies it.
+        let (tx, _rx) = oneshot::channel();
+        gate.ready(guard(&gate, &b, 1, 0, 5).with_hold(Some(t)), tx, true);
+        assert!(waiting.await.unwrap(), "released once applied");
+        let mut buf = [0u8; 1];
+        b.file.read_exact_at(&mut buf, 2048).unwrap();
+        assert_eq!(buf[0], 5, "the read that waited sees the write");
+        assert_eq!(ready_now(gate.wait_unheld(0, 0, 4096)), Some(true));
+    }
+
+    /// A held write whose base write fails keeps its hold: a read there fails
+    /// instead of returning data without the acknowledged write; a hold whose write
+    /// was refused before it got a sequence simply ends.
+    #[tokio::test]
+    async fn a_lost_held_write_fails_its_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ = base(dir.path());
+        let ro = read_only(dir.path());
+        let gate = ApplyGate::new(0);
+        let refused = gate.hold(0, 65536, 69632);
+        gate.unhold(refused);
+        assert_eq!(ready_now(gate.wait_unheld(0, 65536, 69632)), Some(true));
+        let t = gate.hold(0, 0, 4096);
+        let waiting = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.wait_unheld(0, 0, 512).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let (tx, _rx) = oneshot::channel();
+        gate.ready(guard(&gate, &ro, 1, 0, 5).with_hold(Some(t)), tx, true);
+        assert!(!waiting.await.unwrap(), "the waiting read must fail");
+        assert_eq!(ready_now(gate.wait_unheld(0, 0, 512)), Some(false));
+        assert_eq!(ready_now(gate.wait_unheld(0, 8192, 8704)), Some(true));
+    }
+
+    /// The FLUSH barrier: `wait_applied(n)` returns once the contiguous applied
+    /// prefix reaches n (a later record applied first does not count), and fails
+    /// when the gate fails (a lost write: the prefix would never get there).
+    #[tokio::test]
+    async fn the_flush_barrier_waits_for_the_contiguous_prefix_and_fails_with_the_gate() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path());
+        let gate = ApplyGate::new(0);
+        assert_eq!(ready_now(gate.wait_applied(0)), Some(true));
+        let [mut r1, mut r2, mut r3] = three_records(&gate, &b, [false; 3]);
+        let barrier = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.wait_applied(2).await }
+        });
+        got(r2.try_recv()).apply().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!barrier.is_finished(), "seq 1 is not applied yet");
+        got(r1.try_recv()).apply().unwrap();
+        assert!(barrier.await.unwrap());
+        let later = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.wait_applied(4).await }
+        });
+        got(r3.try_recv()).apply().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!later.is_finished(), "seq 4 was never applied");
+        gate.fail();
+        assert!(
+            !later.await.unwrap(),
+            "a failed gate ends the barrier with an error"
+        );
     }
 }

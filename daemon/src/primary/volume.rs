@@ -10,28 +10,53 @@
 //!    the [`ApplyGate`], which releases it once every earlier overlapping record is
 //!    applied (so overlapping writes reach the base in journal order — the order crash
 //!    replay uses);
-//! 3. the NBD task that issued it writes it to the base, the gate advances the
-//!    contiguous `applied_seq`, and the task replies.
+//! 3. the record is written to the base (by the completion path or the issuing task),
+//!    and the gate advances the contiguous `applied_seq`.
 //!
-//! So an acknowledged write is durable (journal) and visible to reads (base). A FLUSH
-//! therefore has nothing left to make durable; it only seals the current write-set.
-//! Because every acknowledgement implies durability, FLUSH on any connection covers
-//! writes acknowledged on every connection: `CAN_MULTI_CONN` is advertised truthfully.
+//! When the client hears of the write depends on the volume's cache mode
+//! (`volume.cache`, [`Cache`]):
+//! * **writethrough**: after step 3 and after every sync target holds it durably. An
+//!   acknowledged write is durable and on the base; a FLUSH has nothing left to make
+//!   durable and only seals the current write-set.
+//! * **writeback**: after step 1. The write holds its sequence (so its order against
+//!   every other write is fixed) and a hold on its range in the gate, so a read that
+//!   overlaps it waits until it is applied: reads see every acknowledged write. Steps
+//!   2-3 run exactly as in writethrough, on a task of their own: the base never holds
+//!   a write the journal lacks. A FLUSH (and a write with FUA) replies only once every
+//!   write sequenced before it is durable and applied here and held by every sync
+//!   target ([`Group::barrier`]). A journal failure after such a write was
+//!   acknowledged fails the group: every later write and FLUSH gets EIO (a write-back
+//!   cache reports errors at flush). With sync targets configured, writes still wait
+//!   as in writethrough: the replication protocol acknowledges only durable records,
+//!   not received ones, so "received by every sync target" cannot be waited for alone.
+//! * **writethrough-until-flush** (default): writethrough until the volume's first
+//!   FLUSH, then writeback until the daemon restarts.
+//!
+//! Either way, a FLUSH on any connection covers writes acknowledged on every
+//! connection (the barrier is the last sequence assigned when it arrived, across the
+//! group), so `CAN_MULTI_CONN` is advertised truthfully, and so are SEND_FLUSH and
+//! SEND_FUA (writeback needs them; writethrough honours them trivially).
+//!
+//! Memory stays bounded in writeback: the journal queue slots bound the records not
+//! yet durable, and a byte budget ([`WRITEBACK_BUDGET`]) the acknowledged ones not yet
+//! applied. `inflight` counts a writeback write until it is applied, so a switchover's
+//! drain waits for it.
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use ferry_api::config::CacheMode;
 use ferry_journal::{Journal, JournalError, Op, Record, Seq};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::ship::{ShipFeed, SyncGate};
 
 use ferry_nbd::{Export, ExportError, ExportFlags, ExportRegistry};
 
-use crate::primary::apply::{ApplyGate, ApplyGuard, Released};
+use crate::primary::apply::{ApplyGate, ApplyGuard, Released, Ticket};
 use crate::primary::frontend::{Frontend, FrontendOp};
 use crate::store::base::{file_extents, Base};
 
@@ -45,6 +70,63 @@ const INLINE_APPLY_MAX: u32 = 64 << 10;
 /// copy this small costs less than the task wake-up it saves, and it delays the
 /// writer's next batch by only a few microseconds.
 const COMPLETION_APPLY_MAX: u32 = 16 << 10;
+/// Bytes of writeback writes acknowledged and not yet applied, at most (a larger
+/// single write takes the whole budget). Bounds what clients can pile up in memory
+/// once replies no longer wait for the disk.
+pub const WRITEBACK_BUDGET: u64 = 256 << 20;
+/// The budget's unit: writes are charged by the 4 KiB block, rounded up.
+const BUDGET_UNIT: u64 = 4096;
+
+/// What a mutation's reply waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Durable in the journal, applied to the base, held by every sync target.
+    Durable,
+    /// Sequenced in the journal and visible to reads (a writeback write).
+    Sequenced,
+}
+
+/// A volume's cache mode: configured, and whether its first FLUSH was seen.
+#[derive(Debug)]
+pub struct Cache {
+    configured: CacheMode,
+    flushed: AtomicBool,
+}
+
+impl Cache {
+    pub fn new(configured: CacheMode) -> Cache {
+        Cache {
+            configured,
+            flushed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn configured(&self) -> CacheMode {
+        self.configured
+    }
+
+    /// The mode writes get now: writeback or writethrough.
+    pub fn effective(&self) -> CacheMode {
+        match self.configured {
+            CacheMode::WritethroughUntilFlush if self.flushed.load(Ordering::Acquire) => {
+                CacheMode::Writeback
+            }
+            CacheMode::WritethroughUntilFlush => CacheMode::Writethrough,
+            m => m,
+        }
+    }
+
+    /// Records a FLUSH; returns the mode writes had before it (a FLUSH after
+    /// writethrough writes only has nothing to wait for).
+    fn flush_seen(&self) -> CacheMode {
+        match self.configured {
+            CacheMode::WritethroughUntilFlush if !self.flushed.swap(true, Ordering::AcqRel) => {
+                CacheMode::Writethrough
+            }
+            _ => self.effective(),
+        }
+    }
+}
 
 /// State shared by every volume of the consistency group.
 pub struct Group {
@@ -62,14 +144,19 @@ pub struct Group {
     pub frontend: Arc<Frontend>,
     /// Why writes are refused (an outdated primary, a switchover), if they are.
     fence: parking_lot::RwLock<Option<String>>,
-    /// Mutations past the fence check and not yet answered (a switchover drains them).
-    inflight: std::sync::atomic::AtomicUsize,
+    /// Mutations past the fence check and not yet answered, or, in writeback, not yet
+    /// applied (a switchover drains them).
+    inflight: Arc<AtomicUsize>,
+    /// [`WRITEBACK_BUDGET`] in [`BUDGET_UNIT`]s.
+    writeback: Arc<Semaphore>,
+    /// The volumes' cache modes, by name (for status).
+    caches: parking_lot::RwLock<Vec<(String, Arc<Cache>)>>,
 }
 
 /// Counts one mutation in flight for [`Group::drain`].
-struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+struct InFlight(Arc<AtomicUsize>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
@@ -87,7 +174,34 @@ impl Group {
             frontend: Default::default(),
             fence: parking_lot::RwLock::new(None),
             inflight: Default::default(),
+            writeback: Arc::new(Semaphore::new(budget_units(WRITEBACK_BUDGET) as usize)),
+            caches: Default::default(),
         })
+    }
+
+    /// The effective cache mode of each volume, by name.
+    pub fn cache_modes(&self) -> Vec<(String, CacheMode, CacheMode)> {
+        self.caches
+            .read()
+            .iter()
+            .map(|(n, c)| (n.clone(), c.configured(), c.effective()))
+            .collect()
+    }
+
+    fn has_sync_targets(&self) -> bool {
+        self.sync
+            .read()
+            .as_ref()
+            .is_some_and(|s| s.has_sync_targets())
+    }
+
+    /// The error every write and FLUSH gets once the group failed.
+    fn failed_error() -> ExportError {
+        ExportError::Io(
+            "volume group failed: a journaled write could not be journaled or applied; \
+             restart ferryd to replay the journal"
+                .into(),
+        )
     }
 
     /// Refuses every later write with `reason` (reads go on); `None` lifts it.
@@ -115,36 +229,83 @@ impl Group {
         self.gate.applied_seq()
     }
 
-    /// Journals a mutation, waits until it is durable and released by the gate, then
-    /// applies it to the base (inline when small, on the blocking pool when large).
+    /// Journals a mutation and replies as `ack` says: once it is durable, applied and
+    /// held by the sync targets ([`Ack::Durable`]), or once it is sequenced, leaving
+    /// the rest to a task of its own ([`Ack::Sequenced`]).
     async fn mutate(
-        &self,
+        self: &Arc<Self>,
         base: &Arc<Base>,
         op: Op,
         offset: u64,
         length: u32,
         data: Bytes,
+        ack: Ack,
     ) -> Result<(), ExportError> {
         if self.gate.failed() {
-            return Err(ExportError::Io(
-                "volume group failed an earlier base write; restart ferryd to replay the journal"
-                    .into(),
-            ));
+            return Err(Self::failed_error());
         }
         // Counted before the fence check (a drain that sees zero after raising the
         // fence can trust that no write slips past it).
         self.inflight.fetch_add(1, Ordering::SeqCst);
-        let _inflight = InFlight(&self.inflight);
+        let inflight = InFlight(self.inflight.clone());
         if let Some(why) = self.fence.read().clone() {
             return Err(ExportError::ReadOnly(why));
         }
         let started = std::time::Instant::now();
+        let budget = match ack {
+            Ack::Sequenced => Some(self.budget(length).await?),
+            Ack::Durable => None,
+        };
         let permit = self
             .slots
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| ExportError::ShuttingDown)?;
+        let hold = (ack == Ack::Sequenced)
+            .then(|| self.gate.hold(base.id, offset, offset + u64::from(length)));
+        let (seq, rx) = self
+            .submit(base, (op, offset, length, data), permit, hold)
+            .inspect_err(|_| {
+                if let Some(t) = hold {
+                    self.gate.unhold(t);
+                }
+            })?;
+        self.dirty.store(true, Ordering::Relaxed);
+        if ack == Ack::Durable {
+            return self.complete(base, rx, (op, length, seq), started).await;
+        }
+        let (group, base) = (self.clone(), base.clone());
+        tokio::spawn(async move {
+            let _until_applied = (inflight, budget);
+            if let Err(e) = group.complete(&base, rx, (op, length, seq), started).await {
+                group.lost(seq, &e);
+            }
+        });
+        Ok(())
+    }
+
+    /// A writeback write's share of [`WRITEBACK_BUDGET`], held until it is applied.
+    async fn budget(&self, length: u32) -> Result<OwnedSemaphorePermit, ExportError> {
+        let units = budget_units(u64::from(length)).min(budget_units(WRITEBACK_BUDGET));
+        self.writeback
+            .clone()
+            .acquire_many_owned(units as u32)
+            .await
+            .map_err(|_| ExportError::ShuttingDown)
+    }
+
+    /// Appends the record; its completion hands it to the gate (which applies it or
+    /// releases it to `complete`). A writeback record's journal failure fails the
+    /// group right there, in sequence order: no later FLUSH or FUA write can succeed
+    /// past a lost write.
+    fn submit(
+        &self,
+        base: &Arc<Base>,
+        (op, offset, length, data): (Op, u64, u32, Bytes),
+        permit: OwnedSemaphorePermit,
+        hold: Option<Ticket>,
+    ) -> Result<(Seq, oneshot::Receiver<Result<Released, JournalError>>), ExportError> {
         let (tx, rx) = oneshot::channel();
         let gate = self.gate.clone();
         let item_base = base.clone();
@@ -172,11 +333,15 @@ impl Group {
                         offset,
                         length,
                         item_data,
-                    );
+                    )
+                    .with_hold(hold);
                     let now = apply_now && gate.verify.is_idle();
                     gate.ready(guard, tx, now);
                 }
                 Err(e) => {
+                    if hold.is_some() {
+                        gate.fail();
+                    }
                     let _ = tx.send(Err(e));
                 }
             }
@@ -192,13 +357,55 @@ impl Group {
             .journal
             .append(rec, done)
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
-        self.dirty.store(true, Ordering::Relaxed);
+        Ok((seq, rx))
+    }
+
+    /// Waits for the record's release, applies it and waits for the sync targets.
+    async fn complete(
+        &self,
+        base: &Base,
+        rx: oneshot::Receiver<Result<Released, JournalError>>,
+        (op, length, seq): (Op, u32, Seq),
+        started: std::time::Instant,
+    ) -> Result<(), ExportError> {
         let released = rx
             .await
             .map_err(|_| ExportError::ShuttingDown)?
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
         self.frontend.observe_journal_wait(started);
         self.apply_released(base, released, op, length, seq).await
+    }
+
+    /// An acknowledged writeback write failed after its reply: the group fails (if
+    /// the gate has not already), so every later write and FLUSH reports it.
+    fn lost(&self, seq: Seq, e: &ExportError) {
+        tracing::error!(
+            seq,
+            "an acknowledged writeback write failed: {e}; every later write and FLUSH \
+             fails; restart ferryd to replay the journal"
+        );
+        self.gate.fail();
+    }
+
+    /// The FLUSH barrier of writeback: waits until every record sequenced so far (on
+    /// any connection and volume) is durable in the journal and applied, then until
+    /// every sync target holds it. EIO if the group failed first.
+    pub async fn barrier(&self) -> Result<(), ExportError> {
+        if self.gate.failed() {
+            return Err(Self::failed_error());
+        }
+        let last = self.journal.last_seq();
+        // Applied implies durable: the gate only sees records after their completion.
+        if !self.gate.wait_applied(last).await {
+            return Err(Self::failed_error());
+        }
+        let sync = self.sync.read().clone();
+        if let Some(sync) = sync {
+            if sync.has_sync_targets() {
+                sync.wait(last).await;
+            }
+        }
+        Ok(())
     }
 
     /// Applies a released mutation (off the runtime when large), waits for the sync
@@ -235,8 +442,8 @@ impl Group {
     }
 
     /// Seals the current write-set if anything was written since the last seal. The
-    /// seal needs no wait: every acknowledged write is already durable; the seal only
-    /// marks a boundary for shipping and point-in-time recovery. A non-empty marker
+    /// seal itself needs no wait (a writeback FLUSH waits in [`Group::barrier`]
+    /// first); it only marks a boundary for shipping and point-in-time recovery. A non-empty marker
     /// (a bookmark name) is always journaled. Returns the seal's sequence, if any.
     pub fn seal(&self, marker: Bytes) -> Result<Option<Seq>, ExportError> {
         self.seal_then(marker, None)
@@ -251,8 +458,8 @@ impl Group {
         on_durable: Option<Box<dyn FnOnce(Seq) + Send>>,
     ) -> Result<Option<Seq>, ExportError> {
         if let Some(why) = self.fenced() {
-            // Everything acknowledged is durable already: a FLUSH has nothing to do,
-            // but a bookmark would be a new record.
+            // Nothing to seal (a writeback FLUSH waited for its writes in the
+            // barrier already), but a bookmark would be a new record.
             return if marker.is_empty() {
                 Ok(None)
             } else {
@@ -286,6 +493,11 @@ impl Group {
             .map(Some)
             .map_err(|e| ExportError::Io(format!("journal: {e}")))
     }
+}
+
+/// `bytes` in [`BUDGET_UNIT`]s, at least one.
+fn budget_units(bytes: u64) -> u64 {
+    bytes.div_ceil(BUDGET_UNIT).max(1)
 }
 
 /// Whether a released mutation is applied on the runtime worker that issued it. Only
@@ -332,9 +544,45 @@ fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> usize {
 pub struct Volume {
     pub base: Arc<Base>,
     pub group: Arc<Group>,
+    pub cache: Arc<Cache>,
 }
 
 impl Volume {
+    pub fn new(base: Arc<Base>, group: Arc<Group>, cache: CacheMode) -> Volume {
+        let cache = Arc::new(Cache::new(cache));
+        group
+            .caches
+            .write()
+            .push((base.name.clone(), cache.clone()));
+        Volume { base, group, cache }
+    }
+
+    /// What a mutation's reply waits for: writeback writes without FUA reply once
+    /// sequenced, unless sync targets exist (they only acknowledge durable records,
+    /// so their writes wait as in writethrough).
+    fn ack(&self, fua: bool) -> Ack {
+        if !fua && self.cache.effective() == CacheMode::Writeback && !self.group.has_sync_targets()
+        {
+            Ack::Sequenced
+        } else {
+            Ack::Durable
+        }
+    }
+
+    /// Waits until no acknowledged, unapplied writeback write overlaps the range.
+    async fn settled(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        if self
+            .group
+            .gate
+            .wait_unheld(self.base.id, offset, offset + len)
+            .await
+        {
+            Ok(())
+        } else {
+            Err(Group::failed_error())
+        }
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<(), ExportError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.base.size => Ok(()),
@@ -355,6 +603,9 @@ impl Export for Volume {
         self.base.size
     }
 
+    /// The same in every cache mode: writeback needs FLUSH and FUA; writethrough
+    /// honours them trivially; FLUSH covers every connection in both (see the module
+    /// doc), so `CAN_MULTI_CONN` is true.
     fn flags(&self) -> ExportFlags {
         ExportFlags {
             read_only: false,
@@ -383,7 +634,7 @@ impl Export for Volume {
 
     async fn flush(&self) -> Result<(), ExportError> {
         let started = std::time::Instant::now();
-        let r = self.group.seal(Bytes::new()).map(|_| ());
+        let r = self.flush_inner().await;
         self.observe(FrontendOp::Flush, 0, started, r.is_ok());
         r
     }
@@ -403,8 +654,8 @@ impl Export for Volume {
     }
 
     /// Holes of the base file (block status, sparse reads). Every acknowledged write
-    /// has reached the base already (see `Group::mutate`), so a hole here is a hole the
-    /// client can rely on.
+    /// over the range has reached the base first (writeback ones are waited for), so
+    /// a hole here is a hole the client can rely on.
     async fn extents(
         &self,
         offset: u64,
@@ -412,6 +663,7 @@ impl Export for Volume {
         max: usize,
     ) -> Result<Vec<ferry_nbd::Extent>, ExportError> {
         self.check(offset, len)?;
+        self.settled(offset, len).await?;
         let base = self.base.clone();
         tokio::task::spawn_blocking(move || file_extents(&base.file, offset, len, max))
             .await
@@ -425,8 +677,17 @@ impl Volume {
         self.group.frontend.observe(op, bytes, started, ok);
     }
 
+    /// A FLUSH: in writeback, the barrier first; then the write-set seal.
+    async fn flush_inner(&self) -> Result<(), ExportError> {
+        if self.cache.flush_seen() == CacheMode::Writeback {
+            self.group.barrier().await?;
+        }
+        self.group.seal(Bytes::new()).map(|_| ())
+    }
+
     async fn read_inner(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
         self.check(offset, len as u64)?;
+        self.settled(offset, len as u64).await?;
         let base = self.base.clone();
         let mut buf = BytesMut::zeroed(len as usize);
         // Small reads first try the page cache without blocking (RWF_NOWAIT): a hit
@@ -451,20 +712,34 @@ impl Volume {
         .map_err(|e| ExportError::Io(format!("read task: {e}")))?
     }
 
-    async fn write_inner(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), ExportError> {
-        // FUA needs nothing extra: the write is acknowledged only once journaled durably.
+    async fn write_inner(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ExportError> {
+        // FUA in writeback: the write waits as in writethrough. Its completion comes
+        // after every earlier record's (completions run in sequence order) and a lost
+        // earlier one fails the gate first, so everything before it is durable too.
         self.check(offset, data.len() as u64)?;
         let len = u32::try_from(data.len())
             .map_err(|_| ExportError::Invalid("write larger than 4 GiB".into()))?;
+        let ack = self.ack(fua);
         self.group
-            .mutate(&self.base, Op::Write, offset, len, data)
-            .await
+            .mutate(&self.base, Op::Write, offset, len, data, ack)
+            .await?;
+        if fua && self.group.gate.failed() {
+            return Err(Group::failed_error());
+        }
+        Ok(())
     }
 
     async fn trim_inner(&self, offset: u64, len: u32) -> Result<(), ExportError> {
         self.check(offset, len as u64)?;
         self.group
-            .mutate(&self.base, Op::Trim, offset, len, Bytes::new())
+            .mutate(
+                &self.base,
+                Op::Trim,
+                offset,
+                len,
+                Bytes::new(),
+                self.ack(false),
+            )
             .await
     }
 
@@ -476,7 +751,14 @@ impl Volume {
     ) -> Result<(), ExportError> {
         self.check(offset, len as u64)?;
         self.group
-            .mutate(&self.base, Op::WriteZeroes, offset, len, Bytes::new())
+            .mutate(
+                &self.base,
+                Op::WriteZeroes,
+                offset,
+                len,
+                Bytes::new(),
+                self.ack(false),
+            )
             .await
     }
 }
@@ -515,5 +797,119 @@ mod tests {
             assert!(!applies_inline(op, 1 << 30), "{op:?} of 1 GiB");
             assert!(!applies_inline(op, u32::MAX), "{op:?} of 4 GiB");
         }
+    }
+
+    #[test]
+    fn writethrough_until_flush_turns_writeback_at_the_first_flush() {
+        let c = Cache::new(CacheMode::WritethroughUntilFlush);
+        assert_eq!(c.effective(), CacheMode::Writethrough);
+        assert_eq!(
+            c.flush_seen(),
+            CacheMode::Writethrough,
+            "nothing to wait for"
+        );
+        assert_eq!(c.effective(), CacheMode::Writeback);
+        assert_eq!(
+            c.flush_seen(),
+            CacheMode::Writeback,
+            "later flushes are barriers"
+        );
+        assert_eq!(c.configured(), CacheMode::WritethroughUntilFlush);
+        for m in [CacheMode::Writeback, CacheMode::Writethrough] {
+            let c = Cache::new(m);
+            assert_eq!(c.flush_seen(), m);
+            assert_eq!(
+                c.effective(),
+                m,
+                "a flush changes only the until-flush mode"
+            );
+        }
+    }
+
+    #[test]
+    fn the_writeback_budget_charges_by_the_block() {
+        assert_eq!(budget_units(0), 1);
+        assert_eq!(budget_units(1), 1);
+        assert_eq!(budget_units(4096), 1);
+        assert_eq!(budget_units(4097), 2);
+        assert_eq!(budget_units(WRITEBACK_BUDGET), WRITEBACK_BUDGET / 4096);
+    }
+
+    fn writeback_volume(dir: &std::path::Path, mode: CacheMode) -> (Arc<Journal>, Volume) {
+        let mut o = ferry_journal::JournalOptions::new(dir.join("j"), [1; 16]);
+        o.segment_size = 1 << 20;
+        o.capacity = 8 << 20;
+        o.engine = ferry_journal::EngineChoice::Std;
+        let journal = Arc::new(Journal::open(o).unwrap().0);
+        let p = dir.join("v.img");
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let base = Arc::new(Base::open(0, "v", &p, 1 << 20).unwrap());
+        let group = Group::new(journal.clone(), 0, 64);
+        (journal, Volume::new(base, group, mode))
+    }
+
+    /// Writeback end to end on a real journal: reads see acknowledged writes, FUA
+    /// and FLUSH return only once everything before them is durable and applied, and
+    /// the group reports the mode for status.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writeback_writes_are_visible_at_once_and_durable_at_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, v) = writeback_volume(dir.path(), CacheMode::Writeback);
+        assert_eq!(v.ack(false), Ack::Sequenced);
+        assert_eq!(v.ack(true), Ack::Durable, "FUA waits");
+        for i in 0..64u8 {
+            let data = Bytes::from(vec![i; 4096]);
+            v.write(u64::from(i % 8) * 4096, data, false).await.unwrap();
+            let back = v.read(u64::from(i % 8) * 4096, 4096).await.unwrap();
+            assert!(
+                back.iter().all(|&b| b == i),
+                "write {i} must be visible at once"
+            );
+        }
+        v.flush().await.unwrap();
+        let last = journal.last_seq();
+        assert!(journal.durable_seq() >= 64 && v.group.applied_seq() >= 64);
+        assert!(v.group.drain(std::time::Duration::from_secs(5)).await);
+        v.write(0, Bytes::from(vec![0xee; 4096]), true)
+            .await
+            .unwrap();
+        assert!(
+            journal.durable_seq() > last,
+            "a FUA write is durable at its reply"
+        );
+        let modes = v.group.cache_modes();
+        assert_eq!(
+            modes,
+            vec![("v".to_string(), CacheMode::Writeback, CacheMode::Writeback)]
+        );
+    }
+
+    /// A writeback group that lost an acknowledged write refuses every later write
+    /// and FLUSH (a write-back cache reports its errors at flush).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_lost_write_every_write_and_flush_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_journal, v) = writeback_volume(dir.path(), CacheMode::Writeback);
+        v.write(0, Bytes::from(vec![1; 4096]), false).await.unwrap();
+        v.flush().await.unwrap();
+        v.group.gate.fail();
+        assert!(matches!(v.flush().await, Err(ExportError::Io(_))));
+        assert!(matches!(
+            v.write(0, Bytes::from(vec![2; 4096]), false).await,
+            Err(ExportError::Io(_))
+        ));
+    }
+
+    /// Until its first FLUSH an until-flush volume acknowledges durable writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn until_flush_writes_are_durable_before_the_first_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, v) = writeback_volume(dir.path(), CacheMode::WritethroughUntilFlush);
+        v.write(0, Bytes::from(vec![1; 4096]), false).await.unwrap();
+        assert!(journal.durable_seq() >= 1 && v.group.applied_seq() >= 1);
+        assert_eq!(v.ack(false), Ack::Durable);
+        v.flush().await.unwrap();
+        assert_eq!(v.ack(false), Ack::Sequenced);
+        assert_eq!(v.cache.effective(), CacheMode::Writeback);
     }
 }

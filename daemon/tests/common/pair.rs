@@ -89,6 +89,7 @@ pub fn node_config(
             name: VOLUME.into(),
             path: data.join(format!("{VOLUME}.img")),
             size: ByteSize(VOLUME_BYTES),
+            cache: Default::default(),
         }],
     }
 }

@@ -745,6 +745,7 @@ fn node_config(
                 name: name.clone(),
                 path: data.join(format!("{name}.img")),
                 size: ByteSize(*size),
+                cache: Default::default(),
             })
             .collect(),
     }
@@ -1064,13 +1065,24 @@ fn status_text(st: &NodeStatus) -> String {
     }
     for vol in &st.volumes {
         out += &format!(
-            "volume     {}  {} bytes  {}\n",
+            "volume     {}  {} bytes  {}{}\n",
             vol.name,
             vol.size_bytes,
-            vol.export.as_deref().unwrap_or("")
+            vol.export.as_deref().unwrap_or(""),
+            cache_text(vol)
         );
     }
     out
+}
+
+/// A volume's cache mode: `  cache MODE`, with the effective one when it differs
+/// (`  cache writethrough-until-flush (now writeback)`).
+fn cache_text(vol: &ferry_api::status::VolumeStatus) -> String {
+    match (&vol.cache, &vol.cache_effective) {
+        (Some(c), Some(now)) if c != now => format!("  cache {c} (now {now})"),
+        (Some(c), _) => format!("  cache {c}"),
+        (None, _) => String::new(),
+    }
 }
 
 /// A replication target's line, and its tracking line when it is not streaming or
@@ -1383,7 +1395,7 @@ target     dr1 10.0.0.2:7000 (async (degraded))  resyncing  acked 90  applied 88
            tracking resyncing: 65536 bytes dirty, 32768 bytes resynced, recovery points after 80 up to the end of the resync lost
 WRITES     refused: outdated
 fork       primary by promotion from sequence 77
-volume     vol0  67108864 bytes  nbd://127.0.0.1:10809/vol0
+volume     vol0  67108864 bytes  nbd://127.0.0.1:10809/vol0  cache writethrough-until-flush (now writeback)
 "#
         );
     }
@@ -1433,7 +1445,7 @@ replica    inconsistent: resyncing from seq 10 (snapshot 50, copied 8192 of 1638
 primary    primary connected from 10.0.0.1:40000  (listening on 10.0.0.2:7000)
 paused     paused by an operator (ferryctl resume)
 pit        window seq 12 (2023-11-14T21:56:40.000Z) .. none, 30 points, undo 1048576 of 4294967296 bytes
-volume     vol0  67108864 bytes  
+volume     vol0  67108864 bytes    cache writethrough-until-flush
 "#
         );
         let RoleStatus::Standby(sb) = &mut st.role else {
@@ -1451,7 +1463,7 @@ sequence   last 130  durable 128  applied 127  checkpoint 100
 journal    1048576 of 67108864 used (1.6%), engine "io_uring"
 primary    primary not connected  (listening on 10.0.0.2:7000)
            last error: refused
-volume     vol0  67108864 bytes  
+volume     vol0  67108864 bytes    cache writethrough-until-flush
 "#
         );
     }
