@@ -28,6 +28,7 @@ pub mod reader;
 pub mod records;
 pub mod session;
 pub mod target;
+pub mod wan;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -216,6 +217,7 @@ impl Replication {
                     sync_loss_at: snap.sync_loss_at,
                     writes_blocked: snap.writes_blocked,
                     track: t.track_status(&snap),
+                    wire: t.wan.status(),
                 }
             })
             .collect()
