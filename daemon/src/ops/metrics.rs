@@ -1132,6 +1132,13 @@ address = "127.0.0.1:7002"
         has("ferry_replication_target_tracking{target=\"dr1\",mode=\"bitmap\"} 0\n");
         has("ferry_replication_dirty_bytes{target=\"dr2\"} 0\n");
         has("ferry_replication_resync_bytes_total{target=\"dr1\"} 0\n");
+        // WAN: nothing shipped yet.
+        has("ferry_replication_payload_bytes_total{target=\"dr1\"} 0");
+        has("ferry_replication_wire_bytes_total{target=\"dr2\"} 0");
+        has("ferry_replication_zero_bytes_total{target=\"dr1\"} 0");
+        has("ferry_replication_throttled_seconds_total{target=\"dr1\"} 0");
+        has("ferry_replication_compression_ratio{target=\"dr1\"} 0");
+        has("ferry_replication_compression_level{target=\"dr1\"} 0\n");
         let lag: f64 = out
             .lines()
             .find_map(|l| l.strip_prefix("ferry_replication_lag_seconds{target=\"dr1\"} "))
