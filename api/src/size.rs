@@ -179,10 +179,10 @@ fn bandwidth_unit(unit: &str) -> Option<f64> {
 /// Formats bytes per second so that [`parse_bandwidth`] reads it back exactly:
 /// whole megabits as `Mbit`, whole MiB/s as `MiB/s`, otherwise `B/s`.
 pub fn format_bandwidth(bytes_per_s: u64) -> String {
-    if bytes_per_s % 125_000 == 0 {
+    if bytes_per_s.is_multiple_of(125_000) {
         return format!("{}Mbit", bytes_per_s / 125_000);
     }
-    if bytes_per_s % (1 << 20) == 0 {
+    if bytes_per_s.is_multiple_of(1 << 20) {
         return format!("{}MiB/s", bytes_per_s >> 20);
     }
     format!("{bytes_per_s}B/s")
