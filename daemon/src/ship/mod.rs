@@ -13,6 +13,9 @@
 //! position (reconnect with backoff): nothing is resent from memory that the standby
 //! does not ask for, and nothing is skipped.
 //!
+//! Each target's WAN settings (`compress`, `max_bandwidth`) and counters live in its
+//! [`wan::Wan`]: data frames go packed to a V3 standby and under the target's cap.
+//!
 //! [`SeqIndex`] records (sequence, cumulative bytes, primary timestamp) for recent
 //! journal records so each target's lag can be given in bytes and seconds; the
 //! [`SyncGate`] makes client writes wait for sync targets.
