@@ -753,7 +753,7 @@ async fn send_copy(
             .as_ref()
             .map(|(o, ..)| tokio::time::Instant::from_std(o.release_at));
         tokio::select! {
-            _ = crate::ship::session::sleep_until(release), if release.is_some() => {}
+            _ = crate::ship::wan::sleep_until(release), if release.is_some() => {}
             batch = copy.rx.recv(), if held.is_none() && !read_all => match batch {
                 Some(b) => {
                     let b = b?;

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use crate::ship::feed::Tail;
 use crate::ship::reader::{ReaderThread, ShipSource};
 use crate::ship::target::{SyncGate, TargetState};
-use crate::ship::wan::Outgoing;
+use crate::ship::wan::{sleep_until, Outgoing};
 use ferry_api::config::ReplicationMode;
 
 /// Write-sets formed ahead of the network per target (bounded memory).
@@ -445,14 +445,6 @@ async fn transmit(
         };
         s.data.send_frame(&o.frame).await?;
         t.wan.sent(&o);
-    }
-}
-
-/// Completes at `at` (`None`: never; the select branch is disabled then anyway).
-pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -180,6 +180,15 @@ impl Wan {
     }
 }
 
+/// Completes at `at`, a held frame's release time (`None`: never; the sessions'
+/// select branch is disabled then anyway).
+pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Bytes the frame takes on the wire as it is.
 fn plain_len(f: &Frame) -> usize {
     match f {
