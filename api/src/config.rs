@@ -564,6 +564,10 @@ struct RawTarget {
     url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     flush_interval: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    compress: Option<Compress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_bandwidth: Option<String>,
 }
 
 /// `[replication]` as written; targets split by kind in [`ReplicationConfig`].
@@ -600,6 +604,15 @@ impl TryFrom<RawReplication> for ReplicationConfig {
                             key("on_sync_loss")
                         ));
                     }
+                    let wan = TargetWan {
+                        compress: t.compress.unwrap_or_default(),
+                        max_bandwidth: t
+                            .max_bandwidth
+                            .as_deref()
+                            .map(crate::size::parse_bandwidth)
+                            .transpose()
+                            .map_err(|e| format!("{}: {e}", key("max_bandwidth")))?,
+                    };
                     for (f, set) in [
                         ("url", t.url.is_some()),
                         ("flush_interval", t.flush_interval.is_some()),
@@ -621,12 +634,23 @@ impl TryFrom<RawReplication> for ReplicationConfig {
                         })?,
                         mode,
                         on_sync_loss: t.on_sync_loss.unwrap_or_default(),
+                        wan,
                     })
                 }
                 Some("archive") if t.on_sync_loss.is_some() => {
                     return Err(format!(
                         "{}: an archive target is always async",
                         key("on_sync_loss")
+                    ))
+                }
+                Some("archive") if t.compress.is_some() || t.max_bandwidth.is_some() => {
+                    return Err(format!(
+                        "{}: only a standby target takes compress and max_bandwidth",
+                        key(if t.compress.is_some() {
+                            "compress"
+                        } else {
+                            "max_bandwidth"
+                        })
                     ))
                 }
                 Some("archive") => archives.push(ArchiveTargetConfig {
@@ -676,6 +700,9 @@ impl From<ReplicationConfig> for RawReplication {
                 on_sync_loss: (t.on_sync_loss != OnSyncLoss::Degrade).then_some(t.on_sync_loss),
                 url: None,
                 flush_interval: None,
+                // Defaults stay unwritten.
+                compress: (t.wan.compress != Compress::Off).then_some(t.wan.compress),
+                max_bandwidth: t.wan.max_bandwidth.map(crate::size::format_bandwidth),
             })
             .collect();
         for a in r.archives {
@@ -690,6 +717,8 @@ impl From<ReplicationConfig> for RawReplication {
                     on_sync_loss: None,
                     url: Some(a.url),
                     flush_interval: Some(a.flush_interval_s),
+                    compress: None,
+                    max_bandwidth: None,
                 },
             );
         }
@@ -715,6 +744,39 @@ pub struct TargetConfig {
     /// A sync target's missed timeout: degrade it (default) or make writes wait.
     #[serde(default)]
     pub on_sync_loss: OnSyncLoss,
+    /// WAN efficiency: compression and the bandwidth cap (default: neither).
+    #[serde(default)]
+    pub wan: TargetWan,
+}
+
+/// A standby target's WAN settings (`compress`, `max_bandwidth`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetWan {
+    /// `compress = "zstd"`: data frames go zstd-compressed at an adaptive level when
+    /// that saves bytes (to a standby that speaks protocol V3).
+    #[serde(default)]
+    pub compress: Compress,
+    /// `max_bandwidth`: bytes per second put on the wire at most; `None`: no cap.
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
+}
+
+/// `[[replication.target]] compress`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compress {
+    #[default]
+    Off,
+    Zstd,
+}
+
+impl std::fmt::Display for Compress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compress::Off => "off",
+            Compress::Zstd => "zstd",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1324,6 +1386,7 @@ impl Config {
                     address: n.address.clone(),
                     mode: n.mode,
                     on_sync_loss: OnSyncLoss::default(),
+                    wan: Default::default(),
                 });
             }
         }
@@ -1898,6 +1961,67 @@ size = "1GiB"
             .unwrap_err()
             .to_string();
         assert!(e.contains("wait"), "{e}");
+    }
+
+    /// `compress` and `max_bandwidth`: off and unlimited by default (not written
+    /// back), parsed and kept; a bad value, and either on an archive, name the key.
+    #[test]
+    fn wan_keys_parse_default_and_name_their_key() {
+        let target = |extra: &str| {
+            with_targets(&format!(
+                "[[replication.target]]\nname = \"dr\"\naddress = \"127.0.0.1:7001\"\n{extra}"
+            ))
+        };
+        let cfg = Config::parse(&target("")).unwrap();
+        assert_eq!(
+            cfg.replication.as_ref().unwrap().targets[0].wan,
+            TargetWan::default()
+        );
+        let toml = cfg.to_toml();
+        assert!(
+            !toml.contains("compress") && !toml.contains("max_bandwidth"),
+            "{toml}"
+        );
+        let cfg = Config::parse(&target(
+            "compress = \"zstd\"\nmax_bandwidth = \"200Mbit\"\n",
+        ))
+        .unwrap();
+        let want = TargetWan {
+            compress: Compress::Zstd,
+            max_bandwidth: Some(25_000_000),
+        };
+        assert_eq!(cfg.replication.as_ref().unwrap().targets[0].wan, want);
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.replication.unwrap().targets[0].wan, want);
+        let cfg = Config::parse(&target("max_bandwidth = \"50MB/s\"\n")).unwrap();
+        assert_eq!(
+            cfg.replication.unwrap().targets[0].wan.max_bandwidth,
+            Some(50 << 20)
+        );
+        let e = Config::parse(&target("max_bandwidth = \"200 Mbytes\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("replication.target[0].max_bandwidth")
+                && e.contains("unknown unit 'Mbytes'"),
+            "{e}"
+        );
+        let e = Config::parse(&target("max_bandwidth = \"100kbit\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("below the minimum of 1Mbit"), "{e}");
+        let e = Config::parse(&target("compress = \"lz4\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lz4"), "{e}");
+        for extra in ["compress = \"zstd\"\n", "max_bandwidth = \"1Gbit\"\n"] {
+            let text = with_targets(&format!(
+                "[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\nurl = \"s3://b/p\"\n{extra}"
+            ));
+            let e = Config::parse(&text).unwrap_err().to_string();
+            let key = extra.split(' ').next().unwrap();
+            assert!(e.contains(&format!("replication.target[0].{key}")), "{e}");
+        }
     }
 
     #[test]

@@ -50,6 +50,8 @@ const NBD: &str = "read when the NBD listener and its TLS policy start";
 const TLS: &str = "the replication TLS identity is loaded at start";
 const REPLICATION: &str = "the replication listener and shippers are set up at start";
 const ARCHIVE: &str = "archive targets start with ferryd only";
+const WAN: &str =
+    "a target's compression and bandwidth cap are set when its shipper starts with ferryd";
 const SOCKET: &str = "the control socket file is bound with it at start";
 const AUDIT: &str = "the audit log is opened with it at start";
 const VOLUME: &str = "volumes are opened and exported at start";
@@ -116,6 +118,8 @@ pub const KEYS: &[Key] = &[
         "replication.target.on_sync_loss",
         "a target's sync-loss policy is set when its shipper starts with ferryd",
     ),
+    restart("replication.target.compress", WAN),
+    restart("replication.target.max_bandwidth", WAN),
     restart("replication.target.kind", ARCHIVE),
     restart("replication.target.url", ARCHIVE),
     restart("replication.target.flush_interval", ARCHIVE),
@@ -240,6 +244,8 @@ name = "dr1"
 address = "127.0.0.1:7001"
 mode = "sync"
 on_sync_loss = "block"
+compress = "zstd"
+max_bandwidth = "200Mbit"
 [[replication.target]]
 name = "cold"
 kind = "archive"

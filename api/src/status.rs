@@ -242,6 +242,34 @@ pub struct TargetStatus {
     pub writes_blocked: bool,
     #[serde(flatten)]
     pub track: TrackStatus,
+    /// Bytes on the wire against bytes written (compression, zero blocks, the cap).
+    #[serde(default)]
+    pub wire: WireStatus,
+}
+
+/// What the data frames to one target cost on the wire since ferryd started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WireStatus {
+    /// `off`, `zstd`, or why configured compression is not in use (a standby that
+    /// speaks an older protocol).
+    pub compress: String,
+    /// The zstd level the next compressed frame gets (0: not compressing).
+    pub level: i32,
+    /// Bytes of the data frames (write-sets, resync data) as plain frames: what was
+    /// written, framed.
+    pub payload_bytes: u64,
+    /// Bytes put on the wire for them.
+    pub wire_bytes: u64,
+    /// `payload_bytes / wire_bytes`; `null` before the first frame.
+    pub ratio: Option<f64>,
+    /// Frames sent zstd-compressed.
+    pub compressed_frames: u64,
+    /// Bytes of all-zero writes that travelled as their length only.
+    pub zero_bytes: u64,
+    /// `max_bandwidth` in bytes per second; `null`: no cap.
+    pub max_bandwidth: Option<u64>,
+    /// Time frames waited for the cap.
+    pub throttled_seconds: f64,
 }
 
 /// How the journal tracks a target: its fields sit in the target's row.

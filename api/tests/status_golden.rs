@@ -67,6 +67,17 @@ fn primary() -> NodeStatus {
                 through_seq: None,
             }),
         },
+        wire: WireStatus {
+            compress: "zstd".into(),
+            level: 3,
+            payload_bytes: 1 << 20,
+            wire_bytes: 1 << 18,
+            ratio: Some(4.0),
+            compressed_frames: 12,
+            zero_bytes: 1 << 16,
+            max_bandwidth: Some(25_000_000),
+            throttled_seconds: 0.5,
+        },
     };
     common(
         RoleStatus::Primary(PrimaryStatus {

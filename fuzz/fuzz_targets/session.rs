@@ -341,7 +341,12 @@ fn plan_resume_op(resume: S, oldest: S, last: S, bases: &[u64]) {
 fn recv_frame(bytes: &[u8], tx: &mut Sender, rx: &mut Receiver) {
     let mut buf = bytes.to_vec();
     fix_frame_crcs(&mut buf);
-    match wire::decode(Bytes::from(buf)) {
+    // A packed data frame reaches the receiver as the frame it carries.
+    let decoded = wire::decode(Bytes::from(buf)).map(|f| match f {
+        Frame::Packed(p) => p.into_inner(),
+        f => f,
+    });
+    match decoded {
         Ok(Frame::WriteSet(ws)) => {
             let _ = rx.on_write_set(ws);
         }

@@ -2,7 +2,8 @@
 //! `FrameDecoder`, on raw bytes and on bytes whose length and CRCs were fixed up
 //! (so the payload decoders of every frame type are reached). Whatever decodes must
 //! re-encode to the same bytes (the encoding is canonical) and decode again to the
-//! same frame; a write-set's vectored encoding must equal its plain one.
+//! same frame; a write-set's vectored encoding must equal its plain one; a Packed
+//! frame's inner frame, packed again (raw and zstd), must decode to itself.
 #![no_main]
 
 use bytes::Bytes;
@@ -72,6 +73,19 @@ fn round_trip(frame: &Frame, bytes: &[u8]) {
     assert_eq!(header.frame_type, frame.frame_type());
     assert_eq!(header.epoch, frame.epoch());
     assert_eq!(header.payload_len, bytes.len() - HEADER_LEN);
+    if let Frame::Packed(p) = frame {
+        assert_eq!(header.version, 3, "a Packed frame is a V3 frame");
+        assert!(p.raw_len() <= MAX_PAYLOAD_LEN);
+        for level in [None, Some(1)] {
+            let again = ferry_proto::packed::Packed::pack(p.inner().clone(), level)
+                .expect("a decoded inner frame packs again");
+            let bytes = wire::encode(&Frame::Packed(again)).expect("repacked frame encodes");
+            match wire::decode(bytes.freeze()).expect("repacked frame decodes") {
+                Frame::Packed(q) => assert_eq!(q.inner(), p.inner(), "repacking changed the data"),
+                other => panic!("repacked frame decoded as {:?}", other.frame_type()),
+            }
+        }
+    }
     if let Frame::WriteSet(ws) = frame {
         let parts = wire::encode_write_set_vectored(ws).expect("vectored encode");
         let joined: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();

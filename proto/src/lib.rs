@@ -6,6 +6,10 @@
 //!   handshake validation (times are arguments).
 //! * [`target`] — one replication target's lifecycle on the primary (session phase,
 //!   journal tracking, degraded, handover) and the decisions taken on it.
+//! * [`packed`] — the Packed frame (V3): data frames compressed with zstd and with
+//!   zero-filled writes sent as their length.
+//! * [`wan`] — a target's WAN policy: what is packed and how hard (adaptive zstd
+//!   level, incompressible data skipped), and the bandwidth cap's token bucket.
 //!
 //! `ferry-transport` moves the bytes (QUIC, mutual TLS, PKI); every protocol
 //! decision lives here so it can be tested and simulated deterministically.
@@ -13,6 +17,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod packed;
 pub mod session;
 pub mod target;
+pub mod wan;
 pub mod wire;

@@ -889,9 +889,13 @@ pub fn plan_resync(
 
 /// The [`ProtocolVersion`] for a negotiated number, if this build knows it.
 pub fn known_version(v: u16) -> Option<ProtocolVersion> {
-    [ProtocolVersion::V1, ProtocolVersion::V2]
-        .into_iter()
-        .find(|k| k.as_u16() == v)
+    [
+        ProtocolVersion::V1,
+        ProtocolVersion::V2,
+        ProtocolVersion::V3,
+    ]
+    .into_iter()
+    .find(|k| k.as_u16() == v)
 }
 
 impl Negotiated {
@@ -899,6 +903,12 @@ impl Negotiated {
     /// clock in ResyncBegin/ResyncEnd).
     pub fn has_v2_tails(&self) -> bool {
         self.version >= ProtocolVersion::V2.as_u16()
+    }
+
+    /// Whether the peer reads Packed frames (V3: zstd-compressed data frames and
+    /// zero-filled writes sent as their length).
+    pub fn has_packed(&self) -> bool {
+        self.version >= ProtocolVersion::V3.as_u16()
     }
 }
 

@@ -44,11 +44,16 @@ pub type Epoch = u64;
 ///   ([`SyncLoss`]), ResyncBegin/ResyncEnd carry the primary's clock. Only a frame
 ///   that carries a tail is a V2 frame (header version 2); every other frame is
 ///   encoded exactly as in V1, and a tail is sent only to a peer that negotiated V2.
+/// - `V3` (3): the Packed frame (type 10, [`crate::packed`]): a WriteSet or ResyncData
+///   payload compressed with zstd and/or with all-zero write records sent as their
+///   length only. Only a Packed frame is a V3 frame; it is sent only to a peer that
+///   negotiated V3 (an older peer gets the plain frames).
 #[repr(u16)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProtocolVersion {
     V1 = 1,
     V2 = 2,
+    V3 = 3,
 }
 
 impl ProtocolVersion {
@@ -60,7 +65,7 @@ impl ProtocolVersion {
 /// Oldest version this build can speak.
 pub const MIN_SUPPORTED_VERSION: ProtocolVersion = ProtocolVersion::V1;
 /// Newest version this build can speak; what `encode` writes into headers.
-pub const MAX_SUPPORTED_VERSION: ProtocolVersion = ProtocolVersion::V2;
+pub const MAX_SUPPORTED_VERSION: ProtocolVersion = ProtocolVersion::V3;
 
 /// `b"FRY1"` read as a little-endian u32, so a hex dump of a frame starts with "FRY1".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
@@ -79,11 +84,11 @@ pub const MAX_RECORDS_PER_WRITE_SET: usize = 131_072;
 /// Bound on extents per ResyncData frame (same reasoning).
 pub const MAX_RESYNC_EXTENTS: usize = 65_536;
 
-const WRITE_SET_FIXED_LEN: usize = 32;
-const RECORD_HEADER_LEN: usize = 32;
+pub(crate) const WRITE_SET_FIXED_LEN: usize = 32;
+pub(crate) const RECORD_HEADER_LEN: usize = 32;
 const HELLO_FIXED_LEN: usize = 48;
 const VOLUME_FIXED_LEN: usize = 17;
-const RESYNC_EXTENT_HEADER_LEN: usize = 24;
+pub(crate) const RESYNC_EXTENT_HEADER_LEN: usize = 24;
 
 // Compile-time layout checks: a change here is a protocol change.
 const _: () = assert!(HEADER_LEN == 4 + 2 + 2 + 2 + 2 + 8 + 4 + 4 + 4);
@@ -108,6 +113,9 @@ pub enum FrameType {
     ResyncData = 8,
     /// Primary → standby, data stream: the copy is complete; streaming follows.
     ResyncEnd = 9,
+    /// Primary → standby, data stream (V3): a WriteSet or ResyncData packed (zstd,
+    /// zero records as their length) — see [`crate::packed`].
+    Packed = 10,
     /// Planned switchover, primary → standby: "take over at `seq`".
     Handover = 16,
     /// Standby → primary: "I hold `seq` and am the primary of `new_epoch`".
@@ -130,6 +138,7 @@ impl FrameType {
             7 => Self::ResyncBegin,
             8 => Self::ResyncData,
             9 => Self::ResyncEnd,
+            10 => Self::Packed,
             16 => Self::Handover,
             17 => Self::HandoverAck,
             18 => Self::VerifyResult,
@@ -400,6 +409,9 @@ pub enum Frame {
     ResyncData(ResyncData),
     ResyncEnd(ResyncEnd),
     DigestRequest(DigestRequest),
+    /// A WriteSet or ResyncData as packed on the wire (V3): holds both the wire body
+    /// and the frame it decodes to.
+    Packed(crate::packed::Packed),
 }
 
 /// Asks a standby being resynced for the chunk digests of its replica volumes (as
@@ -525,6 +537,7 @@ impl Frame {
             Self::ResyncBegin(_) => FrameType::ResyncBegin,
             Self::ResyncData(_) => FrameType::ResyncData,
             Self::ResyncEnd(_) => FrameType::ResyncEnd,
+            Self::Packed(_) => FrameType::Packed,
             Self::Error(_) => FrameType::Error,
         }
     }
@@ -544,6 +557,7 @@ impl Frame {
             Self::ResyncBegin(f) => f.epoch,
             Self::ResyncData(f) => f.epoch,
             Self::ResyncEnd(f) => f.epoch,
+            Self::Packed(f) => f.epoch(),
         }
     }
 }
@@ -590,12 +604,12 @@ pub enum EncodeError {
 /// A field that breaks a frame invariant; shared by encoder and decoder so
 /// that whatever encodes also decodes.
 #[derive(Debug)]
-struct Invalid {
+pub(crate) struct Invalid {
     field: &'static str,
     reason: String,
 }
 
-fn invalid(field: &'static str, reason: impl Into<String>) -> Invalid {
+pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Invalid {
     Invalid {
         field,
         reason: reason.into(),
@@ -720,7 +734,7 @@ fn validate_record(r: &WireRecord) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn validate_write_set(ws: &WriteSet) -> Result<(), Invalid> {
+pub(crate) fn validate_write_set(ws: &WriteSet) -> Result<(), Invalid> {
     if ws.first_seq == 0 || ws.first_seq > ws.last_seq {
         return Err(invalid(
             "write_set.seq_range",
@@ -767,7 +781,7 @@ fn validate_ack(a: &Ack) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn validate_resync_data(d: &ResyncData) -> Result<(), Invalid> {
+pub(crate) fn validate_resync_data(d: &ResyncData) -> Result<(), Invalid> {
     if d.extents.is_empty() || d.extents.len() > MAX_RESYNC_EXTENTS {
         return Err(invalid(
             "resync_data.extents",
@@ -819,6 +833,8 @@ fn validate_frame(frame: &Frame) -> Result<(), Invalid> {
         Frame::WriteSet(ws) => validate_write_set(ws),
         Frame::Ack(a) => validate_ack(a),
         Frame::Error(e) => check_name("error.reason", &e.reason, MAX_REASON_LEN),
+        // Checked when built (`Packed::pack`) and when decoded.
+        Frame::Packed(_) => Ok(()),
     }
 }
 
@@ -833,6 +849,7 @@ pub fn frame_version(frame: &Frame) -> ProtocolVersion {
         Frame::Heartbeat(hb) => hb.sync_loss.is_some(),
         Frame::ResyncBegin(b) => b.primary_time_ns.is_some(),
         Frame::ResyncEnd(e) => e.primary_time_ns.is_some(),
+        Frame::Packed(_) => return ProtocolVersion::V3,
         _ => false,
     };
     if tail {
@@ -883,7 +900,7 @@ fn put_hello(out: &mut BytesMut, h: &Hello) {
     }
 }
 
-fn put_write_set_fixed(out: &mut BytesMut, ws: &WriteSet) {
+pub(crate) fn put_write_set_fixed(out: &mut BytesMut, ws: &WriteSet) {
     out.put_u64_le(ws.first_seq);
     out.put_u64_le(ws.last_seq);
     out.put_u64_le(ws.timestamp_ns);
@@ -891,7 +908,7 @@ fn put_write_set_fixed(out: &mut BytesMut, ws: &WriteSet) {
     out.put_u32_le(0); // reserved
 }
 
-fn put_record_header(out: &mut BytesMut, r: &WireRecord) {
+pub(crate) fn put_record_header(out: &mut BytesMut, r: &WireRecord) {
     out.put_u64_le(r.seq);
     out.put_u64_le(r.offset);
     out.put_u32_le(r.volume);
@@ -901,7 +918,7 @@ fn put_record_header(out: &mut BytesMut, r: &WireRecord) {
     out.put_u32_le(r.data.len() as u32); // validated == length or 0
 }
 
-fn put_payload(out: &mut BytesMut, frame: &Frame) {
+pub(crate) fn put_payload(out: &mut BytesMut, frame: &Frame) {
     match frame {
         Frame::Hello(h) => put_hello(out, h),
         Frame::HelloAck(a) => {
@@ -989,6 +1006,7 @@ fn put_payload(out: &mut BytesMut, frame: &Frame) {
                 out.put_u64_le(t);
             }
         }
+        Frame::Packed(p) => p.put_payload(out),
         Frame::Error(e) => {
             out.put_u32_le(e.code.to_u32());
             out.put_u16_le(e.reason.len() as u16); // validated ≤ 1024
@@ -1010,6 +1028,7 @@ pub fn encode(frame: &Frame) -> Result<BytesMut, EncodeError> {
     let big = match frame {
         Frame::WriteSet(ws) => Some(ws.payload_len()),
         Frame::ResyncData(d) => Some(d.payload_len()),
+        Frame::Packed(p) => Some(p.payload_len()),
         _ => None,
     };
     if let Some(len) = big.filter(|&l| l > MAX_PAYLOAD_LEN) {
@@ -1180,13 +1199,13 @@ pub fn decode_header(buf: &[u8], max_payload_len: usize) -> Result<FrameHeader, 
 
 /// Bounds-checked cursor over a payload. Reads return `Truncated` with
 /// positions relative to the payload start.
-struct Reader {
-    buf: Bytes,
-    pos: usize,
+pub(crate) struct Reader {
+    pub(crate) buf: Bytes,
+    pub(crate) pos: usize,
 }
 
 impl Reader {
-    fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
         let need = self.pos.saturating_add(n);
         if need > self.buf.len() {
             return Err(DecodeError::Truncated {
@@ -1198,41 +1217,45 @@ impl Reader {
         self.pos = need;
         Ok(out)
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         let b = self.take(N)?;
         let mut a = [0u8; N];
         a.copy_from_slice(&b);
         Ok(a)
     }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.array::<1>()?[0])
     }
-    fn u16(&mut self) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
     /// The rest of the payload (a variable-length tail), zero-copy.
-    fn rest(&mut self) -> Bytes {
+    pub(crate) fn rest(&mut self) -> Bytes {
         let out = self.buf.slice(self.pos..);
         self.pos = self.buf.len();
         out
     }
-    fn string(&mut self, field: &'static str, len: usize) -> Result<String, DecodeError> {
+    pub(crate) fn string(
+        &mut self,
+        field: &'static str,
+        len: usize,
+    ) -> Result<String, DecodeError> {
         let b = self.take(len)?;
         String::from_utf8(b.to_vec()).map_err(|e| DecodeError::InvalidField {
             field,
             reason: format!("not UTF-8: {e}"),
         })
     }
-    fn zero(&mut self, field: &'static str, n: usize) -> Result<(), DecodeError> {
+    pub(crate) fn zero(&mut self, field: &'static str, n: usize) -> Result<(), DecodeError> {
         let b = self.take(n)?;
         if b.iter().any(|&x| x != 0) {
             return Err(DecodeError::InvalidField {
@@ -1244,7 +1267,7 @@ impl Reader {
     }
     /// Every payload must be consumed exactly: trailing bytes mean the sender
     /// and receiver disagree about the layout.
-    fn finish(self, field: &'static str) -> Result<(), DecodeError> {
+    pub(crate) fn finish(self, field: &'static str) -> Result<(), DecodeError> {
         if self.remaining() != 0 {
             return Err(DecodeError::InvalidField {
                 field,
@@ -1322,6 +1345,18 @@ fn decode_hello(r: &mut Reader, epoch: Epoch) -> Result<Hello, DecodeError> {
 }
 
 fn decode_write_set(r: &mut Reader, epoch: Epoch) -> Result<WriteSet, DecodeError> {
+    decode_write_set_body(r, epoch, None)
+}
+
+/// A write-set's payload. `packed`: the body of a Packed frame (V3), whose records
+/// may be zero-filled writes (`form` 1 in byte 25, see [`crate::packed`]); the
+/// value is the bound on the plain payload the write-set expands to, checked before
+/// any zero data is made.
+pub(crate) fn decode_write_set_body(
+    r: &mut Reader,
+    epoch: Epoch,
+    packed: Option<usize>,
+) -> Result<WriteSet, DecodeError> {
     let first_seq = r.u64()?;
     let last_seq = r.u64()?;
     let timestamp_ns = r.u64()?;
@@ -1340,6 +1375,7 @@ fn decode_write_set(r: &mut Reader, epoch: Epoch) -> Result<WriteSet, DecodeErro
         });
     }
     let mut records = Vec::with_capacity(count);
+    let mut plain_len = WRITE_SET_FIXED_LEN;
     for _ in 0..count {
         let seq = r.u64()?;
         let offset = r.u64()?;
@@ -1350,10 +1386,33 @@ fn decode_write_set(r: &mut Reader, epoch: Epoch) -> Result<WriteSet, DecodeErro
             field: "record.op",
             reason: format!("seq {seq}: unknown op {raw_op}"),
         })?;
-        r.zero("record.reserved", 3)?;
+        let zero_filled = match packed {
+            None => {
+                r.zero("record.reserved", 3)?;
+                false
+            }
+            Some(_) => {
+                let form = r.u8()?;
+                r.zero("record.reserved", 2)?;
+                crate::packed::record_form(seq, op, form)?
+            }
+        };
         let data_len = r.u32()? as usize;
-        // Zero-copy: a slice of the frame buffer.
-        let data = r.take(data_len)?;
+        let data = if zero_filled {
+            if data_len != 0 {
+                return Err(DecodeError::InvalidField {
+                    field: "record.data_len",
+                    reason: format!("seq {seq}: a zero-filled write carries {data_len} bytes"),
+                });
+            }
+            // Bounded before it is made: the write-set as a plain frame must fit.
+            plain_len = crate::packed::expand_check(plain_len, length as usize, packed)?;
+            crate::packed::zeros(length as usize)
+        } else {
+            plain_len = crate::packed::expand_check(plain_len, data_len, packed)?;
+            // Zero-copy: a slice of the frame buffer.
+            r.take(data_len)?
+        };
         records.push(WireRecord {
             seq,
             volume,
@@ -1372,7 +1431,7 @@ fn decode_write_set(r: &mut Reader, epoch: Epoch) -> Result<WriteSet, DecodeErro
     })
 }
 
-fn decode_resync_data(r: &mut Reader, epoch: Epoch) -> Result<ResyncData, DecodeError> {
+pub(crate) fn decode_resync_data(r: &mut Reader, epoch: Epoch) -> Result<ResyncData, DecodeError> {
     let count = r.u32()? as usize;
     r.zero("resync_data.reserved", 4)?;
     // Bounded by the protocol limit and by what the payload can hold.
@@ -1544,7 +1603,11 @@ fn decode_error(r: &mut Reader, epoch: Epoch) -> Result<ErrorFrame, DecodeError>
     })
 }
 
-fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeError> {
+fn decode_payload(
+    header: &FrameHeader,
+    payload: Bytes,
+    max_payload_len: usize,
+) -> Result<Frame, DecodeError> {
     let epoch = header.epoch;
     let mut r = Reader {
         buf: payload,
@@ -1577,6 +1640,11 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
             primary_time_ns: v2_time(&mut r, header)?,
         }),
         FrameType::Error => Frame::Error(decode_error(&mut r, epoch)?),
+        FrameType::Packed => Frame::Packed(crate::packed::Packed::decode(
+            &mut r,
+            epoch,
+            max_payload_len,
+        )?),
     };
     r.finish("payload")?;
     // Same invariants the encoder enforces (contiguous seqs, op/data rules…).
@@ -1585,10 +1653,10 @@ fn decode_payload(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeE
     Ok(frame)
 }
 
-/// A frame's header names the layout it was written in, and a frame has one
-/// layout: V1 unless it carries a V2 tail. A V2 header on a frame type without a
-/// tail (or a tail on a V1 header, which the payload decoders already refuse) is
-/// an error, so every decoded frame re-encodes to the bytes it came from.
+/// One layout per version: a frame's header names the layout it was written in
+/// (`frame_version`). A tail-less frame under version 2, or anything but a Packed
+/// frame under version 3, is refused, so every decoded frame re-encodes to the
+/// bytes it came from.
 fn check_layout_version(header: &FrameHeader, frame: &Frame) -> Result<(), DecodeError> {
     let layout = frame_version(frame).as_u16();
     if header.version == layout {
@@ -1625,10 +1693,14 @@ pub fn decode_with_limit(buf: Bytes, max_payload_len: usize) -> Result<Frame, De
             reason: format!("{} bytes after a {total}-byte frame", buf.len() - total),
         });
     }
-    decode_frame_body(&header, buf.slice(HEADER_LEN..total))
+    decode_frame_body(&header, buf.slice(HEADER_LEN..total), max_payload_len)
 }
 
-fn decode_frame_body(header: &FrameHeader, payload: Bytes) -> Result<Frame, DecodeError> {
+fn decode_frame_body(
+    header: &FrameHeader,
+    payload: Bytes,
+    max_payload_len: usize,
+) -> Result<Frame, DecodeError> {
     let computed = crc32c::crc32c(&payload);
     if computed != header.payload_crc {
         return Err(DecodeError::BadChecksum {
@@ -1637,7 +1709,7 @@ fn decode_frame_body(header: &FrameHeader, payload: Bytes) -> Result<Frame, Deco
             computed,
         });
     }
-    decode_payload(header, payload)
+    decode_payload(header, payload, max_payload_len)
 }
 
 /// Streaming decoder: feed it bytes as they arrive, in chunks of any size,
@@ -1730,6 +1802,6 @@ impl FrameDecoder {
         // split_to + freeze hands the frame's bytes over without copying, so
         // decoded record data point into this buffer.
         let frame = self.buf.split_to(total).freeze();
-        decode_frame_body(&header, frame.slice(HEADER_LEN..)).map(Some)
+        decode_frame_body(&header, frame.slice(HEADER_LEN..), self.max_payload_len).map(Some)
     }
 }

@@ -436,3 +436,138 @@ fn golden_digest_request_payload() {
         );
     }
 }
+
+/// The Packed frame (type 10, V3) with codec 0: a write-set whose second record, a
+/// 4 KiB write of zeros, travels as its length (form 1, no data).
+#[test]
+fn golden_packed_write_set_with_a_zero_record() {
+    use ferry_proto::packed::{Codec, Packed};
+    use ferry_proto::wire::{RecordOp, WireRecord, WriteSet};
+    let ws = WriteSet {
+        epoch: 7,
+        first_seq: 0x10,
+        last_seq: 0x11,
+        timestamp_ns: 0x1122_3344_5566_7788,
+        records: vec![
+            WireRecord {
+                seq: 0x10,
+                volume: 1,
+                op: RecordOp::Write,
+                offset: 0x2000,
+                length: 4,
+                data: Bytes::from_static(b"abcd"),
+            },
+            WireRecord {
+                seq: 0x11,
+                volume: 1,
+                op: RecordOp::Write,
+                offset: 0x3000,
+                length: 0x1000,
+                data: Bytes::from(vec![0u8; 0x1000]),
+            },
+        ],
+    };
+    let p = Packed::pack(Frame::WriteSet(ws.clone()), None).expect("pack");
+    assert_eq!(p.codec(), Codec::None);
+    assert_eq!(
+        frame_version(&Frame::Packed(p.clone())),
+        ProtocolVersion::V3
+    );
+    #[rustfmt::skip]
+    let bytes: [u8; 32 + 8 + 100] = [
+        b'F', b'R', b'Y', b'1',                         // magic
+        0x03, 0x00,                                     // version 3
+        0x0a, 0x00,                                     // type 10 = Packed
+        0x00, 0x00, 0x00, 0x00,                         // flags, reserved
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch 7
+        0x6c, 0x00, 0x00, 0x00,                         // payload_len 108
+        0x00, 0x00, 0x00, 0x00,                         // payload CRC32C
+        0x00, 0x00, 0x00, 0x00,                         // header CRC32C
+        // --- Packed payload ---
+        0x03, 0x00,                                     // inner_type 3 = WriteSet
+        0x00,                                           // codec 0 = none
+        0x00,                                           // reserved
+        0x64, 0x00, 0x00, 0x00,                         // raw_len 100
+        // --- raw body: the write-set payload ---
+        0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // first_seq 0x10
+        0x11, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // last_seq 0x11
+        0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, // timestamp_ns
+        0x02, 0x00, 0x00, 0x00,                         // record_count 2
+        0x00, 0x00, 0x00, 0x00,                         // reserved
+        // record 0x10: data
+        0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // seq
+        0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // offset 0x2000
+        0x01, 0x00, 0x00, 0x00,                         // volume 1
+        0x04, 0x00, 0x00, 0x00,                         // length 4
+        0x01,                                           // op 1 = write
+        0x00,                                           // form 0 = data follow
+        0x00, 0x00,                                     // reserved
+        0x04, 0x00, 0x00, 0x00,                         // data_len 4
+        b'a', b'b', b'c', b'd',                         // data
+        // record 0x11: zero-filled
+        0x11, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // seq
+        0x00, 0x30, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // offset 0x3000
+        0x01, 0x00, 0x00, 0x00,                         // volume 1
+        0x00, 0x10, 0x00, 0x00,                         // length 4096
+        0x01,                                           // op 1 = write
+        0x01,                                           // form 1 = zero-filled
+        0x00, 0x00,                                     // reserved
+        0x00, 0x00, 0x00, 0x00,                         // data_len 0
+    ];
+    check_golden(&Frame::Packed(p.clone()), &bytes, PACKED_CRCS);
+    // It decodes to exactly the write-set the primary journaled, zeros included.
+    assert_eq!(p.into_inner(), Frame::WriteSet(ws));
+}
+
+/// (payload CRC, header CRC) of the packed golden frame.
+const PACKED_CRCS: ([u8; 4], [u8; 4]) = ([0x8c, 0xb1, 0xb7, 0xa1], [0x73, 0x89, 0x88, 0xa3]);
+
+/// A zstd-packed ResyncData, its body as a zstd 1.5 encoder wrote it: decoding is
+/// pinned (an encoder may choose other bytes for the same data, so only the frame's
+/// fixed part is compared on encode).
+#[test]
+fn golden_packed_zstd_resync_data_decodes() {
+    use ferry_proto::packed::{Codec, Packed};
+    let d = ResyncData {
+        epoch: 7,
+        extents: vec![ResyncExtent {
+            volume: 1,
+            offset: 0x1000,
+            length: 64,
+            data: Some(Bytes::from(b"ferry ".repeat(11)[..64].to_vec())),
+        }],
+    };
+    let p = Packed::pack(Frame::ResyncData(d.clone()), Some(3)).expect("pack");
+    assert_eq!(p.codec(), Codec::Zstd);
+    let enc = encode(&Frame::Packed(p.clone())).expect("encode");
+    assert_eq!(
+        &enc[4..8],
+        &[0x03, 0x00, 0x0a, 0x00][..],
+        "version 3, type 10"
+    );
+    assert_eq!(
+        &enc[32..40],
+        &[0x08, 0x00, 0x01, 0x00, 96, 0, 0, 0][..],
+        "ResyncData, zstd, raw_len 96"
+    );
+    assert_eq!(
+        decode(Bytes::copy_from_slice(&enc)).expect("decode"),
+        Frame::Packed(p)
+    );
+    let pinned: &[u8] = ZSTD_BODY;
+    let mut frame = enc[..40].to_vec();
+    frame.extend_from_slice(pinned);
+    frame[20..24].copy_from_slice(&((8 + pinned.len()) as u32).to_le_bytes());
+    refill_crcs(&mut frame);
+    match decode(Bytes::from(frame)).expect("the pinned zstd body decodes") {
+        Frame::Packed(q) => assert_eq!(q.into_inner(), Frame::ResyncData(d)),
+        other => panic!("decoded {other:?}"),
+    }
+}
+
+#[rustfmt::skip]
+const ZSTD_BODY: &[u8] = &[
+    0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x60, 0xdd, 0x00, 0x00, 0x78, 0x01, 0x00,
+    0x10, 0x00, 0x01, 0x00, 0x00, 0x00, 0x40, 0x66, 0x65, 0x72, 0x72, 0x79,
+    0x20, 0x04, 0x00, 0x4f, 0x39, 0x65, 0x25, 0x6a, 0x20, 0x70, 0x06, 0xb0,
+];

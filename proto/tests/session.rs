@@ -356,6 +356,23 @@ fn handshake_accepts_matching_peer_and_picks_highest_common_version() {
     );
 }
 
+/// A V3 primary and a V2 standby agree on V2: no Packed frames on that session (the
+/// primary sends the plain frames), V3 on both sides allows them.
+#[test]
+fn packed_frames_need_a_v3_peer() {
+    let mut primary = identity(Role::Primary, "pri", "stby");
+    primary.max_version = 3;
+    let mut standby = identity(Role::Standby, "stby", "pri");
+    standby.max_version = 2;
+    let n = validate_hello(&primary, &standby.hello(0)).unwrap();
+    assert_eq!(n, Negotiated { version: 2 });
+    assert!(n.has_v2_tails() && !n.has_packed());
+    standby.max_version = 3;
+    let n = validate_hello(&primary, &standby.hello(0)).unwrap();
+    assert!(n.has_packed());
+    assert_eq!(LocalIdentity::supported_versions(), (1, 3));
+}
+
 #[test]
 fn handshake_rejections() {
     let primary = identity(Role::Primary, "pri", "stby");

@@ -335,7 +335,7 @@ fn unsupported_version_reports_range() {
         DecodeError::UnsupportedVersion {
             got: 9,
             min: 1,
-            max: 2
+            max: 3
         }
     );
 }

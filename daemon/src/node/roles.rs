@@ -723,6 +723,7 @@ mod tests {
                     address: "127.0.0.1:1".into(),
                     mode: Default::default(),
                     on_sync_loss: Default::default(),
+                    wan: Default::default(),
                 })
                 .collect(),
         });

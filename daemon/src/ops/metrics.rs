@@ -549,7 +549,69 @@ fn encode_standby(e: &mut DescriptorEncoder, s: &StandbyStatus) -> std::fmt::Res
 fn encode_targets(e: &mut DescriptorEncoder, targets: &[TargetStatus]) -> std::fmt::Result {
     encode_target_positions(e, targets)?;
     encode_target_states(e, targets)?;
-    encode_target_tracking(e, targets)
+    encode_target_tracking(e, targets)?;
+    encode_target_wire(e, targets)
+}
+
+/// What the data frames to each target cost on the wire: bytes written (as plain
+/// frames) against bytes sent, their ratio, and the time the bandwidth cap held
+/// frames back.
+fn encode_target_wire(e: &mut DescriptorEncoder, targets: &[TargetStatus]) -> std::fmt::Result {
+    type Family = (
+        &'static str,
+        &'static str,
+        Option<Unit>,
+        fn(&TargetStatus) -> f64,
+    );
+    let counters: [Family; 4] = [
+        (
+            "ferry_replication_payload",
+            "Bytes of the write-sets and resync data shipped to the target, as plain frames (what was written), since start.",
+            Some(Unit::Bytes),
+            |t| t.wire.payload_bytes as f64,
+        ),
+        (
+            "ferry_replication_wire",
+            "Bytes put on the wire for them (after compression and zero blocks sent as lengths) since start.",
+            Some(Unit::Bytes),
+            |t| t.wire.wire_bytes as f64,
+        ),
+        (
+            "ferry_replication_zero",
+            "Bytes of all-zero writes that travelled as their length only, since start.",
+            Some(Unit::Bytes),
+            |t| t.wire.zero_bytes as f64,
+        ),
+        (
+            "ferry_replication_throttled",
+            "Time the target's frames waited for its max_bandwidth cap, since start.",
+            Some(Unit::Seconds),
+            |t| t.wire.throttled_seconds,
+        ),
+    ];
+    for (name, help, unit, v) in counters {
+        let mut m = e.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
+        for t in targets {
+            let labels: &[(&str, &str)] = &[("target", t.name.as_str())];
+            ConstCounter::new(v(t)).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    per_target(
+        e,
+        targets,
+        "ferry_replication_compression_ratio",
+        "Payload bytes per wire byte for the target (1: nothing saved; 0 before the first frame).",
+        None,
+        |t| t.wire.ratio.unwrap_or(0.0),
+    )?;
+    per_target(
+        e,
+        targets,
+        "ferry_replication_compression_level",
+        "The zstd level the target's next compressed frame gets (0: not compressing).",
+        None,
+        |t| i64::from(t.wire.level),
+    )
 }
 
 fn encode_target_positions(
@@ -1070,6 +1132,13 @@ address = "127.0.0.1:7002"
         has("ferry_replication_target_tracking{target=\"dr1\",mode=\"bitmap\"} 0\n");
         has("ferry_replication_dirty_bytes{target=\"dr2\"} 0\n");
         has("ferry_replication_resync_bytes_total{target=\"dr1\"} 0\n");
+        // WAN: nothing shipped yet.
+        has("ferry_replication_payload_bytes_total{target=\"dr1\"} 0");
+        has("ferry_replication_wire_bytes_total{target=\"dr2\"} 0");
+        has("ferry_replication_zero_bytes_total{target=\"dr1\"} 0");
+        has("ferry_replication_throttled_seconds_total{target=\"dr1\"} 0");
+        has("ferry_replication_compression_ratio{target=\"dr1\"} 0");
+        has("ferry_replication_compression_level{target=\"dr1\"} 0\n");
         let lag: f64 = out
             .lines()
             .find_map(|l| l.strip_prefix("ferry_replication_lag_seconds{target=\"dr1\"} "))

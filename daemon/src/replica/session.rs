@@ -312,6 +312,12 @@ impl DataFrames<'_> {
         let Some(f) = f else {
             bail!("primary closed the data stream")
         };
+        // A packed frame (V3: zstd, zero-filled writes) was checked and expanded by the
+        // decoder: what follows sees exactly the frame the primary packed.
+        let f = match f {
+            Frame::Packed(p) => p.into_inner(),
+            f => f,
+        };
         match f {
             Frame::WriteSet(_) if self.copy.is_some() || sb.applier.resync.copy_incomplete() => {
                 bail!(

@@ -33,7 +33,8 @@
 //! snapshot = the primary's applied position (at least the standby's), every dirty
 //! region is read from the base volumes while writes go on and shipped (zero ranges
 //! as zero extents), then ResyncEnd with the durable position; streaming resumes after
-//! the snapshot. Marks are never cleared during a copy: an interrupted resync is
+//! the snapshot. The copy's batches go packed (zstd, to a V3 standby with `compress`)
+//! and under the target's bandwidth cap as bulk traffic (`ship::wan`). Marks are never cleared during a copy: an interrupted resync is
 //! simply run again. The maps are deleted once the target acknowledges the end
 //! point durable.
 use std::path::{Path, PathBuf};
@@ -51,6 +52,7 @@ use tokio::sync::{mpsc, watch};
 use crate::ship::dirty::DirtyMap;
 use crate::ship::feed::ShipFeed;
 use crate::ship::target::{lifecycle_now, maps_in_use, RegionBits, Shared, TargetState};
+use crate::ship::wan::Outgoing;
 use crate::ship::TargetList;
 use crate::store::base::Base;
 use ferry_api::config::Config;
@@ -59,6 +61,7 @@ use ferry_proto::target::{
     choose_switch, FullReason, FullSwitch, HelloPlan, JournalFill, PlanStart, SessionStart,
     SwitchToBitmap, SWITCH_RETRY,
 };
+use ferry_proto::wan::Class;
 
 const MONITOR_EVERY: Duration = Duration::from_millis(50);
 /// Bytes read from a base volume per extent of a copy.
@@ -731,20 +734,35 @@ async fn send_copy(
     };
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     let (mut bytes, mut data_bytes) = (0u64, 0u64);
+    // The batch the bandwidth cap holds back, with its (covered, data) bytes.
+    let mut held: Option<(Outgoing, u64, u64)> = None;
+    let mut read_all = false;
     loop {
+        if let Some((o, n, d)) = held.take_if(|(o, ..)| o.release_at <= Instant::now()) {
+            s.data.send_frame(&o.frame).await?;
+            t.wan.sent(&o);
+            bytes += n;
+            data_bytes += d;
+            t.track.resync_bytes.fetch_add(n, Ordering::Relaxed);
+            t.track.resync_data_bytes.fetch_add(d, Ordering::Relaxed);
+        }
+        if read_all && held.is_none() {
+            break;
+        }
+        let release = held
+            .as_ref()
+            .map(|(o, ..)| tokio::time::Instant::from_std(o.release_at));
         tokio::select! {
-            batch = copy.rx.recv() => match batch {
+            _ = crate::ship::wan::sleep_until(release), if release.is_some() => {}
+            batch = copy.rx.recv(), if held.is_none() && !read_all => match batch {
                 Some(b) => {
                     let b = b?;
                     let n: u64 = b.extents.iter().map(|x| u64::from(x.length)).sum();
                     let d: u64 = b.extents.iter().filter_map(|x| x.data.as_ref()).map(|x| x.len() as u64).sum();
-                    s.data.send_frame(&Frame::ResyncData(b)).await?;
-                    bytes += n;
-                    data_bytes += d;
-                    t.track.resync_bytes.fetch_add(n, Ordering::Relaxed);
-                    t.track.resync_data_bytes.fetch_add(d, Ordering::Relaxed);
+                    let o = tokio::task::block_in_place(|| t.wan.prepare(Frame::ResyncData(b), Class::Bulk))?;
+                    held = Some((o, n, d));
                 }
-                None => break,
+                None => read_all = true,
             },
             frame = s.control_recv.recv_frame() => match frame? {
                 Some(Frame::Heartbeat(hb)) => {

@@ -13,6 +13,9 @@
 //! position (reconnect with backoff): nothing is resent from memory that the standby
 //! does not ask for, and nothing is skipped.
 //!
+//! Each target's WAN settings (`compress`, `max_bandwidth`) and counters live in its
+//! [`wan::Wan`]: data frames go packed to a V3 standby and under the target's cap.
+//!
 //! [`SeqIndex`] records (sequence, cumulative bytes, primary timestamp) for recent
 //! journal records so each target's lag can be given in bytes and seconds; the
 //! [`SyncGate`] makes client writes wait for sync targets.
@@ -28,6 +31,7 @@ pub mod reader;
 pub mod records;
 pub mod session;
 pub mod target;
+pub mod wan;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -216,6 +220,7 @@ impl Replication {
                     sync_loss_at: snap.sync_loss_at,
                     writes_blocked: snap.writes_blocked,
                     track: t.track_status(&snap),
+                    wire: t.wan.status(),
                 }
             })
             .collect()

@@ -1,6 +1,9 @@
 //! The shipper's reader thread: cuts durable journal records into write-sets (from the
 //! in-memory tail while current, from journal segments while behind), and
-//! [`ReaderThread`], the session's handle that joins it.
+//! [`ReaderThread`], the session's handle that joins it. Whether it reads segments
+//! (the target catches up) is the bandwidth cap's traffic class
+//! ([`ReaderThread::catching_up`]).
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -26,6 +29,8 @@ const IDLE_WAIT: Duration = Duration::from_millis(200);
 pub(crate) struct ReaderThread {
     rx: mpsc::Receiver<anyhow::Result<WriteSet>>,
     durable: Arc<DurableSeq>,
+    /// The thread reads journal segments (the target is behind the in-memory tail).
+    behind: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -41,15 +46,24 @@ impl ReaderThread {
     ) -> anyhow::Result<ReaderThread> {
         let (tx, rx) = mpsc::channel(ahead);
         let durable = src.durable.clone();
+        let behind = Arc::new(AtomicBool::new(false));
+        let flag = behind.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ferry-ship-{name}"))
-            .spawn(move || read_write_sets(src, from, epoch, tx))
+            .spawn(move || read_write_sets(src, from, epoch, tx, &flag))
             .context("spawning the journal reader thread")?;
         Ok(ReaderThread {
             rx,
             durable,
+            behind,
             thread: Some(thread),
         })
+    }
+
+    /// Whether the write-sets now formed come from journal segments: the target is
+    /// catching up (bulk traffic for the bandwidth cap), not following live writes.
+    pub(crate) fn catching_up(&self) -> bool {
+        self.behind.load(Ordering::Relaxed)
     }
 
     /// The next write-set at once, if one is formed.
@@ -91,6 +105,7 @@ fn read_write_sets(
     from: Seq,
     epoch: u64,
     tx: mpsc::Sender<anyhow::Result<WriteSet>>,
+    behind: &AtomicBool,
 ) {
     let ShipSource {
         journal,
@@ -143,7 +158,10 @@ fn read_write_sets(
                     continue;
                 }
                 TailRead::Evicted => match journal.reader(next) {
-                    Ok(r) => reader = Some(r),
+                    Ok(r) => {
+                        behind.store(true, Ordering::Relaxed);
+                        reader = Some(r)
+                    }
                     Err(e) => {
                         let _ = tx.blocking_send(Err(anyhow!("journal reader from {next}: {e}")));
                         return;
@@ -177,6 +195,7 @@ fn read_write_sets(
                 if !records.is_empty() && !emit(&tx, epoch, &mut records, &mut bytes, ts) {
                     return;
                 }
+                behind.store(false, Ordering::Relaxed);
                 reader = None;
             }
         }

@@ -1,6 +1,8 @@
 //! One shipper's connection to its standby: the reconnect loop ([`run_target`]) and a
 //! session on one QUIC connection (resume handshake, resync when the target is in
 //! bitmap mode, streaming with the in-flight window, acks, heartbeats, handover).
+//! Write-sets go out packed and under the target's bandwidth cap (`ship::wan`): a
+//! write-set the cap holds back waits in the session loop, never blocking it.
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use ferry_proto::session::{self, LocalIdentity, Sender, SenderConfig};
 use ferry_proto::target::{
     ForkView, FullReason, HelloInput, HelloPlan, JournalView, PlanStart, SessionStart,
 };
+use ferry_proto::wan::Class;
 use ferry_proto::wire::{ErrorCode, Frame, Heartbeat, WriteSet};
 use ferry_transport::quic::{self, Backoff, TlsMaterial, TransportOptions};
 use parking_lot::Mutex;
@@ -19,6 +22,7 @@ use parking_lot::Mutex;
 use crate::ship::feed::Tail;
 use crate::ship::reader::{ReaderThread, ShipSource};
 use crate::ship::target::{SyncGate, TargetState};
+use crate::ship::wan::{sleep_until, Outgoing};
 use ferry_api::config::ReplicationMode;
 
 /// Write-sets formed ahead of the network per target (bounded memory).
@@ -154,6 +158,7 @@ fn route_mtu(peer: SocketAddr) -> Option<u32> {
 async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> anyhow::Result<()> {
     let epoch = ctx.local.epoch;
     let (mut s, plan) = handshake(ctx, t, addr).await?;
+    t.wan.session_started(&t.name, s.negotiated);
     tokio::task::block_in_place(|| crate::ship::catchup::switch_full(t, &plan))?;
     // After `switch_full`: a full resync is durably planned before the rejoin is
     // recorded (which a restart would otherwise see as nothing to resync).
@@ -333,6 +338,8 @@ async fn stream(
     let mut sender = Sender::new(epoch, SenderConfig::default(), resume);
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     let mut pending: Option<WriteSet> = None;
+    // A write-set the bandwidth cap holds back until its release time.
+    let mut held: Option<Outgoing> = None;
     let mut last_heard = Instant::now();
     loop {
         // Feed the window from the read-ahead, then transmit what it allows.
@@ -350,10 +357,12 @@ async fn stream(
                 Err(e) => bail!("shipping: {e}"),
             }
         }
-        while let Some(ws) = sender.poll_transmit() {
-            s.data.send_write_set(&ws).await?;
-        }
+        transmit(t, &mut s, &mut sender, &mut held, &reader).await?;
+        let release = held
+            .as_ref()
+            .map(|o| tokio::time::Instant::from_std(o.release_at));
         tokio::select! {
+            _ = sleep_until(release), if release.is_some() => {}
             frame = s.control_recv.recv_frame() => {
                 let Some(frame) = frame? else { bail!("standby closed the control stream") };
                 last_heard = Instant::now();
@@ -403,6 +412,39 @@ async fn stream(
                     .await?;
             }
         }
+    }
+}
+
+/// Sends the write-sets the in-flight window releases, each packed for the wire and
+/// once the bandwidth cap lets it go. The first one the cap holds back stays in `held`
+/// (the session loop waits for its release time while it serves the control stream).
+async fn transmit(
+    t: &TargetState,
+    s: &mut quic::PrimarySession,
+    sender: &mut Sender,
+    held: &mut Option<Outgoing>,
+    reader: &ReaderThread,
+) -> anyhow::Result<()> {
+    loop {
+        if held.is_none() {
+            let Some(ws) = sender.poll_transmit() else {
+                return Ok(());
+            };
+            // Write-sets read back from journal segments are a catch-up: they yield
+            // to live traffic in the bucket.
+            let class = if reader.catching_up() {
+                Class::Bulk
+            } else {
+                Class::Live
+            };
+            let o = tokio::task::block_in_place(|| t.wan.prepare(Frame::WriteSet(ws), class))?;
+            *held = Some(o);
+        }
+        let Some(o) = held.take_if(|o| o.release_at <= Instant::now()) else {
+            return Ok(());
+        };
+        s.data.send_frame(&o.frame).await?;
+        t.wan.sent(&o);
     }
 }
 

@@ -84,6 +84,8 @@ pub struct TargetState {
     /// writes land in the order of the lifecycle's changes (a late clear must not
     /// overwrite a loss recorded after it).
     sync_loss_io: Mutex<()>,
+    /// Compression, zero blocks, the bandwidth cap and their counters.
+    pub wan: crate::ship::wan::Wan,
 }
 
 type VerifyWaiters =
@@ -120,6 +122,7 @@ impl TargetState {
             verify_waiters: Mutex::new(Default::default()),
             track: Default::default(),
             sync_loss_io: Mutex::new(()),
+            wan: crate::ship::wan::Wan::new(&t.wan),
         }
     }
 
@@ -746,6 +749,7 @@ pub(crate) mod tests {
                 address: "127.0.0.1:1".into(),
                 mode,
                 on_sync_loss: Default::default(),
+                wan: Default::default(),
             },
             acked,
             false,

@@ -72,7 +72,38 @@ fn save(out: &Path, target: &str, data: &[u8]) -> std::io::Result<()> {
 fn frames() -> Vec<Frame> {
     let mut frames = session_frames();
     frames.extend(verify_and_resync_frames());
+    frames.extend(packed_frames(&frames));
     frames
+}
+
+/// Packed frames (V3) of the data frames among `frames`: raw and zstd, with a
+/// zero-filled write among the write-set's records.
+fn packed_frames(frames: &[Frame]) -> Vec<Frame> {
+    use ferry_proto::packed::Packed;
+    let mut out = Vec::new();
+    for f in frames {
+        let mut f = f.clone();
+        if let Frame::WriteSet(ws) = &mut f {
+            let last = ws.last_seq + 1;
+            ws.records.push(WireRecord {
+                seq: last,
+                volume: 1,
+                op: RecordOp::Write,
+                offset: 0,
+                length: 8192,
+                data: Bytes::from(vec![0u8; 8192]),
+            });
+            ws.last_seq = last;
+        }
+        if matches!(f, Frame::WriteSet(_) | Frame::ResyncData(_)) {
+            for level in [None, Some(1)] {
+                if let Ok(p) = Packed::pack(f.clone(), level) {
+                    out.push(Frame::Packed(p));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// One frame of each session kind: handshake, streaming, errors, handover.

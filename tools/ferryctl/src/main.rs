@@ -845,6 +845,7 @@ fn node_configs(
                 address: addr.clone(),
                 mode: *mode,
                 on_sync_loss: Default::default(),
+                wan: Default::default(),
             })
             .collect(),
     });
@@ -885,6 +886,7 @@ fn node_configs(
                             address: s.primary.clone(),
                             mode: s.mode,
                             on_sync_loss: Default::default(),
+                            wan: Default::default(),
                         }]
                     })
                     .unwrap_or_default(),
@@ -1100,6 +1102,7 @@ fn target_text(t: &TargetStatus) -> String {
         t.lag_seconds,
         detail("last error", t.last_error.as_deref())
     );
+    out += &wire_text(&t.wire);
     let tr = &t.track;
     if tr.tracking != "streaming" || tr.points_lost.is_some() {
         out += &format!(
@@ -1118,6 +1121,38 @@ fn target_text(t: &TargetStatus) -> String {
         );
     }
     out
+}
+
+/// A target's wire line once it shipped data or has compression or a cap set: bytes
+/// written against bytes on the wire and their ratio.
+fn wire_text(w: &ferry_api::status::WireStatus) -> String {
+    let configured = w.compress != "off" || w.max_bandwidth.is_some();
+    if w.payload_bytes == 0 && !configured {
+        return String::new();
+    }
+    let level = if w.level > 0 {
+        format!(" level {}", w.level)
+    } else {
+        String::new()
+    };
+    let cap = w
+        .max_bandwidth
+        .map(|b| {
+            format!(
+                ", cap {} (throttled {:.1} s)",
+                ferry_api::size::format_bandwidth(b),
+                w.throttled_seconds
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "           wire compress {}{level}: {} bytes written, {} on the wire, ratio {}, {} zero bytes as lengths{cap}\n",
+        w.compress,
+        w.payload_bytes,
+        w.wire_bytes,
+        w.ratio.map_or("-".to_string(), |r| format!("{r:.2}")),
+        w.zero_bytes,
+    )
 }
 
 /// An archive target's line (what it holds, how far behind) and what it stores.
@@ -1392,6 +1427,7 @@ sequence   last 130  durable 128  applied 127  checkpoint 100
 journal    1048576 of 67108864 used (1.6%), engine "io_uring"
 target     dr1 10.0.0.2:7000 (async (degraded))  resyncing  acked 90  applied 88  lag 4096 bytes / 1.500 s
            last error: timed out
+           wire compress zstd level 3: 1048576 bytes written, 262144 on the wire, ratio 4.00, 65536 zero bytes as lengths, cap 200Mbit (throttled 0.5 s)
            tracking resyncing: 65536 bytes dirty, 32768 bytes resynced, recovery points after 80 up to the end of the resync lost
 WRITES     refused: outdated
 fork       primary by promotion from sequence 77
