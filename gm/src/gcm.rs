@@ -1,7 +1,8 @@
 //! SM4-GCM (NIST SP 800-38D with SM4, as in RFC 8998): 12-byte nonces, 16-byte tags.
 //!
 //! Sealing encrypts and hashes 4 KiB at a time so the ciphertext is hashed while in
-//! cache. Opening hashes the whole ciphertext and checks the tag (in constant time)
+//! cache. Messages up to 4 KiB take E(J0) from the same keystream pass as their
+//! counter blocks. Opening hashes the whole ciphertext and checks the tag (in constant time)
 //! before decrypting anything, so a refused message leaves the buffer as it was.
 
 use crate::ctr::{self, Increment};
@@ -20,6 +21,9 @@ pub const MAX_PLAINTEXT_LEN: u64 = (1 << 36) - 32;
 const MAX_AAD_LEN: u64 = (1 << 61) - 1;
 /// Bytes encrypted then hashed per step while sealing.
 const STEP: usize = 4096;
+/// Messages up to this long (QUIC packets, journal records) get E(J0) from the same
+/// keystream pass as their counter blocks (see `seal_small`).
+const SMALL: usize = 4096;
 
 /// An SM4-GCM key.
 #[derive(Clone)]
@@ -71,6 +75,9 @@ impl Sm4Gcm {
     ) -> Result<[u8; TAG_LEN], Error> {
         check_lengths(aad, buf)?;
         let j0 = j0(nonce);
+        if buf.len() <= SMALL {
+            return Ok(self.seal_small(j0, aad, buf));
+        }
         let mut counter = Increment::Low32.advance(j0, 1);
         let mut ghash = Ghash::new(&self.ghash);
         ghash.update_padded(aad);
@@ -92,6 +99,9 @@ impl Sm4Gcm {
     ) -> Result<(), Error> {
         check_lengths(aad, buf)?;
         let j0 = j0(nonce);
+        if buf.len() <= SMALL {
+            return self.open_small(j0, aad, buf, tag);
+        }
         let mut ghash = Ghash::new(&self.ghash);
         ghash.update_padded(aad);
         ghash.update_padded(buf);
@@ -104,6 +114,57 @@ impl Sm4Gcm {
         Ok(())
     }
 
+    /// Sealing a short message: one keystream pass over counter blocks J0, J0 + 1,
+    /// ... gives E(J0) for the tag along with the message's keystream. Encrypting J0
+    /// on its own would cost a whole pass of the backend's round latency (as much as
+    /// 16-64 blocks), which for a 1.2-1.5 KB QUIC packet is a third of the work.
+    fn seal_small(&self, j0: u128, aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
+        let mut ks = [0u8; TAG_LEN + SMALL];
+        let ks = &mut ks[..TAG_LEN + buf.len()];
+        self.cipher.ctr32_xor(j0, ks);
+        let (mask, stream) = ks.split_at(TAG_LEN);
+        for (b, k) in buf.iter_mut().zip(stream) {
+            *b ^= k;
+        }
+        let mut ghash = Ghash::new(&self.ghash);
+        ghash.update_padded(aad);
+        ghash.update_padded(buf);
+        let tag = masked_tag(mask, ghash, aad.len(), buf.len());
+        ks.zeroize();
+        tag
+    }
+
+    /// Opening a short message: the tag is checked before the keystream (computed in
+    /// the same single pass as E(J0)) touches `buf`.
+    fn open_small(
+        &self,
+        j0: u128,
+        aad: &[u8],
+        buf: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), Error> {
+        let mut ghash = Ghash::new(&self.ghash);
+        ghash.update_padded(aad);
+        ghash.update_padded(buf);
+        let mut ks = [0u8; TAG_LEN + SMALL];
+        let ks = &mut ks[..TAG_LEN + buf.len()];
+        self.cipher.ctr32_xor(j0, ks);
+        let (mask, stream) = ks.split_at(TAG_LEN);
+        let expected = masked_tag(mask, ghash, aad.len(), buf.len());
+        let ok = bool::from(expected.ct_eq(tag));
+        if ok {
+            for (b, k) in buf.iter_mut().zip(stream) {
+                *b ^= k;
+            }
+        }
+        ks.zeroize();
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Authentication)
+        }
+    }
+
     /// E(J0) ^ GHASH.
     fn tag(&self, j0: u128, ghash: Ghash<'_>, aad_len: usize, ct_len: usize) -> [u8; TAG_LEN] {
         let s = ghash.finalize(aad_len as u64, ct_len as u64);
@@ -114,6 +175,16 @@ impl Sm4Gcm {
         }
         tag
     }
+}
+
+/// `mask` (E(J0)) ^ GHASH.
+fn masked_tag(mask: &[u8], ghash: Ghash<'_>, aad_len: usize, ct_len: usize) -> [u8; TAG_LEN] {
+    let s = ghash.finalize(aad_len as u64, ct_len as u64);
+    let mut tag = [0u8; TAG_LEN];
+    for ((t, m), s) in tag.iter_mut().zip(mask).zip(s) {
+        *t = m ^ s;
+    }
+    tag
 }
 
 fn check_lengths(aad: &[u8], buf: &[u8]) -> Result<(), Error> {

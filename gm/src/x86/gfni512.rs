@@ -22,15 +22,18 @@ pub(super) unsafe fn crypt_blocks(rk: &[u32; 32], data: &mut [u8]) {
     for chunk in &mut wide {
         crypt_groups::<GROUPS>(rk, chunk);
     }
-    let mut single = wide.into_remainder().chunks_exact_mut(GROUP_BYTES);
-    for chunk in &mut single {
-        crypt_groups::<1>(rk, chunk);
-    }
-    let rest = single.into_remainder();
+    let rest = wide.into_remainder();
     if !rest.is_empty() {
-        let mut buf = [0u8; GROUP_BYTES];
+        let mut buf = [0u8; GROUPS * GROUP_BYTES];
+        let groups = rest.len().div_ceil(GROUP_BYTES);
+        let buf = &mut buf[..groups * GROUP_BYTES];
         buf[..rest.len()].copy_from_slice(rest);
-        crypt_groups::<1>(rk, &mut buf);
+        match groups {
+            1 => crypt_groups::<1>(rk, buf),
+            2 => crypt_groups::<2>(rk, buf),
+            3 => crypt_groups::<3>(rk, buf),
+            _ => crypt_groups::<GROUPS>(rk, buf),
+        }
         rest.copy_from_slice(&buf[..rest.len()]);
     }
 }
@@ -72,16 +75,22 @@ pub(super) unsafe fn ctr32_xor(rk: &[u32; 32], counter: u128, data: &mut [u8]) {
         ctr32_groups::<GROUPS>(rk, counter, ctr, chunk);
         ctr = ctr.wrapping_add((GROUPS * 16) as u32);
     }
-    for chunk in wide.into_remainder().chunks_mut(GROUP_BYTES) {
-        if chunk.len() == GROUP_BYTES {
-            ctr32_groups::<1>(rk, counter, ctr, chunk);
-        } else {
-            let mut buf = [0u8; GROUP_BYTES];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            ctr32_groups::<1>(rk, counter, ctr, &mut buf);
-            chunk.copy_from_slice(&buf[..chunk.len()]);
+    let rest = wide.into_remainder();
+    if !rest.is_empty() {
+        // The last one to four groups (the last one partial, padded) in one
+        // interleaved pass: a packet-sized message's tail then costs one pass of the
+        // round latency instead of one per group.
+        let mut buf = [0u8; GROUPS * GROUP_BYTES];
+        let groups = rest.len().div_ceil(GROUP_BYTES);
+        let buf = &mut buf[..groups * GROUP_BYTES];
+        buf[..rest.len()].copy_from_slice(rest);
+        match groups {
+            1 => ctr32_groups::<1>(rk, counter, ctr, buf),
+            2 => ctr32_groups::<2>(rk, counter, ctr, buf),
+            3 => ctr32_groups::<3>(rk, counter, ctr, buf),
+            _ => ctr32_groups::<GROUPS>(rk, counter, ctr, buf),
         }
-        ctr = ctr.wrapping_add(16);
+        rest.copy_from_slice(&buf[..rest.len()]);
     }
 }
 
