@@ -62,6 +62,18 @@ impl RetentionGrid {
                             show(last_period)
                         )));
                     }
+                    if last_period > Duration::ZERO
+                        && !p.as_secs().is_multiple_of(last_period.as_secs())
+                    {
+                        // Nested buckets: a point kept as the last of its coarser bucket
+                        // was also the last of its finer one, so thinning again as it
+                        // ages never needs a point an earlier pass dropped.
+                        return Err(at(format!(
+                            "its period {} is not a multiple of the previous tier's {}",
+                            show(p),
+                            show(last_period)
+                        )));
+                    }
                     if p > horizon {
                         return Err(at(format!(
                             "one point per {} cannot fit in {}",
@@ -138,7 +150,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 fn show(d: Duration) -> String {
     let s = d.as_secs();
     for (unit, n) in [("w", 604_800), ("d", 86_400), ("h", 3600), ("m", 60)] {
-        if s > 0 && s % n == 0 {
+        if s > 0 && s.is_multiple_of(n) {
             return format!("{}{unit}", s / n);
         }
     }
@@ -188,6 +200,7 @@ mod tests {
             ("1 per hour for 1d, 1 per minute for 30d", "tier 2 ('1 per minute for 30d'): its period 1m is not longer than the previous tier's 1h"),
             ("1 per minute for 1d, every write-set for 30d", "only the first tier can keep every write-set"),
             ("1 per day for 1h", "one point per 1d cannot fit in 1h"),
+            ("1 per 2m for 1h, 1 per 3m for 2h", "its period 3m is not a multiple of the previous tier's 2m"),
             ("every write-set for 1 fortnight", "unknown unit 'fortnight'"),
             ("every write-set for 0h", "must be more than zero"),
             ("every write-set for 12", "no unit"),

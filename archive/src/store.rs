@@ -50,6 +50,17 @@ pub struct ArchiveStore {
     url: String,
     /// The key-encryption key: packs and chunks are sealed and opened with it.
     kek: Option<Kek>,
+    /// Object lock (WORM) retention in days: no object younger is ever deleted.
+    lock_days: Option<u64>,
+}
+
+/// One listed object: its name under the prefix, size and last modification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub name: String,
+    pub bytes: u64,
+    /// ns since the Unix epoch (the store's clock).
+    pub modified_ns: u64,
 }
 
 impl std::fmt::Debug for ArchiveStore {
@@ -61,6 +72,15 @@ impl std::fmt::Debug for ArchiveStore {
 impl ArchiveStore {
     /// Opens the store behind `url` (a `file://` directory is created if missing).
     pub fn open(url: &str) -> Result<ArchiveStore, StoreError> {
+        ArchiveStore::open_locked(url, None)
+    }
+
+    /// As [`open`](Self::open), for a bucket with S3 Object Lock: every upload carries
+    /// a SHA-256 checksum (S3 refuses a PUT into a locked bucket without one), and
+    /// [`delete`](Self::delete) refuses objects younger than `lock_days`. The lock
+    /// itself is the bucket's default retention (object_store 0.12 cannot set the
+    /// per-object `x-amz-object-lock-*` headers; FORMAT.md, "Object lock").
+    pub fn open_locked(url: &str, lock_days: Option<u64>) -> Result<ArchiveStore, StoreError> {
         let bad = |why: &str| StoreError::Url {
             url: url.to_string(),
             why: why.to_string(),
@@ -78,6 +98,9 @@ impl ArchiveStore {
             "s3" => {
                 let bucket = parsed.host_str().ok_or_else(|| bad("no bucket"))?;
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                if lock_days.is_some() {
+                    b = b.with_checksum_algorithm(object_store::aws::Checksum::SHA256);
+                }
                 if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
                     // A loopback or on-premises endpoint (MinIO, Ceph RGW) often speaks
                     // plain HTTP and path-style addressing.
@@ -96,6 +119,19 @@ impl ArchiveStore {
             prefix: ObjPath::from(prefix),
             url: url.to_string(),
             kek: None,
+            lock_days,
+        })
+    }
+
+    /// The object lock retention in days, if any.
+    pub fn lock_days(&self) -> Option<u64> {
+        self.lock_days
+    }
+
+    /// Whether an object modified at `modified_ns` is still locked at `now_ns`.
+    pub fn locked(&self, modified_ns: u64, now_ns: u64) -> bool {
+        self.lock_days.is_some_and(|d| {
+            modified_ns.saturating_add(d.saturating_mul(86_400_000_000_000)) > now_ns
         })
     }
 
@@ -264,6 +300,45 @@ impl ArchiveStore {
             .into_iter()
             .map(|m| m.location.as_ref()[strip..].to_string())
             .collect())
+    }
+
+    /// Names, sizes and modification times under `dir`.
+    pub async fn list_meta(&self, dir: &str) -> Result<Vec<Listed>, StoreError> {
+        let base = self.path(dir);
+        let strip = if self.prefix.as_ref().is_empty() {
+            0
+        } else {
+            self.prefix.as_ref().len() + 1
+        };
+        let metas: Vec<_> = self.store.list(Some(&base)).try_collect().await?;
+        Ok(metas
+            .into_iter()
+            .map(|m| Listed {
+                name: m.location.as_ref()[strip..].to_string(),
+                bytes: m.size,
+                modified_ns: m
+                    .last_modified
+                    .timestamp_nanos_opt()
+                    .map_or(0, |n| n.max(0) as u64),
+            })
+            .collect())
+    }
+
+    /// Deletes `listed` (gone already: fine). Refused while object lock holds it: the
+    /// archive's own garbage collection never asks the store to break a lock.
+    pub async fn delete(&self, listed: &Listed, now_ns: u64) -> Result<(), StoreError> {
+        if self.locked(listed.modified_ns, now_ns) {
+            return Err(StoreError::Refused(format!(
+                "{}: under object lock ({} days) until {} days after its upload",
+                listed.name,
+                self.lock_days.unwrap_or(0),
+                self.lock_days.unwrap_or(0)
+            )));
+        }
+        match self.store.delete(&self.path(&listed.name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The newest manifest, its chain verified; `None` for an empty archive.
