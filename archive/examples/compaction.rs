@@ -165,7 +165,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     })
     .await?;
     report("+ a new base at the end", stored(dir.path()));
-    pass(&store, &opts, end + secs(31 * 86_400), "+31 d (past the grid)").await?;
+    pass(
+        &store,
+        &opts,
+        end + secs(31 * 86_400),
+        "+31 d (past the grid)",
+    )
+    .await?;
     report("+31 d (past the grid)", stored(dir.path()));
     Ok(())
 }
