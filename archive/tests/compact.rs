@@ -448,6 +448,31 @@ async fn a_writer_continues_over_a_compaction() {
     check(&store, &m, now + secs(3000), out.path()).await;
 }
 
+/// An encrypted archive compacts the same: merged packs are sealed under their own
+/// names, and restore opens them with the key.
+#[tokio::test]
+async fn an_encrypted_archive_compacts_and_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let kek = ferry_gm::atrest::Kek::from_bytes(&[7; 16]);
+    let store = ArchiveStore::open(&url(dir.path()))
+        .unwrap()
+        .with_kek(Some(kek));
+    let (_w, m) = archive(&store, 300).await;
+    let now = T0 + secs(1000);
+    let (r, _) = compact::compact(&store, &options(), now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.packs_out > 0 && r.sets_out < r.sets_in, "{r:?}");
+    let merged = walk(dir.path())
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("/L1/"))
+        .expect("a merged pack");
+    assert_eq!(&std::fs::read(merged).unwrap()[..8], b"FERRYEO\0", "sealed");
+    check(&store, &m, now, out.path()).await;
+}
+
 /// Under object lock nothing younger than the lock is deleted; the archive is
 /// compacted all the same.
 #[tokio::test]

@@ -267,10 +267,11 @@ fn compact_every(g: &Grid) -> Duration {
 }
 
 async fn flush(t: &ArchiveState, w: &mut ArchiveWriter) -> anyhow::Result<()> {
-    let before = w.manifest().entries.len();
+    // By the writer's own count: a compaction may have rewritten the manifest's
+    // entries under it, so the entries added are not the tail any more.
+    let before = w.packed().stored;
     let seq = w.flush().await?;
-    let added = &w.manifest().entries[before.min(w.manifest().entries.len())..];
-    t.add_uploaded(added.iter().map(|e| e.bytes).sum());
+    t.add_uploaded(w.packed().stored.saturating_sub(before));
     t.set_archived(seq, newest_ts(w.manifest()));
     t.note_archive(w.manifest(), w.packed());
     Ok(())
