@@ -14,6 +14,7 @@ use ferry_archive::compact::{self, gc, level_of, CompactOptions, Grid, Tier};
 use ferry_archive::format::manifest::{Kind, Volume};
 use ferry_archive::format::pack::{Op, Record, WriteSet};
 use ferry_archive::restore::{restore, Target};
+use ferry_archive::view::{ArchiveView, ViewOptions};
 use ferry_archive::writer::ArchiveWriter;
 use ferry_archive::ArchiveStore;
 
@@ -255,6 +256,25 @@ async fn every_required_point_survives_compaction_byte_identical() {
         .collect();
     assert!(levels.contains(&2), "{levels:?}");
     assert!(held < 100, "{held} points after an hour and a half");
+    // A view (what `archive export` serves) of merged packs reads the same bytes.
+    let points: Vec<u64> = compact::points(&store, &manifest)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.end_seq)
+        .collect();
+    for &seq in points.iter().step_by(7).chain(points.last()) {
+        let view = ArchiveView::open(
+            store.clone(),
+            "vol0",
+            &Target::Seq(seq),
+            ViewOptions::default(),
+        )
+        .await
+        .unwrap();
+        let got = view.read(0, SIZE).await.unwrap();
+        assert!(got == m.points[&seq].1, "view at {seq} differs");
+    }
     let bytes_after = stored_bytes(dir.path());
     assert!(
         bytes_after * 3 < bytes_before,
