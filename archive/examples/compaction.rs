@@ -2,7 +2,8 @@
 //! workload of incompressible writes spread over `HOURS` hours of write-set times is
 //! archived on a fresh `file://` directory (8 MiB packs), then compacted under the
 //! issue's grid ("every write-set for 1h, 1 per minute for 24h, 1 per hour for 30d")
-//! as if 2 hours, 2 days and 31 days had passed (a new base before the last), the
+//! as if 2 hours, 2 days and 31 days had passed (a new base and one more write-set
+//! before the last), the
 //! garbage collected at once (no grace). Stored bytes are every file's size
 //! (packs, bases, chunks, manifests).
 //!
@@ -164,6 +165,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(img[a..(a + (1 << 20)).min(img.len())].to_vec())
     })
     .await?;
+    // The primary keeps writing: the newest pack (where the writer continues) is never
+    // dropped, so one more write-set makes the workload's packs droppable.
+    w.push(WriteSet {
+        end_seq: seq + 1,
+        timestamp_ns: end + secs(1),
+        records: vec![Record {
+            seq: seq + 1,
+            volume: 0,
+            offset: 0,
+            len: 4096,
+            op: Op::Write(Bytes::from(rng.fill(4096))),
+        }],
+    })?;
+    w.flush().await?;
     report("+ a new base at the end", stored(dir.path()));
     pass(
         &store,

@@ -341,6 +341,18 @@ impl ArchiveStore {
         }
     }
 
+    /// Whether a manifest generation newer than `generation` exists. A create of
+    /// generation G can succeed although a newer one exists when garbage collection
+    /// deleted an old G (a writer idle across compactions): such a G is never the
+    /// newest, so the committer treats it as a lost race (FORMAT.md, "Writers").
+    pub async fn newer_manifest(&self, generation: u64) -> Result<bool, StoreError> {
+        let offset = self.path(&Manifest::object_name(generation));
+        let mut newer = self
+            .store
+            .list_with_offset(Some(&self.path("manifest")), &offset);
+        Ok(newer.try_next().await?.is_some())
+    }
+
     /// The newest manifest, its chain verified; `None` for an empty archive.
     pub async fn latest_manifest(&self) -> Result<Option<Manifest>, StoreError> {
         let mut names = self.list("manifest").await?;

@@ -200,6 +200,7 @@ impl ArchiveWriter {
                 .store
                 .create(&Manifest::object_name(next.generation), next.to_json())
                 .await?
+                && !self.store.newer_manifest(next.generation).await?
             {
                 self.manifest = next;
                 return Ok(());

@@ -446,12 +446,29 @@ async fn a_writer_continues_over_a_compaction() {
         .await
         .unwrap()
         .unwrap();
+    // A second pass while the writer is idle: the generation it would create next
+    // was committed and then collected; creating it again must not count as a commit.
+    compact::compact(&store, &options(), now + secs(2000))
+        .await
+        .unwrap()
+        .unwrap();
+    let next = w.manifest().generation + 1;
+    assert!(!dir
+        .path()
+        .join(format!("manifest/{next:020}.json"))
+        .exists());
     for i in 400..420 {
         w.push(m.write_set(T0 + secs(i), None)).unwrap();
     }
     assert_eq!(w.flush().await.unwrap(), m.seq);
     assert!(w.manifest().entries.iter().any(|e| level_of(&e.name) > 0));
-    check(&store, &m, now, out.path()).await;
+    let newest = store.latest_manifest().await.unwrap().unwrap();
+    assert_eq!(
+        newest.last_pack_seq(),
+        m.seq,
+        "the writer's packs are the newest's"
+    );
+    check(&store, &m, now + secs(2000), out.path()).await;
     // A compactor racing the writer the other way: its commit re-applies on top.
     let p = compact::prepare(&store, &options(), now + secs(3000))
         .await

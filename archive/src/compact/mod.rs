@@ -198,9 +198,12 @@ pub async fn commit(
         let Some(next) = apply(&on, &p.merges, &p.drop)? else {
             return Ok(None);
         };
+        // A created generation is ours only if none newer exists (an old number
+        // whose holder was collected is a lost race too).
         if store
             .create(&Manifest::object_name(next.generation), next.to_json())
             .await?
+            && !store.newer_manifest(next.generation).await?
         {
             return Ok(Some(next.generation));
         }
