@@ -329,10 +329,10 @@ impl ArchiveStore {
     pub async fn delete(&self, listed: &Listed, now_ns: u64) -> Result<(), StoreError> {
         if self.locked(listed.modified_ns, now_ns) {
             return Err(StoreError::Refused(format!(
-                "{}: under object lock ({} days) until {} days after its upload",
+                "{}: under object lock for {} days after its upload ({} s ago)",
                 listed.name,
                 self.lock_days.unwrap_or(0),
-                self.lock_days.unwrap_or(0)
+                now_ns.saturating_sub(listed.modified_ns) / 1_000_000_000
             )));
         }
         match self.store.delete(&self.path(&listed.name)).await {

@@ -538,6 +538,9 @@ async fn object_lock_keeps_every_object() {
         walk(dir.path()).len() > files,
         "nothing deleted, merged packs added"
     );
+    let young = store.list_meta("packs").await.unwrap().remove(0);
+    let e = store.delete(&young, now).await.unwrap_err();
+    assert!(e.to_string().contains("under object lock for 1 days"), "{e}");
     check(&store, &m, T0 + secs(1000), out.path()).await;
     // A day later the lock has expired.
     let g = gc::collect(&store, Duration::ZERO, now + secs(86_400 + 60))
