@@ -535,6 +535,15 @@ pub struct ArchiveTargetConfig {
     pub url: String,
     /// A pack is uploaded at least this often while write-sets wait (seconds).
     pub flush_interval_s: u64,
+    /// Which points stay restorable as they age; compaction thins and merges the packs
+    /// to it. `None`: every point is kept, nothing is compacted.
+    pub retention: Option<crate::grid::RetentionGrid>,
+    /// A new base image at least this often (seconds), so a restore replays at most
+    /// this much of packs; also what lets compaction drop packs past the grid.
+    pub base_interval_s: Option<u64>,
+    /// Objects are locked (WORM) this many days after upload: compaction's garbage
+    /// collection never deletes a younger one (archive/FORMAT.md, "Object lock").
+    pub object_lock_days: Option<u64>,
     /// Position among the `[[replication.target]]` sections (for error keys and to
     /// write them back in order).
     pub index: usize,
@@ -568,6 +577,11 @@ struct RawTarget {
     compress: Option<Compress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_bandwidth: Option<String>,
+    retention: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base_interval: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    object_lock_days: Option<u64>,
 }
 
 /// `[replication]` as written; targets split by kind in [`ReplicationConfig`].
@@ -616,6 +630,9 @@ impl TryFrom<RawReplication> for ReplicationConfig {
                     for (f, set) in [
                         ("url", t.url.is_some()),
                         ("flush_interval", t.flush_interval.is_some()),
+                        ("retention", t.retention.is_some()),
+                        ("base_interval", t.base_interval.is_some()),
+                        ("object_lock_days", t.object_lock_days.is_some()),
                     ] {
                         if set {
                             return Err(format!(
@@ -662,6 +679,14 @@ impl TryFrom<RawReplication> for ReplicationConfig {
                         )
                     })?,
                     flush_interval_s: t.flush_interval.unwrap_or(DEFAULT_ARCHIVE_FLUSH_INTERVAL_S),
+                    retention: t
+                        .retention
+                        .as_deref()
+                        .map(crate::grid::RetentionGrid::parse)
+                        .transpose()
+                        .map_err(|e| format!("{}: {e}", key("retention")))?,
+                    base_interval_s: t.base_interval,
+                    object_lock_days: t.object_lock_days,
                     index: i,
                     address: t.address,
                     mode: t.mode,
@@ -703,6 +728,9 @@ impl From<ReplicationConfig> for RawReplication {
                 // Defaults stay unwritten.
                 compress: (t.wan.compress != Compress::Off).then_some(t.wan.compress),
                 max_bandwidth: t.wan.max_bandwidth.map(crate::size::format_bandwidth),
+                retention: None,
+                base_interval: None,
+                object_lock_days: None,
             })
             .collect();
         for a in r.archives {
@@ -719,6 +747,9 @@ impl From<ReplicationConfig> for RawReplication {
                     flush_interval: Some(a.flush_interval_s),
                     compress: None,
                     max_bandwidth: None,
+                    retention: a.retention.map(|g| g.text),
+                    base_interval: a.base_interval_s,
+                    object_lock_days: a.object_lock_days,
                 },
             );
         }
@@ -1434,6 +1465,15 @@ impl Config {
             if a.flush_interval_s == 0 {
                 return bad(key("flush_interval"), "must be at least 1 (seconds)".into());
             }
+            if a.base_interval_s == Some(0) {
+                return bad(key("base_interval"), "must be at least 1 (seconds)".into());
+            }
+            if a.object_lock_days == Some(0) {
+                return bad(
+                    key("object_lock_days"),
+                    "must be at least 1 (days); leave it out for no object lock".into(),
+                );
+            }
         }
         Ok(())
     }
@@ -1901,6 +1941,11 @@ size = "1GiB"
                 "url = \"file:///d\"\nflush_interval = 0\n",
                 "flush_interval",
             ),
+            ("url = \"file:///d\"\nbase_interval = 0\n", "base_interval"),
+            (
+                "url = \"file:///d\"\nobject_lock_days = 0\n",
+                "object_lock_days",
+            ),
         ] {
             assert_eq!(
                 invalid_key(&archive(extra)),
@@ -1910,6 +1955,32 @@ size = "1GiB"
         }
         let e = Config::parse(&archive("")).unwrap_err().to_string();
         assert!(e.contains("replication.target[0].url"), "{e}");
+        let e = Config::parse(&archive(
+            "url = \"file:///d\"\nretention = \"every write-set for 1h, 1 per minute for 30m\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("replication.target[0].retention: tier 2"), "{e}");
+        let grid = "every write-set for 1h, 1 per minute for 24h, 1 per hour for 30d";
+        let cfg = Config::parse(&archive(&format!(
+            "url = \"file:///d\"\nretention = \"{grid}\"\nbase_interval = 86400\nobject_lock_days = 7\n"
+        )))
+        .unwrap();
+        cfg.validate().unwrap();
+        let a = &cfg.replication.as_ref().unwrap().archives[0];
+        assert_eq!(a.retention.as_ref().unwrap().tiers.len(), 2);
+        assert_eq!(
+            (a.base_interval_s, a.object_lock_days),
+            (Some(86400), Some(7))
+        );
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(&again.replication.unwrap().archives[0], a);
+        let e = Config::parse(&with_targets(
+            "[[replication.target]]\nname = \"dr\"\naddress = \"127.0.0.1:7001\"\nretention = \"every write-set for 1h\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("replication.target[0].retention"), "{e}");
         let e = Config::parse(&with_targets(
             "[[replication.target]]\nname = \"x\"\nkind = \"tape\"\n",
         ))

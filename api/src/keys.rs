@@ -123,6 +123,9 @@ pub const KEYS: &[Key] = &[
     restart("replication.target.kind", ARCHIVE),
     restart("replication.target.url", ARCHIVE),
     restart("replication.target.flush_interval", ARCHIVE),
+    restart("replication.target.retention", ARCHIVE),
+    restart("replication.target.base_interval", ARCHIVE),
+    restart("replication.target.object_lock_days", ARCHIVE),
     live("metrics.listen"),
     restart("pit.enabled", UNDO),
     restart("pit.dir", UNDO),
@@ -251,6 +254,9 @@ name = "cold"
 kind = "archive"
 url = "file:///a"
 flush_interval = 3
+retention = "every write-set for 1h, 1 per hour for 30d"
+base_interval = 86400
+object_lock_days = 30
 [metrics]
 listen = "127.0.0.1:9640"
 [pit]

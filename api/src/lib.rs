@@ -5,6 +5,7 @@
 //! * [`keys`]    — every config key and whether a reload can change it live.
 //! * [`size`]    — byte sizes (`64MiB`) in the config and on the command line.
 //! * [`timefmt`] — RFC 3339 parsing and formatting, and the one civil-date routine.
+//! * [`grid`]    — an archive target's retention grid (`retention = "…"`).
 //! * [`control`] — the control socket protocol (requests, responses, roles) and its client.
 //! * [`audit`]   — the audit log's line format, canonical SM3 hashing and chain verifier.
 //! * [`status`]  — a node's status snapshot (the `status` request's answer), typed.
@@ -13,6 +14,7 @@
 pub mod audit;
 pub mod config;
 pub mod control;
+pub mod grid;
 pub mod keyfile;
 pub mod keys;
 pub mod size;

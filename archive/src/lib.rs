@@ -6,7 +6,10 @@
 //! - [`store`]: the object store behind a URL (`s3://bucket/prefix`, `file:///dir`).
 //! - [`writer`]: what the primary's archive target calls: write-sets in, packs out.
 //! - [`restore`]: a point back into a file or device, every object's hash checked.
+//! - [`compact`]: packs merged into coarser levels and thinned to the retention grid,
+//!   what the grid no longer needs dropped, garbage collected.
 //! - [`view`]: a point read in place from the bucket (what `ferryctl archive export` serves).
+pub mod compact;
 pub mod format;
 pub mod restore;
 pub mod store;

@@ -57,6 +57,17 @@ pub struct ArchiveStore {
     /// rotation. Set by [`ArchiveStore::check_key`]; unset: the current key (a new
     /// archive records that one).
     archive_key: std::sync::OnceLock<ferry_gm::atrest::KeyId>,
+    /// Object lock (WORM) retention in days: no object younger is ever deleted.
+    lock_days: Option<u64>,
+}
+
+/// One listed object: its name under the prefix, size and last modification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub name: String,
+    pub bytes: u64,
+    /// ns since the Unix epoch (the store's clock).
+    pub modified_ns: u64,
 }
 
 impl std::fmt::Debug for ArchiveStore {
@@ -68,6 +79,15 @@ impl std::fmt::Debug for ArchiveStore {
 impl ArchiveStore {
     /// Opens the store behind `url` (a `file://` directory is created if missing).
     pub fn open(url: &str) -> Result<ArchiveStore, StoreError> {
+        ArchiveStore::open_locked(url, None)
+    }
+
+    /// As [`open`](Self::open), for a bucket with S3 Object Lock: every upload carries
+    /// a SHA-256 checksum (S3 refuses a PUT into a locked bucket without one), and
+    /// [`delete`](Self::delete) refuses objects younger than `lock_days`. The lock
+    /// itself is the bucket's default retention (object_store 0.12 cannot set the
+    /// per-object `x-amz-object-lock-*` headers; FORMAT.md, "Object lock").
+    pub fn open_locked(url: &str, lock_days: Option<u64>) -> Result<ArchiveStore, StoreError> {
         let bad = |why: &str| StoreError::Url {
             url: url.to_string(),
             why: why.to_string(),
@@ -85,6 +105,9 @@ impl ArchiveStore {
             "s3" => {
                 let bucket = parsed.host_str().ok_or_else(|| bad("no bucket"))?;
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                if lock_days.is_some() {
+                    b = b.with_checksum_algorithm(object_store::aws::Checksum::SHA256);
+                }
                 if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
                     // A loopback or on-premises endpoint (MinIO, Ceph RGW) often speaks
                     // plain HTTP and path-style addressing.
@@ -104,6 +127,19 @@ impl ArchiveStore {
             url: url.to_string(),
             kek: None,
             archive_key: std::sync::OnceLock::new(),
+            lock_days,
+        })
+    }
+
+    /// The object lock retention in days, if any.
+    pub fn lock_days(&self) -> Option<u64> {
+        self.lock_days
+    }
+
+    /// Whether an object modified at `modified_ns` is still locked at `now_ns`.
+    pub fn locked(&self, modified_ns: u64, now_ns: u64) -> bool {
+        self.lock_days.is_some_and(|d| {
+            modified_ns.saturating_add(d.saturating_mul(86_400_000_000_000)) > now_ns
         })
     }
 
@@ -283,6 +319,57 @@ impl ArchiveStore {
             .into_iter()
             .map(|m| m.location.as_ref()[strip..].to_string())
             .collect())
+    }
+
+    /// Names, sizes and modification times under `dir`.
+    pub async fn list_meta(&self, dir: &str) -> Result<Vec<Listed>, StoreError> {
+        let base = self.path(dir);
+        let strip = if self.prefix.as_ref().is_empty() {
+            0
+        } else {
+            self.prefix.as_ref().len() + 1
+        };
+        let metas: Vec<_> = self.store.list(Some(&base)).try_collect().await?;
+        Ok(metas
+            .into_iter()
+            .map(|m| Listed {
+                name: m.location.as_ref()[strip..].to_string(),
+                bytes: m.size,
+                modified_ns: m
+                    .last_modified
+                    .timestamp_nanos_opt()
+                    .map_or(0, |n| n.max(0) as u64),
+            })
+            .collect())
+    }
+
+    /// Deletes `listed` (gone already: fine). Refused while object lock holds it: the
+    /// archive's own garbage collection never asks the store to break a lock.
+    pub async fn delete(&self, listed: &Listed, now_ns: u64) -> Result<(), StoreError> {
+        if self.locked(listed.modified_ns, now_ns) {
+            return Err(StoreError::Refused(format!(
+                "{}: under object lock for {} days after its upload ({} s ago)",
+                listed.name,
+                self.lock_days.unwrap_or(0),
+                now_ns.saturating_sub(listed.modified_ns) / 1_000_000_000
+            )));
+        }
+        match self.store.delete(&self.path(&listed.name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether a manifest generation newer than `generation` exists. A create of
+    /// generation G can succeed although a newer one exists when garbage collection
+    /// deleted an old G (a writer idle across compactions): such a G is never the
+    /// newest, so the committer treats it as a lost race (FORMAT.md, "Writers").
+    pub async fn newer_manifest(&self, generation: u64) -> Result<bool, StoreError> {
+        let offset = self.path(&Manifest::object_name(generation));
+        let mut newer = self
+            .store
+            .list_with_offset(Some(&self.path("manifest")), &offset);
+        Ok(newer.try_next().await?.is_some())
     }
 
     /// The newest manifest, its chain verified; `None` for an empty archive.

@@ -3,7 +3,7 @@
 //! uploaded before the manifest that names it, and the manifest's new generation
 //! created only if absent. A crash between the two leaves an unreferenced pack (rewritten
 //! by the retry, which has the same name); the archive never references a missing one.
-use crate::format::base::{chunk_object, Base, BASE_FORMAT, CHUNK_SIZE};
+use crate::format::base::{Base, BASE_FORMAT, CHUNK_SIZE};
 use crate::format::manifest::{Entry, Kind, Manifest, Volume};
 use crate::format::pack::{self, WriteSet};
 use crate::format::sealed::ObjectKind;
@@ -12,6 +12,8 @@ use crate::store::{ArchiveStore, StoreError};
 
 /// Default pack size: a few MiB of write-sets before compression.
 pub const DEFAULT_PACK_BYTES: usize = 8 << 20;
+/// Commits retried over compactions that won the race for the next generation.
+const COMMIT_ATTEMPTS: usize = 16;
 
 pub struct ArchiveWriter {
     store: ArchiveStore,
@@ -180,26 +182,50 @@ impl ArchiveWriter {
         self.commit(entry).await
     }
 
-    /// Adds `entry` in a new manifest generation, created only if absent.
+    /// Adds `entry` in a new manifest generation, created only if absent. A generation
+    /// a compactor created first ([`crate::compact`]: same epoch, the same packs
+    /// reached) is taken as the new base and the entry added to it; any other winner
+    /// is another writer, and this one has lost.
     async fn commit(&mut self, entry: Entry) -> Result<(), StoreError> {
-        let mut next = self.manifest.clone();
-        next.push(entry).map_err(|source| StoreError::Format {
-            name: "manifest".into(),
-            source,
-        })?;
-        next.generation += 1;
-        next.epoch = self.epoch;
-        if !self
-            .store
-            .create(&Manifest::object_name(next.generation), next.to_json())
-            .await?
-        {
-            return Err(StoreError::LostRace {
+        for _ in 0..COMMIT_ATTEMPTS {
+            let mut next = self.manifest.clone();
+            next.push(entry.clone())
+                .map_err(|source| StoreError::Format {
+                    name: "manifest".into(),
+                    source,
+                })?;
+            next.generation += 1;
+            next.epoch = self.epoch;
+            if self
+                .store
+                .create(&Manifest::object_name(next.generation), next.to_json())
+                .await?
+                && !self.store.newer_manifest(next.generation).await?
+            {
+                self.manifest = next;
+                return Ok(());
+            }
+            let lost = StoreError::LostRace {
                 generation: next.generation,
-            });
+            };
+            match self.store.latest_manifest().await? {
+                Some(m) if self.compacted(&m) => self.manifest = m,
+                _ => return Err(lost),
+            }
         }
-        self.manifest = next;
-        Ok(())
+        Err(StoreError::Refused(format!(
+            "manifest: {COMMIT_ATTEMPTS} compactions in a row won the race for the next generation"
+        )))
+    }
+
+    /// Whether `m` is this writer's manifest compacted: same epoch, a newer generation
+    /// that reaches exactly the packs this writer committed (compaction merges and
+    /// drops entries, never appends).
+    fn compacted(&self, m: &Manifest) -> bool {
+        m.epoch == self.epoch
+            && m.generation > self.manifest.generation
+            && m.last_pack_seq() == self.manifest.last_pack_seq()
+            && m.cluster == self.manifest.cluster
     }
 
     /// Uploads `volume` as it is at `seq` (the caller guarantees the reader sees exactly
@@ -213,6 +239,7 @@ impl ArchiveWriter {
         mut read_chunk: impl FnMut(u64) -> std::io::Result<Vec<u8>>,
     ) -> Result<BaseStats, StoreError> {
         let size = self.volume_size(volume)?;
+        let held = self.newest_base_chunks(volume).await?;
         let mut stats = BaseStats::default();
         let mut chunks = Vec::with_capacity(Base::chunk_count(size) as usize);
         for i in 0..Base::chunk_count(size) {
@@ -228,7 +255,7 @@ impl ArchiveWriter {
             let id = self.store.chunk_id(&data);
             match &id {
                 None => stats.zero_chunks += 1,
-                Some(id) if self.store.exists(&chunk_object(id)).await? => stats.reused_chunks += 1,
+                Some(id) if held.contains(id) => stats.reused_chunks += 1,
                 Some(id) => {
                     stats.uploaded_bytes += self.store.put_chunk(id, &data, self.level).await?
                 }
@@ -260,6 +287,33 @@ impl ArchiveWriter {
         self.store.put(&name, json).await?;
         self.commit(entry).await?;
         Ok(stats)
+    }
+
+    /// The chunk ids of `volume`'s newest base in the manifest: what a new base may
+    /// reuse without uploading. Only those: compaction's garbage collection deletes
+    /// chunks no kept base names, but never one of the newest base (a base is dropped
+    /// only once a newer one is committed), so a reused chunk cannot vanish between
+    /// this check and the new base's commit.
+    async fn newest_base_chunks(
+        &self,
+        volume: u32,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let suffix = format!("-{volume}.json");
+        let newest = self
+            .manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::Base && e.name.ends_with(&suffix))
+            .max_by_key(|e| e.last_seq);
+        let Some(e) = newest else {
+            return Ok(Default::default());
+        };
+        let json = crate::restore::get_checked(&self.store, e).await?;
+        let base = Base::from_json(&json).map_err(|source| StoreError::Format {
+            name: e.name.clone(),
+            source,
+        })?;
+        Ok(base.chunks.into_iter().flatten().collect())
     }
 
     fn volume_size(&self, volume: u32) -> Result<u64, StoreError> {

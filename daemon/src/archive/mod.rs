@@ -4,7 +4,9 @@
 //! it holds), then tails the journal with the shippers' reader thread, turns its
 //! write-sets into `ferry_archive` write-sets and uploads them as packs (when a pack
 //! is full, or every `flush_interval`). Its archived sequence holds the journal's
-//! release floor, so nothing unarchived is released.
+//! release floor, so nothing unarchived is released. With a `retention` grid a
+//! compaction task beside it merges and thins the packs ([`ferry_archive::compact`]);
+//! with a `base_interval` it uploads a new base that often.
 //!
 //! [`ArchiveState`] is what status and the release floor read; [`run`] owns the loop.
 pub mod run;
@@ -16,16 +18,57 @@ use std::time::Duration;
 use ferry_api::config::Config;
 use ferry_api::status::{ArchiveStatus, PitPoint};
 use ferry_api::timefmt::format_rfc3339;
+use ferry_archive::compact::{Grid, Tier};
 use ferry_archive::format::manifest::{Kind, Manifest};
 use ferry_archive::writer::PackedBytes;
 use ferry_journal::{now_ns, Journal, Seq};
 use parking_lot::Mutex;
+
+/// What an archive target keeps and how (`retention`, `base_interval`,
+/// `object_lock_days` of its config).
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Compaction's grid; `None`: nothing is compacted.
+    pub retention: Option<Grid>,
+    /// A new base image at least this often.
+    pub base_interval: Option<Duration>,
+    pub object_lock_days: Option<u64>,
+}
+
+impl Policy {
+    /// The config's policy; a grid the config accepted but compaction does not is
+    /// logged and left out (the parser checks the same rules: not expected).
+    fn from_config(a: &ferry_api::config::ArchiveTargetConfig) -> Policy {
+        let retention = a.retention.as_ref().and_then(|g| {
+            let ns = |d: Duration| d.as_nanos() as u64;
+            let tiers = g
+                .tiers
+                .iter()
+                .map(|&(p, h)| Tier {
+                    period_ns: ns(p),
+                    horizon_ns: ns(h),
+                })
+                .collect();
+            Grid::new(g.every_for.map_or(0, ns), tiers)
+                .map_err(
+                    |e| tracing::error!(target = %a.name, "retention '{g}': {e}; not compacting"),
+                )
+                .ok()
+        });
+        Policy {
+            retention,
+            base_interval: a.base_interval_s.map(Duration::from_secs),
+            object_lock_days: a.object_lock_days,
+        }
+    }
+}
 
 /// One archive target's live state.
 pub struct ArchiveState {
     pub name: String,
     pub url: String,
     pub flush_interval: Duration,
+    pub policy: Policy,
     /// Newest write-set boundary the archive holds durably: the release floor.
     archived: AtomicU64,
     /// The primary's time of that write-set (ns since the Unix epoch; 0: unknown).
@@ -47,6 +90,7 @@ impl ArchiveState {
             name: name.to_string(),
             url: url.to_string(),
             flush_interval,
+            policy: Policy::default(),
             archived: AtomicU64::new(start),
             archived_ts: AtomicU64::new(0),
             bytes_uploaded: AtomicU64::new(0),
@@ -198,7 +242,9 @@ impl Archives {
                     .iter()
                     .map(|a| {
                         let every = Duration::from_secs(a.flush_interval_s.max(1));
-                        Arc::new(ArchiveState::new(&a.name, &a.url, every, start))
+                        let mut t = ArchiveState::new(&a.name, &a.url, every, start);
+                        t.policy = Policy::from_config(a);
+                        Arc::new(t)
                     })
                     .collect()
             })

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use ferry_archive::compact::{self, CompactOptions, Grid};
 use ferry_archive::format::base::CHUNK_SIZE;
 use ferry_archive::format::manifest::{Kind, Manifest, Volume};
 use ferry_archive::format::pack::{Op, Record, WriteSet};
@@ -120,14 +121,22 @@ async fn session(
     ctx: &ArchiveContext,
     t: &ArchiveState,
 ) -> anyhow::Result<std::convert::Infallible> {
-    let store = ArchiveStore::open(&t.url)?.with_kek(ctx.kek.clone());
-    let mut w = ArchiveWriter::open(store, &ctx.cluster, ctx.volumes(), ctx.epoch).await?;
+    let store =
+        ArchiveStore::open_locked(&t.url, t.policy.object_lock_days)?.with_kek(ctx.kek.clone());
+    let mut w = ArchiveWriter::open(store.clone(), &ctx.cluster, ctx.volumes(), ctx.epoch).await?;
+    // Ends with the session (dropped): a new session starts a new one.
+    let _compactor = t
+        .policy
+        .retention
+        .clone()
+        .map(|g| Compactor::spawn(store, g, t.name.clone()));
     // Reachable again: hold the journal from what the archive holds (after an
     // overflow the gap check below finds the journal released and takes a new base).
     t.hold_again();
     t.new_session();
     t.note_archive(w.manifest(), w.packed());
-    let mut at = held_point(w.manifest(), ctx);
+    let ids: Vec<u32> = ctx.bases.iter().map(|b| b.id).collect();
+    let mut at = held_point(w.manifest(), &ids, ctx.journal.first_available_seq());
     check_history(w.manifest().epoch, ctx.epoch, ctx.fork, at)?;
     if at.is_none() || at.is_some_and(|a| ctx.journal.first_available_seq() > a + 1) {
         t.set_phase("base", None);
@@ -160,12 +169,14 @@ async fn session(
         ctx.epoch,
         READ_AHEAD,
     )?;
-    stream(t, &mut w, reader).await
+    stream(ctx, t, &mut w, reader).await
 }
 
 /// Write-sets in, packs out: a pack when the writer says one is due, and at least
-/// every `flush_interval` while write-sets wait.
+/// every `flush_interval` while write-sets wait; a new base when `base_interval`
+/// has passed since the newest one.
 async fn stream(
+    ctx: &ArchiveContext,
     t: &ArchiveState,
     w: &mut ArchiveWriter,
     mut reader: ReaderThread,
@@ -173,24 +184,94 @@ async fn stream(
     let mut tick = tokio::time::interval(t.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let due = tokio::select! {
+        let (due, base) = tokio::select! {
             ws = reader.recv() => {
                 let ws = ws.ok_or_else(|| anyhow!("the journal reader stopped"))??;
-                w.push(pack_write_set(ws))?
+                (w.push(pack_write_set(ws))?, false)
             }
-            _ = tick.tick() => w.pushed_seq() > w.archived_seq(),
+            _ = tick.tick() => (w.pushed_seq() > w.archived_seq(), base_due(t, w.manifest())),
         };
-        if due {
+        if due || base {
             flush(t, w).await?;
+        }
+        if base {
+            t.set_phase("base", None);
+            let (seq, ts, bytes) = upload_bases(ctx, w, &t.name).await?;
+            t.add_uploaded(bytes);
+            t.note_archive(w.manifest(), w.packed());
+            tracing::info!(target = %t.name, seq, ts, bytes, "archive: periodic base image committed");
+            t.set_phase("archiving", None);
         }
     }
 }
 
+/// Whether `base_interval` has passed since the newest base (by the primary's clock,
+/// the one base times are taken with).
+fn base_due(t: &ArchiveState, m: &Manifest) -> bool {
+    let Some(every) = t.policy.base_interval else {
+        return false;
+    };
+    let newest = m
+        .entries
+        .iter()
+        .filter(|e| e.kind == Kind::Base)
+        .map(|e| e.last_ts)
+        .max()
+        .unwrap_or(0);
+    now_ns().saturating_sub(newest) >= every.as_nanos() as u64
+}
+
+/// The compaction task of one session: a pass every [`compact_every`] of the grid;
+/// a failed pass is logged and retried at the next (it leaves garbage at worst).
+/// Aborted when dropped.
+struct Compactor(tokio::task::JoinHandle<()>);
+
+impl Compactor {
+    fn spawn(store: ArchiveStore, grid: Grid, name: String) -> Compactor {
+        let every = compact_every(&grid);
+        let opts = CompactOptions::new(grid);
+        Compactor(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match compact::compact(&store, &opts, now_ns()).await {
+                    Ok(Some((r, g))) => tracing::info!(
+                        target = %name, runs = r.runs, packs_in = r.packs_in, packs_out = r.packs_out,
+                        bytes_in = r.bytes_in, bytes_out = r.bytes_out, sets_in = r.sets_in,
+                        sets_out = r.sets_out, dropped = r.dropped, deleted = g.deleted,
+                        deleted_bytes = g.deleted_bytes, locked = g.locked,
+                        "archive: compacted"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(target = %name, "archive compaction: {e}"),
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Compactor {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How often compaction looks: half the finest horizon or period, within 1 s .. 60 s.
+fn compact_every(g: &Grid) -> Duration {
+    let finest = match g.horizon(0) {
+        0 => g.period(1),
+        h => h.min(g.period(1)),
+    };
+    Duration::from_nanos(finest / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
 async fn flush(t: &ArchiveState, w: &mut ArchiveWriter) -> anyhow::Result<()> {
-    let before = w.manifest().entries.len();
+    // By the writer's own count: a compaction may have rewritten the manifest's
+    // entries under it, so the entries added are not the tail any more.
+    let before = w.packed().stored;
     let seq = w.flush().await?;
-    let added = &w.manifest().entries[before.min(w.manifest().entries.len())..];
-    t.add_uploaded(added.iter().map(|e| e.bytes).sum());
+    t.add_uploaded(w.packed().stored.saturating_sub(before));
     t.set_archived(seq, newest_ts(w.manifest()));
     t.note_archive(w.manifest(), w.packed());
     Ok(())
@@ -217,20 +298,25 @@ fn check_history(
 }
 
 /// What the archive holds for this primary to continue from: its newest pack's end,
-/// or its newest base if later; `None` while a volume has no base at all.
-fn held_point(m: &Manifest, ctx: &ArchiveContext) -> Option<Seq> {
+/// or its newest base if later; `None` while a volume has no base at all. A periodic
+/// base committed before the packs reached it (a crash right after it) continues
+/// from the packs while the journal (first available: `journal_first`) still holds
+/// what follows them, so no point between them goes missing.
+fn held_point(m: &Manifest, volumes: &[u32], journal_first: Seq) -> Option<Seq> {
     let bases = m.entries.iter().filter(|e| e.kind == Kind::Base);
-    let mut newest_base = 0;
-    for b in &ctx.bases {
-        let suffix = format!("-{}.json", b.id);
-        let seq = bases
-            .clone()
-            .filter(|e| e.name.ends_with(&suffix))
-            .map(|e| e.last_seq)
-            .max()?;
+    let (mut newest_base, mut packs_reachable) = (0, true);
+    let packs = m.last_pack_seq();
+    for id in volumes {
+        let suffix = format!("-{id}.json");
+        let of_volume = bases.clone().filter(|e| e.name.ends_with(&suffix));
+        let seq = of_volume.clone().map(|e| e.last_seq).max()?;
         newest_base = newest_base.max(seq);
+        packs_reachable &= of_volume.clone().any(|e| e.last_seq <= packs);
     }
-    Some(m.last_pack_seq().max(newest_base))
+    if packs > 0 && packs < newest_base && packs_reachable && journal_first <= packs + 1 {
+        return Some(packs);
+    }
+    Some(packs.max(newest_base))
 }
 
 fn newest_ts(m: &Manifest) -> u64 {
@@ -400,6 +486,36 @@ mod tests {
         assert!(!is_fatal(&anyhow::Error::from(StoreError::Io(
             std::io::Error::other("x")
         ))));
+    }
+
+    /// A periodic base ahead of the packs (a crash right after it): continue from the
+    /// packs while the journal holds what follows them, else from the base.
+    #[test]
+    fn a_base_ahead_of_the_packs_continues_from_the_packs_while_the_journal_can() {
+        use ferry_archive::format::manifest::Entry;
+        let entry = |kind, name: &str, first, last| Entry {
+            kind,
+            name: name.into(),
+            epoch: 1,
+            first_seq: first,
+            last_seq: last,
+            first_ts: 0,
+            last_ts: 0,
+            bytes: 1,
+            sm3: String::new(),
+            chain: String::new(),
+        };
+        let mut m = Manifest::new("c", Vec::new(), 1);
+        assert_eq!(held_point(&m, &[0], 1), None, "no base yet");
+        m.push(entry(Kind::Base, "bases/00000001/0-0.json", 0, 0))
+            .unwrap();
+        assert_eq!(held_point(&m, &[0], 1), Some(0));
+        m.push(entry(Kind::Pack, "packs/a", 1, 10)).unwrap();
+        m.push(entry(Kind::Base, "bases/00000001/20-0.json", 20, 20))
+            .unwrap();
+        assert_eq!(held_point(&m, &[0], 11), Some(10));
+        assert_eq!(held_point(&m, &[0], 12), Some(20), "journal released");
+        assert_eq!(held_point(&m, &[0, 1], 1), None, "volume 1 has no base");
     }
 
     /// Every record kind keeps its sequence, volume, range and payload; a seal keeps
