@@ -69,18 +69,21 @@ pub fn restore(
                 "time": format_rfc3339(r.timestamp_ns),
                 "base_seq": r.base_seq,
                 "packs_read": r.packs_read,
+                "packs_skipped": r.packs_skipped,
+                "indexes_read": r.indexes_read,
                 "write_sets_applied": r.write_sets_applied,
                 "bytes_downloaded": r.bytes_downloaded,
             })
         );
     } else {
         println!(
-            "restored '{volume}' at seq {} ({}) to {}: base at seq {}, {} packs, {} write-sets, {} bytes downloaded",
+            "restored '{volume}' at seq {} ({}) to {}: base at seq {}, {} packs read ({} not needed), {} write-sets, {} bytes downloaded",
             r.seq,
             format_rfc3339(r.timestamp_ns),
             to.display(),
             r.base_seq,
             r.packs_read,
+            r.packs_skipped,
             r.write_sets_applied,
             r.bytes_downloaded
         );
