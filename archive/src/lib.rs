@@ -7,8 +7,10 @@
 //! - [`writer`]: what the primary's archive target calls: write-sets in, packs out.
 //! - [`restore`]: a point back into a file or device, every object's hash checked.
 //! - [`view`]: a point read in place from the bucket (what `ferryctl archive export` serves).
+//! - [`seed`]: a point restored into a new standby, with the marker its ferryd starts from.
 pub mod format;
 pub mod restore;
+pub mod seed;
 pub mod store;
 pub mod view;
 pub mod writer;

@@ -6,8 +6,10 @@
 //! is full, or every `flush_interval`). Its archived sequence holds the journal's
 //! release floor, so nothing unarchived is released.
 //!
-//! [`ArchiveState`] is what status and the release floor read; [`run`] owns the loop.
+//! [`ArchiveState`] is what status and the release floor read; [`run`] owns the loop;
+//! [`seed`] starts a standby that `ferryctl archive seed` restored from an archive.
 pub mod run;
+pub mod seed;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

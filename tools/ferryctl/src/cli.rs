@@ -389,6 +389,29 @@ pub enum ArchiveCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Initialise a new standby from the archive: every volume of the node named by
+    /// --config (a standby that never ran) is restored at one archived point into its
+    /// volume file, and its ferryd, at its first start, begins its journal there. It
+    /// then joins by streaming after that point, or, when its primary's journal no
+    /// longer reaches back to it, by a resync that compares digests and copies only
+    /// what differs, instead of a full initial sync. A foreign archive (another
+    /// cluster, other volumes) is refused here; a point that is not of the primary's
+    /// history (another epoch, past its newest sequence) is refused by the primary at
+    /// the first connection, and status says so.
+    Seed {
+        /// The archive: s3://BUCKET/PREFIX or file:///DIR (the primary's archive target).
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The key file of an encrypted archive (default: the node's `[encryption]
+        /// key_file`, which must be the primary's key).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        point: ArchivePointArgs,
+        /// Print the result as JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// The archive's newest manifest: generation, epoch, volumes, packs, bases and
     /// the newest point.
     List {
