@@ -264,6 +264,8 @@ pub(crate) struct PlanRuns {
 
 /// Packs indexed at once: overlaps the store's latency, bounds memory.
 const INDEX_PARALLEL: usize = 4;
+/// Base chunks downloaded at once while restoring.
+const CHUNK_PARALLEL: usize = 4;
 
 /// Indexes the plan's packs, oldest first; `keep` gets the body of each pack that had
 /// to be read whole (a cache may hold it for the reads that follow). Refuses a point
@@ -439,18 +441,29 @@ async fn write_base(
             e.name, base.size
         )));
     }
+    use futures::StreamExt;
     let mut downloaded = json.len() as u64;
     let zeros = vec![0u8; CHUNK_SIZE as usize];
-    for (i, id) in base.chunks.iter().enumerate() {
-        let off = i as u64 * CHUNK_SIZE;
-        let len = (size - off).min(CHUNK_SIZE) as usize;
-        let Some(id) = id else {
-            out.write_all_at(&zeros[..len], off)?;
-            continue;
-        };
-        let (data, stored) = store.get_chunk(id, len).await?;
-        downloaded += stored;
-        out.write_all_at(&data, off)?;
+    // Chunks are fetched CHUNK_PARALLEL at a time (the store's latency overlapped,
+    // memory bounded by as many chunks) and written in order.
+    let mut chunks = futures::stream::iter(base.chunks.iter().enumerate())
+        .map(|(i, id)| async move {
+            let off = i as u64 * CHUNK_SIZE;
+            let len = (size - off).min(CHUNK_SIZE) as usize;
+            match id {
+                None => Ok::<_, StoreError>((off, len, None)),
+                Some(id) => Ok((off, len, Some(store.get_chunk(id, len).await?))),
+            }
+        })
+        .buffered(CHUNK_PARALLEL);
+    while let Some(c) = chunks.next().await {
+        match c? {
+            (off, len, None) => out.write_all_at(&zeros[..len], off)?,
+            (off, _, Some((data, stored))) => {
+                downloaded += stored;
+                out.write_all_at(&data, off)?;
+            }
+        }
     }
     Ok(downloaded)
 }

@@ -356,8 +356,8 @@ pub enum ArchiveCmd {
     },
     /// Serve volume NAME as it was at one archived point over NBD (read-only), straight
     /// from the archive: opening reads only the manifest, the base's chunk list and the
-    /// packs after the base; chunks and packs are fetched, checked against their SM3 and
-    /// cached on first read. Runs until SIGINT or SIGTERM. A read needing an object
+    /// extent indexes of the packs after the base (packs without one are read whole);
+    /// chunks and packs are fetched, checked against their SM3 and cached on first read. Runs until SIGINT or SIGTERM. A read needing an object
     /// that is missing or changed fails with EIO, the object named on stderr.
     Export {
         /// The archive: s3://BUCKET/PREFIX or file:///DIR.
