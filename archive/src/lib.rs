@@ -9,9 +9,11 @@
 //! - [`compact`]: packs merged into coarser levels and thinned to the retention grid,
 //!   what the grid no longer needs dropped, garbage collected.
 //! - [`view`]: a point read in place from the bucket (what `ferryctl archive export` serves).
+//! - [`seed`]: a point restored into a new standby, with the marker its ferryd starts from.
 pub mod compact;
 pub mod format;
 pub mod restore;
+pub mod seed;
 pub mod store;
 pub mod view;
 pub mod writer;

@@ -298,6 +298,16 @@ impl ArchiveStore {
         Ok(self.store.get(&self.path(name)).await?.bytes().await?)
     }
 
+    /// Bytes `range` of object `name` (clipped by the store at the object's end): how
+    /// a reader takes a pack's header and extent index without its body.
+    pub async fn get_range(
+        &self,
+        name: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        Ok(self.store.get_range(&self.path(name), range).await?)
+    }
+
     pub async fn exists(&self, name: &str) -> Result<bool, StoreError> {
         match self.store.head(&self.path(name)).await {
             Ok(_) => Ok(true),

@@ -65,7 +65,10 @@ for round in 1 2 3; do
   qemu-io -r -f raw -c "read -P 7 $(( bytes / 64 * 5 / 65536 * 65536 + 8192 )) 4k" "$uri" | grep -q "read 4096/4096"
   client=$(python3 -c "print($(date +%s.%N) - $again)")
   opened=$(sed -n 's/.*"open_seconds":\([0-9.e-]*\).*/\1/p' <<<"$line")
+  indexed=$(sed -n 's/.*"indexes_read":\([0-9]*\).*/\1/p' <<<"$line")
+  whole=$(sed -n 's/.*"packs_read":\([0-9]*\).*/\1/p' <<<"$line")
+  read_bytes=$(sed -n 's/.*"bytes_read":\([0-9]*\).*/\1/p' <<<"$line")
   kill "$exp"; wait "$exp" 2>/dev/null || true; exp=""
-  printf 'size %s round %d: start to first read done %.3f s (index opened in %.3f s; the same read from a running export %.3f s)\n' \
-    "$size" "$round" "$(python3 -c "print($end - $start)")" "$opened" "$client"
+  printf 'size %s round %d: start to first read done %.3f s (index opened in %.3f s: %s pack indexes and %s whole packs, %s bytes read; the same read from a running export %.3f s)\n' \
+    "$size" "$round" "$(python3 -c "print($end - $start)")" "$opened" "${indexed:-0}" "${whole:-?}" "${read_bytes:-?}" "$client"
 done

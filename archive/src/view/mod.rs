@@ -1,32 +1,29 @@
 //! A read-only view of one volume at one archived point, served straight from the
 //! bucket: what `ferryctl archive export` puts behind NBD.
 //!
-//! Opening reads the manifest, the base's chunk list and the packs after the base up
-//! to the point, and keeps only an index: the base's chunk ids (one per MiB) and the
-//! runs the packs wrote ([`map::RunMap`]). No chunk is read at open, so the time to
-//! the first read does not grow with the volume, only with the writes since its base.
+//! Opening reads the manifest, the base's chunk list and the extent index of each pack
+//! after the base up to the point (a range read of the pack's start: pack version 2;
+//! older or sealed packs are read whole), and keeps only an index: the base's chunk
+//! ids (one per MiB) and the runs the packs wrote ([`map::RunMap`]). No chunk and no
+//! pack body is read at open, so the time to the first read does not grow with the
+//! volume, and only with the number of writes since its base, not their bytes.
 //! Reads fetch a chunk or a pack on first use, check it (a chunk against its SM3 id, a
-//! pack against the manifest's SM3) and keep it in a bounded cache ([`cache::Cache`]).
+//! pack against the manifest's SM3, and its index against its body) and keep it in a
+//! bounded cache ([`cache::Cache`]).
 mod cache;
-mod map;
+pub(crate) mod map;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
 
 use crate::format::base::{chunk_object, Base, CHUNK_SIZE};
 use crate::format::manifest::Entry;
-use crate::format::pack::{self, Op, WriteSet};
-use crate::format::sealed::ObjectKind;
-use crate::restore::{get_checked, not_a_boundary, plan, Plan, Target};
+use crate::restore::{fetch_pack, get_checked, index_plan, plan, Plan, Target};
 use crate::store::{ArchiveStore, StoreError};
 use map::{RunMap, Src};
-
-/// Packs fetched at once while opening: overlaps the store's latency, bounds memory.
-const OPEN_PARALLEL: usize = 2;
 
 #[derive(Debug, Clone)]
 pub struct ViewOptions {
@@ -53,7 +50,12 @@ pub struct ViewInfo {
     pub seq: u64,
     pub timestamp_ns: u64,
     pub base_seq: u64,
+    /// Packs read whole while opening (no extent index: version 1, or sealed).
     pub packs_read: u64,
+    /// Packs whose extent index alone was read while opening.
+    pub indexes_read: u64,
+    /// Bytes read from the store while opening (manifest not counted).
+    pub bytes_read: u64,
     pub runs: u64,
     /// Base chunks stored (the others are all zeros).
     pub chunks_stored: u64,
@@ -99,6 +101,8 @@ impl ArchiveView {
                 timestamp_ns: p.base.last_ts,
                 base_seq: p.base.last_seq,
                 packs_read: 0,
+                indexes_read: 0,
+                bytes_read: 0,
                 runs: 0,
                 chunks_stored: chunks.iter().flatten().count() as u64,
                 open_time: Duration::ZERO,
@@ -124,66 +128,25 @@ impl ArchiveView {
         self.lock_cache().used()
     }
 
-    /// Adds the runs of every write-set after the base up to the point, oldest first;
-    /// the pack bodies go to the cache, as the first reads are likely to want them.
+    /// Adds the runs of every write-set after the base up to the point, from the
+    /// packs' extent indexes; the bodies of packs read whole go to the cache, as the
+    /// first reads are likely to want them.
     async fn index_packs(&mut self, p: &Plan) -> Result<(), StoreError> {
         let store = self.store.clone();
-        let mut fetched = futures::stream::iter(p.packs.clone())
-            .map(|e| {
-                let store = store.clone();
-                async move { fetch_pack(&store, &e).await.map(|d| (e, d)) }
-            })
-            .buffered(OPEN_PARALLEL);
-        let mut reached = p.base.last_seq == p.seq;
-        while let Some(r) = fetched.next().await {
-            let (e, (raw, sets)) = r?;
-            let id = self.packs.len() as u32;
-            for ws in sets
-                .iter()
-                .filter(|ws| ws.end_seq > p.base.last_seq && ws.end_seq <= p.seq)
-            {
-                self.index_write_set(ws, id, p.vol.id, &raw, &e.name)?;
-                self.info.timestamp_ns = ws.timestamp_ns;
-                reached |= ws.end_seq == p.seq;
-            }
-            self.info.packs_read += 1;
-            self.lock_cache().put(&e.name, raw);
-            self.packs.push(e);
-        }
-        if !reached {
-            return Err(not_a_boundary(p.seq));
-        }
-        Ok(())
-    }
-
-    fn index_write_set(
-        &mut self,
-        ws: &WriteSet,
-        pack: u32,
-        volume: u32,
-        raw: &Bytes,
-        name: &str,
-    ) -> Result<(), StoreError> {
-        let size = self.info.size;
-        for r in ws.records.iter().filter(|r| r.volume == volume) {
-            let end = r.offset.saturating_add(r.len as u64);
-            if !matches!(r.op, Op::Seal(_)) && end > size {
-                return Err(StoreError::Refused(format!(
-                    "{name}: record {} reaches past the volume's end ({} + {} > {size})",
-                    r.seq, r.offset, r.len
-                )));
-            }
-            match &r.op {
-                Op::Write(b) => {
-                    let at = pack::payload_offset(raw, b).ok_or_else(|| {
-                        StoreError::Refused(format!("{name}: record {} not in its body", r.seq))
-                    })? as u64;
-                    self.runs.insert(r.offset, end, Src::Pack { pack, at });
-                }
-                Op::Trim | Op::Zero => self.runs.insert(r.offset, end, Src::Zero),
-                Op::Seal(_) => {}
-            }
-        }
+        let cache = &self.cache;
+        let indexed = index_plan(&store, p, |e, body| {
+            cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(&e.name, body)
+        })
+        .await?;
+        self.runs = indexed.runs;
+        self.packs = p.packs.clone();
+        self.info.timestamp_ns = indexed.timestamp_ns;
+        self.info.packs_read = indexed.packs_read;
+        self.info.indexes_read = indexed.indexes_read;
+        self.info.bytes_read += indexed.bytes_read;
         Ok(())
     }
 
@@ -327,15 +290,4 @@ async fn base_chunks(store: &ArchiveStore, p: &Plan) -> Result<Vec<Option<[u8; 3
             }
         })
         .collect()
-}
-
-/// A pack checked against its manifest entry, decoded: its body and write-sets.
-async fn fetch_pack(store: &ArchiveStore, e: &Entry) -> Result<(Bytes, Vec<WriteSet>), StoreError> {
-    let b = get_checked(store, e).await?;
-    let b = store.unseal(ObjectKind::Pack, &e.name, b)?;
-    let (_, raw, sets) = pack::decode_shared(&b).map_err(|source| StoreError::Format {
-        name: e.name.clone(),
-        source,
-    })?;
-    Ok((raw, sets))
 }

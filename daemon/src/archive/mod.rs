@@ -8,8 +8,10 @@
 //! compaction task beside it merges and thins the packs ([`ferry_archive::compact`]);
 //! with a `base_interval` it uploads a new base that often.
 //!
-//! [`ArchiveState`] is what status and the release floor read; [`run`] owns the loop.
+//! [`ArchiveState`] is what status and the release floor read; [`run`] owns the loop;
+//! [`seed`] starts a standby that `ferryctl archive seed` restored from an archive.
 pub mod run;
+pub mod seed;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -48,6 +48,8 @@ pub fn journal_options(cfg: &Config) -> JournalOptions {
 /// Steps 2–4 above, on the metadata store `open_meta` opened (step 1). Blocking;
 /// runs before the runtime serves anything.
 pub fn recover(cfg: &Config, meta: Meta) -> anyhow::Result<Recovered> {
+    // A standby restored from the archive starts its journal at the seeded point.
+    crate::archive::seed::apply(cfg, &meta)?;
     let bases = open_bases(cfg, &meta)?;
     let kek = at_rest_key(cfg)?;
     let (journal, checkpoint) = open_journal(cfg, &meta, kek.clone())?;

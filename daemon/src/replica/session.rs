@@ -173,6 +173,29 @@ fn session_over(
     }
 }
 
+/// A handshake that failed on the point or the epoch, for a standby still at the
+/// point `ferryctl archive seed` restored: said plainly, since the operator's fix is
+/// a new seed (the archive is not the primary's history), not a retry.
+fn seeded_refusal(sb: &Standby, at: Seq, e: QuicError) -> anyhow::Error {
+    use ferry_proto::session::HandshakeError as H;
+    let history = match &e {
+        QuicError::PeerRefused { code, .. } => {
+            matches!(code, ErrorCode::Diverged | ErrorCode::StaleEpoch)
+        }
+        QuicError::Handshake(h) => matches!(
+            h,
+            H::StaleEpoch { .. } | H::LocalEpochStale { .. } | H::Diverged { .. }
+        ),
+        _ => false,
+    };
+    match sb.applier.meta.seeded() {
+        Ok(Some((seq, epoch))) if history && seq == at => anyhow::Error::new(e).context(format!(
+            "this standby was seeded from an archive at sequence {seq} in epoch {epoch}, and that point is not of the primary's history (another epoch, or past its newest sequence): seed it again from the primary's own archive"
+        )),
+        _ => e.into(),
+    }
+}
+
 async fn session(
     sb: &Standby,
     (local, peers): (&LocalIdentity, &Peers),
@@ -191,7 +214,7 @@ async fn session(
     let mut s = match (handshake, seen, &peers.refused) {
         (Ok(s), _, _) => s,
         (Err(e), Some(hello), Some(refused)) if refused(&hello, &names, &e) => return Ok(()),
-        (Err(e), _, _) => return Err(e.into()),
+        (Err(e), _, _) => return Err(seeded_refusal(sb, durable, e)),
     };
     // TLS admits every member: the Hello's name must be the certificate's, or a
     // member could pass for the primary.

@@ -56,6 +56,10 @@ const K_RESYNC: &str = "resync";
 /// bytes): the jump is durable in the journal only with the first record after it,
 /// so recovery repeats it from here when the journal ends below.
 const K_JOURNAL_SKIP: &str = "journal_skip";
+/// A standby seeded from an archive (`ferryctl archive seed`): the point's sequence
+/// and the epoch it was started in (8 bytes each). Written once, with the epoch, the
+/// checkpoint and the journal's jump to that point, at its first start.
+const K_SEEDED: &str = "seeded";
 /// A standby paused by an operator (`ferryctl pause`): the reason shown in status;
 /// empty = not paused. Kept across restarts: an operator who froze the replica (to
 /// keep it as it is during an incident) must not find it following the primary
@@ -450,6 +454,42 @@ impl Meta {
             (K_RESYNC, v.as_ref().map_or(&[][..], |v| &v[..])),
             (K_CHECKPOINT, &checkpoint.to_le_bytes()),
         ])
+    }
+
+    /// Starts a new standby at an archived point `seq` of epoch `epoch`, in one durable
+    /// transaction: the replica's volumes hold that point (the caller restored them),
+    /// so the checkpoint is there and the empty journal jumps to it (recovery repeats
+    /// the jump from `journal_skip`).
+    pub fn apply_seed(&self, epoch: u64, seq: u64) -> Result<(), MetaError> {
+        let mut seeded = [0u8; 16];
+        seeded[..8].copy_from_slice(&seq.to_le_bytes());
+        seeded[8..].copy_from_slice(&epoch.to_le_bytes());
+        self.put_many(&[
+            (K_EPOCH, &epoch.to_le_bytes()),
+            (K_CHECKPOINT, &seq.to_le_bytes()),
+            (K_JOURNAL_SKIP, &seq.to_le_bytes()),
+            (K_SEEDED, &seeded),
+        ])
+    }
+
+    /// The archived point this node was seeded at: `(seq, epoch)`.
+    pub fn seeded(&self) -> Result<Option<(u64, u64)>, MetaError> {
+        match self.get_raw(K_SEEDED)? {
+            None => Ok(None),
+            Some(v) if v.len() == 16 => {
+                let word = |i: usize| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&v[i..i + 8]);
+                    u64::from_le_bytes(b)
+                };
+                Ok(Some((word(0), word(8))))
+            }
+            Some(v) => Err(MetaError::Corrupt {
+                path: self.path.clone(),
+                key: K_SEEDED,
+                message: format!("{} bytes, expected 16", v.len()),
+            }),
+        }
     }
 
     /// The sequence the journal was last skipped to (0 if never).
@@ -869,6 +909,25 @@ mod tests {
         assert_eq!(m.bookmarks().unwrap(), vec![b("a-second", 9)]);
         m.set_rollback_state(None).unwrap();
         assert_eq!(m.rollback_state().unwrap(), None);
+    }
+
+    #[test]
+    fn a_seed_sets_epoch_checkpoint_and_journal_jump_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(dir.path(), [1; 16]).unwrap();
+        assert_eq!(m.seeded().unwrap(), None);
+        m.apply_seed(3, 1234).unwrap();
+        drop(m);
+        let m = Meta::open(dir.path(), [1; 16]).unwrap();
+        assert_eq!(m.seeded().unwrap(), Some((1234, 3)));
+        assert_eq!(
+            (
+                m.epoch().unwrap(),
+                m.checkpoint().unwrap(),
+                m.journal_skip().unwrap()
+            ),
+            (3, 1234, 1234)
+        );
     }
 
     #[test]

@@ -219,6 +219,8 @@ fn announce(view: &ArchiveView, addr: std::net::SocketAddr, json_out: bool) {
                 "time": format_rfc3339(i.timestamp_ns),
                 "base_seq": i.base_seq,
                 "packs_read": i.packs_read,
+                "indexes_read": i.indexes_read,
+                "bytes_read": i.bytes_read,
                 "runs": i.runs,
                 "chunks_stored": i.chunks_stored,
                 "open_seconds": i.open_time.as_secs_f64(),
@@ -228,11 +230,12 @@ fn announce(view: &ArchiveView, addr: std::net::SocketAddr, json_out: bool) {
         );
     } else {
         println!(
-            "exporting '{}' at seq {} ({}) read-only on {uri}: base at seq {}, {} packs indexed ({} runs), {} chunks stored; opened in {:.3} s",
+            "exporting '{}' at seq {} ({}) read-only on {uri}: base at seq {}, {} packs indexed ({} read whole, {} runs), {} chunks stored; opened in {:.3} s",
             i.volume,
             i.seq,
             format_rfc3339(i.timestamp_ns),
             i.base_seq,
+            i.packs_read + i.indexes_read,
             i.packs_read,
             i.runs,
             i.chunks_stored,

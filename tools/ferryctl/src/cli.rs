@@ -394,8 +394,8 @@ pub enum ArchiveCmd {
     },
     /// Serve volume NAME as it was at one archived point over NBD (read-only), straight
     /// from the archive: opening reads only the manifest, the base's chunk list and the
-    /// packs after the base; chunks and packs are fetched, checked against their SM3 and
-    /// cached on first read. Runs until SIGINT or SIGTERM. A read needing an object
+    /// extent indexes of the packs after the base (packs without one are read whole);
+    /// chunks and packs are fetched, checked against their SM3 and cached on first read. Runs until SIGINT or SIGTERM. A read needing an object
     /// that is missing or changed fails with EIO, the object named on stderr.
     Export {
         /// The archive: s3://BUCKET/PREFIX or file:///DIR.
@@ -424,6 +424,29 @@ pub enum ArchiveCmd {
         #[arg(long, value_name = "BYTES", default_value = "256MiB")]
         cache_bytes: String,
         /// Print the export's address and point as one JSON line (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Initialise a new standby from the archive: every volume of the node named by
+    /// --config (a standby that never ran) is restored at one archived point into its
+    /// volume file, and its ferryd, at its first start, begins its journal there. It
+    /// then joins by streaming after that point, or, when its primary's journal no
+    /// longer reaches back to it, by a resync that compares digests and copies only
+    /// what differs, instead of a full initial sync. A foreign archive (another
+    /// cluster, other volumes) is refused here; a point that is not of the primary's
+    /// history (another epoch, past its newest sequence) is refused by the primary at
+    /// the first connection, and status says so.
+    Seed {
+        /// The archive: s3://BUCKET/PREFIX or file:///DIR (the primary's archive target).
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The key file of an encrypted archive (default: the node's `[encryption]
+        /// key_file`, which must be the primary's key).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        point: ArchivePointArgs,
+        /// Print the result as JSON (for scripts) instead of text.
         #[arg(long)]
         json: bool,
     },

@@ -91,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = dir.map(|d| if d.is_dir() { d.join("audit.log") } else { d });
             audit_verify(cli.config.as_deref(), file.or(dir).as_deref(), &cert)
         }
-        Cmd::Archive { cmd } => run_archive(cmd),
+        Cmd::Archive { cmd } => run_archive(cmd, cli.config.as_deref()),
         Cmd::Key { cmd } => match cmd {
             KeyCmd::Rotate { key_file } => key::rotate(&key_file),
             KeyCmd::List { key_file } => key::list(&key_file),
@@ -122,8 +122,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `ferryctl archive …`: the cold tier's restore, export and list.
-fn run_archive(cmd: ArchiveCmd) -> anyhow::Result<()> {
+fn run_archive(cmd: ArchiveCmd, config: Option<&Path>) -> anyhow::Result<()> {
     match cmd {
+        ArchiveCmd::Seed {
+            url,
+            key_file,
+            point,
+            json,
+        } => archive::seed(
+            &need_config(config)?,
+            &url,
+            key_file.as_deref(),
+            &point,
+            json,
+        ),
         ArchiveCmd::Restore {
             url,
             key_file,

@@ -3,7 +3,8 @@
 //! point equals the primary's volume as it was then (read over NBD with qemu-img);
 //! a SIGKILLed primary resumes its archive with no gap; `ferryctl archive export`
 //! serves a point over NBD equal to the volume then, with its holes, and names a
-//! changed object on the read that needs it.
+//! changed object on the read that needs it; an encrypted archive is exported with its
+//! key (`--key-file`) and refused without it or with another.
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
@@ -357,7 +358,7 @@ impl Exported {
 
 fn export(url: &str, point: &[&str], dir: &Path, env: &[(&str, &str)]) -> Exported {
     use std::io::BufRead;
-    let stderr = dir.join(format!("export-{}.err", point.join("")));
+    let stderr = dir.join(format!("export-{}.err", point.join("").replace('/', "_")));
     let mut child = Command::new(ferryctl())
         .envs(env.iter().copied())
         .args(["archive", "export", "--url", url])
@@ -637,6 +638,63 @@ fn an_encrypted_node_archives_sealed_objects_restored_only_with_its_key() {
     let other_id = ferry_gm_key_id(other.to_str().unwrap());
     let e = restore_refused(&url, &["--key-file", other.to_str().unwrap()], &out);
     assert!(e.contains(&key_id) && e.contains(&other_id), "{e}");
+
+    // The same point served over NBD with the key, read by qemu-img: the primary's
+    // bytes; without the key or with another, the export is refused before it serves.
+    let e = export(
+        &url,
+        &["--latest", "--key-file", &key_file],
+        dir.path(),
+        &[],
+    );
+    let got = image_of(e.uri(), &dir.path().join("exported.img"));
+    assert_same("encrypted export --latest", &got, &want);
+    drop(e);
+    for (args, named) in [
+        (vec!["--latest"], vec![key_id.as_str()]),
+        (
+            vec!["--latest", "--key-file", other.to_str().unwrap()],
+            vec![key_id.as_str(), other_id.as_str()],
+        ),
+    ] {
+        let err = export_refused(&url, &args);
+        assert!(
+            err.contains("encrypted with key") && named.iter().all(|id| err.contains(id)),
+            "export {args:?}: {err}"
+        );
+    }
+}
+
+/// `ferryctl archive export` that must exit with an error (not serve); its stderr.
+fn export_refused(url: &str, args: &[&str]) -> String {
+    let mut child = Command::new(ferryctl())
+        .args(["archive", "export", "--url", url, "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("archive export {args:?} served instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "archive export {args:?} exited 0: {err}");
+    err
 }
 
 /// The key id written on a key file's key line (its third word).
