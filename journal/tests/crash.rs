@@ -322,8 +322,9 @@ fn kill_reopen_verify(encrypted: bool) {
     assert!(total_acked > 0, "no child ever acknowledged a record");
 }
 
-/// Locates the last segment holding valid batches, using only the pure format
-/// functions: its path, recorded max_inflight and its last two batches.
+/// Locates the newest activated segment (a valid header), using only the pure
+/// format functions: its path, recorded max_inflight and its last two batches;
+/// None if the walk reads no batch in it.
 #[allow(clippy::type_complexity)]
 fn last_batches(
     dir: &std::path::Path,
@@ -355,9 +356,12 @@ fn last_batches(
                 Err(_) => break,
             }
         }
-        if !last.is_empty() {
-            return Some((path, sh.max_inflight, last));
-        }
+        // The newest activated segment is the log's tail even without a batch the
+        // walk can read (a SIGKILL during its activation write can leave the header
+        // without its batch): tearing a batch of an older segment would emulate a
+        // tear of a write that completed before this segment's activation began,
+        // which no crash can produce (recovery rightly refuses that as corruption).
+        return (!last.is_empty()).then_some((path, sh.max_inflight, last));
     }
     None
 }
