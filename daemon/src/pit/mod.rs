@@ -227,7 +227,7 @@ impl Pit {
         let w = Window {
             oldest: undo.recovery_points().next().map(pt),
             newest: undo.recovery_points().next_back().map(pt),
-            points: undo.recovery_points().count(),
+            points: undo.recovery_point_count(),
             used_bytes: undo.used_bytes(),
         };
         *self.window.lock() = w;
