@@ -114,6 +114,10 @@ pub const KEYS: &[Key] = &[
         "replication.target.on_sync_loss",
         "a target's sync-loss policy is set when its shipper starts with ferryd",
     ),
+    restart(
+        "replication.target.max_lag_seconds",
+        "a target's pacing is set when its shipper starts with ferryd",
+    ),
     restart("replication.target.kind", ARCHIVE),
     restart("replication.target.url", ARCHIVE),
     restart("replication.target.flush_interval", ARCHIVE),
@@ -234,6 +238,7 @@ name = "dr1"
 address = "127.0.0.1:7001"
 mode = "sync"
 on_sync_loss = "block"
+max_lag_seconds = 2.5
 [[replication.target]]
 name = "cold"
 kind = "archive"

@@ -666,6 +666,7 @@ mod tests {
                     address: "127.0.0.1:1".into(),
                     mode: Default::default(),
                     on_sync_loss: Default::default(),
+                    max_lag_seconds: None,
                 })
                 .collect(),
         });

@@ -198,7 +198,12 @@ impl Group {
             .map_err(|_| ExportError::ShuttingDown)?
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
         self.frontend.observe_journal_wait(started);
-        self.apply_released(base, released, op, length, seq).await
+        let result = self.apply_released(base, released, op, length, seq).await;
+        // A target over its `max_lag_seconds` holds the reply (`ship::pace`).
+        if result.is_ok() {
+            self.feed.pace().await;
+        }
+        result
     }
 
     /// Applies a released mutation (off the runtime when large), waits for the sync

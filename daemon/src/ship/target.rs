@@ -84,6 +84,14 @@ pub struct TargetState {
     /// writes land in the order of the lifecycle's changes (a late clear must not
     /// overwrite a loss recorded after it).
     sync_loss_io: Mutex<()>,
+    /// `max_lag_seconds`: write replies wait while it streams with more lag
+    /// (`ship::pace`).
+    pub max_lag: Option<Duration>,
+    /// Woken after every lifecycle change (an ack, a phase change): writes paced by
+    /// this target look at its lag again.
+    pub(crate) changed: tokio::sync::Notify,
+    /// Writes are being paced by this target now (logged once per episode).
+    pub(crate) pacing_now: AtomicBool,
 }
 
 type VerifyWaiters =
@@ -120,6 +128,11 @@ impl TargetState {
             verify_waiters: Mutex::new(Default::default()),
             track: Default::default(),
             sync_loss_io: Mutex::new(()),
+            max_lag: t
+                .max_lag_seconds
+                .and_then(|s| Duration::try_from_secs_f64(s).ok()),
+            changed: tokio::sync::Notify::new(),
+            pacing_now: AtomicBool::new(false),
         }
     }
 
@@ -129,6 +142,8 @@ impl TargetState {
         let mut life = self.life.lock();
         let r = f(&mut life.lc);
         self.acked_seq.0.store(life.lc.acked(), Ordering::Release);
+        drop(life);
+        self.changed.notify_waiters();
         r
     }
 
@@ -220,6 +235,7 @@ impl TargetState {
             Err(_) => None,
         };
         drop(life);
+        self.changed.notify_waiters();
         if let (Ok(done), Some(tx)) = (&res, answer) {
             let _ = tx.send(Ok(done.new_epoch));
         }
@@ -238,6 +254,7 @@ impl TargetState {
         let out = life.lc.on_peer_error_code(code);
         let answer = out.handover_failed.then(|| life.answer.take()).flatten();
         drop(life);
+        self.changed.notify_waiters();
         if let Some(tx) = answer {
             let _ = tx.send(Err(why()));
         }
@@ -254,6 +271,7 @@ impl TargetState {
             life.answer = None;
         }
         drop(life);
+        self.changed.notify_waiters();
         if end.resync_interrupted {
             tracing::warn!(target = %self.name, "resync interrupted; it starts again on the next connection");
         }
@@ -746,6 +764,7 @@ pub(crate) mod tests {
                 address: "127.0.0.1:1".into(),
                 mode,
                 on_sync_loss: Default::default(),
+                max_lag_seconds: None,
             },
             acked,
             false,

@@ -73,6 +73,7 @@ pub fn node_config(
                 address: format!("127.0.0.1:{}", peer.1),
                 mode: ReplicationMode::Sync,
                 on_sync_loss: Default::default(),
+                max_lag_seconds: None,
             }],
         }),
         metrics: None,

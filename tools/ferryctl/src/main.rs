@@ -820,6 +820,7 @@ fn node_configs(
                 address: addr.clone(),
                 mode: s.mode,
                 on_sync_loss: Default::default(),
+                max_lag_seconds: None,
             })
             .collect(),
     });
@@ -860,6 +861,7 @@ fn node_configs(
                             address: s.primary.clone(),
                             mode: s.mode,
                             on_sync_loss: Default::default(),
+                            max_lag_seconds: None,
                         }]
                     })
                     .unwrap_or_default(),

@@ -177,6 +177,7 @@ fn standby_config(
                 address: repl.listen.clone(),
                 mode,
                 on_sync_loss: Default::default(),
+                max_lag_seconds: None,
             }],
         }),
     ))

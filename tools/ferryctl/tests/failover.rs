@@ -405,6 +405,7 @@ fn ship_to_the_others(dr1: &Path, others: &[PathBuf]) {
             address: repl_listen(c),
             mode: ferry_api::config::ReplicationMode::Async,
             on_sync_loss: Default::default(),
+            max_lag_seconds: None,
         })
         .collect();
     std::fs::write(dr1, c1.to_toml()).unwrap();
