@@ -678,12 +678,13 @@ fn ferryctl_init(
     Ok(())
 }
 
-/// What `ferryctl init` does not set: PIT off, tmpfs storage.
+/// What `ferryctl init` does not set: PIT off, tmpfs storage, pacing.
 fn configure(
     dir: &Path,
     mode: Option<&str>,
     pit: bool,
     standby_storage: Option<&Path>,
+    max_lag_seconds: Option<f64>,
 ) -> anyhow::Result<()> {
     let append = |node: &str, section: String| -> anyhow::Result<()> {
         let cfg = dir.join(format!("{node}.toml"));
@@ -698,6 +699,21 @@ fn configure(
     }
     if let Some(to) = standby_storage.filter(|_| mode.is_some()) {
         move_to(&dir.join("dr1"), to)?;
+    }
+    if let Some(secs) = max_lag_seconds.filter(|_| mode.is_some()) {
+        // Inside the target's table, which text appended at the end would not reach.
+        let path = dir.join("primary.toml");
+        let mut cfg = ferry_api::config::Config::load(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        for t in cfg
+            .replication
+            .iter_mut()
+            .flat_map(|r| r.targets.iter_mut())
+        {
+            t.max_lag_seconds = Some(secs);
+        }
+        std::fs::write(&path, cfg.to_toml())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
@@ -722,6 +738,8 @@ impl FerryCluster {
     /// turns the standby's undo log off (`[pit] enabled = false`). `standby_storage`:
     /// move the standby's data directory there (replaced by a symlink, so its
     /// configuration stays as `ferryctl init` wrote it), e.g. onto another file system.
+    /// `max_lag_seconds`: the primary paces writes by the standby's lag.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         bins: &FerryBins,
         dir: &Path,
@@ -730,6 +748,7 @@ impl FerryCluster {
         mode: Option<&str>,
         pit: bool,
         standby_storage: Option<&Path>,
+        max_lag_seconds: Option<f64>,
     ) -> anyhow::Result<FerryCluster> {
         let nbd_port = free_tcp_port()?;
         let metrics_port = free_tcp_port()?;
@@ -741,7 +760,7 @@ impl FerryCluster {
             mode,
             (nbd_port, metrics_port),
         )?;
-        configure(dir, mode, pit, standby_storage)?;
+        configure(dir, mode, pit, standby_storage, max_lag_seconds)?;
         let spawn = |node: &str| spawn_ferryd(bins, dir, node);
         // The standby first, so the primary's first dial finds it.
         let mut standby = mode.map(|_| spawn("dr1")).transpose()?;
