@@ -570,6 +570,8 @@ struct RawTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     on_sync_loss: Option<OnSyncLoss>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_lag_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     flush_interval: Option<u64>,
@@ -627,6 +629,12 @@ impl TryFrom<RawReplication> for ReplicationConfig {
                             .transpose()
                             .map_err(|e| format!("{}: {e}", key("max_bandwidth")))?,
                     };
+                    if let Some(s) = t.max_lag_seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {
+                        return Err(format!(
+                            "{}: {s} (seconds, more than 0; leave it out for no pacing)",
+                            key("max_lag_seconds")
+                        ));
+                    }
                     for (f, set) in [
                         ("url", t.url.is_some()),
                         ("flush_interval", t.flush_interval.is_some()),
@@ -652,7 +660,14 @@ impl TryFrom<RawReplication> for ReplicationConfig {
                         mode,
                         on_sync_loss: t.on_sync_loss.unwrap_or_default(),
                         wan,
+                        max_lag_seconds: t.max_lag_seconds,
                     })
+                }
+                Some("archive") if t.max_lag_seconds.is_some() => {
+                    return Err(format!(
+                        "{}: only a standby target paces writes",
+                        key("max_lag_seconds")
+                    ))
                 }
                 Some("archive") if t.on_sync_loss.is_some() => {
                     return Err(format!(
@@ -723,6 +738,7 @@ impl From<ReplicationConfig> for RawReplication {
                 mode: Some(t.mode),
                 // The default stays unwritten (configs written before it existed).
                 on_sync_loss: (t.on_sync_loss != OnSyncLoss::Degrade).then_some(t.on_sync_loss),
+                max_lag_seconds: t.max_lag_seconds,
                 url: None,
                 flush_interval: None,
                 // Defaults stay unwritten.
@@ -743,6 +759,7 @@ impl From<ReplicationConfig> for RawReplication {
                     address: a.address,
                     mode: a.mode,
                     on_sync_loss: None,
+                    max_lag_seconds: None,
                     url: Some(a.url),
                     flush_interval: Some(a.flush_interval_s),
                     compress: None,
@@ -778,6 +795,10 @@ pub struct TargetConfig {
     /// WAN efficiency: compression and the bandwidth cap (default: neither).
     #[serde(default)]
     pub wan: TargetWan,
+    /// Pacing: while this target streams and its lag is above this many seconds,
+    /// write replies wait for it to come back under (None: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag_seconds: Option<f64>,
 }
 
 /// A standby target's WAN settings (`compress`, `max_bandwidth`).
@@ -1418,6 +1439,7 @@ impl Config {
                     mode: n.mode,
                     on_sync_loss: OnSyncLoss::default(),
                     wan: Default::default(),
+                    max_lag_seconds: None,
                 });
             }
         }
@@ -2092,6 +2114,52 @@ size = "1GiB"
             let e = Config::parse(&text).unwrap_err().to_string();
             let key = extra.split(' ').next().unwrap();
             assert!(e.contains(&format!("replication.target[0].{key}")), "{e}");
+        }
+    }
+
+    /// `max_lag_seconds`: off unless set (and not written back then), kept through a
+    /// round trip, fractions allowed; zero, negative and archive targets refused,
+    /// naming the key.
+    #[test]
+    fn max_lag_seconds_is_optional_positive_and_standby_only() {
+        let target = |extra: &str| {
+            with_targets(&format!(
+                "[[replication.target]]\nname = \"dr\"\naddress = \"127.0.0.1:7001\"\n{extra}"
+            ))
+        };
+        let cfg = Config::parse(&target("")).unwrap();
+        assert_eq!(
+            cfg.replication.as_ref().unwrap().targets[0].max_lag_seconds,
+            None
+        );
+        assert!(
+            !cfg.to_toml().contains("max_lag_seconds"),
+            "{}",
+            cfg.to_toml()
+        );
+        for (text, want) in [
+            ("max_lag_seconds = 2\n", 2.0),
+            ("max_lag_seconds = 0.5\n", 0.5),
+        ] {
+            let cfg = Config::parse(&target(text)).unwrap();
+            let again = Config::parse(&cfg.to_toml()).unwrap();
+            for c in [cfg, again] {
+                assert_eq!(
+                    c.replication.unwrap().targets[0].max_lag_seconds,
+                    Some(want)
+                );
+            }
+        }
+        for text in [
+            target("max_lag_seconds = 0\n"),
+            target("max_lag_seconds = -1.5\n"),
+            with_targets(
+                "[[replication.target]]\nname = \"cold\"\nkind = \"archive\"\n\
+                 url = \"s3://b/p\"\nmax_lag_seconds = 1\n",
+            ),
+        ] {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains("replication.target[0].max_lag_seconds"), "{e}");
         }
     }
 

@@ -120,6 +120,10 @@ pub const KEYS: &[Key] = &[
     ),
     restart("replication.target.compress", WAN),
     restart("replication.target.max_bandwidth", WAN),
+    restart(
+        "replication.target.max_lag_seconds",
+        "a target's pacing is set when its shipper starts with ferryd",
+    ),
     restart("replication.target.kind", ARCHIVE),
     restart("replication.target.url", ARCHIVE),
     restart("replication.target.flush_interval", ARCHIVE),
@@ -249,6 +253,7 @@ mode = "sync"
 on_sync_loss = "block"
 compress = "zstd"
 max_bandwidth = "200Mbit"
+max_lag_seconds = 2.5
 [[replication.target]]
 name = "cold"
 kind = "archive"

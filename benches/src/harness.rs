@@ -696,6 +696,8 @@ pub struct ClusterSetup<'a> {
     pub standby_storage: Option<&'a Path>,
     /// The volume's `cache` mode on both nodes.
     pub cache: &'a str,
+    /// The primary paces writes by the standby's lag (`max_lag_seconds`).
+    pub max_lag_seconds: Option<f64>,
 }
 
 /// Sets the volume's cache mode in a node's config (`ferryctl init` leaves the default).
@@ -712,13 +714,14 @@ fn set_cache(cfg: &Path, cache: &str) -> anyhow::Result<()> {
     std::fs::write(cfg, text).with_context(|| format!("writing {}", cfg.display()))
 }
 
-/// What `ferryctl init` does not set: the cache mode, PIT off, tmpfs storage.
+/// What `ferryctl init` does not set: the cache mode, PIT off, tmpfs storage, pacing.
 fn configure(dir: &Path, setup: ClusterSetup) -> anyhow::Result<()> {
     let ClusterSetup {
         mode,
         pit,
         standby_storage,
         cache,
+        max_lag_seconds,
     } = setup;
     set_cache(&dir.join("primary.toml"), cache)?;
     if mode.is_some() {
@@ -737,6 +740,21 @@ fn configure(dir: &Path, setup: ClusterSetup) -> anyhow::Result<()> {
     }
     if let Some(to) = standby_storage.filter(|_| mode.is_some()) {
         move_to(&dir.join("dr1"), to)?;
+    }
+    if let Some(secs) = max_lag_seconds.filter(|_| mode.is_some()) {
+        // Inside the target's table, which text appended at the end would not reach.
+        let path = dir.join("primary.toml");
+        let mut cfg = ferry_api::config::Config::load(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        for t in cfg
+            .replication
+            .iter_mut()
+            .flat_map(|r| r.targets.iter_mut())
+        {
+            t.max_lag_seconds = Some(secs);
+        }
+        std::fs::write(&path, cfg.to_toml())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::Parser;
 use ferry_benches::harness::{
-    check_interrupt, cpu_seconds_all, ensure_fio, ferry_bins, find_on_path, free_tcp_port,
-    install_interrupt_handler, median, percentile, storage_read_bytes, tool_version, wait_port,
-    with_lag_samples, ClusterSetup, FerryCluster, FioResult, FioSpec, LagSamples, Proc,
+    check_interrupt, cpu_seconds, cpu_seconds_all, ensure_fio, ferry_bins, find_on_path,
+    free_tcp_port, install_interrupt_handler, median, percentile, storage_read_bytes, tool_version,
+    wait_port, with_lag_samples, ClusterSetup, FerryCluster, FioResult, FioSpec, LagSamples, Proc,
 };
 use serde_json::{json, Value};
 
@@ -44,7 +44,7 @@ const LAG_EVERY: Duration = Duration::from_millis(20);
     name = "e2e",
     about = "ferry end-to-end benchmark: fio's nbd engine against nbdkit, qemu-nbd and ferryd clusters",
     after_help = "Jobs:    randwrite-4k-qd1, randwrite-4k-qd32, randread-4k-qd32, write-1m-qd8, write-flush-4k-qd1\n\
-                  Targets: nbdkit, qemu-nbd, ferry, ferry-wb, ferry-async, ferry-async-wb, ferry-async-nopit, ferry-async-gm, ferry-async-enc, ferry-sync, ferry-sync-wb (default: all);\n\
+                  Targets: nbdkit, qemu-nbd, ferry, ferry-wb, ferry-async, ferry-async-wb, ferry-async-nopit, ferry-async-paced, ferry-async-gm, ferry-async-enc, ferry-sync, ferry-sync-wb (default: all);\n\
                   ferry targets run cache = \"writethrough\"; the -wb ones cache = \"writeback\"\n\
                   controls, only when named: ferry-capture-reads (needs ferry-async), ferry-async-tmpfs\n"
 )]
@@ -120,11 +120,21 @@ struct Standby {
     /// control that shows the primary with a standby whose storage is not its own
     /// disk (the two cores stay shared).
     tmpfs: bool,
+    /// `max_lag_seconds` of the primary's target (pacing), if set.
+    max_lag: Option<f64>,
 }
 
 const fn standby(mode: &'static str, pit: bool, tmpfs: bool) -> Option<Standby> {
-    Some(Standby { mode, pit, tmpfs })
+    Some(Standby {
+        mode,
+        pit,
+        tmpfs,
+        max_lag: None,
+    })
 }
+
+/// `max_lag_seconds` of `ferry-async-paced`.
+const PACED_MAX_LAG: f64 = 0.5;
 
 #[derive(Debug)]
 struct TargetDef {
@@ -181,6 +191,17 @@ const TARGETS: &[TargetDef] = &[
         key: "ferry-async-nopit",
         label: "ferryd + async, no PIT",
         kind: Kind::Ferry(standby("async", false, false)),
+        cache: WT,
+    },
+    TargetDef {
+        key: "ferry-async-paced",
+        label: "async, max_lag 0.5 s",
+        kind: Kind::Ferry(Some(Standby {
+            mode: "async",
+            pit: true,
+            tmpfs: false,
+            max_lag: Some(PACED_MAX_LAG),
+        })),
         cache: WT,
     },
     TargetDef {
@@ -443,7 +464,10 @@ fn write_data_file(file: &Path, size: u64) -> anyhow::Result<()> {
 #[derive(Clone)]
 struct Sample {
     fio: FioResult,
+    /// Every process of the target (a ferry cluster: primary and standby).
     cpu_s: f64,
+    /// Of `cpu_s`, the standby's (targets with a standby).
+    standby_cpu_s: Option<f64>,
     lag_p99_s: Option<f64>,
     lag_samples: usize,
     degraded: bool,
@@ -455,6 +479,17 @@ struct Sample {
 impl Sample {
     fn cpu_per_gib(&self) -> f64 {
         self.cpu_s / (self.fio.io_bytes as f64 / GIB)
+    }
+
+    /// The standby's share of [`cpu_per_gib`](Self::cpu_per_gib).
+    fn standby_cpu_per_gib(&self) -> Option<f64> {
+        self.standby_cpu_s
+            .map(|s| s / (self.fio.io_bytes as f64 / GIB))
+    }
+
+    /// The primary's (or the lone server's) share of [`cpu_per_gib`](Self::cpu_per_gib).
+    fn primary_cpu_per_gib(&self) -> f64 {
+        self.cpu_per_gib() - self.standby_cpu_per_gib().unwrap_or(0.0)
     }
 }
 
@@ -633,6 +668,7 @@ fn start_ferry_server(
             pit: sb.is_none_or(|sb| sb.pit),
             standby_storage: tmpfs.as_ref().map(|t| t.path()),
             cache,
+            max_lag_seconds: sb.and_then(|sb| sb.max_lag),
         },
     )?;
     let command = ferry_command(size, sb, cache);
@@ -673,7 +709,10 @@ fn ferry_command(size: u64, sb: Option<Standby>, cache: &str) -> String {
                 match sb {
                     None => String::new(),
                     Some(sb) => format!(
-                        " (and dr1.toml{}{})",
+                        "{} (and dr1.toml{}{})",
+                        sb.max_lag
+                            .map(|s| format!(" + max_lag_seconds = {s}"))
+                            .unwrap_or_default(),
                         if sb.pit { "" } else { " + [pit] enabled = false" },
                         if sb.tmpfs {
                             format!("; dr1/ moved to {TMPFS}")
@@ -930,13 +969,18 @@ fn measure_one(
     replay: Option<f64>,
 ) -> anyhow::Result<Sample> {
     let pids = s.pids();
+    // The standby apart, so its cost per GiB can be set against the primary's.
+    let standby = s.ferry.as_ref().and_then(FerryCluster::standby_pid);
     let cpu0 = cpu_seconds_all(&pids)?;
+    let sb0 = standby.map(cpu_seconds).transpose()?;
     let (fio, lag, reads_per_s) = s.run(spec, timeout, replay)?;
     let cpu1 = cpu_seconds_all(&pids)?;
+    let sb1 = standby.map(cpu_seconds).transpose()?;
     settle(plan.dir, plan.files, !plan.warm)?;
     Ok(Sample {
         fio,
         cpu_s: cpu1 - cpu0,
+        standby_cpu_s: sb0.zip(sb1).map(|(a, b)| b - a),
         lag_p99_s: percentile(&lag.seconds, 99.0),
         lag_samples: lag.seconds.len(),
         degraded: lag.degraded,
@@ -947,7 +991,7 @@ fn measure_one(
 fn log_sample(round: usize, rounds: usize, job: &JobDef, s: &Server, sample: &Sample) {
     let fio = &sample.fio;
     eprintln!(
-        "round {}/{rounds} {:<20} {:<24} {:>9.0} IOPS {:>8.1} MiB/s  p99 {:>7.0} us  {:.2} CPU s/GiB{}{}{}",
+        "round {}/{rounds} {:<20} {:<24} {:>9.0} IOPS {:>8.1} MiB/s  p99 {:>7.0} us  {:.2} CPU s/GiB{}{}{}{}",
         round + 1,
         job.label,
         s.def.label,
@@ -955,6 +999,10 @@ fn log_sample(round: usize, rounds: usize, job: &JobDef, s: &Server, sample: &Sa
         fio.bw_bytes / MIB,
         fio.p99_us,
         sample.cpu_per_gib(),
+        sample
+            .standby_cpu_per_gib()
+            .map(|s| format!(" (standby {s:.2})"))
+            .unwrap_or_default(),
         sample
             .lag_p99_s
             .map(|l| format!("  lag p99 {:.1} ms", l * 1e3))
@@ -978,6 +1026,8 @@ struct Row {
     flush_p50_us: Option<f64>,
     flush_p99_us: Option<f64>,
     cpu_per_gib: f64,
+    primary_cpu_per_gib: f64,
+    standby_cpu_per_gib: Option<f64>,
     lag_p99_ms: Option<f64>,
     degraded: bool,
     reads_per_s: Option<f64>,
@@ -1123,6 +1173,8 @@ impl Report {
                     flush_p50_us: mo(&|s| s.fio.flush_p50_us),
                     flush_p99_us: mo(&|s| s.fio.flush_p99_us),
                     cpu_per_gib: m(&|s| s.cpu_per_gib()),
+                    primary_cpu_per_gib: m(&|s| s.primary_cpu_per_gib()),
+                    standby_cpu_per_gib: mo(&|s| s.standby_cpu_per_gib()),
                     lag_p99_ms: mo(&|s| s.lag_p99_s).map(|l| l * 1e3),
                     degraded: v.iter().any(|s| s.degraded),
                     reads_per_s: mo(&|s| s.reads_per_s),
@@ -1155,6 +1207,8 @@ impl Report {
                     "flush_p50_us": fo(r.flush_p50_us),
                     "flush_p99_us": fo(r.flush_p99_us),
                     "cpu_s_per_gib": f(r.cpu_per_gib),
+                    "primary_cpu_s_per_gib": f(r.primary_cpu_per_gib),
+                    "standby_cpu_s_per_gib": fo(r.standby_cpu_per_gib),
                     "replication_lag_p99_ms": fo(r.lag_p99_ms),
                     "sync_target_degraded": r.degraded,
                     "standby_reads_per_s": fo(r.reads_per_s),
@@ -1171,6 +1225,7 @@ impl Report {
                         "flush_p50_us": fo(s.fio.flush_p50_us),
                         "flush_p99_us": fo(s.fio.flush_p99_us),
                         "cpu_s": f(s.cpu_s),
+                        "standby_cpu_s": fo(s.standby_cpu_s),
                         "replication_lag_p99_ms": fo(s.lag_p99_s.map(|l| l * 1e3)),
                         "lag_samples": s.lag_samples,
                         "sync_target_degraded": s.degraded,
@@ -1188,15 +1243,15 @@ impl Report {
             o.push_str("  \n");
         }
         o.push('\n');
-        o.push_str("| job | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | lag p99 ms | standby reads/s | × nbdkit IOPS | × p99 | × CPU/GiB |\n");
-        o.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        o.push_str("| job | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | primary CPU s/GiB | standby CPU s/GiB | lag p99 ms | standby reads/s | × nbdkit IOPS | × p99 | × CPU/GiB |\n");
+        o.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.rows {
             let (x_thr, x_p99, x_cpu) = match r.vs_nbdkit {
                 Some(x) => (num(x[0], 2), num(x[2], 2), num(x[3], 2)),
                 None => ("".into(), "".into(), "".into()),
             };
             o.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {x_thr} | {x_p99} | {x_cpu} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {x_thr} | {x_p99} | {x_cpu} |\n",
                 self.jobs[r.job].label,
                 self.labels[r.target],
                 num(r.iops, 0),
@@ -1204,6 +1259,8 @@ impl Report {
                 num(r.p50_us, 0),
                 num(r.p99_us, 0),
                 num(r.cpu_per_gib, 2),
+                num(r.primary_cpu_per_gib, 2),
+                r.standby_cpu_per_gib.map(|x| num(x, 2)).unwrap_or_default(),
                 r.lag_p99_ms.map(|l| num(l, 1)).unwrap_or_default(),
                 if r.degraded { " (degraded)" } else { "" },
                 r.reads_per_s.map(|x| num(x, 0)).unwrap_or_default(),

@@ -724,6 +724,7 @@ mod tests {
                     mode: Default::default(),
                     on_sync_loss: Default::default(),
                     wan: Default::default(),
+                    max_lag_seconds: None,
                 })
                 .collect(),
         });

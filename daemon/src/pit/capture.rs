@@ -1,33 +1,26 @@
 //! Undo capture: before the applier changes the replica, the before-images of every
-//! range a write-set overwrites are read (holes and zeros as zero extents), appended
-//! to the undo log durably and published to live views. They are streamed: read in
-//! [`CAPTURE_PIECE`]s and appended as an entry whenever [`ENTRY_DATA_MAX`] bytes are
-//! collected (pieces of the write-set, then its own entry), so memory stays bounded
-//! whatever the size of a trim or zeroing.
+//! range a write-set overwrites are read (holes and zeros as zero extents; the read
+//! pass is batched, see `pit::batch`), appended to the undo log durably and
+//! published to live views. They are streamed: read in pieces of at most 1 MiB and
+//! appended as an entry whenever [`ENTRY_DATA_MAX`] bytes are collected (pieces of
+//! the write-set, then its own entry), so memory stays bounded whatever the size of
+//! a trim or zeroing.
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::bail;
-use anyhow::Context;
-use bytes::BytesMut;
 use ferry_journal::undo::{extent_data_offsets, UNDO_MAX_EXTENT_LEN};
 use ferry_journal::{
-    now_ns, EntryKind, Op, Record, Seq, UndoEntry, UndoError, UndoExtent, UndoLog, UndoPosition,
+    now_ns, EntryKind, Record, Seq, UndoEntry, UndoError, UndoExtent, UndoLog, UndoPosition,
 };
 
+use super::batch::{advise, read_before_images, Sink};
 use super::retention::Pressure;
 use super::view::Src;
 use super::Pit;
-use crate::store::base::{find_base, is_hole, Base};
+use crate::store::base::Base;
 
-/// Before-images are read in pieces of this size; each piece becomes one zero extent
-/// or one data extent.
-const CAPTURE_PIECE: u64 = 1 << 20;
-/// Pieces at least this large are checked for holes before being read.
-const HOLE_CHECK_MIN: u64 = 256 << 10;
 /// Before-image bytes collected before they go to the undo log as one entry (a
 /// piece of the write-set): the bound on capture memory, together with
 /// [`ENTRY_EXTENTS_MAX`].
@@ -69,8 +62,7 @@ impl Pit {
             data: 0,
             pieces: 0,
         };
-        let res = self
-            .read_before_images(recs, &mut out)
+        let res = read_before_images(&self.bases, |v| self.capture_file(v), recs, &mut out)
             .and_then(|()| out.finish());
         self.capture_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -114,53 +106,6 @@ impl Pit {
                 Err(anyhow::anyhow!(msg))
             }
         }
-    }
-
-    /// Streams the before-images of every range `recs` overwrite, in record order,
-    /// into `out`.
-    fn read_before_images(
-        &self,
-        recs: &[(Seq, Record)],
-        out: &mut EntryStream,
-    ) -> anyhow::Result<()> {
-        // Start every read of the unit before waiting for the first: the device
-        // works on them together instead of one random read at a time. Only ranges
-        // `before_images` reads whole: larger ones are checked for holes first, and
-        // prefetching a large trim would fill the page cache with what it skips.
-        if recs.len() > 1 {
-            for (_, r) in recs {
-                if let Some(f) = self.capture_file(r.volume) {
-                    if prefetched(r) {
-                        advise(f, r.offset, r.length as u64, libc::POSIX_FADV_WILLNEED);
-                    }
-                }
-            }
-        }
-        for (seq, r) in recs {
-            if r.op == Op::Seal || r.length == 0 {
-                continue;
-            }
-            let base = find_base(&self.bases, r.volume, *seq)?;
-            let file = self.capture_file(r.volume).unwrap_or(&base.file);
-            let end = r.offset.checked_add(r.length as u64);
-            if end.is_none_or(|e| e > base.size) {
-                bail!(
-                    "record {seq} writes {}+{} beyond volume '{}' ({} bytes)",
-                    r.offset,
-                    r.length,
-                    base.name,
-                    base.size
-                );
-            }
-            let what = || {
-                format!(
-                    "reading before-images of record {seq} from {}",
-                    base.path.display()
-                )
-            };
-            before_images(base, file, r.offset, r.length as u64, out).with_context(what)?;
-        }
-        Ok(())
     }
 
     /// Starts (or continues) a resync transition in the undo log: the replica holds
@@ -271,7 +216,7 @@ struct EntryStream<'a> {
     pieces: usize,
 }
 
-impl EntryStream<'_> {
+impl Sink for EntryStream<'_> {
     /// Adds a data extent; may append a piece.
     fn data(&mut self, x: UndoExtent) -> anyhow::Result<()> {
         self.data += x.data.len() as u64;
@@ -296,7 +241,9 @@ impl EntryStream<'_> {
         }
         self.maybe_piece()
     }
+}
 
+impl EntryStream<'_> {
     fn maybe_piece(&mut self) -> anyhow::Result<()> {
         if self.data < ENTRY_DATA_MAX && self.extents.len() < ENTRY_EXTENTS_MAX {
             return Ok(());
@@ -343,52 +290,6 @@ fn piece_kind(kind: EntryKind, first: bool) -> EntryKind {
     }
 }
 
-/// Streams the before-images of `[offset, offset + len)` of `base` into `out`:
-/// holes and all-zero pieces as zero extents, the rest as data.
-fn before_images(
-    base: &Base,
-    file: &File,
-    offset: u64,
-    len: u64,
-    out: &mut EntryStream,
-) -> anyhow::Result<()> {
-    let end = offset + len;
-    let mut at = offset;
-    while at < end {
-        let n = (end - at).min(CAPTURE_PIECE);
-        // Small pieces are just read: asking the file system for holes walks its
-        // extent tree and costs more than reading a few cached pages.
-        if n >= HOLE_CHECK_MIN && is_hole(file, at, n) {
-            out.zeros(base.id, at, n)?;
-        } else {
-            let mut buf = BytesMut::zeroed(n as usize);
-            file.read_exact_at(&mut buf, at)?;
-            if buf.iter().all(|&b| b == 0) {
-                out.zeros(base.id, at, n)?;
-            } else {
-                out.data(UndoExtent::data(base.id, at, buf.freeze()))?;
-            }
-        }
-        at += n;
-    }
-    Ok(())
-}
-
-/// Whether `capture` starts reading `r`'s before-image ahead (WILLNEED): only ranges
-/// `before_images` reads whole. Larger ones are checked for holes first, and
-/// prefetching a large trim would fill the page cache with what it skips.
-fn prefetched(r: &Record) -> bool {
-    r.op != Op::Seal && r.length > 0 && (r.length as u64) < HOLE_CHECK_MIN
-}
-
-/// `posix_fadvise` on a range; advice only, so a failure changes nothing.
-fn advise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
-    // SAFETY: plain syscall on an fd we own; no memory is passed.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), offset as i64, len as i64, advice);
-    }
-}
-
 /// The replica opened once more for before-image reads, with readahead off. Why:
 /// these reads are random and small, and the kernel's readahead turned each 4 KiB
 /// read into a much larger one (most of the capture cost under random writes). A
@@ -416,25 +317,7 @@ mod tests {
     use super::*;
     use crate::pit::testrig::{rig, SIZE};
     use bytes::Bytes;
-
-    #[test]
-    fn only_ranges_read_whole_are_prefetched() {
-        let rec = |op, length| Record {
-            volume: 0,
-            op,
-            offset: 1 << 30,
-            length,
-            data: Bytes::new(),
-        };
-        assert!(prefetched(&rec(Op::Write, 4096)));
-        assert!(prefetched(&rec(Op::WriteZeroes, 64 << 10)));
-        assert!(prefetched(&rec(Op::Write, (HOLE_CHECK_MIN - 4096) as u32)));
-        // A large trim or zeroing is checked for holes, never pulled into the cache.
-        assert!(!prefetched(&rec(Op::Trim, HOLE_CHECK_MIN as u32)));
-        assert!(!prefetched(&rec(Op::Trim, 1 << 30)));
-        assert!(!prefetched(&rec(Op::Seal, 0)));
-        assert!(!prefetched(&rec(Op::Write, 0)));
-    }
+    use ferry_journal::Op;
 
     /// A write-set whose before-images exceed the bound goes as pieces, the first
     /// marked, then its own entry; only its end is a point, and the view at its

@@ -3,6 +3,8 @@
 //! window of retained points); each role lives in its own file:
 //!
 //! * [`capture`]: before-image reads, undo append, publishing new entries to views.
+//! * [`batch`]: a unit's before-image read pass (hole checks, readahead at depth,
+//!   touching pieces in one read).
 //! * [`retention`]: dropping the oldest points by size and age.
 //! * [`points`]: recovery targets and their resolution to points.
 //! * [`rollback`]: rolling the replica back to a point.
@@ -45,6 +47,7 @@
 //! rollback marked done. Rewriting before-images is idempotent, so a crash anywhere
 //! restarts the same rollback from the top at the next start and ends in the same
 //! state. Afterwards the node no longer follows the primary.
+mod batch;
 mod capture;
 mod exports;
 mod points;
@@ -235,7 +238,7 @@ impl Pit {
         let w = Window {
             oldest: undo.recovery_points().next().map(pt),
             newest: undo.recovery_points().next_back().map(pt),
-            points: undo.recovery_points().count(),
+            points: undo.recovery_point_count(),
             used_bytes: undo.used_bytes(),
         };
         *self.window.lock() = w;

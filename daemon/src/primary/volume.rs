@@ -273,15 +273,19 @@ impl Group {
             })?;
         self.dirty.store(true, Ordering::Relaxed);
         if ack == Ack::Durable {
-            return self.complete(base, rx, (op, length, seq), started).await;
+            self.complete(base, rx, (op, length, seq), started).await?;
+        } else {
+            let (group, base) = (self.clone(), base.clone());
+            tokio::spawn(async move {
+                let _until_applied = (inflight, budget);
+                if let Err(e) = group.complete(&base, rx, (op, length, seq), started).await {
+                    group.lost(seq, &e);
+                }
+            });
         }
-        let (group, base) = (self.clone(), base.clone());
-        tokio::spawn(async move {
-            let _until_applied = (inflight, budget);
-            if let Err(e) = group.complete(&base, rx, (op, length, seq), started).await {
-                group.lost(seq, &e);
-            }
-        });
+        // A target over its `max_lag_seconds` holds the reply (`ship::pace`), in
+        // every cache mode: writeback replies are what writers pace themselves by.
+        self.feed.pace().await;
         Ok(())
     }
 

@@ -168,6 +168,8 @@ pub struct ShipFeed {
     /// Targets whose overflow tracking marks every durable record while they are in
     /// bitmap mode (`ship::catchup`).
     tracked: parking_lot::RwLock<Vec<Arc<TargetState>>>,
+    /// Some tracked target has `max_lag_seconds` (writes look at its lag: `ship::pace`).
+    pub(crate) pacing: AtomicBool,
 }
 
 impl ShipFeed {
@@ -179,12 +181,28 @@ impl ShipFeed {
             enabled: AtomicBool::new(false),
             last_fed: AtomicU64::new(0),
             tracked: Default::default(),
+            pacing: AtomicBool::new(false),
         }
     }
 
     /// Registers the targets whose dirty maps mark durable records.
     pub fn track(&self, targets: Vec<Arc<TargetState>>) {
+        let pacing = targets.iter().any(|t| t.max_lag.is_some());
         *self.tracked.write() = targets;
+        self.pacing.store(pacing, Ordering::Release);
+    }
+
+    /// The tracked targets that pace writes (`max_lag_seconds`).
+    pub(crate) fn paced_targets(&self) -> Vec<Arc<TargetState>> {
+        if !self.pacing.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let tracked = self.tracked.read();
+        tracked
+            .iter()
+            .filter(|t| t.max_lag.is_some())
+            .cloned()
+            .collect()
     }
 
     /// Starts feeding, keeping up to `tail_bytes` of recent records in memory.

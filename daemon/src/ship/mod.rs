@@ -18,7 +18,8 @@
 //!
 //! [`SeqIndex`] records (sequence, cumulative bytes, primary timestamp) for recent
 //! journal records so each target's lag can be given in bytes and seconds; the
-//! [`SyncGate`] makes client writes wait for sync targets.
+//! [`SyncGate`] makes client writes wait for sync targets; `pace` makes their replies
+//! wait while a target with `max_lag_seconds` lags more than that.
 //!
 //! The targets can change while the primary runs (`ferryctl reload`):
 //! [`Replication::add_target`] and [`Replication::remove_target`] start and stop one
@@ -27,6 +28,7 @@
 pub mod catchup;
 pub mod dirty;
 pub mod feed;
+pub mod pace;
 pub mod reader;
 pub mod records;
 pub mod session;

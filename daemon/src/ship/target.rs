@@ -86,6 +86,14 @@ pub struct TargetState {
     sync_loss_io: Mutex<()>,
     /// Compression, zero blocks, the bandwidth cap and their counters.
     pub wan: crate::ship::wan::Wan,
+    /// `max_lag_seconds`: write replies wait while it streams with more lag
+    /// (`ship::pace`).
+    pub max_lag: Option<Duration>,
+    /// Woken after every lifecycle change (an ack, a phase change): writes paced by
+    /// this target look at its lag again.
+    pub(crate) changed: tokio::sync::Notify,
+    /// Writes are being paced by this target now (logged once per episode).
+    pub(crate) pacing_now: AtomicBool,
 }
 
 type VerifyWaiters =
@@ -123,6 +131,11 @@ impl TargetState {
             track: Default::default(),
             sync_loss_io: Mutex::new(()),
             wan: crate::ship::wan::Wan::new(&t.wan),
+            max_lag: t
+                .max_lag_seconds
+                .and_then(|s| Duration::try_from_secs_f64(s).ok()),
+            changed: tokio::sync::Notify::new(),
+            pacing_now: AtomicBool::new(false),
         }
     }
 
@@ -132,6 +145,8 @@ impl TargetState {
         let mut life = self.life.lock();
         let r = f(&mut life.lc);
         self.acked_seq.0.store(life.lc.acked(), Ordering::Release);
+        drop(life);
+        self.changed.notify_waiters();
         r
     }
 
@@ -223,6 +238,7 @@ impl TargetState {
             Err(_) => None,
         };
         drop(life);
+        self.changed.notify_waiters();
         if let (Ok(done), Some(tx)) = (&res, answer) {
             let _ = tx.send(Ok(done.new_epoch));
         }
@@ -241,6 +257,7 @@ impl TargetState {
         let out = life.lc.on_peer_error_code(code);
         let answer = out.handover_failed.then(|| life.answer.take()).flatten();
         drop(life);
+        self.changed.notify_waiters();
         if let Some(tx) = answer {
             let _ = tx.send(Err(why()));
         }
@@ -257,6 +274,7 @@ impl TargetState {
             life.answer = None;
         }
         drop(life);
+        self.changed.notify_waiters();
         if end.resync_interrupted {
             tracing::warn!(target = %self.name, "resync interrupted; it starts again on the next connection");
         }
@@ -750,6 +768,7 @@ pub(crate) mod tests {
                 mode,
                 on_sync_loss: Default::default(),
                 wan: Default::default(),
+                max_lag_seconds: None,
             },
             acked,
             false,

@@ -74,6 +74,7 @@ pub fn node_config(
                 mode: ReplicationMode::Sync,
                 on_sync_loss: Default::default(),
                 wan: Default::default(),
+                max_lag_seconds: None,
             }],
         }),
         metrics: None,

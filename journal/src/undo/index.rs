@@ -13,6 +13,13 @@ pub(super) struct PointIndex {
     /// Running maximum of `points[..=i].timestamp_ns` (for `find_by_time` with a
     /// primary clock that may step back).
     max_ts: Vec<u64>,
+    /// How many of `points` are recovery points: status asks after every append,
+    /// and counting them there cost the applier time linear in the retained window.
+    recovery: usize,
+}
+
+fn count_points(points: &[UndoPoint]) -> usize {
+    points.iter().filter(|p| p.is_point()).count()
 }
 
 impl PointIndex {
@@ -21,6 +28,7 @@ impl PointIndex {
         let mut index = PointIndex {
             points: Vec::with_capacity(points.len()),
             max_ts: Vec::with_capacity(points.len()),
+            recovery: 0,
         };
         for p in points {
             index.push(p);
@@ -33,6 +41,7 @@ impl PointIndex {
             .max_ts
             .last()
             .map_or(p.timestamp_ns, |&m| m.max(p.timestamp_ns));
+        self.recovery += usize::from(p.is_point());
         self.points.push(p);
         self.max_ts.push(m);
     }
@@ -47,17 +56,20 @@ impl PointIndex {
 
     /// Keeps the first `n` points.
     pub(super) fn truncate(&mut self, n: usize) {
+        self.recovery -= count_points(self.points.get(n..).unwrap_or_default());
         self.points.truncate(n);
         self.max_ts.truncate(n);
     }
 
     /// Drops the oldest `n` points.
     pub(super) fn drain_front(&mut self, n: usize) {
+        self.recovery -= count_points(&self.points[..n]);
         self.points.drain(..n);
         self.max_ts.drain(..n);
     }
 
     pub(super) fn clear(&mut self) {
+        self.recovery = 0;
         self.points.clear();
         self.max_ts.clear();
     }
@@ -72,6 +84,12 @@ impl PointIndex {
     /// The entries whose end is a recovery point (not resync entries), oldest first.
     pub(super) fn recovery_points(&self) -> impl DoubleEndedIterator<Item = &UndoPoint> + '_ {
         self.points.iter().filter(|p| p.is_point())
+    }
+
+    /// How many entries end at a recovery point (`recovery_points().count()`,
+    /// without the walk).
+    pub(super) fn recovery_point_count(&self) -> usize {
+        self.recovery
     }
 
     /// Newest recovery point with `seq <= seq`.
@@ -265,6 +283,41 @@ mod tests {
             Err(UndoError::InvalidTarget(m)) if m.contains("piece")
         ));
         assert_eq!(later.target_index(9).ok(), Some(2));
+    }
+
+    /// The kept count of recovery points follows every edit of the index.
+    #[test]
+    fn the_recovery_point_count_follows_every_edit() {
+        let kinds = [
+            EntryKind::WriteSet,
+            EntryKind::PartStart,
+            EntryKind::Part,
+            EntryKind::WriteSet,
+            EntryKind::ResyncStart,
+            EntryKind::Resync,
+            EntryKind::WriteSet,
+            EntryKind::WriteSet,
+        ];
+        let mut ix = index(&[]);
+        let check = |ix: &PointIndex| {
+            assert_eq!(ix.recovery_point_count(), ix.recovery_points().count());
+        };
+        for (i, &k) in kinds.iter().enumerate() {
+            ix.push(point(i as u64 + 1, i as u64 + 1, 1, k));
+            check(&ix);
+        }
+        assert_eq!(ix.recovery_point_count(), 4);
+        ix.drain_front(2);
+        check(&ix);
+        ix.truncate(4);
+        check(&ix);
+        ix.truncate(10);
+        check(&ix);
+        assert_eq!(ix.recovery_point_count(), 1);
+        ix.clear();
+        check(&ix);
+        let again = index(&[point(1, 1, 1, EntryKind::WriteSet)]);
+        assert_eq!(again.recovery_point_count(), 1);
     }
 
     #[test]

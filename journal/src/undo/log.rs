@@ -367,6 +367,11 @@ impl UndoLog {
         self.index.recovery_points()
     }
 
+    /// How many recovery points are retained (kept as the index changes, not counted).
+    pub fn recovery_point_count(&self) -> usize {
+        self.index.recovery_point_count()
+    }
+
     /// Newest recovery point with `seq <= seq`.
     pub fn find_by_seq(&self, seq: u64) -> Option<UndoPoint> {
         self.index.find_by_seq(seq)

@@ -858,6 +858,7 @@ fn node_configs(
                 mode: *mode,
                 on_sync_loss: Default::default(),
                 wan: Default::default(),
+                max_lag_seconds: None,
             })
             .collect(),
     });
@@ -899,6 +900,7 @@ fn node_configs(
                             mode: s.mode,
                             on_sync_loss: Default::default(),
                             wan: Default::default(),
+                            max_lag_seconds: None,
                         }]
                     })
                     .unwrap_or_default(),

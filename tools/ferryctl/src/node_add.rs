@@ -178,6 +178,7 @@ fn standby_config(
                 mode,
                 on_sync_loss: Default::default(),
                 wan: Default::default(),
+                max_lag_seconds: None,
             }],
         }),
     );
