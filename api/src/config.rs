@@ -609,107 +609,13 @@ impl TryFrom<RawReplication> for ReplicationConfig {
         let mut targets = Vec::new();
         let mut archives = Vec::new();
         for (i, t) in r.targets.into_iter().enumerate() {
-            let key = |f: &str| format!("replication.target[{i}].{f}");
             match t.kind.as_deref() {
-                None | Some("standby") => {
-                    let mode = t.mode.unwrap_or_default();
-                    if mode == ReplicationMode::Async && t.on_sync_loss == Some(OnSyncLoss::Block) {
-                        return Err(format!(
-                            "{}: \"block\" needs mode = \"sync\" (writes never wait for an \
-                             async target)",
-                            key("on_sync_loss")
-                        ));
-                    }
-                    let wan = TargetWan {
-                        compress: t.compress.unwrap_or_default(),
-                        max_bandwidth: t
-                            .max_bandwidth
-                            .as_deref()
-                            .map(crate::size::parse_bandwidth)
-                            .transpose()
-                            .map_err(|e| format!("{}: {e}", key("max_bandwidth")))?,
-                    };
-                    if let Some(s) = t.max_lag_seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {
-                        return Err(format!(
-                            "{}: {s} (seconds, more than 0; leave it out for no pacing)",
-                            key("max_lag_seconds")
-                        ));
-                    }
-                    for (f, set) in [
-                        ("url", t.url.is_some()),
-                        ("flush_interval", t.flush_interval.is_some()),
-                        ("retention", t.retention.is_some()),
-                        ("base_interval", t.base_interval.is_some()),
-                        ("object_lock_days", t.object_lock_days.is_some()),
-                    ] {
-                        if set {
-                            return Err(format!(
-                                "{}: only an archive target (kind = \"archive\") takes it",
-                                key(f)
-                            ));
-                        }
-                    }
-                    targets.push(TargetConfig {
-                        name: t.name,
-                        address: t.address.ok_or_else(|| {
-                            format!(
-                                "{}: missing (a standby target's QUIC HOST:PORT)",
-                                key("address")
-                            )
-                        })?,
-                        mode,
-                        on_sync_loss: t.on_sync_loss.unwrap_or_default(),
-                        wan,
-                        max_lag_seconds: t.max_lag_seconds,
-                    })
-                }
-                Some("archive") if t.max_lag_seconds.is_some() => {
-                    return Err(format!(
-                        "{}: only a standby target paces writes",
-                        key("max_lag_seconds")
-                    ))
-                }
-                Some("archive") if t.on_sync_loss.is_some() => {
-                    return Err(format!(
-                        "{}: an archive target is always async",
-                        key("on_sync_loss")
-                    ))
-                }
-                Some("archive") if t.compress.is_some() || t.max_bandwidth.is_some() => {
-                    return Err(format!(
-                        "{}: only a standby target takes compress and max_bandwidth",
-                        key(if t.compress.is_some() {
-                            "compress"
-                        } else {
-                            "max_bandwidth"
-                        })
-                    ))
-                }
-                Some("archive") => archives.push(ArchiveTargetConfig {
-                    name: t.name,
-                    url: t.url.ok_or_else(|| {
-                        format!(
-                            "{}: missing (s3://bucket/prefix or file:///dir)",
-                            key("url")
-                        )
-                    })?,
-                    flush_interval_s: t.flush_interval.unwrap_or(DEFAULT_ARCHIVE_FLUSH_INTERVAL_S),
-                    retention: t
-                        .retention
-                        .as_deref()
-                        .map(crate::grid::RetentionGrid::parse)
-                        .transpose()
-                        .map_err(|e| format!("{}: {e}", key("retention")))?,
-                    base_interval_s: t.base_interval,
-                    object_lock_days: t.object_lock_days,
-                    index: i,
-                    address: t.address,
-                    mode: t.mode,
-                }),
+                None | Some("standby") => targets.push(standby_target(t, i)?),
+                Some("archive") => archives.push(archive_target(t, i)?),
                 Some(k) => {
                     return Err(format!(
                         "{}: '{k}' (use \"standby\" or \"archive\")",
-                        key("kind")
+                        target_key(i, "kind")
                     ))
                 }
             }
@@ -724,6 +630,114 @@ impl TryFrom<RawReplication> for ReplicationConfig {
             archives,
         })
     }
+}
+
+/// The config key of field `f` of the `i`th `[[replication.target]]`.
+fn target_key(i: usize, f: &str) -> String {
+    format!("replication.target[{i}].{f}")
+}
+
+/// A `[[replication.target]]` of kind standby (the `i`th): its keys checked.
+fn standby_target(t: RawTarget, i: usize) -> Result<TargetConfig, String> {
+    let key = |f: &str| target_key(i, f);
+    let mode = t.mode.unwrap_or_default();
+    if mode == ReplicationMode::Async && t.on_sync_loss == Some(OnSyncLoss::Block) {
+        return Err(format!(
+            "{}: \"block\" needs mode = \"sync\" (writes never wait for an async target)",
+            key("on_sync_loss")
+        ));
+    }
+    let wan = TargetWan {
+        compress: t.compress.unwrap_or_default(),
+        max_bandwidth: t
+            .max_bandwidth
+            .as_deref()
+            .map(crate::size::parse_bandwidth)
+            .transpose()
+            .map_err(|e| format!("{}: {e}", key("max_bandwidth")))?,
+    };
+    if let Some(s) = t.max_lag_seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(format!(
+            "{}: {s} (seconds, more than 0; leave it out for no pacing)",
+            key("max_lag_seconds")
+        ));
+    }
+    for (f, set) in [
+        ("url", t.url.is_some()),
+        ("flush_interval", t.flush_interval.is_some()),
+        ("retention", t.retention.is_some()),
+        ("base_interval", t.base_interval.is_some()),
+        ("object_lock_days", t.object_lock_days.is_some()),
+    ] {
+        if set {
+            return Err(format!(
+                "{}: only an archive target (kind = \"archive\") takes it",
+                key(f)
+            ));
+        }
+    }
+    Ok(TargetConfig {
+        name: t.name,
+        address: t.address.ok_or_else(|| {
+            format!(
+                "{}: missing (a standby target's QUIC HOST:PORT)",
+                key("address")
+            )
+        })?,
+        mode,
+        on_sync_loss: t.on_sync_loss.unwrap_or_default(),
+        wan,
+        max_lag_seconds: t.max_lag_seconds,
+    })
+}
+
+/// A `[[replication.target]]` of kind archive (the `i`th): the standby-only keys
+/// refused, its own checked (address and mode are kept for `validate_archives`).
+fn archive_target(t: RawTarget, i: usize) -> Result<ArchiveTargetConfig, String> {
+    let key = |f: &str| target_key(i, f);
+    if t.max_lag_seconds.is_some() {
+        return Err(format!(
+            "{}: only a standby target paces writes",
+            key("max_lag_seconds")
+        ));
+    }
+    if t.on_sync_loss.is_some() {
+        return Err(format!(
+            "{}: an archive target is always async",
+            key("on_sync_loss")
+        ));
+    }
+    if t.compress.is_some() || t.max_bandwidth.is_some() {
+        return Err(format!(
+            "{}: only a standby target takes compress and max_bandwidth",
+            key(if t.compress.is_some() {
+                "compress"
+            } else {
+                "max_bandwidth"
+            })
+        ));
+    }
+    Ok(ArchiveTargetConfig {
+        name: t.name,
+        url: t.url.ok_or_else(|| {
+            format!(
+                "{}: missing (s3://bucket/prefix or file:///dir)",
+                key("url")
+            )
+        })?,
+        flush_interval_s: t.flush_interval.unwrap_or(DEFAULT_ARCHIVE_FLUSH_INTERVAL_S),
+        retention: t
+            .retention
+            .as_deref()
+            .map(crate::grid::RetentionGrid::parse)
+            .transpose()
+            .map_err(|e| format!("{}: {e}", key("retention")))?,
+        base_interval_s: t.base_interval,
+        object_lock_days: t.object_lock_days,
+        index: i,
+        address: t.address,
+        mode: t.mode,
+    })
 }
 
 impl From<ReplicationConfig> for RawReplication {

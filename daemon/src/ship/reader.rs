@@ -114,9 +114,13 @@ fn read_write_sets(
         linger,
     } = src;
     let mut next = from;
-    let mut records: Vec<WireRecord> = Vec::new();
-    let mut bytes = 0usize;
-    let mut ts = 0u64;
+    let mut ws = Forming {
+        tx: &tx,
+        epoch,
+        records: Vec::new(),
+        bytes: 0,
+        ts: 0,
+    };
     let mut reader: Option<ferry_journal::JournalReader> = None;
     loop {
         if tx.is_closed() {
@@ -142,17 +146,11 @@ fn read_write_sets(
                 TailRead::Records(recs) => {
                     for (seq, rec, t) in recs {
                         next = seq + 1;
-                        ts = t;
-                        let seal = rec.op == Op::Seal;
-                        bytes += rec.data.len() + 32;
-                        records.push(wire_record(seq, rec));
-                        if (seal || bytes >= MAX_WRITE_SET_BYTES)
-                            && !emit(&tx, epoch, &mut records, &mut bytes, ts)
-                        {
+                        if !ws.add(seq, rec, t) {
                             return;
                         }
                     }
-                    if !records.is_empty() && !emit(&tx, epoch, &mut records, &mut bytes, ts) {
+                    if !ws.emit() {
                         return;
                     }
                     continue;
@@ -177,13 +175,7 @@ fn read_write_sets(
         match r.next() {
             Some(Ok(e)) => {
                 next = e.seq + 1;
-                ts = e.meta.timestamp_ns;
-                let seal = e.record.op == Op::Seal;
-                bytes += e.record.data.len() + 32;
-                records.push(wire_record(e.seq, e.record));
-                if (seal || bytes >= MAX_WRITE_SET_BYTES)
-                    && !emit(&tx, epoch, &mut records, &mut bytes, ts)
-                {
+                if !ws.add(e.seq, e.record, e.meta.timestamp_ns) {
                     return;
                 }
             }
@@ -192,7 +184,7 @@ fn read_write_sets(
                 return;
             }
             None => {
-                if !records.is_empty() && !emit(&tx, epoch, &mut records, &mut bytes, ts) {
+                if !ws.emit() {
                     return;
                 }
                 behind.store(false, Ordering::Relaxed);
@@ -202,27 +194,45 @@ fn read_write_sets(
     }
 }
 
-fn emit(
-    tx: &mpsc::Sender<anyhow::Result<WriteSet>>,
+/// The write-set being formed from consecutive records.
+struct Forming<'a> {
+    tx: &'a mpsc::Sender<anyhow::Result<WriteSet>>,
     epoch: u64,
-    records: &mut Vec<WireRecord>,
-    bytes: &mut usize,
+    records: Vec<WireRecord>,
+    bytes: usize,
+    /// Timestamp of the newest record (the write-set's).
     ts: u64,
-) -> bool {
-    let recs = std::mem::take(records);
-    *bytes = 0;
-    let (Some(first), Some(last)) = (recs.first().map(|r| r.seq), recs.last().map(|r| r.seq))
-    else {
-        return true;
-    };
-    let ws = WriteSet {
-        epoch,
-        first_seq: first,
-        last_seq: last,
-        timestamp_ns: ts,
-        records: recs,
-    };
-    tx.blocking_send(Ok(ws)).is_ok()
+}
+
+impl Forming<'_> {
+    /// Adds a record; a seal or a full write-set is sent at once. False if the
+    /// consumer is gone.
+    fn add(&mut self, seq: Seq, rec: ferry_journal::Record, ts: u64) -> bool {
+        let seal = rec.op == Op::Seal;
+        self.ts = ts;
+        self.bytes += rec.data.len() + 32;
+        self.records.push(wire_record(seq, rec));
+        !(seal || self.bytes >= MAX_WRITE_SET_BYTES) || self.emit()
+    }
+
+    /// Sends the records gathered so far as one write-set (nothing if none). False
+    /// if the consumer is gone.
+    fn emit(&mut self) -> bool {
+        let recs = std::mem::take(&mut self.records);
+        self.bytes = 0;
+        let (Some(first), Some(last)) = (recs.first().map(|r| r.seq), recs.last().map(|r| r.seq))
+        else {
+            return true;
+        };
+        let ws = WriteSet {
+            epoch: self.epoch,
+            first_seq: first,
+            last_seq: last,
+            timestamp_ns: self.ts,
+            records: recs,
+        };
+        self.tx.blocking_send(Ok(ws)).is_ok()
+    }
 }
 
 #[cfg(test)]
