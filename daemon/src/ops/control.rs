@@ -12,7 +12,8 @@
 //! its response is sent. A state-changing one ([`ferry_api::audit::changes_state`]) is
 //! two durable lines: its intent before the handler runs, its outcome after; the rest
 //! are batched (written at once, fsynced within `[audit] sync_interval_ms`), so that
-//! read-only requests cannot make the daemon fsync once per request.
+//! read-only requests cannot make the daemon fsync once per request. Handlers are
+//! synchronous and run on the blocking pool, never on a runtime worker (`run_handler`).
 //!
 //! Limits: at most [`MAX_CONNECTIONS`] connections; at the cap a new one displaces
 //! the connection that has waited longest for its next request (so a flood of idle
@@ -189,6 +190,8 @@ impl From<Access> for SharedAccess {
     }
 }
 
+/// Answers one checked request. Runs on the blocking pool (`run_handler`): it may
+/// block, and may call `Handle::current().block_on` for async work.
 pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
 
 /// Binds the control socket. A leftover socket file from a crashed daemon is replaced;
@@ -593,7 +596,7 @@ async fn run_audited(
                     }
                 }
             }
-            let resp = handler(req);
+            let resp = run_handler(handler, req).await;
             let result = if resp.ok { Outcome::Ok } else { Outcome::Error };
             (request, args, result, resp, how)
         }
@@ -618,6 +621,26 @@ async fn run_audited(
                 ),
             })
         }
+    }
+}
+
+/// Runs the handler on the blocking pool, never on a runtime worker: handlers are
+/// synchronous and some take seconds (a demote's checkpoint, a verify, a `pause`'s
+/// fsync). On a worker, a handler that blocks without `block_in_place` stalls more than
+/// its own connection: ferryd runs one worker on a two-core host, and with several
+/// workers the one a handler blocks may be the one that last polled the I/O driver,
+/// which then stays unpolled (the others sleep until woken) — no accept, no read, no
+/// timer anywhere in the daemon until the handler returns. A handler's own
+/// `block_in_place` runs its closure in place on a blocking thread.
+async fn run_handler(handler: &Handler, req: Request) -> Response {
+    let handler = handler.clone();
+    match tokio::task::spawn_blocking(move || handler(req)).await {
+        Ok(resp) => resp,
+        // A panicking handler ends its connection's task, as when it ran there.
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Response::err("not run: the daemon is shutting down"),
+        },
     }
 }
 
@@ -755,9 +778,10 @@ mod tests {
 
     #[test]
     fn idle_connections_never_block_a_request() {
-        // The held requests below block their workers (handlers are synchronous).
+        // The held requests below block their threads: handlers run on the blocking
+        // pool, so two workers serve everything else however many are held.
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(6)
+            .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
@@ -839,6 +863,83 @@ mod tests {
         }
         drop(_stop_tx);
         thread.join().unwrap();
+    }
+
+    /// `req` on `path`, answered within `within` (a stalled server fails the test
+    /// instead of hanging it).
+    fn call_within(path: &Path, req: &Request, within: Duration) -> Response {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(within)).unwrap();
+        let mut line = serde_json::to_vec(req).unwrap();
+        line.push(b'\n');
+        s.write_all(&line).unwrap();
+        let mut resp = String::new();
+        if let Err(e) = std::io::BufReader::new(s).read_line(&mut resp) {
+            panic!("{} not answered within {within:?}: {e}", req.name());
+        }
+        serde_json::from_str(&resp).unwrap()
+    }
+
+    /// A request in progress holds its own connection only: handlers are synchronous
+    /// and may block (a demote's checkpoint takes seconds), and on ferryd's single
+    /// runtime worker (a two-core host) one that blocked the worker stopped every
+    /// connection, and the rest of the daemon, until it returned. The daemon's own
+    /// pattern for async work inside a handler (`block_in_place` + `block_on`) works
+    /// where handlers run.
+    #[test]
+    fn a_held_request_never_stalls_the_server() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let access = Access::from_config(None);
+        let listener = rt.block_on(bind(&path, &access)).unwrap();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = parking_lot::Mutex::new(release_rx);
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+        let entered_tx = parking_lot::Mutex::new(entered_tx);
+        let handler: Handler = Arc::new(move |req| match req {
+            // Blocks outright until the test releases it.
+            Request::Demote => {
+                let _ = entered_tx.lock().send(());
+                let _ = release_rx.lock().recv();
+                Response::ok(serde_json::json!({}))
+            }
+            Request::Verify { .. } => tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Response::ok(serde_json::json!({"slept": true}))
+                })
+            }),
+            _ => Response::ok(serde_json::json!({"status": "ok"})),
+        });
+        let server = rt.spawn(serve(
+            listener,
+            path.clone(),
+            handler,
+            access,
+            None,
+            stop_rx,
+        ));
+        let p = path.clone();
+        let held = std::thread::spawn(move || ferry_api::control::call(&p, &Request::Demote));
+        entered_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the held request reaches its handler");
+        let within = Duration::from_secs(10);
+        let status = call_within(&path, &Request::Status, within);
+        assert!(status.ok, "{status:?}");
+        let verify = call_within(&path, &Request::Verify { volume: None }, within);
+        assert_eq!(verify.result, Some(serde_json::json!({"slept": true})));
+        release_tx.send(()).unwrap();
+        assert!(held.join().unwrap().expect("answered").ok);
+        stop_tx.send(true).unwrap();
+        rt.block_on(server).unwrap();
     }
 
     /// A role change ends the run from inside its own request (the handler stops the
