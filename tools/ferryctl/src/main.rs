@@ -849,6 +849,7 @@ fn node_configs(
         tail_bytes: ByteSize(64 << 20),
         async_linger_us: ferry_api::config::DEFAULT_ASYNC_LINGER_US,
         archives: Vec::new(),
+        sync: None,
         targets: s
             .standbys
             .iter()
@@ -892,6 +893,7 @@ fn node_configs(
                 tail_bytes: ByteSize(64 << 20),
                 async_linger_us: ferry_api::config::DEFAULT_ASYNC_LINGER_US,
                 archives: Vec::new(),
+                sync: None,
                 targets: sites
                     .map(|s| {
                         vec![TargetConfig {
