@@ -119,6 +119,8 @@ fn any_one_of_two_goes_on_at_the_live_ones_pace_and_blocks_when_both_are_down() 
     });
     let p_addr = primary_of(&primary, 1);
     assert_eq!(write(p_addr, 0, 0xa0), 0);
+    let st = status(&primary).unwrap();
+    assert_eq!(st["sync_policy"], "ANY 1 (dr1, dr2)", "{st:#}");
 
     // Phase one: dr1 gone, dr2 slow. Each write waits for dr2 (at least its round
     // trip), never for dr1: nothing times out, nothing is recorded lost.
