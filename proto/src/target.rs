@@ -1405,9 +1405,15 @@ pub enum SyncQuorum {
 /// **with its loss recorded durably** ([`TargetLifecycle::sync_position`] keeps a
 /// degraded target in until [`TargetLifecycle::sync_loss_recorded`]): so the missing
 /// copies are exactly covered by durable sync-loss records, written before the write
-/// was acknowledged. A target that is merely down (not degraded) keeps its stale ack
-/// in the count, so it can only lower the position, never raise it. With
-/// `on_sync_loss = "block"` a target is never degraded by a timeout, so writes wait.
+/// was acknowledged. Every position counted is an ack, a sequence the target holds
+/// durably: a target that is merely down (not degraded) counts with its last ack, so
+/// it is never credited with a write it lacks (under FIRST it holds writes back until
+/// a timeout degrades it). With `on_sync_loss = "block"` a target is never degraded by
+/// a timeout, so writes wait.
+///
+/// What this does not promise: under ANY and FIRST a listed target without a loss
+/// record may lack writes that the other `k` hold (the policy never needed it), as in
+/// PostgreSQL; which standby to promote is decided by who holds more.
 pub fn quorum_gate_position(
     quorum: SyncQuorum,
     positions: impl IntoIterator<Item = Option<Seq>>,

@@ -402,7 +402,10 @@ impl TargetState {
 /// highest for ANY k, the lowest of the first k not degraded for FIRST k; its docs
 /// say why a write held by fewer than k of them always has a sync loss recorded
 /// first). The listed targets are the sync ones (`Config::ship_targets`), so the
-/// timeout below treats them as it treats every sync target. A write that waits
+/// timeout below treats them as it treats every sync target: it degrades every
+/// listed target lacking the write, also one the policy did not wait for (under FIRST,
+/// a lower-priority one) — its recorded loss is true, it lacks an acknowledged write.
+/// A write that waits
 /// longer than `timeout`
 /// degrades the sync targets holding it back — loudly — so clients never fail
 /// because a standby is slow or gone; the target returns to sync once it has caught
