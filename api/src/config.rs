@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use ferry_journal::{EngineChoice, RecoveryMode};
 
 use crate::size::ByteSize;
+pub use crate::sync_policy::SyncPolicy;
 
 /// Smallest volume granule: NBD clients address bytes, but the journal and the base
 /// volume are 4 KiB-aligned worlds, and block devices have at least 512-byte sectors.
@@ -518,6 +519,10 @@ pub struct ReplicationConfig {
     /// once. Sync targets never wait (the client's write does).
     #[serde(default = "default_async_linger_us")]
     pub async_linger_us: u64,
+    /// `sync = "ANY 1 (dr1, dr2)"`: the sync policy — the listed targets are sync
+    /// (whatever their `mode`), the others async, and a write is acknowledged once
+    /// the policy is met. `None`: every `mode = "sync"` target must hold it.
+    pub sync: Option<SyncPolicy>,
     /// On the primary: the standbys to ship to (`[[replication.target]]` without a
     /// `kind`, or `kind = "standby"`).
     pub targets: Vec<TargetConfig>,
@@ -598,6 +603,8 @@ struct RawReplication {
     tail_bytes: ByteSize,
     #[serde(default = "default_async_linger_us")]
     async_linger_us: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sync: Option<String>,
     #[serde(rename = "target", default, skip_serializing_if = "Vec::is_empty")]
     targets: Vec<RawTarget>,
 }
@@ -606,11 +613,17 @@ impl TryFrom<RawReplication> for ReplicationConfig {
     type Error = String;
 
     fn try_from(r: RawReplication) -> Result<Self, String> {
+        let sync = r
+            .sync
+            .as_deref()
+            .map(SyncPolicy::parse)
+            .transpose()
+            .map_err(|e| format!("replication.sync: {e}"))?;
         let mut targets = Vec::new();
         let mut archives = Vec::new();
         for (i, t) in r.targets.into_iter().enumerate() {
             match t.kind.as_deref() {
-                None | Some("standby") => targets.push(standby_target(t, i)?),
+                None | Some("standby") => targets.push(standby_target(t, i, sync.as_ref())?),
                 Some("archive") => archives.push(archive_target(t, i)?),
                 Some(k) => {
                     return Err(format!(
@@ -626,6 +639,7 @@ impl TryFrom<RawReplication> for ReplicationConfig {
             sync_timeout_ms: r.sync_timeout_ms,
             tail_bytes: r.tail_bytes,
             async_linger_us: r.async_linger_us,
+            sync,
             targets,
             archives,
         })
@@ -637,14 +651,33 @@ fn target_key(i: usize, f: &str) -> String {
     format!("replication.target[{i}].{f}")
 }
 
-/// A `[[replication.target]]` of kind standby (the `i`th): its keys checked.
-fn standby_target(t: RawTarget, i: usize) -> Result<TargetConfig, String> {
+/// A `[[replication.target]]` of kind standby (the `i`th): its keys checked. With a
+/// sync policy, it is sync if and only if the policy lists it.
+fn standby_target(
+    t: RawTarget,
+    i: usize,
+    sync: Option<&SyncPolicy>,
+) -> Result<TargetConfig, String> {
     let key = |f: &str| target_key(i, f);
     let mode = t.mode.unwrap_or_default();
-    if mode == ReplicationMode::Async && t.on_sync_loss == Some(OnSyncLoss::Block) {
+    let is_sync = sync.map_or(mode == ReplicationMode::Sync, |p| p.lists(&t.name));
+    if let Some(p) = sync.filter(|_| !is_sync && mode == ReplicationMode::Sync) {
         return Err(format!(
-            "{}: \"block\" needs mode = \"sync\" (writes never wait for an async target)",
-            key("on_sync_loss")
+            "replication.sync: '{}' has mode = \"sync\" ({}) but '{p}' does not list it \
+             (list it, or drop its mode: the policy decides which targets are sync)",
+            t.name,
+            key("mode")
+        ));
+    }
+    if !is_sync && t.on_sync_loss == Some(OnSyncLoss::Block) {
+        return Err(format!(
+            "{}: \"block\" needs a sync target ({}; writes never wait for an async target)",
+            key("on_sync_loss"),
+            if sync.is_some() {
+                "listed in replication.sync"
+            } else {
+                "mode = \"sync\""
+            }
         ));
     }
     let wan = TargetWan {
@@ -790,6 +823,7 @@ impl From<ReplicationConfig> for RawReplication {
             sync_timeout_ms: r.sync_timeout_ms,
             tail_bytes: r.tail_bytes,
             async_linger_us: r.async_linger_us,
+            sync: r.sync.map(|p| p.to_string()),
             targets,
         }
     }
@@ -1380,6 +1414,7 @@ impl Config {
                 }
             }
             self.validate_archives(r, &mut seen)?;
+            self.validate_sync_policy()?;
             if !valid_node_name(&self.node.name) {
                 return bad("node.name", node_name_rule(&self.node.name));
             }
@@ -1427,6 +1462,40 @@ impl Config {
         Ok(())
     }
 
+    /// `replication.sync` names only targets this node ships to (its own
+    /// `[[replication.target]]`s and the other members), and every member with
+    /// `mode = "sync"` is listed (the targets' own are checked as they are read).
+    fn validate_sync_policy(&self) -> Result<(), (String, String)> {
+        let Some(p) = self.sync_policy() else {
+            return Ok(());
+        };
+        let bad = |m: String| Err(("replication.sync".to_string(), m));
+        let targets = self.listed_ship_targets();
+        for n in &p.names {
+            if *n == self.node.name {
+                return bad(format!(
+                    "'{n}' is this node itself (list the targets it ships to)"
+                ));
+            }
+            if !targets.iter().any(|t| t.name == *n) {
+                return bad(format!(
+                    "'{n}' is not a target ([[replication.target]] or [[cluster.node]])"
+                ));
+            }
+        }
+        if let Some(t) = targets
+            .iter()
+            .find(|t| t.mode == ReplicationMode::Sync && !p.lists(&t.name))
+        {
+            return bad(format!(
+                "'{}' has mode = \"sync\" but '{p}' does not list it (list it, or drop its \
+                 mode: the policy decides which targets are sync)",
+                t.name
+            ));
+        }
+        Ok(())
+    }
+
     /// The other members (empty without `[cluster]`).
     pub fn peers(&self) -> Vec<&ClusterNode> {
         self.cluster
@@ -1438,8 +1507,29 @@ impl Config {
 
     /// Whom this node ships to as the primary: its `[[replication.target]]`s, then
     /// every other member not named there (with the member's mode). A config without
-    /// `[cluster]` gives its targets alone, as before membership existed.
+    /// `[cluster]` gives its targets alone, as before membership existed. With
+    /// `replication.sync`, the targets it lists are sync and every other one async.
     pub fn ship_targets(&self) -> Vec<TargetConfig> {
+        let mut targets = self.listed_ship_targets();
+        if let Some(p) = self.replication.as_ref().and_then(|r| r.sync.as_ref()) {
+            for t in &mut targets {
+                t.mode = if p.lists(&t.name) {
+                    ReplicationMode::Sync
+                } else {
+                    ReplicationMode::Async
+                };
+            }
+        }
+        targets
+    }
+
+    /// The sync policy (`replication.sync`), if any.
+    pub fn sync_policy(&self) -> Option<&SyncPolicy> {
+        self.replication.as_ref().and_then(|r| r.sync.as_ref())
+    }
+
+    /// [`Self::ship_targets`] with each target's own `mode`.
+    fn listed_ship_targets(&self) -> Vec<TargetConfig> {
         let mut targets = self
             .replication
             .as_ref()
@@ -2068,6 +2158,106 @@ size = "1GiB"
             .unwrap_err()
             .to_string();
         assert!(e.contains("wait"), "{e}");
+    }
+
+    /// `replication.sync`: the listed targets (own or members) are sync, the rest
+    /// async, whatever their `mode`; written back as read; a bad policy, an unknown
+    /// name, this node, an unlisted `mode = "sync"` target or member, and `block` on
+    /// an unlisted target are refused naming the key.
+    #[test]
+    fn sync_policy_decides_the_sync_targets_and_names_its_key() {
+        let t = |n: &str, port: u16, extra: &str| {
+            format!(
+                "[[replication.target]]\nname = \"{n}\"\naddress = \"127.0.0.1:{port}\"\n{extra}"
+            )
+        };
+        let member = |n: &str, port: u16, mode: &str| {
+            format!("[[cluster.node]]\nname = \"{n}\"\naddress = \"127.0.0.1:{port}\"\nmode = \"{mode}\"\n")
+        };
+        let modes = |c: &Config| {
+            c.ship_targets()
+                .into_iter()
+                .map(|t| (t.name, t.mode))
+                .collect::<Vec<_>>()
+        };
+        let text = with_targets(&format!(
+            "sync = \"ANY 1 (dr1, dr3)\"\n{}{}{}{}{}{}",
+            t("dr1", 7001, "on_sync_loss = \"block\"\n"),
+            t("dr2", 7002, "mode = \"async\"\n"),
+            member("primary", 7000, "sync"),
+            member("dr1", 7001, "async"),
+            member("dr2", 7002, "async"),
+            member("dr3", 7003, "async"),
+        ));
+        let cfg = Config::parse(&text).unwrap();
+        cfg.validate().unwrap();
+        let p = cfg.sync_policy().expect("policy");
+        assert_eq!(p.quorum, ferry_proto::target::SyncQuorum::Any(1));
+        assert_eq!(
+            modes(&cfg),
+            vec![
+                ("dr1".to_string(), ReplicationMode::Sync),
+                ("dr2".to_string(), ReplicationMode::Async),
+                ("dr3".to_string(), ReplicationMode::Sync),
+            ]
+        );
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.sync_policy(), cfg.sync_policy());
+        assert!(cfg.to_toml().contains("sync = \"ANY 1 (dr1, dr3)\""));
+        // Without a policy nothing is written and the modes are the targets' own.
+        let plain = Config::parse(&with_targets(&t("dr1", 7001, "mode = \"sync\"\n"))).unwrap();
+        assert!(plain.sync_policy().is_none());
+        assert!(!plain.to_toml().contains("sync ="), "{}", plain.to_toml());
+
+        let parse_err = |text: &str| Config::parse(text).unwrap_err().to_string();
+        for (policy, why) in [
+            ("ANY 0 (dr1)", "the count must be 1 to 1"),
+            ("ANY 1 (dr1, dr1)", "'dr1' is listed twice"),
+            ("MOST 1 (dr1)", "use ANY or FIRST"),
+        ] {
+            let e = parse_err(&with_targets(&format!(
+                "sync = \"{policy}\"\n{}",
+                t("dr1", 7001, "")
+            )));
+            assert!(e.contains("replication.sync") && e.contains(why), "{e}");
+        }
+        let e = parse_err(&with_targets(&format!(
+            "sync = \"dr1\"\n{}{}",
+            t("dr1", 7001, ""),
+            t("dr2", 7002, "mode = \"sync\"\n")
+        )));
+        assert!(
+            e.contains("replication.sync") && e.contains("'dr2' has mode = \"sync\""),
+            "{e}"
+        );
+        let e = parse_err(&with_targets(&format!(
+            "sync = \"dr1\"\n{}{}",
+            t("dr1", 7001, ""),
+            t("dr2", 7002, "on_sync_loss = \"block\"\n")
+        )));
+        assert!(
+            e.contains("replication.target[1].on_sync_loss")
+                && e.contains("listed in replication.sync"),
+            "{e}"
+        );
+        for text in [
+            with_targets(&format!(
+                "sync = \"ANY 1 (dr1, dr9)\"\n{}",
+                t("dr1", 7001, "")
+            )),
+            with_targets(&format!(
+                "sync = \"ANY 1 (dr1, primary)\"\n{}",
+                t("dr1", 7001, "")
+            )),
+            with_targets(&format!(
+                "sync = \"dr1\"\n{}{}{}",
+                t("dr1", 7001, ""),
+                member("primary", 7000, "async"),
+                member("dr2", 7002, "sync")
+            )),
+        ] {
+            assert_eq!(invalid_key(&text), "replication.sync", "{text}");
+        }
     }
 
     /// `compress` and `max_bandwidth`: off and unlimited by default (not written

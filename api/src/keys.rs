@@ -111,6 +111,10 @@ pub const KEYS: &[Key] = &[
     restart("replication.sync_timeout_ms", REPLICATION),
     restart("replication.tail_bytes", REPLICATION),
     restart("replication.async_linger_us", REPLICATION),
+    restart(
+        "replication.sync",
+        "the sync policy is set when the sync gate starts with ferryd",
+    ),
     live("replication.target.name"),
     live("replication.target.address"),
     live("replication.target.mode"),
@@ -246,6 +250,7 @@ primary = "p"
 sync_timeout_ms = 100
 tail_bytes = "1MiB"
 async_linger_us = 5
+sync = "ANY 1 (dr1)"
 [[replication.target]]
 name = "dr1"
 address = "127.0.0.1:7001"

@@ -6,6 +6,7 @@
 //! * [`size`]    — byte sizes (`64MiB`) in the config and on the command line.
 //! * [`timefmt`] — RFC 3339 parsing and formatting, and the one civil-date routine.
 //! * [`grid`]    — an archive target's retention grid (`retention = "…"`).
+//! * [`sync_policy`] — `[replication] sync = "ANY k (…)"`: which targets acknowledge a write.
 //! * [`control`] — the control socket protocol (requests, responses, roles) and its client.
 //! * [`audit`]   — the audit log's line format, canonical SM3 hashing and chain verifier.
 //! * [`status`]  — a node's status snapshot (the `status` request's answer), typed.
@@ -19,4 +20,5 @@ pub mod keyfile;
 pub mod keys;
 pub mod size;
 pub mod status;
+pub mod sync_policy;
 pub mod timefmt;

@@ -125,6 +125,9 @@ pub struct PrimaryStatus {
     /// How: `switchover` or `promotion` (with `fork_seq`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fork_by: Option<String>,
+    /// `replication.sync` as configured (`ANY 1 (dr1, dr2)`); absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_policy: Option<String>,
     pub nbd: NbdStatus,
     /// Archive targets (`kind = "archive"`); absent when none is configured.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -89,6 +89,7 @@ fn primary() -> NodeStatus {
             writes_refused: Some("outdated".into()),
             fork_seq: Some(77),
             fork_by: Some("promotion".into()),
+            sync_policy: None,
             archives: Vec::new(),
             nbd: NbdStatus {
                 listen: "127.0.0.1:10809".into(),

@@ -120,6 +120,13 @@
 //! | any     | [`restore_sync_loss`] (start-up found the record) | degraded, recorded                                  |
 //! | block   | [`sync_timeout`] for a write past its ack | not degraded: the write keeps waiting, status `writes_blocked` until an ack covers it |
 //!
+//! # Sync policy (`replication.sync`)
+//!
+//! Which targets' positions acknowledge a write: every sync target (no policy), or
+//! `ANY k` / `FIRST k` of a listed set ([`SyncQuorum`], [`quorum_gate_position`],
+//! whose docs say why no acknowledged write is held by fewer than `k` of them without
+//! a recorded sync loss). The lifecycle above is the same for each listed target.
+//!
 //! [`connecting`]: TargetLifecycle::connecting
 //! [`plan_hello`]: TargetLifecycle::plan_hello
 //! [`session_started`]: TargetLifecycle::session_started
@@ -1363,6 +1370,66 @@ impl TargetLifecycle {
 /// (`Seq::MAX` when no write waits for any). Replaces ferryd `SyncGate::recompute`'s fold.
 pub fn sync_gate_position(positions: impl IntoIterator<Item = Option<Seq>>) -> Seq {
     positions.into_iter().flatten().min().unwrap_or(Seq::MAX)
+}
+
+/// How many of a sync policy's listed targets must hold a write before it is
+/// acknowledged (`replication.sync`, PostgreSQL style).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncQuorum {
+    /// Every sync target (no `replication.sync`: each `mode = "sync"` target).
+    All,
+    /// `ANY k (…)`: any `k` of the listed targets.
+    Any(usize),
+    /// `FIRST k (…)`: the first `k` listed targets that are not degraded, in the
+    /// order listed (priority).
+    First(usize),
+}
+
+/// The sync gate's position under a [`SyncQuorum`]: `positions` are the listed
+/// targets' [`TargetLifecycle::sync_position`]s in the order listed (`None`: it does
+/// not hold writes back — async, or degraded with its loss recorded durably).
+///
+/// * `All`: the minimum ([`sync_gate_position`]).
+/// * `Any(k)`: the `k`-th highest position.
+/// * `First(k)`: the minimum over the first `k` targets that hold writes back.
+///
+/// With fewer than `k` targets holding writes back, every one of them must hold the
+/// write (the `k`-th highest becomes the lowest); with none, `Seq::MAX`.
+///
+/// Why no acknowledged write is ever held by fewer than `k` listed targets without a
+/// recorded sync loss: a write at `s` is acknowledged once this position is at least
+/// `s`. If `m >= k` listed targets hold writes back, the position is at most the
+/// `k`-th highest of their acks (for `First`, the lowest of `k` of them), so `k`
+/// targets hold `s`. If `m < k`, every one of the `m` holds `s`, and each of the other
+/// `n - m >= k - m` listed targets is out of the count only because it is degraded
+/// **with its loss recorded durably** ([`TargetLifecycle::sync_position`] keeps a
+/// degraded target in until [`TargetLifecycle::sync_loss_recorded`]): so the missing
+/// copies are exactly covered by durable sync-loss records, written before the write
+/// was acknowledged. Every position counted is an ack, a sequence the target holds
+/// durably: a target that is merely down (not degraded) counts with its last ack, so
+/// it is never credited with a write it lacks (under FIRST it holds writes back until
+/// a timeout degrades it). With `on_sync_loss = "block"` a target is never degraded by
+/// a timeout, so writes wait.
+///
+/// What this does not promise: under ANY and FIRST a listed target without a loss
+/// record may lack writes that the other `k` hold (the policy never needed it), as in
+/// PostgreSQL; which standby to promote is decided by who holds more.
+pub fn quorum_gate_position(
+    quorum: SyncQuorum,
+    positions: impl IntoIterator<Item = Option<Seq>>,
+) -> Seq {
+    let held = positions.into_iter().flatten();
+    match quorum {
+        SyncQuorum::All => held.min().unwrap_or(Seq::MAX),
+        SyncQuorum::First(k) => held.take(k.max(1)).min().unwrap_or(Seq::MAX),
+        SyncQuorum::Any(k) => {
+            // Bounded by the number of configured targets.
+            let mut v: Vec<Seq> = held.collect();
+            v.sort_unstable_by(|a, b| b.cmp(a));
+            let i = k.clamp(1, v.len().max(1)) - 1;
+            v.get(i).copied().unwrap_or(Seq::MAX)
+        }
+    }
 }
 
 /// The journal may release only what every target holds (`Seq::MAX` with none).

@@ -873,6 +873,180 @@ fn path11_an_async_target_records_no_sync_loss() {
 }
 
 // ---------------------------------------------------------------------------
+// Sync policy (`replication.sync`: ALL, ANY k, FIRST k)
+
+#[test]
+fn quorum_all_is_the_minimum_over_targets_holding_writes() {
+    let all = |p: &[Option<Seq>]| quorum_gate_position(SyncQuorum::All, p.iter().copied());
+    assert_eq!(all(&[Some(5), None, Some(3)]), 3);
+    assert_eq!(
+        all(&[Some(5), None, Some(3)]),
+        sync_gate_position([Some(5), None, Some(3)])
+    );
+    assert_eq!(all(&[None, None]), Seq::MAX);
+}
+
+#[test]
+fn quorum_any_k_is_the_kth_highest_of_the_targets_holding_writes() {
+    let any = |k, p: &[Option<Seq>]| quorum_gate_position(SyncQuorum::Any(k), p.iter().copied());
+    assert_eq!(any(1, &[Some(5), Some(9)]), 9, "the fastest one suffices");
+    assert_eq!(any(1, &[Some(9), Some(5)]), 9, "order does not matter");
+    assert_eq!(any(2, &[Some(5), Some(9), Some(7)]), 7);
+    assert_eq!(any(3, &[Some(5), Some(9), Some(7)]), 5);
+    // A degraded (recorded) target is out of the count: the rest must all hold it.
+    assert_eq!(any(2, &[None, Some(9)]), 9);
+    assert_eq!(any(2, &[Some(4), None, Some(9)]), 4);
+    assert_eq!(
+        any(1, &[None, None]),
+        Seq::MAX,
+        "every one degraded: recorded"
+    );
+}
+
+#[test]
+fn quorum_first_k_is_the_minimum_over_the_first_k_holding_writes_in_order() {
+    let first =
+        |k, p: &[Option<Seq>]| quorum_gate_position(SyncQuorum::First(k), p.iter().copied());
+    assert_eq!(
+        first(1, &[Some(5), Some(9)]),
+        5,
+        "the first listed, slower or not"
+    );
+    assert_eq!(
+        first(1, &[None, Some(9)]),
+        9,
+        "the first degraded: the next one"
+    );
+    assert_eq!(first(2, &[Some(5), Some(9), Some(2)]), 5);
+    assert_eq!(first(2, &[Some(5), None, Some(2)]), 2);
+    assert_eq!(
+        first(3, &[Some(5), None, Some(7)]),
+        5,
+        "fewer than k: all of them"
+    );
+    assert_eq!(first(1, &[None, None]), Seq::MAX);
+}
+
+fn streaming_sync(name: &str, acked: Seq, policy: SyncLossPolicy) -> TargetLifecycle {
+    let mut t = TargetLifecycle::new(name, SyncMode::Sync, 0, false).with_sync_loss_policy(policy);
+    connect(&mut t, acked, 1, acked);
+    t
+}
+
+fn positions(ts: &[&TargetLifecycle]) -> Vec<Option<Seq>> {
+    ts.iter().map(|t| t.sync_position()).collect()
+}
+
+/// `ANY 1 (a, b)`, `a` gone (its ack stale, not degraded): writes go on at `b`'s pace
+/// and `a` is never timed out. Both gone: a write times out, each is degraded but
+/// still counts until its loss is recorded; once both are recorded writes go on.
+#[test]
+fn quorum_any_one_goes_at_the_live_targets_pace_and_degrades_only_when_none_holds() {
+    let (mut a, mut b) = (
+        streaming_sync("a", 10, SyncLossPolicy::Degrade),
+        streaming_sync("b", 10, SyncLossPolicy::Degrade),
+    );
+    b.on_ack(20, 20, 20);
+    assert_eq!(
+        quorum_gate_position(SyncQuorum::Any(1), positions(&[&a, &b])),
+        20
+    );
+    // Both stop acking; the write at 21 times out.
+    assert!(a.sync_timeout(21) && b.sync_timeout(21));
+    assert_eq!(
+        quorum_gate_position(SyncQuorum::Any(1), positions(&[&a, &b])),
+        20,
+        "not before the losses are durable"
+    );
+    a.sync_loss_recorded(a.sync_loss_to_record().expect("due"));
+    assert_eq!(
+        quorum_gate_position(SyncQuorum::Any(1), positions(&[&a, &b])),
+        20
+    );
+    b.sync_loss_recorded(b.sync_loss_to_record().expect("due"));
+    assert_eq!(
+        quorum_gate_position(SyncQuorum::Any(1), positions(&[&a, &b])),
+        Seq::MAX,
+        "both losses recorded: writes go on without them"
+    );
+}
+
+/// `ANY 1 (a, b)` with `block`: a timeout degrades neither, writes wait at the higher
+/// stale ack, and go on as soon as either acks.
+#[test]
+fn quorum_any_one_with_block_waits_until_one_returns() {
+    let (mut a, mut b) = (
+        streaming_sync("a", 10, SyncLossPolicy::Block),
+        streaming_sync("b", 12, SyncLossPolicy::Block),
+    );
+    assert!(!a.sync_timeout(15) && !b.sync_timeout(15));
+    assert_eq!(
+        quorum_gate_position(SyncQuorum::Any(1), positions(&[&a, &b])),
+        12
+    );
+    assert!(a.writes_blocked() && b.writes_blocked());
+    a.on_ack(15, 15, 15);
+    assert_eq!(
+        quorum_gate_position(SyncQuorum::Any(1), positions(&[&a, &b])),
+        15
+    );
+    assert_eq!((a.sync_loss(), b.sync_loss()), (None, None));
+}
+
+/// `FIRST 1 (a, b)`: `a` is waited for while live; degraded with its loss recorded,
+/// `b` takes its place.
+#[test]
+fn quorum_first_one_falls_to_the_next_once_the_first_is_recorded_degraded() {
+    let (mut a, mut b) = (
+        streaming_sync("a", 10, SyncLossPolicy::Degrade),
+        streaming_sync("b", 10, SyncLossPolicy::Degrade),
+    );
+    b.on_ack(30, 30, 30);
+    assert_eq!(
+        quorum_gate_position(SyncQuorum::First(1), positions(&[&a, &b])),
+        10
+    );
+    assert!(a.sync_timeout(25) && !b.sync_timeout(25));
+    assert_eq!(
+        quorum_gate_position(SyncQuorum::First(1), positions(&[&a, &b])),
+        10
+    );
+    a.sync_loss_recorded(10);
+    assert_eq!(
+        quorum_gate_position(SyncQuorum::First(1), positions(&[&a, &b])),
+        30
+    );
+    assert_eq!(b.sync_loss(), None, "b held every write: no loss");
+}
+
+proptest::proptest! {
+    /// The invariant of `quorum_gate_position`'s docs: every write at or below the
+    /// position is held by `min(k, m)` of the `m` targets holding writes back (the
+    /// first of them in order, for FIRST), and the position is one of their acks.
+    #[test]
+    fn quorum_position_is_held_by_enough_targets(
+        ps in proptest::collection::vec(proptest::option::of(0u64..100), 0..6),
+        k in 1usize..6,
+        first in proptest::bool::ANY,
+    ) {
+        let q = if first { SyncQuorum::First(k) } else { SyncQuorum::Any(k) };
+        let pos = quorum_gate_position(q, ps.iter().copied());
+        let held: Vec<Seq> = ps.iter().flatten().copied().collect();
+        if held.is_empty() {
+            proptest::prop_assert_eq!(pos, Seq::MAX);
+        } else {
+            proptest::prop_assert!(held.contains(&pos));
+            let need = k.min(held.len());
+            if first {
+                proptest::prop_assert!(held[..need].iter().all(|&p| p >= pos));
+            } else {
+                proptest::prop_assert!(held.iter().filter(|&&p| p >= pos).count() >= need);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Handover
 
 fn streaming_at(acked: Seq) -> TargetLifecycle {

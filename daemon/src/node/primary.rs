@@ -385,10 +385,11 @@ fn start_replication(
     if targets.is_empty() {
         return Ok(None);
     }
-    let sync = SyncGate::new(
+    let sync = SyncGate::with_policy(
         targets.clone(),
         Duration::from_millis(r.sync_timeout_ms),
         Some(rec.meta.clone()),
+        r.sync.clone(),
     );
     *group.sync.write() = Some(sync.clone());
     group.feed.enable(r.tail_bytes.0 as usize);

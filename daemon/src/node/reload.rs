@@ -546,6 +546,14 @@ primary = "p"
         let e = plan(&old, &config(&two, "128MiB")).unwrap_err().to_string();
         assert!(e.contains("volume[0].size"), "{e}");
         assert!(e.contains("nothing was changed"), "{e}");
+        // The sync policy is the gate's, set at start: a restart applies it.
+        let e = plan(&old, &config(&format!("sync = \"dr1\"\n{DR1}"), "64MiB"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("replication.sync (the sync policy is set"),
+            "{e}"
+        );
     }
 
     /// An archive target is not reloaded: adding, removing or changing one is refused;

@@ -716,6 +716,7 @@ mod tests {
             tail_bytes: ferry_api::size::ByteSize(1 << 20),
             async_linger_us: 0,
             archives: Vec::new(),
+            sync: None,
             targets: targets
                 .iter()
                 .map(|t| TargetConfig {

@@ -222,6 +222,11 @@ fn primary_status(
         writes_refused: group.fenced().or(fault),
         fork_seq: meta.fork_seq().ok().flatten(),
         fork_by: meta.fork_by().ok().flatten().map(str::to_string),
+        sync_policy: group
+            .sync
+            .read()
+            .as_ref()
+            .and_then(|g| g.policy().map(|p| p.to_string())),
         nbd: NbdStatus {
             listen: nbd.to_string(),
         },

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use ferry_journal::{Journal, Op, Record, Seq};
 use ferry_proto::target::{
-    sync_gate_position, HandedOver, SyncLossPolicy, SyncMode, TargetLifecycle,
-    TargetStatus as Snapshot, UnexpectedHandoverAck,
+    quorum_gate_position, sync_gate_position, HandedOver, SyncLossPolicy, SyncMode,
+    TargetLifecycle, TargetStatus as Snapshot, UnexpectedHandoverAck,
 };
 use ferry_proto::wire::ErrorCode;
 use parking_lot::Mutex;
@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, watch};
 use crate::ship::dirty::DirtyMap;
 use crate::store::base::Base;
 use crate::store::meta::Meta;
-use ferry_api::config::{OnSyncLoss, ReplicationMode, TargetConfig};
+use ferry_api::config::{OnSyncLoss, ReplicationMode, SyncPolicy, TargetConfig};
 
 /// A bitmap-mode target's maps are flushed at least this often (the monitor may flush
 /// sooner under journal pressure).
@@ -392,11 +392,21 @@ impl TargetState {
     }
 }
 
-/// Makes client writes wait until every live sync target holds them durably.
+/// Makes client writes wait until the live sync targets hold them durably: every one
+/// of them, or as many as the sync policy (`replication.sync`) asks.
 ///
-/// `durable` is the minimum durable position over sync targets that are not
+/// The position is the minimum durable position over sync targets that are not
 /// degraded (`Seq::MAX` when there are none; each target's
-/// `TargetLifecycle::sync_position`). A write that waits longer than `timeout`
+/// `TargetLifecycle::sync_position`), or under a policy
+/// `ferry_proto::target::quorum_gate_position` over the listed targets (the k-th
+/// highest for ANY k, the lowest of the first k not degraded for FIRST k; its docs
+/// say why a write held by fewer than k of them always has a sync loss recorded
+/// first). The listed targets are the sync ones (`Config::ship_targets`), so the
+/// timeout below treats them as it treats every sync target: it degrades every
+/// listed target lacking the write, also one the policy did not wait for (under FIRST,
+/// a lower-priority one) — its recorded loss is true, it lacks an acknowledged write.
+/// A write that waits
+/// longer than `timeout`
 /// degrades the sync targets holding it back — loudly — so clients never fail
 /// because a standby is slow or gone; the target returns to sync once it has caught
 /// up. A write reads only the watch channel, never a target's lock.
@@ -407,13 +417,26 @@ pub struct SyncGate {
     timeout: Duration,
     /// Where sync losses are recorded (`None` in unit tests: in memory only).
     meta: Option<Arc<Meta>>,
+    /// `replication.sync` (`None`: every sync target must hold a write).
+    policy: Option<SyncPolicy>,
 }
 
 impl SyncGate {
+    /// A gate without a sync policy: every sync target holds writes back.
     pub fn new(
         targets: Vec<Arc<TargetState>>,
         timeout: Duration,
         meta: Option<Arc<Meta>>,
+    ) -> Arc<SyncGate> {
+        Self::with_policy(targets, timeout, meta, None)
+    }
+
+    /// A gate under `policy` (`replication.sync`; `None`: as [`Self::new`]).
+    pub fn with_policy(
+        targets: Vec<Arc<TargetState>>,
+        timeout: Duration,
+        meta: Option<Arc<Meta>>,
+        policy: Option<SyncPolicy>,
     ) -> Arc<SyncGate> {
         let (tx, _) = watch::channel(Seq::MAX);
         let g = Arc::new(SyncGate {
@@ -421,6 +444,7 @@ impl SyncGate {
             tx,
             timeout,
             meta,
+            policy,
         });
         g.recompute();
         g
@@ -446,14 +470,31 @@ impl SyncGate {
         self.meta.as_deref()
     }
 
+    /// The sync policy, if any (status shows it).
+    pub fn policy(&self) -> Option<&SyncPolicy> {
+        self.policy.as_ref()
+    }
+
     /// Recomputes the sync position after an ack or a state change.
     pub fn recompute(&self) {
-        let min = sync_gate_position(
-            self.targets
-                .read()
-                .iter()
-                .map(|t| t.read(TargetLifecycle::sync_position)),
-        );
+        let targets = self.targets.read();
+        let position = |t: &TargetState| t.read(TargetLifecycle::sync_position);
+        let min = match &self.policy {
+            None => sync_gate_position(targets.iter().map(|t| position(t))),
+            // In the order listed (FIRST's priority). A name without a target cannot
+            // be (the config is checked against the targets, and `sync` changes only
+            // with a restart); like a removed sync target, it would hold nothing back.
+            Some(p) => quorum_gate_position(
+                p.quorum,
+                p.names.iter().map(|n| {
+                    targets
+                        .iter()
+                        .find(|t| t.name == *n)
+                        .and_then(|t| position(t))
+                }),
+            ),
+        };
+        drop(targets);
         self.tx.send_if_modified(|v| {
             let changed = *v != min;
             *v = min;
@@ -868,6 +909,63 @@ pub(crate) mod tests {
         assert!(!degraded(&b), "async targets never wait");
         let async_only = SyncGate::new(vec![b], Duration::from_millis(50), None);
         assert!(!async_only.has_sync_targets());
+    }
+
+    /// `ANY 1 (a, b)`: with `b` gone (its ack stale, not degraded) writes go at `a`'s
+    /// pace and `b` is never timed out; once neither holds a write, the timeout
+    /// degrades both and the write goes on. `FIRST 1 (b, a)`: `b` is waited for
+    /// until the timeout degrades it, then `a` (which holds the write) suffices.
+    #[tokio::test]
+    async fn a_sync_policy_acknowledges_once_it_is_met() {
+        let within = |f| tokio::time::timeout(Duration::from_secs(5), f);
+        let (a, b) = (
+            target("a", ReplicationMode::Sync, 0),
+            target("b", ReplicationMode::Sync, 0),
+        );
+        let any = SyncGate::with_policy(
+            vec![a.clone(), b.clone()],
+            Duration::from_secs(3600),
+            None,
+            Some(SyncPolicy::parse("ANY 1 (a, b)").unwrap()),
+        );
+        a.streaming_at(5);
+        any.recompute();
+        within(any.wait(5)).await.expect("a holds 5: enough");
+        assert!(!degraded(&a) && !degraded(&b), "no timeout, no loss");
+        let (a, b) = (
+            target("a", ReplicationMode::Sync, 0),
+            target("b", ReplicationMode::Sync, 0),
+        );
+        let any = SyncGate::with_policy(
+            vec![a.clone(), b.clone()],
+            Duration::from_millis(50),
+            None,
+            Some(SyncPolicy::parse("ANY 1 (a, b)").unwrap()),
+        );
+        a.streaming_at(5);
+        any.recompute();
+        within(any.wait(6))
+            .await
+            .expect("the timeout degrades both");
+        assert!(degraded(&a) && degraded(&b));
+        let (a, b) = (
+            target("a", ReplicationMode::Sync, 0),
+            target("b", ReplicationMode::Sync, 0),
+        );
+        let first = SyncGate::with_policy(
+            vec![a.clone(), b.clone()],
+            Duration::from_millis(50),
+            None,
+            Some(SyncPolicy::parse("FIRST 1 (b, a)").unwrap()),
+        );
+        assert_eq!(
+            first.policy().map(|p| p.to_string()).as_deref(),
+            Some("FIRST 1 (b, a)")
+        );
+        a.streaming_at(5);
+        first.recompute();
+        within(first.wait(5)).await.expect("b degraded, a holds 5");
+        assert!(degraded(&b) && !degraded(&a), "a had it: not degraded");
     }
 
     /// A session that ends with a handover in flight fails the switchover at once

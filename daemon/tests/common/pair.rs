@@ -68,6 +68,7 @@ pub fn node_config(
             tail_bytes: ByteSize(8 << 20),
             async_linger_us: 0,
             archives: Vec::new(),
+            sync: None,
             targets: vec![TargetConfig {
                 name: peer.0.into(),
                 address: format!("127.0.0.1:{}", peer.1),

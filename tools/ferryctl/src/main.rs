@@ -849,6 +849,7 @@ fn node_configs(
         tail_bytes: ByteSize(64 << 20),
         async_linger_us: ferry_api::config::DEFAULT_ASYNC_LINGER_US,
         archives: Vec::new(),
+        sync: None,
         targets: s
             .standbys
             .iter()
@@ -892,6 +893,7 @@ fn node_configs(
                 tail_bytes: ByteSize(64 << 20),
                 async_linger_us: ferry_api::config::DEFAULT_ASYNC_LINGER_US,
                 archives: Vec::new(),
+                sync: None,
                 targets: sites
                     .map(|s| {
                         vec![TargetConfig {
@@ -1207,6 +1209,9 @@ fn primary_text(p: &PrimaryStatus) -> String {
         let by = p.fork_by.as_deref().unwrap_or("promotion");
         out += &format!("fork       primary by {by} from sequence {f}\n");
     }
+    if let Some(s) = &p.sync_policy {
+        out += &format!("sync       {s} (replication.sync)\n");
+    }
     out
 }
 
@@ -1447,6 +1452,20 @@ WRITES     refused: outdated
 fork       primary by promotion from sequence 77
 volume     vol0  67108864 bytes  nbd://127.0.0.1:10809/vol0  cache writethrough-until-flush (now writeback)
 "#
+        );
+    }
+
+    #[test]
+    fn a_primary_status_shows_its_sync_policy() {
+        let mut st = golden("status-primary.json");
+        let RoleStatus::Primary(p) = &mut st.role else {
+            panic!("the primary golden file holds a standby");
+        };
+        p.sync_policy = Some("ANY 1 (dr1, dr2)".into());
+        let text = status_text(&st);
+        assert!(
+            text.contains("fork       primary by promotion from sequence 77\nsync       ANY 1 (dr1, dr2) (replication.sync)\n"),
+            "{text}"
         );
     }
 

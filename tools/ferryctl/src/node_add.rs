@@ -172,6 +172,7 @@ fn standby_config(
             tail_bytes: repl.tail_bytes,
             async_linger_us: repl.async_linger_us,
             archives: Vec::new(),
+            sync: None,
             targets: vec![TargetConfig {
                 name: primary.node.name.clone(),
                 address: repl.listen.clone(),
