@@ -1463,20 +1463,19 @@ impl Config {
     }
 
     /// `replication.sync` names only targets this node ships to (its own
-    /// `[[replication.target]]`s and the other members), and every member with
-    /// `mode = "sync"` is listed (the targets' own are checked as they are read).
+    /// `[[replication.target]]`s and the other members) or this node itself, and
+    /// every member with `mode = "sync"` is listed (the targets' own are checked as
+    /// they are read). This node's own name is allowed so that every member's config
+    /// can carry the same policy (as PostgreSQL's `synchronous_standby_names`): as
+    /// the primary a node is never its own target, and the gate counts it as not
+    /// holding writes back, so the policy is met by the others.
     fn validate_sync_policy(&self) -> Result<(), (String, String)> {
         let Some(p) = self.sync_policy() else {
             return Ok(());
         };
         let bad = |m: String| Err(("replication.sync".to_string(), m));
         let targets = self.listed_ship_targets();
-        for n in &p.names {
-            if *n == self.node.name {
-                return bad(format!(
-                    "'{n}' is this node itself (list the targets it ships to)"
-                ));
-            }
+        for n in p.names.iter().filter(|n| **n != self.node.name) {
             if !targets.iter().any(|t| t.name == *n) {
                 return bad(format!(
                     "'{n}' is not a target ([[replication.target]] or [[cluster.node]])"
@@ -2162,8 +2161,8 @@ size = "1GiB"
 
     /// `replication.sync`: the listed targets (own or members) are sync, the rest
     /// async, whatever their `mode`; written back as read; a bad policy, an unknown
-    /// name, this node, an unlisted `mode = "sync"` target or member, and `block` on
-    /// an unlisted target are refused naming the key.
+    /// name, an unlisted `mode = "sync"` target or member, and `block` on an
+    /// unlisted target are refused naming the key; this node's own name is allowed.
     #[test]
     fn sync_policy_decides_the_sync_targets_and_names_its_key() {
         let t = |n: &str, port: u16, extra: &str| {
@@ -2246,10 +2245,6 @@ size = "1GiB"
                 t("dr1", 7001, "")
             )),
             with_targets(&format!(
-                "sync = \"ANY 1 (dr1, primary)\"\n{}",
-                t("dr1", 7001, "")
-            )),
-            with_targets(&format!(
                 "sync = \"dr1\"\n{}{}{}",
                 t("dr1", 7001, ""),
                 member("primary", 7000, "async"),
@@ -2258,6 +2253,23 @@ size = "1GiB"
         ] {
             assert_eq!(invalid_key(&text), "replication.sync", "{text}");
         }
+        // This node's own name may be listed (one policy shared by every member's
+        // config); it is never a target.
+        let shared = with_targets(&format!(
+            "sync = \"ANY 1 (primary, dr1)\"\n{}{}{}",
+            member("primary", 7000, "async"),
+            member("dr1", 7001, "async"),
+            member("dr2", 7002, "async")
+        ));
+        let cfg = Config::parse(&shared).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            modes(&cfg),
+            vec![
+                ("dr1".to_string(), ReplicationMode::Sync),
+                ("dr2".to_string(), ReplicationMode::Async),
+            ]
+        );
     }
 
     /// `compress` and `max_bandwidth`: off and unlimited by default (not written

@@ -966,6 +966,19 @@ pub(crate) mod tests {
         first.recompute();
         within(first.wait(5)).await.expect("b degraded, a holds 5");
         assert!(degraded(&b) && !degraded(&a), "a had it: not degraded");
+        // The primary's own name in the list (a policy shared by every member's
+        // config): no target has it, and the listed targets meet the policy.
+        let a = target("a", ReplicationMode::Sync, 0);
+        let own = SyncGate::with_policy(
+            vec![a.clone()],
+            Duration::from_secs(3600),
+            None,
+            Some(SyncPolicy::parse("ANY 1 (primary, a)").unwrap()),
+        );
+        a.streaming_at(5);
+        own.recompute();
+        within(own.wait(5)).await.expect("a holds 5: enough");
+        assert!(!degraded(&a));
     }
 
     /// A session that ends with a handover in flight fails the switchover at once
