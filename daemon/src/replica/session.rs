@@ -24,7 +24,8 @@ use anyhow::{anyhow, bail, Context};
 use ferry_journal::{now_ns, Seq};
 use ferry_proto::session::{LocalIdentity, Received, Receiver};
 use ferry_proto::wire::{
-    DigestRequest, ErrorCode, ErrorFrame, Frame, HandoverAck, Heartbeat, SyncLoss, VerifyResult,
+    Ack, DigestRequest, ErrorCode, ErrorFrame, Frame, HandoverAck, Heartbeat, SyncLoss,
+    VerifyResult,
 };
 use ferry_transport::quic::{
     self, FramedRecv, FramedSend, QuicError, StandbySession, TlsMaterial, TransportOptions,
@@ -196,6 +197,20 @@ fn seeded_refusal(sb: &Standby, at: Seq, e: QuicError) -> anyhow::Error {
     }
 }
 
+/// The ack once the journal is durable through `d`, carrying the applier's position
+/// `applied` too when it is already past the acked one. The applier runs right
+/// behind the journal, so `select!` can see its change first, while the session's
+/// durable position still lags, and set it aside; without this the primary would
+/// see the standby's applied position stale until the next write (seen in a test:
+/// applied 408 of 410 for a minute after a primary restart).
+fn ack_durable(rx: &mut Receiver, d: Seq, applied: Seq) -> anyhow::Result<Ack> {
+    let ack = rx.mark_durable(d).map_err(|e| anyhow!("{e}"))?;
+    if applied > rx.applied_seq() && applied <= rx.durable_seq() {
+        return rx.mark_applied(applied).map_err(|e| anyhow!("{e}"));
+    }
+    Ok(ack)
+}
+
 async fn session(
     sb: &Standby,
     (local, peers): (&LocalIdentity, &Peers),
@@ -272,7 +287,7 @@ async fn session(
                 r.map_err(|_| anyhow!("journal completion channel closed"))?;
                 let d = *durable_rx.borrow_and_update();
                 if d > rx.durable_seq() && d <= rx.received_seq() {
-                    let ack = rx.mark_durable(d).map_err(|e| anyhow!("{e}"))?;
+                    let ack = ack_durable(&mut rx, d, *applied_rx.borrow())?;
                     s.control_send.send_frame(&Frame::Ack(ack)).await?;
                 }
             }
