@@ -763,6 +763,52 @@ mod tests {
     /// request) never keeps `ferryctl status` out; a connection that sends nothing is
     /// closed after the read timeout; and when every connection has a request in
     /// progress, a newcomer is closed at once.
+    /// A multi-threaded runtime with `workers` worker threads.
+    fn runtime(workers: usize) -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// The test's side of held requests: each one says it entered its handler, and
+    /// waits there for one release.
+    struct Held {
+        release: std::sync::mpsc::Sender<()>,
+        entered: std::sync::mpsc::Receiver<()>,
+    }
+
+    /// The handler's side: [`Hold::run`] blocks its thread until released.
+    struct Hold {
+        entered: parking_lot::Mutex<std::sync::mpsc::Sender<()>>,
+        release: parking_lot::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Held {
+        fn new() -> (Held, Hold) {
+            let (release_tx, release_rx) = std::sync::mpsc::channel();
+            let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+            let held = Held {
+                release: release_tx,
+                entered: entered_rx,
+            };
+            let hold = Hold {
+                entered: parking_lot::Mutex::new(entered_tx),
+                release: parking_lot::Mutex::new(release_rx),
+            };
+            (held, hold)
+        }
+    }
+
+    impl Hold {
+        fn run(&self) -> Response {
+            let _ = self.entered.lock().send(());
+            let _ = self.release.lock().recv();
+            Response::ok(serde_json::json!({}))
+        }
+    }
+
     /// The control server's read timeout in the test below.
     const READ_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -780,27 +826,17 @@ mod tests {
     fn idle_connections_never_block_a_request() {
         // The held requests below block their threads: handlers run on the blocking
         // pool, so two workers serve everything else however many are held.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime(2);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctl.sock");
         let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let access = Access::from_config(None);
         let listener = rt.block_on(bind(&path, &access)).unwrap();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let release_rx = Arc::new(parking_lot::Mutex::new(release_rx));
-        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
-        let entered_tx = parking_lot::Mutex::new(entered_tx);
+        let (held, hold) = Held::new();
+        let (release_tx, entered_rx) = (held.release, held.entered);
         let handler: Handler = Arc::new(move |req| match req {
             // A request that holds its connection busy until the test says so.
-            Request::Demote => {
-                let _ = entered_tx.lock().send(());
-                let _ = release_rx.lock().recv();
-                Response::ok(serde_json::json!({}))
-            }
+            Request::Demote => hold.run(),
             _ => Response::ok(serde_json::json!({"status": "ok"})),
         });
         let limits = Limits {
@@ -889,27 +925,17 @@ mod tests {
     /// where handlers run.
     #[test]
     fn a_held_request_never_stalls_the_server() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime(1);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctl.sock");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let access = Access::from_config(None);
         let listener = rt.block_on(bind(&path, &access)).unwrap();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let release_rx = parking_lot::Mutex::new(release_rx);
-        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
-        let entered_tx = parking_lot::Mutex::new(entered_tx);
+        let (held, hold) = Held::new();
+        let (release_tx, entered_rx) = (held.release, held.entered);
         let handler: Handler = Arc::new(move |req| match req {
             // Blocks outright until the test releases it.
-            Request::Demote => {
-                let _ = entered_tx.lock().send(());
-                let _ = release_rx.lock().recv();
-                Response::ok(serde_json::json!({}))
-            }
+            Request::Demote => hold.run(),
             Request::Verify { .. } => tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current().block_on(async {
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -947,11 +973,7 @@ mod tests {
     /// (Seen as `malformed response from ferryd: "": EOF` after promote and demote.)
     #[test]
     fn a_request_that_stops_the_server_still_gets_its_answer() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime(2);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctl.sock");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
