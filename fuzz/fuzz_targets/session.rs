@@ -52,6 +52,7 @@ enum SessionOp {
         epoch_delta: i8,
         durable: S,
         applied: S,
+        received: S,
     },
     ResetForResume(S),
     RecvWriteSet(WsSpec),
@@ -242,7 +243,8 @@ fn session_op(op: &SessionOp, bases: &[u64], tx: &mut Sender, rx: &mut Receiver)
             epoch_delta,
             durable,
             applied,
-        } => ack_op(*epoch_delta, *durable, *applied, bases, tx),
+            received,
+        } => ack_op(*epoch_delta, (*durable, *applied, *received), bases, tx),
         SessionOp::ResetForResume(s) => {
             let s = seq(*s, bases);
             if let Ok(next) = tx.reset_for_resume(s) {
@@ -305,14 +307,24 @@ fn session_op(op: &SessionOp, bases: &[u64], tx: &mut Sender, rx: &mut Receiver)
     }
 }
 
-fn ack_op(epoch_delta: i8, durable: S, applied: S, bases: &[u64], tx: &mut Sender) {
+fn ack_op(
+    epoch_delta: i8,
+    (durable, applied, received): (S, S, S),
+    bases: &[u64],
+    tx: &mut Sender,
+) {
     let ack = Ack {
         epoch: EPOCH.saturating_add_signed(i64::from(epoch_delta)),
         received_durable_seq: seq(durable, bases),
         applied_seq: seq(applied, bases),
+        received_seq: seq(received, bases),
     };
     if let Ok(out) = tx.on_ack(&ack) {
         assert_eq!(out.durable_seq, tx.durable_seq());
+        assert_eq!(out.received_seq, tx.received_seq());
+        // applied ≤ durable ≤ received ≤ sent, whatever the peer claimed.
+        assert!(out.applied_seq <= out.durable_seq && out.durable_seq <= out.received_seq);
+        assert!(out.received_seq <= tx.sent_seq());
     }
     let _ = tx.lag_seconds(u64::MAX);
 }
