@@ -171,7 +171,14 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
         meta.set_rejoined(&t.name, *fork)?;
     }
     let peer_resume = s.peer_hello.resume_position;
-    tracing::info!(target = %t.name, address = %t.address, resume = plan.ack.resume_seq, "replication session established");
+    tracing::info!(
+        target = %t.name,
+        address = %t.address,
+        resume = plan.ack.resume_seq,
+        version = s.negotiated.version,
+        received_acks = s.hello_ack.received_acks,
+        "replication session established"
+    );
     let start = t.update(|lc| lc.session_started(&plan, peer_resume, ctx.journal.durable_seq()));
     if plan.start
         == (PlanStart::Resync {
