@@ -95,6 +95,8 @@ enum TargetOp {
         journal: S,
     },
     SyncTimeout(S),
+    OnReceived(S),
+    SyncReceivedTimeout(S),
     MarksFlushed(S),
     AbandonResync(S),
     SwitchCandidate(S, u16),
@@ -416,7 +418,13 @@ fn lifecycle(input: &Input) {
         }
         handed = t.handed_over();
         let _ = t.must_end_session();
-        let _ = t.sync_position();
+        // The two gate positions: offered together, received never behind durable.
+        match (t.sync_position(), t.sync_received_position()) {
+            (Some(d), Some(r)) => assert!(r >= d && r == t.received()),
+            (None, None) => {}
+            other => panic!("gate positions {other:?} after {op:?}"),
+        }
+        assert!(t.received() >= t.acked());
         let _ = t.handover_precheck();
     }
 }
@@ -470,6 +478,10 @@ fn target_op(t: &mut TargetLifecycle, op: &TargetOp, b: &[u64]) {
         }
         TargetOp::SyncTimeout(s) => {
             t.sync_timeout(seq(s, b));
+        }
+        TargetOp::OnReceived(s) => t.on_received(seq(s, b)),
+        TargetOp::SyncReceivedTimeout(s) => {
+            t.sync_received_timeout(seq(s, b));
         }
         TargetOp::MarksFlushed(s) => t.marks_flushed(seq(s, b)),
         TargetOp::AbandonResync(s) => {
