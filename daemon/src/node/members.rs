@@ -380,6 +380,7 @@ mod tests {
             name: n.into(),
             address: format!("{n}:7000"),
             mode: Default::default(),
+            via: None,
         };
         let v = cluster_view(
             &[m("primary"), m("dr1"), m("dr2")],

@@ -112,6 +112,9 @@ pub(crate) fn begin(sb: &Standby, b: &ResyncBegin, advertised: Seq) -> anyhow::R
     journal
         .skip_to(b.snapshot_seq)
         .context("continuing the journal after the resync snapshot")?;
+    if let Some(f) = &sb.feed {
+        f.skipped_to(b.snapshot_seq);
+    }
     // Nothing is left to apply up to the snapshot: the copy stands in for it.
     sb.set_applied(b.snapshot_seq);
     // Recovery points carry the primary's time (as write-sets do): the standby's

@@ -41,6 +41,11 @@ impl SeqIndex {
         g.entries.push_back((seq, cum, ts_ns));
     }
 
+    /// Forgets every entry (the sequence went on with a gap); the byte count goes on.
+    pub fn clear(&self) {
+        self.inner.lock().entries.clear();
+    }
+
     /// Bytes and age of everything after `acked` (0 when caught up).
     pub fn lag_after(&self, acked: Seq, now_ns: u64) -> (u64, f64) {
         let g = self.inner.lock();
@@ -125,6 +130,13 @@ impl Tail {
                 None => break,
             }
         }
+    }
+
+    /// Forgets every record kept (the sequence went on with a gap).
+    pub fn clear(&self) {
+        let mut g = self.inner.lock();
+        g.entries.clear();
+        g.bytes = 0;
     }
 
     /// Records from `from` on, up to about `max_bytes`.
@@ -231,6 +243,20 @@ impl ShipFeed {
         // Lag is counted in bytes to ship: a trim's range is not shipped as data.
         self.index.push(seq, rec.data.len() as u64, ts);
         self.tail.push(seq, rec, ts);
+        self.durable.publish(seq);
+    }
+
+    /// The journal went on after `seq` without records up to it (a relay's resync
+    /// from its primary: `Journal::skip_to`). The tail and the lag index hold only
+    /// contiguous records, so they start over; a target behind `seq` reads the
+    /// journal, which then plans a resync for it.
+    pub fn skipped_to(&self, seq: Seq) {
+        if !self.enabled.load(Ordering::Acquire) {
+            return;
+        }
+        self.tail.clear();
+        self.index.clear();
+        self.last_fed.store(seq, Ordering::Relaxed);
         self.durable.publish(seq);
     }
 

@@ -190,6 +190,7 @@ fn standby_config(
             name: name.to_string(),
             address: addr.to_string(),
             mode,
+            via: None,
         });
         c
     });
