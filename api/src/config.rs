@@ -89,6 +89,21 @@ pub struct ClusterNode {
     /// member named ships to it from its own journal. Always async.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
+    /// With `via`: what the primary does while the relay is down
+    /// ([`ViaFallback::Primary`] when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_fallback: Option<ViaFallback>,
+}
+
+/// `[[cluster.node]] via_fallback`: while a relayed member's relay is away from the
+/// primary, the primary ships to the member itself (`primary`, the default), or the
+/// member waits for its relay (`stay`, saving the primary's uplink).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViaFallback {
+    #[default]
+    Primary,
+    Stay,
 }
 
 /// `[verify]`: the chunk digest of `ferryctl verify` and of the resync that compares
@@ -1474,7 +1489,15 @@ impl Config {
     /// write may wait for a relayed node.
     fn validate_via(&self, c: &ClusterConfig) -> Result<(), (String, String)> {
         for (i, n) in c.nodes.iter().enumerate() {
-            let Some(via) = &n.via else { continue };
+            let Some(via) = &n.via else {
+                if n.via_fallback.is_some() {
+                    return Err((
+                        format!("cluster.node[{i}].via_fallback"),
+                        format!("'{}' has no via: nothing to fall back from", n.name),
+                    ));
+                }
+                continue;
+            };
             let key = format!("cluster.node[{i}].via");
             if *via == n.name {
                 return Err((key, format!("'{via}' cannot relay to itself")));
@@ -1545,6 +1568,31 @@ impl Config {
             .flat_map(|c| c.nodes.iter())
             .find(|n| n.name == name)
             .and_then(|n| n.via.as_deref())
+    }
+
+    /// Whom this node ships to, as the primary, while their relay is down (cascading
+    /// with `via_fallback = "primary"`): each relayed member (async) with its relay's
+    /// name. Empty without `[cluster]`.
+    pub fn fallback_targets(&self) -> Vec<(TargetConfig, String)> {
+        let fallback = |name: &str| {
+            self.cluster
+                .iter()
+                .flat_map(|c| c.nodes.iter())
+                .find(|n| n.name == name)
+                .is_some_and(|n| n.via_fallback.unwrap_or_default() == ViaFallback::Primary)
+        };
+        self.listed_ship_targets()
+            .into_iter()
+            .filter_map(|mut t| {
+                let via = self.via_of(&t.name)?.to_string();
+                if via == self.node.name || !fallback(&t.name) {
+                    return None;
+                }
+                t.mode = ReplicationMode::Async;
+                t.on_sync_loss = OnSyncLoss::Degrade;
+                Some((t, via))
+            })
+            .collect()
     }
 
     /// Whom this node relays to as a standby (cascading): every target whose `via`
@@ -2160,6 +2208,16 @@ size = "1GiB"
         let mut far = cfg.clone();
         far.node.name = "far".into();
         assert!(far.relay_targets().is_empty());
+        // The primary falls back to far while dr1 is down (the default), dr1 never.
+        let fb = cfg.fallback_targets();
+        assert_eq!((fb[0].0.name.as_str(), fb[0].1.as_str()), ("far", "dr1"));
+        assert!(dr1.fallback_targets().is_empty());
+        let stay = Config::parse(&with_targets(&members(
+            "via = \"dr1\"\nvia_fallback = \"stay\"\n",
+        )))
+        .unwrap();
+        stay.validate().unwrap();
+        assert!(stay.fallback_targets().is_empty());
 
         let err = |text: String| {
             let cfg = Config::parse(&text).expect("parses");
@@ -2176,6 +2234,8 @@ size = "1GiB"
         );
         let (k, _) = err(with_targets(&members("via = \"far\"\n")));
         assert_eq!(k, "cluster.node[2].via");
+        let (k, _) = err(with_targets(&members("via_fallback = \"stay\"\n")));
+        assert_eq!(k, "cluster.node[2].via_fallback");
         let looped = node("primary", 7000, "")
             + &node("dr1", 7001, "via = \"far\"\n")
             + &node("far", 7002, "via = \"dr1\"\n");

@@ -145,6 +145,7 @@ pub const KEYS: &[Key] = &[
     restart("cluster.node.address", MEMBERSHIP),
     restart("cluster.node.mode", MEMBERSHIP),
     restart("cluster.node.via", MEMBERSHIP),
+    restart("cluster.node.via_fallback", MEMBERSHIP),
     restart("volume.name", VOLUME),
     restart("volume.path", VOLUME),
     restart("volume.size", VOLUME),
@@ -289,6 +290,7 @@ address = "127.0.0.1:7001"
 name = "far"
 address = "127.0.0.1:7002"
 via = "dr1"
+via_fallback = "stay"
 [[volume]]
 name = "vol0"
 path = "/v.img"

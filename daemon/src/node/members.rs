@@ -381,6 +381,7 @@ mod tests {
             address: format!("{n}:7000"),
             mode: Default::default(),
             via: None,
+            via_fallback: None,
         };
         let v = cluster_view(
             &[m("primary"), m("dr1"), m("dr2")],

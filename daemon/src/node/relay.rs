@@ -7,8 +7,18 @@
 //! journal mirrors them), and its journal is released only below what every relayed
 //! member holds durably ([`Replication::release_floor`]), so one that was away
 //! resumes from the relay's journal.
+//!
+//! On the primary, [`start_fallback`] covers a relay that is down
+//! (`via_fallback = "primary"`, the default): once the relay has not streamed from
+//! the primary for [`FALLBACK_AFTER`], the primary adds the relayed member as an
+//! async target of its own (`Replication::add_target`, as a reload does), and removes
+//! it again once the relay streams and holds at least what the member holds, so the
+//! relay can resume it without a gap. The member takes one live session at a time,
+//! from whichever source dialed last (`replica::session::serve`); both stream the
+//! same history under the same sequence numbers, so a hand-over between them in
+//! either direction is a resume from the member's durable position.
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_api::config::Config;
 use ferry_journal::Seq;
@@ -109,4 +119,175 @@ fn relay_context(
         }),
         fork: None,
     }))
+}
+
+/// How long a relay stays away from the primary before the primary ships to the
+/// members it relays to itself.
+pub(crate) const FALLBACK_AFTER: Duration = Duration::from_secs(5);
+const FALLBACK_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Starts the primary's fallback monitor when some relayed member falls back to it;
+/// `start_acked`: where a target added while running is assumed until its Hello.
+pub(crate) fn start_fallback(
+    cfg: &Config,
+    repl: Option<Arc<Replication>>,
+    start_acked: Arc<dyn Fn() -> Seq + Send + Sync>,
+    mut stop_rx: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let members = cfg.fallback_targets();
+    let repl = repl?;
+    if members.is_empty() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut down_since: Vec<Option<Instant>> = vec![None; members.len()];
+        loop {
+            for ((t, relay), since) in members.iter().zip(down_since.iter_mut()) {
+                fallback_step(&repl, t, relay, since, &start_acked).await;
+            }
+            tokio::select! {
+                _ = stop_rx.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(FALLBACK_CHECK_EVERY) => {}
+            }
+        }
+    }))
+}
+
+/// What the primary does now about relayed member `t` (see [`FallbackMove`]).
+async fn fallback_step(
+    repl: &Replication,
+    t: &ferry_api::config::TargetConfig,
+    relay: &str,
+    down_since: &mut Option<Instant>,
+    start_acked: &Arc<dyn Fn() -> Seq + Send + Sync>,
+) {
+    let targets = repl.targets();
+    // A relay that is not this primary's target (a chain of relays) is not watched.
+    let Some(r) = targets.iter().find(|x| x.name == relay) else {
+        return;
+    };
+    let relay_acked = r.snapshot().acked_seq;
+    let direct = targets
+        .iter()
+        .find(|x| x.name == t.name)
+        .map(|x| x.snapshot().acked_seq);
+    let relay_up = r.state() == "streaming";
+    match fallback_move(relay_up, relay_acked, direct, down_since, Instant::now()) {
+        FallbackMove::Keep => {}
+        FallbackMove::Ship => {
+            tracing::warn!(
+                member = %t.name,
+                relay,
+                "relay '{relay}' has not streamed for {FALLBACK_AFTER:?}: shipping to '{}' \
+                 directly until it is back (via_fallback = \"primary\")",
+                t.name
+            );
+            if let Err(e) = repl.add_target(t, start_acked()).await {
+                tracing::error!(member = %t.name, "falling back to ship to '{}': {e:#}", t.name);
+            }
+        }
+        FallbackMove::Stop => {
+            tracing::info!(
+                member = %t.name,
+                relay,
+                "relay '{relay}' streams again and holds what '{}' holds: it relays to it \
+                 again; this primary stops shipping to it",
+                t.name
+            );
+            if let Err(e) = repl.remove_target(&t.name).await {
+                tracing::error!(member = %t.name, "stopping the fallback to '{}': {e:#}", t.name);
+            }
+        }
+    }
+}
+
+/// The fallback's decision for one relayed member.
+#[derive(Debug, PartialEq, Eq)]
+enum FallbackMove {
+    Keep,
+    /// The relay has been away for [`FALLBACK_AFTER`]: ship to the member directly.
+    Ship,
+    /// The relay streams and holds at least what the member acknowledged to this
+    /// primary: hand the member back to the relay.
+    Stop,
+}
+
+/// `direct`: the member's ack while this primary ships to it (`None`: it does not);
+/// `down_since`: when the relay was first seen not streaming (kept across calls).
+fn fallback_move(
+    relay_up: bool,
+    relay_acked: Seq,
+    direct: Option<Seq>,
+    down_since: &mut Option<Instant>,
+    now: Instant,
+) -> FallbackMove {
+    if relay_up {
+        *down_since = None;
+    } else if down_since.is_none() {
+        *down_since = Some(now);
+    }
+    match direct {
+        Some(acked) if relay_up && relay_acked >= acked => FallbackMove::Stop,
+        Some(_) => FallbackMove::Keep,
+        None => match *down_since {
+            Some(t) if now.duration_since(t) >= FALLBACK_AFTER => FallbackMove::Ship,
+            _ => FallbackMove::Keep,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The primary ships to a relayed member only after its relay was away for
+    /// FALLBACK_AFTER in a row, and hands it back only once the relay streams and
+    /// holds at least what the member holds.
+    #[test]
+    fn fallback_waits_for_a_lasting_outage_and_a_caught_up_relay() {
+        let t0 = Instant::now();
+        let mut since = None;
+        assert_eq!(
+            fallback_move(true, 10, None, &mut since, t0),
+            FallbackMove::Keep
+        );
+        assert_eq!(
+            fallback_move(false, 10, None, &mut since, t0),
+            FallbackMove::Keep
+        );
+        let later = t0 + FALLBACK_AFTER / 2;
+        assert_eq!(
+            fallback_move(false, 10, None, &mut since, later),
+            FallbackMove::Keep
+        );
+        // Back before the delay: the outage starts over.
+        assert_eq!(
+            fallback_move(true, 10, None, &mut since, later),
+            FallbackMove::Keep
+        );
+        assert_eq!(since, None);
+        let down = t0 + FALLBACK_AFTER;
+        assert_eq!(
+            fallback_move(false, 10, None, &mut since, down),
+            FallbackMove::Keep
+        );
+        let gone = down + FALLBACK_AFTER;
+        assert_eq!(
+            fallback_move(false, 10, None, &mut since, gone),
+            FallbackMove::Ship
+        );
+        // Shipping directly: the relay's return alone is not enough.
+        assert_eq!(
+            fallback_move(false, 10, Some(30), &mut since, gone),
+            FallbackMove::Keep
+        );
+        assert_eq!(
+            fallback_move(true, 20, Some(30), &mut since, gone),
+            FallbackMove::Keep
+        );
+        assert_eq!(
+            fallback_move(true, 30, Some(30), &mut since, gone),
+            FallbackMove::Stop
+        );
+    }
 }

@@ -953,6 +953,7 @@ fn membership(s: &Sites) -> ferry_api::config::ClusterConfig {
         address: s.primary.clone(),
         mode: s.mode,
         via: None,
+        via_fallback: None,
     };
     let standbys = s
         .standbys
@@ -966,6 +967,7 @@ fn membership(s: &Sites) -> ferry_api::config::ClusterConfig {
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, relay)| relay.clone()),
+            via_fallback: None,
         });
     ferry_api::config::ClusterConfig {
         nodes: std::iter::once(primary).chain(standbys).collect(),

@@ -191,6 +191,7 @@ fn standby_config(
             address: addr.to_string(),
             mode,
             via: None,
+            via_fallback: None,
         });
         c
     });

@@ -2,10 +2,12 @@
 //! primary, a sync standby `dr1` and a standby `far` relayed by dr1
 //! (`far=HOST:PORT@via=dr1`). The primary never ships to far; dr1 ships to it from its
 //! own journal, and far ends byte-identical to the primary. dr1 is then SIGKILLed,
-//! the primary writes on, and once dr1 is back far catches up through it, in order.
+//! the primary writes on, and once dr1 is back far catches up through it, in order
+//! (`via_fallback = "stay"`); with the default fallback the primary ships to far while
+//! dr1 is down and hands it back to dr1 once dr1 holds what far holds.
 mod common;
 use common::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferryd::testkit::{assert_qemu_io_ok, qemu_io, skip_without, Node};
@@ -70,6 +72,36 @@ fn far_equals_primary(primary: &Node, far_cfg: &Path, scratch: &Path) {
     assert_same("far's replica against the primary", &got, &want);
 }
 
+/// `ferryctl init` for a primary, `dr1` (`dr1_mode`) and `far` relayed by dr1, with
+/// `via_fallback` set in every config when given; the three config paths.
+fn init_cascade(dir: &Path, dr1_mode: &str, fallback: Option<&str>) -> (PathBuf, PathBuf, PathBuf) {
+    let dr1 = format!("dr1/{dr1_mode}");
+    let (pcfg, s) = init_cluster(
+        dir,
+        &[dr1.as_str(), "far@via=dr1"],
+        &Init {
+            volume: "vol0:16MiB",
+            ..Init::default()
+        },
+    );
+    for cfg in [&pcfg, &s[0], &s[1]] {
+        let text = std::fs::read_to_string(cfg).unwrap();
+        assert!(
+            text.contains("via = \"dr1\""),
+            "init wrote no via into {}:\n{text}",
+            cfg.display()
+        );
+        if let Some(f) = fallback {
+            let with = text.replace(
+                "via = \"dr1\"",
+                &format!("via = \"dr1\"\nvia_fallback = \"{f}\""),
+            );
+            std::fs::write(cfg, with).unwrap();
+        }
+    }
+    (pcfg, s[0].clone(), s[1].clone())
+}
+
 #[test]
 fn a_standby_relays_to_the_member_whose_via_names_it() {
     let name = "a_standby_relays_to_the_member_whose_via_names_it";
@@ -77,20 +109,8 @@ fn a_standby_relays_to_the_member_whose_via_names_it() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (pcfg, s) = init_cluster(
-        dir.path(),
-        &["dr1/sync", "far@via=dr1"],
-        &Init {
-            volume: "vol0:16MiB",
-            ..Init::default()
-        },
-    );
-    let (dr1cfg, farcfg) = (&s[0], &s[1]);
-    let text = std::fs::read_to_string(&pcfg).unwrap();
-    assert!(
-        text.contains("via = \"dr1\""),
-        "init wrote no via into the primary's config:\n{text}"
-    );
+    let (pcfg, dr1cfg, farcfg) = init_cascade(dir.path(), "sync", Some("stay"));
+    let (dr1cfg, farcfg) = (&dr1cfg, &farcfg);
     let far = Node::start(&ferryd(), farcfg);
     let mut dr1 = Node::start(&ferryd(), dr1cfg);
     let primary = Node::start(&ferryd(), &pcfg);
@@ -175,4 +195,55 @@ fn init_refuses_a_via_that_cannot_relay() {
             "{specs:?}: {err}"
         );
     }
+}
+
+/// With the default `via_fallback = "primary"`: while dr1 is down the primary ships to
+/// far itself (after the fallback delay), and once dr1 is back and holds what far
+/// holds, the primary stops and dr1 relays again; far equals the primary throughout.
+#[test]
+fn the_primary_ships_to_a_relayed_member_while_its_relay_is_down() {
+    let name = "the_primary_ships_to_a_relayed_member_while_its_relay_is_down";
+    if skip_without("qemu-io", name) || skip_without("qemu-img", name) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, dr1cfg, farcfg) = init_cascade(dir.path(), "async", None);
+    let far = Node::start(&ferryd(), &farcfg);
+    let mut dr1 = Node::start(&ferryd(), &dr1cfg);
+    let primary = Node::start(&ferryd(), &pcfg);
+    primary.wait_status("dr1 to stream", WAIT, |st| {
+        target(st, "dr1")["state"] == "streaming"
+    });
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(60, 3, 0)));
+    wait_relayed(&primary, &dr1, &far);
+    assert!(target(&primary.status(), "far").is_null());
+
+    dr1.kill();
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(100, 41, 4096)));
+    let last = seq(&primary.status(), "/durable_seq");
+    primary.wait_status("the primary to ship to far itself", WAIT, |st| {
+        let t = target(st, "far");
+        t["state"] == "streaming" && seq(t, "/acked_seq") >= last && t["mode"] == "async"
+    });
+    far.wait_status("far to apply what the primary sent", WAIT, |st| {
+        seq(st, "/applied_seq") >= last && st["primary"]["source"] == "primary"
+    });
+    let scratch = dir.path().join("primary.img");
+    far_equals_primary(&primary, &farcfg, &scratch);
+    assert!(
+        primary.log_text().contains("shipping to 'far' directly"),
+        "{}",
+        primary.log_text()
+    );
+
+    // dr1 returns: it catches up from the primary, the primary lets far go, dr1 relays.
+    let dr1 = Node::start(&ferryd(), &dr1cfg);
+    primary.wait_status("the primary to hand far back to dr1", WAIT, |st| {
+        target(st, "far").is_null() && target(st, "dr1")["state"] == "streaming"
+    });
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(80, 120, 8192)));
+    wait_relayed(&primary, &dr1, &far);
+    far_equals_primary(&primary, &farcfg, &scratch);
+    let f = far.status();
+    assert_eq!(f["primary"]["source"], "dr1", "{f:#}");
 }
