@@ -479,6 +479,7 @@ fn ship_context(
         sync: sync.clone(),
         outdated: outdated_hook(group, rec, false),
         fork: rec.meta.fork_seq()?.map(|f| (f, rec.meta.clone())),
+        hold: None,
     }))
 }
 

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::node::lifecycle::transport_options;
 use crate::node::recovery::Recovered;
+use crate::ship::session::HoldFn as ShipHold;
 use crate::ship::{self as replication, Replication, ShipContext, ShipFeed, SyncGate};
 
 /// The feed of a node that relays (some member's `via` names it), enabled; `None`
@@ -118,7 +119,25 @@ fn relay_context(
             )
         }),
         fork: None,
+        hold: Some(relay_hold(rec)),
     }))
+}
+
+/// Why the relay may not ship now: its replica is what a resync copy to a relayed
+/// member reads, so while it is inconsistent (its own resync from the primary), its
+/// apply stopped, or it was rolled back, it ships nothing; the members wait.
+fn relay_hold(rec: &Recovered) -> ShipHold {
+    let (applier, meta) = (rec.applier.clone(), rec.meta.clone());
+    Arc::new(move || {
+        if applier.resync.get().is_some() {
+            return Some("this relay's replica is being resynced from its primary".into());
+        }
+        match meta.rollback_state() {
+            Ok(Some(_)) => Some("this relay's replica was rolled back (or is being)".into()),
+            Ok(None) => None,
+            Err(e) => Some(format!("reading this relay's rollback state: {e}")),
+        }
+    })
 }
 
 /// How long a relay stays away from the primary before the primary ships to the
