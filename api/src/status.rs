@@ -350,7 +350,7 @@ pub struct UpstreamStatus {
     /// Cascading: the member that relays to this standby (`[[cluster.node]] via`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
-    /// The node whose session is live: the primary, or the relay.
+    /// A relayed standby's (with `via`) live session: from the primary, or the relay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
 }

@@ -280,7 +280,8 @@ fn standby_status(sb: &Standby, applier: &Applier, exports: Option<&PitExports>)
             last_seq: st.last_primary_seq.load(Ordering::Relaxed),
             last_error: st.last_error.lock().clone(),
             via: st.via.clone(),
-            source: st.source.lock().clone(),
+            // Only a relayed standby has two sources to tell apart.
+            source: st.via.as_ref().and(st.source.lock().clone()),
         },
         applied_primary_time_ns: st.applied_ts_ns.load(Ordering::Relaxed),
         pit,
