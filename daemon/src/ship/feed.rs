@@ -357,6 +357,34 @@ mod tests {
         assert!(matches!(t.read(21, 1 << 20), TailRead::Records(r) if r.is_empty()));
     }
 
+    /// A relay's journal that went on after a resync snapshot: the feed forgets the
+    /// records before the gap (the tail and the lag index index by position), so a
+    /// reader behind it goes to the journal, and the records after it are served.
+    #[test]
+    fn a_skip_restarts_the_tail_and_the_lag_index_after_the_gap() {
+        let f = ShipFeed::new(0);
+        f.enable(1 << 20);
+        for s in 1..=3 {
+            f.journaled(s, || rec(100, Op::Write));
+        }
+        f.skipped_to(10);
+        assert_eq!(f.durable().get(), 10);
+        assert!(matches!(f.tail.read(2, 1 << 20), TailRead::Evicted));
+        f.journaled(11, || rec(100, Op::Write));
+        match f.tail.read(11, 1 << 20) {
+            TailRead::Records(r) => assert_eq!(r.iter().map(|e| e.0).collect::<Vec<_>>(), vec![11]),
+            TailRead::Evicted => panic!("seq 11 is in memory"),
+        }
+        assert!(matches!(f.tail.read(5, 1 << 20), TailRead::Evicted));
+        f.journaled(12, || rec(100, Op::Write));
+        assert_eq!(
+            f.index.lag_after(11, now_ns()).0,
+            100,
+            "only record 12 to ship"
+        );
+        assert_eq!(f.index.lag_after(12, now_ns()), (0, 0.0));
+    }
+
     #[test]
     fn durable_seq_wait_returns_on_publish_wake_or_timeout() {
         let d = Arc::new(DurableSeq::new(5));
