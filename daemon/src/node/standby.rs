@@ -150,10 +150,10 @@ fn standby_peers(
     life: &Arc<Lifecycle>,
 ) -> Arc<standby::Peers> {
     let names = members::accepted_names(cfg, primary);
-    let refused = cfg
-        .cluster
-        .is_some()
-        .then(|| members::refused_hook(rec.clone(), life.clone(), names.clone()));
+    let refused = cfg.cluster.is_some().then(|| {
+        let via = cfg.via_of(&cfg.node.name).map(str::to_string);
+        members::refused_hook(rec.clone(), life.clone(), (names.clone(), via))
+    });
     Arc::new(standby::Peers { names, refused })
 }
 

@@ -432,6 +432,18 @@ impl DataFrames<'_> {
                 sb.state
                     .last_primary_seq
                     .fetch_max(ws.last_seq, Ordering::Relaxed);
+                if sb.state.relay_resync.load(Ordering::Acquire) {
+                    let frame = ErrorFrame {
+                        epoch: self.rx.epoch(),
+                        code: ErrorCode::ResyncRequired,
+                        reason: "this standby followed a newer epoch through its relay and may \
+                                 hold records of the old epoch past the new primary's fork: a \
+                                 full resync by digest is needed"
+                            .into(),
+                    };
+                    quic::refuse(self.conn, control, frame).await;
+                    bail!("write-set refused: a resync is needed after following a newer epoch through the relay");
+                }
                 if crate::store::failpoint::check("ferryd::standby_refuse_write_set").is_err() {
                     // As for a record outside the replica (`ResyncRequired`).
                     let frame = ErrorFrame {

@@ -69,6 +69,9 @@ pub struct StandbyState {
     pub via: Option<String>,
     /// The node whose session is live (the primary, or the relay).
     pub source: Mutex<Option<String>>,
+    /// Mirror of the metadata's `relay_resync`: this node followed a newer epoch
+    /// through its relay and refuses the relay's write-sets until a resync begins.
+    pub relay_resync: std::sync::atomic::AtomicBool,
     pub listen: String,
     pub connected: Mutex<Option<String>>,
     pub applied_seq: Arc<AtomicU64>,
@@ -168,6 +171,7 @@ impl Standby {
             primary: primary.to_string(),
             via,
             source: Mutex::new(None),
+            relay_resync: applier.meta.relay_resync()?.into(),
             listen: listen.to_string(),
             connected: Mutex::new(None),
             applied_seq: applied,
@@ -487,6 +491,7 @@ mod tests {
             primary: "p".into(),
             via: None,
             source: Default::default(),
+            relay_resync: Default::default(),
             listen: "l".into(),
             connected: Default::default(),
             applied_seq: Default::default(),

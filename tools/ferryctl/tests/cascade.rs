@@ -247,3 +247,115 @@ fn the_primary_ships_to_a_relayed_member_while_its_relay_is_down() {
     let f = far.status();
     assert_eq!(f["primary"]["source"], "dr1", "{f:#}");
 }
+
+/// `promote --json` on `config`, retrying while the dead primary still counts as
+/// connected; `--force` when another standby holds more (the test does not care which
+/// standby is ahead, only that the relayed node ends equal to the new primary).
+fn promote(config: &Path) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let out = ctl(config, &["promote", "--json"]);
+        if out.status.success() {
+            return serde_json::from_slice(&out.stdout).unwrap();
+        }
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if err.contains("holds more") {
+            return ctl_json(config, &["promote", "--force"]);
+        }
+        assert!(
+            err.contains("is connected") && std::time::Instant::now() < deadline,
+            "promote: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A failover to a standby that is not the relay: dr1 follows the new primary dr2,
+/// far follows the new epoch through dr1 and, since dr1 cannot know dr2's fork, asks
+/// dr1 for a full resync by digest before taking its write-sets; far ends equal to
+/// the new primary.
+#[test]
+fn a_relayed_member_follows_a_new_epoch_through_its_relay_with_a_resync() {
+    let name = "a_relayed_member_follows_a_new_epoch_through_its_relay_with_a_resync";
+    if skip_without("qemu-io", name) || skip_without("qemu-img", name) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, s) = init_cluster(
+        dir.path(),
+        &["dr1/async", "dr2/async", "far@via=dr1"],
+        &Init {
+            volume: "vol0:16MiB",
+            ..Init::default()
+        },
+    );
+    let (dr1cfg, dr2cfg, farcfg) = (&s[0], &s[1], &s[2]);
+    for cfg in [&pcfg, dr1cfg, dr2cfg, farcfg] {
+        let text = std::fs::read_to_string(cfg).unwrap();
+        let stay = text.replace("via = \"dr1\"", "via = \"dr1\"\nvia_fallback = \"stay\"");
+        std::fs::write(cfg, stay).unwrap();
+    }
+    let far = Node::start(&ferryd(), farcfg);
+    let dr1 = Node::start(&ferryd(), dr1cfg);
+    let _dr2 = Node::start(&ferryd(), dr2cfg);
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    primary.wait_status("dr1 and dr2 to stream", WAIT, |st| {
+        target(st, "dr1")["state"] == "streaming" && target(st, "dr2")["state"] == "streaming"
+    });
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(60, 9, 0)));
+    let last = seq(&primary.status(), "/durable_seq");
+    far.wait_status("far to apply the first workload", WAIT, |st| {
+        seq(st, "/applied_seq") >= last
+    });
+    primary.kill();
+
+    let p = promote(dr2cfg);
+    assert_eq!(p["epoch"], 2, "{p:#}");
+    let st = wait_for(dr2cfg, "dr2 to serve and stream to dr1", WAIT, |st| {
+        st["role"] == "primary"
+            && st["nbd"]["listen"].is_string()
+            && target(st, "dr1")["state"] == "streaming"
+    });
+    assert!(
+        target(&st, "far").is_null(),
+        "dr2 ships to far itself: {st:#}"
+    );
+    let url = format!("nbd://{}/vol0", st["nbd"]["listen"].as_str().unwrap_or(""));
+    assert_qemu_io_ok(&qemu_io(&url, &workload(90, 160, 4096)));
+    let last = seq(&try_status(dr2cfg).unwrap(), "/durable_seq");
+    // far follows epoch 2 through dr1 (a restart), asks for the resync, then streams.
+    let f = wait_for(farcfg, "far to hold dr2's writes through dr1", WAIT, |st| {
+        st["epoch"] == 2
+            && seq(st, "/applied_seq") >= last
+            && st["replica"] == "consistent"
+            && st["primary"]["source"] == "dr1"
+    });
+    let d1 = try_status(dr1cfg).unwrap();
+    let t = target(&d1, "far");
+    // The resync far asked for (dr1 cannot know dr2's fork), compared by digest.
+    assert!(
+        seq(t, "/resync_bytes") > 0,
+        "dr1 resynced nothing to far: {d1:#}"
+    );
+    assert_eq!(t["tracking"], "streaming", "{d1:#}");
+    let want = image_of(&url, &dir.path().join("dr2.img"));
+    let got = std::fs::read(volume_of(farcfg)).unwrap();
+    assert_same("far's replica against the new primary dr2", &got, &want);
+    eprintln!(
+        "cascade failover: far in epoch {} following {}; dr1 resynced {} bytes to it",
+        f["epoch"],
+        f["primary"]["name"],
+        seq(t, "/resync_bytes")
+    );
+    let log = std::fs::read_to_string(&far.log).unwrap_or_default();
+    assert!(
+        log.contains("following it"),
+        "far did not follow epoch 2:\n{log}"
+    );
+    // far refused dr1's first write-set of epoch 2, asking for the resync.
+    let relay_log = dr1.log_text();
+    assert!(
+        relay_log.contains("followed a newer epoch through its relay"),
+        "far did not ask its relay for a resync:\n{relay_log}"
+    );
+}
