@@ -129,6 +129,14 @@ fn a_standby_relays_to_the_member_whose_via_names_it() {
         target(&st, "far").is_null(),
         "the primary ships to far itself: {st:#}"
     );
+    // The primary's uplink carried the workload once (to dr1); dr1 carried far's copy.
+    let relayed = seq(&target(&dr1.status(), "far")["wire"], "/payload_bytes");
+    let shipped = seq(&target(&st, "dr1")["wire"], "/payload_bytes");
+    assert_eq!(st["targets"].as_array().map(Vec::len), Some(1), "{st:#}");
+    assert!(relayed > 0 && shipped > 0, "{st:#}");
+    eprintln!(
+        "cascade: primary sent {shipped} payload bytes (to dr1 only), dr1 relayed {relayed} to far"
+    );
     let m = member(&st, "far");
     assert_eq!(m["state"], "relayed by dr1", "{st:#}");
     assert_eq!(m["connected"], false, "{st:#}");
