@@ -56,10 +56,10 @@ const LAG_EVERY: Duration = Duration::from_millis(20);
                   controls, only when named: ferry-capture-reads (needs ferry-async), ferry-async-tmpfs\n\n\
                   Per-target CPU (a second table, when ferry-async-x2 or -x3 runs): for each target with\n\
                   standbys, the primary's and the standbys' CPU s/GiB (mean and max per standby), and\n\
-                  vs alone = (cluster CPU s/GiB - ferry's, same job and round) / standbys: what one target\n\
-                  costs the cluster, its shipping on the primary included;\n\
-                  marginal = (cluster CPU s/GiB - ferry-async's, same job and round) / (standbys - 1):\n\
-                  what each target beyond the first adds. Medians over rounds.\n"
+                  vs alone = (cluster CPU s/GiB - the primary alone's: ferry, or ferry-wb for writeback) / standbys:\n\
+                  what one target costs the cluster, its shipping on the primary included;\n\
+                  marginal = (cluster CPU s/GiB - the same target with one standby, e.g. ferry-async) / (standbys - 1):\n\
+                  what each target beyond the first adds. Each per round and job, then the median over rounds.\n"
 )]
 struct Args {
     /// Seconds per job per round [default: 10; --quick: 3].
