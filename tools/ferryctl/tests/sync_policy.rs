@@ -1,10 +1,13 @@
 //! `replication.sync = "ANY 1 (dr1, dr2)"` (issue 21, item 2) across network
 //! namespaces: the primary, dr1 and dr2 each in its own namespace, joined by veth
-//! pairs; partitions made by nft inside a node's namespace (never the host's ruleset).
+//! pairs; partitions made by nft inside a node's namespace (never the host's ruleset);
+//! the primary reaches dr2 through the userspace UDP proxy on the bridge, which delays
+//! each datagram (this kernel has no netem).
 //!
-//! * dr1 partitioned: writes go on at dr2's pace — each is held by dr2 when it is
-//!   acknowledged and none waits for dr1's sync timeout — and every acknowledged write
-//!   is on dr2's disk; nothing is recorded lost (dr2 meets the policy).
+//! * dr1 partitioned: writes go on at dr2's pace — each takes at least dr2's round
+//!   trip, is held by dr2 when it is acknowledged and never waits for dr1's sync
+//!   timeout — and every acknowledged write is on dr2's disk; nothing is recorded lost
+//!   (dr2 meets the policy).
 //! * dr1 and dr2 partitioned, `on_sync_loss = "block"`: a write waits (status: writes
 //!   blocked on both) past the sync timeout, and completes once dr1's partition is
 //!   lifted; it is then on dr1's disk.
@@ -17,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_api::config::{Config, OnSyncLoss, SyncPolicy};
+use ferry_testkit::udp_proxy::LossyLink;
 use ferryd::testkit::{assert_qemu_io_ok, qemu_io, skip, skip_without, Node};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -26,6 +30,8 @@ const SYNC_TIMEOUT_MS: u64 = 3000;
 /// A partitioned session ends (and a healed link redials) quickly.
 const ENV: [(&str, &str); 1] = [(ferryd::node::IDLE_TIMEOUT_ENV, "1500")];
 const LEN: u64 = 16384;
+/// Each datagram between the primary and dr2 is held this long.
+const DR2_DELAY_MS: u32 = 100;
 
 /// The status entry of target `name` on a primary.
 fn target<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
@@ -45,8 +51,8 @@ fn no_sync_loss(st: &serde_json::Value) {
 
 /// `[primary, dr1, dr2]`'s configs made by `ferryctl init` at the namespaces'
 /// addresses, each serving NBD on its own link address; the primary under
-/// `ANY 1 (dr1, dr2)` with `block` on both targets.
-fn configs(dir: &Path, addrs: &[String]) -> Vec<PathBuf> {
+/// `ANY 1 (dr1, dr2)` with `block` on both targets, reaching dr2 at `dr2_via`.
+fn configs(dir: &Path, addrs: &[String], dr2_via: &str) -> Vec<PathBuf> {
     let out = init_dir(
         dir,
         &[
@@ -88,6 +94,9 @@ fn configs(dir: &Path, addrs: &[String]) -> Vec<PathBuf> {
     r.sync_timeout_ms = SYNC_TIMEOUT_MS;
     for t in &mut r.targets {
         t.on_sync_loss = OnSyncLoss::Block;
+        if t.name == "dr2" {
+            t.address = dr2_via.to_string();
+        }
     }
     std::fs::write(&cfgs[0], p.to_toml()).unwrap();
     cfgs
@@ -131,7 +140,13 @@ fn in_network_namespaces_any_one_of_two_goes_on_without_the_partitioned_one_and_
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    let cfgs = configs(dir.path(), &addrs);
+    let dr2_link = LossyLink::on(
+        ns.bridge_ip.into(),
+        format!("{}:7001", addrs[2]).parse().unwrap(),
+    )
+    .unwrap();
+    let dr2_via = format!("{}:{}", ns.bridge_ip, dr2_link.port);
+    let cfgs = configs(dir.path(), &addrs, &dr2_via);
     let dr1 = Node::start_env(&ns.ferryd_in(1, dir.path()), &cfgs[1], &ENV);
     let dr2 = Node::start_env(&ns.ferryd_in(2, dir.path()), &cfgs[2], &ENV);
     let primary = Node::start_env(&ns.ferryd_in(0, dir.path()), &cfgs[0], &ENV);
@@ -141,10 +156,11 @@ fn in_network_namespaces_any_one_of_two_goes_on_without_the_partitioned_one_and_
     assert_eq!(st["sync_policy"], "ANY 1 (dr1, dr2)", "{st:#}");
     let url = primary.url("vol0");
 
-    // dr1 cut off: each write is acknowledged once dr2 holds it, never after waiting
-    // for dr1 (its sync timeout).
+    // dr1 cut off, dr2 slow: each write is acknowledged once dr2 holds it (at least
+    // dr2's round trip), never after waiting for dr1 (its sync timeout).
     ns.partition(1)
         .unwrap_or_else(|e| panic!("partition dr1: {e}"));
+    dr2_link.set_delay(DR2_DELAY_MS);
     let writes: Vec<(u64, u8)> = (0..8u8).map(|i| (u64::from(i) * 65536, 0x40 + i)).collect();
     for &(offset, fill) in &writes {
         // The write is the journal's next record (qemu-io's closing flush follows it).
@@ -160,6 +176,10 @@ fn in_network_namespaces_any_one_of_two_goes_on_without_the_partitioned_one_and_
         assert!(
             took < Duration::from_millis(SYNC_TIMEOUT_MS),
             "the write at {offset} took {took:?}: it waited for the partitioned dr1"
+        );
+        assert!(
+            took >= Duration::from_millis(2 * u64::from(DR2_DELAY_MS)),
+            "the write at {offset} was acknowledged in {took:?}, within dr2's round trip"
         );
         eprintln!("sync_policy (netns): a write under ANY 1 with dr1 partitioned took {took:?}");
     }

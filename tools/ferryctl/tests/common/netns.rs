@@ -17,6 +17,8 @@ pub struct Netns {
     /// The node end of each veth pair (inside its namespace).
     inner: Vec<String>,
     bridge: String,
+    /// The bridge's address (this namespace's end of the links).
+    pub bridge_ip: std::net::Ipv4Addr,
 }
 
 impl Netns {
@@ -30,12 +32,13 @@ impl Netns {
             names: Vec::new(),
             inner: Vec::new(),
             bridge: format!("fmbr{id}"),
+            bridge_ip: std::net::Ipv4Addr::new(10, 77, net as u8, 254),
         };
         ip(&["link", "add", &ns.bridge, "type", "bridge"])?;
         ip(&[
             "addr",
             "add",
-            &format!("10.77.{net}.254/24"),
+            &format!("{}/24", ns.bridge_ip),
             "dev",
             &ns.bridge,
         ])?;
