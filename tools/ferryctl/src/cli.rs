@@ -499,6 +499,8 @@ pub enum NodeCmd {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         /// Replication mode of the new target (default: that of the first existing one).
+        /// With a sync policy (replication.sync) in the primary's config: async by
+        /// default, and sync appends the node to the policy (a restart applies it).
         #[arg(long, value_enum)]
         mode: Option<ModeArg>,
         /// The new node shares a host with the others: give it its own NBD port.

@@ -2,6 +2,8 @@
 //! uses a different subset, hence the `dead_code` allowance).
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
