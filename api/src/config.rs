@@ -1654,6 +1654,8 @@ impl Config {
     /// every other member not named there (with the member's mode). A config without
     /// `[cluster]` gives its targets alone, as before membership existed. With
     /// `replication.sync`, the targets it lists are sync and every other one async.
+    /// A member whose `via` names another node is left out (its relay ships to it;
+    /// [`Self::relay_targets`], [`Self::fallback_targets`]).
     pub fn ship_targets(&self) -> Vec<TargetConfig> {
         let mut targets = self.listed_ship_targets();
         // A relayed member gets its records from its relay, unless this node is the
