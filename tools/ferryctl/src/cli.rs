@@ -59,7 +59,9 @@ pub enum Cmd {
         /// A standby site NAME=HOST:PORT (its QUIC address), optionally with its own
         /// mode: NAME=HOST:PORT/sync or /async; repeatable. Every node's config lists
         /// every node ([cluster]): after a failover the others follow the new primary.
-        #[arg(long = "standby", value_name = "NAME=HOST:PORT[/MODE]")]
+        /// Cascading: NAME=HOST:PORT@via=RELAY makes another standby (RELAY) ship to
+        /// this one instead of the primary (async; `via` in [[cluster.node]]).
+        #[arg(long = "standby", value_name = "NAME=HOST:PORT[/MODE][@via=RELAY]")]
         standbys: Vec<String>,
         /// Replication mode of every standby that does not name its own.
         #[arg(long, value_enum, default_value = "async")]

@@ -352,6 +352,8 @@ fn standby_config(
             name: name.to_string(),
             address: addr.to_string(),
             mode,
+            via: None,
+            via_fallback: None,
         });
         c
     });
