@@ -84,6 +84,26 @@ pub struct ClusterNode {
     /// `sync` or `async` (default): how a primary ships to it.
     #[serde(default)]
     pub mode: ReplicationMode,
+    /// Cascading: the member that relays to this one (`via = "dr1"`). The primary
+    /// does not ship to it unless it is that member itself (after a promotion); the
+    /// member named ships to it from its own journal. Always async.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// With `via`: what the primary does while the relay is down
+    /// ([`ViaFallback::Primary`] when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_fallback: Option<ViaFallback>,
+}
+
+/// `[[cluster.node]] via_fallback`: while a relayed member's relay is away from the
+/// primary, the primary ships to the member itself (`primary`, the default), or the
+/// member waits for its relay (`stay`, saving the primary's uplink).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViaFallback {
+    #[default]
+    Primary,
+    Stay,
 }
 
 /// `[verify]`: the chunk digest of `ferryctl verify` and of the resync that compares
@@ -1459,7 +1479,133 @@ impl Config {
                 format!("this node ('{}') is not a member", self.node.name),
             );
         }
+        self.validate_via(c)
+    }
+
+    /// Checks every `via` (cascading): it names another member, the chain of relays
+    /// ends (no loop), and the member it relays to is async everywhere a mode can be
+    /// said (its own `mode`, a `[[replication.target]]` of its name, `replication.sync`):
+    /// a relay acknowledges what it holds, not what the relayed node holds, so no
+    /// write may wait for a relayed node.
+    fn validate_via(&self, c: &ClusterConfig) -> Result<(), (String, String)> {
+        for (i, n) in c.nodes.iter().enumerate() {
+            let Some(via) = &n.via else {
+                if n.via_fallback.is_some() {
+                    return Err((
+                        format!("cluster.node[{i}].via_fallback"),
+                        format!("'{}' has no via: nothing to fall back from", n.name),
+                    ));
+                }
+                continue;
+            };
+            let key = format!("cluster.node[{i}].via");
+            if *via == n.name {
+                return Err((key, format!("'{via}' cannot relay to itself")));
+            }
+            if !c.nodes.iter().any(|m| m.name == *via) {
+                return Err((key, format!("'{via}' is not a member ([[cluster.node]])")));
+            }
+            if n.mode == ReplicationMode::Sync {
+                return Err((
+                    format!("cluster.node[{i}].mode"),
+                    format!(
+                        "'{}' is relayed (via = \"{via}\") and must be async: a relayed node \
+                         cannot hold writes back (drop mode = \"sync\" or the via)",
+                        n.name
+                    ),
+                ));
+            }
+            let mut hop = via.as_str();
+            for _ in 0..c.nodes.len() {
+                match c
+                    .nodes
+                    .iter()
+                    .find(|m| m.name == hop)
+                    .and_then(|m| m.via.as_deref())
+                {
+                    Some(next) if next == n.name => {
+                        return Err((
+                            key,
+                            format!("relays loop back to '{}' through '{hop}'", n.name),
+                        ))
+                    }
+                    Some(next) => hop = next,
+                    None => break,
+                }
+            }
+            let listed = self.replication.as_ref().and_then(|r| {
+                r.targets
+                    .iter()
+                    .position(|t| t.name == n.name && t.mode == ReplicationMode::Sync)
+            });
+            if let Some(t) = listed {
+                return Err((
+                    target_key(t, "mode"),
+                    format!(
+                        "'{}' is relayed (cluster.node[{i}].via = \"{via}\") and must be async",
+                        n.name
+                    ),
+                ));
+            }
+            if self.sync_policy().is_some_and(|p| p.lists(&n.name)) {
+                return Err((
+                    "replication.sync".into(),
+                    format!(
+                        "'{}' is relayed (cluster.node[{i}].via = \"{via}\") and must be async: \
+                         a sync policy cannot list it",
+                        n.name
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The member that relays to `name` (its `via`), if any.
+    pub fn via_of(&self, name: &str) -> Option<&str> {
+        self.cluster
+            .iter()
+            .flat_map(|c| c.nodes.iter())
+            .find(|n| n.name == name)
+            .and_then(|n| n.via.as_deref())
+    }
+
+    /// Whom this node ships to, as the primary, while their relay is down (cascading
+    /// with `via_fallback = "primary"`): each relayed member (async) with its relay's
+    /// name. Empty without `[cluster]`.
+    pub fn fallback_targets(&self) -> Vec<(TargetConfig, String)> {
+        let fallback = |name: &str| {
+            self.cluster
+                .iter()
+                .flat_map(|c| c.nodes.iter())
+                .find(|n| n.name == name)
+                .is_some_and(|n| n.via_fallback.unwrap_or_default() == ViaFallback::Primary)
+        };
+        self.listed_ship_targets()
+            .into_iter()
+            .filter_map(|mut t| {
+                let via = self.via_of(&t.name)?.to_string();
+                if via == self.node.name || !fallback(&t.name) {
+                    return None;
+                }
+                t.mode = ReplicationMode::Async;
+                t.on_sync_loss = OnSyncLoss::Degrade;
+                Some((t, via))
+            })
+            .collect()
+    }
+
+    /// Whom this node relays to as a standby (cascading): every target whose `via`
+    /// names this node, always async, with its `[[replication.target]]` settings
+    /// (compress, max_bandwidth) when it has an entry. Empty without `[cluster]`.
+    pub fn relay_targets(&self) -> Vec<TargetConfig> {
+        let mut targets = self.listed_ship_targets();
+        targets.retain(|t| self.via_of(&t.name) == Some(self.node.name.as_str()));
+        for t in &mut targets {
+            t.mode = ReplicationMode::Async;
+            t.on_sync_loss = OnSyncLoss::Degrade;
+        }
+        targets
     }
 
     /// `replication.sync` names only targets this node ships to (its own
@@ -1508,8 +1654,13 @@ impl Config {
     /// every other member not named there (with the member's mode). A config without
     /// `[cluster]` gives its targets alone, as before membership existed. With
     /// `replication.sync`, the targets it lists are sync and every other one async.
+    /// A member whose `via` names another node is left out (its relay ships to it;
+    /// [`Self::relay_targets`], [`Self::fallback_targets`]).
     pub fn ship_targets(&self) -> Vec<TargetConfig> {
         let mut targets = self.listed_ship_targets();
+        // A relayed member gets its records from its relay, unless this node is the
+        // relay (a relay promoted to primary ships to it directly).
+        targets.retain(|t| self.via_of(&t.name).is_none_or(|via| via == self.node.name));
         if let Some(p) = self.replication.as_ref().and_then(|r| r.sync.as_ref()) {
             for t in &mut targets {
                 t.mode = if p.lists(&t.name) {
@@ -2030,6 +2181,82 @@ size = "1GiB"
             invalid_key(&format!("{GOOD}\n{}", member("primary", 7000, "sync"))),
             "cluster"
         );
+    }
+
+    /// Cascading: a member with `via` is shipped to by the member it names, not by the
+    /// primary (unless the primary is that member); it is async, and a sync mode for
+    /// it anywhere, an unknown relay, itself or a loop is refused naming the key.
+    #[test]
+    fn via_moves_a_member_to_its_relay_and_is_checked() {
+        let node = |n: &str, port: u16, extra: &str| {
+            format!("[[cluster.node]]\nname = \"{n}\"\naddress = \"127.0.0.1:{port}\"\n{extra}")
+        };
+        let members = |far: &str| {
+            node("primary", 7000, "") + &node("dr1", 7001, "") + &node("far", 7002, far)
+        };
+        let names = |ts: Vec<TargetConfig>| ts.into_iter().map(|t| t.name).collect::<Vec<_>>();
+        let cfg = Config::parse(&with_targets(&members("via = \"dr1\"\n"))).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.via_of("far"), Some("dr1"));
+        assert_eq!(names(cfg.ship_targets()), vec!["dr1"]);
+        assert!(cfg.relay_targets().is_empty());
+        assert_eq!(Config::parse(&cfg.to_toml()).unwrap().cluster, cfg.cluster);
+        // dr1's view: it relays to far (async), and once promoted ships to it directly.
+        let mut dr1 = cfg.clone();
+        dr1.node.name = "dr1".into();
+        assert_eq!(names(dr1.relay_targets()), vec!["far"]);
+        assert_eq!(dr1.relay_targets()[0].mode, ReplicationMode::Async);
+        assert_eq!(names(dr1.ship_targets()), vec!["primary", "far"]);
+        let mut far = cfg.clone();
+        far.node.name = "far".into();
+        assert!(far.relay_targets().is_empty());
+        // The primary falls back to far while dr1 is down (the default), dr1 never.
+        let fb = cfg.fallback_targets();
+        assert_eq!((fb[0].0.name.as_str(), fb[0].1.as_str()), ("far", "dr1"));
+        assert!(dr1.fallback_targets().is_empty());
+        let stay = Config::parse(&with_targets(&members(
+            "via = \"dr1\"\nvia_fallback = \"stay\"\n",
+        )))
+        .unwrap();
+        stay.validate().unwrap();
+        assert!(stay.fallback_targets().is_empty());
+
+        let err = |text: String| {
+            let cfg = Config::parse(&text).expect("parses");
+            cfg.validate().expect_err("should be invalid")
+        };
+        let (k, m) = err(with_targets(&members("via = \"dr1\"\nmode = \"sync\"\n")));
+        assert_eq!(k, "cluster.node[2].mode");
+        assert!(m.contains("relayed") && m.contains("async"), "{m}");
+        let (k, m) = err(with_targets(&members("via = \"dr9\"\n")));
+        assert_eq!(
+            (k.as_str(), m.contains("not a member")),
+            ("cluster.node[2].via", true),
+            "{m}"
+        );
+        let (k, _) = err(with_targets(&members("via = \"far\"\n")));
+        assert_eq!(k, "cluster.node[2].via");
+        let (k, _) = err(with_targets(&members("via_fallback = \"stay\"\n")));
+        assert_eq!(k, "cluster.node[2].via_fallback");
+        let looped = node("primary", 7000, "")
+            + &node("dr1", 7001, "via = \"far\"\n")
+            + &node("far", 7002, "via = \"dr1\"\n");
+        let (k, m) = err(with_targets(&looped));
+        assert_eq!(k, "cluster.node[1].via");
+        assert!(m.contains("loop"), "{m}");
+        let sync_target = "[[replication.target]]\nname = \"far\"\naddress = \"127.0.0.1:7002\"\nmode = \"sync\"\n";
+        let (k, _) = err(with_targets(&format!(
+            "{sync_target}{}",
+            members("via = \"dr1\"\n")
+        )));
+        assert_eq!(k, "replication.target[0].mode");
+        let policy = format!(
+            "sync = \"ANY 1 (dr1, far)\"\n{}",
+            members("via = \"dr1\"\n")
+        );
+        let (k, m) = err(with_targets(&policy));
+        assert_eq!(k, "replication.sync");
+        assert!(m.contains("'far' is relayed"), "{m}");
     }
 
     /// `kind = "archive"` targets parse apart from the standbys, keep their place when

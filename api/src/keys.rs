@@ -144,6 +144,8 @@ pub const KEYS: &[Key] = &[
     restart("cluster.node.name", MEMBERSHIP),
     restart("cluster.node.address", MEMBERSHIP),
     restart("cluster.node.mode", MEMBERSHIP),
+    restart("cluster.node.via", MEMBERSHIP),
+    restart("cluster.node.via_fallback", MEMBERSHIP),
     restart("volume.name", VOLUME),
     restart("volume.path", VOLUME),
     restart("volume.size", VOLUME),
@@ -284,6 +286,11 @@ mode = "sync"
 [[cluster.node]]
 name = "dr1"
 address = "127.0.0.1:7001"
+[[cluster.node]]
+name = "far"
+address = "127.0.0.1:7002"
+via = "dr1"
+via_fallback = "stay"
 [[volume]]
 name = "vol0"
 path = "/v.img"

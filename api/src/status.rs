@@ -347,6 +347,12 @@ pub struct UpstreamStatus {
     /// Latest sequence the primary reported having.
     pub last_seq: u64,
     pub last_error: Option<String>,
+    /// Cascading: the member that relays to this standby (`[[cluster.node]] via`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// A relayed standby's (with `via`) live session: from the primary, or the relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// Point-in-time recovery on a standby: `{"enabled": false}` when off, else the

@@ -125,6 +125,8 @@ fn standby() -> NodeStatus {
                 connected: Some("10.0.0.1:40000".into()),
                 last_seq: 131,
                 last_error: None,
+                via: None,
+                source: None,
             },
             applied_primary_time_ns: 1_700_000_000_000_000_000,
             pit: PitStatus {

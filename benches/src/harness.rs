@@ -222,6 +222,26 @@ pub fn free_tcp_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The first of `n` consecutive TCP ports the OS considers free on 127.0.0.1 (all bound
+/// at once, then released): `ferryctl init` gives each standby on the host the port
+/// after the previous node's, for NBD and for metrics.
+pub fn free_tcp_ports(n: usize) -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let first = TcpListener::bind("127.0.0.1:0")?;
+        let p = first.local_addr()?.port();
+        let rest: Option<Vec<TcpListener>> = (1..n)
+            .map(|i| {
+                let port = p.checked_add(u16::try_from(i).ok()?)?;
+                TcpListener::bind(("127.0.0.1", port)).ok()
+            })
+            .collect();
+        if rest.is_some() {
+            return Ok(p);
+        }
+    }
+    bail!("no {n} consecutive free TCP ports on 127.0.0.1 in 100 tries")
+}
+
 /// A UDP port the OS considers free on 127.0.0.1 (QUIC).
 pub fn free_udp_port() -> anyhow::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -622,27 +642,66 @@ pub fn scrape(port: u16) -> anyhow::Result<Scrape> {
 // ---------------------------------------------------------------------------------
 // ferry clusters
 
-/// A running ferry cluster on loopback: the primary and, optionally, one standby `dr1`,
-/// created with `ferryctl init` (plus a `[metrics]` section on the primary).
+/// A running ferry cluster on loopback: the primary and its standbys `dr1`..`drN` (none:
+/// the primary alone), created with `ferryctl init` (plus a `[metrics]` section on each
+/// node).
 pub struct FerryCluster {
-    /// Primary first: dropped (stopped) before the standby.
+    /// Primary first: dropped (stopped) before the standbys.
     procs: Vec<Proc>,
+    /// The standbys' node names, in the order of `procs[1..]`.
+    standbys: Vec<String>,
     pub nbd_port: u16,
     pub metrics_port: u16,
-    pub standby: bool,
     pub engine: String,
 }
 
-const TARGET: &str = "target=\"dr1\"";
+/// The node names of `n` standbys: `dr1`..`drN`.
+pub fn standby_names(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("dr{i}")).collect()
+}
 
-/// `ferryctl init` of a primary (and standby `dr1` when `mode` is set: `async`, `sync`,
-/// or either with `:gm` for the SM suites) in `dir`.
+/// The series key of `metric` for replication target `name`, with `more` labels after
+/// the target's (each starting with a comma).
+fn target_key(metric: &str, name: &str, more: &str) -> String {
+    format!("{metric}{{target=\"{name}\"{more}}}")
+}
+
+/// The largest of the series `keys` present in `m` (the slowest target's figure).
+fn slowest(m: &Scrape, keys: &[String]) -> Option<f64> {
+    keys.iter().filter_map(|k| m.get(k)).reduce(f64::max)
+}
+
+/// `ferryctl init`'s arguments for a primary on UDP port `primary` and the standbys
+/// `(name, UDP port)` in `mode`: `async` or `sync`, either with `:gm` for the SM suites
+/// or `:enc` for encryption at rest.
+fn standby_args(mode: &str, primary: u16, standbys: &[(String, u16)]) -> Vec<String> {
+    // `MODE:gm`: the cluster speaks the national-crypto suites (SM2 certificates,
+    // TLS_SM4_GCM_SM3 over QUIC), to compare with the standard ones in one run.
+    // `MODE:enc`: standard suites, journals and the undo log encrypted at rest.
+    let (m, crypto) = mode.split_once(':').unwrap_or((mode, "standard"));
+    let (crypto, encrypt) = match crypto {
+        "enc" => ("standard", true),
+        c => (c, false),
+    };
+    let mut a: Vec<String> = encrypt
+        .then(|| "--encrypt".to_string())
+        .into_iter()
+        .collect();
+    a.extend(["--primary".to_string(), format!("127.0.0.1:{primary}")]);
+    for (name, port) in standbys {
+        a.extend(["--standby".to_string(), format!("{name}=127.0.0.1:{port}")]);
+    }
+    a.extend(["--mode", m, "--crypto", crypto].map(String::from));
+    a
+}
+
+/// `ferryctl init` of a primary and the standbys `names` in `mode` (see
+/// [`standby_args`]; `None`: the primary alone) in `dir`.
 fn ferryctl_init(
     bins: &FerryBins,
     dir: &Path,
-    volume_size: u64,
-    journal_size: &str,
-    mode: Option<&str>,
+    (volume_size, journal_size): (u64, &str),
+    (mode, names): (Option<&str>, &[String]),
     (nbd_port, metrics_port): (u16, u16),
 ) -> anyhow::Result<()> {
     let mut init = Command::new(&bins.ferryctl);
@@ -655,23 +714,14 @@ fn ferryctl_init(
         .args(["--journal-size", journal_size])
         // The Prometheus endpoint, as the README shows: lag sampling through it does
         // not append an audit line per sample as control requests do. The primary
-        // gets this port, the standby the next one.
+        // gets this port, each standby the next one.
         .args(["--metrics-port", &metrics_port.to_string()]);
     if let Some(m) = mode {
-        // `MODE:gm`: the cluster speaks the national-crypto suites (SM2 certificates,
-        // TLS_SM4_GCM_SM3 over QUIC), to compare with the standard ones in one run.
-        // `MODE:enc`: standard suites, journals and the undo log encrypted at rest.
-        let (m, crypto) = m.split_once(':').unwrap_or((m, "standard"));
-        let (crypto, encrypt) = match crypto {
-            "enc" => ("standard", true),
-            c => (c, false),
-        };
-        init.args(encrypt.then_some("--encrypt"));
-        init.arg("--primary")
-            .arg(format!("127.0.0.1:{}", free_udp_port()?))
-            .arg("--standby")
-            .arg(format!("dr1=127.0.0.1:{}", free_udp_port()?))
-            .args(["--mode", m, "--crypto", crypto]);
+        let standbys = names
+            .iter()
+            .map(|n| Ok((n.clone(), free_udp_port()?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        init.args(standby_args(m, free_udp_port()?, &standbys));
     }
     let out = init.output().context("running ferryctl init")?;
     if !out.status.success() {
@@ -687,17 +737,30 @@ fn ferryctl_init(
 /// How a cluster is set up beyond `ferryctl init`'s defaults.
 #[derive(Debug, Clone, Copy)]
 pub struct ClusterSetup<'a> {
-    /// None: the primary alone; else the standby's mode (see [`ferryctl_init`]).
+    /// None: the primary alone; else the standbys' mode (see [`standby_args`]).
     pub mode: Option<&'a str>,
-    /// false turns the standby's undo log off (`[pit] enabled = false`).
+    /// How many standbys (`dr1`..`drN`) run in `mode`: 0 without a mode, else ≥ 1.
+    pub standbys: usize,
+    /// false turns the standbys' undo logs off (`[pit] enabled = false`).
     pub pit: bool,
-    /// Move the standby's data directory there (replaced by a symlink, so its
+    /// Move each standby's data directory there (replaced by a symlink, so its
     /// configuration stays as `ferryctl init` wrote it), e.g. onto another file system.
     pub standby_storage: Option<&'a Path>,
-    /// The volume's `cache` mode on both nodes.
+    /// The volume's `cache` mode on every node.
     pub cache: &'a str,
-    /// The primary paces writes by the standby's lag (`max_lag_seconds`).
+    /// The primary paces writes by its targets' lag (`max_lag_seconds`).
     pub max_lag_seconds: Option<f64>,
+}
+
+impl ClusterSetup<'_> {
+    /// The standbys' node names; an error when `mode` and `standbys` disagree.
+    fn standby_names(&self) -> anyhow::Result<Vec<String>> {
+        match (self.mode, self.standbys) {
+            (None, 0) => Ok(Vec::new()),
+            (Some(_), n) if n > 0 => Ok(standby_names(n)),
+            (mode, n) => bail!("{n} standbys with mode {mode:?}: a mode needs at least one standby and standbys need a mode"),
+        }
+    }
 }
 
 /// Sets the volume's cache mode in a node's config (`ferryctl init` leaves the default).
@@ -714,49 +777,50 @@ fn set_cache(cfg: &Path, cache: &str) -> anyhow::Result<()> {
     std::fs::write(cfg, text).with_context(|| format!("writing {}", cfg.display()))
 }
 
-/// What `ferryctl init` does not set: the cache mode, PIT off, tmpfs storage, pacing.
-fn configure(dir: &Path, setup: ClusterSetup) -> anyhow::Result<()> {
-    let ClusterSetup {
-        mode,
-        pit,
-        standby_storage,
-        cache,
-        max_lag_seconds,
-    } = setup;
-    set_cache(&dir.join("primary.toml"), cache)?;
-    if mode.is_some() {
-        set_cache(&dir.join("dr1.toml"), cache)?;
+/// What `ferryctl init` does not set: the cache mode, PIT off, storage elsewhere,
+/// pacing; on the primary and on each standby of `names`.
+fn configure(dir: &Path, names: &[String], setup: ClusterSetup) -> anyhow::Result<()> {
+    set_cache(&dir.join("primary.toml"), setup.cache)?;
+    for name in names {
+        configure_standby(dir, name, &setup)?;
     }
-    let append = |node: &str, section: String| -> anyhow::Result<()> {
-        let cfg = dir.join(format!("{node}.toml"));
+    match setup.max_lag_seconds.filter(|_| !names.is_empty()) {
+        Some(secs) => set_max_lag(&dir.join("primary.toml"), secs),
+        None => Ok(()),
+    }
+}
+
+/// A standby's cache mode, PIT off, storage elsewhere (as `setup` says).
+fn configure_standby(dir: &Path, name: &str, setup: &ClusterSetup) -> anyhow::Result<()> {
+    let cfg = dir.join(format!("{name}.toml"));
+    set_cache(&cfg, setup.cache)?;
+    if !setup.pit {
+        let section = "[pit]\nenabled = false\n";
         std::fs::OpenOptions::new()
             .append(true)
             .open(&cfg)
             .and_then(|mut f| write!(f, "\n{section}"))
-            .with_context(|| format!("adding {section:?} to {}", cfg.display()))
-    };
-    if mode.is_some() && !pit {
-        append("dr1", "[pit]\nenabled = false\n".into())?;
+            .with_context(|| format!("adding {section:?} to {}", cfg.display()))?;
     }
-    if let Some(to) = standby_storage.filter(|_| mode.is_some()) {
-        move_to(&dir.join("dr1"), to)?;
+    match setup.standby_storage {
+        Some(to) => move_to(&dir.join(name), to),
+        None => Ok(()),
     }
-    if let Some(secs) = max_lag_seconds.filter(|_| mode.is_some()) {
-        // Inside the target's table, which text appended at the end would not reach.
-        let path = dir.join("primary.toml");
-        let mut cfg = ferry_api::config::Config::load(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        for t in cfg
-            .replication
-            .iter_mut()
-            .flat_map(|r| r.targets.iter_mut())
-        {
-            t.max_lag_seconds = Some(secs);
-        }
-        std::fs::write(&path, cfg.to_toml())
-            .with_context(|| format!("writing {}", path.display()))?;
+}
+
+/// `max_lag_seconds` on every replication target of the primary's config at `path`:
+/// inside the targets' tables, which text appended at the end would not reach.
+fn set_max_lag(path: &Path, secs: f64) -> anyhow::Result<()> {
+    let mut cfg = ferry_api::config::Config::load(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    for t in cfg
+        .replication
+        .iter_mut()
+        .flat_map(|r| r.targets.iter_mut())
+    {
+        t.max_lag_seconds = Some(secs);
     }
-    Ok(())
+    std::fs::write(path, cfg.to_toml()).with_context(|| format!("writing {}", path.display()))
 }
 
 fn spawn_ferryd(bins: &FerryBins, dir: &Path, node: &str) -> anyhow::Result<Proc> {
@@ -780,50 +844,54 @@ impl FerryCluster {
     pub fn start(
         bins: &FerryBins,
         dir: &Path,
-        (volume_size, journal_size): (u64, &str),
+        sizes: (u64, &str),
         setup: ClusterSetup,
     ) -> anyhow::Result<FerryCluster> {
-        let mode = setup.mode;
-        let nbd_port = free_tcp_port()?;
-        let metrics_port = free_tcp_port()?;
+        let names = setup.standby_names()?;
+        // `ferryctl init` gives each standby on this host the ports after the primary's.
+        let nbd_port = free_tcp_ports(names.len() + 1)?;
+        let metrics_port = free_tcp_ports(names.len() + 1)?;
         ferryctl_init(
             bins,
             dir,
-            volume_size,
-            journal_size,
-            mode,
+            sizes,
+            (setup.mode, &names),
             (nbd_port, metrics_port),
         )?;
-        configure(dir, setup)?;
-        let spawn = |node: &str| spawn_ferryd(bins, dir, node);
-        // The standby first, so the primary's first dial finds it.
-        let mut standby = mode.map(|_| spawn("dr1")).transpose()?;
-        let mut primary = spawn("primary")?;
+        configure(dir, &names, setup)?;
+        // The standbys first, so the primary's first dial finds them.
+        let mut procs = names
+            .iter()
+            .map(|n| spawn_ferryd(bins, dir, n))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        procs.insert(0, spawn_ferryd(bins, dir, "primary")?);
         {
-            let mut procs: Vec<&mut Proc> = vec![&mut primary];
-            procs.extend(standby.as_mut());
-            wait_port(nbd_port, Duration::from_secs(60), &mut procs)?;
-            wait_port(metrics_port, Duration::from_secs(10), &mut procs)?;
+            let mut refs: Vec<&mut Proc> = procs.iter_mut().collect();
+            wait_port(nbd_port, Duration::from_secs(60), &mut refs)?;
+            wait_port(metrics_port, Duration::from_secs(10), &mut refs)?;
         }
-        let mut procs = vec![primary];
-        procs.extend(standby.take());
         let mut c = FerryCluster {
             procs,
+            standbys: names,
             nbd_port,
             metrics_port,
-            standby: mode.is_some(),
             engine: String::new(),
         };
         c.engine = c.journal_engine()?;
-        if c.standby {
-            // Measure replication, not the first connection.
-            c.wait_until(Duration::from_secs(30), "the standby to connect", |m| {
-                Ok(m.get(&format!(
-                    "ferry_replication_target_state{{{TARGET},state=\"streaming\"}}"
-                )) == Some(1.0))
-            })?;
-        }
+        // Measure replication, not the first connections.
+        let streaming = c.target_keys("ferry_replication_target_state", ",state=\"streaming\"");
+        c.wait_until(Duration::from_secs(30), "every standby to connect", |m| {
+            Ok(streaming.iter().all(|k| m.get(k) == Some(1.0)))
+        })?;
         Ok(c)
+    }
+
+    /// The series keys of `metric` for every standby (see [`target_key`]).
+    fn target_keys(&self, metric: &str, more: &str) -> Vec<String> {
+        self.standbys
+            .iter()
+            .map(|n| target_key(metric, n, more))
+            .collect()
     }
 
     /// The journal engine ferryd reports, with the reason if it fell back.
@@ -851,11 +919,19 @@ impl FerryCluster {
         self.procs.iter().map(Proc::pid).collect()
     }
 
-    /// PID of the standby's ferryd, if the cluster has one.
-    pub fn standby_pid(&self) -> Option<u32> {
-        self.standby
-            .then(|| self.procs.get(1).map(Proc::pid))
-            .flatten()
+    /// The cluster has at least one standby.
+    pub fn has_standby(&self) -> bool {
+        !self.standbys.is_empty()
+    }
+
+    /// The standbys' node names (`dr1`..`drN`).
+    pub fn standbys(&self) -> &[String] {
+        &self.standbys
+    }
+
+    /// PIDs of the standbys' ferryd, in the order of [`standbys`](Self::standbys).
+    pub fn standby_pids(&self) -> Vec<u32> {
+        self.procs.iter().skip(1).map(Proc::pid).collect()
     }
 
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
@@ -890,19 +966,18 @@ impl FerryCluster {
         }
     }
 
-    /// Waits until the primary has applied everything it journaled and the standby
-    /// (if any) has applied it too, so no job pays for the previous one's backlog.
+    /// Waits until the primary has applied everything it journaled and every standby
+    /// has applied it too, so no job pays for the previous one's backlog.
     pub fn drain(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let standby = self.standby;
+        let replicas = self.target_keys("ferry_replication_applied_seq", "");
         self.wait_until(timeout, "replication and apply to catch up", |m| {
             let last = m.need("ferry_journal_last_seq")?;
-            let applied = m.need("ferry_apply_applied_seq")?;
-            let replica = if standby {
-                m.need(&format!("ferry_replication_applied_seq{{{TARGET}}}"))?
-            } else {
-                last
-            };
-            Ok(applied >= last && replica >= last)
+            for k in &replicas {
+                if m.need(k)? < last {
+                    return Ok(false);
+                }
+            }
+            Ok(m.need("ferry_apply_applied_seq")? >= last)
         })
     }
 }
@@ -937,44 +1012,49 @@ fn move_to(from: &Path, to: &Path) -> anyhow::Result<()> {
 /// Replication-lag samples taken while a job runs.
 #[derive(Debug, Default, Clone)]
 pub struct LagSamples {
+    /// Per sample, the slowest standby's lag.
     pub seconds: Vec<f64>,
-    /// The sync target was degraded to async in at least one sample.
+    /// A sync target was degraded to async in at least one sample.
     pub degraded: bool,
     pub failed_scrapes: usize,
 }
 
-/// Samples `ferry_replication_lag_seconds` of the standby every `every` while `f` runs.
-pub fn with_lag_samples<T>(
-    metrics_port: u16,
-    every: Duration,
-    f: impl FnOnce() -> anyhow::Result<T>,
-) -> anyhow::Result<(T, LagSamples)> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut s = LagSamples::default();
-            let lag = format!("ferry_replication_lag_seconds{{{TARGET}}}");
-            let degraded = format!("ferry_replication_target_mode{{{TARGET},mode=\"degraded\"}}");
-            while !stop.load(Ordering::Relaxed) {
-                match scrape(metrics_port) {
-                    Ok(m) => {
-                        s.seconds.extend(m.get(&lag));
-                        s.degraded |= m.get(&degraded) == Some(1.0);
+impl FerryCluster {
+    /// Samples `ferry_replication_lag_seconds` of every standby every `every` while `f`
+    /// runs, keeping the slowest standby's per sample.
+    pub fn with_lag_samples<T>(
+        &self,
+        every: Duration,
+        f: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<(T, LagSamples)> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let lag = self.target_keys("ferry_replication_lag_seconds", "");
+        let degraded = self.target_keys("ferry_replication_target_mode", ",mode=\"degraded\"");
+        let port = self.metrics_port;
+        let sampler = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut s = LagSamples::default();
+                while !stop.load(Ordering::Relaxed) {
+                    match scrape(port) {
+                        Ok(m) => {
+                            s.seconds.extend(slowest(&m, &lag));
+                            s.degraded |= degraded.iter().any(|k| m.get(k) == Some(1.0));
+                        }
+                        Err(_) => s.failed_scrapes += 1,
                     }
-                    Err(_) => s.failed_scrapes += 1,
+                    std::thread::sleep(every);
                 }
-                std::thread::sleep(every);
-            }
-            s
-        })
-    };
-    let r = f();
-    stop.store(true, Ordering::Relaxed);
-    let s = sampler
-        .join()
-        .map_err(|_| anyhow!("lag sampler panicked"))?;
-    Ok((r?, s))
+                s
+            })
+        };
+        let r = f();
+        stop.store(true, Ordering::Relaxed);
+        let s = sampler
+            .join()
+            .map_err(|_| anyhow!("lag sampler panicked"))?;
+        Ok((r?, s))
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -1024,6 +1104,130 @@ mod tests {
         );
         std::fs::write(&cfg, "[node]\n").unwrap();
         assert!(set_cache(&cfg, "writeback").is_err(), "no volume table");
+    }
+
+    #[test]
+    fn standbys_are_named_dr1_to_drn_and_keyed_by_target() {
+        assert_eq!(standby_names(0), Vec::<String>::new());
+        assert_eq!(standby_names(3), ["dr1", "dr2", "dr3"]);
+        assert_eq!(
+            target_key(
+                "ferry_replication_target_state",
+                "dr2",
+                ",state=\"streaming\""
+            ),
+            "ferry_replication_target_state{target=\"dr2\",state=\"streaming\"}"
+        );
+        let m = Scrape::parse(
+            "ferry_replication_lag_seconds{target=\"dr1\"} 0.5\nferry_replication_lag_seconds{target=\"dr2\"} 2.5\n",
+        );
+        let keys = |names: &[&str]| -> Vec<String> {
+            names
+                .iter()
+                .map(|n| target_key("ferry_replication_lag_seconds", n, ""))
+                .collect()
+        };
+        assert_eq!(slowest(&m, &keys(&["dr1", "dr2", "dr3"])), Some(2.5));
+        assert_eq!(slowest(&m, &keys(&["dr1"])), Some(0.5));
+        assert_eq!(slowest(&m, &keys(&["dr3"])), None, "no series, no sample");
+    }
+
+    #[test]
+    fn init_arguments_name_every_standby() {
+        let sb = |n: &str, p: u16| (n.to_string(), p);
+        assert_eq!(
+            standby_args("async", 7000, &[sb("dr1", 7001), sb("dr2", 7002)]),
+            [
+                "--primary",
+                "127.0.0.1:7000",
+                "--standby",
+                "dr1=127.0.0.1:7001",
+                "--standby",
+                "dr2=127.0.0.1:7002",
+                "--mode",
+                "async",
+                "--crypto",
+                "standard"
+            ]
+        );
+        let gm = standby_args("sync:gm", 1, &[sb("dr1", 2)]);
+        assert_eq!(gm[4..], ["--mode", "sync", "--crypto", "gm"]);
+        let enc = standby_args("async:enc", 1, &[sb("dr1", 2)]);
+        assert_eq!(enc[0], "--encrypt");
+        assert_eq!(enc[5..], ["--mode", "async", "--crypto", "standard"]);
+    }
+
+    #[test]
+    fn a_setups_mode_and_standby_count_agree() {
+        let setup = |mode, standbys| ClusterSetup {
+            mode,
+            standbys,
+            pit: true,
+            standby_storage: None,
+            cache: "writethrough",
+            max_lag_seconds: None,
+        };
+        assert!(setup(None, 0).standby_names().unwrap().is_empty());
+        assert_eq!(
+            setup(Some("async"), 2).standby_names().unwrap(),
+            ["dr1", "dr2"]
+        );
+        assert!(setup(Some("async"), 0).standby_names().is_err());
+        assert!(setup(None, 1).standby_names().is_err());
+    }
+
+    /// Every standby gets the cache mode, PIT off and its storage moved.
+    #[test]
+    fn configure_sets_up_every_standby() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let names = standby_names(2);
+        for node in ["primary", "dr1", "dr2"] {
+            std::fs::write(
+                dir.path().join(format!("{node}.toml")),
+                "[[volume]]\nname = \"vol0\"\n",
+            )
+            .unwrap();
+            std::fs::create_dir(dir.path().join(node)).unwrap();
+        }
+        let setup = ClusterSetup {
+            mode: Some("async"),
+            standbys: 2,
+            pit: false,
+            standby_storage: Some(elsewhere.path()),
+            cache: "writeback",
+            max_lag_seconds: None,
+        };
+        configure(dir.path(), &names, setup).unwrap();
+        let read =
+            |node: &str| std::fs::read_to_string(dir.path().join(format!("{node}.toml"))).unwrap();
+        assert!(read("primary").contains("cache = \"writeback\""));
+        assert!(
+            !read("primary").contains("[pit]"),
+            "the primary keeps PIT as is"
+        );
+        assert!(!std::fs::symlink_metadata(dir.path().join("primary"))
+            .unwrap()
+            .is_symlink());
+        for n in &names {
+            let text = read(n);
+            assert!(text.contains("cache = \"writeback\""), "{n}: {text}");
+            assert!(text.contains("[pit]\nenabled = false\n"), "{n}: {text}");
+            assert!(
+                std::fs::symlink_metadata(dir.path().join(n))
+                    .unwrap()
+                    .is_symlink(),
+                "{n}"
+            );
+            assert!(elsewhere.path().join(n).is_dir(), "{n}");
+        }
+    }
+
+    #[test]
+    fn a_run_of_free_ports() {
+        let p = free_tcp_ports(3).unwrap();
+        assert!(p.checked_add(2).is_some(), "{p}");
+        assert!(free_tcp_ports(1).is_ok());
     }
 
     #[test]

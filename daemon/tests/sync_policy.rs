@@ -1,14 +1,19 @@
-//! `replication.sync = "ANY 1 (dr1, dr2)"` (issue 21, item 2) with real ferryd
-//! processes on loopback, each replication address behind the userspace UDP proxy of
-//! pair.rs (delays and partitions):
+//! `replication.sync` (issue 21, item 2) with real ferryd processes on loopback, each
+//! replication address behind the userspace UDP proxy of pair.rs (delays and
+//! partitions):
 //!
-//! * dr1 SIGKILLed: writes are acknowledged at dr2's pace (its link slowed, each write
-//!   takes at least dr2's round trip), no sync loss is recorded and dr1 stays sync (it
-//!   is never timed out: dr2 meets the policy); dr2, partitioned and SIGKILLed right
-//!   after the last acknowledgement, holds every acknowledged write after a restart.
-//! * `on_sync_loss = "block"` on both, both down: a write waits well past the sync
-//!   timeout (status: writes blocked, nothing recorded lost), and completes once one of
-//!   them (dr1, restarted) returns.
+//! * `ANY 1 (dr1, dr2)`, dr1 SIGKILLed: writes are acknowledged at dr2's pace (its
+//!   link slowed, each write takes at least dr2's round trip), no sync loss is
+//!   recorded and dr1 stays sync (it is never timed out: dr2 meets the policy); dr2,
+//!   partitioned and SIGKILLed right after the last acknowledgement, holds every
+//!   acknowledged write after a restart.
+//! * `ANY 1`, `on_sync_loss = "block"` on both, both down: a write waits well past the
+//!   sync timeout (status: writes blocked, nothing recorded lost), and completes once
+//!   one of them (dr1, restarted) returns.
+//! * `FIRST 1 (dr1, dr2)`: each write waits for dr1 (its link slowed, dr2's fast);
+//!   with dr1 partitioned, the first write waits the sync timeout, dr1 is degraded
+//!   (its sync loss recorded, status shows it) and the gate moves to dr2: writes go on
+//!   at dr2's pace and every acknowledged write is on dr2.
 #[path = "common/pair.rs"]
 mod pair;
 use pair::*;
@@ -27,8 +32,11 @@ use ferryd::testkit::{free_udp_port, Node};
 /// degrade the targets (and fail the test), so only a policy that waits for dr1
 /// could reach it.
 const SYNC_TIMEOUT_MS: u64 = 3000;
-/// Each datagram to and from dr2 is held this long in phase one.
+/// Each datagram to and from dr2 is held this long in phase one (ANY), and once dr1
+/// is degraded (FIRST).
 const DR2_DELAY_MS: u32 = 150;
+/// Each datagram to and from dr1 is held this long while it leads FIRST 1.
+const DR1_DELAY_MS: u32 = 150;
 const WAIT: Duration = Duration::from_secs(30);
 
 /// The status entry of target `name` on a primary.
@@ -39,10 +47,10 @@ fn target<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap_or(&serde_json::Value::Null)
 }
 
-/// `[primary, dr1, dr2]`'s configs (the primary under `ANY 1 (dr1, dr2)`, each
-/// standby with the primary as its own target) and the proxies in front of their
-/// replication addresses.
-fn three_nodes(dir: &Path) -> ([PathBuf; 3], [LossyLink; 3]) {
+/// `[primary, dr1, dr2]`'s configs (the primary under `policy`, each standby with the
+/// primary as its own target) and the proxies in front of their replication
+/// addresses.
+fn three_nodes(dir: &Path, policy: &str) -> ([PathBuf; 3], [LossyLink; 3]) {
     let listen = [(); 3].map(|_| SocketAddr::from(([127, 0, 0, 1], free_udp_port())));
     let links = listen.map(|a| LossyLink::new(a).unwrap());
     let ca = ferry_transport::pki::ClusterCa::generate(CLUSTER).unwrap();
@@ -63,7 +71,7 @@ fn three_nodes(dir: &Path) -> ([PathBuf; 3], [LossyLink; 3]) {
         wan: Default::default(),
         max_lag_seconds: None,
     });
-    r.sync = Some(SyncPolicy::parse("ANY 1 (dr1, dr2)").unwrap());
+    r.sync = Some(SyncPolicy::parse(policy).unwrap());
     let standby = |name: &str, i: usize| {
         let c = node_config(
             dir,
@@ -110,7 +118,7 @@ fn no_sync_loss(st: &serde_json::Value) {
 #[test]
 fn any_one_of_two_goes_on_at_the_live_ones_pace_and_blocks_when_both_are_down() {
     let dir = tempfile::tempdir().unwrap();
-    let ([pcfg, dr1cfg, dr2cfg], links) = three_nodes(dir.path());
+    let ([pcfg, dr1cfg, dr2cfg], links) = three_nodes(dir.path(), "ANY 1 (dr1, dr2)");
     let mut dr1 = Node::start_env(ferryd(), &dr1cfg, &TEST_ENV);
     let mut dr2 = Node::start_env(ferryd(), &dr2cfg, &TEST_ENV);
     let mut primary = Node::start_env(ferryd(), &pcfg, &TEST_ENV);
@@ -198,4 +206,108 @@ fn any_one_of_two_goes_on_at_the_live_ones_pace_and_blocks_when_both_are_down() 
     });
     no_sync_loss(&st);
     assert_eq!(read(p_addr, 9 << 12), block(0xc2));
+}
+
+/// Writes `tag`'s block at `offset` and returns how long the acknowledgement took.
+fn timed_write(p_addr: SocketAddr, offset: u64, tag: u8) -> Duration {
+    let t0 = Instant::now();
+    assert_eq!(write(p_addr, offset, tag), 0, "write at {offset}");
+    t0.elapsed()
+}
+
+#[test]
+fn first_one_of_two_waits_for_the_first_and_moves_to_the_second_once_it_degrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let ([pcfg, dr1cfg, dr2cfg], links) = three_nodes(dir.path(), "FIRST 1 (dr1, dr2)");
+    let _dr1 = Node::start_env(ferryd(), &dr1cfg, &TEST_ENV);
+    let dr2 = Node::start_env(ferryd(), &dr2cfg, &TEST_ENV);
+    let primary = Node::start_env(ferryd(), &pcfg, &TEST_ENV);
+    wait(&primary, "both targets to stream", WAIT, |st| {
+        target(st, "dr1")["state"] == "streaming" && target(st, "dr2")["state"] == "streaming"
+    });
+    let p_addr = primary_of(&primary, 1);
+    assert_eq!(write(p_addr, 0, 0xa0), 0);
+    let st = status(&primary).unwrap();
+    assert_eq!(st["sync_policy"], "FIRST 1 (dr1, dr2)", "{st:#}");
+
+    // Phase one: dr1 slow, dr2 fast. Each write waits for dr1 (at least its round
+    // trip), though dr2 holds it long before.
+    links[1].set_delay(DR1_DELAY_MS);
+    let mut tags: Vec<(u64, u8)> = Vec::new();
+    for i in 0..4u8 {
+        let (offset, tag) = (4096 * (1 + u64::from(i)), 0xb0 + i);
+        let took = timed_write(p_addr, offset, tag);
+        assert!(
+            took >= Duration::from_millis(2 * u64::from(DR1_DELAY_MS)),
+            "acknowledged in {took:?}, before dr1 could hold it (FIRST 1 waits for dr1)"
+        );
+        eprintln!("sync_policy: a write under FIRST 1 with dr1 slowed took {took:?}");
+        tags.push((offset, tag));
+    }
+    let st = status(&primary).unwrap();
+    no_sync_loss(&st);
+    let rtt = |name: &str| target(&st, name)["rtt_us"].as_u64().unwrap_or(u64::MAX);
+    eprintln!(
+        "sync_policy: round trips: dr1 {} us (slowed), dr2 {} us",
+        rtt("dr1"),
+        rtt("dr2")
+    );
+    assert!(
+        rtt("dr2") < u64::from(DR1_DELAY_MS) * 1000,
+        "dr2 was not the fast one: {st:#}"
+    );
+
+    // Phase two: dr1 cut off. The next write waits the sync timeout for it, then dr1
+    // is degraded (its loss recorded) and the gate moves to dr2.
+    links[1].pause(true);
+    links[2].set_delay(DR2_DELAY_MS);
+    let took = timed_write(p_addr, 16 << 12, 0xc0);
+    tags.push((16 << 12, 0xc0));
+    assert!(
+        took >= Duration::from_millis(SYNC_TIMEOUT_MS),
+        "acknowledged in {took:?} without dr1, before its sync timeout"
+    );
+    eprintln!("sync_policy: the write under FIRST 1 when dr1 was cut off took {took:?}");
+    let st = wait(&primary, "dr1's sync loss to show", WAIT, |st| {
+        target(st, "dr1")["sync_loss_at"].is_u64()
+    });
+    assert_eq!(
+        target(&st, "dr1")["effective_mode"],
+        "async (degraded)",
+        "{st:#}"
+    );
+    assert!(target(&st, "dr2")["sync_loss_at"].is_null(), "{st:#}");
+    assert_eq!(target(&st, "dr2")["effective_mode"], "sync", "{st:#}");
+
+    // Writes go on at dr2's pace: its round trip each, never dr1's timeout again.
+    for i in 0..4u8 {
+        let (offset, tag) = (4096 * (17 + u64::from(i)), 0xd0 + i);
+        let took = timed_write(p_addr, offset, tag);
+        assert!(
+            took >= Duration::from_millis(2 * u64::from(DR2_DELAY_MS))
+                && took < Duration::from_millis(SYNC_TIMEOUT_MS),
+            "acknowledged in {took:?}: not at dr2's pace (its round trip, under the sync timeout)"
+        );
+        eprintln!("sync_policy: a write under FIRST 1 with dr1 degraded took {took:?}");
+        tags.push((offset, tag));
+    }
+    let st = status(&primary).unwrap();
+    assert!(target(&st, "dr1")["sync_loss_at"].is_u64(), "{st:#}");
+    assert!(target(&st, "dr2")["sync_loss_at"].is_null(), "{st:#}");
+
+    // Every acknowledged write is on dr2.
+    let last = st["durable_seq"].as_u64().unwrap_or(0);
+    wait(&primary, "dr2 to hold every write", WAIT, |st| {
+        target(st, "dr2")["acked_seq"].as_u64() >= Some(last)
+    });
+    wait(&dr2, "dr2 to apply every write", WAIT, |st| {
+        st["applied_seq"].as_u64() >= Some(last) && st["replica"] == "consistent"
+    });
+    for &(offset, tag) in &tags {
+        assert_eq!(
+            block_on_disk(&dr2cfg, offset),
+            block(tag),
+            "dr2 lacks the acknowledged write at {offset}"
+        );
+    }
 }

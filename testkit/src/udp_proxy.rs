@@ -23,7 +23,8 @@ pub struct Faults {
     pub delay_ms: AtomicU32,
 }
 
-/// A running proxy: `127.0.0.1:port` forwards to the upstream it was made with.
+/// A running proxy: `127.0.0.1:port` (or the address given to [`LossyLink::on`])
+/// forwards to the upstream it was made with.
 pub struct LossyLink {
     pub port: u16,
     pub faults: Arc<Faults>,
@@ -50,8 +51,14 @@ struct Shared {
 impl LossyLink {
     /// Binds the proxy on an OS port of 127.0.0.1 in front of `upstream`.
     pub fn new(upstream: SocketAddr) -> io::Result<LossyLink> {
-        let front = UdpSocket::bind("127.0.0.1:0")?;
-        let back = UdpSocket::bind("127.0.0.1:0")?;
+        LossyLink::on(std::net::Ipv4Addr::LOCALHOST.into(), upstream)
+    }
+
+    /// Binds the proxy on an OS port of `ip` (an address of this host, e.g. a bridge
+    /// to network namespaces) in front of `upstream`, which it reaches from `ip` too.
+    pub fn on(ip: std::net::IpAddr, upstream: SocketAddr) -> io::Result<LossyLink> {
+        let front = UdpSocket::bind((ip, 0))?;
+        let back = UdpSocket::bind((ip, 0))?;
         back.connect(upstream)?;
         // Short timeouts: the threads check `stop` and release delayed datagrams.
         for s in [&front, &back] {

@@ -4,6 +4,11 @@
 //! run. `cargo run --release -p ferry-benches --bin e2e [-- --json PATH]`; `--help`
 //! lists the options, jobs and targets; benches/README.md explains the figures.
 //!
+//! `ferry-async-x2` and `ferry-async-x3` (issue 21) are ferry-async with 2 and 3 async
+//! standbys; with them in the run a second table shows the CPU per target (see
+//! [`Fanout`]). They run only when `--targets` names them (each standby adds a volume,
+//! a journal and an undo log on the scratch disk).
+//!
 //! Two controls run only when `--targets` names them, to show what a loopback standby
 //! costs the primary by sharing its disk. `ferry-async-tmpfs` is the async standby
 //! with its data on tmpfs. `ferry-capture-reads` is ferryd alone while a second fio
@@ -23,8 +28,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use ferry_benches::harness::{
     check_interrupt, cpu_seconds, cpu_seconds_all, ensure_fio, ferry_bins, find_on_path,
-    free_tcp_port, install_interrupt_handler, median, percentile, storage_read_bytes, tool_version,
-    wait_port, with_lag_samples, ClusterSetup, FerryCluster, FioResult, FioSpec, LagSamples, Proc,
+    free_tcp_port, install_interrupt_handler, median, percentile, standby_names,
+    storage_read_bytes, tool_version, wait_port, ClusterSetup, FerryCluster, FioResult, FioSpec,
+    LagSamples, Proc,
 };
 use serde_json::{json, Value};
 
@@ -46,7 +52,14 @@ const LAG_EVERY: Duration = Duration::from_millis(20);
     after_help = "Jobs:    randwrite-4k-qd1, randwrite-4k-qd32, randread-4k-qd32, write-1m-qd8, write-flush-4k-qd1\n\
                   Targets: nbdkit, qemu-nbd, ferry, ferry-wb, ferry-async, ferry-async-wb, ferry-async-nopit, ferry-async-paced, ferry-async-gm, ferry-async-enc, ferry-sync, ferry-sync-wb (default: all);\n\
                   ferry targets run cache = \"writethrough\"; the -wb ones cache = \"writeback\"\n\
-                  controls, only when named: ferry-capture-reads (needs ferry-async), ferry-async-tmpfs\n"
+                  only when named: ferry-async-x2, ferry-async-x3 (ferry-async with 2 / 3 async standbys);\n\
+                  controls, only when named: ferry-capture-reads (needs ferry-async), ferry-async-tmpfs\n\n\
+                  Per-target CPU (a second table, when ferry-async-x2 or -x3 runs): for each target with\n\
+                  standbys, the primary's and the standbys' CPU s/GiB (mean and max per standby), and\n\
+                  vs alone = (cluster CPU s/GiB - the primary alone's: ferry, or ferry-wb for writeback) / standbys:\n\
+                  what one target costs the cluster, its shipping on the primary included;\n\
+                  marginal = (cluster CPU s/GiB - the same target with one standby, e.g. ferry-async) / (standbys - 1):\n\
+                  what each target beyond the first adds. Each per round and job, then the median over rounds.\n"
 )]
 struct Args {
     /// Seconds per job per round [default: 10; --quick: 3].
@@ -77,6 +90,10 @@ struct Args {
     /// Use the ferryd/ferryctl already built instead of running cargo build first.
     #[arg(long)]
     no_build: bool,
+    /// Skip the free-space check, which assumes every journal (2 GiB) and every undo
+    /// log (4 GiB) fills up; short runs use far less. Watch the disk yourself.
+    #[arg(long)]
+    no_space_check: bool,
     /// Keep the scratch directory (configs, logs) after the run.
     #[arg(long)]
     keep: bool,
@@ -91,7 +108,7 @@ struct Args {
 enum Kind {
     Nbdkit,
     QemuNbd,
-    /// ferryd primary, with or without a standby `dr1`.
+    /// ferryd primary, with or without standbys `dr1`..`drN`.
     Ferry(Option<Standby>),
     /// Control: ferryd primary alone while the async standby's storage reads of the
     /// same job and round are replayed beside it (see the module docs).
@@ -99,7 +116,7 @@ enum Kind {
 }
 
 impl Kind {
-    /// A control (see the module docs): run only when `--targets` names it.
+    /// A control (see the module docs).
     fn is_control(self) -> bool {
         match self {
             Kind::FerryCaptureReads => true,
@@ -107,11 +124,37 @@ impl Kind {
             _ => false,
         }
     }
+
+    /// Run only when `--targets` names it: a control, or a target with several
+    /// standbys (each adds a volume, a journal and an undo log to the scratch disk).
+    fn only_when_named(self) -> bool {
+        self.is_control() || self.standbys() > 1
+    }
+
+    /// How many standbys a ferry target runs.
+    fn standbys(self) -> usize {
+        match self {
+            Kind::Ferry(Some(sb)) => sb.count,
+            _ => 0,
+        }
+    }
+
+    /// The same ferry target with `n` standbys (0: the primary alone); the per-target
+    /// CPU compares a target with these.
+    fn with_standbys(self, n: usize) -> Kind {
+        match self {
+            Kind::Ferry(Some(sb)) if n > 0 => Kind::Ferry(Some(Standby { count: n, ..sb })),
+            Kind::Ferry(_) if n == 0 => Kind::Ferry(None),
+            k => k,
+        }
+    }
 }
 
-/// The standby of a ferry target.
+/// The standbys of a ferry target.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Standby {
+    /// How many: `dr1`..`drN`, all alike.
+    count: usize,
     /// `--mode` of `ferryctl init`: "async" or "sync".
     mode: &'static str,
     /// An undo log (PIT): on by default; off only to show what capture costs.
@@ -126,9 +169,21 @@ struct Standby {
 
 const fn standby(mode: &'static str, pit: bool, tmpfs: bool) -> Option<Standby> {
     Some(Standby {
+        count: 1,
         mode,
         pit,
         tmpfs,
+        max_lag: None,
+    })
+}
+
+/// `n` async standbys set up as `ferry-async`'s one.
+const fn async_standbys(n: usize) -> Option<Standby> {
+    Some(Standby {
+        count: n,
+        mode: "async",
+        pit: true,
+        tmpfs: false,
         max_lag: None,
     })
 }
@@ -182,6 +237,18 @@ const TARGETS: &[TargetDef] = &[
         cache: WT,
     },
     TargetDef {
+        key: "ferry-async-x2",
+        label: "ferryd + 2 async standbys",
+        kind: Kind::Ferry(async_standbys(2)),
+        cache: WT,
+    },
+    TargetDef {
+        key: "ferry-async-x3",
+        label: "ferryd + 3 async standbys",
+        kind: Kind::Ferry(async_standbys(3)),
+        cache: WT,
+    },
+    TargetDef {
         key: "ferry-async-wb",
         label: "async standby, writeback",
         kind: Kind::Ferry(standby("async", true, false)),
@@ -197,6 +264,7 @@ const TARGETS: &[TargetDef] = &[
         key: "ferry-async-paced",
         label: "async, max_lag 0.5 s",
         kind: Kind::Ferry(Some(Standby {
+            count: 1,
             mode: "async",
             pit: true,
             tmpfs: false,
@@ -310,7 +378,7 @@ struct Server {
     ferry: Option<FerryCluster>,
     /// The command line, for the report.
     command: String,
-    /// The volume's backing files (ferry: the primary's and the standby's; the
+    /// The volume's backing files (ferry: the primary's and the standbys'; the
     /// control: also its data file to read).
     files: Vec<PathBuf>,
     /// `ferry-capture-reads`: the data file its replayed reads read.
@@ -341,7 +409,8 @@ impl Server {
 
     /// Runs `spec` and waits for ferry to apply and replicate everything it wrote.
     /// `replay`: 4 KiB reads per second to issue beside it from `replay_file`. Also
-    /// returns the standby's storage reads during fio, in 4 KiB per second.
+    /// returns the standbys' storage reads during fio (all together), in 4 KiB per
+    /// second.
     fn run(
         &mut self,
         spec: &FioSpec,
@@ -353,22 +422,27 @@ impl Server {
             (Some(rate), Some(file)) if rate >= 1.0 => Some(start_reader(file, rate, spec)?),
             _ => None,
         };
-        let standby = self.ferry.as_ref().and_then(FerryCluster::standby_pid);
-        let reads0 = standby.map(storage_read_bytes).transpose()?;
+        let standbys = self
+            .ferry
+            .as_ref()
+            .map(FerryCluster::standby_pids)
+            .unwrap_or_default();
+        let reads0 = standby_reads(&standbys)?;
         let started = Instant::now();
         let r = match &self.ferry {
-            Some(c) if c.standby && spec.is_write() => {
-                with_lag_samples(c.metrics_port, LAG_EVERY, || spec.run(&uri, timeout))
+            Some(c) if c.has_standby() && spec.is_write() => {
+                c.with_lag_samples(LAG_EVERY, || spec.run(&uri, timeout))
             }
             _ => spec.run(&uri, timeout).map(|r| (r, LagSamples::default())),
         };
         let secs = started.elapsed().as_secs_f64();
-        let reads = match (standby, reads0) {
-            (Some(pid), Some(r0)) if r.is_ok() => {
+        let reads = match reads0 {
+            Some(r0) if r.is_ok() => {
                 // A standby that died reads as itself, with its log, not as /proc.
                 self.check_alive()?;
-                let r1 = storage_read_bytes(pid)
-                    .with_context(|| format!("{}: the standby's reads", self.def.label))?;
+                let r1 = standby_reads(&standbys)
+                    .with_context(|| format!("{}: the standbys' reads", self.def.label))?
+                    .unwrap_or(r0);
                 Some(r1.saturating_sub(r0) as f64 / REPLAY_BLOCK as f64 / secs)
             }
             _ => None,
@@ -396,6 +470,17 @@ impl Server {
         self.check_alive()?;
         Ok((fio, lag, reads.or(replay)))
     }
+}
+
+/// The storage reads of the standbys `pids` together (`None`: no standby).
+fn standby_reads(pids: &[u32]) -> anyhow::Result<Option<u64>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    pids.iter()
+        .map(|&p| storage_read_bytes(p))
+        .sum::<anyhow::Result<u64>>()
+        .map(Some)
 }
 
 /// The order in which round `round` runs the `n` targets: rotated by one per round,
@@ -464,15 +549,15 @@ fn write_data_file(file: &Path, size: u64) -> anyhow::Result<()> {
 #[derive(Clone)]
 struct Sample {
     fio: FioResult,
-    /// Every process of the target (a ferry cluster: primary and standby).
+    /// Every process of the target (a ferry cluster: primary and standbys).
     cpu_s: f64,
-    /// Of `cpu_s`, the standby's (targets with a standby).
-    standby_cpu_s: Option<f64>,
+    /// Of `cpu_s`, each standby's (empty without standbys).
+    standby_cpu_s: Vec<f64>,
     lag_p99_s: Option<f64>,
     lag_samples: usize,
     degraded: bool,
-    /// Standby targets: its storage reads in 4 KiB per second; the control: the
-    /// rate it replayed.
+    /// Standby targets: their storage reads (all standbys) in 4 KiB per second; the
+    /// control: the rate it replayed.
     reads_per_s: Option<f64>,
 }
 
@@ -481,10 +566,28 @@ impl Sample {
         self.cpu_s / (self.fio.io_bytes as f64 / GIB)
     }
 
-    /// The standby's share of [`cpu_per_gib`](Self::cpu_per_gib).
+    /// Each standby's share of [`cpu_per_gib`](Self::cpu_per_gib).
+    fn each_standby_cpu_per_gib(&self) -> Vec<f64> {
+        let gib = self.fio.io_bytes as f64 / GIB;
+        self.standby_cpu_s.iter().map(|s| s / gib).collect()
+    }
+
+    /// The standbys' share of [`cpu_per_gib`](Self::cpu_per_gib), all together.
     fn standby_cpu_per_gib(&self) -> Option<f64> {
-        self.standby_cpu_s
-            .map(|s| s / (self.fio.io_bytes as f64 / GIB))
+        let each = self.each_standby_cpu_per_gib();
+        (!each.is_empty()).then(|| each.iter().sum())
+    }
+
+    /// The mean and the largest of the standbys' CPU s/GiB.
+    fn standby_mean_max_per_gib(&self) -> Option<(f64, f64)> {
+        let each = self.each_standby_cpu_per_gib();
+        let max = each.iter().copied().reduce(f64::max)?;
+        Some((each.iter().sum::<f64>() / each.len() as f64, max))
+    }
+
+    /// The standbys' CPU seconds, all together (`None` without standbys).
+    fn standby_cpu_s_total(&self) -> Option<f64> {
+        (!self.standby_cpu_s.is_empty()).then(|| self.standby_cpu_s.iter().sum())
     }
 
     /// The primary's (or the lone server's) share of [`cpu_per_gib`](Self::cpu_per_gib).
@@ -635,7 +738,7 @@ fn start_nbd_server(def: &'static TargetDef, scratch: &Path, size: u64) -> anyho
     })
 }
 
-/// A ferry primary (and its standby, if the target has one) started by the harness.
+/// A ferry primary (and its standbys, if the target has any) started by the harness.
 fn start_ferry_server(
     def: &'static TargetDef,
     scratch: &Path,
@@ -665,6 +768,7 @@ fn start_ferry_server(
         (size, JOURNAL_SIZE),
         ClusterSetup {
             mode: sb.map(|sb| sb.mode),
+            standbys: def.kind.standbys(),
             pit: sb.is_none_or(|sb| sb.pit),
             standby_storage: tmpfs.as_ref().map(|t| t.path()),
             cache,
@@ -672,17 +776,18 @@ fn start_ferry_server(
         },
     )?;
     let command = ferry_command(size, sb, cache);
+    let files = std::iter::once("primary")
+        .chain(c.standbys().iter().map(String::as_str))
+        .map(|n| dir.join(n).join("vol0.img"))
+        .filter(|p| p.exists())
+        .collect();
     let mut s = Server {
         def,
         uri: c.uri(),
         proc: None,
         ferry: Some(c),
         command,
-        files: ["primary", "dr1"]
-            .iter()
-            .map(|n| dir.join(n).join("vol0.img"))
-            .filter(|p| p.exists())
-            .collect(),
+        files,
         replay_file: None,
         _tmpfs: tmpfs,
     };
@@ -702,26 +807,39 @@ fn start_ferry_server(
 
 /// The setup a ferry target runs, as the report shows it.
 fn ferry_command(size: u64, sb: Option<Standby>, cache: &str) -> String {
+    let names = standby_names(sb.map_or(0, |sb| sb.count));
+    let flags: String = names
+        .iter()
+        .map(|n| format!(" --standby {n}=127.0.0.1:P"))
+        .collect();
+    let join = |suffix: &str| {
+        names
+            .iter()
+            .map(|n| format!("{n}{suffix}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     format!(
-                "ferryctl init --volume vol0:{size} --journal-size {JOURNAL_SIZE}{} + [metrics] + volume.cache = \"{cache}\"; ferryd --config primary.toml{}",
-                sb.map(|sb| format!(" --standby dr1=127.0.0.1:P --mode {}", sb.mode))
+        "ferryctl init --volume vol0:{size} --journal-size {JOURNAL_SIZE}{} + [metrics] + volume.cache = \"{cache}\"; ferryd --config primary.toml{}",
+        sb.map(|sb| format!("{flags} --mode {}", sb.mode))
+            .unwrap_or_default(),
+        match sb {
+            None => String::new(),
+            Some(sb) => format!(
+                "{} (and {}{}{})",
+                sb.max_lag
+                    .map(|s| format!(" + max_lag_seconds = {s}"))
                     .unwrap_or_default(),
-                match sb {
-                    None => String::new(),
-                    Some(sb) => format!(
-                        "{} (and dr1.toml{}{})",
-                        sb.max_lag
-                            .map(|s| format!(" + max_lag_seconds = {s}"))
-                            .unwrap_or_default(),
-                        if sb.pit { "" } else { " + [pit] enabled = false" },
-                        if sb.tmpfs {
-                            format!("; dr1/ moved to {TMPFS}")
-                        } else {
-                            String::new()
-                        }
-                    ),
+                join(".toml"),
+                if sb.pit { "" } else { " + [pit] enabled = false" },
+                if sb.tmpfs {
+                    format!("; {} moved to {TMPFS}", join("/"))
+                } else {
+                    String::new()
                 }
-            )
+            ),
+        }
+    )
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -737,9 +855,13 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or(if args.quick { "256MiB" } else { "1GiB" }),
         )?;
     let jobs = pick(JOBS, |j| j.key, &args.jobs, "job")?;
-    // The controls run only when named: they add disk, tmpfs and time.
+    // The controls and the targets with several standbys run only when named: they
+    // add disk, tmpfs and time.
     let targets = if args.targets.is_empty() {
-        TARGETS.iter().filter(|t| !t.kind.is_control()).collect()
+        TARGETS
+            .iter()
+            .filter(|t| !t.kind.only_when_named())
+            .collect()
     } else {
         pick(TARGETS, |t| t.key, &args.targets, "target")?
     };
@@ -766,7 +888,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .or_else(|| std::env::var_os("TMPDIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/var/tmp"));
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
-    check_space(&targets, size, &base)?;
+    if args.no_space_check {
+        eprintln!(
+            "--no-space-check: not checking the free space in {}",
+            base.display()
+        );
+    } else {
+        check_space(&targets, size, &base)?;
+    }
     let mut scratch = tempfile::Builder::new()
         .prefix("ferry-e2e-")
         .tempdir_in(&base)
@@ -839,35 +968,39 @@ fn ferry_nodes(targets: &[&'static TargetDef]) -> u64 {
     targets
         .iter()
         .map(|t| match t.kind {
-            Kind::Ferry(None) | Kind::FerryCaptureReads => 1,
-            Kind::Ferry(Some(_)) => 2,
+            Kind::Ferry(_) | Kind::FerryCaptureReads => 1 + t.kind.standbys() as u64,
             _ => 0,
         })
         .sum()
 }
 
+/// The most a target may write: (on the scratch disk, on tmpfs) — a file of the
+/// volume's size per baseline and for the control's data, and per ferry node its volume
+/// and a full journal, plus a full undo log per standby with PIT.
+fn space_needed(kind: Kind, size: u64) -> (u64, u64) {
+    let node = size + JOURNAL_BYTES;
+    match kind {
+        Kind::Nbdkit | Kind::QemuNbd => (size, 0),
+        Kind::FerryCaptureReads => (size + node, 0),
+        Kind::Ferry(None) => (node, 0),
+        Kind::Ferry(Some(sb)) => {
+            let standbys = sb.count as u64 * (node + if sb.pit { UNDO_BYTES } else { 0 });
+            if sb.tmpfs {
+                (node, standbys)
+            } else {
+                (node + standbys, 0)
+            }
+        }
+    }
+}
+
 /// Refuse a run that would fill the scratch disk or tmpfs halfway through.
 fn check_space(targets: &[&'static TargetDef], size: u64, base: &Path) -> anyhow::Result<()> {
-    // A file of the volume's size each: nbdkit's, qemu-nbd's, the control's data file.
-    let baselines = targets
+    let (need, want) = targets
         .iter()
-        .filter(|t| !matches!(t.kind, Kind::Ferry(_)))
-        .count() as u64;
-    // Nodes on the scratch disk (a standby on tmpfs is not), and undo logs there.
-    let (disk_nodes, disk_undo) = targets.iter().fold((0u64, 0u64), |(n, u), t| match t.kind {
-        Kind::Ferry(Some(sb)) if sb.tmpfs => (n + 1, u),
-        Kind::Ferry(Some(sb)) => (n + 2, u + u64::from(sb.pit)),
-        Kind::Ferry(None) | Kind::FerryCaptureReads => (n + 1, u),
-        _ => (n, u),
-    });
-    let need = baselines * size + disk_nodes * (size + JOURNAL_BYTES) + disk_undo * UNDO_BYTES;
-    let on_tmpfs = targets
-        .iter()
-        .filter(|t| matches!(t.kind, Kind::Ferry(Some(sb)) if sb.tmpfs))
-        .count() as u64;
-    if on_tmpfs > 0 {
-        // Volume, journal and the undo log's default capacity, per standby.
-        let want = on_tmpfs * (size + JOURNAL_BYTES + UNDO_BYTES);
+        .map(|t| space_needed(t.kind, size))
+        .fold((0, 0), |(d, t), (d1, t1)| (d + d1, t + t1));
+    if want > 0 {
         match free_bytes(Path::new(TMPFS)) {
             Some(free) if free >= want => {}
             free => bail!(
@@ -880,7 +1013,7 @@ fn check_space(targets: &[&'static TargetDef], size: u64, base: &Path) -> anyhow
     if let Some(free) = free_bytes(base) {
         if free < need + (1 << 30) {
             bail!(
-                "{} has {:.1} GiB free; this run needs up to {:.1} GiB (volumes, journals, undo logs): use --dir, --size or --targets",
+                "{} has {:.1} GiB free; this run needs up to {:.1} GiB (volumes, journals, undo logs): use --dir, --size or --targets (or --no-space-check)",
                 base.display(),
                 free as f64 / GIB,
                 need as f64 / GIB
@@ -969,18 +1102,27 @@ fn measure_one(
     replay: Option<f64>,
 ) -> anyhow::Result<Sample> {
     let pids = s.pids();
-    // The standby apart, so its cost per GiB can be set against the primary's.
-    let standby = s.ferry.as_ref().and_then(FerryCluster::standby_pid);
+    // Each standby apart, so its cost per GiB can be set against the primary's.
+    let standbys = s
+        .ferry
+        .as_ref()
+        .map(FerryCluster::standby_pids)
+        .unwrap_or_default();
+    let each = |pids: &[u32]| {
+        pids.iter()
+            .map(|&p| cpu_seconds(p))
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
     let cpu0 = cpu_seconds_all(&pids)?;
-    let sb0 = standby.map(cpu_seconds).transpose()?;
+    let sb0 = each(&standbys)?;
     let (fio, lag, reads_per_s) = s.run(spec, timeout, replay)?;
     let cpu1 = cpu_seconds_all(&pids)?;
-    let sb1 = standby.map(cpu_seconds).transpose()?;
+    let sb1 = each(&standbys)?;
     settle(plan.dir, plan.files, !plan.warm)?;
     Ok(Sample {
         fio,
         cpu_s: cpu1 - cpu0,
-        standby_cpu_s: sb0.zip(sb1).map(|(a, b)| b - a),
+        standby_cpu_s: sb0.iter().zip(&sb1).map(|(a, b)| b - a).collect(),
         lag_p99_s: percentile(&lag.seconds, 99.0),
         lag_samples: lag.seconds.len(),
         degraded: lag.degraded,
@@ -999,10 +1141,7 @@ fn log_sample(round: usize, rounds: usize, job: &JobDef, s: &Server, sample: &Sa
         fio.bw_bytes / MIB,
         fio.p99_us,
         sample.cpu_per_gib(),
-        sample
-            .standby_cpu_per_gib()
-            .map(|s| format!(" (standby {s:.2})"))
-            .unwrap_or_default(),
+        standby_cpu_note(sample),
         sample
             .lag_p99_s
             .map(|l| format!("  lag p99 {:.1} ms", l * 1e3))
@@ -1013,6 +1152,21 @@ fn log_sample(round: usize, rounds: usize, job: &JobDef, s: &Server, sample: &Sa
             .map(|r| format!("  standby reads {r:.0}/s"))
             .unwrap_or_default(),
     );
+}
+
+/// The standbys' CPU s/GiB for the progress line: ` (standby X)`, or with several
+/// ` (standbys X: A B C)` (all together, then each).
+fn standby_cpu_note(sample: &Sample) -> String {
+    let each = sample.each_standby_cpu_per_gib();
+    let total: f64 = each.iter().sum();
+    match each.len() {
+        0 => String::new(),
+        1 => format!(" (standby {total:.2})"),
+        _ => {
+            let each: Vec<String> = each.iter().map(|x| format!("{x:.2}")).collect();
+            format!(" (standbys {total:.2}: {})", each.join(" "))
+        }
+    }
 }
 
 /// Aggregated figures of one target on one job.
@@ -1035,9 +1189,97 @@ struct Row {
     vs_nbdkit: Option<[f64; 5]>,
 }
 
+/// The per-target CPU of one target with standbys (or of its primary alone) on one
+/// job: the second table, when a target with several standbys runs. CPU in s/GiB.
+#[derive(Debug)]
+struct Fanout {
+    job: usize,
+    target: usize,
+    standbys: usize,
+    iops: f64,
+    /// Median per-round ratio of IOPS to the same target with one standby.
+    x_one_iops: Option<f64>,
+    cpu_per_gib: f64,
+    primary_cpu_per_gib: f64,
+    /// The mean and the largest of the standbys' CPU s/GiB.
+    standby_mean: Option<f64>,
+    standby_max: Option<f64>,
+    /// (cluster − the primary alone) / standbys, per round: what one target costs
+    /// the cluster, its shipping on the primary included.
+    vs_alone: Option<f64>,
+    /// (cluster − the same target with one standby) / (standbys − 1), per round: what
+    /// each target beyond the first adds.
+    marginal: Option<f64>,
+}
+
+/// The run's target that is target `ti` with `n` standbys (0: its primary alone) and
+/// the same cache mode: what its per-target CPU is measured against.
+fn reference(defs: &[&TargetDef], ti: usize, n: usize) -> Option<usize> {
+    let want = defs[ti].kind.with_standbys(n);
+    let cache = defs[ti].cache;
+    defs.iter()
+        .position(|d| matches!(d.kind, Kind::Ferry(_)) && d.kind == want && d.cache == cache)
+}
+
+/// The median over rounds of `(a − b) / added`: what each of `added` more targets
+/// costs, from per-round figures of the larger cluster `a` and the smaller `b`.
+fn per_added(a: &[f64], b: &[f64], added: usize) -> Option<f64> {
+    if added == 0 || a.is_empty() || a.len() != b.len() {
+        return None;
+    }
+    let n = added as f64;
+    Some(median(a.iter().zip(b).map(|(x, y)| (x - y) / n).collect()))
+}
+
+/// The per-target table's rows: every ferry target on every job, when at least one
+/// target runs several standbys (else none).
+fn fanout(defs: &[&TargetDef], jobs: usize, samples: &[Vec<Vec<Sample>>]) -> Vec<Fanout> {
+    if !defs.iter().any(|d| d.kind.standbys() > 1) {
+        return Vec::new();
+    }
+    let ferry: Vec<usize> = (0..defs.len())
+        .filter(|&ti| matches!(defs[ti].kind, Kind::Ferry(_)))
+        .collect();
+    (0..jobs)
+        .flat_map(|ji| ferry.iter().map(move |&ti| (ji, ti)))
+        .map(|(ji, ti)| fanout_row(defs, samples, ji, ti))
+        .collect()
+}
+
+fn fanout_row(defs: &[&TargetDef], samples: &[Vec<Vec<Sample>>], ji: usize, ti: usize) -> Fanout {
+    let n = defs[ti].kind.standbys();
+    let v = &samples[ti][ji];
+    let per_round =
+        |ti: usize, f: fn(&Sample) -> f64| -> Vec<f64> { samples[ti][ji].iter().map(f).collect() };
+    let cpu = per_round(ti, Sample::cpu_per_gib);
+    let cpu_of = |r: usize| per_round(r, Sample::cpu_per_gib);
+    let one = reference(defs, ti, 1).filter(|_| n > 1);
+    let mo = |f: &dyn Fn(&Sample) -> Option<f64>| {
+        let x: Vec<f64> = v.iter().filter_map(f).collect();
+        (!x.is_empty()).then(|| median(x))
+    };
+    Fanout {
+        job: ji,
+        target: ti,
+        standbys: n,
+        iops: median(per_round(ti, |s| s.fio.iops)),
+        x_one_iops: one.map(|o| {
+            let base = per_round(o, |s| s.fio.iops);
+            median(v.iter().zip(base).map(|(s, b)| s.fio.iops / b).collect())
+        }),
+        cpu_per_gib: median(cpu.clone()),
+        primary_cpu_per_gib: median(per_round(ti, Sample::primary_cpu_per_gib)),
+        standby_mean: mo(&|s| s.standby_mean_max_per_gib().map(|m| m.0)),
+        standby_max: mo(&|s| s.standby_mean_max_per_gib().map(|m| m.1)),
+        vs_alone: reference(defs, ti, 0).and_then(|a| per_added(&cpu, &cpu_of(a), n)),
+        marginal: one.and_then(|o| per_added(&cpu, &cpu_of(o), n - 1)),
+    }
+}
+
 struct Report {
     header: Vec<String>,
     rows: Vec<Row>,
+    fanout: Vec<Fanout>,
     jobs: Vec<&'static JobDef>,
     labels: Vec<&'static str>,
     json: Value,
@@ -1057,6 +1299,8 @@ impl Report {
         load: &[String; 2],
     ) -> Report {
         let rows = Report::rows(jobs, servers, samples);
+        let defs: Vec<&TargetDef> = servers.iter().map(|s| s.def).collect();
+        let fanout = fanout(&defs, jobs.len(), samples);
 
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -1102,7 +1346,7 @@ impl Report {
             ),
         ];
 
-        let json = json!({
+        let mut json = json!({
             "date": utc_date(now),
             "unix_time": now,
             "command": command,
@@ -1125,9 +1369,13 @@ impl Report {
             })).collect::<Vec<_>>(),
             "results": Report::results(&rows, jobs, servers, samples),
         });
+        if !fanout.is_empty() {
+            json["per_target_cpu"] = fanout_json(&fanout, jobs, &defs);
+        }
         Report {
             header,
             rows,
+            fanout,
             jobs: jobs.to_vec(),
             labels: servers.iter().map(|s| s.def.label).collect(),
             json,
@@ -1225,7 +1473,7 @@ impl Report {
                         "flush_p50_us": fo(s.fio.flush_p50_us),
                         "flush_p99_us": fo(s.fio.flush_p99_us),
                         "cpu_s": f(s.cpu_s),
-                        "standby_cpu_s": fo(s.standby_cpu_s),
+                        "standby_cpu_s": fo(s.standby_cpu_s_total()),
                         "replication_lag_p99_ms": fo(s.lag_p99_s.map(|l| l * 1e3)),
                         "lag_samples": s.lag_samples,
                         "sync_target_degraded": s.degraded,
@@ -1288,8 +1536,63 @@ impl Report {
                 ));
             }
         }
+        o.push_str(&fanout_markdown(&self.fanout, &self.jobs, &self.labels));
         o
     }
+}
+
+/// The per-target table (empty without rows).
+fn fanout_markdown(rows: &[Fanout], jobs: &[&JobDef], labels: &[&str]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let opt = |x: Option<f64>| x.map(|x| num(x, 2)).unwrap_or_default();
+    let mut o = String::from(
+        "\nPer-target CPU, in CPU s/GiB written (read for randread): vs alone = (cluster − ferryd primary alone) / standbys; \
+         marginal = (cluster − the same target with one standby) / (standbys − 1); both per round, same job, then the median:\n\n\
+         | job | target | standbys | IOPS | × 1 standby IOPS | cluster CPU s/GiB | primary CPU s/GiB | standby CPU s/GiB mean | standby CPU s/GiB max | per target vs alone | marginal per added target |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        o.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            jobs[r.job].label,
+            labels[r.target],
+            r.standbys,
+            num(r.iops, 0),
+            opt(r.x_one_iops),
+            num(r.cpu_per_gib, 2),
+            num(r.primary_cpu_per_gib, 2),
+            opt(r.standby_mean),
+            opt(r.standby_max),
+            opt(r.vs_alone),
+            opt(r.marginal),
+        ));
+    }
+    o
+}
+
+/// The per-target table for the JSON report.
+fn fanout_json(rows: &[Fanout], jobs: &[&JobDef], defs: &[&TargetDef]) -> Value {
+    let f = |x: f64| if x.is_finite() { json!(x) } else { Value::Null };
+    let fo = |x: Option<f64>| x.map_or(Value::Null, f);
+    rows.iter()
+        .map(|r| {
+            json!({
+                "job": jobs[r.job].key,
+                "target": defs[r.target].key,
+                "standbys": r.standbys,
+                "iops": f(r.iops),
+                "vs_one_standby_iops": fo(r.x_one_iops),
+                "cpu_s_per_gib": f(r.cpu_per_gib),
+                "primary_cpu_s_per_gib": f(r.primary_cpu_per_gib),
+                "standby_cpu_s_per_gib_mean": fo(r.standby_mean),
+                "standby_cpu_s_per_gib_max": fo(r.standby_max),
+                "per_target_cpu_s_per_gib_vs_alone": fo(r.vs_alone),
+                "marginal_cpu_s_per_gib_per_added_target": fo(r.marginal),
+            })
+        })
+        .collect()
 }
 
 /// Between jobs, outside the measured window: writes the file system's dirty pages
@@ -1388,6 +1691,219 @@ mod tests {
         // The rotation still moves the others: round 1 starts with target 1.
         assert_eq!(round_order(5, 1, Some(2), Some(1)), [1, 2, 3, 4, 0]);
         assert_eq!(round_order(5, 4, Some(2), Some(1)), [4, 0, 1, 2, 3]);
+    }
+
+    fn def(key: &str) -> &'static TargetDef {
+        TARGETS.iter().find(|t| t.key == key).unwrap()
+    }
+
+    #[test]
+    fn several_standbys_run_only_when_named() {
+        let some = pick(
+            TARGETS,
+            |t| t.key,
+            &[
+                "ferry-async-x3".into(),
+                "ferry-async".into(),
+                "ferry-async-x2".into(),
+            ],
+            "target",
+        )
+        .unwrap();
+        let keys: Vec<&str> = some.iter().map(|t| t.key).collect();
+        assert_eq!(keys, ["ferry-async", "ferry-async-x2", "ferry-async-x3"]);
+        let standbys: Vec<usize> = some.iter().map(|t| t.kind.standbys()).collect();
+        assert_eq!(standbys, [1, 2, 3]);
+        assert!(def("ferry-async-x2").kind.only_when_named());
+        assert!(def("ferry-async-tmpfs").kind.only_when_named());
+        assert!(!def("ferry-async").kind.only_when_named());
+        assert!(!def("ferry-sync").kind.only_when_named());
+        assert!(!def("ferry-async-x3").kind.is_control());
+    }
+
+    #[test]
+    fn per_target_references_are_the_same_target_with_fewer_standbys() {
+        let keys = [
+            "nbdkit",
+            "ferry",
+            "ferry-wb",
+            "ferry-async",
+            "ferry-async-wb",
+            "ferry-async-x3",
+        ];
+        let defs: Vec<&TargetDef> = keys.iter().map(|k| def(k)).collect();
+        let x3 = 5;
+        assert_eq!(reference(&defs, x3, 1), Some(3), "ferry-async");
+        assert_eq!(reference(&defs, x3, 0), Some(1), "ferry");
+        assert_eq!(reference(&defs, x3, 2), None, "no x2 in this run");
+        assert_eq!(
+            reference(&defs, 4, 0),
+            Some(2),
+            "writeback against writeback"
+        );
+        assert_eq!(reference(&defs, 0, 0), None, "a baseline has none");
+        assert_eq!(
+            def("ferry-async-x2").kind.with_standbys(1),
+            def("ferry-async").kind
+        );
+    }
+
+    #[test]
+    fn per_added_divides_the_difference_per_round() {
+        assert_eq!(
+            per_added(&[16.0, 15.0], &[2.0, 3.0], 3),
+            Some((14.0 / 3.0 + 4.0) / 2.0)
+        );
+        assert_eq!(per_added(&[10.0], &[6.0], 2), Some(2.0));
+        assert_eq!(per_added(&[10.0], &[6.0], 0), None);
+        assert_eq!(per_added(&[], &[], 1), None);
+        assert_eq!(
+            per_added(&[1.0, 2.0], &[1.0], 1),
+            None,
+            "rounds must pair up"
+        );
+    }
+
+    #[test]
+    fn space_counts_every_standby() {
+        let size = 512 << 20;
+        let node = size + JOURNAL_BYTES;
+        assert_eq!(space_needed(Kind::Nbdkit, size), (size, 0));
+        assert_eq!(space_needed(def("ferry").kind, size), (node, 0));
+        assert_eq!(
+            space_needed(def("ferry-async").kind, size),
+            (2 * node + UNDO_BYTES, 0)
+        );
+        assert_eq!(
+            space_needed(def("ferry-async-x3").kind, size),
+            (4 * node + 3 * UNDO_BYTES, 0)
+        );
+        assert_eq!(
+            space_needed(def("ferry-async-nopit").kind, size),
+            (2 * node, 0)
+        );
+        assert_eq!(
+            space_needed(def("ferry-async-tmpfs").kind, size),
+            (node, node + UNDO_BYTES)
+        );
+        assert_eq!(
+            space_needed(Kind::FerryCaptureReads, size),
+            (size + node, 0)
+        );
+    }
+
+    #[test]
+    fn the_command_lists_every_standby() {
+        let sb = |k: &str| match def(k).kind {
+            Kind::Ferry(sb) => sb,
+            _ => None,
+        };
+        // One standby: as before.
+        assert_eq!(
+            ferry_command(1 << 30, sb("ferry-async-tmpfs"), "writethrough"),
+            "ferryctl init --volume vol0:1073741824 --journal-size 2GiB --standby dr1=127.0.0.1:P --mode async + [metrics] + volume.cache = \"writethrough\"; ferryd --config primary.toml (and dr1.toml; dr1/ moved to /dev/shm)"
+        );
+        let x3 = ferry_command(1 << 30, sb("ferry-async-x3"), "writethrough");
+        assert!(
+            x3.contains("--standby dr1=127.0.0.1:P --standby dr2=127.0.0.1:P --standby dr3=127.0.0.1:P --mode async"),
+            "{x3}"
+        );
+        assert!(x3.ends_with("(and dr1.toml, dr2.toml, dr3.toml)"), "{x3}");
+        assert!(!ferry_command(1 << 30, None, "writeback").contains("--standby"));
+    }
+
+    fn sample(iops: f64, cpu_s: f64, standbys: &[f64]) -> Sample {
+        Sample {
+            fio: FioResult {
+                iops,
+                bw_bytes: 0.0,
+                io_bytes: 1 << 30,
+                p50_us: 0.0,
+                p99_us: 0.0,
+                flush_p50_us: None,
+                flush_p99_us: None,
+            },
+            cpu_s,
+            standby_cpu_s: standbys.to_vec(),
+            lag_p99_s: None,
+            lag_samples: 0,
+            degraded: false,
+            reads_per_s: None,
+        }
+    }
+
+    #[test]
+    fn the_per_target_table() {
+        let defs: Vec<&TargetDef> = ["nbdkit", "ferry", "ferry-async", "ferry-async-x3"]
+            .iter()
+            .map(|k| def(k))
+            .collect();
+        // samples[target][job][round], 1 GiB per sample: CPU seconds are CPU s/GiB.
+        let samples = vec![
+            vec![vec![sample(9000.0, 1.0, &[]), sample(9000.0, 1.0, &[])]],
+            vec![vec![sample(5000.0, 2.0, &[]), sample(5000.0, 3.0, &[])]],
+            vec![vec![
+                sample(2000.0, 6.0, &[2.0]),
+                sample(2000.0, 7.0, &[2.5]),
+            ]],
+            vec![vec![
+                sample(1000.0, 16.0, &[2.0, 2.5, 3.0]),
+                sample(1200.0, 15.0, &[2.0, 3.0, 4.0]),
+            ]],
+        ];
+        let rows = fanout(&defs, 1, &samples);
+        assert_eq!(rows.iter().map(|r| r.target).collect::<Vec<_>>(), [1, 2, 3]);
+        let x3 = &rows[2];
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        assert_eq!(x3.standbys, 3);
+        assert!(close(x3.x_one_iops, 0.55), "{x3:?}");
+        assert!(close(Some(x3.cpu_per_gib), 15.5), "{x3:?}");
+        assert!(
+            close(Some(x3.primary_cpu_per_gib), (8.5 + 6.0) / 2.0),
+            "{x3:?}"
+        );
+        assert!(close(x3.standby_mean, 2.75), "{x3:?}");
+        assert!(close(x3.standby_max, 3.5), "{x3:?}");
+        assert!(close(x3.vs_alone, (14.0 / 3.0 + 4.0) / 2.0), "{x3:?}");
+        assert!(close(x3.marginal, 4.5), "{x3:?}");
+        let one = &rows[1];
+        assert!(close(one.vs_alone, 4.0), "{one:?}");
+        assert_eq!((one.marginal, one.x_one_iops), (None, None));
+        assert_eq!((rows[0].vs_alone, rows[0].standby_mean), (None, None));
+
+        let jobs = [&JOBS[1]];
+        let labels: Vec<&str> = defs.iter().map(|d| d.label).collect();
+        let md = fanout_markdown(&rows, &jobs, &labels);
+        assert!(md.contains("| job | target | standbys | IOPS |"), "{md}");
+        assert!(
+            md.contains("| 4k randwrite QD32 | ferryd + 3 async standbys | 3 | 1100 | 0.55 | 15.50 | 7.25 | 2.75 | 3.50 | 4.33 | 4.50 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| 4k randwrite QD32 | ferryd primary | 0 | 5000 |  | 2.50 | 2.50 |  |  |  |  |"
+            ),
+            "{md}"
+        );
+        let json = fanout_json(&rows, &jobs, &defs);
+        assert_eq!(json[2]["target"], "ferry-async-x3");
+        assert_eq!(json[2]["marginal_cpu_s_per_gib_per_added_target"], 4.5);
+
+        // Without a target of several standbys there is no such table.
+        assert!(fanout(&defs[..3], 1, &samples[..3]).is_empty());
+    }
+
+    #[test]
+    fn the_progress_line_shows_each_standby() {
+        assert_eq!(standby_cpu_note(&sample(1.0, 3.0, &[])), "");
+        assert_eq!(
+            standby_cpu_note(&sample(1.0, 3.0, &[1.5])),
+            " (standby 1.50)"
+        );
+        assert_eq!(
+            standby_cpu_note(&sample(1.0, 9.0, &[1.0, 2.0, 3.0])),
+            " (standbys 6.00: 1.00 2.00 3.00)"
+        );
     }
 
     #[test]

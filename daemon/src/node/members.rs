@@ -79,7 +79,7 @@ pub(crate) fn classify(
 pub(crate) fn refused_hook(
     rec: Arc<Recovered>,
     life: Arc<Lifecycle>,
-    members: Vec<String>,
+    (members, via): (Vec<String>, Option<String>),
 ) -> RefusedHook {
     let following = Arc::new(AtomicBool::new(false));
     Arc::new(
@@ -93,7 +93,8 @@ pub(crate) fn refused_hook(
                 if following.swap(true, Ordering::SeqCst) {
                     return true;
                 }
-                match tokio::task::block_in_place(|| follow(&rec, epoch, &primary)) {
+                let relayed = via.as_deref() == Some(primary.as_str());
+                match tokio::task::block_in_place(|| follow(&rec, epoch, &primary, relayed)) {
                     Ok(()) => life.request_restart(),
                     Err(e) => {
                         following.store(false, Ordering::SeqCst);
@@ -107,11 +108,17 @@ pub(crate) fn refused_hook(
 }
 
 /// Records `primary` as the primary of `epoch` for this standby, if `epoch` is newer
-/// than the one it is in (read again: two dialers may race).
-fn follow(rec: &Recovered, epoch: u64, primary: &str) -> anyhow::Result<()> {
+/// than the one it is in (read again: two dialers may race). `relayed`: the newer
+/// epoch came through this node's relay (cascading), which does not know the new
+/// primary's fork: this node asks it for a full resync by digest first (recorded
+/// before the role change, so a crash between the two only costs a resync).
+fn follow(rec: &Recovered, epoch: u64, primary: &str, relayed: bool) -> anyhow::Result<()> {
     let current = rec.meta.epoch()?;
     if epoch <= current {
         bail!("epoch {epoch} is not newer than this node's {current}");
+    }
+    if relayed {
+        rec.meta.set_relay_resync(true)?;
     }
     let before = rec.meta.primary_name()?.unwrap_or_default();
     rec.meta
@@ -380,6 +387,8 @@ mod tests {
             name: n.into(),
             address: format!("{n}:7000"),
             mode: Default::default(),
+            via: None,
+            via_fallback: None,
         };
         let v = cluster_view(
             &[m("primary"), m("dr1"), m("dr2")],

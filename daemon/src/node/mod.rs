@@ -3,7 +3,8 @@
 //! [`checkpoint`], the roles in [`primary`] and [`standby`] (each with its control
 //! handler), role changes in [`roles`], what both roles share in [`lifecycle`] and
 //! [`requests`], the status snapshot in [`status`], cluster membership (following a
-//! newer primary, position probes) in [`members`].
+//! newer primary, position probes) in [`members`], a standby's relaying to the
+//! members whose `via` names it (cascading) in [`relay`].
 //!
 //! Start-up order matters for safety:
 //! 1. metadata (refuses a config naming another cluster),
@@ -23,6 +24,7 @@ pub mod lifecycle;
 pub mod members;
 pub mod primary;
 pub mod recovery;
+pub mod relay;
 pub mod reload;
 pub mod requests;
 pub mod roles;

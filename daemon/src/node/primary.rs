@@ -65,6 +65,20 @@ pub(crate) async fn run_primary(
     let status = primary_status(&cfg, &rec, &group, repl.clone(), archives, nbd_addr);
     obs.metrics.set_source(status.metrics_source());
     let fence_task = fence_task(&cfg, &rec, &group, &stop_rx)?;
+    let fallback = crate::node::relay::start_fallback(
+        &cfg,
+        repl.clone(),
+        {
+            let r = rec.clone();
+            Arc::new(move || {
+                r.meta
+                    .checkpoint()
+                    .unwrap_or(0)
+                    .min(r.journal.durable_seq())
+            })
+        },
+        stop_rx.clone(),
+    );
     let (reloader, hup) = reload::start(reload_from, || {
         reload_live(&rec, repl.clone(), &control, &obs)
     });
@@ -108,6 +122,9 @@ pub(crate) async fn run_primary(
     }
     seal_for_shutdown(&rec, &group);
     if let Some(t) = fence_task {
+        let _ = t.await;
+    }
+    if let Some(t) = fallback {
         let _ = t.await;
     }
     drop(registry);
@@ -466,6 +483,7 @@ fn ship_context(
             .volumes
             .iter()
             .any(|v| v.cache != ferry_api::config::CacheMode::Writethrough),
+        hold: None,
     }))
 }
 

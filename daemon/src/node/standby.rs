@@ -20,6 +20,7 @@ use crate::node::lifecycle::{
 };
 use crate::node::members;
 use crate::node::recovery::Recovered;
+use crate::node::relay;
 use crate::node::reload::{self, Reloader};
 use crate::node::requests::{
     find_volume, list_bookmarks, parse_target, respond, rolled_back_reason, OPERATOR_PAUSE,
@@ -45,13 +46,14 @@ pub(crate) async fn run_standby(
     if let Some(why) = &paused {
         tracing::warn!("{why}");
     }
+    let feed = relay::relay_feed(&cfg, &rec);
     let standby = Arc::new(Standby::new(
         rec.journal.clone(),
         rec.applier.clone(),
         rec.applied.clone(),
-        &r.primary,
-        &r.listen,
+        (&r.primary, &r.listen),
         paused,
+        (cfg.via_of(&cfg.node.name).map(str::to_string), feed.clone()),
     )?);
     *standby.handover.lock() = Some(take_over(rec.clone(), standby.clone(), life.clone()));
     let exports = rec
@@ -71,11 +73,30 @@ pub(crate) async fn run_standby(
     let prober = prober(&cfg, &r.primary, &local)?;
     let control = ControlSocket::bind(&cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let relayed = match &feed {
+        Some(f) => Some(relay::start_relay(
+            &cfg,
+            &rec,
+            f,
+            {
+                let sb = standby.clone();
+                Arc::new(move || sb.applied_seq())
+            },
+            &stop_rx,
+        )?),
+        None => None,
+    };
     let ckpt = Checkpointer::start(&cfg, rec.clone(), {
-        let sb = standby.clone();
-        Arc::new(move || (sb.applied_seq(), Seq::MAX))
+        let (sb, relayed) = (standby.clone(), relayed.clone());
+        // A relay keeps what the members it relays to do not hold durably yet.
+        Arc::new(move || {
+            (
+                sb.applied_seq(),
+                relayed.as_ref().map_or(Seq::MAX, |r| r.release_floor()),
+            )
+        })
     })?;
-    let status = standby_status(&cfg, &rec, &standby, &exports);
+    let status = standby_status(&cfg, &rec, &standby, (&exports, relayed));
     obs.metrics.set_source(status.metrics_source());
     let (reloader, hup) = reload::start(reload_from, || reload_live(&rec, &control, &obs));
     let handler = standby_handler(
@@ -129,10 +150,10 @@ fn standby_peers(
     life: &Arc<Lifecycle>,
 ) -> Arc<standby::Peers> {
     let names = members::accepted_names(cfg, primary);
-    let refused = cfg
-        .cluster
-        .is_some()
-        .then(|| members::refused_hook(rec.clone(), life.clone(), names.clone()));
+    let refused = cfg.cluster.is_some().then(|| {
+        let via = cfg.via_of(&cfg.node.name).map(str::to_string);
+        members::refused_hook(rec.clone(), life.clone(), (names.clone(), via))
+    });
     Arc::new(standby::Peers { names, refused })
 }
 
@@ -164,7 +185,10 @@ fn standby_status(
     cfg: &Config,
     rec: &Arc<Recovered>,
     standby: &Arc<Standby>,
-    exports: &Option<Arc<PitExports>>,
+    (exports, relay): (
+        &Option<Arc<PitExports>>,
+        Option<Arc<replication::Replication>>,
+    ),
 ) -> Arc<StatusSource> {
     Arc::new(StatusSource {
         node: cfg.node.name.clone(),
@@ -177,6 +201,7 @@ fn standby_status(
             standby: standby.clone(),
             applier: rec.applier.clone(),
             exports: exports.clone(),
+            relay,
         },
     })
 }

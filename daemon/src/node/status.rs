@@ -49,6 +49,8 @@ pub(crate) enum RoleSource {
         /// Its point-in-time store and resync transition.
         applier: Arc<Applier>,
         exports: Option<Arc<PitExports>>,
+        /// The shippers to the members it relays to (cascading), if any.
+        relay: Option<Arc<Replication>>,
     },
 }
 
@@ -76,10 +78,11 @@ impl StatusSource {
                 standby,
                 applier,
                 exports,
+                relay,
             } => (
                 j.durable_seq(),
                 standby.applied_seq(),
-                Vec::new(),
+                relay.as_ref().map_or_else(Vec::new, |r| r.status()),
                 RoleStatus::Standby(Box::new(standby_status(
                     standby,
                     applier,
@@ -117,16 +120,35 @@ impl StatusSource {
         targets: &[ferry_api::status::TargetStatus],
     ) -> Option<crate::node::members::Seen> {
         use crate::node::members::Seen;
-        match &self.role {
-            RoleSource::Primary { .. } => targets.iter().find(|t| t.name == name).map(|t| Seen {
+        let relayed_by = || {
+            let via = self.members.iter().find(|m| m.name == name)?.via.clone()?;
+            Some(Seen {
                 role: "standby",
-                connected: matches!(t.state.as_str(), "streaming" | "resyncing"),
-                state: t.state.clone(),
-            }),
-            RoleSource::Standby { standby, .. } => (standby.state.primary == name).then(|| Seen {
+                connected: false,
+                state: format!("relayed by {via}"),
+            })
+        };
+        match &self.role {
+            RoleSource::Primary { .. } => targets
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| Seen {
+                    role: "standby",
+                    connected: matches!(t.state.as_str(), "streaming" | "resyncing"),
+                    state: t.state.clone(),
+                })
+                // A member another relays to (cascading): not this primary's session.
+                .or_else(relayed_by),
+            RoleSource::Standby { standby, .. } if standby.state.primary == name => Some(Seen {
                 role: "primary",
                 connected: standby.state.connected.lock().is_some(),
                 state: "following".into(),
+            }),
+            // A member this standby relays to (cascading).
+            RoleSource::Standby { .. } => targets.iter().find(|t| t.name == name).map(|t| Seen {
+                role: "standby",
+                connected: matches!(t.state.as_str(), "streaming" | "resyncing"),
+                state: format!("relayed ({})", t.state),
             }),
         }
     }
@@ -257,6 +279,9 @@ fn standby_status(sb: &Standby, applier: &Applier, exports: Option<&PitExports>)
             connected: st.connected.lock().clone(),
             last_seq: st.last_primary_seq.load(Ordering::Relaxed),
             last_error: st.last_error.lock().clone(),
+            via: st.via.clone(),
+            // Only a relayed standby has two sources to tell apart.
+            source: st.via.as_ref().and(st.source.lock().clone()),
         },
         applied_primary_time_ns: st.applied_ts_ns.load(Ordering::Relaxed),
         pit,

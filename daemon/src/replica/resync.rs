@@ -112,6 +112,18 @@ pub(crate) fn begin(sb: &Standby, b: &ResyncBegin, advertised: Seq) -> anyhow::R
     journal
         .skip_to(b.snapshot_seq)
         .context("continuing the journal after the resync snapshot")?;
+    if let Some(f) = &sb.feed {
+        f.skipped_to(b.snapshot_seq);
+    }
+    if sb.state.relay_resync.load(Ordering::Acquire) {
+        // The resync the relay was asked for (a full one) is under way: the copy
+        // replaces whatever this node held of the old epoch.
+        applier
+            .meta
+            .set_relay_resync(false)
+            .context("clearing the request for a resync from the relay")?;
+        sb.state.relay_resync.store(false, Ordering::Release);
+    }
     // Nothing is left to apply up to the snapshot: the copy stands in for it.
     sb.set_applied(b.snapshot_seq);
     // Recovery points carry the primary's time (as write-sets do): the standby's

@@ -89,10 +89,11 @@ pub async fn serve(
             accepted = acceptor.next() => {
                 let Some(accepted) = accepted else { break };
                 let Some(conn) = admit(&standby, accepted) else { continue };
-                if current.is_some() && !quic::peer_node_names(&conn).contains(&standby.state.primary) {
+                if current.is_some() && source_name(&standby, &quic::peer_node_names(&conn)).is_none() {
                     // Another member (a newer epoch's primary, a position probe): its
                     // handshake can never become this node's session in this epoch, so it
-                    // runs beside the current one instead of replacing it.
+                    // runs beside the current one instead of replacing it. The primary
+                    // and the relay (`via`) replace it: one live source at a time.
                     let (sb, local, opts, peers) = (standby.clone(), local.clone(), opts.clone(), peers.clone());
                     tokio::spawn(async move {
                         if let Err(e) = session(&sb, (&local, &peers), &opts, conn).await {
@@ -119,8 +120,18 @@ pub async fn serve(
     }
     stop_session(&standby, &mut current).await;
     *standby.state.connected.lock() = None;
+    *standby.state.source.lock() = None;
     endpoint.close(0u32.into(), b"standby shutting down");
     Ok(())
+}
+
+/// Which of this node's sources a connection's certificate names: its primary, else
+/// the member that relays to it (`via`, cascading); `None` for any other member.
+fn source_name<'a>(standby: &'a Standby, cert_names: &[String]) -> Option<&'a str> {
+    let st = &standby.state;
+    std::iter::once(st.primary.as_str())
+        .chain(st.via.as_deref())
+        .find(|n| cert_names.iter().any(|c| c == n))
 }
 
 /// The running session: its peer and task.
@@ -135,6 +146,7 @@ async fn stop_session(standby: &Standby, current: &mut Current) -> Option<std::n
     h.abort();
     let _ = h.await;
     *standby.state.connected.lock() = None;
+    *standby.state.source.lock() = None;
     Some(peer)
 }
 
@@ -167,6 +179,7 @@ fn session_over(
     done: Result<anyhow::Result<()>, tokio::task::JoinError>,
 ) {
     *standby.state.connected.lock() = None;
+    *standby.state.source.lock() = None;
     let err = match done {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(crate::error_chain(&e)),
@@ -225,6 +238,19 @@ async fn session(
     wait_journal_durable(sb).await?;
     let durable = sb.resume_position();
     let names = quic::peer_node_names(&conn);
+    // The relay (cascading) is accepted as the primary is, in the same epoch: its
+    // Hello must name it (and the certificate, below).
+    let relayed;
+    let local = match source_name(sb, &names) {
+        Some(src) if src != local.expected_peer_name => {
+            relayed = LocalIdentity {
+                expected_peer_name: src.to_string(),
+                ..local.clone()
+            };
+            &relayed
+        }
+        _ => local,
+    };
     let mut seen = None;
     let handshake = quic::standby_handshake_observed(conn, local, durable, opts, |h| {
         seen = Some(h.clone());
@@ -246,6 +272,7 @@ async fn session(
     }
     tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");
     *sb.state.connected.lock() = Some(peer.to_string());
+    *sb.state.source.lock() = Some(s.peer_hello.node_name.clone());
     *sb.state.last_error.lock() = None;
     let mut rx = Receiver::new(local.epoch, durable, sb.applied_seq().min(durable))
         .with_volumes(local.volumes.clone())
@@ -410,6 +437,18 @@ impl DataFrames<'_> {
                 sb.state
                     .last_primary_seq
                     .fetch_max(ws.last_seq, Ordering::Relaxed);
+                if sb.state.relay_resync.load(Ordering::Acquire) {
+                    let frame = ErrorFrame {
+                        epoch: self.rx.epoch(),
+                        code: ErrorCode::ResyncRequired,
+                        reason: "this standby followed a newer epoch through its relay and may \
+                                 hold records of the old epoch past the new primary's fork: a \
+                                 full resync by digest is needed"
+                            .into(),
+                    };
+                    quic::refuse(self.conn, control, frame).await;
+                    bail!("write-set refused: a resync is needed after following a newer epoch through the relay");
+                }
                 if crate::store::failpoint::check("ferryd::standby_refuse_write_set").is_err() {
                     // As for a record outside the replica (`ResyncRequired`).
                     let frame = ErrorFrame {

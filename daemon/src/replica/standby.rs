@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::replica::applier::Applier;
+use crate::ship::feed::ShipFeed;
 use crate::ship::records::{journal_record, RECORD_COST};
 
 /// Bytes of records waiting for the replica applier, at most (and at most half the
@@ -63,6 +64,14 @@ type ApplyItem = (Seq, Record, Option<u64>);
 /// Shared standby state, read by status.
 pub struct StandbyState {
     pub primary: String,
+    /// Cascading: the member that relays to this node (`[[cluster.node]] via`); its
+    /// sessions are accepted as the primary's are.
+    pub via: Option<String>,
+    /// The node whose session is live (the primary, or the relay).
+    pub source: Mutex<Option<String>>,
+    /// Mirror of the metadata's `relay_resync`: this node followed a newer epoch
+    /// through its relay and refuses the relay's write-sets until a resync begins.
+    pub relay_resync: std::sync::atomic::AtomicBool,
     pub listen: String,
     pub connected: Mutex<Option<String>>,
     pub applied_seq: Arc<AtomicU64>,
@@ -129,6 +138,9 @@ pub struct Standby {
     /// Set by the daemon: what to do when the primary hands over.
     pub handover: Mutex<Option<HandoverFn>>,
     pub(crate) journal: Arc<Journal>,
+    /// A relay's feed (cascading): every record durable in this journal goes to the
+    /// shippers of the members it relays to, as the primary's completions feed its own.
+    pub(crate) feed: Option<Arc<ShipFeed>>,
     /// The replica applier's shared parts (bases, metadata, undo, resync state).
     pub(crate) applier: Arc<Applier>,
     apply_tx: crossbeam_channel::Sender<ApplyItem>,
@@ -143,19 +155,23 @@ pub struct Standby {
 
 impl Standby {
     /// Starts the replica applier. `applied` holds where recovery left the replica
-    /// (shared with the point-in-time store, which must know it).
+    /// (shared with the point-in-time store, which must know it). `(via, feed)`:
+    /// the member that relays to this node, and this node's feed when it relays.
     pub fn new(
         journal: Arc<Journal>,
         applier: Arc<Applier>,
         applied: Arc<AtomicU64>,
-        primary: &str,
-        listen: &str,
+        (primary, listen): (&str, &str),
         paused: Option<String>,
+        (via, feed): (Option<String>, Option<Arc<ShipFeed>>),
     ) -> anyhow::Result<Standby> {
         let start = applied.load(Ordering::Acquire);
         let outbox = applier.outbox.clone();
         let state = Arc::new(StandbyState {
             primary: primary.to_string(),
+            via,
+            source: Mutex::new(None),
+            relay_resync: applier.meta.relay_resync()?.into(),
             listen: listen.to_string(),
             connected: Mutex::new(None),
             applied_seq: applied,
@@ -197,6 +213,7 @@ impl Standby {
             outbox,
             handover: Mutex::new(None),
             journal,
+            feed,
             applier,
             apply_tx,
             apply_budget,
@@ -286,6 +303,7 @@ impl Standby {
             let apply_tx = self.apply_tx.clone();
             let budget = self.apply_budget.clone();
             let durable_tx = self.durable_tx.clone();
+            let feed = self.feed.clone();
             let order_error = self.order_error.clone();
             let state = self.state.clone();
             let for_apply = rec.clone();
@@ -300,6 +318,9 @@ impl Standby {
                             return;
                         }
                         durable_tx.send_replace(seq);
+                        if let Some(f) = &feed {
+                            f.journaled(seq, || for_apply.clone());
+                        }
                         // Blocks only when the applier is far behind: backpressure.
                         budget.acquire(for_apply.data.len() + RECORD_COST);
                         let _ = apply_tx.send((seq, for_apply, stamp));
@@ -468,6 +489,9 @@ mod tests {
         let (order, b) = (OnceLock::new(), budget(100));
         let state = StandbyState {
             primary: "p".into(),
+            via: None,
+            source: Default::default(),
+            relay_resync: Default::default(),
             listen: "l".into(),
             connected: Default::default(),
             applied_seq: Default::default(),

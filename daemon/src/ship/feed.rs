@@ -41,6 +41,11 @@ impl SeqIndex {
         g.entries.push_back((seq, cum, ts_ns));
     }
 
+    /// Forgets every entry (the sequence went on with a gap); the byte count goes on.
+    pub fn clear(&self) {
+        self.inner.lock().entries.clear();
+    }
+
     /// Bytes and age of everything after `acked` (0 when caught up).
     pub fn lag_after(&self, acked: Seq, now_ns: u64) -> (u64, f64) {
         let g = self.inner.lock();
@@ -125,6 +130,13 @@ impl Tail {
                 None => break,
             }
         }
+    }
+
+    /// Forgets every record kept (the sequence went on with a gap).
+    pub fn clear(&self) {
+        let mut g = self.inner.lock();
+        g.entries.clear();
+        g.bytes = 0;
     }
 
     /// Records from `from` on, up to about `max_bytes`.
@@ -234,6 +246,20 @@ impl ShipFeed {
         self.durable.publish(seq);
     }
 
+    /// The journal went on after `seq` without records up to it (a relay's resync
+    /// from its primary: `Journal::skip_to`). The tail and the lag index hold only
+    /// contiguous records, so they start over; a target behind `seq` reads the
+    /// journal, which then plans a resync for it.
+    pub fn skipped_to(&self, seq: Seq) {
+        if !self.enabled.load(Ordering::Acquire) {
+            return;
+        }
+        self.tail.clear();
+        self.index.clear();
+        self.last_fed.store(seq, Ordering::Relaxed);
+        self.durable.publish(seq);
+    }
+
     /// The durable position a shipper's journal reader waits on.
     pub fn durable(&self) -> Arc<DurableSeq> {
         self.durable.clone()
@@ -329,6 +355,34 @@ mod tests {
             TailRead::Evicted => panic!("seq 16 is in memory"),
         }
         assert!(matches!(t.read(21, 1 << 20), TailRead::Records(r) if r.is_empty()));
+    }
+
+    /// A relay's journal that went on after a resync snapshot: the feed forgets the
+    /// records before the gap (the tail and the lag index index by position), so a
+    /// reader behind it goes to the journal, and the records after it are served.
+    #[test]
+    fn a_skip_restarts_the_tail_and_the_lag_index_after_the_gap() {
+        let f = ShipFeed::new(0);
+        f.enable(1 << 20);
+        for s in 1..=3 {
+            f.journaled(s, || rec(100, Op::Write));
+        }
+        f.skipped_to(10);
+        assert_eq!(f.durable().get(), 10);
+        assert!(matches!(f.tail.read(2, 1 << 20), TailRead::Evicted));
+        f.journaled(11, || rec(100, Op::Write));
+        match f.tail.read(11, 1 << 20) {
+            TailRead::Records(r) => assert_eq!(r.iter().map(|e| e.0).collect::<Vec<_>>(), vec![11]),
+            TailRead::Evicted => panic!("seq 11 is in memory"),
+        }
+        assert!(matches!(f.tail.read(5, 1 << 20), TailRead::Evicted));
+        f.journaled(12, || rec(100, Op::Write));
+        assert_eq!(
+            f.index.lag_after(11, now_ns()).0,
+            100,
+            "only record 12 to ship"
+        );
+        assert_eq!(f.index.lag_after(12, now_ns()), (0, 0.0));
     }
 
     #[test]

@@ -61,7 +61,14 @@ pub struct ShipContext {
     /// wait for. Async targets and writethrough-only nodes never ask, so their
     /// standbys send durable acks only, as before.
     pub received_acks: bool,
+    /// Why no session may start now, if one may not (a relay whose own replica is
+    /// inconsistent or rolled back: a resync copy would read that replica); checked
+    /// before each dial. `None` on a primary.
+    pub hold: Option<HoldFn>,
 }
+
+/// See [`ShipContext::hold`].
+pub type HoldFn = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 pub(crate) async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
     let mut backoff = Backoff::default();
@@ -161,6 +168,9 @@ fn route_mtu(peer: SocketAddr) -> Option<u32> {
 
 /// One connection's life: handshake, then ship until an error.
 async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> anyhow::Result<()> {
+    if let Some(why) = ctx.hold.as_ref().and_then(|h| h()) {
+        bail!("not shipping to {addr}: {why}");
+    }
     let epoch = ctx.local.epoch;
     let (mut s, plan) = handshake(ctx, t, addr).await?;
     t.wan.session_started(&t.name, s.negotiated);

@@ -77,6 +77,11 @@ const K_HEARD_SYNC_LOSS: &str = "heard_sync_loss";
 /// full resync (its `ResyncRequired` refusal) is not yet carried by durable dirty
 /// maps; empty or absent otherwise.
 const RESYNC_REQUIRED_PREFIX: &str = "resync_required/";
+/// Standby: `[1]` once it followed a newer epoch through its relay (cascading) until
+/// a resync from the relay begins: its journal may hold records of the old epoch past
+/// the new primary's fork, which the relay cannot know, so it refuses the relay's
+/// write-sets with `ResyncRequired` (a full resync compared by digest).
+const K_RELAY_RESYNC: &str = "relay_resync";
 
 /// A standby's resync transition: while it is recorded the replica is not a
 /// consistent image, and no point after `from` is offered.
@@ -743,6 +748,24 @@ impl Meta {
         self.put_many(&[(key.as_str(), v)])
     }
 
+    /// Standby: whether it must ask its relay for a full resync (`K_RELAY_RESYNC`).
+    pub fn relay_resync(&self) -> Result<bool, MetaError> {
+        let txn = self.db.begin_read().map_err(|e| self.store_err(e))?;
+        let table = match txn.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(self.store_err(e)),
+        };
+        let v = table.get(K_RELAY_RESYNC).map_err(|e| self.store_err(e))?;
+        Ok(v.is_some_and(|v| v.value() == [1]))
+    }
+
+    /// Records (durably) or clears that this standby must ask its relay for a resync.
+    pub fn set_relay_resync(&self, wanted: bool) -> Result<(), MetaError> {
+        let v: &[u8] = if wanted { &[1] } else { &[] };
+        self.put_many(&[(K_RELAY_RESYNC, v)])
+    }
+
     /// Standby: the sync loss its primary told it of (see `K_HEARD_SYNC_LOSS`).
     pub fn heard_sync_loss(&self) -> Result<Option<u64>, MetaError> {
         self.get_opt_u64(K_HEARD_SYNC_LOSS, K_HEARD_SYNC_LOSS)
@@ -987,6 +1010,11 @@ mod tests {
         assert!(!m.resync_required("dr2").unwrap());
         m.set_resync_required("dr1", false).unwrap();
         assert!(!m.resync_required("dr1").unwrap());
+        assert!(!m.relay_resync().unwrap());
+        m.set_relay_resync(true).unwrap();
+        assert!(m.relay_resync().unwrap());
+        m.set_relay_resync(false).unwrap();
+        assert!(!m.relay_resync().unwrap());
         assert_eq!(m.sync_loss("dr1").unwrap(), None);
         assert_eq!(m.heard_sync_loss().unwrap(), None);
     }

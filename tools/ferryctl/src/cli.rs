@@ -59,7 +59,9 @@ pub enum Cmd {
         /// A standby site NAME=HOST:PORT (its QUIC address), optionally with its own
         /// mode: NAME=HOST:PORT/sync or /async; repeatable. Every node's config lists
         /// every node ([cluster]): after a failover the others follow the new primary.
-        #[arg(long = "standby", value_name = "NAME=HOST:PORT[/MODE]")]
+        /// Cascading: NAME=HOST:PORT@via=RELAY makes another standby (RELAY) ship to
+        /// this one instead of the primary (async; `via` in [[cluster.node]]).
+        #[arg(long = "standby", value_name = "NAME=HOST:PORT[/MODE][@via=RELAY]")]
         standbys: Vec<String>,
         /// Replication mode of every standby that does not name its own.
         #[arg(long, value_enum, default_value = "async")]
@@ -497,6 +499,8 @@ pub enum NodeCmd {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         /// Replication mode of the new target (default: that of the first existing one).
+        /// With a sync policy (replication.sync) in the primary's config: async by
+        /// default, and sync appends the node to the policy (a restart applies it).
         #[arg(long, value_enum)]
         mode: Option<ModeArg>,
         /// The new node shares a host with the others: give it its own NBD port.

@@ -646,6 +646,8 @@ struct Sites {
     /// Name, replication address and mode of each standby.
     standbys: Vec<(String, String, ReplicationMode)>,
     mode: ReplicationMode,
+    /// Cascading: (standby, the standby that relays to it), from `@via=RELAY`.
+    vias: Vec<(String, String)>,
 }
 
 impl Sites {
@@ -669,8 +671,14 @@ impl Sites {
             ModeArg::Async => ReplicationMode::Async,
         };
         let mut out: Vec<(String, String, ReplicationMode)> = Vec::new();
+        let mut vias = Vec::new();
         for spec in standbys {
-            let Some((name, rest)) = spec.split_once('=') else {
+            // `@via=RELAY` (cascading) ends the spec: `far=HOST:PORT@via=dr1`.
+            let (spec_core, via) = match spec.split_once("@via=") {
+                Some((core, relay)) => (core, Some(relay)),
+                None => (spec.as_str(), None),
+            };
+            let Some((name, rest)) = spec_core.split_once('=') else {
                 bail!("--standby '{spec}': expected NAME=HOST:PORT, e.g. dr1=127.0.0.1:7002");
             };
             if !valid_node_name(name) || name == PRIMARY {
@@ -688,12 +696,30 @@ impl Sites {
                 None => (rest, default_mode),
             };
             parse_addr(addr).map_err(|e| anyhow::anyhow!("--standby '{spec}': {e}"))?;
+            let mode = match via {
+                Some(relay) => {
+                    vias.push((name.to_string(), relay.to_string()));
+                    // A relayed standby is async whatever --mode says; asking for sync
+                    // by name is a contradiction.
+                    if rest.ends_with("/sync") {
+                        bail!("--standby '{spec}': a standby with @via is async (its relay acknowledges, not it)");
+                    }
+                    ReplicationMode::Async
+                }
+                None => mode,
+            };
             out.push((name.to_string(), addr.to_string(), mode));
+        }
+        for (name, relay) in &vias {
+            if relay == name || !out.iter().any(|(n, _, _)| n == relay) {
+                bail!("--standby {name}: @via={relay} must name another --standby (the node that relays to {name})");
+            }
         }
         Ok(Some(Sites {
             primary: primary.to_string(),
             standbys: out,
             mode: default_mode,
+            vias,
         }))
     }
 }
@@ -926,6 +952,8 @@ fn membership(s: &Sites) -> ferry_api::config::ClusterConfig {
         name: PRIMARY.into(),
         address: s.primary.clone(),
         mode: s.mode,
+        via: None,
+        via_fallback: None,
     };
     let standbys = s
         .standbys
@@ -934,6 +962,12 @@ fn membership(s: &Sites) -> ferry_api::config::ClusterConfig {
             name: name.clone(),
             address: addr.clone(),
             mode: *mode,
+            via: s
+                .vias
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, relay)| relay.clone()),
+            via_fallback: None,
         });
     ferry_api::config::ClusterConfig {
         nodes: std::iter::once(primary).chain(standbys).collect(),
@@ -1230,8 +1264,14 @@ fn standby_text(s: &StandbyStatus) -> String {
         );
     }
     let p = &s.primary;
+    // Cascading: the relay that ships to this standby, and whose session is live.
+    let via = match (&p.via, &p.source) {
+        (Some(v), Some(src)) => format!(", via {v} (session from {src})"),
+        (Some(v), None) => format!(", via {v}"),
+        (None, _) => String::new(),
+    };
     out += &format!(
-        "primary    {} {}  (listening on {}){}\n",
+        "primary    {} {}{via}  (listening on {}){}\n",
         p.name,
         p.connected
             .as_deref()
@@ -1534,6 +1574,20 @@ primary    primary not connected  (listening on 10.0.0.2:7000)
            last error: refused
 volume     vol0  67108864 bytes    cache writethrough-until-flush
 "#
+        );
+        let RoleStatus::Standby(sb) = &mut st.role else {
+            panic!("the standby golden file holds a primary");
+        };
+        sb.primary.connected = Some("10.0.0.3:40000".into());
+        sb.primary.last_error = None;
+        sb.primary.via = Some("dr1".into());
+        sb.primary.source = Some("dr1".into());
+        assert!(
+            status_text(&st).contains(
+                "primary    primary connected from 10.0.0.3:40000, via dr1 (session from dr1)  (listening on 10.0.0.2:7000)\n"
+            ),
+            "{}",
+            status_text(&st)
         );
     }
 }

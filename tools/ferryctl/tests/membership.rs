@@ -4,6 +4,7 @@
 //! itself, ends byte-identical to it, and never follows the old primary when that
 //! one comes back without a demote. And `promote` refuses a standby behind another.
 mod common;
+use common::netns::Netns;
 use common::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -364,101 +365,6 @@ fn promote_refuses_a_standby_behind_another_and_the_other_can_be_promoted() {
         seq(st, "/applied_seq") >= last && st["replica"] == "consistent"
     });
     same_file(&volume_of(dr1cfg), &volume_of(dr2cfg));
-}
-
-/// Network namespaces for the nodes, joined by veth pairs to a bridge in this
-/// namespace (which the test's NBD client uses); removed on drop.
-struct Netns {
-    names: Vec<String>,
-    bridge: String,
-}
-
-impl Netns {
-    /// `n` namespaces `fm<pid>-<i>`, node `i` at 10.77.<pid % 200>.<i + 1>/24.
-    fn make(n: usize) -> Result<(Netns, Vec<String>), String> {
-        let id = std::process::id() % 100_000;
-        let net = std::process::id() % 200;
-        let mut ns = Netns {
-            names: Vec::new(),
-            bridge: format!("fmbr{id}"),
-        };
-        ip(&["link", "add", &ns.bridge, "type", "bridge"])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("10.77.{net}.254/24"),
-            "dev",
-            &ns.bridge,
-        ])?;
-        ip(&["link", "set", &ns.bridge, "up"])?;
-        let mut addrs = Vec::new();
-        for i in 0..n {
-            let name = format!("fm{id}-{i}");
-            ip(&["netns", "add", &name])?;
-            ns.names.push(name.clone());
-            let (outer, inner) = (format!("fm{id}h{i}"), format!("fm{id}n{i}"));
-            ip(&[
-                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
-            ])?;
-            ip(&["link", "set", &inner, "netns", &name])?;
-            ip(&["link", "set", &outer, "master", &ns.bridge])?;
-            ip(&["link", "set", &outer, "up"])?;
-            let addr = format!("10.77.{net}.{}", i + 1);
-            let exec = |args: &[&str]| {
-                let mut a = vec!["netns", "exec", name.as_str(), "ip"];
-                a.extend_from_slice(args);
-                ip(&a)
-            };
-            exec(&["addr", "add", &format!("{addr}/24"), "dev", &inner])?;
-            exec(&["link", "set", &inner, "up"])?;
-            exec(&["link", "set", "lo", "up"])?;
-            addrs.push(addr);
-        }
-        Ok((ns, addrs))
-    }
-
-    /// A script that runs ferryd inside namespace `i` (`ip netns exec` keeps the pid).
-    fn ferryd_in(&self, i: usize, dir: &Path) -> std::path::PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let p = dir.join(format!("ferryd-{}", self.names[i]));
-        std::fs::write(
-            &p,
-            format!(
-                "#!/bin/sh\nexec ip netns exec {} {} \"$@\"\n",
-                self.names[i],
-                ferryd().display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let _ = ip(&["netns", "del", n]);
-        }
-        let _ = ip(&["link", "del", &self.bridge]);
-    }
-}
-
-/// `ip ARGS…`, its stderr as the error.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 /// The loopback test's failover with each node in its own network namespace, joined

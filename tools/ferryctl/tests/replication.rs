@@ -532,3 +532,152 @@ fn node_add_grows_a_running_cluster_by_a_third_standby() {
     wait_caught_up(&primary, &dr1);
     drop(dr2);
 }
+
+/// `node add` on a cluster with a sync policy: the policy decides which targets are
+/// sync. Without `--mode` the new node is async, and the output gives the exact line
+/// that would list it; its config carries the policy (enforced once it is promoted),
+/// and a reload adds it live. `--mode sync` appends it to the policy in
+/// `primary.toml` and says a restart applies it (a reload refuses the policy change);
+/// after the restart the primary gates on the new list. A node whose config cannot
+/// know every node the policy names gets no policy, and a note saying why.
+#[test]
+fn node_add_follows_the_clusters_sync_policy() {
+    let name = "node_add_follows_the_clusters_sync_policy";
+    if skip_without("qemu-io", name) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, s) = init(dir.path(), &["dr1/sync", "dr2/sync"], "sync");
+    let text = std::fs::read_to_string(&pcfg).unwrap();
+    let text = text.replacen(
+        "[replication]\n",
+        "[replication]\nsync = \"ANY 1 (dr1, dr2)\"\n",
+        1,
+    );
+    std::fs::write(&pcfg, &text).unwrap();
+    let _dr1 = Node::start(&ferryd(), &s[0]);
+    let _dr2 = Node::start(&ferryd(), &s[1]);
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    let add = |spec: &str, mode: &[&str]| {
+        let out = std::process::Command::new(ferryctl())
+            .args(["node", "add", spec, "--dir"])
+            .arg(dir.path())
+            .arg("--same-host")
+            .args(mode)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "node add {spec}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let load = |c: &Path| ferry_api::config::Config::load(c).unwrap();
+    let modes = |c: &ferry_api::config::Config| -> Vec<(String, &'static str)> {
+        c.ship_targets()
+            .into_iter()
+            .map(|t| {
+                let sync = t.mode == ferry_api::config::ReplicationMode::Sync;
+                (t.name, if sync { "sync" } else { "async" })
+            })
+            .collect()
+    };
+
+    // Without --mode: async, the exact line to list it, the policy carried.
+    let out = add(&format!("dr3=127.0.0.1:{}", free_port()), &[]);
+    assert!(
+        out.contains("does not list dr3, so it is async")
+            && out.contains("sync = \"ANY 1 (dr1, dr2, dr3)\"")
+            && out.contains("reload"),
+        "{out}"
+    );
+    let p = load(&pcfg);
+    assert_eq!(p.sync_policy().unwrap().to_string(), "ANY 1 (dr1, dr2)");
+    let dr3 = load(&dir.path().join("dr3.toml"));
+    assert_eq!(
+        dr3.sync_policy().map(|p| p.to_string()).as_deref(),
+        Some("ANY 1 (dr1, dr2)"),
+        "dr3 carries the cluster's policy"
+    );
+    assert_eq!(
+        modes(&dr3),
+        [
+            ("primary".to_string(), "async"),
+            ("dr1".to_string(), "sync"),
+            ("dr2".to_string(), "sync")
+        ]
+    );
+    let out = ctl(&pcfg, &["reload"]);
+    assert!(out.status.success(), "reload: {out:?}");
+    primary.wait_status("dr3 added as an async target", WAIT, |st| {
+        st["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["name"] == "dr3" && t["effective_mode"] == "async")
+    });
+
+    // --mode sync: appended to the policy; a restart applies it.
+    let out = add(
+        &format!("dr4=127.0.0.1:{}", free_port()),
+        &["--mode", "sync"],
+    );
+    assert!(
+        out.contains("is now \"ANY 1 (dr1, dr2, dr4)\" (was \"ANY 1 (dr1, dr2)\")")
+            && out.contains("restart the primary"),
+        "{out}"
+    );
+    let ptext = std::fs::read_to_string(&pcfg).unwrap();
+    assert!(
+        ptext.contains("sync = \"ANY 1 (dr1, dr2, dr4)\"\n"),
+        "{ptext}"
+    );
+    assert_eq!(
+        modes(&load(&pcfg)),
+        [
+            ("dr1".to_string(), "sync"),
+            ("dr2".to_string(), "sync"),
+            ("dr3".to_string(), "async"),
+            ("dr4".to_string(), "sync")
+        ]
+    );
+    let dr4cfg = dir.path().join("dr4.toml");
+    assert_eq!(
+        load(&dr4cfg)
+            .sync_policy()
+            .map(|p| p.to_string())
+            .as_deref(),
+        Some("ANY 1 (dr1, dr2, dr4)")
+    );
+    let out = ctl(&pcfg, &["reload"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("replication.sync"),
+        "a reload must refuse the policy change: {out:?}"
+    );
+    let code = primary.terminate();
+    assert!(code.success(), "{code}");
+    let _dr4 = Node::start(&ferryd(), &dr4cfg);
+    let primary = Node::start(&ferryd(), &pcfg);
+    let st = primary.wait_status("dr4 to stream as a sync target", WAIT, |st| {
+        st["targets"].as_array().into_iter().flatten().any(|t| {
+            t["name"] == "dr4" && t["state"] == "streaming" && t["effective_mode"] == "sync"
+        })
+    });
+    assert_eq!(st["sync_policy"], "ANY 1 (dr1, dr2, dr4)", "{st:#}");
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(74, 10)));
+
+    // dr5's config lists no dr4 (the primary's [cluster] does not): no policy, a note.
+    let out = add(&format!("dr5=127.0.0.1:{}", free_port()), &[]);
+    assert!(
+        out.contains("dr5.toml has no replication.sync: the policy names dr4"),
+        "{out}"
+    );
+    assert!(load(&dir.path().join("dr5.toml")).sync_policy().is_none());
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    ferryd::testkit::free_udp_port()
+}

@@ -2,6 +2,8 @@
 //! uses a different subset, hence the `dead_code` allowance).
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -64,7 +66,8 @@ impl Default for Init<'_> {
 
 /// `ferryctl init` for a primary and the given standbys on loopback (ports from the
 /// OS); returns the primary's and the standbys' config paths. A standby `NAME/MODE`
-/// (`dr2/async`) gets its own mode.
+/// (`dr2/async`) gets its own mode; `NAME@via=RELAY` (`far@via=dr1`) is relayed
+/// (cascading).
 pub fn init_cluster(dir: &Path, standbys: &[&str], o: &Init) -> (PathBuf, Vec<PathBuf>) {
     let mut cmd = Command::new(ferryctl());
     cmd.args(["init", "--dir"])
@@ -76,10 +79,12 @@ pub fn init_cluster(dir: &Path, standbys: &[&str], o: &Init) -> (PathBuf, Vec<Pa
         .arg("--primary")
         .arg(format!("127.0.0.1:{}", free_udp_port()));
     for s in standbys {
-        let (name, mode) = s.split_once('/').map_or((*s, None), |(n, m)| (n, Some(m)));
+        let (s, via) = s.split_once('@').map_or((*s, None), |(n, v)| (n, Some(v)));
+        let (name, mode) = s.split_once('/').map_or((s, None), |(n, m)| (n, Some(m)));
         let mode = mode.map(|m| format!("/{m}")).unwrap_or_default();
+        let via = via.map(|v| format!("@{v}")).unwrap_or_default();
         cmd.arg("--standby")
-            .arg(format!("{name}=127.0.0.1:{}{mode}", free_udp_port()));
+            .arg(format!("{name}=127.0.0.1:{}{mode}{via}", free_udp_port()));
     }
     let out = cmd.output().unwrap();
     assert!(
@@ -91,7 +96,7 @@ pub fn init_cluster(dir: &Path, standbys: &[&str], o: &Init) -> (PathBuf, Vec<Pa
         dir.join("primary.toml"),
         standbys
             .iter()
-            .map(|s| dir.join(format!("{}.toml", s.split('/').next().unwrap_or(s))))
+            .map(|s| dir.join(format!("{}.toml", s.split(['/', '@']).next().unwrap_or(s))))
             .collect(),
     )
 }
