@@ -9,7 +9,11 @@
 //! * writethrough-until-flush: writethrough before the first FLUSH, writeback after
 //!   it (status shows the switch);
 //! * writeback with a sync standby killed: every write flushed before the kill is on
-//!   the standby once it restarts and catches up.
+//!   the standby once it restarts and catches up;
+//! * writeback with a sync standby and the primary killed (protocol B: replies wait
+//!   until the standby has received the write): every acknowledged write, flushed or
+//!   not, is on the standby once it has made durable what it received, and on the
+//!   restarted primary.
 #[path = "common/pair.rs"]
 mod pair;
 use pair::*;
@@ -217,7 +221,8 @@ fn writeback_a_killed_primary_keeps_flushed_and_fua_writes_and_its_standby_conve
     for cfg in [&pcfg, &scfg] {
         let mut c = Config::load(cfg).unwrap();
         c.volumes[0].cache = CacheMode::Writeback;
-        // Async: with a sync target writeback writes wait as in writethrough.
+        // Async: what the writeback promise alone keeps, without a standby holding
+        // every acknowledged write (the sync case is the protocol B test below).
         if let Some(r) = c.replication.as_mut() {
             r.targets[0].mode = ReplicationMode::Async;
         }
@@ -374,4 +379,87 @@ fn writeback_a_killed_sync_standby_gets_every_flushed_write_after_it_catches_up(
         standby == img,
         "the standby differs from the primary; status {st:#}"
     );
+}
+
+/// Writeback with a sync standby (protocol B, V4 received acks): a write's reply waits
+/// until the standby has received it, not until it is durable there. With the primary
+/// SIGKILLed mid-workload (no FLUSH ever: every write is only acknowledged), the
+/// standby, left running, makes durable and applies what it received, and then holds
+/// every acknowledged write; so does the restarted primary.
+#[test]
+fn writeback_with_a_sync_standby_a_killed_primary_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let ([pcfg, scfg], _links) = cluster(dir.path());
+    for cfg in [&pcfg, &scfg] {
+        set_volume_cache(cfg, CacheMode::Writeback);
+        let c = Config::load(cfg).unwrap();
+        if let Some(r) = c.replication.as_ref() {
+            assert_eq!(r.targets[0].mode, ReplicationMode::Sync, "a sync standby");
+        }
+    }
+    let dr1 = Node::start_env(ferryd(), &scfg, &TEST_ENV);
+    let mut primary = Node::start_env(ferryd(), &pcfg, &TEST_ENV);
+    wait(&primary, "dr1 to stream", Duration::from_secs(30), |st| {
+        st["targets"][0]["state"] == "streaming"
+    });
+    assert!(
+        primary.log_text().contains("received_acks=true"),
+        "the primary did not ask its sync standby for received acks; log:\n{}",
+        primary.log_text()
+    );
+    let plan = Plan {
+        fua_every: 0,
+        flush_every: 0,
+        round: 6,
+    };
+    let seen = write_then_kill(primary_of(&primary, 1), plan, 300, || primary.kill());
+    assert_eq!(seen.flushed, 0);
+
+    // The standby drains: its journal makes durable what it received, the applier
+    // writes it to the replica. Settled = applied == durable, unchanged for a while.
+    let mut last = (0, 0);
+    let mut stable_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = dr1.status();
+        let now = (
+            st["durable_seq"].as_u64().unwrap_or(0),
+            st["applied_seq"].as_u64().unwrap_or(0),
+        );
+        if now != last || now.0 != now.1 {
+            last = now;
+            stable_since = Instant::now();
+        } else if stable_since.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby did not settle within 60 s; status {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let standby = std::fs::read(dir.path().join("dr1").join(format!("{VOLUME}.img"))).unwrap();
+    let have = present(&standby, 6);
+    assert_all_present(
+        &have,
+        &seen.acked,
+        "acknowledged writes on the standby after the primary's kill",
+    );
+    let n = assert_prefix(&have);
+    eprintln!(
+        "{} writes acknowledged, {n} on the standby (durable {}, applied {})",
+        seen.acked.len(),
+        last.0,
+        last.1
+    );
+
+    // Everything the standby received was durable on the primary first.
+    let primary = Node::start_env(ferryd(), &pcfg, &TEST_ENV);
+    let have = present(&image(primary_of(&primary, 1)), 6);
+    assert_all_present(
+        &have,
+        &seen.acked,
+        "acknowledged writes on the restarted primary",
+    );
+    assert_prefix(&have);
 }

@@ -52,6 +52,7 @@ enum SessionOp {
         epoch_delta: i8,
         durable: S,
         applied: S,
+        received: S,
     },
     ResetForResume(S),
     RecvWriteSet(WsSpec),
@@ -94,6 +95,8 @@ enum TargetOp {
         journal: S,
     },
     SyncTimeout(S),
+    OnReceived(S),
+    SyncReceivedTimeout(S),
     MarksFlushed(S),
     AbandonResync(S),
     SwitchCandidate(S, u16),
@@ -242,7 +245,8 @@ fn session_op(op: &SessionOp, bases: &[u64], tx: &mut Sender, rx: &mut Receiver)
             epoch_delta,
             durable,
             applied,
-        } => ack_op(*epoch_delta, *durable, *applied, bases, tx),
+            received,
+        } => ack_op(*epoch_delta, (*durable, *applied, *received), bases, tx),
         SessionOp::ResetForResume(s) => {
             let s = seq(*s, bases);
             if let Ok(next) = tx.reset_for_resume(s) {
@@ -305,14 +309,24 @@ fn session_op(op: &SessionOp, bases: &[u64], tx: &mut Sender, rx: &mut Receiver)
     }
 }
 
-fn ack_op(epoch_delta: i8, durable: S, applied: S, bases: &[u64], tx: &mut Sender) {
+fn ack_op(
+    epoch_delta: i8,
+    (durable, applied, received): (S, S, S),
+    bases: &[u64],
+    tx: &mut Sender,
+) {
     let ack = Ack {
         epoch: EPOCH.saturating_add_signed(i64::from(epoch_delta)),
         received_durable_seq: seq(durable, bases),
         applied_seq: seq(applied, bases),
+        received_seq: seq(received, bases),
     };
     if let Ok(out) = tx.on_ack(&ack) {
         assert_eq!(out.durable_seq, tx.durable_seq());
+        assert_eq!(out.received_seq, tx.received_seq());
+        // applied ≤ durable ≤ received ≤ sent, whatever the peer claimed.
+        assert!(out.applied_seq <= out.durable_seq && out.durable_seq <= out.received_seq);
+        assert!(out.received_seq <= tx.sent_seq());
     }
     let _ = tx.lag_seconds(u64::MAX);
 }
@@ -404,7 +418,13 @@ fn lifecycle(input: &Input) {
         }
         handed = t.handed_over();
         let _ = t.must_end_session();
-        let _ = t.sync_position();
+        // The two gate positions: offered together, received never behind durable.
+        match (t.sync_position(), t.sync_received_position()) {
+            (Some(d), Some(r)) => assert!(r >= d && r == t.received()),
+            (None, None) => {}
+            other => panic!("gate positions {other:?} after {op:?}"),
+        }
+        assert!(t.received() >= t.acked());
         let _ = t.handover_precheck();
     }
 }
@@ -458,6 +478,10 @@ fn target_op(t: &mut TargetLifecycle, op: &TargetOp, b: &[u64]) {
         }
         TargetOp::SyncTimeout(s) => {
             t.sync_timeout(seq(s, b));
+        }
+        TargetOp::OnReceived(s) => t.on_received(seq(s, b)),
+        TargetOp::SyncReceivedTimeout(s) => {
+            t.sync_received_timeout(seq(s, b));
         }
         TargetOp::MarksFlushed(s) => t.marks_flushed(seq(s, b)),
         TargetOp::AbandonResync(s) => {

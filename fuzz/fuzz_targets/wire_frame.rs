@@ -73,6 +73,17 @@ fn round_trip(frame: &Frame, bytes: &[u8]) {
     assert_eq!(header.frame_type, frame.frame_type());
     assert_eq!(header.epoch, frame.epoch());
     assert_eq!(header.payload_len, bytes.len() - HEADER_LEN);
+    if header.version == 4 {
+        assert!(
+            matches!(frame, Frame::Ack(_) | Frame::HelloAck(_)),
+            "only an Ack or a HelloAck carries a V4 tail"
+        );
+    }
+    if let Frame::Ack(a) = frame {
+        assert!(
+            a.applied_seq <= a.received_durable_seq && a.received_durable_seq <= a.received_seq
+        );
+    }
     if let Frame::Packed(p) = frame {
         assert_eq!(header.version, 3, "a Packed frame is a V3 frame");
         assert!(p.raw_len() <= MAX_PAYLOAD_LEN);

@@ -8,9 +8,12 @@
 //! Positions are cumulative sequence numbers ("every seq ≤ N"):
 //!
 //! ```text
-//!  primary (Sender)          applied ≤ durable ≤ sent ≤ last_queued
+//!  primary (Sender)          applied ≤ durable ≤ received ≤ sent ≤ last_queued
 //!  standby (Receiver)        applied ≤ durable ≤ received
 //! ```
+//!
+//! The primary learns the standby's received position only if it asked for received
+//! acks (V4, `HelloAck::received_acks`); otherwise it sees received == durable.
 //!
 //! A connection is: both sides exchange `Hello` (validated by
 //! [`validate_hello`]), the primary answers with `HelloAck` carrying the
@@ -82,6 +85,8 @@ pub enum SenderError {
     },
     #[error("ack applied {applied} beyond durable {durable}")]
     AppliedBeyondDurable { applied: Seq, durable: Seq },
+    #[error("ack received {received} below durable {durable}")]
+    ReceivedBelowDurable { received: Seq, durable: Seq },
     #[error("peer resumes at {resume}, below its acknowledged durable position {durable}: it lost acknowledged data")]
     ResumeBehindDurable { resume: Seq, durable: Seq },
     #[error(
@@ -106,7 +111,8 @@ impl SenderError {
             Self::PeerAhead { .. } | Self::ResumeBehindDurable { .. } => ErrorCode::Diverged,
             Self::AckBeyondSent { .. }
             | Self::AckWentBackwards { .. }
-            | Self::AppliedBeyondDurable { .. } => ErrorCode::Protocol,
+            | Self::AppliedBeyondDurable { .. }
+            | Self::ReceivedBelowDurable { .. } => ErrorCode::Protocol,
             Self::NotContiguous { .. }
             | Self::EpochMismatch { .. }
             | Self::QueueFull { .. }
@@ -121,6 +127,8 @@ impl SenderError {
 pub struct AckOutcome {
     pub durable_seq: Seq,
     pub applied_seq: Seq,
+    /// Received by the standby (≥ `durable_seq`; equal unless it sends received acks).
+    pub received_seq: Seq,
     /// Write-sets fully acknowledged durable and dropped from the queue by this ack.
     pub released_write_sets: usize,
 }
@@ -149,6 +157,8 @@ pub struct Sender {
     inflight_bytes: u64,
     queued_bytes: u64,
     sent_seq: Seq,
+    /// Received by the peer (V4 received acks); `durable_seq` from an older peer.
+    received_seq: Seq,
     durable_seq: Seq,
     applied_seq: Seq,
     last_queued_seq: Seq,
@@ -167,6 +177,7 @@ impl Sender {
             inflight_bytes: 0,
             queued_bytes: 0,
             sent_seq: start_after,
+            received_seq: start_after,
             durable_seq: start_after,
             applied_seq: start_after,
             last_queued_seq: start_after,
@@ -237,12 +248,21 @@ impl Sender {
             });
         }
         let (durable, applied) = (ack.received_durable_seq, ack.applied_seq);
+        let received = ack.received_seq;
         if applied > durable {
             return Err(SenderError::AppliedBeyondDurable { applied, durable });
         }
-        if durable > self.sent_seq {
+        if received < durable {
+            return Err(SenderError::ReceivedBelowDurable { received, durable });
+        }
+        // Received ≥ durable: this bounds both (durable named first, as before V4).
+        if received > self.sent_seq {
             return Err(SenderError::AckBeyondSent {
-                acked: durable,
+                acked: if durable > self.sent_seq {
+                    durable
+                } else {
+                    received
+                },
                 sent: self.sent_seq,
             });
         }
@@ -260,12 +280,23 @@ impl Sender {
                 got: applied,
             });
         }
+        // A standby asked for received acks reports its received position in every
+        // ack, so it never goes back (one that was not reports it equal to durable).
+        if received < self.received_seq {
+            return Err(SenderError::AckWentBackwards {
+                which: "received_seq",
+                previous: self.received_seq,
+                got: received,
+            });
+        }
+        self.received_seq = received;
         self.durable_seq = durable;
         self.applied_seq = applied;
         let released = self.release_through(durable);
         Ok(AckOutcome {
             durable_seq: durable,
             applied_seq: applied,
+            received_seq: received,
             released_write_sets: released,
         })
     }
@@ -325,6 +356,8 @@ impl Sender {
         // can account for it; then rewind the window.
         self.sent_seq = self.sent_seq.max(peer_resume_seq);
         self.durable_seq = peer_resume_seq;
+        // The peer drained what it had received before resuming (or lost it).
+        self.received_seq = peer_resume_seq;
         self.release_through(peer_resume_seq);
         self.next_unsent = 0;
         self.inflight_bytes = 0;
@@ -337,6 +370,9 @@ impl Sender {
     }
     pub fn durable_seq(&self) -> Seq {
         self.durable_seq
+    }
+    pub fn received_seq(&self) -> Seq {
+        self.received_seq
     }
     pub fn applied_seq(&self) -> Seq {
         self.applied_seq
@@ -495,6 +531,9 @@ pub struct Receiver {
     applied_seq: Seq,
     /// The standby's volumes, when known: every accepted record must fit one.
     volumes: Option<Vec<VolumeGeometry>>,
+    /// The primary asked for received acks (V4 `HelloAck::received_acks`): every ack
+    /// carries `received_seq`, and one goes out for each accepted write-set.
+    received_acks: bool,
 }
 
 impl Receiver {
@@ -507,7 +546,21 @@ impl Receiver {
             durable_seq,
             applied_seq: applied_seq.min(durable_seq),
             volumes: None,
+            received_acks: false,
         }
+    }
+
+    /// Acks carry the received position (the primary asked, in a V4 HelloAck).
+    pub fn with_received_acks(mut self, on: bool) -> Self {
+        self.received_acks = on;
+        self
+    }
+
+    /// After [`Received::Accept`]: the ack telling the primary the write-set was
+    /// received, if it asked for received acks (`None`: it did not, or nothing is
+    /// received beyond what is durable).
+    pub fn received_ack(&self) -> Option<Ack> {
+        (self.received_acks && self.received_seq > self.durable_seq).then(|| self.ack())
     }
 
     /// Also checks every accepted record against the standby's `volumes`
@@ -623,11 +676,17 @@ impl Receiver {
         Ok(())
     }
 
+    /// The ack of the current positions (the received one only if the primary asked).
     pub fn ack(&self) -> Ack {
         Ack {
             epoch: self.epoch,
             received_durable_seq: self.durable_seq,
             applied_seq: self.applied_seq,
+            received_seq: if self.received_acks {
+                self.received_seq
+            } else {
+                self.durable_seq
+            },
         }
     }
 
@@ -862,6 +921,7 @@ pub fn plan_resume(
         epoch,
         version: negotiated.version,
         resume_seq: peer_resume,
+        received_acks: false,
     })
 }
 
@@ -884,6 +944,7 @@ pub fn plan_resync(
         epoch,
         version: negotiated.version,
         resume_seq: peer_resume,
+        received_acks: false,
     })
 }
 
@@ -893,6 +954,7 @@ pub fn known_version(v: u16) -> Option<ProtocolVersion> {
         ProtocolVersion::V1,
         ProtocolVersion::V2,
         ProtocolVersion::V3,
+        ProtocolVersion::V4,
     ]
     .into_iter()
     .find(|k| k.as_u16() == v)
@@ -909,6 +971,12 @@ impl Negotiated {
     /// zero-filled writes sent as their length).
     pub fn has_packed(&self) -> bool {
         self.version >= ProtocolVersion::V3.as_u16()
+    }
+
+    /// Whether the peer can be asked for received acks (V4: `HelloAck::received_acks`,
+    /// `Ack::received_seq`).
+    pub fn has_received_acks(&self) -> bool {
+        self.version >= ProtocolVersion::V4.as_u16()
     }
 }
 

@@ -127,6 +127,19 @@
 //! whose docs say why no acknowledged write is held by fewer than `k` of them without
 //! a recorded sync loss). The lifecycle above is the same for each listed target.
 //!
+//! # Two gate positions (protocol B)
+//!
+//! A target keeps two positions for the gate: its durable ack
+//! ([`TargetLifecycle::sync_position`]: FLUSH, FUA and writethrough writes wait for it)
+//! and its received position ([`TargetLifecycle::sync_received_position`], moved by
+//! [`on_received`]: a writeback write's reply waits for it), with received ≥ durable
+//! always. Both are offered under the same condition (a sync target not degraded, or
+//! degraded without its loss recorded), so the policy above applies to each alike.
+//! Everything else stays keyed on durable acks: the timeout degrades a target only for
+//! a write it has not received ([`sync_received_timeout`]) but records its loss at its
+//! durable ack (the standby may lose what it only received), and catching up, the
+//! loss's clearing and the journal's floor read the durable ack.
+//!
 //! [`connecting`]: TargetLifecycle::connecting
 //! [`plan_hello`]: TargetLifecycle::plan_hello
 //! [`session_started`]: TargetLifecycle::session_started
@@ -151,6 +164,8 @@
 //! [`sync_loss_to_record`]: TargetLifecycle::sync_loss_to_record
 //! [`sync_resumed`]: TargetLifecycle::sync_resumed
 //! [`restore_sync_loss`]: TargetLifecycle::restore_sync_loss
+//! [`on_received`]: TargetLifecycle::on_received
+//! [`sync_received_timeout`]: TargetLifecycle::sync_received_timeout
 
 use std::time::Duration;
 
@@ -573,6 +588,9 @@ pub struct TargetLifecycle {
     /// Highest sequence the standby holds durably / has applied.
     acked: Seq,
     applied: Seq,
+    /// Highest sequence the standby said it received (V4 received acks: checked and
+    /// queued for its journal, in its memory); read as at least `acked`.
+    received: Seq,
     /// The primary's durable position at the previous ack of this session (at its
     /// start before the first): an ack covering it means the target caught up.
     durable_at_last_ack: Seq,
@@ -619,6 +637,7 @@ impl TargetLifecycle {
             degraded: away_since_fork,
             acked,
             applied: acked,
+            received: acked,
             durable_at_last_ack: 0,
             lost: None,
             retry_switch_at: None,
@@ -840,6 +859,8 @@ impl TargetLifecycle {
         }
         self.acked = resume;
         self.applied = peer_resume.min(resume);
+        // A standby drains what it received before it resumes (or lost it in a crash).
+        self.received = resume;
         self.durable_at_last_ack = journal_durable;
         // A switch to bitmap mode since the plan does not change it: the streaming
         // session ends at its first heartbeat check (`must_end_session`) and the next
@@ -1022,6 +1043,44 @@ impl TargetLifecycle {
     pub fn sync_position(&self) -> Option<Seq> {
         let waits = !self.degraded || self.loss.recorded.is_none();
         (self.mode == SyncMode::Sync && waits).then_some(self.acked)
+    }
+
+    /// A received ack (protocol V4): the standby holds everything through `received`
+    /// in memory, queued for its journal. Ignored during a resync copy, as
+    /// [`Self::on_ack`]. It moves only the received position: degraded, caught up,
+    /// the sync loss and the journal floor stay keyed on durable acks.
+    pub fn on_received(&mut self, received: Seq) {
+        if matches!(
+            self.phase,
+            TargetPhase::Streaming | TargetPhase::HandingOver { .. }
+        ) {
+            self.received = self.received.max(received);
+        }
+    }
+
+    /// Everything through this is received by the standby (at least its durable ack;
+    /// equal to it for a standby that sends no received acks).
+    pub fn received(&self) -> Seq {
+        self.received.max(self.acked)
+    }
+
+    /// What this target contributes to the sync gate's *received* position, the one
+    /// a writeback write's reply waits for (DRBD's protocol B: a primary crash alone
+    /// loses no acknowledged write, the standby makes durable what it received): its
+    /// received position whenever [`Self::sync_position`] holds writes back for it.
+    /// FLUSH, FUA and writethrough writes wait for the durable position.
+    pub fn sync_received_position(&self) -> Option<Seq> {
+        self.sync_position().map(|_| self.received())
+    }
+
+    /// A writeback write at `seq` waited `sync_timeout` in vain for the received
+    /// position: as [`Self::sync_timeout`], for a target that has not received it (one
+    /// that has is not to blame, whatever its durable ack says).
+    pub fn sync_received_timeout(&mut self, seq: Seq) -> bool {
+        if self.received() >= seq {
+            return false;
+        }
+        self.sync_timeout(seq)
     }
 
     /// A client write at `seq` waited `sync_timeout` in vain: a live sync target that

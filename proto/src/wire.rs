@@ -48,12 +48,20 @@ pub type Epoch = u64;
 ///   payload compressed with zstd and/or with all-zero write records sent as their
 ///   length only. Only a Packed frame is a V3 frame; it is sent only to a peer that
 ///   negotiated V3 (an older peer gets the plain frames).
+/// - `V4` (4): received acks (DRBD's protocol B) — a HelloAck may carry a tail asking
+///   the standby to acknowledge write-sets it has *received* (checked and queued for
+///   its journal) before they are durable ([`HelloAck::received_acks`]), and an Ack
+///   may carry a tail with that position ([`Ack::received_seq`]). Only a HelloAck
+///   that asks and an Ack whose received position is past its durable one are V4
+///   frames; the primary asks only a peer that negotiated V4, and a standby sends V4
+///   acks only when asked, so older peers never see one.
 #[repr(u16)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProtocolVersion {
     V1 = 1,
     V2 = 2,
     V3 = 3,
+    V4 = 4,
 }
 
 impl ProtocolVersion {
@@ -65,7 +73,7 @@ impl ProtocolVersion {
 /// Oldest version this build can speak.
 pub const MIN_SUPPORTED_VERSION: ProtocolVersion = ProtocolVersion::V1;
 /// Newest version this build can speak; what `encode` writes into headers.
-pub const MAX_SUPPORTED_VERSION: ProtocolVersion = ProtocolVersion::V3;
+pub const MAX_SUPPORTED_VERSION: ProtocolVersion = ProtocolVersion::V4;
 
 /// `b"FRY1"` read as a little-endian u32, so a hex dump of a frame starts with "FRY1".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
@@ -87,6 +95,8 @@ pub const MAX_RESYNC_EXTENTS: usize = 65_536;
 pub(crate) const WRITE_SET_FIXED_LEN: usize = 32;
 pub(crate) const RECORD_HEADER_LEN: usize = 32;
 const HELLO_FIXED_LEN: usize = 48;
+/// Bit 0 of a V4 HelloAck's flags: send received acks.
+pub const HELLO_ACK_RECEIVED_ACKS: u32 = 1;
 const VOLUME_FIXED_LEN: usize = 17;
 pub(crate) const RESYNC_EXTENT_HEADER_LEN: usize = 24;
 
@@ -202,6 +212,10 @@ pub struct HelloAck {
     pub epoch: Epoch,
     pub version: u16,
     pub resume_seq: Seq,
+    /// V4 tail: the primary asks for received acks ([`Ack::received_seq`]): it has
+    /// client writes whose replies wait until this standby has received them (a sync
+    /// target of a writeback volume). `false`: a V1 HelloAck (durable acks only).
+    pub received_acks: bool,
 }
 
 #[repr(u8)]
@@ -294,13 +308,32 @@ impl WriteSet {
     }
 }
 
-/// Both positions are cumulative: "every seq ≤ this is durable / applied".
+/// Every position is cumulative: "every seq ≤ this is received / durable / applied",
+/// and `applied_seq ≤ received_durable_seq ≤ received_seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {
     pub epoch: Epoch,
     pub received_durable_seq: Seq,
     /// Always ≤ `received_durable_seq` (the standby applies only what is durable).
     pub applied_seq: Seq,
+    /// Every seq ≤ this passed the standby's checks and is queued for its journal
+    /// (held in its memory: a primary crash alone does not lose it; a standby crash
+    /// before it is durable does). V4 tail, sent only to a primary that asked
+    /// ([`HelloAck::received_acks`]) and only when above `received_durable_seq`; a V1
+    /// ack means `received_seq == received_durable_seq`.
+    pub received_seq: Seq,
+}
+
+impl Ack {
+    /// A durable ack (V1 layout: nothing received beyond what is durable).
+    pub fn durable(epoch: Epoch, durable: Seq, applied: Seq) -> Ack {
+        Ack {
+            epoch,
+            received_durable_seq: durable,
+            applied_seq: applied,
+            received_seq: durable,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -769,6 +802,15 @@ pub(crate) fn validate_write_set(ws: &WriteSet) -> Result<(), Invalid> {
 }
 
 fn validate_ack(a: &Ack) -> Result<(), Invalid> {
+    if a.received_durable_seq > a.received_seq {
+        return Err(invalid(
+            "ack.received_seq",
+            format!(
+                "received {} < received durable {}",
+                a.received_seq, a.received_durable_seq
+            ),
+        ));
+    }
     if a.applied_seq > a.received_durable_seq {
         return Err(invalid(
             "ack.applied_seq",
@@ -841,10 +883,15 @@ fn validate_frame(frame: &Frame) -> Result<(), Invalid> {
 // ---------------------------------------------------------------------------
 // Encoding
 
-/// The version of a frame's layout: V2 if it carries a V2 tail, else V1 (so a V1
-/// peer reads every frame a V2 sender sends it: the sender adds tails only after
-/// negotiating V2).
+/// The version of a frame's layout: V2 if it carries a V2 tail, V4 if a V4 tail,
+/// else V1 (so a V1 peer reads every frame a newer sender sends it: the sender adds
+/// tails only after negotiating their version).
 pub fn frame_version(frame: &Frame) -> ProtocolVersion {
+    match frame {
+        Frame::Ack(a) if a.received_seq > a.received_durable_seq => return ProtocolVersion::V4,
+        Frame::HelloAck(a) if a.received_acks => return ProtocolVersion::V4,
+        _ => {}
+    }
     let tail = match frame {
         Frame::Heartbeat(hb) => hb.sync_loss.is_some(),
         Frame::ResyncBegin(b) => b.primary_time_ns.is_some(),
@@ -926,6 +973,10 @@ pub(crate) fn put_payload(out: &mut BytesMut, frame: &Frame) {
             out.put_u16_le(0);
             out.put_u32_le(0);
             out.put_u64_le(a.resume_seq);
+            if a.received_acks {
+                out.put_u32_le(HELLO_ACK_RECEIVED_ACKS);
+                out.put_u32_le(0); // reserved
+            }
         }
         Frame::WriteSet(ws) => {
             put_write_set_fixed(out, ws);
@@ -937,6 +988,9 @@ pub(crate) fn put_payload(out: &mut BytesMut, frame: &Frame) {
         Frame::Ack(a) => {
             out.put_u64_le(a.received_durable_seq);
             out.put_u64_le(a.applied_seq);
+            if a.received_seq > a.received_durable_seq {
+                out.put_u64_le(a.received_seq);
+            }
         }
         Frame::Heartbeat(hb) => {
             out.put_u64_le(hb.sent_at_ns);
@@ -1479,13 +1533,48 @@ pub(crate) fn decode_resync_data(r: &mut Reader, epoch: Epoch) -> Result<ResyncD
     Ok(ResyncData { epoch, extents })
 }
 
-fn decode_hello_ack(r: &mut Reader, epoch: Epoch) -> Result<HelloAck, DecodeError> {
+fn decode_hello_ack(r: &mut Reader, h: &FrameHeader) -> Result<HelloAck, DecodeError> {
     let version = r.u16()?;
     r.zero("hello_ack.reserved", 6)?;
-    Ok(HelloAck {
-        epoch,
+    let mut a = HelloAck {
+        epoch: h.epoch,
         version,
         resume_seq: r.u64()?,
+        received_acks: false,
+    };
+    if has_v4_tail(h) {
+        let flags = r.u32()?;
+        r.zero("hello_ack.reserved", 4)?;
+        // The only flag, and the tail exists only to carry it.
+        if flags != HELLO_ACK_RECEIVED_ACKS {
+            return Err(DecodeError::InvalidField {
+                field: "hello_ack.flags",
+                reason: format!(
+                    "{flags:#x} (a V4 HelloAck carries exactly {HELLO_ACK_RECEIVED_ACKS:#x})"
+                ),
+            });
+        }
+        a.received_acks = true;
+    }
+    Ok(a)
+}
+
+fn decode_ack(r: &mut Reader, h: &FrameHeader) -> Result<Ack, DecodeError> {
+    let durable = r.u64()?;
+    let applied = r.u64()?;
+    let received = if has_v4_tail(h) { r.u64()? } else { durable };
+    if has_v4_tail(h) && received <= durable {
+        // Such an ack is a V1 ack: one layout per version.
+        return Err(DecodeError::InvalidField {
+            field: "ack.received_seq",
+            reason: format!("V4 tail {received} is not above received durable {durable}"),
+        });
+    }
+    Ok(Ack {
+        epoch: h.epoch,
+        received_durable_seq: durable,
+        applied_seq: applied,
+        received_seq: received,
     })
 }
 
@@ -1555,6 +1644,11 @@ fn has_tail(h: &FrameHeader) -> bool {
     h.version >= ProtocolVersion::V2.as_u16()
 }
 
+/// A frame of version 4 (Ack, HelloAck) carries its V4 tail.
+fn has_v4_tail(h: &FrameHeader) -> bool {
+    h.version >= ProtocolVersion::V4.as_u16()
+}
+
 /// The primary's clock, the V2 tail of ResyncBegin and ResyncEnd.
 fn v2_time(r: &mut Reader, h: &FrameHeader) -> Result<Option<u64>, DecodeError> {
     has_tail(h).then(|| r.u64()).transpose()
@@ -1615,13 +1709,9 @@ fn decode_payload(
     };
     let frame = match header.frame_type {
         FrameType::Hello => Frame::Hello(decode_hello(&mut r, epoch)?),
-        FrameType::HelloAck => Frame::HelloAck(decode_hello_ack(&mut r, epoch)?),
+        FrameType::HelloAck => Frame::HelloAck(decode_hello_ack(&mut r, header)?),
         FrameType::WriteSet => Frame::WriteSet(decode_write_set(&mut r, epoch)?),
-        FrameType::Ack => Frame::Ack(Ack {
-            epoch,
-            received_durable_seq: r.u64()?,
-            applied_seq: r.u64()?,
-        }),
+        FrameType::Ack => Frame::Ack(decode_ack(&mut r, header)?),
         FrameType::Heartbeat => Frame::Heartbeat(decode_heartbeat(&mut r, header)?),
         FrameType::Handover => Frame::Handover(Handover {
             epoch,
@@ -1654,9 +1744,9 @@ fn decode_payload(
 }
 
 /// One layout per version: a frame's header names the layout it was written in
-/// (`frame_version`). A tail-less frame under version 2, or anything but a Packed
-/// frame under version 3, is refused, so every decoded frame re-encodes to the
-/// bytes it came from.
+/// (`frame_version`). A tail-less frame under version 2, anything but a Packed
+/// frame under version 3, or anything but an Ack or HelloAck with its V4 tail under
+/// version 4, is refused, so every decoded frame re-encodes to the bytes it came from.
 fn check_layout_version(header: &FrameHeader, frame: &Frame) -> Result<(), DecodeError> {
     let layout = frame_version(frame).as_u16();
     if header.version == layout {

@@ -1,13 +1,14 @@
-//! Golden bytes: the handshake and ack encodings are frozen for protocol V1, and the
-//! V2 tails (`golden_v2_tails`) for V2. If one of these tests fails, the wire format
+//! Golden bytes: the handshake and ack encodings are frozen for protocol V1, the
+//! V2 tails (`golden_v2_tails`) for V2, and the received-ack tails
+//! (`golden_v4_received_acks`) for V4. If one of these tests fails, the wire format
 //! changed: bump the protocol version (wire::ProtocolVersion) instead of editing the
 //! expected bytes.
 
 use bytes::Bytes;
 use ferry_proto::wire::{
     decode, encode, frame_version, Ack, DigestRequest, Frame, Handover, HandoverAck, Heartbeat,
-    Hello, ProtocolVersion, ResyncBegin, ResyncData, ResyncEnd, ResyncExtent, Role, SyncLoss,
-    VolumeGeometry,
+    Hello, HelloAck, ProtocolVersion, ResyncBegin, ResyncData, ResyncEnd, ResyncExtent, Role,
+    SyncLoss, VolumeGeometry,
 };
 
 fn golden_hello() -> Hello {
@@ -101,6 +102,7 @@ fn golden_ack_bytes() {
         epoch: 7,
         received_durable_seq: 0x1122,
         applied_seq: 0x1100,
+        received_seq: 0x1122,
     };
     let encoded = encode(&Frame::Ack(ack)).expect("encode");
     assert_eq!(&encoded[..], &ACK_BYTES[..]);
@@ -364,6 +366,115 @@ fn golden_v2_tails() {
     refill_crcs(&mut v2_without_tail);
     assert!(decode(Bytes::from(v2_without_tail)).is_err());
 }
+
+/// V4: a HelloAck asking for received acks, and an Ack whose received position is past
+/// its durable one. Without the tail each is the V1 frame (a V4 build talks to a V1
+/// standby in V1 frames only).
+#[test]
+fn golden_v4_received_acks() {
+    let hello_ack = HelloAck {
+        epoch: 7,
+        version: 4,
+        resume_seq: 0x2a,
+        received_acks: true,
+    };
+    #[rustfmt::skip]
+    let hello_ack_bytes: [u8; 32 + 24] = [
+        b'F', b'R', b'Y', b'1',                         // magic
+        0x04, 0x00,                                     // version 4
+        0x02, 0x00,                                     // type 2 = HelloAck
+        0x00, 0x00, 0x00, 0x00,                         // flags, reserved
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch 7
+        0x18, 0x00, 0x00, 0x00,                         // payload_len 24
+        0x00, 0x00, 0x00, 0x00,                         // payload CRC32C
+        0x00, 0x00, 0x00, 0x00,                         // header CRC32C
+        0x04, 0x00,                                     // version 4
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00,             // reserved
+        0x2a, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // resume_seq 0x2a
+        // --- V4 tail ---
+        0x01, 0x00, 0x00, 0x00,                         // flags: 1 = send received acks
+        0x00, 0x00, 0x00, 0x00,                         // reserved
+    ];
+    check_golden(
+        &Frame::HelloAck(hello_ack.clone()),
+        &hello_ack_bytes,
+        V4_CRCS[0],
+    );
+
+    let ack = Ack {
+        epoch: 7,
+        received_durable_seq: 0x1122,
+        applied_seq: 0x1100,
+        received_seq: 0x1130,
+    };
+    #[rustfmt::skip]
+    let ack_bytes: [u8; 32 + 24] = [
+        b'F', b'R', b'Y', b'1',                         // magic
+        0x04, 0x00,                                     // version 4
+        0x04, 0x00,                                     // type 4 = Ack
+        0x00, 0x00, 0x00, 0x00,                         // flags, reserved
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch 7
+        0x18, 0x00, 0x00, 0x00,                         // payload_len 24
+        0x00, 0x00, 0x00, 0x00,                         // payload CRC32C
+        0x00, 0x00, 0x00, 0x00,                         // header CRC32C
+        0x22, 0x11, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // received_durable_seq 0x1122
+        0x00, 0x11, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // applied_seq 0x1100
+        // --- V4 tail ---
+        0x30, 0x11, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // received_seq 0x1130
+    ];
+    check_golden(&Frame::Ack(ack), &ack_bytes, V4_CRCS[1]);
+
+    // Without the tail they are the V1 frames.
+    let v1 = HelloAck {
+        received_acks: false,
+        ..hello_ack
+    };
+    assert_eq!(frame_version(&Frame::HelloAck(v1)), ProtocolVersion::V1);
+    let durable_only = Ack::durable(7, 0x1122, 0x1100);
+    assert_eq!(
+        frame_version(&Frame::Ack(durable_only)),
+        ProtocolVersion::V1
+    );
+    assert_eq!(
+        &encode(&Frame::Ack(durable_only)).unwrap()[..],
+        &ACK_BYTES[..]
+    );
+
+    // One layout per version: a V4 ack whose received position is not past its
+    // durable one, a V4 HelloAck with no flag or an unknown one, a tail under an older
+    // header, a V4 header without the tail.
+    let with = |bytes: &[u8], at: usize, v: &[u8]| {
+        let mut b = bytes.to_vec();
+        b[at..at + v.len()].copy_from_slice(v);
+        refill_crcs(&mut b);
+        decode(Bytes::from(b))
+    };
+    assert!(with(&ack_bytes, 48, &0x1122u64.to_le_bytes()).is_err());
+    assert!(with(&ack_bytes, 48, &0x1121u64.to_le_bytes()).is_err());
+    assert!(with(&hello_ack_bytes, 48, &[0]).is_err());
+    assert!(with(&hello_ack_bytes, 48, &[3]).is_err());
+    assert!(with(&hello_ack_bytes, 52, &[1]).is_err(), "reserved");
+    for older in [1u8, 2, 3] {
+        assert!(with(&ack_bytes, 4, &[older]).is_err());
+        assert!(with(&hello_ack_bytes, 4, &[older]).is_err());
+    }
+    let mut no_tail = ack_bytes[..32 + 16].to_vec();
+    no_tail[20] = 16;
+    refill_crcs(&mut no_tail);
+    assert!(decode(Bytes::from(no_tail)).is_err());
+    // received below durable is not encodable.
+    let bad = Ack {
+        received_seq: 0x1121,
+        ..ack
+    };
+    assert!(encode(&Frame::Ack(bad)).is_err());
+}
+
+/// (payload CRC, header CRC) of the two V4 golden frames.
+const V4_CRCS: [([u8; 4], [u8; 4]); 2] = [
+    ([0x47, 0x65, 0x7d, 0x6b], [0xa0, 0x71, 0xfb, 0x0a]),
+    ([0x1f, 0x73, 0x7d, 0xb4], [0xc7, 0xbb, 0x3e, 0x5f]),
+];
 
 fn refill_crcs(frame: &mut [u8]) {
     let crc = crc32c::crc32c(&frame[32..]);

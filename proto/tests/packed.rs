@@ -276,6 +276,7 @@ fn malformed_packed_frames_get_precise_errors() {
         epoch: 4,
         received_durable_seq: 2,
         applied_seq: 1,
+        received_seq: 2,
     }))
     .unwrap();
     let mut ack3 = ack.to_vec();

@@ -32,6 +32,7 @@ fn ack(durable: Seq, applied: Seq) -> Ack {
         epoch: EPOCH,
         received_durable_seq: durable,
         applied_seq: applied,
+        received_seq: durable,
     }
 }
 
@@ -369,8 +370,115 @@ fn packed_frames_need_a_v3_peer() {
     assert!(n.has_v2_tails() && !n.has_packed());
     standby.max_version = 3;
     let n = validate_hello(&primary, &standby.hello(0)).unwrap();
-    assert!(n.has_packed());
-    assert_eq!(LocalIdentity::supported_versions(), (1, 3));
+    assert!(n.has_packed() && !n.has_received_acks());
+    assert_eq!(LocalIdentity::supported_versions(), (1, 4));
+}
+
+/// A V4 primary may ask a V4 standby for received acks, never a V3 one.
+#[test]
+fn received_acks_need_a_v4_peer() {
+    let mut primary = identity(Role::Primary, "pri", "stby");
+    primary.max_version = 4;
+    let mut standby = identity(Role::Standby, "stby", "pri");
+    standby.max_version = 3;
+    let n = validate_hello(&primary, &standby.hello(0)).unwrap();
+    assert!(!n.has_received_acks());
+    standby.max_version = 4;
+    let n = validate_hello(&primary, &standby.hello(0)).unwrap();
+    assert_eq!(n, Negotiated { version: 4 });
+    assert!(n.has_received_acks());
+}
+
+/// Asked for received acks, the standby acks each accepted write-set at once with its
+/// received position (durable unchanged), and every later ack carries it too; the
+/// primary's sender takes received ≥ durable and moves nothing else on it. Not asked,
+/// the standby sends no received ack and its acks say received == durable (V1 frames).
+#[test]
+fn received_acks_run_ahead_of_durable_ones() {
+    let mut tx = sender(8, 1 << 20);
+    let mut rx = Receiver::new(EPOCH, 0, 0).with_received_acks(true);
+    tx.push(ws(1, 3, 100)).unwrap();
+    tx.push(ws(4, 2, 200)).unwrap();
+    let a = tx.poll_transmit().unwrap();
+    let b = tx.poll_transmit().unwrap();
+    assert_eq!(rx.received_ack(), None, "nothing received yet");
+    assert!(matches!(rx.on_write_set(a), Ok(Received::Accept(_))));
+    let got = rx.received_ack().expect("a received ack");
+    assert_eq!(
+        (got.received_seq, got.received_durable_seq, got.applied_seq),
+        (3, 0, 0)
+    );
+    assert_eq!(frame_version(&Frame::Ack(got)), ProtocolVersion::V4);
+    let out = tx.on_ack(&got).unwrap();
+    assert_eq!((out.received_seq, out.durable_seq), (3, 0));
+    assert_eq!(out.released_write_sets, 0, "received is not durable");
+    assert_eq!(tx.queued_write_sets(), 2);
+    assert!(matches!(rx.on_write_set(b), Ok(Received::Accept(_))));
+    let got = rx.received_ack().unwrap();
+    tx.on_ack(&got).unwrap();
+    assert_eq!(tx.received_seq(), 5);
+    // Durable through 3: the ack still says received 5.
+    let d = rx.mark_durable(3).unwrap();
+    assert_eq!((d.received_durable_seq, d.received_seq), (3, 5));
+    let out = tx.on_ack(&d).unwrap();
+    assert_eq!((out.durable_seq, out.received_seq), (3, 5));
+    assert_eq!(out.released_write_sets, 1);
+    // Everything durable: received == durable, a V1 ack again.
+    let d = rx.mark_durable(5).unwrap();
+    assert_eq!(frame_version(&Frame::Ack(d)), ProtocolVersion::V1);
+    assert_eq!(rx.received_ack(), None);
+    tx.on_ack(&d).unwrap();
+    assert_eq!((tx.durable_seq(), tx.received_seq()), (5, 5));
+
+    let mut plain = Receiver::new(EPOCH, 0, 0);
+    assert!(matches!(
+        plain.on_write_set(ws(1, 3, 1)),
+        Ok(Received::Accept(_))
+    ));
+    assert_eq!(plain.received_ack(), None, "not asked");
+    assert_eq!(plain.ack().received_seq, 0, "a durable ack only");
+}
+
+#[test]
+fn received_acks_that_break_the_order_are_rejected() {
+    let mut tx = sender(8, 1 << 20);
+    tx.push(ws(1, 4, 1)).unwrap();
+    tx.poll_transmit().unwrap();
+    let with = |durable, applied, received| Ack {
+        received_seq: received,
+        ..ack(durable, applied)
+    };
+    assert_eq!(
+        tx.on_ack(&with(2, 0, 1)),
+        Err(SenderError::ReceivedBelowDurable {
+            received: 1,
+            durable: 2
+        })
+    );
+    assert_eq!(
+        tx.on_ack(&with(2, 0, 5)),
+        Err(SenderError::AckBeyondSent { acked: 5, sent: 4 })
+    );
+    tx.on_ack(&with(1, 0, 3)).unwrap();
+    assert_eq!(
+        tx.on_ack(&with(2, 0, 2)),
+        Err(SenderError::AckWentBackwards {
+            which: "received_seq",
+            previous: 3,
+            got: 2
+        })
+    );
+    assert_eq!(
+        SenderError::ReceivedBelowDurable {
+            received: 1,
+            durable: 2
+        }
+        .code(),
+        ErrorCode::Protocol
+    );
+    // A new session resumes at the standby's durable position: received with it.
+    assert_eq!(tx.reset_for_resume(1), Ok(2));
+    assert_eq!(tx.received_seq(), 1);
 }
 
 #[test]

@@ -1319,3 +1319,153 @@ fn path7_a_restored_resync_request_plans_a_full_resync() {
         }
     );
 }
+
+// ---------------------------------------------------------------------------
+// Two gate positions: received (writeback replies) and durable (FLUSH, FUA,
+// writethrough)
+
+fn received_positions(ts: &[&TargetLifecycle]) -> Vec<Option<Seq>> {
+    ts.iter().map(|t| t.sync_received_position()).collect()
+}
+
+/// A received ack moves only the received position; a durable ack moves both (received
+/// never below durable); a new session starts both at the standby's resume position;
+/// an async target offers neither.
+#[test]
+fn a_target_offers_a_received_and_a_durable_gate_position() {
+    let mut t = streaming_sync("a", 10, SyncLossPolicy::Degrade);
+    assert_eq!(
+        (t.sync_position(), t.sync_received_position()),
+        (Some(10), Some(10))
+    );
+    t.on_received(15);
+    assert_eq!(
+        (t.sync_position(), t.sync_received_position()),
+        (Some(10), Some(15))
+    );
+    assert_eq!(t.acked(), 10, "received is not durable");
+    assert_eq!(t.floor(), 10, "the journal keeps what is not durable there");
+    t.on_received(12);
+    assert_eq!(t.received(), 15, "never backwards");
+    t.on_ack(20, 18, 20);
+    assert_eq!(
+        (t.sync_position(), t.sync_received_position()),
+        (Some(20), Some(20))
+    );
+    t.on_received(25);
+    t.session_ended(Some("gone".into()));
+    t.on_received(30);
+    assert_eq!(t.received(), 25, "ignored between sessions");
+    connect(&mut t, 22, 1, 30);
+    assert_eq!(
+        t.sync_received_position(),
+        Some(22),
+        "the standby drained to 22"
+    );
+
+    let mut a = TargetLifecycle::new("b", SyncMode::Async, 0, false);
+    connect(&mut a, 5, 1, 5);
+    a.on_received(9);
+    assert_eq!(
+        (a.sync_position(), a.sync_received_position()),
+        (None, None)
+    );
+}
+
+/// A writeback write that times out waiting for the received position degrades only
+/// the targets that have not received it, and the loss is recorded at the durable ack
+/// (a standby crash would lose what it only received).
+#[test]
+fn a_received_timeout_blames_only_targets_without_the_write_and_records_the_durable_ack() {
+    let (mut a, mut b) = (
+        streaming_sync("a", 10, SyncLossPolicy::Degrade),
+        streaming_sync("b", 10, SyncLossPolicy::Degrade),
+    );
+    a.on_received(30);
+    b.on_received(20);
+    assert_eq!(
+        quorum_gate_position(SyncQuorum::All, received_positions(&[&a, &b])),
+        20
+    );
+    assert!(!a.sync_received_timeout(25), "a received 25");
+    assert!(!a.is_degraded());
+    assert!(b.sync_received_timeout(25));
+    assert_eq!(b.sync_loss_to_record(), Some(10), "at its durable ack");
+    assert_eq!(
+        b.sync_received_position(),
+        Some(20),
+        "still holds writes back until the loss is durable"
+    );
+    b.sync_loss_recorded(10);
+    assert_eq!(
+        (b.sync_position(), b.sync_received_position()),
+        (None, None)
+    );
+    assert_eq!(
+        quorum_gate_position(SyncQuorum::All, received_positions(&[&a, &b])),
+        30
+    );
+    // A durable wait's timeout still blames a target that only received the write.
+    assert!(a.sync_timeout(25));
+}
+
+mod gate_positions {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One target's events: received acks and durable acks (each cumulative, so
+    /// folded with max as a standby sends them: received ≥ durable).
+    fn arb_events() -> impl Strategy<Value = Vec<(bool, Seq)>> {
+        proptest::collection::vec((any::<bool>(), 0..100u64), 0..12)
+    }
+
+    fn arb_quorum() -> impl Strategy<Value = SyncQuorum> {
+        prop_oneof![
+            Just(SyncQuorum::All),
+            (1..4usize).prop_map(SyncQuorum::Any),
+            (1..4usize).prop_map(SyncQuorum::First),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the acks and the policy: each target's received position is at
+        /// least its durable one, so the gate's received position is at least its
+        /// durable one; and a write at the received position is received by as many
+        /// targets as the policy asks (all that hold writes back, at most k).
+        #[test]
+        fn the_received_position_is_never_behind_the_durable_one_and_meets_the_policy(
+            targets in proptest::collection::vec(arb_events(), 1..4),
+            q in arb_quorum(),
+        ) {
+            let mut ts = Vec::new();
+            for (i, events) in targets.iter().enumerate() {
+                let mut t = streaming_sync(&format!("t{i}"), 0, SyncLossPolicy::Degrade);
+                let (mut durable, mut received) = (0, 0);
+                for &(is_durable, s) in events {
+                    if is_durable {
+                        durable = durable.max(s);
+                        received = received.max(durable);
+                        t.on_ack(durable, durable, 100);
+                    } else {
+                        received = received.max(s);
+                        t.on_received(received);
+                    }
+                }
+                prop_assert_eq!(t.acked(), durable);
+                prop_assert_eq!(t.received(), received);
+                prop_assert!(t.sync_received_position() >= t.sync_position());
+                ts.push(t);
+            }
+            let refs: Vec<&TargetLifecycle> = ts.iter().collect();
+            let durable = quorum_gate_position(q, positions(&refs));
+            let received = quorum_gate_position(q, received_positions(&refs));
+            prop_assert!(received >= durable, "{received} < {durable}");
+            let k = match q {
+                SyncQuorum::All => ts.len(),
+                SyncQuorum::Any(k) | SyncQuorum::First(k) => k.min(ts.len()),
+            };
+            let holding = ts.iter().filter(|t| t.received() >= received).count();
+            prop_assert!(holding >= k, "{holding} targets received {received}, policy needs {k}");
+        }
+    }
+}

@@ -124,19 +124,25 @@ fn arb_write_set() -> impl Strategy<Value = WriteSet> {
 fn arb_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         arb_hello().prop_map(Frame::Hello),
-        (any::<u64>(), any::<u16>(), any::<u64>()).prop_map(|(epoch, version, resume_seq)| {
-            Frame::HelloAck(HelloAck {
-                epoch,
-                version,
-                resume_seq,
-            })
-        }),
+        (any::<u64>(), any::<u16>(), any::<u64>(), any::<bool>()).prop_map(
+            |(epoch, version, resume_seq, received_acks)| {
+                Frame::HelloAck(HelloAck {
+                    epoch,
+                    version,
+                    resume_seq,
+                    received_acks,
+                })
+            }
+        ),
         arb_write_set().prop_map(Frame::WriteSet),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(epoch, a, b)| {
+        // applied ≤ durable ≤ received; received above durable is a V4 ack.
+        (any::<u64>(), any::<[u64; 3]>()).prop_map(|(epoch, mut p)| {
+            p.sort_unstable();
             Frame::Ack(Ack {
                 epoch,
-                received_durable_seq: a.max(b),
-                applied_seq: a.min(b),
+                received_durable_seq: p[1],
+                applied_seq: p[0],
+                received_seq: p[2],
             })
         }),
         (
@@ -310,6 +316,7 @@ fn ack_frame() -> Vec<u8> {
         epoch: 3,
         received_durable_seq: 10,
         applied_seq: 9,
+        received_seq: 10,
     }))
     .to_vec()
 }
@@ -335,7 +342,7 @@ fn unsupported_version_reports_range() {
         DecodeError::UnsupportedVersion {
             got: 9,
             min: 1,
-            max: 3
+            max: 4
         }
     );
 }

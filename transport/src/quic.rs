@@ -1021,6 +1021,12 @@ pub async fn standby_handshake_observed(
                 ack.version, ack.resume_seq, negotiated.version, resume_position
             )));
         }
+        if ack.received_acks && !negotiated.has_received_acks() {
+            return Err(QuicError::Protocol(format!(
+                "HelloAck asks for received acks, which version {} does not have",
+                negotiated.version
+            )));
+        }
         Ok((peer, negotiated, ack))
     }
     .await;

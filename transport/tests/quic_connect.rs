@@ -186,6 +186,7 @@ async fn mutual_tls_handshake_and_write_sets_round_trip() {
                 epoch: EPOCH,
                 received_durable_seq: want.last_seq,
                 applied_seq: want.last_seq,
+                received_seq: want.last_seq,
             };
             s.control_send
                 .send_frame(&Frame::Ack(ack))
@@ -510,6 +511,7 @@ async fn acks_flow_while_a_large_write_set_is_in_flight() {
             epoch: EPOCH,
             received_durable_seq: big.last_seq,
             applied_seq: 0,
+            received_seq: big.last_seq,
         };
         s.control_send
             .send_frame(&Frame::Ack(ack))

@@ -479,6 +479,10 @@ fn ship_context(
         sync: sync.clone(),
         outdated: outdated_hook(group, rec, false),
         fork: rec.meta.fork_seq()?.map(|f| (f, rec.meta.clone())),
+        received_acks: cfg
+            .volumes
+            .iter()
+            .any(|v| v.cache != ferry_api::config::CacheMode::Writethrough),
         hold: None,
     }))
 }

@@ -120,6 +120,8 @@ fn relay_context(
         }),
         fork: None,
         hold: Some(relay_hold(rec)),
+        // No client write waits on a relay's targets: durable acks are all it needs.
+        received_acks: false,
     }))
 }
 

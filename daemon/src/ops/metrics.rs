@@ -1101,7 +1101,7 @@ address = "127.0.0.1:7002"
         }
         targets[1].streaming_at(10);
         // dr1 (sync, at 5) misses the timeout of a write at 6.
-        assert!(targets[0].sync_timeout(6));
+        assert!(targets[0].sync_timeout(6, crate::ship::target::GatePosition::Durable));
         struct R(Replication);
         impl std::fmt::Debug for R {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -169,6 +169,11 @@ impl ApplyGate {
         self.wait_for(|| self.applied_seq() >= seq).await
     }
 
+    /// Returns once the gate has failed (never, while it has not).
+    pub async fn wait_failed(&self) {
+        self.wait_for(|| false).await;
+    }
+
     /// Waits until `done()` holds; `false` once the gate has failed and it does not.
     async fn wait_for(&self, done: impl Fn() -> bool) -> bool {
         loop {

@@ -26,9 +26,13 @@
 //!   write sequenced before it is durable and applied here and held by every sync
 //!   target ([`Group::barrier`]). A journal failure after such a write was
 //!   acknowledged fails the group: every later write and FLUSH gets EIO (a write-back
-//!   cache reports errors at flush). With sync targets configured, writes still wait
-//!   as in writethrough: the replication protocol acknowledges only durable records,
-//!   not received ones, so "received by every sync target" cannot be waited for alone.
+//!   cache reports errors at flush). With sync targets configured, the reply also
+//!   waits until the sync targets (as the policy asks) have *received* the write
+//!   (DRBD's protocol B: V4 received acks, `SyncGate::wait_received`): a primary crash
+//!   alone then loses no acknowledged write, since each such standby makes durable
+//!   what it received; a crash of the primary and those standbys together may lose
+//!   writes not yet flushed. A standby older than V4 acknowledges only durable
+//!   records, so there the reply waits for durable on it.
 //! * **writethrough-until-flush** (default): writethrough until the volume's first
 //!   FLUSH, then writeback until the daemon restarts.
 //!
@@ -82,7 +86,8 @@ const BUDGET_UNIT: u64 = 4096;
 pub enum Ack {
     /// Durable in the journal, applied to the base, held by every sync target.
     Durable,
-    /// Sequenced in the journal and visible to reads (a writeback write).
+    /// Sequenced in the journal and visible to reads, and received by the sync
+    /// targets (a writeback write).
     Sequenced,
 }
 
@@ -188,13 +193,6 @@ impl Group {
             .collect()
     }
 
-    fn has_sync_targets(&self) -> bool {
-        self.sync
-            .read()
-            .as_ref()
-            .is_some_and(|s| s.has_sync_targets())
-    }
-
     /// The error every write and FLUSH gets once the group failed.
     fn failed_error() -> ExportError {
         ExportError::Io(
@@ -273,15 +271,19 @@ impl Group {
             })?;
         self.dirty.store(true, Ordering::Relaxed);
         if ack == Ack::Durable {
-            self.complete(base, rx, (op, length, seq), started).await?;
+            self.complete(base, rx, (op, length, seq), started, true)
+                .await?;
         } else {
             let (group, base) = (self.clone(), base.clone());
             tokio::spawn(async move {
                 let _until_applied = (inflight, budget);
-                if let Err(e) = group.complete(&base, rx, (op, length, seq), started).await {
+                // No durable wait for the sync targets: FLUSH and FUA do that.
+                let done = group.complete(&base, rx, (op, length, seq), started, false);
+                if let Err(e) = done.await {
                     group.lost(seq, &e);
                 }
             });
+            self.received_by_sync_targets(seq).await?;
         }
         // A target over its `max_lag_seconds` holds the reply (`ship::pace`), in
         // every cache mode: writeback replies are what writers pace themselves by.
@@ -364,20 +366,37 @@ impl Group {
         Ok((seq, rx))
     }
 
-    /// Waits for the record's release, applies it and waits for the sync targets.
+    /// Waits for the record's release, applies it and (`wait_sync`) waits until the
+    /// sync targets hold it durably.
     async fn complete(
         &self,
         base: &Base,
         rx: oneshot::Receiver<Result<Released, JournalError>>,
         (op, length, seq): (Op, u32, Seq),
         started: std::time::Instant,
+        wait_sync: bool,
     ) -> Result<(), ExportError> {
         let released = rx
             .await
             .map_err(|_| ExportError::ShuttingDown)?
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
         self.frontend.observe_journal_wait(started);
-        self.apply_released(base, released, op, length, seq).await
+        self.apply_released(base, released, (op, length, seq), wait_sync)
+            .await
+    }
+
+    /// A writeback write's reply waits until the sync targets have received it (the
+    /// gate's received position; see the module doc). EIO if the group fails first
+    /// (its journal write failed: it will never be shipped).
+    async fn received_by_sync_targets(&self, seq: Seq) -> Result<(), ExportError> {
+        let sync = self.sync.read().clone();
+        let Some(sync) = sync.filter(|s| s.has_sync_targets()) else {
+            return Ok(());
+        };
+        tokio::select! {
+            _ = sync.wait_received(seq) => Ok(()),
+            _ = self.gate.wait_failed() => Err(Self::failed_error()),
+        }
     }
 
     /// An acknowledged writeback write failed after its reply: the group fails (if
@@ -413,14 +432,13 @@ impl Group {
     }
 
     /// Applies a released mutation (off the runtime when large), waits for the sync
-    /// targets, and maps the base's error for the client.
+    /// targets (`wait_sync`), and maps the base's error for the client.
     async fn apply_released(
         &self,
         base: &Base,
         released: Released,
-        op: Op,
-        length: u32,
-        seq: Seq,
+        (op, length, seq): (Op, u32, Seq),
+        wait_sync: bool,
     ) -> Result<(), ExportError> {
         let result = match released {
             Released::Applied(r) => r,
@@ -430,7 +448,7 @@ impl Group {
                 .map_err(|e| ExportError::Io(format!("apply task: {e}")))?,
         };
         // Sync targets must hold the write durably before the client hears of it.
-        let sync = self.sync.read().clone();
+        let sync = self.sync.read().clone().filter(|_| wait_sync);
         if let Some(sync) = sync {
             if result.is_ok() && sync.has_sync_targets() {
                 sync.wait(seq).await;
@@ -562,11 +580,9 @@ impl Volume {
     }
 
     /// What a mutation's reply waits for: writeback writes without FUA reply once
-    /// sequenced, unless sync targets exist (they only acknowledge durable records,
-    /// so their writes wait as in writethrough).
+    /// sequenced and received by the sync targets (if any).
     fn ack(&self, fua: bool) -> Ack {
-        if !fua && self.cache.effective() == CacheMode::Writeback && !self.group.has_sync_targets()
-        {
+        if !fua && self.cache.effective() == CacheMode::Writeback {
             Ack::Sequenced
         } else {
             Ack::Durable

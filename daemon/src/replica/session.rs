@@ -9,7 +9,11 @@
 //!    refused write-set is journaled or written);
 //! 2. every record is appended to the standby's own journal **under the primary's
 //!    sequence number** (the standby journal mirrors the primary's), so the standby's
-//!    durable position is its resume position after any crash;
+//!    durable position is its resume position after any crash; a primary that asked
+//!    for received acks (V4 HelloAck: it has writeback replies waiting for them) gets
+//!    one right here, before the append is durable (DRBD's protocol B: the write is in
+//!    this node's memory and its journal's queue, so a primary crash alone loses
+//!    nothing acknowledged — this node drains its journal before anything else);
 //! 3. once durable, the record goes (in order) to the applier thread, which writes the
 //!    replica volume; the ack frame carries both positions (received-durable, applied).
 //!
@@ -271,7 +275,8 @@ async fn session(
     *sb.state.source.lock() = Some(s.peer_hello.node_name.clone());
     *sb.state.last_error.lock() = None;
     let mut rx = Receiver::new(local.epoch, durable, sb.applied_seq().min(durable))
-        .with_volumes(local.volumes.clone());
+        .with_volumes(local.volumes.clone())
+        .with_received_acks(s.hello_ack.received_acks);
     // A bitmap resync copy in progress in this session (see resync.rs).
     let mut copy: Option<Copy> = None;
     // QUIC announces the primary's data stream only with its first bytes, so accept it
@@ -455,7 +460,14 @@ impl DataFrames<'_> {
                     bail!("write-set refused by a failpoint");
                 }
                 match self.rx.on_write_set(ws) {
-                    Ok(Received::Accept(ws)) => sb.journal_write_set(ws)?,
+                    Ok(Received::Accept(ws)) => {
+                        sb.journal_write_set(ws)?;
+                        // After the append is queued: a journal that refused it ended
+                        // the session above, so no refused write-set is acknowledged.
+                        if let Some(ack) = self.rx.received_ack() {
+                            control.send_frame(&Frame::Ack(ack)).await?;
+                        }
+                    }
                     Ok(Received::Duplicate(ack)) => control.send_frame(&Frame::Ack(ack)).await?,
                     Err(e) => {
                         // Told before the session ends, so the primary logs why (and,

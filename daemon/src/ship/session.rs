@@ -56,6 +56,11 @@ pub struct ShipContext {
     /// rejoined after it (a node whose journal goes past the fork without having
     /// rejoined holds writes of the old epoch the new history does not have).
     pub fork: Option<(Seq, Arc<crate::store::meta::Meta>)>,
+    /// Some volume may run writeback (`volume.cache` other than writethrough): sync
+    /// targets are asked for received acks (protocol V4), which writeback replies
+    /// wait for. Async targets and writethrough-only nodes never ask, so their
+    /// standbys send durable acks only, as before.
+    pub received_acks: bool,
     /// Why no session may start now, if one may not (a relay whose own replica is
     /// inconsistent or rolled back: a resync copy would read that replica); checked
     /// before each dial. `None` on a primary.
@@ -176,7 +181,14 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
         meta.set_rejoined(&t.name, *fork)?;
     }
     let peer_resume = s.peer_hello.resume_position;
-    tracing::info!(target = %t.name, address = %t.address, resume = plan.ack.resume_seq, "replication session established");
+    tracing::info!(
+        target = %t.name,
+        address = %t.address,
+        resume = plan.ack.resume_seq,
+        version = s.negotiated.version,
+        received_acks = s.hello_ack.received_acks,
+        "replication session established"
+    );
     let start = t.update(|lc| lc.session_started(&plan, peer_resume, ctx.journal.durable_seq()));
     if plan.start
         == (PlanStart::Resync {
@@ -291,9 +303,21 @@ fn plan_hello(
         ),
         _ => {}
     }
-    let ack = plan.ack.clone();
+    let mut ack = plan.ack.clone();
+    ack.received_acks = wants_received_acks(ctx.received_acks, t.mode, negotiated);
     *planned.lock() = Some(plan);
     Ok(ack)
+}
+
+/// Whether to ask the standby for received acks: only a sync target (writes wait for
+/// it) of a node with a writeback-capable volume (only writeback replies wait for
+/// received), and only if it speaks V4.
+fn wants_received_acks(
+    writeback: bool,
+    mode: ReplicationMode,
+    negotiated: session::Negotiated,
+) -> bool {
+    writeback && mode == ReplicationMode::Sync && negotiated.has_received_acks()
 }
 
 /// This epoch's cut (`Meta::fork_cut`): records `fork + 1 ..= cut` were discarded by
@@ -470,7 +494,7 @@ fn on_control(
             let out = sender
                 .on_ack(&ack)
                 .map_err(|e| anyhow!("standby ack: {e}"))?;
-            on_ack(ctx, t, out.durable_seq, out.applied_seq);
+            on_ack(ctx, t, (out.durable_seq, out.applied_seq), out.received_seq);
         }
         Frame::Heartbeat(hb) => {
             if hb.echo_ns != 0 {
@@ -533,11 +557,16 @@ fn persist_resync_required(ctx: &ShipContext, t: &TargetState, required: bool) {
     }
 }
 
-/// The standby holds `durable` and applied `applied`: the lifecycle decides whether a
-/// resync completed (its maps go) and whether a degraded target caught up; the sync
-/// gate moves.
-fn on_ack(ctx: &ShipContext, t: &TargetState, durable: Seq, applied: Seq) {
-    let out = t.update(|lc| lc.on_ack(durable, applied, ctx.journal.durable_seq()));
+/// The standby holds `durable`, applied `applied` and received `received` (= durable
+/// unless it sends received acks): the lifecycle decides whether a resync completed
+/// (its maps go) and whether a degraded target caught up; the sync gate moves.
+fn on_ack(ctx: &ShipContext, t: &TargetState, (durable, applied): (Seq, Seq), received: Seq) {
+    let journal_durable = ctx.journal.durable_seq();
+    let out = t.update(|lc| {
+        let out = lc.on_ack(durable, applied, journal_durable);
+        lc.on_received(received);
+        out
+    });
     if out.resync_complete {
         tokio::task::block_in_place(|| crate::ship::catchup::complete_resync(t));
     }
@@ -560,6 +589,16 @@ fn on_ack(ctx: &ShipContext, t: &TargetState, durable: Seq, applied: Seq) {
 #[cfg(test)]
 mod route_tests {
     use super::*;
+
+    #[test]
+    fn only_sync_targets_of_a_writeback_node_speaking_v4_are_asked_for_received_acks() {
+        use session::Negotiated;
+        let v = |version| Negotiated { version };
+        assert!(wants_received_acks(true, ReplicationMode::Sync, v(4)));
+        assert!(!wants_received_acks(true, ReplicationMode::Sync, v(3)));
+        assert!(!wants_received_acks(true, ReplicationMode::Async, v(4)));
+        assert!(!wants_received_acks(false, ReplicationMode::Sync, v(4)));
+    }
 
     #[test]
     fn the_route_mtu_is_the_interface_mtu() {

@@ -280,10 +280,14 @@ impl TargetState {
         }
     }
 
-    /// A client write at `seq` waited `sync_timeout` in vain: degrades this target if
-    /// it is a live sync target that does not hold it (true: just now).
-    pub(crate) fn sync_timeout(&self, seq: Seq) -> bool {
-        self.update(|lc| lc.sync_timeout(seq))
+    /// A client write at `seq` waited `sync_timeout` in vain for `position`: degrades
+    /// this target if it is a live sync target that does not hold it so far (true:
+    /// just now).
+    pub(crate) fn sync_timeout(&self, seq: Seq, position: GatePosition) -> bool {
+        match position {
+            GatePosition::Durable => self.update(|lc| lc.sync_timeout(seq)),
+            GatePosition::Received => self.update(|lc| lc.sync_received_timeout(seq)),
+        }
     }
 
     /// Records this target's sync loss durably if one is due (it is degraded, and
@@ -392,8 +396,24 @@ impl TargetState {
     }
 }
 
+/// Which of a sync target's positions a client write waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatePosition {
+    /// Durable on the target: FLUSH, FUA and writethrough writes.
+    Durable,
+    /// Received by the target (in its memory, queued for its journal: DRBD's protocol
+    /// B): writeback writes. A standby that sends no received acks (older than V4, or
+    /// not asked) is received exactly as far as it is durable.
+    Received,
+}
+
 /// Makes client writes wait until the live sync targets hold them durably: every one
 /// of them, or as many as the sync policy (`replication.sync`) asks.
+///
+/// It keeps two positions, computed alike over the same targets and policy: the
+/// durable one (each target's `TargetLifecycle::sync_position`) and the received one
+/// (`sync_received_position`, never behind it), which a writeback write's reply waits
+/// for ([`GatePosition`]).
 ///
 /// The position is the minimum durable position over sync targets that are not
 /// degraded (`Seq::MAX` when there are none; each target's
@@ -413,7 +433,10 @@ impl TargetState {
 pub struct SyncGate {
     /// The targets now configured: a reload adds and removes some.
     targets: parking_lot::RwLock<Vec<Arc<TargetState>>>,
+    /// The durable position.
     tx: watch::Sender<Seq>,
+    /// The received position (≥ the durable one).
+    received_tx: watch::Sender<Seq>,
     timeout: Duration,
     /// Where sync losses are recorded (`None` in unit tests: in memory only).
     meta: Option<Arc<Meta>>,
@@ -439,9 +462,11 @@ impl SyncGate {
         policy: Option<SyncPolicy>,
     ) -> Arc<SyncGate> {
         let (tx, _) = watch::channel(Seq::MAX);
+        let (received_tx, _) = watch::channel(Seq::MAX);
         let g = Arc::new(SyncGate {
             targets: parking_lot::RwLock::new(targets),
             tx,
+            received_tx,
             timeout,
             meta,
             policy,
@@ -475,12 +500,35 @@ impl SyncGate {
         self.policy.as_ref()
     }
 
-    /// Recomputes the sync position after an ack or a state change.
+    /// Recomputes both sync positions after an ack or a state change.
     pub fn recompute(&self) {
         let targets = self.targets.read();
-        let position = |t: &TargetState| t.read(TargetLifecycle::sync_position);
-        let min = match &self.policy {
-            None => sync_gate_position(targets.iter().map(|t| position(t))),
+        // One read of each lifecycle for both, so received ≥ durable holds between them.
+        let both: Vec<(Option<Seq>, Option<Seq>)> = targets
+            .iter()
+            .map(|t| t.read(|lc| (lc.sync_position(), lc.sync_received_position())))
+            .collect();
+        let durable = self.position(&targets, |i| both[i].0);
+        let received = self.position(&targets, |i| both[i].1);
+        drop(targets);
+        for (tx, pos) in [(&self.tx, durable), (&self.received_tx, received)] {
+            tx.send_if_modified(|v| {
+                let changed = *v != pos;
+                *v = pos;
+                changed
+            });
+        }
+    }
+
+    /// The gate's position from each target's (`position(i)` for `targets[i]`), under
+    /// the policy.
+    fn position(
+        &self,
+        targets: &[Arc<TargetState>],
+        position: impl Fn(usize) -> Option<Seq>,
+    ) -> Seq {
+        match &self.policy {
+            None => sync_gate_position((0..targets.len()).map(&position)),
             // In the order listed (FIRST's priority). A name without a target cannot
             // be (the config is checked against the targets, and `sync` changes only
             // with a restart); like a removed sync target, it would hold nothing back.
@@ -489,24 +537,32 @@ impl SyncGate {
                 p.names.iter().map(|n| {
                     targets
                         .iter()
-                        .find(|t| t.name == *n)
-                        .and_then(|t| position(t))
+                        .position(|t| t.name == *n)
+                        .and_then(&position)
                 }),
             ),
-        };
-        drop(targets);
-        self.tx.send_if_modified(|v| {
-            let changed = *v != min;
-            *v = min;
-            changed
-        });
+        }
     }
 
     /// Waits until `seq` is durable on every live sync target. A timeout degrades
     /// the sync targets that lack it (`on_sync_loss = "degrade"`), each only once
     /// its loss is recorded durably; with `"block"` the write simply waits on.
     pub async fn wait(&self, seq: Seq) {
-        let mut rx = self.tx.subscribe();
+        self.wait_for(seq, GatePosition::Durable).await
+    }
+
+    /// Waits until every live sync target has received `seq` (a writeback write's
+    /// reply); a timeout acts as in [`Self::wait`], on the targets that have not
+    /// received it. The sync loss it records is at the target's durable ack.
+    pub async fn wait_received(&self, seq: Seq) {
+        self.wait_for(seq, GatePosition::Received).await
+    }
+
+    async fn wait_for(&self, seq: Seq, position: GatePosition) {
+        let mut rx = match position {
+            GatePosition::Durable => self.tx.subscribe(),
+            GatePosition::Received => self.received_tx.subscribe(),
+        };
         loop {
             match tokio::time::timeout(self.timeout, rx.wait_for(|s| *s >= seq)).await {
                 Ok(_) => return,
@@ -514,7 +570,7 @@ impl SyncGate {
                     let targets = self.targets.read().clone();
                     for t in &targets {
                         let was_blocked = t.writes_blocked();
-                        if t.sync_timeout(seq) {
+                        if t.sync_timeout(seq, position) {
                             tracing::error!(
                                 target = %t.name,
                                 seq,
@@ -823,6 +879,7 @@ pub(crate) mod tests {
                 epoch: 1,
                 version: 1,
                 resume_seq: resume,
+                received_acks: false,
             },
             start: if resync {
                 PlanStart::Resync { full: None }
@@ -909,6 +966,46 @@ pub(crate) mod tests {
         assert!(!degraded(&b), "async targets never wait");
         let async_only = SyncGate::new(vec![b], Duration::from_millis(50), None);
         assert!(!async_only.has_sync_targets());
+    }
+
+    /// The gate's two positions: a writeback write's reply goes once the sync target
+    /// has received it, a FLUSH waits until it is durable there; a received wait that
+    /// times out degrades only a target that has not received the write, with its loss
+    /// at its durable ack.
+    #[tokio::test]
+    async fn a_writeback_write_waits_for_received_a_flush_for_durable() {
+        let short = Duration::from_millis(200);
+        let a = target("a", ReplicationMode::Sync, 0);
+        let g = SyncGate::new(vec![a.clone()], Duration::from_secs(3600), None);
+        a.streaming_at(5);
+        a.update(|lc| lc.on_received(10));
+        g.recompute();
+        tokio::time::timeout(short, g.wait_received(8))
+            .await
+            .expect("received through 10");
+        let durable = tokio::time::timeout(short, g.wait(8)).await;
+        assert!(durable.is_err(), "durable only through 5");
+        a.update(|lc| lc.on_ack(8, 8, 10));
+        g.recompute();
+        tokio::time::timeout(short, g.wait(8))
+            .await
+            .expect("durable through 8");
+        let received = tokio::time::timeout(short, g.wait_received(11)).await;
+        assert!(received.is_err());
+
+        let b = target("b", ReplicationMode::Sync, 0);
+        let c = target("c", ReplicationMode::Sync, 0);
+        let g = SyncGate::new(vec![b.clone(), c.clone()], Duration::from_millis(50), None);
+        b.streaming_at(5);
+        c.streaming_at(5);
+        b.update(|lc| lc.on_received(10));
+        g.recompute();
+        tokio::time::timeout(Duration::from_secs(5), g.wait_received(8))
+            .await
+            .expect("the timeout degrades c and lets the write go");
+        assert!(!degraded(&b), "b received the write");
+        assert!(degraded(&c));
+        assert_eq!(c.snapshot().sync_loss_at, Some(5), "at c's durable ack");
     }
 
     /// `ANY 1 (a, b)`: with `b` gone (its ack stale, not degraded) writes go at `a`'s

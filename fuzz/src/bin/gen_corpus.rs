@@ -137,6 +137,13 @@ fn session_frames() -> Vec<Frame> {
             epoch: 7,
             version: 1,
             resume_seq: 42,
+            received_acks: false,
+        }),
+        Frame::HelloAck(HelloAck {
+            epoch: 7,
+            version: 4,
+            resume_seq: 42,
+            received_acks: true,
         }),
         Frame::WriteSet(WriteSet {
             epoch: 7,
@@ -154,6 +161,13 @@ fn session_frames() -> Vec<Frame> {
             epoch: 7,
             received_durable_seq: 46,
             applied_seq: 44,
+            received_seq: 46,
+        }),
+        Frame::Ack(Ack {
+            epoch: 7,
+            received_durable_seq: 46,
+            applied_seq: 44,
+            received_seq: 52,
         }),
         Frame::Heartbeat(Heartbeat {
             epoch: 7,
