@@ -429,6 +429,11 @@ fn a_relayed_member_streams_without_a_resync_when_its_relay_is_promoted() {
         !log.contains("followed a newer epoch through its relay"),
         "far asked its promoted relay for a resync:\n{log}"
     );
+    // far asked dr1 whether it is the new primary, and dr1 answered as one.
+    assert!(
+        log.contains("answered a position probe from standby 'far'"),
+        "far did not ask its relay whether it is the new primary:\n{log}"
+    );
     let want = image_of(&url, &dir.path().join("dr1.img"));
     let got = std::fs::read(volume_of(&farcfg)).unwrap();
     assert_same("far's replica against the new primary dr1", &got, &want);
