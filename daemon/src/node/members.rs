@@ -76,10 +76,13 @@ pub(crate) fn classify(
 /// primary and its epoch in one metadata transaction (as a demote does), then
 /// restarts the node, which accepts that primary in that epoch; the primary's
 /// resume plan (fork, cut) then decides between streaming and a resync.
+/// `relay_probe` asks this node's relay (its `via`) for its role when the relay shows
+/// a newer epoch ([`relay_is_primary`]).
 pub(crate) fn refused_hook(
     rec: Arc<Recovered>,
     life: Arc<Lifecycle>,
     (members, via): (Vec<String>, Option<String>),
+    relay_probe: Option<Arc<Prober>>,
 ) -> RefusedHook {
     let following = Arc::new(AtomicBool::new(false));
     Arc::new(
@@ -93,8 +96,13 @@ pub(crate) fn refused_hook(
                 if following.swap(true, Ordering::SeqCst) {
                     return true;
                 }
-                let relayed = via.as_deref() == Some(primary.as_str());
-                match tokio::task::block_in_place(|| follow(&rec, epoch, &primary, relayed)) {
+                let through_relay = via.as_deref() == Some(primary.as_str());
+                let followed = tokio::task::block_in_place(|| {
+                    let relayed =
+                        through_relay && !relay_is_primary(relay_probe.as_deref(), epoch, &primary);
+                    follow(&rec, epoch, &primary, relayed)
+                });
+                match followed {
                     Ok(()) => life.request_restart(),
                     Err(e) => {
                         following.store(false, Ordering::SeqCst);
@@ -105,6 +113,34 @@ pub(crate) fn refused_hook(
             }
         },
     )
+}
+
+/// Whether this node's relay, which showed `epoch` in the primary role of the
+/// handshake, is that epoch's primary itself (it was promoted) rather than relaying
+/// it: both Hellos look alike, but on its listener a primary answers a position
+/// probe in the primary role and a standby in the standby role. A promoted relay
+/// knows its fork, so the normal resume plan applies; a relay that only relays, or
+/// one that does not answer (`false`), costs a resync by digest instead. Blocks for
+/// at most [`PROBE_TIMEOUT`]: call it inside `block_in_place`.
+fn relay_is_primary(probe: Option<&Prober>, epoch: u64, relay: &str) -> bool {
+    let Some(probe) = probe else {
+        return false;
+    };
+    let answers = tokio::runtime::Handle::current().block_on(probe.positions(0));
+    let primary = answers
+        .iter()
+        .any(|p| p.name == relay && p.role == Role::Primary && p.epoch == epoch);
+    tracing::info!(
+        relay,
+        epoch,
+        "relay '{relay}' is {} of epoch {epoch}",
+        if primary {
+            "the primary"
+        } else {
+            "not the primary (or did not answer)"
+        }
+    );
+    primary
 }
 
 /// Records `primary` as the primary of `epoch` for this standby, if `epoch` is newer
@@ -140,6 +176,8 @@ pub(crate) struct Position {
     pub(crate) epoch: u64,
     /// What it holds durably (its Hello's resume position).
     pub(crate) durable: Seq,
+    /// The role it answered in: a primary's listener answers in the primary role.
+    pub(crate) role: Role,
 }
 
 /// Asks the other standbys where they are: a Hello in the standby role (which they
@@ -215,6 +253,7 @@ async fn probe_one(
                 name: n.name.clone(),
                 epoch: h.epoch,
                 durable: h.resume_position,
+                role: h.role,
             })
         }
         Some(other) => bail!("answered {:?} instead of a Hello", other.frame_type()),
@@ -368,6 +407,7 @@ mod tests {
             name: name.into(),
             epoch,
             durable,
+            role: Role::Standby,
         };
         assert_eq!(behind_another(1, 100, &[]), None);
         assert_eq!(behind_another(1, 100, &[p("dr2", 1, 100)]), None);

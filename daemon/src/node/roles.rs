@@ -416,6 +416,11 @@ async fn answer_fence(
             (Some(epoch), _) => {
                 tracing::warn!(%peer, epoch, "fence responder: a peer showed epoch {epoch} without being its primary: ignored")
             }
+            // A standby asking for our role and position (a relayed member that
+            // asks whether its relay is the new primary): our Hello was the answer.
+            (None, Some((name, ferry_proto::wire::Role::Standby))) => {
+                tracing::info!(%peer, "answered a position probe from standby '{name}'")
+            }
             (None, _) => tracing::warn!(%peer, "told an outdated primary it was superseded: {e}"),
         },
         Ok(_) => tracing::warn!(%peer, "fence responder: unexpected handshake success"),

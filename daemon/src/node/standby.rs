@@ -69,7 +69,7 @@ pub(crate) async fn run_standby(
         &rec.bases,
         &r.primary,
     );
-    let peers = standby_peers(&cfg, &r.primary, &rec, &life);
+    let peers = standby_peers(&cfg, (&r.primary, &local), &rec, &life)?;
     let prober = prober(&cfg, &r.primary, &local)?;
     let control = ControlSocket::bind(&cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -142,19 +142,38 @@ pub(crate) async fn run_standby(
 }
 
 /// Whom this standby accepts: its primary; with a `[cluster]`, every member too, a
-/// newer epoch's primary among them being followed (`members::refused_hook`).
+/// newer epoch's primary among them being followed (`members::refused_hook`; a
+/// relayed node asks its relay whether it is that primary itself).
 fn standby_peers(
     cfg: &Config,
-    primary: &str,
+    (primary, local): (&str, &ferry_proto::session::LocalIdentity),
     rec: &Arc<Recovered>,
     life: &Arc<Lifecycle>,
-) -> Arc<standby::Peers> {
+) -> anyhow::Result<Arc<standby::Peers>> {
     let names = members::accepted_names(cfg, primary);
-    let refused = cfg.cluster.is_some().then(|| {
+    let mut refused = None;
+    if cfg.cluster.is_some() {
         let via = cfg.via_of(&cfg.node.name).map(str::to_string);
-        members::refused_hook(rec.clone(), life.clone(), (names.clone(), via))
-    });
-    Arc::new(standby::Peers { names, refused })
+        let relay = via
+            .as_deref()
+            .and_then(|v| cfg.peers().into_iter().find(|n| n.name == v));
+        let relay_probe = match relay {
+            Some(n) => Some(Arc::new(members::Prober {
+                tls: Arc::new(replication::load_tls(cfg)?),
+                local: local.clone(),
+                opts: transport_options(),
+                peers: vec![n.clone()],
+            })),
+            None => None,
+        };
+        refused = Some(members::refused_hook(
+            rec.clone(),
+            life.clone(),
+            (names.clone(), via),
+            relay_probe,
+        ));
+    }
+    Ok(Arc::new(standby::Peers { names, refused }))
 }
 
 /// With a `[cluster]`: asks the other standbys (not the primary followed) where they

@@ -367,3 +367,74 @@ fn a_relayed_member_follows_a_new_epoch_through_its_relay_with_a_resync() {
         "far did not ask its relay for a resync:\n{relay_log}"
     );
 }
+
+/// A failover to the relay itself: the primary dies, dr1 is promoted and ships to far
+/// directly. dr1 is the new epoch's primary and knows its fork, so far (which holds
+/// nothing past it: it only ever received what dr1 held) follows and streams at
+/// once, with no resync by digest: only the new writes travel.
+#[test]
+fn a_relayed_member_streams_without_a_resync_when_its_relay_is_promoted() {
+    let name = "a_relayed_member_streams_without_a_resync_when_its_relay_is_promoted";
+    if skip_without("qemu-io", name) || skip_without("qemu-img", name) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcfg, dr1cfg, farcfg) = init_cascade(dir.path(), "async", Some("stay"));
+    let far = Node::start(&ferryd(), &farcfg);
+    let dr1 = Node::start(&ferryd(), &dr1cfg);
+    let mut primary = Node::start(&ferryd(), &pcfg);
+    primary.wait_status("dr1 to stream", WAIT, |st| {
+        target(st, "dr1")["state"] == "streaming"
+    });
+    assert_qemu_io_ok(&qemu_io(&primary.url("vol0"), &workload(60, 5, 0)));
+    wait_relayed(&primary, &dr1, &far);
+    primary.kill();
+
+    let p = promote(&dr1cfg);
+    assert_eq!(p["epoch"], 2, "{p:#}");
+    let st = wait_for(&dr1cfg, "dr1 to serve and stream to far", WAIT, |st| {
+        st["role"] == "primary"
+            && st["nbd"]["listen"].is_string()
+            && target(st, "far")["state"] == "streaming"
+    });
+    let url = format!("nbd://{}/vol0", st["nbd"]["listen"].as_str().unwrap_or(""));
+    // 40 writes of 16 KiB: what far should receive, and nothing like the whole volume.
+    let new_bytes = 40 * 16384;
+    assert_qemu_io_ok(&qemu_io(&url, &workload(40, 200, 4096)));
+    let last = seq(&try_status(&dr1cfg).unwrap(), "/durable_seq");
+    let f = wait_for(&farcfg, "far to hold dr1's new writes", WAIT, |st| {
+        st["epoch"] == 2
+            && seq(st, "/applied_seq") >= last
+            && st["replica"] == "consistent"
+            && st["primary"]["name"] == "dr1"
+    });
+    let d1 = try_status(&dr1cfg).unwrap();
+    let t = target(&d1, "far");
+    let moved = seq(&t["wire"], "/payload_bytes");
+    eprintln!(
+        "relay promoted: far in epoch {} following {}; resync {} bytes, {moved} payload bytes \
+         shipped for {new_bytes} bytes written",
+        f["epoch"],
+        f["primary"]["name"],
+        seq(t, "/resync_bytes")
+    );
+    assert_eq!(seq(t, "/resync_bytes"), 0, "dr1 resynced far: {d1:#}");
+    assert_eq!(t["tracking"], "streaming", "{d1:#}");
+    assert!(
+        moved >= new_bytes && moved < 2 * new_bytes,
+        "dr1 shipped {moved} payload bytes to far for {new_bytes} written: {d1:#}"
+    );
+    let log = dr1.log_text();
+    assert!(
+        !log.contains("followed a newer epoch through its relay"),
+        "far asked its promoted relay for a resync:\n{log}"
+    );
+    // far asked dr1 whether it is the new primary, and dr1 answered as one.
+    assert!(
+        log.contains("answered a position probe from standby 'far'"),
+        "far did not ask its relay whether it is the new primary:\n{log}"
+    );
+    let want = image_of(&url, &dir.path().join("dr1.img"));
+    let got = std::fs::read(volume_of(&farcfg)).unwrap();
+    assert_same("far's replica against the new primary dr1", &got, &want);
+}
