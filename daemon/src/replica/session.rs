@@ -238,31 +238,43 @@ async fn session(
     wait_journal_durable(sb).await?;
     let durable = sb.resume_position();
     let names = quic::peer_node_names(&conn);
-    // The relay (cascading) is accepted as the primary is, in the same epoch: its
-    // Hello must name it (and the certificate, below).
-    let relayed;
-    let local = match source_name(sb, &names) {
-        Some(src) if src != local.expected_peer_name => {
-            relayed = LocalIdentity {
-                expected_peer_name: src.to_string(),
-                ..local.clone()
-            };
-            &relayed
-        }
-        _ => local,
-    };
+    let relayed = relay_identity(sb, &names, local);
+    let local = relayed.as_ref().unwrap_or(local);
     let mut seen = None;
     let handshake = quic::standby_handshake_observed(conn, local, durable, opts, |h| {
         seen = Some(h.clone());
     })
     .await;
-    let mut s = match (handshake, seen, &peers.refused) {
+    let s = match (handshake, seen, &peers.refused) {
         (Ok(s), _, _) => s,
         (Err(e), Some(hello), Some(refused)) if refused(&hello, &names, &e) => return Ok(()),
         (Err(e), _, _) => return Err(seeded_refusal(sb, durable, e)),
     };
-    // TLS admits every member: the Hello's name must be the certificate's, or a
-    // member could pass for the primary.
+    check_hello_name(&names, &s)?;
+    tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");
+    *sb.state.connected.lock() = Some(peer.to_string());
+    *sb.state.source.lock() = Some(s.peer_hello.node_name.clone());
+    *sb.state.last_error.lock() = None;
+    stream(sb, local, opts, s, durable).await
+}
+
+/// The identity this session's Hello is checked against when the certificate names
+/// the relay rather than the primary; `None` keeps the configured one.
+fn relay_identity(sb: &Standby, names: &[String], local: &LocalIdentity) -> Option<LocalIdentity> {
+    // The relay (cascading) is accepted as the primary is, in the same epoch: its
+    // Hello must name it (and the certificate, below).
+    match source_name(sb, names) {
+        Some(src) if src != local.expected_peer_name => Some(LocalIdentity {
+            expected_peer_name: src.to_string(),
+            ..local.clone()
+        }),
+        _ => None,
+    }
+}
+
+/// TLS admits every member: the Hello's name must be the certificate's, or a
+/// member could pass for the primary.
+fn check_hello_name(names: &[String], s: &StandbySession) -> anyhow::Result<()> {
     if !names.contains(&s.peer_hello.node_name) {
         bail!(
             "the peer's certificate names {:?} but its Hello claims to be '{}': refused",
@@ -270,10 +282,18 @@ async fn session(
             s.peer_hello.node_name
         );
     }
-    tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");
-    *sb.state.connected.lock() = Some(peer.to_string());
-    *sb.state.source.lock() = Some(s.peer_hello.node_name.clone());
-    *sb.state.last_error.lock() = None;
+    Ok(())
+}
+
+/// A handshaken session's loop: frames from both streams, acks as the journal and
+/// the applier advance, verify results, heartbeats; until an error or a handover.
+async fn stream(
+    sb: &Standby,
+    local: &LocalIdentity,
+    opts: &TransportOptions,
+    mut s: StandbySession,
+    durable: Seq,
+) -> anyhow::Result<()> {
     let mut rx = Receiver::new(local.epoch, durable, sb.applied_seq().min(durable))
         .with_volumes(local.volumes.clone())
         .with_received_acks(s.hello_ack.received_acks);
@@ -290,19 +310,7 @@ async fn session(
     let mut outbox = sb.outbox.rx.lock().await;
     loop {
         tokio::select! {
-            Some(o) = outbox.recv() => {
-                let (ok, body) = match o.result {
-                    Ok(b) => (true, bytes::Bytes::from(b)),
-                    Err(e) => (false, bytes::Bytes::from(e.into_bytes())),
-                };
-                s.control_send.send_frame(&Frame::VerifyResult(VerifyResult {
-                    epoch: local.epoch,
-                    id: o.id,
-                    volume: o.volume,
-                    ok,
-                    body,
-                })).await?;
-            }
+            Some(o) = outbox.recv() => send_verify_result(&mut s.control_send, local, o).await?,
             d = conn.accept_uni(), if data.is_none() => {
                 data = Some(FramedRecv::new(d?, opts.max_frame_len));
             }
@@ -331,19 +339,51 @@ async fn session(
                     s.control_send.send_frame(&Frame::Ack(ack)).await?;
                 }
             }
-            _ = heartbeat.tick() => {
-                s.control_send.send_frame(&Frame::Heartbeat(Heartbeat {
-                    epoch: local.epoch,
-                    sent_at_ns: now_ns(),
-                    // Not a reply: echoing the last primary timestamp here would make the
-                    // primary measure its age (up to a heartbeat interval) as the RTT.
-                    echo_ns: 0,
-                    last_seq: sb.journal.durable_seq(),
-                    sync_loss: None,
-                })).await?;
-            }
+            _ = heartbeat.tick() => send_heartbeat(sb, local, &mut s.control_send).await?,
         }
     }
+}
+
+/// A verify job's answer (from the node's outbox) to the primary that asked.
+async fn send_verify_result(
+    control: &mut FramedSend,
+    local: &LocalIdentity,
+    o: crate::verify::Outcome,
+) -> anyhow::Result<()> {
+    let (ok, body) = match o.result {
+        Ok(b) => (true, bytes::Bytes::from(b)),
+        Err(e) => (false, bytes::Bytes::from(e.into_bytes())),
+    };
+    control
+        .send_frame(&Frame::VerifyResult(VerifyResult {
+            epoch: local.epoch,
+            id: o.id,
+            volume: o.volume,
+            ok,
+            body,
+        }))
+        .await?;
+    Ok(())
+}
+
+/// This standby's own heartbeat, sent every second.
+async fn send_heartbeat(
+    sb: &Standby,
+    local: &LocalIdentity,
+    control: &mut FramedSend,
+) -> anyhow::Result<()> {
+    control
+        .send_frame(&Frame::Heartbeat(Heartbeat {
+            epoch: local.epoch,
+            sent_at_ns: now_ns(),
+            // Not a reply: echoing the last primary timestamp here would make the
+            // primary measure its age (up to a heartbeat interval) as the RTT.
+            echo_ns: 0,
+            last_seq: sb.journal.durable_seq(),
+            sync_loss: None,
+        }))
+        .await?;
+    Ok(())
 }
 
 /// A previous session's records may still be queued in the journal: wait until
