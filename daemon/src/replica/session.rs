@@ -28,8 +28,8 @@ use anyhow::{anyhow, bail, Context};
 use ferry_journal::{now_ns, Seq};
 use ferry_proto::session::{LocalIdentity, Received, Receiver};
 use ferry_proto::wire::{
-    Ack, DigestRequest, ErrorCode, ErrorFrame, Frame, HandoverAck, Heartbeat, SyncLoss,
-    VerifyResult,
+    Ack, DigestRequest, Epoch, ErrorCode, ErrorFrame, Frame, HandoverAck, Heartbeat, ResyncBegin,
+    ResyncData, ResyncEnd, SyncLoss, VerifyResult, WriteSet,
 };
 use ferry_transport::quic::{
     self, FramedRecv, FramedSend, QuicError, StandbySession, TlsMaterial, TransportOptions,
@@ -435,93 +435,119 @@ impl DataFrames<'_> {
                      needs the primary to resync it (ResyncBegin) before streaming"
                 )
             }
-            Frame::ResyncBegin(b) => {
-                sb.state.heard_from_primary();
-                self.rx
-                    .check_epoch(b.epoch)
-                    .map_err(|e| anyhow!("resync refused: {e}"))?;
-                if self.copy.is_some() || self.rx.received_seq() != self.durable {
-                    bail!("ResyncBegin in the middle of a session");
-                }
-                let durable = self.durable;
-                *self.copy = Some(tokio::task::block_in_place(|| {
-                    resync::begin(sb, &b, durable)
-                })?);
-            }
-            Frame::ResyncData(d) => {
-                sb.state.heard_from_primary();
-                self.rx
-                    .check_epoch(d.epoch)
-                    .map_err(|e| anyhow!("resync refused: {e}"))?;
-                let c = self
-                    .copy
-                    .as_mut()
-                    .ok_or_else(|| anyhow!("ResyncData without ResyncBegin"))?;
-                tokio::task::block_in_place(|| resync::data(sb, c, d))?;
-            }
-            Frame::ResyncEnd(e) => {
-                sb.state.heard_from_primary();
-                self.rx
-                    .check_epoch(e.epoch)
-                    .map_err(|e| anyhow!("resync refused: {e}"))?;
-                let c = self
-                    .copy
-                    .take()
-                    .ok_or_else(|| anyhow!("ResyncEnd without ResyncBegin"))?;
-                tokio::task::block_in_place(|| resync::end(sb, &c, &e))?;
-                let ack = self.rx.resynced(c.snapshot).map_err(|e| anyhow!("{e}"))?;
-                control.send_frame(&Frame::Ack(ack)).await?;
-            }
-            Frame::WriteSet(ws) => {
-                sb.state.heard_from_primary();
-                sb.state
-                    .last_primary_seq
-                    .fetch_max(ws.last_seq, Ordering::Relaxed);
-                if sb.state.relay_resync.load(Ordering::Acquire) {
-                    let frame = ErrorFrame {
-                        epoch: self.rx.epoch(),
-                        code: ErrorCode::ResyncRequired,
-                        reason: "this standby followed a newer epoch through its relay and may \
-                                 hold records of the old epoch past the new primary's fork: a \
-                                 full resync by digest is needed"
-                            .into(),
-                    };
-                    quic::refuse(self.conn, control, frame).await;
-                    bail!("write-set refused: a resync is needed after following a newer epoch through the relay");
-                }
-                if crate::store::failpoint::check("ferryd::standby_refuse_write_set").is_err() {
-                    // As for a record outside the replica (`ResyncRequired`).
-                    let frame = ErrorFrame {
-                        epoch: self.rx.epoch(),
-                        code: ErrorCode::ResyncRequired,
-                        reason: "failpoint ferryd::standby_refuse_write_set".into(),
-                    };
-                    quic::refuse(self.conn, control, frame).await;
-                    bail!("write-set refused by a failpoint");
-                }
-                match self.rx.on_write_set(ws) {
-                    Ok(Received::Accept(ws)) => {
-                        sb.journal_write_set(ws)?;
-                        // After the append is queued: a journal that refused it ended
-                        // the session above, so no refused write-set is acknowledged.
-                        if let Some(ack) = self.rx.received_ack() {
-                            control.send_frame(&Frame::Ack(ack)).await?;
-                        }
-                    }
-                    Ok(Received::Duplicate(ack)) => control.send_frame(&Frame::Ack(ack)).await?,
-                    Err(e) => {
-                        // Told before the session ends, so the primary logs why (and,
-                        // for a record outside the replica, that a resync is needed).
-                        let frame = e.to_error_frame(self.rx.epoch());
-                        quic::refuse(self.conn, control, frame).await;
-                        bail!("write-set refused: {e}");
-                    }
-                }
-            }
+            Frame::ResyncBegin(b) => self.resync_begin(&b)?,
+            Frame::ResyncData(d) => self.resync_data(d)?,
+            Frame::ResyncEnd(e) => self.resync_end(control, &e).await?,
+            Frame::WriteSet(ws) => self.write_set(control, ws).await?,
             other => bail!(
                 "unexpected {:?} frame on the data stream",
                 other.frame_type()
             ),
+        }
+        Ok(())
+    }
+
+    /// Every resync frame is word from the primary, and of this session's epoch.
+    fn resync_frame(&self, epoch: Epoch) -> anyhow::Result<()> {
+        self.sb.state.heard_from_primary();
+        self.rx
+            .check_epoch(epoch)
+            .map_err(|e| anyhow!("resync refused: {e}"))?;
+        Ok(())
+    }
+
+    /// The copy starts: only at the position this session's Hello advertised.
+    fn resync_begin(&mut self, b: &ResyncBegin) -> anyhow::Result<()> {
+        self.resync_frame(b.epoch)?;
+        if self.copy.is_some() || self.rx.received_seq() != self.durable {
+            bail!("ResyncBegin in the middle of a session");
+        }
+        let (sb, durable) = (self.sb, self.durable);
+        *self.copy = Some(tokio::task::block_in_place(|| {
+            resync::begin(sb, b, durable)
+        })?);
+        Ok(())
+    }
+
+    /// One batch of the copy, written to the replica.
+    fn resync_data(&mut self, d: ResyncData) -> anyhow::Result<()> {
+        self.resync_frame(d.epoch)?;
+        let sb = self.sb;
+        let c = self
+            .copy
+            .as_mut()
+            .ok_or_else(|| anyhow!("ResyncData without ResyncBegin"))?;
+        tokio::task::block_in_place(|| resync::data(sb, c, d))?;
+        Ok(())
+    }
+
+    /// The copy is durable: acked as the snapshot it brought the replica to.
+    async fn resync_end(&mut self, control: &mut FramedSend, e: &ResyncEnd) -> anyhow::Result<()> {
+        self.resync_frame(e.epoch)?;
+        let sb = self.sb;
+        let c = self
+            .copy
+            .take()
+            .ok_or_else(|| anyhow!("ResyncEnd without ResyncBegin"))?;
+        tokio::task::block_in_place(|| resync::end(sb, &c, e))?;
+        let ack = self.rx.resynced(c.snapshot).map_err(|e| anyhow!("{e}"))?;
+        control.send_frame(&Frame::Ack(ack)).await?;
+        Ok(())
+    }
+
+    /// A write-set: journaled under the primary's sequence numbers, or refused.
+    async fn write_set(&mut self, control: &mut FramedSend, ws: WriteSet) -> anyhow::Result<()> {
+        let sb = self.sb;
+        sb.state.heard_from_primary();
+        sb.state
+            .last_primary_seq
+            .fetch_max(ws.last_seq, Ordering::Relaxed);
+        self.refuse_while_held(control).await?;
+        match self.rx.on_write_set(ws) {
+            Ok(Received::Accept(ws)) => {
+                sb.journal_write_set(ws)?;
+                // After the append is queued: a journal that refused it ended
+                // the session above, so no refused write-set is acknowledged.
+                if let Some(ack) = self.rx.received_ack() {
+                    control.send_frame(&Frame::Ack(ack)).await?;
+                }
+            }
+            Ok(Received::Duplicate(ack)) => control.send_frame(&Frame::Ack(ack)).await?,
+            Err(e) => {
+                // Told before the session ends, so the primary logs why (and,
+                // for a record outside the replica, that a resync is needed).
+                let frame = e.to_error_frame(self.rx.epoch());
+                quic::refuse(self.conn, control, frame).await;
+                bail!("write-set refused: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses every write-set (and ends the session) while this standby must not
+    /// journal the primary's records whatever their order.
+    async fn refuse_while_held(&self, control: &mut FramedSend) -> anyhow::Result<()> {
+        if self.sb.state.relay_resync.load(Ordering::Acquire) {
+            let frame = ErrorFrame {
+                epoch: self.rx.epoch(),
+                code: ErrorCode::ResyncRequired,
+                reason: "this standby followed a newer epoch through its relay and may \
+                         hold records of the old epoch past the new primary's fork: a \
+                         full resync by digest is needed"
+                    .into(),
+            };
+            quic::refuse(self.conn, control, frame).await;
+            bail!("write-set refused: a resync is needed after following a newer epoch through the relay");
+        }
+        if crate::store::failpoint::check("ferryd::standby_refuse_write_set").is_err() {
+            // As for a record outside the replica (`ResyncRequired`).
+            let frame = ErrorFrame {
+                epoch: self.rx.epoch(),
+                code: ErrorCode::ResyncRequired,
+                reason: "failpoint ferryd::standby_refuse_write_set".into(),
+            };
+            quic::refuse(self.conn, control, frame).await;
+            bail!("write-set refused by a failpoint");
         }
         Ok(())
     }
