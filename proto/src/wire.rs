@@ -968,106 +968,135 @@ pub(crate) fn put_record_header(out: &mut BytesMut, r: &WireRecord) {
 pub(crate) fn put_payload(out: &mut BytesMut, frame: &Frame) {
     match frame {
         Frame::Hello(h) => put_hello(out, h),
-        Frame::HelloAck(a) => {
-            out.put_u16_le(a.version);
-            out.put_u16_le(0);
-            out.put_u32_le(0);
-            out.put_u64_le(a.resume_seq);
-            if a.received_acks {
-                out.put_u32_le(HELLO_ACK_RECEIVED_ACKS);
-                out.put_u32_le(0); // reserved
-            }
-        }
-        Frame::WriteSet(ws) => {
-            put_write_set_fixed(out, ws);
-            for r in &ws.records {
-                put_record_header(out, r);
-                out.put_slice(&r.data);
-            }
-        }
-        Frame::Ack(a) => {
-            out.put_u64_le(a.received_durable_seq);
-            out.put_u64_le(a.applied_seq);
-            if a.received_seq > a.received_durable_seq {
-                out.put_u64_le(a.received_seq);
-            }
-        }
-        Frame::Heartbeat(hb) => {
-            out.put_u64_le(hb.sent_at_ns);
-            out.put_u64_le(hb.echo_ns);
-            out.put_u64_le(hb.last_seq);
-            if let Some(loss) = hb.sync_loss {
-                let (flags, at) = match loss {
-                    SyncLoss::None => (0u32, 0u64),
-                    SyncLoss::DegradedAt(at) => (1, at),
-                };
-                out.put_u32_le(flags);
-                out.put_u32_le(0); // reserved
-                out.put_u64_le(at);
-            }
-        }
+        Frame::HelloAck(a) => put_hello_ack(out, a),
+        Frame::WriteSet(ws) => put_write_set(out, ws),
+        Frame::Ack(a) => put_ack(out, a),
+        Frame::Heartbeat(hb) => put_heartbeat(out, hb),
         Frame::Handover(h) => out.put_u64_le(h.seq),
-        Frame::DigestRequest(d) => {
-            out.put_u64_le(d.id);
-            out.put_u64_le(d.chunk_size);
-            out.put_u64_le(d.seed);
-            out.put_u32_le(d.algo);
-            out.put_u32_le(0);
-        }
-        Frame::VerifyResult(v) => {
-            out.put_u64_le(v.id);
-            out.put_u32_le(v.volume);
-            out.put_u32_le(u32::from(!v.ok));
-            out.put_slice(&v.body);
-        }
-        Frame::HandoverAck(a) => {
-            out.put_u64_le(a.seq);
-            out.put_u64_le(a.new_epoch);
-        }
-        Frame::ResyncBegin(b) => {
-            out.put_u64_le(b.from_seq);
-            out.put_u64_le(b.snapshot_seq);
-            out.put_u64_le(b.total_bytes);
-            out.put_u32_le(b.region_size);
-            out.put_u32_le(0); // reserved
-            if let Some(t) = b.primary_time_ns {
-                out.put_u64_le(t);
-            }
-        }
-        Frame::ResyncData(d) => {
-            out.put_u32_le(d.extents.len() as u32); // validated ≤ MAX_RESYNC_EXTENTS
-            out.put_u32_le(0); // reserved
-            for x in &d.extents {
-                out.put_u64_le(x.offset);
-                out.put_u32_le(x.volume);
-                out.put_u32_le(x.length);
-                out.put_u8(if x.data.is_some() { 1 } else { 2 });
-                out.put_slice(&[0u8; 3]); // reserved
-                match &x.data {
-                    Some(d) => {
-                        out.put_u32_le(d.len() as u32); // validated == length
-                        out.put_slice(d);
-                    }
-                    None => out.put_u32_le(0),
-                }
-            }
-        }
-        Frame::ResyncEnd(e) => {
-            out.put_u64_le(e.through_seq);
-            out.put_u64_le(e.bytes);
-            out.put_u64_le(e.data_bytes);
-            if let Some(t) = e.primary_time_ns {
-                out.put_u64_le(t);
-            }
-        }
+        Frame::DigestRequest(d) => put_digest_request(out, d),
+        Frame::VerifyResult(v) => put_verify_result(out, v),
+        Frame::HandoverAck(a) => put_handover_ack(out, a),
+        Frame::ResyncBegin(b) => put_resync_begin(out, b),
+        Frame::ResyncData(d) => put_resync_data(out, d),
+        Frame::ResyncEnd(e) => put_resync_end(out, e),
         Frame::Packed(p) => p.put_payload(out),
-        Frame::Error(e) => {
-            out.put_u32_le(e.code.to_u32());
-            out.put_u16_le(e.reason.len() as u16); // validated ≤ 1024
-            out.put_u16_le(0);
-            out.put_slice(e.reason.as_bytes());
+        Frame::Error(e) => put_error(out, e),
+    }
+}
+
+/// The V4 tail (received acks asked for) only when set: a HelloAck without it reads
+/// as V1 (durable acks only).
+fn put_hello_ack(out: &mut BytesMut, a: &HelloAck) {
+    out.put_u16_le(a.version);
+    out.put_u16_le(0);
+    out.put_u32_le(0);
+    out.put_u64_le(a.resume_seq);
+    if a.received_acks {
+        out.put_u32_le(HELLO_ACK_RECEIVED_ACKS);
+        out.put_u32_le(0); // reserved
+    }
+}
+
+fn put_write_set(out: &mut BytesMut, ws: &WriteSet) {
+    put_write_set_fixed(out, ws);
+    for r in &ws.records {
+        put_record_header(out, r);
+        out.put_slice(&r.data);
+    }
+}
+
+/// `received_seq` (V4 tail) only when above the durable one: a V1 ack means the
+/// two are equal.
+fn put_ack(out: &mut BytesMut, a: &Ack) {
+    out.put_u64_le(a.received_durable_seq);
+    out.put_u64_le(a.applied_seq);
+    if a.received_seq > a.received_durable_seq {
+        out.put_u64_le(a.received_seq);
+    }
+}
+
+/// The sync-loss tail (V2) only when there is one: `None` is a V1 heartbeat.
+fn put_heartbeat(out: &mut BytesMut, hb: &Heartbeat) {
+    out.put_u64_le(hb.sent_at_ns);
+    out.put_u64_le(hb.echo_ns);
+    out.put_u64_le(hb.last_seq);
+    if let Some(loss) = hb.sync_loss {
+        let (flags, at) = match loss {
+            SyncLoss::None => (0u32, 0u64),
+            SyncLoss::DegradedAt(at) => (1, at),
+        };
+        out.put_u32_le(flags);
+        out.put_u32_le(0); // reserved
+        out.put_u64_le(at);
+    }
+}
+
+fn put_digest_request(out: &mut BytesMut, d: &DigestRequest) {
+    out.put_u64_le(d.id);
+    out.put_u64_le(d.chunk_size);
+    out.put_u64_le(d.seed);
+    out.put_u32_le(d.algo);
+    out.put_u32_le(0);
+}
+
+fn put_verify_result(out: &mut BytesMut, v: &VerifyResult) {
+    out.put_u64_le(v.id);
+    out.put_u32_le(v.volume);
+    out.put_u32_le(u32::from(!v.ok));
+    out.put_slice(&v.body);
+}
+
+fn put_handover_ack(out: &mut BytesMut, a: &HandoverAck) {
+    out.put_u64_le(a.seq);
+    out.put_u64_le(a.new_epoch);
+}
+
+/// The primary's clock (V2 tail) only when known: `None` is a V1 frame.
+fn put_resync_begin(out: &mut BytesMut, b: &ResyncBegin) {
+    out.put_u64_le(b.from_seq);
+    out.put_u64_le(b.snapshot_seq);
+    out.put_u64_le(b.total_bytes);
+    out.put_u32_le(b.region_size);
+    out.put_u32_le(0); // reserved
+    if let Some(t) = b.primary_time_ns {
+        out.put_u64_le(t);
+    }
+}
+
+fn put_resync_data(out: &mut BytesMut, d: &ResyncData) {
+    out.put_u32_le(d.extents.len() as u32); // validated ≤ MAX_RESYNC_EXTENTS
+    out.put_u32_le(0); // reserved
+    for x in &d.extents {
+        out.put_u64_le(x.offset);
+        out.put_u32_le(x.volume);
+        out.put_u32_le(x.length);
+        out.put_u8(if x.data.is_some() { 1 } else { 2 });
+        out.put_slice(&[0u8; 3]); // reserved
+        match &x.data {
+            Some(d) => {
+                out.put_u32_le(d.len() as u32); // validated == length
+                out.put_slice(d);
+            }
+            None => out.put_u32_le(0),
         }
     }
+}
+
+/// The primary's clock (V2 tail) only when known: `None` is a V1 frame.
+fn put_resync_end(out: &mut BytesMut, e: &ResyncEnd) {
+    out.put_u64_le(e.through_seq);
+    out.put_u64_le(e.bytes);
+    out.put_u64_le(e.data_bytes);
+    if let Some(t) = e.primary_time_ns {
+        out.put_u64_le(t);
+    }
+}
+
+fn put_error(out: &mut BytesMut, e: &ErrorFrame) {
+    out.put_u32_le(e.code.to_u32());
+    out.put_u16_le(e.reason.len() as u16); // validated ≤ 1024
+    out.put_u16_le(0);
+    out.put_slice(e.reason.as_bytes());
 }
 
 /// Encodes one frame (copying record data; see [`encode_write_set_vectored`]

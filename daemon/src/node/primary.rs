@@ -36,11 +36,7 @@ pub(crate) async fn run_primary(
 ) -> anyhow::Result<()> {
     let group = Group::new(rec.journal.clone(), rec.checkpoint, JOURNAL_QUEUE);
     let registry = volume_registry(&cfg, &rec, &group);
-    if let Some(o) = rec.meta.outdated()? {
-        let why = outdated_reason(&o);
-        tracing::error!("{why}");
-        group.set_fence(Some(why));
-    }
+    fence_if_outdated(&rec, &group)?;
     // The TLS policy is loaded before the listener opens: a bad certificate stops
     // start-up naming its key.
     let nbd_tls = crate::primary::nbd_tls::policy(&cfg)?;
@@ -54,31 +50,11 @@ pub(crate) async fn run_primary(
         None => None,
     };
     let archives = start_archives(&cfg, &rec, &group, &stop_rx)?;
-    let ckpt = Checkpointer::start(&cfg, rec.clone(), {
-        let (group, repl, archives) = (group.clone(), repl.clone(), archives.clone());
-        Arc::new(move || {
-            let floor = repl.as_ref().map_or(Seq::MAX, |r| r.release_floor());
-            let applied = group.applied_seq();
-            (applied, archives.release_floor(floor.min(applied)))
-        })
-    })?;
+    let ckpt = start_checkpointer(&cfg, &rec, &group, &repl, &archives)?;
     let status = primary_status(&cfg, &rec, &group, repl.clone(), archives, nbd_addr);
     obs.metrics.set_source(status.metrics_source());
     let fence_task = fence_task(&cfg, &rec, &group, &stop_rx)?;
-    let fallback = crate::node::relay::start_fallback(
-        &cfg,
-        repl.clone(),
-        {
-            let r = rec.clone();
-            Arc::new(move || {
-                r.meta
-                    .checkpoint()
-                    .unwrap_or(0)
-                    .min(r.journal.durable_seq())
-            })
-        },
-        stop_rx.clone(),
-    );
+    let fallback = start_fallback(&cfg, &rec, &repl, &stop_rx);
     let (reloader, hup) = reload::start(reload_from, || {
         reload_live(&rec, repl.clone(), &control, &obs)
     });
@@ -93,19 +69,7 @@ pub(crate) async fn run_primary(
     );
     let control_task = control.serve(&cfg, handler, stop_rx.clone());
     let nbd_task = serve_nbd(&cfg, listener, registry.clone(), &group, nbd_tls, stop_rx);
-
-    for v in &cfg.volumes {
-        tracing::info!(volume = %v.name, size = v.size.0, "serving nbd://{nbd_addr}/{}", v.name);
-    }
-    // The ready line carries the bound address, so `listen = "127.0.0.1:0"` works.
-    let watchdog = obs.announce_ready(
-        &format!(
-            "role=primary nbd={nbd_addr} control={}",
-            cfg.control.socket.display()
-        ),
-        &format!("primary: serving nbd://{nbd_addr}"),
-        rec.journal.clone(),
-    );
+    let watchdog = announce_primary(&cfg, &rec, &obs, nbd_addr);
 
     obs.stop_serving(
         shutdown,
@@ -129,6 +93,81 @@ pub(crate) async fn run_primary(
     }
     drop(registry);
     finish_shutdown(ckpt, &rec).await
+}
+
+/// A primary that learned a newer epoch's primary superseded it starts fenced: its
+/// writes stay refused until it is demoted.
+fn fence_if_outdated(rec: &Recovered, group: &Group) -> anyhow::Result<()> {
+    if let Some(o) = rec.meta.outdated()? {
+        let why = outdated_reason(&o);
+        tracing::error!("{why}");
+        group.set_fence(Some(why));
+    }
+    Ok(())
+}
+
+/// The checkpointer, releasing the journal up to what is applied, shipped to every
+/// target and archived.
+fn start_checkpointer(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    group: &Arc<Group>,
+    repl: &Option<Arc<Replication>>,
+    archives: &Arc<crate::archive::Archives>,
+) -> anyhow::Result<Checkpointer> {
+    Checkpointer::start(cfg, rec.clone(), {
+        let (group, repl, archives) = (group.clone(), repl.clone(), archives.clone());
+        Arc::new(move || {
+            let floor = repl.as_ref().map_or(Seq::MAX, |r| r.release_floor());
+            let applied = group.applied_seq();
+            (applied, archives.release_floor(floor.min(applied)))
+        })
+    })
+}
+
+/// The fallback monitor (`relay::start_fallback`); a target it adds is assumed at
+/// this node's checkpoint (durable) until its Hello says where it is.
+fn start_fallback(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    repl: &Option<Arc<Replication>>,
+    stop_rx: &watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
+    crate::node::relay::start_fallback(
+        cfg,
+        repl.clone(),
+        {
+            let r = rec.clone();
+            Arc::new(move || {
+                r.meta
+                    .checkpoint()
+                    .unwrap_or(0)
+                    .min(r.journal.durable_seq())
+            })
+        },
+        stop_rx.clone(),
+    )
+}
+
+/// Logs the volumes served and tells systemd and the ready line: the primary serves.
+fn announce_primary(
+    cfg: &Config,
+    rec: &Recovered,
+    obs: &Observe,
+    nbd_addr: std::net::SocketAddr,
+) -> Option<JoinHandle<()>> {
+    for v in &cfg.volumes {
+        tracing::info!(volume = %v.name, size = v.size.0, "serving nbd://{nbd_addr}/{}", v.name);
+    }
+    // The ready line carries the bound address, so `listen = "127.0.0.1:0"` works.
+    obs.announce_ready(
+        &format!(
+            "role=primary nbd={nbd_addr} control={}",
+            cfg.control.socket.display()
+        ),
+        &format!("primary: serving nbd://{nbd_addr}"),
+        rec.journal.clone(),
+    )
 }
 
 /// Archive targets (cold tier): they hold the journal from the checkpoint until they

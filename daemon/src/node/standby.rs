@@ -10,9 +10,9 @@ use crate::ops::control;
 use crate::pit::{Pit, PitExports};
 use crate::replica::session as standby;
 use crate::replica::standby::Standby;
-use crate::ship::{self as replication};
+use crate::ship::{self as replication, ShipFeed};
 use crate::store::meta::RollbackState;
-use ferry_api::config::Config;
+use ferry_api::config::{Config, ReplicationConfig};
 
 use crate::node::checkpoint::Checkpointer;
 use crate::node::lifecycle::{
@@ -42,20 +42,7 @@ pub(crate) async fn run_standby(
         .ok_or_else(|| anyhow::anyhow!("a standby needs a [replication] section"))?;
     let listen: std::net::SocketAddr =
         ferry_api::config::parse_addr(&r.listen).map_err(anyhow::Error::msg)?;
-    let paused = initial_pause(&rec)?;
-    if let Some(why) = &paused {
-        tracing::warn!("{why}");
-    }
-    let feed = relay::relay_feed(&cfg, &rec);
-    let standby = Arc::new(Standby::new(
-        rec.journal.clone(),
-        rec.applier.clone(),
-        rec.applied.clone(),
-        (&r.primary, &r.listen),
-        paused,
-        (cfg.via_of(&cfg.node.name).map(str::to_string), feed.clone()),
-    )?);
-    *standby.handover.lock() = Some(take_over(rec.clone(), standby.clone(), life.clone()));
+    let (standby, feed) = new_standby(&cfg, &rec, &r, &life)?;
     let exports = rec
         .applier
         .pit
@@ -74,28 +61,10 @@ pub(crate) async fn run_standby(
     let control = ControlSocket::bind(&cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let relayed = match &feed {
-        Some(f) => Some(relay::start_relay(
-            &cfg,
-            &rec,
-            f,
-            {
-                let sb = standby.clone();
-                Arc::new(move || sb.applied_seq())
-            },
-            &stop_rx,
-        )?),
+        Some(f) => Some(start_relay(&cfg, &rec, f, &standby, &stop_rx)?),
         None => None,
     };
-    let ckpt = Checkpointer::start(&cfg, rec.clone(), {
-        let (sb, relayed) = (standby.clone(), relayed.clone());
-        // A relay keeps what the members it relays to do not hold durably yet.
-        Arc::new(move || {
-            (
-                sb.applied_seq(),
-                relayed.as_ref().map_or(Seq::MAX, |r| r.release_floor()),
-            )
-        })
-    })?;
+    let ckpt = start_checkpointer(&cfg, &rec, &standby, &relayed)?;
     let status = standby_status(&cfg, &rec, &standby, (&exports, relayed));
     obs.metrics.set_source(status.metrics_source());
     let (reloader, hup) = reload::start(reload_from, || reload_live(&rec, &control, &obs));
@@ -139,6 +108,71 @@ pub(crate) async fn run_standby(
     }
     drain_standby(&rec, &standby, exports.as_deref()).await;
     finish_shutdown(ckpt, &rec).await
+}
+
+/// The replica side's state, paused if recovery says so, able to take over; with
+/// relayed members, the feed of the records it passes on to them.
+fn new_standby(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    r: &ReplicationConfig,
+    life: &Arc<Lifecycle>,
+) -> anyhow::Result<(Arc<Standby>, Option<Arc<ShipFeed>>)> {
+    let paused = initial_pause(rec)?;
+    if let Some(why) = &paused {
+        tracing::warn!("{why}");
+    }
+    let feed = relay::relay_feed(cfg, rec);
+    let standby = Arc::new(Standby::new(
+        rec.journal.clone(),
+        rec.applier.clone(),
+        rec.applied.clone(),
+        (&r.primary, &r.listen),
+        paused,
+        (cfg.via_of(&cfg.node.name).map(str::to_string), feed.clone()),
+    )?);
+    *standby.handover.lock() = Some(take_over(rec.clone(), standby.clone(), life.clone()));
+    Ok((standby, feed))
+}
+
+/// The shippers to the members this standby relays to, each told what the replica
+/// has applied.
+fn start_relay(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    feed: &Arc<ShipFeed>,
+    standby: &Arc<Standby>,
+    stop_rx: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Arc<replication::Replication>> {
+    relay::start_relay(
+        cfg,
+        rec,
+        feed,
+        {
+            let sb = standby.clone();
+            Arc::new(move || sb.applied_seq())
+        },
+        stop_rx,
+    )
+}
+
+/// The checkpointer, releasing the journal up to what the replica applied.
+fn start_checkpointer(
+    cfg: &Config,
+    rec: &Arc<Recovered>,
+    standby: &Arc<Standby>,
+    relayed: &Option<Arc<replication::Replication>>,
+) -> anyhow::Result<Checkpointer> {
+    Checkpointer::start(cfg, rec.clone(), {
+        let (sb, relayed) = (standby.clone(), relayed.clone());
+        // A relay keeps what the members it relays to do not hold durably yet.
+        Arc::new(move || {
+            (
+                sb.applied_seq(),
+                relayed.as_ref().map_or(Seq::MAX, |r| r.release_floor()),
+            )
+        })
+    })
 }
 
 /// Whom this standby accepts: its primary; with a `[cluster]`, every member too, a

@@ -66,64 +66,16 @@ pub(crate) fn begin(sb: &Standby, b: &ResyncBegin, advertised: Seq) -> anyhow::R
         );
     }
     let applier = &sb.applier;
-    let journal = &sb.journal;
-    // Everything journaled must be applied before the copy overwrites the replica
-    // (and the checkpoint below claims it).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while journal.durable_seq() < journal.last_seq() || sb.applied_seq() < journal.durable_seq() {
-        if let Some(e) = sb.state.apply_error.lock().clone() {
-            bail!("cannot resync: the replica applier stopped ({e})");
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "cannot resync: the replica did not apply the journal within 30 s \
-                 (durable {}, applied {})",
-                journal.durable_seq(),
-                sb.applied_seq()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let here = journal.durable_seq();
+    wait_applied(sb)?;
+    let here = sb.journal.durable_seq();
     if b.snapshot_seq < here {
         bail!(
             "ResyncBegin snapshot {} is below this standby's journal ({here})",
             b.snapshot_seq
         );
     }
-    for base in &applier.bases {
-        base.sync()
-            .with_context(|| format!("resync: fsync {}", base.path.display()))?;
-    }
-    let prev = applier.resync.get();
-    let st = ResyncState {
-        // A transition interrupted earlier goes on: its start stays the last
-        // consistent point.
-        from: prev.map_or(here, |p| p.from),
-        snapshot: b.snapshot_seq,
-        through: 0,
-        copied: false,
-    };
-    applier
-        .meta
-        .begin_resync(&st, here)
-        .context("recording the resync")?;
-    applier.resync.set(Some(st));
-    journal
-        .skip_to(b.snapshot_seq)
-        .context("continuing the journal after the resync snapshot")?;
-    if let Some(f) = &sb.feed {
-        f.skipped_to(b.snapshot_seq);
-    }
-    if sb.state.relay_resync.load(Ordering::Acquire) {
-        // The resync the relay was asked for (a full one) is under way: the copy
-        // replaces whatever this node held of the old epoch.
-        applier
-            .meta
-            .set_relay_resync(false)
-            .context("clearing the request for a resync from the relay")?;
-        sb.state.relay_resync.store(false, Ordering::Release);
-    }
+    let st = record_transition(sb, b, here)?;
+    clear_relay_resync(sb)?;
     // Nothing is left to apply up to the snapshot: the copy stands in for it.
     sb.set_applied(b.snapshot_seq);
     // Recovery points carry the primary's time (as write-sets do): the standby's
@@ -146,10 +98,7 @@ pub(crate) fn begin(sb: &Standby, b: &ResyncBegin, advertised: Seq) -> anyhow::R
          until it completes (its last consistent point, {}, stays reachable)",
         st.from
     );
-    let pause = std::env::var(RESYNC_PAUSE_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis);
+    let pause = test_pause();
     Ok(Copy {
         from: st.from,
         snapshot: b.snapshot_seq,
@@ -159,6 +108,81 @@ pub(crate) fn begin(sb: &Standby, b: &ResyncBegin, advertised: Seq) -> anyhow::R
         started: Instant::now(),
         pause,
     })
+}
+
+/// Everything journaled must be applied before the copy overwrites the replica
+/// (and the checkpoint `begin` records claims it).
+fn wait_applied(sb: &Standby) -> anyhow::Result<()> {
+    let journal = &sb.journal;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while journal.durable_seq() < journal.last_seq() || sb.applied_seq() < journal.durable_seq() {
+        if let Some(e) = sb.state.apply_error.lock().clone() {
+            bail!("cannot resync: the replica applier stopped ({e})");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "cannot resync: the replica did not apply the journal within 30 s \
+                 (durable {}, applied {})",
+                journal.durable_seq(),
+                sb.applied_seq()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// The transition made durable before any copied byte lands: the bases fsynced, then
+/// the metadata's one transaction (see the module docs), then the journal (and the
+/// relay feed) continued after the snapshot.
+fn record_transition(sb: &Standby, b: &ResyncBegin, here: Seq) -> anyhow::Result<ResyncState> {
+    let applier = &sb.applier;
+    for base in &applier.bases {
+        base.sync()
+            .with_context(|| format!("resync: fsync {}", base.path.display()))?;
+    }
+    let prev = applier.resync.get();
+    let st = ResyncState {
+        // A transition interrupted earlier goes on: its start stays the last
+        // consistent point.
+        from: prev.map_or(here, |p| p.from),
+        snapshot: b.snapshot_seq,
+        through: 0,
+        copied: false,
+    };
+    applier
+        .meta
+        .begin_resync(&st, here)
+        .context("recording the resync")?;
+    applier.resync.set(Some(st));
+    sb.journal
+        .skip_to(b.snapshot_seq)
+        .context("continuing the journal after the resync snapshot")?;
+    if let Some(f) = &sb.feed {
+        f.skipped_to(b.snapshot_seq);
+    }
+    Ok(st)
+}
+
+/// The resync the relay was asked for (a full one) is under way: the copy replaces
+/// whatever this node held of the old epoch, so the request is cleared.
+fn clear_relay_resync(sb: &Standby) -> anyhow::Result<()> {
+    if sb.state.relay_resync.load(Ordering::Acquire) {
+        sb.applier
+            .meta
+            .set_relay_resync(false)
+            .context("clearing the request for a resync from the relay")?;
+        sb.state.relay_resync.store(false, Ordering::Release);
+    }
+    Ok(())
+}
+
+/// The test hook's pause after each batch ([`RESYNC_PAUSE_ENV`]), if set.
+fn test_pause() -> Option<Duration> {
+    std::env::var(RESYNC_PAUSE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
 }
 
 /// One `ResyncData` batch: before-images to the undo log, then the bytes.

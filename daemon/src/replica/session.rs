@@ -28,8 +28,8 @@ use anyhow::{anyhow, bail, Context};
 use ferry_journal::{now_ns, Seq};
 use ferry_proto::session::{LocalIdentity, Received, Receiver};
 use ferry_proto::wire::{
-    Ack, DigestRequest, ErrorCode, ErrorFrame, Frame, HandoverAck, Heartbeat, SyncLoss,
-    VerifyResult,
+    Ack, DigestRequest, Epoch, ErrorCode, ErrorFrame, Frame, HandoverAck, Heartbeat, ResyncBegin,
+    ResyncData, ResyncEnd, SyncLoss, VerifyResult, WriteSet,
 };
 use ferry_transport::quic::{
     self, FramedRecv, FramedSend, QuicError, StandbySession, TlsMaterial, TransportOptions,
@@ -238,31 +238,43 @@ async fn session(
     wait_journal_durable(sb).await?;
     let durable = sb.resume_position();
     let names = quic::peer_node_names(&conn);
-    // The relay (cascading) is accepted as the primary is, in the same epoch: its
-    // Hello must name it (and the certificate, below).
-    let relayed;
-    let local = match source_name(sb, &names) {
-        Some(src) if src != local.expected_peer_name => {
-            relayed = LocalIdentity {
-                expected_peer_name: src.to_string(),
-                ..local.clone()
-            };
-            &relayed
-        }
-        _ => local,
-    };
+    let relayed = relay_identity(sb, &names, local);
+    let local = relayed.as_ref().unwrap_or(local);
     let mut seen = None;
     let handshake = quic::standby_handshake_observed(conn, local, durable, opts, |h| {
         seen = Some(h.clone());
     })
     .await;
-    let mut s = match (handshake, seen, &peers.refused) {
+    let s = match (handshake, seen, &peers.refused) {
         (Ok(s), _, _) => s,
         (Err(e), Some(hello), Some(refused)) if refused(&hello, &names, &e) => return Ok(()),
         (Err(e), _, _) => return Err(seeded_refusal(sb, durable, e)),
     };
-    // TLS admits every member: the Hello's name must be the certificate's, or a
-    // member could pass for the primary.
+    check_hello_name(&names, &s)?;
+    tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");
+    *sb.state.connected.lock() = Some(peer.to_string());
+    *sb.state.source.lock() = Some(s.peer_hello.node_name.clone());
+    *sb.state.last_error.lock() = None;
+    stream(sb, local, opts, s, durable).await
+}
+
+/// The identity this session's Hello is checked against when the certificate names
+/// the relay rather than the primary; `None` keeps the configured one.
+fn relay_identity(sb: &Standby, names: &[String], local: &LocalIdentity) -> Option<LocalIdentity> {
+    // The relay (cascading) is accepted as the primary is, in the same epoch: its
+    // Hello must name it (and the certificate, below).
+    match source_name(sb, names) {
+        Some(src) if src != local.expected_peer_name => Some(LocalIdentity {
+            expected_peer_name: src.to_string(),
+            ..local.clone()
+        }),
+        _ => None,
+    }
+}
+
+/// TLS admits every member: the Hello's name must be the certificate's, or a
+/// member could pass for the primary.
+fn check_hello_name(names: &[String], s: &StandbySession) -> anyhow::Result<()> {
     if !names.contains(&s.peer_hello.node_name) {
         bail!(
             "the peer's certificate names {:?} but its Hello claims to be '{}': refused",
@@ -270,10 +282,18 @@ async fn session(
             s.peer_hello.node_name
         );
     }
-    tracing::info!(%peer, primary = %s.peer_hello.node_name, resume = durable, "primary connected");
-    *sb.state.connected.lock() = Some(peer.to_string());
-    *sb.state.source.lock() = Some(s.peer_hello.node_name.clone());
-    *sb.state.last_error.lock() = None;
+    Ok(())
+}
+
+/// A handshaken session's loop: frames from both streams, acks as the journal and
+/// the applier advance, verify results, heartbeats; until an error or a handover.
+async fn stream(
+    sb: &Standby,
+    local: &LocalIdentity,
+    opts: &TransportOptions,
+    mut s: StandbySession,
+    durable: Seq,
+) -> anyhow::Result<()> {
     let mut rx = Receiver::new(local.epoch, durable, sb.applied_seq().min(durable))
         .with_volumes(local.volumes.clone())
         .with_received_acks(s.hello_ack.received_acks);
@@ -290,19 +310,7 @@ async fn session(
     let mut outbox = sb.outbox.rx.lock().await;
     loop {
         tokio::select! {
-            Some(o) = outbox.recv() => {
-                let (ok, body) = match o.result {
-                    Ok(b) => (true, bytes::Bytes::from(b)),
-                    Err(e) => (false, bytes::Bytes::from(e.into_bytes())),
-                };
-                s.control_send.send_frame(&Frame::VerifyResult(VerifyResult {
-                    epoch: local.epoch,
-                    id: o.id,
-                    volume: o.volume,
-                    ok,
-                    body,
-                })).await?;
-            }
+            Some(o) = outbox.recv() => send_verify_result(&mut s.control_send, local, o).await?,
             d = conn.accept_uni(), if data.is_none() => {
                 data = Some(FramedRecv::new(d?, opts.max_frame_len));
             }
@@ -331,19 +339,51 @@ async fn session(
                     s.control_send.send_frame(&Frame::Ack(ack)).await?;
                 }
             }
-            _ = heartbeat.tick() => {
-                s.control_send.send_frame(&Frame::Heartbeat(Heartbeat {
-                    epoch: local.epoch,
-                    sent_at_ns: now_ns(),
-                    // Not a reply: echoing the last primary timestamp here would make the
-                    // primary measure its age (up to a heartbeat interval) as the RTT.
-                    echo_ns: 0,
-                    last_seq: sb.journal.durable_seq(),
-                    sync_loss: None,
-                })).await?;
-            }
+            _ = heartbeat.tick() => send_heartbeat(sb, local, &mut s.control_send).await?,
         }
     }
+}
+
+/// A verify job's answer (from the node's outbox) to the primary that asked.
+async fn send_verify_result(
+    control: &mut FramedSend,
+    local: &LocalIdentity,
+    o: crate::verify::Outcome,
+) -> anyhow::Result<()> {
+    let (ok, body) = match o.result {
+        Ok(b) => (true, bytes::Bytes::from(b)),
+        Err(e) => (false, bytes::Bytes::from(e.into_bytes())),
+    };
+    control
+        .send_frame(&Frame::VerifyResult(VerifyResult {
+            epoch: local.epoch,
+            id: o.id,
+            volume: o.volume,
+            ok,
+            body,
+        }))
+        .await?;
+    Ok(())
+}
+
+/// This standby's own heartbeat, sent every second.
+async fn send_heartbeat(
+    sb: &Standby,
+    local: &LocalIdentity,
+    control: &mut FramedSend,
+) -> anyhow::Result<()> {
+    control
+        .send_frame(&Frame::Heartbeat(Heartbeat {
+            epoch: local.epoch,
+            sent_at_ns: now_ns(),
+            // Not a reply: echoing the last primary timestamp here would make the
+            // primary measure its age (up to a heartbeat interval) as the RTT.
+            echo_ns: 0,
+            last_seq: sb.journal.durable_seq(),
+            sync_loss: None,
+        }))
+        .await?;
+    Ok(())
 }
 
 /// A previous session's records may still be queued in the journal: wait until
@@ -395,93 +435,119 @@ impl DataFrames<'_> {
                      needs the primary to resync it (ResyncBegin) before streaming"
                 )
             }
-            Frame::ResyncBegin(b) => {
-                sb.state.heard_from_primary();
-                self.rx
-                    .check_epoch(b.epoch)
-                    .map_err(|e| anyhow!("resync refused: {e}"))?;
-                if self.copy.is_some() || self.rx.received_seq() != self.durable {
-                    bail!("ResyncBegin in the middle of a session");
-                }
-                let durable = self.durable;
-                *self.copy = Some(tokio::task::block_in_place(|| {
-                    resync::begin(sb, &b, durable)
-                })?);
-            }
-            Frame::ResyncData(d) => {
-                sb.state.heard_from_primary();
-                self.rx
-                    .check_epoch(d.epoch)
-                    .map_err(|e| anyhow!("resync refused: {e}"))?;
-                let c = self
-                    .copy
-                    .as_mut()
-                    .ok_or_else(|| anyhow!("ResyncData without ResyncBegin"))?;
-                tokio::task::block_in_place(|| resync::data(sb, c, d))?;
-            }
-            Frame::ResyncEnd(e) => {
-                sb.state.heard_from_primary();
-                self.rx
-                    .check_epoch(e.epoch)
-                    .map_err(|e| anyhow!("resync refused: {e}"))?;
-                let c = self
-                    .copy
-                    .take()
-                    .ok_or_else(|| anyhow!("ResyncEnd without ResyncBegin"))?;
-                tokio::task::block_in_place(|| resync::end(sb, &c, &e))?;
-                let ack = self.rx.resynced(c.snapshot).map_err(|e| anyhow!("{e}"))?;
-                control.send_frame(&Frame::Ack(ack)).await?;
-            }
-            Frame::WriteSet(ws) => {
-                sb.state.heard_from_primary();
-                sb.state
-                    .last_primary_seq
-                    .fetch_max(ws.last_seq, Ordering::Relaxed);
-                if sb.state.relay_resync.load(Ordering::Acquire) {
-                    let frame = ErrorFrame {
-                        epoch: self.rx.epoch(),
-                        code: ErrorCode::ResyncRequired,
-                        reason: "this standby followed a newer epoch through its relay and may \
-                                 hold records of the old epoch past the new primary's fork: a \
-                                 full resync by digest is needed"
-                            .into(),
-                    };
-                    quic::refuse(self.conn, control, frame).await;
-                    bail!("write-set refused: a resync is needed after following a newer epoch through the relay");
-                }
-                if crate::store::failpoint::check("ferryd::standby_refuse_write_set").is_err() {
-                    // As for a record outside the replica (`ResyncRequired`).
-                    let frame = ErrorFrame {
-                        epoch: self.rx.epoch(),
-                        code: ErrorCode::ResyncRequired,
-                        reason: "failpoint ferryd::standby_refuse_write_set".into(),
-                    };
-                    quic::refuse(self.conn, control, frame).await;
-                    bail!("write-set refused by a failpoint");
-                }
-                match self.rx.on_write_set(ws) {
-                    Ok(Received::Accept(ws)) => {
-                        sb.journal_write_set(ws)?;
-                        // After the append is queued: a journal that refused it ended
-                        // the session above, so no refused write-set is acknowledged.
-                        if let Some(ack) = self.rx.received_ack() {
-                            control.send_frame(&Frame::Ack(ack)).await?;
-                        }
-                    }
-                    Ok(Received::Duplicate(ack)) => control.send_frame(&Frame::Ack(ack)).await?,
-                    Err(e) => {
-                        // Told before the session ends, so the primary logs why (and,
-                        // for a record outside the replica, that a resync is needed).
-                        let frame = e.to_error_frame(self.rx.epoch());
-                        quic::refuse(self.conn, control, frame).await;
-                        bail!("write-set refused: {e}");
-                    }
-                }
-            }
+            Frame::ResyncBegin(b) => self.resync_begin(&b)?,
+            Frame::ResyncData(d) => self.resync_data(d)?,
+            Frame::ResyncEnd(e) => self.resync_end(control, &e).await?,
+            Frame::WriteSet(ws) => self.write_set(control, ws).await?,
             other => bail!(
                 "unexpected {:?} frame on the data stream",
                 other.frame_type()
             ),
+        }
+        Ok(())
+    }
+
+    /// Every resync frame is word from the primary, and of this session's epoch.
+    fn resync_frame(&self, epoch: Epoch) -> anyhow::Result<()> {
+        self.sb.state.heard_from_primary();
+        self.rx
+            .check_epoch(epoch)
+            .map_err(|e| anyhow!("resync refused: {e}"))?;
+        Ok(())
+    }
+
+    /// The copy starts: only at the position this session's Hello advertised.
+    fn resync_begin(&mut self, b: &ResyncBegin) -> anyhow::Result<()> {
+        self.resync_frame(b.epoch)?;
+        if self.copy.is_some() || self.rx.received_seq() != self.durable {
+            bail!("ResyncBegin in the middle of a session");
+        }
+        let (sb, durable) = (self.sb, self.durable);
+        *self.copy = Some(tokio::task::block_in_place(|| {
+            resync::begin(sb, b, durable)
+        })?);
+        Ok(())
+    }
+
+    /// One batch of the copy, written to the replica.
+    fn resync_data(&mut self, d: ResyncData) -> anyhow::Result<()> {
+        self.resync_frame(d.epoch)?;
+        let sb = self.sb;
+        let c = self
+            .copy
+            .as_mut()
+            .ok_or_else(|| anyhow!("ResyncData without ResyncBegin"))?;
+        tokio::task::block_in_place(|| resync::data(sb, c, d))?;
+        Ok(())
+    }
+
+    /// The copy is durable: acked as the snapshot it brought the replica to.
+    async fn resync_end(&mut self, control: &mut FramedSend, e: &ResyncEnd) -> anyhow::Result<()> {
+        self.resync_frame(e.epoch)?;
+        let sb = self.sb;
+        let c = self
+            .copy
+            .take()
+            .ok_or_else(|| anyhow!("ResyncEnd without ResyncBegin"))?;
+        tokio::task::block_in_place(|| resync::end(sb, &c, e))?;
+        let ack = self.rx.resynced(c.snapshot).map_err(|e| anyhow!("{e}"))?;
+        control.send_frame(&Frame::Ack(ack)).await?;
+        Ok(())
+    }
+
+    /// A write-set: journaled under the primary's sequence numbers, or refused.
+    async fn write_set(&mut self, control: &mut FramedSend, ws: WriteSet) -> anyhow::Result<()> {
+        let sb = self.sb;
+        sb.state.heard_from_primary();
+        sb.state
+            .last_primary_seq
+            .fetch_max(ws.last_seq, Ordering::Relaxed);
+        self.refuse_while_held(control).await?;
+        match self.rx.on_write_set(ws) {
+            Ok(Received::Accept(ws)) => {
+                sb.journal_write_set(ws)?;
+                // After the append is queued: a journal that refused it ended
+                // the session above, so no refused write-set is acknowledged.
+                if let Some(ack) = self.rx.received_ack() {
+                    control.send_frame(&Frame::Ack(ack)).await?;
+                }
+            }
+            Ok(Received::Duplicate(ack)) => control.send_frame(&Frame::Ack(ack)).await?,
+            Err(e) => {
+                // Told before the session ends, so the primary logs why (and,
+                // for a record outside the replica, that a resync is needed).
+                let frame = e.to_error_frame(self.rx.epoch());
+                quic::refuse(self.conn, control, frame).await;
+                bail!("write-set refused: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses every write-set (and ends the session) while this standby must not
+    /// journal the primary's records whatever their order.
+    async fn refuse_while_held(&self, control: &mut FramedSend) -> anyhow::Result<()> {
+        if self.sb.state.relay_resync.load(Ordering::Acquire) {
+            let frame = ErrorFrame {
+                epoch: self.rx.epoch(),
+                code: ErrorCode::ResyncRequired,
+                reason: "this standby followed a newer epoch through its relay and may \
+                         hold records of the old epoch past the new primary's fork: a \
+                         full resync by digest is needed"
+                    .into(),
+            };
+            quic::refuse(self.conn, control, frame).await;
+            bail!("write-set refused: a resync is needed after following a newer epoch through the relay");
+        }
+        if crate::store::failpoint::check("ferryd::standby_refuse_write_set").is_err() {
+            // As for a record outside the replica (`ResyncRequired`).
+            let frame = ErrorFrame {
+                epoch: self.rx.epoch(),
+                code: ErrorCode::ResyncRequired,
+                reason: "failpoint ferryd::standby_refuse_write_set".into(),
+            };
+            quic::refuse(self.conn, control, frame).await;
+            bail!("write-set refused by a failpoint");
         }
         Ok(())
     }
