@@ -76,11 +76,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("ferryd-rt")
         .build()
         .context("starting the async runtime")?;
-    let exit = rt.block_on(ferryd::node::run_from(
-        cfg,
-        Some(config.clone()),
-        shutdown_signal(),
-    ))?;
+    // The handlers go in before anything is served: created inside the future, they
+    // were installed only at its first poll, after the ready line, so a SIGTERM sent
+    // right after it took the default action and killed the process mid-serve.
+    let shutdown = {
+        let _rt = rt.enter();
+        shutdown_signal()
+    };
+    let exit = rt.block_on(ferryd::node::run_from(cfg, Some(config.clone()), shutdown))?;
     drop(rt);
     if exit == ferryd::node::Exit::Restart {
         // Same PID (systemd keeps tracking it), fresh process: the new role starts from
@@ -153,19 +156,23 @@ fn worker_threads() -> usize {
 }
 
 /// SIGTERM (systemd stop) or SIGINT (Ctrl-C) start a drain; a second one is ignored
-/// because the drain is already bounded.
-async fn shutdown_signal() {
+/// because the drain is already bounded. The handlers are installed when this is
+/// called (inside the runtime), not when the returned future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 
