@@ -783,8 +783,13 @@ pub enum HandshakeError {
     #[error("peer resumes at {resume} but the journal starts at {oldest}: resync required")]
     ResyncRequired { resume: Seq, oldest: Seq },
     /// The peer holds writes of an older epoch past this primary's fork point.
-    #[error("histories diverged after a failover: {0}")]
-    ForkDiverged(String),
+    #[error("histories diverged after a failover: {detail}")]
+    ForkDiverged {
+        detail: String,
+        /// The peer's resume position: once this primary's history passes it, the
+        /// peer is resynced instead of refused.
+        peer_resume: Seq,
+    },
 }
 
 impl HandshakeError {
@@ -796,7 +801,7 @@ impl HandshakeError {
             Self::StaleEpoch { .. } | Self::LocalEpochStale { .. } => ErrorCode::StaleEpoch,
             Self::VersionMismatch { .. } => ErrorCode::VersionMismatch,
             Self::GeometryMismatch { .. } => ErrorCode::GeometryMismatch,
-            Self::Diverged { .. } | Self::ForkDiverged(_) => ErrorCode::Diverged,
+            Self::Diverged { .. } | Self::ForkDiverged { .. } => ErrorCode::Diverged,
             Self::ResyncRequired { .. } => ErrorCode::ResyncRequired,
         }
     }

@@ -801,11 +801,14 @@ impl TargetLifecycle {
     }
 
     fn fork_diverged(&self, fork: Seq, h: &HelloInput) -> HandshakeError {
-        HandshakeError::ForkDiverged(format!(
-            "node '{}' holds sequences up to {} (written after the fork at {fork}); \
-             this primary is at {}: it resyncs once this history passes that point",
-            self.name, h.peer_resume, h.journal.durable
-        ))
+        HandshakeError::ForkDiverged {
+            detail: format!(
+                "node '{}' holds sequences up to {} (written after the fork at {fork}); \
+                 this primary is at {}: it resyncs once this history passes that point",
+                self.name, h.peer_resume, h.journal.durable
+            ),
+            peer_resume: h.peer_resume,
+        }
     }
 
     /// After the handshake, before [`Self::session_started`] (and before the rejoin is

@@ -1057,7 +1057,7 @@ mod lifecycle {
                     self.check(
                         matches!(
                             e,
-                            HandshakeError::Diverged { .. } | HandshakeError::ForkDiverged(_)
+                            HandshakeError::Diverged { .. } | HandshakeError::ForkDiverged { .. }
                         ) && peer_resume > self.durable(),
                         || format!("refused a standby at {peer_resume}: {e}"),
                     );

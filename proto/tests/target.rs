@@ -66,7 +66,11 @@ fn row1_failback_past_the_fork_beyond_this_history_is_refused() {
         .plan_hello(&with_fork(hello(120, 1, 110), 100, false))
         .unwrap_err();
     match err {
-        HandshakeError::ForkDiverged(msg) => {
+        HandshakeError::ForkDiverged {
+            detail: msg,
+            peer_resume,
+        } => {
+            assert_eq!(peer_resume, 120);
             assert!(
                 msg.contains("node 'dr1' holds sequences up to 120"),
                 "{msg}"

@@ -94,7 +94,9 @@ pub(crate) async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
                 "dialing {addr}: failpoint ferryd::ship_connect: {e}"
             )),
         };
+        let mut diverged = None;
         if let Err(e) = dialed {
+            diverged = fork_diverged(&e);
             let newer = e
                 .chain()
                 .find_map(|c| match c.downcast_ref::<quic::QuicError>() {
@@ -116,7 +118,42 @@ pub(crate) async fn run_target(ctx: Arc<ShipContext>, t: Arc<TargetState>) {
         if started.elapsed() > Duration::from_secs(10) {
             backoff.reset();
         }
-        tokio::time::sleep(backoff.next_delay()).await;
+        match diverged {
+            Some(resume) => redial_once_past(&ctx.durable, resume).await,
+            None => tokio::time::sleep(backoff.next_delay()).await,
+        }
+    }
+}
+
+/// The standby's resume position, if the handshake refused it as holding writes past
+/// this primary's fork (`ForkDiverged`).
+fn fork_diverged(e: &anyhow::Error) -> Option<Seq> {
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<quic::QuicError>() {
+            Some(quic::QuicError::Handshake(session::HandshakeError::ForkDiverged {
+                peer_resume,
+                ..
+            })) => Some(*peer_resume),
+            _ => None,
+        })
+}
+
+/// How long a diverged target waits at most before it is dialled again anyway (its
+/// position may have changed: it may have been resynced from elsewhere).
+const DIVERGED_REDIAL_MAX: Duration = Duration::from_secs(10);
+
+/// A target refused as diverged is resynced once this history passes its position:
+/// redial as soon as it does, not after the growing backoff (which could leave a
+/// far site unprotected for seconds after the first writes of a new primary), and
+/// at most every [`DIVERGED_REDIAL_MAX`] while the history stays behind; never more
+/// often than every 100 ms.
+async fn redial_once_past(durable: &crate::ship::feed::DurableSeq, resume: Seq) {
+    let until = Instant::now() + DIVERGED_REDIAL_MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if durable.get() > resume || Instant::now() >= until {
+            return;
+        }
     }
 }
 

@@ -4,9 +4,10 @@
 //! near: `via = "near"`). Every node reaches far and cascade through the userspace
 //! UDP proxy on the bridge, which delays each datagram (a WAN link; this kernel has
 //! no netem). The primary is SIGKILLed mid-workload and near promoted: every
-//! acknowledged write is on near; far and cascade follow near and stream within
-//! 10 s, the resync each re-attach moved is printed; after more writes on near and
-//! lag 0, far's and cascade's volumes equal near's byte for byte.
+//! acknowledged write is on near; the workload moves to near, and far and cascade
+//! follow near and stream within 10 s of the promotion, the resync each re-attach
+//! moved is printed; after more writes on near and lag 0, far's and cascade's volumes
+//! equal near's byte for byte.
 mod common;
 use common::netns::Netns;
 use common::*;
@@ -213,6 +214,32 @@ fn two_sites_three_centres_the_far_site_and_the_cascade_follow_the_promoted_near
         acked.len(),
         killed.elapsed().as_secs_f64()
     );
+    // Every acknowledged write is on near (sync), read before near writes over them.
+    let near_st = wait_for(&cfgs[1], "near to serve as the primary", WAIT, |st| {
+        st["role"] == "primary" && st["nbd"]["listen"].is_string()
+    });
+    let url = format!(
+        "nbd://{}/vol0",
+        near_st["nbd"]["listen"].as_str().unwrap_or("")
+    );
+    let reads: Vec<String> = acked
+        .iter()
+        .map(|o| format!("read -P {} {o} 16k", pattern_of(*o)))
+        .collect();
+    for chunk in reads.chunks(200) {
+        assert_qemu_io_ok(&qemu_io(&url, chunk));
+    }
+
+    // The workload moves to near, over slots the old primary wrote and past them. It
+    // starts before the re-attach is awaited: async far may hold a write or two past
+    // near's fork, and near resyncs it only once its own history passes that point
+    // (until then far's handshake is refused as diverged), as it would under a live
+    // workload. A first few writes do that; the rest follow the re-attach.
+    let more: Vec<String> = (0..64u64)
+        .map(|i| format!("write -P 0x5a {} 16k", i * 131072 + 8192))
+        .collect();
+    let (first, rest) = more.split_at(8);
+    assert_qemu_io_ok(&qemu_io(&url, first));
     let (when, st) = reattached(&cfgs[1], t0);
     for (k, node) in ["far", "cascade"].iter().enumerate() {
         let t = target(&st, node);
@@ -226,22 +253,7 @@ fn two_sites_three_centres_the_far_site_and_the_cascade_follow_the_promoted_near
             None => panic!("{node} did not stream from near within {REATTACH:?}: {st:#}"),
         }
     }
-
-    // Every acknowledged write is on near (sync).
-    let url = format!("nbd://{}/vol0", st["nbd"]["listen"].as_str().unwrap_or(""));
-    let reads: Vec<String> = acked
-        .iter()
-        .map(|o| format!("read -P {} {o} 16k", pattern_of(*o)))
-        .collect();
-    for chunk in reads.chunks(200) {
-        assert_qemu_io_ok(&qemu_io(&url, chunk));
-    }
-
-    // More writes on near, over slots the old primary wrote and past them.
-    let more: Vec<String> = (0..64u64)
-        .map(|i| format!("write -P 0x5a {} 16k", i * 131072 + 8192))
-        .collect();
-    assert_qemu_io_ok(&qemu_io(&url, &more));
+    assert_qemu_io_ok(&qemu_io(&url, rest));
     let st = wait_for(&cfgs[1], "far and cascade to hold everything", WAIT, |st| {
         ["far", "cascade"].iter().all(|n| {
             let t = target(st, n);
