@@ -627,6 +627,47 @@ fn on_ack(ctx: &ShipContext, t: &TargetState, (durable, applied): (Seq, Seq), re
 mod route_tests {
     use super::*;
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a test runtime")
+    }
+
+    /// Well under [`DIVERGED_REDIAL_MAX`]: a redial held until then would miss it.
+    const EARLY: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_diverged_target_is_redialled_once_the_history_passes_its_position() {
+        let durable = Arc::new(crate::ship::feed::DurableSeq::new(60));
+        let writer = Arc::clone(&durable);
+        let publish = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            writer.publish(61); // not past the target's 61 yet
+            std::thread::sleep(Duration::from_millis(300));
+            writer.publish(62);
+        });
+        let waited = runtime()
+            .block_on(async { tokio::time::timeout(EARLY, redial_once_past(&durable, 61)).await });
+        publish.join().expect("the publishing thread");
+        assert!(
+            waited.is_ok(),
+            "still waiting {EARLY:?} after the history passed 61"
+        );
+        assert_eq!(durable.get(), 62, "returned before the history passed 61");
+    }
+
+    #[test]
+    fn a_diverged_target_behind_this_history_is_redialled_after_a_short_pause() {
+        let durable = crate::ship::feed::DurableSeq::new(70);
+        let waited = runtime()
+            .block_on(async { tokio::time::timeout(EARLY, redial_once_past(&durable, 61)).await });
+        assert!(
+            waited.is_ok(),
+            "a target this history already passed waited {EARLY:?}"
+        );
+    }
+
     #[test]
     fn only_sync_targets_of_a_writeback_node_speaking_v4_are_asked_for_received_acks() {
         use session::Negotiated;
