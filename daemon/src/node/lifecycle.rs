@@ -185,6 +185,54 @@ pub(crate) fn transport_options() -> ferry_transport::quic::TransportOptions {
     o
 }
 
+/// What differs between the shippers of a primary and those of a relay.
+pub(crate) struct SenderRole {
+    /// Called when a target shows a newer epoch.
+    pub outdated: crate::ship::session::OutdatedHook,
+    /// A promoted primary's fork point (`None` on a relay).
+    pub fork: Option<(Seq, Arc<crate::store::meta::Meta>)>,
+    /// Whether sync targets are asked for received acks.
+    pub received_acks: bool,
+    /// Why no session may start now (a relay's own replica being resynced).
+    pub hold: Option<crate::ship::session::HoldFn>,
+}
+
+/// The shippers' context of a node that sends, a primary or a relay: it presents
+/// itself in the primary role of the handshake, in its own epoch, and ships from
+/// its journal through `feed`.
+pub(crate) fn sender_context(
+    cfg: &Config,
+    rec: &Recovered,
+    feed: &crate::ship::ShipFeed,
+    sync: &Arc<crate::ship::SyncGate>,
+    role: SenderRole,
+) -> anyhow::Result<Arc<crate::ship::ShipContext>> {
+    use crate::ship as replication;
+    Ok(Arc::new(crate::ship::ShipContext {
+        journal: rec.journal.clone(),
+        tail: feed.tail.clone(),
+        local: replication::local_identity(
+            cfg,
+            rec.meta.node_id,
+            rec.meta.epoch()?,
+            ferry_proto::wire::Role::Primary,
+            &rec.bases,
+            "",
+        ),
+        tls: replication::load_tls(cfg)?,
+        opts: transport_options(),
+        durable: feed.durable(),
+        async_linger: Duration::from_micros(
+            cfg.replication.as_ref().map_or(0, |r| r.async_linger_us),
+        ),
+        sync: sync.clone(),
+        outdated: role.outdated,
+        fork: role.fork,
+        received_acks: role.received_acks,
+        hold: role.hold,
+    }))
+}
+
 /// The last step of both roles' shutdown: the checkpointer's final round fsyncs the
 /// bases and records what they hold.
 pub(crate) async fn finish_shutdown(ckpt: Checkpointer, rec: &Recovered) -> anyhow::Result<()> {

@@ -18,7 +18,7 @@ use ferry_nbd as nbd;
 
 use crate::node::checkpoint::Checkpointer;
 use crate::node::lifecycle::{
-    finish_shutdown, transport_options, wait_until, ControlSocket, Lifecycle, Observe,
+    finish_shutdown, sender_context, wait_until, ControlSocket, Lifecycle, Observe, SenderRole,
 };
 use crate::node::recovery::{Recovered, JOURNAL_QUEUE};
 use crate::node::reload::{self, Reloader};
@@ -498,24 +498,7 @@ fn ship_context(
     group: &Arc<Group>,
     sync: &Arc<SyncGate>,
 ) -> anyhow::Result<Arc<ShipContext>> {
-    Ok(Arc::new(ShipContext {
-        journal: rec.journal.clone(),
-        tail: group.feed.tail.clone(),
-        local: replication::local_identity(
-            cfg,
-            rec.meta.node_id,
-            rec.meta.epoch()?,
-            ferry_proto::wire::Role::Primary,
-            &rec.bases,
-            "",
-        ),
-        tls: replication::load_tls(cfg)?,
-        opts: transport_options(),
-        durable: group.feed.durable(),
-        async_linger: Duration::from_micros(
-            cfg.replication.as_ref().map_or(0, |r| r.async_linger_us),
-        ),
-        sync: sync.clone(),
+    let role = SenderRole {
         outdated: outdated_hook(group, rec, false),
         fork: rec.meta.fork_seq()?.map(|f| (f, rec.meta.clone())),
         received_acks: cfg
@@ -523,7 +506,8 @@ fn ship_context(
             .iter()
             .any(|v| v.cache != ferry_api::config::CacheMode::Writethrough),
         hold: None,
-    }))
+    };
+    sender_context(cfg, rec, &group.feed, sync, role)
 }
 
 fn start_fence_responder(

@@ -24,7 +24,7 @@ use ferry_api::config::Config;
 use ferry_journal::Seq;
 use tokio::sync::watch;
 
-use crate::node::lifecycle::transport_options;
+use crate::node::lifecycle::{sender_context, SenderRole};
 use crate::node::recovery::Recovered;
 use crate::ship::session::HoldFn as ShipHold;
 use crate::ship::{self as replication, Replication, ShipContext, ShipFeed, SyncGate};
@@ -94,24 +94,7 @@ fn relay_context(
     feed: &ShipFeed,
     sync: &Arc<SyncGate>,
 ) -> anyhow::Result<Arc<ShipContext>> {
-    Ok(Arc::new(ShipContext {
-        journal: rec.journal.clone(),
-        tail: feed.tail.clone(),
-        local: replication::local_identity(
-            cfg,
-            rec.meta.node_id,
-            rec.meta.epoch()?,
-            ferry_proto::wire::Role::Primary,
-            &rec.bases,
-            "",
-        ),
-        tls: replication::load_tls(cfg)?,
-        opts: transport_options(),
-        durable: feed.durable(),
-        async_linger: Duration::from_micros(
-            cfg.replication.as_ref().map_or(0, |r| r.async_linger_us),
-        ),
-        sync: sync.clone(),
+    let role = SenderRole {
         outdated: Arc::new(|epoch, by| {
             tracing::warn!(
                 "relayed member '{by}' is in epoch {epoch}, newer than this relay's: not \
@@ -122,7 +105,8 @@ fn relay_context(
         hold: Some(relay_hold(rec)),
         // No client write waits on a relay's targets: durable acks are all it needs.
         received_acks: false,
-    }))
+    };
+    sender_context(cfg, rec, feed, sync, role)
 }
 
 /// Why the relay may not ship now: its replica is what a resync copy to a relayed
