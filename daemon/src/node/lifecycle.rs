@@ -233,6 +233,28 @@ pub(crate) fn sender_context(
     }))
 }
 
+/// What the overflow monitor and the shippers share, on a primary or a relay; only
+/// where the applied position comes from differs.
+pub(crate) fn ship_shared(
+    cfg: &Config,
+    rec: &Recovered,
+    applied: Arc<dyn Fn() -> Seq + Send + Sync>,
+    sync: &Arc<crate::ship::SyncGate>,
+) -> crate::ship::target::Shared {
+    crate::ship::target::Shared {
+        journal: rec.journal.clone(),
+        bases: rec.bases.clone(),
+        applied,
+        checkpoint: {
+            let m = rec.meta.clone();
+            Arc::new(move || m.checkpoint().unwrap_or(0))
+        },
+        sync: Some(sync.clone()),
+        dir: crate::ship::catchup::dirty_dir(cfg),
+        region_size: crate::ship::dirty::DEFAULT_REGION_SIZE,
+    }
+}
+
 /// The last step of both roles' shutdown: the checkpointer's final round fsyncs the
 /// bases and records what they hold.
 pub(crate) async fn finish_shutdown(ckpt: Checkpointer, rec: &Recovered) -> anyhow::Result<()> {

@@ -18,7 +18,8 @@ use ferry_nbd as nbd;
 
 use crate::node::checkpoint::Checkpointer;
 use crate::node::lifecycle::{
-    finish_shutdown, sender_context, wait_until, ControlSocket, Lifecycle, Observe, SenderRole,
+    finish_shutdown, sender_context, ship_shared, wait_until, ControlSocket, Lifecycle, Observe,
+    SenderRole,
 };
 use crate::node::recovery::{Recovered, JOURNAL_QUEUE};
 use crate::node::reload::{self, Reloader};
@@ -475,21 +476,8 @@ fn catchup_shared(
     group: &Arc<Group>,
     sync: &Arc<SyncGate>,
 ) -> crate::ship::target::Shared {
-    crate::ship::target::Shared {
-        journal: rec.journal.clone(),
-        bases: rec.bases.clone(),
-        applied: {
-            let g = group.clone();
-            Arc::new(move || g.applied_seq())
-        },
-        checkpoint: {
-            let m = rec.meta.clone();
-            Arc::new(move || m.checkpoint().unwrap_or(0))
-        },
-        sync: Some(sync.clone()),
-        dir: crate::ship::catchup::dirty_dir(cfg),
-        region_size: crate::ship::dirty::DEFAULT_REGION_SIZE,
-    }
+    let g = group.clone();
+    ship_shared(cfg, rec, Arc::new(move || g.applied_seq()), sync)
 }
 
 fn ship_context(

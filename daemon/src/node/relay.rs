@@ -24,7 +24,7 @@ use ferry_api::config::Config;
 use ferry_journal::Seq;
 use tokio::sync::watch;
 
-use crate::node::lifecycle::{sender_context, SenderRole};
+use crate::node::lifecycle::{sender_context, ship_shared, SenderRole};
 use crate::node::recovery::Recovered;
 use crate::ship::session::HoldFn as ShipHold;
 use crate::ship::{self as replication, Replication, ShipContext, ShipFeed, SyncGate};
@@ -61,18 +61,7 @@ pub(crate) fn start_relay(
     let sync = SyncGate::new(targets.clone(), Duration::from_millis(timeout), None);
     let repl = Replication::new(targets, sync.clone(), feed.index.clone());
     let shared = crate::ship::catchup::start(
-        crate::ship::target::Shared {
-            journal: rec.journal.clone(),
-            bases: rec.bases.clone(),
-            applied,
-            checkpoint: {
-                let m = rec.meta.clone();
-                Arc::new(move || m.checkpoint().unwrap_or(0))
-            },
-            sync: Some(sync.clone()),
-            dir: crate::ship::catchup::dirty_dir(cfg),
-            region_size: crate::ship::dirty::DEFAULT_REGION_SIZE,
-        },
+        ship_shared(cfg, rec, applied, &sync),
         &repl.targets,
         feed,
         stop_rx.clone(),
