@@ -15,14 +15,6 @@ use ferryd::testkit::{assert_qemu_io_ok, qemu_io, skip_without, Node};
 /// Bounded waits: generous, since the machine may be loaded; never a timing assertion.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The status entry of target `name` (`targets[]`), or null.
-fn target<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    st["targets"]
-        .as_array()
-        .and_then(|ts| ts.iter().find(|t| t["name"] == name))
-        .unwrap_or(&serde_json::Value::Null)
-}
-
 /// 16 KiB writes of pattern `p` every 64 KiB over the first `n` slots, then a flush.
 /// Run twice with other patterns over overlapping slots, so an out-of-order apply
 /// would leave an older pattern behind.

@@ -16,24 +16,6 @@ use ferryd::testkit::{
 /// Bounded waits: generous, since the machine may be loaded; never a timing assertion.
 const WAIT: Duration = Duration::from_secs(30);
 
-fn pattern_of(off: u64) -> u64 {
-    off / 65536 % 250 + 1
-}
-
-fn workload(n: u64) -> Vec<String> {
-    (0..n)
-        .map(|i| format!("write -P {} {} 16k", pattern_of(i * 65536), i * 65536))
-        .collect()
-}
-
-/// The status entry of target `name` (a primary's `targets[]`).
-fn target<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    st["targets"]
-        .as_array()
-        .and_then(|ts| ts.iter().find(|t| t["name"] == name))
-        .unwrap_or(&serde_json::Value::Null)
-}
-
 /// The `cluster[]` entry of member `name`.
 fn member<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     st["cluster"]

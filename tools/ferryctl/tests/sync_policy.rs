@@ -33,14 +33,6 @@ const LEN: u64 = 16384;
 /// Each datagram between the primary and dr2 is held this long.
 const DR2_DELAY_MS: u32 = 100;
 
-/// The status entry of target `name` on a primary.
-fn target<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    st["targets"]
-        .as_array()
-        .and_then(|ts| ts.iter().find(|t| t["name"] == name))
-        .unwrap_or(&serde_json::Value::Null)
-}
-
 fn no_sync_loss(st: &serde_json::Value) {
     for name in ["dr1", "dr2"] {
         let t = target(st, name);

@@ -31,25 +31,6 @@ const WAN_DELAY_MS: u32 = 10;
 const MAX_DELTA: u64 = 4 << 20;
 const NAMES: [&str; 4] = ["primary", "near", "far", "cascade"];
 
-fn pattern_of(off: u64) -> u64 {
-    off / 65536 % 250 + 1
-}
-
-/// 16 KiB writes, one every 64 KiB, each with its slot's pattern.
-fn workload(n: u64) -> Vec<String> {
-    (0..n)
-        .map(|i| format!("write -P {} {} 16k", pattern_of(i * 65536), i * 65536))
-        .collect()
-}
-
-/// The status entry of target `name` (`targets[]`), or null.
-fn target<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    st["targets"]
-        .as_array()
-        .and_then(|ts| ts.iter().find(|t| t["name"] == name))
-        .unwrap_or(&serde_json::Value::Null)
-}
-
 fn volume_of(config: &Path) -> PathBuf {
     Config::load(config).unwrap().volumes[0].path.clone()
 }

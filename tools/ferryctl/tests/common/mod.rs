@@ -288,3 +288,23 @@ pub fn lone_primary(dir: &Path) -> PathBuf {
     );
     dir.join("primary.toml")
 }
+
+/// The pattern byte qemu-io writes in the 64 KiB slot holding `off` (the workload's).
+pub fn pattern_of(off: u64) -> u64 {
+    off / 65536 % 250 + 1
+}
+
+/// `n` 16 KiB writes, one every 64 KiB, each with its slot's pattern.
+pub fn workload(n: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("write -P {} {} 16k", pattern_of(i * 65536), i * 65536))
+        .collect()
+}
+
+/// The status entry of target `name` (a primary's or a relay's `targets[]`), or null.
+pub fn target<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    st["targets"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["name"] == name))
+        .unwrap_or(&serde_json::Value::Null)
+}
