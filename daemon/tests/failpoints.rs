@@ -497,3 +497,82 @@ fn path7_a_standby_resync_request_survives_a_primary_restart() {
         "the resync copied the write"
     );
 }
+
+/// Issue 18, item 2: a primary ships each record while its own journal writes it, so a
+/// standby may hold a record the primary's journal never did. Here the primary's
+/// journal writer stalls (`journal::batch_write=sleep`) while dr1 takes the write
+/// durably; the primary is SIGKILLed, so the write was never acknowledged, and restarts
+/// with a journal that ends before it. Its next write reuses the sequence. dr1 must not
+/// stream on from its position (it would keep the lost write and miss the new one):
+/// the crash horizon makes it resync, and both nodes end up byte for byte equal.
+#[test]
+fn a_record_shipped_before_the_primary_crashed_unjournaled_is_resynced_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let ([pcfg, scfg], _links) = pair::cluster(dir.path());
+    let dr1 = Node::start_env(ferryd(), &scfg, &pair::TEST_ENV);
+    let mut env = pair::TEST_ENV.to_vec();
+    env.push(("FAILPOINTS", "journal::batch_write=sleep(60000)"));
+    let mut primary = Node::start_env(ferryd(), &pcfg, &env);
+    pair::wait(&primary, "dr1 to stream", Duration::from_secs(30), |st| {
+        st["targets"][0]["state"] == "streaming"
+    });
+    let p_addr = pair::primary_of(&primary, 1);
+    // The write stalls in the primary's journal; it is never acknowledged.
+    let stalled = std::thread::spawn(move || {
+        let (mut c, _) = ferry_nbd::testclient::TestClient::open(p_addr, pair::VOLUME).unwrap();
+        c.write(0, &pair::block(0x5a), 0)
+    });
+    pair::wait(
+        &dr1,
+        "dr1 to hold the write the primary's journal has not written",
+        Duration::from_secs(30),
+        |st| st["durable_seq"].as_u64() >= Some(1),
+    );
+    let st = pair::status(&primary).expect("primary status");
+    assert_eq!(
+        st["durable_seq"], 0,
+        "the primary's journal wrote it: {st:#}"
+    );
+    primary.kill();
+    let _ = stalled.join();
+
+    let primary = Node::start_env(ferryd(), &pcfg, &pair::TEST_ENV);
+    let p_addr = pair::primary_of(&primary, 1);
+    assert_eq!(
+        pair::write(p_addr, 4096, 0xb2),
+        0,
+        "a write after the restart"
+    );
+    let last = pair::status(&primary).expect("primary status")["durable_seq"]
+        .as_u64()
+        .expect("durable_seq");
+    pair::wait(
+        &primary,
+        "dr1 to hold every write",
+        Duration::from_secs(60),
+        |st| {
+            st["targets"][0]["state"] == "streaming"
+                && st["targets"][0]["applied_seq"].as_u64() >= Some(last)
+        },
+    );
+    let scfg = ferry_api::config::Config::load(&scfg).unwrap();
+    let pcfg = ferry_api::config::Config::load(&pcfg).unwrap();
+    let replica = std::fs::read(&scfg.volumes[0].path).unwrap();
+    let volume = std::fs::read(&pcfg.volumes[0].path).unwrap();
+    assert_eq!(
+        &replica[4096..8192],
+        &pair::block(0xb2)[..],
+        "dr1 missed the write made after the restart"
+    );
+    assert_eq!(
+        &volume[..4096],
+        &pair::block(0)[..],
+        "the restarted primary holds the unjournaled write"
+    );
+    assert!(
+        replica == volume,
+        "dr1 differs from the primary: it kept the write the primary's crash lost \
+         (block 0: {:#x})",
+        replica[0]
+    );
+}

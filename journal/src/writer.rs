@@ -349,6 +349,22 @@ impl Journal {
     /// journal write). If `append` returns an error,
     /// `done` is never called.
     pub fn append(&self, rec: Record, done: Completion) -> Result<Seq> {
+        self.append_sequenced(rec, |_, _| {}, done)
+    }
+
+    /// [`Journal::append`], and `sequenced` is called with the record and its
+    /// sequence once it is assigned, before the record is durable, under the lock
+    /// that assigns sequences: calls come strictly in sequence order, one per record,
+    /// and never for a record `append` refused. It runs on the appender's thread and
+    /// holds up every other appender while it runs: keep it to a quick hand-off.
+    /// (A primary's shippers send records from here, in parallel with the journal
+    /// write; see ferryd `ship::feed`.)
+    pub fn append_sequenced(
+        &self,
+        rec: Record,
+        sequenced: impl FnOnce(Seq, &Record),
+        done: Completion,
+    ) -> Result<Seq> {
         format::validate_record(&rec).map_err(JournalError::InvalidRecord)?;
         let max = self.shared.opts.max_record_data();
         if rec.data.len() as u64 > max {
@@ -380,6 +396,7 @@ impl Journal {
         }
         let seq = q.next_seq;
         q.next_seq += 1;
+        sequenced(seq, &rec);
         q.items.push_back(Pending {
             seq,
             rec,

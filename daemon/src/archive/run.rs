@@ -159,7 +159,8 @@ async fn session(
     let src = ShipSource {
         journal: ctx.journal.clone(),
         tail: ctx.tail.clone(),
-        durable: ctx.durable.clone(),
+        // The archive holds this history: never a record a crash could still lose.
+        upto: ctx.durable.clone(),
         linger: Duration::ZERO,
     };
     let reader = ReaderThread::spawn(

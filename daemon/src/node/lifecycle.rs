@@ -191,6 +191,8 @@ pub(crate) struct SenderRole {
     pub outdated: crate::ship::session::OutdatedHook,
     /// A promoted primary's fork point (`None` on a relay).
     pub fork: Option<(Seq, Arc<crate::store::meta::Meta>)>,
+    /// Where the crash horizons are kept (a primary; `None` on a relay).
+    pub horizons: Option<Arc<crate::store::meta::Meta>>,
     /// Whether sync targets are asked for received acks.
     pub received_acks: bool,
     /// Why no session may start now (a relay's own replica being resynced).
@@ -222,12 +224,19 @@ pub(crate) fn sender_context(
         tls: replication::load_tls(cfg)?,
         opts: transport_options(),
         durable: feed.durable(),
+        ready: feed.ready(),
+        relays: cfg
+            .cluster
+            .iter()
+            .flat_map(|c| c.nodes.iter().filter_map(|n| n.via.clone()))
+            .collect(),
         async_linger: Duration::from_micros(
             cfg.replication.as_ref().map_or(0, |r| r.async_linger_us),
         ),
         sync: sync.clone(),
         outdated: role.outdated,
         fork: role.fork,
+        horizons: role.horizons,
         received_acks: role.received_acks,
         hold: role.hold,
     }))

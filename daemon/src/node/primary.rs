@@ -442,6 +442,11 @@ fn start_replication(
     if targets.is_empty() {
         return Ok(None);
     }
+    // Before anything is shipped in this run: records past this point are this run's.
+    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+    rec.meta
+        .set_crash_horizons(&names, rec.journal.last_seq())
+        .map_err(|e| anyhow::anyhow!("recording the targets' crash horizons: {e}"))?;
     let sync = SyncGate::with_policy(
         targets.clone(),
         Duration::from_millis(r.sync_timeout_ms),
@@ -489,6 +494,7 @@ fn ship_context(
     let role = SenderRole {
         outdated: outdated_hook(group, rec, false),
         fork: rec.meta.fork_seq()?.map(|f| (f, rec.meta.clone())),
+        horizons: Some(rec.meta.clone()),
         received_acks: cfg
             .volumes
             .iter()

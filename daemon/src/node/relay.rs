@@ -91,6 +91,7 @@ fn relay_context(
             )
         }),
         fork: None,
+        horizons: None,
         hold: Some(relay_hold(rec)),
         // No client write waits on a relay's targets: durable acks are all it needs.
         received_acks: false,

@@ -170,7 +170,7 @@ impl Drop for InFlight {
 impl Group {
     pub fn new(journal: Arc<Journal>, applied_from: Seq, queue_slots: usize) -> Arc<Group> {
         Arc::new(Group {
-            feed: Arc::new(ShipFeed::new(journal.durable_seq())),
+            feed: Arc::new(ShipFeed::new_early(journal.durable_seq())),
             journal,
             gate: ApplyGate::new(applied_from),
             sync: parking_lot::RwLock::new(None),
@@ -361,7 +361,7 @@ impl Group {
         };
         let seq = self
             .journal
-            .append(rec, done)
+            .append_sequenced(rec, |seq, r| self.feed.sequenced(seq, r), done)
             .map_err(|e| ExportError::Io(format!("journal: {e}")))?;
         Ok((seq, rx))
     }
@@ -386,15 +386,23 @@ impl Group {
     }
 
     /// A writeback write's reply waits until the sync targets have received it (the
-    /// gate's received position; see the module doc). EIO if the group fails first
-    /// (its journal write failed: it will never be shipped).
+    /// gate's received position; see the module doc) and this journal holds it. EIO
+    /// if the group fails first (its journal write failed).
+    ///
+    /// The local wait is needed because the record is shipped in parallel with the
+    /// journal write (`ship::feed`): the standby may hold it first. A primary that
+    /// crashed before its journal did and then restarted would lack a write it had
+    /// acknowledged, and its crash horizon resyncs the standbys to its own content.
     async fn received_by_sync_targets(&self, seq: Seq) -> Result<(), ExportError> {
         let sync = self.sync.read().clone();
         let Some(sync) = sync.filter(|s| s.has_sync_targets()) else {
             return Ok(());
         };
+        // Applied implies durable (the gate sees records after their completion);
+        // small writes are applied on the completion path itself.
+        let both = async { tokio::join!(sync.wait_received(seq), self.gate.wait_applied(seq)).1 };
         tokio::select! {
-            _ = sync.wait_received(seq) => Ok(()),
+            true = both => Ok(()),
             _ = self.gate.wait_failed() => Err(Self::failed_error()),
         }
     }
@@ -511,7 +519,7 @@ impl Group {
             }
         });
         self.journal
-            .append(rec, done)
+            .append_sequenced(rec, |seq, r| self.feed.sequenced(seq, r), done)
             .map(Some)
             .map_err(|e| ExportError::Io(format!("journal: {e}")))
     }

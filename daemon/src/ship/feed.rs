@@ -1,7 +1,26 @@
-//! What shippers read from the write path: [`ShipFeed`] (fed by the journal's
-//! completion path, strictly in sequence order), the in-memory [`Tail`] of recent
-//! durable records, the [`DurableSeq`] shippers' reader threads wait on, and the
-//! [`SeqIndex`] that gives each target's lag in bytes and seconds.
+//! What shippers read from the write path: [`ShipFeed`] (fed strictly in sequence
+//! order), the in-memory [`Tail`] of recent records, the positions ([`DurableSeq`])
+//! shippers' reader threads wait on, and the [`SeqIndex`] that gives each target's
+//! lag in bytes and seconds.
+//!
+//! # Shipping before local durability
+//!
+//! A primary's feed is *early* ([`ShipFeed::new_early`]): each record enters the
+//! tail when the journal assigns its sequence ([`ShipFeed::sequenced`], called by
+//! `Journal::append_sequenced`), so a shipper sends it while the primary's own
+//! journal write is under way, and a write's reply waits for both (DRBD's parallel
+//! local and remote writes). Two positions come out of it: *ready* (every record in
+//! the tail, what early shippers wait on) and *durable* (what the primary's journal
+//! holds, what the cold tier and targets that relay wait on: they must never hold a
+//! record this history could lose). The tail is read only up to the position the
+//! reader waits on.
+//!
+//! What this costs on a crash: a standby may hold records the restarted primary's
+//! journal lost (none of them was acknowledged: a reply waits for the local journal
+//! in every cache mode once the volume has sync targets, and writethrough always).
+//! The primary's *crash horizon* (`store::meta`, `horizon/<target>`) makes such a
+//! standby resync by digest instead of streaming on from its position
+//! (`ship::session::plan_hello`).
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -139,24 +158,28 @@ impl Tail {
         g.bytes = 0;
     }
 
-    /// Records from `from` on, up to about `max_bytes`.
-    pub fn read(&self, from: Seq, max_bytes: usize) -> TailRead {
+    /// Records from `from` on, up to about `max_bytes` and never past `upto` (the
+    /// position the reader may ship: an early tail holds records not durable yet).
+    pub fn read(&self, from: Seq, max_bytes: usize, upto: Seq) -> TailRead {
         let g = self.inner.lock();
         let (Some(front), Some(back)) = (g.entries.front(), g.entries.back()) else {
             // Nothing kept (yet): anything not durable yet will arrive here; anything
             // older must come from the journal.
             return TailRead::Evicted;
         };
-        let (front, back) = (front.0, back.0);
-        if from > back {
-            return TailRead::Records(Vec::new());
-        }
+        let (front, back) = (front.0, back.0.min(upto));
         if from < front {
             return TailRead::Evicted;
+        }
+        if from > back {
+            return TailRead::Records(Vec::new());
         }
         let mut out = Vec::new();
         let mut bytes = 0;
         for e in g.entries.range((from - front) as usize..) {
+            if e.0 > upto {
+                break;
+            }
             bytes += e.1.data.len() + 32;
             out.push(e.clone());
             if bytes >= max_bytes || e.1.op == Op::Seal {
@@ -174,6 +197,10 @@ pub struct ShipFeed {
     pub index: Arc<SeqIndex>,
     pub tail: Arc<Tail>,
     durable: Arc<DurableSeq>,
+    /// The last record in the tail: `durable`'s twin on a feed that is not early.
+    ready: Arc<DurableSeq>,
+    /// Records enter the tail when sequenced, not when durable (see the module doc).
+    early: bool,
     enabled: AtomicBool,
     /// The last sequence fed (0: none yet), to check that the feed is contiguous.
     last_fed: AtomicU64,
@@ -185,11 +212,28 @@ pub struct ShipFeed {
 }
 
 impl ShipFeed {
+    /// A feed that takes records as they become durable (a relay's).
     pub fn new(durable: Seq) -> ShipFeed {
+        Self::with(durable, false)
+    }
+
+    /// A feed that takes records as they are sequenced (a primary's; module doc).
+    pub fn new_early(durable: Seq) -> ShipFeed {
+        Self::with(durable, true)
+    }
+
+    fn with(durable: Seq, early: bool) -> ShipFeed {
+        let durable = Arc::new(DurableSeq::new(durable));
         ShipFeed {
             index: Arc::new(SeqIndex::default()),
             tail: Arc::new(Tail::new()),
-            durable: Arc::new(DurableSeq::new(durable)),
+            ready: if early {
+                Arc::new(DurableSeq::new(durable.get()))
+            } else {
+                durable.clone()
+            },
+            durable,
+            early,
             enabled: AtomicBool::new(false),
             last_fed: AtomicU64::new(0),
             tracked: Default::default(),
@@ -223,27 +267,47 @@ impl ShipFeed {
         self.enabled.store(true, Ordering::Release);
     }
 
+    /// An early feed: called with every record as its sequence is assigned, in
+    /// sequence order (`Journal::append_sequenced`). A feed that is not early
+    /// ignores it.
+    pub fn sequenced(&self, seq: Seq, rec: &ferry_journal::Record) {
+        if self.early && self.enabled.load(Ordering::Acquire) {
+            self.to_tail(seq, rec.clone());
+        }
+    }
+
     /// Called with every durable record, in sequence order.
     pub fn journaled(&self, seq: Seq, rec: impl FnOnce() -> ferry_journal::Record) {
         if !self.enabled.load(Ordering::Acquire) {
             return;
         }
-        // Shippers, the tail and the dirty maps assume no hole: a record skipped here
-        // would never be shipped from memory nor marked.
+        let rec = rec();
+        for t in self.tracked.read().iter() {
+            t.track.on_durable(seq, &rec);
+        }
+        if !self.early {
+            self.to_tail(seq, rec);
+        }
+        self.durable.publish(seq);
+    }
+
+    /// The record enters the lag index and the tail, and shippers waiting on the
+    /// ready position wake.
+    fn to_tail(&self, seq: Seq, rec: ferry_journal::Record) {
+        // Shippers and the tail assume no hole: a record skipped here would never be
+        // shipped from memory.
         let last = self.last_fed.swap(seq, Ordering::Relaxed);
         debug_assert!(
             last == 0 || seq == last + 1,
             "ShipFeed fed out of order: {seq} after {last}"
         );
-        let rec = rec();
-        for t in self.tracked.read().iter() {
-            t.track.on_durable(seq, &rec);
-        }
         let ts = now_ns();
         // Lag is counted in bytes to ship: a trim's range is not shipped as data.
         self.index.push(seq, rec.data.len() as u64, ts);
         self.tail.push(seq, rec, ts);
-        self.durable.publish(seq);
+        if self.early {
+            self.ready.publish(seq);
+        }
     }
 
     /// The journal went on after `seq` without records up to it (a relay's resync
@@ -258,11 +322,21 @@ impl ShipFeed {
         self.index.clear();
         self.last_fed.store(seq, Ordering::Relaxed);
         self.durable.publish(seq);
+        if self.early {
+            self.ready.publish(seq);
+        }
     }
 
-    /// The durable position a shipper's journal reader waits on.
+    /// The durable position: what a reader that must not ship a record this history
+    /// could still lose waits on.
     pub fn durable(&self) -> Arc<DurableSeq> {
         self.durable.clone()
+    }
+
+    /// The last record in the tail: what other readers wait on (the durable position
+    /// unless the feed is early).
+    pub fn ready(&self) -> Arc<DurableSeq> {
+        self.ready.clone()
     }
 }
 
@@ -331,7 +405,7 @@ mod tests {
         let t = Tail::new();
         t.push(1, rec(10, Op::Write), 1);
         assert!(
-            matches!(t.read(1, 1 << 20), TailRead::Evicted),
+            matches!(t.read(1, 1 << 20, u64::MAX), TailRead::Evicted),
             "a disabled tail keeps nothing"
         );
         t.enable(1000);
@@ -343,8 +417,8 @@ mod tests {
             );
         }
         // 164 bytes accounted per record: about 6 fit in 1000.
-        assert!(matches!(t.read(1, 1 << 20), TailRead::Evicted));
-        match t.read(16, 1 << 20) {
+        assert!(matches!(t.read(1, 1 << 20, u64::MAX), TailRead::Evicted));
+        match t.read(16, 1 << 20, u64::MAX) {
             TailRead::Records(r) => {
                 // Stops at the seal (seq 20).
                 assert_eq!(
@@ -354,7 +428,7 @@ mod tests {
             }
             TailRead::Evicted => panic!("seq 16 is in memory"),
         }
-        assert!(matches!(t.read(21, 1 << 20), TailRead::Records(r) if r.is_empty()));
+        assert!(matches!(t.read(21, 1 << 20, u64::MAX), TailRead::Records(r) if r.is_empty()));
     }
 
     /// A relay's journal that went on after a resync snapshot: the feed forgets the
@@ -369,13 +443,19 @@ mod tests {
         }
         f.skipped_to(10);
         assert_eq!(f.durable().get(), 10);
-        assert!(matches!(f.tail.read(2, 1 << 20), TailRead::Evicted));
+        assert!(matches!(
+            f.tail.read(2, 1 << 20, u64::MAX),
+            TailRead::Evicted
+        ));
         f.journaled(11, || rec(100, Op::Write));
-        match f.tail.read(11, 1 << 20) {
+        match f.tail.read(11, 1 << 20, u64::MAX) {
             TailRead::Records(r) => assert_eq!(r.iter().map(|e| e.0).collect::<Vec<_>>(), vec![11]),
             TailRead::Evicted => panic!("seq 11 is in memory"),
         }
-        assert!(matches!(f.tail.read(5, 1 << 20), TailRead::Evicted));
+        assert!(matches!(
+            f.tail.read(5, 1 << 20, u64::MAX),
+            TailRead::Evicted
+        ));
         f.journaled(12, || rec(100, Op::Write));
         assert_eq!(
             f.index.lag_after(11, now_ns()).0,
@@ -383,6 +463,44 @@ mod tests {
             "only record 12 to ship"
         );
         assert_eq!(f.index.lag_after(12, now_ns()), (0, 0.0));
+    }
+
+    /// A primary's early feed: a record is in the tail, and the ready position moves,
+    /// as soon as it is sequenced; the durable position moves only when the journal
+    /// holds it, and a reader limited to it gets nothing past it.
+    #[test]
+    fn an_early_feed_serves_records_before_they_are_durable_but_only_to_early_readers() {
+        let f = ShipFeed::new_early(0);
+        f.enable(1 << 20);
+        for s in 1..=3 {
+            f.sequenced(s, &rec(100, Op::Write));
+        }
+        assert_eq!((f.ready().get(), f.durable().get()), (3, 0));
+        let seqs = |upto| match f.tail.read(1, 1 << 20, upto) {
+            TailRead::Records(r) => r.iter().map(|e| e.0).collect::<Vec<_>>(),
+            TailRead::Evicted => panic!("seq 1 is in memory"),
+        };
+        assert_eq!(seqs(f.ready().get()), vec![1, 2, 3]);
+        assert!(seqs(f.durable().get()).is_empty(), "nothing durable yet");
+        f.journaled(1, || rec(100, Op::Write));
+        f.journaled(2, || rec(100, Op::Write));
+        assert_eq!((f.ready().get(), f.durable().get()), (3, 2));
+        assert_eq!(seqs(f.durable().get()), vec![1, 2]);
+        // The durable completion does not add the record a second time.
+        f.journaled(3, || rec(100, Op::Write));
+        assert_eq!(seqs(u64::MAX), vec![1, 2, 3]);
+        assert_eq!(
+            f.index.lag_after(1, now_ns()).0,
+            200,
+            "records 2 and 3, each counted once"
+        );
+        // A feed that is not early ignores the sequenced call.
+        let late = ShipFeed::new(0);
+        late.enable(1 << 20);
+        late.sequenced(1, &rec(100, Op::Write));
+        assert_eq!(late.ready().get(), 0);
+        late.journaled(1, || rec(100, Op::Write));
+        assert_eq!((late.ready().get(), late.durable().get()), (1, 1));
     }
 
     #[test]

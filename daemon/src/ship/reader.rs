@@ -1,4 +1,4 @@
-//! The shipper's reader thread: cuts durable journal records into write-sets (from the
+//! The shipper's reader thread: cuts journal records into write-sets (from the
 //! in-memory tail while current, from journal segments while behind), and
 //! [`ReaderThread`], the session's handle that joins it. Whether it reads segments
 //! (the target catches up) is the bandwidth cap's traffic class
@@ -28,7 +28,7 @@ const IDLE_WAIT: Duration = Duration::from_millis(200);
 /// checks the channel between records and returns once it is closed.
 pub(crate) struct ReaderThread {
     rx: mpsc::Receiver<anyhow::Result<WriteSet>>,
-    durable: Arc<DurableSeq>,
+    upto: Arc<DurableSeq>,
     /// The thread reads journal segments (the target is behind the in-memory tail).
     behind: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -45,7 +45,7 @@ impl ReaderThread {
         ahead: usize,
     ) -> anyhow::Result<ReaderThread> {
         let (tx, rx) = mpsc::channel(ahead);
-        let durable = src.durable.clone();
+        let upto = src.upto.clone();
         let behind = Arc::new(AtomicBool::new(false));
         let flag = behind.clone();
         let thread = std::thread::Builder::new()
@@ -54,7 +54,7 @@ impl ReaderThread {
             .context("spawning the journal reader thread")?;
         Ok(ReaderThread {
             rx,
-            durable,
+            upto,
             behind,
             thread: Some(thread),
         })
@@ -80,7 +80,7 @@ impl ReaderThread {
 impl Drop for ReaderThread {
     fn drop(&mut self) {
         self.rx.close();
-        self.durable.wake();
+        self.upto.wake();
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 tracing::error!("a journal reader thread panicked");
@@ -93,7 +93,9 @@ impl Drop for ReaderThread {
 pub(crate) struct ShipSource {
     pub(crate) journal: Arc<Journal>,
     pub(crate) tail: Arc<Tail>,
-    pub(crate) durable: Arc<DurableSeq>,
+    /// The position this reader ships up to and waits on: the feed's ready position
+    /// (records not durable yet included: `ship::feed`), or its durable one.
+    pub(crate) upto: Arc<DurableSeq>,
     /// Coalescing wait once caught up (`replication.async_linger_us`; 0 for sync).
     pub(crate) linger: Duration,
 }
@@ -110,7 +112,7 @@ fn read_write_sets(
     let ShipSource {
         journal,
         tail,
-        durable,
+        upto,
         linger,
     } = src;
     let mut next = from;
@@ -128,15 +130,15 @@ fn read_write_sets(
         }
         // Memory first.
         if reader.is_none() {
-            let read = match tail.read(next, MAX_WRITE_SET_BYTES) {
+            let read = match tail.read(next, MAX_WRITE_SET_BYTES, upto.get()) {
                 // Nothing in memory yet and nothing durable to read: caught up.
                 TailRead::Evicted if next > journal.durable_seq() => TailRead::Records(Vec::new()),
                 r => r,
             };
             match read {
                 TailRead::Records(recs) if recs.is_empty() => {
-                    // Caught up: wait for more durable records (bounded, re-checks).
-                    let arrived = durable.wait_for(next, IDLE_WAIT);
+                    // Caught up: wait for more records (bounded, re-checks).
+                    let arrived = upto.wait_for(next, IDLE_WAIT);
                     // Coalesce: let the records that follow join this write-set.
                     if arrived && !linger.is_zero() {
                         std::thread::sleep(linger);
@@ -283,7 +285,7 @@ mod tests {
         let src = ShipSource {
             journal: j.clone(),
             tail: Arc::new(Tail::new()),
-            durable: durable.clone(),
+            upto: durable.clone(),
             linger: Duration::ZERO,
         };
         let mut reader = ReaderThread::spawn("t", src, 3, 3, 4).unwrap();

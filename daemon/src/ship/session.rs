@@ -45,6 +45,13 @@ pub struct ShipContext {
     pub tls: TlsMaterial,
     pub opts: TransportOptions,
     pub durable: Arc<crate::ship::feed::DurableSeq>,
+    /// The feed's ready position: records sequenced but maybe not durable yet, which
+    /// a primary ships in parallel with its own journal write (`ship::feed`).
+    pub ready: Arc<crate::ship::feed::DurableSeq>,
+    /// Targets that relay to other members (`[[cluster.node]] via`): shipped only
+    /// durable records, since a relay forwards what it holds and its members would
+    /// not learn of this primary's crash horizon.
+    pub relays: Vec<String>,
     /// `replication.async_linger_us`: an async shipper's coalescing wait.
     pub async_linger: Duration,
     pub sync: Arc<SyncGate>,
@@ -56,6 +63,9 @@ pub struct ShipContext {
     /// rejoined after it (a node whose journal goes past the fork without having
     /// rejoined holds writes of the old epoch the new history does not have).
     pub fork: Option<(Seq, Arc<crate::store::meta::Meta>)>,
+    /// On a primary: where the targets' crash horizons are kept (`store::meta`,
+    /// `horizon/<target>`); `None` on a relay, which ships only durable records.
+    pub horizons: Option<Arc<crate::store::meta::Meta>>,
     /// Some volume may run writeback (`volume.cache` other than writethrough): sync
     /// targets are asked for received acks (protocol V4), which writeback replies
     /// wait for. Async targets and writethrough-only nodes never ask, so their
@@ -217,6 +227,11 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     if let (true, Some((fork, meta))) = (plan.record_rejoined, &ctx.fork) {
         meta.set_rejoined(&t.name, *fork)?;
     }
+    // Likewise: the target resumes at or below its crash horizon, or its full
+    // resync is durably planned.
+    if let Some(meta) = &ctx.horizons {
+        meta.clear_crash_horizon(&t.name)?;
+    }
     let peer_resume = s.peer_hello.resume_position;
     tracing::info!(
         target = %t.name,
@@ -246,7 +261,11 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
     let src = ShipSource {
         journal: ctx.journal.clone(),
         tail: ctx.tail.clone(),
-        durable: ctx.durable.clone(),
+        upto: if ctx.relays.contains(&t.name) {
+            ctx.durable.clone()
+        } else {
+            ctx.ready.clone()
+        },
         linger: match t.mode {
             ReplicationMode::Async => ctx.async_linger,
             ReplicationMode::Sync => Duration::ZERO,
@@ -302,6 +321,7 @@ fn plan_hello(
         rejoined: meta.rejoined(&t.name, *fork).unwrap_or(false),
         cut: fork_cut(ctx, *fork, meta),
     });
+    let fork = past_crash_horizon(ctx, t, hello.resume_position).or(fork);
     let input = HelloInput {
         negotiated,
         epoch: ctx.local.epoch,
@@ -344,6 +364,38 @@ fn plan_hello(
     ack.received_acks = wants_received_acks(ctx.received_acks, t.mode, negotiated);
     *planned.lock() = Some(plan);
     Ok(ack)
+}
+
+/// The target's crash horizon as a fork it has not rejoined, if it resumes past it
+/// (`store::meta`, `horizon/<target>`): the records it holds past the horizon may be
+/// ones this primary shipped before its journal held them and lost in a crash, with
+/// the sequences since reused. The lifecycle then refuses it until this history
+/// passes its position and resyncs it by digest, as a node that wrote past a fork.
+/// Taking precedence over a promotion's fork is safe: the horizon is at or past that
+/// fork (set at a later start), and both lead to the same full resync. Unreadable: the
+/// horizon is taken as this journal's first sequence (a resync, never a divergence).
+fn past_crash_horizon(ctx: &ShipContext, t: &TargetState, resume: Seq) -> Option<ForkView> {
+    let meta = ctx.horizons.as_ref()?;
+    let horizon = match meta.crash_horizon(&t.name) {
+        Ok(h) => h?,
+        Err(e) => {
+            tracing::error!(target = %t.name, "reading the crash horizon: {e}");
+            0
+        }
+    };
+    (resume > horizon).then(|| {
+        tracing::warn!(
+            target = %t.name,
+            horizon,
+            resume,
+            "the standby holds records past this primary's journal at its start (shipped              before a crash lost them here): full resync by digest"
+        );
+        ForkView {
+            seq: horizon,
+            rejoined: false,
+            cut: horizon,
+        }
+    })
 }
 
 /// Whether to ask the standby for received acks: only a sync target (writes wait for

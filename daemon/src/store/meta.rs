@@ -69,6 +69,14 @@ const K_PAUSED: &str = "paused";
 /// acknowledged without that sync target; absent or empty once it holds them all.
 /// Written before any such write is acknowledged (`ship::target::SyncGate`).
 const SYNC_LOSS_PREFIX: &str = "sync_loss/";
+/// Primary: `horizon/<target>` = its crash horizon (u64 LE; absent or empty: none):
+/// this journal's last sequence when the primary started, kept until a session with
+/// the target has shown it holds nothing past it. A primary ships records before its
+/// own journal holds them (`ship::feed`), so after a crash a standby may hold records
+/// the restarted journal lost and reuses the sequences of. A crash is not told apart
+/// from a clean stop (after which no target is past the horizon): every start sets
+/// the horizon of each target that has none, keeping an older, lower one.
+const HORIZON_PREFIX: &str = "horizon/";
 /// Standby: the sync loss its primary last told it of (u64 LE; empty: none). Kept
 /// across restarts: the node may be partitioned from the primary from then on, and
 /// `promote` must still refuse.
@@ -640,7 +648,9 @@ impl Meta {
             pairs.push((K_FORK_BY, &[]));
         }
         pairs.extend_from_slice(extra);
-        let stale = self.keys_with_prefixes(&[SYNC_LOSS_PREFIX, RESYNC_REQUIRED_PREFIX])?;
+        // A fork makes every target resync past it: the crash horizons are moot.
+        let stale =
+            self.keys_with_prefixes(&[SYNC_LOSS_PREFIX, RESYNC_REQUIRED_PREFIX, HORIZON_PREFIX])?;
         pairs.extend(stale.iter().map(|k| (k.as_str(), &[][..])));
         self.put_many(&pairs)
     }
@@ -713,6 +723,40 @@ impl Meta {
         }
         let key = format!("{REJOINED_PREFIX}{name}");
         self.put_many(&[(key.as_str(), &fork.to_le_bytes())])
+    }
+
+    /// Primary: target `name`'s crash horizon, if it has one (see `HORIZON_PREFIX`).
+    pub fn crash_horizon(&self, name: &str) -> Result<Option<u64>, MetaError> {
+        let key = format!("{HORIZON_PREFIX}{name}");
+        self.get_opt_u64(&key, "horizon")
+    }
+
+    /// Primary start: every target in `names` without a crash horizon gets `seq`
+    /// (the journal's last sequence); one with a horizon keeps it (it is lower: the
+    /// records past it are still unproven). Durable before it returns.
+    pub fn set_crash_horizons(&self, names: &[String], seq: u64) -> Result<(), MetaError> {
+        let mut keys = Vec::new();
+        for name in names {
+            if self.crash_horizon(name)?.is_none() {
+                keys.push(format!("{HORIZON_PREFIX}{name}"));
+            }
+        }
+        let v = seq.to_le_bytes();
+        let pairs: Vec<(&str, &[u8])> = keys.iter().map(|k| (k.as_str(), &v[..])).collect();
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        self.put_many(&pairs)
+    }
+
+    /// Target `name` has shown it holds nothing past its horizon, or a resync that
+    /// replaces what it holds is durably planned.
+    pub fn clear_crash_horizon(&self, name: &str) -> Result<(), MetaError> {
+        if self.crash_horizon(name)?.is_none() {
+            return Ok(());
+        }
+        let key = format!("{HORIZON_PREFIX}{name}");
+        self.put_many(&[(key.as_str(), &[][..])])
     }
 
     /// Primary: the recorded sync loss of target `name` (see `SYNC_LOSS_PREFIX`).
@@ -984,6 +1028,30 @@ mod tests {
         m.set_resync_state(None).unwrap();
         assert_eq!(m.resync_state().unwrap(), None);
         assert_eq!(m.journal_skip().unwrap(), 40, "the jump target stays");
+    }
+
+    #[test]
+    fn crash_horizons_keep_the_lowest_unproven_position_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = [7u8; 16];
+        let names = ["dr1".to_string(), "dr2".to_string()];
+        {
+            let m = Meta::open(dir.path(), id).unwrap();
+            assert_eq!(m.crash_horizon("dr1").unwrap(), None);
+            m.set_crash_horizons(&names, 10).unwrap();
+            m.clear_crash_horizon("dr2").unwrap();
+            // A second start before dr1 reconnected: its records past 10 are still
+            // unproven, so 10 stays; dr2 proved itself and gets the new position.
+            m.set_crash_horizons(&names, 25).unwrap();
+        }
+        let m = Meta::open(dir.path(), id).unwrap();
+        assert_eq!(m.crash_horizon("dr1").unwrap(), Some(10));
+        assert_eq!(m.crash_horizon("dr2").unwrap(), Some(25));
+        m.clear_crash_horizon("dr1").unwrap();
+        assert_eq!(m.crash_horizon("dr1").unwrap(), None);
+        // A role change (a fork) makes them moot.
+        m.change_role(3, "standby", Some("p"), None).unwrap();
+        assert_eq!(m.crash_horizon("dr2").unwrap(), None);
     }
 
     #[test]
