@@ -559,14 +559,13 @@ fn a_record_shipped_before_the_primary_crashed_unjournaled_is_resynced_away() {
     let pcfg = ferry_api::config::Config::load(&pcfg).unwrap();
     let replica = std::fs::read(&scfg.volumes[0].path).unwrap();
     let volume = std::fs::read(&pcfg.volumes[0].path).unwrap();
-    assert_eq!(
-        &replica[4096..8192],
-        &pair::block(0xb2)[..],
-        "dr1 missed the write made after the restart"
+    assert!(
+        replica[4096..8192] == pair::block(0xb2)[..],
+        "dr1 missed the write made after the restart (block 1 starts {:#x})",
+        replica[4096]
     );
-    assert_eq!(
-        &volume[..4096],
-        &pair::block(0)[..],
+    assert!(
+        volume[..4096] == pair::block(0)[..],
         "the restarted primary holds the unjournaled write"
     );
     assert!(

@@ -161,6 +161,7 @@ async fn session(
         tail: ctx.tail.clone(),
         // The archive holds this history: never a record a crash could still lose.
         upto: ctx.durable.clone(),
+        durable: ctx.durable.clone(),
         linger: Duration::ZERO,
     };
     let reader = ReaderThread::spawn(

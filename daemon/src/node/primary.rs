@@ -443,9 +443,8 @@ fn start_replication(
         return Ok(None);
     }
     // Before anything is shipped in this run: records past this point are this run's.
-    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
     rec.meta
-        .set_crash_horizons(&names, rec.journal.last_seq())
+        .arm_crash_horizons(rec.journal.last_seq())
         .map_err(|e| anyhow::anyhow!("recording the targets' crash horizons: {e}"))?;
     let sync = SyncGate::with_policy(
         targets.clone(),

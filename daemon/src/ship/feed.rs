@@ -344,9 +344,14 @@ impl ShipFeed {
 /// threads to wait on. A plain condition variable, not a tokio channel: the readers
 /// are OS threads, and a tokio timer they drove through a runtime handle panicked
 /// once that runtime was shutting down (a stopping primary).
+///
+/// A session task that reads the tail itself (`ship::reader::ShipReader`) waits on the
+/// same position through [`DurableSeq::subscribe`]: a tokio watch, which needs no timer
+/// and wakes the task on the runtime the write came from, with no thread in between.
 pub struct DurableSeq {
     seq: Mutex<Seq>,
     changed: Condvar,
+    watch: tokio::sync::watch::Sender<Seq>,
 }
 
 impl DurableSeq {
@@ -354,6 +359,7 @@ impl DurableSeq {
         DurableSeq {
             seq: Mutex::new(seq),
             changed: Condvar::new(),
+            watch: tokio::sync::watch::Sender::new(seq),
         }
     }
 
@@ -362,8 +368,17 @@ impl DurableSeq {
     }
 
     pub(crate) fn publish(&self, seq: Seq) {
-        *self.seq.lock() = seq;
+        let mut g = self.seq.lock();
+        *g = seq;
+        // Under the lock: the watch never ends on an older value than the mutex.
+        self.watch.send_replace(seq);
+        drop(g);
         self.changed.notify_all();
+    }
+
+    /// The position as a tokio watch, for async waiters.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Seq> {
+        self.watch.subscribe()
     }
 
     /// Blocks until the durable position is at least `seq`, [`DurableSeq::wake`] is

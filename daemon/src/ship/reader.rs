@@ -1,9 +1,9 @@
-//! The shipper's reader thread: cuts journal records into write-sets (from the
-//! in-memory tail while current, from journal segments while behind), and
-//! [`ReaderThread`], the session's handle that joins it. Whether it reads segments
-//! (the target catches up) is the bandwidth cap's traffic class
-//! ([`ReaderThread::catching_up`]).
-use std::sync::atomic::{AtomicBool, Ordering};
+//! Where a session's write-sets come from: [`ShipReader`] cuts them from the in-memory
+//! tail on the session task while the target is current, and hands over to a
+//! [`ReaderThread`] reading journal segments while it is behind. Whether it reads
+//! segments (the target catches up) is the bandwidth cap's traffic class
+//! ([`ShipReader::catching_up`]). The cold tier's uploader uses a [`ReaderThread`]
+//! alone.
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -29,8 +29,6 @@ const IDLE_WAIT: Duration = Duration::from_millis(200);
 pub(crate) struct ReaderThread {
     rx: mpsc::Receiver<anyhow::Result<WriteSet>>,
     upto: Arc<DurableSeq>,
-    /// The thread reads journal segments (the target is behind the in-memory tail).
-    behind: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -44,26 +42,38 @@ impl ReaderThread {
         epoch: u64,
         ahead: usize,
     ) -> anyhow::Result<ReaderThread> {
+        Self::start(name, src, (from, epoch, ahead), false)
+    }
+
+    /// A thread that reads journal segments from `from` until it has read everything
+    /// durable, then ends (its channel closes): a [`ShipReader`] behind the tail.
+    pub(crate) fn spawn_catch_up(
+        name: &str,
+        src: ShipSource,
+        from: Seq,
+        epoch: u64,
+        ahead: usize,
+    ) -> anyhow::Result<ReaderThread> {
+        Self::start(name, src, (from, epoch, ahead), true)
+    }
+
+    fn start(
+        name: &str,
+        src: ShipSource,
+        (from, epoch, ahead): (Seq, u64, usize),
+        catch_up: bool,
+    ) -> anyhow::Result<ReaderThread> {
         let (tx, rx) = mpsc::channel(ahead);
         let upto = src.upto.clone();
-        let behind = Arc::new(AtomicBool::new(false));
-        let flag = behind.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ferry-ship-{name}"))
-            .spawn(move || read_write_sets(src, from, epoch, tx, &flag))
+            .spawn(move || read_write_sets(src, (from, epoch, catch_up), tx))
             .context("spawning the journal reader thread")?;
         Ok(ReaderThread {
             rx,
             upto,
-            behind,
             thread: Some(thread),
         })
-    }
-
-    /// Whether the write-sets now formed come from journal segments: the target is
-    /// catching up (bulk traffic for the bandwidth cap), not following live writes.
-    pub(crate) fn catching_up(&self) -> bool {
-        self.behind.load(Ordering::Relaxed)
     }
 
     /// The next write-set at once, if one is formed.
@@ -89,6 +99,189 @@ impl Drop for ReaderThread {
     }
 }
 
+/// A replication session's write-sets: read from the in-memory tail by the session
+/// task itself while the target is current, and by a [`ReaderThread`] from journal
+/// segments only while it is behind. A current target is the latency path: a write's
+/// record enters the tail on the task that appended it, the watch wakes the session
+/// task on the same runtime, and the write-set goes out with no thread hand-off (the
+/// reader thread used to cost two context switches per write-set, each way of a
+/// condition variable and a channel). `recv` is cancel safe: records are taken from
+/// the tail only when a write-set is returned.
+pub(crate) struct ShipReader {
+    src: ShipSource,
+    name: String,
+    epoch: u64,
+    ahead: usize,
+    /// The next sequence to ship.
+    next: Seq,
+    upto: tokio::sync::watch::Receiver<Seq>,
+    durable: tokio::sync::watch::Receiver<Seq>,
+    /// Reading journal segments (the target is behind the tail).
+    behind: Option<ReaderThread>,
+    /// The last look at the tail found nothing: the next records linger first.
+    caught_up: bool,
+    /// When lingering records are cut into a write-set.
+    hold_until: Option<tokio::time::Instant>,
+}
+
+/// What [`ShipReader::poll_tail`] found.
+enum Poll {
+    Ready(WriteSet),
+    /// Records are there; they go at this time (linger).
+    Hold(tokio::time::Instant),
+    /// Nothing after `next` yet.
+    Empty,
+    /// `next` is neither in memory nor durable yet (or the tail is still empty).
+    NotYetDurable,
+    /// `next` left memory: read journal segments.
+    Evicted,
+}
+
+impl ShipReader {
+    /// Write-sets from `from` on; a reader thread, if one is needed, forms at most
+    /// `ahead` of them ahead of the network.
+    pub(crate) fn new(name: &str, src: ShipSource, from: Seq, epoch: u64, ahead: usize) -> Self {
+        ShipReader {
+            upto: src.upto.subscribe(),
+            durable: src.durable.subscribe(),
+            src,
+            name: name.to_string(),
+            epoch,
+            ahead,
+            next: from,
+            behind: None,
+            caught_up: false,
+            hold_until: None,
+        }
+    }
+
+    /// Whether the write-sets now formed come from journal segments: the target is
+    /// catching up (bulk traffic for the bandwidth cap), not following live writes.
+    pub(crate) fn catching_up(&self) -> bool {
+        self.behind.is_some()
+    }
+
+    /// The next write-set at once, if one is formed (or due from memory).
+    pub(crate) fn try_recv(&mut self) -> Option<anyhow::Result<WriteSet>> {
+        if let Some(t) = self.behind.as_mut() {
+            return t.try_recv().map(|r| self.took(r));
+        }
+        match self.poll_tail() {
+            Poll::Ready(ws) => Some(Ok(ws)),
+            _ => None,
+        }
+    }
+
+    /// The next write-set; `None` never (the stream goes on until the session ends),
+    /// an error if the journal could not be read.
+    pub(crate) async fn recv(&mut self) -> Option<anyhow::Result<WriteSet>> {
+        loop {
+            if let Some(t) = self.behind.as_mut() {
+                match t.recv().await {
+                    Some(r) => return Some(self.took(r)),
+                    // The thread read everything durable: back to memory.
+                    None => {
+                        self.behind = None;
+                        continue;
+                    }
+                }
+            }
+            // Marked seen before the tail is read: a record published after the read
+            // wakes the wait below.
+            self.upto.borrow_and_update();
+            match self.poll_tail() {
+                Poll::Ready(ws) => return Some(Ok(ws)),
+                Poll::Hold(until) => tokio::time::sleep_until(until).await,
+                Poll::Empty => self.upto.changed().await.ok()?,
+                Poll::NotYetDurable => {
+                    // It arrives in the tail (an empty tail: the first record), or,
+                    // evicted before it was durable, it is read once the journal
+                    // holds it.
+                    let next = self.next;
+                    tokio::select! {
+                        r = self.durable.wait_for(|d| *d >= next) => r.ok().map(|_| ())?,
+                        r = self.upto.changed() => r.ok()?,
+                    }
+                }
+                Poll::Evicted => match self.read_behind() {
+                    Ok(t) => self.behind = Some(t),
+                    Err(e) => return Some(Err(e)),
+                },
+            }
+        }
+    }
+
+    /// What the tail has from `next`. An async target that was caught up lingers
+    /// (`replication.async_linger_us`) from the first record it sees, so the records
+    /// that follow join its write-set, as the reader thread did; one that is behind
+    /// never waits.
+    fn poll_tail(&mut self) -> Poll {
+        let upto = self.src.upto.get();
+        let recs = match self.src.tail.read(self.next, MAX_WRITE_SET_BYTES, upto) {
+            TailRead::Records(recs) => recs,
+            // Not in memory (evicted before it was durable, or the tail is off) and
+            // not readable yet: wait until the journal holds it.
+            TailRead::Evicted if self.next > self.src.journal.durable_seq() => {
+                self.caught_up = true;
+                return Poll::NotYetDurable;
+            }
+            TailRead::Evicted => return Poll::Evicted,
+        };
+        if recs.is_empty() {
+            self.caught_up = true;
+            return Poll::Empty;
+        }
+        if self.caught_up && !self.src.linger.is_zero() {
+            let now = tokio::time::Instant::now();
+            let until = *self.hold_until.get_or_insert(now + self.src.linger);
+            if now < until {
+                return Poll::Hold(until);
+            }
+        }
+        self.caught_up = false;
+        self.hold_until = None;
+        Poll::Ready(self.cut(recs))
+    }
+
+    /// A thread that reads journal segments from `next` until it has read everything
+    /// durable, then ends.
+    fn read_behind(&self) -> anyhow::Result<ReaderThread> {
+        let src = ShipSource {
+            journal: self.src.journal.clone(),
+            tail: self.src.tail.clone(),
+            upto: self.src.upto.clone(),
+            durable: self.src.durable.clone(),
+            linger: self.src.linger,
+        };
+        ReaderThread::spawn_catch_up(&self.name, src, self.next, self.epoch, self.ahead)
+    }
+
+    fn took(&mut self, r: anyhow::Result<WriteSet>) -> anyhow::Result<WriteSet> {
+        let ws = r?;
+        self.next = ws.last_seq + 1;
+        Ok(ws)
+    }
+
+    /// One write-set of the records the tail gave (it stops at a seal and at
+    /// [`MAX_WRITE_SET_BYTES`], as the thread's cut does).
+    fn cut(&mut self, recs: Vec<(Seq, ferry_journal::Record, u64)>) -> WriteSet {
+        let first = recs.first().map_or(self.next, |r| r.0);
+        let last = recs.last().map_or(self.next, |r| r.0);
+        let ts = recs.last().map_or(0, |r| r.2);
+        self.next = last + 1;
+        WriteSet {
+            epoch: self.epoch,
+            first_seq: first,
+            last_seq: last,
+            timestamp_ns: ts,
+            records: recs
+                .into_iter()
+                .map(|(s, r, _)| wire_record(s, r))
+                .collect(),
+        }
+    }
+}
+
 /// Where a shipper's reader thread takes records from, and how it waits for them.
 pub(crate) struct ShipSource {
     pub(crate) journal: Arc<Journal>,
@@ -96,23 +289,25 @@ pub(crate) struct ShipSource {
     /// The position this reader ships up to and waits on: the feed's ready position
     /// (records not durable yet included: `ship::feed`), or its durable one.
     pub(crate) upto: Arc<DurableSeq>,
+    /// The journal's durable position (what a reader behind the tail waits for).
+    pub(crate) durable: Arc<DurableSeq>,
     /// Coalescing wait once caught up (`replication.async_linger_us`; 0 for sync).
     pub(crate) linger: Duration,
 }
 
 /// Produces write-sets from `from` on: from the in-memory tail while it holds the
 /// position, from journal segments while behind. Blocks while the channel is full.
+/// `catch_up`: starts in the journal and returns once it has read everything durable.
 fn read_write_sets(
     src: ShipSource,
-    from: Seq,
-    epoch: u64,
+    (from, epoch, catch_up): (Seq, u64, bool),
     tx: mpsc::Sender<anyhow::Result<WriteSet>>,
-    behind: &AtomicBool,
 ) {
     let ShipSource {
         journal,
         tail,
         upto,
+        durable: _,
         linger,
     } = src;
     let mut next = from;
@@ -124,6 +319,15 @@ fn read_write_sets(
         ts: 0,
     };
     let mut reader: Option<ferry_journal::JournalReader> = None;
+    if catch_up {
+        match journal.reader(next) {
+            Ok(r) => reader = Some(r),
+            Err(e) => {
+                let _ = tx.blocking_send(Err(anyhow!("journal reader from {next}: {e}")));
+                return;
+            }
+        }
+    }
     loop {
         if tx.is_closed() {
             return;
@@ -158,10 +362,7 @@ fn read_write_sets(
                     continue;
                 }
                 TailRead::Evicted => match journal.reader(next) {
-                    Ok(r) => {
-                        behind.store(true, Ordering::Relaxed);
-                        reader = Some(r)
-                    }
+                    Ok(r) => reader = Some(r),
                     Err(e) => {
                         let _ = tx.blocking_send(Err(anyhow!("journal reader from {next}: {e}")));
                         return;
@@ -186,10 +387,9 @@ fn read_write_sets(
                 return;
             }
             None => {
-                if !ws.emit() {
+                if !ws.emit() || catch_up {
                     return;
                 }
-                behind.store(false, Ordering::Relaxed);
                 reader = None;
             }
         }
@@ -286,6 +486,7 @@ mod tests {
             journal: j.clone(),
             tail: Arc::new(Tail::new()),
             upto: durable.clone(),
+            durable: durable.clone(),
             linger: Duration::ZERO,
         };
         let mut reader = ReaderThread::spawn("t", src, 3, 3, 4).unwrap();
@@ -301,5 +502,107 @@ mod tests {
             "joining the waiting reader took {:?}",
             t0.elapsed()
         );
+    }
+
+    fn rec(offset: u64) -> Record {
+        Record::write(0, offset, bytes::Bytes::from(vec![7u8; 4096]))
+    }
+
+    fn source(j: &Arc<Journal>, feed: &crate::ship::ShipFeed, linger: Duration) -> ShipSource {
+        ShipSource {
+            journal: j.clone(),
+            tail: feed.tail.clone(),
+            upto: feed.ready(),
+            durable: feed.durable(),
+            linger,
+        }
+    }
+
+    async fn next_ws(r: &mut ShipReader) -> WriteSet {
+        tokio::time::timeout(Duration::from_secs(10), r.recv())
+            .await
+            .expect("a write-set within 10 s")
+            .expect("the reader runs")
+            .unwrap()
+    }
+
+    fn seqs(ws: &WriteSet) -> Vec<Seq> {
+        ws.records.iter().map(|r| r.seq).collect()
+    }
+
+    /// A current target's write-sets come from the early tail on the session task:
+    /// records not durable yet included, cut at a seal, and nothing read past the
+    /// ready position.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_current_reader_ships_from_memory_before_the_journal_holds_the_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        let feed = crate::ship::ShipFeed::new_early(0);
+        feed.enable(1 << 20);
+        let mut r = ShipReader::new("t", source(&j, &feed, Duration::ZERO), 1, 3, 4);
+        assert!(r.try_recv().is_none(), "nothing sequenced yet");
+        for s in 1..=2 {
+            feed.sequenced(s, &rec(s * 4096));
+        }
+        let seal = Record {
+            volume: 0,
+            op: ferry_journal::Op::Seal,
+            offset: 0,
+            length: 0,
+            data: bytes::Bytes::new(),
+        };
+        feed.sequenced(3, &seal);
+        feed.sequenced(4, &rec(0));
+        assert_eq!(j.durable_seq(), 0, "the journal holds none of them");
+        let ws = next_ws(&mut r).await;
+        assert_eq!((seqs(&ws), ws.epoch), (vec![1, 2, 3], 3), "cut at the seal");
+        assert!(!r.catching_up());
+        assert_eq!(seqs(&r.try_recv().unwrap().unwrap()), vec![4]);
+        // Caught up: the next record wakes the waiting task.
+        let waiting = tokio::spawn(async move { seqs(&next_ws(&mut r).await) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        feed.sequenced(5, &rec(8192));
+        assert_eq!(waiting.await.unwrap(), vec![5]);
+    }
+
+    /// An async target that was caught up lingers from the first record it sees, so
+    /// the records sequenced meanwhile join its write-set.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caught_up_async_reader_lingers_so_that_records_coalesce() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        let feed = crate::ship::ShipFeed::new_early(0);
+        feed.enable(1 << 20);
+        let linger = Duration::from_millis(500);
+        let mut r = ShipReader::new("t", source(&j, &feed, linger), 1, 3, 4);
+        assert!(r.try_recv().is_none());
+        feed.sequenced(1, &rec(0));
+        assert!(r.try_recv().is_none(), "held for the linger");
+        feed.sequenced(2, &rec(4096));
+        assert_eq!(seqs(&next_ws(&mut r).await), vec![1, 2]);
+    }
+
+    /// A reader behind the tail reads journal segments on a thread, then returns to
+    /// memory once it has read everything durable; a record neither in memory nor
+    /// durable is waited for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_behind_the_tail_catches_up_from_the_journal_then_follows_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        for i in 0..5 {
+            write(&j, i * 4096);
+        }
+        // The tail is off (as before replication was enabled): every record is read
+        // back from the journal.
+        let feed = crate::ship::ShipFeed::new_early(j.durable_seq());
+        let mut r = ShipReader::new("t", source(&j, &feed, Duration::ZERO), 3, 3, 4);
+        assert_eq!(seqs(&next_ws(&mut r).await), vec![3, 4, 5]);
+        assert!(r.catching_up(), "read from journal segments");
+        let (jj, f) = (j.clone(), feed.durable());
+        let waiting = tokio::spawn(async move { seqs(&next_ws(&mut r).await) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let s = write(&jj, 1 << 20);
+        f.publish(s);
+        assert_eq!(waiting.await.unwrap(), vec![s], "read once durable");
     }
 }

@@ -20,7 +20,7 @@ use ferry_transport::quic::{self, Backoff, TlsMaterial, TransportOptions};
 use parking_lot::Mutex;
 
 use crate::ship::feed::Tail;
-use crate::ship::reader::{ReaderThread, ShipSource};
+use crate::ship::reader::{ShipReader, ShipSource};
 use crate::ship::target::{SyncGate, TargetState};
 use crate::ship::wan::{sleep_until, Outgoing};
 use ferry_api::config::ReplicationMode;
@@ -228,9 +228,9 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
         meta.set_rejoined(&t.name, *fork)?;
     }
     // Likewise: the target resumes at or below its crash horizon, or its full
-    // resync is durably planned.
+    // resync is durably planned; and the next start must know it was shipped to.
     if let Some(meta) = &ctx.horizons {
-        meta.clear_crash_horizon(&t.name)?;
+        meta.shipping_to(&t.name)?;
     }
     let peer_resume = s.peer_hello.resume_position;
     tracing::info!(
@@ -266,13 +266,14 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
         } else {
             ctx.ready.clone()
         },
+        durable: ctx.durable.clone(),
         linger: match t.mode {
             ReplicationMode::Async => ctx.async_linger,
             ReplicationMode::Sync => Duration::ZERO,
         },
     };
     // Joined when this session ends, however it ends.
-    let reader = ReaderThread::spawn(&t.name, src, resume + 1, epoch, READ_AHEAD_WRITE_SETS)?;
+    let reader = ShipReader::new(&t.name, src, resume + 1, epoch, READ_AHEAD_WRITE_SETS);
     stream(ctx, t, s, reader, resume).await
 }
 
@@ -454,7 +455,7 @@ async fn stream(
     ctx: &ShipContext,
     t: &Arc<TargetState>,
     mut s: quic::PrimarySession,
-    mut reader: ReaderThread,
+    mut reader: ShipReader,
     resume: Seq,
 ) -> anyhow::Result<()> {
     let epoch = ctx.local.epoch;
@@ -546,7 +547,7 @@ async fn transmit(
     s: &mut quic::PrimarySession,
     sender: &mut Sender,
     held: &mut Option<Outgoing>,
-    reader: &ReaderThread,
+    reader: &ShipReader,
 ) -> anyhow::Result<()> {
     loop {
         if held.is_none() {

@@ -74,9 +74,14 @@ const SYNC_LOSS_PREFIX: &str = "sync_loss/";
 /// the target has shown it holds nothing past it. A primary ships records before its
 /// own journal holds them (`ship::feed`), so after a crash a standby may hold records
 /// the restarted journal lost and reuses the sequences of. A crash is not told apart
-/// from a clean stop (after which no target is past the horizon): every start sets
-/// the horizon of each target that has none, keeping an older, lower one.
+/// from a clean stop (after which no target is past the horizon): a start gives a
+/// horizon to each target shipped to since the previous start (`shipped/<target>`),
+/// keeping an older, lower one. A target never shipped to (a standby seeded from the
+/// archive) gets none: it holds only records this journal held durably.
 const HORIZON_PREFIX: &str = "horizon/";
+/// Primary: `shipped/<target>` = 1 (empty: no): a session shipped (or may have
+/// shipped) records to the target since this primary started. See `HORIZON_PREFIX`.
+const SHIPPED_PREFIX: &str = "shipped/";
 /// Standby: the sync loss its primary last told it of (u64 LE; empty: none). Kept
 /// across restarts: the node may be partitioned from the primary from then on, and
 /// `promote` must still refuse.
@@ -649,8 +654,12 @@ impl Meta {
         }
         pairs.extend_from_slice(extra);
         // A fork makes every target resync past it: the crash horizons are moot.
-        let stale =
-            self.keys_with_prefixes(&[SYNC_LOSS_PREFIX, RESYNC_REQUIRED_PREFIX, HORIZON_PREFIX])?;
+        let stale = self.keys_with_prefixes(&[
+            SYNC_LOSS_PREFIX,
+            RESYNC_REQUIRED_PREFIX,
+            HORIZON_PREFIX,
+            SHIPPED_PREFIX,
+        ])?;
         pairs.extend(stale.iter().map(|k| (k.as_str(), &[][..])));
         self.put_many(&pairs)
     }
@@ -731,32 +740,52 @@ impl Meta {
         self.get_opt_u64(&key, "horizon")
     }
 
-    /// Primary start: every target in `names` without a crash horizon gets `seq`
-    /// (the journal's last sequence); one with a horizon keeps it (it is lower: the
-    /// records past it are still unproven). Durable before it returns.
-    pub fn set_crash_horizons(&self, names: &[String], seq: u64) -> Result<(), MetaError> {
+    /// Primary start: every target shipped to since the previous start gets `seq`
+    /// (the journal's last sequence) as its crash horizon unless it has one (lower:
+    /// the records past it are still unproven). Durable before it returns.
+    pub fn arm_crash_horizons(&self, seq: u64) -> Result<(), MetaError> {
         let mut keys = Vec::new();
-        for name in names {
+        for key in self.keys_with_prefixes(&[SHIPPED_PREFIX])? {
+            let name = &key[SHIPPED_PREFIX.len()..];
+            if self.get_opt_u64(&key, "shipped")?.is_none() {
+                continue;
+            }
+            keys.push(key.clone());
             if self.crash_horizon(name)?.is_none() {
                 keys.push(format!("{HORIZON_PREFIX}{name}"));
             }
         }
         let v = seq.to_le_bytes();
-        let pairs: Vec<(&str, &[u8])> = keys.iter().map(|k| (k.as_str(), &v[..])).collect();
+        let pairs: Vec<(&str, &[u8])> = keys
+            .iter()
+            .map(|k| {
+                let value: &[u8] = if k.starts_with(SHIPPED_PREFIX) {
+                    &[]
+                } else {
+                    &v
+                };
+                (k.as_str(), value)
+            })
+            .collect();
         if pairs.is_empty() {
             return Ok(());
         }
         self.put_many(&pairs)
     }
 
-    /// Target `name` has shown it holds nothing past its horizon, or a resync that
-    /// replaces what it holds is durably planned.
-    pub fn clear_crash_horizon(&self, name: &str) -> Result<(), MetaError> {
-        if self.crash_horizon(name)?.is_none() {
+    /// A session with target `name` starts shipping: its position is proven (at or
+    /// below its horizon, or its full resync is durably planned), so the horizon goes,
+    /// and the next start gives it a new one. Durable before it returns.
+    pub fn shipping_to(&self, name: &str) -> Result<(), MetaError> {
+        let shipped = format!("{SHIPPED_PREFIX}{name}");
+        if self.crash_horizon(name)?.is_none() && self.get_opt_u64(&shipped, "shipped")?.is_some() {
             return Ok(());
         }
-        let key = format!("{HORIZON_PREFIX}{name}");
-        self.put_many(&[(key.as_str(), &[][..])])
+        let horizon = format!("{HORIZON_PREFIX}{name}");
+        self.put_many(&[
+            (horizon.as_str(), &[][..]),
+            (shipped.as_str(), &1u64.to_le_bytes()[..]),
+        ])
     }
 
     /// Primary: the recorded sync loss of target `name` (see `SYNC_LOSS_PREFIX`).
@@ -1031,27 +1060,39 @@ mod tests {
     }
 
     #[test]
-    fn crash_horizons_keep_the_lowest_unproven_position_until_cleared() {
+    fn crash_horizons_go_to_targets_shipped_to_and_keep_the_lowest_unproven_position() {
         let dir = tempfile::tempdir().unwrap();
         let id = [7u8; 16];
-        let names = ["dr1".to_string(), "dr2".to_string()];
         {
             let m = Meta::open(dir.path(), id).unwrap();
-            assert_eq!(m.crash_horizon("dr1").unwrap(), None);
-            m.set_crash_horizons(&names, 10).unwrap();
-            m.clear_crash_horizon("dr2").unwrap();
-            // A second start before dr1 reconnected: its records past 10 are still
-            // unproven, so 10 stays; dr2 proved itself and gets the new position.
-            m.set_crash_horizons(&names, 25).unwrap();
+            m.arm_crash_horizons(5).unwrap();
+            assert_eq!(m.crash_horizon("dr1").unwrap(), None, "never shipped to");
+            m.shipping_to("dr1").unwrap();
+            m.shipping_to("dr2").unwrap();
+            m.arm_crash_horizons(10).unwrap();
+            assert_eq!(m.crash_horizon("dr1").unwrap(), Some(10));
+            m.shipping_to("dr2").unwrap();
+            assert_eq!(m.crash_horizon("dr2").unwrap(), None, "proven");
+            // A second start before dr1 came back: its records past 10 are still
+            // unproven, so 10 stays; dr2 was shipped to again and gets the new one.
+            m.arm_crash_horizons(25).unwrap();
         }
         let m = Meta::open(dir.path(), id).unwrap();
         assert_eq!(m.crash_horizon("dr1").unwrap(), Some(10));
         assert_eq!(m.crash_horizon("dr2").unwrap(), Some(25));
-        m.clear_crash_horizon("dr1").unwrap();
+        m.arm_crash_horizons(30).unwrap();
+        assert_eq!(
+            m.crash_horizon("dr2").unwrap(),
+            Some(25),
+            "not shipped to since"
+        );
+        m.shipping_to("dr1").unwrap();
         assert_eq!(m.crash_horizon("dr1").unwrap(), None);
         // A role change (a fork) makes them moot.
         m.change_role(3, "standby", Some("p"), None).unwrap();
         assert_eq!(m.crash_horizon("dr2").unwrap(), None);
+        m.arm_crash_horizons(40).unwrap();
+        assert_eq!(m.crash_horizon("dr1").unwrap(), None, "the marker went too");
     }
 
     #[test]
