@@ -4,6 +4,7 @@
 //! segments (the target catches up) is the bandwidth cap's traffic class
 //! ([`ShipReader::catching_up`]). The cold tier's uploader uses a [`ReaderThread`]
 //! alone.
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -29,6 +30,8 @@ const IDLE_WAIT: Duration = Duration::from_millis(200);
 pub(crate) struct ReaderThread {
     rx: mpsc::Receiver<anyhow::Result<WriteSet>>,
     upto: Arc<DurableSeq>,
+    /// The thread reads journal segments (the target is behind the in-memory tail).
+    behind: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -45,8 +48,9 @@ impl ReaderThread {
         Self::start(name, src, (from, epoch, ahead), false)
     }
 
-    /// A thread that reads journal segments from `from` until it has read everything
-    /// durable, then ends (its channel closes): a [`ShipReader`] behind the tail.
+    /// A thread that reads from `from` (journal segments first, then the tail) until
+    /// it is caught up, then ends (its channel closes): a [`ShipReader`] behind the
+    /// tail.
     pub(crate) fn spawn_catch_up(
         name: &str,
         src: ShipSource,
@@ -65,15 +69,23 @@ impl ReaderThread {
     ) -> anyhow::Result<ReaderThread> {
         let (tx, rx) = mpsc::channel(ahead);
         let upto = src.upto.clone();
+        let behind = Arc::new(AtomicBool::new(catch_up));
+        let flag = behind.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ferry-ship-{name}"))
-            .spawn(move || read_write_sets(src, (from, epoch, catch_up), tx))
+            .spawn(move || read_write_sets(src, (from, epoch, catch_up), tx, &flag))
             .context("spawning the journal reader thread")?;
         Ok(ReaderThread {
             rx,
             upto,
+            behind,
             thread: Some(thread),
         })
+    }
+
+    /// Whether the write-sets now formed come from journal segments.
+    pub(crate) fn catching_up(&self) -> bool {
+        self.behind.load(Ordering::Relaxed)
     }
 
     /// The next write-set at once, if one is formed.
@@ -116,7 +128,8 @@ pub(crate) struct ShipReader {
     next: Seq,
     upto: tokio::sync::watch::Receiver<Seq>,
     durable: tokio::sync::watch::Receiver<Seq>,
-    /// Reading journal segments (the target is behind the tail).
+    /// The reader thread: a live target's while it is behind the tail, any other
+    /// target's for the whole session.
     behind: Option<ReaderThread>,
     /// The last look at the tail found nothing: the next records linger first.
     caught_up: bool,
@@ -139,9 +152,30 @@ enum Poll {
 
 impl ShipReader {
     /// Write-sets from `from` on; a reader thread, if one is needed, forms at most
-    /// `ahead` of them ahead of the network.
-    pub(crate) fn new(name: &str, src: ShipSource, from: Seq, epoch: u64, ahead: usize) -> Self {
-        ShipReader {
+    /// `ahead` of them ahead of the network. `live`: a target whose writes wait for it
+    /// (sync) reads the tail on the session task; any other target keeps a reader
+    /// thread for the whole session, as before. Async targets linger anyway, and under
+    /// 1M sequential writes the session task reading the tail cost the primary ≈ 50 %
+    /// more CPU and the lag ≈ 1.5–2× (benches/README.md, "Shipping in parallel").
+    pub(crate) fn new(
+        name: &str,
+        src: ShipSource,
+        (from, epoch, ahead): (Seq, u64, usize),
+        live: bool,
+    ) -> anyhow::Result<Self> {
+        let behind = if live {
+            None
+        } else {
+            let thread_src = ShipSource {
+                journal: src.journal.clone(),
+                tail: src.tail.clone(),
+                upto: src.upto.clone(),
+                durable: src.durable.clone(),
+                linger: src.linger,
+            };
+            Some(ReaderThread::spawn(name, thread_src, from, epoch, ahead)?)
+        };
+        Ok(ShipReader {
             upto: src.upto.subscribe(),
             durable: src.durable.subscribe(),
             src,
@@ -149,16 +183,16 @@ impl ShipReader {
             epoch,
             ahead,
             next: from,
-            behind: None,
+            behind,
             caught_up: false,
             hold_until: None,
-        }
+        })
     }
 
     /// Whether the write-sets now formed come from journal segments: the target is
     /// catching up (bulk traffic for the bandwidth cap), not following live writes.
     pub(crate) fn catching_up(&self) -> bool {
-        self.behind.is_some()
+        self.behind.as_ref().is_some_and(|t| t.catching_up())
     }
 
     /// The next write-set at once, if one is formed (or due from memory).
@@ -179,7 +213,7 @@ impl ShipReader {
             if let Some(t) = self.behind.as_mut() {
                 match t.recv().await {
                     Some(r) => return Some(self.took(r)),
-                    // The thread read everything durable: back to memory.
+                    // The thread caught up: back to memory.
                     None => {
                         self.behind = None;
                         continue;
@@ -243,8 +277,8 @@ impl ShipReader {
         Poll::Ready(self.cut(recs))
     }
 
-    /// A thread that reads journal segments from `next` until it has read everything
-    /// durable, then ends.
+    /// A thread that reads from `next` (journal segments, then the tail) until it is
+    /// caught up, then ends.
     fn read_behind(&self) -> anyhow::Result<ReaderThread> {
         let src = ShipSource {
             journal: self.src.journal.clone(),
@@ -297,11 +331,16 @@ pub(crate) struct ShipSource {
 
 /// Produces write-sets from `from` on: from the in-memory tail while it holds the
 /// position, from journal segments while behind. Blocks while the channel is full.
-/// `catch_up`: starts in the journal and returns once it has read everything durable.
+/// `catch_up`: starts in the journal and returns once it is caught up (nothing more
+/// to read in memory either): one thread for the whole time the target is behind, not
+/// one per pass over the journal. A thread per pass cost the primary ≈ 40 % more CPU
+/// under 1M sequential writes, its fresh heap zeroing new pages for every journal
+/// read (`clear_page_erms` 22 % of the primary's samples).
 fn read_write_sets(
     src: ShipSource,
     (from, epoch, catch_up): (Seq, u64, bool),
     tx: mpsc::Sender<anyhow::Result<WriteSet>>,
+    behind: &AtomicBool,
 ) {
     let ShipSource {
         journal,
@@ -341,7 +380,11 @@ fn read_write_sets(
             };
             match read {
                 TailRead::Records(recs) if recs.is_empty() => {
-                    // Caught up: wait for more records (bounded, re-checks).
+                    // Caught up: a catch-up thread hands over to its session task.
+                    if catch_up {
+                        return;
+                    }
+                    // Wait for more records (bounded, re-checks).
                     let arrived = upto.wait_for(next, IDLE_WAIT);
                     // Coalesce: let the records that follow join this write-set.
                     if arrived && !linger.is_zero() {
@@ -362,7 +405,10 @@ fn read_write_sets(
                     continue;
                 }
                 TailRead::Evicted => match journal.reader(next) {
-                    Ok(r) => reader = Some(r),
+                    Ok(r) => {
+                        behind.store(true, Ordering::Relaxed);
+                        reader = Some(r);
+                    }
                     Err(e) => {
                         let _ = tx.blocking_send(Err(anyhow!("journal reader from {next}: {e}")));
                         return;
@@ -387,9 +433,10 @@ fn read_write_sets(
                 return;
             }
             None => {
-                if !ws.emit() || catch_up {
+                if !ws.emit() {
                     return;
                 }
+                behind.store(false, Ordering::Relaxed);
                 reader = None;
             }
         }
@@ -539,7 +586,8 @@ mod tests {
         let j = journal(dir.path());
         let feed = crate::ship::ShipFeed::new_early(0);
         feed.enable(1 << 20);
-        let mut r = ShipReader::new("t", source(&j, &feed, Duration::ZERO), 1, 3, 4);
+        let mut r =
+            ShipReader::new("t", source(&j, &feed, Duration::ZERO), (1, 3, 4), true).unwrap();
         assert!(r.try_recv().is_none(), "nothing sequenced yet");
         for s in 1..=2 {
             feed.sequenced(s, &rec(s * 4096));
@@ -574,7 +622,7 @@ mod tests {
         let feed = crate::ship::ShipFeed::new_early(0);
         feed.enable(1 << 20);
         let linger = Duration::from_millis(500);
-        let mut r = ShipReader::new("t", source(&j, &feed, linger), 1, 3, 4);
+        let mut r = ShipReader::new("t", source(&j, &feed, linger), (1, 3, 4), true).unwrap();
         assert!(r.try_recv().is_none());
         feed.sequenced(1, &rec(0));
         assert!(r.try_recv().is_none(), "held for the linger");
@@ -583,7 +631,7 @@ mod tests {
     }
 
     /// A reader behind the tail reads journal segments on a thread, then returns to
-    /// memory once it has read everything durable; a record neither in memory nor
+    /// memory once it is caught up; a record neither in memory nor
     /// durable is waited for.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_behind_the_tail_catches_up_from_the_journal_then_follows_memory() {
@@ -595,14 +643,37 @@ mod tests {
         // The tail is off (as before replication was enabled): every record is read
         // back from the journal.
         let feed = crate::ship::ShipFeed::new_early(j.durable_seq());
-        let mut r = ShipReader::new("t", source(&j, &feed, Duration::ZERO), 3, 3, 4);
+        let mut r =
+            ShipReader::new("t", source(&j, &feed, Duration::ZERO), (3, 3, 4), true).unwrap();
+        // The tail holds nothing: these can only come from journal segments.
         assert_eq!(seqs(&next_ws(&mut r).await), vec![3, 4, 5]);
-        assert!(r.catching_up(), "read from journal segments");
         let (jj, f) = (j.clone(), feed.durable());
         let waiting = tokio::spawn(async move { seqs(&next_ws(&mut r).await) });
         tokio::time::sleep(Duration::from_millis(20)).await;
         let s = write(&jj, 1 << 20);
         f.publish(s);
         assert_eq!(waiting.await.unwrap(), vec![s], "read once durable");
+    }
+
+    /// A target that is not live (async) reads through its thread for the whole
+    /// session, from memory as from the journal.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_that_is_not_live_keeps_its_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        let feed = crate::ship::ShipFeed::new_early(0);
+        feed.enable(1 << 20);
+        let mut r =
+            ShipReader::new("t", source(&j, &feed, Duration::ZERO), (1, 3, 4), false).unwrap();
+        assert!(r.behind.is_some(), "a reader thread from the start");
+        feed.sequenced(1, &rec(0));
+        feed.sequenced(2, &rec(4096));
+        let mut got = seqs(&next_ws(&mut r).await);
+        if got != vec![1, 2] {
+            got.extend(seqs(&next_ws(&mut r).await));
+        }
+        assert_eq!(got, vec![1, 2]);
+        assert!(!r.catching_up(), "read from memory");
+        assert!(r.behind.is_some(), "the thread stays");
     }
 }

@@ -273,7 +273,13 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
         },
     };
     // Joined when this session ends, however it ends.
-    let reader = ShipReader::new(&t.name, src, resume + 1, epoch, READ_AHEAD_WRITE_SETS);
+    let live = t.mode == ReplicationMode::Sync;
+    let reader = ShipReader::new(
+        &t.name,
+        src,
+        (resume + 1, epoch, READ_AHEAD_WRITE_SETS),
+        live,
+    )?;
     stream(ctx, t, s, reader, resume).await
 }
 
