@@ -551,6 +551,13 @@ mod tests {
         );
     }
 
+    /// A journal and an enabled early feed over it.
+    fn early(dir: &std::path::Path) -> (Arc<Journal>, crate::ship::ShipFeed) {
+        let feed = crate::ship::ShipFeed::new_early(0);
+        feed.enable(1 << 20);
+        (journal(dir), feed)
+    }
+
     fn rec(offset: u64) -> Record {
         Record::write(0, offset, bytes::Bytes::from(vec![7u8; 4096]))
     }
@@ -583,9 +590,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_current_reader_ships_from_memory_before_the_journal_holds_the_records() {
         let dir = tempfile::tempdir().unwrap();
-        let j = journal(dir.path());
-        let feed = crate::ship::ShipFeed::new_early(0);
-        feed.enable(1 << 20);
+        let (j, feed) = early(dir.path());
         let mut r =
             ShipReader::new("t", source(&j, &feed, Duration::ZERO), (1, 3, 4), true).unwrap();
         assert!(r.try_recv().is_none(), "nothing sequenced yet");
@@ -618,9 +623,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_caught_up_async_reader_lingers_so_that_records_coalesce() {
         let dir = tempfile::tempdir().unwrap();
-        let j = journal(dir.path());
-        let feed = crate::ship::ShipFeed::new_early(0);
-        feed.enable(1 << 20);
+        let (j, feed) = early(dir.path());
         let linger = Duration::from_millis(500);
         let mut r = ShipReader::new("t", source(&j, &feed, linger), (1, 3, 4), true).unwrap();
         assert!(r.try_recv().is_none());
@@ -660,9 +663,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_that_is_not_live_keeps_its_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let j = journal(dir.path());
-        let feed = crate::ship::ShipFeed::new_early(0);
-        feed.enable(1 << 20);
+        let (j, feed) = early(dir.path());
         let mut r =
             ShipReader::new("t", source(&j, &feed, Duration::ZERO), (1, 3, 4), false).unwrap();
         assert!(r.behind.is_some(), "a reader thread from the start");
