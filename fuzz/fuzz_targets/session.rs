@@ -198,6 +198,7 @@ fn sessions(input: &Input) {
         max_inflight_bytes: u64::from(bytes) * 64,
         max_inflight_write_sets: usize::from(sets % 16) + 1,
         max_queued_write_sets: usize::from(queue % 32) + 1,
+        max_queued_bytes: u64::from(bytes) * 128,
     };
     let start = seq(input.start_after, &[0, u64::MAX]);
     let mut tx = Sender::new(EPOCH, cfg, start);

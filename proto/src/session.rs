@@ -51,6 +51,10 @@ pub struct SenderConfig {
     /// `push` refuses and the caller leaves the write-set in the journal
     /// (and eventually switches the target to dirty-region tracking).
     pub max_queued_write_sets: usize,
+    /// The same bound in wire bytes: write-sets are up to megabytes each, so a
+    /// count alone lets a lagging target hold gigabytes of the primary's memory.
+    /// One write-set is always accepted into an empty queue, even if larger.
+    pub max_queued_bytes: u64,
 }
 
 impl Default for SenderConfig {
@@ -59,6 +63,8 @@ impl Default for SenderConfig {
             max_inflight_bytes: 64 * 1024 * 1024,
             max_inflight_write_sets: 64,
             max_queued_write_sets: 4096,
+            // The in-flight window plus a read-ahead of at most half as much again.
+            max_queued_bytes: 96 * 1024 * 1024,
         }
     }
 }
@@ -71,6 +77,8 @@ pub enum SenderError {
     EpochMismatch { session: Epoch, got: Epoch },
     #[error("send queue full ({limit} write-sets)")]
     QueueFull { limit: usize },
+    #[error("send queue full ({limit} bytes)")]
+    QueueBytesFull { limit: u64 },
     #[error("ack from stale epoch {got} (session epoch {session})")]
     StaleEpoch { session: Epoch, got: Epoch },
     #[error("peer is at newer epoch {got} (session epoch {session}): this node must fence")]
@@ -116,6 +124,7 @@ impl SenderError {
             Self::NotContiguous { .. }
             | Self::EpochMismatch { .. }
             | Self::QueueFull { .. }
+            | Self::QueueBytesFull { .. }
             | Self::SeqExhausted { .. }
             | Self::EmptyWriteSet { .. } => ErrorCode::Internal,
         }
@@ -205,15 +214,31 @@ impl Sender {
                 last: ws.last_seq,
             });
         }
+        let bytes = ws.encoded_len() as u64;
+        self.room_for(bytes)?;
+        self.last_queued_seq = ws.last_seq;
+        self.queued_bytes += bytes;
+        self.queue.push_back(Entry { ws, bytes });
+        Ok(())
+    }
+
+    /// Whether `push` would take `ws` as far as the queue's bounds go: a caller that
+    /// must not lose the write-set to a full queue asks first, and keeps it.
+    pub fn has_room(&self, ws: &WriteSet) -> Result<(), SenderError> {
+        self.room_for(ws.encoded_len() as u64)
+    }
+
+    fn room_for(&self, bytes: u64) -> Result<(), SenderError> {
         if self.queue.len() >= self.config.max_queued_write_sets {
             return Err(SenderError::QueueFull {
                 limit: self.config.max_queued_write_sets,
             });
         }
-        let bytes = ws.encoded_len() as u64;
-        self.last_queued_seq = ws.last_seq;
-        self.queued_bytes += bytes;
-        self.queue.push_back(Entry { ws, bytes });
+        if !self.queue.is_empty() && self.queued_bytes + bytes > self.config.max_queued_bytes {
+            return Err(SenderError::QueueBytesFull {
+                limit: self.config.max_queued_bytes,
+            });
+        }
         Ok(())
     }
 

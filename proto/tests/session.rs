@@ -43,6 +43,7 @@ fn sender(max_count: usize, max_bytes: u64) -> Sender {
             max_inflight_bytes: max_bytes,
             max_inflight_write_sets: max_count,
             max_queued_write_sets: 16,
+            max_queued_bytes: u64::MAX,
         },
         0,
     )
@@ -198,6 +199,57 @@ fn queue_is_bounded_and_contiguous() {
     assert_eq!(
         tx.push(ws(17, 1, 0)),
         Err(SenderError::QueueFull { limit: 16 })
+    );
+}
+
+/// A lagging target's queue is bounded in bytes as well as in write-sets: 4096
+/// write-sets of up to 4 MiB let a primary shipping 1 MiB writes to a slow standby
+/// grow past 2 GB of resident memory (`e2e --jobs write-1m-qd8 --targets ferry-async`).
+#[test]
+fn queue_is_bounded_in_bytes() {
+    let one = ws(1, 4, 0).encoded_len() as u64;
+    let mut tx = Sender::new(
+        EPOCH,
+        SenderConfig {
+            max_inflight_bytes: u64::MAX,
+            max_inflight_write_sets: 64,
+            max_queued_write_sets: 4096,
+            max_queued_bytes: 3 * one,
+        },
+        0,
+    );
+    for i in 0..3 {
+        tx.push(ws(1 + 4 * i, 4, 0)).unwrap();
+    }
+    assert_eq!(
+        tx.push(ws(13, 4, 0)),
+        Err(SenderError::QueueBytesFull { limit: 3 * one })
+    );
+    assert_eq!(tx.lag_bytes(), 3 * one);
+    // Acknowledged write-sets free their bytes: the refused one fits again.
+    for _ in 0..3 {
+        tx.poll_transmit().unwrap();
+    }
+    tx.on_ack(&ack(4, 0)).unwrap();
+    tx.push(ws(13, 4, 0)).unwrap();
+}
+
+/// However small the byte bound, an empty queue takes one write-set: a write-set
+/// larger than the bound must not wedge the session.
+#[test]
+fn an_empty_queue_takes_one_write_set_larger_than_its_byte_bound() {
+    let mut tx = Sender::new(
+        EPOCH,
+        SenderConfig {
+            max_queued_bytes: 1,
+            ..SenderConfig::default()
+        },
+        0,
+    );
+    tx.push(ws(1, 4, 0)).unwrap();
+    assert_eq!(
+        tx.push(ws(5, 1, 0)),
+        Err(SenderError::QueueBytesFull { limit: 1 })
     );
 }
 

@@ -249,6 +249,7 @@ fn run(seed: u64) -> Stats {
         max_inflight_bytes: 2_000 + rng.below(8_000),
         max_inflight_write_sets: 1 + rng.below(16) as usize,
         max_queued_write_sets: 8 + rng.below(64) as usize,
+        max_queued_bytes: 4_000 + rng.below(16_000),
     };
     let (primary_id, standby_id) = identities();
     let mut sb = Standby {

@@ -28,9 +28,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use ferry_benches::harness::{
     check_interrupt, cpu_seconds, cpu_seconds_all, ensure_fio, ferry_bins, find_on_path,
-    free_tcp_port, install_interrupt_handler, median, percentile, standby_names,
-    storage_read_bytes, tool_version, wait_port, ClusterSetup, FerryCluster, FioResult, FioSpec,
-    LagSamples, Proc,
+    free_tcp_port, install_interrupt_handler, median, peak_rss_bytes, percentile, reset_peak_rss,
+    standby_names, storage_read_bytes, tool_version, wait_port, ClusterSetup, FerryCluster,
+    FioResult, FioSpec, LagSamples, Proc,
 };
 use serde_json::{json, Value};
 
@@ -553,6 +553,9 @@ struct Sample {
     cpu_s: f64,
     /// Of `cpu_s`, each standby's (empty without standbys).
     standby_cpu_s: Vec<f64>,
+    /// Peak resident memory during the job, bytes: the primary (or the lone server)
+    /// first, then each standby.
+    peak_rss: Vec<u64>,
     lag_p99_s: Option<f64>,
     lag_samples: usize,
     degraded: bool,
@@ -588,6 +591,16 @@ impl Sample {
     /// The standbys' CPU seconds, all together (`None` without standbys).
     fn standby_cpu_s_total(&self) -> Option<f64> {
         (!self.standby_cpu_s.is_empty()).then(|| self.standby_cpu_s.iter().sum())
+    }
+
+    /// Peak resident memory of the primary (or the lone server), MiB.
+    fn primary_peak_rss_mib(&self) -> f64 {
+        self.peak_rss.first().map_or(0.0, |&b| b as f64 / MIB)
+    }
+
+    /// The largest standby's peak resident memory, MiB (`None` without standbys).
+    fn standby_peak_rss_mib(&self) -> Option<f64> {
+        self.peak_rss.iter().skip(1).max().map(|&b| b as f64 / MIB)
     }
 
     /// The primary's (or the lone server's) share of [`cpu_per_gib`](Self::cpu_per_gib).
@@ -1113,16 +1126,22 @@ fn measure_one(
             .map(|&p| cpu_seconds(p))
             .collect::<anyhow::Result<Vec<_>>>()
     };
+    pids.iter().try_for_each(|&p| reset_peak_rss(p))?;
     let cpu0 = cpu_seconds_all(&pids)?;
     let sb0 = each(&standbys)?;
     let (fio, lag, reads_per_s) = s.run(spec, timeout, replay)?;
     let cpu1 = cpu_seconds_all(&pids)?;
     let sb1 = each(&standbys)?;
+    let peak_rss = pids
+        .iter()
+        .map(|&p| peak_rss_bytes(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     settle(plan.dir, plan.files, !plan.warm)?;
     Ok(Sample {
         fio,
         cpu_s: cpu1 - cpu0,
         standby_cpu_s: sb0.iter().zip(&sb1).map(|(a, b)| b - a).collect(),
+        peak_rss,
         lag_p99_s: percentile(&lag.seconds, 99.0),
         lag_samples: lag.seconds.len(),
         degraded: lag.degraded,
@@ -1133,7 +1152,7 @@ fn measure_one(
 fn log_sample(round: usize, rounds: usize, job: &JobDef, s: &Server, sample: &Sample) {
     let fio = &sample.fio;
     eprintln!(
-        "round {}/{rounds} {:<20} {:<24} {:>9.0} IOPS {:>8.1} MiB/s  p99 {:>7.0} us  {:.2} CPU s/GiB{}{}{}{}",
+        "round {}/{rounds} {:<20} {:<24} {:>9.0} IOPS {:>8.1} MiB/s  p99 {:>7.0} us  {:.2} CPU s/GiB{}  peak RSS {}{}{}{}",
         round + 1,
         job.label,
         s.def.label,
@@ -1142,6 +1161,7 @@ fn log_sample(round: usize, rounds: usize, job: &JobDef, s: &Server, sample: &Sa
         fio.p99_us,
         sample.cpu_per_gib(),
         standby_cpu_note(sample),
+        rss_note(sample),
         sample
             .lag_p99_s
             .map(|l| format!("  lag p99 {:.1} ms", l * 1e3))
@@ -1169,6 +1189,19 @@ fn standby_cpu_note(sample: &Sample) -> String {
     }
 }
 
+/// Peak resident memory for the progress line and the table: `P MiB`, or with
+/// standbys `P / S MiB` (the largest standby's).
+fn rss_note(sample: &Sample) -> String {
+    rss_pair(sample.primary_peak_rss_mib(), sample.standby_peak_rss_mib()) + " MiB"
+}
+
+fn rss_pair(primary: f64, standby: Option<f64>) -> String {
+    match standby {
+        Some(s) => format!("{primary:.0} / {s:.0}"),
+        None => format!("{primary:.0}"),
+    }
+}
+
 /// Aggregated figures of one target on one job.
 struct Row {
     job: usize,
@@ -1182,6 +1215,10 @@ struct Row {
     cpu_per_gib: f64,
     primary_cpu_per_gib: f64,
     standby_cpu_per_gib: Option<f64>,
+    /// Peak resident memory, MiB: the primary's (or the lone server's), the largest
+    /// standby's.
+    peak_rss_mib: f64,
+    standby_peak_rss_mib: Option<f64>,
     lag_p99_ms: Option<f64>,
     degraded: bool,
     reads_per_s: Option<f64>,
@@ -1423,6 +1460,8 @@ impl Report {
                     cpu_per_gib: m(&|s| s.cpu_per_gib()),
                     primary_cpu_per_gib: m(&|s| s.primary_cpu_per_gib()),
                     standby_cpu_per_gib: mo(&|s| s.standby_cpu_per_gib()),
+                    peak_rss_mib: m(&|s| s.primary_peak_rss_mib()),
+                    standby_peak_rss_mib: mo(&|s| s.standby_peak_rss_mib()),
                     lag_p99_ms: mo(&|s| s.lag_p99_s).map(|l| l * 1e3),
                     degraded: v.iter().any(|s| s.degraded),
                     reads_per_s: mo(&|s| s.reads_per_s),
@@ -1457,6 +1496,8 @@ impl Report {
                     "cpu_s_per_gib": f(r.cpu_per_gib),
                     "primary_cpu_s_per_gib": f(r.primary_cpu_per_gib),
                     "standby_cpu_s_per_gib": fo(r.standby_cpu_per_gib),
+                    "peak_rss_mib": f(r.peak_rss_mib),
+                    "standby_peak_rss_mib": fo(r.standby_peak_rss_mib),
                     "replication_lag_p99_ms": fo(r.lag_p99_ms),
                     "sync_target_degraded": r.degraded,
                     "standby_reads_per_s": fo(r.reads_per_s),
@@ -1474,6 +1515,7 @@ impl Report {
                         "flush_p99_us": fo(s.fio.flush_p99_us),
                         "cpu_s": f(s.cpu_s),
                         "standby_cpu_s": fo(s.standby_cpu_s_total()),
+                        "peak_rss_bytes": s.peak_rss,
                         "replication_lag_p99_ms": fo(s.lag_p99_s.map(|l| l * 1e3)),
                         "lag_samples": s.lag_samples,
                         "sync_target_degraded": s.degraded,
@@ -1491,15 +1533,15 @@ impl Report {
             o.push_str("  \n");
         }
         o.push('\n');
-        o.push_str("| job | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | primary CPU s/GiB | standby CPU s/GiB | lag p99 ms | standby reads/s | × nbdkit IOPS | × p99 | × CPU/GiB |\n");
-        o.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        o.push_str("| job | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | primary CPU s/GiB | standby CPU s/GiB | peak RSS MiB | lag p99 ms | standby reads/s | × nbdkit IOPS | × p99 | × CPU/GiB |\n");
+        o.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.rows {
             let (x_thr, x_p99, x_cpu) = match r.vs_nbdkit {
                 Some(x) => (num(x[0], 2), num(x[2], 2), num(x[3], 2)),
                 None => ("".into(), "".into(), "".into()),
             };
             o.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {x_thr} | {x_p99} | {x_cpu} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {x_thr} | {x_p99} | {x_cpu} |\n",
                 self.jobs[r.job].label,
                 self.labels[r.target],
                 num(r.iops, 0),
@@ -1509,6 +1551,7 @@ impl Report {
                 num(r.cpu_per_gib, 2),
                 num(r.primary_cpu_per_gib, 2),
                 r.standby_cpu_per_gib.map(|x| num(x, 2)).unwrap_or_default(),
+                rss_pair(r.peak_rss_mib, r.standby_peak_rss_mib),
                 r.lag_p99_ms.map(|l| num(l, 1)).unwrap_or_default(),
                 if r.degraded { " (degraded)" } else { "" },
                 r.reads_per_s.map(|x| num(x, 0)).unwrap_or_default(),
@@ -1825,11 +1868,24 @@ mod tests {
             },
             cpu_s,
             standby_cpu_s: standbys.to_vec(),
+            // 100 MiB for the primary, 200, 300 … for the standbys.
+            peak_rss: (0..=standbys.len() as u64)
+                .map(|i| ((i + 1) * 100) << 20)
+                .collect(),
             lag_p99_s: None,
             lag_samples: 0,
             degraded: false,
             reads_per_s: None,
         }
+    }
+
+    #[test]
+    fn peak_memory_shows_the_primary_and_the_largest_standby() {
+        assert_eq!(rss_note(&sample(1.0, 1.0, &[])), "100 MiB");
+        assert_eq!(
+            rss_note(&sample(1.0, 1.0, &[0.5, 0.5, 0.5])),
+            "100 / 400 MiB"
+        );
     }
 
     #[test]

@@ -481,11 +481,14 @@ async fn stream(
                 }
             }
             let Some(ws) = pending.take() else { break };
-            match sender.push(ws) {
-                Ok(()) => {}
-                Err(session::SenderError::QueueFull { .. }) => break,
-                Err(e) => bail!("shipping: {e}"),
+            // A full queue is backpressure: the write-set waits here (and the reader
+            // behind it) until acks free room, so memory stays bounded however far
+            // the target lags.
+            if sender.has_room(&ws).is_err() {
+                pending = Some(ws);
+                break;
             }
+            sender.push(ws).map_err(|e| anyhow!("shipping: {e}"))?;
         }
         transmit(t, &mut s, &mut sender, &mut held, &reader).await?;
         let release = held
