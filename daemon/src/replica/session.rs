@@ -505,7 +505,11 @@ impl DataFrames<'_> {
         self.refuse_while_held(control).await?;
         match self.rx.on_write_set(ws) {
             Ok(Received::Accept(ws)) => {
-                sb.journal_write_set(ws)?;
+                // Backpressure: received records wait for the journal within a
+                // byte budget, so the standby's memory is bounded whatever the
+                // primary's write sizes.
+                let room = sb.journal_room(&ws).await?;
+                sb.journal_write_set(ws, room)?;
                 // After the append is queued: a journal that refused it ended
                 // the session above, so no refused write-set is acknowledged.
                 if let Some(ack) = self.rx.received_ack() {

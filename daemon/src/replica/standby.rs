@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use ferry_journal::{Journal, JournalError, Record, Seq};
 use ferry_proto::wire::WriteSet;
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::replica::applier::Applier;
 use crate::ship::feed::ShipFeed;
@@ -21,6 +21,41 @@ use crate::ship::records::{journal_record, RECORD_COST};
 /// to the primary's window. Until then the standby acknowledges records as durable
 /// while its replica catches up (the RPO is durability here, not apply progress).
 const APPLY_QUEUE_BYTES: usize = 256 << 20;
+
+/// Bytes of received records queued for the standby journal and not yet durable, at
+/// most (one write-set larger than this takes the whole budget). The journal's own
+/// queue is bounded in records (1024), and a record may be as large as the NBD
+/// payload limit (64 MiB): while the journal waits on the apply queue, a count alone
+/// let the session queue gigabytes. Waiting here stops the session reading, and QUIC
+/// flow control stops the primary.
+const JOURNAL_QUEUE_BYTES: usize = 64 << 20;
+
+/// The budget of [`JOURNAL_QUEUE_BYTES`]: a write-set takes its share before it is
+/// queued for the journal and gives it back when its last record's completion has run.
+struct JournalBudget {
+    bytes: Arc<Semaphore>,
+    max: usize,
+}
+
+impl JournalBudget {
+    fn new(max: usize) -> JournalBudget {
+        JournalBudget {
+            bytes: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// Waits until `ws` fits (alone it always fits: it takes at most the whole budget).
+    async fn room(&self, ws: &WriteSet) -> anyhow::Result<OwnedSemaphorePermit> {
+        let cost: usize = ws.records.iter().map(|r| r.data.len() + RECORD_COST).sum();
+        let n = u32::try_from(cost.min(self.max)).unwrap_or(u32::MAX);
+        self.bytes
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .context("the standby journal's byte budget is closed")
+    }
+}
 
 /// A byte budget shared by the journal completion path (acquire) and the applier
 /// (release).
@@ -145,6 +180,7 @@ pub struct Standby {
     pub(crate) applier: Arc<Applier>,
     apply_tx: crossbeam_channel::Sender<ApplyItem>,
     apply_budget: Arc<ByteBudget>,
+    journal_budget: JournalBudget,
     /// Set once a record completed under another sequence than the primary's:
     /// nothing more goes to the applier or into the journal.
     order_error: Arc<OnceLock<String>>,
@@ -217,6 +253,7 @@ impl Standby {
             applier,
             apply_tx,
             apply_budget,
+            journal_budget: JournalBudget::new(JOURNAL_QUEUE_BYTES),
             order_error: Default::default(),
             durable_tx,
             applied_tx,
@@ -284,12 +321,24 @@ impl Standby {
         self.journal.durable_seq()
     }
 
+    /// Waits until the journal queue has room for `ws` ([`JOURNAL_QUEUE_BYTES`]); the
+    /// permit goes to [`journal_write_set`](Self::journal_write_set).
+    pub(crate) async fn journal_room(&self, ws: &WriteSet) -> anyhow::Result<OwnedSemaphorePermit> {
+        self.journal_budget.room(ws).await
+    }
+
     /// Journals the records of an accepted write-set under their primary sequences.
     /// The journal must assign exactly those: checked before anything is queued (a
     /// record journaled under another sequence would be replayed and applied as
     /// that one), and again on every completion before the record goes to the
-    /// applier.
-    pub(crate) fn journal_write_set(&self, ws: WriteSet) -> anyhow::Result<()> {
+    /// applier. `room` (from [`journal_room`](Self::journal_room)) is released when
+    /// the last record's completion has run, or at once if it is never queued.
+    pub(crate) fn journal_write_set(
+        &self,
+        ws: WriteSet,
+        room: OwnedSemaphorePermit,
+    ) -> anyhow::Result<()> {
+        let mut room = Some(room);
         check_next_seq(self.journal.last_seq(), ws.first_seq)?;
         if let Some(e) = self.order_error.get() {
             bail!("{e}");
@@ -307,8 +356,12 @@ impl Standby {
             let order_error = self.order_error.clone();
             let state = self.state.clone();
             let for_apply = rec.clone();
+            let room = if expected == last { room.take() } else { None };
             let done: ferry_journal::Completion =
                 Box::new(move |res: Result<Seq, JournalError>| {
+                    // Completions run in order: the last record's frees the write-set's
+                    // bytes, after the apply budget below took them over.
+                    let _room = room;
                     if let Ok(seq) = res {
                         // The standby journal mirrors the primary's: the record is
                         // durable under the primary's sequence. One that is not (or
@@ -449,6 +502,51 @@ mod tests {
             max,
             closed: Default::default(),
         })
+    }
+
+    fn write_set(first: Seq, sizes: &[usize]) -> WriteSet {
+        let records = sizes
+            .iter()
+            .zip(first..)
+            .map(|(&n, seq)| ferry_proto::wire::WireRecord {
+                seq,
+                volume: 0,
+                op: ferry_proto::wire::RecordOp::Write,
+                offset: 0,
+                length: n as u32,
+                data: bytes::Bytes::from(vec![0u8; n]),
+            })
+            .collect();
+        WriteSet {
+            epoch: 1,
+            first_seq: first,
+            last_seq: first + sizes.len() as u64 - 1,
+            timestamp_ns: 0,
+            records,
+        }
+    }
+
+    /// Received records wait for the journal within a byte budget: a write-set waits
+    /// while the queued ones fill it, goes once one is released, and one larger than
+    /// the whole budget still goes alone (it must not wedge the session).
+    #[tokio::test]
+    async fn the_journal_queue_is_bounded_in_bytes() {
+        let cost = 3 * (4096 + RECORD_COST);
+        let b = JournalBudget::new(2 * cost);
+        let first = b.room(&write_set(1, &[4096; 3])).await.unwrap();
+        let _second = b.room(&write_set(4, &[4096; 3])).await.unwrap();
+        let third = write_set(7, &[4096; 3]);
+        let waiting = tokio::time::timeout(Duration::from_millis(50), b.room(&third)).await;
+        assert!(waiting.is_err(), "a third write-set fit in a budget of two");
+        drop(first);
+        let _third = tokio::time::timeout(Duration::from_secs(10), b.room(&third))
+            .await
+            .expect("released bytes were not reused")
+            .unwrap();
+
+        let small = JournalBudget::new(1024);
+        let huge = small.room(&write_set(1, &[1 << 20])).await.unwrap();
+        assert_eq!(huge.num_permits(), 1024, "takes the whole budget, no more");
     }
 
     /// The completion path waits past the budget until the applier releases, and
