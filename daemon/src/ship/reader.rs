@@ -128,8 +128,7 @@ pub(crate) struct ShipReader {
     next: Seq,
     upto: tokio::sync::watch::Receiver<Seq>,
     durable: tokio::sync::watch::Receiver<Seq>,
-    /// The reader thread: a live target's while it is behind the tail, any other
-    /// target's for the whole session.
+    /// The reader thread, while the target is behind the tail.
     behind: Option<ReaderThread>,
     /// The last look at the tail found nothing: the next records linger first.
     caught_up: bool,
@@ -151,31 +150,18 @@ enum Poll {
 }
 
 impl ShipReader {
-    /// Write-sets from `from` on; a reader thread, if one is needed, forms at most
-    /// `ahead` of them ahead of the network. `live`: a target whose writes wait for it
-    /// (sync) reads the tail on the session task; any other target keeps a reader
-    /// thread for the whole session, as before. Async targets linger anyway, and under
-    /// 1M sequential writes the session task reading the tail cost the primary ≈ 50 %
-    /// more CPU and the lag ≈ 1.5–2× (benches/README.md, "Shipping in parallel").
+    /// Write-sets from `from` on; a reader thread, while one is needed, forms at most
+    /// `ahead` of them ahead of the network. Every target starts on the tail; one
+    /// behind it gets a catch-up thread. (Async targets kept a thread for the whole
+    /// session until the send queue was bounded in bytes: with a queue that took every
+    /// write-set the session task cut, reading on the task cost more under 1M writes.
+    /// Since, it costs less: benches/README.md, "Async targets on the tail".)
     pub(crate) fn new(
         name: &str,
         src: ShipSource,
         (from, epoch, ahead): (Seq, u64, usize),
-        live: bool,
-    ) -> anyhow::Result<Self> {
-        let behind = if live {
-            None
-        } else {
-            let thread_src = ShipSource {
-                journal: src.journal.clone(),
-                tail: src.tail.clone(),
-                upto: src.upto.clone(),
-                durable: src.durable.clone(),
-                linger: src.linger,
-            };
-            Some(ReaderThread::spawn(name, thread_src, from, epoch, ahead)?)
-        };
-        Ok(ShipReader {
+    ) -> Self {
+        ShipReader {
             upto: src.upto.subscribe(),
             durable: src.durable.subscribe(),
             src,
@@ -183,10 +169,10 @@ impl ShipReader {
             epoch,
             ahead,
             next: from,
-            behind,
+            behind: None,
             caught_up: false,
             hold_until: None,
-        })
+        }
     }
 
     /// Whether the write-sets now formed come from journal segments: the target is
@@ -591,8 +577,7 @@ mod tests {
     async fn a_current_reader_ships_from_memory_before_the_journal_holds_the_records() {
         let dir = tempfile::tempdir().unwrap();
         let (j, feed) = early(dir.path());
-        let mut r =
-            ShipReader::new("t", source(&j, &feed, Duration::ZERO), (1, 3, 4), true).unwrap();
+        let mut r = ShipReader::new("t", source(&j, &feed, Duration::ZERO), (1, 3, 4));
         assert!(r.try_recv().is_none(), "nothing sequenced yet");
         for s in 1..=2 {
             feed.sequenced(s, &rec(s * 4096));
@@ -625,7 +610,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (j, feed) = early(dir.path());
         let linger = Duration::from_millis(500);
-        let mut r = ShipReader::new("t", source(&j, &feed, linger), (1, 3, 4), true).unwrap();
+        let mut r = ShipReader::new("t", source(&j, &feed, linger), (1, 3, 4));
         assert!(r.try_recv().is_none());
         feed.sequenced(1, &rec(0));
         assert!(r.try_recv().is_none(), "held for the linger");
@@ -646,8 +631,7 @@ mod tests {
         // The tail is off (as before replication was enabled): every record is read
         // back from the journal.
         let feed = crate::ship::ShipFeed::new_early(j.durable_seq());
-        let mut r =
-            ShipReader::new("t", source(&j, &feed, Duration::ZERO), (3, 3, 4), true).unwrap();
+        let mut r = ShipReader::new("t", source(&j, &feed, Duration::ZERO), (3, 3, 4));
         // The tail holds nothing: these can only come from journal segments.
         assert_eq!(seqs(&next_ws(&mut r).await), vec![3, 4, 5]);
         let (jj, f) = (j.clone(), feed.durable());
@@ -656,25 +640,5 @@ mod tests {
         let s = write(&jj, 1 << 20);
         f.publish(s);
         assert_eq!(waiting.await.unwrap(), vec![s], "read once durable");
-    }
-
-    /// A target that is not live (async) reads through its thread for the whole
-    /// session, from memory as from the journal.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_reader_that_is_not_live_keeps_its_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let (j, feed) = early(dir.path());
-        let mut r =
-            ShipReader::new("t", source(&j, &feed, Duration::ZERO), (1, 3, 4), false).unwrap();
-        assert!(r.behind.is_some(), "a reader thread from the start");
-        feed.sequenced(1, &rec(0));
-        feed.sequenced(2, &rec(4096));
-        let mut got = seqs(&next_ws(&mut r).await);
-        if got != vec![1, 2] {
-            got.extend(seqs(&next_ws(&mut r).await));
-        }
-        assert_eq!(got, vec![1, 2]);
-        assert!(!r.catching_up(), "read from memory");
-        assert!(r.behind.is_some(), "the thread stays");
     }
 }

@@ -272,14 +272,8 @@ async fn session(ctx: &ShipContext, t: &Arc<TargetState>, addr: SocketAddr) -> a
             ReplicationMode::Sync => Duration::ZERO,
         },
     };
-    // Joined when this session ends, however it ends.
-    let live = t.mode == ReplicationMode::Sync;
-    let reader = ShipReader::new(
-        &t.name,
-        src,
-        (resume + 1, epoch, READ_AHEAD_WRITE_SETS),
-        live,
-    )?;
+    // Its reader thread, if any, is joined when this session ends, however it ends.
+    let reader = ShipReader::new(&t.name, src, (resume + 1, epoch, READ_AHEAD_WRITE_SETS));
     stream(ctx, t, s, reader, resume).await
 }
 

@@ -1,6 +1,6 @@
 //! Runs one operation on 16 KiB buffers many times, for `perf stat -e cycles:u` to turn
 //! into cycles per byte independently of how busy the machine is:
-//! `cargo run --release -p ferry-gm --example throughput -- avx512-gfni gcm 20000`.
+//! `cargo run --release -p ferry-gm --example sm_throughput -- avx512-gfni gcm 20000`.
 //! The `rc-gcm`, `rc-ctr` and `rc-ecb` operations run RustCrypto's table-based `sm4`
 //! (with `aes-gcm`'s GCM and `ghash`, and `ctr`) for comparison; they ignore BACKEND.
 
