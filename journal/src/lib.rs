@@ -110,7 +110,8 @@ pub struct JournalOptions {
     /// less per batch (measured ~5% more 4k QD32 write IOPS through NBD on 2 cores),
     /// but the writer submits nothing while callbacks run: only for callers whose
     /// callbacks never block (a primary's: they wake the waiting request). Default
-    /// false (a standby's callbacks may wait for its apply queue).
+    /// false: a callback that may block needs the completion thread (ferryd's never
+    /// block, and it turns this on).
     pub inline_completions: bool,
     /// Nice value for the writer thread; 0 leaves it alone. Why: every durable
     /// append waits for this thread to be scheduled once its write completes. A

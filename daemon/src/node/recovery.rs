@@ -38,9 +38,10 @@ pub fn journal_options(cfg: &Config) -> JournalOptions {
     o.recovery = cfg.journal.recovery;
     o.queue_records = JOURNAL_QUEUE;
     o.max_inflight_batches = cfg.journal.inflight_batches as usize;
-    // A primary's callbacks only wake the waiting request (and feed the shippers'
-    // tail): run them on the writer thread. A standby's may wait for its apply queue.
-    o.inline_completions = cfg.node.role == Role::Primary;
+    // Callbacks never block (a primary's wake the waiting request and feed the
+    // shippers' tail; a standby's hand the record to its applier, whose budget is
+    // taken before the append: replica::standby): run them on the writer thread.
+    o.inline_completions = true;
     o.writer_nice = cfg.journal.writer_nice;
     o
 }

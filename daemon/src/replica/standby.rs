@@ -16,30 +16,30 @@ use crate::replica::applier::Applier;
 use crate::ship::feed::ShipFeed;
 use crate::ship::records::{journal_record, RECORD_COST};
 
-/// Bytes of records waiting for the replica applier, at most (and at most half the
-/// journal). Beyond it the journal completion path blocks: backpressure all the way
-/// to the primary's window. Until then the standby acknowledges records as durable
-/// while its replica catches up (the RPO is durability here, not apply progress).
+/// Bytes of records received and not yet applied to the replica, at most (and at
+/// most half the journal): those queued for the standby journal and those durable and
+/// waiting for the applier. The standby acknowledges records as durable while its
+/// replica catches up (the RPO is durability here, not apply progress); past this, a
+/// write-set waits before it is queued for the journal, so the session reads no more
+/// and QUIC flow control stops the primary. Nothing blocks on the journal's path: its
+/// completions run on its writer thread (`inline_completions`). The journal's own
+/// queue counts records (1024), and one record may be as large as the NBD payload
+/// limit (64 MiB): bytes, not records, bound the memory.
 const APPLY_QUEUE_BYTES: usize = 256 << 20;
 
-/// Bytes of received records queued for the standby journal and not yet durable, at
-/// most (one write-set larger than this takes the whole budget). The journal's own
-/// queue is bounded in records (1024), and a record may be as large as the NBD
-/// payload limit (64 MiB): while the journal waits on the apply queue, a count alone
-/// let the session queue gigabytes. Waiting here stops the session reading, and QUIC
-/// flow control stops the primary.
-const JOURNAL_QUEUE_BYTES: usize = 64 << 20;
-
-/// The budget of [`JOURNAL_QUEUE_BYTES`]: a write-set takes its share before it is
-/// queued for the journal and gives it back when its last record's completion has run.
-struct JournalBudget {
+/// The budget of [`APPLY_QUEUE_BYTES`]: a write-set takes its share (in bytes, one
+/// permit each) before it is queued for the journal; the share travels with its last
+/// record to the applier and is released when the unit holding it is applied, or
+/// wherever the record stops (a journal error, a misnumbered completion, an applier
+/// that stopped: dropping a permit releases it, so no path leaks the budget).
+struct ReplicaBudget {
     bytes: Arc<Semaphore>,
     max: usize,
 }
 
-impl JournalBudget {
-    fn new(max: usize) -> JournalBudget {
-        JournalBudget {
+impl ReplicaBudget {
+    fn new(max: usize) -> ReplicaBudget {
+        ReplicaBudget {
             bytes: Arc::new(Semaphore::new(max)),
             max,
         }
@@ -53,48 +53,17 @@ impl JournalBudget {
             .clone()
             .acquire_many_owned(n)
             .await
-            .context("the standby journal's byte budget is closed")
+            .context("the standby's apply budget is closed")
     }
 }
 
-/// A byte budget shared by the journal completion path (acquire) and the applier
-/// (release).
-struct ByteBudget {
-    used: std::sync::Mutex<usize>,
-    freed: std::sync::Condvar,
-    max: usize,
-    /// The applier stopped: nothing will be released, so nothing may wait.
-    closed: std::sync::atomic::AtomicBool,
-}
-
-impl ByteBudget {
-    fn acquire(&self, n: usize) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        // One record larger than the budget still passes once the queue is empty.
-        while *used > 0 && *used + n > self.max && !self.closed.load(Ordering::Acquire) {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
-        }
-        *used += n;
-    }
-
-    fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        let _used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        self.freed.notify_all();
-    }
-
-    fn release(&self, n: usize) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *used = used.saturating_sub(n);
-        self.freed.notify_all();
-    }
-}
 /// Write-sets already queued are applied together up to this many bytes.
 const APPLY_GROUP_BYTES: usize = 16 << 20;
 
 /// A journaled record on its way to the applier; the last record of a write-set
-/// carries the primary's timestamp of the write-set.
-type ApplyItem = (Seq, Record, Option<u64>);
+/// carries the primary's timestamp of the write-set and the write-set's share of
+/// [`ReplicaBudget`].
+type ApplyItem = (Seq, Record, Option<(u64, OwnedSemaphorePermit)>);
 
 /// Shared standby state, read by status.
 pub struct StandbyState {
@@ -179,8 +148,7 @@ pub struct Standby {
     /// The replica applier's shared parts (bases, metadata, undo, resync state).
     pub(crate) applier: Arc<Applier>,
     apply_tx: crossbeam_channel::Sender<ApplyItem>,
-    apply_budget: Arc<ByteBudget>,
-    journal_budget: JournalBudget,
+    apply_budget: ReplicaBudget,
     /// Set once a record completed under another sequence than the primary's:
     /// nothing more goes to the applier or into the journal.
     order_error: Arc<OnceLock<String>>,
@@ -222,14 +190,11 @@ impl Standby {
         });
         // Unbounded in count, bounded in bytes by `apply_budget`.
         let (apply_tx, apply_rx) = crossbeam_channel::unbounded::<ApplyItem>();
-        let apply_budget = Arc::new(ByteBudget {
-            used: std::sync::Mutex::new(0),
-            freed: std::sync::Condvar::new(),
-            max: APPLY_QUEUE_BYTES
+        let apply_budget = ReplicaBudget::new(
+            APPLY_QUEUE_BYTES
                 .min((journal.capacity_bytes() / 2) as usize)
                 .max(16 << 20),
-            closed: Default::default(),
-        });
+        );
         let applied_tx = Arc::new(watch::channel(start).0);
         let applied_rx = applied_tx.subscribe();
         let thread_applier = applier.clone();
@@ -238,10 +203,9 @@ impl Standby {
             let state = state.clone();
             let applier = thread_applier;
             let applied_tx = applied_tx.clone();
-            let budget = apply_budget.clone();
             std::thread::Builder::new()
                 .name("ferry-replica-apply".into())
-                .spawn(move || apply_loop(&apply_rx, &applier, &state, &applied_tx, &budget))
+                .spawn(move || apply_loop(&apply_rx, &applier, &state, &applied_tx))
                 .context("spawning the replica applier")?;
         }
         Ok(Standby {
@@ -253,7 +217,6 @@ impl Standby {
             applier,
             apply_tx,
             apply_budget,
-            journal_budget: JournalBudget::new(JOURNAL_QUEUE_BYTES),
             order_error: Default::default(),
             durable_tx,
             applied_tx,
@@ -321,18 +284,20 @@ impl Standby {
         self.journal.durable_seq()
     }
 
-    /// Waits until the journal queue has room for `ws` ([`JOURNAL_QUEUE_BYTES`]); the
-    /// permit goes to [`journal_write_set`](Self::journal_write_set).
+    /// Waits until `ws` fits in the records received and not yet applied
+    /// ([`APPLY_QUEUE_BYTES`]); the permit goes to
+    /// [`journal_write_set`](Self::journal_write_set).
     pub(crate) async fn journal_room(&self, ws: &WriteSet) -> anyhow::Result<OwnedSemaphorePermit> {
-        self.journal_budget.room(ws).await
+        self.apply_budget.room(ws).await
     }
 
     /// Journals the records of an accepted write-set under their primary sequences.
     /// The journal must assign exactly those: checked before anything is queued (a
     /// record journaled under another sequence would be replayed and applied as
     /// that one), and again on every completion before the record goes to the
-    /// applier. `room` (from [`journal_room`](Self::journal_room)) is released when
-    /// the last record's completion has run, or at once if it is never queued.
+    /// applier. `room` (from [`journal_room`](Self::journal_room)) goes with the last
+    /// record, and is released once the applier has applied it (or wherever the
+    /// record stops).
     pub(crate) fn journal_write_set(
         &self,
         ws: WriteSet,
@@ -347,36 +312,36 @@ impl Standby {
         let last = ws.last_seq;
         for r in ws.records {
             let expected = r.seq;
-            let stamp = (expected == last).then_some(ts);
+            // The write-set's end: its timestamp and its share of the apply budget.
+            let end = if expected == last {
+                room.take().map(|p| (ts, p))
+            } else {
+                None
+            };
             let rec = journal_record(r);
             let apply_tx = self.apply_tx.clone();
-            let budget = self.apply_budget.clone();
             let durable_tx = self.durable_tx.clone();
             let feed = self.feed.clone();
             let order_error = self.order_error.clone();
             let state = self.state.clone();
             let for_apply = rec.clone();
-            let room = if expected == last { room.take() } else { None };
+            // Runs on the journal's writer thread: it must never block.
             let done: ferry_journal::Completion =
                 Box::new(move |res: Result<Seq, JournalError>| {
-                    // Completions run in order: the last record's frees the write-set's
-                    // bytes, after the apply budget below took them over.
-                    let _room = room;
                     if let Ok(seq) = res {
                         // The standby journal mirrors the primary's: the record is
                         // durable under the primary's sequence. One that is not (or
                         // anything after it) never reaches the replica.
                         if order_error.get().is_some() || seq != expected {
-                            refuse_misnumbered(&order_error, &state, &budget, seq, expected);
+                            refuse_misnumbered(&order_error, &state, seq, expected);
                             return;
                         }
                         durable_tx.send_replace(seq);
                         if let Some(f) = &feed {
                             f.journaled(seq, || for_apply.clone());
                         }
-                        // Blocks only when the applier is far behind: backpressure.
-                        budget.acquire(for_apply.data.len() + RECORD_COST);
-                        let _ = apply_tx.send((seq, for_apply, stamp));
+                        // An applier that stopped drops it, and its budget share.
+                        let _ = apply_tx.send((seq, for_apply, end));
                     }
                 });
             let got = self.journal.append(rec, done)?;
@@ -416,7 +381,6 @@ fn check_assigned(got: Seq, expected: Seq) -> anyhow::Result<()> {
 fn refuse_misnumbered(
     order_error: &OnceLock<String>,
     state: &StandbyState,
-    budget: &ByteBudget,
     seq: Seq,
     expected: Seq,
 ) {
@@ -430,34 +394,36 @@ fn refuse_misnumbered(
     tracing::error!("{msg}");
     let _ = order_error.set(msg.clone());
     *state.apply_error.lock() = Some(msg);
-    budget.close();
 }
 
 /// The replica applier thread: receives journaled records in order and applies each
 /// write-set (or a group of queued ones) as one unit, until the channel closes or an
-/// apply fails (then it records the error and closes the budget: apply stops there,
-/// and a restart replays it).
+/// apply fails (then it records the error and returns: apply stops there, a restart
+/// replays it, and the records queued after it are dropped with their budget shares,
+/// so the standby goes on journaling).
 fn apply_loop(
     apply_rx: &crossbeam_channel::Receiver<ApplyItem>,
     applier: &Applier,
     state: &StandbyState,
     applied_tx: &watch::Sender<Seq>,
-    budget: &ByteBudget,
 ) {
     // Records of the write-set being received; applied as one unit (one
     // undo entry, one recovery point) when its last record arrives.
     let mut ws: Vec<(Seq, Record)> = Vec::new();
     let mut bytes = 0usize;
+    // The budget shares of the write-sets in the unit: released once it is applied.
+    let mut shares: Vec<OwnedSemaphorePermit> = Vec::new();
     let mut next = apply_rx.recv().ok();
     while let Some((seq, rec, end)) = next.take() {
         // A labelled seal (bookmark, verify) must stay a point of its own.
         let labelled = rec.op == ferry_journal::Op::Seal && !rec.data.is_empty();
         bytes += rec.data.len() + RECORD_COST;
         ws.push((seq, rec));
-        let Some(ts) = end else {
+        let Some((ts, share)) = end else {
             next = apply_rx.recv().ok();
             continue;
         };
+        shares.push(share);
         // Under load, write-sets queue up: apply what is already here as
         // one unit (one undo entry, one fdatasync, one recovery point)
         // instead of one per write-set. Any journal prefix is a valid
@@ -476,11 +442,10 @@ fn apply_loop(
                 );
             tracing::error!("{msg}");
             *state.apply_error.lock() = Some(msg);
-            budget.close();
             return;
         }
         ws.clear();
-        budget.release(bytes);
+        shares.clear();
         bytes = 0;
         state.applied_seq.store(seq, Ordering::Release);
         if ts != 0 {
@@ -494,15 +459,6 @@ fn apply_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn budget(max: usize) -> Arc<ByteBudget> {
-        Arc::new(ByteBudget {
-            used: std::sync::Mutex::new(0),
-            freed: std::sync::Condvar::new(),
-            max,
-            closed: Default::default(),
-        })
-    }
 
     fn write_set(first: Seq, sizes: &[usize]) -> WriteSet {
         let records = sizes
@@ -526,13 +482,13 @@ mod tests {
         }
     }
 
-    /// Received records wait for the journal within a byte budget: a write-set waits
+    /// Received records wait within a byte budget until applied: a write-set waits
     /// while the queued ones fill it, goes once one is released, and one larger than
     /// the whole budget still goes alone (it must not wedge the session).
     #[tokio::test]
-    async fn the_journal_queue_is_bounded_in_bytes() {
+    async fn records_received_and_not_applied_are_bounded_in_bytes() {
         let cost = 3 * (4096 + RECORD_COST);
-        let b = JournalBudget::new(2 * cost);
+        let b = ReplicaBudget::new(2 * cost);
         let first = b.room(&write_set(1, &[4096; 3])).await.unwrap();
         let _second = b.room(&write_set(4, &[4096; 3])).await.unwrap();
         let third = write_set(7, &[4096; 3]);
@@ -544,7 +500,7 @@ mod tests {
             .expect("released bytes were not reused")
             .unwrap();
 
-        let small = JournalBudget::new(1024);
+        let small = ReplicaBudget::new(1024);
         let huge = small.room(&write_set(1, &[1 << 20])).await.unwrap();
         assert_eq!(huge.num_permits(), 1024, "takes the whole budget, no more");
     }
@@ -581,10 +537,10 @@ mod tests {
         assert!(a >= 1 && b >= a);
     }
 
-    /// A misnumbered completion closes the budget, shows in status and stays.
+    /// A misnumbered completion shows in status and stays.
     #[test]
     fn a_misnumbered_record_stops_apply_for_good() {
-        let (order, b) = (OnceLock::new(), budget(100));
+        let order = OnceLock::new();
         let state = StandbyState {
             primary: "p".into(),
             via: None,
@@ -602,37 +558,13 @@ mod tests {
             last_heard_mono_ns: Default::default(),
             sync_loss: Default::default(),
         };
-        refuse_misnumbered(&order, &state, &b, 12, 11);
+        refuse_misnumbered(&order, &state, 12, 11);
         let e = state.apply_error.lock().clone().unwrap();
         assert!(e.contains("sequence 12") && e.contains("record 11"), "{e}");
-        assert!(b.closed.load(Ordering::Acquire));
-        refuse_misnumbered(&order, &state, &b, 13, 12);
+        refuse_misnumbered(&order, &state, 13, 12);
         assert!(
             order.get().unwrap().contains("record 11"),
             "the first cause stays"
         );
-    }
-
-    #[test]
-    fn budget_blocks_past_its_bound_until_released_or_closed() {
-        let b = budget(100);
-        b.acquire(1000); // alone in the queue: passes however large
-        let waiter = {
-            let b = b.clone();
-            std::thread::spawn(move || b.acquire(10))
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!waiter.is_finished(), "acquired past the budget");
-        b.release(1000);
-        waiter.join().unwrap();
-        b.acquire(90);
-        let waiter = {
-            let b = b.clone();
-            std::thread::spawn(move || b.acquire(50))
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!waiter.is_finished());
-        b.close();
-        waiter.join().unwrap();
     }
 }
