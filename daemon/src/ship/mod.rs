@@ -2,12 +2,15 @@
 //!
 //! Each shipper owns a QUIC connection to its standby (the primary dials; see
 //! proto/PROTOCOL.md). Per session:
-//! * a **reader thread** tails the journal from the standby's resume position with a
-//!   `JournalReader`, cuts the records into write-sets (at every seal, or at
-//!   [`MAX_WRITE_SET_BYTES`]), and hands them over a bounded channel (backpressure: the
-//!   reader stops while the network is behind, memory stays bounded);
-//! * the **session task** feeds them through the sans-IO `session::Sender` (in-flight
-//!   window), sends them on the data stream, and applies the standby's acks.
+//! * the **session task** cuts write-sets (at every seal, or at
+//!   [`MAX_WRITE_SET_BYTES`]) from the in-memory tail of recent records
+//!   (`reader::ShipReader`) while the target is current; a target behind the tail
+//!   gets a **reader thread** that reads journal segments with a `JournalReader` and
+//!   hands write-sets over a bounded channel until it is caught up;
+//! * the session task feeds them through the sans-IO `session::Sender` (in-flight
+//!   window; a queue bounded in write-sets and in bytes, whose backpressure stops the
+//!   reader, so memory stays bounded however far the target lags), sends them on the
+//!   data stream, and applies the standby's acks.
 //!
 //! After any error the session is dropped and rebuilt from the standby's durable
 //! position (reconnect with backoff): nothing is resent from memory that the standby
