@@ -505,9 +505,9 @@ impl DataFrames<'_> {
         self.refuse_while_held(control).await?;
         match self.rx.on_write_set(ws) {
             Ok(Received::Accept(ws)) => {
-                // Backpressure: received records wait for the journal within a
-                // byte budget, so the standby's memory is bounded whatever the
-                // primary's write sizes.
+                // Backpressure: a write-set waits for its share of the bytes
+                // received and not yet applied, so the standby's memory is bounded
+                // whatever the primary's write sizes.
                 let room = sb.journal_room(&ws).await?;
                 sb.journal_write_set(ws, room)?;
                 // After the append is queued: a journal that refused it ended
