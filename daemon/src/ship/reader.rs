@@ -266,14 +266,13 @@ impl ShipReader {
     /// A thread that reads from `next` (journal segments, then the tail) until it is
     /// caught up, then ends.
     fn read_behind(&self) -> anyhow::Result<ReaderThread> {
-        let src = ShipSource {
-            journal: self.src.journal.clone(),
-            tail: self.src.tail.clone(),
-            upto: self.src.upto.clone(),
-            durable: self.src.durable.clone(),
-            linger: self.src.linger,
-        };
-        ReaderThread::spawn_catch_up(&self.name, src, self.next, self.epoch, self.ahead)
+        ReaderThread::spawn_catch_up(
+            &self.name,
+            self.src.clone(),
+            self.next,
+            self.epoch,
+            self.ahead,
+        )
     }
 
     fn took(&mut self, r: anyhow::Result<WriteSet>) -> anyhow::Result<WriteSet> {
@@ -302,7 +301,9 @@ impl ShipReader {
     }
 }
 
-/// Where a shipper's reader thread takes records from, and how it waits for them.
+/// Where a shipper's reader (its session task, or a reader thread) takes records
+/// from, and how it waits for them.
+#[derive(Clone)]
 pub(crate) struct ShipSource {
     pub(crate) journal: Arc<Journal>,
     pub(crate) tail: Arc<Tail>,
@@ -332,6 +333,8 @@ fn read_write_sets(
         journal,
         tail,
         upto,
+        // The thread waits on `upto` alone: it reads only what the journal or
+        // the tail already holds (`ShipReader` waits on `durable`).
         durable: _,
         linger,
     } = src;
