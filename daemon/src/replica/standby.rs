@@ -188,8 +188,7 @@ impl Standby {
             last_heard_mono_ns: AtomicU64::new(0),
             sync_loss: Mutex::new(applier.meta.heard_sync_loss()?),
         });
-        // Unbounded in count, bounded in bytes by `apply_budget`.
-        let (apply_tx, apply_rx) = crossbeam_channel::unbounded::<ApplyItem>();
+        let (apply_tx, apply_rx) = apply_channel();
         let apply_budget = ReplicaBudget::new(
             APPLY_QUEUE_BYTES
                 .min((journal.capacity_bytes() / 2) as usize)
@@ -396,6 +395,19 @@ fn refuse_misnumbered(
     *state.apply_error.lock() = Some(msg);
 }
 
+/// The queue from journal completions to the applier: unbounded in count, bounded in
+/// bytes by the [`ReplicaBudget`] shares its items carry. Unbounded also because
+/// crossbeam's list flavor drops what it holds as soon as the applier's end is
+/// dropped (an applier that stopped), releasing those shares while the standby goes
+/// on journaling; the bounded (array) flavor keeps its items until every sender is
+/// gone too, and the completions hold a sender for the life of the standby.
+fn apply_channel() -> (
+    crossbeam_channel::Sender<ApplyItem>,
+    crossbeam_channel::Receiver<ApplyItem>,
+) {
+    crossbeam_channel::unbounded()
+}
+
 /// The replica applier thread: receives journaled records in order and applies each
 /// write-set (or a group of queued ones) as one unit, until the channel closes or an
 /// apply fails (then it records the error and returns: apply stops there, a restart
@@ -505,8 +517,6 @@ mod tests {
         assert_eq!(huge.num_permits(), 1024, "takes the whole budget, no more");
     }
 
-    /// The completion path waits past the budget until the applier releases, and
-    /// never once the applier is gone (nothing would release).
     /// The sequence is checked before a record is queued, not after.
     #[test]
     fn a_write_set_must_continue_the_journal_exactly() {
@@ -541,7 +551,103 @@ mod tests {
     #[test]
     fn a_misnumbered_record_stops_apply_for_good() {
         let order = OnceLock::new();
-        let state = StandbyState {
+        let state = state();
+        refuse_misnumbered(&order, &state, 12, 11);
+        let e = state.apply_error.lock().clone().unwrap();
+        assert!(e.contains("sequence 12") && e.contains("record 11"), "{e}");
+        refuse_misnumbered(&order, &state, 13, 12);
+        assert!(
+            order.get().unwrap().contains("record 11"),
+            "the first cause stays"
+        );
+    }
+
+    /// Every budget share comes back, whatever stops the records: applied ones as
+    /// their unit is applied, the share of a unit whose apply failed, those queued
+    /// behind it when the applier stops, and those sent after it stopped. A leaked
+    /// share would shrink the budget for good and, at zero, wedge every session.
+    #[tokio::test]
+    async fn budget_shares_come_back_when_apply_succeeds_or_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let applier = Applier {
+            bases: vec![Arc::new(
+                crate::store::base::Base::open(0, "v", &path, 1 << 20).unwrap(),
+            )],
+            meta: Arc::new(
+                crate::store::meta::Meta::open(&dir.path().join("meta"), [1; 16]).unwrap(),
+            ),
+            pit: None,
+            verify: Default::default(),
+            applied: Default::default(),
+            outbox: Default::default(),
+            resync: Default::default(),
+        };
+        let (state, applied_tx) = (state(), watch::channel(0).0);
+        let max = 8 * (4096 + RECORD_COST);
+        let budget = ReplicaBudget::new(max);
+        // One write-set of one record each; volume 9 does not exist: its apply fails.
+        let item = |seq: Seq, volume: u32| {
+            let mut ws = write_set(seq, &[4096]);
+            ws.records[0].volume = volume;
+            let share = budget
+                .bytes
+                .clone()
+                .try_acquire_many_owned(4096 + RECORD_COST as u32);
+            let rec = journal_record(ws.records.remove(0));
+            (seq, rec, Some((7, share.unwrap())))
+        };
+
+        let (tx, rx) = apply_channel();
+        for seq in 1..=2 {
+            tx.send(item(seq, 0)).unwrap();
+        }
+        drop(tx);
+        apply_loop(&rx, &applier, &state, &applied_tx);
+        assert_eq!(*applied_tx.borrow(), 2, "both write-sets applied");
+        assert_eq!(
+            budget.bytes.available_permits(),
+            max,
+            "applied shares leaked"
+        );
+
+        // Write-set 3..=4 (a bad record, then a bookmark: a labelled seal is a unit
+        // of its own, so 5 stays queued behind it), then write-set 5.
+        let (tx, rx) = apply_channel();
+        let (seq, bad, _) = item(3, 9);
+        tx.send((seq, bad, None)).unwrap();
+        let (seq, mut seal, share) = item(4, 0);
+        (seal.op, seal.length, seal.data) = (ferry_journal::Op::Seal, 0, "bm".into());
+        tx.send((seq, seal, share)).unwrap();
+        tx.send(item(5, 0)).unwrap();
+        apply_loop(&rx, &applier, &state, &applied_tx);
+        let e = state
+            .apply_error
+            .lock()
+            .clone()
+            .expect("the apply error is shown");
+        assert!(
+            e.contains("write-set 3..=4") && e.contains("volume id 9"),
+            "{e}"
+        );
+        assert_eq!(rx.len(), 1, "write-set 5 was not left queued");
+        assert_eq!(*applied_tx.borrow(), 2, "nothing applied past the failure");
+        drop(rx);
+        // A completion after the applier stopped: its send fails and drops the share.
+        assert!(tx.send(item(5, 0)).is_err());
+        assert_eq!(
+            budget.bytes.available_permits(),
+            max,
+            "a share leaked when apply stopped"
+        );
+    }
+
+    fn state() -> StandbyState {
+        StandbyState {
             primary: "p".into(),
             via: None,
             source: Default::default(),
@@ -557,14 +663,6 @@ mod tests {
             apply_error: Default::default(),
             last_heard_mono_ns: Default::default(),
             sync_loss: Default::default(),
-        };
-        refuse_misnumbered(&order, &state, 12, 11);
-        let e = state.apply_error.lock().clone().unwrap();
-        assert!(e.contains("sequence 12") && e.contains("record 11"), "{e}");
-        refuse_misnumbered(&order, &state, 13, 12);
-        assert!(
-            order.get().unwrap().contains("record 11"),
-            "the first cause stays"
-        );
+        }
     }
 }
