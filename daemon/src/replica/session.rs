@@ -16,6 +16,8 @@
 //!    nothing acknowledged — this node drains its journal before anything else);
 //! 3. once durable, the record goes (in order) to the applier thread, which writes the
 //!    replica volume; the ack frame carries both positions (received-durable, applied).
+//!    A durable ack goes as soon as the journal says so; the applied position rides on
+//!    the next one, or goes alone after [`APPLIED_ACK_DELAY`].
 //!
 //! A crash loses nothing acknowledged: restart replays the journal after the
 //! checkpoint onto the replica (the same code as the primary's recovery), then the
@@ -39,6 +41,15 @@ use tokio::sync::watch;
 use crate::replica::resync::{self, Copy};
 use crate::replica::standby::Standby;
 use crate::verify::chunks::{hash_range, ChunkHash, HashParams};
+
+/// How long the applier's position may wait for an ack this session sends anyway
+/// before it goes in one of its own. Every ack carries all three positions, and a
+/// durable ack follows each write-set, so while writes flow the applied position
+/// rides on it: one ack packet per write-set fewer on both nodes (each costs a
+/// `sendmsg` here and a wake-up and `recvmmsg` on the primary). The primary uses
+/// the applied position only for status and views, never for a reply, a flush or
+/// the lag (those follow the received and durable positions).
+const APPLIED_ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// Who may dial this standby, and what a refused Hello from one of them means.
 pub struct Peers {
@@ -306,6 +317,10 @@ async fn stream(
     let mut durable_rx = sb.durable_tx.subscribe();
     let mut applied_rx = sb.applied_rx.clone();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    // Armed when the applier moves and no ack has carried its position yet.
+    let applied_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(applied_timer);
+    let mut applied_due = false;
     // One session at a time: a replaced session's task is aborted first, releasing it.
     let mut outbox = sb.outbox.rx.lock().await;
     loop {
@@ -329,10 +344,20 @@ async fn stream(
                 if d > rx.durable_seq() && d <= rx.received_seq() {
                     let ack = ack_durable(&mut rx, d, *applied_rx.borrow())?;
                     s.control_send.send_frame(&Frame::Ack(ack)).await?;
+                    applied_due &= rx.applied_seq() < *applied_rx.borrow();
                 }
             }
             r = applied_rx.changed() => {
                 r.map_err(|_| anyhow!("replica applier stopped"))?;
+                if !applied_due {
+                    applied_due = true;
+                    applied_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + APPLIED_ACK_DELAY);
+                }
+            }
+            () = &mut applied_timer, if applied_due => {
+                applied_due = false;
                 let a = *applied_rx.borrow_and_update();
                 if a > rx.applied_seq() && a <= rx.durable_seq() {
                     let ack = rx.mark_applied(a).map_err(|e| anyhow!("{e}"))?;
