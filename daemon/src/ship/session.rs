@@ -564,7 +564,12 @@ async fn transmit(
             } else {
                 Class::Live
             };
-            let o = tokio::task::block_in_place(|| t.wan.prepare(Frame::WriteSet(ws), class))?;
+            let frame = Frame::WriteSet(ws);
+            let o = if t.wan.packs_inline(&frame) {
+                t.wan.prepare(frame, class)?
+            } else {
+                tokio::task::block_in_place(|| t.wan.prepare(frame, class))?
+            };
             *held = Some(o);
         }
         let Some(o) = held.take_if(|o| o.release_at <= Instant::now()) else {
