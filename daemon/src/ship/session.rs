@@ -467,23 +467,7 @@ async fn stream(
     let mut last_heard = Instant::now();
     loop {
         // Feed the window from the read-ahead, then transmit what it allows.
-        loop {
-            if pending.is_none() {
-                match reader.try_recv() {
-                    Some(ws) => pending = Some(ws?),
-                    None => break,
-                }
-            }
-            let Some(ws) = pending.take() else { break };
-            // A full queue is backpressure: the write-set waits here (and the reader
-            // behind it) until acks free room, so memory stays bounded however far
-            // the target lags.
-            if sender.has_room(&ws).is_err() {
-                pending = Some(ws);
-                break;
-            }
-            sender.push(ws).map_err(|e| anyhow!("shipping: {e}"))?;
-        }
+        fill_queue(&mut sender, &mut pending, || reader.try_recv())?;
         transmit(t, &mut s, &mut sender, &mut held, &reader).await?;
         let release = held
             .as_ref()
@@ -539,6 +523,32 @@ async fn stream(
                     .await?;
             }
         }
+    }
+}
+
+/// Moves write-sets from `next` (the reader's read-ahead) into the sender's queue
+/// while it has room. A full queue is backpressure: the write-set that does not fit
+/// stays in `pending` (and the reader behind it) until acks free room, so memory
+/// stays bounded however far the target lags, and no write-set is dropped (a dropped
+/// one would end the session at the next push: "not contiguous").
+fn fill_queue(
+    sender: &mut Sender,
+    pending: &mut Option<WriteSet>,
+    mut next: impl FnMut() -> Option<anyhow::Result<WriteSet>>,
+) -> anyhow::Result<()> {
+    loop {
+        let ws = match pending.take() {
+            Some(ws) => ws,
+            None => match next() {
+                Some(ws) => ws?,
+                None => return Ok(()),
+            },
+        };
+        if sender.has_room(&ws).is_err() {
+            *pending = Some(ws);
+            return Ok(());
+        }
+        sender.push(ws).map_err(|e| anyhow!("shipping: {e}"))?;
     }
 }
 
@@ -756,5 +766,83 @@ mod route_tests {
             quic::udp_payload_bound(lo.min(65535), false),
             "discovery bound from the loopback MTU {lo}"
         );
+    }
+}
+
+#[cfg(test)]
+mod fill_tests {
+    use super::*;
+    use bytes::Bytes;
+    use ferry_proto::wire::{Ack, RecordOp, WireRecord};
+
+    fn ws(first: Seq) -> WriteSet {
+        WriteSet {
+            epoch: 1,
+            first_seq: first,
+            last_seq: first,
+            timestamp_ns: 0,
+            records: vec![WireRecord {
+                seq: first,
+                volume: 0,
+                op: RecordOp::Write,
+                offset: 0,
+                length: 4096,
+                data: Bytes::from(vec![1u8; 4096]),
+            }],
+        }
+    }
+
+    /// The regression of issue 18: on a full queue the session keeps the write-set it
+    /// took from the reader (and reads no further) instead of dropping it; once acks
+    /// free room it goes next, in order, and the session goes on without a gap.
+    #[test]
+    fn a_full_queue_keeps_the_write_set_and_takes_it_once_acked() {
+        let one = ws(1).encoded_len() as u64;
+        let mut sender = Sender::new(
+            1,
+            SenderConfig {
+                max_queued_bytes: 3 * one,
+                ..SenderConfig::default()
+            },
+            0,
+        );
+        let mut source: std::collections::VecDeque<WriteSet> = (1..=10).map(ws).collect();
+        let mut pending = None;
+        let next = |src: &mut std::collections::VecDeque<WriteSet>| src.pop_front().map(Ok);
+
+        fill_queue(&mut sender, &mut pending, || next(&mut source)).unwrap();
+        assert_eq!(
+            sender.last_queued_seq(),
+            3,
+            "the queue holds three write-sets"
+        );
+        assert_eq!(
+            pending.as_ref().map(|w| w.first_seq),
+            Some(4),
+            "the fourth waits"
+        );
+        assert_eq!(source.len(), 6, "nothing more is read while it waits");
+        // Still full: the same write-set keeps waiting, nothing is read or lost.
+        fill_queue(&mut sender, &mut pending, || next(&mut source)).unwrap();
+        assert_eq!(pending.as_ref().map(|w| w.first_seq), Some(4));
+        assert_eq!(source.len(), 6);
+
+        while sender.poll_transmit().is_some() {}
+        let ack = Ack {
+            epoch: 1,
+            received_durable_seq: 2,
+            applied_seq: 2,
+            received_seq: 2,
+        };
+        sender.on_ack(&ack).unwrap();
+        fill_queue(&mut sender, &mut pending, || next(&mut source)).unwrap();
+        assert_eq!(sender.last_queued_seq(), 5, "4 and 5 follow 3 in order");
+        assert_eq!(pending.as_ref().map(|w| w.first_seq), Some(6));
+
+        // An error from the reader ends the fill (and the session) as it was.
+        let mut empty = Sender::new(1, SenderConfig::default(), 0);
+        let mut none = None;
+        let e = fill_queue(&mut empty, &mut none, || Some(Err(anyhow!("segment gone"))));
+        assert!(e.unwrap_err().to_string().contains("segment gone"));
     }
 }
