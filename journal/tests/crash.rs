@@ -39,6 +39,23 @@ fn crash_opts(dir: &std::path::Path, engine: EngineChoice, encrypted: bool) -> J
     o
 }
 
+/// `append_wait`, bounded: a record the journal cannot take fails the test with a
+/// message instead of hanging it.
+fn append_within(j: &Journal, rec: Record, within: Duration, iter: u64) -> u64 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    j.append(
+        rec,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    )
+    .unwrap_or_else(|e| panic!("iteration {iter}: append refused: {e}"));
+    match rx.recv_timeout(within) {
+        Ok(r) => r.unwrap_or_else(|e| panic!("iteration {iter}: append failed: {e}")),
+        Err(_) => panic!("iteration {iter}: an append was not durable within {within:?}"),
+    }
+}
+
 /// Record size for `seq`: 1 B ..= 256 KiB, derived from the seq so it can be checked.
 fn len_of(seq: u64) -> usize {
     let mut r = Rng(seq.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
@@ -249,12 +266,24 @@ fn kill_reopen_verify(encrypted: bool) {
         // tear a write), treated as never acknowledged.
         let mut tail = last_batches(dir.path());
         if iter % 3 == 1 && tail.as_ref().is_some_and(|t| t.1 == 2) {
-            let (j, _) =
-                Journal::open(crash_opts(dir.path(), EngineChoice::Auto, encrypted)).unwrap();
-            for _ in 0..2 {
-                let seq = j.last_seq() + 1;
-                j.append_wait(Record::write(1, seq * 512, payload(seq, len_of(seq))))
-                    .unwrap();
+            let opts = crash_opts(dir.path(), EngineChoice::Auto, encrypted);
+            let max_segments = (opts.capacity / opts.segment_size) as usize;
+            let (j, rep3) = Journal::open(opts).unwrap();
+            // A reopened journal appends in a new segment. When the child was killed
+            // with every segment holding unreleased records and no spare, there is
+            // none to take: the appends would wait for a release that never comes
+            // (a hang seen in CI). The tear is skipped for this iteration then.
+            if rep3.segments >= max_segments && rep3.spare_segments == 0 {
+                eprintln!(
+                    "iteration {iter}: journal full after the kill ({} segments, no spare): no pipelined tear",
+                    rep3.segments
+                );
+            } else {
+                for _ in 0..2 {
+                    let seq = j.last_seq() + 1;
+                    let rec = Record::write(1, seq * 512, payload(seq, len_of(seq)));
+                    append_within(&j, rec, Duration::from_secs(30), iter);
+                }
             }
             j.close().unwrap();
             tail = last_batches(dir.path());
