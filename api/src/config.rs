@@ -1318,7 +1318,7 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the [journal] section.
+    /// Checks the `[journal]` section.
     fn validate_journal(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: String| Err((k.to_string(), m));
         let seg = self.journal.segment_size.0;
@@ -1359,7 +1359,7 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the [nbd] section (required on a primary).
+    /// Checks the `[nbd]` section (required on a primary).
     fn validate_nbd(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: String| Err((k.to_string(), m));
         match (&self.nbd, self.node.role) {
@@ -1381,7 +1381,7 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the [replication] section (required on a standby) and its targets.
+    /// Checks the `[replication]` section (required on a standby) and its targets.
     fn validate_replication(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: String| Err((k.to_string(), m));
         if let Some(r) = &self.replication {
@@ -1754,7 +1754,7 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the [[volume]] sections.
+    /// Checks the `[[volume]]` sections.
     fn validate_volumes(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: String| Err((k.to_string(), m));
         if self.volumes.is_empty() && self.node.role == Role::Primary {
@@ -1798,7 +1798,7 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the [metrics] section.
+    /// Checks the `[metrics]` section.
     fn validate_metrics(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: String| Err((k.to_string(), m));
         if let Some(m) = &self.metrics {
@@ -1809,7 +1809,7 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the [pit] section.
+    /// Checks the `[pit]` section.
     fn validate_pit(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: String| Err((k.to_string(), m));
         if let Some(p) = &self.pit {

@@ -2,7 +2,7 @@
 //! a directory), made of write-set packs and content-addressed base images indexed by
 //! a hash-chained manifest, and restore to any write-set boundary it holds.
 //!
-//! - [`format`]: the pure formats (no IO).
+//! - [`format`](mod@format): the pure formats (no IO).
 //! - [`store`]: the object store behind a URL (`s3://bucket/prefix`, `file:///dir`).
 //! - [`writer`]: what the primary's archive target calls: write-sets in, packs out.
 //! - [`restore`]: a point back into a file or device, every object's hash checked.

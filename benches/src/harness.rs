@@ -758,7 +758,7 @@ fn ferryctl_init(
 /// How a cluster is set up beyond `ferryctl init`'s defaults.
 #[derive(Debug, Clone, Copy)]
 pub struct ClusterSetup<'a> {
-    /// None: the primary alone; else the standbys' mode (see [`standby_args`]).
+    /// None: the primary alone; else the standbys' mode (see `standby_args`).
     pub mode: Option<&'a str>,
     /// How many standbys (`dr1`..`drN`) run in `mode`: 0 without a mode, else ≥ 1.
     pub standbys: usize,

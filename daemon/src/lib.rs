@@ -19,11 +19,20 @@
 //! * [`verify`]  — online verify and chunk digests.
 //! * [`ops`]     — control socket and roles, audit log, metrics endpoint, systemd
 //!   notifications.
+//! * [`archive`] — the cold tier on the primary: archive targets (base and pack
+//!   uploads, compaction, the journal's release floor) and seeding a standby from an
+//!   archive.
+//!
+//! These docs are for ferryd's developers (`cargo doc -p ferryd --document-private-items`,
+//! which CI builds with warnings denied): module docs name the private items that do the
+//! work, so links to private items are allowed.
 //!
 //! Shared with other crates: `ferry_nbd` (the NBD server), `ferry_api` (configuration,
 //! byte sizes, RFC 3339 times, the control protocol, audit-line hashing).
-/// The command line, shared with the man page generator.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod archive;
+/// The command line, shared with the man page generator.
 pub mod cli;
 pub mod node;
 pub mod ops;

@@ -9,7 +9,7 @@
 //! digitalSignature, extended key usage serverAuth and clientAuth. The CA is
 //! CA:true with path length 0.
 //!
-//! rcgen cannot sign with SM2, so the DER is written here ([`crate::der`]); keys
+//! rcgen cannot sign with SM2, so the DER is written here (`crate::der`); keys
 //! are PKCS#8 (`PRIVATE KEY` PEM), certificates `CERTIFICATE` PEM.
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,6 +1,6 @@
 //! `ferry-journal`: ferry's segmented, append-only, group-committed redo journal.
 //!
-//! * [`format`]: the pure on-disk format (no IO); see `journal/FORMAT.md`.
+//! * [`format`](mod@format): the pure on-disk format (no IO); see `journal/FORMAT.md`.
 //! * [`engine`]: io_uring and std IO engines behind [`IoEngine`].
 //! * [`Journal`]: many appenders → bounded queue → one writer thread that writes one
 //!   4 KiB-aligned batch per round (pipelined up to `max_inflight_batches`) and runs

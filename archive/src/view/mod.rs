@@ -4,12 +4,12 @@
 //! Opening reads the manifest, the base's chunk list and the extent index of each pack
 //! after the base up to the point (a range read of the pack's start: pack version 2;
 //! older or sealed packs are read whole), and keeps only an index: the base's chunk
-//! ids (one per MiB) and the runs the packs wrote ([`map::RunMap`]). No chunk and no
+//! ids (one per MiB) and the runs the packs wrote (`map::RunMap`). No chunk and no
 //! pack body is read at open, so the time to the first read does not grow with the
 //! volume, and only with the number of writes since its base, not their bytes.
 //! Reads fetch a chunk or a pack on first use, check it (a chunk against its SM3 id, a
 //! pack against the manifest's SM3, and its index against its body) and keep it in a
-//! bounded cache ([`cache::Cache`]).
+//! bounded cache (`cache::Cache`).
 mod cache;
 pub(crate) mod map;
 

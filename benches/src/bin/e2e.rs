@@ -1068,7 +1068,7 @@ struct Plan<'a> {
     warm: bool,
 }
 
-/// Every job on every target, `rounds` times: samples[target][job][round].
+/// Every job on every target, `rounds` times: `samples[target][job][round]`.
 fn measure(
     plan: &Plan,
     jobs: &[&'static JobDef],

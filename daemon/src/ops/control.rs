@@ -1,6 +1,6 @@
 //! Control socket server: one JSON request per line, one JSON response per line, over a
 //! Unix socket. `ferryctl` is the client; the protocol types and the client
-//! ([`call`]) are ferry-api's ([`ferry_api::control`]). Requests: `{"cmd":"status"}`.
+//! ([`ferry_api::control::call`]) are ferry-api's ([`ferry_api::control`]). Requests: `{"cmd":"status"}`.
 //!
 //! Access: every connection's peer credentials (`SO_PEERCRED`, and `SO_PEERGROUPS` for
 //! supplementary groups) resolve to a [`Role`] through the [`Access`] policy in force

@@ -15,7 +15,7 @@
 //! Point-in-time recovery on a standby: undo capture, retention, bookmarks, views
 //! and rollback.
 //!
-//! **Capture.** The replica applier hands each write-set to [`Applier`]. With PIT
+//! **Capture.** The replica applier hands each write-set to [`Applier`](crate::replica::applier::Applier). With PIT
 //! on, the before-images of every range the write-set overwrites are read from the
 //! replica and appended to the undo log (`ferry_journal::undo`, durable on return)
 //! *before* any of its records touch the replica. They are streamed in bounded

@@ -136,7 +136,7 @@ pub enum DirtyError {
     },
 }
 
-/// The decoded, validated header. Also what [`encode`] writes.
+/// The decoded, validated header. Also what [`encode_header`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Header {
     region_size: u32,

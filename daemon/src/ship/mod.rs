@@ -3,7 +3,7 @@
 //! Each shipper owns a QUIC connection to its standby (the primary dials; see
 //! proto/PROTOCOL.md). Per session:
 //! * the **session task** cuts write-sets (at every seal, or at
-//!   [`MAX_WRITE_SET_BYTES`]) from the in-memory tail of recent records
+//!   [`MAX_WRITE_SET_BYTES`](reader::MAX_WRITE_SET_BYTES)) from the in-memory tail of recent records
 //!   (`reader::ShipReader`) while the target is current; a target behind the tail
 //!   gets a **reader thread** that reads journal segments with a `JournalReader` and
 //!   hands write-sets over a bounded channel until it is caught up;

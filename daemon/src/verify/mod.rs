@@ -349,8 +349,8 @@ impl Snapshot {
     }
 
     /// Chunk `i` (of the request's chunk size) of volume `volume` as of the point,
-    /// for a copy of the image (the archive's base); call after [`wait_applied`]
-    /// (Self::wait_applied), each chunk once: its saved bytes are dropped.
+    /// for a copy of the image (the archive's base); call after
+    /// [`wait_applied`](Self::wait_applied), each chunk once: its saved bytes are dropped.
     pub fn read_chunk(&self, volume: u32, i: usize) -> anyhow::Result<Vec<u8>> {
         let v = self
             .vols

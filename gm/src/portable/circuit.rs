@@ -2,7 +2,7 @@
 //! gm/tools/derive_sbox.py; do not edit by hand, re-run the script).
 //!
 //! Input and output bit i of every lane is bit i of an S-box byte. The inversion is
-//! done in the tower field GF((2^4)^2) (GF(16) = GF(2)[z]/(z^4+z+1), Y^2 = Y + 0x8),
+//! done in the tower field GF((2^4)^2) (`GF(16) = GF(2)[z]/(z^4+z+1)`, `Y^2 = Y + 0x8`),
 //! reached from SM4's field and its affine maps by two 8x8 linear layers. Only AND,
 //! XOR and NOT on whole words: no branch and no memory index depends on the data.
 //! 58 ANDs, 144 XOR/NOTs.

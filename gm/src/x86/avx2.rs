@@ -252,7 +252,7 @@ pub(super) mod gfni {
 /// PRE(rk): no input map per round, PRE applied to the round keys once. The output
 /// side, M.L(POST(a)) for the AESENCLAST result a, is computed as below.
 mod tables {
-    /// A bytewise affine map as two PSHUFB tables: f(x) = lo[x & 15] ^ hi[x >> 4].
+    /// A bytewise affine map as two PSHUFB tables: `f(x) = lo[x & 15] ^ hi[x >> 4]`.
     #[derive(Clone, Copy)]
     pub(super) struct Nibbles {
         pub lo: [u8; 16],

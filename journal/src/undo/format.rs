@@ -18,7 +18,7 @@ pub const UNDO_ALIGN: u64 = 4096;
 pub const UNDO_SEGMENT_FLAG_ALIGNED: u16 = 1;
 /// Segment header flag (format version 3, only with [`UNDO_SEGMENT_FLAG_ALIGNED`]):
 /// the segment is encrypted; a 64-byte key part follows the header (see
-/// [`seal`](super::seal)) and every entry is sealed ([`UNDO_ENTRY_FLAG_SEALED`]).
+/// `undo::seal`) and every entry is sealed ([`UNDO_ENTRY_FLAG_SEALED`]).
 pub const UNDO_SEGMENT_FLAG_SEALED: u16 = 2;
 /// Entry header length (bytes).
 pub const UNDO_ENTRY_HEADER_LEN: usize = 56;
@@ -60,7 +60,7 @@ pub const UNDO_ENTRY_FLAG_RESYNC_START: u16 = 2;
 /// be captured in bounded memory.
 pub const UNDO_ENTRY_FLAG_PART: u16 = 4;
 /// Entry header flag (format version 3): the body is stored sealed (a tag per
-/// 4 KiB chunk, then the ciphertext; see [`seal`](super::seal)). Set exactly in the
+/// 4 KiB chunk, then the ciphertext; see `undo::seal`). Set exactly in the
 /// entries of a sealed segment.
 pub const UNDO_ENTRY_FLAG_SEALED: u16 = 8;
 

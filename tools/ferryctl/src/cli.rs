@@ -1,5 +1,9 @@
 //! ferryctl's command line (clap): the definition the binary parses and the man page
 //! and completion generator (`ferry-docgen`) renders.
+//!
+//! The doc comments here are the `--help` text and the man page, where `[cluster]` or
+//! `[encryption]` names a table of the config file: not a rustdoc link.
+#![allow(rustdoc::broken_intra_doc_links)]
 use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, Subcommand};
