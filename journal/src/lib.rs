@@ -46,7 +46,7 @@ pub use space::{SpaceMonitor, SpaceWaitStats};
 pub use undo::{
     EntryKind, UndoEntry, UndoError, UndoExtent, UndoLog, UndoPoint, UndoPosition, UndoRecovery,
 };
-pub use writer::{Journal, JournalStats};
+pub use writer::{try_set_thread_nice, Journal, JournalStats};
 
 use std::path::PathBuf;
 

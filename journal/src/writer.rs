@@ -611,8 +611,10 @@ fn staging_len(opts: &JournalOptions) -> usize {
 }
 
 /// Sets the calling thread's nice value (Linux: PRIO_PROCESS with a thread id
-/// addresses that thread only).
-fn try_set_thread_nice(nice: i32) -> std::io::Result<()> {
+/// addresses that thread only). Lowering it needs CAP_SYS_NICE; raising it does not.
+/// Public for the other threads of a node that set their own priority (ferryd's
+/// replica applier).
+pub fn try_set_thread_nice(nice: i32) -> std::io::Result<()> {
     // SAFETY: plain syscalls on this thread's own id; no memory is passed.
     let r = unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;

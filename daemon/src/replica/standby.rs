@@ -405,21 +405,11 @@ fn refuse_misnumbered(
 /// undo appends and replica writes competed with them for the CPU at every write.
 const APPLIER_NICE: i32 = 10;
 
-/// Lowers the calling thread's priority to `nice` (Linux: PRIO_PROCESS with a
-/// thread id addresses that thread only; raising nice needs no privilege). Advice:
-/// a refusal is logged and changes nothing else.
+/// Lowers the calling thread's priority to `nice` (raising nice needs no
+/// privilege). Advice: a refusal is logged and changes nothing else.
 fn lower_priority(nice: i32) {
-    // SAFETY: plain syscalls on this thread's own id; no memory is passed.
-    let r = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
-    };
-    if r != 0 {
-        tracing::warn!(
-            nice,
-            error = %std::io::Error::last_os_error(),
-            "replica applier priority unchanged"
-        );
+    if let Err(e) = ferry_journal::try_set_thread_nice(nice) {
+        tracing::warn!(nice, error = %e, "replica applier priority unchanged");
     }
 }
 
