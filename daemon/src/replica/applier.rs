@@ -175,6 +175,27 @@ fn capture_units(recs: &[(Seq, Record)], max: u64) -> Vec<&[(Seq, Record)]> {
     units
 }
 
+/// An applier without PIT over one zeroed 1 MiB volume `volume` in `dir`, with its
+/// metadata there too: the rig of the applier's and the apply loop's unit tests.
+#[cfg(test)]
+pub(crate) fn scratch_applier(dir: &std::path::Path, volume: u32) -> Applier {
+    let path = dir.join("v.img");
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("a scratch volume");
+    Applier {
+        bases: vec![Arc::new(
+            Base::open(volume, "v", &path, 1 << 20).expect("base"),
+        )],
+        meta: Arc::new(Meta::open(&dir.join("meta"), [1; 16]).expect("metadata")),
+        pit: None,
+        verify: Default::default(),
+        applied: Default::default(),
+        outbox: Default::default(),
+        resync: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,20 +240,7 @@ mod tests {
     fn write_sets_land_on_their_volume_and_seals_become_bookmarks() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.img");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
-        let base = Arc::new(Base::open(5, "v", &path, 1 << 20).unwrap());
-        let applier = Applier {
-            bases: vec![base],
-            meta: Arc::new(Meta::open(&dir.path().join("meta"), [1; 16]).unwrap()),
-            pit: None,
-            verify: Default::default(),
-            applied: Default::default(),
-            outbox: Default::default(),
-            resync: Default::default(),
-        };
+        let applier = scratch_applier(dir.path(), 5);
         let rec = |volume, op, offset, data: &[u8], length| Record {
             volume,
             op,

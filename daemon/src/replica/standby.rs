@@ -587,24 +587,7 @@ mod tests {
     #[tokio::test]
     async fn budget_shares_come_back_when_apply_succeeds_or_stops() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.img");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
-        let applier = Applier {
-            bases: vec![Arc::new(
-                crate::store::base::Base::open(0, "v", &path, 1 << 20).unwrap(),
-            )],
-            meta: Arc::new(
-                crate::store::meta::Meta::open(&dir.path().join("meta"), [1; 16]).unwrap(),
-            ),
-            pit: None,
-            verify: Default::default(),
-            applied: Default::default(),
-            outbox: Default::default(),
-            resync: Default::default(),
-        };
+        let applier = crate::replica::applier::scratch_applier(dir.path(), 0);
         let (state, applied_tx) = (state(), watch::channel(0).0);
         let max = 8 * (4096 + RECORD_COST);
         let budget = ReplicaBudget::new(max);
